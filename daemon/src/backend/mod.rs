@@ -1,0 +1,53 @@
+//! Backends: how packets for remote subnets get there. CONTRACT (owner: kernel helper).
+//! `Backend` is the concern's trait; `vxlan::VxlanBackend` the first implementation.
+
+pub mod vxlan;
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde::Serialize;
+
+use crate::mac::MacAddr;
+use crate::peer::Peer;
+use crate::reconcile::PeerChange;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Netlink(#[from] crate::netlink::NetlinkError),
+}
+
+/// What the backend needs to know about this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalNode {
+    pub subnet: Ipv4Net,
+    pub public_ip: Ipv4Addr,
+    pub underlay_index: u32,
+    pub underlay_mtu: u32,
+    pub vtep_mac: MacAddr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DeviceInfo {
+    pub name: String,
+    pub ifindex: u32,
+    pub mtu: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ApplyStats {
+    pub added: u64,
+    pub removed: u64,
+    pub failed: u64,
+}
+
+#[allow(async_fn_in_trait)]
+pub trait Backend: Send {
+    /// Create or keep the device for `local`; never flushes existing peer entries.
+    async fn setup(&mut self, local: &LocalNode) -> Result<DeviceInfo, BackendError>;
+    /// Incremental: program the given changes (batched).
+    async fn apply(&mut self, changes: &[PeerChange]) -> Result<ApplyStats, BackendError>;
+    /// Full: compare the kernel with `desired`, fix both ways.
+    async fn reconcile(&mut self, desired: &[Peer]) -> Result<ApplyStats, BackendError>;
+}

@@ -1,0 +1,1 @@
+//! Orchestration. (owner: lead)

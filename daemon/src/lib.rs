@@ -1,0 +1,22 @@
+//! twilld: the twill node daemon.
+//!
+//! Leases this node's pod subnet from etcd (flannel's layout), watches the other nodes' leases,
+//! and programs the kernel VXLAN data path so pods reach each other across nodes without NAT.
+//! It also serves the `twill` CNI plugin over a Unix socket.
+
+pub mod backend;
+pub mod cli;
+pub mod cni;
+pub mod config;
+pub mod daemon;
+pub mod http;
+pub mod lease;
+pub mod mac;
+pub mod metrics;
+pub mod netlink;
+pub mod peer;
+pub mod reconcile;
+pub mod registry;
+pub mod state;
+pub mod subnet;
+pub mod subnet_file;

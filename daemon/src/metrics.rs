@@ -1,0 +1,73 @@
+//! Counters and gauges, rendered in the Prometheus text format on /metrics.
+//! Plain atomics: a handful of values does not need a metrics framework.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub peers: AtomicU64,
+    pub kernel_entries_added: AtomicU64,
+    pub kernel_entries_removed: AtomicU64,
+    pub kernel_entry_failures: AtomicU64,
+    pub etcd_reconnects: AtomicU64,
+    pub peer_resyncs: AtomicU64,
+    pub invalid_leases_skipped: AtomicU64,
+    pub lease_renewals: AtomicU64,
+    pub lease_reacquisitions: AtomicU64,
+    pub reconciles: AtomicU64,
+    /// Duration of the last full reconcile, microseconds.
+    pub last_reconcile_micros: AtomicU64,
+    /// Sum of full reconcile durations, microseconds.
+    pub reconcile_micros_total: AtomicU64,
+    pub cni_requests: AtomicU64,
+    pub cni_errors: AtomicU64,
+}
+
+impl Metrics {
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Relaxed);
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, v: f64| {
+            let _ = writeln!(out, "# HELP twill_{name} {help}");
+            let _ = writeln!(out, "# TYPE twill_{name} {kind}");
+            let _ = writeln!(out, "twill_{name} {v}");
+        };
+        let g = |c: &AtomicU64| c.load(Relaxed) as f64;
+        metric("peers", "gauge", "Remote nodes with a valid lease.", g(&self.peers));
+        metric("kernel_entries_added_total", "counter", "Neighbour, FDB and route entries added or replaced.", g(&self.kernel_entries_added));
+        metric("kernel_entries_removed_total", "counter", "Neighbour, FDB and route entries removed.", g(&self.kernel_entries_removed));
+        metric("kernel_entry_failures_total", "counter", "Kernel entry operations that failed.", g(&self.kernel_entry_failures));
+        metric("etcd_reconnects_total", "counter", "Times the etcd watch or lease keeper had to reconnect.", g(&self.etcd_reconnects));
+        metric("peer_resyncs_total", "counter", "Full re-lists of the subnet leases.", g(&self.peer_resyncs));
+        metric("invalid_leases_skipped_total", "counter", "Leases of other nodes skipped as invalid.", g(&self.invalid_leases_skipped));
+        metric("lease_renewals_total", "counter", "Renewals of this node's etcd lease.", g(&self.lease_renewals));
+        metric("lease_reacquisitions_total", "counter", "Times this node's lease was lost and acquired again.", g(&self.lease_reacquisitions));
+        metric("reconciles_total", "counter", "Full reconciles of kernel state against leases.", g(&self.reconciles));
+        metric("reconcile_duration_seconds", "gauge", "Duration of the last full reconcile.", g(&self.last_reconcile_micros) / 1e6);
+        metric("reconcile_duration_seconds_total", "counter", "Total time spent in full reconciles.", g(&self.reconcile_micros_total) / 1e6);
+        metric("cni_requests_total", "counter", "CNI requests served.", g(&self.cni_requests));
+        metric("cni_errors_total", "counter", "CNI requests answered with an error.", g(&self.cni_errors));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        m.peers.store(3, Relaxed);
+        Metrics::inc(&m.etcd_reconnects);
+        m.last_reconcile_micros.store(1500, Relaxed);
+        let text = m.render();
+        assert!(text.contains("# TYPE twill_peers gauge\ntwill_peers 3\n"));
+        assert!(text.contains("twill_etcd_reconnects_total 1\n"));
+        assert!(text.contains("twill_reconcile_duration_seconds 0.0015\n"));
+    }
+}

@@ -1,0 +1,25 @@
+//! A remote node as the data path needs it: its pod subnet, where to tunnel, its VTEP MAC.
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde::Serialize;
+
+use crate::mac::MacAddr;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct Peer {
+    /// The peer's pod subnet, e.g. 10.244.2.0/24.
+    pub subnet: Ipv4Net,
+    /// The underlay address VXLAN packets for this subnet are sent to.
+    pub public_ip: Ipv4Addr,
+    /// The MAC of the peer's VXLAN device.
+    pub vtep_mac: MacAddr,
+}
+
+impl Peer {
+    /// The peer's VTEP address: the subnet's network address (flannel assigns it as /32).
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.subnet.network()
+    }
+}

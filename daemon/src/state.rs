@@ -1,0 +1,64 @@
+//! State kept under --state-dir across restarts and reboots.
+
+use std::io;
+use std::path::Path;
+
+use crate::mac::MacAddr;
+
+const VTEP_MAC_FILE: &str = "vtep-mac";
+
+/// The VTEP MAC: read from the state dir, or generated and persisted (atomically) on first start.
+/// A MAC that survives reboots keeps peers from holding stale entries (flannel #533, #1788).
+pub fn load_or_create_vtep_mac(dir: &Path) -> io::Result<MacAddr> {
+    let path = dir.join(VTEP_MAC_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) => s.trim().parse().map_err(|e| {
+            io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let mac = MacAddr::random_local();
+            std::fs::create_dir_all(dir)?;
+            write_atomic(&path, format!("{mac}\n").as_bytes())?;
+            Ok(mac)
+        }
+        Err(e) => Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+    }
+}
+
+/// Write via a temporary file and rename, fsyncing the file, so readers never see a partial file.
+pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.tmp.{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_persists() {
+        let dir = std::env::temp_dir().join(format!("twill-state-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let a = load_or_create_vtep_mac(&dir).unwrap();
+        let b = load_or_create_vtep_mac(&dir).unwrap();
+        assert_eq!(a, b);
+        std::fs::write(dir.join(VTEP_MAC_FILE), "garbage").unwrap();
+        assert!(load_or_create_vtep_mac(&dir).is_err(), "a corrupt MAC file is an error, not silently replaced");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

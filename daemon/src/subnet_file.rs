@@ -1,0 +1,70 @@
+//! The subnet file in flannel's format (subnet.env), read by flannel's CNI plugin and tooling.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use ipnet::Ipv4Net;
+
+use crate::state::write_atomic;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubnetEnv {
+    pub network: Ipv4Net,
+    pub subnet: Ipv4Net,
+    pub mtu: u32,
+    pub ipmasq: bool,
+}
+
+impl SubnetEnv {
+    pub fn render(&self) -> String {
+        // FLANNEL_SUBNET carries the first usable address, not the network address.
+        let first = Ipv4Addr::from(u32::from(self.subnet.network()) + 1);
+        format!(
+            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}/{}\nFLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
+            self.network,
+            first,
+            self.subnet.prefix_len(),
+            self.mtu,
+            self.ipmasq
+        )
+    }
+
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        write_atomic(path, self.render().as_bytes())
+    }
+}
+
+/// The subnet recorded in a previous subnet file, if there is one and it parses.
+pub fn read_previous_subnet(path: &Path) -> Option<Ipv4Net> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().find_map(|l| {
+        let v = l.strip_prefix("FLANNEL_SUBNET=")?;
+        v.trim().parse::<Ipv4Net>().ok().map(|n| n.trunc())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_flannel_format_and_reads_back() {
+        let env = SubnetEnv {
+            network: "10.244.0.0/16".parse().unwrap(),
+            subnet: "10.244.1.0/24".parse().unwrap(),
+            mtu: 1450,
+            ipmasq: false,
+        };
+        assert_eq!(
+            env.render(),
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"
+        );
+        let path = std::env::temp_dir().join(format!("twill-subnet-env-{}", std::process::id()));
+        env.write(&path).unwrap();
+        assert_eq!(read_previous_subnet(&path), Some("10.244.1.0/24".parse().unwrap()));
+        std::fs::write(&path, "FLANNEL_SUBNET=garbage\n").unwrap();
+        assert_eq!(read_previous_subnet(&path), None);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(read_previous_subnet(&path), None);
+    }
+}
