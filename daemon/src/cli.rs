@@ -1,1 +1,218 @@
-//! Command line. (owner: lead)
+//! Command line of `twilld`. Every flag can also be set from the environment as
+//! `TWILLD_<FLAG>` (e.g. `TWILLD_ETCD_ENDPOINTS`), so systemd units can use an env file.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::netlink::IfaceSelector;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "twilld",
+    version,
+    about = "twill node daemon: leases this node's pod subnet from etcd and programs the VXLAN overlay",
+    long_about = "twilld runs on every node. It leases the node's pod subnet from etcd (flannel's \
+layout, so flanneld nodes and twilld nodes can share a cluster), watches the other nodes' leases \
+and programs a VXLAN device plus one neighbour, FDB and route entry per remote node, reconciling \
+the kernel against etcd at start, on events and periodically. It also serves the `twill` CNI \
+plugin on a Unix socket.\n\nRun without a subcommand (or with `run`) to start the daemon.",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon (the default).
+    Run(RunArgs),
+    /// Print this node's lease and its peers, read from a running twilld's /status.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// etcd endpoints, comma separated (http://host:2379 or https://...).
+    #[arg(
+        long,
+        env = "TWILLD_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    pub etcd_endpoints: Vec<String>,
+    /// etcd key prefix holding `config` and `subnets/` (flannel's default).
+    #[arg(
+        long,
+        env = "TWILLD_ETCD_PREFIX",
+        default_value = "/coreos.com/network"
+    )]
+    pub etcd_prefix: String,
+    /// CA certificate to verify etcd's server certificate (enables TLS).
+    #[arg(long, env = "TWILLD_ETCD_CAFILE")]
+    pub etcd_cafile: Option<PathBuf>,
+    /// Client certificate for etcd (with --etcd-keyfile).
+    #[arg(long, env = "TWILLD_ETCD_CERTFILE", requires = "etcd_keyfile")]
+    pub etcd_certfile: Option<PathBuf>,
+    /// Client key for etcd (with --etcd-certfile).
+    #[arg(long, env = "TWILLD_ETCD_KEYFILE", requires = "etcd_certfile")]
+    pub etcd_keyfile: Option<PathBuf>,
+    /// Underlay interface for VXLAN traffic, by name or by IPv4 address. Default: the interface
+    /// of the default route.
+    #[arg(long, env = "TWILLD_IFACE", value_parser = parse_iface)]
+    pub iface: Option<IfaceSelector>,
+    /// Address other nodes send VXLAN traffic to. Default: the underlay interface's address.
+    #[arg(long, env = "TWILLD_PUBLIC_IP")]
+    pub public_ip: Option<Ipv4Addr>,
+    /// Where to write the subnet file (flannel's subnet.env format) once the node is ready.
+    #[arg(
+        long,
+        env = "TWILLD_SUBNET_FILE",
+        default_value = "/run/twill/subnet.env"
+    )]
+    pub subnet_file: PathBuf,
+    /// Directory for state that must survive restarts and reboots (VTEP MAC, IP allocations).
+    #[arg(long, env = "TWILLD_STATE_DIR", default_value = "/var/lib/twill")]
+    pub state_dir: PathBuf,
+    /// Lifetime of this node's lease in etcd; renewed long before it runs out (e.g. 24h, 90m, 60s).
+    #[arg(long, env = "TWILLD_LEASE_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
+    /// How often the kernel state is compared with the leases and repaired (e.g. 30s).
+    #[arg(long, env = "TWILLD_RESYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub resync_interval: Duration,
+    /// Address for /healthz, /readyz, /metrics and /status.
+    #[arg(long, env = "TWILLD_HTTP_ADDR", default_value = "127.0.0.1:9464")]
+    pub http_addr: SocketAddr,
+    /// Unix socket the `twill` CNI plugin talks to.
+    #[arg(long, env = "TWILLD_CNI_SOCKET", default_value = "/run/twill/cni.sock")]
+    pub cni_socket: PathBuf,
+    /// Bridge that pod veths attach to; created with the gateway address if missing.
+    #[arg(long, env = "TWILLD_BRIDGE", default_value = "cni0")]
+    pub bridge: String,
+    /// Log format: text or json. Log level comes from RUST_LOG (default info).
+    #[arg(long, env = "TWILLD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// The daemon's HTTP address.
+    #[arg(long, env = "TWILLD_HTTP_ADDR", default_value = "127.0.0.1:9464")]
+    pub http_addr: SocketAddr,
+    /// Print the raw /status JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_iface(s: &str) -> Result<IfaceSelector, String> {
+    if s.is_empty() {
+        return Err("empty interface".into());
+    }
+    Ok(match s.parse::<Ipv4Addr>() {
+        Ok(ip) => IfaceSelector::Addr(ip),
+        Err(_) => IfaceSelector::Name(s.to_string()),
+    })
+}
+
+/// `90s`, `5m`, `24h`, `500ms`, `1h30m`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(n));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(format!(
+                "invalid duration {s:?}: expected e.g. 30s, 5m, 24h"
+            ));
+        }
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("invalid duration {s:?}"))?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        total += match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n * 60),
+            "h" => Duration::from_secs(n * 3600),
+            "d" => Duration::from_secs(n * 86400),
+            _ => {
+                return Err(format!(
+                    "invalid duration {s:?}: unknown unit {unit:?} (use ms, s, m, h, d)"
+                ))
+            }
+        };
+    }
+    if total.is_zero() {
+        return Err(format!("invalid duration {s:?}: must be greater than zero"));
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("45").unwrap(), Duration::from_secs(45));
+        for bad in ["", "s", "10x", "0s", "-1s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn defaults_and_env_names() {
+        let cli = Cli::try_parse_from(["twilld"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.run.etcd_prefix, "/coreos.com/network");
+        assert_eq!(cli.run.lease_ttl, Duration::from_secs(86400));
+        assert_eq!(cli.run.resync_interval, Duration::from_secs(30));
+        assert_eq!(cli.run.http_addr.to_string(), "127.0.0.1:9464");
+        assert_eq!(cli.run.bridge, "cni0");
+        let cli = Cli::try_parse_from([
+            "twilld",
+            "--etcd-endpoints",
+            "http://a:2379,http://b:2379",
+            "--iface",
+            "198.18.0.11",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.run.etcd_endpoints,
+            vec!["http://a:2379", "http://b:2379"]
+        );
+        assert_eq!(
+            cli.run.iface,
+            Some(IfaceSelector::Addr("198.18.0.11".parse().unwrap()))
+        );
+        let cli = Cli::try_parse_from(["twilld", "status", "--json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Status(StatusArgs { json: true, .. }))
+        ));
+        assert!(
+            Cli::try_parse_from(["twilld", "--etcd-certfile", "/x"]).is_err(),
+            "cert needs key"
+        );
+    }
+}

@@ -1,1 +1,176 @@
-fn main() {}
+//! `twilld`: the twill node daemon. See `twilld --help`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use twill_daemon::cli::{Cli, Command, RunArgs, StatusArgs};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Status(args)) => status(&args),
+        Some(Command::Run(args)) => run(args),
+        None => run(cli.run),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("twilld: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    init_logging(&args.log_format);
+    // Two workers: the daemon is mostly idle, and a small footprint matters (flannel #963).
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(twill_daemon::daemon::run(args)).map_err(|e| {
+        tracing::error!(error = %e, "twilld stopped");
+        anyhow::Error::new(e)
+    })
+}
+
+fn init_logging(format: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// `twilld status`: a plain HTTP/1.0 GET of /status, printed as a table.
+fn status(args: &StatusArgs) -> anyhow::Result<()> {
+    let body = http_get(args.http_addr, "/status")?;
+    if args.json {
+        println!("{body}");
+        return Ok(());
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).context("decoding /status")?;
+    print!("{}", render_status(&v));
+    Ok(())
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let timeout = Duration::from_secs(5);
+    let mut s = TcpStream::connect_timeout(&addr, timeout).with_context(|| {
+        format!("cannot reach twilld at {addr} (is it running? see --http-addr)")
+    })?;
+    s.set_read_timeout(Some(timeout))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        bail!("{path}: {}", head.lines().next().unwrap_or(""));
+    }
+    Ok(body.to_string())
+}
+
+fn render_status(v: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let s = |x: &serde_json::Value| match x {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let mut out = String::new();
+    let ready = v["ready"].as_bool().unwrap_or(false);
+    let _ = writeln!(
+        out,
+        "ready:    {}",
+        if ready {
+            "yes".to_string()
+        } else {
+            format!("no ({})", s(&v["waiting_for"]))
+        }
+    );
+    let _ = writeln!(out, "network:  {}", s(&v["network"]));
+    let n = &v["node"];
+    if n.is_object() {
+        let _ = writeln!(out, "subnet:   {}", s(&n["subnet"]));
+        let _ = writeln!(
+            out,
+            "public:   {} (via {})",
+            s(&n["public_ip"]),
+            s(&n["underlay"])
+        );
+        let _ = writeln!(
+            out,
+            "vtep:     {} {} mtu {}",
+            s(&n["device"]),
+            s(&n["vtep_mac"]),
+            s(&n["mtu"])
+        );
+    }
+    if let Some(r) = v["last_reconcile"].as_object() {
+        let _ = writeln!(
+            out,
+            "reconcile: {:.1} ms, +{} -{} !{}",
+            r.get("duration_ms").and_then(|d| d.as_f64()).unwrap_or(0.0),
+            s(&r["added"]),
+            s(&r["removed"]),
+            s(&r["failed"])
+        );
+    }
+    let peers = v["peers"].as_array().cloned().unwrap_or_default();
+    let _ = writeln!(out, "\npeers: {}", peers.len());
+    let _ = writeln!(
+        out,
+        "{:<20} {:<16} {:<18} PROGRAMMED",
+        "SUBNET", "PUBLIC IP", "VTEP MAC"
+    );
+    for p in &peers {
+        let prog = if p["programmed"].as_bool().unwrap_or(false) {
+            "yes"
+        } else {
+            "no"
+        };
+        let _ = writeln!(
+            out,
+            "{:<20} {:<16} {:<18} {prog}",
+            s(&p["subnet"]),
+            s(&p["public_ip"]),
+            s(&p["vtep_mac"])
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_status_table() {
+        let v = serde_json::json!({
+            "ready": true, "network": "10.244.0.0/16",
+            "node": {"subnet": "10.244.1.0/24", "public_ip": "198.18.0.11", "vtep_mac": "02:00:00:00:00:01",
+                     "underlay": "eth0", "device": "twill.1", "mtu": 1450},
+            "peers": [{"subnet": "10.244.2.0/24", "public_ip": "198.18.0.12", "vtep_mac": "02:00:00:00:00:02", "programmed": true}],
+            "last_reconcile": {"duration_ms": 1.5, "added": 3, "removed": 0, "failed": 0}
+        });
+        let out = render_status(&v);
+        assert!(out.contains("subnet:   10.244.1.0/24"), "{out}");
+        assert!(
+            out.contains("10.244.2.0/24        198.18.0.12      02:00:00:00:00:02  yes"),
+            "{out}"
+        );
+        assert!(out.contains("peers: 1"));
+    }
+}

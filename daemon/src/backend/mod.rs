@@ -16,6 +16,9 @@ use crate::reconcile::PeerChange;
 pub enum BackendError {
     #[error(transparent)]
     Netlink(#[from] crate::netlink::NetlinkError),
+    /// The overlay device disappeared; call `setup` again.
+    #[error("overlay device is gone")]
+    DeviceGone,
 }
 
 /// What the backend needs to know about this node.

@@ -10,3 +10,23 @@ impl VxlanBackend {
         todo!()
     }
 }
+impl crate::backend::Backend for VxlanBackend {
+    async fn setup(
+        &mut self,
+        _l: &crate::backend::LocalNode,
+    ) -> Result<crate::backend::DeviceInfo, crate::backend::BackendError> {
+        todo!()
+    }
+    async fn apply(
+        &mut self,
+        _c: &[crate::reconcile::PeerChange],
+    ) -> Result<crate::backend::ApplyStats, crate::backend::BackendError> {
+        todo!()
+    }
+    async fn reconcile(
+        &mut self,
+        _d: &[crate::peer::Peer],
+    ) -> Result<crate::backend::ApplyStats, crate::backend::BackendError> {
+        todo!()
+    }
+}
