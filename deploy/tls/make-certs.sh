@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Makes a CA, an etcd server certificate and a twilld client certificate with openssl.
+#   deploy/tls/make-certs.sh OUT_DIR ETCD_IP [ETCD_IP...]
+# Writes OUT_DIR/{ca.pem,ca-key.pem,etcd.pem,etcd-key.pem,twilld.pem,twilld-key.pem}.
+# The test suite runs this script to check the recipe works against a real etcd.
+set -euo pipefail
+out=${1:?usage: $0 OUT_DIR ETCD_IP [ETCD_IP...]}
+shift
+[ $# -ge 1 ] || { echo "usage: $0 OUT_DIR ETCD_IP [ETCD_IP...]" >&2; exit 2; }
+mkdir -p "$out"
+cd "$out"
+umask 077
+
+san="IP:127.0.0.1"
+for ip in "$@"; do san="$san,IP:$ip"; done
+
+openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=twill-etcd-ca" \
+  -keyout ca-key.pem -out ca.pem 2>/dev/null
+
+cert() { # name cn usage san
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=$2" -keyout "$1-key.pem" -out "$1.csr" 2>/dev/null
+  printf 'extendedKeyUsage=%s\n%s' "$3" "${4:+subjectAltName=$4}" > "$1.ext"
+  openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca-key.pem -CAcreateserial -days 825 \
+    -extfile "$1.ext" -out "$1.pem" 2>/dev/null
+  rm -f "$1.csr" "$1.ext"
+}
+cert etcd etcd serverAuth,clientAuth "$san"
+cert twilld twilld clientAuth ""
+rm -f ca.srl
+echo "wrote $(pwd)/{ca,etcd,twilld}{,-key}.pem"
