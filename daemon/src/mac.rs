@@ -93,7 +93,13 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for s in ["", "c6:d2:32:6f:8f", "c6:d2:32:6f:8f:44:00", "zz:d2:32:6f:8f:44", "c6d2:32:6f:8f:44:"] {
+        for s in [
+            "",
+            "c6:d2:32:6f:8f",
+            "c6:d2:32:6f:8f:44:00",
+            "zz:d2:32:6f:8f:44",
+            "c6d2:32:6f:8f:44:",
+        ] {
             assert!(s.parse::<MacAddr>().is_err(), "{s}");
         }
     }

@@ -37,20 +37,90 @@ impl Metrics {
             let _ = writeln!(out, "twill_{name} {v}");
         };
         let g = |c: &AtomicU64| c.load(Relaxed) as f64;
-        metric("peers", "gauge", "Remote nodes with a valid lease.", g(&self.peers));
-        metric("kernel_entries_added_total", "counter", "Neighbour, FDB and route entries added or replaced.", g(&self.kernel_entries_added));
-        metric("kernel_entries_removed_total", "counter", "Neighbour, FDB and route entries removed.", g(&self.kernel_entries_removed));
-        metric("kernel_entry_failures_total", "counter", "Kernel entry operations that failed.", g(&self.kernel_entry_failures));
-        metric("etcd_reconnects_total", "counter", "Times the etcd watch or lease keeper had to reconnect.", g(&self.etcd_reconnects));
-        metric("peer_resyncs_total", "counter", "Full re-lists of the subnet leases.", g(&self.peer_resyncs));
-        metric("invalid_leases_skipped_total", "counter", "Leases of other nodes skipped as invalid.", g(&self.invalid_leases_skipped));
-        metric("lease_renewals_total", "counter", "Renewals of this node's etcd lease.", g(&self.lease_renewals));
-        metric("lease_reacquisitions_total", "counter", "Times this node's lease was lost and acquired again.", g(&self.lease_reacquisitions));
-        metric("reconciles_total", "counter", "Full reconciles of kernel state against leases.", g(&self.reconciles));
-        metric("reconcile_duration_seconds", "gauge", "Duration of the last full reconcile.", g(&self.last_reconcile_micros) / 1e6);
-        metric("reconcile_duration_seconds_total", "counter", "Total time spent in full reconciles.", g(&self.reconcile_micros_total) / 1e6);
-        metric("cni_requests_total", "counter", "CNI requests served.", g(&self.cni_requests));
-        metric("cni_errors_total", "counter", "CNI requests answered with an error.", g(&self.cni_errors));
+        metric(
+            "peers",
+            "gauge",
+            "Remote nodes with a valid lease.",
+            g(&self.peers),
+        );
+        metric(
+            "kernel_entries_added_total",
+            "counter",
+            "Neighbour, FDB and route entries added or replaced.",
+            g(&self.kernel_entries_added),
+        );
+        metric(
+            "kernel_entries_removed_total",
+            "counter",
+            "Neighbour, FDB and route entries removed.",
+            g(&self.kernel_entries_removed),
+        );
+        metric(
+            "kernel_entry_failures_total",
+            "counter",
+            "Kernel entry operations that failed.",
+            g(&self.kernel_entry_failures),
+        );
+        metric(
+            "etcd_reconnects_total",
+            "counter",
+            "Times the etcd watch or lease keeper had to reconnect.",
+            g(&self.etcd_reconnects),
+        );
+        metric(
+            "peer_resyncs_total",
+            "counter",
+            "Full re-lists of the subnet leases.",
+            g(&self.peer_resyncs),
+        );
+        metric(
+            "invalid_leases_skipped_total",
+            "counter",
+            "Leases of other nodes skipped as invalid.",
+            g(&self.invalid_leases_skipped),
+        );
+        metric(
+            "lease_renewals_total",
+            "counter",
+            "Renewals of this node's etcd lease.",
+            g(&self.lease_renewals),
+        );
+        metric(
+            "lease_reacquisitions_total",
+            "counter",
+            "Times this node's lease was lost and acquired again.",
+            g(&self.lease_reacquisitions),
+        );
+        metric(
+            "reconciles_total",
+            "counter",
+            "Full reconciles of kernel state against leases.",
+            g(&self.reconciles),
+        );
+        metric(
+            "reconcile_duration_seconds",
+            "gauge",
+            "Duration of the last full reconcile.",
+            g(&self.last_reconcile_micros) / 1e6,
+        );
+        metric(
+            "reconcile_duration_seconds_total",
+            "counter",
+            "Total time spent in full reconciles.",
+            g(&self.reconcile_micros_total) / 1e6,
+        );
+        metric(
+            "cni_requests_total",
+            "counter",
+            "CNI requests served.",
+            g(&self.cni_requests),
+        );
+        metric(
+            "cni_errors_total",
+            "counter",
+            "CNI requests answered with an error.",
+            g(&self.cni_errors),
+        );
         out
     }
 }

@@ -13,7 +13,10 @@ pub fn load_or_create_vtep_mac(dir: &Path) -> io::Result<MacAddr> {
     let path = dir.join(VTEP_MAC_FILE);
     match std::fs::read_to_string(&path) {
         Ok(s) => s.trim().parse().map_err(|e| {
-            io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
         }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let mac = MacAddr::random_local();
@@ -58,7 +61,10 @@ mod tests {
         let b = load_or_create_vtep_mac(&dir).unwrap();
         assert_eq!(a, b);
         std::fs::write(dir.join(VTEP_MAC_FILE), "garbage").unwrap();
-        assert!(load_or_create_vtep_mac(&dir).is_err(), "a corrupt MAC file is an error, not silently replaced");
+        assert!(
+            load_or_create_vtep_mac(&dir).is_err(),
+            "a corrupt MAC file is an error, not silently replaced"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

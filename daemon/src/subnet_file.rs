@@ -61,7 +61,10 @@ mod tests {
         );
         let path = std::env::temp_dir().join(format!("twill-subnet-env-{}", std::process::id()));
         env.write(&path).unwrap();
-        assert_eq!(read_previous_subnet(&path), Some("10.244.1.0/24".parse().unwrap()));
+        assert_eq!(
+            read_previous_subnet(&path),
+            Some("10.244.1.0/24".parse().unwrap())
+        );
         std::fs::write(&path, "FLANNEL_SUBNET=garbage\n").unwrap();
         assert_eq!(read_previous_subnet(&path), None);
         std::fs::remove_file(&path).unwrap();
