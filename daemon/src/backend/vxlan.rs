@@ -1,12 +1,158 @@
 //! The VXLAN backend. CONTRACT (owner: kernel helper).
 
-use crate::config::BackendConfig;
-use crate::netlink::Netlink;
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
 
-pub struct VxlanBackend {}
+use ipnet::Ipv4Net;
+
+use super::{ApplyStats, Backend, BackendError, DeviceInfo, LocalNode};
+use crate::config::BackendConfig;
+use crate::netlink::{ApplyReport, Netlink, VxlanSpec};
+use crate::peer::Peer;
+use crate::reconcile::{self, Op, PeerChange};
+
+/// Headroom VXLAN needs over an IPv4 underlay (outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14).
+const VXLAN_OVERHEAD: u32 = 50;
+
+pub struct VxlanBackend {
+    nl: Netlink,
+    cfg: BackendConfig,
+    name: String,
+    ifindex: Option<u32>,
+    /// The underlay's own subnet, for DirectRouting (peers inside it are on-link).
+    underlay_net: Option<Ipv4Net>,
+    local_ip: Option<Ipv4Addr>,
+    /// What we last programmed, by subnet: an incremental removal must not delete an entry
+    /// another peer still uses (same MAC and IP after a re-lease).
+    peers: HashMap<Ipv4Net, Peer>,
+}
 
 impl VxlanBackend {
-    pub fn new(_nl: Netlink, _cfg: &BackendConfig) -> Self {
-        todo!()
+    pub fn new(nl: Netlink, cfg: &BackendConfig) -> Self {
+        VxlanBackend {
+            nl,
+            cfg: cfg.clone(),
+            name: format!("twill.{}", cfg.vni),
+            ifindex: None,
+            underlay_net: None,
+            local_ip: None,
+            peers: HashMap::new(),
+        }
+    }
+
+    /// The device name, `twill.<VNI>`.
+    pub fn device_name(&self) -> &str {
+        &self.name
+    }
+
+    /// The VXLAN device's ifindex once `setup` ran.
+    pub fn ifindex(&self) -> Option<u32> {
+        self.ifindex
+    }
+
+    fn is_direct(&self, p: &Peer) -> bool {
+        self.cfg.direct_routing
+            && Some(p.public_ip) != self.local_ip
+            && self.underlay_net.is_some_and(|n| n.contains(&p.public_ip))
+    }
+
+    fn device(&self) -> Result<u32, BackendError> {
+        self.ifindex.ok_or_else(|| BackendError::DeviceGone(self.name.clone()))
+    }
+
+    /// Fails with DeviceGone if our ifindex no longer names our device.
+    async fn check_device(&self) -> Result<u32, BackendError> {
+        let idx = self.device()?;
+        match self.nl.link_name(idx).await? {
+            Some(n) if n == self.name => Ok(idx),
+            _ => Err(BackendError::DeviceGone(self.name.clone())),
+        }
+    }
+
+    async fn run(&mut self, ops: Vec<Op>) -> Result<ApplyStats, BackendError> {
+        let idx = self.device()?;
+        let ApplyReport { applied: _, failed } = self.nl.apply(idx, &ops).await;
+        let mut stats = ApplyStats::default();
+        let mut gone = false;
+        for (op, e) in &failed {
+            gone |= e.is_no_device();
+            tracing::warn!(op = ?op, error = %e, "kernel update failed");
+        }
+        for op in &ops {
+            if failed.iter().any(|(f, _)| f == op) {
+                stats.failed += 1;
+            } else if op.is_delete() {
+                stats.removed += 1;
+            } else {
+                stats.added += 1;
+            }
+        }
+        if gone {
+            self.ifindex = None;
+            return Err(BackendError::DeviceGone(self.name.clone()));
+        }
+        Ok(stats)
+    }
+}
+
+impl Backend for VxlanBackend {
+    async fn setup(&mut self, local: &LocalNode) -> Result<DeviceInfo, BackendError> {
+        let mtu = self.cfg.mtu.unwrap_or(local.underlay_mtu.saturating_sub(VXLAN_OVERHEAD));
+        let spec = VxlanSpec {
+            name: self.name.clone(),
+            vni: self.cfg.vni,
+            local: local.public_ip,
+            underlay_index: local.underlay_index,
+            port: self.cfg.port,
+            mtu,
+            mac: local.vtep_mac,
+            addr: Ipv4Net::new(local.subnet.network(), 32).expect("/32 is valid"),
+        };
+        let ifindex = self.nl.ensure_vxlan(&spec).await?;
+        self.ifindex = Some(ifindex);
+        self.local_ip = Some(local.public_ip);
+        self.underlay_net = if self.cfg.direct_routing {
+            self.nl.addr_prefix(local.underlay_index, local.public_ip).await?
+        } else {
+            None
+        };
+        tracing::info!(device = %self.name, ifindex, mtu, "vxlan device ready");
+        Ok(DeviceInfo { name: self.name.clone(), ifindex, mtu })
+    }
+
+    async fn apply(&mut self, changes: &[PeerChange]) -> Result<ApplyStats, BackendError> {
+        self.device()?;
+        let mut ops = reconcile::change_ops_with(changes, |p| self.is_direct(p));
+        for c in changes {
+            if let Some(o) = c.old {
+                self.peers.remove(&o.subnet);
+            }
+            if let Some(n) = c.new {
+                self.peers.insert(n.subnet, n);
+            }
+        }
+        // Keep entries that a remaining peer still needs.
+        let keep = reconcile::diff_with(
+            &self.peers.values().copied().collect::<Vec<_>>(),
+            &Default::default(),
+            |p| self.is_direct(p),
+        );
+        ops.retain(|op| match op {
+            Op::DelFdb { mac, dst } => !keep.contains(&Op::SetFdb { mac: *mac, dst: *dst }),
+            Op::DelNeigh { ip, .. } => !keep.iter().any(|k| matches!(k, Op::SetNeigh { ip: i, .. } if i == ip)),
+            _ => true,
+        });
+        self.run(ops).await
+    }
+
+    async fn reconcile(&mut self, desired: &[Peer]) -> Result<ApplyStats, BackendError> {
+        let idx = self.check_device().await?;
+        let actual = self.nl.dump_entries(idx).await?;
+        let ops = reconcile::diff_with(desired, &actual, |p| self.is_direct(p));
+        self.peers = desired.iter().map(|p| (p.subnet, *p)).collect();
+        if !ops.is_empty() {
+            tracing::info!(ops = ops.len(), "reconcile: kernel differs from leases");
+        }
+        self.run(ops).await
     }
 }
