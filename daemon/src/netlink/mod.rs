@@ -216,7 +216,8 @@ impl Netlink {
                 self.link_by_name(&spec.name).await?.header.index
             }
         };
-        let set = LinkUnspec::new_with_index(index).mtu(spec.mtu).address(spec.mac.octets().to_vec()).build();
+        // MTU only: setting the MAC, even to the same value, flushes the device's neighbours.
+        let set = LinkUnspec::new_with_index(index).mtu(spec.mtu).build();
         self.handle.link().set(set).execute().await.map_err(|e| NetlinkError::from_rtnl(format!("{ctx}: set mtu"), e))?;
 
         let want = spec.addr;
@@ -286,7 +287,13 @@ impl Netlink {
             if n.header.ifindex != ifindex || !n.header.flags.contains(NeighbourFlags::Own) {
                 continue;
             }
-            if let (Some(NeighbourAddress::Inet(dst)), Some(mac)) = (neigh_dst(&n), neigh_lladdr(&n)) {
+            // AF_BRIDGE messages carry NDA_DST as raw bytes.
+            let dst = match neigh_dst(&n) {
+                Some(NeighbourAddress::Inet(ip)) => Some(ip),
+                Some(NeighbourAddress::Other(b)) => <[u8; 4]>::try_from(&b[..]).ok().map(Ipv4Addr::from),
+                _ => None,
+            };
+            if let (Some(dst), Some(mac)) = (dst, neigh_lladdr(&n)) {
                 // The all-zeros entries are default destinations (flooding), not peers.
                 if !mac.is_zero() {
                     out.fdb.push((mac, dst));
