@@ -29,7 +29,10 @@ pub enum Op {
 
 impl Op {
     pub fn is_delete(&self) -> bool {
-        matches!(self, Op::DelNeigh { .. } | Op::DelFdb { .. } | Op::DelRoute { .. })
+        matches!(
+            self,
+            Op::DelNeigh { .. } | Op::DelFdb { .. } | Op::DelRoute { .. }
+        )
     }
 }
 
@@ -60,7 +63,11 @@ struct PeerEntries {
 
 fn entries(p: &Peer, direct: bool) -> PeerEntries {
     if direct {
-        PeerEntries { neigh: None, fdb: None, route: (p.subnet, p.public_ip) }
+        PeerEntries {
+            neigh: None,
+            fdb: None,
+            route: (p.subnet, p.public_ip),
+        }
     } else {
         PeerEntries {
             neigh: Some((p.gateway(), p.vtep_mac)),
@@ -77,7 +84,10 @@ fn set_ops(e: &PeerEntries, out: &mut Vec<Op>) {
     if let Some((mac, dst)) = e.fdb {
         out.push(Op::SetFdb { mac, dst });
     }
-    out.push(Op::SetRoute { dst: e.route.0, gw: e.route.1 });
+    out.push(Op::SetRoute {
+        dst: e.route.0,
+        gw: e.route.1,
+    });
 }
 
 /// Ops for incremental changes, in flannel's order (adds: neigh, fdb, route; removals: route,
@@ -97,7 +107,12 @@ pub fn change_ops_with(changes: &[PeerChange], direct: impl Fn(&Peer) -> bool) -
     let planned: Vec<(Option<PeerEntries>, Option<PeerEntries>)> = changes
         .iter()
         .filter(|c| c.old != c.new)
-        .map(|c| (c.old.map(|p| entries(&p, direct(&p))), c.new.map(|p| entries(&p, direct(&p)))))
+        .map(|c| {
+            (
+                c.old.map(|p| entries(&p, direct(&p))),
+                c.new.map(|p| entries(&p, direct(&p))),
+            )
+        })
         .collect();
     for (_, new) in &planned {
         if let Some(n) = new {
@@ -116,7 +131,10 @@ pub fn change_ops_with(changes: &[PeerChange], direct: impl Fn(&Peer) -> bool) -
         }
         if let Some(o) = old {
             if !wanted_route.contains(&o.route.0) {
-                out.push(Op::DelRoute { dst: o.route.0, gw: o.route.1 });
+                out.push(Op::DelRoute {
+                    dst: o.route.0,
+                    gw: o.route.1,
+                });
             }
             if let Some((mac, dst)) = o.fdb {
                 if !wanted_fdb.contains(&(mac, dst)) {
@@ -140,12 +158,19 @@ pub fn diff(desired: &[Peer], actual: &KernelEntries) -> Vec<Op> {
 
 /// `diff` where `direct(peer)` says a peer is reached by DirectRouting. Adds come first, per
 /// peer in neigh -> fdb -> route order, then removals (routes, fdb, neighbours).
-pub fn diff_with(desired: &[Peer], actual: &KernelEntries, direct: impl Fn(&Peer) -> bool) -> Vec<Op> {
+pub fn diff_with(
+    desired: &[Peer],
+    actual: &KernelEntries,
+    direct: impl Fn(&Peer) -> bool,
+) -> Vec<Op> {
     let have_neigh: HashMap<Ipv4Addr, HashSet<MacAddr>> =
-        actual.neighs.iter().fold(HashMap::new(), |mut m, (ip, mac)| {
-            m.entry(*ip).or_default().insert(*mac);
-            m
-        });
+        actual
+            .neighs
+            .iter()
+            .fold(HashMap::new(), |mut m, (ip, mac)| {
+                m.entry(*ip).or_default().insert(*mac);
+                m
+            });
     let have_fdb: HashSet<(MacAddr, Ipv4Addr)> = actual.fdb.iter().copied().collect();
     let have_route: HashSet<(Ipv4Net, Ipv4Addr)> = actual.routes.iter().copied().collect();
 
@@ -156,7 +181,9 @@ pub fn diff_with(desired: &[Peer], actual: &KernelEntries, direct: impl Fn(&Peer
     for p in desired {
         let e = entries(p, direct(p));
         if let Some((ip, mac)) = e.neigh {
-            let ok = have_neigh.get(&ip).is_some_and(|m| m.len() == 1 && m.contains(&mac));
+            let ok = have_neigh
+                .get(&ip)
+                .is_some_and(|m| m.len() == 1 && m.contains(&mac));
             if !ok && want_neigh.insert(ip) {
                 out.push(Op::SetNeigh { ip, mac });
             }
@@ -211,17 +238,35 @@ mod tests {
 
     fn adds(p: &Peer) -> Vec<Op> {
         vec![
-            Op::SetNeigh { ip: p.gateway(), mac: p.vtep_mac },
-            Op::SetFdb { mac: p.vtep_mac, dst: p.public_ip },
-            Op::SetRoute { dst: p.subnet, gw: p.gateway() },
+            Op::SetNeigh {
+                ip: p.gateway(),
+                mac: p.vtep_mac,
+            },
+            Op::SetFdb {
+                mac: p.vtep_mac,
+                dst: p.public_ip,
+            },
+            Op::SetRoute {
+                dst: p.subnet,
+                gw: p.gateway(),
+            },
         ]
     }
 
     fn dels(p: &Peer) -> Vec<Op> {
         vec![
-            Op::DelRoute { dst: p.subnet, gw: p.gateway() },
-            Op::DelFdb { mac: p.vtep_mac, dst: p.public_ip },
-            Op::DelNeigh { ip: p.gateway(), mac: p.vtep_mac },
+            Op::DelRoute {
+                dst: p.subnet,
+                gw: p.gateway(),
+            },
+            Op::DelFdb {
+                mac: p.vtep_mac,
+                dst: p.public_ip,
+            },
+            Op::DelNeigh {
+                ip: p.gateway(),
+                mac: p.vtep_mac,
+            },
         ]
     }
 
@@ -236,31 +281,62 @@ mod tests {
     #[test]
     fn add_is_neigh_fdb_route() {
         let p = peer(2, 2, 2);
-        let ops = change_ops(&[PeerChange { old: None, new: Some(p) }]);
+        let ops = change_ops(&[PeerChange {
+            old: None,
+            new: Some(p),
+        }]);
         assert_eq!(ops, adds(&p));
-        assert_eq!(ops[0], Op::SetNeigh { ip: "10.244.2.0".parse().unwrap(), mac: p.vtep_mac });
-        assert_eq!(ops[2], Op::SetRoute { dst: "10.244.2.0/24".parse().unwrap(), gw: "10.244.2.0".parse().unwrap() });
+        assert_eq!(
+            ops[0],
+            Op::SetNeigh {
+                ip: "10.244.2.0".parse().unwrap(),
+                mac: p.vtep_mac
+            }
+        );
+        assert_eq!(
+            ops[2],
+            Op::SetRoute {
+                dst: "10.244.2.0/24".parse().unwrap(),
+                gw: "10.244.2.0".parse().unwrap()
+            }
+        );
     }
 
     #[test]
     fn removal_is_route_fdb_neigh() {
         let p = peer(2, 2, 2);
-        assert_eq!(change_ops(&[PeerChange { old: Some(p), new: None }]), dels(&p));
+        assert_eq!(
+            change_ops(&[PeerChange {
+                old: Some(p),
+                new: None
+            }]),
+            dels(&p)
+        );
     }
 
     #[test]
     fn unchanged_is_nothing() {
         let p = peer(2, 2, 2);
-        assert!(change_ops(&[PeerChange { old: Some(p), new: Some(p) }]).is_empty());
+        assert!(change_ops(&[PeerChange {
+            old: Some(p),
+            new: Some(p)
+        }])
+        .is_empty());
     }
 
     #[test]
     fn mac_change_sets_new_and_drops_old_fdb_only() {
         let old = peer(2, 2, 2);
         let new = peer(2, 2, 9);
-        let ops = change_ops(&[PeerChange { old: Some(old), new: Some(new) }]);
+        let ops = change_ops(&[PeerChange {
+            old: Some(old),
+            new: Some(new),
+        }]);
         let mut want = adds(&new);
-        want.push(Op::DelFdb { mac: old.vtep_mac, dst: old.public_ip });
+        want.push(Op::DelFdb {
+            mac: old.vtep_mac,
+            dst: old.public_ip,
+        });
         assert_eq!(ops, want);
     }
 
@@ -268,9 +344,15 @@ mod tests {
     fn ip_change_drops_old_fdb_dst() {
         let old = peer(2, 2, 2);
         let new = peer(2, 7, 2);
-        let ops = change_ops(&[PeerChange { old: Some(old), new: Some(new) }]);
+        let ops = change_ops(&[PeerChange {
+            old: Some(old),
+            new: Some(new),
+        }]);
         let mut want = adds(&new);
-        want.push(Op::DelFdb { mac: old.vtep_mac, dst: old.public_ip });
+        want.push(Op::DelFdb {
+            mac: old.vtep_mac,
+            dst: old.public_ip,
+        });
         assert_eq!(ops, want);
     }
 
@@ -278,11 +360,20 @@ mod tests {
     fn subnet_change_drops_old_route_and_neigh() {
         let old = peer(2, 2, 2);
         let new = peer(3, 2, 2);
-        let ops = change_ops(&[PeerChange { old: Some(old), new: Some(new) }]);
+        let ops = change_ops(&[PeerChange {
+            old: Some(old),
+            new: Some(new),
+        }]);
         let mut want = adds(&new);
         // Same MAC and dst: the FDB entry is shared, not deleted.
-        want.push(Op::DelRoute { dst: old.subnet, gw: old.gateway() });
-        want.push(Op::DelNeigh { ip: old.gateway(), mac: old.vtep_mac });
+        want.push(Op::DelRoute {
+            dst: old.subnet,
+            gw: old.gateway(),
+        });
+        want.push(Op::DelNeigh {
+            ip: old.gateway(),
+            mac: old.vtep_mac,
+        });
         assert_eq!(ops, want);
     }
 
@@ -292,12 +383,30 @@ mod tests {
         let old = peer(2, 2, 2);
         let new = peer(3, 2, 2);
         let ops = change_ops(&[
-            PeerChange { old: Some(old), new: None },
-            PeerChange { old: None, new: Some(new) },
+            PeerChange {
+                old: Some(old),
+                new: None,
+            },
+            PeerChange {
+                old: None,
+                new: Some(new),
+            },
         ]);
-        assert!(!ops.contains(&Op::DelFdb { mac: old.vtep_mac, dst: old.public_ip }), "{ops:?}");
-        assert!(ops.contains(&Op::DelRoute { dst: old.subnet, gw: old.gateway() }));
-        assert!(ops.contains(&Op::DelNeigh { ip: old.gateway(), mac: old.vtep_mac }));
+        assert!(
+            !ops.contains(&Op::DelFdb {
+                mac: old.vtep_mac,
+                dst: old.public_ip
+            }),
+            "{ops:?}"
+        );
+        assert!(ops.contains(&Op::DelRoute {
+            dst: old.subnet,
+            gw: old.gateway()
+        }));
+        assert!(ops.contains(&Op::DelNeigh {
+            ip: old.gateway(),
+            mac: old.vtep_mac
+        }));
     }
 
     #[test]
@@ -338,8 +447,14 @@ mod tests {
         let mut want = adds(&p);
         // The neighbour is replaced in place (deleting by IP would hit the new one too); the
         // stale route (delete matches the gateway) and FDB pair go.
-        want.push(Op::DelRoute { dst: p.subnet, gw: Ipv4Addr::new(10, 244, 2, 1) });
-        want.push(Op::DelFdb { mac: p.vtep_mac, dst: wrong_ip });
+        want.push(Op::DelRoute {
+            dst: p.subnet,
+            gw: Ipv4Addr::new(10, 244, 2, 1),
+        });
+        want.push(Op::DelFdb {
+            mac: p.vtep_mac,
+            dst: wrong_ip,
+        });
         assert_eq!(ops, want);
     }
 
@@ -348,29 +463,68 @@ mod tests {
         let p = peer(2, 2, 2);
         let mut k = kernel_of(&[p]);
         k.fdb.clear();
-        assert_eq!(diff(&[p], &k), vec![Op::SetFdb { mac: p.vtep_mac, dst: p.public_ip }]);
+        assert_eq!(
+            diff(&[p], &k),
+            vec![Op::SetFdb {
+                mac: p.vtep_mac,
+                dst: p.public_ip
+            }]
+        );
         let mut k = kernel_of(&[p]);
         k.routes.clear();
-        assert_eq!(diff(&[p], &k), vec![Op::SetRoute { dst: p.subnet, gw: p.gateway() }]);
+        assert_eq!(
+            diff(&[p], &k),
+            vec![Op::SetRoute {
+                dst: p.subnet,
+                gw: p.gateway()
+            }]
+        );
     }
 
     #[test]
     fn direct_peers_get_only_a_route_via_public_ip() {
         let p = peer(2, 2, 2);
-        let ops = change_ops_with(&[PeerChange { old: None, new: Some(p) }], |_| true);
-        assert_eq!(ops, vec![Op::SetRoute { dst: p.subnet, gw: p.public_ip }]);
+        let ops = change_ops_with(
+            &[PeerChange {
+                old: None,
+                new: Some(p),
+            }],
+            |_| true,
+        );
+        assert_eq!(
+            ops,
+            vec![Op::SetRoute {
+                dst: p.subnet,
+                gw: p.public_ip
+            }]
+        );
         // Switching an overlay peer to direct: the route is replaced, overlay entries go.
         let ops = diff_with(&[p], &kernel_of(&[p]), |_| true);
         assert_eq!(
             ops,
             vec![
-                Op::SetRoute { dst: p.subnet, gw: p.public_ip },
-                Op::DelRoute { dst: p.subnet, gw: p.gateway() },
-                Op::DelFdb { mac: p.vtep_mac, dst: p.public_ip },
-                Op::DelNeigh { ip: p.gateway(), mac: p.vtep_mac },
+                Op::SetRoute {
+                    dst: p.subnet,
+                    gw: p.public_ip
+                },
+                Op::DelRoute {
+                    dst: p.subnet,
+                    gw: p.gateway()
+                },
+                Op::DelFdb {
+                    mac: p.vtep_mac,
+                    dst: p.public_ip
+                },
+                Op::DelNeigh {
+                    ip: p.gateway(),
+                    mac: p.vtep_mac
+                },
             ]
         );
-        let k = KernelEntries { routes: vec![(p.subnet, p.public_ip)], ..Default::default() };
+        let k = KernelEntries {
+            routes: vec![(p.subnet, p.public_ip)],
+            ..Default::default()
+        };
         assert!(diff_with(&[p], &k, |_| true).is_empty());
     }
 }

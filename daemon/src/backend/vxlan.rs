@@ -57,7 +57,8 @@ impl VxlanBackend {
     }
 
     fn device(&self) -> Result<u32, BackendError> {
-        self.ifindex.ok_or_else(|| BackendError::DeviceGone(self.name.clone()))
+        self.ifindex
+            .ok_or_else(|| BackendError::DeviceGone(self.name.clone()))
     }
 
     /// Fails with DeviceGone if our ifindex no longer names our device.
@@ -72,20 +73,24 @@ impl VxlanBackend {
     async fn run(&mut self, ops: Vec<Op>) -> Result<ApplyStats, BackendError> {
         let idx = self.device()?;
         let ApplyReport { applied: _, failed } = self.nl.apply(idx, &ops).await;
-        let mut stats = ApplyStats::default();
         let mut gone = false;
-        for (op, e) in &failed {
+        let mut failed_deletes = 0;
+        for (i, (op, e)) in failed.iter().enumerate() {
             gone |= e.is_no_device();
-            tracing::warn!(op = ?op, error = %e, "kernel update failed");
-        }
-        for op in &ops {
-            if failed.iter().any(|(f, _)| f == op) {
-                stats.failed += 1;
-            } else if op.is_delete() {
-                stats.removed += 1;
-            } else {
-                stats.added += 1;
+            failed_deletes += u64::from(op.is_delete());
+            // One line per failure, but not thousands when the device is gone.
+            if i < 20 {
+                tracing::warn!(op = ?op, error = %e, "kernel update failed");
             }
+        }
+        let deletes = ops.iter().filter(|o| o.is_delete()).count() as u64;
+        let stats = ApplyStats {
+            added: ops.len() as u64 - deletes - (failed.len() as u64 - failed_deletes),
+            removed: deletes - failed_deletes,
+            failed: failed.len() as u64,
+        };
+        if failed.len() > 20 {
+            tracing::warn!(count = failed.len(), "kernel updates failed");
         }
         if gone {
             self.ifindex = None;
@@ -97,7 +102,10 @@ impl VxlanBackend {
 
 impl Backend for VxlanBackend {
     async fn setup(&mut self, local: &LocalNode) -> Result<DeviceInfo, BackendError> {
-        let mtu = self.cfg.mtu.unwrap_or(local.underlay_mtu.saturating_sub(VXLAN_OVERHEAD));
+        let mtu = self
+            .cfg
+            .mtu
+            .unwrap_or(local.underlay_mtu.saturating_sub(VXLAN_OVERHEAD));
         let spec = VxlanSpec {
             name: self.name.clone(),
             vni: self.cfg.vni,
@@ -112,12 +120,18 @@ impl Backend for VxlanBackend {
         self.ifindex = Some(ifindex);
         self.local_ip = Some(local.public_ip);
         self.underlay_net = if self.cfg.direct_routing {
-            self.nl.addr_prefix(local.underlay_index, local.public_ip).await?
+            self.nl
+                .addr_prefix(local.underlay_index, local.public_ip)
+                .await?
         } else {
             None
         };
         tracing::info!(device = %self.name, ifindex, mtu, "vxlan device ready");
-        Ok(DeviceInfo { name: self.name.clone(), ifindex, mtu })
+        Ok(DeviceInfo {
+            name: self.name.clone(),
+            ifindex,
+            mtu,
+        })
     }
 
     async fn apply(&mut self, changes: &[PeerChange]) -> Result<ApplyStats, BackendError> {
@@ -138,8 +152,13 @@ impl Backend for VxlanBackend {
             |p| self.is_direct(p),
         );
         ops.retain(|op| match op {
-            Op::DelFdb { mac, dst } => !keep.contains(&Op::SetFdb { mac: *mac, dst: *dst }),
-            Op::DelNeigh { ip, .. } => !keep.iter().any(|k| matches!(k, Op::SetNeigh { ip: i, .. } if i == ip)),
+            Op::DelFdb { mac, dst } => !keep.contains(&Op::SetFdb {
+                mac: *mac,
+                dst: *dst,
+            }),
+            Op::DelNeigh { ip, .. } => !keep
+                .iter()
+                .any(|k| matches!(k, Op::SetNeigh { ip: i, .. } if i == ip)),
             _ => true,
         });
         self.run(ops).await

@@ -40,7 +40,10 @@ impl BatchSocket {
         sock.set_cap_ack(true)?;
         set_rcvbuf(&sock, RCVBUF);
         // Never block forever on a lost ack.
-        let tv = libc::timeval { tv_sec: 10, tv_usec: 0 };
+        let tv = libc::timeval {
+            tv_sec: 10,
+            tv_usec: 0,
+        };
         // SAFETY: valid fd and a properly sized timeval.
         unsafe {
             libc::setsockopt(
@@ -51,11 +54,18 @@ impl BatchSocket {
                 std::mem::size_of::<libc::timeval>() as libc::socklen_t,
             );
         }
-        Ok(BatchSocket { sock, seq: 1, buf: Vec::with_capacity(1 << 16) })
+        Ok(BatchSocket {
+            sock,
+            seq: 1,
+            buf: Vec::with_capacity(1 << 16),
+        })
     }
 
     /// Sends every message and returns one result per message (Err = positive errno).
-    pub(super) fn run(&mut self, msgs: Vec<NetlinkMessage<RouteNetlinkMessage>>) -> Vec<Result<(), i32>> {
+    pub(super) fn run(
+        &mut self,
+        msgs: Vec<NetlinkMessage<RouteNetlinkMessage>>,
+    ) -> Vec<Result<(), i32>> {
         let mut results = Vec::with_capacity(msgs.len());
         let mut msgs = msgs.into_iter().peekable();
         while msgs.peek().is_some() {
@@ -65,7 +75,10 @@ impl BatchSocket {
         results
     }
 
-    fn run_window(&mut self, window: Vec<NetlinkMessage<RouteNetlinkMessage>>) -> Vec<Result<(), i32>> {
+    fn run_window(
+        &mut self,
+        window: Vec<NetlinkMessage<RouteNetlinkMessage>>,
+    ) -> Vec<Result<(), i32>> {
         let n = window.len();
         let mut pending: HashMap<u32, usize> = HashMap::with_capacity(n);
         let mut results: Vec<Option<Result<(), i32>>> = vec![None; n];
@@ -106,7 +119,9 @@ impl BatchSocket {
                     break;
                 }
                 let seq = u32::from_ne_bytes(self.buf[off + 8..off + 12].try_into().unwrap());
-                if let Ok(msg) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[off..off + len]) {
+                if let Ok(msg) =
+                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[off..off + len])
+                {
                     if let NetlinkPayload::Error(e) = msg.payload {
                         if let Some(i) = pending.remove(&seq) {
                             results[i] = Some(match e.code {
@@ -119,7 +134,10 @@ impl BatchSocket {
                 off += (len + 3) & !3;
             }
         }
-        results.into_iter().map(|r| r.unwrap_or(Err(libc::EIO))).collect()
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(libc::EIO)))
+            .collect()
     }
 }
 
@@ -130,7 +148,14 @@ fn set_rcvbuf(sock: &Socket, size: usize) {
     unsafe {
         let p = &v as *const _ as *const libc::c_void;
         let l = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        if libc::setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, p, l) != 0 {
+        if libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            p,
+            l,
+        ) != 0
+        {
             libc::setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, p, l);
         }
     }
@@ -145,7 +170,12 @@ fn request(msg: RouteNetlinkMessage, replace: bool) -> NetlinkMessage<RouteNetli
     m
 }
 
-fn neigh(ifindex: u32, family: AddressFamily, flags: NeighbourFlags, attrs: Vec<NeighbourAttribute>) -> NeighbourMessage {
+fn neigh(
+    ifindex: u32,
+    family: AddressFamily,
+    flags: NeighbourFlags,
+    attrs: Vec<NeighbourAttribute>,
+) -> NeighbourMessage {
     let mut n = NeighbourMessage::default();
     n.header.family = family;
     n.header.ifindex = ifindex;
@@ -164,7 +194,10 @@ pub(super) fn op_message(ifindex: u32, op: &Op) -> NetlinkMessage<RouteNetlinkMe
                 ifindex,
                 AddressFamily::Inet,
                 NeighbourFlags::empty(),
-                vec![Destination(NeighbourAddress::Inet(ip)), LinkLayerAddress(mac.octets().to_vec())],
+                vec![
+                    Destination(NeighbourAddress::Inet(ip)),
+                    LinkLayerAddress(mac.octets().to_vec()),
+                ],
             );
             match op {
                 Op::SetNeigh { .. } => request(RouteNetlinkMessage::NewNeighbour(n), true),
@@ -176,7 +209,10 @@ pub(super) fn op_message(ifindex: u32, op: &Op) -> NetlinkMessage<RouteNetlinkMe
                 ifindex,
                 AddressFamily::Bridge,
                 NeighbourFlags::Own,
-                vec![LinkLayerAddress(mac.octets().to_vec()), Destination(NeighbourAddress::Inet(dst))],
+                vec![
+                    LinkLayerAddress(mac.octets().to_vec()),
+                    Destination(NeighbourAddress::Inet(dst)),
+                ],
             );
             match op {
                 Op::SetFdb { .. } => request(RouteNetlinkMessage::NewNeighbour(n), true),
@@ -185,7 +221,9 @@ pub(super) fn op_message(ifindex: u32, op: &Op) -> NetlinkMessage<RouteNetlinkMe
         }
         Op::SetRoute { dst, gw } | Op::DelRoute { dst, gw } => {
             let set = matches!(op, Op::SetRoute { .. });
-            let b = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst.network(), dst.prefix_len()).gateway(gw);
+            let b = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(dst.network(), dst.prefix_len())
+                .gateway(gw);
             let overlay = gw == dst.network();
             let mut r = if overlay {
                 // Out of the VXLAN device; the gateway is the peer's VTEP, only reachable onlink.

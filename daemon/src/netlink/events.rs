@@ -17,11 +17,16 @@ fn classify(msg: &RouteNetlinkMessage, ifindex: u32) -> Option<KernelEvent> {
     use RouteNetlinkMessage as M;
     let v4 = |a: &AddressMessage| a.header.family == AddressFamily::Inet;
     match msg {
-        M::NewLink(l) | M::DelLink(l) if l.header.index == ifindex => Some(KernelEvent::DeviceChanged),
+        M::NewLink(l) | M::DelLink(l) if l.header.index == ifindex => {
+            Some(KernelEvent::DeviceChanged)
+        }
         // Neighbours and FDB entries (AF_BRIDGE) both come as neighbour messages.
         M::DelNeighbour(n) if n.header.ifindex == ifindex => Some(KernelEvent::DeviceChanged),
         M::DelRoute(r) => {
-            let oif = r.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == ifindex));
+            let oif = r
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == ifindex));
             let direct = r.header.protocol == RouteProtocol::Other(TWILL_RTPROT);
             (oif || direct).then_some(KernelEvent::DeviceChanged)
         }

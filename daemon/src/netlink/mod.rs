@@ -15,7 +15,9 @@ use std::sync::{Arc, Mutex};
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
-use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::link::{
+    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage,
+};
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
@@ -38,14 +40,18 @@ pub enum NetlinkError {
 
 impl NetlinkError {
     fn failed(context: impl Into<String>, message: impl ToString) -> Self {
-        NetlinkError::Failed { context: context.into(), message: message.to_string() }
+        NetlinkError::Failed {
+            context: context.into(),
+            message: message.to_string(),
+        }
     }
 
     fn from_rtnl(context: impl Into<String>, e: rtnetlink::Error) -> Self {
         match &e {
-            rtnetlink::Error::NetlinkError(m) if m.code.is_some() => {
-                NetlinkError::Errno { context: context.into(), errno: -m.raw_code() }
-            }
+            rtnetlink::Error::NetlinkError(m) if m.code.is_some() => NetlinkError::Errno {
+                context: context.into(),
+                errno: -m.raw_code(),
+            },
             _ => Self::failed(context, e),
         }
     }
@@ -125,14 +131,21 @@ impl Netlink {
     pub fn new() -> Result<Self, NetlinkError> {
         let rt = tokio::runtime::Handle::try_current()
             .map_err(|e| NetlinkError::failed("netlink connection needs a tokio runtime", e))?;
-        let (conn, handle, _) =
-            rtnetlink::new_connection().map_err(|e| NetlinkError::failed("open netlink socket", e))?;
+        let (conn, handle, _) = rtnetlink::new_connection()
+            .map_err(|e| NetlinkError::failed("open netlink socket", e))?;
         rt.spawn(conn);
-        let batch = batch::BatchSocket::open().map_err(|e| NetlinkError::failed("open netlink batch socket", e))?;
-        Ok(Netlink { handle, batch: Arc::new(Mutex::new(batch)) })
+        let batch = batch::BatchSocket::open()
+            .map_err(|e| NetlinkError::failed("open netlink batch socket", e))?;
+        Ok(Netlink {
+            handle,
+            batch: Arc::new(Mutex::new(batch)),
+        })
     }
 
-    pub async fn find_underlay(&self, sel: Option<&IfaceSelector>) -> Result<Underlay, NetlinkError> {
+    pub async fn find_underlay(
+        &self,
+        sel: Option<&IfaceSelector>,
+    ) -> Result<Underlay, NetlinkError> {
         let index = match sel {
             None => self.default_route_link().await?,
             Some(IfaceSelector::Name(name)) => self.link_by_name(name).await?.header.index,
@@ -142,7 +155,12 @@ impl Netlink {
                     .iter()
                     .find(|(_, a, _)| a == ip)
                     .map(|(idx, _, _)| *idx)
-                    .ok_or_else(|| NetlinkError::failed("find underlay", format!("no interface has address {ip}")))?
+                    .ok_or_else(|| {
+                        NetlinkError::failed(
+                            "find underlay",
+                            format!("no interface has address {ip}"),
+                        )
+                    })?
             }
         };
         let link = self.link_by_index(index).await?;
@@ -155,15 +173,33 @@ impl Netlink {
                 .await?
                 .first()
                 .map(|(_, a, _)| *a)
-                .ok_or_else(|| NetlinkError::failed("find underlay", format!("interface {name} has no IPv4 address")))?,
+                .ok_or_else(|| {
+                    NetlinkError::failed(
+                        "find underlay",
+                        format!("interface {name} has no IPv4 address"),
+                    )
+                })?,
         };
-        Ok(Underlay { name, index, addr, mtu })
+        Ok(Underlay {
+            name,
+            index,
+            addr,
+            mtu,
+        })
     }
 
     /// The prefix of `addr` as configured on interface `index` (e.g. 198.18.0.0/24), if any.
-    pub async fn addr_prefix(&self, index: u32, addr: Ipv4Addr) -> Result<Option<Ipv4Net>, NetlinkError> {
+    pub async fn addr_prefix(
+        &self,
+        index: u32,
+        addr: Ipv4Addr,
+    ) -> Result<Option<Ipv4Net>, NetlinkError> {
         let addrs = self.ipv4_addrs(Some(index)).await?;
-        Ok(addrs.iter().find(|(_, a, _)| *a == addr).and_then(|(_, a, len)| Ipv4Net::new(*a, *len).ok()).map(|n| n.trunc()))
+        Ok(addrs
+            .iter()
+            .find(|(_, a, _)| *a == addr)
+            .and_then(|(_, a, len)| Ipv4Net::new(*a, *len).ok())
+            .map(|n| n.trunc()))
     }
 
     /// The name of link `index`, or None if there is no such link.
@@ -218,7 +254,12 @@ impl Netlink {
         };
         // MTU only: setting the MAC, even to the same value, flushes the device's neighbours.
         let set = LinkUnspec::new_with_index(index).mtu(spec.mtu).build();
-        self.handle.link().set(set).execute().await.map_err(|e| NetlinkError::from_rtnl(format!("{ctx}: set mtu"), e))?;
+        self.handle
+            .link()
+            .set(set)
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::from_rtnl(format!("{ctx}: set mtu"), e))?;
 
         let want = spec.addr;
         let mut have_want = false;
@@ -266,31 +307,57 @@ impl Netlink {
 
     /// Deletes link `index` (tests and teardown).
     pub async fn delete_link(&self, index: u32) -> Result<(), NetlinkError> {
-        self.handle.link().del(index).execute().await.map_err(|e| NetlinkError::from_rtnl("delete link", e))
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::from_rtnl("delete link", e))
     }
 
     pub async fn dump_entries(&self, ifindex: u32) -> Result<KernelEntries, NetlinkError> {
         let mut out = KernelEntries::default();
 
-        let mut req = self.handle.neighbours().get().set_address_family(AddressFamily::Inet).execute();
-        while let Some(n) = req.try_next().await.map_err(|e| NetlinkError::from_rtnl("dump neighbours", e))? {
+        let mut req = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute();
+        while let Some(n) = req
+            .try_next()
+            .await
+            .map_err(|e| NetlinkError::from_rtnl("dump neighbours", e))?
+        {
             if n.header.ifindex != ifindex || n.header.state != NeighbourState::Permanent {
                 continue;
             }
-            if let (Some(NeighbourAddress::Inet(ip)), Some(mac)) = (neigh_dst(&n), neigh_lladdr(&n)) {
+            if let (Some(NeighbourAddress::Inet(ip)), Some(mac)) = (neigh_dst(&n), neigh_lladdr(&n))
+            {
                 out.neighs.push((ip, mac));
             }
         }
 
-        let mut req = self.handle.neighbours().get().set_address_family(AddressFamily::Bridge).execute();
-        while let Some(n) = req.try_next().await.map_err(|e| NetlinkError::from_rtnl("dump fdb", e))? {
+        let mut req = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute();
+        while let Some(n) = req
+            .try_next()
+            .await
+            .map_err(|e| NetlinkError::from_rtnl("dump fdb", e))?
+        {
             if n.header.ifindex != ifindex || !n.header.flags.contains(NeighbourFlags::Own) {
                 continue;
             }
             // AF_BRIDGE messages carry NDA_DST as raw bytes.
             let dst = match neigh_dst(&n) {
                 Some(NeighbourAddress::Inet(ip)) => Some(ip),
-                Some(NeighbourAddress::Other(b)) => <[u8; 4]>::try_from(&b[..]).ok().map(Ipv4Addr::from),
+                Some(NeighbourAddress::Other(b)) => {
+                    <[u8; 4]>::try_from(&b[..]).ok().map(Ipv4Addr::from)
+                }
                 _ => None,
             };
             if let (Some(dst), Some(mac)) = (dst, neigh_lladdr(&n)) {
@@ -301,12 +368,21 @@ impl Netlink {
             }
         }
 
-        let mut req = self.handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
-        while let Some(r) = req.try_next().await.map_err(|e| NetlinkError::from_rtnl("dump routes", e))? {
+        let mut req = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        while let Some(r) = req
+            .try_next()
+            .await
+            .map_err(|e| NetlinkError::from_rtnl("dump routes", e))?
+        {
             if route_table(&r) != MAIN_TABLE {
                 continue;
             }
-            let ours = route_oif(&r) == Some(ifindex) || r.header.protocol == RouteProtocol::Other(TWILL_RTPROT);
+            let ours = route_oif(&r) == Some(ifindex)
+                || r.header.protocol == RouteProtocol::Other(TWILL_RTPROT);
             if !ours {
                 continue;
             }
@@ -337,16 +413,26 @@ impl Netlink {
             let mut sock = batch.lock().unwrap_or_else(|p| p.into_inner());
             let mut report = ApplyReport::default();
             for ops in phases.iter().filter(|p| !p.is_empty()) {
-                let msgs = ops.iter().map(|op| batch::op_message(ifindex, op)).collect::<Vec<_>>();
+                let msgs = ops
+                    .iter()
+                    .map(|op| batch::op_message(ifindex, op))
+                    .collect::<Vec<_>>();
                 for (op, res) in ops.iter().zip(sock.run(msgs)) {
                     match res {
                         Ok(()) => report.applied += 1,
-                        Err(errno) if op.is_delete() && (errno == libc::ENOENT || errno == libc::ESRCH) => {
+                        Err(errno)
+                            if op.is_delete()
+                                && (errno == libc::ENOENT || errno == libc::ESRCH) =>
+                        {
                             report.applied += 1
                         }
-                        Err(errno) => report
-                            .failed
-                            .push((op.clone(), NetlinkError::Errno { context: format!("{op:?}"), errno })),
+                        Err(errno) => report.failed.push((
+                            op.clone(),
+                            NetlinkError::Errno {
+                                context: format!("{op:?}"),
+                                errno,
+                            },
+                        )),
                     }
                 }
             }
@@ -357,7 +443,10 @@ impl Netlink {
             Ok(r) => r,
             Err(e) => ApplyReport {
                 applied: 0,
-                failed: ops.iter().map(|op| (op.clone(), NetlinkError::failed(format!("{op:?}"), &e))).collect(),
+                failed: ops
+                    .iter()
+                    .map(|op| (op.clone(), NetlinkError::failed(format!("{op:?}"), &e)))
+                    .collect(),
             },
         }
     }
@@ -391,7 +480,10 @@ impl Netlink {
         s.try_next()
             .await
             .map_err(|e| NetlinkError::from_rtnl(ctx.clone(), e))?
-            .ok_or_else(|| NetlinkError::Errno { context: ctx, errno: libc::ENODEV })
+            .ok_or(NetlinkError::Errno {
+                context: ctx,
+                errno: libc::ENODEV,
+            })
     }
 
     async fn link_by_index(&self, index: u32) -> Result<LinkMessage, NetlinkError> {
@@ -400,30 +492,46 @@ impl Netlink {
         s.try_next()
             .await
             .map_err(|e| NetlinkError::from_rtnl(ctx.clone(), e))?
-            .ok_or_else(|| NetlinkError::Errno { context: ctx, errno: libc::ENODEV })
+            .ok_or(NetlinkError::Errno {
+                context: ctx,
+                errno: libc::ENODEV,
+            })
     }
 
     /// (ifindex, address, prefix length) of IPv4 addresses, in kernel order.
-    async fn ipv4_addrs(&self, index: Option<u32>) -> Result<Vec<(u32, Ipv4Addr, u8)>, NetlinkError> {
+    async fn ipv4_addrs(
+        &self,
+        index: Option<u32>,
+    ) -> Result<Vec<(u32, Ipv4Addr, u8)>, NetlinkError> {
         let mut req = self.handle.address().get();
         if let Some(i) = index {
             req = req.set_link_index_filter(i);
         }
-        let msgs: Vec<AddressMessage> =
-            req.execute().try_collect().await.map_err(|e| NetlinkError::from_rtnl("list addresses", e))?;
+        let msgs: Vec<AddressMessage> = req
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NetlinkError::from_rtnl("list addresses", e))?;
         Ok(msgs
             .iter()
-            .filter(|m| m.header.family == AddressFamily::Inet && index.is_none_or(|i| m.header.index == i))
+            .filter(|m| {
+                m.header.family == AddressFamily::Inet && index.is_none_or(|i| m.header.index == i)
+            })
             .filter_map(|m| Some((m.header.index, addr_of(m)?, m.header.prefix_len)))
             .collect())
     }
 }
 
 fn vxlan_matches(l: &LinkMessage, spec: &VxlanSpec) -> bool {
-    let mac_ok = l.attributes.iter().any(|a| matches!(a, LinkAttribute::Address(m) if m[..] == spec.mac.octets()));
+    let mac_ok = l
+        .attributes
+        .iter()
+        .any(|a| matches!(a, LinkAttribute::Address(m) if m[..] == spec.mac.octets()));
     let Some(data) = l.attributes.iter().find_map(|a| match a {
         LinkAttribute::LinkInfo(infos) => {
-            let is_vxlan = infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Vxlan)));
+            let is_vxlan = infos
+                .iter()
+                .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Vxlan)));
             infos.iter().find_map(|i| match i {
                 LinkInfo::Data(InfoData::Vxlan(d)) if is_vxlan => Some(d.clone()),
                 _ => None,
