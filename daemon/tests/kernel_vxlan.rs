@@ -741,3 +741,58 @@ fn apply_continues_past_errors_and_reports_each() {
     }
     assert_eq!(kernel_counts(&ns), (2, 2, 2));
 }
+
+#[test]
+fn backend_keeps_entries_another_peer_still_uses() {
+    let p = Pair::new('l', 19);
+    let ns = p.a.clone();
+    let ip = p.ip_a;
+    in_ns(&ns, move || async move {
+        let nl = Netlink::new().unwrap();
+        let u = nl
+            .find_underlay(Some(&IfaceSelector::Addr(ip)))
+            .await
+            .unwrap();
+        let mut b = VxlanBackend::new(nl, &backend_cfg(false));
+        let local = LocalNode {
+            subnet: "10.244.1.0/24".parse().unwrap(),
+            public_ip: ip,
+            underlay_index: u.index,
+            underlay_mtu: u.mtu,
+            vtep_mac: mac(1),
+        };
+        b.setup(&local).await.unwrap();
+        // A node re-leased a new subnet with its persisted MAC; the old lease expires later.
+        let old = peers(1)[0];
+        let new = Peer {
+            subnet: "10.244.3.0/24".parse().unwrap(),
+            ..old
+        };
+        b.apply(&[PeerChange {
+            old: None,
+            new: Some(old),
+        }])
+        .await
+        .unwrap();
+        b.apply(&[PeerChange {
+            old: None,
+            new: Some(new),
+        }])
+        .await
+        .unwrap();
+        let s = b
+            .apply(&[PeerChange {
+                old: Some(old),
+                new: None,
+            }])
+            .await
+            .unwrap();
+        assert_eq!((s.removed, s.failed), (2, 0), "route and neighbour only");
+    });
+    let fdb = sh(&format!("bridge -n {ns} fdb show dev twill.1"));
+    assert!(
+        fdb.contains(&format!("{} dst 198.19.0.1", mac(0))),
+        "shared fdb entry deleted: {fdb}"
+    );
+    assert_eq!(kernel_counts(&ns), (1, 1, 1));
+}

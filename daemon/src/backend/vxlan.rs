@@ -1,6 +1,6 @@
 //! The VXLAN backend. CONTRACT (owner: kernel helper).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
@@ -146,19 +146,23 @@ impl Backend for VxlanBackend {
             }
         }
         // Keep entries that a remaining peer still needs.
-        let keep = reconcile::diff_with(
-            &self.peers.values().copied().collect::<Vec<_>>(),
-            &Default::default(),
-            |p| self.is_direct(p),
-        );
+        let mut keep_fdb = HashSet::new();
+        let mut keep_neigh = HashSet::new();
+        let remaining: Vec<Peer> = self.peers.values().copied().collect();
+        for op in reconcile::diff_with(&remaining, &Default::default(), |p| self.is_direct(p)) {
+            match op {
+                Op::SetFdb { mac, dst } => {
+                    keep_fdb.insert((mac, dst));
+                }
+                Op::SetNeigh { ip, .. } => {
+                    keep_neigh.insert(ip);
+                }
+                _ => {}
+            }
+        }
         ops.retain(|op| match op {
-            Op::DelFdb { mac, dst } => !keep.contains(&Op::SetFdb {
-                mac: *mac,
-                dst: *dst,
-            }),
-            Op::DelNeigh { ip, .. } => !keep
-                .iter()
-                .any(|k| matches!(k, Op::SetNeigh { ip: i, .. } if i == ip)),
+            Op::DelFdb { mac, dst } => !keep_fdb.contains(&(*mac, *dst)),
+            Op::DelNeigh { ip, .. } => !keep_neigh.contains(ip),
             _ => true,
         });
         self.run(ops).await
