@@ -87,3 +87,60 @@ pub(super) fn subscribe(ifindex: u32) -> Result<mpsc::Receiver<KernelEvent>, Net
     });
     Ok(rx)
 }
+
+#[cfg(test)]
+mod tests {
+    use rtnetlink::packet_route::link::LinkMessage;
+    use rtnetlink::packet_route::neighbour::NeighbourMessage;
+    use rtnetlink::packet_route::route::RouteMessage;
+
+    use super::*;
+
+    #[test]
+    fn classifies_only_what_concerns_us() {
+        use RouteNetlinkMessage as M;
+        let mut link = LinkMessage::default();
+        link.header.index = 7;
+        assert_eq!(
+            classify(&M::DelLink(link.clone()), 7),
+            Some(KernelEvent::DeviceChanged)
+        );
+        assert_eq!(classify(&M::DelLink(link), 8), None);
+
+        let mut n = NeighbourMessage::default();
+        n.header.ifindex = 7;
+        assert_eq!(
+            classify(&M::DelNeighbour(n.clone()), 7),
+            Some(KernelEvent::DeviceChanged)
+        );
+        assert_eq!(classify(&M::NewNeighbour(n), 7), None);
+
+        let mut r = RouteMessage::default();
+        r.attributes.push(RouteAttribute::Oif(7));
+        assert_eq!(
+            classify(&M::DelRoute(r.clone()), 7),
+            Some(KernelEvent::DeviceChanged)
+        );
+        assert_eq!(classify(&M::DelRoute(r.clone()), 9), None);
+        r.header.protocol = RouteProtocol::Other(TWILL_RTPROT);
+        assert_eq!(
+            classify(&M::DelRoute(r), 9),
+            Some(KernelEvent::DeviceChanged)
+        );
+
+        let mut a = AddressMessage::default();
+        a.header.family = AddressFamily::Inet;
+        assert_eq!(
+            classify(&M::NewAddress(a.clone()), 1),
+            Some(KernelEvent::AddressChanged)
+        );
+        a.header.family = AddressFamily::Inet6;
+        assert_eq!(classify(&M::DelAddress(a), 1), None);
+    }
+
+    #[test]
+    fn needs_a_runtime() {
+        assert!(subscribe(1).is_err());
+        assert!(crate::netlink::Netlink::new().is_err());
+    }
+}
