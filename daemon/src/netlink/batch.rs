@@ -21,13 +21,15 @@ use rtnetlink::RouteMessageBuilder;
 use super::TWILL_RTPROT;
 use crate::reconcile::Op;
 
-/// Requests in flight per window. Each ack costs well under 1 KiB of receive buffer.
+/// Requests in flight per window, at most. Each ack costs well under 1 KiB of receive buffer;
+/// with a smaller buffer (no CAP_NET_ADMIN for SO_RCVBUFFORCE) the window shrinks to fit.
 const WINDOW: usize = 512;
 const RCVBUF: usize = 4 << 20;
 
 pub(super) struct BatchSocket {
     sock: Socket,
     seq: u32,
+    window: usize,
     buf: Vec<u8>,
 }
 
@@ -54,9 +56,14 @@ impl BatchSocket {
                 std::mem::size_of::<libc::timeval>() as libc::socklen_t,
             );
         }
+        let window = sock
+            .get_rx_buf_sz()
+            .map(|b| (b / 1024).clamp(16, WINDOW))
+            .unwrap_or(64);
         Ok(BatchSocket {
             sock,
             seq: 1,
+            window,
             buf: Vec::with_capacity(1 << 16),
         })
     }
@@ -69,7 +76,7 @@ impl BatchSocket {
         let mut results = Vec::with_capacity(msgs.len());
         let mut msgs = msgs.into_iter().peekable();
         while msgs.peek().is_some() {
-            let window: Vec<_> = msgs.by_ref().take(WINDOW).collect();
+            let window: Vec<_> = msgs.by_ref().take(self.window).collect();
             results.extend(self.run_window(window));
         }
         results
