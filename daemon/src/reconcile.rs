@@ -1,6 +1,11 @@
 //! The reconcile diff: desired peers vs what the kernel has on our VXLAN device -> operations.
 //! CONTRACT (owner: kernel helper). Pure, unit-tested, no kernel needed.
+//!
+//! Kernel keys decide what a "delete" may touch: a neighbour is keyed by its IP and a route by
+//! its destination, so a wrong MAC or gateway is fixed by a replace alone (a delete would remove
+//! the fresh entry too). FDB entries are keyed by (MAC, dst), so a stale pair is deleted.
 
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
@@ -9,6 +14,9 @@ use crate::mac::MacAddr;
 use crate::peer::Peer;
 
 /// One kernel change on the VXLAN device. Adds are "replace" (idempotent).
+///
+/// A route whose gateway is the destination's network address goes out of the VXLAN device
+/// (onlink); any other gateway is a DirectRouting route via the peer's public IP on the underlay.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Op {
     SetNeigh { ip: Ipv4Addr, mac: MacAddr },
@@ -17,6 +25,15 @@ pub enum Op {
     DelFdb { mac: MacAddr, dst: Ipv4Addr },
     SetRoute { dst: Ipv4Net, gw: Ipv4Addr },
     DelRoute { dst: Ipv4Net, gw: Ipv4Addr },
+}
+
+impl Op {
+    pub fn is_delete(&self) -> bool {
+        matches!(
+            self,
+            Op::DelNeigh { .. } | Op::DelFdb { .. } | Op::DelRoute { .. }
+        )
+    }
 }
 
 /// What the kernel has on the device (only entries twill manages: permanent neighbours,
@@ -35,13 +52,479 @@ pub struct PeerChange {
     pub new: Option<Peer>,
 }
 
+/// The kernel entries one peer needs. `direct`: reach it by a plain route via its public IP
+/// (DirectRouting) instead of the overlay.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PeerEntries {
+    neigh: Option<(Ipv4Addr, MacAddr)>,
+    fdb: Option<(MacAddr, Ipv4Addr)>,
+    route: (Ipv4Net, Ipv4Addr),
+}
+
+fn entries(p: &Peer, direct: bool) -> PeerEntries {
+    if direct {
+        PeerEntries {
+            neigh: None,
+            fdb: None,
+            route: (p.subnet, p.public_ip),
+        }
+    } else {
+        PeerEntries {
+            neigh: Some((p.gateway(), p.vtep_mac)),
+            fdb: Some((p.vtep_mac, p.public_ip)),
+            route: (p.subnet, p.gateway()),
+        }
+    }
+}
+
+fn set_ops(e: &PeerEntries, out: &mut Vec<Op>) {
+    if let Some((ip, mac)) = e.neigh {
+        out.push(Op::SetNeigh { ip, mac });
+    }
+    if let Some((mac, dst)) = e.fdb {
+        out.push(Op::SetFdb { mac, dst });
+    }
+    out.push(Op::SetRoute {
+        dst: e.route.0,
+        gw: e.route.1,
+    });
+}
+
 /// Ops for incremental changes, in flannel's order (adds: neigh, fdb, route; removals: route,
 /// fdb, neigh).
-pub fn change_ops(_changes: &[PeerChange]) -> Vec<Op> {
-    todo!()
+pub fn change_ops(changes: &[PeerChange]) -> Vec<Op> {
+    change_ops_with(changes, |_| false)
+}
+
+/// `change_ops` where `direct(peer)` says a peer is reached by DirectRouting.
+pub fn change_ops_with(changes: &[PeerChange], direct: impl Fn(&Peer) -> bool) -> Vec<Op> {
+    let mut out = Vec::new();
+    // Keys some change in this batch sets: never delete those (e.g. a subnet moving between
+    // two leases in the same batch).
+    let mut wanted_neigh = HashSet::new();
+    let mut wanted_fdb = HashSet::new();
+    let mut wanted_route = HashSet::new();
+    let planned: Vec<(Option<PeerEntries>, Option<PeerEntries>)> = changes
+        .iter()
+        .filter(|c| c.old != c.new)
+        .map(|c| {
+            (
+                c.old.map(|p| entries(&p, direct(&p))),
+                c.new.map(|p| entries(&p, direct(&p))),
+            )
+        })
+        .collect();
+    for (_, new) in &planned {
+        if let Some(n) = new {
+            if let Some((ip, _)) = n.neigh {
+                wanted_neigh.insert(ip);
+            }
+            if let Some(f) = n.fdb {
+                wanted_fdb.insert(f);
+            }
+            wanted_route.insert(n.route.0);
+        }
+    }
+    for (old, new) in &planned {
+        if let Some(n) = new {
+            set_ops(n, &mut out);
+        }
+        if let Some(o) = old {
+            if !wanted_route.contains(&o.route.0) {
+                out.push(Op::DelRoute {
+                    dst: o.route.0,
+                    gw: o.route.1,
+                });
+            }
+            if let Some((mac, dst)) = o.fdb {
+                if !wanted_fdb.contains(&(mac, dst)) {
+                    out.push(Op::DelFdb { mac, dst });
+                }
+            }
+            if let Some((ip, mac)) = o.neigh {
+                if !wanted_neigh.contains(&ip) {
+                    out.push(Op::DelNeigh { ip, mac });
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Full diff both ways: add/replace what is missing or wrong, remove what no peer wants.
-pub fn diff(_desired: &[Peer], _actual: &KernelEntries) -> Vec<Op> {
-    todo!()
+pub fn diff(desired: &[Peer], actual: &KernelEntries) -> Vec<Op> {
+    diff_with(desired, actual, |_| false)
+}
+
+/// `diff` where `direct(peer)` says a peer is reached by DirectRouting. Adds come first, per
+/// peer in neigh -> fdb -> route order, then removals (routes, fdb, neighbours).
+pub fn diff_with(
+    desired: &[Peer],
+    actual: &KernelEntries,
+    direct: impl Fn(&Peer) -> bool,
+) -> Vec<Op> {
+    let have_neigh: HashMap<Ipv4Addr, HashSet<MacAddr>> =
+        actual
+            .neighs
+            .iter()
+            .fold(HashMap::new(), |mut m, (ip, mac)| {
+                m.entry(*ip).or_default().insert(*mac);
+                m
+            });
+    let have_fdb: HashSet<(MacAddr, Ipv4Addr)> = actual.fdb.iter().copied().collect();
+    let have_route: HashSet<(Ipv4Net, Ipv4Addr)> = actual.routes.iter().copied().collect();
+
+    let mut out = Vec::new();
+    let mut want_neigh = HashSet::new();
+    let mut want_fdb = HashSet::new();
+    let mut want_route = HashSet::new();
+    for p in desired {
+        let e = entries(p, direct(p));
+        if let Some((ip, mac)) = e.neigh {
+            let ok = have_neigh
+                .get(&ip)
+                .is_some_and(|m| m.len() == 1 && m.contains(&mac));
+            if !ok && want_neigh.insert(ip) {
+                out.push(Op::SetNeigh { ip, mac });
+            }
+            want_neigh.insert(ip);
+        }
+        if let Some(f) = e.fdb {
+            if !have_fdb.contains(&f) && want_fdb.insert(f) {
+                out.push(Op::SetFdb { mac: f.0, dst: f.1 });
+            }
+            want_fdb.insert(f);
+        }
+        let r = e.route;
+        if !have_route.contains(&r) && want_route.insert(r) {
+            out.push(Op::SetRoute { dst: r.0, gw: r.1 });
+        }
+        want_route.insert(r);
+    }
+    // Removals. A route delete names its gateway, so it only matches the stale route even when
+    // the replace above already took its place.
+    let mut seen = HashSet::new();
+    for &(dst, gw) in &actual.routes {
+        if !want_route.contains(&(dst, gw)) && seen.insert((dst, gw)) {
+            out.push(Op::DelRoute { dst, gw });
+        }
+    }
+    let mut seen = HashSet::new();
+    for &(mac, dst) in &actual.fdb {
+        if !want_fdb.contains(&(mac, dst)) && seen.insert((mac, dst)) {
+            out.push(Op::DelFdb { mac, dst });
+        }
+    }
+    let mut seen = HashSet::new();
+    for &(ip, mac) in &actual.neighs {
+        if !want_neigh.contains(&ip) && seen.insert(ip) {
+            out.push(Op::DelNeigh { ip, mac });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(n: u8, ip: u8, mac: u8) -> Peer {
+        Peer {
+            subnet: format!("10.244.{n}.0/24").parse().unwrap(),
+            public_ip: Ipv4Addr::new(198, 18, 0, ip),
+            vtep_mac: MacAddr([0x02, 0, 0, 0, 0, mac]),
+        }
+    }
+
+    fn adds(p: &Peer) -> Vec<Op> {
+        vec![
+            Op::SetNeigh {
+                ip: p.gateway(),
+                mac: p.vtep_mac,
+            },
+            Op::SetFdb {
+                mac: p.vtep_mac,
+                dst: p.public_ip,
+            },
+            Op::SetRoute {
+                dst: p.subnet,
+                gw: p.gateway(),
+            },
+        ]
+    }
+
+    fn dels(p: &Peer) -> Vec<Op> {
+        vec![
+            Op::DelRoute {
+                dst: p.subnet,
+                gw: p.gateway(),
+            },
+            Op::DelFdb {
+                mac: p.vtep_mac,
+                dst: p.public_ip,
+            },
+            Op::DelNeigh {
+                ip: p.gateway(),
+                mac: p.vtep_mac,
+            },
+        ]
+    }
+
+    fn kernel_of(peers: &[Peer]) -> KernelEntries {
+        KernelEntries {
+            neighs: peers.iter().map(|p| (p.gateway(), p.vtep_mac)).collect(),
+            fdb: peers.iter().map(|p| (p.vtep_mac, p.public_ip)).collect(),
+            routes: peers.iter().map(|p| (p.subnet, p.gateway())).collect(),
+        }
+    }
+
+    #[test]
+    fn add_is_neigh_fdb_route() {
+        let p = peer(2, 2, 2);
+        let ops = change_ops(&[PeerChange {
+            old: None,
+            new: Some(p),
+        }]);
+        assert_eq!(ops, adds(&p));
+        assert_eq!(
+            ops[0],
+            Op::SetNeigh {
+                ip: "10.244.2.0".parse().unwrap(),
+                mac: p.vtep_mac
+            }
+        );
+        assert_eq!(
+            ops[2],
+            Op::SetRoute {
+                dst: "10.244.2.0/24".parse().unwrap(),
+                gw: "10.244.2.0".parse().unwrap()
+            }
+        );
+    }
+
+    #[test]
+    fn removal_is_route_fdb_neigh() {
+        let p = peer(2, 2, 2);
+        assert_eq!(
+            change_ops(&[PeerChange {
+                old: Some(p),
+                new: None
+            }]),
+            dels(&p)
+        );
+    }
+
+    #[test]
+    fn unchanged_is_nothing() {
+        let p = peer(2, 2, 2);
+        assert!(change_ops(&[PeerChange {
+            old: Some(p),
+            new: Some(p)
+        }])
+        .is_empty());
+    }
+
+    #[test]
+    fn mac_change_sets_new_and_drops_old_fdb_only() {
+        let old = peer(2, 2, 2);
+        let new = peer(2, 2, 9);
+        let ops = change_ops(&[PeerChange {
+            old: Some(old),
+            new: Some(new),
+        }]);
+        let mut want = adds(&new);
+        want.push(Op::DelFdb {
+            mac: old.vtep_mac,
+            dst: old.public_ip,
+        });
+        assert_eq!(ops, want);
+    }
+
+    #[test]
+    fn ip_change_drops_old_fdb_dst() {
+        let old = peer(2, 2, 2);
+        let new = peer(2, 7, 2);
+        let ops = change_ops(&[PeerChange {
+            old: Some(old),
+            new: Some(new),
+        }]);
+        let mut want = adds(&new);
+        want.push(Op::DelFdb {
+            mac: old.vtep_mac,
+            dst: old.public_ip,
+        });
+        assert_eq!(ops, want);
+    }
+
+    #[test]
+    fn subnet_change_drops_old_route_and_neigh() {
+        let old = peer(2, 2, 2);
+        let new = peer(3, 2, 2);
+        let ops = change_ops(&[PeerChange {
+            old: Some(old),
+            new: Some(new),
+        }]);
+        let mut want = adds(&new);
+        // Same MAC and dst: the FDB entry is shared, not deleted.
+        want.push(Op::DelRoute {
+            dst: old.subnet,
+            gw: old.gateway(),
+        });
+        want.push(Op::DelNeigh {
+            ip: old.gateway(),
+            mac: old.vtep_mac,
+        });
+        assert_eq!(ops, want);
+    }
+
+    #[test]
+    fn batch_never_deletes_what_another_change_sets() {
+        // A node re-leased: old subnet goes, new one comes, same MAC and IP.
+        let old = peer(2, 2, 2);
+        let new = peer(3, 2, 2);
+        let ops = change_ops(&[
+            PeerChange {
+                old: Some(old),
+                new: None,
+            },
+            PeerChange {
+                old: None,
+                new: Some(new),
+            },
+        ]);
+        assert!(
+            !ops.contains(&Op::DelFdb {
+                mac: old.vtep_mac,
+                dst: old.public_ip
+            }),
+            "{ops:?}"
+        );
+        assert!(ops.contains(&Op::DelRoute {
+            dst: old.subnet,
+            gw: old.gateway()
+        }));
+        assert!(ops.contains(&Op::DelNeigh {
+            ip: old.gateway(),
+            mac: old.vtep_mac
+        }));
+    }
+
+    #[test]
+    fn diff_empty_kernel_adds_everything_in_per_peer_order() {
+        let peers = [peer(2, 2, 2), peer(3, 3, 3)];
+        let ops = diff(&peers, &KernelEntries::default());
+        let want: Vec<Op> = peers.iter().flat_map(adds).collect();
+        assert_eq!(ops, want);
+    }
+
+    #[test]
+    fn diff_in_sync_is_empty() {
+        let peers: Vec<Peer> = (1..=200u8).map(|i| peer(i, i, i)).collect();
+        let mut k = kernel_of(&peers);
+        k.neighs.reverse();
+        k.routes.rotate_left(17);
+        assert_eq!(diff(&peers, &k), vec![]);
+    }
+
+    #[test]
+    fn diff_removes_stale_peers() {
+        let keep = peer(2, 2, 2);
+        let stale = peer(9, 9, 9);
+        let ops = diff(&[keep], &kernel_of(&[keep, stale]));
+        assert_eq!(ops, dels(&stale));
+    }
+
+    #[test]
+    fn diff_fixes_wrong_entries() {
+        let p = peer(2, 2, 2);
+        let mut k = kernel_of(&[p]);
+        let wrong_mac = MacAddr([0x02, 0, 0, 0, 0, 0x77]);
+        let wrong_ip = Ipv4Addr::new(198, 18, 0, 77);
+        k.neighs[0].1 = wrong_mac;
+        k.fdb[0].1 = wrong_ip;
+        k.routes[0].1 = Ipv4Addr::new(10, 244, 2, 1);
+        let ops = diff(&[p], &k);
+        let mut want = adds(&p);
+        // The neighbour is replaced in place (deleting by IP would hit the new one too); the
+        // stale route (delete matches the gateway) and FDB pair go.
+        want.push(Op::DelRoute {
+            dst: p.subnet,
+            gw: Ipv4Addr::new(10, 244, 2, 1),
+        });
+        want.push(Op::DelFdb {
+            mac: p.vtep_mac,
+            dst: wrong_ip,
+        });
+        assert_eq!(ops, want);
+    }
+
+    #[test]
+    fn diff_adds_only_missing_parts() {
+        let p = peer(2, 2, 2);
+        let mut k = kernel_of(&[p]);
+        k.fdb.clear();
+        assert_eq!(
+            diff(&[p], &k),
+            vec![Op::SetFdb {
+                mac: p.vtep_mac,
+                dst: p.public_ip
+            }]
+        );
+        let mut k = kernel_of(&[p]);
+        k.routes.clear();
+        assert_eq!(
+            diff(&[p], &k),
+            vec![Op::SetRoute {
+                dst: p.subnet,
+                gw: p.gateway()
+            }]
+        );
+    }
+
+    #[test]
+    fn direct_peers_get_only_a_route_via_public_ip() {
+        let p = peer(2, 2, 2);
+        let ops = change_ops_with(
+            &[PeerChange {
+                old: None,
+                new: Some(p),
+            }],
+            |_| true,
+        );
+        assert_eq!(
+            ops,
+            vec![Op::SetRoute {
+                dst: p.subnet,
+                gw: p.public_ip
+            }]
+        );
+        // Switching an overlay peer to direct: the route is replaced, overlay entries go.
+        let ops = diff_with(&[p], &kernel_of(&[p]), |_| true);
+        assert_eq!(
+            ops,
+            vec![
+                Op::SetRoute {
+                    dst: p.subnet,
+                    gw: p.public_ip
+                },
+                Op::DelRoute {
+                    dst: p.subnet,
+                    gw: p.gateway()
+                },
+                Op::DelFdb {
+                    mac: p.vtep_mac,
+                    dst: p.public_ip
+                },
+                Op::DelNeigh {
+                    ip: p.gateway(),
+                    mac: p.vtep_mac
+                },
+            ]
+        );
+        let k = KernelEntries {
+            routes: vec![(p.subnet, p.public_ip)],
+            ..Default::default()
+        };
+        assert!(diff_with(&[p], &k, |_| true).is_empty());
+    }
 }

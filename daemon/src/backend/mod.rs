@@ -16,9 +16,10 @@ use crate::reconcile::PeerChange;
 pub enum BackendError {
     #[error(transparent)]
     Netlink(#[from] crate::netlink::NetlinkError),
-    /// The overlay device disappeared; call `setup` again.
-    #[error("overlay device is gone")]
-    DeviceGone,
+    /// The device vanished (deleted by someone, or never set up): call `setup` again, then
+    /// `reconcile`.
+    #[error("overlay device {0} is gone; setup must run again")]
+    DeviceGone(String),
 }
 
 /// What the backend needs to know about this node.

@@ -1,32 +1,181 @@
 //! The VXLAN backend. CONTRACT (owner: kernel helper).
 
-use crate::config::BackendConfig;
-use crate::netlink::Netlink;
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
 
-pub struct VxlanBackend {}
+use ipnet::Ipv4Net;
+
+use super::{ApplyStats, Backend, BackendError, DeviceInfo, LocalNode};
+use crate::config::BackendConfig;
+use crate::netlink::{ApplyReport, Netlink, VxlanSpec};
+use crate::peer::Peer;
+use crate::reconcile::{self, Op, PeerChange};
+
+/// Headroom VXLAN needs over an IPv4 underlay (outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14).
+const VXLAN_OVERHEAD: u32 = 50;
+
+pub struct VxlanBackend {
+    nl: Netlink,
+    cfg: BackendConfig,
+    name: String,
+    ifindex: Option<u32>,
+    /// The underlay's own subnet, for DirectRouting (peers inside it are on-link).
+    underlay_net: Option<Ipv4Net>,
+    local_ip: Option<Ipv4Addr>,
+    /// What we last programmed, by subnet: an incremental removal must not delete an entry
+    /// another peer still uses (same MAC and IP after a re-lease).
+    peers: HashMap<Ipv4Net, Peer>,
+}
 
 impl VxlanBackend {
-    pub fn new(_nl: Netlink, _cfg: &BackendConfig) -> Self {
-        todo!()
+    pub fn new(nl: Netlink, cfg: &BackendConfig) -> Self {
+        VxlanBackend {
+            nl,
+            cfg: cfg.clone(),
+            name: format!("twill.{}", cfg.vni),
+            ifindex: None,
+            underlay_net: None,
+            local_ip: None,
+            peers: HashMap::new(),
+        }
+    }
+
+    /// The device name, `twill.<VNI>`.
+    pub fn device_name(&self) -> &str {
+        &self.name
+    }
+
+    /// The VXLAN device's ifindex once `setup` ran.
+    pub fn ifindex(&self) -> Option<u32> {
+        self.ifindex
+    }
+
+    fn is_direct(&self, p: &Peer) -> bool {
+        self.cfg.direct_routing
+            && Some(p.public_ip) != self.local_ip
+            && self.underlay_net.is_some_and(|n| n.contains(&p.public_ip))
+    }
+
+    fn device(&self) -> Result<u32, BackendError> {
+        self.ifindex
+            .ok_or_else(|| BackendError::DeviceGone(self.name.clone()))
+    }
+
+    /// Fails with DeviceGone if our ifindex no longer names our device.
+    async fn check_device(&self) -> Result<u32, BackendError> {
+        let idx = self.device()?;
+        match self.nl.link_name(idx).await? {
+            Some(n) if n == self.name => Ok(idx),
+            _ => Err(BackendError::DeviceGone(self.name.clone())),
+        }
+    }
+
+    async fn run(&mut self, ops: Vec<Op>) -> Result<ApplyStats, BackendError> {
+        let idx = self.device()?;
+        let ApplyReport { applied: _, failed } = self.nl.apply(idx, &ops).await;
+        let mut gone = false;
+        let mut failed_deletes = 0;
+        for (i, (op, e)) in failed.iter().enumerate() {
+            gone |= e.is_no_device();
+            failed_deletes += u64::from(op.is_delete());
+            // One line per failure, but not thousands when the device is gone.
+            if i < 20 {
+                tracing::warn!(op = ?op, error = %e, "kernel update failed");
+            }
+        }
+        let deletes = ops.iter().filter(|o| o.is_delete()).count() as u64;
+        let stats = ApplyStats {
+            added: ops.len() as u64 - deletes - (failed.len() as u64 - failed_deletes),
+            removed: deletes - failed_deletes,
+            failed: failed.len() as u64,
+        };
+        if failed.len() > 20 {
+            tracing::warn!(count = failed.len(), "kernel updates failed");
+        }
+        if gone {
+            self.ifindex = None;
+            return Err(BackendError::DeviceGone(self.name.clone()));
+        }
+        Ok(stats)
     }
 }
-impl crate::backend::Backend for VxlanBackend {
-    async fn setup(
-        &mut self,
-        _l: &crate::backend::LocalNode,
-    ) -> Result<crate::backend::DeviceInfo, crate::backend::BackendError> {
-        todo!()
+
+impl Backend for VxlanBackend {
+    async fn setup(&mut self, local: &LocalNode) -> Result<DeviceInfo, BackendError> {
+        let mtu = self
+            .cfg
+            .mtu
+            .unwrap_or(local.underlay_mtu.saturating_sub(VXLAN_OVERHEAD));
+        let spec = VxlanSpec {
+            name: self.name.clone(),
+            vni: self.cfg.vni,
+            local: local.public_ip,
+            underlay_index: local.underlay_index,
+            port: self.cfg.port,
+            mtu,
+            mac: local.vtep_mac,
+            addr: Ipv4Net::new(local.subnet.network(), 32).expect("/32 is valid"),
+        };
+        let ifindex = self.nl.ensure_vxlan(&spec).await?;
+        self.ifindex = Some(ifindex);
+        self.local_ip = Some(local.public_ip);
+        self.underlay_net = if self.cfg.direct_routing {
+            self.nl
+                .addr_prefix(local.underlay_index, local.public_ip)
+                .await?
+        } else {
+            None
+        };
+        tracing::info!(device = %self.name, ifindex, mtu, "vxlan device ready");
+        Ok(DeviceInfo {
+            name: self.name.clone(),
+            ifindex,
+            mtu,
+        })
     }
-    async fn apply(
-        &mut self,
-        _c: &[crate::reconcile::PeerChange],
-    ) -> Result<crate::backend::ApplyStats, crate::backend::BackendError> {
-        todo!()
+
+    async fn apply(&mut self, changes: &[PeerChange]) -> Result<ApplyStats, BackendError> {
+        self.device()?;
+        let mut ops = reconcile::change_ops_with(changes, |p| self.is_direct(p));
+        for c in changes {
+            if let Some(o) = c.old {
+                self.peers.remove(&o.subnet);
+            }
+            if let Some(n) = c.new {
+                self.peers.insert(n.subnet, n);
+            }
+        }
+        // Keep entries that a remaining peer still needs.
+        let mut keep_fdb = HashSet::new();
+        let mut keep_neigh = HashSet::new();
+        let remaining: Vec<Peer> = self.peers.values().copied().collect();
+        for op in reconcile::diff_with(&remaining, &Default::default(), |p| self.is_direct(p)) {
+            match op {
+                Op::SetFdb { mac, dst } => {
+                    keep_fdb.insert((mac, dst));
+                }
+                Op::SetNeigh { ip, .. } => {
+                    keep_neigh.insert(ip);
+                }
+                _ => {}
+            }
+        }
+        ops.retain(|op| match op {
+            Op::DelFdb { mac, dst } => !keep_fdb.contains(&(*mac, *dst)),
+            Op::DelNeigh { ip, .. } => !keep_neigh.contains(ip),
+            _ => true,
+        });
+        self.run(ops).await
     }
-    async fn reconcile(
-        &mut self,
-        _d: &[crate::peer::Peer],
-    ) -> Result<crate::backend::ApplyStats, crate::backend::BackendError> {
-        todo!()
+
+    async fn reconcile(&mut self, desired: &[Peer]) -> Result<ApplyStats, BackendError> {
+        let idx = self.check_device().await?;
+        let actual = self.nl.dump_entries(idx).await?;
+        let ops = reconcile::diff_with(desired, &actual, |p| self.is_direct(p));
+        self.peers = desired.iter().map(|p| (p.subnet, *p)).collect();
+        if !ops.is_empty() {
+            tracing::info!(ops = ops.len(), "reconcile: kernel differs from leases");
+        }
+        self.run(ops).await
     }
 }

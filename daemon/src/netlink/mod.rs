@@ -1,11 +1,29 @@
 //! Every netlink call twilld makes lives under this module. CONTRACT (owner: kernel helper,
 //! except `pod.rs`, owner: CNI helper).
+//!
+//! Queries and device setup go through an rtnetlink `Handle`. Bulk entry programming (`apply`)
+//! goes through a second, plain netlink socket: requests are written in batches and the acks
+//! read back afterwards, which is what makes thousands of entries fast.
 
+mod batch;
+mod events;
 pub mod pod;
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex};
 
+use futures::TryStreamExt;
 use ipnet::Ipv4Net;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::link::{
+    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage,
+};
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 use tokio::sync::mpsc;
 
 use crate::mac::MacAddr;
@@ -15,6 +33,41 @@ use crate::reconcile::{KernelEntries, Op};
 pub enum NetlinkError {
     #[error("{context}: {message}")]
     Failed { context: String, message: String },
+    /// The kernel refused a request; `errno` is positive (e.g. 19 = ENODEV).
+    #[error("{context}: {} (errno {errno})", std::io::Error::from_raw_os_error(*errno))]
+    Errno { context: String, errno: i32 },
+}
+
+impl NetlinkError {
+    fn failed(context: impl Into<String>, message: impl ToString) -> Self {
+        NetlinkError::Failed {
+            context: context.into(),
+            message: message.to_string(),
+        }
+    }
+
+    fn from_rtnl(context: impl Into<String>, e: rtnetlink::Error) -> Self {
+        match &e {
+            rtnetlink::Error::NetlinkError(m) if m.code.is_some() => NetlinkError::Errno {
+                context: context.into(),
+                errno: -m.raw_code(),
+            },
+            _ => Self::failed(context, e),
+        }
+    }
+
+    /// The kernel's errno, if the kernel refused the request.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            NetlinkError::Errno { errno, .. } => Some(*errno),
+            NetlinkError::Failed { .. } => None,
+        }
+    }
+
+    /// The device (or the one a request names) does not exist (any more).
+    pub fn is_no_device(&self) -> bool {
+        self.errno() == Some(libc::ENODEV)
+    }
 }
 
 /// Which interface carries the overlay: `--iface` takes a name or an IP; None = the interface of
@@ -61,31 +114,525 @@ pub struct ApplyReport {
     pub failed: Vec<(Op, NetlinkError)>,
 }
 
+/// Route protocol number twill puts on DirectRouting routes (they live on the underlay, next
+/// to routes that are not ours, so they need a mark to be found again after a restart).
+pub const TWILL_RTPROT: u8 = 116;
+
+const MAIN_TABLE: u32 = 254;
+
 #[derive(Clone)]
-pub struct Netlink {}
+pub struct Netlink {
+    handle: Handle,
+    batch: Arc<Mutex<batch::BatchSocket>>,
+}
 
 impl Netlink {
     /// Opens a netlink connection in the current network namespace (spawns its task on tokio).
     pub fn new() -> Result<Self, NetlinkError> {
-        todo!()
+        let rt = tokio::runtime::Handle::try_current()
+            .map_err(|e| NetlinkError::failed("netlink connection needs a tokio runtime", e))?;
+        let (conn, handle, _) = rtnetlink::new_connection()
+            .map_err(|e| NetlinkError::failed("open netlink socket", e))?;
+        rt.spawn(conn);
+        let batch = batch::BatchSocket::open()
+            .map_err(|e| NetlinkError::failed("open netlink batch socket", e))?;
+        Ok(Netlink {
+            handle,
+            batch: Arc::new(Mutex::new(batch)),
+        })
     }
-    pub async fn find_underlay(&self, _sel: Option<&IfaceSelector>) -> Result<Underlay, NetlinkError> {
-        todo!()
+
+    pub async fn find_underlay(
+        &self,
+        sel: Option<&IfaceSelector>,
+    ) -> Result<Underlay, NetlinkError> {
+        let index = match sel {
+            None => self.default_route_link().await?,
+            Some(IfaceSelector::Name(name)) => self.link_by_name(name).await?.header.index,
+            Some(IfaceSelector::Addr(ip)) => {
+                let addrs = self.ipv4_addrs(None).await?;
+                addrs
+                    .iter()
+                    .find(|(_, a, _)| a == ip)
+                    .map(|(idx, _, _)| *idx)
+                    .ok_or_else(|| {
+                        NetlinkError::failed(
+                            "find underlay",
+                            format!("no interface has address {ip}"),
+                        )
+                    })?
+            }
+        };
+        let link = self.link_by_index(index).await?;
+        let name = link_name(&link).unwrap_or_default();
+        let mtu = link_mtu(&link).unwrap_or(1500);
+        let addr = match sel {
+            Some(IfaceSelector::Addr(ip)) => *ip,
+            _ => self
+                .ipv4_addrs(Some(index))
+                .await?
+                .first()
+                .map(|(_, a, _)| *a)
+                .ok_or_else(|| {
+                    NetlinkError::failed(
+                        "find underlay",
+                        format!("interface {name} has no IPv4 address"),
+                    )
+                })?,
+        };
+        Ok(Underlay {
+            name,
+            index,
+            addr,
+            mtu,
+        })
     }
+
+    /// The prefix of `addr` as configured on interface `index` (e.g. 198.18.0.0/24), if any.
+    pub async fn addr_prefix(
+        &self,
+        index: u32,
+        addr: Ipv4Addr,
+    ) -> Result<Option<Ipv4Net>, NetlinkError> {
+        let addrs = self.ipv4_addrs(Some(index)).await?;
+        Ok(addrs
+            .iter()
+            .find(|(_, a, _)| *a == addr)
+            .and_then(|(_, a, len)| Ipv4Net::new(*a, *len).ok())
+            .map(|n| n.trunc()))
+    }
+
+    /// The name of link `index`, or None if there is no such link.
+    pub async fn link_name(&self, index: u32) -> Result<Option<String>, NetlinkError> {
+        match self.link_by_index(index).await {
+            Ok(l) => Ok(link_name(&l)),
+            Err(e) if e.is_no_device() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Keeps a device that matches `spec`, replaces one that does not, creates a missing one;
     /// sets the address and brings it up. Returns the ifindex.
-    pub async fn ensure_vxlan(&self, _spec: &VxlanSpec) -> Result<u32, NetlinkError> {
-        todo!()
+    pub async fn ensure_vxlan(&self, spec: &VxlanSpec) -> Result<u32, NetlinkError> {
+        let ctx = format!("vxlan device {}", spec.name);
+        let existing = match self.link_by_name(&spec.name).await {
+            Ok(l) => Some(l),
+            Err(e) if e.is_no_device() => None,
+            Err(e) => return Err(e),
+        };
+        let index = match existing {
+            Some(l) if vxlan_matches(&l, spec) => {
+                tracing::debug!(device = %spec.name, index = l.header.index, "keeping existing vxlan device");
+                l.header.index
+            }
+            other => {
+                if let Some(l) = other {
+                    tracing::info!(device = %spec.name, "replacing vxlan device with different settings");
+                    self.handle
+                        .link()
+                        .del(l.header.index)
+                        .execute()
+                        .await
+                        .map_err(|e| NetlinkError::from_rtnl(format!("{ctx}: delete"), e))?;
+                }
+                let msg = LinkVxlan::new(&spec.name, spec.vni)
+                    .local(spec.local)
+                    .dev(spec.underlay_index)
+                    .port(spec.port)
+                    .learning(false)
+                    .mtu(spec.mtu)
+                    .address(spec.mac.octets().to_vec())
+                    .build();
+                self.handle
+                    .link()
+                    .add(msg)
+                    .execute()
+                    .await
+                    .map_err(|e| NetlinkError::from_rtnl(format!("{ctx}: create"), e))?;
+                self.link_by_name(&spec.name).await?.header.index
+            }
+        };
+        // MTU only: setting the MAC, even to the same value, flushes the device's neighbours.
+        let set = LinkUnspec::new_with_index(index).mtu(spec.mtu).build();
+        self.handle
+            .link()
+            .set(set)
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::from_rtnl(format!("{ctx}: set mtu"), e))?;
+
+        let want = spec.addr;
+        let mut have_want = false;
+        let addrs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NetlinkError::from_rtnl(format!("{ctx}: list addresses"), e))?;
+        for a in addrs {
+            if a.header.index != index || a.header.family != AddressFamily::Inet {
+                continue;
+            }
+            if addr_of(&a) == Some(want.addr()) && a.header.prefix_len == want.prefix_len() {
+                have_want = true;
+                continue;
+            }
+            self.handle
+                .address()
+                .del(a)
+                .execute()
+                .await
+                .map_err(|e| NetlinkError::from_rtnl(format!("{ctx}: remove stale address"), e))?;
+        }
+        if !have_want {
+            self.handle
+                .address()
+                .add(index, IpAddr::V4(want.addr()), want.prefix_len())
+                .replace()
+                .execute()
+                .await
+                .map_err(|e| NetlinkError::from_rtnl(format!("{ctx}: add address {want}"), e))?;
+        }
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::from_rtnl(format!("{ctx}: set up"), e))?;
+        Ok(index)
     }
-    pub async fn dump_entries(&self, _ifindex: u32) -> Result<KernelEntries, NetlinkError> {
-        todo!()
+
+    /// Deletes link `index` (tests and teardown).
+    pub async fn delete_link(&self, index: u32) -> Result<(), NetlinkError> {
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::from_rtnl("delete link", e))
     }
+
+    pub async fn dump_entries(&self, ifindex: u32) -> Result<KernelEntries, NetlinkError> {
+        let mut out = KernelEntries::default();
+
+        let mut req = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute();
+        while let Some(n) = req
+            .try_next()
+            .await
+            .map_err(|e| NetlinkError::from_rtnl("dump neighbours", e))?
+        {
+            if n.header.ifindex != ifindex || n.header.state != NeighbourState::Permanent {
+                continue;
+            }
+            if let (Some(NeighbourAddress::Inet(ip)), Some(mac)) = (neigh_dst(&n), neigh_lladdr(&n))
+            {
+                out.neighs.push((ip, mac));
+            }
+        }
+
+        let mut req = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute();
+        while let Some(n) = req
+            .try_next()
+            .await
+            .map_err(|e| NetlinkError::from_rtnl("dump fdb", e))?
+        {
+            if n.header.ifindex != ifindex || !n.header.flags.contains(NeighbourFlags::Own) {
+                continue;
+            }
+            // AF_BRIDGE messages carry NDA_DST as raw bytes.
+            let dst = match neigh_dst(&n) {
+                Some(NeighbourAddress::Inet(ip)) => Some(ip),
+                Some(NeighbourAddress::Other(b)) => {
+                    <[u8; 4]>::try_from(&b[..]).ok().map(Ipv4Addr::from)
+                }
+                _ => None,
+            };
+            if let (Some(dst), Some(mac)) = (dst, neigh_lladdr(&n)) {
+                // The all-zeros entries are default destinations (flooding), not peers.
+                if !mac.is_zero() {
+                    out.fdb.push((mac, dst));
+                }
+            }
+        }
+
+        let mut req = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        while let Some(r) = req
+            .try_next()
+            .await
+            .map_err(|e| NetlinkError::from_rtnl("dump routes", e))?
+        {
+            if route_table(&r) != MAIN_TABLE {
+                continue;
+            }
+            let ours = route_oif(&r) == Some(ifindex)
+                || r.header.protocol == RouteProtocol::Other(TWILL_RTPROT);
+            if !ours {
+                continue;
+            }
+            if let (Some(dst), Some(gw)) = (route_dst(&r), route_gw(&r)) {
+                out.routes.push((dst, gw));
+            }
+        }
+        Ok(out)
+    }
+
     /// Pipelined: sends all requests, then collects the acks. Continues past errors.
-    pub async fn apply(&self, _ifindex: u32, _ops: &[Op]) -> ApplyReport {
-        todo!()
+    ///
+    /// Runs in phases so a batch keeps flannel's order: stale routes, then stale fdb/neighbours,
+    /// then neighbours/fdb, then routes (a route via a gateway needs its neighbour first).
+    pub async fn apply(&self, ifindex: u32, ops: &[Op]) -> ApplyReport {
+        let phase = |op: &Op| match op {
+            Op::DelRoute { .. } => 0,
+            Op::DelFdb { .. } | Op::DelNeigh { .. } => 1,
+            Op::SetNeigh { .. } | Op::SetFdb { .. } => 2,
+            Op::SetRoute { .. } => 3,
+        };
+        let mut phases: [Vec<Op>; 4] = Default::default();
+        for op in ops {
+            phases[phase(op)].push(op.clone());
+        }
+        let batch = self.batch.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let mut sock = batch.lock().unwrap_or_else(|p| p.into_inner());
+            let mut report = ApplyReport::default();
+            for ops in phases.iter().filter(|p| !p.is_empty()) {
+                let msgs = ops
+                    .iter()
+                    .map(|op| batch::op_message(ifindex, op))
+                    .collect::<Vec<_>>();
+                for (op, res) in ops.iter().zip(sock.run(msgs)) {
+                    match res {
+                        Ok(()) => report.applied += 1,
+                        Err(errno)
+                            if op.is_delete()
+                                && (errno == libc::ENOENT || errno == libc::ESRCH) =>
+                        {
+                            report.applied += 1
+                        }
+                        Err(errno) => report.failed.push((
+                            op.clone(),
+                            NetlinkError::Errno {
+                                context: format!("{op:?}"),
+                                errno,
+                            },
+                        )),
+                    }
+                }
+            }
+            report
+        })
+        .await;
+        match res {
+            Ok(r) => r,
+            Err(e) => ApplyReport {
+                applied: 0,
+                failed: ops
+                    .iter()
+                    .map(|op| (op.clone(), NetlinkError::failed(format!("{op:?}"), &e)))
+                    .collect(),
+            },
+        }
     }
+
     /// Multicast subscription (links, v4 addresses, routes, neighbours).
-    pub fn subscribe(_ifindex: u32) -> Result<mpsc::Receiver<KernelEvent>, NetlinkError> {
-        todo!()
+    pub fn subscribe(ifindex: u32) -> Result<mpsc::Receiver<KernelEvent>, NetlinkError> {
+        events::subscribe(ifindex)
     }
+
+    async fn default_route_link(&self) -> Result<u32, NetlinkError> {
+        let routes: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NetlinkError::from_rtnl("dump routes", e))?;
+        routes
+            .iter()
+            .filter(|r| r.header.destination_prefix_length == 0 && route_table(r) == MAIN_TABLE)
+            .filter_map(|r| Some((route_priority(r), route_oif(r)?)))
+            .min()
+            .map(|(_, oif)| oif)
+            .ok_or_else(|| NetlinkError::failed("find underlay", "no default route; pass --iface"))
+    }
+
+    async fn link_by_name(&self, name: &str) -> Result<LinkMessage, NetlinkError> {
+        let mut s = self.handle.link().get().match_name(name).execute();
+        let ctx = format!("link {name}");
+        s.try_next()
+            .await
+            .map_err(|e| NetlinkError::from_rtnl(ctx.clone(), e))?
+            .ok_or(NetlinkError::Errno {
+                context: ctx,
+                errno: libc::ENODEV,
+            })
+    }
+
+    async fn link_by_index(&self, index: u32) -> Result<LinkMessage, NetlinkError> {
+        let mut s = self.handle.link().get().match_index(index).execute();
+        let ctx = format!("link #{index}");
+        s.try_next()
+            .await
+            .map_err(|e| NetlinkError::from_rtnl(ctx.clone(), e))?
+            .ok_or(NetlinkError::Errno {
+                context: ctx,
+                errno: libc::ENODEV,
+            })
+    }
+
+    /// (ifindex, address, prefix length) of IPv4 addresses, in kernel order.
+    async fn ipv4_addrs(
+        &self,
+        index: Option<u32>,
+    ) -> Result<Vec<(u32, Ipv4Addr, u8)>, NetlinkError> {
+        let mut req = self.handle.address().get();
+        if let Some(i) = index {
+            req = req.set_link_index_filter(i);
+        }
+        let msgs: Vec<AddressMessage> = req
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NetlinkError::from_rtnl("list addresses", e))?;
+        Ok(msgs
+            .iter()
+            .filter(|m| {
+                m.header.family == AddressFamily::Inet && index.is_none_or(|i| m.header.index == i)
+            })
+            .filter_map(|m| Some((m.header.index, addr_of(m)?, m.header.prefix_len)))
+            .collect())
+    }
+}
+
+fn vxlan_matches(l: &LinkMessage, spec: &VxlanSpec) -> bool {
+    let mac_ok = l
+        .attributes
+        .iter()
+        .any(|a| matches!(a, LinkAttribute::Address(m) if m[..] == spec.mac.octets()));
+    let Some(data) = l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => {
+            let is_vxlan = infos
+                .iter()
+                .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Vxlan)));
+            infos.iter().find_map(|i| match i {
+                LinkInfo::Data(InfoData::Vxlan(d)) if is_vxlan => Some(d.clone()),
+                _ => None,
+            })
+        }
+        _ => None,
+    }) else {
+        return false;
+    };
+    let has = |want: InfoVxlan| data.contains(&want);
+    mac_ok
+        && has(InfoVxlan::Id(spec.vni))
+        && has(InfoVxlan::Local(spec.local))
+        && has(InfoVxlan::Link(spec.underlay_index))
+        && has(InfoVxlan::Port(spec.port))
+        && has(InfoVxlan::Learning(false))
+}
+
+fn link_name(l: &LinkMessage) -> Option<String> {
+    l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.clone()),
+        _ => None,
+    })
+}
+
+fn link_mtu(l: &LinkMessage) -> Option<u32> {
+    l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Mtu(m) => Some(*m),
+        _ => None,
+    })
+}
+
+/// The interface's own address (IFA_LOCAL; IFA_ADDRESS is the peer on point-to-point links).
+fn addr_of(m: &AddressMessage) -> Option<Ipv4Addr> {
+    let find = |local: bool| {
+        m.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Local(IpAddr::V4(ip)) if local => Some(*ip),
+            AddressAttribute::Address(IpAddr::V4(ip)) if !local => Some(*ip),
+            _ => None,
+        })
+    };
+    find(true).or_else(|| find(false))
+}
+
+fn neigh_dst(n: &NeighbourMessage) -> Option<NeighbourAddress> {
+    n.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::Destination(d) => Some(d.clone()),
+        _ => None,
+    })
+}
+
+fn neigh_lladdr(n: &NeighbourMessage) -> Option<MacAddr> {
+    n.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::LinkLayerAddress(l) => <[u8; 6]>::try_from(&l[..]).ok().map(MacAddr),
+        _ => None,
+    })
+}
+
+fn route_table(r: &RouteMessage) -> u32 {
+    r.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(r.header.table as u32)
+}
+
+fn route_oif(r: &RouteMessage) -> Option<u32> {
+    r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    })
+}
+
+fn route_priority(r: &RouteMessage) -> u32 {
+    r.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Priority(p) => Some(*p),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+fn route_dst(r: &RouteMessage) -> Option<Ipv4Net> {
+    let len = r.header.destination_prefix_length;
+    let ip = r
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+            _ => None,
+        })
+        .unwrap_or(Ipv4Addr::UNSPECIFIED);
+    Ipv4Net::new(ip, len).ok()
+}
+
+fn route_gw(r: &RouteMessage) -> Option<Ipv4Addr> {
+    r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Gateway(RouteAddress::Inet(ip)) => Some(*ip),
+        _ => None,
+    })
 }

@@ -1,0 +1,798 @@
+//! The VXLAN data path against the real kernel, inside network namespaces of our own.
+//!
+//! Each test gets two namespaces `twk<pid><t>a` / `twk<pid><t>b` joined by a veth pair
+//! (198.18.<n>.1/24 and .2/24). Netlink code runs on a thread that setns'd into a namespace;
+//! results are checked with `ip` / `bridge`.
+
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::os::fd::AsFd;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ipnet::Ipv4Net;
+use twill_daemon::backend::vxlan::VxlanBackend;
+use twill_daemon::backend::{Backend, BackendError, LocalNode};
+use twill_daemon::config::{BackendConfig, BackendKind};
+use twill_daemon::mac::MacAddr;
+use twill_daemon::netlink::{IfaceSelector, KernelEvent, Netlink, VxlanSpec};
+use twill_daemon::peer::Peer;
+use twill_daemon::reconcile::{self, Op, PeerChange};
+
+const PREFIX: &str = "twk";
+
+fn sh(args: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(args)
+        .output()
+        .expect("run sh");
+    assert!(
+        out.status.success(),
+        "`{args}` failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn sh_ok(args: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(args)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Removes namespaces left by crashed runs of this test (their pid is no longer alive).
+fn clean_leftovers() {
+    for line in sh("ip netns list").lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let pid: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        let alive = pid.parse::<u32>().is_ok_and(|p| {
+            p == std::process::id() || std::path::Path::new(&format!("/proc/{p}")).exists()
+        });
+        if !alive {
+            let _ = sh_ok(&format!("ip netns del {name}"));
+        }
+    }
+}
+
+/// Two namespaces joined by a veth pair; deleted on drop (also on panic).
+struct Pair {
+    a: String,
+    b: String,
+    ip_a: Ipv4Addr,
+    ip_b: Ipv4Addr,
+}
+
+impl Pair {
+    /// `tag` keeps tests of this binary (same pid) apart; `n` picks 198.18.<n>.0/24.
+    fn new(tag: char, n: u8) -> Pair {
+        clean_leftovers();
+        let pid = std::process::id();
+        let a = format!("{PREFIX}{pid}{tag}a");
+        let b = format!("{PREFIX}{pid}{tag}b");
+        let p = Pair {
+            a,
+            b,
+            ip_a: Ipv4Addr::new(198, 18, n, 1),
+            ip_b: Ipv4Addr::new(198, 18, n, 2),
+        };
+        let (a, b) = (&p.a, &p.b);
+        let _ = sh_ok(&format!("ip netns del {a}; ip netns del {b}"));
+        sh(&format!("ip netns add {a} && ip netns add {b}"));
+        // Created inside `a` with the peer end put straight into `b`: the host never sees it.
+        sh(&format!(
+            "ip -n {a} link add va type veth peer name vb netns {b}"
+        ));
+        sh(&format!(
+            "ip -n {a} addr add {}/24 dev va && ip -n {a} link set va up && ip -n {a} link set lo up",
+            p.ip_a
+        ));
+        sh(&format!(
+            "ip -n {b} addr add {}/24 dev vb && ip -n {b} link set vb up && ip -n {b} link set lo up",
+            p.ip_b
+        ));
+        p
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        let _ = sh_ok(&format!("ip netns del {}", self.a));
+        let _ = sh_ok(&format!("ip netns del {}", self.b));
+    }
+}
+
+/// Runs `f` on a fresh thread inside namespace `ns` with its own tokio runtime.
+fn in_ns<F, Fut, T>(ns: &str, f: F) -> T
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = T>,
+    T: Send + 'static,
+{
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let fd = std::fs::File::open(&path).expect("open netns");
+        nix::sched::setns(fd.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(f())
+    })
+    .join()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+fn mac(i: u32) -> MacAddr {
+    let b = i.to_be_bytes();
+    MacAddr([0x02, 0x42, b[0], b[1], b[2], b[3]])
+}
+
+/// Synthetic peers: 10.(100 + i/250).(i%250).0/24, public IP 198.19.x.y.
+fn peers(n: u32) -> Vec<Peer> {
+    (0..n)
+        .map(|i| Peer {
+            subnet: Ipv4Net::new(
+                Ipv4Addr::new(10, (100 + i / 250) as u8, (i % 250) as u8, 0),
+                24,
+            )
+            .unwrap(),
+            public_ip: Ipv4Addr::new(198, 19, (i / 250) as u8, (i % 250 + 1) as u8),
+            vtep_mac: mac(i),
+        })
+        .collect()
+}
+
+fn spec(underlay: &str, local: Ipv4Addr, index: u32, port: u16, subnet: &str) -> VxlanSpec {
+    let _ = underlay;
+    let net: Ipv4Net = subnet.parse().unwrap();
+    VxlanSpec {
+        name: "twill.1".into(),
+        vni: 1,
+        local,
+        underlay_index: index,
+        port,
+        mtu: 1450,
+        mac: MacAddr([0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0x01]),
+        addr: Ipv4Net::new(net.network(), 32).unwrap(),
+    }
+}
+
+fn count(ns: &str, cmd: &str, filter: impl Fn(&str) -> bool) -> usize {
+    sh(&format!("ip netns exec {ns} {cmd}"))
+        .lines()
+        .filter(|l| filter(l))
+        .count()
+}
+
+fn kernel_counts(ns: &str) -> (usize, usize, usize) {
+    (
+        count(ns, "ip neigh show dev twill.1 nud permanent", |l| {
+            !l.trim().is_empty()
+        }),
+        count(ns, "bridge fdb show dev twill.1", |l| {
+            l.contains(" dst ") && !l.starts_with("00:00:00:00:00:00")
+        }),
+        count(ns, "ip route show dev twill.1", |l| l.contains(" via ")),
+    )
+}
+
+#[test]
+fn underlay_selection() {
+    let p = Pair::new('u', 10);
+    let ns = p.a.clone();
+    let ip = p.ip_a;
+    let (by_name, by_addr, no_default) = in_ns(&ns, move || async move {
+        let nl = Netlink::new().unwrap();
+        let by_name = nl
+            .find_underlay(Some(&IfaceSelector::Name("va".into())))
+            .await
+            .unwrap();
+        let by_addr = nl
+            .find_underlay(Some(&IfaceSelector::Addr(ip)))
+            .await
+            .unwrap();
+        let no_default = nl.find_underlay(None).await.unwrap_err().to_string();
+        (by_name, by_addr, no_default)
+    });
+    assert_eq!(by_name.name, "va");
+    assert_eq!(by_name.addr, ip);
+    assert_eq!(by_name.mtu, 1500);
+    assert_eq!(by_addr, by_name);
+    assert!(
+        no_default.contains("no default route; pass --iface"),
+        "{no_default}"
+    );
+
+    sh(&format!("ip -n {ns} route add default via {}", p.ip_b));
+    let by_default = in_ns(&ns, || async {
+        Netlink::new().unwrap().find_underlay(None).await.unwrap()
+    });
+    assert_eq!(by_default, by_name);
+}
+
+#[test]
+fn ensure_vxlan_creates_keeps_and_replaces() {
+    let p = Pair::new('e', 11);
+    let ns = p.a.clone();
+    let ip = p.ip_a;
+    let (idx1, idx2) = in_ns(&ns, move || async move {
+        let nl = Netlink::new().unwrap();
+        let u = nl
+            .find_underlay(Some(&IfaceSelector::Name("va".into())))
+            .await
+            .unwrap();
+        let s = spec("va", ip, u.index, 8472, "10.244.1.0/24");
+        let idx1 = nl.ensure_vxlan(&s).await.unwrap();
+        let ops = reconcile::diff(&peers(3), &Default::default());
+        let r = nl.apply(idx1, &ops).await;
+        assert!(r.failed.is_empty(), "{:?}", r.failed);
+        // Another address on the device is not ours: it must go.
+        std::process::Command::new("ip")
+            .args(["addr", "add", "10.9.9.9/24", "dev", "twill.1"])
+            .status()
+            .unwrap();
+        let idx2 = nl.ensure_vxlan(&s).await.unwrap();
+        (idx1, idx2)
+    });
+    let d = sh(&format!("ip -n {ns} -d link show twill.1"));
+    for want in [
+        "vxlan id 1 ",
+        &format!("local {ip} "),
+        "dev va ",
+        "dstport 8472 ",
+        "nolearning",
+        "mtu 1450 ",
+        "link/ether 02:aa:bb:cc:dd:01",
+        "state UNKNOWN",
+    ] {
+        assert!(d.contains(want), "missing {want:?} in:\n{d}");
+    }
+    assert!(
+        d.contains("<BROADCAST,MULTICAST,UP,LOWER_UP>"),
+        "not up:\n{d}"
+    );
+    let addrs = sh(&format!("ip -n {ns} -4 -o addr show dev twill.1"));
+    assert!(addrs.contains("inet 10.244.1.0/32"), "{addrs}");
+    assert!(!addrs.contains("10.9.9.9"), "stale address kept: {addrs}");
+    assert_eq!(idx1, idx2, "a matching device must be kept, not recreated");
+    assert_eq!(
+        kernel_counts(&ns),
+        (3, 3, 3),
+        "entries must survive a second ensure_vxlan"
+    );
+
+    // Other port: the device is replaced.
+    let idx3 = in_ns(&ns, move || async move {
+        let nl = Netlink::new().unwrap();
+        let u = nl
+            .find_underlay(Some(&IfaceSelector::Name("va".into())))
+            .await
+            .unwrap();
+        nl.ensure_vxlan(&spec("va", ip, u.index, 4789, "10.244.1.0/24"))
+            .await
+            .unwrap()
+    });
+    assert_ne!(idx3, idx1);
+    let d = sh(&format!("ip -n {ns} -d link show twill.1"));
+    assert!(d.contains("dstport 4789 "), "{d}");
+    assert_eq!(kernel_counts(&ns), (0, 0, 0));
+}
+
+#[test]
+fn bulk_apply_dump_diff_and_stale_removal() {
+    const N: u32 = 5000;
+    let p = Pair::new('m', 12);
+    let ns = p.a.clone();
+    let ip = p.ip_a;
+    let idx = in_ns(&ns, move || async move {
+        let nl = Netlink::new().unwrap();
+        let u = nl
+            .find_underlay(Some(&IfaceSelector::Name("va".into())))
+            .await
+            .unwrap();
+        let idx = nl
+            .ensure_vxlan(&spec("va", ip, u.index, 8472, "10.244.1.0/24"))
+            .await
+            .unwrap();
+        let all = peers(N);
+        let ops = reconcile::change_ops(
+            &all.iter()
+                .map(|p| PeerChange {
+                    old: None,
+                    new: Some(*p),
+                })
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(ops.len(), 3 * N as usize);
+        let t = Instant::now();
+        let r = nl.apply(idx, &ops).await;
+        eprintln!("applied {} entries in {:?}", ops.len(), t.elapsed());
+        assert!(
+            r.failed.is_empty(),
+            "{:?}",
+            &r.failed[..r.failed.len().min(5)]
+        );
+        assert_eq!(r.applied, 3 * N as u64);
+        let t = Instant::now();
+        let dump = nl.dump_entries(idx).await.unwrap();
+        eprintln!("dumped in {:?}", t.elapsed());
+        assert_eq!(
+            (dump.neighs.len(), dump.fdb.len(), dump.routes.len()),
+            (N as usize, N as usize, N as usize)
+        );
+        assert_eq!(
+            reconcile::diff(&all, &dump),
+            vec![],
+            "in-sync kernel must yield no ops"
+        );
+        // Re-applying is idempotent (replace).
+        let r = nl.apply(idx, &ops[..300]).await;
+        assert!(r.failed.is_empty(), "{:?}", r.failed);
+        idx
+    });
+    assert_eq!(kernel_counts(&ns), (N as usize, N as usize, N as usize));
+    let line = sh(&format!("ip -n {ns} route show 10.100.7.0/24"));
+    assert!(
+        line.contains("via 10.100.7.0 dev twill.1") && line.contains("onlink"),
+        "{line}"
+    );
+    let fdb = sh(&format!("bridge -n {ns} fdb show dev twill.1"));
+    assert!(
+        fdb.contains(&format!("{} dst 198.19.0.8 self permanent", mac(7))),
+        "fdb line for peer 7 missing"
+    );
+    let neigh = sh(&format!("ip -n {ns} neigh show 10.100.7.0 dev twill.1"));
+    assert!(
+        neigh.contains(&format!("lladdr {} PERMANENT", mac(7))),
+        "{neigh}"
+    );
+
+    // A restart with fewer peers: the rest is stale and goes; a changed MAC is fixed.
+    let (stale_ops, left) = in_ns(&ns, move || async move {
+        let nl = Netlink::new().unwrap();
+        let mut keep = peers(N - 500);
+        keep[7].vtep_mac = mac(900_000);
+        let dump = nl.dump_entries(idx).await.unwrap();
+        let ops = reconcile::diff(&keep, &dump);
+        let r = nl.apply(idx, &ops).await;
+        assert!(
+            r.failed.is_empty(),
+            "{:?}",
+            &r.failed[..r.failed.len().min(5)]
+        );
+        let after = nl.dump_entries(idx).await.unwrap();
+        assert_eq!(reconcile::diff(&keep, &after), vec![]);
+        // Deleting what is already gone is not an error.
+        let gone = [
+            Op::DelRoute {
+                dst: "10.200.0.0/24".parse().unwrap(),
+                gw: "10.200.0.0".parse().unwrap(),
+            },
+            Op::DelNeigh {
+                ip: "10.200.0.0".parse().unwrap(),
+                mac: mac(1),
+            },
+            Op::DelFdb {
+                mac: mac(999_999),
+                dst: "198.19.200.1".parse().unwrap(),
+            },
+        ];
+        let r = nl.apply(idx, &gone).await;
+        assert!(r.failed.is_empty(), "{:?}", r.failed);
+        (ops, after)
+    });
+    assert_eq!(
+        stale_ops.iter().filter(|o| o.is_delete()).count(),
+        3 * 500 + 1,
+        "500 stale peers + old fdb of peer 7"
+    );
+    assert_eq!(left.neighs.len(), (N - 500) as usize);
+    assert_eq!(
+        kernel_counts(&ns),
+        ((N - 500) as usize, (N - 500) as usize, (N - 500) as usize)
+    );
+    let fdb = sh(&format!("bridge -n {ns} fdb show dev twill.1"));
+    assert!(
+        !fdb.contains(&mac(7).to_string()),
+        "old fdb entry of peer 7 kept"
+    );
+    assert!(fdb.contains(&mac(900_000).to_string()));
+    let neigh = sh(&format!("ip -n {ns} neigh show 10.100.7.0 dev twill.1"));
+    assert!(neigh.contains(&mac(900_000).to_string()), "{neigh}");
+}
+
+fn backend_cfg(direct: bool) -> BackendConfig {
+    BackendConfig {
+        kind: BackendKind::Vxlan,
+        vni: 1,
+        port: 8472,
+        mtu: None,
+        direct_routing: direct,
+    }
+}
+
+/// Sets up one node's backend in `ns` and programs `peers`; returns the ifindex.
+fn node(
+    ns: &str,
+    public_ip: Ipv4Addr,
+    subnet: &str,
+    mac: MacAddr,
+    peers: Vec<Peer>,
+    direct: bool,
+) -> u32 {
+    let subnet: Ipv4Net = subnet.parse().unwrap();
+    in_ns(ns, move || async move {
+        let nl = Netlink::new().unwrap();
+        let u = nl
+            .find_underlay(Some(&IfaceSelector::Addr(public_ip)))
+            .await
+            .unwrap();
+        let mut b = VxlanBackend::new(nl, &backend_cfg(direct));
+        let local = LocalNode {
+            subnet,
+            public_ip,
+            underlay_index: u.index,
+            underlay_mtu: u.mtu,
+            vtep_mac: mac,
+        };
+        let info = b.setup(&local).await.unwrap();
+        assert_eq!(info.name, "twill.1");
+        assert_eq!(info.mtu, 1450);
+        let stats = b.reconcile(&peers).await.unwrap();
+        assert_eq!(stats.failed, 0);
+        info.ifindex
+    })
+}
+
+fn ping_until(ns: &str, dst: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if sh_ok(&format!("ip netns exec {ns} ping -c1 -W1 {dst}")) {
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn data_path_between_two_nodes() {
+    let p = Pair::new('d', 13);
+    let (ma, mb) = (
+        MacAddr([0x02, 0, 0, 0, 0xa, 1]),
+        MacAddr([0x02, 0, 0, 0, 0xb, 1]),
+    );
+    let pa = Peer {
+        subnet: "10.244.1.0/24".parse().unwrap(),
+        public_ip: p.ip_a,
+        vtep_mac: ma,
+    };
+    let pb = Peer {
+        subnet: "10.244.2.0/24".parse().unwrap(),
+        public_ip: p.ip_b,
+        vtep_mac: mb,
+    };
+    node(&p.a, p.ip_a, "10.244.1.0/24", ma, vec![pb], false);
+    node(&p.b, p.ip_b, "10.244.2.0/24", mb, vec![pa], false);
+    assert!(
+        ping_until(&p.a, "10.244.2.0"),
+        "no ping from node a to b's VTEP over vxlan"
+    );
+    assert!(
+        ping_until(&p.b, "10.244.1.0"),
+        "no ping from node b to a's VTEP over vxlan"
+    );
+    let route = sh(&format!("ip -n {} route get 10.244.2.0", p.a));
+    assert!(route.contains("dev twill.1"), "{route}");
+}
+
+#[test]
+fn direct_routing_for_on_link_peers() {
+    let p = Pair::new('r', 14);
+    let (ma, mb) = (
+        MacAddr([0x02, 0, 0, 0, 0xa, 2]),
+        MacAddr([0x02, 0, 0, 0, 0xb, 2]),
+    );
+    let pa = Peer {
+        subnet: "10.244.1.0/24".parse().unwrap(),
+        public_ip: p.ip_a,
+        vtep_mac: ma,
+    };
+    let pb = Peer {
+        subnet: "10.244.2.0/24".parse().unwrap(),
+        public_ip: p.ip_b,
+        vtep_mac: mb,
+    };
+    // An off-link peer (not in 198.18.15.0/24) still goes over vxlan.
+    let far = Peer {
+        subnet: "10.244.9.0/24".parse().unwrap(),
+        public_ip: "198.19.9.9".parse().unwrap(),
+        vtep_mac: mac(9),
+    };
+    node(&p.a, p.ip_a, "10.244.1.0/24", ma, vec![pb, far], true);
+    node(&p.b, p.ip_b, "10.244.2.0/24", mb, vec![pa], true);
+    let route = sh(&format!("ip -n {} route show 10.244.2.0/24", p.a));
+    assert!(route.contains(&format!("via {} dev va", p.ip_b)), "{route}");
+    let route = sh(&format!("ip -n {} route show 10.244.9.0/24", p.a));
+    assert!(route.contains("via 10.244.9.0 dev twill.1"), "{route}");
+    assert_eq!(
+        kernel_counts(&p.a),
+        (1, 1, 1),
+        "only the far peer uses the overlay"
+    );
+    assert!(
+        ping_until(&p.a, "10.244.2.0"),
+        "no ping over the direct route"
+    );
+
+    // Dropping the peer removes the direct route (found again by its protocol mark).
+    let ns = p.a.clone();
+    let ip_a = p.ip_a;
+    in_ns(&ns, move || async move {
+        let nl = Netlink::new().unwrap();
+        let u = nl
+            .find_underlay(Some(&IfaceSelector::Addr(ip_a)))
+            .await
+            .unwrap();
+        let mut b = VxlanBackend::new(nl, &backend_cfg(true));
+        let local = LocalNode {
+            subnet: "10.244.1.0/24".parse().unwrap(),
+            public_ip: ip_a,
+            underlay_index: u.index,
+            underlay_mtu: u.mtu,
+            vtep_mac: ma,
+        };
+        b.setup(&local).await.unwrap();
+        let s = b.reconcile(&[far]).await.unwrap();
+        assert_eq!((s.removed, s.failed), (1, 0));
+    });
+    let route = sh(&format!("ip -n {} route show 10.244.2.0/24", p.a));
+    assert!(route.trim().is_empty(), "stale direct route kept: {route}");
+}
+
+#[test]
+fn backend_survives_device_deletion() {
+    let p = Pair::new('g', 16);
+    let ns = p.a.clone();
+    let ip = p.ip_a;
+    let want = peers(50);
+    in_ns(&ns, move || async move {
+        let nl = Netlink::new().unwrap();
+        let u = nl
+            .find_underlay(Some(&IfaceSelector::Addr(ip)))
+            .await
+            .unwrap();
+        let mut b = VxlanBackend::new(nl.clone(), &backend_cfg(false));
+        let local = LocalNode {
+            subnet: "10.244.1.0/24".parse().unwrap(),
+            public_ip: ip,
+            underlay_index: u.index,
+            underlay_mtu: u.mtu,
+            vtep_mac: mac(77),
+        };
+        b.setup(&local).await.unwrap();
+        let s = b.reconcile(&want).await.unwrap();
+        assert_eq!((s.added, s.removed, s.failed), (150, 0, 0));
+        // In sync: a second reconcile does nothing.
+        assert_eq!(b.reconcile(&want).await.unwrap(), Default::default());
+        let idx = b.ifindex().unwrap();
+        nl.delete_link(idx).await.unwrap();
+        assert!(matches!(
+            b.reconcile(&want).await,
+            Err(BackendError::DeviceGone(_))
+        ));
+        let change = [PeerChange {
+            old: None,
+            new: Some(peers(51)[50]),
+        }];
+        assert!(matches!(
+            b.apply(&change).await,
+            Err(BackendError::DeviceGone(_))
+        ));
+        b.setup(&local).await.unwrap();
+        let s = b.reconcile(&want).await.unwrap();
+        assert_eq!((s.added, s.failed), (150, 0));
+        let s = b.apply(&change).await.unwrap();
+        assert_eq!((s.added, s.failed), (3, 0));
+        let s = b
+            .apply(&[PeerChange {
+                old: Some(peers(51)[50]),
+                new: None,
+            }])
+            .await
+            .unwrap();
+        assert_eq!((s.removed, s.failed), (3, 0));
+    });
+    assert_eq!(kernel_counts(&ns), (50, 50, 50));
+}
+
+#[test]
+fn subscribe_reports_deleted_entries_devices_and_addresses() {
+    let p = Pair::new('s', 17);
+    let ns = p.a.clone();
+    let ip = p.ip_a;
+    let events = in_ns(&ns, move || async move {
+        let nl = Netlink::new().unwrap();
+        let u = nl
+            .find_underlay(Some(&IfaceSelector::Addr(ip)))
+            .await
+            .unwrap();
+        let idx = nl
+            .ensure_vxlan(&spec("va", ip, u.index, 8472, "10.244.1.0/24"))
+            .await
+            .unwrap();
+        let r = nl
+            .apply(idx, &reconcile::diff(&peers(2), &Default::default()))
+            .await;
+        assert!(r.failed.is_empty());
+        let mut rx = Netlink::subscribe(idx).unwrap();
+        let run = |cmd: &str| {
+            assert!(
+                Command::new("sh")
+                    .arg("-c")
+                    .arg(cmd)
+                    .status()
+                    .unwrap()
+                    .success(),
+                "{cmd}"
+            )
+        };
+        let mut seen = Vec::new();
+        // Each check starts from an empty queue, so an event can only come from its action.
+        let drain =
+            |rx: &mut tokio::sync::mpsc::Receiver<KernelEvent>| while rx.try_recv().is_ok() {};
+        drain(&mut rx);
+        run("ip neigh del 10.100.1.0 dev twill.1");
+        seen.push((
+            "neigh deleted",
+            next_event(&mut rx, KernelEvent::DeviceChanged)
+                .await
+                .unwrap_or(false),
+        ));
+        drain(&mut rx);
+        run(&format!(
+            "bridge fdb del {} dev twill.1 dst 198.19.0.1 self",
+            mac(0)
+        ));
+        seen.push((
+            "fdb deleted",
+            next_event(&mut rx, KernelEvent::DeviceChanged)
+                .await
+                .unwrap_or(false),
+        ));
+        drain(&mut rx);
+        run("ip addr add 198.18.99.1/24 dev va");
+        seen.push((
+            "address added",
+            next_event(&mut rx, KernelEvent::AddressChanged)
+                .await
+                .unwrap_or(false),
+        ));
+        drain(&mut rx);
+        run("ip link del twill.1");
+        seen.push((
+            "device deleted",
+            next_event(&mut rx, KernelEvent::DeviceChanged)
+                .await
+                .unwrap_or(false),
+        ));
+        seen
+    });
+    for (what, ok) in events {
+        assert!(ok, "no event for: {what}");
+    }
+}
+
+/// Waits (bounded) for `want`; other events are skipped.
+async fn next_event(
+    rx: &mut tokio::sync::mpsc::Receiver<KernelEvent>,
+    want: KernelEvent,
+) -> Result<bool, tokio::time::error::Elapsed> {
+    let fut = async {
+        loop {
+            match rx.recv().await {
+                Some(e) if e == want => return true,
+                Some(_) => continue,
+                None => return false,
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut).await
+}
+
+#[test]
+fn apply_continues_past_errors_and_reports_each() {
+    let p = Pair::new('f', 18);
+    let ns = p.a.clone();
+    let ip = p.ip_a;
+    let report = in_ns(&ns, move || async move {
+        let nl = Netlink::new().unwrap();
+        let u = nl
+            .find_underlay(Some(&IfaceSelector::Addr(ip)))
+            .await
+            .unwrap();
+        let idx = nl
+            .ensure_vxlan(&spec("va", ip, u.index, 8472, "10.244.1.0/24"))
+            .await
+            .unwrap();
+        let good = peers(2);
+        let mut ops = reconcile::diff(&good, &Default::default());
+        // A direct route via an address no route reaches: the kernel refuses it.
+        let bad = Op::SetRoute {
+            dst: "10.250.0.0/24".parse().unwrap(),
+            gw: "203.0.113.9".parse().unwrap(),
+        };
+        ops.insert(1, bad.clone());
+        ops.push(bad);
+        nl.apply(idx, &ops).await
+    });
+    assert_eq!(report.applied, 6);
+    assert_eq!(report.failed.len(), 2, "{:?}", report.failed);
+    for (op, e) in &report.failed {
+        assert!(matches!(op, Op::SetRoute { .. }));
+        assert_eq!(e.errno(), Some(libc::ENETUNREACH), "{e}");
+    }
+    assert_eq!(kernel_counts(&ns), (2, 2, 2));
+}
+
+#[test]
+fn backend_keeps_entries_another_peer_still_uses() {
+    let p = Pair::new('l', 19);
+    let ns = p.a.clone();
+    let ip = p.ip_a;
+    in_ns(&ns, move || async move {
+        let nl = Netlink::new().unwrap();
+        let u = nl
+            .find_underlay(Some(&IfaceSelector::Addr(ip)))
+            .await
+            .unwrap();
+        let mut b = VxlanBackend::new(nl, &backend_cfg(false));
+        let local = LocalNode {
+            subnet: "10.244.1.0/24".parse().unwrap(),
+            public_ip: ip,
+            underlay_index: u.index,
+            underlay_mtu: u.mtu,
+            vtep_mac: mac(1),
+        };
+        b.setup(&local).await.unwrap();
+        // A node re-leased a new subnet with its persisted MAC; the old lease expires later.
+        let old = peers(1)[0];
+        let new = Peer {
+            subnet: "10.244.3.0/24".parse().unwrap(),
+            ..old
+        };
+        b.apply(&[PeerChange {
+            old: None,
+            new: Some(old),
+        }])
+        .await
+        .unwrap();
+        b.apply(&[PeerChange {
+            old: None,
+            new: Some(new),
+        }])
+        .await
+        .unwrap();
+        let s = b
+            .apply(&[PeerChange {
+                old: Some(old),
+                new: None,
+            }])
+            .await
+            .unwrap();
+        assert_eq!((s.removed, s.failed), (2, 0), "route and neighbour only");
+    });
+    let fdb = sh(&format!("bridge -n {ns} fdb show dev twill.1"));
+    assert!(
+        fdb.contains(&format!("{} dst 198.19.0.1", mac(0))),
+        "shared fdb entry deleted: {fdb}"
+    );
+    assert_eq!(kernel_counts(&ns), (1, 1, 1));
+}
