@@ -41,7 +41,10 @@ pub enum BackendKind {
 pub enum ConfigError {
     /// Names the field and the offending value, e.g. `SubnetLen: 31 is out of range (...)`.
     #[error("invalid network config: {field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
     #[error("network config is not valid JSON: {0}")]
     Json(#[from] serde_json::Error),
 }
@@ -81,7 +84,10 @@ fn uint_field(
         .as_u64()
         .ok_or_else(|| invalid(name, format!("{v} is not a non-negative integer")))?;
     if n > max {
-        return Err(invalid(name, format!("{v} is out of range (at most {max})")));
+        return Err(invalid(
+            name,
+            format!("{v} is out of range (at most {max})"),
+        ));
     }
     Ok((n != 0).then_some(n))
 }
@@ -171,8 +177,8 @@ impl NetworkConfig {
         let size = subnet_size(subnet_len);
         let net_start = u32::from(network.network());
         let net_end = u32::from(network.broadcast());
-        let subnet_min = addr_field(&obj, "SubnetMin")?
-            .unwrap_or_else(|| Ipv4Addr::from(net_start + size));
+        let subnet_min =
+            addr_field(&obj, "SubnetMin")?.unwrap_or_else(|| Ipv4Addr::from(net_start + size));
         let subnet_max = addr_field(&obj, "SubnetMax")?
             .unwrap_or_else(|| Ipv4Addr::from(net_end.wrapping_add(1).wrapping_sub(size)));
         for (name, addr) in [("SubnetMin", subnet_min), ("SubnetMax", subnet_max)] {
@@ -265,7 +271,9 @@ fn parse_backend(b: &Map<String, Value>) -> Result<BackendConfig, ConfigError> {
     if let Some(vni) = uint_field(b, "VNI", MAX_VNI).map_err(rename("Backend.VNI"))? {
         cfg.vni = vni as u32;
     }
-    if let Some(port) = uint_field(b, "Port", u64::from(u16::MAX)).map_err(rename("Backend.Port"))? {
+    if let Some(port) =
+        uint_field(b, "Port", u64::from(u16::MAX)).map_err(rename("Backend.Port"))?
+    {
         cfg.port = port as u16;
     }
     if let Some(mtu) = uint_field(b, "MTU", 65535).map_err(rename("Backend.MTU"))? {
@@ -416,10 +424,18 @@ mod tests {
     #[test]
     fn network_errors() {
         assert_invalid("{}", "Network", &["missing"]);
-        assert_invalid(r#"{"Network":"10.0.0.0/33"}"#, "Network", &["\"10.0.0.0/33\"", "IPv4 CIDR"]);
+        assert_invalid(
+            r#"{"Network":"10.0.0.0/33"}"#,
+            "Network",
+            &["\"10.0.0.0/33\"", "IPv4 CIDR"],
+        );
         assert_invalid(r#"{"Network":"banana"}"#, "Network", &["\"banana\""]);
         assert_invalid(r#"{"Network":16}"#, "Network", &["16", "not a string"]);
-        assert_invalid(r#"{"Network":"fc00::/48"}"#, "Network", &["\"fc00::/48\"", "IPv6"]);
+        assert_invalid(
+            r#"{"Network":"fc00::/48"}"#,
+            "Network",
+            &["\"fc00::/48\"", "IPv6"],
+        );
         assert_invalid(
             r#"{"EnableIPv6":true,"IPv6Network":"fc00::/48"}"#,
             "Network",
@@ -547,7 +563,10 @@ mod tests {
     fn error_display_names_field_and_value() {
         let e = parse(r#"{"Network":"10.0.0.0/16","SubnetLen":31}"#).unwrap_err();
         let s = e.to_string();
-        assert!(s.starts_with("invalid network config: SubnetLen: 31 "), "{s}");
+        assert!(
+            s.starts_with("invalid network config: SubnetLen: 31 "),
+            "{s}"
+        );
     }
 
     #[test]

@@ -122,7 +122,9 @@ impl LeaseAttrs {
 /// A lease value must be a JSON object (serde would also take `[]` for a struct).
 fn decode(value: &[u8]) -> Result<LeaseIn, String> {
     match serde_json::from_slice::<serde_json::Value>(value) {
-        Ok(v @ serde_json::Value::Object(_)) => serde_json::from_value(v).map_err(|e| e.to_string()),
+        Ok(v @ serde_json::Value::Object(_)) => {
+            serde_json::from_value(v).map_err(|e| e.to_string())
+        }
         Ok(v) => Err(format!("{v} is not an object")),
         Err(e) => Err(e.to_string()),
     }
@@ -247,15 +249,32 @@ mod tests {
         let good = attrs().to_json();
         rejects(None, "10.244.2.0/24", "{not json", "not valid JSON");
         rejects(None, "10.244.2.0/24", "[]", "not valid JSON");
-        rejects(None, "10.245.2.0/24", &good, "outside the network 10.244.0.0/16");
+        rejects(
+            None,
+            "10.245.2.0/24",
+            &good,
+            "outside the network 10.244.0.0/16",
+        );
         rejects(None, "10.244.2.0/25", &good, "is not a /24");
         rejects(None, "10.244.0.0/23", &good, "is not a /24");
-        rejects(Some("10.244.2.0/24"), "10.244.2.0/24", &good, "overlaps our own subnet");
+        rejects(
+            Some("10.244.2.0/24"),
+            "10.244.2.0/24",
+            &good,
+            "overlaps our own subnet",
+        );
         let mac = |m: &str| {
-            format!(r#"{{"PublicIP":"198.18.0.2","BackendType":"vxlan","BackendData":{{"VNI":1{m}}}}}"#)
+            format!(
+                r#"{{"PublicIP":"198.18.0.2","BackendType":"vxlan","BackendData":{{"VNI":1{m}}}}}"#
+            )
         };
         rejects(None, "10.244.2.0/24", &mac(""), "VtepMAC is missing");
-        rejects(None, "10.244.2.0/24", &mac(r#","VtepMAC":"00:00:00:00:00:00""#), "00:00:00:00:00:00");
+        rejects(
+            None,
+            "10.244.2.0/24",
+            &mac(r#","VtepMAC":"00:00:00:00:00:00""#),
+            "00:00:00:00:00:00",
+        );
         rejects(None, "10.244.2.0/24", &mac(r#","VtepMAC":"zz""#), "VtepMAC");
         rejects(
             None,

@@ -180,7 +180,10 @@ mod tests {
             let n = choose_free(&c, &taken).unwrap();
             assert!(!taken.contains(&n), "{n} is taken");
             assert_eq!(n.prefix_len(), 24);
-            assert!(n.network() >= c.subnet_min && n.network() <= c.subnet_max, "{n}");
+            assert!(
+                n.network() >= c.subnet_min && n.network() <= c.subnet_max,
+                "{n}"
+            );
             seen.insert(n);
         }
         // 16 subnets in range, 5 taken: all 11 free ones turn up (it is random, not first-fit).
@@ -196,11 +199,18 @@ mod tests {
         let mut seen = HashSet::new();
         for _ in 0..2000 {
             let n = choose_free(&c, &taken).unwrap();
-            assert!(u32::from(n.network()) <= last, "{n} is beyond the first 100 free");
+            assert!(
+                u32::from(n.network()) <= last,
+                "{n} is beyond the first 100 free"
+            );
             assert!(!taken.contains(&n));
             seen.insert(n);
         }
-        assert!(seen.len() > 50, "random choice should spread: {}", seen.len());
+        assert!(
+            seen.len() > 50,
+            "random choice should spread: {}",
+            seen.len()
+        );
     }
 
     #[test]
