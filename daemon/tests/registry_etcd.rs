@@ -67,10 +67,16 @@ struct Etcd {
     ns: String,
     dir: PathBuf,
     child: Option<Child>,
+    /// Serve https with client-certificate auth, certificates under `dir/pki`.
+    tls: bool,
 }
 
 impl Etcd {
     fn start() -> Result<Etcd> {
+        Self::start_with(false)
+    }
+
+    fn start_with(tls: bool) -> Result<Etcd> {
         CLEAN.call_once(clean_leftovers);
         let ns = format!("twr{}n{}", std::process::id(), SEQ.fetch_add(1, Relaxed));
         let dir = std::env::temp_dir().join(format!("{ns}-etcd"));
@@ -79,19 +85,35 @@ impl Etcd {
             ns,
             dir,
             child: None,
+            tls,
         };
         sh(&["ip", "-n", &e.ns, "link", "set", "lo", "up"])?;
         std::fs::create_dir_all(&e.dir)?;
+        if tls {
+            make_pki(&e.dir.join("pki"))?;
+        }
         e.spawn()?;
         Ok(e)
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let client = format!("http://127.0.0.1:{CLIENT_PORT}");
+        let scheme = if self.tls { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{CLIENT_PORT}");
         let peer = format!("http://127.0.0.1:{PEER_PORT}");
         let log = File::create(self.dir.with_extension("log"))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns, "etcd", "--name", "twr"])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns, "etcd", "--name", "twr"]);
+        if self.tls {
+            let pki = self.dir.join("pki");
+            cmd.arg("--cert-file")
+                .arg(pki.join("server.pem"))
+                .arg("--key-file")
+                .arg(pki.join("server-key.pem"))
+                .arg("--trusted-ca-file")
+                .arg(pki.join("ca.pem"))
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .arg("--data-dir")
             .arg(self.dir.join("data"))
             .args(["--listen-client-urls", &client])
@@ -121,13 +143,15 @@ impl Etcd {
     }
 
     fn opts(&self) -> EtcdOptions {
+        let pki = self.dir.join("pki");
+        let file = |f: &str| self.tls.then(|| pki.join(f));
         EtcdOptions {
             // No scheme on purpose: the registry must cope.
             endpoints: vec![format!("127.0.0.1:{CLIENT_PORT}")],
             prefix: PREFIX.to_string(),
-            ca_file: None,
-            cert_file: None,
-            key_file: None,
+            ca_file: file("ca.pem"),
+            cert_file: file("client.pem"),
+            key_file: file("client-key.pem"),
         }
     }
 
@@ -159,6 +183,74 @@ impl Drop for Etcd {
         let _ = std::fs::remove_dir_all(&self.dir);
         let _ = std::fs::remove_file(self.dir.with_extension("log"));
     }
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl.
+fn make_pki(dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let p = |f: &str| dir.join(f).to_string_lossy().to_string();
+    sh(&[
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=twr-test-ca",
+        "-keyout",
+        &p("ca-key.pem"),
+        "-out",
+        &p("ca.pem"),
+    ])?;
+    for (name, ext) in [
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth",
+        ),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ] {
+        sh(&[
+            "openssl",
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            &format!("/CN=twr-{name}"),
+            "-keyout",
+            &p(&format!("{name}-key.pem")),
+            "-out",
+            &p(&format!("{name}.csr")),
+        ])?;
+        std::fs::write(
+            p(&format!("{name}.ext")),
+            format!(
+                "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n{ext}\n"
+            ),
+        )?;
+        sh(&[
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            &p(&format!("{name}.csr")),
+            "-CA",
+            &p("ca.pem"),
+            "-CAkey",
+            &p("ca-key.pem"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &p(&format!("{name}.ext")),
+            "-out",
+            &p(&format!("{name}.pem")),
+        ])?;
+    }
+    Ok(())
 }
 
 /// Connect and wait (bounded) until etcd answers.
@@ -840,6 +932,40 @@ fn bad_options_are_reported() -> Result<()> {
         o.endpoints = vec!["127.0.0.1:1".into()];
         o.prefix = "relative".into();
         assert!(EtcdRegistry::connect(&o).await.is_err());
+        Ok(())
+    })
+}
+
+#[test]
+fn tls_with_client_certificates() -> Result<()> {
+    let etcd = Etcd::start_with(true)?;
+    let opts = etcd.opts();
+    etcd.run(move || async move {
+        // Scheme-less endpoint + TLS files -> https.
+        let reg = connect(&opts).await?;
+        let c = cfg(r#"{"Network":"10.110.0.0/16"}"#);
+        let l = acquire(&reg, &c, &attrs(1), None, TTL).await?;
+        assert!(subnets(&reg)
+            .await?
+            .contains_key(&format!("{}-24", l.subnet.network())));
+        // Explicit https:// works too.
+        let mut o = opts.clone();
+        o.endpoints = vec![format!("https://127.0.0.1:{CLIENT_PORT}")];
+        let reg2 = connect(&o).await?;
+        assert_eq!(subnets(&reg2).await?.len(), 1);
+        // Without a client certificate etcd refuses us: an error, not a hang.
+        o.cert_file = None;
+        o.key_file = None;
+        let reg3 = EtcdRegistry::connect(&o).await?;
+        let r = tokio::time::timeout(Duration::from_secs(60), reg3.get_config()).await?;
+        assert!(r.is_err(), "{r:?}");
+        // Plain http endpoint with TLS files is refused up front.
+        let mut o = opts.clone();
+        o.endpoints = vec![format!("http://127.0.0.1:{CLIENT_PORT}")];
+        assert!(matches!(
+            EtcdRegistry::connect(&o).await,
+            Err(RegistryError::Options(_))
+        ));
         Ok(())
     })
 }
