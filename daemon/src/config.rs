@@ -125,8 +125,9 @@ fn addr_field(
         .transpose()
 }
 
-fn subnet_size(len: u8) -> u32 {
-    1u32 << (32 - u32::from(len))
+/// Addresses in a /len (0 for a nonsense len > 32, which `parse` never lets through).
+pub(crate) fn subnet_size(len: u8) -> u64 {
+    32u32.checked_sub(u32::from(len)).map_or(0, |s| 1u64 << s)
 }
 
 impl NetworkConfig {
@@ -174,7 +175,7 @@ impl NetworkConfig {
             ));
         }
 
-        let size = subnet_size(subnet_len);
+        let size = subnet_size(subnet_len) as u32; // subnet_len >= 1 here
         let net_start = u32::from(network.network());
         let net_end = u32::from(network.broadcast());
         let subnet_min =
@@ -219,8 +220,12 @@ impl NetworkConfig {
 
     /// How many subnets lie between SubnetMin and SubnetMax (inclusive).
     pub fn subnet_count(&self) -> u64 {
-        let size = u64::from(subnet_size(self.subnet_len));
-        (u64::from(u32::from(self.subnet_max)) - u64::from(u32::from(self.subnet_min))) / size + 1
+        let size = subnet_size(self.subnet_len);
+        let (min, max) = (u32::from(self.subnet_min), u32::from(self.subnet_max));
+        if size == 0 || min > max {
+            return 0;
+        }
+        u64::from(max - min) / size + 1
     }
 
     /// Whether `net` is a subnet this config could hand out (flannel's "compatible" check).
@@ -567,6 +572,19 @@ mod tests {
             s.starts_with("invalid network config: SubnetLen: 31 "),
             "{s}"
         );
+    }
+
+    #[test]
+    fn whole_address_space_does_not_overflow() {
+        let c = parse(r#"{"Network":"0.0.0.0/0"}"#).unwrap();
+        assert_eq!(c.subnet_min, Ipv4Addr::new(0, 0, 1, 0));
+        assert_eq!(c.subnet_max, Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(c.subnet_count(), (1 << 24) - 1);
+        // Hand-built nonsense gives no subnets rather than a panic.
+        let mut bad = c.clone();
+        bad.subnet_len = 40;
+        assert_eq!(bad.subnet_count(), 0);
+        assert!(crate::subnet::choose_free(&bad, &Default::default()).is_err());
     }
 
     #[test]

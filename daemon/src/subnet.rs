@@ -83,7 +83,7 @@ pub fn is_free(net: Ipv4Net, taken: &HashSet<Ipv4Net>) -> bool {
 /// A random free subnet among the first 100 free ones between SubnetMin and SubnetMax.
 pub fn choose_free(cfg: &NetworkConfig, taken: &HashSet<Ipv4Net>) -> Result<Ipv4Net, AllocError> {
     const CANDIDATES: usize = 100;
-    let size = 1u64 << (32 - u32::from(cfg.subnet_len));
+    let size = crate::config::subnet_size(cfg.subnet_len).max(1);
     let min = u64::from(u32::from(cfg.subnet_min));
     let max = u64::from(u32::from(cfg.subnet_max));
     // Exact matches are a hash lookup; only leases of a different length need the overlap scan.
@@ -95,8 +95,10 @@ pub fn choose_free(cfg: &NetworkConfig, taken: &HashSet<Ipv4Net>) -> Result<Ipv4
     let mut free = Vec::with_capacity(CANDIDATES);
     let mut a = min;
     while a <= max && free.len() < CANDIDATES {
-        let net = Ipv4Net::new(Ipv4Addr::from(a as u32), cfg.subnet_len)
-            .expect("subnet_len <= 30 is validated");
+        // Only a hand-built config with a bad SubnetLen fails here: nothing to hand out.
+        let Ok(net) = Ipv4Net::new(Ipv4Addr::from(a as u32), cfg.subnet_len) else {
+            break;
+        };
         if !taken.contains(&net) && !odd.iter().any(|t| overlaps(*t, net)) {
             free.push(net);
         }
