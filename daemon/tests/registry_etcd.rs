@@ -29,6 +29,8 @@ use twill_daemon::subnet::AllocError;
 
 const PREFIX: &str = "/coreos.com/network";
 const CLIENT_PORT: u16 = 23790;
+/// Where etcd listens while the clients under test must not reach it.
+const HIDDEN_PORT: u16 = 23791;
 const PEER_PORT: u16 = 23800;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -97,8 +99,12 @@ impl Etcd {
     }
 
     fn spawn(&mut self) -> Result<()> {
+        self.spawn_on(CLIENT_PORT)
+    }
+
+    fn spawn_on(&mut self, port: u16) -> Result<()> {
         let scheme = if self.tls { "https" } else { "http" };
-        let client = format!("{scheme}://127.0.0.1:{CLIENT_PORT}");
+        let client = format!("{scheme}://127.0.0.1:{port}");
         let peer = format!("http://127.0.0.1:{PEER_PORT}");
         let log = File::create(self.dir.with_extension("log"))?;
         let mut cmd = Command::new("ip");
@@ -135,6 +141,54 @@ impl Etcd {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// etcdctl against the hidden port (this thread is not in the netns).
+    fn ctl(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "etcdctl"])
+            .arg(format!("--endpoints=http://127.0.0.1:{HIDDEN_PORT}"))
+            .args(args)
+            .env("ETCDCTL_API", "3")
+            .output()?;
+        if !out.status.success() {
+            bail!("etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    }
+
+    /// While no client under test can reach etcd: change leases and compact the history.
+    fn change_and_compact_hidden(&mut self) -> Result<()> {
+        self.stop();
+        self.spawn_on(HIDDEN_PORT)?;
+        let mut tries = 0;
+        while self.ctl(&["endpoint", "health"]).is_err() {
+            tries += 1;
+            if tries > 300 {
+                bail!("hidden etcd did not come up");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.ctl(&[
+            "put",
+            &format!("{PREFIX}/subnets/10.100.30.0-24"),
+            &attrs(30).to_json(),
+        ])?;
+        self.ctl(&["del", &format!("{PREFIX}/subnets/10.100.2.0-24")])?;
+        self.ctl(&[
+            "put",
+            &format!("{PREFIX}/subnets/10.100.31.0-24"),
+            &attrs(31).to_json(),
+        ])?;
+        self.ctl(&["del", &format!("{PREFIX}/subnets/10.100.31.0-24")])?;
+        let status: serde_json::Value =
+            serde_json::from_str(&self.ctl(&["endpoint", "status", "-w", "json"])?)?;
+        let rev = status[0]["Status"]["header"]["revision"]
+            .as_i64()
+            .context("revision in etcdctl status")?;
+        self.ctl(&["compact", &rev.to_string()])?;
+        self.stop();
+        self.spawn_on(CLIENT_PORT)
     }
 
     fn restart(&mut self) -> Result<()> {
@@ -762,7 +816,7 @@ fn watch_peers_snapshot_then_changes_skipping_garbage() -> Result<()> {
 }
 
 #[test]
-fn watch_peers_loses_nothing_under_churn_and_across_etcd_restart() -> Result<()> {
+fn watch_peers_loses_nothing_under_churn_restart_and_compaction() -> Result<()> {
     let mut etcd = Etcd::start()?;
     let opts = etcd.opts();
     let path = format!("/run/netns/{}", etcd.ns);
@@ -821,16 +875,22 @@ fn watch_peers_loses_nothing_under_churn_and_across_etcd_restart() -> Result<()>
                 model.apply(next(&mut rx).await?);
             }
 
-            // etcd goes away; meanwhile nothing can change. When it is back, the watcher
-            // re-lists (a new Snapshot) and keeps following changes.
+            // etcd goes away; while the watcher cannot reach it, leases change and the history
+            // is compacted. When etcd is back the watcher re-lists (a new Snapshot) with the
+            // changes, and keeps following.
             phase_tx.send(())?;
             tokio::task::spawn_blocking(move || go_rx.recv()).await??;
             let reg = connect(&opts).await?;
-            put_peer(&reg, 30).await?;
-            del(&reg, "subnets/10.100.2.0-24").await?;
             let want = expected(subnets(&reg).await?);
+            assert!(want.contains_key(&peer(30).subnet));
+            assert!(!want.contains_key(&peer(2).subnet));
             let snapshots = model.snapshots;
             while model.peers != want || model.snapshots == snapshots {
+                model.apply(next(&mut rx).await?);
+            }
+            put_peer(&reg, 32).await?;
+            let want = expected(subnets(&reg).await?);
+            while model.peers != want {
                 model.apply(next(&mut rx).await?);
             }
             assert!(metrics.peer_resyncs.load(Relaxed) >= 1);
@@ -841,9 +901,7 @@ fn watch_peers_loses_nothing_under_churn_and_across_etcd_restart() -> Result<()>
         })
     });
     if phase_rx.recv().is_ok() {
-        etcd.stop();
-        std::thread::sleep(Duration::from_secs(2));
-        etcd.restart()?;
+        etcd.change_and_compact_hidden()?;
         go_tx.send(())?;
     }
     worker
