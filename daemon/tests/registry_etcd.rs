@@ -478,6 +478,17 @@ fn acquire_reuses_by_public_ip_and_honours_previous() -> Result<()> {
         let stored = subnets(&reg).await?;
         assert!(!stored.contains_key("10.60.0.0-24"), "{stored:?}");
         assert_eq!(stored.len(), 5);
+
+        // Our dual-stack key is replaced by a plain key for the same subnet.
+        put(&reg, "subnets/10.60.12.0-24&fc00::-64", &attrs(6).to_json()).await?;
+        let g = acquire(&reg, &c, &attrs(6), Some(net("10.60.13.0/24")), TTL).await?;
+        assert_eq!(g.subnet, net("10.60.12.0/24"));
+        let stored = subnets(&reg).await?;
+        assert!(
+            !stored.contains_key("10.60.12.0-24&fc00::-64"),
+            "{stored:?}"
+        );
+        assert_eq!(stored["10.60.12.0-24"].0, attrs(6).to_json());
         Ok(())
     })
 }

@@ -225,15 +225,27 @@ async fn claim<R: SubnetRegistry>(
 
         // 1. Our own lease from before (same public IP): keep it if it still fits.
         let mut reuse = None;
+        let mut preferred = previous;
         for (net, kv) in mine {
-            if reuse.is_none() && cfg.fits(net) {
+            let fits = cfg.fits(net);
+            if fits && reuse.is_none() && kv.name == subnet_key(net) {
                 reuse = Some((net, kv));
-            } else if !cfg.fits(net) {
-                tracing::info!(key = %kv.name, "deleting our old lease: it no longer fits the network config");
+            } else if !fits || kv.name != subnet_key(net) {
+                // A dual-stack key (`...&fc00::-64`) is replaced by a plain one for the same
+                // subnet: we only hold and renew plain keys.
+                let why = if fits {
+                    "a dual-stack key"
+                } else {
+                    "outside the network config"
+                };
+                tracing::info!(key = %kv.name, "deleting our old lease: {why}");
                 if !reg.delete_subnet(&kv.name, kv.mod_revision).await? {
                     continue 'attempt;
                 }
                 taken.remove(&net);
+                if fits {
+                    preferred = Some(net); // still ours: beats the subnet file
+                }
             }
         }
         if let Some((net, kv)) = reuse {
@@ -254,7 +266,7 @@ async fn claim<R: SubnetRegistry>(
         }
 
         // 2. The subnet from the previous subnet file, if still free and valid. 3. Random.
-        let candidate = match previous {
+        let candidate = match preferred {
             Some(p) if cfg.fits(p) && is_free(p, &taken) => p,
             _ => choose_free(cfg, &taken).map_err(|e| e.with_subnets_dir(&reg.subnets_dir()))?,
         };
