@@ -343,7 +343,7 @@ pub async fn keep_lease<R: SubnetRegistry>(
     let mut backoff = Backoff::new();
     let mut attrs_open = true;
     loop {
-        let why = match hold(
+        let Err(interrupt) = hold(
             &reg,
             ttl,
             &mut held,
@@ -351,9 +351,10 @@ pub async fn keep_lease<R: SubnetRegistry>(
             &mut attrs_open,
             &out,
             &metrics,
+            &mut backoff,
         )
-        .await
-        {
+        .await;
+        let why = match interrupt {
             Interrupt::Retry(why) => {
                 tracing::warn!(subnet = %held.lease.subnet, "lease keeper: {why}; retrying");
                 Metrics::inc(&metrics.etcd_reconnects);
@@ -399,6 +400,7 @@ pub async fn keep_lease<R: SubnetRegistry>(
 
 /// Hold the lease until something interrupts: check our key, renew, publish attribute changes,
 /// and watch our key for deletion or takeover.
+#[allow(clippy::too_many_arguments)]
 async fn hold<R: SubnetRegistry>(
     reg: &R,
     ttl: Duration,
@@ -407,21 +409,7 @@ async fn hold<R: SubnetRegistry>(
     attrs_open: &mut bool,
     out: &watch::Sender<OwnLease>,
     metrics: &Metrics,
-) -> Interrupt {
-    match hold_inner(reg, ttl, held, attrs, attrs_open, out, metrics).await {
-        Ok(never) => match never {},
-        Err(i) => i,
-    }
-}
-
-async fn hold_inner<R: SubnetRegistry>(
-    reg: &R,
-    ttl: Duration,
-    held: &mut Held,
-    attrs: &mut watch::Receiver<LeaseAttrs>,
-    attrs_open: &mut bool,
-    out: &watch::Sender<OwnLease>,
-    metrics: &Metrics,
+    backoff: &mut Backoff,
 ) -> Result<std::convert::Infallible, Interrupt> {
     let (kv, rev) = reg.get_subnet(&held.name).await?;
     let Some(kv) = kv else {
@@ -446,6 +434,7 @@ async fn hold_inner<R: SubnetRegistry>(
     }
 
     let mut w = reg.watch_subnets(rev + 1, Some(&held.name)).await?;
+    backoff.reset();
     let every = renew_interval(ttl);
     let mut next_renew = tokio::time::Instant::now() + every;
     loop {
