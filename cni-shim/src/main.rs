@@ -4,7 +4,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -77,7 +77,9 @@ fn run(env: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> (Option<Value>, bo
             None => {
                 return fail(CniError::new(
                     codes::INVALID_ENV,
-                    format!("invalid CNI_COMMAND {c:?}: expected ADD, DEL, CHECK, VERSION, GC or STATUS"),
+                    format!(
+                    "invalid CNI_COMMAND {c:?}: expected ADD, DEL, CHECK, VERSION, GC or STATUS"
+                ),
                 ))
             }
         },
@@ -209,9 +211,10 @@ fn run(env: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> (Option<Value>, bo
             } else {
                 codes::TRY_AGAIN_LATER
             };
-            fail(CniError::new(code, e).with_details(
-                "is twilld running on this node? it serves the twill CNI socket",
-            ))
+            fail(
+                CniError::new(code, e)
+                    .with_details("is twilld running on this node? it serves the twill CNI socket"),
+            )
         }
     }
 }
@@ -251,11 +254,11 @@ fn validate_ifname(name: &str) -> Result<(), CniError> {
 }
 
 /// One request, one response, every step bounded by `timeout`.
-fn exchange(socket: &PathBuf, req: &Request, timeout: Duration) -> Result<Response, String> {
+fn exchange(socket: &Path, req: &Request, timeout: Duration) -> Result<Response, String> {
     let deadline = Instant::now() + timeout;
     let shown = socket.display();
-    let mut stream = connect(socket, timeout)
-        .map_err(|e| format!("cannot reach twilld at {shown}: {e}"))?;
+    let mut stream =
+        connect(socket, timeout).map_err(|e| format!("cannot reach twilld at {shown}: {e}"))?;
     let frame =
         twill_proto::encode_frame(req).map_err(|e| format!("cannot encode the request: {e}"))?;
     stream
@@ -264,8 +267,14 @@ fn exchange(socket: &PathBuf, req: &Request, timeout: Duration) -> Result<Respon
         .map_err(|e| io_msg(&e, "sending the request to", &shown.to_string(), timeout))?;
 
     let mut header = [0u8; 4];
-    read_until(&mut stream, &mut header, deadline)
-        .map_err(|e| io_msg(&e, "waiting for an answer from", &shown.to_string(), timeout))?;
+    read_until(&mut stream, &mut header, deadline).map_err(|e| {
+        io_msg(
+            &e,
+            "waiting for an answer from",
+            &shown.to_string(),
+            timeout,
+        )
+    })?;
     let n = frame_len(header).map_err(|e| format!("bad answer from twilld at {shown}: {e}"))?;
     let mut body = vec![0u8; n];
     read_until(&mut stream, &mut body, deadline)
@@ -307,9 +316,9 @@ fn read_until(stream: &mut UnixStream, buf: &mut [u8], deadline: Instant) -> std
 
 /// A Unix connect blocks when the listener's backlog is full (a wedged daemon): bound it by
 /// connecting on a helper thread. The thread is abandoned on timeout; the process exits soon.
-fn connect(socket: &PathBuf, timeout: Duration) -> std::io::Result<UnixStream> {
+fn connect(socket: &Path, timeout: Duration) -> std::io::Result<UnixStream> {
     let (tx, rx) = mpsc::channel();
-    let path = socket.clone();
+    let path = socket.to_path_buf();
     std::thread::spawn(move || {
         let _ = tx.send(UnixStream::connect(path));
     });

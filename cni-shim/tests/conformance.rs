@@ -92,14 +92,17 @@ fn err_code(o: &Out) -> u64 {
 }
 
 fn msg(o: &Out) -> String {
-    o.json.as_ref().unwrap()["msg"].as_str().unwrap().to_string()
+    o.json.as_ref().unwrap()["msg"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 fn conf(version: &str, socket: &str) -> Value {
     json!({"cniVersion": version, "name": "twill", "type": "twill", "socket": socket})
 }
 
-fn add_env<'a>(cmd: &'a str) -> Vec<(&'a str, &'a str)> {
+fn add_env(cmd: &str) -> Vec<(&str, &str)> {
     vec![
         ("CNI_COMMAND", cmd),
         ("CNI_CONTAINERID", "ctr1"),
@@ -167,7 +170,11 @@ fn undecodable_stdin_is_code_6() {
         let o = run_with_limit(&add_env("ADD"), garbage, Duration::from_secs(60));
         assert_eq!(err_code(&o), 6, "{:?}", String::from_utf8_lossy(garbage));
     }
-    let o = run_with_limit(&[("CNI_COMMAND", "VERSION")], b"{oops", Duration::from_secs(60));
+    let o = run_with_limit(
+        &[("CNI_COMMAND", "VERSION")],
+        b"{oops",
+        Duration::from_secs(60),
+    );
     assert_eq!(err_code(&o), 6);
 }
 
@@ -180,7 +187,10 @@ fn unsupported_version_is_code_1() {
     }
     // GC and STATUS exist from 1.1.0 on.
     for cmd in ["GC", "STATUS"] {
-        let o = run(&[("CNI_COMMAND", cmd)], &conf("1.0.0", "/nonexistent/twill.sock"));
+        let o = run(
+            &[("CNI_COMMAND", cmd)],
+            &conf("1.0.0", "/nonexistent/twill.sock"),
+        );
         assert_eq!(err_code(&o), 1, "{cmd}");
     }
 }
@@ -198,7 +208,11 @@ fn daemon_unreachable() {
     assert_eq!(err_code(&o), 50);
 
     let o = run(
-        &[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "c1"), ("CNI_IFNAME", "eth0")],
+        &[
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_IFNAME", "eth0"),
+        ],
         &conf("0.4.0", s),
     );
     assert_eq!(err_code(&o), 11);
@@ -220,12 +234,20 @@ fn hung_daemon_gives_a_bounded_error() {
     });
     let mut c = conf("1.0.0", sock.to_str().unwrap());
     c["timeout"] = json!(0.5);
-    let o = run_with_limit(&add_env("ADD"), c.to_string().as_bytes(), Duration::from_secs(20));
+    let o = run_with_limit(
+        &add_env("ADD"),
+        c.to_string().as_bytes(),
+        Duration::from_secs(20),
+    );
     assert_eq!(err_code(&o), 11);
     assert!(msg(&o).contains("timed out"), "{}", msg(&o));
 
     c["cniVersion"] = json!("1.1.0");
-    let o = run_with_limit(&[("CNI_COMMAND", "STATUS")], c.to_string().as_bytes(), Duration::from_secs(20));
+    let o = run_with_limit(
+        &[("CNI_COMMAND", "STATUS")],
+        c.to_string().as_bytes(),
+        Duration::from_secs(20),
+    );
     assert_eq!(err_code(&o), 50);
 
     c["timeout"] = json!("soon");
@@ -234,7 +256,10 @@ fn hung_daemon_gives_a_bounded_error() {
 }
 
 /// A scripted daemon: answers each connection with the next response, returns the requests.
-fn scripted(sock: &std::path::Path, answers: Vec<Response>) -> std::thread::JoinHandle<Vec<Request>> {
+fn scripted(
+    sock: &std::path::Path,
+    answers: Vec<Response>,
+) -> std::thread::JoinHandle<Vec<Request>> {
     let listener = UnixListener::bind(sock).unwrap();
     std::thread::spawn(move || {
         let mut seen = Vec::new();
@@ -277,7 +302,11 @@ fn forwards_request_and_prints_the_answer() {
     );
 
     let o = run(
-        &[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "ctr1"), ("CNI_IFNAME", "eth0")],
+        &[
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_CONTAINERID", "ctr1"),
+            ("CNI_IFNAME", "eth0"),
+        ],
         &c,
     );
     assert!(o.ok);

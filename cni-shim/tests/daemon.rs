@@ -39,12 +39,18 @@ fn sh_ok(args: &[&str]) -> String {
 fn clean_leftovers() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        let Ok(rd) = std::fs::read_dir("/run/netns") else { return };
+        let Ok(rd) = std::fs::read_dir("/run/netns") else {
+            return;
+        };
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            let Some(rest) = name.strip_prefix("twc") else { continue };
+            let Some(rest) = name.strip_prefix("twc") else {
+                continue;
+            };
             let pid: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-            let Ok(pid) = pid.parse::<u32>() else { continue };
+            let Ok(pid) = pid.parse::<u32>() else {
+                continue;
+            };
             if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
                 let _ = sh(&["ip", "netns", "del", &name]);
             }
@@ -193,7 +199,12 @@ impl Node {
 
     fn pod(&mut self) -> Netns {
         self.pods += 1;
-        Netns::new(format!("twc{}p{}x{}", std::process::id(), self.k, self.pods))
+        Netns::new(format!(
+            "twc{}p{}x{}",
+            std::process::id(),
+            self.k,
+            self.pods
+        ))
     }
 
     fn conf(&self, version: &str) -> Value {
@@ -297,7 +308,9 @@ fn with_prev(conf: &Value, prev: &Value) -> Value {
 }
 
 fn pod_addr(pod: &Netns) -> Option<String> {
-    let (ok, out) = sh(&["ip", "-n", &pod.name, "-4", "-o", "addr", "show", "dev", "eth0"]);
+    let (ok, out) = sh(&[
+        "ip", "-n", &pod.name, "-4", "-o", "addr", "show", "dev", "eth0",
+    ]);
     if !ok {
         return None;
     }
@@ -327,11 +340,17 @@ fn add_check_del_in_every_version() {
         let mac = ifs[1]["mac"].as_str().unwrap().to_string();
         let ip = &r["ips"][0];
         let addr = ip["address"].as_str().unwrap().to_string();
-        assert!(addr.starts_with("10.244.1.") && addr.ends_with("/24"), "{addr}");
+        assert!(
+            addr.starts_with("10.244.1.") && addr.ends_with("/24"),
+            "{addr}"
+        );
         assert_ne!(addr, "10.244.1.1/24");
         assert_eq!(ip["gateway"], "10.244.1.1");
         assert_eq!(ip["interface"], 1);
-        assert_eq!(r["routes"], json!([{"dst": "0.0.0.0/0", "gw": "10.244.1.1"}]));
+        assert_eq!(
+            r["routes"],
+            json!([{"dst": "0.0.0.0/0", "gw": "10.244.1.1"}])
+        );
         assert_eq!(r["dns"], conf["dns"]);
         if v == "0.4.0" {
             assert_eq!(ip["version"], "4");
@@ -343,15 +362,35 @@ fn add_check_del_in_every_version() {
 
         // The kernel agrees with the result.
         let link = pod.ip(&["link", "show", "eth0"]);
-        assert!(link.contains("mtu 1450") && link.contains(&mac) && link.contains("UP"), "{link}");
+        assert!(
+            link.contains("mtu 1450") && link.contains(&mac) && link.contains("UP"),
+            "{link}"
+        );
         assert_eq!(pod_addr(&pod).as_deref(), Some(addr.as_str()));
-        assert!(pod.ip(&["route"]).contains("default via 10.244.1.1 dev eth0"));
+        assert!(pod
+            .ip(&["route"])
+            .contains("default via 10.244.1.1 dev eth0"));
         let hl = node.ns.ip(&["link", "show", &host]);
-        assert!(hl.contains("master cni0") && hl.contains("mtu 1450"), "{hl}");
-        let d = sh_ok(&["bridge", "-n", &node.ns.name, "-d", "link", "show", "dev", &host]);
+        assert!(
+            hl.contains("master cni0") && hl.contains("mtu 1450"),
+            "{hl}"
+        );
+        let d = sh_ok(&[
+            "bridge",
+            "-n",
+            &node.ns.name,
+            "-d",
+            "link",
+            "show",
+            "dev",
+            &host,
+        ]);
         assert!(d.contains("hairpin on"), "{d}");
         let br = node.ns.ip(&["addr", "show", "cni0"]);
-        assert!(br.contains("10.244.1.1/24") && br.contains("mtu 1450") && br.contains("UP"), "{br}");
+        assert!(
+            br.contains("10.244.1.1/24") && br.contains("mtu 1450") && br.contains("UP"),
+            "{br}"
+        );
         let a = addr.split('/').next().unwrap();
         assert_eq!(node.ipam_files()[a], format!("{id}\neth0\n"));
 
@@ -360,7 +399,10 @@ fn add_check_del_in_every_version() {
         pod.ip(&["route", "del", "default"]);
         let o = cni("CHECK", &id, &pod.path(), &with_prev(&conf, &r));
         assert_eq!(code(&o), 104);
-        assert!(o.json.unwrap()["msg"].as_str().unwrap().contains("route 0.0.0.0/0 via 10.244.1.1"));
+        assert!(o.json.unwrap()["msg"]
+            .as_str()
+            .unwrap()
+            .contains("route 0.0.0.0/0 via 10.244.1.1"));
         let o = cni("CHECK", &id, &pod.path(), &conf);
         assert_eq!(code(&o), 7, "CHECK without prevResult");
 
@@ -384,13 +426,20 @@ fn add_twice_with_the_same_ifname_fails_and_keeps_the_first() {
     let errors = node.metrics.cni_errors.load(Ordering::Relaxed);
     let o = cni("ADD", "dup", &pod.path(), &conf);
     assert_eq!(code(&o), 101);
-    assert!(o.json.unwrap()["msg"].as_str().unwrap().contains("eth0 already exists"));
+    assert!(o.json.unwrap()["msg"]
+        .as_str()
+        .unwrap()
+        .contains("eth0 already exists"));
     // Another container id, same netns and ifname: also refused, nothing leaked.
     let o = cni("ADD", "other", &pod.path(), &conf);
     assert_eq!(code(&o), 101);
     assert_eq!(node.metrics.cni_errors.load(Ordering::Relaxed), errors + 2);
     assert_eq!(pod_addr(&pod).as_deref(), Some(addr.as_str()));
     assert_eq!(node.ipam_files().len(), 1);
+    assert_eq!(node.host_links().len(), 1);
+    // The runtime cleans up the refused container: that must not touch the first one's eth0.
+    ok(cni("DEL", "other", &pod.path(), &conf));
+    assert_eq!(pod_addr(&pod).as_deref(), Some(addr.as_str()));
     assert_eq!(node.host_links().len(), 1);
     ok(cni("CHECK", "dup", &pod.path(), &with_prev(&conf, &r)));
     ok(cni("DEL", "dup", &pod.path(), &conf));
@@ -405,7 +454,12 @@ fn del_is_idempotent_and_tolerant() {
     let pod = node.pod();
     ok(cni("DEL", "never-added", &pod.path(), &conf));
     ok(cni("DEL", "never-added", "", &conf));
-    ok(cni("DEL", "never-added", "/run/netns/twc-does-not-exist", &conf));
+    ok(cni(
+        "DEL",
+        "never-added",
+        "/run/netns/twc-does-not-exist",
+        &conf,
+    ));
 
     // Empty CNI_NETNS (containerd): the pair goes from the host side, the address is freed.
     ok(cni("ADD", "c-empty", &pod.path(), &conf));
@@ -435,7 +489,10 @@ fn not_ready_then_status_gc() {
     assert_eq!(code(&twill(&[("CNI_COMMAND", "STATUS")], &conf)), 50);
     let o = cni("ADD", "early", &pod.path(), &conf);
     assert_eq!(code(&o), 11);
-    assert!(o.json.unwrap()["msg"].as_str().unwrap().contains("not ready"));
+    assert!(o.json.unwrap()["msg"]
+        .as_str()
+        .unwrap()
+        .contains("not ready"));
 
     node.net_tx.send_replace(Some(subnet()));
     let st = twill(&[("CNI_COMMAND", "STATUS")], &conf);
@@ -482,16 +539,35 @@ fn pods_on_one_bridge_reach_each_other() {
     let b = node.pod();
     ok(cni("ADD", "pa", &a.path(), &conf));
     let rb = ok(cni("ADD", "pb", &b.path(), &conf)).unwrap();
-    let ipb = rb["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().to_string();
+    let ipb = rb["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let (good, out) = sh(&["ip", "netns", "exec", &a.name, "ping", "-c", "1", "-W", "1", &ipb]);
+        let (good, out) = sh(&[
+            "ip", "netns", "exec", &a.name, "ping", "-c", "1", "-W", "1", &ipb,
+        ]);
         if good {
             break;
         }
         assert!(Instant::now() < deadline, "pod a cannot ping {ipb}: {out}");
     }
-    sh_ok(&["ip", "netns", "exec", &b.name, "ping", "-c", "1", "-W", "2", "10.244.1.1"]);
+    sh_ok(&[
+        "ip",
+        "netns",
+        "exec",
+        &b.name,
+        "ping",
+        "-c",
+        "1",
+        "-W",
+        "2",
+        "10.244.1.1",
+    ]);
     ok(cni("DEL", "pa", &a.path(), &conf));
     ok(cni("DEL", "pb", &b.path(), &conf));
 }
@@ -511,11 +587,14 @@ fn parallel<T: Send + 'static>(n: usize, f: impl Fn(usize) -> T + Send + Sync + 
 fn hundred_parallel_adds_then_dels() {
     let mut node = Node::start(Some(subnet()));
     let conf = node.conf("1.0.0");
-    let pods: Vec<String> = (0..100).map(|_| node.pod()).map(|p| {
-        let path = p.path();
-        std::mem::forget(p); // removed below by name, after the DELs
-        path
-    }).collect();
+    let pods: Vec<String> = (0..100)
+        .map(|_| node.pod())
+        .map(|p| {
+            let path = p.path();
+            std::mem::forget(p); // removed below by name, after the DELs
+            path
+        })
+        .collect();
     let pods = Arc::new(pods);
     let (p2, c2) = (pods.clone(), conf.clone());
     let results = parallel(100, move |i| cni("ADD", &format!("par{i}"), &p2[i], &c2));
@@ -544,19 +623,30 @@ fn restart_mid_burst_never_duplicates_addresses() {
     let conf = node.conf("1.1.0");
     let pods: Vec<Netns> = (0..30).map(|_| node.pod()).collect();
     let paths: Arc<Vec<String>> = Arc::new(pods.iter().map(|p| p.path()).collect());
+    // Ten complete, then twenty more in flight when the plug is pulled.
     let (p2, c2) = (paths.clone(), conf.clone());
-    let burst = std::thread::spawn(move || parallel(30, move |i| cni("ADD", &format!("k{i}"), &p2[i], &c2)));
-    // Pull the plug once some are through, while others are in flight.
+    let mut results = parallel(10, move |i| cni("ADD", &format!("k{i}"), &p2[i], &c2));
+    let (p2, c2) = (paths.clone(), conf.clone());
+    let burst = std::thread::spawn(move || {
+        parallel(20, move |i| {
+            cni("ADD", &format!("k{}", i + 10), &p2[i + 10], &c2)
+        })
+    });
     let deadline = Instant::now() + Duration::from_secs(60);
-    while node.ipam_files().len() < 8 {
+    while node.ipam_files().len() < 14 {
         assert!(Instant::now() < deadline, "the burst made no progress");
         std::thread::sleep(Duration::from_millis(5));
     }
     node.stop();
-    let results = burst.join().unwrap();
+    results.extend(burst.join().unwrap());
     node.serve();
 
     let succeeded: Vec<usize> = (0..30).filter(|i| results[*i].ok).collect();
+    eprintln!(
+        "{} of 30 ADDs completed before the restart",
+        succeeded.len()
+    );
+    assert!(succeeded.len() >= 10);
     // Every address a pod actually has is held, by that pod, and by no one else.
     let files = node.ipam_files();
     let mut seen = HashSet::new();
@@ -564,11 +654,17 @@ fn restart_mid_burst_never_duplicates_addresses() {
         if let Some(a) = pod_addr(p) {
             let ip = a.split('/').next().unwrap().to_string();
             assert!(seen.insert(ip.clone()), "{ip} configured twice");
-            assert_eq!(files.get(&ip).map(String::as_str), Some(format!("k{i}\neth0\n").as_str()));
+            assert_eq!(
+                files.get(&ip).map(String::as_str),
+                Some(format!("k{i}\neth0\n").as_str())
+            );
         }
     }
     for i in &succeeded {
-        assert!(pod_addr(&pods[*i]).is_some(), "k{i} succeeded but has no address");
+        assert!(
+            pod_addr(&pods[*i]).is_some(),
+            "k{i} succeeded but has no address"
+        );
     }
 
     // GC with what the runtime believes exists, then retry the failed ones (DEL first, as a
@@ -581,6 +677,10 @@ fn restart_mid_burst_never_duplicates_addresses() {
     c["cni.dev/valid-attachments"] = Value::Array(valid);
     ok(twill(&[("CNI_COMMAND", "GC")], &c));
     assert_eq!(node.ipam_files().len(), succeeded.len());
+    // GC took the half-built pods' veths along with their addresses.
+    for i in (0..30).filter(|i| !succeeded.contains(i)) {
+        assert_eq!(pod_addr(&pods[i]), None, "k{i} kept an address GC released");
+    }
     for i in (0..30).filter(|i| !succeeded.contains(i)) {
         ok(cni("DEL", &format!("k{i}"), &pods[i].path(), &conf));
         ok(cni("ADD", &format!("k{i}"), &pods[i].path(), &conf));
@@ -590,15 +690,19 @@ fn restart_mid_burst_never_duplicates_addresses() {
         assert!(all.insert(pod_addr(p).expect("every pod has an address")));
     }
     assert_eq!(node.ipam_files().len(), 30);
-    for i in 0..30 {
-        ok(cni("DEL", &format!("k{i}"), &pods[i].path(), &conf));
+    for (i, p) in pods.iter().enumerate() {
+        ok(cni("DEL", &format!("k{i}"), &p.path(), &conf));
     }
     assert!(node.ipam_files().is_empty());
 }
 
 /// Runs a reference plugin in the node netns, as a runtime on the node would.
 fn plugin(node: &Node, ty: &str, cmd: &str, id: &str, netns: &str, stdin: &Value) -> Out {
-    let exe = if ty == "twill" { BIN.to_string() } else { format!("/usr/lib/cni/{ty}") };
+    let exe = if ty == "twill" {
+        BIN.to_string()
+    } else {
+        format!("/usr/lib/cni/{ty}")
+    };
     let mut child = Command::new("nsenter")
         .arg(format!("--net={}", node.ns.path()))
         .arg(&exe)
@@ -665,16 +769,51 @@ fn chained_with_reference_plugins() {
     let mut prev: Option<Value> = None;
     for p in &plugins {
         let ty = p["type"].as_str().unwrap();
-        let o = plugin(&node, ty, "ADD", "chain1", &pod.path(), &stdin_for(p, prev.as_ref()));
+        let o = plugin(
+            &node,
+            ty,
+            "ADD",
+            "chain1",
+            &pod.path(),
+            &stdin_for(p, prev.as_ref()),
+        );
         assert!(o.ok, "{ty} ADD failed: {}", o.raw);
         prev = o.json;
     }
     let result = prev.clone().unwrap();
-    let addr = result["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().to_string();
-    let host = result["interfaces"][0]["name"].as_str().unwrap().to_string();
-    let nat = sh_ok(&["ip", "netns", "exec", &node.ns.name, "iptables", "-t", "nat", "-S"]);
-    assert!(nat.contains(&format!("{addr}:80")), "portmap DNAT missing: {nat}");
-    let somax = sh_ok(&["ip", "netns", "exec", &pod.name, "cat", "/proc/sys/net/core/somaxconn"]);
+    let addr = result["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let host = result["interfaces"][0]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let nat = sh_ok(&[
+        "ip",
+        "netns",
+        "exec",
+        &node.ns.name,
+        "iptables",
+        "-t",
+        "nat",
+        "-S",
+    ]);
+    assert!(
+        nat.contains(&format!("{addr}:80")),
+        "portmap DNAT missing: {nat}"
+    );
+    let somax = sh_ok(&[
+        "ip",
+        "netns",
+        "exec",
+        &pod.name,
+        "cat",
+        "/proc/sys/net/core/somaxconn",
+    ]);
     assert_eq!(somax.trim(), "777");
     let tc = sh_ok(&["tc", "-n", &node.ns.name, "qdisc", "show", "dev", &host]);
     assert!(tc.contains("tbf"), "bandwidth did not shape {host}: {tc}");
@@ -687,16 +826,189 @@ fn chained_with_reference_plugins() {
         if ty == "portmap" {
             continue;
         }
-        let o = plugin(&node, ty, "CHECK", "chain1", &pod.path(), &stdin_for(p, Some(&result)));
+        let o = plugin(
+            &node,
+            ty,
+            "CHECK",
+            "chain1",
+            &pod.path(),
+            &stdin_for(p, Some(&result)),
+        );
         assert!(o.ok, "{ty} CHECK failed: {}", o.raw);
     }
     for p in plugins.iter().rev() {
         let ty = p["type"].as_str().unwrap();
-        let o = plugin(&node, ty, "DEL", "chain1", &pod.path(), &stdin_for(p, Some(&result)));
+        let o = plugin(
+            &node,
+            ty,
+            "DEL",
+            "chain1",
+            &pod.path(),
+            &stdin_for(p, Some(&result)),
+        );
         assert!(o.ok, "{ty} DEL failed: {}", o.raw);
     }
-    let nat = sh_ok(&["ip", "netns", "exec", &node.ns.name, "iptables", "-t", "nat", "-S"]);
-    assert!(!nat.contains(&format!("{addr}:80")), "portmap DNAT left behind: {nat}");
+    let nat = sh_ok(&[
+        "ip",
+        "netns",
+        "exec",
+        &node.ns.name,
+        "iptables",
+        "-t",
+        "nat",
+        "-S",
+    ]);
+    assert!(
+        !nat.contains(&format!("{addr}:80")),
+        "portmap DNAT left behind: {nat}"
+    );
     assert!(node.ipam_files().is_empty());
     assert!(node.host_links().is_empty());
+}
+
+#[test]
+fn subnet_full_and_subnet_change() {
+    let small = NodeNet {
+        subnet: "10.244.7.0/29".parse().unwrap(),
+        mtu: 1450,
+    };
+    let mut node = Node::start(Some(small));
+    let conf = node.conf("1.0.0");
+    let pods: Vec<Netns> = (0..6).map(|_| node.pod()).collect();
+    let mut got = Vec::new();
+    for (i, p) in pods.iter().enumerate().take(5) {
+        let r = ok(cni("ADD", &format!("f{i}"), &p.path(), &conf)).unwrap();
+        got.push(r["ips"][0]["address"].as_str().unwrap().to_string());
+    }
+    assert_eq!(
+        got,
+        [
+            "10.244.7.2/29",
+            "10.244.7.3/29",
+            "10.244.7.4/29",
+            "10.244.7.5/29",
+            "10.244.7.6/29"
+        ]
+    );
+    let o = cni("ADD", "f5", &pods[5].path(), &conf);
+    assert_eq!(code(&o), 100);
+    let m = o.json.unwrap()["msg"].as_str().unwrap().to_string();
+    assert!(m.contains("10.244.7.0/29") && m.contains('5'), "{m}");
+    // The failed ADD left nothing behind.
+    assert!(!sh(&["ip", "-n", &pods[5].name, "link", "show", "eth0"]).0);
+    assert_eq!(node.host_links().len(), 5);
+
+    // The node's subnet changes: new pods come from the new one, old pods still DEL cleanly.
+    node.net_tx.send_replace(Some(subnet()));
+    let r = ok(cni("ADD", "f5", &pods[5].path(), &conf)).unwrap();
+    assert!(r["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .starts_with("10.244.1."));
+    ok(cni("DEL", "f0", &pods[0].path(), &conf));
+    let old = node.dir.0.join("state/ipam/10.244.7.0-29");
+    assert_eq!(std::fs::read_dir(&old).unwrap().count(), 4);
+    let mut c = node.conf("1.1.0");
+    c["cni.dev/valid-attachments"] = json!([{"containerID": "f5", "ifname": "eth0"}]);
+    ok(twill(&[("CNI_COMMAND", "GC")], &c));
+    assert_eq!(std::fs::read_dir(&old).unwrap().count(), 0);
+    assert_eq!(node.ipam_files().len(), 1);
+}
+
+fn raw_exchange(socket: &Path, bytes: &[u8]) -> twill_proto::Response {
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(bytes).unwrap();
+    twill_proto::read_frame(&mut s).unwrap()
+}
+
+fn raw_err(r: twill_proto::Response) -> twill_proto::CniError {
+    match r {
+        twill_proto::Response::Err(e) => e,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_clients_are_refused_and_never_stall_others() {
+    use std::os::unix::process::CommandExt;
+
+    let mut node = Node::start(Some(subnet()));
+    let conf = node.conf("1.1.0");
+    let mode = std::fs::metadata(&node.socket).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+
+    // Oversized and malformed frames get an error, not a crash.
+    let huge = ((twill_proto::MAX_FRAME + 1) as u32).to_be_bytes();
+    let e = raw_err(raw_exchange(&node.socket, &huge));
+    assert_eq!(e.code, 6);
+    assert!(e.msg.contains("exceeds"), "{}", e.msg);
+    let mut garbage = 7u32.to_be_bytes().to_vec();
+    garbage.extend_from_slice(b"{nope!}");
+    assert_eq!(raw_err(raw_exchange(&node.socket, &garbage)).code, 6);
+    let mut req = twill_proto::Request {
+        protocol: 99,
+        command: twill_proto::Command::Status,
+        container_id: String::new(),
+        netns: String::new(),
+        ifname: String::new(),
+        args: String::new(),
+        path: String::new(),
+        config: conf.clone(),
+    };
+    let frame = twill_proto::encode_frame(&req).unwrap();
+    assert_eq!(raw_err(raw_exchange(&node.socket, &frame)).code, 1);
+    req.protocol = twill_proto::PROTOCOL;
+    let frame = twill_proto::encode_frame(&req).unwrap();
+    assert_eq!(
+        raw_exchange(&node.socket, &frame),
+        twill_proto::Response::Ok(None)
+    );
+
+    // A client that connects and sends nothing does not hold up anyone.
+    let _stalled: Vec<_> = (0..4)
+        .map(|_| std::os::unix::net::UnixStream::connect(&node.socket).unwrap())
+        .collect();
+    let pod = node.pod();
+    ok(cni("ADD", "alive", &pod.path(), &conf));
+
+    // A FIFO as CNI_NETNS is refused without hanging the daemon.
+    let fifo = node.dir.0.join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let o = cni("ADD", "fifo", fifo.to_str().unwrap(), &conf);
+    assert_eq!(code(&o), 5, "{o:?}");
+    assert_eq!(node.ipam_files().len(), 1);
+
+    // Non-root peers are refused (socket opened up so the connect itself succeeds).
+    std::fs::set_permissions(
+        &node.socket,
+        std::os::unix::fs::PermissionsExt::from_mode(0o666),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .env_clear()
+        .env("CNI_COMMAND", "STATUS")
+        .uid(65534)
+        .gid(65534)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["code"], 103, "{v}");
+    assert!(v["msg"].as_str().unwrap().contains("65534"));
+
+    ok(cni("DEL", "alive", &pod.path(), &conf));
+    assert!(node.ipam_files().is_empty());
 }

@@ -324,7 +324,10 @@ impl std::fmt::Display for FrameError {
         match self {
             FrameError::Io(e) => write!(f, "i/o error: {e}"),
             FrameError::TooLarge(n) => {
-                write!(f, "frame of {n} bytes exceeds the limit of {MAX_FRAME} bytes")
+                write!(
+                    f,
+                    "frame of {n} bytes exceeds the limit of {MAX_FRAME} bytes"
+                )
             }
             FrameError::Json(e) => write!(f, "malformed JSON: {e}"),
         }
@@ -446,7 +449,10 @@ mod tests {
             v,
             json!({"cniVersion":"1.1.0","code":4,"msg":"missing CNI_NETNS","details":"d"})
         );
-        assert!(CniError::new(1, "x").to_json("1.0.0").get("details").is_none());
+        assert!(CniError::new(1, "x")
+            .to_json("1.0.0")
+            .get("details")
+            .is_none());
     }
 
     #[test]

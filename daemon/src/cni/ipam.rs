@@ -120,14 +120,7 @@ impl Ipam {
                     used.insert(addr, read_owner(&f.path()));
                 }
             }
-            index.insert(
-                net,
-                SubnetIndex {
-                    dir,
-                    used,
-                    last: 0,
-                },
-            );
+            index.insert(net, SubnetIndex { dir, used, last: 0 });
         }
         Ok(Ipam {
             root,
@@ -224,7 +217,10 @@ impl Ipam {
         }
     }
 
-    fn release_entries(&self, entries: Vec<(Ipv4Net, Ipv4Addr)>) -> Result<Vec<Ipv4Addr>, IpamError> {
+    fn release_entries(
+        &self,
+        entries: Vec<(Ipv4Net, Ipv4Addr)>,
+    ) -> Result<Vec<Ipv4Addr>, IpamError> {
         let mut out = Vec::new();
         let mut first_err = None;
         for (net, addr) in entries {
@@ -316,11 +312,22 @@ mod tests {
         let n = net("10.244.1.0/29");
         let mut got = Vec::new();
         for i in 0..5 {
-            let (a, fresh) = ipam.allocate(n, &Owner::new(format!("c{i}"), "eth0")).unwrap();
+            let (a, fresh) = ipam
+                .allocate(n, &Owner::new(format!("c{i}"), "eth0"))
+                .unwrap();
             assert!(fresh);
             got.push(a.to_string());
         }
-        assert_eq!(got, ["10.244.1.2", "10.244.1.3", "10.244.1.4", "10.244.1.5", "10.244.1.6"]);
+        assert_eq!(
+            got,
+            [
+                "10.244.1.2",
+                "10.244.1.3",
+                "10.244.1.4",
+                "10.244.1.5",
+                "10.244.1.6"
+            ]
+        );
         let e = ipam.allocate(n, &Owner::new("c9", "eth0")).unwrap_err();
         assert!(matches!(e, IpamError::Full { count: 5, .. }), "{e}");
         assert!(e.to_string().contains("10.244.1.0/29"));
@@ -386,7 +393,11 @@ mod tests {
                 let ipam = ipam.clone();
                 std::thread::spawn(move || {
                     (0..15)
-                        .map(|i| ipam.allocate(n, &Owner::new(format!("c{t}-{i}"), "eth0")).unwrap().0)
+                        .map(|i| {
+                            ipam.allocate(n, &Owner::new(format!("c{t}-{i}"), "eth0"))
+                                .unwrap()
+                                .0
+                        })
                         .collect::<Vec<_>>()
                 })
             })
@@ -394,7 +405,10 @@ mod tests {
         let all: Vec<_> = hs.into_iter().flat_map(|h| h.join().unwrap()).collect();
         let set: HashSet<_> = all.iter().collect();
         assert_eq!(set.len(), 240);
-        assert_eq!(fs::read_dir(d.join("ipam/10.244.1.0-24")).unwrap().count(), 240);
+        assert_eq!(
+            fs::read_dir(d.join("ipam/10.244.1.0-24")).unwrap().count(),
+            240
+        );
         fs::remove_dir_all(d).unwrap();
     }
 }

@@ -96,7 +96,10 @@ async fn handle_conn(ctx: Arc<ops::Ctx>, mut stream: UnixStream) {
     match stream.peer_cred() {
         Ok(c) if c.uid() == 0 => {}
         Ok(c) => {
-            tracing::warn!(uid = c.uid(), "refused a CNI connection from a non-root peer");
+            tracing::warn!(
+                uid = c.uid(),
+                "refused a CNI connection from a non-root peer"
+            );
             let e = CniError::new(
                 codes::PERMISSION_DENIED,
                 format!("permission denied: peer uid {} is not root", c.uid()),

@@ -79,7 +79,10 @@ impl Drop for KeyGuard<'_> {
     fn drop(&mut self) {
         self.guard.take();
         let mut map = self.locks.0.lock().unwrap_or_else(|p| p.into_inner());
-        if map.get(&self.key).is_some_and(|m| Arc::strong_count(m) == 1) {
+        if map
+            .get(&self.key)
+            .is_some_and(|m| Arc::strong_count(m) == 1)
+        {
             map.remove(&self.key);
         }
     }
@@ -190,14 +193,17 @@ async fn add(ctx: &Ctx, req: &Request) -> Result<CniResult, CniError> {
     let dns: Dns = match req.config.get("dns") {
         None | Some(Value::Null) => Dns::default(),
         Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
-            CniError::new(codes::INVALID_CONFIG, format!("invalid \"dns\" in the config: {e}"))
+            CniError::new(
+                codes::INVALID_CONFIG,
+                format!("invalid \"dns\" in the config: {e}"),
+            )
         })?,
     };
     let owner = owner_of(req);
     let _key = ctx.keys.lock(owner.clone()).await;
 
     let netns_path = PathBuf::from(&req.netns);
-    let netns = File::open(&netns_path).map_err(|e| {
+    let netns = pod::open_netns(&netns_path).map_err(|e| {
         CniError::new(
             codes::IO_FAILURE,
             format!("cannot open network namespace {}: {e}", req.netns),
@@ -253,7 +259,11 @@ async fn build(
             .map_err(kernel_err)?
     };
     let host = host_veth_name(&req.container_id, &req.ifname);
-    if let Err(e) = ctx.nl.create_veth(&host, &req.ifname, netns, node.mtu).await {
+    if let Err(e) = ctx
+        .nl
+        .create_veth(&host, &req.ifname, netns, node.mtu)
+        .await
+    {
         return Err(if e.errno() == Some(libc::EEXIST) {
             CniError::new(
                 codes::INTERFACE_EXISTS,
@@ -321,19 +331,8 @@ async fn del(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
     let owner = owner_of(req);
     let _key = ctx.keys.lock(owner.clone()).await;
     let mut errors = Vec::new();
-    if !req.netns.is_empty() {
-        let ifname = req.ifname.clone();
-        match pod::in_netns(PathBuf::from(&req.netns), move |h| async move {
-            pod::delete_link(&h, &ifname).await
-        })
-        .await
-        {
-            // A gone netns took its veth with it.
-            Ok(_) | Err(PodNetError::NetnsGone(_)) => {}
-            Err(e) => errors.push(e.to_string()),
-        }
-    }
-    // CNI_NETNS may be empty (containerd) while the pod still exists: remove from the host side.
+    // The pair goes from the host end: that works with CNI_NETNS empty (containerd) or gone,
+    // and never removes a CNI_IFNAME in the netns that another container's ADD created.
     let host = host_veth_name(&req.container_id, &req.ifname);
     if let Err(e) = ctx.nl.delete_link(&host).await {
         errors.push(e.to_string());
@@ -346,7 +345,10 @@ async fn del(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
     if errors.is_empty() {
         Ok(())
     } else {
-        Err(CniError::new(codes::KERNEL, format!("DEL incomplete: {}", errors.join("; "))))
+        Err(CniError::new(
+            codes::KERNEL,
+            format!("DEL incomplete: {}", errors.join("; ")),
+        ))
     }
 }
 
@@ -355,10 +357,16 @@ async fn check(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
     require("CNI_NETNS", &req.netns)?;
     require("CNI_IFNAME", &req.ifname)?;
     let prev = req.config.get("prevResult").ok_or_else(|| {
-        CniError::new(codes::INVALID_CONFIG, "CHECK needs a prevResult in the config")
+        CniError::new(
+            codes::INVALID_CONFIG,
+            "CHECK needs a prevResult in the config",
+        )
     })?;
     let prev = CniResult::from_json(prev).map_err(|e| {
-        CniError::new(codes::DECODE_FAILED, format!("cannot decode prevResult: {e}"))
+        CniError::new(
+            codes::DECODE_FAILED,
+            format!("cannot decode prevResult: {e}"),
+        )
     })?;
     let Some(if_idx) = prev
         .interfaces
@@ -382,12 +390,18 @@ async fn check(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
     }
     for r in &prev.routes {
         let dst = r.dst.parse::<Ipv4Net>().map_err(|e| {
-            CniError::new(codes::DECODE_FAILED, format!("bad route {:?} in prevResult: {e}", r.dst))
+            CniError::new(
+                codes::DECODE_FAILED,
+                format!("bad route {:?} in prevResult: {e}", r.dst),
+            )
         });
         let Ok(dst) = dst else { continue };
         let gw = match &r.gw {
             Some(g) => Some(g.parse::<Ipv4Addr>().map_err(|e| {
-                CniError::new(codes::DECODE_FAILED, format!("bad gateway {g:?} in prevResult: {e}"))
+                CniError::new(
+                    codes::DECODE_FAILED,
+                    format!("bad gateway {g:?} in prevResult: {e}"),
+                )
             })?),
             None => None,
         };
@@ -405,14 +419,21 @@ async fn check(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
         .collect();
     for a in &want.addrs {
         if !held.contains(&a.addr()) {
-            missing.push(format!("IPAM allocation of {} for this container", a.addr()));
+            missing.push(format!(
+                "IPAM allocation of {} for this container",
+                a.addr()
+            ));
         }
     }
     let host = host_veth_name(&req.container_id, &req.ifname);
     match ctx.nl.link_by_name(&host).await.map_err(kernel_err)? {
         None => missing.push(format!("host veth {host}")),
         Some(l) => {
-            let br = ctx.nl.link_by_name(&ctx.opts.bridge).await.map_err(kernel_err)?;
+            let br = ctx
+                .nl
+                .link_by_name(&ctx.opts.bridge)
+                .await
+                .map_err(kernel_err)?;
             if br.is_none() || l.controller != br.map(|b| b.index) {
                 missing.push(format!("host veth {host} on bridge {}", ctx.opts.bridge));
             }
@@ -430,7 +451,12 @@ async fn check(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
     } else {
         Err(CniError::new(
             codes::CHECK_FAILED,
-            format!("CHECK failed for {} in {}: missing {}", req.ifname, req.netns, missing.join(", ")),
+            format!(
+                "CHECK failed for {} in {}: missing {}",
+                req.ifname,
+                req.netns,
+                missing.join(", ")
+            ),
         ))
     }
 }
@@ -445,7 +471,10 @@ async fn gc(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
         return Ok(());
     };
     let items = list.as_array().ok_or_else(|| {
-        CniError::new(codes::INVALID_CONFIG, "cni.dev/valid-attachments must be a list")
+        CniError::new(
+            codes::INVALID_CONFIG,
+            "cni.dev/valid-attachments must be a list",
+        )
     })?;
     let mut valid = HashSet::new();
     for it in items {
@@ -458,7 +487,9 @@ async fn gc(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
             _ => {
                 return Err(CniError::new(
                     codes::INVALID_CONFIG,
-                    format!("invalid attachment {it}: expected {{\"containerID\":..,\"ifname\":..}}"),
+                    format!(
+                        "invalid attachment {it}: expected {{\"containerID\":..,\"ifname\":..}}"
+                    ),
                 ))
             }
         }

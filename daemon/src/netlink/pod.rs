@@ -10,7 +10,8 @@ use std::fs::File;
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
@@ -27,7 +28,7 @@ use crate::mac::MacAddr;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodNetError {
-    #[error("network namespace {0} does not exist")]
+    #[error("network namespace {0} does not exist (or is not a network namespace)")]
     NetnsGone(String),
     #[error("{context}: {message}")]
     Failed {
@@ -282,13 +283,22 @@ impl PodNetlink {
     }
 
     /// Enslaves the host end to the bridge, brings it up, turns hairpin on.
-    pub async fn attach_to_bridge(&self, host: &str, bridge: u32) -> Result<LinkState, PodNetError> {
+    pub async fn attach_to_bridge(
+        &self,
+        host: &str,
+        bridge: u32,
+    ) -> Result<LinkState, PodNetError> {
         let h = &self.handle;
-        let l = link_by_name(h, host)
-            .await?
-            .ok_or_else(|| PodNetError::other(format!("veth {host}"), "not found after creation"))?;
+        let l = link_by_name(h, host).await?.ok_or_else(|| {
+            PodNetError::other(format!("veth {host}"), "not found after creation")
+        })?;
         h.link()
-            .set(LinkUnspec::new_with_index(l.index).controller(bridge).up().build())
+            .set(
+                LinkUnspec::new_with_index(l.index)
+                    .controller(bridge)
+                    .up()
+                    .build(),
+            )
             .execute()
             .await
             .map_err(|e| PodNetError::netlink(format!("attaching {host} to the bridge"), e))?;
@@ -310,6 +320,14 @@ impl PodNetlink {
     }
 }
 
+/// Opens a netns path without blocking (a FIFO planted as CNI_NETNS must not hang a thread).
+pub fn open_netns(path: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+}
+
 /// Runs `f` with a netlink handle opened inside the namespace at `netns`, on a fresh thread that
 /// ends afterwards (so no thread ever returns to a pool in the wrong namespace). Requests for
 /// different pods run in parallel.
@@ -325,7 +343,7 @@ where
         .name("twill-netns".into())
         .spawn(move || {
             let run = || -> Result<T, PodNetError> {
-                let file = File::open(&netns).map_err(|e| match e.kind() {
+                let file = open_netns(&netns).map_err(|e| match e.kind() {
                     std::io::ErrorKind::NotFound => PodNetError::NetnsGone(shown.clone()),
                     _ => PodNetError::other(format!("opening netns {shown}"), e),
                 })?;
