@@ -43,6 +43,8 @@ pub const DAEMON_HTTP: &str = "127.0.0.1:9464";
 pub const CONFIG_KEY: &str = "/coreos.com/network/config";
 pub const SUBNETS_PREFIX: &str = "/coreos.com/network/subnets/";
 
+/// Written to the daemon log before each start.
+const START_MARKER: &str = "=== lab: starting twilld";
 const DAEMON_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -377,6 +379,11 @@ impl Lab {
         self.etcd_ref()?.revision()
     }
 
+    /// The client port etcd listens on (on 198.18.0.1).
+    pub fn etcd_port(&self) -> Option<u16> {
+        self.etcd.as_ref().map(Etcd::port)
+    }
+
     pub fn etcd_pid(&self) -> Option<u32> {
         self.etcd.as_ref().and_then(Etcd::pid)
     }
@@ -428,7 +435,7 @@ impl Lab {
             .append(true)
             .open(&log_path)
             .with_context(|| format!("open {}", log_path.display()))?;
-        writeln!(log, "=== lab: starting twilld {}", args.join(" "))?;
+        writeln!(log, "{START_MARKER} {}", args.join(" "))?;
         let mut full: Vec<&str> = vec![twilld
             .to_str()
             .ok_or_else(|| anyhow!("non-UTF-8 binary path"))?];
@@ -508,6 +515,15 @@ impl Lab {
         std::fs::read_to_string(self.daemon_log_path(i)).unwrap_or_default()
     }
 
+    /// What twilld on node i printed since it was last started.
+    pub fn daemon_log_last(&self, i: usize) -> String {
+        let log = self.daemon_log(i);
+        match log.rfind(START_MARKER) {
+            Some(at) => log[at..].to_owned(),
+            None => log,
+        }
+    }
+
     /// GET `path` from twilld's HTTP server inside node i: (status code, body).
     pub fn get(&self, i: usize, path: &str) -> Result<(u16, String)> {
         let addr: SocketAddr = DAEMON_HTTP.parse().expect("valid address");
@@ -555,6 +571,30 @@ impl Lab {
                 tail(&self.daemon_log(i), 40)
             )
         })
+    }
+
+    /// Wait until twilld on node i answers `path` at all (any status); fails early, with the
+    /// log, if it exits.
+    pub fn wait_get(&mut self, i: usize, path: &str, timeout: Duration) -> Result<(u16, String)> {
+        let res = wait_for(timeout, || {
+            if !self.daemon_running(i) {
+                return Some(None);
+            }
+            self.get(i, path).ok().map(Some)
+        });
+        match res {
+            Ok(Some(answer)) => Ok(answer),
+            Ok(None) => bail!(
+                "twilld on node {i} is not running\n--- log tail ---\n{}",
+                tail(&self.daemon_log(i), 40)
+            ),
+            Err(e) => Err(e).with_context(|| {
+                format!(
+                    "twilld on node {i} never answered {path}\n--- log tail ---\n{}",
+                    tail(&self.daemon_log(i), 40)
+                )
+            }),
+        }
     }
 
     /// Pids of the processes this lab started and still tracks (daemons and etcd).

@@ -372,3 +372,14 @@ fn tempdir(tag: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     d
 }
+
+#[test]
+fn twill_binaries_are_located_and_built() -> Result<()> {
+    // Runs `cargo build -p twill-daemon -p twill-cni` (a no-op when fresh) unless TWILL_BIN_DIR
+    // is set; either way both binaries must then exist.
+    let dir = twill_tests::bins::default_bin_dir();
+    twill_tests::bins::ensure_built(&dir)?;
+    assert!(dir.join("twilld").is_file());
+    assert!(dir.join("twill").is_file());
+    Ok(())
+}
