@@ -1,10 +1,14 @@
 //! The network configuration at `<prefix>/config`, in flannel's JSON format.
-//! CONTRACT (owner: registry helper): parse + validate + defaults; unit tests.
+//!
+//! Parsed by hand from a `serde_json::Value` rather than derived, so every error can name the
+//! field and the offending value. Keys match case-insensitively, like Go's encoding/json that
+//! flannel uses; unknown keys (EnableIPv4, EnableNFTables, GBP, ...) are tolerated.
 
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use serde::Serialize;
+use serde_json::{Map, Value};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct NetworkConfig {
@@ -37,13 +41,560 @@ pub enum BackendKind {
 pub enum ConfigError {
     /// Names the field and the offending value, e.g. `SubnetLen: 31 is out of range (...)`.
     #[error("invalid network config: {field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
     #[error("network config is not valid JSON: {0}")]
     Json(#[from] serde_json::Error),
 }
 
+pub const DEFAULT_VXLAN_PORT: u16 = 8472;
+pub const DEFAULT_VNI: u32 = 1;
+const MAX_VNI: u64 = (1 << 24) - 1;
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// Go's encoding/json matches keys case-insensitively (exact match first); so do we.
+fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    obj.get(name)
+        .or_else(|| {
+            obj.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v)
+        })
+        .filter(|v| !v.is_null())
+}
+
+/// An unsigned integer field; Go's zero value (0) counts as "not set", as in flannel.
+fn uint_field(
+    obj: &Map<String, Value>,
+    name: &'static str,
+    max: u64,
+) -> Result<Option<u64>, ConfigError> {
+    let Some(v) = field(obj, name) else {
+        return Ok(None);
+    };
+    let n = v
+        .as_u64()
+        .ok_or_else(|| invalid(name, format!("{v} is not a non-negative integer")))?;
+    if n > max {
+        return Err(invalid(
+            name,
+            format!("{v} is out of range (at most {max})"),
+        ));
+    }
+    Ok((n != 0).then_some(n))
+}
+
+fn bool_field(obj: &Map<String, Value>, name: &'static str) -> Result<Option<bool>, ConfigError> {
+    match field(obj, name) {
+        None => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(v) => Err(invalid(name, format!("{v} is not a boolean"))),
+    }
+}
+
+/// A string field; "" is Go's zero value and counts as "not set".
+fn str_field<'a>(
+    obj: &'a Map<String, Value>,
+    name: &'static str,
+) -> Result<Option<&'a str>, ConfigError> {
+    match field(obj, name) {
+        None => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(v) => Err(invalid(name, format!("{v} is not a string"))),
+    }
+}
+
+fn addr_field(
+    obj: &Map<String, Value>,
+    name: &'static str,
+) -> Result<Option<Ipv4Addr>, ConfigError> {
+    str_field(obj, name)?
+        .map(|s| {
+            s.parse::<Ipv4Addr>()
+                .map_err(|_| invalid(name, format!("{s:?} is not an IPv4 address")))
+        })
+        .transpose()
+}
+
+/// Addresses in a /len (0 for a nonsense len > 32, which `parse` never lets through).
+pub(crate) fn subnet_size(len: u8) -> u64 {
+    32u32.checked_sub(u32::from(len)).map_or(0, |s| 1u64 << s)
+}
+
 impl NetworkConfig {
-    pub fn parse(_json: &[u8]) -> Result<Self, ConfigError> {
-        todo!("registry helper")
+    pub fn parse(json: &[u8]) -> Result<Self, ConfigError> {
+        let value: Value = serde_json::from_slice(json)?;
+        let Value::Object(obj) = value else {
+            return Err(invalid("config", format!("{value} is not a JSON object")));
+        };
+
+        if bool_field(&obj, "EnableIPv4")? == Some(false) {
+            return Err(invalid(
+                "EnableIPv4",
+                "false: IPv6-only networks are not supported; twill needs an IPv4 Network",
+            ));
+        }
+        let network = match str_field(&obj, "Network")? {
+            Some(s) => parse_network(s)?,
+            None if field(&obj, "IPv6Network").is_some()
+                || bool_field(&obj, "EnableIPv6")? == Some(true) =>
+            {
+                return Err(invalid(
+                    "Network",
+                    "missing: IPv6-only networks are not supported; set an IPv4 Network",
+                ))
+            }
+            None => return Err(invalid("Network", "missing (e.g. \"10.244.0.0/16\")")),
+        };
+        if bool_field(&obj, "EnableIPv6")? == Some(true) {
+            tracing::warn!("EnableIPv6 is set: twill only runs the IPv4 part of the network");
+        }
+
+        let plen = network.prefix_len();
+        let subnet_len = match uint_field(&obj, "SubnetLen", u64::from(u8::MAX))? {
+            Some(n) => n as u8,
+            None if plen <= 22 => 24,
+            None => plen + 2,
+        };
+        if subnet_len <= plen || subnet_len > 30 {
+            return Err(invalid(
+                "SubnetLen",
+                format!(
+                    "{subnet_len} is out of range (must be greater than the Network prefix length \
+                     {plen} of {network} and at most 30)"
+                ),
+            ));
+        }
+
+        let size = subnet_size(subnet_len) as u32; // subnet_len >= 1 here
+        let net_start = u32::from(network.network());
+        let net_end = u32::from(network.broadcast());
+        let subnet_min =
+            addr_field(&obj, "SubnetMin")?.unwrap_or_else(|| Ipv4Addr::from(net_start + size));
+        let subnet_max = addr_field(&obj, "SubnetMax")?
+            .unwrap_or_else(|| Ipv4Addr::from(net_end.wrapping_add(1).wrapping_sub(size)));
+        for (name, addr) in [("SubnetMin", subnet_min), ("SubnetMax", subnet_max)] {
+            if !network.contains(&addr) {
+                return Err(invalid(
+                    name,
+                    format!("{addr} is outside the Network {network}"),
+                ));
+            }
+            if u32::from(addr) % size != 0 {
+                return Err(invalid(
+                    name,
+                    format!("{addr} is not aligned to a /{subnet_len} subnet boundary"),
+                ));
+            }
+        }
+        if subnet_min > subnet_max {
+            return Err(invalid(
+                "SubnetMin",
+                format!("{subnet_min} is greater than SubnetMax {subnet_max}"),
+            ));
+        }
+
+        let backend = match field(&obj, "Backend") {
+            None => BackendConfig::default(),
+            Some(Value::Object(b)) => parse_backend(b)?,
+            Some(v) => return Err(invalid("Backend", format!("{v} is not a JSON object"))),
+        };
+
+        Ok(NetworkConfig {
+            network,
+            subnet_len,
+            subnet_min,
+            subnet_max,
+            backend,
+        })
+    }
+
+    /// How many subnets lie between SubnetMin and SubnetMax (inclusive).
+    pub fn subnet_count(&self) -> u64 {
+        let size = subnet_size(self.subnet_len);
+        let (min, max) = (u32::from(self.subnet_min), u32::from(self.subnet_max));
+        if size == 0 || min > max {
+            return 0;
+        }
+        u64::from(max - min) / size + 1
+    }
+
+    /// Whether `net` is a subnet this config could hand out (flannel's "compatible" check).
+    pub fn fits(&self, net: Ipv4Net) -> bool {
+        net.prefix_len() == self.subnet_len
+            && net.network() >= self.subnet_min
+            && net.network() <= self.subnet_max
+    }
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig {
+            kind: BackendKind::Vxlan,
+            vni: DEFAULT_VNI,
+            port: DEFAULT_VXLAN_PORT,
+            mtu: None,
+            direct_routing: false,
+        }
+    }
+}
+
+fn parse_network(s: &str) -> Result<Ipv4Net, ConfigError> {
+    match s.parse::<Ipv4Net>() {
+        // Host bits are tolerated and dropped, like Go's net.ParseCIDR does.
+        Ok(n) => Ok(n.trunc()),
+        Err(_) if s.parse::<ipnet::Ipv6Net>().is_ok() => Err(invalid(
+            "Network",
+            format!("{s:?} is an IPv6 network; IPv6-only networks are not supported"),
+        )),
+        Err(_) => Err(invalid(
+            "Network",
+            format!("{s:?} is not a valid IPv4 CIDR (e.g. \"10.244.0.0/16\")"),
+        )),
+    }
+}
+
+fn parse_backend(b: &Map<String, Value>) -> Result<BackendConfig, ConfigError> {
+    let mut cfg = BackendConfig::default();
+    if let Some(t) = str_field(b, "Type").map_err(rename("Backend.Type"))? {
+        if !t.eq_ignore_ascii_case("vxlan") {
+            return Err(invalid(
+                "Backend.Type",
+                format!("{t:?} is not supported (only \"vxlan\")"),
+            ));
+        }
+    }
+    if let Some(vni) = uint_field(b, "VNI", MAX_VNI).map_err(rename("Backend.VNI"))? {
+        cfg.vni = vni as u32;
+    }
+    if let Some(port) =
+        uint_field(b, "Port", u64::from(u16::MAX)).map_err(rename("Backend.Port"))?
+    {
+        cfg.port = port as u16;
+    }
+    if let Some(mtu) = uint_field(b, "MTU", 65535).map_err(rename("Backend.MTU"))? {
+        if mtu < 68 {
+            return Err(invalid(
+                "Backend.MTU",
+                format!("{mtu} is too small (at least 68)"),
+            ));
+        }
+        cfg.mtu = Some(mtu as u32);
+    }
+    if let Some(d) = bool_field(b, "DirectRouting").map_err(rename("Backend.DirectRouting"))? {
+        cfg.direct_routing = d;
+    }
+    Ok(cfg)
+}
+
+/// Backend fields are reported with their full path (`Backend.VNI`).
+fn rename(full: &'static str) -> impl Fn(ConfigError) -> ConfigError {
+    move |e| match e {
+        ConfigError::Invalid { message, .. } => ConfigError::Invalid {
+            field: full,
+            message,
+        },
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<NetworkConfig, ConfigError> {
+        NetworkConfig::parse(s.as_bytes())
+    }
+
+    fn err(s: &str) -> (String, String) {
+        match parse(s) {
+            Err(ConfigError::Invalid { field, message }) => (field.to_string(), message),
+            other => panic!("expected Invalid for {s}, got {other:?}"),
+        }
+    }
+
+    #[track_caller]
+    fn assert_invalid(json: &str, want_field: &str, want_in_message: &[&str]) {
+        let (f, m) = err(json);
+        assert_eq!(f, want_field, "field for {json}: {m}");
+        for w in want_in_message {
+            assert!(m.contains(w), "message {m:?} for {json} lacks {w:?}");
+        }
+    }
+
+    #[test]
+    fn defaults_for_a_16() {
+        let c = parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap();
+        assert_eq!(c.network, "10.244.0.0/16".parse().unwrap());
+        assert_eq!(c.subnet_len, 24);
+        assert_eq!(c.subnet_min, Ipv4Addr::new(10, 244, 1, 0));
+        assert_eq!(c.subnet_max, Ipv4Addr::new(10, 244, 255, 0));
+        assert_eq!(c.backend, BackendConfig::default());
+        assert_eq!(c.backend.kind, BackendKind::Vxlan);
+        assert_eq!(c.backend.vni, 1);
+        assert_eq!(c.backend.port, 8472);
+        assert_eq!(c.subnet_count(), 255);
+    }
+
+    #[test]
+    fn default_subnet_len_small_networks() {
+        // /22 is still "large": 24.
+        let c = parse(r#"{"Network":"10.0.0.0/22"}"#).unwrap();
+        assert_eq!(c.subnet_len, 24);
+        assert_eq!(c.subnet_min, Ipv4Addr::new(10, 0, 1, 0));
+        assert_eq!(c.subnet_max, Ipv4Addr::new(10, 0, 3, 0));
+        // /23 and smaller: prefix + 2.
+        let c = parse(r#"{"Network":"10.0.0.0/23"}"#).unwrap();
+        assert_eq!(c.subnet_len, 25);
+        let c = parse(r#"{"Network":"10.0.0.0/28"}"#).unwrap();
+        assert_eq!(c.subnet_len, 30);
+        assert_eq!(c.subnet_min, Ipv4Addr::new(10, 0, 0, 4));
+        assert_eq!(c.subnet_max, Ipv4Addr::new(10, 0, 0, 12));
+        assert_eq!(c.subnet_count(), 3);
+    }
+
+    #[test]
+    fn full_config_with_unknown_keys() {
+        let c = parse(
+            r#"{"Network":"172.16.0.0/12","SubnetLen":20,"SubnetMin":"172.16.32.0",
+                "SubnetMax":"172.31.224.0","EnableIPv4":true,"EnableNFTables":false,
+                "Backend":{"Type":"vxlan","VNI":42,"Port":4789,"MTU":1400,
+                           "DirectRouting":true,"GBP":false,"Learning":false}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.subnet_len, 20);
+        assert_eq!(c.subnet_min, Ipv4Addr::new(172, 16, 32, 0));
+        assert_eq!(c.subnet_max, Ipv4Addr::new(172, 31, 224, 0));
+        assert_eq!(
+            c.backend,
+            BackendConfig {
+                kind: BackendKind::Vxlan,
+                vni: 42,
+                port: 4789,
+                mtu: Some(1400),
+                direct_routing: true
+            }
+        );
+    }
+
+    #[test]
+    fn go_zero_values_mean_default() {
+        let c = parse(
+            r#"{"Network":"10.1.0.0/16","SubnetLen":0,"SubnetMin":"",
+                "Backend":{"Type":"vxlan","VNI":0,"Port":0,"MTU":0}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.subnet_len, 24);
+        assert_eq!(c.subnet_min, Ipv4Addr::new(10, 1, 1, 0));
+        assert_eq!(c.backend.vni, 1);
+        assert_eq!(c.backend.port, 8472);
+        assert_eq!(c.backend.mtu, None);
+    }
+
+    #[test]
+    fn keys_are_case_insensitive_and_backend_defaults_to_vxlan() {
+        let c = parse(r#"{"network":"10.2.0.0/16","backend":{"vni":7}}"#).unwrap();
+        assert_eq!(c.network, "10.2.0.0/16".parse().unwrap());
+        assert_eq!(c.backend.vni, 7);
+        assert_eq!(c.backend.kind, BackendKind::Vxlan);
+        let c = parse(r#"{"Network":"10.2.0.0/16","Backend":{"Type":"VXLAN"}}"#).unwrap();
+        assert_eq!(c.backend.kind, BackendKind::Vxlan);
+    }
+
+    #[test]
+    fn dual_stack_config_uses_the_v4_part() {
+        let c = parse(
+            r#"{"Network":"10.3.0.0/16","EnableIPv6":true,"IPv6Network":"fc00::/48",
+                "IPv6SubnetLen":64}"#,
+        )
+        .unwrap();
+        assert_eq!(c.network, "10.3.0.0/16".parse().unwrap());
+    }
+
+    #[test]
+    fn bad_json() {
+        assert!(matches!(parse("{"), Err(ConfigError::Json(_))));
+        assert_invalid("[1]", "config", &["[1]", "not a JSON object"]);
+    }
+
+    #[test]
+    fn network_errors() {
+        assert_invalid("{}", "Network", &["missing"]);
+        assert_invalid(
+            r#"{"Network":"10.0.0.0/33"}"#,
+            "Network",
+            &["\"10.0.0.0/33\"", "IPv4 CIDR"],
+        );
+        assert_invalid(r#"{"Network":"banana"}"#, "Network", &["\"banana\""]);
+        assert_invalid(r#"{"Network":16}"#, "Network", &["16", "not a string"]);
+        assert_invalid(
+            r#"{"Network":"fc00::/48"}"#,
+            "Network",
+            &["\"fc00::/48\"", "IPv6"],
+        );
+        assert_invalid(
+            r#"{"EnableIPv6":true,"IPv6Network":"fc00::/48"}"#,
+            "Network",
+            &["IPv6-only"],
+        );
+        assert_invalid(
+            r#"{"EnableIPv4":false,"Network":"10.0.0.0/16","EnableIPv6":true}"#,
+            "EnableIPv4",
+            &["false", "IPv6-only"],
+        );
+    }
+
+    #[test]
+    fn subnet_len_errors() {
+        assert_invalid(
+            r#"{"Network":"10.0.0.0/16","SubnetLen":31}"#,
+            "SubnetLen",
+            &["31", "out of range", "30"],
+        );
+        assert_invalid(
+            r#"{"Network":"10.0.0.0/16","SubnetLen":16}"#,
+            "SubnetLen",
+            &["16", "out of range"],
+        );
+        assert_invalid(
+            r#"{"Network":"10.0.0.0/16","SubnetLen":8}"#,
+            "SubnetLen",
+            &["8 is out of range"],
+        );
+        assert_invalid(
+            r#"{"Network":"10.0.0.0/16","SubnetLen":"24"}"#,
+            "SubnetLen",
+            &["\"24\"", "not a non-negative integer"],
+        );
+        assert_invalid(
+            r#"{"Network":"10.0.0.0/16","SubnetLen":-1}"#,
+            "SubnetLen",
+            &["-1"],
+        );
+        assert_invalid(
+            r#"{"Network":"10.0.0.0/16","SubnetLen":300}"#,
+            "SubnetLen",
+            &["300"],
+        );
+        // Default prefix + 2 would be 31.
+        assert_invalid(r#"{"Network":"10.0.0.0/29"}"#, "SubnetLen", &["31"]);
+    }
+
+    #[test]
+    fn subnet_min_max_errors() {
+        let n = r#""Network":"10.0.0.0/16""#;
+        assert_invalid(
+            &format!(r#"{{{n},"SubnetMin":"10.1.0.0"}}"#),
+            "SubnetMin",
+            &["10.1.0.0", "outside", "10.0.0.0/16"],
+        );
+        assert_invalid(
+            &format!(r#"{{{n},"SubnetMax":"11.0.0.0"}}"#),
+            "SubnetMax",
+            &["11.0.0.0", "outside"],
+        );
+        assert_invalid(
+            &format!(r#"{{{n},"SubnetMin":"10.0.1.128"}}"#),
+            "SubnetMin",
+            &["10.0.1.128", "aligned", "/24"],
+        );
+        assert_invalid(
+            &format!(r#"{{{n},"SubnetMax":"10.0.9.1"}}"#),
+            "SubnetMax",
+            &["10.0.9.1", "aligned"],
+        );
+        assert_invalid(
+            &format!(r#"{{{n},"SubnetMin":"10.0.9.0","SubnetMax":"10.0.8.0"}}"#),
+            "SubnetMin",
+            &["10.0.9.0", "greater than SubnetMax 10.0.8.0"],
+        );
+        assert_invalid(
+            &format!(r#"{{{n},"SubnetMin":"10.0.300.0"}}"#),
+            "SubnetMin",
+            &["\"10.0.300.0\"", "not an IPv4 address"],
+        );
+    }
+
+    #[test]
+    fn backend_errors() {
+        let n = r#""Network":"10.0.0.0/16""#;
+        assert_invalid(
+            &format!(r#"{{{n},"Backend":{{"Type":"host-gw"}}}}"#),
+            "Backend.Type",
+            &["\"host-gw\"", "not supported"],
+        );
+        assert_invalid(
+            &format!(r#"{{{n},"Backend":{{"Type":"udp"}}}}"#),
+            "Backend.Type",
+            &["\"udp\""],
+        );
+        assert_invalid(
+            &format!(r#"{{{n},"Backend":"vxlan"}}"#),
+            "Backend",
+            &["\"vxlan\"", "not a JSON object"],
+        );
+        assert_invalid(
+            &format!(r#"{{{n},"Backend":{{"VNI":16777216}}}}"#),
+            "Backend.VNI",
+            &["16777216", "out of range"],
+        );
+        assert_invalid(
+            &format!(r#"{{{n},"Backend":{{"Port":70000}}}}"#),
+            "Backend.Port",
+            &["70000"],
+        );
+        assert_invalid(
+            &format!(r#"{{{n},"Backend":{{"MTU":50}}}}"#),
+            "Backend.MTU",
+            &["50", "too small"],
+        );
+        assert_invalid(
+            &format!(r#"{{{n},"Backend":{{"DirectRouting":"yes"}}}}"#),
+            "Backend.DirectRouting",
+            &["\"yes\"", "boolean"],
+        );
+    }
+
+    #[test]
+    fn error_display_names_field_and_value() {
+        let e = parse(r#"{"Network":"10.0.0.0/16","SubnetLen":31}"#).unwrap_err();
+        let s = e.to_string();
+        assert!(
+            s.starts_with("invalid network config: SubnetLen: 31 "),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn whole_address_space_does_not_overflow() {
+        let c = parse(r#"{"Network":"0.0.0.0/0"}"#).unwrap();
+        assert_eq!(c.subnet_min, Ipv4Addr::new(0, 0, 1, 0));
+        assert_eq!(c.subnet_max, Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(c.subnet_count(), (1 << 24) - 1);
+        // Hand-built nonsense gives no subnets rather than a panic.
+        let mut bad = c.clone();
+        bad.subnet_len = 40;
+        assert_eq!(bad.subnet_count(), 0);
+        assert!(crate::subnet::choose_free(&bad, &Default::default()).is_err());
+    }
+
+    #[test]
+    fn fits() {
+        let c = parse(r#"{"Network":"10.0.0.0/16","SubnetMax":"10.0.10.0"}"#).unwrap();
+        assert!(c.fits("10.0.1.0/24".parse().unwrap()));
+        assert!(c.fits("10.0.10.0/24".parse().unwrap()));
+        assert!(!c.fits("10.0.0.0/24".parse().unwrap()), "below SubnetMin");
+        assert!(!c.fits("10.0.11.0/24".parse().unwrap()), "above SubnetMax");
+        assert!(!c.fits("10.0.2.0/23".parse().unwrap()), "wrong length");
+        assert_eq!(c.subnet_count(), 10);
     }
 }

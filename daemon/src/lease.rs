@@ -1,15 +1,16 @@
 //! Lease values in flannel's JSON format, and turning other nodes' leases into peers.
-//! CONTRACT (owner: registry helper). Pure, unit-tested.
 //! `{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan",
 //!   "BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}`
 
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
 
 use crate::config::NetworkConfig;
 use crate::mac::MacAddr;
 use crate::peer::Peer;
+use crate::subnet::overlaps;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaseAttrs {
@@ -18,25 +19,298 @@ pub struct LeaseAttrs {
     pub vtep_mac: MacAddr,
 }
 
+// Field order and names are flannel's; `PublicIPv6` is always written (as null).
+#[derive(Serialize)]
+struct LeaseOut<'a> {
+    #[serde(rename = "PublicIP")]
+    public_ip: Ipv4Addr,
+    #[serde(rename = "PublicIPv6")]
+    public_ipv6: Option<()>,
+    #[serde(rename = "BackendType")]
+    backend_type: &'a str,
+    #[serde(rename = "BackendData")]
+    backend_data: BackendDataOut,
+}
+
+#[derive(Serialize)]
+struct BackendDataOut {
+    #[serde(rename = "VNI")]
+    vni: u32,
+    #[serde(rename = "VtepMAC")]
+    vtep_mac: MacAddr,
+}
+
+// Reading is lenient about what other implementations add; strict about what we need.
+#[derive(Deserialize)]
+struct LeaseIn {
+    #[serde(rename = "PublicIP", default)]
+    public_ip: Option<String>,
+    #[serde(rename = "BackendType", default)]
+    backend_type: Option<String>,
+    #[serde(rename = "BackendData", default)]
+    backend_data: Option<BackendDataIn>,
+}
+
+#[derive(Deserialize)]
+struct BackendDataIn {
+    #[serde(rename = "VNI", default)]
+    vni: Option<u32>,
+    #[serde(rename = "VtepMAC", default)]
+    vtep_mac: Option<String>,
+}
+
 impl LeaseAttrs {
     pub fn to_json(&self) -> String {
-        todo!()
+        serde_json::to_string(&LeaseOut {
+            public_ip: self.public_ip,
+            public_ipv6: None,
+            backend_type: "vxlan",
+            backend_data: BackendDataOut {
+                vni: self.vni,
+                vtep_mac: self.vtep_mac,
+            },
+        })
+        .expect("serializing plain data cannot fail")
     }
+
+    /// Decode and check a vxlan lease value (ours or a peer's).
+    pub fn from_json(value: &[u8]) -> Result<Self, LeaseError> {
+        let raw = decode(value)
+            .map_err(|e| LeaseError::Invalid(format!("lease value is not valid JSON: {e}")))?;
+        let ip = raw
+            .public_ip
+            .ok_or_else(|| LeaseError::Invalid("PublicIP is missing".into()))?;
+        let public_ip: Ipv4Addr = ip
+            .parse()
+            .map_err(|_| LeaseError::Invalid(format!("PublicIP {ip:?} is not an IPv4 address")))?;
+        if public_ip.is_unspecified() || public_ip.is_multicast() || public_ip.is_broadcast() {
+            return Err(LeaseError::Invalid(format!(
+                "PublicIP {public_ip} cannot be a tunnel endpoint"
+            )));
+        }
+        match raw.backend_type.as_deref() {
+            Some("vxlan") => {}
+            Some(t) => {
+                return Err(LeaseError::Invalid(format!(
+                    "BackendType {t:?} is not supported (only \"vxlan\")"
+                )))
+            }
+            None => return Err(LeaseError::Invalid("BackendType is missing".into())),
+        }
+        let data = raw
+            .backend_data
+            .ok_or_else(|| LeaseError::Invalid("BackendData is missing".into()))?;
+        let mac = data
+            .vtep_mac
+            .ok_or_else(|| LeaseError::Invalid("BackendData.VtepMAC is missing".into()))?;
+        let vtep_mac: MacAddr = mac
+            .parse()
+            .map_err(|e| LeaseError::Invalid(format!("BackendData.VtepMAC: {e}")))?;
+        if vtep_mac.is_zero() {
+            return Err(LeaseError::Invalid(
+                "BackendData.VtepMAC is 00:00:00:00:00:00".into(),
+            ));
+        }
+        Ok(LeaseAttrs {
+            public_ip,
+            vni: data.vni.unwrap_or(crate::config::DEFAULT_VNI),
+            vtep_mac,
+        })
+    }
+}
+
+/// A lease value must be a JSON object (serde would also take `[]` for a struct).
+fn decode(value: &[u8]) -> Result<LeaseIn, String> {
+    match serde_json::from_slice::<serde_json::Value>(value) {
+        Ok(v @ serde_json::Value::Object(_)) => {
+            serde_json::from_value(v).map_err(|e| e.to_string())
+        }
+        Ok(v) => Err(format!("{v} is not an object")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The PublicIP a lease value carries, whatever its backend: used to find our own old lease.
+pub fn public_ip_of(value: &[u8]) -> Option<Ipv4Addr> {
+    decode(value).ok()?.public_ip?.parse().ok()
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
-    #[error("...")]
+    #[error("invalid lease: {0}")]
     Invalid(String),
 }
 
 /// Validate another node's lease (key already parsed to `subnet`): JSON must decode, subnet must
 /// be inside the network with the configured length, must not overlap `own`, MAC present.
 pub fn parse_peer(
-    _cfg: &NetworkConfig,
-    _own: Option<Ipv4Net>,
-    _subnet: Ipv4Net,
-    _value: &[u8],
+    cfg: &NetworkConfig,
+    own: Option<Ipv4Net>,
+    subnet: Ipv4Net,
+    value: &[u8],
 ) -> Result<Peer, LeaseError> {
-    todo!()
+    if !cfg.network.contains(&subnet) {
+        return Err(LeaseError::Invalid(format!(
+            "subnet {subnet} is outside the network {}",
+            cfg.network
+        )));
+    }
+    if subnet.prefix_len() != cfg.subnet_len {
+        return Err(LeaseError::Invalid(format!(
+            "subnet {subnet} is not a /{} (SubnetLen)",
+            cfg.subnet_len
+        )));
+    }
+    if let Some(own) = own {
+        if overlaps(own, subnet) {
+            return Err(LeaseError::Invalid(format!(
+                "subnet {subnet} overlaps our own subnet {own}"
+            )));
+        }
+    }
+    let attrs = LeaseAttrs::from_json(value)?;
+    Ok(Peer {
+        subnet,
+        public_ip: attrs.public_ip,
+        vtep_mac: attrs.vtep_mac,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAC: &str = "c6:d2:32:6f:8f:44";
+
+    fn cfg() -> NetworkConfig {
+        NetworkConfig::parse(br#"{"Network":"10.244.0.0/16"}"#).unwrap()
+    }
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    fn attrs() -> LeaseAttrs {
+        LeaseAttrs {
+            public_ip: Ipv4Addr::new(192, 168, 64, 3),
+            vni: 1,
+            vtep_mac: MAC.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn json_is_flannels_exactly() {
+        assert_eq!(
+            attrs().to_json(),
+            r#"{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}"#
+        );
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let a = LeaseAttrs {
+            public_ip: Ipv4Addr::new(198, 18, 0, 7),
+            vni: 4096,
+            vtep_mac: "02:00:00:aa:bb:cc".parse().unwrap(),
+        };
+        assert_eq!(LeaseAttrs::from_json(a.to_json().as_bytes()).unwrap(), a);
+        assert_eq!(public_ip_of(a.to_json().as_bytes()), Some(a.public_ip));
+    }
+
+    #[test]
+    fn parse_peer_accepts_flannel_lease() {
+        let p = parse_peer(
+            &cfg(),
+            Some(net("10.244.1.0/24")),
+            net("10.244.2.0/24"),
+            attrs().to_json().as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(p.subnet, net("10.244.2.0/24"));
+        assert_eq!(p.public_ip, Ipv4Addr::new(192, 168, 64, 3));
+        assert_eq!(p.vtep_mac.to_string(), MAC);
+        // flannel writes PublicIPv6 only on dual-stack; extra keys are fine.
+        let v = format!(
+            r#"{{"PublicIP":"198.18.0.2","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{MAC}"}},"Extra":1}}"#
+        );
+        assert!(parse_peer(&cfg(), None, net("10.244.2.0/24"), v.as_bytes()).is_ok());
+    }
+
+    #[track_caller]
+    fn rejects(own: Option<&str>, subnet: &str, value: &str, want: &str) {
+        let e = parse_peer(&cfg(), own.map(net), net(subnet), value.as_bytes())
+            .expect_err(value)
+            .to_string();
+        assert!(e.contains(want), "{e:?} lacks {want:?}");
+    }
+
+    #[test]
+    fn parse_peer_rejections() {
+        let good = attrs().to_json();
+        rejects(None, "10.244.2.0/24", "{not json", "not valid JSON");
+        rejects(None, "10.244.2.0/24", "[]", "not valid JSON");
+        rejects(
+            None,
+            "10.245.2.0/24",
+            &good,
+            "outside the network 10.244.0.0/16",
+        );
+        rejects(None, "10.244.2.0/25", &good, "is not a /24");
+        rejects(None, "10.244.0.0/23", &good, "is not a /24");
+        rejects(
+            Some("10.244.2.0/24"),
+            "10.244.2.0/24",
+            &good,
+            "overlaps our own subnet",
+        );
+        let mac = |m: &str| {
+            format!(
+                r#"{{"PublicIP":"198.18.0.2","BackendType":"vxlan","BackendData":{{"VNI":1{m}}}}}"#
+            )
+        };
+        rejects(None, "10.244.2.0/24", &mac(""), "VtepMAC is missing");
+        rejects(
+            None,
+            "10.244.2.0/24",
+            &mac(r#","VtepMAC":"00:00:00:00:00:00""#),
+            "00:00:00:00:00:00",
+        );
+        rejects(None, "10.244.2.0/24", &mac(r#","VtepMAC":"zz""#), "VtepMAC");
+        rejects(
+            None,
+            "10.244.2.0/24",
+            r#"{"PublicIP":"198.18.0.2","BackendType":"host-gw","BackendData":null}"#,
+            "BackendType \"host-gw\" is not supported",
+        );
+        rejects(
+            None,
+            "10.244.2.0/24",
+            r#"{"PublicIP":"198.18.0.2","BackendData":{"VtepMAC":"02:00:00:00:00:01"}}"#,
+            "BackendType is missing",
+        );
+        rejects(
+            None,
+            "10.244.2.0/24",
+            r#"{"PublicIP":"198.18.0.2","BackendType":"vxlan"}"#,
+            "BackendData is missing",
+        );
+        rejects(
+            None,
+            "10.244.2.0/24",
+            r#"{"BackendType":"vxlan","BackendData":{"VtepMAC":"02:00:00:00:00:01"}}"#,
+            "PublicIP is missing",
+        );
+        rejects(
+            None,
+            "10.244.2.0/24",
+            r#"{"PublicIP":"nope","BackendType":"vxlan","BackendData":{"VtepMAC":"02:00:00:00:00:01"}}"#,
+            "PublicIP \"nope\"",
+        );
+        rejects(
+            None,
+            "10.244.2.0/24",
+            r#"{"PublicIP":"0.0.0.0","BackendType":"vxlan","BackendData":{"VtepMAC":"02:00:00:00:00:01"}}"#,
+            "cannot be a tunnel endpoint",
+        );
+    }
 }

@@ -1,10 +1,11 @@
-//! The subnet registry: where leases live. CONTRACT (owner: registry helper).
-//! `SubnetRegistry` is the concern's trait; `etcd::EtcdRegistry` the real implementation.
-//! `acquire`, `keep_lease` and `watch_peers` are written against the trait.
+//! The subnet registry: where leases live.
+//! `SubnetRegistry` holds the low-level etcd operations; `etcd::EtcdRegistry` is the real
+//! implementation. `acquire`, `keep_lease` and `watch_peers` are written against the trait.
 
 pub mod etcd;
 
-use std::net::Ipv4Addr;
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,9 +14,10 @@ use ipnet::Ipv4Net;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::NetworkConfig;
-use crate::lease::LeaseAttrs;
+use crate::lease::{parse_peer, public_ip_of, LeaseAttrs};
 use crate::metrics::Metrics;
 use crate::peer::Peer;
+use crate::subnet::{choose_free, is_free, parse_subnet_key, subnet_key};
 
 #[derive(Clone, Debug)]
 pub struct EtcdOptions {
@@ -32,6 +34,9 @@ pub enum RegistryError {
     Etcd(String),
     #[error(transparent)]
     Alloc(#[from] crate::subnet::AllocError),
+    /// Bad TLS files, endpoints or prefix: retrying will not help.
+    #[error("etcd options: {0}")]
+    Options(String),
 }
 
 /// Our own lease as held in the registry.
@@ -50,48 +55,603 @@ pub enum PeerEvent {
     Remove(Ipv4Net),
 }
 
-pub trait SubnetRegistry: Clone + Send + Sync + 'static {}
+/// One key under `<prefix>/subnets/`. `name` is the part after that directory
+/// (`10.244.1.0-24`, possibly with a dual-stack `&...` suffix).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubnetKv {
+    pub name: String,
+    pub value: Vec<u8>,
+    /// etcd lease id; 0 is a reservation (no lease, never expires).
+    pub lease: i64,
+    pub mod_revision: i64,
+}
+
+/// What a watch delivers.
+#[derive(Clone, Debug)]
+pub enum WatchMsg {
+    Changes(Vec<SubnetChange>),
+    /// The watch ended (cancelled, compacted, stream closed): re-list and watch again.
+    Reset(String),
+}
+
+#[derive(Clone, Debug)]
+pub enum SubnetChange {
+    Put(SubnetKv),
+    Delete(String),
+}
+
+pub trait SubnetWatch: Send + 'static {
+    fn next(&mut self) -> impl Future<Output = Result<WatchMsg, RegistryError>> + Send;
+}
+
+/// Low-level registry operations. Every call is bounded in time (an error, never a hang, when
+/// etcd is unreachable). Names are relative to `<prefix>/subnets/`.
+pub trait SubnetRegistry: Clone + Send + Sync + 'static {
+    type Watch: SubnetWatch;
+
+    /// `<prefix>/subnets/`, for messages.
+    fn subnets_dir(&self) -> String;
+    /// Raw bytes of `<prefix>/config`, None while the key does not exist.
+    fn config(&self) -> impl Future<Output = Result<Option<Vec<u8>>, RegistryError>> + Send;
+    /// All subnet keys and the store revision they were read at.
+    fn list_subnets(
+        &self,
+    ) -> impl Future<Output = Result<(Vec<SubnetKv>, i64), RegistryError>> + Send;
+    /// One subnet key and the store revision it was read at.
+    fn get_subnet(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<(Option<SubnetKv>, i64), RegistryError>> + Send;
+    fn grant_lease(&self, ttl: Duration)
+        -> impl Future<Output = Result<i64, RegistryError>> + Send;
+    fn revoke_lease(&self, id: i64) -> impl Future<Output = Result<(), RegistryError>> + Send;
+    /// Renew lease `id` once (etcd keep-alive on the same id). Ok(false): the lease is gone.
+    fn renew_lease(&self, id: i64) -> impl Future<Output = Result<bool, RegistryError>> + Send;
+    /// Txn If(create_revision(key) == 0) Then Put(key, value, lease). Ok(false): key exists.
+    fn create_subnet(
+        &self,
+        name: &str,
+        value: &str,
+        lease: i64,
+    ) -> impl Future<Output = Result<bool, RegistryError>> + Send;
+    /// Txn If(mod_revision(key) == mod_revision) Then Put(key, value, lease).
+    fn replace_subnet(
+        &self,
+        name: &str,
+        value: &str,
+        lease: i64,
+        mod_revision: i64,
+    ) -> impl Future<Output = Result<bool, RegistryError>> + Send;
+    /// Txn If(key exists and lease(key) == lease) Then Put(key, value, lease).
+    fn update_subnet(
+        &self,
+        name: &str,
+        value: &str,
+        lease: i64,
+    ) -> impl Future<Output = Result<bool, RegistryError>> + Send;
+    /// Txn If(mod_revision(key) == mod_revision) Then Delete(key).
+    fn delete_subnet(
+        &self,
+        name: &str,
+        mod_revision: i64,
+    ) -> impl Future<Output = Result<bool, RegistryError>> + Send;
+    /// Watch from `from_revision`: the whole subnets directory, or one key.
+    fn watch_subnets(
+        &self,
+        from_revision: i64,
+        name: Option<&str>,
+    ) -> impl Future<Output = Result<Self::Watch, RegistryError>> + Send;
+}
+
+/// Exponential backoff for reconnects: 100 ms doubling to 5 s.
+struct Backoff(Duration);
+
+impl Backoff {
+    const MIN: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(5);
+
+    fn new() -> Self {
+        Backoff(Self::MIN)
+    }
+
+    fn reset(&mut self) {
+        self.0 = Self::MIN;
+    }
+
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Self::MAX);
+    }
+}
 
 /// Acquire our subnet: reuse the lease carrying `attrs.public_ip`, else `previous` (from the old
 /// subnet file) if free, else random among the first 100 free. Claims with a create-if-absent
 /// transaction and retries on a lost race. Never returns a subnet another node holds.
 pub async fn acquire<R: SubnetRegistry>(
-    _reg: &R,
-    _cfg: &NetworkConfig,
-    _attrs: &LeaseAttrs,
-    _previous: Option<Ipv4Net>,
-    _ttl: Duration,
+    reg: &R,
+    cfg: &NetworkConfig,
+    attrs: &LeaseAttrs,
+    previous: Option<Ipv4Net>,
+    ttl: Duration,
 ) -> Result<OwnLease, RegistryError> {
-    todo!()
+    acquire_inner(reg, cfg, attrs, previous, ttl)
+        .await
+        .map(|(lease, _)| lease)
 }
 
-/// Runs until `shutdown` flips: renews our etcd lease well before expiry (same lease id), and if
-/// our key is deleted or expires, re-acquires (same subnet if still free) and publishes the new
-/// lease on `out`. `attrs` lets the daemon change the advertised value (public IP change).
+/// `acquire`, also returning the etcd lease id the key is attached to (0: a reservation).
+async fn acquire_inner<R: SubnetRegistry>(
+    reg: &R,
+    cfg: &NetworkConfig,
+    attrs: &LeaseAttrs,
+    previous: Option<Ipv4Net>,
+    ttl: Duration,
+) -> Result<(OwnLease, i64), RegistryError> {
+    let mut granted = None;
+    let res = claim(reg, cfg, attrs, previous, ttl, &mut granted).await;
+    if let (Err(_), Some(id)) = (&res, granted) {
+        // Best effort: an unused lease would expire by itself anyway.
+        let _ = reg.revoke_lease(id).await;
+    }
+    res
+}
+
+async fn claim<R: SubnetRegistry>(
+    reg: &R,
+    cfg: &NetworkConfig,
+    attrs: &LeaseAttrs,
+    previous: Option<Ipv4Net>,
+    ttl: Duration,
+    granted: &mut Option<i64>,
+) -> Result<(OwnLease, i64), RegistryError> {
+    let value = attrs.to_json();
+    let own = |subnet| OwnLease {
+        subnet,
+        attrs: attrs.clone(),
+    };
+    'attempt: loop {
+        let (kvs, _) = reg.list_subnets().await?;
+        let mut taken = HashSet::new();
+        let mut mine = Vec::new();
+        for kv in kvs {
+            let Some(net) = parse_subnet_key(&kv.name) else {
+                continue;
+            };
+            taken.insert(net);
+            if public_ip_of(&kv.value) == Some(attrs.public_ip) {
+                mine.push((net, kv));
+            }
+        }
+
+        // 1. Our own lease from before (same public IP): keep it if it still fits.
+        let mut reuse = None;
+        let mut preferred = previous;
+        for (net, kv) in mine {
+            let fits = cfg.fits(net);
+            if fits && reuse.is_none() && kv.name == subnet_key(net) {
+                reuse = Some((net, kv));
+            } else if !fits || kv.name != subnet_key(net) {
+                // A dual-stack key (`...&fc00::-64`) is replaced by a plain one for the same
+                // subnet: we only hold and renew plain keys.
+                let why = if fits {
+                    "a dual-stack key"
+                } else {
+                    "outside the network config"
+                };
+                tracing::info!(key = %kv.name, "deleting our old lease: {why}");
+                if !reg.delete_subnet(&kv.name, kv.mod_revision).await? {
+                    continue 'attempt;
+                }
+                taken.remove(&net);
+                if fits {
+                    preferred = Some(net); // still ours: beats the subnet file
+                }
+            }
+        }
+        if let Some((net, kv)) = reuse {
+            // A reservation (no lease) stays one; otherwise move the key onto our new lease.
+            let lease = if kv.lease == 0 {
+                0
+            } else {
+                lease_id(reg, ttl, granted).await?
+            };
+            if reg
+                .replace_subnet(&kv.name, &value, lease, kv.mod_revision)
+                .await?
+            {
+                tracing::info!(subnet = %net, "reusing our lease (same public IP)");
+                return Ok((own(net), lease));
+            }
+            continue 'attempt;
+        }
+
+        // 2. The subnet from the previous subnet file, if still free and valid. 3. Random.
+        let candidate = match preferred {
+            Some(p) if cfg.fits(p) && is_free(p, &taken) => p,
+            _ => choose_free(cfg, &taken).map_err(|e| e.with_subnets_dir(&reg.subnets_dir()))?,
+        };
+        let lease = lease_id(reg, ttl, granted).await?;
+        if reg
+            .create_subnet(&subnet_key(candidate), &value, lease)
+            .await?
+        {
+            tracing::info!(subnet = %candidate, "acquired subnet lease");
+            return Ok((own(candidate), lease));
+        }
+        tracing::debug!(subnet = %candidate, "lost the race for a subnet; picking again");
+    }
+}
+
+async fn lease_id<R: SubnetRegistry>(
+    reg: &R,
+    ttl: Duration,
+    granted: &mut Option<i64>,
+) -> Result<i64, RegistryError> {
+    if let Some(id) = *granted {
+        return Ok(id);
+    }
+    let id = reg.grant_lease(ttl).await?;
+    *granted = Some(id);
+    Ok(id)
+}
+
+/// How often to renew: a third of the TTL (so two renewals may fail before expiry), at most
+/// every minute is plenty for long TTLs, and never busier than twice a second.
+fn renew_interval(ttl: Duration) -> Duration {
+    (ttl / 3).clamp(Duration::from_millis(500), Duration::from_secs(60))
+}
+
+enum Interrupt {
+    /// Our key or etcd lease is gone or taken over: acquire again.
+    Lost(String),
+    /// etcd trouble or a broken watch: back off and look again.
+    Retry(String),
+}
+
+impl From<RegistryError> for Interrupt {
+    fn from(e: RegistryError) -> Self {
+        Interrupt::Retry(e.to_string())
+    }
+}
+
+/// Our lease as keep_lease tracks it.
+struct Held {
+    lease: OwnLease,
+    name: String,
+    /// etcd lease id, 0 for a reservation; None until read back from etcd.
+    id: Option<i64>,
+}
+
+/// Runs forever (abort the task to stop it): renews our etcd lease well before expiry (same
+/// lease id), and if our key is deleted or expires, re-acquires (same subnet if still free) and
+/// publishes the new lease on `out`. `attrs` lets the daemon change the advertised value
+/// (public IP change). Never gives up while etcd is away; backs off instead.
 pub async fn keep_lease<R: SubnetRegistry>(
-    _reg: R,
-    _cfg: NetworkConfig,
-    _lease: OwnLease,
-    _ttl: Duration,
-    _attrs: watch::Receiver<LeaseAttrs>,
-    _out: watch::Sender<OwnLease>,
-    _metrics: Arc<Metrics>,
+    reg: R,
+    cfg: NetworkConfig,
+    lease: OwnLease,
+    ttl: Duration,
+    mut attrs: watch::Receiver<LeaseAttrs>,
+    out: watch::Sender<OwnLease>,
+    metrics: Arc<Metrics>,
 ) {
-    todo!()
+    let mut held = Held {
+        name: subnet_key(lease.subnet),
+        lease,
+        id: None,
+    };
+    let mut backoff = Backoff::new();
+    let mut attrs_open = true;
+    loop {
+        let Err(interrupt) = hold(
+            &reg,
+            ttl,
+            &mut held,
+            &mut attrs,
+            &mut attrs_open,
+            &out,
+            &metrics,
+            &mut backoff,
+        )
+        .await;
+        let why = match interrupt {
+            Interrupt::Retry(why) => {
+                tracing::warn!(subnet = %held.lease.subnet, "lease keeper: {why}; retrying");
+                Metrics::inc(&metrics.etcd_reconnects);
+                backoff.wait().await;
+                continue;
+            }
+            Interrupt::Lost(why) => why,
+        };
+        tracing::warn!(subnet = %held.lease.subnet, "lost our subnet lease: {why}; acquiring again");
+        let want = attrs.borrow().clone();
+        loop {
+            match acquire_inner(&reg, &cfg, &want, Some(held.lease.subnet), ttl).await {
+                Ok((lease, id)) => {
+                    if let Some(old) = held.id.filter(|&old| old != 0 && old != id) {
+                        let _ = reg.revoke_lease(old).await;
+                    }
+                    tracing::info!(subnet = %lease.subnet, "re-acquired subnet lease");
+                    Metrics::inc(&metrics.lease_reacquisitions);
+                    held = Held {
+                        name: subnet_key(lease.subnet),
+                        lease,
+                        id: Some(id),
+                    };
+                    out.send_if_modified(|cur| {
+                        let changed = *cur != held.lease;
+                        *cur = held.lease.clone();
+                        changed
+                    });
+                    backoff.reset();
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!("re-acquiring a subnet lease failed: {e}");
+                    if matches!(e, RegistryError::Etcd(_)) {
+                        Metrics::inc(&metrics.etcd_reconnects);
+                    }
+                    backoff.wait().await;
+                }
+            }
+        }
+    }
+}
+
+/// Hold the lease until something interrupts: check our key, renew, publish attribute changes,
+/// and watch our key for deletion or takeover.
+#[allow(clippy::too_many_arguments)]
+async fn hold<R: SubnetRegistry>(
+    reg: &R,
+    ttl: Duration,
+    held: &mut Held,
+    attrs: &mut watch::Receiver<LeaseAttrs>,
+    attrs_open: &mut bool,
+    out: &watch::Sender<OwnLease>,
+    metrics: &Metrics,
+    backoff: &mut Backoff,
+) -> Result<std::convert::Infallible, Interrupt> {
+    let (kv, rev) = reg.get_subnet(&held.name).await?;
+    let Some(kv) = kv else {
+        return Err(Interrupt::Lost("our key is gone".into()));
+    };
+    let ours = match held.id {
+        Some(id) => kv.lease == id,
+        None => public_ip_of(&kv.value) == Some(held.lease.attrs.public_ip),
+    };
+    if !ours {
+        return Err(Interrupt::Lost(
+            "our key now belongs to another node".into(),
+        ));
+    }
+    let id = kv.lease;
+    held.id = Some(id);
+    // Renew at once: after an outage this tells whether the lease survived it.
+    renew(reg, id, metrics).await?;
+    let want = attrs.borrow_and_update().clone();
+    if want != held.lease.attrs || LeaseAttrs::from_json(&kv.value).ok().as_ref() != Some(&want) {
+        publish(reg, held, want, out).await?;
+    }
+
+    let mut w = reg.watch_subnets(rev + 1, Some(&held.name)).await?;
+    backoff.reset();
+    let every = renew_interval(ttl);
+    let mut next_renew = tokio::time::Instant::now() + every;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(next_renew) => {
+                renew(reg, id, metrics).await?;
+                next_renew = tokio::time::Instant::now() + every;
+            }
+            msg = w.next() => match msg? {
+                WatchMsg::Changes(changes) => {
+                    for c in changes {
+                        match c {
+                            SubnetChange::Delete(_) => {
+                                return Err(Interrupt::Lost("our key was deleted".into()))
+                            }
+                            SubnetChange::Put(kv) if kv.lease != id => {
+                                return Err(Interrupt::Lost(
+                                    "our key was overwritten by another lease".into(),
+                                ))
+                            }
+                            SubnetChange::Put(_) => {}
+                        }
+                    }
+                }
+                WatchMsg::Reset(why) => return Err(Interrupt::Retry(why)),
+            },
+            r = attrs.changed(), if *attrs_open => match r {
+                Err(_) => *attrs_open = false,
+                Ok(()) => {
+                    let want = attrs.borrow_and_update().clone();
+                    if want != held.lease.attrs {
+                        publish(reg, held, want, out).await?;
+                    }
+                }
+            },
+        }
+    }
+}
+
+async fn renew<R: SubnetRegistry>(reg: &R, id: i64, metrics: &Metrics) -> Result<(), Interrupt> {
+    if id == 0 {
+        return Ok(()); // a reservation does not expire
+    }
+    if !reg.renew_lease(id).await? {
+        return Err(Interrupt::Lost(format!("etcd lease {id:x} expired")));
+    }
+    Metrics::inc(&metrics.lease_renewals);
+    Ok(())
+}
+
+/// Re-put our value with new attributes, only while the key is still on our lease.
+async fn publish<R: SubnetRegistry>(
+    reg: &R,
+    held: &mut Held,
+    want: LeaseAttrs,
+    out: &watch::Sender<OwnLease>,
+) -> Result<(), Interrupt> {
+    let id = held.id.unwrap_or(0);
+    if !reg.update_subnet(&held.name, &want.to_json(), id).await? {
+        return Err(Interrupt::Lost("our key changed while updating it".into()));
+    }
+    tracing::info!(subnet = %held.lease.subnet, public_ip = %want.public_ip, "updated our lease");
+    held.lease.attrs = want;
+    out.send_replace(held.lease.clone());
+    Ok(())
 }
 
 /// Runs forever: list `<prefix>/subnets/`, send a Snapshot, watch from revision+1, send
 /// Upsert/Remove; on compaction, error or etcd restart, reconnect with backoff, re-list and send a
 /// new Snapshot. Skips (with a warning) invalid leases and `own_subnet`'s lease.
+/// Returns only when the receiving side of `tx` is gone.
 pub async fn watch_peers<R: SubnetRegistry>(
-    _reg: R,
-    _cfg: NetworkConfig,
-    _own_subnet: watch::Receiver<OwnLease>,
-    _tx: mpsc::Sender<PeerEvent>,
-    _metrics: Arc<Metrics>,
+    reg: R,
+    cfg: NetworkConfig,
+    mut own_subnet: watch::Receiver<OwnLease>,
+    tx: mpsc::Sender<PeerEvent>,
+    metrics: Arc<Metrics>,
 ) {
-    todo!()
+    let mut backoff = Backoff::new();
+    let mut listed_before = false;
+    let mut own_open = true;
+    loop {
+        let mut own = own_subnet.borrow_and_update().subnet;
+        // Raw values by subnet, so a change of our own subnet can be answered without etcd.
+        let (kvs, rev) = match reg.list_subnets().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("listing subnet leases failed: {e}; retrying");
+                Metrics::inc(&metrics.etcd_reconnects);
+                backoff.wait().await;
+                continue;
+            }
+        };
+        let mut raw: BTreeMap<Ipv4Net, (String, Vec<u8>)> = BTreeMap::new();
+        for kv in kvs {
+            match parse_subnet_key(&kv.name) {
+                Some(net) => {
+                    raw.insert(net, (kv.name, kv.value));
+                }
+                None => skip(&metrics, &kv.name, "the key is not a subnet"),
+            }
+        }
+        if listed_before {
+            Metrics::inc(&metrics.peer_resyncs);
+        }
+        listed_before = true;
+        if tx
+            .send(PeerEvent::Snapshot(snapshot(&cfg, own, &raw, &metrics)))
+            .await
+            .is_err()
+        {
+            return;
+        }
+
+        // From rev + 1: every change after the list, none lost; compaction in between is
+        // reported by the watch and handled with a re-list.
+        let mut w = match reg.watch_subnets(rev + 1, None).await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!("watching subnet leases failed: {e}; re-listing");
+                Metrics::inc(&metrics.etcd_reconnects);
+                backoff.wait().await;
+                continue;
+            }
+        };
+        backoff.reset();
+        let why = loop {
+            tokio::select! {
+                msg = w.next() => match msg {
+                    Err(e) => break e.to_string(),
+                    Ok(WatchMsg::Reset(why)) => break why,
+                    Ok(WatchMsg::Changes(changes)) => {
+                        for c in changes {
+                            let Some(ev) = apply(&cfg, own, &mut raw, c, &metrics) else { continue };
+                            if tx.send(ev).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                },
+                r = own_subnet.changed(), if own_open => match r {
+                    Err(_) => own_open = false,
+                    Ok(()) => {
+                        let now = own_subnet.borrow_and_update().subnet;
+                        if now != own {
+                            own = now;
+                            let peers = snapshot(&cfg, own, &raw, &metrics);
+                            if tx.send(PeerEvent::Snapshot(peers)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                },
+            }
+        };
+        tracing::warn!("subnet watch ended: {why}; re-listing");
+        Metrics::inc(&metrics.etcd_reconnects);
+        backoff.wait().await;
+    }
 }
 
-#[allow(unused)]
-fn _unused(_: Ipv4Addr) {}
+fn skip(metrics: &Metrics, key: &str, reason: &str) {
+    tracing::warn!(key, "skipping invalid lease: {reason}");
+    Metrics::inc(&metrics.invalid_leases_skipped);
+}
+
+fn snapshot(
+    cfg: &NetworkConfig,
+    own: Ipv4Net,
+    raw: &BTreeMap<Ipv4Net, (String, Vec<u8>)>,
+    metrics: &Metrics,
+) -> Vec<Peer> {
+    raw.iter()
+        .filter(|(net, _)| **net != own)
+        .filter_map(
+            |(net, (name, value))| match parse_peer(cfg, Some(own), *net, value) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    skip(metrics, name, &e.to_string());
+                    None
+                }
+            },
+        )
+        .collect()
+}
+
+/// One watch change -> the event for the daemon, if any.
+fn apply(
+    cfg: &NetworkConfig,
+    own: Ipv4Net,
+    raw: &mut BTreeMap<Ipv4Net, (String, Vec<u8>)>,
+    change: SubnetChange,
+    metrics: &Metrics,
+) -> Option<PeerEvent> {
+    match change {
+        SubnetChange::Put(kv) => {
+            let Some(net) = parse_subnet_key(&kv.name) else {
+                skip(metrics, &kv.name, "the key is not a subnet");
+                return None;
+            };
+            raw.insert(net, (kv.name.clone(), kv.value.clone()));
+            if net == own {
+                return None;
+            }
+            match parse_peer(cfg, Some(own), net, &kv.value) {
+                Ok(p) => Some(PeerEvent::Upsert(p)),
+                Err(e) => {
+                    skip(metrics, &kv.name, &e.to_string());
+                    // It may have been valid before: the daemon must drop it.
+                    Some(PeerEvent::Remove(net))
+                }
+            }
+        }
+        SubnetChange::Delete(name) => {
+            let net = parse_subnet_key(&name)?;
+            raw.remove(&net);
+            (net != own).then_some(PeerEvent::Remove(net))
+        }
+    }
+}

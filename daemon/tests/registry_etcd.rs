@@ -1,0 +1,1040 @@
+//! The etcd registry against a real etcd 3.4, run inside a network namespace of our own.
+//!
+//! Each test starts its own etcd in its own netns `twr<pid>n<k>` (loopback only) and runs its
+//! async code on a thread that has setns'd into that netns. Guards kill etcd and remove the
+//! netns and data directory on drop, also when the test panics.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use ipnet::Ipv4Net;
+use tokio::sync::{mpsc, watch};
+use twill_daemon::config::NetworkConfig;
+use twill_daemon::lease::LeaseAttrs;
+use twill_daemon::metrics::Metrics;
+use twill_daemon::peer::Peer;
+use twill_daemon::registry::etcd::EtcdRegistry;
+use twill_daemon::registry::{
+    acquire, keep_lease, watch_peers, EtcdOptions, OwnLease, PeerEvent, RegistryError,
+    SubnetRegistry, SubnetWatch, WatchMsg,
+};
+use twill_daemon::subnet::AllocError;
+
+const PREFIX: &str = "/coreos.com/network";
+const CLIENT_PORT: u16 = 23790;
+/// Where etcd listens while the clients under test must not reach it.
+const HIDDEN_PORT: u16 = 23791;
+const PEER_PORT: u16 = 23800;
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+static CLEAN: Once = Once::new();
+
+fn sh(args: &[&str]) -> Result<()> {
+    let out = Command::new(args[0]).args(&args[1..]).output()?;
+    if !out.status.success() {
+        bail!("{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// Remove namespaces left by crashed runs: `twr<pid>n<k>` whose pid is gone.
+fn clean_leftovers() {
+    let Ok(dir) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(pid) = name
+            .strip_prefix("twr")
+            .and_then(|r| r.split('n').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !PathBuf::from(format!("/proc/{pid}")).exists() {
+            let _ = sh(&["ip", "netns", "del", &name]);
+        }
+    }
+}
+
+/// An etcd in a netns of its own. Drop kills it and removes the netns and data.
+struct Etcd {
+    ns: String,
+    dir: PathBuf,
+    child: Option<Child>,
+    /// Serve https with client-certificate auth, certificates under `dir/pki`.
+    tls: bool,
+}
+
+impl Etcd {
+    fn start() -> Result<Etcd> {
+        Self::start_with(false)
+    }
+
+    fn start_with(tls: bool) -> Result<Etcd> {
+        CLEAN.call_once(clean_leftovers);
+        let ns = format!("twr{}n{}", std::process::id(), SEQ.fetch_add(1, Relaxed));
+        let dir = std::env::temp_dir().join(format!("{ns}-etcd"));
+        sh(&["ip", "netns", "add", &ns])?;
+        let mut e = Etcd {
+            ns,
+            dir,
+            child: None,
+            tls,
+        };
+        sh(&["ip", "-n", &e.ns, "link", "set", "lo", "up"])?;
+        std::fs::create_dir_all(&e.dir)?;
+        if tls {
+            make_pki(&e.dir.join("pki"))?;
+        }
+        e.spawn()?;
+        Ok(e)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        self.spawn_on(CLIENT_PORT)
+    }
+
+    fn spawn_on(&mut self, port: u16) -> Result<()> {
+        let scheme = if self.tls { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{port}");
+        let peer = format!("http://127.0.0.1:{PEER_PORT}");
+        let log = File::create(self.dir.with_extension("log"))?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns, "etcd", "--name", "twr"]);
+        if self.tls {
+            let pki = self.dir.join("pki");
+            cmd.arg("--cert-file")
+                .arg(pki.join("server.pem"))
+                .arg("--key-file")
+                .arg(pki.join("server-key.pem"))
+                .arg("--trusted-ca-file")
+                .arg(pki.join("ca.pem"))
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
+            .arg("--data-dir")
+            .arg(self.dir.join("data"))
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("twr={peer}")])
+            .args(["--log-level", "error"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting etcd")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// etcdctl against the hidden port (this thread is not in the netns).
+    fn ctl(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "etcdctl"])
+            .arg(format!("--endpoints=http://127.0.0.1:{HIDDEN_PORT}"))
+            .args(args)
+            .env("ETCDCTL_API", "3")
+            .output()?;
+        if !out.status.success() {
+            bail!("etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    }
+
+    /// While no client under test can reach etcd: change leases and compact the history.
+    fn change_and_compact_hidden(&mut self) -> Result<()> {
+        self.stop();
+        self.spawn_on(HIDDEN_PORT)?;
+        let mut tries = 0;
+        while self.ctl(&["endpoint", "health"]).is_err() {
+            tries += 1;
+            if tries > 300 {
+                bail!("hidden etcd did not come up");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.ctl(&[
+            "put",
+            &format!("{PREFIX}/subnets/10.100.30.0-24"),
+            &attrs(30).to_json(),
+        ])?;
+        self.ctl(&["del", &format!("{PREFIX}/subnets/10.100.2.0-24")])?;
+        self.ctl(&[
+            "put",
+            &format!("{PREFIX}/subnets/10.100.31.0-24"),
+            &attrs(31).to_json(),
+        ])?;
+        self.ctl(&["del", &format!("{PREFIX}/subnets/10.100.31.0-24")])?;
+        let status: serde_json::Value =
+            serde_json::from_str(&self.ctl(&["endpoint", "status", "-w", "json"])?)?;
+        let rev = status[0]["Status"]["header"]["revision"]
+            .as_i64()
+            .context("revision in etcdctl status")?;
+        self.ctl(&["compact", &rev.to_string()])?;
+        self.stop();
+        self.spawn_on(CLIENT_PORT)
+    }
+
+    fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.spawn()
+    }
+
+    fn opts(&self) -> EtcdOptions {
+        let pki = self.dir.join("pki");
+        let file = |f: &str| self.tls.then(|| pki.join(f));
+        EtcdOptions {
+            // No scheme on purpose: the registry must cope.
+            endpoints: vec![format!("127.0.0.1:{CLIENT_PORT}")],
+            prefix: PREFIX.to_string(),
+            ca_file: file("ca.pem"),
+            cert_file: file("client.pem"),
+            key_file: file("client-key.pem"),
+        }
+    }
+
+    /// Run async test code on a thread inside this etcd's netns.
+    fn run<F, Fut>(&self, f: F) -> Result<()>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        let path = format!("/run/netns/{}", self.ns);
+        std::thread::spawn(move || -> Result<()> {
+            let fd = File::open(&path)?;
+            nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            // current_thread: every task stays on this thread, hence in this netns.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("test thread panicked"))?
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = sh(&["ip", "netns", "del", &self.ns]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_file(self.dir.with_extension("log"));
+    }
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl.
+fn make_pki(dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let p = |f: &str| dir.join(f).to_string_lossy().to_string();
+    sh(&[
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=twr-test-ca",
+        "-keyout",
+        &p("ca-key.pem"),
+        "-out",
+        &p("ca.pem"),
+    ])?;
+    for (name, ext) in [
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth",
+        ),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ] {
+        sh(&[
+            "openssl",
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            &format!("/CN=twr-{name}"),
+            "-keyout",
+            &p(&format!("{name}-key.pem")),
+            "-out",
+            &p(&format!("{name}.csr")),
+        ])?;
+        std::fs::write(
+            p(&format!("{name}.ext")),
+            format!(
+                "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n{ext}\n"
+            ),
+        )?;
+        sh(&[
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            &p(&format!("{name}.csr")),
+            "-CA",
+            &p("ca.pem"),
+            "-CAkey",
+            &p("ca-key.pem"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &p(&format!("{name}.ext")),
+            "-out",
+            &p(&format!("{name}.pem")),
+        ])?;
+    }
+    Ok(())
+}
+
+/// Connect and wait (bounded) until etcd answers.
+async fn connect(opts: &EtcdOptions) -> Result<EtcdRegistry> {
+    let reg = EtcdRegistry::connect(opts).await?;
+    wait_for("etcd to answer", Duration::from_secs(30), || {
+        let reg = reg.clone();
+        async move { reg.get_config().await.is_ok() }
+    })
+    .await?;
+    Ok(reg)
+}
+
+async fn wait_for<F, Fut>(what: &str, limit: Duration, mut cond: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if cond().await {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn put(reg: &EtcdRegistry, key: &str, value: &str) -> Result<()> {
+    reg.client()
+        .kv_client()
+        .put(format!("{PREFIX}/{key}"), value, None)
+        .await?;
+    Ok(())
+}
+
+async fn del(reg: &EtcdRegistry, key: &str) -> Result<()> {
+    reg.client()
+        .kv_client()
+        .delete(format!("{PREFIX}/{key}"), None)
+        .await?;
+    Ok(())
+}
+
+/// key -> (value, lease) of everything under subnets/.
+async fn subnets(reg: &EtcdRegistry) -> Result<BTreeMap<String, (String, i64)>> {
+    let (kvs, _) = reg.list_subnets().await?;
+    Ok(kvs
+        .into_iter()
+        .map(|kv| {
+            (
+                kv.name,
+                (String::from_utf8_lossy(&kv.value).to_string(), kv.lease),
+            )
+        })
+        .collect())
+}
+
+fn cfg(json: &str) -> NetworkConfig {
+    NetworkConfig::parse(json.as_bytes()).unwrap()
+}
+
+fn attrs(i: u8) -> LeaseAttrs {
+    LeaseAttrs {
+        public_ip: Ipv4Addr::new(198, 18, 0, i),
+        vni: 1,
+        vtep_mac: format!("02:00:00:00:00:{i:02x}").parse().unwrap(),
+    }
+}
+
+fn net(s: &str) -> Ipv4Net {
+    s.parse().unwrap()
+}
+
+const TTL: Duration = Duration::from_secs(30);
+
+#[test]
+fn racing_acquires_never_share_a_subnet_and_run_out_cleanly() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let opts = etcd.opts();
+    etcd.run(move || async move {
+        let reg = connect(&opts).await?;
+        // /24 split into /28s: 16 subnets, the first skipped, so 15 to hand out.
+        let c = cfg(r#"{"Network":"10.50.0.0/24","SubnetLen":28}"#);
+        let mut tasks = Vec::new();
+        for i in 1..=20u8 {
+            // Each racer has its own client: real concurrent transactions.
+            let reg = EtcdRegistry::connect(&opts).await?;
+            let c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                (i, acquire(&reg, &c, &attrs(i), None, TTL).await)
+            }));
+        }
+        let mut won = BTreeMap::new();
+        let mut out_of_subnets = Vec::new();
+        for t in tasks {
+            let (i, r) = t.await?;
+            match r {
+                Ok(l) => {
+                    assert_eq!(l.attrs, attrs(i));
+                    if let Some(other) = won.insert(l.subnet, i) {
+                        panic!("{} given to both {other} and {i}", l.subnet);
+                    }
+                }
+                Err(RegistryError::Alloc(e)) => out_of_subnets.push(e.to_string()),
+                Err(e) => bail!("racer {i}: {e}"),
+            }
+        }
+        assert_eq!(won.len(), 15, "{won:?}");
+        assert_eq!(out_of_subnets.len(), 5);
+        for m in &out_of_subnets {
+            for want in [
+                "10.50.0.16-10.50.0.240",
+                "all 15 /28 subnets",
+                "15 leases exist",
+                "delete stale leases under /coreos.com/network/subnets/",
+            ] {
+                assert!(m.contains(want), "{m:?} lacks {want:?}");
+            }
+        }
+        // etcd agrees: one key per winner, carrying the winner's lease value.
+        let stored = subnets(&reg).await?;
+        assert_eq!(stored.len(), 15);
+        for (subnet, i) in &won {
+            let (value, lease) = &stored[&format!("{}-{}", subnet.network(), 28)];
+            assert_eq!(value, &attrs(*i).to_json());
+            assert_ne!(*lease, 0, "claimed on an etcd lease");
+        }
+        Ok(())
+    })
+}
+
+#[test]
+fn acquire_reuses_by_public_ip_and_honours_previous() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let opts = etcd.opts();
+    etcd.run(move || async move {
+        let reg = connect(&opts).await?;
+        let c = cfg(r#"{"Network":"10.60.0.0/16","SubnetMax":"10.60.20.0"}"#);
+
+        // Reuse: same public IP, new MAC -> same subnet, new value, moved onto a new lease.
+        let first = acquire(&reg, &c, &attrs(1), None, TTL).await?;
+        let key = format!("{}-24", first.subnet.network());
+        let old_lease = subnets(&reg).await?[&key].1;
+        let mut again = attrs(1);
+        again.vtep_mac = "02:aa:bb:cc:dd:ee".parse().unwrap();
+        let second = acquire(&reg, &c, &again, Some(net("10.60.9.0/24")), TTL).await?;
+        assert_eq!(second.subnet, first.subnet, "reuse beats previous");
+        let (value, lease) = subnets(&reg).await?[&key].clone();
+        assert_eq!(value, again.to_json());
+        assert_ne!(lease, old_lease, "re-put on our new etcd lease");
+        assert_eq!(subnets(&reg).await?.len(), 1);
+
+        // Previous subnet honoured when free and valid.
+        let b = acquire(&reg, &c, &attrs(2), Some(net("10.60.7.0/24")), TTL).await?;
+        assert_eq!(b.subnet, net("10.60.7.0/24"));
+        // Previous taken -> some other free subnet.
+        let d = acquire(&reg, &c, &attrs(3), Some(net("10.60.7.0/24")), TTL).await?;
+        assert!(d.subnet != b.subnet && d.subnet != first.subnet, "{d:?}");
+        // Previous outside SubnetMin..SubnetMax -> ignored.
+        let e = acquire(&reg, &c, &attrs(4), Some(net("10.60.30.0/24")), TTL).await?;
+        assert!(c.fits(e.subnet) && e.subnet != net("10.60.30.0/24"));
+
+        // Our old lease that no longer fits (left from an older config) is deleted, a new one
+        // taken.
+        put(&reg, "subnets/10.60.0.0-24", &attrs(5).to_json()).await?;
+        let f = acquire(&reg, &c, &attrs(5), None, TTL).await?;
+        assert!(c.fits(f.subnet));
+        let stored = subnets(&reg).await?;
+        assert!(!stored.contains_key("10.60.0.0-24"), "{stored:?}");
+        assert_eq!(stored.len(), 5);
+
+        // Our dual-stack key is replaced by a plain key for the same subnet.
+        put(&reg, "subnets/10.60.12.0-24&fc00::-64", &attrs(6).to_json()).await?;
+        let g = acquire(&reg, &c, &attrs(6), Some(net("10.60.13.0/24")), TTL).await?;
+        assert_eq!(g.subnet, net("10.60.12.0/24"));
+        let stored = subnets(&reg).await?;
+        assert!(
+            !stored.contains_key("10.60.12.0-24&fc00::-64"),
+            "{stored:?}"
+        );
+        assert_eq!(stored["10.60.12.0-24"].0, attrs(6).to_json());
+        Ok(())
+    })
+}
+
+#[test]
+fn out_of_subnets_counts_foreign_and_garbage_keys() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let opts = etcd.opts();
+    etcd.run(move || async move {
+        let reg = connect(&opts).await?;
+        let c =
+            cfg(r#"{"Network":"10.70.0.0/16","SubnetMin":"10.70.1.0","SubnetMax":"10.70.2.0"}"#);
+        put(&reg, "subnets/10.70.1.0-24", &attrs(1).to_json()).await?;
+        // Garbage value still occupies its subnet.
+        put(&reg, "subnets/10.70.2.0-24", "not json").await?;
+        let e = acquire(&reg, &c, &attrs(9), None, TTL).await.unwrap_err();
+        let RegistryError::Alloc(AllocError::OutOfSubnets { leases, .. }) = &e else {
+            bail!("expected out of subnets, got {e}");
+        };
+        assert_eq!(*leases, 2);
+        let m = e.to_string();
+        assert!(
+            m.contains("10.70.1.0-10.70.2.0") && m.contains("2 leases exist"),
+            "{m}"
+        );
+        Ok(())
+    })
+}
+
+#[test]
+fn keep_lease_renews_reacquires_and_republishes() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let opts = etcd.opts();
+    etcd.run(move || async move {
+        let reg = connect(&opts).await?;
+        let c = cfg(r#"{"Network":"10.80.0.0/16"}"#);
+        let ttl = Duration::from_secs(5);
+        let lease = acquire(&reg, &c, &attrs(1), None, ttl).await?;
+        let key = format!("{}-24", lease.subnet.network());
+        let metrics = Arc::new(Metrics::default());
+        let (attrs_tx, attrs_rx) = watch::channel(attrs(1));
+        let (out_tx, mut out_rx) = watch::channel(lease.clone());
+        let task = tokio::spawn(keep_lease(
+            reg.clone(),
+            c.clone(),
+            lease.clone(),
+            ttl,
+            attrs_rx,
+            out_tx,
+            metrics.clone(),
+        ));
+
+        // Renewals keep the 5 s lease alive well past its TTL.
+        let m = metrics.clone();
+        wait_for("6 renewals", Duration::from_secs(30), || {
+            let m = m.clone();
+            async move { m.lease_renewals.load(Relaxed) >= 6 }
+        })
+        .await?;
+        assert!(
+            subnets(&reg).await?.contains_key(&key),
+            "lease survived > TTL"
+        );
+        assert_eq!(metrics.lease_reacquisitions.load(Relaxed), 0);
+
+        // Deleted by hand -> the same subnet comes back.
+        let before = subnets(&reg).await?[&key].1;
+        del(&reg, &format!("subnets/{key}")).await?;
+        let r = reg.clone();
+        let k = key.clone();
+        wait_for("the lease to come back", Duration::from_secs(30), || {
+            let (r, k) = (r.clone(), k.clone());
+            async move {
+                subnets(&r)
+                    .await
+                    .map(|s| s.get(&k).is_some_and(|(v, _)| *v == attrs(1).to_json()))
+                    .unwrap_or(false)
+            }
+        })
+        .await?;
+        assert_eq!(metrics.lease_reacquisitions.load(Relaxed), 1);
+        assert_eq!(out_rx.borrow_and_update().subnet, lease.subnet);
+        let after = subnets(&reg).await?[&key].1;
+        assert_ne!(after, before, "claimed on a fresh etcd lease");
+
+        // The etcd lease revoked by hand (as if it expired) -> back again.
+        reg.client().lease_client().revoke(after).await?;
+        let r = reg.clone();
+        let k = key.clone();
+        wait_for(
+            "the lease to come back after revoke",
+            Duration::from_secs(30),
+            || {
+                let (r, k) = (r.clone(), k.clone());
+                async move {
+                    subnets(&r)
+                        .await
+                        .map(|s| s.get(&k).is_some_and(|(_, l)| *l != after))
+                        .unwrap_or(false)
+                }
+            },
+        )
+        .await?;
+        assert_eq!(metrics.lease_reacquisitions.load(Relaxed), 2);
+
+        // New attributes (MAC changed) are re-put and published.
+        let mut new = attrs(1);
+        new.vtep_mac = "02:11:22:33:44:55".parse().unwrap();
+        attrs_tx.send(new.clone())?;
+        let r = reg.clone();
+        let (k, n) = (key.clone(), new.clone());
+        wait_for("the new value", Duration::from_secs(30), || {
+            let (r, k, n) = (r.clone(), k.clone(), n.clone());
+            async move {
+                subnets(&r)
+                    .await
+                    .map(|s| s.get(&k).is_some_and(|(v, _)| *v == n.to_json()))
+                    .unwrap_or(false)
+            }
+        })
+        .await?;
+        wait_for("out to carry new attrs", Duration::from_secs(10), || {
+            let ok = out_rx.borrow().attrs == new;
+            async move { ok }
+        })
+        .await?;
+        assert_eq!(
+            metrics.lease_reacquisitions.load(Relaxed),
+            2,
+            "update is not a loss"
+        );
+        assert!(!task.is_finished());
+        task.abort();
+        Ok(())
+    })
+}
+
+#[test]
+fn keep_lease_survives_etcd_restart_and_takes_same_subnet() -> Result<()> {
+    let mut etcd = Etcd::start()?;
+    let opts = etcd.opts();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let path = format!("/run/netns/{}", etcd.ns);
+    // The test thread controls etcd; the netns thread runs the keeper.
+    let worker = std::thread::spawn(move || -> Result<()> {
+        let fd = File::open(&path)?;
+        nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let reg = connect(&opts).await?;
+            let c = cfg(r#"{"Network":"10.90.0.0/16"}"#);
+            let ttl = Duration::from_secs(3);
+            let lease = acquire(&reg, &c, &attrs(1), None, ttl).await?;
+            let metrics = Arc::new(Metrics::default());
+            let (_attrs_tx, attrs_rx) = watch::channel(attrs(1));
+            let (out_tx, out_rx) = watch::channel(lease.clone());
+            let task = tokio::spawn(keep_lease(
+                reg.clone(),
+                c,
+                lease.clone(),
+                ttl,
+                attrs_rx,
+                out_tx,
+                metrics.clone(),
+            ));
+            stop_tx.send(())?;
+            // etcd is down for longer than the TTL while we wait here.
+            tokio::task::spawn_blocking(move || go_rx.recv()).await??;
+            let m = metrics.clone();
+            wait_for("reconnects to be counted", Duration::from_secs(30), || {
+                let m = m.clone();
+                async move { m.etcd_reconnects.load(Relaxed) >= 1 }
+            })
+            .await?;
+            let r = reg.clone();
+            let key = format!("{}-24", lease.subnet.network());
+            wait_for("our key after the restart", Duration::from_secs(60), || {
+                let (r, k) = (r.clone(), key.clone());
+                async move {
+                    subnets(&r)
+                        .await
+                        .map(|s| s.get(&k).is_some_and(|(v, _)| *v == attrs(1).to_json()))
+                        .unwrap_or(false)
+                }
+            })
+            .await?;
+            // Still renewing afterwards.
+            let n = metrics.lease_renewals.load(Relaxed);
+            let m = metrics.clone();
+            wait_for(
+                "renewals after the restart",
+                Duration::from_secs(30),
+                || {
+                    let m = m.clone();
+                    async move { m.lease_renewals.load(Relaxed) > n + 2 }
+                },
+            )
+            .await?;
+            assert_eq!(out_rx.borrow().subnet, lease.subnet);
+            assert!(!task.is_finished());
+            task.abort();
+            Ok(())
+        })
+    });
+    stop_rx.recv()?;
+    etcd.stop();
+    // Longer than the 3 s TTL: the lease is expired on restart (etcd restores leases with a
+    // fresh TTL, so either way the keeper must end up holding the subnet).
+    std::thread::sleep(Duration::from_secs(5));
+    etcd.restart()?;
+    go_tx.send(())?;
+    worker
+        .join()
+        .map_err(|_| anyhow::anyhow!("worker panicked"))?
+}
+
+/// Applies peer events like the daemon would: a Snapshot replaces, Upsert/Remove patch.
+#[derive(Default)]
+struct Model {
+    peers: BTreeMap<Ipv4Net, Peer>,
+    snapshots: usize,
+}
+
+impl Model {
+    fn apply(&mut self, ev: PeerEvent) {
+        match ev {
+            PeerEvent::Snapshot(ps) => {
+                self.snapshots += 1;
+                self.peers = ps.into_iter().map(|p| (p.subnet, p)).collect();
+            }
+            PeerEvent::Upsert(p) => {
+                self.peers.insert(p.subnet, p);
+            }
+            PeerEvent::Remove(n) => {
+                self.peers.remove(&n);
+            }
+        }
+    }
+}
+
+async fn next(rx: &mut mpsc::Receiver<PeerEvent>) -> Result<PeerEvent> {
+    tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        .await
+        .context("no peer event")?
+        .context("watcher ended")
+}
+
+fn peer(i: u8) -> Peer {
+    let a = attrs(i);
+    Peer {
+        subnet: net(&format!("10.100.{i}.0/24")),
+        public_ip: a.public_ip,
+        vtep_mac: a.vtep_mac,
+    }
+}
+
+async fn put_peer(reg: &EtcdRegistry, i: u8) -> Result<()> {
+    put(
+        reg,
+        &format!("subnets/10.100.{i}.0-24"),
+        &attrs(i).to_json(),
+    )
+    .await
+}
+
+fn own(i: u8) -> OwnLease {
+    OwnLease {
+        subnet: net(&format!("10.100.{i}.0/24")),
+        attrs: attrs(i),
+    }
+}
+
+#[test]
+fn watch_peers_snapshot_then_changes_skipping_garbage() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let opts = etcd.opts();
+    etcd.run(move || async move {
+        let reg = connect(&opts).await?;
+        let c = cfg(r#"{"Network":"10.100.0.0/16"}"#);
+        put_peer(&reg, 1).await?; // ours
+        put_peer(&reg, 2).await?;
+        put_peer(&reg, 3).await?;
+        put(&reg, "subnets/10.100.4.0-24", "{garbage").await?;
+        put(&reg, "subnets/10.101.0.0-24", &attrs(5).to_json()).await?; // outside network
+        put(&reg, "subnets/10.100.6.0-25", &attrs(6).to_json()).await?; // wrong length
+        put(&reg, "subnets/not-a-subnet", &attrs(7).to_json()).await?;
+        let metrics = Arc::new(Metrics::default());
+        let (own_tx, own_rx) = watch::channel(own(1));
+        let (tx, mut rx) = mpsc::channel(64);
+        let task = tokio::spawn(watch_peers(reg.clone(), c, own_rx, tx, metrics.clone()));
+
+        let PeerEvent::Snapshot(ps) = next(&mut rx).await? else {
+            bail!("first event must be a snapshot");
+        };
+        assert_eq!(ps, vec![peer(2), peer(3)]);
+        assert_eq!(metrics.invalid_leases_skipped.load(Relaxed), 4);
+
+        // Our own subnet changing produces nothing; the next peer does.
+        put(&reg, "subnets/10.100.1.0-24", &attrs(1).to_json()).await?;
+        put_peer(&reg, 8).await?;
+        assert!(matches!(next(&mut rx).await?, PeerEvent::Upsert(p) if p == peer(8)));
+        // A lease turning invalid is removed.
+        put(
+            &reg,
+            "subnets/10.100.2.0-24",
+            r#"{"PublicIP":"198.18.0.2"}"#,
+        )
+        .await?;
+        assert!(matches!(next(&mut rx).await?, PeerEvent::Remove(n) if n == peer(2).subnet));
+        // Delete -> Remove.
+        del(&reg, "subnets/10.100.3.0-24").await?;
+        assert!(matches!(next(&mut rx).await?, PeerEvent::Remove(n) if n == peer(3).subnet));
+        // A changed value -> Upsert with the new MAC.
+        let mut moved = attrs(8);
+        moved.vtep_mac = "02:00:00:00:01:08".parse().unwrap();
+        put(&reg, "subnets/10.100.8.0-24", &moved.to_json()).await?;
+        let PeerEvent::Upsert(p) = next(&mut rx).await? else {
+            bail!("expected upsert")
+        };
+        assert_eq!(p.vtep_mac, moved.vtep_mac);
+
+        // Our subnet moves to 10.100.8.0/24: a snapshot without it (and with our old one,
+        // which is now someone else's lease as far as this watcher knows).
+        own_tx.send(own(8))?;
+        let PeerEvent::Snapshot(ps) = next(&mut rx).await? else {
+            bail!("expected a snapshot after our subnet changed")
+        };
+        assert_eq!(ps, vec![peer(1)]);
+        assert!(!task.is_finished());
+        task.abort();
+        Ok(())
+    })
+}
+
+#[test]
+fn watch_peers_loses_nothing_under_churn_restart_and_compaction() -> Result<()> {
+    let mut etcd = Etcd::start()?;
+    let opts = etcd.opts();
+    let path = format!("/run/netns/{}", etcd.ns);
+    let (phase_tx, phase_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let worker = std::thread::spawn(move || -> Result<()> {
+        let fd = File::open(&path)?;
+        nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let reg = connect(&opts).await?;
+            let c = cfg(r#"{"Network":"10.100.0.0/16"}"#);
+            // A writer churns leases while the watcher lists and starts watching: whatever
+            // falls between list and watch must still arrive.
+            let writer = {
+                let reg = EtcdRegistry::connect(&opts).await?;
+                tokio::spawn(async move {
+                    for round in 0..300u32 {
+                        let i = (round * 7 % 20) as u8 + 2;
+                        if round % 3 == 2 {
+                            del(&reg, &format!("subnets/10.100.{i}.0-24")).await?;
+                        } else {
+                            put_peer(&reg, i).await?;
+                        }
+                    }
+                    anyhow::Ok(())
+                })
+            };
+            let metrics = Arc::new(Metrics::default());
+            let (_own_tx, own_rx) = watch::channel(own(1));
+            let (tx, mut rx) = mpsc::channel(1024);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let task = tokio::spawn(watch_peers(
+                reg.clone(),
+                c.clone(),
+                own_rx,
+                tx,
+                metrics.clone(),
+            ));
+            writer.await??;
+
+            let mut model = Model::default();
+            let expected = |s: BTreeMap<String, (String, i64)>| -> BTreeMap<Ipv4Net, Peer> {
+                s.keys()
+                    .map(|k| k.trim_start_matches("10.100.").trim_end_matches(".0-24"))
+                    .filter_map(|i| i.parse::<u8>().ok())
+                    .filter(|&i| i != 1)
+                    .map(|i| (peer(i).subnet, peer(i)))
+                    .collect()
+            };
+            let want = expected(subnets(&reg).await?);
+            assert!(!want.is_empty());
+            while model.peers != want {
+                model.apply(next(&mut rx).await?);
+            }
+
+            // etcd goes away; while the watcher cannot reach it, leases change and the history
+            // is compacted. When etcd is back the watcher re-lists (a new Snapshot) with the
+            // changes, and keeps following.
+            phase_tx.send(())?;
+            tokio::task::spawn_blocking(move || go_rx.recv()).await??;
+            let reg = connect(&opts).await?;
+            let want = expected(subnets(&reg).await?);
+            assert!(want.contains_key(&peer(30).subnet));
+            assert!(!want.contains_key(&peer(2).subnet));
+            let snapshots = model.snapshots;
+            while model.peers != want || model.snapshots == snapshots {
+                model.apply(next(&mut rx).await?);
+            }
+            put_peer(&reg, 32).await?;
+            let want = expected(subnets(&reg).await?);
+            while model.peers != want {
+                model.apply(next(&mut rx).await?);
+            }
+            assert!(metrics.peer_resyncs.load(Relaxed) >= 1);
+            assert!(metrics.etcd_reconnects.load(Relaxed) >= 1);
+            assert!(!task.is_finished());
+            task.abort();
+            Ok(())
+        })
+    });
+    if phase_rx.recv().is_ok() {
+        etcd.change_and_compact_hidden()?;
+        go_tx.send(())?;
+    }
+    worker
+        .join()
+        .map_err(|_| anyhow::anyhow!("worker panicked"))?
+}
+
+#[test]
+fn watch_from_a_compacted_revision_asks_for_a_relist() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let opts = etcd.opts();
+    etcd.run(move || async move {
+        let reg = connect(&opts).await?;
+        put_peer(&reg, 2).await?;
+        let (_, rev) = reg.list_subnets().await?;
+        put_peer(&reg, 3).await?;
+        del(&reg, "subnets/10.100.2.0-24").await?;
+        let (_, now) = reg.list_subnets().await?;
+        reg.client().kv_client().compact(now, None).await?;
+        // Watching from just after the old list hits the compaction.
+        let mut w = reg.watch_subnets(rev + 1, None).await?;
+        let msg = tokio::time::timeout(Duration::from_secs(10), w.next()).await??;
+        assert!(
+            matches!(&msg, WatchMsg::Reset(why) if why.contains("compacted")),
+            "{msg:?}"
+        );
+        // From the current revision it works and sees the next change.
+        let mut w = reg.watch_subnets(now + 1, None).await?;
+        put_peer(&reg, 4).await?;
+        let msg = tokio::time::timeout(Duration::from_secs(10), w.next()).await??;
+        assert!(
+            matches!(msg, WatchMsg::Changes(ref c) if c.len() == 1),
+            "{msg:?}"
+        );
+        Ok(())
+    })
+}
+
+#[test]
+fn dead_etcd_gives_errors_not_hangs() -> Result<()> {
+    let mut etcd = Etcd::start()?;
+    etcd.stop();
+    let opts = etcd.opts();
+    etcd.run(move || async move {
+        // connect is lazy and succeeds; calls fail within the call timeout.
+        let reg = EtcdRegistry::connect(&opts).await?;
+        let r = tokio::time::timeout(Duration::from_secs(60), reg.get_config()).await?;
+        assert!(matches!(r, Err(RegistryError::Etcd(_))), "{r:?}");
+        let r = tokio::time::timeout(
+            Duration::from_secs(60),
+            acquire(
+                &reg,
+                &cfg(r#"{"Network":"10.1.0.0/16"}"#),
+                &attrs(1),
+                None,
+                TTL,
+            ),
+        )
+        .await?;
+        assert!(matches!(r, Err(RegistryError::Etcd(_))), "{r:?}");
+        Ok(())
+    })
+}
+
+#[test]
+fn bad_options_are_reported() -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut o = EtcdOptions {
+            endpoints: vec!["http://127.0.0.1:1".into()],
+            prefix: PREFIX.into(),
+            ca_file: Some("/nonexistent/ca.pem".into()),
+            cert_file: None,
+            key_file: None,
+        };
+        let e = EtcdRegistry::connect(&o)
+            .await
+            .err()
+            .context("missing CA")?;
+        assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
+        o.ca_file = None;
+        o.endpoints = vec![];
+        assert!(EtcdRegistry::connect(&o).await.is_err());
+        o.endpoints = vec!["127.0.0.1:1".into()];
+        o.prefix = "relative".into();
+        assert!(EtcdRegistry::connect(&o).await.is_err());
+        Ok(())
+    })
+}
+
+#[test]
+fn tls_with_client_certificates() -> Result<()> {
+    let etcd = Etcd::start_with(true)?;
+    let opts = etcd.opts();
+    etcd.run(move || async move {
+        // Scheme-less endpoint + TLS files -> https.
+        let reg = connect(&opts).await?;
+        let c = cfg(r#"{"Network":"10.110.0.0/16"}"#);
+        let l = acquire(&reg, &c, &attrs(1), None, TTL).await?;
+        assert!(subnets(&reg)
+            .await?
+            .contains_key(&format!("{}-24", l.subnet.network())));
+        // Explicit https:// works too.
+        let mut o = opts.clone();
+        o.endpoints = vec![format!("https://127.0.0.1:{CLIENT_PORT}")];
+        let reg2 = connect(&o).await?;
+        assert_eq!(subnets(&reg2).await?.len(), 1);
+        // Without a client certificate etcd refuses us: an error, not a hang.
+        o.cert_file = None;
+        o.key_file = None;
+        let reg3 = EtcdRegistry::connect(&o).await?;
+        let r = tokio::time::timeout(Duration::from_secs(60), reg3.get_config()).await?;
+        assert!(r.is_err(), "{r:?}");
+        // Plain http endpoint with TLS files is refused up front.
+        let mut o = opts.clone();
+        o.endpoints = vec![format!("http://127.0.0.1:{CLIENT_PORT}")];
+        assert!(matches!(
+            EtcdRegistry::connect(&o).await,
+            Err(RegistryError::Options(_))
+        ));
+        Ok(())
+    })
+}
