@@ -1,6 +1,6 @@
 //! `twilld`: the twill node daemon. See `twilld --help`.
 
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::ExitCode;
 use std::time::Duration;
