@@ -62,6 +62,12 @@ struct KeyGuard<'a> {
 }
 
 impl KeyLocks {
+    /// Keys with an operation running or waiting.
+    fn in_flight(&self) -> Vec<Owner> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.keys().cloned().collect()
+    }
+
     async fn lock(&self, key: Owner) -> KeyGuard<'_> {
         let m = {
             let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -494,6 +500,8 @@ async fn gc(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
             }
         }
     }
+    // An ADD still running is not in the runtime's list yet; GC must not pull it from under it.
+    valid.extend(ctx.keys.in_flight());
     let stale: Vec<Owner> = ctx
         .ipam
         .allocations()
