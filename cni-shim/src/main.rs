@@ -1,6 +1,10 @@
 //! `twill`: the CNI plugin. Validates what the runtime passed, then forwards one request to the
 //! node's twilld over a Unix socket and prints its answer. VERSION and every input error are
 //! answered here without the daemon. No async runtime: one blocking connection is all it needs.
+//!
+//! Config keys of its own (besides the standard ones): `socket` (path of twilld's CNI socket,
+//! default /run/twill/cni.sock) and `timeout` (seconds to wait for twilld, default 30). `dns` is
+//! copied into the ADD result.
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
