@@ -967,6 +967,14 @@ fn bad_clients_are_refused_and_never_stall_others() {
         raw_exchange(&node.socket, &frame),
         twill_proto::Response::Ok(None)
     );
+    req.command = twill_proto::Command::Version;
+    let frame = twill_proto::encode_frame(&req).unwrap();
+    assert_eq!(
+        raw_exchange(&node.socket, &frame),
+        twill_proto::Response::Ok(Some(
+            json!({"cniVersion": "1.1.0", "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"]})
+        ))
+    );
 
     // A client that connects and sends nothing does not hold up anyone.
     let _stalled: Vec<_> = (0..4)
