@@ -1,1 +1,368 @@
-fn main() {}
+//! `twill`: the CNI plugin. Validates what the runtime passed, then forwards one request to the
+//! node's twilld over a Unix socket and prints its answer. VERSION and every input error are
+//! answered here without the daemon. No async runtime: one blocking connection is all it needs.
+//!
+//! Config keys of its own (besides the standard ones): `socket` (path of twilld's CNI socket,
+//! default /run/twill/cni.sock) and `timeout` (seconds to wait for twilld, default 30). `dns` is
+//! copied into the ADD result.
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use twill_proto::{
+    codes, frame_len, is_supported_version, version_has_gc_status, CniError, Command, Request,
+    Response, DEFAULT_SOCKET, PROTOCOL, SUPPORTED_VERSIONS,
+};
+
+/// Seconds to wait for twilld's answer unless the config's `timeout` says otherwise. ADD can
+/// wait behind bridge creation, so be generous, but never unbounded.
+const DEFAULT_TIMEOUT_SECS: f64 = 30.0;
+/// Version used in error output when the config does not name one.
+const FALLBACK_VERSION: &str = "1.1.0";
+
+fn main() -> ExitCode {
+    let env = |k: &str| std::env::var(k).ok();
+    let mut stdin = Vec::new();
+    // A read error leaves stdin empty; decoding reports it below.
+    let _ = std::io::stdin()
+        .take(twill_proto::MAX_FRAME as u64 + 1)
+        .read_to_end(&mut stdin);
+    let (out, ok) = run(&env, &stdin);
+    if let Some(v) = out {
+        let mut o = std::io::stdout().lock();
+        let _ = writeln!(o, "{v}");
+        let _ = o.flush();
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Returns what to print and whether it is a success.
+fn run(env: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> (Option<Value>, bool) {
+    let parsed: Result<Value, String> = if stdin.len() > twill_proto::MAX_FRAME {
+        Err(format!("stdin exceeds {} bytes", twill_proto::MAX_FRAME))
+    } else {
+        serde_json::from_slice::<Value>(stdin)
+            .map_err(|e| e.to_string())
+            .and_then(|v| {
+                if v.is_object() {
+                    Ok(v)
+                } else {
+                    Err("the network configuration is not a JSON object".into())
+                }
+            })
+    };
+    let asked = parsed
+        .as_ref()
+        .ok()
+        .and_then(|v| v.get("cniVersion"))
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let err_version = asked.clone().unwrap_or_else(|| FALLBACK_VERSION.into());
+    let fail = |e: CniError| (Some(e.to_json(&err_version)), false);
+
+    let command = match env("CNI_COMMAND").filter(|s| !s.is_empty()) {
+        None => {
+            return fail(CniError::new(
+                codes::INVALID_ENV,
+                "missing environment variables: CNI_COMMAND",
+            ))
+        }
+        Some(c) => match Command::parse(&c) {
+            Some(c) => c,
+            None => {
+                return fail(CniError::new(
+                    codes::INVALID_ENV,
+                    format!(
+                    "invalid CNI_COMMAND {c:?}: expected ADD, DEL, CHECK, VERSION, GC or STATUS"
+                ),
+                ))
+            }
+        },
+    };
+
+    if command == Command::Version {
+        let asked = match &parsed {
+            Ok(_) => asked.unwrap_or_else(|| FALLBACK_VERSION.into()),
+            // Some callers send no config at all to VERSION.
+            Err(_) if stdin.iter().all(u8::is_ascii_whitespace) => FALLBACK_VERSION.into(),
+            Err(e) => {
+                return fail(CniError::new(
+                    codes::DECODE_FAILED,
+                    format!("failed to decode the network configuration on stdin: {e}"),
+                ))
+            }
+        };
+        return (
+            Some(json!({"cniVersion": asked, "supportedVersions": SUPPORTED_VERSIONS})),
+            true,
+        );
+    }
+
+    let missing: Vec<&str> = command
+        .required_env()
+        .iter()
+        .copied()
+        .filter(|k| env(k).is_none_or(|v| v.is_empty()))
+        .collect();
+    if !missing.is_empty() {
+        return fail(CniError::new(
+            codes::INVALID_ENV,
+            format!(
+                "missing environment variables for {}: {}",
+                command.as_str(),
+                missing.join(", ")
+            ),
+        ));
+    }
+
+    let config = match parsed {
+        Ok(v) => v,
+        Err(e) => {
+            return fail(CniError::new(
+                codes::DECODE_FAILED,
+                format!("failed to decode the network configuration on stdin: {e}"),
+            ))
+        }
+    };
+    let version = match config.get("cniVersion") {
+        Some(Value::String(v)) => v.clone(),
+        _ => {
+            return fail(CniError::new(
+                codes::INVALID_CONFIG,
+                "the network configuration has no cniVersion string",
+            ))
+        }
+    };
+    if !is_supported_version(&version) {
+        return fail(CniError::new(
+            codes::INCOMPATIBLE_VERSION,
+            format!(
+                "unsupported cniVersion {version:?}; twill supports {}",
+                SUPPORTED_VERSIONS.join(", ")
+            ),
+        ));
+    }
+    if matches!(command, Command::Gc | Command::Status) && !version_has_gc_status(&version) {
+        return fail(CniError::new(
+            codes::INCOMPATIBLE_VERSION,
+            format!(
+                "{} needs cniVersion 1.1.0, the configuration asks for {version}",
+                command.as_str()
+            ),
+        ));
+    }
+
+    let container_id = env("CNI_CONTAINERID").unwrap_or_default();
+    let ifname = env("CNI_IFNAME").unwrap_or_default();
+    if matches!(command, Command::Add | Command::Check | Command::Del) {
+        if let Err(e) = validate_container_id(&container_id) {
+            return fail(e);
+        }
+        if let Err(e) = validate_ifname(&ifname) {
+            return fail(e);
+        }
+    }
+
+    let socket = match config.get("socket") {
+        None => PathBuf::from(DEFAULT_SOCKET),
+        Some(Value::String(s)) if !s.is_empty() => PathBuf::from(s),
+        Some(_) => {
+            return fail(CniError::new(
+                codes::INVALID_CONFIG,
+                "config key \"socket\" must be a non-empty path string",
+            ))
+        }
+    };
+    let timeout = match config.get("timeout") {
+        None => Duration::from_secs_f64(DEFAULT_TIMEOUT_SECS),
+        Some(v) => match v.as_f64() {
+            Some(s) if s > 0.0 && s <= 3600.0 => Duration::from_secs_f64(s),
+            _ => {
+                return fail(CniError::new(
+                    codes::INVALID_CONFIG,
+                    "config key \"timeout\" must be a number of seconds in (0, 3600]",
+                ))
+            }
+        },
+    };
+
+    let req = Request {
+        protocol: PROTOCOL,
+        command,
+        container_id,
+        netns: env("CNI_NETNS").unwrap_or_default(),
+        ifname,
+        args: env("CNI_ARGS").unwrap_or_default(),
+        path: env("CNI_PATH").unwrap_or_default(),
+        config,
+    };
+    match exchange(&socket, &req, timeout) {
+        Ok(Response::Ok(out)) => (out, true),
+        Ok(Response::Err(e)) => fail(e),
+        Err(e) => {
+            // The daemon being away means "not ready" for STATUS and "retry" for the rest.
+            let code = if command == Command::Status {
+                codes::NOT_AVAILABLE
+            } else {
+                codes::TRY_AGAIN_LATER
+            };
+            fail(
+                CniError::new(code, e)
+                    .with_details("is twilld running on this node? it serves the twill CNI socket"),
+            )
+        }
+    }
+}
+
+/// Spec: starts with an alphanumeric, then alphanumerics, '_', '.', '-'.
+fn validate_container_id(id: &str) -> Result<(), CniError> {
+    let mut chars = id.chars();
+    let ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            codes::INVALID_ENV,
+            format!("invalid CNI_CONTAINERID {id:?}: must start with a letter or digit followed by letters, digits, '_', '.' or '-'"),
+        ))
+    }
+}
+
+/// What the kernel accepts as a device name.
+fn validate_ifname(name: &str) -> Result<(), CniError> {
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
+    if ok {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            codes::INVALID_ENV,
+            format!("invalid CNI_IFNAME {name:?}: must be 1-15 characters without '/', ':' or whitespace"),
+        ))
+    }
+}
+
+/// One request, one response, every step bounded by `timeout`.
+fn exchange(socket: &Path, req: &Request, timeout: Duration) -> Result<Response, String> {
+    let deadline = Instant::now() + timeout;
+    let shown = socket.display().to_string();
+    let mut stream =
+        connect(socket, timeout).map_err(|e| format!("cannot reach twilld at {shown}: {e}"))?;
+    let frame =
+        twill_proto::encode_frame(req).map_err(|e| format!("cannot encode the request: {e}"))?;
+    let sent = stream
+        .set_write_timeout(Some(timeout))
+        .and_then(|_| stream.write_all(&frame));
+    if let Err(e) = sent {
+        // twilld may refuse before reading (e.g. a non-root caller) and close: its answer is
+        // still in our receive buffer and says more than EPIPE does.
+        return read_response(&mut stream, deadline, timeout, &shown)
+            .map_err(|_| io_msg(&e, "sending the request to", &shown, timeout));
+    }
+    read_response(&mut stream, deadline, timeout, &shown)
+}
+
+fn read_response(
+    stream: &mut UnixStream,
+    deadline: Instant,
+    timeout: Duration,
+    shown: &str,
+) -> Result<Response, String> {
+    let mut header = [0u8; 4];
+    read_until(stream, &mut header, deadline)
+        .map_err(|e| io_msg(&e, "waiting for an answer from", shown, timeout))?;
+    let n = frame_len(header).map_err(|e| format!("bad answer from twilld at {shown}: {e}"))?;
+    let mut body = vec![0u8; n];
+    read_until(stream, &mut body, deadline)
+        .map_err(|e| io_msg(&e, "reading the answer from", shown, timeout))?;
+    twill_proto::decode_body(&body).map_err(|e| format!("bad answer from twilld at {shown}: {e}"))
+}
+
+fn io_msg(e: &std::io::Error, doing: &str, socket: &str, timeout: Duration) -> String {
+    match e.kind() {
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => format!(
+            "timed out after {:.1}s {doing} twilld at {socket}",
+            timeout.as_secs_f64()
+        ),
+        ErrorKind::UnexpectedEof => {
+            format!("twilld at {socket} closed the connection without an answer")
+        }
+        _ => format!("{doing} twilld at {socket}: {e}"),
+    }
+}
+
+/// `read_exact` with an overall deadline (a socket read timeout alone restarts on every byte).
+fn read_until(stream: &mut UnixStream, buf: &mut [u8], deadline: Instant) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ErrorKind::TimedOut.into());
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut buf[done..]) {
+            Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A Unix connect blocks when the listener's backlog is full (a wedged daemon): bound it by
+/// connecting on a helper thread. The thread is abandoned on timeout; the process exits soon.
+fn connect(socket: &Path, timeout: Duration) -> std::io::Result<UnixStream> {
+    let (tx, rx) = mpsc::channel();
+    let path = socket.to_path_buf();
+    std::thread::spawn(move || {
+        let _ = tx.send(UnixStream::connect(path));
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            ErrorKind::TimedOut,
+            format!("connect timed out after {:.1}s", timeout.as_secs_f64()),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_ids() {
+        for ok in ["a", "abc-1.2_3", "0f3e"] {
+            assert!(validate_container_id(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-a", "a/b", "a b", "_x"] {
+            assert_eq!(validate_container_id(bad).unwrap_err().code, 4, "{bad}");
+        }
+    }
+
+    #[test]
+    fn ifnames() {
+        for ok in ["eth0", "net1", "a234567890abcde"] {
+            assert!(validate_ifname(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "..", "a/b", "a b", "a234567890abcdef", "e:1"] {
+            assert_eq!(validate_ifname(bad).unwrap_err().code, 4, "{bad}");
+        }
+    }
+}

@@ -2,12 +2,20 @@
 //! Listens on the CNI socket from start; until `node` holds a value, ADD answers "try again
 //! later" (11) and STATUS answers 50.
 
+pub mod ipam;
+mod ops;
+
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use ipnet::Ipv4Net;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
+use twill_proto::{codes, CniError, FrameError, Request, Response, PROTOCOL};
 
 use crate::metrics::Metrics;
 
@@ -32,12 +40,143 @@ impl NodeNet {
     }
 }
 
+/// How long a client may take to send its request.
+const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long we wait for a client to take the answer.
+const RESPONSE_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serve until the process exits. Errors only if the socket cannot be created.
 pub async fn serve(
-    _opts: CniOptions,
-    _node: watch::Receiver<Option<NodeNet>>,
-    _metrics: Arc<Metrics>,
+    opts: CniOptions,
+    node: watch::Receiver<Option<NodeNet>>,
+    metrics: Arc<Metrics>,
 ) -> std::io::Result<()> {
-    std::future::pending::<()>().await;
-    Ok(())
+    let ipam = ipam::Ipam::open(&opts.state_dir).map_err(std::io::Error::other)?;
+    let nl = crate::netlink::pod::PodNetlink::new().map_err(std::io::Error::other)?;
+    let listener = bind(&opts.socket)?;
+    tracing::info!(socket = %opts.socket.display(), bridge = %opts.bridge, "serving CNI requests");
+    let ctx = Arc::new(ops::Ctx::new(opts, node, metrics, ipam, nl));
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(handle_conn(ctx.clone(), stream));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accepting a CNI connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Creates the parent directory, replaces a stale socket (never a non-socket file), mode 0600.
+fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+async fn handle_conn(ctx: Arc<ops::Ctx>, mut stream: UnixStream) {
+    // Only root may drive pod networking; checked before reading a byte.
+    match stream.peer_cred() {
+        Ok(c) if c.uid() == 0 => {}
+        Ok(c) => {
+            tracing::warn!(
+                uid = c.uid(),
+                "refused a CNI connection from a non-root peer"
+            );
+            let e = CniError::new(
+                codes::PERMISSION_DENIED,
+                format!("permission denied: peer uid {} is not root", c.uid()),
+            );
+            write_response(&mut stream, &Response::Err(e)).await;
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read CNI peer credentials");
+            return;
+        }
+    }
+    let req = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_request(&mut stream)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            let code = match e {
+                FrameError::Io(_) => codes::IO_FAILURE,
+                _ => codes::DECODE_FAILED,
+            };
+            Metrics::inc(&ctx.metrics.cni_requests);
+            Metrics::inc(&ctx.metrics.cni_errors);
+            tracing::warn!(error = %e, "bad CNI request");
+            let e = CniError::new(code, format!("bad request: {e}"));
+            write_response(&mut stream, &Response::Err(e)).await;
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("CNI client sent no complete request in time");
+            return;
+        }
+    };
+    Metrics::inc(&ctx.metrics.cni_requests);
+    let resp = if req.protocol != PROTOCOL {
+        Err(CniError::new(
+            codes::INCOMPATIBLE_VERSION,
+            format!(
+                "socket protocol {} not supported by this twilld (speaks {PROTOCOL}); upgrade the twill plugin and twilld together",
+                req.protocol
+            ),
+        ))
+    } else {
+        ops::dispatch(&ctx, req).await
+    };
+    let resp = match resp {
+        Ok(v) => Response::Ok(v),
+        Err(e) => {
+            Metrics::inc(&ctx.metrics.cni_errors);
+            Response::Err(e)
+        }
+    };
+    write_response(&mut stream, &resp).await;
+}
+
+async fn read_request(stream: &mut UnixStream) -> Result<Request, FrameError> {
+    let mut header = [0u8; 4];
+    stream.read_exact(&mut header).await?;
+    let n = twill_proto::frame_len(header)?;
+    let mut body = vec![0u8; n];
+    stream.read_exact(&mut body).await?;
+    twill_proto::decode_body(&body)
+}
+
+async fn write_response(stream: &mut UnixStream, resp: &Response) {
+    let frame = match twill_proto::encode_frame(resp) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode a CNI response");
+            return;
+        }
+    };
+    let write = async {
+        stream.write_all(&frame).await?;
+        stream.shutdown().await
+    };
+    match tokio::time::timeout(RESPONSE_WRITE_TIMEOUT, write).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "CNI client went away before the answer"),
+        Err(_) => tracing::warn!("CNI client did not take the answer in time"),
+    }
 }

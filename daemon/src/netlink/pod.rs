@@ -1,2 +1,467 @@
 //! Netlink calls for pod networking (veth, bridge, addresses and routes inside a pod's netns).
 //! CONTRACT (owner: CNI helper).
+//!
+//! Two kinds of handle: [`PodNetlink::new`] talks to the namespace twilld runs in (the node's:
+//! bridge, host veth ends); [`in_netns`] runs a closure with a handle opened inside a pod's
+//! namespace, on a dedicated thread, because a namespace belongs to a thread and tokio workers
+//! must never switch.
+
+use std::fs::File;
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use futures::TryStreamExt;
+use ipnet::Ipv4Net;
+use nix::sched::{setns, CloneFlags};
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage,
+};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
+use rtnetlink::{
+    Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth,
+    RouteMessageBuilder,
+};
+
+use crate::mac::MacAddr;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PodNetError {
+    #[error("network namespace {0} does not exist (or is not a network namespace)")]
+    NetnsGone(String),
+    #[error("{context}: {message}")]
+    Failed {
+        context: String,
+        message: String,
+        /// The kernel's errno when the failure came from netlink.
+        errno: Option<i32>,
+    },
+}
+
+impl PodNetError {
+    fn other(context: impl Into<String>, message: impl ToString) -> Self {
+        PodNetError::Failed {
+            context: context.into(),
+            message: message.to_string(),
+            errno: None,
+        }
+    }
+
+    fn netlink(context: impl Into<String>, e: rtnetlink::Error) -> Self {
+        let errno = errno_of(&e);
+        let message = match errno {
+            Some(n) => std::io::Error::from_raw_os_error(n).to_string(),
+            None => e.to_string(),
+        };
+        PodNetError::Failed {
+            context: context.into(),
+            message,
+            errno,
+        }
+    }
+
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            PodNetError::Failed { errno, .. } => *errno,
+            PodNetError::NetnsGone(_) => None,
+        }
+    }
+}
+
+fn errno_of(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| c.get().abs()),
+        _ => None,
+    }
+}
+
+/// What we need to know about a link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkState {
+    pub index: u32,
+    pub mac: String,
+    pub mtu: u32,
+    pub controller: Option<u32>,
+    pub is_bridge: bool,
+}
+
+fn link_state(m: &LinkMessage) -> LinkState {
+    let mut s = LinkState {
+        index: m.header.index,
+        mac: String::new(),
+        mtu: 0,
+        controller: None,
+        is_bridge: false,
+    };
+    for a in &m.attributes {
+        match a {
+            LinkAttribute::Address(b) if b.len() == 6 => {
+                s.mac = MacAddr([b[0], b[1], b[2], b[3], b[4], b[5]]).to_string()
+            }
+            LinkAttribute::Mtu(m) => s.mtu = *m,
+            LinkAttribute::Controller(c) => s.controller = Some(*c),
+            LinkAttribute::LinkInfo(infos) => {
+                s.is_bridge = infos
+                    .iter()
+                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge)))
+            }
+            _ => {}
+        }
+    }
+    s
+}
+
+/// `ip link show NAME`; Ok(None) when it does not exist.
+pub async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkState>, PodNetError> {
+    match h.link().get().match_name(name).execute().try_next().await {
+        Ok(Some(m)) => Ok(Some(link_state(&m))),
+        Ok(None) => Ok(None),
+        Err(e) if errno_of(&e) == Some(libc::ENODEV) => Ok(None),
+        Err(e) => Err(PodNetError::netlink(format!("looking up link {name}"), e)),
+    }
+}
+
+/// `ip link del NAME`; Ok(false) when it was not there.
+pub async fn delete_link(h: &Handle, name: &str) -> Result<bool, PodNetError> {
+    let Some(l) = link_by_name(h, name).await? else {
+        return Ok(false);
+    };
+    match h.link().del(l.index).execute().await {
+        Ok(()) => Ok(true),
+        Err(e) if errno_of(&e) == Some(libc::ENODEV) => Ok(false),
+        Err(e) => Err(PodNetError::netlink(format!("deleting link {name}"), e)),
+    }
+}
+
+async fn v4_addrs(h: &Handle, index: u32) -> Result<Vec<Ipv4Net>, PodNetError> {
+    let mut out = Vec::new();
+    let mut s = h.address().get().set_link_index_filter(index).execute();
+    while let Some(m) = s
+        .try_next()
+        .await
+        .map_err(|e| PodNetError::netlink("listing addresses", e))?
+    {
+        if m.header.index != index {
+            continue;
+        }
+        for a in &m.attributes {
+            if let AddressAttribute::Address(std::net::IpAddr::V4(ip)) = a {
+                if let Ok(n) = Ipv4Net::new(*ip, m.header.prefix_len) {
+                    out.push(n);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// IPv4 routes of the main table as (destination, gateway).
+async fn v4_routes(h: &Handle) -> Result<Vec<(Ipv4Net, Option<Ipv4Addr>)>, PodNetError> {
+    let mut out = Vec::new();
+    let mut s = h
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
+    while let Some(m) = s
+        .try_next()
+        .await
+        .map_err(|e| PodNetError::netlink("listing routes", e))?
+    {
+        let mut dst = Ipv4Addr::UNSPECIFIED;
+        let mut gw = None;
+        for a in &m.attributes {
+            match a {
+                RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(*g),
+                _ => {}
+            }
+        }
+        if let Ok(n) = Ipv4Net::new(dst, m.header.destination_prefix_length) {
+            out.push((n, gw));
+        }
+    }
+    Ok(out)
+}
+
+/// A netlink connection in the namespace of the calling thread (twilld's: the node's).
+#[derive(Clone)]
+pub struct PodNetlink {
+    handle: Handle,
+}
+
+impl PodNetlink {
+    /// Must be called inside a tokio runtime; the connection task is spawned on it.
+    pub fn new() -> Result<Self, PodNetError> {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|e| PodNetError::other("opening netlink", e))?;
+        tokio::spawn(conn);
+        Ok(PodNetlink { handle })
+    }
+
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// The node bridge, created up with `gateway` and `mtu` if missing; an existing one gets the
+    /// address, MTU and up state added if it lacks them. Returns its ifindex.
+    pub async fn ensure_bridge(
+        &self,
+        name: &str,
+        gateway: Ipv4Net,
+        mtu: u32,
+    ) -> Result<u32, PodNetError> {
+        let h = &self.handle;
+        let link = match link_by_name(h, name).await? {
+            Some(l) => l,
+            None => {
+                // A fixed MAC keeps the bridge's address stable as ports come and go (otherwise
+                // it takes the lowest port MAC and pods' ARP caches go stale).
+                let msg = LinkBridge::new(name)
+                    .mtu(mtu)
+                    .address(MacAddr::random_local().octets().to_vec())
+                    .up()
+                    .build();
+                match h.link().add(msg).execute().await {
+                    Ok(()) => {}
+                    Err(e) if errno_of(&e) == Some(libc::EEXIST) => {}
+                    Err(e) => {
+                        return Err(PodNetError::netlink(format!("creating bridge {name}"), e))
+                    }
+                }
+                link_by_name(h, name)
+                    .await?
+                    .ok_or_else(|| PodNetError::other(format!("bridge {name}"), "vanished"))?
+            }
+        };
+        if !link.is_bridge {
+            return Err(PodNetError::other(
+                format!("bridge {name}"),
+                "a device of that name exists and is not a bridge",
+            ));
+        }
+        h.link()
+            .set(LinkUnspec::new_with_index(link.index).up().build())
+            .execute()
+            .await
+            .map_err(|e| PodNetError::netlink(format!("setting bridge {name} up"), e))?;
+        if link.mtu != mtu {
+            // Pods get `mtu` on their veths either way; a bridge MTU the kernel refuses (e.g.
+            // above a foreign port's) must not stop every ADD.
+            if let Err(e) = h
+                .link()
+                .set(LinkUnspec::new_with_index(link.index).mtu(mtu).build())
+                .execute()
+                .await
+            {
+                tracing::warn!(bridge = name, mtu, error = %e, "cannot set the bridge MTU");
+            }
+        }
+        if !v4_addrs(h, link.index).await?.contains(&gateway) {
+            match h
+                .address()
+                .add(link.index, gateway.addr().into(), gateway.prefix_len())
+                .execute()
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if errno_of(&e) == Some(libc::EEXIST) => {}
+                Err(e) => {
+                    return Err(PodNetError::netlink(
+                        format!("adding {gateway} to bridge {name}"),
+                        e,
+                    ))
+                }
+            }
+        }
+        Ok(link.index)
+    }
+
+    /// Creates the veth pair with the container end born inside the pod's namespace under its
+    /// final name, so no half-named device is ever visible there. EEXIST if either name is taken.
+    pub async fn create_veth(
+        &self,
+        host: &str,
+        container: &str,
+        netns: &File,
+        mtu: u32,
+    ) -> Result<(), PodNetError> {
+        let peer = LinkUnspec::new_with_name(container)
+            .mtu(mtu)
+            .setns_by_fd(netns.as_raw_fd())
+            .build();
+        let msg = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(host.to_string())
+            .mtu(mtu)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(|e| PodNetError::netlink(format!("creating veth {host} <-> {container}"), e))
+    }
+
+    /// Enslaves the host end to the bridge, brings it up, turns hairpin on.
+    pub async fn attach_to_bridge(
+        &self,
+        host: &str,
+        bridge: u32,
+    ) -> Result<LinkState, PodNetError> {
+        let h = &self.handle;
+        let l = link_by_name(h, host).await?.ok_or_else(|| {
+            PodNetError::other(format!("veth {host}"), "not found after creation")
+        })?;
+        h.link()
+            .set(
+                LinkUnspec::new_with_index(l.index)
+                    .controller(bridge)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| PodNetError::netlink(format!("attaching {host} to the bridge"), e))?;
+        // Port options go through RTM_NEWLINK (what `ip link set type bridge_slave` sends).
+        h.link()
+            .change(LinkBridgePort::new(l.index).hairpin(true).build())
+            .execute()
+            .await
+            .map_err(|e| PodNetError::netlink(format!("turning hairpin on for {host}"), e))?;
+        Ok(l)
+    }
+
+    pub async fn delete_link(&self, name: &str) -> Result<bool, PodNetError> {
+        delete_link(&self.handle, name).await
+    }
+
+    pub async fn link_by_name(&self, name: &str) -> Result<Option<LinkState>, PodNetError> {
+        link_by_name(&self.handle, name).await
+    }
+}
+
+/// Opens a netns path without blocking (a FIFO planted as CNI_NETNS must not hang a thread).
+pub fn open_netns(path: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// Runs `f` with a netlink handle opened inside the namespace at `netns`, on a fresh thread that
+/// ends afterwards (so no thread ever returns to a pool in the wrong namespace). Requests for
+/// different pods run in parallel.
+pub async fn in_netns<T, F, Fut>(netns: PathBuf, f: F) -> Result<T, PodNetError>
+where
+    T: Send + 'static,
+    F: FnOnce(Handle) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, PodNetError>>,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let shown = netns.display().to_string();
+    std::thread::Builder::new()
+        .name("twill-netns".into())
+        .spawn(move || {
+            let run = || -> Result<T, PodNetError> {
+                let file = open_netns(&netns).map_err(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => PodNetError::NetnsGone(shown.clone()),
+                    _ => PodNetError::other(format!("opening netns {shown}"), e),
+                })?;
+                setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| {
+                    // Not a network namespace (e.g. a stale bind mount turned plain file).
+                    if e == nix::errno::Errno::EINVAL {
+                        PodNetError::NetnsGone(shown.clone())
+                    } else {
+                        PodNetError::other(format!("entering netns {shown}"), e)
+                    }
+                })?;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| PodNetError::other("building a runtime", e))?;
+                rt.block_on(async {
+                    let (conn, handle, _) = rtnetlink::new_connection()
+                        .map_err(|e| PodNetError::other("opening netlink", e))?;
+                    tokio::spawn(conn);
+                    f(handle).await
+                })
+            };
+            let _ = tx.send(run());
+        })
+        .map_err(|e| PodNetError::other("spawning a netns thread", e))?;
+    rx.await
+        .map_err(|_| PodNetError::other("netns thread", "ended without an answer"))?
+}
+
+/// Inside the pod's netns: address, up, default route via the gateway. Returns the link.
+pub async fn configure_container(
+    h: &Handle,
+    ifname: &str,
+    addr: Ipv4Net,
+    gateway: Ipv4Addr,
+) -> Result<LinkState, PodNetError> {
+    let l = link_by_name(h, ifname)
+        .await?
+        .ok_or_else(|| PodNetError::other(format!("interface {ifname}"), "not found in netns"))?;
+    h.address()
+        .add(l.index, addr.addr().into(), addr.prefix_len())
+        .execute()
+        .await
+        .map_err(|e| PodNetError::netlink(format!("adding {addr} to {ifname}"), e))?;
+    h.link()
+        .set(LinkUnspec::new_with_index(l.index).up().build())
+        .execute()
+        .await
+        .map_err(|e| PodNetError::netlink(format!("setting {ifname} up"), e))?;
+    h.route()
+        .add(
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+                .gateway(gateway)
+                .output_interface(l.index)
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(|e| PodNetError::netlink(format!("adding default route via {gateway}"), e))?;
+    Ok(l)
+}
+
+/// What CHECK expects to find inside the pod's netns.
+#[derive(Clone, Debug, Default)]
+pub struct Expected {
+    pub ifname: String,
+    pub addrs: Vec<Ipv4Net>,
+    pub routes: Vec<(Ipv4Net, Option<Ipv4Addr>)>,
+}
+
+/// Lists everything in `want` that is missing; empty means all is there.
+pub async fn check_container(h: &Handle, want: &Expected) -> Result<Vec<String>, PodNetError> {
+    let mut missing = Vec::new();
+    let Some(l) = link_by_name(h, &want.ifname).await? else {
+        missing.push(format!("interface {}", want.ifname));
+        return Ok(missing);
+    };
+    let have = v4_addrs(h, l.index).await?;
+    for a in &want.addrs {
+        if !have.contains(a) {
+            missing.push(format!("address {a} on {}", want.ifname));
+        }
+    }
+    let routes = v4_routes(h).await?;
+    for (dst, gw) in &want.routes {
+        let found = routes
+            .iter()
+            .any(|(d, g)| d == dst && (gw.is_none() || g == gw));
+        if !found {
+            match gw {
+                Some(gw) => missing.push(format!("route {dst} via {gw}")),
+                None => missing.push(format!("route {dst}")),
+            }
+        }
+    }
+    Ok(missing)
+}

@@ -1,0 +1,414 @@
+//! Pod address allocation, crash-safe and concurrent.
+//!
+//! On disk: `<state_dir>/ipam/<a.b.c.d-prefix>/<address>`, one file per allocated address,
+//! created with O_CREAT|O_EXCL (the file system is the lock) and holding `containerID\nifname\n`.
+//! The file exists (and is synced) before the address is handed out, so a kill -9 at any moment
+//! can leak an address (GC reclaims it) but never hand it out twice after a restart.
+//! In memory: an index rebuilt from disk at start. Its mutex covers only the pick; file I/O runs
+//! outside it.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use ipnet::Ipv4Net;
+
+/// Who holds an address: allocations are keyed by containerID + ifname.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Owner {
+    pub container_id: String,
+    pub ifname: String,
+}
+
+impl Owner {
+    pub fn new(container_id: impl Into<String>, ifname: impl Into<String>) -> Self {
+        Owner {
+            container_id: container_id.into(),
+            ifname: ifname.into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IpamError {
+    #[error("subnet {subnet} is full: all {count} pod addresses are allocated")]
+    Full { subnet: Ipv4Net, count: usize },
+    #[error("subnet {0} has no addresses for pods (prefix too long)")]
+    TooSmall(Ipv4Net),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> IpamError {
+    let context = context.into();
+    move |source| IpamError::Io { context, source }
+}
+
+#[derive(Debug)]
+struct SubnetIndex {
+    dir: PathBuf,
+    used: HashMap<Ipv4Addr, Owner>,
+    /// Last address handed out: picking continues after it, so a just-freed address is not
+    /// reused at once (stale ARP entries, late packets).
+    last: u32,
+}
+
+#[derive(Debug)]
+pub struct Ipam {
+    root: PathBuf,
+    index: Mutex<HashMap<Ipv4Net, SubnetIndex>>,
+}
+
+pub fn subnet_key(net: &Ipv4Net) -> String {
+    format!("{}-{}", net.network(), net.prefix_len())
+}
+
+fn parse_subnet_key(s: &str) -> Option<Ipv4Net> {
+    let (a, p) = s.split_once('-')?;
+    let net = Ipv4Net::new(a.parse().ok()?, p.parse().ok()?).ok()?;
+    (net.network() == net.addr()).then_some(net)
+}
+
+/// Pods get network+2 ..= broadcast-1 (network+1 is the gateway on the bridge).
+fn pod_range(net: &Ipv4Net) -> Option<(u32, u32)> {
+    let first = u32::from(net.network()).checked_add(2)?;
+    let last = u32::from(net.broadcast()).checked_sub(1)?;
+    (net.prefix_len() <= 30 && first <= last).then_some((first, last))
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn read_owner(path: &Path) -> Owner {
+    // An empty or unreadable file (crash between create and write) still holds its address;
+    // it has no valid owner, so GC reclaims it.
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let mut lines = text.lines();
+    Owner::new(
+        lines.next().unwrap_or("").trim(),
+        lines.next().unwrap_or("").trim(),
+    )
+}
+
+impl Ipam {
+    /// Opens (creating) `<state_dir>/ipam` and loads every subnet's allocations.
+    pub fn open(state_dir: &Path) -> Result<Self, IpamError> {
+        let root = state_dir.join("ipam");
+        fs::create_dir_all(&root).map_err(io(format!("creating {}", root.display())))?;
+        let mut index = HashMap::new();
+        for entry in fs::read_dir(&root).map_err(io(format!("reading {}", root.display())))? {
+            let entry = entry.map_err(io(format!("reading {}", root.display())))?;
+            let Some(net) = entry.file_name().to_str().and_then(parse_subnet_key) else {
+                continue;
+            };
+            let dir = entry.path();
+            let mut used = HashMap::new();
+            for f in fs::read_dir(&dir).map_err(io(format!("reading {}", dir.display())))? {
+                let f = f.map_err(io(format!("reading {}", dir.display())))?;
+                let Some(addr) = f.file_name().to_str().and_then(|s| s.parse().ok()) else {
+                    continue;
+                };
+                if net.contains(&addr) {
+                    used.insert(addr, read_owner(&f.path()));
+                }
+            }
+            index.insert(net, SubnetIndex { dir, used, last: 0 });
+        }
+        Ok(Ipam {
+            root,
+            index: Mutex::new(index),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Ipv4Net, SubnetIndex>> {
+        // A panic while holding the lock leaves the index consistent (single inserts/removes).
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The address `owner` holds in `net`, if any.
+    pub fn lookup(&self, net: Ipv4Net, owner: &Owner) -> Option<Ipv4Addr> {
+        let idx = self.lock();
+        idx.get(&net)?
+            .used
+            .iter()
+            .find(|(_, o)| *o == owner)
+            .map(|(a, _)| *a)
+    }
+
+    /// An address of `net` for `owner`, persisted before it returns. Returns the address and
+    /// whether it is new (false: `owner` already held it).
+    pub fn allocate(&self, net: Ipv4Net, owner: &Owner) -> Result<(Ipv4Addr, bool), IpamError> {
+        let net = net.trunc();
+        let (first, last) = pod_range(&net).ok_or(IpamError::TooSmall(net))?;
+        let dir = self.root.join(subnet_key(&net));
+        fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+        loop {
+            let (addr, dir) = {
+                let mut idx = self.lock();
+                let s = idx.entry(net).or_insert_with(|| SubnetIndex {
+                    dir: dir.clone(),
+                    used: HashMap::new(),
+                    last: 0,
+                });
+                if let Some((a, _)) = s.used.iter().find(|(_, o)| *o == owner) {
+                    return Ok((*a, false));
+                }
+                let size = last - first + 1;
+                let start = if s.last >= first && s.last < last {
+                    s.last + 1
+                } else {
+                    first
+                };
+                let pick = (0..size)
+                    .map(|i| first + (start - first + i) % size)
+                    .map(Ipv4Addr::from)
+                    .find(|a| !s.used.contains_key(a));
+                let Some(addr) = pick else {
+                    return Err(IpamError::Full {
+                        subnet: net,
+                        count: s.used.len(),
+                    });
+                };
+                // Reserved in memory now; the file below makes it real.
+                s.used.insert(addr, owner.clone());
+                s.last = u32::from(addr);
+                (addr, s.dir.clone())
+            };
+            let path = dir.join(addr.to_string());
+            match OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut f) => {
+                    let written = f
+                        .write_all(format!("{}\n{}\n", owner.container_id, owner.ifname).as_bytes())
+                        .and_then(|_| f.sync_all())
+                        .and_then(|_| sync_dir(&dir));
+                    if let Err(e) = written {
+                        let _ = fs::remove_file(&path);
+                        self.forget(net, addr);
+                        return Err(io(format!("writing {}", path.display()))(e));
+                    }
+                    return Ok((addr, true));
+                }
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                    // Someone else's file we did not know about: adopt it and pick again.
+                    let o = read_owner(&path);
+                    if let Some(s) = self.lock().get_mut(&net) {
+                        s.used.insert(addr, o);
+                    }
+                }
+                Err(e) => {
+                    self.forget(net, addr);
+                    return Err(io(format!("creating {}", path.display()))(e));
+                }
+            }
+        }
+    }
+
+    fn forget(&self, net: Ipv4Net, addr: Ipv4Addr) {
+        if let Some(s) = self.lock().get_mut(&net) {
+            s.used.remove(&addr);
+        }
+    }
+
+    fn release_entries(
+        &self,
+        entries: Vec<(Ipv4Net, Ipv4Addr)>,
+    ) -> Result<Vec<Ipv4Addr>, IpamError> {
+        let mut out = Vec::new();
+        let mut first_err = None;
+        for (net, addr) in entries {
+            let path = self.root.join(subnet_key(&net)).join(addr.to_string());
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => {
+                    first_err.get_or_insert(io(format!("removing {}", path.display()))(e));
+                    continue;
+                }
+            }
+            // Removed from the index only once the file is gone.
+            self.forget(net, addr);
+            out.push(addr);
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// Releases everything `owner` holds, in every subnet (also ones the node no longer has).
+    pub fn release(&self, owner: &Owner) -> Result<Vec<Ipv4Addr>, IpamError> {
+        let entries: Vec<_> = {
+            let idx = self.lock();
+            idx.iter()
+                .flat_map(|(net, s)| {
+                    s.used
+                        .iter()
+                        .filter(|(_, o)| *o == owner)
+                        .map(move |(a, _)| (*net, *a))
+                })
+                .collect()
+        };
+        self.release_entries(entries)
+    }
+
+    /// Releases every allocation whose owner is not in `valid`.
+    pub fn gc(&self, valid: &HashSet<Owner>) -> Result<Vec<Ipv4Addr>, IpamError> {
+        let entries: Vec<_> = {
+            let idx = self.lock();
+            idx.iter()
+                .flat_map(|(net, s)| {
+                    s.used
+                        .iter()
+                        .filter(|(_, o)| !valid.contains(*o))
+                        .map(move |(a, _)| (*net, *a))
+                })
+                .collect()
+        };
+        self.release_entries(entries)
+    }
+
+    /// Every allocation, sorted.
+    pub fn allocations(&self) -> Vec<(Ipv4Net, Ipv4Addr, Owner)> {
+        let idx = self.lock();
+        let mut v: Vec<_> = idx
+            .iter()
+            .flat_map(|(net, s)| s.used.iter().map(move |(a, o)| (*net, *a, o.clone())))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "twill-ipam-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn allocates_from_dot_two_and_never_gateway_or_broadcast() {
+        let d = tmp();
+        let ipam = Ipam::open(&d).unwrap();
+        let n = net("10.244.1.0/29");
+        let mut got = Vec::new();
+        for i in 0..5 {
+            let (a, fresh) = ipam
+                .allocate(n, &Owner::new(format!("c{i}"), "eth0"))
+                .unwrap();
+            assert!(fresh);
+            got.push(a.to_string());
+        }
+        assert_eq!(
+            got,
+            [
+                "10.244.1.2",
+                "10.244.1.3",
+                "10.244.1.4",
+                "10.244.1.5",
+                "10.244.1.6"
+            ]
+        );
+        let e = ipam.allocate(n, &Owner::new("c9", "eth0")).unwrap_err();
+        assert!(matches!(e, IpamError::Full { count: 5, .. }), "{e}");
+        assert!(e.to_string().contains("10.244.1.0/29"));
+        // Same owner again: same address, not fresh.
+        let (a, fresh) = ipam.allocate(n, &Owner::new("c0", "eth0")).unwrap();
+        assert_eq!((a.to_string().as_str(), fresh), ("10.244.1.2", false));
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn persists_and_reloads_and_releases() {
+        let d = tmp();
+        let n = net("10.244.1.0/24");
+        let a = {
+            let ipam = Ipam::open(&d).unwrap();
+            ipam.allocate(n, &Owner::new("c1", "eth0")).unwrap().0
+        };
+        let file = d.join("ipam/10.244.1.0-24").join(a.to_string());
+        assert_eq!(fs::read_to_string(&file).unwrap(), "c1\neth0\n");
+        let ipam = Ipam::open(&d).unwrap();
+        assert_eq!(ipam.lookup(n, &Owner::new("c1", "eth0")), Some(a));
+        // A fresh owner never gets the persisted address.
+        let (b, _) = ipam.allocate(n, &Owner::new("c2", "eth0")).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(ipam.release(&Owner::new("c1", "eth0")).unwrap(), vec![a]);
+        assert!(!file.exists());
+        assert!(ipam.release(&Owner::new("c1", "eth0")).unwrap().is_empty());
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn adopts_unknown_files_and_gc_keeps_valid_only() {
+        let d = tmp();
+        let n = net("10.244.1.0/24");
+        let ipam = Ipam::open(&d).unwrap();
+        // A file the index does not know (e.g. written by an earlier process after load).
+        fs::create_dir_all(d.join("ipam/10.244.1.0-24")).unwrap();
+        fs::write(d.join("ipam/10.244.1.0-24/10.244.1.2"), "").unwrap();
+        let (a, _) = ipam.allocate(n, &Owner::new("c1", "eth0")).unwrap();
+        assert_ne!(a.to_string(), "10.244.1.2");
+        let (b, _) = ipam.allocate(n, &Owner::new("c2", "eth0")).unwrap();
+        // Old subnet's allocation: ignored for ADD, released by GC.
+        let old = net("10.244.9.0/24");
+        ipam.allocate(old, &Owner::new("c3", "eth0")).unwrap();
+        let valid: HashSet<_> = [Owner::new("c1", "eth0")].into_iter().collect();
+        let mut freed = ipam.gc(&valid).unwrap();
+        freed.sort();
+        assert_eq!(freed.len(), 3, "{freed:?}");
+        assert!(freed.contains(&b));
+        let left = ipam.allocations();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].1, a);
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn parallel_allocations_are_distinct() {
+        let d = tmp();
+        let n = net("10.244.1.0/24");
+        let ipam = std::sync::Arc::new(Ipam::open(&d).unwrap());
+        let hs: Vec<_> = (0..16)
+            .map(|t| {
+                let ipam = ipam.clone();
+                std::thread::spawn(move || {
+                    (0..15)
+                        .map(|i| {
+                            ipam.allocate(n, &Owner::new(format!("c{t}-{i}"), "eth0"))
+                                .unwrap()
+                                .0
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let all: Vec<_> = hs.into_iter().flat_map(|h| h.join().unwrap()).collect();
+        let set: HashSet<_> = all.iter().collect();
+        assert_eq!(set.len(), 240);
+        assert_eq!(
+            fs::read_dir(d.join("ipam/10.244.1.0-24")).unwrap().count(),
+            240
+        );
+        fs::remove_dir_all(d).unwrap();
+    }
+}

@@ -1,0 +1,542 @@
+//! The CNI verbs, as twilld performs them.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use ipnet::Ipv4Net;
+use serde_json::{json, Value};
+use tokio::sync::{watch, OwnedMutexGuard};
+use twill_proto::{
+    codes, is_supported_version, CniError, CniResult, Command, Dns, Interface, IpConfig, Request,
+    Route, SUPPORTED_VERSIONS,
+};
+
+use super::ipam::{Ipam, IpamError, Owner};
+use super::{CniOptions, NodeNet};
+use crate::metrics::Metrics;
+use crate::netlink::pod::{self, PodNetError, PodNetlink};
+
+pub(super) struct Ctx {
+    pub opts: CniOptions,
+    pub node: watch::Receiver<Option<NodeNet>>,
+    pub metrics: Arc<Metrics>,
+    ipam: Arc<Ipam>,
+    nl: PodNetlink,
+    /// Serialises bridge creation only (a quick check-or-create), never the per-pod work.
+    bridge_lock: tokio::sync::Mutex<()>,
+    keys: KeyLocks,
+}
+
+impl Ctx {
+    pub fn new(
+        opts: CniOptions,
+        node: watch::Receiver<Option<NodeNet>>,
+        metrics: Arc<Metrics>,
+        ipam: Ipam,
+        nl: PodNetlink,
+    ) -> Self {
+        Ctx {
+            opts,
+            node,
+            metrics,
+            ipam: Arc::new(ipam),
+            nl,
+            bridge_lock: tokio::sync::Mutex::new(()),
+            keys: KeyLocks::default(),
+        }
+    }
+}
+
+/// One operation at a time per containerID+ifname (runtimes should serialise, but a retried
+/// ADD racing its DEL must not tear down what the other just built).
+#[derive(Default)]
+struct KeyLocks(Mutex<HashMap<Owner, Arc<tokio::sync::Mutex<()>>>>);
+
+struct KeyGuard<'a> {
+    locks: &'a KeyLocks,
+    key: Owner,
+    guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl KeyLocks {
+    /// Keys with an operation running or waiting.
+    fn in_flight(&self) -> Vec<Owner> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.keys().cloned().collect()
+    }
+
+    async fn lock(&self, key: Owner) -> KeyGuard<'_> {
+        let m = {
+            let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(key.clone()).or_default().clone()
+        };
+        KeyGuard {
+            locks: self,
+            key,
+            guard: Some(m.lock_owned().await),
+        }
+    }
+}
+
+impl Drop for KeyGuard<'_> {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut map = self.locks.0.lock().unwrap_or_else(|p| p.into_inner());
+        if map
+            .get(&self.key)
+            .is_some_and(|m| Arc::strong_count(m) == 1)
+        {
+            map.remove(&self.key);
+        }
+    }
+}
+
+/// The host end's name, derived from containerID+ifname so DEL and GC find it without a netns.
+pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
+    // FNV-1a: stable across builds (std's hasher is not).
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in container_id.bytes().chain([0u8]).chain(ifname.bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("tw{:012x}", h & 0xffff_ffff_ffff)
+}
+
+fn kernel_err(e: PodNetError) -> CniError {
+    match e {
+        PodNetError::NetnsGone(_) => CniError::new(codes::IO_FAILURE, e.to_string()),
+        _ => CniError::new(codes::KERNEL, e.to_string()),
+    }
+}
+
+fn ipam_err(e: IpamError) -> CniError {
+    match e {
+        IpamError::Full { .. } | IpamError::TooSmall(_) => {
+            CniError::new(codes::SUBNET_FULL, e.to_string())
+        }
+        IpamError::Io { .. } => CniError::new(codes::IO_FAILURE, e.to_string()),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, IpamError> + Send + 'static,
+) -> Result<T, CniError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| CniError::new(codes::INTERNAL, format!("IPAM task failed: {e}")))?
+        .map_err(ipam_err)
+}
+
+pub(super) async fn dispatch(ctx: &Ctx, req: Request) -> Result<Option<Value>, CniError> {
+    let version = req.cni_version().to_string();
+    if !is_supported_version(&version) && req.command != Command::Version {
+        return Err(CniError::new(
+            codes::INCOMPATIBLE_VERSION,
+            format!("unsupported cniVersion {version:?}"),
+        ));
+    }
+    tracing::debug!(command = req.command.as_str(), container = %req.container_id,
+        ifname = %req.ifname, netns = %req.netns, "CNI request");
+    let started = std::time::Instant::now();
+    let out = match req.command {
+        Command::Add => add(ctx, &req).await.map(|r| Some(r.to_json(&version))),
+        Command::Del => del(ctx, &req).await.map(|_| None),
+        Command::Check => check(ctx, &req).await.map(|_| None),
+        Command::Gc => gc(ctx, &req).await.map(|_| None),
+        Command::Status => status(ctx).map(|_| None),
+        // The plugin answers VERSION itself; answer alike if asked anyway.
+        Command::Version => Ok(Some(
+            json!({"cniVersion": version, "supportedVersions": SUPPORTED_VERSIONS}),
+        )),
+    };
+    match &out {
+        Ok(_) => tracing::info!(command = req.command.as_str(), container = %req.container_id,
+            ifname = %req.ifname, elapsed_ms = started.elapsed().as_millis() as u64, "CNI request done"),
+        Err(e) => tracing::warn!(command = req.command.as_str(), container = %req.container_id,
+            ifname = %req.ifname, code = e.code, error = %e.msg, "CNI request failed"),
+    }
+    out
+}
+
+fn status(ctx: &Ctx) -> Result<(), CniError> {
+    if ctx.node.borrow().is_some() {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            codes::NOT_AVAILABLE,
+            "twilld not ready: this node has no pod subnet yet",
+        ))
+    }
+}
+
+fn owner_of(req: &Request) -> Owner {
+    Owner::new(req.container_id.clone(), req.ifname.clone())
+}
+
+fn require(what: &str, v: &str) -> Result<(), CniError> {
+    if v.is_empty() {
+        Err(CniError::new(codes::INVALID_ENV, format!("missing {what}")))
+    } else {
+        Ok(())
+    }
+}
+
+async fn add(ctx: &Ctx, req: &Request) -> Result<CniResult, CniError> {
+    let node = ctx.node.borrow().clone().ok_or_else(|| {
+        CniError::new(
+            codes::TRY_AGAIN_LATER,
+            "twilld not ready: this node has no pod subnet yet",
+        )
+    })?;
+    require("CNI_CONTAINERID", &req.container_id)?;
+    require("CNI_NETNS", &req.netns)?;
+    require("CNI_IFNAME", &req.ifname)?;
+    let dns: Dns = match req.config.get("dns") {
+        None | Some(Value::Null) => Dns::default(),
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
+            CniError::new(
+                codes::INVALID_CONFIG,
+                format!("invalid \"dns\" in the config: {e}"),
+            )
+        })?,
+    };
+    let owner = owner_of(req);
+    let _key = ctx.keys.lock(owner.clone()).await;
+
+    let netns_path = PathBuf::from(&req.netns);
+    let netns = pod::open_netns(&netns_path).map_err(|e| {
+        CniError::new(
+            codes::IO_FAILURE,
+            format!("cannot open network namespace {}: {e}", req.netns),
+        )
+    })?;
+    let ifname = req.ifname.clone();
+    let exists = pod::in_netns(netns_path.clone(), move |h| async move {
+        pod::link_by_name(&h, &ifname).await.map(|l| l.is_some())
+    })
+    .await
+    .map_err(kernel_err)?;
+    if exists {
+        return Err(CniError::new(
+            codes::INTERFACE_EXISTS,
+            format!("interface {} already exists in {}", req.ifname, req.netns),
+        ));
+    }
+
+    let ipam = ctx.ipam.clone();
+    let (subnet, o) = (node.subnet, owner.clone());
+    let (addr, fresh) = blocking(move || ipam.allocate(subnet, &o)).await?;
+    match build(ctx, req, &node, addr, &netns, dns).await {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            if fresh {
+                let ipam = ctx.ipam.clone();
+                if let Err(re) = blocking(move || ipam.release(&owner)).await {
+                    tracing::error!(error = %re.msg, %addr, "releasing the address after a failed ADD");
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The kernel half of ADD; undoes itself on failure.
+async fn build(
+    ctx: &Ctx,
+    req: &Request,
+    node: &NodeNet,
+    addr: Ipv4Addr,
+    netns: &File,
+    dns: Dns,
+) -> Result<CniResult, CniError> {
+    let gw = node.gateway();
+    let prefix = node.subnet.prefix_len();
+    let gw_net = Ipv4Net::new(gw, prefix).expect("prefix from a valid subnet");
+    let bridge = {
+        let _b = ctx.bridge_lock.lock().await;
+        ctx.nl
+            .ensure_bridge(&ctx.opts.bridge, gw_net, node.mtu)
+            .await
+            .map_err(kernel_err)?
+    };
+    let host = host_veth_name(&req.container_id, &req.ifname);
+    if let Err(e) = ctx
+        .nl
+        .create_veth(&host, &req.ifname, netns, node.mtu)
+        .await
+    {
+        return Err(if e.errno() == Some(libc::EEXIST) {
+            CniError::new(
+                codes::INTERFACE_EXISTS,
+                format!(
+                    "cannot create veth: {} in {} or host end {host} already exists",
+                    req.ifname, req.netns
+                ),
+            )
+        } else {
+            kernel_err(e)
+        });
+    }
+    let pod_addr = Ipv4Net::new(addr, prefix).expect("prefix from a valid subnet");
+    let ifname = req.ifname.clone();
+    let wired = async {
+        let host_link = ctx.nl.attach_to_bridge(&host, bridge).await?;
+        let cont = pod::in_netns(PathBuf::from(&req.netns), move |h| async move {
+            pod::configure_container(&h, &ifname, pod_addr, gw).await
+        })
+        .await?;
+        Ok::<_, PodNetError>((host_link, cont))
+    }
+    .await;
+    let (host_link, cont) = match wired {
+        Ok(x) => x,
+        Err(e) => {
+            // Deleting one end removes the pair, wherever the other end is.
+            if let Err(de) = ctx.nl.delete_link(&host).await {
+                tracing::error!(error = %de, %host, "removing the veth after a failed ADD");
+            }
+            return Err(kernel_err(e));
+        }
+    };
+    Ok(CniResult {
+        interfaces: vec![
+            Interface {
+                name: host,
+                mac: host_link.mac,
+                mtu: Some(node.mtu),
+                sandbox: String::new(),
+            },
+            Interface {
+                name: req.ifname.clone(),
+                mac: cont.mac,
+                mtu: Some(cont.mtu),
+                sandbox: req.netns.clone(),
+            },
+        ],
+        ips: vec![IpConfig {
+            address: pod_addr.to_string(),
+            gateway: Some(gw.to_string()),
+            interface: Some(1),
+        }],
+        routes: vec![Route {
+            dst: "0.0.0.0/0".into(),
+            gw: Some(gw.to_string()),
+        }],
+        dns,
+    })
+}
+
+async fn del(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
+    require("CNI_CONTAINERID", &req.container_id)?;
+    require("CNI_IFNAME", &req.ifname)?;
+    let owner = owner_of(req);
+    let _key = ctx.keys.lock(owner.clone()).await;
+    let mut errors = Vec::new();
+    // The pair goes from the host end: that works with CNI_NETNS empty (containerd) or gone,
+    // and never removes a CNI_IFNAME in the netns that another container's ADD created.
+    let host = host_veth_name(&req.container_id, &req.ifname);
+    if let Err(e) = ctx.nl.delete_link(&host).await {
+        errors.push(e.to_string());
+    }
+    // Released whatever happened above: a DEL that keeps the address leaks it forever.
+    let ipam = ctx.ipam.clone();
+    if let Err(e) = blocking(move || ipam.release(&owner)).await {
+        errors.push(e.msg);
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            codes::KERNEL,
+            format!("DEL incomplete: {}", errors.join("; ")),
+        ))
+    }
+}
+
+async fn check(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
+    require("CNI_CONTAINERID", &req.container_id)?;
+    require("CNI_NETNS", &req.netns)?;
+    require("CNI_IFNAME", &req.ifname)?;
+    let prev = req.config.get("prevResult").ok_or_else(|| {
+        CniError::new(
+            codes::INVALID_CONFIG,
+            "CHECK needs a prevResult in the config",
+        )
+    })?;
+    let prev = CniResult::from_json(prev).map_err(|e| {
+        CniError::new(
+            codes::DECODE_FAILED,
+            format!("cannot decode prevResult: {e}"),
+        )
+    })?;
+    let Some(if_idx) = prev
+        .interfaces
+        .iter()
+        .position(|i| i.name == req.ifname && !i.sandbox.is_empty())
+    else {
+        return Err(CniError::new(
+            codes::CHECK_FAILED,
+            format!("prevResult lists no interface {} in a sandbox", req.ifname),
+        ));
+    };
+    let mut want = pod::Expected {
+        ifname: req.ifname.clone(),
+        ..Default::default()
+    };
+    for ip in prev.ips.iter().filter(|ip| ip.interface == Some(if_idx)) {
+        // IPv6 entries are not ours; twill is IPv4 only.
+        if let Ok(n) = ip.address.parse::<Ipv4Net>() {
+            want.addrs.push(n);
+        }
+    }
+    for r in &prev.routes {
+        let dst = r.dst.parse::<Ipv4Net>().map_err(|e| {
+            CniError::new(
+                codes::DECODE_FAILED,
+                format!("bad route {:?} in prevResult: {e}", r.dst),
+            )
+        });
+        let Ok(dst) = dst else { continue };
+        let gw = match &r.gw {
+            Some(g) => Some(g.parse::<Ipv4Addr>().map_err(|e| {
+                CniError::new(
+                    codes::DECODE_FAILED,
+                    format!("bad gateway {g:?} in prevResult: {e}"),
+                )
+            })?),
+            None => None,
+        };
+        want.routes.push((dst, gw));
+    }
+
+    let mut missing = Vec::new();
+    let owner = owner_of(req);
+    let held: Vec<Ipv4Addr> = ctx
+        .ipam
+        .allocations()
+        .into_iter()
+        .filter(|(_, _, o)| *o == owner)
+        .map(|(_, a, _)| a)
+        .collect();
+    for a in &want.addrs {
+        if !held.contains(&a.addr()) {
+            missing.push(format!(
+                "IPAM allocation of {} for this container",
+                a.addr()
+            ));
+        }
+    }
+    let host = host_veth_name(&req.container_id, &req.ifname);
+    match ctx.nl.link_by_name(&host).await.map_err(kernel_err)? {
+        None => missing.push(format!("host veth {host}")),
+        Some(l) => {
+            let br = ctx
+                .nl
+                .link_by_name(&ctx.opts.bridge)
+                .await
+                .map_err(kernel_err)?;
+            if br.is_none() || l.controller != br.map(|b| b.index) {
+                missing.push(format!("host veth {host} on bridge {}", ctx.opts.bridge));
+            }
+        }
+    }
+    let w = want.clone();
+    let in_ns = pod::in_netns(PathBuf::from(&req.netns), move |h| async move {
+        pod::check_container(&h, &w).await
+    })
+    .await
+    .map_err(kernel_err)?;
+    missing.extend(in_ns);
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            codes::CHECK_FAILED,
+            format!(
+                "CHECK failed for {} in {}: missing {}",
+                req.ifname,
+                req.netns,
+                missing.join(", ")
+            ),
+        ))
+    }
+}
+
+async fn gc(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
+    let list = req
+        .config
+        .get("cni.dev/valid-attachments")
+        .or_else(|| req.config.get("cni.dev/attachments"));
+    // No list is not "nothing is valid": without it we cannot know, so release nothing.
+    let Some(list) = list else {
+        return Ok(());
+    };
+    let items = list.as_array().ok_or_else(|| {
+        CniError::new(
+            codes::INVALID_CONFIG,
+            "cni.dev/valid-attachments must be a list",
+        )
+    })?;
+    let mut valid = HashSet::new();
+    for it in items {
+        let cid = it.get("containerID").and_then(Value::as_str);
+        let ifname = it.get("ifname").and_then(Value::as_str);
+        match (cid, ifname) {
+            (Some(c), Some(i)) => {
+                valid.insert(Owner::new(c, i));
+            }
+            _ => {
+                return Err(CniError::new(
+                    codes::INVALID_CONFIG,
+                    format!(
+                        "invalid attachment {it}: expected {{\"containerID\":..,\"ifname\":..}}"
+                    ),
+                ))
+            }
+        }
+    }
+    // An ADD still running is not in the runtime's list yet; GC must not pull it from under it.
+    valid.extend(ctx.keys.in_flight());
+    let stale: Vec<Owner> = ctx
+        .ipam
+        .allocations()
+        .into_iter()
+        .map(|(_, _, o)| o)
+        .filter(|o| !valid.contains(o))
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    // Leaked host veths (their pod netns still alive) go too; best effort.
+    for o in &stale {
+        if o.container_id.is_empty() {
+            continue;
+        }
+        let host = host_veth_name(&o.container_id, &o.ifname);
+        if let Err(e) = ctx.nl.delete_link(&host).await {
+            tracing::warn!(error = %e, %host, "GC: removing a stale veth");
+        }
+    }
+    let ipam = ctx.ipam.clone();
+    let freed = blocking(move || ipam.gc(&valid)).await?;
+    if !freed.is_empty() {
+        tracing::info!(count = freed.len(), "GC released stale pod addresses");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_veth_names_are_stable_and_short() {
+        let a = host_veth_name("abc", "eth0");
+        assert_eq!(a, host_veth_name("abc", "eth0"));
+        assert_ne!(a, host_veth_name("abc", "eth1"));
+        assert_ne!(host_veth_name("ab", "ceth0"), host_veth_name("abc", "eth0"));
+        assert!(a.len() <= 15 && a.starts_with("tw"), "{a}");
+    }
+}
