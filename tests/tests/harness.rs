@@ -341,21 +341,25 @@ fn stale_leftovers_of_dead_processes_are_removed() -> Result<()> {
 
 #[test]
 fn bad_options_are_refused() {
-    assert!(Lab::new(LabOptions {
-        nodes: 0,
-        ..Default::default()
-    })
-    .is_err());
-    assert!(Lab::new(LabOptions {
-        prefix: Some("a-very-long-prefix".into()),
-        ..Default::default()
-    })
-    .is_err());
-    assert!(Lab::new(LabOptions {
-        prefix: Some("bad/name".into()),
-        ..Default::default()
-    })
-    .is_err());
+    let refused = |nodes: usize, prefix: &str| {
+        let prefix = (!prefix.is_empty()).then(|| prefix.to_owned());
+        Lab::new(LabOptions {
+            nodes,
+            prefix,
+            ..Default::default()
+        })
+        .is_err()
+    };
+    assert!(refused(0, ""));
+    assert!(
+        refused(1, "averyverylongprefix"),
+        "device names would exceed 15 bytes"
+    );
+    assert!(refused(1, "bad/name"));
+    // These would match (and so remove) other processes' generated labs.
+    assert!(refused(1, "twl"));
+    assert!(refused(1, "tw"));
+    assert!(refused(1, "twl123x00"));
 }
 
 #[test]
