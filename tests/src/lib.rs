@@ -1,1 +1,18 @@
-pub mod placeholder {}
+//! twill's test harness: multi-node clusters ("labs") of network namespaces on one machine,
+//! with a real etcd and real twilld processes, plus helpers to inspect them.
+//!
+//! Used by the integration tests in `tests/`, the lab CLI and the benchmarks. Synchronous on
+//! purpose: tests drive real processes and the `ip` tool; the only in-process networking (HTTP
+//! to twilld) runs on a thread inside the node's namespace.
+
+pub mod bins;
+pub mod etcd;
+pub mod http;
+pub mod kernel;
+pub mod lab;
+pub mod netns;
+pub mod wait;
+
+pub use kernel::DeviceEntries;
+pub use lab::{cleanup_stale, Lab, LabOptions};
+pub use wait::{wait_for, wait_until};

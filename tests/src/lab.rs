@@ -1,0 +1,793 @@
+//! A test cluster ("lab") on one machine: an underlay namespace with a bridge and etcd, and N
+//! node namespaces wired to it by veth pairs, each able to run one twilld.
+//!
+//! ```text
+//!  <p>u:   <p>br 198.18.0.1/24 ── etcd on 198.18.0.1:<port>
+//!           │ veth1        │ veth2   ...
+//!  <p>n1: eth0 .11    <p>n2: eth0 .12  ...   (default route via 198.18.0.1, ip_forward=1)
+//! ```
+//! Nodes are numbered from 1. Dropping the lab (also while unwinding from a panic) kills every
+//! process it started or that runs in its namespaces, deletes the namespaces and the temp dir.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+use crate::bins;
+use crate::etcd::{tail, Etcd};
+use crate::http;
+use crate::kernel::DeviceEntries;
+use crate::netns::{self, check, exec_cmd};
+use crate::wait::{wait_for, wait_until};
+
+/// Generated prefixes are `twl<pid>x<2 base-36 digits>`: at most 15 bytes with the longest
+/// suffix used for a device (`br`), and the fixed-width counter means no prefix is a prefix of
+/// another lab's.
+pub const PREFIX_ROOT: &str = "twl";
+/// Longest prefix accepted so that `<prefix>br` fits in IFNAMSIZ.
+pub const MAX_PREFIX_LEN: usize = 13;
+pub const UNDERLAY_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const UNDERLAY_PREFIX_LEN: u8 = 24;
+/// Where twilld serves HTTP inside each node namespace.
+pub const DAEMON_HTTP: &str = "127.0.0.1:9464";
+/// The etcd key of the network config (flannel's default prefix).
+pub const CONFIG_KEY: &str = "/coreos.com/network/config";
+pub const SUBNETS_PREFIX: &str = "/coreos.com/network/subnets/";
+
+/// Written to the daemon log before each start.
+const START_MARKER: &str = "=== lab: starting twilld";
+const DAEMON_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+#[derive(Clone, Debug)]
+pub struct LabOptions {
+    /// Number of nodes (1..=200).
+    pub nodes: usize,
+    /// Namespace/device prefix; generated (unique per process and lab) when None. A given
+    /// prefix is used as is: leftovers with that prefix are removed first.
+    pub prefix: Option<String>,
+    /// Start etcd in the underlay namespace.
+    pub etcd: bool,
+    /// MTU of the underlay bridge and veths.
+    pub mtu: u32,
+    /// Where twilld and twill are; default: TWILL_BIN_DIR or <target>/debug (built on demand).
+    pub bin_dir: Option<PathBuf>,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        LabOptions {
+            nodes: 3,
+            prefix: None,
+            etcd: true,
+            mtu: 1500,
+            bin_dir: None,
+        }
+    }
+}
+
+pub struct Lab {
+    prefix: String,
+    dir: PathBuf,
+    nodes: usize,
+    bin_dir: PathBuf,
+    bins_checked: bool,
+    etcd: Option<Etcd>,
+    /// Index 0 is node 1.
+    daemons: Vec<Option<Child>>,
+}
+
+impl Lab {
+    pub fn new(opts: LabOptions) -> Result<Lab> {
+        if opts.nodes == 0 || opts.nodes > 200 {
+            bail!("a lab has 1..=200 nodes, not {}", opts.nodes);
+        }
+        let prefix = match opts.prefix {
+            Some(p) => {
+                if p.is_empty()
+                    || p.len() > MAX_PREFIX_LEN
+                    || !p.chars().all(|c| c.is_ascii_alphanumeric())
+                {
+                    bail!("lab prefix {p:?} must be 1..={MAX_PREFIX_LEN} ASCII letters/digits");
+                }
+                // Leftovers of a given prefix are removed: it must not match generated labs.
+                if p.starts_with(PREFIX_ROOT) || PREFIX_ROOT.starts_with(&p) {
+                    bail!("lab prefix {p:?} collides with generated {PREFIX_ROOT}<pid>x.. names");
+                }
+                remove_prefix(&p)?;
+                p
+            }
+            None => {
+                cleanup_stale(PREFIX_ROOT)?;
+                generate_prefix()?
+            }
+        };
+        let dir = std::env::temp_dir().join(&prefix);
+        let mut lab = Lab {
+            prefix,
+            dir,
+            nodes: opts.nodes,
+            bin_dir: opts.bin_dir.unwrap_or_else(bins::default_bin_dir),
+            bins_checked: false,
+            etcd: None,
+            daemons: (0..opts.nodes).map(|_| None).collect(),
+        };
+        // From here on a failure drops `lab`, which removes whatever was built so far.
+        lab.build(opts.mtu)?;
+        if opts.etcd {
+            let etcd = Etcd::start(&lab.underlay_ns(), &UNDERLAY_IP.to_string(), &lab.dir)?;
+            lab.etcd = Some(etcd);
+        }
+        Ok(lab)
+    }
+
+    fn build(&mut self, mtu: u32) -> Result<()> {
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("mkdir {}", self.dir.display()))?;
+        let u = self.underlay_ns();
+        let br = format!("{}br", self.prefix);
+        let mtu = mtu.to_string();
+        netns::add(&u)?;
+        let ip = |args: &[&str]| -> Result<()> { netns::run_ok(args).map(|_| ()) };
+        ip(&["ip", "-n", &u, "link", "set", "lo", "up"])?;
+        ip(&[
+            "ip", "-n", &u, "link", "add", &br, "mtu", &mtu, "type", "bridge",
+        ])?;
+        ip(&[
+            "ip",
+            "-n",
+            &u,
+            "addr",
+            "add",
+            &format!("{UNDERLAY_IP}/{UNDERLAY_PREFIX_LEN}"),
+            "dev",
+            &br,
+        ])?;
+        ip(&["ip", "-n", &u, "link", "set", &br, "up"])?;
+        for i in 1..=self.nodes {
+            let n = self.node_ns(i);
+            let veth = format!("veth{i}");
+            netns::add(&n)?;
+            std::fs::create_dir_all(self.node_dir(i))?;
+            ip(&["ip", "-n", &n, "link", "set", "lo", "up"])?;
+            // Both ends are created inside lab namespaces: the host namespace never sees them.
+            ip(&[
+                "ip", "-n", &u, "link", "add", &veth, "mtu", &mtu, "type", "veth", "peer", "name",
+                "eth0", "mtu", &mtu, "netns", &n,
+            ])?;
+            ip(&["ip", "-n", &u, "link", "set", &veth, "master", &br, "up"])?;
+            let addr = format!("{}/{UNDERLAY_PREFIX_LEN}", self.node_ip(i));
+            ip(&["ip", "-n", &n, "addr", "add", &addr, "dev", "eth0"])?;
+            ip(&["ip", "-n", &n, "link", "set", "eth0", "up"])?;
+            ip(&[
+                "ip",
+                "-n",
+                &n,
+                "route",
+                "add",
+                "default",
+                "via",
+                &UNDERLAY_IP.to_string(),
+            ])?;
+            self.exec_ok(i, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        }
+        Ok(())
+    }
+
+    // ---- names and places ----
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn nodes(&self) -> usize {
+        self.nodes
+    }
+
+    /// The lab's temp dir (etcd data and log, one `n<i>` dir per node).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn underlay_ns(&self) -> String {
+        format!("{}u", self.prefix)
+    }
+
+    pub fn node_ns(&self, i: usize) -> String {
+        self.check_node(i);
+        format!("{}n{i}", self.prefix)
+    }
+
+    /// Node i's underlay address: 198.18.0.(10+i).
+    pub fn node_ip(&self, i: usize) -> Ipv4Addr {
+        self.check_node(i);
+        Ipv4Addr::new(198, 18, 0, 10 + i as u8)
+    }
+
+    pub fn node_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("n{i}"))
+    }
+
+    pub fn subnet_file(&self, i: usize) -> PathBuf {
+        self.node_dir(i).join("subnet.env")
+    }
+
+    pub fn state_dir(&self, i: usize) -> PathBuf {
+        self.node_dir(i).join("state")
+    }
+
+    pub fn cni_socket(&self, i: usize) -> PathBuf {
+        self.node_dir(i).join("cni.sock")
+    }
+
+    pub fn daemon_log_path(&self, i: usize) -> PathBuf {
+        self.node_dir(i).join("twilld.log")
+    }
+
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin_dir
+    }
+
+    /// Path of a twill binary ("twilld", "twill"), building the workspace binaries if needed.
+    pub fn bin(&mut self, name: &str) -> Result<PathBuf> {
+        if !self.bins_checked {
+            bins::ensure_built(&self.bin_dir)?;
+            self.bins_checked = true;
+        }
+        Ok(self.bin_dir.join(name))
+    }
+
+    fn check_node(&self, i: usize) {
+        assert!(
+            (1..=self.nodes).contains(&i),
+            "node {i} is not in 1..={}",
+            self.nodes
+        );
+    }
+
+    // ---- running things in namespaces ----
+
+    /// Run a command inside node i; an error only if it cannot be started.
+    pub fn exec(&self, i: usize, args: &[&str]) -> Result<Output> {
+        exec_cmd(&self.node_ns(i), args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("run {args:?} in node {i}"))
+    }
+
+    /// Run a command inside node i and require success; returns stdout.
+    pub fn exec_ok(&self, i: usize, args: &[&str]) -> Result<String> {
+        let out = self.exec(i, args)?;
+        check(args, out).with_context(|| format!("in node {i}"))
+    }
+
+    /// Run a command inside the underlay namespace and require success; returns stdout.
+    pub fn exec_underlay_ok(&self, args: &[&str]) -> Result<String> {
+        let out = exec_cmd(&self.underlay_ns(), args)
+            .stdin(Stdio::null())
+            .output()?;
+        check(args, out).context("in the underlay")
+    }
+
+    /// Start a background command inside node i (stdout/stderr piped). It is killed on drop at
+    /// the latest, with everything else in the node's namespace.
+    pub fn spawn(&self, i: usize, args: &[&str]) -> Result<Child> {
+        exec_cmd(&self.node_ns(i), args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawn {args:?} in node {i}"))
+    }
+
+    /// One ping from node i to `dst` (1 s timeout): true if answered.
+    pub fn ping(&self, i: usize, dst: &str) -> bool {
+        self.exec(i, &["ping", "-n", "-q", "-c", "1", "-W", "1", dst])
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+
+    /// Neighbour, FDB and route entries of `dev` inside node i.
+    pub fn entries(&self, i: usize, dev: &str) -> Result<DeviceEntries> {
+        DeviceEntries::read(&self.node_ns(i), dev)
+    }
+
+    // ---- etcd ----
+
+    fn etcd_ref(&self) -> Result<&Etcd> {
+        self.etcd
+            .as_ref()
+            .ok_or_else(|| anyhow!("this lab has no etcd"))
+    }
+
+    /// `http://198.18.0.1:<port>`, reachable from every node.
+    pub fn etcd_endpoint(&self) -> String {
+        self.etcd.as_ref().map(Etcd::endpoint).unwrap_or_default()
+    }
+
+    /// Run etcdctl (API v3) inside the underlay namespace; returns stdout.
+    pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
+        self.etcd_ref()?.ctl(args)
+    }
+
+    /// Put the network config at /coreos.com/network/config.
+    pub fn put_config(&self, json: &str) -> Result<()> {
+        self.etcdctl(&["put", CONFIG_KEY, "--", json]).map(|_| ())
+    }
+
+    /// The value of a key, None if absent.
+    pub fn etcd_get(&self, key: &str) -> Result<Option<String>> {
+        let out = self.etcdctl(&["get", key, "--print-value-only"])?;
+        // etcdctl prints the value followed by a newline; nothing for a missing key.
+        Ok(if out.is_empty() {
+            None
+        } else {
+            Some(out.strip_suffix('\n').unwrap_or(&out).to_owned())
+        })
+    }
+
+    /// Keys under `prefix`, sorted.
+    pub fn etcd_keys(&self, prefix: &str) -> Result<Vec<String>> {
+        let out = self.etcdctl(&["get", prefix, "--prefix", "--keys-only"])?;
+        let mut keys: Vec<String> = out
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect();
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// The subnet lease keys (e.g. "10.244.1.0-24"), without the prefix, sorted.
+    pub fn lease_keys(&self) -> Result<Vec<String>> {
+        Ok(self
+            .etcd_keys(SUBNETS_PREFIX)?
+            .into_iter()
+            .map(|k| k.trim_start_matches(SUBNETS_PREFIX).to_owned())
+            .collect())
+    }
+
+    /// Stop etcd gracefully (its data stays).
+    pub fn stop_etcd(&mut self) -> Result<()> {
+        self.etcd
+            .as_mut()
+            .ok_or_else(|| anyhow!("this lab has no etcd"))?
+            .stop()
+            .map(|_| ())
+    }
+
+    /// Start etcd again on the same address and data dir.
+    pub fn start_etcd(&mut self) -> Result<()> {
+        self.etcd
+            .as_mut()
+            .ok_or_else(|| anyhow!("this lab has no etcd"))?
+            .start_again()
+    }
+
+    /// Compact etcd's history (physically) up to the current revision; returns that revision.
+    pub fn compact_etcd(&self) -> Result<i64> {
+        self.etcd_ref()?.compact()
+    }
+
+    pub fn etcd_revision(&self) -> Result<i64> {
+        self.etcd_ref()?.revision()
+    }
+
+    /// The client port etcd listens on (on 198.18.0.1).
+    pub fn etcd_port(&self) -> Option<u16> {
+        self.etcd.as_ref().map(Etcd::port)
+    }
+
+    pub fn etcd_pid(&self) -> Option<u32> {
+        self.etcd.as_ref().and_then(Etcd::pid)
+    }
+
+    // ---- daemons ----
+
+    /// The arguments twilld gets on node i (before any extras).
+    pub fn daemon_args(&self, i: usize) -> Vec<String> {
+        let p = |p: PathBuf| p.to_string_lossy().into_owned();
+        [
+            ("--etcd-endpoints", self.etcd_endpoint()),
+            ("--iface", "eth0".into()),
+            ("--subnet-file", p(self.subnet_file(i))),
+            ("--state-dir", p(self.state_dir(i))),
+            ("--http-addr", DAEMON_HTTP.into()),
+            ("--cni-socket", p(self.cni_socket(i))),
+            ("--resync-interval", "2s".into()),
+            ("--lease-ttl", "60s".into()),
+        ]
+        .into_iter()
+        .flat_map(|(k, v)| [k.to_owned(), v])
+        .collect()
+    }
+
+    pub fn start_daemon(&mut self, i: usize) -> Result<()> {
+        self.start_daemon_with_env(i, &[], &[])
+    }
+
+    /// Start twilld with extra arguments; an extra `--flag` replaces the default for that flag.
+    pub fn start_daemon_with(&mut self, i: usize, extra: &[&str]) -> Result<()> {
+        self.start_daemon_with_env(i, extra, &[])
+    }
+
+    pub fn start_daemon_with_env(
+        &mut self,
+        i: usize,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<()> {
+        self.check_node(i);
+        if self.daemon_running(i) {
+            bail!("twilld is already running on node {i}");
+        }
+        let twilld = self.bin(bins::TWILLD)?;
+        let args = merge_args(&self.daemon_args(i), extra);
+        let log_path = self.daemon_log_path(i);
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("open {}", log_path.display()))?;
+        writeln!(log, "{START_MARKER} {}", args.join(" "))?;
+        let mut full: Vec<&str> = vec![twilld
+            .to_str()
+            .ok_or_else(|| anyhow!("non-UTF-8 binary path"))?];
+        full.extend(args.iter().map(String::as_str));
+        let mut cmd = exec_cmd(&self.node_ns(i), &full);
+        cmd.env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawn twilld on node {i}"))?;
+        self.daemons[i - 1] = Some(child);
+        Ok(())
+    }
+
+    /// True while the twilld started on node i has not exited (reaps it if it has).
+    pub fn daemon_running(&mut self, i: usize) -> bool {
+        self.check_node(i);
+        match &mut self.daemons[i - 1] {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    pub fn daemon_pid(&self, i: usize) -> Option<u32> {
+        self.check_node(i);
+        self.daemons[i - 1].as_ref().map(Child::id)
+    }
+
+    /// SIGTERM and wait for exit (SIGKILL after 30 s, reported as an error).
+    pub fn stop_daemon(&mut self, i: usize) -> Result<ExitStatus> {
+        self.signal_and_wait(i, Signal::SIGTERM)
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill_daemon(&mut self, i: usize) -> Result<ExitStatus> {
+        self.signal_and_wait(i, Signal::SIGKILL)
+    }
+
+    fn signal_and_wait(&mut self, i: usize, sig: Signal) -> Result<ExitStatus> {
+        self.check_node(i);
+        let mut child = self.daemons[i - 1]
+            .take()
+            .ok_or_else(|| anyhow!("no twilld started on node {i}"))?;
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("twilld on node {i} had already exited ({status})");
+        }
+        kill(Pid::from_raw(child.id() as i32), sig)?;
+        match wait_for(DAEMON_STOP_TIMEOUT, || child.try_wait().ok().flatten()) {
+            Ok(status) => Ok(status),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("twilld on node {i} ignored {sig} for {DAEMON_STOP_TIMEOUT:?}; killed")
+            }
+        }
+    }
+
+    /// Wait for the twilld on node i to exit on its own (e.g. refusing a bad config).
+    pub fn wait_daemon_exit(&mut self, i: usize, timeout: Duration) -> Result<ExitStatus> {
+        self.check_node(i);
+        let child = self.daemons[i - 1]
+            .as_mut()
+            .ok_or_else(|| anyhow!("no twilld started on node {i}"))?;
+        let status = wait_for(timeout, || child.try_wait().ok().flatten())
+            .with_context(|| format!("twilld on node {i} still running"))?;
+        self.daemons[i - 1] = None;
+        Ok(status)
+    }
+
+    /// Everything twilld on node i printed, across restarts.
+    pub fn daemon_log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.daemon_log_path(i)).unwrap_or_default()
+    }
+
+    /// What twilld on node i printed since it was last started.
+    pub fn daemon_log_last(&self, i: usize) -> String {
+        let log = self.daemon_log(i);
+        match log.rfind(START_MARKER) {
+            Some(at) => log[at..].to_owned(),
+            None => log,
+        }
+    }
+
+    /// GET `path` from twilld's HTTP server inside node i: (status code, body).
+    pub fn get(&self, i: usize, path: &str) -> Result<(u16, String)> {
+        let addr: SocketAddr = DAEMON_HTTP.parse().expect("valid address");
+        http::get_in_netns(&self.node_ns(i), addr, path)
+    }
+
+    /// twilld's /status as JSON.
+    pub fn status(&self, i: usize) -> Result<Value> {
+        let (code, body) = self.get(i, "/status")?;
+        if code != 200 {
+            bail!("GET /status on node {i}: {code}: {body}");
+        }
+        serde_json::from_str(&body)
+            .with_context(|| format!("/status on node {i} is not JSON: {body}"))
+    }
+
+    /// The value of an unlabelled Prometheus metric from /metrics (None if not exported).
+    pub fn metric(&self, i: usize, name: &str) -> Result<Option<f64>> {
+        let (code, body) = self.get(i, "/metrics")?;
+        if code != 200 {
+            bail!("GET /metrics on node {i}: {code}");
+        }
+        Ok(parse_metric(&body, name))
+    }
+
+    /// Wait until node i's /readyz answers 200. Fails early, with the log, if twilld exits.
+    pub fn wait_ready(&mut self, i: usize, timeout: Duration) -> Result<()> {
+        let mut exited = None;
+        let res = wait_until(timeout, || {
+            if !self.daemon_running(i) {
+                exited = Some(());
+                return true;
+            }
+            matches!(self.get(i, "/readyz"), Ok((200, _)))
+        });
+        if exited.is_some() {
+            bail!(
+                "twilld on node {i} is not running\n--- log tail ---\n{}",
+                tail(&self.daemon_log(i), 40)
+            );
+        }
+        res.with_context(|| {
+            format!(
+                "twilld on node {i} not ready\n--- log tail ---\n{}",
+                tail(&self.daemon_log(i), 40)
+            )
+        })
+    }
+
+    /// Wait until twilld on node i answers `path` at all (any status); fails early, with the
+    /// log, if it exits.
+    pub fn wait_get(&mut self, i: usize, path: &str, timeout: Duration) -> Result<(u16, String)> {
+        let res = wait_for(timeout, || {
+            if !self.daemon_running(i) {
+                return Some(None);
+            }
+            self.get(i, path).ok().map(Some)
+        });
+        match res {
+            Ok(Some(answer)) => Ok(answer),
+            Ok(None) => bail!(
+                "twilld on node {i} is not running\n--- log tail ---\n{}",
+                tail(&self.daemon_log(i), 40)
+            ),
+            Err(e) => Err(e).with_context(|| {
+                format!(
+                    "twilld on node {i} never answered {path}\n--- log tail ---\n{}",
+                    tail(&self.daemon_log(i), 40)
+                )
+            }),
+        }
+    }
+
+    /// Pids of the processes this lab started and still tracks (daemons and etcd).
+    pub fn pids(&self) -> Vec<u32> {
+        self.daemons
+            .iter()
+            .flatten()
+            .map(Child::id)
+            .chain(self.etcd_pid())
+            .collect()
+    }
+
+    /// Every namespace belonging to this lab (nodes, underlay, and any made with its prefix).
+    pub fn namespaces(&self) -> Result<Vec<String>> {
+        Ok(netns::list()?
+            .into_iter()
+            .filter(|n| n.starts_with(&self.prefix))
+            .collect())
+    }
+
+    fn teardown(&mut self) -> Result<()> {
+        for c in self.daemons.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.daemons.iter_mut().for_each(|d| *d = None);
+        if let Some(mut e) = self.etcd.take() {
+            e.kill();
+        }
+        remove_prefix(&self.prefix)?;
+        if self.dir.exists() {
+            std::fs::remove_dir_all(&self.dir)
+                .with_context(|| format!("rm -r {}", self.dir.display()))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Err(e) = self.teardown() {
+            eprintln!("lab {}: cleanup failed: {e:#}", self.prefix);
+        }
+    }
+}
+
+/// Defaults overridden by extras: a `--flag` (or `--flag=v`) in `extra` drops the default
+/// `--flag <v>` pair, so twilld never sees a flag twice.
+pub fn merge_args(defaults: &[String], extra: &[&str]) -> Vec<String> {
+    let flag_name = |a: &str| a.split('=').next().unwrap_or(a).to_owned();
+    let overridden: Vec<String> = extra
+        .iter()
+        .filter(|a| a.starts_with("--"))
+        .map(|a| flag_name(a))
+        .collect();
+    let mut out = Vec::new();
+    let mut it = defaults.chunks(2);
+    for pair in &mut it {
+        if !overridden.contains(&pair[0]) {
+            out.extend_from_slice(pair);
+        }
+    }
+    out.extend(extra.iter().map(|s| s.to_string()));
+    out
+}
+
+/// The value of an unlabelled sample `name` in Prometheus text.
+pub fn parse_metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (n, v) = l.split_once(char::is_whitespace)?;
+        (n == name).then(|| v.split_whitespace().next()?.parse().ok())?
+    })
+}
+
+fn generate_prefix() -> Result<String> {
+    let pid = std::process::id();
+    for _ in 0..36 * 36 {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed) % (36 * 36);
+        let digit = |d: u32| char::from_digit(d, 36).expect("base-36 digit");
+        let p = format!("{PREFIX_ROOT}{pid}x{}{}", digit(n / 36), digit(n % 36));
+        if !netns::list()?.iter().any(|ns| ns.starts_with(&p)) {
+            return Ok(p);
+        }
+    }
+    bail!("no free lab prefix left in this process")
+}
+
+/// Remove every namespace whose name starts with `prefix` (killing what runs inside), and its
+/// temp dir.
+pub fn remove_prefix(prefix: &str) -> Result<()> {
+    let mut errors = Vec::new();
+    for ns in netns::list()?.into_iter().filter(|n| n.starts_with(prefix)) {
+        if let Err(e) = netns::kill_all_and_delete(&ns) {
+            errors.push(format!("{ns}: {e:#}"));
+        }
+    }
+    let dir = std::env::temp_dir().join(prefix);
+    if dir.exists() {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            errors.push(format!("{}: {e}", dir.display()));
+        }
+    }
+    if !errors.is_empty() {
+        bail!("cleanup of {prefix}: {}", errors.join("; "));
+    }
+    Ok(())
+}
+
+/// The pid encoded in a generated lab name (`<root><pid>x...`), if `name` is one.
+pub fn owner_pid(root: &str, name: &str) -> Option<i32> {
+    let rest = name.strip_prefix(root)?;
+    let (pid, tail) = rest.split_once('x')?;
+    if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) || tail.len() < 2 {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// Remove leftovers of labs whose process is gone: namespaces (and what runs inside them) and
+/// temp dirs named `<root><pid>x..` where no process `pid` lives any more.
+pub fn cleanup_stale(root: &str) -> Result<()> {
+    let dead = |name: &str| owner_pid(root, name).is_some_and(netns::is_dead);
+    let mut stale_prefixes: Vec<String> = netns::list()?
+        .into_iter()
+        .filter(|n| dead(n))
+        .map(|n| n[..lab_prefix_len(root, &n)].to_owned())
+        .collect();
+    if let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if dead(&name) {
+                stale_prefixes.push(name[..lab_prefix_len(root, &name)].to_owned());
+            }
+        }
+    }
+    stale_prefixes.sort();
+    stale_prefixes.dedup();
+    for p in stale_prefixes {
+        remove_prefix(&p)?;
+    }
+    Ok(())
+}
+
+/// Length of the lab prefix `<root><pid>x<2 chars>` at the start of `name`.
+fn lab_prefix_len(root: &str, name: &str) -> usize {
+    let pid_len = name[root.len()..].find('x').unwrap_or(0);
+    (root.len() + pid_len + 3).min(name.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extras_replace_defaults() {
+        let d: Vec<String> = ["--iface", "eth0", "--lease-ttl", "60s", "--http-addr", "a"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(
+            merge_args(&d, &["--lease-ttl=5s", "--public-ip", "1.2.3.4"]),
+            [
+                "--iface",
+                "eth0",
+                "--http-addr",
+                "a",
+                "--lease-ttl=5s",
+                "--public-ip",
+                "1.2.3.4"
+            ]
+        );
+        assert_eq!(merge_args(&d, &[]), d);
+    }
+
+    #[test]
+    fn reads_unlabelled_metrics() {
+        let text = "# HELP twill_peers x\n# TYPE twill_peers gauge\ntwill_peers 3\ntwill_peers_total 9\ntwill_x 0.5 1700000000\n";
+        assert_eq!(parse_metric(text, "twill_peers"), Some(3.0));
+        assert_eq!(parse_metric(text, "twill_x"), Some(0.5));
+        assert_eq!(parse_metric(text, "twill_missing"), None);
+    }
+
+    #[test]
+    fn recognises_generated_names() {
+        assert_eq!(owner_pid("twl", "twl1234x0au"), Some(1234));
+        assert_eq!(owner_pid("twl", "twl1234x0an12"), Some(1234));
+        assert_eq!(owner_pid("twl", "twlabcx0au"), None);
+        assert_eq!(owner_pid("twl", "twt1234x0au"), None);
+        assert_eq!(owner_pid("twl", "twl1234"), None);
+        assert_eq!(lab_prefix_len("twl", "twl1234x0an12"), "twl1234x0a".len());
+    }
+}
