@@ -1,6 +1,10 @@
 //! `twill`: the CNI plugin. Validates what the runtime passed, then forwards one request to the
 //! node's twilld over a Unix socket and prints its answer. VERSION and every input error are
 //! answered here without the daemon. No async runtime: one blocking connection is all it needs.
+//!
+//! Config keys of its own (besides the standard ones): `socket` (path of twilld's CNI socket,
+//! default /run/twill/cni.sock) and `timeout` (seconds to wait for twilld, default 30). `dns` is
+//! copied into the ADD result.
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -256,29 +260,36 @@ fn validate_ifname(name: &str) -> Result<(), CniError> {
 /// One request, one response, every step bounded by `timeout`.
 fn exchange(socket: &Path, req: &Request, timeout: Duration) -> Result<Response, String> {
     let deadline = Instant::now() + timeout;
-    let shown = socket.display();
+    let shown = socket.display().to_string();
     let mut stream =
         connect(socket, timeout).map_err(|e| format!("cannot reach twilld at {shown}: {e}"))?;
     let frame =
         twill_proto::encode_frame(req).map_err(|e| format!("cannot encode the request: {e}"))?;
-    stream
+    let sent = stream
         .set_write_timeout(Some(timeout))
-        .and_then(|_| stream.write_all(&frame))
-        .map_err(|e| io_msg(&e, "sending the request to", &shown.to_string(), timeout))?;
+        .and_then(|_| stream.write_all(&frame));
+    if let Err(e) = sent {
+        // twilld may refuse before reading (e.g. a non-root caller) and close: its answer is
+        // still in our receive buffer and says more than EPIPE does.
+        return read_response(&mut stream, deadline, timeout, &shown)
+            .map_err(|_| io_msg(&e, "sending the request to", &shown, timeout));
+    }
+    read_response(&mut stream, deadline, timeout, &shown)
+}
 
+fn read_response(
+    stream: &mut UnixStream,
+    deadline: Instant,
+    timeout: Duration,
+    shown: &str,
+) -> Result<Response, String> {
     let mut header = [0u8; 4];
-    read_until(&mut stream, &mut header, deadline).map_err(|e| {
-        io_msg(
-            &e,
-            "waiting for an answer from",
-            &shown.to_string(),
-            timeout,
-        )
-    })?;
+    read_until(stream, &mut header, deadline)
+        .map_err(|e| io_msg(&e, "waiting for an answer from", shown, timeout))?;
     let n = frame_len(header).map_err(|e| format!("bad answer from twilld at {shown}: {e}"))?;
     let mut body = vec![0u8; n];
-    read_until(&mut stream, &mut body, deadline)
-        .map_err(|e| io_msg(&e, "reading the answer from", &shown.to_string(), timeout))?;
+    read_until(stream, &mut body, deadline)
+        .map_err(|e| io_msg(&e, "reading the answer from", shown, timeout))?;
     twill_proto::decode_body(&body).map_err(|e| format!("bad answer from twilld at {shown}: {e}"))
 }
 

@@ -967,6 +967,14 @@ fn bad_clients_are_refused_and_never_stall_others() {
         raw_exchange(&node.socket, &frame),
         twill_proto::Response::Ok(None)
     );
+    req.command = twill_proto::Command::Version;
+    let frame = twill_proto::encode_frame(&req).unwrap();
+    assert_eq!(
+        raw_exchange(&node.socket, &frame),
+        twill_proto::Response::Ok(Some(
+            json!({"cniVersion": "1.1.0", "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"]})
+        ))
+    );
 
     // A client that connects and sends nothing does not hold up anyone.
     let _stalled: Vec<_> = (0..4)
@@ -1011,4 +1019,53 @@ fn bad_clients_are_refused_and_never_stall_others() {
 
     ok(cni("DEL", "alive", &pod.path(), &conf));
     assert!(node.ipam_files().is_empty());
+}
+
+#[test]
+fn failed_add_undoes_everything() {
+    let mut node = Node::start(Some(subnet()));
+    let conf = node.conf("1.0.0");
+    // The pod already has a default route elsewhere: ours cannot be added after the veth,
+    // address and link state are in place, so ADD must take all of it back.
+    let pod = node.pod();
+    pod.ip(&[
+        "link", "add", "name", "x1", "type", "veth", "peer", "name", "x2",
+    ]);
+    pod.ip(&["addr", "add", "192.168.200.1/24", "dev", "x1"]);
+    pod.ip(&["link", "set", "x1", "up"]);
+    pod.ip(&["link", "set", "x2", "up"]);
+    pod.ip(&["route", "add", "default", "via", "192.168.200.2"]);
+    let o = cni("ADD", "rb", &pod.path(), &conf);
+    assert_eq!(code(&o), 102);
+    assert!(o.json.unwrap()["msg"]
+        .as_str()
+        .unwrap()
+        .contains("default route"));
+    assert!(
+        !sh(&["ip", "-n", &pod.name, "link", "show", "eth0"]).0,
+        "half-built eth0 left"
+    );
+    assert!(
+        node.host_links().is_empty(),
+        "host veth left: {:?}",
+        node.host_links()
+    );
+    assert!(node.ipam_files().is_empty(), "address not released");
+    // The runtime's DEL after the failure is fine too.
+    ok(cni("DEL", "rb", &pod.path(), &conf));
+
+    // A non-bridge device squatting the bridge name: clear error, nothing left behind.
+    let mut node2 = Node::start(Some(subnet()));
+    node2.ns.ip(&[
+        "link", "add", "name", "cni0", "type", "veth", "peer", "name", "cni0p",
+    ]);
+    let pod2 = node2.pod();
+    let o = cni("ADD", "nb", &pod2.path(), &node2.conf("1.0.0"));
+    assert_eq!(code(&o), 102);
+    assert!(o.json.unwrap()["msg"]
+        .as_str()
+        .unwrap()
+        .contains("not a bridge"));
+    assert!(node2.ipam_files().is_empty());
+    assert!(!sh(&["ip", "-n", &pod2.name, "link", "show", "eth0"]).0);
 }

@@ -402,7 +402,7 @@ impl Sync {
         let desired: Vec<Peer> = self.desired.values().copied().collect();
         let start = Instant::now();
         let mut res = backend.reconcile(&desired).await;
-        if matches!(res, Err(BackendError::DeviceGone)) {
+        if matches!(res, Err(BackendError::DeviceGone(_))) {
             warn!("overlay device vanished; recreating it");
             *device = setup_or_log(backend, local, device.clone()).await;
             res = backend.reconcile(&desired).await;

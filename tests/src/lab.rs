@@ -100,6 +100,10 @@ impl Lab {
                 {
                     bail!("lab prefix {p:?} must be 1..={MAX_PREFIX_LEN} ASCII letters/digits");
                 }
+                // Leftovers of a given prefix are removed: it must not match generated labs.
+                if p.starts_with(PREFIX_ROOT) || PREFIX_ROOT.starts_with(&p) {
+                    bail!("lab prefix {p:?} collides with generated {PREFIX_ROOT}<pid>x.. names");
+                }
                 remove_prefix(&p)?;
                 p
             }

@@ -257,13 +257,20 @@ fn http_get_runs_inside_the_node() -> Result<()> {
 
 #[test]
 fn drop_removes_namespaces_processes_and_files() -> Result<()> {
-    let lab = lab(2);
+    let bins = tempdir("dropbin");
+    let mut lab = Lab::new(LabOptions {
+        nodes: 2,
+        bin_dir: Some(fake_bin_dir(&bins)),
+        ..Default::default()
+    })?;
     let prefix = lab.prefix().to_owned();
     let dir = lab.dir().to_path_buf();
+    lab.start_daemon(2)?;
     let mut bg = lab.spawn(1, &["sleep", "600"])?;
     let mut pids: Vec<i32> = lab.pids().into_iter().map(|p| p as i32).collect();
     pids.push(bg.id() as i32);
-    assert_eq!(pids.len(), 2, "etcd and the sleep");
+    assert_eq!(pids.len(), 3, "the daemon, etcd and the sleep");
+    assert!(pids.iter().all(|&p| netns::alive(p)));
     assert!(dir.is_dir());
     assert_eq!(netns_with_prefix(&prefix).len(), 3);
     drop(lab);
@@ -277,6 +284,7 @@ fn drop_removes_namespaces_processes_and_files() -> Result<()> {
         assert!(netns::is_dead(pid), "pid {pid} survived the lab");
     }
     assert!(!dir.exists());
+    std::fs::remove_dir_all(&bins)?;
     Ok(())
 }
 
@@ -333,21 +341,25 @@ fn stale_leftovers_of_dead_processes_are_removed() -> Result<()> {
 
 #[test]
 fn bad_options_are_refused() {
-    assert!(Lab::new(LabOptions {
-        nodes: 0,
-        ..Default::default()
-    })
-    .is_err());
-    assert!(Lab::new(LabOptions {
-        prefix: Some("a-very-long-prefix".into()),
-        ..Default::default()
-    })
-    .is_err());
-    assert!(Lab::new(LabOptions {
-        prefix: Some("bad/name".into()),
-        ..Default::default()
-    })
-    .is_err());
+    let refused = |nodes: usize, prefix: &str| {
+        let prefix = (!prefix.is_empty()).then(|| prefix.to_owned());
+        Lab::new(LabOptions {
+            nodes,
+            prefix,
+            ..Default::default()
+        })
+        .is_err()
+    };
+    assert!(refused(0, ""));
+    assert!(
+        refused(1, "averyverylongprefix"),
+        "device names would exceed 15 bytes"
+    );
+    assert!(refused(1, "bad/name"));
+    // These would match (and so remove) other processes' generated labs.
+    assert!(refused(1, "twl"));
+    assert!(refused(1, "tw"));
+    assert!(refused(1, "twl123x00"));
 }
 
 #[test]

@@ -257,7 +257,10 @@ fn three_nodes_get_distinct_subnets_and_reach_each_other() -> Result<()> {
             ],
             "{text}"
         );
-        let first = format!("{}1/24", n.gw().trim_end_matches('0'));
+        let first = format!(
+            "{}.1/24",
+            n.gw().strip_suffix(".0").context("gateway ends in .0")?
+        );
         assert_eq!(env[0].1, "10.244.0.0/16", "{text}");
         assert_eq!(env[1].1, first, "{text}");
         assert_eq!(env[2].1, "1450", "{text}");
@@ -381,6 +384,17 @@ fn ping_summary(out: &str) -> Result<(u32, u32)> {
     Ok((num("transmitted")?, num("received")?))
 }
 
+/// The icmp_seq numbers that got a reply.
+fn ping_replies(out: &str) -> BTreeSet<u32> {
+    out.lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("icmp_seq=")?.parse().ok())
+        })
+        .collect()
+}
+
 #[test]
 fn kill_and_restart_keeps_identity_and_other_traffic_flows() -> Result<()> {
     let (mut lab, nodes) = meshed_lab(3)?;
@@ -418,13 +432,16 @@ fn kill_and_restart_keeps_identity_and_other_traffic_flows() -> Result<()> {
     kill(Pid::from_raw(ping.id() as i32), Signal::SIGINT)?;
     let out = ping.wait_with_output()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let (sent, got) = ping_summary(&text)?;
+    let (sent, _) = ping_summary(&text)?;
     assert!(sent >= 5, "ping barely ran: {text}");
-    assert_eq!(
-        got, sent,
-        "node 1 -> node 2 lost packets while node 3 restarted:\n{text}"
+    // Every echo must have been answered. The last one may still have been in flight when ping
+    // was interrupted (ping counts it as lost), so it alone is not held against the overlay.
+    let answered = ping_replies(&text);
+    let lost: Vec<u32> = (1..sent).filter(|s| !answered.contains(s)).collect();
+    assert!(
+        lost.is_empty(),
+        "node 1 -> node 2 lost echoes {lost:?} while node 3 restarted:\n{text}"
     );
-    assert!(text.contains(" 0% packet loss"), "{text}");
     Ok(())
 }
 
@@ -778,6 +795,11 @@ fn sigterm_exits_zero_and_leaves_the_data_path_in_place() -> Result<()> {
 fn ping_summary_is_parsed() -> Result<()> {
     let out = "--- 10.244.2.0 ping statistics ---\n25 packets transmitted, 24 received, 4% packet loss, time 4800ms\n";
     assert_eq!(ping_summary(out)?, (25, 24));
+    let replies = "PING 10.244.2.0 (10.244.2.0) 56(84) bytes of data.\n\
+        64 bytes from 10.244.2.0: icmp_seq=1 ttl=64 time=0.08 ms\n\
+        From 10.244.1.0 icmp_seq=2 Destination Host Unreachable\n\
+        64 bytes from 10.244.2.0: icmp_seq=3 ttl=64 time=0.07 ms\n";
+    assert_eq!(ping_replies(replies), BTreeSet::from([1, 3]));
     if ping_summary("nothing").is_ok() {
         bail!("parsed a summary out of nothing");
     }

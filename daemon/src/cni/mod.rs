@@ -119,6 +119,7 @@ async fn handle_conn(ctx: Arc<ops::Ctx>, mut stream: UnixStream) {
                 FrameError::Io(_) => codes::IO_FAILURE,
                 _ => codes::DECODE_FAILED,
             };
+            Metrics::inc(&ctx.metrics.cni_requests);
             Metrics::inc(&ctx.metrics.cni_errors);
             tracing::warn!(error = %e, "bad CNI request");
             let e = CniError::new(code, format!("bad request: {e}"));

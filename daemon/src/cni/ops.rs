@@ -62,6 +62,12 @@ struct KeyGuard<'a> {
 }
 
 impl KeyLocks {
+    /// Keys with an operation running or waiting.
+    fn in_flight(&self) -> Vec<Owner> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.keys().cloned().collect()
+    }
+
     async fn lock(&self, key: Owner) -> KeyGuard<'_> {
         let m = {
             let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -126,12 +132,7 @@ async fn blocking<T: Send + 'static>(
 
 pub(super) async fn dispatch(ctx: &Ctx, req: Request) -> Result<Option<Value>, CniError> {
     let version = req.cni_version().to_string();
-    if req.command == Command::Version {
-        return Ok(Some(
-            json!({"cniVersion": version, "supportedVersions": SUPPORTED_VERSIONS}),
-        ));
-    }
-    if !is_supported_version(&version) {
+    if !is_supported_version(&version) && req.command != Command::Version {
         return Err(CniError::new(
             codes::INCOMPATIBLE_VERSION,
             format!("unsupported cniVersion {version:?}"),
@@ -146,7 +147,10 @@ pub(super) async fn dispatch(ctx: &Ctx, req: Request) -> Result<Option<Value>, C
         Command::Check => check(ctx, &req).await.map(|_| None),
         Command::Gc => gc(ctx, &req).await.map(|_| None),
         Command::Status => status(ctx).map(|_| None),
-        Command::Version => unreachable!("answered above"),
+        // The plugin answers VERSION itself; answer alike if asked anyway.
+        Command::Version => Ok(Some(
+            json!({"cniVersion": version, "supportedVersions": SUPPORTED_VERSIONS}),
+        )),
     };
     match &out {
         Ok(_) => tracing::info!(command = req.command.as_str(), container = %req.container_id,
@@ -494,6 +498,8 @@ async fn gc(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
             }
         }
     }
+    // An ADD still running is not in the runtime's list yet; GC must not pull it from under it.
+    valid.extend(ctx.keys.in_flight());
     let stale: Vec<Owner> = ctx
         .ipam
         .allocations()

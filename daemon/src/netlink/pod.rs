@@ -17,7 +17,9 @@ use futures::TryStreamExt;
 use ipnet::Ipv4Net;
 use nix::sched::{setns, CloneFlags};
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage,
+};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
 use rtnetlink::{
     Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth,
@@ -83,6 +85,7 @@ pub struct LinkState {
     pub mac: String,
     pub mtu: u32,
     pub controller: Option<u32>,
+    pub is_bridge: bool,
 }
 
 fn link_state(m: &LinkMessage) -> LinkState {
@@ -91,6 +94,7 @@ fn link_state(m: &LinkMessage) -> LinkState {
         mac: String::new(),
         mtu: 0,
         controller: None,
+        is_bridge: false,
     };
     for a in &m.attributes {
         match a {
@@ -99,6 +103,11 @@ fn link_state(m: &LinkMessage) -> LinkState {
             }
             LinkAttribute::Mtu(m) => s.mtu = *m,
             LinkAttribute::Controller(c) => s.controller = Some(*c),
+            LinkAttribute::LinkInfo(infos) => {
+                s.is_bridge = infos
+                    .iter()
+                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge)))
+            }
             _ => {}
         }
     }
@@ -227,15 +236,29 @@ impl PodNetlink {
                     .ok_or_else(|| PodNetError::other(format!("bridge {name}"), "vanished"))?
             }
         };
-        let mut set = LinkUnspec::new_with_index(link.index).up();
-        if link.mtu != mtu {
-            set = set.mtu(mtu);
+        if !link.is_bridge {
+            return Err(PodNetError::other(
+                format!("bridge {name}"),
+                "a device of that name exists and is not a bridge",
+            ));
         }
         h.link()
-            .set(set.build())
+            .set(LinkUnspec::new_with_index(link.index).up().build())
             .execute()
             .await
             .map_err(|e| PodNetError::netlink(format!("setting bridge {name} up"), e))?;
+        if link.mtu != mtu {
+            // Pods get `mtu` on their veths either way; a bridge MTU the kernel refuses (e.g.
+            // above a foreign port's) must not stop every ADD.
+            if let Err(e) = h
+                .link()
+                .set(LinkUnspec::new_with_index(link.index).mtu(mtu).build())
+                .execute()
+                .await
+            {
+                tracing::warn!(bridge = name, mtu, error = %e, "cannot set the bridge MTU");
+            }
+        }
         if !v4_addrs(h, link.index).await?.contains(&gateway) {
             match h
                 .address()
