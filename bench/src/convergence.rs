@@ -64,14 +64,40 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let mut removal = Vec::new();
-        for p in joined.iter().take(removals as usize) {
-            let t = Instant::now();
-            writer.delete_peers(std::slice::from_ref(p))?;
-            let done = listener.wait_deleted(&p.entry_keys(), t, STEP_TIMEOUT)?;
-            removal.push(ms(done - t));
-            std::thread::sleep(Duration::from_millis(20));
+        // Removals one at a time, first spaced 1 s apart (isolated), then 20 ms apart
+        // (back to back, as when several nodes leave together).
+        let mut removed = joined.iter();
+        let mut removal_metrics = Vec::new();
+        for (label, gap) in [("isolated", 1000u64), ("back-to-back", 20)] {
+            let mut removal = Vec::new();
+            // Per kind (neighbour, fdb, route): which of the three makes a removal slow.
+            let mut by_kind: [Vec<f64>; 3] = Default::default();
+            for p in removed.by_ref().take((removals / 2) as usize) {
+                let t = Instant::now();
+                writer.delete_peers(std::slice::from_ref(p))?;
+                let keys = p.entry_keys();
+                let done = listener.wait_deleted(&keys, t, STEP_TIMEOUT)?;
+                removal.push(ms(done - t));
+                for (k, key) in keys.iter().enumerate() {
+                    if let Some(at) = listener.last(key, true) {
+                        by_kind[k].push(ms(at - t));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(gap));
+            }
+            removal_metrics.push(
+                Metric::new(&format!("removal {label}, {n} peers present"), "ms", &removal).note(
+                    format!(
+                        "lease delete → all 3 deletions notified, removals {gap} ms apart; median \
+                         per kind: neighbour {:.2} ms, fdb {:.2} ms, route {:.2} ms",
+                        median(&by_kind[0]),
+                        median(&by_kind[1]),
+                        median(&by_kind[2])
+                    ),
+                ),
+            );
         }
+        let remaining: Vec<SimPeer> = removed.copied().collect();
         let overruns = listener.overruns();
         let join_m = Metric::new(&format!("join, {n} peers present"), "ms", &join)
             .vs("ip+bridge -batch of the 3 entries", &join_ref)
@@ -81,11 +107,8 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
                 crate::stats::Stats::of(&put_ack).map_or(f64::NAN, |s| s.median)
             ));
         res.metrics.push(join_m);
-        res.metrics.push(
-            Metric::new(&format!("removal, {n} peers present"), "ms", &removal)
-                .note("lease delete → all 3 entries' deletions notified"),
-        );
-        check_kernel(&lab, &base, &joined[removals as usize..])?;
+        res.metrics.extend(removal_metrics);
+        check_kernel(&lab, &base, &remaining)?;
         drop(refns);
         drop(listener);
         drop(writer);
@@ -97,6 +120,10 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
             .into(),
     );
     Ok(())
+}
+
+fn median(v: &[f64]) -> f64 {
+    crate::stats::Stats::of(v).map_or(f64::NAN, |s| s.median)
 }
 
 /// The kernel really holds every peer still leased (a dump, once, after the timed part).

@@ -154,6 +154,13 @@ impl Listener {
         }
     }
 
+    /// When `key` was last added (or deleted).
+    pub fn last(&self, key: &str, deleted: bool) -> Option<Instant> {
+        let st = self.shared.0.lock().expect("listener lock");
+        let map = if deleted { &st.deleted } else { &st.added };
+        map.get(key).copied()
+    }
+
     /// (new, deleted) notification counts so far.
     pub fn counts(&self) -> (u64, u64) {
         let st = self.shared.0.lock().expect("listener lock");
