@@ -72,7 +72,10 @@ pub fn twill_plugin(ctx: &Ctx, socket: &Path) -> Plugin {
     let bin = ctx.cni_plugin();
     Plugin {
         name: "twill",
-        cni_path: bin.parent().map(|d| d.display().to_string()).unwrap_or_default(),
+        cni_path: bin
+            .parent()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default(),
         bin,
         config: json!({"cniVersion":"1.0.0","name":"twill","type":"twill","socket":socket})
             .to_string(),
@@ -144,10 +147,14 @@ fn sequential_one(node_ns: &str, prefix: &str, p: &Plugin, s: &mut Samples) -> R
 }
 
 /// `k` ADDs at once, then `k` DELs at once, each into its own fresh netns.
-fn concurrent_round(node_ns: &str, prefix: &str, p: &Plugin, k: usize, s: &mut Samples) -> Result<()> {
-    let pods: Vec<(String, String)> = (0..k)
-        .map(|_| new_pod_ns(prefix))
-        .collect::<Result<_>>()?;
+fn concurrent_round(
+    node_ns: &str,
+    prefix: &str,
+    p: &Plugin,
+    k: usize,
+    s: &mut Samples,
+) -> Result<()> {
+    let pods: Vec<(String, String)> = (0..k).map(|_| new_pod_ns(prefix)).collect::<Result<_>>()?;
     for verb in ["ADD", "DEL"] {
         let (p1, pods1) = (p.clone(), pods.clone());
         let (results, total) = common::ns_parallel(node_ns, k, move |i| {
@@ -208,7 +215,11 @@ pub fn run(ctx: &Ctx, out_dir: &Path, res: &mut ScenarioResult) -> Result<()> {
     }
     let refl = reference.name;
     let add = Metric::new("ADD sequential", "ms", &ts.add).vs(refl, &rs.add);
-    let met = add.twill.as_ref().zip(add.ratio).map(|(t, r)| r <= 0.25 && t.p99 < 10.0);
+    let met = add
+        .twill
+        .as_ref()
+        .zip(add.ratio)
+        .map(|(t, r)| r <= 0.25 && t.p99 < 10.0);
     res.metrics.push(
         add.target("median ≤ ref/4, p99 < 10 ms", met)
             .note(fail_note(&ts, &rs, true)),
@@ -316,7 +327,6 @@ fn fail_note(t: &Samples, r: &Samples, add: bool) -> String {
     format!("failures: twill {tf}, reference {rf}; first: {first}")
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -339,7 +349,10 @@ mod tests {
         s.record(true, Duration::from_millis(2), &Ok(String::new()));
         s.record(true, Duration::from_millis(2), &Err("boom".into()));
         s.record(false, Duration::from_millis(3), &Ok(String::new()));
-        assert_eq!((s.add.len(), s.add_fail, s.del.len(), s.del_fail), (1, 1, 1, 0));
+        assert_eq!(
+            (s.add.len(), s.add_fail, s.del.len(), s.del_fail),
+            (1, 1, 1, 0)
+        );
         assert_eq!(s.first_error.as_deref(), Some("boom"));
     }
 

@@ -65,11 +65,10 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
         let m = Metric::new(&format!("all {} entries, {n} peers", 3 * n), "ms", &all)
             .vs("ip/bridge -batch", &batch);
         let met = m.ratio.map(|r| r <= 2.0);
-        res.metrics.push(
-            m.target("≤ 2x the batch tools", met).note(format!(
+        res.metrics
+            .push(m.target("≤ 2x the batch tools", met).note(format!(
                 "from twilld exec to the last entry notified; netlink overruns {overruns}"
-            )),
-        );
+            )));
         res.metrics.push(
             Metric::new(&format!("ready, {n} peers"), "ms", &ready)
                 .vs("ip/bridge -batch", &batch)
@@ -88,15 +87,19 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
         let removed = common::metric(&lab, 1, "twill_kernel_entries_removed_total")?;
         let (new1, del1) = listener.counts();
         res.metrics.push(
-            Metric::new(&format!("restart churn, {n} peers"), "entries", &[added + removed])
-                .vs_value("no churn", 0.0)
-                .target("0 added, 0 removed", Some(added + removed == 0.0))
-                .note(format!(
-                    "twilld metrics after restart: {added} added, {removed} removed; kernel \
+            Metric::new(
+                &format!("restart churn, {n} peers"),
+                "entries",
+                &[added + removed],
+            )
+            .vs_value("no churn", 0.0)
+            .target("0 added, 0 removed", Some(added + removed == 0.0))
+            .note(format!(
+                "twilld metrics after restart: {added} added, {removed} removed; kernel \
                      notifications during restart: {} new, {} deleted",
-                    new1 - new0,
-                    del1 - del0
-                )),
+                new1 - new0,
+                del1 - del0
+            )),
         );
         res.metrics.push(Metric::new(
             &format!("restart to ready, {n} peers"),
@@ -105,7 +108,9 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
         ));
         let e = lab.entries(1, DEV)?;
         anyhow::ensure!(
-            e.neigh.len() >= n as usize && e.fdb.len() >= n as usize && e.routes.len() >= n as usize,
+            e.neigh.len() >= n as usize
+                && e.fdb.len() >= n as usize
+                && e.routes.len() >= n as usize,
             "after restart the kernel holds {} neighbours, {} fdb, {} routes; expected {n} each",
             e.neigh.len(),
             e.fdb.len(),

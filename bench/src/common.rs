@@ -41,8 +41,9 @@ impl Ctx {
 }
 
 pub fn start_daemon(lab: &mut Lab, i: usize, extra: &[&str]) -> Result<()> {
-    let mut flags: Vec<&str> = DAEMON_FLAGS.to_vec();
-    flags.extend_from_slice(extra);
+    let defaults: Vec<String> = DAEMON_FLAGS.iter().map(|s| s.to_string()).collect();
+    let flags = twill_tests::lab::merge_args(&defaults, extra);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     lab.start_daemon_with(i, &flags)
 }
 

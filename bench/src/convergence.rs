@@ -86,15 +86,18 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
                 std::thread::sleep(Duration::from_millis(gap));
             }
             removal_metrics.push(
-                Metric::new(&format!("removal {label}, {n} peers present"), "ms", &removal).note(
-                    format!(
-                        "lease delete → all 3 deletions notified, removals {gap} ms apart; median \
+                Metric::new(
+                    &format!("removal {label}, {n} peers present"),
+                    "ms",
+                    &removal,
+                )
+                .note(format!(
+                    "lease delete → all 3 deletions notified, removals {gap} ms apart; median \
                          per kind: neighbour {:.2} ms, fdb {:.2} ms, route {:.2} ms",
-                        median(&by_kind[0]),
-                        median(&by_kind[1]),
-                        median(&by_kind[2])
-                    ),
-                ),
+                    median(&by_kind[0]),
+                    median(&by_kind[1]),
+                    median(&by_kind[2])
+                )),
             );
         }
         let remaining: Vec<SimPeer> = removed.copied().collect();

@@ -70,7 +70,12 @@ fn iperf(client_ns: &str, server_ip: &str, secs: u32, streams: u32) -> Result<f6
     v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .map(|b| b / 1e9)
-        .ok_or_else(|| anyhow!("no throughput in iperf3 output: {}", &out[..out.len().min(400)]))
+        .ok_or_else(|| {
+            anyhow!(
+                "no throughput in iperf3 output: {}",
+                &out[..out.len().min(400)]
+            )
+        })
 }
 
 /// Per-packet round-trip times, ms.
@@ -134,7 +139,10 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
     .context("pod 1 never reached pod 2 through the overlay")?;
 
     let mut servers = Servers(Vec::new());
-    for (ns, ip) in [(p2.ns.clone(), p2.ip.clone()), (lab.node_ns(2), n2_ip.clone())] {
+    for (ns, ip) in [
+        (p2.ns.clone(), p2.ip.clone()),
+        (lab.node_ns(2), n2_ip.clone()),
+    ] {
         servers.0.push(
             netns::exec_cmd(&ns, &["iperf3", "-s", "-B", &ip])
                 .stdout(std::process::Stdio::null())
@@ -162,7 +170,10 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
         }
         res.metrics.push(
             Metric::new(
-                &format!("TCP {streams} stream{}, pod-to-pod", if streams > 1 { "s" } else { "" }),
+                &format!(
+                    "TCP {streams} stream{}, pod-to-pod",
+                    if streams > 1 { "s" } else { "" }
+                ),
                 "Gbit/s",
                 &over,
             )
@@ -215,7 +226,10 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
         res.metrics.push(m);
     }
     if chosen != underlay - 50 {
-        bail!("twill chose MTU {chosen} on a {underlay} underlay; expected {}", underlay - 50);
+        bail!(
+            "twill chose MTU {chosen} on a {underlay} underlay; expected {}",
+            underlay - 50
+        );
     }
     res.notes.push(format!(
         "underlay: veth pairs over a bridge in the lab's underlay namespace, MTU {underlay}; twill \

@@ -211,8 +211,7 @@ impl EtcdCounters {
     pub fn read(lab: &Lab) -> Result<EtcdCounters> {
         let port = lab.etcd_port().ok_or_else(|| anyhow!("no etcd"))?;
         let addr = SocketAddr::from((UNDERLAY_IP, port));
-        let (code, body) =
-            twill_tests::http::get_in_netns(&lab.underlay_ns(), addr, "/metrics")?;
+        let (code, body) = twill_tests::http::get_in_netns(&lab.underlay_ns(), addr, "/metrics")?;
         if code != 200 {
             return Err(anyhow!("etcd /metrics: HTTP {code}"));
         }
@@ -224,7 +223,12 @@ impl EtcdCounters {
         let split = self
             .by_method
             .iter()
-            .map(|(m, v)| (m.clone(), v - before.by_method.get(m).copied().unwrap_or(0.0)))
+            .map(|(m, v)| {
+                (
+                    m.clone(),
+                    v - before.by_method.get(m).copied().unwrap_or(0.0),
+                )
+            })
             .filter(|(_, d)| *d > 0.0)
             .collect();
         (self.received - before.received, split)

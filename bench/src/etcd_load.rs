@@ -17,7 +17,8 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
     } else {
         (3, Duration::from_secs(120), 1000)
     };
-    res.config = json!({"daemons": nodes, "steady_window_s": window.as_secs_f64(), "storm_joins": storm});
+    res.config =
+        json!({"daemons": nodes, "steady_window_s": window.as_secs_f64(), "storm_joins": storm});
     let mut lab = ctx.lab(nodes)?;
     for i in 1..=nodes {
         common::start_daemon(&mut lab, i, &[])?;
@@ -55,14 +56,17 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
     let (total, split) = c3.delta(&c2);
     let per_node = (total - writes as f64) / nodes as f64;
     res.metrics.push(
-        Metric::new(&format!("{storm}-node join storm"), "requests/node", &[per_node])
-            .vs_value("the storm's own writes", writes as f64)
-            .note(format!(
-                "{total} gRPC messages during the storm ({storm_secs:.1} s until every node had \
+        Metric::new(
+            &format!("{storm}-node join storm"),
+            "requests/node",
+            &[per_node],
+        )
+        .note(format!(
+            "{total} gRPC messages during the storm ({storm_secs:.1} s until every node had \
                  all peers), minus the {writes} bulk writes; per join per node: {:.4}; by method: \
                  {split:?}",
-                per_node / storm as f64
-            )),
+            per_node / storm as f64
+        )),
     );
     res.metrics.push(Metric::new(
         "during the join storm",

@@ -23,7 +23,9 @@ struct Quiet {
 
 /// Sample RSS once a second over `period`; CPU time is the difference across it.
 fn quiet_period(lab: &Lab, period: Duration) -> Result<Quiet> {
-    let pid = lab.daemon_pid(1).ok_or_else(|| anyhow!("twilld not running"))?;
+    let pid = lab
+        .daemon_pid(1)
+        .ok_or_else(|| anyhow!("twilld not running"))?;
     let start = Instant::now();
     let cpu0 = common::cpu_seconds(pid)?;
     let mut rss = Vec::new();
@@ -66,7 +68,9 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
     writer.put_peers(&rest)?;
     listener.wait_added(&entry_keys(&rest), t1, Duration::from_secs(300))?;
     std::thread::sleep(Duration::from_secs(2));
-    let pid = lab.daemon_pid(1).ok_or_else(|| anyhow!("twilld not running"))?;
+    let pid = lab
+        .daemon_pid(1)
+        .ok_or_else(|| anyhow!("twilld not running"))?;
     let (grown_rss, grown_hwm) = common::rss_mib(pid)?;
     // Restarted with all peers present: the steady state of a node in a large cluster.
     lab.stop_daemon(1)?;
@@ -82,17 +86,26 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
         m.target(&format!("< {limit} MiB"), met)
             .note(format!("VmHWM (peak) {:.1} MiB", q.hwm))
     };
-    res.metrics
-        .push(rss_metric(&format!("RSS idle, {small} peers"), &q_small, 20.0));
-    res.metrics
-        .push(rss_metric(&format!("RSS idle, {large} peers"), &q_large, 40.0));
+    res.metrics.push(rss_metric(
+        &format!("RSS idle, {small} peers"),
+        &q_small,
+        20.0,
+    ));
+    res.metrics.push(rss_metric(
+        &format!("RSS idle, {large} peers"),
+        &q_large,
+        40.0,
+    ));
     res.metrics.push(
         Metric::new(
             &format!("RSS after growing {small}→{large} live"),
             "MiB",
             &[grown_rss],
         )
-        .note(format!("VmHWM {grown_hwm:.1} MiB (includes the burst of {} new peers)", large - small)),
+        .note(format!(
+            "VmHWM {grown_hwm:.1} MiB (includes the burst of {} new peers)",
+            large - small
+        )),
     );
     for (n, q) in [(small, &q_small), (large, &q_large)] {
         res.metrics.push(

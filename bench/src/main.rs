@@ -143,7 +143,10 @@ fn run(cli: Cli) -> Result<bool> {
         &cli.out.join("summary.json"),
         &serde_json::to_string_pretty(&summary)?,
     )?;
-    report::write(&cli.out.join("summary.md"), &summary_md(&machine, &command, &results))?;
+    report::write(
+        &cli.out.join("summary.md"),
+        &summary_md(&machine, &command, &results),
+    )?;
     Ok(ok)
 }
 

@@ -105,7 +105,12 @@ impl Listener {
 
     /// Wait until every key has been added at or after `since`; returns the latest of those
     /// times. Bounded by `timeout`.
-    pub fn wait_added(&self, keys: &[String], since: Instant, timeout: Duration) -> Result<Instant> {
+    pub fn wait_added(
+        &self,
+        keys: &[String],
+        since: Instant,
+        timeout: Duration,
+    ) -> Result<Instant> {
         self.wait(keys, since, timeout, true)
     }
 
@@ -118,7 +123,13 @@ impl Listener {
         self.wait(keys, since, timeout, false)
     }
 
-    fn wait(&self, keys: &[String], since: Instant, timeout: Duration, add: bool) -> Result<Instant> {
+    fn wait(
+        &self,
+        keys: &[String],
+        since: Instant,
+        timeout: Duration,
+        add: bool,
+    ) -> Result<Instant> {
         let deadline = Instant::now() + timeout;
         let (lock, cv) = &*self.shared;
         let mut st = lock.lock().map_err(|_| anyhow!("listener poisoned"))?;
@@ -275,10 +286,7 @@ pub fn parse(mut buf: &[u8]) -> Vec<(bool, String)> {
                 let family = body[0];
                 let attrs = attrs(&body[12..]);
                 let key = match family {
-                    AF_INET => attrs
-                        .get(&NDA_DST)
-                        .and_then(|v| ipv4(v))
-                        .map(neigh_key),
+                    AF_INET => attrs.get(&NDA_DST).and_then(|v| ipv4(v)).map(neigh_key),
                     AF_BRIDGE => attrs
                         .get(&NDA_LLADDR)
                         .and_then(|v| <[u8; 6]>::try_from(*v).ok())

@@ -36,8 +36,25 @@ impl RefNs {
             vec!["ip", "-n", n, "link", "set", "v0", "up"],
             vec!["ip", "-n", n, "link", "set", "v1", "up"],
             vec![
-                "ip", "-n", n, "link", "add", DEV, "mtu", "1450", "type", "vxlan", "id", "1",
-                "local", "198.18.0.10", "dev", "v0", "dstport", "8472", "nolearning",
+                "ip",
+                "-n",
+                n,
+                "link",
+                "add",
+                DEV,
+                "mtu",
+                "1450",
+                "type",
+                "vxlan",
+                "id",
+                "1",
+                "local",
+                "198.18.0.10",
+                "dev",
+                "v0",
+                "dstport",
+                "8472",
+                "nolearning",
             ],
             vec!["ip", "-n", n, "link", "set", DEV, "up"],
         ] {
@@ -121,6 +138,9 @@ mod tests {
             f,
             "fdb replace 0e:b0:00:00:00:02 dev twill.1 dst 198.19.0.3 self permanent\n"
         );
-        assert_eq!(r, "route replace 10.1.2.0/24 via 10.1.2.0 dev twill.1 onlink\n");
+        assert_eq!(
+            r,
+            "route replace 10.1.2.0/24 via 10.1.2.0 dev twill.1 onlink\n"
+        );
     }
 }

@@ -363,7 +363,10 @@ mod tests {
 
     #[test]
     fn svg_is_well_formed_and_names_series() {
-        let svg = ecdf_svg("t <x>", &[("twill", "#c00", &[1.0, 2.0]), ("ref", "#00c", &[10.0])]);
+        let svg = ecdf_svg(
+            "t <x>",
+            &[("twill", "#c00", &[1.0, 2.0]), ("ref", "#00c", &[10.0])],
+        );
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("twill (n=2") && svg.contains("ref (n=1"));
         assert!(svg.contains("t &lt;x&gt;"));

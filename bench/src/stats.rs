@@ -35,7 +35,7 @@ impl Stats {
 /// mean of the two middle values.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     let n = sorted.len();
-    if p == 50.0 && n % 2 == 0 {
+    if p == 50.0 && n.is_multiple_of(2) {
         return (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0;
     }
     let rank = ((p / 100.0) * n as f64).ceil() as usize;
@@ -49,7 +49,10 @@ mod tests {
     #[test]
     fn summarises_a_sample() {
         let s = Stats::of(&[5.0, 1.0, 3.0, 2.0, 4.0]).unwrap();
-        assert_eq!((s.n, s.median, s.min, s.max, s.mean), (5, 3.0, 1.0, 5.0, 3.0));
+        assert_eq!(
+            (s.n, s.median, s.min, s.max, s.mean),
+            (5, 3.0, 1.0, 5.0, 3.0)
+        );
         assert_eq!(s.p99, 5.0);
         let even = Stats::of(&[1.0, 2.0, 3.0, 10.0]).unwrap();
         assert_eq!(even.median, 2.5);
