@@ -214,6 +214,23 @@ pub fn run(ctx: &Ctx, out_dir: &Path, res: &mut ScenarioResult) -> Result<()> {
         }
     }
     let refl = reference.name;
+    // The floor under every call: exec'ing the plugin binary at all (VERSION needs no daemon
+    // and no kernel work in either plugin).
+    let (mut tv, mut rv) = (Vec::new(), Vec::new());
+    for i in 0..iters {
+        let one = |p: &Plugin, v: &mut Vec<f64>| {
+            if let (d, Ok(_)) = call(p, "VERSION", "", "") {
+                v.push(ms(d));
+            }
+        };
+        if i % 2 == 0 {
+            one(&twill, &mut tv);
+            one(&reference, &mut rv);
+        } else {
+            one(&reference, &mut rv);
+            one(&twill, &mut tv);
+        }
+    }
     let add = Metric::new("ADD sequential", "ms", &ts.add).vs(refl, &rs.add);
     let met = add
         .twill
@@ -228,6 +245,11 @@ pub fn run(ctx: &Ctx, out_dir: &Path, res: &mut ScenarioResult) -> Result<()> {
         Metric::new("DEL sequential", "ms", &ts.del)
             .vs(refl, &rs.del)
             .note(fail_note(&ts, &rs, false)),
+    );
+    res.metrics.push(
+        Metric::new("VERSION (exec floor)", "ms", &tv)
+            .vs("bridge", &rv)
+            .note("one exec of the plugin binary, no daemon or kernel work: the part of every call no daemon can remove"),
     );
     report::write(
         &out_dir.join("cni_add.svg"),
