@@ -11,8 +11,10 @@ pub mod http;
 pub mod kernel;
 pub mod lab;
 pub mod netns;
+pub mod pod;
 pub mod wait;
 
 pub use kernel::DeviceEntries;
 pub use lab::{cleanup_stale, Lab, LabOptions};
+pub use pod::{tcp_probe, CniOutput, Pod, TcpProbe};
 pub use wait::{wait_for, wait_until};
