@@ -13,7 +13,7 @@
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
-use std::os::unix::fs::symlink;
+use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::Duration;
@@ -43,9 +43,8 @@ pub fn busybox_rootfs_tar(dir: &Path) -> Result<PathBuf> {
     let root = dir.join("bb-rootfs");
     let bin = root.join("bin");
     fs::create_dir_all(&bin)?;
-    fs::copy(BUSYBOX, bin.join("busybox")).with_context(|| {
-        format!("copy {BUSYBOX} (is busybox-static installed?) into the image")
-    })?;
+    fs::copy(BUSYBOX, bin.join("busybox"))
+        .with_context(|| format!("copy {BUSYBOX} (is busybox-static installed?) into the image"))?;
     for a in BUSYBOX_APPLETS {
         symlink("busybox", bin.join(a))?;
     }
@@ -71,11 +70,31 @@ pub fn twill_conflist(lab: &Lab, i: usize, cni_version: &str) -> Value {
     })
 }
 
-/// `<dir>/cni-bin`: the twill plugin plus the reference plugins (loopback, ...) as symlinks.
+/// The log of twill plugin calls in a runtime's dir, one `VERB netns=[..] id=..` a line.
+const CNI_CALLS: &str = "cni-calls.log";
+
+/// The twill plugin calls a runtime made, oldest first.
+fn cni_calls(dir: &Path) -> Vec<String> {
+    fs::read_to_string(dir.join(CNI_CALLS))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `<dir>/cni-bin`: the twill plugin (behind a call-recording wrapper) plus the reference plugins (loopback, ...) as symlinks.
 fn plugin_dir(lab: &mut Lab, dir: &Path) -> Result<PathBuf> {
     let out = dir.join("cni-bin");
     fs::create_dir_all(&out)?;
-    symlink(lab.bin("twill")?, out.join("twill"))?;
+    // A wrapper that records each call (verb, netns, container id) before exec'ing twill.
+    let wrapper = format!(
+        "#!/bin/sh\necho \"$CNI_COMMAND netns=[$CNI_NETNS] id=$CNI_CONTAINERID\" >> '{log}'\n\
+         exec '{twill}' \"$@\"\n",
+        log = dir.join(CNI_CALLS).display(),
+        twill = lab.bin("twill")?.display(),
+    );
+    fs::write(out.join("twill"), wrapper)?;
+    fs::set_permissions(out.join("twill"), fs::Permissions::from_mode(0o755))?;
     if let Ok(entries) = fs::read_dir("/usr/lib/cni") {
         for e in entries.flatten() {
             let name = e.file_name();
@@ -132,7 +151,14 @@ impl MountNs {
         );
         let mut holder = Command::new("nsenter")
             .arg(format!("--net={}/{node_ns}", netns::NETNS_DIR))
-            .args(["unshare", "--mount", "--propagation", "unchanged", "sh", "-c"])
+            .args([
+                "unshare",
+                "--mount",
+                "--propagation",
+                "unchanged",
+                "sh",
+                "-c",
+            ])
             .arg(&script)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -276,6 +302,11 @@ impl Podman {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The twill plugin calls podman made (`VERB netns=[..] id=..`).
+    pub fn cni_calls(&self) -> Vec<String> {
+        cni_calls(&self.dir)
     }
 
     /// `podman <global flags> args...` inside the node.
@@ -443,7 +474,12 @@ impl Containerd {
             return Err(e).with_context(|| {
                 format!(
                     "containerd does not answer\n--- log ---\n{}",
-                    c.log().lines().rev().take(30).collect::<Vec<_>>().join("\n")
+                    c.log()
+                        .lines()
+                        .rev()
+                        .take(30)
+                        .collect::<Vec<_>>()
+                        .join("\n")
                 )
             });
         }
@@ -452,6 +488,11 @@ impl Containerd {
 
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+    }
+
+    /// The twill plugin calls ctr made (`VERB netns=[..] id=..`).
+    pub fn cni_calls(&self) -> Vec<String> {
+        cni_calls(&self.dir)
     }
 
     /// `ctr --address <socket> --namespace twill args...` inside the node.
@@ -481,15 +522,7 @@ impl Containerd {
     /// to be running.
     pub fn run_cni(&mut self, image: &str, id: &str, cmd: &[&str]) -> Result<u32> {
         let log = fs::File::create(self.dir.join(format!("ctr-run-{id}.log")))?;
-        let mut args = vec![
-            "run",
-            "--rm",
-            "--cni",
-            "--snapshotter",
-            "native",
-            image,
-            id,
-        ];
+        let mut args = vec!["run", "--rm", "--cni", "--snapshotter", "native", image, id];
         args.extend_from_slice(cmd);
         let child = self
             .ctr(&args)
@@ -509,7 +542,12 @@ impl Containerd {
             Ok(None) => bail!(
                 "ctr run {id} exited:\n{}\n--- containerd log tail ---\n{}",
                 self.run_log(id),
-                self.log().lines().rev().take(20).collect::<Vec<_>>().join("\n")
+                self.log()
+                    .lines()
+                    .rev()
+                    .take(20)
+                    .collect::<Vec<_>>()
+                    .join("\n")
             ),
             Err(e) => Err(e).with_context(|| format!("task {id} never ran: {}", self.run_log(id))),
         }
@@ -586,7 +624,9 @@ impl Drop for Containerd {
             let _ = self.kill_task(&id);
         }
         for id in self.containers().unwrap_or_default() {
-            let _ = self.ctr(&["tasks", "kill", "--signal", "SIGKILL", &id]).output();
+            let _ = self
+                .ctr(&["tasks", "kill", "--signal", "SIGKILL", &id])
+                .output();
             let _ = self.ctr(&["tasks", "delete", "--force", &id]).output();
             let _ = self.ctr(&["containers", "delete", &id]).output();
         }

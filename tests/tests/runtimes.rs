@@ -55,11 +55,13 @@ fn container_pod(lab: &Lab, node: usize, name: &str, pid: u32, ip: Ipv4Addr) -> 
     })
 }
 
-/// Host veths the twill plugin made in node i (`tw` + hash).
+/// Host veths the twill plugin made in node i (`tw` + 12 hex digits).
 fn twill_veths(lab: &Lab, i: usize) -> Result<Vec<String>> {
     Ok(links(lab, i)?
         .into_iter()
-        .filter(|l| l.starts_with("tw"))
+        .filter(|l| {
+            l.len() == 14 && l.starts_with("tw") && l[2..].chars().all(|c| c.is_ascii_hexdigit())
+        })
         .collect())
 }
 
@@ -87,7 +89,10 @@ fn podman_containers_on_two_nodes_reach_each_other_without_nat() -> Result<()> {
 
     let veths_before = twill_veths(&lab, 1)?;
     // The listener answers each connection with `netstat -tn`: the peers it sees.
-    pa.run_container("a", &["nc", "-ll", "-p", &PORT.to_string(), "-e", "netstat", "-tn"])?;
+    let id_a = pa.run_container(
+        "a",
+        &["nc", "-ll", "-p", &PORT.to_string(), "-e", "netstat", "-tn"],
+    )?;
     pb.run_container("b", &["sleep", "600"])?;
     let ip_a = pa.ip("a")?;
     let ip_b = pb.ip("b")?;
@@ -113,9 +118,7 @@ fn podman_containers_on_two_nodes_reach_each_other_without_nat() -> Result<()> {
     let ip_a_s = ip_a.to_string();
     let port_s = PORT.to_string();
     let seen = wait_for(Duration::from_secs(30), || {
-        let out = pb
-            .exec("b", &["nc", "-w", "2", &ip_a_s, &port_s])
-            .ok()?;
+        let out = pb.exec("b", &["nc", "-w", "2", &ip_a_s, &port_s]).ok()?;
         let peers = netstat_peers(&String::from_utf8_lossy(&out.stdout), PORT);
         (!peers.is_empty()).then_some(peers)
     })
@@ -130,7 +133,10 @@ fn podman_containers_on_two_nodes_reach_each_other_without_nat() -> Result<()> {
     let pod_a = container_pod(&lab, 1, "a", pa.pid("a")?, ip_a)?;
     let pod_b = container_pod(&lab, 2, "b", pb.pid("b")?, ip_b)?;
     let probe = tcp_probe(&pod_b, &pod_a, 7100, Duration::from_secs(10))?;
-    assert_eq!(probe.source_seen, ip_b, "probe listener in a saw a NATed source");
+    assert_eq!(
+        probe.source_seen, ip_b,
+        "probe listener in a saw a NATed source"
+    );
 
     // podman rm sends DEL: the address and the host veth are gone although a's netns is still
     // held open by the attached name (so the veth did not vanish with the netns).
@@ -145,6 +151,15 @@ fn podman_containers_on_two_nodes_reach_each_other_without_nat() -> Result<()> {
         "host veth of container a left in node 1"
     );
     netns::run_ok(&["ip", "netns", "del", &pod_a.ns])?;
+    // podman handed the plugin its own netns path for ADD and again for DEL.
+    let calls = pa.cni_calls();
+    let for_a: Vec<&String> = calls.iter().filter(|c| c.ends_with(&id_a)).collect();
+    assert!(
+        for_a.len() == 2
+            && for_a[0].starts_with("ADD netns=[/run/netns/netns-")
+            && for_a[1].starts_with("DEL netns=[/run/netns/netns-"),
+        "expected ADD then DEL with podman's netns for {id_a}: {calls:#?}"
+    );
 
     // The released address is free: a new container on node 1 works and is reachable.
     pa.run_container("c", &["nc", "-ll", "-p", &port_s, "-e", "netstat", "-tn"])?;
@@ -228,7 +243,9 @@ fn containerd_ctr_run_cni_container_reaches_a_pod_and_is_cleaned_up() -> Result<
     let _listener = KillOnDrop(
         netns::exec_cmd(
             &pod_b.ns,
-            &["busybox", "nc", "-ll", "-p", &port, "-e", "busybox", "netstat", "-tn"],
+            &[
+                "busybox", "nc", "-ll", "-p", &port, "-e", "busybox", "netstat", "-tn",
+            ],
         )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -254,7 +271,10 @@ fn containerd_ctr_run_cni_container_reaches_a_pod_and_is_cleaned_up() -> Result<
     );
     let me = container_pod(&lab, 1, "probe", pid, ip)?;
     let probe = tcp_probe(&me, &pod_b, 7100, Duration::from_secs(10))?;
-    assert_eq!(probe.source_seen, ip, "probe listener in pod b saw a NATed source");
+    assert_eq!(
+        probe.source_seen, ip,
+        "probe listener in pod b saw a NATed source"
+    );
     netns::run_ok(&["ip", "netns", "del", &me.ns])?;
 
     // Kill the task: the foreground `ctr run --rm` sends DEL with CNI_NETNS="" and deletes
@@ -271,6 +291,16 @@ fn containerd_ctr_run_cni_container_reaches_a_pod_and_is_cleaned_up() -> Result<
         "container c1 still exists in containerd"
     );
     assert!(!ipam_holds(&lab, 1, ip), "{ip} still allocated after DEL");
+    // ctr passed the task's /proc netns for ADD and an empty CNI_NETNS for DEL.
+    let calls = ctd.cni_calls();
+    assert_eq!(
+        calls,
+        [
+            format!("ADD netns=[/proc/{pid}/ns/net] id=twill-c1"),
+            "DEL netns=[] id=twill-c1".to_string()
+        ],
+        "unexpected plugin calls from ctr"
+    );
     assert_eq!(
         twill_veths(&lab, 1)?,
         veths_before,
