@@ -29,7 +29,7 @@ use crate::wait::{wait_for, wait_until};
 
 /// Applets linked into the busybox image (the binary is busybox-static's).
 const BUSYBOX_APPLETS: &[&str] = &[
-    "sh", "nc", "netstat", "ip", "sleep", "cat", "ls", "ping", "ifconfig", "true",
+    "sh", "nc", "netstat", "ip", "sleep", "cat", "ls", "ping", "ifconfig", "true", "timeout",
 ];
 const BUSYBOX: &str = "/bin/busybox";
 /// The name of the busybox image in every runtime.

@@ -17,6 +17,9 @@ use twill_tests::{netns, tcp_probe, wait_for, wait_until, Lab, LabOptions, Pod};
 
 const CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const PORT: u16 = 7000;
+/// Seconds every container process lives at most: a test killed before its cleanup ran leaves
+/// nothing running for long.
+const LIFETIME: &str = "600";
 
 /// A lab of `n` nodes with twilld ready everywhere and every node seeing the others.
 fn lab_up(n: usize) -> Result<Lab> {
@@ -91,9 +94,19 @@ fn podman_containers_on_two_nodes_reach_each_other_without_nat() -> Result<()> {
     // The listener answers each connection with `netstat -tn`: the peers it sees.
     let id_a = pa.run_container(
         "a",
-        &["nc", "-ll", "-p", &PORT.to_string(), "-e", "netstat", "-tn"],
+        &[
+            "timeout",
+            LIFETIME,
+            "nc",
+            "-ll",
+            "-p",
+            &PORT.to_string(),
+            "-e",
+            "netstat",
+            "-tn",
+        ],
     )?;
-    pb.run_container("b", &["sleep", "600"])?;
+    pb.run_container("b", &["sleep", LIFETIME])?;
     let ip_a = pa.ip("a")?;
     let ip_b = pb.ip("b")?;
     for (ip, node) in [(ip_a, 1), (ip_b, 2)] {
@@ -162,7 +175,12 @@ fn podman_containers_on_two_nodes_reach_each_other_without_nat() -> Result<()> {
     );
 
     // The released address is free: a new container on node 1 works and is reachable.
-    pa.run_container("c", &["nc", "-ll", "-p", &port_s, "-e", "netstat", "-tn"])?;
+    pa.run_container(
+        "c",
+        &[
+            "timeout", LIFETIME, "nc", "-ll", "-p", &port_s, "-e", "netstat", "-tn",
+        ],
+    )?;
     let ip_c = pa.ip("c")?;
     assert!(in_subnet(ip_c, &node_subnet(&lab, 1)?)?);
     let ip_c_s = ip_c.to_string();
@@ -221,7 +239,7 @@ fn containerd_ctr_run_cni_container_reaches_a_pod_and_is_cleaned_up() -> Result<
         .to_owned();
 
     let veths_before = twill_veths(&lab, 1)?;
-    let pid = ctd.run_cni(&image, "c1", &["sleep", "600"])?;
+    let pid = ctd.run_cni(&image, "c1", &["sleep", LIFETIME])?;
     let ns = attach_netns(&lab, 1, "c1", pid)?;
     let ip = eth0_ip(&ns)?;
     let subnet = node_subnet(&lab, 1)?;
