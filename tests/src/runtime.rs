@@ -137,6 +137,11 @@ impl MountNs {
              [ -d /etc/cni/net.d ] || {{ echo 'no /etc/cni/net.d to bind over' >&2; exit 1; }}
              awk '{{print $5}}' /proc/self/mountinfo | grep -v '^/run/netns' | sort -u |
                while read -r m; do mount --make-private \"$m\" 2>/dev/null || true; done
+             for d in /run /var/lib /dev/shm /opt /etc/cni/net.d '{keep}'; do
+               if findmnt -n -o PROPAGATION --target $d | grep -qv '^private$'; then
+                 echo \"$d is on a mount that is not private\" >&2; exit 1
+               fi
+             done
              mount --bind /run/netns '{keep}'
              for d in /run /var/lib /dev/shm /opt; do mount -t tmpfs -o mode=755 twillrt $d; done
              mkdir -p /run/netns /opt/cni/bin
