@@ -12,6 +12,7 @@ pub mod kernel;
 pub mod lab;
 pub mod netns;
 pub mod pod;
+pub mod runtime;
 pub mod wait;
 
 pub use kernel::DeviceEntries;
