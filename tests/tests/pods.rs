@@ -75,3 +75,87 @@ fn pods_on_three_nodes_reach_each_other_without_nat() -> Result<()> {
     }
     Ok(())
 }
+
+/// A runtime may create the pod's netns file in a mount namespace twilld does not share (podman
+/// with a private /run, twilld in a container). The plugin's view of CNI_NETNS must count.
+#[test]
+fn netns_visible_only_in_the_plugins_mount_namespace() -> Result<()> {
+    use std::io::Write;
+    use std::process::Stdio;
+
+    let mut lab = Lab::new(LabOptions {
+        nodes: 1,
+        ..Default::default()
+    })?;
+    lab.put_config(CONFIG)?;
+    lab.start_daemon(1)?;
+    lab.wait_ready(1, Duration::from_secs(30))?;
+    let ns = lab.pod_ns(1, "priv");
+    twill_tests::netns::add(&ns)?;
+    let private = lab.dir().join("private-netns");
+    std::fs::create_dir_all(&private)?;
+    let hidden = private.join("pod");
+    assert!(!hidden.exists());
+    let plugin = lab.bin("twill")?;
+    let cfg = lab.cni_config(1, "1.0.0");
+    // The plugin runs in its own mount namespace where `hidden` is a bind mount of the pod netns;
+    // twilld (in the node's mount namespace) sees no file there.
+    let script = format!(
+        "mount -t tmpfs twill-test {d} && touch {h} && mount --bind /run/netns/{ns} {h} && exec {plugin}",
+        d = private.display(),
+        h = hidden.display(),
+        plugin = plugin.display()
+    );
+    let mut child = twill_tests::netns::exec_cmd(
+        &lab.node_ns(1),
+        &[
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+        ],
+    )
+    .env("CNI_COMMAND", "ADD")
+    .env("CNI_CONTAINERID", "privmnt")
+    .env("CNI_NETNS", &hidden)
+    .env("CNI_IFNAME", "eth0")
+    .env("CNI_PATH", plugin.parent().unwrap())
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()?;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(cfg.to_string().as_bytes())?;
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ADD failed: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !hidden.exists(),
+        "the bind mount leaked into the test's mount namespace"
+    );
+    let result: serde_json::Value = serde_json::from_str(&stdout)?;
+    // The result names CNI_NETNS as given, and the interface is really in the pod's netns.
+    assert_eq!(
+        result["interfaces"][1]["sandbox"],
+        hidden.display().to_string(),
+        "{result}"
+    );
+    let addr = result["ips"][0]["address"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let shown =
+        twill_tests::netns::run_ok(&["ip", "-n", &ns, "-4", "-o", "addr", "show", "dev", "eth0"])?;
+    assert!(shown.contains(&addr), "pod netns has no {addr}: {shown}");
+    Ok(())
+}

@@ -343,6 +343,27 @@ impl PodNetlink {
     }
 }
 
+/// CNI_NETNS as the plugin sees it. A runtime may create the netns file in a mount namespace
+/// twilld does not share (e.g. twilld in a container, podman's /run/netns): when the path is not
+/// visible here, look through the plugin's root, `/proc/<pid>/root/<path>`; the plugin is alive
+/// while it waits for our answer.
+pub fn resolve_netns(path: &str, peer_pid: Option<i32>) -> PathBuf {
+    let p = PathBuf::from(path);
+    if path.is_empty() || p.exists() {
+        return p;
+    }
+    if let Some(pid) = peer_pid.filter(|&pid| pid > 0) {
+        let alt = Path::new("/proc")
+            .join(pid.to_string())
+            .join("root")
+            .join(p.strip_prefix("/").unwrap_or(&p));
+        if alt.exists() {
+            return alt;
+        }
+    }
+    p
+}
+
 /// Opens a netns path without blocking (a FIFO planted as CNI_NETNS must not hang a thread).
 pub fn open_netns(path: &Path) -> std::io::Result<File> {
     std::fs::OpenOptions::new()
