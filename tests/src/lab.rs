@@ -169,7 +169,7 @@ impl Lab {
     /// daemons (those still alive) are taken over as they are. Dropping the result tears the
     /// lab down, unless it is detached again.
     pub fn attach(state: LabState) -> Result<Lab> {
-        check_given_prefix(&state.prefix)?;
+        check_prefix_format(&state.prefix)?;
         if state.nodes == 0 || state.nodes > 200 || state.daemons.len() != state.nodes {
             bail!(
                 "lab state: {} nodes with {} daemon entries",
@@ -815,11 +815,16 @@ fn generate_prefix() -> Result<String> {
 /// A prefix given by the caller is used as is: it must fit device names and must not match
 /// generated lab names (leftovers of a given prefix are removed).
 fn check_given_prefix(p: &str) -> Result<()> {
-    if p.is_empty() || p.len() > MAX_PREFIX_LEN || !p.chars().all(|c| c.is_ascii_alphanumeric()) {
-        bail!("lab prefix {p:?} must be 1..={MAX_PREFIX_LEN} ASCII letters/digits");
-    }
+    check_prefix_format(p)?;
     if p.starts_with(PREFIX_ROOT) || PREFIX_ROOT.starts_with(p) {
         bail!("lab prefix {p:?} collides with generated {PREFIX_ROOT}<pid>x.. names");
+    }
+    Ok(())
+}
+
+fn check_prefix_format(p: &str) -> Result<()> {
+    if p.is_empty() || p.len() > MAX_PREFIX_LEN || !p.chars().all(|c| c.is_ascii_alphanumeric()) {
+        bail!("lab prefix {p:?} must be 1..={MAX_PREFIX_LEN} ASCII letters/digits");
     }
     Ok(())
 }
