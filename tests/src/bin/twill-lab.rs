@@ -249,7 +249,7 @@ fn lab_dir(state_path: &Path, prefix: &str) -> PathBuf {
 
 fn up(out: &Out, state_path: &Path, a: UpArgs) -> Result<ExitCode> {
     if let Some(st) = load_state_lenient(state_path) {
-        if netns::exists(&format!("{}u", st.prefix)) {
+        if st.lab.is_some() && netns::exists(&format!("{}u", st.prefix)) {
             out.step(&format!(
                 "a lab is already up (prefix {}, state {}); showing its status — `{} down` removes it",
                 st.prefix,
@@ -258,7 +258,7 @@ fn up(out: &Out, state_path: &Path, a: UpArgs) -> Result<ExitCode> {
             ));
             return status(out, state_path, false);
         }
-        out.step("a previous lab's state is stale (its namespaces are gone); cleaning up first");
+        out.step("a previous lab was never finished or is gone; cleaning it up first");
         down(out, state_path, &st.prefix)?;
     }
     let nodes = a.nodes as usize;
@@ -568,7 +568,7 @@ fn print_matrix(out: &Out, st: &CliState, cells: &[Cell]) {
     );
     const W: usize = 10;
     let name_w = st.pods.iter().map(|p| p.name.len()).max().unwrap_or(4) + 1;
-    let ip_w = 13;
+    let ip_w = 15;
     let mut header = format!("{:<name_w$}{:<ip_w$}", "", "");
     for p in &st.pods {
         header.push_str(&format!("{:>W$}", p.name));
