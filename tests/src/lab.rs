@@ -8,6 +8,10 @@
 //! ```
 //! Nodes are numbered from 1. Dropping the lab (also while unwinding from a panic) kills every
 //! process it started or that runs in its namespaces, deletes the namespaces and the temp dir.
+//!
+//! A lab can outlive its process (the lab CLI): build it with `detachable` (etcd and twilld
+//! get sessions of their own), `detach` it to get a `LabState` instead of a teardown, and
+//! `Lab::attach` that state later to manage the same processes by pid again.
 
 use std::fs::OpenOptions;
 use std::io::Write;

@@ -767,6 +767,7 @@ fn down(out: &Out, state_path: &Path, default_prefix: &str) -> Result<ExitCode> 
         .map_or_else(|| lab_dir(state_path, &prefix), |s| s.dir.clone());
     let mut did = Vec::new();
     let mut errors = Vec::new();
+    let dir_existed = dir.exists();
     // The processes first (by the pids recorded, checked against their start time), then
     // whatever still lives in the namespaces.
     if let Some(lab_state) = st.as_ref().and_then(|s| s.lab.clone()) {
@@ -788,10 +789,12 @@ fn down(out: &Out, state_path: &Path, default_prefix: &str) -> Result<ExitCode> 
         Err(e) => errors.push(format!("{e:#}")),
     }
     if dir.exists() {
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => did.push(dir.display().to_string()),
-            Err(e) => errors.push(format!("rm -r {}: {e}", dir.display())),
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            errors.push(format!("rm -r {}: {e}", dir.display()));
         }
+    }
+    if dir_existed && !dir.exists() {
+        did.push(dir.display().to_string());
     }
     for f in [
         state_path.to_path_buf(),
