@@ -6,13 +6,14 @@ use std::net::Ipv4Addr;
 use std::process::{Output, Stdio};
 
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::lab::Lab;
 use crate::netns;
 
 /// A pod: a netns with an interface the twill plugin set up.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Pod {
     pub node: usize,
     /// CNI_CONTAINERID.
@@ -133,12 +134,19 @@ impl Lab {
 
     /// Create a pod on node i through the plugin (ADD, CNI 1.0.0, eth0).
     pub fn add_pod(&mut self, i: usize, name: &str) -> Result<Pod> {
+        let cfg = self.cni_config(i, "1.0.0");
+        self.add_pod_with_config(i, name, &cfg)
+    }
+
+    /// Create a pod on node i through the plugin with the given network config (e.g. the one a
+    /// runtime derives from a conflist).
+    pub fn add_pod_with_config(&mut self, i: usize, name: &str, cfg: &Value) -> Result<Pod> {
         let ns = self.pod_ns(i, name);
         netns::add(&ns)?;
         let _ = netns::run(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
         let id = format!("{}-n{i}-{name}", self.prefix());
         let path = format!("/run/netns/{ns}");
-        let cfg = self.cni_config(i, "1.0.0");
+        let cfg = cfg.clone();
         let out = self.cni(i, "ADD", &id, &path, "eth0", &cfg)?;
         if !out.success {
             let _ = netns::kill_all_and_delete(&ns);
@@ -225,33 +233,27 @@ pub fn tcp_probe(
                     return;
                 }
             };
-            let _ = l.set_nonblocking(true);
+            // A blocking accept bounded by SO_RCVTIMEO (Linux honours it for accept): the
+            // connection is taken as soon as it arrives, so the RTT has no polling delay in it.
+            if let Err(e) = set_accept_timeout(&l, timeout) {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
             let _ = ready_tx.send(Ok(()));
-            let deadline = std::time::Instant::now() + timeout;
-            loop {
-                match l.accept() {
-                    Ok((mut s, peer)) => {
-                        let _ = s.set_nonblocking(false);
-                        let _ = s.set_read_timeout(Some(timeout));
-                        let mut line = String::new();
-                        let _ = BufReader::new(&s).read_line(&mut line);
-                        let _ = s.write_all(line.as_bytes());
-                        let _ = seen_tx.send(Ok(peer));
-                        return;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        if std::time::Instant::now() > deadline {
-                            let err =
-                                std::io::Error::new(std::io::ErrorKind::TimedOut, "no connection");
-                            let _ = seen_tx.send(Err(err));
-                            return;
-                        }
-                        std::thread::sleep(std::time::Duration::from_millis(5));
-                    }
-                    Err(e) => {
-                        let _ = seen_tx.send(Err(e));
-                        return;
-                    }
+            match l.accept() {
+                Ok((mut s, peer)) => {
+                    let _ = s.set_read_timeout(Some(timeout));
+                    let mut line = String::new();
+                    let _ = BufReader::new(&s).read_line(&mut line);
+                    let _ = s.write_all(line.as_bytes());
+                    let _ = seen_tx.send(Ok(peer));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let err = std::io::Error::new(std::io::ErrorKind::TimedOut, "no connection");
+                    let _ = seen_tx.send(Err(err));
+                }
+                Err(e) => {
+                    let _ = seen_tx.send(Err(e));
                 }
             }
         });
@@ -285,4 +287,30 @@ pub fn tcp_probe(
         other => bail!("listener saw a non-IPv4 source {other}"),
     };
     Ok(TcpProbe { source_seen, rtt })
+}
+
+fn set_accept_timeout(
+    l: &std::net::TcpListener,
+    timeout: std::time::Duration,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: a valid socket fd and a timeval of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            l.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
