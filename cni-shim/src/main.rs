@@ -25,8 +25,38 @@ const DEFAULT_TIMEOUT_SECS: f64 = 30.0;
 /// Version used in error output when the config does not name one.
 const FALLBACK_VERSION: &str = "1.1.0";
 
+const HELP: &str = "\
+twill: the CNI plugin of the twill pod network.
+
+Container runtimes run this binary, not people: they set CNI_COMMAND (ADD, DEL, CHECK, GC,
+STATUS, VERSION), CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME, CNI_ARGS and CNI_PATH, pass the
+network config on stdin, and read the result from stdout. The plugin forwards each request to
+the node's twilld over the Unix socket named by the config key `socket` (default
+/run/twill/cni.sock) and prints twilld's answer. Optional config key `timeout`: seconds to wait
+for twilld (default 30).
+
+Conflist entry: {\"type\": \"twill\", \"socket\": \"/run/twill/cni.sock\"}
+CNI spec versions: 0.4.0, 1.0.0, 1.1.0
+";
+
 fn main() -> ExitCode {
     let env = |k: &str| std::env::var(k).ok();
+    // People asking for help get it; runtimes never pass arguments.
+    if let Some(arg) = std::env::args().nth(1) {
+        if arg == "--version" || arg == "-V" {
+            println!(
+                "twill {} (CNI 0.4.0, 1.0.0, 1.1.0)",
+                env!("CARGO_PKG_VERSION")
+            );
+        } else {
+            print!("{HELP}");
+        }
+        return if matches!(arg.as_str(), "--help" | "-h" | "--version" | "-V") {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
     let mut stdin = Vec::new();
     // A read error leaves stdin empty; decoding reports it below.
     let _ = std::io::stdin()

@@ -323,3 +323,29 @@ fn forwards_request_and_prints_the_answer() {
     assert_eq!(seen[2].command, twill_proto::Command::Del);
     assert_eq!(seen[2].netns, "");
 }
+
+#[test]
+fn help_and_version_for_people() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_twill"))
+        .arg("--help")
+        .env_remove("CNI_COMMAND")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("CNI_COMMAND") && text.contains("/run/twill/cni.sock"),
+        "{text}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_twill"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("twill "));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_twill"))
+        .arg("--bogus")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "unknown arguments are an error");
+}

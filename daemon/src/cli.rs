@@ -31,7 +31,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon (the default).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print this node's lease and its peers, read from a running twilld's /status.
     Status(StatusArgs),
 }

@@ -1,16 +1,19 @@
 //! A single-member etcd running inside a lab's underlay namespace.
 
 use std::fs::OpenOptions;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus, Stdio};
+use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rand::Rng;
+use serde::{Deserialize, Serialize};
 
 use crate::netns::{check, exec_cmd};
+use crate::proc::{Proc, ProcId};
 use crate::wait::wait_for;
 
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -24,13 +27,28 @@ pub struct Etcd {
     peer_port: u16,
     data_dir: PathBuf,
     log: PathBuf,
-    child: Option<Child>,
+    child: Option<Proc>,
+    /// Start etcd in a session of its own, so it outlives the process that started it.
+    new_session: bool,
+}
+
+/// What it takes to manage a running etcd again from another process.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EtcdState {
+    pub port: u16,
+    pub peer_port: u16,
+    pub process: Option<ProcId>,
 }
 
 impl Etcd {
     /// Start etcd in `ns` listening on `ip`:<random high port>, retrying with another port if the
     /// one picked is taken; returns once `etcdctl endpoint health` succeeds.
     pub fn start(ns: &str, ip: &str, dir: &Path) -> Result<Self> {
+        Self::start_opts(ns, ip, dir, false)
+    }
+
+    /// Like `start`; with `new_session` etcd runs in a session of its own (see `detach`).
+    pub fn start_opts(ns: &str, ip: &str, dir: &Path, new_session: bool) -> Result<Self> {
         let mut last_err = None;
         for _ in 0..PORT_ATTEMPTS {
             let mut rng = rand::rng();
@@ -42,6 +60,7 @@ impl Etcd {
                 data_dir: dir.join("etcd-data"),
                 log: dir.join("etcd.log"),
                 child: None,
+                new_session,
             };
             match etcd.start_again() {
                 Ok(()) => return Ok(etcd),
@@ -84,15 +103,17 @@ impl Etcd {
             "--log-level",
             "warn",
         ];
-        let child = exec_cmd(&self.ns, &args)
-            .stdin(Stdio::null())
+        let mut cmd = exec_cmd(&self.ns, &args);
+        cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawn etcd")?;
-        self.child = Some(child);
+            .stderr(log);
+        if self.new_session {
+            new_session(&mut cmd);
+        }
+        let child = cmd.spawn().context("spawn etcd")?;
+        self.child = Some(Proc::Child(child));
         let healthy = wait_for(START_TIMEOUT, || {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+            if let Some(Some(status)) = self.child.as_mut().map(Proc::try_wait) {
                 return Some(Err(anyhow!("etcd exited: {status}")));
             }
             self.ctl(&["endpoint", "health"]).ok().map(|_| Ok(()))
@@ -117,7 +138,36 @@ impl Etcd {
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
+        self.child.as_ref().map(Proc::id)
+    }
+
+    /// What `attach` needs to manage this etcd from another process.
+    pub fn state(&self) -> EtcdState {
+        EtcdState {
+            port: self.port,
+            peer_port: self.peer_port,
+            process: self.child.as_ref().map(Proc::proc_id),
+        }
+    }
+
+    /// Manage an etcd started by another process (from its `state`); a process that is gone
+    /// counts as stopped.
+    pub fn attach(ns: &str, ip: &str, dir: &Path, state: &EtcdState) -> Etcd {
+        Etcd {
+            ns: ns.to_owned(),
+            ip: ip.to_owned(),
+            port: state.port,
+            peer_port: state.peer_port,
+            data_dir: dir.join("etcd-data"),
+            log: dir.join("etcd.log"),
+            child: state.process.filter(ProcId::alive).map(Proc::Adopted),
+            new_session: true,
+        }
+    }
+
+    /// Let go of the process without stopping it: it keeps running after this is dropped.
+    pub fn detach(&mut self) {
+        self.child = None;
     }
 
     pub fn running(&self) -> bool {
@@ -169,12 +219,14 @@ impl Etcd {
             .take()
             .ok_or_else(|| anyhow!("etcd is not running"))?;
         let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
-        let status = wait_for(STOP_TIMEOUT, || child.try_wait().ok().flatten());
+        let status = wait_for(STOP_TIMEOUT, || child.try_wait());
         match status {
             Ok(s) => Ok(s),
             Err(_) => {
-                let _ = child.kill();
-                Ok(child.wait()?)
+                child.kill();
+                Ok(child.try_wait().unwrap_or_else(|| {
+                    std::os::unix::process::ExitStatusExt::from_raw(Signal::SIGKILL as i32)
+                }))
             }
         }
     }
@@ -182,8 +234,7 @@ impl Etcd {
     /// SIGKILL and reap; used on teardown.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            c.kill();
         }
     }
 }
@@ -191,6 +242,21 @@ impl Etcd {
 impl Drop for Etcd {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Make the command's process the leader of a new session: no controlling terminal, not in
+/// the caller's process group, so neither a terminal hangup nor a Ctrl-C meant for the caller
+/// reaches it.
+pub fn new_session(cmd: &mut std::process::Command) {
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

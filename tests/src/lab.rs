@@ -8,10 +8,15 @@
 //! ```
 //! Nodes are numbered from 1. Dropping the lab (also while unwinding from a panic) kills every
 //! process it started or that runs in its namespaces, deletes the namespaces and the temp dir.
+//!
+//! A lab can outlive its process (the lab CLI): build it with `detachable` (etcd and twilld
+//! get sessions of their own), `detach` it to get a `LabState` instead of a teardown, and
+//! `Lab::attach` that state later to manage the same processes by pid again.
 
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -20,13 +25,15 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::bins;
-use crate::etcd::{tail, Etcd};
+use crate::etcd::{new_session, tail, Etcd, EtcdState};
 use crate::http;
 use crate::kernel::DeviceEntries;
 use crate::netns::{self, check, exec_cmd};
+use crate::proc::{Proc, ProcId};
 use crate::wait::{wait_for, wait_until};
 
 /// Generated prefixes are `twl<pid>x<2 base-36 digits>`: at most 15 bytes with the longest
@@ -62,6 +69,11 @@ pub struct LabOptions {
     pub mtu: u32,
     /// Where twilld and twill are; default: TWILL_BIN_DIR or <target>/debug (built on demand).
     pub bin_dir: Option<PathBuf>,
+    /// The lab's files (etcd data, node dirs); default: <temp dir>/<prefix>. Removed on drop.
+    pub dir: Option<PathBuf>,
+    /// Start etcd and the daemons in sessions of their own, so that after `Lab::detach` they
+    /// outlive this process (no terminal hangup or Ctrl-C reaches them).
+    pub detachable: bool,
 }
 
 impl Default for LabOptions {
@@ -72,6 +84,8 @@ impl Default for LabOptions {
             etcd: true,
             mtu: 1500,
             bin_dir: None,
+            dir: None,
+            detachable: false,
         }
     }
 }
@@ -84,7 +98,24 @@ pub struct Lab {
     bins_checked: bool,
     etcd: Option<Etcd>,
     /// Index 0 is node 1.
-    daemons: Vec<Option<Child>>,
+    daemons: Vec<Option<Proc>>,
+    mtu: u32,
+    detachable: bool,
+    /// Set by `detach`: drop leaves everything running.
+    detached: bool,
+}
+
+/// Everything needed to manage a running lab again from another process (`Lab::attach`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LabState {
+    pub prefix: String,
+    pub dir: PathBuf,
+    pub nodes: usize,
+    pub mtu: u32,
+    pub bin_dir: PathBuf,
+    pub etcd: Option<EtcdState>,
+    /// Index 0 is node 1.
+    pub daemons: Vec<Option<ProcId>>,
 }
 
 impl Lab {
@@ -94,17 +125,14 @@ impl Lab {
         }
         let prefix = match opts.prefix {
             Some(p) => {
-                if p.is_empty()
-                    || p.len() > MAX_PREFIX_LEN
-                    || !p.chars().all(|c| c.is_ascii_alphanumeric())
-                {
-                    bail!("lab prefix {p:?} must be 1..={MAX_PREFIX_LEN} ASCII letters/digits");
+                check_given_prefix(&p)?;
+                match &opts.dir {
+                    Some(dir) => {
+                        remove_namespaces(&p)?;
+                        remove_dir(dir)?;
+                    }
+                    None => remove_prefix(&p)?,
                 }
-                // Leftovers of a given prefix are removed: it must not match generated labs.
-                if p.starts_with(PREFIX_ROOT) || PREFIX_ROOT.starts_with(&p) {
-                    bail!("lab prefix {p:?} collides with generated {PREFIX_ROOT}<pid>x.. names");
-                }
-                remove_prefix(&p)?;
                 p
             }
             None => {
@@ -112,7 +140,9 @@ impl Lab {
                 generate_prefix()?
             }
         };
-        let dir = std::env::temp_dir().join(&prefix);
+        let dir = opts
+            .dir
+            .unwrap_or_else(|| std::env::temp_dir().join(&prefix));
         let mut lab = Lab {
             prefix,
             dir,
@@ -121,22 +151,108 @@ impl Lab {
             bins_checked: false,
             etcd: None,
             daemons: (0..opts.nodes).map(|_| None).collect(),
+            mtu: opts.mtu,
+            detachable: opts.detachable,
+            detached: false,
         };
         // From here on a failure drops `lab`, which removes whatever was built so far.
-        lab.build(opts.mtu)?;
+        lab.build()?;
         if opts.etcd {
-            let etcd = Etcd::start(&lab.underlay_ns(), &UNDERLAY_IP.to_string(), &lab.dir)?;
+            let etcd = Etcd::start_opts(
+                &lab.underlay_ns(),
+                &UNDERLAY_IP.to_string(),
+                &lab.dir,
+                lab.detachable,
+            )?;
             lab.etcd = Some(etcd);
         }
         Ok(lab)
     }
 
-    fn build(&mut self, mtu: u32) -> Result<()> {
+    /// Manage a lab that another process built and detached: its namespaces, dir, etcd and
+    /// daemons (those still alive) are taken over as they are. Dropping the result tears the
+    /// lab down, unless it is detached again.
+    pub fn attach(state: LabState) -> Result<Lab> {
+        check_prefix_format(&state.prefix)?;
+        if state.nodes == 0 || state.nodes > 200 || state.daemons.len() != state.nodes {
+            bail!(
+                "lab state: {} nodes with {} daemon entries",
+                state.nodes,
+                state.daemons.len()
+            );
+        }
+        let mut lab = Lab {
+            prefix: state.prefix,
+            dir: state.dir,
+            nodes: state.nodes,
+            bin_dir: state.bin_dir,
+            bins_checked: false,
+            etcd: None,
+            daemons: state
+                .daemons
+                .into_iter()
+                .map(|d| d.filter(ProcId::alive).map(Proc::Adopted))
+                .collect(),
+            mtu: state.mtu,
+            detachable: true,
+            detached: false,
+        };
+        lab.etcd = state
+            .etcd
+            .as_ref()
+            .map(|e| Etcd::attach(&lab.underlay_ns(), &UNDERLAY_IP.to_string(), &lab.dir, e));
+        Ok(lab)
+    }
+
+    /// What `attach` needs to manage this lab from another process.
+    pub fn state(&self) -> LabState {
+        LabState {
+            prefix: self.prefix.clone(),
+            dir: self.dir.clone(),
+            nodes: self.nodes,
+            mtu: self.mtu,
+            bin_dir: self.bin_dir.clone(),
+            etcd: self.etcd.as_ref().map(Etcd::state),
+            daemons: self
+                .daemons
+                .iter()
+                .map(|d| d.as_ref().map(Proc::proc_id))
+                .collect(),
+        }
+    }
+
+    /// Let go of the lab without tearing it down: namespaces, files and processes stay (start
+    /// the lab with `detachable` so the processes also survive this process). Returns what
+    /// `attach` needs to take it over again.
+    pub fn detach(mut self) -> LabState {
+        let state = self.state();
+        self.detached = true;
+        if let Some(e) = self.etcd.as_mut() {
+            e.detach();
+        }
+        state
+    }
+
+    /// Add one node (namespace, veth to the underlay bridge, address, route) with the next
+    /// number; returns that number. Its daemon is not started.
+    pub fn add_node(&mut self) -> Result<usize> {
+        if self.nodes >= 200 {
+            bail!("a lab has at most 200 nodes");
+        }
+        self.nodes += 1;
+        self.daemons.push(None);
+        let i = self.nodes;
+        // A half-built node is removed with the lab; the node count already includes it.
+        self.build_node(i)?;
+        Ok(i)
+    }
+
+    fn build(&mut self) -> Result<()> {
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("mkdir {}", self.dir.display()))?;
         let u = self.underlay_ns();
         let br = format!("{}br", self.prefix);
-        let mtu = mtu.to_string();
+        let mtu = self.mtu.to_string();
         netns::add(&u)?;
         let ip = |args: &[&str]| -> Result<()> { netns::run_ok(args).map(|_| ()) };
         ip(&["ip", "-n", &u, "link", "set", "lo", "up"])?;
@@ -155,32 +271,41 @@ impl Lab {
         ])?;
         ip(&["ip", "-n", &u, "link", "set", &br, "up"])?;
         for i in 1..=self.nodes {
-            let n = self.node_ns(i);
-            let veth = format!("veth{i}");
-            netns::add(&n)?;
-            std::fs::create_dir_all(self.node_dir(i))?;
-            ip(&["ip", "-n", &n, "link", "set", "lo", "up"])?;
-            // Both ends are created inside lab namespaces: the host namespace never sees them.
-            ip(&[
-                "ip", "-n", &u, "link", "add", &veth, "mtu", &mtu, "type", "veth", "peer", "name",
-                "eth0", "mtu", &mtu, "netns", &n,
-            ])?;
-            ip(&["ip", "-n", &u, "link", "set", &veth, "master", &br, "up"])?;
-            let addr = format!("{}/{UNDERLAY_PREFIX_LEN}", self.node_ip(i));
-            ip(&["ip", "-n", &n, "addr", "add", &addr, "dev", "eth0"])?;
-            ip(&["ip", "-n", &n, "link", "set", "eth0", "up"])?;
-            ip(&[
-                "ip",
-                "-n",
-                &n,
-                "route",
-                "add",
-                "default",
-                "via",
-                &UNDERLAY_IP.to_string(),
-            ])?;
-            self.exec_ok(i, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            self.build_node(i)?;
         }
+        Ok(())
+    }
+
+    fn build_node(&self, i: usize) -> Result<()> {
+        let ip = |args: &[&str]| -> Result<()> { netns::run_ok(args).map(|_| ()) };
+        let u = self.underlay_ns();
+        let br = format!("{}br", self.prefix);
+        let mtu = self.mtu.to_string();
+        let n = self.node_ns(i);
+        let veth = format!("veth{i}");
+        netns::add(&n)?;
+        std::fs::create_dir_all(self.node_dir(i))?;
+        ip(&["ip", "-n", &n, "link", "set", "lo", "up"])?;
+        // Both ends are created inside lab namespaces: the host namespace never sees them.
+        ip(&[
+            "ip", "-n", &u, "link", "add", &veth, "mtu", &mtu, "type", "veth", "peer", "name",
+            "eth0", "mtu", &mtu, "netns", &n,
+        ])?;
+        ip(&["ip", "-n", &u, "link", "set", &veth, "master", &br, "up"])?;
+        let addr = format!("{}/{UNDERLAY_PREFIX_LEN}", self.node_ip(i));
+        ip(&["ip", "-n", &n, "addr", "add", &addr, "dev", "eth0"])?;
+        ip(&["ip", "-n", &n, "link", "set", "eth0", "up"])?;
+        ip(&[
+            "ip",
+            "-n",
+            &n,
+            "route",
+            "add",
+            "default",
+            "via",
+            &UNDERLAY_IP.to_string(),
+        ])?;
+        self.exec_ok(i, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
         Ok(())
     }
 
@@ -452,10 +577,13 @@ impl Lab {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        if self.detachable {
+            new_session(&mut cmd);
+        }
         let child = cmd
             .spawn()
             .with_context(|| format!("spawn twilld on node {i}"))?;
-        self.daemons[i - 1] = Some(child);
+        self.daemons[i - 1] = Some(Proc::Child(child));
         Ok(())
     }
 
@@ -463,14 +591,14 @@ impl Lab {
     pub fn daemon_running(&mut self, i: usize) -> bool {
         self.check_node(i);
         match &mut self.daemons[i - 1] {
-            Some(c) => matches!(c.try_wait(), Ok(None)),
+            Some(c) => c.try_wait().is_none(),
             None => false,
         }
     }
 
     pub fn daemon_pid(&self, i: usize) -> Option<u32> {
         self.check_node(i);
-        self.daemons[i - 1].as_ref().map(Child::id)
+        self.daemons[i - 1].as_ref().map(Proc::id)
     }
 
     /// SIGTERM and wait for exit (SIGKILL after 30 s, reported as an error).
@@ -488,15 +616,18 @@ impl Lab {
         let mut child = self.daemons[i - 1]
             .take()
             .ok_or_else(|| anyhow!("no twilld started on node {i}"))?;
-        if let Ok(Some(status)) = child.try_wait() {
+        if let Some(status) = child.try_wait() {
             bail!("twilld on node {i} had already exited ({status})");
         }
         kill(Pid::from_raw(child.id() as i32), sig)?;
-        match wait_for(DAEMON_STOP_TIMEOUT, || child.try_wait().ok().flatten()) {
-            Ok(status) => Ok(status),
+        match wait_for(DAEMON_STOP_TIMEOUT, || child.try_wait()) {
+            // An adopted process's status is unknown: report the signal that was sent.
+            Ok(status) => Ok(match child {
+                Proc::Child(_) => status,
+                Proc::Adopted(_) => ExitStatus::from_raw(sig as i32),
+            }),
             Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
+                child.kill();
                 bail!("twilld on node {i} ignored {sig} for {DAEMON_STOP_TIMEOUT:?}; killed")
             }
         }
@@ -508,7 +639,7 @@ impl Lab {
         let child = self.daemons[i - 1]
             .as_mut()
             .ok_or_else(|| anyhow!("no twilld started on node {i}"))?;
-        let status = wait_for(timeout, || child.try_wait().ok().flatten())
+        let status = wait_for(timeout, || child.try_wait())
             .with_context(|| format!("twilld on node {i} still running"))?;
         self.daemons[i - 1] = None;
         Ok(status)
@@ -606,7 +737,7 @@ impl Lab {
         self.daemons
             .iter()
             .flatten()
-            .map(Child::id)
+            .map(Proc::id)
             .chain(self.etcd_pid())
             .collect()
     }
@@ -621,24 +752,23 @@ impl Lab {
 
     fn teardown(&mut self) -> Result<()> {
         for c in self.daemons.iter_mut().flatten() {
-            let _ = c.kill();
-            let _ = c.wait();
+            c.kill();
         }
         self.daemons.iter_mut().for_each(|d| *d = None);
         if let Some(mut e) = self.etcd.take() {
             e.kill();
         }
-        remove_prefix(&self.prefix)?;
-        if self.dir.exists() {
-            std::fs::remove_dir_all(&self.dir)
-                .with_context(|| format!("rm -r {}", self.dir.display()))?;
-        }
-        Ok(())
+        let ns = remove_namespaces(&self.prefix);
+        let dir = remove_dir(&self.dir);
+        ns.and(dir)
     }
 }
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
         if let Err(e) = self.teardown() {
             eprintln!("lab {}: cleanup failed: {e:#}", self.prefix);
         }
@@ -686,23 +816,51 @@ fn generate_prefix() -> Result<String> {
     bail!("no free lab prefix left in this process")
 }
 
+/// A prefix given by the caller is used as is: it must fit device names and must not match
+/// generated lab names (leftovers of a given prefix are removed).
+fn check_given_prefix(p: &str) -> Result<()> {
+    check_prefix_format(p)?;
+    if p.starts_with(PREFIX_ROOT) || PREFIX_ROOT.starts_with(p) {
+        bail!("lab prefix {p:?} collides with generated {PREFIX_ROOT}<pid>x.. names");
+    }
+    Ok(())
+}
+
+fn check_prefix_format(p: &str) -> Result<()> {
+    if p.is_empty() || p.len() > MAX_PREFIX_LEN || !p.chars().all(|c| c.is_ascii_alphanumeric()) {
+        bail!("lab prefix {p:?} must be 1..={MAX_PREFIX_LEN} ASCII letters/digits");
+    }
+    Ok(())
+}
+
 /// Remove every namespace whose name starts with `prefix` (killing what runs inside), and its
 /// temp dir.
 pub fn remove_prefix(prefix: &str) -> Result<()> {
+    let ns = remove_namespaces(prefix);
+    let dir = remove_dir(&std::env::temp_dir().join(prefix));
+    ns.and(dir)
+}
+
+/// Remove every namespace whose name starts with `prefix`, killing what runs inside; returns
+/// the names removed.
+pub fn remove_namespaces(prefix: &str) -> Result<Vec<String>> {
     let mut errors = Vec::new();
+    let mut removed = Vec::new();
     for ns in netns::list()?.into_iter().filter(|n| n.starts_with(prefix)) {
-        if let Err(e) = netns::kill_all_and_delete(&ns) {
-            errors.push(format!("{ns}: {e:#}"));
-        }
-    }
-    let dir = std::env::temp_dir().join(prefix);
-    if dir.exists() {
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            errors.push(format!("{}: {e}", dir.display()));
+        match netns::kill_all_and_delete(&ns) {
+            Ok(()) => removed.push(ns),
+            Err(e) => errors.push(format!("{ns}: {e:#}")),
         }
     }
     if !errors.is_empty() {
         bail!("cleanup of {prefix}: {}", errors.join("; "));
+    }
+    Ok(removed)
+}
+
+fn remove_dir(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("rm -r {}", dir.display()))?;
     }
     Ok(())
 }

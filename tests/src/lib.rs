@@ -10,9 +10,14 @@ pub mod etcd;
 pub mod http;
 pub mod kernel;
 pub mod lab;
+pub mod labcli;
 pub mod netns;
+pub mod pod;
+pub mod proc;
+pub mod runtime;
 pub mod wait;
 
 pub use kernel::DeviceEntries;
-pub use lab::{cleanup_stale, Lab, LabOptions};
+pub use lab::{cleanup_stale, Lab, LabOptions, LabState};
+pub use pod::{tcp_probe, CniOutput, Pod, TcpProbe};
 pub use wait::{wait_for, wait_until};

@@ -805,3 +805,60 @@ fn ping_summary_is_parsed() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn underlay_address_change_moves_the_tunnel_endpoint() -> Result<()> {
+    let (lab, nodes) = meshed_lab(2)?;
+    let old = nodes[0].clone();
+    // Node 1's underlay address changes under the daemon (DHCP renumbering, operator change).
+    let new_ip = "198.18.0.61";
+    // (Deleting the primary address first: it would take a same-subnet secondary with it.)
+    lab.exec_ok(
+        1,
+        &[
+            "ip",
+            "addr",
+            "del",
+            &format!("{}/24", old.public_ip),
+            "dev",
+            "eth0",
+        ],
+    )?;
+    lab.exec_ok(
+        1,
+        &["ip", "addr", "add", &format!("{new_ip}/24"), "dev", "eth0"],
+    )?;
+    lab.exec_ok(
+        1,
+        &["ip", "route", "replace", "default", "via", "198.18.0.1"],
+    )?;
+    // The lease now advertises the new address, with the same subnet and MAC.
+    wait_until(CONVERGE, || {
+        lab.etcd_get(&format!("{SUBNETS_PREFIX}{}", old.key()))
+            .ok()
+            .flatten()
+            .is_some_and(|v| v.contains(&format!("\"PublicIP\":\"{new_ip}\"")))
+    })
+    .with_context(|| format!("lease not updated; log:\n{}", lab.daemon_log_last(1)))?;
+    let moved = Node {
+        public_ip: new_ip.into(),
+        ..old.clone()
+    };
+    wait_until(CONVERGE, || node(&lab, 1).is_ok_and(|n| n == moved))
+        .with_context(|| format!("/status of node 1: {:?}", lab.status(1)))?;
+    // The device tunnels from the new address, and node 2 sends to it.
+    let link = lab.exec_ok(1, &["ip", "-d", "link", "show", DEV])?;
+    ensure!(
+        link.contains(&format!("local {new_ip}")),
+        "device still on the old address: {link}"
+    );
+    wait_mesh(&lab, &[1, 2], &[moved.clone(), nodes[1].clone()])?;
+    let fdb = lab.exec_ok(2, &["bridge", "fdb", "show", "dev", DEV])?;
+    ensure!(
+        !fdb.contains(&format!("dst {} ", old.public_ip)),
+        "stale FDB entry on node 2: {fdb}"
+    );
+    wait_ping(&lab, 2, &moved.gw())?;
+    wait_ping(&lab, 1, &nodes[1].gw())?;
+    Ok(())
+}

@@ -93,8 +93,8 @@ fn bind(path: &Path) -> std::io::Result<UnixListener> {
 
 async fn handle_conn(ctx: Arc<ops::Ctx>, mut stream: UnixStream) {
     // Only root may drive pod networking; checked before reading a byte.
-    match stream.peer_cred() {
-        Ok(c) if c.uid() == 0 => {}
+    let peer_pid = match stream.peer_cred() {
+        Ok(c) if c.uid() == 0 => c.pid(),
         Ok(c) => {
             tracing::warn!(
                 uid = c.uid(),
@@ -111,7 +111,7 @@ async fn handle_conn(ctx: Arc<ops::Ctx>, mut stream: UnixStream) {
             tracing::warn!(error = %e, "cannot read CNI peer credentials");
             return;
         }
-    }
+    };
     let req = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_request(&mut stream)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
@@ -141,7 +141,7 @@ async fn handle_conn(ctx: Arc<ops::Ctx>, mut stream: UnixStream) {
             ),
         ))
     } else {
-        ops::dispatch(&ctx, req).await
+        ops::dispatch(&ctx, req, peer_pid).await
     };
     let resp = match resp {
         Ok(v) => Response::Ok(v),

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use ipnet::Ipv4Net;
@@ -130,7 +130,13 @@ async fn blocking<T: Send + 'static>(
         .map_err(ipam_err)
 }
 
-pub(super) async fn dispatch(ctx: &Ctx, req: Request) -> Result<Option<Value>, CniError> {
+/// `peer_pid` is the plugin's pid (from the socket's credentials): CNI_NETNS is resolved in the
+/// plugin's mount namespace when twilld cannot see the path in its own.
+pub(super) async fn dispatch(
+    ctx: &Ctx,
+    req: Request,
+    peer_pid: Option<i32>,
+) -> Result<Option<Value>, CniError> {
     let version = req.cni_version().to_string();
     if !is_supported_version(&version) && req.command != Command::Version {
         return Err(CniError::new(
@@ -141,10 +147,13 @@ pub(super) async fn dispatch(ctx: &Ctx, req: Request) -> Result<Option<Value>, C
     tracing::debug!(command = req.command.as_str(), container = %req.container_id,
         ifname = %req.ifname, netns = %req.netns, "CNI request");
     let started = std::time::Instant::now();
+    let netns = pod::resolve_netns(&req.netns, peer_pid);
     let out = match req.command {
-        Command::Add => add(ctx, &req).await.map(|r| Some(r.to_json(&version))),
+        Command::Add => add(ctx, &req, &netns)
+            .await
+            .map(|r| Some(r.to_json(&version))),
         Command::Del => del(ctx, &req).await.map(|_| None),
-        Command::Check => check(ctx, &req).await.map(|_| None),
+        Command::Check => check(ctx, &req, &netns).await.map(|_| None),
         Command::Gc => gc(ctx, &req).await.map(|_| None),
         Command::Status => status(ctx).map(|_| None),
         // The plugin answers VERSION itself; answer alike if asked anyway.
@@ -184,7 +193,7 @@ fn require(what: &str, v: &str) -> Result<(), CniError> {
     }
 }
 
-async fn add(ctx: &Ctx, req: &Request) -> Result<CniResult, CniError> {
+async fn add(ctx: &Ctx, req: &Request, netns_path: &Path) -> Result<CniResult, CniError> {
     let node = ctx.node.borrow().clone().ok_or_else(|| {
         CniError::new(
             codes::TRY_AGAIN_LATER,
@@ -206,15 +215,14 @@ async fn add(ctx: &Ctx, req: &Request) -> Result<CniResult, CniError> {
     let owner = owner_of(req);
     let _key = ctx.keys.lock(owner.clone()).await;
 
-    let netns_path = PathBuf::from(&req.netns);
-    let netns = pod::open_netns(&netns_path).map_err(|e| {
+    let netns = pod::open_netns(netns_path).map_err(|e| {
         CniError::new(
             codes::IO_FAILURE,
             format!("cannot open network namespace {}: {e}", req.netns),
         )
     })?;
     let ifname = req.ifname.clone();
-    let exists = pod::in_netns(netns_path.clone(), move |h| async move {
+    let exists = pod::in_netns(netns_path.to_path_buf(), move |h| async move {
         pod::link_by_name(&h, &ifname).await.map(|l| l.is_some())
     })
     .await
@@ -229,7 +237,7 @@ async fn add(ctx: &Ctx, req: &Request) -> Result<CniResult, CniError> {
     let ipam = ctx.ipam.clone();
     let (subnet, o) = (node.subnet, owner.clone());
     let (addr, fresh) = blocking(move || ipam.allocate(subnet, &o)).await?;
-    match build(ctx, req, &node, addr, &netns, dns).await {
+    match build(ctx, req, &node, addr, &netns, netns_path, dns).await {
         Ok(r) => Ok(r),
         Err(e) => {
             if fresh {
@@ -250,6 +258,7 @@ async fn build(
     node: &NodeNet,
     addr: Ipv4Addr,
     netns: &File,
+    netns_path: &Path,
     dns: Dns,
 ) -> Result<CniResult, CniError> {
     let gw = node.gateway();
@@ -284,7 +293,7 @@ async fn build(
     let ifname = req.ifname.clone();
     let wired = async {
         let host_link = ctx.nl.attach_to_bridge(&host, bridge).await?;
-        let cont = pod::in_netns(PathBuf::from(&req.netns), move |h| async move {
+        let cont = pod::in_netns(netns_path.to_path_buf(), move |h| async move {
             pod::configure_container(&h, &ifname, pod_addr, gw).await
         })
         .await?;
@@ -356,7 +365,7 @@ async fn del(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
     }
 }
 
-async fn check(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
+async fn check(ctx: &Ctx, req: &Request, netns_path: &Path) -> Result<(), CniError> {
     require("CNI_CONTAINERID", &req.container_id)?;
     require("CNI_NETNS", &req.netns)?;
     require("CNI_IFNAME", &req.ifname)?;
@@ -444,7 +453,7 @@ async fn check(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
         }
     }
     let w = want.clone();
-    let in_ns = pod::in_netns(PathBuf::from(&req.netns), move |h| async move {
+    let in_ns = pod::in_netns(netns_path.to_path_buf(), move |h| async move {
         pod::check_container(&h, &w).await
     })
     .await

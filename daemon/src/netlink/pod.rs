@@ -334,13 +334,36 @@ impl PodNetlink {
         Ok(l)
     }
 
+    /// On a socket of its own: see `on_own_socket`.
     pub async fn delete_link(&self, name: &str) -> Result<bool, PodNetError> {
-        delete_link(&self.handle, name).await
+        let name = name.to_string();
+        on_own_socket(move |h| async move { delete_link(&h, &name).await }).await
     }
 
     pub async fn link_by_name(&self, name: &str) -> Result<Option<LinkState>, PodNetError> {
         link_by_name(&self.handle, name).await
     }
+}
+
+/// CNI_NETNS as the plugin sees it. A runtime may create the netns file in a mount namespace
+/// twilld does not share (e.g. twilld in a container, podman's /run/netns): when the path is not
+/// visible here, look through the plugin's root, `/proc/<pid>/root/<path>`; the plugin is alive
+/// while it waits for our answer.
+pub fn resolve_netns(path: &str, peer_pid: Option<i32>) -> PathBuf {
+    let p = PathBuf::from(path);
+    if path.is_empty() || p.exists() {
+        return p;
+    }
+    if let Some(pid) = peer_pid.filter(|&pid| pid > 0) {
+        let alt = Path::new("/proc")
+            .join(pid.to_string())
+            .join("root")
+            .join(p.strip_prefix("/").unwrap_or(&p));
+        if alt.exists() {
+            return alt;
+        }
+    }
+    p
 }
 
 /// Opens a netns path without blocking (a FIFO planted as CNI_NETNS must not hang a thread).
@@ -360,24 +383,36 @@ where
     F: FnOnce(Handle) -> Fut + Send + 'static,
     Fut: Future<Output = Result<T, PodNetError>>,
 {
+    on_own_thread(Some(netns), f).await
+}
+
+/// Runs `f` with a netlink connection of its own, in twilld's namespace, on a dedicated thread.
+/// Deleting a veth waits for an RCU grace period (~25 ms) inside the kernel's sendmsg: on the
+/// shared connection that serialises every DEL behind the others (and stalls a tokio worker),
+/// while separate sockets let the kernel batch concurrent unregistrations.
+pub async fn on_own_socket<T, F, Fut>(f: F) -> Result<T, PodNetError>
+where
+    T: Send + 'static,
+    F: FnOnce(Handle) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, PodNetError>>,
+{
+    on_own_thread(None, f).await
+}
+
+async fn on_own_thread<T, F, Fut>(netns: Option<PathBuf>, f: F) -> Result<T, PodNetError>
+where
+    T: Send + 'static,
+    F: FnOnce(Handle) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, PodNetError>>,
+{
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let shown = netns.display().to_string();
     std::thread::Builder::new()
         .name("twill-netns".into())
         .spawn(move || {
             let run = || -> Result<T, PodNetError> {
-                let file = open_netns(&netns).map_err(|e| match e.kind() {
-                    std::io::ErrorKind::NotFound => PodNetError::NetnsGone(shown.clone()),
-                    _ => PodNetError::other(format!("opening netns {shown}"), e),
-                })?;
-                setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| {
-                    // Not a network namespace (e.g. a stale bind mount turned plain file).
-                    if e == nix::errno::Errno::EINVAL {
-                        PodNetError::NetnsGone(shown.clone())
-                    } else {
-                        PodNetError::other(format!("entering netns {shown}"), e)
-                    }
-                })?;
+                if let Some(netns) = netns {
+                    enter_netns(&netns)?;
+                }
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -391,9 +426,27 @@ where
             };
             let _ = tx.send(run());
         })
-        .map_err(|e| PodNetError::other("spawning a netns thread", e))?;
+        .map_err(|e| PodNetError::other("spawning a netlink thread", e))?;
     rx.await
-        .map_err(|_| PodNetError::other("netns thread", "ended without an answer"))?
+        .map_err(|_| PodNetError::other("netlink thread", "ended without an answer"))?
+}
+
+/// Moves the calling thread into the network namespace at `netns`. Only for threads that end
+/// afterwards (see `on_own_thread`).
+fn enter_netns(netns: &Path) -> Result<(), PodNetError> {
+    let shown = netns.display().to_string();
+    let file = open_netns(netns).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => PodNetError::NetnsGone(shown.clone()),
+        _ => PodNetError::other(format!("opening netns {shown}"), e),
+    })?;
+    setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| {
+        // Not a network namespace (e.g. a stale bind mount turned plain file).
+        if e == nix::errno::Errno::EINVAL {
+            PodNetError::NetnsGone(shown.clone())
+        } else {
+            PodNetError::other(format!("entering netns {shown}"), e)
+        }
+    })
 }
 
 /// Inside the pod's netns: address, up, default route via the gateway. Returns the link.

@@ -1,0 +1,316 @@
+//! Pods created through the `twill` CNI plugin exactly as a runtime does it: a named netns, the
+//! plugin binary exec'd with the CNI_* environment and the network config on stdin.
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::process::{Output, Stdio};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::lab::Lab;
+use crate::netns;
+
+/// A pod: a netns with an interface the twill plugin set up.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Pod {
+    pub node: usize,
+    /// CNI_CONTAINERID.
+    pub id: String,
+    /// The pod's named netns (/run/netns/<ns>).
+    pub ns: String,
+    pub ifname: String,
+    pub ip: Ipv4Addr,
+    /// The plugin's ADD result.
+    pub result: Value,
+}
+
+impl Pod {
+    pub fn netns_path(&self) -> String {
+        format!("/run/netns/{}", self.ns)
+    }
+
+    /// Run a command inside the pod.
+    pub fn exec(&self, args: &[&str]) -> Result<Output> {
+        netns::exec_cmd(&self.ns, args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("run {args:?} in pod {}", self.id))
+    }
+
+    pub fn exec_ok(&self, args: &[&str]) -> Result<String> {
+        netns::check(args, self.exec(args)?).with_context(|| format!("in pod {}", self.id))
+    }
+
+    /// One ping from this pod (1 s timeout): true if answered.
+    pub fn ping(&self, dst: Ipv4Addr) -> bool {
+        self.exec(&["ping", "-n", "-q", "-c", "1", "-W", "1", &dst.to_string()])
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+}
+
+/// What the plugin printed and how it exited.
+#[derive(Debug)]
+pub struct CniOutput {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CniOutput {
+    pub fn json(&self) -> Result<Value> {
+        serde_json::from_str(&self.stdout).with_context(|| {
+            format!(
+                "plugin output is not JSON: {:?} (stderr {:?})",
+                self.stdout, self.stderr
+            )
+        })
+    }
+}
+
+impl Lab {
+    /// The twill plugin's network config for node i, as a runtime hands it over.
+    pub fn cni_config(&self, i: usize, cni_version: &str) -> Value {
+        json!({
+            "cniVersion": cni_version,
+            "name": "twill",
+            "type": "twill",
+            "socket": self.cni_socket(i).display().to_string(),
+        })
+    }
+
+    /// Exec the `twill` plugin for node i with the given CNI command and environment.
+    pub fn cni(
+        &mut self,
+        i: usize,
+        command: &str,
+        container_id: &str,
+        netns_path: &str,
+        ifname: &str,
+        config: &Value,
+    ) -> Result<CniOutput> {
+        let plugin = self.bin("twill")?;
+        // Runtimes exec the plugin in the node's own namespace.
+        let plugin_path = plugin.display().to_string();
+        let mut child = netns::exec_cmd(&self.node_ns(i), &[&plugin_path])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container_id)
+            .env("CNI_NETNS", netns_path)
+            .env("CNI_IFNAME", ifname)
+            .env(
+                "CNI_ARGS",
+                format!("IgnoreUnknown=1;K8S_POD_NAME={container_id}"),
+            )
+            .env(
+                "CNI_PATH",
+                plugin.parent().unwrap_or(std::path::Path::new("/")),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("exec {}", plugin.display()))?;
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(config.to_string().as_bytes())?;
+        let out = child.wait_with_output()?;
+        Ok(CniOutput {
+            success: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// Netns name for pod `name` on node i; removed with the lab (it carries the lab prefix).
+    pub fn pod_ns(&self, i: usize, name: &str) -> String {
+        format!("{}p{i}{name}", self.prefix())
+    }
+
+    /// Create a pod on node i through the plugin (ADD, CNI 1.0.0, eth0).
+    pub fn add_pod(&mut self, i: usize, name: &str) -> Result<Pod> {
+        let cfg = self.cni_config(i, "1.0.0");
+        self.add_pod_with_config(i, name, &cfg)
+    }
+
+    /// Create a pod on node i through the plugin with the given network config (e.g. the one a
+    /// runtime derives from a conflist).
+    pub fn add_pod_with_config(&mut self, i: usize, name: &str, cfg: &Value) -> Result<Pod> {
+        let ns = self.pod_ns(i, name);
+        netns::add(&ns)?;
+        let _ = netns::run(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        let id = format!("{}-n{i}-{name}", self.prefix());
+        let path = format!("/run/netns/{ns}");
+        let cfg = cfg.clone();
+        let out = self.cni(i, "ADD", &id, &path, "eth0", &cfg)?;
+        if !out.success {
+            let _ = netns::kill_all_and_delete(&ns);
+            bail!(
+                "CNI ADD for pod {name} on node {i} failed: {} {}",
+                out.stdout.trim(),
+                out.stderr.trim()
+            );
+        }
+        let result = out.json()?;
+        let ip = result["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("no address in ADD result {result}"))?;
+        Ok(Pod {
+            node: i,
+            id,
+            ns,
+            ifname: "eth0".into(),
+            ip,
+            result,
+        })
+    }
+
+    /// Delete a pod through the plugin (DEL), then its netns.
+    pub fn del_pod(&mut self, pod: &Pod) -> Result<()> {
+        let mut cfg = self.cni_config(pod.node, "1.0.0");
+        cfg["prevResult"] = pod.result.clone();
+        let out = self.cni(
+            pod.node,
+            "DEL",
+            &pod.id,
+            &pod.netns_path(),
+            &pod.ifname,
+            &cfg,
+        )?;
+        let _ = netns::kill_all_and_delete(&pod.ns);
+        if !out.success {
+            bail!(
+                "CNI DEL for pod {} failed: {} {}",
+                pod.id,
+                out.stdout.trim(),
+                out.stderr.trim()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What a TCP probe from one pod to another saw.
+#[derive(Clone, Copy, Debug)]
+pub struct TcpProbe {
+    /// The source address the receiving pod's listener saw for the connection.
+    pub source_seen: Ipv4Addr,
+    /// Time for connect + one request/response round trip.
+    pub rtt: std::time::Duration,
+}
+
+/// Open a TCP connection from `from` to a listener in `to` (both on threads inside the pods'
+/// namespaces), exchange one line, and report the source address the listener saw. `Ok` only if
+/// the exchange completed within `timeout`.
+pub fn tcp_probe(
+    from: &Pod,
+    to: &Pod,
+    port: u16,
+    timeout: std::time::Duration,
+) -> Result<TcpProbe> {
+    use std::io::{BufRead, BufReader};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::sync::mpsc;
+
+    let (ready_tx, ready_rx) = mpsc::channel::<std::io::Result<()>>();
+    let (seen_tx, seen_rx) = mpsc::channel::<std::io::Result<SocketAddr>>();
+    let bind = SocketAddr::from((to.ip, port));
+    let to_ns = to.ns.clone();
+    // The listener thread: bind, report, accept one connection (bounded), echo, report its peer.
+    std::thread::spawn(move || {
+        let res = netns::in_netns(&to_ns, move || {
+            let l = match TcpListener::bind(bind) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            // A blocking accept bounded by SO_RCVTIMEO (Linux honours it for accept): the
+            // connection is taken as soon as it arrives, so the RTT has no polling delay in it.
+            if let Err(e) = set_accept_timeout(&l, timeout) {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+            let _ = ready_tx.send(Ok(()));
+            match l.accept() {
+                Ok((mut s, peer)) => {
+                    let _ = s.set_read_timeout(Some(timeout));
+                    let mut line = String::new();
+                    let _ = BufReader::new(&s).read_line(&mut line);
+                    let _ = s.write_all(line.as_bytes());
+                    let _ = seen_tx.send(Ok(peer));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let err = std::io::Error::new(std::io::ErrorKind::TimedOut, "no connection");
+                    let _ = seen_tx.send(Err(err));
+                }
+                Err(e) => {
+                    let _ = seen_tx.send(Err(e));
+                }
+            }
+        });
+        drop(res);
+    });
+    ready_rx
+        .recv_timeout(timeout)
+        .context("listener did not start")?
+        .with_context(|| format!("bind {bind} in pod {}", to.id))?;
+
+    let from_ns = from.ns.clone();
+    let rtt = netns::in_netns(&from_ns, move || -> std::io::Result<std::time::Duration> {
+        let start = std::time::Instant::now();
+        let mut s = TcpStream::connect_timeout(&bind, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.write_all(b"twill-probe\n")?;
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line)?;
+        if line != "twill-probe\n" {
+            return Err(std::io::Error::other(format!("unexpected echo {line:?}")));
+        }
+        Ok(start.elapsed())
+    })?
+    .with_context(|| format!("TCP from pod {} to {bind}", from.id))?;
+    let peer = seen_rx
+        .recv_timeout(timeout)
+        .context("listener did not report")?
+        .context("listener")?;
+    let source_seen = match peer.ip() {
+        std::net::IpAddr::V4(v4) => v4,
+        other => bail!("listener saw a non-IPv4 source {other}"),
+    };
+    Ok(TcpProbe { source_seen, rtt })
+}
+
+fn set_accept_timeout(
+    l: &std::net::TcpListener,
+    timeout: std::time::Duration,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: a valid socket fd and a timeval of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            l.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

@@ -1,0 +1,351 @@
+//! Everything in deploy/ that can be checked on this machine: the conflist is accepted by the
+//! plugin and works against a daemon, the systemd units verify, the env file names real flags,
+//! the etcd sample config starts a real etcd, the TLS recipe works end to end with twilld, and
+//! the Vagrant provisioning script parses. (VMs cannot run here, so the Vagrantfile itself is
+//! only syntax-checked, and only where ruby is installed.)
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use twill_tests::{netns, wait_until, Lab, LabOptions};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+/// The env var names twilld's --help documents (`[env: TWILLD_X=...]`).
+fn twilld_env_names(lab: &mut Lab) -> Result<BTreeSet<String>> {
+    let twilld = lab.bin("twilld")?;
+    let out = Command::new(&twilld).arg("--help").output()?;
+    let help = String::from_utf8_lossy(&out.stdout);
+    let names: BTreeSet<String> = help
+        .split("[env: ")
+        .skip(1)
+        .filter_map(|s| s.split(['=', ']']).next().map(str::to_string))
+        .collect();
+    if names.len() < 10 {
+        bail!("twilld --help lists only {names:?}");
+    }
+    Ok(names)
+}
+
+#[test]
+fn env_file_and_readme_cover_exactly_the_real_flags() -> Result<()> {
+    let mut lab = Lab::new(LabOptions {
+        nodes: 1,
+        etcd: false,
+        ..Default::default()
+    })?;
+    let known = twilld_env_names(&mut lab)?;
+    let env_file = read("deploy/systemd/twilld.env");
+    let in_file: BTreeSet<String> = env_file
+        .lines()
+        .map(|l| l.trim_start_matches('#'))
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim().to_string()))
+        .filter(|k| k.starts_with("TWILLD_"))
+        .collect();
+    let unknown: Vec<_> = in_file.difference(&known).collect();
+    assert!(
+        unknown.is_empty(),
+        "twilld.env names variables twilld does not know: {unknown:?}"
+    );
+    let missing: Vec<_> = known.difference(&in_file).collect();
+    assert!(
+        missing.is_empty(),
+        "twilld.env does not document: {missing:?}"
+    );
+    // The README's flag table lists every flag.
+    let readme = read("README.md");
+    for env in &known {
+        let flag = format!(
+            "--{}",
+            env.trim_start_matches("TWILLD_")
+                .to_lowercase()
+                .replace('_', "-")
+        );
+        assert!(
+            readme.contains(&format!("`{flag}`")),
+            "README does not document {flag}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn systemd_units_verify() -> Result<()> {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("systemd-analyze is not installed: unit verification skipped");
+        return Ok(());
+    }
+    let mut lab = Lab::new(LabOptions {
+        nodes: 1,
+        etcd: false,
+        ..Default::default()
+    })?;
+    let twilld = lab.bin("twilld")?;
+    // Point ExecStart at the binary we built: verify checks that it exists and is executable.
+    let dir = lab.dir().join("units");
+    std::fs::create_dir_all(&dir)?;
+    let unit = read("deploy/systemd/twilld.service")
+        .replace("/usr/local/bin/twilld", &twilld.display().to_string());
+    std::fs::write(dir.join("twilld.service"), unit)?;
+    std::fs::write(
+        dir.join("twill-etcd.service"),
+        read("deploy/etcd/etcd.service"),
+    )?;
+    for u in ["twilld.service", "twill-etcd.service"] {
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(dir.join(u))
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // Only complaints about our file count (the host's own units may be noisy).
+        let ours: Vec<&str> = stderr.lines().filter(|l| l.contains(u)).collect();
+        assert!(
+            out.status.success() && ours.is_empty(),
+            "systemd-analyze verify {u}: {stderr}"
+        );
+    }
+    // The check can fail: a unit whose binary does not exist is refused.
+    let bad = read("deploy/systemd/twilld.service")
+        .replace("/usr/local/bin/twilld", "/nonexistent/twilld");
+    std::fs::write(dir.join("bad.service"), bad)?;
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(dir.join("bad.service"))
+        .output()?;
+    assert!(
+        !out.status.success(),
+        "verify accepted a unit with a missing binary"
+    );
+    Ok(())
+}
+
+#[test]
+fn vagrant_provisioning_parses() -> Result<()> {
+    let out = Command::new("bash")
+        .arg("-n")
+        .arg(root().join("deploy/vagrant/provision.sh"))
+        .output()?;
+    assert!(
+        out.status.success(),
+        "provision.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("bash")
+        .arg("-n")
+        .arg(root().join("deploy/tls/make-certs.sh"))
+        .output()?;
+    assert!(
+        out.status.success(),
+        "make-certs.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match Command::new("ruby")
+        .arg("-c")
+        .arg(root().join("deploy/vagrant/Vagrantfile"))
+        .output()
+    {
+        Ok(out) => assert!(
+            out.status.success(),
+            "Vagrantfile: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(_) => eprintln!(
+            "ruby is not installed: Vagrantfile syntax check skipped (VMs cannot run here)"
+        ),
+    }
+    Ok(())
+}
+
+/// The conflist's twill entry, as a runtime hands it to the plugin.
+fn conflist_entry() -> Value {
+    let conflist: Value =
+        serde_json::from_str(&read("deploy/cni/10-twill.conflist")).expect("conflist is JSON");
+    let mut entry = conflist["plugins"][0].clone();
+    assert_eq!(entry["type"], "twill");
+    entry["cniVersion"] = conflist["cniVersion"].clone();
+    entry["name"] = conflist["name"].clone();
+    entry
+}
+
+#[test]
+fn conflist_is_accepted_by_the_plugin_and_works() -> Result<()> {
+    let mut lab = Lab::new(LabOptions {
+        nodes: 1,
+        ..Default::default()
+    })?;
+    let entry = conflist_entry();
+    let version = entry["cniVersion"].as_str().unwrap_or_default().to_string();
+    // VERSION: the conflist's version is supported (podman drops networks where it is not).
+    let out = lab.cni(1, "VERSION", "", "", "", &entry)?;
+    assert!(out.success, "VERSION: {}", out.stdout);
+    let supported = out.json()?["supportedVersions"].clone();
+    assert!(
+        supported
+            .as_array()
+            .is_some_and(|a| a.iter().any(|v| v == version.as_str())),
+        "conflist cniVersion {version} not in {supported}"
+    );
+    // The `socket` key is what the plugin dials: with the daemon absent, ADD names it.
+    let out = lab.cni(1, "ADD", "deploytest", "/run/netns/none", "eth0", &entry)?;
+    assert!(!out.success);
+    let err = out.json()?;
+    assert_eq!(err["code"], 11, "{err}");
+    let socket = entry["socket"].as_str().unwrap_or_default();
+    assert!(
+        err.to_string().contains(socket),
+        "error does not name {socket}: {err}"
+    );
+    // Against a running daemon (socket pointed at the lab node's), ADD and DEL work.
+    lab.put_config(&read("deploy/etcd/network-config.json"))?;
+    lab.start_daemon(1)?;
+    lab.wait_ready(1, Duration::from_secs(30))?;
+    let mut entry = entry;
+    entry["socket"] = lab.cni_socket(1).display().to_string().into();
+    let ns = lab.pod_ns(1, "dep");
+    netns::add(&ns)?;
+    let path = format!("/run/netns/{ns}");
+    let out = lab.cni(1, "ADD", "deploytest", &path, "eth0", &entry)?;
+    assert!(out.success, "ADD: {} {}", out.stdout, out.stderr);
+    let result = out.json()?;
+    assert_eq!(result["cniVersion"], version.as_str());
+    let out = lab.cni(1, "DEL", "deploytest", &path, "eth0", &entry)?;
+    assert!(out.success, "DEL: {} {}", out.stdout, out.stderr);
+    Ok(())
+}
+
+/// Kills a process started outside the harness's bookkeeping (the lab kills it too, on drop).
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn etcd_ctl(lab: &Lab, args: &[&str]) -> Result<String> {
+    let mut full = vec!["env", "ETCDCTL_API=3", "etcdctl", "--dial-timeout", "3s"];
+    full.extend_from_slice(args);
+    let out = netns::exec_cmd(&lab.underlay_ns(), &full).output()?;
+    netns::check(&full, out)
+}
+
+#[test]
+fn etcd_sample_and_tls_recipe_work_with_twilld() -> Result<()> {
+    let mut lab = Lab::new(LabOptions {
+        nodes: 1,
+        etcd: false,
+        ..Default::default()
+    })?;
+    let pki = lab.dir().join("pki");
+    // The recipe, exactly as deploy/tls/README.md runs it, for the underlay address.
+    let out = Command::new(root().join("deploy/tls/make-certs.sh"))
+        .arg(&pki)
+        .arg("198.18.0.1")
+        .output()?;
+    assert!(
+        out.status.success(),
+        "make-certs.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // etcd from deploy/etcd/etcd.env plus the TLS settings of the recipe, in the underlay.
+    let port = 23000 + (std::process::id() % 1000) as u16 * 2;
+    let url = format!("https://198.18.0.1:{port}");
+    let data = lab.dir().join("etcd-data");
+    let mut cmd = netns::exec_cmd(&lab.underlay_ns(), &["etcd"]);
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    for line in read("deploy/etcd/etcd.env").lines() {
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        if k.starts_with('#') {
+            continue;
+        }
+        let v = v
+            .replace("http://10.0.0.11:2379,http://127.0.0.1:2379", &url)
+            .replace("http://10.0.0.11:2379", &url)
+            .replace("127.0.0.1:2380", &format!("127.0.0.1:{}", port + 1))
+            .replace("/var/lib/etcd/twill", &data.display().to_string());
+        cmd.env(k, v);
+    }
+    let p = |f: &str| pki.join(f).display().to_string();
+    cmd.env("ETCD_CERT_FILE", p("etcd.pem"))
+        .env("ETCD_KEY_FILE", p("etcd-key.pem"))
+        .env("ETCD_TRUSTED_CA_FILE", p("ca.pem"))
+        .env("ETCD_CLIENT_CERT_AUTH", "true")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(lab.dir().join("etcd-tls.log"))?);
+    let _etcd = Kill(cmd.spawn().context("start etcd")?);
+    let tls = [
+        "--endpoints",
+        &url,
+        "--cacert",
+        &p("ca.pem"),
+        "--cert",
+        &p("twilld.pem"),
+        "--key",
+        &p("twilld-key.pem"),
+    ];
+    wait_until(Duration::from_secs(20), || {
+        let mut a = tls.to_vec();
+        a.extend(["endpoint", "health"]);
+        etcd_ctl(&lab, &a).is_ok()
+    })
+    .with_context(|| std::fs::read_to_string(lab.dir().join("etcd-tls.log")).unwrap_or_default())?;
+    // Without a client certificate etcd refuses: client-cert auth is really on.
+    assert!(etcd_ctl(
+        &lab,
+        &["--endpoints", &url, "--cacert", &p("ca.pem"), "get", "x"]
+    )
+    .is_err());
+
+    let config = read("deploy/etcd/network-config.json");
+    let mut a = tls.to_vec();
+    a.extend(["put", "/coreos.com/network/config", &config]);
+    etcd_ctl(&lab, &a)?;
+
+    // twilld with the recipe's settings, from the environment as the env file sets them.
+    let (ca, cert, key) = (p("ca.pem"), p("twilld.pem"), p("twilld-key.pem"));
+    lab.start_daemon_with_env(
+        1,
+        &["--etcd-endpoints", &url],
+        &[
+            ("TWILLD_ETCD_CAFILE", &ca),
+            ("TWILLD_ETCD_CERTFILE", &cert),
+            ("TWILLD_ETCD_KEYFILE", &key),
+        ],
+    )?;
+    lab.wait_ready(1, Duration::from_secs(30))?;
+    let status = lab.status(1)?;
+    assert_eq!(status["network"], "10.244.0.0/16", "{status}");
+    let mut a = tls.to_vec();
+    a.extend([
+        "get",
+        "--prefix",
+        "--keys-only",
+        "/coreos.com/network/subnets/",
+    ]);
+    let keys = etcd_ctl(&lab, &a)?;
+    let subnet = status["node"]["subnet"]
+        .as_str()
+        .unwrap_or_default()
+        .replace('/', "-");
+    assert!(keys.contains(&subnet), "lease {subnet} not in etcd: {keys}");
+    Ok(())
+}

@@ -1,0 +1,161 @@
+//! Pods created through the `twill` plugin on three lab nodes reach each other across nodes,
+//! by ping and TCP, and the receiver sees the sender's own pod IP (no NAT).
+
+use std::time::Duration;
+
+use anyhow::Result;
+use twill_tests::{wait_until, Lab, LabOptions};
+
+const CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+
+#[test]
+fn pods_on_three_nodes_reach_each_other_without_nat() -> Result<()> {
+    let mut lab = Lab::new(LabOptions {
+        nodes: 3,
+        ..Default::default()
+    })?;
+    lab.put_config(CONFIG)?;
+    for i in 1..=3 {
+        lab.start_daemon(i)?;
+    }
+    for i in 1..=3 {
+        lab.wait_ready(i, Duration::from_secs(30))?;
+    }
+    let mut pods = Vec::new();
+    for i in 1..=3 {
+        pods.push(lab.add_pod(i, "a")?);
+    }
+    // Each pod's address is in its node's subnet.
+    for p in &pods {
+        let subnet = lab.status(p.node)?["node"]["subnet"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let (net, len) = subnet.split_once('/').expect("subnet with prefix");
+        let net: std::net::Ipv4Addr = net.parse()?;
+        let mask = u32::MAX << (32 - len.parse::<u32>()?);
+        assert_eq!(
+            u32::from(p.ip) & mask,
+            u32::from(net),
+            "pod {} has {} outside node subnet {subnet}",
+            p.id,
+            p.ip
+        );
+    }
+    // Overlay routes are in place once every node sees two peers.
+    wait_until(Duration::from_secs(20), || {
+        (1..=3).all(|i| {
+            lab.status(i)
+                .map(|s| s["peers"].as_array().map_or(0, |a| a.len()) == 2)
+                .unwrap_or(false)
+        })
+    })?;
+    for a in &pods {
+        for b in &pods {
+            if a.id == b.id {
+                continue;
+            }
+            wait_until(Duration::from_secs(10), || a.ping(b.ip)).map_err(|e| {
+                e.context(format!(
+                    "pod {} ({}) cannot ping pod {} ({})",
+                    a.id, a.ip, b.id, b.ip
+                ))
+            })?;
+            // TCP: the listener in b reports the source address it saw: a's own pod IP.
+            let probe = twill_tests::tcp_probe(a, b, 7777, Duration::from_secs(5))?;
+            assert_eq!(
+                probe.source_seen, a.ip,
+                "listener in pod {} saw {} instead of pod {}'s IP {}: NAT in the path",
+                b.id, probe.source_seen, a.id, a.ip
+            );
+        }
+    }
+    for p in &pods {
+        lab.del_pod(p)?;
+    }
+    Ok(())
+}
+
+/// A runtime may create the pod's netns file in a mount namespace twilld does not share (podman
+/// with a private /run, twilld in a container). The plugin's view of CNI_NETNS must count.
+#[test]
+fn netns_visible_only_in_the_plugins_mount_namespace() -> Result<()> {
+    use std::io::Write;
+    use std::process::Stdio;
+
+    let mut lab = Lab::new(LabOptions {
+        nodes: 1,
+        ..Default::default()
+    })?;
+    lab.put_config(CONFIG)?;
+    lab.start_daemon(1)?;
+    lab.wait_ready(1, Duration::from_secs(30))?;
+    let ns = lab.pod_ns(1, "priv");
+    twill_tests::netns::add(&ns)?;
+    let private = lab.dir().join("private-netns");
+    std::fs::create_dir_all(&private)?;
+    let hidden = private.join("pod");
+    assert!(!hidden.exists());
+    let plugin = lab.bin("twill")?;
+    let cfg = lab.cni_config(1, "1.0.0");
+    // The plugin runs in its own mount namespace where `hidden` is a bind mount of the pod netns;
+    // twilld (in the node's mount namespace) sees no file there.
+    let script = format!(
+        "mount -t tmpfs twill-test {d} && touch {h} && mount --bind /run/netns/{ns} {h} && exec {plugin}",
+        d = private.display(),
+        h = hidden.display(),
+        plugin = plugin.display()
+    );
+    let mut child = twill_tests::netns::exec_cmd(
+        &lab.node_ns(1),
+        &[
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+        ],
+    )
+    .env("CNI_COMMAND", "ADD")
+    .env("CNI_CONTAINERID", "privmnt")
+    .env("CNI_NETNS", &hidden)
+    .env("CNI_IFNAME", "eth0")
+    .env("CNI_PATH", plugin.parent().unwrap())
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()?;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(cfg.to_string().as_bytes())?;
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ADD failed: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !hidden.exists(),
+        "the bind mount leaked into the test's mount namespace"
+    );
+    let result: serde_json::Value = serde_json::from_str(&stdout)?;
+    // The result names CNI_NETNS as given, and the interface is really in the pod's netns.
+    assert_eq!(
+        result["interfaces"][1]["sandbox"],
+        hidden.display().to_string(),
+        "{result}"
+    );
+    let addr = result["ips"][0]["address"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let shown =
+        twill_tests::netns::run_ok(&["ip", "-n", &ns, "-4", "-o", "addr", "show", "dev", "eth0"])?;
+    assert!(shown.contains(&addr), "pod netns has no {addr}: {shown}");
+    Ok(())
+}
