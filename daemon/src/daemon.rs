@@ -30,6 +30,8 @@ use crate::subnet_file::{read_previous_subnet, SubnetEnv};
 
 /// Kernel events arrive in bursts (our own deletes cause some too); collapse them.
 const EVENT_DEBOUNCE: Duration = Duration::from_millis(300);
+/// How long after our own incremental change its kernel notifications may still arrive.
+const OWN_ECHO_WINDOW: Duration = Duration::from_millis(200);
 /// How often to repeat "still waiting for the network config".
 const CONFIG_WAIT_LOG_EVERY: Duration = Duration::from_secs(30);
 
@@ -214,6 +216,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
         desired: BTreeMap::new(),
         failed: false,
         synced_once: false,
+        own_echo_until: None,
     };
 
     let mut resync = tokio::time::interval(args.resync_interval);
@@ -223,6 +226,9 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
     tokio::pin!(shutdown);
     let mut cni = cni;
     let mut ready = false;
+    // Pending kernel events: when to act on them, and whether an address changed.
+    let mut kernel_deadline: Option<tokio::time::Instant> = None;
+    let mut addr_changed = false;
 
     loop {
         tokio::select! {
@@ -260,22 +266,19 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
                     }
                 }
             }
-            Some(_) = kernel_rx.recv() => {
-                // Collapse the burst, then look at what changed.
-                let mut addr_changed = false;
-                let deadline = tokio::time::sleep(EVENT_DEBOUNCE);
-                tokio::pin!(deadline);
-                loop {
-                    tokio::select! {
-                        _ = &mut deadline => break,
-                        ev = kernel_rx.recv() => match ev {
-                            Some(KernelEvent::AddressChanged) => addr_changed = true,
-                            Some(KernelEvent::DeviceChanged) => {}
-                            None => break,
-                        },
-                    }
+            Some(ev) = kernel_rx.recv() => {
+                // Our own changes echo back as kernel events: those are not news.
+                let own_echo = ev == KernelEvent::DeviceChanged && sync.own_echo_until.is_some_and(|t| Instant::now() < t);
+                if !own_echo {
+                    addr_changed |= ev == KernelEvent::AddressChanged;
+                    // Collapse a burst: act once it has been quiet for a moment. A deadline in
+                    // this select, not a wait here, so lease events keep flowing meanwhile.
+                    kernel_deadline.get_or_insert_with(|| tokio::time::Instant::now() + EVENT_DEBOUNCE);
                 }
-                if addr_changed && args.public_ip.is_none() {
+            }
+            _ = sleep_until_opt(kernel_deadline), if kernel_deadline.is_some() => {
+                kernel_deadline = None;
+                if std::mem::take(&mut addr_changed) && args.public_ip.is_none() {
                     match nl.find_underlay(args.iface.as_ref()).await {
                         Ok(u) if u.addr != local.public_ip || u.index != local.underlay_index => {
                             info!(old = %local.public_ip, new = %u.addr, iface = %u.name, "underlay address changed");
@@ -321,6 +324,9 @@ struct Sync {
     /// Peers from the last failed batch are not "programmed" until the next clean reconcile.
     failed: bool,
     synced_once: bool,
+    /// Until when DeviceChanged events are the echo of our own incremental changes. Someone
+    /// else's change inside that window is still caught by the periodic resync.
+    own_echo_until: Option<Instant>,
 }
 
 impl Sync {
@@ -332,34 +338,14 @@ impl Sync {
         batch: Vec<PeerEvent>,
         shared: &Shared,
     ) {
-        // A snapshot in the batch supersedes everything before it.
-        let start = batch
-            .iter()
-            .rposition(|e| matches!(e, PeerEvent::Snapshot(_)));
-        let mut full = false;
-        let mut next = self.desired.clone();
-        for ev in batch.into_iter().skip(start.unwrap_or(0)) {
-            match ev {
-                PeerEvent::Snapshot(peers) => {
-                    next = peers.into_iter().map(|p| (p.subnet, p)).collect();
-                    full = true;
-                }
-                PeerEvent::Upsert(p) => {
-                    next.insert(p.subnet, p);
-                }
-                PeerEvent::Remove(net) => {
-                    next.remove(&net);
-                }
+        let changes = match fold_events(&mut self.desired, batch) {
+            Folded::Full => {
+                self.reconcile(backend, device, local, shared, "lease resync")
+                    .await;
+                return;
             }
-        }
-        if full {
-            self.desired = next;
-            self.reconcile(backend, device, local, shared, "lease resync")
-                .await;
-            return;
-        }
-        let changes = peer_changes(&self.desired, &next);
-        self.desired = next;
+            Folded::Changes(c) => c,
+        };
         if changes.is_empty() {
             return;
         }
@@ -375,7 +361,9 @@ impl Sync {
                 _ => {}
             }
         }
-        match backend.apply(&changes).await {
+        let applied = backend.apply(&changes).await;
+        self.own_echo_until = Some(Instant::now() + OWN_ECHO_WINDOW);
+        match applied {
             Ok(stats) => {
                 self.record(&stats, shared);
                 if stats.failed > 0 {
@@ -480,30 +468,52 @@ impl Sync {
     }
 }
 
-/// The changes that turn `old` into `new`.
-pub fn peer_changes(
-    old: &BTreeMap<Ipv4Net, Peer>,
-    new: &BTreeMap<Ipv4Net, Peer>,
-) -> Vec<PeerChange> {
-    let mut out = Vec::new();
-    for (net, p) in new {
-        match old.get(net) {
-            Some(o) if o == p => {}
-            o => out.push(PeerChange {
-                old: o.copied(),
-                new: Some(*p),
-            }),
+/// What a batch of peer events asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Folded {
+    /// A snapshot arrived: compare everything with the kernel.
+    Full,
+    /// Incremental: one change per subnet whose value differs from before the batch.
+    Changes(Vec<PeerChange>),
+}
+
+/// Applies a batch of peer events to `desired`. Several events for one subnet make one change
+/// (first old value, last new value), so applying the changes in phases stays correct.
+pub fn fold_events(desired: &mut BTreeMap<Ipv4Net, Peer>, batch: Vec<PeerEvent>) -> Folded {
+    // A snapshot in the batch supersedes everything before it.
+    let start = batch
+        .iter()
+        .rposition(|e| matches!(e, PeerEvent::Snapshot(_)));
+    let mut full = false;
+    let mut before: BTreeMap<Ipv4Net, Option<Peer>> = BTreeMap::new();
+    for ev in batch.into_iter().skip(start.unwrap_or(0)) {
+        match ev {
+            PeerEvent::Snapshot(peers) => {
+                *desired = peers.into_iter().map(|p| (p.subnet, p)).collect();
+                full = true;
+            }
+            PeerEvent::Upsert(p) => {
+                let old = desired.insert(p.subnet, p);
+                before.entry(p.subnet).or_insert(old);
+            }
+            PeerEvent::Remove(net) => {
+                let old = desired.remove(&net);
+                before.entry(net).or_insert(old);
+            }
         }
     }
-    for (net, o) in old {
-        if !new.contains_key(net) {
-            out.push(PeerChange {
-                old: Some(*o),
-                new: None,
-            });
-        }
+    if full {
+        return Folded::Full;
     }
-    out
+    Folded::Changes(
+        before
+            .into_iter()
+            .filter_map(|(net, old)| {
+                let new = desired.get(&net).copied();
+                (old != new).then_some(PeerChange { old, new })
+            })
+            .collect(),
+    )
 }
 
 async fn setup_or_log<B: Backend>(
@@ -626,6 +636,13 @@ async fn acquire_until_done(
     }
 }
 
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
@@ -649,17 +666,24 @@ mod tests {
     }
 
     #[test]
-    fn changes_between_peer_sets() {
-        let old: BTreeMap<_, _> = [peer(1, 1, 11), peer(2, 2, 12), peer(3, 3, 13)]
+    fn folds_events_into_one_change_per_subnet() {
+        let mut desired: BTreeMap<_, _> = [peer(1, 1, 11), peer(2, 2, 12), peer(3, 3, 13)]
             .into_iter()
             .map(|p| (p.subnet, p))
             .collect();
-        let new: BTreeMap<_, _> = [peer(1, 1, 11), peer(2, 9, 12), peer(4, 4, 14)]
-            .into_iter()
-            .map(|p| (p.subnet, p))
-            .collect();
-        let ch = peer_changes(&old, &new);
-        assert_eq!(ch.len(), 3);
+        let batch = vec![
+            PeerEvent::Upsert(peer(2, 8, 12)),
+            PeerEvent::Upsert(peer(2, 9, 12)), // two changes of one peer: one change, old -> last
+            PeerEvent::Upsert(peer(4, 4, 14)),
+            PeerEvent::Remove(peer(3, 3, 13).subnet),
+            PeerEvent::Upsert(peer(1, 1, 11)), // unchanged: nothing to do
+            PeerEvent::Upsert(peer(5, 5, 15)),
+            PeerEvent::Remove(peer(5, 5, 15).subnet), // came and went: nothing to do
+        ];
+        let Folded::Changes(ch) = fold_events(&mut desired, batch) else {
+            panic!("not incremental")
+        };
+        assert_eq!(ch.len(), 3, "{ch:?}");
         assert!(ch.contains(&PeerChange {
             old: Some(peer(2, 2, 12)),
             new: Some(peer(2, 9, 12))
@@ -672,6 +696,25 @@ mod tests {
             old: Some(peer(3, 3, 13)),
             new: None
         }));
-        assert!(peer_changes(&new, &new).is_empty());
+        assert_eq!(desired.len(), 3);
+        assert_eq!(
+            desired[&peer(2, 0, 0).subnet].vtep_mac,
+            peer(2, 9, 12).vtep_mac
+        );
+    }
+
+    #[test]
+    fn a_snapshot_supersedes_earlier_events() {
+        let mut desired = BTreeMap::new();
+        let batch = vec![
+            PeerEvent::Upsert(peer(7, 7, 17)),
+            PeerEvent::Snapshot(vec![peer(1, 1, 11)]),
+            PeerEvent::Upsert(peer(2, 2, 12)),
+        ];
+        assert_eq!(fold_events(&mut desired, batch), Folded::Full);
+        assert_eq!(
+            desired.keys().copied().collect::<Vec<_>>(),
+            vec![peer(1, 1, 11).subnet, peer(2, 2, 12).subnet]
+        );
     }
 }

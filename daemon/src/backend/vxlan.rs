@@ -1,6 +1,6 @@
 //! The VXLAN backend. CONTRACT (owner: kernel helper).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
@@ -145,26 +145,21 @@ impl Backend for VxlanBackend {
                 self.peers.insert(n.subnet, n);
             }
         }
-        // Keep entries that a remaining peer still needs.
-        let mut keep_fdb = HashSet::new();
-        let mut keep_neigh = HashSet::new();
-        let remaining: Vec<Peer> = self.peers.values().copied().collect();
-        for op in reconcile::diff_with(&remaining, &Default::default(), |p| self.is_direct(p)) {
-            match op {
-                Op::SetFdb { mac, dst } => {
-                    keep_fdb.insert((mac, dst));
-                }
-                Op::SetNeigh { ip, .. } => {
-                    keep_neigh.insert(ip);
-                }
-                _ => {}
-            }
+        // Keep entries a remaining overlay peer still needs (peers may share a MAC or VTEP
+        // address). Only deletions need the check, so a join costs nothing per existing peer.
+        if ops
+            .iter()
+            .any(|op| matches!(op, Op::DelFdb { .. } | Op::DelNeigh { .. }))
+        {
+            let overlay: Vec<&Peer> = self.peers.values().filter(|p| !self.is_direct(p)).collect();
+            ops.retain(|op| match op {
+                Op::DelFdb { mac, dst } => !overlay
+                    .iter()
+                    .any(|p| p.vtep_mac == *mac && p.public_ip == *dst),
+                Op::DelNeigh { ip, .. } => !overlay.iter().any(|p| p.gateway() == *ip),
+                _ => true,
+            });
         }
-        ops.retain(|op| match op {
-            Op::DelFdb { mac, dst } => !keep_fdb.contains(&(*mac, *dst)),
-            Op::DelNeigh { ip, .. } => !keep_neigh.contains(ip),
-            _ => true,
-        });
         self.run(ops).await
     }
 
