@@ -221,19 +221,8 @@ async fn add(ctx: &Ctx, req: &Request, netns_path: &Path) -> Result<CniResult, C
             format!("cannot open network namespace {}: {e}", req.netns),
         )
     })?;
-    let ifname = req.ifname.clone();
-    let exists = pod::in_netns(netns_path.to_path_buf(), move |h| async move {
-        pod::link_by_name(&h, &ifname).await.map(|l| l.is_some())
-    })
-    .await
-    .map_err(kernel_err)?;
-    if exists {
-        return Err(CniError::new(
-            codes::INTERFACE_EXISTS,
-            format!("interface {} already exists in {}", req.ifname, req.netns),
-        ));
-    }
-
+    // An existing CNI_IFNAME in the netns makes the veth creation fail with EEXIST (the
+    // container end is created there under its final name): no separate look first.
     let ipam = ctx.ipam.clone();
     let (subnet, o) = (node.subnet, owner.clone());
     let (addr, fresh) = blocking(move || ipam.allocate(subnet, &o)).await?;
@@ -278,13 +267,16 @@ async fn build(
         .await
     {
         return Err(if e.errno() == Some(libc::EEXIST) {
-            CniError::new(
-                codes::INTERFACE_EXISTS,
+            let host_exists = matches!(ctx.nl.link_by_name(&host).await, Ok(Some(_)));
+            let msg = if host_exists {
                 format!(
-                    "cannot create veth: {} in {} or host end {host} already exists",
-                    req.ifname, req.netns
-                ),
-            )
+                    "interface {} already exists for container {} (host end {host})",
+                    req.ifname, req.container_id
+                )
+            } else {
+                format!("interface {} already exists in {}", req.ifname, req.netns)
+            };
+            CniError::new(codes::INTERFACE_EXISTS, msg)
         } else {
             kernel_err(e)
         });

@@ -367,11 +367,25 @@ pub fn resolve_netns(path: &str, peer_pid: Option<i32>) -> PathBuf {
 }
 
 /// Opens a netns path without blocking (a FIFO planted as CNI_NETNS must not hang a thread).
+/// Anything else than a namespace file (nsfs) is refused here, before it reaches the kernel.
 pub fn open_netns(path: &Path) -> std::io::Result<File> {
-    std::fs::OpenOptions::new()
+    const NSFS_MAGIC: libc::c_long = 0x6e73_6673;
+    let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
+        .open(path)?;
+    // SAFETY: fstatfs fills the zeroed struct for a valid open fd.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if st.f_type as libc::c_long != NSFS_MAGIC {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a network namespace",
+        ));
+    }
+    Ok(file)
 }
 
 /// Runs `f` with a netlink handle opened inside the namespace at `netns`, on a fresh thread that
@@ -436,7 +450,10 @@ where
 fn enter_netns(netns: &Path) -> Result<(), PodNetError> {
     let shown = netns.display().to_string();
     let file = open_netns(netns).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => PodNetError::NetnsGone(shown.clone()),
+        // Gone, or a stale mount point that is no longer a namespace.
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidInput => {
+            PodNetError::NetnsGone(shown.clone())
+        }
         _ => PodNetError::other(format!("opening netns {shown}"), e),
     })?;
     setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| {
