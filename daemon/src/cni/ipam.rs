@@ -2,13 +2,13 @@
 //!
 //! On disk: `<state_dir>/ipam/<a.b.c.d-prefix>/<address>`, one file per allocated address,
 //! created with O_CREAT|O_EXCL (the file system is the lock) and holding `containerID\nifname\n`.
-//! The file exists (and is synced) before the address is handed out, so a kill -9 at any moment
+//! The file exists before the address is handed out, so a kill -9 at any moment
 //! can leak an address (GC reclaims it) but never hand it out twice after a restart.
 //! In memory: an index rebuilt from disk at start. Its mutex covers only the pick; file I/O runs
 //! outside it.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -81,10 +81,6 @@ fn pod_range(net: &Ipv4Net) -> Option<(u32, u32)> {
     let first = u32::from(net.network()).checked_add(2)?;
     let last = u32::from(net.broadcast()).checked_sub(1)?;
     (net.prefix_len() <= 30 && first <= last).then_some((first, last))
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 fn read_owner(path: &Path) -> Owner {
@@ -185,10 +181,13 @@ impl Ipam {
             let path = dir.join(addr.to_string());
             match OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(mut f) => {
-                    let written = f
-                        .write_all(format!("{}\n{}\n", owner.container_id, owner.ifname).as_bytes())
-                        .and_then(|_| f.sync_all())
-                        .and_then(|_| sync_dir(&dir));
+                    // No fsync: the file is in the page cache the moment create_new returns, and
+                    // that survives any crash of twilld (kill -9 included). Only a machine crash
+                    // loses it, and that takes every pod's netns with it; a file that survives
+                    // one is an ordinary leak that GC reclaims. fsync cost ~1.7 ms per ADD.
+                    let written = f.write_all(
+                        format!("{}\n{}\n", owner.container_id, owner.ifname).as_bytes(),
+                    );
                     if let Err(e) = written {
                         let _ = fs::remove_file(&path);
                         self.forget(net, addr);
