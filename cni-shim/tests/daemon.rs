@@ -1069,3 +1069,25 @@ fn failed_add_undoes_everything() {
     assert!(node2.ipam_files().is_empty());
     assert!(!sh(&["ip", "-n", &pod2.name, "link", "show", "eth0"]).0);
 }
+
+#[test]
+fn a_bridge_deleted_or_stripped_by_hand_is_rebuilt() {
+    let mut node = Node::start(Some(subnet()));
+    let conf = node.conf("1.0.0");
+    let a = node.pod();
+    ok(cni("ADD", "bra", &a.path(), &conf));
+    // Someone deletes the bridge between two ADDs: the next ADD rebuilds it and attaches.
+    node.ns.ip(&["link", "del", "cni0"]);
+    let b = node.pod();
+    ok(cni("ADD", "brb", &b.path(), &conf));
+    let shown = node.ns.ip(&["-o", "link", "show", "master", "cni0"]);
+    assert!(
+        shown.contains("tw"),
+        "the new pod's veth is not on a rebuilt cni0: {shown}"
+    );
+    let addrs = node.ns.ip(&["-4", "-o", "addr", "show", "dev", "cni0"]);
+    assert!(
+        addrs.contains("10.244.1.1/24"),
+        "rebuilt bridge lacks the gateway: {addrs}"
+    );
+}

@@ -25,10 +25,15 @@ pub(super) struct Ctx {
     pub metrics: Arc<Metrics>,
     ipam: Arc<Ipam>,
     nl: PodNetlink,
-    /// Serialises bridge creation only (a quick check-or-create), never the per-pod work.
-    bridge_lock: tokio::sync::Mutex<()>,
+    /// The bridge as last ensured: (gateway, MTU, ifindex, when). Checking it costs three
+    /// netlink round trips, so it is redone only every BRIDGE_RECHECK or when attaching to it
+    /// fails. The lock serialises that check, never the per-pod work.
+    bridge: tokio::sync::Mutex<Option<(Ipv4Net, u32, u32, std::time::Instant)>>,
     keys: KeyLocks,
 }
+
+/// How long a checked bridge is trusted (its gateway address may be removed by hand).
+const BRIDGE_RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Ctx {
     pub fn new(
@@ -44,9 +49,23 @@ impl Ctx {
             metrics,
             ipam: Arc::new(ipam),
             nl,
-            bridge_lock: tokio::sync::Mutex::new(()),
+            bridge: tokio::sync::Mutex::new(None),
             keys: KeyLocks::default(),
         }
+    }
+
+    /// The bridge's ifindex, ensured (created, up, gateway address) on first use, or again when
+    /// `stale` is the index a caller found unusable.
+    async fn bridge(&self, gw: Ipv4Net, mtu: u32, stale: Option<u32>) -> Result<u32, PodNetError> {
+        let mut cached = self.bridge.lock().await;
+        if let Some((g, m, idx, at)) = *cached {
+            if g == gw && m == mtu && Some(idx) != stale && at.elapsed() < BRIDGE_RECHECK {
+                return Ok(idx);
+            }
+        }
+        let idx = self.nl.ensure_bridge(&self.opts.bridge, gw, mtu).await?;
+        *cached = Some((gw, mtu, idx, std::time::Instant::now()));
+        Ok(idx)
     }
 }
 
@@ -253,13 +272,10 @@ async fn build(
     let gw = node.gateway();
     let prefix = node.subnet.prefix_len();
     let gw_net = Ipv4Net::new(gw, prefix).expect("prefix from a valid subnet");
-    let bridge = {
-        let _b = ctx.bridge_lock.lock().await;
-        ctx.nl
-            .ensure_bridge(&ctx.opts.bridge, gw_net, node.mtu)
-            .await
-            .map_err(kernel_err)?
-    };
+    let bridge = ctx
+        .bridge(gw_net, node.mtu, None)
+        .await
+        .map_err(kernel_err)?;
     let host = host_veth_name(&req.container_id, &req.ifname);
     if let Err(e) = ctx
         .nl
@@ -284,7 +300,14 @@ async fn build(
     let pod_addr = Ipv4Net::new(addr, prefix).expect("prefix from a valid subnet");
     let ifname = req.ifname.clone();
     let wired = async {
-        let host_link = ctx.nl.attach_to_bridge(&host, bridge).await?;
+        let host_link = match ctx.nl.attach_to_bridge(&host, bridge).await {
+            Ok(l) => l,
+            // The bridge may have been deleted or recreated since we looked: look again.
+            Err(_) => {
+                let bridge = ctx.bridge(gw_net, node.mtu, Some(bridge)).await?;
+                ctx.nl.attach_to_bridge(&host, bridge).await?
+            }
+        };
         let cont = pod::in_netns(netns_path.to_path_buf(), move |h| async move {
             pod::configure_container(&h, &ifname, pod_addr, gw).await
         })
