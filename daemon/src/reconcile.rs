@@ -1,5 +1,5 @@
 //! The reconcile diff: desired peers vs what the kernel has on our VXLAN device -> operations.
-//! CONTRACT (owner: kernel helper). Pure, unit-tested, no kernel needed.
+//! Pure, unit-tested, no kernel needed.
 //!
 //! Kernel keys decide what a "delete" may touch: a neighbour is keyed by its IP and a route by
 //! its destination, so a wrong MAC or gateway is fixed by a replace alone (a delete would remove

@@ -1,4 +1,4 @@
-//! Backends: how packets for remote subnets get there. CONTRACT (owner: kernel helper).
+//! Backends: how packets for remote subnets get there.
 //! `Backend` is the concern's trait; `vxlan::VxlanBackend` the first implementation.
 
 pub mod vxlan;

@@ -1,4 +1,4 @@
-//! The VXLAN backend. CONTRACT (owner: kernel helper).
+//! The VXLAN backend.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;

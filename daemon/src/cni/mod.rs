@@ -1,4 +1,4 @@
-//! The daemon's side of the `twill` CNI plugin. CONTRACT (owner: CNI helper).
+//! The daemon's side of the `twill` CNI plugin.
 //! Listens on the CNI socket from start; until `node` holds a value, ADD answers "try again
 //! later" (11) and STATUS answers 50.
 

@@ -1,5 +1,4 @@
-//! Every netlink call twilld makes lives under this module. CONTRACT (owner: kernel helper,
-//! except `pod.rs`, owner: CNI helper).
+//! Every netlink call twilld makes lives under this module (pod networking in `pod.rs`).
 //!
 //! Queries and device setup go through an rtnetlink `Handle`. Bulk entry programming (`apply`)
 //! goes through a second, plain netlink socket: requests are written in batches and the acks

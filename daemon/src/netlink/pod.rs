@@ -1,5 +1,4 @@
 //! Netlink calls for pod networking (veth, bridge, addresses and routes inside a pod's netns).
-//! CONTRACT (owner: CNI helper).
 //!
 //! Two kinds of handle: [`PodNetlink::new`] talks to the namespace twilld runs in (the node's:
 //! bridge, host veth ends); [`in_netns`] runs a closure with a handle opened inside a pod's
