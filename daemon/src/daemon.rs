@@ -143,7 +143,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
     })?;
 
     let nl = Netlink::new()?;
-    let underlay = nl.find_underlay(args.iface.as_ref()).await?;
+    let mut underlay = nl.find_underlay(args.iface.as_ref()).await?;
     let public_ip = args.public_ip.unwrap_or(underlay.addr);
     info!(iface = %underlay.name, addr = %underlay.addr, mtu = underlay.mtu, %public_ip, %vtep_mac, "underlay");
 
@@ -286,6 +286,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
                             local.underlay_index = u.index;
                             local.underlay_mtu = u.mtu;
                             attrs_tx.send_modify(|a| a.public_ip = u.addr);
+                            underlay = u;
                         }
                         Ok(_) => {}
                         Err(e) => warn!(error = %e, "underlay lookup after an address change failed"),
