@@ -533,16 +533,18 @@ async fn gc(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
-    // Leaked host veths (their pod netns still alive) go too; best effort.
-    for o in &stale {
-        if o.container_id.is_empty() {
-            continue;
-        }
-        let host = host_veth_name(&o.container_id, &o.ifname);
-        if let Err(e) = ctx.nl.delete_link(&host).await {
-            tracing::warn!(error = %e, %host, "GC: removing a stale veth");
-        }
-    }
+    // Leaked host veths (their pod netns still alive) go too; best effort. Concurrently: each
+    // delete waits for an RCU grace period, and concurrent ones share it (see delete_link).
+    let deletes = stale
+        .iter()
+        .filter(|o| !o.container_id.is_empty())
+        .map(|o| async move {
+            let host = host_veth_name(&o.container_id, &o.ifname);
+            if let Err(e) = ctx.nl.delete_link(&host).await {
+                tracing::warn!(error = %e, %host, "GC: removing a stale veth");
+            }
+        });
+    futures::future::join_all(deletes).await;
     let ipam = ctx.ipam.clone();
     let freed = blocking(move || ipam.gc(&valid)).await?;
     if !freed.is_empty() {
