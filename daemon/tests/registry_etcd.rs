@@ -479,16 +479,27 @@ fn acquire_reuses_by_public_ip_and_honours_previous() -> Result<()> {
         assert!(!stored.contains_key("10.60.0.0-24"), "{stored:?}");
         assert_eq!(stored.len(), 5);
 
-        // Our dual-stack key is replaced by a plain key for the same subnet.
-        put(&reg, "subnets/10.60.12.0-24&fc00::-64", &attrs(6).to_json()).await?;
-        let g = acquire(&reg, &c, &attrs(6), Some(net("10.60.13.0/24")), TTL).await?;
-        assert_eq!(g.subnet, net("10.60.12.0/24"));
+        // Our dual-stack key is replaced by a plain key for the same subnet. The subnets above
+        // were picked at random, so use two that are still free.
+        let free: Vec<String> = (1..=20)
+            .map(|i| format!("10.60.{i}.0"))
+            .filter(|n| !stored.contains_key(&format!("{n}-24")))
+            .collect();
+        let (dual, prev) = (&free[0], &free[1]);
+        let dual_key = format!("subnets/{dual}-24&fc00::-64");
+        put(&reg, &dual_key, &attrs(6).to_json()).await?;
+        let g = acquire(&reg, &c, &attrs(6), Some(net(&format!("{prev}/24"))), TTL).await?;
+        assert_eq!(
+            g.subnet,
+            net(&format!("{dual}/24")),
+            "own key beats previous"
+        );
         let stored = subnets(&reg).await?;
         assert!(
-            !stored.contains_key("10.60.12.0-24&fc00::-64"),
+            !stored.contains_key(&dual_key["subnets/".len()..]),
             "{stored:?}"
         );
-        assert_eq!(stored["10.60.12.0-24"].0, attrs(6).to_json());
+        assert_eq!(stored[&format!("{dual}-24")].0, attrs(6).to_json());
         Ok(())
     })
 }
