@@ -371,8 +371,12 @@ fn add_check_del_in_every_version() {
             .ip(&["route"])
             .contains("default via 10.244.1.1 dev eth0"));
         let hl = node.ns.ip(&["link", "show", &host]);
+        let host_mac = ifs[0]["mac"].as_str().unwrap();
         assert!(
-            hl.contains("master cni0") && hl.contains("mtu 1450"),
+            hl.contains("master cni0")
+                && hl.contains("mtu 1450")
+                && hl.contains(",UP")
+                && hl.contains(host_mac),
             "{hl}"
         );
         let d = sh_ok(&[

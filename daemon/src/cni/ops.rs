@@ -16,6 +16,7 @@ use twill_proto::{
 
 use super::ipam::{Ipam, IpamError, Owner};
 use super::{CniOptions, NodeNet};
+use crate::mac::MacAddr;
 use crate::metrics::Metrics;
 use crate::netlink::pod::{self, PodNetError, PodNetlink};
 
@@ -240,88 +241,35 @@ async fn add(ctx: &Ctx, req: &Request, netns_path: &Path) -> Result<CniResult, C
             format!("cannot open network namespace {}: {e}", req.netns),
         )
     })?;
-    // An existing CNI_IFNAME in the netns makes the veth creation fail with EEXIST (the
-    // container end is created there under its final name): no separate look first.
-    let ipam = ctx.ipam.clone();
-    let (subnet, o) = (node.subnet, owner.clone());
-    let (addr, fresh) = blocking(move || ipam.allocate(subnet, &o)).await?;
-    match build(ctx, req, &node, addr, &netns, netns_path, dns).await {
-        Ok(r) => Ok(r),
-        Err(e) => {
-            if fresh {
-                let ipam = ctx.ipam.clone();
-                if let Err(re) = blocking(move || ipam.release(&owner)).await {
-                    tracing::error!(error = %re.msg, %addr, "releasing the address after a failed ADD");
-                }
-            }
-            Err(e)
-        }
-    }
-}
-
-/// The kernel half of ADD; undoes itself on failure.
-async fn build(
-    ctx: &Ctx,
-    req: &Request,
-    node: &NodeNet,
-    addr: Ipv4Addr,
-    netns: &File,
-    netns_path: &Path,
-    dns: Dns,
-) -> Result<CniResult, CniError> {
     let gw = node.gateway();
-    let prefix = node.subnet.prefix_len();
-    let gw_net = Ipv4Net::new(gw, prefix).expect("prefix from a valid subnet");
-    let bridge = ctx
-        .bridge(gw_net, node.mtu, None)
-        .await
-        .map_err(kernel_err)?;
     let host = host_veth_name(&req.container_id, &req.ifname);
-    if let Err(e) = ctx
-        .nl
-        .create_veth(&host, &req.ifname, netns, node.mtu)
-        .await
-    {
-        return Err(if e.errno() == Some(libc::EEXIST) {
-            let host_exists = matches!(ctx.nl.link_by_name(&host).await, Ok(Some(_)));
-            let msg = if host_exists {
-                format!(
-                    "interface {} already exists for container {} (host end {host})",
-                    req.ifname, req.container_id
-                )
-            } else {
-                format!("interface {} already exists in {}", req.ifname, req.netns)
-            };
-            CniError::new(codes::INTERFACE_EXISTS, msg)
-        } else {
-            kernel_err(e)
-        });
-    }
-    let pod_addr = Ipv4Net::new(addr, prefix).expect("prefix from a valid subnet");
+    // Two halves run at once: the node's (address, veth pair, hairpin) and the pod's, whose
+    // thread enters the netns and opens its netlink socket while the veth is being created,
+    // then waits for the address to configure the container end.
+    let (go, addr_rx) = tokio::sync::oneshot::channel::<Ipv4Net>();
     let ifname = req.ifname.clone();
-    let wired = async {
-        let host_link = match ctx.nl.attach_to_bridge(&host, bridge).await {
-            Ok(l) => l,
-            // The bridge may have been deleted or recreated since we looked: look again.
-            Err(_) => {
-                let bridge = ctx.bridge(gw_net, node.mtu, Some(bridge)).await?;
-                ctx.nl.attach_to_bridge(&host, bridge).await?
-            }
+    let pod_half = pod::in_netns(netns_path.to_path_buf(), move |h| async move {
+        let Ok(addr) = addr_rx.await else {
+            return Ok(None); // the node's half failed and undid itself
         };
-        let cont = pod::in_netns(netns_path.to_path_buf(), move |h| async move {
-            pod::configure_container(&h, &ifname, pod_addr, gw).await
-        })
-        .await?;
-        Ok::<_, PodNetError>((host_link, cont))
-    }
-    .await;
-    let (host_link, cont) = match wired {
-        Ok(x) => x,
+        pod::configure_container(&h, &ifname, addr, gw)
+            .await
+            .map(Some)
+    });
+    let node_half = node_half(ctx, req, &node, &netns, &host, &owner, go);
+    let (node_res, pod_res) = tokio::join!(node_half, pod_half);
+    let (pod_addr, fresh, host_mac) = node_res?;
+    let cont = match pod_res {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            undo(ctx, Some(&host), fresh.then_some(&owner)).await;
+            return Err(CniError::new(
+                codes::INTERNAL,
+                "the pod's half of ADD ended without its address",
+            ));
+        }
         Err(e) => {
-            // Deleting one end removes the pair, wherever the other end is.
-            if let Err(de) = ctx.nl.delete_link(&host).await {
-                tracing::error!(error = %de, %host, "removing the veth after a failed ADD");
-            }
+            undo(ctx, Some(&host), fresh.then_some(&owner)).await;
             return Err(kernel_err(e));
         }
     };
@@ -329,7 +277,7 @@ async fn build(
         interfaces: vec![
             Interface {
                 name: host,
-                mac: host_link.mac,
+                mac: host_mac.to_string(),
                 mtu: Some(node.mtu),
                 sandbox: String::new(),
             },
@@ -351,6 +299,112 @@ async fn build(
         }],
         dns,
     })
+}
+
+/// The node's half of ADD: the address (IPAM) and the veth pair at once, then hairpin. Sends the
+/// pod's address through `go` as soon as the container end exists. Undoes itself on failure.
+/// Returns the pod's address, whether it was allocated now (not by an earlier ADD), and the host
+/// end's MAC.
+async fn node_half(
+    ctx: &Ctx,
+    req: &Request,
+    node: &NodeNet,
+    netns: &File,
+    host: &str,
+    owner: &Owner,
+    go: tokio::sync::oneshot::Sender<Ipv4Net>,
+) -> Result<(Ipv4Net, bool, MacAddr), CniError> {
+    let ipam = ctx.ipam.clone();
+    let (subnet, o) = (node.subnet, owner.clone());
+    let mac = MacAddr::random_local();
+    let (alloc, created) = tokio::join!(
+        blocking(move || ipam.allocate(subnet, &o)),
+        create_veth(ctx, req, node, netns, host, mac),
+    );
+    let (addr, fresh) = match (alloc, created) {
+        (Ok(a), Ok(())) => a,
+        (alloc, created) => {
+            let release = matches!(alloc, Ok((_, true))).then_some(owner);
+            undo(ctx, created.is_ok().then_some(host), release).await;
+            // An IPAM failure (e.g. subnet full) wins: it is what the runtime can act on.
+            return Err(match (alloc, created) {
+                (Err(e), _) | (_, Err(e)) => e,
+                _ => unreachable!("one of them failed"),
+            });
+        }
+    };
+    let pod_addr = Ipv4Net::new(addr, subnet.prefix_len()).expect("prefix from a valid subnet");
+    // The pod's half may already have failed (e.g. its netns vanished): that is reported there.
+    let _ = go.send(pod_addr);
+    if let Err(e) = ctx.nl.set_hairpin(host).await {
+        undo(ctx, Some(host), fresh.then_some(owner)).await;
+        return Err(kernel_err(e));
+    }
+    Ok((pod_addr, fresh, mac))
+}
+
+/// The veth pair, on the node's bridge (ensured, or rechecked when the cached one is refused).
+async fn create_veth(
+    ctx: &Ctx,
+    req: &Request,
+    node: &NodeNet,
+    netns: &File,
+    host: &str,
+    mac: MacAddr,
+) -> Result<(), CniError> {
+    let gw_net =
+        Ipv4Net::new(node.gateway(), node.subnet.prefix_len()).expect("prefix from a valid subnet");
+    let bridge = ctx
+        .bridge(gw_net, node.mtu, None)
+        .await
+        .map_err(kernel_err)?;
+    let create = |bridge| {
+        ctx.nl
+            .create_veth(host, &req.ifname, netns, node.mtu, bridge, mac)
+    };
+    let mut res = create(bridge).await;
+    if matches!(&res, Err(e) if e.errno() != Some(libc::EEXIST)) {
+        // The bridge may have been deleted or recreated since it was cached (the kernel then
+        // refuses the whole pair): ensure it again and retry once.
+        let bridge = ctx
+            .bridge(gw_net, node.mtu, Some(bridge))
+            .await
+            .map_err(kernel_err)?;
+        res = create(bridge).await;
+    }
+    let Err(e) = res else { return Ok(()) };
+    // An existing CNI_IFNAME in the netns makes the creation fail with EEXIST (the container
+    // end is created there under its final name): no separate look first.
+    if e.errno() != Some(libc::EEXIST) {
+        return Err(kernel_err(e));
+    }
+    let host_exists = matches!(ctx.nl.link_by_name(host).await, Ok(Some(_)));
+    let msg = if host_exists {
+        format!(
+            "interface {} already exists for container {} (host end {host})",
+            req.ifname, req.container_id
+        )
+    } else {
+        format!("interface {} already exists in {}", req.ifname, req.netns)
+    };
+    Err(CniError::new(codes::INTERFACE_EXISTS, msg))
+}
+
+/// Takes back what a failed ADD built: the veth pair (deleting one end removes both, wherever
+/// the other is) and an address allocated by this ADD. Failures are logged: the ADD's own error
+/// is the one the runtime needs.
+async fn undo(ctx: &Ctx, host: Option<&str>, release: Option<&Owner>) {
+    if let Some(host) = host {
+        if let Err(e) = ctx.nl.delete_link(host).await {
+            tracing::error!(error = %e, %host, "removing the veth after a failed ADD");
+        }
+    }
+    if let Some(owner) = release {
+        let (ipam, owner) = (ctx.ipam.clone(), owner.clone());
+        if let Err(e) = blocking(move || ipam.release(&owner)).await {
+            tracing::error!(error = %e.msg, "releasing the address after a failed ADD");
+        }
+    }
 }
 
 async fn del(ctx: &Ctx, req: &Request) -> Result<(), CniError> {

@@ -278,14 +278,19 @@ impl PodNetlink {
         Ok(link.index)
     }
 
-    /// Creates the veth pair with the container end born inside the pod's namespace under its
-    /// final name, so no half-named device is ever visible there. EEXIST if either name is taken.
+    /// Creates the veth pair in one message: the host end `host` already enslaved to `bridge`,
+    /// up and with `mac` (so nothing needs looking up afterwards), the container end born inside
+    /// the pod's namespace under its final name, so no half-named device is ever visible there.
+    /// EEXIST if either name is taken. A failure leaves nothing: the kernel unregisters the pair
+    /// when any part of the message (e.g. a stale bridge index) is refused.
     pub async fn create_veth(
         &self,
         host: &str,
         container: &str,
         netns: &File,
         mtu: u32,
+        bridge: u32,
+        mac: MacAddr,
     ) -> Result<(), PodNetError> {
         let peer = LinkUnspec::new_with_name(container)
             .mtu(mtu)
@@ -294,6 +299,9 @@ impl PodNetlink {
         let msg = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
             .name(host.to_string())
             .mtu(mtu)
+            .address(mac.octets().to_vec())
+            .controller(bridge)
+            .up()
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
             .build();
         self.handle
@@ -304,33 +312,16 @@ impl PodNetlink {
             .map_err(|e| PodNetError::netlink(format!("creating veth {host} <-> {container}"), e))
     }
 
-    /// Enslaves the host end to the bridge, brings it up, turns hairpin on.
-    pub async fn attach_to_bridge(
-        &self,
-        host: &str,
-        bridge: u32,
-    ) -> Result<LinkState, PodNetError> {
-        let h = &self.handle;
-        let l = link_by_name(h, host).await?.ok_or_else(|| {
-            PodNetError::other(format!("veth {host}"), "not found after creation")
-        })?;
-        h.link()
-            .set(
-                LinkUnspec::new_with_index(l.index)
-                    .controller(bridge)
-                    .up()
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(|e| PodNetError::netlink(format!("attaching {host} to the bridge"), e))?;
+    /// Turns hairpin on for a bridge port, addressed by name (the kernel resolves IFLA_IFNAME
+    /// when the index is 0). Bridge port options cannot ride along when the link is created.
+    pub async fn set_hairpin(&self, port: &str) -> Result<(), PodNetError> {
         // Port options go through RTM_NEWLINK (what `ip link set type bridge_slave` sends).
-        h.link()
-            .change(LinkBridgePort::new(l.index).hairpin(true).build())
+        self.handle
+            .link()
+            .change(LinkBridgePort::new(0).name(port).hairpin(true).build())
             .execute()
             .await
-            .map_err(|e| PodNetError::netlink(format!("turning hairpin on for {host}"), e))?;
-        Ok(l)
+            .map_err(|e| PodNetError::netlink(format!("turning hairpin on for {port}"), e))
     }
 
     /// On a socket of its own: see `on_own_socket`.
@@ -466,6 +457,9 @@ fn enter_netns(netns: &Path) -> Result<(), PodNetError> {
 }
 
 /// Inside the pod's netns: address, up, default route via the gateway. Returns the link.
+/// The three changes are sent back to back on one socket without waiting for each answer: the
+/// kernel handles a socket's messages in order, so the route still finds the address and the
+/// link up. The first failure in that order is the one reported.
 pub async fn configure_container(
     h: &Handle,
     ifname: &str,
@@ -475,17 +469,16 @@ pub async fn configure_container(
     let l = link_by_name(h, ifname)
         .await?
         .ok_or_else(|| PodNetError::other(format!("interface {ifname}"), "not found in netns"))?;
-    h.address()
+    let add_addr = h
+        .address()
         .add(l.index, addr.addr().into(), addr.prefix_len())
-        .execute()
-        .await
-        .map_err(|e| PodNetError::netlink(format!("adding {addr} to {ifname}"), e))?;
-    h.link()
+        .execute();
+    let set_up = h
+        .link()
         .set(LinkUnspec::new_with_index(l.index).up().build())
-        .execute()
-        .await
-        .map_err(|e| PodNetError::netlink(format!("setting {ifname} up"), e))?;
-    h.route()
+        .execute();
+    let add_route = h
+        .route()
         .add(
             RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
@@ -493,9 +486,12 @@ pub async fn configure_container(
                 .output_interface(l.index)
                 .build(),
         )
-        .execute()
-        .await
-        .map_err(|e| PodNetError::netlink(format!("adding default route via {gateway}"), e))?;
+        .execute();
+    // join! polls (and so queues) them in this order.
+    let (a, u, r) = futures::join!(add_addr, set_up, add_route);
+    a.map_err(|e| PodNetError::netlink(format!("adding {addr} to {ifname}"), e))?;
+    u.map_err(|e| PodNetError::netlink(format!("setting {ifname} up"), e))?;
+    r.map_err(|e| PodNetError::netlink(format!("adding default route via {gateway}"), e))?;
     Ok(l)
 }
 
