@@ -7,10 +7,11 @@
 //! copied into the ADD result.
 
 use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -355,20 +356,56 @@ fn read_until(stream: &mut UnixStream, buf: &mut [u8], deadline: Instant) -> std
     Ok(())
 }
 
-/// A Unix connect blocks when the listener's backlog is full (a wedged daemon): bound it by
-/// connecting on a helper thread. The thread is abandoned on timeout; the process exits soon.
+/// A Unix connect blocks while the listener's backlog is full (a wedged daemon). The kernel
+/// bounds that wait by the socket's send timeout, so the socket gets it before connecting: no
+/// helper thread, whose start-up alone used to cost more than the rest of the exchange.
 fn connect(socket: &Path, timeout: Duration) -> std::io::Result<UnixStream> {
-    let (tx, rx) = mpsc::channel();
-    let path = socket.to_path_buf();
-    std::thread::spawn(move || {
-        let _ = tx.send(UnixStream::connect(path));
-    });
-    match rx.recv_timeout(timeout) {
-        Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(
-            ErrorKind::TimedOut,
-            format!("connect timed out after {:.1}s", timeout.as_secs_f64()),
-        )),
+    let path = socket.as_os_str().as_bytes();
+    // SAFETY: all-zero is a valid sockaddr_un.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if path.is_empty() || path.len() >= addr.sun_path.len() || path.contains(&0) {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidInput,
+            "not a usable Unix socket path",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(path) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: plain socket(2); the fd is owned by the UnixStream at once.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket nothing else owns.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    stream.set_write_timeout(Some(timeout))?; // SO_SNDTIMEO, which connect(2) waits by
+    let len = std::mem::size_of::<libc::sa_family_t>() + path.len() + 1;
+    loop {
+        // SAFETY: addr is a valid sockaddr_un of at least `len` bytes.
+        let rc = unsafe {
+            libc::connect(
+                stream.as_raw_fd(),
+                (&addr as *const libc::sockaddr_un).cast(),
+                len as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(stream);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            // The send timeout ran out with the backlog still full.
+            Some(libc::EAGAIN) => {
+                return Err(std::io::Error::new(
+                    ErrorKind::TimedOut,
+                    format!("connect timed out after {:.1}s", timeout.as_secs_f64()),
+                ))
+            }
+            _ => return Err(e),
+        }
     }
 }
 

@@ -3,7 +3,8 @@
 //! listener that never answers, or a scripted stand-in speaking the socket protocol.
 
 use std::io::Write;
-use std::os::unix::net::UnixListener;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -253,6 +254,31 @@ fn hung_daemon_gives_a_bounded_error() {
     c["timeout"] = json!("soon");
     let o = run(&add_env("ADD"), &c);
     assert_eq!(err_code(&o), 7);
+}
+
+#[test]
+fn a_daemon_that_stopped_accepting_times_out_the_connect() {
+    // A listener with a backlog of 0 and one connection already waiting has a full queue:
+    // connect(2) blocks until the plugin's own timeout ends it.
+    let d = TempDir::new();
+    let sock = d.0.join("cni.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    // SAFETY: listen(2) again on our own listening socket only shrinks its backlog.
+    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+    let _waiting = UnixStream::connect(&sock).unwrap();
+    let mut c = conf("1.0.0", sock.to_str().unwrap());
+    c["timeout"] = json!(0.5);
+    let o = run_with_limit(
+        &add_env("ADD"),
+        c.to_string().as_bytes(),
+        Duration::from_secs(20),
+    );
+    assert_eq!(err_code(&o), 11);
+    assert!(
+        msg(&o).contains("connect timed out after 0.5s"),
+        "{}",
+        msg(&o)
+    );
 }
 
 /// A scripted daemon: answers each connection with the next response, returns the requests.
