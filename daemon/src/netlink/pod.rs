@@ -413,22 +413,33 @@ where
     std::thread::Builder::new()
         .name("twill-netns".into())
         .spawn(move || {
-            let run = || -> Result<T, PodNetError> {
+            let setup = || -> Result<tokio::runtime::Runtime, PodNetError> {
                 if let Some(netns) = netns {
                     enter_netns(&netns)?;
                 }
-                let rt = tokio::runtime::Builder::new_current_thread()
+                tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
-                    .map_err(|e| PodNetError::other("building a runtime", e))?;
-                rt.block_on(async {
+                    .map_err(|e| PodNetError::other("building a runtime", e))
+            };
+            let rt = match setup() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            rt.block_on(async {
+                let run = async {
                     let (conn, handle, _) = rtnetlink::new_connection()
                         .map_err(|e| PodNetError::other("opening netlink", e))?;
                     tokio::spawn(conn);
                     f(handle).await
-                })
-            };
-            let _ = tx.send(run());
+                };
+                // Answer before the runtime and socket are torn down: the caller need not
+                // wait for that.
+                let _ = tx.send(run.await);
+            });
         })
         .map_err(|e| PodNetError::other("spawning a netlink thread", e))?;
     rx.await
