@@ -208,7 +208,7 @@ fn shipped_plugin_is_static_and_works() -> Result<()> {
     ))?));
 
     // It runs: VERSION is answered by the plugin itself, and an ADD reaches for the socket.
-    let mut run = |cmd: &str, conf: &str| -> Result<(bool, Value)> {
+    let run = |cmd: &str, conf: &str| -> Result<(bool, Value)> {
         let mut child = Command::new(&twill)
             .env_clear()
             .env("CNI_COMMAND", cmd)
