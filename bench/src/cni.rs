@@ -176,6 +176,41 @@ fn concurrent_round(
     Ok(())
 }
 
+/// The kernel's share of `k` ADDs, with no plugin at all: one `ip -batch` creating `k` veth pairs
+/// on a scratch bridge in the node namespace (up, peers born in `k` fresh pod namespaces), as
+/// every bridge-based ADD must. The kernel does this under one lock (RTNL), one pair after the
+/// other, so no plugin can finish `k` ADDs faster. Returns the wall time in ms.
+fn veth_floor(node_ns: &str, prefix: &str, k: usize) -> Result<f64> {
+    let pods: Vec<(String, String)> = (0..k).map(|_| new_pod_ns(prefix)).collect::<Result<_>>()?;
+    let bridge = format!("{prefix}fb");
+    let batch: String = pods
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| {
+            format!(
+                "link add {prefix}f{i} master {bridge} up type veth peer name eth0 netns {name}\n"
+            )
+        })
+        .collect();
+    let file = std::env::temp_dir().join(format!("{prefix}-floor.batch"));
+    std::fs::write(&file, batch)?;
+    let timed = (|| {
+        netns::run_ok(&[
+            "ip", "-n", node_ns, "link", "add", &bridge, "up", "type", "bridge",
+        ])?;
+        let t = Instant::now();
+        netns::run_ok(&["ip", "-n", node_ns, "-batch", &file.to_string_lossy()])?;
+        Ok(ms(t.elapsed()))
+    })();
+    // Deleting the pod namespaces removes the pairs; then the bridge.
+    let _ = std::fs::remove_file(&file);
+    for (name, _) in &pods {
+        netns::kill_all_and_delete(name)?;
+    }
+    let _ = netns::run(&["ip", "-n", node_ns, "link", "del", &bridge]);
+    timed
+}
+
 pub fn run(ctx: &Ctx, out_dir: &Path, res: &mut ScenarioResult) -> Result<()> {
     let (iters, levels): (usize, Vec<(usize, usize)>) = if ctx.quick {
         (5, vec![(4, 1), (16, 1)])
@@ -268,7 +303,9 @@ pub fn run(ctx: &Ctx, out_dir: &Path, res: &mut ScenarioResult) -> Result<()> {
 
     for (k, rounds) in levels {
         let (mut tc, mut rc) = (Samples::default(), Samples::default());
+        let mut floor = Vec::new();
         for r in 0..rounds {
+            floor.push(veth_floor(&node, &prefix, k)?);
             if r % 2 == 0 {
                 concurrent_round(&node, &prefix, &twill, k, &mut tc)?;
                 concurrent_round(&node, &prefix, &reference, k, &mut rc)?;
@@ -304,6 +341,12 @@ pub fn run(ctx: &Ctx, out_dir: &Path, res: &mut ScenarioResult) -> Result<()> {
         );
         res.metrics.push(
             Metric::new(&format!("{k} DELs total"), "ms", &tc.del_total).vs(refl, &rc.del_total),
+        );
+        res.metrics.push(
+            Metric::new(&format!("{k} veth pairs, ip -batch"), "ms", &floor).note(format!(
+                "kernel floor under {k} ADDs, no plugin: one ip -batch creating {k} veth pairs on \
+                 a bridge, up, peers in {k} fresh netns (serialised by the kernel's RTNL lock)"
+            )),
         );
         res.metrics.push(
             Metric::new(
