@@ -396,7 +396,7 @@ fn add_check_del_in_every_version() {
             "{br}"
         );
         let a = addr.split('/').next().unwrap();
-        assert_eq!(node.ipam_files()[a], format!("{id}\neth0\n"));
+        assert_eq!(node.ipam_files()[a], format!("{id}\neth0\ntwill\n"));
 
         // CHECK passes, then fails naming what is missing.
         ok(cni("CHECK", &id, &pod.path(), &with_prev(&conf, &r)));
@@ -518,12 +518,19 @@ fn not_ready_then_status_gc() {
     assert_eq!(node.ipam_files().len(), 2);
     // A leaked allocation (no veth) and the valid list naming only g0.
     ok(cni("ADD", "g2", &pods[2].path(), &conf));
+    // Another network's GC (another conflist naming twill) leaves this network's pods alone.
+    let mut other = conf.clone();
+    other["name"] = json!("other-net");
+    other["cni.dev/valid-attachments"] = json!([]);
+    ok(twill(&[("CNI_COMMAND", "GC")], &other));
+    assert_eq!(node.ipam_files().len(), 3);
+    assert!(pod_addr(&pods[1]).is_some());
     let mut c = conf.clone();
     c["cni.dev/valid-attachments"] = json!([{"containerID": "g0", "ifname": "eth0"}]);
     ok(twill(&[("CNI_COMMAND", "GC")], &c));
     let files = node.ipam_files();
     assert_eq!(files.len(), 1, "{files:?}");
-    assert_eq!(files.values().next().unwrap(), "g0\neth0\n");
+    assert_eq!(files.values().next().unwrap(), "g0\neth0\ntwill\n");
     // GC also removed the stale pods' veths, so their addresses cannot be duplicated.
     assert!(pod_addr(&pods[0]).is_some());
     assert!(pod_addr(&pods[1]).is_none());
@@ -660,7 +667,7 @@ fn restart_mid_burst_never_duplicates_addresses() {
             assert!(seen.insert(ip.clone()), "{ip} configured twice");
             assert_eq!(
                 files.get(&ip).map(String::as_str),
-                Some(format!("k{i}\neth0\n").as_str())
+                Some(format!("k{i}\neth0\ntwill\n").as_str())
             );
         }
     }

@@ -1,7 +1,8 @@
 //! Pod address allocation, crash-safe and concurrent.
 //!
 //! On disk: `<state_dir>/ipam/<a.b.c.d-prefix>/<address>`, one file per allocated address,
-//! created with O_CREAT|O_EXCL (the file system is the lock) and holding `containerID\nifname\n`.
+//! created with O_CREAT|O_EXCL (the file system is the lock) and holding
+//! `containerID\nifname\nnetwork\n` (files from before the network line have none).
 //! The file exists before the address is handed out, so a kill -9 at any moment
 //! can leak an address (GC reclaims it) but never hand it out twice after a restart.
 //! In memory: an index rebuilt from disk at start. Its mutex covers only the pick; file I/O runs
@@ -21,6 +22,21 @@ use ipnet::Ipv4Net;
 pub struct Owner {
     pub container_id: String,
     pub ifname: String,
+}
+
+/// An allocation: who holds it, and for which CNI network (the config's `name`; GC is scoped to
+/// it). Empty for files written before the network was recorded: any network's GC may take them.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Holder {
+    pub owner: Owner,
+    pub network: String,
+}
+
+impl Holder {
+    /// Whether a GC of CNI network `network` may release this allocation.
+    pub fn in_gc_of(&self, network: &str) -> bool {
+        self.network.is_empty() || self.network == network
+    }
 }
 
 impl Owner {
@@ -54,7 +70,7 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> IpamError {
 #[derive(Debug)]
 struct SubnetIndex {
     dir: PathBuf,
-    used: HashMap<Ipv4Addr, Owner>,
+    used: HashMap<Ipv4Addr, Holder>,
     /// Last address handed out: picking continues after it, so a just-freed address is not
     /// reused at once (stale ARP entries, late packets).
     last: u32,
@@ -83,15 +99,17 @@ fn pod_range(net: &Ipv4Net) -> Option<(u32, u32)> {
     (net.prefix_len() <= 30 && first <= last).then_some((first, last))
 }
 
-fn read_owner(path: &Path) -> Owner {
+fn read_holder(path: &Path) -> Holder {
     // An empty or unreadable file (crash between create and write) still holds its address;
-    // it has no valid owner, so GC reclaims it.
+    // it has no valid owner and no network, so any GC reclaims it.
     let text = fs::read_to_string(path).unwrap_or_default();
-    let mut lines = text.lines();
-    Owner::new(
-        lines.next().unwrap_or("").trim(),
-        lines.next().unwrap_or("").trim(),
-    )
+    let mut lines = text.lines().map(str::trim);
+    let mut next = || lines.next().unwrap_or("").to_string();
+    let owner = Owner::new(next(), next());
+    Holder {
+        owner,
+        network: next(),
+    }
 }
 
 impl Ipam {
@@ -113,7 +131,7 @@ impl Ipam {
                     continue;
                 };
                 if net.contains(&addr) {
-                    used.insert(addr, read_owner(&f.path()));
+                    used.insert(addr, read_holder(&f.path()));
                 }
             }
             index.insert(net, SubnetIndex { dir, used, last: 0 });
@@ -135,13 +153,18 @@ impl Ipam {
         idx.get(&net)?
             .used
             .iter()
-            .find(|(_, o)| *o == owner)
+            .find(|(_, h)| h.owner == *owner)
             .map(|(a, _)| *a)
     }
 
-    /// An address of `net` for `owner`, persisted before it returns. Returns the address and
-    /// whether it is new (false: `owner` already held it).
-    pub fn allocate(&self, net: Ipv4Net, owner: &Owner) -> Result<(Ipv4Addr, bool), IpamError> {
+    /// An address of `net` for `owner` on CNI network `network`, persisted before it returns.
+    /// Returns the address and whether it is new (false: `owner` already held it).
+    pub fn allocate(
+        &self,
+        net: Ipv4Net,
+        owner: &Owner,
+        network: &str,
+    ) -> Result<(Ipv4Addr, bool), IpamError> {
         let net = net.trunc();
         let (first, last) = pod_range(&net).ok_or(IpamError::TooSmall(net))?;
         let dir = self.root.join(subnet_key(&net));
@@ -154,7 +177,7 @@ impl Ipam {
                     used: HashMap::new(),
                     last: 0,
                 });
-                if let Some((a, _)) = s.used.iter().find(|(_, o)| *o == owner) {
+                if let Some((a, _)) = s.used.iter().find(|(_, h)| h.owner == *owner) {
                     return Ok((*a, false));
                 }
                 let size = last - first + 1;
@@ -174,7 +197,13 @@ impl Ipam {
                     });
                 };
                 // Reserved in memory now; the file below makes it real.
-                s.used.insert(addr, owner.clone());
+                s.used.insert(
+                    addr,
+                    Holder {
+                        owner: owner.clone(),
+                        network: network.to_string(),
+                    },
+                );
                 s.last = u32::from(addr);
                 (addr, s.dir.clone())
             };
@@ -186,7 +215,7 @@ impl Ipam {
                     // loses it, and that takes every pod's netns with it; a file that survives
                     // one is an ordinary leak that GC reclaims. fsync cost ~1.7 ms per ADD.
                     let written = f.write_all(
-                        format!("{}\n{}\n", owner.container_id, owner.ifname).as_bytes(),
+                        format!("{}\n{}\n{network}\n", owner.container_id, owner.ifname).as_bytes(),
                     );
                     if let Err(e) = written {
                         let _ = fs::remove_file(&path);
@@ -197,9 +226,9 @@ impl Ipam {
                 }
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => {
                     // Someone else's file we did not know about: adopt it and pick again.
-                    let o = read_owner(&path);
+                    let h = read_holder(&path);
                     if let Some(s) = self.lock().get_mut(&net) {
-                        s.used.insert(addr, o);
+                        s.used.insert(addr, h);
                     }
                 }
                 Err(e) => {
@@ -250,7 +279,7 @@ impl Ipam {
                 .flat_map(|(net, s)| {
                     s.used
                         .iter()
-                        .filter(|(_, o)| *o == owner)
+                        .filter(|(_, h)| h.owner == *owner)
                         .map(move |(a, _)| (*net, *a))
                 })
                 .collect()
@@ -258,15 +287,15 @@ impl Ipam {
         self.release_entries(entries)
     }
 
-    /// Releases every allocation whose owner is not in `valid`.
-    pub fn gc(&self, valid: &HashSet<Owner>) -> Result<Vec<Ipv4Addr>, IpamError> {
+    /// Releases every allocation of CNI network `network` whose owner is not in `valid`.
+    pub fn gc(&self, network: &str, valid: &HashSet<Owner>) -> Result<Vec<Ipv4Addr>, IpamError> {
         let entries: Vec<_> = {
             let idx = self.lock();
             idx.iter()
                 .flat_map(|(net, s)| {
                     s.used
                         .iter()
-                        .filter(|(_, o)| !valid.contains(*o))
+                        .filter(|(_, h)| h.in_gc_of(network) && !valid.contains(&h.owner))
                         .map(move |(a, _)| (*net, *a))
                 })
                 .collect()
@@ -275,7 +304,7 @@ impl Ipam {
     }
 
     /// Every allocation, sorted.
-    pub fn allocations(&self) -> Vec<(Ipv4Net, Ipv4Addr, Owner)> {
+    pub fn allocations(&self) -> Vec<(Ipv4Net, Ipv4Addr, Holder)> {
         let idx = self.lock();
         let mut v: Vec<_> = idx
             .iter()
@@ -312,7 +341,7 @@ mod tests {
         let mut got = Vec::new();
         for i in 0..5 {
             let (a, fresh) = ipam
-                .allocate(n, &Owner::new(format!("c{i}"), "eth0"))
+                .allocate(n, &Owner::new(format!("c{i}"), "eth0"), "net1")
                 .unwrap();
             assert!(fresh);
             got.push(a.to_string());
@@ -327,11 +356,13 @@ mod tests {
                 "10.244.1.6"
             ]
         );
-        let e = ipam.allocate(n, &Owner::new("c9", "eth0")).unwrap_err();
+        let e = ipam
+            .allocate(n, &Owner::new("c9", "eth0"), "net1")
+            .unwrap_err();
         assert!(matches!(e, IpamError::Full { count: 5, .. }), "{e}");
         assert!(e.to_string().contains("10.244.1.0/29"));
         // Same owner again: same address, not fresh.
-        let (a, fresh) = ipam.allocate(n, &Owner::new("c0", "eth0")).unwrap();
+        let (a, fresh) = ipam.allocate(n, &Owner::new("c0", "eth0"), "net1").unwrap();
         assert_eq!((a.to_string().as_str(), fresh), ("10.244.1.2", false));
         fs::remove_dir_all(d).unwrap();
     }
@@ -342,14 +373,16 @@ mod tests {
         let n = net("10.244.1.0/24");
         let a = {
             let ipam = Ipam::open(&d).unwrap();
-            ipam.allocate(n, &Owner::new("c1", "eth0")).unwrap().0
+            ipam.allocate(n, &Owner::new("c1", "eth0"), "net1")
+                .unwrap()
+                .0
         };
         let file = d.join("ipam/10.244.1.0-24").join(a.to_string());
-        assert_eq!(fs::read_to_string(&file).unwrap(), "c1\neth0\n");
+        assert_eq!(fs::read_to_string(&file).unwrap(), "c1\neth0\nnet1\n");
         let ipam = Ipam::open(&d).unwrap();
         assert_eq!(ipam.lookup(n, &Owner::new("c1", "eth0")), Some(a));
         // A fresh owner never gets the persisted address.
-        let (b, _) = ipam.allocate(n, &Owner::new("c2", "eth0")).unwrap();
+        let (b, _) = ipam.allocate(n, &Owner::new("c2", "eth0"), "net1").unwrap();
         assert_ne!(a, b);
         assert_eq!(ipam.release(&Owner::new("c1", "eth0")).unwrap(), vec![a]);
         assert!(!file.exists());
@@ -365,20 +398,46 @@ mod tests {
         // A file the index does not know (e.g. written by an earlier process after load).
         fs::create_dir_all(d.join("ipam/10.244.1.0-24")).unwrap();
         fs::write(d.join("ipam/10.244.1.0-24/10.244.1.2"), "").unwrap();
-        let (a, _) = ipam.allocate(n, &Owner::new("c1", "eth0")).unwrap();
+        let (a, _) = ipam.allocate(n, &Owner::new("c1", "eth0"), "net1").unwrap();
         assert_ne!(a.to_string(), "10.244.1.2");
-        let (b, _) = ipam.allocate(n, &Owner::new("c2", "eth0")).unwrap();
+        let (b, _) = ipam.allocate(n, &Owner::new("c2", "eth0"), "net1").unwrap();
         // Old subnet's allocation: ignored for ADD, released by GC.
         let old = net("10.244.9.0/24");
-        ipam.allocate(old, &Owner::new("c3", "eth0")).unwrap();
+        ipam.allocate(old, &Owner::new("c3", "eth0"), "net1")
+            .unwrap();
         let valid: HashSet<_> = [Owner::new("c1", "eth0")].into_iter().collect();
-        let mut freed = ipam.gc(&valid).unwrap();
+        let mut freed = ipam.gc("net1", &valid).unwrap();
         freed.sort();
         assert_eq!(freed.len(), 3, "{freed:?}");
         assert!(freed.contains(&b));
         let left = ipam.allocations();
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].1, a);
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn gc_is_scoped_to_its_network() {
+        let d = tmp();
+        let n = net("10.244.1.0/24");
+        let ipam = Ipam::open(&d).unwrap();
+        let (a, _) = ipam.allocate(n, &Owner::new("c1", "eth0"), "net1").unwrap();
+        let (b, _) = ipam.allocate(n, &Owner::new("c2", "eth1"), "net2").unwrap();
+        // A file from before the network line: no network, so any network's GC may take it.
+        fs::write(d.join("ipam/10.244.1.0-24/10.244.1.200"), "c3\neth0\n").unwrap();
+        let ipam = Ipam::open(&d).unwrap();
+        assert_eq!(
+            fs::read_to_string(d.join(format!("ipam/10.244.1.0-24/{b}"))).unwrap(),
+            "c2\neth1\nnet2\n"
+        );
+        // net1's GC with an empty list: its own and the legacy one go, net2's stays.
+        let mut freed = ipam.gc("net1", &HashSet::new()).unwrap();
+        freed.sort();
+        assert_eq!(freed, vec![a, "10.244.1.200".parse().unwrap()]);
+        let left = ipam.allocations();
+        assert_eq!(left.len(), 1);
+        assert_eq!((left[0].1, left[0].2.network.as_str()), (b, "net2"));
+        assert_eq!(ipam.gc("net2", &HashSet::new()).unwrap(), vec![b]);
         fs::remove_dir_all(d).unwrap();
     }
 
@@ -393,7 +452,7 @@ mod tests {
                 std::thread::spawn(move || {
                     (0..15)
                         .map(|i| {
-                            ipam.allocate(n, &Owner::new(format!("c{t}-{i}"), "eth0"))
+                            ipam.allocate(n, &Owner::new(format!("c{t}-{i}"), "eth0"), "net1")
                                 .unwrap()
                                 .0
                         })

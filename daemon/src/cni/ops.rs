@@ -201,6 +201,15 @@ fn status(ctx: &Ctx) -> Result<(), CniError> {
     }
 }
 
+/// The CNI network the request is for (the config's `name`), which scopes GC.
+fn network_of(req: &Request) -> String {
+    req.config
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
 fn owner_of(req: &Request) -> Owner {
     Owner::new(req.container_id.clone(), req.ifname.clone())
 }
@@ -315,10 +324,10 @@ async fn node_half(
     go: tokio::sync::oneshot::Sender<Ipv4Net>,
 ) -> Result<(Ipv4Net, bool, MacAddr), CniError> {
     let ipam = ctx.ipam.clone();
-    let (subnet, o) = (node.subnet, owner.clone());
+    let (subnet, o, network) = (node.subnet, owner.clone(), network_of(req));
     let mac = MacAddr::random_local();
     let (alloc, created) = tokio::join!(
-        blocking(move || ipam.allocate(subnet, &o)),
+        blocking(move || ipam.allocate(subnet, &o, &network)),
         create_veth(ctx, req, node, netns, host, mac),
     );
     let (addr, fresh) = match (alloc, created) {
@@ -496,7 +505,7 @@ async fn check(ctx: &Ctx, req: &Request, netns_path: &Path) -> Result<(), CniErr
         .ipam
         .allocations()
         .into_iter()
-        .filter(|(_, _, o)| *o == owner)
+        .filter(|(_, _, h)| h.owner == owner)
         .map(|(_, a, _)| a)
         .collect();
     for a in &want.addrs {
@@ -578,12 +587,14 @@ async fn gc(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
     }
     // An ADD still running is not in the runtime's list yet; GC must not pull it from under it.
     valid.extend(ctx.keys.in_flight());
+    // Only this network's attachments: another conflist naming twill has its own list.
+    let network = network_of(req);
     let stale: Vec<Owner> = ctx
         .ipam
         .allocations()
         .into_iter()
-        .map(|(_, _, o)| o)
-        .filter(|o| !valid.contains(o))
+        .filter(|(_, _, h)| h.in_gc_of(&network) && !valid.contains(&h.owner))
+        .map(|(_, _, h)| h.owner)
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
@@ -600,7 +611,7 @@ async fn gc(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
         });
     futures::future::join_all(deletes).await;
     let ipam = ctx.ipam.clone();
-    let freed = blocking(move || ipam.gc(&valid)).await?;
+    let freed = blocking(move || ipam.gc(&network, &valid)).await?;
     if !freed.is_empty() {
         tracing::info!(count = freed.len(), "GC released stale pod addresses");
     }
