@@ -2,7 +2,7 @@
 //! and keeps the kernel in line with the leases: at start, on lease events, on kernel events and
 //! every resync interval.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, RwLock};
@@ -214,7 +214,8 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
     let mut kernel_rx = Netlink::subscribe(device.ifindex)?;
     let mut sync = Sync {
         desired: BTreeMap::new(),
-        failed: false,
+        unprogrammed: BTreeSet::new(),
+        reconcile_failed: false,
         synced_once: false,
         own_echo_until: None,
     };
@@ -322,8 +323,11 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
 /// Desired state (the peers from the leases) and how far the kernel is known to match it.
 struct Sync {
     desired: BTreeMap<Ipv4Net, Peer>,
-    /// Peers from the last failed batch are not "programmed" until the next clean reconcile.
-    failed: bool,
+    /// Peers whose entries the kernel refused: not "programmed" until a batch that touches
+    /// them succeeds (every reconcile retries them).
+    unprogrammed: BTreeSet<Ipv4Net>,
+    /// The last reconcile failed as a whole: no peer is known to be programmed.
+    reconcile_failed: bool,
     synced_once: bool,
     /// Until when DeviceChanged events are the echo of our own incremental changes. Someone
     /// else's change inside that window is still caught by the periodic resync.
@@ -367,9 +371,12 @@ impl Sync {
         match applied {
             Ok(stats) => {
                 self.record(&stats, shared);
-                if stats.failed > 0 {
-                    self.failed = true;
+                for c in &changes {
+                    for p in c.old.iter().chain(c.new.iter()) {
+                        self.unprogrammed.remove(&p.subnet);
+                    }
                 }
+                self.unprogrammed.extend(stats.unprogrammed.iter().copied());
             }
             Err(e) => {
                 warn!(error = %e, "programming peers failed; repairing with a full reconcile");
@@ -418,7 +425,8 @@ impl Sync {
                     debug!(why, peers = desired.len(), "reconciled: kernel in sync");
                 }
                 self.record(&stats, shared);
-                self.failed = stats.failed > 0;
+                self.unprogrammed = stats.unprogrammed.iter().copied().collect();
+                self.reconcile_failed = false;
                 self.synced_once = true;
                 let at_unix_ms = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
@@ -436,7 +444,7 @@ impl Sync {
             }
             Err(e) => {
                 error!(why, error = %e, "reconcile failed; will retry");
-                self.failed = true;
+                self.reconcile_failed = true;
             }
         }
         self.publish(shared);
@@ -454,7 +462,6 @@ impl Sync {
             .metrics
             .peers
             .store(self.desired.len() as u64, Relaxed);
-        let programmed = !self.failed;
         let peers = self
             .desired
             .values()
@@ -462,7 +469,7 @@ impl Sync {
                 subnet: p.subnet,
                 public_ip: p.public_ip,
                 vtep_mac: p.vtep_mac,
-                programmed,
+                programmed: !self.reconcile_failed && !self.unprogrammed.contains(&p.subnet),
             })
             .collect();
         shared.update(|s| s.peers = peers);

@@ -713,6 +713,67 @@ fn garbage_leases_are_skipped() -> Result<()> {
     Ok(())
 }
 
+/// `programmed` on /status for the peer with `subnet`, if it is listed.
+fn programmed(st: &Value, subnet: &str) -> Option<bool> {
+    peers(st)
+        .iter()
+        .find(|x| x["subnet"] == subnet)
+        .and_then(|x| x["programmed"].as_bool())
+}
+
+#[test]
+fn programmed_is_tracked_per_peer() -> Result<()> {
+    let mut lab = new_lab(1);
+    lab.put_config(CONFIG)?;
+    start_ready(&mut lab, 1)?;
+    // The kernel refuses one peer's route when its gateway is a local address of the node
+    // ("Nexthop has invalid gateway"): hold 10.244.201.0 on a veth in node 1's namespace.
+    let ns = lab.node_ns(1);
+    let (a, b) = (format!("{}lp", lab.prefix()), format!("{}lq", lab.prefix()));
+    twill_tests::netns::run_ok(&[
+        "ip", "-n", &ns, "link", "add", &a, "type", "veth", "peer", "name", &b,
+    ])?;
+    twill_tests::netns::run_ok(&["ip", "-n", &ns, "link", "set", &a, "up"])?;
+    twill_tests::netns::run_ok(&["ip", "-n", &ns, "addr", "add", "10.244.201.0/32", "dev", &a])?;
+    let (good, bad) = ("10.244.200.0/24", "10.244.201.0/24");
+    put_lease(
+        &lab,
+        "10.244.200.0-24",
+        &lease_json("198.18.0.80", "0e:00:00:00:00:80"),
+    )?;
+    put_lease(
+        &lab,
+        "10.244.201.0-24",
+        &lease_json("198.18.0.81", "0e:00:00:00:00:81"),
+    )?;
+    let split =
+        |st: &Value| programmed(st, good) == Some(true) && programmed(st, bad) == Some(false);
+    wait_until(CONVERGE, || {
+        lab.status(1).map(|st| split(&st)).unwrap_or(false)
+    })
+    .with_context(|| format!("status: {:?}", lab.status(1)))?;
+    ensure!(metric(&lab, 1, "twill_kernel_entry_failures_total")? > 0.0);
+    // Periodic reconciles (every 2 s in the lab) retry the route and keep the split.
+    std::thread::sleep(Duration::from_secs(5));
+    let st = lab.status(1)?;
+    ensure!(split(&st), "after reconciles: {st}");
+    ensure!(lab.entries(1, DEV)?.has_route(good));
+
+    // The address goes away: the next reconcile programs the peer.
+    twill_tests::netns::run_ok(&["ip", "-n", &ns, "addr", "del", "10.244.201.0/32", "dev", &a])?;
+    wait_until(CONVERGE, || {
+        lab.status(1)
+            .map(|st| programmed(&st, good) == Some(true) && programmed(&st, bad) == Some(true))
+            .unwrap_or(false)
+            && lab
+                .entries(1, DEV)
+                .map(|e| e.has_route(bad))
+                .unwrap_or(false)
+    })
+    .with_context(|| format!("status: {:?}", lab.status(1)))?;
+    Ok(())
+}
+
 #[test]
 fn invalid_config_is_refused_naming_the_field() -> Result<()> {
     let mut lab = new_lab(1);

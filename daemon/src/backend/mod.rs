@@ -39,11 +39,13 @@ pub struct DeviceInfo {
     pub mtu: u32,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct ApplyStats {
     pub added: u64,
     pub removed: u64,
     pub failed: u64,
+    /// Peers (by subnet) whose entries could not all be added in this batch.
+    pub unprogrammed: Vec<Ipv4Net>,
 }
 
 #[allow(async_fn_in_trait)]

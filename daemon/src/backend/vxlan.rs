@@ -1,6 +1,6 @@
 //! The VXLAN backend.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
@@ -70,6 +70,20 @@ impl VxlanBackend {
         }
     }
 
+    /// The peers (of those last programmed) an entry-adding op serves.
+    fn peers_needing(&self, op: &Op) -> Vec<Ipv4Net> {
+        self.peers
+            .values()
+            .filter(|p| match *op {
+                Op::SetRoute { dst, .. } => p.subnet == dst,
+                Op::SetNeigh { ip, mac } => p.gateway() == ip && p.vtep_mac == mac,
+                Op::SetFdb { mac, dst } => p.vtep_mac == mac && p.public_ip == dst,
+                _ => false,
+            })
+            .map(|p| p.subnet)
+            .collect()
+    }
+
     async fn run(&mut self, ops: Vec<Op>) -> Result<ApplyStats, BackendError> {
         let idx = self.device()?;
         let ApplyReport { applied: _, failed } = self.nl.apply(idx, &ops).await;
@@ -84,10 +98,18 @@ impl VxlanBackend {
             }
         }
         let deletes = ops.iter().filter(|o| o.is_delete()).count() as u64;
+        // A failed add leaves the peers that need that entry unreachable; a failed delete only
+        // leaves a stale entry behind (and the next reconcile tries again).
+        let unprogrammed: BTreeSet<Ipv4Net> = failed
+            .iter()
+            .filter(|(op, _)| !op.is_delete())
+            .flat_map(|(op, _)| self.peers_needing(op))
+            .collect();
         let stats = ApplyStats {
             added: ops.len() as u64 - deletes - (failed.len() as u64 - failed_deletes),
             removed: deletes - failed_deletes,
             failed: failed.len() as u64,
+            unprogrammed: unprogrammed.into_iter().collect(),
         };
         if failed.len() > 20 {
             tracing::warn!(count = failed.len(), "kernel updates failed");
