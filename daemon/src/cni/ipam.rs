@@ -99,10 +99,29 @@ fn pod_range(net: &Ipv4Net) -> Option<(u32, u32)> {
     (net.prefix_len() <= 30 && first <= last).then_some((first, last))
 }
 
+/// The contents of a regular file; nothing for anything else. Opened without blocking and
+/// without following links, so a FIFO or a link planted in the state dir cannot hang or redirect
+/// an allocation.
+fn read_regular(path: &Path) -> String {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut text = String::new();
+    if let Ok(mut f) = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(path)
+    {
+        if f.metadata().is_ok_and(|m| m.is_file()) {
+            let _ = f.read_to_string(&mut text);
+        }
+    }
+    text
+}
+
 fn read_holder(path: &Path) -> Holder {
     // An empty or unreadable file (crash between create and write) still holds its address;
     // it has no valid owner and no network, so any GC reclaims it.
-    let text = fs::read_to_string(path).unwrap_or_default();
+    let text = read_regular(path);
     let mut lines = text.lines().map(str::trim);
     let mut next = || lines.next().unwrap_or("").to_string();
     let owner = Owner::new(next(), next());
@@ -438,6 +457,36 @@ mod tests {
         assert_eq!(left.len(), 1);
         assert_eq!((left[0].1, left[0].2.network.as_str()), (b, "net2"));
         assert_eq!(ipam.gc("net2", &HashSet::new()).unwrap(), vec![b]);
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_fifo_in_the_state_dir_neither_hangs_nor_is_handed_out() {
+        let d = tmp();
+        let n = net("10.244.1.0/24");
+        let dir = d.join("ipam/10.244.1.0-24");
+        fs::create_dir_all(&dir).unwrap();
+        let fifo = std::ffi::CString::new(dir.join("10.244.1.2").to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        // Twice: found at load, and found by O_EXCL after a fresh open without it in the index.
+        for preload in [true, false] {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let d2 = d.clone();
+            std::thread::spawn(move || {
+                let ipam = Ipam::open(&d2).unwrap();
+                if !preload {
+                    ipam.lock().clear();
+                }
+                let _ = tx.send(ipam.allocate(n, &Owner::new("c1", "eth0"), "net1"));
+            });
+            let (a, _) = rx
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .expect("allocation hung on the FIFO")
+                .unwrap();
+            assert_eq!(a.to_string(), "10.244.1.3");
+            fs::remove_file(dir.join("10.244.1.3")).unwrap();
+        }
         fs::remove_dir_all(d).unwrap();
     }
 
