@@ -221,6 +221,18 @@ fn daemon_unreachable() {
     assert_eq!(o.json.unwrap()["cniVersion"], "0.4.0");
 }
 
+/// An ADD against `sock` with the config's `timeout` at 0.5 s (the test allows it 20 s).
+fn add_with_half_second_timeout(sock: &std::path::Path) -> (Value, Out) {
+    let mut c = conf("1.0.0", sock.to_str().unwrap());
+    c["timeout"] = json!(0.5);
+    let o = run_with_limit(
+        &add_env("ADD"),
+        c.to_string().as_bytes(),
+        Duration::from_secs(20),
+    );
+    (c, o)
+}
+
 #[test]
 fn hung_daemon_gives_a_bounded_error() {
     let d = TempDir::new();
@@ -233,13 +245,7 @@ fn hung_daemon_gives_a_bounded_error() {
             held.push(c);
         }
     });
-    let mut c = conf("1.0.0", sock.to_str().unwrap());
-    c["timeout"] = json!(0.5);
-    let o = run_with_limit(
-        &add_env("ADD"),
-        c.to_string().as_bytes(),
-        Duration::from_secs(20),
-    );
+    let (mut c, o) = add_with_half_second_timeout(&sock);
     assert_eq!(err_code(&o), 11);
     assert!(msg(&o).contains("timed out"), "{}", msg(&o));
 
@@ -266,13 +272,7 @@ fn a_daemon_that_stopped_accepting_times_out_the_connect() {
     // SAFETY: listen(2) again on our own listening socket only shrinks its backlog.
     assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
     let _waiting = UnixStream::connect(&sock).unwrap();
-    let mut c = conf("1.0.0", sock.to_str().unwrap());
-    c["timeout"] = json!(0.5);
-    let o = run_with_limit(
-        &add_env("ADD"),
-        c.to_string().as_bytes(),
-        Duration::from_secs(20),
-    );
+    let (_, o) = add_with_half_second_timeout(&sock);
     assert_eq!(err_code(&o), 11);
     assert!(
         msg(&o).contains("connect timed out after 0.5s"),
