@@ -28,10 +28,9 @@ use crate::registry::etcd::EtcdRegistry;
 use crate::registry::{self, EtcdOptions, OwnLease, PeerEvent, RegistryError};
 use crate::subnet_file::{read_previous_subnet, SubnetEnv};
 
-/// Kernel events arrive in bursts (our own deletes cause some too); collapse them.
+/// Kernel events arrive in bursts (a hand `ip route flush`); collapse them. Our own deletions
+/// are filtered out before they become events (see `netlink::own`).
 const EVENT_DEBOUNCE: Duration = Duration::from_millis(300);
-/// How long after our own incremental change its kernel notifications may still arrive.
-const OWN_ECHO_WINDOW: Duration = Duration::from_millis(200);
 /// How often to repeat "still waiting for the network config".
 const CONFIG_WAIT_LOG_EVERY: Duration = Duration::from_secs(30);
 
@@ -211,13 +210,12 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
         shared.metrics.clone(),
     ));
 
-    let mut kernel_rx = Netlink::subscribe(device.ifindex)?;
+    let mut kernel_rx = nl.subscribe(device.ifindex)?;
     let mut sync = Sync {
         desired: BTreeMap::new(),
         unprogrammed: BTreeSet::new(),
         reconcile_failed: false,
         synced_once: false,
-        own_echo_until: None,
     };
 
     let mut resync = tokio::time::interval(args.resync_interval);
@@ -268,14 +266,10 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
                 }
             }
             Some(ev) = kernel_rx.recv() => {
-                // Our own changes echo back as kernel events: those are not news.
-                let own_echo = ev == KernelEvent::DeviceChanged && sync.own_echo_until.is_some_and(|t| Instant::now() < t);
-                if !own_echo {
-                    addr_changed |= ev == KernelEvent::AddressChanged;
-                    // Collapse a burst: act once it has been quiet for a moment. A deadline in
-                    // this select, not a wait here, so lease events keep flowing meanwhile.
-                    kernel_deadline.get_or_insert_with(|| tokio::time::Instant::now() + EVENT_DEBOUNCE);
-                }
+                addr_changed |= ev == KernelEvent::AddressChanged;
+                // Collapse a burst: act once it has been quiet for a moment. A deadline in this
+                // select, not a wait here, so lease events keep flowing meanwhile.
+                kernel_deadline.get_or_insert_with(|| tokio::time::Instant::now() + EVENT_DEBOUNCE);
             }
             _ = sleep_until_opt(kernel_deadline), if kernel_deadline.is_some() => {
                 kernel_deadline = None;
@@ -296,7 +290,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
                 let old_index = device.ifindex;
                 device = setup_or_log(&mut backend, &local, device).await;
                 if device.ifindex != old_index {
-                    match Netlink::subscribe(device.ifindex) {
+                    match nl.subscribe(device.ifindex) {
                         Ok(rx) => kernel_rx = rx,
                         Err(e) => warn!(error = %e, "re-subscribing to kernel events failed"),
                     }
@@ -329,9 +323,6 @@ struct Sync {
     /// The last reconcile failed as a whole: no peer is known to be programmed.
     reconcile_failed: bool,
     synced_once: bool,
-    /// Until when DeviceChanged events are the echo of our own incremental changes. Someone
-    /// else's change inside that window is still caught by the periodic resync.
-    own_echo_until: Option<Instant>,
 }
 
 impl Sync {
@@ -367,7 +358,6 @@ impl Sync {
             }
         }
         let applied = backend.apply(&changes).await;
-        self.own_echo_until = Some(Instant::now() + OWN_ECHO_WINDOW);
         match applied {
             Ok(stats) => {
                 self.record(&stats, shared);

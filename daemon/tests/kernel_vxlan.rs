@@ -632,7 +632,7 @@ fn subscribe_reports_deleted_entries_devices_and_addresses() {
             .apply(idx, &reconcile::diff(&peers(2), &Default::default()))
             .await;
         assert!(r.failed.is_empty());
-        let mut rx = Netlink::subscribe(idx).unwrap();
+        let mut rx = nl.subscribe(idx).unwrap();
         let run = |cmd: &str| {
             assert!(
                 Command::new("sh")
@@ -648,6 +648,27 @@ fn subscribe_reports_deleted_entries_devices_and_addresses() {
         // Each check starts from an empty queue, so an event can only come from its action.
         let drain =
             |rx: &mut tokio::sync::mpsc::Receiver<KernelEvent>| while rx.try_recv().is_ok() {};
+        drain(&mut rx);
+        // Our own deletions (peer 1's three entries, through this Netlink) are no event...
+        let actual = nl.dump_entries(idx).await.unwrap();
+        let ours = reconcile::diff(&peers(1), &actual);
+        assert_eq!(ours.len(), 3, "{ours:?}");
+        assert!(nl.apply(idx, &ours).await.failed.is_empty());
+        let quiet = tokio::time::timeout(Duration::from_millis(500), rx.recv())
+            .await
+            .is_err();
+        seen.push(("silence after our own deletions", quiet));
+        // ...while a hand deletion right behind them is one.
+        run("ip route del 10.100.0.0/24 dev twill.1");
+        seen.push((
+            "route deleted by hand after ours",
+            next_event(&mut rx, KernelEvent::DeviceChanged)
+                .await
+                .unwrap_or(false),
+        ));
+        let actual = nl.dump_entries(idx).await.unwrap();
+        let back = reconcile::diff(&peers(2), &actual);
+        assert!(nl.apply(idx, &back).await.failed.is_empty());
         drain(&mut rx);
         run("ip neigh del 10.100.1.0 dev twill.1");
         seen.push((

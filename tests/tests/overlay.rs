@@ -502,6 +502,39 @@ fn entries_deleted_by_hand_come_back() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn a_hand_deletion_among_our_own_changes_is_repaired_at_once() -> Result<()> {
+    // No periodic resync to fall back on within the test: only the kernel event can repair.
+    let mut lab = new_lab(1);
+    lab.put_config(CONFIG)?;
+    lab.start_daemon_with(1, &["--resync-interval", "300s"])?;
+    lab.wait_ready(1, READY)?;
+    let (a, b) = ("10.244.210.0/24", "10.244.211.0/24");
+    put_lease(
+        &lab,
+        "10.244.210.0-24",
+        &lease_json("198.18.0.90", "0e:00:00:00:00:90"),
+    )?;
+    put_lease(
+        &lab,
+        "10.244.211.0-24",
+        &lease_json("198.18.0.91", "0e:00:00:00:00:91"),
+    )?;
+    let routes = |lab: &Lab| {
+        lab.entries(1, DEV)
+            .map(|e| (e.has_route(a), e.has_route(b)))
+    };
+    wait_until(CONVERGE, || routes(&lab).is_ok_and(|r| r == (true, true)))
+        .context("peers never programmed")?;
+    // twilld deletes a's entries (their notifications are its own echo), and right then
+    // someone else deletes b's route: that one is news and must be repaired.
+    del_lease(&lab, "10.244.210.0-24")?;
+    lab.exec_ok(1, &["ip", "route", "del", b, "dev", DEV])?;
+    wait_until(CONVERGE, || routes(&lab).is_ok_and(|r| r == (false, true)))
+        .with_context(|| format!("b's route not restored: {:?}", lab.entries(1, DEV)))?;
+    Ok(())
+}
+
 /// Cut node i off from etcd (new connections are reset) without touching the overlay.
 fn partition_from_etcd(lab: &Lab, i: usize) -> Result<()> {
     let port = lab.etcd_port().context("etcd port")?.to_string();

@@ -1,41 +1,98 @@
 //! Kernel change notifications for the daemon: a multicast netlink socket, filtered down to the
 //! events that can make our data path wrong, coalesced so a burst becomes one event per kind.
 
+use std::net::Ipv4Addr;
+
 use futures::StreamExt;
+use ipnet::Ipv4Net;
 use rtnetlink::packet_core::NetlinkPayload;
 use rtnetlink::packet_route::address::AddressMessage;
-use rtnetlink::packet_route::route::{RouteAttribute, RouteProtocol};
+use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::sys::AsyncSocket;
 use rtnetlink::MulticastGroup;
 use tokio::sync::mpsc;
 
+use super::own::{EntryKey, OwnDeletions};
 use super::{KernelEvent, NetlinkError, TWILL_RTPROT};
+use crate::mac::MacAddr;
 
-/// Which event (if any) a notification means for device `ifindex`.
-fn classify(msg: &RouteNetlinkMessage, ifindex: u32) -> Option<KernelEvent> {
+/// What a notification means for device `ifindex`.
+#[derive(Debug, PartialEq, Eq)]
+enum Notice {
+    /// The device itself changed.
+    Device,
+    /// An entry on it was deleted; `None` when the message does not say which.
+    Deleted(Option<EntryKey>),
+    Address,
+}
+
+fn classify(msg: &RouteNetlinkMessage, ifindex: u32) -> Option<Notice> {
     use RouteNetlinkMessage as M;
     let v4 = |a: &AddressMessage| a.header.family == AddressFamily::Inet;
     match msg {
-        M::NewLink(l) | M::DelLink(l) if l.header.index == ifindex => {
-            Some(KernelEvent::DeviceChanged)
+        M::NewLink(l) | M::DelLink(l) if l.header.index == ifindex => Some(Notice::Device),
+        // Neighbours and FDB entries (AF_BRIDGE) both come as neighbour messages. IPv6
+        // neighbours (the kernel's own multicast entries) are not ours.
+        M::DelNeighbour(n)
+            if n.header.ifindex == ifindex
+                && matches!(n.header.family, AddressFamily::Inet | AddressFamily::Bridge) =>
+        {
+            Some(Notice::Deleted(neighbour_key(n)))
         }
-        // Neighbours and FDB entries (AF_BRIDGE) both come as neighbour messages.
-        M::DelNeighbour(n) if n.header.ifindex == ifindex => Some(KernelEvent::DeviceChanged),
         M::DelRoute(r) => {
             let oif = r
                 .attributes
                 .iter()
                 .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == ifindex));
             let direct = r.header.protocol == RouteProtocol::Other(TWILL_RTPROT);
-            (oif || direct).then_some(KernelEvent::DeviceChanged)
+            (oif || direct).then(|| Notice::Deleted(route_key(r)))
         }
-        M::NewAddress(a) | M::DelAddress(a) if v4(a) => Some(KernelEvent::AddressChanged),
+        M::NewAddress(a) | M::DelAddress(a) if v4(a) => Some(Notice::Address),
         _ => None,
     }
 }
 
-pub(super) fn subscribe(ifindex: u32) -> Result<mpsc::Receiver<KernelEvent>, NetlinkError> {
+fn neighbour_key(n: &NeighbourMessage) -> Option<EntryKey> {
+    let mut dst = None;
+    let mut mac = None;
+    for a in &n.attributes {
+        match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => dst = Some(*ip),
+            // AF_BRIDGE messages do not say the address family: the parser leaves raw bytes.
+            NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 4 => {
+                dst = Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+            }
+            NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => {
+                mac = Some(MacAddr([b[0], b[1], b[2], b[3], b[4], b[5]]))
+            }
+            _ => {}
+        }
+    }
+    match n.header.family {
+        AddressFamily::Inet => dst.map(EntryKey::Neigh),
+        AddressFamily::Bridge => Some(EntryKey::Fdb(mac?, dst?)),
+        _ => None,
+    }
+}
+
+fn route_key(r: &RouteMessage) -> Option<EntryKey> {
+    let dst = r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+        _ => None,
+    });
+    let net = Ipv4Net::new(
+        dst.unwrap_or(Ipv4Addr::UNSPECIFIED),
+        r.header.destination_prefix_length,
+    );
+    net.ok().map(EntryKey::Route)
+}
+
+pub(super) fn subscribe(
+    ifindex: u32,
+    own: OwnDeletions,
+) -> Result<mpsc::Receiver<KernelEvent>, NetlinkError> {
     let rt = tokio::runtime::Handle::try_current()
         .map_err(|e| NetlinkError::failed("netlink subscription needs a tokio runtime", e))?;
     let (mut conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
@@ -62,8 +119,11 @@ pub(super) fn subscribe(ifindex: u32) -> Result<mpsc::Receiver<KernelEvent>, Net
                     let Some((m, _)) = m else { break };
                     match m.payload {
                         NetlinkPayload::InnerMessage(msg) => match classify(&msg, ifindex) {
-                            Some(KernelEvent::DeviceChanged) => device = true,
-                            Some(KernelEvent::AddressChanged) => address = true,
+                            Some(Notice::Device) => device = true,
+                            // Our own deletions echo back: not news.
+                            Some(Notice::Deleted(Some(key))) if own.take(key) => {}
+                            Some(Notice::Deleted(_)) => device = true,
+                            Some(Notice::Address) => address = true,
                             None => {}
                         },
                         // Lost notifications: assume everything changed.
@@ -91,8 +151,6 @@ pub(super) fn subscribe(ifindex: u32) -> Result<mpsc::Receiver<KernelEvent>, Net
 #[cfg(test)]
 mod tests {
     use rtnetlink::packet_route::link::LinkMessage;
-    use rtnetlink::packet_route::neighbour::NeighbourMessage;
-    use rtnetlink::packet_route::route::RouteMessage;
 
     use super::*;
 
@@ -101,38 +159,64 @@ mod tests {
         use RouteNetlinkMessage as M;
         let mut link = LinkMessage::default();
         link.header.index = 7;
-        assert_eq!(
-            classify(&M::DelLink(link.clone()), 7),
-            Some(KernelEvent::DeviceChanged)
-        );
+        assert_eq!(classify(&M::DelLink(link.clone()), 7), Some(Notice::Device));
         assert_eq!(classify(&M::DelLink(link), 8), None);
 
+        let ip: Ipv4Addr = "10.244.2.0".parse().unwrap();
+        let mac: MacAddr = "0e:00:00:00:00:02".parse().unwrap();
         let mut n = NeighbourMessage::default();
         n.header.ifindex = 7;
+        n.header.family = AddressFamily::Inet;
+        n.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
         assert_eq!(
             classify(&M::DelNeighbour(n.clone()), 7),
-            Some(KernelEvent::DeviceChanged)
+            Some(Notice::Deleted(Some(EntryKey::Neigh(ip))))
         );
-        assert_eq!(classify(&M::NewNeighbour(n), 7), None);
+        assert_eq!(classify(&M::NewNeighbour(n.clone()), 7), None);
+        // FDB: AF_BRIDGE, keyed by MAC and remote VTEP.
+        let vtep: Ipv4Addr = "198.18.0.2".parse().unwrap();
+        n.header.family = AddressFamily::Bridge;
+        n.attributes = vec![
+            NeighbourAttribute::LinkLayerAddress(mac.octets().to_vec()),
+            // As the kernel's AF_BRIDGE notifications parse: raw address bytes.
+            NeighbourAttribute::Destination(NeighbourAddress::Other(vtep.octets().to_vec())),
+        ];
+        assert_eq!(
+            classify(&M::DelNeighbour(n.clone()), 7),
+            Some(Notice::Deleted(Some(EntryKey::Fdb(mac, vtep))))
+        );
+        // Without the attributes it cannot be matched to ours: still news.
+        n.attributes.clear();
+        assert_eq!(
+            classify(&M::DelNeighbour(n.clone()), 7),
+            Some(Notice::Deleted(None))
+        );
+        n.header.family = AddressFamily::Inet6;
+        assert_eq!(classify(&M::DelNeighbour(n), 7), None);
 
         let mut r = RouteMessage::default();
         r.attributes.push(RouteAttribute::Oif(7));
+        r.attributes
+            .push(RouteAttribute::Destination(RouteAddress::Inet(ip)));
+        r.header.destination_prefix_length = 24;
+        let key = EntryKey::Route("10.244.2.0/24".parse().unwrap());
         assert_eq!(
             classify(&M::DelRoute(r.clone()), 7),
-            Some(KernelEvent::DeviceChanged)
+            Some(Notice::Deleted(Some(key)))
         );
         assert_eq!(classify(&M::DelRoute(r.clone()), 9), None);
         r.header.protocol = RouteProtocol::Other(TWILL_RTPROT);
         assert_eq!(
             classify(&M::DelRoute(r), 9),
-            Some(KernelEvent::DeviceChanged)
+            Some(Notice::Deleted(Some(key)))
         );
 
         let mut a = AddressMessage::default();
         a.header.family = AddressFamily::Inet;
         assert_eq!(
             classify(&M::NewAddress(a.clone()), 1),
-            Some(KernelEvent::AddressChanged)
+            Some(Notice::Address)
         );
         a.header.family = AddressFamily::Inet6;
         assert_eq!(classify(&M::DelAddress(a), 1), None);
@@ -140,7 +224,7 @@ mod tests {
 
     #[test]
     fn needs_a_runtime() {
-        assert!(subscribe(1).is_err());
+        assert!(subscribe(1, OwnDeletions::default()).is_err());
         assert!(crate::netlink::Netlink::new().is_err());
     }
 }

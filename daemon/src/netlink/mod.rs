@@ -6,6 +6,7 @@
 
 mod batch;
 mod events;
+mod own;
 pub mod pod;
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -123,6 +124,8 @@ const MAIN_TABLE: u32 = 254;
 pub struct Netlink {
     handle: Handle,
     batch: Arc<Mutex<batch::BatchSocket>>,
+    /// Shared by every clone and the event subscription: see `own`.
+    own: own::OwnDeletions,
 }
 
 impl Netlink {
@@ -138,6 +141,7 @@ impl Netlink {
         Ok(Netlink {
             handle,
             batch: Arc::new(Mutex::new(batch)),
+            own: own::OwnDeletions::default(),
         })
     }
 
@@ -407,6 +411,8 @@ impl Netlink {
         for op in ops {
             phases[phase(op)].push(op.clone());
         }
+        // Before the kernel sees them, so no echo can arrive first.
+        self.own.expect(ops);
         let batch = self.batch.clone();
         let res = tokio::task::spawn_blocking(move || {
             let mut sock = batch.lock().unwrap_or_else(|p| p.into_inner());
@@ -450,9 +456,11 @@ impl Netlink {
         }
     }
 
-    /// Multicast subscription (links, v4 addresses, routes, neighbours).
-    pub fn subscribe(ifindex: u32) -> Result<mpsc::Receiver<KernelEvent>, NetlinkError> {
-        events::subscribe(ifindex)
+    /// Multicast subscription (links, v4 addresses, routes, neighbours): changes to device
+    /// `ifindex` and its entries made by anyone but this `Netlink` (and its clones), and
+    /// address changes on any interface (the underlay's may have moved).
+    pub fn subscribe(&self, ifindex: u32) -> Result<mpsc::Receiver<KernelEvent>, NetlinkError> {
+        events::subscribe(ifindex, self.own.clone())
     }
 
     async fn default_route_link(&self) -> Result<u32, NetlinkError> {
