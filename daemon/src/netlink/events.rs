@@ -1,22 +1,19 @@
 //! Kernel change notifications for the daemon: a multicast netlink socket, filtered down to the
 //! events that can make our data path wrong, coalesced so a burst becomes one event per kind.
 
-use std::net::Ipv4Addr;
-
 use futures::StreamExt;
-use ipnet::Ipv4Net;
 use rtnetlink::packet_core::NetlinkPayload;
 use rtnetlink::packet_route::address::AddressMessage;
-use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage};
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
+use rtnetlink::packet_route::neighbour::NeighbourMessage;
+use rtnetlink::packet_route::route::RouteProtocol;
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::sys::AsyncSocket;
 use rtnetlink::MulticastGroup;
 use tokio::sync::mpsc;
 
 use super::own::{EntryKey, OwnDeletions};
+use super::{neigh_dst_v4, neigh_lladdr, route_dst, route_oif};
 use super::{KernelEvent, NetlinkError, TWILL_RTPROT};
-use crate::mac::MacAddr;
 
 /// What a notification means for device `ifindex`.
 #[derive(Debug, PartialEq, Eq)]
@@ -42,12 +39,9 @@ fn classify(msg: &RouteNetlinkMessage, ifindex: u32) -> Option<Notice> {
             Some(Notice::Deleted(neighbour_key(n)))
         }
         M::DelRoute(r) => {
-            let oif = r
-                .attributes
-                .iter()
-                .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == ifindex));
             let direct = r.header.protocol == RouteProtocol::Other(TWILL_RTPROT);
-            (oif || direct).then(|| Notice::Deleted(route_key(r)))
+            (route_oif(r) == Some(ifindex) || direct)
+                .then(|| Notice::Deleted(route_dst(r).map(EntryKey::Route)))
         }
         M::NewAddress(a) | M::DelAddress(a) if v4(a) => Some(Notice::Address),
         _ => None,
@@ -55,38 +49,11 @@ fn classify(msg: &RouteNetlinkMessage, ifindex: u32) -> Option<Notice> {
 }
 
 fn neighbour_key(n: &NeighbourMessage) -> Option<EntryKey> {
-    let mut dst = None;
-    let mut mac = None;
-    for a in &n.attributes {
-        match a {
-            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => dst = Some(*ip),
-            // AF_BRIDGE messages do not say the address family: the parser leaves raw bytes.
-            NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 4 => {
-                dst = Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
-            }
-            NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => {
-                mac = Some(MacAddr([b[0], b[1], b[2], b[3], b[4], b[5]]))
-            }
-            _ => {}
-        }
-    }
     match n.header.family {
-        AddressFamily::Inet => dst.map(EntryKey::Neigh),
-        AddressFamily::Bridge => Some(EntryKey::Fdb(mac?, dst?)),
+        AddressFamily::Inet => neigh_dst_v4(n).map(EntryKey::Neigh),
+        AddressFamily::Bridge => Some(EntryKey::Fdb(neigh_lladdr(n)?, neigh_dst_v4(n)?)),
         _ => None,
     }
-}
-
-fn route_key(r: &RouteMessage) -> Option<EntryKey> {
-    let dst = r.attributes.iter().find_map(|a| match a {
-        RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
-        _ => None,
-    });
-    let net = Ipv4Net::new(
-        dst.unwrap_or(Ipv4Addr::UNSPECIFIED),
-        r.header.destination_prefix_length,
-    );
-    net.ok().map(EntryKey::Route)
 }
 
 pub(super) fn subscribe(
@@ -150,7 +117,13 @@ pub(super) fn subscribe(
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use rtnetlink::packet_route::link::LinkMessage;
+    use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute};
+    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
+
+    use crate::mac::MacAddr;
 
     use super::*;
 

@@ -335,8 +335,7 @@ impl Netlink {
             if n.header.ifindex != ifindex || n.header.state != NeighbourState::Permanent {
                 continue;
             }
-            if let (Some(NeighbourAddress::Inet(ip)), Some(mac)) = (neigh_dst(&n), neigh_lladdr(&n))
-            {
+            if let (Some(ip), Some(mac)) = (neigh_dst_v4(&n), neigh_lladdr(&n)) {
                 out.neighs.push((ip, mac));
             }
         }
@@ -355,15 +354,7 @@ impl Netlink {
             if n.header.ifindex != ifindex || !n.header.flags.contains(NeighbourFlags::Own) {
                 continue;
             }
-            // AF_BRIDGE messages carry NDA_DST as raw bytes.
-            let dst = match neigh_dst(&n) {
-                Some(NeighbourAddress::Inet(ip)) => Some(ip),
-                Some(NeighbourAddress::Other(b)) => {
-                    <[u8; 4]>::try_from(&b[..]).ok().map(Ipv4Addr::from)
-                }
-                _ => None,
-            };
-            if let (Some(dst), Some(mac)) = (dst, neigh_lladdr(&n)) {
+            if let (Some(dst), Some(mac)) = (neigh_dst_v4(&n), neigh_lladdr(&n)) {
                 // The all-zeros entries are default destinations (flooding), not peers.
                 if !mac.is_zero() {
                     out.fdb.push((mac, dst));
@@ -583,9 +574,14 @@ fn addr_of(m: &AddressMessage) -> Option<Ipv4Addr> {
     find(true).or_else(|| find(false))
 }
 
-fn neigh_dst(n: &NeighbourMessage) -> Option<NeighbourAddress> {
+/// NDA_DST as an IPv4 address. AF_BRIDGE (FDB) messages do not say the address family, so the
+/// parser leaves their NDA_DST as raw bytes.
+fn neigh_dst_v4(n: &NeighbourMessage) -> Option<Ipv4Addr> {
     n.attributes.iter().find_map(|a| match a {
-        NeighbourAttribute::Destination(d) => Some(d.clone()),
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+            <[u8; 4]>::try_from(&b[..]).ok().map(Ipv4Addr::from)
+        }
         _ => None,
     })
 }
