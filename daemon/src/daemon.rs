@@ -654,50 +654,43 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn peer(n: u8, mac: u8, ip: u8) -> Peer {
-        Peer {
-            subnet: format!("10.244.{n}.0/24").parse().unwrap(),
-            public_ip: Ipv4Addr::new(198, 18, 0, ip),
-            vtep_mac: MacAddr([2, 0, 0, 0, 0, mac]),
-        }
-    }
+    use crate::peer::test_peer as peer;
 
     #[test]
     fn folds_events_into_one_change_per_subnet() {
-        let mut desired: BTreeMap<_, _> = [peer(1, 1, 11), peer(2, 2, 12), peer(3, 3, 13)]
+        let mut desired: BTreeMap<_, _> = [peer(1, 11, 1), peer(2, 12, 2), peer(3, 13, 3)]
             .into_iter()
             .map(|p| (p.subnet, p))
             .collect();
         let batch = vec![
-            PeerEvent::Upsert(peer(2, 8, 12)),
-            PeerEvent::Upsert(peer(2, 9, 12)), // two changes of one peer: one change, old -> last
-            PeerEvent::Upsert(peer(4, 4, 14)),
-            PeerEvent::Remove(peer(3, 3, 13).subnet),
-            PeerEvent::Upsert(peer(1, 1, 11)), // unchanged: nothing to do
-            PeerEvent::Upsert(peer(5, 5, 15)),
-            PeerEvent::Remove(peer(5, 5, 15).subnet), // came and went: nothing to do
+            PeerEvent::Upsert(peer(2, 12, 8)),
+            PeerEvent::Upsert(peer(2, 12, 9)), // two changes of one peer: one change, old -> last
+            PeerEvent::Upsert(peer(4, 14, 4)),
+            PeerEvent::Remove(peer(3, 13, 3).subnet),
+            PeerEvent::Upsert(peer(1, 11, 1)), // unchanged: nothing to do
+            PeerEvent::Upsert(peer(5, 15, 5)),
+            PeerEvent::Remove(peer(5, 15, 5).subnet), // came and went: nothing to do
         ];
         let Folded::Changes(ch) = fold_events(&mut desired, batch) else {
             panic!("not incremental")
         };
         assert_eq!(ch.len(), 3, "{ch:?}");
         assert!(ch.contains(&PeerChange {
-            old: Some(peer(2, 2, 12)),
-            new: Some(peer(2, 9, 12))
+            old: Some(peer(2, 12, 2)),
+            new: Some(peer(2, 12, 9))
         }));
         assert!(ch.contains(&PeerChange {
             old: None,
-            new: Some(peer(4, 4, 14))
+            new: Some(peer(4, 14, 4))
         }));
         assert!(ch.contains(&PeerChange {
-            old: Some(peer(3, 3, 13)),
+            old: Some(peer(3, 13, 3)),
             new: None
         }));
         assert_eq!(desired.len(), 3);
         assert_eq!(
             desired[&peer(2, 0, 0).subnet].vtep_mac,
-            peer(2, 9, 12).vtep_mac
+            peer(2, 12, 9).vtep_mac
         );
     }
 
@@ -705,14 +698,14 @@ mod tests {
     fn a_snapshot_supersedes_earlier_events() {
         let mut desired = BTreeMap::new();
         let batch = vec![
-            PeerEvent::Upsert(peer(7, 7, 17)),
-            PeerEvent::Snapshot(vec![peer(1, 1, 11)]),
-            PeerEvent::Upsert(peer(2, 2, 12)),
+            PeerEvent::Upsert(peer(7, 17, 7)),
+            PeerEvent::Snapshot(vec![peer(1, 11, 1)]),
+            PeerEvent::Upsert(peer(2, 12, 2)),
         ];
         assert_eq!(fold_events(&mut desired, batch), Folded::Full);
         assert_eq!(
             desired.keys().copied().collect::<Vec<_>>(),
-            vec![peer(1, 1, 11).subnet, peer(2, 2, 12).subnet]
+            vec![peer(1, 11, 1).subnet, peer(2, 12, 2).subnet]
         );
     }
 }

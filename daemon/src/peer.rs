@@ -23,3 +23,14 @@ impl Peer {
         self.subnet.network()
     }
 }
+
+/// A peer for unit tests: subnet 10.244.`n`.0/24, public IP 198.18.0.`ip`, MAC
+/// 02:00:00:00:00:`mac`.
+#[cfg(test)]
+pub(crate) fn test_peer(n: u8, ip: u8, mac: u8) -> Peer {
+    Peer {
+        subnet: format!("10.244.{n}.0/24").parse().unwrap(),
+        public_ip: std::net::Ipv4Addr::new(198, 18, 0, ip),
+        vtep_mac: crate::mac::MacAddr([2, 0, 0, 0, 0, mac]),
+    }
+}

@@ -227,14 +227,7 @@ pub fn diff_with(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn peer(n: u8, ip: u8, mac: u8) -> Peer {
-        Peer {
-            subnet: format!("10.244.{n}.0/24").parse().unwrap(),
-            public_ip: Ipv4Addr::new(198, 18, 0, ip),
-            vtep_mac: MacAddr([0x02, 0, 0, 0, 0, mac]),
-        }
-    }
+    use crate::peer::test_peer as peer;
 
     fn adds(p: &Peer) -> Vec<Op> {
         vec![
