@@ -19,7 +19,6 @@ use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage,
 };
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
 use rtnetlink::{
     Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth,
     RouteMessageBuilder,
@@ -169,17 +168,11 @@ async fn v4_routes(h: &Handle) -> Result<Vec<(Ipv4Net, Option<Ipv4Addr>)>, PodNe
         .await
         .map_err(|e| PodNetError::netlink("listing routes", e))?
     {
-        let mut dst = Ipv4Addr::UNSPECIFIED;
-        let mut gw = None;
-        for a in &m.attributes {
-            match a {
-                RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
-                RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(*g),
-                _ => {}
-            }
+        if super::route_table(&m) != super::MAIN_TABLE {
+            continue;
         }
-        if let Ok(n) = Ipv4Net::new(dst, m.header.destination_prefix_length) {
-            out.push((n, gw));
+        if let Some(dst) = super::route_dst(&m) {
+            out.push((dst, super::route_gw(&m)));
         }
     }
     Ok(out)
