@@ -210,6 +210,16 @@ fn network_of(req: &Request) -> String {
         .to_string()
 }
 
+/// CNI_NETNS, opened (and checked to be a namespace) once for the whole request.
+fn open_netns(req: &Request, path: &Path) -> Result<File, CniError> {
+    pod::open_netns(path).map_err(|e| {
+        CniError::new(
+            codes::IO_FAILURE,
+            format!("cannot open network namespace {}: {e}", req.netns),
+        )
+    })
+}
+
 fn owner_of(req: &Request) -> Owner {
     Owner::new(req.container_id.clone(), req.ifname.clone())
 }
@@ -244,12 +254,7 @@ async fn add(ctx: &Ctx, req: &Request, netns_path: &Path) -> Result<CniResult, C
     let owner = owner_of(req);
     let _key = ctx.keys.lock(owner.clone()).await;
 
-    let netns = pod::open_netns(netns_path).map_err(|e| {
-        CniError::new(
-            codes::IO_FAILURE,
-            format!("cannot open network namespace {}: {e}", req.netns),
-        )
-    })?;
+    let netns = open_netns(req, netns_path)?;
     let gw = node.gateway();
     let host = host_veth_name(&req.container_id, &req.ifname);
     // Two halves run at once: the node's (address, veth pair, hairpin) and the pod's, whose
@@ -257,7 +262,10 @@ async fn add(ctx: &Ctx, req: &Request, netns_path: &Path) -> Result<CniResult, C
     // then waits for the address to configure the container end.
     let (go, addr_rx) = tokio::sync::oneshot::channel::<Ipv4Net>();
     let ifname = req.ifname.clone();
-    let pod_half = pod::in_netns(netns_path.to_path_buf(), move |h| async move {
+    let ns = netns
+        .try_clone()
+        .map_err(|e| CniError::new(codes::IO_FAILURE, format!("duplicating the netns fd: {e}")))?;
+    let pod_half = pod::in_netns(ns, req.netns.clone(), move |h| async move {
         let Ok(addr) = addr_rx.await else {
             return Ok(None); // the node's half failed and undid itself
         };
@@ -531,7 +539,8 @@ async fn check(ctx: &Ctx, req: &Request, netns_path: &Path) -> Result<(), CniErr
         }
     }
     let w = want.clone();
-    let in_ns = pod::in_netns(netns_path.to_path_buf(), move |h| async move {
+    let netns = open_netns(req, netns_path)?;
+    let in_ns = pod::in_netns(netns, req.netns.clone(), move |h| async move {
         pod::check_container(&h, &w).await
     })
     .await

@@ -371,16 +371,17 @@ pub fn open_netns(path: &Path) -> std::io::Result<File> {
     Ok(file)
 }
 
-/// Runs `f` with a netlink handle opened inside the namespace at `netns`, on a fresh thread that
-/// ends afterwards (so no thread ever returns to a pool in the wrong namespace). Requests for
-/// different pods run in parallel.
-pub async fn in_netns<T, F, Fut>(netns: PathBuf, f: F) -> Result<T, PodNetError>
+/// Runs `f` with a netlink handle opened inside the namespace `netns` (from `open_netns`; `shown`
+/// names it in errors), on a fresh thread that ends afterwards (so no thread ever returns to a
+/// pool in the wrong namespace). Requests for different pods run in parallel. Taking the open
+/// namespace, not its path, means the thread enters exactly the one the caller checked.
+pub async fn in_netns<T, F, Fut>(netns: File, shown: String, f: F) -> Result<T, PodNetError>
 where
     T: Send + 'static,
     F: FnOnce(Handle) -> Fut + Send + 'static,
     Fut: Future<Output = Result<T, PodNetError>>,
 {
-    on_own_thread(Some(netns), f).await
+    on_own_thread(Some((netns, shown)), f).await
 }
 
 /// Runs `f` with a netlink connection of its own, in twilld's namespace, on a dedicated thread.
@@ -396,7 +397,7 @@ where
     on_own_thread(None, f).await
 }
 
-async fn on_own_thread<T, F, Fut>(netns: Option<PathBuf>, f: F) -> Result<T, PodNetError>
+async fn on_own_thread<T, F, Fut>(netns: Option<(File, String)>, f: F) -> Result<T, PodNetError>
 where
     T: Send + 'static,
     F: FnOnce(Handle) -> Fut + Send + 'static,
@@ -407,8 +408,8 @@ where
         .name("twill-netns".into())
         .spawn(move || {
             let setup = || -> Result<tokio::runtime::Runtime, PodNetError> {
-                if let Some(netns) = netns {
-                    enter_netns(&netns)?;
+                if let Some((file, shown)) = netns {
+                    enter_netns(&file, &shown)?;
                 }
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -439,21 +440,13 @@ where
         .map_err(|_| PodNetError::other("netlink thread", "ended without an answer"))?
 }
 
-/// Moves the calling thread into the network namespace at `netns`. Only for threads that end
+/// Moves the calling thread into the network namespace `file`. Only for threads that end
 /// afterwards (see `on_own_thread`).
-fn enter_netns(netns: &Path) -> Result<(), PodNetError> {
-    let shown = netns.display().to_string();
-    let file = open_netns(netns).map_err(|e| match e.kind() {
-        // Gone, or a stale mount point that is no longer a namespace.
-        std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidInput => {
-            PodNetError::NetnsGone(shown.clone())
-        }
-        _ => PodNetError::other(format!("opening netns {shown}"), e),
-    })?;
-    setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| {
-        // Not a network namespace (e.g. a stale bind mount turned plain file).
+fn enter_netns(file: &File, shown: &str) -> Result<(), PodNetError> {
+    setns(file, CloneFlags::CLONE_NEWNET).map_err(|e| {
+        // A namespace file, but not a network namespace.
         if e == nix::errno::Errno::EINVAL {
-            PodNetError::NetnsGone(shown.clone())
+            PodNetError::NetnsGone(shown.to_string())
         } else {
             PodNetError::other(format!("entering netns {shown}"), e)
         }
