@@ -36,6 +36,34 @@ impl Op {
     }
 }
 
+/// A kernel entry on the overlay device, as ops and deletion notifications name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EntryKey {
+    Neigh(Ipv4Addr),
+    Fdb(MacAddr, Ipv4Addr),
+    Route(Ipv4Net),
+}
+
+impl EntryKey {
+    pub fn of(op: &Op) -> EntryKey {
+        match *op {
+            Op::SetNeigh { ip, .. } | Op::DelNeigh { ip, .. } => EntryKey::Neigh(ip),
+            Op::SetFdb { mac, dst } | Op::DelFdb { mac, dst } => EntryKey::Fdb(mac, dst),
+            Op::SetRoute { dst, .. } | Op::DelRoute { dst, .. } => EntryKey::Route(dst),
+        }
+    }
+
+    /// The entries an overlay peer needs (a direct-routing peer has only the route; the other
+    /// two keys never occur in its ops).
+    pub fn of_peer(p: &Peer) -> [EntryKey; 3] {
+        [
+            EntryKey::Route(p.subnet),
+            EntryKey::Neigh(p.gateway()),
+            EntryKey::Fdb(p.vtep_mac, p.public_ip),
+        ]
+    }
+}
+
 /// What the kernel has on the device (only entries twill manages: permanent neighbours,
 /// self fdb entries with a dst, routes via the device).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

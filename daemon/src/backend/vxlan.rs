@@ -1,6 +1,6 @@
 //! The VXLAN backend.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
@@ -9,7 +9,7 @@ use super::{ApplyStats, Backend, BackendError, DeviceInfo, LocalNode};
 use crate::config::BackendConfig;
 use crate::netlink::{ApplyReport, Netlink, VxlanSpec};
 use crate::peer::Peer;
-use crate::reconcile::{self, Op, PeerChange};
+use crate::reconcile::{self, EntryKey, Op, PeerChange};
 
 /// Headroom VXLAN needs over an IPv4 underlay (outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14).
 const VXLAN_OVERHEAD: u32 = 50;
@@ -70,20 +70,6 @@ impl VxlanBackend {
         }
     }
 
-    /// The peers (of those last programmed) an entry-adding op serves.
-    fn peers_needing(&self, op: &Op) -> Vec<Ipv4Net> {
-        self.peers
-            .values()
-            .filter(|p| match *op {
-                Op::SetRoute { dst, .. } => p.subnet == dst,
-                Op::SetNeigh { ip, mac } => p.gateway() == ip && p.vtep_mac == mac,
-                Op::SetFdb { mac, dst } => p.vtep_mac == mac && p.public_ip == dst,
-                _ => false,
-            })
-            .map(|p| p.subnet)
-            .collect()
-    }
-
     async fn run(&mut self, ops: Vec<Op>) -> Result<ApplyStats, BackendError> {
         let idx = self.device()?;
         let ApplyReport { applied: _, failed } = self.nl.apply(idx, &ops).await;
@@ -100,11 +86,20 @@ impl VxlanBackend {
         let deletes = ops.iter().filter(|o| o.is_delete()).count() as u64;
         // A failed add leaves the peers that need that entry unreachable; a failed delete only
         // leaves a stale entry behind (and the next reconcile tries again).
-        let unprogrammed: BTreeSet<Ipv4Net> = failed
+        let refused: HashSet<EntryKey> = failed
             .iter()
             .filter(|(op, _)| !op.is_delete())
-            .flat_map(|(op, _)| self.peers_needing(op))
+            .map(|(op, _)| EntryKey::of(op))
             .collect();
+        let unprogrammed: BTreeSet<Ipv4Net> = if refused.is_empty() {
+            BTreeSet::new()
+        } else {
+            self.peers
+                .values()
+                .filter(|p| EntryKey::of_peer(p).iter().any(|k| refused.contains(k)))
+                .map(|p| p.subnet)
+                .collect()
+        };
         let stats = ApplyStats {
             added: ops.len() as u64 - deletes - (failed.len() as u64 - failed_deletes),
             removed: deletes - failed_deletes,

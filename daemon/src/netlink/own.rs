@@ -4,32 +4,11 @@
 //! when it lands in the middle of our own changes.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ipnet::Ipv4Net;
-
-use crate::mac::MacAddr;
+pub use crate::reconcile::EntryKey;
 use crate::reconcile::Op;
-
-/// An entry on the overlay device, as deletions name it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum EntryKey {
-    Neigh(Ipv4Addr),
-    Fdb(MacAddr, Ipv4Addr),
-    Route(Ipv4Net),
-}
-
-impl EntryKey {
-    pub fn of(op: &Op) -> EntryKey {
-        match *op {
-            Op::SetNeigh { ip, .. } | Op::DelNeigh { ip, .. } => EntryKey::Neigh(ip),
-            Op::SetFdb { mac, dst } | Op::DelFdb { mac, dst } => EntryKey::Fdb(mac, dst),
-            Op::SetRoute { dst, .. } | Op::DelRoute { dst, .. } => EntryKey::Route(dst),
-        }
-    }
-}
 
 /// How long an expected echo waits for its notification. It comes within milliseconds; one that
 /// never comes (the entry was already gone) must not swallow a real deletion much later.
@@ -78,7 +57,10 @@ impl OwnDeletions {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
+    use crate::mac::MacAddr;
 
     #[test]
     fn echoes_are_consumed_once_and_adds_cancel_them() {
