@@ -253,14 +253,21 @@ struct Out {
 
 fn twill(env: &[(&str, &str)], stdin: &Value) -> Out {
     let mut cmd = Command::new(BIN);
-    cmd.env_clear()
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.env_clear();
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().unwrap();
+    exec(cmd, stdin).0
+}
+
+/// Runs a plugin with `stdin` as its config; stdout parsed as JSON when there is any.
+fn exec(mut cmd: Command, stdin: &Value) -> (Out, String) {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     child
         .stdin
         .take()
@@ -270,11 +277,15 @@ fn twill(env: &[(&str, &str)], stdin: &Value) -> Out {
     let out = child.wait_with_output().unwrap();
     let raw = String::from_utf8(out.stdout).unwrap();
     let json = (!raw.trim().is_empty()).then(|| serde_json::from_str(&raw).unwrap());
-    Out {
-        json,
-        raw,
-        ok: out.status.success(),
-    }
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (
+        Out {
+            json,
+            raw,
+            ok: out.status.success(),
+        },
+        stderr,
+    )
 }
 
 fn cni(cmd: &str, id: &str, netns: &str, conf: &Value) -> Out {
@@ -714,8 +725,8 @@ fn plugin(node: &Node, ty: &str, cmd: &str, id: &str, netns: &str, stdin: &Value
     } else {
         format!("/usr/lib/cni/{ty}")
     };
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net={}", node.ns.path()))
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net={}", node.ns.path()))
         .arg(&exe)
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
@@ -723,26 +734,11 @@ fn plugin(node: &Node, ty: &str, cmd: &str, id: &str, netns: &str, stdin: &Value
         .env("CNI_CONTAINERID", id)
         .env("CNI_NETNS", netns)
         .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/usr/lib/cni")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let raw = String::from_utf8(out.stdout).unwrap();
-    let json = (!raw.trim().is_empty()).then(|| serde_json::from_str(&raw).unwrap());
-    Out {
-        json,
-        raw: format!("{raw}{}", String::from_utf8_lossy(&out.stderr)),
-        ok: out.status.success(),
-    }
+        .env("CNI_PATH", "/usr/lib/cni");
+    // The reference plugins explain failures on stderr: keep it with the output.
+    let (mut out, stderr) = exec(c, stdin);
+    out.raw.push_str(&stderr);
+    out
 }
 
 #[test]
