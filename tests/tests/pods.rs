@@ -1,5 +1,6 @@
 //! Pods created through the `twill` plugin on three lab nodes reach each other across nodes,
-//! by ping and TCP, and the receiver sees the sender's own pod IP (no NAT).
+//! by ping and TCP, and the receiver sees the sender's own pod IP (no NAT); also while etcd is
+//! down.
 
 use std::time::Duration;
 
@@ -157,5 +158,85 @@ fn netns_visible_only_in_the_plugins_mount_namespace() -> Result<()> {
     let shown =
         twill_tests::netns::run_ok(&["ip", "-n", &ns, "-4", "-o", "addr", "show", "dev", "eth0"])?;
     assert!(shown.contains(&addr), "pod netns has no {addr}: {shown}");
+    Ok(())
+}
+
+/// Pod setup needs only the node's own lease: with etcd gone, ADD, CHECK, STATUS and DEL still
+/// work, and a pod created meanwhile reaches a pod on another node.
+#[test]
+fn pods_come_and_go_while_etcd_is_down() -> Result<()> {
+    let mut lab = Lab::new(LabOptions {
+        nodes: 2,
+        ..Default::default()
+    })?;
+    lab.put_config(CONFIG)?;
+    for i in 1..=2 {
+        lab.start_daemon(i)?;
+    }
+    for i in 1..=2 {
+        lab.wait_ready(i, Duration::from_secs(30))?;
+    }
+    let remote = lab.add_pod(2, "r")?;
+    wait_until(Duration::from_secs(20), || {
+        (1..=2).all(|i| {
+            lab.status(i)
+                .map(|s| s["peers"].as_array().map_or(0, |a| a.len()) == 1)
+                .unwrap_or(false)
+        })
+    })?;
+
+    lab.stop_etcd()?;
+    assert!(lab.etcdctl(&["get", "/"]).is_err(), "etcd still answers");
+    let cfg = lab.cni_config(1, "1.1.0");
+    let status = lab.cni(1, "STATUS", "", "", "", &cfg)?;
+    assert!(
+        status.success,
+        "STATUS without etcd: {} {}",
+        status.stdout, status.stderr
+    );
+    let local = lab.add_pod(1, "l")?;
+    let mut check_cfg = lab.cni_config(1, "1.0.0");
+    check_cfg["prevResult"] = local.result.clone();
+    let check = lab.cni(
+        1,
+        "CHECK",
+        &local.id,
+        &local.netns_path(),
+        "eth0",
+        &check_cfg,
+    )?;
+    assert!(
+        check.success,
+        "CHECK without etcd: {} {}",
+        check.stdout, check.stderr
+    );
+    wait_until(Duration::from_secs(10), || local.ping(remote.ip))
+        .map_err(|e| e.context("new pod cannot reach the other node's pod while etcd is down"))?;
+    let probe = twill_tests::tcp_probe(&local, &remote, 7777, Duration::from_secs(5))?;
+    assert_eq!(probe.source_seen, local.ip, "NAT in the path");
+    lab.del_pod(&local)?;
+    // DEL removed the host end and released the address.
+    let host_end = local.result["interfaces"][0]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(!host_end.is_empty(), "{}", local.result);
+    assert!(!lab
+        .exec(1, &["ip", "link", "show", &host_end])?
+        .status
+        .success());
+    let held: Vec<_> = std::fs::read_dir(lab.state_dir(1).join("ipam"))?
+        .flatten()
+        .filter_map(|d| std::fs::read_dir(d.path()).ok())
+        .flatten()
+        .flatten()
+        .map(|f| f.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !held.contains(&local.ip.to_string()),
+        "{} still allocated: {held:?}",
+        local.ip
+    );
+    assert!(lab.daemon_running(1), "{}", lab.daemon_log(1));
     Ok(())
 }
