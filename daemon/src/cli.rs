@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::backend::offload::ChecksumOffload;
 use crate::netlink::IfaceSelector;
 
 #[derive(Debug, Parser)]
@@ -94,6 +95,16 @@ pub struct RunArgs {
     /// Bridge that pod veths attach to; created with the gateway address if missing.
     #[arg(long, env = "TWILLD_BRIDGE", default_value = "cni0")]
     pub bridge: String,
+    /// Transmit checksum offload on the VXLAN device. auto: off on kernels before 5.7, whose
+    /// offload sends bad checksums once traffic is NATed (63 s TCP stalls: flannel #1268), else
+    /// left on. off: also for an underlay behind NAT that corrupts them; costs throughput.
+    #[arg(
+        long,
+        env = "TWILLD_VXLAN_CHECKSUM_OFFLOAD",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub vxlan_checksum_offload: ChecksumOffload,
     /// Log format: text or json. Log level comes from RUST_LOG (default info).
     #[arg(long, env = "TWILLD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -189,6 +200,10 @@ mod tests {
         assert_eq!(cli.run.resync_interval, Duration::from_secs(30));
         assert_eq!(cli.run.http_addr.to_string(), "127.0.0.1:9464");
         assert_eq!(cli.run.bridge, "cni0");
+        assert_eq!(cli.run.vxlan_checksum_offload, ChecksumOffload::Auto);
+        let off = Cli::try_parse_from(["twilld", "--vxlan-checksum-offload", "off"]).unwrap();
+        assert_eq!(off.run.vxlan_checksum_offload, ChecksumOffload::Off);
+        assert!(Cli::try_parse_from(["twilld", "--vxlan-checksum-offload", "maybe"]).is_err());
         let cli = Cli::try_parse_from([
             "twilld",
             "--etcd-endpoints",

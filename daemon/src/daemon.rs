@@ -13,6 +13,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
+use crate::backend::offload;
 use crate::backend::vxlan::VxlanBackend;
 use crate::backend::{ApplyStats, Backend, BackendError, DeviceInfo, LocalNode};
 use crate::cli::RunArgs;
@@ -177,7 +178,10 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
     };
     info!(subnet = %own.subnet, "lease acquired");
 
-    let mut backend = VxlanBackend::new(nl.clone(), &cfg.backend);
+    let release = offload::kernel_release();
+    let tx_checksum = args.vxlan_checksum_offload.resolve(&release);
+    info!(kernel = %release, setting = ?args.vxlan_checksum_offload, enforced = ?tx_checksum, "vxlan tx checksum offload");
+    let mut backend = VxlanBackend::new(nl.clone(), &cfg.backend, tx_checksum);
     let mut local = LocalNode {
         subnet: own.subnet,
         public_ip,

@@ -435,7 +435,7 @@ fn node(
             .find_underlay(Some(&IfaceSelector::Addr(public_ip)))
             .await
             .unwrap();
-        let mut b = VxlanBackend::new(nl, &backend_cfg(direct));
+        let mut b = VxlanBackend::new(nl, &backend_cfg(direct), None);
         let local = LocalNode {
             subnet,
             public_ip,
@@ -541,7 +541,7 @@ fn direct_routing_for_on_link_peers() {
             .find_underlay(Some(&IfaceSelector::Addr(ip_a)))
             .await
             .unwrap();
-        let mut b = VxlanBackend::new(nl, &backend_cfg(true));
+        let mut b = VxlanBackend::new(nl, &backend_cfg(true), None);
         let local = LocalNode {
             subnet: "10.244.1.0/24".parse().unwrap(),
             public_ip: ip_a,
@@ -569,7 +569,7 @@ fn backend_survives_device_deletion() {
             .find_underlay(Some(&IfaceSelector::Addr(ip)))
             .await
             .unwrap();
-        let mut b = VxlanBackend::new(nl.clone(), &backend_cfg(false));
+        let mut b = VxlanBackend::new(nl.clone(), &backend_cfg(false), None);
         let local = LocalNode {
             subnet: "10.244.1.0/24".parse().unwrap(),
             public_ip: ip,
@@ -774,7 +774,7 @@ fn backend_keeps_entries_another_peer_still_uses() {
             .find_underlay(Some(&IfaceSelector::Addr(ip)))
             .await
             .unwrap();
-        let mut b = VxlanBackend::new(nl, &backend_cfg(false));
+        let mut b = VxlanBackend::new(nl, &backend_cfg(false), None);
         let local = LocalNode {
             subnet: "10.244.1.0/24".parse().unwrap(),
             public_ip: ip,
@@ -816,4 +816,65 @@ fn backend_keeps_entries_another_peer_still_uses() {
         "shared fdb entry deleted: {fdb}"
     );
     assert_eq!(kernel_counts(&ns), (1, 1, 1));
+}
+
+/// `ethtool -k` of `dev` in `ns`: is tx-checksum-ip-generic on? (The real tool, as a check
+/// independent of twilld's ioctl.)
+fn ethtool_tx_csum(ns: &str, dev: &str) -> bool {
+    let out = sh(&format!("ip netns exec {ns} ethtool -k {dev}"));
+    let line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("tx-checksum-ip-generic:"))
+        .unwrap_or_else(|| panic!("no tx-checksum-ip-generic in ethtool -k:\n{out}"));
+    line.contains(": on")
+}
+
+#[test]
+fn tx_checksum_offload_is_enforced_also_on_a_recreated_device() {
+    use twill_daemon::netlink::ethtool;
+    let p = Pair::new('c', 20);
+    let ns = p.a.clone();
+    let ip = p.ip_a;
+    let ns2 = ns.clone();
+    in_ns(&ns, move || async move {
+        let nl = Netlink::new().unwrap();
+        let u = nl
+            .find_underlay(Some(&IfaceSelector::Addr(ip)))
+            .await
+            .unwrap();
+        let local = LocalNode {
+            subnet: "10.244.1.0/24".parse().unwrap(),
+            public_ip: ip,
+            underlay_index: u.index,
+            underlay_mtu: u.mtu,
+            vtep_mac: mac(78),
+        };
+        // None: the kernel's default (on) is left alone.
+        let mut b = VxlanBackend::new(nl.clone(), &backend_cfg(false), None);
+        b.setup(&local).await.unwrap();
+        assert!(ethtool::tx_checksum("twill.1").unwrap());
+        assert!(ethtool_tx_csum(&ns2, "twill.1"));
+
+        // Off: set at setup, and again on a device recreated after someone deleted it.
+        let mut b = VxlanBackend::new(nl.clone(), &backend_cfg(false), Some(false));
+        b.setup(&local).await.unwrap();
+        assert!(!ethtool_tx_csum(&ns2, "twill.1"));
+        nl.delete_link(b.ifindex().unwrap()).await.unwrap();
+        b.setup(&local).await.unwrap();
+        assert!(!ethtool::tx_checksum("twill.1").unwrap());
+        assert!(!ethtool_tx_csum(&ns2, "twill.1"));
+        // Turned back on by hand: the next setup (twilld runs it on the device's events) undoes it.
+        sh(&format!("ip netns exec {ns2} ethtool -K twill.1 tx on"));
+        assert!(ethtool_tx_csum(&ns2, "twill.1"));
+        b.setup(&local).await.unwrap();
+        assert!(!ethtool_tx_csum(&ns2, "twill.1"));
+
+        // The calls themselves: idempotent, and errors name the device.
+        assert!(!ethtool::set_tx_checksum("twill.1", false).unwrap());
+        assert!(ethtool::set_tx_checksum("twill.1", true).unwrap());
+        assert!(ethtool_tx_csum(&ns2, "twill.1"));
+        let e = ethtool::set_tx_checksum("twk-nosuchdev", false).unwrap_err();
+        assert_eq!(e.errno(), Some(libc::ENODEV), "{e}");
+        assert!(e.to_string().contains("twk-nosuchdev"), "{e}");
+    });
 }

@@ -1008,3 +1008,44 @@ fn link_flaps_are_repaired() -> Result<()> {
     }
     Ok(())
 }
+
+/// Is tx-checksum-ip-generic on for `dev` on node i (`ethtool -k`)?
+fn tx_checksum_on(lab: &Lab, i: usize, dev: &str) -> Result<bool> {
+    let out = lab.exec_ok(i, &["ethtool", "-k", dev])?;
+    out.lines()
+        .find(|l| l.trim_start().starts_with("tx-checksum-ip-generic:"))
+        .map(|l| l.contains(": on"))
+        .with_context(|| format!("no tx-checksum-ip-generic in ethtool -k:\n{out}"))
+}
+
+/// flannel #1268: `--vxlan-checksum-offload off` turns the device's transmit checksum offload
+/// off, and TCP between pods still flows; `auto` leaves it on where the kernel is fixed (5.7+).
+#[test]
+fn checksum_offload_setting_reaches_the_device() -> Result<()> {
+    let mut lab = new_lab(2);
+    lab.put_config(CONFIG)?;
+    lab.start_daemon_with(1, &["--vxlan-checksum-offload", "off"])?;
+    let nodes = [node_when_ready(&mut lab, 1)?, start_ready(&mut lab, 2)?];
+    wait_mesh(&lab, &[1, 2], &nodes)?;
+    assert!(!tx_checksum_on(&lab, 1, DEV)?, "{}", lab.daemon_log(1));
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    let mut v = release.trim().split(|c: char| !c.is_ascii_digit());
+    let (major, minor): (u32, u32) = (
+        v.next().unwrap_or("0").parse()?,
+        v.next().unwrap_or("0").parse()?,
+    );
+    assert_eq!(
+        tx_checksum_on(&lab, 2, DEV)?,
+        (major, minor) >= (5, 7),
+        "auto on kernel {release}: {}",
+        lab.daemon_log(2)
+    );
+    let a = lab.add_pod(1, "a")?;
+    let b = lab.add_pod(2, "b")?;
+    for (from, to) in [(&a, &b), (&b, &a)] {
+        wait_until(CONVERGE, || from.ping(to.ip))?;
+        let probe = twill_tests::tcp_probe(from, to, 7777, Duration::from_secs(5))?;
+        assert_eq!(probe.source_seen, from.ip);
+    }
+    Ok(())
+}

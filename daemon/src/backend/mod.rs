@@ -1,6 +1,7 @@
 //! Backends: how packets for remote subnets get there.
 //! `Backend` is the concern's trait; `vxlan::VxlanBackend` the first implementation.
 
+pub mod offload;
 pub mod vxlan;
 
 use std::net::Ipv4Addr;

@@ -7,7 +7,7 @@ use ipnet::Ipv4Net;
 
 use super::{ApplyStats, Backend, BackendError, DeviceInfo, LocalNode};
 use crate::config::BackendConfig;
-use crate::netlink::{ApplyReport, Netlink, VxlanSpec};
+use crate::netlink::{ethtool, ApplyReport, Netlink, VxlanSpec};
 use crate::peer::Peer;
 use crate::reconcile::{self, EntryKey, Op, PeerChange};
 
@@ -25,10 +25,12 @@ pub struct VxlanBackend {
     /// What we last programmed, by subnet: an incremental removal must not delete an entry
     /// another peer still uses (same MAC and IP after a re-lease).
     peers: HashMap<Ipv4Net, Peer>,
+    /// Transmit checksum offload to enforce on the device (None: the kernel's default).
+    tx_checksum: Option<bool>,
 }
 
 impl VxlanBackend {
-    pub fn new(nl: Netlink, cfg: &BackendConfig) -> Self {
+    pub fn new(nl: Netlink, cfg: &BackendConfig, tx_checksum: Option<bool>) -> Self {
         VxlanBackend {
             nl,
             cfg: cfg.clone(),
@@ -37,6 +39,7 @@ impl VxlanBackend {
             underlay_net: None,
             local_ip: None,
             peers: HashMap::new(),
+            tx_checksum,
         }
     }
 
@@ -134,6 +137,14 @@ impl Backend for VxlanBackend {
             addr: Ipv4Net::new(local.subnet.network(), 32).expect("/32 is valid"),
         };
         let ifindex = self.nl.ensure_vxlan(&spec).await?;
+        if let Some(on) = self.tx_checksum {
+            // Not fatal: traffic that is not NATed flows either way.
+            match ethtool::set_tx_checksum(&self.name, on) {
+                Ok(true) => tracing::info!(device = %self.name, on, "tx checksum offload set"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot set tx checksum offload"),
+            }
+        }
         self.ifindex = Some(ifindex);
         self.local_ip = Some(local.public_ip);
         self.underlay_net = if self.cfg.direct_routing {

@@ -1,10 +1,12 @@
-//! Every netlink call twilld makes lives under this module (pod networking in `pod.rs`).
+//! Every netlink call twilld makes lives under this module (pod networking in `pod.rs`), and
+//! the one ethtool ioctl (`ethtool.rs`).
 //!
 //! Queries and device setup go through an rtnetlink `Handle`. Bulk entry programming (`apply`)
 //! goes through a second, plain netlink socket: requests are written in batches and the acks
 //! read back afterwards, which is what makes thousands of entries fast.
 
 mod batch;
+pub mod ethtool;
 mod events;
 mod own;
 pub mod pod;
