@@ -460,11 +460,15 @@ fn acquire_reuses_by_public_ip_and_honours_previous() -> Result<()> {
         assert_ne!(lease, old_lease, "re-put on our new etcd lease");
         assert_eq!(subnets(&reg).await?.len(), 1);
 
-        // Previous subnet honoured when free and valid.
-        let b = acquire(&reg, &c, &attrs(2), Some(net("10.60.7.0/24")), TTL).await?;
-        assert_eq!(b.subnet, net("10.60.7.0/24"));
+        // Previous subnet honoured when free and valid (`first` took a random one: avoid it).
+        let prev = [net("10.60.7.0/24"), net("10.60.8.0/24")]
+            .into_iter()
+            .find(|n| *n != first.subnet)
+            .unwrap();
+        let b = acquire(&reg, &c, &attrs(2), Some(prev), TTL).await?;
+        assert_eq!(b.subnet, prev);
         // Previous taken -> some other free subnet.
-        let d = acquire(&reg, &c, &attrs(3), Some(net("10.60.7.0/24")), TTL).await?;
+        let d = acquire(&reg, &c, &attrs(3), Some(prev), TTL).await?;
         assert!(d.subnet != b.subnet && d.subnet != first.subnet, "{d:?}");
         // Previous outside SubnetMin..SubnetMax -> ignored.
         let e = acquire(&reg, &c, &attrs(4), Some(net("10.60.30.0/24")), TTL).await?;

@@ -693,17 +693,19 @@ fn garbage_leases_are_skipped() -> Result<()> {
     let n2 = start_ready(&mut lab, 2)?;
     wait_mesh(&lab, &[1, 2], &[n1.clone(), n2.clone()])?;
 
-    // ...and arriving through the watch: one overlapping node 1's subnet, more bad JSON.
+    // ...and arriving through the watch: one overlapping node 1's subnet, more bad JSON. These
+    // keys lie beyond the first 100 free subnets, the only ones a daemon picks from: a running
+    // node may hold any subnet below them.
     let overlap = n1.subnet.replace("/24", "-25");
     put_lease(
         &lab,
         &overlap,
         &lease_json("198.18.0.72", "0e:00:00:00:00:72"),
     )?;
-    put_lease(&lab, "10.244.51.0-24", "{")?;
+    put_lease(&lab, "10.244.151.0-24", "{")?;
     put_lease(
         &lab,
-        "10.244.52.0-24",
+        "10.244.152.0-24",
         r#"{"PublicIP":"198.18.0.73","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":""}}"#,
     )?;
 
@@ -731,8 +733,8 @@ fn garbage_leases_are_skipped() -> Result<()> {
             "10.244.50.0/24",
             "10.245.0.0/24",
             "10.244.60.0/24",
-            "10.244.51.0/24",
-            "10.244.52.0/24",
+            "10.244.151.0/24",
+            "10.244.152.0/24",
         ] {
             assert!(
                 !e.has_route(bad),
