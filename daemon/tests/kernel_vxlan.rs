@@ -419,6 +419,21 @@ fn backend_cfg(direct: bool) -> BackendConfig {
     }
 }
 
+/// This node as the backend sees it: the underlay found by `ip`, the given subnet and MAC.
+async fn local_node(nl: &Netlink, ip: Ipv4Addr, subnet: Ipv4Net, vtep_mac: MacAddr) -> LocalNode {
+    let u = nl
+        .find_underlay(Some(&IfaceSelector::Addr(ip)))
+        .await
+        .unwrap();
+    LocalNode {
+        subnet,
+        public_ip: ip,
+        underlay_index: u.index,
+        underlay_mtu: u.mtu,
+        vtep_mac,
+    }
+}
+
 /// Sets up one node's backend in `ns` and programs `peers`; returns the ifindex.
 fn node(
     ns: &str,
@@ -431,18 +446,8 @@ fn node(
     let subnet: Ipv4Net = subnet.parse().unwrap();
     in_ns(ns, move || async move {
         let nl = Netlink::new().unwrap();
-        let u = nl
-            .find_underlay(Some(&IfaceSelector::Addr(public_ip)))
-            .await
-            .unwrap();
+        let local = local_node(&nl, public_ip, subnet, mac).await;
         let mut b = VxlanBackend::new(nl, &backend_cfg(direct), None);
-        let local = LocalNode {
-            subnet,
-            public_ip,
-            underlay_index: u.index,
-            underlay_mtu: u.mtu,
-            vtep_mac: mac,
-        };
         let info = b.setup(&local).await.unwrap();
         assert_eq!(info.name, "twill.1");
         assert_eq!(info.mtu, 1450);
@@ -537,18 +542,8 @@ fn direct_routing_for_on_link_peers() {
     let ip_a = p.ip_a;
     in_ns(&ns, move || async move {
         let nl = Netlink::new().unwrap();
-        let u = nl
-            .find_underlay(Some(&IfaceSelector::Addr(ip_a)))
-            .await
-            .unwrap();
+        let local = local_node(&nl, ip_a, "10.244.1.0/24".parse().unwrap(), ma).await;
         let mut b = VxlanBackend::new(nl, &backend_cfg(true), None);
-        let local = LocalNode {
-            subnet: "10.244.1.0/24".parse().unwrap(),
-            public_ip: ip_a,
-            underlay_index: u.index,
-            underlay_mtu: u.mtu,
-            vtep_mac: ma,
-        };
         b.setup(&local).await.unwrap();
         let s = b.reconcile(&[far]).await.unwrap();
         assert_eq!((s.removed, s.failed), (1, 0));
@@ -565,18 +560,8 @@ fn backend_survives_device_deletion() {
     let want = peers(50);
     in_ns(&ns, move || async move {
         let nl = Netlink::new().unwrap();
-        let u = nl
-            .find_underlay(Some(&IfaceSelector::Addr(ip)))
-            .await
-            .unwrap();
+        let local = local_node(&nl, ip, "10.244.1.0/24".parse().unwrap(), mac(77)).await;
         let mut b = VxlanBackend::new(nl.clone(), &backend_cfg(false), None);
-        let local = LocalNode {
-            subnet: "10.244.1.0/24".parse().unwrap(),
-            public_ip: ip,
-            underlay_index: u.index,
-            underlay_mtu: u.mtu,
-            vtep_mac: mac(77),
-        };
         b.setup(&local).await.unwrap();
         let s = b.reconcile(&want).await.unwrap();
         assert_eq!((s.added, s.removed, s.failed), (150, 0, 0));
@@ -770,18 +755,8 @@ fn backend_keeps_entries_another_peer_still_uses() {
     let ip = p.ip_a;
     in_ns(&ns, move || async move {
         let nl = Netlink::new().unwrap();
-        let u = nl
-            .find_underlay(Some(&IfaceSelector::Addr(ip)))
-            .await
-            .unwrap();
+        let local = local_node(&nl, ip, "10.244.1.0/24".parse().unwrap(), mac(1)).await;
         let mut b = VxlanBackend::new(nl, &backend_cfg(false), None);
-        let local = LocalNode {
-            subnet: "10.244.1.0/24".parse().unwrap(),
-            public_ip: ip,
-            underlay_index: u.index,
-            underlay_mtu: u.mtu,
-            vtep_mac: mac(1),
-        };
         b.setup(&local).await.unwrap();
         // A node re-leased a new subnet with its persisted MAC; the old lease expires later.
         let old = peers(1)[0];
@@ -838,17 +813,7 @@ fn tx_checksum_offload_is_enforced_also_on_a_recreated_device() {
     let ns2 = ns.clone();
     in_ns(&ns, move || async move {
         let nl = Netlink::new().unwrap();
-        let u = nl
-            .find_underlay(Some(&IfaceSelector::Addr(ip)))
-            .await
-            .unwrap();
-        let local = LocalNode {
-            subnet: "10.244.1.0/24".parse().unwrap(),
-            public_ip: ip,
-            underlay_index: u.index,
-            underlay_mtu: u.mtu,
-            vtep_mac: mac(78),
-        };
+        let local = local_node(&nl, ip, "10.244.1.0/24".parse().unwrap(), mac(78)).await;
         // None: the kernel's default (on) is left alone.
         let mut b = VxlanBackend::new(nl.clone(), &backend_cfg(false), None);
         b.setup(&local).await.unwrap();
