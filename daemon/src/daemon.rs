@@ -73,6 +73,8 @@ pub struct NodeStatus {
     pub underlay: String,
     pub device: String,
     pub mtu: u32,
+    /// The device's transmit checksum offload (`--vxlan-checksum-offload`), if known.
+    pub tx_checksum_offload: Option<bool>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -541,6 +543,7 @@ fn set_node_status(shared: &Shared, local: &LocalNode, underlay: &Underlay, devi
             underlay: underlay.name.clone(),
             device: device.name.clone(),
             mtu: device.mtu,
+            tx_checksum_offload: device.tx_checksum,
         })
     });
 }

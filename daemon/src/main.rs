@@ -112,9 +112,14 @@ fn render_status(v: &serde_json::Value) -> String {
             s(&n["public_ip"]),
             s(&n["underlay"])
         );
+        let csum = match n["tx_checksum_offload"].as_bool() {
+            Some(true) => "on",
+            Some(false) => "off",
+            None => "-",
+        };
         let _ = writeln!(
             out,
-            "vtep:     {} {} mtu {}",
+            "vtep:     {} {} mtu {}, tx checksum offload {csum}",
             s(&n["device"]),
             s(&n["vtep_mac"]),
             s(&n["mtu"])
@@ -163,12 +168,16 @@ mod tests {
         let v = serde_json::json!({
             "ready": true, "network": "10.244.0.0/16",
             "node": {"subnet": "10.244.1.0/24", "public_ip": "198.18.0.11", "vtep_mac": "02:00:00:00:00:01",
-                     "underlay": "eth0", "device": "twill.1", "mtu": 1450},
+                     "underlay": "eth0", "device": "twill.1", "mtu": 1450, "tx_checksum_offload": false},
             "peers": [{"subnet": "10.244.2.0/24", "public_ip": "198.18.0.12", "vtep_mac": "02:00:00:00:00:02", "programmed": true}],
             "last_reconcile": {"duration_ms": 1.5, "added": 3, "removed": 0, "failed": 0}
         });
         let out = render_status(&v);
         assert!(out.contains("subnet:   10.244.1.0/24"), "{out}");
+        assert!(
+            out.contains("twill.1 02:00:00:00:00:01 mtu 1450, tx checksum offload off"),
+            "{out}"
+        );
         assert!(
             out.contains("10.244.2.0/24        198.18.0.12      02:00:00:00:00:02  yes"),
             "{out}"

@@ -38,6 +38,8 @@ pub struct DeviceInfo {
     pub name: String,
     pub ifindex: u32,
     pub mtu: u32,
+    /// Transmit checksum offload as the device has it (None: unknown or not applicable).
+    pub tx_checksum: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]

@@ -159,6 +159,7 @@ impl Backend for VxlanBackend {
             name: self.name.clone(),
             ifindex,
             mtu,
+            tx_checksum: ethtool::tx_checksum(&self.name).ok(),
         })
     }
 
