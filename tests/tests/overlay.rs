@@ -88,6 +88,16 @@ fn meshed_lab(n: usize) -> Result<(Lab, Vec<Node>)> {
     Ok((lab, nodes))
 }
 
+/// A meshed two-node lab whose node 1 runs with `extra` flags.
+fn two_nodes_first_with(extra: &[&str]) -> Result<(Lab, [Node; 2])> {
+    let mut lab = new_lab(2);
+    lab.put_config(CONFIG)?;
+    lab.start_daemon_with(1, extra)?;
+    let nodes = [node_when_ready(&mut lab, 1)?, start_ready(&mut lab, 2)?];
+    wait_mesh(&lab, &[1, 2], &nodes)?;
+    Ok((lab, nodes))
+}
+
 fn peers(st: &Value) -> Vec<Value> {
     st["peers"].as_array().cloned().unwrap_or_default()
 }
@@ -970,11 +980,7 @@ fn underlay_address_change_moves_the_tunnel_endpoint() -> Result<()> {
 /// so the test sees the loss it must repair (the events wait for it in its netlink socket).
 #[test]
 fn link_flaps_are_repaired() -> Result<()> {
-    let mut lab = new_lab(2);
-    lab.put_config(CONFIG)?;
-    lab.start_daemon_with(1, &["--resync-interval", "300s"])?;
-    let nodes = [node_when_ready(&mut lab, 1)?, start_ready(&mut lab, 2)?];
-    wait_mesh(&lab, &[1, 2], &nodes)?;
+    let (lab, nodes) = two_nodes_first_with(&["--resync-interval", "300s"])?;
     let p = &nodes[1];
     let pid = Pid::from_raw(lab.daemon_pid(1).context("twilld pid")? as i32);
     let complete = |lab: &Lab| {
@@ -1024,12 +1030,9 @@ fn tx_checksum_on(lab: &Lab, i: usize, dev: &str) -> Result<bool> {
 /// off, and TCP between pods still flows; `auto` leaves it on where the kernel is fixed (5.7+).
 #[test]
 fn checksum_offload_setting_reaches_the_device() -> Result<()> {
-    let mut lab = new_lab(2);
-    lab.put_config(CONFIG)?;
-    lab.start_daemon_with(1, &["--vxlan-checksum-offload", "off"])?;
-    let nodes = [node_when_ready(&mut lab, 1)?, start_ready(&mut lab, 2)?];
-    wait_mesh(&lab, &[1, 2], &nodes)?;
+    let (mut lab, _) = two_nodes_first_with(&["--vxlan-checksum-offload", "off"])?;
     assert!(!tx_checksum_on(&lab, 1, DEV)?, "{}", lab.daemon_log(1));
+    assert_eq!(lab.status(1)?["node"]["tx_checksum_offload"], false);
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
     let mut v = release.trim().split(|c: char| !c.is_ascii_digit());
     let (major, minor): (u32, u32) = (
@@ -1041,6 +1044,10 @@ fn checksum_offload_setting_reaches_the_device() -> Result<()> {
         (major, minor) >= (5, 7),
         "auto on kernel {release}: {}",
         lab.daemon_log(2)
+    );
+    assert_eq!(
+        lab.status(2)?["node"]["tx_checksum_offload"],
+        (major, minor) >= (5, 7)
     );
     let a = lab.add_pod(1, "a")?;
     let b = lab.add_pod(2, "b")?;
