@@ -1058,3 +1058,173 @@ fn checksum_offload_setting_reaches_the_device() -> Result<()> {
     }
     Ok(())
 }
+
+/// Moving a node from flanneld to twilld. Node 1 starts as a flanneld node would leave it: its
+/// lease in flannel's format, `flannel.1` (same VNI and port as twill's device) programmed for
+/// node 2, which runs twilld: the two kinds of node reach each other. Then twilld starts on
+/// node 1 (flanneld stopped): it keeps the subnet, takes over from `flannel.1`, publishes its
+/// own VTEP MAC, and node 2 follows.
+#[test]
+fn a_flannel_node_moves_to_twill_keeping_its_subnet() -> Result<()> {
+    let mut lab = new_lab(2);
+    lab.put_config(CONFIG)?;
+    let subnet = "10.244.177.0/24";
+    let gw = subnet_gateway(subnet);
+    let ip1 = lab.node_ip(1).to_string();
+    lab.exec_ok(
+        1,
+        &[
+            "ip",
+            "link",
+            "add",
+            "flannel.1",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "local",
+            &ip1,
+            "dev",
+            "eth0",
+            "dstport",
+            "8472",
+            "nolearning",
+        ],
+    )?;
+    lab.exec_ok(
+        1,
+        &["ip", "addr", "add", &format!("{gw}/32"), "dev", "flannel.1"],
+    )?;
+    lab.exec_ok(1, &["ip", "link", "set", "flannel.1", "up"])?;
+    let flannel_mac = lab
+        .exec_ok(1, &["cat", "/sys/class/net/flannel.1/address"])?
+        .trim()
+        .to_string();
+    put_lease(&lab, "10.244.177.0-24", &lease_json(&ip1, &flannel_mac))?;
+
+    // Node 2 (twilld) programs the flannel node; the flannel node gets node 2 by hand, as
+    // flanneld would program it.
+    let n2 = start_ready(&mut lab, 2)?;
+    let flannel_node = Node {
+        subnet: subnet.into(),
+        public_ip: ip1.clone(),
+        mac: flannel_mac.clone(),
+    };
+    wait_mesh(&lab, &[2], &[flannel_node.clone(), n2.clone()])?;
+    let n2gw = n2.gw();
+    for cmd in [
+        vec![
+            "ip",
+            "neigh",
+            "add",
+            &n2gw,
+            "lladdr",
+            &n2.mac,
+            "dev",
+            "flannel.1",
+            "nud",
+            "permanent",
+        ],
+        vec![
+            "bridge",
+            "fdb",
+            "add",
+            &n2.mac,
+            "dev",
+            "flannel.1",
+            "dst",
+            &n2.public_ip,
+            "self",
+            "permanent",
+        ],
+        vec![
+            "ip",
+            "route",
+            "add",
+            &n2.subnet,
+            "via",
+            &n2gw,
+            "dev",
+            "flannel.1",
+            "onlink",
+        ],
+    ] {
+        lab.exec_ok(1, &cmd)?;
+    }
+    wait_ping(&lab, 1, &n2gw).context("flannel node -> twill node")?;
+    wait_ping(&lab, 2, &gw).context("twill node -> flannel node")?;
+
+    // flanneld stopped, twilld started: same subnet, flannel.1 gone, a new MAC everywhere.
+    let n1 = start_ready(&mut lab, 1)?;
+    assert_eq!(n1.subnet, subnet, "{}", lab.daemon_log(1));
+    assert_ne!(n1.mac, flannel_mac);
+    assert!(
+        !lab.exec(1, &["ip", "link", "show", "flannel.1"])?
+            .status
+            .success(),
+        "flannel.1 still there"
+    );
+    assert!(lab.daemon_log(1).contains("taking over from flanneld"));
+    assert_eq!(lab.lease_keys()?.len(), 2, "{:?}", lab.lease_keys());
+    wait_mesh(&lab, &[1, 2], &[n1.clone(), n2.clone()])?;
+    wait_until(CONVERGE, || {
+        lab.entries(2, DEV)
+            .map(|e| {
+                !e.fdb
+                    .iter()
+                    .any(|f| f.mac.eq_ignore_ascii_case(&flannel_mac))
+                    && !e.neigh.iter().any(|n| {
+                        n.lladdr
+                            .as_deref()
+                            .is_some_and(|m| m.eq_ignore_ascii_case(&flannel_mac))
+                    })
+            })
+            .unwrap_or(false)
+    })
+    .context("node 2 kept the flannel MAC")?;
+    wait_ping(&lab, 1, &n2gw)?;
+    wait_ping(&lab, 2, &gw)?;
+    Ok(())
+}
+
+/// Any other VXLAN device on our VNI and port is not taken over: twilld refuses to start and
+/// names it.
+#[test]
+fn a_foreign_device_on_our_vni_is_named_not_deleted() -> Result<()> {
+    let mut lab = new_lab(1);
+    lab.put_config(CONFIG)?;
+    let ip1 = lab.node_ip(1).to_string();
+    lab.exec_ok(
+        1,
+        &[
+            "ip",
+            "link",
+            "add",
+            "other.1",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "local",
+            &ip1,
+            "dev",
+            "eth0",
+            "dstport",
+            "8472",
+            "nolearning",
+        ],
+    )?;
+    lab.start_daemon(1)?;
+    let status = lab.wait_daemon_exit(1, READY)?;
+    assert!(!status.success());
+    let log = lab.daemon_log(1);
+    assert!(
+        log.contains("VXLAN VNI 1 on UDP port 8472 is already used by other.1"),
+        "{log}"
+    );
+    assert!(lab
+        .exec(1, &["ip", "link", "show", "other.1"])?
+        .status
+        .success());
+    Ok(())
+}

@@ -21,6 +21,16 @@ pub enum BackendError {
     /// `reconcile`.
     #[error("overlay device {0} is gone; setup must run again")]
     DeviceGone(String),
+    /// Another VXLAN device holds our VNI and port (not flanneld's, which is taken over).
+    #[error(
+        "VXLAN VNI {vni} on UDP port {port} is already used by {devices}: delete it \
+         (ip link del <name>) or set another Backend.VNI or Backend.Port in the network config"
+    )]
+    VniInUse {
+        vni: u32,
+        port: u16,
+        devices: String,
+    },
 }
 
 /// What the backend needs to know about this node.

@@ -73,6 +73,39 @@ impl VxlanBackend {
         }
     }
 
+    /// Creating our device failed with EEXIST: another VXLAN device holds the VNI and port. A
+    /// node moving from flanneld still has `flannel.<VNI>`; it is taken over (deleted, its routes
+    /// with it, and ours programmed next). Anything else is an error naming the device. `None`:
+    /// no such device, the EEXIST came from something else.
+    async fn free_vni(&self, spec: &VxlanSpec) -> Result<(), Option<BackendError>> {
+        let others = self
+            .nl
+            .vxlan_devices_using(spec.vni, spec.port, &spec.name)
+            .await
+            .map_err(|e| Some(e.into()))?;
+        let flannel = format!("flannel.{}", spec.vni);
+        match others.as_slice() {
+            [] => Err(None),
+            [(index, name)] if *name == flannel => {
+                tracing::warn!(device = %name, vni = spec.vni, port = spec.port,
+                    "taking over from flanneld: deleting its VXLAN device (stop flanneld before starting twilld)");
+                self.nl
+                    .delete_link(*index)
+                    .await
+                    .map_err(|e| Some(e.into()))
+            }
+            _ => Err(Some(BackendError::VniInUse {
+                vni: spec.vni,
+                port: spec.port,
+                devices: others
+                    .iter()
+                    .map(|(_, n)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })),
+        }
+    }
+
     async fn run(&mut self, ops: Vec<Op>) -> Result<ApplyStats, BackendError> {
         let idx = self.device()?;
         let ApplyReport { applied: _, failed } = self.nl.apply(idx, &ops).await;
@@ -136,7 +169,15 @@ impl Backend for VxlanBackend {
             mac: local.vtep_mac,
             addr: Ipv4Net::new(local.subnet.network(), 32).expect("/32 is valid"),
         };
-        let ifindex = self.nl.ensure_vxlan(&spec).await?;
+        let ifindex = match self.nl.ensure_vxlan(&spec).await {
+            Err(e) if e.errno() == Some(libc::EEXIST) => {
+                self.free_vni(&spec)
+                    .await
+                    .map_err(|c| c.unwrap_or(e.into()))?;
+                self.nl.ensure_vxlan(&spec).await?
+            }
+            r => r?,
+        };
         if let Some(on) = self.tx_checksum {
             // Not fatal: traffic that is not NATed flows either way.
             match ethtool::set_tx_checksum(&self.name, on) {

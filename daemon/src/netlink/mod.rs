@@ -310,6 +310,34 @@ impl Netlink {
         Ok(index)
     }
 
+    /// VXLAN devices other than `except` with VNI `vni` on UDP port `port`, as (ifindex, name):
+    /// the kernel refuses to create a second one (EEXIST).
+    pub async fn vxlan_devices_using(
+        &self,
+        vni: u32,
+        port: u16,
+        except: &str,
+    ) -> Result<Vec<(u32, String)>, NetlinkError> {
+        let links: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NetlinkError::from_rtnl("list links", e))?;
+        Ok(links
+            .iter()
+            .filter(|l| {
+                vxlan_data(l).is_some_and(|d| {
+                    d.contains(&InfoVxlan::Id(vni)) && d.contains(&InfoVxlan::Port(port))
+                })
+            })
+            .filter_map(|l| Some((l.header.index, link_name(l)?)))
+            .filter(|(_, n)| n != except)
+            .collect())
+    }
+
     /// Deletes link `index` (tests and teardown).
     pub async fn delete_link(&self, index: u32) -> Result<(), NetlinkError> {
         self.handle
@@ -522,23 +550,28 @@ impl Netlink {
     }
 }
 
-fn vxlan_matches(l: &LinkMessage, spec: &VxlanSpec) -> bool {
-    let mac_ok = l
-        .attributes
-        .iter()
-        .any(|a| matches!(a, LinkAttribute::Address(m) if m[..] == spec.mac.octets()));
-    let Some(data) = l.attributes.iter().find_map(|a| match a {
+/// The VXLAN attributes of a link, if it is a VXLAN device.
+fn vxlan_data(l: &LinkMessage) -> Option<&[InfoVxlan]> {
+    l.attributes.iter().find_map(|a| match a {
         LinkAttribute::LinkInfo(infos) => {
             let is_vxlan = infos
                 .iter()
                 .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Vxlan)));
             infos.iter().find_map(|i| match i {
-                LinkInfo::Data(InfoData::Vxlan(d)) if is_vxlan => Some(d.clone()),
+                LinkInfo::Data(InfoData::Vxlan(d)) if is_vxlan => Some(d.as_slice()),
                 _ => None,
             })
         }
         _ => None,
-    }) else {
+    })
+}
+
+fn vxlan_matches(l: &LinkMessage, spec: &VxlanSpec) -> bool {
+    let mac_ok = l
+        .attributes
+        .iter()
+        .any(|a| matches!(a, LinkAttribute::Address(m) if m[..] == spec.mac.octets()));
+    let Some(data) = vxlan_data(l) else {
         return false;
     };
     let has = |want: InfoVxlan| data.contains(&want);
