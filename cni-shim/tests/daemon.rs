@@ -1098,3 +1098,43 @@ fn a_bridge_deleted_or_stripped_by_hand_is_rebuilt() {
         "rebuilt bridge lacks the gateway: {addrs}"
     );
 }
+
+/// One slow request holds up no other. The slow one is real: a CHECK of a pod whose netns has
+/// 300,000 routes, which twilld lists in full (about a second). ADDs for other pods, sent while
+/// it runs, all complete before it does; a daemon that served one request at a time (or held a
+/// lock across a request) would finish the CHECK first.
+#[test]
+fn a_slow_request_holds_up_no_other() {
+    let mut node = Node::start(Some(subnet()));
+    let conf = node.conf("1.0.0");
+    let slow = node.pod();
+    let r = ok(cni("ADD", "slow", &slow.path(), &conf)).expect("ADD");
+    let batch = node.dir.0.join("routes.batch");
+    let routes: String = (0..300_000u32)
+        .map(|i| {
+            format!(
+                "route add 10.{}.{}.{}/32 dev eth0\n",
+                100 + (i >> 16),
+                (i >> 8) & 255,
+                i & 255
+            )
+        })
+        .collect();
+    std::fs::write(&batch, routes).unwrap();
+    slow.ip(&["-batch", batch.to_str().unwrap()]);
+    let check_conf = with_prev(&conf, &r);
+    let path = slow.path();
+    let t0 = Instant::now();
+    let check = std::thread::spawn(move || cni("CHECK", "slow", &path, &check_conf));
+    // Let the CHECK reach twilld (an exec and a connect) and start listing.
+    std::thread::sleep(Duration::from_millis(100));
+    let pods: Vec<Netns> = (0..5).map(|_| node.pod()).collect();
+    for (k, p) in pods.iter().enumerate() {
+        assert!(ok(cni("ADD", &format!("quick{k}"), &p.path(), &conf)).is_some());
+        assert!(!check.is_finished(), "ADD {k} waited for the slow CHECK");
+    }
+    let adds = t0.elapsed();
+    let out = check.join().unwrap();
+    eprintln!("5 ADDs done after {adds:?}, CHECK after {:?}", t0.elapsed());
+    assert!(ok(out).is_none(), "CHECK of an intact pod succeeds");
+}
