@@ -494,14 +494,26 @@ fn report(
         let cmd = lab_cmd();
         let first = &st.pods[0];
         let last = &st.pods[n - 1];
+        let hints = [
+            (
+                format!("exec {} -- ping -c3 {}", first.name, last.pod.ip),
+                "pod to pod across nodes",
+            ),
+            (
+                "exec n1 -- ip route".to_string(),
+                "the node's overlay routes",
+            ),
+            (
+                "kill-node 2 / add-node / status".to_string(),
+                "lose a node, add one, look",
+            ),
+            ("down".to_string(), "remove everything"),
+        ];
+        let width = hints.iter().map(|(c, _)| c.len()).max().unwrap_or(0);
         println!("\nTry:");
-        println!(
-            "  {cmd} exec {} -- ping -c3 {}     # pod to pod across nodes",
-            first.name, last.pod.ip
-        );
-        println!("  {cmd} exec n1 -- ip route            # the node's overlay routes");
-        println!("  {cmd} kill-node 2 / add-node / status");
-        println!("  {cmd} down                          # remove everything");
+        for (c, why) in hints {
+            println!("  {cmd} {c:<width$}  # {why}");
+        }
     }
     let code = if ok {
         ExitCode::SUCCESS
