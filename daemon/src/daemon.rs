@@ -221,8 +221,10 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
         desired: BTreeMap::new(),
         unprogrammed: BTreeSet::new(),
         reconcile_failed: false,
+        listed: false,
         synced_once: false,
     };
+    let mut subscribed = device.ifindex;
 
     let mut resync = tokio::time::interval(args.resync_interval);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -267,7 +269,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
                     device = setup_or_log(&mut backend, &local, device).await;
                     set_node_status(&shared, &local, &underlay, &device);
                     if ready {
-                        write_ready(&args, &cfg, &local, &device, &node_tx, &shared);
+                        ready = write_ready(&args, &cfg, &local, &device, &node_tx, &shared);
                     }
                 }
             }
@@ -293,29 +295,34 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
                         Err(e) => warn!(error = %e, "underlay lookup after an address change failed"),
                     }
                 }
-                let old_index = device.ifindex;
                 device = setup_or_log(&mut backend, &local, device).await;
-                if device.ifindex != old_index {
-                    match nl.subscribe(device.ifindex) {
-                        Ok(rx) => kernel_rx = rx,
-                        Err(e) => warn!(error = %e, "re-subscribing to kernel events failed"),
-                    }
-                }
                 set_node_status(&shared, &local, &underlay, &device);
-                if sync.synced_once {
+                if sync.listed {
                     sync.reconcile(&mut backend, &mut device, &local, &shared, "kernel event").await;
                 }
             }
             _ = resync.tick() => {
-                if sync.synced_once {
+                // Also retries a first reconcile that failed: until one succeeds the node is
+                // not ready.
+                if sync.listed {
                     sync.reconcile(&mut backend, &mut device, &local, &shared, "periodic").await;
                 }
             }
         }
-        // Ready once the peers have been listed and programmed once.
+        // Whichever path recreated the device, events must follow the new one.
+        if device.ifindex != subscribed {
+            match nl.subscribe(device.ifindex) {
+                Ok(rx) => {
+                    kernel_rx = rx;
+                    subscribed = device.ifindex;
+                }
+                Err(e) => warn!(error = %e, "re-subscribing to kernel events failed"),
+            }
+        }
+        // Ready once the peers have been listed and programmed once, and the subnet file is
+        // written (a failed write is retried on the next pass).
         if !ready && sync.synced_once {
-            ready = true;
-            write_ready(&args, &cfg, &local, &device, &node_tx, &shared);
+            ready = write_ready(&args, &cfg, &local, &device, &node_tx, &shared);
         }
     }
 }
@@ -328,6 +335,9 @@ struct Sync {
     unprogrammed: BTreeSet<Ipv4Net>,
     /// The last reconcile failed as a whole: no peer is known to be programmed.
     reconcile_failed: bool,
+    /// A snapshot of the leases arrived: `desired` is complete and worth reconciling against.
+    listed: bool,
+    /// A full reconcile succeeded at least once.
     synced_once: bool,
 }
 
@@ -342,6 +352,7 @@ impl Sync {
     ) {
         let changes = match fold_events(&mut self.desired, batch) {
             Folded::Full => {
+                self.listed = true;
                 self.reconcile(backend, device, local, shared, "lease resync")
                     .await;
                 return;
@@ -549,7 +560,7 @@ fn set_node_status(shared: &Shared, local: &LocalNode, underlay: &Underlay, devi
 }
 
 /// The node is ready: tell the CNI server and write the subnet file (only now, so that pods
-/// never start against a half-set-up node: flannel #2232).
+/// never start against a half-set-up node: flannel #2232). Returns whether the file is written.
 fn write_ready(
     args: &RunArgs,
     cfg: &NetworkConfig,
@@ -557,7 +568,7 @@ fn write_ready(
     device: &DeviceInfo,
     node_tx: &watch::Sender<Option<NodeNet>>,
     shared: &Shared,
-) {
+) -> bool {
     let _ = node_tx.send(Some(NodeNet {
         subnet: local.subnet,
         mtu: device.mtu,
@@ -575,10 +586,15 @@ fn write_ready(
                 s.ready = true;
                 s.waiting_for = None;
             });
+            true
         }
         Err(e) => {
-            error!(file = %args.subnet_file.display(), error = %e, "cannot write the subnet file; not ready");
-            shared.update(|s| s.waiting_for = Some(format!("subnet file: {e}")));
+            error!(file = %args.subnet_file.display(), error = %e, "cannot write the subnet file; not ready, will retry");
+            shared.update(|s| {
+                s.ready = false;
+                s.waiting_for = Some(format!("subnet file: {e}"))
+            });
+            false
         }
     }
 }

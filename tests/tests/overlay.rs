@@ -1228,3 +1228,31 @@ fn a_foreign_device_on_our_vni_is_named_not_deleted() -> Result<()> {
         .success());
     Ok(())
 }
+
+/// The subnet file cannot be written at first (its directory's place is taken by a file): the
+/// node stays not ready and says why, then writes it and becomes ready once that is fixed.
+#[test]
+fn a_failed_subnet_file_write_is_retried() -> Result<()> {
+    let mut lab = new_lab(1);
+    lab.put_config(CONFIG)?;
+    let blocker = lab.node_dir(1).join("blocked");
+    std::fs::write(&blocker, "not a directory")?;
+    let file = blocker.join("subnet.env");
+    let file_arg = file.display().to_string();
+    lab.start_daemon_with(1, &["--subnet-file", &file_arg])?;
+    wait_until(READY, || {
+        lab.status(1)
+            .map(|s| {
+                s["waiting_for"]
+                    .as_str()
+                    .is_some_and(|w| w.starts_with("subnet file"))
+            })
+            .unwrap_or(false)
+    })
+    .with_context(|| format!("{:?}\n{}", lab.status(1), lab.daemon_log(1)))?;
+    assert_eq!(lab.get(1, "/readyz")?.0, 503);
+    std::fs::remove_file(&blocker)?;
+    lab.wait_ready(1, READY)?;
+    assert!(std::fs::read_to_string(&file)?.contains("FLANNEL_SUBNET="));
+    Ok(())
+}
