@@ -1032,16 +1032,11 @@ fn bad_clients_are_refused_and_never_stall_others() {
 fn failed_add_undoes_everything() {
     let mut node = Node::start(Some(subnet()));
     let conf = node.conf("1.0.0");
-    // The pod already has a default route elsewhere: ours cannot be added after the veth,
-    // address and link state are in place, so ADD must take all of it back.
+    // The pod's netns has no rule to look up the main table, so the kernel finds our gateway
+    // unreachable: the default route fails after the veth, address and link state are in
+    // place, and ADD must take all of it back.
     let pod = node.pod();
-    pod.ip(&[
-        "link", "add", "name", "x1", "type", "veth", "peer", "name", "x2",
-    ]);
-    pod.ip(&["addr", "add", "192.168.200.1/24", "dev", "x1"]);
-    pod.ip(&["link", "set", "x1", "up"]);
-    pod.ip(&["link", "set", "x2", "up"]);
-    pod.ip(&["route", "add", "default", "via", "192.168.200.2"]);
+    pod.ip(&["rule", "del", "pref", "32766"]);
     let o = cni("ADD", "rb", &pod.path(), &conf);
     assert_eq!(code(&o), 102);
     assert!(o.json.unwrap()["msg"]
@@ -1137,4 +1132,35 @@ fn a_slow_request_holds_up_no_other() {
     let out = check.join().unwrap();
     eprintln!("5 ADDs done after {adds:?}, CHECK after {:?}", t0.elapsed());
     assert!(ok(out).is_none(), "CHECK of an intact pod succeeds");
+}
+
+/// A pod attached to another network first already has a default route. The reference plugins
+/// let the first one win; so does twill: ADD succeeds without its own default route, says so in
+/// its result (no routes), and CHECK and DEL work with that result.
+#[test]
+fn a_pod_with_a_default_route_keeps_it() {
+    let mut node = Node::start(Some(subnet()));
+    let conf = node.conf("1.0.0");
+    let pod = node.pod();
+    pod.ip(&[
+        "link", "add", "other0", "type", "veth", "peer", "name", "other1",
+    ]);
+    pod.ip(&["addr", "add", "192.0.2.2/24", "dev", "other0"]);
+    pod.ip(&["link", "set", "other0", "up"]);
+    pod.ip(&["route", "add", "default", "via", "192.0.2.1"]);
+    let r = ok(cni("ADD", "second-net", &pod.path(), &conf)).expect("ADD");
+    assert_eq!(r["routes"], json!([]), "{r}");
+    assert!(pod_addr(&pod).is_some());
+    let routes = pod.ip(&["route", "show", "default"]);
+    assert!(routes.contains("via 192.0.2.1 dev other0"), "{routes}");
+    assert!(!routes.contains("10.244.1.1"), "{routes}");
+    assert!(ok(cni(
+        "CHECK",
+        "second-net",
+        &pod.path(),
+        &with_prev(&conf, &r)
+    ))
+    .is_none());
+    assert!(ok(cni("DEL", "second-net", &pod.path(), &with_prev(&conf, &r))).is_none());
+    assert!(node.ipam_files().is_empty());
 }

@@ -276,7 +276,7 @@ async fn add(ctx: &Ctx, req: &Request, netns_path: &Path) -> Result<CniResult, C
     let node_half = node_half(ctx, req, &node, &netns, &host, &owner, go);
     let (node_res, pod_res) = tokio::join!(node_half, pod_half);
     let (pod_addr, fresh, host_mac) = node_res?;
-    let cont = match pod_res {
+    let (cont, routed) = match pod_res {
         Ok(Some(c)) => c,
         Ok(None) => {
             undo(ctx, Some(&host), fresh.then_some(&owner)).await;
@@ -310,10 +310,16 @@ async fn add(ctx: &Ctx, req: &Request, netns_path: &Path) -> Result<CniResult, C
             gateway: Some(gw.to_string()),
             interface: Some(1),
         }],
-        routes: vec![Route {
-            dst: "0.0.0.0/0".into(),
-            gw: Some(gw.to_string()),
-        }],
+        // Only what this ADD configured: CHECK verifies the routes listed here.
+        routes: if routed {
+            vec![Route {
+                dst: "0.0.0.0/0".into(),
+                gw: Some(gw.to_string()),
+            }]
+        } else {
+            tracing::info!(container = %req.container_id, "the pod has a default route already; keeping it");
+            Vec::new()
+        },
         dns,
     })
 }

@@ -453,16 +453,18 @@ fn enter_netns(file: &File, shown: &str) -> Result<(), PodNetError> {
     })
 }
 
-/// Inside the pod's netns: address, up, default route via the gateway. Returns the link.
-/// The three changes are sent back to back on one socket without waiting for each answer: the
-/// kernel handles a socket's messages in order, so the route still finds the address and the
-/// link up. The first failure in that order is the one reported.
+/// Inside the pod's netns: address, up, default route via the gateway. Returns the link, and
+/// whether the default route was added: a pod attached to another network first may have one
+/// already, and then the first one wins (as with the reference plugins), not an error. The three
+/// changes are sent back to back on one socket without waiting for each answer: the kernel
+/// handles a socket's messages in order, so the route still finds the address and the link up.
+/// The first failure in that order is the one reported.
 pub async fn configure_container(
     h: &Handle,
     ifname: &str,
     addr: Ipv4Net,
     gateway: Ipv4Addr,
-) -> Result<LinkState, PodNetError> {
+) -> Result<(LinkState, bool), PodNetError> {
     let l = link_by_name(h, ifname)
         .await?
         .ok_or_else(|| PodNetError::other(format!("interface {ifname}"), "not found in netns"))?;
@@ -488,8 +490,17 @@ pub async fn configure_container(
     let (a, u, r) = futures::join!(add_addr, set_up, add_route);
     a.map_err(|e| PodNetError::netlink(format!("adding {addr} to {ifname}"), e))?;
     u.map_err(|e| PodNetError::netlink(format!("setting {ifname} up"), e))?;
-    r.map_err(|e| PodNetError::netlink(format!("adding default route via {gateway}"), e))?;
-    Ok(l)
+    let routed = match r {
+        Ok(()) => true,
+        Err(e) if errno_of(&e) == Some(libc::EEXIST) => false,
+        Err(e) => {
+            return Err(PodNetError::netlink(
+                format!("adding default route via {gateway}"),
+                e,
+            ))
+        }
+    };
+    Ok((l, routed))
 }
 
 /// What CHECK expects to find inside the pod's netns.
