@@ -5,14 +5,15 @@
 //! `containerID\nifname\nnetwork\n` (files from before the network line have none).
 //! The file exists before the address is handed out, so a kill -9 at any moment
 //! can leak an address (GC reclaims it) but never hand it out twice after a restart.
-//! In memory: an index rebuilt from disk at start. Its mutex covers only the pick; file I/O runs
-//! outside it.
+//! In memory: an index rebuilt from disk at start. Its mutex covers only the pick (and a GC
+//! release, see `Claim`); other file I/O runs outside it.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use ipnet::Ipv4Net;
@@ -74,12 +75,26 @@ struct SubnetIndex {
     /// Last address handed out: picking continues after it, so a just-freed address is not
     /// reused at once (stale ARP entries, late packets).
     last: u32,
+    /// When each address was last handed to its holder (`Ipam::gen`; 0: loaded from disk).
+    gens: HashMap<Ipv4Addr, u64>,
+}
+
+/// An allocation as GC saw it. GC releases it only if it is unchanged when GC gets to it:
+/// same holder and not handed out again since (an ADD for that attachment re-ran, or a DEL and
+/// a new ADD reused the address).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    pub net: Ipv4Net,
+    pub addr: Ipv4Addr,
+    pub owner: Owner,
+    gen: u64,
 }
 
 #[derive(Debug)]
 pub struct Ipam {
     root: PathBuf,
     index: Mutex<HashMap<Ipv4Net, SubnetIndex>>,
+    gen: AtomicU64,
 }
 
 pub fn subnet_key(net: &Ipv4Net) -> String {
@@ -153,11 +168,20 @@ impl Ipam {
                     used.insert(addr, read_holder(&f.path()));
                 }
             }
-            index.insert(net, SubnetIndex { dir, used, last: 0 });
+            index.insert(
+                net,
+                SubnetIndex {
+                    dir,
+                    used,
+                    last: 0,
+                    gens: HashMap::new(),
+                },
+            );
         }
         Ok(Ipam {
             root,
             index: Mutex::new(index),
+            gen: AtomicU64::new(1),
         })
     }
 
@@ -195,9 +219,17 @@ impl Ipam {
                     dir: dir.clone(),
                     used: HashMap::new(),
                     last: 0,
+                    gens: HashMap::new(),
                 });
-                if let Some((a, _)) = s.used.iter().find(|(_, h)| h.owner == *owner) {
-                    return Ok((*a, false));
+                let gen = self.gen.fetch_add(1, Ordering::Relaxed);
+                if let Some(a) = s
+                    .used
+                    .iter()
+                    .find(|(_, h)| h.owner == *owner)
+                    .map(|(a, _)| *a)
+                {
+                    s.gens.insert(a, gen);
+                    return Ok((a, false));
                 }
                 let size = last - first + 1;
                 let start = if s.last >= first && s.last < last {
@@ -224,6 +256,7 @@ impl Ipam {
                     },
                 );
                 s.last = u32::from(addr);
+                s.gens.insert(addr, gen);
                 (addr, s.dir.clone())
             };
             let path = dir.join(addr.to_string());
@@ -261,6 +294,7 @@ impl Ipam {
     fn forget(&self, net: Ipv4Net, addr: Ipv4Addr) {
         if let Some(s) = self.lock().get_mut(&net) {
             s.used.remove(&addr);
+            s.gens.remove(&addr);
         }
     }
 
@@ -306,20 +340,65 @@ impl Ipam {
         self.release_entries(entries)
     }
 
+    /// The allocations of CNI network `network` whose owner is not in `valid`, for GC.
+    pub fn gc_candidates(&self, network: &str, valid: &HashSet<Owner>) -> Vec<Claim> {
+        let idx = self.lock();
+        idx.iter()
+            .flat_map(|(net, s)| {
+                s.used
+                    .iter()
+                    .filter(|(_, h)| h.in_gc_of(network) && !valid.contains(&h.owner))
+                    .map(move |(a, h)| Claim {
+                        net: *net,
+                        addr: *a,
+                        owner: h.owner.clone(),
+                        gen: s.gens.get(a).copied().unwrap_or(0),
+                    })
+            })
+            .collect()
+    }
+
+    fn is_unchanged(idx: &HashMap<Ipv4Net, SubnetIndex>, c: &Claim) -> bool {
+        idx.get(&c.net).is_some_and(|s| {
+            s.used.get(&c.addr).is_some_and(|h| h.owner == c.owner)
+                && s.gens.get(&c.addr).copied().unwrap_or(0) == c.gen
+        })
+    }
+
+    /// Whether `c` still holds as GC saw it.
+    pub fn unchanged(&self, c: &Claim) -> bool {
+        Self::is_unchanged(&self.lock(), c)
+    }
+
+    /// Releases `c` if it is unchanged; false if it changed (then it is left alone). The check
+    /// and the removal happen under the index lock, so no allocation can slip in between.
+    pub fn release_claim(&self, c: &Claim) -> Result<bool, IpamError> {
+        let mut idx = self.lock();
+        if !Self::is_unchanged(&idx, c) {
+            return Ok(false);
+        }
+        let path = self.root.join(subnet_key(&c.net)).join(c.addr.to_string());
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(io(format!("removing {}", path.display()))(e)),
+        }
+        if let Some(s) = idx.get_mut(&c.net) {
+            s.used.remove(&c.addr);
+            s.gens.remove(&c.addr);
+        }
+        Ok(true)
+    }
+
     /// Releases every allocation of CNI network `network` whose owner is not in `valid`.
     pub fn gc(&self, network: &str, valid: &HashSet<Owner>) -> Result<Vec<Ipv4Addr>, IpamError> {
-        let entries: Vec<_> = {
-            let idx = self.lock();
-            idx.iter()
-                .flat_map(|(net, s)| {
-                    s.used
-                        .iter()
-                        .filter(|(_, h)| h.in_gc_of(network) && !valid.contains(&h.owner))
-                        .map(move |(a, _)| (*net, *a))
-                })
-                .collect()
-        };
-        self.release_entries(entries)
+        let mut freed = Vec::new();
+        for c in self.gc_candidates(network, valid) {
+            if self.release_claim(&c)? {
+                freed.push(c.addr);
+            }
+        }
+        Ok(freed)
     }
 
     /// Every allocation, sorted.
@@ -457,6 +536,45 @@ mod tests {
         assert_eq!(left.len(), 1);
         assert_eq!((left[0].1, left[0].2.network.as_str()), (b, "net2"));
         assert_eq!(ipam.gc("net2", &HashSet::new()).unwrap(), vec![b]);
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn gc_releases_only_what_is_unchanged_since_it_looked() {
+        let d = tmp();
+        let n = net("10.244.1.0/24");
+        let ipam = Ipam::open(&d).unwrap();
+        let (o1, o2, o3) = (
+            Owner::new("c1", "eth0"),
+            Owner::new("c2", "eth0"),
+            Owner::new("c3", "eth0"),
+        );
+        let (a1, _) = ipam.allocate(n, &o1, "net").unwrap();
+        let (a2, _) = ipam.allocate(n, &o2, "net").unwrap();
+        let (a3, _) = ipam.allocate(n, &o3, "net").unwrap();
+        let claims = ipam.gc_candidates("net", &HashSet::new());
+        assert_eq!(claims.len(), 3);
+        let claim = |o: &Owner| claims.iter().find(|c| c.owner == *o).unwrap().clone();
+        // After GC looked: c1's ADD runs again (same address, handed out anew), c2 is deleted
+        // and its address goes to a new pod. c3 is left as it was.
+        assert_eq!(ipam.allocate(n, &o1, "net").unwrap(), (a1, false));
+        ipam.release(&o2).unwrap();
+        ipam.lock().get_mut(&n).unwrap().last = u32::from(a2) - 1;
+        let o4 = Owner::new("c4", "eth0");
+        assert_eq!(ipam.allocate(n, &o4, "net").unwrap(), (a2, true));
+        assert!(!ipam.unchanged(&claim(&o1)));
+        assert!(!ipam.release_claim(&claim(&o1)).unwrap());
+        assert!(!ipam.release_claim(&claim(&o2)).unwrap());
+        assert!(ipam.unchanged(&claim(&o3)));
+        assert!(ipam.release_claim(&claim(&o3)).unwrap());
+        let left: Vec<_> = ipam
+            .allocations()
+            .into_iter()
+            .map(|(_, a, h)| (a, h.owner))
+            .collect();
+        assert_eq!(left, vec![(a1, o1), (a2, o4)]);
+        assert!(!d.join(format!("ipam/10.244.1.0-24/{a3}")).exists());
+        assert!(d.join(format!("ipam/10.244.1.0-24/{a2}")).exists());
         fs::remove_dir_all(d).unwrap();
     }
 

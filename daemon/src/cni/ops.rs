@@ -6,6 +6,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use futures::StreamExt;
 use ipnet::Ipv4Net;
 use serde_json::{json, Value};
 use tokio::sync::{watch, OwnedMutexGuard};
@@ -14,7 +15,7 @@ use twill_proto::{
     Route, SUPPORTED_VERSIONS,
 };
 
-use super::ipam::{Ipam, IpamError, Owner};
+use super::ipam::{Claim, Ipam, IpamError, Owner};
 use super::{CniOptions, NodeNet};
 use crate::mac::MacAddr;
 use crate::metrics::Metrics;
@@ -32,6 +33,9 @@ pub(super) struct Ctx {
     bridge: tokio::sync::Mutex<Option<(Ipv4Net, u32, u32, std::time::Instant)>>,
     keys: KeyLocks,
 }
+
+/// How many stale attachments GC tears down at once.
+const GC_PARALLEL: usize = 32;
 
 /// How long a checked bridge is trusted (its gateway address may be removed by hand).
 const BRIDGE_RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
@@ -604,31 +608,45 @@ async fn gc(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
     valid.extend(ctx.keys.in_flight());
     // Only this network's attachments: another conflist naming twill has its own list.
     let network = network_of(req);
-    let stale: Vec<Owner> = ctx
-        .ipam
-        .allocations()
-        .into_iter()
-        .filter(|(_, _, h)| h.in_gc_of(&network) && !valid.contains(&h.owner))
-        .map(|(_, _, h)| h.owner)
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
-    // Leaked host veths (their pod netns still alive) go too; best effort. Concurrently: each
-    // delete waits for an RCU grace period, and concurrent ones share it (see delete_link).
-    let deletes = stale
-        .iter()
-        .filter(|o| !o.container_id.is_empty())
-        .map(|o| async move {
-            let host = host_veth_name(&o.container_id, &o.ifname);
-            if let Err(e) = ctx.nl.delete_link(&host).await {
-                tracing::warn!(error = %e, %host, "GC: removing a stale veth");
+    let mut stale: HashMap<Owner, Vec<Claim>> = HashMap::new();
+    for c in ctx.ipam.gc_candidates(&network, &valid) {
+        stale.entry(c.owner.clone()).or_default().push(c);
+    }
+    // Each attachment under its key lock, like ADD and DEL; one whose ADD or DEL ran since GC
+    // looked is no longer what GC saw and is left alone. Its leaked host veth (the pod netns
+    // still alive) goes first, best effort. Several at once: each delete waits for an RCU grace
+    // period, and concurrent ones share it (see delete_link); bounded, as each has a thread.
+    let results: Vec<Result<usize, CniError>> = futures::stream::iter(stale)
+        .map(|(owner, claims)| async move {
+            let _key = ctx.keys.lock(owner.clone()).await;
+            if !claims.iter().all(|c| ctx.ipam.unchanged(c)) {
+                return Ok(0);
             }
-        });
-    futures::future::join_all(deletes).await;
-    let ipam = ctx.ipam.clone();
-    let freed = blocking(move || ipam.gc(&network, &valid)).await?;
-    if !freed.is_empty() {
-        tracing::info!(count = freed.len(), "GC released stale pod addresses");
+            if !owner.container_id.is_empty() {
+                let host = host_veth_name(&owner.container_id, &owner.ifname);
+                if let Err(e) = ctx.nl.delete_link(&host).await {
+                    tracing::warn!(error = %e, %host, "GC: removing a stale veth");
+                }
+            }
+            let ipam = ctx.ipam.clone();
+            blocking(move || {
+                let mut n = 0;
+                for c in &claims {
+                    n += usize::from(ipam.release_claim(c)?);
+                }
+                Ok(n)
+            })
+            .await
+        })
+        .buffer_unordered(GC_PARALLEL)
+        .collect()
+        .await;
+    let freed: usize = results.iter().flatten().sum();
+    if freed > 0 {
+        tracing::info!(count = freed, "GC released stale pod addresses");
+    }
+    if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+        return Err(e);
     }
     Ok(())
 }
