@@ -135,6 +135,12 @@ pub fn public_ip_of(value: &[u8]) -> Option<Ipv4Addr> {
     decode(value).ok()?.public_ip?.parse().ok()
 }
 
+/// The VTEP MAC a lease value carries, if any: twilld keeps its MAC across restarts and
+/// reboots, so a lease with ours is this node's, whatever address it had then.
+pub fn vtep_mac_of(value: &[u8]) -> Option<MacAddr> {
+    decode(value).ok()?.backend_data?.vtep_mac?.parse().ok()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
     #[error("invalid lease: {0}")]

@@ -508,6 +508,32 @@ fn acquire_reuses_by_public_ip_and_honours_previous() -> Result<()> {
     })
 }
 
+/// twilld keeps its VTEP MAC across reboots; a node whose address changed finds its lease by
+/// that MAC, and a second lease with its MAC (peers would flip one MAC between two addresses)
+/// is deleted.
+#[test]
+fn acquire_reuses_by_vtep_mac_when_the_address_changed() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let opts = etcd.opts();
+    etcd.run(move || async move {
+        let reg = connect(&opts).await?;
+        let c = cfg(r#"{"Network":"10.65.0.0/16"}"#);
+        let mut moved = attrs(1);
+        moved.public_ip = Ipv4Addr::new(198, 18, 0, 101);
+        put(&reg, "subnets/10.65.201.0-24", &attrs(1).to_json()).await?;
+        put(&reg, "subnets/10.65.202.0-24", &attrs(1).to_json()).await?;
+        put(&reg, "subnets/10.65.203.0-24", &attrs(2).to_json()).await?;
+        let l = acquire(&reg, &c, &moved, None, TTL).await?;
+        assert_eq!(l.subnet, net("10.65.201.0/24"));
+        let stored = subnets(&reg).await?;
+        assert_eq!(stored["10.65.201.0-24"].0, moved.to_json());
+        assert!(!stored.contains_key("10.65.202.0-24"), "{stored:?}");
+        assert_eq!(stored["10.65.203.0-24"].0, attrs(2).to_json());
+        assert_eq!(stored.len(), 2);
+        Ok(())
+    })
+}
+
 #[test]
 fn out_of_subnets_counts_foreign_and_garbage_keys() -> Result<()> {
     let etcd = Etcd::start()?;

@@ -14,7 +14,7 @@ use ipnet::Ipv4Net;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::NetworkConfig;
-use crate::lease::{parse_peer, public_ip_of, LeaseAttrs};
+use crate::lease::{parse_peer, public_ip_of, vtep_mac_of, LeaseAttrs};
 use crate::metrics::Metrics;
 use crate::peer::Peer;
 use crate::subnet::{choose_free, is_free, parse_subnet_key, subnet_key};
@@ -218,32 +218,41 @@ async fn claim<R: SubnetRegistry>(
                 continue;
             };
             taken.insert(net);
-            if public_ip_of(&kv.value) == Some(attrs.public_ip) {
-                mine.push((net, kv));
+            let same_ip = public_ip_of(&kv.value) == Some(attrs.public_ip);
+            let same_mac = vtep_mac_of(&kv.value) == Some(attrs.vtep_mac);
+            if same_ip || same_mac {
+                mine.push((net, kv, same_ip, same_mac));
             }
         }
+        // Both matching first, then our MAC (our address changed), then our address (a node
+        // moving from flanneld, whose MAC was not ours).
+        mine.sort_by_key(|(_, _, ip, mac)| (!(*ip && *mac), !*mac));
 
-        // 1. Our own lease from before (same public IP): keep it if it still fits.
+        // 1. Our own lease from before (same public IP or VTEP MAC): keep it if it still fits.
         let mut reuse = None;
         let mut preferred = previous;
-        for (net, kv) in mine {
+        for (net, kv, _, same_mac) in mine {
             let fits = cfg.fits(net);
-            if fits && reuse.is_none() && kv.name == subnet_key(net) {
+            let plain = kv.name == subnet_key(net);
+            if fits && reuse.is_none() && plain {
                 reuse = Some((net, kv));
-            } else if !fits || kv.name != subnet_key(net) {
+            } else if !fits || !plain || same_mac {
                 // A dual-stack key (`...&fc00::-64`) is replaced by a plain one for the same
-                // subnet: we only hold and renew plain keys.
-                let why = if fits {
+                // subnet: we only hold and renew plain keys. A second lease with our MAC is an
+                // older one of ours: peers cannot reach one MAC at two addresses.
+                let why = if !fits {
+                    "outside the network config"
+                } else if !plain {
                     "a dual-stack key"
                 } else {
-                    "outside the network config"
+                    "a second lease with our VTEP MAC"
                 };
                 tracing::info!(key = %kv.name, "deleting our old lease: {why}");
                 if !reg.delete_subnet(&kv.name, kv.mod_revision).await? {
                     continue 'attempt;
                 }
                 taken.remove(&net);
-                if fits {
+                if fits && !plain {
                     preferred = Some(net); // still ours: beats the subnet file
                 }
             }
@@ -259,7 +268,15 @@ async fn claim<R: SubnetRegistry>(
                 .replace_subnet(&kv.name, &value, lease, kv.mod_revision)
                 .await?
             {
-                tracing::info!(subnet = %net, "reusing our lease (same public IP)");
+                match public_ip_of(&kv.value) {
+                    Some(ip) if ip != attrs.public_ip => {
+                        tracing::warn!(subnet = %net, old_ip = %ip,
+                        "reusing the lease with our VTEP MAC: this node's address changed (if another \
+                         node runs with the same MAC, its state dir was copied from this one: remove \
+                         its vtep-mac file and restart it)")
+                    }
+                    _ => tracing::info!(subnet = %net, "reusing our lease (same public IP)"),
+                }
                 return Ok((own(net), lease));
             }
             continue 'attempt;
