@@ -534,6 +534,53 @@ fn acquire_reuses_by_vtep_mac_when_the_address_changed() -> Result<()> {
     })
 }
 
+/// Two nodes misconfigured with one public IP take the lease from each other. They must not do
+/// it at etcd's pace: each loss within a minute of the last waits longer (up to 5 s).
+#[test]
+fn two_keepers_of_one_lease_back_off() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let opts = etcd.opts();
+    etcd.run(move || async move {
+        let reg = connect(&opts).await?;
+        let c = cfg(r#"{"Network":"10.85.0.0/16"}"#);
+        let ttl = Duration::from_secs(60);
+        let mut tasks = Vec::new();
+        let mut all = Vec::new();
+        for _ in 0..2 {
+            let lease = acquire(&reg, &c, &attrs(1), None, ttl).await?;
+            let metrics = Arc::new(Metrics::default());
+            let (_attrs_tx, attrs_rx) = watch::channel(attrs(1));
+            let (out_tx, _out_rx) = watch::channel(lease.clone());
+            tasks.push((
+                tokio::spawn(keep_lease(
+                    reg.clone(),
+                    c.clone(),
+                    lease,
+                    ttl,
+                    attrs_rx,
+                    out_tx,
+                    metrics.clone(),
+                )),
+                _attrs_tx,
+                _out_rx,
+            ));
+            all.push(metrics);
+        }
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let total: u64 = all
+            .iter()
+            .map(|m| m.lease_reacquisitions.load(Relaxed))
+            .sum();
+        for (t, _, _) in &tasks {
+            t.abort();
+        }
+        // Without the backoff this is in the hundreds (each round is a few etcd round trips);
+        // with it, about five per keeper. At least one loss shows the two did collide.
+        assert!((1..40).contains(&total), "{total} re-acquisitions in 4 s");
+        Ok(())
+    })
+}
+
 #[test]
 fn out_of_subnets_counts_foreign_and_garbage_keys() -> Result<()> {
     let etcd = Etcd::start()?;

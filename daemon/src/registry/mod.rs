@@ -164,7 +164,8 @@ impl Backoff {
     }
 }
 
-/// Acquire our subnet: reuse the lease carrying `attrs.public_ip`, else `previous` (from the old
+/// Acquire our subnet: reuse the lease carrying `attrs.public_ip` or `attrs.vtep_mac`, else
+/// `previous` (from the old
 /// subnet file) if free, else random among the first 100 free. Claims with a create-if-absent
 /// transaction and retries on a lost race. Never returns a subnet another node holds.
 pub async fn acquire<R: SubnetRegistry>(
@@ -358,6 +359,10 @@ pub async fn keep_lease<R: SubnetRegistry>(
         id: None,
     };
     let mut backoff = Backoff::new();
+    // Losses in quick succession mean another live node claims our lease (same public IP or a
+    // copied state dir): re-acquiring at once would make the two trade it at etcd's pace.
+    let mut last_lost: Option<std::time::Instant> = None;
+    let mut lost_backoff = Backoff::new();
     let mut attrs_open = true;
     loop {
         let Err(interrupt) = hold(
@@ -381,6 +386,15 @@ pub async fn keep_lease<R: SubnetRegistry>(
             Interrupt::Lost(why) => why,
         };
         tracing::warn!(subnet = %held.lease.subnet, "lost our subnet lease: {why}; acquiring again");
+        if last_lost.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+            tracing::error!(subnet = %held.lease.subnet,
+                "our lease was lost again within a minute: does another node run with our public \
+                 IP or a copy of our state dir?");
+            lost_backoff.wait().await;
+        } else {
+            lost_backoff.reset();
+        }
+        last_lost = Some(std::time::Instant::now());
         let want = attrs.borrow().clone();
         loop {
             match acquire_inner(&reg, &cfg, &want, Some(held.lease.subnet), ttl).await {
