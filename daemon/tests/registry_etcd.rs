@@ -877,9 +877,12 @@ fn watch_peers_snapshot_then_changes_skipping_garbage() -> Result<()> {
         assert_eq!(ps, vec![peer(2), peer(3)]);
         assert_eq!(metrics.invalid_leases_skipped.load(Relaxed), 4);
 
-        // Our own subnet changing produces nothing; the next peer does.
+        // Our own subnet changing produces nothing, nor does a lease with our public IP and MAC
+        // under another subnet (our new one, before the keeper says so); the next peer does.
         put(&reg, "subnets/10.100.1.0-24", &attrs(1).to_json()).await?;
+        put(&reg, "subnets/10.100.9.0-24", &attrs(1).to_json()).await?;
         put_peer(&reg, 8).await?;
+        assert!(matches!(next(&mut rx).await?, PeerEvent::Remove(n) if n == net("10.100.9.0/24")));
         assert!(matches!(next(&mut rx).await?, PeerEvent::Upsert(p) if p == peer(8)));
         // A lease turning invalid is removed.
         put(
@@ -901,13 +904,18 @@ fn watch_peers_snapshot_then_changes_skipping_garbage() -> Result<()> {
         };
         assert_eq!(p.vtep_mac, moved.vtep_mac);
 
-        // Our subnet moves to 10.100.8.0/24: a snapshot without it (and with our old one,
-        // which is now someone else's lease as far as this watcher knows).
+        // Our subnet moves to 10.100.8.0/24 with node 8's address and MAC: a snapshot without
+        // it, and with the leases carrying our old ones, which are someone else's now as far as
+        // this watcher knows.
         own_tx.send(own(8))?;
         let PeerEvent::Snapshot(ps) = next(&mut rx).await? else {
             bail!("expected a snapshot after our subnet changed")
         };
-        assert_eq!(ps, vec![peer(1)]);
+        let nine = Peer {
+            subnet: net("10.100.9.0/24"),
+            ..peer(1)
+        };
+        assert_eq!(ps, vec![peer(1), nine]);
         assert!(!task.is_finished());
         task.abort();
         Ok(())

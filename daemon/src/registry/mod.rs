@@ -548,7 +548,7 @@ pub async fn watch_peers<R: SubnetRegistry>(
     let mut listed_before = false;
     let mut own_open = true;
     loop {
-        let mut own = own_subnet.borrow_and_update().subnet;
+        let mut own = own_subnet.borrow_and_update().clone();
         // Raw values by subnet, so a change of our own subnet can be answered without etcd.
         let (kvs, rev) = match reg.list_subnets().await {
             Ok(r) => r,
@@ -573,7 +573,7 @@ pub async fn watch_peers<R: SubnetRegistry>(
         }
         listed_before = true;
         if tx
-            .send(PeerEvent::Snapshot(snapshot(&cfg, own, &raw, &metrics)))
+            .send(PeerEvent::Snapshot(snapshot(&cfg, &own, &raw, &metrics)))
             .await
             .is_err()
         {
@@ -599,7 +599,7 @@ pub async fn watch_peers<R: SubnetRegistry>(
                     Ok(WatchMsg::Reset(why)) => break why,
                     Ok(WatchMsg::Changes(changes)) => {
                         for c in changes {
-                            let Some(ev) = apply(&cfg, own, &mut raw, c, &metrics) else { continue };
+                            let Some(ev) = apply(&cfg, &own, &mut raw, c, &metrics) else { continue };
                             if tx.send(ev).await.is_err() {
                                 return;
                             }
@@ -609,10 +609,10 @@ pub async fn watch_peers<R: SubnetRegistry>(
                 r = own_subnet.changed(), if own_open => match r {
                     Err(_) => own_open = false,
                     Ok(()) => {
-                        let now = own_subnet.borrow_and_update().subnet;
+                        let now = own_subnet.borrow_and_update().clone();
                         if now != own {
                             own = now;
-                            let peers = snapshot(&cfg, own, &raw, &metrics);
+                            let peers = snapshot(&cfg, &own, &raw, &metrics);
                             if tx.send(PeerEvent::Snapshot(peers)).await.is_err() {
                                 return;
                             }
@@ -632,16 +632,24 @@ fn skip(metrics: &Metrics, key: &str, reason: &str) {
     Metrics::inc(&metrics.invalid_leases_skipped);
 }
 
+/// A lease with our public IP and our VTEP MAC is ours, whatever its subnet: right after a
+/// re-acquire the new key can arrive here before the keeper says it is ours, and programming
+/// it would route our own subnet to ourselves.
+fn is_ours(p: &Peer, own: &OwnLease) -> bool {
+    p.public_ip == own.attrs.public_ip && p.vtep_mac == own.attrs.vtep_mac
+}
+
 fn snapshot(
     cfg: &NetworkConfig,
-    own: Ipv4Net,
+    own: &OwnLease,
     raw: &BTreeMap<Ipv4Net, (String, Vec<u8>)>,
     metrics: &Metrics,
 ) -> Vec<Peer> {
     raw.iter()
-        .filter(|(net, _)| **net != own)
+        .filter(|(net, _)| **net != own.subnet)
         .filter_map(
-            |(net, (name, value))| match parse_peer(cfg, Some(own), *net, value) {
+            |(net, (name, value))| match parse_peer(cfg, Some(own.subnet), *net, value) {
+                Ok(p) if is_ours(&p, own) => None,
                 Ok(p) => Some(p),
                 Err(e) => {
                     skip(metrics, name, &e.to_string());
@@ -655,7 +663,7 @@ fn snapshot(
 /// One watch change -> the event for the daemon, if any.
 fn apply(
     cfg: &NetworkConfig,
-    own: Ipv4Net,
+    own: &OwnLease,
     raw: &mut BTreeMap<Ipv4Net, (String, Vec<u8>)>,
     change: SubnetChange,
     metrics: &Metrics,
@@ -667,10 +675,12 @@ fn apply(
                 return None;
             };
             raw.insert(net, (kv.name.clone(), kv.value.clone()));
-            if net == own {
+            if net == own.subnet {
                 return None;
             }
-            match parse_peer(cfg, Some(own), net, &kv.value) {
+            match parse_peer(cfg, Some(own.subnet), net, &kv.value) {
+                // Dropped as a peer in case it was one (a lease that became ours).
+                Ok(p) if is_ours(&p, own) => Some(PeerEvent::Remove(net)),
                 Ok(p) => Some(PeerEvent::Upsert(p)),
                 Err(e) => {
                     skip(metrics, &kv.name, &e.to_string());
@@ -682,7 +692,7 @@ fn apply(
         SubnetChange::Delete(name) => {
             let net = parse_subnet_key(&name)?;
             raw.remove(&net);
-            (net != own).then_some(PeerEvent::Remove(net))
+            (net != own.subnet).then_some(PeerEvent::Remove(net))
         }
     }
 }
