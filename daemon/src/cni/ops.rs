@@ -3,7 +3,6 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::net::Ipv4Addr;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
@@ -171,13 +170,12 @@ pub(super) async fn dispatch(
     tracing::debug!(command = req.command.as_str(), container = %req.container_id,
         ifname = %req.ifname, netns = %req.netns, "CNI request");
     let started = std::time::Instant::now();
-    let netns = pod::resolve_netns(&req.netns, peer_pid);
     let out = match req.command {
-        Command::Add => add(ctx, &req, &netns)
+        Command::Add => add(ctx, &req, peer_pid)
             .await
             .map(|r| Some(r.to_json(&version))),
         Command::Del => del(ctx, &req).await.map(|_| None),
-        Command::Check => check(ctx, &req, &netns).await.map(|_| None),
+        Command::Check => check(ctx, &req, peer_pid).await.map(|_| None),
         Command::Gc => gc(ctx, &req).await.map(|_| None),
         Command::Status => status(ctx).map(|_| None),
         // The plugin answers VERSION itself; answer alike if asked anyway.
@@ -214,14 +212,21 @@ fn network_of(req: &Request) -> String {
         .to_string()
 }
 
-/// CNI_NETNS, opened (and checked to be a namespace) once for the whole request.
-fn open_netns(req: &Request, path: &Path) -> Result<File, CniError> {
-    pod::open_netns(path).map_err(|e| {
-        CniError::new(
-            codes::IO_FAILURE,
-            format!("cannot open network namespace {}: {e}", req.netns),
-        )
+/// CNI_NETNS, found (in the plugin's mount namespace if need be, see `resolve_netns`), opened
+/// and checked to be a namespace, once for the whole request. On a blocking thread: the path
+/// may sit on a slow file system, and a worker thread must not wait for it.
+async fn open_netns(req: &Request, peer_pid: Option<i32>) -> Result<File, CniError> {
+    let shown = req.netns.clone();
+    tokio::task::spawn_blocking(move || {
+        pod::open_netns(&pod::resolve_netns(&shown, peer_pid)).map_err(|e| {
+            CniError::new(
+                codes::IO_FAILURE,
+                format!("cannot open network namespace {shown}: {e}"),
+            )
+        })
     })
+    .await
+    .map_err(|e| CniError::new(codes::INTERNAL, format!("netns task failed: {e}")))?
 }
 
 fn owner_of(req: &Request) -> Owner {
@@ -236,7 +241,7 @@ fn require(what: &str, v: &str) -> Result<(), CniError> {
     }
 }
 
-async fn add(ctx: &Ctx, req: &Request, netns_path: &Path) -> Result<CniResult, CniError> {
+async fn add(ctx: &Ctx, req: &Request, peer_pid: Option<i32>) -> Result<CniResult, CniError> {
     let node = ctx.node.borrow().clone().ok_or_else(|| {
         CniError::new(
             codes::TRY_AGAIN_LATER,
@@ -258,7 +263,7 @@ async fn add(ctx: &Ctx, req: &Request, netns_path: &Path) -> Result<CniResult, C
     let owner = owner_of(req);
     let _key = ctx.keys.lock(owner.clone()).await;
 
-    let netns = open_netns(req, netns_path)?;
+    let netns = open_netns(req, peer_pid).await?;
     let gw = node.gateway();
     let host = host_veth_name(&req.container_id, &req.ifname);
     // Two halves run at once: the node's (address, veth pair, hairpin) and the pod's, whose
@@ -461,7 +466,7 @@ async fn del(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
     }
 }
 
-async fn check(ctx: &Ctx, req: &Request, netns_path: &Path) -> Result<(), CniError> {
+async fn check(ctx: &Ctx, req: &Request, peer_pid: Option<i32>) -> Result<(), CniError> {
     require("CNI_CONTAINERID", &req.container_id)?;
     require("CNI_NETNS", &req.netns)?;
     require("CNI_IFNAME", &req.ifname)?;
@@ -549,7 +554,7 @@ async fn check(ctx: &Ctx, req: &Request, netns_path: &Path) -> Result<(), CniErr
         }
     }
     let w = want.clone();
-    let netns = open_netns(req, netns_path)?;
+    let netns = open_netns(req, peer_pid).await?;
     let in_ns = pod::in_netns(netns, req.netns.clone(), move |h| async move {
         pod::check_container(&h, &w).await
     })
