@@ -619,7 +619,7 @@ async fn gc(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
     }
     // Each attachment under its key lock, like ADD and DEL; one whose ADD or DEL ran since GC
     // looked is no longer what GC saw and is left alone. Its leaked host veth (the pod netns
-    // still alive) goes first, best effort. Several at once: each delete waits for an RCU grace
+    // still alive) goes first. Several at once: each delete waits for an RCU grace
     // period, and concurrent ones share it (see delete_link); bounded, as each has a thread.
     let results: Vec<Result<usize, CniError>> = futures::stream::iter(stale)
         .map(|(owner, claims)| async move {
@@ -630,7 +630,10 @@ async fn gc(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
             if !owner.container_id.is_empty() {
                 let host = host_veth_name(&owner.container_id, &owner.ifname);
                 if let Err(e) = ctx.nl.delete_link(&host).await {
-                    tracing::warn!(error = %e, %host, "GC: removing a stale veth");
+                    // Its pod may still use the address: keep it for the next GC to retry,
+                    // rather than hand it out twice.
+                    tracing::warn!(error = %e, %host, "GC: cannot remove a stale veth; keeping its address");
+                    return Ok(0);
                 }
             }
             let ipam = ctx.ipam.clone();
