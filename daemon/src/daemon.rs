@@ -51,6 +51,10 @@ pub enum StartError {
     Http { addr: String, err: std::io::Error },
     #[error("cannot serve the CNI socket {path}: {err}")]
     Cni { path: String, err: std::io::Error },
+    /// A task that runs for the daemon's lifetime ended (it can only panic): exit, so the
+    /// service manager restarts twilld, rather than run half a daemon.
+    #[error("internal error: the {0} stopped")]
+    TaskEnded(&'static str),
 }
 
 /// What /status shows. Updated by the main loop, read by the HTTP server.
@@ -253,7 +257,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
                 return Err(StartError::Cni { path: cni_path, err });
             }
             ev = peer_rx.recv() => {
-                let Some(ev) = ev else { continue };
+                let Some(ev) = ev else { return Err(StartError::TaskEnded("peer watcher")) };
                 let mut batch = vec![ev];
                 while let Ok(ev) = peer_rx.try_recv() {
                     batch.push(ev);
@@ -261,7 +265,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
                 sync.handle_events(&mut backend, &mut device, &local, batch, &shared).await;
             }
             changed = own_rx.changed() => {
-                if changed.is_err() { continue; }
+                if changed.is_err() { return Err(StartError::TaskEnded("lease keeper")); }
                 let new = own_rx.borrow_and_update().clone();
                 if new.subnet != local.subnet {
                     warn!(old = %local.subnet, new = %new.subnet, "our lease moved to another subnet");
