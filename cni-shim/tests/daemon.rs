@@ -155,6 +155,7 @@ impl Node {
             socket: self.socket.clone(),
             bridge: "cni0".into(),
             state_dir: self.dir.0.join("state"),
+            host_local_dir: Some(self.dir.0.join("host-local")),
         };
         let rx = self.net_tx.subscribe();
         let metrics = self.metrics.clone();
@@ -1163,4 +1164,48 @@ fn a_pod_with_a_default_route_keeps_it() {
     .is_none());
     assert!(ok(cni("DEL", "second-net", &pod.path(), &with_prev(&conf, &r))).is_none());
     assert!(node.ipam_files().is_empty());
+}
+
+/// A node moving from flannel keeps the pods flannel's CNI made: the addresses host-local (the
+/// reference plugin, run here for real) reserved in the node's subnet are never handed out,
+/// and DEL of such a pod, which the runtime now sends to twill, releases its reservation.
+#[test]
+fn addresses_host_local_handed_out_stay_taken_until_del() {
+    let mut node = Node::start(Some(subnet()));
+    let data = node.dir.0.join("host-local");
+    let flannel_conf = json!({"cniVersion": "1.0.0", "name": "cbr0", "ipam": {
+        "type": "host-local", "dataDir": data.to_str().unwrap(),
+        "ranges": [[{"subnet": "10.244.1.0/24", "rangeStart": "10.244.1.2"}]]}});
+    let mut held = Vec::new();
+    for k in 0..3 {
+        let out = plugin(
+            &node,
+            "host-local",
+            "ADD",
+            &format!("old{k}"),
+            "/dev/null",
+            &flannel_conf,
+        );
+        assert!(out.ok, "host-local ADD: {}", out.raw);
+        let ip = out.json.unwrap()["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        held.push(ip.split('/').next().unwrap().to_string());
+    }
+    assert_eq!(held, ["10.244.1.2", "10.244.1.3", "10.244.1.4"]);
+    let conf = node.conf("1.0.0");
+    let pod = node.pod();
+    let r = ok(cni("ADD", "new", &pod.path(), &conf)).expect("ADD");
+    assert_eq!(r["ips"][0]["address"], "10.244.1.5/24", "{r}");
+    // The runtime deletes an old pod through twill: host-local's file goes, only that one.
+    assert!(ok(cni("DEL", "old1", "", &conf)).is_none());
+    let left: Vec<String> = std::fs::read_dir(data.join("cbr0"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("10."))
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(!left.contains(&"10.244.1.3".to_string()), "{left:?}");
 }

@@ -95,6 +95,15 @@ pub struct RunArgs {
     /// Bridge that pod veths attach to; created with the gateway address if missing.
     #[arg(long, env = "TWILLD_BRIDGE", default_value = "cni0")]
     pub bridge: String,
+    /// host-local's data dir, as flannel's CNI plugin (bridge + host-local) used it. Addresses
+    /// it reserved inside this node's subnet are never handed out, and DEL releases them, so a
+    /// node moving from flannel keeps its running pods. Empty: ignore host-local.
+    #[arg(
+        long,
+        env = "TWILLD_HOST_LOCAL_DIR",
+        default_value = "/var/lib/cni/networks"
+    )]
+    pub host_local_dir: PathBuf,
     /// Transmit checksum offload on the VXLAN device. auto: off on kernels before 5.7, whose
     /// offload sends bad checksums once traffic is NATed (63 s TCP stalls: flannel #1268), else
     /// left on. off: also for an underlay behind NAT that corrupts them; costs throughput.

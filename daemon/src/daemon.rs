@@ -136,6 +136,8 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
         socket: args.cni_socket.clone(),
         bridge: args.bridge.clone(),
         state_dir: args.state_dir.clone(),
+        host_local_dir: (!args.host_local_dir.as_os_str().is_empty())
+            .then(|| args.host_local_dir.clone()),
     };
     let cni_metrics = shared.metrics.clone();
     let cni_path = args.cni_socket.display().to_string();

@@ -527,6 +527,7 @@ impl Lab {
             ("--iface", "eth0".into()),
             ("--subnet-file", p(self.subnet_file(i))),
             ("--state-dir", p(self.state_dir(i))),
+            ("--host-local-dir", p(self.node_dir(i).join("host-local"))),
             ("--http-addr", DAEMON_HTTP.into()),
             ("--cni-socket", p(self.cni_socket(i))),
             ("--resync-interval", "2s".into()),

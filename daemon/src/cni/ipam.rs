@@ -18,6 +18,8 @@ use std::sync::Mutex;
 
 use ipnet::Ipv4Net;
 
+use super::hostlocal::HostLocal;
+
 /// Who holds an address: allocations are keyed by containerID + ifname.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Owner {
@@ -95,6 +97,8 @@ pub struct Ipam {
     root: PathBuf,
     index: Mutex<HashMap<Ipv4Net, SubnetIndex>>,
     gen: AtomicU64,
+    /// Addresses host-local handed out before the node moved to twill: never handed out here.
+    host_local: HostLocal,
 }
 
 pub fn subnet_key(net: &Ipv4Net) -> String {
@@ -117,7 +121,7 @@ fn pod_range(net: &Ipv4Net) -> Option<(u32, u32)> {
 /// The contents of a regular file; nothing for anything else. Opened without blocking and
 /// without following links, so a FIFO or a link planted in the state dir cannot hang or redirect
 /// an allocation.
-fn read_regular(path: &Path) -> String {
+pub(crate) fn read_regular(path: &Path) -> String {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     let mut text = String::new();
@@ -182,7 +186,14 @@ impl Ipam {
             root,
             index: Mutex::new(index),
             gen: AtomicU64::new(1),
+            host_local: HostLocal::default(),
         })
+    }
+
+    /// Also avoid the addresses host-local holds in `host_local`'s store.
+    pub fn with_host_local(mut self, host_local: HostLocal) -> Self {
+        self.host_local = host_local;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Ipv4Net, SubnetIndex>> {
@@ -212,6 +223,7 @@ impl Ipam {
         let (first, last) = pod_range(&net).ok_or(IpamError::TooSmall(net))?;
         let dir = self.root.join(subnet_key(&net));
         fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+        let host_local = self.host_local.network_dirs();
         loop {
             let (addr, dir) = {
                 let mut idx = self.lock();
@@ -240,7 +252,7 @@ impl Ipam {
                 let pick = (0..size)
                     .map(|i| first + (start - first + i) % size)
                     .map(Ipv4Addr::from)
-                    .find(|a| !s.used.contains_key(a));
+                    .find(|a| !s.used.contains_key(a) && !HostLocal::holds(&host_local, *a));
                 let Some(addr) = pick else {
                     return Err(IpamError::Full {
                         subnet: net,

@@ -2,6 +2,7 @@
 //! Listens on the CNI socket from start; until `node` holds a value, ADD answers "try again
 //! later" (11) and STATUS answers 50.
 
+pub mod hostlocal;
 pub mod ipam;
 mod ops;
 
@@ -24,6 +25,8 @@ pub struct CniOptions {
     pub socket: PathBuf,
     pub bridge: String,
     pub state_dir: PathBuf,
+    /// host-local's data dir (flannel's CNI), whose addresses in our subnet stay taken.
+    pub host_local_dir: Option<PathBuf>,
 }
 
 /// The node's pod network, known once the lease is held and the overlay is up.
@@ -51,7 +54,9 @@ pub async fn serve(
     node: watch::Receiver<Option<NodeNet>>,
     metrics: Arc<Metrics>,
 ) -> std::io::Result<()> {
-    let ipam = ipam::Ipam::open(&opts.state_dir).map_err(std::io::Error::other)?;
+    let ipam = ipam::Ipam::open(&opts.state_dir)
+        .map_err(std::io::Error::other)?
+        .with_host_local(hostlocal::HostLocal::new(opts.host_local_dir.clone()));
     let nl = crate::netlink::pod::PodNetlink::new().map_err(std::io::Error::other)?;
     let listener = bind(&opts.socket)?;
     tracing::info!(socket = %opts.socket.display(), bridge = %opts.bridge, "serving CNI requests");

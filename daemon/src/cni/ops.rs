@@ -14,6 +14,7 @@ use twill_proto::{
     Route, SUPPORTED_VERSIONS,
 };
 
+use super::hostlocal::HostLocal;
 use super::ipam::{Claim, Ipam, IpamError, Owner};
 use super::{CniOptions, NodeNet};
 use crate::mac::MacAddr;
@@ -31,6 +32,7 @@ pub(super) struct Ctx {
     /// fails. The lock serialises that check, never the per-pod work.
     bridge: tokio::sync::Mutex<Option<(Ipv4Net, u32, u32, std::time::Instant)>>,
     keys: KeyLocks,
+    host_local: HostLocal,
 }
 
 /// How many stale attachments GC tears down at once.
@@ -48,13 +50,14 @@ impl Ctx {
         nl: PodNetlink,
     ) -> Self {
         Ctx {
-            opts,
             node,
             metrics,
             ipam: Arc::new(ipam),
             nl,
             bridge: tokio::sync::Mutex::new(None),
             keys: KeyLocks::default(),
+            host_local: HostLocal::new(opts.host_local_dir.clone()),
+            opts,
         }
     }
 
@@ -455,6 +458,25 @@ async fn del(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
     let ipam = ctx.ipam.clone();
     if let Err(e) = blocking(move || ipam.release(&owner)).await {
         errors.push(e.msg);
+    }
+    // A pod from before the node moved from flannel: its address is host-local's.
+    let node = ctx.node.borrow().clone();
+    if let Some(node) = node {
+        let (hl, cid, ifname) = (
+            ctx.host_local.clone(),
+            req.container_id.clone(),
+            req.ifname.clone(),
+        );
+        let released =
+            tokio::task::spawn_blocking(move || hl.release(node.subnet, &cid, &ifname)).await;
+        match released {
+            Ok(Ok(a)) if !a.is_empty() => {
+                tracing::info!(addresses = ?a, "released host-local's reservation (a pod from before flannel moved out)")
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => errors.push(format!("releasing host-local's reservation: {e}")),
+            Err(e) => errors.push(format!("host-local task failed: {e}")),
+        }
     }
     if errors.is_empty() {
         Ok(())
