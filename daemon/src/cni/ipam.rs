@@ -73,12 +73,18 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> IpamError {
 #[derive(Debug)]
 struct SubnetIndex {
     dir: PathBuf,
-    used: HashMap<Ipv4Addr, Holder>,
+    used: HashMap<Ipv4Addr, Slot>,
     /// Last address handed out: picking continues after it, so a just-freed address is not
     /// reused at once (stale ARP entries, late packets).
     last: u32,
-    /// When each address was last handed to its holder (`Ipam::gen`; 0: loaded from disk).
-    gens: HashMap<Ipv4Addr, u64>,
+}
+
+/// An allocated address: its holder, and when it was last handed to them (`Ipam::gen`; 0:
+/// loaded from disk or adopted).
+#[derive(Debug)]
+struct Slot {
+    holder: Holder,
+    gen: u64,
 }
 
 /// An allocation as GC saw it. GC releases it only if it is unchanged when GC gets to it:
@@ -169,18 +175,16 @@ impl Ipam {
                     continue;
                 };
                 if net.contains(&addr) {
-                    used.insert(addr, read_holder(&f.path()));
+                    used.insert(
+                        addr,
+                        Slot {
+                            holder: read_holder(&f.path()),
+                            gen: 0,
+                        },
+                    );
                 }
             }
-            index.insert(
-                net,
-                SubnetIndex {
-                    dir,
-                    used,
-                    last: 0,
-                    gens: HashMap::new(),
-                },
-            );
+            index.insert(net, SubnetIndex { dir, used, last: 0 });
         }
         Ok(Ipam {
             root,
@@ -207,7 +211,7 @@ impl Ipam {
         idx.get(&net)?
             .used
             .iter()
-            .find(|(_, h)| h.owner == *owner)
+            .find(|(_, x)| x.holder.owner == *owner)
             .map(|(a, _)| *a)
     }
 
@@ -231,17 +235,11 @@ impl Ipam {
                     dir: dir.clone(),
                     used: HashMap::new(),
                     last: 0,
-                    gens: HashMap::new(),
                 });
                 let gen = self.gen.fetch_add(1, Ordering::Relaxed);
-                if let Some(a) = s
-                    .used
-                    .iter()
-                    .find(|(_, h)| h.owner == *owner)
-                    .map(|(a, _)| *a)
-                {
-                    s.gens.insert(a, gen);
-                    return Ok((a, false));
+                if let Some((a, x)) = s.used.iter_mut().find(|(_, x)| x.holder.owner == *owner) {
+                    x.gen = gen;
+                    return Ok((*a, false));
                 }
                 let size = last - first + 1;
                 let start = if s.last >= first && s.last < last {
@@ -260,15 +258,12 @@ impl Ipam {
                     });
                 };
                 // Reserved in memory now; the file below makes it real.
-                s.used.insert(
-                    addr,
-                    Holder {
-                        owner: owner.clone(),
-                        network: network.to_string(),
-                    },
-                );
+                let holder = Holder {
+                    owner: owner.clone(),
+                    network: network.to_string(),
+                };
+                s.used.insert(addr, Slot { holder, gen });
                 s.last = u32::from(addr);
-                s.gens.insert(addr, gen);
                 (addr, s.dir.clone())
             };
             let path = dir.join(addr.to_string());
@@ -290,9 +285,9 @@ impl Ipam {
                 }
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => {
                     // Someone else's file we did not know about: adopt it and pick again.
-                    let h = read_holder(&path);
+                    let holder = read_holder(&path);
                     if let Some(s) = self.lock().get_mut(&net) {
-                        s.used.insert(addr, h);
+                        s.used.insert(addr, Slot { holder, gen: 0 });
                     }
                 }
                 Err(e) => {
@@ -306,7 +301,6 @@ impl Ipam {
     fn forget(&self, net: Ipv4Net, addr: Ipv4Addr) {
         if let Some(s) = self.lock().get_mut(&net) {
             s.used.remove(&addr);
-            s.gens.remove(&addr);
         }
     }
 
@@ -344,7 +338,7 @@ impl Ipam {
                 .flat_map(|(net, s)| {
                     s.used
                         .iter()
-                        .filter(|(_, h)| h.owner == *owner)
+                        .filter(|(_, x)| x.holder.owner == *owner)
                         .map(move |(a, _)| (*net, *a))
                 })
                 .collect()
@@ -359,22 +353,21 @@ impl Ipam {
             .flat_map(|(net, s)| {
                 s.used
                     .iter()
-                    .filter(|(_, h)| h.in_gc_of(network) && !valid.contains(&h.owner))
-                    .map(move |(a, h)| Claim {
+                    .filter(|(_, x)| x.holder.in_gc_of(network) && !valid.contains(&x.holder.owner))
+                    .map(move |(a, x)| Claim {
                         net: *net,
                         addr: *a,
-                        owner: h.owner.clone(),
-                        gen: s.gens.get(a).copied().unwrap_or(0),
+                        owner: x.holder.owner.clone(),
+                        gen: x.gen,
                     })
             })
             .collect()
     }
 
     fn is_unchanged(idx: &HashMap<Ipv4Net, SubnetIndex>, c: &Claim) -> bool {
-        idx.get(&c.net).is_some_and(|s| {
-            s.used.get(&c.addr).is_some_and(|h| h.owner == c.owner)
-                && s.gens.get(&c.addr).copied().unwrap_or(0) == c.gen
-        })
+        idx.get(&c.net)
+            .and_then(|s| s.used.get(&c.addr))
+            .is_some_and(|x| x.holder.owner == c.owner && x.gen == c.gen)
     }
 
     /// Whether `c` still holds as GC saw it.
@@ -397,20 +390,8 @@ impl Ipam {
         }
         if let Some(s) = idx.get_mut(&c.net) {
             s.used.remove(&c.addr);
-            s.gens.remove(&c.addr);
         }
         Ok(true)
-    }
-
-    /// Releases every allocation of CNI network `network` whose owner is not in `valid`.
-    pub fn gc(&self, network: &str, valid: &HashSet<Owner>) -> Result<Vec<Ipv4Addr>, IpamError> {
-        let mut freed = Vec::new();
-        for c in self.gc_candidates(network, valid) {
-            if self.release_claim(&c)? {
-                freed.push(c.addr);
-            }
-        }
-        Ok(freed)
     }
 
     /// Every allocation, sorted.
@@ -418,7 +399,11 @@ impl Ipam {
         let idx = self.lock();
         let mut v: Vec<_> = idx
             .iter()
-            .flat_map(|(net, s)| s.used.iter().map(move |(a, o)| (*net, *a, o.clone())))
+            .flat_map(|(net, s)| {
+                s.used
+                    .iter()
+                    .map(move |(a, x)| (*net, *a, x.holder.clone()))
+            })
             .collect();
         v.sort();
         v
@@ -428,6 +413,16 @@ impl Ipam {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// GC without concurrent operations: every candidate released.
+    fn gc(ipam: &Ipam, network: &str, valid: &HashSet<Owner>) -> Vec<Ipv4Addr> {
+        let claims = ipam.gc_candidates(network, valid);
+        claims
+            .into_iter()
+            .filter(|c| ipam.release_claim(c).unwrap())
+            .map(|c| c.addr)
+            .collect()
+    }
 
     fn tmp() -> PathBuf {
         let d = std::env::temp_dir().join(format!(
@@ -516,7 +511,7 @@ mod tests {
         ipam.allocate(old, &Owner::new("c3", "eth0"), "net1")
             .unwrap();
         let valid: HashSet<_> = [Owner::new("c1", "eth0")].into_iter().collect();
-        let mut freed = ipam.gc("net1", &valid).unwrap();
+        let mut freed = gc(&ipam, "net1", &valid);
         freed.sort();
         assert_eq!(freed.len(), 3, "{freed:?}");
         assert!(freed.contains(&b));
@@ -541,13 +536,13 @@ mod tests {
             "c2\neth1\nnet2\n"
         );
         // net1's GC with an empty list: its own and the legacy one go, net2's stays.
-        let mut freed = ipam.gc("net1", &HashSet::new()).unwrap();
+        let mut freed = gc(&ipam, "net1", &HashSet::new());
         freed.sort();
         assert_eq!(freed, vec![a, "10.244.1.200".parse().unwrap()]);
         let left = ipam.allocations();
         assert_eq!(left.len(), 1);
         assert_eq!((left[0].1, left[0].2.network.as_str()), (b, "net2"));
-        assert_eq!(ipam.gc("net2", &HashSet::new()).unwrap(), vec![b]);
+        assert_eq!(gc(&ipam, "net2", &HashSet::new()), vec![b]);
         fs::remove_dir_all(d).unwrap();
     }
 
