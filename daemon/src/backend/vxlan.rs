@@ -178,14 +178,23 @@ impl Backend for VxlanBackend {
             }
             r => r?,
         };
-        if let Some(on) = self.tx_checksum {
-            // Not fatal: traffic that is not NATed flows either way.
-            match ethtool::set_tx_checksum(&self.name, on) {
-                Ok(true) => tracing::info!(device = %self.name, on, "tx checksum offload set"),
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot set tx checksum offload"),
-            }
-        }
+        // As enforced, or as the kernel has it. A failure is not fatal: traffic that is not
+        // NATed flows either way.
+        let tx_checksum = match self.tx_checksum {
+            Some(on) => match ethtool::set_tx_checksum(&self.name, on) {
+                Ok(changed) => {
+                    if changed {
+                        tracing::info!(device = %self.name, on, "tx checksum offload set");
+                    }
+                    Some(on)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot set tx checksum offload");
+                    ethtool::tx_checksum(&self.name).ok()
+                }
+            },
+            None => ethtool::tx_checksum(&self.name).ok(),
+        };
         self.ifindex = Some(ifindex);
         self.local_ip = Some(local.public_ip);
         self.underlay_net = if self.cfg.direct_routing {
@@ -200,7 +209,7 @@ impl Backend for VxlanBackend {
             name: self.name.clone(),
             ifindex,
             mtu,
-            tx_checksum: ethtool::tx_checksum(&self.name).ok(),
+            tx_checksum,
         })
     }
 
