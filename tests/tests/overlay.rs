@@ -1059,6 +1059,16 @@ fn checksum_offload_setting_reaches_the_device() -> Result<()> {
     Ok(())
 }
 
+/// A VXLAN device `name` on node i with twill's VNI (1) and port (8472), local = the node's
+/// address: what flanneld leaves behind as `flannel.1`.
+fn add_vxlan_on_our_vni(lab: &Lab, i: usize, name: &str) -> Result<()> {
+    let ip = lab.node_ip(i).to_string();
+    let args =
+        format!("ip link add {name} type vxlan id 1 local {ip} dev eth0 dstport 8472 nolearning");
+    lab.exec_ok(i, &args.split(' ').collect::<Vec<_>>())
+        .map(|_| ())
+}
+
 /// Moving a node from flanneld to twilld. Node 1 starts as a flanneld node would leave it: its
 /// lease in flannel's format, `flannel.1` (same VNI and port as twill's device) programmed for
 /// node 2, which runs twilld: the two kinds of node reach each other. Then twilld starts on
@@ -1071,26 +1081,7 @@ fn a_flannel_node_moves_to_twill_keeping_its_subnet() -> Result<()> {
     let subnet = "10.244.177.0/24";
     let gw = subnet_gateway(subnet);
     let ip1 = lab.node_ip(1).to_string();
-    lab.exec_ok(
-        1,
-        &[
-            "ip",
-            "link",
-            "add",
-            "flannel.1",
-            "type",
-            "vxlan",
-            "id",
-            "1",
-            "local",
-            &ip1,
-            "dev",
-            "eth0",
-            "dstport",
-            "8472",
-            "nolearning",
-        ],
-    )?;
+    add_vxlan_on_our_vni(&lab, 1, "flannel.1")?;
     lab.exec_ok(
         1,
         &["ip", "addr", "add", &format!("{gw}/32"), "dev", "flannel.1"],
@@ -1193,27 +1184,7 @@ fn a_flannel_node_moves_to_twill_keeping_its_subnet() -> Result<()> {
 fn a_foreign_device_on_our_vni_is_named_not_deleted() -> Result<()> {
     let mut lab = new_lab(1);
     lab.put_config(CONFIG)?;
-    let ip1 = lab.node_ip(1).to_string();
-    lab.exec_ok(
-        1,
-        &[
-            "ip",
-            "link",
-            "add",
-            "other.1",
-            "type",
-            "vxlan",
-            "id",
-            "1",
-            "local",
-            &ip1,
-            "dev",
-            "eth0",
-            "dstport",
-            "8472",
-            "nolearning",
-        ],
-    )?;
+    add_vxlan_on_our_vni(&lab, 1, "other.1")?;
     lab.start_daemon(1)?;
     let status = lab.wait_daemon_exit(1, READY)?;
     assert!(!status.success());
