@@ -9,19 +9,37 @@ use twill_tests::{wait_until, Lab, LabOptions};
 
 const CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 
-#[test]
-fn pods_on_three_nodes_reach_each_other_without_nat() -> Result<()> {
+/// A lab of `nodes` nodes with twilld running and ready on each.
+fn ready_lab(nodes: usize) -> Result<Lab> {
     let mut lab = Lab::new(LabOptions {
-        nodes: 3,
+        nodes,
         ..Default::default()
     })?;
     lab.put_config(CONFIG)?;
-    for i in 1..=3 {
+    for i in 1..=nodes {
         lab.start_daemon(i)?;
     }
-    for i in 1..=3 {
+    for i in 1..=nodes {
         lab.wait_ready(i, Duration::from_secs(30))?;
     }
+    Ok(lab)
+}
+
+/// Every node lists all the others as peers (their overlay routes are in place).
+fn wait_meshed(lab: &Lab) -> Result<()> {
+    let n = lab.nodes();
+    wait_until(Duration::from_secs(20), || {
+        (1..=n).all(|i| {
+            lab.status(i)
+                .map(|s| s["peers"].as_array().map_or(0, |a| a.len()) == n - 1)
+                .unwrap_or(false)
+        })
+    })
+}
+
+#[test]
+fn pods_on_three_nodes_reach_each_other_without_nat() -> Result<()> {
+    let mut lab = ready_lab(3)?;
     let mut pods = Vec::new();
     for i in 1..=3 {
         pods.push(lab.add_pod(i, "a")?);
@@ -43,14 +61,7 @@ fn pods_on_three_nodes_reach_each_other_without_nat() -> Result<()> {
             p.ip
         );
     }
-    // Overlay routes are in place once every node sees two peers.
-    wait_until(Duration::from_secs(20), || {
-        (1..=3).all(|i| {
-            lab.status(i)
-                .map(|s| s["peers"].as_array().map_or(0, |a| a.len()) == 2)
-                .unwrap_or(false)
-        })
-    })?;
+    wait_meshed(&lab)?;
     for a in &pods {
         for b in &pods {
             if a.id == b.id {
@@ -84,13 +95,7 @@ fn netns_visible_only_in_the_plugins_mount_namespace() -> Result<()> {
     use std::io::Write;
     use std::process::Stdio;
 
-    let mut lab = Lab::new(LabOptions {
-        nodes: 1,
-        ..Default::default()
-    })?;
-    lab.put_config(CONFIG)?;
-    lab.start_daemon(1)?;
-    lab.wait_ready(1, Duration::from_secs(30))?;
+    let mut lab = ready_lab(1)?;
     let ns = lab.pod_ns(1, "priv");
     twill_tests::netns::add(&ns)?;
     let private = lab.dir().join("private-netns");
@@ -165,25 +170,9 @@ fn netns_visible_only_in_the_plugins_mount_namespace() -> Result<()> {
 /// work, and a pod created meanwhile reaches a pod on another node.
 #[test]
 fn pods_come_and_go_while_etcd_is_down() -> Result<()> {
-    let mut lab = Lab::new(LabOptions {
-        nodes: 2,
-        ..Default::default()
-    })?;
-    lab.put_config(CONFIG)?;
-    for i in 1..=2 {
-        lab.start_daemon(i)?;
-    }
-    for i in 1..=2 {
-        lab.wait_ready(i, Duration::from_secs(30))?;
-    }
+    let mut lab = ready_lab(2)?;
     let remote = lab.add_pod(2, "r")?;
-    wait_until(Duration::from_secs(20), || {
-        (1..=2).all(|i| {
-            lab.status(i)
-                .map(|s| s["peers"].as_array().map_or(0, |a| a.len()) == 1)
-                .unwrap_or(false)
-        })
-    })?;
+    wait_meshed(&lab)?;
 
     lab.stop_etcd()?;
     assert!(lab.etcdctl(&["get", "/"]).is_err(), "etcd still answers");
