@@ -165,9 +165,9 @@ impl Backoff {
 }
 
 /// Acquire our subnet: reuse the lease carrying `attrs.public_ip` or `attrs.vtep_mac`, else
-/// `previous` (from the old
-/// subnet file) if free, else random among the first 100 free. Claims with a create-if-absent
-/// transaction and retries on a lost race. Never returns a subnet another node holds.
+/// `previous` (from the old subnet file) if free, else random among the first 100 free. Claims
+/// with a create-if-absent transaction and retries on a lost race. Never returns a subnet
+/// another node holds.
 pub async fn acquire<R: SubnetRegistry>(
     reg: &R,
     cfg: &NetworkConfig,
