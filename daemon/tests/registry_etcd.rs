@@ -549,8 +549,9 @@ fn two_keepers_of_one_lease_back_off() -> Result<()> {
         for _ in 0..2 {
             let lease = acquire(&reg, &c, &attrs(1), None, ttl).await?;
             let metrics = Arc::new(Metrics::default());
-            let (_attrs_tx, attrs_rx) = watch::channel(attrs(1));
-            let (out_tx, _out_rx) = watch::channel(lease.clone());
+            let (attrs_tx, attrs_rx) = watch::channel(attrs(1));
+            let (out_tx, out_rx) = watch::channel(lease.clone());
+            // The channels' other ends stay alive with the task, as in the daemon.
             tasks.push((
                 tokio::spawn(keep_lease(
                     reg.clone(),
@@ -561,8 +562,8 @@ fn two_keepers_of_one_lease_back_off() -> Result<()> {
                     out_tx,
                     metrics.clone(),
                 )),
-                _attrs_tx,
-                _out_rx,
+                attrs_tx,
+                out_rx,
             ));
             all.push(metrics);
         }
@@ -574,7 +575,7 @@ fn two_keepers_of_one_lease_back_off() -> Result<()> {
         for (t, _, _) in &tasks {
             t.abort();
         }
-        // Without the backoff this is in the hundreds (each round is a few etcd round trips);
+        // Without the backoff this was 111 here (each round is a few etcd round trips);
         // with it, about five per keeper. At least one loss shows the two did collide.
         assert!((1..40).contains(&total), "{total} re-acquisitions in 4 s");
         Ok(())
