@@ -1,0 +1,320 @@
+//! Pod traffic through other tools' forward chains. An nftables `accept` ends only the base
+//! chain it is in, so twill's own accept cannot override another table's drop: Docker sets
+//! iptables' FORWARD policy to DROP, firewalld ends its forward chain with a reject, an
+//! nftables host may have `policy drop`. The only thing that works is an accept in *their*
+//! chain, ahead of the drop. So: find forward-hook base chains that would drop (policy drop, or
+//! a last rule that drops unconditionally) and insert `saddr/daddr <pod network> accept` at
+//! their top, marked with a comment so they are found again (and removed when turned off).
+//!
+//! iptables' own chains (`ip filter FORWARD`, legacy or nft) are changed with the iptables
+//! command, so iptables keeps understanding its table; every other chain with nft.
+
+use std::collections::BTreeSet;
+
+use ipnet::Ipv4Net;
+use serde_json::Value;
+
+use crate::nft::{iptables::Iptables, Nft, NftError};
+
+/// The comment on every rule twill puts in another tool's chain.
+pub const COMMENT: &str = "twill-forward";
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ForwardReport {
+    /// `family table chain` of each chain a rule was added to in this pass.
+    pub added: Vec<String>,
+    /// Every foreign chain that would drop pod traffic (and has our accepts now).
+    pub chains: Vec<String>,
+}
+
+/// A foreign forward-hook base chain, as `nft -j list ruleset` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForeignChain {
+    pub family: String,
+    pub table: String,
+    pub name: String,
+    /// It drops what no rule accepts (policy drop, or an unconditional drop/reject last).
+    pub drops: bool,
+    /// Our rules in it: (handle, "saddr"|"daddr", network).
+    pub ours: Vec<(u64, &'static str, Ipv4Net)>,
+    last_rule_drops: bool,
+}
+
+impl ForeignChain {
+    pub fn id(&self) -> String {
+        format!("{} {} {}", self.family, self.table, self.name)
+    }
+}
+
+/// Forward-hook base chains of the ip and inet families in `listing`, other than twill's.
+pub fn foreign_forward_chains(listing: &Value) -> Vec<ForeignChain> {
+    let Some(items) = listing.get("nftables").and_then(Value::as_array) else {
+        return Vec::new();
+    };
+    let mut chains: Vec<ForeignChain> = items
+        .iter()
+        .filter_map(|i| i.get("chain"))
+        .filter(|c| c.get("hook").and_then(Value::as_str) == Some("forward"))
+        .filter_map(|c| {
+            let s = |k: &str| c.get(k).and_then(Value::as_str).map(str::to_string);
+            let family = s("family")?;
+            let table = s("table")?;
+            if !matches!(family.as_str(), "ip" | "inet") || table.starts_with("twill") {
+                return None;
+            }
+            Some(ForeignChain {
+                family,
+                table,
+                name: s("name")?,
+                drops: s("policy").as_deref() == Some("drop"),
+                ours: Vec::new(),
+                last_rule_drops: false,
+            })
+        })
+        .collect();
+    for r in items.iter().filter_map(|i| i.get("rule")) {
+        let s = |k: &str| r.get(k).and_then(Value::as_str);
+        let Some(c) = chains.iter_mut().find(|c| {
+            s("family") == Some(c.family.as_str())
+                && s("table") == Some(c.table.as_str())
+                && s("chain") == Some(c.name.as_str())
+        }) else {
+            continue;
+        };
+        let expr = r.get("expr").and_then(Value::as_array);
+        if s("comment") == Some(COMMENT) {
+            if let (Some(h), Some((dir, net))) = (
+                r.get("handle").and_then(Value::as_u64),
+                expr.and_then(|e| our_match(e)),
+            ) {
+                c.ours.push((h, dir, net));
+            }
+        }
+        // Rules come in chain order: only the last one decides "ends with a drop".
+        let last_drops = expr.is_some_and(|e| {
+            e.iter()
+                .any(|x| x.get("drop").is_some() || x.get("reject").is_some())
+                && e.iter().all(|x| {
+                    ["drop", "reject", "counter", "log"]
+                        .iter()
+                        .any(|k| x.get(*k).is_some())
+                })
+        });
+        c.last_rule_drops = last_drops;
+    }
+    for c in &mut chains {
+        c.drops |= c.last_rule_drops;
+    }
+    chains
+}
+
+/// `ip saddr|daddr <net> accept`, as nft lists the rules twill inserts.
+fn our_match(expr: &[Value]) -> Option<(&'static str, Ipv4Net)> {
+    let m = expr.iter().find_map(|x| x.get("match"))?;
+    let field = m.pointer("/left/payload/field")?.as_str()?;
+    let dir = match field {
+        "saddr" => "saddr",
+        "daddr" => "daddr",
+        _ => return None,
+    };
+    let right = m.get("right")?;
+    let net = match right.get("prefix") {
+        Some(p) => Ipv4Net::new(
+            p.get("addr")?.as_str()?.parse().ok()?,
+            u8::try_from(p.get("len")?.as_u64()?).ok()?,
+        )
+        .ok()?,
+        None => Ipv4Net::new(right.as_str()?.parse().ok()?, 32).ok()?,
+    };
+    Some((dir, net))
+}
+
+/// The nft commands that make `chain` accept `nets` first (when it drops) and drop our stale
+/// rules (for networks no longer wanted, or all of them when it does not drop).
+pub fn plan(chain: &ForeignChain, nets: &[Ipv4Net]) -> Vec<String> {
+    let want: BTreeSet<(&str, Ipv4Net)> = if chain.drops {
+        nets.iter()
+            .flat_map(|n| [("saddr", *n), ("daddr", *n)])
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
+    let have: BTreeSet<(&str, Ipv4Net)> = chain.ours.iter().map(|(_, d, n)| (*d, *n)).collect();
+    let id = chain.id();
+    let mut cmds: Vec<String> = chain
+        .ours
+        .iter()
+        .filter(|(_, d, n)| !want.contains(&(*d, *n)))
+        .map(|(h, _, _)| format!("delete rule {id} handle {h}"))
+        .collect();
+    // Each goes to the top: daddr first, so saddr ends up first.
+    for (dir, net) in want.difference(&have) {
+        cmds.push(format!(
+            "insert rule {id} ip {dir} {net} accept comment \"{COMMENT}\""
+        ));
+    }
+    cmds
+}
+
+pub struct ForwardAccept {
+    nft: Nft,
+    iptables: Option<Iptables>,
+}
+
+impl ForwardAccept {
+    pub fn new(nft: Nft) -> Self {
+        ForwardAccept {
+            iptables: Iptables::find(),
+            nft,
+        }
+    }
+
+    /// Makes every foreign forward chain that would drop pod traffic accept `nets` first, and
+    /// removes our rules where they are no longer wanted (`nets` empty: everywhere).
+    pub async fn ensure(&self, nets: &[Ipv4Net]) -> Result<ForwardReport, NftError> {
+        let mut report = ForwardReport::default();
+        let mut iptables_owns_filter = false;
+        if let Some(ipt) = &self.iptables {
+            iptables_owns_filter = ipt.is_nft();
+            let (drops, added) = ipt.ensure_forward_accept(nets, COMMENT).await?;
+            if drops {
+                report.chains.push("iptables FORWARD".into());
+            }
+            if added {
+                report.added.push("iptables FORWARD".into());
+            }
+        }
+        let Some(listing) = self.nft.list_json(&["list", "ruleset"]).await? else {
+            return Ok(report);
+        };
+        let mut script = String::new();
+        for chain in foreign_forward_chains(&listing) {
+            if iptables_owns_filter
+                && chain.family == "ip"
+                && chain.table == "filter"
+                && chain.name == "FORWARD"
+            {
+                continue;
+            }
+            if chain.drops {
+                report.chains.push(chain.id());
+            }
+            let cmds = plan(&chain, nets);
+            if cmds.iter().any(|c| c.starts_with("insert")) {
+                report.added.push(chain.id());
+            }
+            for c in cmds {
+                script.push_str(&c);
+                script.push('\n');
+            }
+        }
+        if !script.is_empty() {
+            self.nft.run("forward accept rules", &script).await?;
+        }
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn net() -> Ipv4Net {
+        "10.244.0.0/16".parse().unwrap()
+    }
+
+    fn listing(rules: Vec<Value>, policy: &str) -> Value {
+        let mut items = vec![
+            json!({"table": {"family": "inet", "name": "filter"}}),
+            json!({"chain": {"family": "inet", "table": "filter", "name": "forward",
+                "type": "filter", "hook": "forward", "prio": 0, "policy": policy}}),
+            json!({"chain": {"family": "inet", "table": "filter", "name": "input",
+                "type": "filter", "hook": "input", "prio": 0, "policy": "drop"}}),
+            json!({"chain": {"family": "ip", "table": "twill-masq", "name": "forward",
+                "type": "filter", "hook": "forward", "prio": 0, "policy": "drop"}}),
+            json!({"chain": {"family": "ip6", "table": "f6", "name": "forward",
+                "type": "filter", "hook": "forward", "prio": 0, "policy": "drop"}}),
+        ];
+        items.extend(rules);
+        json!({ "nftables": items })
+    }
+
+    fn rule(handle: u64, expr: Value, comment: Option<&str>) -> Value {
+        let mut r = json!({"family": "inet", "table": "filter", "chain": "forward",
+            "handle": handle, "expr": expr});
+        if let Some(c) = comment {
+            r["comment"] = json!(c);
+        }
+        json!({ "rule": r })
+    }
+
+    fn ours(handle: u64, field: &str, net: &str) -> Value {
+        let (addr, len) = net.split_once('/').unwrap();
+        rule(
+            handle,
+            json!([{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": field}},
+                "right": {"prefix": {"addr": addr, "len": len.parse::<u64>().unwrap()}}}},
+                {"accept": null}]),
+            Some(COMMENT),
+        )
+    }
+
+    #[test]
+    fn only_foreign_ipv4_forward_chains_that_drop_get_rules() {
+        let chains = foreign_forward_chains(&listing(vec![], "drop"));
+        assert_eq!(chains.len(), 1, "{chains:?}");
+        assert_eq!(chains[0].id(), "inet filter forward");
+        assert!(chains[0].drops);
+        assert_eq!(
+            plan(&chains[0], &[net()]),
+            vec![
+                "insert rule inet filter forward ip daddr 10.244.0.0/16 accept comment \"twill-forward\"",
+                "insert rule inet filter forward ip saddr 10.244.0.0/16 accept comment \"twill-forward\"",
+            ]
+        );
+        let accepting = foreign_forward_chains(&listing(vec![], "accept"));
+        assert!(!accepting[0].drops);
+        assert!(plan(&accepting[0], &[net()]).is_empty());
+    }
+
+    #[test]
+    fn an_unconditional_reject_last_counts_as_dropping() {
+        // firewalld's forward chain: policy accept, but it ends with a reject.
+        let conditional = rule(
+            7,
+            json!([{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "docker0"}},
+                {"drop": null}]),
+            None,
+        );
+        let reject = rule(
+            8,
+            json!([{"counter": null}, {"reject": {"type": "icmpx"}}]),
+            None,
+        );
+        let c = foreign_forward_chains(&listing(vec![reject], "accept"));
+        assert!(c[0].drops);
+        let c = foreign_forward_chains(&listing(vec![conditional], "accept"));
+        assert!(!c[0].drops, "a conditional drop does not drop everything");
+    }
+
+    #[test]
+    fn present_rules_are_kept_and_stale_ones_removed() {
+        let l = listing(
+            vec![
+                ours(3, "saddr", "10.244.0.0/16"),
+                ours(4, "daddr", "10.244.0.0/16"),
+                ours(5, "saddr", "10.99.0.0/16"),
+            ],
+            "drop",
+        );
+        let c = &foreign_forward_chains(&l)[0];
+        assert_eq!(c.ours.len(), 3);
+        assert_eq!(
+            plan(c, &[net()]),
+            vec!["delete rule inet filter forward handle 5"]
+        );
+        // Turned off: all ours go.
+        assert_eq!(plan(c, &[]).len(), 3);
+    }
+}

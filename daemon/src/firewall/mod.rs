@@ -1,0 +1,147 @@
+//! The firewall concern: twill's own nftables tables (masquerade now, network policy next), and
+//! accept rules for pod traffic in other tools' forward chains that would drop it. `Firewall`
+//! is the trait the daemon talks to; `NftFirewall` implements it with the nft writer.
+
+pub mod forward;
+
+use std::collections::BTreeMap;
+
+use ipnet::Ipv4Net;
+use serde::Serialize;
+
+use crate::nft::model::{Family, Table};
+use crate::nft::{Check, Nft, NftError, TableWriter};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FirewallError {
+    #[error("table {table}: {err}")]
+    Table { table: String, err: NftError },
+    #[error("forward rules: {0}")]
+    Forward(NftError),
+}
+
+/// What twill wants in the firewall.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// Tables by (family, name). A name mapped to None is removed (a feature turned off must
+    /// not leave its rules behind, also from an earlier run).
+    pub tables: BTreeMap<(Family, String), Option<Table>>,
+    /// Networks to accept in other tools' forward chains that would drop them; empty removes
+    /// the rules twill put there.
+    pub forward_accept: Vec<Ipv4Net>,
+}
+
+/// What a pass found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Report {
+    /// Tables that had been changed by someone else and were put back.
+    pub restored: Vec<String>,
+    /// Accept rules added to other tools' chains, as `family table chain`.
+    pub forward_added: Vec<String>,
+    /// Other tools' forward chains that would drop pod traffic and now accept it first.
+    pub forward_chains: Vec<String>,
+}
+
+#[allow(async_fn_in_trait)]
+pub trait Firewall: Send {
+    /// Makes the kernel hold `desired`; each table changes in one transaction.
+    async fn apply(&mut self, desired: &Desired) -> Result<Report, FirewallError>;
+    /// Compares the kernel with the last `apply` and repairs what someone else changed.
+    async fn check(&mut self) -> Result<Report, FirewallError>;
+}
+
+pub struct NftFirewall {
+    nft: Nft,
+    writers: BTreeMap<(Family, String), TableWriter>,
+    desired: Desired,
+    forward: forward::ForwardAccept,
+}
+
+impl NftFirewall {
+    pub fn new(nft: Nft) -> Self {
+        NftFirewall {
+            forward: forward::ForwardAccept::new(nft.clone()),
+            nft,
+            writers: BTreeMap::new(),
+            desired: Desired::default(),
+        }
+    }
+
+    fn writer(&mut self, key: &(Family, String)) -> &mut TableWriter {
+        let nft = self.nft.clone();
+        self.writers
+            .entry(key.clone())
+            .or_insert_with(|| TableWriter::new(nft))
+    }
+
+    async fn sync_forward(&mut self, report: &mut Report) -> Result<(), FirewallError> {
+        let f = self
+            .forward
+            .ensure(&self.desired.forward_accept)
+            .await
+            .map_err(FirewallError::Forward)?;
+        report.forward_added = f.added;
+        report.forward_chains = f.chains;
+        Ok(())
+    }
+}
+
+impl Firewall for NftFirewall {
+    async fn apply(&mut self, desired: &Desired) -> Result<Report, FirewallError> {
+        self.desired = desired.clone();
+        let mut report = Report::default();
+        let mut first_err = None;
+        for (key, table) in &desired.tables {
+            let w = self.writer(key);
+            let res = match table {
+                Some(t) => w.apply(t).await,
+                None => w.remove(key.0, &key.1).await,
+            };
+            if let Err(err) = res {
+                first_err.get_or_insert(FirewallError::Table {
+                    table: format!("{} {}", key.0, key.1),
+                    err,
+                });
+            }
+        }
+        if let Err(e) = self.sync_forward(&mut report).await {
+            first_err.get_or_insert(e);
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(report),
+        }
+    }
+
+    async fn check(&mut self) -> Result<Report, FirewallError> {
+        let mut report = Report::default();
+        let mut first_err = None;
+        let keys: Vec<_> = self.writers.keys().cloned().collect();
+        for key in keys {
+            let want = self.desired.tables.get(&key).cloned().flatten();
+            let w = self.writer(&key);
+            // A table that failed to apply has nothing to compare with: apply it again.
+            let res = match (&want, w.applied()) {
+                (Some(t), None) => w.apply(t).await.map(|()| Check::Restored),
+                _ => w.check().await,
+            };
+            match res {
+                Ok(Check::Restored) => report.restored.push(format!("{} {}", key.0, key.1)),
+                Ok(_) => {}
+                Err(err) => {
+                    first_err.get_or_insert(FirewallError::Table {
+                        table: format!("{} {}", key.0, key.1),
+                        err,
+                    });
+                }
+            }
+        }
+        if let Err(e) = self.sync_forward(&mut report).await {
+            first_err.get_or_insert(e);
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(report),
+        }
+    }
+}
