@@ -4,6 +4,7 @@
 //! `twill-bench <scenario>|all [--quick] [--out DIR]` writes `<scenario>.json` and `.md` per
 //! scenario, `summary.json` / `summary.md` for `all`, and SVG charts of the CNI latencies.
 
+mod backends;
 mod cni;
 mod coldstart;
 mod common;
@@ -35,16 +36,18 @@ enum Scenario {
     Coldstart,
     Footprint,
     Datapath,
+    Backends,
     Etcd,
     All,
 }
 
-const ALL: [Scenario; 6] = [
+const ALL: [Scenario; 7] = [
     Scenario::Cni,
     Scenario::Convergence,
     Scenario::Coldstart,
     Scenario::Footprint,
     Scenario::Datapath,
+    Scenario::Backends,
     Scenario::Etcd,
 ];
 
@@ -56,6 +59,7 @@ impl Scenario {
             Scenario::Coldstart => "coldstart",
             Scenario::Footprint => "footprint",
             Scenario::Datapath => "datapath",
+            Scenario::Backends => "backends",
             Scenario::Etcd => "etcd",
             Scenario::All => "all",
         }
@@ -172,6 +176,7 @@ fn run_one(ctx: &Ctx, s: Scenario, out: &Path) -> ScenarioResult {
         Scenario::Coldstart => coldstart::run(ctx, &mut r),
         Scenario::Footprint => footprint::run(ctx, &mut r),
         Scenario::Datapath => datapath::run(ctx, &mut r),
+        Scenario::Backends => backends::run(ctx, &mut r),
         Scenario::Etcd => etcd_load::run(ctx, &mut r),
         Scenario::All => Err(anyhow!("'all' is not a single scenario")),
     }));

@@ -7,12 +7,13 @@ use std::process::Command;
 
 use serde_json::Value;
 
-const SCENARIOS: [&str; 6] = [
+const SCENARIOS: [&str; 7] = [
     "cni",
     "convergence",
     "coldstart",
     "footprint",
     "datapath",
+    "backends",
     "etcd",
 ];
 

@@ -1,0 +1,321 @@
+//! Backends and masquerade, side by side in one run on one two-node lab:
+//! - pod-to-pod TCP throughput (1 and 8 streams) and RTT with vxlan, host-gw and vxlan with
+//!   DirectRouting, each against node-to-node over the underlay measured right next to it;
+//! - pod-to-world throughput and TCP connection rate with masquerade against the same pod
+//!   reaching the world unNATed (a route back to the pod network on the world's side).
+//!
+//! The backend is switched between daemon restarts (what an operator does), and the pods are
+//! made anew for each backend so they get that backend's MTU.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::process::Child;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use serde_json::{json, Value};
+use twill_tests::lab::UNDERLAY_IP;
+use twill_tests::{netns, wait_until, Lab, Pod};
+
+use crate::common::{self, Ctx};
+use crate::report::{Metric, ScenarioResult};
+
+const BACKENDS: [(&str, &str); 3] = [
+    (
+        "vxlan",
+        r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#,
+    ),
+    (
+        "host-gw",
+        r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#,
+    ),
+    (
+        "vxlan DirectRouting",
+        r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#,
+    ),
+];
+
+fn ns_exec(ns: &str, args: &[&str]) -> Result<String> {
+    netns::check(args, netns::exec_cmd(ns, args).output()?)
+}
+
+/// Kills the iperf3 servers when the scenario ends, however it ends.
+struct Servers(Vec<Child>);
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn iperf_server(ns: &str, ip: &str, port: u16) -> Result<Child> {
+    Ok(
+        netns::exec_cmd(ns, &["iperf3", "-s", "-B", ip, "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?,
+    )
+}
+
+/// Gbit/s received by the server side.
+fn iperf(ns: &str, ip: &str, port: u16, secs: u32, streams: u32) -> Result<f64> {
+    let out = ns_exec(
+        ns,
+        &[
+            "iperf3",
+            "-c",
+            ip,
+            "-p",
+            &port.to_string(),
+            "-t",
+            &secs.to_string(),
+            "-P",
+            &streams.to_string(),
+            "-J",
+        ],
+    )?;
+    let v: Value = serde_json::from_str(&out).context("iperf3 -J output")?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+        .ok_or_else(|| anyhow!("no throughput in iperf3 output"))
+}
+
+fn rtts(ns: &str, dst: &str, count: u32) -> Result<Vec<f64>> {
+    let out = ns_exec(
+        ns,
+        &["ping", "-n", "-c", &count.to_string(), "-i", "0.01", dst],
+    )?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|t| t.split_whitespace().next()?.parse().ok())
+        .collect())
+}
+
+/// Restart both daemons on `config` and wait for the mesh.
+fn switch(lab: &mut Lab, config: &str, extra: &[&str]) -> Result<()> {
+    for i in 1..=2 {
+        if lab.daemon_running(i) {
+            lab.stop_daemon(i)?;
+        }
+    }
+    lab.put_config(config)?;
+    for i in 1..=2 {
+        common::start_daemon(lab, i, extra)?;
+    }
+    for i in 1..=2 {
+        lab.wait_ready(i, common::READY_TIMEOUT)?;
+    }
+    wait_until(Duration::from_secs(30), || {
+        (1..=2).all(|i| {
+            lab.status(i).is_ok_and(|s| {
+                s["peers"]
+                    .as_array()
+                    .is_some_and(|p| p.len() == 1 && p[0]["programmed"] == true)
+            })
+        })
+    })
+    .context("nodes did not mesh")
+}
+
+fn fresh_pods(lab: &mut Lab, old: Vec<Pod>, tag: &str) -> Result<Vec<Pod>> {
+    for p in &old {
+        lab.del_pod(p)?;
+    }
+    let pods = vec![lab.add_pod(1, tag)?, lab.add_pod(2, tag)?];
+    let dst = pods[1].ip;
+    wait_until(Duration::from_secs(30), || pods[0].ping(dst))
+        .context("pods do not reach each other")?;
+    Ok(pods)
+}
+
+/// TCP connections per second from `from_ns` to a listener at `ip:port` in `to_ns`, each
+/// connected, one byte exchanged, closed.
+fn conn_rate(from_ns: &str, to_ns: &str, ip: Ipv4Addr, port: u16, secs: f64) -> Result<f64> {
+    let addr = SocketAddr::from((ip, port));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (to, s2) = (to_ns.to_string(), stop.clone());
+    let server = std::thread::spawn(move || {
+        netns::in_netns(&to, move || -> std::io::Result<()> {
+            let l = TcpListener::bind(addr)?;
+            l.set_nonblocking(true)?;
+            let _ = ready_tx.send(());
+            while !s2.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((mut s, _)) => {
+                        use std::io::{Read, Write};
+                        s.set_nonblocking(false)?;
+                        let mut b = [0u8; 1];
+                        let _ = s.read(&mut b);
+                        let _ = s.write_all(&b);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_micros(50))
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        })
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .context("listener did not start")?;
+    let n = netns::in_netns(from_ns, move || -> std::io::Result<u64> {
+        use std::io::{Read, Write};
+        let start = Instant::now();
+        let mut n = 0;
+        while start.elapsed().as_secs_f64() < secs {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            s.write_all(b"x")?;
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b)?;
+            n += 1;
+        }
+        Ok(n)
+    })??;
+    stop.store(true, Ordering::Relaxed);
+    let _ = server.join();
+    Ok(n as f64 / secs)
+}
+
+pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
+    let (secs, runs, pings, rate_secs) = if ctx.quick {
+        (1, 1, 20, 0.5)
+    } else {
+        (5, 3, 200, 3.0)
+    };
+    res.config = json!({"iperf_seconds": secs, "runs": runs, "pings": pings,
+                        "connection_rate_seconds": rate_secs});
+    let mut lab = ctx.lab(2)?;
+    let (n1, n2) = (lab.node_ns(1), lab.node_ns(2));
+    let n2_ip = lab.node_ip(2).to_string();
+    let mut servers = Servers(vec![iperf_server(&n2, &n2_ip, 5201)?]);
+    let mut pods: Vec<Pod> = Vec::new();
+    let mut single: Vec<(&str, Vec<f64>)> = Vec::new();
+    for (name, config) in BACKENDS {
+        switch(&mut lab, config, &[])?;
+        pods = fresh_pods(&mut lab, pods, &name.replace(' ', "")[..5])?;
+        let (p1, p2) = (&pods[0], &pods[1]);
+        let server = iperf_server(&p2.ns, &p2.ip.to_string(), 5202)?;
+        servers.0.push(server);
+        let pip = p2.ip.to_string();
+        wait_until(Duration::from_secs(20), || {
+            iperf(&p1.ns, &pip, 5202, 1, 1).is_ok() && iperf(&n1, &n2_ip, 5201, 1, 1).is_ok()
+        })
+        .context("iperf3 servers did not come up")?;
+        for streams in [1u32, 8] {
+            let (mut pod, mut under) = (Vec::new(), Vec::new());
+            for r in 0..runs {
+                // Alternate which goes first: the machine's noise drifts.
+                if r % 2 == 0 {
+                    pod.push(iperf(&p1.ns, &pip, 5202, secs, streams)?);
+                    under.push(iperf(&n1, &n2_ip, 5201, secs, streams)?);
+                } else {
+                    under.push(iperf(&n1, &n2_ip, 5201, secs, streams)?);
+                    pod.push(iperf(&p1.ns, &pip, 5202, secs, streams)?);
+                }
+            }
+            let mut m = Metric::new(
+                &format!("{name}: TCP {streams} stream(s), pod-to-pod"),
+                "Gbit/s",
+                &pod,
+            )
+            .vs("underlay node-to-node", &under);
+            if streams == 1 && name != "vxlan" {
+                let met = m.ratio.map(|r| r >= 0.95);
+                m = m.target("at least 0.95 of the underlay", met);
+            }
+            res.metrics.push(m);
+            if streams == 1 {
+                single.push((name, pod));
+            }
+        }
+        let pod_rtt = rtts(&p1.ns, &pip, pings)?;
+        let under_rtt = rtts(&n1, &n2_ip, pings)?;
+        res.metrics.push(
+            Metric::new(&format!("{name}: RTT, pod-to-pod"), "ms", &pod_rtt)
+                .vs("underlay node-to-node", &under_rtt),
+        );
+        if let Some(mut s) = servers.0.pop() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+    }
+    // The routed backends against the tunnel, from the same run.
+    let vxlan = single[0].1.clone();
+    for (name, gbps) in &single[1..] {
+        res.metrics.push(
+            Metric::new(&format!("{name} vs vxlan: TCP 1 stream"), "Gbit/s", gbps)
+                .vs("vxlan pod-to-pod", &vxlan)
+                .note("ratio above 1: the encapsulation's cost saved"),
+        );
+    }
+
+    // Masquerade: the pod reaches the world with and without NAT (vxlan backend).
+    let world = lab.underlay_ns();
+    let world_ip = UNDERLAY_IP.to_string();
+    servers.0.push(iperf_server(&world, &world_ip, 5203)?);
+    let mut results: Vec<(bool, Vec<f64>, Vec<f64>)> = Vec::new();
+    for masq in [true, false] {
+        let flag = if masq {
+            "--ip-masq=true"
+        } else {
+            "--ip-masq=false"
+        };
+        switch(&mut lab, BACKENDS[0].1, &[flag])?;
+        pods = fresh_pods(&mut lab, pods, if masq { "masq" } else { "nonat" })?;
+        let p1 = &pods[0];
+        let sub = lab.status(1)?["node"]["subnet"]
+            .as_str()
+            .context("no subnet")?
+            .to_string();
+        let via = lab.node_ip(1).to_string();
+        if !masq {
+            // The world needs a route back to reach the pod's own address.
+            ns_exec(&world, &["ip", "route", "replace", &sub, "via", &via])?;
+        }
+        wait_until(Duration::from_secs(20), || {
+            iperf(&p1.ns, &world_ip, 5203, 1, 1).is_ok()
+        })
+        .context("pod does not reach the world")?;
+        let mut gbps = Vec::new();
+        let mut rate = Vec::new();
+        for _ in 0..runs {
+            gbps.push(iperf(&p1.ns, &world_ip, 5203, secs, 1)?);
+            rate.push(conn_rate(&p1.ns, &world, UNDERLAY_IP, 7900, rate_secs)?);
+        }
+        if !masq {
+            ns_exec(&world, &["ip", "route", "del", &sub])?;
+        }
+        results.push((masq, gbps, rate));
+    }
+    let (with, without) = (&results[0], &results[1]);
+    res.metrics.push(
+        Metric::new("pod-to-world TCP 1 stream, masqueraded", "Gbit/s", &with.1)
+            .vs("pod-to-world unNATed", &without.1)
+            .note("ratio = masquerade's share of the unNATed throughput"),
+    );
+    res.metrics.push(
+        Metric::new(
+            "pod-to-world TCP connections, masqueraded",
+            "conn/s",
+            &with.2,
+        )
+        .vs("pod-to-world unNATed", &without.2)
+        .note("connect, 1 byte each way, close; ratio = masquerade's share"),
+    );
+    res.notes.push(
+        "one two-node lab; the backend is switched between daemon restarts and pods are made \
+         anew for each (so they get its MTU); the underlay is measured next to every backend; \
+         the world is the underlay host, which has no route to the pod network unless the \
+         unNATed case adds one"
+            .into(),
+    );
+    Ok(())
+}
