@@ -114,6 +114,33 @@ pub struct RunArgs {
         default_value = "auto"
     )]
     pub vxlan_checksum_offload: ChecksumOffload,
+    /// Masquerade pod traffic that leaves the pod network (to the node's address, with nftables
+    /// in twill's own table `ip twill-masq`): pods reach the world. Pod-to-pod traffic, on any
+    /// node, is never masqueraded. --ip-masq=false removes twill's masquerade rules.
+    #[arg(long, env = "TWILLD_IP_MASQ", default_value_t = true, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub ip_masq: bool,
+    /// Masquerade with random source ports (`fully-random`), where the kernel has it: avoids
+    /// SNAT port races (5 s DNS delays). false keeps ports where possible.
+    #[arg(long, env = "TWILLD_IP_MASQ_RANDOM_FULLY", default_value_t = true, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub ip_masq_random_fully: bool,
+    /// The mark kube-proxy sets on packets it masquerades itself (its --iptables-masquerade-bit,
+    /// default 14): twill leaves such packets to kube-proxy, matched under this mask.
+    #[arg(long, env = "TWILLD_KUBE_PROXY_MASQ_MARK", default_value = "0x4000", value_parser = parse_mark)]
+    pub kube_proxy_masq_mark: u32,
+    /// Accept pod-network traffic at the top of other tools' forward chains that would drop it
+    /// (iptables' FORWARD with policy DROP, as Docker sets it; nftables forward chains with
+    /// policy drop or a final reject, as firewalld has). false removes twill's accept rules.
+    #[arg(long, env = "TWILLD_IPTABLES_FORWARD_RULES", default_value_t = true, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub iptables_forward_rules: bool,
+    /// Install a blackhole route for this node's subnet (behind the pod bridge's own route),
+    /// so packets for pod addresses that are not in use are dropped here instead of following
+    /// the default route out of the node.
+    #[arg(long, env = "TWILLD_IP_BLACKHOLE_ROUTE", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub ip_blackhole_route: bool,
     /// Log format: text or json. Log level comes from RUST_LOG (default info).
     #[arg(long, env = "TWILLD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -127,6 +154,19 @@ pub struct StatusArgs {
     /// Print the raw /status JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// A non-zero mark, hex (0x4000) or decimal.
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let v = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u32::from_str_radix(h, 16),
+        None => s.parse(),
+    }
+    .map_err(|_| format!("{s:?} is not a mark (e.g. 0x4000)"))?;
+    if v == 0 {
+        return Err("the mark must not be 0".into());
+    }
+    Ok(v)
 }
 
 fn parse_iface(s: &str) -> Result<IfaceSelector, String> {
@@ -238,5 +278,34 @@ mod tests {
             Cli::try_parse_from(["twilld", "--etcd-certfile", "/x"]).is_err(),
             "cert needs key"
         );
+    }
+
+    #[test]
+    fn datapath_flags() {
+        let cli = Cli::try_parse_from(["twilld"]).unwrap();
+        assert!(cli.run.ip_masq && cli.run.ip_masq_random_fully && cli.run.iptables_forward_rules);
+        assert!(!cli.run.ip_blackhole_route);
+        assert_eq!(cli.run.kube_proxy_masq_mark, 0x4000);
+        // flannel's spelling (`--ip-masq` alone) and the explicit forms.
+        for (args, want) in [
+            (vec!["--ip-masq"], true),
+            (vec!["--ip-masq=false"], false),
+            (vec!["--ip-masq", "false"], false),
+        ] {
+            let cli = Cli::try_parse_from(["twilld"].into_iter().chain(args)).unwrap();
+            assert_eq!(cli.run.ip_masq, want);
+        }
+        let cli = Cli::try_parse_from([
+            "twilld",
+            "--ip-blackhole-route",
+            "--kube-proxy-masq-mark",
+            "32768",
+        ])
+        .unwrap();
+        assert!(cli.run.ip_blackhole_route);
+        assert_eq!(cli.run.kube_proxy_masq_mark, 0x8000);
+        for bad in ["0", "0x", "nope"] {
+            assert!(Cli::try_parse_from(["twilld", "--kube-proxy-masq-mark", bad]).is_err());
+        }
     }
 }

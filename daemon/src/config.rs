@@ -21,20 +21,24 @@ pub struct NetworkConfig {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct BackendConfig {
-    /// Only "vxlan" for now.
+    /// "vxlan" (the default) or "host-gw".
     pub kind: BackendKind,
     pub vni: u32,
     /// UDP port; flannel's 0 means the kernel default, which we make explicit: 8472.
     pub port: u16,
-    /// Overlay MTU if the config sets one; else underlay MTU - 50.
+    /// Pod MTU if the config sets one; else the underlay MTU minus the backend's overhead
+    /// (vxlan 50, host-gw 0).
     pub mtu: Option<u32>,
     pub direct_routing: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum BackendKind {
     Vxlan,
+    /// Routes via each peer's public IP on the underlay: no encapsulation, peers must share the
+    /// node's L2 segment.
+    HostGw,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -266,12 +270,16 @@ fn parse_network(s: &str) -> Result<Ipv4Net, ConfigError> {
 fn parse_backend(b: &Map<String, Value>) -> Result<BackendConfig, ConfigError> {
     let mut cfg = BackendConfig::default();
     if let Some(t) = str_field(b, "Type").map_err(rename("Backend.Type"))? {
-        if !t.eq_ignore_ascii_case("vxlan") {
+        cfg.kind = if t.eq_ignore_ascii_case("vxlan") {
+            BackendKind::Vxlan
+        } else if t.eq_ignore_ascii_case("host-gw") {
+            BackendKind::HostGw
+        } else {
             return Err(invalid(
                 "Backend.Type",
-                format!("{t:?} is not supported (only \"vxlan\")"),
+                format!("{t:?} is not supported (\"vxlan\" or \"host-gw\")"),
             ));
-        }
+        };
     }
     if let Some(vni) = uint_field(b, "VNI", MAX_VNI).map_err(rename("Backend.VNI"))? {
         cfg.vni = vni as u32;
@@ -525,13 +533,16 @@ mod tests {
     }
 
     #[test]
+    fn host_gw_backend() {
+        let c = parse(r#"{"Network":"10.0.0.0/16","Backend":{"Type":"host-gw"}}"#).unwrap();
+        assert_eq!(c.backend.kind, BackendKind::HostGw);
+        let c = parse(r#"{"Network":"10.0.0.0/16","Backend":{"Type":"Host-GW"}}"#).unwrap();
+        assert_eq!(c.backend.kind, BackendKind::HostGw);
+    }
+
+    #[test]
     fn backend_errors() {
         let n = r#""Network":"10.0.0.0/16""#;
-        assert_invalid(
-            &format!(r#"{{{n},"Backend":{{"Type":"host-gw"}}}}"#),
-            "Backend.Type",
-            &["\"host-gw\"", "not supported"],
-        );
         assert_invalid(
             &format!(r#"{{{n},"Backend":{{"Type":"udp"}}}}"#),
             "Backend.Type",

@@ -15,11 +15,30 @@ use crate::subnet::overlaps;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaseAttrs {
     pub public_ip: Ipv4Addr,
-    pub vni: u32,
-    pub vtep_mac: MacAddr,
+    pub backend: LeaseBackend,
 }
 
-// Field order and names are flannel's; `PublicIPv6` is always written (as null).
+/// What a lease says about how to reach the node's subnet: flannel's BackendType and
+/// BackendData.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaseBackend {
+    /// `"BackendType":"vxlan","BackendData":{"VNI":..,"VtepMAC":".."}`.
+    Vxlan { vni: u32, vtep_mac: MacAddr },
+    /// `"BackendType":"host-gw"` (no BackendData): reachable only by a route via PublicIP.
+    HostGw,
+}
+
+impl LeaseBackend {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            LeaseBackend::Vxlan { .. } => "vxlan",
+            LeaseBackend::HostGw => "host-gw",
+        }
+    }
+}
+
+// Field order and names are flannel's; `PublicIPv6` is always written (as null), BackendData
+// only when the backend has some (flannel's `omitempty`).
 #[derive(Serialize)]
 struct LeaseOut<'a> {
     #[serde(rename = "PublicIP")]
@@ -28,8 +47,8 @@ struct LeaseOut<'a> {
     public_ipv6: Option<()>,
     #[serde(rename = "BackendType")]
     backend_type: &'a str,
-    #[serde(rename = "BackendData")]
-    backend_data: BackendDataOut,
+    #[serde(rename = "BackendData", skip_serializing_if = "Option::is_none")]
+    backend_data: Option<BackendDataOut>,
 }
 
 #[derive(Serialize)]
@@ -60,20 +79,36 @@ struct BackendDataIn {
 }
 
 impl LeaseAttrs {
+    /// A vxlan lease.
+    pub fn vxlan(public_ip: Ipv4Addr, vni: u32, vtep_mac: MacAddr) -> Self {
+        LeaseAttrs {
+            public_ip,
+            backend: LeaseBackend::Vxlan { vni, vtep_mac },
+        }
+    }
+
+    /// The VTEP MAC this lease announces (vxlan leases only).
+    pub fn vtep_mac(&self) -> Option<MacAddr> {
+        match self.backend {
+            LeaseBackend::Vxlan { vtep_mac, .. } => Some(vtep_mac),
+            LeaseBackend::HostGw => None,
+        }
+    }
+
     pub fn to_json(&self) -> String {
         serde_json::to_string(&LeaseOut {
             public_ip: self.public_ip,
             public_ipv6: None,
-            backend_type: "vxlan",
-            backend_data: BackendDataOut {
-                vni: self.vni,
-                vtep_mac: self.vtep_mac,
+            backend_type: self.backend.type_name(),
+            backend_data: match self.backend {
+                LeaseBackend::Vxlan { vni, vtep_mac } => Some(BackendDataOut { vni, vtep_mac }),
+                LeaseBackend::HostGw => None,
             },
         })
         .expect("serializing plain data cannot fail")
     }
 
-    /// Decode and check a vxlan lease value (ours or a peer's).
+    /// Decode and check a lease value (ours or a peer's): vxlan or host-gw.
     pub fn from_json(value: &[u8]) -> Result<Self, LeaseError> {
         let raw = decode(value)
             .map_err(|e| LeaseError::Invalid(format!("lease value is not valid JSON: {e}")))?;
@@ -88,34 +123,36 @@ impl LeaseAttrs {
                 "PublicIP {public_ip} cannot be a tunnel endpoint"
             )));
         }
-        match raw.backend_type.as_deref() {
-            Some("vxlan") => {}
+        let backend = match raw.backend_type.as_deref() {
+            Some("vxlan") => {
+                let data = raw
+                    .backend_data
+                    .ok_or_else(|| LeaseError::Invalid("BackendData is missing".into()))?;
+                let mac = data
+                    .vtep_mac
+                    .ok_or_else(|| LeaseError::Invalid("BackendData.VtepMAC is missing".into()))?;
+                let vtep_mac: MacAddr = mac
+                    .parse()
+                    .map_err(|e| LeaseError::Invalid(format!("BackendData.VtepMAC: {e}")))?;
+                if vtep_mac.is_zero() {
+                    return Err(LeaseError::Invalid(
+                        "BackendData.VtepMAC is 00:00:00:00:00:00".into(),
+                    ));
+                }
+                LeaseBackend::Vxlan {
+                    vni: data.vni.unwrap_or(crate::config::DEFAULT_VNI),
+                    vtep_mac,
+                }
+            }
+            Some("host-gw") => LeaseBackend::HostGw,
             Some(t) => {
                 return Err(LeaseError::Invalid(format!(
-                    "BackendType {t:?} is not supported (only \"vxlan\")"
+                    "BackendType {t:?} is not supported (\"vxlan\" or \"host-gw\")"
                 )))
             }
             None => return Err(LeaseError::Invalid("BackendType is missing".into())),
-        }
-        let data = raw
-            .backend_data
-            .ok_or_else(|| LeaseError::Invalid("BackendData is missing".into()))?;
-        let mac = data
-            .vtep_mac
-            .ok_or_else(|| LeaseError::Invalid("BackendData.VtepMAC is missing".into()))?;
-        let vtep_mac: MacAddr = mac
-            .parse()
-            .map_err(|e| LeaseError::Invalid(format!("BackendData.VtepMAC: {e}")))?;
-        if vtep_mac.is_zero() {
-            return Err(LeaseError::Invalid(
-                "BackendData.VtepMAC is 00:00:00:00:00:00".into(),
-            ));
-        }
-        Ok(LeaseAttrs {
-            public_ip,
-            vni: data.vni.unwrap_or(crate::config::DEFAULT_VNI),
-            vtep_mac,
-        })
+        };
+        Ok(LeaseAttrs { public_ip, backend })
     }
 }
 
@@ -148,7 +185,8 @@ pub enum LeaseError {
 }
 
 /// Validate another node's lease (key already parsed to `subnet`): JSON must decode, subnet must
-/// be inside the network with the configured length, must not overlap `own`, MAC present.
+/// be inside the network with the configured length, must not overlap `own`; a vxlan lease
+/// needs its MAC.
 pub fn parse_peer(
     cfg: &NetworkConfig,
     own: Option<Ipv4Net>,
@@ -178,7 +216,7 @@ pub fn parse_peer(
     Ok(Peer {
         subnet,
         public_ip: attrs.public_ip,
-        vtep_mac: attrs.vtep_mac,
+        vtep_mac: attrs.vtep_mac(),
     })
 }
 
@@ -199,8 +237,10 @@ mod tests {
     fn attrs() -> LeaseAttrs {
         LeaseAttrs {
             public_ip: Ipv4Addr::new(192, 168, 64, 3),
-            vni: 1,
-            vtep_mac: MAC.parse().unwrap(),
+            backend: LeaseBackend::Vxlan {
+                vni: 1,
+                vtep_mac: MAC.parse().unwrap(),
+            },
         }
     }
 
@@ -216,11 +256,39 @@ mod tests {
     fn json_round_trip() {
         let a = LeaseAttrs {
             public_ip: Ipv4Addr::new(198, 18, 0, 7),
-            vni: 4096,
-            vtep_mac: "02:00:00:aa:bb:cc".parse().unwrap(),
+            backend: LeaseBackend::Vxlan {
+                vni: 4096,
+                vtep_mac: "02:00:00:aa:bb:cc".parse().unwrap(),
+            },
         };
         assert_eq!(LeaseAttrs::from_json(a.to_json().as_bytes()).unwrap(), a);
         assert_eq!(public_ip_of(a.to_json().as_bytes()), Some(a.public_ip));
+        let h = LeaseAttrs {
+            backend: LeaseBackend::HostGw,
+            ..a
+        };
+        assert_eq!(LeaseAttrs::from_json(h.to_json().as_bytes()).unwrap(), h);
+    }
+
+    #[test]
+    fn host_gw_json_is_flannels_exactly() {
+        let h = LeaseAttrs {
+            public_ip: Ipv4Addr::new(192, 168, 64, 3),
+            backend: LeaseBackend::HostGw,
+        };
+        // flannel omits an empty BackendData (`json:",omitempty"`).
+        assert_eq!(
+            h.to_json(),
+            r#"{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"host-gw"}"#
+        );
+        let p = parse_peer(
+            &cfg(),
+            None,
+            net("10.244.2.0/24"),
+            br#"{"PublicIP":"198.18.0.2","PublicIPv6":null,"BackendType":"host-gw"}"#,
+        )
+        .unwrap();
+        assert_eq!(p.vtep_mac, None);
     }
 
     #[test]
@@ -234,7 +302,7 @@ mod tests {
         .unwrap();
         assert_eq!(p.subnet, net("10.244.2.0/24"));
         assert_eq!(p.public_ip, Ipv4Addr::new(192, 168, 64, 3));
-        assert_eq!(p.vtep_mac.to_string(), MAC);
+        assert_eq!(p.vtep_mac.unwrap().to_string(), MAC);
         // flannel writes PublicIPv6 only on dual-stack; extra keys are fine.
         let v = format!(
             r#"{{"PublicIP":"198.18.0.2","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{MAC}"}},"Extra":1}}"#
@@ -285,8 +353,8 @@ mod tests {
         rejects(
             None,
             "10.244.2.0/24",
-            r#"{"PublicIP":"198.18.0.2","BackendType":"host-gw","BackendData":null}"#,
-            "BackendType \"host-gw\" is not supported",
+            r#"{"PublicIP":"198.18.0.2","BackendType":"udp"}"#,
+            "BackendType \"udp\" is not supported",
         );
         rejects(
             None,

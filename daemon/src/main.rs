@@ -117,13 +117,52 @@ fn render_status(v: &serde_json::Value) -> String {
             Some(false) => "off",
             None => "-",
         };
+        if n["backend"].as_str() == Some("host-gw") {
+            let _ = writeln!(
+                out,
+                "backend:  host-gw via {}, pod mtu {}",
+                s(&n["device"]),
+                s(&n["mtu"])
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "vtep:     {} {} mtu {}, tx checksum offload {csum}",
+                s(&n["device"]),
+                s(&n["vtep_mac"]),
+                s(&n["mtu"])
+            );
+        }
+    }
+    if let Some(f) = v["firewall"].as_object() {
+        let on = |k: &str| {
+            if f.get(k).and_then(|b| b.as_bool()) == Some(true) {
+                "on"
+            } else {
+                "off"
+            }
+        };
         let _ = writeln!(
             out,
-            "vtep:     {} {} mtu {}, tx checksum offload {csum}",
-            s(&n["device"]),
-            s(&n["vtep_mac"]),
-            s(&n["mtu"])
+            "firewall: masquerade {} (fully-random {}), forward rules {}, restored {} times{}",
+            on("ip_masq"),
+            on("random_fully"),
+            on("forward_rules"),
+            f.get("restores").map_or("0".into(), s),
+            match f.get("error").and_then(|e| e.as_str()) {
+                Some(e) => format!("; error: {e}"),
+                None => String::new(),
+            }
         );
+        if let Some(chains) = f.get("forward_chains").and_then(|c| c.as_array()) {
+            for c in chains {
+                let _ = writeln!(
+                    out,
+                    "          pod traffic accepted ahead of drops in {}",
+                    s(c)
+                );
+            }
+        }
     }
     if let Some(r) = v["last_reconcile"].as_object() {
         let _ = writeln!(
@@ -139,21 +178,25 @@ fn render_status(v: &serde_json::Value) -> String {
     let _ = writeln!(out, "\npeers: {}", peers.len());
     let _ = writeln!(
         out,
-        "{:<20} {:<16} {:<18} PROGRAMMED",
-        "SUBNET", "PUBLIC IP", "VTEP MAC"
+        "{:<20} {:<16} {:<18} {:<7} PROGRAMMED",
+        "SUBNET", "PUBLIC IP", "VTEP MAC", "PATH"
     );
     for p in &peers {
         let prog = if p["programmed"].as_bool().unwrap_or(false) {
-            "yes"
+            "yes".to_string()
         } else {
-            "no"
+            match p["reason"].as_str() {
+                Some(why) => format!("no: {why}"),
+                None => "no".into(),
+            }
         };
         let _ = writeln!(
             out,
-            "{:<20} {:<16} {:<18} {prog}",
+            "{:<20} {:<16} {:<18} {:<7} {prog}",
             s(&p["subnet"]),
             s(&p["public_ip"]),
-            s(&p["vtep_mac"])
+            s(&p["vtep_mac"]),
+            s(&p["path"])
         );
     }
     out
@@ -169,7 +212,10 @@ mod tests {
             "ready": true, "network": "10.244.0.0/16",
             "node": {"subnet": "10.244.1.0/24", "public_ip": "198.18.0.11", "vtep_mac": "02:00:00:00:00:01",
                      "underlay": "eth0", "device": "twill.1", "mtu": 1450, "tx_checksum_offload": false},
-            "peers": [{"subnet": "10.244.2.0/24", "public_ip": "198.18.0.12", "vtep_mac": "02:00:00:00:00:02", "programmed": true}],
+            "peers": [{"subnet": "10.244.2.0/24", "public_ip": "198.18.0.12", "vtep_mac": "02:00:00:00:00:02", "programmed": true, "path": "vxlan"},
+                      {"subnet": "10.244.3.0/24", "public_ip": "198.18.1.13", "vtep_mac": null, "programmed": false, "path": "none", "reason": "not on our segment"}],
+            "firewall": {"ip_masq": true, "random_fully": true, "forward_rules": true, "restores": 2,
+                         "forward_chains": ["iptables FORWARD"], "error": null},
             "last_reconcile": {"duration_ms": 1.5, "added": 3, "removed": 0, "failed": 0}
         });
         let out = render_status(&v);
@@ -179,9 +225,21 @@ mod tests {
             "{out}"
         );
         assert!(
-            out.contains("10.244.2.0/24        198.18.0.12      02:00:00:00:00:02  yes"),
+            out.contains("10.244.2.0/24        198.18.0.12      02:00:00:00:00:02  vxlan   yes"),
             "{out}"
         );
-        assert!(out.contains("peers: 1"));
+        assert!(
+            out.contains("10.244.3.0/24        198.18.1.13      -                  none    no: not on our segment"),
+            "{out}"
+        );
+        assert!(out.contains("peers: 2"));
+        assert!(
+            out.contains("masquerade on (fully-random on), forward rules on, restored 2 times\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("accepted ahead of drops in iptables FORWARD"),
+            "{out}"
+        );
     }
 }

@@ -22,6 +22,16 @@ pub struct Metrics {
     pub reconcile_micros_total: AtomicU64,
     pub cni_requests: AtomicU64,
     pub cni_errors: AtomicU64,
+    /// Peers no path reaches (host-gw across subnets).
+    pub peers_unreachable: AtomicU64,
+    /// twill's nftables tables put back after someone else changed or removed them.
+    pub nft_restores: AtomicU64,
+    /// Firewall passes (apply or check) that failed.
+    pub firewall_errors: AtomicU64,
+    /// Accept rules added to other tools' forward chains.
+    pub forward_rules_added: AtomicU64,
+    /// 1 while the masquerade rules are known to be in the kernel as wanted.
+    pub masq_rules_ok: AtomicU64,
 }
 
 impl Metrics {
@@ -120,6 +130,36 @@ impl Metrics {
             "counter",
             "CNI requests answered with an error.",
             g(&self.cni_errors),
+        );
+        metric(
+            "peers_unreachable",
+            "gauge",
+            "Remote nodes no path reaches (e.g. host-gw peers outside this node's segment).",
+            g(&self.peers_unreachable),
+        );
+        metric(
+            "nft_restores_total",
+            "counter",
+            "Times a twill nftables table was restored after someone else changed or removed it.",
+            g(&self.nft_restores),
+        );
+        metric(
+            "firewall_errors_total",
+            "counter",
+            "Firewall updates or checks that failed (retried at the next resync).",
+            g(&self.firewall_errors),
+        );
+        metric(
+            "forward_rules_added_total",
+            "counter",
+            "Pod-network accept rules added to other tools' forward chains that drop.",
+            g(&self.forward_rules_added),
+        );
+        metric(
+            "masq_rules_ok",
+            "gauge",
+            "1 when the masquerade rules are in the kernel as wanted (0 also when --ip-masq=false).",
+            g(&self.masq_rules_ok),
         );
         out
     }

@@ -13,8 +13,9 @@ pub struct Peer {
     pub subnet: Ipv4Net,
     /// The underlay address VXLAN packets for this subnet are sent to.
     pub public_ip: Ipv4Addr,
-    /// The MAC of the peer's VXLAN device.
-    pub vtep_mac: MacAddr,
+    /// The MAC of the peer's VXLAN device; None for a host-gw lease (no VXLAN device: reachable
+    /// only by a direct route).
+    pub vtep_mac: Option<MacAddr>,
 }
 
 impl Peer {
@@ -31,6 +32,6 @@ pub(crate) fn test_peer(n: u8, ip: u8, mac: u8) -> Peer {
     Peer {
         subnet: format!("10.244.{n}.0/24").parse().unwrap(),
         public_ip: std::net::Ipv4Addr::new(198, 18, 0, ip),
-        vtep_mac: crate::mac::MacAddr([2, 0, 0, 0, 0, mac]),
+        vtep_mac: Some(crate::mac::MacAddr([2, 0, 0, 0, 0, mac])),
     }
 }

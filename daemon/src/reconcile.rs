@@ -53,14 +53,12 @@ impl EntryKey {
         }
     }
 
-    /// The entries an overlay peer needs (a direct-routing peer has only the route; the other
-    /// two keys never occur in its ops).
-    pub fn of_peer(p: &Peer) -> [EntryKey; 3] {
-        [
-            EntryKey::Route(p.subnet),
-            EntryKey::Neigh(p.gateway()),
-            EntryKey::Fdb(p.vtep_mac, p.public_ip),
-        ]
+    /// The entries a peer needs (a direct peer has only the route; the other keys never occur
+    /// in its ops).
+    pub fn of_peer(p: &Peer) -> Vec<EntryKey> {
+        let mut keys = vec![EntryKey::Route(p.subnet), EntryKey::Neigh(p.gateway())];
+        keys.extend(p.vtep_mac.map(|m| EntryKey::Fdb(m, p.public_ip)));
+        keys
     }
 }
 
@@ -80,8 +78,19 @@ pub struct PeerChange {
     pub new: Option<Peer>,
 }
 
-/// The kernel entries one peer needs. `direct`: reach it by a plain route via its public IP
-/// (DirectRouting) instead of the overlay.
+/// How a peer's subnet is reached, decided per peer by the backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// A plain route via the peer's public IP on the underlay (host-gw, DirectRouting).
+    Direct,
+    /// Through the VXLAN device: neighbour, FDB entry and an onlink route.
+    Overlay,
+    /// It cannot be reached (host-gw and not on our segment; no VTEP and not on our segment):
+    /// nothing is installed, so nothing wrong is either.
+    Unreachable,
+}
+
+/// The kernel entries one peer needs on its path.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct PeerEntries {
     neigh: Option<(Ipv4Addr, MacAddr)>,
@@ -89,19 +98,19 @@ struct PeerEntries {
     route: (Ipv4Net, Ipv4Addr),
 }
 
-fn entries(p: &Peer, direct: bool) -> PeerEntries {
-    if direct {
-        PeerEntries {
+fn entries(p: &Peer, path: Path) -> Option<PeerEntries> {
+    match (path, p.vtep_mac) {
+        (Path::Direct, _) => Some(PeerEntries {
             neigh: None,
             fdb: None,
             route: (p.subnet, p.public_ip),
-        }
-    } else {
-        PeerEntries {
-            neigh: Some((p.gateway(), p.vtep_mac)),
-            fdb: Some((p.vtep_mac, p.public_ip)),
+        }),
+        (Path::Overlay, Some(mac)) => Some(PeerEntries {
+            neigh: Some((p.gateway(), mac)),
+            fdb: Some((mac, p.public_ip)),
             route: (p.subnet, p.gateway()),
-        }
+        }),
+        (Path::Overlay, None) | (Path::Unreachable, _) => None,
     }
 }
 
@@ -119,13 +128,13 @@ fn set_ops(e: &PeerEntries, out: &mut Vec<Op>) {
 }
 
 /// Ops for incremental changes, in flannel's order (adds: neigh, fdb, route; removals: route,
-/// fdb, neigh).
+/// fdb, neigh), every peer through the overlay.
 pub fn change_ops(changes: &[PeerChange]) -> Vec<Op> {
-    change_ops_with(changes, |_| false)
+    change_ops_with(changes, |_| Path::Overlay)
 }
 
-/// `change_ops` where `direct(peer)` says a peer is reached by DirectRouting.
-pub fn change_ops_with(changes: &[PeerChange], direct: impl Fn(&Peer) -> bool) -> Vec<Op> {
+/// `change_ops` where `path(peer)` says how each peer is reached.
+pub fn change_ops_with(changes: &[PeerChange], path: impl Fn(&Peer) -> Path) -> Vec<Op> {
     let mut out = Vec::new();
     // Keys some change in this batch sets: never delete those (e.g. a subnet moving between
     // two leases in the same batch).
@@ -137,8 +146,8 @@ pub fn change_ops_with(changes: &[PeerChange], direct: impl Fn(&Peer) -> bool) -
         .filter(|c| c.old != c.new)
         .map(|c| {
             (
-                c.old.map(|p| entries(&p, direct(&p))),
-                c.new.map(|p| entries(&p, direct(&p))),
+                c.old.and_then(|p| entries(&p, path(&p))),
+                c.new.and_then(|p| entries(&p, path(&p))),
             )
         })
         .collect();
@@ -179,17 +188,19 @@ pub fn change_ops_with(changes: &[PeerChange], direct: impl Fn(&Peer) -> bool) -
     out
 }
 
-/// Full diff both ways: add/replace what is missing or wrong, remove what no peer wants.
+/// Full diff both ways: add/replace what is missing or wrong, remove what no peer wants; every
+/// peer through the overlay.
 pub fn diff(desired: &[Peer], actual: &KernelEntries) -> Vec<Op> {
-    diff_with(desired, actual, |_| false)
+    diff_with(desired, actual, |_| Path::Overlay)
 }
 
-/// `diff` where `direct(peer)` says a peer is reached by DirectRouting. Adds come first, per
-/// peer in neigh -> fdb -> route order, then removals (routes, fdb, neighbours).
+/// `diff` where `path(peer)` says how each peer is reached (an unreachable peer gets nothing,
+/// so whatever it had is removed). Adds come first, per peer in neigh -> fdb -> route order,
+/// then removals (routes, fdb, neighbours).
 pub fn diff_with(
     desired: &[Peer],
     actual: &KernelEntries,
-    direct: impl Fn(&Peer) -> bool,
+    path: impl Fn(&Peer) -> Path,
 ) -> Vec<Op> {
     let have_neigh: HashMap<Ipv4Addr, HashSet<MacAddr>> =
         actual
@@ -206,8 +217,7 @@ pub fn diff_with(
     let mut want_neigh = HashSet::new();
     let mut want_fdb = HashSet::new();
     let mut want_route = HashSet::new();
-    for p in desired {
-        let e = entries(p, direct(p));
+    for e in desired.iter().filter_map(|p| entries(p, path(p))) {
         if let Some((ip, mac)) = e.neigh {
             let ok = have_neigh
                 .get(&ip)
@@ -261,10 +271,10 @@ mod tests {
         vec![
             Op::SetNeigh {
                 ip: p.gateway(),
-                mac: p.vtep_mac,
+                mac: p.vtep_mac.unwrap(),
             },
             Op::SetFdb {
-                mac: p.vtep_mac,
+                mac: p.vtep_mac.unwrap(),
                 dst: p.public_ip,
             },
             Op::SetRoute {
@@ -281,20 +291,26 @@ mod tests {
                 gw: p.gateway(),
             },
             Op::DelFdb {
-                mac: p.vtep_mac,
+                mac: p.vtep_mac.unwrap(),
                 dst: p.public_ip,
             },
             Op::DelNeigh {
                 ip: p.gateway(),
-                mac: p.vtep_mac,
+                mac: p.vtep_mac.unwrap(),
             },
         ]
     }
 
     fn kernel_of(peers: &[Peer]) -> KernelEntries {
         KernelEntries {
-            neighs: peers.iter().map(|p| (p.gateway(), p.vtep_mac)).collect(),
-            fdb: peers.iter().map(|p| (p.vtep_mac, p.public_ip)).collect(),
+            neighs: peers
+                .iter()
+                .map(|p| (p.gateway(), p.vtep_mac.unwrap()))
+                .collect(),
+            fdb: peers
+                .iter()
+                .map(|p| (p.vtep_mac.unwrap(), p.public_ip))
+                .collect(),
             routes: peers.iter().map(|p| (p.subnet, p.gateway())).collect(),
         }
     }
@@ -311,7 +327,7 @@ mod tests {
             ops[0],
             Op::SetNeigh {
                 ip: "10.244.2.0".parse().unwrap(),
-                mac: p.vtep_mac
+                mac: p.vtep_mac.unwrap()
             }
         );
         assert_eq!(
@@ -355,7 +371,7 @@ mod tests {
         }]);
         let mut want = adds(&new);
         want.push(Op::DelFdb {
-            mac: old.vtep_mac,
+            mac: old.vtep_mac.unwrap(),
             dst: old.public_ip,
         });
         assert_eq!(ops, want);
@@ -371,7 +387,7 @@ mod tests {
         }]);
         let mut want = adds(&new);
         want.push(Op::DelFdb {
-            mac: old.vtep_mac,
+            mac: old.vtep_mac.unwrap(),
             dst: old.public_ip,
         });
         assert_eq!(ops, want);
@@ -393,7 +409,7 @@ mod tests {
         });
         want.push(Op::DelNeigh {
             ip: old.gateway(),
-            mac: old.vtep_mac,
+            mac: old.vtep_mac.unwrap(),
         });
         assert_eq!(ops, want);
     }
@@ -415,7 +431,7 @@ mod tests {
         ]);
         assert!(
             !ops.contains(&Op::DelFdb {
-                mac: old.vtep_mac,
+                mac: old.vtep_mac.unwrap(),
                 dst: old.public_ip
             }),
             "{ops:?}"
@@ -426,7 +442,7 @@ mod tests {
         }));
         assert!(ops.contains(&Op::DelNeigh {
             ip: old.gateway(),
-            mac: old.vtep_mac
+            mac: old.vtep_mac.unwrap()
         }));
     }
 
@@ -473,7 +489,7 @@ mod tests {
             gw: Ipv4Addr::new(10, 244, 2, 1),
         });
         want.push(Op::DelFdb {
-            mac: p.vtep_mac,
+            mac: p.vtep_mac.unwrap(),
             dst: wrong_ip,
         });
         assert_eq!(ops, want);
@@ -487,7 +503,7 @@ mod tests {
         assert_eq!(
             diff(&[p], &k),
             vec![Op::SetFdb {
-                mac: p.vtep_mac,
+                mac: p.vtep_mac.unwrap(),
                 dst: p.public_ip
             }]
         );
@@ -510,7 +526,7 @@ mod tests {
                 old: None,
                 new: Some(p),
             }],
-            |_| true,
+            |_| Path::Direct,
         );
         assert_eq!(
             ops,
@@ -520,7 +536,7 @@ mod tests {
             }]
         );
         // Switching an overlay peer to direct: the route is replaced, overlay entries go.
-        let ops = diff_with(&[p], &kernel_of(&[p]), |_| true);
+        let ops = diff_with(&[p], &kernel_of(&[p]), |_| Path::Direct);
         assert_eq!(
             ops,
             vec![
@@ -533,12 +549,12 @@ mod tests {
                     gw: p.gateway()
                 },
                 Op::DelFdb {
-                    mac: p.vtep_mac,
+                    mac: p.vtep_mac.unwrap(),
                     dst: p.public_ip
                 },
                 Op::DelNeigh {
                     ip: p.gateway(),
-                    mac: p.vtep_mac
+                    mac: p.vtep_mac.unwrap()
                 },
             ]
         );
@@ -546,6 +562,6 @@ mod tests {
             routes: vec![(p.subnet, p.public_ip)],
             ..Default::default()
         };
-        assert!(diff_with(&[p], &k, |_| true).is_empty());
+        assert!(diff_with(&[p], &k, |_| Path::Direct).is_empty());
     }
 }

@@ -145,7 +145,7 @@ fn peers(n: u32) -> Vec<Peer> {
             )
             .unwrap(),
             public_ip: Ipv4Addr::new(198, 19, (i / 250) as u8, (i % 250 + 1) as u8),
-            vtep_mac: mac(i),
+            vtep_mac: Some(mac(i)),
         })
         .collect()
 }
@@ -322,7 +322,7 @@ fn bulk_apply_dump_diff_and_stale_removal() {
         );
         assert_eq!(r.applied, 3 * N as u64);
         let t = Instant::now();
-        let dump = nl.dump_entries(idx).await.unwrap();
+        let dump = nl.dump_entries(Some(idx)).await.unwrap();
         eprintln!("dumped in {:?}", t.elapsed());
         assert_eq!(
             (dump.neighs.len(), dump.fdb.len(), dump.routes.len()),
@@ -359,8 +359,8 @@ fn bulk_apply_dump_diff_and_stale_removal() {
     let (stale_ops, left) = in_ns(&ns, move || async move {
         let nl = Netlink::new().unwrap();
         let mut keep = peers(N - 500);
-        keep[7].vtep_mac = mac(900_000);
-        let dump = nl.dump_entries(idx).await.unwrap();
+        keep[7].vtep_mac = Some(mac(900_000));
+        let dump = nl.dump_entries(Some(idx)).await.unwrap();
         let ops = reconcile::diff(&keep, &dump);
         let r = nl.apply(idx, &ops).await;
         assert!(
@@ -368,7 +368,7 @@ fn bulk_apply_dump_diff_and_stale_removal() {
             "{:?}",
             &r.failed[..r.failed.len().min(5)]
         );
-        let after = nl.dump_entries(idx).await.unwrap();
+        let after = nl.dump_entries(Some(idx)).await.unwrap();
         assert_eq!(reconcile::diff(&keep, &after), vec![]);
         // Deleting what is already gone is not an error.
         let gone = [
@@ -477,12 +477,12 @@ fn data_path_between_two_nodes() {
     let pa = Peer {
         subnet: "10.244.1.0/24".parse().unwrap(),
         public_ip: p.ip_a,
-        vtep_mac: ma,
+        vtep_mac: Some(ma),
     };
     let pb = Peer {
         subnet: "10.244.2.0/24".parse().unwrap(),
         public_ip: p.ip_b,
-        vtep_mac: mb,
+        vtep_mac: Some(mb),
     };
     node(&p.a, p.ip_a, "10.244.1.0/24", ma, vec![pb], false);
     node(&p.b, p.ip_b, "10.244.2.0/24", mb, vec![pa], false);
@@ -508,18 +508,18 @@ fn direct_routing_for_on_link_peers() {
     let pa = Peer {
         subnet: "10.244.1.0/24".parse().unwrap(),
         public_ip: p.ip_a,
-        vtep_mac: ma,
+        vtep_mac: Some(ma),
     };
     let pb = Peer {
         subnet: "10.244.2.0/24".parse().unwrap(),
         public_ip: p.ip_b,
-        vtep_mac: mb,
+        vtep_mac: Some(mb),
     };
     // An off-link peer (not in 198.18.15.0/24) still goes over vxlan.
     let far = Peer {
         subnet: "10.244.9.0/24".parse().unwrap(),
         public_ip: "198.19.9.9".parse().unwrap(),
-        vtep_mac: mac(9),
+        vtep_mac: Some(mac(9)),
     };
     node(&p.a, p.ip_a, "10.244.1.0/24", ma, vec![pb, far], true);
     node(&p.b, p.ip_b, "10.244.2.0/24", mb, vec![pa], true);
@@ -617,7 +617,7 @@ fn subscribe_reports_deleted_entries_devices_and_addresses() {
             .apply(idx, &reconcile::diff(&peers(2), &Default::default()))
             .await;
         assert!(r.failed.is_empty());
-        let mut rx = nl.subscribe(idx).unwrap();
+        let mut rx = nl.subscribe(idx, true).unwrap();
         let run = |cmd: &str| {
             assert!(
                 Command::new("sh")
@@ -635,7 +635,7 @@ fn subscribe_reports_deleted_entries_devices_and_addresses() {
             |rx: &mut tokio::sync::mpsc::Receiver<KernelEvent>| while rx.try_recv().is_ok() {};
         drain(&mut rx);
         // Our own deletions (peer 1's three entries, through this Netlink) are no event...
-        let actual = nl.dump_entries(idx).await.unwrap();
+        let actual = nl.dump_entries(Some(idx)).await.unwrap();
         let ours = reconcile::diff(&peers(1), &actual);
         assert_eq!(ours.len(), 3, "{ours:?}");
         assert!(nl.apply(idx, &ours).await.failed.is_empty());
@@ -651,7 +651,7 @@ fn subscribe_reports_deleted_entries_devices_and_addresses() {
                 .await
                 .unwrap_or(false),
         ));
-        let actual = nl.dump_entries(idx).await.unwrap();
+        let actual = nl.dump_entries(Some(idx)).await.unwrap();
         let back = reconcile::diff(&peers(2), &actual);
         assert!(nl.apply(idx, &back).await.failed.is_empty());
         drain(&mut rx);

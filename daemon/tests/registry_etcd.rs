@@ -370,11 +370,11 @@ fn cfg(json: &str) -> NetworkConfig {
 }
 
 fn attrs(i: u8) -> LeaseAttrs {
-    LeaseAttrs {
-        public_ip: Ipv4Addr::new(198, 18, 0, i),
-        vni: 1,
-        vtep_mac: format!("02:00:00:00:00:{i:02x}").parse().unwrap(),
-    }
+    LeaseAttrs::vxlan(
+        Ipv4Addr::new(198, 18, 0, i),
+        1,
+        format!("02:00:00:00:00:{i:02x}").parse().unwrap(),
+    )
 }
 
 fn net(s: &str) -> Ipv4Net {
@@ -452,7 +452,7 @@ fn acquire_reuses_by_public_ip_and_honours_previous() -> Result<()> {
         let key = format!("{}-24", first.subnet.network());
         let old_lease = subnets(&reg).await?[&key].1;
         let mut again = attrs(1);
-        again.vtep_mac = "02:aa:bb:cc:dd:ee".parse().unwrap();
+        again = LeaseAttrs::vxlan(again.public_ip, 1, "02:aa:bb:cc:dd:ee".parse().unwrap());
         let second = acquire(&reg, &c, &again, Some(net("10.60.9.0/24")), TTL).await?;
         assert_eq!(second.subnet, first.subnet, "reuse beats previous");
         let (value, lease) = subnets(&reg).await?[&key].clone();
@@ -685,7 +685,7 @@ fn keep_lease_renews_reacquires_and_republishes() -> Result<()> {
 
         // New attributes (MAC changed) are re-put and published.
         let mut new = attrs(1);
-        new.vtep_mac = "02:11:22:33:44:55".parse().unwrap();
+        new = LeaseAttrs::vxlan(new.public_ip, 1, "02:11:22:33:44:55".parse().unwrap());
         attrs_tx.send(new.clone())?;
         let r = reg.clone();
         let (k, n) = (key.clone(), new.clone());
@@ -833,7 +833,7 @@ fn peer(i: u8) -> Peer {
     Peer {
         subnet: net(&format!("10.100.{i}.0/24")),
         public_ip: a.public_ip,
-        vtep_mac: a.vtep_mac,
+        vtep_mac: a.vtep_mac(),
     }
 }
 
@@ -898,12 +898,12 @@ fn watch_peers_snapshot_then_changes_skipping_garbage() -> Result<()> {
         assert!(matches!(next(&mut rx).await?, PeerEvent::Remove(n) if n == peer(3).subnet));
         // A changed value -> Upsert with the new MAC.
         let mut moved = attrs(8);
-        moved.vtep_mac = "02:00:00:00:01:08".parse().unwrap();
+        moved = LeaseAttrs::vxlan(moved.public_ip, 1, "02:00:00:00:01:08".parse().unwrap());
         put(&reg, "subnets/10.100.8.0-24", &moved.to_json()).await?;
         let PeerEvent::Upsert(p) = next(&mut rx).await? else {
             bail!("expected upsert")
         };
-        assert_eq!(p.vtep_mac, moved.vtep_mac);
+        assert_eq!(p.vtep_mac, moved.vtep_mac());
 
         // Our subnet moves to 10.100.8.0/24 with node 8's address and MAC: a snapshot without
         // it, and with the leases carrying our old ones, which are someone else's now as far as

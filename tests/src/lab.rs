@@ -74,6 +74,9 @@ pub struct LabOptions {
     /// Start etcd and the daemons in sessions of their own, so that after `Lab::detach` they
     /// outlive this process (no terminal hangup or Ctrl-C reaches them).
     pub detachable: bool,
+    /// Nodes on a second underlay segment (198.18.1.0/24) behind a router namespace, instead of
+    /// on the underlay bridge: a routed underlay.
+    pub routed: Vec<usize>,
 }
 
 impl Default for LabOptions {
@@ -86,9 +89,15 @@ impl Default for LabOptions {
             bin_dir: None,
             dir: None,
             detachable: false,
+            routed: Vec::new(),
         }
     }
 }
+
+/// The router's address on the main underlay segment, and its own segment.
+pub const ROUTER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
+pub const SEGMENT2_GW: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+pub const SEGMENT2: &str = "198.18.1.0/24";
 
 pub struct Lab {
     prefix: String,
@@ -101,6 +110,7 @@ pub struct Lab {
     daemons: Vec<Option<Proc>>,
     mtu: u32,
     detachable: bool,
+    routed: Vec<usize>,
     /// Set by `detach`: drop leaves everything running.
     detached: bool,
 }
@@ -116,6 +126,8 @@ pub struct LabState {
     pub etcd: Option<EtcdState>,
     /// Index 0 is node 1.
     pub daemons: Vec<Option<ProcId>>,
+    #[serde(default)]
+    pub routed: Vec<usize>,
 }
 
 impl Lab {
@@ -153,6 +165,7 @@ impl Lab {
             daemons: (0..opts.nodes).map(|_| None).collect(),
             mtu: opts.mtu,
             detachable: opts.detachable,
+            routed: opts.routed,
             detached: false,
         };
         // From here on a failure drops `lab`, which removes whatever was built so far.
@@ -195,6 +208,7 @@ impl Lab {
                 .collect(),
             mtu: state.mtu,
             detachable: true,
+            routed: state.routed,
             detached: false,
         };
         lab.etcd = state
@@ -218,6 +232,7 @@ impl Lab {
                 .iter()
                 .map(|d| d.as_ref().map(Proc::proc_id))
                 .collect(),
+            routed: self.routed.clone(),
         }
     }
 
@@ -270,16 +285,86 @@ impl Lab {
             &br,
         ])?;
         ip(&["ip", "-n", &u, "link", "set", &br, "up"])?;
+        if !self.routed.is_empty() {
+            self.build_router()?;
+        }
         for i in 1..=self.nodes {
             self.build_node(i)?;
         }
         Ok(())
     }
 
+    /// The router namespace: one leg on the underlay bridge (198.18.0.254), a bridge of its own
+    /// for the second segment (198.18.1.1/24). The underlay host routes that segment via it.
+    fn build_router(&self) -> Result<()> {
+        let ip = |args: &[&str]| -> Result<()> { netns::run_ok(args).map(|_| ()) };
+        let (u, r) = (self.underlay_ns(), self.router_ns());
+        let br = format!("{}br", self.prefix);
+        let mtu = self.mtu.to_string();
+        netns::add(&r)?;
+        ip(&["ip", "-n", &r, "link", "set", "lo", "up"])?;
+        ip(&[
+            "ip", "-n", &u, "link", "add", "vrouter", "mtu", &mtu, "type", "veth", "peer", "name",
+            "up0", "mtu", &mtu, "netns", &r,
+        ])?;
+        ip(&[
+            "ip", "-n", &u, "link", "set", "vrouter", "master", &br, "up",
+        ])?;
+        ip(&[
+            "ip",
+            "-n",
+            &r,
+            "addr",
+            "add",
+            &format!("{ROUTER_IP}/24"),
+            "dev",
+            "up0",
+        ])?;
+        ip(&["ip", "-n", &r, "link", "set", "up0", "up"])?;
+        ip(&[
+            "ip", "-n", &r, "link", "add", "seg2", "mtu", &mtu, "type", "bridge",
+        ])?;
+        ip(&[
+            "ip",
+            "-n",
+            &r,
+            "addr",
+            "add",
+            &format!("{SEGMENT2_GW}/24"),
+            "dev",
+            "seg2",
+        ])?;
+        ip(&["ip", "-n", &r, "link", "set", "seg2", "up"])?;
+        ip(&[
+            "ip",
+            "-n",
+            &u,
+            "route",
+            "add",
+            SEGMENT2,
+            "via",
+            &ROUTER_IP.to_string(),
+        ])?;
+        check(
+            &["sysctl"],
+            exec_cmd(&r, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]).output()?,
+        )?;
+        Ok(())
+    }
+
     fn build_node(&self, i: usize) -> Result<()> {
         let ip = |args: &[&str]| -> Result<()> { netns::run_ok(args).map(|_| ()) };
-        let u = self.underlay_ns();
-        let br = format!("{}br", self.prefix);
+        let routed = self.routed.contains(&i);
+        // The segment's bridge and the namespace it lives in.
+        let (seg_ns, br, gw) = if routed {
+            (self.router_ns(), "seg2".to_string(), SEGMENT2_GW)
+        } else {
+            (
+                self.underlay_ns(),
+                format!("{}br", self.prefix),
+                UNDERLAY_IP,
+            )
+        };
         let mtu = self.mtu.to_string();
         let n = self.node_ns(i);
         let veth = format!("veth{i}");
@@ -288,10 +373,12 @@ impl Lab {
         ip(&["ip", "-n", &n, "link", "set", "lo", "up"])?;
         // Both ends are created inside lab namespaces: the host namespace never sees them.
         ip(&[
-            "ip", "-n", &u, "link", "add", &veth, "mtu", &mtu, "type", "veth", "peer", "name",
+            "ip", "-n", &seg_ns, "link", "add", &veth, "mtu", &mtu, "type", "veth", "peer", "name",
             "eth0", "mtu", &mtu, "netns", &n,
         ])?;
-        ip(&["ip", "-n", &u, "link", "set", &veth, "master", &br, "up"])?;
+        ip(&[
+            "ip", "-n", &seg_ns, "link", "set", &veth, "master", &br, "up",
+        ])?;
         let addr = format!("{}/{UNDERLAY_PREFIX_LEN}", self.node_ip(i));
         ip(&["ip", "-n", &n, "addr", "add", &addr, "dev", "eth0"])?;
         ip(&["ip", "-n", &n, "link", "set", "eth0", "up"])?;
@@ -303,8 +390,20 @@ impl Lab {
             "add",
             "default",
             "via",
-            &UNDERLAY_IP.to_string(),
+            &gw.to_string(),
         ])?;
+        if !routed && !self.routed.is_empty() {
+            ip(&[
+                "ip",
+                "-n",
+                &n,
+                "route",
+                "add",
+                SEGMENT2,
+                "via",
+                &ROUTER_IP.to_string(),
+            ])?;
+        }
         self.exec_ok(i, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
         Ok(())
     }
@@ -333,10 +432,16 @@ impl Lab {
         format!("{}n{i}", self.prefix)
     }
 
-    /// Node i's underlay address: 198.18.0.(10+i).
+    /// Node i's underlay address: 198.18.0.(10+i), or 198.18.1.(10+i) behind the router.
     pub fn node_ip(&self, i: usize) -> Ipv4Addr {
         self.check_node(i);
-        Ipv4Addr::new(198, 18, 0, 10 + i as u8)
+        let seg = u8::from(self.routed.contains(&i));
+        Ipv4Addr::new(198, 18, seg, 10 + i as u8)
+    }
+
+    /// The router namespace of a routed underlay (`LabOptions::routed`).
+    pub fn router_ns(&self) -> String {
+        format!("{}r", self.prefix)
     }
 
     pub fn node_dir(&self, i: usize) -> PathBuf {

@@ -215,14 +215,28 @@ pub fn tcp_probe(
     port: u16,
     timeout: std::time::Duration,
 ) -> Result<TcpProbe> {
+    tcp_probe_ns(&from.ns, &to.ns, to.ip, port, timeout)
+        .with_context(|| format!("pod {} to pod {}", from.id, to.id))
+}
+
+/// `tcp_probe` between any two namespaces: connect from `from_ns` to a listener on
+/// `to_ip:port` inside `to_ns`.
+pub fn tcp_probe_ns(
+    from_ns: &str,
+    to_ns: &str,
+    to_ip: Ipv4Addr,
+    port: u16,
+    timeout: std::time::Duration,
+) -> Result<TcpProbe> {
     use std::io::{BufRead, BufReader};
     use std::net::{SocketAddr, TcpListener, TcpStream};
     use std::sync::mpsc;
 
     let (ready_tx, ready_rx) = mpsc::channel::<std::io::Result<()>>();
     let (seen_tx, seen_rx) = mpsc::channel::<std::io::Result<SocketAddr>>();
-    let bind = SocketAddr::from((to.ip, port));
-    let to_ns = to.ns.clone();
+    let bind = SocketAddr::from((to_ip, port));
+    let to_ns = to_ns.to_string();
+    let to_ns_name = to_ns.clone();
     // The listener thread: bind, report, accept one connection (bounded), echo, report its peer.
     std::thread::spawn(move || {
         let res = netns::in_netns(&to_ns, move || {
@@ -262,9 +276,9 @@ pub fn tcp_probe(
     ready_rx
         .recv_timeout(timeout)
         .context("listener did not start")?
-        .with_context(|| format!("bind {bind} in pod {}", to.id))?;
+        .with_context(|| format!("bind {bind} in {to_ns_name}"))?;
 
-    let from_ns = from.ns.clone();
+    let from_ns = from_ns.to_string();
     let rtt = netns::in_netns(&from_ns, move || -> std::io::Result<std::time::Duration> {
         let start = std::time::Instant::now();
         let mut s = TcpStream::connect_timeout(&bind, timeout)?;
@@ -277,7 +291,7 @@ pub fn tcp_probe(
         }
         Ok(start.elapsed())
     })?
-    .with_context(|| format!("TCP from pod {} to {bind}", from.id))?;
+    .with_context(|| format!("TCP from {from_ns} to {bind}"))?;
     let peer = seen_rx
         .recv_timeout(timeout)
         .context("listener did not report")?

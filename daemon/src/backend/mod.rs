@@ -1,7 +1,11 @@
-//! Backends: how packets for remote subnets get there.
-//! `Backend` is the concern's trait; `vxlan::VxlanBackend` the first implementation.
+//! Backends: how packets for remote subnets get there. `Backend` is the concern's trait;
+//! `vxlan::VxlanBackend` (an overlay, with direct routes to peers on our segment when
+//! DirectRouting is on) and `hostgw::HostGwBackend` (direct routes only) implement it, sharing
+//! the per-peer path decision and the kernel writes in `routes`.
 
+pub mod hostgw;
 pub mod offload;
+pub mod routes;
 pub mod vxlan;
 
 use std::net::Ipv4Addr;
@@ -11,7 +15,7 @@ use serde::Serialize;
 
 use crate::mac::MacAddr;
 use crate::peer::Peer;
-use crate::reconcile::PeerChange;
+use crate::reconcile::{Path, PeerChange};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -43,13 +47,39 @@ pub struct LocalNode {
     pub vtep_mac: MacAddr,
 }
 
+/// The interface traffic to peers leaves through: the VXLAN device, or for host-gw the
+/// underlay itself.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct DeviceInfo {
     pub name: String,
     pub ifindex: u32,
+    /// The pod MTU this backend allows: the underlay's minus the encapsulation overhead.
     pub mtu: u32,
     /// Transmit checksum offload as the device has it (None: unknown or not applicable).
     pub tx_checksum: Option<bool>,
+    /// An overlay device of ours (its neighbours and FDB entries are ours to manage), not the
+    /// underlay.
+    pub overlay: bool,
+}
+
+/// How one peer is reached, and why when it cannot be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerPath {
+    pub path: Path,
+    pub reason: Option<String>,
+}
+
+impl PeerPath {
+    pub fn ok(path: Path) -> Self {
+        PeerPath { path, reason: None }
+    }
+
+    pub fn unreachable(reason: String) -> Self {
+        PeerPath {
+            path: Path::Unreachable,
+            reason: Some(reason),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -69,4 +99,42 @@ pub trait Backend: Send {
     async fn apply(&mut self, changes: &[PeerChange]) -> Result<ApplyStats, BackendError>;
     /// Full: compare the kernel with `desired`, fix both ways.
     async fn reconcile(&mut self, desired: &[Peer]) -> Result<ApplyStats, BackendError>;
+    /// The path `peer` takes from this node (as of the last `setup`).
+    fn path(&self, peer: &Peer) -> PeerPath;
+}
+
+/// The backend the network config names.
+pub enum AnyBackend {
+    Vxlan(vxlan::VxlanBackend),
+    HostGw(hostgw::HostGwBackend),
+}
+
+impl Backend for AnyBackend {
+    async fn setup(&mut self, local: &LocalNode) -> Result<DeviceInfo, BackendError> {
+        match self {
+            AnyBackend::Vxlan(b) => b.setup(local).await,
+            AnyBackend::HostGw(b) => b.setup(local).await,
+        }
+    }
+
+    async fn apply(&mut self, changes: &[PeerChange]) -> Result<ApplyStats, BackendError> {
+        match self {
+            AnyBackend::Vxlan(b) => b.apply(changes).await,
+            AnyBackend::HostGw(b) => b.apply(changes).await,
+        }
+    }
+
+    async fn reconcile(&mut self, desired: &[Peer]) -> Result<ApplyStats, BackendError> {
+        match self {
+            AnyBackend::Vxlan(b) => b.reconcile(desired).await,
+            AnyBackend::HostGw(b) => b.reconcile(desired).await,
+        }
+    }
+
+    fn path(&self, peer: &Peer) -> PeerPath {
+        match self {
+            AnyBackend::Vxlan(b) => b.path(peer),
+            AnyBackend::HostGw(b) => b.path(peer),
+        }
+    }
 }

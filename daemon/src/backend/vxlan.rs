@@ -1,30 +1,25 @@
 //! The VXLAN backend.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::net::Ipv4Addr;
-
 use ipnet::Ipv4Net;
 
-use super::{ApplyStats, Backend, BackendError, DeviceInfo, LocalNode};
+use super::routes::{Programmer, Segment};
+use super::{ApplyStats, Backend, BackendError, DeviceInfo, LocalNode, PeerPath};
 use crate::config::BackendConfig;
-use crate::netlink::{ethtool, ApplyReport, Netlink, VxlanSpec};
+use crate::netlink::{ethtool, Netlink, VxlanSpec};
 use crate::peer::Peer;
-use crate::reconcile::{self, EntryKey, Op, PeerChange};
+use crate::reconcile::{Path, PeerChange};
 
 /// Headroom VXLAN needs over an IPv4 underlay (outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14).
-const VXLAN_OVERHEAD: u32 = 50;
+pub const VXLAN_OVERHEAD: u32 = 50;
 
 pub struct VxlanBackend {
-    nl: Netlink,
     cfg: BackendConfig,
     name: String,
     ifindex: Option<u32>,
-    /// The underlay's own subnet, for DirectRouting (peers inside it are on-link).
-    underlay_net: Option<Ipv4Net>,
-    local_ip: Option<Ipv4Addr>,
-    /// What we last programmed, by subnet: an incremental removal must not delete an entry
-    /// another peer still uses (same MAC and IP after a re-lease).
-    peers: HashMap<Ipv4Net, Peer>,
+    /// The underlay's networks: DirectRouting routes peers inside them directly, and a host-gw
+    /// peer (no VTEP) can only be reached there.
+    segment: Segment,
+    programmer: Programmer,
     /// Transmit checksum offload to enforce on the device (None: the kernel's default).
     tx_checksum: Option<bool>,
 }
@@ -32,13 +27,11 @@ pub struct VxlanBackend {
 impl VxlanBackend {
     pub fn new(nl: Netlink, cfg: &BackendConfig, tx_checksum: Option<bool>) -> Self {
         VxlanBackend {
-            nl,
             cfg: cfg.clone(),
             name: format!("twill.{}", cfg.vni),
             ifindex: None,
-            underlay_net: None,
-            local_ip: None,
-            peers: HashMap::new(),
+            segment: Segment::default(),
+            programmer: Programmer::new(nl),
             tx_checksum,
         }
     }
@@ -53,10 +46,8 @@ impl VxlanBackend {
         self.ifindex
     }
 
-    fn is_direct(&self, p: &Peer) -> bool {
-        self.cfg.direct_routing
-            && Some(p.public_ip) != self.local_ip
-            && self.underlay_net.is_some_and(|n| n.contains(&p.public_ip))
+    fn nl(&self) -> &Netlink {
+        &self.programmer.nl
     }
 
     fn device(&self) -> Result<u32, BackendError> {
@@ -67,10 +58,19 @@ impl VxlanBackend {
     /// Fails with DeviceGone if our ifindex no longer names our device.
     async fn check_device(&self) -> Result<u32, BackendError> {
         let idx = self.device()?;
-        match self.nl.link_name(idx).await? {
+        match self.nl().link_name(idx).await? {
             Some(n) if n == self.name => Ok(idx),
             _ => Err(BackendError::DeviceGone(self.name.clone())),
         }
+    }
+
+    /// A DeviceGone from the kernel writes names our device and forgets its index.
+    fn gone<T>(&mut self, r: Result<T, BackendError>) -> Result<T, BackendError> {
+        if let Err(BackendError::DeviceGone(_)) = r {
+            self.ifindex = None;
+            return Err(BackendError::DeviceGone(self.name.clone()));
+        }
+        r
     }
 
     /// Creating our device failed with EEXIST: another VXLAN device holds the VNI and port. A
@@ -79,7 +79,7 @@ impl VxlanBackend {
     /// no such device, the EEXIST came from something else.
     async fn free_vni(&self, spec: &VxlanSpec) -> Result<(), Option<BackendError>> {
         let others = self
-            .nl
+            .nl()
             .vxlan_devices_using(spec.vni, spec.port, &spec.name)
             .await
             .map_err(|e| Some(e.into()))?;
@@ -89,7 +89,7 @@ impl VxlanBackend {
             [(index, name)] if *name == flannel => {
                 tracing::warn!(device = %name, vni = spec.vni, port = spec.port,
                     "taking over from flanneld: deleting its VXLAN device (stop flanneld before starting twilld)");
-                self.nl
+                self.nl()
                     .delete_link(*index)
                     .await
                     .map_err(|e| Some(e.into()))
@@ -104,52 +104,6 @@ impl VxlanBackend {
                     .join(", "),
             })),
         }
-    }
-
-    async fn run(&mut self, ops: Vec<Op>) -> Result<ApplyStats, BackendError> {
-        let idx = self.device()?;
-        let ApplyReport { applied: _, failed } = self.nl.apply(idx, &ops).await;
-        let mut gone = false;
-        let mut failed_deletes = 0;
-        for (i, (op, e)) in failed.iter().enumerate() {
-            gone |= e.is_no_device();
-            failed_deletes += u64::from(op.is_delete());
-            // One line per failure, but not thousands when the device is gone.
-            if i < 20 {
-                tracing::warn!(op = ?op, error = %e, "kernel update failed");
-            }
-        }
-        let deletes = ops.iter().filter(|o| o.is_delete()).count() as u64;
-        // A failed add leaves the peers that need that entry unreachable; a failed delete only
-        // leaves a stale entry behind (and the next reconcile tries again).
-        let refused: HashSet<EntryKey> = failed
-            .iter()
-            .filter(|(op, _)| !op.is_delete())
-            .map(|(op, _)| EntryKey::of(op))
-            .collect();
-        let unprogrammed: BTreeSet<Ipv4Net> = if refused.is_empty() {
-            BTreeSet::new()
-        } else {
-            self.peers
-                .values()
-                .filter(|p| EntryKey::of_peer(p).iter().any(|k| refused.contains(k)))
-                .map(|p| p.subnet)
-                .collect()
-        };
-        let stats = ApplyStats {
-            added: ops.len() as u64 - deletes - (failed.len() as u64 - failed_deletes),
-            removed: deletes - failed_deletes,
-            failed: failed.len() as u64,
-            unprogrammed: unprogrammed.into_iter().collect(),
-        };
-        if failed.len() > 20 {
-            tracing::warn!(count = failed.len(), "kernel updates failed");
-        }
-        if gone {
-            self.ifindex = None;
-            return Err(BackendError::DeviceGone(self.name.clone()));
-        }
-        Ok(stats)
     }
 }
 
@@ -169,12 +123,12 @@ impl Backend for VxlanBackend {
             mac: local.vtep_mac,
             addr: Ipv4Net::new(local.subnet.network(), 32).expect("/32 is valid"),
         };
-        let ifindex = match self.nl.ensure_vxlan(&spec).await {
+        let ifindex = match self.nl().ensure_vxlan(&spec).await {
             Err(e) if e.errno() == Some(libc::EEXIST) => {
                 self.free_vni(&spec)
                     .await
                     .map_err(|c| c.unwrap_or(e.into()))?;
-                self.nl.ensure_vxlan(&spec).await?
+                self.nl().ensure_vxlan(&spec).await?
             }
             r => r?,
         };
@@ -196,60 +150,99 @@ impl Backend for VxlanBackend {
             None => ethtool::tx_checksum(&self.name).ok(),
         };
         self.ifindex = Some(ifindex);
-        self.local_ip = Some(local.public_ip);
-        self.underlay_net = if self.cfg.direct_routing {
-            self.nl
-                .addr_prefix(local.underlay_index, local.public_ip)
-                .await?
-        } else {
-            None
+        // Redone at every setup (the daemon runs it again when the underlay's addresses
+        // change), so each peer's path follows the underlay.
+        self.segment = Segment {
+            prefixes: self.nl().addr_prefixes(local.underlay_index).await?,
+            local_ip: Some(local.public_ip),
         };
-        tracing::info!(device = %self.name, ifindex, mtu, "vxlan device ready");
+        tracing::info!(device = %self.name, ifindex, mtu, segment = %self.segment.describe(), "vxlan device ready");
         Ok(DeviceInfo {
             name: self.name.clone(),
             ifindex,
             mtu,
             tx_checksum,
+            overlay: true,
         })
     }
 
     async fn apply(&mut self, changes: &[PeerChange]) -> Result<ApplyStats, BackendError> {
-        self.device()?;
-        let mut ops = reconcile::change_ops_with(changes, |p| self.is_direct(p));
-        for c in changes {
-            if let Some(o) = c.old {
-                self.peers.remove(&o.subnet);
-            }
-            if let Some(n) = c.new {
-                self.peers.insert(n.subnet, n);
-            }
-        }
-        // Keep entries a remaining overlay peer still needs (peers may share a MAC or VTEP
-        // address). Only deletions need the check, so a join costs nothing per existing peer.
-        if ops
-            .iter()
-            .any(|op| matches!(op, Op::DelFdb { .. } | Op::DelNeigh { .. }))
-        {
-            let overlay: Vec<&Peer> = self.peers.values().filter(|p| !self.is_direct(p)).collect();
-            ops.retain(|op| match op {
-                Op::DelFdb { mac, dst } => !overlay
-                    .iter()
-                    .any(|p| p.vtep_mac == *mac && p.public_ip == *dst),
-                Op::DelNeigh { ip, .. } => !overlay.iter().any(|p| p.gateway() == *ip),
-                _ => true,
-            });
-        }
-        self.run(ops).await
+        let idx = self.device()?;
+        let (cfg, segment) = (&self.cfg, &self.segment);
+        let r = self
+            .programmer
+            .apply(idx, changes, |p| path(cfg, segment, p))
+            .await;
+        self.gone(r)
     }
 
     async fn reconcile(&mut self, desired: &[Peer]) -> Result<ApplyStats, BackendError> {
         let idx = self.check_device().await?;
-        let actual = self.nl.dump_entries(idx).await?;
-        let ops = reconcile::diff_with(desired, &actual, |p| self.is_direct(p));
-        self.peers = desired.iter().map(|p| (p.subnet, *p)).collect();
-        if !ops.is_empty() {
-            tracing::info!(ops = ops.len(), "reconcile: kernel differs from leases");
+        let (cfg, segment) = (&self.cfg, &self.segment);
+        let r = self
+            .programmer
+            .reconcile(idx, Some(idx), desired, |p| path(cfg, segment, p))
+            .await;
+        self.gone(r)
+    }
+
+    fn path(&self, peer: &Peer) -> PeerPath {
+        path(&self.cfg, &self.segment, peer)
+    }
+}
+
+/// A VTEP peer goes through the overlay, or directly when DirectRouting is on and it shares our
+/// segment (Calico's CrossSubnet idea: encapsulate only across subnets). A peer without a VTEP
+/// (a host-gw lease) can only be reached directly.
+fn path(cfg: &BackendConfig, segment: &Segment, p: &Peer) -> PeerPath {
+    let direct = segment.contains(p.public_ip);
+    match p.vtep_mac {
+        Some(_) if cfg.direct_routing && direct => PeerPath::ok(Path::Direct),
+        Some(_) => PeerPath::ok(Path::Overlay),
+        None if direct => PeerPath::ok(Path::Direct),
+        None => PeerPath::unreachable(format!(
+            "a host-gw node (no VXLAN endpoint) whose address {} is not on this node's \
+             underlay segment ({}): it can only be routed to directly",
+            p.public_ip,
+            segment.describe()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peer::test_peer;
+
+    fn segment() -> Segment {
+        Segment {
+            prefixes: vec!["198.18.0.0/24".parse().unwrap()],
+            local_ip: Some("198.18.0.11".parse().unwrap()),
         }
-        self.run(ops).await
+    }
+
+    #[test]
+    fn direct_routing_is_decided_per_peer() {
+        let mut cfg = BackendConfig::default();
+        let near = test_peer(2, 12, 2); // 198.18.0.12: on our segment
+        let mut far = test_peer(3, 12, 3);
+        far.public_ip = "198.18.1.13".parse().unwrap();
+        assert_eq!(path(&cfg, &segment(), &near).path, Path::Overlay);
+        cfg.direct_routing = true;
+        assert_eq!(path(&cfg, &segment(), &near).path, Path::Direct);
+        assert_eq!(path(&cfg, &segment(), &far).path, Path::Overlay);
+    }
+
+    #[test]
+    fn a_host_gw_peer_is_direct_or_unreachable() {
+        let cfg = BackendConfig::default();
+        let mut near = test_peer(2, 12, 2);
+        near.vtep_mac = None;
+        assert_eq!(path(&cfg, &segment(), &near).path, Path::Direct);
+        let mut far = near;
+        far.public_ip = "203.0.113.9".parse().unwrap();
+        let p = path(&cfg, &segment(), &far);
+        assert_eq!(p.path, Path::Unreachable);
+        assert!(p.reason.unwrap().contains("198.18.0.0/24"));
     }
 }

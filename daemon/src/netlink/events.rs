@@ -25,7 +25,9 @@ enum Notice {
     Address,
 }
 
-fn classify(msg: &RouteNetlinkMessage, ifindex: u32) -> Option<Notice> {
+/// `overlay`: `ifindex` is our overlay device, whose neighbours are ours; otherwise it is the
+/// underlay (host-gw), whose neighbours come and go on their own.
+fn classify(msg: &RouteNetlinkMessage, ifindex: u32, overlay: bool) -> Option<Notice> {
     use RouteNetlinkMessage as M;
     let v4 = |a: &AddressMessage| a.header.family == AddressFamily::Inet;
     match msg {
@@ -33,7 +35,8 @@ fn classify(msg: &RouteNetlinkMessage, ifindex: u32) -> Option<Notice> {
         // Neighbours and FDB entries (AF_BRIDGE) both come as neighbour messages. IPv6
         // neighbours (the kernel's own multicast entries) are not ours.
         M::DelNeighbour(n)
-            if n.header.ifindex == ifindex
+            if overlay
+                && n.header.ifindex == ifindex
                 && matches!(n.header.family, AddressFamily::Inet | AddressFamily::Bridge) =>
         {
             Some(Notice::Deleted(neighbour_key(n)))
@@ -58,6 +61,7 @@ fn neighbour_key(n: &NeighbourMessage) -> Option<EntryKey> {
 
 pub(super) fn subscribe(
     ifindex: u32,
+    overlay: bool,
     own: OwnDeletions,
 ) -> Result<mpsc::Receiver<KernelEvent>, NetlinkError> {
     let rt = tokio::runtime::Handle::try_current()
@@ -85,7 +89,7 @@ pub(super) fn subscribe(
                 m = messages.next() => {
                     let Some((m, _)) = m else { break };
                     match m.payload {
-                        NetlinkPayload::InnerMessage(msg) => match classify(&msg, ifindex) {
+                        NetlinkPayload::InnerMessage(msg) => match classify(&msg, ifindex, overlay) {
                             Some(Notice::Device) => device = true,
                             // Our own deletions echo back: not news.
                             Some(Notice::Deleted(Some(key))) if own.take(key) => {}
@@ -132,8 +136,11 @@ mod tests {
         use RouteNetlinkMessage as M;
         let mut link = LinkMessage::default();
         link.header.index = 7;
-        assert_eq!(classify(&M::DelLink(link.clone()), 7), Some(Notice::Device));
-        assert_eq!(classify(&M::DelLink(link), 8), None);
+        assert_eq!(
+            classify(&M::DelLink(link.clone()), 7, true),
+            Some(Notice::Device)
+        );
+        assert_eq!(classify(&M::DelLink(link), 8, true), None);
 
         let ip: Ipv4Addr = "10.244.2.0".parse().unwrap();
         let mac: MacAddr = "0e:00:00:00:00:02".parse().unwrap();
@@ -143,10 +150,10 @@ mod tests {
         n.attributes
             .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
         assert_eq!(
-            classify(&M::DelNeighbour(n.clone()), 7),
+            classify(&M::DelNeighbour(n.clone()), 7, true),
             Some(Notice::Deleted(Some(EntryKey::Neigh(ip))))
         );
-        assert_eq!(classify(&M::NewNeighbour(n.clone()), 7), None);
+        assert_eq!(classify(&M::NewNeighbour(n.clone()), 7, true), None);
         // FDB: AF_BRIDGE, keyed by MAC and remote VTEP.
         let vtep: Ipv4Addr = "198.18.0.2".parse().unwrap();
         n.header.family = AddressFamily::Bridge;
@@ -156,17 +163,19 @@ mod tests {
             NeighbourAttribute::Destination(NeighbourAddress::Other(vtep.octets().to_vec())),
         ];
         assert_eq!(
-            classify(&M::DelNeighbour(n.clone()), 7),
+            classify(&M::DelNeighbour(n.clone()), 7, true),
             Some(Notice::Deleted(Some(EntryKey::Fdb(mac, vtep))))
         );
         // Without the attributes it cannot be matched to ours: still news.
         n.attributes.clear();
         assert_eq!(
-            classify(&M::DelNeighbour(n.clone()), 7),
+            classify(&M::DelNeighbour(n.clone()), 7, true),
             Some(Notice::Deleted(None))
         );
+        // On the underlay (host-gw) neighbours come and go by themselves: not ours.
+        assert_eq!(classify(&M::DelNeighbour(n.clone()), 7, false), None);
         n.header.family = AddressFamily::Inet6;
-        assert_eq!(classify(&M::DelNeighbour(n), 7), None);
+        assert_eq!(classify(&M::DelNeighbour(n), 7, true), None);
 
         let mut r = RouteMessage::default();
         r.attributes.push(RouteAttribute::Oif(7));
@@ -175,29 +184,29 @@ mod tests {
         r.header.destination_prefix_length = 24;
         let key = EntryKey::Route("10.244.2.0/24".parse().unwrap());
         assert_eq!(
-            classify(&M::DelRoute(r.clone()), 7),
+            classify(&M::DelRoute(r.clone()), 7, true),
             Some(Notice::Deleted(Some(key)))
         );
-        assert_eq!(classify(&M::DelRoute(r.clone()), 9), None);
+        assert_eq!(classify(&M::DelRoute(r.clone()), 9, true), None);
         r.header.protocol = RouteProtocol::Other(TWILL_RTPROT);
         assert_eq!(
-            classify(&M::DelRoute(r), 9),
+            classify(&M::DelRoute(r), 9, true),
             Some(Notice::Deleted(Some(key)))
         );
 
         let mut a = AddressMessage::default();
         a.header.family = AddressFamily::Inet;
         assert_eq!(
-            classify(&M::NewAddress(a.clone()), 1),
+            classify(&M::NewAddress(a.clone()), 1, true),
             Some(Notice::Address)
         );
         a.header.family = AddressFamily::Inet6;
-        assert_eq!(classify(&M::DelAddress(a), 1), None);
+        assert_eq!(classify(&M::DelAddress(a), 1, true), None);
     }
 
     #[test]
     fn needs_a_runtime() {
-        assert!(subscribe(1, OwnDeletions::default()).is_err());
+        assert!(subscribe(1, true, OwnDeletions::default()).is_err());
         assert!(crate::netlink::Netlink::new().is_err());
     }
 }

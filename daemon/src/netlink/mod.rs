@@ -8,6 +8,7 @@
 mod batch;
 pub mod ethtool;
 mod events;
+pub mod nft_events;
 mod own;
 pub mod pod;
 
@@ -23,7 +24,9 @@ use rtnetlink::packet_route::link::{
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType,
+};
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 use tokio::sync::mpsc;
@@ -121,6 +124,9 @@ pub struct ApplyReport {
 pub const TWILL_RTPROT: u8 = 116;
 
 const MAIN_TABLE: u32 = 254;
+/// Metric of the `--ip-blackhole-route` route: behind the pod bridge's connected route (metric
+/// 0) for the same subnet, so it only takes over when the bridge is not there.
+pub const BLACKHOLE_METRIC: u32 = 4_000_000_000;
 
 #[derive(Clone)]
 pub struct Netlink {
@@ -193,18 +199,19 @@ impl Netlink {
         })
     }
 
-    /// The prefix of `addr` as configured on interface `index` (e.g. 198.18.0.0/24), if any.
-    pub async fn addr_prefix(
-        &self,
-        index: u32,
-        addr: Ipv4Addr,
-    ) -> Result<Option<Ipv4Net>, NetlinkError> {
+    /// The networks of interface `index`'s IPv4 addresses (e.g. 198.18.0.0/24): the hosts in
+    /// them are on-link.
+    pub async fn addr_prefixes(&self, index: u32) -> Result<Vec<Ipv4Net>, NetlinkError> {
         let addrs = self.ipv4_addrs(Some(index)).await?;
-        Ok(addrs
+        let mut nets: Vec<Ipv4Net> = addrs
             .iter()
-            .find(|(_, a, _)| *a == addr)
-            .and_then(|(_, a, len)| Ipv4Net::new(*a, *len).ok())
-            .map(|n| n.trunc()))
+            .filter_map(|(_, a, len)| Ipv4Net::new(*a, *len).ok())
+            .map(|n| n.trunc())
+            .filter(|n| n.prefix_len() < 32)
+            .collect();
+        nets.sort();
+        nets.dedup();
+        Ok(nets)
     }
 
     /// The name of link `index`, or None if there is no such link.
@@ -338,6 +345,23 @@ impl Netlink {
             .collect())
     }
 
+    /// Every VXLAN device, as (ifindex, name).
+    pub async fn vxlan_devices(&self) -> Result<Vec<(u32, String)>, NetlinkError> {
+        let links: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NetlinkError::from_rtnl("list links", e))?;
+        Ok(links
+            .iter()
+            .filter(|l| vxlan_data(l).is_some())
+            .filter_map(|l| Some((l.header.index, link_name(l)?)))
+            .collect())
+    }
+
     /// Deletes link `index` (tests and teardown).
     pub async fn delete_link(&self, index: u32) -> Result<(), NetlinkError> {
         self.handle
@@ -348,8 +372,15 @@ impl Netlink {
             .map_err(|e| NetlinkError::from_rtnl("delete link", e))
     }
 
-    pub async fn dump_entries(&self, ifindex: u32) -> Result<KernelEntries, NetlinkError> {
+    /// The entries twill manages: on overlay device `ifindex` its permanent neighbours, FDB
+    /// entries and routes; anywhere, routes with twill's protocol number (direct routes). With
+    /// `ifindex` None (no overlay device) only the latter.
+    pub async fn dump_entries(&self, ifindex: Option<u32>) -> Result<KernelEntries, NetlinkError> {
         let mut out = KernelEntries::default();
+        let Some(ifindex) = ifindex else {
+            out.routes = self.dump_routes(None).await?;
+            return Ok(out);
+        };
 
         let mut req = self
             .handle
@@ -392,6 +423,67 @@ impl Netlink {
             }
         }
 
+        out.routes = self.dump_routes(Some(ifindex)).await?;
+        Ok(out)
+    }
+
+    /// Makes twill's blackhole routes (protocol 116) exactly `want`. Returns whether it changed
+    /// anything.
+    pub async fn sync_blackholes(&self, want: Option<Ipv4Net>) -> Result<bool, NetlinkError> {
+        let routes: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NetlinkError::from_rtnl("dump routes", e))?;
+        let mut changed = false;
+        let mut have = false;
+        for r in routes {
+            let ours = route_table(&r) == MAIN_TABLE
+                && r.header.kind == RouteType::BlackHole
+                && r.header.protocol == RouteProtocol::Other(TWILL_RTPROT);
+            if !ours {
+                continue;
+            }
+            if route_dst(&r) == want && route_priority(&r) == BLACKHOLE_METRIC {
+                have = true;
+                continue;
+            }
+            self.handle
+                .route()
+                .del(r)
+                .execute()
+                .await
+                .map_err(|e| NetlinkError::from_rtnl("delete blackhole route", e))?;
+            changed = true;
+        }
+        if let (Some(net), false) = (want, have) {
+            let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(net.network(), net.prefix_len())
+                .kind(RouteType::BlackHole)
+                .protocol(RouteProtocol::Other(TWILL_RTPROT))
+                .priority(BLACKHOLE_METRIC)
+                .build();
+            self.handle
+                .route()
+                .add(msg)
+                .replace()
+                .execute()
+                .await
+                .map_err(|e| NetlinkError::from_rtnl(format!("add blackhole route {net}"), e))?;
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// Main-table routes that are ours: out of `ifindex`, or with twill's protocol number.
+    async fn dump_routes(
+        &self,
+        ifindex: Option<u32>,
+    ) -> Result<Vec<(Ipv4Net, Ipv4Addr)>, NetlinkError> {
+        let mut out = Vec::new();
         let mut req = self
             .handle
             .route()
@@ -405,13 +497,13 @@ impl Netlink {
             if route_table(&r) != MAIN_TABLE {
                 continue;
             }
-            let ours = route_oif(&r) == Some(ifindex)
+            let ours = (ifindex.is_some() && route_oif(&r) == ifindex)
                 || r.header.protocol == RouteProtocol::Other(TWILL_RTPROT);
             if !ours {
                 continue;
             }
             if let (Some(dst), Some(gw)) = (route_dst(&r), route_gw(&r)) {
-                out.routes.push((dst, gw));
+                out.push((dst, gw));
             }
         }
         Ok(out)
@@ -479,9 +571,14 @@ impl Netlink {
 
     /// Multicast subscription (links, v4 addresses, routes, neighbours): changes to device
     /// `ifindex` and its entries made by anyone but this `Netlink` (and its clones), and
-    /// address changes on any interface (the underlay's may have moved).
-    pub fn subscribe(&self, ifindex: u32) -> Result<mpsc::Receiver<KernelEvent>, NetlinkError> {
-        events::subscribe(ifindex, self.own.clone())
+    /// address changes on any interface (the underlay's may have moved). `overlay`: the device
+    /// is our overlay device (its neighbours are ours), not the underlay.
+    pub fn subscribe(
+        &self,
+        ifindex: u32,
+        overlay: bool,
+    ) -> Result<mpsc::Receiver<KernelEvent>, NetlinkError> {
+        events::subscribe(ifindex, overlay, self.own.clone())
     }
 
     async fn default_route_link(&self) -> Result<u32, NetlinkError> {

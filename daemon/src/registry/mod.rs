@@ -220,7 +220,7 @@ async fn claim<R: SubnetRegistry>(
             };
             taken.insert(net);
             let same_ip = public_ip_of(&kv.value) == Some(attrs.public_ip);
-            let same_mac = vtep_mac_of(&kv.value) == Some(attrs.vtep_mac);
+            let same_mac = attrs.vtep_mac().is_some() && vtep_mac_of(&kv.value) == attrs.vtep_mac();
             if same_ip || same_mac {
                 mine.push((net, kv, same_ip, same_mac));
             }
@@ -636,7 +636,7 @@ fn skip(metrics: &Metrics, key: &str, reason: &str) {
 /// re-acquire the new key can arrive here before the keeper says it is ours, and programming
 /// it would route our own subnet to ourselves.
 fn is_ours(p: &Peer, own: &OwnLease) -> bool {
-    p.public_ip == own.attrs.public_ip && p.vtep_mac == own.attrs.vtep_mac
+    p.public_ip == own.attrs.public_ip && p.vtep_mac == own.attrs.vtep_mac()
 }
 
 fn snapshot(

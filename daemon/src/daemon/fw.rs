@@ -1,0 +1,229 @@
+//! The node's firewall as the daemon runs it: what it should hold (from the flags, the network
+//! config and the backend's device), applying that, checking it, and reporting.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use tracing::{error, info, warn};
+
+use super::status::{FirewallStatus, Shared};
+use crate::backend::DeviceInfo;
+use crate::cli::RunArgs;
+use crate::config::NetworkConfig;
+use crate::firewall::{Desired, Firewall, FirewallError, NftFirewall, Report};
+use crate::masq::{self, MasqSpec};
+use crate::metrics::Metrics;
+use crate::nft::model::Family;
+use crate::nft::Nft;
+
+/// Desired firewall state for this node. Pure.
+pub fn desired(
+    args: &RunArgs,
+    cfg: &NetworkConfig,
+    device: &DeviceInfo,
+    random_fully: bool,
+) -> Desired {
+    let masq = args.ip_masq.then(|| {
+        masq::table(&MasqSpec {
+            network: cfg.network,
+            random_fully,
+            kube_proxy_mark: args.kube_proxy_masq_mark,
+            tunnel_device: device.overlay.then(|| device.name.clone()),
+        })
+    });
+    Desired {
+        tables: [((Family::Ip, masq::TABLE.to_string()), masq)].into(),
+        forward_accept: if args.iptables_forward_rules {
+            vec![cfg.network]
+        } else {
+            Vec::new()
+        },
+    }
+}
+
+pub struct NodeFirewall {
+    fw: Option<NftFirewall>,
+    nft: Option<Nft>,
+    /// `fully-random` works here (checked once against the kernel).
+    random_fully: bool,
+    want: Option<Desired>,
+    status: FirewallStatus,
+    last_error_log: Option<Instant>,
+}
+
+impl NodeFirewall {
+    /// Finds nft and checks what the kernel supports. Without nft the daemon still runs (the
+    /// overlay does not need it); /status and the log say what is missing.
+    pub async fn new(args: &RunArgs) -> Self {
+        let nft = match Nft::find() {
+            Ok(n) => Some(n),
+            Err(e) => {
+                error!(error = %e, "masquerade and forward rules are unavailable");
+                None
+            }
+        };
+        let mut random_fully = false;
+        if let (Some(n), true) = (&nft, args.ip_masq_random_fully) {
+            random_fully = n
+                .accepts(
+                    "add table ip twill-probe\n\
+                     add chain ip twill-probe p { type nat hook postrouting priority 100; }\n\
+                     add rule ip twill-probe p masquerade fully-random\n",
+                )
+                .await;
+            if !random_fully {
+                warn!("this kernel or nft has no fully-random masquerade; masquerading without it");
+            }
+        }
+        NodeFirewall {
+            fw: nft.clone().map(NftFirewall::new),
+            nft,
+            random_fully,
+            want: None,
+            status: FirewallStatus {
+                ip_masq: args.ip_masq,
+                random_fully,
+                forward_rules: args.iptables_forward_rules,
+                error: None,
+                ..Default::default()
+            },
+            last_error_log: None,
+        }
+    }
+
+    pub fn nft(&self) -> Option<&Nft> {
+        self.nft.as_ref()
+    }
+
+    /// Applies the firewall for this node (called when it is ready, and when the device or
+    /// the config it depends on changed).
+    pub async fn apply(
+        &mut self,
+        args: &RunArgs,
+        cfg: &NetworkConfig,
+        device: &DeviceInfo,
+        shared: &Shared,
+    ) {
+        let want = desired(args, cfg, device, self.random_fully);
+        let res = match &mut self.fw {
+            Some(fw) => fw.apply(&want).await,
+            None => Err(FirewallError::Forward(crate::nft::NftError::NotInstalled)),
+        };
+        if self.want.as_ref() != Some(&want) && res.is_ok() {
+            info!(
+                ip_masq = args.ip_masq,
+                random_fully = self.random_fully,
+                forward_rules = args.iptables_forward_rules,
+                "firewall rules in place"
+            );
+        }
+        self.want = Some(want);
+        self.finish("apply", res, shared);
+    }
+
+    /// Compares the kernel with the last apply and restores what someone else changed.
+    pub async fn check(&mut self, shared: &Shared) {
+        if self.want.is_none() {
+            return;
+        }
+        let res = match &mut self.fw {
+            Some(fw) => fw.check().await,
+            None => Err(FirewallError::Forward(crate::nft::NftError::NotInstalled)),
+        };
+        self.finish("check", res, shared);
+    }
+
+    fn finish(&mut self, what: &str, res: Result<Report, FirewallError>, shared: &Shared) {
+        let m = &shared.metrics;
+        match res {
+            Ok(r) => {
+                if !r.restored.is_empty() {
+                    warn!(tables = ?r.restored, "restored twill's nftables tables after someone else changed them");
+                    m.nft_restores.fetch_add(r.restored.len() as u64, Relaxed);
+                    self.status.restores += r.restored.len() as u64;
+                }
+                if !r.forward_added.is_empty() {
+                    info!(chains = ?r.forward_added, "pod network accepted ahead of other tools' forward drops");
+                    m.forward_rules_added
+                        .fetch_add(r.forward_added.len() as u64, Relaxed);
+                }
+                self.status.forward_chains = r.forward_chains;
+                self.status.error = None;
+                m.masq_rules_ok
+                    .store(u64::from(self.status.ip_masq), Relaxed);
+            }
+            Err(e) => {
+                Metrics::inc(&m.firewall_errors);
+                m.masq_rules_ok.store(0, Relaxed);
+                // Once a minute at most: a missing nft fails every resync.
+                if self
+                    .last_error_log
+                    .is_none_or(|t| t.elapsed().as_secs() >= 60)
+                {
+                    error!(error = %e, "firewall {what} failed; retrying at the next resync");
+                    self.last_error_log = Some(Instant::now());
+                }
+                self.status.error = Some(e.to_string());
+            }
+        }
+        let st = self.status.clone();
+        shared.update(|s| s.firewall = Some(st));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args(extra: &[&str]) -> RunArgs {
+        crate::cli::Cli::try_parse_from(["twilld"].iter().chain(extra))
+            .unwrap()
+            .run
+    }
+
+    fn device(overlay: bool) -> DeviceInfo {
+        DeviceInfo {
+            name: if overlay { "twill.1" } else { "eth0" }.into(),
+            ifindex: 3,
+            mtu: 1450,
+            tx_checksum: None,
+            overlay,
+        }
+    }
+
+    fn cfg() -> NetworkConfig {
+        NetworkConfig::parse(br#"{"Network":"10.244.0.0/16"}"#).unwrap()
+    }
+
+    #[test]
+    fn masquerade_and_forward_rules_follow_the_flags() {
+        let key = (Family::Ip, masq::TABLE.to_string());
+        let d = desired(&args(&[]), &cfg(), &device(true), true);
+        let t = d.tables[&key].as_ref().expect("masquerade on by default");
+        assert!(t.chains["postrouting"]
+            .rules
+            .iter()
+            .any(|r| r.starts_with("oifname \"twill.1\"")));
+        assert_eq!(d.forward_accept, vec![cfg().network]);
+
+        // Off: the table is still named, to be removed.
+        let d = desired(
+            &args(&["--ip-masq=false", "--iptables-forward-rules=false"]),
+            &cfg(),
+            &device(false),
+            true,
+        );
+        assert_eq!(d.tables.get(&key), Some(&None));
+        assert!(d.forward_accept.is_empty());
+
+        // host-gw: no tunnel rule.
+        let d = desired(&args(&[]), &cfg(), &device(false), false);
+        let t = d.tables[&key].as_ref().unwrap();
+        assert!(!t.chains["postrouting"]
+            .rules
+            .iter()
+            .any(|r| r.contains("oifname")));
+        assert_eq!(t.chains["postrouting"].rules.last().unwrap(), "masquerade");
+    }
+}

@@ -1,0 +1,273 @@
+//! Orchestration: wires the registry (leases), the backend (kernel) and the CNI server together,
+//! and keeps the kernel in line with the leases: at start, on lease events, on kernel events and
+//! every resync interval.
+
+mod fw;
+mod node;
+mod peers;
+mod start;
+mod status;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+pub use peers::{fold_events, Folded};
+pub use status::{FirewallStatus, NodeStatus, PeerStatus, ReconcileStatus, Shared, Status};
+
+use crate::backend::hostgw::HostGwBackend;
+use crate::backend::offload;
+use crate::backend::vxlan::VxlanBackend;
+use crate::backend::{AnyBackend, Backend, BackendError, LocalNode};
+use crate::cli::RunArgs;
+use crate::cni::{CniOptions, NodeNet};
+use crate::config::{BackendKind, ConfigError};
+use crate::lease::{LeaseAttrs, LeaseBackend};
+use crate::netlink::{KernelEvent, Netlink, NetlinkError};
+use crate::registry::etcd::EtcdRegistry;
+use crate::registry::{self, EtcdOptions, PeerEvent, RegistryError};
+use crate::subnet_file::read_previous_subnet;
+use fw::NodeFirewall;
+use node::Node;
+use start::{acquire_until_done, shutdown_signal, sleep_until_opt, wait_for_config};
+
+/// Kernel events arrive in bursts (a hand `ip route flush`); collapse them. Our own deletions
+/// are filtered out before they become events (see `netlink::own`).
+const EVENT_DEBOUNCE: Duration = Duration::from_millis(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("state dir {dir}: {err}")]
+    State { dir: String, err: std::io::Error },
+    #[error("netlink: {0}")]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("{0}")]
+    Registry(#[from] RegistryError),
+    #[error("cannot serve HTTP on {addr}: {err}")]
+    Http { addr: String, err: std::io::Error },
+    #[error("cannot serve the CNI socket {path}: {err}")]
+    Cni { path: String, err: std::io::Error },
+    /// A task that runs for the daemon's lifetime ended (it can only panic): exit, so the
+    /// service manager restarts twilld, rather than run half a daemon.
+    #[error("internal error: the {0} stopped")]
+    TaskEnded(&'static str),
+}
+
+/// Runs the daemon until SIGTERM/SIGINT. Returns Err only for problems that need the operator
+/// (invalid config, unusable state dir, no underlay); transient etcd trouble is waited out.
+pub async fn run(args: RunArgs) -> Result<(), StartError> {
+    let shared = Arc::new(Shared::default());
+    shared.update(|s| s.waiting_for = Some("etcd".into()));
+    crate::http::spawn(args.http_addr, shared.clone())
+        .await
+        .map_err(|err| StartError::Http {
+            addr: args.http_addr.to_string(),
+            err,
+        })?;
+
+    let (node_tx, node_rx) = watch::channel::<Option<NodeNet>>(None);
+    let cni_opts = CniOptions {
+        socket: args.cni_socket.clone(),
+        bridge: args.bridge.clone(),
+        state_dir: args.state_dir.clone(),
+        host_local_dir: (!args.host_local_dir.as_os_str().is_empty())
+            .then(|| args.host_local_dir.clone()),
+    };
+    let cni_metrics = shared.metrics.clone();
+    let cni_path = args.cni_socket.display().to_string();
+    let cni = tokio::spawn(async move { crate::cni::serve(cni_opts, node_rx, cni_metrics).await });
+
+    let vtep_mac = crate::state::load_or_create_vtep_mac(&args.state_dir).map_err(|err| {
+        StartError::State {
+            dir: args.state_dir.display().to_string(),
+            err,
+        }
+    })?;
+
+    let nl = Netlink::new()?;
+    let underlay = nl.find_underlay(args.iface.as_ref()).await?;
+    let public_ip = args.public_ip.unwrap_or(underlay.addr);
+    info!(iface = %underlay.name, addr = %underlay.addr, mtu = underlay.mtu, %public_ip, %vtep_mac, "underlay");
+
+    let reg = EtcdRegistry::connect(&EtcdOptions {
+        endpoints: args.etcd_endpoints.clone(),
+        prefix: args.etcd_prefix.clone(),
+        ca_file: args.etcd_cafile.clone(),
+        cert_file: args.etcd_certfile.clone(),
+        key_file: args.etcd_keyfile.clone(),
+    })
+    .await?;
+
+    let cfg = tokio::select! {
+        cfg = wait_for_config(&reg, &args.etcd_prefix, &shared) => cfg?,
+        _ = shutdown_signal() => { info!("shutting down before the node was ready"); return Ok(()); }
+    };
+    info!(network = %cfg.network, subnet_len = cfg.subnet_len, vni = cfg.backend.vni, "network config");
+    shared.update(|s| {
+        s.network = Some(cfg.network);
+        s.waiting_for = Some("subnet lease".into());
+    });
+
+    let backend_attrs = match cfg.backend.kind {
+        BackendKind::Vxlan => LeaseBackend::Vxlan {
+            vni: cfg.backend.vni,
+            vtep_mac,
+        },
+        BackendKind::HostGw => LeaseBackend::HostGw,
+    };
+    let attrs = LeaseAttrs {
+        public_ip,
+        backend: backend_attrs,
+    };
+    let previous = read_previous_subnet(&args.subnet_file);
+    let own = tokio::select! {
+        own = acquire_until_done(&reg, &cfg, &attrs, previous, args.lease_ttl) => own,
+        _ = shutdown_signal() => { info!("shutting down before the node was ready"); return Ok(()); }
+    };
+    info!(subnet = %own.subnet, "lease acquired");
+
+    let mut backend = match cfg.backend.kind {
+        BackendKind::Vxlan => {
+            let release = offload::kernel_release();
+            let tx_checksum = args.vxlan_checksum_offload.resolve(&release);
+            info!(kernel = %release, setting = ?args.vxlan_checksum_offload, enforced = ?tx_checksum, "vxlan tx checksum offload");
+            AnyBackend::Vxlan(VxlanBackend::new(nl.clone(), &cfg.backend, tx_checksum))
+        }
+        BackendKind::HostGw => AnyBackend::HostGw(HostGwBackend::new(nl.clone(), &cfg.backend)),
+    };
+    let local = LocalNode {
+        subnet: own.subnet,
+        public_ip,
+        underlay_index: underlay.index,
+        underlay_mtu: underlay.mtu,
+        vtep_mac,
+    };
+    let device = backend.setup(&local).await?;
+    info!(backend = ?cfg.backend.kind, device = %device.name, ifindex = device.ifindex, mtu = device.mtu, "backend ready");
+    let firewall = NodeFirewall::new(&args).await;
+    // Changes to the nftables ruleset made by others (a flush, `systemctl restart nftables`).
+    let mut nft_rx = match crate::netlink::nft_events::subscribe() {
+        Ok(rx) => Some(rx),
+        Err(e) => {
+            warn!(error = %e, "no nftables notifications; firewall drift is found at each resync only");
+            None
+        }
+    };
+
+    // Background tasks: lease keeper and peer watcher.
+    let (attrs_tx, attrs_rx) = watch::channel(attrs.clone());
+    let (own_tx, mut own_rx) = watch::channel(own.clone());
+    tokio::spawn(registry::keep_lease(
+        reg.clone(),
+        cfg.clone(),
+        own.clone(),
+        args.lease_ttl,
+        attrs_rx,
+        own_tx,
+        shared.metrics.clone(),
+    ));
+    let (peer_tx, mut peer_rx) = mpsc::channel::<PeerEvent>(4096);
+    tokio::spawn(registry::watch_peers(
+        reg.clone(),
+        cfg.clone(),
+        own_rx.clone(),
+        peer_tx,
+        shared.metrics.clone(),
+    ));
+
+    let resync_every = args.resync_interval;
+    let mut node = Node::new(
+        args, cfg, shared, nl, backend, device, local, underlay, firewall, node_tx, attrs_tx,
+    );
+    let mut kernel_rx = node
+        .nl
+        .subscribe(node.device.ifindex, node.device.overlay)?;
+    let mut subscribed = node.device.ifindex;
+
+    let mut resync = tokio::time::interval(resync_every);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    resync.tick().await;
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut cni = cni;
+    // Pending kernel and nftables events: when to act on them, and whether an address changed.
+    let mut kernel_deadline: Option<tokio::time::Instant> = None;
+    let mut addr_changed = false;
+    let mut nft_deadline: Option<tokio::time::Instant> = None;
+
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => {
+                info!("SIGTERM: exiting; kernel entries, firewall rules and the lease stay in place");
+                return Ok(());
+            }
+            res = &mut cni => {
+                // The CNI server only returns when its socket cannot be served at all.
+                let err = match res {
+                    Ok(Err(e)) => e,
+                    Ok(Ok(())) => std::io::Error::other("CNI server stopped"),
+                    Err(e) => std::io::Error::other(e.to_string()),
+                };
+                return Err(StartError::Cni { path: cni_path, err });
+            }
+            ev = peer_rx.recv() => {
+                let Some(ev) = ev else { return Err(StartError::TaskEnded("peer watcher")) };
+                let mut batch = vec![ev];
+                while let Ok(ev) = peer_rx.try_recv() {
+                    batch.push(ev);
+                }
+                node.on_peer_events(batch).await;
+            }
+            changed = own_rx.changed() => {
+                if changed.is_err() { return Err(StartError::TaskEnded("lease keeper")); }
+                let new = own_rx.borrow_and_update().clone();
+                node.on_own_lease(new).await;
+            }
+            Some(ev) = kernel_rx.recv() => {
+                addr_changed |= ev == KernelEvent::AddressChanged;
+                // Collapse a burst: act once it has been quiet for a moment. A deadline in this
+                // select, not a wait here, so lease events keep flowing meanwhile.
+                kernel_deadline.get_or_insert_with(|| tokio::time::Instant::now() + EVENT_DEBOUNCE);
+            }
+            _ = sleep_until_opt(kernel_deadline), if kernel_deadline.is_some() => {
+                kernel_deadline = None;
+                node.on_kernel_change(std::mem::take(&mut addr_changed)).await;
+            }
+            Some(pid) = recv_opt(&mut nft_rx) => {
+                let ours = node.firewall.nft().is_some_and(|n| n.is_ours(pid));
+                if !ours {
+                    nft_deadline.get_or_insert_with(|| tokio::time::Instant::now() + EVENT_DEBOUNCE);
+                }
+            }
+            _ = sleep_until_opt(nft_deadline), if nft_deadline.is_some() => {
+                nft_deadline = None;
+                node.on_nft_change().await;
+            }
+            _ = resync.tick() => node.on_resync().await,
+        }
+        // Whichever path recreated the device, events must follow the new one.
+        if node.device.ifindex != subscribed {
+            match node.nl.subscribe(node.device.ifindex, node.device.overlay) {
+                Ok(rx) => {
+                    kernel_rx = rx;
+                    subscribed = node.device.ifindex;
+                }
+                Err(e) => warn!(error = %e, "re-subscribing to kernel events failed"),
+            }
+        }
+        node.after_event().await;
+    }
+}
+
+async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,244 @@
+//! A running node: the state the main loop keeps between events, and what each kind of event
+//! does to it. `run` (mod.rs) owns the select loop and the start-up; this owns the reactions.
+
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use super::fw::NodeFirewall;
+use super::peers::Sync;
+use super::status::{NodeStatus, Shared};
+use crate::backend::{AnyBackend, Backend, DeviceInfo, LocalNode};
+use crate::cli::RunArgs;
+use crate::cni::NodeNet;
+use crate::config::NetworkConfig;
+use crate::lease::{LeaseAttrs, LeaseBackend};
+use crate::netlink::{Netlink, Underlay};
+use crate::registry::{OwnLease, PeerEvent};
+use crate::subnet_file::SubnetEnv;
+
+pub(super) struct Node {
+    pub args: RunArgs,
+    pub cfg: NetworkConfig,
+    pub shared: std::sync::Arc<Shared>,
+    pub nl: Netlink,
+    pub backend: AnyBackend,
+    pub device: DeviceInfo,
+    pub local: LocalNode,
+    pub underlay: Underlay,
+    pub sync: Sync,
+    pub firewall: NodeFirewall,
+    pub node_tx: watch::Sender<Option<NodeNet>>,
+    pub attrs_tx: watch::Sender<LeaseAttrs>,
+    /// The subnet file is written and the CNI server serves pods.
+    pub ready: bool,
+}
+
+impl Node {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        args: RunArgs,
+        cfg: NetworkConfig,
+        shared: std::sync::Arc<Shared>,
+        nl: Netlink,
+        backend: AnyBackend,
+        device: DeviceInfo,
+        local: LocalNode,
+        underlay: Underlay,
+        firewall: NodeFirewall,
+        node_tx: watch::Sender<Option<NodeNet>>,
+        attrs_tx: watch::Sender<LeaseAttrs>,
+    ) -> Self {
+        let node = Node {
+            args,
+            cfg,
+            shared,
+            nl,
+            backend,
+            device,
+            local,
+            underlay,
+            sync: Sync::new(),
+            firewall,
+            node_tx,
+            attrs_tx,
+            ready: false,
+        };
+        node.publish_node();
+        node
+    }
+
+    pub async fn on_peer_events(&mut self, batch: Vec<PeerEvent>) {
+        self.sync
+            .handle_events(
+                &mut self.backend,
+                &mut self.device,
+                &self.local,
+                batch,
+                &self.shared,
+            )
+            .await;
+    }
+
+    pub async fn on_own_lease(&mut self, new: OwnLease) {
+        if new.subnet == self.local.subnet {
+            return;
+        }
+        warn!(old = %self.local.subnet, new = %new.subnet, "our lease moved to another subnet");
+        self.local.subnet = new.subnet;
+        self.setup().await;
+        if self.ready {
+            self.write_ready().await;
+        }
+    }
+
+    /// Kernel events settled: the underlay may have moved; the device or entries may be gone.
+    pub async fn on_kernel_change(&mut self, addr_changed: bool) {
+        if addr_changed && self.args.public_ip.is_none() {
+            match self.nl.find_underlay(self.args.iface.as_ref()).await {
+                Ok(u) if u.addr != self.local.public_ip || u.index != self.local.underlay_index => {
+                    info!(old = %self.local.public_ip, new = %u.addr, iface = %u.name, "underlay address changed");
+                    self.local.public_ip = u.addr;
+                    self.local.underlay_index = u.index;
+                    self.local.underlay_mtu = u.mtu;
+                    self.attrs_tx.send_modify(|a| a.public_ip = u.addr);
+                    self.underlay = u;
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "underlay lookup after an address change failed"),
+            }
+        }
+        // Also redoes each peer's path (the underlay's prefixes may have changed).
+        self.setup().await;
+        self.reconcile("kernel event").await;
+        self.sync_blackhole().await;
+    }
+
+    pub async fn on_resync(&mut self) {
+        // Also retries a first reconcile that failed: until one succeeds the node is not ready.
+        self.reconcile("periodic").await;
+        self.sync_blackhole().await;
+        self.firewall.check(&self.shared).await;
+    }
+
+    /// Someone else changed the nftables ruleset.
+    pub async fn on_nft_change(&mut self) {
+        self.firewall.check(&self.shared).await;
+    }
+
+    /// After every event: ready once the peers have been listed and programmed once and the
+    /// subnet file is written (a failed write is retried on the next pass).
+    pub async fn after_event(&mut self) {
+        if !self.ready && self.sync.synced_once {
+            self.write_ready().await;
+        }
+    }
+
+    async fn reconcile(&mut self, why: &str) {
+        if self.sync.listed {
+            self.sync
+                .reconcile(
+                    &mut self.backend,
+                    &mut self.device,
+                    &self.local,
+                    &self.shared,
+                    why,
+                )
+                .await;
+        }
+    }
+
+    async fn setup(&mut self) {
+        let before = self.device.clone();
+        self.device = setup_or_log(&mut self.backend, &self.local, before.clone()).await;
+        self.publish_node();
+        if self.ready && self.device != before {
+            self.firewall
+                .apply(&self.args, &self.cfg, &self.device, &self.shared)
+                .await;
+        }
+    }
+
+    /// The node is ready: the firewall first (pods must reach the world from their first
+    /// packet), then the CNI server and the subnet file (only now, so that pods never start
+    /// against a half-set-up node: flannel #2232).
+    async fn write_ready(&mut self) {
+        self.firewall
+            .apply(&self.args, &self.cfg, &self.device, &self.shared)
+            .await;
+        self.sync_blackhole().await;
+        let _ = self.node_tx.send(Some(NodeNet {
+            subnet: self.local.subnet,
+            mtu: self.device.mtu,
+        }));
+        let env = SubnetEnv {
+            network: self.cfg.network,
+            subnet: self.local.subnet,
+            mtu: self.device.mtu,
+            ipmasq: self.args.ip_masq,
+        };
+        let file = &self.args.subnet_file;
+        match env.write(file) {
+            Ok(()) => {
+                info!(file = %file.display(), subnet = %self.local.subnet, "node ready");
+                self.shared.update(|s| {
+                    s.ready = true;
+                    s.waiting_for = None;
+                });
+                self.ready = true;
+            }
+            Err(e) => {
+                error!(file = %file.display(), error = %e, "cannot write the subnet file; not ready, will retry");
+                self.shared.update(|s| {
+                    s.ready = false;
+                    s.waiting_for = Some(format!("subnet file: {e}"))
+                });
+                self.ready = false;
+            }
+        }
+    }
+
+    /// `--ip-blackhole-route`: a blackhole route for our subnet, behind the bridge's own route;
+    /// without the flag, none of ours (also from an earlier run with it).
+    async fn sync_blackhole(&mut self) {
+        let want = self.args.ip_blackhole_route.then_some(self.local.subnet);
+        match self.nl.sync_blackholes(want).await {
+            Ok(true) => info!(route = ?want, "blackhole route for our subnet updated"),
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, "blackhole route for our subnet failed; will retry"),
+        }
+    }
+
+    fn publish_node(&self) {
+        let (l, u, d) = (&self.local, &self.underlay, &self.device);
+        let backend = match self.attrs_tx.borrow().backend {
+            LeaseBackend::Vxlan { .. } => "vxlan",
+            LeaseBackend::HostGw => "host-gw",
+        };
+        self.shared.update(|s| {
+            s.node = Some(NodeStatus {
+                subnet: l.subnet,
+                public_ip: l.public_ip,
+                vtep_mac: l.vtep_mac,
+                underlay: u.name.clone(),
+                backend: backend.into(),
+                device: d.name.clone(),
+                mtu: d.mtu,
+                tx_checksum_offload: d.tx_checksum,
+            })
+        });
+    }
+}
+
+pub(super) async fn setup_or_log<B: Backend>(
+    backend: &mut B,
+    local: &LocalNode,
+    current: DeviceInfo,
+) -> DeviceInfo {
+    match backend.setup(local).await {
+        Ok(d) => d,
+        Err(e) => {
+            error!(error = %e, "setting up the backend's device failed; will retry");
+            current
+        }
+    }
+}
