@@ -9,6 +9,7 @@ mod batch;
 pub mod ethtool;
 mod events;
 pub mod nft_events;
+pub mod nft_sets;
 mod own;
 pub mod pod;
 

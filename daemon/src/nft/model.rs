@@ -1,5 +1,6 @@
 //! A desired nftables table as data: sets (and maps), chains and their rules, rendered to nft's
-//! own script syntax. Pure: planners (masquerade, policy) build a `Table`, the writer diffs it
+//! own script syntax. nft (1.0.6) takes no quoted names, so table, set and chain names must not
+//! be nft keywords (`fwd`, `ingress`, `set`, ...): planners use hyphenated names. Pure: planners (masquerade, policy) build a `Table`, the writer diffs it
 //! against the last one it applied and sends the difference in one transaction.
 
 use std::collections::{BTreeMap, BTreeSet};
