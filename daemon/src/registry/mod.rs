@@ -3,6 +3,8 @@
 //! implementation. `acquire`, `keep_lease` and `watch_peers` are written against the trait.
 
 pub mod etcd;
+pub mod etcd_objects;
+pub mod objects;
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
