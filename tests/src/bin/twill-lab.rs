@@ -32,8 +32,8 @@ const SETTLE: Duration = Duration::from_secs(15);
         etcd, one twilld per node, pods made through the twill CNI plugin as a container runtime \
         would. Nothing is changed in the machine's own network namespace. The lab keeps running \
         after `up` returns; `down` removes everything it made. Needs root.\n\n\
-        Usually run as `sudo ./scripts/lab <subcommand>`, which installs what is missing and \
-        builds twill first."
+        Usually run as `./scripts/lab <subcommand>`, which raises privileges through sudo when \
+        needed; its `up` installs what is missing and builds twill first."
 )]
 struct Cli {
     /// The lab's state file; the lab's files go in a directory next to it.
@@ -149,7 +149,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if !nix::unistd::geteuid().is_root() {
         eprintln!(
-            "twill-lab: must run as root (it creates network namespaces): sudo ./scripts/lab ..."
+            "twill-lab: must run as root (it creates network namespaces); ./scripts/lab runs it through sudo"
         );
         return ExitCode::from(2);
     }
