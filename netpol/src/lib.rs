@@ -11,5 +11,6 @@
 
 pub mod api;
 pub mod model;
+pub mod oracle;
 pub mod selector;
 pub mod validate;
