@@ -10,7 +10,9 @@
 //! - [`fixtures`]: the upstream e2e cases as data, shared with the daemon's kernel tests.
 
 pub mod api;
+pub mod fixtures;
 pub mod model;
 pub mod oracle;
+pub mod program;
 pub mod selector;
 pub mod validate;

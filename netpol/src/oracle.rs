@@ -146,6 +146,12 @@ pub enum Miss {
     },
 }
 
+/// One rule: its peers (`from` or `to`) and its ports.
+type RuleParts<'p> = (
+    Option<&'p Vec<NetworkPolicyPeer>>,
+    Option<&'p Vec<NetworkPolicyPort>>,
+);
+
 /// A flow endpoint resolved against the cluster, with the address the flow uses.
 enum Resolved<'a> {
     /// A live pod: policy applies to it and selectors can match it.
@@ -273,10 +279,7 @@ fn decide(
     let mut misses = Vec::new();
     for (pkey, p) in &isolating {
         // (peers, ports) of each rule in this direction.
-        let rules: Vec<(
-            Option<&Vec<NetworkPolicyPeer>>,
-            Option<&Vec<NetworkPolicyPort>>,
-        )> = match dir {
+        let rules: Vec<RuleParts> = match dir {
             Direction::Ingress => p
                 .spec
                 .ingress
