@@ -1203,3 +1203,723 @@ impl fmt::Display for NodeProgram {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::Labels;
+    use crate::model::ContainerPort;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn labels(kv: &[(&str, &str)]) -> Labels {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn add_pod(
+        c: &mut Cluster,
+        ns: &str,
+        name: &str,
+        node: &str,
+        ips: &[&str],
+        ports: Vec<ContainerPort>,
+    ) {
+        let rec = PodRecord {
+            labels: labels(&[("pod", name)]),
+            ips: ips.iter().map(|s| ip(s)).collect(),
+            node: Some(node.into()),
+            host_network: false,
+            ports,
+        };
+        c.upsert_pod_record(PodKey::new(ns, name), rec).unwrap();
+    }
+
+    fn add_policy(c: &mut Cluster, ns: &str, name: &str, spec: serde_json::Value) {
+        let p = serde_json::from_value(
+            serde_json::json!({"metadata": {"name": name, "namespace": ns}, "spec": spec}),
+        )
+        .unwrap();
+        c.upsert_policy(p).unwrap();
+    }
+
+    fn http() -> Vec<ContainerPort> {
+        vec![ContainerPort {
+            name: Some("http".into()),
+            port: 8080,
+            protocol: Protocol::Tcp,
+        }]
+    }
+
+    /// x/a (n1, dual-stack, declares http), x/b (n2), y/a (n1), y/b (n2, declares http).
+    fn cluster() -> Cluster {
+        let mut c = Cluster::new();
+        add_pod(&mut c, "x", "a", "n1", &["10.0.1.1", "fd00::1:1"], http());
+        add_pod(&mut c, "x", "b", "n2", &["10.0.2.1", "fd00::2:1"], vec![]);
+        add_pod(&mut c, "y", "a", "n1", &["10.0.1.2"], vec![]);
+        add_pod(&mut c, "y", "b", "n2", &["10.0.2.2", "fd00::2:2"], http());
+        c
+    }
+
+    fn policy_chain<'a>(p: &'a NodeProgram, ns: &str, name: &str, dir: Direction) -> &'a [Rule] {
+        match p
+            .chains
+            .get(&policy_chain_name(&PolicyKey::new(ns, name), dir))
+        {
+            Some(Chain::Policy { rules, .. }) => rules,
+            other => panic!("no policy chain {ns}/{name} {dir}: {other:?}\n{p}"),
+        }
+    }
+
+    fn addrs<'a>(p: &'a NodeProgram, set: &Option<String>) -> &'a AddrRanges {
+        match &p.sets[set.as_ref().expect("a peer set")].elements {
+            Elements::Addrs(a) => a,
+            e => panic!("not an address set: {e:?}"),
+        }
+    }
+
+    fn r4(a: &str, b: &str) -> AddrRange<Ipv4Addr> {
+        AddrRange {
+            first: a.parse().unwrap(),
+            last: b.parse().unwrap(),
+        }
+    }
+
+    fn r6(a: &str, b: &str) -> AddrRange<Ipv6Addr> {
+        AddrRange {
+            first: a.parse().unwrap(),
+            last: b.parse().unwrap(),
+        }
+    }
+
+    fn pkt(src: &str, dst: &str, t: Transport) -> Packet {
+        Packet {
+            src: ip(src),
+            dst: ip(dst),
+            transport: t,
+            ct: CtState::New,
+            from_host: false,
+            to_host: false,
+        }
+    }
+
+    #[test]
+    fn range_arithmetic() {
+        assert_eq!(subtract(vec![(0, 10)], (3, 5)), vec![(0, 2), (6, 10)]);
+        assert_eq!(subtract(vec![(0, 10)], (0, 10)), vec![]);
+        assert_eq!(subtract(vec![(0, 10)], (0, 0)), vec![(1, 10)]);
+        assert_eq!(subtract(vec![(0, 10)], (10, 20)), vec![(0, 9)]);
+        assert_eq!(subtract(vec![(5, 10)], (0, 4)), vec![(5, 10)]);
+        assert_eq!(
+            subtract(vec![(0, u128::MAX)], (u128::MAX, u128::MAX)),
+            vec![(0, u128::MAX - 1)]
+        );
+        assert_eq!(
+            merge_overlapping(vec![(5, 9), (1, 1), (2, 2), (3, 6), (20, 30), (25, 26)]),
+            vec![(1, 1), (2, 2), (3, 9), (20, 30)]
+        );
+        let r = AddrRanges {
+            v4: vec![r4("10.0.0.1", "10.0.0.1"), r4("10.0.0.8", "10.0.0.15")],
+            v6: vec![],
+        };
+        for (a, want) in [
+            ("10.0.0.0", false),
+            ("10.0.0.1", true),
+            ("10.0.0.2", false),
+            ("10.0.0.8", true),
+        ] {
+            assert_eq!(r.contains(ip(a)), want, "{a}");
+        }
+        assert!(
+            r.contains(ip("10.0.0.15")) && !r.contains(ip("10.0.0.16")) && !r.contains(ip("::1"))
+        );
+    }
+
+    #[test]
+    fn peer_sets_hold_the_union_of_a_rules_peers_in_both_families() {
+        let mut c = cluster();
+        add_policy(
+            &mut c,
+            "x",
+            "p",
+            serde_json::json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [
+                {"podSelector": {"matchLabels": {"pod": "b"}}},
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "y"}},
+                 "podSelector": {"matchLabels": {"pod": "a"}}},
+                {"ipBlock": {"cidr": "192.168.0.0/24", "except": ["192.168.0.128/25", "192.168.0.5/32"]}},
+                {"ipBlock": {"cidr": "10.0.2.0/24", "except": ["10.0.2.1/32"]}},
+                {"ipBlock": {"cidr": "fd00:aa::/64", "except": ["fd00:aa::/65"]}}]}]}),
+        );
+        let p = compile(&c, "n1");
+        p.check().unwrap();
+        let rules = policy_chain(&p, "x", "p", Direction::Ingress);
+        assert_eq!(rules.len(), 1);
+        let a = addrs(&p, &rules[0].peers);
+        // x/b's 10.0.2.1 is an except of the 10.0.2.0/24 block but selected by podSelector: in,
+        // as its own element (touching ranges stay apart: one pod, one element).
+        assert_eq!(
+            a.v4,
+            vec![
+                r4("10.0.1.2", "10.0.1.2"),
+                r4("10.0.2.0", "10.0.2.0"),
+                r4("10.0.2.1", "10.0.2.1"),
+                r4("10.0.2.2", "10.0.2.255"),
+                r4("192.168.0.0", "192.168.0.4"),
+                r4("192.168.0.6", "192.168.0.127"),
+            ]
+        );
+        assert_eq!(
+            a.v6,
+            vec![
+                r6("fd00::2:1", "fd00::2:1"),
+                r6("fd00:aa::8000:0:0:0", "fd00:aa::ffff:ffff:ffff:ffff")
+            ]
+        );
+        assert!(rules[0].ports.is_none() && rules[0].named.is_none());
+    }
+
+    #[test]
+    fn set_names_hash_definitions_not_members() {
+        let spec = serde_json::json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}],
+                                                                        "ports": [{"port": 80}, {"port": "http"}]}]});
+        let mut small = Cluster::new();
+        add_pod(&mut small, "x", "a", "n1", &["10.0.1.1"], vec![]);
+        add_policy(&mut small, "x", "p", spec.clone());
+        let big = {
+            let mut c = cluster();
+            add_policy(&mut c, "x", "p", spec);
+            c
+        };
+        let (ps, pb) = (compile(&small, "n1"), compile(&big, "n1"));
+        assert_eq!(
+            ps.sets.keys().collect::<Vec<_>>(),
+            pb.sets.keys().collect::<Vec<_>>()
+        );
+        assert_eq!(ps.chains, pb.chains);
+        assert_ne!(ps.sets, pb.sets, "the members differ");
+        for name in pb.sets.keys().chain(pb.chains.keys()) {
+            assert!(name.len() <= MAX_NAME_LEN, "{name}");
+        }
+        assert_eq!(compile(&big, "n1"), pb, "deterministic");
+    }
+
+    #[test]
+    fn port_sets_are_canonical_and_named_ports_get_their_own_rule() {
+        let mut c = cluster();
+        add_policy(
+            &mut c,
+            "x",
+            "p",
+            serde_json::json!({"podSelector": {}, "ingress": [{"ports": [
+                {"port": 81}, {"port": 80, "endPort": 85}, {"protocol": "UDP"}, {"protocol": "SCTP", "port": 9},
+                {"port": "http"}, {"port": "dns", "protocol": "UDP"}]}]}),
+        );
+        let p = compile(&c, "n1");
+        let rules = policy_chain(&p, "x", "p", Direction::Ingress);
+        assert_eq!(rules.len(), 2, "numeric and named: two nft rules");
+        let Elements::Ports(ports) = &p.sets[rules[0].ports.as_ref().unwrap()].elements else {
+            panic!()
+        };
+        assert_eq!(
+            ports,
+            &vec![
+                PortRange {
+                    proto: Protocol::Tcp,
+                    first: 80,
+                    last: 85
+                },
+                PortRange {
+                    proto: Protocol::Udp,
+                    first: 0,
+                    last: 65535
+                },
+                PortRange {
+                    proto: Protocol::Sctp,
+                    first: 9,
+                    last: 9
+                },
+            ]
+        );
+        assert!(rules[0].named.is_none() && rules[1].ports.is_none());
+        assert_eq!(rules[1].policy_rule, 0);
+        let SetDef::Named { scope, ports } = &p.sets[rules[1].named.as_ref().unwrap()].def else {
+            panic!()
+        };
+        assert_eq!(*scope, NamedScope::LocalPods);
+        assert_eq!(ports.len(), 2);
+    }
+
+    #[test]
+    fn named_ports_resolve_on_local_targets_for_ingress_and_on_any_pod_for_egress() {
+        let mut c = cluster();
+        add_policy(
+            &mut c,
+            "x",
+            "in",
+            serde_json::json!({"podSelector": {}, "ingress": [{"ports": [{"port": "http"}]}]}),
+        );
+        add_policy(
+            &mut c,
+            "y",
+            "out",
+            serde_json::json!({"podSelector": {}, "policyTypes": ["Egress"], "egress": [{"ports": [{"port": "http"}]}]}),
+        );
+        let p = compile(&c, "n1");
+        let named = |ns, name, dir| {
+            let r = &policy_chain(&p, ns, name, dir)[0];
+            match &p.sets[r.named.as_ref().unwrap()].elements {
+                Elements::Named(n) => n
+                    .iter()
+                    .map(|e| (e.ip, e.proto, e.port))
+                    .collect::<Vec<_>>(),
+                e => panic!("{e:?}"),
+            }
+        };
+        // Ingress on n1: only x/a (local, declares http); y/b declares it too but is remote.
+        assert_eq!(
+            named("x", "in", Direction::Ingress),
+            vec![
+                (ip("10.0.1.1"), Protocol::Tcp, 8080),
+                (ip("fd00::1:1"), Protocol::Tcp, 8080),
+            ]
+        );
+        // Egress: every pod declaring it, remote ones included.
+        assert_eq!(named("y", "out", Direction::Egress).len(), 4);
+        let out = pkt("10.0.1.2", "10.0.2.2", Transport::Tcp(8080));
+        assert!(interpret(&p, &out).accepted);
+        assert!(!interpret(&p, &pkt("10.0.1.2", "10.0.2.2", Transport::Tcp(80))).accepted);
+        assert!(
+            !interpret(&p, &pkt("10.0.1.2", "10.0.2.1", Transport::Tcp(8080))).accepted,
+            "x/b has no ports"
+        );
+    }
+
+    #[test]
+    fn only_policies_selecting_local_pods_compile_and_maps_follow_types() {
+        let mut c = cluster();
+        add_policy(
+            &mut c,
+            "x",
+            "b-only",
+            serde_json::json!({"podSelector": {"matchLabels": {"pod": "b"}}, "ingress": []}),
+        );
+        add_policy(
+            &mut c,
+            "x",
+            "egress",
+            serde_json::json!({"podSelector": {}, "policyTypes": ["Egress"], "egress": [{}]}),
+        );
+        let host = PodRecord {
+            labels: labels(&[("pod", "h")]),
+            ips: vec![ip("192.168.0.1")],
+            node: Some("n1".into()),
+            host_network: true,
+            ports: vec![],
+        };
+        c.upsert_pod_record(PodKey::new("x", "h"), host).unwrap();
+        let p = compile(&c, "n1");
+        p.check().unwrap();
+        // x/b lives on n2: its policy has no chain here.
+        assert!(!p.chains.contains_key(&policy_chain_name(
+            &PolicyKey::new("x", "b-only"),
+            Direction::Ingress
+        )));
+        assert!(
+            p.ingress.is_empty(),
+            "nothing on n1 is isolated for ingress"
+        );
+        let egress: Vec<_> = p.egress.keys().copied().collect();
+        assert_eq!(
+            egress,
+            vec![ip("10.0.1.1"), ip("fd00::1:1")],
+            "x/a only; y/a has no policy"
+        );
+        assert_eq!(
+            p.local.len(),
+            3,
+            "x/a's two addresses and y/a's; never the hostNetwork pod's"
+        );
+        let n2 = compile(&c, "n2");
+        assert!(
+            n2.ingress.contains_key(&ip("10.0.2.1")) && n2.egress.contains_key(&ip("10.0.2.1"))
+        );
+        assert!(
+            policy_chain(&n2, "x", "b-only", Direction::Ingress).is_empty(),
+            "no rules: matches nothing"
+        );
+    }
+
+    #[test]
+    fn pods_with_the_same_policies_share_a_group() {
+        let mut c = cluster();
+        add_pod(&mut c, "x", "c", "n1", &["10.0.1.3"], vec![]);
+        add_policy(&mut c, "x", "all", serde_json::json!({"podSelector": {}}));
+        add_policy(
+            &mut c,
+            "x",
+            "a-only",
+            serde_json::json!({"podSelector": {"matchLabels": {"pod": "a"}}}),
+        );
+        let p = compile(&c, "n1");
+        let (a, c3) = (&p.ingress[&ip("10.0.1.1")], &p.ingress[&ip("10.0.1.3")]);
+        assert_ne!(a, c3);
+        assert_eq!(&p.ingress[&ip("fd00::1:1")], a);
+        let Chain::Group { policies, .. } = &p.chains[a] else {
+            panic!()
+        };
+        assert_eq!(policies.len(), 2);
+        add_pod(&mut c, "x", "d", "n1", &["10.0.1.4"], vec![]);
+        let p = compile(&c, "n1");
+        assert_eq!(p.ingress[&ip("10.0.1.4")], p.ingress[&ip("10.0.1.3")]);
+        let groups = p
+            .chains
+            .values()
+            .filter(|c| matches!(c, Chain::Group { .. }))
+            .count();
+        assert_eq!(groups, 2);
+    }
+
+    #[test]
+    fn hooks_model_the_packet_path() {
+        let mut c = cluster();
+        add_policy(
+            &mut c,
+            "x",
+            "deny",
+            serde_json::json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}),
+        );
+        let p = compile(&c, "n1");
+        // y/a -> x/a, both on n1: egress of y/a not isolated, ingress of x/a drops.
+        let o = interpret(&p, &pkt("10.0.1.2", "10.0.1.1", Transport::Tcp(80)));
+        assert_eq!(
+            (o.hook, o.accepted, &o.egress),
+            (Hook::Forward, false, &Step::NotInMap)
+        );
+        assert!(matches!(o.ingress, Step::Dropped { .. }));
+        // The node itself reaches x/a: output, never filtered.
+        let from_node = Packet {
+            from_host: true,
+            ..pkt("192.168.0.1", "10.0.1.1", Transport::Tcp(80))
+        };
+        assert_eq!(interpret(&p, &from_node).hook, Hook::Output);
+        assert!(interpret(&p, &from_node).accepted);
+        // x/a -> its node: input, egress applies.
+        let to_node = Packet {
+            to_host: true,
+            ..pkt("10.0.1.1", "192.168.0.1", Transport::Tcp(10250))
+        };
+        let o = interpret(&p, &to_node);
+        assert_eq!(
+            (o.hook, o.accepted, &o.ingress),
+            (Hook::Input, false, &Step::NotRun)
+        );
+        // y/a -> its node: not isolated.
+        let o = interpret(
+            &p,
+            &Packet {
+                src: ip("10.0.1.2"),
+                ..to_node
+            },
+        );
+        assert!(o.accepted && o.egress == Step::NotInMap);
+        // Replies and related traffic pass; so does neighbour discovery, v6 only.
+        let reply = Packet {
+            ct: CtState::Established,
+            ..pkt("10.0.2.1", "10.0.1.1", Transport::Tcp(80))
+        };
+        assert_eq!(interpret(&p, &reply).ingress, Step::Established);
+        assert!(
+            interpret(
+                &p,
+                &Packet {
+                    ct: CtState::Related,
+                    ..reply
+                }
+            )
+            .accepted
+        );
+        let ns = pkt("fd00::2:1", "fd00::1:1", Transport::Icmp { kind: 135 });
+        assert_eq!(interpret(&p, &ns).ingress, Step::NeighbourDiscovery);
+        let ping6 = pkt("fd00::2:1", "fd00::1:1", Transport::Icmp { kind: 128 });
+        assert!(!interpret(&p, &ping6).accepted);
+        assert!(
+            !interpret(
+                &p,
+                &pkt("10.0.2.1", "10.0.1.1", Transport::Icmp { kind: 135 })
+            )
+            .accepted
+        );
+    }
+
+    #[test]
+    fn an_egress_accept_still_meets_the_ingress_chain() {
+        let mut c = cluster();
+        add_policy(
+            &mut c,
+            "y",
+            "out",
+            serde_json::json!({"podSelector": {}, "policyTypes": ["Egress"], "egress": [{}]}),
+        );
+        add_policy(
+            &mut c,
+            "x",
+            "in",
+            serde_json::json!({"podSelector": {}, "ingress": []}),
+        );
+        let p = compile(&c, "n1");
+        let o = interpret(&p, &pkt("10.0.1.2", "10.0.1.1", Transport::Tcp(80)));
+        assert!(matches!(o.egress, Step::Accepted { .. }), "{o:?}");
+        assert!(matches!(o.ingress, Step::Dropped { .. }), "{o:?}");
+        assert!(!o.accepted);
+    }
+
+    #[test]
+    fn check_finds_dangling_references_and_bad_names() {
+        let mut c = cluster();
+        add_policy(
+            &mut c,
+            "x",
+            "p",
+            serde_json::json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}], "ports": [{"port": 1}]}]}),
+        );
+        let good = compile(&c, "n1");
+        good.check().unwrap();
+        let mut bad = good.clone();
+        let peer = bad
+            .sets
+            .keys()
+            .find(|k| k.starts_with("peer-"))
+            .unwrap()
+            .clone();
+        bad.sets.remove(&peer);
+        assert!(matches!(
+            bad.check(),
+            Err(ProgramError::Dangling {
+                what: "address set",
+                ..
+            })
+        ));
+        let mut bad = good.clone();
+        let policy_chain = bad
+            .chains
+            .keys()
+            .find(|k| k.starts_with("pol-"))
+            .unwrap()
+            .clone();
+        bad.chains.remove(&policy_chain);
+        assert!(matches!(
+            bad.check(),
+            Err(ProgramError::Dangling {
+                what: "policy chain",
+                ..
+            })
+        ));
+        let mut bad = good.clone();
+        bad.ingress.insert(ip("10.0.1.9"), policy_chain);
+        assert!(matches!(
+            bad.check(),
+            Err(ProgramError::Dangling {
+                what: "group chain",
+                ..
+            })
+        ));
+        let mut bad = good;
+        let set = bad.sets.pop_first().unwrap().1;
+        bad.sets.insert("x".repeat(MAX_NAME_LEN + 1), set);
+        assert!(matches!(bad.check(), Err(ProgramError::BadName(_))));
+    }
+
+    #[test]
+    fn cost_grows_with_pods_only_in_elements_and_map_entries() {
+        let build = |n: u32| {
+            let mut c = Cluster::new();
+            for i in 0..n {
+                let node = if i % 2 == 0 { "n1" } else { "n2" };
+                let addr = format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255);
+                add_pod(
+                    &mut c,
+                    ["x", "y"][(i % 3 == 0) as usize],
+                    &format!("p{i}"),
+                    node,
+                    &[&addr],
+                    http(),
+                );
+            }
+            add_policy(
+                &mut c,
+                "x",
+                "web",
+                serde_json::json!({"podSelector": {}, "ingress": [
+                {"from": [{"namespaceSelector": {}}], "ports": [{"port": "http"}]}]}),
+            );
+            add_policy(
+                &mut c,
+                "y",
+                "out",
+                serde_json::json!({"podSelector": {}, "policyTypes": ["Egress"], "egress": [
+                {"to": [{"podSelector": {}}], "ports": [{"port": "http"}, {"port": 53, "protocol": "UDP"}]}]}),
+            );
+            compile(&c, "n1")
+        };
+        let (small, large) = (build(30), build(3000));
+        assert_eq!(small.sets.len(), large.sets.len());
+        assert_eq!(small.chains, large.chains);
+        let elements = |p: &NodeProgram| p.sets.values().map(|s| s.elements.len()).sum::<usize>();
+        let entries = |p: &NodeProgram| p.ingress.len() + p.egress.len();
+        // Linear: 100× the pods, about 100× the elements and entries, never 10000×.
+        assert!(
+            elements(&large) <= 110 * elements(&small),
+            "{} vs {}",
+            elements(&large),
+            elements(&small)
+        );
+        assert!(entries(&large) <= 110 * entries(&small));
+        assert_eq!(entries(&large), 1500);
+    }
+
+    // --- diff
+
+    #[test]
+    fn diff_of_a_program_with_itself_is_empty() {
+        let mut c = cluster();
+        add_policy(
+            &mut c,
+            "x",
+            "p",
+            serde_json::json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}]}]}),
+        );
+        let p = compile(&c, "n1");
+        assert!(diff(&p, &p).is_empty());
+    }
+
+    #[test]
+    fn a_local_pod_joining_an_existing_group_changes_only_elements_and_map_entries() {
+        let mut c = cluster();
+        add_policy(
+            &mut c,
+            "x",
+            "p",
+            serde_json::json!({"podSelector": {}, "ingress": [
+            {"from": [{"namespaceSelector": {}}], "ports": [{"port": "http"}]}]}),
+        );
+        let before = compile(&c, "n1");
+        add_pod(&mut c, "x", "new", "n1", &["10.0.1.9", "fd00::1:9"], http());
+        let after = compile(&c, "n1");
+        let d = diff(&before, &after);
+        assert!(d.is_elements_only(), "{d:#?}");
+        assert_eq!(d.local_added, [ip("10.0.1.9"), ip("fd00::1:9")].into());
+        assert_eq!(d.ingress.added.len(), 2);
+        assert!(d.ingress.removed.is_empty() && d.egress.is_empty());
+        // The peer set gains its addresses, the local named-port set its ports.
+        assert_eq!(d.elements.len(), 2, "{d:#?}");
+        for e in d.elements.values() {
+            assert_eq!(e.added.len(), 2);
+            assert!(e.removed.is_empty());
+        }
+        assert_eq!(d.apply(&before), after);
+        // And leaving undoes exactly that.
+        let back = diff(&after, &before);
+        assert!(back.is_elements_only());
+        assert_eq!(back.ingress.removed.len(), 2);
+        assert_eq!(back.apply(&after), before);
+    }
+
+    #[test]
+    fn the_first_local_target_of_a_policy_brings_its_chains() {
+        let mut c = cluster();
+        add_policy(
+            &mut c,
+            "z",
+            "p",
+            serde_json::json!({"podSelector": {}, "ingress": []}),
+        );
+        let before = compile(&c, "n1");
+        add_pod(&mut c, "z", "a", "n1", &["10.0.1.7"], vec![]);
+        let d = diff(&before, &compile(&c, "n1"));
+        assert_eq!(
+            d.chains_added.len(),
+            2,
+            "the policy chain and its group: {d:#?}"
+        );
+        assert!(d.chains_changed.is_empty() && d.chains_removed.is_empty());
+        assert_eq!(d.ingress.added.len(), 1);
+    }
+
+    #[test]
+    fn a_remote_pod_relabelled_changes_only_elements() {
+        let mut c = cluster();
+        add_policy(
+            &mut c,
+            "x",
+            "p",
+            serde_json::json!({"podSelector": {}, "ingress": [
+            {"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"role": "client"}}}]}]}),
+        );
+        let before = compile(&c, "n1");
+        let mut yb = c.pod(&PodKey::new("y", "b")).unwrap().clone();
+        yb.labels.insert("role".into(), "client".into());
+        c.upsert_pod_record(PodKey::new("y", "b"), yb).unwrap();
+        let after = compile(&c, "n1");
+        let d = diff(&before, &after);
+        assert!(
+            d.is_elements_only() && d.ingress.is_empty() && d.egress.is_empty(),
+            "{d:#?}"
+        );
+        let (name, e) = d.elements.first_key_value().unwrap();
+        assert!(name.starts_with("peer-"));
+        assert_eq!(
+            e.added,
+            Elements::Addrs(AddrRanges {
+                v4: vec![r4("10.0.2.2", "10.0.2.2")],
+                v6: vec![r6("fd00::2:2", "fd00::2:2")]
+            })
+        );
+        assert_eq!(d.apply(&before), after);
+    }
+
+    #[test]
+    fn changing_a_policy_rule_changes_only_its_chain_and_its_sets() {
+        let mut c = cluster();
+        let spec = |port: u16| {
+            serde_json::json!({"podSelector": {}, "ingress": [
+            {"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}], "ports": [{"port": port}]}]})
+        };
+        add_policy(&mut c, "x", "p", spec(80));
+        add_policy(
+            &mut c,
+            "x",
+            "q",
+            serde_json::json!({"podSelector": {}, "ingress": [
+            {"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}], "ports": [{"port": 80}]}]}),
+        );
+        let before = compile(&c, "n1");
+        add_policy(&mut c, "x", "p", spec(443));
+        let after = compile(&c, "n1");
+        let d = diff(&before, &after);
+        let p_chain = policy_chain_name(&PolicyKey::new("x", "p"), Direction::Ingress);
+        assert_eq!(d.chains_changed.keys().collect::<Vec<_>>(), [&p_chain]);
+        assert!(d.chains_added.is_empty() && d.chains_removed.is_empty());
+        assert!(d.ingress.is_empty() && d.egress.is_empty() && d.elements.is_empty());
+        // The new port set is added; the old one stays, q still uses it; the peer set is shared.
+        assert_eq!(d.sets_added.len(), 1);
+        assert!(d.sets_removed.is_empty());
+        assert_eq!(d.apply(&before), after);
+        // Deleting q now frees the port-80 set.
+        c.remove_policy(&PolicyKey::new("x", "q"));
+        let d = diff(&after, &compile(&c, "n1"));
+        assert_eq!(d.sets_removed.len(), 1);
+        assert_eq!(
+            d.chains_removed.len(),
+            2,
+            "q's chain and the {{p, q}} group"
+        );
+        assert_eq!(d.chains_added.len(), 1, "the {{p}} group");
+        // x/a's two addresses move to the new group: each is removed and added.
+        assert_eq!(d.ingress.removed.len(), 2);
+        assert_eq!(d.ingress.added.len(), 2);
+        assert!(d.ingress.added.keys().eq(d.ingress.removed.iter()));
+    }
+}
