@@ -472,17 +472,14 @@ impl Builder<'_> {
     }
 
     fn peer_set(&mut self, policy_ns: &str, peers: &[NetworkPolicyPeer]) -> String {
-        let def: BTreeSet<PeerDef> = peers
+        let peers: BTreeSet<PeerDef> = peers
             .iter()
             .filter_map(|p| canonical_peer(policy_ns, p))
             .collect();
-        let def = SetDef::Peers(def);
-        let name = set_name(&def);
+        let name = set_name(&SetDef::Peers(peers.clone()));
         if !self.sets.contains_key(&name) {
-            let SetDef::Peers(peers) = &def else {
-                unreachable!()
-            };
-            let elements = Elements::Addrs(self.peer_members(peers));
+            let elements = Elements::Addrs(self.peer_members(&peers));
+            let def = SetDef::Peers(peers);
             self.sets.insert(name.clone(), Set { def, elements });
         }
         name
@@ -569,12 +566,11 @@ impl Builder<'_> {
     }
 
     fn named_set(&mut self, scope: NamedScope, ports: BTreeSet<(String, Protocol)>) -> String {
-        let def = SetDef::Named { scope, ports };
-        let name = set_name(&def);
+        let name = set_name(&SetDef::Named {
+            scope,
+            ports: ports.clone(),
+        });
         if !self.sets.contains_key(&name) {
-            let SetDef::Named { ports, .. } = &def else {
-                unreachable!()
-            };
             let pods: Box<dyn Iterator<Item = &PodRecord>> = match scope {
                 NamedScope::LocalPods => Box::new(self.local.iter().map(|(_, p)| *p)),
                 NamedScope::AllPods => {
@@ -583,7 +579,7 @@ impl Builder<'_> {
             };
             let mut elems = BTreeSet::new();
             for p in pods {
-                for (pname, proto) in ports {
+                for (pname, proto) in &ports {
                     for port in p.named_ports(pname, *proto) {
                         for ip in &p.ips {
                             elems.insert(NamedPortElem {
@@ -595,6 +591,7 @@ impl Builder<'_> {
                     }
                 }
             }
+            let def = SetDef::Named { scope, ports };
             self.sets.insert(
                 name.clone(),
                 Set {
@@ -956,8 +953,13 @@ impl MapDelta {
     }
 }
 
-/// What turns one program into another. Apply in this order: add sets, add elements, add and
-/// replace chains, update maps, delete elements, delete chains, delete sets.
+/// What turns one program into another, for one nft transaction in this order: add sets; add
+/// chains, then replace changed ones (they may jump to or name the new ones); per set, delete
+/// elements, then add elements; per map, delete entries, then add them; delete chains, groups
+/// before the policy chains they jump to; delete sets.
+///
+/// Within a set whose definition is fixed, only single pod addresses come and go: ipBlock
+/// pieces are part of the definition, and a pod address inside one is absorbed by it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ProgramDelta {
     pub local_added: BTreeSet<IpAddr>,
