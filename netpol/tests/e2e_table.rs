@@ -78,6 +78,9 @@ fn run(families: &[Family]) {
             }
         }
     }
+    eprintln!(
+        "{families:?}: {cells} (from, to, protocol/port) cells checked on oracle and programs"
+    );
     assert!(cells > 5000, "the table ran ({cells} cells)");
     assert!(
         failures.is_empty(),
