@@ -156,6 +156,8 @@ impl Node {
             bridge: "cni0".into(),
             state_dir: self.dir.0.join("state"),
             host_local_dir: Some(self.dir.0.join("host-local")),
+            // Policy is the lab tests' (tests/tests/netpol.rs); these test the CNI verbs.
+            policy: None,
         };
         let rx = self.net_tx.subscribe();
         let metrics = self.metrics.clone();

@@ -141,9 +141,36 @@ pub struct RunArgs {
     #[arg(long, env = "TWILLD_IP_BLACKHOLE_ROUTE", default_value_t = false, num_args = 0..=1,
           default_missing_value = "true", action = clap::ArgAction::Set)]
     pub ip_blackhole_route: bool,
+    /// Enforce Kubernetes NetworkPolicy (networking.k8s.io/v1) on this node's pods, with
+    /// nftables (table inet twill-policy). Policies, namespaces and pod records come from etcd
+    /// (<prefix>/policies/, namespaces/, pods/). With no policies nothing is isolated. false
+    /// removes twill's policy table.
+    #[arg(long, env = "TWILLD_NETWORK_POLICY", default_value_t = true, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub network_policy: bool,
+    /// Log connections network policy denies (rate limited, with pods' names). Counters per
+    /// policy are always in /metrics.
+    #[arg(long, env = "TWILLD_POLICY_LOG_DENIED", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub policy_log_denied: bool,
+    /// This node's name, as pods' spec.nodeName. Default: NODE_NAME from the environment, else
+    /// the host name.
+    #[arg(long, env = "TWILLD_NODE_NAME")]
+    pub node_name: Option<String>,
     /// Log format: text or json. Log level comes from RUST_LOG (default info).
     #[arg(long, env = "TWILLD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+}
+
+impl RunArgs {
+    /// `--node-name`, else NODE_NAME, else the host name.
+    pub fn node_name(&self) -> String {
+        self.node_name
+            .clone()
+            .or_else(|| std::env::var("NODE_NAME").ok().filter(|s| !s.is_empty()))
+            .or_else(|| nix::unistd::gethostname().ok()?.into_string().ok())
+            .unwrap_or_else(|| "localhost".into())
+    }
 }
 
 #[derive(Debug, Clone, Args)]

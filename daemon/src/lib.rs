@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod netlink;
 pub mod nft;
 pub mod peer;
+pub mod policy;
 pub mod reconcile;
 pub mod registry;
 pub mod state;

@@ -32,6 +32,16 @@ pub struct Metrics {
     pub forward_rules_added: AtomicU64,
     /// 1 while the masquerade rules are known to be in the kernel as wanted.
     pub masq_rules_ok: AtomicU64,
+    /// Network policy programs applied (any way), and those done with netlink elements only.
+    pub policy_syncs: AtomicU64,
+    pub policy_fast_syncs: AtomicU64,
+    pub policy_errors: AtomicU64,
+    /// Policies, namespaces and pod records skipped as invalid.
+    pub policy_invalid_objects: AtomicU64,
+    /// This node's pod records waiting to be written to etcd.
+    pub policy_records_pending: AtomicU64,
+    /// Dropped packets and bytes per policy and direction, as last read from the kernel.
+    pub policy_denied: std::sync::RwLock<Vec<crate::policy::Denied>>,
 }
 
 impl Metrics {
@@ -161,6 +171,61 @@ impl Metrics {
             "1 when the masquerade rules are in the kernel as wanted (0 also when --ip-masq=false).",
             g(&self.masq_rules_ok),
         );
+        metric(
+            "policy_syncs_total",
+            "counter",
+            "Network policy programs applied to the kernel.",
+            g(&self.policy_syncs),
+        );
+        metric(
+            "policy_fast_syncs_total",
+            "counter",
+            "Network policy changes applied as netlink element updates only (no nft run).",
+            g(&self.policy_fast_syncs),
+        );
+        metric(
+            "policy_errors_total",
+            "counter",
+            "Network policy programs the kernel refused (retried at the next resync).",
+            g(&self.policy_errors),
+        );
+        metric(
+            "policy_invalid_objects_total",
+            "counter",
+            "Policies, namespaces and pod records skipped as invalid.",
+            g(&self.policy_invalid_objects),
+        );
+        metric(
+            "policy_records_pending",
+            "gauge",
+            "This node's pod records not yet written to etcd.",
+            g(&self.policy_records_pending),
+        );
+        let denied = self.policy_denied.read().unwrap_or_else(|e| e.into_inner());
+        for (name, help, pick) in [
+            (
+                "policy_denied_packets_total",
+                "Packets dropped for pods this policy isolates, per direction.",
+                (|d: &crate::policy::Denied| d.packets) as fn(&crate::policy::Denied) -> u64,
+            ),
+            (
+                "policy_denied_bytes_total",
+                "Bytes dropped for pods this policy isolates, per direction.",
+                |d: &crate::policy::Denied| d.bytes,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP twill_{name} {help}");
+            let _ = writeln!(out, "# TYPE twill_{name} counter");
+            for d in denied.iter() {
+                let _ = writeln!(
+                    out,
+                    "twill_{name}{{policy=\"{}\",direction=\"{}\"}} {}",
+                    d.policy,
+                    d.direction,
+                    pick(d)
+                );
+            }
+        }
         out
     }
 }

@@ -86,11 +86,9 @@ fn elements_of_sets_and_verdict_maps_change_in_one_transaction() {
          add map inet t in4 { type ipv4_addr : verdict; }\n",
     );
     let ip = |s: &str| key_addr(s.parse().unwrap());
-    let add = |set: &str, key: Vec<u8>, jump: Option<&str>| ElemOp {
-        add: true,
-        set: set.into(),
-        key,
-        jump: jump.map(str::to_string),
+    let add = |set: &str, key: Vec<u8>, jump: Option<&str>| match jump {
+        Some(c) => ElemOp::jump(true, set, key, c),
+        None => ElemOp::new(true, set, key),
     };
     let ops = vec![
         add("pods", ip("10.244.1.5"), None),
@@ -119,24 +117,14 @@ fn elements_of_sets_and_verdict_maps_change_in_one_transaction() {
     // batch, and the add in it is not applied.
     let bad = vec![
         add("pods", ip("10.244.1.9"), None),
-        ElemOp {
-            add: false,
-            set: "pods".into(),
-            key: ip("10.244.1.77"),
-            jump: None,
-        },
+        ElemOp::new(false, "pods", ip("10.244.1.77")),
     ];
     let err = ns.run(move || nft_sets::apply(NfFamily::Inet, "t", &bad));
     assert!(err.is_err());
     assert!(!ns
         .list(&["list", "set", "inet", "t", "pods"])
         .contains("10.244.1.9"));
-    let good = vec![ElemOp {
-        add: false,
-        set: "pods".into(),
-        key: ip("10.244.1.6"),
-        jump: None,
-    }];
+    let good = vec![ElemOp::new(false, "pods", ip("10.244.1.6"))];
     ns.run(move || nft_sets::apply(NfFamily::Inet, "t", &good))
         .unwrap();
     let pods = ns.list(&["list", "set", "inet", "t", "pods"]);
@@ -144,6 +132,47 @@ fn elements_of_sets_and_verdict_maps_change_in_one_transaction() {
         pods.contains("10.244.1.5") && !pods.contains("10.244.1.6"),
         "{pods}"
     );
+    // Interval sets (peer sets: pod addresses next to ipBlock ranges): single addresses, also
+    // adjacent ones, come and go as ranges of one.
+    ns.nft("add set inet t peers { type ipv4_addr; flags interval; }\nadd element inet t peers { 10.1.0.0/16 }\n");
+    let one = |add: bool, a: &str| {
+        let a: std::net::IpAddr = a.parse().unwrap();
+        nft_sets::interval(add, "peers", a, a).unwrap().to_vec()
+    };
+    let ops: Vec<ElemOp> = [
+        one(true, "10.244.1.5"),
+        one(true, "10.244.1.6"),
+        one(true, "10.244.2.9"),
+    ]
+    .concat();
+    ns.run(move || nft_sets::apply(NfFamily::Inet, "t", &ops))
+        .unwrap();
+    let peers = ns.list(&["list", "set", "inet", "t", "peers"]);
+    for want in ["10.244.1.5", "10.244.1.6", "10.244.2.9", "10.1.0.0/16"] {
+        assert!(peers.contains(want), "no {want} in {peers}");
+    }
+    let ops = one(false, "10.244.1.5");
+    ns.run(move || nft_sets::apply(NfFamily::Inet, "t", &ops))
+        .unwrap();
+    let peers = ns.list(&["list", "set", "inet", "t", "peers"]);
+    assert!(
+        !peers.contains("10.244.1.5") && peers.contains("10.244.1.6"),
+        "{peers}"
+    );
+    // The kernel's own lookup agrees (`get element` asks it).
+    let get = |a: &str| {
+        Command::new("ip")
+            .args([
+                "netns", "exec", &ns.0, "nft", "get", "element", "inet", "t", "peers",
+            ])
+            .arg(format!("{{ {a} }}"))
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(get("10.244.1.6") && get("10.1.2.3") && !get("10.244.1.5") && !get("10.244.1.7"));
+
     // A jump to a chain that does not exist is refused, not half applied.
     let dangling = vec![add("in4", ip("10.244.1.8"), Some("nochain"))];
     assert!(ns

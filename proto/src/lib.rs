@@ -41,6 +41,8 @@ pub mod codes {
     pub const PERMISSION_DENIED: u32 = 103;
     /// CHECK found the container's network not as the previous result says.
     pub const CHECK_FAILED: u32 = 104;
+    /// The pod's network policy could not be put in place (so it must not start).
+    pub const POLICY: u32 = 105;
     /// A bug or an unexpected internal failure.
     pub const INTERNAL: u32 = 999;
 }

@@ -637,6 +637,7 @@ impl Lab {
             ("--cni-socket", p(self.cni_socket(i))),
             ("--resync-interval", "2s".into()),
             ("--lease-ttl", "60s".into()),
+            ("--node-name", format!("n{i}")),
         ]
         .into_iter()
         .flat_map(|(k, v)| [k.to_owned(), v])

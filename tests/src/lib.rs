@@ -12,6 +12,7 @@ pub mod kernel;
 pub mod lab;
 pub mod labcli;
 pub mod netns;
+pub mod netpol;
 pub mod pod;
 pub mod proc;
 pub mod runtime;

@@ -91,6 +91,22 @@ impl Lab {
         ifname: &str,
         config: &Value,
     ) -> Result<CniOutput> {
+        let args = format!("IgnoreUnknown=1;K8S_POD_NAME={container_id}");
+        self.cni_with_args(i, command, container_id, netns_path, ifname, &args, config)
+    }
+
+    /// `cni` with the given CNI_ARGS.
+    #[allow(clippy::too_many_arguments)]
+    pub fn cni_with_args(
+        &mut self,
+        i: usize,
+        command: &str,
+        container_id: &str,
+        netns_path: &str,
+        ifname: &str,
+        cni_args: &str,
+        config: &Value,
+    ) -> Result<CniOutput> {
         let plugin = self.bin("twill")?;
         // Runtimes exec the plugin in the node's own namespace.
         let plugin_path = plugin.display().to_string();
@@ -101,10 +117,7 @@ impl Lab {
             .env("CNI_CONTAINERID", container_id)
             .env("CNI_NETNS", netns_path)
             .env("CNI_IFNAME", ifname)
-            .env(
-                "CNI_ARGS",
-                format!("IgnoreUnknown=1;K8S_POD_NAME={container_id}"),
-            )
+            .env("CNI_ARGS", cni_args)
             .env(
                 "CNI_PATH",
                 plugin.parent().unwrap_or(std::path::Path::new("/")),
@@ -141,13 +154,26 @@ impl Lab {
     /// Create a pod on node i through the plugin with the given network config (e.g. the one a
     /// runtime derives from a conflist).
     pub fn add_pod_with_config(&mut self, i: usize, name: &str, cfg: &Value) -> Result<Pod> {
+        let id = format!("{}-n{i}-{name}", self.prefix());
+        let args = format!("IgnoreUnknown=1;K8S_POD_NAME={id}");
+        self.add_pod_with(i, name, &args, cfg)
+    }
+
+    /// Create a pod on node i through the plugin with the given CNI_ARGS and network config.
+    pub fn add_pod_with(
+        &mut self,
+        i: usize,
+        name: &str,
+        cni_args: &str,
+        cfg: &Value,
+    ) -> Result<Pod> {
         let ns = self.pod_ns(i, name);
         netns::add(&ns)?;
         let _ = netns::run(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
         let id = format!("{}-n{i}-{name}", self.prefix());
         let path = format!("/run/netns/{ns}");
         let cfg = cfg.clone();
-        let out = self.cni(i, "ADD", &id, &path, "eth0", &cfg)?;
+        let out = self.cni_with_args(i, "ADD", &id, &path, "eth0", cni_args, &cfg)?;
         if !out.success {
             let _ = netns::kill_all_and_delete(&ns);
             bail!(

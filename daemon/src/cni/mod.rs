@@ -6,6 +6,8 @@ pub mod hostlocal;
 pub mod ipam;
 mod ops;
 
+pub use ops::host_veth_name;
+
 use std::net::Ipv4Addr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -27,6 +29,8 @@ pub struct CniOptions {
     pub state_dir: PathBuf,
     /// host-local's data dir (flannel's CNI), whose addresses in our subnet stay taken.
     pub host_local_dir: Option<PathBuf>,
+    /// Network policy: every pod is programmed before ADD answers (None: policy off).
+    pub policy: Option<crate::policy::PolicyHandle>,
 }
 
 /// The node's pod network, known once the lease is held and the overlay is up.

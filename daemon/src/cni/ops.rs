@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
@@ -20,6 +20,8 @@ use super::{CniOptions, NodeNet};
 use crate::mac::MacAddr;
 use crate::metrics::Metrics;
 use crate::netlink::pod::{self, PodNetError, PodNetlink};
+use crate::policy::pods;
+use crate::policy::PodUpError;
 
 pub(super) struct Ctx {
     pub opts: CniOptions,
@@ -236,6 +238,20 @@ fn owner_of(req: &Request) -> Owner {
     Owner::new(req.container_id.clone(), req.ifname.clone())
 }
 
+fn attachment(req: &Request) -> pods::Attachment {
+    pods::Attachment {
+        container_id: req.container_id.clone(),
+        ifname: req.ifname.clone(),
+    }
+}
+
+fn attachment_of(o: &Owner) -> pods::Attachment {
+    pods::Attachment {
+        container_id: o.container_id.clone(),
+        ifname: o.ifname.clone(),
+    }
+}
+
 fn require(what: &str, v: &str) -> Result<(), CniError> {
     if v.is_empty() {
         Err(CniError::new(codes::INVALID_ENV, format!("missing {what}")))
@@ -263,6 +279,14 @@ async fn add(ctx: &Ctx, req: &Request, peer_pid: Option<i32>) -> Result<CniResul
             )
         })?,
     };
+    // Who the pod is, for policy: bad arguments fail here, before anything is made.
+    let identity = match &ctx.opts.policy {
+        Some(p) => Some(
+            pods::from_cni(attachment(req), &req.args, &req.config, p.node())
+                .map_err(|e| CniError::new(codes::INVALID_CONFIG, e.to_string()))?,
+        ),
+        None => None,
+    };
     let owner = owner_of(req);
     let _key = ctx.keys.lock(owner.clone()).await;
 
@@ -285,7 +309,7 @@ async fn add(ctx: &Ctx, req: &Request, peer_pid: Option<i32>) -> Result<CniResul
             .await
             .map(Some)
     });
-    let node_half = node_half(ctx, req, &node, &netns, &host, &owner, go);
+    let node_half = node_half(ctx, req, &node, &netns, &host, &owner, identity, go);
     let (node_res, pod_res) = tokio::join!(node_half, pod_half);
     let (pod_addr, fresh, host_mac) = node_res?;
     let (cont, routed) = match pod_res {
@@ -336,10 +360,12 @@ async fn add(ctx: &Ctx, req: &Request, peer_pid: Option<i32>) -> Result<CniResul
     })
 }
 
-/// The node's half of ADD: the address (IPAM) and the veth pair at once, then hairpin. Sends the
-/// pod's address through `go` as soon as the container end exists. Undoes itself on failure.
-/// Returns the pod's address, whether it was allocated now (not by an earlier ADD), and the host
-/// end's MAC.
+/// The node's half of ADD: the address (IPAM) and the veth pair at once, then the pod's network
+/// policy (before the pod's end gets its address: no moment unprotected), then hairpin. Sends
+/// the pod's address through `go` once the container end exists and policy is in place.
+/// Undoes itself on failure. Returns the pod's address, whether it was allocated now (not by an
+/// earlier ADD), and the host end's MAC.
+#[allow(clippy::too_many_arguments)]
 async fn node_half(
     ctx: &Ctx,
     req: &Request,
@@ -347,6 +373,7 @@ async fn node_half(
     netns: &File,
     host: &str,
     owner: &Owner,
+    identity: Option<pods::LocalPod>,
     go: tokio::sync::oneshot::Sender<Ipv4Net>,
 ) -> Result<(Ipv4Net, bool, MacAddr), CniError> {
     let ipam = ctx.ipam.clone();
@@ -369,6 +396,15 @@ async fn node_half(
         }
     };
     let pod_addr = Ipv4Net::new(addr, subnet.prefix_len()).expect("prefix from a valid subnet");
+    if let (Some(policy), Some(pod)) = (&ctx.opts.policy, identity) {
+        if let Err(e) = policy.pod_up(pod.with_ip(IpAddr::V4(addr))).await {
+            undo(ctx, Some(host), fresh.then_some(owner)).await;
+            return Err(match e {
+                PodUpError::NotReady(m) => CniError::new(codes::TRY_AGAIN_LATER, m),
+                PodUpError::Failed(m) => CniError::new(codes::POLICY, m),
+            });
+        }
+    }
     // The pod's half may already have failed (e.g. its netns vanished): that is reported there.
     let _ = go.send(pod_addr);
     if let Err(e) = ctx.nl.set_hairpin(host).await {
@@ -435,6 +471,9 @@ async fn undo(ctx: &Ctx, host: Option<&str>, release: Option<&Owner>) {
         }
     }
     if let Some(owner) = release {
+        if let Some(p) = &ctx.opts.policy {
+            p.pod_down(attachment_of(owner)).await;
+        }
         let (ipam, owner) = (ctx.ipam.clone(), owner.clone());
         if let Err(e) = blocking(move || ipam.release(&owner)).await {
             tracing::error!(error = %e.msg, "releasing the address after a failed ADD");
@@ -453,6 +492,9 @@ async fn del(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
     let host = host_veth_name(&req.container_id, &req.ifname);
     if let Err(e) = ctx.nl.delete_link(&host).await {
         errors.push(e.to_string());
+    }
+    if let Some(p) = &ctx.opts.policy {
+        p.pod_down(attachment_of(&owner)).await;
     }
     // Released whatever happened above: a DEL that keeps the address leaks it forever.
     let ipam = ctx.ipam.clone();
@@ -657,6 +699,9 @@ async fn gc(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
                     tracing::warn!(error = %e, %host, "GC: cannot remove a stale veth; keeping its address");
                     return Ok(0);
                 }
+            }
+            if let Some(p) = &ctx.opts.policy {
+                p.pod_down(attachment_of(&owner)).await;
             }
             let ipam = ctx.ipam.clone();
             blocking(move || {

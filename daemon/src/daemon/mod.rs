@@ -71,6 +71,33 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
             err,
         })?;
 
+    // The registry client connects lazily: building it needs no etcd yet.
+    let reg = EtcdRegistry::connect(&EtcdOptions {
+        endpoints: args.etcd_endpoints.clone(),
+        prefix: args.etcd_prefix.clone(),
+        ca_file: args.etcd_cafile.clone(),
+        cert_file: args.etcd_certfile.clone(),
+        key_file: args.etcd_keyfile.clone(),
+    })
+    .await?;
+    // Policy first: the CNI server programs every pod through it.
+    let policy = args.network_policy.then(|| {
+        crate::policy::spawn(
+            reg.clone(),
+            crate::policy::PolicyOptions {
+                node: args.node_name(),
+                state_dir: args.state_dir.clone(),
+                render: crate::policy::render::RenderOpts {
+                    log_denied: args.policy_log_denied,
+                },
+            },
+            shared.clone(),
+        )
+    });
+    if policy.is_none() {
+        crate::policy::remove_table().await;
+    }
+
     let (node_tx, node_rx) = watch::channel::<Option<NodeNet>>(None);
     let cni_opts = CniOptions {
         socket: args.cni_socket.clone(),
@@ -78,6 +105,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
         state_dir: args.state_dir.clone(),
         host_local_dir: (!args.host_local_dir.as_os_str().is_empty())
             .then(|| args.host_local_dir.clone()),
+        policy: policy.clone(),
     };
     let cni_metrics = shared.metrics.clone();
     let cni_path = args.cni_socket.display().to_string();
@@ -94,15 +122,6 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
     let underlay = nl.find_underlay(args.iface.as_ref()).await?;
     let public_ip = args.public_ip.unwrap_or(underlay.addr);
     info!(iface = %underlay.name, addr = %underlay.addr, mtu = underlay.mtu, %public_ip, %vtep_mac, "underlay");
-
-    let reg = EtcdRegistry::connect(&EtcdOptions {
-        endpoints: args.etcd_endpoints.clone(),
-        prefix: args.etcd_prefix.clone(),
-        ca_file: args.etcd_cafile.clone(),
-        cert_file: args.etcd_certfile.clone(),
-        key_file: args.etcd_keyfile.clone(),
-    })
-    .await?;
 
     let cfg = tokio::select! {
         cfg = wait_for_config(&reg, &args.etcd_prefix, &shared) => cfg?,
@@ -184,6 +203,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
     let resync_every = args.resync_interval;
     let mut node = Node::new(
         args, cfg, shared, nl, backend, device, local, underlay, firewall, node_tx, attrs_tx,
+        policy,
     );
     let mut kernel_rx = node
         .nl

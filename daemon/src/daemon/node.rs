@@ -13,6 +13,7 @@ use crate::cni::NodeNet;
 use crate::config::NetworkConfig;
 use crate::lease::{LeaseAttrs, LeaseBackend};
 use crate::netlink::{Netlink, Underlay};
+use crate::policy::PolicyHandle;
 use crate::registry::{OwnLease, PeerEvent};
 use crate::subnet_file::SubnetEnv;
 
@@ -29,6 +30,7 @@ pub(super) struct Node {
     pub firewall: NodeFirewall,
     pub node_tx: watch::Sender<Option<NodeNet>>,
     pub attrs_tx: watch::Sender<LeaseAttrs>,
+    pub policy: Option<PolicyHandle>,
     /// The subnet file is written and the CNI server serves pods.
     pub ready: bool,
 }
@@ -47,6 +49,7 @@ impl Node {
         firewall: NodeFirewall,
         node_tx: watch::Sender<Option<NodeNet>>,
         attrs_tx: watch::Sender<LeaseAttrs>,
+        policy: Option<PolicyHandle>,
     ) -> Self {
         let node = Node {
             args,
@@ -61,6 +64,7 @@ impl Node {
             firewall,
             node_tx,
             attrs_tx,
+            policy,
             ready: false,
         };
         node.publish_node();
@@ -118,11 +122,17 @@ impl Node {
         self.reconcile("periodic").await;
         self.sync_blackhole().await;
         self.firewall.check(&self.shared).await;
+        if let Some(p) = &self.policy {
+            p.check();
+        }
     }
 
     /// Someone else changed the nftables ruleset.
     pub async fn on_nft_change(&mut self) {
         self.firewall.check(&self.shared).await;
+        if let Some(p) = &self.policy {
+            p.check();
+        }
     }
 
     /// After every event: ready once the peers have been listed and programmed once and the

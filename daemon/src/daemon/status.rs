@@ -19,6 +19,7 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
     pub last_reconcile: Option<ReconcileStatus>,
     pub firewall: Option<FirewallStatus>,
+    pub policy: Option<crate::policy::PolicyStatus>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]

@@ -3,8 +3,9 @@
 //! going (CNI ADD must not pay an nft process, ~5-10 ms); everything else (chains, rules, new
 //! sets) goes through `nft -f`, which knows nft's grammar.
 //!
-//! Only plain (non-interval) sets are supported: a key is its bytes, each field of a
-//! concatenation padded to 4 bytes, as the kernel lays out its registers.
+//! A key is its bytes, each field of a concatenation padded to 4 bytes, as the kernel lays out
+//! its registers. Interval sets of addresses take a range as two elements, its first address
+//! and the one after its last flagged as the interval's end (`interval`), as nft sends them.
 
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
@@ -32,6 +33,8 @@ const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_DATA: u16 = 2;
+const NFTA_SET_ELEM_FLAGS: u16 = 3;
+const NFT_SET_ELEM_INTERVAL_END: u32 = 1;
 const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
@@ -54,6 +57,44 @@ pub struct ElemOp {
     pub key: Vec<u8>,
     /// Maps of `... : verdict`: jump to this chain.
     pub jump: Option<String>,
+    /// The end of an interval (interval sets only; see `interval`).
+    pub interval_end: bool,
+}
+
+impl ElemOp {
+    pub fn new(add: bool, set: &str, key: Vec<u8>) -> ElemOp {
+        ElemOp {
+            add,
+            set: set.to_string(),
+            key,
+            jump: None,
+            interval_end: false,
+        }
+    }
+
+    /// A verdict map entry: `key : jump chain`.
+    pub fn jump(add: bool, set: &str, key: Vec<u8>, chain: &str) -> ElemOp {
+        ElemOp {
+            jump: Some(chain.to_string()),
+            ..ElemOp::new(add, set, key)
+        }
+    }
+}
+
+/// The two elements of the address range `first..=last` in an interval set. None when `last`
+/// is the family's highest address (its end has no successor; nft's own encoding is needed).
+pub fn interval(add: bool, set: &str, first: IpAddr, last: IpAddr) -> Option<[ElemOp; 2]> {
+    let next = match last {
+        IpAddr::V4(a) => IpAddr::V4(u32::from(a).checked_add(1)?.into()),
+        IpAddr::V6(a) => IpAddr::V6(u128::from(a).checked_add(1)?.into()),
+    };
+    Some([
+        ElemOp::new(add, set, key_addr(first)),
+        ElemOp {
+            interval_end: true,
+            ..ElemOp::new(add, set, key_addr(next))
+        },
+    ])
 }
 
 /// The key bytes of an address (network order, 4 or 16 bytes).
@@ -194,6 +235,12 @@ fn encode(family: NfFamily, table: &str, ops: &[ElemOp]) -> (Vec<u8>, usize) {
             let key = m.begin(NFTA_SET_ELEM_KEY);
             m.attr(NFTA_DATA_VALUE, &e.key);
             m.end(key);
+            if e.interval_end {
+                m.attr(
+                    NFTA_SET_ELEM_FLAGS,
+                    &NFT_SET_ELEM_INTERVAL_END.to_be_bytes(),
+                );
+            }
             if let Some(chain) = &e.jump {
                 let data = m.begin(NFTA_SET_ELEM_DATA);
                 let verdict = m.begin(NFTA_DATA_VERDICT);
@@ -287,12 +334,7 @@ mod tests {
 
     #[test]
     fn a_batch_is_begin_one_message_per_set_and_verb_end() {
-        let op = |add, set: &str, last: u8| ElemOp {
-            add,
-            set: set.into(),
-            key: vec![10, 0, 0, last],
-            jump: None,
-        };
+        let op = |add, set: &str, last: u8| ElemOp::new(add, set, vec![10, 0, 0, last]);
         let ops = [
             op(true, "a", 1),
             op(true, "a", 2),

@@ -173,6 +173,20 @@ impl TableWriter {
         self.applied.as_ref()
     }
 
+    /// The kernel holds `t` now: it was changed another way (netlink element operations).
+    pub fn assume(&mut self, t: Table) {
+        self.applied = Some(t);
+    }
+
+    /// The kernel's table `family name` as JSON (for counters), None when it is missing.
+    pub async fn listing(&self) -> Result<Option<serde_json::Value>, NftError> {
+        let Some(t) = &self.applied else {
+            return Ok(None);
+        };
+        let fam = t.family.to_string();
+        self.nft.list_json(&["list", "table", &fam, &t.name]).await
+    }
+
     /// Makes the kernel hold `desired`: the difference to the last apply in one transaction, or
     /// the whole table when there was none (or the difference was refused).
     pub async fn apply(&mut self, desired: &Table) -> Result<(), NftError> {

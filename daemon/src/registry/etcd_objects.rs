@@ -49,7 +49,10 @@ impl EtcdRegistry {
 
 fn to_obj(dir: &str, key: &[u8], value: &[u8], rev: i64) -> Option<ObjKv> {
     Some(ObjKv {
-        key: std::str::from_utf8(key).ok()?.strip_prefix(dir)?.to_string(),
+        key: std::str::from_utf8(key)
+            .ok()?
+            .strip_prefix(dir)?
+            .to_string(),
         value: value.to_vec(),
         mod_revision: rev,
     })

@@ -39,8 +39,10 @@ pub trait ObjWatch: Send + 'static {
 pub trait ObjectStore: Clone + Send + Sync + 'static {
     type Watch: ObjWatch;
     /// Every key of `dir` (paginated, all at one revision) and that revision.
-    fn list(&self, dir: &str)
-        -> impl Future<Output = Result<(Vec<ObjKv>, i64), RegistryError>> + Send;
+    fn list(
+        &self,
+        dir: &str,
+    ) -> impl Future<Output = Result<(Vec<ObjKv>, i64), RegistryError>> + Send;
     fn watch(
         &self,
         dir: &str,
@@ -58,8 +60,11 @@ pub trait ObjectStore: Clone + Send + Sync + 'static {
         value: &[u8],
     ) -> impl Future<Output = Result<(), RegistryError>> + Send;
     /// Ok(false): there was no such key.
-    fn delete(&self, dir: &str, key: &str)
-        -> impl Future<Output = Result<bool, RegistryError>> + Send;
+    fn delete(
+        &self,
+        dir: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<bool, RegistryError>> + Send;
 }
 
 /// What `watch_dir` reports. A `Snapshot` is the whole directory (first list, and after every

@@ -1,0 +1,621 @@
+//! NetworkPolicy on this node: the objects (from etcd now, from the Kubernetes API later) in one
+//! `twill_netpol` cluster model, compiled for this node, rendered to nftables and kept in the
+//! kernel. One task owns all of it; the CNI server and the main loop talk to it by message.
+//!
+//! - A pod is programmed in CNI ADD before the answer (`PolicyHandle::pod_up`): no moment where
+//!   a pod some policy isolates is reachable unprotected. When only elements move (the usual
+//!   case) that is one netlink transaction, not an nft run.
+//! - Everything else (a policy, a namespace's labels, a remote pod) is applied as it arrives,
+//!   as the difference to what the kernel has, in one transaction.
+//! - The last cluster state is kept in `<state-dir>/policy-cache.json` and the local pods in
+//!   `<state-dir>/pods/`: a restart, also with etcd down, programs exactly what was enforced.
+//!   Until a cluster state is known, ADD answers "try again later": policy cannot be guessed.
+
+pub mod pods;
+pub mod render;
+mod source;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use netpol::model::Direction;
+use netpol::program::{self, Chain as PChain, NodeProgram};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::daemon::Shared;
+use crate::metrics::Metrics;
+use crate::nft::{Check, Nft, TableWriter};
+use crate::registry::objects::{watch_dir, DirEvent, ObjectStore};
+use pods::{Attachment, LocalPod};
+use render::RenderOpts;
+use source::Objects;
+
+/// The etcd directories under the prefix.
+pub const POLICIES: &str = "policies";
+pub const NAMESPACES: &str = "namespaces";
+pub const PODS: &str = "pods";
+
+#[derive(Clone, Debug)]
+pub struct PolicyOptions {
+    /// This node's name: pods' `spec.nodeName`.
+    pub node: String,
+    pub state_dir: PathBuf,
+    pub render: RenderOpts,
+}
+
+enum Msg {
+    PodUp(Box<LocalPod>, oneshot::Sender<Result<(), PodUpError>>),
+    PodDown(Attachment, oneshot::Sender<()>),
+    /// Compare the kernel with what was applied; restore it (resync, nftables notification).
+    Check,
+}
+
+/// The CNI server's and main loop's way to the policy task. Cheap to clone.
+#[derive(Clone)]
+pub struct PolicyHandle {
+    tx: mpsc::Sender<Msg>,
+    node: Arc<str>,
+}
+
+impl std::fmt::Debug for PolicyHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PolicyHandle(node {})", self.node)
+    }
+}
+
+/// Why a pod could not be programmed: ADD fails with it.
+#[derive(Debug, thiserror::Error)]
+pub enum PodUpError {
+    /// Not yet possible (no cluster state known): the runtime should retry.
+    #[error("{0}")]
+    NotReady(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl PolicyHandle {
+    /// This node's name, as pods' `spec.nodeName`.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Programs `pod` (in its IPAM file, not yet answered to the runtime). An error means it
+    /// is not protected as it should be: ADD must fail.
+    pub async fn pod_up(&self, pod: LocalPod) -> Result<(), PodUpError> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || PodUpError::Failed("the policy task stopped".into());
+        self.tx
+            .send(Msg::PodUp(Box::new(pod), tx))
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// Forgets the pod of `attachment` (DEL, GC). Best effort.
+    pub async fn pod_down(&self, attachment: Attachment) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::PodDown(attachment, tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    pub fn check(&self) {
+        let _ = self.tx.try_send(Msg::Check);
+    }
+}
+
+/// What /status shows of policy.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PolicyStatus {
+    /// A cluster state is known (from etcd, or the cache of an earlier run).
+    pub loaded: bool,
+    pub waiting_for: Option<String>,
+    /// Policies that select a pod on this node, and the pods they isolate.
+    pub in_force: Vec<PolicyInForce>,
+    pub local_pods: usize,
+    pub sets: usize,
+    pub chains: usize,
+    pub elements: usize,
+    pub last_sync_ms: Option<f64>,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PolicyInForce {
+    pub policy: String,
+    pub ingress: Vec<String>,
+    pub egress: Vec<String>,
+}
+
+/// Packets and bytes dropped per policy and direction (counted on the groups that policy is
+/// part of), for /metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Denied {
+    pub policy: String,
+    pub direction: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Starts the policy task. It watches `store`'s policy, namespace and pod directories itself.
+pub fn spawn<S: ObjectStore>(store: S, opts: PolicyOptions, shared: Arc<Shared>) -> PolicyHandle {
+    let (tx, rx) = mpsc::channel(256);
+    let node: Arc<str> = opts.node.clone().into();
+    tokio::spawn(run(store, opts, rx, shared));
+    PolicyHandle { tx, node }
+}
+
+struct Engine {
+    opts: PolicyOptions,
+    shared: Arc<Shared>,
+    writer: Option<TableWriter>,
+    objects: Objects,
+    /// What the kernel was last given, as a program.
+    program: Option<NodeProgram>,
+    status: PolicyStatus,
+    /// Pod records to write to (Some) or delete from (None) etcd, by key; retried until done.
+    records: mpsc::UnboundedSender<(String, Option<Vec<u8>>)>,
+    cache_dirty: bool,
+}
+
+async fn run<S: ObjectStore>(
+    store: S,
+    opts: PolicyOptions,
+    mut rx: mpsc::Receiver<Msg>,
+    shared: Arc<Shared>,
+) {
+    ensure_bridge_netfilter();
+    let writer = match Nft::find() {
+        Ok(n) => Some(TableWriter::new(n)),
+        Err(e) => {
+            tracing::error!(error = %e, "network policy cannot be enforced; pods will not start");
+            None
+        }
+    };
+    let mut objects = Objects::new(&opts.node, &opts.state_dir);
+    objects.load_local();
+    let cached = objects.load_cache();
+    let (records, records_rx) = mpsc::unbounded_channel();
+    tokio::spawn(write_records(
+        store.clone(),
+        records_rx,
+        shared.metrics.clone(),
+    ));
+    let (dir_tx, mut dir_rx) = mpsc::channel(1024);
+    for dir in [POLICIES, NAMESPACES, PODS] {
+        tokio::spawn(watch_dir(
+            store.clone(),
+            dir,
+            dir_tx.clone(),
+            shared.metrics.clone(),
+        ));
+    }
+    let mut e = Engine {
+        opts,
+        shared,
+        writer,
+        objects,
+        program: None,
+        status: PolicyStatus::default(),
+        records,
+        cache_dirty: false,
+    };
+    if cached {
+        tracing::info!("policy: programming the cached cluster state until etcd answers");
+        e.sync("cache").await;
+    }
+    e.publish();
+    let mut cache_tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                None => return,
+                Some(Msg::PodUp(pod, reply)) => {
+                    let r = e.pod_up(*pod).await;
+                    let _ = reply.send(r);
+                }
+                Some(Msg::PodDown(a, reply)) => {
+                    e.pod_down(&a).await;
+                    let _ = reply.send(());
+                }
+                Some(Msg::Check) => e.check().await,
+            },
+            ev = dir_rx.recv() => {
+                let Some((dir, ev)) = ev else { return };
+                let mut changed = e.on_dir(dir, ev);
+                // A burst (a re-list, a script applying many objects): one program for all.
+                while let Ok((dir, ev)) = dir_rx.try_recv() {
+                    changed |= e.on_dir(dir, ev);
+                }
+                if changed && e.objects.loaded() {
+                    e.sync("etcd").await;
+                }
+                e.publish();
+            }
+            _ = cache_tick.tick() => {
+                if std::mem::take(&mut e.cache_dirty) {
+                    e.objects.save_cache();
+                }
+            }
+        }
+    }
+}
+
+/// `--network-policy=false`: no policy table of ours may stay behind (also from an earlier run).
+pub async fn remove_table() {
+    if let Ok(nft) = Nft::find() {
+        let mut w = TableWriter::new(nft);
+        if let Err(e) = w
+            .remove(crate::nft::model::Family::Inet, render::TABLE)
+            .await
+        {
+            tracing::warn!(error = %e, "removing the network policy table failed");
+        }
+    }
+}
+
+/// br_netfilter: bridged traffic between pods of one node passes the IP hooks only with this.
+fn ensure_bridge_netfilter() {
+    for f in ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables"] {
+        let path = format!("/proc/sys/net/bridge/{f}");
+        match std::fs::read_to_string(&path) {
+            Ok(v) if v.trim() == "1" => {}
+            Ok(_) => {
+                if let Err(e) = std::fs::write(&path, "1") {
+                    tracing::error!(%path, error = %e, "cannot turn on br_netfilter: traffic between pods of the same node is not filtered by policy");
+                }
+            }
+            Err(e) => {
+                tracing::error!(%path, error = %e, "br_netfilter is not available (module not loaded): traffic between pods of the same node is not filtered by policy")
+            }
+        }
+    }
+}
+
+impl Engine {
+    async fn pod_up(&mut self, pod: LocalPod) -> Result<(), PodUpError> {
+        if self.writer.is_none() {
+            return Err(PodUpError::Failed(
+                "nft is not installed: network policy cannot be enforced (install nftables, \
+                 or run twilld with --network-policy=false)"
+                    .into(),
+            ));
+        }
+        if !self.objects.loaded() {
+            return Err(PodUpError::NotReady(
+                "network policy state not known yet (waiting for etcd): try again later".into(),
+            ));
+        }
+        let key = pod.key();
+        let value = serde_json::to_vec(&pod.pod).map_err(|e| PodUpError::Failed(e.to_string()))?;
+        self.objects.local_up(pod).map_err(PodUpError::Failed)?;
+        self.sync("pod added").await;
+        if let Some(err) = &self.status.error {
+            return Err(PodUpError::Failed(format!(
+                "programming network policy: {err}"
+            )));
+        }
+        let _ = self.records.send((key, Some(value)));
+        self.publish();
+        Ok(())
+    }
+
+    async fn pod_down(&mut self, a: &Attachment) {
+        if let Some(key) = self.objects.local_down(a) {
+            let _ = self.records.send((key, None));
+        }
+        if self.objects.loaded() {
+            self.sync("pod deleted").await;
+        }
+        self.publish();
+    }
+
+    /// One etcd event; whether the cluster changed.
+    fn on_dir(&mut self, dir: &'static str, ev: DirEvent) -> bool {
+        let out = self.objects.apply(dir, ev, &self.shared.metrics);
+        for (key, value) in out.records {
+            let _ = self.records.send((key, value));
+        }
+        self.cache_dirty |= out.changed;
+        out.changed
+    }
+
+    /// Compiles the cluster for this node and makes the kernel hold it: element operations
+    /// over netlink when only elements move, else the table difference through nft.
+    async fn sync(&mut self, why: &str) {
+        let Some(writer) = self.writer.as_mut() else {
+            return;
+        };
+        let start = Instant::now();
+        let new = program::compile(self.objects.cluster(), &self.opts.node);
+        if let Err(e) = new.check() {
+            // A compiler bug, not input: keep what is enforced.
+            tracing::error!(error = %e, "policy program failed its own check; not applied");
+            self.status.error = Some(e.to_string());
+            return;
+        }
+        let table = render::table(&new, self.opts.render);
+        let fast = match (&self.program, writer.applied()) {
+            (Some(old), Some(_)) => {
+                let d = program::diff(old, &new);
+                if d.is_empty() {
+                    self.program = Some(new);
+                    return;
+                }
+                render::element_ops(&d, &new)
+            }
+            _ => None,
+        };
+        let res = match fast {
+            Some(ops) => {
+                let m = self.shared.metrics.clone();
+                let done = tokio::task::spawn_blocking(move || {
+                    crate::netlink::nft_sets::apply(
+                        crate::netlink::nft_sets::NfFamily::Inet,
+                        render::TABLE,
+                        &ops,
+                    )
+                })
+                .await;
+                match done {
+                    Ok(Ok(())) => {
+                        Metrics::inc(&m.policy_fast_syncs);
+                        writer.assume(table);
+                        Ok(())
+                    }
+                    other => {
+                        let why = match other {
+                            Ok(Err(e)) => e.to_string(),
+                            Err(e) => e.to_string(),
+                            Ok(Ok(())) => unreachable!(),
+                        };
+                        tracing::warn!(error = %why, "netlink element update refused; applying through nft");
+                        writer.apply(&table).await
+                    }
+                }
+            }
+            None => writer.apply(&table).await,
+        };
+        let m = &self.shared.metrics;
+        match res {
+            Ok(()) => {
+                Metrics::inc(&m.policy_syncs);
+                let ms = start.elapsed().as_secs_f64() * 1e3;
+                tracing::debug!(why, ms, "policy programmed");
+                self.status.last_sync_ms = Some(ms);
+                self.status.error = None;
+                if !new.shared_addresses.is_empty() {
+                    tracing::warn!(addresses = ?new.shared_addresses, "several pods claim one address (a stale record?): each gets every claimant's policies");
+                }
+                self.program = Some(new);
+            }
+            Err(e) => {
+                Metrics::inc(&m.policy_errors);
+                tracing::error!(why, error = %e, "programming network policy failed; the kernel keeps what it had, retried at the next resync");
+                self.status.error = Some(e.to_string());
+            }
+        }
+    }
+
+    async fn check(&mut self) {
+        if !self.objects.loaded() {
+            return;
+        }
+        // A failed apply has nothing to compare with: apply again.
+        if self.status.error.is_some()
+            || self.writer.as_ref().is_some_and(|w| w.applied().is_none())
+        {
+            self.program = None;
+            self.sync("retry").await;
+        } else if let Some(w) = self.writer.as_mut() {
+            match w.check().await {
+                Ok(Check::Restored) => {
+                    Metrics::inc(&self.shared.metrics.nft_restores);
+                    tracing::warn!(
+                        "restored the network policy table after someone else changed it"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "checking the network policy table failed"),
+            }
+        }
+        self.read_counters().await;
+        self.publish();
+    }
+
+    /// Drop counters of the group chains, summed per policy and direction.
+    async fn read_counters(&mut self) {
+        let (Some(w), Some(p)) = (self.writer.as_ref(), self.program.as_ref()) else {
+            return;
+        };
+        let Ok(Some(listing)) = w.listing().await else {
+            return;
+        };
+        let mut per: BTreeMap<(String, &'static str), (u64, u64)> = BTreeMap::new();
+        for (chain, pkts, bytes) in drop_counters(&listing) {
+            let Some(PChain::Group {
+                direction,
+                policies,
+            }) = p.chains.get(&chain)
+            else {
+                continue;
+            };
+            let dir = match direction {
+                Direction::Ingress => "ingress",
+                Direction::Egress => "egress",
+            };
+            for pc in policies {
+                if let Some(PChain::Policy { policy, .. }) = p.chains.get(pc) {
+                    let e = per.entry((policy.to_string(), dir)).or_default();
+                    e.0 += pkts;
+                    e.1 += bytes;
+                }
+            }
+        }
+        let denied = per
+            .into_iter()
+            .map(|((policy, direction), (packets, bytes))| Denied {
+                policy,
+                direction,
+                packets,
+                bytes,
+            })
+            .collect();
+        *self
+            .shared
+            .metrics
+            .policy_denied
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = denied;
+    }
+
+    fn publish(&mut self) {
+        let st = &mut self.status;
+        st.loaded = self.objects.loaded();
+        st.waiting_for = (!st.loaded).then(|| self.objects.waiting_for());
+        st.local_pods = self.objects.local_count();
+        if let Some(p) = &self.program {
+            st.sets = p.sets.len();
+            st.chains = p.chains.len();
+            st.elements = p.sets.values().map(|s| s.elements.len()).sum();
+            st.in_force = in_force(p, self.objects.cluster());
+        }
+        if self.writer.is_none() {
+            st.error = Some("nft is not installed".into());
+        }
+        let s = st.clone();
+        self.shared.update(|x| x.policy = Some(s));
+    }
+}
+
+/// Policies with a chain here, and the local pods each isolates per direction.
+fn in_force(p: &NodeProgram, c: &netpol::model::Cluster) -> Vec<PolicyInForce> {
+    let mut out: BTreeMap<String, PolicyInForce> = BTreeMap::new();
+    let pod_of = |ip: &std::net::IpAddr| {
+        c.live_pod_with_ip(*ip)
+            .map(|(k, _)| k.to_string())
+            .unwrap_or_else(|| ip.to_string())
+    };
+    for (map, dir) in [
+        (&p.ingress, Direction::Ingress),
+        (&p.egress, Direction::Egress),
+    ] {
+        for (ip, group) in map {
+            let Some(PChain::Group { policies, .. }) = p.chains.get(group) else {
+                continue;
+            };
+            for pc in policies {
+                let Some(PChain::Policy { policy, .. }) = p.chains.get(pc) else {
+                    continue;
+                };
+                let e = out
+                    .entry(policy.to_string())
+                    .or_insert_with(|| PolicyInForce {
+                        policy: policy.to_string(),
+                        ingress: Vec::new(),
+                        egress: Vec::new(),
+                    });
+                let list = match dir {
+                    Direction::Ingress => &mut e.ingress,
+                    Direction::Egress => &mut e.egress,
+                };
+                let pod = pod_of(ip);
+                if !list.contains(&pod) {
+                    list.push(pod);
+                }
+            }
+        }
+    }
+    out.into_values().collect()
+}
+
+/// (chain, packets, bytes) of every rule ending in `counter drop` in an `nft -j` listing.
+pub fn drop_counters(listing: &serde_json::Value) -> Vec<(String, u64, u64)> {
+    let Some(items) = listing.get("nftables").and_then(|v| v.as_array()) else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|i| i.get("rule"))
+        .filter_map(|r| {
+            let expr = r.get("expr")?.as_array()?;
+            if expr.last()?.get("drop").is_none() {
+                return None;
+            }
+            let c = expr.iter().find_map(|x| x.get("counter"))?;
+            Some((
+                r.get("chain")?.as_str()?.to_string(),
+                c.get("packets")?.as_u64()?,
+                c.get("bytes")?.as_u64()?,
+            ))
+        })
+        .collect()
+}
+
+/// Writes and deletes this node's pod records in etcd, coalesced per key (only the last wish
+/// counts) and retried with backoff while etcd is away: a pod made while etcd was down is
+/// written when it is back.
+async fn write_records<S: ObjectStore>(
+    store: S,
+    mut rx: mpsc::UnboundedReceiver<(String, Option<Vec<u8>>)>,
+    metrics: Arc<Metrics>,
+) {
+    let mut pending: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        if pending.is_empty() {
+            match rx.recv().await {
+                Some((k, v)) => {
+                    pending.insert(k, v);
+                }
+                None => return,
+            }
+        }
+        while let Ok((k, v)) = rx.try_recv() {
+            pending.insert(k, v);
+        }
+        let mut failed = false;
+        let keys: Vec<String> = pending.keys().cloned().collect();
+        for key in keys {
+            let res = match &pending[&key] {
+                Some(v) => store.put(PODS, &key, v).await,
+                None => store.delete(PODS, &key).await.map(drop),
+            };
+            match res {
+                Ok(()) => {
+                    pending.remove(&key);
+                }
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "writing a pod record to etcd failed; retrying");
+                    Metrics::inc(&metrics.etcd_reconnects);
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if failed {
+            // New wishes still coalesce while we wait.
+            let sleep = tokio::time::sleep(backoff);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = &mut sleep => break,
+                    m = rx.recv() => match m {
+                        Some((k, v)) => { pending.insert(k, v); }
+                        None => return,
+                    },
+                }
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        } else {
+            backoff = Duration::from_millis(200);
+        }
+        metrics
+            .policy_records_pending
+            .store(pending.len() as u64, Relaxed);
+    }
+}

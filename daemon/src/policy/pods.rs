@@ -1,0 +1,315 @@
+//! Who a pod is, in etcd mode: from its CNI request. Namespace and name from CNI_ARGS
+//! (`K8S_POD_NAMESPACE`, `K8S_POD_NAME`, as kubelet, containerd and CRI-O send them; `default`
+//! and the container ID when absent); labels from `args.cni.labels` (the CNI convention, a list
+//! of `{key, value}`); declared ports from `args.cni.containerPorts` (twill's field, Kubernetes'
+//! `ContainerPort` shape: `{name, containerPort, protocol}`). The result is a Pod object as the
+//! Kubernetes API serialises one, which twilld also writes to etcd.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use netpol::api::Pod;
+use netpol::validate::{dns1123_label, dns1123_subdomain};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// The annotation that ties a pod record to the CNI attachment that made it.
+pub const CONTAINER_ANNOTATION: &str = "twill.io/container-id";
+
+/// A CNI attachment: container ID and interface name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Attachment {
+    pub container_id: String,
+    pub ifname: String,
+}
+
+/// A pod on this node, as policy needs it and etcd holds it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LocalPod {
+    pub attachment: Attachment,
+    pub pod: Pod,
+}
+
+impl LocalPod {
+    /// The pod running with address `ip`.
+    pub fn with_ip(mut self, ip: IpAddr) -> LocalPod {
+        self.pod.status = serde_json::from_value(json!({
+            "phase": "Running",
+            "podIP": ip.to_string(),
+            "podIPs": [{"ip": ip.to_string()}],
+        }))
+        .ok();
+        self
+    }
+
+    pub fn namespace(&self) -> &str {
+        self.pod.metadata.namespace.as_deref().unwrap_or("default")
+    }
+
+    /// `<namespace>/<name>`: its key under `<prefix>/pods/`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace(), self.pod.metadata.name)
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct PodArgsError(pub String);
+
+/// `K=V;K2=V2` as CNI_ARGS carries it.
+fn cni_args(args: &str) -> BTreeMap<&str, &str> {
+    args.split(';')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.trim(), v.trim()))
+        .collect()
+}
+
+/// A name Kubernetes would take: lower case, other characters as '-'; podman passes container
+/// names like `my_app` as K8S_POD_NAME.
+fn dns_name(s: &str, max: usize) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    out.truncate(max);
+    out.trim_matches(|c: char| c == '-' || c == '.').to_string()
+}
+
+/// The pod a CNI ADD describes, on `node`; its address comes later (`LocalPod::with_ip`), so
+/// bad arguments fail the ADD before anything is allocated.
+pub fn from_cni(
+    attachment: Attachment,
+    args: &str,
+    config: &Value,
+    node: &str,
+) -> Result<LocalPod, PodArgsError> {
+    let a = cni_args(args);
+    let namespace = match a.get("K8S_POD_NAMESPACE").filter(|s| !s.is_empty()) {
+        Some(ns) if dns1123_label(ns).is_none() => ns.to_string(),
+        Some(ns) => {
+            return Err(PodArgsError(format!(
+                "CNI_ARGS K8S_POD_NAMESPACE {ns:?} is not a valid namespace name"
+            )))
+        }
+        None => "default".into(),
+    };
+    let raw_name = a
+        .get("K8S_POD_NAME")
+        .filter(|s| !s.is_empty())
+        .copied()
+        .unwrap_or(&attachment.container_id);
+    let name = if dns1123_subdomain(raw_name).is_none() {
+        raw_name.to_string()
+    } else {
+        dns_name(raw_name, 253)
+    };
+    if dns1123_subdomain(&name).is_some() {
+        return Err(PodArgsError(format!(
+            "no valid pod name from {raw_name:?} (CNI_ARGS K8S_POD_NAME or the container ID)"
+        )));
+    }
+    let cni = config.pointer("/args/cni");
+    let mut labels = serde_json::Map::new();
+    if let Some(list) = cni.and_then(|c| c.get("labels")) {
+        let list = list.as_array().ok_or_else(|| {
+            PodArgsError("args.cni.labels must be a list of {\"key\": .., \"value\": ..}".into())
+        })?;
+        for (i, l) in list.iter().enumerate() {
+            let (Some(k), Some(v)) = (
+                l.get("key").and_then(Value::as_str),
+                l.get("value").and_then(Value::as_str),
+            ) else {
+                return Err(PodArgsError(format!(
+                    "args.cni.labels[{i}]: needs string \"key\" and \"value\", got {l}"
+                )));
+            };
+            labels.insert(k.to_string(), Value::String(v.to_string()));
+        }
+    }
+    let ports = match cni.and_then(|c| c.get("containerPorts")) {
+        None | Some(Value::Null) => Value::Array(Vec::new()),
+        Some(p @ Value::Array(_)) => p.clone(),
+        Some(other) => {
+            return Err(PodArgsError(format!(
+                "args.cni.containerPorts must be a list of {{name, containerPort, protocol}}, got {other}"
+            )))
+        }
+    };
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": {CONTAINER_ANNOTATION: attachment.container_id},
+        },
+        "spec": {
+            "nodeName": node,
+            "containers": [{"name": "main", "ports": ports}],
+        },
+    }))
+    .map_err(|e| PodArgsError(format!("args.cni: {e}")))?;
+    // The same checks every record from etcd gets, naming the field (a label, a port).
+    netpol::validate::validate_pod(&pod).map_err(|e| {
+        PodArgsError(format!(
+            "pod {namespace}/{name}: {}",
+            e.0.iter()
+                .map(|x| format!("{}: {}", x.field, x.message))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ))
+    })?;
+    Ok(LocalPod { attachment, pod })
+}
+
+/// Local pods persisted in `<state-dir>/pods/`, one file per attachment: policy state for this
+/// node's pods survives a restart (also with etcd down), and DEL, which names only the
+/// attachment, finds its pod.
+pub struct PodFiles {
+    dir: PathBuf,
+}
+
+impl PodFiles {
+    pub fn new(state_dir: &Path) -> PodFiles {
+        PodFiles {
+            dir: state_dir.join("pods"),
+        }
+    }
+
+    fn path(&self, a: &Attachment) -> PathBuf {
+        // The same stable hash the veth names use: no container ID in a path.
+        self.dir.join(format!(
+            "{}.json",
+            crate::cni::host_veth_name(&a.container_id, &a.ifname)
+        ))
+    }
+
+    pub fn save(&self, p: &LocalPod) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let bytes = serde_json::to_vec(p).map_err(std::io::Error::other)?;
+        crate::state::write_atomic(&self.path(&p.attachment), &bytes)
+    }
+
+    pub fn remove(&self, a: &Attachment) -> std::io::Result<()> {
+        match std::fs::remove_file(self.path(a)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every readable record; unreadable ones are logged and skipped.
+    pub fn load(&self) -> Vec<LocalPod> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .filter_map(|e| {
+                let path = e.path();
+                let parsed = std::fs::read(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| serde_json::from_slice::<LocalPod>(&b).map_err(|e| e.to_string()));
+                match parsed {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        tracing::warn!(file = %path.display(), error = %e, "skipping an unreadable pod record");
+                        None
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn att() -> Attachment {
+        Attachment {
+            container_id: "abc123".into(),
+            ifname: "eth0".into(),
+        }
+    }
+
+    #[test]
+    fn identity_labels_and_ports_from_the_request() {
+        let cfg = json!({"args": {"cni": {
+            "labels": [{"key": "app", "value": "web"}, {"key": "tier", "value": "front"}],
+            "containerPorts": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]}}});
+        let p = from_cni(
+            att(),
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1",
+            &cfg,
+            "n1",
+        )
+        .unwrap()
+        .with_ip("10.244.1.5".parse().unwrap());
+        assert_eq!(p.key(), "shop/web-1");
+        assert_eq!(p.pod.metadata.labels["app"], "web");
+        assert_eq!(p.pod.spec.node_name.as_deref(), Some("n1"));
+        let (key, rec) = netpol::model::PodRecord::from_api(&p.pod).unwrap();
+        assert_eq!(key.to_string(), "shop/web-1");
+        assert_eq!(rec.ips, vec!["10.244.1.5".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            rec.named_ports("http", netpol::model::Protocol::Tcp)
+                .collect::<Vec<_>>(),
+            vec![8080]
+        );
+    }
+
+    #[test]
+    fn defaults_and_podman_names() {
+        let p = from_cni(att(), "", &json!({}), "n1").unwrap();
+        assert_eq!(p.key(), "default/abc123");
+        assert!(p.pod.metadata.labels.is_empty());
+        let p = from_cni(
+            att(),
+            "IgnoreUnknown=1;K8S_POD_NAME=My_App",
+            &json!({}),
+            "n1",
+        )
+        .unwrap();
+        assert_eq!(p.key(), "default/my-app");
+    }
+
+    #[test]
+    fn bad_input_is_an_error_naming_it() {
+        let e = from_cni(att(), "K8S_POD_NAMESPACE=Not Valid", &json!({}), "n1").unwrap_err();
+        assert!(e.0.contains("K8S_POD_NAMESPACE"), "{e}");
+        let bad_label = json!({"args": {"cni": {"labels": [{"key": "bad key", "value": "x"}]}}});
+        let e = from_cni(att(), "", &bad_label, "n1").unwrap_err();
+        assert!(e.0.contains("labels"), "{e}");
+        let not_list = json!({"args": {"cni": {"labels": {"app": "x"}}}});
+        assert!(from_cni(att(), "", &not_list, "n1").is_err());
+        let bad_port = json!({"args": {"cni": {"containerPorts": [{"containerPort": 70000}]}}});
+        let e = from_cni(att(), "", &bad_port, "n1").unwrap_err();
+        assert!(e.0.contains("ontainerPort"), "{e}");
+    }
+
+    #[test]
+    fn records_survive_in_the_state_dir() {
+        let dir = std::env::temp_dir().join(format!("twill-podfiles-{}", std::process::id()));
+        let files = PodFiles::new(&dir);
+        let p = from_cni(att(), "K8S_POD_NAME=a", &json!({}), "n1")
+            .unwrap()
+            .with_ip("10.0.0.2".parse().unwrap());
+        files.save(&p).unwrap();
+        std::fs::write(dir.join("pods/garbage.json"), b"{").unwrap();
+        assert_eq!(files.load(), vec![p.clone()]);
+        files.remove(&p.attachment).unwrap();
+        files.remove(&p.attachment).unwrap();
+        assert!(files.load().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,574 @@
+//! The cluster as etcd and this node's CNI requests describe it, folded into one
+//! `twill_netpol` model. Objects that fail validation are skipped with a warning and a metric
+//! (an invalid update of a valid policy keeps the valid version in force). This node's pods
+//! are the CNI requests' (kept in the state dir); their records in etcd are written by twilld,
+//! and label edits made there are taken over.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use netpol::api::{Namespace, NetworkPolicy, Pod};
+use netpol::model::{Cluster, PodKey, PolicyKey};
+use netpol::validate::ValidationErrors;
+use serde::{Deserialize, Serialize};
+
+use super::pods::{Attachment, LocalPod, PodFiles, CONTAINER_ANNOTATION};
+use super::{NAMESPACES, PODS, POLICIES};
+use crate::metrics::Metrics;
+use crate::registry::objects::{DirEvent, ObjKv};
+
+/// What applying an event did.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub changed: bool,
+    /// Pod records to write (Some) or delete (None) in etcd.
+    pub records: Vec<(String, Option<Vec<u8>>)>,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct Cache {
+    policies: Vec<NetworkPolicy>,
+    namespaces: Vec<Namespace>,
+    pods: Vec<Pod>,
+}
+
+pub struct Objects {
+    node: String,
+    cache_path: PathBuf,
+    files: PodFiles,
+    cluster: Cluster,
+    listed: BTreeSet<&'static str>,
+    from_cache: bool,
+    namespaces: BTreeMap<String, Namespace>,
+    /// Pod records in etcd that are not this node's pods.
+    remote: BTreeMap<String, Pod>,
+    local: BTreeMap<Attachment, LocalPod>,
+    /// The last reason each invalid key was skipped for: logged once per reason.
+    skipped: BTreeMap<String, String>,
+}
+
+fn errs(e: &ValidationErrors) -> String {
+    e.0.iter()
+        .map(|x| format!("{}: {}", x.field, x.message))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// `<ns>/<name>` as a key of the policies or pods directory.
+fn split_key(key: &str) -> Option<(&str, &str)> {
+    let (ns, name) = key.split_once('/')?;
+    (!ns.is_empty() && !name.is_empty() && !name.contains('/')).then_some((ns, name))
+}
+
+impl Objects {
+    pub fn new(node: &str, state_dir: &Path) -> Objects {
+        Objects {
+            node: node.to_string(),
+            cache_path: state_dir.join("policy-cache.json"),
+            files: PodFiles::new(state_dir),
+            cluster: Cluster::new(),
+            listed: BTreeSet::new(),
+            from_cache: false,
+            namespaces: BTreeMap::new(),
+            remote: BTreeMap::new(),
+            local: BTreeMap::new(),
+            skipped: BTreeMap::new(),
+        }
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// A cluster state is known: every directory was listed, or the cache was read.
+    pub fn loaded(&self) -> bool {
+        self.from_cache || self.listed.len() == 3
+    }
+
+    pub fn waiting_for(&self) -> String {
+        let missing: Vec<&str> = [POLICIES, NAMESPACES, PODS]
+            .into_iter()
+            .filter(|d| !self.listed.contains(d))
+            .collect();
+        format!("etcd: listing {}", missing.join(", "))
+    }
+
+    pub fn local_count(&self) -> usize {
+        self.local.len()
+    }
+
+    /// This node's pods from the state dir (at start).
+    pub fn load_local(&mut self) {
+        for p in self.files.load() {
+            self.insert_local(p);
+        }
+    }
+
+    fn insert_local(&mut self, p: LocalPod) {
+        if let Err(e) = self.cluster.upsert_pod(&p.pod) {
+            tracing::warn!(pod = %p.key(), error = %errs(&e), "skipping an invalid local pod record");
+            return;
+        }
+        self.remote.remove(&p.key());
+        self.local.insert(p.attachment.clone(), p);
+    }
+
+    fn local_key(&self, key: &str) -> Option<&LocalPod> {
+        self.local.values().find(|p| p.key() == key)
+    }
+
+    /// A pod this node just set up (CNI ADD); its record is saved in the state dir.
+    pub fn local_up(&mut self, p: LocalPod) -> Result<(), String> {
+        netpol::model::PodRecord::from_api(&p.pod).map_err(|e| errs(&e))?;
+        self.files
+            .save(&p)
+            .map_err(|e| format!("recording the pod in the state dir: {e}"))?;
+        // An earlier attachment with this pod's name (a re-created pod): replaced.
+        let key = p.key();
+        self.local
+            .retain(|a, q| q.key() != key || *a == p.attachment);
+        self.insert_local(p);
+        Ok(())
+    }
+
+    /// The pod of `a` is gone (DEL, GC); returns its key if it was known.
+    pub fn local_down(&mut self, a: &Attachment) -> Option<String> {
+        if let Err(e) = self.files.remove(a) {
+            tracing::warn!(error = %e, "removing a pod record from the state dir");
+        }
+        let p = self.local.remove(a)?;
+        let key = p.key();
+        self.cluster
+            .remove_pod(&PodKey::new(p.namespace(), &p.pod.metadata.name));
+        Some(key)
+    }
+
+    fn skip(&mut self, metrics: &Metrics, dir: &str, key: &str, why: String) {
+        Metrics::inc(&metrics.policy_invalid_objects);
+        let id = format!("{dir}/{key}");
+        if self.skipped.get(&id) != Some(&why) {
+            tracing::warn!(key = %id, "skipping an invalid object: {why}");
+            self.skipped.insert(id, why);
+        }
+    }
+
+    pub fn apply(&mut self, dir: &'static str, ev: DirEvent, metrics: &Metrics) -> Applied {
+        let mut out = Applied::default();
+        match ev {
+            DirEvent::Snapshot(kvs) => {
+                self.listed.insert(dir);
+                self.snapshot(dir, kvs, metrics, &mut out);
+            }
+            DirEvent::Put(kv) => self.put(dir, kv, metrics, &mut out),
+            DirEvent::Delete(key) => self.delete(dir, &key, &mut out),
+        }
+        out
+    }
+
+    fn snapshot(&mut self, dir: &'static str, kvs: Vec<ObjKv>, m: &Metrics, out: &mut Applied) {
+        let keys: BTreeSet<String> = kvs.iter().map(|kv| kv.key.clone()).collect();
+        let gone: Vec<String> = match dir {
+            POLICIES => self
+                .cluster
+                .policies()
+                .map(|(k, _)| k.to_string())
+                .filter(|k| !keys.contains(k))
+                .collect(),
+            NAMESPACES => self
+                .namespaces
+                .keys()
+                .filter(|k| !keys.contains(*k))
+                .cloned()
+                .collect(),
+            _ => self
+                .remote
+                .keys()
+                .filter(|k| !keys.contains(*k))
+                .cloned()
+                .collect(),
+        };
+        for k in gone {
+            self.delete(dir, &k, out);
+        }
+        if dir == PODS {
+            // Our pods whose record is missing: written now (made while etcd was away).
+            let missing: Vec<LocalPod> = self
+                .local
+                .values()
+                .filter(|p| !keys.contains(&p.key()))
+                .cloned()
+                .collect();
+            for p in missing {
+                out.records.push(record(&p));
+            }
+        }
+        for kv in kvs {
+            self.put(dir, kv, m, out);
+        }
+        // Even an empty directory completes the picture.
+        out.changed = true;
+    }
+
+    fn put(&mut self, dir: &'static str, kv: ObjKv, m: &Metrics, out: &mut Applied) {
+        match dir {
+            POLICIES => {
+                let Some((ns, name)) = split_key(&kv.key) else {
+                    return self.skip(m, dir, &kv.key, "the key is not <namespace>/<name>".into());
+                };
+                let mut p: NetworkPolicy = match serde_json::from_slice(&kv.value) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        return self.skip(m, dir, &kv.key, format!("not a NetworkPolicy: {e}"))
+                    }
+                };
+                if p.metadata.namespace.is_none() {
+                    p.metadata.namespace = Some(ns.to_string());
+                }
+                if p.metadata.namespace.as_deref() != Some(ns) || p.metadata.name != name {
+                    return self.skip(
+                        m,
+                        dir,
+                        &kv.key,
+                        format!(
+                            "metadata names {}/{}, the key {ns}/{name}",
+                            p.metadata.namespace.as_deref().unwrap_or(""),
+                            p.metadata.name
+                        ),
+                    );
+                }
+                let before = self.cluster.policy(&PolicyKey::new(ns, name)).cloned();
+                match self.cluster.upsert_policy(p) {
+                    Ok(_) => {
+                        self.skipped.remove(&format!("{dir}/{}", kv.key));
+                        out.changed |=
+                            before.as_ref() != self.cluster.policy(&PolicyKey::new(ns, name));
+                    }
+                    Err(e) => {
+                        let keep = if before.is_some() {
+                            "; its previous valid version stays in force"
+                        } else {
+                            ""
+                        };
+                        self.skip(m, dir, &kv.key, format!("{}{keep}", errs(&e)));
+                    }
+                }
+            }
+            NAMESPACES => {
+                let mut n: Namespace = match serde_json::from_slice(&kv.value) {
+                    Ok(n) => n,
+                    Err(e) => return self.skip(m, dir, &kv.key, format!("not a Namespace: {e}")),
+                };
+                if n.metadata.name.is_empty() {
+                    n.metadata.name = kv.key.clone();
+                }
+                if n.metadata.name != kv.key {
+                    return self.skip(
+                        m,
+                        dir,
+                        &kv.key,
+                        format!("metadata.name is {:?}", n.metadata.name),
+                    );
+                }
+                match self.cluster.upsert_namespace(&n) {
+                    Ok(()) => {
+                        out.changed |= self.namespaces.get(&kv.key) != Some(&n);
+                        self.namespaces.insert(kv.key.clone(), n);
+                    }
+                    Err(e) => self.skip(m, dir, &kv.key, errs(&e)),
+                }
+            }
+            _ => self.put_pod(kv, m, out),
+        }
+    }
+
+    fn put_pod(&mut self, kv: ObjKv, m: &Metrics, out: &mut Applied) {
+        let Some((ns, name)) = split_key(&kv.key) else {
+            return self.skip(m, PODS, &kv.key, "the key is not <namespace>/<name>".into());
+        };
+        let mut pod: Pod = match serde_json::from_slice(&kv.value) {
+            Ok(p) => p,
+            Err(e) => return self.skip(m, PODS, &kv.key, format!("not a Pod: {e}")),
+        };
+        if pod.metadata.namespace.is_none() {
+            pod.metadata.namespace = Some(ns.to_string());
+        }
+        if pod.metadata.namespace.as_deref() != Some(ns) || pod.metadata.name != name {
+            return self.skip(m, PODS, &kv.key, "metadata does not name the key".into());
+        }
+        if let Err(e) = netpol::model::PodRecord::from_api(&pod) {
+            return self.skip(m, PODS, &kv.key, errs(&e));
+        }
+        if let Some(local) = self.local_key(&kv.key).cloned() {
+            let ours = pod.metadata.annotations.get(CONTAINER_ANNOTATION)
+                == Some(&local.attachment.container_id);
+            if !ours {
+                // Another pod's record under our pod's name: ours is what runs here.
+                out.records.push(record(&local));
+                return;
+            }
+            // Labels (and declared ports) edited in etcd take effect; the rest is ours.
+            let mut updated = local.clone();
+            updated.pod.metadata.labels = pod.metadata.labels.clone();
+            updated.pod.spec.containers = pod.spec.containers.clone();
+            if updated != local {
+                tracing::info!(pod = %kv.key, "labels edited in etcd: taking them over");
+                if let Err(e) = self.local_up(updated) {
+                    tracing::warn!(pod = %kv.key, error = %e, "taking over edited labels failed");
+                }
+                out.changed = true;
+            }
+            return;
+        }
+        if pod.spec.node_name.as_deref() == Some(self.node.as_str()) {
+            // Says it runs here, but no CNI attachment here made it: stale (state dir lost,
+            // or GC while etcd was away).
+            out.records.push((kv.key, None));
+            return;
+        }
+        if self.remote.get(&kv.key) != Some(&pod) {
+            if self.cluster.upsert_pod(&pod).is_ok() {
+                out.changed = true;
+            }
+            self.remote.insert(kv.key, pod);
+        }
+    }
+
+    fn delete(&mut self, dir: &'static str, key: &str, out: &mut Applied) {
+        self.skipped.remove(&format!("{dir}/{key}"));
+        match dir {
+            POLICIES => {
+                if let Some((ns, name)) = split_key(key) {
+                    out.changed |= self
+                        .cluster
+                        .remove_policy(&PolicyKey::new(ns, name))
+                        .is_some();
+                }
+            }
+            NAMESPACES => {
+                if self.namespaces.remove(key).is_some() {
+                    // The namespace keeps existing for its pods, with its automatic label only.
+                    self.cluster.remove_namespace(key);
+                    out.changed = true;
+                }
+            }
+            _ => {
+                if let Some(local) = self.local_key(key).cloned() {
+                    // Our running pod's record went: it is written again.
+                    out.records.push(record(&local));
+                } else if self.remote.remove(key).is_some() {
+                    if let Some((ns, name)) = split_key(key) {
+                        self.cluster.remove_pod(&PodKey::new(ns, name));
+                    }
+                    out.changed = true;
+                }
+            }
+        }
+    }
+
+    /// Reads the cluster state an earlier run saved; true if there was one.
+    pub fn load_cache(&mut self) -> bool {
+        let Ok(bytes) = std::fs::read(&self.cache_path) else {
+            return false;
+        };
+        let cache: Cache = match serde_json::from_slice(&bytes) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(file = %self.cache_path.display(), error = %e, "ignoring an unreadable policy cache");
+                return false;
+            }
+        };
+        for p in cache.policies {
+            let _ = self.cluster.upsert_policy(p);
+        }
+        for n in cache.namespaces {
+            if self.cluster.upsert_namespace(&n).is_ok() {
+                self.namespaces.insert(n.metadata.name.clone(), n);
+            }
+        }
+        for p in cache.pods {
+            let key = format!(
+                "{}/{}",
+                p.metadata.namespace.as_deref().unwrap_or(""),
+                p.metadata.name
+            );
+            if self.local_key(&key).is_none() && self.cluster.upsert_pod(&p).is_ok() {
+                self.remote.insert(key, p);
+            }
+        }
+        self.from_cache = true;
+        true
+    }
+
+    pub fn save_cache(&self) {
+        let cache = Cache {
+            policies: self.cluster.policies().map(|(_, p)| p.clone()).collect(),
+            namespaces: self.namespaces.values().cloned().collect(),
+            pods: self.remote.values().cloned().collect(),
+        };
+        let res = serde_json::to_vec(&cache)
+            .map_err(std::io::Error::other)
+            .and_then(|b| crate::state::write_atomic(&self.cache_path, &b));
+        if let Err(e) = res {
+            tracing::warn!(file = %self.cache_path.display(), error = %e, "saving the policy cache failed");
+        }
+    }
+}
+
+fn record(p: &LocalPod) -> (String, Option<Vec<u8>>) {
+    (p.key(), serde_json::to_vec(&p.pod).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn kv(key: &str, v: serde_json::Value) -> ObjKv {
+        ObjKv {
+            key: key.into(),
+            value: serde_json::to_vec(&v).unwrap(),
+            mod_revision: 1,
+        }
+    }
+
+    fn objects(tag: &str) -> (Objects, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("twill-src-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        (Objects::new("n1", &dir), dir)
+    }
+
+    fn local(name: &str, ip: &str, labels: serde_json::Value) -> LocalPod {
+        let cfg = json!({"args": {"cni": {"labels": labels}}});
+        super::super::pods::from_cni(
+            Attachment {
+                container_id: format!("cid-{name}"),
+                ifname: "eth0".into(),
+            },
+            &format!("K8S_POD_NAMESPACE=x;K8S_POD_NAME={name}"),
+            &cfg,
+            "n1",
+        )
+        .unwrap()
+        .with_ip(ip.parse().unwrap())
+    }
+
+    #[test]
+    fn loaded_after_all_three_lists_and_invalid_objects_are_skipped() {
+        let (mut o, dir) = objects("a");
+        let m = Metrics::default();
+        assert!(!o.loaded());
+        let good = json!({"metadata": {"name": "p", "namespace": "x"},
+                          "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}});
+        let bad = json!({"metadata": {"name": "q", "namespace": "x"},
+                         "spec": {"podSelector": {}, "ingress": [{"ports": [{"port": 70000}]}]}});
+        let out = o.apply(
+            POLICIES,
+            DirEvent::Snapshot(vec![kv("x/p", good), kv("x/q", bad)]),
+            &m,
+        );
+        assert!(out.changed);
+        assert_eq!(o.cluster().policies().count(), 1);
+        assert_eq!(
+            m.policy_invalid_objects
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        o.apply(NAMESPACES, DirEvent::Snapshot(vec![]), &m);
+        assert!(!o.loaded());
+        o.apply(PODS, DirEvent::Snapshot(vec![]), &m);
+        assert!(o.loaded());
+        // An invalid update of a valid policy keeps the valid one.
+        let worse = json!({"metadata": {"name": "p", "namespace": "x"},
+                           "spec": {"podSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]}}});
+        let out = o.apply(POLICIES, DirEvent::Put(kv("x/p", worse)), &m);
+        assert!(!out.changed);
+        assert_eq!(o.cluster().policies().count(), 1);
+        // A key that does not match the object is refused.
+        let elsewhere =
+            json!({"metadata": {"name": "r", "namespace": "y"}, "spec": {"podSelector": {}}});
+        o.apply(POLICIES, DirEvent::Put(kv("x/r", elsewhere)), &m);
+        assert_eq!(o.cluster().policies().count(), 1);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn local_pods_own_their_records_and_take_label_edits() {
+        let (mut o, dir) = objects("b");
+        let m = Metrics::default();
+        let a = local("a", "10.244.1.5", json!([{"key": "app", "value": "web"}]));
+        o.local_up(a.clone()).unwrap();
+        // Listing etcd without our record: it is written.
+        let out = o.apply(PODS, DirEvent::Snapshot(vec![]), &m);
+        assert_eq!(out.records.len(), 1);
+        assert_eq!(out.records[0].0, "x/a");
+        // Someone edits our record's labels: taken over, and kept across a restart.
+        let mut edited = a.pod.clone();
+        edited.metadata.labels.insert("tier".into(), "front".into());
+        o.apply(
+            PODS,
+            DirEvent::Put(kv("x/a", serde_json::to_value(&edited).unwrap())),
+            &m,
+        );
+        let rec = o.cluster().pod(&PodKey::new("x", "a")).unwrap();
+        assert_eq!(rec.labels.get("tier").map(String::as_str), Some("front"));
+        let mut again = Objects::new("n1", &dir);
+        again.load_local();
+        assert_eq!(again.local_count(), 1);
+        let rec = again.cluster().pod(&PodKey::new("x", "a")).unwrap();
+        assert_eq!(rec.labels.get("tier").map(String::as_str), Some("front"));
+        // Our record deleted by someone while the pod runs: written again.
+        let out = o.apply(PODS, DirEvent::Delete("x/a".into()), &m);
+        assert_eq!(out.records.len(), 1);
+        // A record that claims this node but no attachment here made: deleted as stale.
+        let stale = local("s", "10.244.1.9", json!([])).pod;
+        let out = o.apply(
+            PODS,
+            DirEvent::Put(kv("x/s", serde_json::to_value(&stale).unwrap())),
+            &m,
+        );
+        assert_eq!(out.records, vec![("x/s".to_string(), None)]);
+        // Remote pods enter the model; DEL of ours leaves it.
+        let mut remote = local("r", "10.244.2.7", json!([])).pod;
+        remote.spec.node_name = Some("n2".into());
+        o.apply(
+            PODS,
+            DirEvent::Put(kv("x/r", serde_json::to_value(&remote).unwrap())),
+            &m,
+        );
+        assert!(o.cluster().pod(&PodKey::new("x", "r")).is_some());
+        assert_eq!(o.local_down(&a.attachment).as_deref(), Some("x/a"));
+        assert!(o.cluster().pod(&PodKey::new("x", "a")).is_none());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn the_cache_brings_back_the_last_state() {
+        let (mut o, dir) = objects("c");
+        let m = Metrics::default();
+        let pol = json!({"metadata": {"name": "p", "namespace": "x"}, "spec": {"podSelector": {}}});
+        o.apply(POLICIES, DirEvent::Snapshot(vec![kv("x/p", pol)]), &m);
+        o.apply(
+            NAMESPACES,
+            DirEvent::Snapshot(vec![kv(
+                "x",
+                json!({"metadata": {"name": "x", "labels": {"team": "a"}}}),
+            )]),
+            &m,
+        );
+        o.save_cache();
+        let mut again = Objects::new("n1", &dir);
+        assert!(!again.loaded());
+        assert!(again.load_cache());
+        assert!(again.loaded());
+        assert_eq!(again.cluster().policies().count(), 1);
+        assert_eq!(
+            again
+                .cluster()
+                .namespace_labels("x")
+                .get("team")
+                .map(String::as_str),
+            Some("a")
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
