@@ -339,7 +339,9 @@ fn random_policy(rng: &mut Rng, i: u64) -> netpol::api::NetworkPolicy {
         }
         Value::Object(r)
     };
-    let types = *rng.pick(&[vec!["Ingress"], vec!["Egress"], vec!["Ingress", "Egress"]]);
+    let types = rng
+        .pick(&[vec!["Ingress"], vec!["Egress"], vec!["Ingress", "Egress"]])
+        .clone();
     let mut spec = json!({"podSelector": pod_sel(rng), "policyTypes": types});
     for t in types {
         let dir = if t == "Ingress" { "ingress" } else { "egress" };
