@@ -9,6 +9,7 @@ pub mod cli;
 pub mod cni;
 pub mod config;
 pub mod daemon;
+pub mod excerpt;
 pub mod firewall;
 pub mod http;
 pub mod lease;
