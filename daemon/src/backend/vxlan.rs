@@ -31,7 +31,7 @@ impl VxlanBackend {
             name: format!("twill.{}", cfg.vni),
             ifindex: None,
             segment: Segment::default(),
-            programmer: Programmer::new(nl),
+            programmer: Programmer::new(nl, true),
             tx_checksum,
         }
     }
