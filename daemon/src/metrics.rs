@@ -32,6 +32,12 @@ pub struct Metrics {
     pub forward_rules_added: AtomicU64,
     /// 1 while the masquerade rules are known to be in the kernel as wanted.
     pub masq_rules_ok: AtomicU64,
+    /// Lease values over the size limit, dropped unread.
+    pub oversized_leases_dropped: AtomicU64,
+    /// Keys for a subnet that another key for it outranks (aliases).
+    pub lease_alias_conflicts: AtomicU64,
+    /// Leases skipped because an older lease announces their VTEP MAC at another address.
+    pub duplicate_vtep_macs: AtomicU64,
 }
 
 impl Metrics {
@@ -160,6 +166,24 @@ impl Metrics {
             "gauge",
             "1 when the masquerade rules are in the kernel as wanted (0 also when --ip-masq=false).",
             g(&self.masq_rules_ok),
+        );
+        metric(
+            "oversized_leases_dropped_total",
+            "counter",
+            "Lease values over 64 KiB, dropped without being kept.",
+            g(&self.oversized_leases_dropped),
+        );
+        metric(
+            "lease_alias_conflicts_total",
+            "counter",
+            "Subnet keys ignored because another key for the same subnet outranks them.",
+            g(&self.lease_alias_conflicts),
+        );
+        metric(
+            "duplicate_vtep_macs_total",
+            "counter",
+            "Leases skipped because an older lease announces their VTEP MAC at another address.",
+            g(&self.duplicate_vtep_macs),
         );
         out
     }

@@ -236,6 +236,8 @@ pub fn fold_events(desired: &mut BTreeMap<Ipv4Net, Peer>, batch: Vec<PeerEvent>)
                 let old = desired.remove(&net);
                 before.entry(net).or_insert(old);
             }
+            // About the watcher's health, not the peers.
+            PeerEvent::ListFailed(_) => {}
         }
     }
     if full {
