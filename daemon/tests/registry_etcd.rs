@@ -1476,3 +1476,37 @@ fn a_failing_list_is_reported() -> Result<()> {
         .join()
         .map_err(|_| anyhow::anyhow!("worker panicked"))?
 }
+
+/// F16: a key of another length counts only as a lease inside the network: one stray
+/// `<network>-16` with garbage must not block every subnet (nor a node's own re-acquire); one
+/// that does block is named.
+#[test]
+fn a_stray_key_of_another_length_blocks_nothing() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let opts = etcd.opts();
+    etcd.run(move || async move {
+        let reg = connect(&opts).await?;
+        let c =
+            cfg(r#"{"Network":"10.90.0.0/16","SubnetMin":"10.90.1.0","SubnetMax":"10.90.3.0"}"#);
+        put(&reg, "subnets/10.90.0.0-16", "garbage").await?;
+        put(&reg, "subnets/0.0.0.0-1", &attrs(7).to_json()).await?; // outside the network
+        let a = acquire(&reg, &c, &attrs(1), None, TTL).await?;
+        assert!(c.fits(a.subnet));
+        // Our own subnet again after our key was deleted.
+        del(&reg, &format!("subnets/{}-24", a.subnet.network())).await?;
+        let again = acquire(&reg, &c, &attrs(1), Some(a.subnet), TTL).await?;
+        assert_eq!(again.subnet, a.subnet);
+
+        // A real lease of another length (an older SubnetLen) still covers its range, and when
+        // it blocks everything the error says which key it is.
+        put(&reg, "subnets/10.90.0.0-22", &attrs(8).to_json()).await?;
+        let e = acquire(&reg, &c, &attrs(2), None, TTL).await.unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.contains("out of subnets") && m.contains("cover the range: 10.90.0.0-22"),
+            "{m}"
+        );
+        assert!(!m.contains("10.90.0.0-16"), "{m}");
+        Ok(())
+    })
+}

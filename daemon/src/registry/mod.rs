@@ -256,12 +256,20 @@ async fn claim<R: SubnetRegistry>(
     'attempt: loop {
         let (kvs, _) = reg.list_subnets().await?;
         let mut taken = HashSet::new();
+        // Keys of another length that count as taken, to name them when they block the range.
+        let mut odd = Vec::new();
         let mut mine = Vec::new();
         for kv in kvs {
             let Some(net) = parse_subnet_key(&kv.name) else {
                 continue;
             };
+            if !occupies(cfg, net, &kv) {
+                continue;
+            }
             taken.insert(net);
+            if net.prefix_len() != cfg.subnet_len {
+                odd.push((net, kv.name.clone()));
+            }
             let same_ip = public_ip_of(&kv.value) == Some(attrs.public_ip);
             let same_mac = attrs.vtep_mac().is_some() && vtep_mac_of(&kv.value) == attrs.vtep_mac();
             if same_ip || same_mac {
@@ -329,7 +337,10 @@ async fn claim<R: SubnetRegistry>(
         // 2. The subnet from the previous subnet file, if still free and valid. 3. Random.
         let candidate = match preferred {
             Some(p) if cfg.fits(p) && is_free(p, &taken) => p,
-            _ => choose_free(cfg, &taken).map_err(|e| e.with_subnets_dir(&reg.subnets_dir()))?,
+            _ => choose_free(cfg, &taken).map_err(|e| {
+                e.with_subnets_dir(&reg.subnets_dir())
+                    .with_blocking(blocking_keys(cfg, &odd))
+            })?,
         };
         let lease = lease_id(reg, ttl, granted).await?;
         if reg
@@ -341,6 +352,30 @@ async fn claim<R: SubnetRegistry>(
         }
         tracing::debug!(subnet = %candidate, "lost the race for a subnet; picking again");
     }
+}
+
+/// Whether a key keeps its subnet from being handed out. A key of the configured length does,
+/// whatever its value (a node's lease being rewritten is still that node's). A key of another
+/// length (a leftover from an older SubnetLen) covers a whole range, so it counts only when it
+/// is a lease at all and lies inside the network: one stray `10.244.0.0-16` must not block
+/// every allocation.
+fn occupies(cfg: &NetworkConfig, net: Ipv4Net, kv: &SubnetKv) -> bool {
+    net.prefix_len() == cfg.subnet_len
+        || (cfg.network.contains(&net) && LeaseAttrs::from_json(&kv.value).is_ok())
+}
+
+/// The keys of another length that overlap SubnetMin..SubnetMax (a few, for the message).
+fn blocking_keys(cfg: &NetworkConfig, odd: &[(Ipv4Net, String)]) -> Vec<String> {
+    let size = crate::config::subnet_size(cfg.subnet_len) as u32;
+    let last = u32::from(cfg.subnet_max).saturating_add(size.saturating_sub(1));
+    odd.iter()
+        .filter(|(net, _)| {
+            u32::from(net.network()) <= last
+                && u32::from(net.broadcast()) >= u32::from(cfg.subnet_min)
+        })
+        .map(|(_, k)| k.clone())
+        .take(5)
+        .collect()
 }
 
 async fn lease_id<R: SubnetRegistry>(
