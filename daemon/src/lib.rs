@@ -18,6 +18,7 @@ pub mod masq;
 pub mod metrics;
 pub mod netlink;
 pub mod nft;
+pub mod overlap;
 pub mod peer;
 pub mod reconcile;
 pub mod registry;

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub lease_alias_conflicts: AtomicU64,
     /// Leases skipped because an older lease announces their VTEP MAC at another address.
     pub duplicate_vtep_macs: AtomicU64,
+    /// Peers whose subnet would cover this node's own addresses: not routed.
+    pub peers_refused_overlap: AtomicU64,
 }
 
 impl Metrics {
@@ -184,6 +186,13 @@ impl Metrics {
             "counter",
             "Leases skipped because an older lease announces their VTEP MAC at another address.",
             g(&self.duplicate_vtep_macs),
+        );
+        metric(
+            "peers_refused_overlap",
+            "gauge",
+            "Peers not routed because their subnet covers this node's underlay, public IP, an etcd \
+             endpoint or a node's public IP.",
+            g(&self.peers_refused_overlap),
         );
         out
     }

@@ -26,6 +26,7 @@ use crate::cni::{CniOptions, NodeNet};
 use crate::config::{BackendKind, ConfigError};
 use crate::lease::{LeaseAttrs, LeaseBackend};
 use crate::netlink::{KernelEvent, Netlink, NetlinkError};
+use crate::overlap::HostNets;
 use crate::registry::etcd::EtcdRegistry;
 use crate::registry::{self, EtcdOptions, PeerEvent, RegistryError};
 use crate::subnet_file::read_previous_subnet;
@@ -49,6 +50,8 @@ pub enum StartError {
     Backend(#[from] BackendError),
     #[error("{0}")]
     Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Overlap(#[from] crate::overlap::OverlapError),
     #[error("cannot serve HTTP on {addr}: {err}")]
     Http { addr: String, err: std::io::Error },
     #[error("cannot serve the CNI socket {path}: {err}")]
@@ -113,6 +116,18 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
         s.network = Some(cfg.network);
         s.waiting_for = Some("subnet lease".into());
     });
+
+    // Before any lease is taken: a pod network over the node's own networks would cut it off.
+    let host = HostNets {
+        public_ip: Some(public_ip),
+        underlay: nl.addr_prefixes(underlay.index).await?,
+        underlay_name: underlay.name.clone(),
+        etcd: crate::overlap::etcd_addresses(&args.etcd_endpoints).await,
+    };
+    if let Err(e) = host.check_network(cfg.network) {
+        tracing::error!(error = %e, "refusing to start");
+        return Err(e.into());
+    }
 
     let backend_attrs = match cfg.backend.kind {
         BackendKind::Vxlan => LeaseBackend::Vxlan {
@@ -183,7 +198,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
 
     let resync_every = args.resync_interval;
     let mut node = Node::new(
-        args, cfg, shared, nl, backend, device, local, underlay, firewall, node_tx, attrs_tx,
+        args, cfg, shared, nl, backend, device, local, underlay, firewall, node_tx, attrs_tx, host,
     );
     let mut kernel_rx = node
         .nl

@@ -13,6 +13,7 @@ use crate::cni::NodeNet;
 use crate::config::NetworkConfig;
 use crate::lease::{LeaseAttrs, LeaseBackend};
 use crate::netlink::{Netlink, Underlay};
+use crate::overlap::HostNets;
 use crate::registry::{OwnLease, PeerEvent};
 use crate::subnet_file::SubnetEnv;
 
@@ -47,6 +48,7 @@ impl Node {
         firewall: NodeFirewall,
         node_tx: watch::Sender<Option<NodeNet>>,
         attrs_tx: watch::Sender<LeaseAttrs>,
+        host: HostNets,
     ) -> Self {
         let node = Node {
             args,
@@ -57,7 +59,7 @@ impl Node {
             device,
             local,
             underlay,
-            sync: Sync::new(),
+            sync: Sync::new(host),
             firewall,
             node_tx,
             attrs_tx,
@@ -150,6 +152,7 @@ impl Node {
     async fn setup(&mut self) {
         let before = self.device.clone();
         self.device = setup_or_log(&mut self.backend, &self.local, before.clone()).await;
+        self.refresh_host().await;
         self.publish_node();
         if self.ready && self.device != before {
             self.firewall
@@ -193,6 +196,23 @@ impl Node {
                     s.waiting_for = Some(format!("subnet file: {e}"))
                 });
                 self.ready = false;
+            }
+        }
+    }
+
+    /// The underlay's networks and our address as they are now: peer subnets must stay clear
+    /// of them (the etcd endpoints do not move).
+    async fn refresh_host(&mut self) {
+        match self.nl.addr_prefixes(self.local.underlay_index).await {
+            Ok(underlay) => {
+                let mut host = self.sync.host().clone();
+                host.public_ip = Some(self.local.public_ip);
+                host.underlay = underlay;
+                host.underlay_name = self.underlay.name.clone();
+                self.sync.set_host(host);
+            }
+            Err(e) => {
+                warn!(error = %e, "reading the underlay's networks failed; keeping the last known")
             }
         }
     }
