@@ -142,7 +142,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
     };
     let previous = read_previous_subnet(&args.subnet_file);
     let own = tokio::select! {
-        own = acquire_until_done(&reg, &cfg, &attrs, previous, args.lease_ttl) => own,
+        own = acquire_until_done(&reg, &cfg, &attrs, previous, args.lease_ttl, &shared) => own,
         _ = shutdown_signal() => { info!("shutting down before the node was ready"); return Ok(()); }
     };
     info!(subnet = %own.subnet, "lease acquired");

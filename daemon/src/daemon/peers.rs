@@ -308,7 +308,7 @@ pub fn fold_events(desired: &mut BTreeMap<Ipv4Net, Peer>, batch: Vec<PeerEvent>)
                 let old = desired.remove(&net);
                 before.entry(net).or_insert(old);
             }
-            // About the watcher's health, not the peers.
+            // About the watcher's health, not the peers (the node keeps track of it).
             PeerEvent::ListFailed(_) => {}
         }
     }
