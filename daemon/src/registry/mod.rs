@@ -304,6 +304,7 @@ async fn claim<R: SubnetRegistry>(
                     continue 'attempt;
                 }
                 taken.remove(&net);
+                odd.retain(|(n, _)| *n != net);
                 if fits && !plain {
                     preferred = Some(net); // still ours: beats the subnet file
                 }

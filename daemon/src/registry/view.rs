@@ -222,8 +222,10 @@ impl PeerView {
         Some(lease.net)
     }
 
+    /// Keys for our own subnet are ours to keep, not peers: left out without a word. (A key
+    /// of another length overlapping it is judged like any other, and is invalid.)
     fn is_own_subnet(&self, net: Ipv4Net) -> bool {
-        overlaps(net, self.own.subnet)
+        net == self.own.subnet
     }
 
     /// A peer from this key, or why not (None: our own lease, silently left out).
@@ -246,7 +248,7 @@ impl PeerView {
     }
 
     fn candidate(&self, net: Ipv4Net) -> Option<Candidate> {
-        if self.is_own_subnet(net) {
+        if overlaps(net, self.own.subnet) {
             return None;
         }
         let plain = subnet_key(net);
@@ -626,6 +628,9 @@ mod tests {
         assert_eq!(snapshot(&up), vec![]);
         assert_eq!(up.skipped.len(), 1, "{:?}", up.skipped);
         assert_eq!(up.skipped[0].0, "10.244.8.0-24");
+        // A key of another length over our subnet is just invalid.
+        let up = put(&mut v, "10.244.1.0-25", &attrs(6, 6).to_json(), 4);
+        assert!(matches!(&up.skipped[..], [(k, Skip::Invalid(_))] if k == "10.244.1.0-25"));
         // Our own subnet changing produces nothing.
         assert!(put(&mut v, "10.244.1.0-24", &attrs(5, 5).to_json(), 1)
             .events
