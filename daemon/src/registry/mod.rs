@@ -299,7 +299,7 @@ async fn claim<R: SubnetRegistry>(
                 } else {
                     "a second lease with our VTEP MAC"
                 };
-                tracing::info!(key = %kv.name, "deleting our old lease: {why}");
+                tracing::info!(key = %crate::excerpt::echo(&kv.name), "deleting our old lease: {why}");
                 if !reg.delete_subnet(&kv.name, kv.mod_revision).await? {
                     continue 'attempt;
                 }
