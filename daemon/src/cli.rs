@@ -86,6 +86,10 @@ pub struct RunArgs {
     /// How often the kernel state is compared with the leases and repaired (e.g. 30s).
     #[arg(long, env = "TWILLD_RESYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub resync_interval: Duration,
+    /// How long listing the other nodes' leases may keep failing before /readyz says this node
+    /// is not ready: meanwhile nodes joining or leaving go unseen.
+    #[arg(long, env = "TWILLD_LEASE_LIST_GRACE", default_value = "2m", value_parser = parse_duration)]
+    pub lease_list_grace: Duration,
     /// Address for /healthz, /readyz, /metrics and /status.
     #[arg(long, env = "TWILLD_HTTP_ADDR", default_value = "127.0.0.1:9464")]
     pub http_addr: SocketAddr,
@@ -274,6 +278,7 @@ mod tests {
         assert_eq!(cli.run.etcd_prefix, "/coreos.com/network");
         assert_eq!(cli.run.lease_ttl, Duration::from_secs(86400));
         assert_eq!(cli.run.resync_interval, Duration::from_secs(30));
+        assert_eq!(cli.run.lease_list_grace, Duration::from_secs(120));
         assert_eq!(cli.run.http_addr.to_string(), "127.0.0.1:9464");
         assert_eq!(cli.run.bridge, "cni0");
         assert_eq!(cli.run.vxlan_checksum_offload, ChecksumOffload::Auto);

@@ -7,7 +7,8 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::config::NetworkConfig;
+use crate::config::{BackendKind, NetworkConfig};
+use crate::excerpt::{echo, excerpt, ECHO_MAX};
 use crate::mac::MacAddr;
 use crate::peer::Peer;
 use crate::subnet::overlaps;
@@ -108,17 +109,22 @@ impl LeaseAttrs {
         .expect("serializing plain data cannot fail")
     }
 
-    /// Decode and check a lease value (ours or a peer's): vxlan or host-gw.
+    /// Decode and check a lease value (ours or a peer's): vxlan or host-gw. Errors echo at most
+    /// an excerpt of what the value holds.
     pub fn from_json(value: &[u8]) -> Result<Self, LeaseError> {
         let raw = decode(value)
             .map_err(|e| LeaseError::Invalid(format!("lease value is not valid JSON: {e}")))?;
         let ip = raw
             .public_ip
             .ok_or_else(|| LeaseError::Invalid("PublicIP is missing".into()))?;
-        let public_ip: Ipv4Addr = ip
-            .parse()
-            .map_err(|_| LeaseError::Invalid(format!("PublicIP {ip:?} is not an IPv4 address")))?;
-        if public_ip.is_unspecified() || public_ip.is_multicast() || public_ip.is_broadcast() {
+        let public_ip: Ipv4Addr = ip.parse().map_err(|_| {
+            LeaseError::Invalid(format!("PublicIP {:?} is not an IPv4 address", echo(&ip)))
+        })?;
+        if public_ip.is_unspecified()
+            || public_ip.is_multicast()
+            || public_ip.is_broadcast()
+            || public_ip.is_loopback()
+        {
             return Err(LeaseError::Invalid(format!(
                 "PublicIP {public_ip} cannot be a tunnel endpoint"
             )));
@@ -139,6 +145,13 @@ impl LeaseAttrs {
                         "BackendData.VtepMAC is 00:00:00:00:00:00".into(),
                     ));
                 }
+                // The kernel keeps group addresses out of the FDB as unicast entries: the peer
+                // could never be programmed.
+                if vtep_mac.is_multicast() {
+                    return Err(LeaseError::Invalid(format!(
+                        "BackendData.VtepMAC {vtep_mac} is a multicast or broadcast address"
+                    )));
+                }
                 LeaseBackend::Vxlan {
                     vni: data.vni.unwrap_or(crate::config::DEFAULT_VNI),
                     vtep_mac,
@@ -147,7 +160,8 @@ impl LeaseAttrs {
             Some("host-gw") => LeaseBackend::HostGw,
             Some(t) => {
                 return Err(LeaseError::Invalid(format!(
-                    "BackendType {t:?} is not supported (\"vxlan\" or \"host-gw\")"
+                    "BackendType {:?} is not supported (\"vxlan\" or \"host-gw\")",
+                    echo(t)
                 )))
             }
             None => return Err(LeaseError::Invalid("BackendType is missing".into())),
@@ -156,14 +170,25 @@ impl LeaseAttrs {
     }
 }
 
-/// A lease value must be a JSON object (serde would also take `[]` for a struct).
+/// A lease value must be a JSON object (serde would also take `[]` for a struct). serde's
+/// messages quote the offending value, hence the excerpt.
 fn decode(value: &[u8]) -> Result<LeaseIn, String> {
+    let short = |e: serde_json::Error| excerpt(&e.to_string(), 2 * ECHO_MAX).into_owned();
     match serde_json::from_slice::<serde_json::Value>(value) {
-        Ok(v @ serde_json::Value::Object(_)) => {
-            serde_json::from_value(v).map_err(|e| e.to_string())
-        }
-        Ok(v) => Err(format!("{v} is not an object")),
-        Err(e) => Err(e.to_string()),
+        Ok(v @ serde_json::Value::Object(_)) => serde_json::from_value(v).map_err(short),
+        Ok(v) => Err(format!("a JSON {} is not an object", kind(&v))),
+        Err(e) => Err(short(e)),
+    }
+}
+
+fn kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "boolean",
+        serde_json::Value::Number(_) => "number",
+        serde_json::Value::String(_) => "string",
+        serde_json::Value::Array(_) => "array",
+        serde_json::Value::Object(_) => "object",
     }
 }
 
@@ -184,15 +209,29 @@ pub enum LeaseError {
     Invalid(String),
 }
 
-/// Validate another node's lease (key already parsed to `subnet`): JSON must decode, subnet must
-/// be inside the network with the configured length, must not overlap `own`; a vxlan lease
-/// needs its MAC.
+/// Validate another node's lease (key already parsed to `subnet`): `parse_lease`, and the subnet
+/// must not overlap `own`.
 pub fn parse_peer(
     cfg: &NetworkConfig,
     own: Option<Ipv4Net>,
     subnet: Ipv4Net,
     value: &[u8],
 ) -> Result<Peer, LeaseError> {
+    if let Some(own) = own {
+        if overlaps(own, subnet) {
+            return Err(LeaseError::Invalid(format!(
+                "subnet {subnet} overlaps our own subnet {own}"
+            )));
+        }
+    }
+    parse_lease(cfg, subnet, value)
+}
+
+/// Validate a lease against the network config alone (the same on every node): JSON must
+/// decode, the subnet must be inside the network with the configured length, the PublicIP
+/// must not be a pod address, and a vxlan lease on a vxlan network must use our VNI (the
+/// kernel would drop its packets: a silent blackhole).
+pub fn parse_lease(cfg: &NetworkConfig, subnet: Ipv4Net, value: &[u8]) -> Result<Peer, LeaseError> {
     if !cfg.network.contains(&subnet) {
         return Err(LeaseError::Invalid(format!(
             "subnet {subnet} is outside the network {}",
@@ -205,19 +244,51 @@ pub fn parse_peer(
             cfg.subnet_len
         )));
     }
-    if let Some(own) = own {
-        if overlaps(own, subnet) {
+    let attrs = LeaseAttrs::from_json(value)?;
+    if cfg.network.contains(&attrs.public_ip) {
+        return Err(LeaseError::Invalid(format!(
+            "PublicIP {} is inside the pod network {}: a pod address cannot carry the tunnel",
+            attrs.public_ip, cfg.network
+        )));
+    }
+    if let (BackendKind::Vxlan, LeaseBackend::Vxlan { vni, .. }) = (cfg.backend.kind, attrs.backend)
+    {
+        if vni != cfg.backend.vni {
             return Err(LeaseError::Invalid(format!(
-                "subnet {subnet} overlaps our own subnet {own}"
+                "VNI {vni} is not this network's VNI {} (a node not yet restarted after a VNI \
+                 change?)",
+                cfg.backend.vni
             )));
         }
     }
-    let attrs = LeaseAttrs::from_json(value)?;
     Ok(Peer {
         subnet,
         public_ip: attrs.public_ip,
         vtep_mac: attrs.vtep_mac(),
     })
+}
+
+/// A peer lease that claims this node's identity only in part: our public IP with another MAC
+/// (we would encapsulate to ourselves), or our VTEP MAC at another address (the FDB entry for
+/// our own MAC would send our traffic away). A lease with both ours is ours, not an error.
+pub fn check_against_own(p: &Peer, own: &LeaseAttrs) -> Result<(), LeaseError> {
+    let same_ip = p.public_ip == own.public_ip;
+    let same_mac = p.vtep_mac.is_some() && p.vtep_mac == own.vtep_mac();
+    if same_ip && p.vtep_mac != own.vtep_mac() {
+        return Err(LeaseError::Invalid(format!(
+            "PublicIP {} is this node's address, but the lease has another VtepMAC ({})",
+            p.public_ip,
+            p.vtep_mac.map_or("none".to_string(), |m| m.to_string())
+        )));
+    }
+    if same_mac && !same_ip {
+        return Err(LeaseError::Invalid(format!(
+            "VtepMAC {} is this node's, but the lease has another PublicIP ({})",
+            own.vtep_mac().map_or(String::new(), |m| m.to_string()),
+            p.public_ip
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -386,5 +457,125 @@ mod tests {
             r#"{"PublicIP":"0.0.0.0","BackendType":"vxlan","BackendData":{"VtepMAC":"02:00:00:00:00:01"}}"#,
             "cannot be a tunnel endpoint",
         );
+    }
+
+    fn lease(ip: &str, vni: u32, mac: &str) -> String {
+        format!(
+            r#"{{"PublicIP":"{ip}","BackendType":"vxlan","BackendData":{{"VNI":{vni},"VtepMAC":"{mac}"}}}}"#
+        )
+    }
+
+    #[test]
+    fn group_mac_addresses_are_refused() {
+        for m in [
+            "01:00:5e:00:00:01",
+            "ff:ff:ff:ff:ff:ff",
+            "03:00:00:00:00:02",
+        ] {
+            rejects(
+                None,
+                "10.244.2.0/24",
+                &lease("198.18.0.2", 1, m),
+                "multicast or broadcast",
+            );
+        }
+    }
+
+    #[test]
+    fn loopback_and_pod_addresses_are_no_tunnel_endpoints() {
+        rejects(
+            None,
+            "10.244.2.0/24",
+            &lease("127.0.0.1", 1, MAC),
+            "PublicIP 127.0.0.1 cannot be a tunnel endpoint",
+        );
+        rejects(
+            None,
+            "10.244.2.0/24",
+            &lease("127.5.6.7", 1, MAC),
+            "cannot be a tunnel endpoint",
+        );
+        rejects(
+            None,
+            "10.244.2.0/24",
+            &lease("10.244.9.3", 1, MAC),
+            "PublicIP 10.244.9.3 is inside the pod network 10.244.0.0/16",
+        );
+    }
+
+    #[test]
+    fn another_vni_is_refused_naming_it() {
+        rejects(
+            None,
+            "10.244.2.0/24",
+            &lease("198.18.0.2", 7, MAC),
+            "VNI 7 is not this network's VNI 1",
+        );
+        // A missing VNI is flannel's default, 1.
+        let no_vni = format!(
+            r#"{{"PublicIP":"198.18.0.2","BackendType":"vxlan","BackendData":{{"VtepMAC":"{MAC}"}}}}"#
+        );
+        assert!(parse_peer(&cfg(), None, net("10.244.2.0/24"), no_vni.as_bytes()).is_ok());
+        // host-gw routes directly: the VNI does not matter there.
+        let hostgw =
+            NetworkConfig::parse(br#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#)
+                .unwrap();
+        let v = lease("198.18.0.2", 7, MAC);
+        assert!(parse_peer(&hostgw, None, net("10.244.2.0/24"), v.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn our_identity_in_part_is_refused() {
+        let ours = attrs(); // 192.168.64.3, MAC
+        let peer = |ip: &str, mac: Option<&str>| Peer {
+            subnet: net("10.244.2.0/24"),
+            public_ip: ip.parse().unwrap(),
+            vtep_mac: mac.map(|m| m.parse().unwrap()),
+        };
+        // Both ours: our own lease, not an error (the watcher leaves it out).
+        assert!(check_against_own(&peer("192.168.64.3", Some(MAC)), &ours).is_ok());
+        assert!(check_against_own(&peer("192.168.64.4", Some("02:00:00:00:00:09")), &ours).is_ok());
+        let e = check_against_own(&peer("192.168.64.3", Some("02:00:00:00:00:09")), &ours)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("PublicIP 192.168.64.3 is this node's address"),
+            "{e}"
+        );
+        let e = check_against_own(&peer("192.168.64.3", None), &ours)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("this node's address"), "{e}");
+        let e = check_against_own(&peer("192.168.64.9", Some(MAC)), &ours)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("VtepMAC {MAC} is this node's")), "{e}");
+    }
+
+    #[test]
+    fn errors_echo_only_an_excerpt_of_the_value() {
+        let huge = "x".repeat(1 << 20);
+        let cases = [
+            format!(r#"{{"PublicIP":"{huge}","BackendType":"vxlan"}}"#),
+            lease("198.18.0.2", 1, &huge),
+            format!(r#"{{"PublicIP":"198.18.0.2","BackendType":"{huge}"}}"#),
+            format!(
+                r#"{{"PublicIP":"198.18.0.2","BackendType":"vxlan","BackendData":{{"VNI":"{huge}"}}}}"#
+            ),
+            format!(r#"["{huge}"]"#),
+            format!(r#""{huge}""#),
+            format!("{huge}{{"),
+        ];
+        for v in cases {
+            let e = parse_peer(&cfg(), None, net("10.244.2.0/24"), v.as_bytes())
+                .expect_err("garbage")
+                .to_string();
+            assert!(
+                e.len() < 300,
+                "{} bytes: {}",
+                e.len(),
+                &e[..300.min(e.len())]
+            );
+        }
     }
 }

@@ -12,6 +12,13 @@ pub struct MacAddr(pub [u8; 6]);
 #[error("invalid MAC address {0:?}: expected six hex octets separated by ':'")]
 pub struct MacParseError(pub String);
 
+impl MacParseError {
+    /// Holds an excerpt only: MACs come from etcd, where anyone with write access picks them.
+    fn new(s: &str) -> Self {
+        MacParseError(crate::excerpt::echo(s).into_owned())
+    }
+}
+
 impl MacAddr {
     /// A random, locally administered, unicast MAC (what flannel uses for VTEPs).
     pub fn random_local() -> Self {
@@ -26,6 +33,12 @@ impl MacAddr {
 
     pub fn is_zero(&self) -> bool {
         self.0 == [0; 6]
+    }
+
+    /// A group address (multicast, broadcast): never one device's, and the kernel refuses
+    /// to program it as a unicast FDB entry.
+    pub fn is_multicast(&self) -> bool {
+        self.0[0] & 0x01 != 0
     }
 }
 
@@ -49,7 +62,7 @@ impl fmt::Debug for MacAddr {
 impl FromStr for MacAddr {
     type Err = MacParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || MacParseError(s.to_string());
+        let err = || MacParseError::new(s);
         let mut out = [0u8; 6];
         let mut parts = s.split(':');
         for o in out.iter_mut() {
@@ -102,6 +115,21 @@ mod tests {
         ] {
             assert!(s.parse::<MacAddr>().is_err(), "{s}");
         }
+    }
+
+    #[test]
+    fn multicast_and_broadcast_are_group_addresses() {
+        for s in [
+            "01:00:5e:00:00:01",
+            "ff:ff:ff:ff:ff:ff",
+            "33:33:00:00:00:01",
+        ] {
+            assert!(s.parse::<MacAddr>().unwrap().is_multicast(), "{s}");
+        }
+        assert!(!"c6:d2:32:6f:8f:44"
+            .parse::<MacAddr>()
+            .unwrap()
+            .is_multicast());
     }
 
     #[test]

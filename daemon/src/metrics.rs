@@ -42,6 +42,14 @@ pub struct Metrics {
     pub policy_records_pending: AtomicU64,
     /// Dropped packets and bytes per policy and direction, as last read from the kernel.
     pub policy_denied: std::sync::RwLock<Vec<crate::policy::Denied>>,
+    /// Lease values over the size limit, dropped unread.
+    pub oversized_leases_dropped: AtomicU64,
+    /// Keys for a subnet that another key for it outranks (aliases).
+    pub lease_alias_conflicts: AtomicU64,
+    /// Leases skipped because an older lease announces their VTEP MAC at another address.
+    pub duplicate_vtep_macs: AtomicU64,
+    /// Peers whose subnet would cover this node's own addresses: not routed.
+    pub peers_refused_overlap: AtomicU64,
 }
 
 impl Metrics {
@@ -200,6 +208,31 @@ impl Metrics {
             "gauge",
             "This node's pod records not yet written to etcd.",
             g(&self.policy_records_pending),
+        );
+        metric(
+            "oversized_leases_dropped_total",
+            "counter",
+            "Lease values over 64 KiB, dropped without being kept.",
+            g(&self.oversized_leases_dropped),
+        );
+        metric(
+            "lease_alias_conflicts_total",
+            "counter",
+            "Subnet keys ignored because another key for the same subnet outranks them.",
+            g(&self.lease_alias_conflicts),
+        );
+        metric(
+            "duplicate_vtep_macs_total",
+            "counter",
+            "Leases skipped because an older lease announces their VTEP MAC at another address.",
+            g(&self.duplicate_vtep_macs),
+        );
+        metric(
+            "peers_refused_overlap",
+            "gauge",
+            "Peers not routed because their subnet covers this node's underlay, public IP, an etcd \
+             endpoint or a node's public IP.",
+            g(&self.peers_refused_overlap),
         );
         let denied = self.policy_denied.read().unwrap_or_else(|e| e.into_inner());
         for (name, help, pick) in [

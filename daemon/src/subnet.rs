@@ -38,11 +38,13 @@ pub const DEFAULT_SUBNETS_DIR: &str = "/coreos.com/network/subnets/";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AllocError {
-    /// Says the range, how many leases exist and what to change.
+    /// Says the range, how many leases exist, what to change, and the keys of another length
+    /// that cover part of the range (one such key can block every subnet).
     #[error(
         "out of subnets: all {count} /{subnet_len} subnets in {range} (SubnetMin-SubnetMax) are \
          taken and {leases} leases exist; use a bigger Network, a smaller SubnetLen, or delete \
-         stale leases under {subnets_dir}"
+         stale leases under {subnets_dir}{}",
+        blocking_note(blocking)
     )]
     OutOfSubnets {
         range: String,
@@ -50,27 +52,37 @@ pub enum AllocError {
         count: u64,
         subnet_len: u8,
         subnets_dir: String,
+        /// Keys of another length (leases from an older SubnetLen) overlapping the range.
+        blocking: Vec<String>,
     },
+}
+
+fn blocking_note(keys: &[String]) -> String {
+    if keys.is_empty() {
+        return String::new();
+    }
+    format!(
+        "; leases of another length cover the range: {}",
+        keys.iter()
+            .map(|k| crate::excerpt::echo(k).into_owned())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
 }
 
 impl AllocError {
     /// Names the real `<prefix>/subnets/` in the message.
-    pub fn with_subnets_dir(self, dir: &str) -> Self {
-        match self {
-            AllocError::OutOfSubnets {
-                range,
-                leases,
-                count,
-                subnet_len,
-                ..
-            } => AllocError::OutOfSubnets {
-                range,
-                leases,
-                count,
-                subnet_len,
-                subnets_dir: dir.to_string(),
-            },
-        }
+    pub fn with_subnets_dir(mut self, dir: &str) -> Self {
+        let AllocError::OutOfSubnets { subnets_dir, .. } = &mut self;
+        *subnets_dir = dir.to_string();
+        self
+    }
+
+    /// Names the keys that block the range (`choose_free` only knows subnets).
+    pub fn with_blocking(mut self, keys: Vec<String>) -> Self {
+        let AllocError::OutOfSubnets { blocking, .. } = &mut self;
+        *blocking = keys;
+        self
     }
 }
 
@@ -111,6 +123,7 @@ pub fn choose_free(cfg: &NetworkConfig, taken: &HashSet<Ipv4Net>) -> Result<Ipv4
             count: cfg.subnet_count(),
             subnet_len: cfg.subnet_len,
             subnets_dir: DEFAULT_SUBNETS_DIR.to_string(),
+            blocking: Vec::new(),
         });
     }
     Ok(free[rand::rng().random_range(0..free.len())])
@@ -252,5 +265,14 @@ mod tests {
         ] {
             assert!(m.contains(want), "{m:?} lacks {want:?}");
         }
+        assert!(!m.contains("another length"), "{m}");
+        let m = choose_free(&c, &taken)
+            .unwrap_err()
+            .with_blocking(vec!["10.9.0.0-16".into()])
+            .to_string();
+        assert!(
+            m.contains("leases of another length cover the range: 10.9.0.0-16"),
+            "{m}"
+        );
     }
 }

@@ -843,3 +843,89 @@ fn tx_checksum_offload_is_enforced_also_on_a_recreated_device() {
         assert!(e.to_string().contains("twk-nosuchdev"), "{e}");
     });
 }
+
+/// F2: a peer route must never overwrite a route that is not twill's. The kernel's connected
+/// route for the node's own LAN and an operator's static route stay as they are (the op fails,
+/// reported); routes that are ours (on our device, or with twill's protocol) are replaced.
+#[test]
+fn routes_that_are_not_ours_are_never_replaced() {
+    let p = Pair::new('x', 21);
+    let ns = p.a.clone();
+    let (ip, ip_b) = (p.ip_a, p.ip_b);
+    let lan: Ipv4Net = Ipv4Net::new(ip, 24).unwrap().trunc();
+    sh(&format!(
+        "ip -n {ns} route add 10.250.0.0/24 via {ip_b} dev va"
+    ));
+    let before = sh(&format!("ip -n {ns} -4 route show"));
+    let report = in_ns(&ns, move || async move {
+        let nl = Netlink::new().unwrap();
+        let u = nl
+            .find_underlay(Some(&IfaceSelector::Name("va".into())))
+            .await
+            .unwrap();
+        let idx = nl
+            .ensure_vxlan(&spec("va", ip, u.index, 8472, "10.244.1.0/24"))
+            .await
+            .unwrap();
+        // Ours from before: one on our device with a stale gateway, one direct (protocol 116).
+        let mine = peers(2);
+        let r = nl
+            .apply(idx, &reconcile::diff(&mine, &Default::default()))
+            .await;
+        assert!(r.failed.is_empty(), "{:?}", r.failed);
+        let direct = Op::SetRoute {
+            dst: mine[1].subnet,
+            gw: ip_b,
+        };
+        let r = nl.apply(idx, std::slice::from_ref(&direct)).await;
+        assert!(r.failed.is_empty(), "{:?}", r.failed);
+        let ops = [
+            // A lease for the node's own LAN, and one for the operator's route.
+            Op::SetRoute {
+                dst: lan,
+                gw: lan.network(),
+            },
+            Op::SetRoute {
+                dst: "10.250.0.0/24".parse().unwrap(),
+                gw: "10.250.0.0".parse().unwrap(),
+            },
+            // Ours: replaced (direct -> overlay, overlay re-put).
+            Op::SetRoute {
+                dst: mine[1].subnet,
+                gw: mine[1].gateway(),
+            },
+            Op::SetRoute {
+                dst: mine[0].subnet,
+                gw: mine[0].gateway(),
+            },
+        ];
+        nl.apply(idx, &ops).await
+    });
+    assert_eq!(report.applied, 2, "{report:?}");
+    let refused: Vec<String> = report
+        .failed
+        .iter()
+        .map(|(op, e)| format!("{op:?}: {e}"))
+        .collect();
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert!(
+        refused.iter().all(|e| e.contains("not twill's")),
+        "{refused:?}"
+    );
+    let after = sh(&format!("ip -n {ns} -4 route show"));
+    for line in before.lines() {
+        assert!(after.contains(line), "lost {line:?}:\n{after}");
+    }
+    let lan_route = sh(&format!("ip -n {ns} route show {lan}"));
+    assert!(
+        lan_route.contains("dev va") && lan_route.contains("proto kernel"),
+        "{lan_route}"
+    );
+    // The peer moved from the direct route to the overlay.
+    let moved = sh(&format!("ip -n {ns} route show 10.100.1.0/24"));
+    assert!(moved.contains("dev twill.1"), "{moved}");
+    assert!(
+        sh_ok(&format!("ip netns exec {ns} ping -c1 -W2 {ip_b}")),
+        "the LAN is unreachable"
+    );
+}

@@ -157,6 +157,21 @@ impl Etcd {
         Ok(String::from_utf8_lossy(&out.stdout).to_string())
     }
 
+    /// `ctl` with stdin from `input` (values too large for an argument).
+    fn ctl_input(&self, args: &[&str], input: &std::path::Path) -> Result<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "etcdctl"])
+            .arg(format!("--endpoints=http://127.0.0.1:{HIDDEN_PORT}"))
+            .args(args)
+            .env("ETCDCTL_API", "3")
+            .stdin(File::open(input)?)
+            .output()?;
+        if !out.status.success() {
+            bail!("etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    }
+
     /// While no client under test can reach etcd: change leases and compact the history.
     fn change_and_compact_hidden(&mut self) -> Result<()> {
         self.stop();
@@ -817,6 +832,8 @@ impl Model {
             PeerEvent::Remove(n) => {
                 self.peers.remove(&n);
             }
+            // Only says the view may be stale until the next snapshot.
+            PeerEvent::ListFailed(_) => {}
         }
     }
 }
@@ -1132,6 +1149,364 @@ fn tls_with_client_certificates() -> Result<()> {
             EtcdRegistry::connect(&o).await,
             Err(RegistryError::Options(_))
         ));
+        Ok(())
+    })
+}
+
+/// Starts `watch_peers` for node 1 (10.100.1.0/24) on the 10.100.0.0/16 network.
+fn start_watcher(
+    reg: &EtcdRegistry,
+) -> (
+    tokio::task::JoinHandle<()>,
+    mpsc::Receiver<PeerEvent>,
+    Arc<Metrics>,
+    watch::Sender<OwnLease>,
+) {
+    let metrics = Arc::new(Metrics::default());
+    let (own_tx, own_rx) = watch::channel(own(1));
+    let (tx, rx) = mpsc::channel(1024);
+    let task = tokio::spawn(watch_peers(
+        reg.clone(),
+        cfg(r#"{"Network":"10.100.0.0/16"}"#),
+        own_rx,
+        tx,
+        metrics.clone(),
+    ));
+    (task, rx, metrics, own_tx)
+}
+
+/// Applies events until `model` satisfies `done` (bounded by `next`'s timeout).
+async fn until(
+    rx: &mut mpsc::Receiver<PeerEvent>,
+    model: &mut Model,
+    done: impl Fn(&Model) -> bool,
+) -> Result<()> {
+    while !done(model) {
+        model.apply(next(rx).await?);
+    }
+    Ok(())
+}
+
+/// F5: an alias key (`<subnet>&...`, flannel's dual-stack form) next to a live lease must
+/// neither remove that peer (garbage, or the alias deleted) nor replace it (a valid value
+/// pointing elsewhere); when the plain key goes, a valid alias speaks for the subnet.
+#[test]
+fn alias_keys_neither_remove_nor_replace_a_live_peer() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let opts = etcd.opts();
+    etcd.run(move || async move {
+        let reg = connect(&opts).await?;
+        put_peer(&reg, 2).await?;
+        // Listed before the watch starts: the alias sorts after the plain key.
+        put(&reg, "subnets/10.100.2.0-24&junk", "junk").await?;
+        let (task, mut rx, metrics, _own) = start_watcher(&reg);
+        let PeerEvent::Snapshot(ps) = next(&mut rx).await? else {
+            bail!("first event must be a snapshot");
+        };
+        assert_eq!(ps, vec![peer(2)]);
+        let mut model = Model::default();
+        model.apply(PeerEvent::Snapshot(ps));
+
+        // Through the watch: garbage on the alias, the alias deleted, a valid alias pointing at
+        // another node. Then a marker: everything before it has been seen once it arrives.
+        put(&reg, "subnets/10.100.2.0-24&junk", "still junk").await?;
+        del(&reg, "subnets/10.100.2.0-24&junk").await?;
+        put(
+            &reg,
+            "subnets/10.100.2.0-24&fc00::-64",
+            &attrs(66).to_json(),
+        )
+        .await?;
+        put_peer(&reg, 3).await?;
+        until(&mut rx, &mut model, |m| {
+            m.peers.contains_key(&peer(3).subnet)
+        })
+        .await?;
+        assert_eq!(
+            model.peers.get(&peer(2).subnet),
+            Some(&peer(2)),
+            "{:?}",
+            model.peers
+        );
+        assert_eq!(metrics.lease_alias_conflicts.load(Relaxed), 1);
+
+        // The plain key goes: the alias is what is left; then it goes too.
+        del(&reg, "subnets/10.100.2.0-24").await?;
+        let hijack = Peer {
+            subnet: peer(2).subnet,
+            ..peer(66)
+        };
+        until(&mut rx, &mut model, |m| {
+            m.peers.get(&peer(2).subnet) == Some(&hijack)
+        })
+        .await?;
+        del(&reg, "subnets/10.100.2.0-24&fc00::-64").await?;
+        until(&mut rx, &mut model, |m| {
+            !m.peers.contains_key(&peer(2).subnet)
+        })
+        .await?;
+        assert!(!task.is_finished());
+        task.abort();
+        Ok(())
+    })
+}
+
+/// F7: two leases announcing one VTEP MAC at two addresses: the older keeps it, the younger is
+/// skipped (counted); when the older goes, the younger is a peer.
+#[test]
+fn a_copied_vtep_mac_stays_with_the_older_lease() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let opts = etcd.opts();
+    etcd.run(move || async move {
+        let reg = connect(&opts).await?;
+        put_peer(&reg, 4).await?;
+        let copy = LeaseAttrs::vxlan(attrs(5).public_ip, 1, attrs(4).vtep_mac().unwrap());
+        put(&reg, "subnets/10.100.5.0-24", &copy.to_json()).await?;
+        let (task, mut rx, metrics, _own) = start_watcher(&reg);
+        let PeerEvent::Snapshot(ps) = next(&mut rx).await? else {
+            bail!("first event must be a snapshot");
+        };
+        assert_eq!(ps, vec![peer(4)]);
+        assert_eq!(metrics.duplicate_vtep_macs.load(Relaxed), 1);
+        let mut model = Model::default();
+        model.apply(PeerEvent::Snapshot(ps));
+
+        // A younger copy arriving through the watch cannot take the MAC either.
+        put(&reg, "subnets/10.100.6.0-24", &copy.to_json()).await?;
+        put_peer(&reg, 7).await?;
+        until(&mut rx, &mut model, |m| {
+            m.peers.contains_key(&peer(7).subnet)
+        })
+        .await?;
+        assert!(
+            !model.peers.contains_key(&peer(6).subnet),
+            "{:?}",
+            model.peers
+        );
+        assert_eq!(model.peers[&peer(4).subnet], peer(4));
+        assert_eq!(metrics.duplicate_vtep_macs.load(Relaxed), 2);
+
+        // The keeper leaves: the older of the two copies gets the MAC.
+        del(&reg, "subnets/10.100.4.0-24").await?;
+        let five = Peer {
+            subnet: peer(5).subnet,
+            public_ip: copy.public_ip,
+            vtep_mac: copy.vtep_mac(),
+        };
+        until(&mut rx, &mut model, |m| {
+            m.peers.get(&five.subnet) == Some(&five) && !m.peers.contains_key(&peer(4).subnet)
+        })
+        .await?;
+        assert!(!model.peers.contains_key(&peer(6).subnet));
+        task.abort();
+        Ok(())
+    })
+}
+
+/// 1.4 MiB: etcd (1.5 MiB request limit by default) takes it; three exceed a 4 MiB message.
+fn big_value(i: u8) -> String {
+    format!("{{\"junk{i}\":\"{}\"}}", "x".repeat(1_400_000))
+}
+
+/// F6: values that together exceed one gRPC message (4 MiB) must stop neither the list (joins,
+/// re-lists) nor the watch (one revision deleting them all, a watcher catching up over them).
+/// They are dropped unkept and counted.
+#[test]
+fn large_values_stop_neither_list_nor_watch() -> Result<()> {
+    let mut etcd = Etcd::start()?;
+    let opts = etcd.opts();
+    let path = format!("/run/netns/{}", etcd.ns);
+    let (phase_tx, phase_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let worker = std::thread::spawn(move || -> Result<()> {
+        let fd = File::open(&path)?;
+        nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let reg = connect(&opts).await?;
+            let c = cfg(r#"{"Network":"10.100.0.0/16"}"#);
+            put_peer(&reg, 2).await?;
+            for i in 0..3 {
+                put(
+                    &reg,
+                    &format!("subnets/10.100.{}.0-24", 50 + i),
+                    &big_value(i),
+                )
+                .await?;
+            }
+            put_peer(&reg, 3).await?;
+            // Many small keys too: the list takes several pages.
+            for i in 100..=250u8 {
+                put_peer(&reg, i).await?;
+            }
+            let (kvs, rev) = reg.list_subnets().await?;
+            assert_eq!(kvs.len(), 2 + 3 + 151);
+            assert!(rev > 0);
+            let big: Vec<_> = kvs.iter().filter(|kv| kv.oversized.is_some()).collect();
+            assert_eq!(big.len(), 3);
+            assert!(big.iter().all(|kv| kv.value.is_empty()));
+            // A node can still join.
+            let l = acquire(&reg, &c, &attrs(9), Some(net("10.100.90.0/24")), TTL).await?;
+            assert_eq!(l.subnet, net("10.100.90.0/24"));
+
+            let (task, mut rx, metrics, _own) = start_watcher(&reg);
+            let PeerEvent::Snapshot(ps) = next(&mut rx).await? else {
+                bail!("first event must be a snapshot");
+            };
+            assert_eq!(ps.len(), 2 + 151 + 1, "peers 2, 3, 100..=250 and node 9");
+            assert_eq!(metrics.oversized_leases_dropped.load(Relaxed), 3);
+            let mut model = Model::default();
+            model.apply(PeerEvent::Snapshot(ps));
+
+            // One revision deleting all three: a single watch response of their size with the
+            // previous values attached.
+            reg.client()
+                .kv_client()
+                .delete(
+                    format!("{PREFIX}/subnets/10.100.5"),
+                    Some(etcd_client::DeleteOptions::new().with_prefix()),
+                )
+                .await?;
+            put_peer(&reg, 4).await?;
+            until(&mut rx, &mut model, |m| {
+                m.peers.contains_key(&peer(4).subnet)
+            })
+            .await?;
+
+            // While the watcher cannot reach etcd, big values arrive; it catches up over them by
+            // re-listing.
+            let resyncs = metrics.peer_resyncs.load(Relaxed);
+            phase_tx.send(())?;
+            tokio::task::spawn_blocking(move || go_rx.recv()).await??;
+            let reg = connect(&opts).await?;
+            put_peer(&reg, 5).await?;
+            until(&mut rx, &mut model, |m| {
+                m.peers.contains_key(&peer(5).subnet)
+            })
+            .await?;
+            until(&mut rx, &mut model, |m| {
+                m.peers.contains_key(&peer(6).subnet)
+            })
+            .await?;
+            assert!(metrics.peer_resyncs.load(Relaxed) > resyncs);
+            assert_eq!(metrics.oversized_leases_dropped.load(Relaxed), 6);
+            assert!(!task.is_finished());
+            task.abort();
+            Ok(())
+        })
+    });
+    if phase_rx.recv().is_ok() {
+        etcd.stop();
+        etcd.spawn_on(HIDDEN_PORT)?;
+        let mut tries = 0;
+        while etcd.ctl(&["endpoint", "health"]).is_err() {
+            tries += 1;
+            if tries > 300 {
+                bail!("hidden etcd did not come up");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let file = etcd.dir.join("big.json");
+        for i in 0..3 {
+            std::fs::write(&file, big_value(10 + i))?;
+            etcd.ctl_input(
+                &["put", &format!("{PREFIX}/subnets/10.100.{}.0-24", 60 + i)],
+                &file,
+            )?;
+        }
+        etcd.ctl(&[
+            "put",
+            &format!("{PREFIX}/subnets/10.100.6.0-24"),
+            &attrs(6).to_json(),
+        ])?;
+        etcd.stop();
+        etcd.spawn_on(CLIENT_PORT)?;
+        go_tx.send(())?;
+    }
+    worker
+        .join()
+        .map_err(|_| anyhow::anyhow!("worker panicked"))?
+}
+
+/// F6: a watcher that cannot list says so (the daemon's /readyz uses it), and recovers.
+#[test]
+fn a_failing_list_is_reported() -> Result<()> {
+    let mut etcd = Etcd::start()?;
+    etcd.stop();
+    let opts = etcd.opts();
+    let path = format!("/run/netns/{}", etcd.ns);
+    let (failed_tx, failed_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let worker = std::thread::spawn(move || -> Result<()> {
+        let fd = File::open(&path)?;
+        nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let reg = EtcdRegistry::connect(&opts).await?;
+            let (task, mut rx, _metrics, _own) = start_watcher(&reg);
+            let PeerEvent::ListFailed(why) = next(&mut rx).await? else {
+                bail!("expected ListFailed while etcd is down");
+            };
+            assert!(why.contains("etcd"), "{why}");
+            failed_tx.send(())?;
+            tokio::task::spawn_blocking(move || go_rx.recv()).await??;
+            loop {
+                match next(&mut rx).await? {
+                    PeerEvent::ListFailed(_) => continue,
+                    PeerEvent::Snapshot(ps) => {
+                        assert!(ps.is_empty());
+                        break;
+                    }
+                    other => bail!("unexpected {other:?}"),
+                }
+            }
+            task.abort();
+            Ok(())
+        })
+    });
+    if failed_rx.recv().is_ok() {
+        etcd.restart()?;
+        go_tx.send(())?;
+    }
+    worker
+        .join()
+        .map_err(|_| anyhow::anyhow!("worker panicked"))?
+}
+
+/// F16: a key of another length counts only as a lease inside the network: one stray
+/// `<network>-16` with garbage must not block every subnet (nor a node's own re-acquire); one
+/// that does block is named.
+#[test]
+fn a_stray_key_of_another_length_blocks_nothing() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let opts = etcd.opts();
+    etcd.run(move || async move {
+        let reg = connect(&opts).await?;
+        let c =
+            cfg(r#"{"Network":"10.90.0.0/16","SubnetMin":"10.90.1.0","SubnetMax":"10.90.3.0"}"#);
+        put(&reg, "subnets/10.90.0.0-16", "garbage").await?;
+        put(&reg, "subnets/0.0.0.0-1", &attrs(7).to_json()).await?; // outside the network
+        let a = acquire(&reg, &c, &attrs(1), None, TTL).await?;
+        assert!(c.fits(a.subnet));
+        // Our own subnet again after our key was deleted.
+        del(&reg, &format!("subnets/{}-24", a.subnet.network())).await?;
+        let again = acquire(&reg, &c, &attrs(1), Some(a.subnet), TTL).await?;
+        assert_eq!(again.subnet, a.subnet);
+
+        // A real lease of another length (an older SubnetLen) still covers its range, and when
+        // it blocks everything the error says which key it is.
+        put(&reg, "subnets/10.90.0.0-22", &attrs(8).to_json()).await?;
+        let e = acquire(&reg, &c, &attrs(2), None, TTL).await.unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.contains("out of subnets") && m.contains("cover the range: 10.90.0.0-22"),
+            "{m}"
+        );
+        assert!(!m.contains("10.90.0.0-16"), "{m}");
         Ok(())
     })
 }

@@ -196,6 +196,37 @@ impl Etcd {
         check(&full, out)
     }
 
+    /// `ctl` with `input` on stdin: etcdctl `put <key>` without a value reads it from there,
+    /// for values larger than a command line argument may be (128 KiB).
+    pub fn ctl_input(&self, args: &[&str], input: &[u8]) -> Result<String> {
+        use std::io::Write;
+        let endpoints = format!("--endpoints={}", self.endpoint());
+        let mut full = vec![
+            "etcdctl",
+            &endpoints,
+            "--dial-timeout=2s",
+            "--command-timeout=10s",
+        ];
+        full.extend_from_slice(args);
+        let mut child = exec_cmd(&self.ns, &full)
+            .env("ETCDCTL_API", "3")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("run etcdctl")?;
+        let mut stdin = child.stdin.take().context("etcdctl stdin")?;
+        let input = input.to_vec();
+        // Written from a thread: etcdctl's output pipes must be drained meanwhile.
+        let writer = std::thread::spawn(move || stdin.write_all(&input));
+        let out = child.wait_with_output().context("wait for etcdctl")?;
+        writer
+            .join()
+            .map_err(|_| anyhow!("etcdctl stdin writer panicked"))?
+            .context("write etcdctl stdin")?;
+        check(&full, out)
+    }
+
     /// The current revision of the key space.
     pub fn revision(&self) -> Result<i64> {
         let out = self.ctl(&["endpoint", "status", "-w", "json"])?;

@@ -550,6 +550,11 @@ impl Lab {
         self.etcd_ref()?.ctl(args)
     }
 
+    /// etcdctl with `input` on stdin (e.g. `put <key>` with a value too large for an argument).
+    pub fn etcdctl_input(&self, args: &[&str], input: &[u8]) -> Result<String> {
+        self.etcd_ref()?.ctl_input(args, input)
+    }
+
     /// Put the network config at /coreos.com/network/config.
     pub fn put_config(&self, json: &str) -> Result<()> {
         self.etcdctl(&["put", CONFIG_KEY, "--", json]).map(|_| ())

@@ -23,7 +23,7 @@ impl HostGwBackend {
             cfg: cfg.clone(),
             underlay: None,
             segment: Segment::default(),
-            programmer: Programmer::new(nl),
+            programmer: Programmer::new(nl, false),
         }
     }
 

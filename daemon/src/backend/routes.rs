@@ -42,13 +42,17 @@ pub struct Programmer {
     /// By subnet: an incremental removal must not delete an entry another peer still uses
     /// (same MAC and IP after a re-lease).
     peers: HashMap<Ipv4Net, Peer>,
+    /// The device the ops name is our overlay device (its routes are ours to replace), not
+    /// the underlay.
+    overlay: bool,
 }
 
 impl Programmer {
-    pub fn new(nl: Netlink) -> Self {
+    pub fn new(nl: Netlink, overlay: bool) -> Self {
         Programmer {
             nl,
             peers: HashMap::new(),
+            overlay,
         }
     }
 
@@ -114,7 +118,8 @@ impl Programmer {
         ops: Vec<Op>,
         path: &impl Fn(&Peer) -> PeerPath,
     ) -> Result<ApplyStats, BackendError> {
-        let ApplyReport { applied: _, failed } = self.nl.apply(ifindex, &ops).await;
+        let owned = self.overlay.then_some(ifindex);
+        let ApplyReport { applied: _, failed } = self.nl.apply_owned(ifindex, owned, &ops).await;
         let mut gone = false;
         let mut failed_deletes = 0;
         for (i, (op, e)) in failed.iter().enumerate() {

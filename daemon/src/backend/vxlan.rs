@@ -31,7 +31,7 @@ impl VxlanBackend {
             name: format!("twill.{}", cfg.vni),
             ifindex: None,
             segment: Segment::default(),
-            programmer: Programmer::new(nl),
+            programmer: Programmer::new(nl, true),
             tx_checksum,
         }
     }
@@ -107,8 +107,31 @@ impl VxlanBackend {
     }
 }
 
+impl VxlanBackend {
+    /// Deletes our devices for other VNIs (`twill.<N>`), left by a run before the network
+    /// config's VNI changed: with them go their neighbours, FDB entries and the routes through
+    /// them, which would otherwise stay forever (peers that left meanwhile included).
+    async fn remove_other_vnis(&self) -> Result<(), BackendError> {
+        for (index, name) in self.nl().vxlan_devices().await? {
+            let ours = name
+                .strip_prefix("twill.")
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+            if ours && name != self.name {
+                tracing::info!(device = %name, current = %self.name,
+                    "deleting the VXLAN device of an earlier run with another VNI");
+                match self.nl().delete_link(index).await {
+                    Err(e) if !e.is_no_device() => return Err(e.into()),
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Backend for VxlanBackend {
     async fn setup(&mut self, local: &LocalNode) -> Result<DeviceInfo, BackendError> {
+        self.remove_other_vnis().await?;
         let mtu = self
             .cfg
             .mtu

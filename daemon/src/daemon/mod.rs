@@ -26,6 +26,7 @@ use crate::cni::{CniOptions, NodeNet};
 use crate::config::{BackendKind, ConfigError};
 use crate::lease::{LeaseAttrs, LeaseBackend};
 use crate::netlink::{KernelEvent, Netlink, NetlinkError};
+use crate::overlap::HostNets;
 use crate::registry::etcd::EtcdRegistry;
 use crate::registry::{self, EtcdOptions, PeerEvent, RegistryError};
 use crate::subnet_file::read_previous_subnet;
@@ -49,6 +50,8 @@ pub enum StartError {
     Backend(#[from] BackendError),
     #[error("{0}")]
     Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Overlap(#[from] crate::overlap::OverlapError),
     #[error("cannot serve HTTP on {addr}: {err}")]
     Http { addr: String, err: std::io::Error },
     #[error("cannot serve the CNI socket {path}: {err}")]
@@ -133,6 +136,18 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
         s.waiting_for = Some("subnet lease".into());
     });
 
+    // Before any lease is taken: a pod network over the node's own networks would cut it off.
+    let host = HostNets {
+        public_ip: Some(public_ip),
+        underlay: nl.addr_prefixes(underlay.index).await?,
+        underlay_name: underlay.name.clone(),
+        etcd: crate::overlap::etcd_addresses(&args.etcd_endpoints).await,
+    };
+    if let Err(e) = host.check_network(cfg.network) {
+        tracing::error!(error = %e, "refusing to start");
+        return Err(e.into());
+    }
+
     let backend_attrs = match cfg.backend.kind {
         BackendKind::Vxlan => LeaseBackend::Vxlan {
             vni: cfg.backend.vni,
@@ -146,7 +161,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
     };
     let previous = read_previous_subnet(&args.subnet_file);
     let own = tokio::select! {
-        own = acquire_until_done(&reg, &cfg, &attrs, previous, args.lease_ttl) => own,
+        own = acquire_until_done(&reg, &cfg, &attrs, previous, args.lease_ttl, &shared) => own,
         _ = shutdown_signal() => { info!("shutting down before the node was ready"); return Ok(()); }
     };
     info!(subnet = %own.subnet, "lease acquired");
@@ -203,7 +218,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
     let resync_every = args.resync_interval;
     let mut node = Node::new(
         args, cfg, shared, nl, backend, device, local, underlay, firewall, node_tx, attrs_tx,
-        policy,
+        policy, host,
     );
     let mut kernel_rx = node
         .nl

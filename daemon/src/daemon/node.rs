@@ -1,6 +1,8 @@
 //! A running node: the state the main loop keeps between events, and what each kind of event
 //! does to it. `run` (mod.rs) owns the select loop and the start-up; this owns the reactions.
 
+use std::time::Instant;
+
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -13,6 +15,7 @@ use crate::cni::NodeNet;
 use crate::config::NetworkConfig;
 use crate::lease::{LeaseAttrs, LeaseBackend};
 use crate::netlink::{Netlink, Underlay};
+use crate::overlap::HostNets;
 use crate::policy::PolicyHandle;
 use crate::registry::{OwnLease, PeerEvent};
 use crate::subnet_file::SubnetEnv;
@@ -33,6 +36,10 @@ pub(super) struct Node {
     pub policy: Option<PolicyHandle>,
     /// The subnet file is written and the CNI server serves pods.
     pub ready: bool,
+    /// Since when listing the leases fails, and the last error (None: the last list worked).
+    list_failing: Option<(Instant, String)>,
+    /// /readyz says so because the list failed for longer than `--lease-list-grace`.
+    list_stale: bool,
 }
 
 impl Node {
@@ -50,6 +57,7 @@ impl Node {
         node_tx: watch::Sender<Option<NodeNet>>,
         attrs_tx: watch::Sender<LeaseAttrs>,
         policy: Option<PolicyHandle>,
+        host: HostNets,
     ) -> Self {
         let node = Node {
             args,
@@ -60,24 +68,44 @@ impl Node {
             device,
             local,
             underlay,
-            sync: Sync::new(),
+            sync: Sync::new(host),
             firewall,
             node_tx,
             attrs_tx,
             policy,
             ready: false,
+            list_failing: None,
+            list_stale: false,
         };
         node.publish_node();
         node
     }
 
     pub async fn on_peer_events(&mut self, batch: Vec<PeerEvent>) {
+        let mut peers = Vec::with_capacity(batch.len());
+        for ev in batch {
+            match ev {
+                PeerEvent::ListFailed(e) => {
+                    self.list_failing
+                        .get_or_insert_with(|| (Instant::now(), String::new()))
+                        .1 = e
+                }
+                PeerEvent::Snapshot(_) => {
+                    self.list_failing = None;
+                    peers.push(ev);
+                }
+                ev => peers.push(ev),
+            }
+        }
+        if peers.is_empty() {
+            return;
+        }
         self.sync
             .handle_events(
                 &mut self.backend,
                 &mut self.device,
                 &self.local,
-                batch,
+                peers,
                 &self.shared,
             )
             .await;
@@ -141,6 +169,37 @@ impl Node {
         if !self.ready && self.sync.synced_once {
             self.write_ready().await;
         }
+        self.publish_readiness();
+    }
+
+    /// A ready node stops saying so while it cannot list the leases for longer than
+    /// `--lease-list-grace`: its peers may be out of date, and it would not know.
+    fn publish_readiness(&mut self) {
+        if !self.ready {
+            return;
+        }
+        let grace = self.args.lease_list_grace;
+        let stale = self
+            .list_failing
+            .as_ref()
+            .filter(|(since, _)| since.elapsed() >= grace)
+            .map(|(since, e)| {
+                format!(
+                    "cannot list the subnet leases for {}s: {e}",
+                    since.elapsed().as_secs()
+                )
+            });
+        if stale.is_some() != self.list_stale {
+            self.list_stale = stale.is_some();
+            match &stale {
+                Some(why) => warn!("not ready: {why}"),
+                None => info!("the subnet leases are listed again: ready"),
+            }
+        }
+        self.shared.update(|s| {
+            s.ready = stale.is_none();
+            s.waiting_for = stale;
+        });
     }
 
     async fn reconcile(&mut self, why: &str) {
@@ -160,6 +219,7 @@ impl Node {
     async fn setup(&mut self) {
         let before = self.device.clone();
         self.device = setup_or_log(&mut self.backend, &self.local, before.clone()).await;
+        self.refresh_host().await;
         self.publish_node();
         if self.ready && self.device != before {
             self.firewall
@@ -203,6 +263,23 @@ impl Node {
                     s.waiting_for = Some(format!("subnet file: {e}"))
                 });
                 self.ready = false;
+            }
+        }
+    }
+
+    /// The underlay's networks and our address as they are now: peer subnets must stay clear
+    /// of them (the etcd endpoints do not move).
+    async fn refresh_host(&mut self) {
+        match self.nl.addr_prefixes(self.local.underlay_index).await {
+            Ok(underlay) => {
+                let mut host = self.sync.host().clone();
+                host.public_ip = Some(self.local.public_ip);
+                host.underlay = underlay;
+                host.underlay_name = self.underlay.name.clone();
+                self.sync.set_host(host);
+            }
+            Err(e) => {
+                warn!(error = %e, "reading the underlay's networks failed; keeping the last known")
             }
         }
     }

@@ -1,7 +1,9 @@
 //! The peers the leases ask for, and keeping the backend's kernel state in line with them:
-//! incremental changes from lease events, full reconciles on snapshots and timers.
+//! incremental changes from lease events, full reconciles on snapshots and timers. A peer whose
+//! subnet would capture this node's own traffic (`overlap`) is listed but never routed.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -12,6 +14,7 @@ use super::node::setup_or_log;
 use super::status::{PeerStatus, ReconcileStatus, Shared};
 use crate::backend::{ApplyStats, Backend, BackendError, DeviceInfo, LocalNode, PeerPath};
 use crate::metrics::Metrics;
+use crate::overlap::HostNets;
 use crate::peer::Peer;
 use crate::reconcile::{Path, PeerChange};
 use crate::registry::PeerEvent;
@@ -19,6 +22,12 @@ use crate::registry::PeerEvent;
 /// Desired state (the peers from the leases) and how far the kernel is known to match it.
 pub(super) struct Sync {
     desired: BTreeMap<Ipv4Net, Peer>,
+    /// What pod routes must not capture.
+    host: HostNets,
+    /// The peers of `desired` that are routed: all but those `host` refuses.
+    routed: BTreeMap<Ipv4Net, Peer>,
+    /// Peers not routed, and why.
+    refused: BTreeMap<Ipv4Net, String>,
     /// Peers whose entries the kernel refused: not "programmed" until a batch that touches
     /// them succeeds (every reconcile retries them).
     unprogrammed: BTreeSet<Ipv4Net>,
@@ -33,9 +42,12 @@ pub(super) struct Sync {
 }
 
 impl Sync {
-    pub(super) fn new() -> Self {
+    pub(super) fn new(host: HostNets) -> Self {
         Sync {
             desired: BTreeMap::new(),
+            host,
+            routed: BTreeMap::new(),
+            refused: BTreeMap::new(),
             unprogrammed: BTreeSet::new(),
             reconcile_failed: false,
             listed: false,
@@ -52,16 +64,18 @@ impl Sync {
         batch: Vec<PeerEvent>,
         shared: &Shared,
     ) {
-        let changes = match fold_events(&mut self.desired, batch) {
-            Folded::Full => {
-                self.listed = true;
-                self.reconcile(backend, device, local, shared, "lease resync")
-                    .await;
-                return;
-            }
-            Folded::Changes(c) => c,
-        };
+        let before = self.routed.clone();
+        if fold_events(&mut self.desired, batch) == Folded::Full {
+            self.listed = true;
+            self.reconcile(backend, device, local, shared, "lease resync")
+                .await;
+            return;
+        }
+        // One peer's address can change whether another is routed (a subnet covering it).
+        self.route_view();
+        let changes = routed_changes(&before, &self.routed);
         if changes.is_empty() {
+            self.publish(backend, shared);
             return;
         }
         for c in &changes {
@@ -104,7 +118,8 @@ impl Sync {
         shared: &Shared,
         why: &str,
     ) {
-        let desired: Vec<Peer> = self.desired.values().copied().collect();
+        self.route_view();
+        let desired: Vec<Peer> = self.routed.values().copied().collect();
         let start = Instant::now();
         let mut res = backend.reconcile(&desired).await;
         if matches!(res, Err(BackendError::DeviceGone(_))) {
@@ -159,6 +174,37 @@ impl Sync {
         self.publish(backend, shared);
     }
 
+    /// The node's own networks changed (underlay addresses): the next reconcile routes by them.
+    pub(super) fn set_host(&mut self, host: HostNets) {
+        self.host = host;
+    }
+
+    pub(super) fn host(&self) -> &HostNets {
+        &self.host
+    }
+
+    /// Splits `desired` into routed and refused peers; a newly refused one is logged.
+    fn route_view(&mut self) {
+        let ips: BTreeSet<Ipv4Addr> = self.desired.values().map(|p| p.public_ip).collect();
+        let mut routed = BTreeMap::new();
+        let mut refused = BTreeMap::new();
+        for p in self.desired.values() {
+            match self.host.refuse(p.subnet, &ips) {
+                Some(why) => {
+                    if self.refused.get(&p.subnet) != Some(&why) {
+                        warn!(subnet = %p.subnet, public_ip = %p.public_ip, "peer not routed: {why}");
+                    }
+                    refused.insert(p.subnet, why);
+                }
+                None => {
+                    routed.insert(p.subnet, *p);
+                }
+            }
+        }
+        self.routed = routed;
+        self.refused = refused;
+    }
+
     fn record(&self, stats: &ApplyStats, shared: &Shared) {
         let m = &shared.metrics;
         m.kernel_entries_added.fetch_add(stats.added, Relaxed);
@@ -171,11 +217,23 @@ impl Sync {
     fn publish<B: Backend>(&mut self, backend: &B, shared: &Shared) {
         let m = &shared.metrics;
         m.peers.store(self.desired.len() as u64, Relaxed);
+        m.peers_refused_overlap
+            .store(self.refused.len() as u64, Relaxed);
         let mut unreachable = BTreeMap::new();
         let peers: Vec<PeerStatus> = self
             .desired
             .values()
             .map(|p| {
+                if let Some(why) = self.refused.get(&p.subnet) {
+                    return PeerStatus {
+                        subnet: p.subnet,
+                        public_ip: p.public_ip,
+                        vtep_mac: p.vtep_mac,
+                        programmed: false,
+                        path: "none",
+                        reason: Some(format!("not routed: {why}")),
+                    };
+                }
                 let PeerPath { path, reason } = backend.path(p);
                 if let Some(why) = &reason {
                     if self.unreachable.get(&p.subnet) != Some(why) {
@@ -202,6 +260,20 @@ impl Sync {
         self.unreachable = unreachable;
         shared.update(|s| s.peers = peers);
     }
+}
+
+/// One change per subnet whose routed peer differs between `before` and `after`.
+fn routed_changes(
+    before: &BTreeMap<Ipv4Net, Peer>,
+    after: &BTreeMap<Ipv4Net, Peer>,
+) -> Vec<PeerChange> {
+    let nets: BTreeSet<&Ipv4Net> = before.keys().chain(after.keys()).collect();
+    nets.into_iter()
+        .filter_map(|n| {
+            let (old, new) = (before.get(n).copied(), after.get(n).copied());
+            (old != new).then_some(PeerChange { old, new })
+        })
+        .collect()
 }
 
 /// What a batch of peer events asks for.
@@ -236,6 +308,8 @@ pub fn fold_events(desired: &mut BTreeMap<Ipv4Net, Peer>, batch: Vec<PeerEvent>)
                 let old = desired.remove(&net);
                 before.entry(net).or_insert(old);
             }
+            // About the watcher's health, not the peers (the node keeps track of it).
+            PeerEvent::ListFailed(_) => {}
         }
     }
     if full {

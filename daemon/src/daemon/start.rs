@@ -59,6 +59,7 @@ pub(super) async fn acquire_until_done(
     attrs: &LeaseAttrs,
     previous: Option<Ipv4Net>,
     ttl: Duration,
+    shared: &Shared,
 ) -> OwnLease {
     let mut backoff = Duration::from_millis(500);
     loop {
@@ -66,6 +67,7 @@ pub(super) async fn acquire_until_done(
             Ok(own) => return own,
             Err(e) => {
                 error!(error = %e, retry_in = ?backoff, "cannot acquire a subnet lease");
+                shared.update(|s| s.waiting_for = Some(format!("subnet lease: {e}")));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }

@@ -8,7 +8,8 @@ use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 
 use rtnetlink::packet_core::{
-    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST,
+    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE,
+    NLM_F_REQUEST,
 };
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
@@ -168,11 +169,24 @@ fn set_rcvbuf(sock: &Socket, size: usize) {
     }
 }
 
-fn request(msg: RouteNetlinkMessage, replace: bool) -> NetlinkMessage<RouteNetlinkMessage> {
+/// How a request treats an entry that is already there.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Write {
+    /// Deletes.
+    Plain,
+    /// Create, or fail with EEXIST: routes, which share the main table with everyone else's.
+    Exclusive,
+    /// Create or overwrite: entries on our own device, and routes known to be ours.
+    Replace,
+}
+
+fn request(msg: RouteNetlinkMessage, write: Write) -> NetlinkMessage<RouteNetlinkMessage> {
     let mut m = NetlinkMessage::from(msg);
     m.header.flags = NLM_F_REQUEST | NLM_F_ACK;
-    if replace {
-        m.header.flags |= NLM_F_CREATE | NLM_F_REPLACE;
+    match write {
+        Write::Plain => {}
+        Write::Exclusive => m.header.flags |= NLM_F_CREATE | NLM_F_EXCL,
+        Write::Replace => m.header.flags |= NLM_F_CREATE | NLM_F_REPLACE,
     }
     m
 }
@@ -192,8 +206,19 @@ fn neigh(
     n
 }
 
-/// The netlink request for one op on VXLAN device `ifindex` (see `Op` for the route rule).
+/// The netlink request for one op on VXLAN device `ifindex` (see `Op` for the route rule). A
+/// route is added exclusively: a replace would overwrite whatever route the main table has for
+/// that destination at metric 0, the kernel's connected route for the node's own LAN included.
+/// `replace_route` overwrites instead, for a route found to be ours.
 pub(super) fn op_message(ifindex: u32, op: &Op) -> NetlinkMessage<RouteNetlinkMessage> {
+    op_message_with(ifindex, op, Write::Exclusive)
+}
+
+pub(super) fn replace_route(ifindex: u32, op: &Op) -> NetlinkMessage<RouteNetlinkMessage> {
+    op_message_with(ifindex, op, Write::Replace)
+}
+
+fn op_message_with(ifindex: u32, op: &Op, route: Write) -> NetlinkMessage<RouteNetlinkMessage> {
     use NeighbourAttribute::{Destination, LinkLayerAddress};
     match *op {
         Op::SetNeigh { ip, mac } | Op::DelNeigh { ip, mac } => {
@@ -207,8 +232,10 @@ pub(super) fn op_message(ifindex: u32, op: &Op) -> NetlinkMessage<RouteNetlinkMe
                 ],
             );
             match op {
-                Op::SetNeigh { .. } => request(RouteNetlinkMessage::NewNeighbour(n), true),
-                _ => request(RouteNetlinkMessage::DelNeighbour(n), false),
+                Op::SetNeigh { .. } => {
+                    request(RouteNetlinkMessage::NewNeighbour(n), Write::Replace)
+                }
+                _ => request(RouteNetlinkMessage::DelNeighbour(n), Write::Plain),
             }
         }
         Op::SetFdb { mac, dst } | Op::DelFdb { mac, dst } => {
@@ -222,8 +249,8 @@ pub(super) fn op_message(ifindex: u32, op: &Op) -> NetlinkMessage<RouteNetlinkMe
                 ],
             );
             match op {
-                Op::SetFdb { .. } => request(RouteNetlinkMessage::NewNeighbour(n), true),
-                _ => request(RouteNetlinkMessage::DelNeighbour(n), false),
+                Op::SetFdb { .. } => request(RouteNetlinkMessage::NewNeighbour(n), Write::Replace),
+                _ => request(RouteNetlinkMessage::DelNeighbour(n), Write::Plain),
             }
         }
         Op::SetRoute { dst, gw } | Op::DelRoute { dst, gw } => {
@@ -240,12 +267,12 @@ pub(super) fn op_message(ifindex: u32, op: &Op) -> NetlinkMessage<RouteNetlinkMe
                 b.protocol(RouteProtocol::Other(TWILL_RTPROT)).build()
             };
             if set {
-                request(RouteNetlinkMessage::NewRoute(r), true)
+                request(RouteNetlinkMessage::NewRoute(r), route)
             } else {
                 // Match whatever protocol/scope the route was created with.
                 r.header.protocol = RouteProtocol::Unspec;
                 r.header.scope = RouteScope::NoWhere;
-                request(RouteNetlinkMessage::DelRoute(r), false)
+                request(RouteNetlinkMessage::DelRoute(r), Write::Plain)
             }
         }
     }

@@ -13,6 +13,7 @@ pub mod nft_sets;
 mod own;
 pub mod pod;
 
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex};
 
@@ -28,7 +29,7 @@ use rtnetlink::packet_route::neighbour::{
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType,
 };
-use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 use tokio::sync::mpsc;
 
@@ -510,31 +511,101 @@ impl Netlink {
         Ok(out)
     }
 
-    /// Pipelined: sends all requests, then collects the acks. Continues past errors.
+    /// Pipelined: sends all requests, then collects the acks. Continues past errors. `ifindex`
+    /// is our overlay device: its routes are ours (see `apply_owned`).
+    pub async fn apply(&self, ifindex: u32, ops: &[Op]) -> ApplyReport {
+        self.apply_owned(ifindex, Some(ifindex), ops).await
+    }
+
+    /// `apply`, where `owned` is the device whose routes are ours (None: only routes with
+    /// twill's protocol number are, e.g. for host-gw, whose `ifindex` is the underlay).
     ///
     /// Runs in phases so a batch keeps flannel's order: stale routes, then stale fdb/neighbours,
     /// then neighbours/fdb, then routes (a route via a gateway needs its neighbour first).
-    pub async fn apply(&self, ifindex: u32, ops: &[Op]) -> ApplyReport {
+    /// Routes are added exclusively; one refused because the destination has a route already is
+    /// replaced only if that route is ours, and otherwise left alone and reported.
+    pub async fn apply_owned(&self, ifindex: u32, owned: Option<u32>, ops: &[Op]) -> ApplyReport {
         let phase = |op: &Op| match op {
             Op::DelRoute { .. } => 0,
             Op::DelFdb { .. } | Op::DelNeigh { .. } => 1,
             Op::SetNeigh { .. } | Op::SetFdb { .. } => 2,
             Op::SetRoute { .. } => 3,
         };
-        let mut phases: [Vec<Op>; 4] = Default::default();
+        let mut phases: Vec<Vec<Op>> = vec![Vec::new(); 4];
         for op in ops {
             phases[phase(op)].push(op.clone());
         }
         // Before the kernel sees them, so no echo can arrive first.
         self.own.expect(ops);
+        let mut report = self.run_batches(ifindex, phases, batch::op_message).await;
+        let (exists, failed): (Vec<_>, Vec<_>) = report.failed.drain(..).partition(|(op, e)| {
+            matches!(op, Op::SetRoute { .. }) && e.errno() == Some(libc::EEXIST)
+        });
+        report.failed = failed;
+        if exists.is_empty() {
+            return report;
+        }
+        let dsts: HashSet<Ipv4Net> = exists
+            .iter()
+            .filter_map(|(op, _)| match op {
+                Op::SetRoute { dst, .. } => Some(*dst),
+                _ => None,
+            })
+            .collect();
+        let foreign = match self.foreign_routes(&dsts, owned).await {
+            Ok(f) => f,
+            Err(e) => {
+                report.failed.extend(exists.into_iter().map(|(op, _)| {
+                    let err = NetlinkError::failed(format!("{op:?}"), &e);
+                    (op, err)
+                }));
+                return report;
+            }
+        };
+        let mut replace = Vec::new();
+        for (op, _) in exists {
+            let Op::SetRoute { dst, .. } = op else {
+                continue;
+            };
+            match foreign.get(&dst) {
+                Some(what) => {
+                    let err = NetlinkError::failed(
+                        format!("{op:?}"),
+                        format!(
+                            "{dst} already has a route that is not twill's ({what}): left alone"
+                        ),
+                    );
+                    report.failed.push((op, err));
+                }
+                None => replace.push(op),
+            }
+        }
+        if !replace.is_empty() {
+            let again = self
+                .run_batches(ifindex, vec![replace], batch::replace_route)
+                .await;
+            report.applied += again.applied;
+            report.failed.extend(again.failed);
+        }
+        report
+    }
+
+    /// Sends each group of ops as batches, one group after the other, built by `message`.
+    async fn run_batches(
+        &self,
+        ifindex: u32,
+        groups: Vec<Vec<Op>>,
+        message: fn(u32, &Op) -> rtnetlink::packet_core::NetlinkMessage<RouteNetlinkMessage>,
+    ) -> ApplyReport {
+        let all: Vec<Op> = groups.iter().flatten().cloned().collect();
         let batch = self.batch.clone();
         let res = tokio::task::spawn_blocking(move || {
             let mut sock = batch.lock().unwrap_or_else(|p| p.into_inner());
             let mut report = ApplyReport::default();
-            for ops in phases.iter().filter(|p| !p.is_empty()) {
+            for ops in groups.iter().filter(|p| !p.is_empty()) {
                 let msgs = ops
                     .iter()
-                    .map(|op| batch::op_message(ifindex, op))
+                    .map(|op| message(ifindex, op))
                     .collect::<Vec<_>>();
                 for (op, res) in ops.iter().zip(sock.run(msgs)) {
                     match res {
@@ -562,12 +633,53 @@ impl Netlink {
             Ok(r) => r,
             Err(e) => ApplyReport {
                 applied: 0,
-                failed: ops
-                    .iter()
-                    .map(|op| (op.clone(), NetlinkError::failed(format!("{op:?}"), &e)))
+                failed: all
+                    .into_iter()
+                    .map(|op| {
+                        let err = NetlinkError::failed(format!("{op:?}"), &e);
+                        (op, err)
+                    })
                     .collect(),
             },
         }
+    }
+
+    /// Of the destinations `dsts`, those whose main-table route at metric 0 (the one a route of
+    /// ours would collide with) is not ours, with what it is. Ours: out of `owned`, or carrying
+    /// twill's protocol number.
+    async fn foreign_routes(
+        &self,
+        dsts: &HashSet<Ipv4Net>,
+        owned: Option<u32>,
+    ) -> Result<HashMap<Ipv4Net, String>, NetlinkError> {
+        let mut out = HashMap::new();
+        let mut req = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        while let Some(r) = req
+            .try_next()
+            .await
+            .map_err(|e| NetlinkError::from_rtnl("dump routes", e))?
+        {
+            if route_table(&r) != MAIN_TABLE || route_priority(&r) != 0 {
+                continue;
+            }
+            let Some(dst) = route_dst(&r).filter(|d| dsts.contains(d)) else {
+                continue;
+            };
+            let ours = (owned.is_some() && route_oif(&r) == owned)
+                || r.header.protocol == RouteProtocol::Other(TWILL_RTPROT);
+            if !ours {
+                let dev = match route_oif(&r) {
+                    Some(i) => self.link_name(i).await?.unwrap_or_else(|| format!("#{i}")),
+                    None => "no device".into(),
+                };
+                out.insert(dst, format!("dev {dev}, protocol {:?}", r.header.protocol));
+            }
+        }
+        Ok(out)
     }
 
     /// Multicast subscription (links, v4 addresses, routes, neighbours): changes to device

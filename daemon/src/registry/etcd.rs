@@ -8,8 +8,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, Identity, KeyValue,
-    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions, WatchStream,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    KeyValue, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions, WatchStream,
 };
 
 use super::{
@@ -22,6 +22,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// etcd's server refuses pings more often than every 5 s (GOAWAY "too_many_pings").
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Keys per list page at most. A page is one gRPC message, which the client refuses above
+/// 4 MiB: a page that is too large is asked again with half the keys (see `list_subnets`).
+const PAGE: i64 = 500;
+/// Largest watch message accepted. etcd (with `fragment`) splits a watch response above its
+/// request limit (1.5 MiB by default) into several, but never one event: this leaves room for
+/// a single event with a value at etcd's limit raised a few times over. A larger one ends the
+/// watch, and the re-list that follows (in pages) reads past it.
+const MAX_WATCH_MESSAGE: usize = 8 << 20;
 
 #[derive(Clone)]
 pub struct EtcdRegistry {
@@ -141,12 +149,37 @@ impl EtcdRegistry {
     fn to_kv(&self, kv: &KeyValue) -> Option<SubnetKv> {
         let dir = self.dir();
         let key = std::str::from_utf8(kv.key()).ok()?;
-        Some(SubnetKv {
-            name: key.strip_prefix(&dir)?.to_string(),
-            value: kv.value().to_vec(),
-            lease: kv.lease(),
-            mod_revision: kv.mod_revision(),
-        })
+        Some(SubnetKv::new(
+            key.strip_prefix(&dir)?.to_string(),
+            kv.value(),
+            kv.lease(),
+            kv.mod_revision(),
+            kv.create_revision(),
+        ))
+    }
+
+    /// One page of the subnets directory from key `from` on, at `revision` (0: the newest).
+    async fn page(
+        &self,
+        from: &[u8],
+        revision: i64,
+        limit: i64,
+        keys_only: bool,
+    ) -> Result<etcd_client::GetResponse, PageError> {
+        let mut opts = GetOptions::new()
+            .with_range(prefix_end(self.dir().as_bytes()))
+            .with_limit(limit)
+            .with_revision(revision);
+        if keys_only {
+            opts = opts.with_keys_only();
+        }
+        let mut kv = self.client.kv_client();
+        match timed("list subnets", kv.get(from.to_vec(), Some(opts))).await {
+            Err(RegistryError::Etcd(m)) if m.contains("message length too large") => {
+                Err(PageError::TooLarge)
+            }
+            r => r.map_err(PageError::Other),
+        }
     }
 
     async fn txn(&self, what: &str, txn: Txn) -> Result<bool, RegistryError> {
@@ -163,6 +196,45 @@ fn revision(h: Option<&etcd_client::ResponseHeader>) -> i64 {
     h.map(|h| h.revision()).unwrap_or(0)
 }
 
+/// The client's limit for one unary answer (tonic's default).
+const MAX_UNARY_MESSAGE: usize = 4 << 20;
+
+enum PageError {
+    /// The answer was larger than the client accepts in one message.
+    TooLarge,
+    Other(RegistryError),
+}
+
+impl From<PageError> for RegistryError {
+    fn from(e: PageError) -> Self {
+        match e {
+            PageError::TooLarge => RegistryError::Etcd(format!(
+                "list subnets: one key is larger than {MAX_UNARY_MESSAGE} bytes"
+            )),
+            PageError::Other(e) => e,
+        }
+    }
+}
+
+/// The first key after `key`.
+fn next_key(key: &[u8]) -> Vec<u8> {
+    let mut k = key.to_vec();
+    k.push(0);
+    k
+}
+
+/// The end of the range of keys starting with `prefix` (etcd's "prefix + 1").
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // every key
+}
+
 impl SubnetRegistry for EtcdRegistry {
     type Watch = EtcdWatch;
 
@@ -174,12 +246,48 @@ impl SubnetRegistry for EtcdRegistry {
         self.get_config().await
     }
 
+    /// In pages, all at the revision of the first, so the result is one consistent view and
+    /// the watch can start right after it. A page too large for one gRPC message is asked again
+    /// with fewer keys; a single value too large even alone is skipped by name (read without
+    /// values) and reported as oversized.
     async fn list_subnets(&self) -> Result<(Vec<SubnetKv>, i64), RegistryError> {
-        let mut kv = self.client.kv_client();
-        let opts = etcd_client::GetOptions::new().with_prefix();
-        let resp = timed("list subnets", kv.get(self.dir(), Some(opts))).await?;
-        let kvs = resp.kvs().iter().filter_map(|kv| self.to_kv(kv)).collect();
-        Ok((kvs, revision(resp.header())))
+        let mut out = Vec::new();
+        let mut from = self.dir().into_bytes();
+        let mut rev = 0;
+        let mut limit = PAGE;
+        loop {
+            let resp = match self.page(&from, rev, limit, false).await {
+                Ok(r) => r,
+                Err(PageError::TooLarge) if limit > 1 => {
+                    limit = (limit / 2).max(1);
+                    continue;
+                }
+                Err(PageError::TooLarge) => {
+                    let resp = self.page(&from, rev, 1, true).await?;
+                    if rev == 0 {
+                        rev = revision(resp.header());
+                    }
+                    let Some(kv) = resp.kvs().first() else { break };
+                    if let Some(mut big) = self.to_kv(kv) {
+                        big.oversized = Some(MAX_UNARY_MESSAGE);
+                        out.push(big);
+                    }
+                    from = next_key(kv.key());
+                    continue;
+                }
+                Err(PageError::Other(e)) => return Err(e),
+            };
+            if rev == 0 {
+                rev = revision(resp.header());
+            }
+            out.extend(resp.kvs().iter().filter_map(|kv| self.to_kv(kv)));
+            match resp.kvs().last() {
+                Some(last) if resp.more() => from = next_key(last.key()),
+                _ => break,
+            }
+            limit = (limit * 2).min(PAGE);
+        }
+        Ok((out, rev))
     }
 
     async fn get_subnet(&self, name: &str) -> Result<(Option<SubnetKv>, i64), RegistryError> {
@@ -278,9 +386,10 @@ impl SubnetRegistry for EtcdRegistry {
         from_revision: i64,
         name: Option<&str>,
     ) -> Result<EtcdWatch, RegistryError> {
+        // No prev_kv (unused, and it doubles a message); fragments keep messages small.
         let mut opts = WatchOptions::new()
             .with_start_revision(from_revision)
-            .with_prev_key();
+            .with_fragment();
         let key = match name {
             Some(n) => self.key(n),
             None => {
@@ -288,7 +397,10 @@ impl SubnetRegistry for EtcdRegistry {
                 self.dir()
             }
         };
-        let mut wc = self.client.watch_client();
+        let mut wc = self
+            .client
+            .watch_client()
+            .max_decoding_message_size(MAX_WATCH_MESSAGE);
         let stream = timed("watch subnets", wc.watch(key, Some(opts))).await?;
         Ok(EtcdWatch {
             stream,
@@ -334,12 +446,13 @@ impl SubnetWatch for EtcdWatch {
                         .strip_prefix(&self.dir)?
                         .to_string();
                     Some(match ev.event_type() {
-                        EventType::Put => SubnetChange::Put(SubnetKv {
+                        EventType::Put => SubnetChange::Put(SubnetKv::new(
                             name,
-                            value: kv.value().to_vec(),
-                            lease: kv.lease(),
-                            mod_revision: kv.mod_revision(),
-                        }),
+                            kv.value(),
+                            kv.lease(),
+                            kv.mod_revision(),
+                            kv.create_revision(),
+                        )),
                         EventType::Delete => SubnetChange::Delete(name),
                     })
                 })
@@ -349,5 +462,17 @@ impl SubnetWatch for EtcdWatch {
                 return Ok(WatchMsg::Changes(changes));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_ranges() {
+        assert_eq!(prefix_end(b"/a/subnets/"), b"/a/subnets0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(next_key(b"k"), b"k\0".to_vec());
     }
 }

@@ -5,18 +5,23 @@
 pub mod etcd;
 pub mod etcd_objects;
 pub mod objects;
+mod peers;
+mod skips;
+mod view;
 
-use std::collections::{BTreeMap, HashSet};
+pub use peers::watch_peers;
+
+use std::collections::HashSet;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::config::NetworkConfig;
-use crate::lease::{parse_peer, public_ip_of, vtep_mac_of, LeaseAttrs};
+use crate::lease::{public_ip_of, vtep_mac_of, LeaseAttrs};
 use crate::metrics::Metrics;
 use crate::peer::Peer;
 use crate::subnet::{choose_free, is_free, parse_subnet_key, subnet_key};
@@ -55,17 +60,54 @@ pub enum PeerEvent {
     Snapshot(Vec<Peer>),
     Upsert(Peer),
     Remove(Ipv4Net),
+    /// Listing the leases failed (the error): until the next `Snapshot`, joins and leaves of
+    /// other nodes go unseen.
+    ListFailed(String),
 }
+
+/// Lease values above this size are dropped where they are read, never kept: a flannel lease
+/// is about 150 bytes, and etcd accepts 1.5 MiB per value.
+pub const MAX_LEASE_VALUE: usize = 64 * 1024;
 
 /// One key under `<prefix>/subnets/`. `name` is the part after that directory
 /// (`10.244.1.0-24`, possibly with a dual-stack `&...` suffix).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SubnetKv {
     pub name: String,
+    /// Empty when the value was `oversized`.
     pub value: Vec<u8>,
     /// etcd lease id; 0 is a reservation (no lease, never expires).
     pub lease: i64,
     pub mod_revision: i64,
+    /// When the key was created: the older of two claims wins a conflict.
+    pub create_revision: i64,
+    /// The value was larger than `MAX_LEASE_VALUE` (at least this many bytes) and dropped.
+    pub oversized: Option<usize>,
+}
+
+impl SubnetKv {
+    /// Copies `value` only when it is at most `MAX_LEASE_VALUE` bytes.
+    pub fn new(
+        name: String,
+        value: &[u8],
+        lease: i64,
+        mod_revision: i64,
+        create_revision: i64,
+    ) -> Self {
+        let oversized = (value.len() > MAX_LEASE_VALUE).then_some(value.len());
+        SubnetKv {
+            name,
+            value: if oversized.is_some() {
+                Vec::new()
+            } else {
+                value.to_vec()
+            },
+            lease,
+            mod_revision,
+            create_revision,
+            oversized,
+        }
+    }
 }
 
 /// What a watch delivers.
@@ -95,7 +137,8 @@ pub trait SubnetRegistry: Clone + Send + Sync + 'static {
     fn subnets_dir(&self) -> String;
     /// Raw bytes of `<prefix>/config`, None while the key does not exist.
     fn config(&self) -> impl Future<Output = Result<Option<Vec<u8>>, RegistryError>> + Send;
-    /// All subnet keys and the store revision they were read at.
+    /// All subnet keys and the store revision they were read at: one consistent view, however
+    /// many keys and however large their values (read in pages; oversized values dropped).
     fn list_subnets(
         &self,
     ) -> impl Future<Output = Result<(Vec<SubnetKv>, i64), RegistryError>> + Send;
@@ -215,12 +258,20 @@ async fn claim<R: SubnetRegistry>(
     'attempt: loop {
         let (kvs, _) = reg.list_subnets().await?;
         let mut taken = HashSet::new();
+        // Keys of another length that count as taken, to name them when they block the range.
+        let mut odd = Vec::new();
         let mut mine = Vec::new();
         for kv in kvs {
             let Some(net) = parse_subnet_key(&kv.name) else {
                 continue;
             };
+            if !occupies(cfg, net, &kv) {
+                continue;
+            }
             taken.insert(net);
+            if net.prefix_len() != cfg.subnet_len {
+                odd.push((net, kv.name.clone()));
+            }
             let same_ip = public_ip_of(&kv.value) == Some(attrs.public_ip);
             let same_mac = attrs.vtep_mac().is_some() && vtep_mac_of(&kv.value) == attrs.vtep_mac();
             if same_ip || same_mac {
@@ -250,11 +301,12 @@ async fn claim<R: SubnetRegistry>(
                 } else {
                     "a second lease with our VTEP MAC"
                 };
-                tracing::info!(key = %kv.name, "deleting our old lease: {why}");
+                tracing::info!(key = %crate::excerpt::echo(&kv.name), "deleting our old lease: {why}");
                 if !reg.delete_subnet(&kv.name, kv.mod_revision).await? {
                     continue 'attempt;
                 }
                 taken.remove(&net);
+                odd.retain(|(n, _)| *n != net);
                 if fits && !plain {
                     preferred = Some(net); // still ours: beats the subnet file
                 }
@@ -288,7 +340,10 @@ async fn claim<R: SubnetRegistry>(
         // 2. The subnet from the previous subnet file, if still free and valid. 3. Random.
         let candidate = match preferred {
             Some(p) if cfg.fits(p) && is_free(p, &taken) => p,
-            _ => choose_free(cfg, &taken).map_err(|e| e.with_subnets_dir(&reg.subnets_dir()))?,
+            _ => choose_free(cfg, &taken).map_err(|e| {
+                e.with_subnets_dir(&reg.subnets_dir())
+                    .with_blocking(blocking_keys(cfg, &odd))
+            })?,
         };
         let lease = lease_id(reg, ttl, granted).await?;
         if reg
@@ -300,6 +355,30 @@ async fn claim<R: SubnetRegistry>(
         }
         tracing::debug!(subnet = %candidate, "lost the race for a subnet; picking again");
     }
+}
+
+/// Whether a key keeps its subnet from being handed out. A key of the configured length does,
+/// whatever its value (a node's lease being rewritten is still that node's). A key of another
+/// length (a leftover from an older SubnetLen) covers a whole range, so it counts only when it
+/// is a lease at all and lies inside the network: one stray `10.244.0.0-16` must not block
+/// every allocation.
+fn occupies(cfg: &NetworkConfig, net: Ipv4Net, kv: &SubnetKv) -> bool {
+    net.prefix_len() == cfg.subnet_len
+        || (cfg.network.contains(&net) && LeaseAttrs::from_json(&kv.value).is_ok())
+}
+
+/// The keys of another length that overlap SubnetMin..SubnetMax (a few, for the message).
+fn blocking_keys(cfg: &NetworkConfig, odd: &[(Ipv4Net, String)]) -> Vec<String> {
+    let size = crate::config::subnet_size(cfg.subnet_len) as u32;
+    let last = u32::from(cfg.subnet_max).saturating_add(size.saturating_sub(1));
+    odd.iter()
+        .filter(|(net, _)| {
+            u32::from(net.network()) <= last
+                && u32::from(net.broadcast()) >= u32::from(cfg.subnet_min)
+        })
+        .map(|(_, k)| k.clone())
+        .take(5)
+        .collect()
 }
 
 async fn lease_id<R: SubnetRegistry>(
@@ -533,168 +612,4 @@ async fn publish<R: SubnetRegistry>(
     held.lease.attrs = want;
     out.send_replace(held.lease.clone());
     Ok(())
-}
-
-/// Runs forever: list `<prefix>/subnets/`, send a Snapshot, watch from revision+1, send
-/// Upsert/Remove; on compaction, error or etcd restart, reconnect with backoff, re-list and send a
-/// new Snapshot. Skips (with a warning) invalid leases and `own_subnet`'s lease.
-/// Returns only when the receiving side of `tx` is gone.
-pub async fn watch_peers<R: SubnetRegistry>(
-    reg: R,
-    cfg: NetworkConfig,
-    mut own_subnet: watch::Receiver<OwnLease>,
-    tx: mpsc::Sender<PeerEvent>,
-    metrics: Arc<Metrics>,
-) {
-    let mut backoff = Backoff::new();
-    let mut listed_before = false;
-    let mut own_open = true;
-    loop {
-        let mut own = own_subnet.borrow_and_update().clone();
-        // Raw values by subnet, so a change of our own subnet can be answered without etcd.
-        let (kvs, rev) = match reg.list_subnets().await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!("listing subnet leases failed: {e}; retrying");
-                Metrics::inc(&metrics.etcd_reconnects);
-                backoff.wait().await;
-                continue;
-            }
-        };
-        let mut raw: BTreeMap<Ipv4Net, (String, Vec<u8>)> = BTreeMap::new();
-        for kv in kvs {
-            match parse_subnet_key(&kv.name) {
-                Some(net) => {
-                    raw.insert(net, (kv.name, kv.value));
-                }
-                None => skip(&metrics, &kv.name, "the key is not a subnet"),
-            }
-        }
-        if listed_before {
-            Metrics::inc(&metrics.peer_resyncs);
-        }
-        listed_before = true;
-        if tx
-            .send(PeerEvent::Snapshot(snapshot(&cfg, &own, &raw, &metrics)))
-            .await
-            .is_err()
-        {
-            return;
-        }
-
-        // From rev + 1: every change after the list, none lost; compaction in between is
-        // reported by the watch and handled with a re-list.
-        let mut w = match reg.watch_subnets(rev + 1, None).await {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!("watching subnet leases failed: {e}; re-listing");
-                Metrics::inc(&metrics.etcd_reconnects);
-                backoff.wait().await;
-                continue;
-            }
-        };
-        backoff.reset();
-        let why = loop {
-            tokio::select! {
-                msg = w.next() => match msg {
-                    Err(e) => break e.to_string(),
-                    Ok(WatchMsg::Reset(why)) => break why,
-                    Ok(WatchMsg::Changes(changes)) => {
-                        for c in changes {
-                            let Some(ev) = apply(&cfg, &own, &mut raw, c, &metrics) else { continue };
-                            if tx.send(ev).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                },
-                r = own_subnet.changed(), if own_open => match r {
-                    Err(_) => own_open = false,
-                    Ok(()) => {
-                        let now = own_subnet.borrow_and_update().clone();
-                        if now != own {
-                            own = now;
-                            let peers = snapshot(&cfg, &own, &raw, &metrics);
-                            if tx.send(PeerEvent::Snapshot(peers)).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                },
-            }
-        };
-        tracing::warn!("subnet watch ended: {why}; re-listing");
-        Metrics::inc(&metrics.etcd_reconnects);
-        backoff.wait().await;
-    }
-}
-
-fn skip(metrics: &Metrics, key: &str, reason: &str) {
-    tracing::warn!(key, "skipping invalid lease: {reason}");
-    Metrics::inc(&metrics.invalid_leases_skipped);
-}
-
-/// A lease with our public IP and our VTEP MAC is ours, whatever its subnet: right after a
-/// re-acquire the new key can arrive here before the keeper says it is ours, and programming
-/// it would route our own subnet to ourselves.
-fn is_ours(p: &Peer, own: &OwnLease) -> bool {
-    p.public_ip == own.attrs.public_ip && p.vtep_mac == own.attrs.vtep_mac()
-}
-
-fn snapshot(
-    cfg: &NetworkConfig,
-    own: &OwnLease,
-    raw: &BTreeMap<Ipv4Net, (String, Vec<u8>)>,
-    metrics: &Metrics,
-) -> Vec<Peer> {
-    raw.iter()
-        .filter(|(net, _)| **net != own.subnet)
-        .filter_map(
-            |(net, (name, value))| match parse_peer(cfg, Some(own.subnet), *net, value) {
-                Ok(p) if is_ours(&p, own) => None,
-                Ok(p) => Some(p),
-                Err(e) => {
-                    skip(metrics, name, &e.to_string());
-                    None
-                }
-            },
-        )
-        .collect()
-}
-
-/// One watch change -> the event for the daemon, if any.
-fn apply(
-    cfg: &NetworkConfig,
-    own: &OwnLease,
-    raw: &mut BTreeMap<Ipv4Net, (String, Vec<u8>)>,
-    change: SubnetChange,
-    metrics: &Metrics,
-) -> Option<PeerEvent> {
-    match change {
-        SubnetChange::Put(kv) => {
-            let Some(net) = parse_subnet_key(&kv.name) else {
-                skip(metrics, &kv.name, "the key is not a subnet");
-                return None;
-            };
-            raw.insert(net, (kv.name.clone(), kv.value.clone()));
-            if net == own.subnet {
-                return None;
-            }
-            match parse_peer(cfg, Some(own.subnet), net, &kv.value) {
-                // Dropped as a peer in case it was one (a lease that became ours).
-                Ok(p) if is_ours(&p, own) => Some(PeerEvent::Remove(net)),
-                Ok(p) => Some(PeerEvent::Upsert(p)),
-                Err(e) => {
-                    skip(metrics, &kv.name, &e.to_string());
-                    // It may have been valid before: the daemon must drop it.
-                    Some(PeerEvent::Remove(net))
-                }
-            }
-        }
-        SubnetChange::Delete(name) => {
-            let net = parse_subnet_key(&name)?;
-            raw.remove(&net);
-            (net != own.subnet).then_some(PeerEvent::Remove(net))
-        }
-    }
 }
