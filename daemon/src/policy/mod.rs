@@ -543,9 +543,7 @@ pub fn drop_counters(listing: &serde_json::Value) -> Vec<(String, u64, u64)> {
         .filter_map(|i| i.get("rule"))
         .filter_map(|r| {
             let expr = r.get("expr")?.as_array()?;
-            if expr.last()?.get("drop").is_none() {
-                return None;
-            }
+            expr.last()?.get("drop")?;
             let c = expr.iter().find_map(|x| x.get("counter"))?;
             Some((
                 r.get("chain")?.as_str()?.to_string(),
