@@ -286,3 +286,85 @@ fn the_table_writer_applies_diffs_and_restores_what_others_change() {
     });
     assert_eq!(got, (Check::Restored, Check::InSync));
 }
+
+/// The policy table across program changes that move a pod to another group (a map entry
+/// whose verdict changes) and add chains and sets: each applied as one diff the kernel takes.
+#[test]
+fn policy_programs_follow_policy_changes_in_the_kernel() {
+    use netpol::fixtures;
+    use twill_daemon::nft::{Nft, TableWriter};
+    use twill_daemon::policy::render;
+
+    let ns = Ns::new("c");
+    let pol = |json: &str| -> netpol::api::NetworkPolicy { serde_json::from_str(json).unwrap() };
+    let p1 = pol(r#"{"metadata":{"name":"deny","namespace":"x"},
+        "spec":{"podSelector":{},"policyTypes":["Ingress"],"ingress":[]}}"#);
+    let p2 = pol(r#"{"metadata":{"name":"allow-a","namespace":"x"},
+        "spec":{"podSelector":{"matchLabels":{"pod":"a"}},
+                "ingress":[{"from":[{"podSelector":{},"namespaceSelector":{}}]}]}}"#);
+    let mut cluster = fixtures::e2e_cluster(|k| {
+        let n = fixtures::NAMESPACES
+            .iter()
+            .position(|x| *x == k.namespace)
+            .unwrap()
+            * 3
+            + fixtures::POD_NAMES
+                .iter()
+                .position(|x| *x == k.name)
+                .unwrap();
+        vec![format!("10.244.{}.2", n + 1).parse().unwrap()]
+    });
+    let mut programs = Vec::new();
+    cluster.upsert_policy(p1.clone()).unwrap();
+    programs.push(netpol::program::compile(&cluster, "n1"));
+    cluster.upsert_policy(p2).unwrap();
+    programs.push(netpol::program::compile(&cluster, "n1"));
+    let key = netpol::model::PolicyKey::new("x", "deny");
+    cluster.remove_policy(&key);
+    programs.push(netpol::program::compile(&cluster, "n1"));
+    let tables: Vec<_> = programs
+        .iter()
+        .map(|p| render::table(p, render::RenderOpts::default()))
+        .collect();
+    let listings = ns.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut w = TableWriter::new(Nft::find().unwrap());
+            let mut out = Vec::new();
+            for t in &tables {
+                // Straight to the kernel as a diff: the writer would fall back to a whole
+                // replacement, which would hide a diff the kernel refuses.
+                let script = match w.applied() {
+                    Some(old) => t.render_diff(old).unwrap_or_default(),
+                    None => t.render_replace(),
+                };
+                let nft = Nft::find().unwrap();
+                if let Err(e) = nft.run("policy diff", &script).await {
+                    panic!("{e}\n{script}");
+                }
+                w.assume(t.clone());
+                let l = Command::new("nft")
+                    .args(["list", "table", "inet", render::TABLE])
+                    .output()
+                    .unwrap();
+                out.push(String::from_utf8_lossy(&l.stdout).into_owned());
+            }
+            out
+        })
+    });
+    // x/a (10.244.1.2) moves from the deny-only group to one with both policies, then to the
+    // allow-only group; the program's own chain names must be what the kernel has.
+    for (p, l) in programs.iter().zip(&listings) {
+        let group = &p.ingress[&"10.244.1.2".parse().unwrap()];
+        assert!(l.contains(&format!("10.244.1.2 : jump {group}")), "{l}");
+        for chain in p.chains.keys() {
+            assert!(
+                l.contains(&format!("chain {chain} {{")),
+                "no {chain} in {l}"
+            );
+        }
+    }
+}

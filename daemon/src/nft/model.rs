@@ -79,10 +79,13 @@ impl Table {
         let mut s = format!("add table {id}\ndelete table {id}\nadd table {id}\n");
         for (name, set) in &self.sets {
             add_set(&mut s, &id, name, set);
-            add_elements(&mut s, &id, name, set.elements.iter());
         }
         for (name, chain) in &self.chains {
             add_chain(&mut s, &id, name, chain);
+        }
+        // Elements after the chains: a verdict map's elements jump to them.
+        for (name, set) in &self.sets {
+            add_elements(&mut s, &id, name, set.elements.iter());
         }
         // Rules after all chains: a rule may jump to a chain defined after it.
         for (name, chain) in &self.chains {
@@ -125,12 +128,13 @@ impl Table {
         {
             add_chain(&mut s, &id, name, chain);
         }
-        // 2. Elements: what is new, then what is gone.
+        // 2. Elements: what is gone, then what is new (a map entry whose verdict changed is
+        // a delete and an add of one key: adding first would fail on the existing key).
         for (name, set) in &self.sets {
             let empty = Set::default();
             let o = old.sets.get(name).unwrap_or(&empty);
-            add_elements(&mut s, &id, name, set.elements.difference(&o.elements));
             delete_elements(&mut s, &id, name, o.elements.difference(&set.elements));
+            add_elements(&mut s, &id, name, set.elements.difference(&o.elements));
         }
         // 3. Chains whose rules changed: flush and refill.
         for (name, chain) in &self.chains {
@@ -329,8 +333,8 @@ mod tests {
             s,
             "add table ip twill-test\ndelete table ip twill-test\nadd table ip twill-test\n\
              add set ip twill-test cluster { type ipv4_addr; flags interval; }\n\
-             add element ip twill-test cluster { 10.244.0.0/16 }\n\
              add chain ip twill-test post { type nat hook postrouting priority 100; policy accept; }\n\
+             add element ip twill-test cluster { 10.244.0.0/16 }\n\
              add rule ip twill-test post ip saddr != @cluster return\n\
              add rule ip twill-test post masquerade\n"
         );
@@ -350,8 +354,8 @@ mod tests {
         set.elements.remove("10.244.0.0/16");
         assert_eq!(
             new.render_diff(&old).unwrap(),
-            "add element ip twill-test cluster { 10.245.0.0/16 }\n\
-             delete element ip twill-test cluster { 10.244.0.0/16 }\n"
+            "delete element ip twill-test cluster { 10.244.0.0/16 }\n\
+             add element ip twill-test cluster { 10.245.0.0/16 }\n"
         );
         let mut new = table();
         new.chains.get_mut("post").unwrap().rules.pop();
