@@ -40,6 +40,8 @@ pub struct Metrics {
     pub policy_invalid_objects: AtomicU64,
     /// This node's pod records waiting to be written to etcd.
     pub policy_records_pending: AtomicU64,
+    /// Denied connections logged (--policy-log-denied).
+    pub policy_denied_logged: AtomicU64,
     /// Dropped packets and bytes per policy and direction, as last read from the kernel.
     pub policy_denied: std::sync::RwLock<Vec<crate::policy::Denied>>,
     /// Lease values over the size limit, dropped unread.
@@ -202,6 +204,12 @@ impl Metrics {
             "counter",
             "Policies, namespaces and pod records skipped as invalid.",
             g(&self.policy_invalid_objects),
+        );
+        metric(
+            "policy_denied_logged_total",
+            "counter",
+            "Connections logged as denied by network policy (--policy-log-denied).",
+            g(&self.policy_denied_logged),
         );
         metric(
             "policy_records_pending",
