@@ -80,11 +80,12 @@ pub struct RunArgs {
     /// Directory for state that must survive restarts and reboots (VTEP MAC, IP allocations).
     #[arg(long, env = "TWILLD_STATE_DIR", default_value = "/var/lib/twill")]
     pub state_dir: PathBuf,
-    /// Lifetime of this node's lease in etcd; renewed long before it runs out (e.g. 24h, 90m, 60s).
-    #[arg(long, env = "TWILLD_LEASE_TTL", default_value = "24h", value_parser = parse_duration)]
+    /// Lifetime of this node's lease in etcd; renewed long before it runs out (e.g. 24h, 90m,
+    /// 60s). 10s to 365d.
+    #[arg(long, env = "TWILLD_LEASE_TTL", default_value = "24h", value_parser = parse_lease_ttl)]
     pub lease_ttl: Duration,
-    /// How often the kernel state is compared with the leases and repaired (e.g. 30s).
-    #[arg(long, env = "TWILLD_RESYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    /// How often the kernel state is compared with the leases and repaired (e.g. 30s). 1s to 24h.
+    #[arg(long, env = "TWILLD_RESYNC_INTERVAL", default_value = "30s", value_parser = parse_resync_interval)]
     pub resync_interval: Duration,
     /// Address for /healthz, /readyz, /metrics and /status.
     #[arg(long, env = "TWILLD_HTTP_ADDR", default_value = "127.0.0.1:9464")]
@@ -179,12 +180,23 @@ fn parse_iface(s: &str) -> Result<IfaceSelector, String> {
     })
 }
 
-/// `90s`, `5m`, `24h`, `500ms`, `1h30m`; a bare number is seconds.
+/// `90s`, `5m`, `24h`, `500ms`, `1h30m`; a bare number is seconds. Never zero; a value too
+/// large for a `Duration` is an error, not a panic.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    if let Ok(n) = s.parse::<u64>() {
-        return Ok(Duration::from_secs(n));
+    let total = if let Ok(n) = s.parse::<u64>() {
+        Duration::from_secs(n)
+    } else {
+        parse_with_units(s)?
+    };
+    if total.is_zero() {
+        return Err(format!("invalid duration {s:?}: must be greater than zero"));
     }
+    Ok(total)
+}
+
+fn parse_with_units(s: &str) -> Result<Duration, String> {
+    let too_large = || format!("invalid duration {s:?}: too large");
     let mut total = Duration::ZERO;
     let mut rest = s;
     while !rest.is_empty() {
@@ -196,32 +208,68 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
                 "invalid duration {s:?}: expected e.g. 30s, 5m, 24h"
             ));
         }
-        let n: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("invalid duration {s:?}"))?;
+        let n: u64 = rest[..digits].parse().map_err(|_| too_large())?;
         rest = &rest[digits..];
         let unit_len = rest
             .find(|c: char| c.is_ascii_digit())
             .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
-        total += match unit {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
-            "d" => Duration::from_secs(n * 86400),
+        let secs_per = match unit {
+            "ms" => {
+                total = total
+                    .checked_add(Duration::from_millis(n))
+                    .ok_or_else(too_large)?;
+                continue;
+            }
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86400,
             _ => {
                 return Err(format!(
                     "invalid duration {s:?}: unknown unit {unit:?} (use ms, s, m, h, d)"
                 ))
             }
         };
-    }
-    if total.is_zero() {
-        return Err(format!("invalid duration {s:?}: must be greater than zero"));
+        let part = n.checked_mul(secs_per).ok_or_else(too_large)?;
+        total = total
+            .checked_add(Duration::from_secs(part))
+            .ok_or_else(too_large)?;
     }
     Ok(total)
+}
+
+/// A duration within `[min, max]`, both shown in the error.
+fn parse_bounded(s: &str, min: Duration, max: Duration, shown: (&str, &str)) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < min || d > max {
+        return Err(format!(
+            "{s:?} is out of range: must be between {} and {}",
+            shown.0, shown.1
+        ));
+    }
+    Ok(d)
+}
+
+/// A lease shorter than 10 s is lost on any hiccup; etcd refuses absurdly long ones.
+fn parse_lease_ttl(s: &str) -> Result<Duration, String> {
+    parse_bounded(
+        s,
+        Duration::from_secs(10),
+        Duration::from_secs(365 * 86400),
+        ("10s", "365d"),
+    )
+}
+
+/// A resync below 1 s would keep the node busy comparing; above a day repairs come too late.
+fn parse_resync_interval(s: &str) -> Result<Duration, String> {
+    parse_bounded(
+        s,
+        Duration::from_secs(1),
+        Duration::from_secs(86400),
+        ("1s", "24h"),
+    )
 }
 
 #[cfg(test)]
@@ -235,9 +283,44 @@ mod tests {
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("45").unwrap(), Duration::from_secs(45));
-        for bad in ["", "s", "10x", "0s", "-1s"] {
+        for bad in ["", "s", "10x", "0s", "-1s", "0", "0ms", "0h0m"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+        // Values a Duration cannot hold (or whose product overflows u64) are errors, not panics.
+        for huge in [
+            "99999999999999999999",
+            "99999999999999999999s",
+            "5124095576030432h",
+            "213503982334602d",
+            "18446744073709551615s18446744073709551615s",
+        ] {
+            let e = parse_duration(huge).unwrap_err();
+            assert!(e.contains("too large"), "{huge}: {e}");
+        }
+        assert_eq!(parse_duration("1000ms").unwrap(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn intervals_and_ttls_are_bounded() {
+        for bad in ["0", "0s", "500ms", "99999999999h", "25h"] {
+            let e = Cli::try_parse_from(["twilld", "--resync-interval", bad]).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.contains("--resync-interval") && (msg.contains("between 1s and 24h") || msg.contains("greater than zero")),
+                "{bad}: {msg}"
+            );
+        }
+        for bad in ["0", "9s", "9999ms", "366d", "99999999999h"] {
+            let e = Cli::try_parse_from(["twilld", "--lease-ttl", bad]).unwrap_err();
+            assert!(e.to_string().contains("--lease-ttl"), "{bad}: {e}");
+        }
+        let cli =
+            Cli::try_parse_from(["twilld", "--resync-interval", "1s", "--lease-ttl", "10s"]).unwrap();
+        assert_eq!(cli.run.resync_interval, Duration::from_secs(1));
+        assert_eq!(cli.run.lease_ttl, Duration::from_secs(10));
+        let cli =
+            Cli::try_parse_from(["twilld", "--resync-interval", "24h", "--lease-ttl", "365d"]).unwrap();
+        assert_eq!(cli.run.lease_ttl, Duration::from_secs(365 * 86400));
     }
 
     #[test]
