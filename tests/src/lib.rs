@@ -15,6 +15,7 @@ pub mod netns;
 pub mod pod;
 pub mod proc;
 pub mod runtime;
+pub mod stall;
 pub mod wait;
 
 pub use kernel::DeviceEntries;
