@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use twill_proto::{
-    codes, frame_len, is_supported_version, version_has_gc_status, CniError, Command, Request,
-    Response, DEFAULT_SOCKET, PROTOCOL, SUPPORTED_VERSIONS,
+    codes, frame_len, is_supported_version, validate, version_has_gc_status, CniError, Command,
+    Request, Response, DEFAULT_SOCKET, PROTOCOL, SUPPORTED_VERSIONS,
 };
 
 /// Seconds to wait for twilld's answer unless the config's `timeout` says otherwise. ADD can
@@ -195,12 +195,16 @@ fn run(env: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> (Option<Value>, bo
     let container_id = env("CNI_CONTAINERID").unwrap_or_default();
     let ifname = env("CNI_IFNAME").unwrap_or_default();
     if matches!(command, Command::Add | Command::Check | Command::Del) {
-        if let Err(e) = validate_container_id(&container_id) {
+        if let Err(e) = validate::container_id(&container_id) {
             return fail(e);
         }
-        if let Err(e) = validate_ifname(&ifname) {
+        if let Err(e) = validate::ifname(&ifname) {
             return fail(e);
         }
+    }
+    let name = config.get("name").and_then(Value::as_str).unwrap_or("");
+    if let Err(e) = validate::network_name(name) {
+        return fail(e);
     }
 
     let socket = match config.get("socket") {
@@ -251,40 +255,6 @@ fn run(env: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> (Option<Value>, bo
                     .with_details("is twilld running on this node? it serves the twill CNI socket"),
             )
         }
-    }
-}
-
-/// Spec: starts with an alphanumeric, then alphanumerics, '_', '.', '-'.
-fn validate_container_id(id: &str) -> Result<(), CniError> {
-    let mut chars = id.chars();
-    let ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(CniError::new(
-            codes::INVALID_ENV,
-            format!("invalid CNI_CONTAINERID {id:?}: must start with a letter or digit followed by letters, digits, '_', '.' or '-'"),
-        ))
-    }
-}
-
-/// What the kernel accepts as a device name.
-fn validate_ifname(name: &str) -> Result<(), CniError> {
-    let ok = !name.is_empty()
-        && name.len() <= 15
-        && name != "."
-        && name != ".."
-        && !name
-            .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
-    if ok {
-        Ok(())
-    } else {
-        Err(CniError::new(
-            codes::INVALID_ENV,
-            format!("invalid CNI_IFNAME {name:?}: must be 1-15 characters without '/', ':' or whitespace"),
-        ))
     }
 }
 
@@ -405,31 +375,6 @@ fn connect(socket: &Path, timeout: Duration) -> std::io::Result<UnixStream> {
                 ))
             }
             _ => return Err(e),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn container_ids() {
-        for ok in ["a", "abc-1.2_3", "0f3e"] {
-            assert!(validate_container_id(ok).is_ok(), "{ok}");
-        }
-        for bad in ["", "-a", "a/b", "a b", "_x"] {
-            assert_eq!(validate_container_id(bad).unwrap_err().code, 4, "{bad}");
-        }
-    }
-
-    #[test]
-    fn ifnames() {
-        for ok in ["eth0", "net1", "a234567890abcde"] {
-            assert!(validate_ifname(ok).is_ok(), "{ok}");
-        }
-        for bad in ["", ".", "..", "a/b", "a b", "a234567890abcdef", "e:1"] {
-            assert_eq!(validate_ifname(bad).unwrap_err().code, 4, "{bad}");
         }
     }
 }

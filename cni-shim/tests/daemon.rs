@@ -1209,3 +1209,72 @@ fn addresses_host_local_handed_out_stay_taken_until_del() {
     assert_eq!(left.len(), 2, "{left:?}");
     assert!(!left.contains(&"10.244.1.3".to_string()), "{left:?}");
 }
+
+fn request(
+    command: twill_proto::Command,
+    id: &str,
+    netns: &str,
+    ifname: &str,
+    config: &Value,
+) -> twill_proto::Request {
+    twill_proto::Request {
+        protocol: twill_proto::PROTOCOL,
+        command,
+        container_id: id.into(),
+        netns: netns.into(),
+        ifname: ifname.into(),
+        args: String::new(),
+        path: String::new(),
+        config: config.clone(),
+    }
+}
+
+fn send(socket: &Path, req: &twill_proto::Request) -> twill_proto::Response {
+    raw_exchange(socket, &twill_proto::encode_frame(req).unwrap())
+}
+
+/// Any root process can speak the socket protocol, bypassing the plugin's checks: twilld
+/// checks container ID, ifname and network name itself (libcni's rules, no control characters,
+/// no edge whitespace), before anything is allocated or created. A newline or edge whitespace
+/// would otherwise corrupt its one-per-line IPAM records.
+#[test]
+fn the_daemon_checks_identifiers_itself() {
+    use twill_proto::Command::{Add, Check, Del, Gc};
+    let mut node = Node::start(Some(subnet()));
+    let conf = node.conf("1.1.0");
+    let pod = node.pod();
+    let path = pod.path();
+    let mut cases: Vec<(twill_proto::Request, u32)> = Vec::new();
+    for id in ["ctr\n1", " ctr1", "ctr1 ", "ctr\u{1}1", "-ctr"] {
+        for cmd in [Add, Check, Del] {
+            cases.push((request(cmd, id, &path, "eth0", &conf), 4));
+        }
+    }
+    for ifname in ["eth0\n", " eth0", "eth0 ", "et\u{7f}h0", "a/b", "0123456789abcdef"] {
+        for cmd in [Add, Check, Del] {
+            cases.push((request(cmd, "ctr1", &path, ifname, &conf), 4));
+        }
+    }
+    for name in [json!("bad name"), json!("net\ntwo"), json!(" net"), json!(""), Value::Null] {
+        let mut c = conf.clone();
+        c["name"] = name;
+        for cmd in [Add, Del, Gc] {
+            cases.push((request(cmd, "ctr1", &path, "eth0", &c), 7));
+        }
+    }
+    for (req, want) in &cases {
+        let e = raw_err(send(&node.socket, req));
+        assert_eq!(
+            e.code, *want,
+            "{:?} {:?} {:?} {}: {}",
+            req.command, req.container_id, req.ifname, req.config["name"], e.msg
+        );
+    }
+    assert!(node.ipam_files().is_empty(), "{:?}", node.ipam_files());
+    assert!(node.host_links().is_empty());
+    assert!(!sh(&["ip", "-n", &pod.name, "link", "show", "eth0"]).0);
+    // The same request with valid identifiers goes through.
+    let ok_add = request(Add, "ctr1", &path, "eth0", &conf);
+    assert!(matches!(send(&node.socket, &ok_add), twill_proto::Response::Ok(Some(_))));
+    ok(cni("DEL", "ctr1", &path, &conf));
+}

@@ -11,6 +11,8 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+pub mod validate;
+
 /// Version of the socket protocol; bumped on any incompatible change.
 pub const PROTOCOL: u32 = 1;
 /// Largest frame either side accepts.

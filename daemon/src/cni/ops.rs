@@ -10,8 +10,8 @@ use ipnet::Ipv4Net;
 use serde_json::{json, Value};
 use tokio::sync::{watch, OwnedMutexGuard};
 use twill_proto::{
-    codes, is_supported_version, CniError, CniResult, Command, Dns, Interface, IpConfig, Request,
-    Route, SUPPORTED_VERSIONS,
+    codes, is_supported_version, validate, CniError, CniResult, Command, Dns, Interface, IpConfig,
+    Request, Route, SUPPORTED_VERSIONS,
 };
 
 use super::hostlocal::HostLocal;
@@ -170,6 +170,7 @@ pub(super) async fn dispatch(
             format!("unsupported cniVersion {version:?}"),
         ));
     }
+    validate_request(&req)?;
     tracing::debug!(command = req.command.as_str(), container = %req.container_id,
         ifname = %req.ifname, netns = %req.netns, "CNI request");
     let started = std::time::Instant::now();
@@ -193,6 +194,21 @@ pub(super) async fn dispatch(
             ifname = %req.ifname, code = e.code, error = %e.msg, "CNI request failed"),
     }
     out
+}
+
+/// The identifiers go into IPAM records one per line and into logs: checked here as the plugin
+/// checks them, since any root process can speak the socket protocol.
+fn validate_request(req: &Request) -> Result<(), CniError> {
+    if matches!(req.command, Command::Add | Command::Check | Command::Del) {
+        require("CNI_CONTAINERID", &req.container_id)?;
+        require("CNI_IFNAME", &req.ifname)?;
+        validate::container_id(&req.container_id)?;
+        validate::ifname(&req.ifname)?;
+    }
+    if req.command != Command::Version {
+        validate::network_name(&network_of(req))?;
+    }
+    Ok(())
 }
 
 fn status(ctx: &Ctx) -> Result<(), CniError> {
