@@ -184,7 +184,13 @@ fn identifiers_are_checked_as_libcni_checks_them() {
         assert_eq!(err_code(&o), 4, "{ifname:?}");
         assert!(msg(&o).contains("CNI_IFNAME"), "{ifname:?}: {}", msg(&o));
     }
-    for name in [json!("bad name"), json!("net\n"), json!(" net"), json!(""), Value::Null] {
+    for name in [
+        json!("bad name"),
+        json!("net\n"),
+        json!(" net"),
+        json!(""),
+        Value::Null,
+    ] {
         let mut c = c.clone();
         c["name"] = name.clone();
         let o = run(&add_env("ADD"), &c);

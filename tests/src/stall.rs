@@ -70,12 +70,8 @@ impl DirWedge {
         let file = dir.join(WEDGE_FILE);
         std::fs::write(&file, b"").with_context(|| format!("create {}", file.display()))?;
         // SAFETY: plain syscalls; every result is checked, the fd is owned at once.
-        let raw = unsafe {
-            libc::syscall(
-                libc::SYS_userfaultfd,
-                libc::O_CLOEXEC | libc::O_NONBLOCK,
-            )
-        };
+        let raw =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
         if raw < 0 {
             return Err(std::io::Error::last_os_error()).context("userfaultfd");
         }

@@ -144,7 +144,10 @@ mod tests {
         assert!(held.contains(&"10.244.1.2".parse().unwrap()));
         assert!(held.contains(&"10.244.1.4".parse().unwrap()));
         assert!(!held.contains(&"10.244.1.5".parse().unwrap()));
-        assert!(!held.contains(&"10.99.0.2".parse().unwrap()), "outside the subnet");
+        assert!(
+            !held.contains(&"10.99.0.2".parse().unwrap()),
+            "outside the subnet"
+        );
         // c1's eth0 only: its net1 attachment stays, as does everything outside the subnet.
         assert_eq!(
             hl.release(net, "c1", "eth0").unwrap(),
@@ -201,7 +204,10 @@ mod tests {
         let mut data = [Data::default(); 2];
         // SAFETY: capget/capset with a valid header and two data structs (version 3).
         unsafe {
-            assert_eq!(libc::syscall(libc::SYS_capget, &mut h, data.as_mut_ptr()), 0);
+            assert_eq!(
+                libc::syscall(libc::SYS_capget, &mut h, data.as_mut_ptr()),
+                0
+            );
             data[0].effective &= !((1 << 1) | (1 << 2));
             assert_eq!(libc::syscall(libc::SYS_capset, &mut h, data.as_ptr()), 0);
         }
@@ -223,8 +229,13 @@ mod tests {
         let (released, held) = std::thread::spawn(move || {
             drop_dac_override_on_this_thread();
             assert!(
-                fs::read_dir(hl.network_dirs().iter().find(|p| p.ends_with("locked")).unwrap())
-                    .is_err(),
+                fs::read_dir(
+                    hl.network_dirs()
+                        .iter()
+                        .find(|p| p.ends_with("locked"))
+                        .unwrap()
+                )
+                .is_err(),
                 "the test needs a dir this thread cannot read"
             );
             (hl.release(net, "c1", "eth0"), hl.held_in(net))

@@ -277,9 +277,7 @@ impl Ipam {
                     .map(|i| first + (start - first + i) % size)
                     .map(Ipv4Addr::from)
                     .find(|a| {
-                        !s.used.contains_key(a)
-                            && !elsewhere.contains(a)
-                            && !host_local.contains(a)
+                        !s.used.contains_key(a) && !elsewhere.contains(a) && !host_local.contains(a)
                     });
                 let Some(addr) = pick else {
                     return Err(IpamError::Full {
@@ -764,7 +762,10 @@ mod tests {
         })
         .expect("IPAM users waited for an allocation stuck on host-local's disk");
         assert_eq!(others, (1, 1, vec![a0]));
-        assert!(stuck.try_recv().is_err(), "the stuck allocation went through");
+        assert!(
+            stuck.try_recv().is_err(),
+            "the stuck allocation went through"
+        );
         wedge.release();
         let (a1, fresh) = stuck.recv_timeout(PROMPTLY).unwrap().unwrap();
         assert!(fresh && a1 != a0, "{a1}");
@@ -796,7 +797,10 @@ mod tests {
         })
         .expect("IPAM users waited for GC stuck on a hung disk");
         assert!(held.contains(&a1), "released before its file was gone");
-        assert!(!unchanged, "a claim being released is no longer GC's to take again");
+        assert!(
+            !unchanged,
+            "a claim being released is no longer GC's to take again"
+        );
         assert!(other.is_ok());
         assert!(stuck.try_recv().is_err());
         wedge.release();
@@ -818,20 +822,44 @@ mod tests {
         {
             let ipam = Ipam::open(&d).unwrap();
             for i in 0..3 {
-                held.push(ipam.allocate(old, &Owner::new(format!("o{i}"), "eth0"), "net").unwrap().0);
+                held.push(
+                    ipam.allocate(old, &Owner::new(format!("o{i}"), "eth0"), "net")
+                        .unwrap()
+                        .0,
+                );
             }
             // One of the old pods sits in the old subnet's upper half.
-            ipam.lock().get_mut(&old).unwrap().last = u32::from("10.244.1.9".parse::<Ipv4Addr>().unwrap());
-            held.push(ipam.allocate(old, &Owner::new("o3", "eth0"), "net").unwrap().0);
+            ipam.lock().get_mut(&old).unwrap().last =
+                u32::from("10.244.1.9".parse::<Ipv4Addr>().unwrap());
+            held.push(
+                ipam.allocate(old, &Owner::new("o3", "eth0"), "net")
+                    .unwrap()
+                    .0,
+            );
         }
-        assert_eq!(held[..3], ["10.244.0.2".parse::<Ipv4Addr>().unwrap(), "10.244.0.3".parse().unwrap(), "10.244.0.4".parse().unwrap()]);
+        assert_eq!(
+            held[..3],
+            [
+                "10.244.0.2".parse::<Ipv4Addr>().unwrap(),
+                "10.244.0.3".parse().unwrap(),
+                "10.244.0.4".parse().unwrap()
+            ]
+        );
         let ipam = Ipam::open(&d).unwrap();
-        let (a, _) = ipam.allocate(new, &Owner::new("n0", "eth0"), "net").unwrap();
+        let (a, _) = ipam
+            .allocate(new, &Owner::new("n0", "eth0"), "net")
+            .unwrap();
         assert_eq!(a.to_string(), "10.244.0.5");
-        let outside: Vec<_> = ipam.outside(new).into_iter().map(|(_, a, _)| a.to_string()).collect();
+        let outside: Vec<_> = ipam
+            .outside(new)
+            .into_iter()
+            .map(|(_, a, _)| a.to_string())
+            .collect();
         assert_eq!(outside, ["10.244.1.10"]);
         // The other way round (a larger subnet after a smaller one) too.
-        let (b, _) = ipam.allocate(net("10.244.0.0/22"), &Owner::new("n1", "eth0"), "net").unwrap();
+        let (b, _) = ipam
+            .allocate(net("10.244.0.0/22"), &Owner::new("n1", "eth0"), "net")
+            .unwrap();
         assert!(!held.contains(&b) && b != a, "{b}");
         fs::remove_dir_all(d).unwrap();
     }
