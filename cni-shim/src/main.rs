@@ -79,7 +79,10 @@ fn main() -> ExitCode {
 /// Returns what to print and whether it is a success.
 fn run(env: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> (Option<Value>, bool) {
     let parsed: Result<Value, String> = if stdin.len() > twill_proto::MAX_FRAME {
-        Err(format!("stdin exceeds {} bytes", twill_proto::MAX_FRAME))
+        Err(format!(
+            "the configuration on stdin exceeds the limit of {} bytes",
+            twill_proto::MAX_FRAME
+        ))
     } else {
         serde_json::from_slice::<Value>(stdin)
             .map_err(|e| e.to_string())
@@ -240,7 +243,19 @@ fn run(env: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> (Option<Value>, bo
         path: env("CNI_PATH").unwrap_or_default(),
         config,
     };
-    match exchange(&socket, &req, timeout) {
+    // Refused here, with the reason, rather than as an unreachable daemon.
+    let frame = match twill_proto::encode_frame(&req) {
+        Ok(f) => f,
+        Err(e) => {
+            return fail(CniError::new(
+                codes::INVALID_CONFIG,
+                format!(
+                "cannot send the request to twilld: {e} (the network configuration is too large)"
+            ),
+            ))
+        }
+    };
+    match exchange(&socket, &frame, timeout) {
         Ok(Response::Ok(out)) => (out, true),
         Ok(Response::Err(e)) => fail(e),
         Err(e) => {
@@ -259,16 +274,14 @@ fn run(env: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> (Option<Value>, bo
 }
 
 /// One request, one response, every step bounded by `timeout`.
-fn exchange(socket: &Path, req: &Request, timeout: Duration) -> Result<Response, String> {
+fn exchange(socket: &Path, frame: &[u8], timeout: Duration) -> Result<Response, String> {
     let deadline = Instant::now() + timeout;
     let shown = socket.display().to_string();
     let mut stream =
         connect(socket, timeout).map_err(|e| format!("cannot reach twilld at {shown}: {e}"))?;
-    let frame =
-        twill_proto::encode_frame(req).map_err(|e| format!("cannot encode the request: {e}"))?;
     let sent = stream
         .set_write_timeout(Some(timeout))
-        .and_then(|_| stream.write_all(&frame));
+        .and_then(|_| stream.write_all(frame));
     if let Err(e) = sent {
         // twilld may refuse before reading (e.g. a non-root caller) and close: its answer is
         // still in our receive buffer and says more than EPIPE does.

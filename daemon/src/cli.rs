@@ -93,6 +93,16 @@ pub struct RunArgs {
     /// Unix socket the `twill` CNI plugin talks to.
     #[arg(long, env = "TWILLD_CNI_SOCKET", default_value = "/run/twill/cni.sock")]
     pub cni_socket: PathBuf,
+    /// CNI requests served at once; more wait in the socket's backlog (each holds its decoded
+    /// request, up to 16 times its 256 KiB frame). 1 to 1024.
+    #[arg(long, env = "TWILLD_CNI_MAX_CONNECTIONS", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub cni_max_connections: u32,
+    /// Threads CNI operations run on at once (one per ADD, CHECK or DEL, each with its own
+    /// netlink socket); more operations wait for one. 1 to 1024.
+    #[arg(long, env = "TWILLD_CNI_MAX_THREADS", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub cni_max_threads: u32,
     /// Bridge that pod veths attach to; created with the gateway address if missing.
     #[arg(long, env = "TWILLD_BRIDGE", default_value = "cni0")]
     pub bridge: String,
@@ -241,7 +251,12 @@ fn parse_with_units(s: &str) -> Result<Duration, String> {
 }
 
 /// A duration within `[min, max]`, both shown in the error.
-fn parse_bounded(s: &str, min: Duration, max: Duration, shown: (&str, &str)) -> Result<Duration, String> {
+fn parse_bounded(
+    s: &str,
+    min: Duration,
+    max: Duration,
+    shown: (&str, &str),
+) -> Result<Duration, String> {
     let d = parse_duration(s)?;
     if d < min || d > max {
         return Err(format!(
@@ -306,7 +321,8 @@ mod tests {
             let e = Cli::try_parse_from(["twilld", "--resync-interval", bad]).unwrap_err();
             let msg = e.to_string();
             assert!(
-                msg.contains("--resync-interval") && (msg.contains("between 1s and 24h") || msg.contains("greater than zero")),
+                msg.contains("--resync-interval")
+                    && (msg.contains("between 1s and 24h") || msg.contains("greater than zero")),
                 "{bad}: {msg}"
             );
         }
@@ -314,13 +330,38 @@ mod tests {
             let e = Cli::try_parse_from(["twilld", "--lease-ttl", bad]).unwrap_err();
             assert!(e.to_string().contains("--lease-ttl"), "{bad}: {e}");
         }
-        let cli =
-            Cli::try_parse_from(["twilld", "--resync-interval", "1s", "--lease-ttl", "10s"]).unwrap();
+        let cli = Cli::try_parse_from(["twilld", "--resync-interval", "1s", "--lease-ttl", "10s"])
+            .unwrap();
         assert_eq!(cli.run.resync_interval, Duration::from_secs(1));
         assert_eq!(cli.run.lease_ttl, Duration::from_secs(10));
         let cli =
-            Cli::try_parse_from(["twilld", "--resync-interval", "24h", "--lease-ttl", "365d"]).unwrap();
+            Cli::try_parse_from(["twilld", "--resync-interval", "24h", "--lease-ttl", "365d"])
+                .unwrap();
         assert_eq!(cli.run.lease_ttl, Duration::from_secs(365 * 86400));
+    }
+
+    #[test]
+    fn resource_limits_are_bounded() {
+        for (flag, bad) in [
+            ("--cni-max-connections", "0"),
+            ("--cni-max-threads", "0"),
+            ("--cni-max-threads", "99999999999"),
+        ] {
+            let e = Cli::try_parse_from(["twilld", flag, bad]).unwrap_err();
+            assert!(e.to_string().contains(flag), "{flag} {bad}: {e}");
+        }
+        let cli = Cli::try_parse_from([
+            "twilld",
+            "--cni-max-connections",
+            "1024",
+            "--cni-max-threads",
+            "1",
+        ])
+        .unwrap();
+        assert_eq!(
+            (cli.run.cni_max_connections, cli.run.cni_max_threads),
+            (1024, 1)
+        );
     }
 
     #[test]
@@ -333,6 +374,8 @@ mod tests {
         assert_eq!(cli.run.http_addr.to_string(), "127.0.0.1:9464");
         assert_eq!(cli.run.bridge, "cni0");
         assert_eq!(cli.run.vxlan_checksum_offload, ChecksumOffload::Auto);
+        assert_eq!(cli.run.cni_max_connections, 16);
+        assert_eq!(cli.run.cni_max_threads, 32);
         let off = Cli::try_parse_from(["twilld", "--vxlan-checksum-offload", "off"]).unwrap();
         assert_eq!(off.run.vxlan_checksum_offload, ChecksumOffload::Off);
         assert!(Cli::try_parse_from(["twilld", "--vxlan-checksum-offload", "maybe"]).is_err());

@@ -32,6 +32,31 @@ pub struct Metrics {
     pub forward_rules_added: AtomicU64,
     /// 1 while the masquerade rules are known to be in the kernel as wanted.
     pub masq_rules_ok: AtomicU64,
+    /// CNI connections being served (at most --cni-max-connections).
+    pub cni_connections: AtomicU64,
+    /// Times every CNI connection slot was taken (further clients wait in the backlog).
+    pub cni_connections_at_limit: AtomicU64,
+    /// Threads CNI operations run on right now (at most --cni-max-threads).
+    pub cni_threads: AtomicU64,
+    /// CNI operations that waited for a thread.
+    pub cni_thread_waits: AtomicU64,
+}
+
+/// Holds a gauge up by one while it lives.
+#[derive(Debug)]
+pub struct GaugeGuard<'a>(&'a AtomicU64);
+
+impl<'a> GaugeGuard<'a> {
+    pub fn new(g: &'a AtomicU64) -> Self {
+        g.fetch_add(1, Relaxed);
+        GaugeGuard(g)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
 }
 
 impl Metrics {
@@ -160,6 +185,30 @@ impl Metrics {
             "gauge",
             "1 when the masquerade rules are in the kernel as wanted (0 also when --ip-masq=false).",
             g(&self.masq_rules_ok),
+        );
+        metric(
+            "cni_connections",
+            "gauge",
+            "CNI connections being served (at most --cni-max-connections).",
+            g(&self.cni_connections),
+        );
+        metric(
+            "cni_connections_at_limit_total",
+            "counter",
+            "Times every CNI connection slot was taken; more clients wait in the socket's backlog.",
+            g(&self.cni_connections_at_limit),
+        );
+        metric(
+            "cni_threads",
+            "gauge",
+            "Threads CNI operations (ADD, CHECK, DEL, GC) run on (at most --cni-max-threads).",
+            g(&self.cni_threads),
+        );
+        metric(
+            "cni_thread_waits_total",
+            "counter",
+            "CNI operations that waited for a thread (--cni-max-threads reached).",
+            g(&self.cni_thread_waits),
         );
         out
     }

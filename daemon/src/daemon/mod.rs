@@ -22,7 +22,7 @@ use crate::backend::offload;
 use crate::backend::vxlan::VxlanBackend;
 use crate::backend::{AnyBackend, Backend, BackendError, LocalNode};
 use crate::cli::RunArgs;
-use crate::cni::{CniOptions, NodeNet};
+use crate::cni::{CniLimits, CniOptions, NodeNet};
 use crate::config::{BackendKind, ConfigError};
 use crate::lease::{LeaseAttrs, LeaseBackend};
 use crate::netlink::{KernelEvent, Netlink, NetlinkError};
@@ -78,6 +78,10 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
         state_dir: args.state_dir.clone(),
         host_local_dir: (!args.host_local_dir.as_os_str().is_empty())
             .then(|| args.host_local_dir.clone()),
+        limits: CniLimits {
+            max_connections: args.cni_max_connections as usize,
+            max_threads: args.cni_max_threads as usize,
+        },
     };
     let cni_metrics = shared.metrics.clone();
     let cni_path = args.cni_socket.display().to_string();
