@@ -70,7 +70,8 @@ pub struct RunArgs {
     /// Address other nodes send VXLAN traffic to. Default: the underlay interface's address.
     #[arg(long, env = "TWILLD_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,
-    /// Where to write the subnet file (flannel's subnet.env format) once the node is ready.
+    /// Where to write the subnet file (flannel's subnet.env format) once the node is ready. Its
+    /// directory must be root's alone (owned by root, writable by nobody else).
     #[arg(
         long,
         env = "TWILLD_SUBNET_FILE",
@@ -90,7 +91,8 @@ pub struct RunArgs {
     /// Address for /healthz, /readyz, /metrics and /status.
     #[arg(long, env = "TWILLD_HTTP_ADDR", default_value = "127.0.0.1:9464")]
     pub http_addr: SocketAddr,
-    /// Unix socket the `twill` CNI plugin talks to.
+    /// Unix socket the `twill` CNI plugin talks to. Its directory must be root's alone (owned
+    /// by root, writable by nobody else).
     #[arg(long, env = "TWILLD_CNI_SOCKET", default_value = "/run/twill/cni.sock")]
     pub cni_socket: PathBuf,
     /// CNI requests served at once; more wait in the socket's backlog (each holds its decoded

@@ -150,11 +150,10 @@ pub async fn serve(
     Server::bind(opts, node, metrics).await?.serve().await
 }
 
-/// Creates the parent directory, replaces a stale socket (never a non-socket file), mode 0600.
+/// Creates the parent directory (which only root may write, see `paths`), replaces a stale
+/// socket (never a non-socket file), mode 0600.
 fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
+    crate::paths::private_parent(path).map_err(std::io::Error::other)?;
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
         Ok(_) => {
