@@ -88,9 +88,19 @@ pub struct RunArgs {
     /// How often the kernel state is compared with the leases and repaired (e.g. 30s). 1s to 24h.
     #[arg(long, env = "TWILLD_RESYNC_INTERVAL", default_value = "30s", value_parser = parse_resync_interval)]
     pub resync_interval: Duration,
-    /// Address for /healthz, /readyz, /metrics and /status.
+    /// Address for /healthz, /readyz, /metrics and /status. While it is taken, twilld runs
+    /// without it and retries binding.
     #[arg(long, env = "TWILLD_HTTP_ADDR", default_value = "127.0.0.1:9464")]
     pub http_addr: SocketAddr,
+    /// Most HTTP connections open at once; more are closed at once (the endpoints are for local
+    /// probes and scrapes). 1 to 4096.
+    #[arg(long, env = "TWILLD_HTTP_MAX_CONNECTIONS", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub http_max_connections: u32,
+    /// How long an HTTP client may take to send a request's headers; a connection idle that
+    /// long, before or between requests, is closed. 1s to 5m.
+    #[arg(long, env = "TWILLD_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_http_header_timeout)]
+    pub http_header_timeout: Duration,
     /// Unix socket the `twill` CNI plugin talks to. Its directory must be root's alone (owned
     /// by root, writable by nobody else).
     #[arg(long, env = "TWILLD_CNI_SOCKET", default_value = "/run/twill/cni.sock")]
@@ -279,6 +289,16 @@ fn parse_lease_ttl(s: &str) -> Result<Duration, String> {
     )
 }
 
+/// Probes send their headers at once; a minute is plenty even for a loaded node.
+fn parse_http_header_timeout(s: &str) -> Result<Duration, String> {
+    parse_bounded(
+        s,
+        Duration::from_secs(1),
+        Duration::from_secs(300),
+        ("1s", "5m"),
+    )
+}
+
 /// A resync below 1 s would keep the node busy comparing; above a day repairs come too late.
 fn parse_resync_interval(s: &str) -> Result<Duration, String> {
     parse_bounded(
@@ -345,15 +365,24 @@ mod tests {
     #[test]
     fn resource_limits_are_bounded() {
         for (flag, bad) in [
+            ("--http-max-connections", "0"),
+            ("--http-max-connections", "4097"),
             ("--cni-max-connections", "0"),
             ("--cni-max-threads", "0"),
             ("--cni-max-threads", "99999999999"),
+            ("--http-header-timeout", "0"),
+            ("--http-header-timeout", "500ms"),
+            ("--http-header-timeout", "6m"),
         ] {
             let e = Cli::try_parse_from(["twilld", flag, bad]).unwrap_err();
             assert!(e.to_string().contains(flag), "{flag} {bad}: {e}");
         }
         let cli = Cli::try_parse_from([
             "twilld",
+            "--http-max-connections",
+            "1",
+            "--http-header-timeout",
+            "2s",
             "--cni-max-connections",
             "1024",
             "--cni-max-threads",
@@ -361,8 +390,13 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            (cli.run.cni_max_connections, cli.run.cni_max_threads),
-            (1024, 1)
+            (
+                cli.run.http_max_connections,
+                cli.run.http_header_timeout,
+                cli.run.cni_max_connections,
+                cli.run.cni_max_threads
+            ),
+            (1, Duration::from_secs(2), 1024, 1)
         );
     }
 
@@ -376,6 +410,8 @@ mod tests {
         assert_eq!(cli.run.http_addr.to_string(), "127.0.0.1:9464");
         assert_eq!(cli.run.bridge, "cni0");
         assert_eq!(cli.run.vxlan_checksum_offload, ChecksumOffload::Auto);
+        assert_eq!(cli.run.http_max_connections, 64);
+        assert_eq!(cli.run.http_header_timeout, Duration::from_secs(10));
         assert_eq!(cli.run.cni_max_connections, 16);
         assert_eq!(cli.run.cni_max_threads, 32);
         let off = Cli::try_parse_from(["twilld", "--vxlan-checksum-offload", "off"]).unwrap();

@@ -40,6 +40,10 @@ pub struct Metrics {
     pub cni_threads: AtomicU64,
     /// CNI operations that waited for a thread.
     pub cni_thread_waits: AtomicU64,
+    /// HTTP connections open (at most --http-max-connections).
+    pub http_connections: AtomicU64,
+    /// HTTP connections closed at once because every slot was taken.
+    pub http_connections_refused: AtomicU64,
 }
 
 /// Holds a gauge up by one while it lives.
@@ -209,6 +213,18 @@ impl Metrics {
             "counter",
             "CNI operations that waited for a thread (--cni-max-threads reached).",
             g(&self.cni_thread_waits),
+        );
+        metric(
+            "http_connections",
+            "gauge",
+            "HTTP connections open (at most --http-max-connections).",
+            g(&self.http_connections),
+        );
+        metric(
+            "http_connections_refused_total",
+            "counter",
+            "HTTP connections closed at once because --http-max-connections were open.",
+            g(&self.http_connections_refused),
         );
         out
     }

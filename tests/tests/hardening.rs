@@ -1,15 +1,17 @@
-//! twilld on a node where things are hostile or broken: a second twilld started by mistake,
-//! directories others can write, an unusable state dir, nonsense durations, CNI_NETNS naming
-//! twilld's own namespace. Real twilld, real etcd, real plugin, in lab namespaces.
+//! twilld on a node where things are hostile or broken: its HTTP port taken or flooded by a
+//! local user, a second twilld started by mistake, directories others can write, an unusable
+//! state dir, nonsense durations, CNI_NETNS naming twilld's own namespace. Real twilld, real
+//! etcd, real plugin, in lab namespaces.
 
-use std::io::Read;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use twill_tests::lab::merge_args;
-use twill_tests::{netns, wait_for, Lab, LabOptions};
+use twill_tests::lab::{merge_args, DAEMON_HTTP};
+use twill_tests::{netns, wait_for, wait_until, Lab, LabOptions};
 
 const CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const READY: Duration = Duration::from_secs(30);
@@ -41,6 +43,119 @@ fn ipam_files(lab: &Lab) -> usize {
         .filter_map(|d| std::fs::read_dir(d.path()).ok())
         .map(|f| f.count())
         .sum()
+}
+
+/// A local user holding twilld's HTTP port (an unprivileged one) while twilld starts does not
+/// keep the node from coming up: it leases, writes the subnet file and serves CNI, and serves
+/// HTTP once the port is free.
+#[test]
+fn a_squatted_http_port_does_not_keep_the_node_from_starting() -> Result<()> {
+    let mut lab = lab_with_config()?;
+    let squatter = netns::in_netns(&lab.node_ns(1), || TcpListener::bind(DAEMON_HTTP))??;
+    lab.start_daemon(1)?;
+    wait_until(READY, || {
+        !lab.daemon_running(1) || std::fs::metadata(lab.subnet_file(1)).is_ok()
+    })
+    .with_context(|| lab.daemon_log(1))?;
+    assert!(lab.daemon_running(1), "{}", lab.daemon_log(1));
+    let pod = lab.add_pod(1, "a")?;
+    assert!(
+        lab.daemon_log_last(1).contains("cannot serve HTTP"),
+        "{}",
+        lab.daemon_log_last(1)
+    );
+    drop(squatter);
+    lab.wait_ready(1, READY)?;
+    lab.del_pod(&pod)?;
+    Ok(())
+}
+
+/// Reads until the server closes the connection; false if it is still open after `limit`.
+fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    let mut buf = [0u8; 512];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false
+            }
+            // A reset is closed too.
+            Err(_) => return true,
+        }
+    }
+}
+
+/// A local user opening connections to the HTTP port and sending nothing (or a byte now and
+/// then) holds at most --http-max-connections of them, each for at most --http-header-timeout.
+/// Meanwhile a connection beyond the cap is turned away at once, pods still come up, and a
+/// fresh probe is answered as soon as the idle ones are gone.
+#[test]
+fn idle_http_connections_are_capped_and_dropped_while_pods_come_up() -> Result<()> {
+    let mut lab = lab_with_config()?;
+    lab.start_daemon_with(
+        1,
+        &["--http-max-connections", "8", "--http-header-timeout", "3s"],
+    )?;
+    lab.wait_ready(1, READY)?;
+    let addr: SocketAddr = DAEMON_HTTP.parse()?;
+    let ns = lab.node_ns(1);
+    let mut idle = netns::in_netns(&ns, move || {
+        (0..8)
+            .map(|_| TcpStream::connect(addr))
+            .collect::<std::io::Result<Vec<_>>>()
+    })??;
+    // The ninth, a client that only listens, hears why it is turned away.
+    let mut ninth = netns::in_netns(&ns, move || TcpStream::connect(addr))??;
+    ninth.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut answer = String::new();
+    ninth.read_to_string(&mut answer)?;
+    assert!(
+        answer.starts_with("HTTP/1.1 503") && answer.ends_with("too many connections\n"),
+        "{answer:?}"
+    );
+    // Pods come up while every slot is taken.
+    let pod = lab.add_pod(1, "a")?;
+    for (k, s) in idle.iter_mut().enumerate() {
+        assert!(
+            closed_within(s, Duration::from_secs(30)),
+            "idle connection {k} still open"
+        );
+    }
+    assert_eq!(lab.get(1, "/readyz")?.0, 200);
+    let refused = lab.metric(1, "twill_http_connections_refused_total")?;
+    assert!(refused >= Some(1.0), "{refused:?}");
+
+    // Headers sent a byte every half second never complete: cut off like an idle connection.
+    let closed = netns::in_netns(&ns, move || -> std::io::Result<Option<Duration>> {
+        let mut s = TcpStream::connect(addr)?;
+        let t0 = Instant::now();
+        let dribble = format!("GET /readyz HTTP/1.1\r\nX-Slow: {}", "a".repeat(200));
+        for b in dribble.bytes() {
+            if s.write_all(&[b]).is_err() || closed_within(&mut s, Duration::from_millis(500)) {
+                return Ok(Some(t0.elapsed()));
+            }
+        }
+        Ok(None)
+    })??;
+    let after = closed.context("a client dribbling its headers for 100 s was never cut off")?;
+    assert!(
+        after < Duration::from_secs(20),
+        "cut off only after {after:?}"
+    );
+    lab.del_pod(&pod)?;
+    Ok(())
 }
 
 /// A second twilld on the same state dir (started by mistake) refuses to start, naming the lock
@@ -174,6 +289,7 @@ fn bad_durations_stop_twilld_with_a_clear_message() -> Result<()> {
         ("--lease-ttl", "0"),
         ("--lease-ttl", "5s"),
         ("--lease-ttl", "18446744073709551615s1s"),
+        ("--http-header-timeout", "0"),
     ] {
         lab.start_daemon_with(1, &[flag, value])?;
         let status = lab.wait_daemon_exit(1, EXIT)?;

@@ -24,6 +24,7 @@ use crate::backend::{AnyBackend, Backend, BackendError, LocalNode};
 use crate::cli::RunArgs;
 use crate::cni::{CniLimits, CniOptions, NodeNet};
 use crate::config::{BackendKind, ConfigError};
+use crate::http::HttpLimits;
 use crate::lease::{LeaseAttrs, LeaseBackend};
 use crate::netlink::{KernelEvent, Netlink, NetlinkError};
 use crate::registry::etcd::EtcdRegistry;
@@ -49,8 +50,6 @@ pub enum StartError {
     Backend(#[from] BackendError),
     #[error("{0}")]
     Registry(#[from] RegistryError),
-    #[error("cannot serve HTTP on {addr}: {err}")]
-    Http { addr: String, err: std::io::Error },
     #[error(transparent)]
     Instance(#[from] crate::instance::LockError),
     #[error("--subnet-file: {0}")]
@@ -99,12 +98,16 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
             err,
         }
     })?;
-    crate::http::spawn(args.http_addr, shared.clone())
-        .await
-        .map_err(|err| StartError::Http {
-            addr: args.http_addr.to_string(),
-            err,
-        })?;
+    // Never fatal: while the address is taken (anyone may bind an unprivileged port), the rest
+    // runs and binding is retried.
+    crate::http::spawn(
+        args.http_addr,
+        shared.clone(),
+        HttpLimits {
+            max_connections: args.http_max_connections as usize,
+            header_timeout: args.http_header_timeout,
+        },
+    );
     let cni = tokio::spawn(cni.serve());
 
     let nl = Netlink::new()?;
