@@ -1647,3 +1647,30 @@ fn a_smaller_subnet_inside_the_old_one_avoids_the_old_pods_addresses() {
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0, "{d:?}");
     }
 }
+
+/// With a single pod thread, a failing ADD must still undo itself: its pod half holds the
+/// thread while it waits for an address, and must let it go before the undo (removing the veth
+/// pair) needs one. Here the subnet has one pod address, so the second ADD fails in IPAM after
+/// its veth pair was made.
+#[test]
+fn a_failed_add_undoes_itself_with_a_single_thread() {
+    let tiny = NodeNet {
+        subnet: "10.244.9.0/30".parse().unwrap(),
+        mtu: 1450,
+    };
+    let limits = CniLimits {
+        max_threads: 1,
+        ..CniLimits::default()
+    };
+    let mut node = Node::start_with(Some(tiny), limits);
+    let mut conf = node.conf("1.0.0");
+    conf["timeout"] = json!(20);
+    let (a, b) = (node.pod(), node.pod());
+    ok(cni("ADD", "only", &a.path(), &conf));
+    let o = cni("ADD", "second", &b.path(), &conf);
+    assert_eq!(code(&o), 100, "{o:?}");
+    assert_eq!(node.host_links().len(), 1);
+    assert!(pod_addr(&b).is_none());
+    ok(cni("DEL", "only", &a.path(), &conf));
+    assert!(node.host_links().is_empty() && node.ipam_files().is_empty());
+}
