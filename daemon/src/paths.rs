@@ -26,18 +26,24 @@ pub enum PathError {
     },
 }
 
-/// `path`'s directory, created (mode 0755) if missing, and checked: it must belong to root and
-/// be writable by root alone; so must every directory above it, except that a sticky one (like
-/// /tmp) may be writable by all, since others cannot rename or remove root's entries in it.
+/// `path`'s directory, created (mode 0755, whatever the umask lets through beyond that) if
+/// missing, and checked: it must belong to root and be writable by root alone; so must every
+/// directory above it, except that a sticky one (like /tmp) may be writable by all, since
+/// others cannot rename or remove root's entries in it.
 pub fn private_parent(path: &Path) -> Result<PathBuf, PathError> {
+    use std::os::unix::fs::DirBuilderExt;
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    std::fs::create_dir_all(&dir).map_err(|err| PathError::Io {
-        dir: dir.clone(),
-        err,
-    })?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(&dir)
+        .map_err(|err| PathError::Io {
+            dir: dir.clone(),
+            err,
+        })?;
     let real = std::fs::canonicalize(&dir).map_err(|err| PathError::Io {
         dir: dir.clone(),
         err,
@@ -123,6 +129,45 @@ mod tests {
         let e = private_parent(&below.join("subnet.env")).unwrap_err();
         assert!(matches!(e, PathError::NotRoot { uid: 65534, .. }), "{e}");
         assert!(e.to_string().contains("uid 65534"), "{e}");
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    const ROLE: &str = "TWILL_PATHS_TEST_DIR";
+
+    /// Run by `created_dirs_pass_under_a_loose_umask` in a process with umask 0002.
+    #[test]
+    fn create_under_umask_role() {
+        if let Ok(d) = std::env::var(ROLE) {
+            private_parent(&Path::new(&d).join("run/twill/cni.sock")).unwrap();
+        }
+    }
+
+    /// Directories twilld creates itself are root's alone even under a umask that would leave
+    /// them group-writable (which twilld would then refuse).
+    #[test]
+    fn created_dirs_pass_under_a_loose_umask() {
+        let d = tmp("umask");
+        let out = std::process::Command::new("sh")
+            .args([
+                "-c",
+                "umask 0002 && exec \"$0\" --exact paths::tests::create_under_umask_role --test-threads 1",
+            ])
+            .arg(std::env::current_exe().unwrap())
+            .env(ROLE, &d)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mode = fs::metadata(d.join("run/twill"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o755);
         fs::remove_dir_all(d).unwrap();
     }
 }
