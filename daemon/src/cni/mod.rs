@@ -155,11 +155,24 @@ pub async fn serve(
 }
 
 /// Creates the parent directory (which only root may write, see `paths`), replaces a stale
-/// socket (never a non-socket file), mode 0600.
+/// socket (never a non-socket file, never one another process still serves), mode 0600.
 fn bind(path: &Path) -> std::io::Result<UnixListener> {
     crate::paths::private_parent(path).map_err(std::io::Error::other)?;
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(m) if m.file_type().is_socket() => {
+            // The state dir's lock stops a second twilld on the same state dir only; one with
+            // another state dir but this socket must not take the live one away.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!(
+                        "{} is served by another process (another twilld?)",
+                        path.display()
+                    ),
+                ));
+            }
+            std::fs::remove_file(path)?
+        }
         Ok(_) => {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::AlreadyExists,
@@ -267,5 +280,36 @@ async fn write_response(stream: &mut UnixStream, resp: &Response) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::debug!(error = %e, "CNI client went away before the answer"),
         Err(_) => tracing::warn!("CNI client did not take the answer in time"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_live_socket_is_never_replaced_a_stale_one_is() {
+        let d = std::env::temp_dir().join(format!("twill-cni-bind-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let sock = d.join("cni.sock");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let live = bind(&sock).unwrap();
+            let e = bind(&sock).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
+            assert!(e.to_string().contains("cni.sock"), "{e}");
+            // Still the first listener's socket: a client reaches it.
+            let _c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+            assert!(live.accept().await.is_ok());
+            drop(live);
+            // Nobody serves it any more: replaced.
+            bind(&sock).unwrap();
+        });
+        std::fs::remove_dir_all(d).unwrap();
     }
 }
