@@ -271,6 +271,32 @@ pub fn group_chain_name(policies: &BTreeSet<PolicyKey>, dir: Direction) -> Strin
     name_of(&format!("grp-{}", dir_tag(dir)), policies)
 }
 
+/// The policies isolating one pod with `labels` in `namespace`, [ingress, egress]: the same
+/// choice `compile` makes for every local pod, for one (CNI ADD's fast path).
+pub fn isolating(
+    c: &Cluster,
+    namespace: &str,
+    labels: &crate::api::Labels,
+) -> [BTreeSet<PolicyKey>; 2] {
+    let mut out: [BTreeSet<PolicyKey>; 2] = Default::default();
+    for (pkey, policy) in c.policies_in_namespace(namespace) {
+        let Ok(sel) = Selector::parse(&policy.spec.pod_selector) else {
+            continue;
+        };
+        if !sel.matches(labels) {
+            continue;
+        }
+        let types = policy.spec.effective_types();
+        if types.ingress {
+            out[0].insert(pkey.clone());
+        }
+        if types.egress {
+            out[1].insert(pkey.clone());
+        }
+    }
+    out
+}
+
 // ---------------------------------------------------------------------------------------------
 // Compile
 

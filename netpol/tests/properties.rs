@@ -457,6 +457,34 @@ proptest! {
         prop_assert!(checked >= 2 * 25 * 4);
     }
 
+    /// CNI ADD's fast path picks a new pod's group chains with `isolating`: it must be the
+    /// choice `compile` makes.
+    #[test]
+    fn one_pods_isolating_policies_name_compiles_group_chains(w in world()) {
+        let c = build(&w);
+        for node in NODES {
+            let prog = compile(&c, node);
+            for (k, p) in c.pods_on_node(node).filter(|(_, p)| p.is_live()) {
+                let iso = netpol::program::isolating(&c, &k.namespace, &p.labels);
+                for ip in &p.ips {
+                    // A shared address gets every claimant's policies: the fast path
+                    // leaves those to the full compile.
+                    if c.pods_with_ip(*ip).count() > 1 {
+                        continue;
+                    }
+                    for (set, map, dir) in [
+                        (&iso[0], &prog.ingress, Direction::Ingress),
+                        (&iso[1], &prog.egress, Direction::Egress),
+                    ] {
+                        let want = (!set.is_empty())
+                            .then(|| netpol::program::group_chain_name(set, dir));
+                        prop_assert_eq!(map.get(ip).cloned(), want, "{} {}", k, ip);
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_remote_pod_changes_only_set_elements(w in world(), pick in any::<prop::sample::Index>()) {
         prop_assume!(!w.pods.is_empty());
