@@ -3,8 +3,12 @@
 //! kernel. One task owns all of it; the CNI server and the main loop talk to it by message.
 //!
 //! - A pod is programmed in CNI ADD before the answer (`PolicyHandle::pod_up`): no moment where
-//!   a pod some policy isolates is reachable unprotected. When only elements move (the usual
-//!   case) that is one netlink transaction, not an nft run.
+//!   a pod some policy isolates is reachable unprotected. Usually the pod's own verdict-map
+//!   entries are all it needs (its policies' chains exist already): one netlink transaction,
+//!   no compile, and the full program (the pod as a peer in others' sets, its named ports)
+//!   follows right after the answer, when no other request waits. Until then the pod is only
+//!   ever more closed than its policies say, never more open. Otherwise the whole program is
+//!   compiled and applied before the answer.
 //! - Everything else (a policy, a namespace's labels, a remote pod) is applied as it arrives,
 //!   as the difference to what the kernel has, in one transaction.
 //! - The last cluster state is kept in `<state-dir>/policy-cache.json` and the local pods in
@@ -164,6 +168,8 @@ struct Engine {
     /// Pod records to write to (Some) or delete from (None) etcd, by key; retried until done.
     records: mpsc::UnboundedSender<(String, Option<Vec<u8>>)>,
     cache_dirty: bool,
+    /// A pod went in by the fast path: the full program is due.
+    sync_due: bool,
 }
 
 async fn run<S: ObjectStore>(
@@ -208,6 +214,7 @@ async fn run<S: ObjectStore>(
         logged: std::collections::HashMap::new(),
         records,
         cache_dirty: false,
+        sync_due: false,
     };
     if cached {
         tracing::info!("policy: programming the cached cluster state until etcd answers");
@@ -228,7 +235,8 @@ async fn run<S: ObjectStore>(
     let mut cache_tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
-            Some(p) = recv_opt(&mut denied_rx) => e.log_denied(p),
+            // Requests first: a CNI ADD must not wait behind work that can wait.
+            biased;
             msg = rx.recv() => match msg {
                 None => return,
                 Some(Msg::PodUp(pod, reply)) => {
@@ -241,6 +249,7 @@ async fn run<S: ObjectStore>(
                 }
                 Some(Msg::Check) => e.check().await,
             },
+            Some(p) = recv_opt(&mut denied_rx) => e.log_denied(p),
             ev = dir_rx.recv() => {
                 let Some((dir, ev)) = ev else { return };
                 let mut changed = e.on_dir(dir, ev);
@@ -257,6 +266,11 @@ async fn run<S: ObjectStore>(
                 if std::mem::take(&mut e.cache_dirty) {
                     e.objects.save_cache();
                 }
+            }
+            // Nothing else is ready: the program the fast path left for later.
+            _ = std::future::ready(()), if e.sync_due => {
+                e.sync("pod added").await;
+                e.publish();
             }
         }
     }
@@ -315,17 +329,88 @@ impl Engine {
             ));
         }
         let key = pod.key();
+        let pod_key = netpol::model::PodKey::new(pod.namespace(), &pod.pod.metadata.name);
         let value = serde_json::to_vec(&pod.pod).map_err(|e| PodUpError::Failed(e.to_string()))?;
         self.objects.local_up(pod).map_err(PodUpError::Failed)?;
-        self.sync("pod added").await;
-        if let Some(err) = &self.status.error {
-            return Err(PodUpError::Failed(format!(
-                "programming network policy: {err}"
-            )));
+        if self.pod_up_fast(&pod_key).await {
+            self.sync_due = true;
+        } else {
+            self.sync("pod added").await;
+            if let Some(err) = &self.status.error {
+                return Err(PodUpError::Failed(format!(
+                    "programming network policy: {err}"
+                )));
+            }
         }
         let _ = self.records.send((key, Some(value)));
         self.publish();
         Ok(())
+    }
+
+    /// The new pod's own verdict-map entries, when that is all it takes to enforce its
+    /// policies on it: the kernel runs the program the last sync gave it, the group chains the
+    /// pod's policies select exist there, and no other pod claims its addresses. False: the
+    /// caller compiles everything.
+    async fn pod_up_fast(&mut self, key: &netpol::model::PodKey) -> bool {
+        let (Some(prog), Some(_)) = (
+            self.program.as_ref(),
+            self.writer.as_ref().and_then(TableWriter::applied),
+        ) else {
+            return false;
+        };
+        let c = self.objects.cluster();
+        let Some(rec) = c.pod(key) else {
+            return false;
+        };
+        if !rec.is_live()
+            || rec.node.as_deref() != Some(self.opts.node.as_str())
+            || rec
+                .ips
+                .iter()
+                .any(|ip| prog.local.contains(ip) || c.pods_with_ip(*ip).count() > 1)
+        {
+            return false;
+        }
+        let iso = program::isolating(c, &key.namespace, &rec.labels);
+        let mut d = program::ProgramDelta::default();
+        for (set, map, dir) in [
+            (&iso[0], &mut d.ingress, Direction::Ingress),
+            (&iso[1], &mut d.egress, Direction::Egress),
+        ] {
+            if set.is_empty() {
+                continue;
+            }
+            let group = program::group_chain_name(set, dir);
+            if !prog.chains.contains_key(&group) {
+                return false;
+            }
+            map.added
+                .extend(rec.ips.iter().map(|ip| (*ip, group.clone())));
+        }
+        let ips = rec.ips.clone();
+        if !(d.ingress.is_empty() && d.egress.is_empty()) {
+            let Some(ops) = render::element_ops(&d, prog) else {
+                return false;
+            };
+            let done = tokio::task::spawn_blocking(move || {
+                crate::netlink::nft_sets::apply(
+                    crate::netlink::nft_sets::NfFamily::Inet,
+                    render::TABLE,
+                    &ops,
+                )
+            })
+            .await;
+            if !matches!(done, Ok(Ok(()))) {
+                return false;
+            }
+        }
+        // What the kernel holds now; the next sync's difference starts from it.
+        let prog = self.program.as_mut().expect("checked above");
+        prog.local.extend(ips);
+        prog.ingress.extend(d.ingress.added);
+        prog.egress.extend(d.egress.added);
+        Metrics::inc(&self.shared.metrics.policy_fast_syncs);
+        true
     }
 
     async fn pod_down(&mut self, a: &Attachment) {
@@ -351,6 +436,7 @@ impl Engine {
     /// Compiles the cluster for this node and makes the kernel hold it: element operations
     /// over netlink when only elements move, else the table difference through nft.
     async fn sync(&mut self, why: &str) {
+        self.sync_due = false;
         let Some(writer) = self.writer.as_mut() else {
             return;
         };
