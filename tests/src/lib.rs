@@ -17,6 +17,7 @@ pub mod netpol;
 pub mod pod;
 pub mod proc;
 pub mod runtime;
+pub mod stall;
 pub mod stream;
 pub mod wait;
 
