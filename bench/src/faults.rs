@@ -57,6 +57,7 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
     let faults = [
         Fault::KillRestart { node: 1 },
         Fault::KillRestart { node: 2 },
+        Fault::KillRestart { node: 3 },
         Fault::EtcdDown { down: s.etcd_down },
         Fault::EtcdRestart,
         Fault::CompactionBehind { node: 1 },
