@@ -12,6 +12,7 @@ mod convergence;
 mod datapath;
 mod etcd;
 mod etcd_load;
+mod faults;
 mod footprint;
 mod nl;
 mod refns;
@@ -38,10 +39,11 @@ enum Scenario {
     Datapath,
     Backends,
     Etcd,
+    Faults,
     All,
 }
 
-const ALL: [Scenario; 7] = [
+const ALL: [Scenario; 8] = [
     Scenario::Cni,
     Scenario::Convergence,
     Scenario::Coldstart,
@@ -49,6 +51,7 @@ const ALL: [Scenario; 7] = [
     Scenario::Datapath,
     Scenario::Backends,
     Scenario::Etcd,
+    Scenario::Faults,
 ];
 
 impl Scenario {
@@ -61,6 +64,7 @@ impl Scenario {
             Scenario::Datapath => "datapath",
             Scenario::Backends => "backends",
             Scenario::Etcd => "etcd",
+            Scenario::Faults => "faults",
             Scenario::All => "all",
         }
     }
@@ -178,6 +182,7 @@ fn run_one(ctx: &Ctx, s: Scenario, out: &Path) -> ScenarioResult {
         Scenario::Datapath => datapath::run(ctx, &mut r),
         Scenario::Backends => backends::run(ctx, &mut r),
         Scenario::Etcd => etcd_load::run(ctx, &mut r),
+        Scenario::Faults => faults::run(ctx, &mut r),
         Scenario::All => Err(anyhow!("'all' is not a single scenario")),
     }));
     r.error = match outcome {

@@ -614,6 +614,19 @@ impl Lab {
         self.etcd_ref()?.compact()
     }
 
+    /// An unlabelled metric from etcd's own /metrics (None if etcd does not export it).
+    pub fn etcd_metric(&self, name: &str) -> Result<Option<f64>> {
+        let port = self
+            .etcd_port()
+            .ok_or_else(|| anyhow!("this lab has no etcd"))?;
+        let addr = SocketAddr::from((UNDERLAY_IP, port));
+        let (code, body) = http::get_in_netns(&self.underlay_ns(), addr, "/metrics")?;
+        if code != 200 {
+            bail!("GET /metrics from etcd: {code}");
+        }
+        Ok(parse_metric(&body, name))
+    }
+
     pub fn etcd_revision(&self) -> Result<i64> {
         self.etcd_ref()?.revision()
     }
@@ -721,6 +734,30 @@ impl Lab {
     /// SIGKILL and reap.
     pub fn kill_daemon(&mut self, i: usize) -> Result<ExitStatus> {
         self.signal_and_wait(i, Signal::SIGKILL)
+    }
+
+    /// SIGSTOP: twilld on node i stops running (its sockets stay open, nothing is read)
+    /// until `resume_daemon`. Teardown kills a paused daemon like any other.
+    pub fn pause_daemon(&mut self, i: usize) -> Result<()> {
+        self.signal_daemon(i, Signal::SIGSTOP)
+    }
+
+    /// SIGCONT after `pause_daemon`.
+    pub fn resume_daemon(&mut self, i: usize) -> Result<()> {
+        self.signal_daemon(i, Signal::SIGCONT)
+    }
+
+    fn signal_daemon(&mut self, i: usize, sig: Signal) -> Result<()> {
+        self.check_node(i);
+        let child = self.daemons[i - 1]
+            .as_mut()
+            .ok_or_else(|| anyhow!("no twilld started on node {i}"))?;
+        if child.try_wait().is_some() {
+            bail!("twilld on node {i} has exited");
+        }
+        child
+            .signal(sig)
+            .with_context(|| format!("{sig} to twilld on node {i}"))
     }
 
     fn signal_and_wait(&mut self, i: usize, sig: Signal) -> Result<ExitStatus> {

@@ -127,3 +127,40 @@ where
     .join()
     .map_err(|_| anyhow!("thread inside netns {name} panicked"))?
 }
+
+/// Start `f` on a named thread that has entered the named network namespace, and return once
+/// it is inside, without waiting for `f`: for long-lived sockets (a traffic stream). Errors
+/// here if the namespace cannot be entered; `f`'s value comes with the join.
+pub fn spawn_in_netns<T, F>(
+    name: &str,
+    thread: &str,
+    f: F,
+) -> Result<std::thread::JoinHandle<Result<T>>>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let path = Path::new(NETNS_DIR).join(name);
+    let file = File::open(&path).with_context(|| format!("open {}", path.display()))?;
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let ns = name.to_owned();
+    let handle = std::thread::Builder::new()
+        .name(thread.to_owned())
+        .spawn(move || -> Result<T> {
+            if let Err(e) = setns(&file, CloneFlags::CLONE_NEWNET) {
+                let _ = entered_tx.send(Err(e.to_string()));
+                bail!("setns into {ns}: {e}");
+            }
+            let _ = entered_tx.send(Ok(()));
+            Ok(f())
+        })
+        .context("spawn thread")?;
+    match entered_rx.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(e)) => {
+            let _ = handle.join();
+            bail!("setns into {name}: {e}")
+        }
+        Err(_) => bail!("the thread for netns {name} died before entering it"),
+    }
+}
