@@ -14,6 +14,8 @@ mod etcd;
 mod etcd_load;
 mod footprint;
 mod nl;
+mod policy;
+mod polgen;
 mod refns;
 mod report;
 mod stats;
@@ -38,10 +40,11 @@ enum Scenario {
     Datapath,
     Backends,
     Etcd,
+    Netpol,
     All,
 }
 
-const ALL: [Scenario; 7] = [
+const ALL: [Scenario; 8] = [
     Scenario::Cni,
     Scenario::Convergence,
     Scenario::Coldstart,
@@ -49,6 +52,7 @@ const ALL: [Scenario; 7] = [
     Scenario::Datapath,
     Scenario::Backends,
     Scenario::Etcd,
+    Scenario::Netpol,
 ];
 
 impl Scenario {
@@ -61,6 +65,7 @@ impl Scenario {
             Scenario::Datapath => "datapath",
             Scenario::Backends => "backends",
             Scenario::Etcd => "etcd",
+            Scenario::Netpol => "netpol",
             Scenario::All => "all",
         }
     }
@@ -178,6 +183,7 @@ fn run_one(ctx: &Ctx, s: Scenario, out: &Path) -> ScenarioResult {
         Scenario::Datapath => datapath::run(ctx, &mut r),
         Scenario::Backends => backends::run(ctx, &mut r),
         Scenario::Etcd => etcd_load::run(ctx, &mut r),
+        Scenario::Netpol => policy::run(ctx, &mut r),
         Scenario::All => Err(anyhow!("'all' is not a single scenario")),
     }));
     r.error = match outcome {

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-const SCENARIOS: [&str; 7] = [
+const SCENARIOS: [&str; 8] = [
     "cni",
     "convergence",
     "coldstart",
@@ -15,6 +15,7 @@ const SCENARIOS: [&str; 7] = [
     "datapath",
     "backends",
     "etcd",
+    "netpol",
 ];
 
 struct TempDir(PathBuf);
