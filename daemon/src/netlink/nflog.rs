@@ -105,10 +105,9 @@ pub fn subscribe(group: u16) -> Result<mpsc::Receiver<LoggedPacket>, NetlinkErro
                 }
             };
             for p in packets(&buf[..n]) {
-                match tx.try_send(p) {
-                    Err(mpsc::error::TrySendError::Closed(_)) => return,
-                    // Full: a burst of denials; the log is a sample, the counters are exact.
-                    _ => {}
+                // Full: a burst of denials; the log is a sample, the counters are exact.
+                if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(p) {
+                    return;
                 }
             }
         })
