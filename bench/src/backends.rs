@@ -135,7 +135,13 @@ fn fresh_pods(lab: &mut Lab, old: Vec<Pod>, tag: &str) -> Result<Vec<Pod>> {
 
 /// TCP connections per second from `from_ns` to a listener at `ip:port` in `to_ns`, each
 /// connected, one byte exchanged, closed.
-pub(crate) fn conn_rate(from_ns: &str, to_ns: &str, ip: Ipv4Addr, port: u16, secs: f64) -> Result<f64> {
+pub(crate) fn conn_rate(
+    from_ns: &str,
+    to_ns: &str,
+    ip: Ipv4Addr,
+    port: u16,
+    secs: f64,
+) -> Result<f64> {
     let addr = SocketAddr::from((ip, port));
     let stop = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();

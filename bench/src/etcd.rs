@@ -195,7 +195,11 @@ impl Writer {
     }
 
     /// One put, timed: the instant just before it was sent, and when etcd acknowledged it.
-    pub fn put_timed(&self, key: &str, value: &str) -> Result<(std::time::Instant, std::time::Duration)> {
+    pub fn put_timed(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> Result<(std::time::Instant, std::time::Duration)> {
         let (k, v) = (key.to_string(), value.to_string());
         self.with(move |rt, c| -> Result<_> {
             let t0 = std::time::Instant::now();

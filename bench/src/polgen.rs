@@ -38,8 +38,9 @@ fn tier(app: &str) -> &'static str {
 
 /// Small stable hash (pod-template-hash look-alike).
 fn hash(s: &str) -> u32 {
-    s.bytes()
-        .fold(2166136261u32, |h, b| (h ^ u32::from(b)).wrapping_mul(16777619))
+    s.bytes().fold(2166136261u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(16777619)
+    })
 }
 
 /// The labels a Deployment's pods carry.
@@ -399,10 +400,11 @@ pub fn kube_router(c: &Cluster, node: &str) -> KubeRouter {
             k.ipsets += 1;
             k.members += targets.len();
             for r in pol.spec.egress.iter().flatten() {
-                let peers: Vec<&PodRecord> = peer_pods(c, &pk.namespace, r.to.as_deref().unwrap_or(&[]))
-                    .iter()
-                    .filter_map(|key| c.pod(key))
-                    .collect();
+                let peers: Vec<&PodRecord> =
+                    peer_pods(c, &pk.namespace, r.to.as_deref().unwrap_or(&[]))
+                        .iter()
+                        .filter_map(|key| c.pod(key))
+                        .collect();
                 let (ru, s, m) =
                     rule_cost(c, &pk.namespace, r.to.as_ref(), r.ports.as_ref(), &peers);
                 k.rules += ru;

@@ -128,7 +128,11 @@ fn bench_policy(name: &str, spec: Value) -> (String, String) {
 
 /// The policy whose edit flips the client's verdict: allow from the client, or from nobody.
 fn flip_policy(allow: bool) -> (String, String) {
-    let peer = if allow { "bench-client" } else { "bench-nobody" };
+    let peer = if allow {
+        "bench-client"
+    } else {
+        "bench-nobody"
+    };
     bench_policy(
         "b-flip",
         json!({"podSelector": sel("app", "bench-server"), "policyTypes": ["Ingress"],
@@ -668,7 +672,11 @@ impl FlipSamples {
         self.allow.iter().chain(&self.deny).copied().collect()
     }
     fn ref_both(&self) -> Vec<f64> {
-        self.ref_allow.iter().chain(&self.ref_deny).copied().collect()
+        self.ref_allow
+            .iter()
+            .chain(&self.ref_deny)
+            .copied()
+            .collect()
     }
 }
 
@@ -773,12 +781,15 @@ fn push_flip_rows(res: &mut ScenarioResult, what: &str, s: &FlipSamples, path: &
             )),
     );
     res.metrics.push(
-        Metric::new(&format!("{what}: twilld sync on node 1"), "ms", &s.steps.total).note(
-            format!(
-                "twilld's own account (/status last_sync): {} ({path})",
-                s.steps.describe()
-            ),
-        ),
+        Metric::new(
+            &format!("{what}: twilld sync on node 1"),
+            "ms",
+            &s.steps.total,
+        )
+        .note(format!(
+            "twilld's own account (/status last_sync): {} ({path})",
+            s.steps.describe()
+        )),
     );
 }
 
@@ -981,7 +992,12 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
         let (k, v) = flip_policy(allow);
         writer.put_timed(&k, &v)
     })?;
-    push_flip_rows(res, "policy edit", &policy_flips, "a new peer set and the chain's rules");
+    push_flip_rows(
+        res,
+        "policy edit",
+        &policy_flips,
+        "a new peer set and the chain's rules",
+    );
     res.metrics.push(
         Metric::new("etcd put → watch event", "ms", &watch_ev).note(format!(
             "etcd's own floor under any watcher (the bench's client, a watch opened before the \
@@ -1112,7 +1128,10 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
         }
         let after = sync_counters(&lab, 1);
         let (on_s, off_s) = (Stats::of(&a_on), Stats::of(&a_off));
-        let added = on_s.as_ref().zip(off_s.as_ref()).map(|(a, b)| a.median - b.median);
+        let added = on_s
+            .as_ref()
+            .zip(off_s.as_ref())
+            .map(|(a, b)| a.median - b.median);
         res.metrics.push(
             Metric::new(&format!("CNI ADD, {}", kind.name), "ms", &a_on)
                 .vs("same ADD, --network-policy=false (node 3)", &a_off)
@@ -1190,8 +1209,10 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
     )
     .vs("no policies", &g_off);
     let met = within(&m);
-    res.metrics
-        .push(m.target("within 5 %", met).note("client on node 2 → server on node 1"));
+    res.metrics.push(
+        m.target("within 5 %", met)
+            .note("client on node 2 → server on node 1"),
+    );
     let m = Metric::new(
         &format!("TCP connections, {} policies in force", cfg.policies),
         "conn/s",
@@ -1262,7 +1283,8 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
                 edit_ms.push(st.total);
                 edit_steps.push(st);
             }
-            sim0["metadata"]["labels"]["app"] = json!(if e % 2 == 0 { "backend" } else { "frontend" });
+            sim0["metadata"]["labels"]["app"] =
+                json!(if e % 2 == 0 { "backend" } else { "frontend" });
             let before = sync_counters(&lab, 1);
             writer.put_timed(&sk, &sim0.to_string())?;
             if let Some(st) = sync_after(&lab, 1, before) {
@@ -1299,9 +1321,13 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
                 )),
         );
         res.metrics.push(
-            Metric::new(&format!("set elements, {tag}"), "elements", &[fresh.elements as f64])
-                .vs_value("kube-router ipset members (computed)", kr.members as f64)
-                .note(format!("live before the restart: {}", live.elements)),
+            Metric::new(
+                &format!("set elements, {tag}"),
+                "elements",
+                &[fresh.elements as f64],
+            )
+            .vs_value("kube-router ipset members (computed)", kr.members as f64)
+            .note(format!("live before the restart: {}", live.elements)),
         );
         res.metrics.push(
             Metric::new(&format!("twilld RSS, {tag}"), "MiB", &[rss]).note(format!(
@@ -1311,15 +1337,13 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
             )),
         );
         res.metrics.push(
-            Metric::new(&format!("whole table programmed, {tag}"), "ms", &[full_ms]).note(
-                format!(
-                    "twilld's first sync after a start: compile {:.1}, render {:.1}, nft -f of \
+            Metric::new(&format!("whole table programmed, {tag}"), "ms", &[full_ms]).note(format!(
+                "twilld's first sync after a start: compile {:.1}, render {:.1}, nft -f of \
                      the whole table {:.1} ms",
-                    full_steps.map_or(f64::NAN, |s| s.compile),
-                    full_steps.map_or(f64::NAN, |s| s.render),
-                    full_steps.map_or(f64::NAN, |s| s.apply),
-                ),
-            ),
+                full_steps.map_or(f64::NAN, |s| s.compile),
+                full_steps.map_or(f64::NAN, |s| s.render),
+                full_steps.map_or(f64::NAN, |s| s.apply),
+            )),
         );
         res.metrics.push(
             Metric::new(&format!("one policy edit, {tag}"), "ms", &edit_ms).note(format!(

@@ -309,9 +309,7 @@ mod tests {
             "{out}"
         );
         assert!(
-            out.contains(
-                "last change 0.4 ms (compile 0.1, render 0.1, apply 0.2 by netlink)"
-            ),
+            out.contains("last change 0.4 ms (compile 0.1, render 0.1, apply 0.2 by netlink)"),
             "{out}"
         );
     }
