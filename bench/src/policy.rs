@@ -896,7 +896,7 @@ fn model_cluster(real: &[RealPod], sim: usize, policies: usize) -> Result<netpol
 }
 
 fn k(n: usize) -> String {
-    if n >= 1000 && n % 1000 == 0 {
+    if n >= 1000 && n.is_multiple_of(1000) {
         format!("{}k", n / 1000)
     } else {
         n.to_string()
