@@ -41,7 +41,7 @@ fn ns_exec(ns: &str, args: &[&str]) -> Result<String> {
 }
 
 /// Kills the iperf3 servers when the scenario ends, however it ends.
-struct Servers(Vec<Child>);
+pub(crate) struct Servers(pub(crate) Vec<Child>);
 impl Drop for Servers {
     fn drop(&mut self) {
         for c in &mut self.0 {
@@ -51,7 +51,7 @@ impl Drop for Servers {
     }
 }
 
-fn iperf_server(ns: &str, ip: &str, port: u16) -> Result<Child> {
+pub(crate) fn iperf_server(ns: &str, ip: &str, port: u16) -> Result<Child> {
     Ok(
         netns::exec_cmd(ns, &["iperf3", "-s", "-B", ip, "-p", &port.to_string()])
             .stdout(std::process::Stdio::null())
@@ -61,7 +61,7 @@ fn iperf_server(ns: &str, ip: &str, port: u16) -> Result<Child> {
 }
 
 /// Gbit/s received by the server side.
-fn iperf(ns: &str, ip: &str, port: u16, secs: u32, streams: u32) -> Result<f64> {
+pub(crate) fn iperf(ns: &str, ip: &str, port: u16, secs: u32, streams: u32) -> Result<f64> {
     let out = ns_exec(
         ns,
         &[
@@ -135,7 +135,13 @@ fn fresh_pods(lab: &mut Lab, old: Vec<Pod>, tag: &str) -> Result<Vec<Pod>> {
 
 /// TCP connections per second from `from_ns` to a listener at `ip:port` in `to_ns`, each
 /// connected, one byte exchanged, closed.
-fn conn_rate(from_ns: &str, to_ns: &str, ip: Ipv4Addr, port: u16, secs: f64) -> Result<f64> {
+pub(crate) fn conn_rate(
+    from_ns: &str,
+    to_ns: &str,
+    ip: Ipv4Addr,
+    port: u16,
+    secs: f64,
+) -> Result<f64> {
     let addr = SocketAddr::from((ip, port));
     let stop = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();

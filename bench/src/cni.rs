@@ -33,9 +33,24 @@ pub fn call(
     id: &str,
     netns_path: &str,
 ) -> (Duration, std::result::Result<String, String>) {
+    call_with_args(p, command, id, netns_path, None)
+}
+
+/// `call` with CNI_ARGS (e.g. `K8S_POD_NAMESPACE=x;K8S_POD_NAME=y`, as kubelet sends them).
+pub fn call_with_args(
+    p: &Plugin,
+    command: &str,
+    id: &str,
+    netns_path: &str,
+    cni_args: Option<&str>,
+) -> (Duration, std::result::Result<String, String>) {
     let start = Instant::now();
     let res = (|| -> std::result::Result<String, String> {
-        let mut child = Command::new(&p.bin)
+        let mut cmd = Command::new(&p.bin);
+        if let Some(a) = cni_args {
+            cmd.env("CNI_ARGS", a);
+        }
+        let mut child = cmd
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", id)
             .env("CNI_NETNS", netns_path)

@@ -73,9 +73,13 @@ pub fn entry_keys(peers: &[SimPeer]) -> Vec<String> {
 /// The network config every scenario uses: a /8 so 5,000+ nodes fit.
 pub const CONFIG: &str = r#"{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#;
 
+/// Work for the writer's thread: anything with its runtime and client.
+type Job = Box<dyn FnOnce(&tokio::runtime::Runtime, &mut Client) + Send>;
+
 enum Cmd {
     Put(Vec<(String, String)>, mpsc::Sender<Result<usize>>),
     Delete(Vec<String>, mpsc::Sender<Result<usize>>),
+    Run(Job),
 }
 
 /// An etcd client on its own thread inside the lab's underlay namespace (where etcd listens),
@@ -121,6 +125,7 @@ impl Writer {
                         Cmd::Delete(keys, reply) => {
                             let _ = reply.send(rt.block_on(delete(&mut client, keys)));
                         }
+                        Cmd::Run(job) => job(&rt, &mut client),
                     }
                 }
             })?;
@@ -153,6 +158,104 @@ impl Writer {
     pub fn delete_peers(&self, peers: &[SimPeer]) -> Result<usize> {
         let keys = peers.iter().map(SimPeer::key).collect();
         self.call(|r| Cmd::Delete(keys, r))
+    }
+
+    /// Write any keys (transactions of up to 100 puts); returns the etcd requests it took.
+    pub fn put_kvs(&self, kvs: Vec<(String, String)>) -> Result<usize> {
+        if kvs.is_empty() {
+            return Ok(0);
+        }
+        self.call(|r| Cmd::Put(kvs, r))
+    }
+
+    pub fn delete_keys(&self, keys: Vec<String>) -> Result<usize> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        self.call(|r| Cmd::Delete(keys, r))
+    }
+
+    /// Run `f` on the writer's thread with its runtime and client (inside the underlay
+    /// namespace), and return what it returns.
+    pub fn with<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&tokio::runtime::Runtime, &mut Client) -> T + Send + 'static,
+    {
+        let (rtx, rrx) = mpsc::channel();
+        let job: Job = Box::new(move |rt, c| {
+            let _ = rtx.send(f(rt, c));
+        });
+        self.tx
+            .as_ref()
+            .expect("writer open")
+            .send(Cmd::Run(job))
+            .map_err(|_| anyhow!("etcd writer gone"))?;
+        rrx.recv().map_err(|_| anyhow!("etcd writer gone"))
+    }
+
+    /// One put, timed: the instant just before it was sent, and when etcd acknowledged it.
+    pub fn put_timed(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> Result<(std::time::Instant, std::time::Duration)> {
+        let (k, v) = (key.to_string(), value.to_string());
+        self.with(move |rt, c| -> Result<_> {
+            let t0 = std::time::Instant::now();
+            rt.block_on(c.put(k, v, None))?;
+            Ok((t0, t0.elapsed()))
+        })?
+    }
+
+    /// The value of `key`, if present.
+    pub fn get(&self, key: &str) -> Result<Option<String>> {
+        let k = key.to_string();
+        self.with(move |rt, c| -> Result<_> {
+            let resp = rt.block_on(c.get(k, None))?;
+            Ok(resp
+                .kvs()
+                .first()
+                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+        })?
+    }
+
+    /// Delete every key under `prefix`; returns how many went.
+    pub fn delete_prefix(&self, prefix: &str) -> Result<i64> {
+        let p = prefix.to_string();
+        self.with(move |rt, c| -> Result<_> {
+            let opts = etcd_client::DeleteOptions::new().with_prefix();
+            Ok(rt.block_on(c.delete(p, Some(opts)))?.deleted())
+        })?
+    }
+
+    /// etcd's own floor under any watcher: a watch on `key` is opened, then a put is timed to
+    /// the acknowledgement and to the watch event arriving (same client, same machine).
+    pub fn put_watch_latency(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> Result<(std::time::Duration, std::time::Duration)> {
+        let (k, v) = (key.to_string(), value.to_string());
+        self.with(move |rt, c| -> Result<_> {
+            rt.block_on(async {
+                let mut stream = c.watch(k.as_str(), None).await?;
+                // The first message confirms the watch was created.
+                stream.message().await?;
+                let t0 = std::time::Instant::now();
+                c.put(k.as_str(), v, None).await?;
+                let ack = t0.elapsed();
+                loop {
+                    match stream.message().await? {
+                        Some(r) if !r.events().is_empty() => break,
+                        Some(_) => continue,
+                        None => anyhow::bail!("watch closed"),
+                    }
+                }
+                let event = t0.elapsed();
+                Ok((ack, event))
+            })
+        })?
     }
 }
 

@@ -15,6 +15,8 @@ mod etcd_load;
 mod faults;
 mod footprint;
 mod nl;
+mod polgen;
+mod policy;
 mod refns;
 mod report;
 mod stats;
@@ -40,10 +42,11 @@ enum Scenario {
     Backends,
     Etcd,
     Faults,
+    Netpol,
     All,
 }
 
-const ALL: [Scenario; 8] = [
+const ALL: [Scenario; 9] = [
     Scenario::Cni,
     Scenario::Convergence,
     Scenario::Coldstart,
@@ -52,6 +55,7 @@ const ALL: [Scenario; 8] = [
     Scenario::Backends,
     Scenario::Etcd,
     Scenario::Faults,
+    Scenario::Netpol,
 ];
 
 impl Scenario {
@@ -65,6 +69,7 @@ impl Scenario {
             Scenario::Backends => "backends",
             Scenario::Etcd => "etcd",
             Scenario::Faults => "faults",
+            Scenario::Netpol => "netpol",
             Scenario::All => "all",
         }
     }
@@ -183,6 +188,7 @@ fn run_one(ctx: &Ctx, s: Scenario, out: &Path) -> ScenarioResult {
         Scenario::Backends => backends::run(ctx, &mut r),
         Scenario::Etcd => etcd_load::run(ctx, &mut r),
         Scenario::Faults => faults::run(ctx, &mut r),
+        Scenario::Netpol => policy::run(ctx, &mut r),
         Scenario::All => Err(anyhow!("'all' is not a single scenario")),
     }));
     r.error = match outcome {

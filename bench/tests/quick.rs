@@ -7,7 +7,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-const SCENARIOS: [&str; 8] = [
+const SCENARIOS: [&str; 9] = [
     "cni",
     "convergence",
     "coldstart",
@@ -16,6 +16,7 @@ const SCENARIOS: [&str; 8] = [
     "backends",
     "etcd",
     "faults",
+    "netpol",
 ];
 
 struct TempDir(PathBuf);
@@ -93,4 +94,33 @@ fn quick_run_measures_every_scenario() {
     assert!(number(&cni["ratio"]).is_some());
     let svg = std::fs::read_to_string(dir.0.join("cni_add.svg")).expect("ADD chart");
     assert!(svg.starts_with("<svg") && svg.contains("twill") && svg.contains("bridge+host-local"));
+    // Network policy: all five parts, each against the reference measured beside it.
+    let netpol = scenarios
+        .iter()
+        .find(|s| s["scenario"] == "netpol")
+        .unwrap();
+    let rows = netpol["metrics"].as_array().unwrap();
+    for (prefix, compared) in [
+        ("policy edit: write → enforced", true),
+        ("peer label edit: write → enforced", true),
+        ("target label edit: write → enforced", true),
+        ("CNI ADD, unselected pod", true),
+        ("CNI ADD, first of its kind here", true),
+        ("TCP 1 stream", true),
+        ("TCP connections", true),
+        ("nft rules, ", true),
+        ("set elements, ", true),
+        ("twilld RSS, ", false),
+    ] {
+        let m = rows
+            .iter()
+            .find(|m| m["name"].as_str().unwrap_or("").starts_with(prefix))
+            .unwrap_or_else(|| panic!("netpol has no '{prefix}' row"));
+        if compared {
+            assert!(number(&m["ratio"]).is_some(), "netpol/{prefix}: {m}");
+        }
+    }
+    let notes = netpol["notes"].to_string();
+    assert!(notes.contains("growth: pods"), "{notes}");
+    assert!(notes.contains("not measured"), "{notes}");
 }

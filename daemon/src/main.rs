@@ -182,7 +182,20 @@ fn render_status(v: &serde_json::Value) -> String {
             p.get("elements").map(s).unwrap_or_default(),
             p.get("last_sync_ms")
                 .and_then(|m| m.as_f64())
-                .map(|m| format!(", last change {m:.1} ms"))
+                .map(|m| {
+                    let st = &p["last_sync"];
+                    let f = |k: &str| st[k].as_f64().unwrap_or(f64::NAN);
+                    let steps = match st["path"].as_str() {
+                        Some(path) => format!(
+                            " (compile {:.1}, render {:.1}, apply {:.1} by {path})",
+                            f("compile_ms"),
+                            f("render_ms"),
+                            f("apply_ms")
+                        ),
+                        None => String::new(),
+                    };
+                    format!(", last change {m:.1} ms{steps}")
+                })
                 .unwrap_or_default(),
             match p.get("error").and_then(|e| e.as_str()) {
                 Some(e) => format!("; error: {e}"),
@@ -268,6 +281,7 @@ mod tests {
             "firewall": {"ip_masq": true, "random_fully": true, "forward_rules": true, "restores": 2,
                          "forward_chains": ["iptables FORWARD"], "error": null},
             "policy": {"loaded": true, "local_pods": 2, "chains": 4, "elements": 9, "last_sync_ms": 0.4,
+                       "last_sync": {"why": "pod added", "compile_ms": 0.1, "render_ms": 0.1, "apply_ms": 0.2, "path": "netlink"},
                        "in_force": [{"policy": "x/deny", "ingress": ["x/a", "x/b"], "egress": ["x/a"]}]},
             "last_reconcile": {"duration_ms": 1.5, "added": 3, "removed": 0, "failed": 0}
         });
@@ -292,6 +306,10 @@ mod tests {
         );
         assert!(
             out.contains("accepted ahead of drops in iptables FORWARD"),
+            "{out}"
+        );
+        assert!(
+            out.contains("last change 0.4 ms (compile 0.1, render 0.1, apply 0.2 by netlink)"),
             "{out}"
         );
     }

@@ -125,7 +125,22 @@ pub struct PolicyStatus {
     pub chains: usize,
     pub elements: usize,
     pub last_sync_ms: Option<f64>,
+    /// Where the last change's time went.
+    pub last_sync: Option<SyncSteps>,
     pub error: Option<String>,
+}
+
+/// The steps of one sync, ms: the cluster compiled for this node, the table rendered and
+/// compared with what the kernel has, the change applied (netlink element operations, or
+/// `nft -f` with the table's difference).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct SyncSteps {
+    pub why: String,
+    pub compile_ms: f64,
+    pub render_ms: f64,
+    pub apply_ms: f64,
+    /// "netlink" or "nft".
+    pub path: &'static str,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -442,6 +457,7 @@ impl Engine {
         };
         let start = Instant::now();
         let new = program::compile(self.objects.cluster(), &self.opts.node);
+        let compiled = Instant::now();
         if let Err(e) = new.check() {
             // A compiler bug, not input: keep what is enforced.
             tracing::error!(error = %e, "policy program failed its own check; not applied");
@@ -460,6 +476,8 @@ impl Engine {
             }
             _ => None,
         };
+        let rendered = Instant::now();
+        let mut path = if fast.is_some() { "netlink" } else { "nft" };
         let res = match fast {
             Some(ops) => {
                 let m = self.shared.metrics.clone();
@@ -484,6 +502,7 @@ impl Engine {
                             Ok(Ok(())) => unreachable!(),
                         };
                         tracing::warn!(error = %why, "netlink element update refused; applying through nft");
+                        path = "nft";
                         writer.apply(&table).await
                     }
                 }
@@ -495,8 +514,16 @@ impl Engine {
             Ok(()) => {
                 Metrics::inc(&m.policy_syncs);
                 let ms = start.elapsed().as_secs_f64() * 1e3;
-                tracing::debug!(why, ms, "policy programmed");
+                let steps = SyncSteps {
+                    why: why.to_string(),
+                    compile_ms: (compiled - start).as_secs_f64() * 1e3,
+                    render_ms: (rendered - compiled).as_secs_f64() * 1e3,
+                    apply_ms: rendered.elapsed().as_secs_f64() * 1e3,
+                    path,
+                };
+                tracing::debug!(why, ms, ?steps, "policy programmed");
                 self.status.last_sync_ms = Some(ms);
+                self.status.last_sync = Some(steps);
                 self.status.error = None;
                 if !new.shared_addresses.is_empty() {
                     tracing::warn!(addresses = ?new.shared_addresses, "several pods claim one address (a stale record?): each gets every claimant's policies");
