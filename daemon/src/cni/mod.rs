@@ -7,6 +7,7 @@ pub mod ipam;
 mod ops;
 
 pub use ops::host_veth_name;
+pub(crate) use ops::{dns_of, expected_of, valid_attachments};
 
 use std::net::Ipv4Addr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
