@@ -11,6 +11,9 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+#[doc(hidden)]
+pub mod fuzzing;
+
 /// Version of the socket protocol; bumped on any incompatible change.
 pub const PROTOCOL: u32 = 1;
 /// Largest frame either side accepts.
