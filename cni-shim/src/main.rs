@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use twill_proto::{
-    codes, frame_len, is_supported_version, version_has_gc_status, CniError, Command, Request,
-    Response, DEFAULT_SOCKET, PROTOCOL, SUPPORTED_VERSIONS,
+    codes, frame_len, is_supported_version, validate, version_has_gc_status, CniError, Command,
+    Request, Response, DEFAULT_SOCKET, PROTOCOL, SUPPORTED_VERSIONS,
 };
 
 /// Seconds to wait for twilld's answer unless the config's `timeout` says otherwise. ADD can
@@ -79,7 +79,10 @@ fn main() -> ExitCode {
 /// Returns what to print and whether it is a success.
 fn run(env: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> (Option<Value>, bool) {
     let parsed: Result<Value, String> = if stdin.len() > twill_proto::MAX_FRAME {
-        Err(format!("stdin exceeds {} bytes", twill_proto::MAX_FRAME))
+        Err(format!(
+            "the configuration on stdin exceeds the limit of {} bytes",
+            twill_proto::MAX_FRAME
+        ))
     } else {
         serde_json::from_slice::<Value>(stdin)
             .map_err(|e| e.to_string())
@@ -195,12 +198,16 @@ fn run(env: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> (Option<Value>, bo
     let container_id = env("CNI_CONTAINERID").unwrap_or_default();
     let ifname = env("CNI_IFNAME").unwrap_or_default();
     if matches!(command, Command::Add | Command::Check | Command::Del) {
-        if let Err(e) = validate_container_id(&container_id) {
+        if let Err(e) = validate::container_id(&container_id) {
             return fail(e);
         }
-        if let Err(e) = validate_ifname(&ifname) {
+        if let Err(e) = validate::ifname(&ifname) {
             return fail(e);
         }
+    }
+    let name = config.get("name").and_then(Value::as_str).unwrap_or("");
+    if let Err(e) = validate::network_name(name) {
+        return fail(e);
     }
 
     let socket = match config.get("socket") {
@@ -236,7 +243,19 @@ fn run(env: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> (Option<Value>, bo
         path: env("CNI_PATH").unwrap_or_default(),
         config,
     };
-    match exchange(&socket, &req, timeout) {
+    // Refused here, with the reason, rather than as an unreachable daemon.
+    let frame = match twill_proto::encode_frame(&req) {
+        Ok(f) => f,
+        Err(e) => {
+            return fail(CniError::new(
+                codes::INVALID_CONFIG,
+                format!(
+                "cannot send the request to twilld: {e} (the network configuration is too large)"
+            ),
+            ))
+        }
+    };
+    match exchange(&socket, &frame, timeout) {
         Ok(Response::Ok(out)) => (out, true),
         Ok(Response::Err(e)) => fail(e),
         Err(e) => {
@@ -254,51 +273,15 @@ fn run(env: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> (Option<Value>, bo
     }
 }
 
-/// Spec: starts with an alphanumeric, then alphanumerics, '_', '.', '-'.
-fn validate_container_id(id: &str) -> Result<(), CniError> {
-    let mut chars = id.chars();
-    let ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(CniError::new(
-            codes::INVALID_ENV,
-            format!("invalid CNI_CONTAINERID {id:?}: must start with a letter or digit followed by letters, digits, '_', '.' or '-'"),
-        ))
-    }
-}
-
-/// What the kernel accepts as a device name.
-fn validate_ifname(name: &str) -> Result<(), CniError> {
-    let ok = !name.is_empty()
-        && name.len() <= 15
-        && name != "."
-        && name != ".."
-        && !name
-            .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
-    if ok {
-        Ok(())
-    } else {
-        Err(CniError::new(
-            codes::INVALID_ENV,
-            format!("invalid CNI_IFNAME {name:?}: must be 1-15 characters without '/', ':' or whitespace"),
-        ))
-    }
-}
-
 /// One request, one response, every step bounded by `timeout`.
-fn exchange(socket: &Path, req: &Request, timeout: Duration) -> Result<Response, String> {
+fn exchange(socket: &Path, frame: &[u8], timeout: Duration) -> Result<Response, String> {
     let deadline = Instant::now() + timeout;
     let shown = socket.display().to_string();
     let mut stream =
         connect(socket, timeout).map_err(|e| format!("cannot reach twilld at {shown}: {e}"))?;
-    let frame =
-        twill_proto::encode_frame(req).map_err(|e| format!("cannot encode the request: {e}"))?;
     let sent = stream
         .set_write_timeout(Some(timeout))
-        .and_then(|_| stream.write_all(&frame));
+        .and_then(|_| stream.write_all(frame));
     if let Err(e) = sent {
         // twilld may refuse before reading (e.g. a non-root caller) and close: its answer is
         // still in our receive buffer and says more than EPIPE does.
@@ -405,31 +388,6 @@ fn connect(socket: &Path, timeout: Duration) -> std::io::Result<UnixStream> {
                 ))
             }
             _ => return Err(e),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn container_ids() {
-        for ok in ["a", "abc-1.2_3", "0f3e"] {
-            assert!(validate_container_id(ok).is_ok(), "{ok}");
-        }
-        for bad in ["", "-a", "a/b", "a b", "_x"] {
-            assert_eq!(validate_container_id(bad).unwrap_err().code, 4, "{bad}");
-        }
-    }
-
-    #[test]
-    fn ifnames() {
-        for ok in ["eth0", "net1", "a234567890abcde"] {
-            assert!(validate_ifname(ok).is_ok(), "{ok}");
-        }
-        for bad in ["", ".", "..", "a/b", "a b", "a234567890abcdef", "e:1"] {
-            assert_eq!(validate_ifname(bad).unwrap_err().code, 4, "{bad}");
         }
     }
 }

@@ -165,6 +165,40 @@ fn missing_env_names_every_missing_variable() {
     assert!(msg(&o).contains("CNI_CONTAINERID"));
 }
 
+/// libcni's rules, plus no control characters, checked before anything reaches the daemon:
+/// the container ID, ifname and network name end up in twilld's records one per line.
+#[test]
+fn identifiers_are_checked_as_libcni_checks_them() {
+    let c = conf("1.0.0", "/nonexistent/twill.sock");
+    for id in ["ctr\n1", " ctr1", "ctr1 ", "ctr\u{7}1"] {
+        let mut env = add_env("ADD");
+        env[1].1 = id;
+        let o = run(&env, &c);
+        assert_eq!(err_code(&o), 4, "{id:?}");
+        assert!(msg(&o).contains("CNI_CONTAINERID"), "{id:?}: {}", msg(&o));
+    }
+    for ifname in ["eth0\n", " eth0", "eth0 ", "et\u{1}h0"] {
+        let mut env = add_env("DEL");
+        env[3].1 = ifname;
+        let o = run(&env, &c);
+        assert_eq!(err_code(&o), 4, "{ifname:?}");
+        assert!(msg(&o).contains("CNI_IFNAME"), "{ifname:?}: {}", msg(&o));
+    }
+    for name in [
+        json!("bad name"),
+        json!("net\n"),
+        json!(" net"),
+        json!(""),
+        Value::Null,
+    ] {
+        let mut c = c.clone();
+        c["name"] = name.clone();
+        let o = run(&add_env("ADD"), &c);
+        assert_eq!(err_code(&o), 7, "{name}");
+        assert!(msg(&o).contains("network name"), "{name}: {}", msg(&o));
+    }
+}
+
 #[test]
 fn undecodable_stdin_is_code_6() {
     for garbage in [&b"{not json"[..], b"[1,2]", b"", b"\xff\xfe"] {

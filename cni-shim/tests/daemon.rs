@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tokio::sync::{oneshot, watch};
-use twill_daemon::cni::{serve, CniOptions, NodeNet};
+use twill_daemon::cni::{serve, CniLimits, CniOptions, NodeNet};
 use twill_daemon::metrics::Metrics;
 
 const BIN: &str = env!("CARGO_BIN_EXE_twill");
@@ -123,12 +123,17 @@ struct Node {
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
     pods: u32,
+    limits: CniLimits,
 }
 
 static NODES: AtomicU32 = AtomicU32::new(0);
 
 impl Node {
     fn start(net: Option<NodeNet>) -> Self {
+        Self::start_with(net, CniLimits::default())
+    }
+
+    fn start_with(net: Option<NodeNet>, limits: CniLimits) -> Self {
         let k = NODES.fetch_add(1, Ordering::Relaxed);
         let ns = Netns::new(format!("twc{}n{k}", std::process::id()));
         let dir = TempDir::new(&format!("n{k}"));
@@ -144,6 +149,7 @@ impl Node {
             stop: None,
             thread: None,
             pods: 0,
+            limits,
         };
         n.serve();
         n
@@ -158,6 +164,7 @@ impl Node {
             host_local_dir: Some(self.dir.0.join("host-local")),
             // Policy is the lab tests' (tests/tests/netpol.rs); these test the CNI verbs.
             policy: None,
+            limits: self.limits,
         };
         let rx = self.net_tx.subscribe();
         let metrics = self.metrics.clone();
@@ -271,12 +278,12 @@ fn exec(mut cmd: Command, stdin: &Value) -> (Out, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
+    // A plugin refusing an oversized config may stop reading early.
+    let _ = child
         .stdin
         .take()
         .unwrap()
-        .write_all(stdin.to_string().as_bytes())
-        .unwrap();
+        .write_all(stdin.to_string().as_bytes());
     let out = child.wait_with_output().unwrap();
     let raw = String::from_utf8(out.stdout).unwrap();
     let json = (!raw.trim().is_empty()).then(|| serde_json::from_str(&raw).unwrap());
@@ -1210,4 +1217,462 @@ fn addresses_host_local_handed_out_stay_taken_until_del() {
         .collect();
     assert_eq!(left.len(), 2, "{left:?}");
     assert!(!left.contains(&"10.244.1.3".to_string()), "{left:?}");
+}
+
+fn request(
+    command: twill_proto::Command,
+    id: &str,
+    netns: &str,
+    ifname: &str,
+    config: &Value,
+) -> twill_proto::Request {
+    twill_proto::Request {
+        protocol: twill_proto::PROTOCOL,
+        command,
+        container_id: id.into(),
+        netns: netns.into(),
+        ifname: ifname.into(),
+        args: String::new(),
+        path: String::new(),
+        config: config.clone(),
+    }
+}
+
+fn send(socket: &Path, req: &twill_proto::Request) -> twill_proto::Response {
+    raw_exchange(socket, &twill_proto::encode_frame(req).unwrap())
+}
+
+/// Any root process can speak the socket protocol, bypassing the plugin's checks: twilld
+/// checks container ID, ifname and network name itself (libcni's rules, no control characters,
+/// no edge whitespace), before anything is allocated or created. A newline or edge whitespace
+/// would otherwise corrupt its one-per-line IPAM records.
+#[test]
+fn the_daemon_checks_identifiers_itself() {
+    use twill_proto::Command::{Add, Check, Del, Gc};
+    let mut node = Node::start(Some(subnet()));
+    let conf = node.conf("1.1.0");
+    let pod = node.pod();
+    let path = pod.path();
+    let mut cases: Vec<(twill_proto::Request, u32)> = Vec::new();
+    for id in ["ctr\n1", " ctr1", "ctr1 ", "ctr\u{1}1", "-ctr"] {
+        for cmd in [Add, Check, Del] {
+            cases.push((request(cmd, id, &path, "eth0", &conf), 4));
+        }
+    }
+    for ifname in [
+        "eth0\n",
+        " eth0",
+        "eth0 ",
+        "et\u{7f}h0",
+        "a/b",
+        "0123456789abcdef",
+    ] {
+        for cmd in [Add, Check, Del] {
+            cases.push((request(cmd, "ctr1", &path, ifname, &conf), 4));
+        }
+    }
+    for name in [
+        json!("bad name"),
+        json!("net\ntwo"),
+        json!(" net"),
+        json!(""),
+        Value::Null,
+    ] {
+        let mut c = conf.clone();
+        c["name"] = name;
+        for cmd in [Add, Del, Gc] {
+            cases.push((request(cmd, "ctr1", &path, "eth0", &c), 7));
+        }
+    }
+    for (req, want) in &cases {
+        let e = raw_err(send(&node.socket, req));
+        assert_eq!(
+            e.code, *want,
+            "{:?} {:?} {:?} {}: {}",
+            req.command, req.container_id, req.ifname, req.config["name"], e.msg
+        );
+    }
+    assert!(node.ipam_files().is_empty(), "{:?}", node.ipam_files());
+    assert!(node.host_links().is_empty());
+    assert!(!sh(&["ip", "-n", &pod.name, "link", "show", "eth0"]).0);
+    // The same request with valid identifiers goes through.
+    let ok_add = request(Add, "ctr1", &path, "eth0", &conf);
+    assert!(matches!(
+        send(&node.socket, &ok_add),
+        twill_proto::Response::Ok(Some(_))
+    ));
+    ok(cni("DEL", "ctr1", &path, &conf));
+}
+
+/// Samples `gauge` every millisecond until the returned stop flag is set; joins to the highest
+/// value seen.
+fn sample_max(
+    gauge: impl Fn() -> u64 + Send + 'static,
+) -> (
+    Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<u64>,
+) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    let t = std::thread::spawn(move || {
+        let mut max = 0;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !s.load(Ordering::Relaxed) && Instant::now() < deadline {
+            max = max.max(gauge());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        max
+    });
+    (stop, t)
+}
+
+fn stop_sampling(
+    s: (
+        Arc<std::sync::atomic::AtomicBool>,
+        std::thread::JoinHandle<u64>,
+    ),
+) -> u64 {
+    s.0.store(true, Ordering::Relaxed);
+    s.1.join().unwrap()
+}
+
+/// Frames are capped at 256 KiB on both sides, each with a clear error. While a client keeps
+/// sending frames over the cap, a pod's ADD still goes through.
+#[test]
+fn requests_over_the_frame_cap_are_refused_and_pods_still_come_up() {
+    use std::io::Read;
+    assert_eq!(twill_proto::MAX_FRAME, 256 * 1024);
+    let mut node = Node::start(Some(subnet()));
+    let conf = node.conf("1.0.0");
+    // 300 KiB: refused by its header (the old 4 MiB cap took it in and decoded it).
+    let e = raw_err(raw_exchange(&node.socket, &(300 * 1024u32).to_be_bytes()));
+    assert_eq!(e.code, 6);
+    assert!(
+        e.msg.contains("exceeds the limit of 262144 bytes"),
+        "{}",
+        e.msg
+    );
+
+    // The bound being hit over and over while a pod is set up.
+    let refused = Arc::new(AtomicU32::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (sock, r, s) = (node.socket.clone(), refused.clone(), stop.clone());
+    let hammer = std::thread::spawn(move || {
+        let mut frame = (300 * 1024u32).to_be_bytes().to_vec();
+        frame.resize(4 + 300 * 1024, b' ');
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !s.load(Ordering::Relaxed) && Instant::now() < deadline {
+            let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            // twilld answers after the header and closes: the rest may not be taken.
+            let _ = c.write_all(&frame);
+            let mut answer = Vec::new();
+            let _ = c.read_to_end(&mut answer);
+            if let Ok(twill_proto::Response::Err(e)) =
+                twill_proto::read_frame::<twill_proto::Response, _>(&mut answer.as_slice())
+            {
+                if e.code == 6 {
+                    r.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while refused.load(Ordering::Relaxed) < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "oversized frames were not refused"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pod = node.pod();
+    ok(cni("ADD", "under-load", &pod.path(), &conf));
+    stop.store(true, Ordering::Relaxed);
+    hammer.join().unwrap();
+    assert!(pod_addr(&pod).is_some());
+
+    // Through the plugin: a config over the cap is refused before twilld is asked; one just
+    // under it whose request (config plus environment) is over, too, as a config problem.
+    let mut big = conf.clone();
+    big["dns"] = json!({"search": [""]});
+    let base = big.to_string().len();
+    big["dns"]["search"][0] = json!("a".repeat(twill_proto::MAX_FRAME + 10 - base));
+    let o = cni("ADD", "big", &node.pod().path(), &big);
+    assert_eq!(code(&o), 6, "{o:?}");
+    assert!(
+        o.raw.contains("exceeds the limit of 262144 bytes"),
+        "{}",
+        o.raw
+    );
+    big["dns"]["search"][0] = json!("a".repeat(twill_proto::MAX_FRAME - 50 - base));
+    assert!(big.to_string().len() <= twill_proto::MAX_FRAME);
+    let o = cni("ADD", "big", &node.pod().path(), &big);
+    assert_eq!(code(&o), 7, "{o:?}");
+    assert!(o.raw.contains("too large"), "{}", o.raw);
+    assert_eq!(node.ipam_files().len(), 1);
+    ok(cni("DEL", "under-load", &pod.path(), &conf));
+}
+
+/// An ADD whose result would not fit a frame (a "dns" that fills the request) is refused before
+/// anything is configured, not after (when the answer could not be sent and the pod would be
+/// left half-known). Any other answer that does not fit becomes an error answer, never silence.
+#[test]
+fn an_answer_too_large_is_an_error_before_anything_is_configured() {
+    let mut node = Node::start(Some(subnet()));
+    let pod = node.pod();
+    // Request overhead is smaller than the result's: a request just under the cap makes a
+    // result over it.
+    let mut conf = json!({"cniVersion": "1.0.0", "name": "twill", "dns": {"search": [""]}});
+    let req = request(
+        twill_proto::Command::Add,
+        "huge",
+        &pod.path(),
+        "eth0",
+        &conf,
+    );
+    let base = twill_proto::encode_frame(&req).unwrap().len() - 4;
+    conf["dns"]["search"][0] = json!("a".repeat(twill_proto::MAX_FRAME - 10 - base));
+    let req = request(
+        twill_proto::Command::Add,
+        "huge",
+        &pod.path(),
+        "eth0",
+        &conf,
+    );
+    let e = raw_err(send(&node.socket, &req));
+    assert_eq!(e.code, 7, "{}", e.msg);
+    assert!(e.msg.contains("dns"), "{}", e.msg);
+    assert!(node.ipam_files().is_empty());
+    assert!(node.host_links().is_empty());
+    assert!(pod_addr(&pod).is_none());
+
+    // VERSION echoes the asked version: a request at the cap gets an error back.
+    let head = r#"{"protocol":1,"command":"VERSION","config":{"cniVersion":""#;
+    let tail = r#""}}"#;
+    let body = format!(
+        "{head}{}{tail}",
+        "9".repeat(twill_proto::MAX_FRAME - head.len() - tail.len())
+    );
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(body.as_bytes());
+    let e = raw_err(raw_exchange(&node.socket, &frame));
+    assert_eq!(e.code, 999, "{}", e.msg);
+    assert!(e.msg.contains("exceeds"), "{}", e.msg);
+}
+
+/// At most `max_connections` requests are served at once; further clients wait in the socket's
+/// backlog. Clients holding every slot without sending anything delay a pod's ADD until the
+/// read timeout drops them, but do not fail it; a burst larger than the limit all completes,
+/// never using more slots than allowed.
+#[test]
+fn connections_beyond_the_limit_wait_and_pods_still_come_up() {
+    let limits = CniLimits {
+        max_connections: 3,
+        ..CniLimits::default()
+    };
+    let mut node = Node::start_with(Some(subnet()), limits);
+    let conf = node.conf("1.0.0");
+    let m = node.metrics.clone();
+    let sampler = sample_max(move || m.cni_connections.load(Ordering::Relaxed));
+    let idle: Vec<_> = (0..3)
+        .map(|_| std::os::unix::net::UnixStream::connect(&node.socket).unwrap())
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node.metrics.cni_connections.load(Ordering::Relaxed) < 3 {
+        assert!(Instant::now() < deadline, "idle connections not taken in");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pod = node.pod();
+    ok(cni("ADD", "waited", &pod.path(), &conf));
+    assert!(
+        node.metrics
+            .cni_connections_at_limit
+            .load(Ordering::Relaxed)
+            >= 1
+    );
+    drop(idle);
+
+    let pods: Vec<Netns> = (0..12).map(|_| node.pod()).collect();
+    let paths: Arc<Vec<String>> = Arc::new(pods.iter().map(Netns::path).collect());
+    let (p2, c2) = (paths.clone(), conf.clone());
+    for r in parallel(12, move |i| cni("ADD", &format!("burst{i}"), &p2[i], &c2)) {
+        ok(r);
+    }
+    let (p2, c2) = (paths.clone(), conf.clone());
+    for r in parallel(12, move |i| cni("DEL", &format!("burst{i}"), &p2[i], &c2)) {
+        ok(r);
+    }
+    let max = stop_sampling(sampler);
+    assert!(max <= 3, "{max} connections served at once, limit 3");
+    assert_eq!(max, 3);
+    assert_eq!(node.ipam_files().len(), 1);
+    ok(cni("DEL", "waited", &pod.path(), &conf));
+}
+
+/// Each ADD, CHECK and DEL runs on a thread of its own: at most `max_threads` exist at once, and
+/// a burst beyond that waits for them and completes.
+#[test]
+fn a_burst_beyond_the_thread_limit_completes() {
+    let limits = CniLimits {
+        max_threads: 2,
+        ..CniLimits::default()
+    };
+    let mut node = Node::start_with(Some(subnet()), limits);
+    let conf = node.conf("1.0.0");
+    let m = node.metrics.clone();
+    let sampler = sample_max(move || m.cni_threads.load(Ordering::Relaxed));
+    let pods: Vec<Netns> = (0..20).map(|_| node.pod()).collect();
+    let paths: Arc<Vec<String>> = Arc::new(pods.iter().map(Netns::path).collect());
+    let (p2, c2) = (paths.clone(), conf.clone());
+    for r in parallel(20, move |i| cni("ADD", &format!("thr{i}"), &p2[i], &c2)) {
+        ok(r);
+    }
+    assert_eq!(node.host_links().len(), 20);
+    let (p2, c2) = (paths.clone(), conf.clone());
+    for r in parallel(20, move |i| cni("DEL", &format!("thr{i}"), &p2[i], &c2)) {
+        ok(r);
+    }
+    let max = stop_sampling(sampler);
+    assert!(max <= 2, "{max} pod threads at once, limit 2");
+    assert!(
+        node.metrics.cni_thread_waits.load(Ordering::Relaxed) > 0,
+        "the burst never had to wait for a thread"
+    );
+    assert!(node.ipam_files().is_empty() && node.host_links().is_empty());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node.metrics.cni_threads.load(Ordering::Relaxed) != 0 {
+        assert!(Instant::now() < deadline, "pod threads never ended");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// host-local's store on a hung disk (a directory wedged in the kernel): the ADD that reads it
+/// waits, nothing else does. Two CHECKs at once and a STATUS are answered meanwhile: IPAM never
+/// runs on the two async workers and never holds its lock across file I/O.
+#[test]
+fn a_hung_disk_stalls_only_the_requests_that_touch_it() {
+    use twill_tests::stall::{threads_in_d_state, DirWedge};
+    let mut node = Node::start(Some(subnet()));
+    let mut conf = node.conf("1.1.0");
+    conf["timeout"] = json!(15);
+    let hl = node.dir.0.join("host-local/cbr0");
+    std::fs::create_dir_all(&hl).unwrap();
+    let a = node.pod();
+    let r = ok(cni("ADD", "before", &a.path(), &conf)).unwrap();
+    let mut wedge = DirWedge::new(&hl).unwrap();
+    let blocked = threads_in_d_state().len();
+    let b = node.pod();
+    let (bp, c2) = (b.path(), conf.clone());
+    let stuck = std::thread::spawn(move || cni("ADD", "during", &bp, &c2));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while threads_in_d_state().len() <= blocked {
+        assert!(
+            Instant::now() < deadline,
+            "the ADD never reached the hung dir"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (ap, check_conf) = (a.path(), with_prev(&conf, &r));
+    for o in parallel(2, move |_| cni("CHECK", "before", &ap, &check_conf)) {
+        ok(o);
+    }
+    let st = twill(&[("CNI_COMMAND", "STATUS")], &conf);
+    assert!(st.ok, "{st:?}");
+    assert!(
+        !stuck.is_finished(),
+        "the ADD did not wait for the hung dir"
+    );
+    wedge.release();
+    ok(stuck.join().unwrap());
+    ok(cni("DEL", "during", &b.path(), &conf));
+    ok(cni("DEL", "before", &a.path(), &conf));
+    assert!(node.ipam_files().is_empty());
+}
+
+/// CNI_NETNS naming twilld's own network namespace is refused (code 4) before anything is
+/// made: the "container" end would land among the node's interfaces with a pod address.
+#[test]
+fn the_daemons_own_netns_is_refused() {
+    let node = Node::start(Some(subnet()));
+    let conf = node.conf("1.0.0");
+    let links = node.ns.ip(&["-o", "link", "show"]);
+    // The serving threads run in the node netns; /proc/<pid>/ns/net would be the test's own.
+    for cmd in ["ADD", "CHECK"] {
+        let c = if cmd == "CHECK" {
+            with_prev(
+                &conf,
+                &json!({"cniVersion": "1.0.0", "interfaces": [{"name": "eth0", "sandbox": node.ns.path()}]}),
+            )
+        } else {
+            conf.clone()
+        };
+        let o = cni(cmd, "own", &node.ns.path(), &c);
+        assert_eq!(code(&o), 4, "{cmd}: {o:?}");
+        assert!(
+            o.raw.contains("twilld's own network namespace"),
+            "{}",
+            o.raw
+        );
+    }
+    assert_eq!(node.ns.ip(&["-o", "link", "show"]), links);
+    assert!(node.ipam_files().is_empty());
+}
+
+/// The node's subnet shrinks (SubnetLen changed) to one inside the old: pods of the old one keep
+/// running on the bridge, so their addresses are not handed out again.
+#[test]
+fn a_smaller_subnet_inside_the_old_one_avoids_the_old_pods_addresses() {
+    let old = NodeNet {
+        subnet: "10.244.0.0/23".parse().unwrap(),
+        mtu: 1450,
+    };
+    let mut node = Node::start(Some(old));
+    let conf = node.conf("1.0.0");
+    let pods: Vec<Netns> = (0..3).map(|_| node.pod()).collect();
+    let mut addrs = Vec::new();
+    for (i, p) in pods.iter().enumerate().take(2) {
+        let r = ok(cni("ADD", &format!("s{i}"), &p.path(), &conf)).unwrap();
+        addrs.push(r["ips"][0]["address"].as_str().unwrap().to_string());
+    }
+    assert_eq!(addrs, ["10.244.0.2/23", "10.244.0.3/23"]);
+    node.net_tx.send_replace(Some(NodeNet {
+        subnet: "10.244.0.0/24".parse().unwrap(),
+        mtu: 1450,
+    }));
+    let r = ok(cni("ADD", "s2", &pods[2].path(), &conf)).unwrap();
+    assert_eq!(r["ips"][0]["address"], "10.244.0.4/24", "{r}");
+    for (i, p) in pods.iter().enumerate() {
+        ok(cni("DEL", &format!("s{i}"), &p.path(), &conf));
+    }
+    let dir = node.dir.0.join("state/ipam");
+    for d in std::fs::read_dir(dir).unwrap().flatten() {
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0, "{d:?}");
+    }
+}
+
+/// With a single pod thread, a failing ADD must still undo itself: its pod half holds the
+/// thread while it waits for an address, and must let it go before the undo (removing the veth
+/// pair) needs one. Here the subnet has one pod address, so the second ADD fails in IPAM after
+/// its veth pair was made.
+#[test]
+fn a_failed_add_undoes_itself_with_a_single_thread() {
+    let tiny = NodeNet {
+        subnet: "10.244.9.0/30".parse().unwrap(),
+        mtu: 1450,
+    };
+    let limits = CniLimits {
+        max_threads: 1,
+        ..CniLimits::default()
+    };
+    let mut node = Node::start_with(Some(tiny), limits);
+    let mut conf = node.conf("1.0.0");
+    conf["timeout"] = json!(20);
+    let (a, b) = (node.pod(), node.pod());
+    ok(cni("ADD", "only", &a.path(), &conf));
+    let o = cni("ADD", "second", &b.path(), &conf);
+    assert_eq!(code(&o), 100, "{o:?}");
+    assert_eq!(node.host_links().len(), 1);
+    assert!(pod_addr(&b).is_none());
+    ok(cni("DEL", "only", &a.path(), &conf));
+    assert!(node.host_links().is_empty() && node.ipam_files().is_empty());
 }

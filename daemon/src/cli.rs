@@ -70,7 +70,8 @@ pub struct RunArgs {
     /// Address other nodes send VXLAN traffic to. Default: the underlay interface's address.
     #[arg(long, env = "TWILLD_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,
-    /// Where to write the subnet file (flannel's subnet.env format) once the node is ready.
+    /// Where to write the subnet file (flannel's subnet.env format) once the node is ready. Its
+    /// directory must be root's alone (owned by root, writable by nobody else).
     #[arg(
         long,
         env = "TWILLD_SUBNET_FILE",
@@ -80,22 +81,44 @@ pub struct RunArgs {
     /// Directory for state that must survive restarts and reboots (VTEP MAC, IP allocations).
     #[arg(long, env = "TWILLD_STATE_DIR", default_value = "/var/lib/twill")]
     pub state_dir: PathBuf,
-    /// Lifetime of this node's lease in etcd; renewed long before it runs out (e.g. 24h, 90m, 60s).
-    #[arg(long, env = "TWILLD_LEASE_TTL", default_value = "24h", value_parser = parse_duration)]
+    /// Lifetime of this node's lease in etcd; renewed long before it runs out (e.g. 24h, 90m,
+    /// 60s). 10s to 365d.
+    #[arg(long, env = "TWILLD_LEASE_TTL", default_value = "24h", value_parser = parse_lease_ttl)]
     pub lease_ttl: Duration,
-    /// How often the kernel state is compared with the leases and repaired (e.g. 30s).
-    #[arg(long, env = "TWILLD_RESYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    /// How often the kernel state is compared with the leases and repaired (e.g. 30s). 1s to 24h.
+    #[arg(long, env = "TWILLD_RESYNC_INTERVAL", default_value = "30s", value_parser = parse_resync_interval)]
     pub resync_interval: Duration,
     /// How long listing the other nodes' leases may keep failing before /readyz says this node
     /// is not ready: meanwhile nodes joining or leaving go unseen.
     #[arg(long, env = "TWILLD_LEASE_LIST_GRACE", default_value = "2m", value_parser = parse_duration)]
     pub lease_list_grace: Duration,
-    /// Address for /healthz, /readyz, /metrics and /status.
+    /// Address for /healthz, /readyz, /metrics and /status. While it is taken, twilld runs
+    /// without it and retries binding.
     #[arg(long, env = "TWILLD_HTTP_ADDR", default_value = "127.0.0.1:9464")]
     pub http_addr: SocketAddr,
-    /// Unix socket the `twill` CNI plugin talks to.
+    /// Most HTTP connections open at once; more are closed at once (the endpoints are for local
+    /// probes and scrapes). 1 to 4096.
+    #[arg(long, env = "TWILLD_HTTP_MAX_CONNECTIONS", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub http_max_connections: u32,
+    /// How long an HTTP client may take to send a request's headers; a connection idle that
+    /// long, before or between requests, is closed. 1s to 5m.
+    #[arg(long, env = "TWILLD_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_http_header_timeout)]
+    pub http_header_timeout: Duration,
+    /// Unix socket the `twill` CNI plugin talks to. Its directory must be root's alone (owned
+    /// by root, writable by nobody else).
     #[arg(long, env = "TWILLD_CNI_SOCKET", default_value = "/run/twill/cni.sock")]
     pub cni_socket: PathBuf,
+    /// CNI requests served at once; more wait in the socket's backlog (each holds its decoded
+    /// request, up to 16 times its 256 KiB frame). 1 to 1024.
+    #[arg(long, env = "TWILLD_CNI_MAX_CONNECTIONS", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub cni_max_connections: u32,
+    /// Threads CNI operations run on at once (one per ADD, CHECK or DEL, each with its own
+    /// netlink socket); more operations wait for one. 1 to 1024.
+    #[arg(long, env = "TWILLD_CNI_MAX_THREADS", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub cni_max_threads: u32,
     /// Bridge that pod veths attach to; created with the gateway address if missing.
     #[arg(long, env = "TWILLD_BRIDGE", default_value = "cni0")]
     pub bridge: String,
@@ -210,12 +233,23 @@ fn parse_iface(s: &str) -> Result<IfaceSelector, String> {
     })
 }
 
-/// `90s`, `5m`, `24h`, `500ms`, `1h30m`; a bare number is seconds.
+/// `90s`, `5m`, `24h`, `500ms`, `1h30m`; a bare number is seconds. Never zero; a value too
+/// large for a `Duration` is an error, not a panic.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    if let Ok(n) = s.parse::<u64>() {
-        return Ok(Duration::from_secs(n));
+    let total = if let Ok(n) = s.parse::<u64>() {
+        Duration::from_secs(n)
+    } else {
+        parse_with_units(s)?
+    };
+    if total.is_zero() {
+        return Err(format!("invalid duration {s:?}: must be greater than zero"));
     }
+    Ok(total)
+}
+
+fn parse_with_units(s: &str) -> Result<Duration, String> {
+    let too_large = || format!("invalid duration {s:?}: too large");
     let mut total = Duration::ZERO;
     let mut rest = s;
     while !rest.is_empty() {
@@ -227,32 +261,83 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
                 "invalid duration {s:?}: expected e.g. 30s, 5m, 24h"
             ));
         }
-        let n: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("invalid duration {s:?}"))?;
+        let n: u64 = rest[..digits].parse().map_err(|_| too_large())?;
         rest = &rest[digits..];
         let unit_len = rest
             .find(|c: char| c.is_ascii_digit())
             .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
-        total += match unit {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
-            "d" => Duration::from_secs(n * 86400),
+        let secs_per = match unit {
+            "ms" => {
+                total = total
+                    .checked_add(Duration::from_millis(n))
+                    .ok_or_else(too_large)?;
+                continue;
+            }
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86400,
             _ => {
                 return Err(format!(
                     "invalid duration {s:?}: unknown unit {unit:?} (use ms, s, m, h, d)"
                 ))
             }
         };
-    }
-    if total.is_zero() {
-        return Err(format!("invalid duration {s:?}: must be greater than zero"));
+        let part = n.checked_mul(secs_per).ok_or_else(too_large)?;
+        total = total
+            .checked_add(Duration::from_secs(part))
+            .ok_or_else(too_large)?;
     }
     Ok(total)
+}
+
+/// A duration within `[min, max]`, both shown in the error.
+fn parse_bounded(
+    s: &str,
+    min: Duration,
+    max: Duration,
+    shown: (&str, &str),
+) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < min || d > max {
+        return Err(format!(
+            "{s:?} is out of range: must be between {} and {}",
+            shown.0, shown.1
+        ));
+    }
+    Ok(d)
+}
+
+/// A lease shorter than 10 s is lost on any hiccup; etcd refuses absurdly long ones.
+fn parse_lease_ttl(s: &str) -> Result<Duration, String> {
+    parse_bounded(
+        s,
+        Duration::from_secs(10),
+        Duration::from_secs(365 * 86400),
+        ("10s", "365d"),
+    )
+}
+
+/// Probes send their headers at once; a minute is plenty even for a loaded node.
+fn parse_http_header_timeout(s: &str) -> Result<Duration, String> {
+    parse_bounded(
+        s,
+        Duration::from_secs(1),
+        Duration::from_secs(300),
+        ("1s", "5m"),
+    )
+}
+
+/// A resync below 1 s would keep the node busy comparing; above a day repairs come too late.
+fn parse_resync_interval(s: &str) -> Result<Duration, String> {
+    parse_bounded(
+        s,
+        Duration::from_secs(1),
+        Duration::from_secs(86400),
+        ("1s", "24h"),
+    )
 }
 
 #[cfg(test)]
@@ -266,9 +351,84 @@ mod tests {
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("45").unwrap(), Duration::from_secs(45));
-        for bad in ["", "s", "10x", "0s", "-1s"] {
+        for bad in ["", "s", "10x", "0s", "-1s", "0", "0ms", "0h0m"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+        // Values a Duration cannot hold (or whose product overflows u64) are errors, not panics.
+        for huge in [
+            "99999999999999999999",
+            "99999999999999999999s",
+            "5124095576030432h",
+            "213503982334602d",
+            "18446744073709551615s18446744073709551615s",
+        ] {
+            let e = parse_duration(huge).unwrap_err();
+            assert!(e.contains("too large"), "{huge}: {e}");
+        }
+        assert_eq!(parse_duration("1000ms").unwrap(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn intervals_and_ttls_are_bounded() {
+        for bad in ["0", "0s", "500ms", "99999999999h", "25h"] {
+            let e = Cli::try_parse_from(["twilld", "--resync-interval", bad]).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.contains("--resync-interval")
+                    && (msg.contains("between 1s and 24h") || msg.contains("greater than zero")),
+                "{bad}: {msg}"
+            );
+        }
+        for bad in ["0", "9s", "9999ms", "366d", "99999999999h"] {
+            let e = Cli::try_parse_from(["twilld", "--lease-ttl", bad]).unwrap_err();
+            assert!(e.to_string().contains("--lease-ttl"), "{bad}: {e}");
+        }
+        let cli = Cli::try_parse_from(["twilld", "--resync-interval", "1s", "--lease-ttl", "10s"])
+            .unwrap();
+        assert_eq!(cli.run.resync_interval, Duration::from_secs(1));
+        assert_eq!(cli.run.lease_ttl, Duration::from_secs(10));
+        let cli =
+            Cli::try_parse_from(["twilld", "--resync-interval", "24h", "--lease-ttl", "365d"])
+                .unwrap();
+        assert_eq!(cli.run.lease_ttl, Duration::from_secs(365 * 86400));
+    }
+
+    #[test]
+    fn resource_limits_are_bounded() {
+        for (flag, bad) in [
+            ("--http-max-connections", "0"),
+            ("--http-max-connections", "4097"),
+            ("--cni-max-connections", "0"),
+            ("--cni-max-threads", "0"),
+            ("--cni-max-threads", "99999999999"),
+            ("--http-header-timeout", "0"),
+            ("--http-header-timeout", "500ms"),
+            ("--http-header-timeout", "6m"),
+        ] {
+            let e = Cli::try_parse_from(["twilld", flag, bad]).unwrap_err();
+            assert!(e.to_string().contains(flag), "{flag} {bad}: {e}");
+        }
+        let cli = Cli::try_parse_from([
+            "twilld",
+            "--http-max-connections",
+            "1",
+            "--http-header-timeout",
+            "2s",
+            "--cni-max-connections",
+            "1024",
+            "--cni-max-threads",
+            "1",
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                cli.run.http_max_connections,
+                cli.run.http_header_timeout,
+                cli.run.cni_max_connections,
+                cli.run.cni_max_threads
+            ),
+            (1, Duration::from_secs(2), 1024, 1)
+        );
     }
 
     #[test]
@@ -282,6 +442,10 @@ mod tests {
         assert_eq!(cli.run.http_addr.to_string(), "127.0.0.1:9464");
         assert_eq!(cli.run.bridge, "cni0");
         assert_eq!(cli.run.vxlan_checksum_offload, ChecksumOffload::Auto);
+        assert_eq!(cli.run.http_max_connections, 64);
+        assert_eq!(cli.run.http_header_timeout, Duration::from_secs(10));
+        assert_eq!(cli.run.cni_max_connections, 16);
+        assert_eq!(cli.run.cni_max_threads, 32);
         let off = Cli::try_parse_from(["twilld", "--vxlan-checksum-offload", "off"]).unwrap();
         assert_eq!(off.run.vxlan_checksum_offload, ChecksumOffload::Off);
         assert!(Cli::try_parse_from(["twilld", "--vxlan-checksum-offload", "maybe"]).is_err());

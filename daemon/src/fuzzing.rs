@@ -7,7 +7,10 @@ use std::sync::OnceLock;
 
 use ipnet::Ipv4Net;
 use serde_json::json;
-use twill_proto::{is_supported_version, CniResult, Request, SUPPORTED_VERSIONS};
+use twill_proto::{
+    encode_frame, is_supported_version, CniResult, Command, Dns, Interface, IpConfig, Request,
+    Response, Route, SUPPORTED_VERSIONS,
+};
 
 use crate::cni;
 use crate::config::{BackendKind, NetworkConfig};
@@ -27,15 +30,28 @@ pub fn cni_request(data: &[u8]) {
         return;
     };
     let _ = is_supported_version(req.cni_version());
+    // What twilld accepts goes into IPAM records one per line and into logs.
+    let valid = cni::validate_request(&req).is_ok();
+    if valid && matches!(req.command, Command::Add | Command::Check | Command::Del) {
+        for v in [&req.container_id, &req.ifname] {
+            assert!(!v.is_empty() && !v.chars().any(char::is_control), "{v:?}");
+        }
+    }
     if let Ok(dns) = cni::dns_of(&req.config) {
         // Copied into the ADD result, which must carry it in every version's shape.
         let result = CniResult {
-            dns,
+            dns: dns.clone(),
             ..Default::default()
         };
         for v in SUPPORTED_VERSIONS {
             let back = CniResult::from_json(&result.to_json(v)).expect("a result parses back");
             assert_eq!(back.dns, result.dns);
+        }
+        // An ADD that passes the size check has an answer that fits a frame.
+        if valid && cni::check_result_fits(&req, &dns).is_ok() {
+            let answer = add_result(&req, dns);
+            let frame = encode_frame(&Response::Ok(Some(answer.to_json(req.cni_version()))));
+            assert!(frame.is_ok(), "the ADD result does not fit: {frame:?}");
         }
     }
     if let Ok(want) = cni::expected_of(&req) {
@@ -73,6 +89,36 @@ pub fn cni_request(data: &[u8]) {
     let record = serde_json::to_vec(&pod.pod).expect("a pod serialises");
     let back: netpol::api::Pod = serde_json::from_slice(&record).expect("a pod parses back");
     assert_eq!(back, pod.pod);
+}
+
+/// An ADD's result as twilld gives it for `req`.
+fn add_result(req: &Request, dns: Dns) -> CniResult {
+    CniResult {
+        interfaces: vec![
+            Interface {
+                name: cni::host_veth_name(&req.container_id, &req.ifname),
+                mac: "02:00:00:00:00:01".into(),
+                mtu: Some(1450),
+                sandbox: String::new(),
+            },
+            Interface {
+                name: req.ifname.clone(),
+                mac: "02:00:00:00:00:02".into(),
+                mtu: Some(1450),
+                sandbox: req.netns.clone(),
+            },
+        ],
+        ips: vec![IpConfig {
+            address: "10.244.1.5/24".into(),
+            gateway: Some("10.244.1.1".into()),
+            interface: Some(1),
+        }],
+        routes: vec![Route {
+            dst: "0.0.0.0/0".into(),
+            gw: Some("10.244.1.1".into()),
+        }],
+        dns,
+    }
 }
 
 fn configs() -> &'static [NetworkConfig; 2] {

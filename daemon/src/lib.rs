@@ -14,6 +14,7 @@ pub mod firewall;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
+pub mod instance;
 pub mod lease;
 pub mod mac;
 pub mod masq;
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod netlink;
 pub mod nft;
 pub mod overlap;
+pub mod paths;
 pub mod peer;
 pub mod policy;
 pub mod reconcile;

@@ -164,6 +164,57 @@ fn render_status(v: &serde_json::Value) -> String {
             }
         }
     }
+    if let Some(p) = v["policy"].as_object() {
+        let loaded = p.get("loaded").and_then(|b| b.as_bool()) == Some(true);
+        let _ = writeln!(
+            out,
+            "network policy: {}, {} local pods, {} chains, {} set elements{}{}",
+            if loaded {
+                "loaded".to_string()
+            } else {
+                format!(
+                    "not loaded ({})",
+                    p.get("waiting_for").map(s).unwrap_or_default()
+                )
+            },
+            p.get("local_pods").map(s).unwrap_or_default(),
+            p.get("chains").map(s).unwrap_or_default(),
+            p.get("elements").map(s).unwrap_or_default(),
+            p.get("last_sync_ms")
+                .and_then(|m| m.as_f64())
+                .map(|m| format!(", last change {m:.1} ms"))
+                .unwrap_or_default(),
+            match p.get("error").and_then(|e| e.as_str()) {
+                Some(e) => format!("; error: {e}"),
+                None => String::new(),
+            }
+        );
+        for f in p
+            .get("in_force")
+            .and_then(|f| f.as_array())
+            .into_iter()
+            .flatten()
+        {
+            let list = |k: &str| {
+                f[k].as_array()
+                    .map(|a| a.iter().map(s).collect::<Vec<_>>().join(", "))
+                    .unwrap_or_default()
+            };
+            let mut parts = Vec::new();
+            for dir in ["ingress", "egress"] {
+                let pods = list(dir);
+                if !pods.is_empty() {
+                    parts.push(format!("{pods} ({dir})"));
+                }
+            }
+            let _ = writeln!(
+                out,
+                "policy: {} isolates {}",
+                s(&f["policy"]),
+                parts.join("; ")
+            );
+        }
+    }
     if let Some(r) = v["last_reconcile"].as_object() {
         let _ = writeln!(
             out,
@@ -216,6 +267,8 @@ mod tests {
                       {"subnet": "10.244.3.0/24", "public_ip": "198.18.1.13", "vtep_mac": null, "programmed": false, "path": "none", "reason": "not on our segment"}],
             "firewall": {"ip_masq": true, "random_fully": true, "forward_rules": true, "restores": 2,
                          "forward_chains": ["iptables FORWARD"], "error": null},
+            "policy": {"loaded": true, "local_pods": 2, "chains": 4, "elements": 9, "last_sync_ms": 0.4,
+                       "in_force": [{"policy": "x/deny", "ingress": ["x/a", "x/b"], "egress": ["x/a"]}]},
             "last_reconcile": {"duration_ms": 1.5, "added": 3, "removed": 0, "failed": 0}
         });
         let out = render_status(&v);

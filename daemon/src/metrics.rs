@@ -40,6 +40,8 @@ pub struct Metrics {
     pub policy_invalid_objects: AtomicU64,
     /// This node's pod records waiting to be written to etcd.
     pub policy_records_pending: AtomicU64,
+    /// Denied connections logged (--policy-log-denied).
+    pub policy_denied_logged: AtomicU64,
     /// Dropped packets and bytes per policy and direction, as last read from the kernel.
     pub policy_denied: std::sync::RwLock<Vec<crate::policy::Denied>>,
     /// Lease values over the size limit, dropped unread.
@@ -50,6 +52,35 @@ pub struct Metrics {
     pub duplicate_vtep_macs: AtomicU64,
     /// Peers whose subnet would cover this node's own addresses: not routed.
     pub peers_refused_overlap: AtomicU64,
+    /// CNI connections being served (at most --cni-max-connections).
+    pub cni_connections: AtomicU64,
+    /// Times every CNI connection slot was taken (further clients wait in the backlog).
+    pub cni_connections_at_limit: AtomicU64,
+    /// Threads CNI operations run on right now (at most --cni-max-threads).
+    pub cni_threads: AtomicU64,
+    /// CNI operations that waited for a thread.
+    pub cni_thread_waits: AtomicU64,
+    /// HTTP connections open (at most --http-max-connections).
+    pub http_connections: AtomicU64,
+    /// HTTP connections closed at once because every slot was taken.
+    pub http_connections_refused: AtomicU64,
+}
+
+/// Holds a gauge up by one while it lives.
+#[derive(Debug)]
+pub struct GaugeGuard<'a>(&'a AtomicU64);
+
+impl<'a> GaugeGuard<'a> {
+    pub fn new(g: &'a AtomicU64) -> Self {
+        g.fetch_add(1, Relaxed);
+        GaugeGuard(g)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
 }
 
 impl Metrics {
@@ -204,6 +235,12 @@ impl Metrics {
             g(&self.policy_invalid_objects),
         );
         metric(
+            "policy_denied_logged_total",
+            "counter",
+            "Connections logged as denied by network policy (--policy-log-denied).",
+            g(&self.policy_denied_logged),
+        );
+        metric(
             "policy_records_pending",
             "gauge",
             "This node's pod records not yet written to etcd.",
@@ -233,6 +270,42 @@ impl Metrics {
             "Peers not routed because their subnet covers this node's underlay, public IP, an etcd \
              endpoint or a node's public IP.",
             g(&self.peers_refused_overlap),
+        );
+        metric(
+            "cni_connections",
+            "gauge",
+            "CNI connections being served (at most --cni-max-connections).",
+            g(&self.cni_connections),
+        );
+        metric(
+            "cni_connections_at_limit_total",
+            "counter",
+            "Times every CNI connection slot was taken; more clients wait in the socket's backlog.",
+            g(&self.cni_connections_at_limit),
+        );
+        metric(
+            "cni_threads",
+            "gauge",
+            "Threads CNI operations (ADD, CHECK, DEL, GC) run on (at most --cni-max-threads).",
+            g(&self.cni_threads),
+        );
+        metric(
+            "cni_thread_waits_total",
+            "counter",
+            "CNI operations that waited for a thread (--cni-max-threads reached).",
+            g(&self.cni_thread_waits),
+        );
+        metric(
+            "http_connections",
+            "gauge",
+            "HTTP connections open (at most --http-max-connections).",
+            g(&self.http_connections),
+        );
+        metric(
+            "http_connections_refused_total",
+            "counter",
+            "HTTP connections closed at once because --http-max-connections were open.",
+            g(&self.http_connections_refused),
         );
         let denied = self.policy_denied.read().unwrap_or_else(|e| e.into_inner());
         for (name, help, pick) in [

@@ -29,7 +29,9 @@ impl SubnetEnv {
         )
     }
 
+    /// Into a directory only root may write (checked each time: see `paths`).
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        crate::paths::private_parent(path).map_err(std::io::Error::other)?;
         write_atomic(path, self.render().as_bytes())
     }
 }
@@ -59,7 +61,8 @@ mod tests {
             env.render(),
             "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"
         );
-        let path = std::env::temp_dir().join(format!("twill-subnet-env-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("twill-subnet-env-{}", std::process::id()));
+        let path = dir.join("subnet.env");
         env.write(&path).unwrap();
         assert_eq!(
             read_previous_subnet(&path),
@@ -69,5 +72,12 @@ mod tests {
         assert_eq!(read_previous_subnet(&path), None);
         std::fs::remove_file(&path).unwrap();
         assert_eq!(read_previous_subnet(&path), None);
+        std::fs::remove_dir(&dir).unwrap();
+        // Straight into a directory others can write (/tmp): refused, not written.
+        let open =
+            std::env::temp_dir().join(format!("twill-subnet-open-{}.env", std::process::id()));
+        let e = env.write(&open).unwrap_err();
+        assert!(e.to_string().contains("writable by group or others"), "{e}");
+        assert!(!open.exists());
     }
 }

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Makes a CA, an etcd server certificate and a twilld client certificate with openssl.
+# Makes a CA, an etcd server certificate and client certificates with openssl.
 #   deploy/tls/make-certs.sh OUT_DIR ETCD_IP [ETCD_IP...]
-# Writes OUT_DIR/{ca.pem,ca-key.pem,etcd.pem,etcd-key.pem,twilld.pem,twilld-key.pem}.
+# Writes OUT_DIR/{ca,etcd,twilld,twill-admin,root}{,-key}.pem. The client certificates' common
+# names are etcd user names once etcd's auth is on (deploy/etcd/roles.sh): twilld for the
+# nodes, twill-admin for people managing policies with twillctl, root for etcd's own admin.
 # The test suite runs this script to check the recipe works against a real etcd.
 set -euo pipefail
 out=${1:?usage: $0 OUT_DIR ETCD_IP [ETCD_IP...]}
@@ -26,5 +28,7 @@ cert() { # name cn usage san
 }
 cert etcd etcd serverAuth,clientAuth "$san"
 cert twilld twilld clientAuth ""
+cert twill-admin twill-admin clientAuth ""
+cert root root clientAuth ""
 rm -f ca.srl
-echo "wrote $(pwd)/{ca,etcd,twilld}{,-key}.pem"
+echo "wrote $(pwd)/{ca,etcd,twilld,twill-admin,root}{,-key}.pem"

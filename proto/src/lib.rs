@@ -13,11 +13,14 @@ use serde_json::{json, Map, Value};
 
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod validate;
 
 /// Version of the socket protocol; bumped on any incompatible change.
 pub const PROTOCOL: u32 = 1;
-/// Largest frame either side accepts.
-pub const MAX_FRAME: usize = 4 * 1024 * 1024;
+/// Largest frame either side accepts. CNI configs are a few KiB (a GC's attachment list for a
+/// full node about 20 KiB); twilld decodes a request into a JSON value costing 10-16 times its
+/// size, so the cap is what bounds its memory per request.
+pub const MAX_FRAME: usize = 256 * 1024;
 /// CNI versions twill speaks, oldest first.
 pub const SUPPORTED_VERSIONS: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];
 pub const DEFAULT_SOCKET: &str = "/run/twill/cni.sock";

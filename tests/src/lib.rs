@@ -16,6 +16,7 @@ pub mod netpol;
 pub mod pod;
 pub mod proc;
 pub mod runtime;
+pub mod stall;
 pub mod wait;
 
 pub use kernel::DeviceEntries;

@@ -335,14 +335,37 @@ fn etcd_sample_and_tls_recipe_work_with_twilld() -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // etcd from deploy/etcd/etcd.env plus the TLS settings of the recipe, in the underlay.
+    // The sample is secure as shipped: TLS on the management address only, client
+    // certificates required, and twilld set up to present one.
+    let sample = read("deploy/etcd/etcd.env");
+    let setting = |k: &str| {
+        sample
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(setting("ETCD_LISTEN_CLIENT_URLS"), "https://10.0.0.11:2379");
+    assert_eq!(setting("ETCD_CLIENT_CERT_AUTH"), "true");
+    let env = read("deploy/systemd/twilld.env");
+    for want in [
+        "TWILLD_ETCD_ENDPOINTS=https://",
+        "\nTWILLD_ETCD_CAFILE=",
+        "\nTWILLD_ETCD_CERTFILE=",
+        "\nTWILLD_ETCD_KEYFILE=",
+    ] {
+        assert!(env.contains(want), "twilld.env lacks {want:?}");
+    }
+
+    // etcd from deploy/etcd/etcd.env as shipped, in the underlay: only the address, the port,
+    // the data dir and the certificate dir are this lab's.
     let port = 23000 + (std::process::id() % 1000) as u16 * 2;
     let url = format!("https://198.18.0.1:{port}");
     let data = lab.dir().join("etcd-data");
     let mut cmd = netns::exec_cmd(&lab.underlay_ns(), &["etcd"]);
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default());
-    for line in read("deploy/etcd/etcd.env").lines() {
+    for line in sample.lines() {
         let Some((k, v)) = line.split_once('=') else {
             continue;
         };
@@ -350,35 +373,37 @@ fn etcd_sample_and_tls_recipe_work_with_twilld() -> Result<()> {
             continue;
         }
         let v = v
-            .replace("http://10.0.0.11:2379,http://127.0.0.1:2379", &url)
-            .replace("http://10.0.0.11:2379", &url)
+            .replace("https://10.0.0.11:2379", &url)
             .replace("127.0.0.1:2380", &format!("127.0.0.1:{}", port + 1))
-            .replace("/var/lib/etcd/twill", &data.display().to_string());
+            .replace("/var/lib/etcd/twill", &data.display().to_string())
+            .replace("/etc/twill/pki", &pki.display().to_string());
         cmd.env(k, v);
     }
     let p = |f: &str| pki.join(f).display().to_string();
-    cmd.env("ETCD_CERT_FILE", p("etcd.pem"))
-        .env("ETCD_KEY_FILE", p("etcd-key.pem"))
-        .env("ETCD_TRUSTED_CA_FILE", p("ca.pem"))
-        .env("ETCD_CLIENT_CERT_AUTH", "true")
-        .stdin(Stdio::null())
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(lab.dir().join("etcd-tls.log"))?);
     let _etcd = Kill(cmd.spawn().context("start etcd")?);
-    let tls = [
-        "--endpoints",
-        &url,
-        "--cacert",
-        &p("ca.pem"),
-        "--cert",
-        &p("twilld.pem"),
-        "--key",
-        &p("twilld-key.pem"),
-    ];
+    let underlay = lab.underlay_ns();
+    let ctl_as = |user: &str, args: &[&str]| -> Result<String> {
+        let (cert, key) = (p(&format!("{user}.pem")), p(&format!("{user}-key.pem")));
+        let mut full = vec![
+            "env",
+            "ETCDCTL_API=3",
+            "etcdctl",
+            "--dial-timeout",
+            "3s",
+            "--endpoints",
+            &url,
+            "--cacert",
+        ];
+        let ca = p("ca.pem");
+        full.extend([ca.as_str(), "--cert", &cert, "--key", &key]);
+        full.extend_from_slice(args);
+        netns::check(&full, netns::exec_cmd(&underlay, &full).output()?)
+    };
     wait_until(Duration::from_secs(20), || {
-        let mut a = tls.to_vec();
-        a.extend(["endpoint", "health"]);
-        etcd_ctl(&lab, &a).is_ok()
+        ctl_as("root", &["endpoint", "health"]).is_ok()
     })
     .with_context(|| std::fs::read_to_string(lab.dir().join("etcd-tls.log")).unwrap_or_default())?;
     // Without a client certificate etcd refuses: client-cert auth is really on.
@@ -388,12 +413,42 @@ fn etcd_sample_and_tls_recipe_work_with_twilld() -> Result<()> {
     )
     .is_err());
 
+    // Who may write what (deploy/etcd/roles.sh, as deploy/README.md runs it).
+    let out = netns::exec_cmd(
+        &lab.underlay_ns(),
+        &[
+            root().join("deploy/etcd/roles.sh").to_str().unwrap(),
+            &url,
+            pki.to_str().unwrap(),
+        ],
+    )
+    .output()?;
+    assert!(
+        out.status.success(),
+        "roles.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let config = read("deploy/etcd/network-config.json");
-    let mut a = tls.to_vec();
-    a.extend(["put", "/coreos.com/network/config", &config]);
-    etcd_ctl(&lab, &a)?;
+    ctl_as("twilld", &["put", "/coreos.com/network/config", &config])?;
+    ctl_as(
+        "twill-admin",
+        &["put", "/coreos.com/network/policies/x/p", "{}"],
+    )?;
+    assert!(
+        ctl_as(
+            "twill-admin",
+            &["put", "/coreos.com/network/subnets/10.244.9.0-24", "{}"]
+        )
+        .is_err(),
+        "the policy admin may write leases"
+    );
+    assert!(
+        ctl_as("twill-admin", &["put", "/elsewhere", "x"]).is_err(),
+        "the policy admin may write outside the prefix"
+    );
+    ctl_as("twill-admin", &["del", "/coreos.com/network/policies/x/p"])?;
 
-    // twilld with the recipe's settings, from the environment as the env file sets them.
+    // twilld with the env file's settings (its node certificate), under auth.
     let (ca, cert, key) = (p("ca.pem"), p("twilld.pem"), p("twilld-key.pem"));
     lab.start_daemon_with_env(
         1,
@@ -407,14 +462,15 @@ fn etcd_sample_and_tls_recipe_work_with_twilld() -> Result<()> {
     lab.wait_ready(1, Duration::from_secs(30))?;
     let status = lab.status(1)?;
     assert_eq!(status["network"], "10.244.0.0/16", "{status}");
-    let mut a = tls.to_vec();
-    a.extend([
-        "get",
-        "--prefix",
-        "--keys-only",
-        "/coreos.com/network/subnets/",
-    ]);
-    let keys = etcd_ctl(&lab, &a)?;
+    let keys = ctl_as(
+        "twilld",
+        &[
+            "get",
+            "--prefix",
+            "--keys-only",
+            "/coreos.com/network/subnets/",
+        ],
+    )?;
     let subnet = status["node"]["subnet"]
         .as_str()
         .unwrap_or_default()

@@ -329,3 +329,81 @@ fn containerd_ctr_run_cni_container_reaches_a_pod_and_is_cleaned_up() -> Result<
     lab.del_pod(&pod_b)?;
     Ok(())
 }
+
+/// A podman container on a network whose conflist gives its pods labels (`args.cni.labels`,
+/// the CNI convention) is recorded with them and isolated by a policy that selects them:
+/// reachable from the pods the policy allows, not from others.
+#[test]
+fn podman_container_gets_its_labels_and_is_isolated() -> Result<()> {
+    use twill_tests::netpol::probe;
+    let mut lab = lab_up(2)?;
+    let tar = busybox_rootfs_tar(lab.dir())?;
+    let mut cfg = twill_conflist(&lab, 1, "0.4.0");
+    cfg["plugins"][0]["args"] =
+        serde_json::json!({"cni": {"labels": [{"key": "app", "value": "db"}]}});
+    let pm = Podman::new(&mut lab, 1, &cfg)?;
+    pm.import(&tar)?;
+    lab.etcdctl(&[
+        "put",
+        "/coreos.com/network/policies/default/db-from-web",
+        "--",
+        r#"{"apiVersion":"networking.k8s.io/v1","kind":"NetworkPolicy",
+            "metadata":{"name":"db-from-web","namespace":"default"},
+            "spec":{"podSelector":{"matchLabels":{"app":"db"}},
+                    "ingress":[{"from":[{"podSelector":{"matchLabels":{"app":"web"}}}]}]}}"#,
+    ])?;
+    pm.run_container(
+        "db1",
+        &["timeout", LIFETIME, "nc", "-ll", "-p", "7000", "-e", "cat"],
+    )?;
+    let ip = pm.ip("db1")?;
+    // Its record, as podman named it (K8S_POD_NAME), with the network's labels.
+    let rec: Value = wait_for(Duration::from_secs(10), || {
+        let v = lab
+            .etcd_get("/coreos.com/network/pods/default/db1")
+            .ok()??;
+        serde_json::from_str(&v).ok()
+    })
+    .context("no pod record for the podman container")?;
+    assert_eq!(rec["metadata"]["labels"]["app"], "db", "{rec}");
+    assert_eq!(rec["spec"]["nodeName"], "n1", "{rec}");
+    assert_eq!(rec["status"]["podIP"], ip.to_string(), "{rec}");
+
+    let pod = |lab: &mut Lab, name: &str, app: &str| {
+        let cfg =
+            twill_tests::netpol::pod_config(lab, 2, &[("app".to_string(), app.to_string())].into());
+        lab.add_pod_with(
+            2,
+            name,
+            &format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={name}"),
+            &cfg,
+        )
+    };
+    let web = pod(&mut lab, "web", "web")?;
+    let other = pod(&mut lab, "other", "batch")?;
+    wait_until(Duration::from_secs(15), || {
+        probe(
+            &web.netns_path(),
+            std::net::IpAddr::V4(ip),
+            7000,
+            netpol::model::Protocol::Tcp,
+        )
+    })
+    .context("the allowed pod never reached the podman container")?;
+    assert!(
+        !probe(
+            &other.netns_path(),
+            std::net::IpAddr::V4(ip),
+            7000,
+            netpol::model::Protocol::Tcp
+        ),
+        "a pod the policy does not allow reached the podman container"
+    );
+    pm.rm("db1")?;
+    wait_until(Duration::from_secs(10), || {
+        lab.etcd_get("/coreos.com/network/pods/default/db1")
+            .is_ok_and(|v| v.is_none())
+    })
+    .context("the record outlived the container")?;
+    Ok(())
+}

@@ -7,10 +7,11 @@
 //! addresses inside the node's subnet are ever looked at or touched: other networks that use
 //! host-local on the node are not ours.
 
+use std::collections::HashSet;
 use std::fs;
 use std::io::ErrorKind;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use ipnet::Ipv4Net;
 
@@ -25,7 +26,7 @@ impl HostLocal {
         HostLocal { dir }
     }
 
-    /// The per-network directories, read once per allocation (none: nothing to check).
+    /// The per-network directories (none: nothing to check).
     pub fn network_dirs(&self) -> Vec<PathBuf> {
         let Some(dir) = &self.dir else {
             return Vec::new();
@@ -40,11 +41,22 @@ impl HostLocal {
         }
     }
 
-    /// Whether host-local holds `addr` in one of `dirs`.
-    pub fn holds(dirs: &[PathBuf], addr: Ipv4Addr) -> bool {
-        let name = addr.to_string();
-        dirs.iter()
-            .any(|d| fs::symlink_metadata(d.join(&name)).is_ok())
+    /// The addresses host-local holds inside `subnet`, in any network. Read in one pass before an
+    /// allocation takes the IPAM lock, so a slow disk here never holds up other pods' requests.
+    pub fn held_in(&self, subnet: Ipv4Net) -> HashSet<Ipv4Addr> {
+        let mut held = HashSet::new();
+        for d in self.network_dirs() {
+            let Some(entries) = read_network_dir(&d) else {
+                continue;
+            };
+            held.extend(
+                entries
+                    .flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse::<Ipv4Addr>().ok())
+                    .filter(|a| subnet.contains(a)),
+            );
+        }
+        held
     }
 
     /// Releases what host-local holds inside `subnet` for `container_id` + `ifname` (a file
@@ -55,33 +67,59 @@ impl HostLocal {
         container_id: &str,
         ifname: &str,
     ) -> std::io::Result<Vec<Ipv4Addr>> {
-        let mut out = Vec::new();
-        for d in self.network_dirs() {
-            for e in fs::read_dir(&d)?.flatten() {
-                let Some(addr) = e
-                    .file_name()
-                    .to_str()
-                    .and_then(|n| n.parse::<Ipv4Addr>().ok())
-                else {
-                    continue;
-                };
-                if !subnet.contains(&addr) {
-                    continue;
-                }
-                let text = crate::cni::ipam::read_regular(&e.path());
-                let mut lines = text.lines().map(str::trim);
-                let (id, ifn) = (lines.next().unwrap_or(""), lines.next());
-                if id == container_id && ifn.is_none_or(|i| i == ifname) {
-                    match fs::remove_file(e.path()) {
-                        Ok(()) => out.push(addr),
-                        Err(err) if err.kind() == ErrorKind::NotFound => {}
-                        Err(err) => return Err(err),
-                    }
+        release_in(&self.network_dirs(), subnet, container_id, ifname)
+    }
+}
+
+/// A network dir's entries. One that vanished since it was listed holds nothing any more; one
+/// that cannot be read (another network's, a disk error) is logged and skipped: neither may
+/// fail a DEL whose own cleanup worked.
+fn read_network_dir(d: &Path) -> Option<fs::ReadDir> {
+    match fs::read_dir(d) {
+        Ok(rd) => Some(rd),
+        Err(e) if e.kind() == ErrorKind::NotFound => None,
+        Err(e) => {
+            tracing::warn!(dir = %d.display(), error = %e, "cannot read a host-local network dir; skipping it");
+            None
+        }
+    }
+}
+
+fn release_in(
+    dirs: &[PathBuf],
+    subnet: Ipv4Net,
+    container_id: &str,
+    ifname: &str,
+) -> std::io::Result<Vec<Ipv4Addr>> {
+    let mut out = Vec::new();
+    for d in dirs {
+        let Some(entries) = read_network_dir(d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Some(addr) = e
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<Ipv4Addr>().ok())
+            else {
+                continue;
+            };
+            if !subnet.contains(&addr) {
+                continue;
+            }
+            let text = crate::cni::ipam::read_regular(&e.path());
+            let mut lines = text.lines().map(str::trim);
+            let (id, ifn) = (lines.next().unwrap_or(""), lines.next());
+            if id == container_id && ifn.is_none_or(|i| i == ifname) {
+                match fs::remove_file(e.path()) {
+                    Ok(()) => out.push(addr),
+                    Err(err) if err.kind() == ErrorKind::NotFound => {}
+                    Err(err) => return Err(err),
                 }
             }
         }
-        Ok(out)
     }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -101,11 +139,15 @@ mod tests {
         fs::write(other.join("10.99.0.2"), "c1\r\nnet1").unwrap();
         fs::write(other.join("10.244.1.4"), "c1\r\nnet1").unwrap();
         let hl = HostLocal::new(Some(d.clone()));
-        let dirs = hl.network_dirs();
-        assert!(HostLocal::holds(&dirs, "10.244.1.2".parse().unwrap()));
-        assert!(HostLocal::holds(&dirs, "10.244.1.4".parse().unwrap()));
-        assert!(!HostLocal::holds(&dirs, "10.244.1.5".parse().unwrap()));
         let net: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+        let held = hl.held_in(net);
+        assert!(held.contains(&"10.244.1.2".parse().unwrap()));
+        assert!(held.contains(&"10.244.1.4".parse().unwrap()));
+        assert!(!held.contains(&"10.244.1.5".parse().unwrap()));
+        assert!(
+            !held.contains(&"10.99.0.2".parse().unwrap()),
+            "outside the subnet"
+        );
         // c1's eth0 only: its net1 attachment stays, as does everything outside the subnet.
         assert_eq!(
             hl.release(net, "c1", "eth0").unwrap(),
@@ -116,6 +158,97 @@ mod tests {
         assert_eq!(hl.release(net, "c2", "eth0").unwrap().len(), 1);
         assert!(cbr0.join("last_reserved_ip.0").exists());
         assert!(HostLocal::new(None).network_dirs().is_empty());
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    /// A network dir removed between listing and scanning (another runtime's DEL of its last
+    /// address, an operator) holds nothing: DEL goes on with the others.
+    #[test]
+    fn a_network_dir_that_vanished_during_the_scan_is_skipped() {
+        let d = std::env::temp_dir().join(format!("twill-hl-gone-{}", std::process::id()));
+        for n in ["a-net", "b-net", "c-net"] {
+            fs::create_dir_all(d.join(n)).unwrap();
+        }
+        fs::write(d.join("c-net/10.244.1.7"), "c1\r\neth0").unwrap();
+        let hl = HostLocal::new(Some(d.clone()));
+        let dirs = hl.network_dirs();
+        assert_eq!(dirs.len(), 3);
+        fs::remove_dir(d.join("a-net")).unwrap();
+        let net: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+        assert_eq!(
+            release_in(&dirs, net, "c1", "eth0").unwrap(),
+            vec!["10.244.1.7".parse::<Ipv4Addr>().unwrap()]
+        );
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    /// Drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the calling thread's effective set
+    /// (capabilities are per thread), so permission bits apply to it although it runs as root.
+    fn drop_dac_override_on_this_thread() {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy, Default)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        let mut h = Header {
+            version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+            pid: 0,
+        };
+        let mut data = [Data::default(); 2];
+        // SAFETY: capget/capset with a valid header and two data structs (version 3).
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_capget, &mut h, data.as_mut_ptr()),
+                0
+            );
+            data[0].effective &= !((1 << 1) | (1 << 2));
+            assert_eq!(libc::syscall(libc::SYS_capset, &mut h, data.as_ptr()), 0);
+        }
+    }
+
+    /// A network dir twilld cannot read (here: mode 000 for a thread without DAC override) is
+    /// logged and skipped: DEL still releases what it can and does not fail.
+    #[test]
+    fn an_unreadable_network_dir_does_not_fail_del() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = std::env::temp_dir().join(format!("twill-hl-locked-{}", std::process::id()));
+        fs::create_dir_all(d.join("locked")).unwrap();
+        fs::create_dir_all(d.join("cbr0")).unwrap();
+        fs::write(d.join("locked/10.244.1.3"), "c9").unwrap();
+        fs::write(d.join("cbr0/10.244.1.2"), "c1\r\neth0").unwrap();
+        fs::set_permissions(d.join("locked"), fs::Permissions::from_mode(0o000)).unwrap();
+        let hl = HostLocal::new(Some(d.clone()));
+        let net: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+        let (released, held) = std::thread::spawn(move || {
+            drop_dac_override_on_this_thread();
+            assert!(
+                fs::read_dir(
+                    hl.network_dirs()
+                        .iter()
+                        .find(|p| p.ends_with("locked"))
+                        .unwrap()
+                )
+                .is_err(),
+                "the test needs a dir this thread cannot read"
+            );
+            (hl.release(net, "c1", "eth0"), hl.held_in(net))
+        })
+        .join()
+        .unwrap();
+        assert_eq!(
+            released.unwrap(),
+            vec!["10.244.1.2".parse::<Ipv4Addr>().unwrap()]
+        );
+        assert!(held.is_empty(), "{held:?}");
+        assert!(!d.join("cbr0/10.244.1.2").exists());
+        fs::set_permissions(d.join("locked"), fs::Permissions::from_mode(0o755)).unwrap();
         fs::remove_dir_all(d).unwrap();
     }
 }

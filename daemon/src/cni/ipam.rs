@@ -5,8 +5,10 @@
 //! `containerID\nifname\nnetwork\n` (files from before the network line have none).
 //! The file exists before the address is handed out, so a kill -9 at any moment
 //! can leak an address (GC reclaims it) but never hand it out twice after a restart.
-//! In memory: an index rebuilt from disk at start. Its mutex covers only the pick (and a GC
-//! release, see `Claim`); other file I/O runs outside it.
+//! In memory: an index rebuilt from disk at start. Its mutex covers only in-memory work, never
+//! file I/O: a slow or hung disk stalls only the requests that touch it, not every other pod's.
+//! Subnet directories that overlap (the node's subnet changed with SubnetLen or Network) are one
+//! address space: an address held in any of them is taken in all.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, OpenOptions};
@@ -85,6 +87,22 @@ struct SubnetIndex {
 struct Slot {
     holder: Holder,
     gen: u64,
+    /// GC is removing its file (outside the lock): still taken, but no longer anyone's.
+    releasing: bool,
+}
+
+impl Slot {
+    fn new(holder: Holder, gen: u64) -> Self {
+        Slot {
+            holder,
+            gen,
+            releasing: false,
+        }
+    }
+
+    fn held_by(&self, owner: &Owner) -> bool {
+        !self.releasing && self.holder.owner == *owner
+    }
 }
 
 /// An allocation as GC saw it. GC releases it only if it is unchanged when GC gets to it:
@@ -115,6 +133,10 @@ fn parse_subnet_key(s: &str) -> Option<Ipv4Net> {
     let (a, p) = s.split_once('-')?;
     let net = Ipv4Net::new(a.parse().ok()?, p.parse().ok()?).ok()?;
     (net.network() == net.addr()).then_some(net)
+}
+
+fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
 }
 
 /// Pods get network+2 ..= broadcast-1 (network+1 is the gateway on the bridge).
@@ -175,13 +197,7 @@ impl Ipam {
                     continue;
                 };
                 if net.contains(&addr) {
-                    used.insert(
-                        addr,
-                        Slot {
-                            holder: read_holder(&f.path()),
-                            gen: 0,
-                        },
-                    );
+                    used.insert(addr, Slot::new(read_holder(&f.path()), 0));
                 }
             }
             index.insert(net, SubnetIndex { dir, used, last: 0 });
@@ -211,7 +227,7 @@ impl Ipam {
         idx.get(&net)?
             .used
             .iter()
-            .find(|(_, x)| x.holder.owner == *owner)
+            .find(|(_, x)| x.held_by(owner))
             .map(|(a, _)| *a)
     }
 
@@ -227,20 +243,30 @@ impl Ipam {
         let (first, last) = pod_range(&net).ok_or(IpamError::TooSmall(net))?;
         let dir = self.root.join(subnet_key(&net));
         fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
-        let host_local = self.host_local.network_dirs();
+        // Read before the lock: the lock is never held across file I/O.
+        let host_local = self.host_local.held_in(net);
         loop {
             let (addr, dir) = {
                 let mut idx = self.lock();
+                let gen = self.gen.fetch_add(1, Ordering::Relaxed);
+                if let Some(s) = idx.get_mut(&net) {
+                    if let Some((a, x)) = s.used.iter_mut().find(|(_, x)| x.held_by(owner)) {
+                        x.gen = gen;
+                        return Ok((*a, false));
+                    }
+                }
+                // Pods of an earlier, overlapping subnet of this node may still run on the
+                // bridge: their addresses are as taken as our own.
+                let elsewhere: HashSet<Ipv4Addr> = idx
+                    .iter()
+                    .filter(|(n, _)| **n != net && overlaps(n, &net))
+                    .flat_map(|(_, s)| s.used.keys().copied())
+                    .collect();
                 let s = idx.entry(net).or_insert_with(|| SubnetIndex {
                     dir: dir.clone(),
                     used: HashMap::new(),
                     last: 0,
                 });
-                let gen = self.gen.fetch_add(1, Ordering::Relaxed);
-                if let Some((a, x)) = s.used.iter_mut().find(|(_, x)| x.holder.owner == *owner) {
-                    x.gen = gen;
-                    return Ok((*a, false));
-                }
                 let size = last - first + 1;
                 let start = if s.last >= first && s.last < last {
                     s.last + 1
@@ -250,11 +276,13 @@ impl Ipam {
                 let pick = (0..size)
                     .map(|i| first + (start - first + i) % size)
                     .map(Ipv4Addr::from)
-                    .find(|a| !s.used.contains_key(a) && !HostLocal::holds(&host_local, *a));
+                    .find(|a| {
+                        !s.used.contains_key(a) && !elsewhere.contains(a) && !host_local.contains(a)
+                    });
                 let Some(addr) = pick else {
                     return Err(IpamError::Full {
                         subnet: net,
-                        count: s.used.len(),
+                        count: s.used.len() + elsewhere.iter().filter(|a| net.contains(*a)).count(),
                     });
                 };
                 // Reserved in memory now; the file below makes it real.
@@ -262,7 +290,7 @@ impl Ipam {
                     owner: owner.clone(),
                     network: network.to_string(),
                 };
-                s.used.insert(addr, Slot { holder, gen });
+                s.used.insert(addr, Slot::new(holder, gen));
                 s.last = u32::from(addr);
                 (addr, s.dir.clone())
             };
@@ -287,7 +315,7 @@ impl Ipam {
                     // Someone else's file we did not know about: adopt it and pick again.
                     let holder = read_holder(&path);
                     if let Some(s) = self.lock().get_mut(&net) {
-                        s.used.insert(addr, Slot { holder, gen: 0 });
+                        s.used.insert(addr, Slot::new(holder, 0));
                     }
                 }
                 Err(e) => {
@@ -353,7 +381,11 @@ impl Ipam {
             .flat_map(|(net, s)| {
                 s.used
                     .iter()
-                    .filter(|(_, x)| x.holder.in_gc_of(network) && !valid.contains(&x.holder.owner))
+                    .filter(|(_, x)| {
+                        !x.releasing
+                            && x.holder.in_gc_of(network)
+                            && !valid.contains(&x.holder.owner)
+                    })
                     .map(move |(a, x)| Claim {
                         net: *net,
                         addr: *a,
@@ -367,7 +399,7 @@ impl Ipam {
     fn is_unchanged(idx: &HashMap<Ipv4Net, SubnetIndex>, c: &Claim) -> bool {
         idx.get(&c.net)
             .and_then(|s| s.used.get(&c.addr))
-            .is_some_and(|x| x.holder.owner == c.owner && x.gen == c.gen)
+            .is_some_and(|x| x.held_by(&c.owner) && x.gen == c.gen)
     }
 
     /// Whether `c` still holds as GC saw it.
@@ -376,22 +408,48 @@ impl Ipam {
     }
 
     /// Releases `c` if it is unchanged; false if it changed (then it is left alone). The check
-    /// and the removal happen under the index lock, so no allocation can slip in between.
+    /// marks the slot under the lock, so nothing can take it over or hand it out while its file
+    /// is removed outside the lock; the slot goes once the file is gone.
     pub fn release_claim(&self, c: &Claim) -> Result<bool, IpamError> {
-        let mut idx = self.lock();
-        if !Self::is_unchanged(&idx, c) {
-            return Ok(false);
+        {
+            let mut idx = self.lock();
+            if !Self::is_unchanged(&idx, c) {
+                return Ok(false);
+            }
+            if let Some(x) = idx.get_mut(&c.net).and_then(|s| s.used.get_mut(&c.addr)) {
+                x.releasing = true;
+            }
         }
         let path = self.root.join(subnet_key(&c.net)).join(c.addr.to_string());
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(io(format!("removing {}", path.display()))(e)),
+        let removed = match fs::remove_file(&path) {
+            Err(e) if e.kind() != ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+        let mut idx = self.lock();
+        let s = idx.get_mut(&c.net);
+        match removed {
+            Ok(()) => {
+                if let Some(s) = s {
+                    s.used.remove(&c.addr);
+                }
+                Ok(true)
+            }
+            Err(e) => {
+                // Still held: the next GC may try again.
+                if let Some(x) = s.and_then(|s| s.used.get_mut(&c.addr)) {
+                    x.releasing = false;
+                }
+                Err(io(format!("removing {}", path.display()))(e))
+            }
         }
-        if let Some(s) = idx.get_mut(&c.net) {
-            s.used.remove(&c.addr);
-        }
-        Ok(true)
+    }
+
+    /// Allocations outside `net` (pods from before the node's subnet changed): they keep their
+    /// addresses until DEL or GC, and those stay taken in any overlapping subnet.
+    pub fn outside(&self, net: Ipv4Net) -> Vec<(Ipv4Net, Ipv4Addr, Holder)> {
+        let mut v = self.allocations();
+        v.retain(|(_, a, _)| !net.contains(a));
+        v
     }
 
     /// Every allocation, sorted.
@@ -641,6 +699,168 @@ mod tests {
             fs::read_dir(d.join("ipam/10.244.1.0-24")).unwrap().count(),
             240
         );
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    /// Runs `f` on a thread of its own; its answer, or None if it is not back within `wait`.
+    fn within<T: Send + 'static>(
+        wait: std::time::Duration,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(wait).ok()
+    }
+
+    /// Starts `f` on a thread and returns once that thread is blocked in the kernel (on the
+    /// wedged dir); the receiver gets its answer later.
+    fn start_blocked<T: Send + 'static>(
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::sync::mpsc::Receiver<T> {
+        use twill_tests::stall::{gettid, thread_state};
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tid_tx.send(gettid());
+            let _ = tx.send(f());
+        });
+        let tid = tid_rx.recv().unwrap();
+        twill_tests::wait_until(std::time::Duration::from_secs(10), || {
+            thread_state(tid) == Some('D')
+        })
+        .expect("the operation never reached the hung dir");
+        rx
+    }
+
+    const PROMPTLY: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// host-local's store on a hung disk: the allocation reading it waits, but nothing else
+    /// does, because it reads before taking the index lock.
+    #[test]
+    fn a_hung_host_local_dir_holds_up_no_other_ipam_user() {
+        let d = tmp();
+        let hl = d.join("host-local");
+        fs::create_dir_all(hl.join("cbr0")).unwrap();
+        let n = net("10.244.1.0/24");
+        let ipam = std::sync::Arc::new(
+            Ipam::open(&d)
+                .unwrap()
+                .with_host_local(HostLocal::new(Some(hl.clone()))),
+        );
+        let (a0, _) = ipam.allocate(n, &Owner::new("c0", "eth0"), "net").unwrap();
+        let mut wedge = twill_tests::stall::DirWedge::new(&hl.join("cbr0")).unwrap();
+        let i = ipam.clone();
+        let stuck = start_blocked(move || i.allocate(n, &Owner::new("c1", "eth0"), "net"));
+        let i = ipam.clone();
+        let others = within(PROMPTLY, move || {
+            let all = i.allocations();
+            let gc = i.gc_candidates("net", &HashSet::new());
+            let released = i.release(&Owner::new("c0", "eth0")).unwrap();
+            (all.len(), gc.len(), released)
+        })
+        .expect("IPAM users waited for an allocation stuck on host-local's disk");
+        assert_eq!(others, (1, 1, vec![a0]));
+        assert!(
+            stuck.try_recv().is_err(),
+            "the stuck allocation went through"
+        );
+        wedge.release();
+        let (a1, fresh) = stuck.recv_timeout(PROMPTLY).unwrap().unwrap();
+        assert!(fresh && a1 != a0, "{a1}");
+        drop(wedge);
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    /// GC removing a file on a hung disk: the address stays taken meanwhile, and everyone else
+    /// goes on, because the file is removed outside the index lock.
+    #[test]
+    fn gc_stuck_on_a_hung_disk_holds_up_no_other_ipam_user() {
+        let d = tmp();
+        let n = net("10.244.1.0/24");
+        let ipam = std::sync::Arc::new(Ipam::open(&d).unwrap());
+        let (o1, o2) = (Owner::new("c1", "eth0"), Owner::new("c2", "eth0"));
+        let (a1, _) = ipam.allocate(n, &o1, "net").unwrap();
+        ipam.allocate(n, &o2, "net").unwrap();
+        let valid: HashSet<_> = [o2.clone()].into_iter().collect();
+        let claims = ipam.gc_candidates("net", &valid);
+        assert_eq!(claims.len(), 1);
+        let mut wedge = twill_tests::stall::DirWedge::new(&d.join("ipam/10.244.1.0-24")).unwrap();
+        let (i, c) = (ipam.clone(), claims[0].clone());
+        let stuck = start_blocked(move || i.release_claim(&c));
+        let (i, c) = (ipam.clone(), claims[0].clone());
+        let (held, unchanged, other) = within(PROMPTLY, move || {
+            let held: Vec<_> = i.allocations().into_iter().map(|(_, a, _)| a).collect();
+            let other = i.allocate(net("10.244.9.0/24"), &Owner::new("c3", "eth0"), "net");
+            (held, i.unchanged(&c), other)
+        })
+        .expect("IPAM users waited for GC stuck on a hung disk");
+        assert!(held.contains(&a1), "released before its file was gone");
+        assert!(
+            !unchanged,
+            "a claim being released is no longer GC's to take again"
+        );
+        assert!(other.is_ok());
+        assert!(stuck.try_recv().is_err());
+        wedge.release();
+        assert!(stuck.recv_timeout(PROMPTLY).unwrap().unwrap());
+        assert!(!ipam.allocations().iter().any(|(_, a, _)| *a == a1));
+        assert!(!d.join(format!("ipam/10.244.1.0-24/{a1}")).exists());
+        drop(wedge);
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    /// After a SubnetLen change the node's new subnet lies inside its old one: addresses the
+    /// old pods hold (in the old subnet's dir) are taken for the new one too, also after a
+    /// restart, and they are reported as outside the current subnet.
+    #[test]
+    fn overlapping_subnets_share_their_addresses() {
+        let d = tmp();
+        let (old, new) = (net("10.244.0.0/23"), net("10.244.0.0/24"));
+        let mut held = Vec::new();
+        {
+            let ipam = Ipam::open(&d).unwrap();
+            for i in 0..3 {
+                held.push(
+                    ipam.allocate(old, &Owner::new(format!("o{i}"), "eth0"), "net")
+                        .unwrap()
+                        .0,
+                );
+            }
+            // One of the old pods sits in the old subnet's upper half.
+            ipam.lock().get_mut(&old).unwrap().last =
+                u32::from("10.244.1.9".parse::<Ipv4Addr>().unwrap());
+            held.push(
+                ipam.allocate(old, &Owner::new("o3", "eth0"), "net")
+                    .unwrap()
+                    .0,
+            );
+        }
+        assert_eq!(
+            held[..3],
+            [
+                "10.244.0.2".parse::<Ipv4Addr>().unwrap(),
+                "10.244.0.3".parse().unwrap(),
+                "10.244.0.4".parse().unwrap()
+            ]
+        );
+        let ipam = Ipam::open(&d).unwrap();
+        let (a, _) = ipam
+            .allocate(new, &Owner::new("n0", "eth0"), "net")
+            .unwrap();
+        assert_eq!(a.to_string(), "10.244.0.5");
+        let outside: Vec<_> = ipam
+            .outside(new)
+            .into_iter()
+            .map(|(_, a, _)| a.to_string())
+            .collect();
+        assert_eq!(outside, ["10.244.1.10"]);
+        // The other way round (a larger subnet after a smaller one) too.
+        let (b, _) = ipam
+            .allocate(net("10.244.0.0/22"), &Owner::new("n1", "eth0"), "net")
+            .unwrap();
+        assert!(!held.contains(&b) && b != a, "{b}");
         fs::remove_dir_all(d).unwrap();
     }
 }

@@ -5,9 +5,10 @@
 pub mod hostlocal;
 pub mod ipam;
 mod ops;
+mod peer;
 
 pub use ops::host_veth_name;
-pub(crate) use ops::{dns_of, expected_of, valid_attachments};
+pub(crate) use ops::{check_result_fits, dns_of, expected_of, valid_attachments, validate_request};
 
 use std::net::Ipv4Addr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -18,10 +19,11 @@ use std::time::Duration;
 use ipnet::Ipv4Net;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use twill_proto::{codes, CniError, FrameError, Request, Response, PROTOCOL};
 
-use crate::metrics::Metrics;
+use crate::metrics::{GaugeGuard, Metrics};
+use crate::netlink::pod::{PodNetlink, ThreadLimit};
 
 #[derive(Clone, Debug)]
 pub struct CniOptions {
@@ -32,6 +34,26 @@ pub struct CniOptions {
     pub host_local_dir: Option<PathBuf>,
     /// Network policy: every pod is programmed before ADD answers (None: policy off).
     pub policy: Option<crate::policy::PolicyHandle>,
+    pub limits: CniLimits,
+}
+
+/// What a burst of CNI requests may take at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CniLimits {
+    /// Connections served at once; more clients wait in the socket's backlog. Each holds its
+    /// decoded request (up to 16 times the frame, `twill_proto::MAX_FRAME`).
+    pub max_connections: usize,
+    /// Threads pod operations run on at once (see `netlink::pod::ThreadLimit`).
+    pub max_threads: usize,
+}
+
+impl Default for CniLimits {
+    fn default() -> Self {
+        CniLimits {
+            max_connections: 16,
+            max_threads: 32,
+        }
+    }
 }
 
 /// The node's pod network, known once the lease is held and the overlay is up.
@@ -53,38 +75,90 @@ const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long we wait for a client to take the answer.
 const RESPONSE_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serve until the process exits. Errors only if the socket cannot be created.
-pub async fn serve(
-    opts: CniOptions,
-    node: watch::Receiver<Option<NodeNet>>,
-    metrics: Arc<Metrics>,
-) -> std::io::Result<()> {
-    let ipam = ipam::Ipam::open(&opts.state_dir)
+/// The CNI server with its socket bound and IPAM loaded, not yet serving.
+pub struct Server {
+    ctx: Arc<ops::Ctx>,
+    listener: UnixListener,
+}
+
+impl Server {
+    /// Everything that needs a usable state dir and socket path: IPAM loaded, the socket bound.
+    /// twilld does this before it talks to etcd, so a problem here stops it before it has
+    /// taken a lease or set up a device. Errors name the path.
+    pub async fn bind(
+        opts: CniOptions,
+        node: watch::Receiver<Option<NodeNet>>,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Server> {
+        let (state_dir, host_local) = (opts.state_dir.clone(), opts.host_local_dir.clone());
+        let ipam = tokio::task::spawn_blocking(move || {
+            ipam::Ipam::open(&state_dir)
+                .map(|i| i.with_host_local(hostlocal::HostLocal::new(host_local)))
+        })
+        .await
         .map_err(std::io::Error::other)?
-        .with_host_local(hostlocal::HostLocal::new(opts.host_local_dir.clone()));
-    let nl = crate::netlink::pod::PodNetlink::new().map_err(std::io::Error::other)?;
-    let listener = bind(&opts.socket)?;
-    tracing::info!(socket = %opts.socket.display(), bridge = %opts.bridge, "serving CNI requests");
-    let ctx = Arc::new(ops::Ctx::new(opts, node, metrics, ipam, nl));
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(handle_conn(ctx.clone(), stream));
-            }
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(error = %e, "accepting a CNI connection failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+        .map_err(std::io::Error::other)?;
+        let threads = ThreadLimit::new(opts.limits.max_threads, metrics.clone());
+        let nl = PodNetlink::new(threads).map_err(std::io::Error::other)?;
+        let listener = bind(&opts.socket)?;
+        Ok(Server {
+            ctx: Arc::new(ops::Ctx::new(opts, node, metrics, ipam, nl)),
+            listener,
+        })
+    }
+
+    /// Serves until the process exits.
+    pub async fn serve(self) -> std::io::Result<()> {
+        let ctx = self.ctx;
+        tracing::info!(socket = %ctx.opts.socket.display(), bridge = %ctx.opts.bridge,
+            limits = ?ctx.opts.limits, "serving CNI requests");
+        tokio::spawn(ops::report_outside(ctx.clone()));
+        let slots = Arc::new(Semaphore::new(ctx.opts.limits.max_connections.max(1)));
+        loop {
+            let slot = match slots.clone().try_acquire_owned() {
+                Ok(s) => s,
+                Err(_) => {
+                    // Every slot busy: further clients wait in the socket's backlog (the
+                    // plugin's deadline covers that), not as tasks holding decoded requests.
+                    Metrics::inc(&ctx.metrics.cni_connections_at_limit);
+                    slots
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .expect("the connection semaphore is never closed")
+                }
+            };
+            match self.listener.accept().await {
+                Ok((stream, _)) => {
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move {
+                        handle_conn(ctx, stream).await;
+                        drop(slot);
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accepting a CNI connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
         }
     }
 }
 
-/// Creates the parent directory, replaces a stale socket (never a non-socket file), mode 0600.
+/// Binds and serves until the process exits. Errors only if the socket cannot be served.
+pub async fn serve(
+    opts: CniOptions,
+    node: watch::Receiver<Option<NodeNet>>,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<()> {
+    Server::bind(opts, node, metrics).await?.serve().await
+}
+
+/// Creates the parent directory (which only root may write, see `paths`), replaces a stale
+/// socket (never a non-socket file), mode 0600.
 fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
+    crate::paths::private_parent(path).map_err(std::io::Error::other)?;
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
         Ok(_) => {
@@ -102,17 +176,15 @@ fn bind(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 async fn handle_conn(ctx: Arc<ops::Ctx>, mut stream: UnixStream) {
+    let _busy = GaugeGuard::new(&ctx.metrics.cni_connections);
     // Only root may drive pod networking; checked before reading a byte.
-    let peer_pid = match stream.peer_cred() {
-        Ok(c) if c.uid() == 0 => c.pid(),
-        Ok(c) => {
-            tracing::warn!(
-                uid = c.uid(),
-                "refused a CNI connection from a non-root peer"
-            );
+    let peer = match peer::Peer::of(&stream) {
+        Ok(p) if p.uid == 0 => p,
+        Ok(p) => {
+            tracing::warn!(uid = p.uid, "refused a CNI connection from a non-root peer");
             let e = CniError::new(
                 codes::PERMISSION_DENIED,
-                format!("permission denied: peer uid {} is not root", c.uid()),
+                format!("permission denied: peer uid {} is not root", p.uid),
             );
             write_response(&mut stream, &Response::Err(e)).await;
             return;
@@ -151,7 +223,7 @@ async fn handle_conn(ctx: Arc<ops::Ctx>, mut stream: UnixStream) {
             ),
         ))
     } else {
-        ops::dispatch(&ctx, req, peer_pid).await
+        ops::dispatch(&ctx, req, peer.root()).await
     };
     let resp = match resp {
         Ok(v) => Response::Ok(v),
@@ -176,8 +248,16 @@ async fn write_response(stream: &mut UnixStream, resp: &Response) {
     let frame = match twill_proto::encode_frame(resp) {
         Ok(f) => f,
         Err(e) => {
+            // The client gets an error, not a closed connection that reads as "try again".
             tracing::error!(error = %e, "cannot encode a CNI response");
-            return;
+            let err = CniError::new(
+                codes::INTERNAL,
+                format!("twilld's answer does not fit the socket protocol: {e}"),
+            );
+            match twill_proto::encode_frame(&Response::Err(err)) {
+                Ok(f) => f,
+                Err(_) => return,
+            }
         }
     };
     let write = async {

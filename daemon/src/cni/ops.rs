@@ -10,16 +10,17 @@ use ipnet::Ipv4Net;
 use serde_json::{json, Value};
 use tokio::sync::{watch, OwnedMutexGuard};
 use twill_proto::{
-    codes, is_supported_version, CniError, CniResult, Command, Dns, Interface, IpConfig, Request,
-    Route, SUPPORTED_VERSIONS,
+    codes, is_supported_version, validate, CniError, CniResult, Command, Dns, Interface, IpConfig,
+    Request, Route, SUPPORTED_VERSIONS,
 };
 
 use super::hostlocal::HostLocal;
 use super::ipam::{Claim, Ipam, IpamError, Owner};
+use super::peer::PeerRoot;
 use super::{CniOptions, NodeNet};
 use crate::mac::MacAddr;
 use crate::metrics::Metrics;
-use crate::netlink::pod::{self, PodNetError, PodNetlink};
+use crate::netlink::pod::{self, OpenNetnsError, PodNetError, PodNetlink};
 use crate::policy::pods;
 use crate::policy::PodUpError;
 
@@ -149,21 +150,48 @@ fn ipam_err(e: IpamError) -> CniError {
     }
 }
 
+/// IPAM on a blocking thread, never on an async worker: its files may sit on a slow disk.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, IpamError> + Send + 'static,
 ) -> Result<T, CniError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| CniError::new(codes::INTERNAL, format!("IPAM task failed: {e}")))?
-        .map_err(ipam_err)
+    offload(f).await?.map_err(ipam_err)
 }
 
-/// `peer_pid` is the plugin's pid (from the socket's credentials): CNI_NETNS is resolved in the
+/// `f` on a blocking thread (IPAM's in-memory reads too: its lock must never stall a worker).
+async fn offload<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, CniError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| CniError::new(codes::INTERNAL, format!("IPAM task failed: {e}")))
+}
+
+/// Pods from before the node's subnet changed keep their addresses until DEL or GC (taken in
+/// any overlapping subnet meanwhile): said once each time the subnet becomes known or changes.
+pub(super) async fn report_outside(ctx: Arc<Ctx>) {
+    let mut node = ctx.node.clone();
+    loop {
+        let net = node.borrow_and_update().as_ref().map(|n| n.subnet);
+        if let Some(net) = net {
+            let ipam = ctx.ipam.clone();
+            if let Ok(outside) = offload(move || ipam.outside(net)).await {
+                if let Some((old, addr, holder)) = outside.first() {
+                    tracing::warn!(subnet = %net, count = outside.len(), first = %addr,
+                        first_subnet = %old, first_container = %holder.owner.container_id,
+                        "pod addresses outside this node's subnet are still allocated (pods from before the subnet changed); they stay taken until DEL or GC releases them");
+                }
+            }
+        }
+        if node.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// `peer_root` is the plugin's root (from the socket's peer): CNI_NETNS is resolved in the
 /// plugin's mount namespace when twilld cannot see the path in its own.
 pub(super) async fn dispatch(
     ctx: &Ctx,
     req: Request,
-    peer_pid: Option<i32>,
+    peer_root: Option<PeerRoot>,
 ) -> Result<Option<Value>, CniError> {
     let version = req.cni_version().to_string();
     if !is_supported_version(&version) && req.command != Command::Version {
@@ -172,15 +200,16 @@ pub(super) async fn dispatch(
             format!("unsupported cniVersion {version:?}"),
         ));
     }
+    validate_request(&req)?;
     tracing::debug!(command = req.command.as_str(), container = %req.container_id,
         ifname = %req.ifname, netns = %req.netns, "CNI request");
     let started = std::time::Instant::now();
     let out = match req.command {
-        Command::Add => add(ctx, &req, peer_pid)
+        Command::Add => add(ctx, &req, peer_root)
             .await
             .map(|r| Some(r.to_json(&version))),
         Command::Del => del(ctx, &req).await.map(|_| None),
-        Command::Check => check(ctx, &req, peer_pid).await.map(|_| None),
+        Command::Check => check(ctx, &req, peer_root).await.map(|_| None),
         Command::Gc => gc(ctx, &req).await.map(|_| None),
         Command::Status => status(ctx).map(|_| None),
         // The plugin answers VERSION itself; answer alike if asked anyway.
@@ -195,6 +224,21 @@ pub(super) async fn dispatch(
             ifname = %req.ifname, code = e.code, error = %e.msg, "CNI request failed"),
     }
     out
+}
+
+/// The identifiers go into IPAM records one per line and into logs: checked here as the plugin
+/// checks them, since any root process can speak the socket protocol.
+pub(crate) fn validate_request(req: &Request) -> Result<(), CniError> {
+    if matches!(req.command, Command::Add | Command::Check | Command::Del) {
+        require("CNI_CONTAINERID", &req.container_id)?;
+        require("CNI_IFNAME", &req.ifname)?;
+        validate::container_id(&req.container_id)?;
+        validate::ifname(&req.ifname)?;
+    }
+    if req.command != Command::Version {
+        validate::network_name(&network_of(req))?;
+    }
+    Ok(())
 }
 
 fn status(ctx: &Ctx) -> Result<(), CniError> {
@@ -218,16 +262,20 @@ fn network_of(req: &Request) -> String {
 }
 
 /// CNI_NETNS, found (in the plugin's mount namespace if need be, see `resolve_netns`), opened
-/// and checked to be a namespace, once for the whole request. On a blocking thread: the path
-/// may sit on a slow file system, and a worker thread must not wait for it.
-async fn open_netns(req: &Request, peer_pid: Option<i32>) -> Result<File, CniError> {
+/// and checked to be a namespace other than twilld's own, once for the whole request. On a
+/// blocking thread: the path may sit on a slow file system, and a worker thread must not wait
+/// for it.
+async fn open_netns(req: &Request, peer_root: Option<PeerRoot>) -> Result<File, CniError> {
     let shown = req.netns.clone();
     tokio::task::spawn_blocking(move || {
-        pod::open_netns(&pod::resolve_netns(&shown, peer_pid)).map_err(|e| {
-            CniError::new(
-                codes::IO_FAILURE,
-                format!("cannot open network namespace {shown}: {e}"),
-            )
+        let root = peer_root.as_ref().map(PeerRoot::path);
+        let path = pod::resolve_netns(&shown, root.as_deref());
+        pod::open_netns(&path).map_err(|e| {
+            let code = match e {
+                OpenNetnsError::Own => codes::INVALID_ENV,
+                OpenNetnsError::Io(_) => codes::IO_FAILURE,
+            };
+            CniError::new(code, format!("cannot use network namespace {shown}: {e}"))
         })
     })
     .await
@@ -364,7 +412,41 @@ pub(crate) fn valid_attachments(config: &Value) -> Result<Option<HashSet<Owner>>
     Ok(Some(valid))
 }
 
-async fn add(ctx: &Ctx, req: &Request, peer_pid: Option<i32>) -> Result<CniResult, CniError> {
+/// The largest answer this ADD can give must fit a frame: checked before anything is configured,
+/// since a pod set up behind an answer that cannot be sent would be left to the runtime's GC.
+pub(crate) fn check_result_fits(req: &Request, dns: &Dns) -> Result<(), CniError> {
+    let widest_if = |name: &str, sandbox: &str| Interface {
+        name: name.to_string(),
+        mac: "ff:ff:ff:ff:ff:ff".into(),
+        mtu: Some(u32::MAX),
+        sandbox: sandbox.to_string(),
+    };
+    let widest = CniResult {
+        interfaces: vec![
+            widest_if(&host_veth_name(&req.container_id, &req.ifname), ""),
+            widest_if(&req.ifname, &req.netns),
+        ],
+        ips: vec![IpConfig {
+            address: "255.255.255.255/32".into(),
+            gateway: Some("255.255.255.255".into()),
+            interface: Some(1),
+        }],
+        routes: vec![Route {
+            dst: "0.0.0.0/0".into(),
+            gw: Some("255.255.255.255".into()),
+        }],
+        dns: dns.clone(),
+    };
+    let answer = twill_proto::Response::Ok(Some(widest.to_json(req.cni_version())));
+    twill_proto::encode_frame(&answer).map(|_| ()).map_err(|e| {
+        CniError::new(
+            codes::INVALID_CONFIG,
+            format!("the ADD result would not fit the socket protocol ({e}); is \"dns\" in the configuration that large?"),
+        )
+    })
+}
+
+async fn add(ctx: &Ctx, req: &Request, peer_root: Option<PeerRoot>) -> Result<CniResult, CniError> {
     let node = ctx.node.borrow().clone().ok_or_else(|| {
         CniError::new(
             codes::TRY_AGAIN_LATER,
@@ -375,6 +457,7 @@ async fn add(ctx: &Ctx, req: &Request, peer_pid: Option<i32>) -> Result<CniResul
     require("CNI_NETNS", &req.netns)?;
     require("CNI_IFNAME", &req.ifname)?;
     let dns = dns_of(&req.config)?;
+    check_result_fits(req, &dns)?;
     // Who the pod is, for policy: bad arguments fail here, before anything is made.
     let identity = match &ctx.opts.policy {
         Some(p) => Some(
@@ -386,7 +469,7 @@ async fn add(ctx: &Ctx, req: &Request, peer_pid: Option<i32>) -> Result<CniResul
     let owner = owner_of(req);
     let _key = ctx.keys.lock(owner.clone()).await;
 
-    let netns = open_netns(req, peer_pid).await?;
+    let netns = open_netns(req, peer_root).await?;
     let gw = node.gateway();
     let host = host_veth_name(&req.container_id, &req.ifname);
     // Two halves run at once: the node's (address, veth pair, hairpin) and the pod's, whose
@@ -397,7 +480,7 @@ async fn add(ctx: &Ctx, req: &Request, peer_pid: Option<i32>) -> Result<CniResul
     let ns = netns
         .try_clone()
         .map_err(|e| CniError::new(codes::IO_FAILURE, format!("duplicating the netns fd: {e}")))?;
-    let pod_half = pod::in_netns(ns, req.netns.clone(), move |h| async move {
+    let pod_half = ctx.nl.in_netns(ns, req.netns.clone(), move |h| async move {
         let Ok(addr) = addr_rx.await else {
             return Ok(None); // the node's half failed and undid itself
         };
@@ -482,6 +565,8 @@ async fn node_half(
     let (addr, fresh) = match (alloc, created) {
         (Ok(a), Ok(())) => a,
         (alloc, created) => {
+            // Ends the pod's half now: its thread must not hold a slot that undo may need.
+            drop(go);
             let release = matches!(alloc, Ok((_, true))).then_some(owner);
             undo(ctx, created.is_ok().then_some(host), release).await;
             // An IPAM failure (e.g. subnet full) wins: it is what the runtime can act on.
@@ -626,7 +711,7 @@ async fn del(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
     }
 }
 
-async fn check(ctx: &Ctx, req: &Request, peer_pid: Option<i32>) -> Result<(), CniError> {
+async fn check(ctx: &Ctx, req: &Request, peer_root: Option<PeerRoot>) -> Result<(), CniError> {
     require("CNI_CONTAINERID", &req.container_id)?;
     require("CNI_NETNS", &req.netns)?;
     require("CNI_IFNAME", &req.ifname)?;
@@ -634,9 +719,9 @@ async fn check(ctx: &Ctx, req: &Request, peer_pid: Option<i32>) -> Result<(), Cn
 
     let mut missing = Vec::new();
     let owner = owner_of(req);
-    let held: Vec<Ipv4Addr> = ctx
-        .ipam
-        .allocations()
+    let ipam = ctx.ipam.clone();
+    let held: Vec<Ipv4Addr> = offload(move || ipam.allocations())
+        .await?
         .into_iter()
         .filter(|(_, _, h)| h.owner == owner)
         .map(|(_, a, _)| a)
@@ -664,12 +749,14 @@ async fn check(ctx: &Ctx, req: &Request, peer_pid: Option<i32>) -> Result<(), Cn
         }
     }
     let w = want.clone();
-    let netns = open_netns(req, peer_pid).await?;
-    let in_ns = pod::in_netns(netns, req.netns.clone(), move |h| async move {
-        pod::check_container(&h, &w).await
-    })
-    .await
-    .map_err(kernel_err)?;
+    let netns = open_netns(req, peer_root).await?;
+    let in_ns = ctx
+        .nl
+        .in_netns(netns, req.netns.clone(), move |h| async move {
+            pod::check_container(&h, &w).await
+        })
+        .await
+        .map_err(kernel_err)?;
     missing.extend(in_ns);
     if missing.is_empty() {
         Ok(())
@@ -696,7 +783,8 @@ async fn gc(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
     // Only this network's attachments: another conflist naming twill has its own list.
     let network = network_of(req);
     let mut stale: HashMap<Owner, Vec<Claim>> = HashMap::new();
-    for c in ctx.ipam.gc_candidates(&network, &valid) {
+    let ipam = ctx.ipam.clone();
+    for c in offload(move || ipam.gc_candidates(&network, &valid)).await? {
         stale.entry(c.owner.clone()).or_default().push(c);
     }
     // Each attachment under its key lock, like ADD and DEL; one whose ADD or DEL ran since GC
@@ -706,7 +794,8 @@ async fn gc(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
     let results: Vec<Result<usize, CniError>> = futures::stream::iter(stale)
         .map(|(owner, claims)| async move {
             let _key = ctx.keys.lock(owner.clone()).await;
-            if !claims.iter().all(|c| ctx.ipam.unchanged(c)) {
+            let (ipam, seen) = (ctx.ipam.clone(), claims.clone());
+            if !offload(move || seen.iter().all(|c| ipam.unchanged(c))).await? {
                 return Ok(0);
             }
             if !owner.container_id.is_empty() {

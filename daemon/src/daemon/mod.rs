@@ -22,8 +22,9 @@ use crate::backend::offload;
 use crate::backend::vxlan::VxlanBackend;
 use crate::backend::{AnyBackend, Backend, BackendError, LocalNode};
 use crate::cli::RunArgs;
-use crate::cni::{CniOptions, NodeNet};
+use crate::cni::{CniLimits, CniOptions, NodeNet};
 use crate::config::{BackendKind, ConfigError};
+use crate::http::HttpLimits;
 use crate::lease::{LeaseAttrs, LeaseBackend};
 use crate::netlink::{KernelEvent, Netlink, NetlinkError};
 use crate::overlap::HostNets;
@@ -52,8 +53,10 @@ pub enum StartError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Overlap(#[from] crate::overlap::OverlapError),
-    #[error("cannot serve HTTP on {addr}: {err}")]
-    Http { addr: String, err: std::io::Error },
+    #[error(transparent)]
+    Instance(#[from] crate::instance::LockError),
+    #[error("--subnet-file: {0}")]
+    SubnetFile(crate::paths::PathError),
     #[error("cannot serve the CNI socket {path}: {err}")]
     Cni { path: String, err: std::io::Error },
     /// A task that runs for the daemon's lifetime ended (it can only panic): exit, so the
@@ -63,16 +66,14 @@ pub enum StartError {
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. Returns Err only for problems that need the operator
-/// (invalid config, unusable state dir, no underlay); transient etcd trouble is waited out.
+/// (invalid config, unusable state dir, socket or subnet file path, another twilld running, no
+/// underlay); transient etcd trouble is waited out. Everything local is checked before twilld
+/// talks to etcd, so such a problem never leaves a lease or a device behind.
 pub async fn run(args: RunArgs) -> Result<(), StartError> {
+    let _instance = crate::instance::lock(&args.state_dir)?;
+    check_subnet_file_dir(&args)?;
     let shared = Arc::new(Shared::default());
     shared.update(|s| s.waiting_for = Some("etcd".into()));
-    crate::http::spawn(args.http_addr, shared.clone())
-        .await
-        .map_err(|err| StartError::Http {
-            addr: args.http_addr.to_string(),
-            err,
-        })?;
 
     // The registry client connects lazily: building it needs no etcd yet.
     let reg = EtcdRegistry::connect(&EtcdOptions {
@@ -109,10 +110,18 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
         host_local_dir: (!args.host_local_dir.as_os_str().is_empty())
             .then(|| args.host_local_dir.clone()),
         policy: policy.clone(),
+        limits: CniLimits {
+            max_connections: args.cni_max_connections as usize,
+            max_threads: args.cni_max_threads as usize,
+        },
     };
-    let cni_metrics = shared.metrics.clone();
     let cni_path = args.cni_socket.display().to_string();
-    let cni = tokio::spawn(async move { crate::cni::serve(cni_opts, node_rx, cni_metrics).await });
+    let cni = crate::cni::Server::bind(cni_opts, node_rx, shared.metrics.clone())
+        .await
+        .map_err(|err| StartError::Cni {
+            path: cni_path.clone(),
+            err,
+        })?;
 
     let vtep_mac = crate::state::load_or_create_vtep_mac(&args.state_dir).map_err(|err| {
         StartError::State {
@@ -120,6 +129,17 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
             err,
         }
     })?;
+    // Never fatal: while the address is taken (anyone may bind an unprivileged port), the rest
+    // runs and binding is retried.
+    crate::http::spawn(
+        args.http_addr,
+        shared.clone(),
+        HttpLimits {
+            max_connections: args.http_max_connections as usize,
+            header_timeout: args.http_header_timeout,
+        },
+    );
+    let cni = tokio::spawn(cni.serve());
 
     let nl = Netlink::new()?;
     let underlay = nl.find_underlay(args.iface.as_ref()).await?;
@@ -297,6 +317,19 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
             }
         }
         node.after_event().await;
+    }
+}
+
+/// A subnet file's directory that others can write is refused now. One that cannot be created
+/// yet (e.g. a file in its place) is not: writing the subnet file is retried until it works.
+fn check_subnet_file_dir(args: &RunArgs) -> Result<(), StartError> {
+    match crate::paths::private_parent(&args.subnet_file) {
+        Ok(_) => Ok(()),
+        Err(e @ crate::paths::PathError::Io { .. }) => {
+            warn!(error = %e, "the subnet file's directory is not usable yet; writing it will be retried");
+            Ok(())
+        }
+        Err(e) => Err(StartError::SubnetFile(e)),
     }
 }
 

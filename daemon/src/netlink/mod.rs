@@ -8,6 +8,7 @@
 mod batch;
 pub mod ethtool;
 mod events;
+pub mod nflog;
 pub mod nft_events;
 pub mod nft_sets;
 mod own;

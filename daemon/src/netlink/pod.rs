@@ -1,16 +1,17 @@
 //! Netlink calls for pod networking (veth, bridge, addresses and routes inside a pod's netns).
 //!
 //! Two kinds of handle: [`PodNetlink::new`] talks to the namespace twilld runs in (the node's:
-//! bridge, host veth ends); [`in_netns`] runs a closure with a handle opened inside a pod's
-//! namespace, on a dedicated thread, because a namespace belongs to a thread and tokio workers
-//! must never switch.
+//! bridge, host veth ends); [`PodNetlink::in_netns`] runs a closure with a handle opened inside
+//! a pod's namespace, on a dedicated thread, because a namespace belongs to a thread and tokio
+//! workers must never switch. Those threads are bounded by a [`ThreadLimit`].
 
 use std::fs::File;
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
@@ -25,6 +26,7 @@ use rtnetlink::{
 };
 
 use crate::mac::MacAddr;
+use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodNetError {
@@ -178,19 +180,72 @@ async fn v4_routes(h: &Handle) -> Result<Vec<(Ipv4Net, Option<Ipv4Addr>)>, PodNe
     Ok(out)
 }
 
-/// A netlink connection in the namespace of the calling thread (twilld's: the node's).
+/// Bounds the threads pod operations run on. Each ADD, CHECK and DEL (and each attachment a GC
+/// tears down) needs one, with its own runtime and netlink socket: a burst (a node restarting
+/// with a hundred pods, a runtime's retry storm) queues for a slot instead of spawning them all.
+#[derive(Clone)]
+pub struct ThreadLimit {
+    slots: Arc<tokio::sync::Semaphore>,
+    metrics: Arc<Metrics>,
+}
+
+/// A thread slot; freed when the thread that holds it ends.
+struct ThreadSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl ThreadLimit {
+    pub fn new(max: usize, metrics: Arc<Metrics>) -> Self {
+        ThreadLimit {
+            slots: Arc::new(tokio::sync::Semaphore::new(max.max(1))),
+            metrics,
+        }
+    }
+
+    async fn acquire(&self) -> ThreadSlot {
+        let permit = match self.slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                Metrics::inc(&self.metrics.cni_thread_waits);
+                self.slots
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("the thread semaphore is never closed")
+            }
+        };
+        Metrics::inc(&self.metrics.cni_threads);
+        ThreadSlot {
+            _permit: permit,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+impl Drop for ThreadSlot {
+    fn drop(&mut self) {
+        self.metrics
+            .cni_threads
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A netlink connection in the namespace of the calling thread (twilld's: the node's), and the
+/// limit on the threads that work in pods' namespaces or on sockets of their own.
 #[derive(Clone)]
 pub struct PodNetlink {
     handle: Handle,
+    threads: ThreadLimit,
 }
 
 impl PodNetlink {
     /// Must be called inside a tokio runtime; the connection task is spawned on it.
-    pub fn new() -> Result<Self, PodNetError> {
+    pub fn new(threads: ThreadLimit) -> Result<Self, PodNetError> {
         let (conn, handle, _) =
             rtnetlink::new_connection().map_err(|e| PodNetError::other("opening netlink", e))?;
         tokio::spawn(conn);
-        Ok(PodNetlink { handle })
+        Ok(PodNetlink { handle, threads })
     }
 
     pub fn handle(&self) -> &Handle {
@@ -320,7 +375,41 @@ impl PodNetlink {
     /// On a socket of its own: see `on_own_socket`.
     pub async fn delete_link(&self, name: &str) -> Result<bool, PodNetError> {
         let name = name.to_string();
-        on_own_socket(move |h| async move { delete_link(&h, &name).await }).await
+        self.on_own_socket(move |h| async move { delete_link(&h, &name).await })
+            .await
+    }
+
+    /// Runs `f` with a netlink handle opened inside the namespace `netns` (from `open_netns`;
+    /// `shown` names it in errors), on a fresh thread that ends afterwards (so no thread ever
+    /// returns to a pool in the wrong namespace). Requests for different pods run in parallel,
+    /// up to the thread limit. Taking the open namespace, not its path, means the thread enters
+    /// exactly the one the caller checked.
+    pub async fn in_netns<T, F, Fut>(
+        &self,
+        netns: File,
+        shown: String,
+        f: F,
+    ) -> Result<T, PodNetError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Handle) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, PodNetError>>,
+    {
+        on_own_thread(&self.threads, Some((netns, shown)), f).await
+    }
+
+    /// Runs `f` with a netlink connection of its own, in twilld's namespace, on a dedicated
+    /// thread. Deleting a veth waits for an RCU grace period (~25 ms) inside the kernel's
+    /// sendmsg: on the shared connection that serialises every DEL behind the others (and
+    /// stalls a tokio worker), while separate sockets let the kernel batch concurrent
+    /// unregistrations.
+    async fn on_own_socket<T, F, Fut>(&self, f: F) -> Result<T, PodNetError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Handle) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, PodNetError>>,
+    {
+        on_own_thread(&self.threads, None, f).await
     }
 
     pub async fn link_by_name(&self, name: &str) -> Result<Option<LinkState>, PodNetError> {
@@ -330,18 +419,15 @@ impl PodNetlink {
 
 /// CNI_NETNS as the plugin sees it. A runtime may create the netns file in a mount namespace
 /// twilld does not share (e.g. twilld in a container, podman's /run/netns): when the path is not
-/// visible here, look through the plugin's root, `/proc/<pid>/root/<path>`; the plugin is alive
-/// while it waits for our answer.
-pub fn resolve_netns(path: &str, peer_pid: Option<i32>) -> PathBuf {
+/// visible here, look through the plugin's root (`peer_root`, see `cni::peer`), opened when the
+/// plugin connected.
+pub fn resolve_netns(path: &str, peer_root: Option<&Path>) -> PathBuf {
     let p = PathBuf::from(path);
     if path.is_empty() || p.exists() {
         return p;
     }
-    if let Some(pid) = peer_pid.filter(|&pid| pid > 0) {
-        let alt = Path::new("/proc")
-            .join(pid.to_string())
-            .join("root")
-            .join(p.strip_prefix("/").unwrap_or(&p));
+    if let Some(root) = peer_root {
+        let alt = root.join(p.strip_prefix("/").unwrap_or(&p));
         if alt.exists() {
             return alt;
         }
@@ -349,9 +435,19 @@ pub fn resolve_netns(path: &str, peer_pid: Option<i32>) -> PathBuf {
     p
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum OpenNetnsError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// Pod interfaces would land among the node's own (with a pod address and route).
+    #[error("it is twilld's own network namespace, not a pod's")]
+    Own,
+}
+
 /// Opens a netns path without blocking (a FIFO planted as CNI_NETNS must not hang a thread).
-/// Anything else than a namespace file (nsfs) is refused here, before it reaches the kernel.
-pub fn open_netns(path: &Path) -> std::io::Result<File> {
+/// Anything else than a namespace file (nsfs) is refused here, before it reaches the kernel, and
+/// so is the namespace twilld itself runs in.
+pub fn open_netns(path: &Path) -> Result<File, OpenNetnsError> {
     const NSFS_MAGIC: libc::c_long = 0x6e73_6673;
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -360,53 +456,41 @@ pub fn open_netns(path: &Path) -> std::io::Result<File> {
     // SAFETY: fstatfs fills the zeroed struct for a valid open fd.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error());
+        return Err(std::io::Error::last_os_error().into());
     }
     if st.f_type as libc::c_long != NSFS_MAGIC {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             "not a network namespace",
-        ));
+        )
+        .into());
+    }
+    // This thread's namespace is twilld's: only pod threads ever switch, and they end after.
+    let ns = file.metadata()?;
+    let own = std::fs::metadata("/proc/thread-self/ns/net")?;
+    if (ns.dev(), ns.ino()) == (own.dev(), own.ino()) {
+        return Err(OpenNetnsError::Own);
     }
     Ok(file)
 }
 
-/// Runs `f` with a netlink handle opened inside the namespace `netns` (from `open_netns`; `shown`
-/// names it in errors), on a fresh thread that ends afterwards (so no thread ever returns to a
-/// pool in the wrong namespace). Requests for different pods run in parallel. Taking the open
-/// namespace, not its path, means the thread enters exactly the one the caller checked.
-pub async fn in_netns<T, F, Fut>(netns: File, shown: String, f: F) -> Result<T, PodNetError>
+async fn on_own_thread<T, F, Fut>(
+    limit: &ThreadLimit,
+    netns: Option<(File, String)>,
+    f: F,
+) -> Result<T, PodNetError>
 where
     T: Send + 'static,
     F: FnOnce(Handle) -> Fut + Send + 'static,
     Fut: Future<Output = Result<T, PodNetError>>,
 {
-    on_own_thread(Some((netns, shown)), f).await
-}
-
-/// Runs `f` with a netlink connection of its own, in twilld's namespace, on a dedicated thread.
-/// Deleting a veth waits for an RCU grace period (~25 ms) inside the kernel's sendmsg: on the
-/// shared connection that serialises every DEL behind the others (and stalls a tokio worker),
-/// while separate sockets let the kernel batch concurrent unregistrations.
-pub async fn on_own_socket<T, F, Fut>(f: F) -> Result<T, PodNetError>
-where
-    T: Send + 'static,
-    F: FnOnce(Handle) -> Fut + Send + 'static,
-    Fut: Future<Output = Result<T, PodNetError>>,
-{
-    on_own_thread(None, f).await
-}
-
-async fn on_own_thread<T, F, Fut>(netns: Option<(File, String)>, f: F) -> Result<T, PodNetError>
-where
-    T: Send + 'static,
-    F: FnOnce(Handle) -> Fut + Send + 'static,
-    Fut: Future<Output = Result<T, PodNetError>>,
-{
+    let slot = limit.acquire().await;
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("twill-netns".into())
         .spawn(move || {
+            // Freed when this thread is done, runtime and socket included (dropped last).
+            let _slot = slot;
             let setup = || -> Result<tokio::runtime::Runtime, PodNetError> {
                 if let Some((file, shown)) = netns {
                     enter_netns(&file, &shown)?;

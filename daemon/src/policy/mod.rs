@@ -157,6 +157,10 @@ struct Engine {
     /// What the kernel was last given, as a program.
     program: Option<NodeProgram>,
     status: PolicyStatus,
+    /// When each connection (source, destination, protocol, port) was last logged as denied:
+    /// its retransmissions are not news.
+    logged:
+        std::collections::HashMap<(std::net::IpAddr, std::net::IpAddr, u8, Option<u16>), Instant>,
     /// Pod records to write to (Some) or delete from (None) etcd, by key; retried until done.
     records: mpsc::UnboundedSender<(String, Option<Vec<u8>>)>,
     cache_dirty: bool,
@@ -201,6 +205,7 @@ async fn run<S: ObjectStore>(
         objects,
         program: None,
         status: PolicyStatus::default(),
+        logged: std::collections::HashMap::new(),
         records,
         cache_dirty: false,
     };
@@ -209,9 +214,21 @@ async fn run<S: ObjectStore>(
         e.sync("cache").await;
     }
     e.publish();
+    let mut denied_rx = if e.opts.render.log_denied {
+        match crate::netlink::nflog::subscribe(render::LOG_GROUP) {
+            Ok(rx) => Some(rx),
+            Err(err) => {
+                tracing::error!(error = %err, "cannot read the denied-connection log (NFLOG); counters in /metrics still count denials");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let mut cache_tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
+            Some(p) = recv_opt(&mut denied_rx) => e.log_denied(p),
             msg = rx.recv() => match msg {
                 None => return,
                 Some(Msg::PodUp(pod, reply)) => {
@@ -255,6 +272,13 @@ pub async fn remove_table() {
         {
             tracing::warn!(error = %e, "removing the network policy table failed");
         }
+    }
+}
+
+async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -427,6 +451,69 @@ impl Engine {
         self.publish();
     }
 
+    /// One log line per denied connection (retransmissions within 10 s are not repeated),
+    /// naming the pods and the policies that isolate the one that refused it.
+    fn log_denied(&mut self, p: crate::netlink::nflog::LoggedPacket) {
+        let key = (p.src, p.dst, p.proto, p.dport);
+        let now = Instant::now();
+        if self
+            .logged
+            .get(&key)
+            .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(10))
+        {
+            return;
+        }
+        if self.logged.len() > 4096 {
+            self.logged
+                .retain(|_, t| now.duration_since(*t) < Duration::from_secs(10));
+        }
+        self.logged.insert(key, now);
+        let c = self.objects.cluster();
+        let name = |ip: std::net::IpAddr| match c.live_pod_with_ip(ip) {
+            Some((k, _)) => format!("{k} ({ip})"),
+            None => ip.to_string(),
+        };
+        let (direction, policies) = match self
+            .program
+            .as_ref()
+            .and_then(|prog| prog.chains.get(&p_group(&p.prefix)))
+        {
+            Some(PChain::Group {
+                direction,
+                policies,
+            }) => (
+                match direction {
+                    Direction::Ingress => "ingress",
+                    Direction::Egress => "egress",
+                },
+                policies
+                    .iter()
+                    .filter_map(|pc| match self.program.as_ref()?.chains.get(pc)? {
+                        PChain::Policy { policy, .. } => Some(policy.to_string()),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+            _ => ("?", String::new()),
+        };
+        let proto = match p.proto {
+            6 => "TCP".to_string(),
+            17 => "UDP".to_string(),
+            132 => "SCTP".to_string(),
+            1 | 58 => "ICMP".to_string(),
+            n => format!("protocol {n}"),
+        };
+        let port = p.dport.map(|d| format!("/{d}")).unwrap_or_default();
+        tracing::warn!(
+            target: "twill::policy::denied",
+            "connection denied by network policy: {} -> {} {proto}{port} ({direction}; isolated by {policies})",
+            name(p.src),
+            name(p.dst),
+        );
+        Metrics::inc(&self.shared.metrics.policy_denied_logged);
+    }
+
     /// Drop counters of the group chains, summed per policy and direction.
     async fn read_counters(&mut self) {
         let (Some(w), Some(p)) = (self.writer.as_ref(), self.program.as_ref()) else {
@@ -490,6 +577,11 @@ impl Engine {
         let s = st.clone();
         self.shared.update(|x| x.policy = Some(s));
     }
+}
+
+/// The group chain named by a log prefix.
+fn p_group(prefix: &str) -> String {
+    prefix.trim().to_string()
 }
 
 /// Policies with a chain here, and the local pods each isolates per direction.
