@@ -11,6 +11,8 @@ pub mod config;
 pub mod daemon;
 pub mod excerpt;
 pub mod firewall;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod instance;
 pub mod lease;

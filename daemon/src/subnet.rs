@@ -19,8 +19,13 @@ pub fn parse_subnet_key(key: &str) -> Option<Ipv4Net> {
     let v4 = key.split('&').next()?;
     let (addr, len) = v4.split_once('-')?;
     let addr: Ipv4Addr = addr.parse().ok()?;
-    // Plain decimal only: no sign, no leading '+'.
-    if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) || len.len() > 2 {
+    // Plain decimal as flannel prints it: no sign, no leading zero (`-08` would be a second
+    // spelling of `-8`: one subnet, one key).
+    if len.is_empty()
+        || !len.bytes().all(|b| b.is_ascii_digit())
+        || len.len() > 2
+        || (len.len() > 1 && len.starts_with('0'))
+    {
         return None;
     }
     let net = Ipv4Net::new(addr, len.parse().ok()?).ok()?;
@@ -173,6 +178,9 @@ mod tests {
             "10.244.1.0-33",
             "10.244.1.0-+24",
             "10.244.1.0-024",
+            "0.0.0.0-01", // a second spelling of 0.0.0.0-1 (found by fuzzing)
+            "10.0.0.0-08",
+            "0.0.0.0-00",
             "10.244.1.5-24", // host bits: not a flannel key
             "fc00::-64",
             "garbage-24",

@@ -16,3 +16,6 @@ pub mod oracle;
 pub mod program;
 pub mod selector;
 pub mod validate;
+
+#[doc(hidden)]
+pub mod fuzzing;

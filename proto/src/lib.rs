@@ -11,6 +11,8 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod validate;
 
 /// Version of the socket protocol; bumped on any incompatible change.

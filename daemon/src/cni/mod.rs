@@ -8,6 +8,7 @@ mod ops;
 mod peer;
 
 pub use ops::host_veth_name;
+pub(crate) use ops::{check_result_fits, dns_of, expected_of, valid_attachments, validate_request};
 
 use std::net::Ipv4Addr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};

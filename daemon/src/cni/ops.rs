@@ -228,7 +228,7 @@ pub(super) async fn dispatch(
 
 /// The identifiers go into IPAM records one per line and into logs: checked here as the plugin
 /// checks them, since any root process can speak the socket protocol.
-fn validate_request(req: &Request) -> Result<(), CniError> {
+pub(crate) fn validate_request(req: &Request) -> Result<(), CniError> {
     if matches!(req.command, Command::Add | Command::Check | Command::Del) {
         require("CNI_CONTAINERID", &req.container_id)?;
         require("CNI_IFNAME", &req.ifname)?;
@@ -308,9 +308,113 @@ fn require(what: &str, v: &str) -> Result<(), CniError> {
     }
 }
 
+/// The config's `dns`, copied into the ADD result.
+pub(crate) fn dns_of(config: &Value) -> Result<Dns, CniError> {
+    match config.get("dns") {
+        None | Some(Value::Null) => Ok(Dns::default()),
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
+            CniError::new(
+                codes::INVALID_CONFIG,
+                format!("invalid \"dns\" in the config: {e}"),
+            )
+        }),
+    }
+}
+
+/// What CHECK looks for in the pod: CNI_IFNAME's addresses and the routes of the prevResult.
+pub(crate) fn expected_of(req: &Request) -> Result<pod::Expected, CniError> {
+    let prev = req.config.get("prevResult").ok_or_else(|| {
+        CniError::new(
+            codes::INVALID_CONFIG,
+            "CHECK needs a prevResult in the config",
+        )
+    })?;
+    let prev = CniResult::from_json(prev).map_err(|e| {
+        CniError::new(
+            codes::DECODE_FAILED,
+            format!("cannot decode prevResult: {e}"),
+        )
+    })?;
+    let Some(if_idx) = prev
+        .interfaces
+        .iter()
+        .position(|i| i.name == req.ifname && !i.sandbox.is_empty())
+    else {
+        return Err(CniError::new(
+            codes::CHECK_FAILED,
+            format!("prevResult lists no interface {} in a sandbox", req.ifname),
+        ));
+    };
+    let mut want = pod::Expected {
+        ifname: req.ifname.clone(),
+        ..Default::default()
+    };
+    for ip in prev.ips.iter().filter(|ip| ip.interface == Some(if_idx)) {
+        // IPv6 entries are not ours; twill is IPv4 only.
+        if let Ok(n) = ip.address.parse::<Ipv4Net>() {
+            want.addrs.push(n);
+        }
+    }
+    for r in &prev.routes {
+        let dst = r.dst.parse::<Ipv4Net>().map_err(|e| {
+            CniError::new(
+                codes::DECODE_FAILED,
+                format!("bad route {:?} in prevResult: {e}", r.dst),
+            )
+        });
+        let Ok(dst) = dst else { continue };
+        let gw = match &r.gw {
+            Some(g) => Some(g.parse::<Ipv4Addr>().map_err(|e| {
+                CniError::new(
+                    codes::DECODE_FAILED,
+                    format!("bad gateway {g:?} in prevResult: {e}"),
+                )
+            })?),
+            None => None,
+        };
+        want.routes.push((dst, gw));
+    }
+    Ok(want)
+}
+
+/// GC's list of the attachments the runtime still uses; None when it sent none.
+pub(crate) fn valid_attachments(config: &Value) -> Result<Option<HashSet<Owner>>, CniError> {
+    let list = config
+        .get("cni.dev/valid-attachments")
+        .or_else(|| config.get("cni.dev/attachments"));
+    let Some(list) = list else {
+        return Ok(None);
+    };
+    let items = list.as_array().ok_or_else(|| {
+        CniError::new(
+            codes::INVALID_CONFIG,
+            "cni.dev/valid-attachments must be a list",
+        )
+    })?;
+    let mut valid = HashSet::new();
+    for it in items {
+        let cid = it.get("containerID").and_then(Value::as_str);
+        let ifname = it.get("ifname").and_then(Value::as_str);
+        match (cid, ifname) {
+            (Some(c), Some(i)) => {
+                valid.insert(Owner::new(c, i));
+            }
+            _ => {
+                return Err(CniError::new(
+                    codes::INVALID_CONFIG,
+                    format!(
+                        "invalid attachment {it}: expected {{\"containerID\":..,\"ifname\":..}}"
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(Some(valid))
+}
+
 /// The largest answer this ADD can give must fit a frame: checked before anything is configured,
 /// since a pod set up behind an answer that cannot be sent would be left to the runtime's GC.
-fn check_result_fits(req: &Request, dns: &Dns) -> Result<(), CniError> {
+pub(crate) fn check_result_fits(req: &Request, dns: &Dns) -> Result<(), CniError> {
     let widest_if = |name: &str, sandbox: &str| Interface {
         name: name.to_string(),
         mac: "ff:ff:ff:ff:ff:ff".into(),
@@ -352,15 +456,7 @@ async fn add(ctx: &Ctx, req: &Request, peer_root: Option<PeerRoot>) -> Result<Cn
     require("CNI_CONTAINERID", &req.container_id)?;
     require("CNI_NETNS", &req.netns)?;
     require("CNI_IFNAME", &req.ifname)?;
-    let dns: Dns = match req.config.get("dns") {
-        None | Some(Value::Null) => Dns::default(),
-        Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
-            CniError::new(
-                codes::INVALID_CONFIG,
-                format!("invalid \"dns\" in the config: {e}"),
-            )
-        })?,
-    };
+    let dns = dns_of(&req.config)?;
     check_result_fits(req, &dns)?;
     // Who the pod is, for policy: bad arguments fail here, before anything is made.
     let identity = match &ctx.opts.policy {
@@ -619,57 +715,7 @@ async fn check(ctx: &Ctx, req: &Request, peer_root: Option<PeerRoot>) -> Result<
     require("CNI_CONTAINERID", &req.container_id)?;
     require("CNI_NETNS", &req.netns)?;
     require("CNI_IFNAME", &req.ifname)?;
-    let prev = req.config.get("prevResult").ok_or_else(|| {
-        CniError::new(
-            codes::INVALID_CONFIG,
-            "CHECK needs a prevResult in the config",
-        )
-    })?;
-    let prev = CniResult::from_json(prev).map_err(|e| {
-        CniError::new(
-            codes::DECODE_FAILED,
-            format!("cannot decode prevResult: {e}"),
-        )
-    })?;
-    let Some(if_idx) = prev
-        .interfaces
-        .iter()
-        .position(|i| i.name == req.ifname && !i.sandbox.is_empty())
-    else {
-        return Err(CniError::new(
-            codes::CHECK_FAILED,
-            format!("prevResult lists no interface {} in a sandbox", req.ifname),
-        ));
-    };
-    let mut want = pod::Expected {
-        ifname: req.ifname.clone(),
-        ..Default::default()
-    };
-    for ip in prev.ips.iter().filter(|ip| ip.interface == Some(if_idx)) {
-        // IPv6 entries are not ours; twill is IPv4 only.
-        if let Ok(n) = ip.address.parse::<Ipv4Net>() {
-            want.addrs.push(n);
-        }
-    }
-    for r in &prev.routes {
-        let dst = r.dst.parse::<Ipv4Net>().map_err(|e| {
-            CniError::new(
-                codes::DECODE_FAILED,
-                format!("bad route {:?} in prevResult: {e}", r.dst),
-            )
-        });
-        let Ok(dst) = dst else { continue };
-        let gw = match &r.gw {
-            Some(g) => Some(g.parse::<Ipv4Addr>().map_err(|e| {
-                CniError::new(
-                    codes::DECODE_FAILED,
-                    format!("bad gateway {g:?} in prevResult: {e}"),
-                )
-            })?),
-            None => None,
-        };
-        want.routes.push((dst, gw));
-    }
+    let want = expected_of(req)?;
 
     let mut missing = Vec::new();
     let owner = owner_of(req);
@@ -728,38 +774,10 @@ async fn check(ctx: &Ctx, req: &Request, peer_root: Option<PeerRoot>) -> Result<
 }
 
 async fn gc(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
-    let list = req
-        .config
-        .get("cni.dev/valid-attachments")
-        .or_else(|| req.config.get("cni.dev/attachments"));
     // No list is not "nothing is valid": without it we cannot know, so release nothing.
-    let Some(list) = list else {
+    let Some(mut valid) = valid_attachments(&req.config)? else {
         return Ok(());
     };
-    let items = list.as_array().ok_or_else(|| {
-        CniError::new(
-            codes::INVALID_CONFIG,
-            "cni.dev/valid-attachments must be a list",
-        )
-    })?;
-    let mut valid = HashSet::new();
-    for it in items {
-        let cid = it.get("containerID").and_then(Value::as_str);
-        let ifname = it.get("ifname").and_then(Value::as_str);
-        match (cid, ifname) {
-            (Some(c), Some(i)) => {
-                valid.insert(Owner::new(c, i));
-            }
-            _ => {
-                return Err(CniError::new(
-                    codes::INVALID_CONFIG,
-                    format!(
-                        "invalid attachment {it}: expected {{\"containerID\":..,\"ifname\":..}}"
-                    ),
-                ))
-            }
-        }
-    }
     // An ADD still running is not in the runtime's list yet; GC must not pull it from under it.
     valid.extend(ctx.keys.in_flight());
     // Only this network's attachments: another conflist naming twill has its own list.

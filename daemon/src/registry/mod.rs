@@ -7,7 +7,7 @@ pub mod etcd_objects;
 pub mod objects;
 mod peers;
 mod skips;
-mod view;
+pub(crate) mod view;
 
 pub use peers::watch_peers;
 

@@ -1,0 +1,368 @@
+//! Fuzz harnesses for what twilld parses from others, shared by the cargo-fuzz targets in
+//! `fuzz/` and the regression tests that replay their corpora (`daemon/tests/fuzz_corpus.rs`).
+//! Each takes arbitrary bytes, must not panic, and asserts what the parser promises. Not an API.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::OnceLock;
+
+use ipnet::Ipv4Net;
+use serde_json::json;
+use twill_proto::{
+    encode_frame, is_supported_version, CniResult, Command, Dns, Interface, IpConfig, Request,
+    Response, Route, SUPPORTED_VERSIONS,
+};
+
+use crate::cni;
+use crate::config::{BackendKind, NetworkConfig};
+use crate::lease::LeaseBackend;
+use crate::lease::{check_against_own, parse_peer, public_ip_of, vtep_mac_of, LeaseAttrs};
+use crate::policy::pods::{self, Attachment, LocalPod};
+use crate::subnet::{choose_free, overlaps, parse_subnet_key, subnet_key as key_of};
+
+/// However large the input, an error message quotes only an excerpt of it.
+const MAX_MESSAGE: usize = 1024;
+
+/// A request body as the socket carries it: what twilld reads from its fields before it touches
+/// the kernel (version, `dns`, CHECK's prevResult, GC's attachment list, the pod's identity for
+/// policy from CNI_ARGS and `args.cni`, the host veth name).
+pub fn cni_request(data: &[u8]) {
+    let Ok(req) = twill_proto::decode_body::<Request>(data) else {
+        return;
+    };
+    let _ = is_supported_version(req.cni_version());
+    // What twilld accepts goes into IPAM records one per line and into logs.
+    let valid = cni::validate_request(&req).is_ok();
+    if valid && matches!(req.command, Command::Add | Command::Check | Command::Del) {
+        for v in [&req.container_id, &req.ifname] {
+            assert!(!v.is_empty() && !v.chars().any(char::is_control), "{v:?}");
+        }
+    }
+    if let Ok(dns) = cni::dns_of(&req.config) {
+        // Copied into the ADD result, which must carry it in every version's shape.
+        let result = CniResult {
+            dns: dns.clone(),
+            ..Default::default()
+        };
+        for v in SUPPORTED_VERSIONS {
+            let back = CniResult::from_json(&result.to_json(v)).expect("a result parses back");
+            assert_eq!(back.dns, result.dns);
+        }
+        // An ADD that passes the size check has an answer that fits a frame.
+        if valid && cni::check_result_fits(&req, &dns).is_ok() {
+            let answer = add_result(&req, dns);
+            let frame = encode_frame(&Response::Ok(Some(answer.to_json(req.cni_version()))));
+            assert!(frame.is_ok(), "the ADD result does not fit: {frame:?}");
+        }
+    }
+    if let Ok(want) = cni::expected_of(&req) {
+        assert_eq!(want.ifname, req.ifname);
+    }
+    let _ = cni::valid_attachments(&req.config);
+    let host = cni::host_veth_name(&req.container_id, &req.ifname);
+    assert!(host.len() <= 15 && host.bytes().all(|b| b.is_ascii_alphanumeric()));
+
+    let attachment = Attachment {
+        container_id: req.container_id.clone(),
+        ifname: req.ifname.clone(),
+    };
+    let Ok(pod) = pods::from_cni(attachment, &req.args, &req.config, "n1") else {
+        return;
+    };
+    // Its key names an etcd object `<namespace>/<name>`.
+    let key = pod.key();
+    let (ns, name) = key.split_once('/').expect("a pod key has a '/'");
+    assert!(
+        !ns.is_empty() && !name.is_empty() && !name.contains('/'),
+        "{key}"
+    );
+    // The record in the state dir reads back as it was written.
+    let saved = serde_json::to_vec(&pod).expect("a pod record serialises");
+    let back: LocalPod = serde_json::from_slice(&saved).expect("a pod record parses back");
+    assert_eq!(back, pod);
+    // With its address the pod enters the policy model, and its etcd record reads back.
+    let pod = pod.with_ip(IpAddr::V4(Ipv4Addr::new(10, 244, 1, 5)));
+    let mut cluster = netpol::model::Cluster::new();
+    let k = cluster
+        .upsert_pod(&pod.pod)
+        .expect("a pod from a CNI request enters the model");
+    assert_eq!(k.to_string(), key);
+    let record = serde_json::to_vec(&pod.pod).expect("a pod serialises");
+    let back: netpol::api::Pod = serde_json::from_slice(&record).expect("a pod parses back");
+    assert_eq!(back, pod.pod);
+}
+
+/// An ADD's result as twilld gives it for `req`.
+fn add_result(req: &Request, dns: Dns) -> CniResult {
+    CniResult {
+        interfaces: vec![
+            Interface {
+                name: cni::host_veth_name(&req.container_id, &req.ifname),
+                mac: "02:00:00:00:00:01".into(),
+                mtu: Some(1450),
+                sandbox: String::new(),
+            },
+            Interface {
+                name: req.ifname.clone(),
+                mac: "02:00:00:00:00:02".into(),
+                mtu: Some(1450),
+                sandbox: req.netns.clone(),
+            },
+        ],
+        ips: vec![IpConfig {
+            address: "10.244.1.5/24".into(),
+            gateway: Some("10.244.1.1".into()),
+            interface: Some(1),
+        }],
+        routes: vec![Route {
+            dst: "0.0.0.0/0".into(),
+            gw: Some("10.244.1.1".into()),
+        }],
+        dns,
+    }
+}
+
+fn configs() -> &'static [NetworkConfig; 2] {
+    static CONFIGS: OnceLock<[NetworkConfig; 2]> = OnceLock::new();
+    CONFIGS.get_or_init(|| {
+        [
+            br#"{"Network":"10.244.0.0/16"}"#.as_slice(),
+            br#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#,
+        ]
+        .map(|c| NetworkConfig::parse(c).expect("a valid config"))
+    })
+}
+
+/// A lease value as etcd holds it, optionally preceded by a line with its key
+/// (`10.244.2.0-24\n{...}`; without one the key is 10.244.2.0-24): decoded, and judged as
+/// another node's lease against a vxlan and a host-gw network, with and without an own subnet.
+pub fn lease(data: &[u8]) {
+    let mut subnet: Ipv4Net = "10.244.2.0/24".parse().expect("a subnet");
+    let mut value = data;
+    if let Some(i) = data.iter().position(|&b| b == b'\n') {
+        if let Some(net) = std::str::from_utf8(&data[..i])
+            .ok()
+            .and_then(parse_subnet_key)
+        {
+            (subnet, value) = (net, &data[i + 1..]);
+        }
+    }
+    let attrs = LeaseAttrs::from_json(value);
+    match &attrs {
+        Ok(a) => {
+            let ip = a.public_ip;
+            assert!(!ip.is_unspecified() && !ip.is_multicast());
+            assert!(!ip.is_broadcast() && !ip.is_loopback());
+            if let Some(mac) = a.vtep_mac() {
+                assert!(!mac.is_zero() && !mac.is_multicast(), "{mac}");
+                assert_eq!(vtep_mac_of(value), Some(mac));
+            }
+            assert_eq!(public_ip_of(value), Some(ip));
+            // What twilld writes for such a lease reads back the same.
+            let written = a.to_json();
+            assert_eq!(
+                LeaseAttrs::from_json(written.as_bytes()).ok().as_ref(),
+                Some(a)
+            );
+        }
+        Err(e) => {
+            assert!(e.to_string().len() <= MAX_MESSAGE, "{e}");
+            let _ = (public_ip_of(value), vtep_mac_of(value));
+        }
+    }
+    let own = LeaseAttrs::vxlan(
+        Ipv4Addr::new(198, 18, 0, 1),
+        1,
+        "02:00:00:00:00:01".parse().expect("a MAC"),
+    );
+    for cfg in configs() {
+        for own_net in [None, Some("10.244.1.0/24".parse().expect("a subnet"))] {
+            let peer = match parse_peer(cfg, own_net, subnet, value) {
+                Ok(p) => p,
+                Err(e) => {
+                    assert!(e.to_string().len() <= MAX_MESSAGE, "{e}");
+                    continue;
+                }
+            };
+            let a = attrs.as_ref().expect("a valid peer is a valid lease");
+            assert_eq!((peer.subnet, peer.public_ip), (subnet, a.public_ip));
+            assert_eq!(peer.vtep_mac, a.vtep_mac());
+            assert!(cfg.network.contains(&subnet) && subnet.prefix_len() == cfg.subnet_len);
+            assert!(!cfg.network.contains(&peer.public_ip));
+            assert!(own_net.is_none_or(|o| !overlaps(o, subnet)));
+            if let (BackendKind::Vxlan, LeaseBackend::Vxlan { vni, .. }) =
+                (cfg.backend.kind, a.backend)
+            {
+                assert_eq!(vni, cfg.backend.vni);
+            }
+            let _ = check_against_own(&peer, &own);
+        }
+    }
+}
+
+/// The network config at `<prefix>/config`: what `parse` accepts is consistent, reads back
+/// the same when written in flannel's format, and hands out subnets it accepts.
+pub fn net_config(data: &[u8]) {
+    let cfg = match NetworkConfig::parse(data) {
+        Ok(c) => c,
+        Err(_) => return,
+    };
+    let net = cfg.network;
+    assert_eq!(net, net.trunc(), "host bits are dropped");
+    assert!(cfg.subnet_len > net.prefix_len() && cfg.subnet_len <= 30);
+    for a in [cfg.subnet_min, cfg.subnet_max] {
+        assert!(net.contains(&a), "{a} outside {net}");
+        let s = Ipv4Net::new(a, cfg.subnet_len).expect("a valid length");
+        assert_eq!(s.network(), a, "{a} is not aligned");
+        assert!(cfg.fits(s));
+    }
+    assert!(cfg.subnet_min <= cfg.subnet_max);
+    assert!(cfg.subnet_count() >= 1);
+    assert!(cfg.backend.vni < 1 << 24 && cfg.backend.port != 0);
+    assert!(cfg.backend.mtu.is_none_or(|m| (68..=65535).contains(&m)));
+
+    let mut backend = json!({
+        "Type": match cfg.backend.kind {
+            BackendKind::Vxlan => "vxlan",
+            BackendKind::HostGw => "host-gw",
+        },
+        "VNI": cfg.backend.vni,
+        "Port": cfg.backend.port,
+        "DirectRouting": cfg.backend.direct_routing,
+    });
+    if let Some(mtu) = cfg.backend.mtu {
+        backend["MTU"] = json!(mtu);
+    }
+    let written = json!({
+        "Network": net.to_string(),
+        "SubnetLen": cfg.subnet_len,
+        "SubnetMin": cfg.subnet_min.to_string(),
+        "SubnetMax": cfg.subnet_max.to_string(),
+        "Backend": backend,
+    });
+    let again = NetworkConfig::parse(written.to_string().as_bytes());
+    assert_eq!(again.ok().as_ref(), Some(&cfg), "{written}");
+
+    let free = choose_free(&cfg, &Default::default()).expect("an empty network has room");
+    assert!(cfg.fits(free) && net.contains(&free), "{free}");
+}
+
+/// Keys under `<prefix>/subnets/`, one per line: a key is one subnet's only spelling (plus a
+/// dual-stack suffix), printed back it parses to the same subnet, and overlap is symmetric.
+pub fn subnet_key(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let nets: Vec<Ipv4Net> = text
+        .split('\n')
+        .take(16)
+        .filter_map(|key| {
+            let net = parse_subnet_key(key)?;
+            assert_eq!(net.network(), net.addr(), "{key:?} has host bits");
+            let printed = key_of(net);
+            assert_eq!(parse_subnet_key(&printed), Some(net));
+            let v4 = key.split('&').next().unwrap_or_default();
+            assert_eq!(v4, printed, "{key:?} is another spelling of {net}");
+            Some(net)
+        })
+        .collect();
+    for a in &nets {
+        for b in &nets {
+            let (a0, a1) = (u32::from(a.network()), u32::from(a.broadcast()));
+            let (b0, b1) = (u32::from(b.network()), u32::from(b.broadcast()));
+            assert_eq!(overlaps(*a, *b), a0 <= b1 && b0 <= a1, "{a} {b}");
+        }
+    }
+}
+
+/// What etcd holds under `<prefix>/subnets/` as it changes, one change per line, through the
+/// peer watcher's view (`registry::view`) as twilld runs it:
+/// - `+REV KEY VALUE`: a put of KEY created at revision REV (a number; 0 if not);
+/// - `-KEY`: a delete;
+/// - `=`: a re-list (after a compaction or a reconnect);
+/// - `oN`: this node's lease is now 10.244.N.0/24, from 198.18.0.N with MAC 02:00:00:00:00:N.
+///
+/// After each, the peers the daemon was told (its snapshots, upserts and removes) are exactly
+/// those a fresh list of the same keys gives, and they are consistent: none overlaps our subnet
+/// or claims our identity, and no VTEP MAC is announced at two addresses.
+pub fn peer_view(data: &[u8]) {
+    use std::collections::BTreeMap;
+
+    use crate::registry::view::PeerView;
+    use crate::registry::{OwnLease, PeerEvent, SubnetChange, SubnetKv};
+
+    let own_of = |n: u8| OwnLease {
+        subnet: Ipv4Net::new(Ipv4Addr::new(10, 244, n, 0), 24).expect("a /24"),
+        attrs: LeaseAttrs::vxlan(
+            Ipv4Addr::new(198, 18, 0, n),
+            1,
+            crate::mac::MacAddr([2, 0, 0, 0, 0, n]),
+        ),
+    };
+    let cfg = &configs()[0];
+    let mut own = own_of(1);
+    let mut store: BTreeMap<String, SubnetKv> = BTreeMap::new();
+    let mut view = PeerView::new(cfg.clone(), own.clone());
+    let mut told: BTreeMap<Ipv4Net, crate::peer::Peer> = BTreeMap::new();
+    let mut revision = 0;
+    let text = String::from_utf8_lossy(data);
+    for line in text.split('\n').take(64) {
+        let update = if let Some(put) = line.strip_prefix('+') {
+            let mut parts = put.splitn(3, ' ');
+            let created: i64 = parts.next().unwrap_or_default().parse().unwrap_or(0);
+            let key = parts.next().unwrap_or_default().to_string();
+            let value = parts.next().unwrap_or_default().as_bytes();
+            revision += 1;
+            let kv = SubnetKv::new(key.clone(), value, 0, revision, created);
+            store.insert(key, kv.clone());
+            view.apply(SubnetChange::Put(kv))
+        } else if let Some(key) = line.strip_prefix('-') {
+            store.remove(key);
+            view.apply(SubnetChange::Delete(key.to_string()))
+        } else if line == "=" {
+            view.reset(own.clone(), store.values().cloned().collect())
+        } else if let Some(n) = line.strip_prefix('o').and_then(|n| n.parse::<u8>().ok()) {
+            own = own_of(n);
+            view.set_own(own.clone())
+        } else {
+            continue;
+        };
+        for ev in update.events {
+            match ev {
+                PeerEvent::Snapshot(peers) => told = peers.iter().map(|p| (p.subnet, *p)).collect(),
+                PeerEvent::Upsert(p) => {
+                    told.insert(p.subnet, p);
+                }
+                PeerEvent::Remove(net) => {
+                    told.remove(&net);
+                }
+                PeerEvent::ListFailed(_) => unreachable!("the view does not list"),
+            }
+        }
+        let mut fresh = PeerView::new(cfg.clone(), own.clone());
+        let listed = match fresh
+            .reset(own.clone(), store.values().cloned().collect())
+            .events
+            .as_slice()
+        {
+            [PeerEvent::Snapshot(peers)] => peers.iter().map(|p| (p.subnet, *p)).collect(),
+            other => panic!("a list gives one snapshot, not {other:?}"),
+        };
+        assert_eq!(
+            told, listed,
+            "after {line:?} the daemon's peers differ from a fresh list"
+        );
+        let mut macs = BTreeMap::new();
+        for p in told.values() {
+            assert!(!overlaps(p.subnet, own.subnet), "{p:?} overlaps our subnet");
+            assert!(
+                check_against_own(p, &own.attrs).is_ok(),
+                "{p:?} claims our identity"
+            );
+            assert!(p.public_ip != own.attrs.public_ip, "{p:?} is us");
+            if let Some(mac) = p.vtep_mac {
+                let ip = *macs.entry(mac).or_insert(p.public_ip);
+                assert_eq!(ip, p.public_ip, "VTEP MAC {mac} at two addresses");
+            }
+        }
+    }
+}
