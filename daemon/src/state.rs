@@ -30,6 +30,17 @@ pub fn load_or_create_vtep_mac(dir: &Path) -> io::Result<MacAddr> {
 
 /// Write via a temporary file and rename, fsyncing the file, so readers never see a partial file.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    write_renamed(path, data, true)
+}
+
+/// As `write_atomic`, without fsync: for records of what runs on the node, which a reboot
+/// ends anyway (twilld's own death leaves them in the page cache). fsync costs milliseconds on
+/// CNI ADD's path.
+pub fn write_replace(path: &Path, data: &[u8]) -> io::Result<()> {
+    write_renamed(path, data, false)
+}
+
+fn write_renamed(path: &Path, data: &[u8], durable: bool) -> io::Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
@@ -40,11 +51,15 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     ));
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(data)?;
-    f.sync_all()?;
+    if durable {
+        f.sync_all()?;
+    }
     drop(f);
     std::fs::rename(&tmp, path)?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
+    if durable {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
     }
     Ok(())
 }

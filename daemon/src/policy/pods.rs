@@ -196,7 +196,7 @@ impl PodFiles {
     pub fn save(&self, p: &LocalPod) -> std::io::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
         let bytes = serde_json::to_vec(p).map_err(std::io::Error::other)?;
-        crate::state::write_atomic(&self.path(&p.attachment), &bytes)
+        crate::state::write_replace(&self.path(&p.attachment), &bytes)
     }
 
     pub fn remove(&self, a: &Attachment) -> std::io::Result<()> {
