@@ -183,8 +183,9 @@ struct Engine {
     /// Pod records to write to (Some) or delete from (None) etcd, by key; retried until done.
     records: mpsc::UnboundedSender<(String, Option<Vec<u8>>)>,
     cache_dirty: bool,
-    /// A pod went in by the fast path: the full program is due.
-    sync_due: bool,
+    /// Why the full program is due (a pod went in by the fast path, a pod left, etcd changed
+    /// something): compiled and applied once no request waits, one sync for all of them.
+    sync_due: Option<&'static str>,
 }
 
 async fn run<S: ObjectStore>(
@@ -229,7 +230,7 @@ async fn run<S: ObjectStore>(
         logged: std::collections::HashMap::new(),
         records,
         cache_dirty: false,
-        sync_due: false,
+        sync_due: None,
     };
     if cached {
         tracing::info!("policy: programming the cached cluster state until etcd answers");
@@ -248,6 +249,7 @@ async fn run<S: ObjectStore>(
         None
     };
     let mut cache_tick = tokio::time::interval(Duration::from_secs(2));
+    let mut cache_write: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
             // Requests first: a CNI ADD must not wait behind work that can wait.
@@ -273,18 +275,30 @@ async fn run<S: ObjectStore>(
                     changed |= e.on_dir(dir, ev);
                 }
                 if changed && e.objects.loaded() {
-                    e.sync("etcd").await;
+                    e.sync_due = Some("etcd");
                 }
                 e.publish();
             }
             _ = cache_tick.tick() => {
-                if std::mem::take(&mut e.cache_dirty) {
-                    e.objects.save_cache();
+                // Written off this task: the file grows with the cluster, and ADDs wait here.
+                let idle = cache_write.as_ref().is_none_or(|w| w.is_finished());
+                if idle && std::mem::take(&mut e.cache_dirty) {
+                    match e.objects.cache_bytes() {
+                        Ok(bytes) => {
+                            let path = e.objects.cache_path().to_path_buf();
+                            cache_write = Some(tokio::task::spawn_blocking(move || {
+                                if let Err(err) = crate::state::write_atomic(&path, &bytes) {
+                                    tracing::warn!(file = %path.display(), error = %err, "saving the policy cache failed");
+                                }
+                            }));
+                        }
+                        Err(err) => tracing::warn!(error = %err, "serialising the policy cache failed"),
+                    }
                 }
             }
-            // Nothing else is ready: the program the fast path left for later.
-            _ = std::future::ready(()), if e.sync_due => {
-                e.sync("pod added").await;
+            // Nothing else is ready: the program left for later.
+            Some(why) = std::future::ready(e.sync_due), if e.sync_due.is_some() => {
+                e.sync(why).await;
                 e.publish();
             }
         }
@@ -348,7 +362,7 @@ impl Engine {
         let value = serde_json::to_vec(&pod.pod).map_err(|e| PodUpError::Failed(e.to_string()))?;
         self.objects.local_up(pod).map_err(PodUpError::Failed)?;
         if self.pod_up_fast(&pod_key).await {
-            self.sync_due = true;
+            self.sync_due = Some("pod added");
         } else {
             self.sync("pod added").await;
             if let Some(err) = &self.status.error {
@@ -432,8 +446,10 @@ impl Engine {
         if let Some(key) = self.objects.local_down(a) {
             let _ = self.records.send((key, None));
         }
+        // Its entries can wait: nothing runs behind them any more, and an ADD that gets its
+        // address first takes the full path (the address is still in the program).
         if self.objects.loaded() {
-            self.sync("pod deleted").await;
+            self.sync_due = Some("pod deleted");
         }
         self.publish();
     }
@@ -451,7 +467,7 @@ impl Engine {
     /// Compiles the cluster for this node and makes the kernel hold it: element operations
     /// over netlink when only elements move, else the table difference through nft.
     async fn sync(&mut self, why: &str) {
-        self.sync_due = false;
+        self.sync_due = None;
         let Some(writer) = self.writer.as_mut() else {
             return;
         };

@@ -399,18 +399,18 @@ impl Objects {
         true
     }
 
-    pub fn save_cache(&self) {
+    /// The cache file's contents now (the engine serialises; the file is written elsewhere).
+    pub fn cache_bytes(&self) -> std::io::Result<Vec<u8>> {
         let cache = Cache {
             policies: self.cluster.policies().map(|(_, p)| p.clone()).collect(),
             namespaces: self.namespaces.values().cloned().collect(),
             pods: self.remote.values().cloned().collect(),
         };
-        let res = serde_json::to_vec(&cache)
-            .map_err(std::io::Error::other)
-            .and_then(|b| crate::state::write_atomic(&self.cache_path, &b));
-        if let Err(e) = res {
-            tracing::warn!(file = %self.cache_path.display(), error = %e, "saving the policy cache failed");
-        }
+        serde_json::to_vec(&cache).map_err(std::io::Error::other)
+    }
+
+    pub fn cache_path(&self) -> &std::path::Path {
+        &self.cache_path
     }
 }
 
@@ -555,7 +555,7 @@ mod tests {
             )]),
             &m,
         );
-        o.save_cache();
+        crate::state::write_atomic(o.cache_path(), &o.cache_bytes().unwrap()).unwrap();
         let mut again = Objects::new("n1", &dir);
         assert!(!again.loaded());
         assert!(again.load_cache());
