@@ -12,7 +12,7 @@ pub mod model;
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -23,6 +23,13 @@ use model::{Summary, Table};
 const NFT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How many of our recent nft processes to remember, to tell our changes from others'.
 const RECENT_PIDS: usize = 64;
+
+/// Pids of twilld's latest nft processes, whichever part of twilld ran them (the firewall and
+/// the policy engine each have their own `Nft`): their changes are ours (see `is_ours`).
+static RECENT: Mutex<VecDeque<u32>> = Mutex::new(VecDeque::new());
+fn lock_recent() -> std::sync::MutexGuard<'static, VecDeque<u32>> {
+    RECENT.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
@@ -43,8 +50,6 @@ pub enum NftError {
 #[derive(Clone, Debug)]
 pub struct Nft {
     bin: PathBuf,
-    /// Pids of our latest nft processes: their changes are ours (see `is_ours`).
-    recent: Arc<Mutex<VecDeque<u32>>>,
 }
 
 impl Nft {
@@ -55,10 +60,7 @@ impl Nft {
             .chain(["/usr/sbin".into(), "/sbin".into()])
             .map(|d| d.join("nft"))
             .find(|p| p.is_file())
-            .map(|bin| Nft {
-                bin,
-                recent: Arc::default(),
-            })
+            .map(|bin| Nft { bin })
             .ok_or(NftError::NotInstalled)
     }
 
@@ -89,12 +91,12 @@ impl Nft {
     }
 
     /// Whether a change to the ruleset made by process `pid` was one of ours.
+    /// The kernel names the writing *thread*: twilld's own netlink writes (set elements) come
+    /// from its worker threads, so any thread of this process counts.
     pub fn is_ours(&self, pid: u32) -> bool {
-        pid == std::process::id() || self.lock_recent().contains(&pid)
-    }
-
-    fn lock_recent(&self) -> std::sync::MutexGuard<'_, VecDeque<u32>> {
-        self.recent.lock().unwrap_or_else(|e| e.into_inner())
+        pid == std::process::id()
+            || lock_recent().contains(&pid)
+            || std::path::Path::new(&format!("/proc/self/task/{pid}")).exists()
     }
 
     async fn exec(
@@ -115,7 +117,7 @@ impl Nft {
             .kill_on_drop(true);
         let mut child = cmd.spawn().map_err(NftError::Spawn)?;
         if let Some(pid) = child.id() {
-            let mut recent = self.lock_recent();
+            let mut recent = lock_recent();
             if recent.len() == RECENT_PIDS {
                 recent.pop_front();
             }
@@ -243,5 +245,42 @@ impl TableWriter {
         let what = format!("table {}", want.id());
         self.nft.run(&what, &want.render_replace()).await?;
         Ok(Check::Restored)
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_by_any_thread_of_ours_are_ours_others_are_not() {
+        let nft = Nft {
+            bin: PathBuf::from("/usr/sbin/nft"),
+        };
+        assert!(nft.is_ours(std::process::id()));
+        // The kernel reports the writing thread's id (set elements are written from workers).
+        let live = std::thread::scope(|s| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+            s.spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                tx.send(unsafe { libc::gettid() as u32 }).unwrap();
+                let _ = done_rx.recv();
+            });
+            let t = rx.recv().unwrap();
+            let ours = nft.is_ours(t);
+            done_tx.send(()).unwrap();
+            ours
+        });
+        assert!(live, "a live worker thread's change is ours");
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        assert!(
+            !nft.is_ours(child.id()),
+            "another process's change is not ours"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 }
