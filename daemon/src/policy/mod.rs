@@ -298,6 +298,10 @@ async fn run<S: ObjectStore>(
             }
             // Nothing else is ready: the program left for later.
             Some(why) = std::future::ready(e.sync_due), if e.sync_due.is_some() => {
+                // The request just answered was woken into this worker's LIFO slot, which no
+                // other worker steals: it would wait out the whole compile (which never
+                // yields) unless this task steps aside first.
+                tokio::task::yield_now().await;
                 e.sync(why).await;
                 e.publish();
             }
