@@ -74,6 +74,27 @@ impl AddrRanges {
     pub fn len(&self) -> usize {
         self.v4.len() + self.v6.len()
     }
+
+    /// Adds `ip` as a one-address range (kept sorted).
+    fn push_single(&mut self, ip: IpAddr) {
+        fn put<A: Ord + Copy>(v: &mut Vec<AddrRange<A>>, a: A) {
+            let r = AddrRange { first: a, last: a };
+            let i = v.partition_point(|x| *x < r);
+            v.insert(i, r);
+        }
+        match ip {
+            IpAddr::V4(a) => put(&mut self.v4, a),
+            IpAddr::V6(a) => put(&mut self.v6, a),
+        }
+    }
+
+    /// Whether `ip` is an element of its own (a pod's), not part of a wider range.
+    fn has_single(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => self.v4.contains(&AddrRange { first: a, last: a }),
+            IpAddr::V6(a) => self.v6.contains(&AddrRange { first: a, last: a }),
+        }
+    }
 }
 
 fn find<A: Ord + Copy>(ranges: &[AddrRange<A>], a: A) -> bool {
@@ -121,6 +142,15 @@ impl Elements {
             Elements::Addrs(a) => a.len(),
             Elements::Ports(p) => p.len(),
             Elements::Named(n) => n.len(),
+        }
+    }
+
+    /// No elements, of the same kind.
+    fn empty_of_kind(&self) -> Elements {
+        match self {
+            Elements::Addrs(_) => Elements::Addrs(AddrRanges::default()),
+            Elements::Ports(_) => Elements::Ports(Vec::new()),
+            Elements::Named(_) => Elements::Named(BTreeSet::new()),
         }
     }
 }
@@ -271,6 +301,16 @@ pub fn group_chain_name(policies: &BTreeSet<PolicyKey>, dir: Direction) -> Strin
     name_of(&format!("grp-{}", dir_tag(dir)), policies)
 }
 
+/// Whom `policy` isolates and in which directions: its podSelector and [ingress, egress].
+/// None when the selector does not parse (validated on upsert, so never in practice).
+fn targets(policy: &NetworkPolicy) -> Option<(Selector, [bool; 2])> {
+    let sel = Selector::parse(&policy.spec.pod_selector).ok()?;
+    let types = policy.spec.effective_types();
+    Some((sel, [types.ingress, types.egress]))
+}
+
+const DIRECTIONS: [Direction; 2] = [Direction::Ingress, Direction::Egress];
+
 /// The policies isolating one pod with `labels` in `namespace`, [ingress, egress]: the same
 /// choice `compile` makes for every local pod, for one (CNI ADD's fast path).
 pub fn isolating(
@@ -280,21 +320,201 @@ pub fn isolating(
 ) -> [BTreeSet<PolicyKey>; 2] {
     let mut out: [BTreeSet<PolicyKey>; 2] = Default::default();
     for (pkey, policy) in c.policies_in_namespace(namespace) {
-        let Ok(sel) = Selector::parse(&policy.spec.pod_selector) else {
+        let Some((sel, on)) = targets(policy) else {
             continue;
         };
-        if !sel.matches(labels) {
-            continue;
-        }
-        let types = policy.spec.effective_types();
-        if types.ingress {
-            out[0].insert(pkey.clone());
-        }
-        if types.egress {
-            out[1].insert(pkey.clone());
+        if sel.matches(labels) {
+            for i in 0..2 {
+                if on[i] {
+                    out[i].insert(pkey.clone());
+                }
+            }
         }
     }
     out
+}
+
+/// What pod `key` of `c` adds to `prog`, the program compiled for `node` from `c` without that
+/// pod, when only set elements and map entries move: its addresses in the peer sets that
+/// select it and in the named-port sets its declared ports match, and on its own node its
+/// verdict-map entries (the group chains of its policies must exist already). Equal to
+/// `diff(prog, &compile(c, node))` whenever it is Some. None (compile instead) when the pod is
+/// not live, shares an address with another record, or needs a chain that `prog` lacks.
+pub fn pod_added(
+    c: &Cluster,
+    node: &str,
+    prog: &NodeProgram,
+    key: &PodKey,
+) -> Option<ProgramDelta> {
+    let rec = c.pod(key)?;
+    if !rec.is_live()
+        || rec
+            .ips
+            .iter()
+            .any(|ip| prog.local.contains(ip) || c.pods_with_ip(*ip).count() > 1)
+    {
+        return None;
+    }
+    let local = rec.node.as_deref() == Some(node);
+    let mut d = ProgramDelta::default();
+    if local {
+        d.local_added = rec.ips.iter().copied().collect();
+        let iso = isolating(c, &key.namespace, &rec.labels);
+        for ((policies, dir), map) in iso
+            .iter()
+            .zip(DIRECTIONS)
+            .zip([&mut d.ingress, &mut d.egress])
+        {
+            if policies.is_empty() {
+                continue;
+            }
+            let group = group_chain_name(policies, dir);
+            if !prog.chains.contains_key(&group) {
+                return None;
+            }
+            map.added
+                .extend(rec.ips.iter().map(|ip| (*ip, group.clone())));
+        }
+    }
+    let ns_labels = c.namespace_labels(&key.namespace);
+    for (name, set) in &prog.sets {
+        let added = match (&set.def, &set.elements) {
+            (SetDef::Peers(defs), Elements::Addrs(have)) => {
+                if !defs
+                    .iter()
+                    .any(|p| selects(p, &key.namespace, &ns_labels, rec))
+                {
+                    continue;
+                }
+                // An address inside one of the set's blocks is absorbed by it.
+                let mut r = AddrRanges::default();
+                for ip in rec.ips.iter().filter(|ip| !have.contains(**ip)) {
+                    r.push_single(*ip);
+                }
+                Elements::Addrs(r)
+            }
+            (SetDef::Named { scope, ports }, Elements::Named(have)) => {
+                if *scope == NamedScope::LocalPods && !local {
+                    continue;
+                }
+                Elements::Named(
+                    named_elems(rec, ports)
+                        .filter(|e| !have.contains(e))
+                        .collect(),
+                )
+            }
+            _ => continue,
+        };
+        if !added.is_empty() {
+            let removed = added.empty_of_kind();
+            d.elements
+                .insert(name.clone(), ElementsDelta { added, removed });
+        }
+    }
+    Some(d)
+}
+
+/// What the removal of a pod whose record was `rec` takes out of `prog`, the program compiled
+/// for `node` with it, `c` being the cluster without it: the mirror of [`pod_added`].
+/// None (compile instead) when a chain would go (the last pod of its policy combination), or
+/// another record still claims one of its addresses.
+pub fn pod_removed(
+    c: &Cluster,
+    node: &str,
+    prog: &NodeProgram,
+    rec: &PodRecord,
+) -> Option<ProgramDelta> {
+    if !rec.is_live() || rec.ips.iter().any(|ip| c.pods_with_ip(*ip).count() > 0) {
+        return None;
+    }
+    let local = rec.node.as_deref() == Some(node);
+    let mut d = ProgramDelta::default();
+    if local {
+        d.local_removed = rec
+            .ips
+            .iter()
+            .filter(|ip| prog.local.contains(ip))
+            .copied()
+            .collect();
+        for (map, md) in [
+            (&prog.ingress, &mut d.ingress),
+            (&prog.egress, &mut d.egress),
+        ] {
+            for ip in &rec.ips {
+                let Some(group) = map.get(ip) else { continue };
+                // The group's last user: compile drops the chain (and maybe its policies').
+                if !map
+                    .iter()
+                    .any(|(other, g)| g == group && !rec.ips.contains(other))
+                {
+                    return None;
+                }
+                md.removed.insert(*ip);
+            }
+        }
+    }
+    for (name, set) in &prog.sets {
+        let removed = match (&set.def, &set.elements) {
+            (SetDef::Peers(defs), Elements::Addrs(have)) => {
+                let mut r = AddrRanges::default();
+                for ip in &rec.ips {
+                    let covered = defs.iter().any(|p| match p {
+                        PeerDef::Block { cidr, except } => {
+                            cidr.contains(ip) && !except.iter().any(|x| x.contains(ip))
+                        }
+                        PeerDef::Pods { .. } => false,
+                    });
+                    if !covered && have.has_single(*ip) {
+                        r.push_single(*ip);
+                    }
+                }
+                Elements::Addrs(r)
+            }
+            (SetDef::Named { .. }, Elements::Named(have)) => Elements::Named(
+                have.iter()
+                    .filter(|e| rec.ips.contains(&e.ip))
+                    .copied()
+                    .collect(),
+            ),
+            _ => continue,
+        };
+        if !removed.is_empty() {
+            let added = removed.empty_of_kind();
+            d.elements
+                .insert(name.clone(), ElementsDelta { added, removed });
+        }
+    }
+    Some(d)
+}
+
+/// Whether peer `p` selects a live pod `rec` in namespace `ns` (labelled `ns_labels`).
+fn selects(p: &PeerDef, ns: &str, ns_labels: &crate::api::Labels, rec: &PodRecord) -> bool {
+    match p {
+        PeerDef::Pods { namespaces, pods } => {
+            let in_scope = match namespaces {
+                NamespaceScope::Is(n) => n == ns,
+                NamespaceScope::Selected(sel) => sel.matches(ns_labels),
+            };
+            in_scope && pods.matches(&rec.labels)
+        }
+        PeerDef::Block { .. } => false,
+    }
+}
+
+/// `rec`'s named-port elements for the (name, protocol) pairs of a named-port set.
+fn named_elems<'a>(
+    rec: &'a PodRecord,
+    ports: &'a BTreeSet<(String, Protocol)>,
+) -> impl Iterator<Item = NamedPortElem> + 'a {
+    ports.iter().flat_map(move |(pname, proto)| {
+        rec.named_ports(pname, *proto).flat_map(move |port| {
+            rec.ips.iter().map(move |ip| NamedPortElem {
+                ip: *ip,
+                proto: *proto,
+                port,
+            })
+        })
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -320,24 +540,16 @@ pub fn compile(c: &Cluster, node: &str) -> NodeProgram {
     let mut active: BTreeSet<(PolicyKey, Direction)> = BTreeSet::new();
     for (ns, pods) in &by_ns {
         for (pkey, policy) in c.policies_in_namespace(ns) {
-            // Validated on upsert, so the selector parses.
-            let Ok(sel) = Selector::parse(&policy.spec.pod_selector) else {
+            let Some((sel, on)) = targets(policy) else {
                 continue;
             };
-            let types = policy.spec.effective_types();
             for (k, p) in pods {
                 if !sel.matches(&p.labels) {
                     continue;
                 }
                 let entry = isolating.entry(k).or_default();
-                for (i, (dir, on)) in [
-                    (Direction::Ingress, types.ingress),
-                    (Direction::Egress, types.egress),
-                ]
-                .into_iter()
-                .enumerate()
-                {
-                    if on {
+                for (i, dir) in DIRECTIONS.into_iter().enumerate() {
+                    if on[i] {
                         entry[i].insert(pkey.clone());
                         active.insert((pkey.clone(), dir));
                     }
@@ -603,20 +815,7 @@ impl Builder<'_> {
                     Box::new(self.c.pods().map(|(_, p)| p).filter(|p| p.is_live()))
                 }
             };
-            let mut elems = BTreeSet::new();
-            for p in pods {
-                for (pname, proto) in &ports {
-                    for port in p.named_ports(pname, *proto) {
-                        for ip in &p.ips {
-                            elems.insert(NamedPortElem {
-                                ip: *ip,
-                                proto: *proto,
-                                port,
-                            });
-                        }
-                    }
-                }
-            }
+            let elems = pods.flat_map(|p| named_elems(p, &ports)).collect();
             let def = SetDef::Named { scope, ports };
             self.sets.insert(
                 name.clone(),
@@ -1020,6 +1219,12 @@ impl ProgramDelta {
     /// `old` with this delta applied (the daemon's fake table and the tests use it).
     pub fn apply(&self, old: &NodeProgram) -> NodeProgram {
         let mut p = old.clone();
+        self.apply_to(&mut p);
+        p
+    }
+
+    /// Applies this delta to `p` in place.
+    pub fn apply_to(&self, p: &mut NodeProgram) {
         p.local.retain(|ip| !self.local_removed.contains(ip));
         p.local.extend(self.local_added.iter().copied());
         for name in &self.sets_removed {
@@ -1057,7 +1262,6 @@ impl ProgramDelta {
         if let Some(s) = &self.shared_addresses {
             p.shared_addresses = s.clone();
         }
-        p
     }
 }
 
@@ -1290,6 +1494,43 @@ mod tests {
         add_pod(&mut c, "y", "a", "n1", &["10.0.1.2"], vec![]);
         add_pod(&mut c, "y", "b", "n2", &["10.0.2.2", "fd00::2:2"], http());
         c
+    }
+
+    #[test]
+    fn a_pods_delta_leaves_a_block_that_is_its_own_address() {
+        let mut c = cluster();
+        add_policy(
+            &mut c,
+            "x",
+            "p",
+            serde_json::json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [
+                {"podSelector": {"matchLabels": {"pod": "b"}}},
+                {"ipBlock": {"cidr": "10.0.2.1/32"}},
+            ]}]}),
+        );
+        let with = compile(&c, "n1");
+        let key = PodKey::new("x", "b");
+        let mut without = c.clone();
+        let rec = without.remove_pod(&key).unwrap();
+        let wo = compile(&without, "n1");
+        // x/b's v6 address leaves the peer set; its v4 one stays as the block.
+        let d = pod_removed(&without, "n1", &with, &rec).unwrap();
+        assert_eq!(d, diff(&with, &wo));
+        let [(_, e)] = d.elements.iter().collect::<Vec<_>>()[..] else {
+            panic!("one set changes: {d:#?}");
+        };
+        let Elements::Addrs(r) = &e.removed else {
+            panic!("{e:#?}")
+        };
+        assert!(r.v4.is_empty() && r.v6.len() == 1, "{r:#?}");
+        let back = pod_added(&c, "n1", &wo, &key).unwrap();
+        assert_eq!(back, diff(&wo, &with));
+        // x/a is the policy's only target: its group goes with it, so no delta.
+        let a = PodKey::new("x", "a");
+        let mut no_a = c.clone();
+        let rec_a = no_a.remove_pod(&a).unwrap();
+        assert_eq!(pod_removed(&no_a, "n1", &with, &rec_a), None);
+        assert_eq!(pod_added(&c, "n1", &compile(&no_a, "n1"), &a), None);
     }
 
     fn policy_chain<'a>(p: &'a NodeProgram, ns: &str, name: &str, dir: Direction) -> &'a [Rule] {

@@ -20,7 +20,10 @@ use netpol::model::{
     Cluster, ContainerPort, Direction, Family, PodKey, PodRecord, PolicyKey, Protocol, Transport,
 };
 use netpol::oracle::{evaluate, explain, Decision, Endpoint, Exemption, Flow};
-use netpol::program::{compile, diff, policy_chain_name, Chain, NodeProgram};
+use netpol::program::{
+    compile, diff, group_chain_name, isolating, pod_added, pod_removed, policy_chain_name, Chain,
+    NodeProgram,
+};
 use netpol::validate::validate_network_policy;
 use proptest::collection::{btree_map, vec};
 use proptest::option;
@@ -34,8 +37,11 @@ const POD_KEYS: [&str; 2] = ["app", "tier"];
 const POD_VALUES: [&str; 2] = ["a", "b"];
 const NS_KEYS: [&str; 3] = ["app", "tier", "kubernetes.io/metadata.name"];
 const NS_VALUES: [&str; 4] = ["a", "b", "x", "y"];
-const CIDRS: [&str; 11] = [
+const CIDRS: [&str; 13] = [
     "10.0.0.0/27",
+    // One pod's own address as a block: a set element that is the block's, not the pod's.
+    "10.0.0.7/32",
+    "fd00::7/128",
     "10.0.0.0/28",
     "10.0.0.16/28",
     "10.0.0.0/24",
@@ -503,6 +509,47 @@ proptest! {
                 prop_assert!(down.ingress.is_empty() && down.egress.is_empty() && down.local_removed.is_empty());
                 prop_assert!(up.is_elements_only(), "{node}: {up:#?}");
             }
+        }
+    }
+
+    /// CNI ADD's and DEL's fast paths: a pod's own delta, when there is one, is exactly the
+    /// compiled difference; and there is one whenever no chain has to come or go.
+    #[test]
+    fn a_pods_own_delta_is_the_compiled_difference(w in world(), pick in any::<prop::sample::Index>()) {
+        prop_assume!(!w.pods.is_empty());
+        let i = pick.index(w.pods.len());
+        let full = build(&w);
+        let key = pod_key(i, &w.pods[i]);
+        let mut without = full.clone();
+        let rec = without.remove_pod(&key).expect("built from w");
+        let unique = rec.is_live() && rec.ips.iter().all(|ip| full.pods_with_ip(*ip).count() == 1);
+        for node in NODES {
+            let (with, wo) = (compile(&full, node), compile(&without, node));
+            let added = pod_added(&full, node, &wo, &key);
+            let removed = pod_removed(&without, node, &with, &rec);
+            if let Some(d) = &added {
+                prop_assert_eq!(d, &diff(&wo, &with), "{} added on {}", key, node);
+            }
+            if let Some(d) = &removed {
+                prop_assert_eq!(d, &diff(&with, &wo), "{} removed on {}", key, node);
+            }
+            if !unique {
+                continue;
+            }
+            // When a delta must exist: the groups the pod needs exist without it (added), and
+            // stay with other users after it (removed).
+            let groups: Vec<String> = if rec.node.as_deref() == Some(node) {
+                let iso = isolating(&full, &key.namespace, &rec.labels);
+                iso.iter().zip([Direction::Ingress, Direction::Egress])
+                    .filter(|(set, _)| !set.is_empty())
+                    .map(|(set, dir)| group_chain_name(set, dir))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let needs_none = groups.iter().all(|g| wo.chains.contains_key(g));
+            prop_assert_eq!(added.is_some(), needs_none, "{} added on {}", key, node);
+            prop_assert_eq!(removed.is_some(), needs_none, "{} removed on {}", key, node);
         }
     }
 
