@@ -155,6 +155,90 @@ fn a_new_pod_is_isolated_before_add_returns() -> Result<()> {
     Ok(())
 }
 
+/// A new pod joins the sets of the policies that select it as a peer, and gets its own
+/// verdict, before ADD answers (on its node; other nodes learn of it through etcd), and the
+/// compile that later confirms it changes nothing.
+#[test]
+fn a_new_pod_is_a_peer_and_a_target_as_soon_as_add_returns() -> Result<()> {
+    let mut lab = policy_lab(&[])?;
+    let mut world = World::new(&mut lab)?;
+    world.apply(
+        &lab,
+        &upsert(
+            r#"{"metadata":{"name":"clients-only","namespace":"x"},
+        "spec":{"podSelector":{"matchLabels":{"pod":"a"}},
+                "ingress":[{"from":[{"podSelector":{"matchLabels":{"role":"client"}}}]}]}}"#,
+        ),
+    )?;
+    world.wait_matrix(
+        &Check {
+            protocol: Protocol::Tcp,
+            port: 80,
+            expect: vec![deny("*", "x/a")],
+        },
+        SETTLE,
+    )?;
+    let server = PodKey::new("x", "a");
+    let node = world.pods[&server].node;
+    let add = |lab: &mut Lab, name: &str, labels: &[(&str, &str)]| {
+        let labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let cfg = twill_tests::netpol::pod_config(lab, node, &labels);
+        lab.add_pod_with(
+            node,
+            &format!("x{name}"),
+            &format!("K8S_POD_NAMESPACE=x;K8S_POD_NAME={name}"),
+            &cfg,
+        )
+    };
+    let client = add(&mut lab, "client", &[("role", "client")])?;
+    let to_server = world.ip(&server);
+    assert_eq!(
+        connect_outcome(&client.netns_path(), to_server, 80),
+        Outcome::Connected,
+        "the new client is not in x/a's allowed peers right after ADD"
+    );
+    // A second target of the policy (no server in it: an allowed connection is refused).
+    let replica = add(&mut lab, "replica", &[("pod", "a")])?;
+    let replica_ip = IpAddr::V4(replica.ip);
+    assert_eq!(
+        connect_outcome(&client.netns_path(), replica_ip, 80),
+        Outcome::Refused,
+        "the client cannot reach the new replica right after ADD"
+    );
+    let other = world.pods[&PodKey::new("x", "b")].netns_path();
+    assert_eq!(
+        connect_outcome(&other, replica_ip, 80),
+        Outcome::TimedOut,
+        "the new replica is not isolated right after ADD"
+    );
+    // The confirming compile (a second later) agrees with what ADD put in place.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        connect_outcome(&client.netns_path(), to_server, 80),
+        Outcome::Connected
+    );
+    assert_eq!(connect_outcome(&other, replica_ip, 80), Outcome::TimedOut);
+    // DEL takes the client out of the peers before it answers.
+    let table = |lab: &Lab| lab.exec_ok(node, &["nft", "list", "table", "inet", "twill-policy"]);
+    let client_ip = client.ip.to_string();
+    let has = |t: &str| {
+        t.split(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .any(|w| w == client_ip)
+    };
+    assert!(has(&table(&lab)?), "{}", table(&lab)?);
+    lab.del_pod(&client)?;
+    let after = table(&lab)?;
+    assert!(
+        !has(&after),
+        "{client_ip} still in the table after DEL:\n{after}"
+    );
+    assert!(lab.status(node)?["policy"]["error"].is_null());
+    Ok(())
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum Outcome {
     Connected,

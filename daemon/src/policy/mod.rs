@@ -21,12 +21,12 @@ mod source;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{self, Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use netpol::model::Direction;
-use netpol::program::{self, Chain as PChain, NodeProgram};
+use netpol::program::{self, Chain as PChain, NodeProgram, ProgramDelta};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
@@ -63,6 +63,49 @@ enum Msg {
 pub struct PolicyHandle {
     tx: mpsc::Sender<Msg>,
     node: Arc<str>,
+    busy: Arc<Busy>,
+}
+
+/// CNI requests in progress, which deferred syncs let finish first.
+#[derive(Debug, Default)]
+struct Busy {
+    requests: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// Held by a CNI request while it runs (`PolicyHandle::request`).
+pub struct RequestGuard(Arc<Busy>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        if self.0.requests.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Until `due` is, and then (when it asks) until no CNI request runs, for at most
+/// `REQUESTS_WAIT`.
+async fn wait_due(due: Option<Due>, busy: &Busy) {
+    let Some(due) = due else {
+        return std::future::pending().await;
+    };
+    tokio::time::sleep_until(due.at).await;
+    if !due.after_requests {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + REQUESTS_WAIT;
+    loop {
+        let idle = busy.idle.notified();
+        tokio::pin!(idle);
+        idle.as_mut().enable();
+        if busy.requests.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        if tokio::time::timeout_at(deadline, idle).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl std::fmt::Debug for PolicyHandle {
@@ -109,6 +152,13 @@ impl PolicyHandle {
 
     pub fn check(&self) {
         let _ = self.tx.try_send(Msg::Check);
+    }
+
+    /// Marks a CNI request in progress until the guard drops: deferred policy work waits for
+    /// it rather than take the CPU it needs.
+    pub fn request(&self) -> RequestGuard {
+        self.busy.requests.fetch_add(1, Ordering::SeqCst);
+        RequestGuard(self.busy.clone())
     }
 }
 
@@ -164,8 +214,9 @@ pub struct Denied {
 pub fn spawn<S: ObjectStore>(store: S, opts: PolicyOptions, shared: Arc<Shared>) -> PolicyHandle {
     let (tx, rx) = mpsc::channel(256);
     let node: Arc<str> = opts.node.clone().into();
-    tokio::spawn(run(store, opts, rx, shared));
-    PolicyHandle { tx, node }
+    let busy = Arc::new(Busy::default());
+    tokio::spawn(run(store, opts, rx, shared, busy.clone()));
+    PolicyHandle { tx, node, busy }
 }
 
 struct Engine {
@@ -183,9 +234,53 @@ struct Engine {
     /// Pod records to write to (Some) or delete from (None) etcd, by key; retried until done.
     records: mpsc::UnboundedSender<(String, Option<Vec<u8>>)>,
     cache_dirty: bool,
-    /// Why the full program is due (a pod went in by the fast path, a pod left, etcd changed
-    /// something): compiled and applied once no request waits, one sync for all of them.
-    sync_due: Option<&'static str>,
+    /// When the full program is due and why (a pod went in or out by its own delta, a pod
+    /// left, etcd changed something): one sync for all of them, once no request waits.
+    sync_due: Option<Due>,
+    /// Own deltas went to the kernel since the writer last rendered the table.
+    kernel_ahead: bool,
+}
+
+/// A deferred sync.
+#[derive(Clone, Copy, Debug)]
+struct Due {
+    why: &'static str,
+    at: tokio::time::Instant,
+    /// Waits until no CNI request is in progress (bounded): they share the node's CPUs, and
+    /// a compile would take its time from them.
+    after_requests: bool,
+}
+
+/// How long a sync that only confirms an own delta waits: pods in a burst share one.
+const CHECK_DELAY: Duration = Duration::from_secs(1);
+/// The longest a deferred sync waits for CNI requests to finish.
+const REQUESTS_WAIT: Duration = Duration::from_millis(250);
+
+impl Due {
+    /// As soon as nothing else is ready (etcd changed something).
+    fn now(why: &'static str) -> Due {
+        Due {
+            why,
+            at: tokio::time::Instant::now(),
+            after_requests: false,
+        }
+    }
+
+    /// Once the CNI requests in progress are answered.
+    fn soon(why: &'static str) -> Due {
+        Due {
+            after_requests: true,
+            ..Due::now(why)
+        }
+    }
+
+    /// A compile that only confirms what an own delta did.
+    fn check(why: &'static str) -> Due {
+        Due {
+            at: tokio::time::Instant::now() + CHECK_DELAY,
+            ..Due::soon(why)
+        }
+    }
 }
 
 async fn run<S: ObjectStore>(
@@ -193,6 +288,7 @@ async fn run<S: ObjectStore>(
     opts: PolicyOptions,
     mut rx: mpsc::Receiver<Msg>,
     shared: Arc<Shared>,
+    busy: Arc<Busy>,
 ) {
     ensure_bridge_netfilter();
     let writer = match Nft::find() {
@@ -231,6 +327,7 @@ async fn run<S: ObjectStore>(
         records,
         cache_dirty: false,
         sync_due: None,
+        kernel_ahead: false,
     };
     if cached {
         tracing::info!("policy: programming the cached cluster state until etcd answers");
@@ -275,7 +372,7 @@ async fn run<S: ObjectStore>(
                     changed |= e.on_dir(dir, ev);
                 }
                 if changed && e.objects.loaded() {
-                    e.sync_due = Some("etcd");
+                    e.due(Due::now("etcd"));
                 }
                 e.publish();
             }
@@ -297,11 +394,12 @@ async fn run<S: ObjectStore>(
                 }
             }
             // Nothing else is ready: the program left for later.
-            Some(why) = std::future::ready(e.sync_due), if e.sync_due.is_some() => {
+            _ = wait_due(e.sync_due, &busy), if e.sync_due.is_some() => {
                 // The request just answered was woken into this worker's LIFO slot, which no
                 // other worker steals: it would wait out the whole compile (which never
                 // yields) unless this task steps aside first.
                 tokio::task::yield_now().await;
+                let why = e.sync_due.map_or("due", |d| d.why);
                 e.sync(why).await;
                 e.publish();
             }
@@ -364,9 +462,16 @@ impl Engine {
         let key = pod.key();
         let pod_key = netpol::model::PodKey::new(pod.namespace(), &pod.pod.metadata.name);
         let value = serde_json::to_vec(&pod.pod).map_err(|e| PodUpError::Failed(e.to_string()))?;
+        // A pod re-created under its name replaces a record whose addresses the program may
+        // still hold: compiled whole.
+        let replaces = self.objects.cluster().pod(&pod_key).is_some();
         self.objects.local_up(pod).map_err(PodUpError::Failed)?;
-        if self.pod_up_fast(&pod_key).await {
-            self.sync_due = Some("pod added");
+        let fast = !replaces
+            && self
+                .apply_own_delta(|c, node, prog| program::pod_added(c, node, prog, &pod_key))
+                .await;
+        if fast {
+            self.due(Due::check("pod added"));
         } else {
             self.sync("pod added").await;
             if let Some(err) = &self.status.error {
@@ -380,51 +485,27 @@ impl Engine {
         Ok(())
     }
 
-    /// The new pod's own verdict-map entries, when that is all it takes to enforce its
-    /// policies on it: the kernel runs the program the last sync gave it, the group chains the
-    /// pod's policies select exist there, and no other pod claims its addresses. False: the
-    /// caller compiles everything.
-    async fn pod_up_fast(&mut self, key: &netpol::model::PodKey) -> bool {
+    /// One pod's own delta, without a compile (`netpol::program::pod_added`, `pod_removed`):
+    /// its addresses in the sets that select it, its named ports, its verdict-map entries, in
+    /// one netlink transaction. False when that is not all it takes (the caller compiles): no
+    /// program in the kernel yet, a chain to add or remove, an address another record claims.
+    async fn apply_own_delta(
+        &mut self,
+        delta: impl FnOnce(&netpol::model::Cluster, &str, &NodeProgram) -> Option<ProgramDelta>,
+    ) -> bool {
         let (Some(prog), Some(_)) = (
             self.program.as_ref(),
             self.writer.as_ref().and_then(TableWriter::applied),
         ) else {
             return false;
         };
-        let c = self.objects.cluster();
-        let Some(rec) = c.pod(key) else {
+        let Some(d) = delta(self.objects.cluster(), &self.opts.node, prog) else {
             return false;
         };
-        if !rec.is_live()
-            || rec.node.as_deref() != Some(self.opts.node.as_str())
-            || rec
-                .ips
-                .iter()
-                .any(|ip| prog.local.contains(ip) || c.pods_with_ip(*ip).count() > 1)
-        {
+        let Some(ops) = render::element_ops(&d, prog) else {
             return false;
-        }
-        let iso = program::isolating(c, &key.namespace, &rec.labels);
-        let mut d = program::ProgramDelta::default();
-        for (set, map, dir) in [
-            (&iso[0], &mut d.ingress, Direction::Ingress),
-            (&iso[1], &mut d.egress, Direction::Egress),
-        ] {
-            if set.is_empty() {
-                continue;
-            }
-            let group = program::group_chain_name(set, dir);
-            if !prog.chains.contains_key(&group) {
-                return false;
-            }
-            map.added
-                .extend(rec.ips.iter().map(|ip| (*ip, group.clone())));
-        }
-        let ips = rec.ips.clone();
-        if !(d.ingress.is_empty() && d.egress.is_empty()) {
-            let Some(ops) = render::element_ops(&d, prog) else {
-                return false;
-            };
+        };
+        if !ops.is_empty() {
             let done = tokio::task::spawn_blocking(move || {
                 crate::netlink::nft_sets::apply(
                     crate::netlink::nft_sets::NfFamily::Inet,
@@ -437,25 +518,55 @@ impl Engine {
                 return false;
             }
         }
-        // What the kernel holds now; the next sync's difference starts from it.
-        let prog = self.program.as_mut().expect("checked above");
-        prog.local.extend(ips);
-        prog.ingress.extend(d.ingress.added);
-        prog.egress.extend(d.egress.added);
+        // What the kernel holds now; the writer's copy is rendered from it when next needed.
+        d.apply_to(self.program.as_mut().expect("checked above"));
+        self.kernel_ahead = true;
         Metrics::inc(&self.shared.metrics.policy_fast_syncs);
         true
     }
 
     async fn pod_down(&mut self, a: &Attachment) {
-        if let Some(key) = self.objects.local_down(a) {
-            let _ = self.records.send((key, None));
-        }
-        // Its entries can wait: nothing runs behind them any more, and an ADD that gets its
-        // address first takes the full path (the address is still in the program).
+        let Some((key, rec)) = self.objects.local_down(a) else {
+            return;
+        };
+        let _ = self.records.send((key, None));
         if self.objects.loaded() {
-            self.sync_due = Some("pod deleted");
+            let fast = match rec {
+                Some(rec) => {
+                    self.apply_own_delta(|c, node, prog| program::pod_removed(c, node, prog, &rec))
+                        .await
+                }
+                None => false,
+            };
+            // Otherwise its entries can wait for the CNI requests in flight: nothing runs
+            // behind them any more, and an ADD that gets its address first takes the full
+            // path (the address is still in the program).
+            self.due(if fast {
+                Due::check("pod deleted")
+            } else {
+                Due::soon("pod deleted")
+            });
         }
         self.publish();
+    }
+
+    /// Schedules a sync; the earlier of two wins.
+    fn due(&mut self, d: Due) {
+        if self.sync_due.as_ref().is_none_or(|old| d.at < old.at) {
+            self.sync_due = Some(d);
+        }
+    }
+
+    /// The writer's idea of the kernel's table, after element changes made around it.
+    fn writer_in_step(&mut self) {
+        if !std::mem::take(&mut self.kernel_ahead) {
+            return;
+        }
+        if let (Some(w), Some(p)) = (self.writer.as_mut(), &self.program) {
+            if w.applied().is_some() {
+                w.assume(render::table(p, self.opts.render));
+            }
+        }
     }
 
     /// One etcd event; whether the cluster changed.
@@ -472,6 +583,7 @@ impl Engine {
     /// over netlink when only elements move, else the table difference through nft.
     async fn sync(&mut self, why: &str) {
         self.sync_due = None;
+        self.writer_in_step();
         let Some(writer) = self.writer.as_mut() else {
             return;
         };
@@ -562,6 +674,7 @@ impl Engine {
         if !self.objects.loaded() {
             return;
         }
+        self.writer_in_step();
         // A failed apply has nothing to compare with: apply again.
         if self.status.error.is_some()
             || self.writer.as_ref().is_some_and(|w| w.applied().is_none())

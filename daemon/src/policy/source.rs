@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use netpol::api::{Namespace, NetworkPolicy, Pod};
-use netpol::model::{Cluster, PodKey, PolicyKey};
+use netpol::model::{Cluster, PodKey, PodRecord, PolicyKey};
 use netpol::validate::ValidationErrors;
 use serde::{Deserialize, Serialize};
 
@@ -131,16 +131,18 @@ impl Objects {
         Ok(())
     }
 
-    /// The pod of `a` is gone (DEL, GC); returns its key if it was known.
-    pub fn local_down(&mut self, a: &Attachment) -> Option<String> {
+    /// The pod of `a` is gone (DEL, GC); returns its key, if it was known, and the record the
+    /// cluster had for it.
+    pub fn local_down(&mut self, a: &Attachment) -> Option<(String, Option<PodRecord>)> {
         if let Err(e) = self.files.remove(a) {
             tracing::warn!(error = %e, "removing a pod record from the state dir");
         }
         let p = self.local.remove(a)?;
         let key = p.key();
-        self.cluster
+        let rec = self
+            .cluster
             .remove_pod(&PodKey::new(p.namespace(), &p.pod.metadata.name));
-        Some(key)
+        Some((key, rec))
     }
 
     fn skip(&mut self, metrics: &Metrics, dir: &str, key: &str, why: String) {
@@ -536,7 +538,8 @@ mod tests {
             &m,
         );
         assert!(o.cluster().pod(&PodKey::new("x", "r")).is_some());
-        assert_eq!(o.local_down(&a.attachment).as_deref(), Some("x/a"));
+        let (key, rec) = o.local_down(&a.attachment).unwrap();
+        assert_eq!((key.as_str(), rec.is_some()), ("x/a", true));
         assert!(o.cluster().pod(&PodKey::new("x", "a")).is_none());
         let _ = std::fs::remove_dir_all(dir);
     }
