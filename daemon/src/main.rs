@@ -168,7 +168,7 @@ fn render_status(v: &serde_json::Value) -> String {
         let loaded = p.get("loaded").and_then(|b| b.as_bool()) == Some(true);
         let _ = writeln!(
             out,
-            "network policy: {}, {} local pods, {} chains, {} set elements{}{}",
+            "network policy: {}, {} policies, {} local pods{}, {} chains, {} set elements{}{}",
             if loaded {
                 "loaded".to_string()
             } else {
@@ -177,7 +177,12 @@ fn render_status(v: &serde_json::Value) -> String {
                     p.get("waiting_for").map(s).unwrap_or_default()
                 )
             },
+            p.get("policies").map(s).unwrap_or_default(),
             p.get("local_pods").map(s).unwrap_or_default(),
+            match p.get("pending").and_then(|n| n.as_u64()) {
+                Some(n) if n > 0 => format!(" ({n} pending)"),
+                _ => String::new(),
+            },
             p.get("chains").map(s).unwrap_or_default(),
             p.get("elements").map(s).unwrap_or_default(),
             p.get("last_sync_ms")
@@ -280,12 +285,16 @@ mod tests {
                       {"subnet": "10.244.3.0/24", "public_ip": "198.18.1.13", "vtep_mac": null, "programmed": false, "path": "none", "reason": "not on our segment"}],
             "firewall": {"ip_masq": true, "random_fully": true, "forward_rules": true, "restores": 2,
                          "forward_chains": ["iptables FORWARD"], "error": null},
-            "policy": {"loaded": true, "local_pods": 2, "chains": 4, "elements": 9, "last_sync_ms": 0.4,
+            "policy": {"loaded": true, "policies": 3, "local_pods": 2, "pending": 1, "chains": 4, "elements": 9, "last_sync_ms": 0.4,
                        "last_sync": {"why": "pod added", "compile_ms": 0.1, "render_ms": 0.1, "apply_ms": 0.2, "path": "netlink"},
                        "in_force": [{"policy": "x/deny", "ingress": ["x/a", "x/b"], "egress": ["x/a"]}]},
             "last_reconcile": {"duration_ms": 1.5, "added": 3, "removed": 0, "failed": 0}
         });
         let out = render_status(&v);
+        assert!(
+            out.contains("network policy: loaded, 3 policies, 2 local pods (1 pending), 4 chains, 9 set elements"),
+            "{out}"
+        );
         assert!(out.contains("subnet:   10.244.1.0/24"), "{out}");
         assert!(
             out.contains("twill.1 02:00:00:00:00:01 mtu 1450, tx checksum offload off"),

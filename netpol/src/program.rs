@@ -414,6 +414,45 @@ pub fn pod_added(
     Some(d)
 }
 
+/// The chains a pod waits in, [ingress, egress], while the chains of its policies are being
+/// made: they drop everything. The renderer makes them in every table; no compiled program
+/// names them.
+pub const PENDING: [&str; 2] = ["pend-in", "pend-out"];
+
+/// A new local pod's map entries to [`PENDING`] for each direction a policy isolates it in:
+/// for when [`pod_added`] finds a chain missing, so that the pod is closed (more than its
+/// policies say, never less) until the compile that makes the chains. None when the pod is not
+/// local and live, or shares an address.
+pub fn pod_pending(
+    c: &Cluster,
+    node: &str,
+    prog: &NodeProgram,
+    key: &PodKey,
+) -> Option<ProgramDelta> {
+    let rec = c.pod(key)?;
+    if !rec.is_live()
+        || rec.node.as_deref() != Some(node)
+        || rec
+            .ips
+            .iter()
+            .any(|ip| prog.local.contains(ip) || c.pods_with_ip(*ip).count() > 1)
+    {
+        return None;
+    }
+    let mut d = ProgramDelta {
+        local_added: rec.ips.iter().copied().collect(),
+        ..Default::default()
+    };
+    let iso = isolating(c, &key.namespace, &rec.labels);
+    for ((policies, chain), map) in iso.iter().zip(PENDING).zip([&mut d.ingress, &mut d.egress]) {
+        if !policies.is_empty() {
+            map.added
+                .extend(rec.ips.iter().map(|ip| (*ip, chain.to_string())));
+        }
+    }
+    Some(d)
+}
+
 /// What the removal of a pod whose record was `rec` takes out of `prog`, the program compiled
 /// for `node` with it, `c` being the cluster without it: the mirror of [`pod_added`].
 /// None (compile instead) when a chain would go (the last pod of its policy combination), or
@@ -1525,6 +1564,22 @@ mod tests {
         assert!(r.v4.is_empty() && r.v6.len() == 1, "{r:#?}");
         let back = pod_added(&c, "n1", &wo, &key).unwrap();
         assert_eq!(back, diff(&wo, &with));
+        // x/a is the policy's only target: its group goes with it, so no delta; added back,
+        // it waits in the pending chains (ingress only: the policy has no egress).
+        let a = PodKey::new("x", "a");
+        let mut no_a = c.clone();
+        no_a.remove_pod(&a).unwrap();
+        let before = compile(&no_a, "n1");
+        let p = pod_pending(&c, "n1", &before, &a).unwrap();
+        let ips: BTreeSet<IpAddr> = [ip("10.0.1.1"), ip("fd00::1:1")].into();
+        assert_eq!(p.local_added, ips);
+        assert!(p.egress.is_empty() && p.elements.is_empty() && p.is_elements_only());
+        assert_eq!(
+            p.ingress.added,
+            ips.iter().map(|i| (*i, PENDING[0].to_string())).collect()
+        );
+        // Not for a pod of another node.
+        assert_eq!(pod_pending(&c, "n2", &compile(&no_a, "n2"), &a), None);
         // x/a is the policy's only target: its group goes with it, so no delta.
         let a = PodKey::new("x", "a");
         let mut no_a = c.clone();

@@ -221,6 +221,40 @@ fn a_new_pod_is_a_peer_and_a_target_as_soon_as_add_returns() -> Result<()> {
         Outcome::Connected
     );
     assert_eq!(connect_outcome(&other, replica_ip, 80), Outcome::TimedOut);
+    // The first pod of a kind (a policy no pod of this node has): closed at once, then
+    // open to its allowed peers as soon as its chains are made, right after the answer.
+    world.apply(
+        &lab,
+        &upsert(
+            r#"{"metadata":{"name":"kind-k","namespace":"x"},
+        "spec":{"podSelector":{"matchLabels":{"pod":"k"}},
+                "ingress":[{"from":[{"podSelector":{"matchLabels":{"role":"client"}}}]}]}}"#,
+        ),
+    )?;
+    wait_until(Duration::from_secs(10), || {
+        lab.status(node)
+            .is_ok_and(|s| s["policy"]["policies"] == 2 && s["policy"]["error"].is_null())
+    })
+    .context("the node did not learn of the second policy")?;
+    let first = add(&mut lab, "first", &[("pod", "k")])?;
+    let first_ip = IpAddr::V4(first.ip);
+    assert_eq!(
+        connect_outcome(&other, first_ip, 80),
+        Outcome::TimedOut,
+        "the first pod of its kind is not isolated right after ADD"
+    );
+    wait_until(Duration::from_secs(5), || {
+        connect_outcome(&client.netns_path(), first_ip, 80) == Outcome::Refused
+    })
+    .context("the client never reached the first pod of its kind")?;
+    // It went the pending way: ADD answered first, the compile followed.
+    let st = lab.status(node)?;
+    assert_eq!(
+        st["policy"]["last_sync"]["why"], "pod added (first of its kind)",
+        "{st}"
+    );
+    assert_eq!(st["policy"]["pending"], 0, "{st}");
+    assert_eq!(connect_outcome(&other, first_ip, 80), Outcome::TimedOut);
     // DEL takes the client out of the peers before it answers.
     let table = |lab: &Lab| lab.exec_ok(node, &["nft", "list", "table", "inet", "twill-policy"]);
     let client_ip = client.ip.to_string();

@@ -84,17 +84,13 @@ impl Drop for RequestGuard {
     }
 }
 
-/// Until `due` is, and then (when it asks) until no CNI request runs, for at most
-/// `REQUESTS_WAIT`.
+/// Until `due` is, and then until no CNI request runs, for at most its `requests_wait`.
 async fn wait_due(due: Option<Due>, busy: &Busy) {
     let Some(due) = due else {
         return std::future::pending().await;
     };
     tokio::time::sleep_until(due.at).await;
-    if !due.after_requests {
-        return;
-    }
-    let deadline = tokio::time::Instant::now() + REQUESTS_WAIT;
+    let deadline = due.deadline();
     loop {
         let idle = busy.idle.notified();
         tokio::pin!(idle);
@@ -170,7 +166,11 @@ pub struct PolicyStatus {
     pub waiting_for: Option<String>,
     /// Policies that select a pod on this node, and the pods they isolate.
     pub in_force: Vec<PolicyInForce>,
+    /// Policies known in the cluster (in force here or not).
+    pub policies: usize,
     pub local_pods: usize,
+    /// Local pod addresses waiting in the pending chains for their policies' chains.
+    pub pending: usize,
     pub sets: usize,
     pub chains: usize,
     pub elements: usize,
@@ -246,15 +246,13 @@ struct Engine {
 struct Due {
     why: &'static str,
     at: tokio::time::Instant,
-    /// Waits until no CNI request is in progress (bounded): they share the node's CPUs, and
-    /// a compile would take its time from them.
-    after_requests: bool,
+    /// Then how long it may wait for the CNI requests in progress to finish: they share the
+    /// node's CPUs, and a compile would take its time from them.
+    requests_wait: Duration,
 }
 
 /// How long a sync that only confirms an own delta waits: pods in a burst share one.
 const CHECK_DELAY: Duration = Duration::from_secs(1);
-/// The longest a deferred sync waits for CNI requests to finish.
-const REQUESTS_WAIT: Duration = Duration::from_millis(250);
 
 impl Due {
     /// As soon as nothing else is ready (etcd changed something).
@@ -262,14 +260,22 @@ impl Due {
         Due {
             why,
             at: tokio::time::Instant::now(),
-            after_requests: false,
+            requests_wait: Duration::ZERO,
         }
     }
 
-    /// Once the CNI requests in progress are answered.
+    /// Once the CNI requests in progress are answered (a pod left the slow way).
     fn soon(why: &'static str) -> Due {
         Due {
-            after_requests: true,
+            requests_wait: Duration::from_millis(250),
+            ..Due::now(why)
+        }
+    }
+
+    /// A new pod waits in the pending chains: right after its ADD is answered.
+    fn pending(why: &'static str) -> Due {
+        Due {
+            requests_wait: Duration::from_millis(20),
             ..Due::now(why)
         }
     }
@@ -280,6 +286,24 @@ impl Due {
             at: tokio::time::Instant::now() + CHECK_DELAY,
             ..Due::soon(why)
         }
+    }
+
+    /// One sync for both: the earlier, and the shorter wait.
+    fn merge(self, other: Due) -> Due {
+        let (first, second) = if other.deadline() < self.deadline() {
+            (other, self)
+        } else {
+            (self, other)
+        };
+        Due {
+            at: first.at.min(second.at),
+            requests_wait: first.requests_wait.min(second.requests_wait),
+            ..first
+        }
+    }
+
+    fn deadline(&self) -> tokio::time::Instant {
+        self.at + self.requests_wait
     }
 }
 
@@ -470,8 +494,17 @@ impl Engine {
             && self
                 .apply_own_delta(|c, node, prog| program::pod_added(c, node, prog, &pod_key))
                 .await;
+        // Its policies' chains are missing (the first pod of its kind here): it waits in the
+        // pending chains, closed, until the compile right after the answer makes them.
+        let pending = !replaces
+            && !fast
+            && self
+                .apply_own_delta(|c, node, prog| program::pod_pending(c, node, prog, &pod_key))
+                .await;
         if fast {
             self.due(Due::check("pod added"));
+        } else if pending {
+            self.due(Due::pending("pod added (first of its kind)"));
         } else {
             self.sync("pod added").await;
             if let Some(err) = &self.status.error {
@@ -550,11 +583,12 @@ impl Engine {
         self.publish();
     }
 
-    /// Schedules a sync; the earlier of two wins.
+    /// Schedules a sync (one for all that are due).
     fn due(&mut self, d: Due) {
-        if self.sync_due.as_ref().is_none_or(|old| d.at < old.at) {
-            self.sync_due = Some(d);
-        }
+        self.sync_due = Some(match self.sync_due {
+            Some(old) => old.merge(d),
+            None => d,
+        });
     }
 
     /// The writer's idea of the kernel's table, after element changes made around it.
@@ -719,11 +753,21 @@ impl Engine {
             Some((k, _)) => format!("{k} ({ip})"),
             None => ip.to_string(),
         };
+        let group = p_group(&p.prefix);
+        let pending = program::PENDING.iter().position(|c| *c == group);
         let (direction, policies) = match self
             .program
             .as_ref()
-            .and_then(|prog| prog.chains.get(&p_group(&p.prefix)))
+            .and_then(|prog| prog.chains.get(&group))
         {
+            _ if pending.is_some() => (
+                if pending == Some(0) {
+                    "ingress"
+                } else {
+                    "egress"
+                },
+                "none yet (a new pod, its policies being programmed)".to_string(),
+            ),
             Some(PChain::Group {
                 direction,
                 policies,
@@ -811,7 +855,14 @@ impl Engine {
         st.loaded = self.objects.loaded();
         st.waiting_for = (!st.loaded).then(|| self.objects.waiting_for());
         st.local_pods = self.objects.local_count();
+        st.policies = self.objects.cluster().policies().count();
         if let Some(p) = &self.program {
+            st.pending = p
+                .ingress
+                .values()
+                .chain(p.egress.values())
+                .filter(|c| program::PENDING.contains(&c.as_str()))
+                .count();
             st.sets = p.sets.len();
             st.chains = p.chains.len();
             st.elements = p.sets.values().map(|s| s.elements.len()).sum();

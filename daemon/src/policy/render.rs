@@ -9,6 +9,7 @@
 //! np-egress  forward, priority -5: established/related accept; ND accept; saddr vmap @egress
 //! np-ingress forward, priority  5: established/related accept; ND accept; daddr vmap @ingress
 //! np-input   input,   priority  0: established/related accept; ND accept; saddr vmap @egress
+//! pend-in, pend-out: drop (a new pod whose policies' chains are being made waits there)
 //! ```
 
 use std::net::IpAddr;
@@ -218,6 +219,17 @@ pub fn table(p: &NodeProgram, opts: RenderOpts) -> Table {
         };
         t.chains.insert(name.clone(), Chain { base: None, rules });
     }
+    // Where a new pod waits while the chains of its policies are made (CNI ADD answers first).
+    for name in netpol::program::PENDING {
+        let mut rules = Vec::new();
+        if opts.log_denied {
+            rules.push(format!(
+                "limit rate 20/second burst 40 packets log prefix \"{name} \" group {LOG_GROUP}"
+            ));
+        }
+        rules.push("counter drop".into());
+        t.chains.insert(name.into(), Chain { base: None, rules });
+    }
     let head = || {
         vec![
             "ct state established,related accept".to_string(),
@@ -386,6 +398,10 @@ mod tests {
         assert!(t.sets.iter().any(
             |(n, s)| n.starts_with("named-") && s.elements.contains("10.244.1.5 . tcp . 9100")
         ));
+        // The pending chains are always there, and drop.
+        for name in netpol::program::PENDING {
+            assert_eq!(t.chains[name].rules, ["counter drop"], "{name}");
+        }
         // Logging is an option.
         let logged = table(&p, RenderOpts { log_denied: true });
         assert!(logged.chains[group]
