@@ -36,7 +36,7 @@ use crate::nft::{Check, Nft, TableWriter};
 use crate::registry::objects::{watch_dir, DirEvent, ObjectStore};
 use pods::{Attachment, LocalPod};
 use render::RenderOpts;
-use source::Objects;
+use source::{Objects, PodMove};
 
 /// The etcd directories under the prefix.
 pub const POLICIES: &str = "policies";
@@ -90,7 +90,11 @@ async fn wait_due(due: Option<Due>, busy: &Busy) {
         return std::future::pending().await;
     };
     tokio::time::sleep_until(due.at).await;
-    let deadline = due.deadline();
+    until_idle(busy, due.deadline()).await;
+}
+
+/// Until no CNI request runs, or `deadline`.
+async fn until_idle(busy: &Busy, deadline: tokio::time::Instant) {
     loop {
         let idle = busy.idle.notified();
         tokio::pin!(idle);
@@ -251,6 +255,8 @@ struct Due {
     requests_wait: Duration,
 }
 
+/// The longest a pod record waits for the CNI requests in progress before it goes to etcd.
+const RECORDS_WAIT: Duration = Duration::from_millis(100);
 /// How long a sync that only confirms an own delta waits: pods in a burst share one.
 const CHECK_DELAY: Duration = Duration::from_secs(1);
 
@@ -330,6 +336,7 @@ async fn run<S: ObjectStore>(
         store.clone(),
         records_rx,
         shared.metrics.clone(),
+        busy.clone(),
     ));
     let (dir_tx, mut dir_rx) = mpsc::channel(1024);
     for dir in [POLICIES, NAMESPACES, PODS] {
@@ -390,13 +397,21 @@ async fn run<S: ObjectStore>(
             Some(p) = recv_opt(&mut denied_rx) => e.log_denied(p),
             ev = dir_rx.recv() => {
                 let Some((dir, ev)) = ev else { return };
-                let mut changed = e.on_dir(dir, ev);
+                let mut out = e.on_dir(dir, ev);
                 // A burst (a re-list, a script applying many objects): one program for all.
                 while let Ok((dir, ev)) = dir_rx.try_recv() {
-                    changed |= e.on_dir(dir, ev);
+                    let more = e.on_dir(dir, ev);
+                    out.changed |= more.changed;
+                    out.others |= more.others;
+                    out.moves.extend(more.moves);
                 }
-                if changed && e.objects.loaded() {
-                    e.due(Due::now("etcd"));
+                if out.changed && e.objects.loaded() {
+                    let d = if !out.others && e.pods_moved(out.moves).await {
+                        Due::check("etcd: pods")
+                    } else {
+                        Due::now("etcd")
+                    };
+                    e.due(d);
                 }
                 e.publish();
             }
@@ -603,14 +618,38 @@ impl Engine {
         }
     }
 
-    /// One etcd event; whether the cluster changed.
-    fn on_dir(&mut self, dir: &'static str, ev: DirEvent) -> bool {
-        let out = self.objects.apply(dir, ev, &self.shared.metrics);
-        for (key, value) in out.records {
+    /// One etcd event: what changed.
+    fn on_dir(&mut self, dir: &'static str, ev: DirEvent) -> source::Applied {
+        let mut out = self.objects.apply(dir, ev, &self.shared.metrics);
+        for (key, value) in std::mem::take(&mut out.records) {
             let _ = self.records.send((key, value));
         }
         self.cache_dirty |= out.changed;
-        out.changed
+        out
+    }
+
+    /// Other nodes' pods that came or went, each by its own delta (a few at a time; a burst is
+    /// compiled). False: not all of them could be; a compile must follow.
+    async fn pods_moved(&mut self, moves: Vec<PodMove>) -> bool {
+        if moves.is_empty() || moves.len() > 16 {
+            return false;
+        }
+        for m in moves {
+            let done = match m {
+                PodMove::Added(key) => {
+                    self.apply_own_delta(|c, node, prog| program::pod_added(c, node, prog, &key))
+                        .await
+                }
+                PodMove::Removed(rec) => {
+                    self.apply_own_delta(|c, node, prog| program::pod_removed(c, node, prog, &rec))
+                        .await
+                }
+            };
+            if !done {
+                return false;
+            }
+        }
+        true
     }
 
     /// Compiles the cluster for this node and makes the kernel hold it: element operations
@@ -950,6 +989,7 @@ async fn write_records<S: ObjectStore>(
     store: S,
     mut rx: mpsc::UnboundedReceiver<(String, Option<Vec<u8>>)>,
     metrics: Arc<Metrics>,
+    busy: Arc<Busy>,
 ) {
     let mut pending: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
     let mut backoff = Duration::from_millis(200);
@@ -961,6 +1001,9 @@ async fn write_records<S: ObjectStore>(
                 }
                 None => return,
             }
+            // The ADD that sent it is being answered: the write (and every node's reaction
+            // to it) can wait for that, briefly.
+            until_idle(&busy, tokio::time::Instant::now() + RECORDS_WAIT).await;
         }
         while let Ok((k, v)) = rx.try_recv() {
             pending.insert(k, v);

@@ -23,6 +23,16 @@ pub struct Applied {
     pub changed: bool,
     /// Pod records to write (Some) or delete (None) in etcd.
     pub records: Vec<(String, Option<Vec<u8>>)>,
+    /// Other nodes' pods that came or went; when these are all that changed (`others` is
+    /// false), each pod's own delta may do instead of a compile.
+    pub moves: Vec<PodMove>,
+    pub others: bool,
+}
+
+#[derive(Clone, Debug)]
+pub enum PodMove {
+    Added(PodKey),
+    Removed(Box<PodRecord>),
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -209,6 +219,7 @@ impl Objects {
         }
         // Even an empty directory completes the picture.
         out.changed = true;
+        out.others = true;
     }
 
     fn put(&mut self, dir: &'static str, kv: ObjKv, m: &Metrics, out: &mut Applied) {
@@ -242,8 +253,10 @@ impl Objects {
                 match self.cluster.upsert_policy(p) {
                     Ok(_) => {
                         self.skipped.remove(&format!("{dir}/{}", kv.key));
-                        out.changed |=
+                        let changed =
                             before.as_ref() != self.cluster.policy(&PolicyKey::new(ns, name));
+                        out.changed |= changed;
+                        out.others |= changed;
                     }
                     Err(e) => {
                         let keep = if before.is_some() {
@@ -273,7 +286,9 @@ impl Objects {
                 }
                 match self.cluster.upsert_namespace(&n) {
                     Ok(()) => {
-                        out.changed |= self.namespaces.get(&kv.key) != Some(&n);
+                        let changed = self.namespaces.get(&kv.key) != Some(&n);
+                        out.changed |= changed;
+                        out.others |= changed;
                         self.namespaces.insert(kv.key.clone(), n);
                     }
                     Err(e) => self.skip(m, dir, &kv.key, errs(&e)),
@@ -318,6 +333,7 @@ impl Objects {
                     tracing::warn!(pod = %kv.key, error = %e, "taking over edited labels failed");
                 }
                 out.changed = true;
+                out.others = true;
             }
             return;
         }
@@ -328,8 +344,14 @@ impl Objects {
             return;
         }
         if self.remote.get(&kv.key) != Some(&pod) {
-            if self.cluster.upsert_pod(&pod).is_ok() {
+            let new = !self.remote.contains_key(&kv.key);
+            if let Ok(key) = self.cluster.upsert_pod(&pod) {
                 out.changed = true;
+                if new {
+                    out.moves.push(PodMove::Added(key));
+                } else {
+                    out.others = true;
+                }
             }
             self.remote.insert(kv.key, pod);
         }
@@ -340,10 +362,12 @@ impl Objects {
         match dir {
             POLICIES => {
                 if let Some((ns, name)) = split_key(key) {
-                    out.changed |= self
+                    let changed = self
                         .cluster
                         .remove_policy(&PolicyKey::new(ns, name))
                         .is_some();
+                    out.changed |= changed;
+                    out.others |= changed;
                 }
             }
             NAMESPACES => {
@@ -351,6 +375,7 @@ impl Objects {
                     // The namespace keeps existing for its pods, with its automatic label only.
                     self.cluster.remove_namespace(key);
                     out.changed = true;
+                    out.others = true;
                 }
             }
             _ => {
@@ -358,8 +383,11 @@ impl Objects {
                     // Our running pod's record went: it is written again.
                     out.records.push(record(&local));
                 } else if self.remote.remove(key).is_some() {
-                    if let Some((ns, name)) = split_key(key) {
-                        self.cluster.remove_pod(&PodKey::new(ns, name));
+                    let rec = split_key(key)
+                        .and_then(|(ns, name)| self.cluster.remove_pod(&PodKey::new(ns, name)));
+                    match rec {
+                        Some(rec) => out.moves.push(PodMove::Removed(Box::new(rec))),
+                        None => out.others = true,
                     }
                     out.changed = true;
                 }
@@ -541,6 +569,36 @@ mod tests {
         let (key, rec) = o.local_down(&a.attachment).unwrap();
         assert_eq!((key.as_str(), rec.is_some()), ("x/a", true));
         assert!(o.cluster().pod(&PodKey::new("x", "a")).is_none());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn other_nodes_pods_coming_and_going_are_moves_the_rest_is_not() {
+        let (mut o, dir) = objects("m");
+        let m = Metrics::default();
+        for d in [POLICIES, NAMESPACES, PODS] {
+            assert!(o.apply(d, DirEvent::Snapshot(vec![]), &m).others);
+        }
+        let pod = |ip: &str, app: &str| {
+            json!({"metadata": {"name": "r", "namespace": "x", "labels": {"app": app}},
+                   "spec": {"nodeName": "n2"}, "status": {"podIPs": [{"ip": ip}]}})
+        };
+        let out = o.apply(PODS, DirEvent::Put(kv("x/r", pod("10.244.2.9", "a"))), &m);
+        assert!(out.changed && !out.others);
+        assert!(matches!(&out.moves[..], [PodMove::Added(k)] if *k == PodKey::new("x", "r")));
+        // The same record again changes nothing; another version of it is no move.
+        assert!(
+            !o.apply(PODS, DirEvent::Put(kv("x/r", pod("10.244.2.9", "a"))), &m)
+                .changed
+        );
+        let out = o.apply(PODS, DirEvent::Put(kv("x/r", pod("10.244.2.9", "b"))), &m);
+        assert!(out.changed && out.others && out.moves.is_empty());
+        let out = o.apply(PODS, DirEvent::Delete("x/r".into()), &m);
+        assert!(out.changed && !out.others);
+        assert!(matches!(&out.moves[..], [PodMove::Removed(r)] if r.labels["app"] == "b"));
+        let pol = json!({"metadata": {"name": "p", "namespace": "x"}, "spec": {"podSelector": {}}});
+        let out = o.apply(POLICIES, DirEvent::Put(kv("x/p", pol)), &m);
+        assert!(out.changed && out.others && out.moves.is_empty());
         let _ = std::fs::remove_dir_all(dir);
     }
 
