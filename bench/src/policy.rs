@@ -94,7 +94,7 @@ impl Config {
                 reps: 50,
                 cni_pairs: 60,
                 iperf_secs: 5,
-                runs: 3,
+                runs: 5,
                 rate_secs: 3.0,
                 scale_pods: vec![1000, 5000],
                 scale_policies: vec![10, 100, 1000],
@@ -337,6 +337,41 @@ fn last_steps(lab: &Lab, i: usize) -> Option<Steps> {
         apply: s["apply_ms"].as_f64()?,
         netlink: s["path"] == "netlink",
     })
+}
+
+/// The last CNI ADD's policy step inside twilld: (record ms, program ms, total ms, path).
+fn last_pod_up(lab: &Lab, i: usize) -> Option<(f64, f64, f64, String)> {
+    let st = lab.status(i).ok()?;
+    let s = &st["policy"]["last_pod_up"];
+    Some((
+        s["record_ms"].as_f64()?,
+        s["program_ms"].as_f64()?,
+        s["total_ms"].as_f64()?,
+        s["path"].as_str()?.to_string(),
+    ))
+}
+
+#[derive(Default)]
+struct PodUpSamples {
+    record: Vec<f64>,
+    program: Vec<f64>,
+    total: Vec<f64>,
+    paths: BTreeMap<String, usize>,
+}
+
+impl PodUpSamples {
+    fn describe(&self) -> String {
+        let m = |v: &[f64]| Stats::of(v).map_or(f64::NAN, |s| s.median);
+        let paths: Vec<String> = self.paths.iter().map(|(p, n)| format!("{n} {p}")).collect();
+        format!(
+            "the policy step inside twilld: median {:.2} ms (pod record {:.2}, programming \
+             {:.2}; {})",
+            m(&self.total),
+            m(&self.record),
+            m(&self.program),
+            paths.join(", ")
+        )
+    }
 }
 
 #[derive(Default)]
@@ -1092,6 +1127,7 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
         let before = sync_counters(&lab, 1);
         let (mut a_on, mut a_off, mut d_on, mut d_off) = (vec![], vec![], vec![], vec![]);
         let mut steps = StepSamples::default();
+        let mut ups = PodUpSamples::default();
         for n in 0..cfg.cni_pairs {
             let mut one = |node: usize| -> Result<()> {
                 let (p, a, d) = if node == 1 {
@@ -1103,6 +1139,12 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
                     if node == 1 {
                         if let Some(st) = last_steps(&lab, 1) {
                             steps.push(st);
+                        }
+                        if let Some((r, p, t, path)) = last_pod_up(&lab, 1) {
+                            ups.record.push(r);
+                            ups.program.push(p);
+                            ups.total.push(t);
+                            *ups.paths.entry(path).or_default() += 1;
                         }
                     }
                 };
@@ -1138,13 +1180,14 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
                 .target("< 1 ms added at the median", added.map(|d| d < 1.0))
                 .note(format!(
                     "added at the median: {:.2} ms; p99 {:.2} vs {:.2} ms; DEL median {:.2} vs \
-                     {:.2} ms; node 1 synced {} times for {} ADD+DEL, {} through netlink only; \
-                     the ADD's sync: median {:.2} ms, {}",
+                     {:.2} ms; {}; node 1 synced {} times for {} ADD+DEL, {} through netlink \
+                     only; the last sync before each DEL: median {:.2} ms, {}",
                     added.unwrap_or(f64::NAN),
                     on_s.as_ref().map_or(f64::NAN, |s| s.p99),
                     off_s.as_ref().map_or(f64::NAN, |s| s.p99),
                     Stats::of(&d_on).map_or(f64::NAN, |s| s.median),
                     Stats::of(&d_off).map_or(f64::NAN, |s| s.median),
+                    ups.describe(),
                     after.0 - before.0,
                     cfg.cni_pairs,
                     after.1 - before.1,
@@ -1207,7 +1250,7 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
         "Gbit/s",
         &g_on,
     )
-    .vs("no policies", &g_off);
+    .vs_paired("no policies", &g_on, &g_off);
     let met = within(&m);
     res.metrics.push(
         m.target("within 5 %", met)
@@ -1218,7 +1261,7 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
         "conn/s",
         &c_on,
     )
-    .vs("no policies", &c_off);
+    .vs_paired("no policies", &c_on, &c_off);
     let met = within(&m);
     res.metrics.push(m.target("within 5 %", met).note(
         "connect, 1 byte each way, close with RST; every connection's first packet passes the \
@@ -1362,7 +1405,9 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
          reference; the rest of the cluster are Pod records on simulated nodes; probes every \
          {} ms from the client ({} ms timeout): a flip's time is the send time of the first \
          probe that saw it, so it is late by up to one probe interval (resolution: the \
-         probes' median spacing, {spacing:.2} ms in this run)",
+         probes' median spacing, {spacing:.2} ms in this run); throughput and connection \
+         rate with policies against none run in pairs back to back (alternating which goes \
+         first), their ratio the median of the pairs' ratios",
         cfg.resident,
         ms(PROBE_EVERY),
         ms(PROBE_TIMEOUT),

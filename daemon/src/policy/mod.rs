@@ -181,6 +181,8 @@ pub struct PolicyStatus {
     pub last_sync_ms: Option<f64>,
     /// Where the last change's time went.
     pub last_sync: Option<SyncSteps>,
+    /// Where the last CNI ADD's policy step went.
+    pub last_pod_up: Option<PodUpSteps>,
     pub error: Option<String>,
 }
 
@@ -194,6 +196,17 @@ pub struct SyncSteps {
     pub render_ms: f64,
     pub apply_ms: f64,
     /// "netlink" or "nft".
+    pub path: &'static str,
+}
+
+/// One CNI ADD's policy step inside the engine, ms: the pod's record in the state dir, then
+/// programming it ("own delta": set elements and map entries over netlink; "pending": map
+/// entries to the pending chains; "compile": a full sync).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct PodUpSteps {
+    pub record_ms: f64,
+    pub program_ms: f64,
+    pub total_ms: f64,
     pub path: &'static str,
 }
 
@@ -486,6 +499,7 @@ fn ensure_bridge_netfilter() {
 
 impl Engine {
     async fn pod_up(&mut self, pod: LocalPod) -> Result<(), PodUpError> {
+        let start = Instant::now();
         if self.writer.is_none() {
             return Err(PodUpError::Failed(
                 "nft is not installed: network policy cannot be enforced (install nftables, \
@@ -505,6 +519,7 @@ impl Engine {
         // still hold: compiled whole.
         let replaces = self.objects.cluster().pod(&pod_key).is_some();
         self.objects.local_up(pod).map_err(PodUpError::Failed)?;
+        let recorded = Instant::now();
         let fast = !replaces
             && self
                 .apply_own_delta(|c, node, prog| program::pod_added(c, node, prog, &pod_key))
@@ -516,10 +531,12 @@ impl Engine {
             && self
                 .apply_own_delta(|c, node, prog| program::pod_pending(c, node, prog, &pod_key))
                 .await;
-        if fast {
+        let path = if fast {
             self.due(Due::check("pod added"));
+            "own delta"
         } else if pending {
             self.due(Due::pending("pod added (first of its kind)"));
+            "pending"
         } else {
             self.sync("pod added").await;
             if let Some(err) = &self.status.error {
@@ -527,8 +544,16 @@ impl Engine {
                     "programming network policy: {err}"
                 )));
             }
-        }
+            "compile"
+        };
         let _ = self.records.send((key, Some(value)));
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        self.status.last_pod_up = Some(PodUpSteps {
+            record_ms: ms(recorded - start),
+            program_ms: ms(recorded.elapsed()),
+            total_ms: ms(start.elapsed()),
+            path,
+        });
         self.publish();
         Ok(())
     }
