@@ -1,5 +1,6 @@
 //! Fuzz harness for the frame decoder, shared by the cargo-fuzz target `frame` (`fuzz/`) and the
-//! regression test that replays its corpus (`proto/tests/fuzz_corpus.rs`). Not an API.
+//! regression test that replays its corpus (`proto/tests/fuzz_corpus.rs`); and the corpus
+//! replay every crate's regression test uses. Not an API.
 
 use crate::{encode_frame, read_frame, FrameError, Request, Response, MAX_FRAME};
 
@@ -39,4 +40,32 @@ where
     };
     let back: T = read_frame(&mut frame.as_slice()).expect("an encoded frame decodes");
     assert_eq!(&back, msg);
+}
+
+/// Feeds every file of `<fuzz>/corpus/<target>/` and `<fuzz>/artifacts/<target>/` (the crashes
+/// the fuzzer found, kept as reproducers) to the target's harness; panics naming the file that
+/// fails, or when there is nothing to replay. `fuzz` is the workspace's `fuzz/` directory.
+pub fn replay_corpus(fuzz: &std::path::Path, target: &str, harness: fn(&[u8])) {
+    let mut replayed = 0;
+    for dir in ["corpus", "artifacts"] {
+        let Ok(entries) = std::fs::read_dir(fuzz.join(dir).join(target)) else {
+            continue;
+        };
+        let mut files: Vec<_> = entries
+            .map(|e| e.expect("a directory entry").path())
+            .collect();
+        files.sort();
+        for f in files {
+            let data = std::fs::read(&f).expect("a corpus file");
+            if std::panic::catch_unwind(|| harness(&data)).is_err() {
+                panic!("{} fails the {target} harness", f.display());
+            }
+            replayed += 1;
+        }
+    }
+    assert!(
+        replayed > 0,
+        "no corpus for {target} under {}",
+        fuzz.display()
+    );
 }
