@@ -209,7 +209,7 @@ fn a_second_twilld_on_the_same_state_dir_refuses_to_start() -> Result<()> {
 /// directory others can write, or owned by someone else, stops twilld at once with a message
 /// naming it, before it takes a lease.
 #[test]
-fn socket_and_subnet_file_dirs_others_can_change_are_refused() -> Result<()> {
+fn socket_subnet_file_and_state_dirs_others_can_change_are_refused() -> Result<()> {
     let mut lab = lab_with_config()?;
     let open = lab.node_dir(1).join("open");
     std::fs::create_dir_all(&open)?;
@@ -247,6 +247,18 @@ fn socket_and_subnet_file_dirs_others_can_change_are_refused() -> Result<()> {
         );
         assert!(!path.exists());
     }
+    // The state dir (IPAM records, the VTEP MAC) is held to the same rule.
+    let state = open.join("state");
+    lab.start_daemon_with(1, &["--state-dir", &state.display().to_string()])?;
+    assert!(!lab.wait_daemon_exit(1, EXIT)?.success());
+    let log = lab.daemon_log_last(1);
+    assert!(
+        log.contains("--state-dir")
+            && log.contains(&open.display().to_string())
+            && log.contains("writable by group or others"),
+        "{log}"
+    );
+    assert!(!state.join("lock").exists() && !state.join("ipam").exists());
     assert!(lab.lease_keys()?.is_empty(), "a lease was taken");
     Ok(())
 }

@@ -57,6 +57,8 @@ pub enum StartError {
     Instance(#[from] crate::instance::LockError),
     #[error("--subnet-file: {0}")]
     SubnetFile(crate::paths::PathError),
+    #[error("--state-dir: {0}")]
+    StateDir(crate::paths::PathError),
     #[error("cannot serve the CNI socket {path}: {err}")]
     Cni { path: String, err: std::io::Error },
     /// A task that runs for the daemon's lifetime ended (it can only panic): exit, so the
@@ -70,6 +72,9 @@ pub enum StartError {
 /// underlay); transient etcd trouble is waited out. Everything local is checked before twilld
 /// talks to etcd, so such a problem never leaves a lease or a device behind.
 pub async fn run(args: RunArgs) -> Result<(), StartError> {
+    // It holds the IPAM records, the pods' policy records and the VTEP MAC: root's alone.
+    crate::paths::private_parent(&args.state_dir.join(crate::instance::LOCK_FILE))
+        .map_err(StartError::StateDir)?;
     let _instance = crate::instance::lock(&args.state_dir)?;
     check_subnet_file_dir(&args)?;
     let shared = Arc::new(Shared::default());
