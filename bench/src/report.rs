@@ -24,6 +24,9 @@ pub struct Metric {
     pub target: Option<String>,
     /// Whether the target is met; None when there is no target or nothing to judge.
     pub met: Option<bool>,
+    /// For a paired comparison (`vs_paired`): each pair's ratio, in the order run.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pair_ratios: Vec<f64>,
     pub note: String,
 }
 
@@ -38,6 +41,7 @@ impl Metric {
             ratio: None,
             target: None,
             met: None,
+            pair_ratios: Vec::new(),
             note: String::new(),
         }
     }
@@ -58,12 +62,13 @@ impl Metric {
     pub fn vs_paired(mut self, label: &str, twill: &[f64], reference: &[f64]) -> Metric {
         self = self.vs(label, reference);
         if twill.len() == reference.len() && !twill.is_empty() {
-            let mut r: Vec<f64> = twill
+            self.pair_ratios = twill
                 .iter()
                 .zip(reference)
                 .filter(|(_, b)| **b != 0.0)
                 .map(|(a, b)| a / b)
                 .collect();
+            let mut r = self.pair_ratios.clone();
             r.sort_by(f64::total_cmp);
             if !r.is_empty() {
                 self.ratio = Some(crate::stats::percentile(&r, 50.0));

@@ -227,6 +227,8 @@ async fn handle_conn(ctx: Arc<ops::Ctx>, mut stream: UnixStream) {
         }
     };
     Metrics::inc(&ctx.metrics.cni_requests);
+    // Deferred policy work waits until the answer is out (see `PolicyHandle::request`).
+    let _running = ctx.opts.policy.as_ref().map(|p| p.request());
     let resp = if req.protocol != PROTOCOL {
         Err(CniError::new(
             codes::INCOMPATIBLE_VERSION,

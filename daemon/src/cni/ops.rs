@@ -447,7 +447,6 @@ pub(crate) fn check_result_fits(req: &Request, dns: &Dns) -> Result<(), CniError
 }
 
 async fn add(ctx: &Ctx, req: &Request, peer_root: Option<PeerRoot>) -> Result<CniResult, CniError> {
-    let _running = ctx.opts.policy.as_ref().map(|p| p.request());
     let node = ctx.node.borrow().clone().ok_or_else(|| {
         CniError::new(
             codes::TRY_AGAIN_LATER,
@@ -664,7 +663,6 @@ async fn undo(ctx: &Ctx, host: Option<&str>, release: Option<&Owner>) {
 }
 
 async fn del(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
-    let _running = ctx.opts.policy.as_ref().map(|p| p.request());
     require("CNI_CONTAINERID", &req.container_id)?;
     require("CNI_IFNAME", &req.ifname)?;
     let owner = owner_of(req);
