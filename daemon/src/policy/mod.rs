@@ -400,10 +400,16 @@ async fn run<S: ObjectStore>(
                 Some(Msg::PodUp(pod, reply)) => {
                     let r = e.pod_up(*pod).await;
                     let _ = reply.send(r);
+                    // /status after the answer: the request goes on first (it was woken into
+                    // this worker's LIFO slot, see the deferred sync below).
+                    tokio::task::yield_now().await;
+                    e.publish();
                 }
                 Some(Msg::PodDown(a, reply)) => {
                     e.pod_down(&a).await;
                     let _ = reply.send(());
+                    tokio::task::yield_now().await;
+                    e.publish();
                 }
                 Some(Msg::Check) => e.check().await,
             },
@@ -554,7 +560,6 @@ impl Engine {
             total_ms: ms(start.elapsed()),
             path,
         });
-        self.publish();
         Ok(())
     }
 
@@ -620,7 +625,6 @@ impl Engine {
                 Due::soon("pod deleted")
             });
         }
-        self.publish();
     }
 
     /// Schedules a sync (one for all that are due).
