@@ -291,9 +291,11 @@ impl Due {
         }
     }
 
-    /// A new pod waits in the pending chains: right after its ADD is answered.
+    /// A new pod waits in the pending chains: right after its ADD is answered and the plugin
+    /// has had a moment to hand the answer on (the compile and `nft` take two cores' worth).
     fn pending(why: &'static str) -> Due {
         Due {
+            at: tokio::time::Instant::now() + Duration::from_millis(5),
             requests_wait: Duration::from_millis(20),
             ..Due::now(why)
         }
@@ -583,18 +585,16 @@ impl Engine {
         let Some(ops) = render::element_ops(&d, prog) else {
             return false;
         };
-        if !ops.is_empty() {
-            let done = tokio::task::spawn_blocking(move || {
-                crate::netlink::nft_sets::apply(
-                    crate::netlink::nft_sets::NfFamily::Inet,
-                    render::TABLE,
-                    &ops,
-                )
-            })
-            .await;
-            if !matches!(done, Ok(Ok(()))) {
-                return false;
-            }
+        // In place, not on the blocking pool: one kernel transaction of a few elements takes
+        // less than handing it to another thread and back would.
+        let done = crate::netlink::nft_sets::apply(
+            crate::netlink::nft_sets::NfFamily::Inet,
+            render::TABLE,
+            &ops,
+        );
+        if let Err(e) = done {
+            tracing::debug!(error = %e, "a pod's own delta was refused; compiling instead");
+            return false;
         }
         // What the kernel holds now; the writer's copy is rendered from it when next needed.
         d.apply_to(self.program.as_mut().expect("checked above"));
