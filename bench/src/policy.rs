@@ -996,6 +996,16 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
     let (server_ns, client_ns) = (server.pod.ns.clone(), client.pod.ns.clone());
     real.push(server);
     real.push(client);
+    // Node 3, the CNI reference, gets as many pods as node 1 holds (the same veths on its
+    // bridge, the same kernel tables to search), so that only policy differs between the two.
+    for j in 0..=cfg.resident {
+        let ns = polgen::team(j);
+        let tag = format!("twin{j}");
+        let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={tag}");
+        let cfg3 = pod_cfg(&lab, 3, &labels(&[("app", "twin")]), vec![]);
+        lab.add_pod_with(3, &tag, &args, &cfg3)
+            .with_context(|| format!("twin pod {j} on node 3"))?;
+    }
     let sim = cfg.pods - real.len();
     writer.put_kvs((0..sim).map(polgen::sim_pod_kv).collect())?;
     writer.put_kvs(all_policies(cfg.policies, false))?;
@@ -1402,7 +1412,7 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
     res.notes.push(format!(
         "lab: 3 nodes; node 1 holds {} resident pods (one per team namespace) and the server, \
          node 2 the client, node 3 runs twilld with --network-policy=false for the CNI \
-         reference; the rest of the cluster are Pod records on simulated nodes; probes every \
+         reference and holds as many pods as node 1; the rest of the cluster are Pod records on simulated nodes; probes every \
          {} ms from the client ({} ms timeout): a flip's time is the send time of the first \
          probe that saw it, so it is late by up to one probe interval (resolution: the \
          probes' median spacing, {spacing:.2} ms in this run); throughput and connection \

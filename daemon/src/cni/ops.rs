@@ -539,9 +539,9 @@ async fn add(ctx: &Ctx, req: &Request, peer_root: Option<PeerRoot>) -> Result<Cn
     })
 }
 
-/// The node's half of ADD: the address (IPAM) and the veth pair at once, then the pod's network
-/// policy (before the pod's end gets its address: no moment unprotected), then hairpin. Sends
-/// the pod's address through `go` once the container end exists and policy is in place.
+/// The node's half of ADD: the address (IPAM) followed by the pod's network policy, at once with
+/// the veth pair; then hairpin. Sends the pod's address through `go` once the container end
+/// exists and policy is in place (before the pod's end gets its address: no moment unprotected).
 /// Undoes itself on failure. Returns the pod's address, whether it was allocated now (not by an
 /// earlier ADD), and the host end's MAC.
 #[allow(clippy::too_many_arguments)]
@@ -558,8 +558,26 @@ async fn node_half(
     let ipam = ctx.ipam.clone();
     let (subnet, o, network) = (node.subnet, owner.clone(), network_of(req));
     let mac = MacAddr::random_local();
+    // The address, then the pod's policy, while the veth pair is being made: the policy step
+    // costs ADD nothing it would not wait for anyway.
+    let alloc_and_policy = async {
+        // The error, and whether this ADD allocated the address.
+        let (addr, fresh) = blocking(move || ipam.allocate(subnet, &o, &network))
+            .await
+            .map_err(|e| (e, false))?;
+        if let (Some(policy), Some(pod)) = (&ctx.opts.policy, identity) {
+            if let Err(e) = policy.pod_up(pod.with_ip(IpAddr::V4(addr))).await {
+                let e = match e {
+                    PodUpError::NotReady(m) => CniError::new(codes::TRY_AGAIN_LATER, m),
+                    PodUpError::Failed(m) => CniError::new(codes::POLICY, m),
+                };
+                return Err((e, fresh));
+            }
+        }
+        Ok((addr, fresh))
+    };
     let (alloc, created) = tokio::join!(
-        blocking(move || ipam.allocate(subnet, &o, &network)),
+        alloc_and_policy,
         create_veth(ctx, req, node, netns, host, mac),
     );
     let (addr, fresh) = match (alloc, created) {
@@ -567,25 +585,20 @@ async fn node_half(
         (alloc, created) => {
             // Ends the pod's half now: its thread must not hold a slot that undo may need.
             drop(go);
-            let release = matches!(alloc, Ok((_, true))).then_some(owner);
+            // An address this ADD allocated goes back (and the pod's policy, if it got that far).
+            let release = match &alloc {
+                Ok((_, fresh)) | Err((_, fresh)) => fresh.then_some(owner),
+            };
             undo(ctx, created.is_ok().then_some(host), release).await;
-            // An IPAM failure (e.g. subnet full) wins: it is what the runtime can act on.
+            // An IPAM or policy failure (e.g. subnet full) wins: it is what the runtime can
+            // act on.
             return Err(match (alloc, created) {
-                (Err(e), _) | (_, Err(e)) => e,
+                (Err((e, _)), _) | (_, Err(e)) => e,
                 _ => unreachable!("one of them failed"),
             });
         }
     };
     let pod_addr = Ipv4Net::new(addr, subnet.prefix_len()).expect("prefix from a valid subnet");
-    if let (Some(policy), Some(pod)) = (&ctx.opts.policy, identity) {
-        if let Err(e) = policy.pod_up(pod.with_ip(IpAddr::V4(addr))).await {
-            undo(ctx, Some(host), fresh.then_some(owner)).await;
-            return Err(match e {
-                PodUpError::NotReady(m) => CniError::new(codes::TRY_AGAIN_LATER, m),
-                PodUpError::Failed(m) => CniError::new(codes::POLICY, m),
-            });
-        }
-    }
     // The pod's half may already have failed (e.g. its netns vanished): that is reported there.
     let _ = go.send(pod_addr);
     if let Err(e) = ctx.nl.set_hairpin(host).await {
