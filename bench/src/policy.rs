@@ -1170,12 +1170,17 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
                 d.push(del);
                 Ok(())
             };
+            // Node 1's work after its pair (the DEL's sync, a first-of-its-kind pod's chains)
+            // is done before node 3's pair starts, off the clock: each ADD meets a quiet machine.
+            let quiet = Duration::from_millis(50);
             if n % 2 == 0 {
                 one(1)?;
+                settle(&lab, 1, quiet, Duration::from_secs(10))?;
                 one(3)?;
             } else {
                 one(3)?;
                 one(1)?;
+                settle(&lab, 1, quiet, Duration::from_secs(10))?;
             }
         }
         let after = sync_counters(&lab, 1);

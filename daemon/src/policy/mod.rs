@@ -91,6 +91,9 @@ async fn wait_due(due: Option<Due>, busy: &Busy) {
     };
     tokio::time::sleep_until(due.at).await;
     until_idle(busy, due.deadline()).await;
+    if !due.after.is_zero() {
+        tokio::time::sleep(due.after).await;
+    }
 }
 
 /// Until no CNI request runs, or `deadline`.
@@ -266,6 +269,8 @@ struct Due {
     /// Then how long it may wait for the CNI requests in progress to finish: they share the
     /// node's CPUs, and a compile would take its time from them.
     requests_wait: Duration,
+    /// And then how long to leave the plugin, once answered, to hand its answer on.
+    after: Duration,
 }
 
 /// The longest a pod record waits for the CNI requests in progress before it goes to etcd.
@@ -280,6 +285,7 @@ impl Due {
             why,
             at: tokio::time::Instant::now(),
             requests_wait: Duration::ZERO,
+            after: Duration::ZERO,
         }
     }
 
@@ -295,8 +301,8 @@ impl Due {
     /// has had a moment to hand the answer on (the compile and `nft` take two cores' worth).
     fn pending(why: &'static str) -> Due {
         Due {
-            at: tokio::time::Instant::now() + Duration::from_millis(5),
             requests_wait: Duration::from_millis(20),
+            after: Duration::from_millis(5),
             ..Due::now(why)
         }
     }
@@ -319,6 +325,7 @@ impl Due {
         Due {
             at: first.at.min(second.at),
             requests_wait: first.requests_wait.min(second.requests_wait),
+            after: first.after.min(second.after),
             ..first
         }
     }
