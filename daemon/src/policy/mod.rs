@@ -202,9 +202,9 @@ pub struct SyncSteps {
     pub path: &'static str,
 }
 
-/// One CNI ADD's policy step inside the engine, ms: the pod's record in the state dir, then
-/// programming it ("own delta": set elements and map entries over netlink; "pending": map
-/// entries to the pending chains; "compile": a full sync).
+/// One CNI ADD's policy step inside the engine, ms: the pod's record in the state dir and,
+/// at the same time, programming it ("own delta": set elements and map entries over netlink;
+/// "pending": map entries to the pending chains; "compile": a full sync).
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct PodUpSteps {
     pub record_ms: f64,
@@ -533,7 +533,19 @@ impl Engine {
         // A pod re-created under its name replaces a record whose addresses the program may
         // still hold: compiled whole.
         let replaces = self.objects.cluster().pod(&pod_key).is_some();
-        self.objects.local_up(pod).map_err(PodUpError::Failed)?;
+        // The state-dir record (what a restart programs from) is written while the kernel is
+        // programmed; ADD answers only when both are done.
+        let attachment = pod.attachment.clone();
+        let (files, copy) = (self.objects.files(), pod.clone());
+        let saving = tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            files.save(&copy).map(|()| t.elapsed())
+        });
+        if let Err(e) = self.objects.local_insert(pod) {
+            let _ = saving.await;
+            let _ = self.objects.files().remove(&attachment);
+            return Err(PodUpError::Failed(e));
+        }
         let recorded = Instant::now();
         let fast = !replaces
             && self
@@ -554,18 +566,38 @@ impl Engine {
             "pending"
         } else {
             self.sync("pod added").await;
-            if let Some(err) = &self.status.error {
+            if let Some(err) = self.status.error.clone() {
+                // No record may outlive the failed ADD.
+                let _ = saving.await;
+                self.pod_down(&attachment).await;
                 return Err(PodUpError::Failed(format!(
                     "programming network policy: {err}"
                 )));
             }
             "compile"
         };
+        let programmed = recorded.elapsed();
+        let saved = match saving.await {
+            Ok(Ok(d)) => d,
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                    Ok(Ok(_)) => unreachable!(),
+                };
+                // Taken back out of the cluster and the kernel: a pod twilld cannot bring
+                // back after a restart must not start.
+                self.pod_down(&attachment).await;
+                return Err(PodUpError::Failed(format!(
+                    "recording the pod in the state dir: {why}"
+                )));
+            }
+        };
         let _ = self.records.send((key, Some(value)));
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         self.status.last_pod_up = Some(PodUpSteps {
-            record_ms: ms(recorded - start),
-            program_ms: ms(recorded.elapsed()),
+            record_ms: ms(saved),
+            program_ms: ms(programmed),
             total_ms: ms(start.elapsed()),
             path,
         });

@@ -174,6 +174,7 @@ pub fn from_cni(
 /// Local pods persisted in `<state-dir>/pods/`, one file per attachment: policy state for this
 /// node's pods survives a restart (also with etcd down), and DEL, which names only the
 /// attachment, finds its pod.
+#[derive(Clone, Debug)]
 pub struct PodFiles {
     dir: PathBuf,
 }

@@ -133,12 +133,24 @@ impl Objects {
         self.files
             .save(&p)
             .map_err(|e| format!("recording the pod in the state dir: {e}"))?;
+        self.local_insert(p)
+    }
+
+    /// `local_up` without the state-dir record, which the caller writes (`files`) and undoes
+    /// with `local_down` if that fails.
+    pub fn local_insert(&mut self, p: LocalPod) -> Result<(), String> {
+        netpol::model::PodRecord::from_api(&p.pod).map_err(|e| errs(&e))?;
         // An earlier attachment with this pod's name (a re-created pod): replaced.
         let key = p.key();
         self.local
             .retain(|a, q| q.key() != key || *a == p.attachment);
         self.insert_local(p);
         Ok(())
+    }
+
+    /// Where local pods are recorded.
+    pub fn files(&self) -> PodFiles {
+        self.files.clone()
     }
 
     /// The pod of `a` is gone (DEL, GC); returns its key, if it was known, and the record the
