@@ -114,6 +114,18 @@ impl Default for FakeApiOptions {
     }
 }
 
+impl FakeApiOptions {
+    /// Listen on a lab's underlay bridge address (any port), inside its underlay namespace,
+    /// where twilld processes in the lab's node namespaces reach it as they reach etcd.
+    pub fn in_lab(lab: &crate::Lab) -> FakeApiOptions {
+        FakeApiOptions {
+            addr: SocketAddr::from((crate::lab::UNDERLAY_IP, 0)),
+            netns: Some(lab.underlay_ns()),
+            ..Default::default()
+        }
+    }
+}
+
 /// A patch a client sent, as recorded.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RecordedPatch {

@@ -285,7 +285,47 @@ pub fn parse_query(q: &str) -> HashMap<String, String> {
         .collect()
 }
 
-/// A resource path: /api/v1/... or /apis/<group>/v1/...
+/// A resource path as RBAC sees it, before the fake knows whether it serves that resource:
+/// /api/v1/... or /apis/<group>/<version>/...
+#[derive(Debug, PartialEq)]
+struct ReqPath {
+    group: String,
+    namespace: Option<String>,
+    resource: String,
+    name: Option<String>,
+    sub: Option<String>,
+}
+
+fn parse_request_path(path: &str) -> Option<ReqPath> {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, rest) = match segs.as_slice() {
+        ["api", "v1", rest @ ..] if !rest.is_empty() => ("", rest),
+        ["apis", g, _version, rest @ ..] if !rest.is_empty() => (*g, rest),
+        _ => return None,
+    };
+    let (namespace, rest): (Option<&str>, Vec<&str>) = match rest {
+        // /namespaces/<ns>/<resource>/... but /namespaces/<name>[/status] is a Namespace.
+        ["namespaces", ns, resource, more @ ..] if *resource != "status" => {
+            (Some(*ns), [&[*resource][..], more].concat())
+        }
+        r => (None, r.to_vec()),
+    };
+    let (resource, name, sub) = match rest.as_slice() {
+        [r] => (*r, None, None),
+        [r, n] => (*r, Some(*n), None),
+        [r, n, s] => (*r, Some(*n), Some(*s)),
+        _ => return None,
+    };
+    Some(ReqPath {
+        group: group.into(),
+        namespace: namespace.map(str::to_string),
+        resource: resource.into(),
+        name: name.map(str::to_string),
+        sub: sub.map(str::to_string),
+    })
+}
+
+/// A resource the fake serves.
 #[derive(Debug, PartialEq)]
 struct ResPath {
     kind: Kind,
@@ -294,53 +334,39 @@ struct ResPath {
     sub: Option<String>,
 }
 
-fn parse_resource_path(path: &str) -> Option<Result<ResPath, ApiError>> {
-    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let (group, rest) = match segs.as_slice() {
-        ["api", "v1", rest @ ..] if !rest.is_empty() => ("", rest),
-        ["apis", g, "v1", rest @ ..] if !rest.is_empty() => (*g, rest),
-        _ => return None,
-    };
-    let not_found = || {
-        Some(Err(ApiError::new(
-            404,
-            "NotFound",
-            "the server could not find the requested resource",
-        )))
-    };
-    let (namespace, rest): (Option<&str>, Vec<&str>) = match rest {
-        // /namespaces/<ns>/<plural>/... but /namespaces/<name>[/status] is a Namespace.
-        ["namespaces", ns, plural, more @ ..] if *plural != "status" => {
-            (Some(*ns), [&[*plural][..], more].concat())
-        }
-        r => (None, r.to_vec()),
-    };
-    let (plural, name, sub) = match rest.as_slice() {
-        [p] => (*p, None, None),
-        [p, n] => (*p, Some(*n), None),
-        [p, n, s] => (*p, Some(*n), Some(*s)),
-        _ => return not_found(),
-    };
-    let Some(kind) = Kind::from_path(group, plural) else {
-        return not_found();
-    };
-    if kind.namespaced() != namespace.is_some() && !(kind.namespaced() && name.is_none()) {
-        return not_found();
-    }
-    if let Some(s) = sub {
-        if s != "status" || !kind.has_status() {
-            return not_found();
-        }
-    }
-    Some(Ok(ResPath {
-        kind,
-        namespace: namespace.map(str::to_string),
-        name: name.map(str::to_string),
-        sub: sub.map(str::to_string),
-    }))
+fn not_found() -> ApiError {
+    ApiError::new(
+        404,
+        "NotFound",
+        "the server could not find the requested resource",
+    )
 }
 
-fn verb_of(method: &Method, rp: &ResPath, q: &HashMap<String, String>) -> &'static str {
+fn resolve(rp: &ReqPath) -> Result<ResPath, ApiError> {
+    let kind = Kind::from_path(&rp.group, &rp.resource).ok_or_else(not_found)?;
+    // Namespaced kinds by name need their namespace; cluster-scoped ones have none.
+    let scoped_ok = if kind.namespaced() {
+        rp.namespace.is_some() || rp.name.is_none()
+    } else {
+        rp.namespace.is_none()
+    };
+    if !scoped_ok {
+        return Err(not_found());
+    }
+    if let Some(s) = &rp.sub {
+        if s != "status" || !kind.has_status() {
+            return Err(not_found());
+        }
+    }
+    Ok(ResPath {
+        kind,
+        namespace: rp.namespace.clone(),
+        name: rp.name.clone(),
+        sub: rp.sub.clone(),
+    })
+}
+
+fn verb_of(method: &Method, rp: &ReqPath, q: &HashMap<String, String>) -> &'static str {
     let watch = q.get("watch").is_some_and(|v| v == "true" || v == "1");
     match (method, rp.name.is_some()) {
         (&Method::GET, true) => "get",
@@ -384,8 +410,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     let body = req.into_body().collect().await?.to_bytes();
 
     // A stalled server takes the request and never answers it: the connection is dropped once
-    // the stall is over (clients must have given up by then).
-    if wait_stall(&shared).await {
+    // the stall is over (clients must have given up by then). Recorded first: a client that
+    // gives up makes hyper drop this future.
+    let stalled = lock(&shared.faults)
+        .stall_until
+        .is_some_and(|t| t > Instant::now());
+    if stalled {
         record(
             &shared,
             RequestRecord {
@@ -402,6 +432,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                 body: None,
             },
         );
+        wait_stall(&shared).await;
         return Err("stalled: dropped without an answer".into());
     }
 
@@ -523,40 +554,36 @@ async fn route(
             return Ok(full(200, &doc));
         }
     }
-    let rp = match parse_resource_path(path) {
-        Some(r) => r?,
-        None => {
-            return Err(ApiError::new(
-                404,
-                "NotFound",
-                "the server could not find the requested resource",
-            ))
-        }
+    let Some(reqp) = parse_request_path(path) else {
+        return Err(not_found());
     };
-    let verb = verb_of(method, &rp, q);
+    // Authorization comes before routing, as in the real server: a client without the right
+    // gets 403 also for a resource the fake does not serve.
+    let verb = verb_of(method, &reqp, q);
     rec.verb = verb.into();
-    rec.resource = match &rp.sub {
-        Some(s) => format!("{}/{s}", rp.kind.plural()),
-        None => rp.kind.plural().into(),
+    rec.resource = match &reqp.sub {
+        Some(s) => format!("{}/{s}", reqp.resource),
+        None => reqp.resource.clone(),
     };
-    rec.namespace = rp.namespace.clone();
-    rec.name = rp.name.clone();
+    rec.namespace = reqp.namespace.clone();
+    rec.name = reqp.name.clone();
     let attrs = Attributes {
         verb: verb.into(),
-        group: rp.kind.group().into(),
-        resource: rp.kind.plural().into(),
-        subresource: rp.sub.clone(),
-        name: rp.name.clone(),
-        namespace: rp.namespace.clone(),
+        group: reqp.group.clone(),
+        resource: reqp.resource.clone(),
+        subresource: reqp.sub.clone(),
+        name: reqp.name.clone(),
+        namespace: reqp.namespace.clone(),
     };
     if !identity.allows(&attrs) {
         let mut e = ApiError::new(403, "Forbidden", identity.forbidden_message(&attrs));
-        e.details = Some(match &rp.name {
-            Some(n) => json!({"name": n, "kind": rp.kind.plural()}),
-            None => json!({"kind": rp.kind.plural()}),
+        e.details = Some(match &reqp.name {
+            Some(n) => json!({"name": n, "group": reqp.group, "kind": reqp.resource}),
+            None => json!({"group": reqp.group, "kind": reqp.resource}),
         });
         return Err(e);
     }
+    let rp = resolve(&reqp)?;
     let parsed_body = || -> Result<Value, ApiError> {
         serde_json::from_slice(body).map_err(|e| {
             ApiError::bad_request(format!(
@@ -1068,7 +1095,10 @@ mod tests {
 
     #[test]
     fn paths() {
-        let p = |s: &str| parse_resource_path(s).map(|r| r.map_err(|e| e.code));
+        let p = |s: &str| {
+            let r = parse_request_path(s)?;
+            Some(resolve(&r).map_err(|e| e.code))
+        };
         assert_eq!(
             p("/api/v1/nodes/n1/status"),
             Some(Ok(ResPath {
@@ -1135,6 +1165,11 @@ mod tests {
             Some(Err(404))
         );
         assert_eq!(p("/version"), None);
+        let r = parse_request_path("/apis/coordination.k8s.io/v1/namespaces/n/leases/l").unwrap();
+        assert_eq!(
+            (r.group.as_str(), r.resource.as_str(), r.name.as_deref()),
+            ("coordination.k8s.io", "leases", Some("l"))
+        );
     }
 
     #[test]
