@@ -7,6 +7,7 @@
 
 pub mod bins;
 pub mod etcd;
+pub mod fakeapi;
 pub mod faults;
 pub mod http;
 pub mod kernel;
