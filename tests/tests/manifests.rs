@@ -49,6 +49,8 @@ fn documents(text: &str) -> Vec<Value> {
 }
 
 /// Where `typed` (the original after a trip through its schema type) lost or changed something.
+/// A key only `typed` has is a required field the original lacks: k8s-openapi fills a missing
+/// required field with its default when decoding, and optional ones it leaves out.
 fn schema_diff(path: &str, original: &Value, typed: &Value, out: &mut Vec<String>) {
     match (original, typed) {
         (Value::Object(a), Value::Object(b)) => {
@@ -58,6 +60,9 @@ fn schema_diff(path: &str, original: &Value, typed: &Value, out: &mut Vec<String
                     Some(w) => schema_diff(&p, v, w, out),
                     None => out.push(format!("{p}: not in the schema")),
                 }
+            }
+            for k in b.keys().filter(|k| !a.contains_key(*k)) {
+                out.push(format!("{path}.{k}: required, missing"));
             }
         }
         (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
@@ -595,6 +600,7 @@ struct KindCluster {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct KindNetworking {
+    #[serde(rename = "disableDefaultCNI")]
     disable_default_cni: bool,
     pod_subnet: String,
 }
