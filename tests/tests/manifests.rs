@@ -10,6 +10,7 @@
 //!   DaemonSet exists in `twilld --help`;
 //! - the install init containers' scripts, run against a scratch directory, replace only their
 //!   own files, atomically.
+//!
 //! A real cluster (kind) cannot run here: deploy/README.md says what remains unverified.
 
 use std::collections::BTreeSet;

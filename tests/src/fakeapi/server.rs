@@ -917,14 +917,14 @@ fn patch_object(
 fn check_body_kind(rp: &ResPath, obj: &mut Value) -> Result<(), ApiError> {
     let av = obj.get("apiVersion").and_then(Value::as_str);
     let k = obj.get("kind").and_then(Value::as_str);
-    if av.is_some() || k.is_some() {
-        if Kind::from_api_version(av.unwrap_or_default(), k.unwrap_or_default()) != Some(rp.kind) {
-            return Err(ApiError::bad_request(format!(
-                "the API version in the data ({}) does not match the expected API version ({})",
-                av.unwrap_or_default(),
-                rp.kind.api_version()
-            )));
-        }
+    if (av.is_some() || k.is_some())
+        && Kind::from_api_version(av.unwrap_or_default(), k.unwrap_or_default()) != Some(rp.kind)
+    {
+        return Err(ApiError::bad_request(format!(
+            "the API version in the data ({}) does not match the expected API version ({})",
+            av.unwrap_or_default(),
+            rp.kind.api_version()
+        )));
     }
     if let Some(ns) = &rp.namespace {
         match obj.pointer("/metadata/namespace").and_then(Value::as_str) {
