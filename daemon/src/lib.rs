@@ -27,6 +27,7 @@ pub mod peer;
 pub mod policy;
 pub mod reconcile;
 pub mod registry;
+pub mod source;
 pub mod state;
 pub mod subnet;
 pub mod subnet_file;

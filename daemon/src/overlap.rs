@@ -20,8 +20,9 @@ pub struct HostNets {
     /// The underlay interface's networks, with its name for messages.
     pub underlay: Vec<Ipv4Net>,
     pub underlay_name: String,
-    /// The etcd endpoints' addresses.
-    pub etcd: Vec<Ipv4Addr>,
+    /// The addresses of the lease source's servers (etcd, the API server), and what they are.
+    pub servers: Vec<Ipv4Addr>,
+    pub servers_are: &'static str,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,8 +48,8 @@ impl HostNets {
         if let Some(ip) = self.public_ip.filter(|ip| net.contains(ip)) {
             return Some(format!("{ip}, this node's public IP"));
         }
-        if let Some(ip) = self.etcd.iter().find(|ip| net.contains(*ip)) {
-            return Some(format!("{ip}, an etcd endpoint"));
+        if let Some(ip) = self.servers.iter().find(|ip| net.contains(*ip)) {
+            return Some(format!("{ip}, {}", self.servers_are));
         }
         None
     }
@@ -131,7 +132,8 @@ mod tests {
             public_ip: Some("198.18.0.11".parse().unwrap()),
             underlay: vec!["198.18.0.0/24".parse().unwrap()],
             underlay_name: "eth0".into(),
-            etcd: vec!["192.0.2.10".parse().unwrap()],
+            servers: vec!["192.0.2.10".parse().unwrap()],
+            servers_are: "an etcd endpoint",
         }
     }
 

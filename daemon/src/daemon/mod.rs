@@ -29,11 +29,12 @@ use crate::lease::{LeaseAttrs, LeaseBackend};
 use crate::netlink::{KernelEvent, Netlink, NetlinkError};
 use crate::overlap::HostNets;
 use crate::registry::etcd::EtcdRegistry;
-use crate::registry::{self, EtcdOptions, PeerEvent, RegistryError};
+use crate::registry::{EtcdOptions, PeerEvent, RegistryError};
+use crate::source::{EtcdSource, LeaseSource};
 use crate::subnet_file::read_previous_subnet;
 use fw::NodeFirewall;
 use node::Node;
-use start::{acquire_until_done, shutdown_signal, sleep_until_opt, wait_for_config};
+use start::{shutdown_signal, sleep_until_opt};
 
 /// Kernel events arrive in bursts (a hand `ip route flush`); collapse them. Our own deletions
 /// are filtered out before they become events (see `netlink::own`).
@@ -78,7 +79,6 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
     let _instance = crate::instance::lock(&args.state_dir)?;
     check_subnet_file_dir(&args)?;
     let shared = Arc::new(Shared::default());
-    shared.update(|s| s.waiting_for = Some("etcd".into()));
 
     // The registry client connects lazily: building it needs no etcd yet.
     let reg = EtcdRegistry::connect(&EtcdOptions {
@@ -89,6 +89,13 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
         key_file: args.etcd_keyfile.clone(),
     })
     .await?;
+    let source = EtcdSource::new(
+        reg.clone(),
+        args.etcd_endpoints.clone(),
+        args.etcd_prefix.clone(),
+        args.lease_ttl,
+    );
+    shared.update(|s| s.waiting_for = Some(source.name().into()));
     // Policy first: the CNI server programs every pod through it.
     let policy = args.network_policy.then(|| {
         crate::policy::spawn(
@@ -152,7 +159,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
     info!(iface = %underlay.name, addr = %underlay.addr, mtu = underlay.mtu, %public_ip, %vtep_mac, "underlay");
 
     let cfg = tokio::select! {
-        cfg = wait_for_config(&reg, &args.etcd_prefix, &shared) => cfg?,
+        cfg = source.network_config(&shared) => cfg?,
         _ = shutdown_signal() => { info!("shutting down before the node was ready"); return Ok(()); }
     };
     info!(network = %cfg.network, subnet_len = cfg.subnet_len, vni = cfg.backend.vni, "network config");
@@ -166,7 +173,8 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
         public_ip: Some(public_ip),
         underlay: nl.addr_prefixes(underlay.index).await?,
         underlay_name: underlay.name.clone(),
-        etcd: crate::overlap::etcd_addresses(&args.etcd_endpoints).await,
+        servers: source.server_addrs().await,
+        servers_are: source.server_is(),
     };
     if let Err(e) = host.check_network(cfg.network) {
         tracing::error!(error = %e, "refusing to start");
@@ -186,7 +194,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
     };
     let previous = read_previous_subnet(&args.subnet_file);
     let own = tokio::select! {
-        own = acquire_until_done(&reg, &cfg, &attrs, previous, args.lease_ttl, &shared) => own,
+        own = source.acquire(&cfg, &attrs, previous, &shared) => own,
         _ = shutdown_signal() => { info!("shutting down before the node was ready"); return Ok(()); }
     };
     info!(subnet = %own.subnet, "lease acquired");
@@ -222,23 +230,16 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
     // Background tasks: lease keeper and peer watcher.
     let (attrs_tx, attrs_rx) = watch::channel(attrs.clone());
     let (own_tx, mut own_rx) = watch::channel(own.clone());
-    tokio::spawn(registry::keep_lease(
-        reg.clone(),
+    let (peer_tx, mut peer_rx) = mpsc::channel::<PeerEvent>(4096);
+    source.spawn(
         cfg.clone(),
         own.clone(),
-        args.lease_ttl,
         attrs_rx,
         own_tx,
-        shared.metrics.clone(),
-    ));
-    let (peer_tx, mut peer_rx) = mpsc::channel::<PeerEvent>(4096);
-    tokio::spawn(registry::watch_peers(
-        reg.clone(),
-        cfg.clone(),
         own_rx.clone(),
         peer_tx,
         shared.metrics.clone(),
-    ));
+    );
 
     let resync_every = args.resync_interval;
     let mut node = Node::new(
