@@ -4,6 +4,7 @@
 
 pub mod etcd;
 pub mod etcd_objects;
+pub mod kube;
 pub mod objects;
 mod peers;
 mod skips;
