@@ -14,12 +14,14 @@ use crate::netlink::IfaceSelector;
 #[command(
     name = "twilld",
     version,
-    about = "twill node daemon: leases this node's pod subnet from etcd and programs the VXLAN overlay",
+    about = "twill node daemon: leases this node's pod subnet (from etcd, or the Kubernetes API) and programs the overlay",
     long_about = "twilld runs on every node. It leases the node's pod subnet from etcd (flannel's \
 layout, so flanneld nodes and twilld nodes can share a cluster), watches the other nodes' leases \
 and programs a VXLAN device plus one neighbour, FDB and route entry per remote node, reconciling \
 the kernel against etcd at start, on events and periodically. It also serves the `twill` CNI \
-plugin on a Unix socket.\n\nRun without a subcommand (or with `run`) to start the daemon.",
+plugin on a Unix socket. With --kube-subnet-mgr the subnet is the Node's podCIDR and the peers \
+are the other Nodes, read from the Kubernetes API (flannel's kube subnet manager).\n\nRun \
+without a subcommand (or with `run`) to start the daemon.",
     args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
@@ -184,6 +186,40 @@ pub struct RunArgs {
     /// the host name.
     #[arg(long, env = "TWILLD_NODE_NAME")]
     pub node_name: Option<String>,
+    /// Kubernetes mode (flannel's flag): no etcd of twill's own; this node's subnet is its
+    /// Node's spec.podCIDR(s), peers are the other Nodes carrying flannel's annotations, and the
+    /// network config comes from --net-config-path. The --etcd-* flags are ignored.
+    #[arg(long, env = "TWILLD_KUBE_SUBNET_MGR", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub kube_subnet_mgr: bool,
+    /// Kubernetes API server URL. With neither this nor --kubeconfig-file, twilld uses its pod's
+    /// in-cluster config (service account token, KUBERNETES_SERVICE_HOST/PORT).
+    #[arg(long, env = "TWILLD_KUBE_API_URL")]
+    pub kube_api_url: Option<String>,
+    /// kubeconfig file for the Kubernetes API (its current context).
+    #[arg(long, env = "TWILLD_KUBECONFIG_FILE")]
+    pub kubeconfig_file: Option<PathBuf>,
+    /// Prefix of the Node annotations that carry each node's VTEP MAC, VNI and public IP
+    /// (flannel's; keep it to share a cluster with flanneld nodes).
+    #[arg(
+        long,
+        env = "TWILLD_KUBE_ANNOTATION_PREFIX",
+        default_value = "flannel.alpha.coreos.com"
+    )]
+    pub kube_annotation_prefix: String,
+    /// Kubernetes mode: the network config (flannel's net-conf.json, the same JSON as the etcd
+    /// config key).
+    #[arg(
+        long,
+        env = "TWILLD_NET_CONFIG_PATH",
+        default_value = "/etc/kube-flannel/net-conf.json"
+    )]
+    pub net_config_path: PathBuf,
+    /// Kubernetes mode: set this Node's NetworkUnavailable condition to False once the node is
+    /// ready. false: leave it to another controller (a cloud route controller).
+    #[arg(long, env = "TWILLD_SET_NODE_NETWORK_UNAVAILABLE", default_value_t = true, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub set_node_network_unavailable: bool,
     /// Log format: text or json. Log level comes from RUST_LOG (default info).
     #[arg(long, env = "TWILLD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,

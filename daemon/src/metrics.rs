@@ -11,6 +11,8 @@ pub struct Metrics {
     pub kernel_entries_removed: AtomicU64,
     pub kernel_entry_failures: AtomicU64,
     pub etcd_reconnects: AtomicU64,
+    /// Kubernetes mode: failed API requests and broken watches.
+    pub kube_api_errors: AtomicU64,
     pub peer_resyncs: AtomicU64,
     pub invalid_leases_skipped: AtomicU64,
     pub lease_renewals: AtomicU64,
@@ -125,6 +127,12 @@ impl Metrics {
             "counter",
             "Times the etcd watch or lease keeper had to reconnect.",
             g(&self.etcd_reconnects),
+        );
+        metric(
+            "kube_api_errors_total",
+            "counter",
+            "Kubernetes mode: failed API requests and broken watches (each retried).",
+            g(&self.kube_api_errors),
         );
         metric(
             "peer_resyncs_total",

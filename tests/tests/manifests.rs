@@ -28,11 +28,6 @@ use twill_tests::bins;
 const MANIFEST: &str = "deploy/kubernetes/twill.yaml";
 const KIND_CONFIG: &str = "deploy/kind/kind-config.yaml";
 
-/// The kube-mode flags the daemon engineer adds (flannel's names). They appear in the DaemonSet
-/// already; this list says they are expected but not implemented yet. Once `twilld --help`
-/// shows one, the test fails until it is removed from here: empty this list.
-const EXPECTED_NOT_YET_IMPLEMENTED: &[&str] = &["--kube-subnet-mgr", "--net-config-path"];
-
 fn root() -> PathBuf {
     bins::workspace_dir()
 }
@@ -435,25 +430,11 @@ fn daemonset_agrees_with_twilld() {
         known.contains("--cni-socket") && known.contains("--http-addr"),
         "{help}"
     );
-    // Every flag exists, or is one the daemon engineer has yet to add.
+    // Every flag exists.
     for (f, _) in flags(&args) {
-        let expected = EXPECTED_NOT_YET_IMPLEMENTED.contains(&f.as_str());
-        if known.contains(&f) {
-            assert!(
-                !expected,
-                "twilld has {f} now: remove it from EXPECTED_NOT_YET_IMPLEMENTED"
-            );
-        } else {
-            assert!(
-                expected,
-                "twilld --help does not know {f}, used in the DaemonSet:\n{help}"
-            );
-        }
-    }
-    for f in EXPECTED_NOT_YET_IMPLEMENTED {
         assert!(
-            args.iter().any(|a| a.split('=').next() == Some(f)),
-            "{f} is listed but unused"
+            known.contains(&f),
+            "twilld --help does not know {f}, used in the DaemonSet:\n{help}"
         );
     }
 

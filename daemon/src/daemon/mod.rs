@@ -30,7 +30,7 @@ use crate::netlink::{KernelEvent, Netlink, NetlinkError};
 use crate::overlap::HostNets;
 use crate::registry::etcd::EtcdRegistry;
 use crate::registry::{EtcdOptions, PeerEvent, RegistryError};
-use crate::source::{EtcdSource, LeaseSource};
+use crate::source::{EtcdSource, KubeOptions, KubeSource, LeaseSource};
 use crate::subnet_file::read_previous_subnet;
 use fw::NodeFirewall;
 use node::Node;
@@ -60,6 +60,13 @@ pub enum StartError {
     SubnetFile(crate::paths::PathError),
     #[error("--state-dir: {0}")]
     StateDir(crate::paths::PathError),
+    #[error(transparent)]
+    Kube(#[from] crate::source::kube::KubeError),
+    #[error(
+        "--kube-subnet-mgr: NetworkPolicy from the Kubernetes API is not implemented yet; run \
+         with --network-policy=false"
+    )]
+    KubePolicy,
     #[error("cannot serve the CNI socket {path}: {err}")]
     Cni { path: String, err: std::io::Error },
     /// A task that runs for the daemon's lifetime ended (it can only panic): exit, so the
@@ -70,16 +77,30 @@ pub enum StartError {
 
 /// Runs the daemon until SIGTERM/SIGINT. Returns Err only for problems that need the operator
 /// (invalid config, unusable state dir, socket or subnet file path, another twilld running, no
-/// underlay); transient etcd trouble is waited out. Everything local is checked before twilld
-/// talks to etcd, so such a problem never leaves a lease or a device behind.
+/// underlay); transient trouble with etcd or the API server is waited out. Everything local is
+/// checked before twilld talks to either, so such a problem never leaves a lease or a device
+/// behind.
 pub async fn run(args: RunArgs) -> Result<(), StartError> {
     // It holds the IPAM records, the pods' policy records and the VTEP MAC: root's alone.
     crate::paths::private_parent(&args.state_dir.join(crate::instance::LOCK_FILE))
         .map_err(StartError::StateDir)?;
     let _instance = crate::instance::lock(&args.state_dir)?;
     check_subnet_file_dir(&args)?;
-    let shared = Arc::new(Shared::default());
-
+    if args.kube_subnet_mgr {
+        if args.network_policy {
+            return Err(StartError::KubePolicy);
+        }
+        let source = KubeSource::connect(&KubeOptions {
+            api_url: args.kube_api_url.clone(),
+            kubeconfig: args.kubeconfig_file.clone(),
+            annotation_prefix: args.kube_annotation_prefix.clone(),
+            net_config_path: args.net_config_path.clone(),
+            set_network_unavailable: args.set_node_network_unavailable,
+            node_name: args.node_name.clone(),
+        })
+        .await?;
+        return run_with(args, source, None).await;
+    }
     // The registry client connects lazily: building it needs no etcd yet.
     let reg = EtcdRegistry::connect(&EtcdOptions {
         endpoints: args.etcd_endpoints.clone(),
@@ -95,11 +116,22 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
         args.etcd_prefix.clone(),
         args.lease_ttl,
     );
+    run_with(args, source, Some(reg)).await
+}
+
+/// The daemon over one lease source. `objects`: where policies, namespaces and pod records
+/// live (etcd), when network policy is on.
+async fn run_with<S: LeaseSource>(
+    args: RunArgs,
+    source: S,
+    objects: Option<EtcdRegistry>,
+) -> Result<(), StartError> {
+    let shared = Arc::new(Shared::default());
     shared.update(|s| s.waiting_for = Some(source.name().into()));
     // Policy first: the CNI server programs every pod through it.
-    let policy = args.network_policy.then(|| {
+    let policy = objects.filter(|_| args.network_policy).map(|reg| {
         crate::policy::spawn(
-            reg.clone(),
+            reg,
             crate::policy::PolicyOptions {
                 node: args.node_name(),
                 state_dir: args.state_dir.clone(),
@@ -261,6 +293,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
     let mut kernel_deadline: Option<tokio::time::Instant> = None;
     let mut addr_changed = false;
     let mut nft_deadline: Option<tokio::time::Instant> = None;
+    let mut told_ready = false;
 
     loop {
         tokio::select! {
@@ -323,6 +356,10 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
             }
         }
         node.after_event().await;
+        if node.ready && !told_ready {
+            told_ready = true;
+            source.node_ready();
+        }
     }
 }
 

@@ -7,7 +7,7 @@ pub mod etcd_objects;
 pub mod kube;
 pub mod objects;
 mod peers;
-mod skips;
+pub(crate) mod skips;
 pub(crate) mod view;
 
 pub use peers::watch_peers;
@@ -190,21 +190,21 @@ pub trait SubnetRegistry: Clone + Send + Sync + 'static {
 }
 
 /// Exponential backoff for reconnects: 100 ms doubling to 5 s.
-struct Backoff(Duration);
+pub(crate) struct Backoff(Duration);
 
 impl Backoff {
     const MIN: Duration = Duration::from_millis(100);
     const MAX: Duration = Duration::from_secs(5);
 
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Backoff(Self::MIN)
     }
 
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.0 = Self::MIN;
     }
 
-    async fn wait(&mut self) {
+    pub(crate) async fn wait(&mut self) {
         tokio::time::sleep(self.0).await;
         self.0 = (self.0 * 2).min(Self::MAX);
     }

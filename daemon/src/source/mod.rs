@@ -3,6 +3,7 @@
 //! source plugs in without touching the backends, the reconciler or the CNI server.
 
 pub mod etcd;
+pub mod kube;
 
 use std::future::Future;
 use std::net::Ipv4Addr;
@@ -18,6 +19,7 @@ use crate::metrics::Metrics;
 use crate::registry::{OwnLease, PeerEvent};
 
 pub use etcd::EtcdSource;
+pub use kube::{KubeOptions, KubeSource};
 
 /// One source of leases. Every wait here is a wait for the source (an outage, a config not yet
 /// written, a subnet not yet assigned): it is retried and shown on `/readyz`, never fatal.
@@ -63,4 +65,8 @@ pub trait LeaseSource: Send + Sync + 'static {
         peers: mpsc::Sender<PeerEvent>,
         metrics: Arc<Metrics>,
     );
+
+    /// The node is ready (subnet file written, CNI served): tell whoever waits for that. Called
+    /// once, the first time.
+    fn node_ready(&self) {}
 }

@@ -1,0 +1,493 @@
+//! Kubernetes mode (flannel's `--kube-subnet-mgr`): no etcd of twill's own. This node's subnet is
+//! its Node's `spec.podCIDR(s)` (assigned by kube-controller-manager), twilld publishes its VTEP
+//! MAC, VNI and public IP as the Node annotations flanneld writes, and the peers are the other
+//! Nodes that carry them. What the objects mean is `registry::kube`'s job; this module does the
+//! talking: the client, waits, patches and the two watchers.
+//!
+//! The API server going away never stops the data path: the watchers back off and relist, and a
+//! relist is diffed against what is programmed (a Snapshot), so a Node deleted meanwhile is
+//! cleaned up.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::watcher::{self, watcher, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Client, Config, ResourceExt};
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use super::LeaseSource;
+use crate::config::{ConfigError, NetworkConfig};
+use crate::daemon::Shared;
+use crate::lease::LeaseAttrs;
+use crate::metrics::Metrics;
+use crate::registry::kube::annotations::Annotations;
+use crate::registry::kube::node::{self as knode, Peers};
+use crate::registry::skips::SkipLog;
+use crate::registry::view::Skip;
+use crate::registry::{Backoff, OwnLease, PeerEvent};
+
+/// How often to repeat a wait's log line.
+const WAIT_LOG_EVERY: Duration = Duration::from_secs(30);
+/// Server-side timeout of each watch call: the connection is renewed this often, and a dead
+/// one is noticed a few seconds after (kube-runtime's idle timeout).
+const WATCH_TIMEOUT_S: u32 = 290;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("Kubernetes API client: {0}")]
+    Client(String),
+    #[error("--kube-annotation-prefix: {0}")]
+    Prefix(String),
+    #[error("this node's name: {0}")]
+    NodeName(String),
+}
+
+/// What Kubernetes mode is started with (the `--kube-*` flags).
+#[derive(Clone, Debug)]
+pub struct KubeOptions {
+    pub api_url: Option<String>,
+    pub kubeconfig: Option<PathBuf>,
+    pub annotation_prefix: String,
+    pub net_config_path: PathBuf,
+    pub set_network_unavailable: bool,
+    /// `--node-name`, if given (it wins over the environment).
+    pub node_name: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct KubeSource {
+    client: Client,
+    /// The API server's URL, for the overlap check.
+    url: String,
+    node: String,
+    ann: Annotations,
+    net_config_path: PathBuf,
+    set_network_unavailable: bool,
+}
+
+impl KubeSource {
+    /// The client (flannel's rules: a URL and/or a kubeconfig, else the pod's in-cluster
+    /// config) and this node's name. Needs the API only when the name has to be read from our
+    /// pod (POD_NAME/POD_NAMESPACE), and waits for it then.
+    pub async fn connect(opts: &KubeOptions) -> Result<KubeSource, KubeError> {
+        let ann = Annotations::with_prefix(&opts.annotation_prefix)
+            .map_err(|e| KubeError::Prefix(e.to_string()))?;
+        let config = client_config(opts).await?;
+        let url = config.cluster_url.to_string();
+        let client = Client::try_from(config).map_err(|e| KubeError::Client(e.to_string()))?;
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let node = match opts.node_name.clone() {
+            Some(n) => n,
+            None => match knode::node_name(env) {
+                knode::NodeNameFrom::Env(n) => n,
+                knode::NodeNameFrom::Pod { namespace, name } => {
+                    node_of_pod(&client, &namespace, &name).await?
+                }
+                knode::NodeNameFrom::PodIncomplete { missing } => {
+                    return Err(KubeError::NodeName(format!(
+                        "POD_NAME and POD_NAMESPACE must both be set ({missing} is not); or set \
+                         NODE_NAME"
+                    )))
+                }
+                // kubelet's default node name: the host name, lower-cased.
+                knode::NodeNameFrom::Hostname => nix::unistd::gethostname()
+                    .ok()
+                    .and_then(|h| h.into_string().ok())
+                    .map(|h| h.to_lowercase())
+                    .ok_or_else(|| KubeError::NodeName("no NODE_NAME and no host name".into()))?,
+            },
+        };
+        info!(api = %url, node = %node, prefix = %opts.annotation_prefix, "Kubernetes mode");
+        Ok(KubeSource {
+            client,
+            url,
+            node,
+            ann,
+            net_config_path: opts.net_config_path.clone(),
+            set_network_unavailable: opts.set_network_unavailable,
+        })
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.node
+    }
+
+    fn nodes(&self) -> Api<Node> {
+        Api::all(self.client.clone())
+    }
+
+    /// Our annotations as `attrs` says, written only where the Node's differ (flannel writes
+    /// through nodes/status too: the only Node write its RBAC grants).
+    async fn publish(&self, node: &Node, attrs: &LeaseAttrs) -> Result<bool, kube::Error> {
+        let current: BTreeMap<String, String> = node.annotations().clone();
+        let want = knode::own_annotations(&self.ann, attrs, &current);
+        let Some(patch) = knode::annotation_patch(&current, &want) else {
+            return Ok(false);
+        };
+        self.nodes()
+            .patch_status(&self.node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        Ok(true)
+    }
+}
+
+async fn client_config(opts: &KubeOptions) -> Result<Config, KubeError> {
+    let url = match &opts.api_url {
+        Some(u) => Some(
+            u.parse()
+                .map_err(|e| KubeError::Client(format!("--kube-api-url {u:?}: {e}")))?,
+        ),
+        None => None,
+    };
+    let mut config = match (&opts.kubeconfig, url.clone()) {
+        (Some(path), _) => {
+            let kc = Kubeconfig::read_from(path)
+                .map_err(|e| KubeError::Client(format!("{}: {e}", path.display())))?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| KubeError::Client(format!("{}: {e}", path.display())))?
+        }
+        // A URL alone: no credentials, as flannel (client-go) does it.
+        (None, Some(u)) => Config::new(u),
+        (None, None) => Config::incluster().map_err(|e| {
+            KubeError::Client(format!(
+                "not running in a pod ({e}): give --kubeconfig-file or --kube-api-url"
+            ))
+        })?,
+    };
+    if let Some(u) = url {
+        config.cluster_url = u;
+    }
+    Ok(config)
+}
+
+/// `spec.nodeName` of our own pod, waited for while the API cannot answer.
+async fn node_of_pod(client: &Client, namespace: &str, name: &str) -> Result<String, KubeError> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let mut backoff = Backoff::new();
+    let mut last_log: Option<Instant> = None;
+    loop {
+        match pods.get(name).await {
+            Ok(p) => {
+                return p
+                    .spec
+                    .and_then(|s| s.node_name)
+                    .filter(|n| !n.is_empty())
+                    .ok_or_else(|| {
+                        KubeError::NodeName(format!("pod {namespace}/{name} has no spec.nodeName"))
+                    })
+            }
+            Err(e) => {
+                if last_log.is_none_or(|t| t.elapsed() >= WAIT_LOG_EVERY) {
+                    warn!(error = %e, "reading our pod {namespace}/{name} for the node name; retrying");
+                    last_log = Some(Instant::now());
+                }
+                backoff.wait().await;
+            }
+        }
+    }
+}
+
+impl LeaseSource for KubeSource {
+    fn name(&self) -> &'static str {
+        "the Kubernetes API"
+    }
+
+    async fn server_addrs(&self) -> Vec<Ipv4Addr> {
+        crate::overlap::etcd_addresses(std::slice::from_ref(&self.url)).await
+    }
+
+    fn server_is(&self) -> &'static str {
+        "the Kubernetes API server"
+    }
+
+    /// net-conf.json: waited for while missing (a ConfigMap not mounted yet); an invalid one
+    /// is the operator's to fix.
+    async fn network_config(&self, shared: &Shared) -> Result<NetworkConfig, ConfigError> {
+        let path = &self.net_config_path;
+        let mut last_log: Option<Instant> = None;
+        loop {
+            let waiting =
+                match std::fs::read(path) {
+                    Ok(bytes) => return NetworkConfig::parse(&bytes).inspect_err(|e| {
+                        tracing::error!(file = %path.display(), error = %e, "refusing to start");
+                    }),
+                    Err(e) => format!("network config: {} ({e})", path.display()),
+                };
+            if last_log.is_none_or(|t| t.elapsed() >= WAIT_LOG_EVERY) {
+                warn!("{waiting}");
+                last_log = Some(Instant::now());
+            }
+            shared.update(|s| s.waiting_for = Some(waiting));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Waits for our Node and its podCIDR, then publishes our annotations.
+    async fn acquire(
+        &self,
+        cfg: &NetworkConfig,
+        attrs: &LeaseAttrs,
+        previous: Option<Ipv4Net>,
+        shared: &Shared,
+    ) -> OwnLease {
+        let mut backoff = Backoff::new();
+        let mut last_log: Option<Instant> = None;
+        loop {
+            let waiting = match self.nodes().get_opt(&self.node).await {
+                Ok(Some(node)) => match knode::pod_subnet(&node, cfg) {
+                    Ok(Some(subnet)) => match self.publish(&node, attrs).await {
+                        Ok(_) => {
+                            if let Some(p) = previous.filter(|p| *p != subnet) {
+                                warn!(previous = %p, podcidr = %subnet, "this node's subnet changed since the last run: pods still on the old one lose the network");
+                            }
+                            return OwnLease {
+                                subnet,
+                                attrs: attrs.clone(),
+                            };
+                        }
+                        Err(e) => format!("publishing our Node annotations: {e}"),
+                    },
+                    Ok(None) => format!(
+                        "node {}: no spec.podCIDR assigned yet (kube-controller-manager \
+                         --allocate-node-cidrs, kubeadm --pod-network-cidr)",
+                        self.node
+                    ),
+                    Err(e) => format!("node {}: {e}", self.node),
+                },
+                Ok(None) => format!("node {}: no such Node in the API", self.node),
+                Err(e) => {
+                    Metrics::inc(&shared.metrics.kube_api_errors);
+                    format!("Kubernetes API: {e}")
+                }
+            };
+            if last_log.is_none_or(|t| t.elapsed() >= WAIT_LOG_EVERY) {
+                warn!("{waiting}");
+                last_log = Some(Instant::now());
+            }
+            shared.update(|s| s.waiting_for = Some(waiting));
+            backoff.wait().await;
+        }
+    }
+
+    fn spawn(
+        &self,
+        cfg: NetworkConfig,
+        own: OwnLease,
+        attrs: watch::Receiver<LeaseAttrs>,
+        own_tx: watch::Sender<OwnLease>,
+        own_rx: watch::Receiver<OwnLease>,
+        peers: mpsc::Sender<PeerEvent>,
+        metrics: Arc<Metrics>,
+    ) {
+        tokio::spawn(
+            self.clone()
+                .keep_own(cfg.clone(), own, attrs, own_tx, metrics.clone()),
+        );
+        tokio::spawn(self.clone().watch_peers(cfg, own_rx, peers, metrics));
+    }
+
+    fn node_ready(&self) {
+        if !self.set_network_unavailable {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut backoff = Backoff::new();
+            loop {
+                let now = now_rfc3339();
+                let patch = knode::network_unavailable_patch(&now);
+                match this
+                    .nodes()
+                    .patch_status(
+                        &this.node,
+                        &PatchParams::default(),
+                        &Patch::Strategic(&patch),
+                    )
+                    .await
+                {
+                    Ok(_) => {
+                        info!(node = %this.node, "NetworkUnavailable=False");
+                        return;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "setting our Node's NetworkUnavailable condition; retrying");
+                        backoff.wait().await;
+                    }
+                }
+            }
+        });
+    }
+}
+
+impl KubeSource {
+    /// Follows our own Node: a podCIDR change is a new lease (sent on `out`), annotations
+    /// another controller wiped or changed are put back, an attribute change (public IP) is
+    /// published. Runs for the daemon's lifetime.
+    async fn keep_own(
+        self,
+        cfg: NetworkConfig,
+        mut lease: OwnLease,
+        mut attrs: watch::Receiver<LeaseAttrs>,
+        out: watch::Sender<OwnLease>,
+        metrics: Arc<Metrics>,
+    ) {
+        let wc = watcher::Config::default()
+            .fields(&format!("metadata.name={}", self.node))
+            .timeout(WATCH_TIMEOUT_S);
+        let mut events = watcher(self.nodes(), wc).default_backoff().boxed();
+        let mut attrs_open = true;
+        let mut last: Option<Node> = None;
+        loop {
+            tokio::select! {
+                ev = events.next() => match ev {
+                    Some(Ok(Event::Apply(n) | Event::InitApply(n))) => {
+                        match knode::pod_subnet(&n, &cfg) {
+                            Ok(Some(s)) if s != lease.subnet => {
+                                info!(old = %lease.subnet, new = %s, "our podCIDR changed");
+                                lease.subnet = s;
+                                out.send_replace(lease.clone());
+                            }
+                            Ok(_) => {}
+                            Err(e) => warn!("our Node: {e}; keeping {}", lease.subnet),
+                        }
+                        self.republish(&n, &lease.attrs, &metrics).await;
+                        last = Some(n);
+                    }
+                    Some(Ok(Event::Delete(_))) => {
+                        warn!(node = %self.node, "our Node object was deleted; keeping the subnet until it is back");
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        Metrics::inc(&metrics.kube_api_errors);
+                        warn!(error = %e, "watching our Node; retrying");
+                    }
+                    None => return,
+                },
+                r = attrs.changed(), if attrs_open => match r {
+                    Err(_) => attrs_open = false,
+                    Ok(()) => {
+                        lease.attrs = attrs.borrow_and_update().clone();
+                        if let Some(n) = &last {
+                            self.republish(n, &lease.attrs, &metrics).await;
+                        }
+                        out.send_replace(lease.clone());
+                    }
+                },
+            }
+        }
+    }
+
+    /// `publish`, logged; a failure is retried at the next event of our Node (the watch
+    /// relists after errors, so one comes).
+    async fn republish(&self, node: &Node, attrs: &LeaseAttrs, metrics: &Metrics) {
+        match self.publish(node, attrs).await {
+            Ok(true) => info!(node = %self.node, "published our Node annotations"),
+            Ok(false) => {}
+            Err(e) => {
+                Metrics::inc(&metrics.kube_api_errors);
+                warn!(error = %e, "publishing our Node annotations failed; retried at the next change");
+            }
+        }
+    }
+
+    /// Follows every Node: a Snapshot after each (re)list, then Upserts and Removes. Status
+    /// heartbeats change nothing that matters and send nothing.
+    async fn watch_peers(
+        self,
+        cfg: NetworkConfig,
+        mut own: watch::Receiver<OwnLease>,
+        tx: mpsc::Sender<PeerEvent>,
+        metrics: Arc<Metrics>,
+    ) {
+        let mut skips = SkipLog::new(metrics.clone());
+        let mut own_open = true;
+        let mut listed_before = false;
+        // Rebuilt, with a fresh list, when our own subnet changes: which peers overlap it
+        // depends on it.
+        'relist: loop {
+            let wc = watcher::Config::default().timeout(WATCH_TIMEOUT_S);
+            let mut events = watcher(self.nodes(), wc)
+                .modify(|n| {
+                    // Only metadata and spec matter: keep memory flat on big clusters.
+                    n.managed_fields_mut().clear();
+                    n.status = None;
+                })
+                .default_backoff()
+                .boxed();
+            let mut peers = Peers::new(
+                self.node.clone(),
+                self.ann.clone(),
+                cfg.clone(),
+                Some(own.borrow_and_update().subnet),
+            );
+            loop {
+                let (out, skip) = tokio::select! {
+                    ev = events.next() => match ev {
+                        Some(Ok(Event::Init)) => {
+                            peers.init();
+                            (Vec::new(), None)
+                        }
+                        Some(Ok(Event::InitApply(n))) => (Vec::new(), peers.init_apply(&n)),
+                        Some(Ok(Event::InitDone)) => {
+                            if listed_before {
+                                Metrics::inc(&metrics.peer_resyncs);
+                            }
+                            listed_before = true;
+                            (peers.init_done(), None)
+                        }
+                        Some(Ok(Event::Apply(n))) => {
+                            let a = peers.apply(&n);
+                            (a.events, a.skip)
+                        }
+                        Some(Ok(Event::Delete(n))) => (peers.delete(&n), None),
+                        Some(Err(e)) => {
+                            Metrics::inc(&metrics.kube_api_errors);
+                            warn!(error = %e, "watching Nodes; retrying");
+                            (vec![PeerEvent::ListFailed(e.to_string())], None)
+                        }
+                        None => return,
+                    },
+                    r = own.changed(), if own_open => match r {
+                        Err(_) => {
+                            own_open = false;
+                            (Vec::new(), None)
+                        }
+                        Ok(()) => continue 'relist,
+                    },
+                };
+                if let Some(s) = skip {
+                    skips.report(
+                        &format!("node/{}", s.node),
+                        &Skip::Invalid(s.skip.to_string()),
+                    );
+                }
+                for ev in out {
+                    if tx.send(ev).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Now, as RFC 3339 in UTC (the form of Kubernetes' Time fields).
+fn now_rfc3339() -> String {
+    k8s_openapi::jiff::Timestamp::now()
+        .round(k8s_openapi::jiff::Unit::Second)
+        .map_or_else(
+            |_| k8s_openapi::jiff::Timestamp::now().to_string(),
+            |t| t.to_string(),
+        )
+}
