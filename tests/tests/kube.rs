@@ -1,0 +1,341 @@
+//! Kubernetes mode (`--kube-subnet-mgr`) end to end: real twilld processes in a netns lab, each
+//! talking through the real kube client to twill's fake API server (tests/src/fakeapi) inside
+//! the lab's underlay, with the RBAC of the shipped manifest enforced (twilld uses the twill
+//! ServiceAccount's token). No kube-apiserver, kind or Docker engine can run on these machines,
+//! hence the fake; what only a real cluster can confirm is listed in deploy/README.md.
+//! No etcd runs in these labs.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, ensure, Context, Result};
+use serde_json::Value;
+use twill_tests::fakeapi::{FakeApi, FakeApiOptions, Kind};
+use twill_tests::{wait_until, Lab, LabOptions, StreamOptions, UdpStream};
+
+const DEV: &str = "twill.1";
+const NET_CONF: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+const PREFIX: &str = "flannel.alpha.coreos.com/";
+const READY: Duration = Duration::from_secs(60);
+const CONVERGE: Duration = Duration::from_secs(60);
+
+struct KubeLab {
+    // Dropped first: the daemons stop before the API they talk to.
+    lab: Lab,
+    api: FakeApi,
+}
+
+fn pod_cidr(i: usize) -> String {
+    format!("10.244.{i}.0/24")
+}
+
+impl KubeLab {
+    /// `nodes` lab nodes, each registered as Node `n<i>` with podCIDR 10.244.<i>.0/24; twilld
+    /// not started.
+    fn new(nodes: usize) -> Result<KubeLab> {
+        let lab = Lab::new(LabOptions {
+            nodes,
+            etcd: false,
+            ..Default::default()
+        })?;
+        let api = FakeApi::start(FakeApiOptions::in_lab(&lab))?;
+        let token = api
+            .twill_token()
+            .ok_or_else(|| anyhow!("the manifest binds no twill ServiceAccount"))?;
+        for i in 1..=nodes {
+            api.add_node(
+                &format!("n{i}"),
+                &lab.node_ip(i).to_string(),
+                Some(&pod_cidr(i)),
+            )?;
+            std::fs::write(lab.node_dir(i).join("net-conf.json"), NET_CONF)?;
+            std::fs::write(lab.node_dir(i).join("kubeconfig"), api.kubeconfig(&token))?;
+        }
+        Ok(KubeLab { lab, api })
+    }
+
+    fn file(&self, i: usize, name: &str) -> String {
+        let p: PathBuf = self.lab.node_dir(i).join(name);
+        p.display().to_string()
+    }
+
+    fn start(&mut self, i: usize) -> Result<()> {
+        let (kc, nc) = (self.file(i, "kubeconfig"), self.file(i, "net-conf.json"));
+        self.lab.start_daemon_with(
+            i,
+            &[
+                "--kube-subnet-mgr",
+                "--kubeconfig-file",
+                &kc,
+                "--net-config-path",
+                &nc,
+                "--network-policy=false",
+            ],
+        )
+    }
+
+    /// twilld on every node, each ready and with every other node programmed.
+    fn start_all_meshed(&mut self) -> Result<()> {
+        for i in 1..=self.lab.nodes() {
+            self.start(i)?;
+        }
+        for i in 1..=self.lab.nodes() {
+            self.lab.wait_ready(i, READY)?;
+        }
+        let all: Vec<usize> = (1..=self.lab.nodes()).collect();
+        self.wait_mesh(&all)
+    }
+
+    fn node(&self, name: &str) -> Result<Value> {
+        self.api
+            .get_value(Kind::Node, "", name)
+            .ok_or_else(|| anyhow!("no Node {name}"))
+    }
+
+    fn annotation(&self, node: &str, key: &str) -> Option<String> {
+        self.node(node).ok()?["metadata"]["annotations"][format!("{PREFIX}{key}")]
+            .as_str()
+            .map(str::to_owned)
+    }
+
+    /// (subnet, public ip, vtep mac) of node i, from its /status.
+    fn own(&self, i: usize) -> Result<(String, String, String)> {
+        let st = self.lab.status(i)?;
+        let f = |k: &str| {
+            st["node"][k]
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| anyhow!("/status node.{k} missing: {st}"))
+        };
+        Ok((
+            f("subnet")?,
+            f("public_ip")?,
+            f("vtep_mac")?.to_ascii_lowercase(),
+        ))
+    }
+
+    /// Each of `nodes` has the complete entries of every other one.
+    fn wait_mesh(&self, nodes: &[usize]) -> Result<()> {
+        for &i in nodes {
+            for &k in nodes.iter().filter(|&&k| k != i) {
+                let (subnet, ip, mac) = self.own(k)?;
+                wait_until(CONVERGE, || {
+                    self.lab
+                        .entries(i, DEV)
+                        .is_ok_and(|e| e.has_peer(&subnet, &mac, &ip))
+                })
+                .with_context(|| {
+                    format!(
+                        "node {i} never programmed node {k} ({subnet}): {:?}",
+                        self.lab.entries(i, DEV)
+                    )
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn has_route(&self, i: usize, subnet: &str) -> bool {
+        self.lab
+            .entries(i, DEV)
+            .is_ok_and(|e| e.routes.iter().any(|r| r.dst == subnet))
+    }
+}
+
+fn network_unavailable(node: &Value) -> Option<String> {
+    node["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "NetworkUnavailable")
+        .and_then(|c| c["status"].as_str().map(str::to_owned))
+}
+
+#[test]
+fn nodes_join_from_the_api_and_their_pods_reach_each_other_without_nat() -> Result<()> {
+    let mut k = KubeLab::new(3)?;
+    k.start_all_meshed()?;
+    for i in 1..=3 {
+        let name = format!("n{i}");
+        let (subnet, ip, mac) = k.own(i)?;
+        ensure!(
+            subnet == pod_cidr(i),
+            "node {i} runs {subnet}, not its podCIDR"
+        );
+        // flanneld's exact annotation values: flanneld nodes and other consumers parse them.
+        let ann = |key| k.annotation(&name, key);
+        ensure!(ann("kube-subnet-manager").as_deref() == Some("true"));
+        ensure!(ann("backend-type").as_deref() == Some("vxlan"));
+        ensure!(
+            ann("public-ip") == Some(ip.clone()),
+            "public-ip {:?}",
+            ann("public-ip")
+        );
+        let data = ann("backend-data").unwrap_or_default();
+        ensure!(
+            data == format!(r#"{{"VNI":1,"VtepMAC":"{mac}"}}"#),
+            "backend-data {data:?} is not flannel's format for {mac}"
+        );
+        // Set after the node is ready, with a strategic merge patch: kubelet's Ready stays.
+        wait_until(Duration::from_secs(30), || {
+            k.node(&name)
+                .is_ok_and(|n| network_unavailable(&n).as_deref() == Some("False"))
+        })
+        .context("NetworkUnavailable never became False")?;
+        let n = k.node(&name)?;
+        ensure!(
+            n["status"]["conditions"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready")),
+            "the Ready condition was lost: {n}"
+        );
+        ensure!(
+            k.lab.subnet_file(i).exists(),
+            "NetworkUnavailable=False before the subnet file"
+        );
+    }
+    let mut pods = Vec::new();
+    for i in 1..=3 {
+        pods.push(k.lab.add_pod(i, "a")?);
+    }
+    for a in &pods {
+        for b in pods.iter().filter(|b| b.id != a.id) {
+            wait_until(Duration::from_secs(10), || a.ping(b.ip))
+                .with_context(|| format!("pod {} cannot ping pod {}", a.id, b.id))?;
+            let probe = twill_tests::tcp_probe(a, b, 7777, Duration::from_secs(5))?;
+            ensure!(
+                probe.source_seen == a.ip,
+                "pod {} saw {} instead of {}: NAT in the path",
+                b.id,
+                probe.source_seen,
+                a.ip
+            );
+        }
+    }
+    // Kubelet heartbeats of other nodes make twilld write nothing.
+    k.api.clear_requests();
+    for _ in 0..5 {
+        for i in 1..=3 {
+            k.api.heartbeat(&format!("n{i}"))?;
+        }
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    ensure!(
+        k.api.client_writes() == 0,
+        "heartbeats were answered with writes: {:?}",
+        k.api.requests()
+    );
+    for p in &pods {
+        k.lab.del_pod(p)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn deleted_nodes_wiped_annotations_and_podcidr_changes_are_followed() -> Result<()> {
+    let mut k = KubeLab::new(3)?;
+    k.start_all_meshed()?;
+    let mac1 = k.own(1)?.2;
+
+    // A Node deleted while node 1's twilld is down is gone from node 1 when it is back (the
+    // relist is diffed against the kernel: flannel #2554).
+    k.lab.stop_daemon(1)?;
+    k.api.delete(Kind::Node, "", "n3")?;
+    k.start(1)?;
+    k.lab.wait_ready(1, READY)?;
+    wait_until(CONVERGE, || !k.has_route(1, &pod_cidr(3)))
+        .context("node 1 kept the route of a Node deleted while it was down")?;
+    wait_until(CONVERGE, || !k.has_route(2, &pod_cidr(3)))
+        .context("node 2 kept the route of a deleted Node")?;
+    k.wait_mesh(&[1, 2])?;
+    ensure!(k.own(1)?.2 == mac1, "the VTEP MAC changed across a restart");
+    ensure!(
+        k.own(1)?.0 == pod_cidr(1),
+        "the subnet changed across a restart"
+    );
+
+    // Another controller wipes our annotations: twilld puts them back.
+    k.api.wipe_annotations("n2")?;
+    wait_until(CONVERGE, || {
+        k.annotation("n2", "backend-data").is_some() && k.annotation("n2", "public-ip").is_some()
+    })
+    .context("node 2's annotations were not restored")?;
+
+    // A podCIDR change is a new subnet: its node moves, the others follow.
+    k.api.set_pod_cidrs("n2", &["10.244.22.0/24"])?;
+    wait_until(CONVERGE, || k.own(2).is_ok_and(|o| o.0 == "10.244.22.0/24"))
+        .context("node 2 never took its new podCIDR")?;
+    wait_until(CONVERGE, || {
+        k.has_route(1, "10.244.22.0/24") && !k.has_route(1, &pod_cidr(2))
+    })
+    .with_context(|| {
+        format!(
+            "node 1 did not follow node 2's podCIDR: {:?}",
+            k.lab.entries(1, DEV)
+        )
+    })?;
+    Ok(())
+}
+
+#[test]
+fn an_api_server_outage_loses_no_packets_and_a_relist_catches_up() -> Result<()> {
+    let mut k = KubeLab::new(2)?;
+    k.start_all_meshed()?;
+    let a = k.lab.add_pod(1, "a")?;
+    let b = k.lab.add_pod(2, "b")?;
+    wait_until(Duration::from_secs(10), || a.ping(b.ip))?;
+    let stream = UdpStream::start(
+        &a,
+        &b,
+        StreamOptions {
+            duration: Duration::from_secs(120),
+            ..Default::default()
+        },
+    )?;
+    stream.wait_flowing(Duration::from_secs(10))?;
+    k.api.go_down()?;
+    std::thread::sleep(Duration::from_secs(60));
+    for i in 1..=2 {
+        ensure!(
+            k.lab.daemon_running(i),
+            "twilld on node {i} exited during the outage"
+        );
+    }
+    // Meanwhile a node joins, annotated as flanneld annotates its Node: seen once the API is
+    // back (the watches resume from where they were).
+    k.api.add_node("n9", "198.18.0.99", Some("10.244.9.0/24"))?;
+    for (key, v) in [
+        ("kube-subnet-manager", "true"),
+        ("backend-type", "vxlan"),
+        ("backend-data", r#"{"VNI":1,"VtepMAC":"0a:58:0a:f4:09:01"}"#),
+        ("public-ip", "198.18.0.99"),
+    ] {
+        k.api
+            .set_node_annotation("n9", &format!("{PREFIX}{key}"), Some(v))?;
+    }
+    k.api.come_back()?;
+    let report = stream.finish()?;
+    ensure!(
+        report.lost_count() == 0 && report.received > 0,
+        "packets lost during the API outage: {}",
+        report.summary()
+    );
+    for i in 1..=2 {
+        wait_until(CONVERGE, || k.has_route(i, "10.244.9.0/24")).with_context(|| {
+            format!("node {i} never programmed a node written as flanneld writes it")
+        })?;
+        let e = k.lab.entries(i, DEV)?;
+        ensure!(
+            e.has_peer("10.244.9.0/24", "0a:58:0a:f4:09:01", "198.18.0.99"),
+            "node {i}: flanneld-style node programmed wrongly: {e:?}"
+        );
+    }
+    // A forced relist (history compacted, watches cut) changes nothing.
+    k.api.compact();
+    k.api.drop_watches();
+    std::thread::sleep(Duration::from_secs(3));
+    k.wait_mesh(&[1, 2])?;
+    ensure!(k.has_route(1, "10.244.9.0/24"));
+    k.lab.del_pod(&a)?;
+    k.lab.del_pod(&b)?;
+    Ok(())
+}
