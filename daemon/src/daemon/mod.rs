@@ -29,7 +29,9 @@ use crate::lease::{LeaseAttrs, LeaseBackend};
 use crate::netlink::{KernelEvent, Netlink, NetlinkError};
 use crate::overlap::HostNets;
 use crate::registry::etcd::EtcdRegistry;
+use crate::registry::objects::ObjectStore;
 use crate::registry::{EtcdOptions, PeerEvent, RegistryError};
+use crate::source::kube_objects::KubeObjects;
 use crate::source::{EtcdSource, KubeOptions, KubeSource, LeaseSource};
 use crate::subnet_file::read_previous_subnet;
 use fw::NodeFirewall;
@@ -62,11 +64,6 @@ pub enum StartError {
     StateDir(crate::paths::PathError),
     #[error(transparent)]
     Kube(#[from] crate::source::kube::KubeError),
-    #[error(
-        "--kube-subnet-mgr: NetworkPolicy from the Kubernetes API is not implemented yet; run \
-         with --network-policy=false"
-    )]
-    KubePolicy,
     #[error("cannot serve the CNI socket {path}: {err}")]
     Cni { path: String, err: std::io::Error },
     /// A task that runs for the daemon's lifetime ended (it can only panic): exit, so the
@@ -87,9 +84,6 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
     let _instance = crate::instance::lock(&args.state_dir)?;
     check_subnet_file_dir(&args)?;
     if args.kube_subnet_mgr {
-        if args.network_policy {
-            return Err(StartError::KubePolicy);
-        }
         let source = KubeSource::connect(&KubeOptions {
             api_url: args.kube_api_url.clone(),
             kubeconfig: args.kubeconfig_file.clone(),
@@ -99,7 +93,12 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
             node_name: args.node_name.clone(),
         })
         .await?;
-        return run_with(args, source, None).await;
+        let objects = Objects {
+            store: KubeObjects::new(source.client()),
+            node: source.node_name().to_string(),
+            pods_from_api: true,
+        };
+        return run_with(args, source, objects).await;
     }
     // The registry client connects lazily: building it needs no etcd yet.
     let reg = EtcdRegistry::connect(&EtcdOptions {
@@ -116,24 +115,38 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
         args.etcd_prefix.clone(),
         args.lease_ttl,
     );
-    run_with(args, source, Some(reg)).await
+    let objects = Objects {
+        store: reg,
+        node: args.node_name(),
+        pods_from_api: false,
+    };
+    run_with(args, source, objects).await
 }
 
-/// The daemon over one lease source. `objects`: where policies, namespaces and pod records
-/// live (etcd), when network policy is on.
-async fn run_with<S: LeaseSource>(
+/// Where the policy engine's objects (policies, namespaces, pods) live.
+struct Objects<O> {
+    store: O,
+    /// This node's name, as pods' spec.nodeName.
+    node: String,
+    /// The API server owns the pods (Kubernetes mode); else twilld writes its pods' records.
+    pods_from_api: bool,
+}
+
+/// The daemon over one lease source and one object store.
+async fn run_with<S: LeaseSource, O: ObjectStore>(
     args: RunArgs,
     source: S,
-    objects: Option<EtcdRegistry>,
+    objects: Objects<O>,
 ) -> Result<(), StartError> {
     let shared = Arc::new(Shared::default());
     shared.update(|s| s.waiting_for = Some(source.name().into()));
     // Policy first: the CNI server programs every pod through it.
-    let policy = objects.filter(|_| args.network_policy).map(|reg| {
+    let policy = args.network_policy.then(|| {
         crate::policy::spawn(
-            reg,
+            objects.store,
             crate::policy::PolicyOptions {
-                node: args.node_name(),
+                node: objects.node,
+                pods_from_api: objects.pods_from_api,
                 state_dir: args.state_dir.clone(),
                 render: crate::policy::render::RenderOpts {
                     log_denied: args.policy_log_denied,

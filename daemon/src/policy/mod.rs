@@ -33,7 +33,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::daemon::Shared;
 use crate::metrics::Metrics;
 use crate::nft::{Check, Nft, TableWriter};
-use crate::registry::objects::{watch_dir, DirEvent, ObjectStore};
+use crate::registry::objects::{watch_dir, DirEvent, ObjKv, ObjectStore};
+use crate::registry::RegistryError;
+use futures::FutureExt;
 use pods::{Attachment, LocalPod};
 use render::RenderOpts;
 use source::{Objects, PodMove};
@@ -47,6 +49,8 @@ pub const PODS: &str = "pods";
 pub struct PolicyOptions {
     /// This node's name: pods' `spec.nodeName`.
     pub node: String,
+    /// Kubernetes mode: pods (their labels and ports too) come from the API server.
+    pub pods_from_api: bool,
     pub state_dir: PathBuf,
     pub render: RenderOpts,
 }
@@ -259,7 +263,19 @@ struct Engine {
     sync_due: Option<Due>,
     /// Own deltas went to the kernel since the writer last rendered the table.
     kernel_ahead: bool,
+    /// Kubernetes mode: reads a pod from the API by key, for an ADD that comes before the
+    /// watch delivered its pod.
+    fetch: Option<Fetch>,
 }
+
+type Fetch = Arc<
+    dyn Fn(String) -> futures::future::BoxFuture<'static, Result<Option<ObjKv>, RegistryError>>
+        + Send
+        + Sync,
+>;
+
+/// How long an ADD in Kubernetes mode waits for its pod's object from the API.
+const API_POD_WAIT: Duration = Duration::from_secs(3);
 
 /// A deferred sync.
 #[derive(Clone, Copy, Debug)]
@@ -351,6 +367,16 @@ async fn run<S: ObjectStore>(
         }
     };
     let mut objects = Objects::new(&opts.node, &opts.state_dir);
+    if opts.pods_from_api {
+        objects = objects.with_api_pods();
+    }
+    let fetch: Option<Fetch> = opts.pods_from_api.then(|| {
+        let s = store.clone();
+        Arc::new(move |key: String| {
+            let s = s.clone();
+            async move { s.get(PODS, &key).await }.boxed()
+        }) as Fetch
+    });
     objects.load_local();
     let cached = objects.load_cache();
     let (records, records_rx) = mpsc::unbounded_channel();
@@ -381,6 +407,7 @@ async fn run<S: ObjectStore>(
         cache_dirty: false,
         sync_due: None,
         kernel_ahead: false,
+        fetch,
     };
     if cached {
         tracing::info!("policy: programming the cached cluster state until etcd answers");
@@ -527,6 +554,10 @@ impl Engine {
                 "network policy state not known yet (waiting for etcd): try again later".into(),
             ));
         }
+        let mut pod = pod;
+        if self.fetch.is_some() {
+            self.labels_from_api(&mut pod).await?;
+        }
         let key = pod.key();
         let pod_key = netpol::model::PodKey::new(pod.namespace(), &pod.pod.metadata.name);
         let value = serde_json::to_vec(&pod.pod).map_err(|e| PodUpError::Failed(e.to_string()))?;
@@ -601,6 +632,42 @@ impl Engine {
             total_ms: ms(start.elapsed()),
             path,
         });
+        Ok(())
+    }
+
+    /// Kubernetes mode: the pod's labels and declared ports are its API object's (the CNI
+    /// request carries neither). Taken from the watch, else read by name; a pod the API does
+    /// not have (yet) is refused, to be retried: programming it without its labels could
+    /// leave it open where its policies close it.
+    async fn labels_from_api(&self, pod: &mut LocalPod) -> Result<(), PodUpError> {
+        let key = pod.key();
+        let api = match self.objects.api_pod(&key) {
+            Some(p) => Some(p.clone()),
+            None => {
+                let fetch = self.fetch.as_ref().expect("Kubernetes mode");
+                match tokio::time::timeout(API_POD_WAIT, fetch(key.clone())).await {
+                    Ok(Ok(Some(kv))) => serde_json::from_slice::<netpol::api::Pod>(&kv.value).ok(),
+                    Ok(Ok(None)) => None,
+                    Ok(Err(e)) => {
+                        return Err(PodUpError::NotReady(format!(
+                            "reading pod {key} from the Kubernetes API: {e}"
+                        )))
+                    }
+                    Err(_) => {
+                        return Err(PodUpError::NotReady(format!(
+                            "reading pod {key} from the Kubernetes API timed out"
+                        )))
+                    }
+                }
+            }
+        };
+        let Some(api) = api else {
+            return Err(PodUpError::NotReady(format!(
+                "pod {key} is not in the Kubernetes API (yet)"
+            )));
+        };
+        pod.pod.metadata.labels = api.metadata.labels;
+        pod.pod.spec.containers = api.spec.containers;
         Ok(())
     }
 

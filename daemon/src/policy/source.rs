@@ -55,6 +55,12 @@ pub struct Objects {
     local: BTreeMap<Attachment, LocalPod>,
     /// The last reason each invalid key was skipped for: logged once per reason.
     skipped: BTreeMap<String, String>,
+    /// Kubernetes mode: pods come from the API server, which owns them. Its objects of this
+    /// node's pods give their labels and ports (at ADD, and when edited); twilld writes no
+    /// records anywhere but its state dir.
+    api_pods: bool,
+    /// Kubernetes mode: the API's pods that name this node, by key.
+    api_here: BTreeMap<String, Pod>,
 }
 
 fn errs(e: &ValidationErrors) -> String {
@@ -83,7 +89,20 @@ impl Objects {
             remote: BTreeMap::new(),
             local: BTreeMap::new(),
             skipped: BTreeMap::new(),
+            api_pods: false,
+            api_here: BTreeMap::new(),
         }
+    }
+
+    /// Kubernetes mode (see `api_pods`).
+    pub fn with_api_pods(mut self) -> Objects {
+        self.api_pods = true;
+        self
+    }
+
+    /// Kubernetes mode: the API's object of this node's pod `key`, if it has arrived.
+    pub fn api_pod(&self, key: &str) -> Option<&Pod> {
+        self.api_here.get(key)
     }
 
     pub fn cluster(&self) -> &Cluster {
@@ -100,7 +119,12 @@ impl Objects {
             .into_iter()
             .filter(|d| !self.listed.contains(d))
             .collect();
-        format!("etcd: listing {}", missing.join(", "))
+        let from = if self.api_pods {
+            "Kubernetes API"
+        } else {
+            "etcd"
+        };
+        format!("{from}: listing {}", missing.join(", "))
     }
 
     pub fn local_count(&self) -> usize {
@@ -207,6 +231,7 @@ impl Objects {
             _ => self
                 .remote
                 .keys()
+                .chain(self.api_here.keys())
                 .filter(|k| !keys.contains(*k))
                 .cloned()
                 .collect(),
@@ -214,7 +239,7 @@ impl Objects {
         for k in gone {
             self.delete(dir, &k, out);
         }
-        if dir == PODS {
+        if dir == PODS && !self.api_pods {
             // Our pods whose record is missing: written now (made while etcd was away).
             let missing: Vec<LocalPod> = self
                 .local
@@ -327,6 +352,9 @@ impl Objects {
         if let Err(e) = netpol::model::PodRecord::from_api(&pod) {
             return self.skip(m, PODS, &kv.key, errs(&e));
         }
+        if self.api_pods && pod.spec.node_name.as_deref() == Some(self.node.as_str()) {
+            return self.put_api_pod_here(kv.key, pod, out);
+        }
         if let Some(local) = self.local_key(&kv.key).cloned() {
             let ours = pod.metadata.annotations.get(CONTAINER_ANNOTATION)
                 == Some(&local.attachment.container_id);
@@ -369,8 +397,32 @@ impl Objects {
         }
     }
 
+    /// Kubernetes mode: the API's object of a pod on this node. Its labels and declared ports
+    /// are the pod's; the rest (address, attachment) is what this node's CNI set up. One with
+    /// no attachment here yet waits for its ADD.
+    fn put_api_pod_here(&mut self, key: String, pod: Pod, out: &mut Applied) {
+        if let Some(local) = self.local_key(&key).cloned() {
+            let mut updated = local.clone();
+            updated.pod.metadata.labels = pod.metadata.labels.clone();
+            updated.pod.spec.containers = pod.spec.containers.clone();
+            if updated != local {
+                tracing::info!(pod = %key, "labels changed in the Kubernetes API: taking them over");
+                if let Err(e) = self.local_up(updated) {
+                    tracing::warn!(pod = %key, error = %e, "taking over changed labels failed");
+                }
+                out.changed = true;
+                out.others = true;
+            }
+        }
+        self.api_here.insert(key, pod);
+    }
+
     fn delete(&mut self, dir: &'static str, key: &str, out: &mut Applied) {
         self.skipped.remove(&format!("{dir}/{key}"));
+        if dir == PODS && self.api_pods && self.api_here.remove(key).is_some() {
+            // This node's pod: it goes with its CNI DEL.
+            return;
+        }
         match dir {
             POLICIES => {
                 if let Some((ns, name)) = split_key(key) {

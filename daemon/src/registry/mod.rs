@@ -40,6 +40,8 @@ pub struct EtcdOptions {
 pub enum RegistryError {
     #[error("etcd: {0}")]
     Etcd(String),
+    #[error("Kubernetes API: {0}")]
+    Kube(String),
     #[error(transparent)]
     Alloc(#[from] crate::subnet::AllocError),
     /// Bad TLS files, endpoints or prefix: retrying will not help.

@@ -122,6 +122,11 @@ impl KubeSource {
         &self.node
     }
 
+    /// The client, for the other watchers of Kubernetes mode (the policy engine's objects).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
     fn nodes(&self) -> Api<Node> {
         Api::all(self.client.clone())
     }

@@ -4,6 +4,7 @@
 
 pub mod etcd;
 pub mod kube;
+pub mod kube_objects;
 
 use std::future::Future;
 use std::net::Ipv4Addr;
