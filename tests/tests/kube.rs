@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{anyhow, ensure, Context, Result};
 use serde_json::Value;
 use twill_tests::fakeapi::{FakeApi, FakeApiOptions, Kind};
-use twill_tests::{wait_until, Lab, LabOptions, StreamOptions, UdpStream};
+use twill_tests::{wait_until, Lab, LabOptions, Pod, StreamOptions, UdpStream};
 
 const DEV: &str = "twill.1";
 const NET_CONF: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
@@ -69,7 +69,6 @@ impl KubeLab {
                 &kc,
                 "--net-config-path",
                 &nc,
-                "--network-policy=false",
             ],
         )
     }
@@ -84,6 +83,47 @@ impl KubeLab {
         }
         let all: Vec<usize> = (1..=self.lab.nodes()).collect();
         self.wait_mesh(&all)
+    }
+
+    /// A pod as Kubernetes makes one: its object in the API first (labels, node; Pending), then
+    /// the CNI ADD on its node (as kubelet calls it, with the pod's namespace and name), then
+    /// its address in the object's status (as kubelet reports it).
+    fn add_pod(&mut self, i: usize, ns: &str, name: &str, labels: &[(&str, &str)]) -> Result<Pod> {
+        if self.api.get_value(Kind::Namespace, "", ns).is_none() {
+            self.api.add_namespace(ns, &[])?;
+        }
+        let l: serde_json::Map<String, Value> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::from(*v)))
+            .collect();
+        self.api.create_value(
+            Kind::Pod,
+            serde_json::json!({
+                "metadata": {"name": name, "namespace": ns, "labels": l},
+                "spec": {"nodeName": format!("n{i}"), "containers": [{"name": "c", "image": "busybox"}]},
+                "status": {"phase": "Pending"}
+            }),
+        )?;
+        let cfg = self.lab.cni_config(i, "1.0.0");
+        let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name}");
+        let pod = self.lab.add_pod_with(i, name, &args, &cfg)?;
+        let ip = pod.ip.to_string();
+        self.api.update_value(Kind::Pod, ns, name, |p| {
+            p["status"] =
+                serde_json::json!({"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]});
+        })?;
+        Ok(pod)
+    }
+
+    fn set_pod_labels(&self, ns: &str, name: &str, labels: &[(&str, &str)]) -> Result<()> {
+        let l: serde_json::Map<String, Value> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::from(*v)))
+            .collect();
+        self.api.update_value(Kind::Pod, ns, name, |p| {
+            p["metadata"]["labels"] = Value::Object(l);
+        })?;
+        Ok(())
     }
 
     fn node(&self, name: &str) -> Result<Value> {
@@ -195,7 +235,7 @@ fn nodes_join_from_the_api_and_their_pods_reach_each_other_without_nat() -> Resu
     }
     let mut pods = Vec::new();
     for i in 1..=3 {
-        pods.push(k.lab.add_pod(i, "a")?);
+        pods.push(k.add_pod(i, "default", &format!("a{i}"), &[("app", "a")])?);
     }
     for a in &pods {
         for b in pods.iter().filter(|b| b.id != a.id) {
@@ -280,8 +320,8 @@ fn deleted_nodes_wiped_annotations_and_podcidr_changes_are_followed() -> Result<
 fn an_api_server_outage_loses_no_packets_and_a_relist_catches_up() -> Result<()> {
     let mut k = KubeLab::new(2)?;
     k.start_all_meshed()?;
-    let a = k.lab.add_pod(1, "a")?;
-    let b = k.lab.add_pod(2, "b")?;
+    let a = k.add_pod(1, "default", "a", &[])?;
+    let b = k.add_pod(2, "default", "b", &[])?;
     wait_until(Duration::from_secs(10), || a.ping(b.ip))?;
     let stream = UdpStream::start(
         &a,
@@ -337,5 +377,75 @@ fn an_api_server_outage_loses_no_packets_and_a_relist_catches_up() -> Result<()>
     ensure!(k.has_route(1, "10.244.9.0/24"));
     k.lab.del_pod(&a)?;
     k.lab.del_pod(&b)?;
+    Ok(())
+}
+
+/// A TCP exchange with `to`'s server on port 80 (`twill_tests::netpol::Servers`).
+fn reaches(from: &Pod, to: &Pod) -> bool {
+    twill_tests::netpol::probe(
+        &from.netns_path(),
+        to.ip.into(),
+        80,
+        netpol::model::Protocol::Tcp,
+    )
+}
+
+#[test]
+fn network_policy_from_the_api_is_enforced_and_follows_label_changes() -> Result<()> {
+    let mut k = KubeLab::new(2)?;
+    k.start_all_meshed()?;
+    let server = k.add_pod(1, "x", "server", &[("app", "server")])?;
+    let client = k.add_pod(2, "x", "client", &[("app", "client")])?;
+    let other = k.add_pod(2, "x", "other", &[("app", "other")])?;
+    let _servers = twill_tests::netpol::Servers::start(&[&server])?;
+    for p in [&client, &other] {
+        wait_until(Duration::from_secs(10), || reaches(p, &server))
+            .with_context(|| format!("{} never reached the server before any policy", p.id))?;
+    }
+    // Only app=client may reach the server, on 80.
+    k.api.add_network_policy(serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "server-from-clients", "namespace": "x"},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "server"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+                         "ports": [{"protocol": "TCP", "port": 80}]}]
+        }
+    }))?;
+    wait_until(CONVERGE, || !reaches(&other, &server))
+        .context("the policy from the API never closed the server to app=other")?;
+    wait_until(Duration::from_secs(5), || reaches(&client, &server))
+        .context("app=client lost the server")?;
+    // A peer's label change in the API: it is let in.
+    k.set_pod_labels("x", "other", &[("app", "client")])?;
+    wait_until(CONVERGE, || reaches(&other, &server))
+        .context("a peer relabelled app=client in the API was never let in")?;
+    // The target's label change: no longer selected, open to all.
+    k.set_pod_labels("x", "other", &[("app", "other")])?;
+    wait_until(CONVERGE, || !reaches(&other, &server))
+        .context("relabelled back, the peer was never shut out again")?;
+    k.set_pod_labels("x", "server", &[("app", "web")])?;
+    wait_until(CONVERGE, || reaches(&other, &server))
+        .context("the server, no longer selected, stayed closed")?;
+    // A pod whose object the API does not have is refused (retried by the runtime), not
+    // started without its policy.
+    let cfg = k.lab.cni_config(1, "1.0.0");
+    let err = k
+        .lab
+        .add_pod_with(
+            1,
+            "ghost",
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=x;K8S_POD_NAME=ghost",
+            &cfg,
+        )
+        .err()
+        .ok_or_else(|| anyhow!("ADD of a pod the API does not know succeeded"))?;
+    ensure!(
+        format!("{err:#}").contains("not in the Kubernetes API"),
+        "unexpected refusal: {err:#}"
+    );
+    for p in [&server, &client, &other] {
+        k.lab.del_pod(p)?;
+    }
     Ok(())
 }
