@@ -449,3 +449,31 @@ fn network_policy_from_the_api_is_enforced_and_follows_label_changes() -> Result
     }
     Ok(())
 }
+
+#[test]
+fn a_node_waits_for_its_podcidr_and_says_so() -> Result<()> {
+    let mut k = KubeLab::new(1)?;
+    k.api.set_pod_cidrs("n1", &[])?;
+    k.start(1)?;
+    wait_until(READY, || {
+        k.lab
+            .get(1, "/readyz")
+            .is_ok_and(|(code, body)| code == 503 && body.contains("podCIDR"))
+    })
+    .with_context(|| {
+        format!(
+            "/readyz never said it waits for the podCIDR: {:?}",
+            k.lab.get(1, "/readyz")
+        )
+    })?;
+    ensure!(k.lab.daemon_running(1), "twilld exited without a podCIDR");
+    ensure!(
+        k.annotation("n1", "backend-data").is_none(),
+        "annotations published before the node had a subnet"
+    );
+    k.api.set_pod_cidrs("n1", &["10.244.7.0/24"])?;
+    k.lab.wait_ready(1, READY)?;
+    ensure!(k.own(1)?.0 == "10.244.7.0/24");
+    ensure!(k.annotation("n1", "kube-subnet-manager").as_deref() == Some("true"));
+    Ok(())
+}
