@@ -32,6 +32,7 @@ use crate::lease::LeaseAttrs;
 use crate::metrics::Metrics;
 use crate::registry::kube::annotations::Annotations;
 use crate::registry::kube::node::{self as knode, Peers};
+use crate::registry::kube::slim::SlimNode;
 use crate::registry::skips::SkipLog;
 use crate::registry::view::Skip;
 use crate::registry::{Backoff, OwnLease, PeerEvent};
@@ -422,13 +423,11 @@ impl KubeSource {
         // depends on it.
         'relist: loop {
             let wc = watcher::Config::default().timeout(WATCH_TIMEOUT_S);
-            let mut events = watcher(self.nodes(), wc)
-                .modify(|n| {
-                    // Only metadata and spec matter: keep memory flat on big clusters.
-                    n.managed_fields_mut().clear();
-                    n.status = None;
-                })
+            // Decoded slim (`SlimNode`): every kubelet status write of every Node comes here.
+            let nodes: Api<SlimNode> = Api::all(self.client.clone());
+            let mut events = watcher(nodes, wc)
                 .default_backoff()
+                .map(|r| r.map(full_event))
                 .boxed();
             let mut peers = Peers::new(
                 self.node.clone(),
@@ -484,6 +483,17 @@ impl KubeSource {
                 }
             }
         }
+    }
+}
+
+/// A watch event of slim Nodes as one of Nodes (`registry::kube::node` works on those).
+fn full_event(e: Event<SlimNode>) -> Event<Node> {
+    match e {
+        Event::Apply(n) => Event::Apply(n.to_node()),
+        Event::Delete(n) => Event::Delete(n.to_node()),
+        Event::Init => Event::Init,
+        Event::InitApply(n) => Event::InitApply(n.to_node()),
+        Event::InitDone => Event::InitDone,
     }
 }
 

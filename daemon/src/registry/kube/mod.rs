@@ -7,3 +7,4 @@
 
 pub mod annotations;
 pub mod node;
+pub mod slim;

@@ -477,12 +477,15 @@ impl Peers {
 
     /// A node was added or changed. Nothing when what matters for a peer did not change.
     pub fn apply(&mut self, node: &Node) -> Applied {
+        // A heartbeat changes nothing that matters: settled on the digest alone, before the
+        // node's annotations are parsed.
+        let name = name_of(node);
+        if self.nodes.get(name).map(|k| k.digest) == Some(node_digest(node, &self.annotations)) {
+            return Applied::default();
+        }
         let Some((name, digest, candidate, skip)) = self.evaluate(node) else {
             return Applied::default();
         };
-        if self.nodes.get(&name).map(|k| k.digest) == Some(digest) {
-            return Applied::default();
-        }
         let (events, overlap) = place(&mut self.nodes, &name, digest, candidate);
         Applied {
             events,
