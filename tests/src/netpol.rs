@@ -16,6 +16,7 @@ use netpol::fixtures::{self, Action, Check};
 use netpol::model::{PodKey, Protocol};
 use serde_json::{json, Value};
 
+use crate::fakeapi::{FakeApi, Kind};
 use crate::lab::Lab;
 use crate::pod::Pod;
 
@@ -183,11 +184,33 @@ pub fn probe(from_ns: &str, to: IpAddr, port: u16, proto: Protocol) -> bool {
     .unwrap_or(false)
 }
 
+/// Where a world's objects live: etcd (`<prefix>/policies/` etc., as twillctl writes them), or
+/// the Kubernetes API (twill's fake API server, for Kubernetes mode).
+pub enum ObjectsAt {
+    Etcd,
+    Api(Arc<FakeApi>),
+}
+
 /// The world on a lab: its pods (created through the plugin, as a runtime would) and servers.
 pub struct World {
     pub pods: BTreeMap<PodKey, Pod>,
     pub labels: BTreeMap<PodKey, BTreeMap<String, String>>,
     _servers: Servers,
+    at: ObjectsAt,
+}
+
+/// The ports every world pod declares (named `serve-<port>-<proto>`), as a container's ports.
+fn container_ports() -> Vec<Value> {
+    let mut ports = Vec::new();
+    for port in PORTS {
+        for proto in ["TCP", "UDP", "SCTP"] {
+            ports.push(
+                json!({"name": format!("serve-{port}-{}", proto.to_lowercase()),
+                              "containerPort": port, "protocol": proto}),
+            );
+        }
+    }
+    ports
 }
 
 impl World {
@@ -215,6 +238,52 @@ impl World {
             pods,
             labels,
             _servers: servers,
+            at: ObjectsAt::Etcd,
+        })
+    }
+
+    /// The same world in Kubernetes mode: namespaces and pods are API objects (each pod's
+    /// object first, then its CNI ADD, then its address in the object's status, as kubelet
+    /// does), and everything `apply` writes goes to the API.
+    pub fn new_in_api(lab: &mut Lab, api: Arc<FakeApi>) -> Result<World> {
+        for ns in fixtures::NAMESPACES {
+            if api.get_value(Kind::Namespace, "", ns).is_none() {
+                api.add_namespace(ns, &[])?;
+            }
+        }
+        let mut pods = BTreeMap::new();
+        let mut labels = BTreeMap::new();
+        for wp in fixtures::e2e_world() {
+            let node: usize = wp.node.trim_start_matches('n').parse()?;
+            let (ns, name) = (&wp.key.namespace, &wp.key.name);
+            api.create_value(
+                Kind::Pod,
+                json!({
+                    "metadata": {"name": name, "namespace": ns, "labels": wp.labels},
+                    "spec": {"nodeName": wp.node,
+                             "containers": [{"name": "c", "image": "busybox", "ports": container_ports()}]},
+                    "status": {"phase": "Pending"}
+                }),
+            )?;
+            let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name}");
+            let cfg = lab.cni_config(node, "1.0.0");
+            let pod = lab
+                .add_pod_with(node, &format!("{ns}{name}"), &args, &cfg)
+                .with_context(|| format!("pod {}", wp.key))?;
+            let ip = pod.ip.to_string();
+            api.update_value(Kind::Pod, ns, name, |p| {
+                p["status"] = json!({"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]});
+            })?;
+            labels.insert(wp.key.clone(), wp.labels.clone());
+            pods.insert(wp.key, pod);
+        }
+        let refs: Vec<&Pod> = pods.values().collect();
+        let servers = Servers::start(&refs)?;
+        Ok(World {
+            pods,
+            labels,
+            _servers: servers,
+            at: ObjectsAt::Api(api),
         })
     }
 
@@ -224,6 +293,10 @@ impl World {
 
     /// Writes an action where twilld reads it.
     pub fn apply(&mut self, lab: &Lab, action: &Action) -> Result<()> {
+        if let ObjectsAt::Api(api) = &self.at {
+            let api = api.clone();
+            return self.apply_in_api(&api, action);
+        }
         match action {
             Action::UpsertPolicy(p) => {
                 let p = fixtures::instantiate(p, |k| self.ip(k));
@@ -249,6 +322,46 @@ impl World {
             }
             Action::SetPodLabels { pod, labels } => {
                 self.set_pod_labels(lab, pod, labels.clone())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_in_api(&mut self, api: &FakeApi, action: &Action) -> Result<()> {
+        match action {
+            Action::UpsertPolicy(p) => {
+                let p = fixtures::instantiate(p, |k| self.ip(k));
+                let ns = p.metadata.namespace.clone().unwrap_or_default();
+                let mut v = serde_json::to_value(&p)?;
+                v["apiVersion"] = json!("networking.k8s.io/v1");
+                v["kind"] = json!("NetworkPolicy");
+                if api
+                    .get_value(Kind::NetworkPolicy, &ns, &p.metadata.name)
+                    .is_some()
+                {
+                    api.update_value(Kind::NetworkPolicy, &ns, &p.metadata.name, |old| {
+                        old["spec"] = v["spec"].clone();
+                    })?;
+                } else {
+                    api.add_network_policy(v)?;
+                }
+            }
+            Action::DeletePolicy(k) => {
+                api.delete(Kind::NetworkPolicy, &k.namespace, &k.name)?;
+            }
+            Action::SetNamespaceLabels { namespace, labels } => {
+                let mut l = labels.clone();
+                // The API server keeps this label on every namespace.
+                l.insert("kubernetes.io/metadata.name".into(), namespace.clone());
+                api.update_value(Kind::Namespace, "", namespace, |n| {
+                    n["metadata"]["labels"] = json!(l);
+                })?;
+            }
+            Action::SetPodLabels { pod, labels } => {
+                api.update_value(Kind::Pod, &pod.namespace, &pod.name, |p| {
+                    p["metadata"]["labels"] = json!(labels);
+                })?;
+                self.labels.insert(pod.clone(), labels.clone());
             }
         }
         Ok(())
@@ -282,6 +395,30 @@ impl World {
 
     /// Back to the world as a case starts: no policies, no namespace objects, pods' own labels.
     pub fn reset(&mut self, lab: &Lab) -> Result<()> {
+        if let ObjectsAt::Api(api) = &self.at {
+            let api = api.clone();
+            for key in api.names(Kind::NetworkPolicy) {
+                let (ns, name) = key.split_once('/').unwrap_or(("", &key));
+                api.delete(Kind::NetworkPolicy, ns, name)?;
+            }
+            for ns in fixtures::NAMESPACES {
+                api.update_value(Kind::Namespace, "", ns, |n| {
+                    n["metadata"]["labels"] = json!({"kubernetes.io/metadata.name": ns});
+                })?;
+            }
+            for wp in fixtures::e2e_world() {
+                if self.labels.get(&wp.key) != Some(&wp.labels) {
+                    self.apply_in_api(
+                        &api,
+                        &Action::SetPodLabels {
+                            pod: wp.key.clone(),
+                            labels: wp.labels.clone(),
+                        },
+                    )?;
+                }
+            }
+            return Ok(());
+        }
         lab.etcdctl(&["del", "--prefix", &format!("{PREFIX}/policies/")])?;
         lab.etcdctl(&["del", "--prefix", &format!("{PREFIX}/namespaces/")])?;
         for wp in fixtures::e2e_world() {

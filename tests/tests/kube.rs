@@ -477,3 +477,59 @@ fn a_node_waits_for_its_podcidr_and_says_so() -> Result<()> {
     ensure!(k.annotation("n1", "kube-subnet-manager").as_deref() == Some("true"));
     Ok(())
 }
+
+/// The upstream e2e NetworkPolicy cases (the etcd-mode suite's table), driven through the API:
+/// policies, namespace labels and pod labels written as Kubernetes objects.
+#[test]
+fn upstream_e2e_cases_hold_through_the_api() -> Result<()> {
+    use netpol::fixtures::{self, Check};
+    use netpol::model::Protocol;
+    use twill_tests::netpol::World;
+    const SETTLE: Duration = Duration::from_secs(20);
+    let KubeLab { mut lab, api } = {
+        let mut k = KubeLab::new(3)?;
+        k.start_all_meshed()?;
+        k
+    };
+    let api = std::sync::Arc::new(api);
+    wait_until(Duration::from_secs(30), || {
+        (1..=3).all(|i| lab.status(i).is_ok_and(|s| s["policy"]["loaded"] == true))
+    })
+    .context("the policy state never loaded from the API")?;
+    let mut world = World::new_in_api(&mut lab, api.clone())?;
+    let all_allowed = Check {
+        protocol: Protocol::Tcp,
+        port: 80,
+        expect: Vec::new(),
+    };
+    world.wait_matrix(&all_allowed, SETTLE)?;
+    let (mut failures, mut checked) = (Vec::new(), 0);
+    for case in fixtures::e2e_cases() {
+        world.reset(&lab)?;
+        world
+            .wait_matrix(&all_allowed, SETTLE)
+            .with_context(|| format!("resetting before {}", case.id))?;
+        'steps: for (n, step) in case.steps.iter().enumerate() {
+            for a in &step.actions {
+                world.apply(&lab, a)?;
+            }
+            for check in step.checks.iter().filter(|c| c.protocol != Protocol::Sctp) {
+                checked += 1;
+                if let Err(e) = world.wait_matrix(check, SETTLE) {
+                    failures.push(format!("{} ({}) step {n}: {e:#}", case.id, case.title));
+                    break 'steps;
+                }
+            }
+        }
+    }
+    ensure!(
+        failures.is_empty(),
+        "{} of the cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    ensure!(checked > 60, "only {checked} checks ran");
+    drop(world);
+    drop(lab);
+    Ok(())
+}
