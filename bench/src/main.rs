@@ -14,6 +14,7 @@ mod etcd;
 mod etcd_load;
 mod faults;
 mod footprint;
+mod kube;
 mod nl;
 mod polgen;
 mod policy;
@@ -43,10 +44,11 @@ enum Scenario {
     Etcd,
     Faults,
     Netpol,
+    Kube,
     All,
 }
 
-const ALL: [Scenario; 9] = [
+const ALL: [Scenario; 10] = [
     Scenario::Cni,
     Scenario::Convergence,
     Scenario::Coldstart,
@@ -56,6 +58,7 @@ const ALL: [Scenario; 9] = [
     Scenario::Etcd,
     Scenario::Faults,
     Scenario::Netpol,
+    Scenario::Kube,
 ];
 
 impl Scenario {
@@ -70,6 +73,7 @@ impl Scenario {
             Scenario::Etcd => "etcd",
             Scenario::Faults => "faults",
             Scenario::Netpol => "netpol",
+            Scenario::Kube => "kube",
             Scenario::All => "all",
         }
     }
@@ -189,6 +193,7 @@ fn run_one(ctx: &Ctx, s: Scenario, out: &Path) -> ScenarioResult {
         Scenario::Etcd => etcd_load::run(ctx, &mut r),
         Scenario::Faults => faults::run(ctx, &mut r),
         Scenario::Netpol => policy::run(ctx, &mut r),
+        Scenario::Kube => kube::run(ctx, &mut r),
         Scenario::All => Err(anyhow!("'all' is not a single scenario")),
     }));
     r.error = match outcome {

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-const SCENARIOS: [&str; 9] = [
+const SCENARIOS: [&str; 10] = [
     "cni",
     "convergence",
     "coldstart",
@@ -17,6 +17,7 @@ const SCENARIOS: [&str; 9] = [
     "etcd",
     "faults",
     "netpol",
+    "kube",
 ];
 
 struct TempDir(PathBuf);

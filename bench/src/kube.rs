@@ -1,0 +1,243 @@
+//! Kubernetes mode at scale, against etcd mode with the same peers in the same run: N simulated
+//! nodes as Node objects on twill's fake API server (annotated as flanneld annotates them) and
+//! the same N as leases in etcd. Cold start to all 3N kernel entries, join convergence, memory,
+//! and what kubelet heartbeats of N nodes (a status write per node every 10 s) cost twilld.
+//! No real API server can run here: the fake serves real HTTP watches, and twilld's real kube
+//! client reads them.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Result};
+use serde_json::{json, Value};
+use twill_tests::fakeapi::{FakeApi, FakeApiOptions, Kind};
+use twill_tests::Lab;
+
+use crate::common::{self, ms, Ctx, DEV};
+use crate::etcd::{entry_keys, peers, SimPeer, Writer, CONFIG};
+use crate::nl::{self, Listener};
+use crate::report::{Metric, ScenarioResult};
+
+const ALL_TIMEOUT: Duration = Duration::from_secs(300);
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+const PREFIX: &str = "flannel.alpha.coreos.com/";
+/// Our node's podCIDR: clear of the simulated peers' 10.1.0.0/24 upwards.
+const OWN_CIDR: &str = "10.0.5.0/24";
+const JOIN_BASE: u32 = 30_000;
+/// kubelet's default node status update frequency.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
+
+/// A simulated peer as a Node: podCIDR, flanneld's annotations, and a kubelet-like status
+/// (which heartbeats rewrite).
+fn node_object(p: &SimPeer) -> Value {
+    let cidr = format!("{}/24", p.subnet());
+    let now = "2026-01-01T00:00:00Z";
+    json!({
+        "metadata": {
+            "name": format!("sim-{:05}", p.idx),
+            "labels": {"kubernetes.io/hostname": format!("sim-{:05}", p.idx), "kubernetes.io/os": "linux"},
+            "annotations": {
+                format!("{PREFIX}kube-subnet-manager"): "true",
+                format!("{PREFIX}backend-type"): "vxlan",
+                format!("{PREFIX}backend-data"): format!(r#"{{"VNI":1,"VtepMAC":"{}"}}"#, nl::mac_str(&p.mac())),
+                format!("{PREFIX}public-ip"): p.public_ip().to_string(),
+            }
+        },
+        "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
+        "status": {
+            "addresses": [{"type": "InternalIP", "address": p.public_ip().to_string()}],
+            "conditions": [
+                {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kubelet is posting ready status",
+                 "lastHeartbeatTime": now, "lastTransitionTime": now},
+                {"type": "MemoryPressure", "status": "False", "reason": "KubeletHasSufficientMemory",
+                 "message": "kubelet has sufficient memory available", "lastHeartbeatTime": now, "lastTransitionTime": now},
+                {"type": "DiskPressure", "status": "False", "reason": "KubeletHasNoDiskPressure",
+                 "message": "kubelet has no disk pressure", "lastHeartbeatTime": now, "lastTransitionTime": now}
+            ],
+            "nodeInfo": {"kubeletVersion": "v1.33.0", "containerRuntimeVersion": "containerd://2.0.0",
+                         "kernelVersion": "6.12.0", "osImage": "Debian GNU/Linux 12", "architecture": "amd64",
+                         "operatingSystem": "linux", "machineID": "m", "systemUUID": "s", "bootID": "b",
+                         "kubeProxyVersion": ""}
+        }
+    })
+}
+
+struct Modes {
+    kube: Vec<String>,
+}
+
+impl Modes {
+    fn new(lab: &Lab, api: &FakeApi) -> Result<Modes> {
+        let dir = lab.node_dir(1);
+        let token = api
+            .twill_token()
+            .ok_or_else(|| anyhow!("the manifest binds no twill ServiceAccount"))?;
+        std::fs::write(dir.join("kubeconfig"), api.kubeconfig(&token))?;
+        std::fs::write(dir.join("net-conf.json"), CONFIG)?;
+        let p = |f: &str| dir.join(f).display().to_string();
+        Ok(Modes {
+            kube: vec![
+                "--kube-subnet-mgr".into(),
+                "--kubeconfig-file".into(),
+                p("kubeconfig"),
+                "--net-config-path".into(),
+                p("net-conf.json"),
+            ],
+        })
+    }
+
+    /// Cold: SIGKILL, the VXLAN device deleted (its entries go with it), then start.
+    fn restart(&self, lab: &mut Lab, kube: bool) -> Result<()> {
+        if lab.daemon_running(1) {
+            lab.kill_daemon(1)?;
+            lab.exec_ok(1, &["ip", "link", "del", DEV])?;
+        }
+        let extra: Vec<&str> = if kube {
+            self.kube.iter().map(String::as_str).collect()
+        } else {
+            Vec::new()
+        };
+        common::start_daemon(lab, 1, &extra)
+    }
+}
+
+fn pid(lab: &Lab) -> Result<u32> {
+    lab.daemon_pid(1)
+        .ok_or_else(|| anyhow!("twilld is not running"))
+}
+
+/// twilld's CPU share of one core over `window`, while `during` runs every 100 ms.
+fn cpu_share(lab: &Lab, window: Duration, mut during: impl FnMut(usize)) -> Result<f64> {
+    let pid = pid(lab)?;
+    let c0 = common::cpu_seconds(pid)?;
+    let t0 = Instant::now();
+    let mut tick = 0;
+    while t0.elapsed() < window {
+        during(tick);
+        tick += 1;
+        let next = t0 + Duration::from_millis(100) * tick as u32;
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    Ok(100.0 * (common::cpu_seconds(pid)? - c0) / t0.elapsed().as_secs_f64())
+}
+
+pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
+    let (sizes, runs, joins, window): (Vec<u32>, usize, u32, Duration) = if ctx.quick {
+        (vec![50], 1, 5, Duration::from_secs(5))
+    } else {
+        (vec![1000, 5000], 3, 20, Duration::from_secs(30))
+    };
+    res.config = json!({"nodes": sizes, "runs": runs, "joins": joins,
+                        "heartbeat_window_s": window.as_secs_f64(),
+                        "heartbeat_every_s": HEARTBEAT_EVERY.as_secs_f64()});
+    for n in sizes {
+        let mut lab = ctx.lab(1)?;
+        let writer = Writer::connect(&lab)?;
+        let base = peers(0..n);
+        writer.put_peers(&base)?;
+        let api = FakeApi::start(FakeApiOptions::in_lab(&lab))?;
+        api.add_node("n1", &lab.node_ip(1).to_string(), Some(OWN_CIDR))?;
+        for p in &base {
+            api.create_value(Kind::Node, node_object(p))?;
+        }
+        let modes = Modes::new(&lab, &api)?;
+        let keys = entry_keys(&base);
+        let node = lab.node_ns(1);
+        let (mut cold_kube, mut cold_etcd, mut rss_kube, mut rss_etcd) =
+            (vec![], vec![], vec![], vec![]);
+        // Alternating, ending in Kubernetes mode for what follows.
+        for r in 0..2 * runs {
+            let kube = r % 2 == 1;
+            let listener = Listener::start(&node)?;
+            let t0 = Instant::now();
+            modes.restart(&mut lab, kube)?;
+            let t_all = listener.wait_added(&keys, t0, ALL_TIMEOUT)?;
+            std::thread::sleep(Duration::from_secs(1));
+            let rss = common::rss_mib(pid(&lab)?)?.0;
+            if kube {
+                cold_kube.push(ms(t_all - t0));
+                rss_kube.push(rss);
+            } else {
+                cold_etcd.push(ms(t_all - t0));
+                rss_etcd.push(rss);
+            }
+        }
+        res.metrics.push(
+            Metric::new(&format!("cold start to all {} entries, {n} Nodes", 3 * n), "ms", &cold_kube)
+                .vs("etcd mode, same peers", &cold_etcd)
+                .note("from twilld exec (Kubernetes mode) to the last kernel entry notified; the etcd-mode runs alternate with these"),
+        );
+        res.metrics.push(
+            Metric::new(&format!("twilld RSS, {n} Nodes"), "MiB", &rss_kube)
+                .vs("etcd mode, same peers", &rss_etcd)
+                .note("1 s after the last entry"),
+        );
+
+        // Heartbeats: every Node's Ready condition rewritten once per 10 s, spread evenly.
+        let idle = cpu_share(&lab, window, |_| {})?;
+        let per_tick = (n as usize).div_ceil((HEARTBEAT_EVERY.as_millis() / 100) as usize);
+        let mut beats = 0u64;
+        let busy = cpu_share(&lab, window, |tick| {
+            for j in 0..per_tick {
+                let idx = (tick * per_tick + j) % n as usize;
+                if api.heartbeat(&format!("sim-{idx:05}")).is_ok() {
+                    beats += 1;
+                }
+            }
+        })?;
+        let added = common::metric(&lab, 1, "twill_kernel_entries_added_total")?;
+        res.metrics.push(
+            Metric::new(
+                &format!("CPU with {n} Nodes heartbeating"),
+                "% of a core",
+                &[busy],
+            )
+            .vs_value("no heartbeats", idle)
+            .target("under 1 % of a core", Some(busy < 1.0))
+            .note(format!(
+                "{beats} status writes in {:.0} s ({:.0}/s), each a watch event to twilld; \
+                     kernel entries added meanwhile (total since start): {added}",
+                window.as_secs_f64(),
+                beats as f64 / window.as_secs_f64()
+            )),
+        );
+
+        // Joins: a Node object (with its annotations) created, against a lease put in etcd.
+        let joined = peers(JOIN_BASE..JOIN_BASE + 2 * joins);
+        let (kube_joins, etcd_joins) = joined.split_at(joins as usize);
+        let listener = Listener::start(&node)?;
+        let mut join_kube = Vec::new();
+        for p in kube_joins {
+            let t = Instant::now();
+            api.create_value(Kind::Node, node_object(p))?;
+            join_kube.push(ms(
+                listener.wait_added(&p.entry_keys(), t, STEP_TIMEOUT)? - t
+            ));
+        }
+        let listener = Listener::start(&node)?;
+        let t0 = Instant::now();
+        modes.restart(&mut lab, false)?;
+        listener.wait_added(&keys, t0, ALL_TIMEOUT)?;
+        let mut join_etcd = Vec::new();
+        for p in etcd_joins {
+            let t = Instant::now();
+            writer.put_peers(std::slice::from_ref(p))?;
+            join_etcd.push(ms(
+                listener.wait_added(&p.entry_keys(), t, STEP_TIMEOUT)? - t
+            ));
+        }
+        res.metrics.push(
+            Metric::new(&format!("join, {n} Nodes present"), "ms", &join_kube)
+                .vs("etcd mode: lease put", &join_etcd)
+                .note("from the Node's create (the lease's put) to its 3 kernel entries notified"),
+        );
+        drop(lab);
+        drop(api);
+    }
+    res.notes.push(
+        "one lab node; the fake API server (tests/src/fakeapi) runs in this process, in the lab's \
+         underlay, with the shipped manifest's RBAC; simulated Nodes carry a kubelet-like status \
+         (~1.5 KB each)"
+            .into(),
+    );
+    Ok(())
+}
