@@ -10,6 +10,17 @@ const VTEP_MAC_FILE: &str = "vtep-mac";
 /// The VTEP MAC: read from the state dir, or generated and persisted (atomically) on first start.
 /// A MAC that survives reboots keeps peers from holding stale entries (flannel #533, #1788).
 pub fn load_or_create_vtep_mac(dir: &Path) -> io::Result<MacAddr> {
+    load_or_adopt_vtep_mac(dir, None)
+}
+
+/// Whether the state dir holds a VTEP MAC already.
+pub fn has_vtep_mac(dir: &Path) -> bool {
+    dir.join(VTEP_MAC_FILE).exists()
+}
+
+/// `load_or_create_vtep_mac`, taking `stored` (the MAC the node published before, e.g. by
+/// flanneld) instead of a random one when the state dir has none.
+pub fn load_or_adopt_vtep_mac(dir: &Path, stored: Option<MacAddr>) -> io::Result<MacAddr> {
     let path = dir.join(VTEP_MAC_FILE);
     match std::fs::read_to_string(&path) {
         Ok(s) => s.trim().parse().map_err(|e| {
@@ -19,7 +30,7 @@ pub fn load_or_create_vtep_mac(dir: &Path) -> io::Result<MacAddr> {
             )
         }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let mac = MacAddr::random_local();
+            let mac = stored.unwrap_or_else(MacAddr::random_local);
             std::fs::create_dir_all(dir)?;
             write_atomic(&path, format!("{mac}\n").as_bytes())?;
             Ok(mac)

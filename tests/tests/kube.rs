@@ -533,3 +533,47 @@ fn upstream_e2e_cases_hold_through_the_api() -> Result<()> {
     drop(lab);
     Ok(())
 }
+
+/// A node that ran flanneld (its Node annotated as flanneld annotates it) moves to twilld: same
+/// subnet (its podCIDR), same VTEP MAC (taken over from backend-data, the state dir being new),
+/// so its peers' entries stay valid and its annotations need no rewrite.
+#[test]
+fn a_node_moving_from_flanneld_keeps_its_subnet_and_vtep_mac() -> Result<()> {
+    let mut k = KubeLab::new(2)?;
+    let mac = "0a:58:0a:f4:01:01";
+    let ip = k.lab.node_ip(1).to_string();
+    for (key, v) in [
+        ("kube-subnet-manager", "true"),
+        ("backend-type", "vxlan"),
+        (
+            "backend-data",
+            &format!(r#"{{"VNI":1,"VtepMAC":"{mac}"}}"#) as &str,
+        ),
+        ("public-ip", &ip),
+    ] {
+        k.api
+            .set_node_annotation("n1", &format!("{PREFIX}{key}"), Some(v))?;
+    }
+    k.start_all_meshed()?;
+    let (subnet, _, own_mac) = k.own(1)?;
+    ensure!(subnet == pod_cidr(1), "node 1 runs {subnet}");
+    ensure!(
+        own_mac == mac,
+        "node 1 made a new VTEP MAC {own_mac} instead of flanneld's {mac}"
+    );
+    ensure!(
+        k.lab.entries(2, DEV)?.has_peer(&subnet, mac, &ip),
+        "node 2 does not reach node 1 at flanneld's MAC"
+    );
+    let rewrites: Vec<_> = k
+        .api
+        .node_patches("n1")
+        .into_iter()
+        .filter(|p| !p.body["metadata"]["annotations"].is_null())
+        .collect();
+    ensure!(
+        rewrites.is_empty(),
+        "flanneld's annotations were rewritten: {rewrites:?}"
+    );
+    Ok(())
+}

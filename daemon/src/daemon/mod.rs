@@ -180,12 +180,21 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
             err,
         })?;
 
-    let vtep_mac = crate::state::load_or_create_vtep_mac(&args.state_dir).map_err(|err| {
-        StartError::State {
-            dir: args.state_dir.display().to_string(),
-            err,
-        }
-    })?;
+    let stored = if crate::state::has_vtep_mac(&args.state_dir) {
+        None
+    } else {
+        source.stored_vtep_mac().await
+    };
+    if let Some(mac) = stored {
+        info!(%mac, "taking over the VTEP MAC this node published before");
+    }
+    let vtep_mac =
+        crate::state::load_or_adopt_vtep_mac(&args.state_dir, stored).map_err(|err| {
+            StartError::State {
+                dir: args.state_dir.display().to_string(),
+                err,
+            }
+        })?;
     // Never fatal: while the address is taken (anyone may bind an unprivileged port), the rest
     // runs and binding is retried.
     crate::http::spawn(

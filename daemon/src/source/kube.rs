@@ -303,6 +303,16 @@ impl LeaseSource for KubeSource {
         tokio::spawn(self.clone().watch_peers(cfg, own_rx, peers, metrics));
     }
 
+    /// Our Node's backend-data, if its VtepMAC is valid (one quick GET: at start, an API server
+    /// that does not answer at once means a new MAC, not a wait).
+    async fn stored_vtep_mac(&self) -> Option<crate::mac::MacAddr> {
+        let nodes = self.nodes();
+        match tokio::time::timeout(Duration::from_secs(5), nodes.get_opt(&self.node)).await {
+            Ok(Ok(Some(node))) => knode::stored_vtep_mac(&node, &self.ann),
+            _ => None,
+        }
+    }
+
     fn node_ready(&self) {
         if !self.set_network_unavailable {
             return;

@@ -67,6 +67,13 @@ pub trait LeaseSource: Send + Sync + 'static {
         metrics: Arc<Metrics>,
     );
 
+    /// The VTEP MAC this node published through the source before (flannel's persistent MAC),
+    /// for a state dir that has none. Best effort: None when there is none or the source does
+    /// not answer.
+    fn stored_vtep_mac(&self) -> impl Future<Output = Option<crate::mac::MacAddr>> + Send {
+        async { None }
+    }
+
     /// The node is ready (subnet file written, CNI served): tell whoever waits for that. Called
     /// once, the first time.
     fn node_ready(&self) {}

@@ -252,6 +252,17 @@ struct VxlanDataIn {
     vtep_mac: Option<String>,
 }
 
+/// The VTEP MAC an earlier flanneld or twilld published in our own Node's backend-data (flannel's
+/// persistent-MAC feature): taken over when the state dir has none, so a node moving from
+/// flanneld, or one whose state dir was lost, keeps the MAC its peers have programmed. Only a
+/// valid unicast MAC counts.
+pub fn stored_vtep_mac(node: &Node, a: &Annotations) -> Option<MacAddr> {
+    let v = node.metadata.annotations.as_ref()?.get(a.backend_data())?;
+    let data: VxlanDataIn = serde_json::from_str(v).ok()?;
+    let mac: MacAddr = data.vtep_mac?.parse().ok()?;
+    (!mac.is_zero() && !mac.is_multicast()).then_some(mac)
+}
+
 /// Another node as a peer. Ok(None) when it is not one (yet): no `kube-subnet-manager: "true"`
 /// (not run by flanneld/twilld) or no podCIDR assigned. A Skip when its annotations are wrong:
 /// the same checks as an etcd lease (`lease::parse_lease`), the subnet's length aside.
@@ -857,6 +868,33 @@ mod tests {
             let got = own_annotations(&ann(), &vxlan_attrs(), &current);
             assert_eq!(got[&format!("{P}public-ip")], want, "{current:?}");
         }
+    }
+
+    #[test]
+    fn a_stored_vtep_mac_is_taken_only_when_valid() {
+        let a = Annotations::default();
+        let node = |data: &str| -> Node {
+            serde_json::from_value(json!({
+                "metadata": {"name": "n1", "annotations": {"flannel.alpha.coreos.com/backend-data": data}}
+            }))
+            .unwrap()
+        };
+        let mac: MacAddr = "12:c6:65:89:b4:e3".parse().unwrap();
+        assert_eq!(
+            stored_vtep_mac(&node(r#"{"VNI":1,"VtepMAC":"12:c6:65:89:b4:e3"}"#), &a),
+            Some(mac)
+        );
+        for bad in [
+            "null",
+            r#"{"VNI":1}"#,
+            r#"{"VNI":1,"VtepMAC":"01:00:5e:00:00:01"}"#,
+            r#"{"VNI":1,"VtepMAC":"00:00:00:00:00:00"}"#,
+            r#"{"VNI":1,"VtepMAC":"zz"}"#,
+        ] {
+            assert_eq!(stored_vtep_mac(&node(bad), &a), None, "{bad}");
+        }
+        let bare: Node = serde_json::from_value(json!({"metadata": {"name": "n1"}})).unwrap();
+        assert_eq!(stored_vtep_mac(&bare, &a), None);
     }
 
     #[test]
