@@ -256,15 +256,18 @@ impl World {
         for wp in fixtures::e2e_world() {
             let node: usize = wp.node.trim_start_matches('n').parse()?;
             let (ns, name) = (&wp.key.namespace, &wp.key.name);
+            // Created unbound, then bound by the scheduler, as every pod is.
             api.create_value(
                 Kind::Pod,
                 json!({
                     "metadata": {"name": name, "namespace": ns, "labels": wp.labels},
-                    "spec": {"nodeName": wp.node,
-                             "containers": [{"name": "c", "image": "busybox", "ports": container_ports()}]},
+                    "spec": {"containers": [{"name": "c", "image": "busybox", "ports": container_ports()}]},
                     "status": {"phase": "Pending"}
                 }),
             )?;
+            api.update_value(Kind::Pod, ns, name, |p| {
+                p["spec"]["nodeName"] = json!(wp.node);
+            })?;
             let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name}");
             let cfg = lab.cni_config(node, "1.0.0");
             let pod = lab

@@ -69,6 +69,9 @@ impl KubeLab {
                 &kc,
                 "--net-config-path",
                 &nc,
+                // /readyz turns 503 soon after the Node list is lost (and back once it is not).
+                "--lease-list-grace",
+                "5s",
             ],
         )
     }
@@ -96,14 +99,18 @@ impl KubeLab {
             .iter()
             .map(|(k, v)| (k.to_string(), Value::from(*v)))
             .collect();
+        // Created unbound, then bound by the scheduler, as every pod is.
         self.api.create_value(
             Kind::Pod,
             serde_json::json!({
                 "metadata": {"name": name, "namespace": ns, "labels": l},
-                "spec": {"nodeName": format!("n{i}"), "containers": [{"name": "c", "image": "busybox"}]},
+                "spec": {"containers": [{"name": "c", "image": "busybox"}]},
                 "status": {"phase": "Pending"}
             }),
         )?;
+        self.api.update_value(Kind::Pod, ns, name, |p| {
+            p["spec"]["nodeName"] = Value::from(format!("n{i}"));
+        })?;
         let cfg = self.lab.cni_config(i, "1.0.0");
         let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name}");
         let pod = self.lab.add_pod_with(i, name, &args, &cfg)?;
@@ -359,6 +366,18 @@ fn an_api_server_outage_loses_no_packets_and_a_relist_catches_up() -> Result<()>
         "packets lost during the API outage: {}",
         report.summary()
     );
+    // Not ready while the Node list was lost (longer than --lease-list-grace), ready again
+    // once it is whole.
+    for i in 1..=2 {
+        wait_until(CONVERGE, || matches!(k.lab.get(i, "/readyz"), Ok((200, _)))).with_context(
+            || {
+                format!(
+                    "node {i} stayed not ready after the API came back: {:?}",
+                    k.lab.get(i, "/readyz")
+                )
+            },
+        )?;
+    }
     for i in 1..=2 {
         wait_until(CONVERGE, || k.has_route(i, "10.244.9.0/24")).with_context(|| {
             format!("node {i} never programmed a node written as flanneld writes it")

@@ -643,6 +643,9 @@ impl Engine {
         let key = pod.key();
         let api = match self.objects.api_pod(&key) {
             Some(p) => Some(p.clone()),
+            // A sandbox re-created (runtime restart, reboot) for a pod whose labels this node
+            // recorded: they do, also while the API server is away.
+            None if self.objects.local_pod(&key).is_some() => self.objects.local_pod(&key).cloned(),
             None => {
                 let fetch = self.fetch.as_ref().expect("Kubernetes mode");
                 match tokio::time::timeout(API_POD_WAIT, fetch(key.clone())).await {

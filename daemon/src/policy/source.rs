@@ -105,6 +105,12 @@ impl Objects {
         self.api_here.get(key)
     }
 
+    /// This node's pod `key` as its last ADD recorded it (the state dir survives restarts):
+    /// for a sandbox re-created while the API server is away.
+    pub fn local_pod(&self, key: &str) -> Option<&Pod> {
+        self.local_key(key).map(|p| &p.pod)
+    }
+
     pub fn cluster(&self) -> &Cluster {
         &self.cluster
     }
@@ -401,6 +407,15 @@ impl Objects {
     /// are the pod's; the rest (address, attachment) is what this node's CNI set up. One with
     /// no attachment here yet waits for its ADD.
     fn put_api_pod_here(&mut self, key: String, pod: Pod, out: &mut Applied) {
+        // Seen before it was bound to a node (as every pod is created): not another node's.
+        if self.remote.remove(&key).is_some() && self.local_key(&key).is_none() {
+            if let Some((ns, name)) = split_key(&key) {
+                if let Some(rec) = self.cluster.remove_pod(&PodKey::new(ns, name)) {
+                    out.moves.push(PodMove::Removed(Box::new(rec)));
+                    out.changed = true;
+                }
+            }
+        }
         if let Some(local) = self.local_key(&key).cloned() {
             let mut updated = local.clone();
             updated.pod.metadata.labels = pod.metadata.labels.clone();

@@ -429,6 +429,7 @@ impl KubeSource {
         let mut skips = SkipLog::new(metrics.clone());
         let mut own_open = true;
         let mut listed_before = false;
+        let mut backoff = Backoff::new();
         // Rebuilt, with a fresh list, when our own subnet changes: which peers overlap it
         // depends on it.
         'relist: loop {
@@ -439,11 +440,12 @@ impl KubeSource {
                 .default_backoff()
                 .map(|r| r.map(full_event))
                 .boxed();
+            let built_for = own.borrow_and_update().subnet;
             let mut peers = Peers::new(
                 self.node.clone(),
                 self.ann.clone(),
                 cfg.clone(),
-                Some(own.borrow_and_update().subnet),
+                Some(built_for),
             );
             loop {
                 let (out, skip) = tokio::select! {
@@ -454,6 +456,7 @@ impl KubeSource {
                         }
                         Some(Ok(Event::InitApply(n))) => (Vec::new(), peers.init_apply(&n)),
                         Some(Ok(Event::InitDone)) => {
+                            backoff.reset();
                             if listed_before {
                                 Metrics::inc(&metrics.peer_resyncs);
                             }
@@ -465,10 +468,17 @@ impl KubeSource {
                             (a.events, a.skip)
                         }
                         Some(Ok(Event::Delete(n))) => (peers.delete(&n), None),
+                        // As in etcd mode: the list is not known to be whole until a new
+                        // one succeeds (its Snapshot is what tells the daemon). kube-runtime
+                        // would resume the watch silently, and nothing would say it did.
                         Some(Err(e)) => {
                             Metrics::inc(&metrics.kube_api_errors);
-                            warn!(error = %e, "watching Nodes; retrying");
-                            (vec![PeerEvent::ListFailed(e.to_string())], None)
+                            warn!(error = %e, "watching Nodes; listing them again");
+                            if tx.send(PeerEvent::ListFailed(e.to_string())).await.is_err() {
+                                return;
+                            }
+                            backoff.wait().await;
+                            continue 'relist;
                         }
                         None => return,
                     },
@@ -477,7 +487,10 @@ impl KubeSource {
                             own_open = false;
                             (Vec::new(), None)
                         }
-                        Ok(()) => continue 'relist,
+                        // Which peers overlap ours depends on our subnet; an attribute change
+                        // (public IP) alone does not need the Nodes again.
+                        Ok(()) if own.borrow_and_update().subnet != built_for => continue 'relist,
+                        Ok(()) => (Vec::new(), None),
                     },
                 };
                 if let Some(s) = skip {
