@@ -172,7 +172,13 @@ pub fn probe(from_ns: &str, to: IpAddr, port: u16, proto: Protocol) -> bool {
                 s.set_read_timeout(Some(PROBE_TIMEOUT))?;
                 s.send_to(b"probe", addr)?;
                 let mut b = [0u8; 5];
-                let (n, _) = s.recv_from(&mut b)?;
+                // A timed receive fails with EINTR on any handled signal: not an answer.
+                let n = loop {
+                    match s.recv_from(&mut b) {
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        r => break r?.0,
+                    }
+                };
                 Ok(&b[..n] == b"probe")
             })()
             .unwrap_or(false),

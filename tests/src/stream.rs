@@ -358,10 +358,14 @@ fn receive(
     while !stop.load(Ordering::Relaxed) && Instant::now() < hard_stop {
         let n = match sock.recv(&mut buf) {
             Ok(n) => n,
+            // A socket with a receive timeout fails with EINTR on any handled signal, SA_RESTART
+            // or not (signal(7)); one ended a bench run in CI. Keep receiving.
             Err(e)
                 if matches!(
                     e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
                 ) =>
             {
                 continue
