@@ -20,12 +20,12 @@ pub struct SlimNode {
 
 impl SlimNode {
     /// As a `Node` for `node.rs`'s functions (spec's podCIDRs only, no status).
-    pub fn to_node(&self) -> Node {
+    pub fn into_node(self) -> Node {
         Node {
-            metadata: self.metadata.clone(),
+            metadata: self.metadata,
             spec: Some(NodeSpec {
-                pod_cidr: self.pod_cidr.clone(),
-                pod_cidrs: self.pod_cidrs.clone(),
+                pod_cidr: self.pod_cidr,
+                pod_cidrs: self.pod_cidrs,
                 ..Default::default()
             }),
             status: None,
@@ -116,7 +116,7 @@ mod tests {
                        "images": [{"names": ["a"], "sizeBytes": 1}]}
         });
         let slim: SlimNode = serde_json::from_value(v.clone()).unwrap();
-        let node = slim.to_node();
+        let node = slim.into_node();
         let full: Node = serde_json::from_value(v).unwrap();
         assert_eq!(node.metadata.name, full.metadata.name);
         assert_eq!(node.metadata.resource_version.as_deref(), Some("17"));
@@ -135,7 +135,7 @@ mod tests {
         .unwrap();
         let slim: SlimNode = serde_json::from_value(serde_json::to_value(&full).unwrap()).unwrap();
         assert_eq!(
-            super::super::node::node_digest(&slim.to_node(), &a),
+            super::super::node::node_digest(&slim.into_node(), &a),
             super::super::node::node_digest(&full, &a)
         );
     }
