@@ -77,9 +77,13 @@ pub fn subscribe(group: u16) -> Result<mpsc::Receiver<LoggedPacket>, NetlinkErro
     for (seq, attrs) in [(1u32, bind), (2, mode)] {
         sock.send(&config_msg(group, &attrs, seq), 0)
             .map_err(|e| NetlinkError::failed("configure NFLOG group", e))?;
-        let n = sock
-            .recv(&mut &mut buf[..], 0)
-            .map_err(|e| NetlinkError::failed("configure NFLOG group", e))?;
+        // EINTR: interrupted by a signal; the answer is still coming.
+        let n = loop {
+            match sock.recv(&mut &mut buf[..], 0) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => break r.map_err(|e| NetlinkError::failed("configure NFLOG group", e))?,
+            }
+        };
         // An NLMSG_ERROR with a non-zero code: the group is taken (another listener).
         if n >= 20 && u16::from_ne_bytes([buf[4], buf[5]]) == 2 {
             let code = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);

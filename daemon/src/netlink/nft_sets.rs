@@ -137,9 +137,13 @@ pub fn apply(family: NfFamily, table: &str, ops: &[ElemOp]) -> Result<(), Netlin
     let mut pending = acked;
     let mut rbuf = vec![0u8; 1 << 16];
     while pending > 0 {
-        let n = sock
-            .recv(&mut &mut rbuf[..], 0)
-            .map_err(|e| NetlinkError::failed("read nftables acks", e))?;
+        let n = match sock.recv(&mut &mut rbuf[..], 0) {
+            Ok(n) => n,
+            // With a receive timeout set, any handled signal (SIGTERM, SIGHUP) fails the
+            // receive with EINTR (signal(7)); the acks are still coming.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(NetlinkError::failed("read nftables acks", e)),
+        };
         for (kind, errno) in messages(&rbuf[..n]) {
             if kind != NLMSG_ERROR {
                 continue;
