@@ -677,12 +677,23 @@ impl Lab {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Result<()> {
+        let args = merge_args(&self.daemon_args(i), extra);
+        self.start_daemon_args(i, &args, env)
+    }
+
+    /// Start twilld with exactly `args` (see `daemon_args` and `merge_args`): for a test that
+    /// needs one of the defaults gone.
+    pub fn start_daemon_args(
+        &mut self,
+        i: usize,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Result<()> {
         self.check_node(i);
         if self.daemon_running(i) {
             bail!("twilld is already running on node {i}");
         }
         let twilld = self.bin(bins::TWILLD)?;
-        let args = merge_args(&self.daemon_args(i), extra);
         let log_path = self.daemon_log_path(i);
         let mut log = OpenOptions::new()
             .create(true)

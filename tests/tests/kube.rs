@@ -5,7 +5,9 @@
 //! hence the fake; what only a real cluster can confirm is listed in deploy/README.md.
 //! No etcd runs in these labs.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Context, Result};
@@ -59,21 +61,25 @@ impl KubeLab {
         p.display().to_string()
     }
 
-    fn start(&mut self, i: usize) -> Result<()> {
+    /// twilld's arguments on node i in Kubernetes mode.
+    fn args(&self, i: usize) -> Vec<String> {
         let (kc, nc) = (self.file(i, "kubeconfig"), self.file(i, "net-conf.json"));
-        self.lab.start_daemon_with(
-            i,
-            &[
-                "--kube-subnet-mgr",
-                "--kubeconfig-file",
-                &kc,
-                "--net-config-path",
-                &nc,
-                // /readyz turns 503 soon after the Node list is lost (and back once it is not).
-                "--lease-list-grace",
-                "5s",
-            ],
-        )
+        let extra = [
+            "--kube-subnet-mgr",
+            "--kubeconfig-file",
+            &kc,
+            "--net-config-path",
+            &nc,
+            // /readyz turns 503 soon after the Node list is lost (and back once it is not).
+            "--lease-list-grace",
+            "5s",
+        ];
+        twill_tests::lab::merge_args(&self.lab.daemon_args(i), &extra)
+    }
+
+    fn start(&mut self, i: usize) -> Result<()> {
+        let args = self.args(i);
+        self.lab.start_daemon_args(i, &args, &[])
     }
 
     /// twilld on every node, each ready and with every other node programmed.
@@ -200,6 +206,32 @@ fn network_unavailable(node: &Value) -> Option<String> {
 #[test]
 fn nodes_join_from_the_api_and_their_pods_reach_each_other_without_nat() -> Result<()> {
     let mut k = KubeLab::new(3)?;
+    // What existed on a node when its NetworkUnavailable=False patch arrived, checked as it
+    // arrives: the condition must be set last.
+    let on_arrival = Arc::new(Mutex::new(Vec::<(String, bool, bool)>::new()));
+    let files: HashMap<String, (PathBuf, PathBuf)> = (1..=3)
+        .map(|i| {
+            let files = (k.lab.subnet_file(i), k.lab.cni_socket(i));
+            (format!("n{i}"), files)
+        })
+        .collect();
+    let seen = on_arrival.clone();
+    k.api.on_request(move |r| {
+        let sets_condition = r.verb == "patch"
+            && r.resource == "nodes/status"
+            && r.body
+                .as_ref()
+                .is_some_and(|b| b.to_string().contains("NetworkUnavailable"));
+        if let Some((node, (subnet, socket))) = r
+            .name
+            .as_ref()
+            .and_then(|n| files.get_key_value(n))
+            .filter(|_| sets_condition)
+        {
+            let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+            seen.push((node.clone(), subnet.exists(), socket.exists()));
+        }
+    });
     k.start_all_meshed()?;
     for i in 1..=3 {
         let name = format!("n{i}");
@@ -235,9 +267,20 @@ fn nodes_join_from_the_api_and_their_pods_reach_each_other_without_nat() -> Resu
                 .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready")),
             "the Ready condition was lost: {n}"
         );
+        let arrivals: Vec<_> = on_arrival
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(n, ..)| *n == name)
+            .cloned()
+            .collect();
         ensure!(
-            k.lab.subnet_file(i).exists(),
-            "NetworkUnavailable=False before the subnet file"
+            !arrivals.is_empty()
+                && arrivals
+                    .iter()
+                    .all(|(_, subnet, socket)| *subnet && *socket),
+            "node {i}'s NetworkUnavailable patches came before its subnet file or CNI socket \
+             existed (node, subnet file, socket): {arrivals:?}"
         );
     }
     let mut pods = Vec::new();
@@ -497,6 +540,53 @@ fn a_node_waits_for_its_podcidr_and_says_so() -> Result<()> {
     Ok(())
 }
 
+/// Without --node-name or NODE_NAME, as in flannel's DaemonSet: the name is our pod's
+/// spec.nodeName (POD_NAME/POD_NAMESPACE from the downward API); half of that pair is an error
+/// that says what is missing.
+#[test]
+fn the_node_name_comes_from_our_pod_when_not_given() -> Result<()> {
+    let mut k = KubeLab::new(1)?;
+    let mut args = k.args(1);
+    let at = args
+        .iter()
+        .position(|a| a == "--node-name")
+        .ok_or_else(|| anyhow!("the lab no longer passes --node-name: {args:?}"))?;
+    args.drain(at..at + 2);
+
+    k.lab
+        .start_daemon_args(1, &args, &[("POD_NAME", "twill-x1")])?;
+    wait_until(Duration::from_secs(30), || !k.lab.daemon_running(1))
+        .context("twilld ran with POD_NAME but no POD_NAMESPACE")?;
+    let log = k.lab.daemon_log_last(1);
+    ensure!(
+        log.contains("POD_NAMESPACE"),
+        "the error does not name what is missing: {log}"
+    );
+
+    // Our pod is host-network, on n1; the machine's host name is not n1.
+    k.api.add_namespace("kube-flannel", &[])?;
+    k.api.create_value(
+        Kind::Pod,
+        serde_json::json!({
+            "metadata": {"name": "twill-x1", "namespace": "kube-flannel"},
+            "spec": {"nodeName": "n1", "hostNetwork": true,
+                     "containers": [{"name": "twilld", "image": "twill"}]}
+        }),
+    )?;
+    let env = [("POD_NAME", "twill-x1"), ("POD_NAMESPACE", "kube-flannel")];
+    k.lab.start_daemon_args(1, &args, &env)?;
+    k.lab.wait_ready(1, READY)?;
+    ensure!(
+        k.own(1)?.0 == pod_cidr(1),
+        "node 1 did not take n1's podCIDR"
+    );
+    ensure!(
+        k.annotation("n1", "kube-subnet-manager").as_deref() == Some("true"),
+        "n1 carries no annotations: twilld took another name"
+    );
+    Ok(())
+}
+
 /// The upstream e2e NetworkPolicy cases (the etcd-mode suite's table), driven through the API:
 /// policies, namespace labels and pod labels written as Kubernetes objects.
 #[test]
@@ -550,6 +640,50 @@ fn upstream_e2e_cases_hold_through_the_api() -> Result<()> {
     ensure!(checked > 60, "only {checked} checks ran");
     drop(world);
     drop(lab);
+    Ok(())
+}
+
+/// The Node watch rests after each burst of events (heartbeats of a big cluster); a Node that
+/// joins right after a burst, and one that joins after a quiet spell, are both programmed, and
+/// a burst is read whole after a rest, not an event per rest.
+#[test]
+fn a_node_joining_during_heartbeats_is_programmed() -> Result<()> {
+    let mut k = KubeLab::new(2)?;
+    k.start_all_meshed()?;
+    let join = |k: &KubeLab, n: u32| -> Result<()> {
+        let name = format!("n{n}");
+        let ip = format!("198.18.0.{n}");
+        k.api
+            .add_node(&name, &ip, Some(&format!("10.244.{n}.0/24")))?;
+        let data = format!(r#"{{"VNI":1,"VtepMAC":"0a:58:0a:f4:{n:02x}:01"}}"#);
+        for (key, v) in [
+            ("kube-subnet-manager", "true"),
+            ("backend-type", "vxlan"),
+            ("backend-data", &data as &str),
+            ("public-ip", &ip),
+        ] {
+            k.api
+                .set_node_annotation(&name, &format!("{PREFIX}{key}"), Some(v))?;
+        }
+        Ok(())
+    };
+    for n in [50, 51] {
+        // 200 events: read one per rest (100 ms), they would take 20 s.
+        for _ in 0..200 {
+            k.api.heartbeat("n2")?;
+        }
+        if n == 51 {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        join(&k, n)?;
+        let subnet = format!("10.244.{n}.0/24");
+        wait_until(Duration::from_secs(10), || k.has_route(1, &subnet)).with_context(|| {
+            format!(
+                "node 1 did not program n{n} within 10 s: {:?}",
+                k.lab.entries(1, DEV)
+            )
+        })?;
+    }
     Ok(())
 }
 

@@ -183,6 +183,7 @@ impl FakeApi {
             tokens: Mutex::new(tokens),
             admin_user,
             records: Mutex::new(Vec::new()),
+            on_request: Mutex::new(None),
             drop_watches: watch::channel(0).0,
             bookmark_interval: Mutex::new(opts.bookmark_interval),
             default_watch_timeout: opts.default_watch_timeout,
@@ -601,6 +602,12 @@ impl FakeApi {
 
     pub fn requests(&self) -> Vec<RequestRecord> {
         lock(&self.shared.records).clone()
+    }
+
+    /// Runs `hook` on each request (not the fake's own `/fake/` paths) after it is handled and
+    /// before its answer leaves: what held when a client sent something, checked as it arrives.
+    pub fn on_request(&self, hook: impl Fn(&RequestRecord) + Send + Sync + 'static) {
+        *lock(&self.shared.on_request) = Some(Arc::new(hook));
     }
 
     pub fn clear_requests(&self) {

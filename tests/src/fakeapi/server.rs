@@ -77,6 +77,8 @@ pub struct Shared {
     pub tokens: Mutex<HashMap<String, Identity>>,
     pub admin_user: String,
     pub records: Mutex<Vec<RequestRecord>>,
+    /// Called with each request's record before it is answered (`FakeApi::on_request`).
+    pub on_request: Mutex<Option<RequestHook>>,
     /// Bumped to cut every open watch stream.
     pub drop_watches: watch::Sender<u64>,
     pub bookmark_interval: Mutex<Duration>,
@@ -473,7 +475,13 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     Ok(resp)
 }
 
+pub type RequestHook = Arc<dyn Fn(&RequestRecord) + Send + Sync>;
+
 fn record(shared: &Shared, r: RequestRecord) {
+    let hook = lock(&shared.on_request).clone();
+    if let Some(hook) = hook {
+        hook(&r);
+    }
     lock(&shared.records).push(r);
 }
 
