@@ -25,7 +25,6 @@ use kube::{Client, Config, ResourceExt};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use super::paced::Paced;
 use super::LeaseSource;
 use crate::config::{ConfigError, NetworkConfig};
 use crate::daemon::Shared;
@@ -43,11 +42,6 @@ const WAIT_LOG_EVERY: Duration = Duration::from_secs(30);
 /// Server-side timeout of each watch call: the connection is renewed this often, and a dead
 /// one is noticed a few seconds after (kube-runtime's idle timeout).
 const WATCH_TIMEOUT_S: u32 = 290;
-/// After a burst of Node events, read again this much later: status heartbeats of 5,000 Nodes
-/// every 10 s (500 a second) are then read fifty at a time, which took their cost from 2.2 % of
-/// a core to 0.6 % (20 ms: 1.4 %). A Node change waits at most this long, and only when it
-/// follows another event this closely; a new Node's own twilld takes seconds to start anyway.
-const NODE_EVENTS_REST: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {
@@ -442,14 +436,10 @@ impl KubeSource {
             let wc = watcher::Config::default().timeout(WATCH_TIMEOUT_S);
             // Decoded slim (`SlimNode`): every kubelet status write of every Node comes here.
             let nodes: Api<SlimNode> = Api::all(self.client.clone());
-            let events = watcher(nodes, wc)
+            let mut events = watcher(nodes, wc)
                 .default_backoff()
-                .map(|r| r.map(full_event));
-            // Read in bursts once listed (see `Paced`): heartbeats of thousands of Nodes.
-            let mut events = Paced::new(events, NODE_EVENTS_REST, |e| {
-                matches!(e, Ok(Event::Apply(_)))
-            })
-            .boxed();
+                .map(|r| r.map(full_event))
+                .boxed();
             let built_for = own.borrow_and_update().subnet;
             let mut peers = Peers::new(
                 self.node.clone(),

@@ -5,7 +5,6 @@
 pub mod etcd;
 pub mod kube;
 pub mod kube_objects;
-mod paced;
 
 use std::future::Future;
 use std::net::Ipv4Addr;
