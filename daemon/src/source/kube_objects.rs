@@ -140,7 +140,8 @@ where
 /// One event of a watch, whatever its kind.
 enum Ev {
     Put(ObjKv),
-    Delete(String),
+    /// The key, and the resourceVersion of the delete (the object's, as last written).
+    Delete(String, Option<String>),
     /// Nothing changed; the watch is at this resourceVersion.
     At(String),
     Gone(String),
@@ -152,9 +153,9 @@ fn ev<K: Resource>(e: WatchEvent<K>, conv: fn(&K) -> Option<ObjKv>) -> Ev {
         WatchEvent::Added(o) | WatchEvent::Modified(o) => match conv(&o) {
             Some(kv) => Ev::Put(kv),
             // Left out (a host-network pod): as if it were not there.
-            None => Ev::Delete(key_of(&o)),
+            None => Ev::Delete(key_of(&o), o.meta().resource_version.clone()),
         },
-        WatchEvent::Deleted(o) => Ev::Delete(key_of(&o)),
+        WatchEvent::Deleted(o) => Ev::Delete(key_of(&o), o.meta().resource_version.clone()),
         WatchEvent::Bookmark(b) => Ev::At(b.metadata.resource_version),
         WatchEvent::Error(s) if s.code == 410 => Ev::Gone(s.message),
         WatchEvent::Error(s) => Ev::Failed(format!("{} ({})", s.message, s.code)),
@@ -218,8 +219,12 @@ impl ObjWatch for KubeWatch {
                     self.rv = kv.mod_revision.to_string();
                     return Ok(ObjWatchMsg::Changes(vec![ObjChange::Put(kv)]));
                 }
-                Some(Ok(Ev::Delete(key))) => {
-                    return Ok(ObjWatchMsg::Changes(vec![ObjChange::Delete(key)]))
+                Some(Ok(Ev::Delete(key, rv))) => {
+                    // Reopened after a timeout, the watch starts past the delete.
+                    if let Some(rv) = rv {
+                        self.rv = rv;
+                    }
+                    return Ok(ObjWatchMsg::Changes(vec![ObjChange::Delete(key)]));
                 }
             }
         }
@@ -353,7 +358,7 @@ mod tests {
         assert!(pod_kv(&host).is_none());
         assert!(matches!(
             ev(WatchEvent::Modified(host), pod_kv),
-            Ev::Delete(k) if k == "kube-system/kube-proxy-x"
+            Ev::Delete(k, _) if k == "kube-system/kube-proxy-x"
         ));
     }
 
@@ -393,5 +398,16 @@ mod tests {
         }))
         .unwrap();
         assert!(matches!(ev(bm, pod_kv), Ev::At(rv) if rv == "77"));
+        // A delete moves it too: a watch reopened after it starts past it.
+        let del: WatchEvent<Pod> = serde_json::from_value(json!({
+            "type": "DELETED",
+            "object": {"kind": "Pod", "apiVersion": "v1",
+                       "metadata": {"name": "a", "namespace": "x", "resourceVersion": "90"}}
+        }))
+        .unwrap();
+        assert!(matches!(
+            ev(del, pod_kv),
+            Ev::Delete(k, Some(rv)) if k == "x/a" && rv == "90"
+        ));
     }
 }
