@@ -110,7 +110,7 @@ pub async fn watch_dir<S: ObjectStore>(
                 continue;
             }
         };
-        backoff = std::time::Duration::from_millis(200);
+        let opened = tokio::time::Instant::now();
         let why = loop {
             match w.next().await {
                 Err(e) => break e.to_string(),
@@ -130,6 +130,70 @@ pub async fn watch_dir<S: ObjectStore>(
         };
         tracing::warn!(dir, "watch ended: {why}; re-listing");
         Metrics::inc(&metrics.etcd_reconnects);
+        // Only a watch that lasted counts as healthy: one that a server ends at once (a
+        // Kubernetes API server refusing it, say) must not mean a full list every 200 ms.
+        if opened.elapsed() >= HEALTHY_WATCH {
+            backoff = std::time::Duration::from_millis(200);
+        }
         tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(max);
+    }
+}
+
+/// A watch that ran this long before it ended was working; the next re-list is quick.
+const HEALTHY_WATCH: std::time::Duration = std::time::Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A store whose watches end at once (the real ones, etcd and the API server, cannot be
+    /// made to do that on cue; `tests/tests` runs them for everything else). Counts lists.
+    #[derive(Clone, Default)]
+    struct Refusing {
+        lists: Arc<AtomicUsize>,
+    }
+
+    struct Ends;
+
+    impl ObjWatch for Ends {
+        async fn next(&mut self) -> Result<ObjWatchMsg, RegistryError> {
+            Ok(ObjWatchMsg::Reset("refused".into()))
+        }
+    }
+
+    impl ObjectStore for Refusing {
+        type Watch = Ends;
+        async fn list(&self, _: &str) -> Result<(Vec<ObjKv>, i64), RegistryError> {
+            self.lists.fetch_add(1, Ordering::Relaxed);
+            Ok((Vec::new(), 1))
+        }
+        async fn watch(&self, _: &str, _: i64) -> Result<Ends, RegistryError> {
+            Ok(Ends)
+        }
+        async fn get(&self, _: &str, _: &str) -> Result<Option<ObjKv>, RegistryError> {
+            Ok(None)
+        }
+        async fn put(&self, _: &str, _: &str, _: &[u8]) -> Result<(), RegistryError> {
+            Ok(())
+        }
+        async fn delete(&self, _: &str, _: &str) -> Result<bool, RegistryError> {
+            Ok(false)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_that_ends_at_once_backs_off() {
+        let store = Refusing::default();
+        let (tx, mut rx) = mpsc::channel(16);
+        let metrics = Arc::new(Metrics::default());
+        tokio::spawn(watch_dir(store.clone(), "pods", tx, metrics));
+        tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+        // Waits of 0.2, 0.4, ... 6.4 s, then 10 s: 11 lists in a minute; at a steady 200 ms
+        // it would be 300.
+        let lists = store.lists.load(Ordering::Relaxed);
+        assert!((10..=14).contains(&lists), "{lists} lists in a minute");
     }
 }
