@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Context, Result};
 use serde_json::Value;
-use twill_tests::fakeapi::{FakeApi, FakeApiOptions, Kind};
+use twill_tests::fakeapi::{Failure, FakeApi, FakeApiOptions, Kind};
 use twill_tests::{wait_until, Lab, LabOptions, Pod, StreamOptions, UdpStream};
 
 const DEV: &str = "twill.1";
@@ -343,12 +343,27 @@ fn deleted_nodes_wiped_annotations_and_podcidr_changes_are_followed() -> Result<
         "the subnet changed across a restart"
     );
 
-    // Another controller wipes our annotations: twilld puts them back.
+    // Another controller wipes our annotations: twilld puts them back, also when its first
+    // patch fails and nothing about the Node changes after that.
+    k.api.clear_requests();
+    k.api.fail_next(1, Failure::Internal);
     k.api.wipe_annotations("n2")?;
-    wait_until(CONVERGE, || {
+    wait_until(Duration::from_secs(20), || {
         k.annotation("n2", "backend-data").is_some() && k.annotation("n2", "public-ip").is_some()
     })
     .context("node 2's annotations were not restored")?;
+    // (An injected failure is answered before routing, so it is found by path.)
+    let patches: Vec<u16> = k
+        .api
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.path == "/api/v1/nodes/n2/status")
+        .map(|r| r.code)
+        .collect();
+    ensure!(
+        patches.first() == Some(&500) && patches.last() == Some(&200),
+        "expected a failed patch, then one that took: {patches:?}"
+    );
 
     // A podCIDR change is a new subnet: its node moves, the others follow.
     k.api.set_pod_cidrs("n2", &["10.244.22.0/24"])?;

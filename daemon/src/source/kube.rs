@@ -364,8 +364,16 @@ impl KubeSource {
         let mut events = watcher(self.nodes(), wc).default_backoff().boxed();
         let mut attrs_open = true;
         let mut last: Option<Node> = None;
+        // A failed publish is tried again on its own: our Node may not change for minutes.
+        let mut retry = Retry::new();
         loop {
             tokio::select! {
+                () = retry.due() => {
+                    if let Some(n) = &last {
+                        let ok = self.republish(n, &lease.attrs, &metrics).await;
+                        retry.after(ok);
+                    }
+                }
                 ev = events.next() => match ev {
                     Some(Ok(Event::Apply(n) | Event::InitApply(n))) => {
                         match knode::pod_subnet(&n, &cfg) {
@@ -377,7 +385,8 @@ impl KubeSource {
                             Ok(_) => {}
                             Err(e) => warn!("our Node: {e}; keeping {}", lease.subnet),
                         }
-                        self.republish(&n, &lease.attrs, &metrics).await;
+                        let ok = self.republish(&n, &lease.attrs, &metrics).await;
+                        retry.after(ok);
                         last = Some(n);
                     }
                     Some(Ok(Event::Delete(_))) => {
@@ -395,7 +404,8 @@ impl KubeSource {
                     Ok(()) => {
                         lease.attrs = attrs.borrow_and_update().clone();
                         if let Some(n) = &last {
-                            self.republish(n, &lease.attrs, &metrics).await;
+                            let ok = self.republish(n, &lease.attrs, &metrics).await;
+                            retry.after(ok);
                         }
                         out.send_replace(lease.clone());
                     }
@@ -404,15 +414,18 @@ impl KubeSource {
         }
     }
 
-    /// `publish`, logged; a failure is retried at the next event of our Node (the watch
-    /// relists after errors, so one comes).
-    async fn republish(&self, node: &Node, attrs: &LeaseAttrs, metrics: &Metrics) {
+    /// `publish`, logged; false if it failed (`keep_own` tries again).
+    async fn republish(&self, node: &Node, attrs: &LeaseAttrs, metrics: &Metrics) -> bool {
         match self.publish(node, attrs).await {
-            Ok(true) => info!(node = %self.node, "published our Node annotations"),
-            Ok(false) => {}
+            Ok(true) => {
+                info!(node = %self.node, "published our Node annotations");
+                true
+            }
+            Ok(false) => true,
             Err(e) => {
                 Metrics::inc(&metrics.kube_api_errors);
-                warn!(error = %e, "publishing our Node annotations failed; retried at the next change");
+                warn!(error = %e, "publishing our Node annotations failed; trying again");
+                false
             }
         }
     }
@@ -505,6 +518,44 @@ impl KubeSource {
                     }
                 }
             }
+        }
+    }
+}
+
+/// When to try a failed publish again: 500 ms, doubling to 30 s; never after a success.
+struct Retry {
+    at: Option<tokio::time::Instant>,
+    delay: Duration,
+}
+
+impl Retry {
+    const MIN: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn new() -> Self {
+        Retry {
+            at: None,
+            delay: Self::MIN,
+        }
+    }
+
+    fn after(&mut self, ok: bool) {
+        if ok {
+            *self = Retry::new();
+        } else {
+            self.at = Some(tokio::time::Instant::now() + self.delay);
+            self.delay = (self.delay * 2).min(Self::MAX);
+        }
+    }
+
+    /// Resolves when a retry is due (never while none is).
+    async fn due(&mut self) {
+        match self.at {
+            Some(at) => {
+                tokio::time::sleep_until(at).await;
+                self.at = None;
+            }
+            None => std::future::pending().await,
         }
     }
 }
