@@ -86,6 +86,8 @@ pub async fn watch_dir<S: ObjectStore>(
 ) {
     let mut backoff = std::time::Duration::from_millis(200);
     let max = std::time::Duration::from_secs(10);
+    // Watches in a row that ended before HEALTHY_WATCH.
+    let mut quick_ends = 0u32;
     loop {
         let (kvs, rev) = match store.list(dir).await {
             Ok(r) => r,
@@ -110,6 +112,7 @@ pub async fn watch_dir<S: ObjectStore>(
                 continue;
             }
         };
+        backoff = std::time::Duration::from_millis(200);
         let opened = tokio::time::Instant::now();
         let why = loop {
             match w.next().await {
@@ -130,13 +133,15 @@ pub async fn watch_dir<S: ObjectStore>(
         };
         tracing::warn!(dir, "watch ended: {why}; re-listing");
         Metrics::inc(&metrics.etcd_reconnects);
-        // Only a watch that lasted counts as healthy: one that a server ends at once (a
-        // Kubernetes API server refusing it, say) must not mean a full list every 200 ms.
-        if opened.elapsed() >= HEALTHY_WATCH {
-            backoff = std::time::Duration::from_millis(200);
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(max);
+        // Only a watch that lasted counts as healthy: watches that a server ends at once (a
+        // Kubernetes API server refusing them, say) must not mean a full list every 200 ms.
+        quick_ends = if opened.elapsed() >= HEALTHY_WATCH {
+            0
+        } else {
+            quick_ends + 1
+        };
+        let wait = backoff * 2u32.pow(quick_ends.saturating_sub(1).min(6));
+        tokio::time::sleep(wait.min(max)).await;
     }
 }
 
