@@ -21,8 +21,8 @@ use netpol::model::{
 };
 use netpol::oracle::{evaluate, explain, Decision, Endpoint, Exemption, Flow};
 use netpol::program::{
-    compile, diff, group_chain_name, isolating, pod_added, pod_removed, policy_chain_name, Chain,
-    NodeProgram,
+    closed_first, compile, diff, group_chain_name, isolating, pod_added, pod_removed,
+    policy_chain_name, Chain, NodeProgram, PENDING,
 };
 use netpol::validate::validate_network_policy;
 use proptest::collection::{btree_map, vec};
@@ -550,6 +550,59 @@ proptest! {
             let needs_none = groups.iter().all(|g| wo.chains.contains_key(g));
             prop_assert_eq!(added.is_some(), needs_none, "{} added on {}", key, node);
             prop_assert_eq!(removed.is_some(), needs_none, "{} removed on {}", key, node);
+        }
+    }
+
+    /// CNI ADD applies a pod's own delta closed first (its map entries to the pending chains)
+    /// and opens it right after the answer: the two steps end where the delta does, and in
+    /// between no flow in either family is let through that the finished program refuses.
+    #[test]
+    fn a_new_pod_waits_closed_and_never_more_open(w in world(), pick in any::<prop::sample::Index>(), transports in subsequence(TRANSPORTS.to_vec(), 4)) {
+        prop_assume!(!w.pods.is_empty());
+        let i = pick.index(w.pods.len());
+        let full = build(&w);
+        let key = pod_key(i, &w.pods[i]);
+        let mut without = full.clone();
+        without.remove_pod(&key).expect("built from w");
+        let mut progs = common::programs(&full, NODES);
+        for node in NODES {
+            let wo = compile(&without, node);
+            let Some(d) = pod_added(&full, node, &wo, &key) else { continue };
+            let with = d.apply(&wo);
+            let isolated = !d.ingress.added.is_empty() || !d.egress.added.is_empty();
+            let (first, then) = closed_first(d);
+            prop_assert_eq!(then.is_some(), isolated);
+            let mid = first.apply(&wo);
+            let end = then.as_ref().map_or(mid.clone(), |t| t.apply(&mid));
+            prop_assert_eq!(&end, &with);
+            // Every entry the pod gets waits in its direction's pending chain.
+            for (map, pending) in [(&mid.ingress, PENDING[0]), (&mid.egress, PENDING[1])] {
+                for (ip, g) in map {
+                    let theirs = with.ingress.contains_key(ip) || with.egress.contains_key(ip);
+                    if wo.ingress.get(ip) != Some(g) && wo.egress.get(ip) != Some(g) {
+                        prop_assert!(theirs && g == pending, "{} -> {}", ip, g);
+                    }
+                }
+            }
+            let finished = progs.clone();
+            progs.insert(node.to_string(), mid);
+            for family in [Family::V4, Family::V6] {
+                let ends = endpoints(&w, family);
+                for src in &ends {
+                    for dst in &ends {
+                        for t in &transports {
+                            let flow = Flow { src: src.clone(), dst: dst.clone(), family, transport: *t };
+                            if evaluate(&full, &flow).is_err() {
+                                continue;
+                            }
+                            let (closed, _) = common::dataplane(&full, &progs, &flow);
+                            let (open, _) = common::dataplane(&full, &finished, &flow);
+                            prop_assert!(!closed || open, "{:?} passes while {} waits", flow, key);
+                        }
+                    }
+                }
+            }
+            progs = finished;
         }
     }
 
