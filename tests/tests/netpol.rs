@@ -201,18 +201,23 @@ fn a_new_pod_is_a_peer_and_a_target_as_soon_as_add_returns() -> Result<()> {
         "the new client is not in x/a's allowed peers right after ADD"
     );
     // A second target of the policy (no server in it: an allowed connection is refused).
+    // Closed when ADD answers, opened to its allowed peers right after (its verdict-map
+    // entries follow the answer: see `netpol::program::closed_first`).
     let replica = add(&mut lab, "replica", &[("pod", "a")])?;
     let replica_ip = IpAddr::V4(replica.ip);
-    assert_eq!(
-        connect_outcome(&client.netns_path(), replica_ip, 80),
-        Outcome::Refused,
-        "the client cannot reach the new replica right after ADD"
-    );
     let other = world.pods[&PodKey::new("x", "b")].netns_path();
     assert_eq!(
         connect_outcome(&other, replica_ip, 80),
         Outcome::TimedOut,
         "the new replica is not isolated right after ADD"
+    );
+    let up = &lab.status(node)?["policy"]["last_pod_up"];
+    assert_eq!(up["path"], "own delta", "{up}");
+    assert!(up["open_ms"].as_f64().is_some_and(|ms| ms < 1000.0), "{up}");
+    assert_eq!(
+        connect_outcome(&client.netns_path(), replica_ip, 80),
+        Outcome::Refused,
+        "the client cannot reach the new replica once it is opened"
     );
     // The confirming compile (a second later) agrees with what ADD put in place.
     std::thread::sleep(Duration::from_millis(1500));

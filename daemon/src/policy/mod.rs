@@ -207,14 +207,18 @@ pub struct SyncSteps {
 }
 
 /// One CNI ADD's policy step inside the engine, ms: the pod's record in the state dir and,
-/// at the same time, programming it ("own delta": set elements and map entries over netlink;
-/// "pending": map entries to the pending chains; "compile": a full sync).
+/// at the same time, programming it ("own delta": set elements, and map entries to the
+/// pending chains, over netlink; "pending": map entries to the pending chains; "compile": a
+/// full sync).
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct PodUpSteps {
     pub record_ms: f64,
     pub program_ms: f64,
     pub total_ms: f64,
     pub path: &'static str,
+    /// "own delta" for a pod its policies isolate: from the answer until its map entries were
+    /// in (it was closed in between).
+    pub open_ms: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -266,6 +270,9 @@ struct Engine {
     /// Kubernetes mode: reads a pod from the API by key, for an ADD that comes before the
     /// watch delivered its pod.
     fetch: Option<Fetch>,
+    /// The verdict-map entries of the pod whose ADD was just answered, closed until then
+    /// (`netpol::program::closed_first`).
+    opening: Option<ProgramDelta>,
 }
 
 type Fetch = Arc<
@@ -408,6 +415,7 @@ async fn run<S: ObjectStore>(
         sync_due: None,
         kernel_ahead: false,
         fetch,
+        opening: None,
     };
     if cached {
         tracing::info!("policy: programming the cached cluster state until etcd answers");
@@ -435,10 +443,13 @@ async fn run<S: ObjectStore>(
                 None => return,
                 Some(Msg::PodUp(pod, reply)) => {
                     let r = e.pod_up(*pod).await;
+                    let answered = Instant::now();
                     let _ = reply.send(r);
-                    // /status after the answer: the request goes on first (it was woken into
-                    // this worker's LIFO slot, see the deferred sync below).
+                    // The pod's opening and /status after the answer: the request goes on
+                    // first (it was woken into this worker's LIFO slot, see the deferred sync
+                    // below).
                     tokio::task::yield_now().await;
+                    e.open(answered).await;
                     e.publish();
                 }
                 Some(Msg::PodDown(a, reply)) => {
@@ -578,9 +589,16 @@ impl Engine {
             return Err(PodUpError::Failed(e));
         }
         let recorded = Instant::now();
+        // Closed at first where its policies isolate it; opened right after the answer.
+        let mut opening = None;
         let fast = !replaces
             && self
-                .apply_own_delta(|c, node, prog| program::pod_added(c, node, prog, &pod_key))
+                .apply_own_delta(|c, node, prog| {
+                    let (first, then) =
+                        program::closed_first(program::pod_added(c, node, prog, &pod_key)?);
+                    opening = then;
+                    Some(first)
+                })
                 .await;
         // Its policies' chains are missing (the first pod of its kind here): it waits in the
         // pending chains, closed, until the compile right after the answer makes them.
@@ -631,8 +649,27 @@ impl Engine {
             program_ms: ms(programmed),
             total_ms: ms(start.elapsed()),
             path,
+            open_ms: None,
         });
+        if fast {
+            self.opening = opening;
+        }
         Ok(())
+    }
+
+    /// Moves the pod whose ADD was answered at `answered` from the pending chains to its
+    /// policies' (one netlink transaction), or has the next compile do it.
+    async fn open(&mut self, answered: Instant) {
+        let Some(d) = self.opening.take() else {
+            return;
+        };
+        if self.apply_own_delta(|_, _, _| Some(d)).await {
+            if let Some(up) = self.status.last_pod_up.as_mut() {
+                up.open_ms = Some(answered.elapsed().as_secs_f64() * 1e3);
+            }
+        } else {
+            self.due(Due::now("opening a new pod"));
+        }
     }
 
     /// Kubernetes mode: the pod's labels and declared ports are its API object's (the CNI
@@ -815,7 +852,7 @@ impl Engine {
                     self.program = Some(new);
                     return;
                 }
-                render::element_ops(&d, &new)
+                render::element_ops(&d, old)
             }
             _ => None,
         };

@@ -6,17 +6,23 @@
 //! IPv6 half (`<name>6`). The base chains are the packet path `netpol::program`
 //! documents and interprets:
 //! ```text
-//! np-egress  forward, priority -5: established/related accept; ND accept; saddr vmap @egress
-//! np-ingress forward, priority  5: established/related accept; ND accept; daddr vmap @ingress
-//! np-input   input,   priority  0: established/related accept; ND accept; saddr vmap @egress
-//! pend-in, pend-out: drop (a new pod whose policies' chains are being made waits there)
+//! np-egress  forward, priority -5: established/related accept; ND accept;
+//!                                   saddr @pend-out jump pend-out; saddr vmap @egress
+//! np-ingress forward, priority  5: established/related accept; ND accept;
+//!                                   daddr @pend-in jump pend-in; daddr vmap @ingress
+//! np-input   input,   priority  0: as np-egress
+//! pend-in, pend-out: drop (a new pod waits there while its policies' chains are made, or
+//!                    until its verdict-map entries follow ADD's answer)
 //! ```
+//! The map entries the program sends to a pending chain are elements of the plain set of that
+//! name instead of the verdict map: adding an element to a set is a cheap commit, while a jump
+//! added to a verdict map makes the kernel validate every chain of the table again.
 
 use std::net::IpAddr;
 
 use netpol::model::{Direction, Protocol};
 use netpol::program::{
-    AddrRanges, Chain as PChain, Elements, NodeProgram, ProgramDelta, Rule, Set as PSet,
+    AddrRanges, Chain as PChain, Elements, NodeProgram, ProgramDelta, Rule, Set as PSet, PENDING,
 };
 
 use crate::netlink::nft_sets::{self, key_addr, key_concat, ElemOp};
@@ -180,8 +186,12 @@ pub fn table(p: &NodeProgram, opts: RenderOpts) -> Table {
     for (name, set) in &p.sets {
         t.sets.extend(sets_of(name, set));
     }
-    for (map, entries) in [("ingress", &p.ingress), ("egress", &p.egress)] {
+    for ((map, entries), pending) in [("ingress", &p.ingress), ("egress", &p.egress)]
+        .into_iter()
+        .zip(PENDING)
+    {
         for v6 in [false, true] {
+            let family = |ip: &&IpAddr| ip.is_ipv6() == v6;
             t.sets.insert(
                 format!("{map}{}", fam_suffix(v6)),
                 Set {
@@ -194,8 +204,20 @@ pub fn table(p: &NodeProgram, opts: RenderOpts) -> Table {
                     flags: vec![],
                     elements: entries
                         .iter()
-                        .filter(|(ip, _)| ip.is_ipv6() == v6)
+                        .filter(|(ip, g)| family(ip) && *g != pending)
                         .map(|(ip, g)| format!("{ip} : jump {g}"))
+                        .collect(),
+                },
+            );
+            t.sets.insert(
+                format!("{pending}{}", fam_suffix(v6)),
+                Set {
+                    kind: if v6 { "ipv6_addr" } else { "ipv4_addr" }.into(),
+                    flags: vec![],
+                    elements: entries
+                        .iter()
+                        .filter(|(ip, g)| family(ip) && *g == pending)
+                        .map(|(ip, _)| ip.to_string())
                         .collect(),
                 },
             );
@@ -220,7 +242,7 @@ pub fn table(p: &NodeProgram, opts: RenderOpts) -> Table {
         t.chains.insert(name.clone(), Chain { base: None, rules });
     }
     // Where a new pod waits while the chains of its policies are made (CNI ADD answers first).
-    for name in netpol::program::PENDING {
+    for name in PENDING {
         let mut rules = Vec::new();
         if opts.log_denied {
             rules.push(format!(
@@ -236,57 +258,45 @@ pub fn table(p: &NodeProgram, opts: RenderOpts) -> Table {
             ND.to_string(),
         ]
     };
-    let with = |mut v: Vec<String>, more: [&str; 2]| {
-        v.extend(more.iter().map(|s| s.to_string()));
+    // The pending sets before the maps: an address is in one or the other, never both.
+    let dispatch = |field: &str, map: &str, pending: &str| {
+        let mut v = head();
+        for (ipf, sfx) in [("ip", "4"), ("ip6", "6")] {
+            v.push(format!("{ipf} {field} @{pending}{sfx} jump {pending}"));
+        }
+        for (ipf, sfx) in [("ip", "4"), ("ip6", "6")] {
+            v.push(format!("{ipf} {field} vmap @{map}{sfx}"));
+        }
         v
     };
+    let [pend_in, pend_out] = PENDING;
     t.chains.insert(
         "np-egress".into(),
-        base(
-            "forward",
-            -5,
-            with(
-                head(),
-                ["ip saddr vmap @egress4", "ip6 saddr vmap @egress6"],
-            ),
-        ),
+        base("forward", -5, dispatch("saddr", "egress", pend_out)),
     );
     t.chains.insert(
         "np-ingress".into(),
-        base(
-            "forward",
-            5,
-            with(
-                head(),
-                ["ip daddr vmap @ingress4", "ip6 daddr vmap @ingress6"],
-            ),
-        ),
+        base("forward", 5, dispatch("daddr", "ingress", pend_in)),
     );
     t.chains.insert(
         "np-input".into(),
-        base(
-            "input",
-            0,
-            with(
-                head(),
-                ["ip saddr vmap @egress4", "ip6 saddr vmap @egress6"],
-            ),
-        ),
+        base("input", 0, dispatch("saddr", "egress", pend_out)),
     );
     t
 }
 
-/// The element operations that carry out `d` when it only moves elements and map entries, in
-/// the order the transaction needs (deletions first); None when `d` changes sets or chains, or
-/// holds an element netlink cannot express here (a range ending at the last address).
-pub fn element_ops(d: &ProgramDelta, new: &NodeProgram) -> Option<Vec<ElemOp>> {
+/// The element operations that carry out `d` on `old` when it only moves elements and map
+/// entries, in the order the transaction needs (deletions first); None when `d` changes sets or
+/// chains, or holds an element netlink cannot express here (a range ending at the last
+/// address).
+pub fn element_ops(d: &ProgramDelta, old: &NodeProgram) -> Option<Vec<ElemOp>> {
     if !d.is_elements_only() {
         return None;
     }
     let mut dels = Vec::new();
     let mut adds = Vec::new();
     for (name, delta) in &d.elements {
-        let set = new.sets.get(name)?;
+        let set = old.sets.get(name)?;
         for (elems, add) in [(&delta.removed, false), (&delta.added, true)] {
             let out = if add { &mut adds } else { &mut dels };
             match (elems, &set.elements) {
@@ -318,14 +328,26 @@ pub fn element_ops(d: &ProgramDelta, new: &NodeProgram) -> Option<Vec<ElemOp>> {
             }
         }
     }
-    for (map, md) in [("ingress", &d.ingress), ("egress", &d.egress)] {
+    for (((map, md), had), pending) in [("ingress", &d.ingress), ("egress", &d.egress)]
+        .into_iter()
+        .zip([&old.ingress, &old.egress])
+        .zip(PENDING)
+    {
+        let half = |set: &str, ip: &IpAddr| format!("{set}{}", fam_suffix(ip.is_ipv6()));
         for ip in &md.removed {
-            let half = format!("{map}{}", fam_suffix(ip.is_ipv6()));
-            dels.push(ElemOp::new(false, &half, key_addr(*ip)));
+            let set = if had.get(ip).is_some_and(|g| g == pending) {
+                pending
+            } else {
+                map
+            };
+            dels.push(ElemOp::new(false, &half(set, ip), key_addr(*ip)));
         }
         for (ip, g) in &md.added {
-            let half = format!("{map}{}", fam_suffix(ip.is_ipv6()));
-            adds.push(ElemOp::jump(true, &half, key_addr(*ip), g));
+            adds.push(if g == pending {
+                ElemOp::new(true, &half(pending, ip), key_addr(*ip))
+            } else {
+                ElemOp::jump(true, &half(map, ip), key_addr(*ip), g)
+            });
         }
     }
     dels.extend(adds);
@@ -420,7 +442,7 @@ mod tests {
         pod(&mut c, "db-2", "db", "10.244.1.6", "n1");
         pod(&mut c, "web-2", "web", "10.244.3.9", "n3");
         let new = compile(&c, "n1");
-        let ops = element_ops(&diff(&old, &new), &new).expect("elements only");
+        let ops = element_ops(&diff(&old, &new), &old).expect("elements only");
         let adds: Vec<&ElemOp> = ops.iter().filter(|o| o.add).collect();
         assert!(adds
             .iter()
@@ -440,6 +462,46 @@ mod tests {
         }))
         .unwrap();
         c2.upsert_policy(pol).unwrap();
-        assert!(element_ops(&diff(&new, &compile(&c2, "n1")), &compile(&c2, "n1")).is_none());
+        assert!(element_ops(&diff(&new, &compile(&c2, "n1")), &new).is_none());
+    }
+
+    /// CNI ADD's two steps for a replica: closed through the plain pending set (no jump
+    /// added to a verdict map, so no table validation in the kernel), then opened.
+    #[test]
+    fn a_replica_waits_in_the_pending_set_then_gets_its_map_entry() {
+        let mut c = cluster();
+        pod(&mut c, "db-1", "db", "10.244.1.5", "n1");
+        let old = compile(&c, "n1");
+        pod(&mut c, "db-2", "db", "10.244.1.6", "n1");
+        let key = netpol::model::PodKey::new("x", "db-2");
+        let d = netpol::program::pod_added(&c, "n1", &old, &key).expect("a replica");
+        let (first, then) = netpol::program::closed_first(d);
+        let then = then.expect("db-2 is isolated for ingress");
+        let mid = first.apply(&old);
+        let ops = element_ops(&first, &old).expect("elements only");
+        let db2 = vec![10, 244, 1, 6];
+        assert!(ops.iter().all(|o| o.add && o.jump.is_none()), "{ops:?}");
+        assert!(ops.iter().any(|o| o.set == "pend-in4" && o.key == db2));
+        assert!(!ops.iter().any(|o| o.set == "ingress4"), "{ops:?}");
+        let t = table(&mid, RenderOpts::default());
+        assert!(t.sets["pend-in4"].elements.contains("10.244.1.6"));
+        assert!(t.sets["pend-out4"].elements.is_empty());
+        assert!(!t.sets["ingress4"]
+            .elements
+            .iter()
+            .any(|e| e.starts_with("10.244.1.6 ")));
+        // The pending sets are looked up before the maps.
+        let rules = &t.chains["np-ingress"].rules;
+        let at = |r: &str| rules.iter().position(|x| x == r).expect(r);
+        assert!(at("ip daddr @pend-in4 jump pend-in") < at("ip daddr vmap @ingress4"));
+        assert!(t.chains["np-input"]
+            .rules
+            .contains(&"ip6 saddr @pend-out6 jump pend-out".to_string()));
+        // Opened: out of the pending set, into the map, in one transaction.
+        let ops = element_ops(&then, &mid).expect("elements only");
+        assert_eq!(ops.len(), 2, "{ops:?}");
+        assert!(!ops[0].add && ops[0].set == "pend-in4" && ops[0].key == db2);
+        assert!(ops[1].add && ops[1].set == "ingress4" && ops[1].jump.is_some());
+        assert_eq!(then.apply(&mid), compile(&c, "n1"));
     }
 }
