@@ -428,6 +428,25 @@ fn endpoints(w: &World, family: Family) -> Vec<Endpoint> {
 // ---------------------------------------------------------------------------------------------
 // Properties
 
+/// Every flow between the world's endpoints, in both families, over `transports`.
+fn flows(w: &World, transports: &[Transport]) -> Vec<Flow> {
+    let mut out = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        let ends = endpoints(w, family);
+        for src in &ends {
+            for dst in &ends {
+                out.extend(transports.iter().map(|t| Flow {
+                    src: src.clone(),
+                    dst: dst.clone(),
+                    family,
+                    transport: *t,
+                }));
+            }
+        }
+    }
+    out
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: 256,
@@ -440,24 +459,16 @@ proptest! {
         let c = build(&w);
         let progs = common::programs(&c, NODES);
         let mut checked = 0;
-        for family in [Family::V4, Family::V6] {
-            let ends = endpoints(&w, family);
-            for src in &ends {
-                for dst in &ends {
-                    for t in &transports {
-                        let flow = Flow { src: src.clone(), dst: dst.clone(), family, transport: *t };
-                        // Flows that cannot exist (no address of the family, unscheduled pod).
-                        let Ok(verdict) = evaluate(&c, &flow) else { continue };
-                        checked += 1;
-                        let (kernel, hops) = common::dataplane(&c, &progs, &flow);
-                        prop_assert_eq!(
-                            verdict.allowed(), kernel,
-                            "{}\nhops: {:?}\nprograms:\n{}", explain(&verdict), hops,
-                            progs.values().map(ToString::to_string).collect::<String>()
-                        );
-                    }
-                }
-            }
+        for flow in flows(&w, &transports) {
+            // Flows that cannot exist (no address of the family, unscheduled pod).
+            let Ok(verdict) = evaluate(&c, &flow) else { continue };
+            checked += 1;
+            let (kernel, hops) = common::dataplane(&c, &progs, &flow);
+            prop_assert_eq!(
+                verdict.allowed(), kernel,
+                "{}\nhops: {:?}\nprograms:\n{}", explain(&verdict), hops,
+                progs.values().map(ToString::to_string).collect::<String>()
+            );
         }
         // Nodes and externals always resolve.
         prop_assert!(checked >= 2 * 25 * 4);
@@ -586,21 +597,13 @@ proptest! {
             }
             let finished = progs.clone();
             progs.insert(node.to_string(), mid);
-            for family in [Family::V4, Family::V6] {
-                let ends = endpoints(&w, family);
-                for src in &ends {
-                    for dst in &ends {
-                        for t in &transports {
-                            let flow = Flow { src: src.clone(), dst: dst.clone(), family, transport: *t };
-                            if evaluate(&full, &flow).is_err() {
-                                continue;
-                            }
-                            let (closed, _) = common::dataplane(&full, &progs, &flow);
-                            let (open, _) = common::dataplane(&full, &finished, &flow);
-                            prop_assert!(!closed || open, "{:?} passes while {} waits", flow, key);
-                        }
-                    }
+            for flow in flows(&w, &transports) {
+                if evaluate(&full, &flow).is_err() {
+                    continue;
                 }
+                let (closed, _) = common::dataplane(&full, &progs, &flow);
+                let (open, _) = common::dataplane(&full, &finished, &flow);
+                prop_assert!(!closed || open, "{:?} passes while {} waits", flow, key);
             }
             progs = finished;
         }
