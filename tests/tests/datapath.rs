@@ -158,7 +158,12 @@ fn masquerade_comes_back_after_the_ruleset_is_flushed() -> Result<()> {
     })
     .context("table not restored after a flush")?;
     assert_eq!(to_world(&lab, &a, 7012)?, lab.node_ip(1));
-    assert!(metric(&lab, 1, "twill_nft_restores_total")? >= 1.0);
+    let restores = metric(&lab, 1, "twill_nft_restores_total")?;
+    assert!(
+        restores >= 1.0,
+        "{restores} restores: {}",
+        lab.daemon_log(1)
+    );
     // One chain deleted by hand: restored too.
     lab.exec_ok(
         1,
@@ -170,7 +175,12 @@ fn masquerade_comes_back_after_the_ruleset_is_flushed() -> Result<()> {
             .unwrap_or(false)
     })
     .context("chain not restored")?;
-    assert!(metric(&lab, 1, "twill_nft_restores_total")? >= 2.0);
+    let restores = metric(&lab, 1, "twill_nft_restores_total")?;
+    assert!(
+        restores >= 2.0,
+        "{restores} restores: {}",
+        lab.daemon_log(1)
+    );
     assert!(lab
         .daemon_log(1)
         .contains("restored twill's nftables tables"));

@@ -10,11 +10,18 @@ use super::status::{FirewallStatus, Shared};
 use crate::backend::DeviceInfo;
 use crate::cli::RunArgs;
 use crate::config::NetworkConfig;
-use crate::firewall::{Desired, Firewall, FirewallError, NftFirewall, Report};
+use crate::firewall::{Desired, Firewall, FirewallError, NftFirewall, Pass};
 use crate::masq::{self, MasqSpec};
 use crate::metrics::Metrics;
 use crate::nft::model::Family;
 use crate::nft::Nft;
+
+fn not_installed() -> Pass {
+    Pass {
+        report: Default::default(),
+        error: Some(FirewallError::Forward(crate::nft::NftError::NotInstalled)),
+    }
+}
 
 /// Desired firewall state for this node. Pure.
 pub fn desired(
@@ -105,11 +112,11 @@ impl NodeFirewall {
         shared: &Shared,
     ) {
         let want = desired(args, cfg, device, self.random_fully);
-        let res = match &mut self.fw {
+        let pass = match &mut self.fw {
             Some(fw) => fw.apply(&want).await,
-            None => Err(FirewallError::Forward(crate::nft::NftError::NotInstalled)),
+            None => not_installed(),
         };
-        if self.want.as_ref() != Some(&want) && res.is_ok() {
+        if self.want.as_ref() != Some(&want) && pass.error.is_none() {
             info!(
                 ip_masq = args.ip_masq,
                 random_fully = self.random_fully,
@@ -118,7 +125,7 @@ impl NodeFirewall {
             );
         }
         self.want = Some(want);
-        self.finish("apply", res, shared);
+        self.finish("apply", pass, shared);
     }
 
     /// Compares the kernel with the last apply and restores what someone else changed.
@@ -126,33 +133,34 @@ impl NodeFirewall {
         if self.want.is_none() {
             return;
         }
-        let res = match &mut self.fw {
+        let pass = match &mut self.fw {
             Some(fw) => fw.check().await,
-            None => Err(FirewallError::Forward(crate::nft::NftError::NotInstalled)),
+            None => not_installed(),
         };
-        self.finish("check", res, shared);
+        self.finish("check", pass, shared);
     }
 
-    fn finish(&mut self, what: &str, res: Result<Report, FirewallError>, shared: &Shared) {
+    fn finish(&mut self, what: &str, pass: Pass, shared: &Shared) {
         let m = &shared.metrics;
-        match res {
-            Ok(r) => {
-                if !r.restored.is_empty() {
-                    warn!(tables = ?r.restored, "restored twill's nftables tables after someone else changed them");
-                    m.nft_restores.fetch_add(r.restored.len() as u64, Relaxed);
-                    self.status.restores += r.restored.len() as u64;
-                }
-                if !r.forward_added.is_empty() {
-                    info!(chains = ?r.forward_added, "pod network accepted ahead of other tools' forward drops");
-                    m.forward_rules_added
-                        .fetch_add(r.forward_added.len() as u64, Relaxed);
-                }
+        let r = pass.report;
+        if !r.restored.is_empty() {
+            warn!(tables = ?r.restored, "restored twill's nftables tables after someone else changed them");
+            m.nft_restores.fetch_add(r.restored.len() as u64, Relaxed);
+            self.status.restores += r.restored.len() as u64;
+        }
+        if !r.forward_added.is_empty() {
+            info!(chains = ?r.forward_added, "pod network accepted ahead of other tools' forward drops");
+            m.forward_rules_added
+                .fetch_add(r.forward_added.len() as u64, Relaxed);
+        }
+        match pass.error {
+            None => {
                 self.status.forward_chains = r.forward_chains;
                 self.status.error = None;
                 m.masq_rules_ok
                     .store(u64::from(self.status.ip_masq), Relaxed);
             }
-            Err(e) => {
+            Some(e) => {
                 Metrics::inc(&m.firewall_errors);
                 m.masq_rules_ok.store(0, Relaxed);
                 // Once a minute at most: a missing nft fails every resync.
@@ -174,6 +182,7 @@ impl NodeFirewall {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::firewall::Report;
     use clap::Parser;
 
     fn args(extra: &[&str]) -> RunArgs {
@@ -225,5 +234,40 @@ mod tests {
             .iter()
             .any(|r| r.contains("oifname")));
         assert_eq!(t.chains["postrouting"].rules.last().unwrap(), "masquerade");
+    }
+
+    /// A check that restored a table and then failed on the forward rules still counts the
+    /// restore (it happened: the table is back), and reports the failure.
+    #[test]
+    fn a_restore_counts_even_when_the_rest_of_the_pass_failed() {
+        let shared = Shared::default();
+        let mut fw = NodeFirewall {
+            fw: None,
+            nft: None,
+            random_fully: false,
+            want: None,
+            status: FirewallStatus {
+                ip_masq: true,
+                ..Default::default()
+            },
+            last_error_log: None,
+        };
+        let pass = Pass {
+            report: Report {
+                restored: vec!["ip twill-masq".into()],
+                ..Default::default()
+            },
+            error: Some(FirewallError::Forward(crate::nft::NftError::Timeout(
+                std::time::Duration::from_secs(5),
+            ))),
+        };
+        fw.finish("check", pass, &shared);
+        let m = &shared.metrics;
+        assert_eq!(m.nft_restores.load(Relaxed), 1);
+        assert_eq!(m.firewall_errors.load(Relaxed), 1);
+        assert_eq!(m.masq_rules_ok.load(Relaxed), 0);
+        let st = shared.snapshot().firewall.unwrap();
+        assert_eq!(st.restores, 1);
+        assert!(st.error.unwrap().contains("forward rules"));
     }
 }

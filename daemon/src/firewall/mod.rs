@@ -42,12 +42,27 @@ pub struct Report {
     pub forward_chains: Vec<String>,
 }
 
+/// One pass: what it did, and the first thing that failed. A failure does not end the pass
+/// (the other tables and the forward rules are still done), so what was done is reported also
+/// when something failed: a table restored is a restore even if the forward rules then failed.
+#[derive(Debug, Default)]
+pub struct Pass {
+    pub report: Report,
+    pub error: Option<FirewallError>,
+}
+
+impl Pass {
+    fn fail(&mut self, e: FirewallError) {
+        self.error.get_or_insert(e);
+    }
+}
+
 #[allow(async_fn_in_trait)]
 pub trait Firewall: Send {
     /// Makes the kernel hold `desired`; each table changes in one transaction.
-    async fn apply(&mut self, desired: &Desired) -> Result<Report, FirewallError>;
+    async fn apply(&mut self, desired: &Desired) -> Pass;
     /// Compares the kernel with the last `apply` and repairs what someone else changed.
-    async fn check(&mut self) -> Result<Report, FirewallError>;
+    async fn check(&mut self) -> Pass;
 }
 
 pub struct NftFirewall {
@@ -74,23 +89,21 @@ impl NftFirewall {
             .or_insert_with(|| TableWriter::new(nft))
     }
 
-    async fn sync_forward(&mut self, report: &mut Report) -> Result<(), FirewallError> {
-        let f = self
-            .forward
-            .ensure(&self.desired.forward_accept)
-            .await
-            .map_err(FirewallError::Forward)?;
-        report.forward_added = f.added;
-        report.forward_chains = f.chains;
-        Ok(())
+    async fn sync_forward(&mut self, pass: &mut Pass) {
+        match self.forward.ensure(&self.desired.forward_accept).await {
+            Ok(f) => {
+                pass.report.forward_added = f.added;
+                pass.report.forward_chains = f.chains;
+            }
+            Err(e) => pass.fail(FirewallError::Forward(e)),
+        }
     }
 }
 
 impl Firewall for NftFirewall {
-    async fn apply(&mut self, desired: &Desired) -> Result<Report, FirewallError> {
+    async fn apply(&mut self, desired: &Desired) -> Pass {
         self.desired = desired.clone();
-        let mut report = Report::default();
-        let mut first_err = None;
+        let mut pass = Pass::default();
         for (key, table) in &desired.tables {
             let w = self.writer(key);
             let res = match table {
@@ -98,24 +111,18 @@ impl Firewall for NftFirewall {
                 None => w.remove(key.0, &key.1).await,
             };
             if let Err(err) = res {
-                first_err.get_or_insert(FirewallError::Table {
+                pass.fail(FirewallError::Table {
                     table: format!("{} {}", key.0, key.1),
                     err,
                 });
             }
         }
-        if let Err(e) = self.sync_forward(&mut report).await {
-            first_err.get_or_insert(e);
-        }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(report),
-        }
+        self.sync_forward(&mut pass).await;
+        pass
     }
 
-    async fn check(&mut self) -> Result<Report, FirewallError> {
-        let mut report = Report::default();
-        let mut first_err = None;
+    async fn check(&mut self) -> Pass {
+        let mut pass = Pass::default();
         let keys: Vec<_> = self.writers.keys().cloned().collect();
         for key in keys {
             let want = self.desired.tables.get(&key).cloned().flatten();
@@ -126,22 +133,15 @@ impl Firewall for NftFirewall {
                 _ => w.check().await,
             };
             match res {
-                Ok(Check::Restored) => report.restored.push(format!("{} {}", key.0, key.1)),
+                Ok(Check::Restored) => pass.report.restored.push(format!("{} {}", key.0, key.1)),
                 Ok(_) => {}
-                Err(err) => {
-                    first_err.get_or_insert(FirewallError::Table {
-                        table: format!("{} {}", key.0, key.1),
-                        err,
-                    });
-                }
+                Err(err) => pass.fail(FirewallError::Table {
+                    table: format!("{} {}", key.0, key.1),
+                    err,
+                }),
             }
         }
-        if let Err(e) = self.sync_forward(&mut report).await {
-            first_err.get_or_insert(e);
-        }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(report),
-        }
+        self.sync_forward(&mut pass).await;
+        pass
     }
 }
