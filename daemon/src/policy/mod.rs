@@ -270,9 +270,6 @@ struct Engine {
     /// Kubernetes mode: reads a pod from the API by key, for an ADD that comes before the
     /// watch delivered its pod.
     fetch: Option<Fetch>,
-    /// The verdict-map entries of the pod whose ADD was just answered, closed until then
-    /// (`netpol::program::closed_first`).
-    opening: Option<ProgramDelta>,
 }
 
 type Fetch = Arc<
@@ -415,7 +412,6 @@ async fn run<S: ObjectStore>(
         sync_due: None,
         kernel_ahead: false,
         fetch,
-        opening: None,
     };
     if cached {
         tracing::info!("policy: programming the cached cluster state until etcd answers");
@@ -442,14 +438,17 @@ async fn run<S: ObjectStore>(
             msg = rx.recv() => match msg {
                 None => return,
                 Some(Msg::PodUp(pod, reply)) => {
-                    let r = e.pod_up(*pod).await;
+                    let (r, opening) = match e.pod_up(*pod).await {
+                        Ok(opening) => (Ok(()), opening),
+                        Err(err) => (Err(err), None),
+                    };
                     let answered = Instant::now();
                     let _ = reply.send(r);
                     // The pod's opening and /status after the answer: the request goes on
                     // first (it was woken into this worker's LIFO slot, see the deferred sync
                     // below).
                     tokio::task::yield_now().await;
-                    e.open(answered).await;
+                    e.open(opening, answered).await;
                     e.publish();
                 }
                 Some(Msg::PodDown(a, reply)) => {
@@ -551,7 +550,9 @@ fn ensure_bridge_netfilter() {
 }
 
 impl Engine {
-    async fn pod_up(&mut self, pod: LocalPod) -> Result<(), PodUpError> {
+    /// Programs the pod; returns its verdict-map entries to open once ADD is answered (closed
+    /// until then: `netpol::program::closed_first`), when it took the fast path.
+    async fn pod_up(&mut self, pod: LocalPod) -> Result<Option<ProgramDelta>, PodUpError> {
         let start = Instant::now();
         if self.writer.is_none() {
             return Err(PodUpError::Failed(
@@ -651,16 +652,13 @@ impl Engine {
             path,
             open_ms: None,
         });
-        if fast {
-            self.opening = opening;
-        }
-        Ok(())
+        Ok(opening.filter(|_| fast))
     }
 
     /// Moves the pod whose ADD was answered at `answered` from the pending chains to its
     /// policies' (one netlink transaction), or has the next compile do it.
-    async fn open(&mut self, answered: Instant) {
-        let Some(d) = self.opening.take() else {
+    async fn open(&mut self, opening: Option<ProgramDelta>, answered: Instant) {
+        let Some(d) = opening else {
             return;
         };
         if self.apply_own_delta(|_, _, _| Some(d)).await {
