@@ -745,3 +745,43 @@ fn a_node_moving_from_flanneld_keeps_its_subnet_and_vtep_mac() -> Result<()> {
     );
     Ok(())
 }
+
+/// An operator's `node-public-ip` annotation is the node's public IP, as flanneld takes it:
+/// published as `public-ip`, the VXLAN source and the address its peers send to.
+#[test]
+fn the_node_public_ip_annotation_is_the_nodes_public_ip() -> Result<()> {
+    let mut k = KubeLab::new(2)?;
+    // A second address on node 1's underlay interface: not the one twilld would pick itself.
+    let second = "198.18.0.150";
+    k.lab.exec_ok(
+        1,
+        &["ip", "addr", "add", &format!("{second}/24"), "dev", "eth0"],
+    )?;
+    k.api
+        .set_node_annotation("n1", &format!("{PREFIX}node-public-ip"), Some(second))?;
+    // `start_all_meshed` waits for node 2 to program node 1 at the public IP node 1 reports.
+    k.start_all_meshed()?;
+    let (_, ip, _) = k.own(1)?;
+    ensure!(
+        ip == second,
+        "node 1 runs with public IP {ip}, not {second}"
+    );
+    ensure!(
+        k.annotation("n1", "public-ip").as_deref() == Some(second),
+        "node 1 published public-ip {:?}",
+        k.annotation("n1", "public-ip")
+    );
+    let (_, ip2, _) = k.own(2)?;
+    ensure!(
+        ip2 == k.lab.node_ip(2).to_string(),
+        "node 2 (no annotation) runs with {ip2}"
+    );
+    let a = k.add_pod(1, "default", "a", &[])?;
+    let b = k.add_pod(2, "default", "b", &[])?;
+    wait_until(Duration::from_secs(10), || b.ping(a.ip))
+        .context("node 2's pod cannot reach node 1's through the annotated address")?;
+    ensure!(k.lab.daemon_log(1).contains("node-public-ip"));
+    k.lab.del_pod(&a)?;
+    k.lab.del_pod(&b)?;
+    Ok(())
+}

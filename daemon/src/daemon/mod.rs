@@ -134,7 +134,7 @@ struct Objects<O> {
 
 /// The daemon over one lease source and one object store.
 async fn run_with<S: LeaseSource, O: ObjectStore>(
-    args: RunArgs,
+    mut args: RunArgs,
     source: S,
     objects: Objects<O>,
 ) -> Result<(), StartError> {
@@ -180,16 +180,22 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
             err,
         })?;
 
-    let stored = if crate::state::has_vtep_mac(&args.state_dir) {
-        None
-    } else {
-        source.stored_vtep_mac().await
-    };
-    if let Some(mac) = stored {
+    let stored = source.stored().await;
+    let stored_mac = stored
+        .vtep_mac
+        .filter(|_| !crate::state::has_vtep_mac(&args.state_dir));
+    if let Some(mac) = stored_mac {
         info!(%mac, "taking over the VTEP MAC this node published before");
     }
+    if let Some(ip) = stored.public_ip {
+        if args.public_ip.is_some_and(|flag| flag != ip) {
+            warn!(%ip, "the Node's node-public-ip annotation wins over --public-ip");
+        }
+        info!(%ip, "public IP from the Node's node-public-ip annotation");
+        args.public_ip = Some(ip);
+    }
     let vtep_mac =
-        crate::state::load_or_adopt_vtep_mac(&args.state_dir, stored).map_err(|err| {
+        crate::state::load_or_adopt_vtep_mac(&args.state_dir, stored_mac).map_err(|err| {
             StartError::State {
                 dir: args.state_dir.display().to_string(),
                 err,

@@ -25,7 +25,7 @@ use kube::{Client, Config, ResourceExt};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use super::LeaseSource;
+use super::{LeaseSource, Stored};
 use crate::config::{ConfigError, NetworkConfig};
 use crate::daemon::Shared;
 use crate::lease::LeaseAttrs;
@@ -305,11 +305,20 @@ impl LeaseSource for KubeSource {
 
     /// Our Node's backend-data, if its VtepMAC is valid (one quick GET: at start, an API server
     /// that does not answer at once means a new MAC, not a wait).
-    async fn stored_vtep_mac(&self) -> Option<crate::mac::MacAddr> {
+    async fn stored(&self) -> Stored {
         let nodes = self.nodes();
         match tokio::time::timeout(Duration::from_secs(5), nodes.get_opt(&self.node)).await {
-            Ok(Ok(Some(node))) => knode::stored_vtep_mac(&node, &self.ann),
-            _ => None,
+            Ok(Ok(Some(node))) => Stored {
+                vtep_mac: knode::stored_vtep_mac(&node, &self.ann),
+                public_ip: match knode::stored_public_ip(&node, &self.ann) {
+                    Ok(ip) => ip,
+                    Err(bad) => {
+                        warn!(annotation = self.ann.node_public_ip(), value = %bad, "not an IPv4 address; ignored");
+                        None
+                    }
+                },
+            },
+            _ => Stored::default(),
         }
     }
 

@@ -19,6 +19,16 @@ use crate::lease::LeaseAttrs;
 use crate::metrics::Metrics;
 use crate::registry::{OwnLease, PeerEvent};
 
+/// See `LeaseSource::stored`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stored {
+    /// The VTEP MAC this node published before, taken for a state dir that has none.
+    pub vtep_mac: Option<crate::mac::MacAddr>,
+    /// Kubernetes mode: the Node's `node-public-ip` annotation. It is this node's
+    /// `--public-ip` (flannel reads it at start, and it wins over the flag).
+    pub public_ip: Option<Ipv4Addr>,
+}
+
 pub use etcd::EtcdSource;
 pub use kube::{KubeOptions, KubeSource};
 
@@ -67,11 +77,11 @@ pub trait LeaseSource: Send + Sync + 'static {
         metrics: Arc<Metrics>,
     );
 
-    /// The VTEP MAC this node published through the source before (flannel's persistent MAC),
-    /// for a state dir that has none. Best effort: None when there is none or the source does
-    /// not answer.
-    fn stored_vtep_mac(&self) -> impl Future<Output = Option<crate::mac::MacAddr>> + Send {
-        async { None }
+    /// What the source holds about this node from before twilld starts: the VTEP MAC it
+    /// published (flannel's persistent MAC) and an operator's public IP. Best effort: empty
+    /// when there is nothing or the source does not answer.
+    fn stored(&self) -> impl Future<Output = Stored> + Send {
+        async { Stored::default() }
     }
 
     /// The node is ready (subnet file written, CNI served): tell whoever waits for that. Called

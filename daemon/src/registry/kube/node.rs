@@ -263,6 +263,21 @@ pub fn stored_vtep_mac(node: &Node, a: &Annotations) -> Option<MacAddr> {
     (!mac.is_zero() && !mac.is_multicast()).then_some(mac)
 }
 
+/// An operator's `node-public-ip` annotation: Ok(None) when absent or empty, Err(value) when
+/// it is not an IPv4 address.
+pub fn stored_public_ip(node: &Node, a: &Annotations) -> Result<Option<Ipv4Addr>, String> {
+    let Some(v) = node
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|m| m.get(a.node_public_ip()))
+        .filter(|v| !v.trim().is_empty())
+    else {
+        return Ok(None);
+    };
+    v.trim().parse().map(Some).map_err(|_| v.clone())
+}
+
 /// Another node as a peer. Ok(None) when it is not one (yet): no `kube-subnet-manager: "true"`
 /// (not run by flanneld/twilld) or no podCIDR assigned. A Skip when its annotations are wrong:
 /// the same checks as an etcd lease (`lease::parse_lease`), the subnet's length aside.
@@ -868,6 +883,32 @@ mod tests {
             let got = own_annotations(&ann(), &vxlan_attrs(), &current);
             assert_eq!(got[&format!("{P}public-ip")], want, "{current:?}");
         }
+    }
+
+    #[test]
+    fn a_stored_public_ip_is_an_ipv4_address_or_an_error() {
+        let a = Annotations::default();
+        let node = |v: Option<&str>| -> Node {
+            let mut n = json!({"metadata": {"name": "n1", "annotations": {}}});
+            if let Some(v) = v {
+                n["metadata"]["annotations"]["flannel.alpha.coreos.com/node-public-ip"] = json!(v);
+            }
+            serde_json::from_value(n).unwrap()
+        };
+        assert_eq!(
+            stored_public_ip(&node(Some("203.0.113.9")), &a),
+            Ok(Some(Ipv4Addr::new(203, 0, 113, 9)))
+        );
+        assert_eq!(stored_public_ip(&node(None), &a), Ok(None));
+        assert_eq!(stored_public_ip(&node(Some("")), &a), Ok(None));
+        assert_eq!(
+            stored_public_ip(&node(Some("2001:db8::1")), &a),
+            Err("2001:db8::1".into())
+        );
+        assert_eq!(
+            stored_public_ip(&node(Some("eth0")), &a),
+            Err("eth0".into())
+        );
     }
 
     #[test]
