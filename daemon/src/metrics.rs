@@ -50,7 +50,8 @@ pub struct Metrics {
     pub oversized_leases_dropped: AtomicU64,
     /// Keys for a subnet that another key for it outranks (aliases).
     pub lease_alias_conflicts: AtomicU64,
-    /// Leases skipped because an older lease announces their VTEP MAC at another address.
+    /// Leases (Nodes) skipped because an older lease (a Node seen first) announces their VTEP
+    /// MAC at another address.
     pub duplicate_vtep_macs: AtomicU64,
     /// Peers whose subnet would cover this node's own addresses: not routed.
     pub peers_refused_overlap: AtomicU64,
@@ -269,7 +270,7 @@ impl Metrics {
         metric(
             "duplicate_vtep_macs_total",
             "counter",
-            "Leases skipped because an older lease announces their VTEP MAC at another address.",
+            "Leases (in Kubernetes mode, Nodes) skipped because an older lease (a Node seen first) announces their VTEP MAC at another address.",
             g(&self.duplicate_vtep_macs),
         );
         metric(

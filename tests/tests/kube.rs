@@ -785,3 +785,64 @@ fn the_node_public_ip_annotation_is_the_nodes_public_ip() -> Result<()> {
     k.lab.del_pod(&b)?;
     Ok(())
 }
+
+/// A Node announcing another Node's VTEP MAC at another address (a copied state dir) is held
+/// back and counted: the kernel keeps one remote per MAC, and the first Node keeps its traffic.
+#[test]
+fn a_node_announcing_anothers_vtep_mac_is_held_back() -> Result<()> {
+    let mut k = KubeLab::new(2)?;
+    k.start_all_meshed()?;
+    let (subnet1, ip1, mac1) = k.own(1)?;
+    let clone_net = "10.244.9.0/24";
+    let clone_ip = "198.18.0.99";
+    let data = |mac: &str| format!(r#"{{"VNI":1,"VtepMAC":"{mac}"}}"#);
+    // Annotated before its podCIDR: a Node is a peer candidate only with both, so its first
+    // skip is the copied MAC (a key's skips are logged once per 10 minutes).
+    k.api.add_node("clone", clone_ip, None)?;
+    for (key, v) in [
+        ("kube-subnet-manager", "true"),
+        ("backend-type", "vxlan"),
+        ("public-ip", clone_ip),
+        ("backend-data", &data(&mac1) as &str),
+    ] {
+        k.api
+            .set_node_annotation("clone", &format!("{PREFIX}{key}"), Some(v))?;
+    }
+    k.api.set_pod_cidrs("clone", &[clone_net])?;
+    wait_until(CONVERGE, || {
+        k.lab
+            .metric(2, "twill_duplicate_vtep_macs_total")
+            .ok()
+            .flatten()
+            .is_some_and(|v| v >= 1.0)
+    })
+    .context("node 2 did not count the copied MAC")?;
+    ensure!(
+        !k.has_route(2, clone_net),
+        "node 2 routed the Node with a copied MAC"
+    );
+    ensure!(
+        k.lab.entries(2, DEV)?.has_peer(&subnet1, &mac1, &ip1),
+        "node 1's entries on node 2 were taken over: {:?}",
+        k.lab.entries(2, DEV)
+    );
+    let log = k.lab.daemon_log(2);
+    ensure!(
+        log.contains("(a copied state dir?)"),
+        "{}",
+        log.lines()
+            .filter(|l| l.contains("clone"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // With a MAC of its own it is a peer.
+    k.api.set_node_annotation(
+        "clone",
+        &format!("{PREFIX}backend-data"),
+        Some(&data("0a:58:0a:f4:09:01")),
+    )?;
+    wait_until(CONVERGE, || k.has_route(2, clone_net))
+        .context("the Node with its own MAC was not let in")?;
+    ensure!(k.lab.entries(2, DEV)?.has_peer(&subnet1, &mac1, &ip1));
+    Ok(())
+}

@@ -40,7 +40,7 @@ impl SkipLog {
             Skip::NotASubnet | Skip::Invalid(_) => &m.invalid_leases_skipped,
             Skip::Oversized(_) => &m.oversized_leases_dropped,
             Skip::Shadowed { .. } => &m.lease_alias_conflicts,
-            Skip::DuplicateMac { .. } => &m.duplicate_vtep_macs,
+            Skip::DuplicateMac { .. } | Skip::MacTaken(_) => &m.duplicate_vtep_macs,
         });
         let now = Instant::now();
         if self

@@ -44,6 +44,8 @@ pub enum Skip {
         mac: MacAddr,
         kept: String,
     },
+    /// Kubernetes mode: another Node keeps this VTEP MAC (the text says which).
+    MacTaken(String),
 }
 
 impl Skip {
@@ -63,6 +65,7 @@ impl Skip {
                 "VtepMAC {mac} is announced at another address by the older lease {}",
                 echo(kept)
             ),
+            Skip::MacTaken(why) => why.clone(),
         }
     }
 }

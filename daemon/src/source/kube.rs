@@ -31,7 +31,7 @@ use crate::daemon::Shared;
 use crate::lease::LeaseAttrs;
 use crate::metrics::Metrics;
 use crate::registry::kube::annotations::Annotations;
-use crate::registry::kube::node::{self as knode, Peers};
+use crate::registry::kube::node::{self as knode, Peers, SkipReason};
 use crate::registry::kube::slim::SlimNode;
 use crate::registry::skips::SkipLog;
 use crate::registry::view::Skip;
@@ -516,9 +516,13 @@ impl KubeSource {
                     },
                 };
                 if let Some(s) = skip {
+                    let why = s.skip.to_string();
                     skips.report(
                         &format!("node/{}", s.node),
-                        &Skip::Invalid(s.skip.to_string()),
+                        &match s.skip.reason {
+                            SkipReason::DuplicateMac => Skip::MacTaken(why),
+                            _ => Skip::Invalid(why),
+                        },
                     );
                 }
                 for ev in out {

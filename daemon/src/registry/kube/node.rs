@@ -196,6 +196,9 @@ pub enum SkipReason {
     OutsideNetwork,
     OverlapsOwn,
     OverlapsPeer,
+    /// Its VTEP MAC is another node's, at another address (a copied state dir, or a hostile
+    /// annotation): the kernel keeps one remote per MAC, so both cannot be served.
+    DuplicateMac,
     BackendType,
     NoPublicIp,
     BadPublicIp,
@@ -210,6 +213,7 @@ impl SkipReason {
             SkipReason::OutsideNetwork => "outside-network",
             SkipReason::OverlapsOwn => "overlaps-own",
             SkipReason::OverlapsPeer => "overlaps-peer",
+            SkipReason::DuplicateMac => "duplicate-mac",
             SkipReason::BackendType => "backend-type",
             SkipReason::NoPublicIp => "no-public-ip",
             SkipReason::BadPublicIp => "bad-public-ip",
@@ -411,8 +415,9 @@ enum State {
     /// Not a peer (not annotated, no podCIDR, invalid).
     Ignored,
     Active(Peer),
-    /// Valid, but its subnet overlaps another node's active peer (a podCIDR handed over before
-    /// the old node's deletion was seen): becomes active when that one goes.
+    /// Valid, but held back by another node's active peer: its subnet overlaps that one's (a
+    /// podCIDR handed over before the old node's deletion was seen), or it announces that
+    /// one's VTEP MAC at another address. Becomes active when the conflict goes.
     Blocked(Peer),
 }
 
@@ -552,13 +557,36 @@ fn node_skip(node: String, skip: Option<Skip>) -> Option<NodeSkip> {
     skip.map(|skip| NodeSkip { node, skip })
 }
 
-/// The active peer of another node that overlaps `subnet`.
-fn active_overlap(nodes: &BTreeMap<String, Known>, subnet: Ipv4Net) -> Option<(&str, Peer)> {
+/// Why another node's active peer holds `p` back, if one does: an overlapping subnet, or the
+/// same VTEP MAC at another address (the first node to announce a MAC keeps it: the kernel
+/// has one remote per MAC, and a second node taking it over would redirect the first one's
+/// traffic).
+fn active_conflict(nodes: &BTreeMap<String, Known>, p: &Peer) -> Option<Skip> {
     nodes.iter().find_map(|(n, k)| {
-        k.state
-            .active()
-            .filter(|p| overlaps(p.subnet, subnet))
-            .map(|p| (n.as_str(), p))
+        let q = k.state.active()?;
+        if overlaps(q.subnet, p.subnet) {
+            return Some(Skip {
+                reason: SkipReason::OverlapsPeer,
+                detail: format!(
+                    "subnet {} overlaps node {:?}'s subnet {}",
+                    p.subnet,
+                    echo(n),
+                    q.subnet
+                ),
+            });
+        }
+        match p.vtep_mac {
+            Some(mac) if q.vtep_mac == Some(mac) && q.public_ip != p.public_ip => Some(Skip {
+                reason: SkipReason::DuplicateMac,
+                detail: format!(
+                    "VtepMAC {mac} is node {:?}'s, at {} (a copied state dir?); held back \
+                     until that node goes or changes its MAC",
+                    echo(n),
+                    q.public_ip
+                ),
+            }),
+            _ => None,
+        }
     })
 }
 
@@ -573,17 +601,9 @@ fn place(
     let mut skip = None;
     let state = match candidate {
         None => State::Ignored,
-        Some(p) => match active_overlap(nodes, p.subnet) {
-            Some((other, q)) => {
-                skip = Some(Skip {
-                    reason: SkipReason::OverlapsPeer,
-                    detail: format!(
-                        "subnet {} overlaps node {:?}'s subnet {}",
-                        p.subnet,
-                        echo(other),
-                        q.subnet
-                    ),
-                });
+        Some(p) => match active_conflict(nodes, &p) {
+            Some(s) => {
+                skip = Some(s);
                 State::Blocked(p)
             }
             None => State::Active(p),
@@ -594,7 +614,11 @@ fn place(
     let mut events = Vec::new();
     match (old, new) {
         (Some(o), Some(n)) if o == n => {}
-        (Some(o), Some(n)) if o.subnet == n.subnet => events.push(PeerEvent::Upsert(n)),
+        (Some(o), Some(n)) if o.subnet == n.subnet => {
+            events.push(PeerEvent::Upsert(n));
+            // A MAC or address it gave up may free a peer held back by it.
+            events.extend(promote(nodes));
+        }
         (old, new) => {
             if let Some(o) = old {
                 events.push(PeerEvent::Remove(o.subnet));
@@ -610,7 +634,7 @@ fn place(
     (events, skip)
 }
 
-/// Activate held-back peers that no longer overlap an active one (in node-name order).
+/// Activate held-back peers that no longer conflict with an active one (in node-name order).
 fn promote(nodes: &mut BTreeMap<String, Known>) -> Vec<PeerEvent> {
     let blocked: Vec<(String, Peer)> = nodes
         .iter()
@@ -621,7 +645,7 @@ fn promote(nodes: &mut BTreeMap<String, Known>) -> Vec<PeerEvent> {
         .collect();
     let mut events = Vec::new();
     for (name, p) in blocked {
-        if active_overlap(nodes, p.subnet).is_none() {
+        if active_conflict(nodes, &p).is_none() {
             if let Some(k) = nodes.get_mut(&name) {
                 k.state = State::Active(p);
                 events.push(PeerEvent::Upsert(p));
@@ -737,12 +761,16 @@ mod tests {
         json!({"podCIDR": cidr, "podCIDRs": [cidr]})
     }
 
-    /// A vxlan peer node, `n` in the third octet of its pod subnet and the public IP.
+    /// A vxlan peer node, `n` in the third octet of its pod subnet and the public IP and in
+    /// the last byte of its VTEP MAC.
     fn peer_node(name: &str, n: u8) -> Node {
         to_node(node_json(
             name,
             spec(&format!("10.244.{n}.0/24")),
-            flannel_annotations(&format!("172.18.0.{n}"), &vxlan_data(1, MAC)),
+            flannel_annotations(
+                &format!("172.18.0.{n}"),
+                &vxlan_data(1, &format!("12:c6:65:89:b4:{n:02x}")),
+            ),
         ))
     }
 
@@ -1526,6 +1554,62 @@ mod tests {
         assert_eq!(es(&p.delete(&peer_node("old", 1))), [rm(1), new_peer]);
         // Now "new" is the owner: its deletion removes the subnet.
         assert_eq!(es(&p.delete(&new)), [rm(1)]);
+    }
+
+    #[test]
+    fn a_vtep_mac_announced_by_two_nodes_stays_with_the_first() {
+        let with_mac = |name: &str, n: u8, mac: &str| {
+            to_node(node_json(
+                name,
+                spec(&format!("10.244.{n}.0/24")),
+                flannel_annotations(&format!("172.18.0.{n}"), &vxlan_data(1, mac)),
+            ))
+        };
+        let up = |n: u8| {
+            E::Up(
+                net(&format!("10.244.{n}.0/24")),
+                Ipv4Addr::new(172, 18, 0, n),
+            )
+        };
+        let a_mac = "12:c6:65:89:b4:01";
+        let mut p = listed(&[peer_node("a", 1)]);
+        // "b" runs on a copy of a's state dir: a's MAC at its own address.
+        let a = p.apply(&with_mac("b", 2, a_mac));
+        assert!(a.events.is_empty(), "{:?}", a.events);
+        let skip = a.skip.unwrap();
+        assert_eq!(skip.skip.reason, SkipReason::DuplicateMac);
+        assert!(skip.skip.detail.contains("\"a\""), "{}", skip.skip.detail);
+        // b gets a MAC of its own: a peer.
+        assert_eq!(es(&p.apply(&peer_node("b", 2)).events), [up(2)]);
+        // "c" copies a's MAC too; then a moves to another MAC and c is let in.
+        assert_eq!(
+            p.apply(&with_mac("c", 3, a_mac)).skip.unwrap().skip.reason,
+            SkipReason::DuplicateMac
+        );
+        assert_eq!(
+            es(&p.apply(&with_mac("a", 1, "12:c6:65:89:b4:aa")).events),
+            [up(1), up(3)]
+        );
+        // "d" copies c's (now active) MAC; c's deletion lets it in.
+        assert!(p.apply(&with_mac("d", 4, a_mac)).events.is_empty());
+        assert_eq!(es(&p.delete(&with_mac("c", 3, a_mac))), [rm(3), up(4)]);
+        // A relist keeps one of each MAC: the first listed.
+        let mut p = peers();
+        p.init();
+        assert_eq!(p.init_apply(&peer_node("a", 1)), None);
+        let held = p.init_apply(&with_mac("b", 2, a_mac)).unwrap();
+        assert_eq!(held.skip.reason, SkipReason::DuplicateMac);
+        assert_eq!(es(&p.init_done()), [E::Snap(vec![net("10.244.1.0/24")])]);
+        // A host-gw node has no MAC: nothing to share.
+        assert!(active_conflict(
+            &p.nodes,
+            &Peer {
+                subnet: net("10.244.9.0/24"),
+                public_ip: Ipv4Addr::new(172, 18, 0, 9),
+                vtep_mac: None,
+            }
+        )
+        .is_none());
     }
 
     #[test]
