@@ -96,7 +96,7 @@ impl Config {
                 cni_pairs: 60,
                 iperf_secs: 5,
                 runs: 9,
-                rate_secs: 3.0,
+                rate_secs: 8.0,
                 scale_pods: vec![1000, 5000],
                 scale_policies: vec![10, 100, 1000],
                 quiet: Duration::from_millis(1500),
