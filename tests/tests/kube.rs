@@ -846,3 +846,53 @@ fn a_node_announcing_anothers_vtep_mac_is_held_back() -> Result<()> {
     ensure!(k.lab.entries(2, DEV)?.has_peer(&subnet1, &mac1, &ip1));
     Ok(())
 }
+
+/// `--kube-api-url` is the API server also when the kubeconfig names another (flannel's rule:
+/// the URL wins, the kubeconfig's credentials stay). Alone it sends no credentials: the
+/// server's refusal is what twilld waits on, and says so.
+#[test]
+fn the_api_url_wins_over_the_kubeconfig_and_alone_sends_no_credentials() -> Result<()> {
+    let mut k = KubeLab::new(1)?;
+    let url = k.api.url();
+    // The kubeconfig's token is right, its server is not (nothing listens there).
+    let kc = k.file(1, "kubeconfig");
+    let wrong = std::fs::read_to_string(&kc)?.replace(&url, "http://198.18.0.1:9");
+    ensure!(!wrong.contains(&url), "the kubeconfig does not name {url}");
+    std::fs::write(&kc, wrong)?;
+    let args = twill_tests::lab::merge_args(&k.args(1), &["--kube-api-url", &url]);
+    k.lab.start_daemon_args(1, &args, &[])?;
+    k.lab.wait_ready(1, READY)?;
+    ensure!(
+        k.own(1)?.0 == pod_cidr(1),
+        "node 1 did not take its podCIDR"
+    );
+    k.lab.stop_daemon(1)?;
+
+    let nc = k.file(1, "net-conf.json");
+    let alone = [
+        "--kube-subnet-mgr",
+        "--kube-api-url",
+        &url,
+        "--net-config-path",
+        &nc,
+    ];
+    let args = twill_tests::lab::merge_args(&k.lab.daemon_args(1), &alone);
+    k.lab.start_daemon_args(1, &args, &[])?;
+    wait_until(Duration::from_secs(20), || {
+        k.lab.status(1).is_ok_and(|s| {
+            s["waiting_for"]
+                .as_str()
+                .is_some_and(|w| w.contains("401") && w.contains("--kube-api-url alone"))
+        })
+    })
+    .with_context(|| format!("/status does not say why: {:?}", k.lab.status(1)))?;
+    ensure!(
+        !matches!(k.lab.get(1, "/readyz"), Ok((200, _))),
+        "ready without being able to read its Node"
+    );
+    ensure!(k
+        .lab
+        .metric(1, "twill_kube_api_errors_total")?
+        .is_some_and(|v| v >= 1.0));
+    Ok(())
+}

@@ -274,7 +274,7 @@ impl LeaseSource for KubeSource {
                 Ok(None) => format!("node {}: no such Node in the API", self.node),
                 Err(e) => {
                     Metrics::inc(&shared.metrics.kube_api_errors);
-                    format!("Kubernetes API: {e}")
+                    format!("Kubernetes API: {e}{}", refusal_hint(&e))
                 }
             };
             if last_log.is_none_or(|t| t.elapsed() >= WAIT_LOG_EVERY) {
@@ -303,8 +303,9 @@ impl LeaseSource for KubeSource {
         tokio::spawn(self.clone().watch_peers(cfg, own_rx, peers, metrics));
     }
 
-    /// Our Node's backend-data, if its VtepMAC is valid (one quick GET: at start, an API server
-    /// that does not answer at once means a new MAC, not a wait).
+    /// Our Node's VTEP MAC (backend-data, if valid) and `node-public-ip`, in one quick GET: at
+    /// start, an API server that does not answer at once means a new MAC and the flags' public
+    /// IP, not a wait.
     async fn stored(&self) -> Stored {
         let nodes = self.nodes();
         match tokio::time::timeout(Duration::from_secs(5), nodes.get_opt(&self.node)).await {
@@ -532,6 +533,21 @@ impl KubeSource {
                 }
             }
         }
+    }
+}
+
+/// What to do about an API server that refuses us, for the message that reports it.
+fn refusal_hint(e: &kube::Error) -> &'static str {
+    match e {
+        kube::Error::Api(r) if r.code == 401 => {
+            " (the API server does not know our credentials: --kube-api-url alone sends none; \
+             give --kubeconfig-file, or run in a pod with its service account)"
+        }
+        kube::Error::Api(r) if r.code == 403 => {
+            " (our identity may not read Nodes: bind it to the ClusterRole in \
+             deploy/kubernetes/twill.yaml)"
+        }
+        _ => "",
     }
 }
 
