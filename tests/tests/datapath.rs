@@ -158,12 +158,12 @@ fn masquerade_comes_back_after_the_ruleset_is_flushed() -> Result<()> {
     })
     .context("table not restored after a flush")?;
     assert_eq!(to_world(&lab, &a, 7012)?, lab.node_ip(1));
-    let restores = metric(&lab, 1, "twill_nft_restores_total")?;
-    assert!(
-        restores >= 1.0,
-        "{restores} restores: {}",
-        lab.daemon_log(1)
-    );
+    // Counted when the repairing pass ends (after the forward rules are checked too), which
+    // may be after the table is back: waited for, not read once.
+    wait_until(Duration::from_secs(10), || {
+        metric(&lab, 1, "twill_nft_restores_total").is_ok_and(|n| n >= 1.0)
+    })
+    .with_context(|| format!("the restore was not counted: {}", lab.daemon_log(1)))?;
     // One chain deleted by hand: restored too.
     lab.exec_ok(
         1,
@@ -175,12 +175,10 @@ fn masquerade_comes_back_after_the_ruleset_is_flushed() -> Result<()> {
             .unwrap_or(false)
     })
     .context("chain not restored")?;
-    let restores = metric(&lab, 1, "twill_nft_restores_total")?;
-    assert!(
-        restores >= 2.0,
-        "{restores} restores: {}",
-        lab.daemon_log(1)
-    );
+    wait_until(Duration::from_secs(10), || {
+        metric(&lab, 1, "twill_nft_restores_total").is_ok_and(|n| n >= 2.0)
+    })
+    .with_context(|| format!("the second restore was not counted: {}", lab.daemon_log(1)))?;
     assert!(lab
         .daemon_log(1)
         .contains("restored twill's nftables tables"));
