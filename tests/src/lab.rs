@@ -689,6 +689,19 @@ impl Lab {
         args: &[String],
         env: &[(&str, &str)],
     ) -> Result<()> {
+        self.start_daemon_wrapped(i, &[], args, env)
+    }
+
+    /// `start_daemon_args`, with twilld started by `wrapper` (inside the node's namespace,
+    /// `wrapper... twilld args...`): e.g. a shell that sets up twilld's mount namespace and
+    /// then execs it, so the daemon's pid stays the wrapper's.
+    pub fn start_daemon_wrapped(
+        &mut self,
+        i: usize,
+        wrapper: &[&str],
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Result<()> {
         self.check_node(i);
         if self.daemon_running(i) {
             bail!("twilld is already running on node {i}");
@@ -701,9 +714,12 @@ impl Lab {
             .open(&log_path)
             .with_context(|| format!("open {}", log_path.display()))?;
         writeln!(log, "{START_MARKER} {}", args.join(" "))?;
-        let mut full: Vec<&str> = vec![twilld
-            .to_str()
-            .ok_or_else(|| anyhow!("non-UTF-8 binary path"))?];
+        let mut full: Vec<&str> = wrapper.to_vec();
+        full.push(
+            twilld
+                .to_str()
+                .ok_or_else(|| anyhow!("non-UTF-8 binary path"))?,
+        );
         full.extend(args.iter().map(String::as_str));
         let mut cmd = exec_cmd(&self.node_ns(i), &full);
         cmd.env("RUST_LOG", "info")

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Context, Result};
 use serde_json::Value;
+use twill_tests::fakeapi::tls::TestPki;
 use twill_tests::fakeapi::{Failure, FakeApi, FakeApiOptions, Kind};
 use twill_tests::{wait_until, Lab, LabOptions, Pod, StreamOptions, UdpStream};
 
@@ -35,12 +36,27 @@ impl KubeLab {
     /// `nodes` lab nodes, each registered as Node `n<i>` with podCIDR 10.244.<i>.0/24; twilld
     /// not started.
     fn new(nodes: usize) -> Result<KubeLab> {
+        Self::build(nodes, false)
+    }
+
+    /// `new`, with the API served over TLS (a CA made for this lab; the kubeconfigs trust it).
+    fn new_tls(nodes: usize) -> Result<KubeLab> {
+        Self::build(nodes, true)
+    }
+
+    fn build(nodes: usize, tls: bool) -> Result<KubeLab> {
         let lab = Lab::new(LabOptions {
             nodes,
             etcd: false,
             ..Default::default()
         })?;
-        let api = FakeApi::start(FakeApiOptions::in_lab(&lab))?;
+        let mut opts = FakeApiOptions::in_lab(&lab);
+        if tls {
+            let dir = lab.dir().join("pki");
+            std::fs::create_dir(&dir)?;
+            opts.tls = Some(TestPki::generate(&dir, opts.addr.ip())?);
+        }
+        let api = FakeApi::start(opts)?;
         let token = api
             .twill_token()
             .ok_or_else(|| anyhow!("the manifest binds no twill ServiceAccount"))?;
@@ -894,5 +910,129 @@ fn the_api_url_wins_over_the_kubeconfig_and_alone_sends_no_credentials() -> Resu
         .lab
         .metric(1, "twill_kube_api_errors_total")?
         .is_some_and(|v| v >= 1.0));
+    Ok(())
+}
+
+/// In-cluster config, as twilld runs in the DaemonSet: no `--kubeconfig-file` and no
+/// `--kube-api-url`, only KUBERNETES_SERVICE_HOST/PORT and the ServiceAccount's token, ca.crt
+/// and namespace under /var/run/secrets/kubernetes.io/serviceaccount, with the API served over
+/// TLS by the cluster's CA. The files are put there in twilld's own mount namespace (a tmpfs
+/// over /var; `ip netns exec` keeps mounts from reaching the host), so the machine's /var is
+/// untouched. A rotated token (kubelet rewrites the projected token before it expires) is read
+/// again, and requests go on with it once the old one is refused. Node 2 reads a kubeconfig
+/// that trusts the same CA.
+#[test]
+fn in_cluster_config_talks_tls_with_the_service_account_token_and_follows_its_rotation(
+) -> Result<()> {
+    const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let mut k = KubeLab::new_tls(2)?;
+    let sa = k.lab.node_dir(1).join("serviceaccount");
+    ensure!(
+        !sa.starts_with("/var"),
+        "the lab is under /var ({}), which this test hides from twilld: set TMPDIR elsewhere",
+        sa.display()
+    );
+    let user = format!(
+        "system:serviceaccount:{}:{}",
+        twill_tests::fakeapi::TWILL_SERVICE_ACCOUNT.0,
+        twill_tests::fakeapi::TWILL_SERVICE_ACCOUNT.1
+    );
+    let old = k.api.twill_token().context("no twill ServiceAccount")?;
+    std::fs::create_dir(&sa)?;
+    std::fs::write(sa.join("token"), &old)?;
+    std::fs::copy(k.api.ca_cert().context("no CA")?, sa.join("ca.crt"))?;
+    std::fs::write(
+        sa.join("namespace"),
+        twill_tests::fakeapi::TWILL_SERVICE_ACCOUNT.0,
+    )?;
+    // Node 2 has a token of its own, so that revoking node 1's leaves it alone.
+    let token2 = k.api.new_token_for(&user).context("no token for node 2")?;
+    std::fs::write(
+        k.lab.node_dir(2).join("kubeconfig"),
+        k.api.kubeconfig(&token2),
+    )?;
+
+    let nc = k.file(1, "net-conf.json");
+    let extra = [
+        "--kube-subnet-mgr",
+        "--net-config-path",
+        &nc,
+        "--lease-list-grace",
+        "5s",
+    ];
+    let args = twill_tests::lab::merge_args(&k.lab.daemon_args(1), &extra);
+    let script = format!(
+        "mount -t tmpfs -o mode=0755,size=1m twill-test-sa /var && mkdir -p {SA_DIR} && \
+         cp -- \"$0/token\" \"$0/ca.crt\" \"$0/namespace\" {SA_DIR}/ && exec \"$@\""
+    );
+    let (host, port) = (
+        k.api.addr().ip().to_string(),
+        k.api.addr().port().to_string(),
+    );
+    let sa_str = sa.display().to_string();
+    k.lab.start_daemon_wrapped(
+        1,
+        &["sh", "-c", &script, &sa_str],
+        &args,
+        &[
+            ("KUBERNETES_SERVICE_HOST", &host),
+            ("KUBERNETES_SERVICE_PORT", &port),
+        ],
+    )?;
+    k.start(2)?;
+    for i in [1, 2] {
+        k.lab.wait_ready(i, READY)?;
+    }
+    k.wait_mesh(&[1, 2])?;
+    ensure!(
+        k.own(1)?.0 == pod_cidr(1),
+        "node 1 did not take its podCIDR"
+    );
+    let log = k.lab.daemon_log(1);
+    ensure!(
+        log.contains(&format!("https://{}", k.api.addr())),
+        "node 1 does not say it uses the in-cluster API address:\n{log}"
+    );
+    // Only node 1 writes n1's status: it did, as the ServiceAccount.
+    let n1_patched_by = |code: u16| {
+        k.api
+            .requests()
+            .iter()
+            .filter(|r| {
+                r.method == "PATCH" && r.path == "/api/v1/nodes/n1/status" && r.code == code
+            })
+            .map(|r| r.user.clone())
+            .collect::<Vec<_>>()
+    };
+    ensure!(
+        n1_patched_by(200).contains(&user),
+        "node 1 never published its annotations as {user}: {:?}",
+        n1_patched_by(200)
+    );
+
+    // Rotation: the new token in the file, the old one refused from now on. Node 1's watches
+    // are cut and its annotations wiped: putting them back needs a request with the new token.
+    // kube's client reads the file again when the token it has is 50 s old.
+    let pid = k.lab.daemon_pid(1).context("node 1 is not running")?;
+    let live = PathBuf::from(format!("/proc/{pid}/root{SA_DIR}"));
+    let new = k.api.new_token_for(&user).context("no new token")?;
+    std::fs::write(live.join("token.new"), &new)?;
+    std::fs::rename(live.join("token.new"), live.join("token"))?;
+    ensure!(k.api.revoke_token(&old), "the old token was not known");
+    k.api.clear_requests();
+    k.api.drop_watches();
+    k.api.wipe_annotations("n1")?;
+    wait_until(Duration::from_secs(120), || {
+        k.annotation("n1", "backend-data").is_some() && k.annotation("n1", "public-ip").is_some()
+    })
+    .with_context(|| {
+        format!(
+            "node 1 did not put its annotations back with the rotated token; patches refused: \
+             {}",
+            n1_patched_by(401).len()
+        )
+    })?;
+    ensure!(k.lab.daemon_running(1), "node 1's twilld exited");
+    k.wait_mesh(&[1, 2])?;
     Ok(())
 }

@@ -27,7 +27,8 @@
 //! `sendInitialEvents` streaming lists (400), graceful deletion and finalizers (deletes are
 //! immediate), admission beyond the namespace having to exist, defaulting, semantic validation
 //! (only the shape: each object must decode as its k8s-openapi type), managedFields, protobuf,
-//! TLS. A green test against this fake says nothing about those; see deploy/README.md for what a
+//! client certificates. TLS is optional (`FakeApiOptions::tls`, a per-test CA from `tls`). A
+//! green test against this fake says nothing about those; see deploy/README.md for what a
 //! real cluster has to confirm.
 //!
 //! Faults, driven from the test process: cut every watch stream, stall (requests are taken and
@@ -46,6 +47,7 @@ pub mod resource;
 pub mod selector;
 pub mod server;
 pub mod store;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -100,6 +102,8 @@ pub struct FakeApiOptions {
     pub bookmark_interval: Duration,
     /// A watch's length when the client gives no `timeoutSeconds` (the real server: 30-60 min).
     pub default_watch_timeout: Duration,
+    /// Serve HTTPS with this certificate (None: plain HTTP).
+    pub tls: Option<tls::TestPki>,
 }
 
 impl Default for FakeApiOptions {
@@ -110,6 +114,7 @@ impl Default for FakeApiOptions {
             manifest: Some(crate::bins::workspace_dir().join("deploy/kubernetes/twill.yaml")),
             bookmark_interval: Duration::from_secs(60),
             default_watch_timeout: Duration::from_secs(1800),
+            tls: None,
         }
     }
 }
@@ -145,6 +150,7 @@ pub struct FakeApi {
     thread: Option<JoinHandle<()>>,
     admin_token: String,
     last_beat: Mutex<u64>,
+    tls: Option<tls::TestPki>,
 }
 
 fn new_token() -> String {
@@ -176,6 +182,7 @@ impl FakeApi {
                 tokens.insert(new_token(), id);
             }
         }
+        let acceptor = opts.tls.as_ref().map(tls::TestPki::acceptor).transpose()?;
         let (cmds, cmd_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             store: Mutex::new(Store::default()),
@@ -237,7 +244,7 @@ impl FakeApi {
                         }
                     };
                     let _ = ready_tx.send(Ok(addr));
-                    server::run(sh, listener, addr, cmd_rx).await;
+                    server::run(sh, listener, addr, acceptor, cmd_rx).await;
                 });
             })?;
         let addr = match ready_rx.recv() {
@@ -258,6 +265,7 @@ impl FakeApi {
             thread: Some(thread),
             admin_token,
             last_beat: Mutex::new(0),
+            tls: opts.tls,
         })
     }
 
@@ -265,9 +273,16 @@ impl FakeApi {
         self.addr
     }
 
-    /// `http://<addr>`: what `--kube-api-url` and a kubeconfig's `server` take.
+    /// `http://<addr>` (`https://` with TLS): what `--kube-api-url` and a kubeconfig's
+    /// `server` take.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The CA clients must trust, when serving TLS.
+    pub fn ca_cert(&self) -> Option<&std::path::Path> {
+        self.tls.as_ref().map(|t| t.ca_cert.as_path())
     }
 
     // ---- identities -----------------------------------------------------------------------
@@ -308,10 +323,29 @@ impl FakeApi {
         token
     }
 
+    /// A new token for a user the fake knows, the old ones still valid (a rotated
+    /// ServiceAccount token); None for an unknown user.
+    pub fn new_token_for(&self, user: &str) -> Option<String> {
+        let mut tokens = lock(&self.shared.tokens);
+        let id = tokens.values().find(|id| id.user == user)?.clone();
+        let token = new_token();
+        tokens.insert(token.clone(), id);
+        Some(token)
+    }
+
+    /// Stop accepting a token (401 from now on), as an expired one is.
+    pub fn revoke_token(&self, token: &str) -> bool {
+        lock(&self.shared.tokens).remove(token).is_some()
+    }
+
     /// A kubeconfig for this server and token (what `--kubeconfig-file` reads).
     pub fn kubeconfig(&self, token: &str) -> String {
+        let ca = self
+            .ca_cert()
+            .map(|p| format!("    certificate-authority: {}\n", p.display()))
+            .unwrap_or_default();
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n{ca}\
              users:\n- name: user\n  user:\n    token: {token}\ncontexts:\n- name: fake\n  context:\n    \
              cluster: fake\n    user: user\n    namespace: default\ncurrent-context: fake\n",
             self.url()

@@ -121,6 +121,7 @@ pub async fn run(
     shared: Arc<Shared>,
     listener: TcpListener,
     addr: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     mut cmds: mpsc::UnboundedReceiver<Cmd>,
 ) {
     let mut listener = Some(listener);
@@ -145,11 +146,16 @@ pub async fn run(
             acc = accept(&listener) => {
                 if let Ok((stream, _)) = acc {
                     let shared = shared.clone();
+                    let tls = tls.clone();
                     conns.spawn(async move {
-                        let svc = hyper::service::service_fn(move |req| handle(shared.clone(), req));
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                            .await;
+                        match tls {
+                            None => serve(shared, stream).await,
+                            // A failed handshake (a client that does not trust the CA) ends
+                            // the connection, as with a real server.
+                            Some(t) => if let Ok(s) = t.accept(stream).await {
+                                serve(shared, s).await;
+                            },
+                        }
                     });
                 }
             }
@@ -157,6 +163,17 @@ pub async fn run(
         }
     }
     conns.abort_all();
+}
+
+/// One HTTP/1.1 connection, plain or TLS.
+async fn serve<S>(shared: Arc<Shared>, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| handle(shared.clone(), req));
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+        .await;
 }
 
 // ---- answers --------------------------------------------------------------------------------
