@@ -338,8 +338,9 @@ pub fn isolating(
 /// pod, when only set elements and map entries move: its addresses in the peer sets that
 /// select it and in the named-port sets its declared ports match, and on its own node its
 /// verdict-map entries (the group chains of its policies must exist already). Equal to
-/// `diff(prog, &compile(c, node))` whenever it is Some. None (compile instead) when the pod is
-/// not live, shares an address with another record, or needs a chain that `prog` lacks.
+/// `diff(prog, &compile(c, node))` whenever it is Some; empty for a pod that is not live (no
+/// program holds one). None (compile instead) when the pod shares an address with another
+/// record, or needs a chain that `prog` lacks.
 pub fn pod_added(
     c: &Cluster,
     node: &str,
@@ -347,11 +348,13 @@ pub fn pod_added(
     key: &PodKey,
 ) -> Option<ProgramDelta> {
     let rec = c.pod(key)?;
-    if !rec.is_live()
-        || rec
-            .ips
-            .iter()
-            .any(|ip| prog.local.contains(ip) || c.pods_with_ip(*ip).count() > 1)
+    if !rec.is_live() {
+        return Some(ProgramDelta::default());
+    }
+    if rec
+        .ips
+        .iter()
+        .any(|ip| prog.local.contains(ip) || c.pods_with_ip(*ip).count() > 1)
     {
         return None;
     }
@@ -488,15 +491,18 @@ pub fn closed_first(d: ProgramDelta) -> (ProgramDelta, Option<ProgramDelta>) {
 
 /// What the removal of a pod whose record was `rec` takes out of `prog`, the program compiled
 /// for `node` with it, `c` being the cluster without it: the mirror of [`pod_added`].
-/// None (compile instead) when a chain would go (the last pod of its policy combination), or
-/// another record still claims one of its addresses.
+/// Empty for a pod that was not live. None (compile instead) when a chain would go (the last
+/// pod of its policy combination), or another record still claims one of its addresses.
 pub fn pod_removed(
     c: &Cluster,
     node: &str,
     prog: &NodeProgram,
     rec: &PodRecord,
 ) -> Option<ProgramDelta> {
-    if !rec.is_live() || rec.ips.iter().any(|ip| c.pods_with_ip(*ip).count() > 0) {
+    if !rec.is_live() {
+        return Some(ProgramDelta::default());
+    }
+    if rec.ips.iter().any(|ip| c.pods_with_ip(*ip).count() > 0) {
         return None;
     }
     let local = rec.node.as_deref() == Some(node);
@@ -1566,6 +1572,36 @@ mod tests {
         add_pod(&mut c, "y", "a", "n1", &["10.0.1.2"], vec![]);
         add_pod(&mut c, "y", "b", "n2", &["10.0.2.2", "fd00::2:2"], http());
         c
+    }
+
+    /// A pod without an address yet (as every Kubernetes pod starts) is in no program: its
+    /// coming and going are empty deltas, not compiles.
+    #[test]
+    fn a_pod_that_is_not_live_is_an_empty_delta() {
+        let mut c = cluster();
+        add_policy(
+            &mut c,
+            "x",
+            "p",
+            serde_json::json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}]}]}),
+        );
+        add_pod(&mut c, "x", "new", "n2", &[], http());
+        let key = PodKey::new("x", "new");
+        let mut without = c.clone();
+        let rec = without.remove_pod(&key).unwrap();
+        assert!(!rec.is_live());
+        for node in ["n1", "n2"] {
+            let (with, wo) = (compile(&c, node), compile(&without, node));
+            assert_eq!(diff(&wo, &with), ProgramDelta::default());
+            assert_eq!(
+                pod_added(&c, node, &wo, &key),
+                Some(ProgramDelta::default())
+            );
+            assert_eq!(
+                pod_removed(&without, node, &with, &rec),
+                Some(ProgramDelta::default())
+            );
+        }
     }
 
     #[test]

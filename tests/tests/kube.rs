@@ -509,6 +509,24 @@ fn network_policy_from_the_api_is_enforced_and_follows_label_changes() -> Result
         .context("the policy from the API never closed the server to app=other")?;
     wait_until(Duration::from_secs(5), || reaches(&client, &server))
         .context("app=client lost the server")?;
+    // Another node's new pod (created, bound, then given its address, as kubelet reports it)
+    // is only its own delta on node 1: its address joins the peer set, no compile.
+    let metric = |lab: &Lab, name: &str| lab.metric(1, name).map(|v| v.unwrap_or(0.0));
+    let (syncs, fast) = (
+        metric(&k.lab, "twill_policy_syncs_total")?,
+        metric(&k.lab, "twill_policy_fast_syncs_total")?,
+    );
+    let client2 = k.add_pod(2, "x", "client2", &[("app", "client")])?;
+    wait_until(CONVERGE, || reaches(&client2, &server))
+        .context("a new app=client pod on another node never reached the server")?;
+    ensure!(
+        metric(&k.lab, "twill_policy_syncs_total")? == syncs
+            && metric(&k.lab, "twill_policy_fast_syncs_total")? > fast,
+        "node 1 compiled for another node's new pod: syncs {syncs} -> {:?}, fast {fast} -> {:?}",
+        metric(&k.lab, "twill_policy_syncs_total"),
+        metric(&k.lab, "twill_policy_fast_syncs_total")
+    );
+    k.lab.del_pod(&client2)?;
     // A peer's label change in the API: it is let in.
     k.set_pod_labels("x", "other", &[("app", "client")])?;
     wait_until(CONVERGE, || reaches(&other, &server))

@@ -726,6 +726,10 @@ impl Engine {
         let Some(d) = delta(self.objects.cluster(), &self.opts.node, prog) else {
             return false;
         };
+        if d.is_empty() {
+            // A pod that is in no program yet (no address): nothing to do.
+            return true;
+        }
         let Some(ops) = render::element_ops(&d, prog) else {
             return false;
         };

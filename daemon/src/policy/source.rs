@@ -390,13 +390,23 @@ impl Objects {
             return;
         }
         if self.remote.get(&kv.key) != Some(&pod) {
-            let new = !self.remote.contains_key(&kv.key);
+            let before = self
+                .remote
+                .contains_key(&kv.key)
+                .then(|| self.cluster.pod(&PodKey::new(ns, name)).cloned())
+                .flatten();
             if let Ok(key) = self.cluster.upsert_pod(&pod) {
                 out.changed = true;
-                if new {
-                    out.moves.push(PodMove::Added(key));
-                } else {
-                    out.others = true;
+                let live_now = self.cluster.pod(&key).is_some_and(PodRecord::is_live);
+                match before {
+                    // A pod is not live until it has a node and an address (every pod in
+                    // Kubernetes starts so, and kubelet reports its address later): until
+                    // then it is in no program, and only comes now.
+                    None => out.moves.push(PodMove::Added(key)),
+                    Some(b) if !b.is_live() => out.moves.push(PodMove::Added(key)),
+                    // Finished: it only goes.
+                    Some(b) if !live_now => out.moves.push(PodMove::Removed(Box::new(b))),
+                    Some(_) => out.others = true,
                 }
             }
             self.remote.insert(kv.key, pod);
@@ -678,6 +688,46 @@ mod tests {
         let pol = json!({"metadata": {"name": "p", "namespace": "x"}, "spec": {"podSelector": {}}});
         let out = o.apply(POLICIES, DirEvent::Put(kv("x/p", pol)), &m);
         assert!(out.changed && out.others && out.moves.is_empty());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Kubernetes mode: another node's pod is created without a node and an address, bound,
+    /// given its address, and finishes. Each step is the pod coming or going, never a change
+    /// that needs a compile.
+    #[test]
+    fn another_nodes_pod_getting_its_address_and_finishing_are_moves() {
+        let (mut o, dir) = objects("l");
+        let m = Metrics::default();
+        for d in [POLICIES, NAMESPACES, PODS] {
+            o.apply(d, DirEvent::Snapshot(vec![]), &m);
+        }
+        let pod = |node: Option<&str>, ip: Option<&str>, phase: &str| {
+            json!({"metadata": {"name": "r", "namespace": "x", "labels": {"app": "a"}},
+                   "spec": {"nodeName": node},
+                   "status": {"phase": phase, "podIPs": ip.map(|i| vec![json!({"ip": i})]).unwrap_or_default()}})
+        };
+        let key = PodKey::new("x", "r");
+        for step in [pod(None, None, "Pending"), pod(Some("n2"), None, "Pending")] {
+            let out = o.apply(PODS, DirEvent::Put(kv("x/r", step)), &m);
+            assert!(out.changed && !out.others, "{out:?}");
+            assert!(matches!(&out.moves[..], [PodMove::Added(k)] if *k == key));
+            assert!(!o.cluster().pod(&key).unwrap().is_live());
+        }
+        let out = o.apply(
+            PODS,
+            DirEvent::Put(kv("x/r", pod(Some("n2"), Some("10.244.2.9"), "Running"))),
+            &m,
+        );
+        assert!(out.changed && !out.others, "{out:?}");
+        assert!(matches!(&out.moves[..], [PodMove::Added(k)] if *k == key));
+        assert!(o.cluster().pod(&key).unwrap().is_live());
+        let out = o.apply(
+            PODS,
+            DirEvent::Put(kv("x/r", pod(Some("n2"), Some("10.244.2.9"), "Succeeded"))),
+            &m,
+        );
+        assert!(out.changed && !out.others, "{out:?}");
+        assert!(matches!(&out.moves[..], [PodMove::Removed(r)] if r.is_live()));
         let _ = std::fs::remove_dir_all(dir);
     }
 
