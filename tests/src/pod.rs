@@ -108,36 +108,18 @@ impl Lab {
         config: &Value,
     ) -> Result<CniOutput> {
         let plugin = self.bin("twill")?;
-        // Runtimes exec the plugin in the node's own namespace.
-        let plugin_path = plugin.display().to_string();
-        let mut child = netns::exec_cmd(&self.node_ns(i), &[&plugin_path])
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", container_id)
-            .env("CNI_NETNS", netns_path)
-            .env("CNI_IFNAME", ifname)
-            .env("CNI_ARGS", cni_args)
-            .env(
-                "CNI_PATH",
-                plugin.parent().unwrap_or(std::path::Path::new("/")),
-            )
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("exec {}", plugin.display()))?;
-        child
-            .stdin
-            .take()
-            .expect("piped stdin")
-            .write_all(config.to_string().as_bytes())?;
-        let out = child.wait_with_output()?;
-        Ok(CniOutput {
-            success: out.status.success(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
+        exec_plugin(
+            &plugin,
+            &self.node_ns(i),
+            &CniCall {
+                command,
+                container_id,
+                netns_path,
+                ifname,
+                cni_args,
+            },
+            config,
+        )
     }
 
     /// Netns name for pod `name` on node i; removed with the lab (it carries the lab prefix).
@@ -353,4 +335,53 @@ fn set_accept_timeout(
     } else {
         Err(std::io::Error::last_os_error())
     }
+}
+
+/// One CNI invocation's environment.
+pub struct CniCall<'a> {
+    pub command: &'a str,
+    pub container_id: &'a str,
+    pub netns_path: &'a str,
+    pub ifname: &'a str,
+    pub cni_args: &'a str,
+}
+
+/// Exec `plugin` in the node namespace `node_ns`, as a runtime does, with `call` and `config`
+/// on stdin. Free of the lab, for a test that runs CNI requests side by side.
+pub fn exec_plugin(
+    plugin: &std::path::Path,
+    node_ns: &str,
+    call: &CniCall<'_>,
+    config: &Value,
+) -> Result<CniOutput> {
+    // Runtimes exec the plugin in the node's own namespace.
+    let plugin_path = plugin.display().to_string();
+    let mut child = netns::exec_cmd(node_ns, &[&plugin_path])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("CNI_COMMAND", call.command)
+        .env("CNI_CONTAINERID", call.container_id)
+        .env("CNI_NETNS", call.netns_path)
+        .env("CNI_IFNAME", call.ifname)
+        .env("CNI_ARGS", call.cni_args)
+        .env(
+            "CNI_PATH",
+            plugin.parent().unwrap_or(std::path::Path::new("/")),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("exec {}", plugin.display()))?;
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(config.to_string().as_bytes())?;
+    let out = child.wait_with_output()?;
+    Ok(CniOutput {
+        success: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
 }

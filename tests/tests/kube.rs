@@ -561,6 +561,81 @@ fn network_policy_from_the_api_is_enforced_and_follows_label_changes() -> Result
     Ok(())
 }
 
+/// An ADD whose pod the watch has not delivered reads the pod from the API, waiting up to
+/// 3 s. That read happens outside the policy task: another pod's ADD meanwhile is answered
+/// without waiting for it. (With the API stalled, the read takes its whole 3 s and then
+/// refuses the pod, to be retried.)
+#[test]
+fn an_add_reading_its_pod_from_the_api_holds_up_no_other_add() -> Result<()> {
+    let mut k = KubeLab::new(1)?;
+    k.start_all_meshed()?;
+    // "known" is in the watch's cache: its object is made before another pod's ADD (whose
+    // event comes after it).
+    k.api.create_value(
+        Kind::Namespace,
+        serde_json::json!({"metadata": {"name": "x"}}),
+    )?;
+    k.api.create_value(
+        Kind::Pod,
+        serde_json::json!({
+            "metadata": {"name": "known", "namespace": "x", "labels": {"app": "a"}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "busybox"}]},
+            "status": {"phase": "Pending"}
+        }),
+    )?;
+    let before = k.add_pod(1, "x", "before", &[("app", "a")])?;
+
+    k.api.stall_for(Duration::from_secs(30));
+    let plugin = k.lab.bin("twill")?;
+    let node_ns = k.lab.node_ns(1);
+    let late_ns = k.lab.pod_ns(1, "late");
+    twill_tests::netns::add(&late_ns)?;
+    let cfg = k.lab.cni_config(1, "1.0.0");
+    let late = std::thread::spawn(move || {
+        let call = twill_tests::pod::CniCall {
+            command: "ADD",
+            container_id: "late",
+            netns_path: &format!("/run/netns/{late_ns}"),
+            ifname: "eth0",
+            cni_args: "IgnoreUnknown=1;K8S_POD_NAMESPACE=x;K8S_POD_NAME=late",
+        };
+        twill_tests::pod::exec_plugin(&plugin, &node_ns, &call, &cfg)
+    });
+    // Let the late ADD reach its read of the API first.
+    std::thread::sleep(Duration::from_millis(500));
+    let cfg = k.lab.cni_config(1, "1.0.0");
+    let t = std::time::Instant::now();
+    let known = k.lab.add_pod_with(
+        1,
+        "known",
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=x;K8S_POD_NAME=known",
+        &cfg,
+    );
+    let took = t.elapsed();
+    k.api.unstall();
+    let late = late
+        .join()
+        .map_err(|_| anyhow!("the late ADD's thread panicked"))??;
+    let known = known.context("the ADD of a pod the watch had delivered failed")?;
+    // Had it waited behind the late read, it would have taken the rest of its 3 s (2.5 s);
+    // alone, an ADD takes a tenth of that here, even in a debug build on a busy machine.
+    ensure!(
+        took < Duration::from_secs(2),
+        "the ADD of a pod in the watch's cache took {took:?}: it waited for the late ADD's \
+         read of the API"
+    );
+    ensure!(
+        !late.success && late.stdout.contains("in time"),
+        "the late ADD, its API read stalled, was not refused as not ready: {} {}",
+        late.stdout,
+        late.stderr
+    );
+    for p in [&known, &before] {
+        k.lab.del_pod(p)?;
+    }
+    Ok(())
+}
+
 #[test]
 fn a_node_waits_for_its_podcidr_and_says_so() -> Result<()> {
     let mut k = KubeLab::new(1)?;

@@ -56,7 +56,12 @@ pub struct PolicyOptions {
 }
 
 enum Msg {
-    PodUp(Box<LocalPod>, oneshot::Sender<Result<(), PodUpError>>),
+    /// The pod, with its API object when the handle read it (Kubernetes mode).
+    PodUp(
+        Box<LocalPod>,
+        Option<Box<netpol::api::Pod>>,
+        oneshot::Sender<Result<(), UpError>>,
+    ),
     PodDown(Attachment, oneshot::Sender<()>),
     /// Compare the kernel with what was applied; restore it (resync, nftables notification).
     Check,
@@ -68,6 +73,10 @@ pub struct PolicyHandle {
     tx: mpsc::Sender<Msg>,
     node: Arc<str>,
     busy: Arc<Busy>,
+    /// Kubernetes mode: reads a pod from the API by key, for an ADD that comes before the
+    /// watch delivered its pod. Here, not in the policy task: the read may take seconds, and
+    /// every other request and event would wait behind it.
+    fetch: Option<Fetch>,
 }
 
 /// CNI requests in progress, which deferred syncs let finish first.
@@ -131,6 +140,21 @@ pub enum PodUpError {
     Failed(String),
 }
 
+/// The policy task's answer to a PodUp.
+#[derive(Debug)]
+enum UpError {
+    Pod(PodUpError),
+    /// Kubernetes mode: the watch has not delivered the pod's object yet; the handle reads it
+    /// and asks again with it.
+    NeedsApiObject,
+}
+
+impl From<PodUpError> for UpError {
+    fn from(e: PodUpError) -> Self {
+        UpError::Pod(e)
+    }
+}
+
 impl PolicyHandle {
     /// This node's name, as pods' `spec.nodeName`.
     pub fn node(&self) -> &str {
@@ -140,13 +164,55 @@ impl PolicyHandle {
     /// Programs `pod` (in its IPAM file, not yet answered to the runtime). An error means it
     /// is not protected as it should be: ADD must fail.
     pub async fn pod_up(&self, pod: LocalPod) -> Result<(), PodUpError> {
+        match self.send_up(pod.clone(), None).await {
+            Err(UpError::NeedsApiObject) => {}
+            Err(UpError::Pod(e)) => return Err(e),
+            Ok(()) => return Ok(()),
+        }
+        let api = self.read_api_pod(&pod.key()).await?;
+        match self.send_up(pod, Some(Box::new(api))).await {
+            Ok(()) => Ok(()),
+            Err(UpError::Pod(e)) => Err(e),
+            Err(UpError::NeedsApiObject) => Err(PodUpError::Failed(
+                "the policy task asked for the pod's API object it was given".into(),
+            )),
+        }
+    }
+
+    async fn send_up(
+        &self,
+        pod: LocalPod,
+        api: Option<Box<netpol::api::Pod>>,
+    ) -> Result<(), UpError> {
         let (tx, rx) = oneshot::channel();
-        let gone = || PodUpError::Failed("the policy task stopped".into());
+        let gone = || UpError::Pod(PodUpError::Failed("the policy task stopped".into()));
         self.tx
-            .send(Msg::PodUp(Box::new(pod), tx))
+            .send(Msg::PodUp(Box::new(pod), api, tx))
             .await
             .map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
+    }
+
+    /// The pod's object from the API, waited for a bounded time; a pod the API does not have
+    /// (yet) is refused, to be retried by the runtime.
+    async fn read_api_pod(&self, key: &str) -> Result<netpol::api::Pod, PodUpError> {
+        let Some(fetch) = self.fetch.as_ref() else {
+            return Err(PodUpError::Failed(
+                "the pod's API object was asked for outside Kubernetes mode".into(),
+            ));
+        };
+        let not_ready = |why: String| PodUpError::NotReady(format!("pod {key} {why}"));
+        match tokio::time::timeout(API_POD_WAIT, fetch(key.to_string())).await {
+            Ok(Ok(Some(kv))) => serde_json::from_slice(&kv.value)
+                .map_err(|e| not_ready(format!("as the Kubernetes API has it: {e}"))),
+            Ok(Ok(None)) => Err(not_ready("is not in the Kubernetes API (yet)".into())),
+            Ok(Err(e)) => Err(not_ready(format!(
+                "could not be read from the Kubernetes API: {e}"
+            ))),
+            Err(_) => Err(not_ready(
+                "could not be read from the Kubernetes API in time".into(),
+            )),
+        }
     }
 
     /// Forgets the pod of `attachment` (DEL, GC). Best effort.
@@ -243,8 +309,20 @@ pub fn spawn<S: ObjectStore>(store: S, opts: PolicyOptions, shared: Arc<Shared>)
     let (tx, rx) = mpsc::channel(256);
     let node: Arc<str> = opts.node.clone().into();
     let busy = Arc::new(Busy::default());
+    let fetch: Option<Fetch> = opts.pods_from_api.then(|| {
+        let s = store.clone();
+        Arc::new(move |key: String| {
+            let s = s.clone();
+            async move { s.get(PODS, &key).await }.boxed()
+        }) as Fetch
+    });
     tokio::spawn(run(store, opts, rx, shared, busy.clone()));
-    PolicyHandle { tx, node, busy }
+    PolicyHandle {
+        tx,
+        node,
+        busy,
+        fetch,
+    }
 }
 
 struct Engine {
@@ -267,9 +345,6 @@ struct Engine {
     sync_due: Option<Due>,
     /// Own deltas went to the kernel since the writer last rendered the table.
     kernel_ahead: bool,
-    /// Kubernetes mode: reads a pod from the API by key, for an ADD that comes before the
-    /// watch delivered its pod.
-    fetch: Option<Fetch>,
 }
 
 type Fetch = Arc<
@@ -374,13 +449,6 @@ async fn run<S: ObjectStore>(
     if opts.pods_from_api {
         objects = objects.with_api_pods();
     }
-    let fetch: Option<Fetch> = opts.pods_from_api.then(|| {
-        let s = store.clone();
-        Arc::new(move |key: String| {
-            let s = s.clone();
-            async move { s.get(PODS, &key).await }.boxed()
-        }) as Fetch
-    });
     objects.load_local();
     let cached = objects.load_cache();
     let (records, records_rx) = mpsc::unbounded_channel();
@@ -411,7 +479,6 @@ async fn run<S: ObjectStore>(
         cache_dirty: false,
         sync_due: None,
         kernel_ahead: false,
-        fetch,
     };
     if cached {
         tracing::info!("policy: programming the cached cluster state until etcd answers");
@@ -437,8 +504,8 @@ async fn run<S: ObjectStore>(
             biased;
             msg = rx.recv() => match msg {
                 None => return,
-                Some(Msg::PodUp(pod, reply)) => {
-                    let (r, opening) = match e.pod_up(*pod).await {
+                Some(Msg::PodUp(pod, api, reply)) => {
+                    let (r, opening) = match e.pod_up(*pod, api.map(|a| *a)).await {
                         Ok(opening) => (Ok(()), opening),
                         Err(err) => (Err(err), None),
                     };
@@ -552,24 +619,39 @@ fn ensure_bridge_netfilter() {
 impl Engine {
     /// Programs the pod; returns its verdict-map entries to open once ADD is answered (closed
     /// until then: `netpol::program::closed_first`), when it took the fast path.
-    async fn pod_up(&mut self, pod: LocalPod) -> Result<Option<ProgramDelta>, PodUpError> {
+    async fn pod_up(
+        &mut self,
+        pod: LocalPod,
+        api: Option<netpol::api::Pod>,
+    ) -> Result<Option<ProgramDelta>, UpError> {
         let start = Instant::now();
         if self.writer.is_none() {
             return Err(PodUpError::Failed(
                 "nft is not installed: network policy cannot be enforced (install nftables, \
                  or run twilld with --network-policy=false)"
                     .into(),
-            ));
+            )
+            .into());
         }
         if !self.objects.loaded() {
             return Err(PodUpError::NotReady(
                 "network policy state not known yet (waiting for etcd): try again later".into(),
-            ));
+            )
+            .into());
         }
         let mut pod = pod;
-        if self.fetch.is_some() {
-            self.labels_from_api(&mut pod).await?;
+        if self.opts.pods_from_api {
+            self.labels_from_api(&mut pod, api)?;
         }
+        Ok(self.program_pod(pod, start).await?)
+    }
+
+    /// `pod_up` once the pod's labels are known.
+    async fn program_pod(
+        &mut self,
+        pod: LocalPod,
+        start: Instant,
+    ) -> Result<Option<ProgramDelta>, PodUpError> {
         let key = pod.key();
         let pod_key = netpol::model::PodKey::new(pod.namespace(), &pod.pod.metadata.name);
         let value = serde_json::to_vec(&pod.pod).map_err(|e| PodUpError::Failed(e.to_string()))?;
@@ -671,38 +753,25 @@ impl Engine {
     }
 
     /// Kubernetes mode: the pod's labels and declared ports are its API object's (the CNI
-    /// request carries neither). Taken from the watch, else read by name; a pod the API does
-    /// not have (yet) is refused, to be retried: programming it without its labels could
-    /// leave it open where its policies close it.
-    async fn labels_from_api(&self, pod: &mut LocalPod) -> Result<(), PodUpError> {
+    /// request carries neither). Taken from the watch, else from `read` (the object the
+    /// handle read by name, when the watch did not have it); without either, the handle is
+    /// asked to read it: programming the pod without its labels could leave it open where its
+    /// policies close it.
+    fn labels_from_api(
+        &self,
+        pod: &mut LocalPod,
+        read: Option<netpol::api::Pod>,
+    ) -> Result<(), UpError> {
         let key = pod.key();
         let api = match self.objects.api_pod(&key) {
-            Some(p) => Some(p.clone()),
+            Some(p) => p.clone(),
             // A sandbox re-created (runtime restart, reboot) for a pod whose labels this node
             // recorded: they do, also while the API server is away.
-            None if self.objects.local_pod(&key).is_some() => self.objects.local_pod(&key).cloned(),
-            None => {
-                let fetch = self.fetch.as_ref().expect("Kubernetes mode");
-                match tokio::time::timeout(API_POD_WAIT, fetch(key.clone())).await {
-                    Ok(Ok(Some(kv))) => serde_json::from_slice::<netpol::api::Pod>(&kv.value).ok(),
-                    Ok(Ok(None)) => None,
-                    Ok(Err(e)) => {
-                        return Err(PodUpError::NotReady(format!(
-                            "reading pod {key} from the Kubernetes API: {e}"
-                        )))
-                    }
-                    Err(_) => {
-                        return Err(PodUpError::NotReady(format!(
-                            "reading pod {key} from the Kubernetes API timed out"
-                        )))
-                    }
-                }
-            }
-        };
-        let Some(api) = api else {
-            return Err(PodUpError::NotReady(format!(
-                "pod {key} is not in the Kubernetes API (yet)"
-            )));
+            None => match (self.objects.local_pod(&key), read) {
+                (Some(p), _) => p.clone(),
+                (None, Some(p)) => p,
+                (None, None) => return Err(UpError::NeedsApiObject),
+            },
         };
         pod.pod.metadata.labels = api.metadata.labels;
         pod.pod.spec.containers = api.spec.containers;
