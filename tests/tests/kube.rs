@@ -324,7 +324,25 @@ fn nodes_join_from_the_api_and_their_pods_reach_each_other_without_nat() -> Resu
             k.api.heartbeat(&format!("n{i}"))?;
         }
     }
-    std::thread::sleep(Duration::from_secs(2));
+    // A barrier instead of a sleep: a Node joining after the heartbeats reaches each twilld
+    // after them (one ordered watch stream), so once every node has programmed it, they had
+    // all been read.
+    let (name, ip, subnet) = ("n9", "198.18.0.9", "10.244.9.0/24");
+    k.api.add_node(name, ip, Some(subnet))?;
+    for (key, v) in [
+        ("kube-subnet-manager", "true"),
+        ("backend-type", "vxlan"),
+        ("backend-data", r#"{"VNI":1,"VtepMAC":"0a:58:0a:f4:09:01"}"#),
+        ("public-ip", ip),
+    ] {
+        k.api
+            .set_node_annotation(name, &format!("{PREFIX}{key}"), Some(v))?;
+    }
+    for i in 1..=3 {
+        wait_until(CONVERGE, || k.has_route(i, subnet)).with_context(|| {
+            format!("node {i} never programmed the Node joining after the heartbeats")
+        })?;
+    }
     ensure!(
         k.api.client_writes() == 0,
         "heartbeats were answered with writes: {:?}",
