@@ -37,12 +37,16 @@ impl Iptables {
     }
 
     async fn run(&self, args: &[&str]) -> Result<String, NftError> {
-        let out = tokio::process::Command::new(&self.bin)
-            .args(["-w", "5"])
+        let mut cmd = tokio::process::Command::new(&self.bin);
+        cmd.args(["-w", "5"])
             .args(args)
             .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let out = super::spawn_ours(&mut cmd)
+            .map_err(NftError::Spawn)?
+            .wait_with_output()
             .await
             .map_err(NftError::Spawn)?;
         if !out.status.success() {

@@ -24,11 +24,26 @@ const NFT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How many of our recent nft processes to remember, to tell our changes from others'.
 const RECENT_PIDS: usize = 64;
 
-/// Pids of twilld's latest nft processes, whichever part of twilld ran them (the firewall and
-/// the policy engine each have their own `Nft`): their changes are ours (see `is_ours`).
+/// Pids of twilld's latest nft and iptables processes, whichever part of twilld ran them (the
+/// firewall and the policy engine each have their own `Nft`): their changes are ours (see
+/// `is_ours`). iptables-nft writes through nftables too (it may recreate its base chains
+/// while only listing them).
 static RECENT: Mutex<VecDeque<u32>> = Mutex::new(VecDeque::new());
 fn lock_recent() -> std::sync::MutexGuard<'static, VecDeque<u32>> {
     RECENT.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Spawns one of twilld's nft or iptables runs, remembered as ours.
+fn spawn_ours(cmd: &mut tokio::process::Command) -> std::io::Result<tokio::process::Child> {
+    let child = cmd.spawn()?;
+    if let Some(pid) = child.id() {
+        let mut recent = lock_recent();
+        if recent.len() == RECENT_PIDS {
+            recent.pop_front();
+        }
+        recent.push_back(pid);
+    }
+    Ok(child)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,14 +130,7 @@ impl Nft {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(NftError::Spawn)?;
-        if let Some(pid) = child.id() {
-            let mut recent = lock_recent();
-            if recent.len() == RECENT_PIDS {
-                recent.pop_front();
-            }
-            recent.push_back(pid);
-        }
+        let mut child = spawn_ours(&mut cmd).map_err(NftError::Spawn)?;
         let run = async {
             if let (Some(mut pipe), Some(script)) = (child.stdin.take(), stdin) {
                 pipe.write_all(script.as_bytes())
@@ -282,5 +290,17 @@ mod tests {
         );
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_process_twilld_spawns_for_nftables_is_ours() {
+        let nft = Nft {
+            bin: PathBuf::from("/usr/sbin/nft"),
+        };
+        let mut child =
+            spawn_ours(tokio::process::Command::new("true").kill_on_drop(true)).unwrap();
+        let pid = child.id().unwrap();
+        assert!(nft.is_ours(pid));
+        child.wait().await.unwrap();
     }
 }
