@@ -471,11 +471,11 @@ impl KubeSource {
                 Some(built_for),
             );
             loop {
-                let (out, skip) = tokio::select! {
+                let (out, skips_now) = tokio::select! {
                     ev = events.next() => match ev {
                         Some(Ok(Event::Init)) => {
                             peers.init();
-                            (Vec::new(), None)
+                            (Vec::new(), Vec::new())
                         }
                         Some(Ok(Event::InitApply(n))) => (Vec::new(), peers.init_apply(&n)),
                         Some(Ok(Event::InitDone)) => {
@@ -484,13 +484,13 @@ impl KubeSource {
                                 Metrics::inc(&metrics.peer_resyncs);
                             }
                             listed_before = true;
-                            (peers.init_done(), None)
+                            (peers.init_done(), Vec::new())
                         }
                         Some(Ok(Event::Apply(n))) => {
                             let a = peers.apply(&n);
-                            (a.events, a.skip)
+                            (a.events, a.skips)
                         }
-                        Some(Ok(Event::Delete(n))) => (peers.delete(&n), None),
+                        Some(Ok(Event::Delete(n))) => (peers.delete(&n), Vec::new()),
                         // As in etcd mode: the list is not known to be whole until a new
                         // one succeeds (its Snapshot is what tells the daemon). kube-runtime
                         // would resume the watch silently, and nothing would say it did.
@@ -508,15 +508,15 @@ impl KubeSource {
                     r = own.changed(), if own_open => match r {
                         Err(_) => {
                             own_open = false;
-                            (Vec::new(), None)
+                            (Vec::new(), Vec::new())
                         }
                         // Which peers overlap ours depends on our subnet; an attribute change
                         // (public IP) alone does not need the Nodes again.
                         Ok(()) if own.borrow_and_update().subnet != built_for => continue 'relist,
-                        Ok(()) => (Vec::new(), None),
+                        Ok(()) => (Vec::new(), Vec::new()),
                     },
                 };
-                if let Some(s) = skip {
+                for s in skips_now {
                     let why = s.skip.to_string();
                     skips.report(
                         &format!("node/{}", s.node),

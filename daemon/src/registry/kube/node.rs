@@ -434,6 +434,30 @@ impl State {
 struct Known {
     digest: NodeDigest,
     state: State,
+    seniority: Seniority,
+}
+
+/// Which of two Nodes announcing one VTEP MAC keeps it: the older (`creationTimestamp`), then
+/// the first by name, as etcd mode keeps it for the oldest lease. Every twilld decides the
+/// same, whatever order it saw the Nodes in.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Seniority {
+    /// Nanoseconds since the epoch; none (never from a real API server) counts as newest.
+    created: i128,
+    name: String,
+}
+
+impl Seniority {
+    fn of(node: &Node) -> Seniority {
+        Seniority {
+            created: node
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map_or(i128::MAX, |t| t.0.as_nanosecond()),
+            name: name_of(node).to_string(),
+        }
+    }
 }
 
 /// A node that was not made a peer, for the caller to count (`skip.reason.label()`) and log.
@@ -447,7 +471,8 @@ pub struct NodeSkip {
 #[derive(Debug, Default)]
 pub struct Applied {
     pub events: Vec<PeerEvent>,
-    pub skip: Option<NodeSkip>,
+    /// The node's own skip, and that of a node it took a VTEP MAC back from.
+    pub skips: Vec<NodeSkip>,
 }
 
 /// Turns a Node watch (kube-runtime `watcher::Event`s: Init, InitApply…, InitDone, then
@@ -485,11 +510,13 @@ impl Peers {
     }
 
     /// One node of the list. Events wait for `init_done`.
-    pub fn init_apply(&mut self, node: &Node) -> Option<NodeSkip> {
-        let (name, digest, candidate, skip) = self.evaluate(node)?;
+    pub fn init_apply(&mut self, node: &Node) -> Vec<NodeSkip> {
+        let Some((name, digest, candidate, skip)) = self.evaluate(node) else {
+            return Vec::new();
+        };
         let nodes = self.relist.get_or_insert_with(BTreeMap::new);
-        let (_, overlap) = place(nodes, &name, digest, candidate);
-        node_skip(name, skip.or(overlap))
+        let placed = place(nodes, &name, digest, Seniority::of(node), candidate);
+        skips(name, skip.or(placed.skip), placed.demoted)
     }
 
     /// The list is complete: one `Snapshot` of all valid peers. Nodes not listed again (deleted
@@ -517,10 +544,16 @@ impl Peers {
         let Some((name, digest, candidate, skip)) = self.evaluate(node) else {
             return Applied::default();
         };
-        let (events, overlap) = place(&mut self.nodes, &name, digest, candidate);
+        let placed = place(
+            &mut self.nodes,
+            &name,
+            digest,
+            Seniority::of(node),
+            candidate,
+        );
         Applied {
-            events,
-            skip: node_skip(name, skip.or(overlap)),
+            events: placed.events,
+            skips: skips(name, skip.or(placed.skip), placed.demoted),
         }
     }
 
@@ -553,8 +586,11 @@ impl Peers {
     }
 }
 
-fn node_skip(node: String, skip: Option<Skip>) -> Option<NodeSkip> {
+fn skips(node: String, skip: Option<Skip>, demoted: Option<NodeSkip>) -> Vec<NodeSkip> {
     skip.map(|skip| NodeSkip { node, skip })
+        .into_iter()
+        .chain(demoted)
+        .collect()
 }
 
 /// Why another node's active peer holds `p` back, if one does: an overlapping subnet, or the
@@ -562,32 +598,52 @@ fn node_skip(node: String, skip: Option<Skip>) -> Option<NodeSkip> {
 /// has one remote per MAC, and a second node taking it over would redirect the first one's
 /// traffic).
 fn active_conflict(nodes: &BTreeMap<String, Known>, p: &Peer) -> Option<Skip> {
+    conflict_with(nodes, p).map(|(_, s)| s)
+}
+
+/// `active_conflict`, with the name of the node holding `p` back.
+fn conflict_with<'a>(nodes: &'a BTreeMap<String, Known>, p: &Peer) -> Option<(&'a str, Skip)> {
     nodes.iter().find_map(|(n, k)| {
         let q = k.state.active()?;
         if overlaps(q.subnet, p.subnet) {
-            return Some(Skip {
-                reason: SkipReason::OverlapsPeer,
-                detail: format!(
-                    "subnet {} overlaps node {:?}'s subnet {}",
-                    p.subnet,
-                    echo(n),
-                    q.subnet
-                ),
-            });
+            return Some((
+                n.as_str(),
+                Skip {
+                    reason: SkipReason::OverlapsPeer,
+                    detail: format!(
+                        "subnet {} overlaps node {:?}'s subnet {}",
+                        p.subnet,
+                        echo(n),
+                        q.subnet
+                    ),
+                },
+            ));
         }
         match p.vtep_mac {
-            Some(mac) if q.vtep_mac == Some(mac) && q.public_ip != p.public_ip => Some(Skip {
-                reason: SkipReason::DuplicateMac,
-                detail: format!(
-                    "VtepMAC {mac} is node {:?}'s, at {} (a copied state dir?); held back \
+            Some(mac) if q.vtep_mac == Some(mac) && q.public_ip != p.public_ip => Some((
+                n.as_str(),
+                Skip {
+                    reason: SkipReason::DuplicateMac,
+                    detail: format!(
+                        "VtepMAC {mac} is node {:?}'s, at {} (a copied state dir?); held back \
                      until that node goes or changes its MAC",
-                    echo(n),
-                    q.public_ip
-                ),
-            }),
+                        echo(n),
+                        q.public_ip
+                    ),
+                },
+            )),
             _ => None,
         }
     })
+}
+
+/// What placing one node did.
+struct Placed {
+    events: Vec<PeerEvent>,
+    /// Why the node is held back, if it is.
+    skip: Option<Skip>,
+    /// A younger node that had this node's VTEP MAC and is held back now.
+    demoted: Option<NodeSkip>,
 }
 
 /// Record `name`'s new state and say what changed for the data path.
@@ -595,9 +651,42 @@ fn place(
     nodes: &mut BTreeMap<String, Known>,
     name: &str,
     digest: NodeDigest,
+    seniority: Seniority,
     candidate: Option<Peer>,
-) -> (Vec<PeerEvent>, Option<Skip>) {
+) -> Placed {
     let old = nodes.remove(name).and_then(|k| k.state.active());
+    let mut events = Vec::new();
+    // An older node takes its VTEP MAC back from a younger one that holds it (the younger
+    // one is held back, and promoted again below if this node ends up not taking it).
+    let mut demoted = None;
+    if let Some(p) = candidate {
+        if let Some((holder, s)) = conflict_with(nodes, &p) {
+            let younger = nodes.get(holder).is_some_and(|k| k.seniority > seniority);
+            if s.reason == SkipReason::DuplicateMac && younger {
+                let holder = holder.to_string();
+                if let Some(k) = nodes.get_mut(&holder) {
+                    if let State::Active(q) = k.state {
+                        k.state = State::Blocked(q);
+                        events.push(PeerEvent::Remove(q.subnet));
+                        demoted = Some(NodeSkip {
+                            skip: Skip {
+                                reason: SkipReason::DuplicateMac,
+                                detail: format!(
+                                    "VtepMAC {} is node {:?}'s too, at {}, which is older and \
+                                     keeps it (a copied state dir?); held back until that node \
+                                     goes or one of them changes its MAC",
+                                    p.vtep_mac.map(|m| m.to_string()).unwrap_or_default(),
+                                    echo(name),
+                                    p.public_ip
+                                ),
+                            },
+                            node: holder,
+                        });
+                    }
+                }
+            }
+        }
+    }
     let mut skip = None;
     let state = match candidate {
         None => State::Ignored,
@@ -610,8 +699,14 @@ fn place(
         },
     };
     let new = state.active();
-    nodes.insert(name.to_string(), Known { digest, state });
-    let mut events = Vec::new();
+    nodes.insert(
+        name.to_string(),
+        Known {
+            digest,
+            state,
+            seniority,
+        },
+    );
     match (old, new) {
         (Some(o), Some(n)) if o == n => {}
         (Some(o), Some(n)) if o.subnet == n.subnet => {
@@ -626,23 +721,29 @@ fn place(
             if let Some(n) = new {
                 events.push(PeerEvent::Upsert(n));
             }
-            if old.is_some() {
+            if old.is_some() || (demoted.is_some() && new.is_none()) {
                 events.extend(promote(nodes));
             }
         }
     }
-    (events, skip)
+    Placed {
+        events,
+        skip,
+        demoted,
+    }
 }
 
-/// Activate held-back peers that no longer conflict with an active one (in node-name order).
+/// Activate held-back peers that no longer conflict with an active one (the oldest first).
 fn promote(nodes: &mut BTreeMap<String, Known>) -> Vec<PeerEvent> {
-    let blocked: Vec<(String, Peer)> = nodes
+    let mut blocked: Vec<(&Seniority, String, Peer)> = nodes
         .iter()
         .filter_map(|(n, k)| match k.state {
-            State::Blocked(p) => Some((n.clone(), p)),
+            State::Blocked(p) => Some((&k.seniority, n.clone(), p)),
             _ => None,
         })
         .collect();
+    blocked.sort_by(|a, b| a.0.cmp(b.0));
+    let blocked: Vec<(String, Peer)> = blocked.into_iter().map(|(_, n, p)| (n, p)).collect();
     let mut events = Vec::new();
     for (name, p) in blocked {
         if active_conflict(nodes, &p).is_none() {
@@ -1401,7 +1502,7 @@ mod tests {
         let mut p = peers();
         p.init();
         for n in nodes {
-            assert_eq!(p.init_apply(n), None);
+            assert_eq!(p.init_apply(n), vec![]);
         }
         p.init_done();
         p
@@ -1417,7 +1518,7 @@ mod tests {
             flannel_annotations("172.18.0.100", &vxlan_data(1, MAC)),
         ));
         for n in [peer_node("a", 1), me.clone(), peer_node("b", 2)] {
-            assert_eq!(p.init_apply(&n), None);
+            assert_eq!(p.init_apply(&n), vec![]);
         }
         assert_eq!(
             es(&p.init_done()),
@@ -1437,14 +1538,14 @@ mod tests {
         v["status"]["conditions"][0]["lastHeartbeatTime"] = json!("2025-01-01T00:05:00Z");
         v["metadata"]["resourceVersion"] = json!("2000");
         let a = p.apply(&to_node(v));
-        assert!(a.events.is_empty() && a.skip.is_none(), "{a:?}");
+        assert!(a.events.is_empty() && a.skips.is_empty(), "{a:?}");
         // A skipped node's heartbeat is not reported again.
         let mut bad = serde_json::to_value(peer_node("b", 2)).unwrap();
         bad["metadata"]["annotations"][format!("{P}backend-type")] = json!("udp");
-        assert!(p.apply(&to_node(bad.clone())).skip.is_some());
+        assert!(!p.apply(&to_node(bad.clone())).skips.is_empty());
         bad["status"]["conditions"][0]["lastHeartbeatTime"] = json!("2025-01-01T00:05:00Z");
         let a = p.apply(&to_node(bad));
-        assert!(a.events.is_empty() && a.skip.is_none(), "{a:?}");
+        assert!(a.events.is_empty() && a.skips.is_empty(), "{a:?}");
         // A real change does give one.
         let mut v = serde_json::to_value(peer_node("a", 1)).unwrap();
         v["metadata"]["annotations"][format!("{P}public-ip")] = json!("172.18.0.50");
@@ -1482,20 +1583,20 @@ mod tests {
         v["metadata"]["annotations"] = json!({});
         let a = p.apply(&to_node(v));
         assert_eq!(es(&a.events), [rm(1)]);
-        assert_eq!(a.skip, None);
+        assert!(a.skips.is_empty());
 
         let mut v = serde_json::to_value(peer_node("b", 2)).unwrap();
         v["metadata"]["annotations"][format!("{P}backend-data")] = json!(vxlan_data(9, MAC));
         let a = p.apply(&to_node(v.clone()));
         assert_eq!(es(&a.events), [rm(2)]);
-        let s = a.skip.unwrap();
+        let s = a.skips[0].clone();
         assert_eq!(
             (s.node.as_str(), s.skip.reason),
             ("b", SkipReason::VniMismatch)
         );
         // Still invalid, unchanged: no event and no second report.
         let a = p.apply(&to_node(v));
-        assert!(a.events.is_empty() && a.skip.is_none());
+        assert!(a.events.is_empty() && a.skips.is_empty());
         // Fixed: back.
         assert_eq!(es(&p.apply(&peer_node("b", 2)).events), [up(2)]);
     }
@@ -1530,7 +1631,7 @@ mod tests {
         p.init();
         let mut v = serde_json::to_value(peer_node("a", 1)).unwrap();
         v["metadata"]["annotations"][format!("{P}public-ip")] = json!("");
-        let s = p.init_apply(&to_node(v)).unwrap();
+        let s = p.init_apply(&to_node(v)).remove(0);
         assert_eq!(
             (s.node.as_str(), s.skip.reason.label()),
             ("a", "no-public-ip")
@@ -1549,7 +1650,7 @@ mod tests {
         ));
         let a = p.apply(&new);
         assert!(a.events.is_empty(), "{:?}", a.events);
-        assert_eq!(a.skip.unwrap().skip.reason, SkipReason::OverlapsPeer);
+        assert_eq!(a.skips[0].clone().skip.reason, SkipReason::OverlapsPeer);
         let new_peer = E::Up(net("10.244.1.0/24"), Ipv4Addr::new(172, 18, 0, 77));
         assert_eq!(es(&p.delete(&peer_node("old", 1))), [rm(1), new_peer]);
         // Now "new" is the owner: its deletion removes the subnet.
@@ -1576,14 +1677,14 @@ mod tests {
         // "b" runs on a copy of a's state dir: a's MAC at its own address.
         let a = p.apply(&with_mac("b", 2, a_mac));
         assert!(a.events.is_empty(), "{:?}", a.events);
-        let skip = a.skip.unwrap();
+        let skip = a.skips[0].clone();
         assert_eq!(skip.skip.reason, SkipReason::DuplicateMac);
         assert!(skip.skip.detail.contains("\"a\""), "{}", skip.skip.detail);
         // b gets a MAC of its own: a peer.
         assert_eq!(es(&p.apply(&peer_node("b", 2)).events), [up(2)]);
         // "c" copies a's MAC too; then a moves to another MAC and c is let in.
         assert_eq!(
-            p.apply(&with_mac("c", 3, a_mac)).skip.unwrap().skip.reason,
+            p.apply(&with_mac("c", 3, a_mac)).skips[0].skip.reason,
             SkipReason::DuplicateMac
         );
         assert_eq!(
@@ -1596,8 +1697,8 @@ mod tests {
         // A relist keeps one of each MAC: the first listed.
         let mut p = peers();
         p.init();
-        assert_eq!(p.init_apply(&peer_node("a", 1)), None);
-        let held = p.init_apply(&with_mac("b", 2, a_mac)).unwrap();
+        assert_eq!(p.init_apply(&peer_node("a", 1)), vec![]);
+        let held = p.init_apply(&with_mac("b", 2, a_mac)).remove(0);
         assert_eq!(held.skip.reason, SkipReason::DuplicateMac);
         assert_eq!(es(&p.init_done()), [E::Snap(vec![net("10.244.1.0/24")])]);
         // A host-gw node has no MAC: nothing to share.
@@ -1610,6 +1711,66 @@ mod tests {
             }
         )
         .is_none());
+    }
+
+    /// The older Node keeps a VTEP MAC two announce, whichever this twilld saw first: every
+    /// node decides the same (as etcd mode keeps the oldest lease's).
+    #[test]
+    fn a_vtep_mac_two_nodes_announce_stays_with_the_older() {
+        let at = |name: &str, n: u8, mac: &str, created: &str| {
+            let mut node = to_node(node_json(
+                name,
+                spec(&format!("10.244.{n}.0/24")),
+                flannel_annotations(&format!("172.18.0.{n}"), &vxlan_data(1, mac)),
+            ));
+            node.metadata.creation_timestamp =
+                Some(serde_json::from_value(json!(created)).expect("an RFC 3339 time"));
+            node
+        };
+        let up = |n: u8| {
+            E::Up(
+                net(&format!("10.244.{n}.0/24")),
+                Ipv4Addr::new(172, 18, 0, n),
+            )
+        };
+        let mac = "12:c6:65:89:b4:01";
+        // "z" is older than "a": the name order is not what decides.
+        let old = at("z", 1, mac, "2026-01-01T00:00:00Z");
+        let young = at("a", 2, mac, "2026-06-01T00:00:00Z");
+        // The younger one seen first is a peer until the older one comes; then it is held back
+        // and says why.
+        let mut p = listed(std::slice::from_ref(&young));
+        let a = p.apply(&old);
+        assert_eq!(es(&a.events), [rm(2), up(1)]);
+        assert_eq!(a.skips.len(), 1, "{:?}", a.skips);
+        assert_eq!(a.skips[0].node, "a");
+        assert_eq!(a.skips[0].skip.reason, SkipReason::DuplicateMac);
+        assert!(
+            a.skips[0].skip.detail.contains("\"z\""),
+            "{}",
+            a.skips[0].skip.detail
+        );
+        // The older one seen first: the younger is held back, as before.
+        let mut p = listed(std::slice::from_ref(&old));
+        let a = p.apply(&young);
+        assert!(a.events.is_empty(), "{:?}", a.events);
+        assert_eq!(a.skips[0].node, "a");
+        // A list in either order keeps the older one.
+        for order in [[&young, &old], [&old, &young]] {
+            let mut p = peers();
+            p.init();
+            let held: Vec<NodeSkip> = order.iter().flat_map(|n| p.init_apply(n)).collect();
+            assert_eq!(es(&p.init_done()), [E::Snap(vec![net("10.244.1.0/24")])]);
+            assert!(held.iter().all(|s| s.node == "a"), "{held:?}");
+        }
+        // The older one goes: the younger comes back.
+        let mut p = peers();
+        p.init();
+        for n in [&young, &old] {
+            p.init_apply(n);
+        }
+        p.init_done();
+        assert_eq!(es(&p.delete(&old)), [rm(1), up(2)]);
     }
 
     #[test]
