@@ -21,13 +21,14 @@ pub struct NetworkConfig {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct BackendConfig {
-    /// "vxlan" (the default) or "host-gw".
+    /// "vxlan" (the default), "host-gw" or "udp".
     pub kind: BackendKind,
     pub vni: u32,
-    /// UDP port; flannel's 0 means the kernel default, which we make explicit: 8472.
+    /// UDP port; flannel's 0 means the default, which we make explicit: 8472 for vxlan (the
+    /// kernel's), 8285 for udp (flannel's).
     pub port: u16,
     /// Pod MTU if the config sets one; else the underlay MTU minus the backend's overhead
-    /// (vxlan 50, host-gw 0).
+    /// (vxlan 50, host-gw 0, udp 28).
     pub mtu: Option<u32>,
     pub direct_routing: bool,
 }
@@ -39,6 +40,9 @@ pub enum BackendKind {
     /// Routes via each peer's public IP on the underlay: no encapsulation, peers must share the
     /// node's L2 segment.
     HostGw,
+    /// flannel's userspace backend: each IP packet in a UDP datagram, through a TUN device, for
+    /// hosts where the kernel's VXLAN cannot run.
+    Udp,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +58,8 @@ pub enum ConfigError {
 }
 
 pub const DEFAULT_VXLAN_PORT: u16 = 8472;
+/// flannel's udp backend port.
+pub const DEFAULT_UDP_PORT: u16 = 8285;
 pub const DEFAULT_VNI: u32 = 1;
 const MAX_VNI: u64 = (1 << 24) - 1;
 
@@ -274,10 +280,13 @@ fn parse_backend(b: &Map<String, Value>) -> Result<BackendConfig, ConfigError> {
             BackendKind::Vxlan
         } else if t.eq_ignore_ascii_case("host-gw") {
             BackendKind::HostGw
+        } else if t.eq_ignore_ascii_case("udp") {
+            cfg.port = DEFAULT_UDP_PORT;
+            BackendKind::Udp
         } else {
             return Err(invalid(
                 "Backend.Type",
-                format!("{t:?} is not supported (\"vxlan\" or \"host-gw\")"),
+                format!("{t:?} is not supported (\"vxlan\", \"host-gw\" or \"udp\")"),
             ));
         };
     }
@@ -533,6 +542,18 @@ mod tests {
     }
 
     #[test]
+    fn udp_backend_defaults_to_flannels_port() {
+        let c = parse(r#"{"Network":"10.0.0.0/16","Backend":{"Type":"udp"}}"#).unwrap();
+        assert_eq!(c.backend.kind, BackendKind::Udp);
+        assert_eq!(c.backend.port, DEFAULT_UDP_PORT);
+        let c = parse(r#"{"Network":"10.0.0.0/16","Backend":{"Type":"UDP","Port":9000}}"#).unwrap();
+        assert_eq!((c.backend.kind, c.backend.port), (BackendKind::Udp, 9000));
+        // Port 0 is flannel's "not set".
+        let c = parse(r#"{"Network":"10.0.0.0/16","Backend":{"Type":"udp","Port":0}}"#).unwrap();
+        assert_eq!(c.backend.port, DEFAULT_UDP_PORT);
+    }
+
+    #[test]
     fn host_gw_backend() {
         let c = parse(r#"{"Network":"10.0.0.0/16","Backend":{"Type":"host-gw"}}"#).unwrap();
         assert_eq!(c.backend.kind, BackendKind::HostGw);
@@ -544,9 +565,9 @@ mod tests {
     fn backend_errors() {
         let n = r#""Network":"10.0.0.0/16""#;
         assert_invalid(
-            &format!(r#"{{{n},"Backend":{{"Type":"udp"}}}}"#),
+            &format!(r#"{{{n},"Backend":{{"Type":"ipip"}}}}"#),
             "Backend.Type",
-            &["\"udp\""],
+            &["\"ipip\""],
         );
         assert_invalid(
             &format!(r#"{{{n},"Backend":"vxlan"}}"#),

@@ -224,6 +224,7 @@ pub fn net_config(data: &[u8]) {
         "Type": match cfg.backend.kind {
             BackendKind::Vxlan => "vxlan",
             BackendKind::HostGw => "host-gw",
+            BackendKind::Udp => "udp",
         },
         "VNI": cfg.backend.vni,
         "Port": cfg.backend.port,

@@ -27,6 +27,9 @@ pub enum LeaseBackend {
     Vxlan { vni: u32, vtep_mac: MacAddr },
     /// `"BackendType":"host-gw"` (no BackendData): reachable only by a route via PublicIP.
     HostGw,
+    /// `"BackendType":"udp"` (no BackendData): flannel's userspace backend, IP packets in UDP
+    /// datagrams to PublicIP.
+    Udp,
 }
 
 impl LeaseBackend {
@@ -34,6 +37,7 @@ impl LeaseBackend {
         match self {
             LeaseBackend::Vxlan { .. } => "vxlan",
             LeaseBackend::HostGw => "host-gw",
+            LeaseBackend::Udp => "udp",
         }
     }
 }
@@ -92,7 +96,7 @@ impl LeaseAttrs {
     pub fn vtep_mac(&self) -> Option<MacAddr> {
         match self.backend {
             LeaseBackend::Vxlan { vtep_mac, .. } => Some(vtep_mac),
-            LeaseBackend::HostGw => None,
+            LeaseBackend::HostGw | LeaseBackend::Udp => None,
         }
     }
 
@@ -103,7 +107,7 @@ impl LeaseAttrs {
             backend_type: self.backend.type_name(),
             backend_data: match self.backend {
                 LeaseBackend::Vxlan { vni, vtep_mac } => Some(BackendDataOut { vni, vtep_mac }),
-                LeaseBackend::HostGw => None,
+                LeaseBackend::HostGw | LeaseBackend::Udp => None,
             },
         })
         .expect("serializing plain data cannot fail")
@@ -158,9 +162,10 @@ impl LeaseAttrs {
                 }
             }
             Some("host-gw") => LeaseBackend::HostGw,
+            Some("udp") => LeaseBackend::Udp,
             Some(t) => {
                 return Err(LeaseError::Invalid(format!(
-                    "BackendType {:?} is not supported (\"vxlan\" or \"host-gw\")",
+                    "BackendType {:?} is not supported (\"vxlan\", \"host-gw\" or \"udp\")",
                     echo(t)
                 )))
             }
@@ -363,6 +368,31 @@ mod tests {
     }
 
     #[test]
+    fn udp_json_is_flannels_exactly() {
+        let u = LeaseAttrs {
+            public_ip: Ipv4Addr::new(192, 168, 64, 3),
+            backend: LeaseBackend::Udp,
+        };
+        // flanneld's udp backend writes no BackendData.
+        assert_eq!(
+            u.to_json(),
+            r#"{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"udp"}"#
+        );
+        assert_eq!(LeaseAttrs::from_json(u.to_json().as_bytes()).unwrap(), u);
+        let p = parse_peer(
+            &cfg(),
+            None,
+            net("10.244.2.0/24"),
+            br#"{"PublicIP":"198.18.0.2","BackendType":"udp"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (p.public_ip, p.vtep_mac),
+            (Ipv4Addr::new(198, 18, 0, 2), None)
+        );
+    }
+
+    #[test]
     fn parse_peer_accepts_flannel_lease() {
         let p = parse_peer(
             &cfg(),
@@ -424,8 +454,8 @@ mod tests {
         rejects(
             None,
             "10.244.2.0/24",
-            r#"{"PublicIP":"198.18.0.2","BackendType":"udp"}"#,
-            "BackendType \"udp\" is not supported",
+            r#"{"PublicIP":"198.18.0.2","BackendType":"ipip"}"#,
+            "BackendType \"ipip\" is not supported",
         );
         rejects(
             None,

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 #[derive(Debug, Default)]
 pub struct Metrics {
+    /// The udp backend's packet path (zero with the other backends).
+    pub udp: std::sync::Arc<crate::backend::udp::datapath::Stats>,
     pub peers: AtomicU64,
     pub kernel_entries_added: AtomicU64,
     pub kernel_entries_removed: AtomicU64,
@@ -316,6 +318,37 @@ impl Metrics {
             "HTTP connections closed at once because --http-max-connections were open.",
             g(&self.http_connections_refused),
         );
+        let u = &self.udp;
+        for (name, help, pairs) in [
+            (
+                "udp_packets_total",
+                "udp backend: packets through the TUN device, per direction (out: to peers).",
+                [("out", &u.tx_packets), ("in", &u.rx_packets)],
+            ),
+            (
+                "udp_bytes_total",
+                "udp backend: bytes of those packets, per direction.",
+                [("out", &u.tx_bytes), ("in", &u.rx_bytes)],
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP twill_{name} {help}");
+            let _ = writeln!(out, "# TYPE twill_{name} counter");
+            for (dir, c) in pairs {
+                let _ = writeln!(out, "twill_{name}{{direction=\"{dir}\"}} {}", g(c));
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP twill_udp_dropped_total udp backend: packets dropped, per reason."
+        );
+        let _ = writeln!(out, "# TYPE twill_udp_dropped_total counter");
+        for (reason, c) in u.drops() {
+            let _ = writeln!(
+                out,
+                "twill_udp_dropped_total{{reason=\"{reason}\"}} {}",
+                g(c)
+            );
+        }
         let denied = self.policy_denied.read().unwrap_or_else(|e| e.into_inner());
         for (name, help, pick) in [
             (

@@ -88,6 +88,9 @@ pub enum Path {
     /// It cannot be reached (host-gw and not on our segment; no VTEP and not on our segment):
     /// nothing is installed, so nothing wrong is either.
     Unreachable,
+    /// Through the udp backend's TUN device and its userspace peer table: no kernel entry of
+    /// its own (one route covers the whole network).
+    Userspace,
 }
 
 /// The kernel entries one peer needs on its path.
@@ -110,7 +113,7 @@ fn entries(p: &Peer, path: Path) -> Option<PeerEntries> {
             fdb: Some((mac, p.public_ip)),
             route: (p.subnet, p.gateway()),
         }),
-        (Path::Overlay, None) | (Path::Unreachable, _) => None,
+        (Path::Overlay, None) | (Path::Unreachable, _) | (Path::Userspace, _) => None,
     }
 }
 

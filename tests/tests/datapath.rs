@@ -2,7 +2,8 @@
 //! world: pod to pod keeps pod addresses), the rules survive someone flushing the ruleset, pod
 //! traffic passes other tools' forward drops (iptables and nftables), host-gw routes without a
 //! VXLAN device, DirectRouting picks a path per peer on a routed underlay, a backend switch
-//! between restarts leaves nothing stale, and the optional blackhole route.
+//! between restarts (vxlan, host-gw, udp) leaves nothing stale, and the optional blackhole
+//! route.
 //!
 //! "The world" is the underlay host (198.18.0.1 in the underlay namespace): it has no route to
 //! the pod network, so a reply reaches a pod only if the packet left with the node's address.
@@ -18,6 +19,7 @@ use twill_tests::{wait_until, Lab, LabOptions, Pod};
 
 const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const HOST_GW: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
+const UDP: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
 const DIRECT: &str =
     r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#;
 const PROBE: Duration = Duration::from_secs(2);
@@ -539,7 +541,7 @@ fn switching_backend_between_restarts_leaves_nothing_stale() -> Result<()> {
     let a = lab.add_pod(1, "a")?;
     let b = lab.add_pod(2, "b")?;
     assert_eq!(pod_to_pod(&a, &b, 7401)?, a.ip);
-    for (config, port) in [(HOST_GW, 7402), (VXLAN, 7403)] {
+    for (config, port) in [(HOST_GW, 7402), (UDP, 7404), (VXLAN, 7403)] {
         for i in 1..=2 {
             lab.stop_daemon(i)?;
         }
@@ -551,15 +553,24 @@ fn switching_backend_between_restarts_leaves_nothing_stale() -> Result<()> {
             lab.wait_ready(i, Duration::from_secs(30))?;
         }
         wait_meshed(&lab)?;
-        let host_gw = config == HOST_GW;
         wait_until(Duration::from_secs(10), || {
             (1..=2).all(|i| {
                 let links = lab
                     .exec_ok(i, &["ip", "-d", "link", "show"])
                     .unwrap_or_default();
                 let r = routes(&lab, i).unwrap_or_default();
-                let direct = r.iter().filter(|l| l.contains("proto 116")).count();
-                links.contains("twill.1") != host_gw && (direct == 1) == host_gw
+                let ours = |l: &&String| l.contains("proto 116");
+                let via = r
+                    .iter()
+                    .filter(ours)
+                    .filter(|l| l.contains(" via "))
+                    .count();
+                let (vxlan, tun) = (links.contains("twill.1"), links.contains("twill-udp"));
+                match config {
+                    HOST_GW => !vxlan && !tun && via == 1,
+                    UDP => !vxlan && tun && via == 0,
+                    _ => vxlan && !tun && r.iter().filter(ours).count() != 1,
+                }
             })
         })
         .with_context(|| format!("stale state after switching to {config}"))?;

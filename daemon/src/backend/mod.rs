@@ -1,11 +1,13 @@
 //! Backends: how packets for remote subnets get there. `Backend` is the concern's trait;
 //! `vxlan::VxlanBackend` (an overlay, with direct routes to peers on our segment when
 //! DirectRouting is on) and `hostgw::HostGwBackend` (direct routes only) implement it, sharing
-//! the per-peer path decision and the kernel writes in `routes`.
+//! the per-peer path decision and the kernel writes in `routes`; `udp::UdpBackend` is the
+//! userspace fallback (a TUN device and UDP datagrams, flannel's udp format).
 
 pub mod hostgw;
 pub mod offload;
 pub mod routes;
+pub mod udp;
 pub mod vxlan;
 
 use std::net::Ipv4Addr;
@@ -107,6 +109,7 @@ pub trait Backend: Send {
 pub enum AnyBackend {
     Vxlan(vxlan::VxlanBackend),
     HostGw(hostgw::HostGwBackend),
+    Udp(udp::UdpBackend),
 }
 
 impl Backend for AnyBackend {
@@ -114,6 +117,7 @@ impl Backend for AnyBackend {
         match self {
             AnyBackend::Vxlan(b) => b.setup(local).await,
             AnyBackend::HostGw(b) => b.setup(local).await,
+            AnyBackend::Udp(b) => b.setup(local).await,
         }
     }
 
@@ -121,6 +125,7 @@ impl Backend for AnyBackend {
         match self {
             AnyBackend::Vxlan(b) => b.apply(changes).await,
             AnyBackend::HostGw(b) => b.apply(changes).await,
+            AnyBackend::Udp(b) => b.apply(changes).await,
         }
     }
 
@@ -128,6 +133,7 @@ impl Backend for AnyBackend {
         match self {
             AnyBackend::Vxlan(b) => b.reconcile(desired).await,
             AnyBackend::HostGw(b) => b.reconcile(desired).await,
+            AnyBackend::Udp(b) => b.reconcile(desired).await,
         }
     }
 
@@ -135,6 +141,7 @@ impl Backend for AnyBackend {
         match self {
             AnyBackend::Vxlan(b) => b.path(peer),
             AnyBackend::HostGw(b) => b.path(peer),
+            AnyBackend::Udp(b) => b.path(peer),
         }
     }
 }

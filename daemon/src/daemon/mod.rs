@@ -19,6 +19,7 @@ pub use status::{FirewallStatus, NodeStatus, PeerStatus, ReconcileStatus, Shared
 
 use crate::backend::hostgw::HostGwBackend;
 use crate::backend::offload;
+use crate::backend::udp::UdpBackend;
 use crate::backend::vxlan::VxlanBackend;
 use crate::backend::{AnyBackend, Backend, BackendError, LocalNode};
 use crate::cli::RunArgs;
@@ -247,6 +248,7 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
             vtep_mac,
         },
         BackendKind::HostGw => LeaseBackend::HostGw,
+        BackendKind::Udp => LeaseBackend::Udp,
     };
     let attrs = LeaseAttrs {
         public_ip,
@@ -267,6 +269,12 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
             AnyBackend::Vxlan(VxlanBackend::new(nl.clone(), &cfg.backend, tx_checksum))
         }
         BackendKind::HostGw => AnyBackend::HostGw(HostGwBackend::new(nl.clone(), &cfg.backend)),
+        BackendKind::Udp => AnyBackend::Udp(UdpBackend::new(
+            nl.clone(),
+            &cfg.backend,
+            cfg.network,
+            shared.metrics.udp.clone(),
+        )),
     };
     let local = LocalNode {
         subnet: own.subnet,

@@ -300,6 +300,7 @@ impl Node {
         let backend = match self.attrs_tx.borrow().backend {
             LeaseBackend::Vxlan { .. } => "vxlan",
             LeaseBackend::HostGw => "host-gw",
+            LeaseBackend::Udp => "udp",
         };
         self.shared.update(|s| {
             s.node = Some(NodeStatus {

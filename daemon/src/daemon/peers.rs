@@ -251,6 +251,7 @@ impl Sync {
                         Path::Direct => "direct",
                         Path::Overlay => "vxlan",
                         Path::Unreachable => "none",
+                        Path::Userspace => "udp",
                     },
                     reason,
                 }

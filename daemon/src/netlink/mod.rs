@@ -276,7 +276,23 @@ impl Netlink {
             .await
             .map_err(|e| NetlinkError::from_rtnl(format!("{ctx}: set mtu"), e))?;
 
-        let want = spec.addr;
+        self.ensure_only_addr(index, spec.addr, &ctx).await?;
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::from_rtnl(format!("{ctx}: set up"), e))?;
+        Ok(index)
+    }
+
+    /// `want` as the only IPv4 address of device `index` (others removed).
+    async fn ensure_only_addr(
+        &self,
+        index: u32,
+        want: Ipv4Net,
+        ctx: &str,
+    ) -> Result<(), NetlinkError> {
         let mut have_want = false;
         let addrs: Vec<AddressMessage> = self
             .handle
@@ -311,13 +327,66 @@ impl Netlink {
                 .await
                 .map_err(|e| NetlinkError::from_rtnl(format!("{ctx}: add address {want}"), e))?;
         }
+        Ok(())
+    }
+
+    /// The udp backend's TUN device `name` (opened by the backend), configured as flannel's
+    /// udp backend configures its own: `mtu`; `addr`, the node subnet's first address as a /32
+    /// (the source of host-to-pod traffic, and no broadcast routes); up; and one route for the
+    /// whole `network` through it (the node's own subnet is more specific, on its bridge).
+    /// Returns its index.
+    pub async fn ensure_tun(
+        &self,
+        name: &str,
+        mtu: u32,
+        addr: Ipv4Net,
+        network: Ipv4Net,
+    ) -> Result<u32, NetlinkError> {
+        let ctx = format!("tun device {name}");
+        let index = self.link_by_name(name).await?.header.index;
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(mtu).build())
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::from_rtnl(format!("{ctx}: set mtu"), e))?;
+        self.ensure_only_addr(index, addr, &ctx).await?;
         self.handle
             .link()
             .set(LinkUnspec::new_with_index(index).up().build())
             .execute()
             .await
             .map_err(|e| NetlinkError::from_rtnl(format!("{ctx}: set up"), e))?;
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(network.network(), network.prefix_len())
+            .output_interface(index)
+            .protocol(RouteProtocol::Other(TWILL_RTPROT))
+            .build();
+        self.handle
+            .route()
+            .add(route)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::from_rtnl(format!("{ctx}: route {network}"), e))?;
         Ok(index)
+    }
+
+    /// Whether device `index` still has the route for `network` (`ensure_tun` puts it back).
+    pub async fn has_dev_route(&self, index: u32, network: Ipv4Net) -> Result<bool, NetlinkError> {
+        let routes: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NetlinkError::from_rtnl("dump routes", e))?;
+        Ok(routes.iter().any(|r| {
+            route_table(r) == MAIN_TABLE
+                && route_oif(r) == Some(index)
+                && route_dst(r) == Some(network)
+        }))
     }
 
     /// VXLAN devices other than `except` with VNI `vni` on UDP port `port`, as (ifindex, name):

@@ -85,7 +85,7 @@ impl Annotations {
     pub fn kube_subnet_manager(&self) -> &str {
         &self.kube_subnet_manager
     }
-    /// `"vxlan"` or `"host-gw"`.
+    /// `"vxlan"`, `"host-gw"` or `"udp"`.
     pub fn backend_type(&self) -> &str {
         &self.backend_type
     }

@@ -121,14 +121,14 @@ struct VxlanDataOut {
 }
 
 /// The backend-data annotation value: `{"VNI":1,"VtepMAC":"12:c6:65:89:b4:e3"}` for vxlan;
-/// `null` for host-gw (flannel marshals its empty BackendData).
+/// `null` for host-gw and udp (flannel marshals their empty BackendData).
 pub fn backend_data(backend: &LeaseBackend) -> String {
     match *backend {
         LeaseBackend::Vxlan { vni, vtep_mac } => {
             serde_json::to_string(&VxlanDataOut { vni, vtep_mac })
                 .expect("serializing plain data cannot fail")
         }
-        LeaseBackend::HostGw => "null".into(),
+        LeaseBackend::HostGw | LeaseBackend::Udp => "null".into(),
     }
 }
 
@@ -307,12 +307,12 @@ pub fn peer_from_node(
     let public_ip = parse_public_ip(annotation(node, a.public_ip()), cfg)?;
     let vtep_mac = match backend_type {
         Some("vxlan") => Some(parse_vxlan_data(annotation(node, a.backend_data()), cfg)?),
-        Some("host-gw") => None,
+        Some("host-gw" | "udp") => None,
         other => {
             return Err(skip(
                 SkipReason::BackendType,
                 format!(
-                    "backend-type {:?} is not supported (\"vxlan\" or \"host-gw\")",
+                    "backend-type {:?} is not supported (\"vxlan\", \"host-gw\" or \"udp\")",
                     echo(other.unwrap_or(""))
                 ),
             ))
@@ -1230,9 +1230,9 @@ mod tests {
         rejects(
             c,
             s(),
-            &[("backend-type", Some("udp"))],
+            &[("backend-type", Some("ipip"))],
             BackendType,
-            "\"udp\" is not supported",
+            "\"ipip\" is not supported",
         );
         rejects(
             c,
@@ -1541,7 +1541,7 @@ mod tests {
         assert!(a.events.is_empty() && a.skips.is_empty(), "{a:?}");
         // A skipped node's heartbeat is not reported again.
         let mut bad = serde_json::to_value(peer_node("b", 2)).unwrap();
-        bad["metadata"]["annotations"][format!("{P}backend-type")] = json!("udp");
+        bad["metadata"]["annotations"][format!("{P}backend-type")] = json!("ipip");
         assert!(!p.apply(&to_node(bad.clone())).skips.is_empty());
         bad["status"]["conditions"][0]["lastHeartbeatTime"] = json!("2025-01-01T00:05:00Z");
         let a = p.apply(&to_node(bad));

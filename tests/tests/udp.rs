@@ -1,0 +1,351 @@
+//! The udp backend (flannel's userspace fallback): pods on three nodes reach each other through
+//! the TUN device without NAT, in flannel's lease and wire format (a flanneld-format peer played
+//! by the test, which answers a pod's ping itself); datagrams from strangers, garbage, and
+//! packets for another node are dropped and counted; a peer leaving, and twilld restarting.
+
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use twill_tests::lab::{parse_metric, UNDERLAY_IP};
+use twill_tests::{wait_until, Lab, LabOptions, Pod};
+
+const UDP: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
+const PORT: u16 = 8285;
+const PROBE: Duration = Duration::from_secs(2);
+
+fn lab(n: usize) -> Result<Lab> {
+    let mut lab = Lab::new(LabOptions {
+        nodes: n,
+        ..Default::default()
+    })?;
+    lab.put_config(UDP)?;
+    for i in 1..=n {
+        lab.start_daemon(i)?;
+    }
+    for i in 1..=n {
+        lab.wait_ready(i, Duration::from_secs(30))?;
+    }
+    wait_until(Duration::from_secs(20), || {
+        (1..=n).all(|i| {
+            lab.status(i)
+                .is_ok_and(|s| s["peers"].as_array().map_or(0, |a| a.len()) == n - 1)
+        })
+    })
+    .context("nodes did not mesh")?;
+    Ok(lab)
+}
+
+fn metric(lab: &Lab, i: usize, name: &str) -> f64 {
+    lab.get(i, "/metrics")
+        .ok()
+        .and_then(|(_, text)| parse_metric(&text, name))
+        .unwrap_or(0.0)
+}
+
+fn dropped(lab: &Lab, i: usize, reason: &str) -> f64 {
+    metric(
+        lab,
+        i,
+        &format!("twill_udp_dropped_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+fn subnet(lab: &Lab, i: usize) -> Result<String> {
+    Ok(lab.status(i)?["node"]["subnet"]
+        .as_str()
+        .context("no subnet")?
+        .to_string())
+}
+
+/// The source address pod `to` saw for a TCP connection from `from`, retried while peers settle.
+fn pod_to_pod(from: &Pod, to: &Pod, port: u16) -> Result<Ipv4Addr> {
+    let mut last = None;
+    for _ in 0..10 {
+        match twill_tests::tcp_probe(from, to, port, PROBE) {
+            Ok(p) => return Ok(p.source_seen),
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    Err(last.expect("tried")).with_context(|| format!("{} -> {}", from.id, to.id))
+}
+
+/// Send `payload` in one datagram to `to`'s udp port from inside namespace `ns` (from its own
+/// address), on a thread that enters the namespace.
+fn send_from(ns: &str, to: Ipv4Addr, payload: &[u8]) -> Result<()> {
+    let (ns, payload) = (ns.to_string(), payload.to_vec());
+    std::thread::spawn(move || -> Result<()> {
+        let f = std::fs::File::open(format!("/run/netns/{ns}"))?;
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let sock = UdpSocket::bind("0.0.0.0:0")?;
+        let sent = sock.send_to(&payload, SocketAddrV4::new(to, PORT))?;
+        if sent != payload.len() {
+            bail!("sent {sent} of {} bytes", payload.len());
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the sending thread panicked"))?
+}
+
+/// A minimal IPv4 header (20 bytes, no payload) from `src` to `dst`.
+fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    let mut p = vec![0u8; 20];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&20u16.to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    let sum = checksum(&p);
+    p[10..12].copy_from_slice(&sum.to_be_bytes());
+    p
+}
+
+fn checksum(b: &[u8]) -> u16 {
+    let mut s: u32 = b
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while s >> 16 != 0 {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    !(s as u16)
+}
+
+#[test]
+fn udp_pods_reach_each_other_without_nat_through_a_tun_device() -> Result<()> {
+    let mut lab = lab(3)?;
+    let pods: Vec<Pod> = (1..=3)
+        .map(|i| lab.add_pod(i, "a"))
+        .collect::<Result<_>>()?;
+    for (i, from) in pods.iter().enumerate() {
+        for (j, to) in pods.iter().enumerate() {
+            if i != j {
+                let seen = pod_to_pod(from, to, 7300 + (i * 3 + j) as u16)?;
+                assert_eq!(seen, from.ip, "{} -> {}: NAT in the path", from.id, to.id);
+            }
+        }
+    }
+    for i in 1..=3 {
+        let st = lab.status(i)?;
+        assert_eq!(st["node"]["backend"], "udp");
+        assert_eq!(st["node"]["device"], "twill-udp", "{st}");
+        assert_eq!(
+            st["node"]["mtu"], 1472,
+            "udp pods get the underlay MTU minus 28"
+        );
+        for p in st["peers"].as_array().context("no peers")? {
+            assert_eq!(p["path"], "udp", "{p}");
+            assert_eq!(p["programmed"], true, "{p}");
+        }
+        let links = lab.exec_ok(i, &["ip", "-d", "link", "show"])?;
+        assert!(
+            !links.contains("vxlan"),
+            "node {i} has a VXLAN device: {links}"
+        );
+        assert!(
+            links.contains("twill-udp") && links.contains("tun"),
+            "{links}"
+        );
+        // One route for the whole network through the device; the node's own subnet is more
+        // specific, on its bridge.
+        let r = lab.exec_ok(i, &["ip", "-4", "route", "show", "dev", "twill-udp"])?;
+        assert!(r.contains("10.244.0.0/16"), "node {i}: {r}");
+        assert!(metric(&lab, i, "twill_udp_packets_total{direction=\"out\"}") > 0.0);
+        assert!(metric(&lab, i, "twill_udp_packets_total{direction=\"in\"}") > 0.0);
+    }
+    let mtu = pods[0].exec_ok(&["cat", "/sys/class/net/eth0/mtu"])?;
+    assert_eq!(mtu.trim(), "1472");
+    // flannel's udp lease format, exactly.
+    let key = format!(
+        "/coreos.com/network/subnets/{}",
+        subnet(&lab, 1)?.replace('/', "-")
+    );
+    assert_eq!(
+        lab.etcd_get(&key)?.context("no lease")?,
+        format!(
+            r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"udp"}}"#,
+            lab.node_ip(1)
+        )
+    );
+
+    // A peer leaving: its pods are no longer sent to, and what is sent for them is counted.
+    let sub3 = subnet(&lab, 3)?;
+    lab.stop_daemon(3)?;
+    lab.etcdctl(&[
+        "del",
+        &format!("/coreos.com/network/subnets/{}", sub3.replace('/', "-")),
+    ])?;
+    wait_until(Duration::from_secs(20), || {
+        lab.status(1)
+            .is_ok_and(|s| s["peers"].as_array().map_or(0, |a| a.len()) == 1)
+    })
+    .with_context(|| {
+        format!(
+            "node 1 kept the peer whose lease ({sub3}) went: {:?} keys {:?}",
+            lab.status(1).map(|s| s["peers"].clone()),
+            lab.lease_keys()
+        )
+    })?;
+    let before = dropped(&lab, 1, "no_peer");
+    assert!(!pods[0].ping(pods[2].ip));
+    assert!(dropped(&lab, 1, "no_peer") > before);
+
+    // twilld restarting: the device goes with the process and comes back with it.
+    lab.stop_daemon(1)?;
+    let links = lab.exec_ok(1, &["ip", "link", "show"])?;
+    assert!(
+        !links.contains("twill-udp"),
+        "the TUN device outlived twilld: {links}"
+    );
+    lab.start_daemon(1)?;
+    lab.wait_ready(1, Duration::from_secs(30))?;
+    assert_eq!(pod_to_pod(&pods[0], &pods[1], 7399)?, pods[0].ip);
+    Ok(())
+}
+
+#[test]
+fn strangers_garbage_and_packets_for_other_nodes_are_dropped_and_counted() -> Result<()> {
+    let mut lab = lab(2)?;
+    // Both tables hold the other node once pods reach each other.
+    let (a, b) = (lab.add_pod(1, "a")?, lab.add_pod(2, "b")?);
+    pod_to_pod(&a, &b, 7390)?;
+    pod_to_pod(&b, &a, 7391)?;
+    let delivered = metric(&lab, 1, "twill_udp_packets_total{direction=\"in\"}");
+    let n1 = lab.node_ip(1);
+    let base = |i: usize| -> Result<Ipv4Addr> {
+        let s = subnet(&lab, i)?;
+        Ok(s.split('/').next().unwrap_or_default().parse()?)
+    };
+    let (sub1, sub2) = (base(1)?, base(2)?);
+    // From the underlay host, which is no peer: dropped whatever it carries.
+    let before = dropped(&lab, 1, "unknown_source");
+    send_from(
+        &lab.underlay_ns(),
+        n1,
+        &ipv4_packet(Ipv4Addr::new(10, 244, 250, 1), sub1),
+    )?;
+    send_from(&lab.underlay_ns(), n1, b"not a packet")?;
+    wait_until(Duration::from_secs(5), || {
+        dropped(&lab, 1, "unknown_source") == before + 2.0
+    })
+    .context("datagrams from a stranger were not counted")?;
+    // From the peer: garbage, and a packet for its own subnet (not node 1's).
+    let node2 = lab.node_ns(2);
+    let (m, o) = (dropped(&lab, 1, "malformed"), dropped(&lab, 1, "not_ours"));
+    send_from(&node2, n1, b"\x45garbage")?;
+    send_from(
+        &node2,
+        n1,
+        &ipv4_packet(sub2, Ipv4Addr::new(192, 168, 7, 7)),
+    )?;
+    wait_until(Duration::from_secs(5), || {
+        dropped(&lab, 1, "malformed") > m && dropped(&lab, 1, "not_ours") > o
+    })
+    .with_context(|| {
+        format!(
+            "garbage from a peer, or a packet not for node 1, was not counted: {}",
+            lab.get(1, "/metrics")
+                .map(|(_, t)| t
+                    .lines()
+                    .filter(|l| l.starts_with("twill_udp"))
+                    .collect::<Vec<_>>()
+                    .join("; "))
+                .unwrap_or_default()
+        ) + &format!(
+            " route: {:?} peers: {:?}",
+            lab.exec_ok(2, &["ip", "-4", "route", "get", &n1.to_string()]),
+            lab.status(1).map(|s| s["peers"].clone())
+        )
+    })?;
+    assert_eq!(
+        metric(&lab, 1, "twill_udp_packets_total{direction=\"in\"}"),
+        delivered,
+        "a dropped datagram was written to the TUN device"
+    );
+    // The kernel sends nothing but IPv4 into the device (IPv6 is off on it).
+    assert_eq!(dropped(&lab, 1, "malformed"), m + 1.0);
+    Ok(())
+}
+
+/// A flanneld `udp` node, played by the test in the underlay namespace (198.18.0.1): its lease
+/// in flannel's format, and its side of the wire format. A pod's ping to an address in its
+/// subnet arrives as the bare IPv4 packet in a datagram to port 8285; the answer, sent the
+/// same way, reaches the pod.
+#[test]
+fn a_pod_pings_through_a_flanneld_format_udp_peer() -> Result<()> {
+    let mut lab = lab(1)?;
+    lab.etcdctl(&[
+        "put",
+        "/coreos.com/network/subnets/10.244.99.0-24",
+        &format!(r#"{{"PublicIP":"{UNDERLAY_IP}","BackendType":"udp"}}"#),
+    ])?;
+    wait_until(Duration::from_secs(20), || {
+        lab.status(1)
+            .is_ok_and(|s| s["peers"].as_array().map_or(0, |a| a.len()) == 1)
+    })
+    .context("node 1 did not take the flanneld-format lease")?;
+    let pod = lab.add_pod(1, "a")?;
+    let underlay = lab.underlay_ns();
+    // The peer: answer every echo request, up to 3.
+    let peer = std::thread::spawn(move || -> Result<Vec<Vec<u8>>> {
+        let ns = std::fs::File::open(format!("/run/netns/{underlay}"))?;
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let sock = UdpSocket::bind(SocketAddrV4::new(UNDERLAY_IP, PORT))?;
+        sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 65535];
+        while seen.len() < 3 {
+            let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                break;
+            };
+            let p = buf[..n].to_vec();
+            seen.push(p.clone());
+            if let Some(reply) = echo_reply(&p) {
+                sock.send_to(&reply, from)?;
+            }
+        }
+        Ok(seen)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let answered = (0..3).any(|_| pod.ping(Ipv4Addr::new(10, 244, 99, 5)));
+    let seen = peer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the peer thread panicked"))??;
+    let first = seen.first().context("the peer received nothing")?;
+    // The datagram is the pod's packet itself: IPv4, from the pod to the peer's pod address,
+    // ICMP, with no header of twill's in front.
+    assert_eq!(first[0] >> 4, 4, "{first:02x?}");
+    assert_eq!(
+        &first[12..16],
+        &pod.ip.octets(),
+        "not the pod's source address"
+    );
+    assert_eq!(&first[16..20], &[10, 244, 99, 5]);
+    assert_eq!(first[9], 1, "not ICMP");
+    assert!(answered, "the pod got no answer through the udp peer");
+    assert!(metric(&lab, 1, "twill_udp_packets_total{direction=\"in\"}") >= 1.0);
+    Ok(())
+}
+
+/// The echo reply to an IPv4 ICMP echo request (addresses swapped, checksums redone).
+fn echo_reply(p: &[u8]) -> Option<Vec<u8>> {
+    let hl = usize::from(p.first()? & 0x0f) * 4;
+    if p.len() < hl + 8 || p[9] != 1 || p[hl] != 8 {
+        return None;
+    }
+    let mut r = p.to_vec();
+    r[12..16].copy_from_slice(&p[16..20]);
+    r[16..20].copy_from_slice(&p[12..16]);
+    r[8] = 64;
+    r[10..12].copy_from_slice(&[0, 0]);
+    let sum = checksum(&r[..hl]);
+    r[10..12].copy_from_slice(&sum.to_be_bytes());
+    r[hl] = 0;
+    r[hl + 2..hl + 4].copy_from_slice(&[0, 0]);
+    let sum = checksum(&r[hl..]);
+    r[hl + 2..hl + 4].copy_from_slice(&sum.to_be_bytes());
+    Some(r)
+}
