@@ -901,6 +901,32 @@ fn sigterm_exits_zero_and_leaves_the_data_path_in_place() -> Result<()> {
     Ok(())
 }
 
+/// A SIGTERM that comes while twilld is still starting (its backend being set up, its first
+/// passes running) is honoured, whenever it comes: the daemon exits soon after (before its
+/// signal handler exists, the signal's default action ends it). It used to be lost between the
+/// start's waits, and twilld ran on until SIGKILL. Each stop fails after 30 s of waiting.
+#[test]
+fn sigterm_while_starting_is_honoured() -> Result<()> {
+    let mut lab = new_lab(1);
+    lab.put_config(CONFIG)?;
+    // The first start makes the VXLAN device and the lease; the rest take the shorter path a
+    // restart takes, with the same windows.
+    for delay_ms in [0u64, 20, 50, 100, 150, 200, 300, 400, 600, 900] {
+        lab.start_daemon(1)?;
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let status = lab
+            .stop_daemon(1)
+            .with_context(|| format!("SIGTERM {delay_ms} ms after the start"))?;
+        use std::os::unix::process::ExitStatusExt;
+        assert!(
+            status.code() == Some(0) || status.signal() == Some(libc::SIGTERM),
+            "SIGTERM {delay_ms} ms after the start: {status}\n{}",
+            lab.daemon_log(1)
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn ping_summary_is_parsed() -> Result<()> {
     let out = "--- 10.244.2.0 ping statistics ---\n25 packets transmitted, 24 received, 4% packet loss, time 4800ms\n";

@@ -37,7 +37,7 @@ use crate::source::{EtcdSource, KubeOptions, KubeSource, LeaseSource};
 use crate::subnet_file::read_previous_subnet;
 use fw::NodeFirewall;
 use node::Node;
-use start::{shutdown_signal, sleep_until_opt};
+use start::{sleep_until_opt, Shutdown};
 
 /// Kernel events arrive in bursts (a hand `ip route flush`); collapse them. Our own deletions
 /// are filtered out before they become events (see `netlink::own`).
@@ -79,27 +79,33 @@ pub enum StartError {
 /// checked before twilld talks to either, so such a problem never leaves a lease or a device
 /// behind.
 pub async fn run(args: RunArgs) -> Result<(), StartError> {
+    let mut shutdown = Shutdown::listen();
     // It holds the IPAM records, the pods' policy records and the VTEP MAC: root's alone.
     crate::paths::private_parent(&args.state_dir.join(crate::instance::LOCK_FILE))
         .map_err(StartError::StateDir)?;
     let _instance = crate::instance::lock(&args.state_dir)?;
     check_subnet_file_dir(&args)?;
     if args.kube_subnet_mgr {
-        let source = KubeSource::connect(&KubeOptions {
+        let opts = KubeOptions {
             api_url: args.kube_api_url.clone(),
             kubeconfig: args.kubeconfig_file.clone(),
             annotation_prefix: args.kube_annotation_prefix.clone(),
             net_config_path: args.net_config_path.clone(),
             set_network_unavailable: args.set_node_network_unavailable,
             node_name: args.node_name.clone(),
-        })
-        .await?;
+        };
+        let connect = KubeSource::connect(&opts);
+        // It may wait for the API server (to read our pod's node name).
+        let source = tokio::select! {
+            s = connect => s?,
+            _ = shutdown.wait() => { info!("shutting down before the node was ready"); return Ok(()); }
+        };
         let objects = Objects {
             store: KubeObjects::new(source.client()),
             node: source.node_name().to_string(),
             pods_from_api: true,
         };
-        return run_with(args, source, objects).await;
+        return run_with(args, source, objects, shutdown).await;
     }
     // The registry client connects lazily: building it needs no etcd yet.
     let reg = EtcdRegistry::connect(&EtcdOptions {
@@ -121,7 +127,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
         node: args.node_name(),
         pods_from_api: false,
     };
-    run_with(args, source, objects).await
+    run_with(args, source, objects, shutdown).await
 }
 
 /// Where the policy engine's objects (policies, namespaces, pods) live.
@@ -138,6 +144,7 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
     mut args: RunArgs,
     source: S,
     objects: Objects<O>,
+    mut shutdown: Shutdown,
 ) -> Result<(), StartError> {
     let shared = Arc::new(Shared::default());
     shared.update(|s| s.waiting_for = Some(source.name().into()));
@@ -221,7 +228,7 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
 
     let cfg = tokio::select! {
         cfg = source.network_config(&shared) => cfg?,
-        _ = shutdown_signal() => { info!("shutting down before the node was ready"); return Ok(()); }
+        _ = shutdown.wait() => { info!("shutting down before the node was ready"); return Ok(()); }
     };
     info!(network = %cfg.network, subnet_len = cfg.subnet_len, vni = cfg.backend.vni, "network config");
     shared.update(|s| {
@@ -257,7 +264,7 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
     let previous = read_previous_subnet(&args.subnet_file);
     let own = tokio::select! {
         own = source.acquire(&cfg, &attrs, previous, &shared) => own,
-        _ = shutdown_signal() => { info!("shutting down before the node was ready"); return Ok(()); }
+        _ = shutdown.wait() => { info!("shutting down before the node was ready"); return Ok(()); }
     };
     info!(subnet = %own.subnet, "lease acquired");
 
@@ -322,8 +329,6 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
     let mut resync = tokio::time::interval(resync_every);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     resync.tick().await;
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
     let mut cni = cni;
     // Pending kernel and nftables events: when to act on them, and whether an address changed.
     let mut kernel_deadline: Option<tokio::time::Instant> = None;
@@ -333,7 +338,7 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
 
     loop {
         tokio::select! {
-            _ = &mut shutdown => {
+            _ = shutdown.wait() => {
                 info!("SIGTERM: exiting; kernel entries, firewall rules and the lease stay in place");
                 return Ok(());
             }

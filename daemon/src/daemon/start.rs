@@ -7,12 +7,28 @@ pub(super) async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-pub(super) async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, listened for from the daemon's start to its end: a signal that arrives
+/// while the daemon is busy elsewhere (setting up its backend, say) is kept until it next waits
+/// for one. A listener made anew at each wait would miss it, and the daemon would ignore it.
+pub(super) struct Shutdown {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Shutdown {
+    pub(super) fn listen() -> Shutdown {
+        use tokio::signal::unix::{signal, SignalKind};
+        Shutdown {
+            term: signal(SignalKind::terminate()).expect("SIGTERM handler"),
+            int: signal(SignalKind::interrupt()).expect("SIGINT handler"),
+        }
+    }
+
+    /// Until SIGTERM or SIGINT (at once if one came since the last wait). Cancel-safe.
+    pub(super) async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 }
