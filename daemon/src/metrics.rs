@@ -337,6 +337,24 @@ impl Metrics {
                 let _ = writeln!(out, "twill_{name}{{direction=\"{dir}\"}} {}", g(c));
             }
         }
+        for (name, help, pairs) in [
+            (
+                "udp_batches_total",
+                "udp backend: TUN reads (out) and recvmmsg calls (in) that moved packets.",
+                [("out", &u.tx_batches), ("in", &u.rx_batches)],
+            ),
+            (
+                "udp_batched_packets_total",
+                "udp backend: packets those moved; divided by the batches, the mean batch size.",
+                [("out", &u.tx_batched), ("in", &u.rx_batched)],
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP twill_{name} {help}");
+            let _ = writeln!(out, "# TYPE twill_{name} counter");
+            for (dir, c) in pairs {
+                let _ = writeln!(out, "twill_{name}{{direction=\"{dir}\"}} {}", g(c));
+            }
+        }
         let _ = writeln!(
             out,
             "# HELP twill_udp_dropped_total udp backend: packets dropped, per reason."

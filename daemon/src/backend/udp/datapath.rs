@@ -3,6 +3,11 @@
 //! peers into the TUN device. flannel's wire format: the datagram's payload is the bare IP
 //! packet. Blocking threads, not tasks: each loop is a read and a write, nothing to wait on
 //! together, and they keep running whatever the control side's runtime is doing.
+//!
+//! Batched both ways, after wireguard-go: the device takes TCP segmentation offload, so one
+//! read is up to 64 KiB of one flow, split into MTU-sized packets that leave in one
+//! `sendmmsg`; datagrams arrive by `recvmmsg`, and same-flow TCP segments among them are
+//! coalesced again into one write to the device (tun-rs's GSO split and GRO table).
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
@@ -32,6 +37,12 @@ pub struct Stats {
     pub drop_malformed: AtomicU64,
     /// The kernel refused to send it (no route to the peer, buffer full).
     pub drop_send_error: AtomicU64,
+    /// Reads from the TUN device, and the packets they gave (one super-packet is many).
+    pub tx_batches: AtomicU64,
+    pub tx_batched: AtomicU64,
+    /// `recvmmsg` calls that returned datagrams, and the datagrams.
+    pub rx_batches: AtomicU64,
+    pub rx_batched: AtomicU64,
 }
 
 impl Stats {
@@ -79,6 +90,7 @@ fn socket(addr: SocketAddrV4) -> io::Result<UdpSocket> {
 /// Starts `queues.len()` pairs of workers, one pair per TUN queue.
 pub fn start(
     queues: Vec<SyncDevice>,
+    mtu: usize,
     local: SocketAddrV4,
     table: &Arc<Published>,
     stats: &Arc<Stats>,
@@ -96,7 +108,7 @@ pub fn start(
         );
         std::thread::Builder::new()
             .name(format!("twill-udp-tx{q}"))
-            .spawn(move || to_peers(&t, &s, r, &st, &halt))?;
+            .spawn(move || to_peers(&t, &s, r, &st, &halt, mtu))?;
         let (r, st, halt) = (table.reader(), stats.clone(), stop.clone());
         std::thread::Builder::new()
             .name(format!("twill-udp-rx{q}"))
@@ -120,42 +132,140 @@ fn ipv4(p: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr, usize)> {
     Some((dst, src, total))
 }
 
+/// Packets from the TUN device per read: with offloads one read is a TCP super-packet of up to
+/// 64 KiB, split here into MTU-sized packets (tun-rs, after wireguard-go).
+const TX_BATCH: usize = tun_rs::IDEAL_BATCH_SIZE;
+/// Datagrams per `recvmmsg`.
+const RX_BATCH: usize = 32;
+/// Room in front of each received packet for the virtio-net header the TUN device takes.
+const HDR: usize = tun_rs::VIRTIO_NET_HDR_LEN;
+
+/// Whether a TUN error ends the queue (the device is gone) rather than one packet.
+fn fatal(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EBADFD | libc::EBADF | libc::ENODEV | libc::ENXIO | libc::EIO)
+    )
+}
+
 fn to_peers(
     tun: &SyncDevice,
     sock: &UdpSocket,
     mut table: Reader,
     stats: &Stats,
     stop: &AtomicBool,
+    mtu: usize,
 ) {
     let port = sock.local_addr().map(|a| a.port()).unwrap_or(0);
-    let mut buf = vec![0u8; MAX_PACKET];
+    let mut original = vec![0u8; HDR + MAX_PACKET];
+    let mut bufs = vec![vec![0u8; mtu.max(576) + 64]; TX_BATCH];
+    let mut sizes = vec![0usize; TX_BATCH];
+    let mut out: Vec<(usize, Ipv4Addr)> = Vec::with_capacity(TX_BATCH);
     while !stop.load(Relaxed) {
-        let n = match tun.recv(&mut buf) {
+        let n = match tun.recv_multiple(&mut original, &mut bufs, &mut sizes, 0) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
+            Err(e) if fatal(&e) => {
                 if !stop.load(Relaxed) {
                     tracing::warn!(error = %e, "udp backend: reading the TUN device failed; this queue stops");
                 }
                 return;
             }
-        };
-        let Some((dst, _, len)) = ipv4(&buf[..n]) else {
-            Stats::inc(&stats.drop_malformed);
-            continue;
-        };
-        let Some(peer) = table.table().peer_for(dst) else {
-            Stats::inc(&stats.drop_no_peer);
-            continue;
-        };
-        match sock.send_to(&buf[..len], SocketAddrV4::new(peer, port)) {
-            Ok(_) => {
-                Stats::inc(&stats.tx_packets);
-                stats.tx_bytes.fetch_add(len as u64, Relaxed);
+            Err(_) => {
+                Stats::inc(&stats.drop_malformed);
+                continue;
             }
-            Err(_) => Stats::inc(&stats.drop_send_error),
+        };
+        Stats::batch(&stats.tx_batches, &stats.tx_batched, n);
+        let t = table.table();
+        out.clear();
+        for i in 0..n {
+            let Some((dst, _, len)) = ipv4(&bufs[i][..sizes[i]]) else {
+                Stats::inc(&stats.drop_malformed);
+                continue;
+            };
+            let Some(peer) = t.peer_for(dst) else {
+                Stats::inc(&stats.drop_no_peer);
+                continue;
+            };
+            sizes[i] = len;
+            out.push((i, peer));
         }
+        let sent = send_batch(sock, port, &bufs, &sizes, &out);
+        Stats::add(&stats.tx_packets, sent.0);
+        Stats::add(&stats.tx_bytes, sent.1);
+        Stats::add(&stats.drop_send_error, (out.len() - sent.0 as usize) as u64);
     }
+}
+
+/// `sendmmsg` of the packets `out` names (buffer index, peer); returns (packets, bytes) sent.
+fn send_batch(
+    sock: &UdpSocket,
+    port: u16,
+    bufs: &[Vec<u8>],
+    sizes: &[usize],
+    out: &[(usize, Ipv4Addr)],
+) -> (u64, u64) {
+    use std::os::fd::AsRawFd;
+    if out.is_empty() {
+        return (0, 0);
+    }
+    let addrs: Vec<libc::sockaddr_in> = out
+        .iter()
+        .map(|(_, peer)| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*peer).to_be(),
+            },
+            sin_zero: [0; 8],
+        })
+        .collect();
+    let mut iovs: Vec<libc::iovec> = out
+        .iter()
+        .map(|(i, _)| libc::iovec {
+            iov_base: bufs[*i].as_ptr() as *mut libc::c_void,
+            iov_len: sizes[*i],
+        })
+        .collect();
+    let mut msgs: Vec<libc::mmsghdr> = (0..out.len())
+        .map(|k| {
+            // SAFETY: mmsghdr is plain data; all-zero is a valid empty header.
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_name = (&addrs[k] as *const libc::sockaddr_in) as *mut libc::c_void;
+            m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            m.msg_hdr.msg_iov = &mut iovs[k];
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect();
+    let (mut done, mut bytes) = (0usize, 0u64);
+    while done < msgs.len() {
+        // SAFETY: every header points at a live address, iovec and buffer, which outlive the
+        // call; the count is the headers left.
+        let r = unsafe {
+            libc::sendmmsg(
+                sock.as_raw_fd(),
+                msgs[done..].as_mut_ptr(),
+                (msgs.len() - done) as libc::c_uint,
+                0,
+            )
+        };
+        if r <= 0 {
+            if r < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            // The first one left was refused: count it lost and go on with the rest.
+            done += 1;
+            continue;
+        }
+        for m in &msgs[done..done + r as usize] {
+            bytes += u64::from(m.msg_len);
+        }
+        done += r as usize;
+    }
+    let refused = msgs.iter().filter(|m| m.msg_len == 0).count();
+    ((msgs.len() - refused) as u64, bytes)
 }
 
 fn from_peers(
@@ -165,52 +275,91 @@ fn from_peers(
     stats: &Stats,
     stop: &AtomicBool,
 ) {
-    let mut buf = vec![0u8; MAX_PACKET];
+    use std::os::fd::AsRawFd;
+    let full = HDR + MAX_PACKET;
+    let mut bufs: Vec<Vec<u8>> = (0..RX_BATCH).map(|_| vec![0u8; full]).collect();
+    let mut gro = tun_rs::GROTable::default();
+    // SAFETY (for both): plain data, zero is valid.
+    let mut addrs: Vec<libc::sockaddr_in> = vec![unsafe { std::mem::zeroed() }; RX_BATCH];
+    let mut iovs: Vec<libc::iovec> = vec![unsafe { std::mem::zeroed() }; RX_BATCH];
+    let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; RX_BATCH];
     while !stop.load(Relaxed) {
-        let (n, from) = match sock.recv_from(&mut buf) {
-            Ok(r) => r,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "udp backend: receiving failed; this queue stops");
-                return;
-            }
+        for (k, b) in bufs.iter_mut().enumerate() {
+            // SAFETY: every byte up to `full` was initialised when the buffer was made (the
+            // GRO table only ever grows a buffer by filling it), and capacity is at least that.
+            unsafe { b.set_len(full) };
+            iovs[k] = libc::iovec {
+                iov_base: b[HDR..].as_mut_ptr() as *mut libc::c_void,
+                iov_len: MAX_PACKET,
+            };
+            msgs[k].msg_hdr.msg_name = (&mut addrs[k] as *mut libc::sockaddr_in).cast();
+            msgs[k].msg_hdr.msg_namelen =
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            msgs[k].msg_hdr.msg_iov = &mut iovs[k];
+            msgs[k].msg_hdr.msg_iovlen = 1;
+            msgs[k].msg_len = 0;
+        }
+        // SAFETY: the headers point at live addresses, iovecs and buffers of the sizes given.
+        // MSG_WAITFORONE: block (up to the socket's timeout) for the first, take what else
+        // is there.
+        let r = unsafe {
+            libc::recvmmsg(
+                sock.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                RX_BATCH as libc::c_uint,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
         };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+            ) {
+                continue;
+            }
+            tracing::warn!(error = %e, "udp backend: receiving failed; this queue stops");
+            return;
+        }
+        let n = r as usize;
+        Stats::batch(&stats.rx_batches, &stats.rx_batched, n);
         let t = table.table();
-        let SocketAddr::V4(from) = from else {
-            Stats::inc(&stats.drop_unknown_source);
-            continue;
-        };
-        if !t.is_peer(*from.ip()) {
-            Stats::inc(&stats.drop_unknown_source);
+        let mut keep = 0;
+        for k in 0..n {
+            let from = Ipv4Addr::from(u32::from_be(addrs[k].sin_addr.s_addr));
+            let got = msgs[k].msg_len as usize;
+            if addrs[k].sin_family != libc::AF_INET as libc::sa_family_t || !t.is_peer(from) {
+                Stats::inc(&stats.drop_unknown_source);
+                continue;
+            }
+            let Some((dst, _, len)) = ipv4(&bufs[k][HDR..HDR + got]) else {
+                Stats::inc(&stats.drop_malformed);
+                continue;
+            };
+            if !t.is_own(dst) {
+                Stats::inc(&stats.drop_not_ours);
+                continue;
+            }
+            bufs.swap(keep, k);
+            bufs[keep].truncate(HDR + len);
+            keep += 1;
+        }
+        if keep == 0 {
             continue;
         }
-        let Some((dst, _, len)) = ipv4(&buf[..n]) else {
-            Stats::inc(&stats.drop_malformed);
-            continue;
-        };
-        if !t.is_own(dst) {
-            Stats::inc(&stats.drop_not_ours);
-            continue;
-        }
-        match tun.send(&buf[..len]) {
+        let bytes: usize = bufs[..keep].iter().map(|b| b.len() - HDR).sum();
+        // Same-flow TCP segments are coalesced into one write when the device takes offloads.
+        match tun.send_multiple(&mut gro, &mut bufs[..keep], HDR) {
             Ok(_) => {
-                Stats::inc(&stats.rx_packets);
-                stats.rx_bytes.fetch_add(len as u64, Relaxed);
+                Stats::add(&stats.rx_packets, keep as u64);
+                Stats::add(&stats.rx_bytes, bytes as u64);
             }
             Err(e) => {
-                if stop.load(Relaxed) {
+                if stop.load(Relaxed) || fatal(&e) {
                     return;
                 }
-                Stats::inc(&stats.drop_send_error);
+                Stats::add(&stats.drop_send_error, keep as u64);
                 tracing::debug!(error = %e, "udp backend: writing to the TUN device failed");
             }
         }
@@ -220,6 +369,17 @@ fn from_peers(
 impl Stats {
     fn inc(c: &AtomicU64) {
         c.fetch_add(1, Relaxed);
+    }
+
+    fn add(c: &AtomicU64, n: u64) {
+        if n > 0 {
+            c.fetch_add(n, Relaxed);
+        }
+    }
+
+    fn batch(batches: &AtomicU64, packets: &AtomicU64, n: usize) {
+        batches.fetch_add(1, Relaxed);
+        packets.fetch_add(n as u64, Relaxed);
     }
 }
 

@@ -99,7 +99,7 @@ impl UdpBackend {
         );
         let ifindex = self.nl.ensure_tun(DEVICE, mtu, addr, self.network).await?;
         let at = SocketAddrV4::new(local.public_ip, self.cfg.port);
-        let workers = datapath::start(queues, at, &self.table, &self.stats)
+        let workers = datapath::start(queues, mtu as usize, at, &self.table, &self.stats)
             .map_err(|e| io_error(&format!("listen on UDP {at}"), e))?;
         self.running = Some(Running {
             ifindex,
@@ -117,14 +117,30 @@ fn io_error(what: &str, e: std::io::Error) -> BackendError {
     })
 }
 
-/// One TUN queue per core (up to 4): the kernel spreads flows over them.
+/// One TUN queue per core (up to 4): the kernel spreads flows over them. With segmentation
+/// offload where the kernel has it (a read is then up to 64 KiB of one flow).
 fn open_queues(mtu: u32) -> std::io::Result<Vec<tun_rs::SyncDevice>> {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-    let first = tun_rs::DeviceBuilder::new()
-        .name(DEVICE)
-        .mtu(u16::try_from(mtu).unwrap_or(u16::MAX))
-        .multi_queue(true)
-        .build_sync()?;
+    let build = |offload: bool| {
+        tun_rs::DeviceBuilder::new()
+            .name(DEVICE)
+            .mtu(u16::try_from(mtu).unwrap_or(u16::MAX))
+            .multi_queue(true)
+            .offload(offload)
+            .build_sync()
+    };
+    let first = match build(true) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "udp backend: the TUN device takes no offloads here; one packet per read");
+            build(false)?
+        }
+    };
+    if !first.tcp_gso() {
+        tracing::info!(
+            "udp backend: no TCP segmentation offload on the TUN device; one packet per read"
+        );
+    }
     let mut queues = Vec::with_capacity(n);
     for _ in 1..n {
         queues.push(first.try_clone()?);
