@@ -923,9 +923,11 @@ fn a_node_announcing_anothers_vtep_mac_is_held_back() -> Result<()> {
     let clone_net = "10.244.9.0/24";
     let clone_ip = "198.18.0.99";
     let data = |mac: &str| format!(r#"{{"VNI":1,"VtepMAC":"{mac}"}}"#);
+    // The older Node keeps a MAC, then the first by name: creationTimestamp has whole seconds,
+    // and this Node may come in node 1's second; its name sorts after "n1" either way.
     // Annotated before its podCIDR: a Node is a peer candidate only with both, so its first
     // skip is the copied MAC (a key's skips are logged once per 10 minutes).
-    k.api.add_node("clone", clone_ip, None)?;
+    k.api.add_node("n9-clone", clone_ip, None)?;
     for (key, v) in [
         ("kube-subnet-manager", "true"),
         ("backend-type", "vxlan"),
@@ -933,9 +935,9 @@ fn a_node_announcing_anothers_vtep_mac_is_held_back() -> Result<()> {
         ("backend-data", &data(&mac1) as &str),
     ] {
         k.api
-            .set_node_annotation("clone", &format!("{PREFIX}{key}"), Some(v))?;
+            .set_node_annotation("n9-clone", &format!("{PREFIX}{key}"), Some(v))?;
     }
-    k.api.set_pod_cidrs("clone", &[clone_net])?;
+    k.api.set_pod_cidrs("n9-clone", &[clone_net])?;
     wait_until(CONVERGE, || {
         k.lab
             .metric(2, "twill_duplicate_vtep_macs_total")
@@ -958,13 +960,13 @@ fn a_node_announcing_anothers_vtep_mac_is_held_back() -> Result<()> {
         log.contains("(a copied state dir?)"),
         "{}",
         log.lines()
-            .filter(|l| l.contains("clone"))
+            .filter(|l| l.contains("n9-clone"))
             .collect::<Vec<_>>()
             .join("\n")
     );
     // With a MAC of its own it is a peer.
     k.api.set_node_annotation(
-        "clone",
+        "n9-clone",
         &format!("{PREFIX}backend-data"),
         Some(&data("0a:58:0a:f4:09:01")),
     )?;
