@@ -330,14 +330,6 @@ impl Metrics {
                 "udp backend: bytes of those packets, per direction.",
                 [("out", &u.tx_bytes), ("in", &u.rx_bytes)],
             ),
-        ] {
-            let _ = writeln!(out, "# HELP twill_{name} {help}");
-            let _ = writeln!(out, "# TYPE twill_{name} counter");
-            for (dir, c) in pairs {
-                let _ = writeln!(out, "twill_{name}{{direction=\"{dir}\"}} {}", g(c));
-            }
-        }
-        for (name, help, pairs) in [
             (
                 "udp_batches_total",
                 "udp backend: TUN reads (out) and recvmmsg calls (in) that moved packets.",
@@ -347,6 +339,13 @@ impl Metrics {
                 "udp_batched_packets_total",
                 "udp backend: packets those moved; divided by the batches, the mean batch size.",
                 [("out", &u.tx_batched), ("in", &u.rx_batched)],
+            ),
+            (
+                "udp_messages_total",
+                "udp backend: UDP messages sent to and received from the kernel; with UDP GSO \
+                 and GRO one message carries many datagrams (udp_packets_total divided by \
+                 this: the mean).",
+                [("out", &u.tx_messages), ("in", &u.rx_messages)],
             ),
         ] {
             let _ = writeln!(out, "# HELP twill_{name} {help}");

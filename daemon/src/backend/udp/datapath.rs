@@ -5,9 +5,13 @@
 //! together, and they keep running whatever the control side's runtime is doing.
 //!
 //! Batched both ways, after wireguard-go: the device takes TCP segmentation offload, so one
-//! read is up to 64 KiB of one flow, split into MTU-sized packets that leave in one
-//! `sendmmsg`; datagrams arrive by `recvmmsg`, and same-flow TCP segments among them are
-//! coalesced again into one write to the device (tun-rs's GSO split and GRO table).
+//! read is up to 64 KiB of one flow, split into MTU-sized packets. Those going to one peer
+//! leave as one UDP GSO send (`UDP_SEGMENT`: the kernel carries them as one buffer and cuts
+//! the datagrams as late as it can, on the receiving host's socket when it takes UDP GRO), all
+//! of a read's sends in one `sendmmsg`. Datagrams arrive by `recvmmsg` on a socket with
+//! `UDP_GRO`, so one message is a run of same-sized datagrams from one peer; same-flow TCP
+//! segments among them are coalesced again into one write to the device (tun-rs's GSO split
+//! and GRO table). Where the kernel lacks UDP GSO or GRO, one datagram per message.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
@@ -43,6 +47,10 @@ pub struct Stats {
     /// `recvmmsg` calls that returned datagrams, and the datagrams.
     pub rx_batches: AtomicU64,
     pub rx_batched: AtomicU64,
+    /// UDP messages handed to the kernel (a GSO send is one) and taken from it (a GRO run
+    /// is one).
+    pub tx_messages: AtomicU64,
+    pub rx_messages: AtomicU64,
 }
 
 impl Stats {
@@ -87,18 +95,68 @@ fn socket(addr: SocketAddrV4) -> io::Result<UdpSocket> {
     Ok(s.into())
 }
 
-/// Starts `queues.len()` pairs of workers, one pair per TUN queue.
+/// What the kernel does for this node's UDP sockets (UDP GSO since Linux 4.18, GRO since 5.0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Offloads {
+    /// Sends take `UDP_SEGMENT`: many datagrams to one peer in one buffer.
+    pub gso: bool,
+    /// The socket takes `UDP_GRO`: a receive is a run of same-sized datagrams from one peer.
+    pub gro: bool,
+}
+
+/// Turns on UDP GRO for `sock` and finds whether sends can use GSO: what the kernel offers.
+fn offloads(sock: &UdpSocket) -> Offloads {
+    use std::os::fd::AsRawFd;
+    let fd = sock.as_raw_fd();
+    let on: libc::c_int = 1;
+    // SAFETY: a setsockopt with a live fd and an int of the size given.
+    let gro = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_UDP,
+            libc::UDP_GRO,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    let mut val: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a getsockopt into an int of the size given. Kernels without UDP GSO refuse it.
+    let gso = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_UDP,
+            libc::UDP_SEGMENT,
+            (&mut val as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    } == 0;
+    Offloads { gso, gro }
+}
+
+/// Starts `queues.len()` pairs of workers, one pair per TUN queue; says which UDP offloads
+/// the kernel gave.
 pub fn start(
     queues: Vec<SyncDevice>,
     mtu: usize,
     local: SocketAddrV4,
     table: &Arc<Published>,
     stats: &Arc<Stats>,
-) -> io::Result<Datapath> {
+) -> io::Result<(Datapath, Offloads)> {
     let stop = Arc::new(AtomicBool::new(false));
+    // Made first: if a later queue fails, dropping it stops the workers already started.
+    let datapath = Datapath { stop: stop.clone() };
+    let mut got = Offloads {
+        gso: true,
+        gro: true,
+    };
     for (q, tun) in queues.into_iter().enumerate() {
         let tun = Arc::new(tun);
-        let sock = Arc::new(socket(local)?);
+        let sock = socket(local)?;
+        let off = offloads(&sock);
+        got.gso &= off.gso;
+        got.gro &= off.gro;
+        let sock = Arc::new(sock);
         let (t, s, r, st, halt) = (
             tun.clone(),
             sock.clone(),
@@ -108,13 +166,13 @@ pub fn start(
         );
         std::thread::Builder::new()
             .name(format!("twill-udp-tx{q}"))
-            .spawn(move || to_peers(&t, &s, r, &st, &halt, mtu))?;
+            .spawn(move || to_peers(&t, &s, r, &st, &halt, mtu, off.gso))?;
         let (r, st, halt) = (table.reader(), stats.clone(), stop.clone());
         std::thread::Builder::new()
             .name(format!("twill-udp-rx{q}"))
             .spawn(move || from_peers(&tun, &sock, r, &st, &halt))?;
     }
-    Ok(Datapath { stop })
+    Ok((datapath, got))
 }
 
 /// The IPv4 header's destination and source, if `p` is a whole IPv4 packet (`p` cut to the
@@ -155,12 +213,14 @@ fn to_peers(
     stats: &Stats,
     stop: &AtomicBool,
     mtu: usize,
+    gso: bool,
 ) {
     let port = sock.local_addr().map(|a| a.port()).unwrap_or(0);
     let mut original = vec![0u8; HDR + MAX_PACKET];
     let mut bufs = vec![vec![0u8; mtu.max(576) + 64]; TX_BATCH];
     let mut sizes = vec![0usize; TX_BATCH];
     let mut out: Vec<(usize, Ipv4Addr)> = Vec::with_capacity(TX_BATCH);
+    let mut sender = Sender::new(port, gso);
     while !stop.load(Relaxed) {
         let n = match tun.recv_multiple(&mut original, &mut bufs, &mut sizes, 0) {
             Ok(n) => n,
@@ -191,81 +251,197 @@ fn to_peers(
             sizes[i] = len;
             out.push((i, peer));
         }
-        let sent = send_batch(sock, port, &bufs, &sizes, &out);
-        Stats::add(&stats.tx_packets, sent.0);
-        Stats::add(&stats.tx_bytes, sent.1);
-        Stats::add(&stats.drop_send_error, (out.len() - sent.0 as usize) as u64);
+        let (messages, packets, bytes) = sender.send(sock, &bufs, &sizes, &out);
+        Stats::add(&stats.tx_messages, messages);
+        Stats::add(&stats.tx_packets, packets);
+        Stats::add(&stats.tx_bytes, bytes);
+        Stats::add(&stats.drop_send_error, out.len() as u64 - packets);
     }
 }
 
-/// `sendmmsg` of the packets `out` names (buffer index, peer); returns (packets, bytes) sent.
-fn send_batch(
-    sock: &UdpSocket,
-    port: u16,
-    bufs: &[Vec<u8>],
+/// Most datagrams in one GSO send (the kernel's `UDP_MAX_SEGMENTS` before Linux 6.10).
+const GSO_SEGMENTS: usize = 64;
+/// Most bytes in one GSO send: what one UDP datagram over IPv4 could carry.
+const GSO_BYTES: usize = 65535 - 20 - 8;
+
+/// Runs of `out` that can leave as one GSO send: same peer, same size but for a shorter last
+/// one, within the kernel's limits. Each is (first index into `out`, count, segment size).
+fn gso_runs(
     sizes: &[usize],
     out: &[(usize, Ipv4Addr)],
-) -> (u64, u64) {
-    use std::os::fd::AsRawFd;
-    if out.is_empty() {
-        return (0, 0);
+    gso: bool,
+    runs: &mut Vec<(usize, usize, usize)>,
+) {
+    runs.clear();
+    let mut k = 0;
+    while k < out.len() {
+        let (first, peer) = out[k];
+        let seg = sizes[first];
+        let (mut count, mut total) = (1, seg);
+        while gso && k + count < out.len() && count < GSO_SEGMENTS {
+            let (i, p) = out[k + count];
+            if p != peer || sizes[i] > seg || total + sizes[i] > GSO_BYTES {
+                break;
+            }
+            count += 1;
+            total += sizes[i];
+            if sizes[i] < seg {
+                // Only the last datagram of a GSO send may be shorter than the segment size.
+                break;
+            }
+        }
+        runs.push((k, count, seg));
+        k += count;
     }
-    let addrs: Vec<libc::sockaddr_in> = out
-        .iter()
-        .map(|(_, peer)| libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: port.to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(*peer).to_be(),
-            },
-            sin_zero: [0; 8],
-        })
-        .collect();
-    let mut iovs: Vec<libc::iovec> = out
-        .iter()
-        .map(|(i, _)| libc::iovec {
-            iov_base: bufs[*i].as_ptr() as *mut libc::c_void,
-            iov_len: sizes[*i],
-        })
-        .collect();
-    let mut msgs: Vec<libc::mmsghdr> = (0..out.len())
-        .map(|k| {
+}
+
+/// The `sendmmsg` side: its buffers live across sends so a batch allocates nothing.
+struct Sender {
+    port: u16,
+    /// UDP GSO in use; cleared for good if the kernel refuses it on this path.
+    gso: bool,
+    runs: Vec<(usize, usize, usize)>,
+    addrs: Vec<libc::sockaddr_in>,
+    iovs: Vec<libc::iovec>,
+    /// One control message (`UDP_SEGMENT`, a u16) per send.
+    ctrl: Vec<[u64; 4]>,
+    msgs: Vec<libc::mmsghdr>,
+}
+
+impl Sender {
+    fn new(port: u16, gso: bool) -> Sender {
+        Sender {
+            port,
+            gso,
+            runs: Vec::with_capacity(TX_BATCH),
+            addrs: Vec::with_capacity(TX_BATCH),
+            iovs: Vec::with_capacity(TX_BATCH),
+            ctrl: Vec::with_capacity(TX_BATCH),
+            msgs: Vec::with_capacity(TX_BATCH),
+        }
+    }
+
+    /// Sends the packets `out` names (buffer index, peer); returns (messages, packets, bytes)
+    /// sent.
+    fn send(
+        &mut self,
+        sock: &UdpSocket,
+        bufs: &[Vec<u8>],
+        sizes: &[usize],
+        out: &[(usize, Ipv4Addr)],
+    ) -> (u64, u64, u64) {
+        gso_runs(sizes, out, self.gso, &mut self.runs);
+        match self.sendmmsg(sock, bufs, sizes, out) {
+            Ok(sent) => sent,
+            Err(e) => {
+                // EIO: the path out has no checksum offload for GSO. Without GSO from now on.
+                tracing::warn!(error = %e, "udp backend: the kernel refused UDP segmentation offload on the way to peers; one datagram per packet from now on");
+                self.gso = false;
+                gso_runs(sizes, out, false, &mut self.runs);
+                self.sendmmsg(sock, bufs, sizes, out).unwrap_or((0, 0, 0))
+            }
+        }
+    }
+
+    /// One `sendmmsg` of `self.runs`. Err only when the kernel refused GSO before anything
+    /// was sent.
+    fn sendmmsg(
+        &mut self,
+        sock: &UdpSocket,
+        bufs: &[Vec<u8>],
+        sizes: &[usize],
+        out: &[(usize, Ipv4Addr)],
+    ) -> io::Result<(u64, u64, u64)> {
+        use std::os::fd::AsRawFd;
+        if out.is_empty() {
+            return Ok((0, 0, 0));
+        }
+        let n = self.runs.len();
+        self.addrs.clear();
+        self.iovs.clear();
+        self.ctrl.clear();
+        self.msgs.clear();
+        for &(k, count, seg) in &self.runs {
+            self.addrs.push(libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: self.port.to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(out[k].1).to_be(),
+                },
+                sin_zero: [0; 8],
+            });
+            for &(i, _) in &out[k..k + count] {
+                self.iovs.push(libc::iovec {
+                    iov_base: bufs[i].as_ptr() as *mut libc::c_void,
+                    iov_len: sizes[i],
+                });
+            }
+            self.ctrl.push(segment_cmsg(seg));
+        }
+        // Pointers are taken only now: the vectors no longer grow.
+        let mut iov = 0;
+        for (m, &(_, count, _)) in self.runs.iter().enumerate() {
             // SAFETY: mmsghdr is plain data; all-zero is a valid empty header.
-            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            m.msg_hdr.msg_name = (&addrs[k] as *const libc::sockaddr_in) as *mut libc::c_void;
-            m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            m.msg_hdr.msg_iov = &mut iovs[k];
-            m.msg_hdr.msg_iovlen = 1;
-            m
-        })
-        .collect();
-    let (mut done, mut bytes) = (0usize, 0u64);
-    while done < msgs.len() {
-        // SAFETY: every header points at a live address, iovec and buffer, which outlive the
-        // call; the count is the headers left.
-        let r = unsafe {
-            libc::sendmmsg(
-                sock.as_raw_fd(),
-                msgs[done..].as_mut_ptr(),
-                (msgs.len() - done) as libc::c_uint,
-                0,
-            )
-        };
-        if r <= 0 {
-            if r < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_name = (&mut self.addrs[m] as *mut libc::sockaddr_in).cast();
+            h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            h.msg_hdr.msg_iov = &mut self.iovs[iov];
+            h.msg_hdr.msg_iovlen = count;
+            if count > 1 {
+                h.msg_hdr.msg_control = self.ctrl[m].as_mut_ptr().cast();
+                // SAFETY: arithmetic only.
+                h.msg_hdr.msg_controllen = unsafe { libc::CMSG_SPACE(2) } as usize;
+            }
+            iov += count;
+            self.msgs.push(h);
+        }
+        let (mut done, mut messages, mut packets, mut bytes) = (0usize, 0u64, 0u64, 0u64);
+        while done < n {
+            // SAFETY: every header points at a live address, iovecs, control message and
+            // buffers, which outlive the call; the count is the headers left.
+            let r = unsafe {
+                libc::sendmmsg(
+                    sock.as_raw_fd(),
+                    self.msgs[done..].as_mut_ptr(),
+                    (n - done) as libc::c_uint,
+                    0,
+                )
+            };
+            if r <= 0 {
+                let e = io::Error::last_os_error();
+                if r < 0 && e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                if r < 0 && done == 0 && self.gso && e.raw_os_error() == Some(libc::EIO) {
+                    return Err(e);
+                }
+                // The first one left was refused: count it lost and go on with the rest.
+                done += 1;
                 continue;
             }
-            // The first one left was refused: count it lost and go on with the rest.
-            done += 1;
-            continue;
+            messages += r as u64;
+            for m in done..done + r as usize {
+                packets += self.runs[m].1 as u64;
+                bytes += u64::from(self.msgs[m].msg_len);
+            }
+            done += r as usize;
         }
-        for m in &msgs[done..done + r as usize] {
-            bytes += u64::from(m.msg_len);
-        }
-        done += r as usize;
+        Ok((messages, packets, bytes))
     }
-    let refused = msgs.iter().filter(|m| m.msg_len == 0).count();
-    ((msgs.len() - refused) as u64, bytes)
+}
+
+/// A control message asking the kernel to cut the send into `seg`-byte datagrams.
+fn segment_cmsg(seg: usize) -> [u64; 4] {
+    let mut buf = [0u64; 4];
+    // SAFETY: the buffer is 32 aligned bytes, room for a cmsghdr and a u16 (CMSG_SPACE(2)).
+    unsafe {
+        let c = buf.as_mut_ptr() as *mut libc::cmsghdr;
+        (*c).cmsg_level = libc::SOL_UDP;
+        (*c).cmsg_type = libc::UDP_SEGMENT;
+        (*c).cmsg_len = libc::CMSG_LEN(2) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, seg as u16);
+    }
+    buf
 }
 
 fn from_peers(
@@ -276,32 +452,35 @@ fn from_peers(
     stop: &AtomicBool,
 ) {
     use std::os::fd::AsRawFd;
-    let full = HDR + MAX_PACKET;
-    let mut bufs: Vec<Vec<u8>> = (0..RX_BATCH).map(|_| vec![0u8; full]).collect();
+    let mut bufs: Vec<Vec<u8>> = (0..RX_BATCH).map(|_| vec![0u8; MAX_PACKET]).collect();
+    // One packet each, with room in front for the virtio-net header; grown as needed, and a
+    // packet coalesced by the GRO table grows its buffer.
+    let mut pkts: Vec<Vec<u8>> = Vec::new();
     let mut gro = tun_rs::GROTable::default();
-    // SAFETY (for both): plain data, zero is valid.
+    // SAFETY (for all): plain data, zero is valid.
     let mut addrs: Vec<libc::sockaddr_in> = vec![unsafe { std::mem::zeroed() }; RX_BATCH];
     let mut iovs: Vec<libc::iovec> = vec![unsafe { std::mem::zeroed() }; RX_BATCH];
+    let mut ctrl: Vec<[u64; 4]> = vec![[0; 4]; RX_BATCH];
     let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; RX_BATCH];
     while !stop.load(Relaxed) {
-        for (k, b) in bufs.iter_mut().enumerate() {
-            // SAFETY: every byte up to `full` was initialised when the buffer was made (the
-            // GRO table only ever grows a buffer by filling it), and capacity is at least that.
-            unsafe { b.set_len(full) };
+        for k in 0..RX_BATCH {
             iovs[k] = libc::iovec {
-                iov_base: b[HDR..].as_mut_ptr() as *mut libc::c_void,
+                iov_base: bufs[k].as_mut_ptr() as *mut libc::c_void,
                 iov_len: MAX_PACKET,
             };
-            msgs[k].msg_hdr.msg_name = (&mut addrs[k] as *mut libc::sockaddr_in).cast();
-            msgs[k].msg_hdr.msg_namelen =
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            msgs[k].msg_hdr.msg_iov = &mut iovs[k];
-            msgs[k].msg_hdr.msg_iovlen = 1;
+            let h = &mut msgs[k].msg_hdr;
+            h.msg_name = (&mut addrs[k] as *mut libc::sockaddr_in).cast();
+            h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            h.msg_iov = &mut iovs[k];
+            h.msg_iovlen = 1;
+            h.msg_control = ctrl[k].as_mut_ptr().cast();
+            h.msg_controllen = std::mem::size_of::<[u64; 4]>();
+            h.msg_flags = 0;
             msgs[k].msg_len = 0;
         }
-        // SAFETY: the headers point at live addresses, iovecs and buffers of the sizes given.
-        // MSG_WAITFORONE: block (up to the socket's timeout) for the first, take what else
-        // is there.
+        // SAFETY: the headers point at live addresses, iovecs, control buffers and buffers of
+        // the sizes given. MSG_WAITFORONE: block (up to the socket's timeout) for the first,
+        // take what else is there.
         let r = unsafe {
             libc::recvmmsg(
                 sock.as_raw_fd(),
@@ -322,48 +501,100 @@ fn from_peers(
             tracing::warn!(error = %e, "udp backend: receiving failed; this queue stops");
             return;
         }
-        let n = r as usize;
-        Stats::batch(&stats.rx_batches, &stats.rx_batched, n);
         let t = table.table();
-        let mut keep = 0;
-        for k in 0..n {
+        let (mut keep, mut datagrams) = (0, 0);
+        for k in 0..r as usize {
             let from = Ipv4Addr::from(u32::from_be(addrs[k].sin_addr.s_addr));
             let got = msgs[k].msg_len as usize;
+            // With UDP GRO one message is a run of datagrams of `seg` bytes (the last may be
+            // shorter), all from one sender.
+            let seg = gro_segment(&msgs[k].msg_hdr).unwrap_or(got).max(1);
+            let count = got.div_ceil(seg).max(1);
+            datagrams += count;
             if addrs[k].sin_family != libc::AF_INET as libc::sa_family_t || !t.is_peer(from) {
-                Stats::inc(&stats.drop_unknown_source);
+                Stats::add(&stats.drop_unknown_source, count as u64);
                 continue;
             }
-            let Some((dst, _, len)) = ipv4(&bufs[k][HDR..HDR + got]) else {
-                Stats::inc(&stats.drop_malformed);
-                continue;
-            };
-            if !t.is_own(dst) {
-                Stats::inc(&stats.drop_not_ours);
-                continue;
-            }
-            bufs.swap(keep, k);
-            bufs[keep].truncate(HDR + len);
-            keep += 1;
-        }
-        if keep == 0 {
-            continue;
-        }
-        let bytes: usize = bufs[..keep].iter().map(|b| b.len() - HDR).sum();
-        // Same-flow TCP segments are coalesced into one write when the device takes offloads.
-        match tun.send_multiple(&mut gro, &mut bufs[..keep], HDR) {
-            Ok(_) => {
-                Stats::add(&stats.rx_packets, keep as u64);
-                Stats::add(&stats.rx_bytes, bytes as u64);
-            }
-            Err(e) => {
-                if stop.load(Relaxed) || fatal(&e) {
-                    return;
+            for d in bufs[k][..got].chunks(seg) {
+                let Some((dst, _, len)) = ipv4(d) else {
+                    Stats::inc(&stats.drop_malformed);
+                    continue;
+                };
+                if !t.is_own(dst) {
+                    Stats::inc(&stats.drop_not_ours);
+                    continue;
                 }
-                Stats::add(&stats.drop_send_error, keep as u64);
-                tracing::debug!(error = %e, "udp backend: writing to the TUN device failed");
+                if keep == pkts.len() {
+                    // Room for a whole coalesced super-packet: the GRO table appends to a
+                    // flow's first packet only within the buffer's capacity.
+                    pkts.push(Vec::with_capacity(HDR + MAX_PACKET));
+                }
+                let p = &mut pkts[keep];
+                p.clear();
+                p.resize(HDR, 0);
+                p.extend_from_slice(&d[..len]);
+                keep += 1;
+                if keep == TO_DEVICE_BATCH {
+                    if !to_device(tun, &mut gro, &mut pkts, stats, stop) {
+                        return;
+                    }
+                    keep = 0;
+                }
             }
+        }
+        Stats::batch(&stats.rx_batches, &stats.rx_batched, datagrams);
+        Stats::add(&stats.rx_messages, r as u64);
+        if keep > 0 && !to_device(tun, &mut gro, &mut pkts[..keep], stats, stop) {
+            return;
         }
     }
+}
+
+/// Packets handed to the device's GRO table at once: two GSO runs' worth, and a bound on the
+/// 64 KiB buffers each queue keeps.
+const TO_DEVICE_BATCH: usize = 2 * GSO_SEGMENTS;
+
+/// Writes `pkts` to the device, same-flow TCP segments coalesced into one write when the
+/// device takes offloads. False when the queue should stop.
+fn to_device(
+    tun: &SyncDevice,
+    gro: &mut tun_rs::GROTable,
+    pkts: &mut [Vec<u8>],
+    stats: &Stats,
+    stop: &AtomicBool,
+) -> bool {
+    let bytes: usize = pkts.iter().map(|b| b.len() - HDR).sum();
+    match tun.send_multiple(gro, pkts, HDR) {
+        Ok(_) => {
+            Stats::add(&stats.rx_packets, pkts.len() as u64);
+            Stats::add(&stats.rx_bytes, bytes as u64);
+            true
+        }
+        Err(e) => {
+            if stop.load(Relaxed) || fatal(&e) {
+                return false;
+            }
+            Stats::add(&stats.drop_send_error, pkts.len() as u64);
+            tracing::debug!(error = %e, "udp backend: writing to the TUN device failed");
+            true
+        }
+    }
+}
+
+/// The datagram size of a message received with UDP GRO, if the kernel coalesced it.
+fn gro_segment(h: &libc::msghdr) -> Option<usize> {
+    // SAFETY: walks the control buffer the kernel filled, within `msg_controllen`.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(h);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
+                let v = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::c_int);
+                return usize::try_from(v).ok().filter(|&v| v > 0);
+            }
+            c = libc::CMSG_NXTHDR(h, c);
+        }
+    }
+    None
 }
 
 impl Stats {
@@ -386,6 +617,43 @@ impl Stats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gso_runs_group_same_peer_same_size_and_end_at_a_short_one() {
+        let (a, b) = (Ipv4Addr::new(198, 18, 0, 12), Ipv4Addr::new(198, 18, 0, 13));
+        let sizes = [1400, 1400, 1400, 900, 1400, 1400, 1400, 1500];
+        let out: Vec<(usize, Ipv4Addr)> = vec![
+            (0, a),
+            (1, a),
+            (2, a),
+            (3, a), // shorter: ends the run
+            (4, a),
+            (5, b), // another peer
+            (6, b),
+            (7, b), // larger than the run's size: a run of its own
+        ];
+        let mut runs = Vec::new();
+        gso_runs(&sizes, &out, true, &mut runs);
+        assert_eq!(
+            runs,
+            vec![(0, 4, 1400), (4, 1, 1400), (5, 2, 1400), (7, 1, 1500)]
+        );
+        // Without GSO every packet is its own send.
+        gso_runs(&sizes, &out, false, &mut runs);
+        assert_eq!(runs.len(), out.len());
+        assert!(runs.iter().all(|r| r.1 == 1));
+        // The kernel's limits: at most 64 datagrams and 65507 bytes in one send.
+        let sizes = vec![1000; 200];
+        let out: Vec<_> = (0..200).map(|i| (i, a)).collect();
+        gso_runs(&sizes, &out, true, &mut runs);
+        assert!(runs
+            .iter()
+            .all(|r| r.1 <= GSO_SEGMENTS && r.1 * 1000 <= GSO_BYTES));
+        assert_eq!(runs.iter().map(|r| r.1).sum::<usize>(), 200);
+        let sizes = vec![1472; 100];
+        gso_runs(&sizes, &out[..100], true, &mut runs);
+        assert_eq!(runs[0].1, GSO_BYTES / 1472);
+    }
 
     #[test]
     fn reads_whole_ipv4_headers_only() {

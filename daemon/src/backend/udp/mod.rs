@@ -99,8 +99,16 @@ impl UdpBackend {
         );
         let ifindex = self.nl.ensure_tun(DEVICE, mtu, addr, self.network).await?;
         let at = SocketAddrV4::new(local.public_ip, self.cfg.port);
-        let workers = datapath::start(queues, mtu as usize, at, &self.table, &self.stats)
-            .map_err(|e| io_error(&format!("listen on UDP {at}"), e))?;
+        let (workers, offloads) =
+            datapath::start(queues, mtu as usize, at, &self.table, &self.stats)
+                .map_err(|e| io_error(&format!("listen on UDP {at}"), e))?;
+        if !offloads.gso || !offloads.gro {
+            tracing::info!(
+                udp_gso = offloads.gso,
+                udp_gro = offloads.gro,
+                "udp backend: the kernel lacks UDP segmentation (GSO) or receive (GRO) offload; without it, one datagram per message that way"
+            );
+        }
         self.running = Some(Running {
             ifindex,
             local: local.clone(),
