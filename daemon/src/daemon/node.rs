@@ -297,16 +297,16 @@ impl Node {
 
     fn publish_node(&self) {
         let (l, u, d) = (&self.local, &self.underlay, &self.device);
-        let backend = match self.attrs_tx.borrow().backend {
-            LeaseBackend::Vxlan { .. } => "vxlan",
-            LeaseBackend::HostGw => "host-gw",
-            LeaseBackend::Udp => "udp",
+        let (backend, vtep_mac) = match self.attrs_tx.borrow().backend {
+            LeaseBackend::Vxlan { .. } => ("vxlan", Some(l.vtep_mac)),
+            LeaseBackend::HostGw => ("host-gw", None),
+            LeaseBackend::Udp => ("udp", None),
         };
         self.shared.update(|s| {
             s.node = Some(NodeStatus {
                 subnet: l.subnet,
                 public_ip: l.public_ip,
-                vtep_mac: l.vtep_mac,
+                vtep_mac,
                 underlay: u.name.clone(),
                 backend: backend.into(),
                 device: d.name.clone(),

@@ -42,7 +42,8 @@ pub struct FirewallStatus {
 pub struct NodeStatus {
     pub subnet: Ipv4Net,
     pub public_ip: Ipv4Addr,
-    pub vtep_mac: MacAddr,
+    /// The VXLAN device's MAC; none with backends that have no VXLAN device.
+    pub vtep_mac: Option<MacAddr>,
     pub underlay: String,
     pub backend: String,
     pub device: String,
