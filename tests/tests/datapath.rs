@@ -346,7 +346,10 @@ fn host_gw_pods_reach_each_other_without_a_vxlan_device() -> Result<()> {
         );
         let st = lab.status(i)?;
         assert_eq!(st["node"]["backend"], "host-gw");
-        assert!(st["node"]["vtep_mac"].is_null(), "no VXLAN device, no VTEP MAC: {st}");
+        assert!(
+            st["node"]["vtep_mac"].is_null(),
+            "no VXLAN device, no VTEP MAC: {st}"
+        );
         assert_eq!(st["node"]["mtu"], 1500, "host-gw pods get the underlay MTU");
         for p in st["peers"].as_array().unwrap() {
             assert_eq!(p["path"], "direct", "{p}");

@@ -269,6 +269,27 @@ fn lab_cli_up_poke_and_down() -> Result<()> {
 
 /// `down` cleans up a lab whose `up` never finished: only the prefix is known.
 #[test]
+fn lab_cli_up_with_another_backend() -> Result<()> {
+    let lab = LabCli::new('e')?;
+    let up = lab.run_ok(&["up", "--nodes", "2", "--pods", "1", "--backend", "host-gw"])?;
+    assert!(up.contains("2/2 pod pairs reachable"), "{up}");
+    let s = lab.status()?;
+    for n in s["nodes"].as_array().context("no nodes")? {
+        assert!(n["vtep_mac"].is_null(), "host-gw has no VTEP: {n}");
+    }
+    // Pod traffic between nodes goes by plain routes: no VXLAN device on any node.
+    let links = lab.run_ok(&["exec", "n1", "--", "ip", "-d", "link", "show"])?;
+    assert!(!links.contains("vxlan"), "{links}");
+    let routes = lab.run_ok(&["exec", "n1", "--", "ip", "-4", "route"])?;
+    assert!(routes.contains("via 198.18.0.12"), "{routes}");
+    // A backend twill does not have is refused before anything is made.
+    let bad = lab.run(&["up", "--backend", "ipip"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("possible values"));
+    Ok(())
+}
+
+#[test]
 fn lab_cli_down_removes_a_partial_lab() -> Result<()> {
     let lab = LabCli::new('b')?;
     let under = format!("{}u", lab.prefix);

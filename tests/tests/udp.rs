@@ -131,7 +131,10 @@ fn udp_pods_reach_each_other_without_nat_through_a_tun_device() -> Result<()> {
     for i in 1..=3 {
         let st = lab.status(i)?;
         assert_eq!(st["node"]["backend"], "udp");
-        assert!(st["node"]["vtep_mac"].is_null(), "no VXLAN device, no VTEP MAC: {st}");
+        assert!(
+            st["node"]["vtep_mac"].is_null(),
+            "no VXLAN device, no VTEP MAC: {st}"
+        );
         assert_eq!(st["node"]["device"], "twill-udp", "{st}");
         assert_eq!(
             st["node"]["mtu"], 1472,

@@ -14,7 +14,7 @@ use serde_json::json;
 use twill_tests::lab::{remove_namespaces, UNDERLAY_IP};
 use twill_tests::labcli::{
     self, conflist, conflist_path, matrix, node_info, parse_node, plugin_config, Cell, CliState,
-    LabPod, NodeInfo, DEFAULT_PREFIX, DEFAULT_STATE, GONE, NETWORK_CONFIG,
+    LabPod, NodeInfo, DEFAULT_PREFIX, DEFAULT_STATE, GONE,
 };
 use twill_tests::{netns, wait_until, Lab, LabOptions};
 
@@ -107,6 +107,11 @@ struct UpArgs {
     /// Name prefix of the lab's namespaces (<prefix>u, <prefix>n1, <prefix>p1a, ...).
     #[arg(long, env = "TWILL_LAB_PREFIX", default_value = DEFAULT_PREFIX)]
     prefix: String,
+    /// How nodes carry pod traffic: vxlan (kernel VXLAN), host-gw (plain routes, nodes share
+    /// the underlay bridge), vxlan-direct (VXLAN with DirectRouting: direct routes to peers on
+    /// the same segment) or udp (userspace tunnel over a TUN device).
+    #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "host-gw", "vxlan-direct", "udp"])]
+    backend: String,
 }
 
 #[derive(Args)]
@@ -309,7 +314,13 @@ fn up(out: &Out, state_path: &Path, a: UpArgs) -> Result<ExitCode> {
         }
     };
     // From here a failure tears the lab down (drop) and removes the state file.
-    let res = bring_up(out, &mut lab, &mut st, state_path);
+    let res = bring_up(
+        out,
+        &mut lab,
+        &mut st,
+        state_path,
+        &labcli::network_config(&a.backend),
+    );
     match res {
         Ok(()) => {
             st.lab = Some(lab.detach());
@@ -325,14 +336,20 @@ fn up(out: &Out, state_path: &Path, a: UpArgs) -> Result<ExitCode> {
     report(out, state_path, &st, Some(SETTLE), true).map(|(code, _)| code)
 }
 
-fn bring_up(out: &Out, lab: &mut Lab, st: &mut CliState, state_path: &Path) -> Result<()> {
+fn bring_up(
+    out: &Out,
+    lab: &mut Lab,
+    st: &mut CliState,
+    state_path: &Path,
+    config: &str,
+) -> Result<()> {
     st.lab = Some(lab.state());
     st.save(state_path)?;
     out.step(&format!(
-        "etcd is up at {}; writing the network config {NETWORK_CONFIG}",
+        "etcd is up at {}; writing the network config {config}",
         lab.etcd_endpoint()
     ));
-    lab.put_config(NETWORK_CONFIG)?;
+    lab.put_config(config)?;
     for i in 1..=lab.nodes() {
         start_node(out, lab, i)?;
         st.lab = Some(lab.state());

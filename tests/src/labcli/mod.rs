@@ -19,8 +19,15 @@ use crate::pod::{tcp_probe, Pod};
 pub const DEFAULT_STATE: &str = "/run/twill-lab/state.json";
 /// Namespaces are `<prefix>u`, `<prefix>n<i>`, `<prefix>p<i><pod>`.
 pub const DEFAULT_PREFIX: &str = "twill";
-/// flannel's example network, split in /24s, one per node.
-pub const NETWORK_CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+/// The network config for `backend` (a `Backend.Type`, or `vxlan-direct` for VXLAN with
+/// DirectRouting): flannel's example network, split in /24s, one per node, with that backend.
+pub fn network_config(backend: &str) -> String {
+    let b = match backend {
+        "vxlan-direct" => json!({"Type": "vxlan", "DirectRouting": true}),
+        t => json!({ "Type": t }),
+    };
+    json!({"Network": "10.244.0.0/16", "Backend": b}).to_string()
+}
 /// The port the matrix's TCP probes listen on inside the receiving pod.
 pub const PROBE_PORT: u16 = 7777;
 pub const CONFLIST: &str = "10-twill.conflist";
