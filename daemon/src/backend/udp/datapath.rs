@@ -13,7 +13,7 @@
 //! segments among them are coalesced again into one write to the device (tun-rs's GSO split
 //! and GRO table). Where the kernel lacks UDP GSO or GRO, one datagram per message.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -22,6 +22,8 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 use tun_rs::SyncDevice;
 
+use super::gro::Coalescer;
+use super::split::Splitter;
 use super::table::{Published, Reader};
 
 /// What the packet path counted, for /metrics.
@@ -138,7 +140,6 @@ fn offloads(sock: &UdpSocket) -> Offloads {
 /// the kernel gave.
 pub fn start(
     queues: Vec<SyncDevice>,
-    mtu: usize,
     local: SocketAddrV4,
     table: &Arc<Published>,
     stats: &Arc<Stats>,
@@ -166,7 +167,7 @@ pub fn start(
         );
         std::thread::Builder::new()
             .name(format!("twill-udp-tx{q}"))
-            .spawn(move || to_peers(&t, &s, r, &st, &halt, mtu, off.gso))?;
+            .spawn(move || to_peers(&t, &s, r, &st, &halt, off.gso))?;
         let (r, st, halt) = (table.reader(), stats.clone(), stop.clone());
         std::thread::Builder::new()
             .name(format!("twill-udp-rx{q}"))
@@ -190,13 +191,10 @@ fn ipv4(p: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr, usize)> {
     Some((dst, src, total))
 }
 
-/// Packets from the TUN device per read: with offloads one read is a TCP super-packet of up to
-/// 64 KiB, split here into MTU-sized packets (tun-rs, after wireguard-go).
-const TX_BATCH: usize = tun_rs::IDEAL_BATCH_SIZE;
 /// Datagrams per `recvmmsg`.
 const RX_BATCH: usize = 32;
-/// Room in front of each received packet for the virtio-net header the TUN device takes.
-const HDR: usize = tun_rs::VIRTIO_NET_HDR_LEN;
+/// The virtio-net header in front of each read from the TUN device when it takes offloads.
+const HDR: usize = super::gro::VNET_HDR;
 
 /// Whether a TUN error ends the queue (the device is gone) rather than one packet.
 fn fatal(e: &io::Error) -> bool {
@@ -212,46 +210,66 @@ fn to_peers(
     mut table: Reader,
     stats: &Stats,
     stop: &AtomicBool,
-    mtu: usize,
     gso: bool,
 ) {
+    use std::os::fd::AsRawFd;
+    let fd = tun.as_raw_fd();
+    let offload = tun.tcp_gso();
     let port = sock.local_addr().map(|a| a.port()).unwrap_or(0);
-    let mut original = vec![0u8; HDR + MAX_PACKET];
-    let mut bufs = vec![vec![0u8; mtu.max(576) + 64]; TX_BATCH];
-    let mut sizes = vec![0usize; TX_BATCH];
-    let mut out: Vec<(usize, Ipv4Addr)> = Vec::with_capacity(TX_BATCH);
+    let mut buf = vec![0u8; HDR + MAX_PACKET];
+    let mut splitter = Splitter::default();
     let mut sender = Sender::new(port, gso);
     while !stop.load(Relaxed) {
-        let n = match tun.recv_multiple(&mut original, &mut bufs, &mut sizes, 0) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if fatal(&e) => {
+        // SAFETY: a read into a live buffer of the length given.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            if fatal(&e) {
                 if !stop.load(Relaxed) {
                     tracing::warn!(error = %e, "udp backend: reading the TUN device failed; this queue stops");
                 }
                 return;
             }
-            Err(_) => {
-                Stats::inc(&stats.drop_malformed);
-                continue;
-            }
-        };
-        Stats::batch(&stats.tx_batches, &stats.tx_batched, n);
+            Stats::inc(&stats.drop_malformed);
+            continue;
+        }
+        let mut dgrams = Vec::with_capacity(64);
+        if let Err(m) = splitter.split(&mut buf[..n as usize], offload, &mut dgrams) {
+            Stats::inc(&stats.drop_malformed);
+            tracing::debug!(
+                why = m.0,
+                "udp backend: dropped a packet from the TUN device"
+            );
+            continue;
+        }
+        Stats::batch(&stats.tx_batches, &stats.tx_batched, dgrams.len());
         let t = table.table();
-        out.clear();
-        for i in 0..n {
-            let Some((dst, _, len)) = ipv4(&bufs[i][..sizes[i]]) else {
-                Stats::inc(&stats.drop_malformed);
-                continue;
+        let mut out: Vec<Outgoing> = Vec::with_capacity(dgrams.len());
+        for (head, payload) in dgrams {
+            // A segment's headers were made from a checked packet; a packet as read is checked
+            // here, and cut to the length its header gives.
+            let (dst, payload) = if head.is_empty() {
+                let Some((dst, _, len)) = ipv4(payload) else {
+                    Stats::inc(&stats.drop_malformed);
+                    continue;
+                };
+                (dst, &payload[..len])
+            } else {
+                (
+                    Ipv4Addr::new(head[16], head[17], head[18], head[19]),
+                    payload,
+                )
             };
             let Some(peer) = t.peer_for(dst) else {
                 Stats::inc(&stats.drop_no_peer);
                 continue;
             };
-            sizes[i] = len;
-            out.push((i, peer));
+            out.push((peer, head, payload));
         }
-        let (messages, packets, bytes) = sender.send(sock, &bufs, &sizes, &out);
+        let (messages, packets, bytes) = sender.send(sock, &out);
         Stats::add(&stats.tx_messages, messages);
         Stats::add(&stats.tx_packets, packets);
         Stats::add(&stats.tx_bytes, bytes);
@@ -259,33 +277,30 @@ fn to_peers(
     }
 }
 
+/// A datagram on its way: the peer, its headers' piece (may be empty) and its payload's.
+type Outgoing<'a> = (Ipv4Addr, &'a [u8], &'a [u8]);
+
 /// Most datagrams in one GSO send (the kernel's `UDP_MAX_SEGMENTS` before Linux 6.10).
 const GSO_SEGMENTS: usize = 64;
 /// Most bytes in one GSO send: what one UDP datagram over IPv4 could carry.
 const GSO_BYTES: usize = 65535 - 20 - 8;
 
-/// Runs of `out` that can leave as one GSO send: same peer, same size but for a shorter last
-/// one, within the kernel's limits. Each is (first index into `out`, count, segment size).
-fn gso_runs(
-    sizes: &[usize],
-    out: &[(usize, Ipv4Addr)],
-    gso: bool,
-    runs: &mut Vec<(usize, usize, usize)>,
-) {
+/// Runs of `out` (peer, size) that can leave as one GSO send: same peer, same size but for a
+/// shorter last one, within the kernel's limits. Each is (first index, count, segment size).
+fn gso_runs(out: &[(Ipv4Addr, usize)], gso: bool, runs: &mut Vec<(usize, usize, usize)>) {
     runs.clear();
     let mut k = 0;
     while k < out.len() {
-        let (first, peer) = out[k];
-        let seg = sizes[first];
+        let (peer, seg) = out[k];
         let (mut count, mut total) = (1, seg);
         while gso && k + count < out.len() && count < GSO_SEGMENTS {
-            let (i, p) = out[k + count];
-            if p != peer || sizes[i] > seg || total + sizes[i] > GSO_BYTES {
+            let (p, size) = out[k + count];
+            if p != peer || size > seg || total + size > GSO_BYTES {
                 break;
             }
             count += 1;
-            total += sizes[i];
-            if sizes[i] < seg {
+            total += size;
+            if size < seg {
                 // Only the last datagram of a GSO send may be shorter than the segment size.
                 break;
             }
@@ -295,11 +310,12 @@ fn gso_runs(
     }
 }
 
-/// The `sendmmsg` side: its buffers live across sends so a batch allocates nothing.
+/// The `sendmmsg` side: its buffers live across sends so a batch allocates little.
 struct Sender {
     port: u16,
     /// UDP GSO in use; cleared for good if the kernel refuses it on this path.
     gso: bool,
+    sizes: Vec<(Ipv4Addr, usize)>,
     runs: Vec<(usize, usize, usize)>,
     addrs: Vec<libc::sockaddr_in>,
     iovs: Vec<libc::iovec>,
@@ -313,45 +329,36 @@ impl Sender {
         Sender {
             port,
             gso,
-            runs: Vec::with_capacity(TX_BATCH),
-            addrs: Vec::with_capacity(TX_BATCH),
-            iovs: Vec::with_capacity(TX_BATCH),
-            ctrl: Vec::with_capacity(TX_BATCH),
-            msgs: Vec::with_capacity(TX_BATCH),
+            sizes: Vec::new(),
+            runs: Vec::new(),
+            addrs: Vec::new(),
+            iovs: Vec::new(),
+            ctrl: Vec::new(),
+            msgs: Vec::new(),
         }
     }
 
-    /// Sends the packets `out` names (buffer index, peer); returns (messages, packets, bytes)
-    /// sent.
-    fn send(
-        &mut self,
-        sock: &UdpSocket,
-        bufs: &[Vec<u8>],
-        sizes: &[usize],
-        out: &[(usize, Ipv4Addr)],
-    ) -> (u64, u64, u64) {
-        gso_runs(sizes, out, self.gso, &mut self.runs);
-        match self.sendmmsg(sock, bufs, sizes, out) {
+    /// Sends `out`; returns (messages, packets, bytes) sent.
+    fn send(&mut self, sock: &UdpSocket, out: &[Outgoing<'_>]) -> (u64, u64, u64) {
+        self.sizes.clear();
+        self.sizes
+            .extend(out.iter().map(|(p, h, d)| (*p, h.len() + d.len())));
+        gso_runs(&self.sizes, self.gso, &mut self.runs);
+        match self.sendmmsg(sock, out) {
             Ok(sent) => sent,
             Err(e) => {
                 // EIO: the path out has no checksum offload for GSO. Without GSO from now on.
                 tracing::warn!(error = %e, "udp backend: the kernel refused UDP segmentation offload on the way to peers; one datagram per packet from now on");
                 self.gso = false;
-                gso_runs(sizes, out, false, &mut self.runs);
-                self.sendmmsg(sock, bufs, sizes, out).unwrap_or((0, 0, 0))
+                gso_runs(&self.sizes, false, &mut self.runs);
+                self.sendmmsg(sock, out).unwrap_or((0, 0, 0))
             }
         }
     }
 
     /// One `sendmmsg` of `self.runs`. Err only when the kernel refused GSO before anything
     /// was sent.
-    fn sendmmsg(
-        &mut self,
-        sock: &UdpSocket,
-        bufs: &[Vec<u8>],
-        sizes: &[usize],
-        out: &[(usize, Ipv4Addr)],
-    ) -> io::Result<(u64, u64, u64)> {
+    fn sendmmsg(&mut self, sock: &UdpSocket, out: &[Outgoing<'_>]) -> io::Result<(u64, u64, u64)> {
         use std::os::fd::AsRawFd;
         if out.is_empty() {
             return Ok((0, 0, 0));
@@ -361,38 +368,44 @@ impl Sender {
         self.iovs.clear();
         self.ctrl.clear();
         self.msgs.clear();
+        // Where each send's iovecs start.
+        let mut starts = Vec::with_capacity(n);
         for &(k, count, seg) in &self.runs {
             self.addrs.push(libc::sockaddr_in {
                 sin_family: libc::AF_INET as libc::sa_family_t,
                 sin_port: self.port.to_be(),
                 sin_addr: libc::in_addr {
-                    s_addr: u32::from(out[k].1).to_be(),
+                    s_addr: u32::from(out[k].0).to_be(),
                 },
                 sin_zero: [0; 8],
             });
-            for &(i, _) in &out[k..k + count] {
-                self.iovs.push(libc::iovec {
-                    iov_base: bufs[i].as_ptr() as *mut libc::c_void,
-                    iov_len: sizes[i],
-                });
+            starts.push(self.iovs.len());
+            for (_, head, payload) in &out[k..k + count] {
+                for piece in [head, payload] {
+                    if !piece.is_empty() {
+                        self.iovs.push(libc::iovec {
+                            iov_base: piece.as_ptr() as *mut libc::c_void,
+                            iov_len: piece.len(),
+                        });
+                    }
+                }
             }
             self.ctrl.push(segment_cmsg(seg));
         }
+        starts.push(self.iovs.len());
         // Pointers are taken only now: the vectors no longer grow.
-        let mut iov = 0;
-        for (m, &(_, count, _)) in self.runs.iter().enumerate() {
+        for m in 0..n {
             // SAFETY: mmsghdr is plain data; all-zero is a valid empty header.
             let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
             h.msg_hdr.msg_name = (&mut self.addrs[m] as *mut libc::sockaddr_in).cast();
             h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            h.msg_hdr.msg_iov = &mut self.iovs[iov];
-            h.msg_hdr.msg_iovlen = count;
-            if count > 1 {
+            h.msg_hdr.msg_iov = &mut self.iovs[starts[m]];
+            h.msg_hdr.msg_iovlen = starts[m + 1] - starts[m];
+            if self.runs[m].1 > 1 {
                 h.msg_hdr.msg_control = self.ctrl[m].as_mut_ptr().cast();
                 // SAFETY: arithmetic only.
                 h.msg_hdr.msg_controllen = unsafe { libc::CMSG_SPACE(2) } as usize;
             }
-            iov += count;
             self.msgs.push(h);
         }
         let (mut done, mut messages, mut packets, mut bytes) = (0usize, 0u64, 0u64, 0u64);
@@ -452,16 +465,33 @@ fn from_peers(
     stop: &AtomicBool,
 ) {
     use std::os::fd::AsRawFd;
+    let fd = tun.as_raw_fd();
     let mut bufs: Vec<Vec<u8>> = (0..RX_BATCH).map(|_| vec![0u8; MAX_PACKET]).collect();
-    // One packet each, with room in front for the virtio-net header; grown as needed, and a
-    // packet coalesced by the GRO table grows its buffer.
-    let mut pkts: Vec<Vec<u8>> = Vec::new();
-    let mut gro = tun_rs::GROTable::default();
+    let mut gro = Coalescer::new(tun.tcp_gso());
     // SAFETY (for all): plain data, zero is valid.
     let mut addrs: Vec<libc::sockaddr_in> = vec![unsafe { std::mem::zeroed() }; RX_BATCH];
     let mut iovs: Vec<libc::iovec> = vec![unsafe { std::mem::zeroed() }; RX_BATCH];
     let mut ctrl: Vec<[u64; 4]> = vec![[0; 4]; RX_BATCH];
     let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; RX_BATCH];
+    // A write error that ends the queue (the device is gone), seen by the loop below.
+    let gone = std::cell::Cell::new(None);
+    // One write to the device: its pieces, the packets and bytes they carry.
+    let mut write = |iov: &[IoSlice<'_>], packets: u64, bytes: u64| {
+        // SAFETY: IoSlice is an iovec on Unix; the pieces outlive the call.
+        let r = unsafe { libc::writev(fd, iov.as_ptr().cast(), iov.len() as libc::c_int) };
+        if r >= 0 {
+            Stats::add(&stats.rx_packets, packets);
+            Stats::add(&stats.rx_bytes, bytes);
+            return;
+        }
+        let e = io::Error::last_os_error();
+        if fatal(&e) {
+            gone.set(Some(e));
+        } else {
+            Stats::add(&stats.drop_send_error, packets);
+            tracing::debug!(error = %e, "udp backend: writing to the TUN device failed");
+        }
+    };
     while !stop.load(Relaxed) {
         for k in 0..RX_BATCH {
             iovs[k] = libc::iovec {
@@ -502,7 +532,7 @@ fn from_peers(
             return;
         }
         let t = table.table();
-        let (mut keep, mut datagrams) = (0, 0);
+        let mut datagrams = 0;
         for k in 0..r as usize {
             let from = Ipv4Addr::from(u32::from_be(addrs[k].sin_addr.s_addr));
             let got = msgs[k].msg_len as usize;
@@ -515,7 +545,8 @@ fn from_peers(
                 Stats::add(&stats.drop_unknown_source, count as u64);
                 continue;
             }
-            for d in bufs[k][..got].chunks(seg) {
+            for start in (0..got).step_by(seg) {
+                let d = &bufs[k][start..got.min(start + seg)];
                 let Some((dst, _, len)) = ipv4(d) else {
                     Stats::inc(&stats.drop_malformed);
                     continue;
@@ -524,59 +555,18 @@ fn from_peers(
                     Stats::inc(&stats.drop_not_ours);
                     continue;
                 }
-                if keep == pkts.len() {
-                    // Room for a whole coalesced super-packet: the GRO table appends to a
-                    // flow's first packet only within the buffer's capacity.
-                    pkts.push(Vec::with_capacity(HDR + MAX_PACKET));
-                }
-                let p = &mut pkts[keep];
-                p.clear();
-                p.resize(HDR, 0);
-                p.extend_from_slice(&d[..len]);
-                keep += 1;
-                if keep == TO_DEVICE_BATCH {
-                    if !to_device(tun, &mut gro, &mut pkts, stats, stop) {
-                        return;
-                    }
-                    keep = 0;
-                }
+                gro.push(&bufs, (k, start, len), &mut write);
             }
         }
+        // Before the buffers are received into again.
+        gro.flush(&bufs, &mut write);
         Stats::batch(&stats.rx_batches, &stats.rx_batched, datagrams);
         Stats::add(&stats.rx_messages, r as u64);
-        if keep > 0 && !to_device(tun, &mut gro, &mut pkts[..keep], stats, stop) {
-            return;
-        }
-    }
-}
-
-/// Packets handed to the device's GRO table at once: two GSO runs' worth, and a bound on the
-/// 64 KiB buffers each queue keeps.
-const TO_DEVICE_BATCH: usize = 2 * GSO_SEGMENTS;
-
-/// Writes `pkts` to the device, same-flow TCP segments coalesced into one write when the
-/// device takes offloads. False when the queue should stop.
-fn to_device(
-    tun: &SyncDevice,
-    gro: &mut tun_rs::GROTable,
-    pkts: &mut [Vec<u8>],
-    stats: &Stats,
-    stop: &AtomicBool,
-) -> bool {
-    let bytes: usize = pkts.iter().map(|b| b.len() - HDR).sum();
-    match tun.send_multiple(gro, pkts, HDR) {
-        Ok(_) => {
-            Stats::add(&stats.rx_packets, pkts.len() as u64);
-            Stats::add(&stats.rx_bytes, bytes as u64);
-            true
-        }
-        Err(e) => {
-            if stop.load(Relaxed) || fatal(&e) {
-                return false;
+        if let Some(e) = gone.take() {
+            if !stop.load(Relaxed) {
+                tracing::warn!(error = %e, "udp backend: writing to the TUN device failed; this queue stops");
             }
-            Stats::add(&stats.drop_send_error, pkts.len() as u64);
-            tracing::debug!(error = %e, "udp backend: writing to the TUN device failed");
-            true
+            return;
         }
     }
 }
@@ -621,37 +611,34 @@ mod tests {
     #[test]
     fn gso_runs_group_same_peer_same_size_and_end_at_a_short_one() {
         let (a, b) = (Ipv4Addr::new(198, 18, 0, 12), Ipv4Addr::new(198, 18, 0, 13));
-        let sizes = [1400, 1400, 1400, 900, 1400, 1400, 1400, 1500];
-        let out: Vec<(usize, Ipv4Addr)> = vec![
-            (0, a),
-            (1, a),
-            (2, a),
-            (3, a), // shorter: ends the run
-            (4, a),
-            (5, b), // another peer
-            (6, b),
-            (7, b), // larger than the run's size: a run of its own
+        let out = [
+            (a, 1400),
+            (a, 1400),
+            (a, 1400),
+            (a, 900), // shorter: ends the run
+            (a, 1400),
+            (b, 1400), // another peer
+            (b, 1400),
+            (b, 1500), // larger than the run's size: a run of its own
         ];
         let mut runs = Vec::new();
-        gso_runs(&sizes, &out, true, &mut runs);
+        gso_runs(&out, true, &mut runs);
         assert_eq!(
             runs,
             vec![(0, 4, 1400), (4, 1, 1400), (5, 2, 1400), (7, 1, 1500)]
         );
         // Without GSO every packet is its own send.
-        gso_runs(&sizes, &out, false, &mut runs);
+        gso_runs(&out, false, &mut runs);
         assert_eq!(runs.len(), out.len());
         assert!(runs.iter().all(|r| r.1 == 1));
         // The kernel's limits: at most 64 datagrams and 65507 bytes in one send.
-        let sizes = vec![1000; 200];
-        let out: Vec<_> = (0..200).map(|i| (i, a)).collect();
-        gso_runs(&sizes, &out, true, &mut runs);
+        let out = vec![(a, 1000); 200];
+        gso_runs(&out, true, &mut runs);
         assert!(runs
             .iter()
             .all(|r| r.1 <= GSO_SEGMENTS && r.1 * 1000 <= GSO_BYTES));
         assert_eq!(runs.iter().map(|r| r.1).sum::<usize>(), 200);
-        let sizes = vec![1472; 100];
-        gso_runs(&sizes, &out[..100], true, &mut runs);
+        gso_runs(&[(a, 1472); 100], true, &mut runs);
         assert_eq!(runs[0].1, GSO_BYTES / 1472);
     }
 

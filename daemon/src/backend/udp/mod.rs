@@ -10,6 +10,8 @@
 //! its route with it, and traffic to other nodes stops until twilld is back (README).
 
 pub mod datapath;
+mod gro;
+mod split;
 pub mod table;
 
 use std::collections::HashMap;
@@ -99,9 +101,8 @@ impl UdpBackend {
         );
         let ifindex = self.nl.ensure_tun(DEVICE, mtu, addr, self.network).await?;
         let at = SocketAddrV4::new(local.public_ip, self.cfg.port);
-        let (workers, offloads) =
-            datapath::start(queues, mtu as usize, at, &self.table, &self.stats)
-                .map_err(|e| io_error(&format!("listen on UDP {at}"), e))?;
+        let (workers, offloads) = datapath::start(queues, at, &self.table, &self.stats)
+            .map_err(|e| io_error(&format!("listen on UDP {at}"), e))?;
         if !offloads.gso || !offloads.gro {
             tracing::info!(
                 udp_gso = offloads.gso,
