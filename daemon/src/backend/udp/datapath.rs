@@ -5,13 +5,15 @@
 //! together, and they keep running whatever the control side's runtime is doing.
 //!
 //! Batched both ways, after wireguard-go: the device takes TCP segmentation offload, so one
-//! read is up to 64 KiB of one flow, split into MTU-sized packets. Those going to one peer
-//! leave as one UDP GSO send (`UDP_SEGMENT`: the kernel carries them as one buffer and cuts
-//! the datagrams as late as it can, on the receiving host's socket when it takes UDP GRO), all
-//! of a read's sends in one `sendmmsg`. Datagrams arrive by `recvmmsg` on a socket with
-//! `UDP_GRO`, so one message is a run of same-sized datagrams from one peer; same-flow TCP
-//! segments among them are coalesced again into one write to the device (tun-rs's GSO split
-//! and GRO table). Where the kernel lacks UDP GSO or GRO, one datagram per message.
+//! read is up to 64 KiB of one flow, split into MTU-sized packets (`split`: headers made per
+//! segment, payloads left where the read put them). Those going to one peer leave as one UDP
+//! GSO send (`UDP_SEGMENT`: the kernel carries them as one buffer and cuts the datagrams as
+//! late as it can, on the receiving host's socket when it takes UDP GRO), all of a read's
+//! sends in one `sendmmsg`. Datagrams arrive by `recvmmsg` on a socket with `UDP_GRO`, so one
+//! message is a run of same-sized datagrams from one peer; same-flow TCP segments among them
+//! are coalesced again into one write to the device (`gro`, from the receive buffers). Where
+//! the kernel lacks UDP GSO or GRO, one datagram per message; without TUN offload, one packet
+//! per read and write.
 
 use std::io::{self, IoSlice};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
