@@ -374,14 +374,7 @@ impl Netlink {
 
     /// Whether device `index` still has the route for `network` (`ensure_tun` puts it back).
     pub async fn has_dev_route(&self, index: u32, network: Ipv4Net) -> Result<bool, NetlinkError> {
-        let routes: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| NetlinkError::from_rtnl("dump routes", e))?;
+        let routes = self.all_routes().await?;
         Ok(routes.iter().any(|r| {
             route_table(r) == MAIN_TABLE
                 && route_oif(r) == Some(index)
@@ -502,14 +495,7 @@ impl Netlink {
     /// Makes twill's blackhole routes (protocol 116) exactly `want`. Returns whether it changed
     /// anything.
     pub async fn sync_blackholes(&self, want: Option<Ipv4Net>) -> Result<bool, NetlinkError> {
-        let routes: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| NetlinkError::from_rtnl("dump routes", e))?;
+        let routes = self.all_routes().await?;
         let mut changed = false;
         let mut have = false;
         for r in routes {
@@ -556,16 +542,7 @@ impl Netlink {
         ifindex: Option<u32>,
     ) -> Result<Vec<(Ipv4Net, Ipv4Addr)>, NetlinkError> {
         let mut out = Vec::new();
-        let mut req = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute();
-        while let Some(r) = req
-            .try_next()
-            .await
-            .map_err(|e| NetlinkError::from_rtnl("dump routes", e))?
-        {
+        for r in self.all_routes().await? {
             if route_table(&r) != MAIN_TABLE {
                 continue;
             }
@@ -723,16 +700,7 @@ impl Netlink {
         owned: Option<u32>,
     ) -> Result<HashMap<Ipv4Net, String>, NetlinkError> {
         let mut out = HashMap::new();
-        let mut req = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute();
-        while let Some(r) = req
-            .try_next()
-            .await
-            .map_err(|e| NetlinkError::from_rtnl("dump routes", e))?
-        {
+        for r in self.all_routes().await? {
             if route_table(&r) != MAIN_TABLE || route_priority(&r) != 0 {
                 continue;
             }
@@ -764,15 +732,19 @@ impl Netlink {
         events::subscribe(ifindex, overlay, self.own.clone())
     }
 
-    async fn default_route_link(&self) -> Result<u32, NetlinkError> {
-        let routes: Vec<RouteMessage> = self
-            .handle
+    /// Every IPv4 route the kernel has, all tables.
+    async fn all_routes(&self) -> Result<Vec<RouteMessage>, NetlinkError> {
+        self.handle
             .route()
             .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
             .execute()
             .try_collect()
             .await
-            .map_err(|e| NetlinkError::from_rtnl("dump routes", e))?;
+            .map_err(|e| NetlinkError::from_rtnl("dump routes", e))
+    }
+
+    async fn default_route_link(&self) -> Result<u32, NetlinkError> {
+        let routes = self.all_routes().await?;
         routes
             .iter()
             .filter(|r| r.header.destination_prefix_length == 0 && route_table(r) == MAIN_TABLE)
