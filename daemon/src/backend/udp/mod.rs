@@ -194,19 +194,10 @@ impl Backend for UdpBackend {
     }
 
     async fn apply(&mut self, changes: &[PeerChange]) -> Result<ApplyStats, BackendError> {
-        let mut stats = ApplyStats::default();
-        for c in changes {
-            if let Some(o) = c.old {
-                if self.peers.remove(&o.subnet).is_some() {
-                    stats.removed += 1;
-                }
-            }
-            if let Some(n) = c.new {
-                self.peers.insert(n.subnet, n);
-                stats.added += 1;
-            }
+        let stats = merge(&mut self.peers, changes);
+        if stats.added + stats.removed > 0 {
+            self.publish();
         }
-        self.publish();
         Ok(stats)
     }
 
@@ -236,5 +227,76 @@ impl Backend for UdpBackend {
 
     fn path(&self, _peer: &Peer) -> PeerPath {
         PeerPath::ok(Path::Userspace)
+    }
+}
+
+/// `changes` applied to the peer table; counts only what changed it (a peer sent again as it
+/// is changes nothing).
+fn merge(peers: &mut HashMap<Ipv4Net, Peer>, changes: &[PeerChange]) -> ApplyStats {
+    let mut stats = ApplyStats::default();
+    for c in changes {
+        if let Some(o) = c.old {
+            // A peer replaced under its own subnet is an update, counted below.
+            if c.new.map(|n| n.subnet) != Some(o.subnet) && peers.remove(&o.subnet).is_some() {
+                stats.removed += 1;
+            }
+        }
+        if let Some(n) = c.new {
+            if peers.insert(n.subnet, n) != Some(n) {
+                stats.added += 1;
+            }
+        }
+    }
+    stats
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(third: u8, ip: u8) -> Peer {
+        Peer {
+            subnet: format!("10.244.{third}.0/24").parse().unwrap(),
+            public_ip: std::net::Ipv4Addr::new(198, 18, 0, ip),
+            vtep_mac: None,
+        }
+    }
+
+    #[test]
+    fn merge_counts_what_changed_the_table() {
+        let mut peers = HashMap::new();
+        let (a, b) = (peer(1, 11), peer(2, 12));
+        let add = |p| PeerChange {
+            old: None,
+            new: Some(p),
+        };
+        let s = merge(&mut peers, &[add(a), add(b)]);
+        assert_eq!((s.added, s.removed), (2, 0));
+        // The same peer again: nothing to do.
+        let again = PeerChange {
+            old: Some(a),
+            new: Some(a),
+        };
+        let s = merge(&mut peers, &[again, add(b)]);
+        assert_eq!((s.added, s.removed), (0, 0));
+        // A new public IP under the same subnet: one update.
+        let moved = peer(1, 21);
+        let s = merge(
+            &mut peers,
+            &[PeerChange {
+                old: Some(a),
+                new: Some(moved),
+            }],
+        );
+        assert_eq!((s.added, s.removed), (1, 0));
+        assert_eq!(peers[&a.subnet], moved);
+        // Gone, and gone again.
+        let gone = PeerChange {
+            old: Some(b),
+            new: None,
+        };
+        assert_eq!(merge(&mut peers, std::slice::from_ref(&gone)).removed, 1);
+        assert_eq!(merge(&mut peers, &[gone]).removed, 0);
+        assert_eq!(peers.len(), 1);
     }
 }
