@@ -860,6 +860,35 @@ impl Lab {
         Ok(parse_metric(&body, name))
     }
 
+    /// A lab of `opts`, with the network config `config` in etcd, twilld (with `extra`
+    /// arguments) running and ready on every node, and every node holding all the others as
+    /// peers.
+    pub fn up(opts: LabOptions, config: &str, extra: &[&str]) -> Result<Lab> {
+        let n = opts.nodes;
+        let mut lab = Lab::new(opts)?;
+        lab.put_config(config)?;
+        for i in 1..=n {
+            lab.start_daemon_with(i, extra)?;
+        }
+        for i in 1..=n {
+            lab.wait_ready(i, Duration::from_secs(30))?;
+        }
+        lab.wait_meshed()?;
+        Ok(lab)
+    }
+
+    /// Waits (20 s at most) until every node lists all the others as peers.
+    pub fn wait_meshed(&self) -> Result<()> {
+        let n = self.nodes();
+        wait_until(Duration::from_secs(20), || {
+            (1..=n).all(|i| {
+                self.status(i)
+                    .is_ok_and(|s| s["peers"].as_array().map_or(0, |a| a.len()) == n - 1)
+            })
+        })
+        .context("nodes did not mesh")
+    }
+
     /// Wait until node i's /readyz answers 200. Fails early, with the log, if twilld exits.
     pub fn wait_ready(&mut self, i: usize, timeout: Duration) -> Result<()> {
         let mut exited = None;

@@ -24,6 +24,6 @@ pub mod wait;
 
 pub use kernel::DeviceEntries;
 pub use lab::{cleanup_stale, Lab, LabOptions, LabState};
-pub use pod::{tcp_probe, CniOutput, Pod, TcpProbe};
+pub use pod::{pod_to_pod, tcp_probe, CniOutput, Pod, TcpProbe};
 pub use stream::{StreamOptions, StreamReport, UdpStream};
 pub use wait::{wait_for, wait_until};

@@ -227,6 +227,20 @@ pub fn tcp_probe(
         .with_context(|| format!("pod {} to pod {}", from.id, to.id))
 }
 
+/// The source address pod `to` saw for a TCP connection from `from`, retried (10 times,
+/// 0.3 s apart) while routes and peers settle.
+pub fn pod_to_pod(from: &Pod, to: &Pod, port: u16) -> Result<Ipv4Addr> {
+    let mut last = None;
+    for _ in 0..10 {
+        match tcp_probe(from, to, port, std::time::Duration::from_secs(2)) {
+            Ok(p) => return Ok(p.source_seen),
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    Err(last.expect("tried")).with_context(|| format!("{} -> {}", from.id, to.id))
+}
+
 /// `tcp_probe` between any two namespaces: connect from `from_ns` to a listener on
 /// `to_ip:port` inside `to_ns`.
 pub fn tcp_probe_ns(

@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use twill_tests::lab::{parse_metric, UNDERLAY_IP};
 use twill_tests::pod::tcp_probe_ns;
-use twill_tests::{wait_until, Lab, LabOptions, Pod};
+use twill_tests::{pod_to_pod, wait_until, Lab, LabOptions, Pod};
 
 const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const HOST_GW: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
@@ -25,20 +25,6 @@ const DIRECT: &str =
 const PROBE: Duration = Duration::from_secs(2);
 
 /// A lab with `config`, every node's twilld started with `extra` and ready.
-fn lab_with(opts: LabOptions, config: &str, extra: &[&str]) -> Result<Lab> {
-    let n = opts.nodes;
-    let mut lab = Lab::new(opts)?;
-    lab.put_config(config)?;
-    for i in 1..=n {
-        lab.start_daemon_with(i, extra)?;
-    }
-    for i in 1..=n {
-        lab.wait_ready(i, Duration::from_secs(30))?;
-    }
-    wait_meshed(&lab)?;
-    Ok(lab)
-}
-
 fn nodes(n: usize) -> LabOptions {
     LabOptions {
         nodes: n,
@@ -46,35 +32,9 @@ fn nodes(n: usize) -> LabOptions {
     }
 }
 
-/// Every node lists all the others as peers.
-fn wait_meshed(lab: &Lab) -> Result<()> {
-    let n = lab.nodes();
-    wait_until(Duration::from_secs(20), || {
-        (1..=n).all(|i| {
-            lab.status(i)
-                .map(|s| s["peers"].as_array().map_or(0, |a| a.len()) == n - 1)
-                .unwrap_or(false)
-        })
-    })
-    .context("nodes did not mesh")
-}
-
 /// The source address the world saw for a TCP connection from `pod` (Err: no answer).
 fn to_world(lab: &Lab, pod: &Pod, port: u16) -> Result<Ipv4Addr> {
     Ok(tcp_probe_ns(&pod.ns, &lab.underlay_ns(), UNDERLAY_IP, port, PROBE)?.source_seen)
-}
-
-/// The source address pod `to` saw for a TCP connection from `from`, retried while routes settle.
-fn pod_to_pod(from: &Pod, to: &Pod, port: u16) -> Result<Ipv4Addr> {
-    let mut last = None;
-    for _ in 0..10 {
-        match twill_tests::tcp_probe(from, to, port, PROBE) {
-            Ok(p) => return Ok(p.source_seen),
-            Err(e) => last = Some(e),
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    Err(last.unwrap()).with_context(|| format!("{} -> {}", from.id, to.id))
 }
 
 fn metric(lab: &Lab, i: usize, name: &str) -> Result<f64> {
@@ -114,7 +74,7 @@ fn peer<'a>(st: &'a Value, subnet: &str) -> Option<&'a Value> {
 
 #[test]
 fn pods_reach_the_world_masqueraded_and_each_other_unnated() -> Result<()> {
-    let mut lab = lab_with(nodes(2), VXLAN, &[])?;
+    let mut lab = Lab::up(nodes(2), VXLAN, &[])?;
     let a = lab.add_pod(1, "a")?;
     let b = lab.add_pod(2, "b")?;
     assert_eq!(
@@ -151,7 +111,7 @@ fn pods_reach_the_world_masqueraded_and_each_other_unnated() -> Result<()> {
 /// notification, not only at the next resync (set to 5 minutes here).
 #[test]
 fn masquerade_comes_back_after_the_ruleset_is_flushed() -> Result<()> {
-    let mut lab = lab_with(nodes(1), VXLAN, &["--resync-interval", "300s"])?;
+    let mut lab = Lab::up(nodes(1), VXLAN, &["--resync-interval", "300s"])?;
     let a = lab.add_pod(1, "a")?;
     assert_eq!(to_world(&lab, &a, 7011)?, lab.node_ip(1));
     lab.exec_ok(1, &["nft", "flush", "ruleset"])?;
@@ -189,7 +149,7 @@ fn masquerade_comes_back_after_the_ruleset_is_flushed() -> Result<()> {
 
 #[test]
 fn ip_masq_false_leaves_pod_traffic_unnated_and_removes_the_rules() -> Result<()> {
-    let mut lab = lab_with(nodes(1), VXLAN, &[])?;
+    let mut lab = Lab::up(nodes(1), VXLAN, &[])?;
     let a = lab.add_pod(1, "a")?;
     assert!(has_table(&lab, 1, "ip", "twill-masq")?);
     lab.stop_daemon(1)?;
@@ -226,7 +186,7 @@ fn ip_masq_false_leaves_pod_traffic_unnated_and_removes_the_rules() -> Result<()
 /// kube-proxy's: flannel's nftables mode gets this wrong).
 #[test]
 fn kube_proxy_marked_packets_are_left_to_kube_proxy() -> Result<()> {
-    let mut lab = lab_with(nodes(1), VXLAN, &[])?;
+    let mut lab = Lab::up(nodes(1), VXLAN, &[])?;
     let a = lab.add_pod(1, "a")?;
     let sub = subnet(&lab, 1)?;
     lab.exec_underlay_ok(&[
@@ -274,7 +234,7 @@ fn pods_pass_forward_drops_of_iptables_and_nftables() -> Result<()> {
     for i in 1..=2 {
         lab.wait_ready(i, Duration::from_secs(30))?;
     }
-    wait_meshed(&lab)?;
+    lab.wait_meshed()?;
     let a = lab.add_pod(1, "a")?;
     let b = lab.add_pod(2, "b")?;
     let rules = lab.exec_ok(1, &["iptables", "-S", "FORWARD"])?;
@@ -327,7 +287,7 @@ fn pods_pass_forward_drops_of_iptables_and_nftables() -> Result<()> {
 
 #[test]
 fn host_gw_pods_reach_each_other_without_a_vxlan_device() -> Result<()> {
-    let mut lab = lab_with(nodes(3), HOST_GW, &[])?;
+    let mut lab = Lab::up(nodes(3), HOST_GW, &[])?;
     let pods: Vec<Pod> = (1..=3)
         .map(|i| lab.add_pod(i, "a"))
         .collect::<Result<_>>()?;
@@ -447,7 +407,7 @@ fn host_gw_interoperates_with_a_flanneld_host_gw_node() -> Result<()> {
 /// and gets no route, the others work.
 #[test]
 fn host_gw_reports_a_peer_behind_a_router_instead_of_routing_it() -> Result<()> {
-    let mut lab = lab_with(
+    let mut lab = Lab::up(
         LabOptions {
             nodes: 3,
             routed: vec![3],
@@ -479,7 +439,7 @@ fn host_gw_reports_a_peer_behind_a_router_instead_of_routing_it() -> Result<()> 
 /// encapsulation), node 3 sits behind a router (VXLAN). Both reachable, pod addresses kept.
 #[test]
 fn direct_routing_routes_same_segment_peers_directly_and_tunnels_the_rest() -> Result<()> {
-    let mut lab = lab_with(
+    let mut lab = Lab::up(
         LabOptions {
             nodes: 3,
             routed: vec![3],
@@ -541,7 +501,7 @@ fn direct_routing_routes_same_segment_peers_directly_and_tunnels_the_rest() -> R
 /// reaching each other.
 #[test]
 fn switching_backend_between_restarts_leaves_nothing_stale() -> Result<()> {
-    let mut lab = lab_with(nodes(2), VXLAN, &[])?;
+    let mut lab = Lab::up(nodes(2), VXLAN, &[])?;
     let a = lab.add_pod(1, "a")?;
     let b = lab.add_pod(2, "b")?;
     assert_eq!(pod_to_pod(&a, &b, 7401)?, a.ip);
@@ -556,7 +516,7 @@ fn switching_backend_between_restarts_leaves_nothing_stale() -> Result<()> {
         for i in 1..=2 {
             lab.wait_ready(i, Duration::from_secs(30))?;
         }
-        wait_meshed(&lab)?;
+        lab.wait_meshed()?;
         wait_until(Duration::from_secs(10), || {
             (1..=2).all(|i| {
                 let links = lab
@@ -589,7 +549,7 @@ fn switching_backend_between_restarts_leaves_nothing_stale() -> Result<()> {
 
 #[test]
 fn blackhole_route_keeps_unused_pod_addresses_on_the_node() -> Result<()> {
-    let mut lab = lab_with(nodes(1), VXLAN, &["--ip-blackhole-route"])?;
+    let mut lab = Lab::up(nodes(1), VXLAN, &["--ip-blackhole-route"])?;
     let sub = subnet(&lab, 1)?;
     let unused: Ipv4Addr = {
         let net: Ipv4Addr = sub.split('/').next().unwrap_or_default().parse()?;

@@ -23,26 +23,14 @@ const LIFETIME: &str = "600";
 
 /// A lab of `n` nodes with twilld ready everywhere and every node seeing the others.
 fn lab_up(n: usize) -> Result<Lab> {
-    let mut lab = Lab::new(LabOptions {
-        nodes: n,
-        ..Default::default()
-    })?;
-    lab.put_config(CONFIG)?;
-    for i in 1..=n {
-        lab.start_daemon(i)?;
-    }
-    for i in 1..=n {
-        lab.wait_ready(i, Duration::from_secs(30))?;
-    }
-    wait_until(Duration::from_secs(20), || {
-        (1..=n).all(|i| {
-            lab.status(i)
-                .map(|s| s["peers"].as_array().map_or(0, |a| a.len()) == n - 1)
-                .unwrap_or(false)
-        })
-    })
-    .context("nodes do not see each other")?;
-    Ok(lab)
+    Lab::up(
+        LabOptions {
+            nodes: n,
+            ..Default::default()
+        },
+        CONFIG,
+        &[],
+    )
 }
 
 /// A `Pod` view of a runtime's container (its netns attached under the lab prefix).

@@ -8,32 +8,20 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use twill_tests::lab::{parse_metric, UNDERLAY_IP};
-use twill_tests::{wait_until, Lab, LabOptions, Pod};
+use twill_tests::{pod_to_pod, wait_until, Lab, LabOptions, Pod};
 
 const UDP: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
 const PORT: u16 = 8285;
-const PROBE: Duration = Duration::from_secs(2);
 
 fn lab(n: usize) -> Result<Lab> {
-    let mut lab = Lab::new(LabOptions {
-        nodes: n,
-        ..Default::default()
-    })?;
-    lab.put_config(UDP)?;
-    for i in 1..=n {
-        lab.start_daemon(i)?;
-    }
-    for i in 1..=n {
-        lab.wait_ready(i, Duration::from_secs(30))?;
-    }
-    wait_until(Duration::from_secs(20), || {
-        (1..=n).all(|i| {
-            lab.status(i)
-                .is_ok_and(|s| s["peers"].as_array().map_or(0, |a| a.len()) == n - 1)
-        })
-    })
-    .context("nodes did not mesh")?;
-    Ok(lab)
+    Lab::up(
+        LabOptions {
+            nodes: n,
+            ..Default::default()
+        },
+        UDP,
+        &[],
+    )
 }
 
 fn metric(lab: &Lab, i: usize, name: &str) -> f64 {
@@ -56,19 +44,6 @@ fn subnet(lab: &Lab, i: usize) -> Result<String> {
         .as_str()
         .context("no subnet")?
         .to_string())
-}
-
-/// The source address pod `to` saw for a TCP connection from `from`, retried while peers settle.
-fn pod_to_pod(from: &Pod, to: &Pod, port: u16) -> Result<Ipv4Addr> {
-    let mut last = None;
-    for _ in 0..10 {
-        match twill_tests::tcp_probe(from, to, port, PROBE) {
-            Ok(p) => return Ok(p.source_seen),
-            Err(e) => last = Some(e),
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    Err(last.expect("tried")).with_context(|| format!("{} -> {}", from.id, to.id))
 }
 
 /// Send `payload` in one datagram to `to`'s udp port from inside namespace `ns` (from its own
