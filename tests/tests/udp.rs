@@ -1,7 +1,8 @@
 //! The udp backend (flannel's userspace fallback): pods on three nodes reach each other through
 //! the TUN device without NAT, in flannel's lease and wire format (a flanneld-format peer played
 //! by the test, which answers a pod's ping itself); datagrams from strangers, garbage, and
-//! packets for another node are dropped and counted; a peer leaving, and twilld restarting.
+//! packets for another node are dropped and counted; a peer leaving, twilld restarting, a peer
+//! joining; bulk TCP both ways intact through UDP GSO and GRO.
 
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::time::Duration;
@@ -182,6 +183,14 @@ fn udp_pods_reach_each_other_without_nat_through_a_tun_device() -> Result<()> {
     lab.start_daemon(1)?;
     lab.wait_ready(1, Duration::from_secs(30))?;
     assert_eq!(pod_to_pod(&pods[0], &pods[1], 7399)?, pods[0].ip);
+
+    // A peer joining a running cluster: node 4's pod and node 1's reach each other.
+    let i = lab.add_node()?;
+    lab.start_daemon(i)?;
+    lab.wait_ready(i, Duration::from_secs(30))?;
+    let late = lab.add_pod(i, "a")?;
+    assert_eq!(pod_to_pod(&late, &pods[0], 7398)?, late.ip);
+    assert_eq!(pod_to_pod(&pods[0], &late, 7397)?, pods[0].ip);
     Ok(())
 }
 
