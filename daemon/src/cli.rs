@@ -143,6 +143,13 @@ pub struct RunArgs {
         default_value = "auto"
     )]
     pub vxlan_checksum_offload: ChecksumOffload,
+    /// The udp backend uses the kernel's offloads where it has them: segmentation offload on
+    /// its TUN device, UDP GSO on sends and UDP GRO on receives, so one read, send or receive
+    /// moves up to 64 KiB. false: one packet per read and write and one datagram per message,
+    /// for a kernel or an underlay whose offloads misbehave; several times slower.
+    #[arg(long, env = "TWILLD_UDP_OFFLOADS", default_value_t = true, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub udp_offloads: bool,
     /// Masquerade pod traffic that leaves the pod network (to the node's address, with nftables
     /// in twill's own table `ip twill-masq`): pods reach the world. Pod-to-pod traffic, on any
     /// node, is never masqueraded. --ip-masq=false removes twill's masquerade rules.
@@ -479,6 +486,9 @@ mod tests {
         assert_eq!(cli.run.http_addr.to_string(), "127.0.0.1:9464");
         assert_eq!(cli.run.bridge, "cni0");
         assert_eq!(cli.run.vxlan_checksum_offload, ChecksumOffload::Auto);
+        assert!(cli.run.udp_offloads);
+        let off = Cli::try_parse_from(["twilld", "--udp-offloads=false"]).unwrap();
+        assert!(!off.run.udp_offloads);
         assert_eq!(cli.run.http_max_connections, 64);
         assert_eq!(cli.run.http_header_timeout, Duration::from_secs(10));
         assert_eq!(cli.run.cni_max_connections, 16);

@@ -298,6 +298,49 @@ fn bulk_tcp_crosses_intact_in_offloaded_batches() -> Result<()> {
 }
 
 #[test]
+fn without_offloads_every_packet_goes_alone_and_arrives() -> Result<()> {
+    // Node 1 with --udp-offloads=false: the paths a kernel without TUN offload, UDP GSO and
+    // UDP GRO takes (this kernel has all three, so turning them off is the only way to run
+    // them here). Node 2 keeps its offloads: the two interoperate.
+    let mut lab = Lab::new(LabOptions {
+        nodes: 2,
+        ..Default::default()
+    })?;
+    lab.put_config(UDP)?;
+    lab.start_daemon_with(1, &["--udp-offloads=false"])?;
+    lab.start_daemon(2)?;
+    for i in 1..=2 {
+        lab.wait_ready(i, Duration::from_secs(30))?;
+    }
+    lab.wait_meshed()?;
+    let a = lab.add_pod(1, "a")?;
+    let b = lab.add_pod(2, "b")?;
+    pod_to_pod(&a, &b, 7410)?;
+    const LEN: u64 = 8 << 20;
+    assert_eq!(bulk(&a, &b, 7411, LEN)?, LEN, "a -> b lost its end");
+    assert_eq!(bulk(&b, &a, 7412, LEN)?, LEN, "b -> a lost its end");
+    let m = |name: &str| metric(&lab, 1, name);
+    // One packet per TUN read, one datagram per message both ways.
+    let reads = m("twill_udp_batches_total{direction=\"out\"}");
+    assert!(reads > 1000.0, "{reads} reads for 8 MiB");
+    assert_eq!(
+        m("twill_udp_batched_packets_total{direction=\"out\"}"),
+        reads
+    );
+    assert_eq!(
+        m("twill_udp_messages_total{direction=\"out\"}"),
+        m("twill_udp_packets_total{direction=\"out\"}")
+    );
+    assert_eq!(
+        m("twill_udp_messages_total{direction=\"in\"}"),
+        m("twill_udp_batched_packets_total{direction=\"in\"}")
+    );
+    let log = lab.daemon_log(1);
+    assert!(log.contains("--udp-offloads=false"), "{log}");
+    Ok(())
+}
+
+#[test]
 fn strangers_garbage_and_packets_for_other_nodes_are_dropped_and_counted() -> Result<()> {
     let mut lab = lab(2)?;
     // Both tables hold the other node once pods reach each other.

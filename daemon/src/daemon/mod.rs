@@ -281,6 +281,7 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
             &cfg.backend,
             cfg.network,
             shared.metrics.udp.clone(),
+            args.udp_offloads,
         )),
     };
     let local = LocalNode {

@@ -139,12 +139,13 @@ fn offloads(sock: &UdpSocket) -> Offloads {
 }
 
 /// Starts `queues.len()` pairs of workers, one pair per TUN queue; says which UDP offloads
-/// the kernel gave.
+/// the kernel gave (none when `offload` is false).
 pub fn start(
     queues: Vec<SyncDevice>,
     local: SocketAddrV4,
     table: &Arc<Published>,
     stats: &Arc<Stats>,
+    offload: bool,
 ) -> io::Result<(Datapath, Offloads)> {
     let stop = Arc::new(AtomicBool::new(false));
     // Made first: if a later queue fails, dropping it stops the workers already started.
@@ -156,7 +157,14 @@ pub fn start(
     for (q, tun) in queues.into_iter().enumerate() {
         let tun = Arc::new(tun);
         let sock = socket(local)?;
-        let off = offloads(&sock);
+        let off = if offload {
+            offloads(&sock)
+        } else {
+            Offloads {
+                gso: false,
+                gro: false,
+            }
+        };
         got.gso &= off.gso;
         got.gro &= off.gro;
         let sock = Arc::new(sock);

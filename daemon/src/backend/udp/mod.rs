@@ -47,11 +47,22 @@ pub struct UdpBackend {
     peers: HashMap<Ipv4Net, Peer>,
     table: Arc<Published>,
     stats: Arc<Stats>,
+    /// Use the kernel's offloads where it has them (`--udp-offloads`).
+    offloads: bool,
     running: Option<Running>,
 }
 
 impl UdpBackend {
-    pub fn new(nl: Netlink, cfg: &BackendConfig, network: Ipv4Net, stats: Arc<Stats>) -> Self {
+    pub fn new(
+        nl: Netlink,
+        cfg: &BackendConfig,
+        network: Ipv4Net,
+        stats: Arc<Stats>,
+        offloads: bool,
+    ) -> Self {
+        if !offloads {
+            tracing::info!("udp backend: offloads off (--udp-offloads=false); one packet per read, write and message");
+        }
         UdpBackend {
             cfg: cfg.clone(),
             network,
@@ -59,6 +70,7 @@ impl UdpBackend {
             peers: HashMap::new(),
             table: Arc::default(),
             stats,
+            offloads,
             running: None,
         }
     }
@@ -92,7 +104,8 @@ impl UdpBackend {
         }
         // A new device (first start, or it was deleted): the old workers go with the old one.
         self.running = None;
-        let queues = open_queues(mtu).map_err(|e| io_error("open the TUN device", e))?;
+        let queues =
+            open_queues(mtu, self.offloads).map_err(|e| io_error("open the TUN device", e))?;
         // IPv4 only (for now): without this the kernel sends its IPv6 router solicitations and
         // MLD reports into the device. Absent when IPv6 is off altogether.
         let _ = std::fs::write(
@@ -101,9 +114,10 @@ impl UdpBackend {
         );
         let ifindex = self.nl.ensure_tun(DEVICE, mtu, addr, self.network).await?;
         let at = SocketAddrV4::new(local.public_ip, self.cfg.port);
-        let (workers, offloads) = datapath::start(queues, at, &self.table, &self.stats)
-            .map_err(|e| io_error(&format!("listen on UDP {at}"), e))?;
-        if !offloads.gso || !offloads.gro {
+        let (workers, offloads) =
+            datapath::start(queues, at, &self.table, &self.stats, self.offloads)
+                .map_err(|e| io_error(&format!("listen on UDP {at}"), e))?;
+        if self.offloads && (!offloads.gso || !offloads.gro) {
             tracing::info!(
                 udp_gso = offloads.gso,
                 udp_gro = offloads.gro,
@@ -127,8 +141,9 @@ fn io_error(what: &str, e: std::io::Error) -> BackendError {
 }
 
 /// One TUN queue per core (up to 4): the kernel spreads flows over them. With segmentation
-/// offload where the kernel has it (a read is then up to 64 KiB of one flow).
-fn open_queues(mtu: u32) -> std::io::Result<Vec<tun_rs::SyncDevice>> {
+/// offload where the kernel has it and `offload` asks for it (a read is then up to 64 KiB of
+/// one flow).
+fn open_queues(mtu: u32, offload: bool) -> std::io::Result<Vec<tun_rs::SyncDevice>> {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
     let build = |offload: bool| {
         tun_rs::DeviceBuilder::new()
@@ -138,14 +153,15 @@ fn open_queues(mtu: u32) -> std::io::Result<Vec<tun_rs::SyncDevice>> {
             .offload(offload)
             .build_sync()
     };
-    let first = match build(true) {
+    let first = match build(offload) {
         Ok(d) => d,
-        Err(e) => {
+        Err(e) if offload => {
             tracing::warn!(error = %e, "udp backend: the TUN device takes no offloads here; one packet per read");
             build(false)?
         }
+        Err(e) => return Err(e),
     };
-    if !first.tcp_gso() {
+    if offload && !first.tcp_gso() {
         tracing::info!(
             "udp backend: no TCP segmentation offload on the TUN device; one packet per read"
         );
