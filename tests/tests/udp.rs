@@ -341,6 +341,41 @@ fn without_offloads_every_packet_goes_alone_and_arrives() -> Result<()> {
 }
 
 #[test]
+fn gso_sends_the_path_cannot_carry_go_out_one_by_one() -> Result<()> {
+    let mut lab = lab(2)?;
+    let a = lab.add_pod(1, "a")?;
+    let b = lab.add_pod(2, "b")?;
+    pod_to_pod(&a, &b, 7420)?;
+    // A path MTU towards node 2 below the datagrams' size: the kernel refuses a GSO send whose
+    // segments do not fit (EINVAL), where a single datagram is fragmented on the way out.
+    let n2 = lab.node_ip(2).to_string();
+    lab.exec_ok(
+        1,
+        &[
+            "ip",
+            "route",
+            "add",
+            &format!("{n2}/32"),
+            "dev",
+            "eth0",
+            "mtu",
+            "lock",
+            "1200",
+        ],
+    )?;
+    let errors = |lab: &Lab| dropped(lab, 1, "send_error");
+    let before = errors(&lab);
+    const LEN: u64 = 4 << 20;
+    assert_eq!(
+        bulk(&a, &b, 7421, LEN)?,
+        LEN,
+        "a -> b stalled or lost its end"
+    );
+    assert_eq!(errors(&lab), before, "datagrams were counted lost");
+    Ok(())
+}
+
+#[test]
 fn strangers_garbage_and_packets_for_other_nodes_are_dropped_and_counted() -> Result<()> {
     let mut lab = lab(2)?;
     // Both tables hold the other node once pods reach each other.

@@ -206,11 +206,12 @@ const RX_BATCH: usize = 32;
 /// The virtio-net header in front of each read from the TUN device when it takes offloads.
 const HDR: usize = super::gro::VNET_HDR;
 
-/// Whether a TUN error ends the queue (the device is gone) rather than one packet.
+/// Whether a TUN error ends the queue (the device is gone) rather than one packet. Not EIO:
+/// the kernel gives that for a write while the device is merely down.
 fn fatal(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::EBADFD | libc::EBADF | libc::ENODEV | libc::ENXIO | libc::EIO)
+        Some(libc::EBADFD | libc::EBADF | libc::ENODEV | libc::ENXIO)
     )
 }
 
@@ -409,7 +410,8 @@ impl Sender {
             let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
             h.msg_hdr.msg_name = (&mut self.addrs[m] as *mut libc::sockaddr_in).cast();
             h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            h.msg_hdr.msg_iov = &mut self.iovs[starts[m]];
+            // SAFETY: starts[m] is within iovs (the last start is its length, never used here).
+            h.msg_hdr.msg_iov = unsafe { self.iovs.as_mut_ptr().add(starts[m]) };
             h.msg_hdr.msg_iovlen = starts[m + 1] - starts[m];
             if self.runs[m].1 > 1 {
                 h.msg_hdr.msg_control = self.ctrl[m].as_mut_ptr().cast();
@@ -438,7 +440,19 @@ impl Sender {
                 if r < 0 && done == 0 && self.gso && e.raw_os_error() == Some(libc::EIO) {
                     return Err(e);
                 }
-                // The first one left was refused: count it lost and go on with the rest.
+                // The first one left was refused. A GSO send is refused whole when its
+                // datagrams no longer fit the path's MTU (EINVAL, EMSGSIZE), where single
+                // datagrams are fragmented: send those one by one. Otherwise it is lost.
+                let (k, count, _) = self.runs[done];
+                if count > 1 {
+                    for (peer, head, payload) in &out[k..k + count] {
+                        if let Some(sent) = send_one(sock, self.port, *peer, head, payload) {
+                            messages += 1;
+                            packets += 1;
+                            bytes += sent;
+                        }
+                    }
+                }
                 done += 1;
                 continue;
             }
@@ -451,6 +465,44 @@ impl Sender {
         }
         Ok((messages, packets, bytes))
     }
+}
+
+/// One datagram, `head` then `payload`, to `peer`; the bytes sent, or None if refused.
+fn send_one(
+    sock: &UdpSocket,
+    port: u16,
+    peer: Ipv4Addr,
+    head: &[u8],
+    payload: &[u8],
+) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let mut addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(peer).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let mut iov = [
+        libc::iovec {
+            iov_base: head.as_ptr() as *mut libc::c_void,
+            iov_len: head.len(),
+        },
+        libc::iovec {
+            iov_base: payload.as_ptr() as *mut libc::c_void,
+            iov_len: payload.len(),
+        },
+    ];
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+    h.msg_name = (&mut addr as *mut libc::sockaddr_in).cast();
+    h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    h.msg_iov = iov.as_mut_ptr();
+    h.msg_iovlen = iov.len();
+    // SAFETY: the header points at a live address, iovecs and buffers.
+    let r = unsafe { libc::sendmsg(sock.as_raw_fd(), &h, 0) };
+    u64::try_from(r).ok()
 }
 
 /// A control message asking the kernel to cut the send into `seg`-byte datagrams.

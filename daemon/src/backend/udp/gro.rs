@@ -4,7 +4,7 @@
 //! written with `writev` straight from the receive buffers, so no payload byte is copied in
 //! userspace; the kernel carries it on as one buffer (to a pod's TCP as one receive) and cuts
 //! it again only where it must. The rules follow the kernel's own TCP GRO: same addresses,
-//! ports, ToS, TTL, DF, ACK number and options; each segment's sequence number right after
+//! ports, ToS, TTL, DF, ACK number, window and options; each segment's sequence number right after
 //! the last; all the first one's size but a shorter last; plain ACK segments (PSH ends a run);
 //! each segment's checksum valid, so a corrupted one is never passed off as good.
 
@@ -82,6 +82,10 @@ fn candidate(p: &[u8]) -> Option<Seg> {
         return None;
     }
     if usize::from(u16::from_be_bytes([p[2], p[3]])) != p.len() {
+        return None;
+    }
+    // Its header is rewritten when it heads a run: a corrupted one must not come out valid.
+    if fold(csum_add(&p[..IHL], 0)) != [0xff, 0xff] {
         return None;
     }
     // MF set or a fragment offset: a fragment.
@@ -171,9 +175,11 @@ impl Coalescer {
                 && p[6] >> 5 == f[6] >> 5
                 && p[8] == f[8]
                 && p[12..20] == f[12..20]
-                // Ports, then ACK number, then options.
+                // Ports, ACK number, window (the kernel's GRO flushes on a window change: the
+                // merged header would carry a stale one), options.
                 && p[IHL..IHL + 4] == f[IHL..IHL + 4]
                 && p[IHL + 8..IHL + 12] == f[IHL + 8..IHL + 12]
+                && p[IHL + 14..IHL + 16] == f[IHL + 14..IHL + 16]
                 && p[IHL + 20..IHL + thl] == f[IHL + 20..IHL + thl]
                 && tcp_checksum_ok(p);
             if joins {
@@ -296,6 +302,14 @@ mod tests {
         p
     }
 
+    /// Recomputes the TCP checksum of a test segment after an edit.
+    fn reseal(p: &mut [u8]) {
+        p[36..38].fill(0);
+        let len = p.len();
+        let [a, b] = fold(csum_add(&p[20..], pseudo_sum(p, PROTO_TCP, len - 20)));
+        p[36..38].copy_from_slice(&[!a, !b]);
+    }
+
     /// The slow, obviously right checksum: 16-bit big-endian words.
     fn reference(b: &[u8]) -> u16 {
         let mut s: u64 = b
@@ -396,6 +410,17 @@ mod tests {
             ("a longer segment", segment(1100, ACK, &[9u8; 120])),
             ("SYN", segment(1100, 0x02, &d)),
             ("no payload", segment(1100, ACK, &[])),
+            ("a bad IP header checksum", {
+                let mut h = segment(1100, ACK, &d);
+                h[10] ^= 0x10;
+                h
+            }),
+            ("another window", {
+                let mut w = segment(1100, ACK, &d);
+                w[34..36].copy_from_slice(&1024u16.to_be_bytes());
+                reseal(&mut w);
+                w
+            }),
         ];
         for (what, second) in cases {
             let pkts = vec![segment(1000, ACK, &d), second.clone()];

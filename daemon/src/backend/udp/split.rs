@@ -59,7 +59,14 @@ impl Splitter {
                     return Err(Malformed("checksum outside the packet"));
                 }
                 let [x, y] = fold(csum_add(&p[csum_start..], 0));
-                p[at..at + 2].copy_from_slice(&[!x, !y]);
+                // As the kernel's skb_checksum_help: a zero result goes out as all ones (for
+                // UDP zero means "no checksum"; for TCP the two are the same).
+                let c = if [!x, !y] == [0, 0] {
+                    [0xff, 0xff]
+                } else {
+                    [!x, !y]
+                };
+                p[at..at + 2].copy_from_slice(&c);
             }
             out.push((&[], p));
             return Ok(());
@@ -83,7 +90,11 @@ impl Splitter {
             8
         };
         let hl = ihl + l4;
-        if ihl < 20 || l4 < 8 || hl > MAX_HEADERS || p.len() <= hl || gso_size == 0 {
+        let proto = if tcp { 6 } else { 17 };
+        if ihl < 20 || p.len() <= hl || p[9] != proto {
+            return Err(Malformed("headers that do not match the segmentation type"));
+        }
+        if (tcp && l4 < 20) || hl > MAX_HEADERS || gso_size == 0 {
             return Err(Malformed("headers or segment size out of range"));
         }
         let p: &'a [u8] = p;
@@ -268,5 +279,13 @@ mod tests {
         b[1] = GSO_NONE;
         b[6..8].copy_from_slice(&500u16.to_ne_bytes());
         assert!(refused(&mut b), "checksum start past the end");
+        for offset in [2u8, 3, 4] {
+            let mut b = super_packet(0x10, &[1u8; 100], 40);
+            b[VNET_HDR + 32] = offset << 4;
+            assert!(refused(&mut b), "a TCP header of {} bytes", offset * 4);
+        }
+        let mut b = super_packet(0x10, &[1u8; 100], 40);
+        b[VNET_HDR + 9] = 17;
+        assert!(refused(&mut b), "TCP segmentation of a UDP packet");
     }
 }
