@@ -319,21 +319,45 @@ fn without_offloads_every_packet_goes_alone_and_arrives() -> Result<()> {
     const LEN: u64 = 8 << 20;
     assert_eq!(bulk(&a, &b, 7411, LEN)?, LEN, "a -> b lost its end");
     assert_eq!(bulk(&b, &a, 7412, LEN)?, LEN, "b -> a lost its end");
-    let m = |name: &str| metric(&lab, 1, name);
-    // One packet per TUN read, one datagram per message both ways.
-    let reads = m("twill_udp_batches_total{direction=\"out\"}");
-    assert!(reads > 1000.0, "{reads} reads for 8 MiB");
-    assert_eq!(
-        m("twill_udp_batched_packets_total{direction=\"out\"}"),
-        reads
-    );
-    assert_eq!(
-        m("twill_udp_messages_total{direction=\"out\"}"),
-        m("twill_udp_packets_total{direction=\"out\"}")
-    );
-    assert_eq!(
-        m("twill_udp_messages_total{direction=\"in\"}"),
-        m("twill_udp_batched_packets_total{direction=\"in\"}")
+    // One packet per TUN read, one datagram per message both ways: every counter pair equal
+    // in one scrape (late packets of the transfers may still move them: retried until they
+    // settle; with offloads they never would).
+    let one_by_one = || -> Result<String> {
+        let (_, text) = lab.get(1, "/metrics")?;
+        let m = |name: &str| parse_metric(&text, name).unwrap_or(0.0);
+        let reads = m("twill_udp_batches_total{direction=\"out\"}");
+        let pairs = [
+            (
+                reads,
+                m("twill_udp_batched_packets_total{direction=\"out\"}"),
+            ),
+            (
+                m("twill_udp_messages_total{direction=\"out\"}"),
+                m("twill_udp_packets_total{direction=\"out\"}"),
+            ),
+            (
+                m("twill_udp_messages_total{direction=\"in\"}"),
+                m("twill_udp_batched_packets_total{direction=\"in\"}"),
+            ),
+        ];
+        if reads > 1000.0 && pairs.iter().all(|(x, y)| x == y) {
+            Ok(String::new())
+        } else {
+            Ok(format!("reads {reads}, pairs {pairs:?}"))
+        }
+    };
+    let mut last = String::new();
+    let settled = wait_until(Duration::from_secs(10), || match one_by_one() {
+        Ok(s) if s.is_empty() => true,
+        Ok(s) => {
+            last = s;
+            false
+        }
+        Err(_) => false,
+    });
+    assert!(
+        settled.is_ok(),
+        "not one packet per read and message: {last}"
     );
     let log = lab.daemon_log(1);
     assert!(log.contains("--udp-offloads=false"), "{log}");
@@ -377,11 +401,19 @@ fn gso_sends_the_path_cannot_carry_go_out_one_by_one() -> Result<()> {
 
 #[test]
 fn strangers_garbage_and_packets_for_other_nodes_are_dropped_and_counted() -> Result<()> {
-    let mut lab = lab(2)?;
-    // Both tables hold the other node once pods reach each other.
-    let (a, b) = (lab.add_pod(1, "a")?, lab.add_pod(2, "b")?);
-    pod_to_pod(&a, &b, 7390)?;
-    pod_to_pod(&b, &a, 7391)?;
+    // No pods: nothing legitimate crosses while this runs, so every datagram counted in is one
+    // of the test's (late packets of earlier pod connections once made this flaky).
+    let lab = lab(2)?;
+    wait_until(Duration::from_secs(10), || {
+        (1..=2).all(|i| {
+            lab.status(i).is_ok_and(|s| {
+                s["peers"]
+                    .as_array()
+                    .is_some_and(|p| p.len() == 1 && p[0]["programmed"] == true)
+            })
+        })
+    })
+    .context("the peer was not programmed on both nodes")?;
     let delivered = metric(&lab, 1, "twill_udp_packets_total{direction=\"in\"}");
     let n1 = lab.node_ip(1);
     let base = |i: usize| -> Result<Ipv4Addr> {
