@@ -6,9 +6,11 @@
 
 use std::net::Ipv4Addr;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::Serialize;
 use serde_json::{Map, Value};
+
+use crate::subnet::{size_of_len, Cidr, SubnetRange};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct NetworkConfig {
@@ -16,6 +18,8 @@ pub struct NetworkConfig {
     pub subnet_len: u8,
     pub subnet_min: Ipv4Addr,
     pub subnet_max: Ipv4Addr,
+    /// The IPv6 side of a dual-stack network (`EnableIPv6`), validated as flannel does.
+    pub ipv6: Option<SubnetRange<Ipv6Net>>,
     pub backend: BackendConfig,
 }
 
@@ -123,21 +127,103 @@ fn str_field<'a>(
     }
 }
 
-fn addr_field(
+fn addr_field<N: Cidr>(
     obj: &Map<String, Value>,
     name: &'static str,
-) -> Result<Option<Ipv4Addr>, ConfigError> {
+) -> Result<Option<N::Addr>, ConfigError> {
     str_field(obj, name)?
         .map(|s| {
-            s.parse::<Ipv4Addr>()
-                .map_err(|_| invalid(name, format!("{s:?} is not an IPv4 address")))
+            s.parse::<N::Addr>()
+                .map_err(|_| invalid(name, format!("{s:?} is not an {} address", N::FAMILY)))
         })
         .transpose()
 }
 
-/// Addresses in a /len (0 for a nonsense len > 32, which `parse` never lets through).
+/// Addresses in a v4 /len (0 for a nonsense len > 32, which `parse` never lets through).
 pub(crate) fn subnet_size(len: u8) -> u64 {
-    32u32.checked_sub(u32::from(len)).map_or(0, |s| 1u64 << s)
+    size_of_len::<Ipv4Net>(len) as u64
+}
+
+/// flannel's names for one family's fields.
+struct Fields {
+    network: &'static str,
+    subnet_len: &'static str,
+    subnet_min: &'static str,
+    subnet_max: &'static str,
+}
+
+const V4_FIELDS: Fields = Fields {
+    network: "Network",
+    subnet_len: "SubnetLen",
+    subnet_min: "SubnetMin",
+    subnet_max: "SubnetMax",
+};
+
+const V6_FIELDS: Fields = Fields {
+    network: "IPv6Network",
+    subnet_len: "IPv6SubnetLen",
+    subnet_min: "IPv6SubnetMin",
+    subnet_max: "IPv6SubnetMax",
+};
+
+/// One family's subnet range from its fields, with flannel's defaults: SubnetLen 24 (v6: 64)
+/// when the network leaves room for four of them, else the network's length + 2; the first
+/// subnet skipped; SubnetMin and SubnetMax inside the network and aligned.
+fn parse_range<N: Cidr>(
+    obj: &Map<String, Value>,
+    f: &Fields,
+    network: N,
+) -> Result<SubnetRange<N>, ConfigError> {
+    let plen = network.prefix();
+    let max_len = N::BITS - 2;
+    let subnet_len = match uint_field(obj, f.subnet_len, u64::from(u8::MAX))? {
+        Some(n) => n as u8,
+        None if plen <= N::DEFAULT_SUBNET_LEN - 2 => N::DEFAULT_SUBNET_LEN,
+        None => plen + 2,
+    };
+    if subnet_len <= plen || subnet_len > max_len {
+        return Err(invalid(
+            f.subnet_len,
+            format!(
+                "{subnet_len} is out of range (must be greater than the {} prefix length \
+                 {plen} of {network} and at most {max_len})",
+                f.network
+            ),
+        ));
+    }
+
+    let size = size_of_len::<N>(subnet_len); // 2 <= size <= 2^127 here
+    let (net_start, net_end) = (network.start(), network.end());
+    let subnet_min =
+        addr_field::<N>(obj, f.subnet_min)?.unwrap_or_else(|| N::addr_from_bits(net_start + size));
+    let subnet_max = addr_field::<N>(obj, f.subnet_max)?
+        .unwrap_or_else(|| N::addr_from_bits(net_end - (size - 1)));
+    for (name, addr) in [(f.subnet_min, subnet_min), (f.subnet_max, subnet_max)] {
+        if !network.contains_addr(addr) {
+            return Err(invalid(
+                name,
+                format!("{addr} is outside the {} {network}", f.network),
+            ));
+        }
+        if N::addr_bits(addr) % size != 0 {
+            return Err(invalid(
+                name,
+                format!("{addr} is not aligned to a /{subnet_len} subnet boundary"),
+            ));
+        }
+    }
+    if subnet_min > subnet_max {
+        return Err(invalid(
+            f.subnet_min,
+            format!("{subnet_min} is greater than {} {subnet_max}", f.subnet_max),
+        ));
+    }
+    Ok(SubnetRange {
+        network,
+        subnet_len,
+        subnet_min,
+        subnet_max,
+    })
 }
 
 impl NetworkConfig {
@@ -165,53 +251,28 @@ impl NetworkConfig {
             }
             None => return Err(invalid("Network", "missing (e.g. \"10.244.0.0/16\")")),
         };
-        if bool_field(&obj, "EnableIPv6")? == Some(true) {
+        // Checked as flannel checks it (a dual-stack network's config is shared with its
+        // flanneld nodes), though only the IPv4 part runs.
+        let enable_ipv6 = bool_field(&obj, "EnableIPv6")? == Some(true);
+        if enable_ipv6 {
             tracing::warn!("EnableIPv6 is set: twill only runs the IPv4 part of the network");
         }
 
-        let plen = network.prefix_len();
-        let subnet_len = match uint_field(&obj, "SubnetLen", u64::from(u8::MAX))? {
-            Some(n) => n as u8,
-            None if plen <= 22 => 24,
-            None => plen + 2,
+        let v4 = parse_range(&obj, &V4_FIELDS, network)?;
+        let ipv6 = if enable_ipv6 {
+            let net6 = match str_field(&obj, "IPv6Network")? {
+                Some(s) => parse_network_v6(s)?,
+                None => {
+                    return Err(invalid(
+                        "IPv6Network",
+                        "missing while EnableIPv6 is true (e.g. \"fd00:10:244::/56\")",
+                    ))
+                }
+            };
+            Some(parse_range(&obj, &V6_FIELDS, net6)?)
+        } else {
+            None
         };
-        if subnet_len <= plen || subnet_len > 30 {
-            return Err(invalid(
-                "SubnetLen",
-                format!(
-                    "{subnet_len} is out of range (must be greater than the Network prefix length \
-                     {plen} of {network} and at most 30)"
-                ),
-            ));
-        }
-
-        let size = subnet_size(subnet_len) as u32; // subnet_len >= 1 here
-        let net_start = u32::from(network.network());
-        let net_end = u32::from(network.broadcast());
-        let subnet_min =
-            addr_field(&obj, "SubnetMin")?.unwrap_or_else(|| Ipv4Addr::from(net_start + size));
-        let subnet_max = addr_field(&obj, "SubnetMax")?
-            .unwrap_or_else(|| Ipv4Addr::from(net_end.wrapping_add(1).wrapping_sub(size)));
-        for (name, addr) in [("SubnetMin", subnet_min), ("SubnetMax", subnet_max)] {
-            if !network.contains(&addr) {
-                return Err(invalid(
-                    name,
-                    format!("{addr} is outside the Network {network}"),
-                ));
-            }
-            if u32::from(addr) % size != 0 {
-                return Err(invalid(
-                    name,
-                    format!("{addr} is not aligned to a /{subnet_len} subnet boundary"),
-                ));
-            }
-        }
-        if subnet_min > subnet_max {
-            return Err(invalid(
-                "SubnetMin",
-                format!("{subnet_min} is greater than SubnetMax {subnet_max}"),
-            ));
-        }
 
         let backend = match field(&obj, "Backend") {
             None => BackendConfig::default(),
@@ -221,28 +282,32 @@ impl NetworkConfig {
 
         Ok(NetworkConfig {
             network,
-            subnet_len,
-            subnet_min,
-            subnet_max,
+            subnet_len: v4.subnet_len,
+            subnet_min: v4.subnet_min,
+            subnet_max: v4.subnet_max,
+            ipv6,
             backend,
         })
     }
 
-    /// How many subnets lie between SubnetMin and SubnetMax (inclusive).
-    pub fn subnet_count(&self) -> u64 {
-        let size = subnet_size(self.subnet_len);
-        let (min, max) = (u32::from(self.subnet_min), u32::from(self.subnet_max));
-        if size == 0 || min > max {
-            return 0;
+    /// The v4 subnets this network hands out.
+    pub fn v4_range(&self) -> SubnetRange<Ipv4Net> {
+        SubnetRange {
+            network: self.network,
+            subnet_len: self.subnet_len,
+            subnet_min: self.subnet_min,
+            subnet_max: self.subnet_max,
         }
-        u64::from(max - min) / size + 1
+    }
+
+    /// How many v4 subnets lie between SubnetMin and SubnetMax (inclusive).
+    pub fn subnet_count(&self) -> u64 {
+        self.v4_range().subnet_count() as u64 // at most 2^32
     }
 
     /// Whether `net` is a subnet this config could hand out (flannel's "compatible" check).
     pub fn fits(&self, net: Ipv4Net) -> bool {
-        net.prefix_len() == self.subnet_len
-            && net.network() >= self.subnet_min
-            && net.network() <= self.subnet_max
+        self.v4_range().fits(net)
     }
 }
 
@@ -269,6 +334,20 @@ fn parse_network(s: &str) -> Result<Ipv4Net, ConfigError> {
         Err(_) => Err(invalid(
             "Network",
             format!("{s:?} is not a valid IPv4 CIDR (e.g. \"10.244.0.0/16\")"),
+        )),
+    }
+}
+
+fn parse_network_v6(s: &str) -> Result<Ipv6Net, ConfigError> {
+    match s.parse::<Ipv6Net>() {
+        Ok(n) => Ok(n.trunc()),
+        Err(_) if s.parse::<Ipv4Net>().is_ok() => Err(invalid(
+            "IPv6Network",
+            format!("{s:?} is an IPv4 network; the IPv4 one goes in Network"),
+        )),
+        Err(_) => Err(invalid(
+            "IPv6Network",
+            format!("{s:?} is not a valid IPv6 CIDR (e.g. \"fd00:10:244::/56\")"),
         )),
     }
 }
@@ -327,6 +406,7 @@ fn rename(full: &'static str) -> impl Fn(ConfigError) -> ConfigError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv6Addr;
 
     fn parse(s: &str) -> Result<NetworkConfig, ConfigError> {
         NetworkConfig::parse(s.as_bytes())
@@ -428,13 +508,145 @@ mod tests {
     }
 
     #[test]
-    fn dual_stack_config_uses_the_v4_part() {
+    fn dual_stack_config_keeps_both_parts() {
         let c = parse(
             r#"{"Network":"10.3.0.0/16","EnableIPv6":true,"IPv6Network":"fc00::/48",
                 "IPv6SubnetLen":64}"#,
         )
         .unwrap();
         assert_eq!(c.network, "10.3.0.0/16".parse().unwrap());
+        let v6 = c.ipv6.unwrap();
+        assert_eq!(v6.network, "fc00::/48".parse().unwrap());
+        assert_eq!(v6.subnet_len, 64);
+        assert_eq!(v6.subnet_min, "fc00:0:0:1::".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            v6.subnet_max,
+            "fc00:0:0:ffff::".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(v6.subnet_count(), 65535);
+        // Without EnableIPv6 the v6 fields are not used (flannel's rule).
+        let c = parse(r#"{"Network":"10.3.0.0/16","IPv6Network":"fc00::/48"}"#).unwrap();
+        assert_eq!(c.ipv6, None);
+    }
+
+    #[test]
+    fn ipv6_defaults_follow_flannels() {
+        let v6 = |net: &str| {
+            parse(&format!(
+                r#"{{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"{net}"}}"#
+            ))
+            .unwrap()
+            .ipv6
+            .unwrap()
+        };
+        let a = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+        // /62 still gives each node a /64; host bits in the network are dropped.
+        let r = v6("fd00:10:244::5/62");
+        assert_eq!(r.network, "fd00:10:244::/62".parse().unwrap());
+        assert_eq!(r.subnet_len, 64);
+        assert_eq!(
+            (r.subnet_min, r.subnet_max),
+            (a("fd00:10:244:1::"), a("fd00:10:244:3::"))
+        );
+        // Smaller networks: length + 2, down to a /124 (four /126s, the first skipped).
+        let r = v6("fd00::/100");
+        assert_eq!(r.subnet_len, 102);
+        let r = v6("fd00::/124");
+        assert_eq!(r.subnet_len, 126);
+        assert_eq!((r.subnet_min, r.subnet_max), (a("fd00::4"), a("fd00::c")));
+        assert_eq!(r.subnet_count(), 3);
+        // The whole space neither overflows nor panics.
+        let r = v6("::/0");
+        assert_eq!(r.subnet_len, 64);
+        assert_eq!(r.subnet_max, a("ffff:ffff:ffff:ffff::"));
+        assert_eq!(r.subnet_count(), (1 << 64) - 1);
+        assert!(r.fits("ffff:ffff:ffff:ffff::/64".parse().unwrap()));
+        assert!(
+            !r.fits("::/64".parse().unwrap()),
+            "the first subnet is skipped"
+        );
+    }
+
+    #[test]
+    fn ipv6_fields_explicit() {
+        let c = parse(
+            r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/48",
+                "IPv6SubnetLen":80,"IPv6SubnetMin":"fd00:10:244:5::",
+                "IPv6SubnetMax":"fd00:10:244:5:2::"}"#,
+        )
+        .unwrap();
+        let r = c.ipv6.unwrap();
+        assert_eq!(r.subnet_len, 80);
+        assert_eq!(r.subnet_count(), 3);
+        assert!(r.fits("fd00:10:244:5:1::/80".parse().unwrap()));
+        assert!(!r.fits("fd00:10:244:5:3::/80".parse().unwrap()));
+    }
+
+    #[test]
+    fn ipv6_errors_name_the_field() {
+        let n = r#""Network":"10.0.0.0/16","EnableIPv6":true"#;
+        assert_invalid(
+            &format!("{{{n}}}"),
+            "IPv6Network",
+            &["missing", "EnableIPv6"],
+        );
+        assert_invalid(
+            &format!(r#"{{{n},"IPv6Network":"10.1.0.0/16"}}"#),
+            "IPv6Network",
+            &["\"10.1.0.0/16\"", "IPv4 network"],
+        );
+        assert_invalid(
+            &format!(r#"{{{n},"IPv6Network":"fd00::/129"}}"#),
+            "IPv6Network",
+            &["\"fd00::/129\"", "not a valid IPv6 CIDR"],
+        );
+        assert_invalid(
+            &format!(r#"{{{n},"IPv6Network":"fd00::/125"}}"#),
+            "IPv6SubnetLen",
+            &["127 is out of range", "at most 126"],
+        );
+        assert_invalid(
+            &format!(r#"{{{n},"IPv6Network":"fd00::/48","IPv6SubnetLen":127}}"#),
+            "IPv6SubnetLen",
+            &[
+                "127",
+                "IPv6Network prefix length 48 of fd00::/48",
+                "at most 126",
+            ],
+        );
+        assert_invalid(
+            &format!(r#"{{{n},"IPv6Network":"fd00::/48","IPv6SubnetLen":48}}"#),
+            "IPv6SubnetLen",
+            &["48 is out of range"],
+        );
+        assert_invalid(
+            &format!(r#"{{{n},"IPv6Network":"fd00::/48","IPv6SubnetMin":"fd01::"}}"#),
+            "IPv6SubnetMin",
+            &["fd01::", "outside the IPv6Network fd00::/48"],
+        );
+        assert_invalid(
+            &format!(r#"{{{n},"IPv6Network":"fd00::/48","IPv6SubnetMax":"fd00:0:0:7::1"}}"#),
+            "IPv6SubnetMax",
+            &["fd00:0:0:7::1", "aligned", "/64"],
+        );
+        assert_invalid(
+            &format!(
+                r#"{{{n},"IPv6Network":"fd00::/48","IPv6SubnetMin":"fd00:0:0:9::",
+                    "IPv6SubnetMax":"fd00:0:0:8::"}}"#
+            ),
+            "IPv6SubnetMin",
+            &["fd00:0:0:9::", "greater than IPv6SubnetMax fd00:0:0:8::"],
+        );
+        assert_invalid(
+            &format!(r#"{{{n},"IPv6Network":"fd00::/48","IPv6SubnetMin":"10.0.1.0"}}"#),
+            "IPv6SubnetMin",
+            &["\"10.0.1.0\"", "not an IPv6 address"],
+        );
+        assert_invalid(
+            &format!(r#"{{{n},"IPv6Network":"fd00::/48","IPv6SubnetLen":"64"}}"#),
+            "IPv6SubnetLen",
+            &["not a non-negative integer"],
+        );
     }
 
     #[test]

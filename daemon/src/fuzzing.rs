@@ -17,7 +17,10 @@ use crate::config::{BackendKind, NetworkConfig};
 use crate::lease::LeaseBackend;
 use crate::lease::{check_against_own, parse_peer, public_ip_of, vtep_mac_of, LeaseAttrs};
 use crate::policy::pods::{self, Attachment, LocalPod};
-use crate::subnet::{choose_free, overlaps, parse_subnet_key, subnet_key as key_of};
+use crate::subnet::{
+    choose_free, dual_subnet_key, overlaps, parse_dual_subnet_key, parse_subnet_key,
+    subnet_key as key_of, Cidr,
+};
 
 /// However large the input, an error message quotes only an excerpt of it.
 const MAX_MESSAGE: usize = 1024;
@@ -233,13 +236,34 @@ pub fn net_config(data: &[u8]) {
     if let Some(mtu) = cfg.backend.mtu {
         backend["MTU"] = json!(mtu);
     }
-    let written = json!({
+    let mut written = json!({
         "Network": net.to_string(),
         "SubnetLen": cfg.subnet_len,
         "SubnetMin": cfg.subnet_min.to_string(),
         "SubnetMax": cfg.subnet_max.to_string(),
         "Backend": backend,
     });
+    if let Some(r) = &cfg.ipv6 {
+        let n6 = r.network;
+        assert_eq!(n6, n6.trunc(), "host bits are dropped");
+        assert!(r.subnet_len > n6.prefix_len() && r.subnet_len <= 126);
+        for a in [r.subnet_min, r.subnet_max] {
+            assert!(n6.contains(&a), "{a} outside {n6}");
+            let s = ipnet::Ipv6Net::new(a, r.subnet_len).expect("a valid length");
+            assert_eq!(s.network(), a, "{a} is not aligned");
+            assert!(r.fits(s));
+        }
+        assert!(r.subnet_min <= r.subnet_max && r.subnet_count() >= 1);
+        written["EnableIPv6"] = json!(true);
+        written["IPv6Network"] = json!(n6.to_string());
+        written["IPv6SubnetLen"] = json!(r.subnet_len);
+        written["IPv6SubnetMin"] = json!(r.subnet_min.to_string());
+        written["IPv6SubnetMax"] = json!(r.subnet_max.to_string());
+        let free = r
+            .choose_free(&Default::default())
+            .expect("an empty network has room");
+        assert!(r.fits(free) && n6.contains(&free.network()), "{free}");
+    }
     let again = NetworkConfig::parse(written.to_string().as_bytes());
     assert_eq!(again.ok().as_ref(), Some(&cfg), "{written}");
 
@@ -263,6 +287,13 @@ pub fn subnet_key(data: &[u8]) {
             assert_eq!(parse_subnet_key(&printed), Some(net));
             let v4 = key.split('&').next().unwrap_or_default();
             assert_eq!(v4, printed, "{key:?} is another spelling of {net}");
+            // Both parts: one spelling for the pair, too.
+            let (v4net, v6) = parse_dual_subnet_key(key).expect("parsed above");
+            assert_eq!(v4net, net);
+            if let Some(v6) = v6 {
+                assert_eq!(v6.network(), v6.addr(), "{key:?} has v6 host bits");
+            }
+            assert_eq!(dual_subnet_key(Some(net), v6), key, "another spelling");
             Some(net)
         })
         .collect();
@@ -271,6 +302,7 @@ pub fn subnet_key(data: &[u8]) {
             let (a0, a1) = (u32::from(a.network()), u32::from(a.broadcast()));
             let (b0, b1) = (u32::from(b.network()), u32::from(b.broadcast()));
             assert_eq!(overlaps(*a, *b), a0 <= b1 && b0 <= a1, "{a} {b}");
+            assert_eq!(a.end(), u128::from(a1));
         }
     }
 }

@@ -1198,7 +1198,7 @@ fn alias_keys_neither_remove_nor_replace_a_live_peer() -> Result<()> {
         let reg = connect(&opts).await?;
         put_peer(&reg, 2).await?;
         // Listed before the watch starts: the alias sorts after the plain key.
-        put(&reg, "subnets/10.100.2.0-24&junk", "junk").await?;
+        put(&reg, "subnets/10.100.2.0-24&fd00:0:0:2::-64", "junk").await?;
         let (task, mut rx, metrics, _own) = start_watcher(&reg);
         let PeerEvent::Snapshot(ps) = next(&mut rx).await? else {
             bail!("first event must be a snapshot");
@@ -1209,8 +1209,8 @@ fn alias_keys_neither_remove_nor_replace_a_live_peer() -> Result<()> {
 
         // Through the watch: garbage on the alias, the alias deleted, a valid alias pointing at
         // another node. Then a marker: everything before it has been seen once it arrives.
-        put(&reg, "subnets/10.100.2.0-24&junk", "still junk").await?;
-        del(&reg, "subnets/10.100.2.0-24&junk").await?;
+        put(&reg, "subnets/10.100.2.0-24&fd00:0:0:2::-64", "still junk").await?;
+        del(&reg, "subnets/10.100.2.0-24&fd00:0:0:2::-64").await?;
         put(
             &reg,
             "subnets/10.100.2.0-24&fc00::-64",

@@ -493,25 +493,29 @@ mod tests {
             own(),
             vec![
                 kv("10.244.2.0-24", &good, 5),
-                kv("10.244.2.0-24&junk", "junk", 6),
+                kv("10.244.2.0-24&fd00:0:0:2::-64", "junk", 6),
             ],
         );
         assert_eq!(snapshot(&up), vec![peer(2, 2, 2)]);
         assert_eq!(up.skipped.len(), 1);
         assert!(matches!(up.skipped[0].1, Skip::Invalid(_)));
         // A garbage put and a delete of the alias change nothing.
-        assert!(put(&mut v, "10.244.2.0-24&junk", "still junk", 6)
+        assert!(
+            put(&mut v, "10.244.2.0-24&fd00:0:0:2::-64", "still junk", 6)
+                .events
+                .is_empty()
+        );
+        assert!(del(&mut v, "10.244.2.0-24&fd00:0:0:2::-64")
             .events
             .is_empty());
-        assert!(del(&mut v, "10.244.2.0-24&junk").events.is_empty());
         // A valid alias pointing elsewhere is shadowed by the plain key, and reported.
         let evil = attrs(66, 66).to_json();
-        let up = put(&mut v, "10.244.2.0-24&x", &evil, 9);
+        let up = put(&mut v, "10.244.2.0-24&fd00:0:0:66::-64", &evil, 9);
         assert!(up.events.is_empty(), "{:?}", events(&up));
         assert_eq!(
             up.skipped,
             vec![(
-                "10.244.2.0-24&x".to_string(),
+                "10.244.2.0-24&fd00:0:0:66::-64".to_string(),
                 Skip::Shadowed {
                     by: "10.244.2.0-24".into()
                 }
@@ -524,7 +528,7 @@ mod tests {
             vec!["+10.244.2.0/24 02:00:00:00:00:42"]
         );
         assert_eq!(
-            events(&del(&mut v, "10.244.2.0-24&x")),
+            events(&del(&mut v, "10.244.2.0-24&fd00:0:0:66::-64")),
             vec!["-10.244.2.0/24"]
         );
     }
@@ -535,15 +539,25 @@ mod tests {
         let up = v.reset(
             own(),
             vec![
-                kv("10.244.3.0-24&b", &attrs(3, 3).to_json(), 7),
-                kv("10.244.3.0-24&a", &attrs(4, 4).to_json(), 8),
+                kv("10.244.3.0-24&fd00:0:0:b::-64", &attrs(3, 3).to_json(), 7),
+                kv("10.244.3.0-24&fd00:0:0:a::-64", &attrs(4, 4).to_json(), 8),
             ],
         );
         assert_eq!(snapshot(&up), vec![peer(3, 3, 3)]);
         // Same order whatever order they arrive in.
         let mut w = PeerView::new(cfg(), own());
-        put(&mut w, "10.244.3.0-24&a", &attrs(4, 4).to_json(), 8);
-        put(&mut w, "10.244.3.0-24&b", &attrs(3, 3).to_json(), 7);
+        put(
+            &mut w,
+            "10.244.3.0-24&fd00:0:0:a::-64",
+            &attrs(4, 4).to_json(),
+            8,
+        );
+        put(
+            &mut w,
+            "10.244.3.0-24&fd00:0:0:b::-64",
+            &attrs(3, 3).to_json(),
+            7,
+        );
         assert_eq!(w.told, v.told);
     }
 
