@@ -124,12 +124,13 @@ fn add_result(req: &Request, dns: Dns) -> CniResult {
     }
 }
 
-fn configs() -> &'static [NetworkConfig; 2] {
-    static CONFIGS: OnceLock<[NetworkConfig; 2]> = OnceLock::new();
+fn configs() -> &'static [NetworkConfig; 3] {
+    static CONFIGS: OnceLock<[NetworkConfig; 3]> = OnceLock::new();
     CONFIGS.get_or_init(|| {
         [
             br#"{"Network":"10.244.0.0/16"}"#.as_slice(),
             br#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#,
+            br#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56"}"#,
         ]
         .map(|c| NetworkConfig::parse(c).expect("a valid config"))
     })
@@ -160,6 +161,17 @@ pub fn lease(data: &[u8]) {
                 assert_eq!(vtep_mac_of(value), Some(mac));
             }
             assert_eq!(public_ip_of(value), Some(ip));
+            if let Some(v6) = a.v6 {
+                let ip = v6.public_ip;
+                assert!(!ip.is_unspecified() && !ip.is_multicast() && !ip.is_loopback());
+                assert_eq!(v6.backend.type_name(), a.backend.type_name());
+                if let LeaseBackend::Vxlan { vtep_mac, .. } = v6.backend {
+                    assert!(
+                        !vtep_mac.is_zero() && !vtep_mac.is_multicast(),
+                        "{vtep_mac}"
+                    );
+                }
+            }
             // What twilld writes for such a lease reads back the same.
             let written = a.to_json();
             assert_eq!(
@@ -191,6 +203,9 @@ pub fn lease(data: &[u8]) {
             assert_eq!(peer.vtep_mac, a.vtep_mac());
             assert!(cfg.network.contains(&subnet) && subnet.prefix_len() == cfg.subnet_len);
             assert!(!cfg.network.contains(&peer.public_ip));
+            if let (Some(v6), Some(r)) = (a.v6, &cfg.ipv6) {
+                assert!(!r.network.contains(&v6.public_ip), "{}", v6.public_ip);
+            }
             assert!(own_net.is_none_or(|o| !overlaps(o, subnet)));
             if let (BackendKind::Vxlan, LeaseBackend::Vxlan { vni, .. }) =
                 (cfg.backend.kind, a.backend)

@@ -1,8 +1,10 @@
 //! Lease values in flannel's JSON format, and turning other nodes' leases into peers.
 //! `{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan",
-//!   "BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}`
+//!   "BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}`; a dual-stack lease has
+//! `"PublicIPv6":"fd00::3"` and, for vxlan, `"BackendV6Data":{"VNI":1,"VtepMAC":".."}` (the v6
+//! device's own MAC).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
@@ -16,6 +18,15 @@ use crate::subnet::overlaps;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaseAttrs {
     pub public_ip: Ipv4Addr,
+    pub backend: LeaseBackend,
+    /// The IPv6 side of a dual-stack lease; its backend is of the same type as `backend`.
+    pub v6: Option<LeaseV6>,
+}
+
+/// flannel's `PublicIPv6` and `BackendV6Data`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseV6 {
+    pub public_ip: Ipv6Addr,
     pub backend: LeaseBackend,
 }
 
@@ -42,18 +53,20 @@ impl LeaseBackend {
     }
 }
 
-// Field order and names are flannel's; `PublicIPv6` is always written (as null), BackendData
-// only when the backend has some (flannel's `omitempty`).
+// Field order and names are flannel's; `PublicIPv6` is always written (null without IPv6),
+// BackendData and BackendV6Data only when the backend has some (flannel's `omitempty`).
 #[derive(Serialize)]
 struct LeaseOut<'a> {
     #[serde(rename = "PublicIP")]
     public_ip: Ipv4Addr,
     #[serde(rename = "PublicIPv6")]
-    public_ipv6: Option<()>,
+    public_ipv6: Option<Ipv6Addr>,
     #[serde(rename = "BackendType")]
     backend_type: &'a str,
     #[serde(rename = "BackendData", skip_serializing_if = "Option::is_none")]
     backend_data: Option<BackendDataOut>,
+    #[serde(rename = "BackendV6Data", skip_serializing_if = "Option::is_none")]
+    backend_v6_data: Option<BackendDataOut>,
 }
 
 #[derive(Serialize)]
@@ -73,6 +86,10 @@ struct LeaseIn {
     backend_type: Option<String>,
     #[serde(rename = "BackendData", default)]
     backend_data: Option<BackendDataIn>,
+    #[serde(rename = "PublicIPv6", default)]
+    public_ipv6: Option<String>,
+    #[serde(rename = "BackendV6Data", default)]
+    backend_v6_data: Option<BackendDataIn>,
 }
 
 #[derive(Deserialize)]
@@ -89,6 +106,7 @@ impl LeaseAttrs {
         LeaseAttrs {
             public_ip,
             backend: LeaseBackend::Vxlan { vni, vtep_mac },
+            v6: None,
         }
     }
 
@@ -101,14 +119,16 @@ impl LeaseAttrs {
     }
 
     pub fn to_json(&self) -> String {
+        let data = |b: LeaseBackend| match b {
+            LeaseBackend::Vxlan { vni, vtep_mac } => Some(BackendDataOut { vni, vtep_mac }),
+            LeaseBackend::HostGw | LeaseBackend::Udp => None,
+        };
         serde_json::to_string(&LeaseOut {
             public_ip: self.public_ip,
-            public_ipv6: None,
+            public_ipv6: self.v6.map(|v| v.public_ip),
             backend_type: self.backend.type_name(),
-            backend_data: match self.backend {
-                LeaseBackend::Vxlan { vni, vtep_mac } => Some(BackendDataOut { vni, vtep_mac }),
-                LeaseBackend::HostGw | LeaseBackend::Udp => None,
-            },
+            backend_data: data(self.backend),
+            backend_v6_data: self.v6.and_then(|v| data(v.backend)),
         })
         .expect("serializing plain data cannot fail")
     }
@@ -134,33 +154,7 @@ impl LeaseAttrs {
             )));
         }
         let backend = match raw.backend_type.as_deref() {
-            Some("vxlan") => {
-                let data = raw
-                    .backend_data
-                    .ok_or_else(|| LeaseError::Invalid("BackendData is missing".into()))?;
-                let mac = data
-                    .vtep_mac
-                    .ok_or_else(|| LeaseError::Invalid("BackendData.VtepMAC is missing".into()))?;
-                let vtep_mac: MacAddr = mac
-                    .parse()
-                    .map_err(|e| LeaseError::Invalid(format!("BackendData.VtepMAC: {e}")))?;
-                if vtep_mac.is_zero() {
-                    return Err(LeaseError::Invalid(
-                        "BackendData.VtepMAC is 00:00:00:00:00:00".into(),
-                    ));
-                }
-                // The kernel keeps group addresses out of the FDB as unicast entries: the peer
-                // could never be programmed.
-                if vtep_mac.is_multicast() {
-                    return Err(LeaseError::Invalid(format!(
-                        "BackendData.VtepMAC {vtep_mac} is a multicast or broadcast address"
-                    )));
-                }
-                LeaseBackend::Vxlan {
-                    vni: data.vni.unwrap_or(crate::config::DEFAULT_VNI),
-                    vtep_mac,
-                }
-            }
+            Some("vxlan") => vxlan_data(raw.backend_data, "BackendData")?,
             Some("host-gw") => LeaseBackend::HostGw,
             Some("udp") => LeaseBackend::Udp,
             Some(t) => {
@@ -171,8 +165,62 @@ impl LeaseAttrs {
             }
             None => return Err(LeaseError::Invalid("BackendType is missing".into())),
         };
-        Ok(LeaseAttrs { public_ip, backend })
+        let v6 = match raw.public_ipv6 {
+            None => None,
+            Some(ip) => {
+                let public_ip: Ipv6Addr = ip.parse().map_err(|_| {
+                    LeaseError::Invalid(format!(
+                        "PublicIPv6 {:?} is not an IPv6 address",
+                        echo(&ip)
+                    ))
+                })?;
+                if public_ip.is_unspecified() || public_ip.is_multicast() || public_ip.is_loopback()
+                {
+                    return Err(LeaseError::Invalid(format!(
+                        "PublicIPv6 {public_ip} cannot be a tunnel endpoint"
+                    )));
+                }
+                let backend = match backend {
+                    LeaseBackend::Vxlan { .. } => vxlan_data(raw.backend_v6_data, "BackendV6Data")?,
+                    other => other,
+                };
+                Some(LeaseV6 { public_ip, backend })
+            }
+        };
+        Ok(LeaseAttrs {
+            public_ip,
+            backend,
+            v6,
+        })
     }
+}
+
+/// A vxlan lease's BackendData (or BackendV6Data): a usable unicast VTEP MAC, and the VNI
+/// (flannel's default when missing).
+fn vxlan_data(data: Option<BackendDataIn>, field: &str) -> Result<LeaseBackend, LeaseError> {
+    let data = data.ok_or_else(|| LeaseError::Invalid(format!("{field} is missing")))?;
+    let mac = data
+        .vtep_mac
+        .ok_or_else(|| LeaseError::Invalid(format!("{field}.VtepMAC is missing")))?;
+    let vtep_mac: MacAddr = mac
+        .parse()
+        .map_err(|e| LeaseError::Invalid(format!("{field}.VtepMAC: {e}")))?;
+    if vtep_mac.is_zero() {
+        return Err(LeaseError::Invalid(format!(
+            "{field}.VtepMAC is 00:00:00:00:00:00"
+        )));
+    }
+    // The kernel keeps group addresses out of the FDB as unicast entries: the peer could never
+    // be programmed.
+    if vtep_mac.is_multicast() {
+        return Err(LeaseError::Invalid(format!(
+            "{field}.VtepMAC {vtep_mac} is a multicast or broadcast address"
+        )));
+    }
+    Ok(LeaseBackend::Vxlan {
+        vni: data.vni.unwrap_or(crate::config::DEFAULT_VNI),
+        vtep_mac,
+    })
 }
 
 /// A lease value must be a JSON object (serde would also take `[]` for a struct). serde's
@@ -250,14 +298,27 @@ pub fn parse_lease(cfg: &NetworkConfig, subnet: Ipv4Net, value: &[u8]) -> Result
         )));
     }
     let attrs = LeaseAttrs::from_json(value)?;
+    if let (Some(v6), Some(r)) = (attrs.v6, &cfg.ipv6) {
+        if r.network.contains(&v6.public_ip) {
+            return Err(LeaseError::Invalid(format!(
+                "PublicIPv6 {} is inside the IPv6 pod network {}",
+                v6.public_ip, r.network
+            )));
+        }
+    }
     if cfg.network.contains(&attrs.public_ip) {
         return Err(LeaseError::Invalid(format!(
             "PublicIP {} is inside the pod network {}: a pod address cannot carry the tunnel",
             attrs.public_ip, cfg.network
         )));
     }
-    if let (BackendKind::Vxlan, LeaseBackend::Vxlan { vni, .. }) = (cfg.backend.kind, attrs.backend)
-    {
+    // Both sides of a dual-stack vxlan lease use the network's VNI.
+    let v6_backend = attrs.v6.map(|v| v.backend);
+    for backend in std::iter::once(attrs.backend).chain(v6_backend) {
+        let (BackendKind::Vxlan, LeaseBackend::Vxlan { vni, .. }) = (cfg.backend.kind, backend)
+        else {
+            continue;
+        };
         if vni != cfg.backend.vni {
             return Err(LeaseError::Invalid(format!(
                 "VNI {vni} is not this network's VNI {} (a node not yet restarted after a VNI \
@@ -317,6 +378,7 @@ mod tests {
                 vni: 1,
                 vtep_mac: MAC.parse().unwrap(),
             },
+            v6: None,
         }
     }
 
@@ -336,6 +398,7 @@ mod tests {
                 vni: 4096,
                 vtep_mac: "02:00:00:aa:bb:cc".parse().unwrap(),
             },
+            v6: None,
         };
         assert_eq!(LeaseAttrs::from_json(a.to_json().as_bytes()).unwrap(), a);
         assert_eq!(public_ip_of(a.to_json().as_bytes()), Some(a.public_ip));
@@ -346,11 +409,119 @@ mod tests {
         assert_eq!(LeaseAttrs::from_json(h.to_json().as_bytes()).unwrap(), h);
     }
 
+    fn dual(backend: LeaseBackend, v6: LeaseBackend) -> LeaseAttrs {
+        LeaseAttrs {
+            public_ip: Ipv4Addr::new(192, 168, 64, 3),
+            backend,
+            v6: Some(LeaseV6 {
+                public_ip: "fd00:64::3".parse().unwrap(),
+                backend: v6,
+            }),
+        }
+    }
+
+    #[test]
+    fn dual_stack_json_is_flannels_exactly() {
+        let vx = |m: &str| LeaseBackend::Vxlan {
+            vni: 1,
+            vtep_mac: m.parse().unwrap(),
+        };
+        let a = dual(vx(MAC), vx("c6:d2:32:6f:8f:45"));
+        assert_eq!(
+            a.to_json(),
+            r#"{"PublicIP":"192.168.64.3","PublicIPv6":"fd00:64::3","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"},"BackendV6Data":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:45"}}"#
+        );
+        assert_eq!(LeaseAttrs::from_json(a.to_json().as_bytes()).unwrap(), a);
+        let h = dual(LeaseBackend::HostGw, LeaseBackend::HostGw);
+        assert_eq!(
+            h.to_json(),
+            r#"{"PublicIP":"192.168.64.3","PublicIPv6":"fd00:64::3","BackendType":"host-gw"}"#
+        );
+        assert_eq!(LeaseAttrs::from_json(h.to_json().as_bytes()).unwrap(), h);
+        // A v4-only lease reads back with no v6 side, written as null or left out.
+        assert_eq!(
+            LeaseAttrs::from_json(attrs().to_json().as_bytes())
+                .unwrap()
+                .v6,
+            None
+        );
+        let v = format!(
+            r#"{{"PublicIP":"198.18.0.2","BackendType":"vxlan","BackendData":{{"VtepMAC":"{MAC}"}}}}"#
+        );
+        assert_eq!(LeaseAttrs::from_json(v.as_bytes()).unwrap().v6, None);
+    }
+
+    #[test]
+    fn dual_stack_lease_errors_name_the_v6_field() {
+        let v6cfg = NetworkConfig::parse(
+            br#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56"}"#,
+        )
+        .unwrap();
+        let value = |ip6: &str, data6: &str| {
+            format!(
+                r#"{{"PublicIP":"198.18.0.2","PublicIPv6":{ip6},"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{MAC}"}}{data6}}}"#
+            )
+        };
+        let err = |cfg: &NetworkConfig, v: &str| {
+            parse_peer(cfg, None, net("10.244.2.0/24"), v.as_bytes())
+                .unwrap_err()
+                .to_string()
+        };
+        let good6 = r#","BackendV6Data":{"VNI":1,"VtepMAC":"02:00:00:00:00:06"}"#;
+        for (ip6, data6, want) in [
+            (
+                r#""banana""#,
+                good6,
+                r#"PublicIPv6 "banana" is not an IPv6 address"#,
+            ),
+            (r#""10.0.0.1""#, good6, "is not an IPv6 address"),
+            (
+                r#""::1""#,
+                good6,
+                "PublicIPv6 ::1 cannot be a tunnel endpoint",
+            ),
+            (r#""ff02::1""#, good6, "cannot be a tunnel endpoint"),
+            (r#""fd00:1::2""#, "", "BackendV6Data is missing"),
+            (
+                r#""fd00:1::2""#,
+                r#","BackendV6Data":{"VNI":1}"#,
+                "BackendV6Data.VtepMAC is missing",
+            ),
+            (
+                r#""fd00:1::2""#,
+                r#","BackendV6Data":{"VtepMAC":"01:00:5e:00:00:01"}"#,
+                "BackendV6Data.VtepMAC 01:00:5e:00:00:01 is a multicast",
+            ),
+            (
+                r#""fd00:1::2""#,
+                r#","BackendV6Data":{"VNI":7,"VtepMAC":"02:00:00:00:00:06"}"#,
+                "VNI 7 is not this network's VNI 1",
+            ),
+        ] {
+            let e = err(&cfg(), &value(ip6, data6));
+            assert!(e.contains(want), "{e:?} lacks {want:?}");
+        }
+        // The v6 endpoint cannot be a v6 pod address.
+        let e = err(&v6cfg, &value(r#""fd00:10:244:5::9""#, good6));
+        assert!(
+            e.contains("PublicIPv6 fd00:10:244:5::9 is inside the IPv6 pod network"),
+            "{e}"
+        );
+        let ok = parse_peer(
+            &v6cfg,
+            None,
+            net("10.244.2.0/24"),
+            value(r#""fd00:1::2""#, good6).as_bytes(),
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+    }
+
     #[test]
     fn host_gw_json_is_flannels_exactly() {
         let h = LeaseAttrs {
             public_ip: Ipv4Addr::new(192, 168, 64, 3),
             backend: LeaseBackend::HostGw,
+            v6: None,
         };
         // flannel omits an empty BackendData (`json:",omitempty"`).
         assert_eq!(
@@ -372,6 +543,7 @@ mod tests {
         let u = LeaseAttrs {
             public_ip: Ipv4Addr::new(192, 168, 64, 3),
             backend: LeaseBackend::Udp,
+            v6: None,
         };
         // flanneld's udp backend writes no BackendData.
         assert_eq!(

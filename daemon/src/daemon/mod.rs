@@ -257,9 +257,11 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
         BackendKind::HostGw => LeaseBackend::HostGw,
         BackendKind::Udp => LeaseBackend::Udp,
     };
+    // IPv4 only so far: a dual-stack network's v6 side is not served (issue 13).
     let attrs = LeaseAttrs {
         public_ip,
         backend: backend_attrs,
+        v6: None,
     };
     let previous = read_previous_subnet(&args.subnet_file);
     let own = tokio::select! {
