@@ -6,76 +6,92 @@
 //! the fresh entry too). FDB entries are keyed by (MAC, dst), so a stale pair is deleted.
 
 use std::collections::{HashMap, HashSet};
-use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
 use crate::mac::MacAddr;
-use crate::peer::Peer;
+use crate::peer::PeerOf;
+use crate::subnet::Cidr;
 
-/// One kernel change on the VXLAN device. Adds are "replace" (idempotent).
+/// One kernel change on the VXLAN device of family N. Adds are "replace" (idempotent).
 ///
 /// A route whose gateway is the destination's network address goes out of the VXLAN device
 /// (onlink); any other gateway is a DirectRouting route via the peer's public IP on the underlay.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Op {
-    SetNeigh { ip: Ipv4Addr, mac: MacAddr },
-    DelNeigh { ip: Ipv4Addr, mac: MacAddr },
-    SetFdb { mac: MacAddr, dst: Ipv4Addr },
-    DelFdb { mac: MacAddr, dst: Ipv4Addr },
-    SetRoute { dst: Ipv4Net, gw: Ipv4Addr },
-    DelRoute { dst: Ipv4Net, gw: Ipv4Addr },
+pub enum OpOf<N: Cidr> {
+    SetNeigh { ip: N::Addr, mac: MacAddr },
+    DelNeigh { ip: N::Addr, mac: MacAddr },
+    SetFdb { mac: MacAddr, dst: N::Addr },
+    DelFdb { mac: MacAddr, dst: N::Addr },
+    SetRoute { dst: N, gw: N::Addr },
+    DelRoute { dst: N, gw: N::Addr },
 }
 
-impl Op {
+pub type Op = OpOf<Ipv4Net>;
+pub type EntryKey = EntryKeyOf<Ipv4Net>;
+pub type KernelEntries = KernelEntriesOf<Ipv4Net>;
+pub type PeerChange = PeerChangeOf<Ipv4Net>;
+
+impl<N: Cidr> OpOf<N> {
     pub fn is_delete(&self) -> bool {
         matches!(
             self,
-            Op::DelNeigh { .. } | Op::DelFdb { .. } | Op::DelRoute { .. }
+            OpOf::DelNeigh { .. } | OpOf::DelFdb { .. } | OpOf::DelRoute { .. }
         )
     }
 }
 
 /// A kernel entry on the overlay device, as ops and deletion notifications name it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum EntryKey {
-    Neigh(Ipv4Addr),
-    Fdb(MacAddr, Ipv4Addr),
-    Route(Ipv4Net),
+pub enum EntryKeyOf<N: Cidr> {
+    Neigh(N::Addr),
+    Fdb(MacAddr, N::Addr),
+    Route(N),
 }
 
-impl EntryKey {
-    pub fn of(op: &Op) -> EntryKey {
+impl<N: Cidr> EntryKeyOf<N> {
+    pub fn of(op: &OpOf<N>) -> Self {
         match *op {
-            Op::SetNeigh { ip, .. } | Op::DelNeigh { ip, .. } => EntryKey::Neigh(ip),
-            Op::SetFdb { mac, dst } | Op::DelFdb { mac, dst } => EntryKey::Fdb(mac, dst),
-            Op::SetRoute { dst, .. } | Op::DelRoute { dst, .. } => EntryKey::Route(dst),
+            OpOf::SetNeigh { ip, .. } | OpOf::DelNeigh { ip, .. } => EntryKeyOf::Neigh(ip),
+            OpOf::SetFdb { mac, dst } | OpOf::DelFdb { mac, dst } => EntryKeyOf::Fdb(mac, dst),
+            OpOf::SetRoute { dst, .. } | OpOf::DelRoute { dst, .. } => EntryKeyOf::Route(dst),
         }
     }
 
     /// The entries a peer needs (a direct peer has only the route; the other keys never occur
     /// in its ops).
-    pub fn of_peer(p: &Peer) -> Vec<EntryKey> {
-        let mut keys = vec![EntryKey::Route(p.subnet), EntryKey::Neigh(p.gateway())];
-        keys.extend(p.vtep_mac.map(|m| EntryKey::Fdb(m, p.public_ip)));
+    pub fn of_peer(p: &PeerOf<N>) -> Vec<Self> {
+        let mut keys = vec![EntryKeyOf::Route(p.subnet), EntryKeyOf::Neigh(p.gateway())];
+        keys.extend(p.vtep_mac.map(|m| EntryKeyOf::Fdb(m, p.public_ip)));
         keys
     }
 }
 
 /// What the kernel has on the device (only entries twill manages: permanent neighbours,
 /// self fdb entries with a dst, routes via the device).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct KernelEntries {
-    pub neighs: Vec<(Ipv4Addr, MacAddr)>,
-    pub fdb: Vec<(MacAddr, Ipv4Addr)>,
-    pub routes: Vec<(Ipv4Net, Ipv4Addr)>,
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelEntriesOf<N: Cidr> {
+    pub neighs: Vec<(N::Addr, MacAddr)>,
+    pub fdb: Vec<(MacAddr, N::Addr)>,
+    pub routes: Vec<(N, N::Addr)>,
+}
+
+// Derived Default would ask N for one.
+impl<N: Cidr> Default for KernelEntriesOf<N> {
+    fn default() -> Self {
+        KernelEntriesOf {
+            neighs: Vec::new(),
+            fdb: Vec::new(),
+            routes: Vec::new(),
+        }
+    }
 }
 
 /// A peer appeared (old None), changed, or went away (new None).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerChange {
-    pub old: Option<Peer>,
-    pub new: Option<Peer>,
+pub struct PeerChangeOf<N: Cidr> {
+    pub old: Option<PeerOf<N>>,
+    pub new: Option<PeerOf<N>>,
 }
 
 /// How a peer's subnet is reached, decided per peer by the backend.
@@ -95,13 +111,16 @@ pub enum Path {
 
 /// The kernel entries one peer needs on its path.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct PeerEntries {
-    neigh: Option<(Ipv4Addr, MacAddr)>,
-    fdb: Option<(MacAddr, Ipv4Addr)>,
-    route: (Ipv4Net, Ipv4Addr),
+struct PeerEntries<N: Cidr> {
+    neigh: Option<(N::Addr, MacAddr)>,
+    fdb: Option<(MacAddr, N::Addr)>,
+    route: (N, N::Addr),
 }
 
-fn entries(p: &Peer, path: Path) -> Option<PeerEntries> {
+/// A change's entries before and after.
+type Planned<N> = (Option<PeerEntries<N>>, Option<PeerEntries<N>>);
+
+fn entries<N: Cidr>(p: &PeerOf<N>, path: Path) -> Option<PeerEntries<N>> {
     match (path, p.vtep_mac) {
         (Path::Direct, _) => Some(PeerEntries {
             neigh: None,
@@ -117,14 +136,14 @@ fn entries(p: &Peer, path: Path) -> Option<PeerEntries> {
     }
 }
 
-fn set_ops(e: &PeerEntries, out: &mut Vec<Op>) {
+fn set_ops<N: Cidr>(e: &PeerEntries<N>, out: &mut Vec<OpOf<N>>) {
     if let Some((ip, mac)) = e.neigh {
-        out.push(Op::SetNeigh { ip, mac });
+        out.push(OpOf::SetNeigh { ip, mac });
     }
     if let Some((mac, dst)) = e.fdb {
-        out.push(Op::SetFdb { mac, dst });
+        out.push(OpOf::SetFdb { mac, dst });
     }
-    out.push(Op::SetRoute {
+    out.push(OpOf::SetRoute {
         dst: e.route.0,
         gw: e.route.1,
     });
@@ -132,19 +151,22 @@ fn set_ops(e: &PeerEntries, out: &mut Vec<Op>) {
 
 /// Ops for incremental changes, in flannel's order (adds: neigh, fdb, route; removals: route,
 /// fdb, neigh), every peer through the overlay.
-pub fn change_ops(changes: &[PeerChange]) -> Vec<Op> {
+pub fn change_ops<N: Cidr>(changes: &[PeerChangeOf<N>]) -> Vec<OpOf<N>> {
     change_ops_with(changes, |_| Path::Overlay)
 }
 
 /// `change_ops` where `path(peer)` says how each peer is reached.
-pub fn change_ops_with(changes: &[PeerChange], path: impl Fn(&Peer) -> Path) -> Vec<Op> {
+pub fn change_ops_with<N: Cidr>(
+    changes: &[PeerChangeOf<N>],
+    path: impl Fn(&PeerOf<N>) -> Path,
+) -> Vec<OpOf<N>> {
     let mut out = Vec::new();
     // Keys some change in this batch sets: never delete those (e.g. a subnet moving between
     // two leases in the same batch).
     let mut wanted_neigh = HashSet::new();
     let mut wanted_fdb = HashSet::new();
     let mut wanted_route = HashSet::new();
-    let planned: Vec<(Option<PeerEntries>, Option<PeerEntries>)> = changes
+    let planned: Vec<Planned<N>> = changes
         .iter()
         .filter(|c| c.old != c.new)
         .map(|c| {
@@ -171,19 +193,19 @@ pub fn change_ops_with(changes: &[PeerChange], path: impl Fn(&Peer) -> Path) -> 
         }
         if let Some(o) = old {
             if !wanted_route.contains(&o.route.0) {
-                out.push(Op::DelRoute {
+                out.push(OpOf::DelRoute {
                     dst: o.route.0,
                     gw: o.route.1,
                 });
             }
             if let Some((mac, dst)) = o.fdb {
                 if !wanted_fdb.contains(&(mac, dst)) {
-                    out.push(Op::DelFdb { mac, dst });
+                    out.push(OpOf::DelFdb { mac, dst });
                 }
             }
             if let Some((ip, mac)) = o.neigh {
                 if !wanted_neigh.contains(&ip) {
-                    out.push(Op::DelNeigh { ip, mac });
+                    out.push(OpOf::DelNeigh { ip, mac });
                 }
             }
         }
@@ -193,19 +215,19 @@ pub fn change_ops_with(changes: &[PeerChange], path: impl Fn(&Peer) -> Path) -> 
 
 /// Full diff both ways: add/replace what is missing or wrong, remove what no peer wants; every
 /// peer through the overlay.
-pub fn diff(desired: &[Peer], actual: &KernelEntries) -> Vec<Op> {
+pub fn diff<N: Cidr>(desired: &[PeerOf<N>], actual: &KernelEntriesOf<N>) -> Vec<OpOf<N>> {
     diff_with(desired, actual, |_| Path::Overlay)
 }
 
 /// `diff` where `path(peer)` says how each peer is reached (an unreachable peer gets nothing,
 /// so whatever it had is removed). Adds come first, per peer in neigh -> fdb -> route order,
 /// then removals (routes, fdb, neighbours).
-pub fn diff_with(
-    desired: &[Peer],
-    actual: &KernelEntries,
-    path: impl Fn(&Peer) -> Path,
-) -> Vec<Op> {
-    let have_neigh: HashMap<Ipv4Addr, HashSet<MacAddr>> =
+pub fn diff_with<N: Cidr>(
+    desired: &[PeerOf<N>],
+    actual: &KernelEntriesOf<N>,
+    path: impl Fn(&PeerOf<N>) -> Path,
+) -> Vec<OpOf<N>> {
+    let have_neigh: HashMap<N::Addr, HashSet<MacAddr>> =
         actual
             .neighs
             .iter()
@@ -213,8 +235,8 @@ pub fn diff_with(
                 m.entry(*ip).or_default().insert(*mac);
                 m
             });
-    let have_fdb: HashSet<(MacAddr, Ipv4Addr)> = actual.fdb.iter().copied().collect();
-    let have_route: HashSet<(Ipv4Net, Ipv4Addr)> = actual.routes.iter().copied().collect();
+    let have_fdb: HashSet<(MacAddr, N::Addr)> = actual.fdb.iter().copied().collect();
+    let have_route: HashSet<(N, N::Addr)> = actual.routes.iter().copied().collect();
 
     let mut out = Vec::new();
     let mut want_neigh = HashSet::new();
@@ -226,19 +248,19 @@ pub fn diff_with(
                 .get(&ip)
                 .is_some_and(|m| m.len() == 1 && m.contains(&mac));
             if !ok && want_neigh.insert(ip) {
-                out.push(Op::SetNeigh { ip, mac });
+                out.push(OpOf::SetNeigh { ip, mac });
             }
             want_neigh.insert(ip);
         }
         if let Some(f) = e.fdb {
             if !have_fdb.contains(&f) && want_fdb.insert(f) {
-                out.push(Op::SetFdb { mac: f.0, dst: f.1 });
+                out.push(OpOf::SetFdb { mac: f.0, dst: f.1 });
             }
             want_fdb.insert(f);
         }
         let r = e.route;
         if !have_route.contains(&r) && want_route.insert(r) {
-            out.push(Op::SetRoute { dst: r.0, gw: r.1 });
+            out.push(OpOf::SetRoute { dst: r.0, gw: r.1 });
         }
         want_route.insert(r);
     }
@@ -247,19 +269,19 @@ pub fn diff_with(
     let mut seen = HashSet::new();
     for &(dst, gw) in &actual.routes {
         if !want_route.contains(&(dst, gw)) && seen.insert((dst, gw)) {
-            out.push(Op::DelRoute { dst, gw });
+            out.push(OpOf::DelRoute { dst, gw });
         }
     }
     let mut seen = HashSet::new();
     for &(mac, dst) in &actual.fdb {
         if !want_fdb.contains(&(mac, dst)) && seen.insert((mac, dst)) {
-            out.push(Op::DelFdb { mac, dst });
+            out.push(OpOf::DelFdb { mac, dst });
         }
     }
     let mut seen = HashSet::new();
     for &(ip, mac) in &actual.neighs {
         if !want_neigh.contains(&ip) && seen.insert(ip) {
-            out.push(Op::DelNeigh { ip, mac });
+            out.push(OpOf::DelNeigh { ip, mac });
         }
     }
     out
@@ -269,6 +291,8 @@ pub fn diff_with(
 mod tests {
     use super::*;
     use crate::peer::test_peer as peer;
+    use crate::peer::Peer;
+    use std::net::Ipv4Addr;
 
     fn adds(p: &Peer) -> Vec<Op> {
         vec![
@@ -566,5 +590,52 @@ mod tests {
             ..Default::default()
         };
         assert!(diff_with(&[p], &k, |_| Path::Direct).is_empty());
+    }
+
+    #[test]
+    fn the_same_plans_serve_ipv6_peers() {
+        use ipnet::Ipv6Net;
+        let p = PeerOf::<Ipv6Net> {
+            subnet: "fd00:10:244:2::/64".parse().unwrap(),
+            public_ip: "fd00:18::2".parse().unwrap(),
+            vtep_mac: Some(MacAddr([2, 0, 0, 0, 0, 2])),
+        };
+        let gw: std::net::Ipv6Addr = "fd00:10:244:2::".parse().unwrap();
+        assert_eq!(p.gateway(), gw);
+        let mac = p.vtep_mac.unwrap();
+        let ops = diff(&[p], &KernelEntriesOf::default());
+        assert_eq!(
+            ops,
+            vec![
+                OpOf::SetNeigh { ip: gw, mac },
+                OpOf::SetFdb {
+                    mac,
+                    dst: p.public_ip
+                },
+                OpOf::SetRoute { dst: p.subnet, gw },
+            ]
+        );
+        // Programmed: nothing to do; a stale v6 peer's entries go, route first.
+        let k = KernelEntriesOf {
+            neighs: vec![(gw, mac)],
+            fdb: vec![(mac, p.public_ip)],
+            routes: vec![(p.subnet, gw)],
+        };
+        assert!(diff(&[p], &k).is_empty());
+        let ops = change_ops(&[PeerChangeOf {
+            old: Some(p),
+            new: None,
+        }]);
+        assert!(ops.iter().all(OpOf::is_delete) && ops.len() == 3, "{ops:?}");
+        assert_eq!(ops[0], OpOf::DelRoute { dst: p.subnet, gw });
+        // A direct v6 peer: a route via its public IPv6 alone.
+        let ops = diff_with(&[p], &KernelEntriesOf::default(), |_| Path::Direct);
+        assert_eq!(
+            ops,
+            vec![OpOf::SetRoute {
+                dst: p.subnet,
+                gw: p.public_ip
+            }]
+        );
     }
 }
