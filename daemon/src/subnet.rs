@@ -14,8 +14,10 @@ use serde::Serialize;
 use crate::config::NetworkConfig;
 
 /// A CIDR of one address family, as the arithmetic here sees it.
-pub trait Cidr: Copy + Eq + Ord + Hash + Display + Debug + Serialize {
-    type Addr: Copy + Eq + Ord + Hash + Display + Debug + FromStr + Serialize;
+pub trait Cidr:
+    Copy + Eq + Ord + Hash + Display + Debug + Serialize + Send + Sync + 'static
+{
+    type Addr: Copy + Eq + Ord + Hash + Display + Debug + FromStr + Serialize + Send + Sync;
     /// Address width: 32 or 128.
     const BITS: u8;
     /// "IPv4" or "IPv6", for messages.

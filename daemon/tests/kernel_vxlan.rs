@@ -929,3 +929,118 @@ fn routes_that_are_not_ours_are_never_replaced() {
         "the LAN is unreachable"
     );
 }
+
+/// The v6 side of a dual-stack node: a VXLAN device over an IPv6 underlay (flannel's
+/// `flannel-v6.<VNI>` layout), programmed by the same planner and netlink writers as the v4
+/// device, carries traffic both ways; a dump reads back exactly what was written, a stale v6
+/// peer's entries are removed, and re-ensuring the device keeps its entries and the kernel's
+/// link-local address.
+#[test]
+fn ipv6_vxlan_device_entries_and_traffic() {
+    use ipnet::Ipv6Net;
+    use std::net::Ipv6Addr;
+    use twill_daemon::netlink::VxlanSpecOf;
+    use twill_daemon::peer::PeerOf;
+    use twill_daemon::reconcile::KernelEntriesOf;
+
+    let p = Pair::new('6', 60);
+    sh(&format!(
+        "ip -n {} addr add fd00:18:60::1/64 dev va nodad && ip -n {} addr add fd00:18:60::2/64 dev vb nodad",
+        p.a, p.b
+    ));
+    let v6 = |s: &str| s.parse::<Ipv6Net>().unwrap();
+    let ip6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+    let node = |i: u8| PeerOf::<Ipv6Net> {
+        subnet: v6(&format!("fd00:10:244:{i}::/64")),
+        public_ip: ip6(&format!("fd00:18:60::{i}")),
+        vtep_mac: Some(mac(600 + u32::from(i))),
+    };
+    let stale = PeerOf::<Ipv6Net> {
+        subnet: v6("fd00:10:244:77::/64"),
+        public_ip: ip6("fd00:18:60::77"),
+        vtep_mac: Some(mac(677)),
+    };
+    let program = |ns: String, dev: &'static str, me: PeerOf<Ipv6Net>, peer: PeerOf<Ipv6Net>| {
+        in_ns(&ns, move || async move {
+            let nl = Netlink::new().unwrap();
+            let u = nl
+                .find_underlay(Some(&IfaceSelector::Name(dev.into())))
+                .await
+                .unwrap();
+            let spec = VxlanSpecOf::<Ipv6Net> {
+                name: "twill-v6.1".into(),
+                vni: 1,
+                local: me.public_ip,
+                underlay_index: u.index,
+                port: 8472,
+                mtu: 1430,
+                mac: me.vtep_mac.unwrap(),
+                addr: Ipv6Net::new(me.gateway(), 128).unwrap(),
+            };
+            let idx = nl.ensure_vxlan(&spec).await.unwrap();
+            // The real peer and a stale one, then a reconcile that wants only the first.
+            let ops = reconcile::diff(&[peer, stale], &KernelEntriesOf::default());
+            let r = nl.apply(idx, &ops).await;
+            assert!(r.failed.is_empty(), "{:?}", r.failed);
+            let k = nl.dump_entries::<Ipv6Net>(Some(idx)).await.unwrap();
+            assert!(reconcile::diff(&[peer, stale], &k).is_empty(), "{k:?}");
+            let ops = reconcile::diff(&[peer], &k);
+            assert_eq!(ops.len(), 3, "{ops:?}");
+            assert!(ops.iter().all(|o| o.is_delete()), "{ops:?}");
+            let r = nl.apply(idx, &ops).await;
+            assert!(r.failed.is_empty(), "{:?}", r.failed);
+            let k = nl.dump_entries::<Ipv6Net>(Some(idx)).await.unwrap();
+            assert!(reconcile::diff(&[peer], &k).is_empty(), "{k:?}");
+            assert_eq!((k.neighs.len(), k.fdb.len(), k.routes.len()), (1, 1, 1));
+            // The v4 view of the same device sees none of it.
+            let k4 = nl.dump_entries::<Ipv4Net>(Some(idx)).await.unwrap();
+            assert_eq!(k4, Default::default());
+            assert_eq!(nl.ensure_vxlan(&spec).await.unwrap(), idx);
+            let k = nl.dump_entries::<Ipv6Net>(Some(idx)).await.unwrap();
+            assert!(reconcile::diff(&[peer], &k).is_empty(), "{k:?}");
+        })
+    };
+    program(p.a.clone(), "va", node(1), node(2));
+    program(p.b.clone(), "vb", node(2), node(1));
+
+    let d = sh(&format!("ip -n {} -d link show twill-v6.1", p.a));
+    for want in [
+        "vxlan id 1 ",
+        "local fd00:18:60::1 ",
+        "dev va ",
+        "mtu 1430 ",
+    ] {
+        assert!(d.contains(want), "missing {want:?} in:\n{d}");
+    }
+    let addrs = sh(&format!("ip -n {} -6 -o addr show dev twill-v6.1", p.a));
+    let own = addrs
+        .lines()
+        .find(|l| l.contains("inet6 fd00:10:244:1::/128"))
+        .unwrap_or_else(|| panic!("no device address: {addrs}"));
+    assert!(!own.contains("tentative"), "DAD holds the address: {own}");
+    // The kernel's link-local address survived the second ensure.
+    assert!(addrs.contains("inet6 fe80::"), "{addrs}");
+    let routes = sh(&format!("ip -n {} -6 route show dev twill-v6.1", p.a));
+    assert!(
+        routes.contains("fd00:10:244:2::/64 via fd00:10:244:2::") && routes.contains("onlink"),
+        "{routes}"
+    );
+    assert!(
+        !routes.contains("fd00:10:244:77::"),
+        "stale route kept: {routes}"
+    );
+    // Both ways through the overlay, from each node's own v6 device address.
+    let ping = |ns: &str, from: &str, to: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if sh_ok(&format!(
+                "ip netns exec {ns} ping -6 -c1 -W1 -I {from} {to}"
+            )) {
+                return true;
+            }
+        }
+        false
+    };
+    assert!(ping(&p.a, "fd00:10:244:1::", "fd00:10:244:2::"), "a -> b");
+    assert!(ping(&p.b, "fd00:10:244:2::", "fd00:10:244:1::"), "b -> a");
+}

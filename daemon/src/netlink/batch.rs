@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 
 use rtnetlink::packet_core::{
@@ -12,15 +11,14 @@ use rtnetlink::packet_core::{
     NLM_F_REQUEST,
 };
 use rtnetlink::packet_route::neighbour::{
-    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+    NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use rtnetlink::packet_route::route::{RouteProtocol, RouteScope};
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
-use rtnetlink::RouteMessageBuilder;
 
-use super::TWILL_RTPROT;
-use crate::reconcile::Op;
+use super::{NlFamily, TWILL_RTPROT};
+use crate::reconcile::OpOf;
 
 /// Requests in flight per window, at most. Each ack costs well under 1 KiB of receive buffer;
 /// with a smaller buffer (no CAP_NET_ADMIN for SO_RCVBUFFORCE) the window shrinks to fit.
@@ -210,24 +208,35 @@ fn neigh(
 /// route is added exclusively: a replace would overwrite whatever route the main table has for
 /// that destination at metric 0, the kernel's connected route for the node's own LAN included.
 /// `replace_route` overwrites instead, for a route found to be ours.
-pub(super) fn op_message(ifindex: u32, op: &Op) -> NetlinkMessage<RouteNetlinkMessage> {
+pub(super) fn op_message<N: NlFamily>(
+    ifindex: u32,
+    op: &OpOf<N>,
+) -> NetlinkMessage<RouteNetlinkMessage> {
     op_message_with(ifindex, op, Write::Exclusive)
 }
 
-pub(super) fn replace_route(ifindex: u32, op: &Op) -> NetlinkMessage<RouteNetlinkMessage> {
+pub(super) fn replace_route<N: NlFamily>(
+    ifindex: u32,
+    op: &OpOf<N>,
+) -> NetlinkMessage<RouteNetlinkMessage> {
     op_message_with(ifindex, op, Write::Replace)
 }
 
-fn op_message_with(ifindex: u32, op: &Op, route: Write) -> NetlinkMessage<RouteNetlinkMessage> {
+fn op_message_with<N: NlFamily>(
+    ifindex: u32,
+    op: &OpOf<N>,
+    route: Write,
+) -> NetlinkMessage<RouteNetlinkMessage> {
     use NeighbourAttribute::{Destination, LinkLayerAddress};
+    use OpOf as Op;
     match *op {
         Op::SetNeigh { ip, mac } | Op::DelNeigh { ip, mac } => {
             let n = neigh(
                 ifindex,
-                AddressFamily::Inet,
+                N::AF,
                 NeighbourFlags::empty(),
                 vec![
-                    Destination(NeighbourAddress::Inet(ip)),
+                    Destination(N::neigh_addr(ip)),
                     LinkLayerAddress(mac.octets().to_vec()),
                 ],
             );
@@ -245,7 +254,7 @@ fn op_message_with(ifindex: u32, op: &Op, route: Write) -> NetlinkMessage<RouteN
                 NeighbourFlags::Own,
                 vec![
                     LinkLayerAddress(mac.octets().to_vec()),
-                    Destination(NeighbourAddress::Inet(dst)),
+                    Destination(N::neigh_addr(dst)),
                 ],
             );
             match op {
@@ -255,10 +264,8 @@ fn op_message_with(ifindex: u32, op: &Op, route: Write) -> NetlinkMessage<RouteN
         }
         Op::SetRoute { dst, gw } | Op::DelRoute { dst, gw } => {
             let set = matches!(op, Op::SetRoute { .. });
-            let b = RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(dst.network(), dst.prefix_len())
-                .gateway(gw);
-            let overlay = gw == dst.network();
+            let b = N::route_to(dst, gw);
+            let overlay = N::addr_bits(gw) == dst.start();
             let mut r = if overlay {
                 // Out of the VXLAN device; the gateway is the peer's VTEP, only reachable onlink.
                 b.output_interface(ifindex).onlink().build()

@@ -178,6 +178,7 @@ mod tests {
         assert_eq!(classify(&M::DelNeighbour(n), 7, true), None);
 
         let mut r = RouteMessage::default();
+        r.header.address_family = AddressFamily::Inet;
         r.attributes.push(RouteAttribute::Oif(7));
         r.attributes
             .push(RouteAttribute::Destination(RouteAddress::Inet(ip)));

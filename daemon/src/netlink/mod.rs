@@ -8,6 +8,7 @@
 mod batch;
 pub mod ethtool;
 mod events;
+mod family;
 pub mod nflog;
 pub mod nft_events;
 pub mod nft_sets;
@@ -20,22 +21,22 @@ use std::sync::{Arc, Mutex};
 
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use rtnetlink::packet_route::link::{
     InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage,
 };
 use rtnetlink::packet_route::neighbour::{
-    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+    NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
-use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType,
-};
+use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteProtocol, RouteType};
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 use tokio::sync::mpsc;
 
+pub use family::NlFamily;
+
 use crate::mac::MacAddr;
-use crate::reconcile::{KernelEntries, Op};
+use crate::reconcile::{KernelEntriesOf, OpOf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
@@ -94,18 +95,21 @@ pub struct Underlay {
     pub mtu: u32,
 }
 
+/// A VXLAN device of family N: its underlay (local) address and its own address are of N.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VxlanSpec {
+pub struct VxlanSpecOf<N: crate::subnet::Cidr> {
     pub name: String,
     pub vni: u32,
-    pub local: Ipv4Addr,
+    pub local: N::Addr,
     pub underlay_index: u32,
     pub port: u16,
     pub mtu: u32,
     pub mac: MacAddr,
-    /// Our subnet's network address as /32.
-    pub addr: Ipv4Net,
+    /// Our subnet's network address as /32 (v6: /128).
+    pub addr: N,
 }
+
+pub type VxlanSpec = VxlanSpecOf<Ipv4Net>;
 
 /// Something changed in the kernel that may need a reconcile.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,10 +120,21 @@ pub enum KernelEvent {
     AddressChanged,
 }
 
-#[derive(Debug, Default)]
-pub struct ApplyReport {
+#[derive(Debug)]
+pub struct ApplyReportOf<N: crate::subnet::Cidr> {
     pub applied: u64,
-    pub failed: Vec<(Op, NetlinkError)>,
+    pub failed: Vec<(OpOf<N>, NetlinkError)>,
+}
+
+pub type ApplyReport = ApplyReportOf<Ipv4Net>;
+
+impl<N: crate::subnet::Cidr> Default for ApplyReportOf<N> {
+    fn default() -> Self {
+        ApplyReportOf {
+            applied: 0,
+            failed: Vec::new(),
+        }
+    }
 }
 
 /// Route protocol number twill puts on DirectRouting routes (they live on the underlay, next
@@ -136,7 +151,8 @@ pub struct Netlink {
     handle: Handle,
     batch: Arc<Mutex<batch::BatchSocket>>,
     /// Shared by every clone and the event subscription: see `own`.
-    own: own::OwnDeletions,
+    own: own::OwnDeletions<Ipv4Net>,
+    own6: own::OwnDeletions<ipnet::Ipv6Net>,
 }
 
 impl Netlink {
@@ -153,6 +169,7 @@ impl Netlink {
             handle,
             batch: Arc::new(Mutex::new(batch)),
             own: own::OwnDeletions::default(),
+            own6: own::OwnDeletions::default(),
         })
     }
 
@@ -228,7 +245,10 @@ impl Netlink {
 
     /// Keeps a device that matches `spec`, replaces one that does not, creates a missing one;
     /// sets the address and brings it up. Returns the ifindex.
-    pub async fn ensure_vxlan(&self, spec: &VxlanSpec) -> Result<u32, NetlinkError> {
+    pub async fn ensure_vxlan<N: NlFamily>(
+        &self,
+        spec: &VxlanSpecOf<N>,
+    ) -> Result<u32, NetlinkError> {
         let ctx = format!("vxlan device {}", spec.name);
         let existing = match self.link_by_name(&spec.name).await {
             Ok(l) => Some(l),
@@ -250,8 +270,7 @@ impl Netlink {
                         .await
                         .map_err(|e| NetlinkError::from_rtnl(format!("{ctx}: delete"), e))?;
                 }
-                let msg = LinkVxlan::new(&spec.name, spec.vni)
-                    .local(spec.local)
+                let msg = N::vxlan_local(LinkVxlan::new(&spec.name, spec.vni), spec.local)
                     .dev(spec.underlay_index)
                     .port(spec.port)
                     .learning(false)
@@ -286,13 +305,16 @@ impl Netlink {
         Ok(index)
     }
 
-    /// `want` as the only IPv4 address of device `index` (others removed).
-    async fn ensure_only_addr(
+    /// `want` as the only address of its family on device `index` (others removed; an IPv6
+    /// link-local address is the kernel's and stays). A v6 address is added without duplicate
+    /// address detection: it is the subnet's own, and DAD would hold it tentative for seconds.
+    async fn ensure_only_addr<N: NlFamily>(
         &self,
         index: u32,
-        want: Ipv4Net,
+        want: N,
         ctx: &str,
     ) -> Result<(), NetlinkError> {
+        let want_ip = N::ip(N::addr_from_bits(want.start()));
         let mut have_want = false;
         let addrs: Vec<AddressMessage> = self
             .handle
@@ -304,10 +326,14 @@ impl Netlink {
             .await
             .map_err(|e| NetlinkError::from_rtnl(format!("{ctx}: list addresses"), e))?;
         for a in addrs {
-            if a.header.index != index || a.header.family != AddressFamily::Inet {
+            if a.header.index != index || a.header.family != N::AF {
                 continue;
             }
-            if addr_of(&a) == Some(want.addr()) && a.header.prefix_len == want.prefix_len() {
+            let ip = addr_ip_of(&a);
+            if matches!(ip, Some(IpAddr::V6(v6)) if v6.is_unicast_link_local()) {
+                continue;
+            }
+            if ip == Some(want_ip) && a.header.prefix_len == want.prefix() {
                 have_want = true;
                 continue;
             }
@@ -319,11 +345,17 @@ impl Netlink {
                 .map_err(|e| NetlinkError::from_rtnl(format!("{ctx}: remove stale address"), e))?;
         }
         if !have_want {
-            self.handle
+            let mut req = self
+                .handle
                 .address()
-                .add(index, IpAddr::V4(want.addr()), want.prefix_len())
-                .replace()
-                .execute()
+                .add(index, want_ip, want.prefix())
+                .replace();
+            if want_ip.is_ipv6() {
+                req.message_mut()
+                    .attributes
+                    .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            }
+            req.execute()
                 .await
                 .map_err(|e| NetlinkError::from_rtnl(format!("{ctx}: add address {want}"), e))?;
         }
@@ -440,8 +472,11 @@ impl Netlink {
     /// The entries twill manages: on overlay device `ifindex` its permanent neighbours, FDB
     /// entries and routes; anywhere, routes with twill's protocol number (direct routes). With
     /// `ifindex` None (no overlay device) only the latter.
-    pub async fn dump_entries(&self, ifindex: Option<u32>) -> Result<KernelEntries, NetlinkError> {
-        let mut out = KernelEntries::default();
+    pub async fn dump_entries<N: NlFamily>(
+        &self,
+        ifindex: Option<u32>,
+    ) -> Result<KernelEntriesOf<N>, NetlinkError> {
+        let mut out = KernelEntriesOf::default();
         let Some(ifindex) = ifindex else {
             out.routes = self.dump_routes(None).await?;
             return Ok(out);
@@ -451,7 +486,7 @@ impl Netlink {
             .handle
             .neighbours()
             .get()
-            .set_address_family(AddressFamily::Inet)
+            .set_address_family(N::AF)
             .execute();
         while let Some(n) = req
             .try_next()
@@ -461,7 +496,7 @@ impl Netlink {
             if n.header.ifindex != ifindex || n.header.state != NeighbourState::Permanent {
                 continue;
             }
-            if let (Some(ip), Some(mac)) = (neigh_dst_v4(&n), neigh_lladdr(&n)) {
+            if let (Some(ip), Some(mac)) = (N::neigh_dst(&n), neigh_lladdr(&n)) {
                 out.neighs.push((ip, mac));
             }
         }
@@ -480,7 +515,7 @@ impl Netlink {
             if n.header.ifindex != ifindex || !n.header.flags.contains(NeighbourFlags::Own) {
                 continue;
             }
-            if let (Some(dst), Some(mac)) = (neigh_dst_v4(&n), neigh_lladdr(&n)) {
+            if let (Some(dst), Some(mac)) = (N::neigh_dst(&n), neigh_lladdr(&n)) {
                 // The all-zeros entries are default destinations (flooding), not peers.
                 if !mac.is_zero() {
                     out.fdb.push((mac, dst));
@@ -537,12 +572,12 @@ impl Netlink {
     }
 
     /// Main-table routes that are ours: out of `ifindex`, or with twill's protocol number.
-    async fn dump_routes(
+    async fn dump_routes<N: NlFamily>(
         &self,
         ifindex: Option<u32>,
-    ) -> Result<Vec<(Ipv4Net, Ipv4Addr)>, NetlinkError> {
+    ) -> Result<Vec<(N, N::Addr)>, NetlinkError> {
         let mut out = Vec::new();
-        for r in self.all_routes().await? {
+        for r in self.routes_of::<N>().await? {
             if route_table(&r) != MAIN_TABLE {
                 continue;
             }
@@ -551,7 +586,7 @@ impl Netlink {
             if !ours {
                 continue;
             }
-            if let (Some(dst), Some(gw)) = (route_dst(&r), route_gw(&r)) {
+            if let (Some(dst), Some(gw)) = (N::route_dst(&r), N::route_gw(&r)) {
                 out.push((dst, gw));
             }
         }
@@ -560,7 +595,7 @@ impl Netlink {
 
     /// Pipelined: sends all requests, then collects the acks. Continues past errors. `ifindex`
     /// is our overlay device: its routes are ours (see `apply_owned`).
-    pub async fn apply(&self, ifindex: u32, ops: &[Op]) -> ApplyReport {
+    pub async fn apply<N: NlFamily>(&self, ifindex: u32, ops: &[OpOf<N>]) -> ApplyReportOf<N> {
         self.apply_owned(ifindex, Some(ifindex), ops).await
     }
 
@@ -571,19 +606,25 @@ impl Netlink {
     /// then neighbours/fdb, then routes (a route via a gateway needs its neighbour first).
     /// Routes are added exclusively; one refused because the destination has a route already is
     /// replaced only if that route is ours, and otherwise left alone and reported.
-    pub async fn apply_owned(&self, ifindex: u32, owned: Option<u32>, ops: &[Op]) -> ApplyReport {
-        let phase = |op: &Op| match op {
+    pub async fn apply_owned<N: NlFamily>(
+        &self,
+        ifindex: u32,
+        owned: Option<u32>,
+        ops: &[OpOf<N>],
+    ) -> ApplyReportOf<N> {
+        use OpOf as Op;
+        let phase = |op: &OpOf<N>| match op {
             Op::DelRoute { .. } => 0,
             Op::DelFdb { .. } | Op::DelNeigh { .. } => 1,
             Op::SetNeigh { .. } | Op::SetFdb { .. } => 2,
             Op::SetRoute { .. } => 3,
         };
-        let mut phases: Vec<Vec<Op>> = vec![Vec::new(); 4];
+        let mut phases: Vec<Vec<OpOf<N>>> = vec![Vec::new(); 4];
         for op in ops {
             phases[phase(op)].push(op.clone());
         }
         // Before the kernel sees them, so no echo can arrive first.
-        self.own.expect(ops);
+        N::own(self).expect(ops);
         let mut report = self.run_batches(ifindex, phases, batch::op_message).await;
         let (exists, failed): (Vec<_>, Vec<_>) = report.failed.drain(..).partition(|(op, e)| {
             matches!(op, Op::SetRoute { .. }) && e.errno() == Some(libc::EEXIST)
@@ -592,7 +633,7 @@ impl Netlink {
         if exists.is_empty() {
             return report;
         }
-        let dsts: HashSet<Ipv4Net> = exists
+        let dsts: HashSet<N> = exists
             .iter()
             .filter_map(|(op, _)| match op {
                 Op::SetRoute { dst, .. } => Some(*dst),
@@ -638,17 +679,17 @@ impl Netlink {
     }
 
     /// Sends each group of ops as batches, one group after the other, built by `message`.
-    async fn run_batches(
+    async fn run_batches<N: NlFamily>(
         &self,
         ifindex: u32,
-        groups: Vec<Vec<Op>>,
-        message: fn(u32, &Op) -> rtnetlink::packet_core::NetlinkMessage<RouteNetlinkMessage>,
-    ) -> ApplyReport {
-        let all: Vec<Op> = groups.iter().flatten().cloned().collect();
+        groups: Vec<Vec<OpOf<N>>>,
+        message: fn(u32, &OpOf<N>) -> rtnetlink::packet_core::NetlinkMessage<RouteNetlinkMessage>,
+    ) -> ApplyReportOf<N> {
+        let all: Vec<OpOf<N>> = groups.iter().flatten().cloned().collect();
         let batch = self.batch.clone();
         let res = tokio::task::spawn_blocking(move || {
             let mut sock = batch.lock().unwrap_or_else(|p| p.into_inner());
-            let mut report = ApplyReport::default();
+            let mut report = ApplyReportOf::default();
             for ops in groups.iter().filter(|p| !p.is_empty()) {
                 let msgs = ops
                     .iter()
@@ -678,7 +719,7 @@ impl Netlink {
         .await;
         match res {
             Ok(r) => r,
-            Err(e) => ApplyReport {
+            Err(e) => ApplyReportOf {
                 applied: 0,
                 failed: all
                     .into_iter()
@@ -694,17 +735,17 @@ impl Netlink {
     /// Of the destinations `dsts`, those whose main-table route at metric 0 (the one a route of
     /// ours would collide with) is not ours, with what it is. Ours: out of `owned`, or carrying
     /// twill's protocol number.
-    async fn foreign_routes(
+    async fn foreign_routes<N: NlFamily>(
         &self,
-        dsts: &HashSet<Ipv4Net>,
+        dsts: &HashSet<N>,
         owned: Option<u32>,
-    ) -> Result<HashMap<Ipv4Net, String>, NetlinkError> {
+    ) -> Result<HashMap<N, String>, NetlinkError> {
         let mut out = HashMap::new();
-        for r in self.all_routes().await? {
+        for r in self.routes_of::<N>().await? {
             if route_table(&r) != MAIN_TABLE || route_priority(&r) != 0 {
                 continue;
             }
-            let Some(dst) = route_dst(&r).filter(|d| dsts.contains(d)) else {
+            let Some(dst) = N::route_dst(&r).filter(|d| dsts.contains(d)) else {
                 continue;
             };
             let ours = (owned.is_some() && route_oif(&r) == owned)
@@ -734,9 +775,14 @@ impl Netlink {
 
     /// Every IPv4 route the kernel has, all tables.
     async fn all_routes(&self) -> Result<Vec<RouteMessage>, NetlinkError> {
+        self.routes_of::<Ipv4Net>().await
+    }
+
+    /// Every route of family N, all tables.
+    async fn routes_of<N: NlFamily>(&self) -> Result<Vec<RouteMessage>, NetlinkError> {
         self.handle
             .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .get(N::route_dump())
             .execute()
             .try_collect()
             .await
@@ -818,7 +864,7 @@ fn vxlan_data(l: &LinkMessage) -> Option<&[InfoVxlan]> {
     })
 }
 
-fn vxlan_matches(l: &LinkMessage, spec: &VxlanSpec) -> bool {
+fn vxlan_matches<N: NlFamily>(l: &LinkMessage, spec: &VxlanSpecOf<N>) -> bool {
     let mac_ok = l
         .attributes
         .iter()
@@ -829,7 +875,7 @@ fn vxlan_matches(l: &LinkMessage, spec: &VxlanSpec) -> bool {
     let has = |want: InfoVxlan| data.contains(&want);
     mac_ok
         && has(InfoVxlan::Id(spec.vni))
-        && has(InfoVxlan::Local(spec.local))
+        && has(N::vxlan_local_info(spec.local))
         && has(InfoVxlan::Link(spec.underlay_index))
         && has(InfoVxlan::Port(spec.port))
         && has(InfoVxlan::Learning(false))
@@ -849,6 +895,18 @@ fn link_mtu(l: &LinkMessage) -> Option<u32> {
     })
 }
 
+/// The interface's own address of either family (IFA_LOCAL, else IFA_ADDRESS).
+fn addr_ip_of(m: &AddressMessage) -> Option<IpAddr> {
+    let find = |local: bool| {
+        m.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Local(ip) if local => Some(*ip),
+            AddressAttribute::Address(ip) if !local => Some(*ip),
+            _ => None,
+        })
+    };
+    find(true).or_else(|| find(false))
+}
+
 /// The interface's own address (IFA_LOCAL; IFA_ADDRESS is the peer on point-to-point links).
 fn addr_of(m: &AddressMessage) -> Option<Ipv4Addr> {
     let find = |local: bool| {
@@ -864,13 +922,7 @@ fn addr_of(m: &AddressMessage) -> Option<Ipv4Addr> {
 /// NDA_DST as an IPv4 address. AF_BRIDGE (FDB) messages do not say the address family, so the
 /// parser leaves their NDA_DST as raw bytes.
 fn neigh_dst_v4(n: &NeighbourMessage) -> Option<Ipv4Addr> {
-    n.attributes.iter().find_map(|a| match a {
-        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
-        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
-            <[u8; 4]>::try_from(&b[..]).ok().map(Ipv4Addr::from)
-        }
-        _ => None,
-    })
+    <Ipv4Net as NlFamily>::neigh_dst(n)
 }
 
 fn neigh_lladdr(n: &NeighbourMessage) -> Option<MacAddr> {
@@ -908,21 +960,9 @@ fn route_priority(r: &RouteMessage) -> u32 {
 }
 
 fn route_dst(r: &RouteMessage) -> Option<Ipv4Net> {
-    let len = r.header.destination_prefix_length;
-    let ip = r
-        .attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
-            _ => None,
-        })
-        .unwrap_or(Ipv4Addr::UNSPECIFIED);
-    Ipv4Net::new(ip, len).ok()
+    <Ipv4Net as NlFamily>::route_dst(r)
 }
 
 fn route_gw(r: &RouteMessage) -> Option<Ipv4Addr> {
-    r.attributes.iter().find_map(|a| match a {
-        RouteAttribute::Gateway(RouteAddress::Inet(ip)) => Some(*ip),
-        _ => None,
-    })
+    <Ipv4Net as NlFamily>::route_gw(r)
 }

@@ -7,25 +7,38 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ipnet::Ipv4Net;
+
 pub use crate::reconcile::EntryKey;
-use crate::reconcile::Op;
+use crate::reconcile::{EntryKeyOf, OpOf};
+use crate::subnet::Cidr;
 
 /// How long an expected echo waits for its notification. It comes within milliseconds; one that
 /// never comes (the entry was already gone) must not swallow a real deletion much later.
 const ECHO_TTL: Duration = Duration::from_secs(10);
 
-#[derive(Clone, Default)]
-pub struct OwnDeletions(Arc<Mutex<HashMap<EntryKey, (u32, Instant)>>>);
+/// Per address family: a v4 key and a v6 key never name the same entry.
+#[derive(Clone)]
+pub struct OwnDeletions<N: Cidr = Ipv4Net>(Arc<Mutex<Expected<N>>>);
 
-impl OwnDeletions {
+/// Per entry: how many deletion echoes are due, and until when.
+type Expected<N> = HashMap<EntryKeyOf<N>, (u32, Instant)>;
+
+impl<N: Cidr> Default for OwnDeletions<N> {
+    fn default() -> Self {
+        OwnDeletions(Arc::default())
+    }
+}
+
+impl<N: Cidr> OwnDeletions<N> {
     /// Called before `ops` go to the kernel: their deletions will echo back. An add clears any
     /// expectation for its entry, so a later deletion of it is news again.
-    pub fn expect(&self, ops: &[Op]) {
+    pub fn expect(&self, ops: &[OpOf<N>]) {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         m.retain(|_, (_, until)| *until > now);
         for op in ops {
-            let key = EntryKey::of(op);
+            let key = EntryKeyOf::of(op);
             if op.is_delete() {
                 let e = m.entry(key).or_insert((0, now));
                 *e = (e.0 + 1, now + ECHO_TTL);
@@ -36,7 +49,7 @@ impl OwnDeletions {
     }
 
     /// Whether a deletion notification for `key` is the echo of one of ours (consuming it).
-    pub fn take(&self, key: EntryKey) -> bool {
+    pub fn take(&self, key: EntryKeyOf<N>) -> bool {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
         match m.get_mut(&key) {
             Some((n, until)) if *until > Instant::now() => {
@@ -57,6 +70,7 @@ impl OwnDeletions {
 
 #[cfg(test)]
 mod tests {
+    use crate::reconcile::Op;
     use std::net::Ipv4Addr;
 
     use super::*;
