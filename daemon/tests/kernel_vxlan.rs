@@ -216,6 +216,40 @@ fn underlay_selection() {
         Netlink::new().unwrap().find_underlay(None).await.unwrap()
     });
     assert_eq!(by_default, by_name);
+
+    // The IPv6 endpoint: only the kernel's link-local address so far, which is none.
+    let addr6 = || {
+        in_ns(&ns, || async {
+            let nl = Netlink::new().unwrap();
+            let u = nl
+                .find_underlay(Some(&IfaceSelector::Name("va".into())))
+                .await
+                .unwrap();
+            u.addr6.map(|a| a.to_string())
+        })
+    };
+    assert_eq!(by_name.addr6, None);
+    // Deprecated, still in duplicate address detection (held there by 100 probes), and one
+    // from autoconfiguration (a lifetime, not permanent): only the last is usable.
+    sh(&format!(
+        "ip -n {ns} addr add fd00:18:10::9/64 dev va nodad preferred_lft 0 && \
+         ip netns exec {ns} sysctl -qw net.ipv6.conf.va.dad_transmits=100 && \
+         ip -n {ns} addr add fd00:18:10::7/64 dev va && \
+         ip -n {ns} addr add fd00:18:10::3/64 dev va nodad valid_lft 3600 preferred_lft 3600"
+    ));
+    assert!(
+        sh(&format!("ip -n {ns} -6 addr show dev va")).contains("tentative"),
+        "the DAD address is not tentative"
+    );
+    assert_eq!(addr6().as_deref(), Some("fd00:18:10::3"));
+    // A static address wins over an autoconfigured one, also one added after it (the kernel
+    // lists the newest first).
+    sh(&format!(
+        "ip -n {ns} addr del fd00:18:10::3/64 dev va && \
+         ip -n {ns} addr add fd00:18:10::5/64 dev va nodad && \
+         ip -n {ns} addr add fd00:18:10::3/64 dev va nodad valid_lft 3600 preferred_lft 3600"
+    ));
+    assert_eq!(addr6().as_deref(), Some("fd00:18:10::5"));
 }
 
 #[test]

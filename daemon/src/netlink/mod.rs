@@ -16,7 +16,7 @@ mod own;
 pub mod pod;
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 
 use futures::TryStreamExt;
@@ -92,6 +92,8 @@ pub struct Underlay {
     pub name: String,
     pub index: u32,
     pub addr: Ipv4Addr,
+    /// The interface's stable global IPv6 address, if it has one (see `stable_ipv6`).
+    pub addr6: Option<Ipv6Addr>,
     pub mtu: u32,
 }
 
@@ -211,10 +213,12 @@ impl Netlink {
                     )
                 })?,
         };
+        let addr6 = self.stable_ipv6(index).await?;
         Ok(Underlay {
             name,
             index,
             addr,
+            addr6,
             mtu,
         })
     }
@@ -825,6 +829,56 @@ impl Netlink {
     }
 
     /// (ifindex, address, prefix length) of IPv4 addresses, in kernel order.
+    /// Interface `index`'s IPv6 address for tunnel traffic: global scope (not link-local),
+    /// usable now (not tentative, DAD-failed or deprecated) and not a temporary (privacy)
+    /// address, which the kernel rotates away: flannel took one as its endpoint and broke
+    /// (#2293). A permanent (static) address is preferred over one from autoconfiguration.
+    async fn stable_ipv6(&self, index: u32) -> Result<Option<Ipv6Addr>, NetlinkError> {
+        let msgs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NetlinkError::from_rtnl("list addresses", e))?;
+        let unusable = AddressFlags::Tentative
+            | AddressFlags::Dadfailed
+            | AddressFlags::Deprecated
+            | AddressFlags::Secondary; // IFA_F_TEMPORARY is the same bit
+        let mut best: Option<(bool, Ipv6Addr)> = None;
+        for m in &msgs {
+            if m.header.family != AddressFamily::Inet6 || m.header.index != index {
+                continue;
+            }
+            let Some(IpAddr::V6(ip)) = addr_ip_of(m) else {
+                continue;
+            };
+            if ip.is_loopback() || ip.is_unicast_link_local() || ip.is_multicast() {
+                continue;
+            }
+            let flags = m
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    AddressAttribute::Flags(f) => Some(*f),
+                    _ => None,
+                })
+                .unwrap_or_else(|| {
+                    AddressFlags::from_bits_truncate(u32::from(m.header.flags.bits()))
+                });
+            if flags.intersects(unusable) {
+                continue;
+            }
+            let permanent = flags.contains(AddressFlags::Permanent);
+            if best.is_none_or(|(p, _)| permanent && !p) {
+                best = Some((permanent, ip));
+            }
+        }
+        Ok(best.map(|(_, ip)| ip))
+    }
+
     async fn ipv4_addrs(
         &self,
         index: Option<u32>,
