@@ -320,15 +320,10 @@ impl Netlink {
     ) -> Result<(), NetlinkError> {
         let want_ip = N::ip(N::addr_from_bits(want.start()));
         let mut have_want = false;
-        let addrs: Vec<AddressMessage> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute()
-            .try_collect()
+        let addrs = self
+            .addresses(Some(index))
             .await
-            .map_err(|e| NetlinkError::from_rtnl(format!("{ctx}: list addresses"), e))?;
+            .map_err(|e| NetlinkError::failed(ctx, e))?;
         for a in addrs {
             if a.header.index != index || a.header.family != N::AF {
                 continue;
@@ -828,21 +823,12 @@ impl Netlink {
             })
     }
 
-    /// (ifindex, address, prefix length) of IPv4 addresses, in kernel order.
     /// Interface `index`'s IPv6 address for tunnel traffic: global scope (not link-local),
     /// usable now (not tentative, DAD-failed or deprecated) and not a temporary (privacy)
     /// address, which the kernel rotates away: flannel took one as its endpoint and broke
     /// (#2293). A permanent (static) address is preferred over one from autoconfiguration.
     async fn stable_ipv6(&self, index: u32) -> Result<Option<Ipv6Addr>, NetlinkError> {
-        let msgs: Vec<AddressMessage> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| NetlinkError::from_rtnl("list addresses", e))?;
+        let msgs = self.addresses(Some(index)).await?;
         let unusable = AddressFlags::Tentative
             | AddressFlags::Dadfailed
             | AddressFlags::Deprecated
@@ -879,19 +865,24 @@ impl Netlink {
         Ok(best.map(|(_, ip)| ip))
     }
 
-    async fn ipv4_addrs(
-        &self,
-        index: Option<u32>,
-    ) -> Result<Vec<(u32, Ipv4Addr, u8)>, NetlinkError> {
+    /// Every address of either family (of interface `index` only, if given), in kernel order.
+    async fn addresses(&self, index: Option<u32>) -> Result<Vec<AddressMessage>, NetlinkError> {
         let mut req = self.handle.address().get();
         if let Some(i) = index {
             req = req.set_link_index_filter(i);
         }
-        let msgs: Vec<AddressMessage> = req
-            .execute()
+        req.execute()
             .try_collect()
             .await
-            .map_err(|e| NetlinkError::from_rtnl("list addresses", e))?;
+            .map_err(|e| NetlinkError::from_rtnl("list addresses", e))
+    }
+
+    /// (ifindex, address, prefix length) of IPv4 addresses, in kernel order.
+    async fn ipv4_addrs(
+        &self,
+        index: Option<u32>,
+    ) -> Result<Vec<(u32, Ipv4Addr, u8)>, NetlinkError> {
+        let msgs = self.addresses(index).await?;
         Ok(msgs
             .iter()
             .filter(|m| {
