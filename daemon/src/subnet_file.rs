@@ -1,9 +1,9 @@
 //! The subnet file in flannel's format (subnet.env), read by flannel's CNI plugin and tooling.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::state::write_atomic;
 
@@ -13,20 +13,29 @@ pub struct SubnetEnv {
     pub subnet: Ipv4Net,
     pub mtu: u32,
     pub ipmasq: bool,
+    /// A dual-stack node's IPv6 network and subnet (FLANNEL_IPV6_NETWORK, FLANNEL_IPV6_SUBNET).
+    pub ipv6: Option<(Ipv6Net, Ipv6Net)>,
 }
 
 impl SubnetEnv {
+    /// flannel's order: the v4 lines, the v6 lines, MTU, masquerade.
     pub fn render(&self) -> String {
         // FLANNEL_SUBNET carries the first usable address, not the network address.
         let first = Ipv4Addr::from(u32::from(self.subnet.network()) + 1);
-        format!(
-            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}/{}\nFLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
+        let mut out = format!(
+            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}/{}\n",
             self.network,
             first,
-            self.subnet.prefix_len(),
-            self.mtu,
-            self.ipmasq
-        )
+            self.subnet.prefix_len()
+        );
+        if let Some((network, subnet)) = self.ipv6 {
+            let first = Ipv6Addr::from(u128::from(subnet.network()) + 1);
+            out += &format!(
+                "FLANNEL_IPV6_NETWORK={network}\nFLANNEL_IPV6_SUBNET={first}/{}\n",
+                subnet.prefix_len()
+            );
+        }
+        out + &format!("FLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n", self.mtu, self.ipmasq)
     }
 
     /// Into a directory only root may write (checked each time: see `paths`).
@@ -56,10 +65,25 @@ mod tests {
             subnet: "10.244.1.0/24".parse().unwrap(),
             mtu: 1450,
             ipmasq: false,
+            ipv6: None,
         };
         assert_eq!(
             env.render(),
             "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"
+        );
+        // Dual stack, as flanneld writes it.
+        let dual = SubnetEnv {
+            ipv6: Some((
+                "fd00:10:244::/56".parse().unwrap(),
+                "fd00:10:244:1::/64".parse().unwrap(),
+            )),
+            ..env.clone()
+        };
+        assert_eq!(
+            dual.render(),
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\n\
+             FLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:1::1/64\n\
+             FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"
         );
         let dir = std::env::temp_dir().join(format!("twill-subnet-env-{}", std::process::id()));
         let path = dir.join("subnet.env");

@@ -245,6 +245,8 @@ impl Node {
             subnet: self.local.subnet,
             mtu: self.device.mtu,
             ipmasq: self.args.ip_masq,
+            // No v6 subnet is leased yet (issue 13).
+            ipv6: None,
         };
         let file = &self.args.subnet_file;
         match env.write(file) {
