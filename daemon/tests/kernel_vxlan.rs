@@ -1077,4 +1077,25 @@ fn ipv6_vxlan_device_entries_and_traffic() {
     };
     assert!(ping(&p.a, "fd00:10:244:1::", "fd00:10:244:2::"), "a -> b");
     assert!(ping(&p.b, "fd00:10:244:2::", "fd00:10:244:1::"), "b -> a");
+
+    // A v4 device on the same VNI and port shares them with the v6 one (flannel's flannel.1
+    // next to flannel-v6.1): only a device of the same family holds them against ours.
+    sh(&format!(
+        "ip -n {} link add flannel.1 type vxlan id 1 local {} dstport 8472 dev va nolearning",
+        p.a, p.ip_a
+    ));
+    let (v4, v6) = in_ns(&p.a, || async {
+        let nl = Netlink::new().unwrap();
+        (
+            nl.vxlan_devices_using::<Ipv4Net>(1, 8472, "twill.1")
+                .await
+                .unwrap(),
+            nl.vxlan_devices_using::<Ipv6Net>(1, 8472, "twill-v6.1")
+                .await
+                .unwrap(),
+        )
+    });
+    let names = |d: Vec<(u32, String)>| d.into_iter().map(|(_, n)| n).collect::<Vec<_>>();
+    assert_eq!(names(v4), vec!["flannel.1".to_string()]);
+    assert_eq!(names(v6), Vec::<String>::new());
 }

@@ -80,7 +80,7 @@ impl VxlanBackend {
     async fn free_vni(&self, spec: &VxlanSpec) -> Result<(), Option<BackendError>> {
         let others = self
             .nl()
-            .vxlan_devices_using(spec.vni, spec.port, &spec.name)
+            .vxlan_devices_using::<Ipv4Net>(spec.vni, spec.port, &spec.name)
             .await
             .map_err(|e| Some(e.into()))?;
         let flannel = format!("flannel.{}", spec.vni);

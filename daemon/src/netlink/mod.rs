@@ -413,27 +413,25 @@ impl Netlink {
         }))
     }
 
-    /// VXLAN devices other than `except` with VNI `vni` on UDP port `port`, as (ifindex, name):
-    /// the kernel refuses to create a second one (EEXIST).
-    pub async fn vxlan_devices_using(
+    /// VXLAN devices of family N other than `except` with VNI `vni` on UDP port `port`, as
+    /// (ifindex, name): the kernel refuses to create a second one (EEXIST). One of the other
+    /// family shares them without conflict (flannel's `flannel.1` and `flannel-v6.1`).
+    pub async fn vxlan_devices_using<N: NlFamily>(
         &self,
         vni: u32,
         port: u16,
         except: &str,
     ) -> Result<Vec<(u32, String)>, NetlinkError> {
-        let links: Vec<LinkMessage> = self
-            .handle
-            .link()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| NetlinkError::from_rtnl("list links", e))?;
-        Ok(links
+        let v6 = N::AF == AddressFamily::Inet6;
+        Ok(self
+            .links()
+            .await?
             .iter()
             .filter(|l| {
                 vxlan_data(l).is_some_and(|d| {
-                    d.contains(&InfoVxlan::Id(vni)) && d.contains(&InfoVxlan::Port(port))
+                    d.contains(&InfoVxlan::Id(vni))
+                        && d.contains(&InfoVxlan::Port(port))
+                        && vxlan_is_v6(d) == v6
                 })
             })
             .filter_map(|l| Some((l.header.index, link_name(l)?)))
@@ -443,15 +441,9 @@ impl Netlink {
 
     /// Every VXLAN device, as (ifindex, name).
     pub async fn vxlan_devices(&self) -> Result<Vec<(u32, String)>, NetlinkError> {
-        let links: Vec<LinkMessage> = self
-            .handle
-            .link()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| NetlinkError::from_rtnl("list links", e))?;
-        Ok(links
+        Ok(self
+            .links()
+            .await?
             .iter()
             .filter(|l| vxlan_data(l).is_some())
             .filter_map(|l| Some((l.header.index, link_name(l)?)))
@@ -865,6 +857,16 @@ impl Netlink {
         Ok(best.map(|(_, ip)| ip))
     }
 
+    async fn links(&self) -> Result<Vec<LinkMessage>, NetlinkError> {
+        self.handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NetlinkError::from_rtnl("list links", e))
+    }
+
     /// Every address of either family (of interface `index` only, if given), in kernel order.
     async fn addresses(&self, index: Option<u32>) -> Result<Vec<AddressMessage>, NetlinkError> {
         let mut req = self.handle.address().get();
@@ -891,6 +893,13 @@ impl Netlink {
             .filter_map(|m| Some((m.header.index, addr_of(m)?, m.header.prefix_len)))
             .collect())
     }
+}
+
+/// Whether a VXLAN device's endpoint is IPv6 (the kernel's rule: an IPv6 local address or
+/// group/remote makes the device's socket IPv6; otherwise it is IPv4).
+fn vxlan_is_v6(d: &[InfoVxlan]) -> bool {
+    d.iter()
+        .any(|i| matches!(i, InfoVxlan::Local6(_) | InfoVxlan::Group6(_)))
 }
 
 /// The VXLAN attributes of a link, if it is a VXLAN device.
