@@ -165,34 +165,78 @@ impl LeaseAttrs {
             }
             None => return Err(LeaseError::Invalid("BackendType is missing".into())),
         };
-        let v6 = match raw.public_ipv6 {
-            None => None,
-            Some(ip) => {
-                let public_ip: Ipv6Addr = ip.parse().map_err(|_| {
-                    LeaseError::Invalid(format!(
-                        "PublicIPv6 {:?} is not an IPv6 address",
-                        echo(&ip)
-                    ))
-                })?;
-                if public_ip.is_unspecified() || public_ip.is_multicast() || public_ip.is_loopback()
-                {
-                    return Err(LeaseError::Invalid(format!(
-                        "PublicIPv6 {public_ip} cannot be a tunnel endpoint"
-                    )));
-                }
-                let backend = match backend {
-                    LeaseBackend::Vxlan { .. } => vxlan_data(raw.backend_v6_data, "BackendV6Data")?,
-                    other => other,
-                };
-                Some(LeaseV6 { public_ip, backend })
-            }
-        };
+        // The v6 side is only read, never a reason to lose the v4 one: twill does not serve v6
+        // yet, and a side with a problem is checked on its own (`v6_side`, `check_v6`).
+        let v6 = v6_side(raw.public_ipv6, raw.backend_v6_data, backend)
+            .ok()
+            .flatten();
         Ok(LeaseAttrs {
             public_ip,
             backend,
             v6,
         })
     }
+
+    /// The dual-stack side of a lease value, checked: None for a v4-only lease; an error that
+    /// names the v6 field for a side that cannot be used (an unreadable value is an error too).
+    pub fn v6_from_json(value: &[u8]) -> Result<Option<LeaseV6>, LeaseError> {
+        let attrs = Self::from_json(value)?;
+        let raw = decode(value).map_err(LeaseError::Invalid)?;
+        v6_side(raw.public_ipv6, raw.backend_v6_data, attrs.backend)
+    }
+}
+
+/// PublicIPv6 and BackendV6Data; the v6 backend is of the lease's BackendType.
+fn v6_side(
+    public_ipv6: Option<String>,
+    data: Option<BackendDataIn>,
+    backend: LeaseBackend,
+) -> Result<Option<LeaseV6>, LeaseError> {
+    let Some(ip) = public_ipv6 else {
+        return Ok(None);
+    };
+    let public_ip: Ipv6Addr = ip.parse().map_err(|_| {
+        LeaseError::Invalid(format!("PublicIPv6 {:?} is not an IPv6 address", echo(&ip)))
+    })?;
+    if public_ip.is_unspecified() || public_ip.is_multicast() || public_ip.is_loopback() {
+        return Err(LeaseError::Invalid(format!(
+            "PublicIPv6 {public_ip} cannot be a tunnel endpoint"
+        )));
+    }
+    let backend = match backend {
+        LeaseBackend::Vxlan { .. } => vxlan_data(data, "BackendV6Data")?,
+        other => other,
+    };
+    Ok(Some(LeaseV6 { public_ip, backend }))
+}
+
+/// A lease's v6 side against the network config, as `parse_lease` checks the v4 side: not a
+/// v6 pod address, and on a vxlan network the network's VNI.
+pub fn check_v6(cfg: &NetworkConfig, v6: &LeaseV6) -> Result<(), LeaseError> {
+    if let Some(r) = &cfg.ipv6 {
+        if r.network.contains(&v6.public_ip) {
+            return Err(LeaseError::Invalid(format!(
+                "PublicIPv6 {} is inside the IPv6 pod network {}",
+                v6.public_ip, r.network
+            )));
+        }
+    }
+    check_vni(cfg, v6.backend)
+}
+
+/// A vxlan lease on a vxlan network must use our VNI: the kernel would drop its packets (a
+/// silent blackhole).
+fn check_vni(cfg: &NetworkConfig, backend: LeaseBackend) -> Result<(), LeaseError> {
+    if let (BackendKind::Vxlan, LeaseBackend::Vxlan { vni, .. }) = (cfg.backend.kind, backend) {
+        if vni != cfg.backend.vni {
+            return Err(LeaseError::Invalid(format!(
+                "VNI {vni} is not this network's VNI {} (a node not yet restarted after a VNI \
+                 change?)",
+                cfg.backend.vni
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A vxlan lease's BackendData (or BackendV6Data): a usable unicast VTEP MAC, and the VNI
@@ -298,35 +342,13 @@ pub fn parse_lease(cfg: &NetworkConfig, subnet: Ipv4Net, value: &[u8]) -> Result
         )));
     }
     let attrs = LeaseAttrs::from_json(value)?;
-    if let (Some(v6), Some(r)) = (attrs.v6, &cfg.ipv6) {
-        if r.network.contains(&v6.public_ip) {
-            return Err(LeaseError::Invalid(format!(
-                "PublicIPv6 {} is inside the IPv6 pod network {}",
-                v6.public_ip, r.network
-            )));
-        }
-    }
     if cfg.network.contains(&attrs.public_ip) {
         return Err(LeaseError::Invalid(format!(
             "PublicIP {} is inside the pod network {}: a pod address cannot carry the tunnel",
             attrs.public_ip, cfg.network
         )));
     }
-    // Both sides of a dual-stack vxlan lease use the network's VNI.
-    let v6_backend = attrs.v6.map(|v| v.backend);
-    for backend in std::iter::once(attrs.backend).chain(v6_backend) {
-        let (BackendKind::Vxlan, LeaseBackend::Vxlan { vni, .. }) = (cfg.backend.kind, backend)
-        else {
-            continue;
-        };
-        if vni != cfg.backend.vni {
-            return Err(LeaseError::Invalid(format!(
-                "VNI {vni} is not this network's VNI {} (a node not yet restarted after a VNI \
-                 change?)",
-                cfg.backend.vni
-            )));
-        }
-    }
+    check_vni(cfg, attrs.backend)?;
     Ok(Peer {
         subnet,
         public_ip: attrs.public_ip,
@@ -452,7 +474,7 @@ mod tests {
     }
 
     #[test]
-    fn dual_stack_lease_errors_name_the_v6_field() {
+    fn dual_stack_lease_errors_name_the_v6_field_and_keep_the_v4_peer() {
         let v6cfg = NetworkConfig::parse(
             br#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56"}"#,
         )
@@ -461,11 +483,6 @@ mod tests {
             format!(
                 r#"{{"PublicIP":"198.18.0.2","PublicIPv6":{ip6},"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{MAC}"}}{data6}}}"#
             )
-        };
-        let err = |cfg: &NetworkConfig, v: &str| {
-            parse_peer(cfg, None, net("10.244.2.0/24"), v.as_bytes())
-                .unwrap_err()
-                .to_string()
         };
         let good6 = r#","BackendV6Data":{"VNI":1,"VtepMAC":"02:00:00:00:00:06"}"#;
         for (ip6, data6, want) in [
@@ -492,28 +509,42 @@ mod tests {
                 r#","BackendV6Data":{"VtepMAC":"01:00:5e:00:00:01"}"#,
                 "BackendV6Data.VtepMAC 01:00:5e:00:00:01 is a multicast",
             ),
-            (
-                r#""fd00:1::2""#,
-                r#","BackendV6Data":{"VNI":7,"VtepMAC":"02:00:00:00:00:06"}"#,
-                "VNI 7 is not this network's VNI 1",
-            ),
         ] {
-            let e = err(&cfg(), &value(ip6, data6));
+            let v = value(ip6, data6);
+            let e = LeaseAttrs::v6_from_json(v.as_bytes())
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{e:?} lacks {want:?}");
+            // The v4 side is a peer all the same, without a v6 side.
+            assert_eq!(LeaseAttrs::from_json(v.as_bytes()).unwrap().v6, None);
+            for cfg in [cfg(), v6cfg.clone()] {
+                let p = parse_peer(&cfg, None, net("10.244.2.0/24"), v.as_bytes());
+                assert_eq!(p.unwrap().public_ip, Ipv4Addr::new(198, 18, 0, 2), "{v}");
+            }
         }
-        // The v6 endpoint cannot be a v6 pod address.
-        let e = err(&v6cfg, &value(r#""fd00:10:244:5::9""#, good6));
+        // Against the config: not a v6 pod address, the network's VNI.
+        let side = |ip6: &str, data6: &str| {
+            LeaseAttrs::v6_from_json(value(ip6, data6).as_bytes())
+                .unwrap()
+                .unwrap()
+        };
+        let e = check_v6(&v6cfg, &side(r#""fd00:10:244:5::9""#, good6)).unwrap_err();
         assert!(
-            e.contains("PublicIPv6 fd00:10:244:5::9 is inside the IPv6 pod network"),
+            e.to_string()
+                .contains("PublicIPv6 fd00:10:244:5::9 is inside the IPv6 pod network"),
             "{e}"
         );
-        let ok = parse_peer(
-            &v6cfg,
-            None,
-            net("10.244.2.0/24"),
-            value(r#""fd00:1::2""#, good6).as_bytes(),
+        let other_vni = r#","BackendV6Data":{"VNI":7,"VtepMAC":"02:00:00:00:00:06"}"#;
+        let e = check_v6(&v6cfg, &side(r#""fd00:1::2""#, other_vni)).unwrap_err();
+        assert!(
+            e.to_string().contains("VNI 7 is not this network's VNI 1"),
+            "{e}"
         );
-        assert!(ok.is_ok(), "{ok:?}");
+        assert!(check_v6(&v6cfg, &side(r#""fd00:1::2""#, good6)).is_ok());
+        assert_eq!(
+            LeaseAttrs::v6_from_json(attrs().to_json().as_bytes()).unwrap(),
+            None
+        );
     }
 
     #[test]
