@@ -176,17 +176,29 @@ fn parse_range<N: Cidr>(
 ) -> Result<SubnetRange<N>, ConfigError> {
     let plen = network.prefix();
     let max_len = N::BITS - 2;
+    // Four subnets at least (flannel's rule): the first is skipped, so fewer leave one node.
+    let min_len = plen + 2;
     let subnet_len = match uint_field(obj, f.subnet_len, u64::from(u8::MAX))? {
         Some(n) => n as u8,
         None if plen <= N::DEFAULT_SUBNET_LEN - 2 => N::DEFAULT_SUBNET_LEN,
-        None => plen + 2,
+        None if min_len > max_len => {
+            return Err(invalid(
+                f.network,
+                format!(
+                    "{network} is too small: four subnets of at least 4 addresses need a /{} \
+                     or larger",
+                    max_len - 2
+                ),
+            ))
+        }
+        None => min_len,
     };
-    if subnet_len <= plen || subnet_len > max_len {
+    if subnet_len < min_len || subnet_len > max_len {
         return Err(invalid(
             f.subnet_len,
             format!(
-                "{subnet_len} is out of range (must be greater than the {} prefix length \
-                 {plen} of {network} and at most {max_len})",
+                "{subnet_len} is out of range (at least {min_len}, for four subnets in the {} \
+                 {network}, and at most {max_len})",
                 f.network
             ),
         ));
@@ -602,17 +614,18 @@ mod tests {
         );
         assert_invalid(
             &format!(r#"{{{n},"IPv6Network":"fd00::/125"}}"#),
-            "IPv6SubnetLen",
-            &["127 is out of range", "at most 126"],
+            "IPv6Network",
+            &["fd00::/125 is too small", "/124 or larger"],
         );
         assert_invalid(
             &format!(r#"{{{n},"IPv6Network":"fd00::/48","IPv6SubnetLen":127}}"#),
             "IPv6SubnetLen",
-            &[
-                "127",
-                "IPv6Network prefix length 48 of fd00::/48",
-                "at most 126",
-            ],
+            &["127", "at least 50", "IPv6Network fd00::/48", "at most 126"],
+        );
+        assert_invalid(
+            &format!(r#"{{{n},"IPv6Network":"fd00::/48","IPv6SubnetLen":49}}"#),
+            "IPv6SubnetLen",
+            &["49 is out of range", "at least 50"],
         );
         assert_invalid(
             &format!(r#"{{{n},"IPv6Network":"fd00::/48","IPv6SubnetLen":48}}"#),
@@ -714,8 +727,19 @@ mod tests {
             "SubnetLen",
             &["300"],
         );
-        // Default prefix + 2 would be 31.
-        assert_invalid(r#"{"Network":"10.0.0.0/29"}"#, "SubnetLen", &["31"]);
+        // Default prefix + 2 would be 31: the network is what is wrong.
+        assert_invalid(
+            r#"{"Network":"10.0.0.0/29"}"#,
+            "Network",
+            &["10.0.0.0/29 is too small", "/28 or larger"],
+        );
+        // Two subnets (the first skipped) are not enough, as in flannel.
+        assert_invalid(
+            r#"{"Network":"10.0.0.0/16","SubnetLen":17}"#,
+            "SubnetLen",
+            &["17 is out of range", "at least 18", "10.0.0.0/16"],
+        );
+        assert!(parse(r#"{"Network":"10.0.0.0/16","SubnetLen":18}"#).is_ok());
     }
 
     #[test]
