@@ -194,6 +194,12 @@ pub fn parse_subnet_key(key: &str) -> Option<Ipv4Net> {
     parse_dual_subnet_key(key).map(|(v4, _)| v4)
 }
 
+/// The v4 part of a key, whatever follows it: for the set of subnets taken, where any key that
+/// names a v4 subnet holds it, also one whose v6 part this parser would refuse as a key.
+pub fn subnet_key_v4_part(key: &str) -> Option<Ipv4Net> {
+    parse_part::<Ipv4Net>(key.split('&').next()?)
+}
+
 /// Both parts of a key: `10.244.1.0-24&fd00:10:244:1::-64` -> (10.244.1.0/24, fd00:..::/64).
 /// Each part is written as flannel writes it (the v6 part in RFC 5952 form, lengths in plain
 /// decimal) so that a subnet has one key; anything else is not a key.
@@ -219,6 +225,8 @@ fn parse_part<N: Cidr>(part: &str) -> Option<N> {
     if len.is_empty()
         || !len.bytes().all(|b| b.is_ascii_digit())
         || len.len() > 3
+        // flannel reads the v6 length into 7 bits: a -128 key is not one of its keys.
+        || (N::BITS == 128 && len == "128")
         || (len.len() > 1 && len.starts_with('0'))
         || parsed.to_string() != addr
         // flannel's pattern for the v6 part is `[a-f\d:]+`: no embedded v4 form.
@@ -402,9 +410,12 @@ mod tests {
             "10.244.1.0-24&10.0.0.0-8",  // a second v4 part
             "10.244.1.0-24&fc00::-64&x",
             "10.244.1.0-24&::ffff:10.0.0.0-104", // flannel's pattern has no dots
+            "10.244.1.0-24&fd00::1-128",         // flannel's v6 length has 7 bits
         ] {
             assert_eq!(parse_dual_subnet_key(k), None, "{k:?}");
             assert_eq!(parse_subnet_key(k), None, "{k:?}");
+            // Not a key, but its v4 subnet is still held against allocation.
+            assert_eq!(subnet_key_v4_part(k), Some(net("10.244.1.0/24")), "{k:?}");
         }
     }
 

@@ -604,18 +604,25 @@ fn out_of_subnets_counts_foreign_and_garbage_keys() -> Result<()> {
     etcd.run(move || async move {
         let reg = connect(&opts).await?;
         let c =
-            cfg(r#"{"Network":"10.70.0.0/16","SubnetMin":"10.70.1.0","SubnetMax":"10.70.2.0"}"#);
+            cfg(r#"{"Network":"10.70.0.0/16","SubnetMin":"10.70.1.0","SubnetMax":"10.70.3.0"}"#);
         put(&reg, "subnets/10.70.1.0-24", &attrs(1).to_json()).await?;
         // Garbage value still occupies its subnet.
         put(&reg, "subnets/10.70.2.0-24", "not json").await?;
+        // So does a key whose v6 part is not flannel's spelling: its v4 subnet is named.
+        put(
+            &reg,
+            "subnets/10.70.3.0-24&fc00:0::-64",
+            &attrs(3).to_json(),
+        )
+        .await?;
         let e = acquire(&reg, &c, &attrs(9), None, TTL).await.unwrap_err();
         let RegistryError::Alloc(AllocError::OutOfSubnets { leases, .. }) = &e else {
             bail!("expected out of subnets, got {e}");
         };
-        assert_eq!(*leases, 2);
+        assert_eq!(*leases, 3);
         let m = e.to_string();
         assert!(
-            m.contains("10.70.1.0-10.70.2.0") && m.contains("2 leases exist"),
+            m.contains("10.70.1.0-10.70.3.0") && m.contains("3 leases exist"),
             "{m}"
         );
         Ok(())

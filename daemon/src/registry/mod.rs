@@ -25,7 +25,7 @@ use crate::config::NetworkConfig;
 use crate::lease::{public_ip_of, vtep_mac_of, LeaseAttrs};
 use crate::metrics::Metrics;
 use crate::peer::Peer;
-use crate::subnet::{choose_free, is_free, parse_subnet_key, subnet_key};
+use crate::subnet::{choose_free, is_free, subnet_key, subnet_key_v4_part};
 
 #[derive(Clone, Debug)]
 pub struct EtcdOptions {
@@ -265,7 +265,7 @@ async fn claim<R: SubnetRegistry>(
         let mut odd = Vec::new();
         let mut mine = Vec::new();
         for kv in kvs {
-            let Some(net) = parse_subnet_key(&kv.name) else {
+            let Some(net) = subnet_key_v4_part(&kv.name) else {
                 continue;
             };
             if !occupies(cfg, net, &kv) {
