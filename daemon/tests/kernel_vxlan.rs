@@ -492,11 +492,19 @@ fn node(
 }
 
 fn ping_until(ns: &str, dst: &str) -> bool {
+    ping_from_until(ns, None, dst)
+}
+
+/// Pings `dst` (v4 or v6) from namespace `ns`, from address `src` if given, for up to 10 s.
+fn ping_from_until(ns: &str, src: Option<&str>, dst: &str) -> bool {
+    let from = src.map_or(String::new(), |s| format!("-I {s} "));
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        if sh_ok(&format!("ip netns exec {ns} ping -c1 -W1 {dst}")) {
+        if sh_ok(&format!("ip netns exec {ns} ping -c1 -W1 {from}{dst}")) {
             return true;
         }
+        // An immediate failure (no route yet) would otherwise spin.
+        std::thread::sleep(Duration::from_millis(50));
     }
     false
 }
@@ -1064,17 +1072,7 @@ fn ipv6_vxlan_device_entries_and_traffic() {
         "stale route kept: {routes}"
     );
     // Both ways through the overlay, from each node's own v6 device address.
-    let ping = |ns: &str, from: &str, to: &str| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if sh_ok(&format!(
-                "ip netns exec {ns} ping -6 -c1 -W1 -I {from} {to}"
-            )) {
-                return true;
-            }
-        }
-        false
-    };
+    let ping = |ns: &str, from: &str, to: &str| ping_from_until(ns, Some(from), to);
     assert!(ping(&p.a, "fd00:10:244:1::", "fd00:10:244:2::"), "a -> b");
     assert!(ping(&p.b, "fd00:10:244:2::", "fd00:10:244:1::"), "b -> a");
 

@@ -224,7 +224,7 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
     let nl = Netlink::new()?;
     let underlay = nl.find_underlay(args.iface.as_ref()).await?;
     let public_ip = args.public_ip.unwrap_or(underlay.addr);
-    info!(iface = %underlay.name, addr = %underlay.addr, addr6 = ?underlay.addr6, mtu = underlay.mtu, %public_ip, %vtep_mac, "underlay");
+    info!(iface = %underlay.name, addr = %underlay.addr, addr6 = %underlay.addr6.map_or_else(|| "none".to_string(), |a| a.to_string()), mtu = underlay.mtu, %public_ip, %vtep_mac, "underlay");
 
     let cfg = tokio::select! {
         cfg = source.network_config(&shared) => cfg?,

@@ -228,9 +228,8 @@ fn op_message_with<N: NlFamily>(
     route: Write,
 ) -> NetlinkMessage<RouteNetlinkMessage> {
     use NeighbourAttribute::{Destination, LinkLayerAddress};
-    use OpOf as Op;
     match *op {
-        Op::SetNeigh { ip, mac } | Op::DelNeigh { ip, mac } => {
+        OpOf::SetNeigh { ip, mac } | OpOf::DelNeigh { ip, mac } => {
             let n = neigh(
                 ifindex,
                 N::AF,
@@ -241,13 +240,13 @@ fn op_message_with<N: NlFamily>(
                 ],
             );
             match op {
-                Op::SetNeigh { .. } => {
+                OpOf::SetNeigh { .. } => {
                     request(RouteNetlinkMessage::NewNeighbour(n), Write::Replace)
                 }
                 _ => request(RouteNetlinkMessage::DelNeighbour(n), Write::Plain),
             }
         }
-        Op::SetFdb { mac, dst } | Op::DelFdb { mac, dst } => {
+        OpOf::SetFdb { mac, dst } | OpOf::DelFdb { mac, dst } => {
             let n = neigh(
                 ifindex,
                 AddressFamily::Bridge,
@@ -258,12 +257,14 @@ fn op_message_with<N: NlFamily>(
                 ],
             );
             match op {
-                Op::SetFdb { .. } => request(RouteNetlinkMessage::NewNeighbour(n), Write::Replace),
+                OpOf::SetFdb { .. } => {
+                    request(RouteNetlinkMessage::NewNeighbour(n), Write::Replace)
+                }
                 _ => request(RouteNetlinkMessage::DelNeighbour(n), Write::Plain),
             }
         }
-        Op::SetRoute { dst, gw } | Op::DelRoute { dst, gw } => {
-            let set = matches!(op, Op::SetRoute { .. });
+        OpOf::SetRoute { dst, gw } | OpOf::DelRoute { dst, gw } => {
+            let set = matches!(op, OpOf::SetRoute { .. });
             let b = N::route_to(dst, gw);
             let overlay = N::addr_bits(gw) == dst.start();
             let mut r = if overlay {

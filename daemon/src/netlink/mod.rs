@@ -5,6 +5,7 @@
 //! goes through a second, plain netlink socket: requests are written in batches and the acks
 //! read back afterwards, which is what makes thousands of entries fast.
 
+mod addr;
 mod batch;
 pub mod ethtool;
 mod events;
@@ -33,6 +34,7 @@ use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 use tokio::sync::mpsc;
 
+use addr::{addr_ip_of, addr_of};
 pub use family::NlFamily;
 
 use crate::mac::MacAddr;
@@ -66,6 +68,20 @@ impl NetlinkError {
     }
 
     /// The kernel's errno, if the kernel refused the request.
+    /// The same error, its context prefixed with `outer` (the errno is kept).
+    fn within(self, outer: &str) -> Self {
+        match self {
+            NetlinkError::Failed { context, message } => NetlinkError::Failed {
+                context: format!("{outer}: {context}"),
+                message,
+            },
+            NetlinkError::Errno { context, errno } => NetlinkError::Errno {
+                context: format!("{outer}: {context}"),
+                errno,
+            },
+        }
+    }
+
     pub fn errno(&self) -> Option<i32> {
         match self {
             NetlinkError::Errno { errno, .. } => Some(*errno),
@@ -323,7 +339,7 @@ impl Netlink {
         let addrs = self
             .addresses(Some(index))
             .await
-            .map_err(|e| NetlinkError::failed(ctx, e))?;
+            .map_err(|e| e.within(ctx))?;
         for a in addrs {
             if a.header.index != index || a.header.family != N::AF {
                 continue;
@@ -603,12 +619,11 @@ impl Netlink {
         owned: Option<u32>,
         ops: &[OpOf<N>],
     ) -> ApplyReportOf<N> {
-        use OpOf as Op;
         let phase = |op: &OpOf<N>| match op {
-            Op::DelRoute { .. } => 0,
-            Op::DelFdb { .. } | Op::DelNeigh { .. } => 1,
-            Op::SetNeigh { .. } | Op::SetFdb { .. } => 2,
-            Op::SetRoute { .. } => 3,
+            OpOf::DelRoute { .. } => 0,
+            OpOf::DelFdb { .. } | OpOf::DelNeigh { .. } => 1,
+            OpOf::SetNeigh { .. } | OpOf::SetFdb { .. } => 2,
+            OpOf::SetRoute { .. } => 3,
         };
         let mut phases: Vec<Vec<OpOf<N>>> = vec![Vec::new(); 4];
         for op in ops {
@@ -618,7 +633,7 @@ impl Netlink {
         N::own(self).expect(ops);
         let mut report = self.run_batches(ifindex, phases, batch::op_message).await;
         let (exists, failed): (Vec<_>, Vec<_>) = report.failed.drain(..).partition(|(op, e)| {
-            matches!(op, Op::SetRoute { .. }) && e.errno() == Some(libc::EEXIST)
+            matches!(op, OpOf::SetRoute { .. }) && e.errno() == Some(libc::EEXIST)
         });
         report.failed = failed;
         if exists.is_empty() {
@@ -627,7 +642,7 @@ impl Netlink {
         let dsts: HashSet<N> = exists
             .iter()
             .filter_map(|(op, _)| match op {
-                Op::SetRoute { dst, .. } => Some(*dst),
+                OpOf::SetRoute { dst, .. } => Some(*dst),
                 _ => None,
             })
             .collect();
@@ -643,7 +658,7 @@ impl Netlink {
         };
         let mut replace = Vec::new();
         for (op, _) in exists {
-            let Op::SetRoute { dst, .. } = op else {
+            let OpOf::SetRoute { dst, .. } = op else {
                 continue;
             };
             match foreign.get(&dst) {
@@ -815,46 +830,12 @@ impl Netlink {
             })
     }
 
-    /// Interface `index`'s IPv6 address for tunnel traffic: global scope (not link-local),
-    /// usable now (not tentative, DAD-failed or deprecated) and not a temporary (privacy)
-    /// address, which the kernel rotates away: flannel took one as its endpoint and broke
-    /// (#2293). A permanent (static) address is preferred over one from autoconfiguration.
+    /// Interface `index`'s IPv6 address for tunnel traffic: see `addr::stable_ipv6`.
     async fn stable_ipv6(&self, index: u32) -> Result<Option<Ipv6Addr>, NetlinkError> {
-        let msgs = self.addresses(Some(index)).await?;
-        let unusable = AddressFlags::Tentative
-            | AddressFlags::Dadfailed
-            | AddressFlags::Deprecated
-            | AddressFlags::Secondary; // IFA_F_TEMPORARY is the same bit
-        let mut best: Option<(bool, Ipv6Addr)> = None;
-        for m in &msgs {
-            if m.header.family != AddressFamily::Inet6 || m.header.index != index {
-                continue;
-            }
-            let Some(IpAddr::V6(ip)) = addr_ip_of(m) else {
-                continue;
-            };
-            if ip.is_loopback() || ip.is_unicast_link_local() || ip.is_multicast() {
-                continue;
-            }
-            let flags = m
-                .attributes
-                .iter()
-                .find_map(|a| match a {
-                    AddressAttribute::Flags(f) => Some(*f),
-                    _ => None,
-                })
-                .unwrap_or_else(|| {
-                    AddressFlags::from_bits_truncate(u32::from(m.header.flags.bits()))
-                });
-            if flags.intersects(unusable) {
-                continue;
-            }
-            let permanent = flags.contains(AddressFlags::Permanent);
-            if best.is_none_or(|(p, _)| permanent && !p) {
-                best = Some((permanent, ip));
-            }
-        }
-        Ok(best.map(|(_, ip)| ip))
+        Ok(addr::stable_ipv6(
+            &self.addresses(Some(index)).await?,
+            index,
+        ))
     }
 
     async fn links(&self) -> Result<Vec<LinkMessage>, NetlinkError> {
@@ -947,30 +928,6 @@ fn link_mtu(l: &LinkMessage) -> Option<u32> {
         LinkAttribute::Mtu(m) => Some(*m),
         _ => None,
     })
-}
-
-/// The interface's own address of either family (IFA_LOCAL, else IFA_ADDRESS).
-fn addr_ip_of(m: &AddressMessage) -> Option<IpAddr> {
-    let find = |local: bool| {
-        m.attributes.iter().find_map(|a| match a {
-            AddressAttribute::Local(ip) if local => Some(*ip),
-            AddressAttribute::Address(ip) if !local => Some(*ip),
-            _ => None,
-        })
-    };
-    find(true).or_else(|| find(false))
-}
-
-/// The interface's own address (IFA_LOCAL; IFA_ADDRESS is the peer on point-to-point links).
-fn addr_of(m: &AddressMessage) -> Option<Ipv4Addr> {
-    let find = |local: bool| {
-        m.attributes.iter().find_map(|a| match a {
-            AddressAttribute::Local(IpAddr::V4(ip)) if local => Some(*ip),
-            AddressAttribute::Address(IpAddr::V4(ip)) if !local => Some(*ip),
-            _ => None,
-        })
-    };
-    find(true).or_else(|| find(false))
 }
 
 /// NDA_DST as an IPv4 address. AF_BRIDGE (FDB) messages do not say the address family, so the
