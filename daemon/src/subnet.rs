@@ -117,7 +117,8 @@ impl<N: Cidr> SubnetRange<N> {
         if size == 0 || min > max {
             return 0;
         }
-        (max - min) / size + 1
+        // Saturates for a hand-built range of every /128 (2^128 does not fit).
+        ((max - min) / size).saturating_add(1)
     }
 
     /// Whether `net` is a subnet this range could hand out (flannel's "compatible" check).
@@ -427,6 +428,13 @@ mod tests {
         assert!(!overlaps(v6("fd00:0:0:5::/64"), v6("fd00:0:0:6::/64")));
         assert!(overlaps(v6("::/0"), v6("fd00::/8")));
         assert_eq!(v6("::/0").end(), u128::MAX);
+        let every = SubnetRange {
+            network: v6("::/0"),
+            subnet_len: 128,
+            subnet_min: Ipv6Addr::UNSPECIFIED,
+            subnet_max: Ipv6Addr::from(u128::MAX),
+        };
+        assert_eq!(every.subnet_count(), u128::MAX);
         assert_eq!(net("0.0.0.0/0").end(), u128::from(u32::MAX));
         assert_eq!(
             net("10.0.0.0/8").end(),
