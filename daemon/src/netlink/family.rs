@@ -30,6 +30,8 @@ pub trait NlFamily: Cidr {
     /// Our own deletions of this family's entries, so their notifications are not news.
     fn own(nl: &Netlink) -> &OwnDeletions<Self>;
     fn ip(a: Self::Addr) -> IpAddr;
+    /// The address a CIDR is written with (host bits kept: `10.244.1.1/24` is 10.244.1.1).
+    fn host(net: Self) -> Self::Addr;
     /// A VXLAN device's local (source) address.
     fn vxlan_local(
         b: LinkMessageBuilder<LinkVxlan>,
@@ -86,6 +88,9 @@ impl NlFamily for Ipv4Net {
     fn ip(a: Ipv4Addr) -> IpAddr {
         IpAddr::V4(a)
     }
+    fn host(net: Ipv4Net) -> Ipv4Addr {
+        net.addr()
+    }
     fn vxlan_local(b: LinkMessageBuilder<LinkVxlan>, a: Ipv4Addr) -> LinkMessageBuilder<LinkVxlan> {
         b.local(a)
     }
@@ -141,6 +146,9 @@ impl NlFamily for Ipv6Net {
     }
     fn ip(a: Ipv6Addr) -> IpAddr {
         IpAddr::V6(a)
+    }
+    fn host(net: Ipv6Net) -> Ipv6Addr {
+        net.addr()
     }
     fn vxlan_local(b: LinkMessageBuilder<LinkVxlan>, a: Ipv6Addr) -> LinkMessageBuilder<LinkVxlan> {
         b.local6(a)

@@ -67,7 +67,6 @@ impl NetlinkError {
         }
     }
 
-    /// The kernel's errno, if the kernel refused the request.
     /// The same error, its context prefixed with `outer` (the errno is kept).
     fn within(self, outer: &str) -> Self {
         match self {
@@ -82,6 +81,7 @@ impl NetlinkError {
         }
     }
 
+    /// The kernel's errno, if the kernel refused the request.
     pub fn errno(&self) -> Option<i32> {
         match self {
             NetlinkError::Errno { errno, .. } => Some(*errno),
@@ -334,7 +334,7 @@ impl Netlink {
         want: N,
         ctx: &str,
     ) -> Result<(), NetlinkError> {
-        let want_ip = N::ip(N::addr_from_bits(want.start()));
+        let want_ip = N::ip(N::host(want));
         let mut have_want = false;
         let addrs = self
             .addresses(Some(index))
