@@ -169,16 +169,7 @@ fn switch(lab: &mut Lab, config: &str, extra: &[&str]) -> Result<()> {
     for i in 1..=2 {
         lab.wait_ready(i, common::READY_TIMEOUT)?;
     }
-    wait_until(Duration::from_secs(30), || {
-        (1..=2).all(|i| {
-            lab.status(i).is_ok_and(|s| {
-                s["peers"]
-                    .as_array()
-                    .is_some_and(|p| p.len() == 1 && p[0]["programmed"] == true)
-            })
-        })
-    })
-    .context("nodes did not mesh")
+    lab.wait_programmed(Duration::from_secs(30))
 }
 
 fn fresh_pods(lab: &mut Lab, old: Vec<Pod>, tag: &str) -> Result<Vec<Pod>> {

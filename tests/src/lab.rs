@@ -889,6 +889,22 @@ impl Lab {
         .context("nodes did not mesh")
     }
 
+    /// Wait until every node has every other node as a peer and has programmed it (a peer
+    /// that cannot be programmed, such as host-gw's off-segment one, never satisfies this).
+    pub fn wait_programmed(&self, timeout: Duration) -> Result<()> {
+        let n = self.nodes();
+        wait_until(timeout, || {
+            (1..=n).all(|i| {
+                self.status(i).is_ok_and(|s| {
+                    s["peers"].as_array().is_some_and(|p| {
+                        p.len() == n - 1 && p.iter().all(|x| x["programmed"] == true)
+                    })
+                })
+            })
+        })
+        .context("not every node programmed every peer")
+    }
+
     /// Wait until node i's /readyz answers 200. Fails early, with the log, if twilld exits.
     pub fn wait_ready(&mut self, i: usize, timeout: Duration) -> Result<()> {
         let mut exited = None;

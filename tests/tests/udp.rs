@@ -404,16 +404,7 @@ fn strangers_garbage_and_packets_for_other_nodes_are_dropped_and_counted() -> Re
     // No pods: nothing legitimate crosses while this runs, so every datagram counted in is one
     // of the test's (late packets of earlier pod connections once made this flaky).
     let lab = lab(2)?;
-    wait_until(Duration::from_secs(10), || {
-        (1..=2).all(|i| {
-            lab.status(i).is_ok_and(|s| {
-                s["peers"]
-                    .as_array()
-                    .is_some_and(|p| p.len() == 1 && p[0]["programmed"] == true)
-            })
-        })
-    })
-    .context("the peer was not programmed on both nodes")?;
+    lab.wait_programmed(Duration::from_secs(10))?;
     let delivered = metric(&lab, 1, "twill_udp_packets_total{direction=\"in\"}");
     let n1 = lab.node_ip(1);
     let base = |i: usize| -> Result<Ipv4Addr> {
