@@ -328,36 +328,64 @@ pub fn subnet_key(data: &[u8]) {
 }
 
 /// What etcd holds under `<prefix>/subnets/` as it changes, one change per line, through the
-/// peer watcher's view (`registry::view`) as twilld runs it:
+/// peer watcher's view (`registry::view`) as twilld runs it, on a v4-only and on a dual-stack
+/// network:
 /// - `+REV KEY VALUE`: a put of KEY created at revision REV (a number; 0 if not);
 /// - `-KEY`: a delete;
 /// - `=`: a re-list (after a compaction or a reconnect);
-/// - `oN`: this node's lease is now 10.244.N.0/24, from 198.18.0.N with MAC 02:00:00:00:00:N.
+/// - `oN`: this node's lease is now 10.244.N.0/24, from 198.18.0.N with MAC 02:00:00:00:00:N
+///   (dual stack: also fd00:10:244:N::/64 from fd00:198:18::N with MAC 02:00:00:00:06:N).
 ///
-/// After each, the peers the daemon was told (its snapshots, upserts and removes) are exactly
-/// those a fresh list of the same keys gives, and they are consistent: none overlaps our subnet
-/// or claims our identity, and no VTEP MAC is announced at two addresses.
+/// After each, the peers the daemon was told (its snapshots, upserts and removes, per family)
+/// are exactly those a fresh list of the same keys gives, and they are consistent: none
+/// overlaps our subnet or claims our identity, and no VTEP MAC is announced at two addresses.
 pub fn peer_view(data: &[u8]) {
-    use std::collections::BTreeMap;
+    let text = String::from_utf8_lossy(data);
+    peer_view_on(&configs()[0], &text);
+    peer_view_on(&configs()[2], &text);
+}
 
+fn peer_view_on(cfg: &NetworkConfig, text: &str) {
+    use std::collections::BTreeMap;
+    use std::net::Ipv6Addr;
+
+    use ipnet::Ipv6Net;
+
+    use crate::lease::{check_against_own_of, LeaseV6};
+    use crate::peer::PeerOf;
     use crate::registry::view::PeerView;
     use crate::registry::{OwnLease, PeerEvent, SubnetChange, SubnetKv};
 
-    let own_of = |n: u8| OwnLease {
-        subnet: Ipv4Net::new(Ipv4Addr::new(10, 244, n, 0), 24).expect("a /24"),
-        attrs: LeaseAttrs::vxlan(
+    let dual = cfg.ipv6.is_some();
+    let own_of = |n: u8| {
+        let mut attrs = LeaseAttrs::vxlan(
             Ipv4Addr::new(198, 18, 0, n),
             1,
             crate::mac::MacAddr([2, 0, 0, 0, 0, n]),
-        ),
+        );
+        attrs.v6 = dual.then_some(LeaseV6 {
+            public_ip: Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, n.into()),
+            backend: LeaseBackend::Vxlan {
+                vni: 1,
+                vtep_mac: crate::mac::MacAddr([2, 0, 0, 0, 6, n]),
+            },
+        });
+        OwnLease {
+            subnet: Ipv4Net::new(Ipv4Addr::new(10, 244, n, 0), 24).expect("a /24"),
+            subnet6: dual.then(|| {
+                Ipv6Net::new(Ipv6Addr::new(0xfd00, 0x10, 0x244, n.into(), 0, 0, 0, 0), 64)
+                    .expect("a /64")
+            }),
+            attrs,
+        }
     };
-    let cfg = &configs()[0];
     let mut own = own_of(1);
     let mut store: BTreeMap<String, SubnetKv> = BTreeMap::new();
     let mut view = PeerView::new(cfg.clone(), own.clone());
-    let mut told: BTreeMap<Ipv4Net, crate::peer::Peer> = BTreeMap::new();
+    type Told<N> = BTreeMap<N, PeerOf<N>>;
+    let mut told: Told<Ipv4Net> = BTreeMap::new();
+    let mut told6: Told<Ipv6Net> = BTreeMap::new();
     let mut revision = 0;
-    let text = String::from_utf8_lossy(data);
     for line in text.split('\n').take(64) {
         let update = if let Some(put) = line.strip_prefix('+') {
             let mut parts = put.splitn(3, ' ');
@@ -379,43 +407,79 @@ pub fn peer_view(data: &[u8]) {
         } else {
             continue;
         };
+        fn by_subnet<N: crate::subnet::Cidr>(peers: &[PeerOf<N>]) -> Told<N> {
+            peers.iter().map(|p| (p.subnet, *p)).collect()
+        }
         for ev in update.events {
             match ev {
-                PeerEvent::Snapshot(peers) => told = peers.iter().map(|p| (p.subnet, *p)).collect(),
+                PeerEvent::Snapshot(peers) => told = by_subnet(&peers),
                 PeerEvent::Upsert(p) => {
                     told.insert(p.subnet, p);
                 }
                 PeerEvent::Remove(net) => {
                     told.remove(&net);
                 }
+                PeerEvent::Snapshot6(peers) => told6 = by_subnet(&peers),
+                PeerEvent::Upsert6(p) => {
+                    assert!(dual, "an IPv6 peer on a v4-only network: {p:?}");
+                    told6.insert(p.subnet, p);
+                }
+                PeerEvent::Remove6(net) => {
+                    told6.remove(&net);
+                }
                 PeerEvent::ListFailed(_) => unreachable!("the view does not list"),
             }
         }
         let mut fresh = PeerView::new(cfg.clone(), own.clone());
-        let listed = match fresh
+        let (listed, listed6) = match fresh
             .reset(own.clone(), store.values().cloned().collect())
             .events
             .as_slice()
         {
-            [PeerEvent::Snapshot(peers)] => peers.iter().map(|p| (p.subnet, *p)).collect(),
-            other => panic!("a list gives one snapshot, not {other:?}"),
+            [PeerEvent::Snapshot(peers)] if !dual => (by_subnet(peers), BTreeMap::new()),
+            [PeerEvent::Snapshot(peers), PeerEvent::Snapshot6(peers6)] if dual => {
+                (by_subnet(peers), by_subnet(peers6))
+            }
+            other => panic!("a list gives one snapshot per family, not {other:?}"),
         };
         assert_eq!(
             told, listed,
             "after {line:?} the daemon's peers differ from a fresh list"
         );
-        let mut macs = BTreeMap::new();
-        for p in told.values() {
-            assert!(!overlaps(p.subnet, own.subnet), "{p:?} overlaps our subnet");
-            assert!(
-                check_against_own(p, &own.attrs).is_ok(),
-                "{p:?} claims our identity"
-            );
-            assert!(p.public_ip != own.attrs.public_ip, "{p:?} is us");
-            if let Some(mac) = p.vtep_mac {
-                let ip = *macs.entry(mac).or_insert(p.public_ip);
-                assert_eq!(ip, p.public_ip, "VTEP MAC {mac} at two addresses");
+        assert_eq!(
+            told6, listed6,
+            "after {line:?} the daemon's IPv6 peers differ from a fresh list"
+        );
+        fn consistent<N: crate::subnet::Cidr>(
+            told: &Told<N>,
+            own: Option<(N, N::Addr, Option<crate::mac::MacAddr>)>,
+        ) {
+            let mut macs = BTreeMap::new();
+            for p in told.values() {
+                if let Some((subnet, ip, mac)) = own {
+                    assert!(!overlaps(p.subnet, subnet), "{p:?} overlaps our subnet");
+                    assert!(
+                        check_against_own_of(p, ip, mac).is_ok(),
+                        "{p:?} claims our identity"
+                    );
+                    assert!(p.public_ip != ip, "{p:?} is us");
+                }
+                if let Some(mac) = p.vtep_mac {
+                    let ip = *macs.entry(mac).or_insert(p.public_ip);
+                    assert_eq!(ip, p.public_ip, "VTEP MAC {mac} at two addresses");
+                }
             }
+        }
+        consistent(
+            &told,
+            Some((own.subnet, own.attrs.public_ip, own.attrs.vtep_mac())),
+        );
+        if let (Some(subnet6), Some(v6)) = (own.subnet6, own.attrs.v6) {
+            let mac6 = match v6.backend {
+                LeaseBackend::Vxlan { vtep_mac, .. } => Some(vtep_mac),
+                _ => None,
+            };
+            consistent(&told6, Some((subnet6, v6.public_ip, mac6)));
         }
     }
 }

@@ -6,14 +6,14 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{BackendKind, NetworkConfig};
 use crate::excerpt::{echo, excerpt, ECHO_MAX};
 use crate::mac::MacAddr;
-use crate::peer::Peer;
-use crate::subnet::overlaps;
+use crate::peer::{Peer, PeerOf};
+use crate::subnet::{overlaps, Cidr};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaseAttrs {
@@ -356,23 +356,79 @@ pub fn parse_lease(cfg: &NetworkConfig, subnet: Ipv4Net, value: &[u8]) -> Result
     })
 }
 
+/// The IPv6 side of another node's lease (the key's v6 part parsed to `subnet`), checked
+/// against the network config as `parse_lease` checks the v4 side: the subnet inside
+/// IPv6Network with IPv6SubnetLen, PublicIPv6 and BackendV6Data usable, the network's VNI.
+pub fn parse_lease_v6(
+    cfg: &NetworkConfig,
+    subnet: Ipv6Net,
+    value: &[u8],
+) -> Result<PeerOf<Ipv6Net>, LeaseError> {
+    let Some(range) = &cfg.ipv6 else {
+        return Err(LeaseError::Invalid(format!(
+            "IPv6 subnet {subnet}: this network has no IPv6 (EnableIPv6)"
+        )));
+    };
+    if !range.network.contains(&subnet) {
+        return Err(LeaseError::Invalid(format!(
+            "IPv6 subnet {subnet} is outside the IPv6 network {}",
+            range.network
+        )));
+    }
+    if subnet.prefix_len() != range.subnet_len {
+        return Err(LeaseError::Invalid(format!(
+            "IPv6 subnet {subnet} is not a /{} (IPv6SubnetLen)",
+            range.subnet_len
+        )));
+    }
+    let v6 = LeaseAttrs::v6_from_json(value)?.ok_or_else(|| {
+        LeaseError::Invalid(format!(
+            "the key names the IPv6 subnet {subnet}, but PublicIPv6 is missing"
+        ))
+    })?;
+    check_v6(cfg, &v6)?;
+    Ok(PeerOf {
+        subnet,
+        public_ip: v6.public_ip,
+        vtep_mac: match v6.backend {
+            LeaseBackend::Vxlan { vtep_mac, .. } => Some(vtep_mac),
+            _ => None,
+        },
+    })
+}
+
 /// A peer lease that claims this node's identity only in part: our public IP with another MAC
 /// (we would encapsulate to ourselves), or our VTEP MAC at another address (the FDB entry for
 /// our own MAC would send our traffic away). A lease with both ours is ours, not an error.
 pub fn check_against_own(p: &Peer, own: &LeaseAttrs) -> Result<(), LeaseError> {
-    let same_ip = p.public_ip == own.public_ip;
-    let same_mac = p.vtep_mac.is_some() && p.vtep_mac == own.vtep_mac();
-    if same_ip && p.vtep_mac != own.vtep_mac() {
+    check_against_own_of(p, own.public_ip, own.vtep_mac())
+}
+
+/// `check_against_own` for one family's side: `own_ip` and `own_mac` are this node's
+/// endpoint and VTEP MAC in that family.
+pub fn check_against_own_of<N: Cidr>(
+    p: &PeerOf<N>,
+    own_ip: N::Addr,
+    own_mac: Option<MacAddr>,
+) -> Result<(), LeaseError> {
+    let (ip_field, mac_field) = if N::BITS == 128 {
+        ("PublicIPv6", "BackendV6Data.VtepMAC")
+    } else {
+        ("PublicIP", "VtepMAC")
+    };
+    let same_ip = p.public_ip == own_ip;
+    let same_mac = p.vtep_mac.is_some() && p.vtep_mac == own_mac;
+    if same_ip && p.vtep_mac != own_mac {
         return Err(LeaseError::Invalid(format!(
-            "PublicIP {} is this node's address, but the lease has another VtepMAC ({})",
+            "{ip_field} {} is this node's address, but the lease has another {mac_field} ({})",
             p.public_ip,
             p.vtep_mac.map_or("none".to_string(), |m| m.to_string())
         )));
     }
     if same_mac && !same_ip {
         return Err(LeaseError::Invalid(format!(
-            "VtepMAC {} is this node's, but the lease has another PublicIP ({})",
-            own.vtep_mac().map_or(String::new(), |m| m.to_string()),
+            "{mac_field} {} is this node's, but the lease has another {ip_field} ({})",
+            own_mac.map_or(String::new(), |m| m.to_string()),
             p.public_ip
         )));
     }

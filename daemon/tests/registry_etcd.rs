@@ -841,6 +841,7 @@ impl Model {
             }
             // Only says the view may be stale until the next snapshot.
             PeerEvent::ListFailed(_) => {}
+            other => panic!("an IPv6 event on a v4-only network: {other:?}"),
         }
     }
 }
@@ -873,6 +874,7 @@ async fn put_peer(reg: &EtcdRegistry, i: u8) -> Result<()> {
 fn own(i: u8) -> OwnLease {
     OwnLease {
         subnet: net(&format!("10.100.{i}.0/24")),
+        subnet6: None,
         attrs: attrs(i),
     }
 }

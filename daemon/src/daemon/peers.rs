@@ -311,6 +311,8 @@ pub fn fold_events(desired: &mut BTreeMap<Ipv4Net, Peer>, batch: Vec<PeerEvent>)
             }
             // About the watcher's health, not the peers (the node keeps track of it).
             PeerEvent::ListFailed(_) => {}
+            // twilld does not serve the IPv6 side of a network yet (it says so at start).
+            PeerEvent::Snapshot6(_) | PeerEvent::Upsert6(_) | PeerEvent::Remove6(_) => {}
         }
     }
     if full {

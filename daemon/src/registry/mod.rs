@@ -18,13 +18,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::sync::watch;
 
 use crate::config::NetworkConfig;
 use crate::lease::{public_ip_of, vtep_mac_of, LeaseAttrs};
 use crate::metrics::Metrics;
-use crate::peer::Peer;
+use crate::peer::{Peer, PeerOf};
 use crate::subnet::{choose_free, is_free, subnet_key, subnet_key_v4_part};
 
 #[derive(Clone, Debug)]
@@ -53,6 +53,8 @@ pub enum RegistryError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OwnLease {
     pub subnet: Ipv4Net,
+    /// Our IPv6 subnet on a dual-stack network (its endpoint and MAC are in `attrs.v6`).
+    pub subnet6: Option<Ipv6Net>,
     pub attrs: LeaseAttrs,
 }
 
@@ -63,6 +65,11 @@ pub enum PeerEvent {
     Snapshot(Vec<Peer>),
     Upsert(Peer),
     Remove(Ipv4Net),
+    /// The same three for the IPv6 sides of the leases, on a network with IPv6: a re-list
+    /// sends `Snapshot` then `Snapshot6`.
+    Snapshot6(Vec<PeerOf<Ipv6Net>>),
+    Upsert6(PeerOf<Ipv6Net>),
+    Remove6(Ipv6Net),
     /// Listing the leases failed (the error): until the next `Snapshot`, joins and leaves of
     /// other nodes go unseen.
     ListFailed(String),
@@ -256,6 +263,7 @@ async fn claim<R: SubnetRegistry>(
     let value = attrs.to_json();
     let own = |subnet| OwnLease {
         subnet,
+        subnet6: None,
         attrs: attrs.clone(),
     };
     'attempt: loop {

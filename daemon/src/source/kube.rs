@@ -259,6 +259,7 @@ impl LeaseSource for KubeSource {
                             }
                             return OwnLease {
                                 subnet,
+                                subnet6: None,
                                 attrs: attrs.clone(),
                             };
                         }

@@ -1478,7 +1478,7 @@ mod tests {
                 }
                 PeerEvent::Upsert(p) => E::Up(p.subnet, p.public_ip),
                 PeerEvent::Remove(s) => E::Rm(*s),
-                PeerEvent::ListFailed(e) => panic!("unexpected ListFailed {e}"),
+                other => panic!("unexpected {other:?}"),
             })
             .collect()
     }
