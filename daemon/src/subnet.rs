@@ -201,6 +201,12 @@ pub fn subnet_key_v4_part(key: &str) -> Option<Ipv4Net> {
     parse_part::<Ipv4Net>(key.split('&').next()?)
 }
 
+/// The v6 part of a key, if it has one that reads as a subnet: for the set of IPv6 subnets
+/// taken (lenient, like `subnet_key_v4_part`).
+pub fn subnet_key_v6_part(key: &str) -> Option<Ipv6Net> {
+    parse_part::<Ipv6Net>(key.split_once('&')?.1)
+}
+
 /// Both parts of a key: `10.244.1.0-24&fd00:10:244:1::-64` -> (10.244.1.0/24, fd00:..::/64).
 /// Each part is written as flannel writes it (the v6 part in RFC 5952 form, lengths in plain
 /// decimal) so that a subnet has one key; anything else is not a key.

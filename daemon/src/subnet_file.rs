@@ -5,6 +5,7 @@ use std::path::Path;
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
+use crate::registry::Previous;
 use crate::state::write_atomic;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,13 +46,20 @@ impl SubnetEnv {
     }
 }
 
-/// The subnet recorded in a previous subnet file, if there is one and it parses.
-pub fn read_previous_subnet(path: &Path) -> Option<Ipv4Net> {
-    let text = std::fs::read_to_string(path).ok()?;
-    text.lines().find_map(|l| {
-        let v = l.strip_prefix("FLANNEL_SUBNET=")?;
-        v.trim().parse::<Ipv4Net>().ok().map(|n| n.trunc())
-    })
+/// The subnets recorded in a previous subnet file (FLANNEL_SUBNET, FLANNEL_IPV6_SUBNET), each
+/// if there and it parses.
+pub fn read_previous_subnet(path: &Path) -> Previous {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Previous::default();
+    };
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix('=').map(str::trim))
+    };
+    Previous {
+        v4: field("FLANNEL_SUBNET").and_then(|v| v.parse::<Ipv4Net>().ok().map(|n| n.trunc())),
+        v6: field("FLANNEL_IPV6_SUBNET").and_then(|v| v.parse::<Ipv6Net>().ok().map(|n| n.trunc())),
+    }
 }
 
 #[cfg(test)]
@@ -90,12 +98,23 @@ mod tests {
         env.write(&path).unwrap();
         assert_eq!(
             read_previous_subnet(&path),
-            Some("10.244.1.0/24".parse().unwrap())
+            Previous {
+                v4: Some("10.244.1.0/24".parse().unwrap()),
+                v6: None
+            }
         );
-        std::fs::write(&path, "FLANNEL_SUBNET=garbage\n").unwrap();
-        assert_eq!(read_previous_subnet(&path), None);
+        dual.write(&path).unwrap();
+        assert_eq!(
+            read_previous_subnet(&path),
+            Previous {
+                v4: Some("10.244.1.0/24".parse().unwrap()),
+                v6: Some("fd00:10:244:1::/64".parse().unwrap())
+            }
+        );
+        std::fs::write(&path, "FLANNEL_SUBNET=garbage\nFLANNEL_IPV6_SUBNET=junk\n").unwrap();
+        assert_eq!(read_previous_subnet(&path), Previous::default());
         std::fs::remove_file(&path).unwrap();
-        assert_eq!(read_previous_subnet(&path), None);
+        assert_eq!(read_previous_subnet(&path), Previous::default());
         std::fs::remove_dir(&dir).unwrap();
         // Straight into a directory others can write (/tmp): refused, not written.
         let open =

@@ -454,6 +454,111 @@ fn racing_acquires_never_share_a_subnet_and_run_out_cleanly() -> Result<()> {
     })
 }
 
+/// `attrs(i)` with a v6 side: fd00:198:18::`i`, MAC 02:00:00:00:06:`i`.
+fn attrs6(i: u8) -> LeaseAttrs {
+    let mut a = attrs(i);
+    a.v6 = Some(twill_daemon::lease::LeaseV6 {
+        public_ip: format!("fd00:198:18::{i:x}").parse().unwrap(),
+        backend: twill_daemon::lease::LeaseBackend::Vxlan {
+            vni: 1,
+            vtep_mac: format!("02:00:00:00:06:{i:02x}").parse().unwrap(),
+        },
+    });
+    a
+}
+
+#[test]
+fn racing_dual_stack_acquires_never_share_either_subnet() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let opts = etcd.opts();
+    etcd.run(move || async move {
+        let reg = connect(&opts).await?;
+        // 15 subnets in each family: every racer gets one of each, and no two share either.
+        // Two racers can create different keys naming one subnet; the younger must give way.
+        let c = cfg(r#"{"Network":"10.50.0.0/24","SubnetLen":28,
+            "EnableIPv6":true,"IPv6Network":"fd00:50::/60","IPv6SubnetLen":64}"#);
+        let mut tasks = Vec::new();
+        for i in 1..=15u8 {
+            let reg = EtcdRegistry::connect(&opts).await?;
+            let c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                (i, acquire(&reg, &c, &attrs6(i), None, TTL).await)
+            }));
+        }
+        let (mut v4, mut v6) = (BTreeMap::new(), BTreeMap::new());
+        for t in tasks {
+            let (i, r) = t.await?;
+            let l = r.with_context(|| format!("racer {i}"))?;
+            let s6 = l.subnet6.context("no IPv6 subnet")?;
+            assert!(c.ipv6.as_ref().unwrap().fits(s6), "{s6}");
+            if let Some(o) = v4.insert(l.subnet, i) {
+                panic!("{} given to both {o} and {i}", l.subnet);
+            }
+            if let Some(o) = v6.insert(s6, i) {
+                panic!("{s6} given to both {o} and {i}");
+            }
+            assert_eq!(v4[&l.subnet], v6[&s6]);
+        }
+        // etcd holds exactly one dual-stack key per racer, with its value.
+        let stored = subnets(&reg).await?;
+        assert_eq!(stored.len(), 15, "{:?}", stored.keys());
+        for (s4, i) in &v4 {
+            let s6 = v6.iter().find(|(_, j)| *j == i).unwrap().0;
+            let key = format!("{}-28&{}-64", s4.network(), s6.network());
+            assert_eq!(stored[&key].0, attrs6(*i).to_json(), "{key}");
+        }
+        Ok(())
+    })
+}
+
+#[test]
+fn dual_stack_acquire_reuses_and_upgrades_a_plain_key() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let opts = etcd.opts();
+    etcd.run(move || async move {
+        let reg = connect(&opts).await?;
+        let v4only = cfg(r#"{"Network":"10.60.0.0/16"}"#);
+        let dual =
+            cfg(r#"{"Network":"10.60.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:60::/56"}"#);
+        // A v4-only run leaves a plain key; IPv6 is enabled: same v4 subnet, now with a v6
+        // one, in one key.
+        let first = acquire(&reg, &v4only, &attrs(1), None, TTL).await?;
+        assert_eq!(first.subnet6, None);
+        let up = acquire(&reg, &dual, &attrs6(1), None, TTL).await?;
+        assert_eq!(up.subnet, first.subnet);
+        let s6 = up.subnet6.context("no IPv6 subnet")?;
+        let stored = subnets(&reg).await?;
+        assert_eq!(stored.keys().collect::<Vec<_>>(), vec![&up.key()]);
+        assert_eq!(
+            up.key(),
+            format!("{}-24&{}-64", up.subnet.network(), s6.network())
+        );
+        assert_eq!(stored[&up.key()].0, attrs6(1).to_json());
+        // Restarted: the same key again.
+        let again = acquire(&reg, &dual, &attrs6(1), None, TTL).await?;
+        assert_eq!(again, up);
+        assert_eq!(subnets(&reg).await?.len(), 1);
+        // Another node honours its subnet file's v6 subnet when it is free.
+        let want6: ipnet::Ipv6Net = "fd00:60:0:42::/64".parse()?;
+        let prev = twill_daemon::registry::Previous {
+            v4: Some(net("10.60.42.0/24")),
+            v6: Some(want6),
+        };
+        let other = acquire(&reg, &dual, &attrs6(2), prev, TTL).await?;
+        assert_eq!(
+            (other.subnet, other.subnet6),
+            (net("10.60.42.0/24"), Some(want6))
+        );
+        // Back to v4 only (IPv6 disabled, or a twilld not serving it): a plain key again.
+        let down = acquire(&reg, &v4only, &attrs(1), None, TTL).await?;
+        assert_eq!((down.subnet, down.subnet6), (first.subnet, None));
+        assert!(subnets(&reg)
+            .await?
+            .contains_key(&format!("{}-24", first.subnet.network())));
+        Ok(())
+    })
+}
+
 #[test]
 fn acquire_reuses_by_public_ip_and_honours_previous() -> Result<()> {
     let etcd = Etcd::start()?;

@@ -25,7 +25,10 @@ use crate::config::NetworkConfig;
 use crate::lease::{public_ip_of, vtep_mac_of, LeaseAttrs};
 use crate::metrics::Metrics;
 use crate::peer::{Peer, PeerOf};
-use crate::subnet::{choose_free, is_free, subnet_key, subnet_key_v4_part};
+use crate::subnet::{
+    choose_free, dual_subnet_key, is_free, subnet_key, subnet_key_v4_part, subnet_key_v6_part,
+    SubnetRange,
+};
 
 #[derive(Clone, Debug)]
 pub struct EtcdOptions {
@@ -47,6 +50,28 @@ pub enum RegistryError {
     /// Bad TLS files, endpoints or prefix: retrying will not help.
     #[error("etcd options: {0}")]
     Options(String),
+}
+
+impl OwnLease {
+    /// The key it is held under: `10.244.1.0-24`, or with an IPv6 subnet
+    /// `10.244.1.0-24&fd00:10:244:1::-64`.
+    pub fn key(&self) -> String {
+        dual_subnet_key(Some(self.subnet), self.subnet6)
+    }
+}
+
+/// The subnets this node had before (subnet file, or the lease just lost): preferred when
+/// still free, since pods may still use them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Previous {
+    pub v4: Option<Ipv4Net>,
+    pub v6: Option<Ipv6Net>,
+}
+
+impl From<Option<Ipv4Net>> for Previous {
+    fn from(v4: Option<Ipv4Net>) -> Self {
+        Previous { v4, v6: None }
+    }
 }
 
 /// Our own lease as held in the registry.
@@ -223,13 +248,19 @@ impl Backoff {
 /// `previous` (from the old subnet file) if free, else random among the first 100 free. Claims
 /// with a create-if-absent transaction and retries on a lost race. Never returns a subnet
 /// another node holds.
+///
+/// On a network with IPv6, when `attrs` has a v6 side, an IPv6 subnet is chosen the same way
+/// and both are claimed in one key (`<v4>&<v6>`, one transaction). Two nodes can create
+/// different keys for one subnet at once; the older key keeps it (as every node's peer view
+/// judges), so the younger one is deleted and its node picks again.
 pub async fn acquire<R: SubnetRegistry>(
     reg: &R,
     cfg: &NetworkConfig,
     attrs: &LeaseAttrs,
-    previous: Option<Ipv4Net>,
+    previous: impl Into<Previous>,
     ttl: Duration,
 ) -> Result<OwnLease, RegistryError> {
+    let previous = previous.into();
     acquire_inner(reg, cfg, attrs, previous, ttl)
         .await
         .map(|(lease, _)| lease)
@@ -240,7 +271,7 @@ async fn acquire_inner<R: SubnetRegistry>(
     reg: &R,
     cfg: &NetworkConfig,
     attrs: &LeaseAttrs,
-    previous: Option<Ipv4Net>,
+    previous: Previous,
     ttl: Duration,
 ) -> Result<(OwnLease, i64), RegistryError> {
     let mut granted = None;
@@ -256,23 +287,32 @@ async fn claim<R: SubnetRegistry>(
     reg: &R,
     cfg: &NetworkConfig,
     attrs: &LeaseAttrs,
-    previous: Option<Ipv4Net>,
+    previous: Previous,
     ttl: Duration,
     granted: &mut Option<i64>,
 ) -> Result<(OwnLease, i64), RegistryError> {
     let value = attrs.to_json();
-    let own = |subnet| OwnLease {
+    // The IPv6 range we claim in, when we serve IPv6.
+    let v6 = cfg.ipv6.as_ref().filter(|_| attrs.v6.is_some());
+    let own = |subnet, subnet6| OwnLease {
         subnet,
-        subnet6: None,
+        subnet6,
         attrs: attrs.clone(),
     };
     'attempt: loop {
         let (kvs, _) = reg.list_subnets().await?;
         let mut taken = HashSet::new();
+        let mut taken6 = HashSet::new();
         // Keys of another length that count as taken, to name them when they block the range.
         let mut odd = Vec::new();
         let mut mine = Vec::new();
         for kv in kvs {
+            let net6 = subnet_key_v6_part(&kv.name);
+            if let (Some(r), Some(n6)) = (v6, net6) {
+                if occupies6(r, n6, &kv) {
+                    taken6.insert(n6);
+                }
+            }
             let Some(net) = subnet_key_v4_part(&kv.name) else {
                 continue;
             };
@@ -286,28 +326,38 @@ async fn claim<R: SubnetRegistry>(
             let same_ip = public_ip_of(&kv.value) == Some(attrs.public_ip);
             let same_mac = attrs.vtep_mac().is_some() && vtep_mac_of(&kv.value) == attrs.vtep_mac();
             if same_ip || same_mac {
-                mine.push((net, kv, same_ip, same_mac));
+                mine.push((net, net6, kv, same_ip, same_mac));
             }
         }
         // Both matching first, then our MAC (our address changed), then our address (a node
         // moving from flanneld, whose MAC was not ours).
-        mine.sort_by_key(|(_, _, ip, mac)| (!(*ip && *mac), !*mac));
+        mine.sort_by_key(|(_, _, _, ip, mac)| (!(*ip && *mac), !*mac));
 
         // 1. Our own lease from before (same public IP or VTEP MAC): keep it if it still fits.
         let mut reuse = None;
         let mut preferred = previous;
-        for (net, kv, _, same_mac) in mine {
+        for (net, net6, kv, _, same_mac) in mine {
             let fits = cfg.fits(net);
-            let plain = kv.name == subnet_key(net);
-            if fits && reuse.is_none() && plain {
-                reuse = Some((net, kv));
-            } else if !fits || !plain || same_mac {
-                // A dual-stack key (`...&fc00::-64`) is replaced by a plain one for the same
-                // subnet: we only hold and renew plain keys. A second lease with our MAC is an
-                // older one of ours: peers cannot reach one MAC at two addresses.
+            // The key we hold: plain on a v4-only network (or while we serve no IPv6), with an
+            // IPv6 subnet of the range when we do.
+            let wanted = match v6 {
+                None => kv.name == subnet_key(net),
+                Some(r) => net6.is_some_and(|n6| {
+                    r.fits(n6) && kv.name == dual_subnet_key(Some(net), Some(n6))
+                }),
+            };
+            if fits && reuse.is_none() && wanted {
+                reuse = Some((net, net6.filter(|_| v6.is_some()), kv));
+            } else if !fits || !wanted || same_mac {
+                // A key of the other form (`...&fc00::-64` while we serve v4 only, a plain or
+                // out-of-range one when we serve IPv6) is replaced for the same subnet. A
+                // second lease with our MAC is an older one of ours: peers cannot reach one MAC
+                // at two addresses.
                 let why = if !fits {
                     "outside the network config"
-                } else if !plain {
+                } else if !wanted && v6.is_some() {
+                    "not a dual-stack key of this network"
+                } else if !wanted {
                     "a dual-stack key"
                 } else {
                     "a second lease with our VTEP MAC"
@@ -318,12 +368,19 @@ async fn claim<R: SubnetRegistry>(
                 }
                 taken.remove(&net);
                 odd.retain(|(n, _)| *n != net);
-                if fits && !plain {
-                    preferred = Some(net); // still ours: beats the subnet file
+                if let Some(n6) = net6 {
+                    taken6.remove(&n6);
+                }
+                if fits && !wanted {
+                    // Still ours: beats the subnet file.
+                    preferred.v4 = Some(net);
+                    if let Some(n6) = net6.filter(|n6| v6.is_some_and(|r| r.fits(*n6))) {
+                        preferred.v6 = Some(n6);
+                    }
                 }
             }
         }
-        if let Some((net, kv)) = reuse {
+        if let Some((net, net6, kv)) = reuse {
             // A reservation (no lease) stays one; otherwise move the key onto our new lease.
             let lease = if kv.lease == 0 {
                 0
@@ -343,29 +400,61 @@ async fn claim<R: SubnetRegistry>(
                     }
                     _ => tracing::info!(subnet = %net, "reusing our lease (same public IP)"),
                 }
-                return Ok((own(net), lease));
+                return Ok((own(net, net6), lease));
             }
             continue 'attempt;
         }
 
         // 2. The subnet from the previous subnet file, if still free and valid. 3. Random.
-        let candidate = match preferred {
+        let candidate = match preferred.v4 {
             Some(p) if cfg.fits(p) && is_free(p, &taken) => p,
             _ => choose_free(cfg, &taken).map_err(|e| {
                 e.with_subnets_dir(&reg.subnets_dir())
                     .with_blocking(blocking_keys(cfg, &odd))
             })?,
         };
+        let candidate6 = match v6 {
+            None => None,
+            Some(r) => Some(match preferred.v6 {
+                Some(p) if r.fits(p) && is_free(p, &taken6) => p,
+                _ => r
+                    .choose_free(&taken6)
+                    .map_err(|e| e.with_subnets_dir(&reg.subnets_dir()))?,
+            }),
+        };
+        let key = dual_subnet_key(Some(candidate), candidate6);
         let lease = lease_id(reg, ttl, granted).await?;
-        if reg
-            .create_subnet(&subnet_key(candidate), &value, lease)
-            .await?
-        {
-            tracing::info!(subnet = %candidate, "acquired subnet lease");
-            return Ok((own(candidate), lease));
+        if reg.create_subnet(&key, &value, lease).await? {
+            if candidate6.is_some() && lost_race(reg, &key).await? {
+                tracing::debug!(key, "an older key claims one of our subnets; picking again");
+                continue 'attempt;
+            }
+            tracing::info!(subnet = %candidate, subnet6 = ?candidate6, "acquired subnet lease");
+            return Ok((own(candidate, candidate6), lease));
         }
         tracing::debug!(subnet = %candidate, "lost the race for a subnet; picking again");
     }
+}
+
+/// After creating the dual-stack key `key`: whether an older key (another node's, created
+/// between our list and our create) names one of its subnets. If so ours is deleted: the older
+/// one keeps the subnet on every node (the peer view's rule), and we pick again.
+async fn lost_race<R: SubnetRegistry>(reg: &R, key: &str) -> Result<bool, RegistryError> {
+    let (kvs, _) = reg.list_subnets().await?;
+    let Some(ours) = kvs.iter().find(|kv| kv.name == key) else {
+        return Ok(true); // gone already (deleted, or expired): pick again
+    };
+    let (v4, v6) = (subnet_key_v4_part(key), subnet_key_v6_part(key));
+    let older = kvs.iter().any(|kv| {
+        kv.name != key
+            && (kv.create_revision, &kv.name) < (ours.create_revision, &ours.name)
+            && ((v4.is_some() && subnet_key_v4_part(&kv.name) == v4)
+                || (v6.is_some() && subnet_key_v6_part(&kv.name) == v6))
+    });
+    if older {
+        reg.delete_subnet(key, ours.mod_revision).await?;
+    }
+    Ok(older)
 }
 
 /// Whether a key keeps its subnet from being handed out. A key of the configured length does,
@@ -376,6 +465,12 @@ async fn claim<R: SubnetRegistry>(
 fn occupies(cfg: &NetworkConfig, net: Ipv4Net, kv: &SubnetKv) -> bool {
     net.prefix_len() == cfg.subnet_len
         || (cfg.network.contains(&net) && LeaseAttrs::from_json(&kv.value).is_ok())
+}
+
+/// `occupies` for a key's IPv6 part.
+fn occupies6(range: &SubnetRange<Ipv6Net>, net: Ipv6Net, kv: &SubnetKv) -> bool {
+    net.prefix_len() == range.subnet_len
+        || (range.network.contains(&net) && LeaseAttrs::from_json(&kv.value).is_ok())
 }
 
 /// The keys of another length that overlap SubnetMin..SubnetMax (a few, for the message).
@@ -446,7 +541,7 @@ pub async fn keep_lease<R: SubnetRegistry>(
     metrics: Arc<Metrics>,
 ) {
     let mut held = Held {
-        name: subnet_key(lease.subnet),
+        name: lease.key(),
         lease,
         id: None,
     };
@@ -489,7 +584,11 @@ pub async fn keep_lease<R: SubnetRegistry>(
         last_lost = Some(std::time::Instant::now());
         let want = attrs.borrow().clone();
         loop {
-            match acquire_inner(&reg, &cfg, &want, Some(held.lease.subnet), ttl).await {
+            let previous = Previous {
+                v4: Some(held.lease.subnet),
+                v6: held.lease.subnet6,
+            };
+            match acquire_inner(&reg, &cfg, &want, previous, ttl).await {
                 Ok((lease, id)) => {
                     if let Some(old) = held.id.filter(|&old| old != 0 && old != id) {
                         let _ = reg.revoke_lease(old).await;
@@ -497,7 +596,7 @@ pub async fn keep_lease<R: SubnetRegistry>(
                     tracing::info!(subnet = %lease.subnet, "re-acquired subnet lease");
                     Metrics::inc(&metrics.lease_reacquisitions);
                     held = Held {
-                        name: subnet_key(lease.subnet),
+                        name: lease.key(),
                         lease,
                         id: Some(id),
                     };

@@ -5,7 +5,6 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ipnet::Ipv4Net;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, warn};
 
@@ -15,7 +14,7 @@ use crate::daemon::Shared;
 use crate::lease::LeaseAttrs;
 use crate::metrics::Metrics;
 use crate::registry::etcd::EtcdRegistry;
-use crate::registry::{self, OwnLease, PeerEvent};
+use crate::registry::{self, OwnLease, PeerEvent, Previous};
 
 /// How often to repeat "still waiting for the network config".
 const CONFIG_WAIT_LOG_EVERY: Duration = Duration::from_secs(30);
@@ -93,7 +92,7 @@ impl LeaseSource for EtcdSource {
         &self,
         cfg: &NetworkConfig,
         attrs: &LeaseAttrs,
-        previous: Option<Ipv4Net>,
+        previous: Previous,
         shared: &Shared,
     ) -> OwnLease {
         let mut backoff = Duration::from_millis(500);

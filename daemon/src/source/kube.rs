@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -35,7 +34,7 @@ use crate::registry::kube::node::{self as knode, Peers, SkipReason};
 use crate::registry::kube::slim::SlimNode;
 use crate::registry::skips::SkipLog;
 use crate::registry::view::Skip;
-use crate::registry::{Backoff, OwnLease, PeerEvent};
+use crate::registry::{Backoff, OwnLease, PeerEvent, Previous};
 
 /// How often to repeat a wait's log line.
 const WAIT_LOG_EVERY: Duration = Duration::from_secs(30);
@@ -244,7 +243,7 @@ impl LeaseSource for KubeSource {
         &self,
         cfg: &NetworkConfig,
         attrs: &LeaseAttrs,
-        previous: Option<Ipv4Net>,
+        previous: Previous,
         shared: &Shared,
     ) -> OwnLease {
         let mut backoff = Backoff::new();
@@ -254,7 +253,7 @@ impl LeaseSource for KubeSource {
                 Ok(Some(node)) => match knode::pod_subnet(&node, cfg) {
                     Ok(Some(subnet)) => match self.publish(&node, attrs).await {
                         Ok(_) => {
-                            if let Some(p) = previous.filter(|p| *p != subnet) {
+                            if let Some(p) = previous.v4.filter(|p| *p != subnet) {
                                 warn!(previous = %p, podcidr = %subnet, "this node's subnet changed since the last run: pods still on the old one lose the network");
                             }
                             return OwnLease {

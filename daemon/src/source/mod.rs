@@ -10,14 +10,13 @@ use std::future::Future;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use ipnet::Ipv4Net;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{ConfigError, NetworkConfig};
 use crate::daemon::Shared;
 use crate::lease::LeaseAttrs;
 use crate::metrics::Metrics;
-use crate::registry::{OwnLease, PeerEvent};
+use crate::registry::{OwnLease, PeerEvent, Previous};
 
 /// See `LeaseSource::stored`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -58,7 +57,7 @@ pub trait LeaseSource: Send + Sync + 'static {
         &self,
         cfg: &NetworkConfig,
         attrs: &LeaseAttrs,
-        previous: Option<Ipv4Net>,
+        previous: Previous,
         shared: &Shared,
     ) -> impl Future<Output = OwnLease> + Send;
 
