@@ -17,7 +17,7 @@ use twill_daemon::config::{BackendConfig, BackendKind};
 use twill_daemon::mac::MacAddr;
 use twill_daemon::netlink::{IfaceSelector, KernelEvent, Netlink, VxlanSpec};
 use twill_daemon::peer::Peer;
-use twill_daemon::reconcile::{self, Op, PeerChange};
+use twill_daemon::reconcile::{self, Op, Path, PeerChange};
 
 const PREFIX: &str = "twk";
 
@@ -1096,4 +1096,95 @@ fn ipv6_vxlan_device_entries_and_traffic() {
     let names = |d: Vec<(u32, String)>| d.into_iter().map(|(_, n)| n).collect::<Vec<_>>();
     assert_eq!(names(v4), vec!["flannel.1".to_string()]);
     assert_eq!(names(v6), Vec::<String>::new());
+}
+
+#[test]
+fn ipv6_backend_takes_over_flannel_v6_and_routes_directly_when_asked() {
+    use ipnet::Ipv6Net;
+    use twill_daemon::backend::vxlan::VxlanBackendOf;
+    use twill_daemon::backend::LocalNodeOf;
+    use twill_daemon::peer::PeerOf;
+
+    let p = Pair::new('7', 61);
+    sh(&format!(
+        "ip -n {} addr add fd00:18:61::1/64 dev va nodad && ip -n {} addr add fd00:18:61::2/64 dev vb nodad",
+        p.a, p.b
+    ));
+    // What a dual-stack flanneld leaves on node a: both its devices on VNI 1.
+    sh(&format!(
+        "ip -n {a} link add flannel-v6.1 type vxlan id 1 local fd00:18:61::1 dstport 8472 dev va nolearning && \
+         ip -n {a} link add flannel.1 type vxlan id 1 local {ip} dstport 8472 dev va nolearning",
+        a = p.a,
+        ip = p.ip_a
+    ));
+    let node6 = |i: u8| PeerOf::<Ipv6Net> {
+        subnet: format!("fd00:10:244:{i}::/64").parse().unwrap(),
+        public_ip: format!("fd00:18:61::{i}").parse().unwrap(),
+        vtep_mac: Some(mac(700 + u32::from(i))),
+    };
+    let run = |ns: String, dev: &'static str, me: PeerOf<Ipv6Net>, peer, direct: bool| {
+        in_ns(&ns, move || async move {
+            let nl = Netlink::new().unwrap();
+            let u = nl
+                .find_underlay(Some(&IfaceSelector::Name(dev.into())))
+                .await
+                .unwrap();
+            let local = LocalNodeOf::<Ipv6Net> {
+                subnet: me.subnet,
+                public_ip: me.public_ip,
+                underlay_index: u.index,
+                underlay_mtu: u.mtu,
+                vtep_mac: me.vtep_mac.unwrap(),
+            };
+            let mut b = VxlanBackendOf::<Ipv6Net>::new(nl, &backend_cfg(direct), None);
+            let info = b.setup(&local).await.unwrap();
+            assert_eq!(info.name, "twill-v6.1");
+            // 1500 - 70: the IPv6 outer header is 20 bytes longer than the IPv4 one.
+            assert_eq!(info.mtu, 1430);
+            let want = if direct { Path::Direct } else { Path::Overlay };
+            assert_eq!(b.path(&peer).path, want);
+            let stats = b.reconcile(&[peer]).await.unwrap();
+            assert_eq!((stats.failed, stats.unprogrammed.len()), (0, 0));
+        })
+    };
+    run(p.a.clone(), "va", node6(1), node6(2), false);
+    run(p.b.clone(), "vb", node6(2), node6(1), false);
+    let links = sh(&format!("ip -n {} -o link show", p.a));
+    assert!(
+        !links.contains("flannel-v6.1"),
+        "flanneld's v6 device kept:\n{links}"
+    );
+    assert!(
+        links.contains("flannel.1"),
+        "the v4 device is not the v6 backend's:\n{links}"
+    );
+    let d = sh(&format!("ip -n {} -d link show twill-v6.1", p.a));
+    assert!(
+        d.contains("local fd00:18:61::1 ") && d.contains("mtu 1430 "),
+        "{d}"
+    );
+    let ping = |ns: &str, from: &str, to: &str| ping_from_until(ns, Some(from), to);
+    assert!(
+        ping(&p.a, "fd00:10:244:1::", "fd00:10:244:2::"),
+        "a -> b over vxlan"
+    );
+    let route = sh(&format!("ip -n {} -6 route get fd00:10:244:2::", p.a));
+    assert!(route.contains("dev twill-v6.1"), "{route}");
+
+    // DirectRouting: the peer shares our v6 segment, so a route via its address replaces the
+    // overlay path, and the overlay entries go.
+    sh(&format!("ip -n {} link del flannel.1", p.a));
+    run(p.a.clone(), "va", node6(1), node6(2), true);
+    run(p.b.clone(), "vb", node6(2), node6(1), true);
+    let route = sh(&format!("ip -n {} -6 route show fd00:10:244:2::/64", p.a));
+    assert!(
+        route.contains("via fd00:18:61::2 dev va"),
+        "no direct route: {route}"
+    );
+    let fdb = sh(&format!("bridge -n {} fdb show dev twill-v6.1", p.a));
+    assert!(!fdb.contains("fd00:18:61::2"), "overlay entry kept: {fdb}");
+    assert!(
+        ping(&p.a, "fd00:10:244:1::", "fd00:10:244:2::"),
+        "a -> b directly"
+    );
 }

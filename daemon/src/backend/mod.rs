@@ -10,14 +10,14 @@ pub mod routes;
 pub mod udp;
 pub mod vxlan;
 
-use std::net::Ipv4Addr;
-
 use ipnet::Ipv4Net;
 use serde::Serialize;
 
 use crate::mac::MacAddr;
-use crate::peer::Peer;
-use crate::reconcile::{Path, PeerChange};
+use crate::netlink::NlFamily;
+use crate::peer::{Peer, PeerOf};
+use crate::reconcile::{Path, PeerChange, PeerChangeOf};
+use crate::subnet::Cidr;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -39,15 +39,17 @@ pub enum BackendError {
     },
 }
 
-/// What the backend needs to know about this node.
+/// What the backend needs to know about this node, in one address family.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LocalNode {
-    pub subnet: Ipv4Net,
-    pub public_ip: Ipv4Addr,
+pub struct LocalNodeOf<N: Cidr> {
+    pub subnet: N,
+    pub public_ip: N::Addr,
     pub underlay_index: u32,
     pub underlay_mtu: u32,
     pub vtep_mac: MacAddr,
 }
+
+pub type LocalNode = LocalNodeOf<Ipv4Net>;
 
 /// The interface traffic to peers leaves through: the VXLAN device, or for host-gw the
 /// underlay itself.
@@ -84,25 +86,40 @@ impl PeerPath {
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct ApplyStats {
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ApplyStatsOf<N: Cidr> {
     pub added: u64,
     pub removed: u64,
     pub failed: u64,
     /// Peers (by subnet) whose entries could not all be added in this batch.
-    pub unprogrammed: Vec<Ipv4Net>,
+    pub unprogrammed: Vec<N>,
 }
 
+pub type ApplyStats = ApplyStatsOf<Ipv4Net>;
+
+impl<N: Cidr> Default for ApplyStatsOf<N> {
+    fn default() -> Self {
+        ApplyStatsOf {
+            added: 0,
+            removed: 0,
+            failed: 0,
+            unprogrammed: Vec::new(),
+        }
+    }
+}
+
+/// One address family's data path to the peers (`N`: IPv4 unless said otherwise).
 #[allow(async_fn_in_trait)]
-pub trait Backend: Send {
+pub trait Backend<N: NlFamily = Ipv4Net>: Send {
     /// Create or keep the device for `local`; never flushes existing peer entries.
-    async fn setup(&mut self, local: &LocalNode) -> Result<DeviceInfo, BackendError>;
+    async fn setup(&mut self, local: &LocalNodeOf<N>) -> Result<DeviceInfo, BackendError>;
     /// Incremental: program the given changes (batched).
-    async fn apply(&mut self, changes: &[PeerChange]) -> Result<ApplyStats, BackendError>;
+    async fn apply(&mut self, changes: &[PeerChangeOf<N>])
+        -> Result<ApplyStatsOf<N>, BackendError>;
     /// Full: compare the kernel with `desired`, fix both ways.
-    async fn reconcile(&mut self, desired: &[Peer]) -> Result<ApplyStats, BackendError>;
+    async fn reconcile(&mut self, desired: &[PeerOf<N>]) -> Result<ApplyStatsOf<N>, BackendError>;
     /// The path `peer` takes from this node (as of the last `setup`).
-    fn path(&self, peer: &Peer) -> PeerPath;
+    fn path(&self, peer: &PeerOf<N>) -> PeerPath;
 }
 
 /// The backend the network config names.

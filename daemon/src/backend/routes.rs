@@ -2,31 +2,42 @@
 //! operations (`reconcile`'s pure planner), running them and accounting for what failed.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
-use super::{ApplyStats, BackendError, PeerPath};
-use crate::netlink::{ApplyReport, Netlink};
-use crate::peer::Peer;
-use crate::reconcile::{self, EntryKey, Op, Path, PeerChange};
+use super::{ApplyStatsOf, BackendError, PeerPath};
+use crate::netlink::{ApplyReportOf, Netlink, NlFamily};
+use crate::peer::PeerOf;
+use crate::reconcile::{self, EntryKeyOf, OpOf, Path, PeerChangeOf};
+use crate::subnet::Cidr;
 
 /// The underlay's own networks: a peer whose public IP is in one is on our L2 segment and can
 /// be routed to directly (the kernel would refuse a gateway that is not on-link).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Segment {
-    pub prefixes: Vec<Ipv4Net>,
-    pub local_ip: Option<Ipv4Addr>,
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentOf<N: Cidr> {
+    pub prefixes: Vec<N>,
+    pub local_ip: Option<N::Addr>,
 }
 
-impl Segment {
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        Some(ip) != self.local_ip && self.prefixes.iter().any(|n| n.contains(&ip))
+pub type Segment = SegmentOf<Ipv4Net>;
+
+impl<N: Cidr> Default for SegmentOf<N> {
+    fn default() -> Self {
+        SegmentOf {
+            prefixes: Vec::new(),
+            local_ip: None,
+        }
+    }
+}
+
+impl<N: Cidr> SegmentOf<N> {
+    pub fn contains(&self, ip: N::Addr) -> bool {
+        Some(ip) != self.local_ip && self.prefixes.iter().any(|n| n.contains_addr(ip))
     }
 
     pub fn describe(&self) -> String {
         match self.prefixes.as_slice() {
-            [] => "none (the underlay interface has no IPv4 prefix)".into(),
+            [] => format!("none (the underlay interface has no {} prefix)", N::FAMILY),
             p => p
                 .iter()
                 .map(|n| n.to_string())
@@ -37,19 +48,21 @@ impl Segment {
 }
 
 /// The peers as last programmed, and the kernel writes for them.
-pub struct Programmer {
+pub struct ProgrammerOf<N: Cidr> {
     pub nl: Netlink,
     /// By subnet: an incremental removal must not delete an entry another peer still uses
     /// (same MAC and IP after a re-lease).
-    peers: HashMap<Ipv4Net, Peer>,
+    peers: HashMap<N, PeerOf<N>>,
     /// The device the ops name is our overlay device (its routes are ours to replace), not
     /// the underlay.
     overlay: bool,
 }
 
-impl Programmer {
+pub type Programmer = ProgrammerOf<Ipv4Net>;
+
+impl<N: NlFamily> ProgrammerOf<N> {
     pub fn new(nl: Netlink, overlay: bool) -> Self {
-        Programmer {
+        ProgrammerOf {
             nl,
             peers: HashMap::new(),
             overlay,
@@ -60,9 +73,9 @@ impl Programmer {
     pub async fn apply(
         &mut self,
         ifindex: u32,
-        changes: &[PeerChange],
-        path: impl Fn(&Peer) -> PeerPath,
-    ) -> Result<ApplyStats, BackendError> {
+        changes: &[PeerChangeOf<N>],
+        path: impl Fn(&PeerOf<N>) -> PeerPath,
+    ) -> Result<ApplyStatsOf<N>, BackendError> {
         let mut ops = reconcile::change_ops_with(changes, |p| path(p).path);
         for c in changes {
             if let Some(o) = c.old {
@@ -76,18 +89,18 @@ impl Programmer {
         // address). Only deletions need the check, so a join costs nothing per existing peer.
         if ops
             .iter()
-            .any(|op| matches!(op, Op::DelFdb { .. } | Op::DelNeigh { .. }))
+            .any(|op| matches!(op, OpOf::DelFdb { .. } | OpOf::DelNeigh { .. }))
         {
-            let overlay: Vec<&Peer> = self
+            let overlay: Vec<&PeerOf<N>> = self
                 .peers
                 .values()
                 .filter(|p| path(p).path == Path::Overlay)
                 .collect();
             ops.retain(|op| match op {
-                Op::DelFdb { mac, dst } => !overlay
+                OpOf::DelFdb { mac, dst } => !overlay
                     .iter()
                     .any(|p| p.vtep_mac == Some(*mac) && p.public_ip == *dst),
-                Op::DelNeigh { ip, .. } => !overlay.iter().any(|p| p.gateway() == *ip),
+                OpOf::DelNeigh { ip, .. } => !overlay.iter().any(|p| p.gateway() == *ip),
                 _ => true,
             });
         }
@@ -100,10 +113,10 @@ impl Programmer {
         &mut self,
         ifindex: u32,
         dump_ifindex: Option<u32>,
-        desired: &[Peer],
-        path: impl Fn(&Peer) -> PeerPath,
-    ) -> Result<ApplyStats, BackendError> {
-        let actual = self.nl.dump_entries(dump_ifindex).await?;
+        desired: &[PeerOf<N>],
+        path: impl Fn(&PeerOf<N>) -> PeerPath,
+    ) -> Result<ApplyStatsOf<N>, BackendError> {
+        let actual = self.nl.dump_entries::<N>(dump_ifindex).await?;
         let ops = reconcile::diff_with(desired, &actual, |p| path(p).path);
         self.peers = desired.iter().map(|p| (p.subnet, *p)).collect();
         if !ops.is_empty() {
@@ -115,11 +128,11 @@ impl Programmer {
     async fn run(
         &mut self,
         ifindex: u32,
-        ops: Vec<Op>,
-        path: &impl Fn(&Peer) -> PeerPath,
-    ) -> Result<ApplyStats, BackendError> {
+        ops: Vec<OpOf<N>>,
+        path: &impl Fn(&PeerOf<N>) -> PeerPath,
+    ) -> Result<ApplyStatsOf<N>, BackendError> {
         let owned = self.overlay.then_some(ifindex);
-        let ApplyReport { applied: _, failed } = self.nl.apply_owned(ifindex, owned, &ops).await;
+        let ApplyReportOf { applied: _, failed } = self.nl.apply_owned(ifindex, owned, &ops).await;
         let mut gone = false;
         let mut failed_deletes = 0;
         for (i, (op, e)) in failed.iter().enumerate() {
@@ -136,15 +149,15 @@ impl Programmer {
         let deletes = ops.iter().filter(|o| o.is_delete()).count() as u64;
         // A failed add leaves the peers that need that entry unreachable; a failed delete only
         // leaves a stale entry behind (and the next reconcile tries again).
-        let refused: HashSet<EntryKey> = failed
+        let refused: HashSet<EntryKeyOf<N>> = failed
             .iter()
             .filter(|(op, _)| !op.is_delete())
-            .map(|(op, _)| EntryKey::of(op))
+            .map(|(op, _)| EntryKeyOf::of(op))
             .collect();
-        let mut unprogrammed: BTreeSet<Ipv4Net> = self
+        let mut unprogrammed: BTreeSet<N> = self
             .peers
             .values()
-            .filter(|p| EntryKey::of_peer(p).iter().any(|k| refused.contains(k)))
+            .filter(|p| EntryKeyOf::of_peer(p).iter().any(|k| refused.contains(k)))
             .map(|p| p.subnet)
             .collect();
         // Peers that cannot be served on any path are never programmed.
@@ -157,7 +170,7 @@ impl Programmer {
         if gone {
             return Err(BackendError::DeviceGone(format!("#{ifindex}")));
         }
-        Ok(ApplyStats {
+        Ok(ApplyStatsOf {
             added: ops.len() as u64 - deletes - (failed.len() as u64 - failed_deletes),
             removed: deletes - failed_deletes,
             failed: failed.len() as u64,

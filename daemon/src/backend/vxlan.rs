@@ -1,42 +1,73 @@
-//! The VXLAN backend.
+//! The VXLAN backend, one per address family: `twill.<VNI>` over an IPv4 underlay for the
+//! IPv4 pod network, `twill-v6.<VNI>` over an IPv6 underlay for the IPv6 one (flannel's
+//! `flannel.<VNI>` and `flannel-v6.<VNI>`: the kernel lets both hold one VNI and port).
+
+use std::marker::PhantomData;
 
 use ipnet::Ipv4Net;
 
-use super::routes::{Programmer, Segment};
-use super::{ApplyStats, Backend, BackendError, DeviceInfo, LocalNode, PeerPath};
+use super::routes::{ProgrammerOf, SegmentOf};
+use super::{ApplyStatsOf, Backend, BackendError, DeviceInfo, LocalNodeOf, PeerPath};
 use crate::config::BackendConfig;
-use crate::netlink::{ethtool, Netlink, VxlanSpec};
-use crate::peer::Peer;
-use crate::reconcile::{Path, PeerChange};
+use crate::netlink::{ethtool, Netlink, NlFamily, VxlanSpecOf};
+use crate::peer::PeerOf;
+use crate::reconcile::{Path, PeerChangeOf};
+use crate::subnet::Cidr;
 
 /// Headroom VXLAN needs over an IPv4 underlay (outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14).
 pub const VXLAN_OVERHEAD: u32 = 50;
 
-pub struct VxlanBackend {
+/// Over an IPv6 underlay the outer header is 40 bytes: 70 (flannel takes 50 and the kernel
+/// silently clamps the device MTU, so pods get one too large).
+pub const VXLAN6_OVERHEAD: u32 = 70;
+
+/// The encapsulation overhead over family `N`'s underlay.
+pub fn overhead<N: Cidr>() -> u32 {
+    if N::BITS == 128 {
+        VXLAN6_OVERHEAD
+    } else {
+        VXLAN_OVERHEAD
+    }
+}
+
+/// What our device's name starts with, and flanneld's for the same family.
+fn prefixes<N: Cidr>() -> (&'static str, &'static str) {
+    if N::BITS == 128 {
+        ("twill-v6.", "flannel-v6.")
+    } else {
+        ("twill.", "flannel.")
+    }
+}
+
+pub struct VxlanBackendOf<N: Cidr> {
     cfg: BackendConfig,
     name: String,
     ifindex: Option<u32>,
     /// The underlay's networks: DirectRouting routes peers inside them directly, and a host-gw
     /// peer (no VTEP) can only be reached there.
-    segment: Segment,
-    programmer: Programmer,
+    segment: SegmentOf<N>,
+    programmer: ProgrammerOf<N>,
     /// Transmit checksum offload to enforce on the device (None: the kernel's default).
     tx_checksum: Option<bool>,
+    family: PhantomData<N>,
 }
 
-impl VxlanBackend {
+pub type VxlanBackend = VxlanBackendOf<Ipv4Net>;
+
+impl<N: NlFamily> VxlanBackendOf<N> {
     pub fn new(nl: Netlink, cfg: &BackendConfig, tx_checksum: Option<bool>) -> Self {
-        VxlanBackend {
+        VxlanBackendOf {
             cfg: cfg.clone(),
-            name: format!("twill.{}", cfg.vni),
+            name: format!("{}{}", prefixes::<N>().0, cfg.vni),
             ifindex: None,
-            segment: Segment::default(),
-            programmer: Programmer::new(nl, true),
+            segment: SegmentOf::default(),
+            programmer: ProgrammerOf::new(nl, true),
             tx_checksum,
+            family: PhantomData,
         }
     }
 
-    /// The device name, `twill.<VNI>`.
+    /// The device name, `twill.<VNI>` (`twill-v6.<VNI>`).
     pub fn device_name(&self) -> &str {
         &self.name
     }
@@ -77,13 +108,13 @@ impl VxlanBackend {
     /// node moving from flanneld still has `flannel.<VNI>`; it is taken over (deleted, its routes
     /// with it, and ours programmed next). Anything else is an error naming the device. `None`:
     /// no such device, the EEXIST came from something else.
-    async fn free_vni(&self, spec: &VxlanSpec) -> Result<(), Option<BackendError>> {
+    async fn free_vni(&self, spec: &VxlanSpecOf<N>) -> Result<(), Option<BackendError>> {
         let others = self
             .nl()
-            .vxlan_devices_using::<Ipv4Net>(spec.vni, spec.port, &spec.name)
+            .vxlan_devices_using::<N>(spec.vni, spec.port, &spec.name)
             .await
             .map_err(|e| Some(e.into()))?;
-        let flannel = format!("flannel.{}", spec.vni);
+        let flannel = format!("{}{}", prefixes::<N>().1, spec.vni);
         match others.as_slice() {
             [] => Err(None),
             [(index, name)] if *name == flannel => {
@@ -107,14 +138,14 @@ impl VxlanBackend {
     }
 }
 
-impl VxlanBackend {
-    /// Deletes our devices for other VNIs (`twill.<N>`), left by a run before the network
+impl<N: NlFamily> VxlanBackendOf<N> {
+    /// Deletes our devices for other VNIs (`twill.<N>`, `twill-v6.<N>`), left by a run before the network
     /// config's VNI changed: with them go their neighbours, FDB entries and the routes through
     /// them, which would otherwise stay forever (peers that left meanwhile included).
     async fn remove_other_vnis(&self) -> Result<(), BackendError> {
         for (index, name) in self.nl().vxlan_devices().await? {
             let ours = name
-                .strip_prefix("twill.")
+                .strip_prefix(prefixes::<N>().0)
                 .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
             if ours && name != self.name {
                 tracing::info!(device = %name, current = %self.name,
@@ -129,14 +160,14 @@ impl VxlanBackend {
     }
 }
 
-impl Backend for VxlanBackend {
-    async fn setup(&mut self, local: &LocalNode) -> Result<DeviceInfo, BackendError> {
+impl<N: NlFamily> Backend<N> for VxlanBackendOf<N> {
+    async fn setup(&mut self, local: &LocalNodeOf<N>) -> Result<DeviceInfo, BackendError> {
         self.remove_other_vnis().await?;
         let mtu = self
             .cfg
             .mtu
-            .unwrap_or(local.underlay_mtu.saturating_sub(VXLAN_OVERHEAD));
-        let spec = VxlanSpec {
+            .unwrap_or(local.underlay_mtu.saturating_sub(overhead::<N>()));
+        let spec = VxlanSpecOf::<N> {
             name: self.name.clone(),
             vni: self.cfg.vni,
             local: local.public_ip,
@@ -144,7 +175,7 @@ impl Backend for VxlanBackend {
             port: self.cfg.port,
             mtu,
             mac: local.vtep_mac,
-            addr: Ipv4Net::new(local.subnet.network(), 32).expect("/32 is valid"),
+            addr: N::from_bits(local.subnet.start(), N::BITS).expect("a host route is valid"),
         };
         let ifindex = match self.nl().ensure_vxlan(&spec).await {
             Err(e) if e.errno() == Some(libc::EEXIST) => {
@@ -175,8 +206,8 @@ impl Backend for VxlanBackend {
         self.ifindex = Some(ifindex);
         // Redone at every setup (the daemon runs it again when the underlay's addresses
         // change), so each peer's path follows the underlay.
-        self.segment = Segment {
-            prefixes: self.nl().addr_prefixes(local.underlay_index).await?,
+        self.segment = SegmentOf {
+            prefixes: self.nl().addr_prefixes::<N>(local.underlay_index).await?,
             local_ip: Some(local.public_ip),
         };
         tracing::info!(device = %self.name, ifindex, mtu, segment = %self.segment.describe(), "vxlan device ready");
@@ -189,7 +220,10 @@ impl Backend for VxlanBackend {
         })
     }
 
-    async fn apply(&mut self, changes: &[PeerChange]) -> Result<ApplyStats, BackendError> {
+    async fn apply(
+        &mut self,
+        changes: &[PeerChangeOf<N>],
+    ) -> Result<ApplyStatsOf<N>, BackendError> {
         let idx = self.device()?;
         let (cfg, segment) = (&self.cfg, &self.segment);
         let r = self
@@ -199,7 +233,7 @@ impl Backend for VxlanBackend {
         self.gone(r)
     }
 
-    async fn reconcile(&mut self, desired: &[Peer]) -> Result<ApplyStats, BackendError> {
+    async fn reconcile(&mut self, desired: &[PeerOf<N>]) -> Result<ApplyStatsOf<N>, BackendError> {
         let idx = self.check_device().await?;
         let (cfg, segment) = (&self.cfg, &self.segment);
         let r = self
@@ -209,7 +243,7 @@ impl Backend for VxlanBackend {
         self.gone(r)
     }
 
-    fn path(&self, peer: &Peer) -> PeerPath {
+    fn path(&self, peer: &PeerOf<N>) -> PeerPath {
         path(&self.cfg, &self.segment, peer)
     }
 }
@@ -217,7 +251,7 @@ impl Backend for VxlanBackend {
 /// A VTEP peer goes through the overlay, or directly when DirectRouting is on and it shares our
 /// segment (Calico's CrossSubnet idea: encapsulate only across subnets). A peer without a VTEP
 /// (a host-gw lease) can only be reached directly.
-fn path(cfg: &BackendConfig, segment: &Segment, p: &Peer) -> PeerPath {
+fn path<N: Cidr>(cfg: &BackendConfig, segment: &SegmentOf<N>, p: &PeerOf<N>) -> PeerPath {
     let direct = segment.contains(p.public_ip);
     match p.vtep_mac {
         Some(_) if cfg.direct_routing && direct => PeerPath::ok(Path::Direct),
@@ -237,8 +271,8 @@ mod tests {
     use super::*;
     use crate::peer::test_peer;
 
-    fn segment() -> Segment {
-        Segment {
+    fn segment() -> SegmentOf<Ipv4Net> {
+        SegmentOf {
             prefixes: vec!["198.18.0.0/24".parse().unwrap()],
             local_ip: Some("198.18.0.11".parse().unwrap()),
         }

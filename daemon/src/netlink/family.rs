@@ -30,6 +30,8 @@ pub trait NlFamily: Cidr {
     /// Our own deletions of this family's entries, so their notifications are not news.
     fn own(nl: &Netlink) -> &OwnDeletions<Self>;
     fn ip(a: Self::Addr) -> IpAddr;
+    /// `ip` if it is of this family.
+    fn from_ip(ip: IpAddr) -> Option<Self::Addr>;
     /// The address a CIDR is written with (host bits kept: `10.244.1.1/24` is 10.244.1.1).
     fn host(net: Self) -> Self::Addr;
     /// A VXLAN device's local (source) address.
@@ -87,6 +89,12 @@ impl NlFamily for Ipv4Net {
     }
     fn ip(a: Ipv4Addr) -> IpAddr {
         IpAddr::V4(a)
+    }
+    fn from_ip(ip: IpAddr) -> Option<Ipv4Addr> {
+        match ip {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        }
     }
     fn host(net: Ipv4Net) -> Ipv4Addr {
         net.addr()
@@ -146,6 +154,12 @@ impl NlFamily for Ipv6Net {
     }
     fn ip(a: Ipv6Addr) -> IpAddr {
         IpAddr::V6(a)
+    }
+    fn from_ip(ip: IpAddr) -> Option<Ipv6Addr> {
+        match ip {
+            IpAddr::V6(a) => Some(a),
+            IpAddr::V4(_) => None,
+        }
     }
     fn host(net: Ipv6Net) -> Ipv6Addr {
         net.addr()

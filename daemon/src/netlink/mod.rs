@@ -241,13 +241,18 @@ impl Netlink {
 
     /// The networks of interface `index`'s IPv4 addresses (e.g. 198.18.0.0/24): the hosts in
     /// them are on-link.
-    pub async fn addr_prefixes(&self, index: u32) -> Result<Vec<Ipv4Net>, NetlinkError> {
-        let addrs = self.ipv4_addrs(Some(index)).await?;
-        let mut nets: Vec<Ipv4Net> = addrs
+    pub async fn addr_prefixes<N: NlFamily>(&self, index: u32) -> Result<Vec<N>, NetlinkError> {
+        let msgs = self.addresses(Some(index)).await?;
+        let mut nets: Vec<N> = msgs
             .iter()
-            .filter_map(|(_, a, len)| Ipv4Net::new(*a, *len).ok())
-            .map(|n| n.trunc())
-            .filter(|n| n.prefix_len() < 32)
+            .filter(|m| m.header.family == N::AF && m.header.index == index)
+            .filter_map(|m| {
+                let a = N::from_ip(addr_ip_of(m)?)?;
+                let len = m.header.prefix_len;
+                let n = N::from_bits(N::addr_bits(a), len)?;
+                N::from_bits(n.start(), len)
+            })
+            .filter(|n| n.prefix() < N::BITS)
             .collect();
         nets.sort();
         nets.dedup();
