@@ -9,6 +9,10 @@ pub struct Metrics {
     /// The udp backend's packet path (zero with the other backends).
     pub udp: std::sync::Arc<crate::backend::udp::datapath::Stats>,
     pub peers: AtomicU64,
+    /// The same three for the IPv6 peers of a dual-stack node.
+    pub peers6: AtomicU64,
+    pub peers6_unreachable: AtomicU64,
+    pub peers6_refused_overlap: AtomicU64,
     pub kernel_entries_added: AtomicU64,
     pub kernel_entries_removed: AtomicU64,
     pub kernel_entry_failures: AtomicU64,
@@ -106,6 +110,24 @@ impl Metrics {
             "gauge",
             "Remote nodes with a valid lease.",
             g(&self.peers),
+        );
+        metric(
+            "ipv6_peers",
+            "gauge",
+            "Remote nodes with a valid IPv6 lease side (dual-stack nodes).",
+            g(&self.peers6),
+        );
+        metric(
+            "ipv6_peers_unreachable",
+            "gauge",
+            "Remote nodes whose IPv6 side no path reaches.",
+            g(&self.peers6_unreachable),
+        );
+        metric(
+            "ipv6_peers_refused_overlap",
+            "gauge",
+            "Remote nodes whose IPv6 subnet is not routed: it covers this node's own networks.",
+            g(&self.peers6_refused_overlap),
         );
         metric(
             "kernel_entries_added_total",

@@ -10,66 +10,86 @@ use std::time::Duration;
 
 use ipnet::Ipv4Net;
 
-use crate::subnet::overlaps;
+use crate::subnet::{overlaps, Cidr};
 
-/// What pod routes must never capture.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct HostNets {
+/// What one family's pod routes must never capture.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostNetsOf<N: Cidr> {
     /// The address peers tunnel to.
-    pub public_ip: Option<Ipv4Addr>,
+    pub public_ip: Option<N::Addr>,
     /// The underlay interface's networks, with its name for messages.
-    pub underlay: Vec<Ipv4Net>,
+    pub underlay: Vec<N>,
     pub underlay_name: String,
     /// The addresses of the lease source's servers (etcd, the API server), and what they are.
-    pub servers: Vec<Ipv4Addr>,
+    pub servers: Vec<N::Addr>,
     pub servers_are: &'static str,
+}
+
+pub type HostNets = HostNetsOf<Ipv4Net>;
+
+impl<N: Cidr> Default for HostNetsOf<N> {
+    fn default() -> Self {
+        HostNetsOf {
+            public_ip: None,
+            underlay: Vec::new(),
+            underlay_name: String::new(),
+            servers: Vec::new(),
+            servers_are: "",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "the pod network {network} (Network in the network config) overlaps {what}: routes for pod \
-     subnets would capture this node's own traffic, etcd's included; choose a Network that \
+    "the pod network {network} ({field} in the network config) overlaps {what}: routes for pod \
+     subnets would capture this node's own traffic, etcd's included; choose a {field} that \
      overlaps none of the nodes' networks"
 )]
 pub struct OverlapError {
-    pub network: Ipv4Net,
+    pub network: String,
+    /// `Network` or `IPv6Network`.
+    pub field: String,
     pub what: String,
 }
 
-impl HostNets {
+impl<N: Cidr> HostNetsOf<N> {
     /// What in here `net` covers or overlaps, described; None if nothing.
-    fn captured_by(&self, net: Ipv4Net) -> Option<String> {
+    fn captured_by(&self, net: N) -> Option<String> {
         if let Some(p) = self.underlay.iter().find(|p| overlaps(**p, net)) {
             return Some(format!(
                 "{p}, the network of the underlay interface {}",
                 self.underlay_name
             ));
         }
-        if let Some(ip) = self.public_ip.filter(|ip| net.contains(ip)) {
+        if let Some(ip) = self.public_ip.filter(|ip| net.contains_addr(*ip)) {
             return Some(format!("{ip}, this node's public IP"));
         }
-        if let Some(ip) = self.servers.iter().find(|ip| net.contains(*ip)) {
+        if let Some(ip) = self.servers.iter().find(|ip| net.contains_addr(**ip)) {
             return Some(format!("{ip}, {}", self.servers_are));
         }
         None
     }
 
     /// At start: the pod network must stay clear of the node's own addresses.
-    pub fn check_network(&self, network: Ipv4Net) -> Result<(), OverlapError> {
+    pub fn check_network(&self, network: N) -> Result<(), OverlapError> {
         match self.captured_by(network) {
-            Some(what) => Err(OverlapError { network, what }),
+            Some(what) => Err(OverlapError {
+                network: network.to_string(),
+                field: format!("{}Network", N::FIELD_PREFIX),
+                what,
+            }),
             None => Ok(()),
         }
     }
 
     /// Why a peer's `subnet` must not be routed, if it must not: it covers our addresses, or a
     /// public IP in `lease_ips` (the tunnel to that node would go into the tunnel).
-    pub fn refuse(&self, subnet: Ipv4Net, lease_ips: &BTreeSet<Ipv4Addr>) -> Option<String> {
+    pub fn refuse(&self, subnet: N, lease_ips: &BTreeSet<N::Addr>) -> Option<String> {
         if let Some(what) = self.captured_by(subnet) {
             return Some(format!("its subnet {subnet} overlaps {what}"));
         }
         lease_ips
-            .range(subnet.network()..=subnet.broadcast())
+            .range(N::addr_from_bits(subnet.start())..=N::addr_from_bits(subnet.end()))
             .next()
             .map(|ip| format!("its subnet {subnet} contains {ip}, a node's public IP"))
     }

@@ -314,14 +314,15 @@ impl Node {
                 device: d.name.clone(),
                 mtu: d.mtu,
                 tx_checksum_offload: d.tx_checksum,
+                ipv6: None,
             })
         });
     }
 }
 
-pub(super) async fn setup_or_log<B: Backend>(
+pub(super) async fn setup_or_log<N: crate::netlink::NlFamily, B: Backend<N>>(
     backend: &mut B,
-    local: &LocalNode,
+    local: &crate::backend::LocalNodeOf<N>,
     current: DeviceInfo,
 ) -> DeviceInfo {
     match backend.setup(local).await {

@@ -3,34 +3,86 @@
 //! subnet would capture this node's own traffic (`overlap`) is listed but never routed.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tracing::{debug, error, info, warn};
 
 use super::node::setup_or_log;
-use super::status::{PeerStatus, ReconcileStatus, Shared};
-use crate::backend::{ApplyStats, Backend, BackendError, DeviceInfo, LocalNode, PeerPath};
+use super::status::{PeerStatusOf, ReconcileStatus, Shared, Status};
+use crate::backend::{ApplyStatsOf, Backend, BackendError, DeviceInfo, LocalNodeOf, PeerPath};
 use crate::metrics::Metrics;
-use crate::overlap::HostNets;
-use crate::peer::Peer;
-use crate::reconcile::{Path, PeerChange};
+use crate::netlink::NlFamily;
+use crate::overlap::HostNetsOf;
+use crate::peer::PeerOf;
+use crate::reconcile::{Path, PeerChangeOf};
 use crate::registry::PeerEvent;
 
-/// Desired state (the peers from the leases) and how far the kernel is known to match it.
-pub(super) struct Sync {
-    desired: BTreeMap<Ipv4Net, Peer>,
+/// One family's peer events, as the watchers send them inside `PeerEvent`.
+#[derive(Debug)]
+pub enum FamilyEvent<N: NlFamily> {
+    Snapshot(Vec<PeerOf<N>>),
+    Upsert(PeerOf<N>),
+    Remove(N),
+}
+
+/// Where a family's peers come from and where their state is shown.
+pub trait SyncFamily: NlFamily {
+    /// This family's event, if `ev` is one.
+    fn event(ev: PeerEvent) -> Option<FamilyEvent<Self>>;
+    /// Peers, peers refused for overlap, peers unreachable.
+    fn gauges(m: &Metrics) -> [&AtomicU64; 3];
+    fn show(s: &mut Status, peers: Vec<PeerStatusOf<Self>>);
+}
+
+impl SyncFamily for Ipv4Net {
+    fn event(ev: PeerEvent) -> Option<FamilyEvent<Self>> {
+        match ev {
+            PeerEvent::Snapshot(p) => Some(FamilyEvent::Snapshot(p)),
+            PeerEvent::Upsert(p) => Some(FamilyEvent::Upsert(p)),
+            PeerEvent::Remove(n) => Some(FamilyEvent::Remove(n)),
+            _ => None,
+        }
+    }
+    fn gauges(m: &Metrics) -> [&AtomicU64; 3] {
+        [&m.peers, &m.peers_refused_overlap, &m.peers_unreachable]
+    }
+    fn show(s: &mut Status, peers: Vec<PeerStatusOf<Self>>) {
+        s.peers = peers;
+    }
+}
+
+impl SyncFamily for Ipv6Net {
+    fn event(ev: PeerEvent) -> Option<FamilyEvent<Self>> {
+        match ev {
+            PeerEvent::Snapshot6(p) => Some(FamilyEvent::Snapshot(p)),
+            PeerEvent::Upsert6(p) => Some(FamilyEvent::Upsert(p)),
+            PeerEvent::Remove6(n) => Some(FamilyEvent::Remove(n)),
+            _ => None,
+        }
+    }
+    fn gauges(m: &Metrics) -> [&AtomicU64; 3] {
+        [&m.peers6, &m.peers6_refused_overlap, &m.peers6_unreachable]
+    }
+    fn show(s: &mut Status, peers: Vec<PeerStatusOf<Self>>) {
+        s.peers6 = Some(peers);
+    }
+}
+
+/// Desired state (the peers from the leases) and how far the kernel is known to match it, for
+/// one address family.
+pub(super) struct SyncOf<N: SyncFamily> {
+    desired: BTreeMap<N, PeerOf<N>>,
     /// What pod routes must not capture.
-    host: HostNets,
+    host: HostNetsOf<N>,
     /// The peers of `desired` that are routed: all but those `host` refuses.
-    routed: BTreeMap<Ipv4Net, Peer>,
+    routed: BTreeMap<N, PeerOf<N>>,
     /// Peers not routed, and why.
-    refused: BTreeMap<Ipv4Net, String>,
+    refused: BTreeMap<N, String>,
     /// Peers whose entries the kernel refused: not "programmed" until a batch that touches
     /// them succeeds (every reconcile retries them).
-    unprogrammed: BTreeSet<Ipv4Net>,
+    unprogrammed: BTreeSet<N>,
     /// The last reconcile failed as a whole: no peer is known to be programmed.
     reconcile_failed: bool,
     /// A snapshot of the leases arrived: `desired` is complete and worth reconciling against.
@@ -38,12 +90,14 @@ pub(super) struct Sync {
     /// A full reconcile succeeded at least once.
     pub(super) synced_once: bool,
     /// Peers no path reaches, with the reason last logged.
-    unreachable: BTreeMap<Ipv4Net, String>,
+    unreachable: BTreeMap<N, String>,
 }
 
-impl Sync {
-    pub(super) fn new(host: HostNets) -> Self {
-        Sync {
+pub(super) type Sync = SyncOf<Ipv4Net>;
+
+impl<N: SyncFamily> SyncOf<N> {
+    pub(super) fn new(host: HostNetsOf<N>) -> Self {
+        SyncOf {
             desired: BTreeMap::new(),
             host,
             routed: BTreeMap::new(),
@@ -56,16 +110,16 @@ impl Sync {
         }
     }
 
-    pub(super) async fn handle_events<B: Backend>(
+    pub(super) async fn handle_events<B: Backend<N>>(
         &mut self,
         backend: &mut B,
         device: &mut DeviceInfo,
-        local: &LocalNode,
+        local: &LocalNodeOf<N>,
         batch: Vec<PeerEvent>,
         shared: &Shared,
     ) {
         let before = self.routed.clone();
-        if fold_events(&mut self.desired, batch) == Folded::Full {
+        if fold_events(&mut self.desired, batch) == FoldedOf::Full {
             self.listed = true;
             self.reconcile(backend, device, local, shared, "lease resync")
                 .await;
@@ -81,11 +135,11 @@ impl Sync {
         for c in &changes {
             match (&c.old, &c.new) {
                 (None, Some(p)) => {
-                    info!(subnet = %p.subnet, public_ip = %p.public_ip, mac = ?p.vtep_mac, "peer added")
+                    info!(family = N::FAMILY, subnet = %p.subnet, public_ip = %p.public_ip, mac = ?p.vtep_mac, "peer added")
                 }
-                (Some(p), None) => info!(subnet = %p.subnet, "peer removed"),
+                (Some(p), None) => info!(family = N::FAMILY, subnet = %p.subnet, "peer removed"),
                 (_, Some(p)) => {
-                    info!(subnet = %p.subnet, public_ip = %p.public_ip, mac = ?p.vtep_mac, "peer changed")
+                    info!(family = N::FAMILY, subnet = %p.subnet, public_ip = %p.public_ip, mac = ?p.vtep_mac, "peer changed")
                 }
                 _ => {}
             }
@@ -110,16 +164,16 @@ impl Sync {
         self.publish(backend, shared);
     }
 
-    pub(super) async fn reconcile<B: Backend>(
+    pub(super) async fn reconcile<B: Backend<N>>(
         &mut self,
         backend: &mut B,
         device: &mut DeviceInfo,
-        local: &LocalNode,
+        local: &LocalNodeOf<N>,
         shared: &Shared,
         why: &str,
     ) {
         self.route_view();
-        let desired: Vec<Peer> = self.routed.values().copied().collect();
+        let desired: Vec<PeerOf<N>> = self.routed.values().copied().collect();
         let start = Instant::now();
         let mut res = backend.reconcile(&desired).await;
         if matches!(res, Err(BackendError::DeviceGone(_))) {
@@ -139,6 +193,7 @@ impl Sync {
                 if stats.added + stats.removed + stats.failed > 0 {
                     info!(
                         why,
+                        family = N::FAMILY,
                         added = stats.added,
                         removed = stats.removed,
                         failed = stats.failed,
@@ -146,7 +201,12 @@ impl Sync {
                         "reconciled"
                     );
                 } else {
-                    debug!(why, peers = desired.len(), "reconciled: kernel in sync");
+                    debug!(
+                        why,
+                        family = N::FAMILY,
+                        peers = desired.len(),
+                        "reconciled: kernel in sync"
+                    );
                 }
                 self.record(&stats, shared);
                 self.unprogrammed = stats.unprogrammed.iter().copied().collect();
@@ -167,7 +227,7 @@ impl Sync {
                 });
             }
             Err(e) => {
-                error!(why, error = %e, "reconcile failed; will retry");
+                error!(why, family = N::FAMILY, error = %e, "reconcile failed; will retry");
                 self.reconcile_failed = true;
             }
         }
@@ -175,17 +235,17 @@ impl Sync {
     }
 
     /// The node's own networks changed (underlay addresses): the next reconcile routes by them.
-    pub(super) fn set_host(&mut self, host: HostNets) {
+    pub(super) fn set_host(&mut self, host: HostNetsOf<N>) {
         self.host = host;
     }
 
-    pub(super) fn host(&self) -> &HostNets {
+    pub(super) fn host(&self) -> &HostNetsOf<N> {
         &self.host
     }
 
     /// Splits `desired` into routed and refused peers; a newly refused one is logged.
     fn route_view(&mut self) {
-        let ips: BTreeSet<Ipv4Addr> = self.desired.values().map(|p| p.public_ip).collect();
+        let ips: BTreeSet<N::Addr> = self.desired.values().map(|p| p.public_ip).collect();
         let mut routed = BTreeMap::new();
         let mut refused = BTreeMap::new();
         for p in self.desired.values() {
@@ -205,7 +265,7 @@ impl Sync {
         self.refused = refused;
     }
 
-    fn record(&self, stats: &ApplyStats, shared: &Shared) {
+    fn record(&self, stats: &ApplyStatsOf<N>, shared: &Shared) {
         let m = &shared.metrics;
         m.kernel_entries_added.fetch_add(stats.added, Relaxed);
         m.kernel_entries_removed.fetch_add(stats.removed, Relaxed);
@@ -214,18 +274,17 @@ impl Sync {
 
     /// Status and metrics per peer; a peer that newly cannot be served is logged once, with
     /// the reason.
-    fn publish<B: Backend>(&mut self, backend: &B, shared: &Shared) {
-        let m = &shared.metrics;
-        m.peers.store(self.desired.len() as u64, Relaxed);
-        m.peers_refused_overlap
-            .store(self.refused.len() as u64, Relaxed);
+    fn publish<B: Backend<N>>(&mut self, backend: &B, shared: &Shared) {
+        let [peers_gauge, refused_gauge, unreachable_gauge] = N::gauges(&shared.metrics);
+        peers_gauge.store(self.desired.len() as u64, Relaxed);
+        refused_gauge.store(self.refused.len() as u64, Relaxed);
         let mut unreachable = BTreeMap::new();
-        let peers: Vec<PeerStatus> = self
+        let peers: Vec<PeerStatusOf<N>> = self
             .desired
             .values()
             .map(|p| {
                 if let Some(why) = self.refused.get(&p.subnet) {
-                    return PeerStatus {
+                    return PeerStatusOf {
                         subnet: p.subnet,
                         public_ip: p.public_ip,
                         vtep_mac: p.vtep_mac,
@@ -241,7 +300,7 @@ impl Sync {
                     }
                     unreachable.insert(p.subnet, why.clone());
                 }
-                PeerStatus {
+                PeerStatusOf {
                     subnet: p.subnet,
                     public_ip: p.public_ip,
                     vtep_mac: p.vtep_mac,
@@ -257,73 +316,76 @@ impl Sync {
                 }
             })
             .collect();
-        m.peers_unreachable.store(unreachable.len() as u64, Relaxed);
+        unreachable_gauge.store(unreachable.len() as u64, Relaxed);
         self.unreachable = unreachable;
-        shared.update(|s| s.peers = peers);
+        shared.update(|s| N::show(s, peers));
     }
 }
 
 /// One change per subnet whose routed peer differs between `before` and `after`.
-fn routed_changes(
-    before: &BTreeMap<Ipv4Net, Peer>,
-    after: &BTreeMap<Ipv4Net, Peer>,
-) -> Vec<PeerChange> {
-    let nets: BTreeSet<&Ipv4Net> = before.keys().chain(after.keys()).collect();
+fn routed_changes<N: SyncFamily>(
+    before: &BTreeMap<N, PeerOf<N>>,
+    after: &BTreeMap<N, PeerOf<N>>,
+) -> Vec<PeerChangeOf<N>> {
+    let nets: BTreeSet<&N> = before.keys().chain(after.keys()).collect();
     nets.into_iter()
         .filter_map(|n| {
             let (old, new) = (before.get(n).copied(), after.get(n).copied());
-            (old != new).then_some(PeerChange { old, new })
+            (old != new).then_some(PeerChangeOf { old, new })
         })
         .collect()
 }
 
 /// What a batch of peer events asks for.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Folded {
+pub enum FoldedOf<N: NlFamily> {
     /// A snapshot arrived: compare everything with the kernel.
     Full,
     /// Incremental: one change per subnet whose value differs from before the batch.
-    Changes(Vec<PeerChange>),
+    Changes(Vec<PeerChangeOf<N>>),
 }
 
-/// Applies a batch of peer events to `desired`. Several events for one subnet make one change
-/// (first old value, last new value), so applying the changes in phases stays correct.
-pub fn fold_events(desired: &mut BTreeMap<Ipv4Net, Peer>, batch: Vec<PeerEvent>) -> Folded {
+pub type Folded = FoldedOf<Ipv4Net>;
+
+/// Applies family `N`'s events of a batch to `desired` (the others are not its business).
+/// Several events for one subnet make one change (first old value, last new value), so
+/// applying the changes in phases stays correct.
+pub fn fold_events<N: SyncFamily>(
+    desired: &mut BTreeMap<N, PeerOf<N>>,
+    batch: Vec<PeerEvent>,
+) -> FoldedOf<N> {
+    let batch: Vec<FamilyEvent<N>> = batch.into_iter().filter_map(N::event).collect();
     // A snapshot in the batch supersedes everything before it.
     let start = batch
         .iter()
-        .rposition(|e| matches!(e, PeerEvent::Snapshot(_)));
+        .rposition(|e| matches!(e, FamilyEvent::Snapshot(_)));
     let mut full = false;
-    let mut before: BTreeMap<Ipv4Net, Option<Peer>> = BTreeMap::new();
+    let mut before: BTreeMap<N, Option<PeerOf<N>>> = BTreeMap::new();
     for ev in batch.into_iter().skip(start.unwrap_or(0)) {
         match ev {
-            PeerEvent::Snapshot(peers) => {
+            FamilyEvent::Snapshot(peers) => {
                 *desired = peers.into_iter().map(|p| (p.subnet, p)).collect();
                 full = true;
             }
-            PeerEvent::Upsert(p) => {
+            FamilyEvent::Upsert(p) => {
                 let old = desired.insert(p.subnet, p);
                 before.entry(p.subnet).or_insert(old);
             }
-            PeerEvent::Remove(net) => {
+            FamilyEvent::Remove(net) => {
                 let old = desired.remove(&net);
                 before.entry(net).or_insert(old);
             }
-            // About the watcher's health, not the peers (the node keeps track of it).
-            PeerEvent::ListFailed(_) => {}
-            // twilld does not serve the IPv6 side of a network yet (it says so at start).
-            PeerEvent::Snapshot6(_) | PeerEvent::Upsert6(_) | PeerEvent::Remove6(_) => {}
         }
     }
     if full {
-        return Folded::Full;
+        return FoldedOf::Full;
     }
-    Folded::Changes(
+    FoldedOf::Changes(
         before
             .into_iter()
             .filter_map(|(net, old)| {
                 let new = desired.get(&net).copied();
-                (old != new).then_some(PeerChange { old, new })
+                (old != new).then_some(PeerChangeOf { old, new })
             })
             .collect(),
     )
@@ -333,6 +395,7 @@ pub fn fold_events(desired: &mut BTreeMap<Ipv4Net, Peer>, batch: Vec<PeerEvent>)
 mod tests {
     use super::*;
     use crate::peer::test_peer as peer;
+    use crate::reconcile::PeerChange;
 
     #[test]
     fn folds_events_into_one_change_per_subnet() {
@@ -384,6 +447,53 @@ mod tests {
         assert_eq!(
             desired.keys().copied().collect::<Vec<_>>(),
             vec![peer(1, 11, 1).subnet, peer(2, 12, 2).subnet]
+        );
+    }
+
+    #[test]
+    fn each_family_folds_only_its_own_events() {
+        let p6 = |n: u16| PeerOf::<Ipv6Net> {
+            subnet: format!("fd00:10:244:{n:x}::/64").parse().unwrap(),
+            public_ip: format!("fd00:198:18::{n:x}").parse().unwrap(),
+            vtep_mac: Some(crate::mac::MacAddr([2, 0, 0, 0, 6, n as u8])),
+        };
+        let batch = || {
+            vec![
+                PeerEvent::Snapshot6(vec![p6(1)]),
+                PeerEvent::Upsert(peer(2, 12, 2)),
+                PeerEvent::Snapshot(vec![peer(1, 11, 1)]),
+                PeerEvent::Upsert6(p6(2)),
+                PeerEvent::Remove6(p6(1).subnet),
+                PeerEvent::ListFailed("x".into()),
+            ]
+        };
+        let mut v6: BTreeMap<Ipv6Net, _> = BTreeMap::new();
+        // The v4 snapshot is not the v6 family's: its own (earlier) one makes it full.
+        assert_eq!(fold_events(&mut v6, batch()), FoldedOf::Full);
+        assert_eq!(v6.keys().copied().collect::<Vec<_>>(), vec![p6(2).subnet]);
+        let mut v4: BTreeMap<Ipv4Net, _> = BTreeMap::new();
+        assert_eq!(fold_events(&mut v4, batch()), Folded::Full);
+        assert_eq!(
+            v4.keys().copied().collect::<Vec<_>>(),
+            vec![peer(1, 0, 0).subnet]
+        );
+        // Without a v6 snapshot, the v6 events are changes; v4 ones are not among them.
+        let mut v6 = BTreeMap::from([(p6(1).subnet, p6(1))]);
+        let FoldedOf::Changes(ch) = fold_events(&mut v6, batch().split_off(1)) else {
+            panic!("not incremental")
+        };
+        assert_eq!(
+            ch,
+            vec![
+                PeerChangeOf {
+                    old: Some(p6(1)),
+                    new: None
+                },
+                PeerChangeOf {
+                    old: None,
+                    new: Some(p6(2))
+                },
+            ]
         );
     }
 }

@@ -1,13 +1,14 @@
 //! What /status shows, and the state the main loop shares with the HTTP server.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, RwLock};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::Serialize;
 
 use crate::mac::MacAddr;
 use crate::metrics::Metrics;
+use crate::subnet::Cidr;
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Status {
@@ -17,6 +18,9 @@ pub struct Status {
     pub network: Option<Ipv4Net>,
     pub node: Option<NodeStatus>,
     pub peers: Vec<PeerStatus>,
+    /// The IPv6 peers, when this node serves the IPv6 side of a dual-stack network.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peers6: Option<Vec<PeerStatusOf<Ipv6Net>>>,
     pub last_reconcile: Option<ReconcileStatus>,
     pub firewall: Option<FirewallStatus>,
     pub policy: Option<crate::policy::PolicyStatus>,
@@ -50,12 +54,25 @@ pub struct NodeStatus {
     pub mtu: u32,
     /// The device's transmit checksum offload (`--vxlan-checksum-offload`), if known.
     pub tx_checksum_offload: Option<bool>,
+    /// This node's IPv6 side, when it serves one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<NodeStatus6>,
+}
+
+/// A dual-stack node's IPv6 subnet, endpoint and device.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeStatus6 {
+    pub subnet: Ipv6Net,
+    pub public_ip: Ipv6Addr,
+    pub vtep_mac: Option<MacAddr>,
+    pub device: String,
+    pub mtu: u32,
 }
 
 #[derive(Clone, Debug, Serialize)]
-pub struct PeerStatus {
-    pub subnet: Ipv4Net,
-    pub public_ip: Ipv4Addr,
+pub struct PeerStatusOf<N: Cidr> {
+    pub subnet: N,
+    pub public_ip: N::Addr,
     pub vtep_mac: Option<MacAddr>,
     /// True when the last kernel operation covering this peer succeeded.
     pub programmed: bool,
@@ -64,6 +81,8 @@ pub struct PeerStatus {
     /// Why the peer cannot be programmed, when it cannot.
     pub reason: Option<String>,
 }
+
+pub type PeerStatus = PeerStatusOf<Ipv4Net>;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ReconcileStatus {
