@@ -77,6 +77,9 @@ pub struct LabOptions {
     /// Nodes on a second underlay segment (198.18.1.0/24) behind a router namespace, instead of
     /// on the underlay bridge: a routed underlay.
     pub routed: Vec<usize>,
+    /// A dual-stack underlay: the bridge and every node (on the main segment) also get an
+    /// IPv6 address (fd00:198:18::/64; node i has `node_ip6(i)`).
+    pub ipv6: bool,
 }
 
 impl Default for LabOptions {
@@ -90,9 +93,14 @@ impl Default for LabOptions {
             dir: None,
             detachable: false,
             routed: Vec::new(),
+            ipv6: false,
         }
     }
 }
+
+/// The underlay host's IPv6 address on a dual-stack underlay, and the segment's prefix.
+pub const UNDERLAY_IP6: &str = "fd00:198:18::fe";
+pub const UNDERLAY6: &str = "fd00:198:18::/64";
 
 /// The router's address on the main underlay segment, and its own segment.
 pub const ROUTER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
@@ -111,6 +119,7 @@ pub struct Lab {
     mtu: u32,
     detachable: bool,
     routed: Vec<usize>,
+    ipv6: bool,
     /// Set by `detach`: drop leaves everything running.
     detached: bool,
 }
@@ -128,6 +137,8 @@ pub struct LabState {
     pub daemons: Vec<Option<ProcId>>,
     #[serde(default)]
     pub routed: Vec<usize>,
+    #[serde(default)]
+    pub ipv6: bool,
 }
 
 impl Lab {
@@ -166,6 +177,7 @@ impl Lab {
             mtu: opts.mtu,
             detachable: opts.detachable,
             routed: opts.routed,
+            ipv6: opts.ipv6,
             detached: false,
         };
         // From here on a failure drops `lab`, which removes whatever was built so far.
@@ -209,6 +221,7 @@ impl Lab {
             mtu: state.mtu,
             detachable: true,
             routed: state.routed,
+            ipv6: state.ipv6,
             detached: false,
         };
         lab.etcd = state
@@ -233,6 +246,7 @@ impl Lab {
                 .map(|d| d.as_ref().map(Proc::proc_id))
                 .collect(),
             routed: self.routed.clone(),
+            ipv6: self.ipv6,
         }
     }
 
@@ -284,6 +298,11 @@ impl Lab {
             "dev",
             &br,
         ])?;
+        if self.ipv6 {
+            // nodad: no one else is on this segment, and DAD would hold the address back.
+            let a = format!("{UNDERLAY_IP6}/64");
+            ip(&["ip", "-n", &u, "addr", "add", &a, "dev", &br, "nodad"])?;
+        }
         ip(&["ip", "-n", &u, "link", "set", &br, "up"])?;
         if !self.routed.is_empty() {
             self.build_router()?;
@@ -381,6 +400,10 @@ impl Lab {
         ])?;
         let addr = format!("{}/{UNDERLAY_PREFIX_LEN}", self.node_ip(i));
         ip(&["ip", "-n", &n, "addr", "add", &addr, "dev", "eth0"])?;
+        if self.ipv6 && !routed {
+            let a = format!("{}/64", self.node_ip6(i));
+            ip(&["ip", "-n", &n, "addr", "add", &a, "dev", "eth0", "nodad"])?;
+        }
         ip(&["ip", "-n", &n, "link", "set", "eth0", "up"])?;
         ip(&[
             "ip",
@@ -405,6 +428,9 @@ impl Lab {
             ])?;
         }
         self.exec_ok(i, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        if self.ipv6 {
+            self.exec_ok(i, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+        }
         Ok(())
     }
 
@@ -437,6 +463,12 @@ impl Lab {
         self.check_node(i);
         let seg = u8::from(self.routed.contains(&i));
         Ipv4Addr::new(198, 18, seg, 10 + i as u8)
+    }
+
+    /// Node i's underlay IPv6 address on a dual-stack underlay: fd00:198:18::(10+i), hex.
+    pub fn node_ip6(&self, i: usize) -> std::net::Ipv6Addr {
+        self.check_node(i);
+        std::net::Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, 10 + i as u16)
     }
 
     /// The router namespace of a routed underlay (`LabOptions::routed`).
