@@ -264,11 +264,8 @@ impl NetworkConfig {
             None => return Err(invalid("Network", "missing (e.g. \"10.244.0.0/16\")")),
         };
         // Checked as flannel checks it (a dual-stack network's config is shared with its
-        // flanneld nodes), though only the IPv4 part runs.
+        // flanneld nodes).
         let enable_ipv6 = bool_field(&obj, "EnableIPv6")? == Some(true);
-        if enable_ipv6 {
-            tracing::warn!("EnableIPv6 is set: twill only runs the IPv4 part of the network");
-        }
 
         let v4 = parse_range(&obj, &V4_FIELDS, network)?;
         let ipv6 = if enable_ipv6 {

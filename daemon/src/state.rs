@@ -6,6 +6,8 @@ use std::path::Path;
 use crate::mac::MacAddr;
 
 const VTEP_MAC_FILE: &str = "vtep-mac";
+/// The IPv6 VXLAN device's MAC (a device of its own, as flannel's `flannel-v6.<VNI>`).
+const VTEP_MAC6_FILE: &str = "vtep-mac6";
 
 /// The VTEP MAC: read from the state dir, or generated and persisted (atomically) on first start.
 /// A MAC that survives reboots keeps peers from holding stale entries (flannel #533, #1788).
@@ -21,7 +23,16 @@ pub fn has_vtep_mac(dir: &Path) -> bool {
 /// `load_or_create_vtep_mac`, taking `stored` (the MAC the node published before, e.g. by
 /// flanneld) instead of a random one when the state dir has none.
 pub fn load_or_adopt_vtep_mac(dir: &Path, stored: Option<MacAddr>) -> io::Result<MacAddr> {
-    let path = dir.join(VTEP_MAC_FILE);
+    load_or_adopt(dir, VTEP_MAC_FILE, stored)
+}
+
+/// The IPv6 device's VTEP MAC, kept like the IPv4 one.
+pub fn load_or_create_vtep_mac6(dir: &Path) -> io::Result<MacAddr> {
+    load_or_adopt(dir, VTEP_MAC6_FILE, None)
+}
+
+fn load_or_adopt(dir: &Path, file: &str, stored: Option<MacAddr>) -> io::Result<MacAddr> {
+    let path = dir.join(file);
     match std::fs::read_to_string(&path) {
         Ok(s) => s.trim().parse().map_err(|e| {
             io::Error::new(

@@ -5,6 +5,7 @@
 mod fw;
 mod node;
 mod peers;
+mod side6;
 mod start;
 mod status;
 
@@ -47,6 +48,12 @@ const EVENT_DEBOUNCE: Duration = Duration::from_millis(300);
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(
+        "the network config enables IPv6 (EnableIPv6), but the underlay interface {iface} has no \
+         usable global IPv6 address (static or autoconfigured, not tentative, deprecated or \
+         temporary): add one, or pass --public-ipv6"
+    )]
+    NoIpv6 { iface: String },
     #[error("state dir {dir}: {err}")]
     State { dir: String, err: std::io::Error },
     #[error("netlink: {0}")]
@@ -257,18 +264,19 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
         BackendKind::HostGw => LeaseBackend::HostGw,
         BackendKind::Udp => LeaseBackend::Udp,
     };
-    // IPv4 only so far: a dual-stack network's v6 side is not served (issue 13).
+    // A dual-stack network's IPv6 side, when this node serves it.
+    let plan6 = side6::plan(&args, &cfg, &underlay)?;
     let attrs = LeaseAttrs {
         public_ip,
         backend: backend_attrs,
-        v6: None,
+        v6: plan6.as_ref().map(|p| p.lease),
     };
     let previous = read_previous_subnet(&args.subnet_file);
     let own = tokio::select! {
         own = source.acquire(&cfg, &attrs, previous, &shared) => own,
         _ = shutdown.wait() => { info!("shutting down before the node was ready"); return Ok(()); }
     };
-    info!(subnet = %own.subnet, "lease acquired");
+    info!(subnet = %own.subnet, subnet6 = ?own.subnet6, "lease acquired");
 
     let mut backend = match cfg.backend.kind {
         BackendKind::Vxlan => {
@@ -295,6 +303,12 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
     };
     let device = backend.setup(&local).await?;
     info!(backend = ?cfg.backend.kind, device = %device.name, ifindex = device.ifindex, mtu = device.mtu, "backend ready");
+    let v6 = match (&plan6, own.subnet6) {
+        (Some(plan), Some(subnet6)) => {
+            Some(side6::Side6::start(&nl, &args, &cfg, plan, subnet6, &underlay.name).await?)
+        }
+        _ => None,
+    };
     let firewall = NodeFirewall::new(&args).await;
     // Changes to the nftables ruleset made by others (a flush, `systemctl restart nftables`).
     let mut nft_rx = match crate::netlink::nft_events::subscribe() {
@@ -322,7 +336,7 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
     let resync_every = args.resync_interval;
     let mut node = Node::new(
         args, cfg, shared, nl, backend, device, local, underlay, firewall, node_tx, attrs_tx,
-        policy, host,
+        policy, host, v6,
     );
     let mut kernel_rx = node
         .nl

@@ -8,6 +8,7 @@ use tracing::{error, info, warn};
 
 use super::fw::NodeFirewall;
 use super::peers::Sync;
+use super::side6::Side6;
 use super::status::{NodeStatus, Shared};
 use crate::backend::{AnyBackend, Backend, DeviceInfo, LocalNode};
 use crate::cli::RunArgs;
@@ -40,6 +41,8 @@ pub(super) struct Node {
     list_failing: Option<(Instant, String)>,
     /// /readyz says so because the list failed for longer than `--lease-list-grace`.
     list_stale: bool,
+    /// The IPv6 side of a dual-stack node.
+    pub v6: Option<Side6>,
 }
 
 impl Node {
@@ -58,6 +61,7 @@ impl Node {
         attrs_tx: watch::Sender<LeaseAttrs>,
         policy: Option<PolicyHandle>,
         host: HostNets,
+        v6: Option<Side6>,
     ) -> Self {
         let node = Node {
             args,
@@ -76,6 +80,7 @@ impl Node {
             ready: false,
             list_failing: None,
             list_stale: false,
+            v6,
         };
         node.publish_node();
         node
@@ -83,6 +88,7 @@ impl Node {
 
     pub async fn on_peer_events(&mut self, batch: Vec<PeerEvent>) {
         let mut peers = Vec::with_capacity(batch.len());
+        let mut peers6 = Vec::new();
         for ev in batch {
             match ev {
                 PeerEvent::ListFailed(e) => {
@@ -94,8 +100,14 @@ impl Node {
                     self.list_failing = None;
                     peers.push(ev);
                 }
+                PeerEvent::Snapshot6(_) | PeerEvent::Upsert6(_) | PeerEvent::Remove6(_) => {
+                    peers6.push(ev)
+                }
                 ev => peers.push(ev),
             }
+        }
+        if let (Some(v6), false) = (&mut self.v6, peers6.is_empty()) {
+            v6.on_events(peers6, &self.shared).await;
         }
         if peers.is_empty() {
             return;
@@ -112,10 +124,20 @@ impl Node {
     }
 
     pub async fn on_own_lease(&mut self, new: OwnLease) {
-        if new.subnet == self.local.subnet {
+        let moved6 = match (&mut self.v6, new.subnet6) {
+            (Some(v6), Some(s6)) if s6 != v6.local.subnet => {
+                warn!(old = %v6.local.subnet, new = %s6, "our lease moved to another IPv6 subnet");
+                v6.local.subnet = s6;
+                true
+            }
+            _ => false,
+        };
+        if new.subnet == self.local.subnet && !moved6 {
             return;
         }
-        warn!(old = %self.local.subnet, new = %new.subnet, "our lease moved to another subnet");
+        if new.subnet != self.local.subnet {
+            warn!(old = %self.local.subnet, new = %new.subnet, "our lease moved to another subnet");
+        }
         self.local.subnet = new.subnet;
         self.setup().await;
         if self.ready {
@@ -139,6 +161,9 @@ impl Node {
                 Err(e) => warn!(error = %e, "underlay lookup after an address change failed"),
             }
         }
+        if addr_changed && self.args.public_ipv6.is_none() {
+            self.follow_ipv6_endpoint().await;
+        }
         // Also redoes each peer's path (the underlay's prefixes may have changed).
         self.setup().await;
         self.reconcile("kernel event").await;
@@ -147,6 +172,7 @@ impl Node {
 
     pub async fn on_resync(&mut self) {
         // Also retries a first reconcile that failed: until one succeeds the node is not ready.
+        // Also finds the IPv6 device gone (kernel events follow the IPv4 one only).
         self.reconcile("periodic").await;
         self.sync_blackhole().await;
         self.firewall.check(&self.shared).await;
@@ -166,7 +192,8 @@ impl Node {
     /// After every event: ready once the peers have been listed and programmed once and the
     /// subnet file is written (a failed write is retried on the next pass).
     pub async fn after_event(&mut self) {
-        if !self.ready && self.sync.synced_once {
+        let synced6 = self.v6.as_ref().is_none_or(|v6| v6.sync.synced_once);
+        if !self.ready && self.sync.synced_once && synced6 {
             self.write_ready().await;
         }
         self.publish_readiness();
@@ -203,6 +230,9 @@ impl Node {
     }
 
     async fn reconcile(&mut self, why: &str) {
+        if let Some(v6) = &mut self.v6 {
+            v6.reconcile(why, &self.shared).await;
+        }
         if self.sync.listed {
             self.sync
                 .reconcile(
@@ -219,6 +249,9 @@ impl Node {
     async fn setup(&mut self) {
         let before = self.device.clone();
         self.device = setup_or_log(&mut self.backend, &self.local, before.clone()).await;
+        if let Some(v6) = &mut self.v6 {
+            v6.setup(&self.nl).await;
+        }
         self.refresh_host().await;
         self.publish_node();
         if self.ready && self.device != before {
@@ -238,15 +271,14 @@ impl Node {
         self.sync_blackhole().await;
         let _ = self.node_tx.send(Some(NodeNet {
             subnet: self.local.subnet,
-            mtu: self.device.mtu,
+            mtu: self.pod_mtu(),
         }));
         let env = SubnetEnv {
             network: self.cfg.network,
             subnet: self.local.subnet,
-            mtu: self.device.mtu,
+            mtu: self.pod_mtu(),
             ipmasq: self.args.ip_masq,
-            // No v6 subnet is leased yet (issue 13).
-            ipv6: None,
+            ipv6: self.v6.as_ref().map(|v6| (v6.network, v6.local.subnet)),
         };
         let file = &self.args.subnet_file;
         match env.write(file) {
@@ -314,9 +346,46 @@ impl Node {
                 device: d.name.clone(),
                 mtu: d.mtu,
                 tx_checksum_offload: d.tx_checksum,
-                ipv6: None,
+                ipv6: self.v6.as_ref().map(Side6::status),
             })
         });
+    }
+
+    /// The MTU pods get: a pod's packets of either family must fit the path they take, and the
+    /// IPv6 overlay's overhead is 20 bytes more than the IPv4 one's.
+    fn pod_mtu(&self) -> u32 {
+        match &self.v6 {
+            Some(v6) => self.device.mtu.min(v6.device.mtu),
+            None => self.device.mtu,
+        }
+    }
+
+    /// The underlay's IPv6 address changed: the IPv6 endpoint follows it (as the IPv4 one does),
+    /// and the lease says so.
+    async fn follow_ipv6_endpoint(&mut self) {
+        let Some(v6) = &mut self.v6 else {
+            return;
+        };
+        match self.nl.find_underlay(self.args.iface.as_ref()).await {
+            Ok(u) => match u.addr6 {
+                Some(a) if a != v6.local.public_ip => {
+                    info!(old = %v6.local.public_ip, new = %a, iface = %u.name, "underlay IPv6 address changed");
+                    v6.local.public_ip = a;
+                    v6.local.underlay_index = u.index;
+                    v6.local.underlay_mtu = u.mtu;
+                    self.attrs_tx.send_modify(|attrs| {
+                        if let Some(l6) = &mut attrs.v6 {
+                            l6.public_ip = a;
+                        }
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    warn!(iface = %u.name, kept = %v6.local.public_ip, "the underlay has no usable IPv6 address now; keeping the last one")
+                }
+            },
+            Err(e) => warn!(error = %e, "underlay lookup after an address change failed"),
+        }
     }
 }
 

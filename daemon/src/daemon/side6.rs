@@ -1,0 +1,183 @@
+//! A dual-stack node's IPv6 side: its own VXLAN device (`twill-v6.<VNI>`), its own peers (the
+//! IPv6 sides of the leases) and their sync, next to the IPv4 side and in step with it.
+
+use ipnet::Ipv6Net;
+use tracing::{info, warn};
+
+use super::node::setup_or_log;
+use super::peers::SyncOf;
+use super::status::{NodeStatus6, Shared};
+use super::StartError;
+use crate::backend::vxlan::VxlanBackendOf;
+use crate::backend::{DeviceInfo, LocalNodeOf};
+use crate::cli::RunArgs;
+use crate::config::{BackendKind, NetworkConfig};
+use crate::lease::{LeaseBackend, LeaseV6};
+use crate::netlink::{Netlink, Underlay};
+use crate::overlap::HostNetsOf;
+use crate::registry::PeerEvent;
+
+/// What the IPv6 side needs before the lease is taken: the lease's v6 part, and the state
+/// its device is built from.
+pub(super) struct Plan6 {
+    pub lease: LeaseV6,
+    pub underlay_index: u32,
+    pub underlay_mtu: u32,
+}
+
+/// Whether this node serves the network's IPv6 side, and with what. None: a v4-only network,
+/// or a part of twill that serves IPv4 only so far (said in the log). Err: the network has
+/// IPv6 but this node has no IPv6 endpoint.
+pub(super) fn plan(
+    args: &RunArgs,
+    cfg: &NetworkConfig,
+    underlay: &Underlay,
+) -> Result<Option<Plan6>, StartError> {
+    let Some(range) = &cfg.ipv6 else {
+        return Ok(None);
+    };
+    if args.kube_subnet_mgr {
+        warn!(ipv6_network = %range.network, "EnableIPv6 is set: in Kubernetes mode twill serves only the IPv4 side so far");
+        return Ok(None);
+    }
+    if cfg.backend.kind != BackendKind::Vxlan {
+        warn!(ipv6_network = %range.network, backend = ?cfg.backend.kind, "EnableIPv6 is set: twill serves the IPv6 side with the vxlan backend only so far; this node runs IPv4 only");
+        return Ok(None);
+    }
+    let public_ip = args
+        .public_ipv6
+        .or(underlay.addr6)
+        .ok_or_else(|| StartError::NoIpv6 {
+            iface: underlay.name.clone(),
+        })?;
+    let vtep_mac = crate::state::load_or_create_vtep_mac6(&args.state_dir).map_err(|err| {
+        StartError::State {
+            dir: args.state_dir.display().to_string(),
+            err,
+        }
+    })?;
+    info!(%public_ip, %vtep_mac, ipv6_network = %range.network, "IPv6 side");
+    Ok(Some(Plan6 {
+        lease: LeaseV6 {
+            public_ip,
+            backend: LeaseBackend::Vxlan {
+                vni: cfg.backend.vni,
+                vtep_mac,
+            },
+        },
+        underlay_index: underlay.index,
+        underlay_mtu: underlay.mtu,
+    }))
+}
+
+pub(super) struct Side6 {
+    pub backend: VxlanBackendOf<Ipv6Net>,
+    pub device: DeviceInfo,
+    pub local: LocalNodeOf<Ipv6Net>,
+    pub sync: SyncOf<Ipv6Net>,
+    pub network: Ipv6Net,
+}
+
+impl Side6 {
+    /// Sets up the device for our IPv6 subnet; Err when the pod network would capture the
+    /// node's own IPv6 traffic, or the device cannot be made.
+    pub async fn start(
+        nl: &Netlink,
+        args: &RunArgs,
+        cfg: &NetworkConfig,
+        plan: &Plan6,
+        subnet: Ipv6Net,
+        underlay_name: &str,
+    ) -> Result<Self, StartError> {
+        let network = cfg.ipv6.as_ref().map(|r| r.network).unwrap_or(subnet);
+        let host = HostNetsOf::<Ipv6Net> {
+            public_ip: Some(plan.lease.public_ip),
+            underlay: nl.addr_prefixes::<Ipv6Net>(plan.underlay_index).await?,
+            underlay_name: underlay_name.to_string(),
+            // The lease source's servers are reached over IPv4 (their addresses are checked on
+            // the IPv4 side).
+            servers: Vec::new(),
+            servers_are: "",
+        };
+        if let Err(e) = host.check_network(network) {
+            tracing::error!(error = %e, "refusing to start");
+            return Err(e.into());
+        }
+        let LeaseBackend::Vxlan { vtep_mac, .. } = plan.lease.backend else {
+            unreachable!("the IPv6 side is planned for vxlan only");
+        };
+        let local = LocalNodeOf {
+            subnet,
+            public_ip: plan.lease.public_ip,
+            underlay_index: plan.underlay_index,
+            underlay_mtu: plan.underlay_mtu,
+            vtep_mac,
+        };
+        let tx_checksum = args
+            .vxlan_checksum_offload
+            .resolve(&crate::backend::offload::kernel_release());
+        let mut backend = VxlanBackendOf::<Ipv6Net>::new(nl.clone(), &cfg.backend, tx_checksum);
+        use crate::backend::Backend;
+        let device = backend.setup(&local).await?;
+        info!(device = %device.name, ifindex = device.ifindex, mtu = device.mtu, %subnet, "IPv6 backend ready");
+        Ok(Side6 {
+            backend,
+            device,
+            local,
+            sync: SyncOf::new(host),
+            network,
+        })
+    }
+
+    pub async fn on_events(&mut self, batch: Vec<PeerEvent>, shared: &Shared) {
+        self.sync
+            .handle_events(
+                &mut self.backend,
+                &mut self.device,
+                &self.local,
+                batch,
+                shared,
+            )
+            .await;
+    }
+
+    pub async fn reconcile(&mut self, why: &str, shared: &Shared) {
+        if self.sync.listed {
+            self.sync
+                .reconcile(
+                    &mut self.backend,
+                    &mut self.device,
+                    &self.local,
+                    shared,
+                    why,
+                )
+                .await;
+        }
+    }
+
+    /// Device (again) and the underlay's IPv6 networks as they are now.
+    pub async fn setup(&mut self, nl: &Netlink) {
+        self.device = setup_or_log(&mut self.backend, &self.local, self.device.clone()).await;
+        match nl.addr_prefixes::<Ipv6Net>(self.local.underlay_index).await {
+            Ok(underlay) => {
+                let mut host = self.sync.host().clone();
+                host.public_ip = Some(self.local.public_ip);
+                host.underlay = underlay;
+                self.sync.set_host(host);
+            }
+            Err(e) => {
+                warn!(error = %e, "reading the underlay's IPv6 networks failed; keeping the last known")
+            }
+        }
+    }
+
+    pub fn status(&self) -> NodeStatus6 {
+        NodeStatus6 {
+            subnet: self.local.subnet,
+            public_ip: self.local.public_ip,
+            vtep_mac: Some(self.local.vtep_mac),
+            device: self.device.name.clone(),
+            mtu: self.device.mtu,
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! A dual-stack network end to end: real twilld processes on a dual-stack underlay, a real
+//! etcd, and the kernel's entries and real pings over both overlays as the proof. Pods still
+//! get IPv4 only (the CNI side of IPv6 is not built yet): the IPv6 overlay is shown between the
+//! nodes' own IPv6 device addresses.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::{anyhow, ensure, Context, Result};
+use serde_json::Value;
+use twill_tests::lab::SUBNETS_PREFIX;
+use twill_tests::{wait_until, Lab, LabOptions};
+
+const CONFIG: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;
+const DEV6: &str = "twill-v6.1";
+const CONVERGE: Duration = Duration::from_secs(60);
+
+/// A node's IPv6 side as /status shows it.
+#[derive(Clone, Debug)]
+struct Side6 {
+    subnet: String,
+    public_ip: String,
+    mac: String,
+}
+
+impl Side6 {
+    /// The device's own address: the subnet's network address (as flannel's v6 device has).
+    fn addr(&self) -> String {
+        self.subnet.split('/').next().unwrap_or_default().to_owned()
+    }
+}
+
+fn side6(lab: &Lab, i: usize) -> Result<Side6> {
+    let st = lab.status(i)?;
+    let n = &st["node"]["ipv6"];
+    let field = |k: &str| {
+        n[k].as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow!("/status node.ipv6.{k} missing: {st}"))
+    };
+    Ok(Side6 {
+        subnet: field("subnet")?,
+        public_ip: field("public_ip")?,
+        mac: field("vtep_mac")?.to_ascii_lowercase(),
+    })
+}
+
+fn dual_lab(nodes: usize) -> Result<Lab> {
+    Lab::up(
+        LabOptions {
+            nodes,
+            ipv6: true,
+            ..Default::default()
+        },
+        CONFIG,
+        &[],
+    )
+}
+
+/// Until every node has the other `n - 1` as programmed IPv6 peers.
+fn wait_programmed6(lab: &Lab, n: usize) -> Result<()> {
+    wait_until(CONVERGE, || {
+        (1..=lab.nodes()).all(|i| {
+            lab.status(i).is_ok_and(|s| {
+                s["peers6"]
+                    .as_array()
+                    .is_some_and(|p| p.len() == n - 1 && p.iter().all(|x| x["programmed"] == true))
+            })
+        })
+    })
+    .context("not every node programmed every IPv6 peer")
+}
+
+fn ping6(lab: &Lab, i: usize, from: &str, to: &str) -> Result<()> {
+    wait_until(Duration::from_secs(20), || {
+        lab.exec(i, &["ping", "-6", "-c1", "-W1", "-I", from, to])
+            .is_ok_and(|o| o.status.success())
+    })
+    .with_context(|| format!("node {i}: no ping6 from {from} to {to}"))
+}
+
+#[test]
+fn dual_stack_nodes_lease_both_families_and_reach_each_other_over_both_overlays() -> Result<()> {
+    let lab = dual_lab(3)?;
+    wait_programmed6(&lab, 3)?;
+    let sides: Vec<Side6> = (1..=3).map(|i| side6(&lab, i)).collect::<Result<_>>()?;
+    let subnets: BTreeSet<&str> = sides.iter().map(|s| s.subnet.as_str()).collect();
+    assert_eq!(subnets.len(), 3, "{sides:?}");
+
+    for (k, s) in sides.iter().enumerate() {
+        let i = k + 1;
+        assert!(
+            s.subnet.starts_with("fd00:10:244:") && s.subnet.ends_with("::/64"),
+            "{s:?}"
+        );
+        assert_eq!(s.public_ip, lab.node_ip6(i).to_string());
+        let st = lab.status(i)?;
+        // One key per node, both subnets in it, the v6 side in flannel's fields.
+        let v4 = st["node"]["subnet"].as_str().context("v4 subnet")?;
+        let key = format!("{}&{}", v4.replace('/', "-"), s.subnet.replace('/', "-"));
+        let v: Value = serde_json::from_str(
+            &lab.etcd_get(&format!("{SUBNETS_PREFIX}{key}"))?
+                .with_context(|| format!("no lease {key}"))?,
+        )?;
+        assert_eq!(v["PublicIPv6"], s.public_ip.as_str(), "{v}");
+        assert_eq!(v["BackendV6Data"]["VNI"], 1, "{v}");
+        assert_eq!(
+            v["BackendV6Data"]["VtepMAC"]
+                .as_str()
+                .map(str::to_ascii_lowercase),
+            Some(s.mac.clone()),
+            "{v}"
+        );
+        // The v6 device: its own MAC, MTU 1500 - 70, the subnet's address as a /128.
+        let link: Value =
+            serde_json::from_str(&lab.exec_ok(i, &["ip", "-j", "-d", "link", "show", DEV6])?)?;
+        let link = &link[0];
+        assert_eq!(link["linkinfo"]["info_data"]["id"], 1, "{link}");
+        assert_eq!(
+            link["linkinfo"]["info_data"]["local6"],
+            s.public_ip.as_str(),
+            "{link}"
+        );
+        assert_eq!(link["address"].as_str(), Some(s.mac.as_str()), "{link}");
+        assert_eq!(link["mtu"], 1430, "{link}");
+        assert_eq!(st["node"]["ipv6"]["mtu"], 1430, "{st}");
+        let addrs = lab.exec_ok(i, &["ip", "-6", "-o", "addr", "show", "dev", DEV6])?;
+        assert!(
+            addrs.contains(&format!("inet6 {}/128", s.addr())),
+            "{addrs}"
+        );
+        // subnet.env: both families as flanneld writes them; the pod MTU fits both overlays.
+        let env = std::fs::read_to_string(lab.subnet_file(i))?;
+        let first = format!("{}1/64", s.addr());
+        for want in [
+            "FLANNEL_IPV6_NETWORK=fd00:10:244::/56\n".to_string(),
+            format!("FLANNEL_IPV6_SUBNET={first}\n"),
+            "FLANNEL_MTU=1430\n".to_string(),
+        ] {
+            assert!(env.contains(&want), "{want:?} missing in:\n{env}");
+        }
+        assert_eq!(lab.metric(i, "twill_ipv6_peers")?, Some(2.0));
+    }
+
+    // Every node reaches every other's IPv6 device address through the IPv6 overlay, and the
+    // IPv4 overlay still works.
+    for i in 1..=3 {
+        for (k, s) in sides.iter().enumerate() {
+            if k + 1 != i {
+                ping6(&lab, i, &sides[i - 1].addr(), &s.addr())?;
+                let route = lab.exec_ok(i, &["ip", "-6", "route", "get", &s.addr()])?;
+                assert!(route.contains(&format!("dev {DEV6}")), "{route}");
+            }
+        }
+    }
+    for i in 2..=3 {
+        let gw = lab.status(i)?["node"]["subnet"]
+            .as_str()
+            .and_then(|s| s.split('/').next().map(str::to_owned))
+            .context("subnet")?;
+        ensure!(
+            lab.ping(1, &gw),
+            "node 1 cannot ping {gw} over the IPv4 overlay"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn dual_stack_restart_keeps_both_subnets_and_a_flanneld_dual_lease_is_programmed() -> Result<()> {
+    let mut lab = dual_lab(2)?;
+    wait_programmed6(&lab, 2)?;
+    let before = side6(&lab, 2)?;
+    let v4 = lab.status(2)?["node"]["subnet"].clone();
+
+    // Restart: the same key, both subnets, the same v6 MAC; node 1 keeps reaching it.
+    lab.stop_daemon(2)?;
+    lab.start_daemon(2)?;
+    lab.wait_ready(2, CONVERGE)?;
+    let after = side6(&lab, 2)?;
+    assert_eq!((&after.subnet, &after.mac), (&before.subnet, &before.mac));
+    assert_eq!(lab.status(2)?["node"]["subnet"], v4);
+    assert_eq!(lab.lease_keys()?.len(), 2, "{:?}", lab.lease_keys()?);
+    wait_programmed6(&lab, 2)?;
+    ping6(&lab, 1, &side6(&lab, 1)?.addr(), &after.addr())?;
+
+    // A dual-stack flanneld node's lease, as flanneld writes it: programmed on the v6 device
+    // (neighbour, FDB entry, route) like ours.
+    let key = "10.244.200.0-24&fd00:10:244:c8::-64";
+    let value = r#"{"PublicIP":"198.18.0.200","PublicIPv6":"fd00:198:18::c8","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0a:00:00:00:00:c8"},"BackendV6Data":{"VNI":1,"VtepMAC":"0a:00:00:00:06:c8"}}"#;
+    lab.etcdctl(&["put", &format!("{SUBNETS_PREFIX}{key}"), "--", value])?;
+    let programmed = || -> Result<bool> {
+        let routes = lab.exec_ok(1, &["ip", "-6", "route", "show", "dev", DEV6])?;
+        let fdb = lab.exec_ok(1, &["bridge", "fdb", "show", "dev", DEV6])?;
+        let neigh = lab.exec_ok(1, &["ip", "-6", "neigh", "show", "dev", DEV6])?;
+        Ok(routes.contains("fd00:10:244:c8::/64 via fd00:10:244:c8::")
+            && fdb.contains("0a:00:00:00:06:c8 dst fd00:198:18::c8")
+            && neigh.contains("fd00:10:244:c8:: lladdr 0a:00:00:00:06:c8"))
+    };
+    wait_until(CONVERGE, || programmed().unwrap_or(false))
+        .context("the flanneld dual-stack lease was not programmed on the v6 device")?;
+    // Its IPv4 side on the IPv4 device, as before.
+    let routes = lab.exec_ok(1, &["ip", "route", "show", "dev", "twill.1"])?;
+    assert!(
+        routes.contains("10.244.200.0/24 via 10.244.200.0"),
+        "{routes}"
+    );
+
+    // It leaves: both sides go, nothing stale on the v6 device.
+    let out = lab.etcdctl(&["del", &format!("{SUBNETS_PREFIX}{key}")])?;
+    assert_eq!(out.trim(), "1");
+    wait_until(CONVERGE, || {
+        lab.exec_ok(1, &["ip", "-6", "route", "show", "dev", DEV6])
+            .is_ok_and(|r| !r.contains("fd00:10:244:c8::"))
+            && lab
+                .exec_ok(1, &["bridge", "fdb", "show", "dev", DEV6])
+                .is_ok_and(|f| !f.contains("fd00:198:18::c8"))
+    })
+    .context("the removed lease's v6 entries stayed")?;
+    Ok(())
+}
+
+#[test]
+fn a_dual_stack_network_without_an_ipv6_underlay_is_refused_with_the_fix() -> Result<()> {
+    let mut lab = Lab::new(LabOptions {
+        nodes: 1,
+        ..Default::default()
+    })?;
+    lab.put_config(CONFIG)?;
+    lab.start_daemon(1)?;
+    let status = lab.wait_daemon_exit(1, CONVERGE)?;
+    assert!(!status.success());
+    let log = lab.daemon_log(1);
+    for want in [
+        "EnableIPv6",
+        "no usable global IPv6 address",
+        "--public-ipv6",
+    ] {
+        assert!(log.contains(want), "{want:?} missing in:\n{log}");
+    }
+    // Refused before any lease is taken.
+    assert!(lab.lease_keys()?.is_empty(), "{:?}", lab.lease_keys()?);
+    Ok(())
+}
