@@ -1,6 +1,7 @@
 //! Pod address allocation, crash-safe and concurrent.
 //!
-//! On disk: `<state_dir>/ipam/<a.b.c.d-prefix>/<address>`, one file per allocated address,
+//! On disk: `<state_dir>/ipam/<a.b.c.d-prefix>/<address>` (IPv6: `<fd00:10:244:1::-64>/...`),
+//! one file per allocated address,
 //! created with O_CREAT|O_EXCL (the file system is the lock) and holding
 //! `containerID\nifname\nnetwork\n` (files from before the network line have none).
 //! The file exists before the address is handed out, so a kill -9 at any moment
@@ -13,12 +14,12 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, OpenOptions};
 use std::io::{ErrorKind, Write};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use super::hostlocal::HostLocal;
 
@@ -56,9 +57,9 @@ impl Owner {
 #[derive(Debug, thiserror::Error)]
 pub enum IpamError {
     #[error("subnet {subnet} is full: all {count} pod addresses are allocated")]
-    Full { subnet: Ipv4Net, count: usize },
+    Full { subnet: IpNet, count: usize },
     #[error("subnet {0} has no addresses for pods (prefix too long)")]
-    TooSmall(Ipv4Net),
+    TooSmall(IpNet),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -75,10 +76,10 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> IpamError {
 #[derive(Debug)]
 struct SubnetIndex {
     dir: PathBuf,
-    used: HashMap<Ipv4Addr, Slot>,
+    used: HashMap<IpAddr, Slot>,
     /// Last address handed out: picking continues after it, so a just-freed address is not
     /// reused at once (stale ARP entries, late packets).
-    last: u32,
+    last: u128,
 }
 
 /// An allocated address: its holder, and when it was last handed to them (`Ipam::gen`; 0:
@@ -110,8 +111,8 @@ impl Slot {
 /// a new ADD reused the address).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Claim {
-    pub net: Ipv4Net,
-    pub addr: Ipv4Addr,
+    pub net: IpNet,
+    pub addr: IpAddr,
     pub owner: Owner,
     gen: u64,
 }
@@ -119,31 +120,49 @@ pub struct Claim {
 #[derive(Debug)]
 pub struct Ipam {
     root: PathBuf,
-    index: Mutex<HashMap<Ipv4Net, SubnetIndex>>,
+    index: Mutex<HashMap<IpNet, SubnetIndex>>,
     gen: AtomicU64,
     /// Addresses host-local handed out before the node moved to twill: never handed out here.
     host_local: HostLocal,
 }
 
-pub fn subnet_key(net: &Ipv4Net) -> String {
+pub fn subnet_key(net: &IpNet) -> String {
     format!("{}-{}", net.network(), net.prefix_len())
 }
 
-fn parse_subnet_key(s: &str) -> Option<Ipv4Net> {
-    let (a, p) = s.split_once('-')?;
-    let net = Ipv4Net::new(a.parse().ok()?, p.parse().ok()?).ok()?;
+fn parse_subnet_key(s: &str) -> Option<IpNet> {
+    // An IPv6 address holds no '-': the last one splits.
+    let (a, p) = s.rsplit_once('-')?;
+    let net = IpNet::new(a.parse().ok()?, p.parse().ok()?).ok()?;
     (net.network() == net.addr()).then_some(net)
 }
 
-fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
-/// Pods get network+2 ..= broadcast-1 (network+1 is the gateway on the bridge).
-fn pod_range(net: &Ipv4Net) -> Option<(u32, u32)> {
-    let first = u32::from(net.network()).checked_add(2)?;
-    let last = u32::from(net.broadcast()).checked_sub(1)?;
-    (net.prefix_len() <= 30 && first <= last).then_some((first, last))
+fn bits(a: IpAddr) -> u128 {
+    match a {
+        IpAddr::V4(a) => u32::from(a).into(),
+        IpAddr::V6(a) => a.into(),
+    }
+}
+
+/// The address of `net`'s family with these bits.
+fn addr_of(net: &IpNet, v: u128) -> IpAddr {
+    match net {
+        IpNet::V4(_) => IpAddr::V4(Ipv4Addr::from(v as u32)),
+        IpNet::V6(_) => IpAddr::V6(Ipv6Addr::from(v)),
+    }
+}
+
+/// Pods get network+2 ..= broadcast-1 (network+1 is the gateway on the bridge); IPv6 does
+/// not reserve the last address, but one address less in a /64 costs nothing and keeps one
+/// rule for both.
+fn pod_range(net: &IpNet) -> Option<(u128, u128)> {
+    let first = bits(net.network()).checked_add(2)?;
+    let last = bits(net.broadcast()).checked_sub(1)?;
+    (net.prefix_len() <= net.max_prefix_len() - 2 && first <= last).then_some((first, last))
 }
 
 /// The contents of a regular file; nothing for anything else. Opened without blocking and
@@ -216,13 +235,13 @@ impl Ipam {
         self
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Ipv4Net, SubnetIndex>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpNet, SubnetIndex>> {
         // A panic while holding the lock leaves the index consistent (single inserts/removes).
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The address `owner` holds in `net`, if any.
-    pub fn lookup(&self, net: Ipv4Net, owner: &Owner) -> Option<Ipv4Addr> {
+    pub fn lookup(&self, net: IpNet, owner: &Owner) -> Option<IpAddr> {
         let idx = self.lock();
         idx.get(&net)?
             .used
@@ -235,16 +254,25 @@ impl Ipam {
     /// Returns the address and whether it is new (false: `owner` already held it).
     pub fn allocate(
         &self,
-        net: Ipv4Net,
+        net: IpNet,
         owner: &Owner,
         network: &str,
-    ) -> Result<(Ipv4Addr, bool), IpamError> {
+    ) -> Result<(IpAddr, bool), IpamError> {
         let net = net.trunc();
         let (first, last) = pod_range(&net).ok_or(IpamError::TooSmall(net))?;
         let dir = self.root.join(subnet_key(&net));
         fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
-        // Read before the lock: the lock is never held across file I/O.
-        let host_local = self.host_local.held_in(net);
+        // Read before the lock: the lock is never held across file I/O. (host-local held
+        // IPv4 only: flannel's CNI ran it with the IPv4 subnet.)
+        let host_local: HashSet<IpAddr> = match net {
+            IpNet::V4(n) => self
+                .host_local
+                .held_in(n)
+                .into_iter()
+                .map(IpAddr::V4)
+                .collect(),
+            IpNet::V6(_) => HashSet::new(),
+        };
         loop {
             let (addr, dir) = {
                 let mut idx = self.lock();
@@ -257,7 +285,7 @@ impl Ipam {
                 }
                 // Pods of an earlier, overlapping subnet of this node may still run on the
                 // bridge: their addresses are as taken as our own.
-                let elsewhere: HashSet<Ipv4Addr> = idx
+                let elsewhere: HashSet<IpAddr> = idx
                     .iter()
                     .filter(|(n, _)| **n != net && overlaps(n, &net))
                     .flat_map(|(_, s)| s.used.keys().copied())
@@ -273,9 +301,11 @@ impl Ipam {
                 } else {
                     first
                 };
+                // Lazy: in a /64 the scan stops at the first free address, a few past the used
+                // ones at most.
                 let pick = (0..size)
                     .map(|i| first + (start - first + i) % size)
-                    .map(Ipv4Addr::from)
+                    .map(|v| addr_of(&net, v))
                     .find(|a| {
                         !s.used.contains_key(a) && !elsewhere.contains(a) && !host_local.contains(a)
                     });
@@ -291,7 +321,7 @@ impl Ipam {
                     network: network.to_string(),
                 };
                 s.used.insert(addr, Slot::new(holder, gen));
-                s.last = u32::from(addr);
+                s.last = bits(addr);
                 (addr, s.dir.clone())
             };
             let path = dir.join(addr.to_string());
@@ -326,16 +356,13 @@ impl Ipam {
         }
     }
 
-    fn forget(&self, net: Ipv4Net, addr: Ipv4Addr) {
+    fn forget(&self, net: IpNet, addr: IpAddr) {
         if let Some(s) = self.lock().get_mut(&net) {
             s.used.remove(&addr);
         }
     }
 
-    fn release_entries(
-        &self,
-        entries: Vec<(Ipv4Net, Ipv4Addr)>,
-    ) -> Result<Vec<Ipv4Addr>, IpamError> {
+    fn release_entries(&self, entries: Vec<(IpNet, IpAddr)>) -> Result<Vec<IpAddr>, IpamError> {
         let mut out = Vec::new();
         let mut first_err = None;
         for (net, addr) in entries {
@@ -359,7 +386,7 @@ impl Ipam {
     }
 
     /// Releases everything `owner` holds, in every subnet (also ones the node no longer has).
-    pub fn release(&self, owner: &Owner) -> Result<Vec<Ipv4Addr>, IpamError> {
+    pub fn release(&self, owner: &Owner) -> Result<Vec<IpAddr>, IpamError> {
         let entries: Vec<_> = {
             let idx = self.lock();
             idx.iter()
@@ -396,7 +423,7 @@ impl Ipam {
             .collect()
     }
 
-    fn is_unchanged(idx: &HashMap<Ipv4Net, SubnetIndex>, c: &Claim) -> bool {
+    fn is_unchanged(idx: &HashMap<IpNet, SubnetIndex>, c: &Claim) -> bool {
         idx.get(&c.net)
             .and_then(|s| s.used.get(&c.addr))
             .is_some_and(|x| x.held_by(&c.owner) && x.gen == c.gen)
@@ -446,14 +473,15 @@ impl Ipam {
 
     /// Allocations outside `net` (pods from before the node's subnet changed): they keep their
     /// addresses until DEL or GC, and those stay taken in any overlapping subnet.
-    pub fn outside(&self, net: Ipv4Net) -> Vec<(Ipv4Net, Ipv4Addr, Holder)> {
+    pub fn outside(&self, net: IpNet) -> Vec<(IpNet, IpAddr, Holder)> {
         let mut v = self.allocations();
-        v.retain(|(_, a, _)| !net.contains(a));
+        // Only the same family's: the other family's allocations are in its own subnet.
+        v.retain(|(_, a, _)| a.is_ipv4() == net.addr().is_ipv4() && !net.contains(a));
         v
     }
 
     /// Every allocation, sorted.
-    pub fn allocations(&self) -> Vec<(Ipv4Net, Ipv4Addr, Holder)> {
+    pub fn allocations(&self) -> Vec<(IpNet, IpAddr, Holder)> {
         let idx = self.lock();
         let mut v: Vec<_> = idx
             .iter()
@@ -473,7 +501,7 @@ mod tests {
     use super::*;
 
     /// GC without concurrent operations: every candidate released.
-    fn gc(ipam: &Ipam, network: &str, valid: &HashSet<Owner>) -> Vec<Ipv4Addr> {
+    fn gc(ipam: &Ipam, network: &str, valid: &HashSet<Owner>) -> Vec<IpAddr> {
         let claims = ipam.gc_candidates(network, valid);
         claims
             .into_iter()
@@ -492,7 +520,7 @@ mod tests {
         d
     }
 
-    fn net(s: &str) -> Ipv4Net {
+    fn net(s: &str) -> IpNet {
         s.parse().unwrap()
     }
 
@@ -624,7 +652,7 @@ mod tests {
         // and its address goes to a new pod. c3 is left as it was.
         assert_eq!(ipam.allocate(n, &o1, "net").unwrap(), (a1, false));
         ipam.release(&o2).unwrap();
-        ipam.lock().get_mut(&n).unwrap().last = u32::from(a2) - 1;
+        ipam.lock().get_mut(&n).unwrap().last = bits(a2) - 1;
         let o4 = Owner::new("c4", "eth0");
         assert_eq!(ipam.allocate(n, &o4, "net").unwrap(), (a2, true));
         assert!(!ipam.unchanged(&claim(&o1)));
@@ -829,8 +857,7 @@ mod tests {
                 );
             }
             // One of the old pods sits in the old subnet's upper half.
-            ipam.lock().get_mut(&old).unwrap().last =
-                u32::from("10.244.1.9".parse::<Ipv4Addr>().unwrap());
+            ipam.lock().get_mut(&old).unwrap().last = bits("10.244.1.9".parse().unwrap());
             held.push(
                 ipam.allocate(old, &Owner::new("o3", "eth0"), "net")
                     .unwrap()
@@ -861,6 +888,67 @@ mod tests {
             .allocate(net("10.244.0.0/22"), &Owner::new("n1", "eth0"), "net")
             .unwrap();
         assert!(!held.contains(&b) && b != a, "{b}");
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn ipv6_allocates_from_two_in_a_64_persists_and_releases_with_the_v4_address() {
+        let d = tmp();
+        let (n4, n6) = (net("10.244.1.0/24"), net("fd00:10:244:1::/64"));
+        let owner = Owner::new("c1", "eth0");
+        let (a6, b6) = {
+            let ipam = Ipam::open(&d).unwrap();
+            let (a4, _) = ipam.allocate(n4, &owner, "net1").unwrap();
+            let (a6, fresh) = ipam.allocate(n6, &owner, "net1").unwrap();
+            assert!(fresh);
+            assert_eq!(a4.to_string(), "10.244.1.2");
+            assert_eq!(a6.to_string(), "fd00:10:244:1::2");
+            let (b6, _) = ipam
+                .allocate(n6, &Owner::new("c2", "eth0"), "net1")
+                .unwrap();
+            assert_eq!(b6.to_string(), "fd00:10:244:1::3");
+            // The v6 allocation is not "outside" the v4 subnet, nor the v4 one the v6 subnet.
+            assert!(ipam.outside(n4).is_empty() && ipam.outside(n6).is_empty());
+            (a6, b6)
+        };
+        let file = d.join("ipam/fd00:10:244:1::-64").join(a6.to_string());
+        assert_eq!(fs::read_to_string(&file).unwrap(), "c1\neth0\nnet1\n");
+        // Reloaded after a restart: held, and never handed out again.
+        let ipam = Ipam::open(&d).unwrap();
+        assert_eq!(ipam.lookup(n6, &owner), Some(a6));
+        let (c6, _) = ipam
+            .allocate(n6, &Owner::new("c3", "eth0"), "net1")
+            .unwrap();
+        assert!(c6 != a6 && c6 != b6, "{c6}");
+        // DEL releases both families' addresses of the attachment.
+        let mut freed = ipam.release(&owner).unwrap();
+        freed.sort();
+        assert_eq!(freed.len(), 2, "{freed:?}");
+        assert!(freed.contains(&a6) && !file.exists());
+        // GC takes both families' stale allocations.
+        let valid = HashSet::from([Owner::new("c3", "eth0")]);
+        assert_eq!(gc(&ipam, "net1", &valid), vec![b6]);
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_small_ipv6_subnet_fills_up_and_a_too_small_one_is_refused() {
+        let d = tmp();
+        let ipam = Ipam::open(&d).unwrap();
+        // /125: 8 addresses, the first two and the last reserved: 5 for pods.
+        let n = net("fd00::/125");
+        for i in 0..5 {
+            ipam.allocate(n, &Owner::new(format!("c{i}"), "eth0"), "x")
+                .unwrap();
+        }
+        let e = ipam
+            .allocate(n, &Owner::new("c9", "eth0"), "x")
+            .unwrap_err();
+        assert!(matches!(e, IpamError::Full { count: 5, .. }), "{e}");
+        let e = ipam
+            .allocate(net("fd00::/127"), &Owner::new("c9", "eth0"), "x")
+            .unwrap_err();
+        assert!(matches!(e, IpamError::TooSmall(_)), "{e}");
         fs::remove_dir_all(d).unwrap();
     }
 }

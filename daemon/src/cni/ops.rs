@@ -172,7 +172,7 @@ pub(super) async fn report_outside(ctx: Arc<Ctx>) {
         let net = node.borrow_and_update().as_ref().map(|n| n.subnet);
         if let Some(net) = net {
             let ipam = ctx.ipam.clone();
-            if let Ok(outside) = offload(move || ipam.outside(net)).await {
+            if let Ok(outside) = offload(move || ipam.outside(net.into())).await {
                 if let Some((old, addr, holder)) = outside.first() {
                     tracing::warn!(subnet = %net, count = outside.len(), first = %addr,
                         first_subnet = %old, first_container = %holder.owner.container_id,
@@ -562,9 +562,12 @@ async fn node_half(
     // costs ADD nothing it would not wait for anyway.
     let alloc_and_policy = async {
         // The error, and whether this ADD allocated the address.
-        let (addr, fresh) = blocking(move || ipam.allocate(subnet, &o, &network))
+        let (addr, fresh) = blocking(move || ipam.allocate(subnet.into(), &o, &network))
             .await
             .map_err(|e| (e, false))?;
+        let IpAddr::V4(addr) = addr else {
+            unreachable!("an IPv4 subnet's address")
+        };
         if let (Some(policy), Some(pod)) = (&ctx.opts.policy, identity) {
             if let Err(e) = policy.pod_up(pod.with_ip(IpAddr::V4(addr))).await {
                 let e = match e {
@@ -733,14 +736,14 @@ async fn check(ctx: &Ctx, req: &Request, peer_root: Option<PeerRoot>) -> Result<
     let mut missing = Vec::new();
     let owner = owner_of(req);
     let ipam = ctx.ipam.clone();
-    let held: Vec<Ipv4Addr> = offload(move || ipam.allocations())
+    let held: Vec<IpAddr> = offload(move || ipam.allocations())
         .await?
         .into_iter()
         .filter(|(_, _, h)| h.owner == owner)
         .map(|(_, a, _)| a)
         .collect();
     for a in &want.addrs {
-        if !held.contains(&a.addr()) {
+        if !held.contains(&IpAddr::V4(a.addr())) {
             missing.push(format!(
                 "IPAM allocation of {} for this container",
                 a.addr()
