@@ -108,6 +108,7 @@ impl Drop for TempDir {
 fn subnet() -> NodeNet {
     NodeNet {
         subnet: "10.244.1.0/24".parse().unwrap(),
+        subnet6: None,
         mtu: 1450,
     }
 }
@@ -564,6 +565,85 @@ fn not_ready_then_status_gc() {
 }
 
 #[test]
+fn dual_stack_add_check_del_gives_both_families_and_releases_both() {
+    let mut node = Node::start(Some(NodeNet {
+        subnet6: Some("fd00:10:244:1::/64".parse().unwrap()),
+        mtu: 1430,
+        ..subnet()
+    }));
+    for v in ["0.4.0", "1.1.0"] {
+        let conf = node.conf(v);
+        let (a, b) = (node.pod(), node.pod());
+        let id = format!("dual-{}", v.replace('.', ""));
+        let r = ok(cni("ADD", &id, &a.path(), &conf)).expect("ADD prints a result");
+        let ips = r["ips"].as_array().unwrap();
+        assert_eq!(ips.len(), 2, "{r}");
+        let (v4, v6) = (&ips[0], &ips[1]);
+        assert!(
+            v4["address"].as_str().unwrap().starts_with("10.244.1."),
+            "{r}"
+        );
+        assert_eq!(v6["gateway"], "fd00:10:244:1::1", "{r}");
+        assert_eq!(v6["interface"], 1, "{r}");
+        let addr6 = v6["address"].as_str().unwrap().to_string();
+        assert!(
+            addr6.starts_with("fd00:10:244:1::") && addr6.ends_with("/64"),
+            "{r}"
+        );
+        if v == "0.4.0" {
+            assert_eq!(
+                (&v4["version"], &v6["version"]),
+                (&json!("4"), &json!("6")),
+                "{r}"
+            );
+        }
+        assert_eq!(
+            r["routes"],
+            json!([{"dst": "0.0.0.0/0", "gw": "10.244.1.1"}, {"dst": "::/0", "gw": "fd00:10:244:1::1"}])
+        );
+        // The kernel agrees: the address without DAD holding it back, the default route, the
+        // bridge's v6 gateway.
+        let addrs = a.ip(&["-6", "addr", "show", "dev", "eth0"]);
+        assert!(addrs.contains(&format!("inet6 {addr6}")), "{addrs}");
+        assert!(!addrs.contains("tentative"), "{addrs}");
+        assert!(a
+            .ip(&["-6", "route"])
+            .contains("default via fd00:10:244:1::1 dev eth0"));
+        let br = node.ns.ip(&["-6", "addr", "show", "cni0"]);
+        assert!(br.contains("fd00:10:244:1::1/64"), "{br}");
+        // A second pod, reached over IPv6 on the bridge.
+        let rb = ok(cni("ADD", &format!("{id}b"), &b.path(), &conf)).unwrap();
+        let b6 = rb["ips"][1]["address"].as_str().unwrap();
+        let b6 = b6.split('/').next().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (good, out) = sh(&[
+                "ip", "netns", "exec", &a.name, "ping", "-6", "-c", "1", "-W", "1", b6,
+            ]);
+            if good {
+                break;
+            }
+            assert!(Instant::now() < deadline, "pod a cannot ping6 {b6}: {out}");
+        }
+        // CHECK passes, then names the missing v6 route.
+        ok(cni("CHECK", &id, &a.path(), &with_prev(&conf, &r)));
+        a.ip(&["-6", "route", "del", "default"]);
+        let o = cni("CHECK", &id, &a.path(), &with_prev(&conf, &r));
+        assert_eq!(code(&o), 104);
+        let msg = o.json.unwrap()["msg"].as_str().unwrap().to_string();
+        assert!(msg.contains("route ::/0 via fd00:10:244:1::1"), "{msg}");
+        // DEL releases both addresses.
+        let v6dir = node.dir.0.join("state/ipam/fd00:10:244:1::-64");
+        let held = |dir: &Path| std::fs::read_dir(dir).map_or(0, |d| d.count());
+        assert_eq!(held(&v6dir), 2);
+        ok(cni("DEL", &id, &a.path(), &conf));
+        ok(cni("DEL", &format!("{id}b"), &b.path(), &conf));
+        assert_eq!(held(&v6dir), 0);
+        assert!(node.ipam_files().is_empty());
+    }
+}
+
+#[test]
 fn pods_on_one_bridge_reach_each_other() {
     let mut node = Node::start(Some(subnet()));
     let conf = node.conf("1.0.0");
@@ -887,6 +967,7 @@ fn chained_with_reference_plugins() {
 fn subnet_full_and_subnet_change() {
     let small = NodeNet {
         subnet: "10.244.7.0/29".parse().unwrap(),
+        subnet6: None,
         mtu: 1450,
     };
     let mut node = Node::start(Some(small));
@@ -1624,6 +1705,7 @@ fn the_daemons_own_netns_is_refused() {
 fn a_smaller_subnet_inside_the_old_one_avoids_the_old_pods_addresses() {
     let old = NodeNet {
         subnet: "10.244.0.0/23".parse().unwrap(),
+        subnet6: None,
         mtu: 1450,
     };
     let mut node = Node::start(Some(old));
@@ -1637,6 +1719,7 @@ fn a_smaller_subnet_inside_the_old_one_avoids_the_old_pods_addresses() {
     assert_eq!(addrs, ["10.244.0.2/23", "10.244.0.3/23"]);
     node.net_tx.send_replace(Some(NodeNet {
         subnet: "10.244.0.0/24".parse().unwrap(),
+        subnet6: None,
         mtu: 1450,
     }));
     let r = ok(cni("ADD", "s2", &pods[2].path(), &conf)).unwrap();
@@ -1658,6 +1741,7 @@ fn a_smaller_subnet_inside_the_old_one_avoids_the_old_pods_addresses() {
 fn a_failed_add_undoes_itself_with_a_single_thread() {
     let tiny = NodeNet {
         subnet: "10.244.9.0/30".parse().unwrap(),
+        subnet6: None,
         mtu: 1450,
     };
     let limits = CniLimits {

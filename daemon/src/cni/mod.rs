@@ -60,13 +60,22 @@ impl Default for CniLimits {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeNet {
     pub subnet: Ipv4Net,
-    /// MTU for pod interfaces: the overlay MTU.
+    /// A dual-stack node's IPv6 subnet: pods get an address of each.
+    pub subnet6: Option<ipnet::Ipv6Net>,
+    /// MTU for pod interfaces: the overlay MTU (the smaller one, on a dual-stack node).
     pub mtu: u32,
 }
 
 impl NodeNet {
     pub fn gateway(&self) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.subnet.network()) + 1)
+    }
+
+    /// The bridge's IPv6 address, the pods' IPv6 gateway: the v6 subnet's first address.
+    pub fn gateway6(&self) -> Option<ipnet::Ipv6Net> {
+        let s = self.subnet6?;
+        let gw = std::net::Ipv6Addr::from(u128::from(s.network()) + 1);
+        ipnet::Ipv6Net::new(gw, s.prefix_len()).ok()
     }
 }
 

@@ -2,11 +2,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde_json::{json, Value};
 use tokio::sync::{watch, OwnedMutexGuard};
 use twill_proto::{
@@ -33,10 +33,13 @@ pub(super) struct Ctx {
     /// The bridge as last ensured: (gateway, MTU, ifindex, when). Checking it costs three
     /// netlink round trips, so it is redone only every BRIDGE_RECHECK or when attaching to it
     /// fails. The lock serialises that check, never the per-pod work.
-    bridge: tokio::sync::Mutex<Option<(Ipv4Net, u32, u32, std::time::Instant)>>,
+    bridge: tokio::sync::Mutex<Option<(Gateways, u32, u32, std::time::Instant)>>,
     keys: KeyLocks,
     host_local: HostLocal,
 }
+
+/// The bridge's addresses: the pods' gateways.
+type Gateways = (Ipv4Net, Option<Ipv6Net>);
 
 /// How many stale attachments GC tears down at once.
 const GC_PARALLEL: usize = 32;
@@ -66,14 +69,17 @@ impl Ctx {
 
     /// The bridge's ifindex, ensured (created, up, gateway address) on first use, or again when
     /// `stale` is the index a caller found unusable.
-    async fn bridge(&self, gw: Ipv4Net, mtu: u32, stale: Option<u32>) -> Result<u32, PodNetError> {
+    async fn bridge(&self, gw: Gateways, mtu: u32, stale: Option<u32>) -> Result<u32, PodNetError> {
         let mut cached = self.bridge.lock().await;
         if let Some((g, m, idx, at)) = *cached {
             if g == gw && m == mtu && Some(idx) != stale && at.elapsed() < BRIDGE_RECHECK {
                 return Ok(idx);
             }
         }
-        let idx = self.nl.ensure_bridge(&self.opts.bridge, gw, mtu).await?;
+        let idx = self
+            .nl
+            .ensure_bridge(&self.opts.bridge, gw.0, gw.1, mtu)
+            .await?;
         *cached = Some((gw, mtu, idx, std::time::Instant::now()));
         Ok(idx)
     }
@@ -350,13 +356,12 @@ pub(crate) fn expected_of(req: &Request) -> Result<pod::Expected, CniError> {
         ..Default::default()
     };
     for ip in prev.ips.iter().filter(|ip| ip.interface == Some(if_idx)) {
-        // IPv6 entries are not ours; twill is IPv4 only.
-        if let Ok(n) = ip.address.parse::<Ipv4Net>() {
+        if let Ok(n) = ip.address.parse::<IpNet>() {
             want.addrs.push(n);
         }
     }
     for r in &prev.routes {
-        let dst = r.dst.parse::<Ipv4Net>().map_err(|e| {
+        let dst = r.dst.parse::<IpNet>().map_err(|e| {
             CniError::new(
                 codes::DECODE_FAILED,
                 format!("bad route {:?} in prevResult: {e}", r.dst),
@@ -364,7 +369,7 @@ pub(crate) fn expected_of(req: &Request) -> Result<pod::Expected, CniError> {
         });
         let Ok(dst) = dst else { continue };
         let gw = match &r.gw {
-            Some(g) => Some(g.parse::<Ipv4Addr>().map_err(|e| {
+            Some(g) => Some(g.parse::<IpAddr>().map_err(|e| {
                 CniError::new(
                     codes::DECODE_FAILED,
                     format!("bad gateway {g:?} in prevResult: {e}"),
@@ -426,15 +431,28 @@ pub(crate) fn check_result_fits(req: &Request, dns: &Dns) -> Result<(), CniError
             widest_if(&host_veth_name(&req.container_id, &req.ifname), ""),
             widest_if(&req.ifname, &req.netns),
         ],
-        ips: vec![IpConfig {
-            address: "255.255.255.255/32".into(),
-            gateway: Some("255.255.255.255".into()),
-            interface: Some(1),
-        }],
-        routes: vec![Route {
-            dst: "0.0.0.0/0".into(),
-            gw: Some("255.255.255.255".into()),
-        }],
+        ips: vec![
+            IpConfig {
+                address: "255.255.255.255/32".into(),
+                gateway: Some("255.255.255.255".into()),
+                interface: Some(1),
+            },
+            IpConfig {
+                address: "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128".into(),
+                gateway: Some("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff".into()),
+                interface: Some(1),
+            },
+        ],
+        routes: vec![
+            Route {
+                dst: "0.0.0.0/0".into(),
+                gw: Some("255.255.255.255".into()),
+            },
+            Route {
+                dst: "::/0".into(),
+                gw: Some("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff".into()),
+            },
+        ],
         dns: dns.clone(),
     };
     let answer = twill_proto::Response::Ok(Some(widest.to_json(req.cni_version())));
@@ -471,26 +489,28 @@ async fn add(ctx: &Ctx, req: &Request, peer_root: Option<PeerRoot>) -> Result<Cn
 
     let netns = open_netns(req, peer_root).await?;
     let gw = node.gateway();
+    let gw6 = node.gateway6().map(|g| g.addr());
     let host = host_veth_name(&req.container_id, &req.ifname);
     // Two halves run at once: the node's (address, veth pair, hairpin) and the pod's, whose
     // thread enters the netns and opens its netlink socket while the veth is being created,
     // then waits for the address to configure the container end.
-    let (go, addr_rx) = tokio::sync::oneshot::channel::<Ipv4Net>();
+    let (go, addr_rx) = tokio::sync::oneshot::channel::<PodAddrs>();
     let ifname = req.ifname.clone();
     let ns = netns
         .try_clone()
         .map_err(|e| CniError::new(codes::IO_FAILURE, format!("duplicating the netns fd: {e}")))?;
     let pod_half = ctx.nl.in_netns(ns, req.netns.clone(), move |h| async move {
-        let Ok(addr) = addr_rx.await else {
+        let Ok((addr, addr6)) = addr_rx.await else {
             return Ok(None); // the node's half failed and undid itself
         };
-        pod::configure_container(&h, &ifname, addr, gw)
+        let v6 = addr6.zip(gw6);
+        pod::configure_container(&h, &ifname, addr, gw, v6)
             .await
             .map(Some)
     });
     let node_half = node_half(ctx, req, &node, &netns, &host, &owner, identity, go);
     let (node_res, pod_res) = tokio::join!(node_half, pod_half);
-    let (pod_addr, fresh, host_mac) = node_res?;
+    let ((pod_addr, pod_addr6), fresh, host_mac) = node_res?;
     let (cont, routed) = match pod_res {
         Ok(Some(c)) => c,
         Ok(None) => {
@@ -505,6 +525,26 @@ async fn add(ctx: &Ctx, req: &Request, peer_root: Option<PeerRoot>) -> Result<Cn
             return Err(kernel_err(e));
         }
     };
+    let mut ips = vec![IpConfig {
+        address: pod_addr.to_string(),
+        gateway: Some(gw.to_string()),
+        interface: Some(1),
+    }];
+    let mut routes = vec![Route {
+        dst: "0.0.0.0/0".into(),
+        gw: Some(gw.to_string()),
+    }];
+    if let (Some(a6), Some(g6)) = (pod_addr6, gw6) {
+        ips.push(IpConfig {
+            address: a6.to_string(),
+            gateway: Some(g6.to_string()),
+            interface: Some(1),
+        });
+        routes.push(Route {
+            dst: "::/0".into(),
+            gw: Some(g6.to_string()),
+        });
+    }
     Ok(CniResult {
         interfaces: vec![
             Interface {
@@ -520,17 +560,10 @@ async fn add(ctx: &Ctx, req: &Request, peer_root: Option<PeerRoot>) -> Result<Cn
                 sandbox: req.netns.clone(),
             },
         ],
-        ips: vec![IpConfig {
-            address: pod_addr.to_string(),
-            gateway: Some(gw.to_string()),
-            interface: Some(1),
-        }],
+        ips,
         // Only what this ADD configured: CHECK verifies the routes listed here.
         routes: if routed {
-            vec![Route {
-                dst: "0.0.0.0/0".into(),
-                gw: Some(gw.to_string()),
-            }]
+            routes
         } else {
             tracing::info!(container = %req.container_id, "the pod has a default route already; keeping it");
             Vec::new()
@@ -539,11 +572,14 @@ async fn add(ctx: &Ctx, req: &Request, peer_root: Option<PeerRoot>) -> Result<Cn
     })
 }
 
-/// The node's half of ADD: the address (IPAM) followed by the pod's network policy, at once with
-/// the veth pair; then hairpin. Sends the pod's address through `go` once the container end
-/// exists and policy is in place (before the pod's end gets its address: no moment unprotected).
-/// Undoes itself on failure. Returns the pod's address, whether it was allocated now (not by an
-/// earlier ADD), and the host end's MAC.
+/// A pod's addresses: IPv4, and IPv6 on a dual-stack node.
+type PodAddrs = (Ipv4Net, Option<Ipv6Net>);
+
+/// The node's half of ADD: the addresses (IPAM) followed by the pod's network policy, at once
+/// with the veth pair; then hairpin. Sends the pod's addresses through `go` once the container
+/// end exists and policy is in place (before the pod's end gets them: no moment unprotected).
+/// Undoes itself on failure. Returns the pod's addresses, whether they were allocated now (not
+/// by an earlier ADD), and the host end's MAC.
 #[allow(clippy::too_many_arguments)]
 async fn node_half(
     ctx: &Ctx,
@@ -553,23 +589,35 @@ async fn node_half(
     host: &str,
     owner: &Owner,
     identity: Option<pods::LocalPod>,
-    go: tokio::sync::oneshot::Sender<Ipv4Net>,
-) -> Result<(Ipv4Net, bool, MacAddr), CniError> {
+    go: tokio::sync::oneshot::Sender<PodAddrs>,
+) -> Result<(PodAddrs, bool, MacAddr), CniError> {
     let ipam = ctx.ipam.clone();
-    let (subnet, o, network) = (node.subnet, owner.clone(), network_of(req));
+    let (subnet, subnet6, o, network) = (node.subnet, node.subnet6, owner.clone(), network_of(req));
     let mac = MacAddr::random_local();
-    // The address, then the pod's policy, while the veth pair is being made: the policy step
+    // The addresses, then the pod's policy, while the veth pair is being made: the policy step
     // costs ADD nothing it would not wait for anyway.
     let alloc_and_policy = async {
-        // The error, and whether this ADD allocated the address.
-        let (addr, fresh) = blocking(move || ipam.allocate(subnet.into(), &o, &network))
-            .await
-            .map_err(|e| (e, false))?;
-        let IpAddr::V4(addr) = addr else {
-            unreachable!("an IPv4 subnet's address")
-        };
+        // The error, and whether this ADD allocated an address.
+        let (addrs, fresh) = blocking(move || {
+            let (a4, fresh4) = ipam.allocate(subnet.into(), &o, &network)?;
+            let Some(s6) = subnet6 else {
+                return Ok((vec![a4], fresh4));
+            };
+            match ipam.allocate(s6.into(), &o, &network) {
+                Ok((a6, fresh6)) => Ok((vec![a4, a6], fresh4 || fresh6)),
+                Err(e) => {
+                    // Not half an attachment: the v4 address this call took goes back.
+                    if fresh4 {
+                        let _ = ipam.release(&o);
+                    }
+                    Err(e)
+                }
+            }
+        })
+        .await
+        .map_err(|e| (e, false))?;
         if let (Some(policy), Some(pod)) = (&ctx.opts.policy, identity) {
-            if let Err(e) = policy.pod_up(pod.with_ip(IpAddr::V4(addr))).await {
+            if let Err(e) = policy.pod_up(pod.with_ips(&addrs)).await {
                 let e = match e {
                     PodUpError::NotReady(m) => CniError::new(codes::TRY_AGAIN_LATER, m),
                     PodUpError::Failed(m) => CniError::new(codes::POLICY, m),
@@ -577,13 +625,13 @@ async fn node_half(
                 return Err((e, fresh));
             }
         }
-        Ok((addr, fresh))
+        Ok((addrs, fresh))
     };
     let (alloc, created) = tokio::join!(
         alloc_and_policy,
         create_veth(ctx, req, node, netns, host, mac),
     );
-    let (addr, fresh) = match (alloc, created) {
+    let (addrs, fresh) = match (alloc, created) {
         (Ok(a), Ok(())) => a,
         (alloc, created) => {
             // Ends the pod's half now: its thread must not hold a slot that undo may need.
@@ -601,14 +649,23 @@ async fn node_half(
             });
         }
     };
-    let pod_addr = Ipv4Net::new(addr, subnet.prefix_len()).expect("prefix from a valid subnet");
+    let (IpAddr::V4(a4), a6) = (addrs[0], addrs.get(1)) else {
+        unreachable!("the first address is from the IPv4 subnet");
+    };
+    let pod = (
+        Ipv4Net::new(a4, subnet.prefix_len()).expect("prefix from a valid subnet"),
+        match (a6, subnet6) {
+            (Some(IpAddr::V6(a)), Some(s)) => Ipv6Net::new(*a, s.prefix_len()).ok(),
+            _ => None,
+        },
+    );
     // The pod's half may already have failed (e.g. its netns vanished): that is reported there.
-    let _ = go.send(pod_addr);
+    let _ = go.send(pod);
     if let Err(e) = ctx.nl.set_hairpin(host).await {
         undo(ctx, Some(host), fresh.then_some(owner)).await;
         return Err(kernel_err(e));
     }
-    Ok((pod_addr, fresh, mac))
+    Ok((pod, fresh, mac))
 }
 
 /// The veth pair, on the node's bridge (ensured, or rechecked when the cached one is refused).
@@ -620,8 +677,10 @@ async fn create_veth(
     host: &str,
     mac: MacAddr,
 ) -> Result<(), CniError> {
-    let gw_net =
-        Ipv4Net::new(node.gateway(), node.subnet.prefix_len()).expect("prefix from a valid subnet");
+    let gw_net = (
+        Ipv4Net::new(node.gateway(), node.subnet.prefix_len()).expect("prefix from a valid subnet"),
+        node.gateway6(),
+    );
     let bridge = ctx
         .bridge(gw_net, node.mtu, None)
         .await
@@ -743,7 +802,7 @@ async fn check(ctx: &Ctx, req: &Request, peer_root: Option<PeerRoot>) -> Result<
         .map(|(_, a, _)| a)
         .collect();
     for a in &want.addrs {
-        if !held.contains(&IpAddr::V4(a.addr())) {
+        if !held.contains(&a.addr()) {
             missing.push(format!(
                 "IPAM allocation of {} for this container",
                 a.addr()

@@ -271,6 +271,7 @@ impl Node {
         self.sync_blackhole().await;
         let _ = self.node_tx.send(Some(NodeNet {
             subnet: self.local.subnet,
+            subnet6: self.v6.as_ref().map(|v6| v6.local.subnet),
             mtu: self.pod_mtu(),
         }));
         let env = SubnetEnv {

@@ -978,7 +978,3 @@ fn route_priority(r: &RouteMessage) -> u32 {
 fn route_dst(r: &RouteMessage) -> Option<Ipv4Net> {
     <Ipv4Net as NlFamily>::route_dst(r)
 }
-
-fn route_gw(r: &RouteMessage) -> Option<Ipv4Addr> {
-    <Ipv4Net as NlFamily>::route_gw(r)
-}

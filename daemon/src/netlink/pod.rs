@@ -7,16 +7,16 @@
 
 use std::fs::File;
 use std::future::Future;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures::TryStreamExt;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use nix::sched::{setns, CloneFlags};
-use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
 use rtnetlink::packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage,
 };
@@ -136,7 +136,8 @@ pub async fn delete_link(h: &Handle, name: &str) -> Result<bool, PodNetError> {
     }
 }
 
-async fn v4_addrs(h: &Handle, index: u32) -> Result<Vec<Ipv4Net>, PodNetError> {
+/// Interface `index`'s addresses of both families, with their prefix lengths.
+async fn ip_addrs(h: &Handle, index: u32) -> Result<Vec<IpNet>, PodNetError> {
     let mut out = Vec::new();
     let mut s = h.address().get().set_link_index_filter(index).execute();
     while let Some(m) = s
@@ -148,8 +149,8 @@ async fn v4_addrs(h: &Handle, index: u32) -> Result<Vec<Ipv4Net>, PodNetError> {
             continue;
         }
         for a in &m.attributes {
-            if let AddressAttribute::Address(std::net::IpAddr::V4(ip)) = a {
-                if let Ok(n) = Ipv4Net::new(*ip, m.header.prefix_len) {
+            if let AddressAttribute::Address(ip) = a {
+                if let Ok(n) = IpNet::new(*ip, m.header.prefix_len) {
                     out.push(n);
                 }
             }
@@ -158,26 +159,43 @@ async fn v4_addrs(h: &Handle, index: u32) -> Result<Vec<Ipv4Net>, PodNetError> {
     Ok(out)
 }
 
-/// IPv4 routes of the main table as (destination, gateway).
-async fn v4_routes(h: &Handle) -> Result<Vec<(Ipv4Net, Option<Ipv4Addr>)>, PodNetError> {
+/// Routes of both families in the main table as (destination, gateway).
+async fn ip_routes(h: &Handle) -> Result<Vec<(IpNet, Option<IpAddr>)>, PodNetError> {
+    use super::NlFamily;
     let mut out = Vec::new();
-    let mut s = h
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute();
-    while let Some(m) = s
-        .try_next()
-        .await
-        .map_err(|e| PodNetError::netlink("listing routes", e))?
-    {
-        if super::route_table(&m) != super::MAIN_TABLE {
-            continue;
-        }
-        if let Some(dst) = super::route_dst(&m) {
-            out.push((dst, super::route_gw(&m)));
+    for req in [
+        RouteMessageBuilder::<Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<Ipv6Addr>::new().build(),
+    ] {
+        let mut s = h.route().get(req).execute();
+        while let Some(m) = s
+            .try_next()
+            .await
+            .map_err(|e| PodNetError::netlink("listing routes", e))?
+        {
+            if super::route_table(&m) != super::MAIN_TABLE {
+                continue;
+            }
+            if let Some(dst) = Ipv4Net::route_dst(&m) {
+                out.push((dst.into(), Ipv4Net::route_gw(&m).map(IpAddr::V4)));
+            } else if let Some(dst) = Ipv6Net::route_dst(&m) {
+                out.push((dst.into(), Ipv6Net::route_gw(&m).map(IpAddr::V6)));
+            }
         }
     }
     Ok(out)
+}
+
+/// Adds `addr` to interface `index`; an IPv6 one without duplicate address detection (the
+/// address is ours to hand out: DAD would only keep it unusable for a second or more).
+async fn add_addr(h: &Handle, index: u32, addr: IpNet) -> Result<(), rtnetlink::Error> {
+    let mut req = h.address().add(index, addr.addr(), addr.prefix_len());
+    if addr.addr().is_ipv6() {
+        req.message_mut()
+            .attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+    }
+    req.execute().await
 }
 
 /// Bounds the threads pod operations run on. Each ADD, CHECK and DEL (and each attachment a GC
@@ -258,6 +276,7 @@ impl PodNetlink {
         &self,
         name: &str,
         gateway: Ipv4Net,
+        gateway6: Option<Ipv6Net>,
         mtu: u32,
     ) -> Result<u32, PodNetError> {
         let h = &self.handle;
@@ -306,18 +325,17 @@ impl PodNetlink {
                 tracing::warn!(bridge = name, mtu, error = %e, "cannot set the bridge MTU");
             }
         }
-        if !v4_addrs(h, link.index).await?.contains(&gateway) {
-            match h
-                .address()
-                .add(link.index, gateway.addr().into(), gateway.prefix_len())
-                .execute()
-                .await
-            {
+        let have = ip_addrs(h, link.index).await?;
+        for gw in std::iter::once(IpNet::V4(gateway)).chain(gateway6.map(IpNet::V6)) {
+            if have.contains(&gw) {
+                continue;
+            }
+            match add_addr(h, link.index, gw).await {
                 Ok(()) => {}
                 Err(e) if errno_of(&e) == Some(libc::EEXIST) => {}
                 Err(e) => {
                     return Err(PodNetError::netlink(
-                        format!("adding {gateway} to bridge {name}"),
+                        format!("adding {gw} to bridge {name}"),
                         e,
                     ))
                 }
@@ -548,14 +566,19 @@ pub async fn configure_container(
     ifname: &str,
     addr: Ipv4Net,
     gateway: Ipv4Addr,
+    v6: Option<(Ipv6Net, Ipv6Addr)>,
 ) -> Result<(LinkState, bool), PodNetError> {
     let l = link_by_name(h, ifname)
         .await?
         .ok_or_else(|| PodNetError::other(format!("interface {ifname}"), "not found in netns"))?;
-    let add_addr = h
-        .address()
-        .add(l.index, addr.addr().into(), addr.prefix_len())
-        .execute();
+    if v6.is_some() {
+        // No DAD on the pod's end at all (its link-local address too): the addresses are ours
+        // to hand out, and DAD would hold them for a second or more after the pod starts. This
+        // thread is in the pod's netns, so /proc/sys/net is the pod's.
+        let path = format!("/proc/sys/net/ipv6/conf/{ifname}/accept_dad");
+        std::fs::write(&path, "0").map_err(|e| PodNetError::other(path, e.to_string()))?;
+    }
+    let add_v4 = add_addr(h, l.index, addr.into());
     let set_up = h
         .link()
         .set(LinkUnspec::new_with_index(l.index).up().build())
@@ -571,10 +594,10 @@ pub async fn configure_container(
         )
         .execute();
     // join! polls (and so queues) them in this order.
-    let (a, u, r) = futures::join!(add_addr, set_up, add_route);
+    let (a, u, r) = futures::join!(add_v4, set_up, add_route);
     a.map_err(|e| PodNetError::netlink(format!("adding {addr} to {ifname}"), e))?;
     u.map_err(|e| PodNetError::netlink(format!("setting {ifname} up"), e))?;
-    let routed = match r {
+    let routed4 = match r {
         Ok(()) => true,
         Err(e) if errno_of(&e) == Some(libc::EEXIST) => false,
         Err(e) => {
@@ -584,15 +607,45 @@ pub async fn configure_container(
             ))
         }
     };
-    Ok((l, routed))
+    let Some((addr6, gateway6)) = v6 else {
+        return Ok((l, routed4));
+    };
+    // Without DAD the address is usable at once, and so the route via the bridge.
+    add_addr(h, l.index, addr6.into())
+        .await
+        .map_err(|e| PodNetError::netlink(format!("adding {addr6} to {ifname}"), e))?;
+    let routed6 = match h
+        .route()
+        .add(
+            RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+                .gateway(gateway6)
+                .output_interface(l.index)
+                .build(),
+        )
+        .execute()
+        .await
+    {
+        Ok(()) => true,
+        Err(e) if errno_of(&e) == Some(libc::EEXIST) => false,
+        Err(e) => {
+            return Err(PodNetError::netlink(
+                format!("adding default route via {gateway6}"),
+                e,
+            ))
+        }
+    };
+    // One answer for both: the result lists the default routes only when this ADD made them
+    // (a pod with its own default route keeps it, in either family).
+    Ok((l, routed4 && routed6))
 }
 
 /// What CHECK expects to find inside the pod's netns.
 #[derive(Clone, Debug, Default)]
 pub struct Expected {
     pub ifname: String,
-    pub addrs: Vec<Ipv4Net>,
-    pub routes: Vec<(Ipv4Net, Option<Ipv4Addr>)>,
+    pub addrs: Vec<IpNet>,
+    pub routes: Vec<(IpNet, Option<IpAddr>)>,
 }
 
 /// Lists everything in `want` that is missing; empty means all is there.
@@ -602,13 +655,13 @@ pub async fn check_container(h: &Handle, want: &Expected) -> Result<Vec<String>,
         missing.push(format!("interface {}", want.ifname));
         return Ok(missing);
     };
-    let have = v4_addrs(h, l.index).await?;
+    let have = ip_addrs(h, l.index).await?;
     for a in &want.addrs {
         if !have.contains(a) {
             missing.push(format!("address {a} on {}", want.ifname));
         }
     }
-    let routes = v4_routes(h).await?;
+    let routes = ip_routes(h).await?;
     for (dst, gw) in &want.routes {
         let found = routes
             .iter()

@@ -33,11 +33,18 @@ pub struct LocalPod {
 
 impl LocalPod {
     /// The pod running with address `ip`.
-    pub fn with_ip(mut self, ip: IpAddr) -> LocalPod {
+    pub fn with_ip(self, ip: IpAddr) -> LocalPod {
+        self.with_ips(&[ip])
+    }
+
+    /// The pod running with addresses `ips` (a dual-stack pod has one of each family; the first
+    /// is its podIP, as the kubelet reports it).
+    pub fn with_ips(mut self, ips: &[IpAddr]) -> LocalPod {
+        let all: Vec<_> = ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect();
         self.pod.status = serde_json::from_value(json!({
             "phase": "Running",
-            "podIP": ip.to_string(),
-            "podIPs": [{"ip": ip.to_string()}],
+            "podIP": ips.first().map(|ip| ip.to_string()),
+            "podIPs": all,
         }))
         .ok();
         self
