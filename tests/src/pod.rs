@@ -22,6 +22,9 @@ pub struct Pod {
     pub ns: String,
     pub ifname: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address on a dual-stack node.
+    #[serde(default)]
+    pub ip6: Option<std::net::Ipv6Addr>,
     /// The plugin's ADD result.
     pub result: Value,
 }
@@ -170,12 +173,19 @@ impl Lab {
             .and_then(|a| a.split('/').next())
             .and_then(|a| a.parse().ok())
             .with_context(|| format!("no address in ADD result {result}"))?;
+        let ip6 = result["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["address"].as_str()?.split('/').next()?.parse().ok())
+            .next();
         Ok(Pod {
             node: i,
             id,
             ns,
             ifname: "eth0".into(),
             ip,
+            ip6,
             result,
         })
     }
@@ -241,6 +251,30 @@ pub fn pod_to_pod(from: &Pod, to: &Pod, port: u16) -> Result<Ipv4Addr> {
     Err(last.expect("tried")).with_context(|| format!("{} -> {}", from.id, to.id))
 }
 
+/// The source address pod `to` saw for a TCP connection from `from` over IPv6 (both need an
+/// IPv6 address), retried like `pod_to_pod`.
+pub fn pod_to_pod6(from: &Pod, to: &Pod, port: u16) -> Result<std::net::IpAddr> {
+    let to_ip = to
+        .ip6
+        .with_context(|| format!("pod {} has no IPv6 address", to.id))?;
+    let mut last = None;
+    for _ in 0..10 {
+        let r = tcp_probe_ip(
+            &from.ns,
+            &to.ns,
+            to_ip.into(),
+            port,
+            std::time::Duration::from_secs(2),
+        );
+        match r {
+            Ok((seen, _)) => return Ok(seen),
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    Err(last.expect("tried")).with_context(|| format!("{} -> {} over IPv6", from.id, to.id))
+}
+
 /// `tcp_probe` between any two namespaces: connect from `from_ns` to a listener on
 /// `to_ip:port` inside `to_ns`.
 pub fn tcp_probe_ns(
@@ -250,6 +284,22 @@ pub fn tcp_probe_ns(
     port: u16,
     timeout: std::time::Duration,
 ) -> Result<TcpProbe> {
+    let (seen, rtt) = tcp_probe_ip(from_ns, to_ns, to_ip.into(), port, timeout)?;
+    let source_seen = match seen {
+        std::net::IpAddr::V4(v4) => v4,
+        other => bail!("listener saw a non-IPv4 source {other}"),
+    };
+    Ok(TcpProbe { source_seen, rtt })
+}
+
+/// The probe for either family: the source address the listener saw, and the RTT.
+fn tcp_probe_ip(
+    from_ns: &str,
+    to_ns: &str,
+    to_ip: std::net::IpAddr,
+    port: u16,
+    timeout: std::time::Duration,
+) -> Result<(std::net::IpAddr, std::time::Duration)> {
     use std::io::{BufRead, BufReader};
     use std::net::{SocketAddr, TcpListener, TcpStream};
     use std::sync::mpsc;
@@ -318,11 +368,7 @@ pub fn tcp_probe_ns(
         .recv_timeout(timeout)
         .context("listener did not report")?
         .context("listener")?;
-    let source_seen = match peer.ip() {
-        std::net::IpAddr::V4(v4) => v4,
-        other => bail!("listener saw a non-IPv4 source {other}"),
-    };
-    Ok(TcpProbe { source_seen, rtt })
+    Ok((peer.ip(), rtt))
 }
 
 fn set_accept_timeout(

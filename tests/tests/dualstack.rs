@@ -1,7 +1,6 @@
 //! A dual-stack network end to end: real twilld processes on a dual-stack underlay, a real
-//! etcd, and the kernel's entries and real pings over both overlays as the proof. Pods still
-//! get IPv4 only (the CNI side of IPv6 is not built yet): the IPv6 overlay is shown between the
-//! nodes' own IPv6 device addresses.
+//! etcd, pods set up by the real plugin, and the kernel's entries and real traffic over both
+//! overlays as the proof.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -9,7 +8,8 @@ use std::time::Duration;
 use anyhow::{anyhow, ensure, Context, Result};
 use serde_json::Value;
 use twill_tests::lab::SUBNETS_PREFIX;
-use twill_tests::{wait_until, Lab, LabOptions};
+use twill_tests::pod::pod_to_pod6;
+use twill_tests::{pod_to_pod, wait_until, Lab, LabOptions};
 
 const CONFIG: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;
 const DEV6: &str = "twill-v6.1";
@@ -163,6 +163,61 @@ fn dual_stack_nodes_lease_both_families_and_reach_each_other_over_both_overlays(
             "node 1 cannot ping {gw} over the IPv4 overlay"
         );
     }
+    Ok(())
+}
+
+#[test]
+fn dual_stack_pods_reach_each_other_across_nodes_on_both_families_without_nat() -> Result<()> {
+    let mut lab = dual_lab(3)?;
+    wait_programmed6(&lab, 3)?;
+    let pods: Vec<_> = (1..=3)
+        .map(|i| lab.add_pod(i, "a"))
+        .collect::<Result<_>>()?;
+    for (i, p) in pods.iter().enumerate() {
+        let ip6 = p
+            .ip6
+            .with_context(|| format!("pod on node {} has no IPv6 address", i + 1))?;
+        let subnet = side6(&lab, i + 1)?.subnet;
+        let prefix = subnet.split("::/").next().unwrap_or_default().to_owned() + "::";
+        assert!(
+            ip6.to_string().starts_with(&prefix),
+            "{ip6} not in {subnet}"
+        );
+        // The pod's MTU fits the IPv6 overlay.
+        let link = p.exec_ok(&["ip", "link", "show", "eth0"])?;
+        assert!(link.contains("mtu 1430"), "{link}");
+    }
+    // Every pod reaches every other, on both families, and is seen with its own address.
+    for from in &pods {
+        for to in &pods {
+            if from.node == to.node {
+                continue;
+            }
+            let seen6 = pod_to_pod6(from, to, 7000)?;
+            assert_eq!(
+                seen6,
+                std::net::IpAddr::V6(from.ip6.unwrap()),
+                "{} -> {}",
+                from.id,
+                to.id
+            );
+            let seen4 = pod_to_pod(from, to, 7001)?;
+            assert_eq!(seen4, from.ip, "{} -> {}", from.id, to.id);
+        }
+    }
+    // DEL releases both addresses: a new pod on node 1 may get them again, and node 1's IPAM
+    // holds nothing for the deleted one.
+    let gone = pods[0].clone();
+    lab.del_pod(&gone)?;
+    let ipam6 = lab
+        .state_dir(1)
+        .join("ipam")
+        .join(side6(&lab, 1)?.subnet.replace('/', "-"));
+    let held: Vec<String> = std::fs::read_dir(&ipam6)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(held.is_empty(), "{held:?}");
     Ok(())
 }
 

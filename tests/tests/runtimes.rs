@@ -42,6 +42,7 @@ fn container_pod(lab: &Lab, node: usize, name: &str, pid: u32, ip: Ipv4Addr) -> 
         ns,
         ifname: "eth0".into(),
         ip,
+        ip6: None,
         result: Value::Null,
     })
 }

@@ -57,6 +57,13 @@ pub(super) fn plan(
         }
     })?;
     info!(%public_ip, %vtep_mac, ipv6_network = %range.network, "IPv6 side");
+    // Not switched on here: on a host that takes its own address from router advertisements,
+    // forwarding turns that off (accept_ra). The operator decides, as for IPv4.
+    if std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/forwarding")
+        .is_ok_and(|v| v.trim() == "0")
+    {
+        warn!("IPv6 forwarding is off (net.ipv6.conf.all.forwarding=0): pods' IPv6 traffic to other nodes will not pass this node; set it to 1");
+    }
     Ok(Some(Plan6 {
         lease: LeaseV6 {
             public_ip,
