@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -58,14 +58,18 @@ impl Servers {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let mut expected = 0;
         for pod in pods {
-            for port in PORTS {
-                for udp in [false, true] {
-                    expected += 1;
-                    let (stop, ready) = (stop.clone(), ready_tx.clone());
-                    let (ns, ip) = (pod.netns_path(), pod.ip);
-                    threads.push(std::thread::spawn(move || {
-                        serve(&ns, ip, port, udp, stop, ready)
-                    }));
+            // On a dual-stack node, on its IPv6 address too.
+            let ips = std::iter::once(IpAddr::V4(pod.ip)).chain(pod.ip6.map(IpAddr::V6));
+            for ip in ips {
+                for port in PORTS {
+                    for udp in [false, true] {
+                        expected += 1;
+                        let (stop, ready) = (stop.clone(), ready_tx.clone());
+                        let ns = pod.netns_path();
+                        threads.push(std::thread::spawn(move || {
+                            serve(&ns, ip, port, udp, stop, ready)
+                        }));
+                    }
                 }
             }
         }
@@ -96,7 +100,7 @@ fn enter(ns_path: &str) -> std::io::Result<()> {
 
 fn serve(
     ns: &str,
-    ip: Ipv4Addr,
+    ip: IpAddr,
     port: u16,
     udp: bool,
     stop: Arc<AtomicBool>,
@@ -106,7 +110,7 @@ fn serve(
         let _ = ready.send(Err(format!("setns {ns}: {e}")));
         return;
     }
-    let addr = SocketAddr::from((ip, port));
+    let addr = SocketAddr::new(ip, port);
     if udp {
         let s = match UdpSocket::bind(addr) {
             Ok(s) => s,

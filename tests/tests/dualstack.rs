@@ -6,8 +6,10 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Context, Result};
+use netpol::model::Protocol;
 use serde_json::Value;
 use twill_tests::lab::SUBNETS_PREFIX;
+use twill_tests::netpol::{pod_config, probe, Servers, PREFIX};
 use twill_tests::pod::pod_to_pod6;
 use twill_tests::{pod_to_pod, wait_until, Lab, LabOptions};
 
@@ -218,6 +220,70 @@ fn dual_stack_pods_reach_each_other_across_nodes_on_both_families_without_nat() 
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     assert!(held.is_empty(), "{held:?}");
+    Ok(())
+}
+
+#[test]
+fn network_policy_holds_on_ipv6_as_on_ipv4_and_never_blocks_neighbour_discovery() -> Result<()> {
+    let mut lab = dual_lab(2)?;
+    wait_until(CONVERGE, || {
+        (1..=2).all(|i| lab.status(i).is_ok_and(|s| s["policy"]["loaded"] == true))
+    })
+    .context("policy state did not load")?;
+    let pod = |lab: &mut Lab, node: usize, name: &str| {
+        let labels = [("app".to_string(), name.to_string())].into();
+        let cfg = pod_config(lab, node, &labels);
+        let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=x;K8S_POD_NAME={name}");
+        lab.add_pod_with(node, &format!("x{name}"), &args, &cfg)
+    };
+    let a = pod(&mut lab, 1, "a")?;
+    let b = pod(&mut lab, 2, "b")?;
+    let _servers = Servers::start(&[&b])?;
+    let (from, b4, b6) = (
+        a.netns_path(),
+        std::net::IpAddr::V4(b.ip),
+        std::net::IpAddr::V6(b.ip6.context("b has no IPv6 address")?),
+    );
+    let reach = |ip, port| probe(&from, ip, port, Protocol::Tcp);
+    wait_until(CONVERGE, || reach(b6, 80) && reach(b4, 80))
+        .context("a does not reach b before any policy")?;
+    let put = |name: &str, spec: &str| {
+        let v = format!(r#"{{"metadata":{{"name":"{name}","namespace":"x"}},"spec":{spec}}}"#);
+        lab.etcdctl(&["put", &format!("{PREFIX}/policies/x/{name}"), "--", &v])
+    };
+
+    // Default deny ingress: closed on both families.
+    put("deny-in", r#"{"podSelector":{},"policyTypes":["Ingress"]}"#)?;
+    wait_until(CONVERGE, || !reach(b6, 80) && !reach(b4, 80))
+        .context("default deny left b open")?;
+    // Neighbour discovery still works for b (the answers to its solicitations are ingress).
+    let gw6 = side6(&lab, 2)?.addr().replace("::", "::1");
+    b.exec_ok(&["ip", "-6", "neigh", "flush", "dev", "eth0"])?;
+    let pinged = b.exec(&["ping", "-6", "-c1", "-W2", &gw6])?;
+    assert!(
+        pinged.status.success(),
+        "b cannot reach its IPv6 gateway under default deny: {pinged:?}"
+    );
+
+    // Allowed from app=a on port 80: both families, port 81 still closed.
+    put(
+        "from-a",
+        r#"{"podSelector":{"matchLabels":{"app":"b"}},"ingress":[{"from":[{"podSelector":{"matchLabels":{"app":"a"}}}],"ports":[{"port":80,"protocol":"TCP"}]}]}"#,
+    )?;
+    wait_until(CONVERGE, || reach(b6, 80) && reach(b4, 80))
+        .context("the allow did not open port 80 on both families")?;
+    assert!(!reach(b6, 81) && !reach(b4, 81), "port 81 opened");
+
+    // An ipBlock of a's IPv6 address on port 81: open over IPv6 only.
+    let a6 = a.ip6.context("a has no IPv6 address")?;
+    put(
+        "block6",
+        &format!(
+            r#"{{"podSelector":{{}},"ingress":[{{"from":[{{"ipBlock":{{"cidr":"{a6}/128"}}}}],"ports":[{{"port":81,"protocol":"TCP"}}]}}]}}"#
+        ),
+    )?;
+    wait_until(CONVERGE, || reach(b6, 81)).context("the IPv6 ipBlock did not open port 81")?;
+    assert!(!reach(b4, 81), "an IPv6 ipBlock opened IPv4");
     Ok(())
 }
 
