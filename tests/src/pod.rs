@@ -293,7 +293,7 @@ pub fn tcp_probe_ns(
 }
 
 /// The probe for either family: the source address the listener saw, and the RTT.
-fn tcp_probe_ip(
+pub fn tcp_probe_ip(
     from_ns: &str,
     to_ns: &str,
     to_ip: std::net::IpAddr,

@@ -10,7 +10,7 @@ use netpol::model::Protocol;
 use serde_json::Value;
 use twill_tests::lab::SUBNETS_PREFIX;
 use twill_tests::netpol::{pod_config, probe, Servers, PREFIX};
-use twill_tests::pod::pod_to_pod6;
+use twill_tests::pod::{pod_to_pod6, tcp_probe_ip};
 use twill_tests::{pod_to_pod, wait_until, Lab, LabOptions};
 
 const CONFIG: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;
@@ -71,6 +71,20 @@ fn wait_programmed6(lab: &Lab, n: usize) -> Result<()> {
         })
     })
     .context("not every node programmed every IPv6 peer")
+}
+
+/// The first `Some` of `f`, retried for 20 s.
+fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }
 
 fn ping6(lab: &Lab, i: usize, from: &str, to: &str) -> Result<()> {
@@ -207,6 +221,33 @@ fn dual_stack_pods_reach_each_other_across_nodes_on_both_families_without_nat() 
             assert_eq!(seen4, from.ip, "{} -> {}", from.id, to.id);
         }
     }
+    // The world (the underlay host, with no route back to the pod networks) sees each pod's
+    // traffic from its node's address, on both families: masqueraded, each by its own table.
+    let world6: std::net::IpAddr = twill_tests::lab::UNDERLAY_IP6.parse()?;
+    for p in &pods {
+        let seen = wait_for(|| {
+            tcp_probe_ip(
+                &p.ns,
+                &lab.underlay_ns(),
+                world6,
+                7002,
+                Duration::from_secs(2),
+            )
+            .ok()
+        })
+        .with_context(|| format!("pod {} does not reach the world over IPv6", p.id))?;
+        assert_eq!(
+            seen.0,
+            std::net::IpAddr::V6(lab.node_ip6(p.node)),
+            "{}",
+            p.id
+        );
+    }
+    for i in 1..=3 {
+        let t = lab.exec_ok(i, &["nft", "list", "table", "ip6", "twill-masq6"])?;
+        assert!(t.contains("fd00:10:244::/56"), "{t}");
+    }
+
     // DEL releases both addresses: a new pod on node 1 may get them again, and node 1's IPAM
     // holds nothing for the deleted one.
     let gone = pods[0].clone();

@@ -23,23 +23,35 @@ fn not_installed() -> Pass {
     }
 }
 
-/// Desired firewall state for this node. Pure.
+/// Desired firewall state for this node (`device6`: the IPv6 overlay's device, when the node
+/// serves a dual-stack network's IPv6 side). Pure.
 pub fn desired(
     args: &RunArgs,
     cfg: &NetworkConfig,
     device: &DeviceInfo,
+    device6: Option<&DeviceInfo>,
     random_fully: bool,
 ) -> Desired {
-    let masq = args.ip_masq.then(|| {
-        masq::table(&MasqSpec {
-            network: cfg.network,
-            random_fully,
-            kube_proxy_mark: args.kube_proxy_masq_mark,
-            tunnel_device: device.overlay.then(|| device.name.clone()),
-        })
-    });
+    let spec = |network: ipnet::IpNet, dev: &DeviceInfo| MasqSpec {
+        network,
+        random_fully,
+        kube_proxy_mark: args.kube_proxy_masq_mark,
+        tunnel_device: dev.overlay.then(|| dev.name.clone()),
+    };
+    let masq = args
+        .ip_masq
+        .then(|| masq::table(&spec(cfg.network.into(), device)));
+    let masq6 = match (&cfg.ipv6, device6) {
+        (Some(r), Some(d)) if args.ip_masq => Some(masq::table(&spec(r.network.into(), d))),
+        _ => None,
+    };
     Desired {
-        tables: [((Family::Ip, masq::TABLE.to_string()), masq)].into(),
+        tables: [
+            ((Family::Ip, masq::TABLE.to_string()), masq),
+            // Named when absent too: a table of an earlier run is removed.
+            ((Family::Ip6, masq::TABLE6.to_string()), masq6),
+        ]
+        .into(),
         forward_accept: if args.iptables_forward_rules {
             vec![cfg.network]
         } else {
@@ -109,9 +121,10 @@ impl NodeFirewall {
         args: &RunArgs,
         cfg: &NetworkConfig,
         device: &DeviceInfo,
+        device6: Option<&DeviceInfo>,
         shared: &Shared,
     ) {
-        let want = desired(args, cfg, device, self.random_fully);
+        let want = desired(args, cfg, device, device6, self.random_fully);
         let pass = match &mut self.fw {
             Some(fw) => fw.apply(&want).await,
             None => not_installed(),
@@ -208,8 +221,13 @@ mod tests {
     #[test]
     fn masquerade_and_forward_rules_follow_the_flags() {
         let key = (Family::Ip, masq::TABLE.to_string());
-        let d = desired(&args(&[]), &cfg(), &device(true), true);
+        let d = desired(&args(&[]), &cfg(), &device(true), None, true);
         let t = d.tables[&key].as_ref().expect("masquerade on by default");
+        // No IPv6 side: its table is named, to be removed.
+        assert_eq!(
+            d.tables.get(&(Family::Ip6, masq::TABLE6.to_string())),
+            Some(&None)
+        );
         assert!(t.chains["postrouting"]
             .rules
             .iter()
@@ -221,13 +239,14 @@ mod tests {
             &args(&["--ip-masq=false", "--iptables-forward-rules=false"]),
             &cfg(),
             &device(false),
+            None,
             true,
         );
         assert_eq!(d.tables.get(&key), Some(&None));
         assert!(d.forward_accept.is_empty());
 
         // host-gw: no tunnel rule.
-        let d = desired(&args(&[]), &cfg(), &device(false), false);
+        let d = desired(&args(&[]), &cfg(), &device(false), None, false);
         let t = d.tables[&key].as_ref().unwrap();
         assert!(!t.chains["postrouting"]
             .rules

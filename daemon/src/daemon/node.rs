@@ -256,7 +256,13 @@ impl Node {
         self.publish_node();
         if self.ready && self.device != before {
             self.firewall
-                .apply(&self.args, &self.cfg, &self.device, &self.shared)
+                .apply(
+                    &self.args,
+                    &self.cfg,
+                    &self.device,
+                    self.v6.as_ref().map(|v6| &v6.device),
+                    &self.shared,
+                )
                 .await;
         }
     }
@@ -266,7 +272,13 @@ impl Node {
     /// against a half-set-up node: flannel #2232).
     async fn write_ready(&mut self) {
         self.firewall
-            .apply(&self.args, &self.cfg, &self.device, &self.shared)
+            .apply(
+                &self.args,
+                &self.cfg,
+                &self.device,
+                self.v6.as_ref().map(|v6| &v6.device),
+                &self.shared,
+            )
             .await;
         self.sync_blackhole().await;
         let _ = self.node_tx.send(Some(NodeNet {
