@@ -133,6 +133,18 @@ fn render_status(v: &serde_json::Value) -> String {
                 s(&n["mtu"])
             );
         }
+        let n6 = &n["ipv6"];
+        if n6.is_object() {
+            let _ = writeln!(out, "subnet6:  {}", s(&n6["subnet"]));
+            let _ = writeln!(out, "public6:  {}", s(&n6["public_ip"]));
+            let _ = writeln!(
+                out,
+                "vtep6:    {} {} mtu {}",
+                s(&n6["device"]),
+                s(&n6["vtep_mac"]),
+                s(&n6["mtu"])
+            );
+        }
     }
     if let Some(f) = v["firewall"].as_object() {
         let on = |k: &str| {
@@ -243,12 +255,31 @@ fn render_status(v: &serde_json::Value) -> String {
             s(&r["failed"])
         );
     }
-    let peers = v["peers"].as_array().cloned().unwrap_or_default();
-    let _ = writeln!(out, "\npeers: {}", peers.len());
+    peer_table(&mut out, "peers", &v["peers"], 20);
+    if v["peers6"].is_array() {
+        peer_table(&mut out, "IPv6 peers", &v["peers6"], 26);
+    }
+    out
+}
+
+/// One family's peers as a table; `w` is the width of the subnet and address columns.
+fn peer_table(out: &mut String, title: &str, peers: &serde_json::Value, w: usize) {
+    use std::fmt::Write;
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::String(x) => x.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let peers = peers.as_array().cloned().unwrap_or_default();
+    let _ = writeln!(out, "\n{title}: {}", peers.len());
     let _ = writeln!(
         out,
-        "{:<20} {:<16} {:<18} {:<7} PROGRAMMED",
-        "SUBNET", "PUBLIC IP", "VTEP MAC", "PATH"
+        "{:<w$} {:<a$} {:<18} {:<7} PROGRAMMED",
+        "SUBNET",
+        "PUBLIC IP",
+        "VTEP MAC",
+        "PATH",
+        a = w - 4
     );
     for p in &peers {
         let prog = if p["programmed"].as_bool().unwrap_or(false) {
@@ -261,19 +292,51 @@ fn render_status(v: &serde_json::Value) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<20} {:<16} {:<18} {:<7} {prog}",
+            "{:<w$} {:<a$} {:<18} {:<7} {prog}",
             s(&p["subnet"]),
             s(&p["public_ip"]),
             s(&p["vtep_mac"]),
-            s(&p["path"])
+            s(&p["path"]),
+            a = w - 4
         );
     }
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renders_both_families_of_a_dual_stack_node() {
+        let v = serde_json::json!({
+            "ready": true, "network": "10.244.0.0/16",
+            "node": {"subnet": "10.244.1.0/24", "public_ip": "198.18.0.11", "vtep_mac": "02:00:00:00:00:01",
+                     "underlay": "eth0", "device": "twill.1", "mtu": 1430,
+                     "ipv6": {"subnet": "fd00:10:244:1::/64", "public_ip": "fd00:198:18::b",
+                              "vtep_mac": "02:00:00:00:06:01", "device": "twill-v6.1", "mtu": 1430}},
+            "peers": [{"subnet": "10.244.2.0/24", "public_ip": "198.18.0.12", "vtep_mac": "02:00:00:00:00:02", "programmed": true, "path": "vxlan"}],
+            "peers6": [{"subnet": "fd00:10:244:2::/64", "public_ip": "fd00:198:18::c", "vtep_mac": "02:00:00:00:06:02", "programmed": true, "path": "vxlan"}]
+        });
+        let out = render_status(&v);
+        assert!(out.contains("subnet6:  fd00:10:244:1::/64"), "{out}");
+        assert!(
+            out.contains("vtep6:    twill-v6.1 02:00:00:00:06:01 mtu 1430"),
+            "{out}"
+        );
+        assert!(out.contains("IPv6 peers: 1"), "{out}");
+        assert!(
+            out.contains(
+                "fd00:10:244:2::/64         fd00:198:18::c         02:00:00:00:06:02  vxlan   yes"
+            ),
+            "{out}"
+        );
+        // A v4-only node shows no IPv6 parts.
+        let mut v4 = v.clone();
+        v4["node"]["ipv6"] = serde_json::Value::Null;
+        v4.as_object_mut().unwrap().remove("peers6");
+        let out = render_status(&v4);
+        assert!(!out.contains("IPv6") && !out.contains("subnet6"), "{out}");
+    }
 
     #[test]
     fn renders_status_table() {
