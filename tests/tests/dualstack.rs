@@ -48,6 +48,10 @@ fn side6(lab: &Lab, i: usize) -> Result<Side6> {
 }
 
 fn dual_lab(nodes: usize) -> Result<Lab> {
+    dual_lab_with(nodes, &[])
+}
+
+fn dual_lab_with(nodes: usize, extra: &[&str]) -> Result<Lab> {
     Lab::up(
         LabOptions {
             nodes,
@@ -55,7 +59,7 @@ fn dual_lab(nodes: usize) -> Result<Lab> {
             ..Default::default()
         },
         CONFIG,
-        &[],
+        extra,
     )
 }
 
@@ -330,7 +334,8 @@ fn network_policy_holds_on_ipv6_as_on_ipv4_and_never_blocks_neighbour_discovery(
 
 #[test]
 fn dual_stack_restart_keeps_both_subnets_and_a_flanneld_dual_lease_is_programmed() -> Result<()> {
-    let mut lab = dual_lab(2)?;
+    // IPv6 drift is found by the periodic resync (kernel events follow the IPv4 device).
+    let mut lab = dual_lab_with(2, &["--resync-interval", "2s"])?;
     wait_programmed6(&lab, 2)?;
     let before = side6(&lab, 2)?;
     let v4 = lab.status(2)?["node"]["subnet"].clone();
@@ -344,6 +349,31 @@ fn dual_stack_restart_keeps_both_subnets_and_a_flanneld_dual_lease_is_programmed
     assert_eq!(lab.status(2)?["node"]["subnet"], v4);
     assert_eq!(lab.lease_keys()?.len(), 2, "{:?}", lab.lease_keys()?);
     wait_programmed6(&lab, 2)?;
+    ping6(&lab, 1, &side6(&lab, 1)?.addr(), &after.addr())?;
+
+    // Drift: node 2's route and FDB entry removed by hand on node 1 come back.
+    lab.exec_ok(1, &["ip", "-6", "route", "del", &after.subnet, "dev", DEV6])?;
+    lab.exec_ok(
+        1,
+        &[
+            "bridge",
+            "fdb",
+            "del",
+            &after.mac,
+            "dev",
+            DEV6,
+            "dst",
+            &after.public_ip,
+        ],
+    )?;
+    wait_until(CONVERGE, || {
+        lab.exec_ok(1, &["ip", "-6", "route", "show", "dev", DEV6])
+            .is_ok_and(|r| r.contains(&after.subnet))
+            && lab
+                .exec_ok(1, &["bridge", "fdb", "show", "dev", DEV6])
+                .is_ok_and(|f| f.contains(&after.public_ip))
+    })
+    .context("the IPv6 entries removed by hand were not restored")?;
     ping6(&lab, 1, &side6(&lab, 1)?.addr(), &after.addr())?;
 
     // A dual-stack flanneld node's lease, as flanneld writes it: programmed on the v6 device
