@@ -290,6 +290,35 @@ fn lab_cli_up_with_another_backend() -> Result<()> {
 }
 
 #[test]
+fn lab_cli_up_dual_stack_probes_both_families() -> Result<()> {
+    let lab = LabCli::new('d')?;
+    // IPv6 with a backend that does not serve it is refused before anything is made.
+    let bad = lab.run(&["up", "--ipv6", "--backend", "host-gw"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--ipv6 needs the vxlan"));
+    let up = lab.run_ok(&["up", "--nodes", "2", "--pods", "1", "--ipv6"])?;
+    assert!(up.contains("IPv6 pod-to-pod matrix"), "{up}");
+    assert!(up.contains("4/4 pod pairs reachable"), "{up}");
+    let s = lab.status()?;
+    let v6: Vec<Value> = cells(&s)
+        .into_iter()
+        .filter(|c| c["family"] == "IPv6")
+        .collect();
+    assert_eq!(v6.len(), 2, "{s}");
+    for c in &v6 {
+        let from = c["from"].as_str().unwrap();
+        let ip6 = s["pods"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["name"] == from))
+            .and_then(|p| p["ip6"].as_str())
+            .context("no ip6 in status")?;
+        assert_eq!(c["ok"], true, "{c}");
+        assert_eq!(c["source_seen"].as_str(), Some(ip6), "NAT on {c}");
+    }
+    Ok(())
+}
+
+#[test]
 fn lab_cli_down_removes_a_partial_lab() -> Result<()> {
     let lab = LabCli::new('b')?;
     let under = format!("{}u", lab.prefix);

@@ -112,6 +112,11 @@ struct UpArgs {
     /// the same segment) or udp (userspace tunnel over a TUN device).
     #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "host-gw", "vxlan-direct", "udp"])]
     backend: String,
+    /// Dual stack: the underlay gets IPv6 too (fd00:198:18::/64), the network an IPv6 pod
+    /// network (fd00:10:244::/56), every pod an address of each family, and the matrix probes
+    /// both. With the vxlan and vxlan-direct backends.
+    #[arg(long)]
+    ipv6: bool,
 }
 
 #[derive(Args)]
@@ -266,6 +271,11 @@ fn up(out: &Out, state_path: &Path, a: UpArgs) -> Result<ExitCode> {
         out.step("a previous lab was never finished or is gone; cleaning it up first");
         down(out, state_path, &st.prefix)?;
     }
+    if a.ipv6 && !a.backend.starts_with("vxlan") {
+        bail!(
+            "--ipv6 needs the vxlan or vxlan-direct backend: twill serves IPv6 with VXLAN only so far"
+        );
+    }
     let nodes = a.nodes as usize;
     let pods = a.pods as usize;
     let dir = lab_dir(state_path, &a.prefix);
@@ -303,6 +313,7 @@ fn up(out: &Out, state_path: &Path, a: UpArgs) -> Result<ExitCode> {
         etcd: true,
         dir: Some(dir.clone()),
         detachable: true,
+        ipv6: a.ipv6,
         ..Default::default()
     });
     let mut lab = match built {
@@ -319,7 +330,7 @@ fn up(out: &Out, state_path: &Path, a: UpArgs) -> Result<ExitCode> {
         &mut lab,
         &mut st,
         state_path,
-        &labcli::network_config(&a.backend),
+        &labcli::network_config(&a.backend, a.ipv6),
     );
     match res {
         Ok(()) => {
@@ -434,8 +445,9 @@ fn add_pods(out: &Out, lab: &mut Lab, st: &mut CliState, i: usize, count: usize)
         let pod = lab
             .add_pod_with_config(i, &labcli::pod_letter(k), &cfg)
             .with_context(|| format!("pod {name}"))?;
+        let ip6 = pod.ip6.map_or(String::new(), |a| format!(" and {a}"));
         out.step(&format!(
-            "{name}: CNI ADD through the twill plugin -> {} in namespace {}",
+            "{name}: CNI ADD through the twill plugin -> {}{ip6} in namespace {}",
             pod.ip, pod.ns
         ));
         st.pods.push(LabPod { name, pod });
@@ -455,7 +467,7 @@ fn status(out: &Out, state_path: &Path, as_json: bool) -> Result<ExitCode> {
         let pods: Vec<_> = st
             .pods
             .iter()
-            .map(|p| json!({"name": p.name, "node": p.pod.node, "ip": p.pod.ip, "namespace": p.pod.ns}))
+            .map(|p| json!({"name": p.name, "node": p.pod.node, "ip": p.pod.ip, "ip6": p.pod.ip6, "namespace": p.pod.ns}))
             .collect();
         println!(
             "{}",
@@ -499,10 +511,12 @@ fn report(
         println!("\n(fewer than two pods: no matrix)");
         return Ok((ExitCode::SUCCESS, Vec::new()));
     }
+    let dual = st.pods.iter().all(|p| p.pod.ip6.is_some());
     out.step(&format!(
-        "probing {} pod pairs over TCP (port {})",
+        "probing {} pod pairs over TCP (port {}){}",
         n * (n - 1),
-        labcli::PROBE_PORT
+        labcli::PROBE_PORT,
+        if dual { ", on IPv4 and on IPv6" } else { "" }
     ));
     let cells = matrix(st, settle, |_| {});
     print_matrix(out, st, &cells);
@@ -538,6 +552,55 @@ fn report(
         ExitCode::FAILURE
     };
     Ok((code, cells))
+}
+
+/// One family's matrix (`cells` of that family).
+fn print_family_matrix(out: &Out, st: &CliState, family: &str, cells: &[&Cell]) {
+    println!();
+    let title = if family == "IPv6" {
+        "IPv6 pod-to-pod matrix"
+    } else {
+        "pod-to-pod matrix"
+    };
+    println!(
+        "{}",
+        out.bold(&format!("{title}: row = sender, column = receiver; TCP round trip, and the receiver must see the sender's pod IP (no NAT)"))
+    );
+    const W: usize = 10;
+    let name_w = st.pods.iter().map(|p| p.name.len()).max().unwrap_or(4) + 1;
+    let v6 = family == "IPv6";
+    let ip_w = if v6 { 24 } else { 15 };
+    let mut header = format!("{:<name_w$}{:<ip_w$}", "", "");
+    for p in &st.pods {
+        header.push_str(&format!("{:>W$}", p.name));
+    }
+    println!("{header}");
+    for a in &st.pods {
+        let ip = if v6 {
+            a.pod.ip6.map_or("-".to_string(), |x| x.to_string())
+        } else {
+            a.pod.ip.to_string()
+        };
+        let mut line = format!("{:<name_w$}{:<ip_w$}", a.name, ip);
+        for b in &st.pods {
+            let text = if a.name == b.name {
+                out.dim(&format!("{:>W$}", "·"))
+            } else {
+                match cells.iter().find(|c| c.from == a.name && c.to == b.name) {
+                    Some(c) if c.ok => {
+                        let s = format!("{} {:.2}ms", out.ok_word(), c.rtt_ms.unwrap_or(0.0));
+                        out.good(&format!("{s:>W$}"))
+                    }
+                    Some(c) if c.error.as_deref().is_some_and(|e| e.contains(GONE)) => {
+                        out.bad(&format!("{:>W$}", format!("{} gone", out.fail_word())))
+                    }
+                    _ => out.bad(&format!("{:>W$}", out.fail_word())),
+                }
+            };
+            line.push_str(&text);
+        }
+        println!("{line}");
+    }
 }
 
 fn print_nodes(out: &Out, nodes: &[NodeInfo], etcd: &str, st: &CliState) {
@@ -590,39 +653,12 @@ fn print_nodes(out: &Out, nodes: &[NodeInfo], etcd: &str, st: &CliState) {
 }
 
 fn print_matrix(out: &Out, st: &CliState, cells: &[Cell]) {
-    println!();
-    println!(
-        "{}",
-        out.bold("pod-to-pod matrix: row = sender, column = receiver; TCP round trip, and the receiver must see the sender's pod IP (no NAT)")
-    );
-    const W: usize = 10;
-    let name_w = st.pods.iter().map(|p| p.name.len()).max().unwrap_or(4) + 1;
-    let ip_w = 15;
-    let mut header = format!("{:<name_w$}{:<ip_w$}", "", "");
-    for p in &st.pods {
-        header.push_str(&format!("{:>W$}", p.name));
-    }
-    println!("{header}");
-    for a in &st.pods {
-        let mut line = format!("{:<name_w$}{:<ip_w$}", a.name, a.pod.ip.to_string());
-        for b in &st.pods {
-            let text = if a.name == b.name {
-                out.dim(&format!("{:>W$}", "·"))
-            } else {
-                match cells.iter().find(|c| c.from == a.name && c.to == b.name) {
-                    Some(c) if c.ok => {
-                        let s = format!("{} {:.2}ms", out.ok_word(), c.rtt_ms.unwrap_or(0.0));
-                        out.good(&format!("{s:>W$}"))
-                    }
-                    Some(c) if c.error.as_deref().is_some_and(|e| e.contains(GONE)) => {
-                        out.bad(&format!("{:>W$}", format!("{} gone", out.fail_word())))
-                    }
-                    _ => out.bad(&format!("{:>W$}", out.fail_word())),
-                }
-            };
-            line.push_str(&text);
+    for family in ["IPv4", "IPv6"] {
+        let of: Vec<&Cell> = cells.iter().filter(|c| c.family == family).collect();
+        if of.is_empty() {
+            continue;
         }
-        println!("{line}");
+        print_family_matrix(out, st, family, &of);
     }
     let total = cells.len();
     let passed = cells.iter().filter(|c| c.ok).count();
@@ -645,9 +681,10 @@ fn print_matrix(out: &Out, st: &CliState, cells: &[Cell]) {
         );
         for c in cells.iter().filter(|c| !c.ok) {
             println!(
-                "  {} -> {}: {}",
+                "  {} -> {} ({}): {}",
                 c.from,
                 c.to,
+                c.family,
                 c.error.as_deref().unwrap_or("failed")
             );
         }

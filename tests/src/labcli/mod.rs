@@ -4,7 +4,7 @@
 //! A lab made by `twill-lab up` outlives that process: the state file records what it takes to
 //! manage it again (the harness's `LabState`, the pods, the nodes killed on purpose).
 
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -14,20 +14,29 @@ use serde_json::{json, Value};
 
 use crate::lab::{Lab, LabState};
 use crate::netns;
-use crate::pod::{tcp_probe, Pod};
+use crate::pod::{tcp_probe_ip, Pod};
 
 pub const DEFAULT_STATE: &str = "/run/twill-lab/state.json";
 /// Namespaces are `<prefix>u`, `<prefix>n<i>`, `<prefix>p<i><pod>`.
 pub const DEFAULT_PREFIX: &str = "twill";
 /// The network config for `backend` (a `Backend.Type`, or `vxlan-direct` for VXLAN with
-/// DirectRouting): flannel's example network, split in /24s, one per node, with that backend.
-pub fn network_config(backend: &str) -> String {
+/// DirectRouting): flannel's example network, split in /24s, one per node, with that backend;
+/// with `ipv6`, dual stack: also fd00:10:244::/56 in /64s.
+pub fn network_config(backend: &str, ipv6: bool) -> String {
     let b = match backend {
         "vxlan-direct" => json!({"Type": "vxlan", "DirectRouting": true}),
         t => json!({ "Type": t }),
     };
-    json!({"Network": "10.244.0.0/16", "Backend": b}).to_string()
+    let mut c = json!({"Network": "10.244.0.0/16", "Backend": b});
+    if ipv6 {
+        c["EnableIPv6"] = json!(true);
+        c["IPv6Network"] = json!(IPV6_NETWORK);
+    }
+    c.to_string()
 }
+
+/// The lab's IPv6 pod network (`up --ipv6`).
+pub const IPV6_NETWORK: &str = "fd00:10:244::/56";
 /// The port the matrix's TCP probes listen on inside the receiving pod.
 pub const PROBE_PORT: u16 = 7777;
 pub const CONFLIST: &str = "10-twill.conflist";
@@ -201,20 +210,39 @@ pub fn node_info(lab: &mut Lab, state: &CliState, i: usize) -> NodeInfo {
 pub struct Cell {
     pub from: String,
     pub to: String,
+    /// "IPv4", or "IPv6" for the second probe of a dual-stack pair.
+    #[serde(default = "ipv4")]
+    pub family: String,
     /// Reached, and the receiver saw the sender's own pod IP.
     pub ok: bool,
     pub rtt_ms: Option<f64>,
-    pub source_seen: Option<Ipv4Addr>,
+    pub source_seen: Option<IpAddr>,
     pub error: Option<String>,
+}
+
+fn ipv4() -> String {
+    "IPv4".into()
+}
+
+/// A pod's address in the family of a probe.
+fn addr_of(pod: &Pod, v6: bool) -> Option<IpAddr> {
+    if v6 {
+        pod.ip6.map(IpAddr::V6)
+    } else {
+        Some(IpAddr::V4(pod.ip))
+    }
 }
 
 /// Probe one ordered pair: a TCP exchange from `from` to a listener in `to`, reporting the source
 /// address the listener saw. A pod of a killed node has no namespace any more: from it there is
 /// nothing to probe; to it, a plain connect to its old address is tried (and must fail).
-pub fn probe(state: &CliState, from: &LabPod, to: &LabPod, timeout: Duration) -> Cell {
+///
+/// `v6`: over IPv6, between the pods' IPv6 addresses (a dual-stack lab).
+pub fn probe(state: &CliState, from: &LabPod, to: &LabPod, v6: bool, timeout: Duration) -> Cell {
     let mut cell = Cell {
         from: from.name.clone(),
         to: to.name.clone(),
+        family: if v6 { "IPv6" } else { "IPv4" }.into(),
         ok: false,
         rtt_ms: None,
         source_seen: None,
@@ -224,8 +252,12 @@ pub fn probe(state: &CliState, from: &LabPod, to: &LabPod, timeout: Duration) ->
         cell.error = Some(format!("{} is gone {GONE}", from.name));
         return cell;
     }
+    let (Some(from_ip), Some(to_ip)) = (addr_of(&from.pod, v6), addr_of(&to.pod, v6)) else {
+        cell.error = Some("no IPv6 address".into());
+        return cell;
+    };
     if state.is_killed(to.pod.node) || !netns::exists(&to.pod.ns) {
-        let addr = SocketAddr::from((to.pod.ip, PROBE_PORT));
+        let addr = SocketAddr::new(to_ip, PROBE_PORT);
         let res = netns::in_netns(&from.pod.ns, move || {
             TcpStream::connect_timeout(&addr, Duration::from_secs(1))
         });
@@ -236,15 +268,14 @@ pub fn probe(state: &CliState, from: &LabPod, to: &LabPod, timeout: Duration) ->
         });
         return cell;
     }
-    match tcp_probe(&from.pod, &to.pod, PROBE_PORT, timeout) {
-        Ok(p) => {
-            cell.rtt_ms = Some(p.rtt.as_secs_f64() * 1000.0);
-            cell.source_seen = Some(p.source_seen);
-            cell.ok = p.source_seen == from.pod.ip;
+    match tcp_probe_ip(&from.pod.ns, &to.pod.ns, to_ip, PROBE_PORT, timeout) {
+        Ok((seen, rtt)) => {
+            cell.rtt_ms = Some(rtt.as_secs_f64() * 1000.0);
+            cell.source_seen = Some(seen);
+            cell.ok = seen == from_ip;
             if !cell.ok {
                 cell.error = Some(format!(
-                    "receiver saw {} instead of {}: NAT in the path",
-                    p.source_seen, from.pod.ip
+                    "receiver saw {seen} instead of {from_ip}: NAT in the path"
                 ));
             }
         }
@@ -268,13 +299,17 @@ pub fn matrix(
                 continue;
             }
             let live = !state.is_killed(a.pod.node) && !state.is_killed(b.pod.node);
-            let mut cell = probe(state, a, b, Duration::from_secs(2));
-            while !cell.ok && live && deadline.is_some_and(|d| Instant::now() < d) {
-                std::thread::sleep(Duration::from_millis(200));
-                cell = probe(state, a, b, Duration::from_secs(2));
+            // Both families between dual-stack pods.
+            let dual = a.pod.ip6.is_some() && b.pod.ip6.is_some();
+            for v6 in [false, true].into_iter().filter(|v6| !v6 || dual) {
+                let mut cell = probe(state, a, b, v6, Duration::from_secs(2));
+                while !cell.ok && live && deadline.is_some_and(|d| Instant::now() < d) {
+                    std::thread::sleep(Duration::from_millis(200));
+                    cell = probe(state, a, b, v6, Duration::from_secs(2));
+                }
+                progress(&cell);
+                cells.push(cell);
             }
-            progress(&cell);
-            cells.push(cell);
         }
     }
     cells
