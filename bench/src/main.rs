@@ -10,6 +10,7 @@ mod coldstart;
 mod common;
 mod convergence;
 mod datapath;
+mod dualstack;
 mod etcd;
 mod etcd_load;
 mod faults;
@@ -45,10 +46,11 @@ enum Scenario {
     Faults,
     Netpol,
     Kube,
+    Dualstack,
     All,
 }
 
-const ALL: [Scenario; 10] = [
+const ALL: [Scenario; 11] = [
     Scenario::Cni,
     Scenario::Convergence,
     Scenario::Coldstart,
@@ -59,6 +61,7 @@ const ALL: [Scenario; 10] = [
     Scenario::Faults,
     Scenario::Netpol,
     Scenario::Kube,
+    Scenario::Dualstack,
 ];
 
 impl Scenario {
@@ -74,6 +77,7 @@ impl Scenario {
             Scenario::Faults => "faults",
             Scenario::Netpol => "netpol",
             Scenario::Kube => "kube",
+            Scenario::Dualstack => "dualstack",
             Scenario::All => "all",
         }
     }
@@ -194,6 +198,7 @@ fn run_one(ctx: &Ctx, s: Scenario, out: &Path) -> ScenarioResult {
         Scenario::Faults => faults::run(ctx, &mut r),
         Scenario::Netpol => policy::run(ctx, &mut r),
         Scenario::Kube => kube::run(ctx, &mut r),
+        Scenario::Dualstack => dualstack::run(ctx, &mut r),
         Scenario::All => Err(anyhow!("'all' is not a single scenario")),
     }));
     r.error = match outcome {

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-const SCENARIOS: [&str; 10] = [
+const SCENARIOS: [&str; 11] = [
     "cni",
     "convergence",
     "coldstart",
@@ -18,6 +18,7 @@ const SCENARIOS: [&str; 10] = [
     "faults",
     "netpol",
     "kube",
+    "dualstack",
 ];
 
 struct TempDir(PathBuf);
