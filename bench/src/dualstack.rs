@@ -1,8 +1,9 @@
 //! Dual stack against IPv4 only, side by side: twilld starting on a node whose etcd holds N
 //! peers' leases (dual-stack leases: every peer twice the kernel entries, on two devices), time
 //! to /readyz (readiness means every peer programmed, in both families); then one peer joining,
-//! time from its lease written to it programmed (in both families) on /status. Runs alternate
-//! between the two labs.
+//! time from its lease written to the kernel's notification of its last entry (3 entries, or
+//! 6 with both families). Runs alternate between the two labs. Last, pod-to-pod TCP throughput
+//! across two dual-stack nodes over IPv6 against over IPv4 (iperf3, one stream, alternating).
 
 use std::net::Ipv6Addr;
 use std::time::{Duration, Instant};
@@ -11,8 +12,10 @@ use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use twill_tests::{Lab, LabOptions};
 
+use crate::backends::{iperf, iperf_server, Servers};
 use crate::common::{self, ms, Ctx, DEV};
 use crate::etcd::{peers, SimPeer, Writer, CONFIG};
+use crate::nl::{self, Listener};
 use crate::report::{Metric, ScenarioResult};
 
 /// The IPv4 config plus an IPv6 network with room for every simulated peer's /64.
@@ -24,11 +27,26 @@ fn subnet6(p: &SimPeer) -> Ipv6Addr {
     Ipv6Addr::new(0xfd00, 0x10, 0, (p.idx + 256) as u16, 0, 0, 0, 0)
 }
 
+fn mac6(p: &SimPeer) -> [u8; 6] {
+    let m = p.mac();
+    [0x0e, 0xb6, m[2], m[3], m[4], m[5]]
+}
+
+/// The entries a node installs for a peer: its IPv4 three, and with `dual` its IPv6 three.
+fn entry_keys(p: &SimPeer, dual: bool) -> Vec<String> {
+    let mut keys = p.entry_keys().to_vec();
+    if dual {
+        keys.extend([
+            nl::neigh_key(subnet6(p)),
+            nl::fdb_key(&mac6(p)),
+            nl::route_key(subnet6(p), 64),
+        ]);
+    }
+    keys
+}
+
 fn dual_kv(p: &SimPeer) -> (String, String) {
-    let v6mac = {
-        let m = p.mac();
-        format!("0e:b6:{:02x}:{:02x}:{:02x}:{:02x}", m[2], m[3], m[4], m[5])
-    };
+    let v6mac = nl::mac_str(&mac6(p));
     let public6 = Ipv6Addr::from(
         u128::from(Ipv6Addr::new(0xfd00, 0x199, 0, 0, 0, 0, 0, 0)) + u128::from(p.idx) + 1,
     );
@@ -38,9 +56,9 @@ fn dual_kv(p: &SimPeer) -> (String, String) {
     (format!("{}&{}-64", p.key(), subnet6(p)), v.to_string())
 }
 
-fn lab(ctx: &Ctx, dual: bool) -> Result<Lab> {
+fn lab(ctx: &Ctx, dual: bool, nodes: usize) -> Result<Lab> {
     let lab = Lab::new(LabOptions {
-        nodes: 1,
+        nodes,
         bin_dir: Some(ctx.bin_dir.clone()),
         ipv6: dual,
         ..Default::default()
@@ -65,7 +83,14 @@ fn cold_start(lab: &mut Lab, dual: bool) -> Result<f64> {
         lab.kill_daemon(1)?;
         lab.exec_ok(1, &["ip", "link", "del", DEV])?;
         if dual {
-            lab.exec_ok(1, &["ip", "link", "del", DEV6])?;
+            lab.exec_ok(1, &["ip", "link", "del", DEV6])
+                .with_context(|| {
+                    format!(
+                        "links: {}\nlog: {}",
+                        lab.exec_ok(1, &["ip", "-o", "link"]).unwrap_or_default(),
+                        lab.daemon_log_last(1)
+                    )
+                })?;
         }
     }
     let t0 = Instant::now();
@@ -74,46 +99,25 @@ fn cold_start(lab: &mut Lab, dual: bool) -> Result<f64> {
     Ok(ms(t - t0))
 }
 
-/// Whether /status shows `subnet` (and on a dual node `subnet6`) programmed.
-fn programmed(lab: &Lab, subnet: &str, subnet6: Option<&str>) -> bool {
-    let Ok(s) = lab.status(1) else { return false };
-    let has = |list: &Value, net: &str| {
-        list.as_array().is_some_and(|a| {
-            a.iter()
-                .any(|p| p["subnet"] == net && p["programmed"] == true)
-        })
-    };
-    has(&s["peers"], subnet) && subnet6.is_none_or(|n| has(&s["peers6"], n))
-}
-
-/// One peer joins: ms from its lease written to it programmed, polled on /status every 2 ms.
-fn join(lab: &Lab, p: &SimPeer, dual: bool) -> Result<f64> {
+/// One peer joins: ms from its lease written to the last of its entries notified.
+fn join(lab: &Lab, listener: &Listener, p: &SimPeer, dual: bool) -> Result<f64> {
     let w = Writer::connect(lab)?;
-    let subnet = format!("{}/24", p.subnet());
-    let subnet6 = format!("{}/64", subnet6(p));
     let t0 = Instant::now();
     if dual {
         w.put_kvs(vec![dual_kv(p)])?;
     } else {
         w.put_peers(std::slice::from_ref(p))?;
     }
-    let deadline = t0 + Duration::from_secs(30);
-    while !programmed(lab, &subnet, dual.then_some(subnet6.as_str())) {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "peer {subnet} was not programmed"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    Ok(ms(t0.elapsed()))
+    let done = listener.wait_added(&entry_keys(p, dual), t0, Duration::from_secs(30))?;
+    Ok(ms(done - t0))
 }
 
 pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
     let (n, runs, joins) = if ctx.quick { (50, 1, 2) } else { (1000, 3, 10) };
     res.config = json!({"peers": n, "runs": runs, "joins": joins});
     let base = peers(0..n);
-    let mut v4 = lab(ctx, false).context("the IPv4-only lab")?;
-    let mut v6 = lab(ctx, true).context("the dual-stack lab")?;
+    let mut v4 = lab(ctx, false, 1).context("the IPv4-only lab")?;
+    let mut v6 = lab(ctx, true, 1).context("the dual-stack lab")?;
     put(&v4, &base, false)?;
     put(&v6, &base, true)?;
     let (mut ready4, mut ready6) = (Vec::new(), Vec::new());
@@ -145,21 +149,68 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
         m.target("≤ 1.5x IPv4 only", met)
             .note("cold start (no devices) to the first 200 on /readyz: every peer programmed, on both devices"),
     );
+    let (l4, l6) = (
+        Listener::start(&v4.node_ns(1))?,
+        Listener::start(&v6.node_ns(1))?,
+    );
     let (mut j4, mut j6) = (Vec::new(), Vec::new());
     for (k, p) in peers(20_000..20_000 + joins).iter().enumerate() {
         if k % 2 == 0 {
-            j4.push(join(&v4, p, false)?);
-            j6.push(join(&v6, p, true)?);
+            j4.push(join(&v4, &l4, p, false)?);
+            j6.push(join(&v6, &l6, p, true)?);
         } else {
-            j6.push(join(&v6, p, true)?);
-            j4.push(join(&v4, p, false)?);
+            j6.push(join(&v6, &l6, p, true)?);
+            j4.push(join(&v4, &l4, p, false)?);
         }
     }
     let m =
         Metric::new(&format!("join, {n} dual-stack peers present"), "ms", &j6).vs("IPv4 only", &j4);
     let met = m.ratio.map(|r| r <= 1.5);
     res.metrics.push(m.target("≤ 1.5x IPv4 only", met).note(
-        "lease written to the peer shown programmed on /status (both families), polled every 2 ms",
+        "lease written to the kernel's notification of the peer's last entry (6 entries with \
+         both families, 3 with IPv4 only)",
     ));
+    drop((l4, l6, v4, v6));
+    throughput(ctx, res)
+}
+
+/// Pod to pod across two dual-stack nodes, over IPv6 and over IPv4, alternating.
+fn throughput(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
+    let (secs, runs) = if ctx.quick { (1, 1) } else { (5, 5) };
+    let mut lab = lab(ctx, true, 2)?;
+    for i in 1..=2 {
+        common::start_daemon(&mut lab, i, &[])?;
+    }
+    for i in 1..=2 {
+        lab.wait_ready(i, common::READY_TIMEOUT)?;
+    }
+    let (a, b) = (lab.add_pod(1, "a")?, lab.add_pod(2, "b")?);
+    let b6 = b.ip6.context("pod b has no IPv6 address")?.to_string();
+    let b4 = b.ip.to_string();
+    let _servers = Servers(vec![
+        iperf_server(&b.ns, &b4, 5301)?,
+        iperf_server(&b.ns, &b6, 5302)?,
+    ]);
+    twill_tests::wait_until(Duration::from_secs(30), || {
+        iperf(&a.ns, &b4, 5301, 1, 1).is_ok() && iperf(&a.ns, &b6, 5302, 1, 1).is_ok()
+    })
+    .context("iperf3 between the pods did not come up on both families")?;
+    let (mut g4, mut g6) = (Vec::new(), Vec::new());
+    for r in 0..runs {
+        if r % 2 == 0 {
+            g6.push(iperf(&a.ns, &b6, 5302, secs, 1)?);
+            g4.push(iperf(&a.ns, &b4, 5301, secs, 1)?);
+        } else {
+            g4.push(iperf(&a.ns, &b4, 5301, secs, 1)?);
+            g6.push(iperf(&a.ns, &b6, 5302, secs, 1)?);
+        }
+    }
+    res.metrics.push(
+        Metric::new("pod-to-pod TCP, one stream, over IPv6", "Gbit/s", &g6)
+            .vs("over IPv4", &g4)
+            .note(format!(
+                "iperf3 {secs} s per run across two nodes (VXLAN; pod MTU 1430 for both families)"
+            )),
+    );
     Ok(())
 }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -20,23 +20,25 @@ const RTM_NEWNEIGH: u16 = 28;
 const RTM_DELNEIGH: u16 = 29;
 const RTMGRP_NEIGH: u32 = 0x4;
 const RTMGRP_IPV4_ROUTE: u32 = 0x40;
+const RTMGRP_IPV6_ROUTE: u32 = 0x400;
 const NDA_DST: u16 = 1;
 const NDA_LLADDR: u16 = 2;
 const RTA_DST: u16 = 1;
 const AF_INET: u8 = libc::AF_INET as u8;
+const AF_INET6: u8 = libc::AF_INET6 as u8;
 const AF_BRIDGE: u8 = libc::AF_BRIDGE as u8;
 /// Large enough for the burst of 15,000 notifications of a cold start at 5,000 peers.
 const RCVBUF: libc::c_int = 256 << 20;
 
 /// Keys as the listener records them.
-pub fn neigh_key(ip: Ipv4Addr) -> String {
-    format!("n{ip}")
+pub fn neigh_key(ip: impl Into<IpAddr>) -> String {
+    format!("n{}", ip.into())
 }
 pub fn fdb_key(mac: &[u8; 6]) -> String {
     format!("f{}", mac_str(mac))
 }
-pub fn route_key(net: Ipv4Addr, len: u8) -> String {
-    format!("r{net}/{len}")
+pub fn route_key(net: impl Into<IpAddr>, len: u8) -> String {
+    format!("r{}/{len}", net.into())
 }
 
 pub fn mac_str(mac: &[u8; 6]) -> String {
@@ -223,7 +225,7 @@ fn open_socket() -> Result<libc::c_int> {
         );
         let mut addr: libc::sockaddr_nl = std::mem::zeroed();
         addr.nl_family = libc::AF_NETLINK as u16;
-        addr.nl_groups = RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE;
+        addr.nl_groups = RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE;
         if libc::bind(
             fd,
             &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
@@ -287,6 +289,7 @@ pub fn parse(mut buf: &[u8]) -> Vec<(bool, String)> {
                 let attrs = attrs(&body[12..]);
                 let key = match family {
                     AF_INET => attrs.get(&NDA_DST).and_then(|v| ipv4(v)).map(neigh_key),
+                    AF_INET6 => attrs.get(&NDA_DST).and_then(|v| ipv6(v)).map(neigh_key),
                     AF_BRIDGE => attrs
                         .get(&NDA_LLADDR)
                         .and_then(|v| <[u8; 6]>::try_from(*v).ok())
@@ -297,10 +300,15 @@ pub fn parse(mut buf: &[u8]) -> Vec<(bool, String)> {
                     out.push((ty == RTM_NEWNEIGH, k));
                 }
             }
-            RTM_NEWROUTE | RTM_DELROUTE if body.len() >= 12 && body[0] == AF_INET => {
+            RTM_NEWROUTE | RTM_DELROUTE if body.len() >= 12 => {
                 let dst_len = body[1];
                 let attrs = attrs(&body[12..]);
-                if let Some(dst) = attrs.get(&RTA_DST).and_then(|v| ipv4(v)) {
+                let dst = attrs.get(&RTA_DST).and_then(|v| match body[0] {
+                    AF_INET => ipv4(v).map(IpAddr::V4),
+                    AF_INET6 => ipv6(v).map(IpAddr::V6),
+                    _ => None,
+                });
+                if let Some(dst) = dst {
                     out.push((ty == RTM_NEWROUTE, route_key(dst, dst_len)));
                 }
             }
@@ -317,6 +325,10 @@ pub fn parse(mut buf: &[u8]) -> Vec<(bool, String)> {
 
 fn ipv4(v: &[u8]) -> Option<Ipv4Addr> {
     <[u8; 4]>::try_from(v).ok().map(Ipv4Addr::from)
+}
+
+fn ipv6(v: &[u8]) -> Option<Ipv6Addr> {
+    <[u8; 16]>::try_from(v).ok().map(Ipv6Addr::from)
 }
 
 fn attrs(mut buf: &[u8]) -> HashMap<u16, &[u8]> {

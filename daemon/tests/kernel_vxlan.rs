@@ -1188,3 +1188,36 @@ fn ipv6_backend_takes_over_flannel_v6_and_routes_directly_when_asked() {
         "a -> b directly"
     );
 }
+
+/// The two families' reconciles run at once on one netlink handle: their dumps must not
+/// collide (the kernel refuses a second dump on a socket while one runs, with EBUSY).
+#[test]
+fn concurrent_dumps_of_both_families_on_one_handle_all_succeed() {
+    use ipnet::Ipv6Net;
+    let p = Pair::new('8', 62);
+    let idx = node(&p.a, p.ip_a, "10.244.1.0/24", mac(801), peers(200), false);
+    in_ns(&p.a, move || async move {
+        let nl = Netlink::new().unwrap();
+        let dumps = (0..16).map(|i| {
+            let nl = nl.clone();
+            async move {
+                if i % 2 == 0 {
+                    nl.dump_entries::<Ipv4Net>(Some(idx))
+                        .await
+                        .map(|k| k.routes.len())
+                } else {
+                    nl.dump_entries::<Ipv6Net>(Some(idx))
+                        .await
+                        .map(|k| k.routes.len())
+                }
+            }
+        });
+        let results = futures::future::join_all(dumps).await;
+        for (i, r) in results.iter().enumerate() {
+            let n = r
+                .as_ref()
+                .unwrap_or_else(|e| panic!("dump {i} failed: {e}"));
+            assert_eq!(*n, if i % 2 == 0 { 200 } else { 0 }, "dump {i}");
+        }
+    });
+}

@@ -106,21 +106,26 @@ impl Node {
                 ev => peers.push(ev),
             }
         }
-        if let (Some(v6), false) = (&mut self.v6, peers6.is_empty()) {
-            v6.on_events(peers6, &self.shared).await;
-        }
-        if peers.is_empty() {
-            return;
-        }
-        self.sync
-            .handle_events(
-                &mut self.backend,
-                &mut self.device,
-                &self.local,
-                peers,
-                &self.shared,
-            )
-            .await;
+        // The two families' kernel writes are independent: they run at once.
+        let v4 = async {
+            if !peers.is_empty() {
+                self.sync
+                    .handle_events(
+                        &mut self.backend,
+                        &mut self.device,
+                        &self.local,
+                        peers,
+                        &self.shared,
+                    )
+                    .await;
+            }
+        };
+        let v6 = async {
+            if let (Some(v6), false) = (&mut self.v6, peers6.is_empty()) {
+                v6.on_events(peers6, &self.shared).await;
+            }
+        };
+        tokio::join!(v4, v6);
     }
 
     pub async fn on_own_lease(&mut self, new: OwnLease) {

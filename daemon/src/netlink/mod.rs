@@ -171,6 +171,9 @@ pub struct Netlink {
     /// Shared by every clone and the event subscription: see `own`.
     own: own::OwnDeletions<Ipv4Net>,
     own6: own::OwnDeletions<ipnet::Ipv6Net>,
+    /// One dump at a time on the shared socket: the kernel refuses a second one while the
+    /// first runs (EBUSY), and the two families' reconciles run at once.
+    dumps: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Netlink {
@@ -188,6 +191,7 @@ impl Netlink {
             batch: Arc::new(Mutex::new(batch)),
             own: own::OwnDeletions::default(),
             own6: own::OwnDeletions::default(),
+            dumps: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
@@ -494,6 +498,7 @@ impl Netlink {
             return Ok(out);
         };
 
+        let dumping = self.dumps.lock().await;
         let mut req = self
             .handle
             .neighbours()
@@ -534,6 +539,8 @@ impl Netlink {
                 }
             }
         }
+        // The route dump takes the lock itself.
+        drop(dumping);
 
         out.routes = self.dump_routes(Some(ifindex)).await?;
         Ok(out)
@@ -791,6 +798,7 @@ impl Netlink {
 
     /// Every route of family N, all tables.
     async fn routes_of<N: NlFamily>(&self) -> Result<Vec<RouteMessage>, NetlinkError> {
+        let _dumping = self.dumps.lock().await;
         self.handle
             .route()
             .get(N::route_dump())
@@ -844,6 +852,7 @@ impl Netlink {
     }
 
     async fn links(&self) -> Result<Vec<LinkMessage>, NetlinkError> {
+        let _dumping = self.dumps.lock().await;
         self.handle
             .link()
             .get()
@@ -855,6 +864,7 @@ impl Netlink {
 
     /// Every address of either family (of interface `index` only, if given), in kernel order.
     async fn addresses(&self, index: Option<u32>) -> Result<Vec<AddressMessage>, NetlinkError> {
+        let _dumping = self.dumps.lock().await;
         let mut req = self.handle.address().get();
         if let Some(i) = index {
             req = req.set_link_index_filter(i);
