@@ -641,6 +641,24 @@ fn dual_stack_add_check_del_gives_both_families_and_releases_both() {
         assert_eq!(held(&v6dir), 0);
         assert!(node.ipam_files().is_empty());
     }
+    // A pod with an IPv6 default route of its own keeps it: the result lists the IPv4 default
+    // route this ADD made, and not the IPv6 one it did not.
+    let conf = node.conf("1.1.0");
+    let c = node.pod();
+    c.ip(&["-6", "route", "add", "default", "dev", "lo"]);
+    let r = ok(cni("ADD", "dual-own-route", &c.path(), &conf)).unwrap();
+    assert_eq!(
+        r["routes"],
+        json!([{"dst": "0.0.0.0/0", "gw": "10.244.1.1"}]),
+        "{r}"
+    );
+    ok(cni(
+        "CHECK",
+        "dual-own-route",
+        &c.path(),
+        &with_prev(&conf, &r),
+    ));
+    ok(cni("DEL", "dual-own-route", &c.path(), &conf));
 }
 
 #[test]

@@ -497,7 +497,6 @@ fn racing_dual_stack_acquires_never_share_either_subnet() -> Result<()> {
             if let Some(o) = v6.insert(s6, i) {
                 panic!("{s6} given to both {o} and {i}");
             }
-            assert_eq!(v4[&l.subnet], v6[&s6]);
         }
         // etcd holds exactly one dual-stack key per racer, with its value.
         let stored = subnets(&reg).await?;

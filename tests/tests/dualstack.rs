@@ -409,6 +409,23 @@ fn dual_stack_restart_keeps_both_subnets_and_a_flanneld_dual_lease_is_programmed
                 .is_ok_and(|f| !f.contains("fd00:198:18::c8"))
     })
     .context("the removed lease's v6 entries stayed")?;
+
+    // The network goes back to IPv4 only: a restarted node drops its IPv6 device (and the
+    // routes through it) and its IPv6 masquerade table, and keeps its IPv4 subnet.
+    lab.put_config(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#)?;
+    lab.stop_daemon(2)?;
+    lab.start_daemon(2)?;
+    lab.wait_ready(2, CONVERGE)?;
+    assert_eq!(lab.status(2)?["node"]["subnet"], v4);
+    let links = lab.exec_ok(2, &["ip", "-o", "link"])?;
+    assert!(!links.contains(DEV6), "{links}");
+    assert!(
+        !lab.exec(2, &["nft", "list", "table", "ip6", "twill-masq6"])?
+            .status
+            .success(),
+        "the IPv6 masquerade table stayed"
+    );
+    assert!(lab.status(2)?["node"]["ipv6"].is_null());
     Ok(())
 }
 

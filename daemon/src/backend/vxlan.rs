@@ -163,10 +163,13 @@ impl<N: NlFamily> VxlanBackendOf<N> {
 impl<N: NlFamily> Backend<N> for VxlanBackendOf<N> {
     async fn setup(&mut self, local: &LocalNodeOf<N>) -> Result<DeviceInfo, BackendError> {
         self.remove_other_vnis().await?;
-        let mtu = self
-            .cfg
-            .mtu
-            .unwrap_or(local.underlay_mtu.saturating_sub(overhead::<N>()));
+        // A configured MTU is the IPv4 device's (flannel's Backend.MTU); the IPv6 device's
+        // encapsulation takes 20 bytes more.
+        let extra = overhead::<N>() - VXLAN_OVERHEAD;
+        let mtu = match self.cfg.mtu {
+            Some(m) => m.saturating_sub(extra),
+            None => local.underlay_mtu.saturating_sub(overhead::<N>()),
+        };
         let spec = VxlanSpecOf::<N> {
             name: self.name.clone(),
             vni: self.cfg.vni,

@@ -530,20 +530,29 @@ async fn add(ctx: &Ctx, req: &Request, peer_root: Option<PeerRoot>) -> Result<Cn
         gateway: Some(gw.to_string()),
         interface: Some(1),
     }];
-    let mut routes = vec![Route {
-        dst: "0.0.0.0/0".into(),
-        gw: Some(gw.to_string()),
-    }];
+    // Only what this ADD configured: CHECK verifies the routes listed here.
+    let mut routes = Vec::new();
+    if routed.v4 {
+        routes.push(Route {
+            dst: "0.0.0.0/0".into(),
+            gw: Some(gw.to_string()),
+        });
+    }
     if let (Some(a6), Some(g6)) = (pod_addr6, gw6) {
         ips.push(IpConfig {
             address: a6.to_string(),
             gateway: Some(g6.to_string()),
             interface: Some(1),
         });
-        routes.push(Route {
-            dst: "::/0".into(),
-            gw: Some(g6.to_string()),
-        });
+        if routed.v6 {
+            routes.push(Route {
+                dst: "::/0".into(),
+                gw: Some(g6.to_string()),
+            });
+        }
+    }
+    if !routed.v4 || (pod_addr6.is_some() && !routed.v6) {
+        tracing::info!(container = %req.container_id, "the pod has a default route already; keeping it");
     }
     Ok(CniResult {
         interfaces: vec![
@@ -561,13 +570,7 @@ async fn add(ctx: &Ctx, req: &Request, peer_root: Option<PeerRoot>) -> Result<Cn
             },
         ],
         ips,
-        // Only what this ADD configured: CHECK verifies the routes listed here.
-        routes: if routed {
-            routes
-        } else {
-            tracing::info!(container = %req.container_id, "the pod has a default route already; keeping it");
-            Vec::new()
-        },
+        routes,
         dns,
     })
 }
@@ -604,7 +607,9 @@ async fn node_half(
                 return Ok((vec![a4], fresh4));
             };
             match ipam.allocate(s6.into(), &o, &network) {
-                Ok((a6, fresh6)) => Ok((vec![a4, a6], fresh4 || fresh6)),
+                // The attachment is new when its IPv4 address is: only then does a failure
+                // give its addresses back (an earlier ADD's are left to its DEL, as before).
+                Ok((a6, _)) => Ok((vec![a4, a6], fresh4)),
                 Err(e) => {
                     // Not half an attachment: the v4 address this call took goes back.
                     if fresh4 {

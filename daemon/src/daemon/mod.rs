@@ -307,7 +307,10 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
         (Some(plan), Some(subnet6)) => {
             Some(side6::Side6::start(&nl, &args, &cfg, plan, subnet6, &underlay.name).await?)
         }
-        _ => None,
+        _ => {
+            side6::remove_leftovers(&nl).await;
+            None
+        }
     };
     let firewall = NodeFirewall::new(&args).await;
     // Changes to the nftables ruleset made by others (a flush, `systemctl restart nftables`).

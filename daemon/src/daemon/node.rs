@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::fw::NodeFirewall;
 use super::peers::Sync;
@@ -169,6 +169,7 @@ impl Node {
         if addr_changed && self.args.public_ipv6.is_none() {
             self.follow_ipv6_endpoint().await;
         }
+        // (setup below also redoes the IPv6 device for a moved endpoint)
         // Also redoes each peer's path (the underlay's prefixes may have changed).
         self.setup().await;
         self.reconcile("kernel event").await;
@@ -176,8 +177,13 @@ impl Node {
     }
 
     pub async fn on_resync(&mut self) {
+        // Kernel events follow the IPv4 device and addresses only: the IPv6 endpoint and
+        // device are looked at here.
+        if self.args.public_ipv6.is_none() && self.follow_ipv6_endpoint().await {
+            self.setup().await;
+        }
         // Also retries a first reconcile that failed: until one succeeds the node is not ready.
-        // Also finds the IPv6 device gone (kernel events follow the IPv4 one only).
+        // Also finds the IPv6 device gone.
         self.reconcile("periodic").await;
         self.sync_blackhole().await;
         self.firewall.check(&self.shared).await;
@@ -260,22 +266,12 @@ impl Node {
         self.refresh_host().await;
         self.publish_node();
         if self.ready && self.device != before {
-            self.firewall
-                .apply(
-                    &self.args,
-                    &self.cfg,
-                    &self.device,
-                    self.v6.as_ref().map(|v6| &v6.device),
-                    &self.shared,
-                )
-                .await;
+            self.apply_firewall().await;
         }
     }
 
-    /// The node is ready: the firewall first (pods must reach the world from their first
-    /// packet), then the CNI server and the subnet file (only now, so that pods never start
-    /// against a half-set-up node: flannel #2232).
-    async fn write_ready(&mut self) {
+    /// The firewall for this node's devices as they are now.
+    async fn apply_firewall(&mut self) {
         self.firewall
             .apply(
                 &self.args,
@@ -285,6 +281,13 @@ impl Node {
                 &self.shared,
             )
             .await;
+    }
+
+    /// The node is ready: the firewall first (pods must reach the world from their first
+    /// packet), then the CNI server and the subnet file (only now, so that pods never start
+    /// against a half-set-up node: flannel #2232).
+    async fn write_ready(&mut self) {
+        self.apply_firewall().await;
         self.sync_blackhole().await;
         let _ = self.node_tx.send(Some(NodeNet {
             subnet: self.local.subnet,
@@ -378,11 +381,12 @@ impl Node {
         }
     }
 
-    /// The underlay's IPv6 address changed: the IPv6 endpoint follows it (as the IPv4 one does),
-    /// and the lease says so.
-    async fn follow_ipv6_endpoint(&mut self) {
+    /// The IPv6 endpoint follows the underlay's IPv6 address (as the IPv4 one follows the IPv4
+    /// address), and the lease says so. Returns whether it moved (the device must be set up
+    /// again).
+    async fn follow_ipv6_endpoint(&mut self) -> bool {
         let Some(v6) = &mut self.v6 else {
-            return;
+            return false;
         };
         match self.nl.find_underlay(self.args.iface.as_ref()).await {
             Ok(u) => match u.addr6 {
@@ -396,14 +400,16 @@ impl Node {
                             l6.public_ip = a;
                         }
                     });
+                    return true;
                 }
                 Some(_) => {}
                 None => {
-                    warn!(iface = %u.name, kept = %v6.local.public_ip, "the underlay has no usable IPv6 address now; keeping the last one")
+                    debug!(iface = %u.name, kept = %v6.local.public_ip, "the underlay has no usable IPv6 address now; keeping the last one")
                 }
             },
-            Err(e) => warn!(error = %e, "underlay lookup after an address change failed"),
+            Err(e) => warn!(error = %e, "underlay lookup for the IPv6 address failed"),
         }
+        false
     }
 }
 

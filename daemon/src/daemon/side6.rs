@@ -77,6 +77,28 @@ pub(super) fn plan(
     }))
 }
 
+/// This node serves no IPv6 (any more): an IPv6 device of an earlier run goes, and with it its
+/// routes and entries (peers' IPv6 subnets would otherwise stay routed into a dead overlay).
+pub(super) async fn remove_leftovers(nl: &Netlink) {
+    let devices = match nl.vxlan_devices().await {
+        Ok(d) => d,
+        Err(e) => {
+            warn!(error = %e, "listing VXLAN devices failed; an IPv6 device of an earlier run may stay");
+            return;
+        }
+    };
+    for (index, name) in devices {
+        if name.starts_with("twill-v6.") {
+            info!(device = %name, "this node serves no IPv6: deleting the IPv6 device of an earlier run");
+            if let Err(e) = nl.delete_link(index).await {
+                if !e.is_no_device() {
+                    warn!(device = %name, error = %e, "deleting it failed");
+                }
+            }
+        }
+    }
+}
+
 pub(super) struct Side6 {
     pub backend: VxlanBackendOf<Ipv6Net>,
     pub device: DeviceInfo,

@@ -567,7 +567,7 @@ pub async fn configure_container(
     addr: Ipv4Net,
     gateway: Ipv4Addr,
     v6: Option<(Ipv6Net, Ipv6Addr)>,
-) -> Result<(LinkState, bool), PodNetError> {
+) -> Result<(LinkState, Routed), PodNetError> {
     let l = link_by_name(h, ifname)
         .await?
         .ok_or_else(|| PodNetError::other(format!("interface {ifname}"), "not found in netns"))?;
@@ -608,7 +608,13 @@ pub async fn configure_container(
         }
     };
     let Some((addr6, gateway6)) = v6 else {
-        return Ok((l, routed4));
+        return Ok((
+            l,
+            Routed {
+                v4: routed4,
+                v6: false,
+            },
+        ));
     };
     // Without DAD the address is usable at once, and so the route via the bridge.
     add_addr(h, l.index, addr6.into())
@@ -635,9 +641,20 @@ pub async fn configure_container(
             ))
         }
     };
-    // One answer for both: the result lists the default routes only when this ADD made them
-    // (a pod with its own default route keeps it, in either family).
-    Ok((l, routed4 && routed6))
+    Ok((
+        l,
+        Routed {
+            v4: routed4,
+            v6: routed6,
+        },
+    ))
+}
+
+/// Which default routes ADD made (a pod with its own keeps it): the result lists only those.
+#[derive(Clone, Copy, Debug)]
+pub struct Routed {
+    pub v4: bool,
+    pub v6: bool,
 }
 
 /// What CHECK expects to find inside the pod's netns.
