@@ -170,9 +170,10 @@ pub struct RunArgs {
     /// default 14): twill leaves such packets to kube-proxy, matched under this mask.
     #[arg(long, env = "TWILLD_KUBE_PROXY_MASQ_MARK", default_value = "0x4000", value_parser = parse_mark)]
     pub kube_proxy_masq_mark: u32,
-    /// Accept pod-network traffic at the top of other tools' forward chains that would drop it
-    /// (iptables' FORWARD with policy DROP, as Docker sets it; nftables forward chains with
-    /// policy drop or a final reject, as firewalld has). false removes twill's accept rules.
+    /// Accept pod-network traffic (both families on a dual-stack network) at the top of other
+    /// tools' forward chains that would drop it (iptables' and ip6tables' FORWARD with policy
+    /// DROP, as Docker sets it; nftables forward chains with policy drop or a final reject, as
+    /// firewalld has). false removes twill's accept rules.
     #[arg(long, env = "TWILLD_IPTABLES_FORWARD_RULES", default_value_t = true, num_args = 0..=1,
           default_missing_value = "true", action = clap::ArgAction::Set)]
     pub iptables_forward_rules: bool,

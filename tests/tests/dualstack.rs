@@ -451,3 +451,86 @@ fn a_dual_stack_network_without_an_ipv6_underlay_is_refused_with_the_fix() -> Re
     assert!(lab.lease_keys()?.is_empty(), "{:?}", lab.lease_keys()?);
     Ok(())
 }
+
+/// ip6tables' FORWARD policy DROP (Docker sets it when its IPv6 is on) and an nftables inet
+/// chain with `policy drop` drop pods' IPv6 traffic between nodes unless accepts for the IPv6
+/// pod network sit in those chains: node 1 has the ip6tables drop from the start, node 2 gets
+/// the inet drop after twilld started (the nftables notification brings the rules in).
+#[test]
+fn ipv6_pod_traffic_passes_forward_drops_of_ip6tables_and_nftables() -> Result<()> {
+    let mut lab = Lab::new(LabOptions {
+        nodes: 2,
+        ipv6: true,
+        ..Default::default()
+    })?;
+    lab.put_config(CONFIG)?;
+    lab.exec_ok(1, &["ip6tables", "-P", "FORWARD", "DROP"])?;
+    for i in 1..=2 {
+        lab.start_daemon_with(i, &["--resync-interval", "300s"])?;
+    }
+    for i in 1..=2 {
+        lab.wait_ready(i, CONVERGE)?;
+    }
+    wait_programmed6(&lab, 2)?;
+    let a = lab.add_pod(1, "a")?;
+    let b = lab.add_pod(2, "b")?;
+    let rules = lab.exec_ok(1, &["ip6tables", "-S", "FORWARD"])?;
+    for want in [
+        "-P FORWARD DROP",
+        "-A FORWARD -s fd00:10:244::/56 -m comment --comment twill-forward -j ACCEPT",
+        "-A FORWARD -d fd00:10:244::/56 -m comment --comment twill-forward -j ACCEPT",
+    ] {
+        assert!(rules.contains(want), "{want:?} missing in:\n{rules}");
+    }
+    assert!(
+        !lab.exec_ok(1, &["iptables", "-S", "FORWARD"])?
+            .contains("twill-forward"),
+        "IPv4's FORWARD does not drop: no rules there"
+    );
+    let script = "add table inet filter\n\
+                  add chain inet filter forward { type filter hook forward priority 0; policy drop; }\n";
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.node_ns(2), "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), script.as_bytes())?;
+    ensure!(
+        child.wait()?.success(),
+        "loading node 2's drop chain failed"
+    );
+    wait_until(Duration::from_secs(10), || {
+        lab.exec_ok(2, &["nft", "list", "chain", "inet", "filter", "forward"])
+            .is_ok_and(|s| {
+                s.contains("ip6 saddr fd00:10:244::/56 accept")
+                    && s.contains("ip saddr 10.244.0.0/16 accept")
+            })
+    })
+    .context("no accepts for both families in node 2's inet drop chain")?;
+    let (a6, b6) = (
+        std::net::IpAddr::V6(a.ip6.context("a has no IPv6")?),
+        std::net::IpAddr::V6(b.ip6.context("b has no IPv6")?),
+    );
+    assert_eq!(pod_to_pod6(&a, &b, 7051)?, a6);
+    assert_eq!(pod_to_pod6(&b, &a, 7052)?, b6);
+    assert_eq!(pod_to_pod(&a, &b, 7053)?, a.ip);
+    assert_eq!(pod_to_pod(&b, &a, 7054)?, b.ip);
+    let chains = |i| {
+        lab.status(i)
+            .map(|s| s["firewall"]["forward_chains"].to_string())
+    };
+    assert!(chains(1)?.contains("ip6tables FORWARD"), "{}", chains(1)?);
+    assert!(chains(2)?.contains("inet filter forward"), "{}", chains(2)?);
+
+    // The rules are what makes it work: with the flag off (which removes them) the drop wins.
+    lab.stop_daemon(1)?;
+    lab.start_daemon_with(1, &["--iptables-forward-rules=false"])?;
+    lab.wait_ready(1, CONVERGE)?;
+    wait_until(Duration::from_secs(10), || {
+        lab.exec_ok(1, &["ip6tables", "-S", "FORWARD"])
+            .is_ok_and(|s| !s.contains("twill-forward"))
+    })
+    .context("IPv6 accept rules left behind with the flag off")?;
+    let dropped = tcp_probe_ip(&a.ns, &b.ns, b6, 7055, Duration::from_secs(2));
+    assert!(dropped.is_err(), "ip6tables' drop policy did not drop");
+    Ok(())
+}

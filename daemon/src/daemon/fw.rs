@@ -53,7 +53,11 @@ pub fn desired(
         ]
         .into(),
         forward_accept: if args.iptables_forward_rules {
-            vec![cfg.network]
+            let v6 = match (&cfg.ipv6, device6) {
+                (Some(r), Some(_)) => Some(r.network.into()),
+                _ => None,
+            };
+            std::iter::once(cfg.network.into()).chain(v6).collect()
         } else {
             Vec::new()
         },
@@ -232,7 +236,7 @@ mod tests {
             .rules
             .iter()
             .any(|r| r.starts_with("oifname \"twill.1\"")));
-        assert_eq!(d.forward_accept, vec![cfg().network]);
+        assert_eq!(d.forward_accept, vec![cfg().network.into()]);
 
         // Off: the table is still named, to be removed.
         let d = desired(
@@ -253,6 +257,32 @@ mod tests {
             .iter()
             .any(|r| r.contains("oifname")));
         assert_eq!(t.chains["postrouting"].rules.last().unwrap(), "masquerade");
+    }
+
+    /// A node serving a dual-stack network's IPv6 side masquerades and accepts its IPv6 pod
+    /// network too; without the IPv6 side (no device) only the IPv4 one.
+    #[test]
+    fn the_ipv6_side_gets_its_masquerade_table_and_forward_accepts() {
+        let cfg = NetworkConfig::parse(
+            br#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56"}"#,
+        )
+        .unwrap();
+        let v6: ipnet::IpNet = "fd00:10:244::/56".parse().unwrap();
+        let key6 = (Family::Ip6, masq::TABLE6.to_string());
+        let d = desired(&args(&[]), &cfg, &device(true), Some(&device(true)), true);
+        assert_eq!(d.forward_accept, vec![cfg.network.into(), v6]);
+        assert!(d.tables[&key6].is_some());
+        let d = desired(&args(&[]), &cfg, &device(true), None, true);
+        assert_eq!(d.forward_accept, vec![cfg.network.into()]);
+        assert_eq!(d.tables.get(&key6), Some(&None));
+        let d = desired(
+            &args(&["--iptables-forward-rules=false"]),
+            &cfg,
+            &device(true),
+            Some(&device(true)),
+            true,
+        );
+        assert!(d.forward_accept.is_empty());
     }
 
     /// A check that restored a table and then failed on the forward rules still counts the

@@ -5,15 +5,21 @@
 //! chain, ahead of the drop. So: find forward-hook base chains that would drop (policy drop, or
 //! a last rule that drops unconditionally) and insert `saddr/daddr <pod network> accept` at
 //! their top, marked with a comment so they are found again (and removed when turned off).
+//! Each family's pod network goes where that family's packets pass: IPv4 into `ip` chains,
+//! IPv6 into `ip6` chains, both into `inet` chains.
 //!
-//! iptables' own chains (`ip filter FORWARD`, legacy or nft) are changed with the iptables
-//! command, so iptables keeps understanding its table; every other chain with nft.
+//! iptables' own chains (`ip filter FORWARD` and `ip6 filter FORWARD`, legacy or nft) are
+//! changed with the iptables/ip6tables commands, so they keep understanding their tables; every
+//! other chain with nft.
 
 use std::collections::BTreeSet;
 
-use ipnet::Ipv4Net;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
 use serde_json::Value;
 
+use crate::nft::model::Family;
 use crate::nft::{iptables::Iptables, Nft, NftError};
 
 /// The comment on every rule twill puts in another tool's chain.
@@ -36,7 +42,7 @@ pub struct ForeignChain {
     /// It drops what no rule accepts (policy drop, or an unconditional drop/reject last).
     pub drops: bool,
     /// Our rules in it: (handle, "saddr"|"daddr", network).
-    pub ours: Vec<(u64, &'static str, Ipv4Net)>,
+    pub ours: Vec<(u64, &'static str, IpNet)>,
     last_rule_drops: bool,
 }
 
@@ -46,7 +52,7 @@ impl ForeignChain {
     }
 }
 
-/// Forward-hook base chains of the ip and inet families in `listing`, other than twill's.
+/// Forward-hook base chains of the ip, ip6 and inet families in `listing`, other than twill's.
 pub fn foreign_forward_chains(listing: &Value) -> Vec<ForeignChain> {
     let Some(items) = listing.get("nftables").and_then(Value::as_array) else {
         return Vec::new();
@@ -59,7 +65,7 @@ pub fn foreign_forward_chains(listing: &Value) -> Vec<ForeignChain> {
             let s = |k: &str| c.get(k).and_then(Value::as_str).map(str::to_string);
             let family = s("family")?;
             let table = s("table")?;
-            if !matches!(family.as_str(), "ip" | "inet") || table.starts_with("twill") {
+            if !matches!(family.as_str(), "ip" | "ip6" | "inet") || table.starts_with("twill") {
                 return None;
             }
             Some(ForeignChain {
@@ -108,8 +114,8 @@ pub fn foreign_forward_chains(listing: &Value) -> Vec<ForeignChain> {
     chains
 }
 
-/// `ip saddr|daddr <net> accept`, as nft lists the rules twill inserts.
-fn our_match(expr: &[Value]) -> Option<(&'static str, Ipv4Net)> {
+/// `ip|ip6 saddr|daddr <net> accept`, as nft lists the rules twill inserts.
+fn our_match(expr: &[Value]) -> Option<(&'static str, IpNet)> {
     let m = expr.iter().find_map(|x| x.get("match"))?;
     let field = m.pointer("/left/payload/field")?.as_str()?;
     let dir = match field {
@@ -119,27 +125,46 @@ fn our_match(expr: &[Value]) -> Option<(&'static str, Ipv4Net)> {
     };
     let right = m.get("right")?;
     let net = match right.get("prefix") {
-        Some(p) => Ipv4Net::new(
+        Some(p) => IpNet::new(
             p.get("addr")?.as_str()?.parse().ok()?,
             u8::try_from(p.get("len")?.as_u64()?).ok()?,
         )
         .ok()?,
-        None => Ipv4Net::new(right.as_str()?.parse().ok()?, 32).ok()?,
+        None => IpNet::from(right.as_str()?.parse::<IpAddr>().ok()?),
     };
     Some((dir, net))
 }
 
+/// Whether packets of `net`'s family pass a chain of nftables family `family`.
+fn carries(family: &str, net: &IpNet) -> bool {
+    match family {
+        "inet" => true,
+        "ip" => matches!(net, IpNet::V4(_)),
+        "ip6" => matches!(net, IpNet::V6(_)),
+        _ => false,
+    }
+}
+
+/// nft's name for a network's address family in a match.
+fn proto(net: &IpNet) -> &'static str {
+    match net {
+        IpNet::V4(_) => "ip",
+        IpNet::V6(_) => "ip6",
+    }
+}
+
 /// The nft commands that make `chain` accept `nets` first (when it drops) and drop our stale
 /// rules (for networks no longer wanted, or all of them when it does not drop).
-pub fn plan(chain: &ForeignChain, nets: &[Ipv4Net]) -> Vec<String> {
-    let want: BTreeSet<(&str, Ipv4Net)> = if chain.drops {
+pub fn plan(chain: &ForeignChain, nets: &[IpNet]) -> Vec<String> {
+    let want: BTreeSet<(&str, IpNet)> = if chain.drops {
         nets.iter()
+            .filter(|n| carries(&chain.family, n))
             .flat_map(|n| [("saddr", *n), ("daddr", *n)])
             .collect()
     } else {
         BTreeSet::new()
     };
-    let have: BTreeSet<(&str, Ipv4Net)> = chain.ours.iter().map(|(_, d, n)| (*d, *n)).collect();
+    let have: BTreeSet<(&str, IpNet)> = chain.ours.iter().map(|(_, d, n)| (*d, *n)).collect();
     let id = chain.id();
     let mut cmds: Vec<String> = chain
         .ours
@@ -149,8 +174,9 @@ pub fn plan(chain: &ForeignChain, nets: &[Ipv4Net]) -> Vec<String> {
         .collect();
     // Each goes to the top: daddr first, so saddr ends up first.
     for (dir, net) in want.difference(&have) {
+        let p = proto(net);
         cmds.push(format!(
-            "insert rule {id} ip {dir} {net} accept comment \"{COMMENT}\""
+            "insert rule {id} {p} {dir} {net} accept comment \"{COMMENT}\""
         ));
     }
     cmds
@@ -158,30 +184,44 @@ pub fn plan(chain: &ForeignChain, nets: &[Ipv4Net]) -> Vec<String> {
 
 pub struct ForwardAccept {
     nft: Nft,
-    iptables: Option<Iptables>,
+    /// The iptables and ip6tables commands, where installed.
+    iptables: Vec<Iptables>,
 }
 
 impl ForwardAccept {
     pub fn new(nft: Nft) -> Self {
         ForwardAccept {
-            iptables: Iptables::find(),
+            iptables: [Family::Ip, Family::Ip6]
+                .into_iter()
+                .filter_map(Iptables::find)
+                .collect(),
             nft,
         }
     }
 
     /// Makes every foreign forward chain that would drop pod traffic accept `nets` first, and
     /// removes our rules where they are no longer wanted (`nets` empty: everywhere).
-    pub async fn ensure(&self, nets: &[Ipv4Net]) -> Result<ForwardReport, NftError> {
+    pub async fn ensure(&self, nets: &[IpNet]) -> Result<ForwardReport, NftError> {
         let mut report = ForwardReport::default();
-        let mut iptables_owns_filter = false;
-        if let Some(ipt) = &self.iptables {
-            iptables_owns_filter = ipt.is_nft();
-            let (drops, added) = ipt.ensure_forward_accept(nets, COMMENT).await?;
+        // `ip filter FORWARD` / `ip6 filter FORWARD` belong to the nf_tables iptables.
+        let mut owned: Vec<String> = Vec::new();
+        for ipt in &self.iptables {
+            let family = ipt.family().to_string();
+            let mine: Vec<IpNet> = nets
+                .iter()
+                .filter(|n| carries(&family, n))
+                .copied()
+                .collect();
+            if ipt.is_nft() {
+                owned.push(family);
+            }
+            let (drops, added) = ipt.ensure_forward_accept(&mine, COMMENT).await?;
+            let id = format!("{} FORWARD", ipt.command());
             if drops {
-                report.chains.push("iptables FORWARD".into());
+                report.chains.push(id.clone());
             }
             if added {
-                report.added.push("iptables FORWARD".into());
+                report.added.push(id);
             }
         }
         let Some(listing) = self.nft.list_json(&["list", "ruleset"]).await? else {
@@ -189,11 +229,7 @@ impl ForwardAccept {
         };
         let mut script = String::new();
         for chain in foreign_forward_chains(&listing) {
-            if iptables_owns_filter
-                && chain.family == "ip"
-                && chain.table == "filter"
-                && chain.name == "FORWARD"
-            {
+            if owned.contains(&chain.family) && chain.table == "filter" && chain.name == "FORWARD" {
                 continue;
             }
             if chain.drops {
@@ -220,8 +256,12 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn net() -> Ipv4Net {
+    fn net() -> IpNet {
         "10.244.0.0/16".parse().unwrap()
+    }
+
+    fn net6() -> IpNet {
+        "fd00:10:244::/56".parse().unwrap()
     }
 
     fn listing(rules: Vec<Value>, policy: &str) -> Value {
@@ -251,9 +291,10 @@ mod tests {
 
     fn ours(handle: u64, field: &str, net: &str) -> Value {
         let (addr, len) = net.split_once('/').unwrap();
+        let protocol = if addr.contains(':') { "ip6" } else { "ip" };
         rule(
             handle,
-            json!([{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": field}},
+            json!([{"match": {"op": "==", "left": {"payload": {"protocol": protocol, "field": field}},
                 "right": {"prefix": {"addr": addr, "len": len.parse::<u64>().unwrap()}}}},
                 {"accept": null}]),
             Some(COMMENT),
@@ -261,10 +302,11 @@ mod tests {
     }
 
     #[test]
-    fn only_foreign_ipv4_forward_chains_that_drop_get_rules() {
+    fn only_foreign_forward_chains_that_drop_get_rules() {
         let chains = foreign_forward_chains(&listing(vec![], "drop"));
-        assert_eq!(chains.len(), 1, "{chains:?}");
+        assert_eq!(chains.len(), 2, "{chains:?}");
         assert_eq!(chains[0].id(), "inet filter forward");
+        assert_eq!(chains[1].id(), "ip6 f6 forward");
         assert!(chains[0].drops);
         assert_eq!(
             plan(&chains[0], &[net()]),
@@ -276,6 +318,50 @@ mod tests {
         let accepting = foreign_forward_chains(&listing(vec![], "accept"));
         assert!(!accepting[0].drops);
         assert!(plan(&accepting[0], &[net()]).is_empty());
+    }
+
+    /// Each family's network goes into the chains its packets pass: both into an inet chain,
+    /// only the IPv6 one into an ip6 chain (nft would refuse `ip saddr` there).
+    #[test]
+    fn each_family_goes_where_its_packets_pass() {
+        let chains = foreign_forward_chains(&listing(vec![], "drop"));
+        let inet = plan(&chains[0], &[net(), net6()]);
+        assert_eq!(
+            inet,
+            vec![
+                "insert rule inet filter forward ip daddr 10.244.0.0/16 accept comment \"twill-forward\"",
+                "insert rule inet filter forward ip6 daddr fd00:10:244::/56 accept comment \"twill-forward\"",
+                "insert rule inet filter forward ip saddr 10.244.0.0/16 accept comment \"twill-forward\"",
+                "insert rule inet filter forward ip6 saddr fd00:10:244::/56 accept comment \"twill-forward\"",
+            ]
+        );
+        assert_eq!(
+            plan(&chains[1], &[net(), net6()]),
+            vec![
+                "insert rule ip6 f6 forward ip6 daddr fd00:10:244::/56 accept comment \"twill-forward\"",
+                "insert rule ip6 f6 forward ip6 saddr fd00:10:244::/56 accept comment \"twill-forward\"",
+            ]
+        );
+        // IPv6 switched off: the IPv6 rules go, the IPv4 ones stay.
+        let l = listing(
+            vec![
+                ours(3, "saddr", "10.244.0.0/16"),
+                ours(4, "daddr", "10.244.0.0/16"),
+                ours(5, "saddr", "fd00:10:244::/56"),
+                ours(6, "daddr", "fd00:10:244::/56"),
+            ],
+            "drop",
+        );
+        let c = &foreign_forward_chains(&l)[0];
+        assert_eq!(c.ours.len(), 4, "{c:?}");
+        assert_eq!(
+            plan(c, &[net()]),
+            vec![
+                "delete rule inet filter forward handle 5",
+                "delete rule inet filter forward handle 6"
+            ]
+        );
+        assert!(plan(c, &[net(), net6()]).is_empty());
     }
 
     #[test]

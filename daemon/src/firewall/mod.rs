@@ -6,7 +6,7 @@ pub mod forward;
 
 use std::collections::BTreeMap;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::nft::model::{Family, Table};
@@ -26,9 +26,9 @@ pub struct Desired {
     /// Tables by (family, name). A name mapped to None is removed (a feature turned off must
     /// not leave its rules behind, also from an earlier run).
     pub tables: BTreeMap<(Family, String), Option<Table>>,
-    /// Networks to accept in other tools' forward chains that would drop them; empty removes
-    /// the rules twill put there.
-    pub forward_accept: Vec<Ipv4Net>,
+    /// Networks (of either family) to accept in other tools' forward chains that would drop
+    /// them; empty removes the rules twill put there.
+    pub forward_accept: Vec<IpNet>,
 }
 
 /// What a pass found and did.

@@ -1,26 +1,33 @@
-//! iptables' FORWARD chain, changed with the iptables command (legacy or nf_tables flavour) so
-//! iptables keeps understanding its own table. Used only for the accept rules twill needs ahead
-//! of a FORWARD policy of DROP (Docker sets one).
+//! iptables' and ip6tables' FORWARD chains, changed with their commands (legacy or nf_tables
+//! flavour) so they keep understanding their own tables. Used only for the accept rules twill
+//! needs ahead of a FORWARD policy of DROP (Docker sets one).
 
 use std::path::PathBuf;
 use std::process::Stdio;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
+use super::model::Family;
 use super::NftError;
 
 pub struct Iptables {
     bin: PathBuf,
+    family: Family,
     nft: bool,
 }
 
 impl Iptables {
-    /// The iptables command, if installed.
-    pub fn find() -> Option<Iptables> {
+    /// The command for `family` (iptables for `Ip`, ip6tables for `Ip6`), if installed.
+    pub fn find(family: Family) -> Option<Iptables> {
+        let name = match family {
+            Family::Ip => "iptables",
+            Family::Ip6 => "ip6tables",
+            Family::Inet => return None,
+        };
         let path = std::env::var_os("PATH").unwrap_or_default();
         let bin = std::env::split_paths(&path)
             .chain(["/usr/sbin".into(), "/sbin".into()])
-            .map(|d| d.join("iptables"))
+            .map(|d| d.join(name))
             .find(|p| p.is_file())?;
         let version = std::process::Command::new(&bin)
             .arg("-V")
@@ -28,10 +35,23 @@ impl Iptables {
             .output()
             .ok()?;
         let nft = String::from_utf8_lossy(&version.stdout).contains("nf_tables");
-        Some(Iptables { bin, nft })
+        Some(Iptables { bin, family, nft })
     }
 
-    /// The nf_tables flavour: its FORWARD chain is nftables' `ip filter FORWARD`.
+    /// The nftables family whose packets this command's FORWARD chain sees.
+    pub fn family(&self) -> Family {
+        self.family
+    }
+
+    /// `iptables` or `ip6tables`.
+    pub fn command(&self) -> &'static str {
+        match self.family {
+            Family::Ip6 => "ip6tables",
+            _ => "iptables",
+        }
+    }
+
+    /// The nf_tables flavour: its FORWARD chain is nftables' `ip|ip6 filter FORWARD`.
     pub fn is_nft(&self) -> bool {
         self.nft
     }
@@ -51,7 +71,7 @@ impl Iptables {
             .map_err(NftError::Spawn)?;
         if !out.status.success() {
             return Err(NftError::Refused {
-                what: format!("iptables {}", args.join(" ")),
+                what: format!("{} {}", self.command(), args.join(" ")),
                 message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
             });
         }
@@ -63,12 +83,12 @@ impl Iptables {
     /// Returns (FORWARD's policy is DROP, a rule was added).
     pub async fn ensure_forward_accept(
         &self,
-        nets: &[Ipv4Net],
+        nets: &[IpNet],
         comment: &str,
     ) -> Result<(bool, bool), NftError> {
         let listing = self.run(&["-S", "FORWARD"]).await?;
         let drops = listing.lines().any(|l| l.trim() == "-P FORWARD DROP");
-        let rule = |flag: &str, net: &Ipv4Net| -> Vec<String> {
+        let rule = |flag: &str, net: &IpNet| -> Vec<String> {
             [
                 flag,
                 &net.to_string(),
