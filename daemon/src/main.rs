@@ -137,13 +137,22 @@ fn render_status(v: &serde_json::Value) -> String {
         if n6.is_object() {
             let _ = writeln!(out, "subnet6:  {}", s(&n6["subnet"]));
             let _ = writeln!(out, "public6:  {}", s(&n6["public_ip"]));
-            let _ = writeln!(
-                out,
-                "vtep6:    {} {} mtu {}",
-                s(&n6["device"]),
-                s(&n6["vtep_mac"]),
-                s(&n6["mtu"])
-            );
+            if n6["vtep_mac"].is_null() {
+                let _ = writeln!(
+                    out,
+                    "backend6: host-gw via {}, mtu {}",
+                    s(&n6["device"]),
+                    s(&n6["mtu"])
+                );
+            } else {
+                let _ = writeln!(
+                    out,
+                    "vtep6:    {} {} mtu {}",
+                    s(&n6["device"]),
+                    s(&n6["vtep_mac"]),
+                    s(&n6["mtu"])
+                );
+            }
         }
     }
     if let Some(f) = v["firewall"].as_object() {
@@ -328,6 +337,15 @@ mod tests {
             out.contains(
                 "fd00:10:244:2::/64         fd00:198:18::c         02:00:00:00:06:02  vxlan   yes"
             ),
+            "{out}"
+        );
+        // host-gw's IPv6 side: no VTEP.
+        let mut hg = v.clone();
+        hg["node"]["ipv6"]["vtep_mac"] = serde_json::Value::Null;
+        hg["node"]["ipv6"]["device"] = "eth0".into();
+        let out = render_status(&hg);
+        assert!(
+            out.contains("backend6: host-gw via eth0, mtu 1430") && !out.contains("vtep6"),
             "{out}"
         );
         // A v4-only node shows no IPv6 parts.

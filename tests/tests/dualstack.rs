@@ -534,3 +534,84 @@ fn ipv6_pod_traffic_passes_forward_drops_of_ip6tables_and_nftables() -> Result<(
     assert!(dropped.is_err(), "ip6tables' drop policy did not drop");
     Ok(())
 }
+
+/// host-gw on a dual-stack network: each family routed via the peers' addresses of that
+/// family on the underlay, no VXLAN device of either family (the ones of an earlier vxlan run
+/// go), the underlay's MTU, and pods reaching each other on both families with their own
+/// addresses. The leases say host-gw with PublicIPv6 and no BackendV6Data, as flanneld's do.
+#[test]
+fn dual_stack_host_gw_routes_both_families_via_the_peers_without_a_vxlan_device() -> Result<()> {
+    const HOST_GW: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"host-gw"}}"#;
+    // First vxlan, then host-gw after a restart: nothing of the overlay may stay.
+    let mut lab = dual_lab(3)?;
+    wait_programmed6(&lab, 3)?;
+    for i in 1..=3 {
+        lab.stop_daemon(i)?;
+    }
+    lab.put_config(HOST_GW)?;
+    for i in 1..=3 {
+        lab.start_daemon(i)?;
+    }
+    for i in 1..=3 {
+        lab.wait_ready(i, CONVERGE)?;
+    }
+    wait_programmed6(&lab, 3)?;
+    let subnet6 = |i| -> Result<String> {
+        lab.status(i)?["node"]["ipv6"]["subnet"]
+            .as_str()
+            .map(str::to_owned)
+            .context("no IPv6 subnet in /status")
+    };
+    for i in 1..=3 {
+        let links = lab.exec_ok(i, &["ip", "-d", "link", "show"])?;
+        ensure!(
+            !links.contains("vxlan"),
+            "node {i} kept a VXLAN device: {links}"
+        );
+        let st = lab.status(i)?;
+        let n6 = &st["node"]["ipv6"];
+        assert_eq!(n6["device"], "eth0", "{st}");
+        assert!(n6["vtep_mac"].is_null(), "{st}");
+        assert_eq!(n6["mtu"], 1500, "{st}");
+        for p in st["peers6"].as_array().context("no peers6")? {
+            assert_eq!(p["path"], "direct", "{p}");
+        }
+        // One IPv6 route per peer via its IPv6 address, marked as twill's.
+        let routes = lab.exec_ok(i, &["ip", "-6", "route", "show"])?;
+        for j in (1..=3).filter(|j| *j != i) {
+            let want = format!("{} via {} dev eth0 proto 116", subnet6(j)?, lab.node_ip6(j));
+            assert!(
+                routes.contains(&want),
+                "node {i}: no {want:?} in:\n{routes}"
+            );
+        }
+    }
+    // Node 1's lease as flanneld writes a dual-stack host-gw one.
+    let own6 = subnet6(1)?.replace('/', "-");
+    let key = lab
+        .lease_keys()?
+        .into_iter()
+        .find(|k| k.ends_with(&own6))
+        .context("node 1's lease key")?;
+    let value: Value = serde_json::from_str(
+        &lab.etcd_get(&format!("{SUBNETS_PREFIX}{key}"))?
+            .context("node 1's lease")?,
+    )?;
+    assert_eq!(value["BackendType"], "host-gw", "{value}");
+    assert_eq!(value["PublicIPv6"], lab.node_ip6(1).to_string(), "{value}");
+    assert!(value.get("BackendV6Data").is_none(), "{value}");
+
+    let pods: Vec<_> = (1..=3)
+        .map(|i| lab.add_pod(i, "a"))
+        .collect::<Result<_>>()?;
+    let link = pods[0].exec_ok(&["ip", "link", "show", "eth0"])?;
+    assert!(link.contains("mtu 1500"), "{link}");
+    for from in &pods {
+        for to in pods.iter().filter(|p| p.node != from.node) {
+            let ip6 = from.ip6.context("pod without IPv6")?;
+            assert_eq!(pod_to_pod6(from, to, 7060)?, std::net::IpAddr::V6(ip6));
+            assert_eq!(pod_to_pod(from, to, 7061)?, from.ip);
+        }
+    }
+    Ok(())
+}

@@ -1,29 +1,35 @@
 //! The host-gw backend: for each peer a route `<subnet> via <peer public IP>` on the underlay,
 //! no encapsulation, the underlay's full MTU. It needs every peer on the node's own L2 segment;
 //! a peer that is not cannot be served, and says so (per peer, in the log, /status and the
-//! metrics) instead of getting a route that cannot work.
+//! metrics) instead of getting a route that cannot work. Either family: a dual-stack node
+//! runs one for each, the IPv6 one with routes via the peers' IPv6 addresses.
 
-use super::routes::{Programmer, Segment};
-use super::{ApplyStats, Backend, BackendError, DeviceInfo, LocalNode, PeerPath};
+use ipnet::Ipv4Net;
+
+use super::routes::{ProgrammerOf, SegmentOf};
+use super::{ApplyStatsOf, Backend, BackendError, DeviceInfo, LocalNodeOf, PeerPath};
 use crate::config::BackendConfig;
-use crate::netlink::Netlink;
-use crate::peer::Peer;
-use crate::reconcile::{Path, PeerChange};
+use crate::netlink::{Netlink, NlFamily};
+use crate::peer::PeerOf;
+use crate::reconcile::{Path, PeerChangeOf};
+use crate::subnet::Cidr;
 
-pub struct HostGwBackend {
+pub struct HostGwBackendOf<N: Cidr> {
     cfg: BackendConfig,
     underlay: Option<u32>,
-    segment: Segment,
-    programmer: Programmer,
+    segment: SegmentOf<N>,
+    programmer: ProgrammerOf<N>,
 }
 
-impl HostGwBackend {
+pub type HostGwBackend = HostGwBackendOf<Ipv4Net>;
+
+impl<N: NlFamily> HostGwBackendOf<N> {
     pub fn new(nl: Netlink, cfg: &BackendConfig) -> Self {
-        HostGwBackend {
+        HostGwBackendOf {
             cfg: cfg.clone(),
             underlay: None,
-            segment: Segment::default(),
-            programmer: Programmer::new(nl, false),
+            segment: SegmentOf::default(),
+            programmer: ProgrammerOf::new(nl, false),
         }
     }
 
@@ -33,13 +39,14 @@ impl HostGwBackend {
     }
 }
 
-impl Backend for HostGwBackend {
-    async fn setup(&mut self, local: &LocalNode) -> Result<DeviceInfo, BackendError> {
+impl<N: NlFamily> Backend<N> for HostGwBackendOf<N> {
+    async fn setup(&mut self, local: &LocalNodeOf<N>) -> Result<DeviceInfo, BackendError> {
         let nl = &self.programmer.nl;
-        // A node switched from vxlan: its VXLAN device (and the routes through it) must go, or
-        // traffic to peers would keep using it.
+        // A node switched from vxlan: its VXLAN device of this family (and the routes through
+        // it) must go, or traffic to peers would keep using it.
+        let ours = super::vxlan::device_prefix::<N>();
         for (index, name) in nl.vxlan_devices().await? {
-            if name.starts_with("twill.") {
+            if name.starts_with(ours) {
                 tracing::info!(device = %name, "backend is host-gw: deleting the VXLAN device of an earlier run");
                 nl.delete_link(index).await?;
             }
@@ -48,13 +55,13 @@ impl Backend for HostGwBackend {
             .link_name(local.underlay_index)
             .await?
             .ok_or_else(|| BackendError::DeviceGone("underlay".into()))?;
-        self.segment = Segment {
-            prefixes: nl.addr_prefixes(local.underlay_index).await?,
+        self.segment = SegmentOf {
+            prefixes: nl.addr_prefixes::<N>(local.underlay_index).await?,
             local_ip: Some(local.public_ip),
         };
         self.underlay = Some(local.underlay_index);
         let mtu = self.cfg.mtu.unwrap_or(local.underlay_mtu);
-        tracing::info!(underlay = %name, mtu, segment = %self.segment.describe(), "host-gw ready");
+        tracing::info!(underlay = %name, mtu, segment = %self.segment.describe(), family = N::FAMILY, "host-gw ready");
         Ok(DeviceInfo {
             name,
             ifindex: local.underlay_index,
@@ -64,7 +71,10 @@ impl Backend for HostGwBackend {
         })
     }
 
-    async fn apply(&mut self, changes: &[PeerChange]) -> Result<ApplyStats, BackendError> {
+    async fn apply(
+        &mut self,
+        changes: &[PeerChangeOf<N>],
+    ) -> Result<ApplyStatsOf<N>, BackendError> {
         let idx = self.underlay()?;
         let segment = &self.segment;
         self.programmer
@@ -72,7 +82,7 @@ impl Backend for HostGwBackend {
             .await
     }
 
-    async fn reconcile(&mut self, desired: &[Peer]) -> Result<ApplyStats, BackendError> {
+    async fn reconcile(&mut self, desired: &[PeerOf<N>]) -> Result<ApplyStatsOf<N>, BackendError> {
         let idx = self.underlay()?;
         if self.programmer.nl.link_name(idx).await?.is_none() {
             self.underlay = None;
@@ -84,14 +94,14 @@ impl Backend for HostGwBackend {
             .await
     }
 
-    fn path(&self, peer: &Peer) -> PeerPath {
+    fn path(&self, peer: &PeerOf<N>) -> PeerPath {
         path(&self.segment, peer)
     }
 }
 
 /// Direct when the peer shares our segment (vxlan peers too: their nodes forward plain routed
 /// packets to their pods); otherwise there is no way.
-fn path(segment: &Segment, p: &Peer) -> PeerPath {
+fn path<N: Cidr>(segment: &SegmentOf<N>, p: &PeerOf<N>) -> PeerPath {
     if segment.contains(p.public_ip) {
         PeerPath::ok(Path::Direct)
     } else {
@@ -111,7 +121,7 @@ mod tests {
 
     #[test]
     fn only_peers_on_the_segment_are_served() {
-        let seg = Segment {
+        let seg = SegmentOf::<Ipv4Net> {
             prefixes: vec!["198.18.0.0/24".parse().unwrap()],
             local_ip: Some("198.18.0.11".parse().unwrap()),
         };
@@ -129,5 +139,24 @@ mod tests {
         let mut me = test_peer(4, 11, 4);
         me.vtep_mac = None;
         assert_eq!(path(&seg, &me).path, Path::Unreachable);
+    }
+
+    /// The IPv6 side decides on the IPv6 segment, with the peer's IPv6 address.
+    #[test]
+    fn ipv6_peers_are_served_on_the_ipv6_segment() {
+        let seg = SegmentOf::<ipnet::Ipv6Net> {
+            prefixes: vec!["fd00:198:18::/64".parse().unwrap()],
+            local_ip: Some("fd00:198:18::b".parse().unwrap()),
+        };
+        let mut peer = PeerOf::<ipnet::Ipv6Net> {
+            subnet: "fd00:10:244:2::/64".parse().unwrap(),
+            public_ip: "fd00:198:18::c".parse().unwrap(),
+            vtep_mac: None,
+        };
+        assert_eq!(path(&seg, &peer).path, Path::Direct);
+        peer.public_ip = "fd00:198:19::c".parse().unwrap();
+        let p = path(&seg, &peer);
+        assert_eq!(p.path, Path::Unreachable);
+        assert!(p.reason.unwrap().contains("fd00:198:18::/64"));
     }
 }

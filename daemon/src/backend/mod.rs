@@ -10,7 +10,7 @@ pub mod routes;
 pub mod udp;
 pub mod vxlan;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::Serialize;
 
 use crate::mac::MacAddr;
@@ -159,6 +159,48 @@ impl Backend for AnyBackend {
             AnyBackend::Vxlan(b) => b.path(peer),
             AnyBackend::HostGw(b) => b.path(peer),
             AnyBackend::Udp(b) => b.path(peer),
+        }
+    }
+}
+
+/// The backend of a dual-stack network's IPv6 side (udp carries IPv4 only).
+pub enum AnyBackend6 {
+    Vxlan(vxlan::VxlanBackendOf<Ipv6Net>),
+    HostGw(hostgw::HostGwBackendOf<Ipv6Net>),
+}
+
+impl Backend<Ipv6Net> for AnyBackend6 {
+    async fn setup(&mut self, local: &LocalNodeOf<Ipv6Net>) -> Result<DeviceInfo, BackendError> {
+        match self {
+            AnyBackend6::Vxlan(b) => b.setup(local).await,
+            AnyBackend6::HostGw(b) => b.setup(local).await,
+        }
+    }
+
+    async fn apply(
+        &mut self,
+        changes: &[PeerChangeOf<Ipv6Net>],
+    ) -> Result<ApplyStatsOf<Ipv6Net>, BackendError> {
+        match self {
+            AnyBackend6::Vxlan(b) => b.apply(changes).await,
+            AnyBackend6::HostGw(b) => b.apply(changes).await,
+        }
+    }
+
+    async fn reconcile(
+        &mut self,
+        desired: &[PeerOf<Ipv6Net>],
+    ) -> Result<ApplyStatsOf<Ipv6Net>, BackendError> {
+        match self {
+            AnyBackend6::Vxlan(b) => b.reconcile(desired).await,
+            AnyBackend6::HostGw(b) => b.reconcile(desired).await,
+        }
+    }
+
+    fn path(&self, peer: &PeerOf<Ipv6Net>) -> PeerPath {
+        match self {
+            AnyBackend6::Vxlan(b) => b.path(peer),
+            AnyBackend6::HostGw(b) => b.path(peer),
         }
     }
 }

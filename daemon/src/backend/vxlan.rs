@@ -30,6 +30,11 @@ pub fn overhead<N: Cidr>() -> u32 {
     }
 }
 
+/// What the name of our VXLAN device of family `N` starts with.
+pub fn device_prefix<N: Cidr>() -> &'static str {
+    prefixes::<N>().0
+}
+
 /// What our device's name starts with, and flanneld's for the same family.
 fn prefixes<N: Cidr>() -> (&'static str, &'static str) {
     if N::BITS == 128 {

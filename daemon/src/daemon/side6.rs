@@ -1,5 +1,6 @@
-//! A dual-stack node's IPv6 side: its own VXLAN device (`twill-v6.<VNI>`), its own peers (the
-//! IPv6 sides of the leases) and their sync, next to the IPv4 side and in step with it.
+//! A dual-stack node's IPv6 side: its own backend (vxlan: a device `twill-v6.<VNI>`; host-gw:
+//! routes on the underlay via the peers' IPv6 addresses), its own peers (the IPv6 sides of the
+//! leases) and their sync, next to the IPv4 side and in step with it.
 
 use ipnet::Ipv6Net;
 use tracing::{info, warn};
@@ -8,8 +9,9 @@ use super::node::setup_or_log;
 use super::peers::SyncOf;
 use super::status::{NodeStatus6, Shared};
 use super::StartError;
+use crate::backend::hostgw::HostGwBackendOf;
 use crate::backend::vxlan::VxlanBackendOf;
-use crate::backend::{DeviceInfo, LocalNodeOf};
+use crate::backend::{AnyBackend6, DeviceInfo, LocalNodeOf};
 use crate::cli::RunArgs;
 use crate::config::{BackendKind, NetworkConfig};
 use crate::lease::{LeaseBackend, LeaseV6};
@@ -23,6 +25,8 @@ pub(super) struct Plan6 {
     pub lease: LeaseV6,
     pub underlay_index: u32,
     pub underlay_mtu: u32,
+    /// Kept for every backend (a later switch to vxlan finds the same MAC).
+    pub vtep_mac: crate::mac::MacAddr,
 }
 
 /// Whether this node serves the network's IPv6 side, and with what. None: a v4-only network,
@@ -40,8 +44,8 @@ pub(super) fn plan(
         warn!(ipv6_network = %range.network, "EnableIPv6 is set: in Kubernetes mode twill serves only the IPv4 side so far");
         return Ok(None);
     }
-    if cfg.backend.kind != BackendKind::Vxlan {
-        warn!(ipv6_network = %range.network, backend = ?cfg.backend.kind, "EnableIPv6 is set: twill serves the IPv6 side with the vxlan backend only so far; this node runs IPv4 only");
+    if cfg.backend.kind == BackendKind::Udp {
+        warn!(ipv6_network = %range.network, "EnableIPv6 is set: the udp backend carries IPv4 only (as flannel's); this node runs IPv4 only");
         return Ok(None);
     }
     let public_ip = args
@@ -64,16 +68,18 @@ pub(super) fn plan(
     {
         warn!("IPv6 forwarding is off (net.ipv6.conf.all.forwarding=0): pods' IPv6 traffic to other nodes will not pass this node; set it to 1");
     }
-    Ok(Some(Plan6 {
-        lease: LeaseV6 {
-            public_ip,
-            backend: LeaseBackend::Vxlan {
-                vni: cfg.backend.vni,
-                vtep_mac,
-            },
+    let backend = match cfg.backend.kind {
+        BackendKind::HostGw => LeaseBackend::HostGw,
+        _ => LeaseBackend::Vxlan {
+            vni: cfg.backend.vni,
+            vtep_mac,
         },
+    };
+    Ok(Some(Plan6 {
+        lease: LeaseV6 { public_ip, backend },
         underlay_index: underlay.index,
         underlay_mtu: underlay.mtu,
+        vtep_mac,
     }))
 }
 
@@ -100,7 +106,7 @@ pub(super) async fn remove_leftovers(nl: &Netlink) {
 }
 
 pub(super) struct Side6 {
-    pub backend: VxlanBackendOf<Ipv6Net>,
+    pub backend: AnyBackend6,
     pub device: DeviceInfo,
     pub local: LocalNodeOf<Ipv6Net>,
     pub sync: SyncOf<Ipv6Net>,
@@ -132,20 +138,24 @@ impl Side6 {
             tracing::error!(error = %e, "refusing to start");
             return Err(e.into());
         }
-        let LeaseBackend::Vxlan { vtep_mac, .. } = plan.lease.backend else {
-            unreachable!("the IPv6 side is planned for vxlan only");
-        };
         let local = LocalNodeOf {
             subnet,
             public_ip: plan.lease.public_ip,
             underlay_index: plan.underlay_index,
             underlay_mtu: plan.underlay_mtu,
-            vtep_mac,
+            vtep_mac: plan.vtep_mac,
         };
-        let tx_checksum = args
-            .vxlan_checksum_offload
-            .resolve(&crate::backend::offload::kernel_release());
-        let mut backend = VxlanBackendOf::<Ipv6Net>::new(nl.clone(), &cfg.backend, tx_checksum);
+        let mut backend = match plan.lease.backend {
+            LeaseBackend::HostGw => {
+                AnyBackend6::HostGw(HostGwBackendOf::new(nl.clone(), &cfg.backend))
+            }
+            _ => {
+                let tx_checksum = args
+                    .vxlan_checksum_offload
+                    .resolve(&crate::backend::offload::kernel_release());
+                AnyBackend6::Vxlan(VxlanBackendOf::new(nl.clone(), &cfg.backend, tx_checksum))
+            }
+        };
         use crate::backend::Backend;
         let device = backend.setup(&local).await?;
         info!(device = %device.name, ifindex = device.ifindex, mtu = device.mtu, %subnet, "IPv6 backend ready");
@@ -204,7 +214,7 @@ impl Side6 {
         NodeStatus6 {
             subnet: self.local.subnet,
             public_ip: self.local.public_ip,
-            vtep_mac: Some(self.local.vtep_mac),
+            vtep_mac: matches!(self.backend, AnyBackend6::Vxlan(_)).then_some(self.local.vtep_mac),
             device: self.device.name.clone(),
             mtu: self.device.mtu,
         }
