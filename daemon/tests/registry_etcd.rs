@@ -23,7 +23,7 @@ use twill_daemon::peer::Peer;
 use twill_daemon::registry::etcd::EtcdRegistry;
 use twill_daemon::registry::{
     acquire, keep_lease, watch_peers, EtcdOptions, OwnLease, PeerEvent, RegistryError,
-    SubnetRegistry, SubnetWatch, WatchMsg,
+    SubnetChange, SubnetRegistry, SubnetWatch, WatchMsg,
 };
 use twill_daemon::subnet::AllocError;
 
@@ -510,6 +510,22 @@ fn racing_dual_stack_acquires_never_share_either_subnet() -> Result<()> {
     })
 }
 
+/// The first `n` changes under subnets/ from revision `from` on, as `put <key>`/`delete <key>`.
+async fn changes_since(reg: &EtcdRegistry, from: i64, n: usize) -> Result<Vec<String>> {
+    let mut w = reg.watch_subnets(from, None).await?;
+    let mut out = Vec::new();
+    while out.len() < n {
+        match tokio::time::timeout(Duration::from_secs(10), w.next()).await?? {
+            WatchMsg::Changes(cs) => out.extend(cs.into_iter().map(|c| match c {
+                SubnetChange::Put(kv) => format!("put {}", kv.name),
+                SubnetChange::Delete(k) => format!("delete {k}"),
+            })),
+            WatchMsg::Reset(why) => bail!("watch reset: {why}"),
+        }
+    }
+    Ok(out)
+}
+
 #[test]
 fn dual_stack_acquire_reuses_and_upgrades_a_plain_key() -> Result<()> {
     let etcd = Etcd::start()?;
@@ -523,8 +539,18 @@ fn dual_stack_acquire_reuses_and_upgrades_a_plain_key() -> Result<()> {
         // one, in one key.
         let first = acquire(&reg, &v4only, &attrs(1), None, TTL).await?;
         assert_eq!(first.subnet6, None);
+        let (_, rev) = reg.list_subnets().await?;
         let up = acquire(&reg, &dual, &attrs6(1), None, TTL).await?;
         assert_eq!(up.subnet, first.subnet);
+        // The new key first, then the old one goes: peers never see the IPv4 subnet without a
+        // key (the plain key speaks for it until the dual one, with the same IPv4 side, does).
+        assert_eq!(
+            changes_since(&reg, rev + 1, 2).await?,
+            vec![
+                format!("put {}", up.key()),
+                format!("delete {}", first.key())
+            ]
+        );
         let s6 = up.subnet6.context("no IPv6 subnet")?;
         let stored = subnets(&reg).await?;
         assert_eq!(stored.keys().collect::<Vec<_>>(), vec![&up.key()]);
@@ -533,10 +559,20 @@ fn dual_stack_acquire_reuses_and_upgrades_a_plain_key() -> Result<()> {
             format!("{}-24&{}-64", up.subnet.network(), s6.network())
         );
         assert_eq!(stored[&up.key()].0, attrs6(1).to_json());
-        // Restarted: the same key again.
+        // Restarted after a crash between the two steps (both keys there): the dual key is
+        // kept, the plain one goes.
+        put(
+            &reg,
+            &format!("subnets/{}", first.key()),
+            &attrs(1).to_json(),
+        )
+        .await?;
         let again = acquire(&reg, &dual, &attrs6(1), None, TTL).await?;
         assert_eq!(again, up);
-        assert_eq!(subnets(&reg).await?.len(), 1);
+        assert_eq!(
+            subnets(&reg).await?.keys().collect::<Vec<_>>(),
+            vec![&up.key()]
+        );
         // Another node honours its subnet file's v6 subnet when it is free.
         let want6: ipnet::Ipv6Net = "fd00:60:0:42::/64".parse()?;
         let prev = twill_daemon::registry::Previous {
@@ -548,9 +584,18 @@ fn dual_stack_acquire_reuses_and_upgrades_a_plain_key() -> Result<()> {
             (other.subnet, other.subnet6),
             (net("10.60.42.0/24"), Some(want6))
         );
-        // Back to v4 only (IPv6 disabled, or a twilld not serving it): a plain key again.
+        // Back to v4 only (IPv6 disabled, or a twilld not serving it): a plain key again,
+        // created before the dual one goes.
+        let (_, rev) = reg.list_subnets().await?;
         let down = acquire(&reg, &v4only, &attrs(1), None, TTL).await?;
         assert_eq!((down.subnet, down.subnet6), (first.subnet, None));
+        assert_eq!(
+            changes_since(&reg, rev + 1, 2).await?,
+            vec![
+                format!("put {}", down.key()),
+                format!("delete {}", up.key())
+            ]
+        );
         assert!(subnets(&reg)
             .await?
             .contains_key(&format!("{}-24", first.subnet.network())));

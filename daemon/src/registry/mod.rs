@@ -336,6 +336,10 @@ async fn claim<R: SubnetRegistry>(
         // 1. Our own lease from before (same public IP or VTEP MAC): keep it if it still fits.
         let mut reuse = None;
         let mut preferred = previous;
+        // Our keys for the subnet we keep, in the other form: deleted only once the new key
+        // exists, so peers never see the subnet go (the plain key speaks for it until then,
+        // and the new one, with the same IPv4 side, after).
+        let mut replaced: Vec<SubnetKv> = Vec::new();
         for (net, net6, kv, _, same_mac) in mine {
             let fits = cfg.fits(net);
             // The key we hold: plain on a v4-only network (or while we serve no IPv6), with an
@@ -348,17 +352,25 @@ async fn claim<R: SubnetRegistry>(
             };
             if fits && reuse.is_none() && wanted {
                 reuse = Some((net, net6.filter(|_| v6.is_some()), kv));
-            } else if !fits || !wanted || same_mac {
+            } else if fits && !wanted {
                 // A key of the other form (`...&fc00::-64` while we serve v4 only, a plain or
-                // out-of-range one when we serve IPv6) is replaced for the same subnet. A
-                // second lease with our MAC is an older one of ours: peers cannot reach one MAC
-                // at two addresses.
+                // out-of-range one when we serve IPv6): replaced for the same subnet.
+                taken.remove(&net);
+                odd.retain(|(n, _)| *n != net);
+                if let Some(n6) = net6 {
+                    taken6.remove(&n6);
+                }
+                // Still ours: beats the subnet file.
+                preferred.v4 = Some(net);
+                if let Some(n6) = net6.filter(|n6| v6.is_some_and(|r| r.fits(*n6))) {
+                    preferred.v6 = Some(n6);
+                }
+                replaced.push(kv);
+            } else if !fits || same_mac {
+                // Outside the config, or a second lease with our MAC (an older one of ours:
+                // peers cannot reach one MAC at two addresses).
                 let why = if !fits {
                     "outside the network config"
-                } else if !wanted && v6.is_some() {
-                    "not a dual-stack key of this network"
-                } else if !wanted {
-                    "a dual-stack key"
                 } else {
                     "a second lease with our VTEP MAC"
                 };
@@ -370,13 +382,6 @@ async fn claim<R: SubnetRegistry>(
                 odd.retain(|(n, _)| *n != net);
                 if let Some(n6) = net6 {
                     taken6.remove(&n6);
-                }
-                if fits && !wanted {
-                    // Still ours: beats the subnet file.
-                    preferred.v4 = Some(net);
-                    if let Some(n6) = net6.filter(|n6| v6.is_some_and(|r| r.fits(*n6))) {
-                        preferred.v6 = Some(n6);
-                    }
                 }
             }
         }
@@ -400,6 +405,7 @@ async fn claim<R: SubnetRegistry>(
                     }
                     _ => tracing::info!(subnet = %net, "reusing our lease (same public IP)"),
                 }
+                delete_replaced(reg, &replaced).await?;
                 return Ok((own(net, net6), lease));
             }
             continue 'attempt;
@@ -425,21 +431,42 @@ async fn claim<R: SubnetRegistry>(
         let key = dual_subnet_key(Some(candidate), candidate6);
         let lease = lease_id(reg, ttl, granted).await?;
         if reg.create_subnet(&key, &value, lease).await? {
-            if candidate6.is_some() && lost_race(reg, &key).await? {
+            if candidate6.is_some() && lost_race(reg, &key, &replaced).await? {
                 tracing::debug!(key, "an older key claims one of our subnets; picking again");
                 continue 'attempt;
             }
             tracing::info!(subnet = %candidate, subnet6 = ?candidate6, "acquired subnet lease");
+            delete_replaced(reg, &replaced).await?;
             return Ok((own(candidate, candidate6), lease));
         }
         tracing::debug!(subnet = %candidate, "lost the race for a subnet; picking again");
     }
 }
 
+/// Our keys of the other form, once their successor exists. One changed meanwhile (another
+/// node's now) is left alone.
+async fn delete_replaced<R: SubnetRegistry>(
+    reg: &R,
+    replaced: &[SubnetKv],
+) -> Result<(), RegistryError> {
+    for kv in replaced {
+        tracing::info!(key = %crate::excerpt::echo(&kv.name), "deleting our old lease of the other form");
+        if !reg.delete_subnet(&kv.name, kv.mod_revision).await? {
+            tracing::warn!(key = %crate::excerpt::echo(&kv.name), "our old lease changed before it could be deleted; left alone");
+        }
+    }
+    Ok(())
+}
+
 /// After creating the dual-stack key `key`: whether an older key (another node's, created
 /// between our list and our create) names one of its subnets. If so ours is deleted: the older
-/// one keeps the subnet on every node (the peer view's rule), and we pick again.
-async fn lost_race<R: SubnetRegistry>(reg: &R, key: &str) -> Result<bool, RegistryError> {
+/// one keeps the subnet on every node (the peer view's rule), and we pick again. Our own keys
+/// that `key` replaces (`replaced`) do not count.
+async fn lost_race<R: SubnetRegistry>(
+    reg: &R,
+    key: &str,
+    replaced: &[SubnetKv],
+) -> Result<bool, RegistryError> {
     let (kvs, _) = reg.list_subnets().await?;
     let Some(ours) = kvs.iter().find(|kv| kv.name == key) else {
         return Ok(true); // gone already (deleted, or expired): pick again
@@ -447,6 +474,7 @@ async fn lost_race<R: SubnetRegistry>(reg: &R, key: &str) -> Result<bool, Regist
     let (v4, v6) = (subnet_key_v4_part(key), subnet_key_v6_part(key));
     let older = kvs.iter().any(|kv| {
         kv.name != key
+            && !replaced.iter().any(|r| r.name == kv.name)
             && (kv.create_revision, &kv.name) < (ours.create_revision, &ours.name)
             && ((v4.is_some() && subnet_key_v4_part(&kv.name) == v4)
                 || (v6.is_some() && subnet_key_v6_part(&kv.name) == v6))
