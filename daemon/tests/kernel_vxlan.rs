@@ -15,7 +15,7 @@ use twill_daemon::backend::vxlan::VxlanBackend;
 use twill_daemon::backend::{Backend, BackendError, LocalNode};
 use twill_daemon::config::{BackendConfig, BackendKind};
 use twill_daemon::mac::MacAddr;
-use twill_daemon::netlink::{IfaceSelector, KernelEvent, Netlink, VxlanSpec};
+use twill_daemon::netlink::{IfaceSelector, KernelEvent, Netlink, VxlanSpec, Watch, Watched};
 use twill_daemon::peer::Peer;
 use twill_daemon::reconcile::{self, Op, Path, PeerChange};
 
@@ -659,7 +659,16 @@ fn subscribe_reports_deleted_entries_devices_and_addresses() {
             .apply(idx, &reconcile::diff(&peers(2), &Default::default()))
             .await;
         assert!(r.failed.is_empty());
-        let mut rx = nl.subscribe(idx, true).unwrap();
+        let mut rx = nl
+            .subscribe(Watch {
+                v4: Watched {
+                    ifindex: idx,
+                    overlay: true,
+                },
+                v6: None,
+                underlay: u.index,
+            })
+            .unwrap();
         let run = |cmd: &str| {
             assert!(
                 Command::new("sh")
@@ -727,6 +736,144 @@ fn subscribe_reports_deleted_entries_devices_and_addresses() {
         run("ip link del twill.1");
         seen.push((
             "device deleted",
+            next_event(&mut rx, KernelEvent::DeviceChanged)
+                .await
+                .unwrap_or(false),
+        ));
+        seen
+    });
+    for (what, ok) in events {
+        assert!(ok, "no event for: {what}");
+    }
+}
+
+/// A dual-stack node's IPv6 device is watched like the IPv4 one: our own deletions of its
+/// entries are no event, a hand deletion of its route, neighbour or FDB entry is, and so is
+/// an IPv6 address change on the underlay (the IPv6 endpoint may move).
+#[test]
+fn subscribe_reports_the_ipv6_side_too() {
+    use ipnet::Ipv6Net;
+    use std::net::Ipv6Addr;
+    use twill_daemon::netlink::VxlanSpecOf;
+    use twill_daemon::peer::PeerOf;
+    use twill_daemon::reconcile::KernelEntriesOf;
+
+    let p = Pair::new('e', 62);
+    sh(&format!(
+        "ip -n {} addr add fd00:18:62::1/64 dev va nodad",
+        p.a
+    ));
+    let ns = p.a.clone();
+    let ip = p.ip_a;
+    let events = in_ns(&ns, move || async move {
+        let nl = Netlink::new().unwrap();
+        let u = nl
+            .find_underlay(Some(&IfaceSelector::Addr(ip)))
+            .await
+            .unwrap();
+        let idx4 = nl
+            .ensure_vxlan(&spec("va", ip, u.index, 8472, "10.244.1.0/24"))
+            .await
+            .unwrap();
+        let peer = |i: u32| PeerOf::<Ipv6Net> {
+            subnet: format!("fd00:10:244:{i:x}::/64").parse().unwrap(),
+            public_ip: format!("fd00:18:62::{i:x}").parse().unwrap(),
+            vtep_mac: Some(mac(600 + i)),
+        };
+        let idx6 = nl
+            .ensure_vxlan(&VxlanSpecOf::<Ipv6Net> {
+                name: "twill-v6.1".into(),
+                vni: 1,
+                local: "fd00:18:62::1".parse::<Ipv6Addr>().unwrap(),
+                underlay_index: u.index,
+                port: 8472,
+                mtu: 1430,
+                mac: mac(601),
+                addr: "fd00:10:244:1::/128".parse().unwrap(),
+            })
+            .await
+            .unwrap();
+        let both = [peer(2), peer(3)];
+        let r = nl
+            .apply(idx6, &reconcile::diff(&both, &KernelEntriesOf::default()))
+            .await;
+        assert!(r.failed.is_empty(), "{:?}", r.failed);
+        let mut rx = nl
+            .subscribe(Watch {
+                v4: Watched {
+                    ifindex: idx4,
+                    overlay: true,
+                },
+                v6: Some(Watched {
+                    ifindex: idx6,
+                    overlay: true,
+                }),
+                underlay: u.index,
+            })
+            .unwrap();
+        let run = |cmd: &str| {
+            assert!(
+                Command::new("sh")
+                    .arg("-c")
+                    .arg(cmd)
+                    .status()
+                    .unwrap()
+                    .success(),
+                "{cmd}"
+            )
+        };
+        let drain =
+            |rx: &mut tokio::sync::mpsc::Receiver<KernelEvent>| while rx.try_recv().is_ok() {};
+        let mut seen = Vec::new();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drain(&mut rx);
+        // Our own removal of peer 3's three entries: silence.
+        let actual = nl.dump_entries::<Ipv6Net>(Some(idx6)).await.unwrap();
+        let ours = reconcile::diff(&[peer(2)], &actual);
+        assert_eq!(ours.len(), 3, "{ours:?}");
+        assert!(nl.apply(idx6, &ours).await.failed.is_empty());
+        let quiet = tokio::time::timeout(Duration::from_millis(500), rx.recv())
+            .await
+            .is_err();
+        seen.push(("silence after our own IPv6 deletions", quiet));
+        for (what, cmd) in [
+            (
+                "IPv6 route deleted",
+                "ip -6 route del fd00:10:244:2::/64 dev twill-v6.1",
+            ),
+            (
+                "IPv6 neighbour deleted",
+                "ip -6 neigh del fd00:10:244:2:: dev twill-v6.1",
+            ),
+            (
+                "IPv6 FDB entry deleted",
+                &format!(
+                    "bridge fdb del {} dev twill-v6.1 dst fd00:18:62::2 self",
+                    mac(602)
+                ),
+            ),
+        ] {
+            drain(&mut rx);
+            run(cmd);
+            seen.push((
+                what,
+                next_event(&mut rx, KernelEvent::DeviceChanged)
+                    .await
+                    .unwrap_or(false),
+            ));
+        }
+        drain(&mut rx);
+        run("ip -6 addr add fd00:18:62::99/64 dev va nodad");
+        seen.push((
+            "IPv6 address added on the underlay",
+            next_event(&mut rx, KernelEvent::AddressChanged)
+                .await
+                .unwrap_or(false),
+        ));
+        drain(&mut rx);
+        run("ip link del twill-v6.1");
+        seen.push((
+            "IPv6 device deleted",
             next_event(&mut rx, KernelEvent::DeviceChanged)
                 .await
                 .unwrap_or(false),

@@ -334,8 +334,8 @@ fn network_policy_holds_on_ipv6_as_on_ipv4_and_never_blocks_neighbour_discovery(
 
 #[test]
 fn dual_stack_restart_keeps_both_subnets_and_a_flanneld_dual_lease_is_programmed() -> Result<()> {
-    // IPv6 drift is found by the periodic resync (kernel events follow the IPv4 device).
-    let mut lab = dual_lab_with(2, &["--resync-interval", "2s"])?;
+    // No periodic resync within the test: IPv6 drift must be found by kernel events.
+    let mut lab = dual_lab_with(2, &["--resync-interval", "600s"])?;
     wait_programmed6(&lab, 2)?;
     let before = side6(&lab, 2)?;
     let v4 = lab.status(2)?["node"]["subnet"].clone();
@@ -374,6 +374,36 @@ fn dual_stack_restart_keeps_both_subnets_and_a_flanneld_dual_lease_is_programmed
                 .is_ok_and(|f| f.contains(&after.public_ip))
     })
     .context("the IPv6 entries removed by hand were not restored")?;
+    ping6(&lab, 1, &side6(&lab, 1)?.addr(), &after.addr())?;
+
+    // Node 2's underlay IPv6 address moves (again no resync: kernel events only): node 2 takes
+    // the new one as its endpoint, its lease says so, and node 1 tunnels IPv6 there.
+    let moved = "fd00:198:18::99";
+    let old6 = format!("{}/64", lab.node_ip6(2));
+    lab.exec_ok(
+        2,
+        &[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{moved}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    )?;
+    lab.exec_ok(2, &["ip", "-6", "addr", "del", &old6, "dev", "eth0"])?;
+    wait_until(CONVERGE, || {
+        lab.exec_ok(1, &["bridge", "fdb", "show", "dev", DEV6])
+            .is_ok_and(|f| f.contains(&format!("dst {moved} ")))
+    })
+    .context("node 1 does not tunnel IPv6 to node 2's new address")?;
+    // (The lease changes first; /status once node 2 has set up its device again.)
+    wait_until(CONVERGE, || {
+        side6(&lab, 2).is_ok_and(|s| s.public_ip == moved)
+    })
+    .context("node 2's /status keeps the old IPv6 endpoint")?;
     ping6(&lab, 1, &side6(&lab, 1)?.addr(), &after.addr())?;
 
     // A dual-stack flanneld node's lease, as flanneld writes it: programmed on the v6 device

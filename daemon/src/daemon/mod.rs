@@ -341,10 +341,8 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
         args, cfg, shared, nl, backend, device, local, underlay, firewall, node_tx, attrs_tx,
         policy, host, v6,
     );
-    let mut kernel_rx = node
-        .nl
-        .subscribe(node.device.ifindex, node.device.overlay)?;
-    let mut subscribed = node.device.ifindex;
+    let mut subscribed = node.watch();
+    let mut kernel_rx = node.nl.subscribe(subscribed)?;
 
     let mut resync = tokio::time::interval(resync_every);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -406,12 +404,12 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
             }
             _ = resync.tick() => node.on_resync().await,
         }
-        // Whichever path recreated the device, events must follow the new one.
-        if node.device.ifindex != subscribed {
-            match node.nl.subscribe(node.device.ifindex, node.device.overlay) {
+        // Whichever path recreated a device (or moved the underlay), events must follow it.
+        if node.watch() != subscribed {
+            match node.nl.subscribe(node.watch()) {
                 Ok(rx) => {
                     kernel_rx = rx;
-                    subscribed = node.device.ifindex;
+                    subscribed = node.watch();
                 }
                 Err(e) => warn!(error = %e, "re-subscribing to kernel events failed"),
             }

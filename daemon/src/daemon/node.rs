@@ -15,7 +15,7 @@ use crate::cli::RunArgs;
 use crate::cni::NodeNet;
 use crate::config::NetworkConfig;
 use crate::lease::{LeaseAttrs, LeaseBackend};
-use crate::netlink::{Netlink, Underlay};
+use crate::netlink::{Netlink, Underlay, Watch, Watched};
 use crate::overlap::HostNets;
 use crate::policy::PolicyHandle;
 use crate::registry::{OwnLease, PeerEvent};
@@ -177,13 +177,8 @@ impl Node {
     }
 
     pub async fn on_resync(&mut self) {
-        // Kernel events follow the IPv4 device and addresses only: the IPv6 endpoint and
-        // device are looked at here.
-        if self.args.public_ipv6.is_none() && self.follow_ipv6_endpoint().await {
-            self.setup().await;
-        }
         // Also retries a first reconcile that failed: until one succeeds the node is not ready.
-        // Also finds the IPv6 device gone.
+        // (Addresses, the underlay's IPv6 one too, are followed on kernel events.)
         self.reconcile("periodic").await;
         self.sync_blackhole().await;
         self.firewall.check(&self.shared).await;
@@ -370,6 +365,19 @@ impl Node {
                 ipv6: self.v6.as_ref().map(Side6::status),
             })
         });
+    }
+
+    /// What kernel events must follow: each family's device and the underlay.
+    pub fn watch(&self) -> Watch {
+        let watched = |d: &DeviceInfo| Watched {
+            ifindex: d.ifindex,
+            overlay: d.overlay,
+        };
+        Watch {
+            v4: watched(&self.device),
+            v6: self.v6.as_ref().map(|v6| watched(&v6.device)),
+            underlay: self.underlay.index,
+        }
     }
 
     /// The MTU pods get: a pod's packets of either family must fit the path they take, and the

@@ -2,81 +2,149 @@
 //! events that can make our data path wrong, coalesced so a burst becomes one event per kind.
 
 use futures::StreamExt;
+use ipnet::{Ipv4Net, Ipv6Net};
 use rtnetlink::packet_core::NetlinkPayload;
 use rtnetlink::packet_route::address::AddressMessage;
 use rtnetlink::packet_route::neighbour::NeighbourMessage;
-use rtnetlink::packet_route::route::RouteProtocol;
+use rtnetlink::packet_route::route::{RouteMessage, RouteProtocol};
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::sys::AsyncSocket;
 use rtnetlink::MulticastGroup;
 use tokio::sync::mpsc;
 
-use super::own::{EntryKey, OwnDeletions};
-use super::{neigh_dst_v4, neigh_lladdr, route_dst, route_oif};
+use super::family::NlFamily;
+use super::own::OwnDeletions;
+use super::{neigh_lladdr, route_oif};
 use super::{KernelEvent, NetlinkError, TWILL_RTPROT};
+use crate::reconcile::EntryKeyOf;
 
-/// What a notification means for device `ifindex`.
+/// A device whose changes concern us.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Watched {
+    pub ifindex: u32,
+    /// Our overlay device, whose neighbours and FDB entries are ours; otherwise the underlay
+    /// (host-gw), whose neighbours come and go on their own.
+    pub overlay: bool,
+}
+
+/// What the notification socket follows: each family's device (the IPv6 one on a node that
+/// serves a dual-stack network's IPv6 side) and the underlay, whose IPv6 address is the IPv6
+/// endpoint. IPv4 address changes count on any interface (the underlay may move).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Watch {
+    pub v4: Watched,
+    pub v6: Option<Watched>,
+    pub underlay: u32,
+}
+
+/// A deleted entry of either family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AnyKey {
+    V4(EntryKeyOf<Ipv4Net>),
+    V6(EntryKeyOf<Ipv6Net>),
+}
+
+/// What a notification means for the watched devices.
 #[derive(Debug, PartialEq, Eq)]
 enum Notice {
-    /// The device itself changed.
+    /// A device itself changed.
     Device,
-    /// An entry on it was deleted; `None` when the message does not say which.
-    Deleted(Option<EntryKey>),
+    /// An entry on one was deleted; `None` when the message does not say which.
+    Deleted(Option<AnyKey>),
     Address,
 }
 
-/// `overlay`: `ifindex` is our overlay device, whose neighbours are ours; otherwise it is the
-/// underlay (host-gw), whose neighbours come and go on their own.
-fn classify(msg: &RouteNetlinkMessage, ifindex: u32, overlay: bool) -> Option<Notice> {
+fn classify(msg: &RouteNetlinkMessage, w: &Watch) -> Option<Notice> {
     use RouteNetlinkMessage as M;
-    let v4 = |a: &AddressMessage| a.header.family == AddressFamily::Inet;
+    let ours = |i: u32| i == w.v4.ifindex || w.v6.is_some_and(|d| d.ifindex == i);
     match msg {
-        M::NewLink(l) | M::DelLink(l) if l.header.index == ifindex => Some(Notice::Device),
-        // Neighbours and FDB entries (AF_BRIDGE) both come as neighbour messages. IPv6
-        // neighbours (the kernel's own multicast entries) are not ours.
-        M::DelNeighbour(n)
-            if overlay
-                && n.header.ifindex == ifindex
-                && matches!(n.header.family, AddressFamily::Inet | AddressFamily::Bridge) =>
-        {
-            Some(Notice::Deleted(neighbour_key(n)))
-        }
-        M::DelRoute(r) => {
-            let direct = r.header.protocol == RouteProtocol::Other(TWILL_RTPROT);
-            (route_oif(r) == Some(ifindex) || direct)
-                .then(|| Notice::Deleted(route_dst(r).map(EntryKey::Route)))
-        }
-        M::NewAddress(a) | M::DelAddress(a) if v4(a) => Some(Notice::Address),
+        M::NewLink(l) | M::DelLink(l) if ours(l.header.index) => Some(Notice::Device),
+        M::DelNeighbour(n) => deleted_neighbour(n, w),
+        M::DelRoute(r) => deleted_route(r, w),
+        M::NewAddress(a) | M::DelAddress(a) => address(a, w).then_some(Notice::Address),
         _ => None,
     }
 }
 
-fn neighbour_key(n: &NeighbourMessage) -> Option<EntryKey> {
+/// Neighbours and FDB entries (AF_BRIDGE) both come as neighbour messages; on each overlay
+/// device those of its family are ours (the kernel's own IPv6 entries on the IPv4 device are
+/// not).
+fn deleted_neighbour(n: &NeighbourMessage, w: &Watch) -> Option<Notice> {
+    let (i, fam) = (n.header.ifindex, n.header.family);
+    if w.v4.overlay && i == w.v4.ifindex {
+        return matches!(fam, AddressFamily::Inet | AddressFamily::Bridge)
+            .then(|| Notice::Deleted(neighbour_key::<Ipv4Net>(n).map(AnyKey::V4)));
+    }
+    w.v6.filter(|d| d.overlay && d.ifindex == i)?;
+    matches!(fam, AddressFamily::Inet6 | AddressFamily::Bridge)
+        .then(|| Notice::Deleted(neighbour_key::<Ipv6Net>(n).map(AnyKey::V6)))
+}
+
+fn neighbour_key<N: NlFamily>(n: &NeighbourMessage) -> Option<EntryKeyOf<N>> {
     match n.header.family {
-        AddressFamily::Inet => neigh_dst_v4(n).map(EntryKey::Neigh),
-        AddressFamily::Bridge => Some(EntryKey::Fdb(neigh_lladdr(n)?, neigh_dst_v4(n)?)),
+        AddressFamily::Bridge => Some(EntryKeyOf::Fdb(neigh_lladdr(n)?, N::neigh_dst(n)?)),
+        _ => N::neigh_dst(n).map(EntryKeyOf::Neigh),
+    }
+}
+
+/// A route of a watched family through its device, or one of ours anywhere (host-gw and
+/// DirectRouting routes leave through the underlay).
+fn deleted_route(r: &RouteMessage, w: &Watch) -> Option<Notice> {
+    let direct = r.header.protocol == RouteProtocol::Other(TWILL_RTPROT);
+    match r.header.address_family {
+        AddressFamily::Inet => (route_oif(r) == Some(w.v4.ifindex) || direct).then(|| {
+            Notice::Deleted(
+                <Ipv4Net as NlFamily>::route_dst(r).map(|d| AnyKey::V4(EntryKeyOf::Route(d))),
+            )
+        }),
+        AddressFamily::Inet6 => {
+            let d6 = w.v6?;
+            (route_oif(r) == Some(d6.ifindex) || direct).then(|| {
+                Notice::Deleted(
+                    <Ipv6Net as NlFamily>::route_dst(r).map(|d| AnyKey::V6(EntryKeyOf::Route(d))),
+                )
+            })
+        }
         _ => None,
+    }
+}
+
+/// Any IPv4 address (the underlay may move to another interface); IPv6 addresses of the
+/// underlay when we serve IPv6 (pods' link-local addresses on other interfaces are no news).
+fn address(a: &AddressMessage, w: &Watch) -> bool {
+    match a.header.family {
+        AddressFamily::Inet => true,
+        AddressFamily::Inet6 => w.v6.is_some() && a.header.index == w.underlay,
+        _ => false,
     }
 }
 
 pub(super) fn subscribe(
-    ifindex: u32,
-    overlay: bool,
-    own: OwnDeletions,
+    w: Watch,
+    own: OwnDeletions<Ipv4Net>,
+    own6: OwnDeletions<Ipv6Net>,
 ) -> Result<mpsc::Receiver<KernelEvent>, NetlinkError> {
     let rt = tokio::runtime::Handle::try_current()
         .map_err(|e| NetlinkError::failed("netlink subscription needs a tokio runtime", e))?;
-    let (mut conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
+    let mut groups = vec![
         MulticastGroup::Link,
         MulticastGroup::Ipv4Ifaddr,
         MulticastGroup::Ipv4Route,
         MulticastGroup::Neigh,
-    ])
-    .map_err(|e| NetlinkError::failed("subscribe to kernel events", e))?;
+    ];
+    if w.v6.is_some() {
+        groups.extend([MulticastGroup::Ipv6Ifaddr, MulticastGroup::Ipv6Route]);
+    }
+    let (mut conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&groups)
+        .map_err(|e| NetlinkError::failed("subscribe to kernel events", e))?;
     // Deleting thousands of entries floods the socket; a bigger buffer makes overruns rare, and
     // an overrun is reported as a change anyway.
     let _ = conn.socket_mut().socket_mut().set_rx_buf_sz(4usize << 20);
     rt.spawn(conn);
+    let echo = move |k: AnyKey| match k {
+        AnyKey::V4(k) => own.take(k),
+        AnyKey::V6(k) => own6.take(k),
+    };
 
     let (tx, rx) = mpsc::channel(2);
     rt.spawn(async move {
@@ -89,10 +157,10 @@ pub(super) fn subscribe(
                 m = messages.next() => {
                     let Some((m, _)) = m else { break };
                     match m.payload {
-                        NetlinkPayload::InnerMessage(msg) => match classify(&msg, ifindex, overlay) {
+                        NetlinkPayload::InnerMessage(msg) => match classify(&msg, &w) {
                             Some(Notice::Device) => device = true,
                             // Our own deletions echo back: not news.
-                            Some(Notice::Deleted(Some(key))) if own.take(key) => {}
+                            Some(Notice::Deleted(Some(key))) if echo(key) => {}
                             Some(Notice::Deleted(_)) => device = true,
                             Some(Notice::Address) => address = true,
                             None => {}
@@ -128,8 +196,22 @@ mod tests {
     use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 
     use crate::mac::MacAddr;
+    use crate::reconcile::EntryKey;
 
     use super::*;
+
+    /// The IPv4 device 7 (an overlay unless `overlay` is false), no IPv6 side, underlay 1.
+    fn w4(ifindex: u32, overlay: bool) -> Watch {
+        Watch {
+            v4: Watched { ifindex, overlay },
+            v6: None,
+            underlay: 1,
+        }
+    }
+
+    fn del(k: EntryKey) -> Option<Notice> {
+        Some(Notice::Deleted(Some(AnyKey::V4(k))))
+    }
 
     #[test]
     fn classifies_only_what_concerns_us() {
@@ -137,10 +219,10 @@ mod tests {
         let mut link = LinkMessage::default();
         link.header.index = 7;
         assert_eq!(
-            classify(&M::DelLink(link.clone()), 7, true),
+            classify(&M::DelLink(link.clone()), &w4(7, true)),
             Some(Notice::Device)
         );
-        assert_eq!(classify(&M::DelLink(link), 8, true), None);
+        assert_eq!(classify(&M::DelLink(link), &w4(8, true)), None);
 
         let ip: Ipv4Addr = "10.244.2.0".parse().unwrap();
         let mac: MacAddr = "0e:00:00:00:00:02".parse().unwrap();
@@ -150,10 +232,10 @@ mod tests {
         n.attributes
             .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
         assert_eq!(
-            classify(&M::DelNeighbour(n.clone()), 7, true),
-            Some(Notice::Deleted(Some(EntryKey::Neigh(ip))))
+            classify(&M::DelNeighbour(n.clone()), &w4(7, true)),
+            del(EntryKey::Neigh(ip))
         );
-        assert_eq!(classify(&M::NewNeighbour(n.clone()), 7, true), None);
+        assert_eq!(classify(&M::NewNeighbour(n.clone()), &w4(7, true)), None);
         // FDB: AF_BRIDGE, keyed by MAC and remote VTEP.
         let vtep: Ipv4Addr = "198.18.0.2".parse().unwrap();
         n.header.family = AddressFamily::Bridge;
@@ -163,19 +245,19 @@ mod tests {
             NeighbourAttribute::Destination(NeighbourAddress::Other(vtep.octets().to_vec())),
         ];
         assert_eq!(
-            classify(&M::DelNeighbour(n.clone()), 7, true),
-            Some(Notice::Deleted(Some(EntryKey::Fdb(mac, vtep))))
+            classify(&M::DelNeighbour(n.clone()), &w4(7, true)),
+            del(EntryKey::Fdb(mac, vtep))
         );
         // Without the attributes it cannot be matched to ours: still news.
         n.attributes.clear();
         assert_eq!(
-            classify(&M::DelNeighbour(n.clone()), 7, true),
+            classify(&M::DelNeighbour(n.clone()), &w4(7, true)),
             Some(Notice::Deleted(None))
         );
         // On the underlay (host-gw) neighbours come and go by themselves: not ours.
-        assert_eq!(classify(&M::DelNeighbour(n.clone()), 7, false), None);
+        assert_eq!(classify(&M::DelNeighbour(n.clone()), &w4(7, false)), None);
         n.header.family = AddressFamily::Inet6;
-        assert_eq!(classify(&M::DelNeighbour(n), 7, true), None);
+        assert_eq!(classify(&M::DelNeighbour(n), &w4(7, true)), None);
 
         let mut r = RouteMessage::default();
         r.header.address_family = AddressFamily::Inet;
@@ -184,30 +266,111 @@ mod tests {
             .push(RouteAttribute::Destination(RouteAddress::Inet(ip)));
         r.header.destination_prefix_length = 24;
         let key = EntryKey::Route("10.244.2.0/24".parse().unwrap());
-        assert_eq!(
-            classify(&M::DelRoute(r.clone()), 7, true),
-            Some(Notice::Deleted(Some(key)))
-        );
-        assert_eq!(classify(&M::DelRoute(r.clone()), 9, true), None);
+        assert_eq!(classify(&M::DelRoute(r.clone()), &w4(7, true)), del(key));
+        assert_eq!(classify(&M::DelRoute(r.clone()), &w4(9, true)), None);
         r.header.protocol = RouteProtocol::Other(TWILL_RTPROT);
-        assert_eq!(
-            classify(&M::DelRoute(r), 9, true),
-            Some(Notice::Deleted(Some(key)))
-        );
+        assert_eq!(classify(&M::DelRoute(r), &w4(9, true)), del(key));
 
         let mut a = AddressMessage::default();
         a.header.family = AddressFamily::Inet;
         assert_eq!(
-            classify(&M::NewAddress(a.clone()), 1, true),
+            classify(&M::NewAddress(a.clone()), &w4(1, true)),
             Some(Notice::Address)
         );
         a.header.family = AddressFamily::Inet6;
-        assert_eq!(classify(&M::DelAddress(a), 1, true), None);
+        assert_eq!(classify(&M::DelAddress(a), &w4(1, true)), None);
+    }
+
+    /// A dual-stack node: the IPv6 device's entries, its IPv6 routes and twill's IPv6 routes
+    /// anywhere, and the underlay's IPv6 addresses are watched too; a v4-only node ignores them.
+    #[test]
+    fn classifies_the_ipv6_side() {
+        use std::net::Ipv6Addr;
+        use RouteNetlinkMessage as M;
+        let dual = Watch {
+            v4: Watched {
+                ifindex: 7,
+                overlay: true,
+            },
+            v6: Some(Watched {
+                ifindex: 8,
+                overlay: true,
+            }),
+            underlay: 1,
+        };
+        let v4_only = w4(7, true);
+        let del6 = |k| Some(Notice::Deleted(Some(AnyKey::V6(k))));
+        let mut link = LinkMessage::default();
+        link.header.index = 8;
+        assert_eq!(
+            classify(&M::DelLink(link.clone()), &dual),
+            Some(Notice::Device)
+        );
+        assert_eq!(classify(&M::DelLink(link), &v4_only), None);
+
+        let gw: Ipv6Addr = "fd00:10:244:2::".parse().unwrap();
+        let vtep: Ipv6Addr = "fd00:198:18::c".parse().unwrap();
+        let mac: MacAddr = "0e:00:00:00:06:02".parse().unwrap();
+        let mut n = NeighbourMessage::default();
+        n.header.ifindex = 8;
+        n.header.family = AddressFamily::Inet6;
+        n.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet6(gw)));
+        assert_eq!(
+            classify(&M::DelNeighbour(n.clone()), &dual),
+            del6(EntryKeyOf::Neigh(gw))
+        );
+        assert_eq!(classify(&M::DelNeighbour(n.clone()), &v4_only), None);
+        // The kernel's IPv6 neighbours on the IPv4 device stay no news.
+        n.header.ifindex = 7;
+        assert_eq!(classify(&M::DelNeighbour(n.clone()), &dual), None);
+        n.header.ifindex = 8;
+        n.header.family = AddressFamily::Bridge;
+        n.attributes = vec![
+            NeighbourAttribute::LinkLayerAddress(mac.octets().to_vec()),
+            NeighbourAttribute::Destination(NeighbourAddress::Other(vtep.octets().to_vec())),
+        ];
+        assert_eq!(
+            classify(&M::DelNeighbour(n), &dual),
+            del6(EntryKeyOf::Fdb(mac, vtep))
+        );
+
+        let mut r = RouteMessage::default();
+        r.header.address_family = AddressFamily::Inet6;
+        r.header.destination_prefix_length = 64;
+        r.attributes.push(RouteAttribute::Oif(8));
+        r.attributes
+            .push(RouteAttribute::Destination(RouteAddress::Inet6(gw)));
+        let key = EntryKeyOf::Route("fd00:10:244:2::/64".parse().unwrap());
+        assert_eq!(classify(&M::DelRoute(r.clone()), &dual), del6(key));
+        assert_eq!(classify(&M::DelRoute(r.clone()), &v4_only), None);
+        // host-gw / DirectRouting: ours on the underlay.
+        r.attributes[0] = RouteAttribute::Oif(1);
+        assert_eq!(classify(&M::DelRoute(r.clone()), &dual), None);
+        r.header.protocol = RouteProtocol::Other(TWILL_RTPROT);
+        assert_eq!(classify(&M::DelRoute(r), &dual), del6(key));
+
+        let mut a = AddressMessage::default();
+        a.header.family = AddressFamily::Inet6;
+        a.header.index = 1;
+        assert_eq!(
+            classify(&M::NewAddress(a.clone()), &dual),
+            Some(Notice::Address)
+        );
+        assert_eq!(classify(&M::NewAddress(a.clone()), &v4_only), None);
+        // A pod's veth getting its link-local address is no news.
+        a.header.index = 23;
+        assert_eq!(classify(&M::NewAddress(a), &dual), None);
     }
 
     #[test]
     fn needs_a_runtime() {
-        assert!(subscribe(1, true, OwnDeletions::default()).is_err());
+        assert!(subscribe(
+            w4(1, true),
+            OwnDeletions::default(),
+            OwnDeletions::default()
+        )
+        .is_err());
         assert!(crate::netlink::Netlink::new().is_err());
     }
 }

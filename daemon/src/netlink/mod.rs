@@ -35,6 +35,7 @@ use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 use tokio::sync::mpsc;
 
 use addr::{addr_ip_of, addr_of};
+pub use events::{Watch, Watched};
 pub use family::NlFamily;
 
 use crate::mac::MacAddr;
@@ -779,16 +780,11 @@ impl Netlink {
         Ok(out)
     }
 
-    /// Multicast subscription (links, v4 addresses, routes, neighbours): changes to device
-    /// `ifindex` and its entries made by anyone but this `Netlink` (and its clones), and
-    /// address changes on any interface (the underlay's may have moved). `overlay`: the device
-    /// is our overlay device (its neighbours are ours), not the underlay.
-    pub fn subscribe(
-        &self,
-        ifindex: u32,
-        overlay: bool,
-    ) -> Result<mpsc::Receiver<KernelEvent>, NetlinkError> {
-        events::subscribe(ifindex, overlay, self.own.clone())
+    /// Multicast subscription (links, addresses, routes, neighbours): changes to the watched
+    /// devices and their entries made by anyone but this `Netlink` (and its clones), and
+    /// address changes (see `Watch`).
+    pub fn subscribe(&self, watch: Watch) -> Result<mpsc::Receiver<KernelEvent>, NetlinkError> {
+        events::subscribe(watch, self.own.clone(), self.own6.clone())
     }
 
     /// Every IPv4 route the kernel has, all tables.
@@ -943,12 +939,6 @@ fn link_mtu(l: &LinkMessage) -> Option<u32> {
         LinkAttribute::Mtu(m) => Some(*m),
         _ => None,
     })
-}
-
-/// NDA_DST as an IPv4 address. AF_BRIDGE (FDB) messages do not say the address family, so the
-/// parser leaves their NDA_DST as raw bytes.
-fn neigh_dst_v4(n: &NeighbourMessage) -> Option<Ipv4Addr> {
-    <Ipv4Net as NlFamily>::neigh_dst(n)
 }
 
 fn neigh_lladdr(n: &NeighbourMessage) -> Option<MacAddr> {

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 
-pub use crate::reconcile::EntryKey;
 use crate::reconcile::{EntryKeyOf, OpOf};
 use crate::subnet::Cidr;
 
@@ -70,7 +69,7 @@ impl<N: Cidr> OwnDeletions<N> {
 
 #[cfg(test)]
 mod tests {
-    use crate::reconcile::Op;
+    use crate::reconcile::{EntryKey, Op};
     use std::net::Ipv4Addr;
 
     use super::*;
