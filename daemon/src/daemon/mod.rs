@@ -5,6 +5,7 @@
 mod fw;
 mod node;
 mod peers;
+mod side;
 mod side6;
 mod start;
 mod status;
@@ -305,7 +306,7 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
     info!(backend = ?cfg.backend.kind, device = %device.name, ifindex = device.ifindex, mtu = device.mtu, "backend ready");
     let v6 = match (&plan6, own.subnet6) {
         (Some(plan), Some(subnet6)) => {
-            Some(side6::Side6::start(&nl, &args, &cfg, plan, subnet6, &underlay.name).await?)
+            Some(side6::start(&nl, &args, &cfg, plan, subnet6, &underlay.name).await?)
         }
         _ => {
             side6::remove_leftovers(&nl).await;
@@ -337,9 +338,9 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
     );
 
     let resync_every = args.resync_interval;
+    let v4 = side::Side::new(backend, device, local, host);
     let mut node = Node::new(
-        args, cfg, shared, nl, backend, device, local, underlay, firewall, node_tx, attrs_tx,
-        policy, host, v6,
+        args, cfg, shared, nl, v4, underlay, firewall, node_tx, attrs_tx, policy, v6,
     );
     let mut subscribed = node.watch();
     let mut kernel_rx = node.nl.subscribe(subscribed)?;

@@ -3,20 +3,20 @@
 
 use std::time::Instant;
 
+use ipnet::Ipv4Net;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use super::fw::NodeFirewall;
-use super::peers::Sync;
-use super::side6::Side6;
+use super::side::Side;
+use super::side6::{self, Side6};
 use super::status::{NodeStatus, Shared};
-use crate::backend::{AnyBackend, Backend, DeviceInfo, LocalNode};
+use crate::backend::AnyBackend;
 use crate::cli::RunArgs;
 use crate::cni::NodeNet;
 use crate::config::NetworkConfig;
 use crate::lease::{LeaseAttrs, LeaseBackend};
-use crate::netlink::{Netlink, Underlay, Watch, Watched};
-use crate::overlap::HostNets;
+use crate::netlink::{Netlink, Underlay, Watch};
 use crate::policy::PolicyHandle;
 use crate::registry::{OwnLease, PeerEvent};
 use crate::subnet_file::SubnetEnv;
@@ -26,11 +26,9 @@ pub(super) struct Node {
     pub cfg: NetworkConfig,
     pub shared: std::sync::Arc<Shared>,
     pub nl: Netlink,
-    pub backend: AnyBackend,
-    pub device: DeviceInfo,
-    pub local: LocalNode,
+    /// The IPv4 side.
+    pub v4: Side<Ipv4Net, AnyBackend>,
     pub underlay: Underlay,
-    pub sync: Sync,
     pub firewall: NodeFirewall,
     pub node_tx: watch::Sender<Option<NodeNet>>,
     pub attrs_tx: watch::Sender<LeaseAttrs>,
@@ -52,15 +50,12 @@ impl Node {
         cfg: NetworkConfig,
         shared: std::sync::Arc<Shared>,
         nl: Netlink,
-        backend: AnyBackend,
-        device: DeviceInfo,
-        local: LocalNode,
+        v4: Side<Ipv4Net, AnyBackend>,
         underlay: Underlay,
         firewall: NodeFirewall,
         node_tx: watch::Sender<Option<NodeNet>>,
         attrs_tx: watch::Sender<LeaseAttrs>,
         policy: Option<PolicyHandle>,
-        host: HostNets,
         v6: Option<Side6>,
     ) -> Self {
         let node = Node {
@@ -68,11 +63,8 @@ impl Node {
             cfg,
             shared,
             nl,
-            backend,
-            device,
-            local,
+            v4,
             underlay,
-            sync: Sync::new(host),
             firewall,
             node_tx,
             attrs_tx,
@@ -107,22 +99,15 @@ impl Node {
             }
         }
         // The two families' kernel writes are independent: they run at once.
+        let shared = &self.shared;
         let v4 = async {
             if !peers.is_empty() {
-                self.sync
-                    .handle_events(
-                        &mut self.backend,
-                        &mut self.device,
-                        &self.local,
-                        peers,
-                        &self.shared,
-                    )
-                    .await;
+                self.v4.on_events(peers, shared).await;
             }
         };
         let v6 = async {
             if let (Some(v6), false) = (&mut self.v6, peers6.is_empty()) {
-                v6.on_events(peers6, &self.shared).await;
+                v6.on_events(peers6, shared).await;
             }
         };
         tokio::join!(v4, v6);
@@ -137,13 +122,13 @@ impl Node {
             }
             _ => false,
         };
-        if new.subnet == self.local.subnet && !moved6 {
+        if new.subnet == self.v4.local.subnet && !moved6 {
             return;
         }
-        if new.subnet != self.local.subnet {
-            warn!(old = %self.local.subnet, new = %new.subnet, "our lease moved to another subnet");
+        if new.subnet != self.v4.local.subnet {
+            warn!(old = %self.v4.local.subnet, new = %new.subnet, "our lease moved to another subnet");
         }
-        self.local.subnet = new.subnet;
+        self.v4.local.subnet = new.subnet;
         self.setup().await;
         if self.ready {
             self.write_ready().await;
@@ -154,11 +139,14 @@ impl Node {
     pub async fn on_kernel_change(&mut self, addr_changed: bool) {
         if addr_changed && self.args.public_ip.is_none() {
             match self.nl.find_underlay(self.args.iface.as_ref()).await {
-                Ok(u) if u.addr != self.local.public_ip || u.index != self.local.underlay_index => {
-                    info!(old = %self.local.public_ip, new = %u.addr, iface = %u.name, "underlay address changed");
-                    self.local.public_ip = u.addr;
-                    self.local.underlay_index = u.index;
-                    self.local.underlay_mtu = u.mtu;
+                Ok(u)
+                    if u.addr != self.v4.local.public_ip
+                        || u.index != self.v4.local.underlay_index =>
+                {
+                    info!(old = %self.v4.local.public_ip, new = %u.addr, iface = %u.name, "underlay address changed");
+                    self.v4.local.public_ip = u.addr;
+                    self.v4.local.underlay_index = u.index;
+                    self.v4.local.underlay_mtu = u.mtu;
                     self.attrs_tx.send_modify(|a| a.public_ip = u.addr);
                     self.underlay = u;
                 }
@@ -199,7 +187,7 @@ impl Node {
     /// subnet file is written (a failed write is retried on the next pass).
     pub async fn after_event(&mut self) {
         let synced6 = self.v6.as_ref().is_none_or(|v6| v6.sync.synced_once);
-        if !self.ready && self.sync.synced_once && synced6 {
+        if !self.ready && self.v4.sync.synced_once && synced6 {
             self.write_ready().await;
         }
         self.publish_readiness();
@@ -235,32 +223,33 @@ impl Node {
         });
     }
 
+    /// Both families at once (their kernel writes are independent).
     async fn reconcile(&mut self, why: &str) {
-        if let Some(v6) = &mut self.v6 {
-            v6.reconcile(why, &self.shared).await;
-        }
-        if self.sync.listed {
-            self.sync
-                .reconcile(
-                    &mut self.backend,
-                    &mut self.device,
-                    &self.local,
-                    &self.shared,
-                    why,
-                )
-                .await;
-        }
+        let shared = &self.shared;
+        let v6 = async {
+            if let Some(v6) = &mut self.v6 {
+                v6.reconcile(why, shared).await;
+            }
+        };
+        tokio::join!(self.v4.reconcile(why, shared), v6);
     }
 
+    /// Each side's device (again) and underlay networks; the firewall follows a changed device.
     async fn setup(&mut self) {
-        let before = self.device.clone();
-        self.device = setup_or_log(&mut self.backend, &self.local, before.clone()).await;
+        let devices = |n: &Self| {
+            (
+                n.v4.device.clone(),
+                n.v6.as_ref().map(|v6| v6.device.clone()),
+            )
+        };
+        let before = devices(self);
+        let name = self.underlay.name.clone();
+        self.v4.setup(&self.nl, &name).await;
         if let Some(v6) = &mut self.v6 {
-            v6.setup(&self.nl).await;
+            v6.setup(&self.nl, &name).await;
         }
-        self.refresh_host().await;
         self.publish_node();
-        if self.ready && self.device != before {
+        if self.ready && devices(self) != before {
             self.apply_firewall().await;
         }
     }
@@ -271,7 +260,7 @@ impl Node {
             .apply(
                 &self.args,
                 &self.cfg,
-                &self.device,
+                &self.v4.device,
                 self.v6.as_ref().map(|v6| &v6.device),
                 &self.shared,
             )
@@ -285,21 +274,25 @@ impl Node {
         self.apply_firewall().await;
         self.sync_blackhole().await;
         let _ = self.node_tx.send(Some(NodeNet {
-            subnet: self.local.subnet,
+            subnet: self.v4.local.subnet,
             subnet6: self.v6.as_ref().map(|v6| v6.local.subnet),
             mtu: self.pod_mtu(),
         }));
         let env = SubnetEnv {
             network: self.cfg.network,
-            subnet: self.local.subnet,
+            subnet: self.v4.local.subnet,
             mtu: self.pod_mtu(),
             ipmasq: self.args.ip_masq,
-            ipv6: self.v6.as_ref().map(|v6| (v6.network, v6.local.subnet)),
+            ipv6: self
+                .v6
+                .as_ref()
+                .zip(self.cfg.ipv6.as_ref())
+                .map(|(v6, r)| (r.network, v6.local.subnet)),
         };
         let file = &self.args.subnet_file;
         match env.write(file) {
             Ok(()) => {
-                info!(file = %file.display(), subnet = %self.local.subnet, "node ready");
+                info!(file = %file.display(), subnet = %self.v4.local.subnet, "node ready");
                 self.shared.update(|s| {
                     s.ready = true;
                     s.waiting_for = None;
@@ -317,27 +310,10 @@ impl Node {
         }
     }
 
-    /// The underlay's networks and our address as they are now: peer subnets must stay clear
-    /// of them (the etcd endpoints do not move).
-    async fn refresh_host(&mut self) {
-        match self.nl.addr_prefixes(self.local.underlay_index).await {
-            Ok(underlay) => {
-                let mut host = self.sync.host().clone();
-                host.public_ip = Some(self.local.public_ip);
-                host.underlay = underlay;
-                host.underlay_name = self.underlay.name.clone();
-                self.sync.set_host(host);
-            }
-            Err(e) => {
-                warn!(error = %e, "reading the underlay's networks failed; keeping the last known")
-            }
-        }
-    }
-
     /// `--ip-blackhole-route`: a blackhole route for our subnet, behind the bridge's own route;
     /// without the flag, none of ours (also from an earlier run with it).
     async fn sync_blackhole(&mut self) {
-        let want = self.args.ip_blackhole_route.then_some(self.local.subnet);
+        let want = self.args.ip_blackhole_route.then_some(self.v4.local.subnet);
         match self.nl.sync_blackholes(want).await {
             Ok(true) => info!(route = ?want, "blackhole route for our subnet updated"),
             Ok(false) => {}
@@ -346,7 +322,7 @@ impl Node {
     }
 
     fn publish_node(&self) {
-        let (l, u, d) = (&self.local, &self.underlay, &self.device);
+        let (l, u, d) = (&self.v4.local, &self.underlay, &self.v4.device);
         let (backend, vtep_mac) = match self.attrs_tx.borrow().backend {
             LeaseBackend::Vxlan { .. } => ("vxlan", Some(l.vtep_mac)),
             LeaseBackend::HostGw => ("host-gw", None),
@@ -362,20 +338,16 @@ impl Node {
                 device: d.name.clone(),
                 mtu: d.mtu,
                 tx_checksum_offload: d.tx_checksum,
-                ipv6: self.v6.as_ref().map(Side6::status),
+                ipv6: self.v6.as_ref().map(side6::status),
             })
         });
     }
 
     /// What kernel events must follow: each family's device and the underlay.
     pub fn watch(&self) -> Watch {
-        let watched = |d: &DeviceInfo| Watched {
-            ifindex: d.ifindex,
-            overlay: d.overlay,
-        };
         Watch {
-            v4: watched(&self.device),
-            v6: self.v6.as_ref().map(|v6| watched(&v6.device)),
+            v4: self.v4.watched(),
+            v6: self.v6.as_ref().map(Side6::watched),
             underlay: self.underlay.index,
         }
     }
@@ -384,8 +356,8 @@ impl Node {
     /// IPv6 overlay's overhead is 20 bytes more than the IPv4 one's.
     fn pod_mtu(&self) -> u32 {
         match &self.v6 {
-            Some(v6) => self.device.mtu.min(v6.device.mtu),
-            None => self.device.mtu,
+            Some(v6) => self.v4.device.mtu.min(v6.device.mtu),
+            None => self.v4.device.mtu,
         }
     }
 
@@ -418,19 +390,5 @@ impl Node {
             Err(e) => warn!(error = %e, "underlay lookup for the IPv6 address failed"),
         }
         false
-    }
-}
-
-pub(super) async fn setup_or_log<N: crate::netlink::NlFamily, B: Backend<N>>(
-    backend: &mut B,
-    local: &crate::backend::LocalNodeOf<N>,
-    current: DeviceInfo,
-) -> DeviceInfo {
-    match backend.setup(local).await {
-        Ok(d) => d,
-        Err(e) => {
-            error!(error = %e, "setting up the backend's device failed; will retry");
-            current
-        }
     }
 }

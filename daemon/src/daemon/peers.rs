@@ -9,7 +9,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use ipnet::{Ipv4Net, Ipv6Net};
 use tracing::{debug, error, info, warn};
 
-use super::node::setup_or_log;
+use super::side::setup_or_log;
 use super::status::{PeerStatusOf, ReconcileStatus, Shared, Status};
 use crate::backend::{ApplyStatsOf, Backend, BackendError, DeviceInfo, LocalNodeOf, PeerPath};
 use crate::metrics::Metrics;
@@ -92,8 +92,6 @@ pub(super) struct SyncOf<N: SyncFamily> {
     /// Peers no path reaches, with the reason last logged.
     unreachable: BTreeMap<N, String>,
 }
-
-pub(super) type Sync = SyncOf<Ipv4Net>;
 
 impl<N: SyncFamily> SyncOf<N> {
     pub(super) fn new(host: HostNetsOf<N>) -> Self {

@@ -1,23 +1,22 @@
-//! A dual-stack node's IPv6 side: its own backend (vxlan: a device `twill-v6.<VNI>`; host-gw:
-//! routes on the underlay via the peers' IPv6 addresses), its own peers (the IPv6 sides of the
-//! leases) and their sync, next to the IPv4 side and in step with it.
+//! A dual-stack node's IPv6 side: whether and how this node serves it (planned before the
+//! lease is taken), starting it (vxlan: a device `twill-v6.<VNI>`; host-gw: routes on the
+//! underlay via the peers' IPv6 addresses) and how /status shows it. Running, it is a `Side`
+//! like the IPv4 one.
 
 use ipnet::Ipv6Net;
 use tracing::{info, warn};
 
-use super::node::setup_or_log;
-use super::peers::SyncOf;
-use super::status::{NodeStatus6, Shared};
+use super::side::Side;
+use super::status::NodeStatus6;
 use super::StartError;
 use crate::backend::hostgw::HostGwBackendOf;
 use crate::backend::vxlan::VxlanBackendOf;
-use crate::backend::{AnyBackend6, DeviceInfo, LocalNodeOf};
+use crate::backend::{AnyBackend6, Backend, LocalNodeOf};
 use crate::cli::RunArgs;
 use crate::config::{BackendKind, NetworkConfig};
 use crate::lease::{LeaseBackend, LeaseV6};
 use crate::netlink::{Netlink, Underlay};
 use crate::overlap::HostNetsOf;
-use crate::registry::PeerEvent;
 
 /// What the IPv6 side needs before the lease is taken: the lease's v6 part, and the state
 /// its device is built from.
@@ -105,118 +104,61 @@ pub(super) async fn remove_leftovers(nl: &Netlink) {
     }
 }
 
-pub(super) struct Side6 {
-    pub backend: AnyBackend6,
-    pub device: DeviceInfo,
-    pub local: LocalNodeOf<Ipv6Net>,
-    pub sync: SyncOf<Ipv6Net>,
-    pub network: Ipv6Net,
+/// The IPv6 side of a dual-stack node.
+pub(super) type Side6 = Side<Ipv6Net, AnyBackend6>;
+
+/// Sets up the IPv6 side for our IPv6 subnet; Err when the pod network would capture the
+/// node's own IPv6 traffic, or the device cannot be made.
+pub(super) async fn start(
+    nl: &Netlink,
+    args: &RunArgs,
+    cfg: &NetworkConfig,
+    plan: &Plan6,
+    subnet: Ipv6Net,
+    underlay_name: &str,
+) -> Result<Side6, StartError> {
+    let network = cfg.ipv6.as_ref().map(|r| r.network).unwrap_or(subnet);
+    let host = HostNetsOf::<Ipv6Net> {
+        public_ip: Some(plan.lease.public_ip),
+        underlay: nl.addr_prefixes::<Ipv6Net>(plan.underlay_index).await?,
+        underlay_name: underlay_name.to_string(),
+        // The lease source's servers are reached over IPv4 (their addresses are checked on
+        // the IPv4 side).
+        servers: Vec::new(),
+        servers_are: "",
+    };
+    if let Err(e) = host.check_network(network) {
+        tracing::error!(error = %e, "refusing to start");
+        return Err(e.into());
+    }
+    let local = LocalNodeOf {
+        subnet,
+        public_ip: plan.lease.public_ip,
+        underlay_index: plan.underlay_index,
+        underlay_mtu: plan.underlay_mtu,
+        vtep_mac: plan.vtep_mac,
+    };
+    let mut backend = match plan.lease.backend {
+        LeaseBackend::HostGw => AnyBackend6::HostGw(HostGwBackendOf::new(nl.clone(), &cfg.backend)),
+        _ => {
+            let tx_checksum = args
+                .vxlan_checksum_offload
+                .resolve(&crate::backend::offload::kernel_release());
+            AnyBackend6::Vxlan(VxlanBackendOf::new(nl.clone(), &cfg.backend, tx_checksum))
+        }
+    };
+    let device = backend.setup(&local).await?;
+    info!(device = %device.name, ifindex = device.ifindex, mtu = device.mtu, %subnet, "IPv6 backend ready");
+    Ok(Side::new(backend, device, local, host))
 }
 
-impl Side6 {
-    /// Sets up the device for our IPv6 subnet; Err when the pod network would capture the
-    /// node's own IPv6 traffic, or the device cannot be made.
-    pub async fn start(
-        nl: &Netlink,
-        args: &RunArgs,
-        cfg: &NetworkConfig,
-        plan: &Plan6,
-        subnet: Ipv6Net,
-        underlay_name: &str,
-    ) -> Result<Self, StartError> {
-        let network = cfg.ipv6.as_ref().map(|r| r.network).unwrap_or(subnet);
-        let host = HostNetsOf::<Ipv6Net> {
-            public_ip: Some(plan.lease.public_ip),
-            underlay: nl.addr_prefixes::<Ipv6Net>(plan.underlay_index).await?,
-            underlay_name: underlay_name.to_string(),
-            // The lease source's servers are reached over IPv4 (their addresses are checked on
-            // the IPv4 side).
-            servers: Vec::new(),
-            servers_are: "",
-        };
-        if let Err(e) = host.check_network(network) {
-            tracing::error!(error = %e, "refusing to start");
-            return Err(e.into());
-        }
-        let local = LocalNodeOf {
-            subnet,
-            public_ip: plan.lease.public_ip,
-            underlay_index: plan.underlay_index,
-            underlay_mtu: plan.underlay_mtu,
-            vtep_mac: plan.vtep_mac,
-        };
-        let mut backend = match plan.lease.backend {
-            LeaseBackend::HostGw => {
-                AnyBackend6::HostGw(HostGwBackendOf::new(nl.clone(), &cfg.backend))
-            }
-            _ => {
-                let tx_checksum = args
-                    .vxlan_checksum_offload
-                    .resolve(&crate::backend::offload::kernel_release());
-                AnyBackend6::Vxlan(VxlanBackendOf::new(nl.clone(), &cfg.backend, tx_checksum))
-            }
-        };
-        use crate::backend::Backend;
-        let device = backend.setup(&local).await?;
-        info!(device = %device.name, ifindex = device.ifindex, mtu = device.mtu, %subnet, "IPv6 backend ready");
-        Ok(Side6 {
-            backend,
-            device,
-            local,
-            sync: SyncOf::new(host),
-            network,
-        })
-    }
-
-    pub async fn on_events(&mut self, batch: Vec<PeerEvent>, shared: &Shared) {
-        self.sync
-            .handle_events(
-                &mut self.backend,
-                &mut self.device,
-                &self.local,
-                batch,
-                shared,
-            )
-            .await;
-    }
-
-    pub async fn reconcile(&mut self, why: &str, shared: &Shared) {
-        if self.sync.listed {
-            self.sync
-                .reconcile(
-                    &mut self.backend,
-                    &mut self.device,
-                    &self.local,
-                    shared,
-                    why,
-                )
-                .await;
-        }
-    }
-
-    /// Device (again) and the underlay's IPv6 networks as they are now.
-    pub async fn setup(&mut self, nl: &Netlink) {
-        self.device = setup_or_log(&mut self.backend, &self.local, self.device.clone()).await;
-        match nl.addr_prefixes::<Ipv6Net>(self.local.underlay_index).await {
-            Ok(underlay) => {
-                let mut host = self.sync.host().clone();
-                host.public_ip = Some(self.local.public_ip);
-                host.underlay = underlay;
-                self.sync.set_host(host);
-            }
-            Err(e) => {
-                warn!(error = %e, "reading the underlay's IPv6 networks failed; keeping the last known")
-            }
-        }
-    }
-
-    pub fn status(&self) -> NodeStatus6 {
-        NodeStatus6 {
-            subnet: self.local.subnet,
-            public_ip: self.local.public_ip,
-            vtep_mac: matches!(self.backend, AnyBackend6::Vxlan(_)).then_some(self.local.vtep_mac),
-            device: self.device.name.clone(),
-            mtu: self.device.mtu,
-        }
+/// The IPv6 side as /status shows it.
+pub(super) fn status(side: &Side6) -> NodeStatus6 {
+    NodeStatus6 {
+        subnet: side.local.subnet,
+        public_ip: side.local.public_ip,
+        vtep_mac: matches!(side.backend, AnyBackend6::Vxlan(_)).then_some(side.local.vtep_mac),
+        device: side.device.name.clone(),
+        mtu: side.device.mtu,
     }
 }
