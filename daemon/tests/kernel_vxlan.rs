@@ -669,21 +669,8 @@ fn subscribe_reports_deleted_entries_devices_and_addresses() {
                 underlay: u.index,
             })
             .unwrap();
-        let run = |cmd: &str| {
-            assert!(
-                Command::new("sh")
-                    .arg("-c")
-                    .arg(cmd)
-                    .status()
-                    .unwrap()
-                    .success(),
-                "{cmd}"
-            )
-        };
         let mut seen = Vec::new();
         // Each check starts from an empty queue, so an event can only come from its action.
-        let drain =
-            |rx: &mut tokio::sync::mpsc::Receiver<KernelEvent>| while rx.try_recv().is_ok() {};
         drain(&mut rx);
         // Our own deletions (peer 1's three entries, through this Netlink) are no event...
         let actual = nl.dump_entries(Some(idx)).await.unwrap();
@@ -695,7 +682,7 @@ fn subscribe_reports_deleted_entries_devices_and_addresses() {
             .is_err();
         seen.push(("silence after our own deletions", quiet));
         // ...while a hand deletion right behind them is one.
-        run("ip route del 10.100.0.0/24 dev twill.1");
+        sh("ip route del 10.100.0.0/24 dev twill.1");
         seen.push((
             "route deleted by hand after ours",
             next_event(&mut rx, KernelEvent::DeviceChanged)
@@ -706,7 +693,7 @@ fn subscribe_reports_deleted_entries_devices_and_addresses() {
         let back = reconcile::diff(&peers(2), &actual);
         assert!(nl.apply(idx, &back).await.failed.is_empty());
         drain(&mut rx);
-        run("ip neigh del 10.100.1.0 dev twill.1");
+        sh("ip neigh del 10.100.1.0 dev twill.1");
         seen.push((
             "neigh deleted",
             next_event(&mut rx, KernelEvent::DeviceChanged)
@@ -714,7 +701,7 @@ fn subscribe_reports_deleted_entries_devices_and_addresses() {
                 .unwrap_or(false),
         ));
         drain(&mut rx);
-        run(&format!(
+        sh(&format!(
             "bridge fdb del {} dev twill.1 dst 198.19.0.1 self",
             mac(0)
         ));
@@ -725,7 +712,7 @@ fn subscribe_reports_deleted_entries_devices_and_addresses() {
                 .unwrap_or(false),
         ));
         drain(&mut rx);
-        run("ip addr add 198.18.99.1/24 dev va");
+        sh("ip addr add 198.18.99.1/24 dev va");
         seen.push((
             "address added",
             next_event(&mut rx, KernelEvent::AddressChanged)
@@ -733,7 +720,7 @@ fn subscribe_reports_deleted_entries_devices_and_addresses() {
                 .unwrap_or(false),
         ));
         drain(&mut rx);
-        run("ip link del twill.1");
+        sh("ip link del twill.1");
         seen.push((
             "device deleted",
             next_event(&mut rx, KernelEvent::DeviceChanged)
@@ -811,19 +798,6 @@ fn subscribe_reports_the_ipv6_side_too() {
                 underlay: u.index,
             })
             .unwrap();
-        let run = |cmd: &str| {
-            assert!(
-                Command::new("sh")
-                    .arg("-c")
-                    .arg(cmd)
-                    .status()
-                    .unwrap()
-                    .success(),
-                "{cmd}"
-            )
-        };
-        let drain =
-            |rx: &mut tokio::sync::mpsc::Receiver<KernelEvent>| while rx.try_recv().is_ok() {};
         let mut seen = Vec::new();
         tokio::time::sleep(Duration::from_millis(200)).await;
         drain(&mut rx);
@@ -854,7 +828,7 @@ fn subscribe_reports_the_ipv6_side_too() {
             ),
         ] {
             drain(&mut rx);
-            run(cmd);
+            sh(cmd);
             seen.push((
                 what,
                 next_event(&mut rx, KernelEvent::DeviceChanged)
@@ -863,7 +837,7 @@ fn subscribe_reports_the_ipv6_side_too() {
             ));
         }
         drain(&mut rx);
-        run("ip -6 addr add fd00:18:62::99/64 dev va nodad");
+        sh("ip -6 addr add fd00:18:62::99/64 dev va nodad");
         seen.push((
             "IPv6 address added on the underlay",
             next_event(&mut rx, KernelEvent::AddressChanged)
@@ -871,7 +845,7 @@ fn subscribe_reports_the_ipv6_side_too() {
                 .unwrap_or(false),
         ));
         drain(&mut rx);
-        run("ip link del twill-v6.1");
+        sh("ip link del twill-v6.1");
         seen.push((
             "IPv6 device deleted",
             next_event(&mut rx, KernelEvent::DeviceChanged)
@@ -883,6 +857,11 @@ fn subscribe_reports_the_ipv6_side_too() {
     for (what, ok) in events {
         assert!(ok, "no event for: {what}");
     }
+}
+
+/// Empties the queue, so that the next event can only come from the next action.
+fn drain(rx: &mut tokio::sync::mpsc::Receiver<KernelEvent>) {
+    while rx.try_recv().is_ok() {}
 }
 
 /// Waits (bounded) for `want`; other events are skipped.

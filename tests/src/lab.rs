@@ -533,6 +533,20 @@ impl Lab {
         check(args, out).with_context(|| format!("in node {i}"))
     }
 
+    /// Load an nft script inside node i (as another tool on the node would).
+    pub fn nft_load(&self, i: usize, script: &str) -> Result<()> {
+        let mut child = exec_cmd(&self.node_ns(i), &["nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("run nft in node {i}"))?;
+        let mut stdin = child.stdin.take().context("nft's stdin")?;
+        std::io::Write::write_all(&mut stdin, script.as_bytes())?;
+        drop(stdin);
+        anyhow::ensure!(child.wait()?.success(), "node {i}: nft refused:\n{script}");
+        Ok(())
+    }
+
     /// Run a command inside the underlay namespace and require success; returns stdout.
     pub fn exec_underlay_ok(&self, args: &[&str]) -> Result<String> {
         let out = exec_cmd(&self.underlay_ns(), args)

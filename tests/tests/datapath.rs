@@ -11,7 +11,7 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::Value;
 use twill_tests::lab::{parse_metric, UNDERLAY_IP};
 use twill_tests::pod::tcp_probe_ns;
@@ -203,14 +203,7 @@ fn kube_proxy_marked_packets_are_left_to_kube_proxy() -> Result<()> {
         "add table ip kp\nadd chain ip kp pre {{ type filter hook prerouting priority -150; }}\n\
          add rule ip kp pre ip saddr {sub} meta mark set 0x4001\n"
     );
-    let mut child = std::process::Command::new("ip")
-        .args(["netns", "exec", &lab.node_ns(1), "nft", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()?;
-    std::io::Write::write_all(child.stdin.as_mut().unwrap(), script.as_bytes())?;
-    if !child.wait()?.success() {
-        bail!("loading the marking table failed");
-    }
+    lab.nft_load(1, &script)?;
     assert_eq!(
         to_world(&lab, &a, 7032)?,
         a.ip,
@@ -244,12 +237,7 @@ fn pods_pass_forward_drops_of_iptables_and_nftables() -> Result<()> {
     );
     let script = "add table inet filter\n\
                   add chain inet filter forward { type filter hook forward priority 0; policy drop; }\n";
-    let mut child = std::process::Command::new("ip")
-        .args(["netns", "exec", &lab.node_ns(2), "nft", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()?;
-    std::io::Write::write_all(child.stdin.as_mut().unwrap(), script.as_bytes())?;
-    assert!(child.wait()?.success());
+    lab.nft_load(2, script)?;
     wait_until(Duration::from_secs(10), || {
         lab.exec_ok(2, &["nft", "list", "chain", "inet", "filter", "forward"])
             .map(|s| s.contains("twill-forward"))

@@ -519,15 +519,7 @@ fn ipv6_pod_traffic_passes_forward_drops_of_ip6tables_and_nftables() -> Result<(
     );
     let script = "add table inet filter\n\
                   add chain inet filter forward { type filter hook forward priority 0; policy drop; }\n";
-    let mut child = std::process::Command::new("ip")
-        .args(["netns", "exec", &lab.node_ns(2), "nft", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()?;
-    std::io::Write::write_all(child.stdin.as_mut().unwrap(), script.as_bytes())?;
-    ensure!(
-        child.wait()?.success(),
-        "loading node 2's drop chain failed"
-    );
+    lab.nft_load(2, script)?;
     wait_until(Duration::from_secs(10), || {
         lab.exec_ok(2, &["nft", "list", "chain", "inet", "filter", "forward"])
             .is_ok_and(|s| {
