@@ -526,6 +526,44 @@ async fn changes_since(reg: &EtcdRegistry, from: i64, n: usize) -> Result<Vec<St
     Ok(out)
 }
 
+/// Dual-stack and IPv4-only nodes (a twilld on host-gw or udp, a flanneld) racing for one
+/// pool: a plain key and a dual key can name one IPv4 subnet (the names differ, so
+/// create-if-absent cannot see it). The plain key wins on every peer (the view's rule), so the
+/// dual-stack node must give way whichever key is older; the IPv4-only node does not look.
+#[test]
+fn racing_dual_stack_and_ipv4_only_acquires_never_share_a_subnet() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let opts = etcd.opts();
+    etcd.run(move || async move {
+        let reg = connect(&opts).await?;
+        let c = cfg(r#"{"Network":"10.50.0.0/24","SubnetLen":28,
+            "EnableIPv6":true,"IPv6Network":"fd00:50::/60","IPv6SubnetLen":64}"#);
+        let mut tasks = Vec::new();
+        for i in 1..=15u8 {
+            let reg = EtcdRegistry::connect(&opts).await?;
+            let c = c.clone();
+            // Odd racers serve IPv4 only.
+            let a = if i % 2 == 1 { attrs(i) } else { attrs6(i) };
+            tasks.push(tokio::spawn(async move {
+                (i, acquire(&reg, &c, &a, None, TTL).await)
+            }));
+        }
+        let mut v4 = BTreeMap::new();
+        for t in tasks {
+            let (i, r) = t.await?;
+            let l = r.with_context(|| format!("racer {i}"))?;
+            assert_eq!(l.subnet6.is_some(), i % 2 == 0, "racer {i}: {l:?}");
+            if let Some(o) = v4.insert(l.subnet, i) {
+                panic!("{} given to both {o} and {i}", l.subnet);
+            }
+        }
+        // etcd agrees: one key per racer, none naming another's IPv4 subnet.
+        let stored = subnets(&reg).await?;
+        assert_eq!(stored.len(), 15, "{:?}", stored.keys());
+        Ok(())
+    })
+}
+
 #[test]
 fn dual_stack_acquire_reuses_and_upgrades_a_plain_key() -> Result<()> {
     let etcd = Etcd::start()?;

@@ -431,7 +431,7 @@ async fn claim<R: SubnetRegistry>(
         let key = dual_subnet_key(Some(candidate), candidate6);
         let lease = lease_id(reg, ttl, granted).await?;
         if reg.create_subnet(&key, &value, lease).await? {
-            if candidate6.is_some() && lost_race(reg, &key, &replaced).await? {
+            if lost_race(reg, &key, &replaced).await? {
                 tracing::debug!(key, "an older key claims one of our subnets; picking again");
                 continue 'attempt;
             }
@@ -458,10 +458,14 @@ async fn delete_replaced<R: SubnetRegistry>(
     Ok(())
 }
 
-/// After creating the dual-stack key `key`: whether an older key (another node's, created
-/// between our list and our create) names one of its subnets. If so ours is deleted: the older
-/// one keeps the subnet on every node (the peer view's rule), and we pick again. Our own keys
-/// that `key` replaces (`replaced`) do not count.
+/// After creating `key`: whether it lost a race with a key created between our list and our
+/// create that names one of its subnets (their names differ, so create-if-absent could not see
+/// it). If so ours is deleted and we pick again. Every creator checks, and the younger key
+/// always sees the older one (it was created first), so of two such keys at most one stays:
+/// the older wins. A dual key also gives way to a plain key for its IPv4 subnet whatever their
+/// age, as every peer prefers the plain one (it may be a flanneld's, which never checks; one
+/// created after our check is not seen). Our own keys that `key` replaces (`replaced`) do not
+/// count.
 async fn lost_race<R: SubnetRegistry>(
     reg: &R,
     key: &str,
@@ -472,17 +476,20 @@ async fn lost_race<R: SubnetRegistry>(
         return Ok(true); // gone already (deleted, or expired): pick again
     };
     let (v4, v6) = (subnet_key_v4_part(key), subnet_key_v6_part(key));
-    let older = kvs.iter().any(|kv| {
+    let plain = |name: &str| !name.contains('&');
+    let older = |kv: &SubnetKv| (kv.create_revision, &kv.name) < (ours.create_revision, &ours.name);
+    let beaten = kvs.iter().any(|kv| {
         kv.name != key
             && !replaced.iter().any(|r| r.name == kv.name)
-            && (kv.create_revision, &kv.name) < (ours.create_revision, &ours.name)
-            && ((v4.is_some() && subnet_key_v4_part(&kv.name) == v4)
-                || (v6.is_some() && subnet_key_v6_part(&kv.name) == v6))
+            && ((v4.is_some()
+                && subnet_key_v4_part(&kv.name) == v4
+                && (older(kv) || (plain(&kv.name) && !plain(key))))
+                || (v6.is_some() && subnet_key_v6_part(&kv.name) == v6 && older(kv)))
     });
-    if older {
+    if beaten {
         reg.delete_subnet(key, ours.mod_revision).await?;
     }
-    Ok(older)
+    Ok(beaten)
 }
 
 /// Whether a key keeps its subnet from being handed out. A key of the configured length does,
