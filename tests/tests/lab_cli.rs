@@ -293,9 +293,9 @@ fn lab_cli_up_with_another_backend() -> Result<()> {
 fn lab_cli_up_dual_stack_probes_both_families() -> Result<()> {
     let lab = LabCli::new('d')?;
     // IPv6 with a backend that does not serve it is refused before anything is made.
-    let bad = lab.run(&["up", "--ipv6", "--backend", "host-gw"]);
+    let bad = lab.run(&["up", "--ipv6", "--backend", "udp"]);
     assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("--ipv6 needs the vxlan"));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("udp carries IPv4 only"));
     let up = lab.run_ok(&["up", "--nodes", "2", "--pods", "1", "--ipv6"])?;
     assert!(up.contains("IPv6 pod-to-pod matrix"), "{up}");
     assert!(up.contains("4/4 pod pairs reachable"), "{up}");

@@ -114,7 +114,7 @@ struct UpArgs {
     backend: String,
     /// Dual stack: the underlay gets IPv6 too (fd00:198:18::/64), the network an IPv6 pod
     /// network (fd00:10:244::/56), every pod an address of each family, and the matrix probes
-    /// both. With the vxlan and vxlan-direct backends.
+    /// both. With the vxlan, vxlan-direct and host-gw backends (udp carries IPv4 only).
     #[arg(long)]
     ipv6: bool,
 }
@@ -271,10 +271,8 @@ fn up(out: &Out, state_path: &Path, a: UpArgs) -> Result<ExitCode> {
         out.step("a previous lab was never finished or is gone; cleaning it up first");
         down(out, state_path, &st.prefix)?;
     }
-    if a.ipv6 && !a.backend.starts_with("vxlan") {
-        bail!(
-            "--ipv6 needs the vxlan or vxlan-direct backend: twill serves IPv6 with VXLAN only so far"
-        );
+    if a.ipv6 && a.backend == "udp" {
+        bail!("--ipv6 needs the vxlan, vxlan-direct or host-gw backend: udp carries IPv4 only");
     }
     let nodes = a.nodes as usize;
     let pods = a.pods as usize;
