@@ -526,10 +526,9 @@ async fn changes_since(reg: &EtcdRegistry, from: i64, n: usize) -> Result<Vec<St
     Ok(out)
 }
 
-/// Dual-stack and IPv4-only nodes (a twilld on host-gw or udp, a flanneld) racing for one
-/// pool: a plain key and a dual key can name one IPv4 subnet (the names differ, so
-/// create-if-absent cannot see it). The plain key wins on every peer (the view's rule), so the
-/// dual-stack node must give way whichever key is older; the IPv4-only node does not look.
+/// Dual-stack and IPv4-only twilld nodes (host-gw or udp) racing for one pool: a plain key and
+/// a dual key can name one IPv4 subnet (the names differ, so create-if-absent cannot see it).
+/// Both check after creating; the younger key gives way (a dual key also to a plain one).
 #[test]
 fn racing_dual_stack_and_ipv4_only_acquires_never_share_a_subnet() -> Result<()> {
     let etcd = Etcd::start()?;
@@ -560,6 +559,46 @@ fn racing_dual_stack_and_ipv4_only_acquires_never_share_a_subnet() -> Result<()>
         // etcd agrees: one key per racer, none naming another's IPv4 subnet.
         let stored = subnets(&reg).await?;
         assert_eq!(stored.len(), 15, "{:?}", stored.keys());
+        Ok(())
+    })
+}
+
+/// Our key is to be replaced by one of the other form, but another node's key names the same
+/// IPv4 subnet (a conflict from before, e.g. with a flanneld): the subnet stays taken, so we
+/// move to another one instead of trying it again forever.
+#[test]
+fn replacing_our_key_in_a_conflict_moves_on() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let opts = etcd.opts();
+    etcd.run(move || async move {
+        let reg = connect(&opts).await?;
+        let v4only = cfg(r#"{"Network":"10.60.0.0/16"}"#);
+        let dual =
+            cfg(r#"{"Network":"10.60.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:60::/56"}"#);
+        let bound = Duration::from_secs(20);
+        // IPv6 switched on; another node's older dual key names our IPv4 subnet.
+        let other = "10.60.5.0-24&fd00:60:0:5::-64";
+        put(&reg, &format!("subnets/{other}"), &attrs6(2).to_json()).await?;
+        put(&reg, "subnets/10.60.5.0-24", &attrs(1).to_json()).await?;
+        let up = tokio::time::timeout(bound, acquire(&reg, &dual, &attrs6(1), None, TTL))
+            .await
+            .context("acquire loops")??;
+        assert_ne!(up.subnet, net("10.60.5.0/24"));
+        let keys = subnets(&reg).await?;
+        assert!(keys.contains_key(other), "{:?}", keys.keys());
+        assert!(!keys.contains_key("10.60.5.0-24"), "{:?}", keys.keys());
+        assert!(keys.contains_key(&up.key()), "{:?}", keys.keys());
+        // IPv6 switched off; another node's plain key names our IPv4 subnet.
+        put(&reg, "subnets/10.60.6.0-24", &attrs(3).to_json()).await?;
+        let ours = "10.60.6.0-24&fd00:60:0:6::-64";
+        put(&reg, &format!("subnets/{ours}"), &attrs6(4).to_json()).await?;
+        let down = tokio::time::timeout(bound, acquire(&reg, &v4only, &attrs(4), None, TTL))
+            .await
+            .context("acquire loops")??;
+        assert_ne!(down.subnet, net("10.60.6.0/24"));
+        let keys = subnets(&reg).await?;
+        assert!(keys.contains_key("10.60.6.0-24"), "{:?}", keys.keys());
+        assert!(!keys.contains_key(ours), "{:?}", keys.keys());
         Ok(())
     })
 }
@@ -867,6 +906,13 @@ fn keep_lease_renews_reacquires_and_republishes() -> Result<()> {
             }
         })
         .await?;
+        // Counted once acquire returns, which is a moment after the key is back.
+        let m = metrics.clone();
+        wait_for("reacquisition 1 counted", Duration::from_secs(10), || {
+            let m = m.clone();
+            async move { m.lease_reacquisitions.load(Relaxed) >= 1 }
+        })
+        .await?;
         assert_eq!(metrics.lease_reacquisitions.load(Relaxed), 1);
         assert_eq!(out_rx.borrow_and_update().subnet, lease.subnet);
         let after = subnets(&reg).await?[&key].1;
@@ -889,6 +935,13 @@ fn keep_lease_renews_reacquires_and_republishes() -> Result<()> {
                 }
             },
         )
+        .await?;
+        // Counted once acquire returns, which is a moment after the key is back.
+        let m = metrics.clone();
+        wait_for("reacquisition 2 counted", Duration::from_secs(10), || {
+            let m = m.clone();
+            async move { m.lease_reacquisitions.load(Relaxed) >= 2 }
+        })
         .await?;
         assert_eq!(metrics.lease_reacquisitions.load(Relaxed), 2);
 

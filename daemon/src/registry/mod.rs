@@ -12,7 +12,7 @@ pub(crate) mod view;
 
 pub use peers::watch_peers;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -303,6 +303,10 @@ async fn claim<R: SubnetRegistry>(
         let (kvs, _) = reg.list_subnets().await?;
         let mut taken = HashSet::new();
         let mut taken6 = HashSet::new();
+        // How many keys name each subnet: giving up one of ours frees it only if no other key
+        // names it too (another node's, in a conflict that predates us).
+        let mut holders: HashMap<Ipv4Net, u32> = HashMap::new();
+        let mut holders6: HashMap<Ipv6Net, u32> = HashMap::new();
         // Keys of another length that count as taken, to name them when they block the range.
         let mut odd = Vec::new();
         let mut mine = Vec::new();
@@ -311,6 +315,7 @@ async fn claim<R: SubnetRegistry>(
             if let (Some(r), Some(n6)) = (v6, net6) {
                 if occupies6(r, n6, &kv) {
                     taken6.insert(n6);
+                    *holders6.entry(n6).or_default() += 1;
                 }
             }
             let Some(net) = subnet_key_v4_part(&kv.name) else {
@@ -320,6 +325,7 @@ async fn claim<R: SubnetRegistry>(
                 continue;
             }
             taken.insert(net);
+            *holders.entry(net).or_default() += 1;
             if net.prefix_len() != cfg.subnet_len {
                 odd.push((net, kv.name.clone()));
             }
@@ -355,10 +361,11 @@ async fn claim<R: SubnetRegistry>(
             } else if fits && !wanted {
                 // A key of the other form (`...&fc00::-64` while we serve v4 only, a plain or
                 // out-of-range one when we serve IPv6): replaced for the same subnet.
-                taken.remove(&net);
-                odd.retain(|(n, _)| *n != net);
+                if release(&mut taken, &mut holders, net) {
+                    odd.retain(|(n, _)| *n != net);
+                }
                 if let Some(n6) = net6 {
-                    taken6.remove(&n6);
+                    release(&mut taken6, &mut holders6, n6);
                 }
                 // Still ours: beats the subnet file.
                 preferred.v4 = Some(net);
@@ -378,10 +385,11 @@ async fn claim<R: SubnetRegistry>(
                 if !reg.delete_subnet(&kv.name, kv.mod_revision).await? {
                     continue 'attempt;
                 }
-                taken.remove(&net);
-                odd.retain(|(n, _)| *n != net);
+                if release(&mut taken, &mut holders, net) {
+                    odd.retain(|(n, _)| *n != net);
+                }
                 if let Some(n6) = net6 {
-                    taken6.remove(&n6);
+                    release(&mut taken6, &mut holders6, n6);
                 }
             }
         }
@@ -405,7 +413,7 @@ async fn claim<R: SubnetRegistry>(
                     }
                     _ => tracing::info!(subnet = %net, "reusing our lease (same public IP)"),
                 }
-                delete_replaced(reg, &replaced).await?;
+                delete_replaced(reg, &replaced).await;
                 return Ok((own(net, net6), lease));
             }
             continue 'attempt;
@@ -436,26 +444,46 @@ async fn claim<R: SubnetRegistry>(
                 continue 'attempt;
             }
             tracing::info!(subnet = %candidate, subnet6 = ?candidate6, "acquired subnet lease");
-            delete_replaced(reg, &replaced).await?;
+            delete_replaced(reg, &replaced).await;
             return Ok((own(candidate, candidate6), lease));
         }
         tracing::debug!(subnet = %candidate, "lost the race for a subnet; picking again");
     }
 }
 
-/// Our keys of the other form, once their successor exists. One changed meanwhile (another
-/// node's now) is left alone.
-async fn delete_replaced<R: SubnetRegistry>(
-    reg: &R,
-    replaced: &[SubnetKv],
-) -> Result<(), RegistryError> {
+/// One key of ours naming `net` is given up: `net` is free unless another key names it too.
+/// Returns whether it is free now.
+fn release<N: std::hash::Hash + Eq + Copy>(
+    taken: &mut HashSet<N>,
+    holders: &mut HashMap<N, u32>,
+    net: N,
+) -> bool {
+    let left = holders.get_mut(&net).map_or(0, |n| {
+        *n = n.saturating_sub(1);
+        *n
+    });
+    if left == 0 {
+        taken.remove(&net);
+    }
+    left == 0
+}
+
+/// Our keys of the other form, once their successor exists. Best effort: our new key stands
+/// either way (an error here must not cost it), and one left behind is ours to delete at the
+/// next start; one changed meanwhile (another node's now) is left alone.
+async fn delete_replaced<R: SubnetRegistry>(reg: &R, replaced: &[SubnetKv]) {
     for kv in replaced {
-        tracing::info!(key = %crate::excerpt::echo(&kv.name), "deleting our old lease of the other form");
-        if !reg.delete_subnet(&kv.name, kv.mod_revision).await? {
-            tracing::warn!(key = %crate::excerpt::echo(&kv.name), "our old lease changed before it could be deleted; left alone");
+        let key = crate::excerpt::echo(&kv.name);
+        match reg.delete_subnet(&kv.name, kv.mod_revision).await {
+            Ok(true) => tracing::info!(%key, "deleted our old lease of the other form"),
+            Ok(false) => {
+                tracing::warn!(%key, "our old lease changed before it could be deleted; left alone")
+            }
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "deleting our old lease of the other form failed; it is retried at the next start")
+            }
         }
     }
-    Ok(())
 }
 
 /// After creating `key`: whether it lost a race with a key created between our list and our
@@ -464,8 +492,9 @@ async fn delete_replaced<R: SubnetRegistry>(
 /// always sees the older one (it was created first), so of two such keys at most one stays:
 /// the older wins. A dual key also gives way to a plain key for its IPv4 subnet whatever their
 /// age, as every peer prefers the plain one (it may be a flanneld's, which never checks; one
-/// created after our check is not seen). Our own keys that `key` replaces (`replaced`) do not
-/// count.
+/// created after our check is not seen); when both creators see each other both give way and
+/// pick again, which is a retry, never a shared subnet. Our own keys that `key` replaces
+/// (`replaced`, the same name and creation) do not count.
 async fn lost_race<R: SubnetRegistry>(
     reg: &R,
     key: &str,
@@ -480,7 +509,9 @@ async fn lost_race<R: SubnetRegistry>(
     let older = |kv: &SubnetKv| (kv.create_revision, &kv.name) < (ours.create_revision, &ours.name);
     let beaten = kvs.iter().any(|kv| {
         kv.name != key
-            && !replaced.iter().any(|r| r.name == kv.name)
+            && !replaced
+                .iter()
+                .any(|r| r.name == kv.name && r.create_revision == kv.create_revision)
             && ((v4.is_some()
                 && subnet_key_v4_part(&kv.name) == v4
                 && (older(kv) || (plain(&kv.name) && !plain(key))))
