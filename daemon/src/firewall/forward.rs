@@ -200,9 +200,11 @@ impl ForwardAccept {
     }
 
     /// Makes every foreign forward chain that would drop pod traffic accept `nets` first, and
-    /// removes our rules where they are no longer wanted (`nets` empty: everywhere).
-    pub async fn ensure(&self, nets: &[IpNet]) -> Result<ForwardReport, NftError> {
+    /// removes our rules where they are no longer wanted (`nets` empty: everywhere). A failure
+    /// in one place does not stop the others; the first is returned with what was done.
+    pub async fn ensure(&self, nets: &[IpNet]) -> (ForwardReport, Option<NftError>) {
         let mut report = ForwardReport::default();
+        let mut error = None;
         // `ip filter FORWARD` / `ip6 filter FORWARD` belong to the nf_tables iptables.
         let mut owned: Vec<String> = Vec::new();
         for ipt in &self.iptables {
@@ -215,24 +217,38 @@ impl ForwardAccept {
             if ipt.is_nft() {
                 owned.push(family);
             }
-            let (drops, added) = ipt.ensure_forward_accept(&mine, COMMENT).await?;
             let id = format!("{} FORWARD", ipt.command());
-            if drops {
-                report.chains.push(id.clone());
-            }
-            if added {
-                report.added.push(id);
+            match ipt.ensure_forward_accept(&mine, COMMENT).await {
+                Ok((drops, added)) => {
+                    if drops && !mine.is_empty() {
+                        report.chains.push(id.clone());
+                    }
+                    if added {
+                        report.added.push(id);
+                    }
+                }
+                // Nothing of this family is wanted: only rules of an earlier run could be
+                // removed, and a host without that family's tables (IPv6 off, no module) is
+                // no error.
+                Err(e) if mine.is_empty() => {
+                    tracing::debug!(error = %e, "{id}: not looked at");
+                }
+                Err(e) => {
+                    error.get_or_insert(e);
+                }
             }
         }
-        let Some(listing) = self.nft.list_json(&["list", "ruleset"]).await? else {
-            return Ok(report);
+        let listing = match self.nft.list_json(&["list", "ruleset"]).await {
+            Ok(Some(l)) => l,
+            Ok(None) => return (report, error),
+            Err(e) => return (report, error.or(Some(e))),
         };
         let mut script = String::new();
         for chain in foreign_forward_chains(&listing) {
             if owned.contains(&chain.family) && chain.table == "filter" && chain.name == "FORWARD" {
                 continue;
             }
-            if chain.drops {
+            if chain.drops && nets.iter().any(|n| carries(&chain.family, n)) {
                 report.chains.push(chain.id());
             }
             let cmds = plan(&chain, nets);
@@ -245,9 +261,11 @@ impl ForwardAccept {
             }
         }
         if !script.is_empty() {
-            self.nft.run("forward accept rules", &script).await?;
+            if let Err(e) = self.nft.run("forward accept rules", &script).await {
+                error.get_or_insert(e);
+            }
         }
-        Ok(report)
+        (report, error)
     }
 }
 

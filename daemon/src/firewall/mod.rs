@@ -90,12 +90,11 @@ impl NftFirewall {
     }
 
     async fn sync_forward(&mut self, pass: &mut Pass) {
-        match self.forward.ensure(&self.desired.forward_accept).await {
-            Ok(f) => {
-                pass.report.forward_added = f.added;
-                pass.report.forward_chains = f.chains;
-            }
-            Err(e) => pass.fail(FirewallError::Forward(e)),
+        let (f, error) = self.forward.ensure(&self.desired.forward_accept).await;
+        pass.report.forward_added = f.added;
+        pass.report.forward_chains = f.chains;
+        if let Some(e) = error {
+            pass.fail(FirewallError::Forward(e));
         }
     }
 }
