@@ -92,7 +92,8 @@ struct Part<N: Cidr> {
 struct Lease {
     create_revision: i64,
     v4: Option<Part<Ipv4Net>>,
-    /// Only on a network with IPv6: elsewhere a key's v6 part is not ours to judge.
+    /// Only when we serve the network's IPv6 side: elsewhere a key's v6 part is not ours to
+    /// judge.
     v6: Option<Part<Ipv6Net>>,
 }
 
@@ -215,6 +216,11 @@ impl Family for Ipv6Net {
 pub struct PeerView {
     cfg: NetworkConfig,
     own: OwnLease,
+    /// We serve the network's IPv6 side (our lease has an IPv6 subnet): only then are the keys'
+    /// IPv6 sides judged and sent. A node that serves IPv4 only (the udp backend) has no use
+    /// for them and would only log about them. Fixed for the view's life: whether a node
+    /// serves IPv6 is decided at its start.
+    serve6: bool,
     leases: BTreeMap<String, Lease>,
     v4: Side<Ipv4Net>,
     v6: Side<Ipv6Net>,
@@ -236,6 +242,7 @@ fn reason(e: LeaseError) -> String {
 impl PeerView {
     pub fn new(cfg: NetworkConfig, own: OwnLease) -> Self {
         PeerView {
+            serve6: cfg.ipv6.is_some() && own.subnet6.is_some(),
             cfg,
             own,
             leases: BTreeMap::new(),
@@ -321,8 +328,8 @@ impl PeerView {
         }
         let (net4, net6) = parse_dual_subnet_key(&kv.name)?;
         let invalid = |e| Skip::Invalid(reason(e));
-        let v6 = match (net6, &self.cfg.ipv6) {
-            (Some(net), Some(_)) => Some(Part {
+        let v6 = match net6 {
+            Some(net) if self.serve6 => Some(Part {
                 net,
                 parsed: match kv.oversized {
                     Some(n) => Err(Skip::Oversized(n)),
@@ -333,7 +340,8 @@ impl PeerView {
         };
         // flannel's IPv6-only key: no v4 side. On a network without IPv6 it is judged as the
         // v4 subnet 0.0.0.0/0 (and refused) so that it is reported, not silently dropped.
-        let v4 = (net4 != Ipv4Net::default() || v6.is_none()).then(|| Part {
+        let v6_only = net4 == Ipv4Net::default() && net6.is_some() && self.cfg.ipv6.is_some();
+        let v4 = (!v6_only).then(|| Part {
             net: net4,
             parsed: match kv.oversized {
                 Some(n) => Err(Skip::Oversized(n)),
@@ -598,7 +606,7 @@ impl PeerView {
         let old_skips = std::mem::take(&mut self.skips);
         let mut up = Update::default();
         let mut events = vec![self.rebuild_side::<Ipv4Net>(&mut up)];
-        if self.cfg.ipv6.is_some() {
+        if self.serve6 {
             events.push(self.rebuild_side::<Ipv6Net>(&mut up));
         }
         self.skips.extend(junk);
@@ -983,6 +991,39 @@ mod tests {
             "{:?}",
             up.skipped
         );
+    }
+
+    /// A node that serves IPv4 only on a dual-stack network (udp backend) neither judges nor
+    /// sends the keys' IPv6 sides: no Snapshot6, nothing skipped for a bad IPv6 side, and an
+    /// IPv6-only key is no IPv4 subnet either.
+    #[test]
+    fn a_node_serving_no_ipv6_leaves_the_ipv6_sides_alone() {
+        let mut own = own();
+        own.attrs = attrs(1, 1);
+        let mut v = PeerView::new(dual_cfg(), own.clone());
+        let up = v.reset(
+            own,
+            vec![
+                kv(
+                    "10.244.2.0-24&fd00:10:244:2::-64",
+                    &attrs(2, 2).to_json(),
+                    5,
+                ),
+                kv(
+                    "0.0.0.0-0&fd00:10:244:3::-64",
+                    &dual_attrs(3, 3).to_json(),
+                    6,
+                ),
+            ],
+        );
+        assert!(
+            matches!(up.events.as_slice(), [PeerEvent::Snapshot(p)] if *p == vec![peer(2, 2, 2)]),
+            "{:?}",
+            up.events
+        );
+        assert!(up.skipped.is_empty(), "{:?}", up.skipped);
+        let up = del(&mut v, "0.0.0.0-0&fd00:10:244:3::-64");
+        assert!(up.events.is_empty(), "{:?}", up.events);
     }
 
     #[test]
