@@ -221,6 +221,8 @@ fn pods_pass_forward_drops_of_iptables_and_nftables() -> Result<()> {
     let mut lab = Lab::new(nodes(2))?;
     lab.put_config(VXLAN)?;
     lab.exec_ok(1, &["iptables", "-P", "FORWARD", "DROP"])?;
+    // IPv6's forward drop is none of a v4-only network's business.
+    lab.exec_ok(1, &["ip6tables", "-P", "FORWARD", "DROP"])?;
     for i in 1..=2 {
         lab.start_daemon_with(i, &["--resync-interval", "300s"])?;
     }
@@ -254,6 +256,17 @@ fn pods_pass_forward_drops_of_iptables_and_nftables() -> Result<()> {
             .to_string()
             .contains("inet filter forward"),
         "{st}"
+    );
+    let st = lab.status(1)?;
+    let chains = st["firewall"]["forward_chains"].to_string();
+    assert!(
+        chains.contains("iptables FORWARD") && !chains.contains("ip6tables"),
+        "{st}"
+    );
+    assert!(
+        !lab.exec_ok(1, &["ip6tables", "-S", "FORWARD"])?
+            .contains("twill-forward"),
+        "accepts in IPv6's FORWARD on a v4-only network"
     );
     // The rules are what makes it work: without them (and the flag off, which removes them)
     // the drop wins.
