@@ -72,9 +72,9 @@ pub struct RunArgs {
     /// Address other nodes send VXLAN traffic to. Default: the underlay interface's address.
     #[arg(long, env = "TWILLD_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,
-    /// On a dual-stack network (EnableIPv6): the address other nodes send IPv6 VXLAN traffic
-    /// to. Default: the underlay interface's stable global IPv6 address (never a temporary
-    /// one).
+    /// On a dual-stack network (EnableIPv6): the address other nodes send IPv6 pod traffic to
+    /// (the IPv6 VXLAN endpoint; with host-gw, the next hop of their IPv6 routes). Default: the
+    /// underlay interface's stable global IPv6 address (never a temporary one).
     #[arg(long, env = "TWILLD_PUBLIC_IPV6")]
     pub public_ipv6: Option<std::net::Ipv6Addr>,
     /// Where to write the subnet file (flannel's subnet.env format) once the node is ready. Its

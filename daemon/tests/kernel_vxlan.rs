@@ -745,7 +745,7 @@ fn subscribe_reports_the_ipv6_side_too() {
     use twill_daemon::peer::PeerOf;
     use twill_daemon::reconcile::KernelEntriesOf;
 
-    let p = Pair::new('e', 62);
+    let p = Pair::new('h', 64);
     sh(&format!(
         "ip -n {} addr add fd00:18:62::1/64 dev va nodad",
         p.a

@@ -635,5 +635,15 @@ fn dual_stack_host_gw_routes_both_families_via_the_peers_without_a_vxlan_device(
             assert_eq!(pod_to_pod(from, to, 7061)?, from.ip);
         }
     }
+
+    // Back to IPv4 only: a restarted node removes its IPv6 routes (nothing else would: no
+    // IPv6 side reconciles them any more).
+    lab.put_config(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#)?;
+    lab.stop_daemon(1)?;
+    lab.start_daemon(1)?;
+    lab.wait_ready(1, CONVERGE)?;
+    let left = lab.exec_ok(1, &["ip", "-6", "route", "show", "proto", "116"])?;
+    assert!(left.trim().is_empty(), "IPv6 routes left behind:\n{left}");
+    assert!(lab.status(1)?["node"]["ipv6"].is_null());
     Ok(())
 }

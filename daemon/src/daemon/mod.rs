@@ -309,7 +309,7 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
             Some(side6::start(&nl, &args, &cfg, plan, subnet6, &underlay.name).await?)
         }
         _ => {
-            side6::remove_leftovers(&nl).await;
+            side6::remove_leftovers(&nl, underlay.index).await;
             None
         }
     };

@@ -76,8 +76,18 @@ fn deleted_neighbour(n: &NeighbourMessage, w: &Watch) -> Option<Notice> {
             .then(|| Notice::Deleted(neighbour_key::<Ipv4Net>(n).map(AnyKey::V4)));
     }
     w.v6.filter(|d| d.overlay && d.ifindex == i)?;
-    matches!(fam, AddressFamily::Inet6 | AddressFamily::Bridge)
-        .then(|| Notice::Deleted(neighbour_key::<Ipv6Net>(n).map(AnyKey::V6)))
+    if !matches!(fam, AddressFamily::Inet6 | AddressFamily::Bridge) {
+        return None;
+    }
+    let key = neighbour_key::<Ipv6Net>(n);
+    // The kernel's own entries (link-local, multicast) come and go by themselves; ours are
+    // the peers' gateways, global addresses.
+    if let Some(EntryKeyOf::Neigh(a)) = key {
+        if a.is_multicast() || a.is_unicast_link_local() {
+            return None;
+        }
+    }
+    Some(Notice::Deleted(key.map(AnyKey::V6)))
 }
 
 fn neighbour_key<N: NlFamily>(n: &NeighbourMessage) -> Option<EntryKeyOf<N>> {
@@ -321,10 +331,18 @@ mod tests {
             del6(EntryKeyOf::Neigh(gw))
         );
         assert_eq!(classify(&M::DelNeighbour(n.clone()), &v4_only), None);
-        // The kernel's IPv6 neighbours on the IPv4 device stay no news.
+        // The kernel's IPv6 neighbours on the IPv4 device stay no news, and so do its own
+        // (link-local, multicast) ones on the IPv6 device.
         n.header.ifindex = 7;
         assert_eq!(classify(&M::DelNeighbour(n.clone()), &dual), None);
         n.header.ifindex = 8;
+        for own in ["fe80::1", "ff02::1:ff00:2"] {
+            let mut k = n.clone();
+            k.attributes = vec![NeighbourAttribute::Destination(NeighbourAddress::Inet6(
+                own.parse().unwrap(),
+            ))];
+            assert_eq!(classify(&M::DelNeighbour(k), &dual), None, "{own}");
+        }
         n.header.family = AddressFamily::Bridge;
         n.attributes = vec![
             NeighbourAttribute::LinkLayerAddress(mac.octets().to_vec()),
