@@ -27,7 +27,7 @@ use crate::metrics::Metrics;
 use crate::peer::{Peer, PeerOf};
 use crate::subnet::{
     choose_free, dual_subnet_key, is_free, subnet_key, subnet_key_v4_part, subnet_key_v6_part,
-    SubnetRange,
+    Cidr, SubnetRange,
 };
 
 #[derive(Clone, Debug)]
@@ -98,6 +98,42 @@ pub enum PeerEvent {
     /// Listing the leases failed (the error): until the next `Snapshot`, joins and leaves of
     /// other nodes go unseen.
     ListFailed(String),
+}
+
+/// One address family's side of the peer events, for the watchers that judge both families
+/// with one generic code path.
+pub trait PeerFamily: Cidr {
+    /// Appended to a key's or node's name where it names this side (skips, logs).
+    const TAG: &'static str;
+    fn upsert(p: PeerOf<Self>) -> PeerEvent;
+    fn remove(net: Self) -> PeerEvent;
+    fn snapshot(peers: Vec<PeerOf<Self>>) -> PeerEvent;
+}
+
+impl PeerFamily for Ipv4Net {
+    const TAG: &'static str = "";
+    fn upsert(p: PeerOf<Self>) -> PeerEvent {
+        PeerEvent::Upsert(p)
+    }
+    fn remove(net: Self) -> PeerEvent {
+        PeerEvent::Remove(net)
+    }
+    fn snapshot(peers: Vec<PeerOf<Self>>) -> PeerEvent {
+        PeerEvent::Snapshot(peers)
+    }
+}
+
+impl PeerFamily for Ipv6Net {
+    const TAG: &'static str = " (IPv6 side)";
+    fn upsert(p: PeerOf<Self>) -> PeerEvent {
+        PeerEvent::Upsert6(p)
+    }
+    fn remove(net: Self) -> PeerEvent {
+        PeerEvent::Remove6(net)
+    }
+    fn snapshot(peers: Vec<PeerOf<Self>>) -> PeerEvent {
+        PeerEvent::Snapshot6(peers)
+    }
 }
 
 /// Lease values above this size are dropped where they are read, never kept: a flannel lease

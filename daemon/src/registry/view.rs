@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use super::{OwnLease, PeerEvent, SubnetChange, SubnetKv, MAX_LEASE_VALUE};
+use super::{OwnLease, PeerEvent, PeerFamily, SubnetChange, SubnetKv, MAX_LEASE_VALUE};
 use crate::config::NetworkConfig;
 use crate::excerpt::echo;
 use crate::lease::{check_against_own_of, parse_lease, parse_lease_v6, LeaseError};
@@ -137,9 +137,7 @@ impl<N: Cidr> Default for Side<N> {
 
 /// What the view needs to know of a family: where its parts and choices live, what is ours,
 /// and the events that carry it.
-trait Family: Cidr {
-    /// Appended to a key's name where it names this side (skips, logs).
-    const TAG: &'static str;
+trait Family: PeerFamily {
     fn part(l: &Lease) -> Option<&Part<Self>>;
     fn side(v: &PeerView) -> &Side<Self>;
     fn side_mut(v: &mut PeerView) -> &mut Side<Self>;
@@ -147,13 +145,9 @@ trait Family: Cidr {
     fn own(own: &OwnLease) -> Option<(Self, Self::Addr, Option<MacAddr>)>;
     /// The key that names this subnet alone, if the family has one.
     fn plain_key(net: Self) -> Option<String>;
-    fn upsert(p: PeerOf<Self>) -> PeerEvent;
-    fn remove(net: Self) -> PeerEvent;
-    fn snapshot(peers: Vec<PeerOf<Self>>) -> PeerEvent;
 }
 
 impl Family for Ipv4Net {
-    const TAG: &'static str = "";
     fn part(l: &Lease) -> Option<&Part<Self>> {
         l.v4.as_ref()
     }
@@ -169,19 +163,9 @@ impl Family for Ipv4Net {
     fn plain_key(net: Self) -> Option<String> {
         Some(subnet_key(net))
     }
-    fn upsert(p: PeerOf<Self>) -> PeerEvent {
-        PeerEvent::Upsert(p)
-    }
-    fn remove(net: Self) -> PeerEvent {
-        PeerEvent::Remove(net)
-    }
-    fn snapshot(peers: Vec<PeerOf<Self>>) -> PeerEvent {
-        PeerEvent::Snapshot(peers)
-    }
 }
 
 impl Family for Ipv6Net {
-    const TAG: &'static str = " (IPv6 side)";
     fn part(l: &Lease) -> Option<&Part<Self>> {
         l.v6.as_ref()
     }
@@ -201,15 +185,6 @@ impl Family for Ipv6Net {
     }
     fn plain_key(_: Self) -> Option<String> {
         None
-    }
-    fn upsert(p: PeerOf<Self>) -> PeerEvent {
-        PeerEvent::Upsert6(p)
-    }
-    fn remove(net: Self) -> PeerEvent {
-        PeerEvent::Remove6(net)
-    }
-    fn snapshot(peers: Vec<PeerOf<Self>>) -> PeerEvent {
-        PeerEvent::Snapshot6(peers)
     }
 }
 
