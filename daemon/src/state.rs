@@ -26,9 +26,14 @@ pub fn load_or_adopt_vtep_mac(dir: &Path, stored: Option<MacAddr>) -> io::Result
     load_or_adopt(dir, VTEP_MAC_FILE, stored)
 }
 
-/// The IPv6 device's VTEP MAC, kept like the IPv4 one.
-pub fn load_or_create_vtep_mac6(dir: &Path) -> io::Result<MacAddr> {
-    load_or_adopt(dir, VTEP_MAC6_FILE, None)
+/// The IPv6 device's VTEP MAC, kept like the IPv4 one (`stored`: the one published before).
+pub fn load_or_adopt_vtep_mac6(dir: &Path, stored: Option<MacAddr>) -> io::Result<MacAddr> {
+    load_or_adopt(dir, VTEP_MAC6_FILE, stored)
+}
+
+/// Whether the state dir holds an IPv6 VTEP MAC already.
+pub fn has_vtep_mac6(dir: &Path) -> bool {
+    dir.join(VTEP_MAC6_FILE).exists()
 }
 
 fn load_or_adopt(dir: &Path, file: &str, stored: Option<MacAddr>) -> io::Result<MacAddr> {

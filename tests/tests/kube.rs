@@ -18,6 +18,7 @@ use twill_tests::{wait_until, Lab, LabOptions, Pod, StreamOptions, UdpStream};
 
 const DEV: &str = "twill.1";
 const NET_CONF: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+const NET_CONF_DUAL: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;
 const PREFIX: &str = "flannel.alpha.coreos.com/";
 const READY: Duration = Duration::from_secs(60);
 const CONVERGE: Duration = Duration::from_secs(60);
@@ -32,6 +33,10 @@ fn pod_cidr(i: usize) -> String {
     format!("10.244.{i}.0/24")
 }
 
+fn pod_cidr6(i: usize) -> String {
+    format!("fd00:10:244:{i}::/64")
+}
+
 impl KubeLab {
     /// `nodes` lab nodes, each registered as Node `n<i>` with podCIDR 10.244.<i>.0/24; twilld
     /// not started.
@@ -44,10 +49,28 @@ impl KubeLab {
         Self::build(nodes, true)
     }
 
+    /// `new` on a dual-stack underlay and network: each Node gets an IPv6 podCIDR
+    /// fd00:10:244:<i>::/64 too, listed first (as a cluster whose first family is IPv6 lists
+    /// them: twilld must pick by family).
+    fn new_dual(nodes: usize) -> Result<KubeLab> {
+        let k = Self::build_with(nodes, false, true)?;
+        for i in 1..=nodes {
+            k.api
+                .set_pod_cidrs(&format!("n{i}"), &[&pod_cidr6(i), &pod_cidr(i)])?;
+            std::fs::write(k.lab.node_dir(i).join("net-conf.json"), NET_CONF_DUAL)?;
+        }
+        Ok(k)
+    }
+
     fn build(nodes: usize, tls: bool) -> Result<KubeLab> {
+        Self::build_with(nodes, tls, false)
+    }
+
+    fn build_with(nodes: usize, tls: bool, ipv6: bool) -> Result<KubeLab> {
         let lab = Lab::new(LabOptions {
             nodes,
             etcd: false,
+            ipv6,
             ..Default::default()
         })?;
         let mut opts = FakeApiOptions::in_lab(&lab);
@@ -1147,5 +1170,222 @@ fn in_cluster_config_talks_tls_with_the_service_account_token_and_follows_its_ro
     })?;
     ensure!(k.lab.daemon_running(1), "node 1's twilld exited");
     k.wait_mesh(&[1, 2])?;
+    Ok(())
+}
+
+/// `peers6` of node i's /status as (subnet, public_ip, vtep_mac, programmed).
+fn peers6(k: &KubeLab, i: usize) -> Vec<(String, String, String, bool)> {
+    let Ok(st) = k.lab.status(i) else {
+        return Vec::new();
+    };
+    st["peers6"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .map(|p| {
+                    let f = |k: &str| p[k].as_str().unwrap_or_default().to_ascii_lowercase();
+                    (
+                        f("subnet"),
+                        f("public_ip"),
+                        f("vtep_mac"),
+                        p["programmed"] == true,
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Dual stack in Kubernetes mode: each twilld takes the IPv6 entry of its Node's podCIDRs
+/// (listed first) as its IPv6 subnet, publishes flannel's `backend-v6-data` and `public-ipv6`,
+/// programs the other Nodes' IPv6 sides (a flanneld one too), takes over the IPv6 VTEP MAC a
+/// flanneld published before, and pods reach each other over both families without NAT.
+#[test]
+fn dual_stack_nodes_publish_and_program_both_families_through_the_api() -> Result<()> {
+    let mut k = KubeLab::new_dual(2)?;
+    // Node 1 ran flanneld before: its IPv6 VTEP MAC is taken over, not replaced.
+    let flannel_mac6 = "0a:58:fd:00:01:01";
+    let ip6 = k.lab.node_ip6(1).to_string();
+    for (key, v) in [
+        ("kube-subnet-manager", "true".to_string()),
+        ("backend-type", "vxlan".into()),
+        (
+            "backend-data",
+            r#"{"VNI":1,"VtepMAC":"0a:58:0a:f4:01:01"}"#.into(),
+        ),
+        ("public-ip", k.lab.node_ip(1).to_string()),
+        (
+            "backend-v6-data",
+            format!(r#"{{"VNI":1,"VtepMAC":"{flannel_mac6}"}}"#),
+        ),
+        ("public-ipv6", ip6.clone()),
+    ] {
+        k.api
+            .set_node_annotation("n1", &format!("{PREFIX}{key}"), Some(&v))?;
+    }
+    // A flanneld-only dual-stack node, annotated as flanneld writes it.
+    let (n9_ip6, n9_mac6) = ("fd00:198:18::99", "0a:58:fd:00:09:01");
+    k.api.add_node("n9", "198.18.0.99", None)?;
+    k.api
+        .set_pod_cidrs("n9", &["10.244.9.0/24", &pod_cidr6(9)])?;
+    for (key, v) in [
+        ("kube-subnet-manager", "true".to_string()),
+        ("backend-type", "vxlan".into()),
+        (
+            "backend-data",
+            r#"{"VNI":1,"VtepMAC":"0a:58:0a:f4:09:01"}"#.into(),
+        ),
+        ("public-ip", "198.18.0.99".into()),
+        (
+            "backend-v6-data",
+            format!(r#"{{"VNI":1,"VtepMAC":"{n9_mac6}"}}"#),
+        ),
+        ("public-ipv6", n9_ip6.into()),
+    ] {
+        k.api
+            .set_node_annotation("n9", &format!("{PREFIX}{key}"), Some(&v))?;
+    }
+    k.start_all_meshed()?;
+
+    let mut sides = Vec::new();
+    for i in 1..=2 {
+        let st = k.lab.status(i)?;
+        let side = &st["node"]["ipv6"];
+        let subnet = side["subnet"].as_str().unwrap_or_default().to_string();
+        let public = side["public_ip"].as_str().unwrap_or_default().to_string();
+        let mac = side["vtep_mac"]
+            .as_str()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        ensure!(
+            subnet == pod_cidr6(i),
+            "node {i} runs IPv6 subnet {subnet:?}, not its IPv6 podCIDR: {st}"
+        );
+        ensure!(public == k.lab.node_ip6(i).to_string(), "node {i}: {st}");
+        // flannel's exact values, so flanneld nodes read them.
+        let name = format!("n{i}");
+        ensure!(
+            k.annotation(&name, "backend-v6-data")
+                == Some(format!(r#"{{"VNI":1,"VtepMAC":"{mac}"}}"#)),
+            "node {i}'s backend-v6-data {:?} for MAC {mac}",
+            k.annotation(&name, "backend-v6-data")
+        );
+        ensure!(k.annotation(&name, "public-ipv6") == Some(public.clone()));
+        sides.push((subnet, public, mac));
+    }
+    ensure!(
+        sides[0].2 == flannel_mac6,
+        "node 1 made a new IPv6 VTEP MAC {} instead of flanneld's {flannel_mac6}",
+        sides[0].2
+    );
+    ensure!(sides[1].2 != flannel_mac6);
+    // Each node programs the other twilld node's IPv6 side and the flanneld node's.
+    for (i, other) in [(1, 1), (2, 0)] {
+        let (subnet, public, mac) = &sides[other];
+        let want = [
+            (subnet.clone(), public.clone(), mac.clone(), true),
+            (pod_cidr6(9), n9_ip6.to_string(), n9_mac6.to_string(), true),
+        ];
+        wait_until(CONVERGE, || {
+            let got = peers6(&k, i);
+            want.iter().all(|w| got.contains(w))
+        })
+        .with_context(|| format!("node {i}'s IPv6 peers: {:?}", peers6(&k, i)))?;
+        let routes = k
+            .lab
+            .exec_ok(i, &["ip", "-6", "route", "show", "dev", "twill-v6.1"])?;
+        ensure!(
+            routes.contains(&pod_cidr6(9)),
+            "node {i} has no IPv6 route to the flanneld node: {routes}"
+        );
+    }
+
+    let a = k.add_pod(1, "default", "a", &[])?;
+    let b = k.add_pod(2, "default", "b", &[])?;
+    let (a6, b6) = (
+        a.ip6.context("pod a got no IPv6 address")?,
+        b.ip6.context("pod b got no IPv6 address")?,
+    );
+    ensure!(
+        a6.to_string().starts_with("fd00:10:244:1:"),
+        "pod a's {a6} is not in node 1's IPv6 podCIDR"
+    );
+    let seen = twill_tests::pod::pod_to_pod6(&a, &b, 7777)?;
+    ensure!(
+        seen == std::net::IpAddr::V6(a6),
+        "pod b saw {seen}, not {a6}: NAT in the path"
+    );
+    let seen = twill_tests::pod::pod_to_pod6(&b, &a, 7778)?;
+    ensure!(
+        seen == std::net::IpAddr::V6(b6),
+        "pod a saw {seen}, not {b6}"
+    );
+    wait_until(Duration::from_secs(10), || a.ping(b.ip)).context("IPv4 between the pods")?;
+
+    // The flanneld node goes: its IPv6 side goes everywhere.
+    k.api.delete(Kind::Node, "", "n9")?;
+    for i in 1..=2 {
+        wait_until(CONVERGE, || {
+            !peers6(&k, i).iter().any(|p| p.0 == pod_cidr6(9))
+                && k.lab
+                    .exec_ok(i, &["ip", "-6", "route", "show", "dev", "twill-v6.1"])
+                    .is_ok_and(|r| !r.contains(&pod_cidr6(9)))
+        })
+        .with_context(|| format!("node {i} kept the deleted node's IPv6 side"))?;
+    }
+    k.lab.del_pod(&a)?;
+    k.lab.del_pod(&b)?;
+    Ok(())
+}
+
+/// EnableIPv6 in net-conf.json, but the Node got no IPv6 podCIDR (a cluster that was
+/// single-stack when it joined): twilld serves IPv4, says why, and leaves no IPv6 annotation of
+/// an earlier dual-stack run for peers to route to.
+#[test]
+fn a_node_without_an_ipv6_podcidr_serves_ipv4_and_unpublishes_its_ipv6_side() -> Result<()> {
+    let mut k = KubeLab::new_dual(2)?;
+    k.api.set_pod_cidrs("n2", &[&pod_cidr(2)])?;
+    k.api.set_node_annotation(
+        "n2",
+        &format!("{PREFIX}public-ipv6"),
+        Some(&k.lab.node_ip6(2).to_string()),
+    )?;
+    k.api.set_node_annotation(
+        "n2",
+        &format!("{PREFIX}backend-v6-data"),
+        Some(r#"{"VNI":1,"VtepMAC":"0a:58:fd:00:02:02"}"#),
+    )?;
+    k.start_all_meshed()?;
+    let st = k.lab.status(2)?;
+    ensure!(st["node"]["ipv6"].is_null(), "node 2 serves IPv6: {st}");
+    ensure!(
+        k.lab
+            .daemon_log(2)
+            .contains("no IPv6 entry in spec.podCIDRs"),
+        "node 2 did not say why it serves IPv4 only"
+    );
+    wait_until(Duration::from_secs(20), || {
+        k.annotation("n2", "public-ipv6").is_none()
+            && k.annotation("n2", "backend-v6-data").is_none()
+    })
+    .context("node 2's stale IPv6 annotations stayed")?;
+    // Node 1 serves both; node 2 is its IPv4 peer and no IPv6 one.
+    ensure!(k.lab.status(1)?["node"]["ipv6"]["subnet"] == pod_cidr6(1));
+    wait_until(CONVERGE, || {
+        k.lab.status(1).is_ok_and(|s| {
+            s["peers6"].as_array().is_some_and(|p| p.is_empty())
+                && s["peers"].as_array().is_some_and(|p| p.len() == 1)
+        })
+    })
+    .context("node 1's peers")?;
+    let a = k.add_pod(1, "default", "a", &[])?;
+    let b = k.add_pod(2, "default", "b", &[])?;
+    ensure!(
+        b.ip6.is_none(),
+        "a pod on the IPv4-only node got an IPv6 address"
+    );
+    wait_until(Duration::from_secs(10), || a.ping(b.ip)).context("IPv4 between the pods")?;
+    k.lab.del_pod(&a)?;
+    k.lab.del_pod(&b)?;
     Ok(())
 }

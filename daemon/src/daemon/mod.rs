@@ -210,6 +210,13 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
         info!(%ip, "public IP from the Node's node-public-ip annotation");
         args.public_ip = Some(ip);
     }
+    if let Some(ip) = stored.public_ipv6 {
+        if args.public_ipv6.is_some_and(|flag| flag != ip) {
+            warn!(%ip, "the Node's node-public-ipv6 annotation wins over --public-ipv6");
+        }
+        info!(%ip, "public IPv6 address from the Node's node-public-ipv6 annotation");
+        args.public_ipv6 = Some(ip);
+    }
     let vtep_mac =
         crate::state::load_or_adopt_vtep_mac(&args.state_dir, stored_mac).map_err(|err| {
             StartError::State {
@@ -266,7 +273,7 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
         BackendKind::Udp => LeaseBackend::Udp,
     };
     // A dual-stack network's IPv6 side, when this node serves it.
-    let plan6 = side6::plan(&args, &cfg, &underlay)?;
+    let plan6 = side6::plan(&args, &cfg, &underlay, stored.vtep_mac6)?;
     let attrs = LeaseAttrs {
         public_ip,
         backend: backend_attrs,

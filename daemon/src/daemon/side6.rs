@@ -32,20 +32,18 @@ pub(super) struct Plan6 {
 }
 
 /// Whether this node serves the network's IPv6 side, and with what. None: a v4-only network,
-/// or a part of twill that serves IPv4 only so far (said in the log). Err: the network has
-/// IPv6 but this node has no IPv6 endpoint.
+/// or the udp backend, which carries IPv4 only (said in the log). Err: the network has IPv6
+/// but this node has no IPv6 endpoint. `stored_mac`: the IPv6 VTEP MAC the lease source holds
+/// from before, taken when the state dir has none.
 pub(super) fn plan(
     args: &RunArgs,
     cfg: &NetworkConfig,
     underlay: &Underlay,
+    stored_mac: Option<crate::mac::MacAddr>,
 ) -> Result<Option<Plan6>, StartError> {
     let Some(range) = &cfg.ipv6 else {
         return Ok(None);
     };
-    if args.kube_subnet_mgr {
-        warn!(ipv6_network = %range.network, "EnableIPv6 is set: in Kubernetes mode twill serves only the IPv4 side so far");
-        return Ok(None);
-    }
     if cfg.backend.kind == BackendKind::Udp {
         warn!(ipv6_network = %range.network, "EnableIPv6 is set: the udp backend carries IPv4 only (as flannel's); this node runs IPv4 only");
         return Ok(None);
@@ -56,12 +54,17 @@ pub(super) fn plan(
         .ok_or_else(|| StartError::NoIpv6 {
             iface: underlay.name.clone(),
         })?;
-    let vtep_mac = crate::state::load_or_create_vtep_mac6(&args.state_dir).map_err(|err| {
-        StartError::State {
-            dir: args.state_dir.display().to_string(),
-            err,
-        }
-    })?;
+    let stored_mac = stored_mac.filter(|_| !crate::state::has_vtep_mac6(&args.state_dir));
+    if let Some(mac) = stored_mac {
+        info!(%mac, "taking over the IPv6 VTEP MAC this node published before");
+    }
+    let vtep_mac =
+        crate::state::load_or_adopt_vtep_mac6(&args.state_dir, stored_mac).map_err(|err| {
+            StartError::State {
+                dir: args.state_dir.display().to_string(),
+                err,
+            }
+        })?;
     info!(%public_ip, %vtep_mac, ipv6_network = %range.network, "IPv6 side");
     // Not switched on here: on a host that takes its own address from router advertisements,
     // forwarding turns that off (accept_ra). The operator decides, as for IPv4.

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use ipnet::{Ipv4Net, Ipv6Net};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -136,7 +137,8 @@ impl KubeSource {
     async fn publish(&self, node: &Node, attrs: &LeaseAttrs) -> Result<bool, kube::Error> {
         let current: BTreeMap<String, String> = node.annotations().clone();
         let want = knode::own_annotations(&self.ann, attrs, &current);
-        let Some(patch) = knode::annotation_patch(&current, &want) else {
+        let stale = knode::stale_annotations(&self.ann, attrs);
+        let Some(patch) = knode::annotation_patch(&current, &want, &stale) else {
             return Ok(false);
         };
         self.nodes()
@@ -250,20 +252,34 @@ impl LeaseSource for KubeSource {
         let mut last_log: Option<Instant> = None;
         loop {
             let waiting = match self.nodes().get_opt(&self.node).await {
-                Ok(Some(node)) => match knode::pod_subnet(&node, cfg) {
-                    Ok(Some(subnet)) => match self.publish(&node, attrs).await {
-                        Ok(_) => {
-                            if let Some(p) = previous.v4.filter(|p| *p != subnet) {
-                                warn!(previous = %p, podcidr = %subnet, "this node's subnet changed since the last run: pods still on the old one lose the network");
+                Ok(Some(node)) => match own_subnets(&node, cfg, attrs) {
+                    Ok(Some((subnet, subnet6))) => {
+                        let mut attrs = attrs.clone();
+                        if subnet6.is_none() {
+                            if let Some(r) = cfg.ipv6.as_ref().filter(|_| attrs.v6.is_some()) {
+                                warn!(node = %self.node, ipv6_network = %r.network, "EnableIPv6 is set, but our Node has no IPv6 entry in spec.podCIDRs (kube-controller-manager --cluster-cidr needs an IPv6 range, and a Node keeps the podCIDRs it got first): this node serves IPv4 only");
                             }
-                            return OwnLease {
-                                subnet,
-                                subnet6: None,
-                                attrs: attrs.clone(),
-                            };
+                            attrs.v6 = None;
                         }
-                        Err(e) => format!("publishing our Node annotations: {e}"),
-                    },
+                        match self.publish(&node, &attrs).await {
+                            Ok(_) => {
+                                if let Some(p) = previous.v4.filter(|p| *p != subnet) {
+                                    warn!(previous = %p, podcidr = %subnet, "this node's subnet changed since the last run: pods still on the old one lose the network");
+                                }
+                                if let (Some(p), Some(s6)) = (previous.v6, subnet6) {
+                                    if p != s6 {
+                                        warn!(previous = %p, podcidr = %s6, "this node's IPv6 subnet changed since the last run: pods still on the old one lose their IPv6 network");
+                                    }
+                                }
+                                return OwnLease {
+                                    subnet,
+                                    subnet6,
+                                    attrs,
+                                };
+                            }
+                            Err(e) => format!("publishing our Node annotations: {e}"),
+                        }
+                    }
                     Ok(None) => format!(
                         "node {}: no spec.podCIDR assigned yet (kube-controller-manager \
                          --allocate-node-cidrs, kubeadm --pod-network-cidr)",
@@ -315,6 +331,14 @@ impl LeaseSource for KubeSource {
                     Ok(ip) => ip,
                     Err(bad) => {
                         warn!(annotation = self.ann.node_public_ip(), value = %bad, "not an IPv4 address; ignored");
+                        None
+                    }
+                },
+                vtep_mac6: knode::stored_vtep_mac6(&node, &self.ann),
+                public_ipv6: match knode::stored_public_ipv6(&node, &self.ann) {
+                    Ok(ip) => ip,
+                    Err(bad) => {
+                        warn!(annotation = self.ann.node_public_ipv6(), value = %bad, "not an IPv6 address; ignored");
                         None
                     }
                 },
@@ -386,14 +410,32 @@ impl KubeSource {
                 }
                 ev = events.next() => match ev {
                     Some(Ok(Event::Apply(n) | Event::InitApply(n))) => {
+                        let mut moved = false;
                         match knode::pod_subnet(&n, &cfg) {
                             Ok(Some(s)) if s != lease.subnet => {
                                 info!(old = %lease.subnet, new = %s, "our podCIDR changed");
                                 lease.subnet = s;
-                                out.send_replace(lease.clone());
+                                moved = true;
                             }
                             Ok(_) => {}
                             Err(e) => warn!("our Node: {e}; keeping {}", lease.subnet),
+                        }
+                        // The IPv6 side follows a move; it neither appears nor goes while
+                        // twilld runs (whether this node serves IPv6 is settled at start).
+                        if let Some(old6) = lease.subnet6 {
+                            match knode::pod_subnet6(&n, &cfg) {
+                                Ok(Some(s6)) if s6 != old6 => {
+                                    info!(old = %old6, new = %s6, "our IPv6 podCIDR changed");
+                                    lease.subnet6 = Some(s6);
+                                    moved = true;
+                                }
+                                Ok(Some(_)) => {}
+                                Ok(None) => warn!("our Node has no IPv6 podCIDR any more; keeping {old6} until twilld restarts"),
+                                Err(e) => warn!("our Node: {e}; keeping {old6}"),
+                            }
+                        }
+                        if moved {
+                            out.send_replace(lease.clone());
                         }
                         let ok = self.republish(&n, &lease.attrs, &metrics).await;
                         retry.after(ok);
@@ -413,6 +455,9 @@ impl KubeSource {
                     Err(_) => attrs_open = false,
                     Ok(()) => {
                         lease.attrs = attrs.borrow_and_update().clone();
+                        if lease.subnet6.is_none() {
+                            lease.attrs.v6 = None;
+                        }
                         if let Some(n) = &last {
                             let ok = self.republish(n, &lease.attrs, &metrics).await;
                             retry.after(ok);
@@ -463,13 +508,17 @@ impl KubeSource {
                 .default_backoff()
                 .map(|r| r.map(full_event))
                 .boxed();
-            let built_for = own.borrow_and_update().subnet;
+            let built_for = {
+                let o = own.borrow_and_update();
+                (o.subnet, o.subnet6)
+            };
             let mut peers = Peers::new(
                 self.node.clone(),
                 self.ann.clone(),
                 cfg.clone(),
-                Some(built_for),
-            );
+                Some(built_for.0),
+            )
+            .with_ipv6(built_for.1);
             loop {
                 let (out, skips_now) = tokio::select! {
                     ev = events.next() => match ev {
@@ -512,14 +561,17 @@ impl KubeSource {
                         }
                         // Which peers overlap ours depends on our subnet; an attribute change
                         // (public IP) alone does not need the Nodes again.
-                        Ok(()) if own.borrow_and_update().subnet != built_for => continue 'relist,
+                        Ok(()) if {
+                            let o = own.borrow_and_update();
+                            (o.subnet, o.subnet6) != built_for
+                        } => continue 'relist,
                         Ok(()) => (Vec::new(), Vec::new()),
                     },
                 };
                 for s in skips_now {
                     let why = s.skip.to_string();
                     skips.report(
-                        &format!("node/{}", s.node),
+                        &format!("node/{}{}", s.node, s.side),
                         &match s.skip.reason {
                             SkipReason::DuplicateMac => Skip::MacTaken(why),
                             _ => Skip::Invalid(why),
@@ -534,6 +586,23 @@ impl KubeSource {
             }
         }
     }
+}
+
+/// Our subnets from our Node: the IPv4 one, and the IPv6 one when we serve IPv6 (`attrs` has
+/// an IPv6 side). None while no podCIDR is assigned.
+fn own_subnets(
+    node: &Node,
+    cfg: &NetworkConfig,
+    attrs: &LeaseAttrs,
+) -> Result<Option<(Ipv4Net, Option<Ipv6Net>)>, knode::NodeError> {
+    let Some(subnet) = knode::pod_subnet(node, cfg)? else {
+        return Ok(None);
+    };
+    let subnet6 = match attrs.v6 {
+        Some(_) => knode::pod_subnet6(node, cfg)?,
+        None => None,
+    };
+    Ok(Some((subnet, subnet6)))
 }
 
 /// What to do about an API server that refuses us, for the message that reports it.

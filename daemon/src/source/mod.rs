@@ -7,7 +7,7 @@ pub mod kube;
 pub mod kube_objects;
 
 use std::future::Future;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
@@ -26,6 +26,10 @@ pub struct Stored {
     /// Kubernetes mode: the Node's `node-public-ip` annotation. It is this node's
     /// `--public-ip` (flannel reads it at start, and it wins over the flag).
     pub public_ip: Option<Ipv4Addr>,
+    /// The same two for the IPv6 side of a dual-stack node (`backend-v6-data`,
+    /// `node-public-ipv6`).
+    pub vtep_mac6: Option<crate::mac::MacAddr>,
+    pub public_ipv6: Option<Ipv6Addr>,
 }
 
 pub use etcd::EtcdSource;

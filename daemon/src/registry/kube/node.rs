@@ -8,9 +8,9 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use k8s_openapi::api::core::v1::Node;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -20,9 +20,9 @@ use crate::config::{BackendKind, NetworkConfig, DEFAULT_VNI};
 use crate::excerpt::echo;
 use crate::lease::{LeaseAttrs, LeaseBackend};
 use crate::mac::MacAddr;
-use crate::peer::Peer;
-use crate::registry::PeerEvent;
-use crate::subnet::overlaps;
+use crate::peer::{Peer, PeerOf};
+use crate::registry::{PeerEvent, PeerFamily};
+use crate::subnet::{overlaps, Cidr};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NodeError {
@@ -45,6 +45,15 @@ pub enum NodeError {
         cidr: Ipv4Net,
         network: Ipv4Net,
     },
+    #[error(
+        "node {node:?}: its IPv6 PodCIDR {cidr} is outside the IPv6Network {network} of \
+         net-conf.json (the controller manager's IPv6 cluster CIDR and IPv6Network must agree)"
+    )]
+    OutsideNetwork6 {
+        node: String,
+        cidr: Ipv6Net,
+        network: Ipv6Net,
+    },
 }
 
 fn name_of(node: &Node) -> &str {
@@ -64,21 +73,10 @@ fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
 /// not assigned one. Its own length counts: in Kubernetes mode SubnetLen is not used.
 pub fn pod_subnet(node: &Node, cfg: &NetworkConfig) -> Result<Option<Ipv4Net>, NodeError> {
     let name = name_of(node);
-    let spec = node.spec.as_ref();
-    let list = spec.and_then(|s| s.pod_cidrs.as_deref()).unwrap_or(&[]);
-    let net = match list.len() {
-        0 => match spec.and_then(|s| s.pod_cidr.as_deref()) {
-            None | Some("") => return Ok(None),
-            Some(c) => first_v4(name, [c])?,
-        },
-        1 | 2 => first_v4(name, list.iter().map(String::as_str))?,
-        count => {
-            return Err(NodeError::TooManyPodCidrs {
-                node: name.into(),
-                count,
-            })
-        }
+    let Some((v4, _)) = pod_cidrs(node)? else {
+        return Ok(None);
     };
+    let net = v4.ok_or_else(|| NodeError::NoIpv4PodCidr { node: name.into() })?;
     if !cfg.network.contains(&net) {
         return Err(NodeError::OutsideNetwork {
             node: name.into(),
@@ -89,26 +87,63 @@ pub fn pod_subnet(node: &Node, cfg: &NetworkConfig) -> Result<Option<Ipv4Net>, N
     Ok(Some(net))
 }
 
-/// The first IPv4 entry; every entry must parse (flannel fails on any bad one).
-fn first_v4<'a>(
-    node: &str,
-    cidrs: impl IntoIterator<Item = &'a str>,
-) -> Result<Ipv4Net, NodeError> {
-    let mut v4 = None;
+/// The node's IPv6 pod subnet on a dual-stack network: the IPv6 entry of `spec.podCIDRs`
+/// (by family, never by position: flannel #1629). None on an IPv4-only network, or while the
+/// node has none (a single-stack node in a dual-stack cluster).
+pub fn pod_subnet6(node: &Node, cfg: &NetworkConfig) -> Result<Option<Ipv6Net>, NodeError> {
+    let Some(range) = &cfg.ipv6 else {
+        return Ok(None);
+    };
+    let Some((_, Some(net))) = pod_cidrs(node)? else {
+        return Ok(None);
+    };
+    if !range.network.contains(&net) {
+        return Err(NodeError::OutsideNetwork6 {
+            node: name_of(node).into(),
+            cidr: net,
+            network: range.network,
+        });
+    }
+    Ok(Some(net))
+}
+
+/// A node's pod CIDRs by family.
+type PodCidrs = (Option<Ipv4Net>, Option<Ipv6Net>);
+
+/// The first IPv4 and first IPv6 entry of `spec.podCIDRs` (or `spec.podCIDR` when the list is
+/// empty); None when nothing is assigned. Every entry must parse (flannel fails on any bad one).
+fn pod_cidrs(node: &Node) -> Result<Option<PodCidrs>, NodeError> {
+    let name = name_of(node);
+    let spec = node.spec.as_ref();
+    let list = spec.and_then(|s| s.pod_cidrs.as_deref()).unwrap_or(&[]);
+    let cidrs: Vec<&str> = match list.len() {
+        0 => match spec.and_then(|s| s.pod_cidr.as_deref()) {
+            None | Some("") => return Ok(None),
+            Some(c) => vec![c],
+        },
+        1 | 2 => list.iter().map(String::as_str).collect(),
+        count => {
+            return Err(NodeError::TooManyPodCidrs {
+                node: name.into(),
+                count,
+            })
+        }
+    };
+    let (mut v4, mut v6) = (None, None);
     for c in cidrs {
         match c.parse::<IpNet>() {
             // Go's ParseCIDR drops host bits; so do we.
             Ok(IpNet::V4(n)) => v4 = v4.or(Some(n.trunc())),
-            Ok(IpNet::V6(_)) => {}
+            Ok(IpNet::V6(n)) => v6 = v6.or(Some(n.trunc())),
             Err(_) => {
                 return Err(NodeError::BadPodCidr {
-                    node: node.into(),
+                    node: name.into(),
                     cidr: echo(c).into_owned(),
                 })
             }
         }
     }
-    v4.ok_or_else(|| NodeError::NoIpv4PodCidr { node: node.into() })
+    Ok(Some((v4, v6)))
 }
 
 // Field order and names are flannel's `vxlanLeaseAttrs`: external tools (F5, Citrix) parse it.
@@ -134,40 +169,71 @@ pub fn backend_data(backend: &LeaseBackend) -> String {
 
 /// The annotations this node must carry, with exactly flannel's values. `current` is the
 /// node's annotations now: an operator's non-empty `public-ip-overwrite` there is published as
-/// `public-ip` verbatim, as flannel does.
+/// `public-ip` verbatim, as flannel does (and `public-ipv6-overwrite` as `public-ipv6`). A
+/// dual-stack node adds flannel's IPv6 pair: `backend-v6-data` (`null` for host-gw, as
+/// flanneld writes it) and `public-ipv6`.
 pub fn own_annotations(
     a: &Annotations,
     attrs: &LeaseAttrs,
     current: &BTreeMap<String, String>,
 ) -> BTreeMap<String, String> {
-    let public_ip = current
-        .get(a.public_ip_overwrite())
-        .filter(|v| !v.is_empty())
-        .cloned()
-        .unwrap_or_else(|| attrs.public_ip.to_string());
-    BTreeMap::from([
+    let overwritten = |key: &str, detected: String| {
+        current
+            .get(key)
+            .filter(|v| !v.is_empty())
+            .cloned()
+            .unwrap_or(detected)
+    };
+    let mut want = BTreeMap::from([
         (a.kube_subnet_manager().to_string(), "true".to_string()),
         (
             a.backend_type().to_string(),
             attrs.backend.type_name().to_string(),
         ),
         (a.backend_data().to_string(), backend_data(&attrs.backend)),
-        (a.public_ip().to_string(), public_ip),
-    ])
+        (
+            a.public_ip().to_string(),
+            overwritten(a.public_ip_overwrite(), attrs.public_ip.to_string()),
+        ),
+    ]);
+    if let Some(v6) = &attrs.v6 {
+        want.insert(a.backend_v6_data().to_string(), backend_data(&v6.backend));
+        want.insert(
+            a.public_ipv6().to_string(),
+            overwritten(a.public_ipv6_overwrite(), v6.public_ip.to_string()),
+        );
+    }
+    want
 }
 
-/// The patch that makes `current` carry `want`: only the keys whose value differs, or None
-/// when none does (then nothing is written at all). A JSON merge patch and a strategic merge
-/// patch are the same for this string map; flannel sends it to `nodes/<name>/status`.
+/// The annotations of ours that must go: the IPv6 pair when this node serves no IPv6 (an
+/// earlier dual-stack run's, or flanneld's before it), or peers would route IPv6 to a node that
+/// has no IPv6 device for it.
+pub fn stale_annotations<'a>(a: &'a Annotations, attrs: &LeaseAttrs) -> Vec<&'a str> {
+    if attrs.v6.is_some() {
+        Vec::new()
+    } else {
+        vec![a.backend_v6_data(), a.public_ipv6()]
+    }
+}
+
+/// The patch that makes `current` carry `want` and none of `stale`: only the keys whose value
+/// differs (a stale key as `null`, which deletes it), or None when none does (then nothing is
+/// written at all). A JSON merge patch and a strategic merge patch are the same for this string
+/// map; flannel sends it to `nodes/<name>/status`.
 pub fn annotation_patch(
     current: &BTreeMap<String, String>,
     want: &BTreeMap<String, String>,
+    stale: &[&str],
 ) -> Option<Value> {
-    let differ: serde_json::Map<String, Value> = want
+    let mut differ: serde_json::Map<String, Value> = want
         .iter()
         .filter(|(k, v)| current.get(*k) != Some(*v))
         .map(|(k, v)| (k.clone(), Value::String(v.clone())))
         .collect();
+    for k in stale.iter().filter(|k| current.contains_key(**k)) {
+        differ.insert(k.to_string(), Value::Null);
+    }
     (!differ.is_empty()).then(|| json!({ "metadata": { "annotations": differ } }))
 }
 
@@ -240,7 +306,9 @@ fn skip(reason: SkipReason, detail: impl Into<String>) -> Skip {
 impl From<NodeError> for Skip {
     fn from(e: NodeError) -> Skip {
         let reason = match e {
-            NodeError::OutsideNetwork { .. } => SkipReason::OutsideNetwork,
+            NodeError::OutsideNetwork { .. } | NodeError::OutsideNetwork6 { .. } => {
+                SkipReason::OutsideNetwork
+            }
             _ => SkipReason::BadPodCidr,
         };
         skip(reason, e.to_string())
@@ -261,7 +329,16 @@ struct VxlanDataIn {
 /// flanneld, or one whose state dir was lost, keeps the MAC its peers have programmed. Only a
 /// valid unicast MAC counts.
 pub fn stored_vtep_mac(node: &Node, a: &Annotations) -> Option<MacAddr> {
-    let v = node.metadata.annotations.as_ref()?.get(a.backend_data())?;
+    stored_mac_in(node, a.backend_data())
+}
+
+/// `stored_vtep_mac` of the IPv6 device, from backend-v6-data.
+pub fn stored_vtep_mac6(node: &Node, a: &Annotations) -> Option<MacAddr> {
+    stored_mac_in(node, a.backend_v6_data())
+}
+
+fn stored_mac_in(node: &Node, key: &str) -> Option<MacAddr> {
+    let v = annotation(node, key)?;
     let data: VxlanDataIn = serde_json::from_str(v).ok()?;
     let mac: MacAddr = data.vtep_mac?.parse().ok()?;
     (!mac.is_zero() && !mac.is_multicast()).then_some(mac)
@@ -270,16 +347,19 @@ pub fn stored_vtep_mac(node: &Node, a: &Annotations) -> Option<MacAddr> {
 /// An operator's `node-public-ip` annotation: Ok(None) when absent or empty, Err(value) when
 /// it is not an IPv4 address.
 pub fn stored_public_ip(node: &Node, a: &Annotations) -> Result<Option<Ipv4Addr>, String> {
-    let Some(v) = node
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|m| m.get(a.node_public_ip()))
-        .filter(|v| !v.trim().is_empty())
-    else {
+    stored_addr(node, a.node_public_ip())
+}
+
+/// An operator's `node-public-ipv6` annotation, as `stored_public_ip`.
+pub fn stored_public_ipv6(node: &Node, a: &Annotations) -> Result<Option<Ipv6Addr>, String> {
+    stored_addr(node, a.node_public_ipv6())
+}
+
+fn stored_addr<A: std::str::FromStr>(node: &Node, key: &str) -> Result<Option<A>, String> {
+    let Some(v) = annotation(node, key).filter(|v| !v.trim().is_empty()) else {
         return Ok(None);
     };
-    v.trim().parse().map(Some).map_err(|_| v.clone())
+    v.trim().parse().map(Some).map_err(|_| v.to_string())
 }
 
 /// Another node as a peer. Ok(None) when it is not one (yet): no `kube-subnet-manager: "true"`
@@ -306,7 +386,11 @@ pub fn peer_from_node(
     let backend_type = annotation(node, a.backend_type());
     let public_ip = parse_public_ip(annotation(node, a.public_ip()), cfg)?;
     let vtep_mac = match backend_type {
-        Some("vxlan") => Some(parse_vxlan_data(annotation(node, a.backend_data()), cfg)?),
+        Some("vxlan") => Some(parse_vxlan_data(
+            annotation(node, a.backend_data()),
+            "backend-data",
+            cfg,
+        )?),
         Some("host-gw" | "udp") => None,
         other => {
             return Err(skip(
@@ -319,6 +403,73 @@ pub fn peer_from_node(
         }
     };
     Ok(Some(Peer {
+        subnet,
+        public_ip,
+        vtep_mac,
+    }))
+}
+
+/// Another node's IPv6 side as a peer, on a dual-stack network: its IPv6 podCIDR, reached at
+/// `public-ipv6` (vxlan: with the MAC of `backend-v6-data`). Ok(None) when the node is no peer
+/// or has no IPv6 side: no IPv6 podCIDR, or no `public-ipv6` (a node that serves IPv4 only).
+/// Its IPv4 side is judged on its own (`peer_from_node`): a bad IPv6 side never costs it.
+pub fn peer6_from_node(
+    node: &Node,
+    a: &Annotations,
+    cfg: &NetworkConfig,
+    own: Option<Ipv6Net>,
+) -> Result<Option<PeerOf<Ipv6Net>>, Skip> {
+    if annotation(node, a.kube_subnet_manager()) != Some("true") {
+        return Ok(None);
+    }
+    let Some(range) = &cfg.ipv6 else {
+        return Ok(None);
+    };
+    let Some(subnet) = pod_subnet6(node, cfg)? else {
+        return Ok(None);
+    };
+    let Some(ip) = annotation(node, a.public_ipv6()).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    if let Some(own) = own.filter(|o| overlaps(*o, subnet)) {
+        return Err(skip(
+            SkipReason::OverlapsOwn,
+            format!("IPv6 subnet {subnet} overlaps our own IPv6 subnet {own}"),
+        ));
+    }
+    let public_ip: Ipv6Addr = ip.parse().map_err(|_| {
+        skip(
+            SkipReason::BadPublicIp,
+            format!("public-ipv6 {:?} is not an IPv6 address", echo(ip)),
+        )
+    })?;
+    if public_ip.is_unspecified() || public_ip.is_multicast() || public_ip.is_loopback() {
+        return Err(skip(
+            SkipReason::BadPublicIp,
+            format!("public-ipv6 {public_ip} cannot be a tunnel endpoint"),
+        ));
+    }
+    if range.network.contains(&public_ip) {
+        return Err(skip(
+            SkipReason::BadPublicIp,
+            format!(
+                "public-ipv6 {public_ip} is inside the IPv6 pod network {}: a pod address \
+                 cannot carry the tunnel",
+                range.network
+            ),
+        ));
+    }
+    let vtep_mac = match annotation(node, a.backend_type()) {
+        Some("vxlan") => Some(parse_vxlan_data(
+            annotation(node, a.backend_v6_data()),
+            "backend-v6-data",
+            cfg,
+        )?),
+        Some("host-gw") => None,
+        // udp carries IPv4 only; anything else is reported by the IPv4 side.
+        _ => return Ok(None),
+    };
+    Ok(Some(PeerOf {
         subnet,
         public_ip,
         vtep_mac,
@@ -354,8 +505,9 @@ fn parse_public_ip(value: Option<&str>, cfg: &NetworkConfig) -> Result<Ipv4Addr,
     Ok(ip)
 }
 
-fn parse_vxlan_data(value: Option<&str>, cfg: &NetworkConfig) -> Result<MacAddr, Skip> {
-    let bad = |d: String| skip(SkipReason::BadBackendData, format!("backend-data: {d}"));
+/// A vxlan node's backend-data (or backend-v6-data, named by `key`): its unicast VTEP MAC.
+fn parse_vxlan_data(value: Option<&str>, key: &str, cfg: &NetworkConfig) -> Result<MacAddr, Skip> {
+    let bad = |d: String| skip(SkipReason::BadBackendData, format!("{key}: {d}"));
     let v = value.ok_or_else(|| bad("missing".into()))?;
     let short = |e: serde_json::Error| echo(&e.to_string()).into_owned();
     // A JSON object only: serde would take `[1,"mac"]` for the struct too.
@@ -404,6 +556,8 @@ pub fn node_digest(node: &Node, a: &Annotations) -> NodeDigest {
         a.backend_type(),
         a.backend_data(),
         a.public_ip(),
+        a.backend_v6_data(),
+        a.public_ipv6(),
     ] {
         annotation(node, key).hash(&mut h);
     }
@@ -411,18 +565,18 @@ pub fn node_digest(node: &Node, a: &Annotations) -> NodeDigest {
 }
 
 #[derive(Clone, Copy, Debug)]
-enum State {
+enum State<N: Cidr> {
     /// Not a peer (not annotated, no podCIDR, invalid).
     Ignored,
-    Active(Peer),
+    Active(PeerOf<N>),
     /// Valid, but held back by another node's active peer: its subnet overlaps that one's (a
     /// podCIDR handed over before the old node's deletion was seen), or it announces that
     /// one's VTEP MAC at another address. Becomes active when the conflict goes.
-    Blocked(Peer),
+    Blocked(PeerOf<N>),
 }
 
-impl State {
-    fn active(&self) -> Option<Peer> {
+impl<N: Cidr> State<N> {
+    fn active(&self) -> Option<PeerOf<N>> {
         match *self {
             State::Active(p) => Some(p),
             _ => None,
@@ -431,11 +585,14 @@ impl State {
 }
 
 #[derive(Clone, Debug)]
-struct Known {
+struct Known<N: Cidr> {
     digest: NodeDigest,
-    state: State,
+    state: State<N>,
     seniority: Seniority,
 }
+
+/// One family's view of every Node by name.
+type Table<N> = BTreeMap<String, Known<N>>;
 
 /// Which of two Nodes announcing one VTEP MAC keeps it: the older (`creationTimestamp`), then
 /// the first by name, as etcd mode keeps it for the oldest lease. Every twilld decides the
@@ -460,10 +617,13 @@ impl Seniority {
     }
 }
 
-/// A node that was not made a peer, for the caller to count (`skip.reason.label()`) and log.
+/// A node (or one family's side of it) that was not made a peer, for the caller to count
+/// (`skip.reason.label()`) and log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeSkip {
     pub node: String,
+    /// "" for the IPv4 side, `PeerFamily::TAG` of the IPv6 side.
+    pub side: &'static str,
     pub skip: Skip,
 }
 
@@ -475,16 +635,31 @@ pub struct Applied {
     pub skips: Vec<NodeSkip>,
 }
 
+/// One node judged in both families.
+struct Judged {
+    name: String,
+    digest: NodeDigest,
+    seniority: Seniority,
+    v4: (Option<Peer>, Option<Skip>),
+    /// Judged only when we serve IPv6.
+    v6: Option<(Option<PeerOf<Ipv6Net>>, Option<Skip>)>,
+}
+
 /// Turns a Node watch (kube-runtime `watcher::Event`s: Init, InitApply…, InitDone, then
-/// Apply/Delete) into `PeerEvent`s: a `Snapshot` after every (re)list, then only real changes.
+/// Apply/Delete) into `PeerEvent`s: a `Snapshot` (and a `Snapshot6` when we serve IPv6) after
+/// every (re)list, then only real changes. Each family's side of a Node is placed on its own:
+/// a bad IPv6 side never costs the IPv4 peer.
 pub struct Peers {
     own_name: String,
     own_subnet: Option<Ipv4Net>,
+    /// Our IPv6 subnet: only when we have one are the Nodes' IPv6 sides judged and sent.
+    own_subnet6: Option<Ipv6Net>,
     annotations: Annotations,
     cfg: NetworkConfig,
-    nodes: BTreeMap<String, Known>,
-    /// Being built between `init` and `init_done`; replaces `nodes` then.
-    relist: Option<BTreeMap<String, Known>>,
+    nodes: Table<Ipv4Net>,
+    nodes6: Table<Ipv6Net>,
+    /// Being built between `init` and `init_done`; replaces `nodes` and `nodes6` then.
+    relist: Option<(Table<Ipv4Net>, Table<Ipv6Net>)>,
 }
 
 impl Peers {
@@ -497,112 +672,174 @@ impl Peers {
         Peers {
             own_name: own_name.into(),
             own_subnet,
+            own_subnet6: None,
             annotations,
             cfg,
             nodes: BTreeMap::new(),
+            nodes6: BTreeMap::new(),
             relist: None,
         }
     }
 
+    /// Serve the IPv6 sides too, ours being `own6` (None: IPv4 only).
+    pub fn with_ipv6(mut self, own6: Option<Ipv6Net>) -> Self {
+        self.own_subnet6 = own6.filter(|_| self.cfg.ipv6.is_some());
+        self
+    }
+
     /// A (re)list starts.
     pub fn init(&mut self) {
-        self.relist = Some(BTreeMap::new());
+        self.relist = Some(Default::default());
     }
 
     /// One node of the list. Events wait for `init_done`.
     pub fn init_apply(&mut self, node: &Node) -> Vec<NodeSkip> {
-        let Some((name, digest, candidate, skip)) = self.evaluate(node) else {
+        let Some(j) = self.evaluate(node) else {
             return Vec::new();
         };
-        let nodes = self.relist.get_or_insert_with(BTreeMap::new);
-        let placed = place(nodes, &name, digest, Seniority::of(node), candidate);
-        skips(name, skip.or(placed.skip), placed.demoted)
+        let (t4, t6) = self.relist.get_or_insert_with(Default::default);
+        let mut out = Vec::new();
+        let placed = place(t4, &j.name, j.digest, j.seniority.clone(), j.v4.0);
+        out.extend(skips::<Ipv4Net>(
+            &j.name,
+            j.v4.1.or(placed.skip),
+            placed.demoted,
+        ));
+        if let Some((p6, s6)) = j.v6 {
+            let placed = place(t6, &j.name, j.digest, j.seniority, p6);
+            out.extend(skips::<Ipv6Net>(
+                &j.name,
+                s6.or(placed.skip),
+                placed.demoted,
+            ));
+        }
+        out
     }
 
-    /// The list is complete: one `Snapshot` of all valid peers. Nodes not listed again (deleted
-    /// while the watch was down) are gone from it.
+    /// The list is complete: one `Snapshot` of all valid peers (and a `Snapshot6`). Nodes not
+    /// listed again (deleted while the watch was down) are gone from it.
     pub fn init_done(&mut self) -> Vec<PeerEvent> {
-        if let Some(fresh) = self.relist.take() {
+        if let Some((fresh, fresh6)) = self.relist.take() {
             self.nodes = fresh;
+            self.nodes6 = fresh6;
         }
-        let peers = self
-            .nodes
-            .values()
-            .filter_map(|k| k.state.active())
-            .collect();
-        vec![PeerEvent::Snapshot(peers)]
+        fn active<N: Cidr>(t: &Table<N>) -> Vec<PeerOf<N>> {
+            t.values().filter_map(|k| k.state.active()).collect()
+        }
+        let mut out = vec![PeerEvent::Snapshot(active(&self.nodes))];
+        if self.own_subnet6.is_some() {
+            out.push(PeerEvent::Snapshot6(active(&self.nodes6)));
+        }
+        out
     }
 
     /// A node was added or changed. Nothing when what matters for a peer did not change.
     pub fn apply(&mut self, node: &Node) -> Applied {
         // A heartbeat changes nothing that matters: settled on the digest alone, before the
-        // node's annotations are parsed.
+        // node's annotations are parsed. (Every judged node is in `nodes`, peer or not.)
         let name = name_of(node);
         if self.nodes.get(name).map(|k| k.digest) == Some(node_digest(node, &self.annotations)) {
             return Applied::default();
         }
-        let Some((name, digest, candidate, skip)) = self.evaluate(node) else {
+        let Some(j) = self.evaluate(node) else {
             return Applied::default();
         };
+        let mut out = Applied::default();
         let placed = place(
             &mut self.nodes,
-            &name,
-            digest,
-            Seniority::of(node),
-            candidate,
+            &j.name,
+            j.digest,
+            j.seniority.clone(),
+            j.v4.0,
         );
-        Applied {
-            events: placed.events,
-            skips: skips(name, skip.or(placed.skip), placed.demoted),
+        out.events = placed.events;
+        out.skips = skips::<Ipv4Net>(&j.name, j.v4.1.or(placed.skip), placed.demoted);
+        if let Some((p6, s6)) = j.v6 {
+            let placed = place(&mut self.nodes6, &j.name, j.digest, j.seniority, p6);
+            out.events.extend(placed.events);
+            out.skips.extend(skips::<Ipv6Net>(
+                &j.name,
+                s6.or(placed.skip),
+                placed.demoted,
+            ));
         }
+        out
     }
 
-    /// A node was deleted: its peer goes (and a peer it held back may come).
+    /// A node was deleted: its peers go (and peers it held back may come).
     pub fn delete(&mut self, node: &Node) -> Vec<PeerEvent> {
         let name = name_of(node);
-        match self.nodes.remove(name).and_then(|k| k.state.active()) {
-            Some(p) => {
-                let mut events = vec![PeerEvent::Remove(p.subnet)];
-                events.extend(promote(&mut self.nodes));
-                events
-            }
-            None => Vec::new(),
-        }
+        let mut events = forget(&mut self.nodes, name);
+        events.extend(forget(&mut self.nodes6, name));
+        events
     }
 
     /// None for nodes that are never peers: ours, and nameless ones.
-    fn evaluate(&self, node: &Node) -> Option<(String, NodeDigest, Option<Peer>, Option<Skip>)> {
+    fn evaluate(&self, node: &Node) -> Option<Judged> {
         let name = name_of(node);
         if name.is_empty() || name == self.own_name {
             return None;
         }
-        let digest = node_digest(node, &self.annotations);
-        let (peer, skip) = match peer_from_node(node, &self.annotations, &self.cfg, self.own_subnet)
-        {
-            Ok(p) => (p, None),
-            Err(s) => (None, Some(s)),
-        };
-        Some((name.to_string(), digest, peer, skip))
+        let a = &self.annotations;
+        let v4 = split(peer_from_node(node, a, &self.cfg, self.own_subnet));
+        let v6 = self
+            .own_subnet6
+            .map(|own6| split(peer6_from_node(node, a, &self.cfg, Some(own6))));
+        Some(Judged {
+            name: name.to_string(),
+            digest: node_digest(node, a),
+            seniority: Seniority::of(node),
+            v4,
+            v6,
+        })
     }
 }
 
-fn skips(node: String, skip: Option<Skip>, demoted: Option<NodeSkip>) -> Vec<NodeSkip> {
-    skip.map(|skip| NodeSkip { node, skip })
-        .into_iter()
-        .chain(demoted)
-        .collect()
+/// A judgement as (peer, skip).
+fn split<T>(r: Result<Option<T>, Skip>) -> (Option<T>, Option<Skip>) {
+    match r {
+        Ok(p) => (p, None),
+        Err(s) => (None, Some(s)),
+    }
+}
+
+/// `name` is gone from one family's table: its peer's Remove, and the peers it held back.
+fn forget<N: PeerFamily>(nodes: &mut Table<N>, name: &str) -> Vec<PeerEvent> {
+    match nodes.remove(name).and_then(|k| k.state.active()) {
+        Some(p) => {
+            let mut events = vec![N::remove(p.subnet)];
+            events.extend(promote(nodes));
+            events
+        }
+        None => Vec::new(),
+    }
+}
+
+fn skips<N: PeerFamily>(
+    node: &str,
+    skip: Option<Skip>,
+    demoted: Option<NodeSkip>,
+) -> Vec<NodeSkip> {
+    skip.map(|skip| NodeSkip {
+        node: node.to_string(),
+        side: N::TAG,
+        skip,
+    })
+    .into_iter()
+    .chain(demoted)
+    .collect()
 }
 
 /// Why another node's active peer holds `p` back, if one does: an overlapping subnet, or the
 /// same VTEP MAC at another address (the first node to announce a MAC keeps it: the kernel
 /// has one remote per MAC, and a second node taking it over would redirect the first one's
 /// traffic).
-fn active_conflict(nodes: &BTreeMap<String, Known>, p: &Peer) -> Option<Skip> {
+fn active_conflict<N: Cidr>(nodes: &Table<N>, p: &PeerOf<N>) -> Option<Skip> {
     conflict_with(nodes, p).map(|(_, s)| s)
 }
 
 /// `active_conflict`, with the name of the node holding `p` back.
-fn conflict_with<'a>(nodes: &'a BTreeMap<String, Known>, p: &Peer) -> Option<(&'a str, Skip)> {
+fn conflict_with<'a, N: Cidr>(nodes: &'a Table<N>, p: &PeerOf<N>) -> Option<(&'a str, Skip)> {
     nodes.iter().find_map(|(n, k)| {
         let q = k.state.active()?;
         if overlaps(q.subnet, p.subnet) {
@@ -646,13 +883,13 @@ struct Placed {
     demoted: Option<NodeSkip>,
 }
 
-/// Record `name`'s new state and say what changed for the data path.
-fn place(
-    nodes: &mut BTreeMap<String, Known>,
+/// Record `name`'s new state in one family and say what changed for the data path.
+fn place<N: PeerFamily>(
+    nodes: &mut Table<N>,
     name: &str,
     digest: NodeDigest,
     seniority: Seniority,
-    candidate: Option<Peer>,
+    candidate: Option<PeerOf<N>>,
 ) -> Placed {
     let old = nodes.remove(name).and_then(|k| k.state.active());
     let mut events = Vec::new();
@@ -667,7 +904,7 @@ fn place(
                 if let Some(k) = nodes.get_mut(&holder) {
                     if let State::Active(q) = k.state {
                         k.state = State::Blocked(q);
-                        events.push(PeerEvent::Remove(q.subnet));
+                        events.push(N::remove(q.subnet));
                         demoted = Some(NodeSkip {
                             skip: Skip {
                                 reason: SkipReason::DuplicateMac,
@@ -680,6 +917,7 @@ fn place(
                                     p.public_ip
                                 ),
                             },
+                            side: N::TAG,
                             node: holder,
                         });
                     }
@@ -710,16 +948,16 @@ fn place(
     match (old, new) {
         (Some(o), Some(n)) if o == n => {}
         (Some(o), Some(n)) if o.subnet == n.subnet => {
-            events.push(PeerEvent::Upsert(n));
+            events.push(N::upsert(n));
             // A MAC or address it gave up may free a peer held back by it.
             events.extend(promote(nodes));
         }
         (old, new) => {
             if let Some(o) = old {
-                events.push(PeerEvent::Remove(o.subnet));
+                events.push(N::remove(o.subnet));
             }
             if let Some(n) = new {
-                events.push(PeerEvent::Upsert(n));
+                events.push(N::upsert(n));
             }
             if old.is_some() || (demoted.is_some() && new.is_none()) {
                 events.extend(promote(nodes));
@@ -734,8 +972,8 @@ fn place(
 }
 
 /// Activate held-back peers that no longer conflict with an active one (the oldest first).
-fn promote(nodes: &mut BTreeMap<String, Known>) -> Vec<PeerEvent> {
-    let mut blocked: Vec<(&Seniority, String, Peer)> = nodes
+fn promote<N: PeerFamily>(nodes: &mut Table<N>) -> Vec<PeerEvent> {
+    let mut blocked: Vec<(&Seniority, String, PeerOf<N>)> = nodes
         .iter()
         .filter_map(|(n, k)| match k.state {
             State::Blocked(p) => Some((&k.seniority, n.clone(), p)),
@@ -743,13 +981,13 @@ fn promote(nodes: &mut BTreeMap<String, Known>) -> Vec<PeerEvent> {
         })
         .collect();
     blocked.sort_by(|a, b| a.0.cmp(b.0));
-    let blocked: Vec<(String, Peer)> = blocked.into_iter().map(|(_, n, p)| (n, p)).collect();
+    let blocked: Vec<(String, PeerOf<N>)> = blocked.into_iter().map(|(_, n, p)| (n, p)).collect();
     let mut events = Vec::new();
     for (name, p) in blocked {
         if active_conflict(nodes, &p).is_none() {
             if let Some(k) = nodes.get_mut(&name) {
                 k.state = State::Active(p);
-                events.push(PeerEvent::Upsert(p));
+                events.push(N::upsert(p));
             }
         }
     }
@@ -1104,18 +1342,18 @@ mod tests {
         let want = own_annotations(&ann(), &vxlan_attrs(), &BTreeMap::new());
         let mut current = want.clone();
         current.insert("node.alpha.kubernetes.io/ttl".into(), "0".into());
-        assert_eq!(annotation_patch(&current, &want), None);
+        assert_eq!(annotation_patch(&current, &want, &[]), None);
 
         current.insert(format!("{P}public-ip"), "172.18.0.99".into());
         current.remove(&format!("{P}kube-subnet-manager"));
         assert_eq!(
-            annotation_patch(&current, &want),
+            annotation_patch(&current, &want, &[]),
             Some(json!({"metadata": {"annotations": {
                 "flannel.alpha.coreos.com/kube-subnet-manager": "true",
                 "flannel.alpha.coreos.com/public-ip": "172.18.0.3",
             }}}))
         );
-        let all = annotation_patch(&BTreeMap::new(), &want).unwrap();
+        let all = annotation_patch(&BTreeMap::new(), &want, &[]).unwrap();
         assert_eq!(all["metadata"]["annotations"].as_object().unwrap().len(), 4);
     }
 
@@ -1771,6 +2009,346 @@ mod tests {
         }
         p.init_done();
         assert_eq!(es(&p.delete(&old)), [rm(1), up(2)]);
+    }
+
+    // ---- dual stack ----
+
+    const MAC6: &str = "12:c6:65:89:b6:06";
+
+    fn dual_cfg(backend: &str) -> NetworkConfig {
+        NetworkConfig::parse(
+            format!(
+                r#"{{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{{"Type":"{backend}"}}}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    fn net6(s: &str) -> Ipv6Net {
+        s.parse().unwrap()
+    }
+
+    /// A dual-stack vxlan node as flanneld v0.28 writes it: `n` in both pod CIDRs, both
+    /// addresses and both MACs.
+    fn dual_node(name: &str, n: u8) -> Node {
+        let mut ann = flannel_annotations(
+            &format!("172.18.0.{n}"),
+            &vxlan_data(1, &format!("12:c6:65:89:b4:{n:02x}")),
+        );
+        ann[format!("{P}backend-v6-data")] =
+            json!(vxlan_data(1, &format!("12:c6:65:89:b6:{n:02x}")));
+        ann[format!("{P}public-ipv6")] = json!(format!("2001:db8::{n}"));
+        to_node(node_json(
+            name,
+            // IPv6 listed first: by family, never by index (flannel #1629).
+            json!({"podCIDR": format!("fd00:10:244:{n}::/64"),
+                   "podCIDRs": [format!("fd00:10:244:{n}::/64"), format!("10.244.{n}.0/24")]}),
+            ann,
+        ))
+    }
+
+    fn set_ann(node: &Node, key: &str, value: Option<&str>) -> Node {
+        let mut v = serde_json::to_value(node).unwrap();
+        match value {
+            Some(x) => v["metadata"]["annotations"][format!("{P}{key}")] = json!(x),
+            None => {
+                v["metadata"]["annotations"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove(&format!("{P}{key}"));
+            }
+        }
+        to_node(v)
+    }
+
+    #[test]
+    fn ipv6_pod_subnet_is_the_ipv6_entry_inside_ipv6_network() {
+        let c = dual_cfg("vxlan");
+        let n = dual_node("a", 3);
+        assert_eq!(pod_subnet(&n, &c).unwrap(), Some(net("10.244.3.0/24")));
+        assert_eq!(
+            pod_subnet6(&n, &c).unwrap(),
+            Some(net6("fd00:10:244:3::/64"))
+        );
+        // An IPv4-only network never reads it; a single-stack node has none.
+        assert_eq!(pod_subnet6(&n, &cfg()).unwrap(), None);
+        assert_eq!(pod_subnet6(&peer_node("b", 2), &c).unwrap(), None);
+        let outside = with_spec(json!({"podCIDRs": ["10.244.1.0/24", "fd00:99::/64"]}));
+        let e = pod_subnet6(&outside, &c).unwrap_err();
+        assert!(
+            matches!(e, NodeError::OutsideNetwork6 { .. }) && e.to_string().contains("IPv6Network"),
+            "{e}"
+        );
+        // The IPv4 side of that node is still fine.
+        assert_eq!(
+            pod_subnet(&outside, &c).unwrap(),
+            Some(net("10.244.1.0/24"))
+        );
+    }
+
+    #[test]
+    fn dual_stack_annotations_are_flannels_and_go_when_ipv6_does() {
+        let v6 = |backend| crate::lease::LeaseV6 {
+            public_ip: "2001:db8::3".parse().unwrap(),
+            backend,
+        };
+        let vxlan6 = LeaseBackend::Vxlan {
+            vni: 1,
+            vtep_mac: MAC6.parse().unwrap(),
+        };
+        let dual = LeaseAttrs {
+            v6: Some(v6(vxlan6)),
+            ..vxlan_attrs()
+        };
+        let got = own_annotations(&ann(), &dual, &BTreeMap::new());
+        assert_eq!(got.len(), 6, "{got:?}");
+        assert_eq!(
+            got[&format!("{P}backend-v6-data")],
+            format!(r#"{{"VNI":1,"VtepMAC":"{MAC6}"}}"#)
+        );
+        assert_eq!(got[&format!("{P}public-ipv6")], "2001:db8::3");
+        assert_eq!(got[&format!("{P}backend-data")], vxlan_data(1, MAC));
+        // host-gw: flanneld writes backend-v6-data "null" and the address.
+        let hostgw = LeaseAttrs {
+            public_ip: "172.18.0.3".parse().unwrap(),
+            backend: LeaseBackend::HostGw,
+            v6: Some(v6(LeaseBackend::HostGw)),
+        };
+        let got = own_annotations(&ann(), &hostgw, &BTreeMap::new());
+        assert_eq!(got[&format!("{P}backend-v6-data")], "null");
+        // An operator's public-ipv6-overwrite is published verbatim.
+        let current = map(&[(&format!("{P}public-ipv6-overwrite"), "2001:db8:ff::1")]);
+        let got = own_annotations(&ann(), &dual, &current);
+        assert_eq!(got[&format!("{P}public-ipv6")], "2001:db8:ff::1");
+        // Serving IPv4 only: the IPv6 pair of an earlier run is deleted (null in the patch),
+        // and nothing is written when there is none.
+        let v4 = vxlan_attrs();
+        let a = ann();
+        let stale = stale_annotations(&a, &v4);
+        let mut current = own_annotations(&ann(), &v4, &BTreeMap::new());
+        assert_eq!(annotation_patch(&current, &current, &stale), None);
+        current.insert(format!("{P}public-ipv6"), "2001:db8::3".into());
+        current.insert(format!("{P}backend-v6-data"), vxlan_data(1, MAC6));
+        let want = own_annotations(&ann(), &v4, &current);
+        assert_eq!(
+            annotation_patch(&current, &want, &stale),
+            Some(json!({"metadata": {"annotations": {
+                format!("{P}public-ipv6"): null,
+                format!("{P}backend-v6-data"): null,
+            }}}))
+        );
+        assert!(stale_annotations(&ann(), &dual).is_empty());
+    }
+
+    #[test]
+    fn stored_ipv6_mac_and_address() {
+        let n = dual_node("me", 4);
+        assert_eq!(
+            stored_vtep_mac6(&n, &ann()),
+            Some("12:c6:65:89:b6:04".parse().unwrap())
+        );
+        assert_eq!(stored_vtep_mac6(&peer_node("x", 1), &ann()), None);
+        let n = set_ann(&n, "node-public-ipv6", Some(" 2001:db8::77 "));
+        assert_eq!(
+            stored_public_ipv6(&n, &ann()),
+            Ok(Some("2001:db8::77".parse().unwrap()))
+        );
+        let n = set_ann(&n, "node-public-ipv6", Some("10.0.0.1"));
+        assert_eq!(stored_public_ipv6(&n, &ann()), Err("10.0.0.1".into()));
+    }
+
+    #[test]
+    fn a_flanneld_dual_stack_node_is_a_peer_in_both_families() {
+        let c = dual_cfg("vxlan");
+        let n = dual_node("a", 3);
+        let p4 = peer_from_node(&n, &ann(), &c, None).unwrap().unwrap();
+        assert_eq!(p4.subnet, net("10.244.3.0/24"));
+        let p6 = peer6_from_node(&n, &ann(), &c, Some(net6("fd00:10:244::/64")))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (p6.subnet, p6.public_ip.to_string(), p6.vtep_mac),
+            (
+                net6("fd00:10:244:3::/64"),
+                "2001:db8::3".into(),
+                Some("12:c6:65:89:b6:03".parse().unwrap())
+            )
+        );
+        // host-gw: no MAC on either side.
+        let hg = set_ann(
+            &set_ann(&n, "backend-type", Some("host-gw")),
+            "backend-v6-data",
+            Some("null"),
+        );
+        let p6 = peer6_from_node(&hg, &ann(), &dual_cfg("host-gw"), None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(p6.vtep_mac, None);
+        // No IPv6 side: an IPv4-only node, or an IPv4-only network.
+        let v4only = set_ann(&n, "public-ipv6", None);
+        assert_eq!(peer6_from_node(&v4only, &ann(), &c, None), Ok(None));
+        assert_eq!(peer6_from_node(&n, &ann(), &cfg(), None), Ok(None));
+        assert_eq!(
+            peer6_from_node(&peer_node("b", 2), &ann(), &c, None),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn bad_ipv6_sides_are_skipped_with_a_reason() {
+        let c = dual_cfg("vxlan");
+        let n = dual_node("a", 3);
+        let cases: Vec<(Node, SkipReason, &str)> = vec![
+            (
+                set_ann(&n, "public-ipv6", Some("172.18.0.3")),
+                SkipReason::BadPublicIp,
+                "not an IPv6 address",
+            ),
+            (
+                set_ann(&n, "public-ipv6", Some("::")),
+                SkipReason::BadPublicIp,
+                "cannot be a tunnel endpoint",
+            ),
+            (
+                set_ann(&n, "public-ipv6", Some("fd00:10:244:7::1")),
+                SkipReason::BadPublicIp,
+                "inside the IPv6 pod network",
+            ),
+            (
+                set_ann(&n, "backend-v6-data", None),
+                SkipReason::BadBackendData,
+                "backend-v6-data: missing",
+            ),
+            (
+                set_ann(
+                    &n,
+                    "backend-v6-data",
+                    Some(&vxlan_data(1, "01:00:5e:00:00:01")),
+                ),
+                SkipReason::BadBackendData,
+                "backend-v6-data",
+            ),
+            (
+                set_ann(&n, "backend-v6-data", Some(&vxlan_data(7, MAC6))),
+                SkipReason::VniMismatch,
+                "VNI 7",
+            ),
+        ];
+        for (node, reason, part) in cases {
+            let e = peer6_from_node(&node, &ann(), &c, None).unwrap_err();
+            assert_eq!(e.reason, reason, "{e}");
+            assert!(e.detail.contains(part), "{e} lacks {part:?}");
+            // The IPv4 side is unaffected.
+            assert!(peer_from_node(&node, &ann(), &c, None).unwrap().is_some());
+        }
+        let own = net6("fd00:10:244:3::/64");
+        let e = peer6_from_node(&n, &ann(), &c, Some(own)).unwrap_err();
+        assert_eq!(e.reason, SkipReason::OverlapsOwn);
+    }
+
+    #[test]
+    fn the_node_watcher_sends_both_families_only_when_we_serve_ipv6() {
+        type P6 = PeerOf<Ipv6Net>;
+        let subnets6 = |evs: &[PeerEvent]| -> Vec<String> {
+            evs.iter()
+                .filter_map(|e| match e {
+                    PeerEvent::Snapshot6(ps) => Some(format!(
+                        "snap6 {:?}",
+                        ps.iter()
+                            .map(|p: &P6| p.subnet.to_string())
+                            .collect::<Vec<_>>()
+                    )),
+                    PeerEvent::Upsert6(p) => Some(format!("up6 {} {}", p.subnet, p.public_ip)),
+                    PeerEvent::Remove6(s) => Some(format!("rm6 {s}")),
+                    _ => None,
+                })
+                .collect()
+        };
+        let own6 = Some(net6("fd00:10:244::/64"));
+        let mut p =
+            Peers::new("me", ann(), dual_cfg("vxlan"), Some(net("10.244.0.0/24"))).with_ipv6(own6);
+        p.init();
+        for n in [dual_node("a", 1), peer_node("b", 2)] {
+            assert_eq!(p.init_apply(&n), vec![]);
+        }
+        let evs = p.init_done();
+        assert_eq!(subnets6(&evs), ["snap6 [\"fd00:10:244:1::/64\"]"]);
+        assert!(matches!(&evs[0], PeerEvent::Snapshot(ps) if ps.len() == 2));
+        // A bad IPv6 side costs only that side, and is reported as the IPv6 side's.
+        let bad = set_ann(&dual_node("c", 3), "public-ipv6", Some("garbage"));
+        let a = p.apply(&bad);
+        assert_eq!(es(&a.events[..1]), [up(3)]);
+        assert!(subnets6(&a.events).is_empty(), "{:?}", a.events);
+        assert_eq!(a.skips.len(), 1, "{:?}", a.skips);
+        assert_eq!(
+            (a.skips[0].node.as_str(), a.skips[0].side),
+            ("c", " (IPv6 side)")
+        );
+        // Fixed: the IPv6 side comes; a changed public-ipv6 alone is an IPv6 upsert.
+        let a = p.apply(&dual_node("c", 3));
+        assert_eq!(subnets6(&a.events), ["up6 fd00:10:244:3::/64 2001:db8::3"]);
+        let moved = set_ann(&dual_node("c", 3), "public-ipv6", Some("2001:db8::33"));
+        assert_eq!(
+            subnets6(&p.apply(&moved).events),
+            ["up6 fd00:10:244:3::/64 2001:db8::33"]
+        );
+        // Two nodes with one IPv6 VTEP MAC at different addresses: the first keeps it.
+        let copy = set_ann(
+            &set_ann(
+                &dual_node("d", 4),
+                "backend-v6-data",
+                Some(&vxlan_data(1, "12:c6:65:89:b6:01")),
+            ),
+            "public-ipv6",
+            Some("2001:db8::4"),
+        );
+        let a = p.apply(&copy);
+        assert!(subnets6(&a.events).is_empty(), "{:?}", a.events);
+        assert!(
+            a.skips
+                .iter()
+                .any(|s| s.skip.reason == SkipReason::DuplicateMac && !s.side.is_empty()),
+            "{:?}",
+            a.skips
+        );
+        // Deleting a node removes both sides (and frees the MAC for the held-back one).
+        let evs = p.delete(&dual_node("a", 1));
+        assert!(
+            evs.iter().any(|e| matches!(e, PeerEvent::Remove(_))),
+            "{evs:?}"
+        );
+        assert_eq!(
+            subnets6(&evs),
+            [
+                "rm6 fd00:10:244:1::/64",
+                "up6 fd00:10:244:4::/64 2001:db8::4"
+            ]
+        );
+
+        // Not serving IPv6 (udp, or no IPv6 podCIDR of ours): no IPv6 event at all.
+        let mut p =
+            Peers::new("me", ann(), dual_cfg("vxlan"), Some(net("10.244.0.0/24"))).with_ipv6(None);
+        p.init();
+        p.init_apply(&dual_node("a", 1));
+        let evs = p.init_done();
+        assert_eq!(evs.len(), 1, "{evs:?}");
+        assert!(subnets6(&p.apply(&dual_node("c", 3)).events).is_empty());
+        // Nor on an IPv4-only network, whatever we are told.
+        let p = Peers::new("me", ann(), cfg(), None).with_ipv6(own6);
+        assert!(p.own_subnet6.is_none());
+    }
+
+    #[test]
+    fn the_digest_follows_the_ipv6_annotations() {
+        let n = dual_node("a", 1);
+        for key in ["public-ipv6", "backend-v6-data"] {
+            assert_ne!(
+                node_digest(&n, &ann()),
+                node_digest(&set_ann(&n, key, Some("x")), &ann()),
+                "{key}"
+            );
+        }
     }
 
     #[test]
