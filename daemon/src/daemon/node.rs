@@ -137,31 +137,41 @@ impl Node {
 
     /// Kernel events settled: the underlay may have moved; the device or entries may be gone.
     pub async fn on_kernel_change(&mut self, addr_changed: bool) {
-        if addr_changed && self.args.public_ip.is_none() {
+        let follow4 = self.args.public_ip.is_none();
+        let follow6 = self.args.public_ipv6.is_none() && self.v6.is_some();
+        if addr_changed && (follow4 || follow6) {
+            // One lookup (routes, links, addresses) feeds both families.
             match self.nl.find_underlay(self.args.iface.as_ref()).await {
-                Ok(u)
-                    if u.addr != self.v4.local.public_ip
-                        || u.index != self.v4.local.underlay_index =>
-                {
-                    info!(old = %self.v4.local.public_ip, new = %u.addr, iface = %u.name, "underlay address changed");
-                    self.v4.local.public_ip = u.addr;
-                    self.v4.local.underlay_index = u.index;
-                    self.v4.local.underlay_mtu = u.mtu;
-                    self.attrs_tx.send_modify(|a| a.public_ip = u.addr);
-                    self.underlay = u;
+                Ok(u) => {
+                    if follow6 {
+                        self.follow_ipv6_endpoint(&u);
+                    }
+                    if follow4 {
+                        self.follow_ipv4_endpoint(u);
+                    }
                 }
-                Ok(_) => {}
                 Err(e) => warn!(error = %e, "underlay lookup after an address change failed"),
             }
-        }
-        if addr_changed && self.args.public_ipv6.is_none() {
-            self.follow_ipv6_endpoint().await;
         }
         // (setup below also redoes the IPv6 device for a moved endpoint)
         // Also redoes each peer's path (the underlay's prefixes may have changed).
         self.setup().await;
         self.reconcile("kernel event").await;
         self.sync_blackhole().await;
+    }
+
+    /// The IPv4 endpoint follows the underlay's address (or another interface taking over the
+    /// default route), and the lease says so.
+    fn follow_ipv4_endpoint(&mut self, u: Underlay) {
+        if u.addr == self.v4.local.public_ip && u.index == self.v4.local.underlay_index {
+            return;
+        }
+        info!(old = %self.v4.local.public_ip, new = %u.addr, iface = %u.name, "underlay address changed");
+        self.v4.local.public_ip = u.addr;
+        self.v4.local.underlay_index = u.index;
+        self.v4.local.underlay_mtu = u.mtu;
+        self.attrs_tx.send_modify(|a| a.public_ip = u.addr);
+        self.underlay = u;
     }
 
     pub async fn on_resync(&mut self) {
@@ -362,33 +372,27 @@ impl Node {
     }
 
     /// The IPv6 endpoint follows the underlay's IPv6 address (as the IPv4 one follows the IPv4
-    /// address), and the lease says so. Returns whether it moved (the device must be set up
-    /// again).
-    async fn follow_ipv6_endpoint(&mut self) -> bool {
+    /// address), and the lease says so.
+    fn follow_ipv6_endpoint(&mut self, u: &Underlay) {
         let Some(v6) = &mut self.v6 else {
-            return false;
+            return;
         };
-        match self.nl.find_underlay(self.args.iface.as_ref()).await {
-            Ok(u) => match u.addr6 {
-                Some(a) if a != v6.local.public_ip => {
-                    info!(old = %v6.local.public_ip, new = %a, iface = %u.name, "underlay IPv6 address changed");
-                    v6.local.public_ip = a;
-                    v6.local.underlay_index = u.index;
-                    v6.local.underlay_mtu = u.mtu;
-                    self.attrs_tx.send_modify(|attrs| {
-                        if let Some(l6) = &mut attrs.v6 {
-                            l6.public_ip = a;
-                        }
-                    });
-                    return true;
-                }
-                Some(_) => {}
-                None => {
-                    debug!(iface = %u.name, kept = %v6.local.public_ip, "the underlay has no usable IPv6 address now; keeping the last one")
-                }
-            },
-            Err(e) => warn!(error = %e, "underlay lookup for the IPv6 address failed"),
+        match u.addr6 {
+            Some(a) if a != v6.local.public_ip => {
+                info!(old = %v6.local.public_ip, new = %a, iface = %u.name, "underlay IPv6 address changed");
+                v6.local.public_ip = a;
+                v6.local.underlay_index = u.index;
+                v6.local.underlay_mtu = u.mtu;
+                self.attrs_tx.send_modify(|attrs| {
+                    if let Some(l6) = &mut attrs.v6 {
+                        l6.public_ip = a;
+                    }
+                });
+            }
+            Some(_) => {}
+            None => {
+                debug!(iface = %u.name, kept = %v6.local.public_ip, "the underlay has no usable IPv6 address now; keeping the last one")
+            }
         }
-        false
     }
 }
