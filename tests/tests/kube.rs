@@ -160,9 +160,10 @@ impl KubeLab {
         let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name}");
         let pod = self.lab.add_pod_with(i, name, &args, &cfg)?;
         let ip = pod.ip.to_string();
+        let mut ips = vec![serde_json::json!({"ip": ip})];
+        ips.extend(pod.ip6.map(|a| serde_json::json!({"ip": a.to_string()})));
         self.api.update_value(Kind::Pod, ns, name, |p| {
-            p["status"] =
-                serde_json::json!({"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]});
+            p["status"] = serde_json::json!({"phase": "Running", "podIP": ip, "podIPs": ips});
         })?;
         Ok(pod)
     }
@@ -1387,5 +1388,49 @@ fn a_node_without_an_ipv6_podcidr_serves_ipv4_and_unpublishes_its_ipv6_side() ->
     wait_until(Duration::from_secs(10), || a.ping(b.ip)).context("IPv4 between the pods")?;
     k.lab.del_pod(&a)?;
     k.lab.del_pod(&b)?;
+    Ok(())
+}
+
+/// NetworkPolicy from the API on a dual-stack cluster: the pods' IPv6 addresses (status.podIPs)
+/// are in the engine's sets, so a policy holds on IPv6 as on IPv4.
+#[test]
+fn network_policy_from_the_api_holds_on_ipv6_too() -> Result<()> {
+    let mut k = KubeLab::new_dual(2)?;
+    k.start_all_meshed()?;
+    let server = k.add_pod(1, "x", "server", &[("app", "server")])?;
+    let client = k.add_pod(2, "x", "client", &[("app", "client")])?;
+    let other = k.add_pod(2, "x", "other", &[("app", "other")])?;
+    let server6 = server.ip6.context("the server got no IPv6 address")?;
+    let _servers = twill_tests::netpol::Servers::start(&[&server])?;
+    let reaches6 = |from: &Pod| {
+        twill_tests::netpol::probe(
+            &from.netns_path(),
+            server6.into(),
+            80,
+            netpol::model::Protocol::Tcp,
+        )
+    };
+    for p in [&client, &other] {
+        wait_until(Duration::from_secs(20), || reaches6(p))
+            .with_context(|| format!("{} never reached the server over IPv6", p.id))?;
+    }
+    k.api.add_network_policy(serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "server-from-clients", "namespace": "x"},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "server"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+                         "ports": [{"protocol": "TCP", "port": 80}]}]
+        }
+    }))?;
+    wait_until(CONVERGE, || !reaches6(&other) && !reaches(&other, &server))
+        .context("the policy never closed the server to app=other on both families")?;
+    wait_until(Duration::from_secs(10), || {
+        reaches6(&client) && reaches(&client, &server)
+    })
+    .context("app=client lost the server on a family")?;
+    for p in [&server, &client, &other] {
+        k.lab.del_pod(p)?;
+    }
     Ok(())
 }

@@ -52,7 +52,8 @@ pub enum StartError {
     #[error(
         "the network config enables IPv6 (EnableIPv6), but the underlay interface {iface} has no \
          usable global IPv6 address (static or autoconfigured, not tentative, deprecated or \
-         temporary): add one, or pass --public-ipv6"
+         temporary): add one, or pass --public-ipv6 (in Kubernetes mode also: the Node's \
+         node-public-ipv6 annotation)"
     )]
     NoIpv6 { iface: String },
     #[error("state dir {dir}: {err}")]

@@ -142,8 +142,8 @@ pub(super) async fn start(
         public_ip: Some(plan.lease.public_ip),
         underlay: nl.addr_prefixes::<Ipv6Net>(plan.underlay_index).await?,
         underlay_name: underlay_name.to_string(),
-        // The lease source's servers are reached over IPv4 (their addresses are checked on
-        // the IPv4 side).
+        // The lease source's servers are checked on the IPv4 side only (their IPv6 addresses,
+        // if any, are not resolved for this check).
         servers: Vec::new(),
         servers_are: "",
     };

@@ -285,7 +285,8 @@ impl LeaseSource for KubeSource {
                          --allocate-node-cidrs, kubeadm --pod-network-cidr)",
                         self.node
                     ),
-                    Err(e) => format!("node {}: {e}", self.node),
+                    // (The error names the node.)
+                    Err(e) => e.to_string(),
                 },
                 Ok(None) => format!("node {}: no such Node in the API", self.node),
                 Err(e) => {
@@ -319,9 +320,9 @@ impl LeaseSource for KubeSource {
         tokio::spawn(self.clone().watch_peers(cfg, own_rx, peers, metrics));
     }
 
-    /// Our Node's VTEP MAC (backend-data, if valid) and `node-public-ip`, in one quick GET: at
-    /// start, an API server that does not answer at once means a new MAC and the flags' public
-    /// IP, not a wait.
+    /// Our Node's VTEP MACs (backend-data and backend-v6-data, if valid) and `node-public-ip`
+    /// and `node-public-ipv6`, in one quick GET: at start, an API server that does not answer
+    /// at once means new MACs and the flags' public IPs, not a wait.
     async fn stored(&self) -> Stored {
         let nodes = self.nodes();
         match tokio::time::timeout(Duration::from_secs(5), nodes.get_opt(&self.node)).await {
@@ -398,6 +399,8 @@ impl KubeSource {
         let mut events = watcher(self.nodes(), wc).default_backoff().boxed();
         let mut attrs_open = true;
         let mut last: Option<Node> = None;
+        // Our IPv6 podCIDR went away (said once, not at every heartbeat).
+        let mut lost6 = false;
         // A failed publish is tried again on its own: our Node may not change for minutes.
         let mut retry = Retry::new();
         loop {
@@ -429,8 +432,12 @@ impl KubeSource {
                                     lease.subnet6 = Some(s6);
                                     moved = true;
                                 }
-                                Ok(Some(_)) => {}
-                                Ok(None) => warn!("our Node has no IPv6 podCIDR any more; keeping {old6} until twilld restarts"),
+                                Ok(Some(_)) => lost6 = false,
+                                Ok(None) if !lost6 => {
+                                    lost6 = true;
+                                    warn!("our Node has no IPv6 podCIDR any more; keeping {old6} until twilld restarts");
+                                }
+                                Ok(None) => {}
                                 Err(e) => warn!("our Node: {e}; keeping {old6}"),
                             }
                         }

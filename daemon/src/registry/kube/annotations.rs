@@ -105,8 +105,9 @@ impl Annotations {
     pub fn node_public_ip(&self) -> &str {
         &self.node_public_ip
     }
-    /// Dual-stack keys: twill is IPv4-only and never reads or writes them; named for
-    /// completeness (and so they are not mistaken for unknown keys).
+    /// The dual-stack keys, the IPv6 counterparts of the four above: vxlan
+    /// `{"VNI":1,"VtepMAC":"…"}` (host-gw `null`), the IPv6 address peers send to, an
+    /// operator's override of it, and an operator's `--public-ipv6`.
     pub fn backend_v6_data(&self) -> &str {
         &self.backend_v6_data
     }

@@ -425,11 +425,17 @@ pub fn peer6_from_node(
     let Some(range) = &cfg.ipv6 else {
         return Ok(None);
     };
-    let Some(subnet) = pod_subnet6(node, cfg)? else {
-        return Ok(None);
-    };
+    // A node that publishes no IPv6 address serves IPv4 only: its podCIDRs are the IPv4
+    // side's business.
     let Some(ip) = annotation(node, a.public_ipv6()).filter(|v| !v.is_empty()) else {
         return Ok(None);
+    };
+    let subnet = match pod_subnet6(node, cfg) {
+        Ok(Some(s)) => s,
+        Ok(None) => return Ok(None),
+        Err(e @ NodeError::OutsideNetwork6 { .. }) => return Err(e.into()),
+        // Unreadable podCIDRs are reported once, by the IPv4 side.
+        Err(_) => return Ok(None),
     };
     if let Some(own) = own.filter(|o| overlaps(*o, subnet)) {
         return Err(skip(
@@ -539,7 +545,7 @@ fn parse_vxlan_data(value: Option<&str>, key: &str, cfg: &NetworkConfig) -> Resu
 }
 
 /// A fingerprint of what makes a node a peer: its pod CIDRs and the annotations read by
-/// `peer_from_node`. Status heartbeats, labels and other annotations leave it unchanged.
+/// `peer_from_node` and `peer6_from_node`. Status heartbeats, labels and other annotations leave it unchanged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NodeDigest(u64);
 
@@ -2337,6 +2343,74 @@ mod tests {
         // Nor on an IPv4-only network, whatever we are told.
         let p = Peers::new("me", ann(), cfg(), None).with_ipv6(own6);
         assert!(p.own_subnet6.is_none());
+    }
+
+    #[test]
+    fn a_node_losing_its_ipv6_side_is_removed_there_only_and_frees_its_mac() {
+        let rm6_up6 = |evs: &[PeerEvent]| -> Vec<String> {
+            evs.iter()
+                .map(|e| match e {
+                    PeerEvent::Upsert6(p) => format!("up6 {}", p.subnet),
+                    PeerEvent::Remove6(s) => format!("rm6 {s}"),
+                    other => format!("{other:?}"),
+                })
+                .collect()
+        };
+        let mut p = Peers::new("me", ann(), dual_cfg("vxlan"), Some(net("10.244.0.0/24")))
+            .with_ipv6(Some(net6("fd00:10:244::/64")));
+        p.init();
+        // d announces a's IPv6 MAC at another address: held back while a has it.
+        let d = set_ann(
+            &dual_node("d", 4),
+            "backend-v6-data",
+            Some(&vxlan_data(1, "12:c6:65:89:b6:01")),
+        );
+        for n in [dual_node("a", 1), d] {
+            p.init_apply(&n);
+        }
+        p.init_done();
+        // a stops publishing its IPv6 address (it serves IPv4 only now): only its IPv6 side
+        // goes, and d's comes.
+        let a = p.apply(&set_ann(&dual_node("a", 1), "public-ipv6", None));
+        assert_eq!(
+            rm6_up6(&a.events),
+            ["rm6 fd00:10:244:1::/64", "up6 fd00:10:244:4::/64"]
+        );
+        assert!(a.skips.is_empty(), "{:?}", a.skips);
+        // Losing its IPv6 podCIDR does the same.
+        let mut p = Peers::new("me", ann(), dual_cfg("vxlan"), None)
+            .with_ipv6(Some(net6("fd00:10:244::/64")));
+        p.init();
+        p.init_apply(&dual_node("a", 1));
+        p.init_done();
+        let mut v = serde_json::to_value(dual_node("a", 1)).unwrap();
+        v["spec"] = spec("10.244.1.0/24");
+        assert_eq!(
+            rm6_up6(&p.apply(&to_node(v)).events),
+            ["rm6 fd00:10:244:1::/64"]
+        );
+    }
+
+    #[test]
+    fn a_bad_pod_cidr_is_reported_once_and_an_ipv4_only_nodes_ipv6_cidr_not_at_all() {
+        let mut p = Peers::new("me", ann(), dual_cfg("vxlan"), None)
+            .with_ipv6(Some(net6("fd00:10:244::/64")));
+        p.init();
+        p.init_done();
+        let mut v = serde_json::to_value(dual_node("a", 1)).unwrap();
+        v["spec"] = json!({"podCIDRs": ["10.244.1.0/24", "garbage"]});
+        let a = p.apply(&to_node(v));
+        assert_eq!(a.skips.len(), 1, "{:?}", a.skips);
+        assert_eq!(
+            (a.skips[0].side, a.skips[0].skip.reason),
+            ("", SkipReason::BadPodCidr)
+        );
+        // No public-ipv6: an IPv4-only node, whatever its IPv6 podCIDR.
+        let mut v = serde_json::to_value(set_ann(&dual_node("b", 2), "public-ipv6", None)).unwrap();
+        v["spec"] = json!({"podCIDRs": ["10.244.2.0/24", "fd00:99::/64"]});
+        let a = p.apply(&to_node(v));
+        assert!(a.skips.is_empty(), "{:?}", a.skips);
+        assert_eq!(es(&a.events), [up(2)]);
     }
 
     #[test]
