@@ -483,3 +483,153 @@ fn peer_view_on(cfg: &NetworkConfig, text: &str) {
         }
     }
 }
+
+/// Node objects as the Node watcher sees them (Kubernetes mode), one event per line, through
+/// `registry::kube::node::Peers` on a dual-stack vxlan network, as twilld (`me`, 10.244.0.0/24
+/// and fd00:10:244::/64) runs it:
+/// - `+JSON`: a Node was added or changed (decoded as the watcher decodes it; a line that
+///   does not decode is skipped, as the watcher would never deliver it);
+/// - `-NAME`: Node NAME was deleted;
+/// - `=`: a re-list of the Nodes held now.
+///
+/// After each, the peers the daemon was told, per family, are exactly those a fresh list of
+/// the same Nodes gives; none overlaps our subnet or another told peer, none has an address
+/// inside the pod network, and no VTEP MAC is announced at two addresses. Every Node's own
+/// judgement keeps the parsers' promises.
+pub fn kube_nodes(data: &[u8]) {
+    use std::collections::BTreeMap;
+
+    use ipnet::Ipv6Net;
+    use k8s_openapi::api::core::v1::Node;
+
+    use crate::peer::PeerOf;
+    use crate::registry::kube::annotations::Annotations;
+    use crate::registry::kube::node::{peer6_from_node, peer_from_node, Peers};
+    use crate::registry::kube::slim::SlimNode;
+    use crate::registry::PeerEvent;
+
+    let cfg = &configs()[2];
+    let range = cfg.ipv6.as_ref().expect("a dual-stack config");
+    let own: Ipv4Net = "10.244.0.0/24".parse().expect("a subnet");
+    let own6: Ipv6Net = "fd00:10:244::/64".parse().expect("a subnet");
+    let ann = Annotations::default();
+    let peers = || Peers::new("me", ann.clone(), cfg.clone(), Some(own)).with_ipv6(Some(own6));
+    type Told<N> = BTreeMap<N, PeerOf<N>>;
+    fn by_subnet<N: Cidr>(peers: &[PeerOf<N>]) -> Told<N> {
+        peers.iter().map(|p| (p.subnet, *p)).collect()
+    }
+    fn tell(events: Vec<PeerEvent>, told: &mut Told<Ipv4Net>, told6: &mut Told<Ipv6Net>) {
+        for ev in events {
+            match ev {
+                PeerEvent::Snapshot(p) => *told = by_subnet(&p),
+                PeerEvent::Upsert(p) => {
+                    told.insert(p.subnet, p);
+                }
+                PeerEvent::Remove(n) => {
+                    told.remove(&n);
+                }
+                PeerEvent::Snapshot6(p) => *told6 = by_subnet(&p),
+                PeerEvent::Upsert6(p) => {
+                    told6.insert(p.subnet, p);
+                }
+                PeerEvent::Remove6(n) => {
+                    told6.remove(&n);
+                }
+                PeerEvent::ListFailed(_) => unreachable!("Peers does not list"),
+            }
+        }
+    }
+    fn consistent<N: Cidr>(told: &Told<N>, own: N, network: N) {
+        let mut macs = BTreeMap::new();
+        let all: Vec<&PeerOf<N>> = told.values().collect();
+        for (i, p) in all.iter().enumerate() {
+            assert!(!overlaps(p.subnet, own), "{p:?} overlaps our subnet");
+            assert!(!network.contains_addr(p.public_ip), "{p:?}: a pod address");
+            for q in &all[i + 1..] {
+                assert!(!overlaps(p.subnet, q.subnet), "{p:?} overlaps {q:?}");
+            }
+            if let Some(mac) = p.vtep_mac {
+                assert!(!mac.is_zero() && !mac.is_multicast(), "{mac}");
+                let ip = *macs.entry(mac).or_insert(p.public_ip);
+                assert_eq!(ip, p.public_ip, "VTEP MAC {mac} at two addresses");
+            }
+        }
+    }
+
+    let mut held: BTreeMap<String, Node> = BTreeMap::new();
+    let mut p = peers();
+    p.init();
+    let mut told = BTreeMap::new();
+    let mut told6 = BTreeMap::new();
+    tell(p.init_done(), &mut told, &mut told6);
+    for line in String::from_utf8_lossy(data).split('\n').take(64) {
+        let events = if let Some(json) = line.strip_prefix('+') {
+            let Ok(node) = serde_json::from_str::<SlimNode>(json).map(SlimNode::into_node) else {
+                continue;
+            };
+            for (judged4, judged6) in [
+                (
+                    peer_from_node(&node, &ann, cfg, Some(own)).map(|p| p.map(|p| p.subnet)),
+                    peer6_from_node(&node, &ann, cfg, Some(own6)).map(|p| p.map(|p| p.subnet)),
+                ),
+                (
+                    peer_from_node(&node, &ann, cfg, None).map(|p| p.map(|p| p.subnet)),
+                    peer6_from_node(&node, &ann, cfg, None).map(|p| p.map(|p| p.subnet)),
+                ),
+            ] {
+                match judged4 {
+                    Ok(Some(s)) => assert!(cfg.network.contains(&s), "{s}"),
+                    Ok(None) => {}
+                    Err(e) => assert!(e.to_string().len() <= MAX_MESSAGE, "{e}"),
+                }
+                match judged6 {
+                    Ok(Some(s)) => assert!(range.network.contains(&s), "{s}"),
+                    Ok(None) => {}
+                    Err(e) => assert!(e.to_string().len() <= MAX_MESSAGE, "{e}"),
+                }
+            }
+            let applied = p.apply(&node);
+            for s in &applied.skips {
+                assert!(s.skip.to_string().len() <= MAX_MESSAGE, "{}", s.skip);
+            }
+            if let Some(name) = node.metadata.name.clone() {
+                held.insert(name, node);
+            }
+            applied.events
+        } else if let Some(name) = line.strip_prefix('-') {
+            match held.remove(name) {
+                Some(node) => p.delete(&node),
+                None => continue,
+            }
+        } else if line == "=" {
+            p.init();
+            for n in held.values() {
+                p.init_apply(n);
+            }
+            p.init_done()
+        } else {
+            continue;
+        };
+        tell(events, &mut told, &mut told6);
+        // A fresh list of the same Nodes, in name order.
+        let mut fresh = peers();
+        fresh.init();
+        for n in held.values() {
+            fresh.init_apply(n);
+        }
+        let (mut listed, mut listed6) = (BTreeMap::new(), BTreeMap::new());
+        tell(fresh.init_done(), &mut listed, &mut listed6);
+        // Which of two Nodes keeps a contested MAC or subnet can depend on the order they
+        // came in (the first keeps it until it goes), so the sets may differ by such a
+        // holder; what is told is always consistent, and a re-list makes it the fresh one.
+        consistent(&told, own, cfg.network);
+        consistent(&told6, own6, range.network);
+        if line == "=" {
+            assert_eq!(told, listed, "a re-list gives the fresh list's peers");
+            assert_eq!(
+                told6, listed6,
+                "a re-list gives the fresh list's IPv6 peers"
+            );
+        }
+    }
+}

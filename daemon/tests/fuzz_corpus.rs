@@ -11,6 +11,11 @@ fn cni_request_corpus() {
 }
 
 #[test]
+fn kube_nodes_corpus() {
+    replay("kube_nodes", fuzzing::kube_nodes);
+}
+
+#[test]
 fn lease_corpus() {
     replay("lease", fuzzing::lease);
 }
