@@ -1323,6 +1323,31 @@ fn dual_stack_nodes_publish_and_program_both_families_through_the_api() -> Resul
     );
     wait_until(Duration::from_secs(10), || a.ping(b.ip)).context("IPv4 between the pods")?;
 
+    // Node 2's IPv6 podCIDR changes (its IPv4 one stays): node 2 moves its IPv6 side, and
+    // node 1 follows.
+    let moved6 = "fd00:10:244:22::/64";
+    k.api.set_pod_cidrs("n2", &[&pod_cidr(2), moved6])?;
+    wait_until(CONVERGE, || {
+        k.lab.status(2).is_ok_and(|s| {
+            s["node"]["ipv6"]["subnet"] == moved6 && s["node"]["subnet"] == pod_cidr(2)
+        })
+    })
+    .context("node 2 never moved to its new IPv6 podCIDR")?;
+    wait_until(CONVERGE, || {
+        let got = peers6(&k, 1);
+        got.iter().any(|p| p.0 == moved6 && p.3) && !got.iter().any(|p| p.0 == sides[1].0)
+    })
+    .with_context(|| {
+        format!(
+            "node 1 never followed node 2's IPv6 move: {:?}",
+            peers6(&k, 1)
+        )
+    })?;
+    ensure!(
+        k.annotation("n2", "public-ipv6") == Some(sides[1].1.clone()),
+        "node 2's public-ipv6 changed with its podCIDR"
+    );
+
     // The flanneld node goes: its IPv6 side goes everywhere.
     k.api.delete(Kind::Node, "", "n9")?;
     for i in 1..=2 {
