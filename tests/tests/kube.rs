@@ -185,6 +185,15 @@ impl KubeLab {
             .ok_or_else(|| anyhow!("no Node {name}"))
     }
 
+    /// Sets `pairs` (keys without the prefix) on Node `node`, one write each.
+    fn annotate(&self, node: &str, pairs: &[(&str, String)]) -> Result<()> {
+        for (key, v) in pairs {
+            self.api
+                .set_node_annotation(node, &format!("{PREFIX}{key}"), Some(v))?;
+        }
+        Ok(())
+    }
+
     fn annotation(&self, node: &str, key: &str) -> Option<String> {
         self.node(node).ok()?["metadata"]["annotations"][format!("{PREFIX}{key}")]
             .as_str()
@@ -233,6 +242,27 @@ impl KubeLab {
             .entries(i, DEV)
             .is_ok_and(|e| e.routes.iter().any(|r| r.dst == subnet))
     }
+}
+
+/// flanneld's annotations of a vxlan Node (VNI 1), as its `AcquireLease` writes them.
+fn flanneld(mac: &str, ip: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("kube-subnet-manager", "true".into()),
+        ("backend-type", "vxlan".into()),
+        ("backend-data", format!(r#"{{"VNI":1,"VtepMAC":"{mac}"}}"#)),
+        ("public-ip", ip.into()),
+    ]
+}
+
+/// A dual-stack flanneld's: `flanneld`'s and the IPv6 side's.
+fn flanneld_dual(mac: &str, ip: &str, mac6: &str, ip6: &str) -> Vec<(&'static str, String)> {
+    let mut a = flanneld(mac, ip);
+    a.push((
+        "backend-v6-data",
+        format!(r#"{{"VNI":1,"VtepMAC":"{mac6}"}}"#),
+    ));
+    a.push(("public-ipv6", ip6.into()));
+    a
 }
 
 fn network_unavailable(node: &Value) -> Option<String> {
@@ -353,15 +383,7 @@ fn nodes_join_from_the_api_and_their_pods_reach_each_other_without_nat() -> Resu
     // all been read.
     let (name, ip, subnet) = ("n9", "198.18.0.9", "10.244.9.0/24");
     k.api.add_node(name, ip, Some(subnet))?;
-    for (key, v) in [
-        ("kube-subnet-manager", "true"),
-        ("backend-type", "vxlan"),
-        ("backend-data", r#"{"VNI":1,"VtepMAC":"0a:58:0a:f4:09:01"}"#),
-        ("public-ip", ip),
-    ] {
-        k.api
-            .set_node_annotation(name, &format!("{PREFIX}{key}"), Some(v))?;
-    }
+    k.annotate(name, &flanneld("0a:58:0a:f4:09:01", ip))?;
     for i in 1..=3 {
         wait_until(CONVERGE, || k.has_route(i, subnet)).with_context(|| {
             format!("node {i} never programmed the Node joining after the heartbeats")
@@ -466,15 +488,7 @@ fn an_api_server_outage_loses_no_packets_and_a_relist_catches_up() -> Result<()>
     // Meanwhile a node joins, annotated as flanneld annotates its Node: seen once the API is
     // back (the watches resume from where they were).
     k.api.add_node("n9", "198.18.0.99", Some("10.244.9.0/24"))?;
-    for (key, v) in [
-        ("kube-subnet-manager", "true"),
-        ("backend-type", "vxlan"),
-        ("backend-data", r#"{"VNI":1,"VtepMAC":"0a:58:0a:f4:09:01"}"#),
-        ("public-ip", "198.18.0.99"),
-    ] {
-        k.api
-            .set_node_annotation("n9", &format!("{PREFIX}{key}"), Some(v))?;
-    }
+    k.annotate("n9", &flanneld("0a:58:0a:f4:09:01", "198.18.0.99"))?;
     k.api.come_back()?;
     let report = stream.finish()?;
     ensure!(
@@ -822,17 +836,7 @@ fn a_node_joining_during_heartbeats_is_programmed() -> Result<()> {
         let ip = format!("198.18.0.{n}");
         k.api
             .add_node(&name, &ip, Some(&format!("10.244.{n}.0/24")))?;
-        let data = format!(r#"{{"VNI":1,"VtepMAC":"0a:58:0a:f4:{n:02x}:01"}}"#);
-        for (key, v) in [
-            ("kube-subnet-manager", "true"),
-            ("backend-type", "vxlan"),
-            ("backend-data", &data as &str),
-            ("public-ip", &ip),
-        ] {
-            k.api
-                .set_node_annotation(&name, &format!("{PREFIX}{key}"), Some(v))?;
-        }
-        Ok(())
+        k.annotate(&name, &flanneld(&format!("0a:58:0a:f4:{n:02x}:01"), &ip))
     };
     for n in [50, 51] {
         for _ in 0..200 {
@@ -861,18 +865,7 @@ fn a_node_moving_from_flanneld_keeps_its_subnet_and_vtep_mac() -> Result<()> {
     let mut k = KubeLab::new(2)?;
     let mac = "0a:58:0a:f4:01:01";
     let ip = k.lab.node_ip(1).to_string();
-    for (key, v) in [
-        ("kube-subnet-manager", "true"),
-        ("backend-type", "vxlan"),
-        (
-            "backend-data",
-            &format!(r#"{{"VNI":1,"VtepMAC":"{mac}"}}"#) as &str,
-        ),
-        ("public-ip", &ip),
-    ] {
-        k.api
-            .set_node_annotation("n1", &format!("{PREFIX}{key}"), Some(v))?;
-    }
+    k.annotate("n1", &flanneld(mac, &ip))?;
     k.start_all_meshed()?;
     let (subnet, _, own_mac) = k.own(1)?;
     ensure!(subnet == pod_cidr(1), "node 1 runs {subnet}");
@@ -952,15 +945,7 @@ fn a_node_announcing_anothers_vtep_mac_is_held_back() -> Result<()> {
     // Annotated before its podCIDR: a Node is a peer candidate only with both, so its first
     // skip is the copied MAC (a key's skips are logged once per 10 minutes).
     k.api.add_node("n9-clone", clone_ip, None)?;
-    for (key, v) in [
-        ("kube-subnet-manager", "true"),
-        ("backend-type", "vxlan"),
-        ("public-ip", clone_ip),
-        ("backend-data", &data(&mac1) as &str),
-    ] {
-        k.api
-            .set_node_annotation("n9-clone", &format!("{PREFIX}{key}"), Some(v))?;
-    }
+    k.annotate("n9-clone", &flanneld(&mac1, clone_ip))?;
     k.api.set_pod_cidrs("n9-clone", &[clone_net])?;
     wait_until(CONVERGE, || {
         k.lab
@@ -1207,45 +1192,24 @@ fn dual_stack_nodes_publish_and_program_both_families_through_the_api() -> Resul
     // Node 1 ran flanneld before: its IPv6 VTEP MAC is taken over, not replaced.
     let flannel_mac6 = "0a:58:fd:00:01:01";
     let ip6 = k.lab.node_ip6(1).to_string();
-    for (key, v) in [
-        ("kube-subnet-manager", "true".to_string()),
-        ("backend-type", "vxlan".into()),
-        (
-            "backend-data",
-            r#"{"VNI":1,"VtepMAC":"0a:58:0a:f4:01:01"}"#.into(),
+    k.annotate(
+        "n1",
+        &flanneld_dual(
+            "0a:58:0a:f4:01:01",
+            &k.lab.node_ip(1).to_string(),
+            flannel_mac6,
+            &ip6,
         ),
-        ("public-ip", k.lab.node_ip(1).to_string()),
-        (
-            "backend-v6-data",
-            format!(r#"{{"VNI":1,"VtepMAC":"{flannel_mac6}"}}"#),
-        ),
-        ("public-ipv6", ip6.clone()),
-    ] {
-        k.api
-            .set_node_annotation("n1", &format!("{PREFIX}{key}"), Some(&v))?;
-    }
+    )?;
     // A flanneld-only dual-stack node, annotated as flanneld writes it.
     let (n9_ip6, n9_mac6) = ("fd00:198:18::99", "0a:58:fd:00:09:01");
     k.api.add_node("n9", "198.18.0.99", None)?;
     k.api
         .set_pod_cidrs("n9", &["10.244.9.0/24", &pod_cidr6(9)])?;
-    for (key, v) in [
-        ("kube-subnet-manager", "true".to_string()),
-        ("backend-type", "vxlan".into()),
-        (
-            "backend-data",
-            r#"{"VNI":1,"VtepMAC":"0a:58:0a:f4:09:01"}"#.into(),
-        ),
-        ("public-ip", "198.18.0.99".into()),
-        (
-            "backend-v6-data",
-            format!(r#"{{"VNI":1,"VtepMAC":"{n9_mac6}"}}"#),
-        ),
-        ("public-ipv6", n9_ip6.into()),
-    ] {
-        k.api
-            .set_node_annotation("n9", &format!("{PREFIX}{key}"), Some(&v))?;
-    }
+    k.annotate(
+        "n9",
+        &flanneld_dual("0a:58:0a:f4:09:01", "198.18.0.99", n9_mac6, n9_ip6),
+    )?;
     k.start_all_meshed()?;
 
     let mut sides = Vec::new();
