@@ -4,8 +4,6 @@
 //! field and the offending value. Keys match case-insensitively, like Go's encoding/json that
 //! flannel uses; unknown keys (EnableIPv4, EnableNFTables, GBP, ...) are tolerated.
 
-use std::net::Ipv4Addr;
-
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -14,10 +12,10 @@ use crate::subnet::{size_of_len, Cidr, SubnetRange};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct NetworkConfig {
-    pub network: Ipv4Net,
-    pub subnet_len: u8,
-    pub subnet_min: Ipv4Addr,
-    pub subnet_max: Ipv4Addr,
+    /// The IPv4 subnets the network hands out (`Network`, `SubnetLen`, `SubnetMin`,
+    /// `SubnetMax`).
+    #[serde(flatten)]
+    pub ipv4: SubnetRange<Ipv4Net>,
     /// The IPv6 side of a dual-stack network (`EnableIPv6`), validated as flannel does.
     pub ipv6: Option<SubnetRange<Ipv6Net>>,
     pub backend: BackendConfig,
@@ -137,11 +135,6 @@ fn addr_field<N: Cidr>(
                 .map_err(|_| invalid(name, format!("{s:?} is not an {} address", N::FAMILY)))
         })
         .transpose()
-}
-
-/// Addresses in a v4 /len (0 for a nonsense len > 32, which `parse` never lets through).
-pub(crate) fn subnet_size(len: u8) -> u64 {
-    size_of_len::<Ipv4Net>(len) as u64
 }
 
 /// flannel's names for one family's fields.
@@ -267,7 +260,6 @@ impl NetworkConfig {
         // flanneld nodes).
         let enable_ipv6 = bool_field(&obj, "EnableIPv6")? == Some(true);
 
-        let v4 = parse_range(&obj, &V4_FIELDS, network)?;
         let ipv6 = if enable_ipv6 {
             let net6 = match str_field(&obj, "IPv6Network")? {
                 Some(s) => parse_network_v6(s)?,
@@ -290,33 +282,10 @@ impl NetworkConfig {
         };
 
         Ok(NetworkConfig {
-            network,
-            subnet_len: v4.subnet_len,
-            subnet_min: v4.subnet_min,
-            subnet_max: v4.subnet_max,
+            ipv4: parse_range(&obj, &V4_FIELDS, network)?,
             ipv6,
             backend,
         })
-    }
-
-    /// The v4 subnets this network hands out.
-    pub fn v4_range(&self) -> SubnetRange<Ipv4Net> {
-        SubnetRange {
-            network: self.network,
-            subnet_len: self.subnet_len,
-            subnet_min: self.subnet_min,
-            subnet_max: self.subnet_max,
-        }
-    }
-
-    /// How many v4 subnets lie between SubnetMin and SubnetMax (inclusive).
-    pub fn subnet_count(&self) -> u64 {
-        self.v4_range().subnet_count() as u64 // at most 2^32
-    }
-
-    /// Whether `net` is a subnet this config could hand out (flannel's "compatible" check).
-    pub fn fits(&self, net: Ipv4Net) -> bool {
-        self.v4_range().fits(net)
     }
 }
 
@@ -415,7 +384,7 @@ fn rename(full: &'static str) -> impl Fn(ConfigError) -> ConfigError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::Ipv6Addr;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     fn parse(s: &str) -> Result<NetworkConfig, ConfigError> {
         NetworkConfig::parse(s.as_bytes())
@@ -440,32 +409,32 @@ mod tests {
     #[test]
     fn defaults_for_a_16() {
         let c = parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap();
-        assert_eq!(c.network, "10.244.0.0/16".parse().unwrap());
-        assert_eq!(c.subnet_len, 24);
-        assert_eq!(c.subnet_min, Ipv4Addr::new(10, 244, 1, 0));
-        assert_eq!(c.subnet_max, Ipv4Addr::new(10, 244, 255, 0));
+        assert_eq!(c.ipv4.network, "10.244.0.0/16".parse().unwrap());
+        assert_eq!(c.ipv4.subnet_len, 24);
+        assert_eq!(c.ipv4.subnet_min, Ipv4Addr::new(10, 244, 1, 0));
+        assert_eq!(c.ipv4.subnet_max, Ipv4Addr::new(10, 244, 255, 0));
         assert_eq!(c.backend, BackendConfig::default());
         assert_eq!(c.backend.kind, BackendKind::Vxlan);
         assert_eq!(c.backend.vni, 1);
         assert_eq!(c.backend.port, 8472);
-        assert_eq!(c.subnet_count(), 255);
+        assert_eq!(c.ipv4.subnet_count(), 255);
     }
 
     #[test]
     fn default_subnet_len_small_networks() {
         // /22 is still "large": 24.
         let c = parse(r#"{"Network":"10.0.0.0/22"}"#).unwrap();
-        assert_eq!(c.subnet_len, 24);
-        assert_eq!(c.subnet_min, Ipv4Addr::new(10, 0, 1, 0));
-        assert_eq!(c.subnet_max, Ipv4Addr::new(10, 0, 3, 0));
+        assert_eq!(c.ipv4.subnet_len, 24);
+        assert_eq!(c.ipv4.subnet_min, Ipv4Addr::new(10, 0, 1, 0));
+        assert_eq!(c.ipv4.subnet_max, Ipv4Addr::new(10, 0, 3, 0));
         // /23 and smaller: prefix + 2.
         let c = parse(r#"{"Network":"10.0.0.0/23"}"#).unwrap();
-        assert_eq!(c.subnet_len, 25);
+        assert_eq!(c.ipv4.subnet_len, 25);
         let c = parse(r#"{"Network":"10.0.0.0/28"}"#).unwrap();
-        assert_eq!(c.subnet_len, 30);
-        assert_eq!(c.subnet_min, Ipv4Addr::new(10, 0, 0, 4));
-        assert_eq!(c.subnet_max, Ipv4Addr::new(10, 0, 0, 12));
-        assert_eq!(c.subnet_count(), 3);
+        assert_eq!(c.ipv4.subnet_len, 30);
+        assert_eq!(c.ipv4.subnet_min, Ipv4Addr::new(10, 0, 0, 4));
+        assert_eq!(c.ipv4.subnet_max, Ipv4Addr::new(10, 0, 0, 12));
+        assert_eq!(c.ipv4.subnet_count(), 3);
     }
 
     #[test]
@@ -477,9 +446,9 @@ mod tests {
                            "DirectRouting":true,"GBP":false,"Learning":false}}"#,
         )
         .unwrap();
-        assert_eq!(c.subnet_len, 20);
-        assert_eq!(c.subnet_min, Ipv4Addr::new(172, 16, 32, 0));
-        assert_eq!(c.subnet_max, Ipv4Addr::new(172, 31, 224, 0));
+        assert_eq!(c.ipv4.subnet_len, 20);
+        assert_eq!(c.ipv4.subnet_min, Ipv4Addr::new(172, 16, 32, 0));
+        assert_eq!(c.ipv4.subnet_max, Ipv4Addr::new(172, 31, 224, 0));
         assert_eq!(
             c.backend,
             BackendConfig {
@@ -499,8 +468,8 @@ mod tests {
                 "Backend":{"Type":"vxlan","VNI":0,"Port":0,"MTU":0}}"#,
         )
         .unwrap();
-        assert_eq!(c.subnet_len, 24);
-        assert_eq!(c.subnet_min, Ipv4Addr::new(10, 1, 1, 0));
+        assert_eq!(c.ipv4.subnet_len, 24);
+        assert_eq!(c.ipv4.subnet_min, Ipv4Addr::new(10, 1, 1, 0));
         assert_eq!(c.backend.vni, 1);
         assert_eq!(c.backend.port, 8472);
         assert_eq!(c.backend.mtu, None);
@@ -509,7 +478,7 @@ mod tests {
     #[test]
     fn keys_are_case_insensitive_and_backend_defaults_to_vxlan() {
         let c = parse(r#"{"network":"10.2.0.0/16","backend":{"vni":7}}"#).unwrap();
-        assert_eq!(c.network, "10.2.0.0/16".parse().unwrap());
+        assert_eq!(c.ipv4.network, "10.2.0.0/16".parse().unwrap());
         assert_eq!(c.backend.vni, 7);
         assert_eq!(c.backend.kind, BackendKind::Vxlan);
         let c = parse(r#"{"Network":"10.2.0.0/16","Backend":{"Type":"VXLAN"}}"#).unwrap();
@@ -523,7 +492,7 @@ mod tests {
                 "IPv6SubnetLen":64}"#,
         )
         .unwrap();
-        assert_eq!(c.network, "10.3.0.0/16".parse().unwrap());
+        assert_eq!(c.ipv4.network, "10.3.0.0/16".parse().unwrap());
         let v6 = c.ipv6.unwrap();
         assert_eq!(v6.network, "fc00::/48".parse().unwrap());
         assert_eq!(v6.subnet_len, 64);
@@ -842,24 +811,30 @@ mod tests {
     #[test]
     fn whole_address_space_does_not_overflow() {
         let c = parse(r#"{"Network":"0.0.0.0/0"}"#).unwrap();
-        assert_eq!(c.subnet_min, Ipv4Addr::new(0, 0, 1, 0));
-        assert_eq!(c.subnet_max, Ipv4Addr::new(255, 255, 255, 0));
-        assert_eq!(c.subnet_count(), (1 << 24) - 1);
+        assert_eq!(c.ipv4.subnet_min, Ipv4Addr::new(0, 0, 1, 0));
+        assert_eq!(c.ipv4.subnet_max, Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(c.ipv4.subnet_count(), (1 << 24) - 1);
         // Hand-built nonsense gives no subnets rather than a panic.
         let mut bad = c.clone();
-        bad.subnet_len = 40;
-        assert_eq!(bad.subnet_count(), 0);
-        assert!(crate::subnet::choose_free(&bad, &Default::default()).is_err());
+        bad.ipv4.subnet_len = 40;
+        assert_eq!(bad.ipv4.subnet_count(), 0);
+        assert!(bad.ipv4.choose_free(&Default::default()).is_err());
     }
 
     #[test]
     fn fits() {
         let c = parse(r#"{"Network":"10.0.0.0/16","SubnetMax":"10.0.10.0"}"#).unwrap();
-        assert!(c.fits("10.0.1.0/24".parse().unwrap()));
-        assert!(c.fits("10.0.10.0/24".parse().unwrap()));
-        assert!(!c.fits("10.0.0.0/24".parse().unwrap()), "below SubnetMin");
-        assert!(!c.fits("10.0.11.0/24".parse().unwrap()), "above SubnetMax");
-        assert!(!c.fits("10.0.2.0/23".parse().unwrap()), "wrong length");
-        assert_eq!(c.subnet_count(), 10);
+        assert!(c.ipv4.fits("10.0.1.0/24".parse().unwrap()));
+        assert!(c.ipv4.fits("10.0.10.0/24".parse().unwrap()));
+        assert!(
+            !c.ipv4.fits("10.0.0.0/24".parse().unwrap()),
+            "below SubnetMin"
+        );
+        assert!(
+            !c.ipv4.fits("10.0.11.0/24".parse().unwrap()),
+            "above SubnetMax"
+        );
+        assert!(!c.ipv4.fits("10.0.2.0/23".parse().unwrap()), "wrong length");
+        assert_eq!(c.ipv4.subnet_count(), 10);
     }
 }

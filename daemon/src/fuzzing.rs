@@ -18,8 +18,7 @@ use crate::lease::LeaseBackend;
 use crate::lease::{check_against_own, parse_peer, public_ip_of, vtep_mac_of, LeaseAttrs};
 use crate::policy::pods::{self, Attachment, LocalPod};
 use crate::subnet::{
-    choose_free, dual_subnet_key, overlaps, parse_dual_subnet_key, parse_subnet_key,
-    subnet_key as key_of, Cidr,
+    dual_subnet_key, overlaps, parse_dual_subnet_key, parse_subnet_key, subnet_key as key_of, Cidr,
 };
 
 /// However large the input, an error message quotes only an excerpt of it.
@@ -208,8 +207,10 @@ pub fn lease(data: &[u8]) {
             let a = attrs.as_ref().expect("a valid peer is a valid lease");
             assert_eq!((peer.subnet, peer.public_ip), (subnet, a.public_ip));
             assert_eq!(peer.vtep_mac, a.vtep_mac());
-            assert!(cfg.network.contains(&subnet) && subnet.prefix_len() == cfg.subnet_len);
-            assert!(!cfg.network.contains(&peer.public_ip));
+            assert!(
+                cfg.ipv4.network.contains(&subnet) && subnet.prefix_len() == cfg.ipv4.subnet_len
+            );
+            assert!(!cfg.ipv4.network.contains(&peer.public_ip));
 
             assert!(own_net.is_none_or(|o| !overlaps(o, subnet)));
             if let (BackendKind::Vxlan, LeaseBackend::Vxlan { vni, .. }) =
@@ -229,17 +230,17 @@ pub fn net_config(data: &[u8]) {
         Ok(c) => c,
         Err(_) => return,
     };
-    let net = cfg.network;
+    let net = cfg.ipv4.network;
     assert_eq!(net, net.trunc(), "host bits are dropped");
-    assert!(cfg.subnet_len >= net.prefix_len() + 2 && cfg.subnet_len <= 30);
-    for a in [cfg.subnet_min, cfg.subnet_max] {
+    assert!(cfg.ipv4.subnet_len >= net.prefix_len() + 2 && cfg.ipv4.subnet_len <= 30);
+    for a in [cfg.ipv4.subnet_min, cfg.ipv4.subnet_max] {
         assert!(net.contains(&a), "{a} outside {net}");
-        let s = Ipv4Net::new(a, cfg.subnet_len).expect("a valid length");
+        let s = Ipv4Net::new(a, cfg.ipv4.subnet_len).expect("a valid length");
         assert_eq!(s.network(), a, "{a} is not aligned");
-        assert!(cfg.fits(s));
+        assert!(cfg.ipv4.fits(s));
     }
-    assert!(cfg.subnet_min <= cfg.subnet_max);
-    assert!(cfg.subnet_count() >= 1);
+    assert!(cfg.ipv4.subnet_min <= cfg.ipv4.subnet_max);
+    assert!(cfg.ipv4.subnet_count() >= 1);
     assert!(cfg.backend.vni < 1 << 24 && cfg.backend.port != 0);
     assert!(cfg.backend.mtu.is_none_or(|m| (68..=65535).contains(&m)));
 
@@ -258,9 +259,9 @@ pub fn net_config(data: &[u8]) {
     }
     let mut written = json!({
         "Network": net.to_string(),
-        "SubnetLen": cfg.subnet_len,
-        "SubnetMin": cfg.subnet_min.to_string(),
-        "SubnetMax": cfg.subnet_max.to_string(),
+        "SubnetLen": cfg.ipv4.subnet_len,
+        "SubnetMin": cfg.ipv4.subnet_min.to_string(),
+        "SubnetMax": cfg.ipv4.subnet_max.to_string(),
         "Backend": backend,
     });
     if let Some(r) = &cfg.ipv6 {
@@ -287,8 +288,11 @@ pub fn net_config(data: &[u8]) {
     let again = NetworkConfig::parse(written.to_string().as_bytes());
     assert_eq!(again.ok().as_ref(), Some(&cfg), "{written}");
 
-    let free = choose_free(&cfg, &Default::default()).expect("an empty network has room");
-    assert!(cfg.fits(free) && net.contains(&free), "{free}");
+    let free = cfg
+        .ipv4
+        .choose_free(&Default::default())
+        .expect("an empty network has room");
+    assert!(cfg.ipv4.fits(free) && net.contains(&free), "{free}");
 }
 
 /// Keys under `<prefix>/subnets/`, one per line: a key is one subnet's only spelling (plus a
@@ -578,7 +582,7 @@ pub fn kube_nodes(data: &[u8]) {
                 ),
             ] {
                 match judged4 {
-                    Ok(Some(s)) => assert!(cfg.network.contains(&s), "{s}"),
+                    Ok(Some(s)) => assert!(cfg.ipv4.network.contains(&s), "{s}"),
                     Ok(None) => {}
                     Err(e) => assert!(e.to_string().len() <= MAX_MESSAGE, "{e}"),
                 }
@@ -622,7 +626,7 @@ pub fn kube_nodes(data: &[u8]) {
         // Which of two Nodes keeps a contested MAC or subnet can depend on the order they
         // came in (the first keeps it until it goes), so the sets may differ by such a
         // holder; what is told is always consistent, and a re-list makes it the fresh one.
-        consistent(&told, own, cfg.network);
+        consistent(&told, own, cfg.ipv4.network);
         consistent(&told6, own6, range.network);
         if line == "=" {
             assert_eq!(told, listed, "a re-list gives the fresh list's peers");

@@ -329,23 +329,23 @@ pub fn parse_peer(
 /// must not be a pod address, and a vxlan lease on a vxlan network must use our VNI (the
 /// kernel would drop its packets: a silent blackhole).
 pub fn parse_lease(cfg: &NetworkConfig, subnet: Ipv4Net, value: &[u8]) -> Result<Peer, LeaseError> {
-    if !cfg.network.contains(&subnet) {
+    if !cfg.ipv4.network.contains(&subnet) {
         return Err(LeaseError::Invalid(format!(
             "subnet {subnet} is outside the network {}",
-            cfg.network
+            cfg.ipv4.network
         )));
     }
-    if subnet.prefix_len() != cfg.subnet_len {
+    if subnet.prefix_len() != cfg.ipv4.subnet_len {
         return Err(LeaseError::Invalid(format!(
             "subnet {subnet} is not a /{} (SubnetLen)",
-            cfg.subnet_len
+            cfg.ipv4.subnet_len
         )));
     }
     let attrs = LeaseAttrs::from_json(value)?;
-    if cfg.network.contains(&attrs.public_ip) {
+    if cfg.ipv4.network.contains(&attrs.public_ip) {
         return Err(LeaseError::Invalid(format!(
             "PublicIP {} is inside the pod network {}: a pod address cannot carry the tunnel",
-            attrs.public_ip, cfg.network
+            attrs.public_ip, cfg.ipv4.network
         )));
     }
     check_vni(cfg, attrs.backend)?;

@@ -11,8 +11,6 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use rand::Rng;
 use serde::Serialize;
 
-use crate::config::NetworkConfig;
-
 /// A CIDR of one address family, as the arithmetic here sees it.
 pub trait Cidr:
     Copy + Eq + Ord + Hash + Display + Debug + Serialize + Send + Sync + 'static
@@ -314,14 +312,10 @@ pub fn is_free<N: Cidr>(net: N, taken: &HashSet<N>) -> bool {
     !taken.contains(&net) && !taken.iter().any(|t| overlaps(*t, net))
 }
 
-/// A random free v4 subnet among the first 100 free ones between SubnetMin and SubnetMax.
-pub fn choose_free(cfg: &NetworkConfig, taken: &HashSet<Ipv4Net>) -> Result<Ipv4Net, AllocError> {
-    cfg.v4_range().choose_free(taken)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::NetworkConfig;
 
     fn net(s: &str) -> Ipv4Net {
         s.parse().unwrap()
@@ -516,11 +510,11 @@ mod tests {
         }
         let mut seen = HashSet::new();
         for _ in 0..500 {
-            let n = choose_free(&c, &taken).unwrap();
+            let n = c.ipv4.choose_free(&taken).unwrap();
             assert!(!taken.contains(&n), "{n} is taken");
             assert_eq!(n.prefix_len(), 24);
             assert!(
-                n.network() >= c.subnet_min && n.network() <= c.subnet_max,
+                n.network() >= c.ipv4.subnet_min && n.network() <= c.ipv4.subnet_max,
                 "{n}"
             );
             seen.insert(n);
@@ -537,7 +531,7 @@ mod tests {
         let last = u32::from(Ipv4Addr::new(10, 0, 102, 0));
         let mut seen = HashSet::new();
         for _ in 0..2000 {
-            let n = choose_free(&c, &taken).unwrap();
+            let n = c.ipv4.choose_free(&taken).unwrap();
             assert!(
                 u32::from(n.network()) <= last,
                 "{n} is beyond the first 100 free"
@@ -558,7 +552,7 @@ mod tests {
         // A /22 left over from an older config covers 10.0.0.0-10.0.3.255.
         let taken: HashSet<Ipv4Net> = [net("10.0.0.0/22")].into();
         for _ in 0..50 {
-            assert_eq!(choose_free(&c, &taken).unwrap(), net("10.0.4.0/24"));
+            assert_eq!(c.ipv4.choose_free(&taken).unwrap(), net("10.0.4.0/24"));
         }
         assert!(!is_free(net("10.0.2.0/24"), &taken));
         assert!(is_free(net("10.0.4.0/24"), &taken));
@@ -574,7 +568,7 @@ mod tests {
             net("10.9.7.0/24"),
         ]
         .into();
-        let e = choose_free(&c, &taken).unwrap_err();
+        let e = c.ipv4.choose_free(&taken).unwrap_err();
         let AllocError::OutOfSubnets { leases, count, .. } = &e;
         assert_eq!((*leases, *count), (4, 3));
         let m = e.with_subnets_dir("/x/subnets/").to_string();
@@ -590,7 +584,9 @@ mod tests {
             assert!(m.contains(want), "{m:?} lacks {want:?}");
         }
         assert!(!m.contains("another length"), "{m}");
-        let m = choose_free(&c, &taken)
+        let m = c
+            .ipv4
+            .choose_free(&taken)
             .unwrap_err()
             .with_blocking(vec!["10.9.0.0-16".into()])
             .to_string();

@@ -40,7 +40,7 @@ pub fn desired(
     };
     let masq = args
         .ip_masq
-        .then(|| masq::table(&spec(cfg.network.into(), device)));
+        .then(|| masq::table(&spec(cfg.ipv4.network.into(), device)));
     let masq6 = match (&cfg.ipv6, device6) {
         (Some(r), Some(d)) if args.ip_masq => Some(masq::table(&spec(r.network.into(), d))),
         _ => None,
@@ -57,7 +57,7 @@ pub fn desired(
                 (Some(r), Some(_)) => Some(r.network.into()),
                 _ => None,
             };
-            std::iter::once(cfg.network.into()).chain(v6).collect()
+            std::iter::once(cfg.ipv4.network.into()).chain(v6).collect()
         } else {
             Vec::new()
         },
@@ -236,7 +236,7 @@ mod tests {
             .rules
             .iter()
             .any(|r| r.starts_with("oifname \"twill.1\"")));
-        assert_eq!(d.forward_accept, vec![cfg().network.into()]);
+        assert_eq!(d.forward_accept, vec![cfg().ipv4.network.into()]);
 
         // Off: the table is still named, to be removed.
         let d = desired(
@@ -270,10 +270,10 @@ mod tests {
         let v6: ipnet::IpNet = "fd00:10:244::/56".parse().unwrap();
         let key6 = (Family::Ip6, masq::TABLE6.to_string());
         let d = desired(&args(&[]), &cfg, &device(true), Some(&device(true)), true);
-        assert_eq!(d.forward_accept, vec![cfg.network.into(), v6]);
+        assert_eq!(d.forward_accept, vec![cfg.ipv4.network.into(), v6]);
         assert!(d.tables[&key6].is_some());
         let d = desired(&args(&[]), &cfg, &device(true), None, true);
-        assert_eq!(d.forward_accept, vec![cfg.network.into()]);
+        assert_eq!(d.forward_accept, vec![cfg.ipv4.network.into()]);
         assert_eq!(d.tables.get(&key6), Some(&None));
         let d = desired(
             &args(&["--iptables-forward-rules=false"]),

@@ -246,9 +246,9 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
         cfg = source.network_config(&shared) => cfg?,
         _ = shutdown.wait() => { info!("shutting down before the node was ready"); return Ok(()); }
     };
-    info!(network = %cfg.network, subnet_len = cfg.subnet_len, vni = cfg.backend.vni, "network config");
+    info!(network = %cfg.ipv4.network, subnet_len = cfg.ipv4.subnet_len, vni = cfg.backend.vni, "network config");
     shared.update(|s| {
-        s.network = Some(cfg.network);
+        s.network = Some(cfg.ipv4.network);
         s.waiting_for = Some("subnet lease".into());
     });
 
@@ -260,7 +260,7 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
         servers: source.server_addrs().await,
         servers_are: source.server_is(),
     };
-    if let Err(e) = host.check_network(cfg.network) {
+    if let Err(e) = host.check_network(cfg.ipv4.network) {
         tracing::error!(error = %e, "refusing to start");
         return Err(e.into());
     }
@@ -298,7 +298,7 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
         BackendKind::Udp => AnyBackend::Udp(UdpBackend::new(
             nl.clone(),
             &cfg.backend,
-            cfg.network,
+            cfg.ipv4.network,
             shared.metrics.udp.clone(),
             args.udp_offloads,
         )),

@@ -289,7 +289,7 @@ impl Node {
             mtu: self.pod_mtu(),
         }));
         let env = SubnetEnv {
-            network: self.cfg.network,
+            network: self.cfg.ipv4.network,
             subnet: self.v4.local.subnet,
             mtu: self.pod_mtu(),
             ipmasq: self.args.ip_masq,

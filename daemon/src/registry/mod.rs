@@ -26,8 +26,7 @@ use crate::lease::{public_ip_of, vtep_mac_of, LeaseAttrs};
 use crate::metrics::Metrics;
 use crate::peer::{Peer, PeerOf};
 use crate::subnet::{
-    choose_free, dual_subnet_key, is_free, subnet_key, subnet_key_v4_part, subnet_key_v6_part,
-    Cidr, SubnetRange,
+    dual_subnet_key, is_free, subnet_key, subnet_key_v4_part, subnet_key_v6_part, Cidr, SubnetRange,
 };
 
 #[derive(Clone, Debug)]
@@ -362,7 +361,7 @@ async fn claim<R: SubnetRegistry>(
             }
             taken.insert(net);
             *holders.entry(net).or_default() += 1;
-            if net.prefix_len() != cfg.subnet_len {
+            if net.prefix_len() != cfg.ipv4.subnet_len {
                 odd.push((net, kv.name.clone()));
             }
             let same_ip = public_ip_of(&kv.value) == Some(attrs.public_ip);
@@ -383,7 +382,7 @@ async fn claim<R: SubnetRegistry>(
         // and the new one, with the same IPv4 side, after).
         let mut replaced: Vec<SubnetKv> = Vec::new();
         for (net, net6, kv, _, same_mac) in mine {
-            let fits = cfg.fits(net);
+            let fits = cfg.ipv4.fits(net);
             // The key we hold: plain on a v4-only network (or while we serve no IPv6), with an
             // IPv6 subnet of the range when we do.
             let wanted = match v6 {
@@ -457,8 +456,8 @@ async fn claim<R: SubnetRegistry>(
 
         // 2. The subnet from the previous subnet file, if still free and valid. 3. Random.
         let candidate = match preferred.v4 {
-            Some(p) if cfg.fits(p) && is_free(p, &taken) => p,
-            _ => choose_free(cfg, &taken).map_err(|e| {
+            Some(p) if cfg.ipv4.fits(p) && is_free(p, &taken) => p,
+            _ => cfg.ipv4.choose_free(&taken).map_err(|e| {
                 e.with_subnets_dir(&reg.subnets_dir())
                     .with_blocking(blocking_keys(cfg, &odd))
             })?,
@@ -565,8 +564,8 @@ async fn lost_race<R: SubnetRegistry>(
 /// is a lease at all and lies inside the network: one stray `10.244.0.0-16` must not block
 /// every allocation.
 fn occupies(cfg: &NetworkConfig, net: Ipv4Net, kv: &SubnetKv) -> bool {
-    net.prefix_len() == cfg.subnet_len
-        || (cfg.network.contains(&net) && LeaseAttrs::from_json(&kv.value).is_ok())
+    net.prefix_len() == cfg.ipv4.subnet_len
+        || (cfg.ipv4.network.contains(&net) && LeaseAttrs::from_json(&kv.value).is_ok())
 }
 
 /// `occupies` for a key's IPv6 part.
@@ -577,12 +576,12 @@ fn occupies6(range: &SubnetRange<Ipv6Net>, net: Ipv6Net, kv: &SubnetKv) -> bool 
 
 /// The keys of another length that overlap SubnetMin..SubnetMax (a few, for the message).
 fn blocking_keys(cfg: &NetworkConfig, odd: &[(Ipv4Net, String)]) -> Vec<String> {
-    let size = crate::config::subnet_size(cfg.subnet_len) as u32;
-    let last = u32::from(cfg.subnet_max).saturating_add(size.saturating_sub(1));
+    let size = crate::subnet::size_of_len::<Ipv4Net>(cfg.ipv4.subnet_len) as u32;
+    let last = u32::from(cfg.ipv4.subnet_max).saturating_add(size.saturating_sub(1));
     odd.iter()
         .filter(|(net, _)| {
             u32::from(net.network()) <= last
-                && u32::from(net.broadcast()) >= u32::from(cfg.subnet_min)
+                && u32::from(net.broadcast()) >= u32::from(cfg.ipv4.subnet_min)
         })
         .map(|(_, k)| k.clone())
         .take(5)

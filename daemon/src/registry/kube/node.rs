@@ -77,11 +77,11 @@ pub fn pod_subnet(node: &Node, cfg: &NetworkConfig) -> Result<Option<Ipv4Net>, N
         return Ok(None);
     };
     let net = v4.ok_or_else(|| NodeError::NoIpv4PodCidr { node: name.into() })?;
-    if !cfg.network.contains(&net) {
+    if !cfg.ipv4.network.contains(&net) {
         return Err(NodeError::OutsideNetwork {
             node: name.into(),
             cidr: net,
-            network: cfg.network,
+            network: cfg.ipv4.network,
         });
     }
     Ok(Some(net))
@@ -498,13 +498,13 @@ fn parse_public_ip(value: Option<&str>, cfg: &NetworkConfig) -> Result<Ipv4Addr,
             format!("public-ip {ip} cannot be a tunnel endpoint"),
         ));
     }
-    if cfg.network.contains(&ip) {
+    if cfg.ipv4.network.contains(&ip) {
         return Err(skip(
             SkipReason::BadPublicIp,
             format!(
                 "public-ip {ip} is inside the pod network {}: a pod address cannot carry the \
                  tunnel",
-                cfg.network
+                cfg.ipv4.network
             ),
         ));
     }
