@@ -152,7 +152,7 @@ pub fn lease(data: &[u8]) {
     let attrs = LeaseAttrs::from_json(value);
     match &attrs {
         Ok(a) => {
-            let ip = a.public_ip;
+            let ip = a.v4.public_ip;
             assert!(!ip.is_unspecified() && !ip.is_multicast());
             assert!(!ip.is_broadcast() && !ip.is_loopback());
             if let Some(mac) = a.vtep_mac() {
@@ -205,7 +205,7 @@ pub fn lease(data: &[u8]) {
                 }
             };
             let a = attrs.as_ref().expect("a valid peer is a valid lease");
-            assert_eq!((peer.subnet, peer.public_ip), (subnet, a.public_ip));
+            assert_eq!((peer.subnet, peer.public_ip), (subnet, a.v4.public_ip));
             assert_eq!(peer.vtep_mac, a.vtep_mac());
             assert!(
                 cfg.ipv4.network.contains(&subnet) && subnet.prefix_len() == cfg.ipv4.subnet_len
@@ -214,7 +214,7 @@ pub fn lease(data: &[u8]) {
 
             assert!(own_net.is_none_or(|o| !overlaps(o, subnet)));
             if let (BackendKind::Vxlan, LeaseBackend::Vxlan { vni, .. }) =
-                (cfg.backend.kind, a.backend)
+                (cfg.backend.kind, a.v4.backend)
             {
                 assert_eq!(vni, cfg.backend.vni);
             }
@@ -476,7 +476,7 @@ fn peer_view_on(cfg: &NetworkConfig, text: &str) {
         }
         consistent(
             &told,
-            Some((own.subnet, own.attrs.public_ip, own.attrs.vtep_mac())),
+            Some((own.subnet, own.attrs.v4.public_ip, own.attrs.vtep_mac())),
         );
         if let (Some(subnet6), Some(v6)) = (own.subnet6, own.attrs.v6) {
             let mac6 = match v6.backend {

@@ -17,18 +17,21 @@ use crate::subnet::{overlaps, Cidr};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaseAttrs {
-    pub public_ip: Ipv4Addr,
-    pub backend: LeaseBackend,
-    /// The IPv6 side of a dual-stack lease; its backend is of the same type as `backend`.
+    /// flannel's `PublicIP` and `BackendType`/`BackendData`.
+    pub v4: LeaseSide<Ipv4Addr>,
+    /// The IPv6 side of a dual-stack lease; its backend is of the same type as the IPv4 one.
     pub v6: Option<LeaseV6>,
 }
 
-/// flannel's `PublicIPv6` and `BackendV6Data`.
+/// One address family's side of a lease: the node's endpoint and how to reach its subnet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LeaseV6 {
-    pub public_ip: Ipv6Addr,
+pub struct LeaseSide<A> {
+    pub public_ip: A,
     pub backend: LeaseBackend,
 }
+
+/// flannel's `PublicIPv6` and `BackendV6Data`.
+pub type LeaseV6 = LeaseSide<Ipv6Addr>;
 
 /// What a lease says about how to reach the node's subnet: flannel's BackendType and
 /// BackendData.
@@ -104,15 +107,17 @@ impl LeaseAttrs {
     /// A vxlan lease.
     pub fn vxlan(public_ip: Ipv4Addr, vni: u32, vtep_mac: MacAddr) -> Self {
         LeaseAttrs {
-            public_ip,
-            backend: LeaseBackend::Vxlan { vni, vtep_mac },
+            v4: LeaseSide {
+                public_ip,
+                backend: LeaseBackend::Vxlan { vni, vtep_mac },
+            },
             v6: None,
         }
     }
 
     /// The VTEP MAC this lease announces (vxlan leases only).
     pub fn vtep_mac(&self) -> Option<MacAddr> {
-        match self.backend {
+        match self.v4.backend {
             LeaseBackend::Vxlan { vtep_mac, .. } => Some(vtep_mac),
             LeaseBackend::HostGw | LeaseBackend::Udp => None,
         }
@@ -124,10 +129,10 @@ impl LeaseAttrs {
             LeaseBackend::HostGw | LeaseBackend::Udp => None,
         };
         serde_json::to_string(&LeaseOut {
-            public_ip: self.public_ip,
+            public_ip: self.v4.public_ip,
             public_ipv6: self.v6.map(|v| v.public_ip),
-            backend_type: self.backend.type_name(),
-            backend_data: data(self.backend),
+            backend_type: self.v4.backend.type_name(),
+            backend_data: data(self.v4.backend),
             backend_v6_data: self.v6.and_then(|v| data(v.backend)),
         })
         .expect("serializing plain data cannot fail")
@@ -171,8 +176,7 @@ impl LeaseAttrs {
             .ok()
             .flatten();
         Ok(LeaseAttrs {
-            public_ip,
-            backend,
+            v4: LeaseSide { public_ip, backend },
             v6,
         })
     }
@@ -182,7 +186,7 @@ impl LeaseAttrs {
     pub fn v6_from_json(value: &[u8]) -> Result<Option<LeaseV6>, LeaseError> {
         let attrs = Self::from_json(value)?;
         let raw = decode(value).map_err(LeaseError::Invalid)?;
-        v6_side(raw.public_ipv6, raw.backend_v6_data, attrs.backend)
+        v6_side(raw.public_ipv6, raw.backend_v6_data, attrs.v4.backend)
     }
 }
 
@@ -342,16 +346,16 @@ pub fn parse_lease(cfg: &NetworkConfig, subnet: Ipv4Net, value: &[u8]) -> Result
         )));
     }
     let attrs = LeaseAttrs::from_json(value)?;
-    if cfg.ipv4.network.contains(&attrs.public_ip) {
+    if cfg.ipv4.network.contains(&attrs.v4.public_ip) {
         return Err(LeaseError::Invalid(format!(
             "PublicIP {} is inside the pod network {}: a pod address cannot carry the tunnel",
-            attrs.public_ip, cfg.ipv4.network
+            attrs.v4.public_ip, cfg.ipv4.network
         )));
     }
-    check_vni(cfg, attrs.backend)?;
+    check_vni(cfg, attrs.v4.backend)?;
     Ok(Peer {
         subnet,
-        public_ip: attrs.public_ip,
+        public_ip: attrs.v4.public_ip,
         vtep_mac: attrs.vtep_mac(),
     })
 }
@@ -401,7 +405,7 @@ pub fn parse_lease_v6(
 /// (we would encapsulate to ourselves), or our VTEP MAC at another address (the FDB entry for
 /// our own MAC would send our traffic away). A lease with both ours is ours, not an error.
 pub fn check_against_own(p: &Peer, own: &LeaseAttrs) -> Result<(), LeaseError> {
-    check_against_own_of(p, own.public_ip, own.vtep_mac())
+    check_against_own_of(p, own.v4.public_ip, own.vtep_mac())
 }
 
 /// `check_against_own` for one family's side: `own_ip` and `own_mac` are this node's
@@ -451,10 +455,12 @@ mod tests {
 
     fn attrs() -> LeaseAttrs {
         LeaseAttrs {
-            public_ip: Ipv4Addr::new(192, 168, 64, 3),
-            backend: LeaseBackend::Vxlan {
-                vni: 1,
-                vtep_mac: MAC.parse().unwrap(),
+            v4: LeaseSide {
+                public_ip: Ipv4Addr::new(192, 168, 64, 3),
+                backend: LeaseBackend::Vxlan {
+                    vni: 1,
+                    vtep_mac: MAC.parse().unwrap(),
+                },
             },
             v6: None,
         }
@@ -471,17 +477,22 @@ mod tests {
     #[test]
     fn json_round_trip() {
         let a = LeaseAttrs {
-            public_ip: Ipv4Addr::new(198, 18, 0, 7),
-            backend: LeaseBackend::Vxlan {
-                vni: 4096,
-                vtep_mac: "02:00:00:aa:bb:cc".parse().unwrap(),
+            v4: LeaseSide {
+                public_ip: Ipv4Addr::new(198, 18, 0, 7),
+                backend: LeaseBackend::Vxlan {
+                    vni: 4096,
+                    vtep_mac: "02:00:00:aa:bb:cc".parse().unwrap(),
+                },
             },
             v6: None,
         };
         assert_eq!(LeaseAttrs::from_json(a.to_json().as_bytes()).unwrap(), a);
-        assert_eq!(public_ip_of(a.to_json().as_bytes()), Some(a.public_ip));
+        assert_eq!(public_ip_of(a.to_json().as_bytes()), Some(a.v4.public_ip));
         let h = LeaseAttrs {
-            backend: LeaseBackend::HostGw,
+            v4: LeaseSide {
+                backend: LeaseBackend::HostGw,
+                ..a.v4
+            },
             ..a
         };
         assert_eq!(LeaseAttrs::from_json(h.to_json().as_bytes()).unwrap(), h);
@@ -489,8 +500,10 @@ mod tests {
 
     fn dual(backend: LeaseBackend, v6: LeaseBackend) -> LeaseAttrs {
         LeaseAttrs {
-            public_ip: Ipv4Addr::new(192, 168, 64, 3),
-            backend,
+            v4: LeaseSide {
+                public_ip: Ipv4Addr::new(192, 168, 64, 3),
+                backend,
+            },
             v6: Some(LeaseV6 {
                 public_ip: "fd00:64::3".parse().unwrap(),
                 backend: v6,
@@ -606,8 +619,10 @@ mod tests {
     #[test]
     fn host_gw_json_is_flannels_exactly() {
         let h = LeaseAttrs {
-            public_ip: Ipv4Addr::new(192, 168, 64, 3),
-            backend: LeaseBackend::HostGw,
+            v4: LeaseSide {
+                public_ip: Ipv4Addr::new(192, 168, 64, 3),
+                backend: LeaseBackend::HostGw,
+            },
             v6: None,
         };
         // flannel omits an empty BackendData (`json:",omitempty"`).
@@ -628,8 +643,10 @@ mod tests {
     #[test]
     fn udp_json_is_flannels_exactly() {
         let u = LeaseAttrs {
-            public_ip: Ipv4Addr::new(192, 168, 64, 3),
-            backend: LeaseBackend::Udp,
+            v4: LeaseSide {
+                public_ip: Ipv4Addr::new(192, 168, 64, 3),
+                backend: LeaseBackend::Udp,
+            },
             v6: None,
         };
         // flanneld's udp backend writes no BackendData.

@@ -28,7 +28,7 @@ use crate::cli::RunArgs;
 use crate::cni::{CniLimits, CniOptions, NodeNet};
 use crate::config::{BackendKind, ConfigError};
 use crate::http::HttpLimits;
-use crate::lease::{LeaseAttrs, LeaseBackend};
+use crate::lease::{LeaseAttrs, LeaseBackend, LeaseSide};
 use crate::netlink::{KernelEvent, Netlink, NetlinkError};
 use crate::overlap::HostNets;
 use crate::registry::etcd::EtcdRegistry;
@@ -276,8 +276,10 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
     // A dual-stack network's IPv6 side, when this node serves it.
     let plan6 = side6::plan(&args, &cfg, &underlay, stored.vtep_mac6)?;
     let attrs = LeaseAttrs {
-        public_ip,
-        backend: backend_attrs,
+        v4: LeaseSide {
+            public_ip,
+            backend: backend_attrs,
+        },
         v6: plan6.as_ref().map(|p| p.lease),
     };
     let previous = read_previous_subnet(&args.subnet_file);

@@ -170,7 +170,7 @@ impl Node {
         self.v4.local.public_ip = u.addr;
         self.v4.local.underlay_index = u.index;
         self.v4.local.underlay_mtu = u.mtu;
-        self.attrs_tx.send_modify(|a| a.public_ip = u.addr);
+        self.attrs_tx.send_modify(|a| a.v4.public_ip = u.addr);
         self.underlay = u;
     }
 
@@ -333,7 +333,7 @@ impl Node {
 
     fn publish_node(&self) {
         let (l, u, d) = (&self.v4.local, &self.underlay, &self.v4.device);
-        let (backend, vtep_mac) = match self.attrs_tx.borrow().backend {
+        let (backend, vtep_mac) = match self.attrs_tx.borrow().v4.backend {
             LeaseBackend::Vxlan { .. } => ("vxlan", Some(l.vtep_mac)),
             LeaseBackend::HostGw => ("host-gw", None),
             LeaseBackend::Udp => ("udp", None),

@@ -364,7 +364,7 @@ async fn claim<R: SubnetRegistry>(
             if net.prefix_len() != cfg.ipv4.subnet_len {
                 odd.push((net, kv.name.clone()));
             }
-            let same_ip = public_ip_of(&kv.value) == Some(attrs.public_ip);
+            let same_ip = public_ip_of(&kv.value) == Some(attrs.v4.public_ip);
             let same_mac = attrs.vtep_mac().is_some() && vtep_mac_of(&kv.value) == attrs.vtep_mac();
             if same_ip || same_mac {
                 mine.push((net, net6, kv, same_ip, same_mac));
@@ -440,7 +440,7 @@ async fn claim<R: SubnetRegistry>(
                 .await?
             {
                 match public_ip_of(&kv.value) {
-                    Some(ip) if ip != attrs.public_ip => {
+                    Some(ip) if ip != attrs.v4.public_ip => {
                         tracing::warn!(subnet = %net, old_ip = %ip,
                         "reusing the lease with our VTEP MAC: this node's address changed (if another \
                          node runs with the same MAC, its state dir was copied from this one: remove \
@@ -740,7 +740,7 @@ async fn hold<R: SubnetRegistry>(
     };
     let ours = match held.id {
         Some(id) => kv.lease == id,
-        None => public_ip_of(&kv.value) == Some(held.lease.attrs.public_ip),
+        None => public_ip_of(&kv.value) == Some(held.lease.attrs.v4.public_ip),
     };
     if !ours {
         return Err(Interrupt::Lost(
@@ -819,7 +819,7 @@ async fn publish<R: SubnetRegistry>(
     if !reg.update_subnet(&held.name, &want.to_json(), id).await? {
         return Err(Interrupt::Lost("our key changed while updating it".into()));
     }
-    tracing::info!(subnet = %held.lease.subnet, public_ip = %want.public_ip, "updated our lease");
+    tracing::info!(subnet = %held.lease.subnet, public_ip = %want.v4.public_ip, "updated our lease");
     held.lease.attrs = want;
     out.send_replace(held.lease.clone());
     Ok(())

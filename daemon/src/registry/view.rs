@@ -158,7 +158,7 @@ impl Family for Ipv4Net {
         &mut v.v4
     }
     fn own(own: &OwnLease) -> Option<(Self, std::net::Ipv4Addr, Option<MacAddr>)> {
-        Some((own.subnet, own.attrs.public_ip, own.attrs.vtep_mac()))
+        Some((own.subnet, own.attrs.v4.public_ip, own.attrs.vtep_mac()))
     }
     fn plain_key(net: Self) -> Option<String> {
         Some(subnet_key(net))

@@ -188,12 +188,15 @@ pub fn own_annotations(
         (a.kube_subnet_manager().to_string(), "true".to_string()),
         (
             a.backend_type().to_string(),
-            attrs.backend.type_name().to_string(),
+            attrs.v4.backend.type_name().to_string(),
         ),
-        (a.backend_data().to_string(), backend_data(&attrs.backend)),
+        (
+            a.backend_data().to_string(),
+            backend_data(&attrs.v4.backend),
+        ),
         (
             a.public_ip().to_string(),
-            overwritten(a.public_ip_overwrite(), attrs.public_ip.to_string()),
+            overwritten(a.public_ip_overwrite(), attrs.v4.public_ip.to_string()),
         ),
     ]);
     if let Some(v6) = &attrs.v6 {
@@ -1037,6 +1040,7 @@ pub fn node_name(env: impl Fn(&str) -> Option<String>) -> NodeNameFrom {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lease::LeaseSide;
 
     const MAC: &str = "12:c6:65:89:b4:e3";
     const P: &str = "flannel.alpha.coreos.com/";
@@ -1221,9 +1225,13 @@ mod tests {
             want
         );
 
+        let v = vxlan_attrs();
         let hostgw = LeaseAttrs {
-            backend: LeaseBackend::HostGw,
-            ..vxlan_attrs()
+            v4: LeaseSide {
+                backend: LeaseBackend::HostGw,
+                ..v.v4
+            },
+            ..v
         };
         let got = own_annotations(&ann(), &hostgw, &BTreeMap::new());
         assert_eq!(got[&format!("{P}backend-type")], "host-gw");
@@ -1313,13 +1321,13 @@ mod tests {
 
     #[test]
     fn backend_data_round_trips() {
-        let data = backend_data(&vxlan_attrs().backend);
+        let data = backend_data(&vxlan_attrs().v4.backend);
         assert_eq!(data, r#"{"VNI":1,"VtepMAC":"12:c6:65:89:b4:e3"}"#);
         // What we write, another twilld (or flanneld) reads back to the same peer.
         let annotations = own_annotations(&ann(), &vxlan_attrs(), &BTreeMap::new());
         let n = to_node(node_json("n1", spec("10.244.3.0/24"), json!(annotations)));
         let p = peer_from_node(&n, &ann(), &cfg(), None).unwrap().unwrap();
-        assert_eq!(p.public_ip, vxlan_attrs().public_ip);
+        assert_eq!(p.public_ip, vxlan_attrs().v4.public_ip);
         assert_eq!(p.vtep_mac, vxlan_attrs().vtep_mac());
         assert_eq!(p.subnet, net("10.244.3.0/24"));
     }
@@ -2117,8 +2125,10 @@ mod tests {
         assert_eq!(got[&format!("{P}backend-data")], vxlan_data(1, MAC));
         // host-gw: flanneld writes backend-v6-data "null" and the address.
         let hostgw = LeaseAttrs {
-            public_ip: "172.18.0.3".parse().unwrap(),
-            backend: LeaseBackend::HostGw,
+            v4: LeaseSide {
+                public_ip: "172.18.0.3".parse().unwrap(),
+                backend: LeaseBackend::HostGw,
+            },
             v6: Some(v6(LeaseBackend::HostGw)),
         };
         let got = own_annotations(&ann(), &hostgw, &BTreeMap::new());
