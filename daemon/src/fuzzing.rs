@@ -454,7 +454,7 @@ fn peer_view_on(cfg: &NetworkConfig, text: &str) {
             told6, listed6,
             "after {line:?} the daemon's IPv6 peers differ from a fresh list"
         );
-        fn consistent<N: crate::subnet::Cidr>(
+        fn consistent<N: crate::lease::LeaseFamily>(
             told: &Told<N>,
             own: Option<(N, N::Addr, Option<crate::mac::MacAddr>)>,
         ) {
@@ -479,11 +479,7 @@ fn peer_view_on(cfg: &NetworkConfig, text: &str) {
             Some((own.subnet, own.attrs.v4.public_ip, own.attrs.vtep_mac())),
         );
         if let (Some(subnet6), Some(v6)) = (own.subnet6, own.attrs.v6) {
-            let mac6 = match v6.backend {
-                LeaseBackend::Vxlan { vtep_mac, .. } => Some(vtep_mac),
-                _ => None,
-            };
-            consistent(&told6, Some((subnet6, v6.public_ip, mac6)));
+            consistent(&told6, Some((subnet6, v6.public_ip, v6.vtep_mac())));
         }
     }
 }

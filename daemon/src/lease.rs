@@ -13,7 +13,7 @@ use crate::config::{BackendKind, NetworkConfig};
 use crate::excerpt::{echo, excerpt, ECHO_MAX};
 use crate::mac::MacAddr;
 use crate::peer::{Peer, PeerOf};
-use crate::subnet::{overlaps, Cidr};
+use crate::subnet::{overlaps, Cidr, SubnetRange};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaseAttrs {
@@ -117,10 +117,7 @@ impl LeaseAttrs {
 
     /// The VTEP MAC this lease announces (vxlan leases only).
     pub fn vtep_mac(&self) -> Option<MacAddr> {
-        match self.v4.backend {
-            LeaseBackend::Vxlan { vtep_mac, .. } => Some(vtep_mac),
-            LeaseBackend::HostGw | LeaseBackend::Udp => None,
-        }
+        self.v4.vtep_mac()
     }
 
     pub fn to_json(&self) -> String {
@@ -212,20 +209,6 @@ fn v6_side(
         other => other,
     };
     Ok(Some(LeaseV6 { public_ip, backend }))
-}
-
-/// A lease's v6 side against the network config, as `parse_lease` checks the v4 side: not a
-/// v6 pod address, and on a vxlan network the network's VNI.
-pub fn check_v6(cfg: &NetworkConfig, v6: &LeaseV6) -> Result<(), LeaseError> {
-    if let Some(r) = &cfg.ipv6 {
-        if r.network.contains(&v6.public_ip) {
-            return Err(LeaseError::Invalid(format!(
-                "PublicIPv6 {} is inside the IPv6 pod network {}",
-                v6.public_ip, r.network
-            )));
-        }
-    }
-    check_vni(cfg, v6.backend)
 }
 
 /// A vxlan lease on a vxlan network must use our VNI: the kernel would drop its packets (a
@@ -328,76 +311,101 @@ pub fn parse_peer(
     parse_lease(cfg, subnet, value)
 }
 
-/// Validate a lease against the network config alone (the same on every node): JSON must
-/// decode, the subnet must be inside the network with the configured length, the PublicIP
-/// must not be a pod address, and a vxlan lease on a vxlan network must use our VNI (the
-/// kernel would drop its packets: a silent blackhole).
-pub fn parse_lease(cfg: &NetworkConfig, subnet: Ipv4Net, value: &[u8]) -> Result<Peer, LeaseError> {
-    if !cfg.ipv4.network.contains(&subnet) {
-        return Err(LeaseError::Invalid(format!(
-            "subnet {subnet} is outside the network {}",
-            cfg.ipv4.network
-        )));
-    }
-    if subnet.prefix_len() != cfg.ipv4.subnet_len {
-        return Err(LeaseError::Invalid(format!(
-            "subnet {subnet} is not a /{} (SubnetLen)",
-            cfg.ipv4.subnet_len
-        )));
-    }
-    let attrs = LeaseAttrs::from_json(value)?;
-    if cfg.ipv4.network.contains(&attrs.v4.public_ip) {
-        return Err(LeaseError::Invalid(format!(
-            "PublicIP {} is inside the pod network {}: a pod address cannot carry the tunnel",
-            attrs.v4.public_ip, cfg.ipv4.network
-        )));
-    }
-    check_vni(cfg, attrs.v4.backend)?;
-    Ok(Peer {
-        subnet,
-        public_ip: attrs.v4.public_ip,
-        vtep_mac: attrs.vtep_mac(),
-    })
+/// What differs between a lease's two sides: where each lives in the value and the config,
+/// and the field names errors use.
+pub trait LeaseFamily: Cidr {
+    /// Put before "subnet" and "network" in messages: "" or "IPv6 ".
+    const LABEL: &'static str;
+    const PUBLIC_IP_FIELD: &'static str;
+    const VTEP_MAC_FIELD: &'static str;
+    /// The subnets the network hands out in this family, if it has this family.
+    fn range(cfg: &NetworkConfig) -> Option<&SubnetRange<Self>>;
+    /// This family's side of a lease value, checked on its own (None: the lease has none).
+    fn side_from_json(value: &[u8]) -> Result<Option<LeaseSide<Self::Addr>>, LeaseError>;
 }
 
-/// The IPv6 side of another node's lease (the key's v6 part parsed to `subnet`), checked
-/// against the network config as `parse_lease` checks the v4 side: the subnet inside
-/// IPv6Network with IPv6SubnetLen, PublicIPv6 and BackendV6Data usable, the network's VNI.
-pub fn parse_lease_v6(
+impl LeaseFamily for Ipv4Net {
+    const LABEL: &'static str = "";
+    const PUBLIC_IP_FIELD: &'static str = "PublicIP";
+    const VTEP_MAC_FIELD: &'static str = "VtepMAC";
+    fn range(cfg: &NetworkConfig) -> Option<&SubnetRange<Self>> {
+        Some(&cfg.ipv4)
+    }
+    fn side_from_json(value: &[u8]) -> Result<Option<LeaseSide<Ipv4Addr>>, LeaseError> {
+        LeaseAttrs::from_json(value).map(|a| Some(a.v4))
+    }
+}
+
+impl LeaseFamily for Ipv6Net {
+    const LABEL: &'static str = "IPv6 ";
+    const PUBLIC_IP_FIELD: &'static str = "PublicIPv6";
+    const VTEP_MAC_FIELD: &'static str = "BackendV6Data.VtepMAC";
+    fn range(cfg: &NetworkConfig) -> Option<&SubnetRange<Self>> {
+        cfg.ipv6.as_ref()
+    }
+    fn side_from_json(value: &[u8]) -> Result<Option<LeaseV6>, LeaseError> {
+        LeaseAttrs::v6_from_json(value)
+    }
+}
+
+impl<A> LeaseSide<A> {
+    /// The VTEP MAC this side announces (vxlan only).
+    pub fn vtep_mac(&self) -> Option<MacAddr> {
+        match self.backend {
+            LeaseBackend::Vxlan { vtep_mac, .. } => Some(vtep_mac),
+            LeaseBackend::HostGw | LeaseBackend::Udp => None,
+        }
+    }
+}
+
+/// Validate one family's side of a lease against the network config alone (the same on every
+/// node): JSON must decode, the subnet must be inside the family's network with its configured
+/// length, the public IP must not be a pod address, and a vxlan lease on a vxlan network must
+/// use our VNI (the kernel would drop its packets: a silent blackhole).
+pub fn parse_lease<N: LeaseFamily>(
     cfg: &NetworkConfig,
-    subnet: Ipv6Net,
+    subnet: N,
     value: &[u8],
-) -> Result<PeerOf<Ipv6Net>, LeaseError> {
-    let Some(range) = &cfg.ipv6 else {
+) -> Result<PeerOf<N>, LeaseError> {
+    let label = N::LABEL;
+    let Some(range) = N::range(cfg) else {
         return Err(LeaseError::Invalid(format!(
-            "IPv6 subnet {subnet}: this network has no IPv6 (EnableIPv6)"
+            "{label}subnet {subnet}: this network has no {0} (Enable{0})",
+            N::FAMILY
         )));
     };
-    if !range.network.contains(&subnet) {
+    if !range.network.contains_net(subnet) {
         return Err(LeaseError::Invalid(format!(
-            "IPv6 subnet {subnet} is outside the IPv6 network {}",
+            "{label}subnet {subnet} is outside the {label}network {}",
             range.network
         )));
     }
-    if subnet.prefix_len() != range.subnet_len {
+    if subnet.prefix() != range.subnet_len {
         return Err(LeaseError::Invalid(format!(
-            "IPv6 subnet {subnet} is not a /{} (IPv6SubnetLen)",
-            range.subnet_len
+            "{label}subnet {subnet} is not a /{} ({}SubnetLen)",
+            range.subnet_len,
+            N::FIELD_PREFIX
         )));
     }
-    let v6 = LeaseAttrs::v6_from_json(value)?.ok_or_else(|| {
+    let side = N::side_from_json(value)?.ok_or_else(|| {
         LeaseError::Invalid(format!(
-            "the key names the IPv6 subnet {subnet}, but PublicIPv6 is missing"
+            "the key names the {label}subnet {subnet}, but {} is missing",
+            N::PUBLIC_IP_FIELD
         ))
     })?;
-    check_v6(cfg, &v6)?;
+    if range.network.contains_addr(side.public_ip) {
+        return Err(LeaseError::Invalid(format!(
+            "{} {} is inside the {label}pod network {}: a pod address cannot carry the tunnel",
+            N::PUBLIC_IP_FIELD,
+            side.public_ip,
+            range.network
+        )));
+    }
+    check_vni(cfg, side.backend)?;
     Ok(PeerOf {
         subnet,
-        public_ip: v6.public_ip,
-        vtep_mac: match v6.backend {
-            LeaseBackend::Vxlan { vtep_mac, .. } => Some(vtep_mac),
-            _ => None,
-        },
+        public_ip: side.public_ip,
+        vtep_mac: side.vtep_mac(),
     })
 }
 
@@ -410,16 +418,12 @@ pub fn check_against_own(p: &Peer, own: &LeaseAttrs) -> Result<(), LeaseError> {
 
 /// `check_against_own` for one family's side: `own_ip` and `own_mac` are this node's
 /// endpoint and VTEP MAC in that family.
-pub fn check_against_own_of<N: Cidr>(
+pub fn check_against_own_of<N: LeaseFamily>(
     p: &PeerOf<N>,
     own_ip: N::Addr,
     own_mac: Option<MacAddr>,
 ) -> Result<(), LeaseError> {
-    let (ip_field, mac_field) = if N::BITS == 128 {
-        ("PublicIPv6", "BackendV6Data.VtepMAC")
-    } else {
-        ("PublicIP", "VtepMAC")
-    };
+    let (ip_field, mac_field) = (N::PUBLIC_IP_FIELD, N::VTEP_MAC_FIELD);
     let same_ip = p.public_ip == own_ip;
     let same_mac = p.vtep_mac.is_some() && p.vtep_mac == own_mac;
     if same_ip && p.vtep_mac != own_mac {
@@ -591,25 +595,66 @@ mod tests {
                 assert_eq!(p.unwrap().public_ip, Ipv4Addr::new(198, 18, 0, 2), "{v}");
             }
         }
-        // Against the config: not a v6 pod address, the network's VNI.
-        let side = |ip6: &str, data6: &str| {
-            LeaseAttrs::v6_from_json(value(ip6, data6).as_bytes())
-                .unwrap()
-                .unwrap()
+        // Against the config: the subnet in IPv6Network with IPv6SubnetLen, not a v6 pod
+        // address, the network's VNI.
+        let side = |subnet: &str, ip6: &str, data6: &str| {
+            parse_lease::<Ipv6Net>(
+                &v6cfg,
+                subnet.parse().unwrap(),
+                value(ip6, data6).as_bytes(),
+            )
+            .map_err(|e| e.to_string())
         };
-        let e = check_v6(&v6cfg, &side(r#""fd00:10:244:5::9""#, good6)).unwrap_err();
+        let sub = "fd00:10:244:2::/64";
+        for (subnet, ip6, data6, want) in [
+            (
+                sub,
+                r#""fd00:10:244:5::9""#,
+                good6,
+                "PublicIPv6 fd00:10:244:5::9 is inside the IPv6 pod network",
+            ),
+            (
+                sub,
+                r#""fd00:1::2""#,
+                r#","BackendV6Data":{"VNI":7,"VtepMAC":"02:00:00:00:00:06"}"#,
+                "VNI 7 is not this network's VNI 1",
+            ),
+            (
+                "fd00:10:245::/64",
+                r#""fd00:1::2""#,
+                good6,
+                "IPv6 subnet fd00:10:245::/64 is outside the IPv6 network fd00:10:244::/56",
+            ),
+            (
+                "fd00:10:244:2::/63",
+                r#""fd00:1::2""#,
+                good6,
+                "is not a /64 (IPv6SubnetLen)",
+            ),
+            (sub, "null", good6, "but PublicIPv6 is missing"),
+        ] {
+            let e = side(subnet, ip6, data6).unwrap_err();
+            assert!(e.contains(want), "{e:?} lacks {want:?}");
+        }
+        let p = side(sub, r#""fd00:1::2""#, good6).unwrap();
+        assert_eq!(
+            (p.public_ip, p.vtep_mac.map(|m| m.to_string())),
+            (
+                "fd00:1::2".parse().unwrap(),
+                Some("02:00:00:00:00:06".into())
+            )
+        );
+        let e = parse_lease::<Ipv6Net>(
+            &cfg(),
+            sub.parse().unwrap(),
+            value(r#""fd00:1::2""#, good6).as_bytes(),
+        )
+        .unwrap_err();
         assert!(
             e.to_string()
-                .contains("PublicIPv6 fd00:10:244:5::9 is inside the IPv6 pod network"),
+                .contains("this network has no IPv6 (EnableIPv6)"),
             "{e}"
         );
-        let other_vni = r#","BackendV6Data":{"VNI":7,"VtepMAC":"02:00:00:00:00:06"}"#;
-        let e = check_v6(&v6cfg, &side(r#""fd00:1::2""#, other_vni)).unwrap_err();
-        assert!(
-            e.to_string().contains("VNI 7 is not this network's VNI 1"),
-            "{e}"
-        );
-        assert!(check_v6(&v6cfg, &side(r#""fd00:1::2""#, good6)).is_ok());
         assert_eq!(
             LeaseAttrs::v6_from_json(attrs().to_json().as_bytes()).unwrap(),
             None

@@ -40,6 +40,10 @@ pub trait Cidr:
     fn contains_addr(self, a: Self::Addr) -> bool {
         (self.start()..=self.end()).contains(&Self::addr_bits(a))
     }
+    /// Whether `n` lies wholly inside this network.
+    fn contains_net(self, n: Self) -> bool {
+        self.start() <= n.start() && n.end() <= self.end()
+    }
 }
 
 impl Cidr for Ipv4Net {

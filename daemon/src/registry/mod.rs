@@ -26,7 +26,7 @@ use crate::lease::{public_ip_of, vtep_mac_of, LeaseAttrs};
 use crate::metrics::Metrics;
 use crate::peer::{Peer, PeerOf};
 use crate::subnet::{
-    dual_subnet_key, is_free, subnet_key, subnet_key_v4_part, subnet_key_v6_part, Cidr, SubnetRange,
+    dual_subnet_key, is_free, subnet_key, subnet_key_v4_part, subnet_key_v6_part, SubnetRange,
 };
 
 #[derive(Clone, Debug)]
@@ -101,7 +101,7 @@ pub enum PeerEvent {
 
 /// One address family's side of the peer events, for the watchers that judge both families
 /// with one generic code path.
-pub trait PeerFamily: Cidr {
+pub trait PeerFamily: crate::lease::LeaseFamily {
     /// Appended to a key's or node's name where it names this side (skips, logs).
     const TAG: &'static str;
     fn upsert(p: PeerOf<Self>) -> PeerEvent;

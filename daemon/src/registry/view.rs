@@ -23,7 +23,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use super::{OwnLease, PeerEvent, PeerFamily, SubnetChange, SubnetKv, MAX_LEASE_VALUE};
 use crate::config::NetworkConfig;
 use crate::excerpt::echo;
-use crate::lease::{check_against_own_of, parse_lease, parse_lease_v6, LeaseError};
+use crate::lease::{check_against_own_of, parse_lease, LeaseError};
 use crate::mac::MacAddr;
 use crate::peer::PeerOf;
 use crate::subnet::{overlaps, parse_dual_subnet_key, subnet_key, Cidr};
@@ -177,11 +177,7 @@ impl Family for Ipv6Net {
     }
     fn own(own: &OwnLease) -> Option<(Self, std::net::Ipv6Addr, Option<MacAddr>)> {
         let v6 = own.attrs.v6?;
-        let mac = match v6.backend {
-            crate::lease::LeaseBackend::Vxlan { vtep_mac, .. } => Some(vtep_mac),
-            _ => None,
-        };
-        Some((own.subnet6?, v6.public_ip, mac))
+        Some((own.subnet6?, v6.public_ip, v6.vtep_mac()))
     }
     fn plain_key(_: Self) -> Option<String> {
         None
@@ -308,7 +304,7 @@ impl PeerView {
                 net,
                 parsed: match kv.oversized {
                     Some(n) => Err(Skip::Oversized(n)),
-                    None => parse_lease_v6(&self.cfg, net, &kv.value).map_err(invalid),
+                    None => parse_lease(&self.cfg, net, &kv.value).map_err(invalid),
                 },
             }),
             _ => None,
