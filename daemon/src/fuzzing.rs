@@ -5,7 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::OnceLock;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::json;
 use twill_proto::{
     encode_frame, is_supported_version, CniResult, Command, Dns, Interface, IpConfig, Request,
@@ -15,7 +15,9 @@ use twill_proto::{
 use crate::cni;
 use crate::config::{BackendKind, NetworkConfig};
 use crate::lease::LeaseBackend;
-use crate::lease::{check_against_own, parse_peer, public_ip_of, vtep_mac_of, LeaseAttrs};
+use crate::lease::{
+    check_against_own, endpoint_of, parse_peer, vtep_mac_of, LeaseAttrs, LeaseFamily,
+};
 use crate::policy::pods::{self, Attachment, LocalPod};
 use crate::subnet::{
     dual_subnet_key, overlaps, parse_dual_subnet_key, parse_subnet_key, subnet_key as key_of, Cidr,
@@ -152,19 +154,24 @@ pub fn lease(data: &[u8]) {
     let attrs = LeaseAttrs::from_json(value);
     match &attrs {
         Ok(a) => {
-            let ip = a.v4.public_ip;
-            assert!(!ip.is_unspecified() && !ip.is_multicast());
-            assert!(!ip.is_broadcast() && !ip.is_loopback());
+            let primary = a.primary().expect("a lease has a side");
+            if let Some(v4) = a.v4 {
+                let ip = v4.public_ip;
+                assert!(!ip.is_unspecified() && !ip.is_multicast());
+                assert!(!ip.is_broadcast() && !ip.is_loopback());
+            }
             if let Some(mac) = a.vtep_mac() {
                 assert!(!mac.is_zero() && !mac.is_multicast(), "{mac}");
                 assert_eq!(vtep_mac_of(value), Some(mac));
             }
-            assert_eq!(public_ip_of(value), Some(ip));
-            // A v6 side is kept exactly when it passes its own check.
-            match LeaseAttrs::v6_from_json(value) {
+            assert_eq!(endpoint_of(value), Some(primary.public_ip));
+            // Each side is the one its own check reads; beside an IPv4 side an IPv6 one is
+            // kept exactly when it passes its check, alone it is the lease.
+            assert_eq!(Ipv4Net::side_from_json(value).ok(), Some(a.v4));
+            match Ipv6Net::side_from_json(value) {
                 Ok(side) => assert_eq!(side, a.v6),
                 Err(e) => {
-                    assert_eq!(a.v6, None, "{e}");
+                    assert!(a.v4.is_some() && a.v6.is_none(), "{e}");
                     assert!(e.to_string().len() <= MAX_MESSAGE, "{e}");
                 }
             }
@@ -187,7 +194,7 @@ pub fn lease(data: &[u8]) {
         }
         Err(e) => {
             assert!(e.to_string().len() <= MAX_MESSAGE, "{e}");
-            let _ = (public_ip_of(value), vtep_mac_of(value));
+            let _ = (endpoint_of(value), vtep_mac_of(value));
         }
     }
     let own = LeaseAttrs::vxlan(
@@ -205,8 +212,9 @@ pub fn lease(data: &[u8]) {
                 }
             };
             let a = attrs.as_ref().expect("a valid peer is a valid lease");
-            assert_eq!((peer.subnet, peer.public_ip), (subnet, a.v4.public_ip));
-            assert_eq!(peer.vtep_mac, a.vtep_mac());
+            let v4 = a.v4.expect("a valid IPv4 peer is a lease's IPv4 side");
+            assert_eq!((peer.subnet, peer.public_ip), (subnet, v4.public_ip));
+            assert_eq!(peer.vtep_mac, v4.vtep_mac());
             assert!(
                 cfg.ipv4.network.contains(&subnet) && subnet.prefix_len() == cfg.ipv4.subnet_len
             );
@@ -214,7 +222,7 @@ pub fn lease(data: &[u8]) {
 
             assert!(own_net.is_none_or(|o| !overlaps(o, subnet)));
             if let (BackendKind::Vxlan, LeaseBackend::Vxlan { vni, .. }) =
-                (cfg.backend.kind, a.v4.backend)
+                (cfg.backend.kind, v4.backend)
             {
                 assert_eq!(vni, cfg.backend.vni);
             }
@@ -474,10 +482,9 @@ fn peer_view_on(cfg: &NetworkConfig, text: &str) {
                 }
             }
         }
-        consistent(
-            &told,
-            Some((own.subnet, own.attrs.v4.public_ip, own.attrs.vtep_mac())),
-        );
+        if let Some(v4) = own.attrs.v4 {
+            consistent(&told, Some((own.subnet, v4.public_ip, v4.vtep_mac())));
+        }
         if let (Some(subnet6), Some(v6)) = (own.subnet6, own.attrs.v6) {
             consistent(&told6, Some((subnet6, v6.public_ip, v6.vtep_mac())));
         }

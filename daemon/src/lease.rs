@@ -4,7 +4,7 @@
 //! `"PublicIPv6":"fd00::3"` and, for vxlan, `"BackendV6Data":{"VNI":1,"VtepMAC":".."}` (the v6
 //! device's own MAC).
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
@@ -17,9 +17,11 @@ use crate::subnet::{overlaps, Cidr, SubnetRange};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaseAttrs {
-    /// flannel's `PublicIP` and `BackendType`/`BackendData`.
-    pub v4: LeaseSide<Ipv4Addr>,
-    /// The IPv6 side of a dual-stack lease; its backend is of the same type as the IPv4 one.
+    /// flannel's `PublicIP` and `BackendType`/`BackendData`; None on an IPv6-only lease (flannel
+    /// writes `"PublicIP":"0.0.0.0"` and no BackendData). A lease has at least one side.
+    pub v4: Option<LeaseSide<Ipv4Addr>>,
+    /// The IPv6 side of a dual-stack or IPv6-only lease; its backend is of the same type as
+    /// the IPv4 one.
     pub v6: Option<LeaseV6>,
 }
 
@@ -107,17 +109,29 @@ impl LeaseAttrs {
     /// A vxlan lease.
     pub fn vxlan(public_ip: Ipv4Addr, vni: u32, vtep_mac: MacAddr) -> Self {
         LeaseAttrs {
-            v4: LeaseSide {
+            v4: Some(LeaseSide {
                 public_ip,
                 backend: LeaseBackend::Vxlan { vni, vtep_mac },
-            },
+            }),
             v6: None,
         }
     }
 
-    /// The VTEP MAC this lease announces (vxlan leases only).
+    /// The side that names the node (its endpoint and VTEP MAC when finding our own lease):
+    /// the IPv4 one, or the IPv6 one on an IPv6-only lease.
+    pub fn primary(&self) -> Option<LeaseSide<IpAddr>> {
+        let side = |ip: IpAddr, backend| LeaseSide {
+            public_ip: ip,
+            backend,
+        };
+        self.v4
+            .map(|s| side(s.public_ip.into(), s.backend))
+            .or_else(|| self.v6.map(|s| side(s.public_ip.into(), s.backend)))
+    }
+
+    /// The VTEP MAC the primary side announces (vxlan leases only).
     pub fn vtep_mac(&self) -> Option<MacAddr> {
-        self.v4.vtep_mac()
+        self.primary()?.vtep_mac()
     }
 
     pub fn to_json(&self) -> String {
@@ -126,39 +140,51 @@ impl LeaseAttrs {
             LeaseBackend::HostGw | LeaseBackend::Udp => None,
         };
         serde_json::to_string(&LeaseOut {
-            public_ip: self.v4.public_ip,
+            // flannel's IPv6-only lease has the zero address here.
+            public_ip: self.v4.map_or(Ipv4Addr::UNSPECIFIED, |v| v.public_ip),
             public_ipv6: self.v6.map(|v| v.public_ip),
-            backend_type: self.v4.backend.type_name(),
-            backend_data: data(self.v4.backend),
+            // Both sides have the same type; a lease without either is never written.
+            backend_type: self.primary().map_or("", |s| s.backend.type_name()),
+            backend_data: self.v4.and_then(|v| data(v.backend)),
             backend_v6_data: self.v6.and_then(|v| data(v.backend)),
         })
         .expect("serializing plain data cannot fail")
     }
 
-    /// Decode and check a lease value (ours or a peer's): vxlan or host-gw. Errors echo at most
-    /// an excerpt of what the value holds.
+    /// Decode and check a lease value (ours or a peer's): vxlan, host-gw or udp, with an IPv4
+    /// side, an IPv6 side or both. Errors echo at most an excerpt of what the value holds.
     pub fn from_json(value: &[u8]) -> Result<Self, LeaseError> {
+        let sides = Sides::read(value)?;
+        let v4 = sides.v4?;
+        // Beside an IPv4 side the IPv6 one is only read, never a reason to lose the IPv4 one: a
+        // side with a problem is judged on its own (`parse_lease`). Alone it is the lease.
+        let v6 = match v4 {
+            Some(_) => sides.v6.ok().flatten(),
+            None => Some(sides.v6?.ok_or_else(|| {
+                LeaseError::Invalid(
+                    "PublicIP is 0.0.0.0 and PublicIPv6 is missing: the lease names no endpoint"
+                        .into(),
+                )
+            })?),
+        };
+        Ok(LeaseAttrs { v4, v6 })
+    }
+}
+
+/// Both sides of a lease value, each checked on its own: one side's problem is not the other's.
+/// Ok(None): the value has no such side.
+struct Sides {
+    v4: Result<Option<LeaseSide<Ipv4Addr>>, LeaseError>,
+    v6: Result<Option<LeaseV6>, LeaseError>,
+}
+
+impl Sides {
+    /// Errors here (not JSON, no usable BackendType) are both sides'.
+    fn read(value: &[u8]) -> Result<Sides, LeaseError> {
         let raw = decode(value)
             .map_err(|e| LeaseError::Invalid(format!("lease value is not valid JSON: {e}")))?;
-        let ip = raw
-            .public_ip
-            .ok_or_else(|| LeaseError::Invalid("PublicIP is missing".into()))?;
-        let public_ip: Ipv4Addr = ip.parse().map_err(|_| {
-            LeaseError::Invalid(format!("PublicIP {:?} is not an IPv4 address", echo(&ip)))
-        })?;
-        if public_ip.is_unspecified()
-            || public_ip.is_multicast()
-            || public_ip.is_broadcast()
-            || public_ip.is_loopback()
-        {
-            return Err(LeaseError::Invalid(format!(
-                "PublicIP {public_ip} cannot be a tunnel endpoint"
-            )));
-        }
         let backend = match raw.backend_type.as_deref() {
-            Some("vxlan") => vxlan_data(raw.backend_data, "BackendData")?,
-            Some("host-gw") => LeaseBackend::HostGw,
-            Some("udp") => LeaseBackend::Udp,
+            Some(t @ ("vxlan" | "host-gw" | "udp")) => t,
             Some(t) => {
                 return Err(LeaseError::Invalid(format!(
                     "BackendType {:?} is not supported (\"vxlan\", \"host-gw\" or \"udp\")",
@@ -167,31 +193,58 @@ impl LeaseAttrs {
             }
             None => return Err(LeaseError::Invalid("BackendType is missing".into())),
         };
-        // The v6 side is only read, never a reason to lose the v4 one: twill does not serve v6
-        // yet, and a side with a problem is checked on its own (`v6_side`, `check_v6`).
-        let v6 = v6_side(raw.public_ipv6, raw.backend_v6_data, backend)
-            .ok()
-            .flatten();
-        Ok(LeaseAttrs {
-            v4: LeaseSide { public_ip, backend },
-            v6,
+        Ok(Sides {
+            v4: v4_side(raw.public_ip, raw.backend_data, backend),
+            v6: v6_side(raw.public_ipv6, raw.backend_v6_data, backend),
         })
     }
+}
 
-    /// The dual-stack side of a lease value, checked: None for a v4-only lease; an error that
-    /// names the v6 field for a side that cannot be used (an unreadable value is an error too).
-    pub fn v6_from_json(value: &[u8]) -> Result<Option<LeaseV6>, LeaseError> {
-        let attrs = Self::from_json(value)?;
-        let raw = decode(value).map_err(LeaseError::Invalid)?;
-        v6_side(raw.public_ipv6, raw.backend_v6_data, attrs.v4.backend)
+/// The backend of one side: `data` is its BackendData (or BackendV6Data), read for vxlan.
+fn side_backend(
+    backend: &str,
+    data: Option<BackendDataIn>,
+    field: &str,
+) -> Result<LeaseBackend, LeaseError> {
+    Ok(match backend {
+        "vxlan" => vxlan_data(data, field)?,
+        "host-gw" => LeaseBackend::HostGw,
+        _ => LeaseBackend::Udp,
+    })
+}
+
+/// PublicIP and BackendData. flannel writes `"PublicIP":"0.0.0.0"` on an IPv6-only lease: no
+/// IPv4 side.
+fn v4_side(
+    public_ip: Option<String>,
+    data: Option<BackendDataIn>,
+    backend: &str,
+) -> Result<Option<LeaseSide<Ipv4Addr>>, LeaseError> {
+    let ip = public_ip.ok_or_else(|| LeaseError::Invalid("PublicIP is missing".into()))?;
+    if ip == "0.0.0.0" {
+        return Ok(None);
     }
+    let public_ip: Ipv4Addr = ip.parse().map_err(|_| {
+        LeaseError::Invalid(format!("PublicIP {:?} is not an IPv4 address", echo(&ip)))
+    })?;
+    if public_ip.is_unspecified()
+        || public_ip.is_multicast()
+        || public_ip.is_broadcast()
+        || public_ip.is_loopback()
+    {
+        return Err(LeaseError::Invalid(format!(
+            "PublicIP {public_ip} cannot be a tunnel endpoint"
+        )));
+    }
+    let backend = side_backend(backend, data, "BackendData")?;
+    Ok(Some(LeaseSide { public_ip, backend }))
 }
 
 /// PublicIPv6 and BackendV6Data; the v6 backend is of the lease's BackendType.
 fn v6_side(
     public_ipv6: Option<String>,
     data: Option<BackendDataIn>,
-    backend: LeaseBackend,
+    backend: &str,
 ) -> Result<Option<LeaseV6>, LeaseError> {
     let Some(ip) = public_ipv6 else {
         return Ok(None);
@@ -204,10 +257,7 @@ fn v6_side(
             "PublicIPv6 {public_ip} cannot be a tunnel endpoint"
         )));
     }
-    let backend = match backend {
-        LeaseBackend::Vxlan { .. } => vxlan_data(data, "BackendV6Data")?,
-        other => other,
-    };
+    let backend = side_backend(backend, data, "BackendV6Data")?;
     Ok(Some(LeaseV6 { public_ip, backend }))
 }
 
@@ -276,15 +326,25 @@ fn kind(v: &serde_json::Value) -> &'static str {
     }
 }
 
-/// The PublicIP a lease value carries, whatever its backend: used to find our own old lease.
-pub fn public_ip_of(value: &[u8]) -> Option<Ipv4Addr> {
-    decode(value).ok()?.public_ip?.parse().ok()
+/// The endpoint of a lease value's primary side, whatever its backend (PublicIP, or
+/// PublicIPv6 on an IPv6-only lease): used to find our own old lease.
+pub fn endpoint_of(value: &[u8]) -> Option<IpAddr> {
+    let raw = decode(value).ok()?;
+    match raw.public_ip.as_deref()? {
+        "0.0.0.0" => raw.public_ipv6?.parse::<Ipv6Addr>().ok().map(IpAddr::V6),
+        ip => ip.parse::<Ipv4Addr>().ok().map(IpAddr::V4),
+    }
 }
 
-/// The VTEP MAC a lease value carries, if any: twilld keeps its MAC across restarts and
-/// reboots, so a lease with ours is this node's, whatever address it had then.
+/// The VTEP MAC of a lease value's primary side, if any: twilld keeps its MAC across restarts
+/// and reboots, so a lease with ours is this node's, whatever address it had then.
 pub fn vtep_mac_of(value: &[u8]) -> Option<MacAddr> {
-    decode(value).ok()?.backend_data?.vtep_mac?.parse().ok()
+    let raw = decode(value).ok()?;
+    let data = match raw.public_ip.as_deref() {
+        Some("0.0.0.0") => raw.backend_v6_data,
+        _ => raw.backend_data,
+    };
+    data?.vtep_mac?.parse().ok()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -318,6 +378,8 @@ pub trait LeaseFamily: Cidr {
     const LABEL: &'static str;
     const PUBLIC_IP_FIELD: &'static str;
     const VTEP_MAC_FIELD: &'static str;
+    /// How a lease value without this side looks.
+    const ABSENT: &'static str;
     /// The subnets the network hands out in this family, if it has this family.
     fn range(cfg: &NetworkConfig) -> Option<&SubnetRange<Self>>;
     /// This family's side of a lease value, checked on its own (None: the lease has none).
@@ -328,11 +390,12 @@ impl LeaseFamily for Ipv4Net {
     const LABEL: &'static str = "";
     const PUBLIC_IP_FIELD: &'static str = "PublicIP";
     const VTEP_MAC_FIELD: &'static str = "VtepMAC";
+    const ABSENT: &'static str = "is 0.0.0.0";
     fn range(cfg: &NetworkConfig) -> Option<&SubnetRange<Self>> {
         Some(&cfg.ipv4)
     }
     fn side_from_json(value: &[u8]) -> Result<Option<LeaseSide<Ipv4Addr>>, LeaseError> {
-        LeaseAttrs::from_json(value).map(|a| Some(a.v4))
+        Sides::read(value)?.v4
     }
 }
 
@@ -340,11 +403,12 @@ impl LeaseFamily for Ipv6Net {
     const LABEL: &'static str = "IPv6 ";
     const PUBLIC_IP_FIELD: &'static str = "PublicIPv6";
     const VTEP_MAC_FIELD: &'static str = "BackendV6Data.VtepMAC";
+    const ABSENT: &'static str = "is missing";
     fn range(cfg: &NetworkConfig) -> Option<&SubnetRange<Self>> {
         cfg.ipv6.as_ref()
     }
     fn side_from_json(value: &[u8]) -> Result<Option<LeaseV6>, LeaseError> {
-        LeaseAttrs::v6_from_json(value)
+        Sides::read(value)?.v6
     }
 }
 
@@ -389,8 +453,10 @@ pub fn parse_lease<N: LeaseFamily>(
     }
     let side = N::side_from_json(value)?.ok_or_else(|| {
         LeaseError::Invalid(format!(
-            "the key names the {label}subnet {subnet}, but {} is missing",
-            N::PUBLIC_IP_FIELD
+            "the key names the {label}subnet {subnet}, but the lease has no {} side ({} {})",
+            N::FAMILY,
+            N::PUBLIC_IP_FIELD,
+            N::ABSENT
         ))
     })?;
     if range.network.contains_addr(side.public_ip) {
@@ -413,7 +479,11 @@ pub fn parse_lease<N: LeaseFamily>(
 /// (we would encapsulate to ourselves), or our VTEP MAC at another address (the FDB entry for
 /// our own MAC would send our traffic away). A lease with both ours is ours, not an error.
 pub fn check_against_own(p: &Peer, own: &LeaseAttrs) -> Result<(), LeaseError> {
-    check_against_own_of(p, own.v4.public_ip, own.vtep_mac())
+    match own.v4 {
+        Some(s) => check_against_own_of(p, s.public_ip, s.vtep_mac()),
+        // No IPv4 side of ours to claim.
+        None => Ok(()),
+    }
 }
 
 /// `check_against_own` for one family's side: `own_ip` and `own_mac` are this node's
@@ -459,13 +529,13 @@ mod tests {
 
     fn attrs() -> LeaseAttrs {
         LeaseAttrs {
-            v4: LeaseSide {
+            v4: Some(LeaseSide {
                 public_ip: Ipv4Addr::new(192, 168, 64, 3),
                 backend: LeaseBackend::Vxlan {
                     vni: 1,
                     vtep_mac: MAC.parse().unwrap(),
                 },
-            },
+            }),
             v6: None,
         }
     }
@@ -481,22 +551,25 @@ mod tests {
     #[test]
     fn json_round_trip() {
         let a = LeaseAttrs {
-            v4: LeaseSide {
+            v4: Some(LeaseSide {
                 public_ip: Ipv4Addr::new(198, 18, 0, 7),
                 backend: LeaseBackend::Vxlan {
                     vni: 4096,
                     vtep_mac: "02:00:00:aa:bb:cc".parse().unwrap(),
                 },
-            },
+            }),
             v6: None,
         };
         assert_eq!(LeaseAttrs::from_json(a.to_json().as_bytes()).unwrap(), a);
-        assert_eq!(public_ip_of(a.to_json().as_bytes()), Some(a.v4.public_ip));
+        assert_eq!(
+            endpoint_of(a.to_json().as_bytes()),
+            a.v4.map(|s| s.public_ip.into())
+        );
         let h = LeaseAttrs {
-            v4: LeaseSide {
+            v4: Some(LeaseSide {
                 backend: LeaseBackend::HostGw,
-                ..a.v4
-            },
+                ..a.v4.unwrap()
+            }),
             ..a
         };
         assert_eq!(LeaseAttrs::from_json(h.to_json().as_bytes()).unwrap(), h);
@@ -504,10 +577,10 @@ mod tests {
 
     fn dual(backend: LeaseBackend, v6: LeaseBackend) -> LeaseAttrs {
         LeaseAttrs {
-            v4: LeaseSide {
+            v4: Some(LeaseSide {
                 public_ip: Ipv4Addr::new(192, 168, 64, 3),
                 backend,
-            },
+            }),
             v6: Some(LeaseV6 {
                 public_ip: "fd00:64::3".parse().unwrap(),
                 backend: v6,
@@ -544,6 +617,71 @@ mod tests {
             r#"{{"PublicIP":"198.18.0.2","BackendType":"vxlan","BackendData":{{"VtepMAC":"{MAC}"}}}}"#
         );
         assert_eq!(LeaseAttrs::from_json(v.as_bytes()).unwrap().v6, None);
+    }
+
+    /// flannel's IPv6-only lease: `"PublicIP":"0.0.0.0"` and no BackendData; only the IPv6
+    /// side names the node.
+    #[test]
+    fn ipv6_only_json_is_flannels_exactly() {
+        let vx = LeaseBackend::Vxlan {
+            vni: 1,
+            vtep_mac: "c6:d2:32:6f:8f:45".parse().unwrap(),
+        };
+        let only6 = |backend| LeaseAttrs {
+            v4: None,
+            v6: Some(LeaseV6 {
+                public_ip: "fd00:64::3".parse().unwrap(),
+                backend,
+            }),
+        };
+        let a = only6(vx);
+        let flannel = r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:64::3","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:45"}}"#;
+        assert_eq!(a.to_json(), flannel);
+        assert_eq!(LeaseAttrs::from_json(flannel.as_bytes()).unwrap(), a);
+        let h = only6(LeaseBackend::HostGw);
+        assert_eq!(
+            h.to_json(),
+            r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:64::3","BackendType":"host-gw"}"#
+        );
+        assert_eq!(LeaseAttrs::from_json(h.to_json().as_bytes()).unwrap(), h);
+        // The IPv6 side names the node: its address and MAC find our own old lease.
+        assert_eq!(
+            endpoint_of(flannel.as_bytes()),
+            Some("fd00:64::3".parse().unwrap())
+        );
+        assert_eq!(vtep_mac_of(flannel.as_bytes()), a.vtep_mac());
+        assert_eq!(
+            a.vtep_mac().unwrap().to_string(),
+            "c6:d2:32:6f:8f:45".to_string()
+        );
+        assert_eq!(Ipv4Net::side_from_json(flannel.as_bytes()).unwrap(), None);
+        // Under an IPv4 key it is no IPv4 peer, and says why.
+        let e = parse_peer(&cfg(), None, net("10.244.2.0/24"), flannel.as_bytes()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("has no IPv4 side (PublicIP is 0.0.0.0)"),
+            "{e}"
+        );
+        // Alone, the IPv6 side must be usable: it is the whole lease.
+        for (value, want) in [
+            (
+                r#"{"PublicIP":"0.0.0.0","PublicIPv6":null,"BackendType":"vxlan"}"#,
+                "PublicIP is 0.0.0.0 and PublicIPv6 is missing",
+            ),
+            (
+                r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:64::3","BackendType":"vxlan"}"#,
+                "BackendV6Data is missing",
+            ),
+            (
+                r#"{"PublicIP":"0.0.0.0","PublicIPv6":"ff02::1","BackendType":"host-gw"}"#,
+                "PublicIPv6 ff02::1 cannot be a tunnel endpoint",
+            ),
+        ] {
+            let e = LeaseAttrs::from_json(value.as_bytes())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{e:?} lacks {want:?}");
+        }
     }
 
     #[test]
@@ -584,7 +722,7 @@ mod tests {
             ),
         ] {
             let v = value(ip6, data6);
-            let e = LeaseAttrs::v6_from_json(v.as_bytes())
+            let e = Ipv6Net::side_from_json(v.as_bytes())
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(want), "{e:?} lacks {want:?}");
@@ -631,7 +769,12 @@ mod tests {
                 good6,
                 "is not a /64 (IPv6SubnetLen)",
             ),
-            (sub, "null", good6, "but PublicIPv6 is missing"),
+            (
+                sub,
+                "null",
+                good6,
+                "but the lease has no IPv6 side (PublicIPv6 is missing)",
+            ),
         ] {
             let e = side(subnet, ip6, data6).unwrap_err();
             assert!(e.contains(want), "{e:?} lacks {want:?}");
@@ -656,7 +799,7 @@ mod tests {
             "{e}"
         );
         assert_eq!(
-            LeaseAttrs::v6_from_json(attrs().to_json().as_bytes()).unwrap(),
+            Ipv6Net::side_from_json(attrs().to_json().as_bytes()).unwrap(),
             None
         );
     }
@@ -664,10 +807,10 @@ mod tests {
     #[test]
     fn host_gw_json_is_flannels_exactly() {
         let h = LeaseAttrs {
-            v4: LeaseSide {
+            v4: Some(LeaseSide {
                 public_ip: Ipv4Addr::new(192, 168, 64, 3),
                 backend: LeaseBackend::HostGw,
-            },
+            }),
             v6: None,
         };
         // flannel omits an empty BackendData (`json:",omitempty"`).
@@ -688,10 +831,10 @@ mod tests {
     #[test]
     fn udp_json_is_flannels_exactly() {
         let u = LeaseAttrs {
-            v4: LeaseSide {
+            v4: Some(LeaseSide {
                 public_ip: Ipv4Addr::new(192, 168, 64, 3),
                 backend: LeaseBackend::Udp,
-            },
+            }),
             v6: None,
         };
         // flanneld's udp backend writes no BackendData.
@@ -806,7 +949,7 @@ mod tests {
             None,
             "10.244.2.0/24",
             r#"{"PublicIP":"0.0.0.0","BackendType":"vxlan","BackendData":{"VtepMAC":"02:00:00:00:00:01"}}"#,
-            "cannot be a tunnel endpoint",
+            "but the lease has no IPv4 side (PublicIP is 0.0.0.0)",
         );
     }
 

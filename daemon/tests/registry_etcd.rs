@@ -693,7 +693,11 @@ fn acquire_reuses_by_public_ip_and_honours_previous() -> Result<()> {
         let key = format!("{}-24", first.subnet.network());
         let old_lease = subnets(&reg).await?[&key].1;
         let mut again = attrs(1);
-        again = LeaseAttrs::vxlan(again.v4.public_ip, 1, "02:aa:bb:cc:dd:ee".parse().unwrap());
+        again = LeaseAttrs::vxlan(
+            again.v4.unwrap().public_ip,
+            1,
+            "02:aa:bb:cc:dd:ee".parse().unwrap(),
+        );
         let second = acquire(&reg, &c, &again, Some(net("10.60.9.0/24")), TTL).await?;
         assert_eq!(second.subnet, first.subnet, "reuse beats previous");
         let (value, lease) = subnets(&reg).await?[&key].clone();
@@ -760,7 +764,7 @@ fn acquire_reuses_by_vtep_mac_when_the_address_changed() -> Result<()> {
         let reg = connect(&opts).await?;
         let c = cfg(r#"{"Network":"10.65.0.0/16"}"#);
         let mut moved = attrs(1);
-        moved.v4.public_ip = Ipv4Addr::new(198, 18, 0, 101);
+        moved.v4.as_mut().unwrap().public_ip = Ipv4Addr::new(198, 18, 0, 101);
         put(&reg, "subnets/10.65.201.0-24", &attrs(1).to_json()).await?;
         put(&reg, "subnets/10.65.202.0-24", &attrs(1).to_json()).await?;
         put(&reg, "subnets/10.65.203.0-24", &attrs(2).to_json()).await?;
@@ -947,7 +951,11 @@ fn keep_lease_renews_reacquires_and_republishes() -> Result<()> {
 
         // New attributes (MAC changed) are re-put and published.
         let mut new = attrs(1);
-        new = LeaseAttrs::vxlan(new.v4.public_ip, 1, "02:11:22:33:44:55".parse().unwrap());
+        new = LeaseAttrs::vxlan(
+            new.v4.unwrap().public_ip,
+            1,
+            "02:11:22:33:44:55".parse().unwrap(),
+        );
         attrs_tx.send(new.clone())?;
         let r = reg.clone();
         let (k, n) = (key.clone(), new.clone());
@@ -1097,7 +1105,7 @@ fn peer(i: u8) -> Peer {
     let a = attrs(i);
     Peer {
         subnet: net(&format!("10.100.{i}.0/24")),
-        public_ip: a.v4.public_ip,
+        public_ip: a.v4.unwrap().public_ip,
         vtep_mac: a.vtep_mac(),
     }
 }
@@ -1164,7 +1172,11 @@ fn watch_peers_snapshot_then_changes_skipping_garbage() -> Result<()> {
         assert!(matches!(next(&mut rx).await?, PeerEvent::Remove(n) if n == peer(3).subnet));
         // A changed value -> Upsert with the new MAC.
         let mut moved = attrs(8);
-        moved = LeaseAttrs::vxlan(moved.v4.public_ip, 1, "02:00:00:00:01:08".parse().unwrap());
+        moved = LeaseAttrs::vxlan(
+            moved.v4.unwrap().public_ip,
+            1,
+            "02:00:00:00:01:08".parse().unwrap(),
+        );
         put(&reg, "subnets/10.100.8.0-24", &moved.to_json()).await?;
         let PeerEvent::Upsert(p) = next(&mut rx).await? else {
             bail!("expected upsert")
@@ -1509,7 +1521,11 @@ fn a_copied_vtep_mac_stays_with_the_older_lease() -> Result<()> {
     etcd.run(move || async move {
         let reg = connect(&opts).await?;
         put_peer(&reg, 4).await?;
-        let copy = LeaseAttrs::vxlan(attrs(5).v4.public_ip, 1, attrs(4).vtep_mac().unwrap());
+        let copy = LeaseAttrs::vxlan(
+            attrs(5).v4.unwrap().public_ip,
+            1,
+            attrs(4).vtep_mac().unwrap(),
+        );
         put(&reg, "subnets/10.100.5.0-24", &copy.to_json()).await?;
         let (task, mut rx, metrics, _own) = start_watcher(&reg);
         let PeerEvent::Snapshot(ps) = next(&mut rx).await? else {
@@ -1539,7 +1555,7 @@ fn a_copied_vtep_mac_stays_with_the_older_lease() -> Result<()> {
         del(&reg, "subnets/10.100.4.0-24").await?;
         let five = Peer {
             subnet: peer(5).subnet,
-            public_ip: copy.v4.public_ip,
+            public_ip: copy.v4.unwrap().public_ip,
             vtep_mac: copy.vtep_mac(),
         };
         until(&mut rx, &mut model, |m| {

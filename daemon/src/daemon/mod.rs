@@ -276,10 +276,10 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
     // A dual-stack network's IPv6 side, when this node serves it.
     let plan6 = side6::plan(&args, &cfg, &underlay, stored.vtep_mac6)?;
     let attrs = LeaseAttrs {
-        v4: LeaseSide {
+        v4: Some(LeaseSide {
             public_ip,
             backend: backend_attrs,
-        },
+        }),
         v6: plan6.as_ref().map(|p| p.lease),
     };
     let previous = read_previous_subnet(&args.subnet_file);

@@ -170,7 +170,11 @@ impl Node {
         self.v4.local.public_ip = u.addr;
         self.v4.local.underlay_index = u.index;
         self.v4.local.underlay_mtu = u.mtu;
-        self.attrs_tx.send_modify(|a| a.v4.public_ip = u.addr);
+        self.attrs_tx.send_modify(|a| {
+            if let Some(v4) = a.v4.as_mut() {
+                v4.public_ip = u.addr;
+            }
+        });
         self.underlay = u;
     }
 
@@ -333,11 +337,9 @@ impl Node {
 
     fn publish_node(&self) {
         let (l, u, d) = (&self.v4.local, &self.underlay, &self.v4.device);
-        let (backend, vtep_mac) = match self.attrs_tx.borrow().v4.backend {
-            LeaseBackend::Vxlan { .. } => ("vxlan", Some(l.vtep_mac)),
-            LeaseBackend::HostGw => ("host-gw", None),
-            LeaseBackend::Udp => ("udp", None),
-        };
+        let backend = self.attrs_tx.borrow().primary().map(|s| s.backend);
+        let vtep_mac = matches!(backend, Some(LeaseBackend::Vxlan { .. })).then_some(l.vtep_mac);
+        let backend = backend.map_or("", |b| b.type_name());
         self.shared.update(|s| {
             s.node = Some(NodeStatus {
                 subnet: l.subnet,

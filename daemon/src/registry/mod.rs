@@ -22,7 +22,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::sync::watch;
 
 use crate::config::NetworkConfig;
-use crate::lease::{public_ip_of, vtep_mac_of, LeaseAttrs};
+use crate::lease::{endpoint_of, vtep_mac_of, LeaseAttrs};
 use crate::metrics::Metrics;
 use crate::peer::{Peer, PeerOf};
 use crate::subnet::{
@@ -327,6 +327,7 @@ async fn claim<R: SubnetRegistry>(
     granted: &mut Option<i64>,
 ) -> Result<(OwnLease, i64), RegistryError> {
     let value = attrs.to_json();
+    let endpoint = attrs.primary().map(|s| s.public_ip);
     // The IPv6 range we claim in, when we serve IPv6.
     let v6 = cfg.ipv6.as_ref().filter(|_| attrs.v6.is_some());
     let own = |subnet, subnet6| OwnLease {
@@ -364,7 +365,7 @@ async fn claim<R: SubnetRegistry>(
             if net.prefix_len() != cfg.ipv4.subnet_len {
                 odd.push((net, kv.name.clone()));
             }
-            let same_ip = public_ip_of(&kv.value) == Some(attrs.v4.public_ip);
+            let same_ip = endpoint_of(&kv.value).is_some_and(|ip| Some(ip) == endpoint);
             let same_mac = attrs.vtep_mac().is_some() && vtep_mac_of(&kv.value) == attrs.vtep_mac();
             if same_ip || same_mac {
                 mine.push((net, net6, kv, same_ip, same_mac));
@@ -439,8 +440,8 @@ async fn claim<R: SubnetRegistry>(
                 .replace_subnet(&kv.name, &value, lease, kv.mod_revision)
                 .await?
             {
-                match public_ip_of(&kv.value) {
-                    Some(ip) if ip != attrs.v4.public_ip => {
+                match endpoint_of(&kv.value) {
+                    Some(ip) if Some(ip) != endpoint => {
                         tracing::warn!(subnet = %net, old_ip = %ip,
                         "reusing the lease with our VTEP MAC: this node's address changed (if another \
                          node runs with the same MAC, its state dir was copied from this one: remove \
@@ -740,7 +741,8 @@ async fn hold<R: SubnetRegistry>(
     };
     let ours = match held.id {
         Some(id) => kv.lease == id,
-        None => public_ip_of(&kv.value) == Some(held.lease.attrs.v4.public_ip),
+        None => endpoint_of(&kv.value)
+            .is_some_and(|ip| Some(ip) == held.lease.attrs.primary().map(|s| s.public_ip)),
     };
     if !ours {
         return Err(Interrupt::Lost(
@@ -819,7 +821,8 @@ async fn publish<R: SubnetRegistry>(
     if !reg.update_subnet(&held.name, &want.to_json(), id).await? {
         return Err(Interrupt::Lost("our key changed while updating it".into()));
     }
-    tracing::info!(subnet = %held.lease.subnet, public_ip = %want.v4.public_ip, "updated our lease");
+    let public_ip = want.primary().map(|s| s.public_ip);
+    tracing::info!(subnet = %held.lease.subnet, public_ip = ?public_ip, "updated our lease");
     held.lease.attrs = want;
     out.send_replace(held.lease.clone());
     Ok(())

@@ -158,7 +158,8 @@ impl Family for Ipv4Net {
         &mut v.v4
     }
     fn own(own: &OwnLease) -> Option<(Self, std::net::Ipv4Addr, Option<MacAddr>)> {
-        Some((own.subnet, own.attrs.v4.public_ip, own.attrs.vtep_mac()))
+        let v4 = own.attrs.v4?;
+        Some((own.subnet, v4.public_ip, v4.vtep_mac()))
     }
     fn plain_key(net: Self) -> Option<String> {
         Some(subnet_key(net))
@@ -847,6 +848,14 @@ mod tests {
         a
     }
 
+    /// flannel's IPv6-only lease: `dual_attrs` without its IPv4 side.
+    fn only6_attrs(ip: u8, mac: u8) -> LeaseAttrs {
+        LeaseAttrs {
+            v4: None,
+            ..dual_attrs(ip, mac)
+        }
+    }
+
     fn dual_own() -> OwnLease {
         OwnLease {
             subnet: "10.244.1.0/24".parse().unwrap(),
@@ -921,12 +930,12 @@ mod tests {
             vec![
                 kv(
                     "0.0.0.0-0&fd00:10:244:3::-64",
-                    &dual_attrs(3, 3).to_json(),
+                    &only6_attrs(3, 3).to_json(),
                     5,
                 ),
                 kv(
                     "0.0.0.0-0&fd00:10:244:4::-64",
-                    &dual_attrs(4, 4).to_json(),
+                    &only6_attrs(4, 4).to_json(),
                     6,
                 ),
             ],
@@ -952,7 +961,7 @@ mod tests {
             own(),
             vec![kv(
                 "0.0.0.0-0&fd00:10:244:3::-64",
-                &dual_attrs(3, 3).to_json(),
+                &only6_attrs(3, 3).to_json(),
                 5,
             )],
         );

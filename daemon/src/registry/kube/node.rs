@@ -188,17 +188,19 @@ pub fn own_annotations(
         (a.kube_subnet_manager().to_string(), "true".to_string()),
         (
             a.backend_type().to_string(),
-            attrs.v4.backend.type_name().to_string(),
-        ),
-        (
-            a.backend_data().to_string(),
-            backend_data(&attrs.v4.backend),
-        ),
-        (
-            a.public_ip().to_string(),
-            overwritten(a.public_ip_overwrite(), attrs.v4.public_ip.to_string()),
+            attrs
+                .primary()
+                .map_or("", |s| s.backend.type_name())
+                .to_string(),
         ),
     ]);
+    if let Some(v4) = &attrs.v4 {
+        want.insert(a.backend_data().to_string(), backend_data(&v4.backend));
+        want.insert(
+            a.public_ip().to_string(),
+            overwritten(a.public_ip_overwrite(), v4.public_ip.to_string()),
+        );
+    }
     if let Some(v6) = &attrs.v6 {
         want.insert(a.backend_v6_data().to_string(), backend_data(&v6.backend));
         want.insert(
@@ -209,15 +211,18 @@ pub fn own_annotations(
     want
 }
 
-/// The annotations of ours that must go: the IPv6 pair when this node serves no IPv6 (an
-/// earlier dual-stack run's, or flanneld's before it), or peers would route IPv6 to a node that
-/// has no IPv6 device for it.
+/// The annotations of ours that must go: a family's pair when this node does not serve it (an
+/// earlier run's, or flanneld's before it), or peers would route that family to a node that
+/// has no device for it.
 pub fn stale_annotations<'a>(a: &'a Annotations, attrs: &LeaseAttrs) -> Vec<&'a str> {
-    if attrs.v6.is_some() {
-        Vec::new()
-    } else {
-        vec![a.backend_v6_data(), a.public_ipv6()]
+    let mut stale = Vec::new();
+    if attrs.v4.is_none() {
+        stale.extend([a.backend_data(), a.public_ip()]);
     }
+    if attrs.v6.is_none() {
+        stale.extend([a.backend_v6_data(), a.public_ipv6()]);
+    }
+    stale
 }
 
 /// The patch that makes `current` carry `want` and none of `stale`: only the keys whose value
@@ -1227,10 +1232,10 @@ mod tests {
 
         let v = vxlan_attrs();
         let hostgw = LeaseAttrs {
-            v4: LeaseSide {
+            v4: Some(LeaseSide {
                 backend: LeaseBackend::HostGw,
-                ..v.v4
-            },
+                ..v.v4.unwrap()
+            }),
             ..v
         };
         let got = own_annotations(&ann(), &hostgw, &BTreeMap::new());
@@ -1321,13 +1326,13 @@ mod tests {
 
     #[test]
     fn backend_data_round_trips() {
-        let data = backend_data(&vxlan_attrs().v4.backend);
+        let data = backend_data(&vxlan_attrs().v4.unwrap().backend);
         assert_eq!(data, r#"{"VNI":1,"VtepMAC":"12:c6:65:89:b4:e3"}"#);
         // What we write, another twilld (or flanneld) reads back to the same peer.
         let annotations = own_annotations(&ann(), &vxlan_attrs(), &BTreeMap::new());
         let n = to_node(node_json("n1", spec("10.244.3.0/24"), json!(annotations)));
         let p = peer_from_node(&n, &ann(), &cfg(), None).unwrap().unwrap();
-        assert_eq!(p.public_ip, vxlan_attrs().v4.public_ip);
+        assert_eq!(p.public_ip, vxlan_attrs().v4.unwrap().public_ip);
         assert_eq!(p.vtep_mac, vxlan_attrs().vtep_mac());
         assert_eq!(p.subnet, net("10.244.3.0/24"));
     }
@@ -2125,10 +2130,10 @@ mod tests {
         assert_eq!(got[&format!("{P}backend-data")], vxlan_data(1, MAC));
         // host-gw: flanneld writes backend-v6-data "null" and the address.
         let hostgw = LeaseAttrs {
-            v4: LeaseSide {
+            v4: Some(LeaseSide {
                 public_ip: "172.18.0.3".parse().unwrap(),
                 backend: LeaseBackend::HostGw,
-            },
+            }),
             v6: Some(v6(LeaseBackend::HostGw)),
         };
         let got = own_annotations(&ann(), &hostgw, &BTreeMap::new());
@@ -2155,6 +2160,24 @@ mod tests {
             }}}))
         );
         assert!(stale_annotations(&ann(), &dual).is_empty());
+        // IPv6-only: flannel's IPv6 pair and backend-type, and the IPv4 pair goes.
+        let only6 = LeaseAttrs { v4: None, ..dual };
+        let got = own_annotations(&ann(), &only6, &BTreeMap::new());
+        assert_eq!(
+            got.keys().cloned().collect::<Vec<_>>(),
+            [
+                "backend-type",
+                "backend-v6-data",
+                "kube-subnet-manager",
+                "public-ipv6"
+            ]
+            .map(|k| format!("{P}{k}"))
+        );
+        assert_eq!(got[&format!("{P}backend-type")], "vxlan");
+        assert_eq!(
+            stale_annotations(&a, &only6),
+            [format!("{P}backend-data"), format!("{P}public-ip")]
+        );
     }
 
     #[test]
