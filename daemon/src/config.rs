@@ -13,10 +13,11 @@ use crate::subnet::{size_of_len, Cidr, SubnetRange};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct NetworkConfig {
     /// The IPv4 subnets the network hands out (`Network`, `SubnetLen`, `SubnetMin`,
-    /// `SubnetMax`).
+    /// `SubnetMax`); None on an IPv6-only network (`"EnableIPv4": false`).
     #[serde(flatten)]
-    pub ipv4: SubnetRange<Ipv4Net>,
-    /// The IPv6 side of a dual-stack network (`EnableIPv6`), validated as flannel does.
+    pub ipv4: Option<SubnetRange<Ipv4Net>>,
+    /// The IPv6 side of a dual-stack or IPv6-only network (`EnableIPv6`), validated as flannel
+    /// does. A network has at least one of the two.
     pub ipv6: Option<SubnetRange<Ipv6Net>>,
     pub backend: BackendConfig,
 }
@@ -238,27 +239,33 @@ impl NetworkConfig {
             return Err(invalid("config", format!("{value} is not a JSON object")));
         };
 
-        if bool_field(&obj, "EnableIPv4")? == Some(false) {
+        // Checked as flannel checks it (the config is shared with flanneld nodes): on an
+        // IPv6-only network (EnableIPv4 false) the IPv4 fields are not read at all.
+        let enable_ipv4 = bool_field(&obj, "EnableIPv4")? != Some(false);
+        let enable_ipv6 = bool_field(&obj, "EnableIPv6")? == Some(true);
+        if !enable_ipv4 && !enable_ipv6 {
             return Err(invalid(
-                "EnableIPv4",
-                "false: IPv6-only networks are not supported; twill needs an IPv4 Network",
+                "EnableIPv6",
+                "not true while EnableIPv4 is false: the network would have no address family \
+                 (an IPv6-only network sets \"EnableIPv6\": true and an IPv6Network)",
             ));
         }
-        let network = match str_field(&obj, "Network")? {
-            Some(s) => parse_network(s)?,
-            None if field(&obj, "IPv6Network").is_some()
-                || bool_field(&obj, "EnableIPv6")? == Some(true) =>
-            {
-                return Err(invalid(
-                    "Network",
-                    "missing: IPv6-only networks are not supported; set an IPv4 Network",
-                ))
-            }
-            None => return Err(invalid("Network", "missing (e.g. \"10.244.0.0/16\")")),
+        let ipv4 = if enable_ipv4 {
+            let network = match str_field(&obj, "Network")? {
+                Some(s) => parse_network(s)?,
+                None if field(&obj, "IPv6Network").is_some() || enable_ipv6 => {
+                    return Err(invalid(
+                        "Network",
+                        "missing: a dual-stack network needs an IPv4 Network too; an IPv6-only \
+                         network sets \"EnableIPv4\": false",
+                    ))
+                }
+                None => return Err(invalid("Network", "missing (e.g. \"10.244.0.0/16\")")),
+            };
+            Some(parse_range(&obj, &V4_FIELDS, network)?)
+        } else {
+            None
         };
-        // Checked as flannel checks it (a dual-stack network's config is shared with its
-        // flanneld nodes).
-        let enable_ipv6 = bool_field(&obj, "EnableIPv6")? == Some(true);
 
         let ipv6 = if enable_ipv6 {
             let net6 = match str_field(&obj, "IPv6Network")? {
@@ -281,8 +288,15 @@ impl NetworkConfig {
             Some(v) => return Err(invalid("Backend", format!("{v} is not a JSON object"))),
         };
 
+        if ipv4.is_none() && backend.kind == BackendKind::Udp {
+            return Err(invalid(
+                "Backend",
+                "udp carries IPv4 only: an IPv6-only network (EnableIPv4 false) needs vxlan or \
+                 host-gw",
+            ));
+        }
         Ok(NetworkConfig {
-            ipv4: parse_range(&obj, &V4_FIELDS, network)?,
+            ipv4,
             ipv6,
             backend,
         })
@@ -307,7 +321,10 @@ fn parse_network(s: &str) -> Result<Ipv4Net, ConfigError> {
         Ok(n) => Ok(n.trunc()),
         Err(_) if s.parse::<ipnet::Ipv6Net>().is_ok() => Err(invalid(
             "Network",
-            format!("{s:?} is an IPv6 network; IPv6-only networks are not supported"),
+            format!(
+                "{s:?} is an IPv6 network: the IPv6 side goes in IPv6Network (with \
+                 \"EnableIPv6\": true; an IPv6-only network sets \"EnableIPv4\": false)"
+            ),
         )),
         Err(_) => Err(invalid(
             "Network",
@@ -409,32 +426,53 @@ mod tests {
     #[test]
     fn defaults_for_a_16() {
         let c = parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap();
-        assert_eq!(c.ipv4.network, "10.244.0.0/16".parse().unwrap());
-        assert_eq!(c.ipv4.subnet_len, 24);
-        assert_eq!(c.ipv4.subnet_min, Ipv4Addr::new(10, 244, 1, 0));
-        assert_eq!(c.ipv4.subnet_max, Ipv4Addr::new(10, 244, 255, 0));
+        assert_eq!(
+            c.ipv4.as_ref().unwrap().network,
+            "10.244.0.0/16".parse().unwrap()
+        );
+        assert_eq!(c.ipv4.as_ref().unwrap().subnet_len, 24);
+        assert_eq!(
+            c.ipv4.as_ref().unwrap().subnet_min,
+            Ipv4Addr::new(10, 244, 1, 0)
+        );
+        assert_eq!(
+            c.ipv4.as_ref().unwrap().subnet_max,
+            Ipv4Addr::new(10, 244, 255, 0)
+        );
         assert_eq!(c.backend, BackendConfig::default());
         assert_eq!(c.backend.kind, BackendKind::Vxlan);
         assert_eq!(c.backend.vni, 1);
         assert_eq!(c.backend.port, 8472);
-        assert_eq!(c.ipv4.subnet_count(), 255);
+        assert_eq!(c.ipv4.as_ref().unwrap().subnet_count(), 255);
     }
 
     #[test]
     fn default_subnet_len_small_networks() {
         // /22 is still "large": 24.
         let c = parse(r#"{"Network":"10.0.0.0/22"}"#).unwrap();
-        assert_eq!(c.ipv4.subnet_len, 24);
-        assert_eq!(c.ipv4.subnet_min, Ipv4Addr::new(10, 0, 1, 0));
-        assert_eq!(c.ipv4.subnet_max, Ipv4Addr::new(10, 0, 3, 0));
+        assert_eq!(c.ipv4.as_ref().unwrap().subnet_len, 24);
+        assert_eq!(
+            c.ipv4.as_ref().unwrap().subnet_min,
+            Ipv4Addr::new(10, 0, 1, 0)
+        );
+        assert_eq!(
+            c.ipv4.as_ref().unwrap().subnet_max,
+            Ipv4Addr::new(10, 0, 3, 0)
+        );
         // /23 and smaller: prefix + 2.
         let c = parse(r#"{"Network":"10.0.0.0/23"}"#).unwrap();
-        assert_eq!(c.ipv4.subnet_len, 25);
+        assert_eq!(c.ipv4.as_ref().unwrap().subnet_len, 25);
         let c = parse(r#"{"Network":"10.0.0.0/28"}"#).unwrap();
-        assert_eq!(c.ipv4.subnet_len, 30);
-        assert_eq!(c.ipv4.subnet_min, Ipv4Addr::new(10, 0, 0, 4));
-        assert_eq!(c.ipv4.subnet_max, Ipv4Addr::new(10, 0, 0, 12));
-        assert_eq!(c.ipv4.subnet_count(), 3);
+        assert_eq!(c.ipv4.as_ref().unwrap().subnet_len, 30);
+        assert_eq!(
+            c.ipv4.as_ref().unwrap().subnet_min,
+            Ipv4Addr::new(10, 0, 0, 4)
+        );
+        assert_eq!(
+            c.ipv4.as_ref().unwrap().subnet_max,
+            Ipv4Addr::new(10, 0, 0, 12)
+        );
+        assert_eq!(c.ipv4.as_ref().unwrap().subnet_count(), 3);
     }
 
     #[test]
@@ -446,9 +484,15 @@ mod tests {
                            "DirectRouting":true,"GBP":false,"Learning":false}}"#,
         )
         .unwrap();
-        assert_eq!(c.ipv4.subnet_len, 20);
-        assert_eq!(c.ipv4.subnet_min, Ipv4Addr::new(172, 16, 32, 0));
-        assert_eq!(c.ipv4.subnet_max, Ipv4Addr::new(172, 31, 224, 0));
+        assert_eq!(c.ipv4.as_ref().unwrap().subnet_len, 20);
+        assert_eq!(
+            c.ipv4.as_ref().unwrap().subnet_min,
+            Ipv4Addr::new(172, 16, 32, 0)
+        );
+        assert_eq!(
+            c.ipv4.as_ref().unwrap().subnet_max,
+            Ipv4Addr::new(172, 31, 224, 0)
+        );
         assert_eq!(
             c.backend,
             BackendConfig {
@@ -468,8 +512,11 @@ mod tests {
                 "Backend":{"Type":"vxlan","VNI":0,"Port":0,"MTU":0}}"#,
         )
         .unwrap();
-        assert_eq!(c.ipv4.subnet_len, 24);
-        assert_eq!(c.ipv4.subnet_min, Ipv4Addr::new(10, 1, 1, 0));
+        assert_eq!(c.ipv4.as_ref().unwrap().subnet_len, 24);
+        assert_eq!(
+            c.ipv4.as_ref().unwrap().subnet_min,
+            Ipv4Addr::new(10, 1, 1, 0)
+        );
         assert_eq!(c.backend.vni, 1);
         assert_eq!(c.backend.port, 8472);
         assert_eq!(c.backend.mtu, None);
@@ -478,7 +525,10 @@ mod tests {
     #[test]
     fn keys_are_case_insensitive_and_backend_defaults_to_vxlan() {
         let c = parse(r#"{"network":"10.2.0.0/16","backend":{"vni":7}}"#).unwrap();
-        assert_eq!(c.ipv4.network, "10.2.0.0/16".parse().unwrap());
+        assert_eq!(
+            c.ipv4.as_ref().unwrap().network,
+            "10.2.0.0/16".parse().unwrap()
+        );
         assert_eq!(c.backend.vni, 7);
         assert_eq!(c.backend.kind, BackendKind::Vxlan);
         let c = parse(r#"{"Network":"10.2.0.0/16","Backend":{"Type":"VXLAN"}}"#).unwrap();
@@ -492,7 +542,10 @@ mod tests {
                 "IPv6SubnetLen":64}"#,
         )
         .unwrap();
-        assert_eq!(c.ipv4.network, "10.3.0.0/16".parse().unwrap());
+        assert_eq!(
+            c.ipv4.as_ref().unwrap().network,
+            "10.3.0.0/16".parse().unwrap()
+        );
         let v6 = c.ipv6.unwrap();
         assert_eq!(v6.network, "fc00::/48".parse().unwrap());
         assert_eq!(v6.subnet_len, 64);
@@ -652,12 +705,56 @@ mod tests {
         assert_invalid(
             r#"{"EnableIPv6":true,"IPv6Network":"fc00::/48"}"#,
             "Network",
-            &["IPv6-only"],
+            &["missing", "dual-stack", "\"EnableIPv4\": false"],
         );
         assert_invalid(
             r#"{"EnableIPv4":false,"Network":"10.0.0.0/16","EnableIPv6":true}"#,
+            "IPv6Network",
+            &["missing"],
+        );
+        assert_invalid(
+            r#"{"EnableIPv4":false,"Network":"10.0.0.0/16"}"#,
+            "EnableIPv6",
+            &["EnableIPv4 is false", "no address family"],
+        );
+        assert_invalid(
+            r#"{"EnableIPv4":"no","Network":"10.0.0.0/16"}"#,
             "EnableIPv4",
-            &["false", "IPv6-only"],
+            &["\"no\""],
+        );
+    }
+
+    /// flannel's IPv6-only network: EnableIPv4 false, the IPv4 fields not read at all.
+    #[test]
+    fn ipv6_only_config() {
+        let c = parse(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56",
+                "Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.ipv4, None);
+        let r = c.ipv6.as_ref().unwrap();
+        assert_eq!(r.network, "fd00:10:244::/56".parse().unwrap());
+        assert_eq!(r.subnet_len, 64);
+        // Network is ignored, also when it is not one (flannel does not read it).
+        let d = parse(
+            r#"{"EnableIPv4":false,"Network":"banana","EnableIPv6":true,
+                "IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        assert_eq!(d, c);
+        let h = parse(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56",
+                "Backend":{"Type":"host-gw"}}"#,
+        )
+        .unwrap();
+        assert_eq!(h.backend.kind, BackendKind::HostGw);
+        // udp carries IPv4 only.
+        assert_invalid(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56",
+                "Backend":{"Type":"udp"}}"#,
+            "Backend",
+            &["udp", "IPv4 only", "vxlan or host-gw"],
         );
     }
 
@@ -811,30 +908,61 @@ mod tests {
     #[test]
     fn whole_address_space_does_not_overflow() {
         let c = parse(r#"{"Network":"0.0.0.0/0"}"#).unwrap();
-        assert_eq!(c.ipv4.subnet_min, Ipv4Addr::new(0, 0, 1, 0));
-        assert_eq!(c.ipv4.subnet_max, Ipv4Addr::new(255, 255, 255, 0));
-        assert_eq!(c.ipv4.subnet_count(), (1 << 24) - 1);
+        assert_eq!(
+            c.ipv4.as_ref().unwrap().subnet_min,
+            Ipv4Addr::new(0, 0, 1, 0)
+        );
+        assert_eq!(
+            c.ipv4.as_ref().unwrap().subnet_max,
+            Ipv4Addr::new(255, 255, 255, 0)
+        );
+        assert_eq!(c.ipv4.as_ref().unwrap().subnet_count(), (1 << 24) - 1);
         // Hand-built nonsense gives no subnets rather than a panic.
         let mut bad = c.clone();
-        bad.ipv4.subnet_len = 40;
-        assert_eq!(bad.ipv4.subnet_count(), 0);
-        assert!(bad.ipv4.choose_free(&Default::default()).is_err());
+        bad.ipv4.as_mut().unwrap().subnet_len = 40;
+        assert_eq!(bad.ipv4.as_ref().unwrap().subnet_count(), 0);
+        assert!(bad
+            .ipv4
+            .as_ref()
+            .unwrap()
+            .choose_free(&Default::default())
+            .is_err());
     }
 
     #[test]
     fn fits() {
         let c = parse(r#"{"Network":"10.0.0.0/16","SubnetMax":"10.0.10.0"}"#).unwrap();
-        assert!(c.ipv4.fits("10.0.1.0/24".parse().unwrap()));
-        assert!(c.ipv4.fits("10.0.10.0/24".parse().unwrap()));
+        assert!(c
+            .ipv4
+            .as_ref()
+            .unwrap()
+            .fits("10.0.1.0/24".parse().unwrap()));
+        assert!(c
+            .ipv4
+            .as_ref()
+            .unwrap()
+            .fits("10.0.10.0/24".parse().unwrap()));
         assert!(
-            !c.ipv4.fits("10.0.0.0/24".parse().unwrap()),
+            !c.ipv4
+                .as_ref()
+                .unwrap()
+                .fits("10.0.0.0/24".parse().unwrap()),
             "below SubnetMin"
         );
         assert!(
-            !c.ipv4.fits("10.0.11.0/24".parse().unwrap()),
+            !c.ipv4
+                .as_ref()
+                .unwrap()
+                .fits("10.0.11.0/24".parse().unwrap()),
             "above SubnetMax"
         );
-        assert!(!c.ipv4.fits("10.0.2.0/23".parse().unwrap()), "wrong length");
-        assert_eq!(c.ipv4.subnet_count(), 10);
+        assert!(
+            !c.ipv4
+                .as_ref()
+                .unwrap()
+                .fits("10.0.2.0/23".parse().unwrap()),
+            "wrong length"
+        );
+        assert_eq!(c.ipv4.as_ref().unwrap().subnet_count(), 10);
     }
 }

@@ -21,6 +21,7 @@ use crate::lease::{
 use crate::policy::pods::{self, Attachment, LocalPod};
 use crate::subnet::{
     dual_subnet_key, overlaps, parse_dual_subnet_key, parse_subnet_key, subnet_key as key_of, Cidr,
+    SubnetRange,
 };
 
 /// However large the input, an error message quotes only an excerpt of it.
@@ -215,10 +216,9 @@ pub fn lease(data: &[u8]) {
             let v4 = a.v4.expect("a valid IPv4 peer is a lease's IPv4 side");
             assert_eq!((peer.subnet, peer.public_ip), (subnet, v4.public_ip));
             assert_eq!(peer.vtep_mac, v4.vtep_mac());
-            assert!(
-                cfg.ipv4.network.contains(&subnet) && subnet.prefix_len() == cfg.ipv4.subnet_len
-            );
-            assert!(!cfg.ipv4.network.contains(&peer.public_ip));
+            let range = cfg.ipv4.as_ref().expect("an IPv4 peer's network has IPv4");
+            assert!(range.network.contains(&subnet) && subnet.prefix_len() == range.subnet_len);
+            assert!(!range.network.contains(&peer.public_ip));
 
             assert!(own_net.is_none_or(|o| !overlaps(o, subnet)));
             if let (BackendKind::Vxlan, LeaseBackend::Vxlan { vni, .. }) =
@@ -238,19 +238,13 @@ pub fn net_config(data: &[u8]) {
         Ok(c) => c,
         Err(_) => return,
     };
-    let net = cfg.ipv4.network;
-    assert_eq!(net, net.trunc(), "host bits are dropped");
-    assert!(cfg.ipv4.subnet_len >= net.prefix_len() + 2 && cfg.ipv4.subnet_len <= 30);
-    for a in [cfg.ipv4.subnet_min, cfg.ipv4.subnet_max] {
-        assert!(net.contains(&a), "{a} outside {net}");
-        let s = Ipv4Net::new(a, cfg.ipv4.subnet_len).expect("a valid length");
-        assert_eq!(s.network(), a, "{a} is not aligned");
-        assert!(cfg.ipv4.fits(s));
-    }
-    assert!(cfg.ipv4.subnet_min <= cfg.ipv4.subnet_max);
-    assert!(cfg.ipv4.subnet_count() >= 1);
+    assert!(
+        cfg.ipv4.is_some() || cfg.ipv6.is_some(),
+        "a network has a family"
+    );
     assert!(cfg.backend.vni < 1 << 24 && cfg.backend.port != 0);
     assert!(cfg.backend.mtu.is_none_or(|m| (68..=65535).contains(&m)));
+    assert!(cfg.ipv4.is_some() || cfg.backend.kind != BackendKind::Udp);
 
     let mut backend = json!({
         "Type": match cfg.backend.kind {
@@ -265,42 +259,57 @@ pub fn net_config(data: &[u8]) {
     if let Some(mtu) = cfg.backend.mtu {
         backend["MTU"] = json!(mtu);
     }
-    let mut written = json!({
-        "Network": net.to_string(),
-        "SubnetLen": cfg.ipv4.subnet_len,
-        "SubnetMin": cfg.ipv4.subnet_min.to_string(),
-        "SubnetMax": cfg.ipv4.subnet_max.to_string(),
-        "Backend": backend,
-    });
-    if let Some(r) = &cfg.ipv6 {
-        let n6 = r.network;
-        assert_eq!(n6, n6.trunc(), "host bits are dropped");
-        assert!(r.subnet_len >= n6.prefix_len() + 2 && r.subnet_len <= 126);
-        for a in [r.subnet_min, r.subnet_max] {
-            assert!(n6.contains(&a), "{a} outside {n6}");
-            let s = ipnet::Ipv6Net::new(a, r.subnet_len).expect("a valid length");
-            assert_eq!(s.network(), a, "{a} is not aligned");
-            assert!(r.fits(s));
+    let mut written = json!({ "Backend": backend });
+    match &cfg.ipv4 {
+        Some(r) => {
+            check_range(r, 30);
+            written["Network"] = json!(r.network.to_string());
+            written["SubnetLen"] = json!(r.subnet_len);
+            written["SubnetMin"] = json!(r.subnet_min.to_string());
+            written["SubnetMax"] = json!(r.subnet_max.to_string());
         }
-        assert!(r.subnet_min <= r.subnet_max && r.subnet_count() >= 1);
+        None => written["EnableIPv4"] = json!(false),
+    }
+    if let Some(r) = &cfg.ipv6 {
+        check_range(r, 126);
         written["EnableIPv6"] = json!(true);
-        written["IPv6Network"] = json!(n6.to_string());
+        written["IPv6Network"] = json!(r.network.to_string());
         written["IPv6SubnetLen"] = json!(r.subnet_len);
         written["IPv6SubnetMin"] = json!(r.subnet_min.to_string());
         written["IPv6SubnetMax"] = json!(r.subnet_max.to_string());
-        let free = r
-            .choose_free(&Default::default())
-            .expect("an empty network has room");
-        assert!(r.fits(free) && n6.contains(&free.network()), "{free}");
     }
     let again = NetworkConfig::parse(written.to_string().as_bytes());
     assert_eq!(again.ok().as_ref(), Some(&cfg), "{written}");
+}
 
-    let free = cfg
-        .ipv4
+/// The harnesses' configs all have IPv4.
+fn v4_network(cfg: &NetworkConfig) -> Ipv4Net {
+    cfg.ipv4
+        .as_ref()
+        .expect("the harness configs have IPv4")
+        .network
+}
+
+/// A family's range as the config hands it out: aligned, inside its network, not empty.
+fn check_range<N: Cidr>(r: &SubnetRange<N>, max_len: u8) {
+    let net = r.network;
+    assert_eq!(
+        N::from_bits(net.start(), net.prefix()),
+        Some(net),
+        "host bits are dropped"
+    );
+    assert!(r.subnet_len >= net.prefix() + 2 && r.subnet_len <= max_len);
+    for a in [r.subnet_min, r.subnet_max] {
+        assert!(net.contains_addr(a), "{a} outside {net}");
+        let s = N::from_bits(N::addr_bits(a), r.subnet_len).expect("a valid length");
+        assert_eq!(s.start(), N::addr_bits(a), "{a} is not aligned");
+        assert!(r.fits(s));
+    }
+    assert!(r.subnet_min <= r.subnet_max && r.subnet_count() >= 1);
+    let free = r
         .choose_free(&Default::default())
         .expect("an empty network has room");
-    assert!(cfg.ipv4.fits(free) && net.contains(&free), "{free}");
+    assert!(r.fits(free) && net.contains_net(free), "{free}");
 }
 
 /// Keys under `<prefix>/subnets/`, one per line: a key is one subnet's only spelling (plus a
@@ -585,7 +594,7 @@ pub fn kube_nodes(data: &[u8]) {
                 ),
             ] {
                 match judged4 {
-                    Ok(Some(s)) => assert!(cfg.ipv4.network.contains(&s), "{s}"),
+                    Ok(Some(s)) => assert!(v4_network(cfg).contains(&s), "{s}"),
                     Ok(None) => {}
                     Err(e) => assert!(e.to_string().len() <= MAX_MESSAGE, "{e}"),
                 }
@@ -629,7 +638,7 @@ pub fn kube_nodes(data: &[u8]) {
         // Which of two Nodes keeps a contested MAC or subnet can depend on the order they
         // came in (the first keeps it until it goes), so the sets may differ by such a
         // holder; what is told is always consistent, and a re-list makes it the fresh one.
-        consistent(&told, own, cfg.ipv4.network);
+        consistent(&told, own, v4_network(cfg));
         consistent(&told6, own6, range.network);
         if line == "=" {
             assert_eq!(told, listed, "a re-list gives the fresh list's peers");

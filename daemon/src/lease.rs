@@ -392,7 +392,7 @@ impl LeaseFamily for Ipv4Net {
     const VTEP_MAC_FIELD: &'static str = "VtepMAC";
     const ABSENT: &'static str = "is 0.0.0.0";
     fn range(cfg: &NetworkConfig) -> Option<&SubnetRange<Self>> {
-        Some(&cfg.ipv4)
+        cfg.ipv4.as_ref()
     }
     fn side_from_json(value: &[u8]) -> Result<Option<LeaseSide<Ipv4Addr>>, LeaseError> {
         Sides::read(value)?.v4

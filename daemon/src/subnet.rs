@@ -514,11 +514,12 @@ mod tests {
         }
         let mut seen = HashSet::new();
         for _ in 0..500 {
-            let n = c.ipv4.choose_free(&taken).unwrap();
+            let n = c.ipv4.as_ref().unwrap().choose_free(&taken).unwrap();
             assert!(!taken.contains(&n), "{n} is taken");
             assert_eq!(n.prefix_len(), 24);
             assert!(
-                n.network() >= c.ipv4.subnet_min && n.network() <= c.ipv4.subnet_max,
+                n.network() >= c.ipv4.as_ref().unwrap().subnet_min
+                    && n.network() <= c.ipv4.as_ref().unwrap().subnet_max,
                 "{n}"
             );
             seen.insert(n);
@@ -535,7 +536,7 @@ mod tests {
         let last = u32::from(Ipv4Addr::new(10, 0, 102, 0));
         let mut seen = HashSet::new();
         for _ in 0..2000 {
-            let n = c.ipv4.choose_free(&taken).unwrap();
+            let n = c.ipv4.as_ref().unwrap().choose_free(&taken).unwrap();
             assert!(
                 u32::from(n.network()) <= last,
                 "{n} is beyond the first 100 free"
@@ -556,7 +557,10 @@ mod tests {
         // A /22 left over from an older config covers 10.0.0.0-10.0.3.255.
         let taken: HashSet<Ipv4Net> = [net("10.0.0.0/22")].into();
         for _ in 0..50 {
-            assert_eq!(c.ipv4.choose_free(&taken).unwrap(), net("10.0.4.0/24"));
+            assert_eq!(
+                c.ipv4.as_ref().unwrap().choose_free(&taken).unwrap(),
+                net("10.0.4.0/24")
+            );
         }
         assert!(!is_free(net("10.0.2.0/24"), &taken));
         assert!(is_free(net("10.0.4.0/24"), &taken));
@@ -572,7 +576,7 @@ mod tests {
             net("10.9.7.0/24"),
         ]
         .into();
-        let e = c.ipv4.choose_free(&taken).unwrap_err();
+        let e = c.ipv4.as_ref().unwrap().choose_free(&taken).unwrap_err();
         let AllocError::OutOfSubnets { leases, count, .. } = &e;
         assert_eq!((*leases, *count), (4, 3));
         let m = e.with_subnets_dir("/x/subnets/").to_string();
@@ -590,6 +594,8 @@ mod tests {
         assert!(!m.contains("another length"), "{m}");
         let m = c
             .ipv4
+            .as_ref()
+            .unwrap()
             .choose_free(&taken)
             .unwrap_err()
             .with_blocking(vec!["10.9.0.0-16".into()])

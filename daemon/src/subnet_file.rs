@@ -10,8 +10,9 @@ use crate::state::write_atomic;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SubnetEnv {
-    pub network: Ipv4Net,
-    pub subnet: Ipv4Net,
+    /// The node's IPv4 network and subnet (FLANNEL_NETWORK, FLANNEL_SUBNET); None on an
+    /// IPv6-only network, where flannel leaves both lines out.
+    pub ipv4: Option<(Ipv4Net, Ipv4Net)>,
     pub mtu: u32,
     pub ipmasq: bool,
     /// A dual-stack node's IPv6 network and subnet (FLANNEL_IPV6_NETWORK, FLANNEL_IPV6_SUBNET).
@@ -19,16 +20,18 @@ pub struct SubnetEnv {
 }
 
 impl SubnetEnv {
-    /// flannel's order: the v4 lines, the v6 lines, MTU, masquerade.
+    /// flannel's order: the v4 lines, the v6 lines, MTU, masquerade (a family's lines only
+    /// when the network has it).
     pub fn render(&self) -> String {
-        // FLANNEL_SUBNET carries the first usable address, not the network address.
-        let first = Ipv4Addr::from(u32::from(self.subnet.network()) + 1);
-        let mut out = format!(
-            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}/{}\n",
-            self.network,
-            first,
-            self.subnet.prefix_len()
-        );
+        let mut out = String::new();
+        if let Some((network, subnet)) = self.ipv4 {
+            // FLANNEL_SUBNET carries the first usable address, not the network address.
+            let first = Ipv4Addr::from(u32::from(subnet.network()) + 1);
+            out += &format!(
+                "FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={first}/{}\n",
+                subnet.prefix_len()
+            );
+        }
         if let Some((network, subnet)) = self.ipv6 {
             let first = Ipv6Addr::from(u128::from(subnet.network()) + 1);
             out += &format!(
@@ -69,8 +72,10 @@ mod tests {
     #[test]
     fn renders_flannel_format_and_reads_back() {
         let env = SubnetEnv {
-            network: "10.244.0.0/16".parse().unwrap(),
-            subnet: "10.244.1.0/24".parse().unwrap(),
+            ipv4: Some((
+                "10.244.0.0/16".parse().unwrap(),
+                "10.244.1.0/24".parse().unwrap(),
+            )),
             mtu: 1450,
             ipmasq: false,
             ipv6: None,
@@ -108,6 +113,24 @@ mod tests {
             read_previous_subnet(&path),
             Previous {
                 v4: Some("10.244.1.0/24".parse().unwrap()),
+                v6: Some("fd00:10:244:1::/64".parse().unwrap())
+            }
+        );
+        // IPv6-only: flannel leaves the IPv4 lines out.
+        let only6 = SubnetEnv {
+            ipv4: None,
+            ..dual.clone()
+        };
+        assert_eq!(
+            only6.render(),
+            "FLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:1::1/64\n\
+             FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"
+        );
+        only6.write(&path).unwrap();
+        assert_eq!(
+            read_previous_subnet(&path),
+            Previous {
+                v4: None,
                 v6: Some("fd00:10:244:1::/64".parse().unwrap())
             }
         );

@@ -38,9 +38,10 @@ pub fn desired(
         kube_proxy_mark: args.kube_proxy_masq_mark,
         tunnel_device: dev.overlay.then(|| dev.name.clone()),
     };
-    let masq = args
-        .ip_masq
-        .then(|| masq::table(&spec(cfg.ipv4.network.into(), device)));
+    let masq = match &cfg.ipv4 {
+        Some(r) if args.ip_masq => Some(masq::table(&spec(r.network.into(), device))),
+        _ => None,
+    };
     let masq6 = match (&cfg.ipv6, device6) {
         (Some(r), Some(d)) if args.ip_masq => Some(masq::table(&spec(r.network.into(), d))),
         _ => None,
@@ -57,7 +58,8 @@ pub fn desired(
                 (Some(r), Some(_)) => Some(r.network.into()),
                 _ => None,
             };
-            std::iter::once(cfg.ipv4.network.into()).chain(v6).collect()
+            let v4 = cfg.ipv4.as_ref().map(|r| r.network.into());
+            v4.into_iter().chain(v6).collect()
         } else {
             Vec::new()
         },
@@ -236,7 +238,7 @@ mod tests {
             .rules
             .iter()
             .any(|r| r.starts_with("oifname \"twill.1\"")));
-        assert_eq!(d.forward_accept, vec![cfg().ipv4.network.into()]);
+        assert_eq!(d.forward_accept, vec![cfg().ipv4.unwrap().network.into()]);
 
         // Off: the table is still named, to be removed.
         let d = desired(
@@ -267,13 +269,15 @@ mod tests {
             br#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56"}"#,
         )
         .unwrap();
+        let v4: ipnet::IpNet = "10.244.0.0/16".parse().unwrap();
         let v6: ipnet::IpNet = "fd00:10:244::/56".parse().unwrap();
+        let key4 = (Family::Ip, masq::TABLE.to_string());
         let key6 = (Family::Ip6, masq::TABLE6.to_string());
         let d = desired(&args(&[]), &cfg, &device(true), Some(&device(true)), true);
-        assert_eq!(d.forward_accept, vec![cfg.ipv4.network.into(), v6]);
+        assert_eq!(d.forward_accept, vec![v4, v6]);
         assert!(d.tables[&key6].is_some());
         let d = desired(&args(&[]), &cfg, &device(true), None, true);
-        assert_eq!(d.forward_accept, vec![cfg.ipv4.network.into()]);
+        assert_eq!(d.forward_accept, vec![v4]);
         assert_eq!(d.tables.get(&key6), Some(&None));
         let d = desired(
             &args(&["--iptables-forward-rules=false"]),
@@ -283,6 +287,16 @@ mod tests {
             true,
         );
         assert!(d.forward_accept.is_empty());
+        // IPv6-only: no IPv4 masquerade table (one of an earlier run is removed), and only the
+        // IPv6 network is accepted for forwarding.
+        let only6 = NetworkConfig::parse(
+            br#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56"}"#,
+        )
+        .unwrap();
+        let d = desired(&args(&[]), &only6, &device(true), Some(&device(true)), true);
+        assert_eq!(d.forward_accept, vec![v6]);
+        assert_eq!(d.tables.get(&key4), Some(&None));
+        assert!(d.tables[&key6].is_some());
     }
 
     /// A check that restored a table and then failed on the forward rules still counts the

@@ -56,6 +56,11 @@ pub enum StartError {
          node-public-ipv6 annotation)"
     )]
     NoIpv6 { iface: String },
+    #[error(
+        "the network config is IPv6-only (EnableIPv4 false): twilld does not serve IPv6-only \
+         networks yet; run a dual-stack network (EnableIPv4 true, the default, with EnableIPv6)"
+    )]
+    Ipv6Only,
     #[error("state dir {dir}: {err}")]
     State { dir: String, err: std::io::Error },
     #[error("netlink: {0}")]
@@ -246,9 +251,13 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
         cfg = source.network_config(&shared) => cfg?,
         _ = shutdown.wait() => { info!("shutting down before the node was ready"); return Ok(()); }
     };
-    info!(network = %cfg.ipv4.network, subnet_len = cfg.ipv4.subnet_len, vni = cfg.backend.vni, "network config");
+    let Some(range4) = cfg.ipv4.clone() else {
+        tracing::error!("refusing to start: {}", StartError::Ipv6Only);
+        return Err(StartError::Ipv6Only);
+    };
+    info!(network = %range4.network, subnet_len = range4.subnet_len, vni = cfg.backend.vni, "network config");
     shared.update(|s| {
-        s.network = Some(cfg.ipv4.network);
+        s.network = Some(range4.network);
         s.waiting_for = Some("subnet lease".into());
     });
 
@@ -260,7 +269,7 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
         servers: source.server_addrs().await,
         servers_are: source.server_is(),
     };
-    if let Err(e) = host.check_network(cfg.ipv4.network) {
+    if let Err(e) = host.check_network(range4.network) {
         tracing::error!(error = %e, "refusing to start");
         return Err(e.into());
     }
@@ -300,7 +309,7 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
         BackendKind::Udp => AnyBackend::Udp(UdpBackend::new(
             nl.clone(),
             &cfg.backend,
-            cfg.ipv4.network,
+            range4.network,
             shared.metrics.udp.clone(),
             args.udp_offloads,
         )),

@@ -293,8 +293,11 @@ impl Node {
             mtu: self.pod_mtu(),
         }));
         let env = SubnetEnv {
-            network: self.cfg.ipv4.network,
-            subnet: self.v4.local.subnet,
+            ipv4: self
+                .cfg
+                .ipv4
+                .as_ref()
+                .map(|r| (r.network, self.v4.local.subnet)),
             mtu: self.pod_mtu(),
             ipmasq: self.args.ip_masq,
             ipv6: self

@@ -26,7 +26,7 @@ use crate::lease::{endpoint_of, vtep_mac_of, LeaseAttrs};
 use crate::metrics::Metrics;
 use crate::peer::{Peer, PeerOf};
 use crate::subnet::{
-    dual_subnet_key, is_free, subnet_key, subnet_key_v4_part, subnet_key_v6_part, SubnetRange,
+    dual_subnet_key, is_free, subnet_key, subnet_key_v4_part, subnet_key_v6_part, Cidr, SubnetRange,
 };
 
 #[derive(Clone, Debug)]
@@ -49,6 +49,8 @@ pub enum RegistryError {
     /// Bad TLS files, endpoints or prefix: retrying will not help.
     #[error("etcd options: {0}")]
     Options(String),
+    #[error("IPv6-only networks (EnableIPv4 false): leases are not claimed for them yet")]
+    Ipv6Only,
 }
 
 impl OwnLease {
@@ -326,6 +328,9 @@ async fn claim<R: SubnetRegistry>(
     ttl: Duration,
     granted: &mut Option<i64>,
 ) -> Result<(OwnLease, i64), RegistryError> {
+    let Some(range4) = cfg.ipv4.as_ref() else {
+        return Err(RegistryError::Ipv6Only);
+    };
     let value = attrs.to_json();
     let endpoint = attrs.primary().map(|s| s.public_ip);
     // The IPv6 range we claim in, when we serve IPv6.
@@ -349,7 +354,7 @@ async fn claim<R: SubnetRegistry>(
         for kv in kvs {
             let net6 = subnet_key_v6_part(&kv.name);
             if let (Some(r), Some(n6)) = (v6, net6) {
-                if occupies6(r, n6, &kv) {
+                if occupies(r, n6, &kv) {
                     taken6.insert(n6);
                     *holders6.entry(n6).or_default() += 1;
                 }
@@ -357,12 +362,12 @@ async fn claim<R: SubnetRegistry>(
             let Some(net) = subnet_key_v4_part(&kv.name) else {
                 continue;
             };
-            if !occupies(cfg, net, &kv) {
+            if !occupies(range4, net, &kv) {
                 continue;
             }
             taken.insert(net);
             *holders.entry(net).or_default() += 1;
-            if net.prefix_len() != cfg.ipv4.subnet_len {
+            if net.prefix_len() != range4.subnet_len {
                 odd.push((net, kv.name.clone()));
             }
             let same_ip = endpoint_of(&kv.value).is_some_and(|ip| Some(ip) == endpoint);
@@ -383,7 +388,7 @@ async fn claim<R: SubnetRegistry>(
         // and the new one, with the same IPv4 side, after).
         let mut replaced: Vec<SubnetKv> = Vec::new();
         for (net, net6, kv, _, same_mac) in mine {
-            let fits = cfg.ipv4.fits(net);
+            let fits = range4.fits(net);
             // The key we hold: plain on a v4-only network (or while we serve no IPv6), with an
             // IPv6 subnet of the range when we do.
             let wanted = match v6 {
@@ -457,10 +462,10 @@ async fn claim<R: SubnetRegistry>(
 
         // 2. The subnet from the previous subnet file, if still free and valid. 3. Random.
         let candidate = match preferred.v4 {
-            Some(p) if cfg.ipv4.fits(p) && is_free(p, &taken) => p,
-            _ => cfg.ipv4.choose_free(&taken).map_err(|e| {
+            Some(p) if range4.fits(p) && is_free(p, &taken) => p,
+            _ => range4.choose_free(&taken).map_err(|e| {
                 e.with_subnets_dir(&reg.subnets_dir())
-                    .with_blocking(blocking_keys(cfg, &odd))
+                    .with_blocking(blocking_keys(range4, &odd))
             })?,
         };
         let candidate6 = match v6 {
@@ -559,31 +564,23 @@ async fn lost_race<R: SubnetRegistry>(
     Ok(beaten)
 }
 
-/// Whether a key keeps its subnet from being handed out. A key of the configured length does,
-/// whatever its value (a node's lease being rewritten is still that node's). A key of another
-/// length (a leftover from an older SubnetLen) covers a whole range, so it counts only when it
-/// is a lease at all and lies inside the network: one stray `10.244.0.0-16` must not block
-/// every allocation.
-fn occupies(cfg: &NetworkConfig, net: Ipv4Net, kv: &SubnetKv) -> bool {
-    net.prefix_len() == cfg.ipv4.subnet_len
-        || (cfg.ipv4.network.contains(&net) && LeaseAttrs::from_json(&kv.value).is_ok())
-}
-
-/// `occupies` for a key's IPv6 part.
-fn occupies6(range: &SubnetRange<Ipv6Net>, net: Ipv6Net, kv: &SubnetKv) -> bool {
-    net.prefix_len() == range.subnet_len
-        || (range.network.contains(&net) && LeaseAttrs::from_json(&kv.value).is_ok())
+/// Whether a key keeps its subnet (of `range`'s family) from being handed out. A key of the
+/// configured length does, whatever its value (a node's lease being rewritten is still that
+/// node's). A key of another length (a leftover from an older SubnetLen) covers a whole range,
+/// so it counts only when it is a lease at all and lies inside the network: one stray
+/// `10.244.0.0-16` must not block every allocation.
+fn occupies<N: Cidr>(range: &SubnetRange<N>, net: N, kv: &SubnetKv) -> bool {
+    net.prefix() == range.subnet_len
+        || (range.network.contains_net(net) && LeaseAttrs::from_json(&kv.value).is_ok())
 }
 
 /// The keys of another length that overlap SubnetMin..SubnetMax (a few, for the message).
-fn blocking_keys(cfg: &NetworkConfig, odd: &[(Ipv4Net, String)]) -> Vec<String> {
-    let size = crate::subnet::size_of_len::<Ipv4Net>(cfg.ipv4.subnet_len) as u32;
-    let last = u32::from(cfg.ipv4.subnet_max).saturating_add(size.saturating_sub(1));
+fn blocking_keys<N: Cidr>(range: &SubnetRange<N>, odd: &[(N, String)]) -> Vec<String> {
+    let last = N::from_bits(N::addr_bits(range.subnet_max), range.subnet_len)
+        .map_or(N::addr_bits(range.subnet_max), |n| n.end());
+    let first = N::addr_bits(range.subnet_min);
     odd.iter()
-        .filter(|(net, _)| {
-            u32::from(net.network()) <= last
-                && u32::from(net.broadcast()) >= u32::from(cfg.ipv4.subnet_min)
-        })
+        .filter(|(net, _)| net.start() <= last && net.end() >= first)
         .map(|(_, k)| k.clone())
         .take(5)
         .collect()

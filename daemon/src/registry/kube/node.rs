@@ -70,18 +70,22 @@ fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
 
 /// The node's IPv4 pod subnet, as flannel picks it: `spec.podCIDRs` (one or two entries: the
 /// IPv4 one), or `spec.podCIDR` when that list is empty. None while the controller manager has
-/// not assigned one. Its own length counts: in Kubernetes mode SubnetLen is not used.
+/// not assigned one, and on an IPv6-only network. Its own length counts: in Kubernetes mode
+/// SubnetLen is not used.
 pub fn pod_subnet(node: &Node, cfg: &NetworkConfig) -> Result<Option<Ipv4Net>, NodeError> {
+    let Some(range) = &cfg.ipv4 else {
+        return Ok(None);
+    };
     let name = name_of(node);
     let Some((v4, _)) = pod_cidrs(node)? else {
         return Ok(None);
     };
     let net = v4.ok_or_else(|| NodeError::NoIpv4PodCidr { node: name.into() })?;
-    if !cfg.ipv4.network.contains(&net) {
+    if !range.network.contains(&net) {
         return Err(NodeError::OutsideNetwork {
             node: name.into(),
             cidr: net,
-            network: cfg.ipv4.network,
+            network: range.network,
         });
     }
     Ok(Some(net))
@@ -506,13 +510,13 @@ fn parse_public_ip(value: Option<&str>, cfg: &NetworkConfig) -> Result<Ipv4Addr,
             format!("public-ip {ip} cannot be a tunnel endpoint"),
         ));
     }
-    if cfg.ipv4.network.contains(&ip) {
+    if let Some(r) = cfg.ipv4.as_ref().filter(|r| r.network.contains(&ip)) {
         return Err(skip(
             SkipReason::BadPublicIp,
             format!(
                 "public-ip {ip} is inside the pod network {}: a pod address cannot carry the \
                  tunnel",
-                cfg.ipv4.network
+                r.network
             ),
         ));
     }
