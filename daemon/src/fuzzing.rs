@@ -392,7 +392,7 @@ fn peer_view_on(cfg: &NetworkConfig, text: &str) {
             },
         });
         OwnLease {
-            subnet: Ipv4Net::new(Ipv4Addr::new(10, 244, n, 0), 24).expect("a /24"),
+            subnet: Some(Ipv4Net::new(Ipv4Addr::new(10, 244, n, 0), 24).expect("a /24")),
             subnet6: dual.then(|| {
                 Ipv6Net::new(Ipv6Addr::new(0xfd00, 0x10, 0x244, n.into(), 0, 0, 0, 0), 64)
                     .expect("a /64")
@@ -491,8 +491,8 @@ fn peer_view_on(cfg: &NetworkConfig, text: &str) {
                 }
             }
         }
-        if let Some(v4) = own.attrs.v4 {
-            consistent(&told, Some((own.subnet, v4.public_ip, v4.vtep_mac())));
+        if let (Some(subnet), Some(v4)) = (own.subnet, own.attrs.v4) {
+            consistent(&told, Some((subnet, v4.public_ip, v4.vtep_mac())));
         }
         if let (Some(subnet6), Some(v6)) = (own.subnet6, own.attrs.v6) {
             consistent(&told6, Some((subnet6, v6.public_ip, v6.vtep_mac())));

@@ -422,8 +422,8 @@ fn racing_acquires_never_share_a_subnet_and_run_out_cleanly() -> Result<()> {
             match r {
                 Ok(l) => {
                     assert_eq!(l.attrs, attrs(i));
-                    if let Some(other) = won.insert(l.subnet, i) {
-                        panic!("{} given to both {other} and {i}", l.subnet);
+                    if let Some(other) = won.insert(l.subnet.unwrap(), i) {
+                        panic!("{} given to both {other} and {i}", l.subnet.unwrap());
                     }
                 }
                 Err(RegistryError::Alloc(e)) => out_of_subnets.push(e.to_string()),
@@ -491,8 +491,8 @@ fn racing_dual_stack_acquires_never_share_either_subnet() -> Result<()> {
             let l = r.with_context(|| format!("racer {i}"))?;
             let s6 = l.subnet6.context("no IPv6 subnet")?;
             assert!(c.ipv6.as_ref().unwrap().fits(s6), "{s6}");
-            if let Some(o) = v4.insert(l.subnet, i) {
-                panic!("{} given to both {o} and {i}", l.subnet);
+            if let Some(o) = v4.insert(l.subnet.unwrap(), i) {
+                panic!("{} given to both {o} and {i}", l.subnet.unwrap());
             }
             if let Some(o) = v6.insert(s6, i) {
                 panic!("{s6} given to both {o} and {i}");
@@ -506,6 +506,128 @@ fn racing_dual_stack_acquires_never_share_either_subnet() -> Result<()> {
             let key = format!("{}-28&{}-64", s4.network(), s6.network());
             assert_eq!(stored[&key].0, attrs6(*i).to_json(), "{key}");
         }
+        Ok(())
+    })
+}
+
+/// flannel's IPv6-only lease for racer `i`: `attrs6(i)` without its IPv4 side.
+fn attrs6_only(i: u8) -> LeaseAttrs {
+    LeaseAttrs {
+        v4: None,
+        ..attrs6(i)
+    }
+}
+
+/// IPv6-only nodes racing for one pool: every key is `0.0.0.0-0&<v6>`, so the IPv4 parts
+/// must not count as one subnet (every racer but the oldest would give way forever), and two
+/// keys naming one IPv6 subnet leave only the older.
+#[test]
+fn racing_ipv6_only_acquires_never_share_a_subnet() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let opts = etcd.opts();
+    etcd.run(move || async move {
+        let reg = connect(&opts).await?;
+        let c = cfg(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:50::/60",
+            "IPv6SubnetLen":64}"#,
+        );
+        let mut tasks = Vec::new();
+        for i in 1..=15u8 {
+            let reg = EtcdRegistry::connect(&opts).await?;
+            let c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                (i, acquire(&reg, &c, &attrs6_only(i), None, TTL).await)
+            }));
+        }
+        let mut v6 = BTreeMap::new();
+        for t in tasks {
+            let (i, r) = t.await?;
+            let l = r.with_context(|| format!("racer {i}"))?;
+            assert_eq!(l.subnet, None, "racer {i}: {l:?}");
+            let s6 = l.subnet6.context("no IPv6 subnet")?;
+            if let Some(o) = v6.insert(s6, i) {
+                panic!("{s6} given to both {o} and {i}");
+            }
+        }
+        // etcd holds flannel's IPv6-only key and value per racer, and nothing else.
+        let stored = subnets(&reg).await?;
+        assert_eq!(stored.len(), 15, "{:?}", stored.keys());
+        for (s6, i) in &v6 {
+            let key = format!("0.0.0.0-0&{}-64", s6.network());
+            assert_eq!(stored[&key].0, attrs6_only(*i).to_json(), "{key}");
+        }
+        // The pool is full: the 16th gets a clear error naming the IPv6 fields.
+        let e = acquire(&reg, &c, &attrs6_only(16), None, TTL)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("all 15 /64 subnets") && e.contains("IPv6SubnetMin-IPv6SubnetMax"),
+            "{e}"
+        );
+        Ok(())
+    })
+}
+
+/// An IPv6-only node finds its own lease by its IPv6 address, or by its IPv6 VTEP MAC after
+/// its address changed, and honours its previous subnet.
+#[test]
+fn ipv6_only_acquire_reuses_by_address_or_mac_and_honours_previous() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let opts = etcd.opts();
+    etcd.run(move || async move {
+        let reg = connect(&opts).await?;
+        let c = cfg(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:60::/56"}"#);
+        let net6 = |s: &str| -> ipnet::Ipv6Net { s.parse().unwrap() };
+        put(
+            &reg,
+            "subnets/0.0.0.0-0&fd00:60:0:7::-64",
+            &attrs6_only(1).to_json(),
+        )
+        .await?;
+        put(
+            &reg,
+            "subnets/0.0.0.0-0&fd00:60:0:8::-64",
+            &attrs6_only(2).to_json(),
+        )
+        .await?;
+        let l = acquire(&reg, &c, &attrs6_only(1), None, TTL).await?;
+        assert_eq!(
+            (l.subnet, l.subnet6),
+            (None, Some(net6("fd00:60:0:7::/64")))
+        );
+        assert_eq!(l.key(), "0.0.0.0-0&fd00:60:0:7::-64");
+        // Moved to another address, same MAC: the same lease, rewritten.
+        let mut moved = attrs6_only(1);
+        moved.v6.as_mut().unwrap().public_ip = "fd00:198:18::65".parse().unwrap();
+        let l = acquire(&reg, &c, &moved, None, TTL).await?;
+        assert_eq!(l.subnet6, Some(net6("fd00:60:0:7::/64")));
+        let stored = subnets(&reg).await?;
+        assert_eq!(stored["0.0.0.0-0&fd00:60:0:7::-64"].0, moved.to_json());
+        assert_eq!(
+            stored["0.0.0.0-0&fd00:60:0:8::-64"].0,
+            attrs6_only(2).to_json()
+        );
+        assert_eq!(stored.len(), 2, "{stored:?}");
+        // A new node takes its previous subnet when free, never another node's.
+        let prev = twill_daemon::registry::Previous {
+            v4: None,
+            v6: Some(net6("fd00:60:0:9::/64")),
+        };
+        let n = acquire(&reg, &c, &attrs6_only(3), prev, TTL).await?;
+        assert_eq!(n.subnet6, Some(net6("fd00:60:0:9::/64")));
+        let prev = twill_daemon::registry::Previous {
+            v4: None,
+            v6: Some(net6("fd00:60:0:8::/64")),
+        };
+        let m = acquire(&reg, &c, &attrs6_only(4), prev, TTL).await?;
+        let s6 = m.subnet6.context("no IPv6 subnet")?;
+        assert!(
+            ![7, 8, 9]
+                .map(|i| net6(&format!("fd00:60:0:{i}::/64")))
+                .contains(&s6),
+            "{s6}"
+        );
         Ok(())
     })
 }
@@ -552,8 +674,8 @@ fn racing_dual_stack_and_ipv4_only_acquires_never_share_a_subnet() -> Result<()>
             let (i, r) = t.await?;
             let l = r.with_context(|| format!("racer {i}"))?;
             assert_eq!(l.subnet6.is_some(), i % 2 == 0, "racer {i}: {l:?}");
-            if let Some(o) = v4.insert(l.subnet, i) {
-                panic!("{} given to both {o} and {i}", l.subnet);
+            if let Some(o) = v4.insert(l.subnet.unwrap(), i) {
+                panic!("{} given to both {o} and {i}", l.subnet.unwrap());
             }
         }
         // etcd agrees: one key per racer, none naming another's IPv4 subnet.
@@ -583,7 +705,7 @@ fn replacing_our_key_in_a_conflict_moves_on() -> Result<()> {
         let up = tokio::time::timeout(bound, acquire(&reg, &dual, &attrs6(1), None, TTL))
             .await
             .context("acquire loops")??;
-        assert_ne!(up.subnet, net("10.60.5.0/24"));
+        assert_ne!(up.subnet.unwrap(), net("10.60.5.0/24"));
         let keys = subnets(&reg).await?;
         assert!(keys.contains_key(other), "{:?}", keys.keys());
         assert!(!keys.contains_key("10.60.5.0-24"), "{:?}", keys.keys());
@@ -595,7 +717,7 @@ fn replacing_our_key_in_a_conflict_moves_on() -> Result<()> {
         let down = tokio::time::timeout(bound, acquire(&reg, &v4only, &attrs(4), None, TTL))
             .await
             .context("acquire loops")??;
-        assert_ne!(down.subnet, net("10.60.6.0/24"));
+        assert_ne!(down.subnet.unwrap(), net("10.60.6.0/24"));
         let keys = subnets(&reg).await?;
         assert!(keys.contains_key("10.60.6.0-24"), "{:?}", keys.keys());
         assert!(!keys.contains_key(ours), "{:?}", keys.keys());
@@ -618,7 +740,7 @@ fn dual_stack_acquire_reuses_and_upgrades_a_plain_key() -> Result<()> {
         assert_eq!(first.subnet6, None);
         let (_, rev) = reg.list_subnets().await?;
         let up = acquire(&reg, &dual, &attrs6(1), None, TTL).await?;
-        assert_eq!(up.subnet, first.subnet);
+        assert_eq!(up.subnet.unwrap(), first.subnet.unwrap());
         // The new key first, then the old one goes: peers never see the IPv4 subnet without a
         // key (the plain key speaks for it until the dual one, with the same IPv4 side, does).
         assert_eq!(
@@ -633,7 +755,7 @@ fn dual_stack_acquire_reuses_and_upgrades_a_plain_key() -> Result<()> {
         assert_eq!(stored.keys().collect::<Vec<_>>(), vec![&up.key()]);
         assert_eq!(
             up.key(),
-            format!("{}-24&{}-64", up.subnet.network(), s6.network())
+            format!("{}-24&{}-64", up.subnet.unwrap().network(), s6.network())
         );
         assert_eq!(stored[&up.key()].0, attrs6(1).to_json());
         // Restarted after a crash between the two steps (both keys there): the dual key is
@@ -658,14 +780,17 @@ fn dual_stack_acquire_reuses_and_upgrades_a_plain_key() -> Result<()> {
         };
         let other = acquire(&reg, &dual, &attrs6(2), prev, TTL).await?;
         assert_eq!(
-            (other.subnet, other.subnet6),
+            (other.subnet.unwrap(), other.subnet6),
             (net("10.60.42.0/24"), Some(want6))
         );
         // Back to v4 only (IPv6 disabled, or a twilld not serving it): a plain key again,
         // created before the dual one goes.
         let (_, rev) = reg.list_subnets().await?;
         let down = acquire(&reg, &v4only, &attrs(1), None, TTL).await?;
-        assert_eq!((down.subnet, down.subnet6), (first.subnet, None));
+        assert_eq!(
+            (down.subnet.unwrap(), down.subnet6),
+            (first.subnet.unwrap(), None)
+        );
         assert_eq!(
             changes_since(&reg, rev + 1, 2).await?,
             vec![
@@ -675,7 +800,7 @@ fn dual_stack_acquire_reuses_and_upgrades_a_plain_key() -> Result<()> {
         );
         assert!(subnets(&reg)
             .await?
-            .contains_key(&format!("{}-24", first.subnet.network())));
+            .contains_key(&format!("{}-24", first.subnet.unwrap().network())));
         Ok(())
     })
 }
@@ -690,7 +815,7 @@ fn acquire_reuses_by_public_ip_and_honours_previous() -> Result<()> {
 
         // Reuse: same public IP, new MAC -> same subnet, new value, moved onto a new lease.
         let first = acquire(&reg, &c, &attrs(1), None, TTL).await?;
-        let key = format!("{}-24", first.subnet.network());
+        let key = format!("{}-24", first.subnet.unwrap().network());
         let old_lease = subnets(&reg).await?[&key].1;
         let mut again = attrs(1);
         again = LeaseAttrs::vxlan(
@@ -708,22 +833,25 @@ fn acquire_reuses_by_public_ip_and_honours_previous() -> Result<()> {
         // Previous subnet honoured when free and valid (`first` took a random one: avoid it).
         let prev = [net("10.60.7.0/24"), net("10.60.8.0/24")]
             .into_iter()
-            .find(|n| *n != first.subnet)
+            .find(|n| *n != first.subnet.unwrap())
             .unwrap();
         let b = acquire(&reg, &c, &attrs(2), Some(prev), TTL).await?;
-        assert_eq!(b.subnet, prev);
+        assert_eq!(b.subnet.unwrap(), prev);
         // Previous taken -> some other free subnet.
         let d = acquire(&reg, &c, &attrs(3), Some(prev), TTL).await?;
         assert!(d.subnet != b.subnet && d.subnet != first.subnet, "{d:?}");
         // Previous outside SubnetMin..SubnetMax -> ignored.
         let e = acquire(&reg, &c, &attrs(4), Some(net("10.60.30.0/24")), TTL).await?;
-        assert!(c.ipv4.as_ref().unwrap().fits(e.subnet) && e.subnet != net("10.60.30.0/24"));
+        assert!(
+            c.ipv4.as_ref().unwrap().fits(e.subnet.unwrap())
+                && e.subnet.unwrap() != net("10.60.30.0/24")
+        );
 
         // Our old lease that no longer fits (left from an older config) is deleted, a new one
         // taken.
         put(&reg, "subnets/10.60.0.0-24", &attrs(5).to_json()).await?;
         let f = acquire(&reg, &c, &attrs(5), None, TTL).await?;
-        assert!(c.ipv4.as_ref().unwrap().fits(f.subnet));
+        assert!(c.ipv4.as_ref().unwrap().fits(f.subnet.unwrap()));
         let stored = subnets(&reg).await?;
         assert!(!stored.contains_key("10.60.0.0-24"), "{stored:?}");
         assert_eq!(stored.len(), 5);
@@ -739,7 +867,7 @@ fn acquire_reuses_by_public_ip_and_honours_previous() -> Result<()> {
         put(&reg, &dual_key, &attrs(6).to_json()).await?;
         let g = acquire(&reg, &c, &attrs(6), Some(net(&format!("{prev}/24"))), TTL).await?;
         assert_eq!(
-            g.subnet,
+            g.subnet.unwrap(),
             net(&format!("{dual}/24")),
             "own key beats previous"
         );
@@ -769,7 +897,7 @@ fn acquire_reuses_by_vtep_mac_when_the_address_changed() -> Result<()> {
         put(&reg, "subnets/10.65.202.0-24", &attrs(1).to_json()).await?;
         put(&reg, "subnets/10.65.203.0-24", &attrs(2).to_json()).await?;
         let l = acquire(&reg, &c, &moved, None, TTL).await?;
-        assert_eq!(l.subnet, net("10.65.201.0/24"));
+        assert_eq!(l.subnet.unwrap(), net("10.65.201.0/24"));
         let stored = subnets(&reg).await?;
         assert_eq!(stored["10.65.201.0-24"].0, moved.to_json());
         assert!(!stored.contains_key("10.65.202.0-24"), "{stored:?}");
@@ -868,7 +996,7 @@ fn keep_lease_renews_reacquires_and_republishes() -> Result<()> {
         let c = cfg(r#"{"Network":"10.80.0.0/16"}"#);
         let ttl = Duration::from_secs(5);
         let lease = acquire(&reg, &c, &attrs(1), None, ttl).await?;
-        let key = format!("{}-24", lease.subnet.network());
+        let key = format!("{}-24", lease.subnet.unwrap().network());
         let metrics = Arc::new(Metrics::default());
         let (attrs_tx, attrs_rx) = watch::channel(attrs(1));
         let (out_tx, mut out_rx) = watch::channel(lease.clone());
@@ -1026,7 +1154,7 @@ fn keep_lease_survives_etcd_restart_and_takes_same_subnet() -> Result<()> {
             })
             .await?;
             let r = reg.clone();
-            let key = format!("{}-24", lease.subnet.network());
+            let key = format!("{}-24", lease.subnet.unwrap().network());
             wait_for("our key after the restart", Duration::from_secs(60), || {
                 let (r, k) = (r.clone(), key.clone());
                 async move {
@@ -1121,7 +1249,7 @@ async fn put_peer(reg: &EtcdRegistry, i: u8) -> Result<()> {
 
 fn own(i: u8) -> OwnLease {
     OwnLease {
-        subnet: net(&format!("10.100.{i}.0/24")),
+        subnet: Some(net(&format!("10.100.{i}.0/24"))),
         subnet6: None,
         attrs: attrs(i),
     }
@@ -1391,7 +1519,7 @@ fn tls_with_client_certificates() -> Result<()> {
         let l = acquire(&reg, &c, &attrs(1), None, TTL).await?;
         assert!(subnets(&reg)
             .await?
-            .contains_key(&format!("{}-24", l.subnet.network())));
+            .contains_key(&format!("{}-24", l.subnet.unwrap().network())));
         // Explicit https:// works too.
         let mut o = opts.clone();
         o.endpoints = vec![format!("https://127.0.0.1:{CLIENT_PORT}")];
@@ -1614,7 +1742,7 @@ fn large_values_stop_neither_list_nor_watch() -> Result<()> {
             assert!(big.iter().all(|kv| kv.value.is_empty()));
             // A node can still join.
             let l = acquire(&reg, &c, &attrs(9), Some(net("10.100.90.0/24")), TTL).await?;
-            assert_eq!(l.subnet, net("10.100.90.0/24"));
+            assert_eq!(l.subnet.unwrap(), net("10.100.90.0/24"));
 
             let (task, mut rx, metrics, _own) = start_watcher(&reg);
             let PeerEvent::Snapshot(ps) = next(&mut rx).await? else {
@@ -1756,11 +1884,11 @@ fn a_stray_key_of_another_length_blocks_nothing() -> Result<()> {
         put(&reg, "subnets/10.90.0.0-16", "garbage").await?;
         put(&reg, "subnets/0.0.0.0-1", &attrs(7).to_json()).await?; // outside the network
         let a = acquire(&reg, &c, &attrs(1), None, TTL).await?;
-        assert!(c.ipv4.as_ref().unwrap().fits(a.subnet));
+        assert!(c.ipv4.as_ref().unwrap().fits(a.subnet.unwrap()));
         // Our own subnet again after our key was deleted.
-        del(&reg, &format!("subnets/{}-24", a.subnet.network())).await?;
-        let again = acquire(&reg, &c, &attrs(1), Some(a.subnet), TTL).await?;
-        assert_eq!(again.subnet, a.subnet);
+        del(&reg, &format!("subnets/{}-24", a.subnet.unwrap().network())).await?;
+        let again = acquire(&reg, &c, &attrs(1), Some(a.subnet.unwrap()), TTL).await?;
+        assert_eq!(again.subnet.unwrap(), a.subnet.unwrap());
 
         // A real lease of another length (an older SubnetLen) still covers its range, and when
         // it blocks everything the error says which key it is.

@@ -296,7 +296,11 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
         own = source.acquire(&cfg, &attrs, previous, &shared) => own,
         _ = shutdown.wait() => { info!("shutting down before the node was ready"); return Ok(()); }
     };
-    info!(subnet = %own.subnet, subnet6 = ?own.subnet6, "lease acquired");
+    info!(subnet = ?own.subnet, subnet6 = ?own.subnet6, "lease acquired");
+    // Claimed on the network's IPv4 range (checked above): always there.
+    let Some(subnet) = own.subnet else {
+        return Err(StartError::Ipv6Only);
+    };
 
     let mut backend = match cfg.backend.kind {
         BackendKind::Vxlan => {
@@ -315,7 +319,7 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
         )),
     };
     let local = LocalNode {
-        subnet: own.subnet,
+        subnet,
         public_ip,
         underlay_index: underlay.index,
         underlay_mtu: underlay.mtu,

@@ -122,13 +122,17 @@ impl Node {
             }
             _ => false,
         };
-        if new.subnet == self.v4.local.subnet && !moved6 {
+        let moved4 = match new.subnet {
+            Some(s) if s != self.v4.local.subnet => {
+                warn!(old = %self.v4.local.subnet, new = %s, "our lease moved to another subnet");
+                self.v4.local.subnet = s;
+                true
+            }
+            _ => false,
+        };
+        if !moved4 && !moved6 {
             return;
         }
-        if new.subnet != self.v4.local.subnet {
-            warn!(old = %self.v4.local.subnet, new = %new.subnet, "our lease moved to another subnet");
-        }
-        self.v4.local.subnet = new.subnet;
         self.setup().await;
         if self.ready {
             self.write_ready().await;

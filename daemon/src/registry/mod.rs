@@ -26,7 +26,7 @@ use crate::lease::{endpoint_of, vtep_mac_of, LeaseAttrs};
 use crate::metrics::Metrics;
 use crate::peer::{Peer, PeerOf};
 use crate::subnet::{
-    dual_subnet_key, is_free, subnet_key, subnet_key_v4_part, subnet_key_v6_part, Cidr, SubnetRange,
+    dual_subnet_key, is_free, subnet_key_v4_part, subnet_key_v6_part, Cidr, SubnetRange,
 };
 
 #[derive(Clone, Debug)]
@@ -49,15 +49,16 @@ pub enum RegistryError {
     /// Bad TLS files, endpoints or prefix: retrying will not help.
     #[error("etcd options: {0}")]
     Options(String),
-    #[error("IPv6-only networks (EnableIPv4 false): leases are not claimed for them yet")]
-    Ipv6Only,
+    /// An IPv6-only network, and no IPv6 side in our lease: nothing to claim.
+    #[error("the network is IPv6-only (EnableIPv4 false), but this node has no IPv6 endpoint")]
+    NoFamily,
 }
 
 impl OwnLease {
     /// The key it is held under: `10.244.1.0-24`, or with an IPv6 subnet
     /// `10.244.1.0-24&fd00:10:244:1::-64`.
     pub fn key(&self) -> String {
-        dual_subnet_key(Some(self.subnet), self.subnet6)
+        dual_subnet_key(self.subnet, self.subnet6)
     }
 }
 
@@ -78,7 +79,8 @@ impl From<Option<Ipv4Net>> for Previous {
 /// Our own lease as held in the registry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OwnLease {
-    pub subnet: Ipv4Net,
+    /// Our IPv4 subnet; None on an IPv6-only network.
+    pub subnet: Option<Ipv4Net>,
     /// Our IPv6 subnet on a dual-stack network (its endpoint and MAC are in `attrs.v6`).
     pub subnet6: Option<Ipv6Net>,
     pub attrs: LeaseAttrs,
@@ -281,13 +283,14 @@ impl Backoff {
     }
 }
 
-/// Acquire our subnet: reuse the lease carrying `attrs.public_ip` or `attrs.vtep_mac`, else
-/// `previous` (from the old subnet file) if free, else random among the first 100 free. Claims
-/// with a create-if-absent transaction and retries on a lost race. Never returns a subnet
-/// another node holds.
+/// Acquire our subnet: reuse the lease carrying our public IP or VTEP MAC, else `previous`
+/// (from the old subnet file) if free, else random among the first 100 free. Claims with a
+/// create-if-absent transaction and retries on a lost race. Never returns a subnet another node
+/// holds.
 ///
 /// On a network with IPv6, when `attrs` has a v6 side, an IPv6 subnet is chosen the same way
-/// and both are claimed in one key (`<v4>&<v6>`, one transaction). Two nodes can create
+/// and both are claimed in one key (`<v4>&<v6>`, one transaction). On an IPv6-only network the
+/// key is flannel's `0.0.0.0-0&<v6>`, and the lease's IPv6 side is the one that finds ours. Two nodes can create
 /// different keys for one subnet at once; the older key keeps it (as every node's peer view
 /// judges), so the younger one is deleted and its node picks again.
 pub async fn acquire<R: SubnetRegistry>(
@@ -328,13 +331,15 @@ async fn claim<R: SubnetRegistry>(
     ttl: Duration,
     granted: &mut Option<i64>,
 ) -> Result<(OwnLease, i64), RegistryError> {
-    let Some(range4) = cfg.ipv4.as_ref() else {
-        return Err(RegistryError::Ipv6Only);
-    };
+    // The ranges we claim in: IPv4 when the network has it, IPv6 when we serve IPv6 too. The
+    // first of the two is the key's primary part: it decides which keys are ours to reuse.
+    let range4 = cfg.ipv4.as_ref();
+    let v6 = cfg.ipv6.as_ref().filter(|_| attrs.v6.is_some());
+    if range4.is_none() && v6.is_none() {
+        return Err(RegistryError::NoFamily);
+    }
     let value = attrs.to_json();
     let endpoint = attrs.primary().map(|s| s.public_ip);
-    // The IPv6 range we claim in, when we serve IPv6.
-    let v6 = cfg.ipv6.as_ref().filter(|_| attrs.v6.is_some());
     let own = |subnet, subnet6| OwnLease {
         subnet,
         subnet6,
@@ -352,28 +357,32 @@ async fn claim<R: SubnetRegistry>(
         let mut odd = Vec::new();
         let mut mine = Vec::new();
         for kv in kvs {
-            let net6 = subnet_key_v6_part(&kv.name);
+            let (net4, net6) = key_parts(&kv.name);
+            let mut primary = false;
             if let (Some(r), Some(n6)) = (v6, net6) {
                 if occupies(r, n6, &kv) {
                     taken6.insert(n6);
                     *holders6.entry(n6).or_default() += 1;
+                    primary = range4.is_none();
                 }
             }
-            let Some(net) = subnet_key_v4_part(&kv.name) else {
-                continue;
-            };
-            if !occupies(range4, net, &kv) {
-                continue;
+            if let (Some(r), Some(net)) = (range4, net4) {
+                if occupies(r, net, &kv) {
+                    taken.insert(net);
+                    *holders.entry(net).or_default() += 1;
+                    if net.prefix_len() != r.subnet_len {
+                        odd.push((net, kv.name.clone()));
+                    }
+                    primary = true;
+                }
             }
-            taken.insert(net);
-            *holders.entry(net).or_default() += 1;
-            if net.prefix_len() != range4.subnet_len {
-                odd.push((net, kv.name.clone()));
+            if !primary {
+                continue;
             }
             let same_ip = endpoint_of(&kv.value).is_some_and(|ip| Some(ip) == endpoint);
             let same_mac = attrs.vtep_mac().is_some() && vtep_mac_of(&kv.value) == attrs.vtep_mac();
             if same_ip || same_mac {
-                mine.push((net, net6, kv, same_ip, same_mac));
+                mine.push((net4, net6, kv, same_ip, same_mac));
             }
         }
         // Both matching first, then our MAC (our address changed), then our address (a node
@@ -383,35 +392,55 @@ async fn claim<R: SubnetRegistry>(
         // 1. Our own lease from before (same public IP or VTEP MAC): keep it if it still fits.
         let mut reuse = None;
         let mut preferred = previous;
-        // Our keys for the subnet we keep, in the other form: deleted only once the new key
-        // exists, so peers never see the subnet go (the plain key speaks for it until then,
-        // and the new one, with the same IPv4 side, after).
+        // Our keys for the subnets we keep, in another form: deleted only once the new key
+        // exists, so peers never see the subnet go (the old key speaks for it until then, and
+        // the new one, with the same primary side, after).
         let mut replaced: Vec<SubnetKv> = Vec::new();
-        for (net, net6, kv, _, same_mac) in mine {
-            let fits = range4.fits(net);
-            // The key we hold: plain on a v4-only network (or while we serve no IPv6), with an
-            // IPv6 subnet of the range when we do.
-            let wanted = match v6 {
-                None => kv.name == subnet_key(net),
-                Some(r) => net6.is_some_and(|n6| {
-                    r.fits(n6) && kv.name == dual_subnet_key(Some(net), Some(n6))
-                }),
+        for (net4, net6, kv, _, same_mac) in mine {
+            // Our parts of the key: each family we claim must have one inside its range.
+            let part4 = range4.and_then(|r| net4.filter(|n| r.fits(*n)));
+            let part6 = v6.and_then(|r| net6.filter(|n| r.fits(*n)));
+            let fits = match range4 {
+                Some(_) => part4.is_some(),
+                None => part6.is_some(),
             };
-            if fits && reuse.is_none() && wanted {
-                reuse = Some((net, net6.filter(|_| v6.is_some()), kv));
-            } else if fits && !wanted {
-                // A key of the other form (`...&fc00::-64` while we serve v4 only, a plain or
-                // out-of-range one when we serve IPv6): replaced for the same subnet.
-                if release(&mut taken, &mut holders, net) {
-                    odd.retain(|(n, _)| *n != net);
+            // The key we hold: plain on an IPv4-only network (or while we serve no IPv6),
+            // `<v4>&<v6>` on a dual-stack one, `0.0.0.0-0&<v6>` on an IPv6-only one.
+            let wanted = (range4.is_none() || part4.is_some())
+                && (v6.is_none() || part6.is_some())
+                && kv.name == dual_subnet_key(part4, part6);
+            let release_both = |taken: &mut HashSet<Ipv4Net>,
+                                holders: &mut HashMap<Ipv4Net, u32>,
+                                taken6: &mut HashSet<Ipv6Net>,
+                                holders6: &mut HashMap<Ipv6Net, u32>,
+                                odd: &mut Vec<(Ipv4Net, String)>| {
+                if let Some(n4) = net4 {
+                    if release(taken, holders, n4) {
+                        odd.retain(|(n, _)| *n != n4);
+                    }
                 }
                 if let Some(n6) = net6 {
-                    release(&mut taken6, &mut holders6, n6);
+                    release(taken6, holders6, n6);
                 }
+            };
+            if fits && reuse.is_none() && wanted {
+                reuse = Some((part4, part6, kv));
+            } else if fits && !wanted {
+                // A key of another form (`...&fc00::-64` while we serve IPv4 only, a plain or
+                // out-of-range one when we serve IPv6): replaced for the same subnets.
+                release_both(
+                    &mut taken,
+                    &mut holders,
+                    &mut taken6,
+                    &mut holders6,
+                    &mut odd,
+                );
                 // Still ours: beats the subnet file.
-                preferred.v4 = Some(net);
-                if let Some(n6) = net6.filter(|n6| v6.is_some_and(|r| r.fits(*n6))) {
-                    preferred.v6 = Some(n6);
+                if part4.is_some() {
+                    preferred.v4 = part4;
+                }
+                if part6.is_some() {
+                    preferred.v6 = part6;
                 }
                 replaced.push(kv);
             } else if !fits || same_mac {
@@ -426,15 +455,16 @@ async fn claim<R: SubnetRegistry>(
                 if !reg.delete_subnet(&kv.name, kv.mod_revision).await? {
                     continue 'attempt;
                 }
-                if release(&mut taken, &mut holders, net) {
-                    odd.retain(|(n, _)| *n != net);
-                }
-                if let Some(n6) = net6 {
-                    release(&mut taken6, &mut holders6, n6);
-                }
+                release_both(
+                    &mut taken,
+                    &mut holders,
+                    &mut taken6,
+                    &mut holders6,
+                    &mut odd,
+                );
             }
         }
-        if let Some((net, net6, kv)) = reuse {
+        if let Some((net4, net6, kv)) = reuse {
             // A reservation (no lease) stays one; otherwise move the key onto our new lease.
             let lease = if kv.lease == 0 {
                 0
@@ -445,28 +475,32 @@ async fn claim<R: SubnetRegistry>(
                 .replace_subnet(&kv.name, &value, lease, kv.mod_revision)
                 .await?
             {
+                let key = crate::excerpt::echo(&kv.name);
                 match endpoint_of(&kv.value) {
                     Some(ip) if Some(ip) != endpoint => {
-                        tracing::warn!(subnet = %net, old_ip = %ip,
+                        tracing::warn!(%key, old_ip = %ip,
                         "reusing the lease with our VTEP MAC: this node's address changed (if another \
                          node runs with the same MAC, its state dir was copied from this one: remove \
                          its vtep-mac file and restart it)")
                     }
-                    _ => tracing::info!(subnet = %net, "reusing our lease (same public IP)"),
+                    _ => tracing::info!(%key, "reusing our lease (same public IP)"),
                 }
                 delete_replaced(reg, &replaced).await;
-                return Ok((own(net, net6), lease));
+                return Ok((own(net4, net6), lease));
             }
             continue 'attempt;
         }
 
-        // 2. The subnet from the previous subnet file, if still free and valid. 3. Random.
-        let candidate = match preferred.v4 {
-            Some(p) if range4.fits(p) && is_free(p, &taken) => p,
-            _ => range4.choose_free(&taken).map_err(|e| {
-                e.with_subnets_dir(&reg.subnets_dir())
-                    .with_blocking(blocking_keys(range4, &odd))
-            })?,
+        // 2. The subnets from the previous subnet file, if still free and valid. 3. Random.
+        let candidate = match range4 {
+            None => None,
+            Some(r) => Some(match preferred.v4 {
+                Some(p) if r.fits(p) && is_free(p, &taken) => p,
+                _ => r.choose_free(&taken).map_err(|e| {
+                    e.with_subnets_dir(&reg.subnets_dir())
+                        .with_blocking(blocking_keys(r, &odd))
+                })?,
+            }),
         };
         let candidate6 = match v6 {
             None => None,
@@ -477,19 +511,26 @@ async fn claim<R: SubnetRegistry>(
                     .map_err(|e| e.with_subnets_dir(&reg.subnets_dir()))?,
             }),
         };
-        let key = dual_subnet_key(Some(candidate), candidate6);
+        let key = dual_subnet_key(candidate, candidate6);
         let lease = lease_id(reg, ttl, granted).await?;
         if reg.create_subnet(&key, &value, lease).await? {
             if lost_race(reg, &key, &replaced).await? {
                 tracing::debug!(key, "an older key claims one of our subnets; picking again");
                 continue 'attempt;
             }
-            tracing::info!(subnet = %candidate, subnet6 = ?candidate6, "acquired subnet lease");
+            tracing::info!(subnet = ?candidate, subnet6 = ?candidate6, "acquired subnet lease");
             delete_replaced(reg, &replaced).await;
             return Ok((own(candidate, candidate6), lease));
         }
-        tracing::debug!(subnet = %candidate, "lost the race for a subnet; picking again");
+        tracing::debug!(key, "lost the race for a subnet; picking again");
     }
+}
+
+/// A key's subnets: the IPv4 part (none for `0.0.0.0-0`, an IPv6-only key's) and the IPv6
+/// part, each read leniently (`subnet_key_v4_part`).
+fn key_parts(key: &str) -> (Option<Ipv4Net>, Option<Ipv6Net>) {
+    let v4 = subnet_key_v4_part(key).filter(|n| *n != Ipv4Net::default());
+    (v4, subnet_key_v6_part(key))
 }
 
 /// One key of ours naming `net` is given up: `net` is free unless another key names it too.
@@ -545,7 +586,7 @@ async fn lost_race<R: SubnetRegistry>(
     let Some(ours) = kvs.iter().find(|kv| kv.name == key) else {
         return Ok(true); // gone already (deleted, or expired): pick again
     };
-    let (v4, v6) = (subnet_key_v4_part(key), subnet_key_v6_part(key));
+    let (v4, v6) = key_parts(key);
     let plain = |name: &str| !name.contains('&');
     let older = |kv: &SubnetKv| (kv.create_revision, &kv.name) < (ours.create_revision, &ours.name);
     let beaten = kvs.iter().any(|kv| {
@@ -554,7 +595,7 @@ async fn lost_race<R: SubnetRegistry>(
                 .iter()
                 .any(|r| r.name == kv.name && r.create_revision == kv.create_revision)
             && ((v4.is_some()
-                && subnet_key_v4_part(&kv.name) == v4
+                && key_parts(&kv.name).0 == v4
                 && (older(kv) || (plain(&kv.name) && !plain(key))))
                 || (v6.is_some() && subnet_key_v6_part(&kv.name) == v6 && older(kv)))
     });
@@ -664,16 +705,16 @@ pub async fn keep_lease<R: SubnetRegistry>(
         .await;
         let why = match interrupt {
             Interrupt::Retry(why) => {
-                tracing::warn!(subnet = %held.lease.subnet, "lease keeper: {why}; retrying");
+                tracing::warn!(key = %held.name, "lease keeper: {why}; retrying");
                 Metrics::inc(&metrics.etcd_reconnects);
                 backoff.wait().await;
                 continue;
             }
             Interrupt::Lost(why) => why,
         };
-        tracing::warn!(subnet = %held.lease.subnet, "lost our subnet lease: {why}; acquiring again");
+        tracing::warn!(key = %held.name, "lost our subnet lease: {why}; acquiring again");
         if last_lost.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
-            tracing::error!(subnet = %held.lease.subnet,
+            tracing::error!(key = %held.name,
                 "our lease was lost again within a minute: does another node run with our public \
                  IP or a copy of our state dir?");
             lost_backoff.wait().await;
@@ -684,7 +725,7 @@ pub async fn keep_lease<R: SubnetRegistry>(
         let want = attrs.borrow().clone();
         loop {
             let previous = Previous {
-                v4: Some(held.lease.subnet),
+                v4: held.lease.subnet,
                 v6: held.lease.subnet6,
             };
             match acquire_inner(&reg, &cfg, &want, previous, ttl).await {
@@ -692,7 +733,7 @@ pub async fn keep_lease<R: SubnetRegistry>(
                     if let Some(old) = held.id.filter(|&old| old != 0 && old != id) {
                         let _ = reg.revoke_lease(old).await;
                     }
-                    tracing::info!(subnet = %lease.subnet, "re-acquired subnet lease");
+                    tracing::info!(key = %lease.key(), "re-acquired subnet lease");
                     Metrics::inc(&metrics.lease_reacquisitions);
                     held = Held {
                         name: lease.key(),
@@ -819,7 +860,7 @@ async fn publish<R: SubnetRegistry>(
         return Err(Interrupt::Lost("our key changed while updating it".into()));
     }
     let public_ip = want.primary().map(|s| s.public_ip);
-    tracing::info!(subnet = %held.lease.subnet, public_ip = ?public_ip, "updated our lease");
+    tracing::info!(key = %held.name, public_ip = ?public_ip, "updated our lease");
     held.lease.attrs = want;
     out.send_replace(held.lease.clone());
     Ok(())

@@ -159,7 +159,7 @@ impl Family for Ipv4Net {
     }
     fn own(own: &OwnLease) -> Option<(Self, std::net::Ipv4Addr, Option<MacAddr>)> {
         let v4 = own.attrs.v4?;
-        Some((own.subnet, v4.public_ip, v4.vtep_mac()))
+        Some((own.subnet?, v4.public_ip, v4.vtep_mac()))
     }
     fn plain_key(net: Self) -> Option<String> {
         Some(subnet_key(net))
@@ -193,6 +193,9 @@ pub struct PeerView {
     /// for them and would only log about them. Fixed for the view's life: whether a node
     /// serves IPv6 is decided at its start.
     serve6: bool,
+    /// We serve the network's IPv4 side: not on an IPv6-only network. Its keys' IPv4 parts
+    /// are still judged there (a plain key is reported, not silently dropped), never sent.
+    serve4: bool,
     leases: BTreeMap<String, Lease>,
     v4: Side<Ipv4Net>,
     v6: Side<Ipv6Net>,
@@ -215,6 +218,7 @@ impl PeerView {
     pub fn new(cfg: NetworkConfig, own: OwnLease) -> Self {
         PeerView {
             serve6: cfg.ipv6.is_some() && own.subnet6.is_some(),
+            serve4: cfg.ipv4.is_some() && own.subnet.is_some(),
             cfg,
             own,
             leases: BTreeMap::new(),
@@ -228,8 +232,8 @@ impl PeerView {
         &self.own
     }
 
-    /// A fresh list of every key (and our lease as of then): a `Snapshot` (and a `Snapshot6`
-    /// on a network with IPv6).
+    /// A fresh list of every key (and our lease as of then): a `Snapshot` for the IPv4 side
+    /// and a `Snapshot6` for the IPv6 side, each when we serve it.
     pub fn reset(&mut self, own: OwnLease, kvs: Vec<SubnetKv>) -> Update {
         self.own = own;
         self.leases.clear();
@@ -577,7 +581,11 @@ impl PeerView {
     fn rebuild(&mut self, junk: HashMap<String, Skip>) -> Update {
         let old_skips = std::mem::take(&mut self.skips);
         let mut up = Update::default();
-        let mut events = vec![self.rebuild_side::<Ipv4Net>(&mut up)];
+        let v4 = self.rebuild_side::<Ipv4Net>(&mut up);
+        let mut events = Vec::new();
+        if self.serve4 {
+            events.push(v4);
+        }
         if self.serve6 {
             events.push(self.rebuild_side::<Ipv6Net>(&mut up));
         }
@@ -617,7 +625,7 @@ mod tests {
 
     fn own() -> OwnLease {
         OwnLease {
-            subnet: "10.244.1.0/24".parse().unwrap(),
+            subnet: Some("10.244.1.0/24".parse().unwrap()),
             subnet6: None,
             attrs: attrs(1, 1),
         }
@@ -858,7 +866,7 @@ mod tests {
 
     fn dual_own() -> OwnLease {
         OwnLease {
-            subnet: "10.244.1.0/24".parse().unwrap(),
+            subnet: Some("10.244.1.0/24".parse().unwrap()),
             subnet6: Some("fd00:10:244:1::/64".parse().unwrap()),
             attrs: dual_attrs(1, 1),
         }
@@ -970,6 +978,59 @@ mod tests {
             matches!(&up.skipped[..], [(k, Skip::Invalid(_))] if k == "0.0.0.0-0&fd00:10:244:3::-64"),
             "{:?}",
             up.skipped
+        );
+    }
+
+    /// On an IPv6-only network only IPv6 peers are sent (a `Snapshot6`, no `Snapshot`);
+    /// flannel's IPv6-only leases are peers, and a plain IPv4 key is reported.
+    #[test]
+    fn an_ipv6_only_network_sends_only_ipv6_peers() {
+        let cfg = NetworkConfig::parse(
+            br#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56"}"#,
+        )
+        .unwrap();
+        let own = OwnLease {
+            subnet: None,
+            subnet6: Some("fd00:10:244:1::/64".parse().unwrap()),
+            attrs: only6_attrs(1, 1),
+        };
+        let mut v = PeerView::new(cfg, own.clone());
+        let up = v.reset(
+            own,
+            vec![
+                kv(
+                    "0.0.0.0-0&fd00:10:244:1::-64",
+                    &only6_attrs(1, 1).to_json(),
+                    4,
+                ),
+                kv(
+                    "0.0.0.0-0&fd00:10:244:3::-64",
+                    &only6_attrs(3, 3).to_json(),
+                    5,
+                ),
+                kv("10.244.2.0-24", &attrs(2, 2).to_json(), 6),
+            ],
+        );
+        assert!(
+            matches!(up.events.as_slice(), [PeerEvent::Snapshot6(p)] if *p == vec![peer6(3, 3, 3)]),
+            "{:?}",
+            up.events
+        );
+        assert!(
+            matches!(&up.skipped[..], [(k, Skip::Invalid(why))]
+                if k == "10.244.2.0-24" && why.contains("no IPv4 (EnableIPv4)")),
+            "{:?}",
+            up.skipped
+        );
+        let up = v.apply(SubnetChange::Put(kv(
+            "0.0.0.0-0&fd00:10:244:4::-64",
+            &only6_attrs(4, 4).to_json(),
+            7,
+        )));
+        assert!(
+            matches!(up.events.as_slice(), [PeerEvent::Upsert6(p)] if *p == peer6(4, 4, 4)),
+            "{:?}",
+            up.events
         );
     }
 

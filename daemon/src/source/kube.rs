@@ -272,7 +272,7 @@ impl LeaseSource for KubeSource {
                                     }
                                 }
                                 return OwnLease {
-                                    subnet,
+                                    subnet: Some(subnet),
                                     subnet6,
                                     attrs,
                                 };
@@ -415,13 +415,13 @@ impl KubeSource {
                     Some(Ok(Event::Apply(n) | Event::InitApply(n))) => {
                         let mut moved = false;
                         match knode::pod_subnet(&n, &cfg) {
-                            Ok(Some(s)) if s != lease.subnet => {
-                                info!(old = %lease.subnet, new = %s, "our podCIDR changed");
-                                lease.subnet = s;
+                            Ok(Some(s)) if Some(s) != lease.subnet => {
+                                info!(old = ?lease.subnet, new = %s, "our podCIDR changed");
+                                lease.subnet = Some(s);
                                 moved = true;
                             }
                             Ok(_) => {}
-                            Err(e) => warn!("our Node: {e}; keeping {}", lease.subnet),
+                            Err(e) => warn!("our Node: {e}; keeping {:?}", lease.subnet),
                         }
                         // The IPv6 side follows a move; it neither appears nor goes while
                         // twilld runs (whether this node serves IPv6 is settled at start).
@@ -523,7 +523,7 @@ impl KubeSource {
                 self.node.clone(),
                 self.ann.clone(),
                 cfg.clone(),
-                Some(built_for.0),
+                built_for.0,
             )
             .with_ipv6(built_for.1);
             loop {
