@@ -107,7 +107,7 @@ impl Drop for TempDir {
 
 fn subnet() -> NodeNet {
     NodeNet {
-        subnet: "10.244.1.0/24".parse().unwrap(),
+        subnet: Some("10.244.1.0/24".parse().unwrap()),
         subnet6: None,
         mtu: 1450,
     }
@@ -661,6 +661,74 @@ fn dual_stack_add_check_del_gives_both_families_and_releases_both() {
     ok(cni("DEL", "dual-own-route", &c.path(), &conf));
 }
 
+/// An IPv6-only node: pods get one IPv6 address (0.4.0 results carry its version), the IPv6
+/// default route, no IPv4 at all; CHECK verifies them and DEL releases the address.
+#[test]
+fn ipv6_only_add_check_del() {
+    let mut node = Node::start(Some(NodeNet {
+        subnet: None,
+        subnet6: Some("fd00:10:244:1::/64".parse().unwrap()),
+        mtu: 1430,
+    }));
+    for v in ["0.4.0", "1.1.0"] {
+        let conf = node.conf(v);
+        let (a, b) = (node.pod(), node.pod());
+        let id = format!("only6-{}", v.replace('.', ""));
+        let r = ok(cni("ADD", &id, &a.path(), &conf)).expect("ADD prints a result");
+        let ips = r["ips"].as_array().unwrap();
+        assert_eq!(ips.len(), 1, "{r}");
+        let addr6 = ips[0]["address"].as_str().unwrap().to_string();
+        assert!(
+            addr6.starts_with("fd00:10:244:1::") && addr6.ends_with("/64"),
+            "{r}"
+        );
+        assert_eq!(ips[0]["gateway"], "fd00:10:244:1::1", "{r}");
+        assert_eq!(ips[0]["interface"], 1, "{r}");
+        if v == "0.4.0" {
+            assert_eq!(ips[0]["version"], "6", "{r}");
+        }
+        assert_eq!(
+            r["routes"],
+            json!([{"dst": "::/0", "gw": "fd00:10:244:1::1"}])
+        );
+        // The kernel agrees: no IPv4 address in the pod or on the bridge.
+        assert!(!a
+            .ip(&["-4", "addr", "show", "dev", "eth0"])
+            .contains("inet "));
+        assert!(a
+            .ip(&["-6", "route"])
+            .contains("default via fd00:10:244:1::1 dev eth0"));
+        let br = node.ns.ip(&["addr", "show", "cni0"]);
+        assert!(br.contains("fd00:10:244:1::1/64"), "{br}");
+        assert!(!br.contains("inet "), "{br}");
+        // A second pod, reached over IPv6 on the bridge.
+        let rb = ok(cni("ADD", &format!("{id}b"), &b.path(), &conf)).unwrap();
+        let b6 = rb["ips"][0]["address"].as_str().unwrap();
+        let b6 = b6.split('/').next().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (good, out) = sh(&[
+                "ip", "netns", "exec", &a.name, "ping", "-6", "-c", "1", "-W", "1", b6,
+            ]);
+            if good {
+                break;
+            }
+            assert!(Instant::now() < deadline, "pod a cannot ping6 {b6}: {out}");
+        }
+        ok(cni("CHECK", &id, &a.path(), &with_prev(&conf, &r)));
+        a.ip(&["-6", "route", "del", "default"]);
+        let o = cni("CHECK", &id, &a.path(), &with_prev(&conf, &r));
+        assert_eq!(code(&o), 104);
+        let v6dir = node.dir.0.join("state/ipam/fd00:10:244:1::-64");
+        let held = |dir: &Path| std::fs::read_dir(dir).map_or(0, |d| d.count());
+        assert_eq!(held(&v6dir), 2);
+        ok(cni("DEL", &id, &a.path(), &conf));
+        ok(cni("DEL", &format!("{id}b"), &b.path(), &conf));
+        assert_eq!(held(&v6dir), 0);
+        assert!(node.ipam_files().is_empty());
+    }
+}
+
 #[test]
 fn pods_on_one_bridge_reach_each_other() {
     let mut node = Node::start(Some(subnet()));
@@ -984,7 +1052,7 @@ fn chained_with_reference_plugins() {
 #[test]
 fn subnet_full_and_subnet_change() {
     let small = NodeNet {
-        subnet: "10.244.7.0/29".parse().unwrap(),
+        subnet: Some("10.244.7.0/29".parse().unwrap()),
         subnet6: None,
         mtu: 1450,
     };
@@ -1722,7 +1790,7 @@ fn the_daemons_own_netns_is_refused() {
 #[test]
 fn a_smaller_subnet_inside_the_old_one_avoids_the_old_pods_addresses() {
     let old = NodeNet {
-        subnet: "10.244.0.0/23".parse().unwrap(),
+        subnet: Some("10.244.0.0/23".parse().unwrap()),
         subnet6: None,
         mtu: 1450,
     };
@@ -1736,7 +1804,7 @@ fn a_smaller_subnet_inside_the_old_one_avoids_the_old_pods_addresses() {
     }
     assert_eq!(addrs, ["10.244.0.2/23", "10.244.0.3/23"]);
     node.net_tx.send_replace(Some(NodeNet {
-        subnet: "10.244.0.0/24".parse().unwrap(),
+        subnet: Some("10.244.0.0/24".parse().unwrap()),
         subnet6: None,
         mtu: 1450,
     }));
@@ -1758,7 +1826,7 @@ fn a_smaller_subnet_inside_the_old_one_avoids_the_old_pods_addresses() {
 #[test]
 fn a_failed_add_undoes_itself_with_a_single_thread() {
     let tiny = NodeNet {
-        subnet: "10.244.9.0/30".parse().unwrap(),
+        subnet: Some("10.244.9.0/30".parse().unwrap()),
         subnet6: None,
         mtu: 1450,
     };

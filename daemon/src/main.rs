@@ -102,9 +102,24 @@ fn render_status(v: &serde_json::Value) -> String {
             format!("no ({})", s(&v["waiting_for"]))
         }
     );
-    let _ = writeln!(out, "network:  {}", s(&v["network"]));
+    let v4 = !v["network"].is_null() || v["network6"].is_null();
+    if v4 {
+        let _ = writeln!(out, "network:  {}", s(&v["network"]));
+    }
+    if !v["network6"].is_null() {
+        let _ = writeln!(out, "network6: {}", s(&v["network6"]));
+    }
     let n = &v["node"];
-    if n.is_object() {
+    if n.is_object() && !v4 {
+        // An IPv6-only network: no IPv4 side.
+        let _ = writeln!(
+            out,
+            "underlay: {} ({})",
+            s(&n["underlay"]),
+            s(&n["backend"])
+        );
+    }
+    if n.is_object() && v4 {
         let _ = writeln!(out, "subnet:   {}", s(&n["subnet"]));
         let _ = writeln!(
             out,
@@ -133,6 +148,8 @@ fn render_status(v: &serde_json::Value) -> String {
                 s(&n["mtu"])
             );
         }
+    }
+    if n.is_object() {
         let n6 = &n["ipv6"];
         if n6.is_object() {
             let _ = writeln!(out, "subnet6:  {}", s(&n6["subnet"]));
@@ -264,7 +281,9 @@ fn render_status(v: &serde_json::Value) -> String {
             s(&r["failed"])
         );
     }
-    peer_table(&mut out, "peers", &v["peers"], 20);
+    if v4 {
+        peer_table(&mut out, "peers", &v["peers"], 20);
+    }
     if v["peers6"].is_array() {
         peer_table(&mut out, "IPv6 peers", &v["peers6"], 26);
     }
@@ -354,6 +373,21 @@ mod tests {
         v4.as_object_mut().unwrap().remove("peers6");
         let out = render_status(&v4);
         assert!(!out.contains("IPv6") && !out.contains("subnet6"), "{out}");
+        // An IPv6-only node shows no IPv4 parts.
+        let only6 = serde_json::json!({
+            "ready": true, "network": null, "network6": "fd00:10:244::/56",
+            "node": {"underlay": "eth0", "backend": "vxlan", "ipv6": v["node"]["ipv6"]},
+            "peers": [], "peers6": v["peers6"]
+        });
+        let out = render_status(&only6);
+        assert!(out.contains("network6: fd00:10:244::/56"), "{out}");
+        assert!(out.contains("underlay: eth0 (vxlan)"), "{out}");
+        assert!(out.contains("subnet6:  fd00:10:244:1::/64"), "{out}");
+        assert!(out.contains("IPv6 peers: 1"), "{out}");
+        assert!(
+            !out.contains("network: ") && !out.contains("subnet: ") && !out.contains("\npeers:"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -203,7 +203,7 @@ fn underlay_selection() {
         (by_name, by_addr, no_default)
     });
     assert_eq!(by_name.name, "va");
-    assert_eq!(by_name.addr, ip);
+    assert_eq!(by_name.addr, Some(ip));
     assert_eq!(by_name.mtu, 1500);
     assert_eq!(by_addr, by_name);
     assert!(
@@ -250,6 +250,22 @@ fn underlay_selection() {
          ip -n {ns} addr add fd00:18:10::3/64 dev va nodad valid_lft 3600 preferred_lft 3600"
     ));
     assert_eq!(addr6().as_deref(), Some("fd00:18:10::5"));
+
+    // An IPv6-only host: no IPv4 address and no IPv4 default route. The IPv6 default route
+    // names the underlay, which has no IPv4 address (an IPv6-only network's node).
+    sh(&format!(
+        "ip -n {ns} route del default && ip -n {ns} addr del {ip}/24 dev va && \
+         ip -n {ns} -6 route add default via fd00:18:10::1 dev va"
+    ));
+    let only6 = in_ns(&ns, || async {
+        Netlink::new().unwrap().find_underlay(None).await.unwrap()
+    });
+    assert_eq!(only6.name, "va");
+    assert_eq!(only6.addr, None);
+    assert_eq!(
+        only6.addr6.map(|a| a.to_string()).as_deref(),
+        Some("fd00:18:10::5")
+    );
 }
 
 #[test]
@@ -661,10 +677,10 @@ fn subscribe_reports_deleted_entries_devices_and_addresses() {
         assert!(r.failed.is_empty());
         let mut rx = nl
             .subscribe(Watch {
-                v4: Watched {
+                v4: Some(Watched {
                     ifindex: idx,
                     overlay: true,
-                },
+                }),
                 v6: None,
                 underlay: u.index,
             })
@@ -787,10 +803,10 @@ fn subscribe_reports_the_ipv6_side_too() {
         assert!(r.failed.is_empty(), "{:?}", r.failed);
         let mut rx = nl
             .subscribe(Watch {
-                v4: Watched {
+                v4: Some(Watched {
                     ifindex: idx4,
                     overlay: true,
-                },
+                }),
                 v6: Some(Watched {
                     ifindex: idx6,
                     overlay: true,

@@ -21,8 +21,9 @@ pub struct Pod {
     /// The pod's named netns (/run/netns/<ns>).
     pub ns: String,
     pub ifname: String,
+    /// Its IPv4 address; 0.0.0.0 on an IPv6-only network, which gives pods none.
     pub ip: Ipv4Addr,
-    /// Its IPv6 address on a dual-stack node.
+    /// Its IPv6 address on a dual-stack or IPv6-only node.
     #[serde(default)]
     pub ip6: Option<std::net::Ipv6Addr>,
     /// The plugin's ADD result.
@@ -168,17 +169,20 @@ impl Lab {
             );
         }
         let result = out.json()?;
-        let ip = result["ips"][0]["address"]
-            .as_str()
-            .and_then(|a| a.split('/').next())
-            .and_then(|a| a.parse().ok())
-            .with_context(|| format!("no address in ADD result {result}"))?;
-        let ip6 = result["ips"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|c| c["address"].as_str()?.split('/').next()?.parse().ok())
-            .next();
+        let addrs = || {
+            result["ips"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c["address"].as_str()?.split('/').next())
+        };
+        let ip4: Option<Ipv4Addr> = addrs().find_map(|a| a.parse().ok());
+        let ip6 = addrs().find_map(|a| a.parse().ok());
+        if ip4.is_none() && ip6.is_none() {
+            bail!("no address in ADD result {result}");
+        }
+        // An IPv6-only network gives pods no IPv4 address.
+        let ip = ip4.unwrap_or(Ipv4Addr::UNSPECIFIED);
         Ok(Pod {
             node: i,
             id,

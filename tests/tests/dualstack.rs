@@ -186,6 +186,107 @@ fn dual_stack_nodes_lease_both_families_and_reach_each_other_over_both_overlays(
     Ok(())
 }
 
+/// flannel's IPv6-only network (EnableIPv4 false), here over the lab's dual-stack underlay.
+const CONFIG6: &str = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;
+
+#[test]
+fn ipv6_only_nodes_lease_flannels_keys_and_pods_reach_each_other_without_nat() -> Result<()> {
+    let mut lab = Lab::new(LabOptions {
+        nodes: 3,
+        ipv6: true,
+        ..Default::default()
+    })?;
+    lab.put_config(CONFIG6)?;
+    for i in 1..=3 {
+        lab.start_daemon_with(i, &[])?;
+    }
+    for i in 1..=3 {
+        lab.wait_ready(i, Duration::from_secs(30))?;
+    }
+    wait_programmed6(&lab, 3)?;
+    for i in 1..=3 {
+        let st = lab.status(i)?;
+        // No IPv4 side at all: no subnet, no peers, no device, no masquerade table.
+        assert!(
+            st["network"].is_null() && st["node"]["subnet"].is_null(),
+            "{st}"
+        );
+        assert_eq!(st["network6"], "fd00:10:244::/56", "{st}");
+        assert_eq!(st["peers"].as_array().map(Vec::len), Some(0), "{st}");
+        ensure!(
+            lab.exec(i, &["ip", "link", "show", "twill.1"])
+                .is_ok_and(|o| !o.status.success()),
+            "node {i} has an IPv4 VXLAN device"
+        );
+        ensure!(
+            lab.exec(i, &["nft", "list", "table", "ip", "twill-masq"])
+                .is_ok_and(|o| !o.status.success()),
+            "node {i} has an IPv4 masquerade table"
+        );
+        let t = lab.exec_ok(i, &["nft", "list", "table", "ip6", "twill-masq6"])?;
+        assert!(t.contains("fd00:10:244::/56"), "{t}");
+        // flannel's IPv6-only key and value.
+        let s = side6(&lab, i)?;
+        assert_eq!(s.public_ip, lab.node_ip6(i).to_string());
+        let key = format!("0.0.0.0-0&{}", s.subnet.replace('/', "-"));
+        let v: Value = serde_json::from_str(
+            &lab.etcd_get(&format!("{SUBNETS_PREFIX}{key}"))?
+                .with_context(|| format!("no lease {key}"))?,
+        )?;
+        assert_eq!(v["PublicIP"], "0.0.0.0", "{v}");
+        assert_eq!(v["PublicIPv6"], s.public_ip.as_str(), "{v}");
+        assert!(v.get("BackendData").is_none(), "{v}");
+        assert_eq!(v["BackendV6Data"]["VNI"], 1, "{v}");
+        // subnet.env: only the IPv6 lines, as flanneld writes them.
+        let env = std::fs::read_to_string(lab.subnet_file(i))?;
+        assert!(
+            !env.contains("FLANNEL_NETWORK=") && !env.contains("FLANNEL_SUBNET="),
+            "{env}"
+        );
+        for want in [
+            "FLANNEL_IPV6_NETWORK=fd00:10:244::/56\n".to_string(),
+            format!("FLANNEL_IPV6_SUBNET={}1/64\n", s.addr()),
+            "FLANNEL_MTU=1430\n".to_string(),
+        ] {
+            assert!(env.contains(&want), "{want:?} missing in:\n{env}");
+        }
+    }
+    // Pods get an IPv6 address only, and reach each other across nodes, seen with their own
+    // addresses (no NAT).
+    let pods: Vec<_> = (1..=3)
+        .map(|i| lab.add_pod(i, "a"))
+        .collect::<Result<_>>()?;
+    for p in &pods {
+        let ips = p.result["ips"].as_array().map(Vec::len);
+        assert_eq!(ips, Some(1), "{}", p.result);
+        assert!(p.ip.is_unspecified() && p.ip6.is_some(), "{}", p.result);
+    }
+    for from in &pods {
+        for to in &pods {
+            if from.node != to.node {
+                let seen = pod_to_pod6(from, to, 7010)?;
+                assert_eq!(
+                    seen,
+                    std::net::IpAddr::V6(from.ip6.unwrap()),
+                    "{} -> {}",
+                    from.id,
+                    to.id
+                );
+            }
+        }
+    }
+    // A restart keeps the lease (found again by the IPv6 address and MAC).
+    let before = side6(&lab, 2)?;
+    lab.stop_daemon(2)?;
+    lab.start_daemon(2)?;
+    lab.wait_ready(2, CONVERGE)?;
+    let after = side6(&lab, 2)?;
+    assert_eq!((&after.subnet, &after.mac), (&before.subnet, &before.mac));
+    assert_eq!(lab.lease_keys()?.len(), 3, "{:?}", lab.lease_keys()?);
+    wait_programmed6(&lab, 3)?;
+    Ok(())
+}
+
 #[test]
 fn dual_stack_pods_reach_each_other_across_nodes_on_both_families_without_nat() -> Result<()> {
     let mut lab = dual_lab(3)?;

@@ -59,16 +59,20 @@ impl Default for CniLimits {
 /// The node's pod network, known once the lease is held and the overlay is up.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeNet {
-    pub subnet: Ipv4Net,
-    /// A dual-stack node's IPv6 subnet: pods get an address of each.
+    /// The node's IPv4 subnet; none on an IPv6-only network.
+    pub subnet: Option<Ipv4Net>,
+    /// A dual-stack or IPv6-only node's IPv6 subnet: pods get an address of each family.
     pub subnet6: Option<ipnet::Ipv6Net>,
     /// MTU for pod interfaces: the overlay MTU (the smaller one, on a dual-stack node).
     pub mtu: u32,
 }
 
 impl NodeNet {
-    pub fn gateway(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.subnet.network()) + 1)
+    /// The bridge's IPv4 address, the pods' IPv4 gateway: the subnet's first address.
+    pub fn gateway(&self) -> Option<Ipv4Net> {
+        let s = self.subnet?;
+        let gw = Ipv4Addr::from(u32::from(s.network()) + 1);
+        Ipv4Net::new(gw, s.prefix_len()).ok()
     }
 
     /// The bridge's IPv6 address, the pods' IPv6 gateway: the v6 subnet's first address.

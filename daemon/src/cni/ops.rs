@@ -38,8 +38,8 @@ pub(super) struct Ctx {
     host_local: HostLocal,
 }
 
-/// The bridge's addresses: the pods' gateways.
-type Gateways = (Ipv4Net, Option<Ipv6Net>);
+/// The bridge's addresses: the pods' gateways, one per family the node serves.
+type Gateways = (Option<Ipv4Net>, Option<Ipv6Net>);
 
 /// How many stale attachments GC tears down at once.
 const GC_PARALLEL: usize = 32;
@@ -175,7 +175,7 @@ async fn offload<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> R
 pub(super) async fn report_outside(ctx: Arc<Ctx>) {
     let mut node = ctx.node.clone();
     loop {
-        let net = node.borrow_and_update().as_ref().map(|n| n.subnet);
+        let net = node.borrow_and_update().as_ref().and_then(|n| n.subnet);
         if let Some(net) = net {
             let ipam = ctx.ipam.clone();
             if let Ok(outside) = offload(move || ipam.outside(net.into())).await {
@@ -488,7 +488,7 @@ async fn add(ctx: &Ctx, req: &Request, peer_root: Option<PeerRoot>) -> Result<Cn
     let _key = ctx.keys.lock(owner.clone()).await;
 
     let netns = open_netns(req, peer_root).await?;
-    let gw = node.gateway();
+    let gw = node.gateway().map(|g| g.addr());
     let gw6 = node.gateway6().map(|g| g.addr());
     let host = host_veth_name(&req.container_id, &req.ifname);
     // Two halves run at once: the node's (address, veth pair, hairpin) and the pod's, whose
@@ -503,8 +503,7 @@ async fn add(ctx: &Ctx, req: &Request, peer_root: Option<PeerRoot>) -> Result<Cn
         let Ok((addr, addr6)) = addr_rx.await else {
             return Ok(None); // the node's half failed and undid itself
         };
-        let v6 = addr6.zip(gw6);
-        pod::configure_container(&h, &ifname, addr, gw, v6)
+        pod::configure_container(&h, &ifname, addr.zip(gw), addr6.zip(gw6))
             .await
             .map(Some)
     });
@@ -525,18 +524,21 @@ async fn add(ctx: &Ctx, req: &Request, peer_root: Option<PeerRoot>) -> Result<Cn
             return Err(kernel_err(e));
         }
     };
-    let mut ips = vec![IpConfig {
-        address: pod_addr.to_string(),
-        gateway: Some(gw.to_string()),
-        interface: Some(1),
-    }];
+    let mut ips = Vec::new();
     // Only what this ADD configured: CHECK verifies the routes listed here.
     let mut routes = Vec::new();
-    if routed.v4 {
-        routes.push(Route {
-            dst: "0.0.0.0/0".into(),
-            gw: Some(gw.to_string()),
+    if let (Some(a4), Some(g4)) = (pod_addr, gw) {
+        ips.push(IpConfig {
+            address: a4.to_string(),
+            gateway: Some(g4.to_string()),
+            interface: Some(1),
         });
+        if routed.v4 {
+            routes.push(Route {
+                dst: "0.0.0.0/0".into(),
+                gw: Some(g4.to_string()),
+            });
+        }
     }
     if let (Some(a6), Some(g6)) = (pod_addr6, gw6) {
         ips.push(IpConfig {
@@ -551,7 +553,7 @@ async fn add(ctx: &Ctx, req: &Request, peer_root: Option<PeerRoot>) -> Result<Cn
             });
         }
     }
-    if !routed.v4 || (pod_addr6.is_some() && !routed.v6) {
+    if (pod_addr.is_some() && !routed.v4) || (pod_addr6.is_some() && !routed.v6) {
         tracing::info!(container = %req.container_id, "the pod has a default route already; keeping it");
     }
     Ok(CniResult {
@@ -575,8 +577,8 @@ async fn add(ctx: &Ctx, req: &Request, peer_root: Option<PeerRoot>) -> Result<Cn
     })
 }
 
-/// A pod's addresses: IPv4, and IPv6 on a dual-stack node.
-type PodAddrs = (Ipv4Net, Option<Ipv6Net>);
+/// A pod's addresses: one of each family the node serves (IPv4, IPv6 or both).
+type PodAddrs = (Option<Ipv4Net>, Option<Ipv6Net>);
 
 /// The node's half of ADD: the addresses (IPAM) followed by the pod's network policy, at once
 /// with the veth pair; then hairpin. Sends the pod's addresses through `go` once the container
@@ -602,22 +604,34 @@ async fn node_half(
     let alloc_and_policy = async {
         // The error, and whether this ADD allocated an address.
         let (addrs, fresh) = blocking(move || {
-            let (a4, fresh4) = ipam.allocate(subnet.into(), &o, &network)?;
-            let Some(s6) = subnet6 else {
-                return Ok((vec![a4], fresh4));
-            };
-            match ipam.allocate(s6.into(), &o, &network) {
-                // The attachment is new when its IPv4 address is: only then does a failure
-                // give its addresses back (an earlier ADD's are left to its DEL, as before).
-                Ok((a6, _)) => Ok((vec![a4, a6], fresh4)),
-                Err(e) => {
-                    // Not half an attachment: the v4 address this call took goes back.
-                    if fresh4 {
-                        let _ = ipam.release(&o);
+            // The first family's address (IPv4, or IPv6 on an IPv6-only node) says whether
+            // the attachment is new: only then does a failure give its addresses back (an
+            // earlier ADD's are left to its DEL, as before).
+            let nets: Vec<IpNet> = subnet
+                .map(IpNet::V4)
+                .into_iter()
+                .chain(subnet6.map(IpNet::V6))
+                .collect();
+            let mut addrs = Vec::with_capacity(nets.len());
+            let mut fresh = false;
+            for (i, net) in nets.into_iter().enumerate() {
+                match ipam.allocate(net, &o, &network) {
+                    Ok((a, new)) => {
+                        if i == 0 {
+                            fresh = new;
+                        }
+                        addrs.push(a);
                     }
-                    Err(e)
+                    Err(e) => {
+                        // Not half an attachment: what this call took goes back.
+                        if fresh {
+                            let _ = ipam.release(&o);
+                        }
+                        return Err(e);
+                    }
                 }
             }
+            Ok((addrs, fresh))
         })
         .await
         .map_err(|e| (e, false))?;
@@ -654,15 +668,22 @@ async fn node_half(
             });
         }
     };
-    let (IpAddr::V4(a4), a6) = (addrs[0], addrs.get(1)) else {
-        unreachable!("the first address is from the IPv4 subnet");
-    };
+    // Each family's address with its subnet's length (allocated from that subnet above).
+    let find4 = addrs.iter().find_map(|a| match a {
+        IpAddr::V4(a) => Some(*a),
+        IpAddr::V6(_) => None,
+    });
+    let find6 = addrs.iter().find_map(|a| match a {
+        IpAddr::V6(a) => Some(*a),
+        IpAddr::V4(_) => None,
+    });
     let pod = (
-        Ipv4Net::new(a4, subnet.prefix_len()).expect("prefix from a valid subnet"),
-        match (a6, subnet6) {
-            (Some(IpAddr::V6(a)), Some(s)) => Ipv6Net::new(*a, s.prefix_len()).ok(),
-            _ => None,
-        },
+        find4
+            .zip(subnet)
+            .and_then(|(a, s)| Ipv4Net::new(a, s.prefix_len()).ok()),
+        find6
+            .zip(subnet6)
+            .and_then(|(a, s)| Ipv6Net::new(a, s.prefix_len()).ok()),
     );
     // The pod's half may already have failed (e.g. its netns vanished): that is reported there.
     let _ = go.send(pod);
@@ -682,10 +703,7 @@ async fn create_veth(
     host: &str,
     mac: MacAddr,
 ) -> Result<(), CniError> {
-    let gw_net = (
-        Ipv4Net::new(node.gateway(), node.subnet.prefix_len()).expect("prefix from a valid subnet"),
-        node.gateway6(),
-    );
+    let gw_net = (node.gateway(), node.gateway6());
     let bridge = ctx
         .bridge(gw_net, node.mtu, None)
         .await
@@ -764,14 +782,13 @@ async fn del(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
     }
     // A pod from before the node moved from flannel: its address is host-local's.
     let node = ctx.node.borrow().clone();
-    if let Some(node) = node {
+    if let Some(subnet) = node.and_then(|n| n.subnet) {
         let (hl, cid, ifname) = (
             ctx.host_local.clone(),
             req.container_id.clone(),
             req.ifname.clone(),
         );
-        let released =
-            tokio::task::spawn_blocking(move || hl.release(node.subnet, &cid, &ifname)).await;
+        let released = tokio::task::spawn_blocking(move || hl.release(subnet, &cid, &ifname)).await;
         match released {
             Ok(Ok(a)) if !a.is_empty() => {
                 tracing::info!(addresses = ?a, "released host-local's reservation (a pod from before flannel moved out)")

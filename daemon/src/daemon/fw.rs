@@ -23,12 +23,12 @@ fn not_installed() -> Pass {
     }
 }
 
-/// Desired firewall state for this node (`device6`: the IPv6 overlay's device, when the node
-/// serves a dual-stack network's IPv6 side). Pure.
+/// Desired firewall state for this node (`device`, `device6`: each family's overlay device,
+/// when the node serves that family). Pure.
 pub fn desired(
     args: &RunArgs,
     cfg: &NetworkConfig,
-    device: &DeviceInfo,
+    device: Option<&DeviceInfo>,
     device6: Option<&DeviceInfo>,
     random_fully: bool,
 ) -> Desired {
@@ -38,8 +38,8 @@ pub fn desired(
         kube_proxy_mark: args.kube_proxy_masq_mark,
         tunnel_device: dev.overlay.then(|| dev.name.clone()),
     };
-    let masq = match &cfg.ipv4 {
-        Some(r) if args.ip_masq => Some(masq::table(&spec(r.network.into(), device))),
+    let masq = match (&cfg.ipv4, device) {
+        (Some(r), Some(d)) if args.ip_masq => Some(masq::table(&spec(r.network.into(), d))),
         _ => None,
     };
     let masq6 = match (&cfg.ipv6, device6) {
@@ -58,7 +58,10 @@ pub fn desired(
                 (Some(r), Some(_)) => Some(r.network.into()),
                 _ => None,
             };
-            let v4 = cfg.ipv4.as_ref().map(|r| r.network.into());
+            let v4 = match (&cfg.ipv4, device) {
+                (Some(r), Some(_)) => Some(r.network.into()),
+                _ => None,
+            };
             v4.into_iter().chain(v6).collect()
         } else {
             Vec::new()
@@ -126,7 +129,7 @@ impl NodeFirewall {
         &mut self,
         args: &RunArgs,
         cfg: &NetworkConfig,
-        device: &DeviceInfo,
+        device: Option<&DeviceInfo>,
         device6: Option<&DeviceInfo>,
         shared: &Shared,
     ) {
@@ -227,7 +230,7 @@ mod tests {
     #[test]
     fn masquerade_and_forward_rules_follow_the_flags() {
         let key = (Family::Ip, masq::TABLE.to_string());
-        let d = desired(&args(&[]), &cfg(), &device(true), None, true);
+        let d = desired(&args(&[]), &cfg(), Some(&device(true)), None, true);
         let t = d.tables[&key].as_ref().expect("masquerade on by default");
         // No IPv6 side: its table is named, to be removed.
         assert_eq!(
@@ -244,7 +247,7 @@ mod tests {
         let d = desired(
             &args(&["--ip-masq=false", "--iptables-forward-rules=false"]),
             &cfg(),
-            &device(false),
+            Some(&device(false)),
             None,
             true,
         );
@@ -252,7 +255,7 @@ mod tests {
         assert!(d.forward_accept.is_empty());
 
         // host-gw: no tunnel rule.
-        let d = desired(&args(&[]), &cfg(), &device(false), None, false);
+        let d = desired(&args(&[]), &cfg(), Some(&device(false)), None, false);
         let t = d.tables[&key].as_ref().unwrap();
         assert!(!t.chains["postrouting"]
             .rules
@@ -273,16 +276,22 @@ mod tests {
         let v6: ipnet::IpNet = "fd00:10:244::/56".parse().unwrap();
         let key4 = (Family::Ip, masq::TABLE.to_string());
         let key6 = (Family::Ip6, masq::TABLE6.to_string());
-        let d = desired(&args(&[]), &cfg, &device(true), Some(&device(true)), true);
+        let d = desired(
+            &args(&[]),
+            &cfg,
+            Some(&device(true)),
+            Some(&device(true)),
+            true,
+        );
         assert_eq!(d.forward_accept, vec![v4, v6]);
         assert!(d.tables[&key6].is_some());
-        let d = desired(&args(&[]), &cfg, &device(true), None, true);
+        let d = desired(&args(&[]), &cfg, Some(&device(true)), None, true);
         assert_eq!(d.forward_accept, vec![v4]);
         assert_eq!(d.tables.get(&key6), Some(&None));
         let d = desired(
             &args(&["--iptables-forward-rules=false"]),
             &cfg,
-            &device(true),
+            Some(&device(true)),
             Some(&device(true)),
             true,
         );
@@ -293,7 +302,13 @@ mod tests {
             br#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56"}"#,
         )
         .unwrap();
-        let d = desired(&args(&[]), &only6, &device(true), Some(&device(true)), true);
+        let d = desired(
+            &args(&[]),
+            &only6,
+            Some(&device(true)),
+            Some(&device(true)),
+            true,
+        );
         assert_eq!(d.forward_accept, vec![v6]);
         assert_eq!(d.tables.get(&key4), Some(&None));
         assert!(d.tables[&key6].is_some());

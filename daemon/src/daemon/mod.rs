@@ -6,6 +6,7 @@ mod fw;
 mod node;
 mod peers;
 mod side;
+mod side4;
 mod side6;
 mod start;
 mod status;
@@ -19,18 +20,13 @@ use tracing::{info, warn};
 pub use peers::{fold_events, Folded};
 pub use status::{FirewallStatus, NodeStatus, PeerStatus, ReconcileStatus, Shared, Status};
 
-use crate::backend::hostgw::HostGwBackend;
-use crate::backend::offload;
-use crate::backend::udp::UdpBackend;
-use crate::backend::vxlan::VxlanBackend;
-use crate::backend::{AnyBackend, Backend, BackendError, LocalNode};
+use crate::backend::BackendError;
 use crate::cli::RunArgs;
 use crate::cni::{CniLimits, CniOptions, NodeNet};
-use crate::config::{BackendKind, ConfigError};
+use crate::config::ConfigError;
 use crate::http::HttpLimits;
-use crate::lease::{LeaseAttrs, LeaseBackend, LeaseSide};
+use crate::lease::LeaseAttrs;
 use crate::netlink::{KernelEvent, Netlink, NetlinkError};
-use crate::overlap::HostNets;
 use crate::registry::etcd::EtcdRegistry;
 use crate::registry::objects::ObjectStore;
 use crate::registry::{EtcdOptions, PeerEvent, RegistryError};
@@ -57,10 +53,11 @@ pub enum StartError {
     )]
     NoIpv6 { iface: String },
     #[error(
-        "the network config is IPv6-only (EnableIPv4 false): twilld does not serve IPv6-only \
-         networks yet; run a dual-stack network (EnableIPv4 true, the default, with EnableIPv6)"
+        "the underlay interface {iface} has no IPv4 address: add one, or pass --public-ip (in \
+         Kubernetes mode also: the Node's node-public-ip annotation); an IPv6-only network sets \
+         \"EnableIPv4\": false"
     )]
-    Ipv6Only,
+    NoIpv4 { iface: String },
     #[error("state dir {dir}: {err}")]
     State { dir: String, err: std::io::Error },
     #[error("netlink: {0}")]
@@ -244,51 +241,29 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
 
     let nl = Netlink::new()?;
     let underlay = nl.find_underlay(args.iface.as_ref()).await?;
-    let public_ip = args.public_ip.unwrap_or(underlay.addr);
-    info!(iface = %underlay.name, addr = %underlay.addr, addr6 = %underlay.addr6.map_or_else(|| "none".to_string(), |a| a.to_string()), mtu = underlay.mtu, %public_ip, %vtep_mac, "underlay");
+    info!(iface = %underlay.name, addr = ?underlay.addr, addr6 = ?underlay.addr6, mtu = underlay.mtu, %vtep_mac, "underlay");
 
     let cfg = tokio::select! {
         cfg = source.network_config(&shared) => cfg?,
         _ = shutdown.wait() => { info!("shutting down before the node was ready"); return Ok(()); }
     };
-    let Some(range4) = cfg.ipv4.clone() else {
-        tracing::error!("refusing to start: {}", StartError::Ipv6Only);
-        return Err(StartError::Ipv6Only);
-    };
-    info!(network = %range4.network, subnet_len = range4.subnet_len, vni = cfg.backend.vni, "network config");
+    info!(network = ?cfg.ipv4.as_ref().map(|r| r.network), network6 = ?cfg.ipv6.as_ref().map(|r| r.network), vni = cfg.backend.vni, "network config");
     shared.update(|s| {
-        s.network = Some(range4.network);
+        s.network = cfg.ipv4.as_ref().map(|r| r.network);
+        s.network6 = cfg.ipv6.as_ref().map(|r| r.network);
         s.waiting_for = Some("subnet lease".into());
     });
 
-    // Before any lease is taken: a pod network over the node's own networks would cut it off.
-    let host = HostNets {
-        public_ip: Some(public_ip),
-        underlay: nl.addr_prefixes(underlay.index).await?,
-        underlay_name: underlay.name.clone(),
-        servers: source.server_addrs().await,
-        servers_are: source.server_is(),
+    // Each family's side this node serves, planned before any lease is taken.
+    let plan4 = match &cfg.ipv4 {
+        Some(range) => {
+            Some(side4::plan(&args, &cfg, range, &nl, &underlay, &source, vtep_mac).await?)
+        }
+        None => None,
     };
-    if let Err(e) = host.check_network(range4.network) {
-        tracing::error!(error = %e, "refusing to start");
-        return Err(e.into());
-    }
-
-    let backend_attrs = match cfg.backend.kind {
-        BackendKind::Vxlan => LeaseBackend::Vxlan {
-            vni: cfg.backend.vni,
-            vtep_mac,
-        },
-        BackendKind::HostGw => LeaseBackend::HostGw,
-        BackendKind::Udp => LeaseBackend::Udp,
-    };
-    // A dual-stack network's IPv6 side, when this node serves it.
     let plan6 = side6::plan(&args, &cfg, &underlay, stored.vtep_mac6)?;
     let attrs = LeaseAttrs {
-        v4: Some(LeaseSide {
-            public_ip,
-            backend: backend_attrs,
-        }),
+        v4: plan4.as_ref().map(|p| p.lease),
         v6: plan6.as_ref().map(|p| p.lease),
     };
     let previous = read_previous_subnet(&args.subnet_file);
@@ -297,42 +272,25 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
         _ = shutdown.wait() => { info!("shutting down before the node was ready"); return Ok(()); }
     };
     info!(subnet = ?own.subnet, subnet6 = ?own.subnet6, "lease acquired");
-    // Claimed on the network's IPv4 range (checked above): always there.
-    let Some(subnet) = own.subnet else {
-        return Err(StartError::Ipv6Only);
-    };
 
-    let mut backend = match cfg.backend.kind {
-        BackendKind::Vxlan => {
-            let release = offload::kernel_release();
-            let tx_checksum = args.vxlan_checksum_offload.resolve(&release);
-            info!(kernel = %release, setting = ?args.vxlan_checksum_offload, enforced = ?tx_checksum, "vxlan tx checksum offload");
-            AnyBackend::Vxlan(VxlanBackend::new(nl.clone(), &cfg.backend, tx_checksum))
+    let v4 = match (plan4, &cfg.ipv4, own.subnet) {
+        (Some(plan), Some(range), Some(subnet)) => Some(
+            side4::start(
+                &nl, &args, &cfg, range, plan, subnet, &underlay, vtep_mac, &shared,
+            )
+            .await?,
+        ),
+        _ => {
+            side::remove_leftovers::<ipnet::Ipv4Net>(&nl, underlay.index, "twill.").await;
+            None
         }
-        BackendKind::HostGw => AnyBackend::HostGw(HostGwBackend::new(nl.clone(), &cfg.backend)),
-        BackendKind::Udp => AnyBackend::Udp(UdpBackend::new(
-            nl.clone(),
-            &cfg.backend,
-            range4.network,
-            shared.metrics.udp.clone(),
-            args.udp_offloads,
-        )),
     };
-    let local = LocalNode {
-        subnet,
-        public_ip,
-        underlay_index: underlay.index,
-        underlay_mtu: underlay.mtu,
-        vtep_mac,
-    };
-    let device = backend.setup(&local).await?;
-    info!(backend = ?cfg.backend.kind, device = %device.name, ifindex = device.ifindex, mtu = device.mtu, "backend ready");
     let v6 = match (&plan6, own.subnet6) {
         (Some(plan), Some(subnet6)) => {
             Some(side6::start(&nl, &args, &cfg, plan, subnet6, &underlay.name).await?)
         }
         _ => {
-            side6::remove_leftovers(&nl, underlay.index).await;
+            side::remove_leftovers::<ipnet::Ipv6Net>(&nl, underlay.index, "twill-v6.").await;
             None
         }
     };
@@ -361,7 +319,6 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
     );
 
     let resync_every = args.resync_interval;
-    let v4 = side::Side::new(backend, device, local, host);
     let mut node = Node::new(
         args, cfg, shared, nl, v4, underlay, firewall, node_tx, attrs_tx, policy, v6,
     );

@@ -3,15 +3,13 @@
 
 use std::time::Instant;
 
-use ipnet::Ipv4Net;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use super::fw::NodeFirewall;
-use super::side::Side;
+use super::side4::Side4;
 use super::side6::{self, Side6};
-use super::status::{NodeStatus, Shared};
-use crate::backend::AnyBackend;
+use super::status::{NodeStatus, NodeStatus4, Shared};
 use crate::cli::RunArgs;
 use crate::cni::NodeNet;
 use crate::config::NetworkConfig;
@@ -26,8 +24,8 @@ pub(super) struct Node {
     pub cfg: NetworkConfig,
     pub shared: std::sync::Arc<Shared>,
     pub nl: Netlink,
-    /// The IPv4 side.
-    pub v4: Side<Ipv4Net, AnyBackend>,
+    /// The IPv4 side; None on an IPv6-only network.
+    pub v4: Option<Side4>,
     pub underlay: Underlay,
     pub firewall: NodeFirewall,
     pub node_tx: watch::Sender<Option<NodeNet>>,
@@ -50,7 +48,7 @@ impl Node {
         cfg: NetworkConfig,
         shared: std::sync::Arc<Shared>,
         nl: Netlink,
-        v4: Side<Ipv4Net, AnyBackend>,
+        v4: Option<Side4>,
         underlay: Underlay,
         firewall: NodeFirewall,
         node_tx: watch::Sender<Option<NodeNet>>,
@@ -88,21 +86,25 @@ impl Node {
                         .get_or_insert_with(|| (Instant::now(), String::new()))
                         .1 = e
                 }
+                // Either family's snapshot is a list that worked (an IPv6-only node gets only
+                // the IPv6 one).
                 PeerEvent::Snapshot(_) => {
                     self.list_failing = None;
                     peers.push(ev);
                 }
-                PeerEvent::Snapshot6(_) | PeerEvent::Upsert6(_) | PeerEvent::Remove6(_) => {
-                    peers6.push(ev)
+                PeerEvent::Snapshot6(_) => {
+                    self.list_failing = None;
+                    peers6.push(ev);
                 }
+                PeerEvent::Upsert6(_) | PeerEvent::Remove6(_) => peers6.push(ev),
                 ev => peers.push(ev),
             }
         }
         // The two families' kernel writes are independent: they run at once.
         let shared = &self.shared;
         let v4 = async {
-            if !peers.is_empty() {
-                self.v4.on_events(peers, shared).await;
+            if let (Some(v4), false) = (&mut self.v4, peers.is_empty()) {
+                v4.on_events(peers, shared).await;
             }
         };
         let v6 = async {
@@ -122,10 +124,10 @@ impl Node {
             }
             _ => false,
         };
-        let moved4 = match new.subnet {
-            Some(s) if s != self.v4.local.subnet => {
-                warn!(old = %self.v4.local.subnet, new = %s, "our lease moved to another subnet");
-                self.v4.local.subnet = s;
+        let moved4 = match (&mut self.v4, new.subnet) {
+            (Some(v4), Some(s)) if s != v4.local.subnet => {
+                warn!(old = %v4.local.subnet, new = %s, "our lease moved to another subnet");
+                v4.local.subnet = s;
                 true
             }
             _ => false,
@@ -141,7 +143,7 @@ impl Node {
 
     /// Kernel events settled: the underlay may have moved; the device or entries may be gone.
     pub async fn on_kernel_change(&mut self, addr_changed: bool) {
-        let follow4 = self.args.public_ip.is_none();
+        let follow4 = self.args.public_ip.is_none() && self.v4.is_some();
         let follow6 = self.args.public_ipv6.is_none() && self.v6.is_some();
         if addr_changed && (follow4 || follow6) {
             // One lookup (routes, links, addresses) feeds both families.
@@ -151,8 +153,9 @@ impl Node {
                         self.follow_ipv6_endpoint(&u);
                     }
                     if follow4 {
-                        self.follow_ipv4_endpoint(u);
+                        self.follow_ipv4_endpoint(&u);
                     }
+                    self.underlay = u;
                 }
                 Err(e) => warn!(error = %e, "underlay lookup after an address change failed"),
             }
@@ -166,20 +169,26 @@ impl Node {
 
     /// The IPv4 endpoint follows the underlay's address (or another interface taking over the
     /// default route), and the lease says so.
-    fn follow_ipv4_endpoint(&mut self, u: Underlay) {
-        if u.addr == self.v4.local.public_ip && u.index == self.v4.local.underlay_index {
+    fn follow_ipv4_endpoint(&mut self, u: &Underlay) {
+        let Some(v4) = &mut self.v4 else {
+            return;
+        };
+        let Some(addr) = u.addr else {
+            debug!(iface = %u.name, kept = %v4.local.public_ip, "the underlay has no IPv4 address now; keeping the last one");
+            return;
+        };
+        if addr == v4.local.public_ip && u.index == v4.local.underlay_index {
             return;
         }
-        info!(old = %self.v4.local.public_ip, new = %u.addr, iface = %u.name, "underlay address changed");
-        self.v4.local.public_ip = u.addr;
-        self.v4.local.underlay_index = u.index;
-        self.v4.local.underlay_mtu = u.mtu;
+        info!(old = %v4.local.public_ip, new = %addr, iface = %u.name, "underlay address changed");
+        v4.local.public_ip = addr;
+        v4.local.underlay_index = u.index;
+        v4.local.underlay_mtu = u.mtu;
         self.attrs_tx.send_modify(|a| {
-            if let Some(v4) = a.v4.as_mut() {
-                v4.public_ip = u.addr;
+            if let Some(l4) = a.v4.as_mut() {
+                l4.public_ip = addr;
             }
         });
-        self.underlay = u;
     }
 
     pub async fn on_resync(&mut self) {
@@ -204,8 +213,9 @@ impl Node {
     /// After every event: ready once the peers have been listed and programmed once and the
     /// subnet file is written (a failed write is retried on the next pass).
     pub async fn after_event(&mut self) {
+        let synced4 = self.v4.as_ref().is_none_or(|v4| v4.sync.synced_once);
         let synced6 = self.v6.as_ref().is_none_or(|v6| v6.sync.synced_once);
-        if !self.ready && self.v4.sync.synced_once && synced6 {
+        if !self.ready && synced4 && synced6 {
             self.write_ready().await;
         }
         self.publish_readiness();
@@ -244,25 +254,32 @@ impl Node {
     /// Both families at once (their kernel writes are independent).
     async fn reconcile(&mut self, why: &str) {
         let shared = &self.shared;
+        let v4 = async {
+            if let Some(v4) = &mut self.v4 {
+                v4.reconcile(why, shared).await;
+            }
+        };
         let v6 = async {
             if let Some(v6) = &mut self.v6 {
                 v6.reconcile(why, shared).await;
             }
         };
-        tokio::join!(self.v4.reconcile(why, shared), v6);
+        tokio::join!(v4, v6);
     }
 
     /// Each side's device (again) and underlay networks; the firewall follows a changed device.
     async fn setup(&mut self) {
         let devices = |n: &Self| {
             (
-                n.v4.device.clone(),
+                n.v4.as_ref().map(|v4| v4.device.clone()),
                 n.v6.as_ref().map(|v6| v6.device.clone()),
             )
         };
         let before = devices(self);
         let name = self.underlay.name.clone();
-        self.v4.setup(&self.nl, &name).await;
+        if let Some(v4) = &mut self.v4 {
+            v4.setup(&self.nl, &name).await;
+        }
         if let Some(v6) = &mut self.v6 {
             v6.setup(&self.nl, &name).await;
         }
@@ -278,7 +295,7 @@ impl Node {
             .apply(
                 &self.args,
                 &self.cfg,
-                &self.v4.device,
+                self.v4.as_ref().map(|v4| &v4.device),
                 self.v6.as_ref().map(|v6| &v6.device),
                 &self.shared,
             )
@@ -292,16 +309,16 @@ impl Node {
         self.apply_firewall().await;
         self.sync_blackhole().await;
         let _ = self.node_tx.send(Some(NodeNet {
-            subnet: self.v4.local.subnet,
+            subnet: self.v4.as_ref().map(|v4| v4.local.subnet),
             subnet6: self.v6.as_ref().map(|v6| v6.local.subnet),
             mtu: self.pod_mtu(),
         }));
         let env = SubnetEnv {
             ipv4: self
-                .cfg
-                .ipv4
+                .v4
                 .as_ref()
-                .map(|r| (r.network, self.v4.local.subnet)),
+                .zip(self.cfg.ipv4.as_ref())
+                .map(|(v4, r)| (r.network, v4.local.subnet)),
             mtu: self.pod_mtu(),
             ipmasq: self.args.ip_masq,
             ipv6: self
@@ -313,7 +330,9 @@ impl Node {
         let file = &self.args.subnet_file;
         match env.write(file) {
             Ok(()) => {
-                info!(file = %file.display(), subnet = %self.v4.local.subnet, "node ready");
+                let subnet = self.v4.as_ref().map(|v4| v4.local.subnet);
+                let subnet6 = self.v6.as_ref().map(|v6| v6.local.subnet);
+                info!(file = %file.display(), ?subnet, ?subnet6, "node ready");
                 self.shared.update(|s| {
                     s.ready = true;
                     s.waiting_for = None;
@@ -334,7 +353,12 @@ impl Node {
     /// `--ip-blackhole-route`: a blackhole route for our subnet, behind the bridge's own route;
     /// without the flag, none of ours (also from an earlier run with it).
     async fn sync_blackhole(&mut self) {
-        let want = self.args.ip_blackhole_route.then_some(self.v4.local.subnet);
+        // IPv4 only (flannel's flag); none on an IPv6-only node.
+        let want = self
+            .v4
+            .as_ref()
+            .filter(|_| self.args.ip_blackhole_route)
+            .map(|v4| v4.local.subnet);
         match self.nl.sync_blackholes(want).await {
             Ok(true) => info!(route = ?want, "blackhole route for our subnet updated"),
             Ok(false) => {}
@@ -343,20 +367,21 @@ impl Node {
     }
 
     fn publish_node(&self) {
-        let (l, u, d) = (&self.v4.local, &self.underlay, &self.v4.device);
         let backend = self.attrs_tx.borrow().primary().map(|s| s.backend);
-        let vtep_mac = matches!(backend, Some(LeaseBackend::Vxlan { .. })).then_some(l.vtep_mac);
-        let backend = backend.map_or("", |b| b.type_name());
+        let vxlan = matches!(backend, Some(LeaseBackend::Vxlan { .. }));
+        let v4 = self.v4.as_ref().map(|v4| NodeStatus4 {
+            subnet: v4.local.subnet,
+            public_ip: v4.local.public_ip,
+            vtep_mac: vxlan.then_some(v4.local.vtep_mac),
+            device: v4.device.name.clone(),
+            mtu: v4.device.mtu,
+            tx_checksum_offload: v4.device.tx_checksum,
+        });
         self.shared.update(|s| {
             s.node = Some(NodeStatus {
-                subnet: l.subnet,
-                public_ip: l.public_ip,
-                vtep_mac,
-                underlay: u.name.clone(),
-                backend: backend.into(),
-                device: d.name.clone(),
-                mtu: d.mtu,
-                tx_checksum_offload: d.tx_checksum,
+                v4,
+                underlay: self.underlay.name.clone(),
+                backend: backend.map_or("", |b| b.type_name()).into(),
                 ipv6: self.v6.as_ref().map(side6::status),
             })
         });
@@ -365,7 +390,7 @@ impl Node {
     /// What kernel events must follow: each family's device and the underlay.
     pub fn watch(&self) -> Watch {
         Watch {
-            v4: self.v4.watched(),
+            v4: self.v4.as_ref().map(|v4| v4.watched()),
             v6: self.v6.as_ref().map(Side6::watched),
             underlay: self.underlay.index,
         }
@@ -374,10 +399,11 @@ impl Node {
     /// The MTU pods get: a pod's packets of either family must fit the path they take, and the
     /// IPv6 overlay's overhead is 20 bytes more than the IPv4 one's.
     fn pod_mtu(&self) -> u32 {
-        match &self.v6 {
-            Some(v6) => self.v4.device.mtu.min(v6.device.mtu),
-            None => self.v4.device.mtu,
-        }
+        let mtus = [
+            &self.v4.as_ref().map(|v4| v4.device.mtu),
+            &self.v6.as_ref().map(|v6| v6.device.mtu),
+        ];
+        mtus.into_iter().flatten().copied().min().unwrap_or(1500)
     }
 
     /// The IPv6 endpoint follows the underlay's IPv6 address (as the IPv4 one follows the IPv4

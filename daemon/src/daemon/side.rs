@@ -3,13 +3,17 @@
 //! for IPv4 and, on a dual-stack network, one for IPv6; the two are independent (each has its
 //! own peers, device and kernel entries) and only meet in the node (pod MTU, firewall, status).
 
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use super::peers::{SyncFamily, SyncOf};
 use super::status::Shared;
-use crate::backend::{Backend, DeviceInfo, LocalNodeOf};
+use crate::backend::routes::ProgrammerOf;
+use crate::backend::{Backend, DeviceInfo, LocalNodeOf, PeerPath};
+use crate::netlink::NlFamily;
 use crate::netlink::{Netlink, Watched};
 use crate::overlap::HostNetsOf;
+use crate::peer::PeerOf;
+use crate::reconcile::Path;
 use crate::registry::PeerEvent;
 
 pub(super) struct Side<N: SyncFamily, B: Backend<N>> {
@@ -100,5 +104,48 @@ pub(super) async fn setup_or_log<N: SyncFamily, B: Backend<N>>(
             error!(family = N::FAMILY, error = %e, "setting up the backend's device failed; will retry");
             current
         }
+    }
+}
+
+/// This node serves family N no more (or never did: a network without it): a device of an
+/// earlier run named `device_prefix<VNI>` goes, and with it its routes and entries (peers'
+/// subnets would otherwise stay routed into a dead overlay), and so do twill's routes of
+/// family N on the underlay (host-gw's, DirectRouting's).
+pub(super) async fn remove_leftovers<N: NlFamily>(
+    nl: &Netlink,
+    underlay_index: u32,
+    device_prefix: &str,
+) {
+    let family = N::FAMILY;
+    match nl.vxlan_devices().await {
+        Ok(devices) => {
+            for (index, name) in devices {
+                if name.starts_with(device_prefix) {
+                    info!(device = %name, family, "this node serves no such network: deleting the device of an earlier run");
+                    if let Err(e) = nl.delete_link(index).await {
+                        if !e.is_no_device() {
+                            warn!(device = %name, error = %e, "deleting it failed");
+                        }
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            warn!(error = %e, family, "listing VXLAN devices failed; a device of an earlier run may stay")
+        }
+    }
+    // Every route of the family with twill's protocol number is unwanted now.
+    let mut routes = ProgrammerOf::<N>::new(nl.clone(), false);
+    let direct = |_: &PeerOf<N>| PeerPath::ok(Path::Direct);
+    match routes.reconcile(underlay_index, None, &[], direct).await {
+        Ok(st) if st.removed > 0 => {
+            info!(
+                routes = st.removed,
+                family,
+                "this node serves no such network: removed twill's routes of an earlier run"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, family, "removing twill's routes of an earlier run failed"),
     }
 }

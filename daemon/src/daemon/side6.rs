@@ -10,16 +10,13 @@ use super::side::Side;
 use super::status::NodeStatus6;
 use super::StartError;
 use crate::backend::hostgw::HostGwBackendOf;
-use crate::backend::routes::ProgrammerOf;
 use crate::backend::vxlan::VxlanBackendOf;
-use crate::backend::{AnyBackend6, Backend, LocalNodeOf, PeerPath};
+use crate::backend::{AnyBackend6, Backend, LocalNodeOf};
 use crate::cli::RunArgs;
 use crate::config::{BackendKind, NetworkConfig};
 use crate::lease::{LeaseBackend, LeaseV6};
 use crate::netlink::{Netlink, Underlay};
 use crate::overlap::HostNetsOf;
-use crate::peer::PeerOf;
-use crate::reconcile::Path;
 
 /// What the IPv6 side needs before the lease is taken: the lease's v6 part, and the state
 /// its device is built from.
@@ -86,42 +83,6 @@ pub(super) fn plan(
         underlay_mtu: underlay.mtu,
         vtep_mac,
     }))
-}
-
-/// This node serves no IPv6 (any more): an IPv6 device of an earlier run goes, and with it its
-/// routes and entries (peers' IPv6 subnets would otherwise stay routed into a dead overlay),
-/// and so do twill's IPv6 routes on the underlay (host-gw's, DirectRouting's).
-pub(super) async fn remove_leftovers(nl: &Netlink, underlay_index: u32) {
-    match nl.vxlan_devices().await {
-        Ok(devices) => {
-            for (index, name) in devices {
-                if name.starts_with("twill-v6.") {
-                    info!(device = %name, "this node serves no IPv6: deleting the IPv6 device of an earlier run");
-                    if let Err(e) = nl.delete_link(index).await {
-                        if !e.is_no_device() {
-                            warn!(device = %name, error = %e, "deleting it failed");
-                        }
-                    }
-                }
-            }
-        }
-        Err(e) => {
-            warn!(error = %e, "listing VXLAN devices failed; an IPv6 device of an earlier run may stay")
-        }
-    }
-    // Every IPv6 route with twill's protocol number is unwanted now.
-    let mut routes = ProgrammerOf::<Ipv6Net>::new(nl.clone(), false);
-    let direct = |_: &PeerOf<Ipv6Net>| PeerPath::ok(Path::Direct);
-    match routes.reconcile(underlay_index, None, &[], direct).await {
-        Ok(st) if st.removed > 0 => {
-            info!(
-                routes = st.removed,
-                "this node serves no IPv6: removed twill's IPv6 routes of an earlier run"
-            )
-        }
-        Ok(_) => {}
-        Err(e) => warn!(error = %e, "removing twill's IPv6 routes of an earlier run failed"),
-    }
 }
 
 /// The IPv6 side of a dual-stack node.

@@ -15,7 +15,11 @@ pub struct Status {
     pub ready: bool,
     /// Why the node is not ready yet, when it is not.
     pub waiting_for: Option<String>,
+    /// The IPv4 pod network; none on an IPv6-only network.
     pub network: Option<Ipv4Net>,
+    /// The IPv6 pod network, on a network with IPv6.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network6: Option<Ipv6Net>,
     pub node: Option<NodeStatus>,
     pub peers: Vec<PeerStatus>,
     /// The IPv6 peers, when this node serves the IPv6 side of a dual-stack network.
@@ -44,19 +48,28 @@ pub struct FirewallStatus {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct NodeStatus {
+    /// This node's IPv4 side (its fields at the top level, as before IPv6); none on an
+    /// IPv6-only network.
+    #[serde(flatten)]
+    pub v4: Option<NodeStatus4>,
+    pub underlay: String,
+    pub backend: String,
+    /// This node's IPv6 side, when it serves one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<NodeStatus6>,
+}
+
+/// The IPv4 subnet, endpoint and device.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeStatus4 {
     pub subnet: Ipv4Net,
     pub public_ip: Ipv4Addr,
     /// The VXLAN device's MAC; none with backends that have no VXLAN device.
     pub vtep_mac: Option<MacAddr>,
-    pub underlay: String,
-    pub backend: String,
     pub device: String,
     pub mtu: u32,
     /// The device's transmit checksum offload (`--vxlan-checksum-offload`), if known.
     pub tx_checksum_offload: Option<bool>,
-    /// This node's IPv6 side, when it serves one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ipv6: Option<NodeStatus6>,
 }
 
 /// A dual-stack node's IPv6 subnet, endpoint and device.

@@ -32,7 +32,8 @@ pub struct Watched {
 /// endpoint. IPv4 address changes count on any interface (the underlay may move).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Watch {
-    pub v4: Watched,
+    /// The IPv4 side's device; none on an IPv6-only node.
+    pub v4: Option<Watched>,
     pub v6: Option<Watched>,
     pub underlay: u32,
 }
@@ -56,7 +57,8 @@ enum Notice {
 
 fn classify(msg: &RouteNetlinkMessage, w: &Watch) -> Option<Notice> {
     use RouteNetlinkMessage as M;
-    let ours = |i: u32| i == w.v4.ifindex || w.v6.is_some_and(|d| d.ifindex == i);
+    let ours =
+        |i: u32| w.v4.is_some_and(|d| d.ifindex == i) || w.v6.is_some_and(|d| d.ifindex == i);
     match msg {
         M::NewLink(l) | M::DelLink(l) if ours(l.header.index) => Some(Notice::Device),
         M::DelNeighbour(n) => deleted_neighbour(n, w),
@@ -71,7 +73,7 @@ fn classify(msg: &RouteNetlinkMessage, w: &Watch) -> Option<Notice> {
 /// not).
 fn deleted_neighbour(n: &NeighbourMessage, w: &Watch) -> Option<Notice> {
     let (i, fam) = (n.header.ifindex, n.header.family);
-    if w.v4.overlay && i == w.v4.ifindex {
+    if w.v4.is_some_and(|d| d.overlay && d.ifindex == i) {
         return matches!(fam, AddressFamily::Inet | AddressFamily::Bridge)
             .then(|| Notice::Deleted(neighbour_key::<Ipv4Net>(n).map(AnyKey::V4)));
     }
@@ -102,11 +104,14 @@ fn neighbour_key<N: NlFamily>(n: &NeighbourMessage) -> Option<EntryKeyOf<N>> {
 fn deleted_route(r: &RouteMessage, w: &Watch) -> Option<Notice> {
     let direct = r.header.protocol == RouteProtocol::Other(TWILL_RTPROT);
     match r.header.address_family {
-        AddressFamily::Inet => (route_oif(r) == Some(w.v4.ifindex) || direct).then(|| {
-            Notice::Deleted(
-                <Ipv4Net as NlFamily>::route_dst(r).map(|d| AnyKey::V4(EntryKeyOf::Route(d))),
-            )
-        }),
+        AddressFamily::Inet => {
+            let d4 = w.v4?;
+            (route_oif(r) == Some(d4.ifindex) || direct).then(|| {
+                Notice::Deleted(
+                    <Ipv4Net as NlFamily>::route_dst(r).map(|d| AnyKey::V4(EntryKeyOf::Route(d))),
+                )
+            })
+        }
         AddressFamily::Inet6 => {
             let d6 = w.v6?;
             (route_oif(r) == Some(d6.ifindex) || direct).then(|| {
@@ -119,11 +124,12 @@ fn deleted_route(r: &RouteMessage, w: &Watch) -> Option<Notice> {
     }
 }
 
-/// Any IPv4 address (the underlay may move to another interface); IPv6 addresses of the
-/// underlay when we serve IPv6 (pods' link-local addresses on other interfaces are no news).
+/// Any IPv4 address when we serve IPv4 (the underlay may move to another interface); IPv6
+/// addresses of the underlay when we serve IPv6 (pods' link-local addresses on other
+/// interfaces are no news).
 fn address(a: &AddressMessage, w: &Watch) -> bool {
     match a.header.family {
-        AddressFamily::Inet => true,
+        AddressFamily::Inet => w.v4.is_some(),
         AddressFamily::Inet6 => w.v6.is_some() && a.header.index == w.underlay,
         _ => false,
     }
@@ -213,7 +219,7 @@ mod tests {
     /// The IPv4 device 7 (an overlay unless `overlay` is false), no IPv6 side, underlay 1.
     fn w4(ifindex: u32, overlay: bool) -> Watch {
         Watch {
-            v4: Watched { ifindex, overlay },
+            v4: Some(Watched { ifindex, overlay }),
             v6: None,
             underlay: 1,
         }
@@ -298,10 +304,10 @@ mod tests {
         use std::net::Ipv6Addr;
         use RouteNetlinkMessage as M;
         let dual = Watch {
-            v4: Watched {
+            v4: Some(Watched {
                 ifindex: 7,
                 overlay: true,
-            },
+            }),
             v6: Some(Watched {
                 ifindex: 8,
                 overlay: true,
@@ -366,6 +372,7 @@ mod tests {
         r.attributes[0] = RouteAttribute::Oif(1);
         assert_eq!(classify(&M::DelRoute(r.clone()), &dual), None);
         r.header.protocol = RouteProtocol::Other(TWILL_RTPROT);
+        let r6 = r.clone();
         assert_eq!(classify(&M::DelRoute(r), &dual), del6(key));
 
         let mut a = AddressMessage::default();
@@ -379,6 +386,25 @@ mod tests {
         // A pod's veth getting its link-local address is no news.
         a.header.index = 23;
         assert_eq!(classify(&M::NewAddress(a), &dual), None);
+
+        // An IPv6-only node: its IPv6 device and routes are watched; IPv4 routes and
+        // addresses (it has no IPv4 side) are no news.
+        let only6 = Watch { v4: None, ..dual };
+        assert_eq!(classify(&M::DelRoute(r6.clone()), &only6), del6(key));
+        let mut r4 = RouteMessage::default();
+        r4.header.address_family = AddressFamily::Inet;
+        r4.header.protocol = RouteProtocol::Other(TWILL_RTPROT);
+        r4.attributes.push(RouteAttribute::Oif(7));
+        assert_eq!(classify(&M::DelRoute(r4.clone()), &only6), None);
+        assert!(classify(&M::DelRoute(r4), &dual).is_some());
+        let mut a4 = AddressMessage::default();
+        a4.header.family = AddressFamily::Inet;
+        a4.header.index = 1;
+        assert_eq!(classify(&M::NewAddress(a4.clone()), &only6), None);
+        assert_eq!(classify(&M::NewAddress(a4), &dual), Some(Notice::Address));
+        let mut link = LinkMessage::default();
+        link.header.index = 7;
+        assert_eq!(classify(&M::DelLink(link), &only6), None);
     }
 
     #[test]

@@ -108,7 +108,8 @@ pub enum IfaceSelector {
 pub struct Underlay {
     pub name: String,
     pub index: u32,
-    pub addr: Ipv4Addr,
+    /// The interface's first IPv4 address, if it has one (an IPv6-only host has none).
+    pub addr: Option<Ipv4Addr>,
     /// The interface's stable global IPv6 address, if it has one (see `stable_ipv6`).
     pub addr6: Option<Ipv6Addr>,
     pub mtu: u32,
@@ -221,18 +222,12 @@ impl Netlink {
         let name = link_name(&link).unwrap_or_default();
         let mtu = link_mtu(&link).unwrap_or(1500);
         let addr = match sel {
-            Some(IfaceSelector::Addr(ip)) => *ip,
+            Some(IfaceSelector::Addr(ip)) => Some(*ip),
             _ => self
                 .ipv4_addrs(Some(index))
                 .await?
                 .first()
-                .map(|(_, a, _)| *a)
-                .ok_or_else(|| {
-                    NetlinkError::failed(
-                        "find underlay",
-                        format!("interface {name} has no IPv4 address"),
-                    )
-                })?,
+                .map(|(_, a, _)| *a),
         };
         let addr6 = self.stable_ipv6(index).await?;
         Ok(Underlay {
@@ -804,14 +799,21 @@ impl Netlink {
             .map_err(|e| NetlinkError::from_rtnl("dump routes", e))
     }
 
+    /// The interface of the main table's IPv4 default route, or on a host without one (an
+    /// IPv6-only host) of its IPv6 default route.
     async fn default_route_link(&self) -> Result<u32, NetlinkError> {
-        let routes = self.all_routes().await?;
-        routes
-            .iter()
-            .filter(|r| r.header.destination_prefix_length == 0 && route_table(r) == MAIN_TABLE)
-            .filter_map(|r| Some((route_priority(r), route_oif(r)?)))
-            .min()
-            .map(|(_, oif)| oif)
+        let default = |routes: Vec<RouteMessage>| {
+            routes
+                .iter()
+                .filter(|r| r.header.destination_prefix_length == 0 && route_table(r) == MAIN_TABLE)
+                .filter_map(|r| Some((route_priority(r), route_oif(r)?)))
+                .min()
+                .map(|(_, oif)| oif)
+        };
+        if let Some(oif) = default(self.all_routes().await?) {
+            return Ok(oif);
+        }
+        default(self.routes_of::<ipnet::Ipv6Net>().await?)
             .ok_or_else(|| NetlinkError::failed("find underlay", "no default route; pass --iface"))
     }
 

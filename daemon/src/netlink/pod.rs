@@ -13,6 +13,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use futures::future::OptionFuture;
 use futures::TryStreamExt;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use nix::sched::{setns, CloneFlags};
@@ -275,7 +276,7 @@ impl PodNetlink {
     pub async fn ensure_bridge(
         &self,
         name: &str,
-        gateway: Ipv4Net,
+        gateway: Option<Ipv4Net>,
         gateway6: Option<Ipv6Net>,
         mtu: u32,
     ) -> Result<u32, PodNetError> {
@@ -326,7 +327,11 @@ impl PodNetlink {
             }
         }
         let have = ip_addrs(h, link.index).await?;
-        for gw in std::iter::once(IpNet::V4(gateway)).chain(gateway6.map(IpNet::V6)) {
+        for gw in gateway
+            .map(IpNet::V4)
+            .into_iter()
+            .chain(gateway6.map(IpNet::V6))
+        {
             if have.contains(&gw) {
                 continue;
             }
@@ -555,17 +560,17 @@ fn enter_netns(file: &File, shown: &str) -> Result<(), PodNetError> {
     })
 }
 
-/// Inside the pod's netns: address, up, default route via the gateway. Returns the link, and
-/// whether the default route was added: a pod attached to another network first may have one
-/// already, and then the first one wins (as with the reference plugins), not an error. The three
-/// changes are sent back to back on one socket without waiting for each answer: the kernel
-/// handles a socket's messages in order, so the route still finds the address and the link up.
-/// The first failure in that order is the one reported.
+/// Inside the pod's netns: each family's address (IPv4, IPv6 or both), up, default route via
+/// the family's gateway. Returns the link, and whether each default route was added: a pod
+/// attached to another network first may have one already, and then the first one wins (as
+/// with the reference plugins), not an error. The IPv4 changes are sent back to back on one
+/// socket without waiting for each answer: the kernel handles a socket's messages in order, so
+/// the route still finds the address and the link up. The first failure in that order is the
+/// one reported.
 pub async fn configure_container(
     h: &Handle,
     ifname: &str,
-    addr: Ipv4Net,
-    gateway: Ipv4Addr,
+    v4: Option<(Ipv4Net, Ipv4Addr)>,
     v6: Option<(Ipv6Net, Ipv6Addr)>,
 ) -> Result<(LinkState, Routed), PodNetError> {
     let l = link_by_name(h, ifname)
@@ -578,34 +583,38 @@ pub async fn configure_container(
         let path = format!("/proc/sys/net/ipv6/conf/{ifname}/accept_dad");
         std::fs::write(&path, "0").map_err(|e| PodNetError::other(path, e.to_string()))?;
     }
-    let add_v4 = add_addr(h, l.index, addr.into());
+    let add_v4 = OptionFuture::from(v4.map(|(addr, _)| add_addr(h, l.index, addr.into())));
     let set_up = h
         .link()
         .set(LinkUnspec::new_with_index(l.index).up().build())
         .execute();
-    let add_route = h
-        .route()
-        .add(
-            RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
-                .gateway(gateway)
-                .output_interface(l.index)
-                .build(),
-        )
-        .execute();
+    let add_route = OptionFuture::from(v4.map(|(_, gateway)| {
+        h.route()
+            .add(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+                    .gateway(gateway)
+                    .output_interface(l.index)
+                    .build(),
+            )
+            .execute()
+    }));
     // join! polls (and so queues) them in this order.
     let (a, u, r) = futures::join!(add_v4, set_up, add_route);
-    a.map_err(|e| PodNetError::netlink(format!("adding {addr} to {ifname}"), e))?;
+    if let (Some(a), Some((addr, _))) = (a, v4) {
+        a.map_err(|e| PodNetError::netlink(format!("adding {addr} to {ifname}"), e))?;
+    }
     u.map_err(|e| PodNetError::netlink(format!("setting {ifname} up"), e))?;
-    let routed4 = match r {
-        Ok(()) => true,
-        Err(e) if errno_of(&e) == Some(libc::EEXIST) => false,
-        Err(e) => {
+    let routed4 = match (r, v4) {
+        (Some(Ok(())), _) => true,
+        (Some(Err(e)), _) if errno_of(&e) == Some(libc::EEXIST) => false,
+        (Some(Err(e)), Some((_, gateway))) => {
             return Err(PodNetError::netlink(
                 format!("adding default route via {gateway}"),
                 e,
             ))
         }
+        _ => false,
     };
     let Some((addr6, gateway6)) = v6 else {
         return Ok((

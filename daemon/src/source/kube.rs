@@ -255,6 +255,7 @@ impl LeaseSource for KubeSource {
                 Ok(Some(node)) => match own_subnets(&node, cfg, attrs) {
                     Ok(Some((subnet, subnet6))) => {
                         let mut attrs = attrs.clone();
+                        // (On an IPv6-only network `own_subnets` waits for the IPv6 entry.)
                         if subnet6.is_none() {
                             if let Some(r) = cfg.ipv6.as_ref().filter(|_| attrs.v6.is_some()) {
                                 warn!(node = %self.node, ipv6_network = %r.network, "EnableIPv6 is set, but our Node has no IPv6 entry in spec.podCIDRs (kube-controller-manager --cluster-cidr needs an IPv6 range, and a Node keeps the podCIDRs it got first): this node serves IPv4 only");
@@ -263,8 +264,10 @@ impl LeaseSource for KubeSource {
                         }
                         match self.publish(&node, &attrs).await {
                             Ok(_) => {
-                                if let Some(p) = previous.v4.filter(|p| *p != subnet) {
-                                    warn!(previous = %p, podcidr = %subnet, "this node's subnet changed since the last run: pods still on the old one lose the network");
+                                if let (Some(p), Some(s)) = (previous.v4, subnet) {
+                                    if p != s {
+                                        warn!(previous = %p, podcidr = %s, "this node's subnet changed since the last run: pods still on the old one lose the network");
+                                    }
                                 }
                                 if let (Some(p), Some(s6)) = (previous.v6, subnet6) {
                                     if p != s6 {
@@ -272,7 +275,7 @@ impl LeaseSource for KubeSource {
                                     }
                                 }
                                 return OwnLease {
-                                    subnet: Some(subnet),
+                                    subnet,
                                     subnet6,
                                     attrs,
                                 };
@@ -280,6 +283,12 @@ impl LeaseSource for KubeSource {
                             Err(e) => format!("publishing our Node annotations: {e}"),
                         }
                     }
+                    Ok(None) if cfg.ipv4.is_none() => format!(
+                        "node {}: no IPv6 entry in spec.podCIDRs yet, and the network is \
+                         IPv6-only (kube-controller-manager --allocate-node-cidrs with an IPv6 \
+                         --cluster-cidr)",
+                        self.node
+                    ),
                     Ok(None) => format!(
                         "node {}: no spec.podCIDR assigned yet (kube-controller-manager \
                          --allocate-node-cidrs, kubeadm --pod-network-cidr)",
@@ -597,18 +606,27 @@ impl KubeSource {
 
 /// Our subnets from our Node: the IPv4 one, and the IPv6 one when we serve IPv6 (`attrs` has
 /// an IPv6 side). None while no podCIDR is assigned.
+/// Our IPv4 and IPv6 subnets (each if we have one).
+type OwnSubnets = (Option<Ipv4Net>, Option<Ipv6Net>);
+
+/// Our subnets from our Node: None while the Node lacks one it must have (the IPv4 one; on an
+/// IPv6-only network the IPv6 one). The IPv6 one is optional on a dual-stack network.
 fn own_subnets(
     node: &Node,
     cfg: &NetworkConfig,
     attrs: &LeaseAttrs,
-) -> Result<Option<(Ipv4Net, Option<Ipv6Net>)>, knode::NodeError> {
-    let Some(subnet) = knode::pod_subnet(node, cfg)? else {
+) -> Result<Option<OwnSubnets>, knode::NodeError> {
+    let subnet = knode::pod_subnet(node, cfg)?;
+    if cfg.ipv4.is_some() && subnet.is_none() {
         return Ok(None);
-    };
+    }
     let subnet6 = match attrs.v6 {
         Some(_) => knode::pod_subnet6(node, cfg)?,
         None => None,
     };
+    if subnet.is_none() && subnet6.is_none() {
+        return Ok(None);
+    }
     Ok(Some((subnet, subnet6)))
 }
 

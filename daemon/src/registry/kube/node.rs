@@ -33,7 +33,7 @@ pub enum NodeError {
     TooManyPodCidrs { node: String, count: usize },
     #[error("node {node:?}: pod CIDR {cidr:?} is not an address/length")]
     BadPodCidr { node: String, cidr: String },
-    #[error("node {node:?}: no IPv4 pod CIDR (twill needs one; IPv6-only nodes are unsupported)")]
+    #[error("node {node:?}: no IPv4 pod CIDR (the network has IPv4: a Node with IPv6 podCIDRs only cannot join it)")]
     NoIpv4PodCidr { node: String },
     #[error(
         "node {node:?}: its PodCIDR {cidr} is outside the Network {network} of net-conf.json \
@@ -437,15 +437,25 @@ pub fn peer6_from_node(
     let Some(range) = &cfg.ipv6 else {
         return Ok(None);
     };
-    // A node that publishes no IPv6 address serves IPv4 only: its podCIDRs are the IPv4
-    // side's business.
+    // On a dual-stack network a node that publishes no IPv6 address serves IPv4 only: its
+    // podCIDRs are the IPv4 side's business. On an IPv6-only network this side is the node's
+    // only one, and says what is wrong with it.
+    let only6 = cfg.ipv4.is_none();
     let Some(ip) = annotation(node, a.public_ipv6()).filter(|v| !v.is_empty()) else {
-        return Ok(None);
+        return if only6 {
+            Err(skip(
+                SkipReason::NoPublicIp,
+                "public-ipv6 annotation is missing",
+            ))
+        } else {
+            Ok(None)
+        };
     };
     let subnet = match pod_subnet6(node, cfg) {
         Ok(Some(s)) => s,
         Ok(None) => return Ok(None),
         Err(e @ NodeError::OutsideNetwork6 { .. }) => return Err(e.into()),
+        Err(e) if only6 => return Err(e.into()),
         // Unreadable podCIDRs are reported once, by the IPv4 side.
         Err(_) => return Ok(None),
     };
@@ -734,8 +744,9 @@ impl Peers {
         out
     }
 
-    /// The list is complete: one `Snapshot` of all valid peers (and a `Snapshot6`). Nodes not
-    /// listed again (deleted while the watch was down) are gone from it.
+    /// The list is complete: one `Snapshot` of all valid peers (none on an IPv6-only network)
+    /// and a `Snapshot6` when we serve IPv6. Nodes not listed again (deleted while the watch
+    /// was down) are gone from it.
     pub fn init_done(&mut self) -> Vec<PeerEvent> {
         if let Some((fresh, fresh6)) = self.relist.take() {
             self.nodes = fresh;
@@ -744,7 +755,10 @@ impl Peers {
         fn active<N: Cidr>(t: &Table<N>) -> Vec<PeerOf<N>> {
             t.values().filter_map(|k| k.state.active()).collect()
         }
-        let mut out = vec![PeerEvent::Snapshot(active(&self.nodes))];
+        let mut out = Vec::new();
+        if self.cfg.ipv4.is_some() {
+            out.push(PeerEvent::Snapshot(active(&self.nodes)));
+        }
         if self.own_subnet6.is_some() {
             out.push(PeerEvent::Snapshot6(active(&self.nodes6)));
         }
@@ -799,7 +813,12 @@ impl Peers {
             return None;
         }
         let a = &self.annotations;
-        let v4 = split(peer_from_node(node, a, &self.cfg, self.own_subnet));
+        // Not served on an IPv6-only network: the Node is still placed in the IPv4 table
+        // (without a peer), which keeps every judged Node's digest.
+        let v4 = match self.cfg.ipv4 {
+            Some(_) => split(peer_from_node(node, a, &self.cfg, self.own_subnet)),
+            None => (None, None),
+        };
         let v6 = self
             .own_subnet6
             .map(|own6| split(peer6_from_node(node, a, &self.cfg, Some(own6))));
@@ -2083,6 +2102,56 @@ mod tests {
             }
         }
         to_node(v)
+    }
+
+    /// flanneld's IPv6-only Node: only the IPv6 annotations and an IPv6 podCIDR.
+    fn only6_node(name: &str, n: u8) -> Node {
+        let ann = json!({
+            format!("{P}kube-subnet-manager"): "true",
+            format!("{P}backend-type"): "vxlan",
+            format!("{P}backend-v6-data"): vxlan_data(1, &format!("12:c6:65:89:b6:{n:02x}")),
+            format!("{P}public-ipv6"): format!("2001:db8::{n}"),
+        });
+        to_node(node_json(
+            name,
+            json!({"podCIDR": format!("fd00:10:244:{n}::/64"),
+                   "podCIDRs": [format!("fd00:10:244:{n}::/64")]}),
+            ann,
+        ))
+    }
+
+    /// On an IPv6-only network only IPv6 peers are sent (no `Snapshot`), a Node without
+    /// public-ipv6 is reported (it is the Node's only side), and heartbeats stay no news.
+    #[test]
+    fn an_ipv6_only_network_has_only_ipv6_peers() {
+        let c = NetworkConfig::parse(
+            br#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56"}"#,
+        )
+        .unwrap();
+        assert_eq!(pod_subnet(&only6_node("a", 1), &c).unwrap(), None);
+        let mut p = Peers::new("me", ann(), c, None).with_ipv6(Some(net6("fd00:10:244::/64")));
+        p.init();
+        assert_eq!(p.init_apply(&only6_node("a", 1)), vec![]);
+        let no_ip = set_ann(&only6_node("b", 2), "public-ipv6", None);
+        let skips = p.init_apply(&no_ip);
+        assert_eq!(skips.len(), 1, "{skips:?}");
+        assert_eq!(skips[0].skip.reason, SkipReason::NoPublicIp);
+        let evs = p.init_done();
+        assert!(
+            matches!(evs.as_slice(), [PeerEvent::Snapshot6(ps)]
+                if ps.len() == 1 && ps[0].subnet == net6("fd00:10:244:1::/64")
+                    && ps[0].public_ip == "2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap()),
+            "{evs:?}"
+        );
+        // A new Node is an IPv6 upsert; the same Node again (a heartbeat) is nothing.
+        let a = p.apply(&only6_node("c", 3));
+        assert!(
+            matches!(a.events.as_slice(), [PeerEvent::Upsert6(p6)] if p6.subnet == net6("fd00:10:244:3::/64")),
+            "{:?}",
+            a.events
+        );
+        let a = p.apply(&only6_node("c", 3));
+        assert!(a.events.is_empty() && a.skips.is_empty(), "{a:?}");
     }
 
     #[test]
