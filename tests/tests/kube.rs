@@ -19,6 +19,7 @@ use twill_tests::{wait_until, Lab, LabOptions, Pod, StreamOptions, UdpStream};
 const DEV: &str = "twill.1";
 const NET_CONF: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const NET_CONF_DUAL: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;
+const NET_CONF_ONLY6: &str = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;
 const PREFIX: &str = "flannel.alpha.coreos.com/";
 const READY: Duration = Duration::from_secs(60);
 const CONVERGE: Duration = Duration::from_secs(60);
@@ -159,9 +160,14 @@ impl KubeLab {
         let cfg = self.lab.cni_config(i, "1.0.0");
         let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name}");
         let pod = self.lab.add_pod_with(i, name, &args, &cfg)?;
-        let ip = pod.ip.to_string();
-        let mut ips = vec![serde_json::json!({"ip": ip})];
-        ips.extend(pod.ip6.map(|a| serde_json::json!({"ip": a.to_string()})));
+        // IPv4 first when the pod has one (an IPv6-only network gives it none).
+        let addrs: Vec<String> = (!pod.ip.is_unspecified())
+            .then(|| pod.ip.to_string())
+            .into_iter()
+            .chain(pod.ip6.map(|a| a.to_string()))
+            .collect();
+        let ip = addrs.first().cloned().unwrap_or_default();
+        let ips: Vec<Value> = addrs.iter().map(|a| serde_json::json!({"ip": a})).collect();
         self.api.update_value(Kind::Pod, ns, name, |p| {
             p["status"] = serde_json::json!({"phase": "Running", "podIP": ip, "podIPs": ips});
         })?;
@@ -263,6 +269,19 @@ fn flanneld_dual(mac: &str, ip: &str, mac6: &str, ip6: &str) -> Vec<(&'static st
     ));
     a.push(("public-ipv6", ip6.into()));
     a
+}
+
+/// An IPv6-only flanneld's: no IPv4 pair at all.
+fn flanneld_v6(mac6: &str, ip6: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("kube-subnet-manager", "true".into()),
+        ("backend-type", "vxlan".into()),
+        (
+            "backend-v6-data",
+            format!(r#"{{"VNI":1,"VtepMAC":"{mac6}"}}"#),
+        ),
+        ("public-ipv6", ip6.into()),
+    ]
 }
 
 fn network_unavailable(node: &Value) -> Option<String> {
@@ -1323,6 +1342,101 @@ fn dual_stack_nodes_publish_and_program_both_families_through_the_api() -> Resul
         })
         .with_context(|| format!("node {i} kept the deleted node's IPv6 side"))?;
     }
+    k.lab.del_pod(&a)?;
+    k.lab.del_pod(&b)?;
+    Ok(())
+}
+
+/// An IPv6-only network in Kubernetes mode: each twilld takes its Node's IPv6 podCIDR,
+/// publishes flannel's IPv6 annotations only (an IPv4 pair of an earlier flanneld run goes),
+/// programs the other Nodes (an IPv6-only flanneld one too), and pods reach each other over
+/// IPv6 without NAT.
+#[test]
+fn ipv6_only_nodes_publish_and_program_through_the_api() -> Result<()> {
+    let mut k = KubeLab::build_with(2, false, true)?;
+    for i in 1..=2 {
+        k.api.set_pod_cidrs(&format!("n{i}"), &[&pod_cidr6(i)])?;
+        std::fs::write(k.lab.node_dir(i).join("net-conf.json"), NET_CONF_ONLY6)?;
+    }
+    // Node 1 carries an IPv4 pair from an earlier run: peers must not route IPv4 to it.
+    k.annotate(
+        "n1",
+        &flanneld("0a:58:0a:f4:01:01", &k.lab.node_ip(1).to_string()),
+    )?;
+    let (n9_ip6, n9_mac6) = ("fd00:198:18::99", "0a:58:fd:00:09:01");
+    k.api.add_node("n9", "198.18.0.99", None)?;
+    k.api.set_pod_cidrs("n9", &[&pod_cidr6(9)])?;
+    k.annotate("n9", &flanneld_v6(n9_mac6, n9_ip6))?;
+    for i in 1..=2 {
+        k.start(i)?;
+    }
+    for i in 1..=2 {
+        k.lab.wait_ready(i, READY)?;
+    }
+    let mut sides = Vec::new();
+    for i in 1..=2 {
+        let st = k.lab.status(i)?;
+        ensure!(
+            st["network"].is_null() && st["node"]["subnet"].is_null(),
+            "node {i} has an IPv4 side: {st}"
+        );
+        let side = &st["node"]["ipv6"];
+        let subnet = side["subnet"].as_str().unwrap_or_default().to_string();
+        let public = side["public_ip"].as_str().unwrap_or_default().to_string();
+        let mac = side["vtep_mac"]
+            .as_str()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        ensure!(subnet == pod_cidr6(i), "node {i}: {st}");
+        ensure!(public == k.lab.node_ip6(i).to_string(), "node {i}: {st}");
+        let name = format!("n{i}");
+        wait_until(CONVERGE, || {
+            k.annotation(&name, "backend-v6-data")
+                == Some(format!(r#"{{"VNI":1,"VtepMAC":"{mac}"}}"#))
+                && k.annotation(&name, "public-ipv6") == Some(public.clone())
+                && k.annotation(&name, "backend-type") == Some("vxlan".into())
+                && k.annotation(&name, "backend-data").is_none()
+                && k.annotation(&name, "public-ip").is_none()
+        })
+        .with_context(|| format!("node {i}'s annotations: {:?}", k.node(&name)))?;
+        sides.push((subnet, public, mac));
+    }
+    for (i, other) in [(1, 1), (2, 0)] {
+        let (subnet, public, mac) = &sides[other];
+        let want = [
+            (subnet.clone(), public.clone(), mac.clone(), true),
+            (pod_cidr6(9), n9_ip6.to_string(), n9_mac6.to_string(), true),
+        ];
+        wait_until(CONVERGE, || {
+            let got = peers6(&k, i);
+            want.iter().all(|w| got.contains(w))
+        })
+        .with_context(|| format!("node {i}'s IPv6 peers: {:?}", peers6(&k, i)))?;
+        ensure!(
+            k.lab.status(i)?["peers"].as_array().map(Vec::len) == Some(0),
+            "node {i} has IPv4 peers"
+        );
+    }
+    let a = k.add_pod(1, "default", "a", &[])?;
+    let b = k.add_pod(2, "default", "b", &[])?;
+    ensure!(
+        a.ip.is_unspecified() && b.ip.is_unspecified(),
+        "a pod got an IPv4 address"
+    );
+    let (a6, b6) = (
+        a.ip6.context("pod a got no IPv6 address")?,
+        b.ip6.context("pod b got no IPv6 address")?,
+    );
+    let seen = twill_tests::pod::pod_to_pod6(&a, &b, 7781)?;
+    ensure!(
+        seen == std::net::IpAddr::V6(a6),
+        "pod b saw {seen}, not {a6}"
+    );
+    let seen = twill_tests::pod::pod_to_pod6(&b, &a, 7782)?;
+    ensure!(
+        seen == std::net::IpAddr::V6(b6),
+        "pod a saw {seen}, not {b6}"
+    );
     k.lab.del_pod(&a)?;
     k.lab.del_pod(&b)?;
     Ok(())
