@@ -126,13 +126,14 @@ fn add_result(req: &Request, dns: Dns) -> CniResult {
     }
 }
 
-fn configs() -> &'static [NetworkConfig; 3] {
-    static CONFIGS: OnceLock<[NetworkConfig; 3]> = OnceLock::new();
+fn configs() -> &'static [NetworkConfig; 4] {
+    static CONFIGS: OnceLock<[NetworkConfig; 4]> = OnceLock::new();
     CONFIGS.get_or_init(|| {
         [
             br#"{"Network":"10.244.0.0/16"}"#.as_slice(),
             br#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#,
             br#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56"}"#,
+            br#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56"}"#,
         ]
         .map(|c| NetworkConfig::parse(c).expect("a valid config"))
     })
@@ -349,13 +350,14 @@ pub fn subnet_key(data: &[u8]) {
 }
 
 /// What etcd holds under `<prefix>/subnets/` as it changes, one change per line, through the
-/// peer watcher's view (`registry::view`) as twilld runs it, on a v4-only and on a dual-stack
-/// network:
+/// peer watcher's view (`registry::view`) as twilld runs it, on a v4-only, a dual-stack and an
+/// IPv6-only network (no IPv4 event ever there):
 /// - `+REV KEY VALUE`: a put of KEY created at revision REV (a number; 0 if not);
 /// - `-KEY`: a delete;
 /// - `=`: a re-list (after a compaction or a reconnect);
 /// - `oN`: this node's lease is now 10.244.N.0/24, from 198.18.0.N with MAC 02:00:00:00:00:N
-///   (dual stack: also fd00:10:244:N::/64 from fd00:198:18::N with MAC 02:00:00:00:06:N).
+///   (dual stack: also fd00:10:244:N::/64 from fd00:198:18::N with MAC 02:00:00:00:06:N;
+///   IPv6-only: only that).
 ///
 /// After each, the peers the daemon was told (its snapshots, upserts and removes, per family)
 /// are exactly those a fresh list of the same keys gives, and they are consistent: none
@@ -364,6 +366,7 @@ pub fn peer_view(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     peer_view_on(&configs()[0], &text);
     peer_view_on(&configs()[2], &text);
+    peer_view_on(&configs()[3], &text);
 }
 
 fn peer_view_on(cfg: &NetworkConfig, text: &str) {
@@ -378,12 +381,16 @@ fn peer_view_on(cfg: &NetworkConfig, text: &str) {
     use crate::registry::{OwnLease, PeerEvent, SubnetChange, SubnetKv};
 
     let dual = cfg.ipv6.is_some();
+    let only6 = cfg.ipv4.is_none();
     let own_of = |n: u8| {
         let mut attrs = LeaseAttrs::vxlan(
             Ipv4Addr::new(198, 18, 0, n),
             1,
             crate::mac::MacAddr([2, 0, 0, 0, 0, n]),
         );
+        if only6 {
+            attrs.v4 = None;
+        }
         attrs.v6 = dual.then_some(LeaseV6 {
             public_ip: Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, n.into()),
             backend: LeaseBackend::Vxlan {
@@ -392,7 +399,8 @@ fn peer_view_on(cfg: &NetworkConfig, text: &str) {
             },
         });
         OwnLease {
-            subnet: Some(Ipv4Net::new(Ipv4Addr::new(10, 244, n, 0), 24).expect("a /24")),
+            subnet: (!only6)
+                .then(|| Ipv4Net::new(Ipv4Addr::new(10, 244, n, 0), 24).expect("a /24")),
             subnet6: dual.then(|| {
                 Ipv6Net::new(Ipv6Addr::new(0xfd00, 0x10, 0x244, n.into(), 0, 0, 0, 0), 64)
                     .expect("a /64")
@@ -432,6 +440,14 @@ fn peer_view_on(cfg: &NetworkConfig, text: &str) {
             peers.iter().map(|p| (p.subnet, *p)).collect()
         }
         for ev in update.events {
+            let v4 = matches!(
+                ev,
+                PeerEvent::Snapshot(_) | PeerEvent::Upsert(_) | PeerEvent::Remove(_)
+            );
+            assert!(
+                !(only6 && v4),
+                "an IPv4 event on an IPv6-only network: {ev:?}"
+            );
             match ev {
                 PeerEvent::Snapshot(peers) => told = by_subnet(&peers),
                 PeerEvent::Upsert(p) => {
@@ -458,7 +474,8 @@ fn peer_view_on(cfg: &NetworkConfig, text: &str) {
             .as_slice()
         {
             [PeerEvent::Snapshot(peers)] if !dual => (by_subnet(peers), BTreeMap::new()),
-            [PeerEvent::Snapshot(peers), PeerEvent::Snapshot6(peers6)] if dual => {
+            [PeerEvent::Snapshot6(peers6)] if only6 => (BTreeMap::new(), by_subnet(peers6)),
+            [PeerEvent::Snapshot(peers), PeerEvent::Snapshot6(peers6)] if dual && !only6 => {
                 (by_subnet(peers), by_subnet(peers6))
             }
             other => panic!("a list gives one snapshot per family, not {other:?}"),

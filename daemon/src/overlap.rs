@@ -5,7 +5,7 @@
 //! covers them (the underlay can change while running) is never routed.
 
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
@@ -111,27 +111,22 @@ pub fn endpoint_host(endpoint: &str) -> Option<&str> {
     (!host.is_empty()).then_some(host)
 }
 
-/// The IPv4 addresses of the etcd endpoints: literal ones as they are, names looked up (best
-/// effort: a name that does not resolve now is left out).
-pub async fn etcd_addresses(endpoints: &[String]) -> Vec<Ipv4Addr> {
+/// The addresses (both families) of the etcd endpoints: literal ones as they are, names looked
+/// up (best effort: a name that does not resolve now is left out). Each family's side checks
+/// its own.
+pub async fn etcd_addresses(endpoints: &[String]) -> Vec<IpAddr> {
     let mut out = Vec::new();
     for e in endpoints.iter().flat_map(|e| e.split(',')) {
         let Some(host) = endpoint_host(e.trim()) else {
             continue;
         };
-        if let Ok(ip) = host.parse::<Ipv4Addr>() {
+        if let Ok(ip) = host.parse::<IpAddr>() {
             out.push(ip);
-            continue;
-        }
-        if host.parse::<std::net::Ipv6Addr>().is_ok() {
             continue;
         }
         let lookup = tokio::net::lookup_host((host, 0));
         match tokio::time::timeout(Duration::from_secs(3), lookup).await {
-            Ok(Ok(addrs)) => out.extend(addrs.filter_map(|a| match a {
-                SocketAddr::V4(a) => Some(*a.ip()),
-                SocketAddr::V6(_) => None,
-            })),
+            Ok(Ok(addrs)) => out.extend(addrs.map(|a: SocketAddr| a.ip())),
             _ => tracing::warn!(
                 host,
                 "cannot resolve the etcd endpoint's name; not checked against the pod network"
@@ -192,7 +187,7 @@ mod tests {
     #[test]
     fn peer_subnets_over_our_addresses_or_a_tunnel_endpoint_are_refused() {
         let h = host();
-        let ips: BTreeSet<Ipv4Addr> =
+        let ips: BTreeSet<std::net::Ipv4Addr> =
             ["198.18.0.12".parse().unwrap(), "10.9.4.7".parse().unwrap()].into();
         let why = h.refuse(net("198.18.0.0/24"), &ips).unwrap();
         assert!(why.contains("the underlay interface eth0"), "{why}");
@@ -234,8 +229,9 @@ mod tests {
         assert_eq!(
             ips,
             vec![
-                "198.18.0.1".parse::<Ipv4Addr>().unwrap(),
-                "198.18.0.2".parse().unwrap()
+                "198.18.0.1".parse::<IpAddr>().unwrap(),
+                "198.18.0.2".parse().unwrap(),
+                "fd00::1".parse().unwrap()
             ]
         );
     }

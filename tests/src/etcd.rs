@@ -130,7 +130,11 @@ impl Etcd {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://{}:{}", self.ip, self.port)
+        if self.ip.contains(':') {
+            format!("http://[{}]:{}", self.ip, self.port)
+        } else {
+            format!("http://{}:{}", self.ip, self.port)
+        }
     }
 
     pub fn port(&self) -> u16 {

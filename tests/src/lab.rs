@@ -80,6 +80,9 @@ pub struct LabOptions {
     /// A dual-stack underlay: the bridge and every node (on the main segment) also get an
     /// IPv6 address (fd00:198:18::/64; node i has `node_ip6(i)`).
     pub ipv6: bool,
+    /// An IPv6-only underlay (with `ipv6`): nodes get only their IPv6 address and an IPv6
+    /// default route via the underlay host, and etcd listens on its IPv6 address.
+    pub ipv6_only: bool,
 }
 
 impl Default for LabOptions {
@@ -94,6 +97,7 @@ impl Default for LabOptions {
             detachable: false,
             routed: Vec::new(),
             ipv6: false,
+            ipv6_only: false,
         }
     }
 }
@@ -120,6 +124,7 @@ pub struct Lab {
     detachable: bool,
     routed: Vec<usize>,
     ipv6: bool,
+    ipv6_only: bool,
     /// Set by `detach`: drop leaves everything running.
     detached: bool,
 }
@@ -139,6 +144,8 @@ pub struct LabState {
     pub routed: Vec<usize>,
     #[serde(default)]
     pub ipv6: bool,
+    #[serde(default)]
+    pub ipv6_only: bool,
 }
 
 impl Lab {
@@ -177,18 +184,15 @@ impl Lab {
             mtu: opts.mtu,
             detachable: opts.detachable,
             routed: opts.routed,
-            ipv6: opts.ipv6,
+            ipv6: opts.ipv6 || opts.ipv6_only,
+            ipv6_only: opts.ipv6_only,
             detached: false,
         };
         // From here on a failure drops `lab`, which removes whatever was built so far.
         lab.build()?;
         if opts.etcd {
-            let etcd = Etcd::start_opts(
-                &lab.underlay_ns(),
-                &UNDERLAY_IP.to_string(),
-                &lab.dir,
-                lab.detachable,
-            )?;
+            let etcd =
+                Etcd::start_opts(&lab.underlay_ns(), &lab.etcd_ip(), &lab.dir, lab.detachable)?;
             lab.etcd = Some(etcd);
         }
         Ok(lab)
@@ -222,12 +226,13 @@ impl Lab {
             detachable: true,
             routed: state.routed,
             ipv6: state.ipv6,
+            ipv6_only: state.ipv6_only,
             detached: false,
         };
         lab.etcd = state
             .etcd
             .as_ref()
-            .map(|e| Etcd::attach(&lab.underlay_ns(), &UNDERLAY_IP.to_string(), &lab.dir, e));
+            .map(|e| Etcd::attach(&lab.underlay_ns(), &lab.etcd_ip(), &lab.dir, e));
         Ok(lab)
     }
 
@@ -247,6 +252,7 @@ impl Lab {
                 .collect(),
             routed: self.routed.clone(),
             ipv6: self.ipv6,
+            ipv6_only: self.ipv6_only,
         }
     }
 
@@ -398,23 +404,39 @@ impl Lab {
         ip(&[
             "ip", "-n", &seg_ns, "link", "set", &veth, "master", &br, "up",
         ])?;
-        let addr = format!("{}/{UNDERLAY_PREFIX_LEN}", self.node_ip(i));
-        ip(&["ip", "-n", &n, "addr", "add", &addr, "dev", "eth0"])?;
+        if !self.ipv6_only {
+            let addr = format!("{}/{UNDERLAY_PREFIX_LEN}", self.node_ip(i));
+            ip(&["ip", "-n", &n, "addr", "add", &addr, "dev", "eth0"])?;
+        }
         if self.ipv6 && !routed {
             let a = format!("{}/64", self.node_ip6(i));
             ip(&["ip", "-n", &n, "addr", "add", &a, "dev", "eth0", "nodad"])?;
         }
         ip(&["ip", "-n", &n, "link", "set", "eth0", "up"])?;
-        ip(&[
-            "ip",
-            "-n",
-            &n,
-            "route",
-            "add",
-            "default",
-            "via",
-            &gw.to_string(),
-        ])?;
+        if self.ipv6_only {
+            ip(&[
+                "ip",
+                "-n",
+                &n,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                UNDERLAY_IP6,
+            ])?;
+        } else {
+            ip(&[
+                "ip",
+                "-n",
+                &n,
+                "route",
+                "add",
+                "default",
+                "via",
+                &gw.to_string(),
+            ])?;
+        }
         if !routed && !self.routed.is_empty() {
             ip(&[
                 "ip",
@@ -447,6 +469,16 @@ impl Lab {
     /// The lab's temp dir (etcd data and log, one `n<i>` dir per node).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Where etcd listens: the underlay host's IPv4 address, or its IPv6 one on an IPv6-only
+    /// underlay.
+    fn etcd_ip(&self) -> String {
+        if self.ipv6_only {
+            UNDERLAY_IP6.to_string()
+        } else {
+            UNDERLAY_IP.to_string()
+        }
     }
 
     pub fn underlay_ns(&self) -> String {

@@ -186,16 +186,30 @@ fn dual_stack_nodes_lease_both_families_and_reach_each_other_over_both_overlays(
     Ok(())
 }
 
-/// flannel's IPv6-only network (EnableIPv4 false), here over the lab's dual-stack underlay.
+/// flannel's IPv6-only network (EnableIPv4 false).
 const CONFIG6: &str = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;
 
+/// An IPv6-only network on an IPv6-only underlay: the nodes have no IPv4 address or route at
+/// all, and reach etcd over IPv6.
 #[test]
 fn ipv6_only_nodes_lease_flannels_keys_and_pods_reach_each_other_without_nat() -> Result<()> {
     let mut lab = Lab::new(LabOptions {
         nodes: 3,
-        ipv6: true,
+        ipv6_only: true,
         ..Default::default()
     })?;
+    for i in 1..=3 {
+        let v4 = lab.exec_ok(i, &["ip", "-4", "addr", "show", "dev", "eth0"])?;
+        ensure!(
+            v4.trim().is_empty(),
+            "node {i} has IPv4 on its underlay: {v4}"
+        );
+    }
+    ensure!(
+        lab.etcd_endpoint().starts_with("http://[fd00:"),
+        "{}",
+        lab.etcd_endpoint()
+    );
     lab.put_config(CONFIG6)?;
     for i in 1..=3 {
         lab.start_daemon_with(i, &[])?;

@@ -37,6 +37,20 @@ use fw::NodeFirewall;
 use node::Node;
 use start::{sleep_until_opt, Shutdown};
 
+/// The lease source's servers (etcd, the API server): a pod network over one of their
+/// addresses would cut the node off from it.
+pub(super) struct Servers {
+    pub addrs: Vec<std::net::IpAddr>,
+    pub are: &'static str,
+}
+
+impl Servers {
+    /// Those of family N.
+    pub fn of<N: crate::netlink::NlFamily>(&self) -> Vec<N::Addr> {
+        self.addrs.iter().filter_map(|a| N::from_ip(*a)).collect()
+    }
+}
+
 /// Kernel events arrive in bursts (a hand `ip route flush`); collapse them. Our own deletions
 /// are filtered out before they become events (see `netlink::own`).
 const EVENT_DEBOUNCE: Duration = Duration::from_millis(300);
@@ -255,9 +269,13 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
     });
 
     // Each family's side this node serves, planned before any lease is taken.
+    let servers = Servers {
+        addrs: source.server_addrs().await,
+        are: source.server_is(),
+    };
     let plan4 = match &cfg.ipv4 {
         Some(range) => {
-            Some(side4::plan(&args, &cfg, range, &nl, &underlay, &source, vtep_mac).await?)
+            Some(side4::plan(&args, &cfg, range, &nl, &underlay, &servers, vtep_mac).await?)
         }
         None => None,
     };
@@ -287,7 +305,7 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
     };
     let v6 = match (&plan6, own.subnet6) {
         (Some(plan), Some(subnet6)) => {
-            Some(side6::start(&nl, &args, &cfg, plan, subnet6, &underlay.name).await?)
+            Some(side6::start(&nl, &args, &cfg, plan, subnet6, &underlay.name, &servers).await?)
         }
         _ => {
             side::remove_leftovers::<ipnet::Ipv6Net>(&nl, underlay.index, "twill-v6.").await;

@@ -9,6 +9,7 @@ use tracing::{error, info};
 
 use super::side::Side;
 use super::status::Shared;
+use super::Servers;
 use super::StartError;
 use crate::backend::hostgw::HostGwBackend;
 use crate::backend::offload;
@@ -20,7 +21,6 @@ use crate::config::{BackendKind, NetworkConfig};
 use crate::lease::{LeaseBackend, LeaseSide};
 use crate::netlink::{Netlink, Underlay};
 use crate::overlap::HostNets;
-use crate::source::LeaseSource;
 use crate::subnet::SubnetRange;
 
 /// The IPv4 side of a node.
@@ -35,13 +35,14 @@ pub(super) struct Plan4 {
 
 /// The IPv4 endpoint (`--public-ip`, else the underlay's address), checked: a pod network over
 /// the node's own networks, its public IP or the lease source's servers would cut it off.
-pub(super) async fn plan<S: LeaseSource>(
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn plan(
     args: &RunArgs,
     cfg: &NetworkConfig,
     range: &SubnetRange<Ipv4Net>,
     nl: &Netlink,
     underlay: &Underlay,
-    source: &S,
+    servers: &Servers,
     vtep_mac: crate::mac::MacAddr,
 ) -> Result<Plan4, StartError> {
     let public_ip = args
@@ -55,8 +56,8 @@ pub(super) async fn plan<S: LeaseSource>(
         public_ip: Some(public_ip),
         underlay: nl.addr_prefixes(underlay.index).await?,
         underlay_name: underlay.name.clone(),
-        servers: source.server_addrs().await,
-        servers_are: source.server_is(),
+        servers: servers.of::<Ipv4Net>(),
+        servers_are: servers.are,
     };
     if let Err(e) = host.check_network(range.network) {
         error!(error = %e, "refusing to start");

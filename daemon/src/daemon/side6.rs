@@ -8,7 +8,7 @@ use tracing::{info, warn};
 
 use super::side::Side;
 use super::status::NodeStatus6;
-use super::StartError;
+use super::{Servers, StartError};
 use crate::backend::hostgw::HostGwBackendOf;
 use crate::backend::vxlan::VxlanBackendOf;
 use crate::backend::{AnyBackend6, Backend, LocalNodeOf};
@@ -97,16 +97,15 @@ pub(super) async fn start(
     plan: &Plan6,
     subnet: Ipv6Net,
     underlay_name: &str,
+    servers: &Servers,
 ) -> Result<Side6, StartError> {
     let network = cfg.ipv6.as_ref().map(|r| r.network).unwrap_or(subnet);
     let host = HostNetsOf::<Ipv6Net> {
         public_ip: Some(plan.lease.public_ip),
         underlay: nl.addr_prefixes::<Ipv6Net>(plan.underlay_index).await?,
         underlay_name: underlay_name.to_string(),
-        // The lease source's servers are checked on the IPv4 side only (their IPv6 addresses,
-        // if any, are not resolved for this check).
-        servers: Vec::new(),
-        servers_are: "",
+        servers: servers.of::<Ipv6Net>(),
+        servers_are: servers.are,
     };
     if let Err(e) = host.check_network(network) {
         tracing::error!(error = %e, "refusing to start");

@@ -1,7 +1,7 @@
 //! Leases in etcd, in flannel's layout: the network config at `<prefix>/config`, one key per
 //! node under `<prefix>/subnets/`, claimed with a CAS transaction and held by an etcd lease.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,7 +48,7 @@ impl LeaseSource for EtcdSource {
         "etcd"
     }
 
-    async fn server_addrs(&self) -> Vec<Ipv4Addr> {
+    async fn server_addrs(&self) -> Vec<IpAddr> {
         crate::overlap::etcd_addresses(&self.endpoints).await
     }
 

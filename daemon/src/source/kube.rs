@@ -9,7 +9,7 @@
 //! cleaned up.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -210,7 +210,7 @@ impl LeaseSource for KubeSource {
         "the Kubernetes API"
     }
 
-    async fn server_addrs(&self) -> Vec<Ipv4Addr> {
+    async fn server_addrs(&self) -> Vec<IpAddr> {
         crate::overlap::etcd_addresses(std::slice::from_ref(&self.url)).await
     }
 

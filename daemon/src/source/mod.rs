@@ -7,7 +7,7 @@ pub mod kube;
 pub mod kube_objects;
 
 use std::future::Future;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
@@ -43,7 +43,7 @@ pub trait LeaseSource: Send + Sync + 'static {
 
     /// The IPv4 addresses of the source's servers: a pod network over them would cut the node
     /// off from its source (best effort: names that do not resolve now are left out).
-    fn server_addrs(&self) -> impl Future<Output = Vec<Ipv4Addr>> + Send;
+    fn server_addrs(&self) -> impl Future<Output = Vec<IpAddr>> + Send;
 
     /// What one of those servers is, for messages ("an etcd endpoint").
     fn server_is(&self) -> &'static str;
