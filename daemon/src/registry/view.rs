@@ -145,6 +145,8 @@ trait Family: PeerFamily {
     fn own(own: &OwnLease) -> Option<(Self, Self::Addr, Option<MacAddr>)>;
     /// The key that names this subnet alone, if the family has one.
     fn plain_key(net: Self) -> Option<String>;
+    /// Whether this family's peers are sent to the daemon (its keys are judged either way).
+    fn sent(v: &PeerView) -> bool;
 }
 
 impl Family for Ipv4Net {
@@ -156,6 +158,9 @@ impl Family for Ipv4Net {
     }
     fn side_mut(v: &mut PeerView) -> &mut Side<Self> {
         &mut v.v4
+    }
+    fn sent(v: &PeerView) -> bool {
+        v.serve4
     }
     fn own(own: &OwnLease) -> Option<(Self, std::net::Ipv4Addr, Option<MacAddr>)> {
         let v4 = own.attrs.v4?;
@@ -175,6 +180,9 @@ impl Family for Ipv6Net {
     }
     fn side_mut(v: &mut PeerView) -> &mut Side<Self> {
         &mut v.v6
+    }
+    fn sent(v: &PeerView) -> bool {
+        v.serve6
     }
     fn own(own: &OwnLease) -> Option<(Self, std::net::Ipv6Addr, Option<MacAddr>)> {
         let v6 = own.attrs.v6?;
@@ -500,12 +508,14 @@ impl PeerView {
             let eff = self.effective(s);
             let peer = eff.as_ref().ok().copied().flatten();
             let own = self.is_own_subnet(s);
+            let sent = N::sent(self);
             let told = &mut N::side_mut(self).told;
             let before = match peer {
                 Some(p) => told.insert(s, p),
                 None => told.remove(&s),
             };
             match peer {
+                _ if !sent => {}
                 Some(p) if before != Some(p) => up.events.push(N::upsert(p)),
                 // The changed subnet always says so when it has no peer: it may have had one
                 // before this view was built (the daemon ignores a Remove of nothing).
@@ -583,7 +593,7 @@ impl PeerView {
         let mut up = Update::default();
         let v4 = self.rebuild_side::<Ipv4Net>(&mut up);
         let mut events = Vec::new();
-        if self.serve4 {
+        if Ipv4Net::sent(self) {
             events.push(v4);
         }
         if self.serve6 {
@@ -1032,6 +1042,20 @@ mod tests {
             "{:?}",
             up.events
         );
+        // A plain IPv4 key put or deleted later is reported, and sends nothing.
+        let up = v.apply(SubnetChange::Put(kv(
+            "10.244.5.0-24",
+            &attrs(5, 5).to_json(),
+            8,
+        )));
+        assert!(up.events.is_empty(), "{:?}", up.events);
+        assert!(
+            matches!(&up.skipped[..], [(k, Skip::Invalid(_))] if k == "10.244.5.0-24"),
+            "{:?}",
+            up.skipped
+        );
+        let up = del(&mut v, "10.244.5.0-24");
+        assert!(up.events.is_empty(), "{:?}", up.events);
     }
 
     /// A node that serves IPv4 only on a dual-stack network (udp backend) neither judges nor
