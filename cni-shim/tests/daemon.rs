@@ -1386,6 +1386,58 @@ fn addresses_host_local_handed_out_stay_taken_until_del() {
     assert!(!left.contains(&"10.244.1.3".to_string()), "{left:?}");
 }
 
+/// The same on an IPv6-only node: flannel's CNI ran host-local with the IPv6 subnet there.
+#[test]
+fn ipv6_addresses_host_local_handed_out_stay_taken_until_del() {
+    let mut node = Node::start(Some(NodeNet {
+        subnet: None,
+        subnet6: Some("fd00:10:244:1::/64".parse().unwrap()),
+        mtu: 1430,
+    }));
+    let data = node.dir.0.join("host-local");
+    let flannel_conf = json!({"cniVersion": "1.0.0", "name": "cbr0", "ipam": {
+        "type": "host-local", "dataDir": data.to_str().unwrap(),
+        "ranges": [[{"subnet": "fd00:10:244:1::/64", "rangeStart": "fd00:10:244:1::2"}]]}});
+    let mut held = Vec::new();
+    for k in 0..3 {
+        let out = plugin(
+            &node,
+            "host-local",
+            "ADD",
+            &format!("old{k}"),
+            "/dev/null",
+            &flannel_conf,
+        );
+        assert!(out.ok, "host-local ADD: {}", out.raw);
+        let ip = out.json.unwrap()["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        held.push(ip.split('/').next().unwrap().to_string());
+    }
+    assert_eq!(
+        held,
+        ["fd00:10:244:1::2", "fd00:10:244:1::3", "fd00:10:244:1::4"]
+    );
+    let conf = node.conf("1.0.0");
+    let pod = node.pod();
+    let r = ok(cni("ADD", "new", &pod.path(), &conf)).expect("ADD");
+    let got = r["ips"][0]["address"].as_str().unwrap().to_string();
+    assert!(
+        !held.iter().any(|h| got.starts_with(&format!("{h}/"))),
+        "{got} is host-local's"
+    );
+    assert!(ok(cni("DEL", "old1", "", &conf)).is_none());
+    let left: Vec<String> = std::fs::read_dir(data.join("cbr0"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("fd00:"))
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(!left.contains(&"fd00:10:244:1::3".to_string()), "{left:?}");
+}
+
 fn request(
     command: twill_proto::Command,
     id: &str,

@@ -130,8 +130,9 @@ pub struct RunArgs {
     #[arg(long, env = "TWILLD_BRIDGE", default_value = "cni0")]
     pub bridge: String,
     /// host-local's data dir, as flannel's CNI plugin (bridge + host-local) used it. Addresses
-    /// it reserved inside this node's subnet are never handed out, and DEL releases them, so a
-    /// node moving from flannel keeps its running pods. Empty: ignore host-local.
+    /// it reserved inside this node's subnets (IPv4 and IPv6) are never handed out, and DEL
+    /// releases them, so a node moving from flannel keeps its running pods. Empty: ignore
+    /// host-local.
     #[arg(
         long,
         env = "TWILLD_HOST_LOCAL_DIR",

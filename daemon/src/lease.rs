@@ -171,8 +171,9 @@ impl LeaseAttrs {
     }
 }
 
-/// Both sides of a lease value, each checked on its own: one side's problem is not the other's.
-/// Ok(None): the value has no such side.
+/// Both sides of a lease value, each checked on its own: an IPv6 side's problem is not the IPv4
+/// side's (a broken IPv4 side, though, makes the value no lease: see `Ipv6Net`'s
+/// `side_from_json`). Ok(None): the value has no such side.
 struct Sides {
     v4: Result<Option<LeaseSide<Ipv4Addr>>, LeaseError>,
     v6: Result<Option<LeaseV6>, LeaseError>,
@@ -407,8 +408,12 @@ impl LeaseFamily for Ipv6Net {
     fn range(cfg: &NetworkConfig) -> Option<&SubnetRange<Self>> {
         cfg.ipv6.as_ref()
     }
+    /// A value whose IPv4 side is broken (not just absent: flannel's IPv6-only `0.0.0.0`) is
+    /// no lease at all, as flanneld drops it whole: the IPv6 side is not used either.
     fn side_from_json(value: &[u8]) -> Result<Option<LeaseV6>, LeaseError> {
-        Sides::read(value)?.v6
+        let sides = Sides::read(value)?;
+        sides.v4?;
+        sides.v6
     }
 }
 
@@ -662,6 +667,11 @@ mod tests {
                 .contains("has no IPv4 side (PublicIP is 0.0.0.0)"),
             "{e}"
         );
+        // A broken IPv4 side (not flannel's 0.0.0.0) makes the value no lease, as flanneld
+        // drops it whole: no IPv6 peer from it either.
+        let broken = r#"{"PublicIP":"nope","PublicIPv6":"fd00:64::3","BackendType":"host-gw"}"#;
+        let e = Ipv6Net::side_from_json(broken.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("PublicIP \"nope\""), "{e}");
         // Alone, the IPv6 side must be usable: it is the whole lease.
         for (value, want) in [
             (

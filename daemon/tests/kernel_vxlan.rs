@@ -15,7 +15,9 @@ use twill_daemon::backend::vxlan::VxlanBackend;
 use twill_daemon::backend::{Backend, BackendError, LocalNode};
 use twill_daemon::config::{BackendConfig, BackendKind};
 use twill_daemon::mac::MacAddr;
-use twill_daemon::netlink::{IfaceSelector, KernelEvent, Netlink, VxlanSpec, Watch, Watched};
+use twill_daemon::netlink::{
+    DefaultRoute, IfaceSelector, KernelEvent, Netlink, VxlanSpec, Watch, Watched,
+};
 use twill_daemon::peer::Peer;
 use twill_daemon::reconcile::{self, Op, Path, PeerChange};
 
@@ -258,7 +260,15 @@ fn underlay_selection() {
          ip -n {ns} -6 route add default via fd00:18:10::1 dev va"
     ));
     let only6 = in_ns(&ns, || async {
-        Netlink::new().unwrap().find_underlay(None).await.unwrap()
+        let nl = Netlink::new().unwrap();
+        // The IPv4 default route is gone: none for a network with IPv4.
+        let none4 = nl.find_underlay(None).await.unwrap_err().to_string();
+        assert!(none4.contains("no default route; pass --iface"), "{none4}");
+        for route in [DefaultRoute::Ipv6, DefaultRoute::Any] {
+            let u = nl.find_underlay_by(None, route).await.unwrap();
+            assert_eq!(u.name, "va", "{route:?}");
+        }
+        nl.find_underlay_by(None, DefaultRoute::Ipv6).await.unwrap()
     });
     assert_eq!(only6.name, "va");
     assert_eq!(only6.addr, None);

@@ -3,17 +3,19 @@
 //! flannel's CNI plugin delegates to bridge + host-local, which keeps one file per address in
 //! `<dir>/<network>/<address>` holding `containerID\r\nifname` (older versions: the ID alone).
 //! A node moving from flanneld keeps its subnet and its running pods, so twill must not hand
-//! out their addresses, and DEL of such a pod (the runtime now calls twill) releases it. Only
+//! out their addresses, and DEL of such a pod (the runtime now calls twill) releases it. Both
+//! families: flannel's CNI runs host-local with each subnet the node has (the IPv6 one on a
+//! dual-stack or IPv6-only network; the file is named by the address's text form). Only
 //! addresses inside the node's subnet are ever looked at or touched: other networks that use
 //! host-local on the node are not ours.
 
 use std::collections::HashSet;
 use std::fs;
 use std::io::ErrorKind;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 #[derive(Clone, Debug, Default)]
 pub struct HostLocal {
@@ -43,7 +45,7 @@ impl HostLocal {
 
     /// The addresses host-local holds inside `subnet`, in any network. Read in one pass before an
     /// allocation takes the IPAM lock, so a slow disk here never holds up other pods' requests.
-    pub fn held_in(&self, subnet: Ipv4Net) -> HashSet<Ipv4Addr> {
+    pub fn held_in(&self, subnet: IpNet) -> HashSet<IpAddr> {
         let mut held = HashSet::new();
         for d in self.network_dirs() {
             let Some(entries) = read_network_dir(&d) else {
@@ -52,7 +54,7 @@ impl HostLocal {
             held.extend(
                 entries
                     .flatten()
-                    .filter_map(|e| e.file_name().to_str()?.parse::<Ipv4Addr>().ok())
+                    .filter_map(|e| e.file_name().to_str()?.parse::<IpAddr>().ok())
                     .filter(|a| subnet.contains(a)),
             );
         }
@@ -63,10 +65,10 @@ impl HostLocal {
     /// without an ifname line matches any). Returns the addresses released.
     pub fn release(
         &self,
-        subnet: Ipv4Net,
+        subnet: IpNet,
         container_id: &str,
         ifname: &str,
-    ) -> std::io::Result<Vec<Ipv4Addr>> {
+    ) -> std::io::Result<Vec<IpAddr>> {
         release_in(&self.network_dirs(), subnet, container_id, ifname)
     }
 }
@@ -87,10 +89,10 @@ fn read_network_dir(d: &Path) -> Option<fs::ReadDir> {
 
 fn release_in(
     dirs: &[PathBuf],
-    subnet: Ipv4Net,
+    subnet: IpNet,
     container_id: &str,
     ifname: &str,
-) -> std::io::Result<Vec<Ipv4Addr>> {
+) -> std::io::Result<Vec<IpAddr>> {
     let mut out = Vec::new();
     for d in dirs {
         let Some(entries) = read_network_dir(d) else {
@@ -100,7 +102,7 @@ fn release_in(
             let Some(addr) = e
                 .file_name()
                 .to_str()
-                .and_then(|n| n.parse::<Ipv4Addr>().ok())
+                .and_then(|n| n.parse::<IpAddr>().ok())
             else {
                 continue;
             };
@@ -139,7 +141,7 @@ mod tests {
         fs::write(other.join("10.99.0.2"), "c1\r\nnet1").unwrap();
         fs::write(other.join("10.244.1.4"), "c1\r\nnet1").unwrap();
         let hl = HostLocal::new(Some(d.clone()));
-        let net: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+        let net: IpNet = "10.244.1.0/24".parse().unwrap();
         let held = hl.held_in(net);
         assert!(held.contains(&"10.244.1.2".parse().unwrap()));
         assert!(held.contains(&"10.244.1.4".parse().unwrap()));
@@ -151,13 +153,32 @@ mod tests {
         // c1's eth0 only: its net1 attachment stays, as does everything outside the subnet.
         assert_eq!(
             hl.release(net, "c1", "eth0").unwrap(),
-            vec!["10.244.1.2".parse::<Ipv4Addr>().unwrap()]
+            vec!["10.244.1.2".parse::<IpAddr>().unwrap()]
         );
         assert!(other.join("10.244.1.4").exists() && other.join("10.99.0.2").exists());
         // An old file without an ifname matches the container on any interface.
         assert_eq!(hl.release(net, "c2", "eth0").unwrap().len(), 1);
         assert!(cbr0.join("last_reserved_ip.0").exists());
         assert!(HostLocal::new(None).network_dirs().is_empty());
+        // IPv6: flannel's CNI runs host-local with the IPv6 subnet too (files named by the
+        // address's text form).
+        fs::write(cbr0.join("fd00:10:244:1::2"), "c3\r\neth0").unwrap();
+        fs::write(cbr0.join("fd00:10:245::2"), "c3\r\neth0").unwrap();
+        let net6: IpNet = "fd00:10:244:1::/64".parse().unwrap();
+        let held = hl.held_in(net6);
+        assert_eq!(
+            held,
+            HashSet::from(["fd00:10:244:1::2".parse::<IpAddr>().unwrap()])
+        );
+        assert!(hl.held_in(net).iter().all(|a| a.is_ipv4()));
+        assert_eq!(
+            hl.release(net6, "c3", "eth0").unwrap(),
+            vec!["fd00:10:244:1::2".parse::<IpAddr>().unwrap()]
+        );
+        assert!(
+            cbr0.join("fd00:10:245::2").exists(),
+            "outside the IPv6 subnet"
+        );
         fs::remove_dir_all(d).unwrap();
     }
 
@@ -174,10 +195,10 @@ mod tests {
         let dirs = hl.network_dirs();
         assert_eq!(dirs.len(), 3);
         fs::remove_dir(d.join("a-net")).unwrap();
-        let net: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+        let net: IpNet = "10.244.1.0/24".parse().unwrap();
         assert_eq!(
             release_in(&dirs, net, "c1", "eth0").unwrap(),
-            vec!["10.244.1.7".parse::<Ipv4Addr>().unwrap()]
+            vec!["10.244.1.7".parse::<IpAddr>().unwrap()]
         );
         fs::remove_dir_all(d).unwrap();
     }
@@ -225,7 +246,7 @@ mod tests {
         fs::write(d.join("cbr0/10.244.1.2"), "c1\r\neth0").unwrap();
         fs::set_permissions(d.join("locked"), fs::Permissions::from_mode(0o000)).unwrap();
         let hl = HostLocal::new(Some(d.clone()));
-        let net: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+        let net: IpNet = "10.244.1.0/24".parse().unwrap();
         let (released, held) = std::thread::spawn(move || {
             drop_dac_override_on_this_thread();
             assert!(
@@ -244,7 +265,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             released.unwrap(),
-            vec!["10.244.1.2".parse::<Ipv4Addr>().unwrap()]
+            vec!["10.244.1.2".parse::<IpAddr>().unwrap()]
         );
         assert!(held.is_empty(), "{held:?}");
         assert!(!d.join("cbr0/10.244.1.2").exists());

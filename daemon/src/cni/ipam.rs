@@ -262,17 +262,8 @@ impl Ipam {
         let (first, last) = pod_range(&net).ok_or(IpamError::TooSmall(net))?;
         let dir = self.root.join(subnet_key(&net));
         fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
-        // Read before the lock: the lock is never held across file I/O. (host-local held
-        // IPv4 only: flannel's CNI ran it with the IPv4 subnet.)
-        let host_local: HashSet<IpAddr> = match net {
-            IpNet::V4(n) => self
-                .host_local
-                .held_in(n)
-                .into_iter()
-                .map(IpAddr::V4)
-                .collect(),
-            IpNet::V6(_) => HashSet::new(),
-        };
+        // Read before the lock: the lock is never held across file I/O.
+        let host_local: HashSet<IpAddr> = self.host_local.held_in(net);
         loop {
             let (addr, dir) = {
                 let mut idx = self.lock();

@@ -68,6 +68,15 @@ pub struct NodeNet {
 }
 
 impl NodeNet {
+    /// The node's subnets, IPv4 first.
+    pub fn nets(&self) -> Vec<ipnet::IpNet> {
+        self.subnet
+            .map(ipnet::IpNet::V4)
+            .into_iter()
+            .chain(self.subnet6.map(ipnet::IpNet::V6))
+            .collect()
+    }
+
     /// The bridge's IPv4 address, the pods' IPv4 gateway: the subnet's first address.
     pub fn gateway(&self) -> Option<Ipv4Net> {
         let s = self.subnet?;

@@ -175,10 +175,13 @@ async fn offload<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> R
 pub(super) async fn report_outside(ctx: Arc<Ctx>) {
     let mut node = ctx.node.clone();
     loop {
-        let net = node.borrow_and_update().as_ref().and_then(|n| n.subnet);
-        if let Some(net) = net {
+        let nets = node
+            .borrow_and_update()
+            .as_ref()
+            .map_or_else(Vec::new, NodeNet::nets);
+        for net in nets {
             let ipam = ctx.ipam.clone();
-            if let Ok(outside) = offload(move || ipam.outside(net.into())).await {
+            if let Ok(outside) = offload(move || ipam.outside(net)).await {
                 if let Some((old, addr, holder)) = outside.first() {
                     tracing::warn!(subnet = %net, count = outside.len(), first = %addr,
                         first_subnet = %old, first_container = %holder.owner.container_id,
@@ -598,6 +601,7 @@ async fn node_half(
 ) -> Result<(PodAddrs, bool, MacAddr), CniError> {
     let ipam = ctx.ipam.clone();
     let (subnet, subnet6, o, network) = (node.subnet, node.subnet6, owner.clone(), network_of(req));
+    let nets = node.nets();
     let mac = MacAddr::random_local();
     // The addresses, then the pod's policy, while the veth pair is being made: the policy step
     // costs ADD nothing it would not wait for anyway.
@@ -607,11 +611,6 @@ async fn node_half(
             // The first family's address (IPv4, or IPv6 on an IPv6-only node) says whether
             // the attachment is new: only then does a failure give its addresses back (an
             // earlier ADD's are left to its DEL, as before).
-            let nets: Vec<IpNet> = subnet
-                .map(IpNet::V4)
-                .into_iter()
-                .chain(subnet6.map(IpNet::V6))
-                .collect();
             let mut addrs = Vec::with_capacity(nets.len());
             let mut fresh = false;
             for (i, net) in nets.into_iter().enumerate() {
@@ -780,15 +779,23 @@ async fn del(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
     if let Err(e) = blocking(move || ipam.release(&owner)).await {
         errors.push(e.msg);
     }
-    // A pod from before the node moved from flannel: its address is host-local's.
+    // A pod from before the node moved from flannel: its addresses are host-local's.
     let node = ctx.node.borrow().clone();
-    if let Some(subnet) = node.and_then(|n| n.subnet) {
+    let nets = node.as_ref().map_or_else(Vec::new, NodeNet::nets);
+    if !nets.is_empty() {
         let (hl, cid, ifname) = (
             ctx.host_local.clone(),
             req.container_id.clone(),
             req.ifname.clone(),
         );
-        let released = tokio::task::spawn_blocking(move || hl.release(subnet, &cid, &ifname)).await;
+        let released = tokio::task::spawn_blocking(move || {
+            let mut all = Vec::new();
+            for net in nets {
+                all.extend(hl.release(net, &cid, &ifname)?);
+            }
+            Ok::<_, std::io::Error>(all)
+        })
+        .await;
         match released {
             Ok(Ok(a)) if !a.is_empty() => {
                 tracing::info!(addresses = ?a, "released host-local's reservation (a pod from before flannel moved out)")

@@ -26,7 +26,7 @@ use crate::cni::{CniLimits, CniOptions, NodeNet};
 use crate::config::ConfigError;
 use crate::http::HttpLimits;
 use crate::lease::LeaseAttrs;
-use crate::netlink::{KernelEvent, Netlink, NetlinkError};
+use crate::netlink::{DefaultRoute, KernelEvent, Netlink, NetlinkError};
 use crate::registry::etcd::EtcdRegistry;
 use crate::registry::objects::ObjectStore;
 use crate::registry::{EtcdOptions, PeerEvent, RegistryError};
@@ -254,14 +254,23 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
     let cni = tokio::spawn(cni.serve());
 
     let nl = Netlink::new()?;
-    let underlay = nl.find_underlay(args.iface.as_ref()).await?;
-    info!(iface = %underlay.name, addr = ?underlay.addr, addr6 = ?underlay.addr6, mtu = underlay.mtu, %vtep_mac, "underlay");
+    // Checked before the lease source is asked for anything; which default route names the
+    // underlay depends on the network's families (settled below, once the config is known).
+    let underlay = nl
+        .find_underlay_by(args.iface.as_ref(), DefaultRoute::Any)
+        .await?;
 
     let cfg = tokio::select! {
         cfg = source.network_config(&shared) => cfg?,
         _ = shutdown.wait() => { info!("shutting down before the node was ready"); return Ok(()); }
     };
     info!(network = ?cfg.ipv4.as_ref().map(|r| r.network), network6 = ?cfg.ipv6.as_ref().map(|r| r.network), vni = cfg.backend.vni, "network config");
+    let underlay = match (&args.iface, cfg.ipv4.is_some()) {
+        (Some(_), _) => underlay,
+        (None, true) => nl.find_underlay_by(None, DefaultRoute::Ipv4).await?,
+        (None, false) => nl.find_underlay_by(None, DefaultRoute::Ipv6).await?,
+    };
+    info!(iface = %underlay.name, addr = ?underlay.addr, addr6 = ?underlay.addr6, mtu = underlay.mtu, %vtep_mac, "underlay");
     shared.update(|s| {
         s.network = cfg.ipv4.as_ref().map(|r| r.network);
         s.network6 = cfg.ipv6.as_ref().map(|r| r.network);

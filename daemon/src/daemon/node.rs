@@ -14,7 +14,7 @@ use crate::cli::RunArgs;
 use crate::cni::NodeNet;
 use crate::config::NetworkConfig;
 use crate::lease::{LeaseAttrs, LeaseBackend};
-use crate::netlink::{Netlink, Underlay, Watch};
+use crate::netlink::{DefaultRoute, Netlink, Underlay, Watch};
 use crate::policy::PolicyHandle;
 use crate::registry::{OwnLease, PeerEvent};
 use crate::subnet_file::SubnetEnv;
@@ -147,15 +147,23 @@ impl Node {
         let follow6 = self.args.public_ipv6.is_none() && self.v6.is_some();
         if addr_changed && (follow4 || follow6) {
             // One lookup (routes, links, addresses) feeds both families.
-            match self.nl.find_underlay(self.args.iface.as_ref()).await {
+            // The default route of the node's first family names the underlay.
+            let route = if self.v4.is_some() {
+                DefaultRoute::Ipv4
+            } else {
+                DefaultRoute::Ipv6
+            };
+            match self
+                .nl
+                .find_underlay_by(self.args.iface.as_ref(), route)
+                .await
+            {
                 Ok(u) => {
-                    if follow6 {
-                        self.follow_ipv6_endpoint(&u);
+                    let moved6 = follow6 && self.follow_ipv6_endpoint(&u);
+                    let moved4 = follow4 && self.follow_ipv4_endpoint(&u);
+                    if moved4 || moved6 {
+                        self.underlay = u;
                     }
-                    if follow4 {
-                        self.follow_ipv4_endpoint(&u);
-                    }
-                    self.underlay = u;
                 }
                 Err(e) => warn!(error = %e, "underlay lookup after an address change failed"),
             }
@@ -169,16 +177,17 @@ impl Node {
 
     /// The IPv4 endpoint follows the underlay's address (or another interface taking over the
     /// default route), and the lease says so.
-    fn follow_ipv4_endpoint(&mut self, u: &Underlay) {
+    /// Whether it moved.
+    fn follow_ipv4_endpoint(&mut self, u: &Underlay) -> bool {
         let Some(v4) = &mut self.v4 else {
-            return;
+            return false;
         };
         let Some(addr) = u.addr else {
             debug!(iface = %u.name, kept = %v4.local.public_ip, "the underlay has no IPv4 address now; keeping the last one");
-            return;
+            return false;
         };
         if addr == v4.local.public_ip && u.index == v4.local.underlay_index {
-            return;
+            return false;
         }
         info!(old = %v4.local.public_ip, new = %addr, iface = %u.name, "underlay address changed");
         v4.local.public_ip = addr;
@@ -189,6 +198,7 @@ impl Node {
                 l4.public_ip = addr;
             }
         });
+        true
     }
 
     pub async fn on_resync(&mut self) {
@@ -408,9 +418,10 @@ impl Node {
 
     /// The IPv6 endpoint follows the underlay's IPv6 address (as the IPv4 one follows the IPv4
     /// address), and the lease says so.
-    fn follow_ipv6_endpoint(&mut self, u: &Underlay) {
+    /// Whether it moved.
+    fn follow_ipv6_endpoint(&mut self, u: &Underlay) -> bool {
         let Some(v6) = &mut self.v6 else {
-            return;
+            return false;
         };
         match u.addr6 {
             Some(a) if a != v6.local.public_ip => {
@@ -423,10 +434,12 @@ impl Node {
                         l6.public_ip = a;
                     }
                 });
+                true
             }
-            Some(_) => {}
+            Some(_) => false,
             None => {
-                debug!(iface = %u.name, kept = %v6.local.public_ip, "the underlay has no usable IPv6 address now; keeping the last one")
+                debug!(iface = %u.name, kept = %v6.local.public_ip, "the underlay has no usable IPv6 address now; keeping the last one");
+                false
             }
         }
     }

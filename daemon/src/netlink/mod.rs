@@ -104,6 +104,17 @@ pub enum IfaceSelector {
     Addr(Ipv4Addr),
 }
 
+/// Which default route names the underlay when no interface is given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DefaultRoute {
+    /// The IPv4 one: a network with IPv4.
+    Ipv4,
+    /// The IPv6 one: an IPv6-only network.
+    Ipv6,
+    /// The IPv4 one, else the IPv6 one: before the network config is known.
+    Any,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Underlay {
     pub name: String,
@@ -197,12 +208,22 @@ impl Netlink {
         })
     }
 
+    /// The underlay: `sel`, else the interface of the IPv4 default route.
     pub async fn find_underlay(
         &self,
         sel: Option<&IfaceSelector>,
     ) -> Result<Underlay, NetlinkError> {
+        self.find_underlay_by(sel, DefaultRoute::Ipv4).await
+    }
+
+    /// The underlay: `sel`, else the interface of the `route` default route.
+    pub async fn find_underlay_by(
+        &self,
+        sel: Option<&IfaceSelector>,
+        route: DefaultRoute,
+    ) -> Result<Underlay, NetlinkError> {
         let index = match sel {
-            None => self.default_route_link().await?,
+            None => self.default_route_link(route).await?,
             Some(IfaceSelector::Name(name)) => self.link_by_name(name).await?.header.index,
             Some(IfaceSelector::Addr(ip)) => {
                 let addrs = self.ipv4_addrs(None).await?;
@@ -799,9 +820,8 @@ impl Netlink {
             .map_err(|e| NetlinkError::from_rtnl("dump routes", e))
     }
 
-    /// The interface of the main table's IPv4 default route, or on a host without one (an
-    /// IPv6-only host) of its IPv6 default route.
-    async fn default_route_link(&self) -> Result<u32, NetlinkError> {
+    /// The interface of the main table's default route of `route`'s family.
+    async fn default_route_link(&self, route: DefaultRoute) -> Result<u32, NetlinkError> {
         let default = |routes: Vec<RouteMessage>| {
             routes
                 .iter()
@@ -810,11 +830,26 @@ impl Netlink {
                 .min()
                 .map(|(_, oif)| oif)
         };
-        if let Some(oif) = default(self.all_routes().await?) {
-            return Ok(oif);
-        }
-        default(self.routes_of::<ipnet::Ipv6Net>().await?)
-            .ok_or_else(|| NetlinkError::failed("find underlay", "no default route; pass --iface"))
+        let v4 = match route {
+            DefaultRoute::Ipv4 | DefaultRoute::Any => default(self.all_routes().await?),
+            DefaultRoute::Ipv6 => None,
+        };
+        let found = match (v4, route) {
+            (Some(oif), _) => Some(oif),
+            (None, DefaultRoute::Ipv4) => None,
+            (None, _) => default(self.routes_of::<ipnet::Ipv6Net>().await?),
+        };
+        found.ok_or_else(|| {
+            let which = if route == DefaultRoute::Ipv6 {
+                "IPv6 "
+            } else {
+                ""
+            };
+            NetlinkError::failed(
+                "find underlay",
+                format!("no {which}default route; pass --iface"),
+            )
+        })
     }
 
     async fn link_by_name(&self, name: &str) -> Result<LinkMessage, NetlinkError> {
