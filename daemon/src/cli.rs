@@ -65,8 +65,9 @@ pub struct RunArgs {
     /// Client key for etcd (with --etcd-certfile).
     #[arg(long, env = "TWILLD_ETCD_KEYFILE", requires = "etcd_certfile")]
     pub etcd_keyfile: Option<PathBuf>,
-    /// Underlay interface for VXLAN traffic, by name or by IPv4 address. Default: the interface
-    /// of the default route.
+    /// Underlay interface for VXLAN traffic, by name or by address (IPv4 or IPv6; that address
+    /// is then the endpoint in its family). Default: the interface of the default route (the
+    /// IPv6 one on an IPv6-only network).
     #[arg(long, env = "TWILLD_IFACE", value_parser = parse_iface)]
     pub iface: Option<IfaceSelector>,
     /// Address other nodes send VXLAN traffic to. Default: the underlay interface's address.
@@ -278,7 +279,7 @@ fn parse_iface(s: &str) -> Result<IfaceSelector, String> {
     if s.is_empty() {
         return Err("empty interface".into());
     }
-    Ok(match s.parse::<Ipv4Addr>() {
+    Ok(match s.parse::<std::net::IpAddr>() {
         Ok(ip) => IfaceSelector::Addr(ip),
         Err(_) => IfaceSelector::Name(s.to_string()),
     })
@@ -518,6 +519,11 @@ mod tests {
         assert_eq!(
             cli.run.iface,
             Some(IfaceSelector::Addr("198.18.0.11".parse().unwrap()))
+        );
+        let cli = Cli::try_parse_from(["twilld", "--iface", "fd00:198:18::b"]).unwrap();
+        assert_eq!(
+            cli.run.iface,
+            Some(IfaceSelector::Addr("fd00:198:18::b".parse().unwrap()))
         );
         let cli = Cli::try_parse_from(["twilld", "status", "--json"]).unwrap();
         assert!(matches!(

@@ -198,7 +198,7 @@ fn underlay_selection() {
             .await
             .unwrap();
         let by_addr = nl
-            .find_underlay(Some(&IfaceSelector::Addr(ip)))
+            .find_underlay(Some(&IfaceSelector::Addr(ip.into())))
             .await
             .unwrap();
         let no_default = nl.find_underlay(None).await.unwrap_err().to_string();
@@ -272,6 +272,20 @@ fn underlay_selection() {
     });
     assert_eq!(only6.name, "va");
     assert_eq!(only6.addr, None);
+    // By one of its IPv6 addresses (here the autoconfigured one): that address is the
+    // endpoint, whichever one the interface would prefer.
+    let by_addr6 = in_ns(&ns, || async {
+        Netlink::new()
+            .unwrap()
+            .find_underlay(Some(&IfaceSelector::Addr("fd00:18:10::3".parse().unwrap())))
+            .await
+            .unwrap()
+    });
+    assert_eq!(by_addr6.name, "va");
+    assert_eq!(
+        by_addr6.addr6.map(|a| a.to_string()).as_deref(),
+        Some("fd00:18:10::3")
+    );
     assert_eq!(
         only6.addr6.map(|a| a.to_string()).as_deref(),
         Some("fd00:18:10::5")
@@ -482,7 +496,7 @@ fn backend_cfg(direct: bool) -> BackendConfig {
 /// This node as the backend sees it: the underlay found by `ip`, the given subnet and MAC.
 async fn local_node(nl: &Netlink, ip: Ipv4Addr, subnet: Ipv4Net, vtep_mac: MacAddr) -> LocalNode {
     let u = nl
-        .find_underlay(Some(&IfaceSelector::Addr(ip)))
+        .find_underlay(Some(&IfaceSelector::Addr(ip.into())))
         .await
         .unwrap();
     LocalNode {
@@ -674,7 +688,7 @@ fn subscribe_reports_deleted_entries_devices_and_addresses() {
     let events = in_ns(&ns, move || async move {
         let nl = Netlink::new().unwrap();
         let u = nl
-            .find_underlay(Some(&IfaceSelector::Addr(ip)))
+            .find_underlay(Some(&IfaceSelector::Addr(ip.into())))
             .await
             .unwrap();
         let idx = nl
@@ -781,7 +795,7 @@ fn subscribe_reports_the_ipv6_side_too() {
     let events = in_ns(&ns, move || async move {
         let nl = Netlink::new().unwrap();
         let u = nl
-            .find_underlay(Some(&IfaceSelector::Addr(ip)))
+            .find_underlay(Some(&IfaceSelector::Addr(ip.into())))
             .await
             .unwrap();
         let idx4 = nl
@@ -915,7 +929,7 @@ fn apply_continues_past_errors_and_reports_each() {
     let report = in_ns(&ns, move || async move {
         let nl = Netlink::new().unwrap();
         let u = nl
-            .find_underlay(Some(&IfaceSelector::Addr(ip)))
+            .find_underlay(Some(&IfaceSelector::Addr(ip.into())))
             .await
             .unwrap();
         let idx = nl

@@ -101,7 +101,9 @@ impl NetlinkError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum IfaceSelector {
     Name(String),
-    Addr(Ipv4Addr),
+    /// The interface with this address (of either family), which is then its endpoint in
+    /// that family.
+    Addr(IpAddr),
 }
 
 /// Which default route names the underlay when no interface is given.
@@ -226,11 +228,10 @@ impl Netlink {
             None => self.default_route_link(route).await?,
             Some(IfaceSelector::Name(name)) => self.link_by_name(name).await?.header.index,
             Some(IfaceSelector::Addr(ip)) => {
-                let addrs = self.ipv4_addrs(None).await?;
-                addrs
-                    .iter()
-                    .find(|(_, a, _)| a == ip)
-                    .map(|(idx, _, _)| *idx)
+                let msgs = self.addresses(None).await?;
+                msgs.iter()
+                    .find(|m| addr::addr_ip_of(m) == Some(*ip))
+                    .map(|m| m.header.index)
                     .ok_or_else(|| {
                         NetlinkError::failed(
                             "find underlay",
@@ -243,14 +244,17 @@ impl Netlink {
         let name = link_name(&link).unwrap_or_default();
         let mtu = link_mtu(&link).unwrap_or(1500);
         let addr = match sel {
-            Some(IfaceSelector::Addr(ip)) => Some(*ip),
+            Some(IfaceSelector::Addr(IpAddr::V4(ip))) => Some(*ip),
             _ => self
                 .ipv4_addrs(Some(index))
                 .await?
                 .first()
                 .map(|(_, a, _)| *a),
         };
-        let addr6 = self.stable_ipv6(index).await?;
+        let addr6 = match sel {
+            Some(IfaceSelector::Addr(IpAddr::V6(ip))) => Some(*ip),
+            _ => self.stable_ipv6(index).await?,
+        };
         Ok(Underlay {
             name,
             index,
