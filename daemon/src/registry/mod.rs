@@ -347,31 +347,22 @@ async fn claim<R: SubnetRegistry>(
     };
     'attempt: loop {
         let (kvs, _) = reg.list_subnets().await?;
-        let mut taken = HashSet::new();
-        let mut taken6 = HashSet::new();
-        // How many keys name each subnet: giving up one of ours frees it only if no other key
-        // names it too (another node's, in a conflict that predates us).
-        let mut holders: HashMap<Ipv4Net, u32> = HashMap::new();
-        let mut holders6: HashMap<Ipv6Net, u32> = HashMap::new();
-        // Keys of another length that count as taken, to name them when they block the range.
-        let mut odd = Vec::new();
+        let mut taken = Taken::default();
         let mut mine = Vec::new();
         for kv in kvs {
             let (net4, net6) = key_parts(&kv.name);
             let mut primary = false;
             if let (Some(r), Some(n6)) = (v6, net6) {
                 if occupies(r, n6, &kv) {
-                    taken6.insert(n6);
-                    *holders6.entry(n6).or_default() += 1;
+                    taken.v6.hold(n6);
                     primary = range4.is_none();
                 }
             }
             if let (Some(r), Some(net)) = (range4, net4) {
                 if occupies(r, net, &kv) {
-                    taken.insert(net);
-                    *holders.entry(net).or_default() += 1;
+                    taken.v4.hold(net);
                     if net.prefix_len() != r.subnet_len {
-                        odd.push((net, kv.name.clone()));
+                        taken.odd.push((net, kv.name.clone()));
                     }
                     primary = true;
                 }
@@ -409,32 +400,12 @@ async fn claim<R: SubnetRegistry>(
             let wanted = (range4.is_none() || part4.is_some())
                 && (v6.is_none() || part6.is_some())
                 && kv.name == dual_subnet_key(part4, part6);
-            let release_both = |taken: &mut HashSet<Ipv4Net>,
-                                holders: &mut HashMap<Ipv4Net, u32>,
-                                taken6: &mut HashSet<Ipv6Net>,
-                                holders6: &mut HashMap<Ipv6Net, u32>,
-                                odd: &mut Vec<(Ipv4Net, String)>| {
-                if let Some(n4) = net4 {
-                    if release(taken, holders, n4) {
-                        odd.retain(|(n, _)| *n != n4);
-                    }
-                }
-                if let Some(n6) = net6 {
-                    release(taken6, holders6, n6);
-                }
-            };
             if fits && reuse.is_none() && wanted {
                 reuse = Some((part4, part6, kv));
             } else if fits && !wanted {
                 // A key of another form (`...&fc00::-64` while we serve IPv4 only, a plain or
                 // out-of-range one when we serve IPv6): replaced for the same subnets.
-                release_both(
-                    &mut taken,
-                    &mut holders,
-                    &mut taken6,
-                    &mut holders6,
-                    &mut odd,
-                );
+                taken.release(net4, net6);
                 // Still ours: beats the subnet file.
                 if part4.is_some() {
                     preferred.v4 = part4;
@@ -455,13 +426,7 @@ async fn claim<R: SubnetRegistry>(
                 if !reg.delete_subnet(&kv.name, kv.mod_revision).await? {
                     continue 'attempt;
                 }
-                release_both(
-                    &mut taken,
-                    &mut holders,
-                    &mut taken6,
-                    &mut holders6,
-                    &mut odd,
-                );
+                taken.release(net4, net6);
             }
         }
         if let Some((net4, net6, kv)) = reuse {
@@ -495,19 +460,19 @@ async fn claim<R: SubnetRegistry>(
         let candidate = match range4 {
             None => None,
             Some(r) => Some(match preferred.v4 {
-                Some(p) if r.fits(p) && is_free(p, &taken) => p,
-                _ => r.choose_free(&taken).map_err(|e| {
+                Some(p) if r.fits(p) && is_free(p, &taken.v4.set) => p,
+                _ => r.choose_free(&taken.v4.set).map_err(|e| {
                     e.with_subnets_dir(&reg.subnets_dir())
-                        .with_blocking(blocking_keys(r, &odd))
+                        .with_blocking(blocking_keys(r, &taken.odd))
                 })?,
             }),
         };
         let candidate6 = match v6 {
             None => None,
             Some(r) => Some(match preferred.v6 {
-                Some(p) if r.fits(p) && is_free(p, &taken6) => p,
+                Some(p) if r.fits(p) && is_free(p, &taken.v6.set) => p,
                 _ => r
-                    .choose_free(&taken6)
+                    .choose_free(&taken.v6.set)
                     .map_err(|e| e.with_subnets_dir(&reg.subnets_dir()))?,
             }),
         };
@@ -533,21 +498,62 @@ fn key_parts(key: &str) -> (Option<Ipv4Net>, Option<Ipv6Net>) {
     (v4, subnet_key_v6_part(key))
 }
 
-/// One key of ours naming `net` is given up: `net` is free unless another key names it too.
-/// Returns whether it is free now.
-fn release<N: std::hash::Hash + Eq + Copy>(
-    taken: &mut HashSet<N>,
-    holders: &mut HashMap<N, u32>,
-    net: N,
-) -> bool {
-    let left = holders.get_mut(&net).map_or(0, |n| {
-        *n = n.saturating_sub(1);
-        *n
-    });
-    if left == 0 {
-        taken.remove(&net);
+/// The subnets the keys in etcd name, per family.
+#[derive(Default)]
+struct Taken {
+    v4: Holders<Ipv4Net>,
+    v6: Holders<Ipv6Net>,
+    /// Keys of another length that count as taken, to name them when they block the range.
+    odd: Vec<(Ipv4Net, String)>,
+}
+
+impl Taken {
+    /// One key of ours naming these subnets is given up.
+    fn release(&mut self, net4: Option<Ipv4Net>, net6: Option<Ipv6Net>) {
+        if let Some(n4) = net4 {
+            if self.v4.release(n4) {
+                self.odd.retain(|(n, _)| *n != n4);
+            }
+        }
+        if let Some(n6) = net6 {
+            self.v6.release(n6);
+        }
     }
-    left == 0
+}
+
+/// The taken subnets of one family, and how many keys name each: giving up one of ours frees
+/// a subnet only if no other key names it too (another node's, in a conflict that predates us).
+struct Holders<N> {
+    set: HashSet<N>,
+    count: HashMap<N, u32>,
+}
+
+impl<N> Default for Holders<N> {
+    fn default() -> Self {
+        Holders {
+            set: HashSet::new(),
+            count: HashMap::new(),
+        }
+    }
+}
+
+impl<N: std::hash::Hash + Eq + Copy> Holders<N> {
+    fn hold(&mut self, net: N) {
+        self.set.insert(net);
+        *self.count.entry(net).or_default() += 1;
+    }
+
+    /// One key naming `net` is given up. Returns whether `net` is free now.
+    fn release(&mut self, net: N) -> bool {
+        let left = self.count.get_mut(&net).map_or(0, |n| {
+            *n = n.saturating_sub(1);
+            *n
+        });
+        if left == 0 {
+            self.set.remove(&net);
+        }
+        left == 0
+    }
 }
 
 /// Our keys of the other form, once their successor exists. Best effort: our new key stands
