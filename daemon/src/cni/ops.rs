@@ -600,7 +600,7 @@ async fn node_half(
     go: tokio::sync::oneshot::Sender<PodAddrs>,
 ) -> Result<(PodAddrs, bool, MacAddr), CniError> {
     let ipam = ctx.ipam.clone();
-    let (subnet, subnet6, o, network) = (node.subnet, node.subnet6, owner.clone(), network_of(req));
+    let (o, network) = (owner.clone(), network_of(req));
     let nets = node.nets();
     let mac = MacAddr::random_local();
     // The addresses, then the pod's policy, while the veth pair is being made: the policy step
@@ -667,23 +667,7 @@ async fn node_half(
             });
         }
     };
-    // Each family's address with its subnet's length (allocated from that subnet above).
-    let find4 = addrs.iter().find_map(|a| match a {
-        IpAddr::V4(a) => Some(*a),
-        IpAddr::V6(_) => None,
-    });
-    let find6 = addrs.iter().find_map(|a| match a {
-        IpAddr::V6(a) => Some(*a),
-        IpAddr::V4(_) => None,
-    });
-    let pod = (
-        find4
-            .zip(subnet)
-            .and_then(|(a, s)| Ipv4Net::new(a, s.prefix_len()).ok()),
-        find6
-            .zip(subnet6)
-            .and_then(|(a, s)| Ipv6Net::new(a, s.prefix_len()).ok()),
-    );
+    let pod = with_lengths(&addrs, node);
     // The pod's half may already have failed (e.g. its netns vanished): that is reported there.
     let _ = go.send(pod);
     if let Err(e) = ctx.nl.set_hairpin(host).await {
@@ -691,6 +675,26 @@ async fn node_half(
         return Err(kernel_err(e));
     }
     Ok((pod, fresh, mac))
+}
+
+/// Each family's address with the length of the node's subnet it was allocated from.
+fn with_lengths(addrs: &[IpAddr], node: &NodeNet) -> PodAddrs {
+    let mut pod: PodAddrs = (None, None);
+    for a in addrs {
+        match *a {
+            IpAddr::V4(a) => {
+                pod.0 = node
+                    .subnet
+                    .and_then(|s| Ipv4Net::new(a, s.prefix_len()).ok())
+            }
+            IpAddr::V6(a) => {
+                pod.1 = node
+                    .subnet6
+                    .and_then(|s| Ipv6Net::new(a, s.prefix_len()).ok())
+            }
+        }
+    }
+    pod
 }
 
 /// The veth pair, on the node's bridge (ensured, or rechecked when the cached one is refused).
@@ -948,5 +952,32 @@ mod tests {
         assert_ne!(a, host_veth_name("abc", "eth1"));
         assert_ne!(host_veth_name("ab", "ceth0"), host_veth_name("abc", "eth0"));
         assert!(a.len() <= 15 && a.starts_with("tw"), "{a}");
+    }
+
+    #[test]
+    fn each_family_gets_its_subnets_length() {
+        let node = |subnet: Option<&str>, subnet6: Option<&str>| NodeNet {
+            subnet: subnet.map(|s| s.parse().unwrap()),
+            subnet6: subnet6.map(|s| s.parse().unwrap()),
+            mtu: 1450,
+        };
+        let (a4, a6): (IpAddr, IpAddr) = (
+            "10.5.3.7".parse().unwrap(),
+            "fd00:0:0:3::7".parse().unwrap(),
+        );
+        let dual = node(Some("10.5.3.0/24"), Some("fd00:0:0:3::/64"));
+        let want4 = Some("10.5.3.7/24".parse().unwrap());
+        let want6 = Some("fd00:0:0:3::7/64".parse().unwrap());
+        assert_eq!(with_lengths(&[a4, a6], &dual), (want4, want6));
+        // The order IPAM returns them in does not matter.
+        assert_eq!(with_lengths(&[a6, a4], &dual), (want4, want6));
+        assert_eq!(
+            with_lengths(&[a6], &node(None, Some("fd00:0:0:3::/64"))),
+            (None, want6)
+        );
+        assert_eq!(
+            with_lengths(&[a4], &node(Some("10.5.3.0/24"), None)),
+            (want4, None)
+        );
     }
 }
