@@ -1,6 +1,6 @@
 //! The VXLAN data path against the real kernel, inside network namespaces of our own.
 //!
-//! Each test gets two namespaces `twk<pid><t>a` / `twk<pid><t>b` joined by a veth pair
+//! Each test gets two namespaces `twk<pid>-<t>a` / `twk<pid>-<t>b` joined by a veth pair
 //! (198.18.<n>.1/24 and .2/24). Netlink code runs on a thread that setns'd into a namespace;
 //! results are checked with `ip` / `bridge`.
 
@@ -77,8 +77,10 @@ impl Pair {
     fn new(tag: char, n: u8) -> Pair {
         clean_leftovers();
         let pid = std::process::id();
-        let a = format!("{PREFIX}{pid}{tag}a");
-        let b = format!("{PREFIX}{pid}{tag}b");
+        // The `-` ends the pid for `clean_leftovers`: a digit tag right after it made another
+        // test process read a pid that does not exist and delete this pair under the test.
+        let a = format!("{PREFIX}{pid}-{tag}a");
+        let b = format!("{PREFIX}{pid}-{tag}b");
         let p = Pair {
             a,
             b,
