@@ -1384,6 +1384,17 @@ fn addresses_host_local_handed_out_stay_taken_until_del() {
         .collect();
     assert_eq!(left.len(), 2, "{left:?}");
     assert!(!left.contains(&"10.244.1.3".to_string()), "{left:?}");
+    // Before the node knows its subnet (twilld starting), DEL of such a pod cannot tell whether
+    // the reservation is ours: try again later, not an OK that leaves the file for good. A pod
+    // host-local never saw is deleted as ever.
+    let ready = node.net_tx.send_replace(None);
+    let o = cni("DEL", "old2", "", &conf);
+    assert_eq!(code(&o), 11, "{:?}", o.json);
+    assert!(data.join("cbr0/10.244.1.4").exists());
+    assert!(ok(cni("DEL", "never", "", &conf)).is_none());
+    node.net_tx.send_replace(ready);
+    assert!(ok(cni("DEL", "old2", "", &conf)).is_none());
+    assert!(!data.join("cbr0/10.244.1.4").exists());
 }
 
 /// The same on an IPv6-only node: flannel's CNI ran host-local with the IPv6 subnet there.
@@ -1869,6 +1880,48 @@ fn a_smaller_subnet_inside_the_old_one_avoids_the_old_pods_addresses() {
     for d in std::fs::read_dir(dir).unwrap().flatten() {
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0, "{d:?}");
     }
+}
+
+/// A retried ADD of a running pod after the node's subnet grew finds no address of the pod in
+/// the new subnet and takes one; its failure (the pod has its eth0) gives back that one only,
+/// never the address the pod runs with (which would then go to a second pod).
+#[test]
+fn a_retried_add_after_the_subnet_grew_keeps_the_running_pods_address() {
+    let mut node = Node::start(Some(subnet()));
+    let conf = node.conf("1.0.0");
+    let (pod, other) = (node.pod(), node.pod());
+    let r = ok(cni("ADD", "live", &pod.path(), &conf)).unwrap();
+    let addr = r["ips"][0]["address"].as_str().unwrap().to_string();
+    let before = node.ipam_files();
+    assert_eq!(before.len(), 1);
+    node.net_tx.send_replace(Some(NodeNet {
+        subnet: Some("10.244.0.0/23".parse().unwrap()),
+        subnet6: None,
+        mtu: 1450,
+    }));
+    let o = cni("ADD", "live", &pod.path(), &conf);
+    assert_eq!(code(&o), 101, "{:?}", o.json);
+    assert_eq!(
+        node.ipam_files(),
+        before,
+        "the running pod's address was given back"
+    );
+    let grown = node.dir.0.join("state/ipam/10.244.0.0-23");
+    let in_grown = || std::fs::read_dir(&grown).map_or(0, |d| d.count());
+    assert_eq!(in_grown(), 0, "the retry's own address was kept");
+    assert_eq!(pod_addr(&pod).as_deref(), Some(addr.as_str()));
+    // So the next pod does not get it.
+    let r = ok(cni("ADD", "next", &other.path(), &conf)).unwrap();
+    let next = r["ips"][0]["address"].as_str().unwrap();
+    assert_ne!(
+        next.split('/').next(),
+        addr.split('/').next(),
+        "{next} {addr}"
+    );
+    ok(cni("DEL", "next", &other.path(), &conf));
+    ok(cni("DEL", "live", &pod.path(), &conf));
+    assert!(node.ipam_files().is_empty());
+    assert_eq!(in_grown(), 0);
 }
 
 /// With a single pod thread, a failing ADD must still undo itself: its pod half holds the

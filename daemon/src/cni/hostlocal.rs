@@ -71,6 +71,34 @@ impl HostLocal {
     ) -> std::io::Result<Vec<IpAddr>> {
         release_in(&self.network_dirs(), subnet, container_id, ifname)
     }
+
+    /// Whether host-local holds an address for `container_id` + `ifname` in any network and
+    /// subnet: a DEL that comes before the node knows its subnets cannot tell whether it is
+    /// ours to release.
+    pub fn holds_any(&self, container_id: &str, ifname: &str) -> bool {
+        self.network_dirs().iter().any(|d| {
+            read_network_dir(d).is_some_and(|entries| {
+                entries
+                    .flatten()
+                    .any(|e| address_file(&e).is_some() && is_for(&e.path(), container_id, ifname))
+            })
+        })
+    }
+}
+
+/// The address an entry of a network dir reserves (other files, like `last_reserved_ip.0`,
+/// reserve nothing).
+fn address_file(e: &fs::DirEntry) -> Option<IpAddr> {
+    e.file_name().to_str()?.parse().ok()
+}
+
+/// Whether the reservation file `path` is `container_id`'s on `ifname` (a file without an
+/// ifname line, older host-local's, matches any).
+fn is_for(path: &Path, container_id: &str, ifname: &str) -> bool {
+    let text = crate::cni::ipam::read_regular(path);
+    let mut lines = text.lines().map(str::trim);
+    let (id, ifn) = (lines.next().unwrap_or(""), lines.next());
+    id == container_id && ifn.is_none_or(|i| i == ifname)
 }
 
 /// A network dir's entries. One that vanished since it was listed holds nothing any more; one
@@ -99,20 +127,13 @@ fn release_in(
             continue;
         };
         for e in entries.flatten() {
-            let Some(addr) = e
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<IpAddr>().ok())
-            else {
+            let Some(addr) = address_file(&e) else {
                 continue;
             };
             if !subnet.contains(&addr) {
                 continue;
             }
-            let text = crate::cni::ipam::read_regular(&e.path());
-            let mut lines = text.lines().map(str::trim);
-            let (id, ifn) = (lines.next().unwrap_or(""), lines.next());
-            if id == container_id && ifn.is_none_or(|i| i == ifname) {
+            if is_for(&e.path(), container_id, ifname) {
                 match fs::remove_file(e.path()) {
                     Ok(()) => out.push(addr),
                     Err(err) if err.kind() == ErrorKind::NotFound => {}
@@ -160,6 +181,11 @@ mod tests {
         assert_eq!(hl.release(net, "c2", "eth0").unwrap().len(), 1);
         assert!(cbr0.join("last_reserved_ip.0").exists());
         assert!(HostLocal::new(None).network_dirs().is_empty());
+        // Held anywhere, whatever the subnet: c1's net1 is, its eth0 no longer, c9 never was.
+        assert!(hl.holds_any("c1", "net1"));
+        assert!(!hl.holds_any("c1", "eth0"));
+        assert!(!hl.holds_any("c9", "eth0"));
+        assert!(!HostLocal::new(None).holds_any("c1", "net1"));
         // IPv6: flannel's CNI runs host-local with the IPv6 subnet too (files named by the
         // address's text form).
         fs::write(cbr0.join("fd00:10:244:1::2"), "c3\r\neth0").unwrap();

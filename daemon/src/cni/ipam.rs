@@ -267,7 +267,7 @@ impl Ipam {
         loop {
             let (addr, dir) = {
                 let mut idx = self.lock();
-                let gen = self.gen.fetch_add(1, Ordering::Relaxed);
+                let gen = self.gen.fetch_add(1, Ordering::SeqCst);
                 if let Some(s) = idx.get_mut(&net) {
                     if let Some((a, x)) = s.used.iter_mut().find(|(_, x)| x.held_by(owner)) {
                         x.gen = gen;
@@ -392,8 +392,37 @@ impl Ipam {
         self.release_entries(entries)
     }
 
-    /// The allocations of CNI network `network` whose owner is not in `valid`, for GC.
-    pub fn gc_candidates(&self, network: &str, valid: &HashSet<Owner>) -> Vec<Claim> {
+    /// Releases those of `entries` that `owner` still holds: what one ADD allocated, when it
+    /// fails (its other addresses are an earlier ADD's, in use by the pod).
+    pub fn release_addrs(
+        &self,
+        owner: &Owner,
+        entries: &[(IpNet, IpAddr)],
+    ) -> Result<Vec<IpAddr>, IpamError> {
+        let held: Vec<_> = {
+            let idx = self.lock();
+            entries
+                .iter()
+                .filter(|(net, a)| {
+                    idx.get(net)
+                        .and_then(|s| s.used.get(a))
+                        .is_some_and(|x| x.held_by(owner))
+                })
+                .copied()
+                .collect()
+        };
+        self.release_entries(held)
+    }
+
+    /// A mark for GC, read before it learns which ADDs are in flight: an allocation made after
+    /// it (by an ADD that began after GC looked) is never a candidate.
+    pub fn gc_mark(&self) -> u64 {
+        self.gen.load(Ordering::SeqCst)
+    }
+
+    /// The allocations of CNI network `network` whose owner is not in `valid`, made before
+    /// `mark` (`gc_mark`), for GC.
+    pub fn gc_candidates(&self, network: &str, valid: &HashSet<Owner>, mark: u64) -> Vec<Claim> {
         let idx = self.lock();
         idx.iter()
             .flat_map(|(net, s)| {
@@ -401,6 +430,7 @@ impl Ipam {
                     .iter()
                     .filter(|(_, x)| {
                         !x.releasing
+                            && x.gen < mark
                             && x.holder.in_gc_of(network)
                             && !valid.contains(&x.holder.owner)
                     })
@@ -491,9 +521,57 @@ impl Ipam {
 mod tests {
     use super::*;
 
+    /// An ADD that began after GC looked for in-flight ones allocates after GC's mark: never a
+    /// candidate of that GC, though the runtime's list did not have it.
+    #[test]
+    fn gc_leaves_allocations_made_after_its_mark_alone() {
+        let d = tmp();
+        let n = net("10.244.1.0/24");
+        let ipam = Ipam::open(&d).unwrap();
+        let (o1, o2) = (Owner::new("c1", "eth0"), Owner::new("c2", "eth0"));
+        let (a1, _) = ipam.allocate(n, &o1, "net").unwrap();
+        let mark = ipam.gc_mark();
+        ipam.allocate(n, &o2, "net").unwrap();
+        let claims = ipam.gc_candidates("net", &HashSet::new(), mark);
+        assert_eq!(claims.iter().map(|c| c.addr).collect::<Vec<_>>(), [a1]);
+        // The next GC's mark covers it.
+        let all = ipam.gc_candidates("net", &HashSet::new(), ipam.gc_mark());
+        assert_eq!(all.len(), 2);
+        // An earlier attachment's ADD run again after the mark: left alone too.
+        let mark = ipam.gc_mark();
+        ipam.allocate(n, &o1, "net").unwrap();
+        let claims = ipam.gc_candidates("net", &HashSet::new(), mark);
+        assert_eq!(claims.iter().map(|c| &c.owner).collect::<Vec<_>>(), [&o2]);
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    /// A failed ADD gives back what it allocated, and nothing of the pod's that an earlier ADD
+    /// allocated (in another subnet of the node, e.g. before the subnet grew).
+    #[test]
+    fn release_addrs_takes_back_only_the_given_addresses_still_held() {
+        let d = tmp();
+        let (old, new) = (net("10.244.0.0/24"), net("10.244.0.0/23"));
+        let ipam = Ipam::open(&d).unwrap();
+        let (o1, o2) = (Owner::new("c1", "eth0"), Owner::new("c2", "eth0"));
+        let (live, _) = ipam.allocate(old, &o1, "net").unwrap();
+        let (added, fresh) = ipam.allocate(new, &o1, "net").unwrap();
+        assert!(fresh && added != live);
+        let (other, _) = ipam.allocate(new, &o2, "net").unwrap();
+        // o2's address is not o1's to give back, whatever the caller says.
+        assert_eq!(
+            ipam.release_addrs(&o1, &[(new, added), (new, other)])
+                .unwrap(),
+            [added]
+        );
+        let held: Vec<_> = ipam.allocations().into_iter().map(|(_, a, _)| a).collect();
+        assert!(held.contains(&live) && held.contains(&other) && !held.contains(&added));
+        assert!(d.join("ipam/10.244.0.0-24").join(live.to_string()).exists());
+        fs::remove_dir_all(d).unwrap();
+    }
+
     /// GC without concurrent operations: every candidate released.
     fn gc(ipam: &Ipam, network: &str, valid: &HashSet<Owner>) -> Vec<IpAddr> {
-        let claims = ipam.gc_candidates(network, valid);
+        let claims = ipam.gc_candidates(network, valid, ipam.gc_mark());
         claims
             .into_iter()
             .filter(|c| ipam.release_claim(c).unwrap())
@@ -636,7 +714,7 @@ mod tests {
         let (a1, _) = ipam.allocate(n, &o1, "net").unwrap();
         let (a2, _) = ipam.allocate(n, &o2, "net").unwrap();
         let (a3, _) = ipam.allocate(n, &o3, "net").unwrap();
-        let claims = ipam.gc_candidates("net", &HashSet::new());
+        let claims = ipam.gc_candidates("net", &HashSet::new(), ipam.gc_mark());
         assert_eq!(claims.len(), 3);
         let claim = |o: &Owner| claims.iter().find(|c| c.owner == *o).unwrap().clone();
         // After GC looked: c1's ADD runs again (same address, handed out anew), c2 is deleted
@@ -775,7 +853,7 @@ mod tests {
         let i = ipam.clone();
         let others = within(PROMPTLY, move || {
             let all = i.allocations();
-            let gc = i.gc_candidates("net", &HashSet::new());
+            let gc = i.gc_candidates("net", &HashSet::new(), i.gc_mark());
             let released = i.release(&Owner::new("c0", "eth0")).unwrap();
             (all.len(), gc.len(), released)
         })
@@ -803,7 +881,7 @@ mod tests {
         let (a1, _) = ipam.allocate(n, &o1, "net").unwrap();
         ipam.allocate(n, &o2, "net").unwrap();
         let valid: HashSet<_> = [o2.clone()].into_iter().collect();
-        let claims = ipam.gc_candidates("net", &valid);
+        let claims = ipam.gc_candidates("net", &valid, ipam.gc_mark());
         assert_eq!(claims.len(), 1);
         let mut wedge = twill_tests::stall::DirWedge::new(&d.join("ipam/10.244.1.0-24")).unwrap();
         let (i, c) = (ipam.clone(), claims[0].clone());

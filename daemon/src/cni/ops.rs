@@ -516,14 +516,14 @@ async fn add(ctx: &Ctx, req: &Request, peer_root: Option<PeerRoot>) -> Result<Cn
     let (cont, routed) = match pod_res {
         Ok(Some(c)) => c,
         Ok(None) => {
-            undo(ctx, Some(&host), fresh.then_some(&owner)).await;
+            undo(ctx, Some(&host), &owner, &fresh).await;
             return Err(CniError::new(
                 codes::INTERNAL,
                 "the pod's half of ADD ended without its address",
             ));
         }
         Err(e) => {
-            undo(ctx, Some(&host), fresh.then_some(&owner)).await;
+            undo(ctx, Some(&host), &owner, &fresh).await;
             return Err(kernel_err(e));
         }
     };
@@ -583,10 +583,19 @@ async fn add(ctx: &Ctx, req: &Request, peer_root: Option<PeerRoot>) -> Result<Cn
 /// A pod's addresses: one of each family the node serves (IPv4, IPv6 or both).
 type PodAddrs = (Option<Ipv4Net>, Option<Ipv6Net>);
 
+/// What one ADD allocated itself, as opposed to what an earlier ADD of the attachment holds
+/// (a retried ADD finds those): a failure gives back exactly these, never a live pod's address.
+#[derive(Clone, Debug, Default)]
+struct Fresh {
+    addrs: Vec<(IpNet, IpAddr)>,
+    /// Every address is new: no earlier ADD made this attachment, so its policy goes too.
+    whole: bool,
+}
+
 /// The node's half of ADD: the addresses (IPAM) followed by the pod's network policy, at once
 /// with the veth pair; then hairpin. Sends the pod's addresses through `go` once the container
 /// end exists and policy is in place (before the pod's end gets them: no moment unprotected).
-/// Undoes itself on failure. Returns the pod's addresses, whether they were allocated now (not
+/// Undoes itself on failure. Returns the pod's addresses, which of them were allocated now (not
 /// by an earlier ADD), and the host end's MAC.
 #[allow(clippy::too_many_arguments)]
 async fn node_half(
@@ -598,7 +607,7 @@ async fn node_half(
     owner: &Owner,
     identity: Option<pods::LocalPod>,
     go: tokio::sync::oneshot::Sender<PodAddrs>,
-) -> Result<(PodAddrs, bool, MacAddr), CniError> {
+) -> Result<(PodAddrs, Fresh, MacAddr), CniError> {
     let ipam = ctx.ipam.clone();
     let (o, network) = (owner.clone(), network_of(req));
     let nets = node.nets();
@@ -606,26 +615,26 @@ async fn node_half(
     // The addresses, then the pod's policy, while the veth pair is being made: the policy step
     // costs ADD nothing it would not wait for anyway.
     let alloc_and_policy = async {
-        // The error, and whether this ADD allocated an address.
+        // The error, and what this ADD allocated itself.
         let (addrs, fresh) = blocking(move || {
-            // The first family's address (IPv4, or IPv6 on an IPv6-only node) says whether
-            // the attachment is new: only then does a failure give its addresses back (an
-            // earlier ADD's are left to its DEL, as before).
             let mut addrs = Vec::with_capacity(nets.len());
-            let mut fresh = false;
-            for (i, net) in nets.into_iter().enumerate() {
+            let mut fresh = Fresh {
+                addrs: Vec::new(),
+                whole: true,
+            };
+            for net in nets {
                 match ipam.allocate(net, &o, &network) {
                     Ok((a, new)) => {
-                        if i == 0 {
-                            fresh = new;
+                        if new {
+                            fresh.addrs.push((net.trunc(), a));
+                        } else {
+                            fresh.whole = false;
                         }
                         addrs.push(a);
                     }
                     Err(e) => {
                         // Not half an attachment: what this call took goes back.
-                        if fresh {
-                            let _ = ipam.release(&o);
-                        }
+                        let _ = ipam.release_addrs(&o, &fresh.addrs);
                         return Err(e);
                     }
                 }
@@ -633,14 +642,14 @@ async fn node_half(
             Ok((addrs, fresh))
         })
         .await
-        .map_err(|e| (e, false))?;
+        .map_err(|e| (e, Fresh::default()))?;
         if let (Some(policy), Some(pod)) = (&ctx.opts.policy, identity) {
             if let Err(e) = policy.pod_up(pod.with_ips(&addrs)).await {
                 let e = match e {
                     PodUpError::NotReady(m) => CniError::new(codes::TRY_AGAIN_LATER, m),
                     PodUpError::Failed(m) => CniError::new(codes::POLICY, m),
                 };
-                return Err((e, fresh));
+                return Err((e, fresh.clone()));
             }
         }
         Ok((addrs, fresh))
@@ -655,10 +664,10 @@ async fn node_half(
             // Ends the pod's half now: its thread must not hold a slot that undo may need.
             drop(go);
             // An address this ADD allocated goes back (and the pod's policy, if it got that far).
-            let release = match &alloc {
-                Ok((_, fresh)) | Err((_, fresh)) => fresh.then_some(owner),
+            let fresh = match &alloc {
+                Ok((_, fresh)) | Err((_, fresh)) => fresh,
             };
-            undo(ctx, created.is_ok().then_some(host), release).await;
+            undo(ctx, created.is_ok().then_some(host), owner, fresh).await;
             // An IPAM or policy failure (e.g. subnet full) wins: it is what the runtime can
             // act on.
             return Err(match (alloc, created) {
@@ -671,7 +680,7 @@ async fn node_half(
     // The pod's half may already have failed (e.g. its netns vanished): that is reported there.
     let _ = go.send(pod);
     if let Err(e) = ctx.nl.set_hairpin(host).await {
-        undo(ctx, Some(host), fresh.then_some(owner)).await;
+        undo(ctx, Some(host), owner, &fresh).await;
         return Err(kernel_err(e));
     }
     Ok((pod, fresh, mac))
@@ -744,20 +753,25 @@ async fn create_veth(
 }
 
 /// Takes back what a failed ADD built: the veth pair (deleting one end removes both, wherever
-/// the other is) and an address allocated by this ADD. Failures are logged: the ADD's own error
+/// the other is) and the addresses this ADD allocated. Failures are logged: the ADD's own error
 /// is the one the runtime needs.
-async fn undo(ctx: &Ctx, host: Option<&str>, release: Option<&Owner>) {
+async fn undo(ctx: &Ctx, host: Option<&str>, owner: &Owner, fresh: &Fresh) {
     if let Some(host) = host {
         if let Err(e) = ctx.nl.delete_link(host).await {
-            tracing::error!(error = %e, %host, "removing the veth after a failed ADD");
+            // The pod's end may carry the address already: handing it out again would put it
+            // on two pods. DEL (the runtime's, after a failed ADD) or GC releases it.
+            tracing::error!(error = %e, %host, "removing the veth after a failed ADD; its addresses stay reserved until DEL or GC");
+            return;
         }
     }
-    if let Some(owner) = release {
+    if fresh.whole {
         if let Some(p) = &ctx.opts.policy {
             p.pod_down(attachment_of(owner)).await;
         }
-        let (ipam, owner) = (ctx.ipam.clone(), owner.clone());
-        if let Err(e) = blocking(move || ipam.release(&owner)).await {
+    }
+    if !fresh.addrs.is_empty() {
+        let (ipam, owner, addrs) = (ctx.ipam.clone(), owner.clone(), fresh.addrs.clone());
+        if let Err(e) = blocking(move || ipam.release_addrs(&owner, &addrs)).await {
             tracing::error!(error = %e.msg, "releasing the address after a failed ADD");
         }
     }
@@ -773,19 +787,40 @@ async fn del(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
     // and never removes a CNI_IFNAME in the netns that another container's ADD created.
     let host = host_veth_name(&req.container_id, &req.ifname);
     if let Err(e) = ctx.nl.delete_link(&host).await {
-        errors.push(e.to_string());
+        // The pod may still use its addresses on that veth: released now, they could go to
+        // another pod while this one runs. The runtime retries a failed DEL; GC does the same.
+        return Err(CniError::new(
+            codes::KERNEL,
+            format!("DEL incomplete: {e}; the pod's addresses stay reserved until a DEL succeeds"),
+        ));
     }
     if let Some(p) = &ctx.opts.policy {
         p.pod_down(attachment_of(&owner)).await;
     }
-    // Released whatever happened above: a DEL that keeps the address leaks it forever.
     let ipam = ctx.ipam.clone();
     if let Err(e) = blocking(move || ipam.release(&owner)).await {
         errors.push(e.msg);
     }
-    // A pod from before the node moved from flannel: its addresses are host-local's.
+    // A pod from before the node moved from flannel: its addresses are host-local's. Only
+    // those inside the node's subnets are ours (other networks use host-local too).
     let node = ctx.node.borrow().clone();
     let nets = node.as_ref().map_or_else(Vec::new, NodeNet::nets);
+    if node.is_none() {
+        // Before the subnets are known (twilld starting): acknowledging now would leave such a
+        // reservation behind for good. The runtime retries; twill's own release above stands.
+        let (hl, cid, ifname) = (
+            ctx.host_local.clone(),
+            req.container_id.clone(),
+            req.ifname.clone(),
+        );
+        if offload(move || hl.holds_any(&cid, &ifname)).await? {
+            return Err(CniError::new(
+                codes::TRY_AGAIN_LATER,
+                "twilld not ready: host-local holds an address for this pod (from before the \
+                 node moved from flannel), released once this node's pod subnet is known",
+            ));
+        }
+    }
     if !nets.is_empty() {
         let (hl, cid, ifname) = (
             ctx.host_local.clone(),
@@ -887,12 +922,14 @@ async fn gc(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
         return Ok(());
     };
     // An ADD still running is not in the runtime's list yet; GC must not pull it from under it.
+    // One that begins after this look allocates after the mark, and is left alone by that.
+    let mark = ctx.ipam.gc_mark();
     valid.extend(ctx.keys.in_flight());
     // Only this network's attachments: another conflist naming twill has its own list.
     let network = network_of(req);
     let mut stale: HashMap<Owner, Vec<Claim>> = HashMap::new();
     let ipam = ctx.ipam.clone();
-    for c in offload(move || ipam.gc_candidates(&network, &valid)).await? {
+    for c in offload(move || ipam.gc_candidates(&network, &valid, mark)).await? {
         stale.entry(c.owner.clone()).or_default().push(c);
     }
     // Each attachment under its key lock, like ADD and DEL; one whose ADD or DEL ran since GC
