@@ -437,7 +437,14 @@ impl Sender {
                 if r < 0 && e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                if r < 0 && done == 0 && self.gso && e.raw_os_error() == Some(libc::EIO) {
+                // EIO for a GSO send: the path cannot segment (the caller turns GSO off). A
+                // single datagram's EIO says nothing about GSO.
+                if r < 0
+                    && done == 0
+                    && self.gso
+                    && self.runs[done].1 > 1
+                    && e.raw_os_error() == Some(libc::EIO)
+                {
                     return Err(e);
                 }
                 // The first one left was refused. A GSO send is refused whole when its

@@ -166,7 +166,9 @@ impl Coalescer {
         if let Some(run) = &mut self.run {
             let f = &bufs[run.first.0][run.first.1..run.first.1 + run.first.2];
             let thl = run.seg.thl;
-            let joins = seg.thl == thl
+            // The whole of byte 12: the header length and the reserved and AE (Accurate ECN)
+            // bits, which the merged header would otherwise lose (the kernel compares them too).
+            let joins = p[IHL + 12] == f[IHL + 12]
                 && seg.seq == run.next_seq
                 && seg.payload <= run.seg.payload
                 && 1 + self.rest.len() < MAX_SEGMENTS
@@ -414,6 +416,12 @@ mod tests {
                 let mut h = segment(1100, ACK, &d);
                 h[10] ^= 0x10;
                 h
+            }),
+            ("the AE bit set", {
+                let mut e = segment(1100, ACK, &d);
+                e[32] |= 0x01;
+                reseal(&mut e);
+                e
             }),
             ("another window", {
                 let mut w = segment(1100, ACK, &d);
