@@ -581,7 +581,15 @@ pub async fn configure_container(
         // to hand out, and DAD would hold them for a second or more after the pod starts. This
         // thread is in the pod's netns, so /proc/sys/net is the pod's.
         let path = format!("/proc/sys/net/ipv6/conf/{ifname}/accept_dad");
-        std::fs::write(&path, "0").map_err(|e| PodNetError::other(path, e.to_string()))?;
+        if let Err(e) = std::fs::write(&path, "0") {
+            // A container that is not privileged (the shipped DaemonSet) has /proc/sys
+            // read-only. The pod's own address is added without DAD anyway (IFA_F_NODAD), so
+            // it works at once; only its link-local address goes through DAD.
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::warn!(%path, error = %e, "cannot turn DAD off in pods (is /proc/sys read-only here?); their IPv6 addresses are added without DAD, link-local ones keep it")
+            });
+        }
     }
     let add_v4 = OptionFuture::from(v4.map(|(addr, _)| add_addr(h, l.index, addr.into())));
     let set_up = h
