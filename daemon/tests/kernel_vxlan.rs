@@ -1140,6 +1140,102 @@ fn routes_that_are_not_ours_are_never_replaced() {
     );
 }
 
+/// An apply report's failures, as text.
+fn said<O: std::fmt::Debug, E: std::fmt::Display>(failed: &[(O, E)]) -> Vec<String> {
+    failed.iter().map(|(o, e)| format!("{o:?}: {e}")).collect()
+}
+
+/// Routes that are not twill's, in either family: a direct route (host-gw, DirectRouting) of
+/// twill's for the same destination is refused, not put over them (IPv6's default metric is
+/// 1024, not IPv4's 0), and a peer's direct route going away deletes only twill's route, never
+/// the operator's one that its SetRoute was refused for.
+#[test]
+fn foreign_routes_of_both_families_are_never_replaced_nor_deleted() {
+    use ipnet::Ipv6Net;
+    use std::net::Ipv6Addr;
+    use twill_daemon::reconcile::OpOf;
+
+    let p = Pair::new('y', 22);
+    let (ns, ip_b) = (p.a.clone(), p.ip_b);
+    sh(&format!(
+        "ip -n {a} addr add fd00:18:22::1/64 dev va nodad && ip -n {b} addr add fd00:18:22::2/64 dev vb nodad && \
+         ip -n {a} -6 route add fd00:10:244:5::/64 via fd00:18:22::2 dev va proto static && \
+         ip -n {a} route add 10.251.0.0/24 via {ip_b} dev va proto static",
+        a = p.a,
+        b = p.b
+    ));
+    let before = |v: &str| sh(&format!("ip -n {ns} {v} route show"));
+    let (before4, before6) = (before("-4"), before("-6"));
+    let (dst4, dst6): (Ipv4Net, Ipv6Net) = (
+        "10.251.0.0/24".parse().unwrap(),
+        "fd00:10:244:5::/64".parse().unwrap(),
+    );
+    let gw6: Ipv6Addr = "fd00:18:22::2".parse().unwrap();
+    let (set, del) = in_ns(&ns, move || async move {
+        let nl = Netlink::new().unwrap();
+        let u = nl
+            .find_underlay(Some(&IfaceSelector::Name("va".into())))
+            .await
+            .unwrap();
+        let set4 = nl
+            .apply_owned(
+                u.index,
+                None,
+                &[Op::SetRoute {
+                    dst: dst4,
+                    gw: ip_b,
+                }],
+            )
+            .await;
+        let set6 = nl
+            .apply_owned(
+                u.index,
+                None,
+                &[OpOf::<Ipv6Net>::SetRoute { dst: dst6, gw: gw6 }],
+            )
+            .await;
+        let del4 = nl
+            .apply_owned(
+                u.index,
+                None,
+                &[Op::DelRoute {
+                    dst: dst4,
+                    gw: ip_b,
+                }],
+            )
+            .await;
+        let del6 = nl
+            .apply_owned(
+                u.index,
+                None,
+                &[OpOf::<Ipv6Net>::DelRoute { dst: dst6, gw: gw6 }],
+            )
+            .await;
+        (
+            (said(&set4.failed), said(&set6.failed)),
+            (del4.failed.len(), del6.failed.len()),
+        )
+    });
+    for (family, refused) in [("IPv4", set.0), ("IPv6", set.1)] {
+        assert_eq!(refused.len(), 1, "{family}: {refused:?}");
+        assert!(refused[0].contains("not twill's"), "{family}: {refused:?}");
+    }
+    // Deleting a route of ours that is not there is no failure.
+    assert_eq!(del, (0, 0));
+    assert_eq!(
+        before("-4"),
+        before4,
+        "an IPv4 route that is not twill's changed"
+    );
+    assert_eq!(
+        before("-6"),
+        before6,
+        "an IPv6 route that is not twill's changed"
+    );
+    assert!(before("-6").contains("fd00:10:244:5::/64 via fd00:18:22::2"));
+    assert!(before("-4").contains(&format!("10.251.0.0/24 via {ip_b}")));
+}
+
 /// The v6 side of a dual-stack node: a VXLAN device over an IPv6 underlay (flannel's
 /// `flannel-v6.<VNI>` layout), programmed by the same planner and netlink writers as the v4
 /// device, carries traffic both ways; a dump reads back exactly what was written, a stale v6

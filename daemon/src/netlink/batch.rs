@@ -277,8 +277,12 @@ fn op_message_with<N: NlFamily>(
             if set {
                 request(RouteNetlinkMessage::NewRoute(r), route)
             } else {
-                // Match whatever protocol/scope the route was created with.
-                r.header.protocol = RouteProtocol::Unspec;
+                // Match whatever scope the route was created with. An overlay route names our
+                // device; a direct one is matched by twill's protocol, so that a route of the
+                // same destination that is not ours (which a SetRoute refused) stays.
+                if overlay {
+                    r.header.protocol = RouteProtocol::Unspec;
+                }
                 r.header.scope = RouteScope::NoWhere;
                 request(RouteNetlinkMessage::DelRoute(r), Write::Plain)
             }

@@ -16,6 +16,9 @@ use crate::subnet::Cidr;
 
 pub trait NlFamily: Cidr {
     const AF: AddressFamily;
+    /// The metric the kernel gives a route added without one: twill's routes have it, and so
+    /// does any route they would collide with.
+    const DEFAULT_METRIC: u32;
     fn neigh_addr(a: Self::Addr) -> NeighbourAddress;
     /// A neighbour's or FDB entry's destination, if of this family. FDB entries (AF_BRIDGE)
     /// carry it as bare bytes: their length tells the family.
@@ -44,6 +47,7 @@ pub trait NlFamily: Cidr {
 
 impl NlFamily for Ipv4Net {
     const AF: AddressFamily = AddressFamily::Inet;
+    const DEFAULT_METRIC: u32 = 0;
     fn neigh_addr(a: Ipv4Addr) -> NeighbourAddress {
         NeighbourAddress::Inet(a)
     }
@@ -109,6 +113,7 @@ impl NlFamily for Ipv4Net {
 
 impl NlFamily for Ipv6Net {
     const AF: AddressFamily = AddressFamily::Inet6;
+    const DEFAULT_METRIC: u32 = 1024;
     fn neigh_addr(a: Ipv6Addr) -> NeighbourAddress {
         NeighbourAddress::Inet6(a)
     }

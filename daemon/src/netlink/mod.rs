@@ -771,9 +771,9 @@ impl Netlink {
         }
     }
 
-    /// Of the destinations `dsts`, those whose main-table route at metric 0 (the one a route of
-    /// ours would collide with) is not ours, with what it is. Ours: out of `owned`, or carrying
-    /// twill's protocol number.
+    /// Of the destinations `dsts`, those whose main-table route at the family's default metric
+    /// (the one a route of ours would collide with: 0 for IPv4, 1024 for IPv6) is not ours,
+    /// with what it is. Ours: out of `owned`, or carrying twill's protocol number.
     async fn foreign_routes<N: NlFamily>(
         &self,
         dsts: &HashSet<N>,
@@ -781,7 +781,7 @@ impl Netlink {
     ) -> Result<HashMap<N, String>, NetlinkError> {
         let mut out = HashMap::new();
         for r in self.routes_of::<N>().await? {
-            if route_table(&r) != MAIN_TABLE || route_priority(&r) != 0 {
+            if route_table(&r) != MAIN_TABLE || route_priority(&r) != N::DEFAULT_METRIC {
                 continue;
             }
             let Some(dst) = N::route_dst(&r).filter(|d| dsts.contains(d)) else {
