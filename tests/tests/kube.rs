@@ -1537,3 +1537,64 @@ fn network_policy_from_the_api_holds_on_ipv6_too() -> Result<()> {
     }
     Ok(())
 }
+
+/// A Node watch the API server keeps refusing while lists work (here RBAC without `watch` on
+/// nodes; in life a proxy that cuts long streams, or an API server catching up after a
+/// restart): twilld lists again with a growing wait, not every 100 ms.
+#[test]
+fn a_refused_node_watch_is_retried_with_backoff_not_a_list_storm() -> Result<()> {
+    let mut k = KubeLab::new(1)?;
+    let manifest = twill_tests::bins::workspace_dir().join("deploy/kubernetes/twill.yaml");
+    let sa = twill_tests::fakeapi::TWILL_SERVICE_ACCOUNT;
+    let twill = twill_tests::fakeapi::rbac::service_accounts_from_manifest(&manifest)?
+        .into_iter()
+        .find(|i| i.user == format!("system:serviceaccount:{}:{}", sa.0, sa.1))
+        .context("the manifest binds no twill ServiceAccount")?;
+    let mut rules = twill.rules;
+    let mut dropped = false;
+    for r in &mut rules {
+        if r.resources.iter().flatten().any(|x| x == "nodes") {
+            dropped |= r.verbs.iter().any(|v| v == "watch");
+            r.verbs.retain(|v| v != "watch");
+        }
+    }
+    ensure!(dropped, "twill's role has no watch on nodes to take away");
+    let token = k.api.add_identity("twill-without-node-watch", rules);
+    std::fs::write(
+        k.lab.node_dir(1).join("kubeconfig"),
+        k.api.kubeconfig(&token),
+    )?;
+    k.start(1)?;
+    let peer_lists = |api: &FakeApi| {
+        api.requests()
+            .iter()
+            .filter(|r| {
+                r.verb == "list" && r.resource == "nodes" && !r.query.contains("fieldSelector")
+            })
+            .map(|r| r.code)
+            .collect::<Vec<_>>()
+    };
+    wait_until(Duration::from_secs(30), || {
+        peer_lists(&k.api).contains(&200)
+    })
+    .context("twilld never listed the Nodes")?;
+    let refused = k
+        .api
+        .requests()
+        .iter()
+        .any(|r| r.verb == "watch" && r.resource == "nodes" && r.code == 403);
+    ensure!(refused, "no Node watch was refused");
+    k.api.clear_requests();
+    std::thread::sleep(Duration::from_secs(10));
+    let lists = peer_lists(&k.api);
+    // 100 ms doubling up to 5 s: about seven in the first 10 s, two once at the cap. Before,
+    // each completed list reset the wait and a refused watch meant ~10 lists a second.
+    ensure!(
+        lists.len() <= 10,
+        "{} Node lists in 10 s: {lists:?}",
+        lists.len()
+    );
+    ensure!(!lists.is_empty(), "twilld stopped listing the Nodes");
+    ensure!(k.lab.daemon_running(1), "twilld exited");
+    Ok(())
+}

@@ -146,7 +146,7 @@ pub async fn watch_dir<S: ObjectStore>(
 }
 
 /// A watch that ran this long before it ended was working; the next re-list is quick.
-const HEALTHY_WATCH: std::time::Duration = std::time::Duration::from_secs(30);
+pub(crate) const HEALTHY_WATCH: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[cfg(test)]
 mod tests {

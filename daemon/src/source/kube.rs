@@ -33,6 +33,7 @@ use crate::metrics::Metrics;
 use crate::registry::kube::annotations::Annotations;
 use crate::registry::kube::node::{self as knode, Peers, SkipReason};
 use crate::registry::kube::slim::SlimNode;
+use crate::registry::objects::HEALTHY_WATCH;
 use crate::registry::skips::SkipLog;
 use crate::registry::view::Skip;
 use crate::registry::{Backoff, OwnLease, PeerEvent, Previous};
@@ -535,6 +536,10 @@ impl KubeSource {
                 built_for.0,
             )
             .with_ipv6(built_for.1);
+            // When this watcher's list completed: only a watch that then lasted counts as
+            // healthy. One the server ends at once (RBAC without `watch`, a proxy cutting
+            // streams) must not mean a full list of every Node ten times a second.
+            let mut listed_at = None;
             loop {
                 let (out, skips_now) = tokio::select! {
                     ev = events.next() => match ev {
@@ -544,7 +549,7 @@ impl KubeSource {
                         }
                         Some(Ok(Event::InitApply(n))) => (Vec::new(), peers.init_apply(&n)),
                         Some(Ok(Event::InitDone)) => {
-                            backoff.reset();
+                            listed_at = Some(tokio::time::Instant::now());
                             if listed_before {
                                 Metrics::inc(&metrics.peer_resyncs);
                             }
@@ -564,6 +569,9 @@ impl KubeSource {
                             warn!(error = %e, "watching Nodes; listing them again");
                             if tx.send(PeerEvent::ListFailed(e.to_string())).await.is_err() {
                                 return;
+                            }
+                            if listed_at.is_some_and(|t| t.elapsed() >= HEALTHY_WATCH) {
+                                backoff.reset();
                             }
                             backoff.wait().await;
                             continue 'relist;
