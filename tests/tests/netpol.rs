@@ -842,3 +842,73 @@ fn denials_are_counted_per_policy_and_logged_with_pod_names() -> Result<()> {
     );
     Ok(())
 }
+
+/// One pod name, one attachment per node: a second container under a name a running pod holds
+/// (two podman names that make one key, a re-created pod whose old sandbox is still up) is
+/// refused with "try again later", and the running pod keeps its protection (before, the
+/// second took the name's record and left the first open). Once the first one's interface is
+/// gone without a DEL (a crashed runtime), the name goes to the new pod.
+#[test]
+fn a_pod_name_a_running_pod_holds_is_refused_and_the_holder_stays_protected() -> Result<()> {
+    use twill_tests::netpol::{pod_config, Servers};
+    let mut lab = Lab::new(LabOptions {
+        nodes: 1,
+        ..Default::default()
+    })?;
+    lab.put_config(CONFIG)?;
+    lab.start_daemon(1)?;
+    lab.wait_ready(1, Duration::from_secs(30))?;
+    wait_until(Duration::from_secs(20), || {
+        lab.status(1).is_ok_and(|s| s["policy"]["loaded"] == true)
+    })
+    .context("policy state did not load")?;
+    let db = r#"{"metadata":{"name":"db","namespace":"x"},
+        "spec":{"podSelector":{"matchLabels":{"app":"db"}},"policyTypes":["Ingress"]}}"#;
+    lab.etcdctl(&["put", &format!("{PREFIX}/policies/x/db"), "--", db])?;
+    let labels = |app: &str| pod_config(&lab, 1, &[("app".to_string(), app.to_string())].into());
+    let (as_db, as_web, plain) = (labels("db"), labels("web"), labels("client"));
+    let name = "K8S_POD_NAMESPACE=x;K8S_POD_NAME=web";
+    let first = lab.add_pod_with(1, "first", name, &as_db)?;
+    let client = lab.add_pod_with(1, "client", "K8S_POD_NAMESPACE=y;K8S_POD_NAME=c", &plain)?;
+    let _servers = Servers::start(&[&first])?;
+    let to_first = || {
+        probe(
+            &client.netns_path(),
+            IpAddr::V4(first.ip),
+            80,
+            Protocol::Tcp,
+        )
+    };
+    wait_until(SETTLE, || !to_first()).context("the db pod is not isolated")?;
+
+    let e = lab
+        .add_pod_with(1, "second", name, &as_web)
+        .expect_err("a second pod under a running pod's name was set up");
+    let e = format!("{e:#}");
+    assert!(
+        e.contains("\"code\":11") && e.contains("set up on this node already"),
+        "{e}"
+    );
+    // Still isolated, through a compile or two.
+    for _ in 0..5 {
+        assert!(!to_first(), "the running pod lost its protection");
+        std::thread::sleep(Duration::from_millis(400));
+    }
+
+    // Its netns (and so its interface) gone without a DEL: the name is free for a new pod,
+    // which is not isolated (app=web).
+    drop(_servers);
+    twill_tests::netns::kill_all_and_delete(&first.ns)?;
+    let second = lab.add_pod_with(1, "second", name, &as_web)?;
+    let _servers = Servers::start(&[&second])?;
+    wait_until(SETTLE, || {
+        probe(
+            &client.netns_path(),
+            IpAddr::V4(second.ip),
+            80,
+            Protocol::Tcp,
+        )
+    })
+    .context("the new pod under the freed name is not reachable")?;
+    Ok(())
+}

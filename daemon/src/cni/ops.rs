@@ -21,8 +21,8 @@ use super::{CniOptions, NodeNet};
 use crate::mac::MacAddr;
 use crate::metrics::Metrics;
 use crate::netlink::pod::{self, OpenNetnsError, PodNetError, PodNetlink};
-use crate::policy::pods;
-use crate::policy::PodUpError;
+use crate::policy::pods::{self, LocalPod};
+use crate::policy::{PodUpError, PolicyHandle};
 
 pub(super) struct Ctx {
     pub opts: CniOptions,
@@ -644,11 +644,7 @@ async fn node_half(
         .await
         .map_err(|e| (e, Fresh::default()))?;
         if let (Some(policy), Some(pod)) = (&ctx.opts.policy, identity) {
-            if let Err(e) = policy.pod_up(pod.with_ips(&addrs)).await {
-                let e = match e {
-                    PodUpError::NotReady(m) => CniError::new(codes::TRY_AGAIN_LATER, m),
-                    PodUpError::Failed(m) => CniError::new(codes::POLICY, m),
-                };
+            if let Err(e) = policy_up(ctx, policy, pod.with_ips(&addrs)).await {
                 return Err((e, fresh.clone()));
             }
         }
@@ -684,6 +680,30 @@ async fn node_half(
         return Err(kernel_err(e));
     }
     Ok((pod, fresh, mac))
+}
+
+/// The pod's policy, before it gets its address. Another attachment holding the pod's name is
+/// forgotten if its host veth is gone (its DEL never came: a crashed runtime, a reboot), and
+/// the pod programmed then; one that is still there keeps the name, and this ADD fails.
+async fn policy_up(ctx: &Ctx, policy: &PolicyHandle, pod: LocalPod) -> Result<(), CniError> {
+    let mut result = policy.pod_up(pod.clone()).await;
+    if let Err(PodUpError::Taken { by, .. }) = &result {
+        let host = host_veth_name(&by.container_id, &by.ifname);
+        if ctx.nl.link_by_name(&host).await.is_ok_and(|l| l.is_none()) {
+            tracing::info!(container = %by.container_id, ifname = %by.ifname,
+                "forgetting a pod whose interface is gone, for a new one of the same name");
+            policy.pod_down(by.clone()).await;
+            result = policy.pod_up(pod).await;
+        }
+    }
+    result.map_err(|e| match e {
+        PodUpError::NotReady(m) => CniError::new(codes::TRY_AGAIN_LATER, m),
+        PodUpError::Failed(m) => CniError::new(codes::POLICY, m),
+        e @ PodUpError::Taken { .. } => CniError::new(
+            codes::TRY_AGAIN_LATER,
+            format!("{e}, whose interface is still there: one pod name, one attachment (DEL that one first)"),
+        ),
+    })
 }
 
 /// Each family's address with the length of the node's subnet it was allocated from.

@@ -138,6 +138,12 @@ pub enum PodUpError {
     NotReady(String),
     #[error("{0}")]
     Failed(String),
+    /// Another attachment on this node holds the pod's name (key): two containers whose
+    /// names make the same key, or a re-created pod whose old sandbox was not deleted yet.
+    /// One record per name, so only one can be protected; the caller decides whether the
+    /// other is gone (`pod_down` it, then try again) or alive (ADD fails).
+    #[error("pod {key} is set up on this node already, by container {} on {}", .by.container_id, .by.ifname)]
+    Taken { key: String, by: Attachment },
 }
 
 /// The policy task's answer to a PodUp.
@@ -669,7 +675,7 @@ impl Engine {
         if let Err(e) = self.objects.local_insert(pod) {
             let _ = saving.await;
             let _ = self.objects.files().remove(&attachment);
-            return Err(PodUpError::Failed(e));
+            return Err(e);
         }
         let recorded = Instant::now();
         // Closed at first where its policies isolate it; opened right after the answer.

@@ -13,7 +13,7 @@ use netpol::validate::ValidationErrors;
 use serde::{Deserialize, Serialize};
 
 use super::pods::{Attachment, LocalPod, PodFiles, CONTAINER_ANNOTATION};
-use super::{NAMESPACES, PODS, POLICIES};
+use super::{PodUpError, NAMESPACES, PODS, POLICIES};
 use crate::metrics::Metrics;
 use crate::registry::objects::{DirEvent, ObjKv};
 
@@ -158,22 +158,29 @@ impl Objects {
     }
 
     /// A pod this node just set up (CNI ADD); its record is saved in the state dir.
-    pub fn local_up(&mut self, p: LocalPod) -> Result<(), String> {
-        netpol::model::PodRecord::from_api(&p.pod).map_err(|e| errs(&e))?;
+    pub fn local_up(&mut self, p: LocalPod) -> Result<(), PodUpError> {
+        netpol::model::PodRecord::from_api(&p.pod).map_err(|e| PodUpError::Failed(errs(&e)))?;
         self.files
             .save(&p)
-            .map_err(|e| format!("recording the pod in the state dir: {e}"))?;
+            .map_err(|e| PodUpError::Failed(format!("recording the pod in the state dir: {e}")))?;
         self.local_insert(p)
     }
 
     /// `local_up` without the state-dir record, which the caller writes (`files`) and undoes
     /// with `local_down` if that fails.
-    pub fn local_insert(&mut self, p: LocalPod) -> Result<(), String> {
-        netpol::model::PodRecord::from_api(&p.pod).map_err(|e| errs(&e))?;
-        // An earlier attachment with this pod's name (a re-created pod): replaced.
+    pub fn local_insert(&mut self, p: LocalPod) -> Result<(), PodUpError> {
+        netpol::model::PodRecord::from_api(&p.pod).map_err(|e| PodUpError::Failed(errs(&e)))?;
+        // Another attachment with this pod's name: not replaced, which would leave its pod
+        // (if it still runs) with no record, so unprotected.
         let key = p.key();
-        self.local
-            .retain(|a, q| q.key() != key || *a == p.attachment);
+        if let Some(by) = self
+            .local
+            .iter()
+            .find(|(a, q)| q.key() == key && **a != p.attachment)
+            .map(|(a, _)| a.clone())
+        {
+            return Err(PodUpError::Taken { key, by });
+        }
         self.insert_local(p);
         Ok(())
     }
@@ -607,6 +614,33 @@ mod tests {
             json!({"metadata": {"name": "r", "namespace": "y"}, "spec": {"podSelector": {}}});
         o.apply(POLICIES, DirEvent::Put(kv("x/r", elsewhere)), &m);
         assert_eq!(o.cluster().policies().count(), 1);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// One record per pod name: a second attachment under a name another one holds is refused
+    /// (naming the holder), not put in its place, which left the holder's pod unprotected;
+    /// once the holder is gone it is taken.
+    #[test]
+    fn a_pod_name_held_by_another_attachment_is_refused_until_that_one_goes() {
+        let (mut o, dir) = objects("t");
+        let a = local("a", "10.244.1.5", json!([{"key": "app", "value": "db"}]));
+        o.local_up(a.clone()).unwrap();
+        let mut b = local("a", "10.244.1.6", json!([{"key": "app", "value": "web"}]));
+        b.attachment.container_id = "cid-other".into();
+        match o.local_insert(b.clone()) {
+            Err(PodUpError::Taken { key, by }) => {
+                assert_eq!((key.as_str(), &by), ("x/a", &a.attachment))
+            }
+            other => panic!("{other:?}"),
+        }
+        let rec = o.cluster().pod(&PodKey::new("x", "a")).unwrap();
+        assert_eq!(rec.labels.get("app").map(String::as_str), Some("db"));
+        // The same attachment again (a retried ADD) is no conflict.
+        o.local_insert(a.clone()).unwrap();
+        o.local_down(&a.attachment).unwrap();
+        o.local_insert(b).unwrap();
+        let rec = o.cluster().pod(&PodKey::new("x", "a")).unwrap();
+        assert_eq!(rec.labels.get("app").map(String::as_str), Some("web"));
         let _ = std::fs::remove_dir_all(dir);
     }
 
