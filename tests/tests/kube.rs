@@ -909,6 +909,50 @@ fn a_node_moving_from_flanneld_keeps_its_subnet_and_vtep_mac() -> Result<()> {
     Ok(())
 }
 
+/// The same when the API server is away as twilld starts (at boot, before kube-proxy makes
+/// the Service address work; a control-plane outage): twilld waits to read its Node rather
+/// than start on the address it would pick itself and publish that (flannel #1978).
+#[test]
+fn the_node_public_ip_annotation_wins_also_when_the_api_is_late() -> Result<()> {
+    let mut k = KubeLab::new(2)?;
+    let second = "198.18.0.150";
+    k.lab.exec_ok(
+        1,
+        &["ip", "addr", "add", &format!("{second}/24"), "dev", "eth0"],
+    )?;
+    k.api
+        .set_node_annotation("n1", &format!("{PREFIX}node-public-ip"), Some(second))?;
+    k.api.go_down()?;
+    k.start(1)?;
+    // Longer than the one quick read twilld used to make before taking its own choice.
+    std::thread::sleep(Duration::from_secs(8));
+    ensure!(
+        k.lab.daemon_running(1),
+        "twilld exited while the API was away"
+    );
+    ensure!(
+        k.lab.get(1, "/healthz").is_ok_and(|(code, _)| code == 200),
+        "/healthz does not answer while twilld waits for the API"
+    );
+    k.api.come_back()?;
+    k.start(2)?;
+    for i in [1, 2] {
+        k.lab.wait_ready(i, READY)?;
+    }
+    k.wait_mesh(&[1, 2])?;
+    let (_, ip, _) = k.own(1)?;
+    ensure!(
+        ip == second,
+        "node 1 runs with public IP {ip}, not {second}"
+    );
+    ensure!(
+        k.annotation("n1", "public-ip").as_deref() == Some(second),
+        "node 1 published public-ip {:?}",
+        k.annotation("n1", "public-ip")
+    );
+    Ok(())
+}
+
 /// An operator's `node-public-ip` annotation is the node's public IP, as flanneld takes it:
 /// published as `public-ip`, the VXLAN source and the address its peers send to.
 #[test]

@@ -213,7 +213,21 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
             err,
         })?;
 
-    let stored = source.stored().await;
+    // Never fatal: while the address is taken (anyone may bind an unprivileged port), the rest
+    // runs and binding is retried. Up before the source is asked anything: /healthz answers
+    // while twilld waits for it.
+    crate::http::spawn(
+        args.http_addr,
+        shared.clone(),
+        HttpLimits {
+            max_connections: args.http_max_connections as usize,
+            header_timeout: args.http_header_timeout,
+        },
+    );
+    let stored = tokio::select! {
+        s = source.stored() => s,
+        _ = shutdown.wait() => { info!("shutting down before the node was ready"); return Ok(()); }
+    };
     let stored_mac = stored
         .vtep_mac
         .filter(|_| !crate::state::has_vtep_mac(&args.state_dir));
@@ -241,16 +255,6 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
                 err,
             }
         })?;
-    // Never fatal: while the address is taken (anyone may bind an unprivileged port), the rest
-    // runs and binding is retried.
-    crate::http::spawn(
-        args.http_addr,
-        shared.clone(),
-        HttpLimits {
-            max_connections: args.http_max_connections as usize,
-            header_timeout: args.http_header_timeout,
-        },
-    );
     let cni = tokio::spawn(cni.serve());
 
     let nl = Netlink::new()?;

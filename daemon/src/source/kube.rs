@@ -331,12 +331,33 @@ impl LeaseSource for KubeSource {
     }
 
     /// Our Node's VTEP MACs (backend-data and backend-v6-data, if valid) and `node-public-ip`
-    /// and `node-public-ipv6`, in one quick GET: at start, an API server that does not answer
-    /// at once means new MACs and the flags' public IPs, not a wait.
+    /// and `node-public-ipv6`. Waits for the API server: taking new MACs and the flags' public
+    /// IPs because it was slow at boot (kube-proxy not up yet, a control-plane outage) would
+    /// publish an address the operator overrode (flannel #1978), and the subnet needs the API
+    /// anyway. A Node that does not exist (yet) has nothing stored.
     async fn stored(&self) -> Stored {
         let nodes = self.nodes();
-        match tokio::time::timeout(Duration::from_secs(5), nodes.get_opt(&self.node)).await {
-            Ok(Ok(Some(node))) => Stored {
+        let mut backoff = Backoff::new();
+        let mut said = false;
+        let node = loop {
+            let why = match tokio::time::timeout(Duration::from_secs(5), nodes.get_opt(&self.node))
+                .await
+            {
+                Ok(Ok(n)) => break n,
+                Ok(Err(e)) => format!("{e}{}", refusal_hint(&e)),
+                Err(_) => "no answer in 5 s".to_string(),
+            };
+            if !said {
+                warn!(node = %self.node, error = %why, "cannot read our Node yet; waiting for the API server (its annotations decide this node's VTEP MAC and public IP)");
+                said = true;
+            }
+            backoff.wait().await;
+        };
+        if said {
+            info!(node = %self.node, "read our Node");
+        }
+        match node {
+            Some(node) => Stored {
                 vtep_mac: knode::stored_vtep_mac(&node, &self.ann),
                 public_ip: match knode::stored_public_ip(&node, &self.ann) {
                     Ok(ip) => ip,
@@ -354,7 +375,7 @@ impl LeaseSource for KubeSource {
                     }
                 },
             },
-            _ => Stored::default(),
+            None => Stored::default(),
         }
     }
 
