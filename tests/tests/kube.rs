@@ -1642,3 +1642,47 @@ fn a_refused_node_watch_is_retried_with_backoff_not_a_list_storm() -> Result<()>
     ensure!(k.lab.daemon_running(1), "twilld exited");
     Ok(())
 }
+
+/// A controller that keeps wiping our Node's annotations (one that copies Node objects from
+/// elsewhere): twilld puts them back at once a few times, then less and less often, not with a
+/// patch for each of its writes; once it stops, they are back.
+#[test]
+fn a_controller_fighting_over_our_annotations_gets_fewer_and_fewer_patches() -> Result<()> {
+    let mut k = KubeLab::new(1)?;
+    k.start(1)?;
+    k.lab.wait_ready(1, READY)?;
+    ensure!(
+        k.annotation("n1", "backend-data").is_some(),
+        "not published"
+    );
+    k.api.clear_requests();
+    let t0 = std::time::Instant::now();
+    let mut wipes = 0;
+    while t0.elapsed() < Duration::from_secs(20) {
+        k.api.wipe_annotations("n1")?;
+        wipes += 1;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let patches = k
+        .api
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.path == "/api/v1/nodes/n1/status" && r.code == 200)
+        .count();
+    // Five at once, then after 10 s, then 20 s: a handful, against one per wipe before.
+    ensure!(
+        (5..=10).contains(&patches),
+        "{patches} put-backs for {wipes} wipes in 20 s"
+    );
+    ensure!(
+        k.lab
+            .daemon_log(1)
+            .contains("keeps changing our Node's annotations"),
+        "twilld did not say why it waits"
+    );
+    wait_until(Duration::from_secs(90), || {
+        k.annotation("n1", "backend-data").is_some() && k.annotation("n1", "public-ip").is_some()
+    })
+    .context("the annotations were not put back once the fight stopped")?;
+    Ok(())
+}

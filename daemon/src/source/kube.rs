@@ -434,12 +434,22 @@ impl KubeSource {
         let mut lost6 = false;
         // A failed publish is tried again on its own: our Node may not change for minutes.
         let mut retry = Retry::new();
+        let mut fight = Fight::default();
         loop {
             tokio::select! {
                 () = retry.due() => {
                     if let Some(n) = &last {
                         let ok = self.republish(n, &lease.attrs, &metrics).await;
-                        retry.after(ok);
+                        retry.after(ok.is_some());
+                    }
+                }
+                () = fight.due() => {
+                    if let Some(n) = &last {
+                        let ok = self.republish(n, &lease.attrs, &metrics).await;
+                        retry.after(ok.is_some());
+                        if ok == Some(true) {
+                            fight.put_back(&self.node);
+                        }
                     }
                 }
                 ev = events.next() => match ev {
@@ -475,8 +485,15 @@ impl KubeSource {
                         if moved {
                             out.send_replace(lease.clone());
                         }
-                        let ok = self.republish(&n, &lease.attrs, &metrics).await;
-                        retry.after(ok);
+                        // Put back what another writer changed, unless that writer keeps
+                        // at it: then later (`fight.due`).
+                        if !fight.holding() {
+                            let ok = self.republish(&n, &lease.attrs, &metrics).await;
+                            retry.after(ok.is_some());
+                            if ok == Some(true) {
+                                fight.put_back(&self.node);
+                            }
+                        }
                         last = Some(n);
                     }
                     Some(Ok(Event::Delete(_))) => {
@@ -498,7 +515,7 @@ impl KubeSource {
                         }
                         if let Some(n) = &last {
                             let ok = self.republish(n, &lease.attrs, &metrics).await;
-                            retry.after(ok);
+                            retry.after(ok.is_some());
                         }
                         out.send_replace(lease.clone());
                     }
@@ -507,18 +524,18 @@ impl KubeSource {
         }
     }
 
-    /// `publish`, logged; false if it failed (`keep_own` tries again).
-    async fn republish(&self, node: &Node, attrs: &LeaseAttrs, metrics: &Metrics) -> bool {
+    /// `publish`, logged: whether it patched; None if it failed (`keep_own` tries again).
+    async fn republish(&self, node: &Node, attrs: &LeaseAttrs, metrics: &Metrics) -> Option<bool> {
         match self.publish(node, attrs).await {
             Ok(true) => {
                 info!(node = %self.node, "published our Node annotations");
-                true
+                Some(true)
             }
-            Ok(false) => true,
+            Ok(false) => Some(false),
             Err(e) => {
                 Metrics::inc(&metrics.kube_api_errors);
                 warn!(error = %e, "publishing our Node annotations failed; trying again");
-                false
+                None
             }
         }
     }
@@ -674,6 +691,66 @@ fn refusal_hint(e: &kube::Error) -> &'static str {
     }
 }
 
+/// Our annotations put back after another writer changed them. A controller that keeps
+/// resetting them (one that copies Node objects from elsewhere) must not get a patch for each
+/// of its writes, nor make every peer re-program this node each time: past `LIMIT` put-backs
+/// within `WINDOW`, the next one waits, 10 s doubling to 5 min while the fight goes on.
+#[derive(Default)]
+struct Fight {
+    recent: std::collections::VecDeque<tokio::time::Instant>,
+    hold: Duration,
+    until: Option<tokio::time::Instant>,
+}
+
+impl Fight {
+    const WINDOW: Duration = Duration::from_secs(60);
+    const LIMIT: usize = 5;
+    const MIN_HOLD: Duration = Duration::from_secs(10);
+    const MAX_HOLD: Duration = Duration::from_secs(300);
+
+    /// A put-back was just made.
+    fn put_back(&mut self, node: &str) {
+        let now = tokio::time::Instant::now();
+        self.recent.push_back(now);
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > Self::WINDOW)
+        {
+            self.recent.pop_front();
+        }
+        if self.recent.len() <= Self::LIMIT {
+            if self.recent.len() == 1 {
+                self.hold = Duration::ZERO;
+            }
+            return;
+        }
+        self.hold = if self.hold.is_zero() {
+            Self::MIN_HOLD
+        } else {
+            (self.hold * 2).min(Self::MAX_HOLD)
+        };
+        self.until = Some(now + self.hold);
+        warn!(%node, puts_back = self.recent.len(), wait = ?self.hold,
+              "another writer keeps changing our Node's annotations; putting them back less often (find that controller: peers cannot reach this node's pods while they are wrong)");
+    }
+
+    fn holding(&self) -> bool {
+        self.until.is_some()
+    }
+
+    /// Resolves when a held put-back is due (never while none is).
+    async fn due(&mut self) {
+        match self.until {
+            Some(at) => {
+                tokio::time::sleep_until(at).await;
+                self.until = None;
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
 /// When to try a failed publish again: 500 ms, doubling to 30 s; never after a success.
 struct Retry {
     at: Option<tokio::time::Instant>,
@@ -731,4 +808,41 @@ fn now_rfc3339() -> String {
             |_| k8s_openapi::jiff::Timestamp::now().to_string(),
             |t| t.to_string(),
         )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Five put-backs a minute go out at once; past that each waits, 10 s doubling, and a minute
+    /// of peace ends the fight.
+    #[tokio::test(start_paused = true)]
+    async fn a_fight_over_our_annotations_is_damped_and_forgotten() {
+        let mut f = Fight::default();
+        for _ in 0..Fight::LIMIT {
+            f.put_back("n1");
+            assert!(!f.holding());
+        }
+        f.put_back("n1");
+        assert!(f.holding());
+        let t = tokio::time::Instant::now();
+        f.due().await;
+        assert_eq!(t.elapsed(), Duration::from_secs(10));
+        assert!(!f.holding());
+        f.put_back("n1");
+        let t = tokio::time::Instant::now();
+        f.due().await;
+        assert_eq!(t.elapsed(), Duration::from_secs(20));
+        // Quiet for longer than the window: the next put-back goes out at once again.
+        tokio::time::advance(Fight::WINDOW + Duration::from_secs(1)).await;
+        f.put_back("n1");
+        assert!(!f.holding());
+        for _ in 0..Fight::LIMIT - 1 {
+            f.put_back("n1");
+        }
+        f.put_back("n1");
+        let t = tokio::time::Instant::now();
+        f.due().await;
+        assert_eq!(t.elapsed(), Duration::from_secs(10), "the hold starts over");
+    }
 }
