@@ -206,6 +206,34 @@ impl KubeLab {
             .map(str::to_owned)
     }
 
+    /// A second address on node i's underlay interface (not the one twilld would pick
+    /// itself), named by an operator's `node-public-ip` annotation on its Node.
+    fn annotate_second_address(&self, i: usize) -> Result<&'static str> {
+        let second = "198.18.0.150";
+        self.lab.exec_ok(
+            i,
+            &["ip", "addr", "add", &format!("{second}/24"), "dev", "eth0"],
+        )?;
+        self.api.set_node_annotation(
+            &format!("n{i}"),
+            &format!("{PREFIX}node-public-ip"),
+            Some(second),
+        )?;
+        Ok(second)
+    }
+
+    /// Node i runs with public IP `ip` and published it.
+    fn runs_on(&self, i: usize, ip: &str) -> Result<()> {
+        let (_, has, _) = self.own(i)?;
+        ensure!(has == ip, "node {i} runs with public IP {has}, not {ip}");
+        let published = self.annotation(&format!("n{i}"), "public-ip");
+        ensure!(
+            published.as_deref() == Some(ip),
+            "node {i} published public-ip {published:?}"
+        );
+        Ok(())
+    }
+
     /// (subnet, public ip, vtep mac) of node i, from its /status.
     fn own(&self, i: usize) -> Result<(String, String, String)> {
         let st = self.lab.status(i)?;
@@ -915,13 +943,7 @@ fn a_node_moving_from_flanneld_keeps_its_subnet_and_vtep_mac() -> Result<()> {
 #[test]
 fn the_node_public_ip_annotation_wins_also_when_the_api_is_late() -> Result<()> {
     let mut k = KubeLab::new(2)?;
-    let second = "198.18.0.150";
-    k.lab.exec_ok(
-        1,
-        &["ip", "addr", "add", &format!("{second}/24"), "dev", "eth0"],
-    )?;
-    k.api
-        .set_node_annotation("n1", &format!("{PREFIX}node-public-ip"), Some(second))?;
+    let second = k.annotate_second_address(1)?;
     k.api.go_down()?;
     k.start(1)?;
     // Longer than the one quick read twilld used to make before taking its own choice.
@@ -940,16 +962,7 @@ fn the_node_public_ip_annotation_wins_also_when_the_api_is_late() -> Result<()> 
         k.lab.wait_ready(i, READY)?;
     }
     k.wait_mesh(&[1, 2])?;
-    let (_, ip, _) = k.own(1)?;
-    ensure!(
-        ip == second,
-        "node 1 runs with public IP {ip}, not {second}"
-    );
-    ensure!(
-        k.annotation("n1", "public-ip").as_deref() == Some(second),
-        "node 1 published public-ip {:?}",
-        k.annotation("n1", "public-ip")
-    );
+    k.runs_on(1, second)?;
     Ok(())
 }
 
@@ -958,26 +971,10 @@ fn the_node_public_ip_annotation_wins_also_when_the_api_is_late() -> Result<()> 
 #[test]
 fn the_node_public_ip_annotation_is_the_nodes_public_ip() -> Result<()> {
     let mut k = KubeLab::new(2)?;
-    // A second address on node 1's underlay interface: not the one twilld would pick itself.
-    let second = "198.18.0.150";
-    k.lab.exec_ok(
-        1,
-        &["ip", "addr", "add", &format!("{second}/24"), "dev", "eth0"],
-    )?;
-    k.api
-        .set_node_annotation("n1", &format!("{PREFIX}node-public-ip"), Some(second))?;
+    let second = k.annotate_second_address(1)?;
     // `start_all_meshed` waits for node 2 to program node 1 at the public IP node 1 reports.
     k.start_all_meshed()?;
-    let (_, ip, _) = k.own(1)?;
-    ensure!(
-        ip == second,
-        "node 1 runs with public IP {ip}, not {second}"
-    );
-    ensure!(
-        k.annotation("n1", "public-ip").as_deref() == Some(second),
-        "node 1 published public-ip {:?}",
-        k.annotation("n1", "public-ip")
-    );
+    k.runs_on(1, second)?;
     let (_, ip2, _) = k.own(2)?;
     ensure!(
         ip2 == k.lab.node_ip(2).to_string(),
