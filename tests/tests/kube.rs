@@ -945,6 +945,11 @@ fn the_node_public_ip_annotation_wins_also_when_the_api_is_late() -> Result<()> 
     let mut k = KubeLab::new(2)?;
     let second = k.annotate_second_address(1)?;
     k.api.go_down()?;
+    // SIGTERM ends the wait.
+    k.start(1)?;
+    std::thread::sleep(Duration::from_secs(3));
+    let st = k.lab.stop_daemon(1)?;
+    ensure!(st.success(), "twilld waiting for the API ended with {st}");
     k.start(1)?;
     // Longer than the one quick read twilld used to make before taking its own choice.
     std::thread::sleep(Duration::from_secs(8));

@@ -899,6 +899,16 @@ fn a_pod_name_a_running_pod_holds_is_refused_and_the_holder_stays_protected() ->
     // which is not isolated (app=web).
     drop(_servers);
     twill_tests::netns::kill_all_and_delete(&first.ns)?;
+    // The kernel removes the pair once the namespace is really gone, a little later.
+    let host_end = first.result["interfaces"][0]["name"]
+        .as_str()
+        .context("no host interface in the ADD result")?
+        .to_owned();
+    wait_until(Duration::from_secs(20), || {
+        lab.exec(1, &["ip", "link", "show", &host_end])
+            .is_ok_and(|o| !o.status.success())
+    })
+    .context("the first pod's veth did not go with its namespace")?;
     let second = lab.add_pod_with(1, "second", name, &as_web)?;
     let _servers = Servers::start(&[&second])?;
     wait_until(SETTLE, || {

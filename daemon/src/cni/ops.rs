@@ -689,7 +689,12 @@ async fn policy_up(ctx: &Ctx, policy: &PolicyHandle, pod: LocalPod) -> Result<()
     let mut result = policy.pod_up(pod.clone()).await;
     if let Err(PodUpError::Taken { by, .. }) = &result {
         let host = host_veth_name(&by.container_id, &by.ifname);
-        if ctx.nl.link_by_name(&host).await.is_ok_and(|l| l.is_none()) {
+        // An ADD of the holder still running has its record before its veth: not gone.
+        let running = ctx
+            .keys
+            .in_flight()
+            .contains(&Owner::new(by.container_id.clone(), by.ifname.clone()));
+        if !running && ctx.nl.link_by_name(&host).await.is_ok_and(|l| l.is_none()) {
             tracing::info!(container = %by.container_id, ifname = %by.ifname,
                 "forgetting a pod whose interface is gone, for a new one of the same name");
             policy.pod_down(by.clone()).await;

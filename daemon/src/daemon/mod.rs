@@ -224,6 +224,9 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
             header_timeout: args.http_header_timeout,
         },
     );
+    // Served at once too: ADD answers "try again later" and DEL works until the node is ready,
+    // however long the source takes.
+    let cni = tokio::spawn(cni.serve());
     let stored = tokio::select! {
         s = source.stored() => s,
         _ = shutdown.wait() => { info!("shutting down before the node was ready"); return Ok(()); }
@@ -255,7 +258,6 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
                 err,
             }
         })?;
-    let cni = tokio::spawn(cni.serve());
 
     let nl = Netlink::new()?;
     // Checked before the lease source is asked for anything; which default route names the

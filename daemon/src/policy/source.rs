@@ -179,6 +179,15 @@ impl Objects {
             .find(|(a, q)| q.key() == key && **a != p.attachment)
             .map(|(a, _)| a.clone())
         {
+            if by.container_id == p.attachment.container_id {
+                // One pod with two twill interfaces (e.g. Multus): its record would have one
+                // interface's addresses and leave the other's open.
+                return Err(PodUpError::Failed(format!(
+                    "pod {key} has a twill interface already ({}): network policy is enforced \
+                     for one twill interface per pod",
+                    by.ifname
+                )));
+            }
             return Err(PodUpError::Taken { key, by });
         }
         self.insert_local(p);
@@ -635,6 +644,13 @@ mod tests {
         }
         let rec = o.cluster().pod(&PodKey::new("x", "a")).unwrap();
         assert_eq!(rec.labels.get("app").map(String::as_str), Some("db"));
+        // A second twill interface of the same pod (Multus): refused for good, said plainly.
+        let mut net1 = a.clone();
+        net1.attachment.ifname = "net1".into();
+        match o.local_insert(net1) {
+            Err(PodUpError::Failed(m)) => assert!(m.contains("one twill interface per pod"), "{m}"),
+            other => panic!("{other:?}"),
+        }
         // The same attachment again (a retried ADD) is no conflict.
         o.local_insert(a.clone()).unwrap();
         o.local_down(&a.attachment).unwrap();

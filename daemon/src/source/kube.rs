@@ -694,7 +694,8 @@ fn refusal_hint(e: &kube::Error) -> &'static str {
 /// Our annotations put back after another writer changed them. A controller that keeps
 /// resetting them (one that copies Node objects from elsewhere) must not get a patch for each
 /// of its writes, nor make every peer re-program this node each time: past `LIMIT` put-backs
-/// within `WINDOW`, the next one waits, 10 s doubling to 5 min while the fight goes on.
+/// within `WINDOW`, the next one waits, 10 s doubling to 5 min while the fight goes on; it is
+/// over once no put-back was needed for `WINDOW` and twice the last wait.
 #[derive(Default)]
 struct Fight {
     recent: std::collections::VecDeque<tokio::time::Instant>,
@@ -711,6 +712,15 @@ impl Fight {
     /// A put-back was just made.
     fn put_back(&mut self, node: &str) {
         let now = tokio::time::Instant::now();
+        let quiet = Self::WINDOW.max(self.hold * 2);
+        if self
+            .recent
+            .back()
+            .is_some_and(|t| now.duration_since(*t) > quiet)
+        {
+            self.recent.clear();
+            self.hold = Duration::ZERO;
+        }
         self.recent.push_back(now);
         while self
             .recent
@@ -719,10 +729,8 @@ impl Fight {
         {
             self.recent.pop_front();
         }
-        if self.recent.len() <= Self::LIMIT {
-            if self.recent.len() == 1 {
-                self.hold = Duration::ZERO;
-            }
+        // Holding already: the fight goes on, the wait doubles.
+        if self.hold.is_zero() && self.recent.len() <= Self::LIMIT {
             return;
         }
         self.hold = if self.hold.is_zero() {
@@ -829,12 +837,15 @@ mod tests {
         f.due().await;
         assert_eq!(t.elapsed(), Duration::from_secs(10));
         assert!(!f.holding());
-        f.put_back("n1");
-        let t = tokio::time::Instant::now();
-        f.due().await;
-        assert_eq!(t.elapsed(), Duration::from_secs(20));
-        // Quiet for longer than the window: the next put-back goes out at once again.
-        tokio::time::advance(Fight::WINDOW + Duration::from_secs(1)).await;
+        // The fight goes on (a put-back needed each time the wait ends): 20 s, 40 s ... 5 min.
+        for want in [20, 40, 80, 160, 300, 300] {
+            f.put_back("n1");
+            let t = tokio::time::Instant::now();
+            f.due().await;
+            assert_eq!(t.elapsed(), Duration::from_secs(want));
+        }
+        // Quiet for the window and twice the last wait: the next put-back goes out at once.
+        tokio::time::advance(Duration::from_secs(601)).await;
         f.put_back("n1");
         assert!(!f.holding());
         for _ in 0..Fight::LIMIT - 1 {
