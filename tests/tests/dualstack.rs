@@ -806,6 +806,9 @@ fn twilld_confined_as_the_daemonset_sets_up_dual_stack_pods() -> Result<()> {
         lab.start_daemon_wrapped(i, &["sh", "-c", &script, "confined"], &args, &[])?;
     }
     // Up: twilld has exec'd (before, the pid is the wrapper's).
+    for i in 1..=2 {
+        lab.wait_ready(i, CONVERGE)?;
+    }
     wait_programmed6(&lab, 2)?;
     // The confinement holds: twilld's effective capabilities are exactly those, and it sees
     // /proc/sys read-only.

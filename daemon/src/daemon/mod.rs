@@ -228,7 +228,7 @@ async fn run_with<S: LeaseSource, O: ObjectStore>(
     // however long the source takes.
     let cni = tokio::spawn(cni.serve());
     let stored = tokio::select! {
-        s = source.stored() => s,
+        s = source.stored(&shared) => s,
         _ = shutdown.wait() => { info!("shutting down before the node was ready"); return Ok(()); }
     };
     let stored_mac = stored

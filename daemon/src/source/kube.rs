@@ -335,25 +335,30 @@ impl LeaseSource for KubeSource {
     /// IPs because it was slow at boot (kube-proxy not up yet, a control-plane outage) would
     /// publish an address the operator overrode (flannel #1978), and the subnet needs the API
     /// anyway. A Node that does not exist (yet) has nothing stored.
-    async fn stored(&self) -> Stored {
+    async fn stored(&self, shared: &Shared) -> Stored {
         let nodes = self.nodes();
         let mut backoff = Backoff::new();
-        let mut said = false;
+        let mut last_log: Option<Instant> = None;
         let node = loop {
             let why = match tokio::time::timeout(Duration::from_secs(5), nodes.get_opt(&self.node))
                 .await
             {
                 Ok(Ok(n)) => break n,
-                Ok(Err(e)) => format!("{e}{}", refusal_hint(&e)),
+                Ok(Err(e)) => {
+                    Metrics::inc(&shared.metrics.kube_api_errors);
+                    format!("{e}{}", refusal_hint(&e))
+                }
                 Err(_) => "no answer in 5 s".to_string(),
             };
-            if !said {
-                warn!(node = %self.node, error = %why, "cannot read our Node yet; waiting for the API server (its annotations decide this node's VTEP MAC and public IP)");
-                said = true;
+            let waiting = format!("Kubernetes API: reading Node {}: {why}", self.node);
+            if last_log.is_none_or(|t| t.elapsed() >= WAIT_LOG_EVERY) {
+                warn!("{waiting} (waiting: its annotations decide this node's VTEP MAC and public IP)");
+                last_log = Some(Instant::now());
             }
+            shared.update(|s| s.waiting_for = Some(waiting));
             backoff.wait().await;
         };
-        if said {
+        if last_log.is_some() {
             info!(node = %self.node, "read our Node");
         }
         match node {

@@ -83,7 +83,8 @@ pub trait LeaseSource: Send + Sync + 'static {
     /// What the source holds about this node from before twilld starts: the VTEP MAC it
     /// published (flannel's persistent MAC) and an operator's public IP. Empty when there is
     /// nothing; a source that keeps them waits for an answer (the lease needs it anyway).
-    fn stored(&self) -> impl Future<Output = Stored> + Send {
+    fn stored(&self, shared: &Shared) -> impl Future<Output = Stored> + Send {
+        let _ = shared;
         async { Stored::default() }
     }
 
