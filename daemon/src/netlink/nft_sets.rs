@@ -46,6 +46,7 @@ const NFT_JUMP: i32 = -3;
 pub enum NfFamily {
     Inet = 1,
     Ip = 2,
+    Bridge = 7,
     Ip6 = 10,
 }
 

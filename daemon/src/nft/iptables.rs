@@ -22,7 +22,7 @@ impl Iptables {
         let name = match family {
             Family::Ip => "iptables",
             Family::Ip6 => "ip6tables",
-            Family::Inet => return None,
+            Family::Inet | Family::Bridge => return None,
         };
         let path = std::env::var_os("PATH").unwrap_or_default();
         let bin = std::env::split_paths(&path)

@@ -11,6 +11,7 @@ pub enum Family {
     Ip,
     Ip6,
     Inet,
+    Bridge,
 }
 
 impl fmt::Display for Family {
@@ -19,11 +20,13 @@ impl fmt::Display for Family {
             Family::Ip => "ip",
             Family::Ip6 => "ip6",
             Family::Inet => "inet",
+            Family::Bridge => "bridge",
         })
     }
 }
 
-/// A set, or a map when `kind` has a `:` (e.g. `ipv4_addr : verdict`). Elements are written as
+/// A set, or a map when `kind` has a `:` (e.g. `ipv4_addr : verdict`); a `kind` starting with
+/// `typeof ` declares it by expression instead of type. Elements are written as
 /// nft writes them in a script (`10.0.0.0/8`, `tcp . 80-81`, `10.1.0.5 : jump grp-x`); planners
 /// must produce one canonical spelling per element, because diffs compare the strings.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -241,7 +244,13 @@ fn add_set(s: &mut String, id: &str, name: &str, set: &Set) {
     } else {
         format!(" flags {};", set.flags.join(","))
     };
-    let _ = writeln!(s, "add {what} {id} {name} {{ type {};{flags} }}", set.kind);
+    // `typeof <expr>` declares a set by the expression it is looked up with (raw payloads).
+    let kind = if set.kind.starts_with("typeof ") {
+        set.kind.clone()
+    } else {
+        format!("type {}", set.kind)
+    };
+    let _ = writeln!(s, "add {what} {id} {name} {{ {kind};{flags} }}");
 }
 
 /// Elements in chunks: one command per few hundred keeps each line (and nft's parser) small.
