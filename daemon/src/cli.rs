@@ -188,8 +188,8 @@ pub struct RunArgs {
     /// Enforce Kubernetes NetworkPolicy (networking.k8s.io/v1) on this node's pods, with
     /// nftables (table inet twill-policy). Policies, namespaces and pod records come from etcd
     /// (<prefix>/policies/, namespaces/, pods/), or from the API server with
-    /// --kube-subnet-mgr. With no policies nothing is isolated. false
-    /// removes twill's policy table.
+    /// --kube-subnet-mgr. With no policies nothing is isolated. Pods may send only from
+    /// their own addresses (table bridge twill-source). false removes both tables.
     #[arg(long, env = "TWILLD_NETWORK_POLICY", default_value_t = true, num_args = 0..=1,
           default_missing_value = "true", action = clap::ArgAction::Set)]
     pub network_policy: bool,

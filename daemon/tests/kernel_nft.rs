@@ -368,3 +368,51 @@ fn policy_programs_follow_policy_changes_in_the_kernel() {
         }
     }
 }
+
+/// The pods' source-check table: what nft makes of the rendered table, and the same change as
+/// netlink element operations (a pod's ADD and DEL), give the kernel the same table.
+#[test]
+fn pod_source_checks_change_by_netlink_as_nft_writes_them() {
+    use twill_daemon::policy::pods::{Attachment, LocalPod};
+    use twill_daemon::policy::spoof::{element_ops, table, Sources, TABLE};
+
+    let pod = |cid: &str, ips: &[&str]| {
+        LocalPod {
+            attachment: Attachment {
+                container_id: cid.into(),
+                ifname: "eth0".into(),
+            },
+            pod: serde_json::from_value(
+                serde_json::json!({"metadata": {"name": cid, "namespace": "default"}}),
+            )
+            .unwrap(),
+        }
+        .with_ips(&ips.iter().map(|s| s.parse().unwrap()).collect::<Vec<_>>())
+    };
+    let (a, b) = (
+        pod("a", &["10.244.1.2", "fd00::2"]),
+        pod("bb", &["10.244.1.3", "fd00::3"]),
+    );
+    let one = Sources::of([&a]);
+    let two = Sources::of([&a, &b]);
+    let by_nft = Ns::new("s1");
+    by_nft.nft(&table(&two).render_replace());
+    let by_netlink = Ns::new("s2");
+    by_netlink.nft(&table(&one).render_replace());
+    let ops = element_ops(&one, &two);
+    by_netlink
+        .run(move || nft_sets::apply(NfFamily::Bridge, TABLE, &ops))
+        .unwrap();
+    let list = |ns: &Ns| ns.list(&["list", "table", "bridge", TABLE]);
+    let want = list(&by_nft);
+    assert!(want.contains("10.244.1.3") && want.contains("0xfd000000000000000000000000000003"));
+    assert_eq!(list(&by_netlink), want);
+    // And back (DEL): the first table again.
+    let back = element_ops(&two, &one);
+    by_netlink
+        .run(move || nft_sets::apply(NfFamily::Bridge, TABLE, &back))
+        .unwrap();
+    let first = Ns::new("s3");
+    first.nft(&table(&one).render_replace());
+    assert_eq!(list(&by_netlink), list(&first));
+}

@@ -762,14 +762,20 @@ fn policy_off_removes_the_table() -> Result<()> {
         SETTLE,
     )?;
     for i in 1..=3 {
+        let t = lab.exec(i, &["nft", "list", "table", "bridge", "twill-source"])?;
+        if !String::from_utf8_lossy(&t.stdout).contains("src4") {
+            bail!("node {i} has no pod source checks");
+        }
         lab.stop_daemon(i)?;
         lab.start_daemon_with(i, &["--network-policy=false"])?;
     }
     for i in 1..=3 {
         lab.wait_ready(i, Duration::from_secs(30))?;
-        let t = lab.exec(i, &["nft", "list", "table", "inet", "twill-policy"])?;
-        if t.status.success() {
-            bail!("node {i} kept the policy table");
+        for (family, table) in [("inet", "twill-policy"), ("bridge", "twill-source")] {
+            let t = lab.exec(i, &["nft", "list", "table", family, table])?;
+            if t.status.success() {
+                bail!("node {i} kept the table {family} {table}");
+            }
         }
     }
     world.wait_matrix(&all_allowed(80, Protocol::Tcp), SETTLE)?;
@@ -920,5 +926,125 @@ fn a_pod_name_a_running_pod_holds_is_refused_and_the_holder_stays_protected() ->
         )
     })
     .context("the new pod under the freed name is not reachable")?;
+    Ok(())
+}
+
+/// A pod may send only from its own addresses (the ports' source checks, `bridge
+/// twill-source`): one under default-deny egress does not get out by sending from another
+/// address of its node's subnet; no pod reaches an isolated pod of its node through its
+/// link-local address; no pod takes another's address in ARP. x/a and y/c are both on n1.
+#[test]
+fn pods_cannot_send_from_addresses_not_theirs() -> Result<()> {
+    let mut lab = policy_lab(&[])?;
+    let world = World::new(&mut lab)?;
+    let (xa, yc) = (
+        &world.pods[&PodKey::new("x", "a")],
+        &world.pods[&PodKey::new("y", "c")],
+    );
+    assert_eq!((xa.node, yc.node), (1, 1), "the fixture's layout changed");
+    let ping = |from: &twill_tests::Pod, args: &[&str]| {
+        let mut a = vec!["ping", "-c", "1", "-W", "1"];
+        a.extend_from_slice(args);
+        from.exec(&a).is_ok_and(|o| o.status.success())
+    };
+    let xa_ip = xa.ip.to_string();
+    assert!(
+        ping(yc, &[&xa_ip]),
+        "y/c does not reach x/a before any policy"
+    );
+
+    // 1. Egress: y/c under default deny sends from an unused address of n1's subnet.
+    let mut world = world;
+    world.apply(
+        &lab,
+        &upsert(
+            r#"{"metadata":{"name":"deny-out","namespace":"y"},
+        "spec":{"podSelector":{},"policyTypes":["Egress"]}}"#,
+        ),
+    )?;
+    let yc = &world.pods[&PodKey::new("y", "c")];
+    wait_until(SETTLE, || !ping(yc, &[&xa_ip])).context("deny-out not in force")?;
+    let spoofed = {
+        let o = yc.ip.octets();
+        format!("{}.{}.{}.250", o[0], o[1], o[2])
+    };
+    yc.exec_ok(&["ip", "addr", "add", &format!("{spoofed}/32"), "dev", "eth0"])?;
+    for _ in 0..3 {
+        assert!(
+            !ping(yc, &["-I", &spoofed, &xa_ip]),
+            "y/c got past its egress policy from {spoofed}"
+        );
+    }
+
+    // 2. Link-local: x/a isolated for ingress; y/c pings its fe80:: address.
+    world.apply(
+        &lab,
+        &upsert(
+            r#"{"metadata":{"name":"deny-in","namespace":"x"},
+        "spec":{"podSelector":{},"policyTypes":["Ingress"]}}"#,
+        ),
+    )?;
+    world.apply(
+        &lab,
+        &Action::DeletePolicy(netpol::model::PolicyKey::new("y", "deny-out")),
+    )?;
+    let (xa, yc) = (
+        &world.pods[&PodKey::new("x", "a")],
+        &world.pods[&PodKey::new("y", "c")],
+    );
+    wait_until(SETTLE, || !ping(yc, &[&xa_ip])).context("deny-in not in force")?;
+    let ll = xa.exec_ok(&[
+        "ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope", "link",
+    ])?;
+    let ll = ll
+        .split_whitespace()
+        .skip_while(|w| *w != "inet6")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .context("x/a has no link-local address")?
+        .to_string();
+    for _ in 0..3 {
+        assert!(
+            !ping(yc, &["-6", &format!("{ll}%eth0")]),
+            "y/c reached isolated x/a at {ll}"
+        );
+    }
+
+    // 3. ARP: y/c claims x/a's address to its node, which knows x/a's MAC.
+    let node_ns = lab.node_ns(1);
+    let mac_of = |p: &twill_tests::Pod| -> Result<String> {
+        let j: serde_json::Value =
+            serde_json::from_str(&p.exec_ok(&["ip", "-j", "link", "show", "eth0"])?)?;
+        Ok(j[0]["address"].as_str().unwrap_or_default().to_string())
+    };
+    let (xa_mac, yc_mac) = (mac_of(xa)?, mac_of(yc)?);
+    let node_mac = || {
+        twill_tests::netns::exec_cmd(&node_ns, &["ip", "neigh", "show", &xa_ip])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    lab.exec_ok(1, &["ping", "-c", "1", "-W", "1", &xa_ip])?;
+    assert!(
+        node_mac().contains(&xa_mac),
+        "n1 has no entry for x/a: {}",
+        node_mac()
+    );
+    // Past the neighbour entry's locktime (1 s), when an ARP reply would replace it.
+    std::thread::sleep(Duration::from_millis(1500));
+    let arp = "import socket,struct,sys\n\
+               s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW)\n\
+               s.bind(('eth0',0))\n\
+               m=s.getsockname()[4]\n\
+               ip=socket.inet_aton(sys.argv[1])\n\
+               p=b'\\xff'*6+m+b'\\x08\\x06'+struct.pack('!HHBBH',1,0x0800,6,4,2)+m+ip+b'\\xff'*6+ip\n\
+               [s.send(p) for _ in range(3)]\n";
+    yc.exec_ok(&["python3", "-c", arp, &xa_ip])?;
+    std::thread::sleep(Duration::from_millis(300));
+    let now = node_mac();
+    assert!(
+        !now.contains(&yc_mac) && now.contains(&xa_mac),
+        "y/c took x/a's address in n1's neighbour table: {now}"
+    );
     Ok(())
 }

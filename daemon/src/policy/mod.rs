@@ -18,6 +18,7 @@
 pub mod pods;
 pub mod render;
 mod source;
+pub mod spoof;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -263,6 +264,8 @@ pub struct PolicyStatus {
     /// Where the last CNI ADD's policy step went.
     pub last_pod_up: Option<PodUpSteps>,
     pub error: Option<String>,
+    /// Each pod port may send only from its pod's addresses (`spoof`).
+    pub source_check: spoof::SourceStatus,
 }
 
 /// The steps of one sync, ms: the cluster compiled for this node, the table rendered and
@@ -335,6 +338,8 @@ struct Engine {
     opts: PolicyOptions,
     shared: Arc<Shared>,
     writer: Option<TableWriter>,
+    /// The pods' source checks (None without nft, as `writer`).
+    spoof: Option<spoof::SourceCheck>,
     objects: Objects,
     /// What the kernel was last given, as a program.
     program: Option<NodeProgram>,
@@ -444,11 +449,14 @@ async fn run<S: ObjectStore>(
     busy: Arc<Busy>,
 ) {
     ensure_bridge_netfilter();
-    let writer = match Nft::find() {
-        Ok(n) => Some(TableWriter::new(n)),
+    let (writer, spoof) = match Nft::find() {
+        Ok(n) => (
+            Some(TableWriter::new(n.clone())),
+            Some(spoof::SourceCheck::new(n)),
+        ),
         Err(e) => {
             tracing::error!(error = %e, "network policy cannot be enforced; pods will not start");
-            None
+            (None, None)
         }
     };
     let mut objects = Objects::new(&opts.node, &opts.state_dir);
@@ -477,6 +485,7 @@ async fn run<S: ObjectStore>(
         opts,
         shared,
         writer,
+        spoof,
         objects,
         program: None,
         status: PolicyStatus::default(),
@@ -486,6 +495,8 @@ async fn run<S: ObjectStore>(
         sync_due: None,
         kernel_ahead: false,
     };
+    // The recorded pods' ports are checked from the start, before anything else runs.
+    e.sources().await;
     if cached {
         tracing::info!("policy: programming the cached cluster state until etcd answers");
         e.sync("cache").await;
@@ -588,11 +599,13 @@ async fn run<S: ObjectStore>(
 pub async fn remove_table() {
     if let Ok(nft) = Nft::find() {
         let mut w = TableWriter::new(nft);
-        if let Err(e) = w
-            .remove(crate::nft::model::Family::Inet, render::TABLE)
-            .await
-        {
-            tracing::warn!(error = %e, "removing the network policy table failed");
+        for (family, table) in [
+            (crate::nft::model::Family::Inet, render::TABLE),
+            (crate::nft::model::Family::Bridge, spoof::TABLE),
+        ] {
+            if let Err(e) = w.remove(family, table).await {
+                tracing::warn!(error = %e, table, "removing a network policy table failed");
+            }
         }
     }
 }
@@ -677,6 +690,7 @@ impl Engine {
             let _ = self.objects.files().remove(&attachment);
             return Err(e);
         }
+        self.sources().await;
         let recorded = Instant::now();
         // Closed at first where its policies isolate it; opened right after the answer.
         let mut opening = None;
@@ -830,6 +844,7 @@ impl Engine {
         let Some((key, rec)) = self.objects.local_down(a) else {
             return;
         };
+        self.sources().await;
         let _ = self.records.send((key, None));
         if self.objects.loaded() {
             let fast = match rec {
@@ -847,6 +862,14 @@ impl Engine {
             } else {
                 Due::soon("pod deleted")
             });
+        }
+    }
+
+    /// The local pods' source checks into the kernel (`spoof`).
+    async fn sources(&mut self) {
+        if let Some(sc) = self.spoof.as_mut() {
+            sc.apply(spoof::Sources::of(self.objects.local_pods()))
+                .await;
         }
     }
 
@@ -996,6 +1019,14 @@ impl Engine {
     }
 
     async fn check(&mut self) {
+        if let Some(sc) = self.spoof.as_mut() {
+            if sc
+                .check(spoof::Sources::of(self.objects.local_pods()))
+                .await
+            {
+                Metrics::inc(&self.shared.metrics.nft_restores);
+            }
+        }
         if !self.objects.loaded() {
             return;
         }
@@ -1161,6 +1192,9 @@ impl Engine {
         }
         if self.writer.is_none() {
             st.error = Some("nft is not installed".into());
+        }
+        if let Some(sc) = &self.spoof {
+            st.source_check = sc.status.clone();
         }
         let s = st.clone();
         self.shared.update(|x| x.policy = Some(s));

@@ -137,6 +137,10 @@ impl Objects {
         self.local.len()
     }
 
+    pub fn local_pods(&self) -> impl Iterator<Item = &LocalPod> {
+        self.local.values()
+    }
+
     /// This node's pods from the state dir (at start).
     pub fn load_local(&mut self) {
         for p in self.files.load() {

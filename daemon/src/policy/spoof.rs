@@ -1,0 +1,354 @@
+//! Source checks on the pods' bridge ports: a pod may send only from its own addresses, so
+//! that the policy maps, which are keyed by the pods' addresses, see every packet it sends.
+//! Without them a pod escapes its egress policy by sending from an unused address of the
+//! node's subnet (CAP_NET_RAW is in the runtimes' default set), reaches an isolated pod of its
+//! node through its `fe80::` address, or poisons ARP and neighbour caches to take another
+//! pod's traffic. The table `bridge twill-source` for the local pods and the element operations
+//! from one set of pods to the next (a pod's ADD and DEL) are pure; `SourceCheck` keeps the
+//! kernel's table as they say.
+//!
+//! The bridge family, not `inet`: only there is a packet's input interface the pod's own port
+//! (in the IP hooks a bridged or routed packet comes from the bridge). Ports not in `@ports`
+//! (pods of another plugin on the bridge, a node moved from flannel) are not checked.
+//! ```text
+//! prerouting (bridge, filter): iifname @ports jump from-pod
+//! from-pod: ARP with its own sender address; an ARP probe (sender 0.0.0.0);
+//!           neighbour advertisements for its own addresses (any other is dropped, also
+//!           from its own source: the target is what caches learn);
+//!           IPv4/IPv6 from its own addresses;
+//!           from :: (duplicate address detection) and fe80::/10 only neighbour
+//!           solicitations, router solicitations and multicast listener reports;
+//!           everything else dropped (and counted).
+//! ```
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use crate::cni::host_veth_name;
+use crate::netlink::nft_sets::{self, key_addr, key_concat, ElemOp, NfFamily};
+use crate::nft::model::{BaseChain, Chain, Family, Set, Table};
+use crate::nft::{Check, Nft, TableWriter};
+
+use super::pods::LocalPod;
+
+pub const TABLE: &str = "twill-source";
+
+/// What the ports may send: (host-side veth name, address) per local pod address.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Sources {
+    pub entries: BTreeSet<(String, IpAddr)>,
+}
+
+impl Sources {
+    /// The ports and addresses of `pods` (from their records: the addresses ADD gave them).
+    pub fn of<'a>(pods: impl IntoIterator<Item = &'a LocalPod>) -> Sources {
+        let mut entries = BTreeSet::new();
+        for p in pods {
+            let port = host_veth_name(&p.attachment.container_id, &p.attachment.ifname);
+            let ips = p.pod.status.as_ref().and_then(|s| s.pod_ips.as_ref());
+            for ip in ips.into_iter().flatten() {
+                if let Ok(ip) = ip.ip.parse::<IpAddr>() {
+                    entries.insert((port.clone(), ip));
+                }
+            }
+        }
+        Sources { entries }
+    }
+
+    fn ports(&self) -> BTreeSet<&str> {
+        self.entries.iter().map(|(p, _)| p.as_str()).collect()
+    }
+}
+
+fn set(kind: &str, elements: impl IntoIterator<Item = String>) -> Set {
+    Set {
+        kind: kind.into(),
+        flags: vec![],
+        elements: elements.into_iter().collect(),
+    }
+}
+
+/// An IPv6 address as nft spells a 128-bit integer (the `na6` set's key is a raw payload).
+fn hex128(ip: std::net::Ipv6Addr) -> String {
+    format!("0x{:032x}", u128::from(ip))
+}
+
+/// The whole table for `s`.
+pub fn table(s: &Sources) -> Table {
+    let mut t = Table::new(Family::Bridge, TABLE);
+    let v4 = || {
+        s.entries.iter().filter_map(|(p, ip)| match ip {
+            IpAddr::V4(a) => Some((p, *a)),
+            IpAddr::V6(_) => None,
+        })
+    };
+    let v6 = || {
+        s.entries.iter().filter_map(|(p, ip)| match ip {
+            IpAddr::V6(a) => Some((p, *a)),
+            IpAddr::V4(_) => None,
+        })
+    };
+    t.sets.insert(
+        "ports".into(),
+        set("ifname", s.ports().into_iter().map(|p| format!("\"{p}\""))),
+    );
+    t.sets.insert(
+        "src4".into(),
+        set(
+            "ifname . ipv4_addr",
+            v4().map(|(p, a)| format!("\"{p}\" . {a}")),
+        ),
+    );
+    t.sets.insert(
+        "src6".into(),
+        set(
+            "ifname . ipv6_addr",
+            v6().map(|(p, a)| format!("\"{p}\" . {a}")),
+        ),
+    );
+    // nft 1.0.6 has no `icmpv6 taddr`: the target is the payload at offset 8 of the ICMPv6
+    // header, and a set keyed by it must be declared by that expression.
+    t.sets.insert(
+        "na6".into(),
+        set(
+            "typeof iifname . @th,64,128",
+            v6().map(|(p, a)| format!("\"{p}\" . {}", hex128(a))),
+        ),
+    );
+    t.chains.insert(
+        "prerouting".into(),
+        Chain {
+            base: Some(BaseChain {
+                kind: "filter",
+                hook: "prerouting",
+                priority: -200,
+                policy: "accept",
+            }),
+            rules: vec!["iifname @ports jump from-pod".into()],
+        },
+    );
+    let link_local = "icmpv6 type { nd-router-solicit, nd-neighbor-solicit, mld-listener-report, \
+                      mld-listener-done, mld2-listener-report } accept";
+    t.chains.insert(
+        "from-pod".into(),
+        Chain {
+            base: None,
+            rules: vec![
+                "iifname . arp saddr ip @src4 accept".into(),
+                "arp saddr ip 0.0.0.0 accept".into(),
+                "icmpv6 type nd-neighbor-advert iifname . @th,64,128 @na6 accept".into(),
+                "icmpv6 type nd-neighbor-advert counter drop".into(),
+                "iifname . ip saddr @src4 accept".into(),
+                "iifname . ip6 saddr @src6 accept".into(),
+                format!("ip6 saddr :: {link_local}"),
+                format!("ip6 saddr fe80::/10 {link_local}"),
+                "counter drop".into(),
+            ],
+        },
+    );
+    t
+}
+
+/// An interface name as a key: IFNAMSIZ bytes, zero padded.
+fn key_ifname(name: &str) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    let n = name.len().min(15);
+    k[..n].copy_from_slice(&name.as_bytes()[..n]);
+    k
+}
+
+/// The element operations that turn `old` into `new` (deletions first).
+pub fn element_ops(old: &Sources, new: &Sources) -> Vec<ElemOp> {
+    let mut ops = Vec::new();
+    for add in [false, true] {
+        let (from, to) = if add { (old, new) } else { (new, old) };
+        for (port, ip) in to.entries.difference(&from.entries) {
+            let name = key_ifname(port);
+            let key = key_concat(&[&name, &key_addr(*ip)]);
+            let set = if ip.is_ipv4() { "src4" } else { "src6" };
+            if ip.is_ipv6() {
+                ops.push(ElemOp::new(add, "na6", key.clone()));
+            }
+            ops.push(ElemOp::new(add, set, key));
+        }
+        let (from_ports, to_ports) = (from.ports(), to.ports());
+        for port in to_ports.difference(&from_ports) {
+            ops.push(ElemOp::new(add, "ports", key_ifname(port).to_vec()));
+        }
+    }
+    ops
+}
+
+/// What /status shows of the source checks.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SourceStatus {
+    /// Pod ports checked, and the addresses they may send from.
+    pub ports: usize,
+    pub addresses: usize,
+    /// Why the kernel does not hold them (retried at every resync).
+    pub error: Option<String>,
+}
+
+/// The kernel's `bridge twill-source`: the whole table through nft at first (and after a
+/// failure), then a pod's elements over netlink (no nft process on the CNI path).
+pub struct SourceCheck {
+    writer: TableWriter,
+    /// What the kernel holds; None before the first apply and after a failed one.
+    applied: Option<Sources>,
+    pub status: SourceStatus,
+}
+
+impl SourceCheck {
+    pub fn new(nft: Nft) -> Self {
+        SourceCheck {
+            writer: TableWriter::new(nft),
+            applied: None,
+            status: SourceStatus::default(),
+        }
+    }
+
+    /// Makes the kernel hold `want`. A failure leaves the ports it could not add unchecked
+    /// (not cut off: a port is checked only with its addresses), and is retried by `check`.
+    pub async fn apply(&mut self, want: Sources) {
+        let res = self.apply_inner(&want).await;
+        self.status = SourceStatus {
+            ports: want.ports().len(),
+            addresses: want.entries.len(),
+            error: res.err(),
+        };
+        if let Some(e) = &self.status.error {
+            tracing::error!(error = %e, "pod source checks not programmed (retried at the next resync): pods can send from addresses not theirs");
+        }
+    }
+
+    async fn apply_inner(&mut self, want: &Sources) -> Result<(), String> {
+        if let Some(have) = &self.applied {
+            if have == want {
+                return Ok(());
+            }
+            match nft_sets::apply(NfFamily::Bridge, TABLE, &element_ops(have, want)) {
+                Ok(()) => {
+                    self.writer.assume(table(want));
+                    self.applied = Some(want.clone());
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "source check elements refused; applying the table through nft")
+                }
+            }
+        }
+        self.applied = None;
+        self.writer
+            .apply(&table(want))
+            .await
+            .map_err(|e| e.to_string())?;
+        self.applied = Some(want.clone());
+        Ok(())
+    }
+
+    /// The periodic check: applied again after a failure, restored when someone changed it.
+    pub async fn check(&mut self, want: Sources) -> bool {
+        if self.applied.is_none() {
+            self.apply(want).await;
+            return false;
+        }
+        match self.writer.check().await {
+            Ok(Check::Restored) => {
+                tracing::warn!("restored the pod source check table after someone else changed it");
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "checking the pod source check table failed");
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::pods::{Attachment, LocalPod};
+
+    fn pod(cid: &str, ips: &[&str]) -> LocalPod {
+        let p: netpol::api::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": cid, "namespace": "default"}
+        }))
+        .unwrap();
+        LocalPod {
+            attachment: Attachment {
+                container_id: cid.into(),
+                ifname: "eth0".into(),
+            },
+            pod: p,
+        }
+        .with_ips(&ips.iter().map(|s| s.parse().unwrap()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn each_port_may_send_from_its_own_addresses_only() {
+        let a = pod("a", &["10.1.0.2", "fd00::2"]);
+        let b = pod("b", &["10.1.0.3"]);
+        let s = Sources::of([&a, &b]);
+        let (pa, pb) = (host_veth_name("a", "eth0"), host_veth_name("b", "eth0"));
+        let t = table(&s);
+        assert_eq!(
+            t.sets["src4"].elements,
+            BTreeSet::from([
+                format!("\"{pa}\" . 10.1.0.2"),
+                format!("\"{pb}\" . 10.1.0.3")
+            ])
+        );
+        assert_eq!(
+            t.sets["src6"].elements,
+            BTreeSet::from([format!("\"{pa}\" . fd00::2")])
+        );
+        assert_eq!(
+            t.sets["na6"].elements,
+            BTreeSet::from([format!("\"{pa}\" . 0x{:032x}", 0xfd00u128 << 112 | 2)])
+        );
+        assert_eq!(t.sets["ports"].elements.len(), 2);
+        // The last rule drops: nothing unlisted passes.
+        assert_eq!(
+            t.chains["from-pod"].rules.last().map(String::as_str),
+            Some("counter drop")
+        );
+        // A pod without addresses (none recorded) is not a checked port.
+        let none = pod("c", &[]);
+        assert!(Sources::of([&none]).entries.is_empty());
+    }
+
+    #[test]
+    fn element_ops_move_one_pod_and_its_port() {
+        let a = pod("a", &["10.1.0.2", "fd00::2"]);
+        let b = pod("b", &["10.1.0.3"]);
+        let old = Sources::of([&a]);
+        let new = Sources::of([&a, &b]);
+        let ops = element_ops(&old, &new);
+        let pb = key_ifname(&host_veth_name("b", "eth0"));
+        assert_eq!(
+            ops,
+            vec![
+                ElemOp::new(true, "src4", key_concat(&[&pb, &[10, 1, 0, 3]])),
+                ElemOp::new(true, "ports", pb.to_vec()),
+            ]
+        );
+        // And back: the same elements deleted; `a`'s IPv6 address also leaves `na6`.
+        let back = element_ops(&new, &old);
+        assert!(back.iter().all(|o| !o.add) && back.len() == 2);
+        let gone = element_ops(&old, &Sources::default());
+        let sets: Vec<_> = gone.iter().map(|o| o.set.as_str()).collect();
+        assert_eq!(sets, ["src4", "na6", "src6", "ports"]);
+        assert!(element_ops(&new, &new).is_empty());
+    }
+
+    #[test]
+    fn interface_names_are_keys_of_ifnamsiz_bytes() {
+        let k = key_ifname("twv0123");
+        assert_eq!(&k[..7], b"twv0123");
+        assert!(k[7..].iter().all(|b| *b == 0));
+    }
+}
