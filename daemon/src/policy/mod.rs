@@ -496,7 +496,7 @@ async fn run<S: ObjectStore>(
         kernel_ahead: false,
     };
     // The recorded pods' ports are checked from the start, before anything else runs.
-    e.sources().await;
+    let _ = e.sources().await;
     if cached {
         tracing::info!("policy: programming the cached cluster state until etcd answers");
         e.sync("cache").await;
@@ -690,7 +690,14 @@ impl Engine {
             let _ = self.objects.files().remove(&attachment);
             return Err(e);
         }
-        self.sources().await;
+        if let Err(e) = self.sources().await {
+            // A pod that could send from any address would escape its policies.
+            let _ = saving.await;
+            self.pod_down(&attachment).await;
+            return Err(PodUpError::Failed(format!(
+                "programming the pod's source checks: {e}"
+            )));
+        }
         let recorded = Instant::now();
         // Closed at first where its policies isolate it; opened right after the answer.
         let mut opening = None;
@@ -844,7 +851,8 @@ impl Engine {
         let Some((key, rec)) = self.objects.local_down(a) else {
             return;
         };
-        self.sources().await;
+        // A failure keeps the port checked with the old addresses; the resync retries.
+        let _ = self.sources().await;
         let _ = self.records.send((key, None));
         if self.objects.loaded() {
             let fast = match rec {
@@ -866,10 +874,13 @@ impl Engine {
     }
 
     /// The local pods' source checks into the kernel (`spoof`).
-    async fn sources(&mut self) {
-        if let Some(sc) = self.spoof.as_mut() {
-            sc.apply(spoof::Sources::of(self.objects.local_pods()))
-                .await;
+    async fn sources(&mut self) -> Result<(), String> {
+        match self.spoof.as_mut() {
+            Some(sc) => {
+                sc.apply(spoof::Sources::of(self.objects.local_pods()))
+                    .await
+            }
+            None => Ok(()),
         }
     }
 

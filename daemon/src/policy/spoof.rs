@@ -13,8 +13,8 @@
 //! ```text
 //! prerouting (bridge, filter): iifname @ports jump from-pod
 //! from-pod: ARP with its own sender address; an ARP probe (sender 0.0.0.0);
-//!           neighbour advertisements for its own addresses (any other is dropped, also
-//!           from its own source: the target is what caches learn);
+//!           neighbour advertisements for other addresses dropped (the target is what caches
+//!           learn, whatever the source);
 //!           IPv4/IPv6 from its own addresses;
 //!           from :: (duplicate address detection) and fe80::/10 only neighbour
 //!           solicitations, router solicitations and multicast listener reports;
@@ -47,9 +47,13 @@ impl Sources {
         let mut entries = BTreeSet::new();
         for p in pods {
             let port = host_veth_name(&p.attachment.container_id, &p.attachment.ifname);
-            let ips = p.pod.status.as_ref().and_then(|s| s.pod_ips.as_ref());
-            for ip in ips.into_iter().flatten() {
-                if let Ok(ip) = ip.ip.parse::<IpAddr>() {
+            let Some(st) = p.pod.status.as_ref() else {
+                continue;
+            };
+            // podIPs, or podIP alone (a record as the API wrote it before dual stack).
+            let ips = st.pod_ips.iter().flatten().map(|i| i.ip.as_str());
+            for ip in ips.chain(st.pod_ip.as_deref()) {
+                if let Ok(ip) = ip.parse::<IpAddr>() {
                     entries.insert((port.clone(), ip));
                 }
             }
@@ -138,8 +142,8 @@ pub fn table(s: &Sources) -> Table {
             rules: vec![
                 "iifname . arp saddr ip @src4 accept".into(),
                 "arp saddr ip 0.0.0.0 accept".into(),
-                "icmpv6 type nd-neighbor-advert iifname . @th,64,128 @na6 accept".into(),
-                "icmpv6 type nd-neighbor-advert counter drop".into(),
+                // Not an accept: the advertisement's source is checked below as well.
+                "icmpv6 type nd-neighbor-advert iifname . @th,64,128 != @na6 counter drop".into(),
                 "iifname . ip saddr @src4 accept".into(),
                 "iifname . ip6 saddr @src6 accept".into(),
                 format!("ip6 saddr :: {link_local}"),
@@ -210,17 +214,18 @@ impl SourceCheck {
     }
 
     /// Makes the kernel hold `want`. A failure leaves the ports it could not add unchecked
-    /// (not cut off: a port is checked only with its addresses), and is retried by `check`.
-    pub async fn apply(&mut self, want: Sources) {
+    /// (a port is checked only with its addresses): ADD fails with it. Retried by `check`.
+    pub async fn apply(&mut self, want: Sources) -> Result<(), String> {
         let res = self.apply_inner(&want).await;
         self.status = SourceStatus {
             ports: want.ports().len(),
             addresses: want.entries.len(),
-            error: res.err(),
+            error: res.as_ref().err().cloned(),
         };
-        if let Some(e) = &self.status.error {
-            tracing::error!(error = %e, "pod source checks not programmed (retried at the next resync): pods can send from addresses not theirs");
+        if let Err(e) = &res {
+            tracing::error!(error = %e, "pod source checks not programmed (retried at the next resync)");
         }
+        res
     }
 
     async fn apply_inner(&mut self, want: &Sources) -> Result<(), String> {
@@ -251,7 +256,7 @@ impl SourceCheck {
     /// The periodic check: applied again after a failure, restored when someone changed it.
     pub async fn check(&mut self, want: Sources) -> bool {
         if self.applied.is_none() {
-            self.apply(want).await;
+            let _ = self.apply(want).await;
             return false;
         }
         match self.writer.check().await {
