@@ -1046,5 +1046,57 @@ fn pods_cannot_send_from_addresses_not_theirs() -> Result<()> {
         !now.contains(&yc_mac) && now.contains(&xa_mac),
         "y/c took x/a's address in n1's neighbour table: {now}"
     );
+
+    // 4. A frame to a reserved bridge address (01:80:c2:00:00:0e) passes no bridge hook: the
+    // bridge hands it up on y/c's port. Its spoofed packet must not reach n1's listener; the
+    // same packet from y/c's own address, through the bridge, does (so the probe works).
+    let got = format!("/tmp/twnpspoof-{}-udp", std::process::id());
+    let _ = std::fs::remove_file(&got);
+    let listener = lab.spawn(1, &["python3", "-c",
+        "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',9998))\nwhile True:\n d,a=s.recvfrom(64)\n f=open(sys.argv[1],'a');f.write(a[0]+' '+d.decode()+'\\n');f.close()", &got])?;
+    let _kill = KillOnDrop(listener);
+    let gw = {
+        let o = yc.ip.octets();
+        format!("{}.{}.{}.1", o[0], o[1], o[2])
+    };
+    let j: serde_json::Value =
+        serde_json::from_str(&lab.exec_ok(1, &["ip", "-j", "link", "show", "cni0"])?)?;
+    let gw_mac = j[0]["address"].as_str().unwrap_or_default().to_string();
+    let send = "import socket,struct,sys\n\
+                dst,src,to,tag=sys.argv[1:5]\n\
+                s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW)\n\
+                s.bind(('eth0',0))\n\
+                m=s.getsockname()[4]\n\
+                d=tag.encode()\n\
+                u=struct.pack('!HHHH',40000,9998,8+len(d),0)+d\n\
+                h=struct.pack('!BBHHHBBH4s4s',0x45,0,20+len(u),1,0,64,17,0,socket.inet_aton(src),socket.inet_aton(to))\n\
+                c=sum(struct.unpack('!10H',h))\n\
+                c=(c&0xffff)+(c>>16)\n\
+                c=(c&0xffff)+(c>>16)\n\
+                h=h[:10]+struct.pack('!H',~c&0xffff)+h[12:]\n\
+                [s.send(bytes.fromhex(dst.replace(':',''))+m+b'\\x08\\x00'+h+u) for _ in range(3)]\n";
+    let own = yc.ip.to_string();
+    let heard = wait_until(Duration::from_secs(10), || {
+        let _ = yc.exec(&["python3", "-c", send, &gw_mac, &own, &gw, "own"]);
+        std::fs::read_to_string(&got).is_ok_and(|g| g.contains("own"))
+    });
+    heard.context("n1's listener does not get y/c's packets")?;
+    yc.exec_ok(&[
+        "python3",
+        "-c",
+        send,
+        "01:80:c2:00:00:0e",
+        &spoofed,
+        &gw,
+        "spoofed",
+    ])?;
+    std::thread::sleep(Duration::from_millis(500));
+    let heard = std::fs::read_to_string(&got).unwrap_or_default();
+    assert!(
+        !heard.contains("spoofed"),
+        "n1 took a packet from {spoofed} sent to a reserved bridge address: {heard}"
+    );
+
+    let _ = std::fs::remove_file(&got);
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! IPv6 half (`<name>6`). The base chains are the packet path `netpol::program`
 //! documents and interprets:
 //! ```text
+//! (each first drops what comes from a pod's own port: `POD_PORT_DROP`)
 //! np-egress  forward, priority -5: established/related accept; ND accept;
 //!                                   saddr @pend-out jump pend-out; saddr vmap @egress
 //! np-ingress forward, priority  5: established/related accept; ND accept;
@@ -168,6 +169,13 @@ fn rules_of(r: &Rule, dir: Direction) -> Vec<String> {
 const ND: &str = "icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, \
                   nd-neighbor-advert, nd-redirect } accept";
 
+/// A pod's packets reach the IP hooks from the bridge. From a pod's own port (the host end of
+/// its veth: `tw` and 12 hex digits, `cni::host_veth_name`; twill's other devices, `twill.*`,
+/// are no veths) only a frame the bridge hands up unbridged does: one sent to a reserved
+/// bridge address (01:80:c2:00:00:0x), which passes no bridge hook, so none of the pods'
+/// source checks (`spoof`). Nothing legitimate does.
+const POD_PORT_DROP: &str = "meta iifkind \"veth\" iifname \"tw*\" counter drop";
+
 fn base(hook: &'static str, priority: i32, rules: Vec<String>) -> Chain {
     Chain {
         base: Some(BaseChain {
@@ -254,6 +262,7 @@ pub fn table(p: &NodeProgram, opts: RenderOpts) -> Table {
     }
     let head = || {
         vec![
+            POD_PORT_DROP.to_string(),
             "ct state established,related accept".to_string(),
             ND.to_string(),
         ]
