@@ -386,12 +386,13 @@ fn pod_source_checks_change_by_netlink_as_nft_writes_them() {
                 serde_json::json!({"metadata": {"name": cid, "namespace": "default"}}),
             )
             .unwrap(),
+            mac: None,
         }
         .with_ips(&ips.iter().map(|s| s.parse().unwrap()).collect::<Vec<_>>())
     };
     let (a, b) = (
         pod("a", &["10.244.1.2", "fd00::2"]),
-        pod("bb", &["10.244.1.3", "fd00::3"]),
+        pod("bb", &["10.244.1.3", "fd00::3"]).with_mac("02:00:5e:10:00:03".parse().unwrap()),
     );
     let one = Sources::of([&a]);
     let two = Sources::of([&a, &b]);
@@ -405,7 +406,13 @@ fn pod_source_checks_change_by_netlink_as_nft_writes_them() {
         .unwrap();
     let list = |ns: &Ns| ns.list(&["list", "table", "bridge", TABLE]);
     let want = list(&by_nft);
-    assert!(want.contains("10.244.1.3") && want.contains("0xfd000000000000000000000000000003"));
+    for elem in [
+        "10.244.1.3",
+        "0xfd000000000000000000000000000003",
+        "02:00:5e:10:00:03",
+    ] {
+        assert!(want.contains(elem), "no {elem} in {want}");
+    }
     assert_eq!(list(&by_netlink), want);
     // And back (DEL): the first table again.
     let back = element_ops(&two, &one);

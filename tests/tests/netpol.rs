@@ -1066,7 +1066,7 @@ fn pods_cannot_send_from_addresses_not_theirs() -> Result<()> {
                 dst,src,to,tag=sys.argv[1:5]\n\
                 s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW)\n\
                 s.bind(('eth0',0))\n\
-                m=s.getsockname()[4]\n\
+                m=bytes.fromhex(sys.argv[5].replace(':','')) if len(sys.argv)>5 else s.getsockname()[4]\n\
                 d=tag.encode()\n\
                 u=struct.pack('!HHHH',40000,9998,8+len(d),0)+d\n\
                 h=struct.pack('!BBHHHBBH4s4s',0x45,0,20+len(u),1,0,64,17,0,socket.inet_aton(src),socket.inet_aton(to))\n\
@@ -1097,6 +1097,32 @@ fn pods_cannot_send_from_addresses_not_theirs() -> Result<()> {
         "n1 took a packet from {spoofed} sent to a reserved bridge address: {heard}"
     );
 
+    // 5. MAC: y/c sends its own packet with x/a's MAC as the source; the bridge must not move
+    // x/a's MAC to y/c's port (it would send x/a's frames there).
+    let port_of = |mac: &str| -> Option<String> {
+        let fdb = lab
+            .exec_ok(1, &["bridge", "fdb", "show", "br", "cni0"])
+            .ok()?;
+        fdb.lines()
+            .find(|l| l.starts_with(mac))
+            .and_then(|l| l.split_whitespace().skip_while(|w| *w != "dev").nth(1))
+            .map(str::to_string)
+    };
+    let (xa_port, yc_port) = (port_of(&xa_mac), port_of(&yc_mac));
+    assert!(
+        xa_port.is_some() && yc_port.is_some() && xa_port != yc_port,
+        "n1's bridge has not learnt x/a's and y/c's ports: {xa_port:?} {yc_port:?}"
+    );
+    yc.exec_ok(&[
+        "python3", "-c", send, &gw_mac, &own, &gw, "macspoof", &xa_mac,
+    ])?;
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(port_of(&xa_mac), xa_port, "y/c drew x/a's MAC to its port");
+    let heard = std::fs::read_to_string(&got).unwrap_or_default();
     let _ = std::fs::remove_file(&got);
+    assert!(
+        !heard.contains("macspoof"),
+        "n1 took y/c's frame with x/a's MAC"
+    );
     Ok(())
 }

@@ -612,6 +612,8 @@ async fn node_half(
     let (o, network) = (owner.clone(), network_of(req));
     let nets = node.nets();
     let mac = MacAddr::random_local();
+    // The pod's MAC is chosen here, not by the kernel: its policy record binds its port to it.
+    let pod_mac = MacAddr::random_local();
     // The addresses, then the pod's policy, while the veth pair is being made: the policy step
     // costs ADD nothing it would not wait for anyway.
     let alloc_and_policy = async {
@@ -644,7 +646,7 @@ async fn node_half(
         .await
         .map_err(|e| (e, Fresh::default()))?;
         if let (Some(policy), Some(pod)) = (&ctx.opts.policy, identity) {
-            if let Err(e) = policy_up(ctx, policy, pod.with_ips(&addrs)).await {
+            if let Err(e) = policy_up(ctx, policy, pod.with_ips(&addrs).with_mac(pod_mac)).await {
                 return Err((e, fresh.clone()));
             }
         }
@@ -652,7 +654,7 @@ async fn node_half(
     };
     let (alloc, created) = tokio::join!(
         alloc_and_policy,
-        create_veth(ctx, req, node, netns, host, mac),
+        create_veth(ctx, req, node, netns, host, mac, pod_mac),
     );
     let (addrs, fresh) = match (alloc, created) {
         (Ok(a), Ok(())) => a,
@@ -739,6 +741,7 @@ async fn create_veth(
     netns: &File,
     host: &str,
     mac: MacAddr,
+    pod_mac: MacAddr,
 ) -> Result<(), CniError> {
     let gw_net = (node.gateway(), node.gateway6());
     let bridge = ctx
@@ -747,7 +750,7 @@ async fn create_veth(
         .map_err(kernel_err)?;
     let create = |bridge| {
         ctx.nl
-            .create_veth(host, &req.ifname, netns, node.mtu, bridge, mac)
+            .create_veth(host, &req.ifname, netns, node.mtu, bridge, (mac, pod_mac))
     };
     let mut res = create(bridge).await;
     if matches!(&res, Err(e) if e.errno() != Some(libc::EEXIST)) {

@@ -351,7 +351,8 @@ impl PodNetlink {
 
     /// Creates the veth pair in one message: the host end `host` already enslaved to `bridge`,
     /// up and with `mac` (so nothing needs looking up afterwards), the container end born inside
-    /// the pod's namespace under its final name, so no half-named device is ever visible there.
+    /// the pod's namespace under its final name with `peer_mac` (its port's source checks know
+    /// it before it exists), so no half-named device is ever visible there.
     /// EEXIST if either name is taken. A failure leaves nothing: the kernel unregisters the pair
     /// when any part of the message (e.g. a stale bridge index) is refused.
     pub async fn create_veth(
@@ -361,10 +362,11 @@ impl PodNetlink {
         netns: &File,
         mtu: u32,
         bridge: u32,
-        mac: MacAddr,
+        (mac, peer_mac): (MacAddr, MacAddr),
     ) -> Result<(), PodNetError> {
         let peer = LinkUnspec::new_with_name(container)
             .mtu(mtu)
+            .address(peer_mac.octets().to_vec())
             .setns_by_fd(netns.as_raw_fd())
             .build();
         let msg = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)

@@ -14,6 +14,8 @@ use netpol::validate::{dns1123_label, dns1123_subdomain};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::mac::MacAddr;
+
 /// The annotation that ties a pod record to the CNI attachment that made it.
 pub const CONTAINER_ANNOTATION: &str = "twill.io/container-id";
 
@@ -29,9 +31,19 @@ pub struct Attachment {
 pub struct LocalPod {
     pub attachment: Attachment,
     pub pod: Pod,
+    /// The MAC address twill gave the pod's interface: the only one its port may send from
+    /// (`spoof`). None in records written before twill chose it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<MacAddr>,
 }
 
 impl LocalPod {
+    /// The pod with interface MAC `mac`.
+    pub fn with_mac(mut self, mac: MacAddr) -> LocalPod {
+        self.mac = Some(mac);
+        self
+    }
+
     /// The pod running with address `ip`.
     pub fn with_ip(self, ip: IpAddr) -> LocalPod {
         self.with_ips(&[ip])
@@ -175,7 +187,11 @@ pub fn from_cni(
                 .join("; ")
         ))
     })?;
-    Ok(LocalPod { attachment, pod })
+    Ok(LocalPod {
+        attachment,
+        pod,
+        mac: None,
+    })
 }
 
 /// Local pods persisted in `<state-dir>/pods/`, one file per attachment: policy state for this

@@ -2,8 +2,8 @@
 //! that the policy maps, which are keyed by the pods' addresses, see every packet it sends.
 //! Without them a pod escapes its egress policy by sending from an unused address of the
 //! node's subnet (CAP_NET_RAW is in the runtimes' default set), reaches an isolated pod of its
-//! node through its `fe80::` address, or poisons ARP and neighbour caches to take another
-//! pod's traffic. The table `bridge twill-source` for the local pods and the element operations
+//! node through its `fe80::` address, or poisons ARP and neighbour caches (or the bridge's
+//! forwarding table, with another pod's MAC) to take another pod's traffic. The table `bridge twill-source` for the local pods and the element operations
 //! from one set of pods to the next (a pod's ADD and DEL) are pure; `SourceCheck` keeps the
 //! kernel's table as they say.
 //!
@@ -12,7 +12,8 @@
 //! (pods of another plugin on the bridge, a node moved from flannel) are not checked.
 //! ```text
 //! prerouting (bridge, filter): iifname @ports jump from-pod
-//! from-pod: ARP with its own sender address; an ARP probe (sender 0.0.0.0);
+//! from-pod: frames from another MAC than the pod's dropped (if its record has one);
+//!           ARP with its own sender address; an ARP probe (sender 0.0.0.0);
 //!           neighbour advertisements for other addresses dropped (the target is what caches
 //!           learn, whatever the source);
 //!           IPv4/IPv6 from its own addresses;
@@ -27,6 +28,7 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 use crate::cni::host_veth_name;
+use crate::mac::MacAddr;
 use crate::netlink::nft_sets::{self, key_addr, key_concat, ElemOp, NfFamily};
 use crate::nft::model::{BaseChain, Chain, Family, Set, Table};
 use crate::nft::{Check, Nft, TableWriter};
@@ -35,18 +37,24 @@ use super::pods::LocalPod;
 
 pub const TABLE: &str = "twill-source";
 
-/// What the ports may send: (host-side veth name, address) per local pod address.
+/// What the ports may send: (host-side veth name, address) per local pod address, and
+/// (port, MAC) per pod whose record has its MAC.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Sources {
     pub entries: BTreeSet<(String, IpAddr)>,
+    pub macs: BTreeSet<(String, MacAddr)>,
 }
 
 impl Sources {
     /// The ports and addresses of `pods` (from their records: the addresses ADD gave them).
     pub fn of<'a>(pods: impl IntoIterator<Item = &'a LocalPod>) -> Sources {
         let mut entries = BTreeSet::new();
+        let mut macs = BTreeSet::new();
         for p in pods {
             let port = host_veth_name(&p.attachment.container_id, &p.attachment.ifname);
+            if let Some(mac) = p.mac {
+                macs.insert((port.clone(), mac));
+            }
             let Some(st) = p.pod.status.as_ref() else {
                 continue;
             };
@@ -58,7 +66,7 @@ impl Sources {
                 }
             }
         }
-        Sources { entries }
+        Sources { entries, macs }
     }
 
     fn ports(&self) -> BTreeSet<&str> {
@@ -97,6 +105,17 @@ pub fn table(s: &Sources) -> Table {
     t.sets.insert(
         "ports".into(),
         set("ifname", s.ports().into_iter().map(|p| format!("\"{p}\""))),
+    );
+    t.sets.insert(
+        "macports".into(),
+        set("ifname", s.macs.iter().map(|(p, _)| format!("\"{p}\""))),
+    );
+    t.sets.insert(
+        "macs".into(),
+        set(
+            "ifname . ether_addr",
+            s.macs.iter().map(|(p, m)| format!("\"{p}\" . {m}")),
+        ),
     );
     t.sets.insert(
         "src4".into(),
@@ -140,6 +159,9 @@ pub fn table(s: &Sources) -> Table {
         Chain {
             base: None,
             rules: vec![
+                // The bridge learns where a MAC is from the frames' sources: another pod's
+                // would draw its frames here.
+                "iifname @macports iifname . ether saddr != @macs counter drop".into(),
                 "iifname . arp saddr ip @src4 accept".into(),
                 "arp saddr ip 0.0.0.0 accept".into(),
                 // Not an accept: the advertisement's source is checked below as well.
@@ -176,6 +198,15 @@ pub fn element_ops(old: &Sources, new: &Sources) -> Vec<ElemOp> {
                 ops.push(ElemOp::new(add, "na6", key.clone()));
             }
             ops.push(ElemOp::new(add, set, key));
+        }
+        for (port, mac) in to.macs.difference(&from.macs) {
+            let name = key_ifname(port);
+            ops.push(ElemOp::new(
+                add,
+                "macs",
+                key_concat(&[&name, &mac.octets()]),
+            ));
+            ops.push(ElemOp::new(add, "macports", name.to_vec()));
         }
         let (from_ports, to_ports) = (from.ports(), to.ports());
         for port in to_ports.difference(&from_ports) {
@@ -289,6 +320,7 @@ mod tests {
                 ifname: "eth0".into(),
             },
             pod: p,
+            mac: None,
         }
         .with_ips(&ips.iter().map(|s| s.parse().unwrap()).collect::<Vec<_>>())
     }
@@ -348,6 +380,34 @@ mod tests {
         let sets: Vec<_> = gone.iter().map(|o| o.set.as_str()).collect();
         assert_eq!(sets, ["src4", "na6", "src6", "ports"]);
         assert!(element_ops(&new, &new).is_empty());
+    }
+
+    #[test]
+    fn a_port_with_a_recorded_mac_may_send_only_from_it() {
+        let mac: MacAddr = "02:00:5e:00:00:07".parse().unwrap();
+        let a = pod("a", &["10.1.0.2"]).with_mac(mac);
+        let b = pod("b", &["10.1.0.3"]); // an older record: no MAC
+        let s = Sources::of([&a, &b]);
+        let pa = host_veth_name("a", "eth0");
+        let t = table(&s);
+        assert_eq!(
+            t.sets["macs"].elements,
+            BTreeSet::from([format!("\"{pa}\" . 02:00:5e:00:00:07")])
+        );
+        assert_eq!(
+            t.sets["macports"].elements,
+            BTreeSet::from([format!("\"{pa}\"")])
+        );
+        // First in the chain: a frame from another MAC is not even looked at further.
+        assert!(t.chains["from-pod"].rules[0].contains("ether saddr != @macs"));
+        let ops = element_ops(&Sources::of([&b]), &s);
+        let name = key_ifname(&pa);
+        assert!(ops.contains(&ElemOp::new(
+            true,
+            "macs",
+            key_concat(&[&name, &mac.octets()])
+        )));
+        assert!(ops.contains(&ElemOp::new(true, "macports", name.to_vec())));
     }
 
     #[test]
