@@ -129,15 +129,37 @@ impl Drop for KeyGuard<'_> {
     }
 }
 
-/// The host end's name, derived from containerID+ifname so DEL and GC find it without a netns.
-pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
-    // FNV-1a: stable across builds (std's hasher is not).
+/// FNV-1a of containerID+ifname (and a salt): stable across builds (std's hasher is not).
+fn attachment_hash(container_id: &str, ifname: &str, salt: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf29ce484222325;
-    for b in container_id.bytes().chain([0u8]).chain(ifname.bytes()) {
+    for b in container_id
+        .bytes()
+        .chain([0u8])
+        .chain(ifname.bytes())
+        .chain(salt.iter().copied())
+    {
         h ^= b as u64;
         h = h.wrapping_mul(0x100000001b3);
     }
-    format!("tw{:012x}", h & 0xffff_ffff_ffff)
+    h
+}
+
+/// The host end's name, derived from containerID+ifname so DEL and GC find it without a netns.
+pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
+    format!(
+        "tw{:012x}",
+        attachment_hash(container_id, ifname, &[]) & 0xffff_ffff_ffff
+    )
+}
+
+/// The pod end's MAC (locally administered, unicast), derived from containerID+ifname like
+/// the host end's name: an ADD retried for a running pod, or a veth made anew for the same
+/// attachment, records the MAC the interface has (its port's source checks bind it).
+pub fn pod_mac(container_id: &str, ifname: &str) -> MacAddr {
+    let h = attachment_hash(container_id, ifname, b"\0mac").to_be_bytes();
+    let mut b = [h[2], h[3], h[4], h[5], h[6], h[7]];
+    b[0] = (b[0] & 0xfe) | 0x02;
+    MacAddr(b)
 }
 
 fn kernel_err(e: PodNetError) -> CniError {
@@ -613,7 +635,7 @@ async fn node_half(
     let nets = node.nets();
     let mac = MacAddr::random_local();
     // The pod's MAC is chosen here, not by the kernel: its policy record binds its port to it.
-    let pod_mac = MacAddr::random_local();
+    let pod_mac = pod_mac(&req.container_id, &req.ifname);
     // The addresses, then the pod's policy, while the veth pair is being made: the policy step
     // costs ADD nothing it would not wait for anyway.
     let alloc_and_policy = async {
@@ -1009,6 +1031,18 @@ async fn gc(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pod_macs_are_stable_unicast_and_locally_administered() {
+        let m = pod_mac("abc", "eth0");
+        assert_eq!(m, pod_mac("abc", "eth0"));
+        assert_ne!(m, pod_mac("abc", "eth1"));
+        assert_ne!(m, pod_mac("abd", "eth0"));
+        for id in ["a", "b", "c", "0123456789abcdef"] {
+            let o = pod_mac(id, "eth0").octets();
+            assert_eq!(o[0] & 0x03, 0x02, "{o:?}");
+        }
+    }
 
     #[test]
     fn host_veth_names_are_stable_and_short() {
