@@ -1118,6 +1118,24 @@ fn pods_cannot_send_from_addresses_not_theirs() -> Result<()> {
     ])?;
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(port_of(&xa_mac), xa_port, "y/c drew x/a's MAC to its port");
+    // Also to LLDP's group address, which passes no bridge hook (only no_linklocal_learn
+    // keeps the bridge from learning from it).
+    yc.exec_ok(&[
+        "python3",
+        "-c",
+        send,
+        "01:80:c2:00:00:0e",
+        &own,
+        &gw,
+        "llspoof",
+        &xa_mac,
+    ])?;
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        port_of(&xa_mac),
+        xa_port,
+        "y/c drew x/a's MAC to its port with a link-local frame"
+    );
     let heard = std::fs::read_to_string(&got).unwrap_or_default();
     let _ = std::fs::remove_file(&got);
     assert!(

@@ -19,7 +19,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use nix::sched::{setns, CloneFlags};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
 use rtnetlink::packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage,
+    BridgeBooleanOptionFlags, InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage,
 };
 use rtnetlink::{
     Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth,
@@ -314,6 +314,16 @@ impl PodNetlink {
             .execute()
             .await
             .map_err(|e| PodNetError::netlink(format!("setting bridge {name} up"), e))?;
+        // The bridge learns where a MAC is also from frames to link-local group addresses
+        // (01:80:c2:00:00:0e passes no bridge hook), which would let a pod draw another pod's
+        // frames past the ports' MAC checks. Pods have no use for it. (Linux 4.20+.)
+        let no_ll_learn = LinkMessageBuilder::<LinkBridge>::new(name)
+            .index(link.index)
+            .set_boolean_opt(BridgeBooleanOptionFlags::NoLinkLocalLearn, true)
+            .build();
+        if let Err(e) = h.link().change(no_ll_learn).execute().await {
+            tracing::warn!(bridge = name, error = %e, "cannot turn off the bridge's learning from link-local frames: a pod can draw another pod's frames to itself");
+        }
         if link.mtu != mtu {
             // Pods get `mtu` on their veths either way; a bridge MTU the kernel refuses (e.g.
             // above a foreign port's) must not stop every ADD.

@@ -6,7 +6,7 @@
 //! IPv6 half (`<name>6`). The base chains are the packet path `netpol::program`
 //! documents and interprets:
 //! ```text
-//! (each first drops what comes from a pod's own port: `POD_PORT_DROP`)
+//! np-ports   prerouting, priority -300: drop what comes from a pod's own port (`POD_PORT_DROP`)
 //! np-egress  forward, priority -5: established/related accept; ND accept;
 //!                                   saddr @pend-out jump pend-out; saddr vmap @egress
 //! np-ingress forward, priority  5: established/related accept; ND accept;
@@ -262,7 +262,6 @@ pub fn table(p: &NodeProgram, opts: RenderOpts) -> Table {
     }
     let head = || {
         vec![
-            POD_PORT_DROP.to_string(),
             "ct state established,related accept".to_string(),
             ND.to_string(),
         ]
@@ -290,6 +289,11 @@ pub fn table(p: &NodeProgram, opts: RenderOpts) -> Table {
     t.chains.insert(
         "np-input".into(),
         base("input", 0, dispatch("saddr", "egress", pend_out)),
+    );
+    // Before conntrack and routing: not even an ICMP error goes back to such a packet.
+    t.chains.insert(
+        "np-ports".into(),
+        base("prerouting", -300, vec![POD_PORT_DROP.to_string()]),
     );
     t
 }
