@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use netpol::fixtures::{self, Action, Check, Expect, Pattern};
 use netpol::model::{PodKey, Protocol};
+use serde_json::json;
 use twill_tests::netpol::{probe, World, PREFIX};
 use twill_tests::{wait_until, Lab, LabOptions};
 
@@ -951,6 +952,13 @@ fn pods_cannot_send_from_addresses_not_theirs() -> Result<()> {
     assert!(
         ping(yc, &[&xa_ip]),
         "y/c does not reach x/a before any policy"
+    );
+    // n1's three pods, each port bound to its address and MAC.
+    let sc = &lab.status(1)?["policy"]["source_check"];
+    assert_eq!(
+        (&sc["ports"], &sc["addresses"], &sc["macs"], &sc["error"]),
+        (&json!(3), &json!(3), &json!(3), &serde_json::Value::Null),
+        "{sc}"
     );
 
     // 1. Egress: y/c under default deny sends from an unused address of n1's subnet.

@@ -219,9 +219,10 @@ pub fn element_ops(old: &Sources, new: &Sources) -> Vec<ElemOp> {
 /// What /status shows of the source checks.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct SourceStatus {
-    /// Pod ports checked, and the addresses they may send from.
+    /// Pod ports checked, the addresses they may send from, and the ports bound to a MAC.
     pub ports: usize,
     pub addresses: usize,
+    pub macs: usize,
     /// Why the kernel does not hold them (retried at every resync).
     pub error: Option<String>,
 }
@@ -251,6 +252,7 @@ impl SourceCheck {
         self.status = SourceStatus {
             ports: want.ports().len(),
             addresses: want.entries.len(),
+            macs: want.macs.len(),
             error: res.as_ref().err().cloned(),
         };
         if let Err(e) = &res {
