@@ -423,3 +423,54 @@ fn pod_source_checks_change_by_netlink_as_nft_writes_them() {
     first.nft(&table(&one).render_replace());
     assert_eq!(list(&by_netlink), list(&first));
 }
+
+/// A deleted pod's conntrack entries go, in both families, and no one else's.
+#[test]
+fn conntrack_entries_of_given_addresses_are_deleted() {
+    use std::net::{IpAddr, UdpSocket};
+    use twill_daemon::netlink::conntrack::delete_flows_of;
+
+    let ns = Ns::new("ct");
+    for cmd in [
+        "ip link add d0 type veth peer name d1",
+        "ip link set d1 up",
+        "ip addr add 10.99.0.1/24 dev d0",
+        "ip -6 addr add fd99::1/64 dev d0 nodad",
+        "ip link set d0 up",
+    ] {
+        let args: Vec<&str> = cmd.split(' ').collect();
+        let ok = Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .args(&args)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "{cmd}");
+    }
+    // A conntrack hook in the namespace, so that its flows are tracked.
+    ns.nft(
+        "add table inet t\n\
+         add chain inet t out { type filter hook output priority 0; }\n\
+         add rule inet t out ct state new accept\n",
+    );
+    let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+    ns.run(move || {
+        for to in ["10.99.0.2", "10.99.0.3", "fd99::2"] {
+            let bind = if to.contains(':') {
+                "[::]:0"
+            } else {
+                "0.0.0.0:0"
+            };
+            let s = UdpSocket::bind(bind).unwrap();
+            s.send_to(b"x", (to.parse::<IpAddr>().unwrap(), 9)).unwrap();
+        }
+    });
+    let gone = [ip("10.99.0.2"), ip("fd99::2")];
+    assert_eq!(ns.run(move || delete_flows_of(&gone)).unwrap(), 2);
+    // Deleted: none left of them; the other flow is still there.
+    assert_eq!(ns.run(move || delete_flows_of(&gone)).unwrap(), 0);
+    assert_eq!(
+        ns.run(move || delete_flows_of(&[ip("10.99.0.3")])).unwrap(),
+        1
+    );
+}

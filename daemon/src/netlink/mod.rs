@@ -7,6 +7,7 @@
 
 mod addr;
 mod batch;
+pub mod conntrack;
 pub mod ethtool;
 mod events;
 mod family;

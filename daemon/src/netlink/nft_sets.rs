@@ -14,7 +14,7 @@ use rtnetlink::sys::{Socket, SocketAddr};
 
 use super::NetlinkError;
 
-const NETLINK_NETFILTER: isize = 12;
+pub(super) const NETLINK_NETFILTER: isize = 12;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 16;
 const NFNL_MSG_BATCH_END: u16 = 17;
@@ -161,7 +161,7 @@ pub fn apply(family: NfFamily, table: &str, ops: &[ElemOp]) -> Result<(), Netlin
     Ok(())
 }
 
-fn set_rcv_timeout(sock: &Socket) {
+pub(super) fn set_rcv_timeout(sock: &Socket) {
     let tv = libc::timeval {
         tv_sec: 5,
         tv_usec: 0,
@@ -179,7 +179,7 @@ fn set_rcv_timeout(sock: &Socket) {
 }
 
 /// (message type, error code of an NLMSG_ERROR) for each message in a datagram.
-fn messages(mut data: &[u8]) -> Vec<(u16, i32)> {
+pub(super) fn messages(mut data: &[u8]) -> Vec<(u16, i32)> {
     let mut out = Vec::new();
     while data.len() >= 16 {
         let len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
@@ -271,13 +271,14 @@ fn cstr(s: &str) -> Vec<u8> {
     v
 }
 
-/// One netlink message under construction: header, nfgenmsg, attributes.
-struct Msg {
-    bytes: Vec<u8>,
+/// One netfilter netlink message under construction: header, nfgenmsg, attributes (also
+/// ctnetlink's, `conntrack`).
+pub(super) struct Msg {
+    pub(super) bytes: Vec<u8>,
 }
 
 impl Msg {
-    fn new(kind: u16, flags: u16, seq: u32, family: u8) -> Msg {
+    pub(super) fn new(kind: u16, flags: u16, seq: u32, family: u8) -> Msg {
         let mut bytes = Vec::with_capacity(256);
         bytes.extend_from_slice(&0u32.to_ne_bytes()); // length, set by finish
         bytes.extend_from_slice(&kind.to_ne_bytes());
@@ -289,7 +290,7 @@ impl Msg {
         Msg { bytes }
     }
 
-    fn attr(&mut self, kind: u16, data: &[u8]) {
+    pub(super) fn attr(&mut self, kind: u16, data: &[u8]) {
         let len = 4 + data.len();
         self.bytes.extend_from_slice(&(len as u16).to_ne_bytes());
         self.bytes.extend_from_slice(&kind.to_ne_bytes());
@@ -298,7 +299,7 @@ impl Msg {
     }
 
     /// Opens a nested attribute; returns where its header is.
-    fn begin(&mut self, kind: u16) -> usize {
+    pub(super) fn begin(&mut self, kind: u16) -> usize {
         let at = self.bytes.len();
         self.bytes.extend_from_slice(&0u16.to_ne_bytes());
         self.bytes
@@ -306,7 +307,7 @@ impl Msg {
         at
     }
 
-    fn end(&mut self, at: usize) {
+    pub(super) fn end(&mut self, at: usize) {
         let len = (self.bytes.len() - at) as u16;
         self.bytes[at..at + 2].copy_from_slice(&len.to_ne_bytes());
     }
@@ -317,7 +318,7 @@ impl Msg {
         }
     }
 
-    fn finish(mut self, out: &mut Vec<u8>) {
+    pub(super) fn finish(mut self, out: &mut Vec<u8>) {
         self.pad();
         let len = self.bytes.len() as u32;
         self.bytes[0..4].copy_from_slice(&len.to_ne_bytes());

@@ -1,0 +1,225 @@
+//! Conntrack entries of addresses that left (a deleted pod's), removed over ctnetlink: a flow
+//! conntrack still holds as established would go on to the next pod that gets the address,
+//! past that pod's policies (`ct state established` is accepted before any policy), and a
+//! masqueraded one would keep its old translation. The kernel has no delete by address: the
+//! table is dumped per family and each matching entry deleted by its original tuple, as
+//! `conntrack -D -s/-d` does.
+
+use std::net::IpAddr;
+
+use rtnetlink::sys::{Socket, SocketAddr};
+
+use super::nft_sets::{messages, set_rcv_timeout, Msg, NETLINK_NETFILTER};
+use super::NetlinkError;
+
+const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+const IPCTNL_MSG_CT_NEW: u16 = 0;
+const IPCTNL_MSG_CT_GET: u16 = 1;
+const IPCTNL_MSG_CT_DELETE: u16 = 2;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLA_TYPE_MASK: u16 = 0x3fff;
+
+const CTA_TUPLE_ORIG: u16 = 1;
+const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_ZONE: u16 = 18;
+const CTA_TUPLE_IP: u16 = 1;
+const CTA_IP_V4_SRC: u16 = 1;
+const CTA_IP_V4_DST: u16 = 2;
+const CTA_IP_V6_SRC: u16 = 3;
+const CTA_IP_V6_DST: u16 = 4;
+
+/// The attributes in `data`: (type without flags, payload).
+fn attrs(mut data: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    while data.len() >= 4 {
+        let len = u16::from_ne_bytes([data[0], data[1]]) as usize;
+        let kind = u16::from_ne_bytes([data[2], data[3]]) & NLA_TYPE_MASK;
+        if len < 4 || len > data.len() {
+            break;
+        }
+        out.push((kind, &data[4..len]));
+        data = data.get((len + 3) & !3..).unwrap_or(&[]);
+    }
+    out
+}
+
+/// The addresses of a tuple (CTA_TUPLE_ORIG or _REPLY's payload).
+fn tuple_addrs(tuple: &[u8]) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for (kind, ip) in attrs(tuple) {
+        if kind != CTA_TUPLE_IP {
+            continue;
+        }
+        for (k, v) in attrs(ip) {
+            match k {
+                CTA_IP_V4_SRC | CTA_IP_V4_DST => {
+                    if let Ok(b) = <[u8; 4]>::try_from(v) {
+                        out.push(IpAddr::from(b));
+                    }
+                }
+                CTA_IP_V6_SRC | CTA_IP_V6_DST => {
+                    if let Ok(b) = <[u8; 16]>::try_from(v) {
+                        out.push(IpAddr::from(b));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// One conntrack entry to delete: its original tuple and zone, as the dump gave them.
+struct Entry {
+    orig: Vec<u8>,
+    zone: Option<Vec<u8>>,
+}
+
+/// The entries of one dumped message (a conntrack entry) that involve any of `addrs`.
+fn matching(payload: &[u8], addrs: &[IpAddr]) -> Option<Entry> {
+    let mut orig = None;
+    let mut zone = None;
+    let mut hit = false;
+    for (kind, v) in attrs(payload) {
+        match kind {
+            CTA_TUPLE_ORIG | CTA_TUPLE_REPLY => {
+                hit |= tuple_addrs(v).iter().any(|a| addrs.contains(a));
+                if kind == CTA_TUPLE_ORIG {
+                    orig = Some(v.to_vec());
+                }
+            }
+            CTA_ZONE => zone = Some(v.to_vec()),
+            _ => {}
+        }
+    }
+    hit.then_some(())?;
+    Some(Entry { orig: orig?, zone })
+}
+
+fn socket() -> Result<Socket, NetlinkError> {
+    let mut sock = Socket::new(NETLINK_NETFILTER)
+        .map_err(|e| NetlinkError::failed("open conntrack socket", e))?;
+    sock.bind_auto()
+        .map_err(|e| NetlinkError::failed("bind conntrack socket", e))?;
+    sock.connect(&SocketAddr::new(0, 0))
+        .map_err(|e| NetlinkError::failed("connect conntrack socket", e))?;
+    set_rcv_timeout(&sock);
+    Ok(sock)
+}
+
+fn recv(sock: &Socket, buf: &mut [u8]) -> Result<usize, NetlinkError> {
+    loop {
+        match sock.recv(&mut &mut buf[..], 0) {
+            Ok(n) => return Ok(n),
+            // A handled signal fails a timed receive with EINTR (signal(7)).
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(NetlinkError::failed("read conntrack", e)),
+        }
+    }
+}
+
+/// Deletes every conntrack entry (either direction) with one of `addrs`; returns how many.
+/// Blocking: call it off the runtime's workers.
+pub fn delete_flows_of(addrs: &[IpAddr]) -> Result<usize, NetlinkError> {
+    let mut deleted = 0;
+    for (family, v6) in [(libc::AF_INET as u8, false), (libc::AF_INET6 as u8, true)] {
+        let ours: Vec<IpAddr> = addrs
+            .iter()
+            .copied()
+            .filter(|a| a.is_ipv6() == v6)
+            .collect();
+        if ours.is_empty() {
+            continue;
+        }
+        let entries = dump_matching(family, &ours)?;
+        if entries.is_empty() {
+            continue;
+        }
+        let sock = socket()?;
+        let mut buf = vec![0u8; 1 << 16];
+        for (seq, e) in entries.iter().enumerate() {
+            let mut out = Vec::new();
+            let mut m = Msg::new(
+                (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE,
+                NLM_F_REQUEST | NLM_F_ACK,
+                seq as u32 + 1,
+                family,
+            );
+            m.bytes.extend_from_slice(&0u16.to_be_bytes());
+            let t = m.begin(CTA_TUPLE_ORIG);
+            m.bytes.extend_from_slice(&e.orig);
+            m.end(t);
+            if let Some(z) = &e.zone {
+                m.attr(CTA_ZONE, z);
+            }
+            m.finish(&mut out);
+            sock.send(&out, 0)
+                .map_err(|e| NetlinkError::failed("send conntrack delete", e))?;
+            let n = recv(&sock, &mut buf)?;
+            for (kind, errno) in messages(&buf[..n]) {
+                // Gone meanwhile (it timed out, or was the reply of one deleted): fine.
+                if kind == NLMSG_ERROR && errno != 0 && errno != -libc::ENOENT {
+                    return Err(NetlinkError::Errno {
+                        context: "deleting a conntrack entry".into(),
+                        errno: -errno,
+                    });
+                }
+                if kind == NLMSG_ERROR && errno == 0 {
+                    deleted += 1;
+                }
+            }
+        }
+    }
+    Ok(deleted)
+}
+
+/// The entries of `family` that involve any of `addrs`.
+fn dump_matching(family: u8, addrs: &[IpAddr]) -> Result<Vec<Entry>, NetlinkError> {
+    let sock = socket()?;
+    let mut out = Vec::new();
+    let mut m = Msg::new(
+        (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        1,
+        family,
+    );
+    m.bytes.extend_from_slice(&0u16.to_be_bytes());
+    m.finish(&mut out);
+    sock.send(&out, 0)
+        .map_err(|e| NetlinkError::failed("send conntrack dump", e))?;
+    let mut found = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = recv(&sock, &mut buf)?;
+        let mut data = &buf[..n];
+        while data.len() >= 16 {
+            let len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
+            let kind = u16::from_ne_bytes([data[4], data[5]]);
+            if len < 16 || len > data.len() {
+                break;
+            }
+            match kind {
+                NLMSG_DONE => return Ok(found),
+                NLMSG_ERROR => {
+                    let errno = i32::from_ne_bytes([data[16], data[17], data[18], data[19]]);
+                    if errno != 0 {
+                        return Err(NetlinkError::Errno {
+                            context: "dumping conntrack".into(),
+                            errno: -errno,
+                        });
+                    }
+                }
+                k if k == (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW && len > 20 => {
+                    // nlmsghdr (16) and nfgenmsg (4), then the entry's attributes.
+                    found.extend(matching(&data[20..len], addrs));
+                }
+                _ => {}
+            }
+            data = data.get((len + 3) & !3..).unwrap_or(&[]);
+        }
+    }
+}
