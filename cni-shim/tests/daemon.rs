@@ -547,9 +547,55 @@ fn not_ready_then_status_gc() {
     ok(twill(&[("CNI_COMMAND", "GC")], &other));
     assert_eq!(node.ipam_files().len(), 3);
     assert!(pod_addr(&pods[1]).is_some());
+    // A flow of g1's that the node tracks (a conntrack hook in the node's netns, a ping to
+    // the gateway): GC takes it with the address.
+    let g1 = pod_addr(&pods[1]).unwrap();
+    let g1 = g1.split('/').next().unwrap().to_string();
+    assert!(
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &node.ns.name,
+            "nft",
+            "add table inet track; add chain inet track inp { type filter hook input priority 0; }; \
+         add rule inet track inp ct state new accept"
+        ])
+        .0
+    );
+    assert!(
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &pods[1].name,
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "2",
+            "10.244.1.1"
+        ])
+        .0
+    );
+    let tracked = || {
+        let (_, t) = sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &node.ns.name,
+            "cat",
+            "/proc/net/nf_conntrack",
+        ]);
+        t.lines()
+            .filter(|l| l.contains(&format!("src={g1} ")))
+            .count()
+    };
+    assert!(tracked() > 0, "the node tracks no flow of g1's");
     let mut c = conf.clone();
     c["cni.dev/valid-attachments"] = json!([{"containerID": "g0", "ifname": "eth0"}]);
     ok(twill(&[("CNI_COMMAND", "GC")], &c));
+    assert_eq!(tracked(), 0, "g1's conntrack entries outlived GC");
     let files = node.ipam_files();
     assert_eq!(files.len(), 1, "{files:?}");
     assert_eq!(files.values().next().unwrap(), "g0\neth0\ntwill\n");

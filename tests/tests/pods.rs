@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use twill_tests::{wait_until, Lab, LabOptions};
 
 const CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
@@ -227,5 +227,28 @@ fn pods_come_and_go_while_etcd_is_down() -> Result<()> {
         local.ip
     );
     assert!(lab.daemon_running(1), "{}", lab.daemon_log(1));
+    Ok(())
+}
+
+/// DEL takes the pod's conntrack entries with it: a flow still counted as established would go
+/// on to the next pod given the address, past that pod's policies.
+#[test]
+fn del_forgets_the_pods_conntrack_entries() -> Result<()> {
+    let mut lab = ready_lab(1)?;
+    let a = lab.add_pod(1, "a")?;
+    let b = lab.add_pod(1, "b")?;
+    let b_ip = b.ip.to_string();
+    let tracked = |lab: &Lab| -> Result<usize> {
+        let t = lab.exec_ok(1, &["cat", "/proc/net/nf_conntrack"])?;
+        Ok(t.lines()
+            .filter(|l| l.contains(&format!("src={b_ip} ")) || l.contains(&format!("dst={b_ip} ")))
+            .count())
+    };
+    wait_until(Duration::from_secs(10), || a.ping(b.ip)).context("a does not reach b")?;
+    assert!(tracked(&lab)? > 0, "the node tracks no flow of b's");
+    lab.del_pod(&b)?;
+    let left = tracked(&lab)?;
+    assert_eq!(left, 0, "b's conntrack entries outlived its DEL");
+    lab.del_pod(&a)?;
     Ok(())
 }

@@ -802,6 +802,25 @@ async fn create_veth(
     Err(CniError::new(codes::INTERFACE_EXISTS, msg))
 }
 
+/// The conntrack entries of a deleted pod's addresses (DEL, GC): an open flow would go on to
+/// the next pod given the address, as established, past its policies. Released addresses go round
+/// robin, so none is handed out again before this runs. Failures are logged, not DEL's.
+async fn forget_flows(addrs: Vec<IpAddr>) {
+    if addrs.is_empty() {
+        return;
+    }
+    let a = addrs.clone();
+    match tokio::task::spawn_blocking(move || crate::netlink::conntrack::delete_flows_of(&a)).await
+    {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => tracing::debug!(?addrs, entries = n, "deleted a pod's conntrack entries"),
+        Ok(Err(e)) => {
+            tracing::warn!(?addrs, error = %e, "deleting a pod's conntrack entries failed")
+        }
+        Err(e) => tracing::warn!(error = %e, "conntrack task failed"),
+    }
+}
+
 /// Takes back what a failed ADD built: the veth pair (deleting one end removes both, wherever
 /// the other is) and the addresses this ADD allocated. Failures are logged: the ADD's own error
 /// is the one the runtime needs.
@@ -848,8 +867,9 @@ async fn del(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
         p.pod_down(attachment_of(&owner)).await;
     }
     let ipam = ctx.ipam.clone();
-    if let Err(e) = blocking(move || ipam.release(&owner)).await {
-        errors.push(e.msg);
+    match blocking(move || ipam.release(&owner)).await {
+        Ok(addrs) => forget_flows(addrs).await,
+        Err(e) => errors.push(e.msg),
     }
     // A pod from before the node moved from flannel: its addresses are host-local's. Only
     // those inside the node's subnets are ours (other networks use host-local too).
@@ -1006,14 +1026,19 @@ async fn gc(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
                 p.pod_down(attachment_of(&owner)).await;
             }
             let ipam = ctx.ipam.clone();
-            blocking(move || {
-                let mut n = 0;
+            let released = blocking(move || {
+                let mut gone = Vec::new();
                 for c in &claims {
-                    n += usize::from(ipam.release_claim(c)?);
+                    if ipam.release_claim(c)? {
+                        gone.push(c.addr);
+                    }
                 }
-                Ok(n)
+                Ok(gone)
             })
-            .await
+            .await?;
+            let n = released.len();
+            forget_flows(released).await;
+            Ok(n)
         })
         .buffer_unordered(GC_PARALLEL)
         .collect()
