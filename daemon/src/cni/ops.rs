@@ -802,9 +802,10 @@ async fn create_veth(
     Err(CniError::new(codes::INTERFACE_EXISTS, msg))
 }
 
-/// The conntrack entries of a deleted pod's addresses (DEL, GC): an open flow would go on to
-/// the next pod given the address, as established, past its policies. Released addresses go round
-/// robin, so none is handed out again before this runs. Failures are logged, not DEL's.
+/// The conntrack entries of a deleted pod's addresses (DEL, GC), before the addresses are
+/// released: an open flow would go on to the next pod given the address, as established, past
+/// its policies. Failures are logged, not DEL's: a node without conntrack (or a refused
+/// entry) must not keep every DEL failing and its addresses reserved for good.
 async fn forget_flows(addrs: Vec<IpAddr>) {
     if addrs.is_empty() {
         return;
@@ -866,10 +867,18 @@ async fn del(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
     if let Some(p) = &ctx.opts.policy {
         p.pod_down(attachment_of(&owner)).await;
     }
+    // Its flows go before its addresses: once released, an address may go to the next pod.
+    let (ipam, o) = (ctx.ipam.clone(), owner.clone());
+    let held: Vec<IpAddr> = offload(move || ipam.allocations())
+        .await?
+        .into_iter()
+        .filter(|(_, _, h)| h.owner == o)
+        .map(|(_, a, _)| a)
+        .collect();
+    forget_flows(held).await;
     let ipam = ctx.ipam.clone();
-    match blocking(move || ipam.release(&owner)).await {
-        Ok(addrs) => forget_flows(addrs).await,
-        Err(e) => errors.push(e.msg),
+    if let Err(e) = blocking(move || ipam.release(&owner)).await {
+        errors.push(e.msg);
     }
     // A pod from before the node moved from flannel: its addresses are host-local's. Only
     // those inside the node's subnets are ours (other networks use host-local too).
@@ -907,7 +916,8 @@ async fn del(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
         .await;
         match released {
             Ok(Ok(a)) if !a.is_empty() => {
-                tracing::info!(addresses = ?a, "released host-local's reservation (a pod from before flannel moved out)")
+                tracing::info!(addresses = ?a, "released host-local's reservation (a pod from before flannel moved out)");
+                forget_flows(a).await;
             }
             Ok(Ok(_)) => {}
             Ok(Err(e)) => errors.push(format!("releasing host-local's reservation: {e}")),
@@ -1025,20 +1035,17 @@ async fn gc(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
             if let Some(p) = &ctx.opts.policy {
                 p.pod_down(attachment_of(&owner)).await;
             }
+            // Flows before addresses, as in DEL.
+            forget_flows(claims.iter().map(|c| c.addr).collect()).await;
             let ipam = ctx.ipam.clone();
-            let released = blocking(move || {
-                let mut gone = Vec::new();
+            blocking(move || {
+                let mut n = 0;
                 for c in &claims {
-                    if ipam.release_claim(c)? {
-                        gone.push(c.addr);
-                    }
+                    n += usize::from(ipam.release_claim(c)?);
                 }
-                Ok(gone)
+                Ok(n)
             })
-            .await?;
-            let n = released.len();
-            forget_flows(released).await;
-            Ok(n)
+            .await
         })
         .buffer_unordered(GC_PARALLEL)
         .collect()

@@ -123,9 +123,11 @@ fn recv(sock: &Socket, buf: &mut [u8]) -> Result<usize, NetlinkError> {
 }
 
 /// Deletes every conntrack entry (either direction) with one of `addrs`; returns how many.
-/// Blocking: call it off the runtime's workers.
+/// An entry the kernel refuses (e.g. EBUSY, offloaded to a flowtable) does not stop the rest:
+/// the first error is returned at the end. Blocking: call it off the runtime's workers.
 pub fn delete_flows_of(addrs: &[IpAddr]) -> Result<usize, NetlinkError> {
     let mut deleted = 0;
+    let mut first_err = None;
     for (family, v6) in [(libc::AF_INET as u8, false), (libc::AF_INET6 as u8, true)] {
         let ours: Vec<IpAddr> = addrs
             .iter()
@@ -135,7 +137,13 @@ pub fn delete_flows_of(addrs: &[IpAddr]) -> Result<usize, NetlinkError> {
         if ours.is_empty() {
             continue;
         }
-        let entries = dump_matching(family, &ours)?;
+        let entries = match dump_matching(family, &ours) {
+            Ok(e) => e,
+            Err(e) => {
+                first_err.get_or_insert(e);
+                continue;
+            }
+        };
         if entries.is_empty() {
             continue;
         }
@@ -163,7 +171,7 @@ pub fn delete_flows_of(addrs: &[IpAddr]) -> Result<usize, NetlinkError> {
             for (kind, errno) in messages(&buf[..n]) {
                 // Gone meanwhile (it timed out, or was the reply of one deleted): fine.
                 if kind == NLMSG_ERROR && errno != 0 && errno != -libc::ENOENT {
-                    return Err(NetlinkError::Errno {
+                    first_err.get_or_insert(NetlinkError::Errno {
                         context: "deleting a conntrack entry".into(),
                         errno: -errno,
                     });
@@ -174,7 +182,10 @@ pub fn delete_flows_of(addrs: &[IpAddr]) -> Result<usize, NetlinkError> {
             }
         }
     }
-    Ok(deleted)
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(deleted),
+    }
 }
 
 /// The entries of `family` that involve any of `addrs`.
@@ -204,7 +215,7 @@ fn dump_matching(family: u8, addrs: &[IpAddr]) -> Result<Vec<Entry>, NetlinkErro
             }
             match kind {
                 NLMSG_DONE => return Ok(found),
-                NLMSG_ERROR => {
+                NLMSG_ERROR if len >= 20 => {
                     let errno = i32::from_ne_bytes([data[16], data[17], data[18], data[19]]);
                     if errno != 0 {
                         return Err(NetlinkError::Errno {
