@@ -802,6 +802,17 @@ async fn create_veth(
     Err(CniError::new(codes::INTERFACE_EXISTS, msg))
 }
 
+/// The addresses IPAM holds for `owner`.
+async fn held_by(ctx: &Ctx, owner: &Owner) -> Result<Vec<IpAddr>, CniError> {
+    let (ipam, o) = (ctx.ipam.clone(), owner.clone());
+    Ok(offload(move || ipam.allocations())
+        .await?
+        .into_iter()
+        .filter(|(_, _, h)| h.owner == o)
+        .map(|(_, a, _)| a)
+        .collect())
+}
+
 /// The conntrack entries of a deleted pod's addresses (DEL, GC), before the addresses are
 /// released: an open flow would go on to the next pod given the address, as established, past
 /// its policies. Failures are logged, not DEL's: a node without conntrack (or a refused
@@ -868,14 +879,7 @@ async fn del(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
         p.pod_down(attachment_of(&owner)).await;
     }
     // Its flows go before its addresses: once released, an address may go to the next pod.
-    let (ipam, o) = (ctx.ipam.clone(), owner.clone());
-    let held: Vec<IpAddr> = offload(move || ipam.allocations())
-        .await?
-        .into_iter()
-        .filter(|(_, _, h)| h.owner == o)
-        .map(|(_, a, _)| a)
-        .collect();
-    forget_flows(held).await;
+    forget_flows(held_by(ctx, &owner).await?).await;
     let ipam = ctx.ipam.clone();
     if let Err(e) = blocking(move || ipam.release(&owner)).await {
         errors.push(e.msg);
@@ -941,14 +945,7 @@ async fn check(ctx: &Ctx, req: &Request, peer_root: Option<PeerRoot>) -> Result<
     let want = expected_of(req)?;
 
     let mut missing = Vec::new();
-    let owner = owner_of(req);
-    let ipam = ctx.ipam.clone();
-    let held: Vec<IpAddr> = offload(move || ipam.allocations())
-        .await?
-        .into_iter()
-        .filter(|(_, _, h)| h.owner == owner)
-        .map(|(_, a, _)| a)
-        .collect();
+    let held = held_by(ctx, &owner_of(req)).await?;
     for a in &want.addrs {
         if !held.contains(&a.addr()) {
             missing.push(format!(

@@ -7,9 +7,9 @@
 
 use std::net::IpAddr;
 
-use rtnetlink::sys::{Socket, SocketAddr};
+use rtnetlink::sys::Socket;
 
-use super::nft_sets::{messages, set_rcv_timeout, Msg, NETLINK_NETFILTER};
+use super::nft_sets::{messages, socket, Msg};
 use super::NetlinkError;
 
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
@@ -100,17 +100,6 @@ fn matching(payload: &[u8], addrs: &[IpAddr]) -> Option<Entry> {
     Some(Entry { orig: orig?, zone })
 }
 
-fn socket() -> Result<Socket, NetlinkError> {
-    let mut sock = Socket::new(NETLINK_NETFILTER)
-        .map_err(|e| NetlinkError::failed("open conntrack socket", e))?;
-    sock.bind_auto()
-        .map_err(|e| NetlinkError::failed("bind conntrack socket", e))?;
-    sock.connect(&SocketAddr::new(0, 0))
-        .map_err(|e| NetlinkError::failed("connect conntrack socket", e))?;
-    set_rcv_timeout(&sock);
-    Ok(sock)
-}
-
 fn recv(sock: &Socket, buf: &mut [u8]) -> Result<usize, NetlinkError> {
     loop {
         match sock.recv(&mut &mut buf[..], 0) {
@@ -147,7 +136,7 @@ pub fn delete_flows_of(addrs: &[IpAddr]) -> Result<usize, NetlinkError> {
         if entries.is_empty() {
             continue;
         }
-        let sock = socket()?;
+        let sock = socket("conntrack")?;
         let mut buf = vec![0u8; 1 << 16];
         for (seq, e) in entries.iter().enumerate() {
             let mut out = Vec::new();
@@ -190,7 +179,7 @@ pub fn delete_flows_of(addrs: &[IpAddr]) -> Result<usize, NetlinkError> {
 
 /// The entries of `family` that involve any of `addrs`.
 fn dump_matching(family: u8, addrs: &[IpAddr]) -> Result<Vec<Entry>, NetlinkError> {
-    let sock = socket()?;
+    let sock = socket("conntrack")?;
     let mut out = Vec::new();
     let mut m = Msg::new(
         (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET,

@@ -123,13 +123,7 @@ pub fn apply(family: NfFamily, table: &str, ops: &[ElemOp]) -> Result<(), Netlin
     if ops.is_empty() {
         return Ok(());
     }
-    let mut sock = Socket::new(NETLINK_NETFILTER)
-        .map_err(|e| NetlinkError::failed("open nftables socket", e))?;
-    sock.bind_auto()
-        .map_err(|e| NetlinkError::failed("bind nftables socket", e))?;
-    sock.connect(&SocketAddr::new(0, 0))
-        .map_err(|e| NetlinkError::failed("connect nftables socket", e))?;
-    set_rcv_timeout(&sock);
+    let sock = socket("nftables")?;
     let (buf, acked) = encode(family, table, ops);
     sock.send(&buf, 0)
         .map_err(|e| NetlinkError::failed("send nftables batch", e))?;
@@ -161,7 +155,20 @@ pub fn apply(family: NfFamily, table: &str, ops: &[ElemOp]) -> Result<(), Netlin
     Ok(())
 }
 
-pub(super) fn set_rcv_timeout(sock: &Socket) {
+/// A netfilter netlink socket (nftables, ctnetlink: `what` names it in errors), its receives
+/// timing out after 5 s.
+pub(super) fn socket(what: &str) -> Result<Socket, NetlinkError> {
+    let mut sock = Socket::new(NETLINK_NETFILTER)
+        .map_err(|e| NetlinkError::failed(format!("open {what} socket"), e))?;
+    sock.bind_auto()
+        .map_err(|e| NetlinkError::failed(format!("bind {what} socket"), e))?;
+    sock.connect(&SocketAddr::new(0, 0))
+        .map_err(|e| NetlinkError::failed(format!("connect {what} socket"), e))?;
+    set_rcv_timeout(&sock);
+    Ok(sock)
+}
+
+fn set_rcv_timeout(sock: &Socket) {
     let tv = libc::timeval {
         tv_sec: 5,
         tv_usec: 0,
