@@ -1150,5 +1150,13 @@ fn pods_cannot_send_from_addresses_not_theirs() -> Result<()> {
         !heard.contains("macspoof"),
         "n1 took y/c's frame with x/a's MAC"
     );
+
+    // 6. Someone flushes the ruleset (`systemctl restart nftables`): the checks come back.
+    lab.exec_ok(1, &["nft", "flush", "ruleset"])?;
+    wait_until(Duration::from_secs(30), || {
+        lab.exec_ok(1, &["nft", "list", "set", "bridge", "twill-source", "src4"])
+            .is_ok_and(|l| l.contains(&format!(" . {own}")))
+    })
+    .context("n1's source checks did not come back after nft flush ruleset")?;
     Ok(())
 }
