@@ -32,7 +32,8 @@
 //! real cluster has to confirm.
 //!
 //! Faults, driven from the test process: cut every watch stream, stall (requests are taken and
-//! never answered; open watches go silent), answer 500/503/429 (with Retry-After) to the next N
+//! never answered; open watches go silent), hold the watches alone (events queue up while
+//! requests are served, as behind a lagging watch cache), answer 500/503/429 (with Retry-After) to the next N
 //! requests, go down (stop listening, cut every connection) and come back on the same address,
 //! advance the compaction point. Every request is recorded (user, verb, resource, code, patch
 //! bodies) for tests to check what clients did.
@@ -579,6 +580,17 @@ impl FakeApi {
     /// End a stall early.
     pub fn unstall(&self) {
         lock(&self.shared.faults).stall_until = None;
+    }
+
+    /// For `d`, open watches send nothing (events queue up, in order) while every request is
+    /// served: a watch cache lagging behind what GET returns.
+    pub fn hold_watches_for(&self, d: Duration) {
+        lock(&self.shared.faults).hold_watches_until = Some(Instant::now() + d);
+    }
+
+    /// Let held watches send what queued up.
+    pub fn release_watches(&self) {
+        lock(&self.shared.faults).hold_watches_until = None;
     }
 
     /// Answer the next `n` authenticated requests with `failure` instead of serving them.

@@ -63,6 +63,8 @@ pub enum Failure {
 pub struct Faults {
     pub fail: Option<(u32, Failure)>,
     pub stall_until: Option<Instant>,
+    /// Open watches send nothing until then (a lagging watch cache); requests are served.
+    pub hold_watches_until: Option<Instant>,
 }
 
 pub enum Cmd {
@@ -397,6 +399,16 @@ fn verb_of(method: &Method, rp: &ReqPath, q: &HashMap<String, String>) -> &'stat
         (&Method::DELETE, true) => "delete",
         (&Method::DELETE, false) => "deletecollection",
         _ => "unknown",
+    }
+}
+
+/// While watches are held: checked in short steps, so a release takes effect at once.
+async fn wait_hold(shared: &Shared) {
+    while lock(&shared.faults)
+        .hold_watches_until
+        .is_some_and(|t| t > Instant::now())
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -816,8 +828,9 @@ async fn watch_task(
         let out = out.clone();
         let shared = shared.clone();
         async move {
-            // While stalled, nothing reaches the client (no events, no bookmarks).
+            // While stalled or held, nothing reaches the client (no events, no bookmarks).
             wait_stall(&shared).await;
+            wait_hold(&shared).await;
             out.send(Ok(Frame::data(event_line(item.typ.as_str(), &item.object))))
                 .await
                 .is_ok()
@@ -853,6 +866,7 @@ async fn watch_task(
                     if !send(item).await { return }
                 }
                 wait_stall(&shared).await;
+                wait_hold(&shared).await;
                 let bm = json!({"kind": kind.kind(), "apiVersion": kind.api_version(),
                                 "metadata": {"resourceVersion": rv.to_string()}});
                 if out.send(Ok(Frame::data(event_line("BOOKMARK", &bm)))).await.is_err() {
