@@ -739,6 +739,83 @@ fn an_add_reading_its_pod_from_the_api_holds_up_no_other_add() -> Result<()> {
     Ok(())
 }
 
+/// A StatefulSet's pod re-created under its name with other labels, while this node's watch
+/// still has the earlier pod (the watch lags behind the API; held here): the ADD carries the
+/// new pod's uid (`K8S_POD_UID`, as kubelet sends it), so the earlier pod's labels are not
+/// taken for it; the new pod's object is read from the API. While the API itself still has
+/// only the earlier pod, the ADD is refused (the runtime retries).
+#[test]
+fn a_pod_re_created_under_its_name_gets_its_own_labels_not_the_earlier_pods() -> Result<()> {
+    let mut k = KubeLab::new(1)?;
+    k.start_all_meshed()?;
+    let client = k.add_pod(1, "x", "client", &[("app", "client")])?;
+    let old = k.add_pod(1, "x", "web-0", &[("app", "locked")])?;
+    k.api.add_network_policy(serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "locked", "namespace": "x"},
+        "spec": {"podSelector": {"matchLabels": {"app": "locked"}}, "policyTypes": ["Ingress"]}
+    }))?;
+    {
+        let _servers = twill_tests::netpol::Servers::start(&[&old])?;
+        wait_until(CONVERGE, || !reaches(&client, &old))
+            .context("the app=locked pod was never closed")?;
+        // Relabelled in the API: once it is open, the watch has delivered the earlier pod with
+        // app=open, and that is what the held watch keeps.
+        k.set_pod_labels("x", "web-0", &[("app", "open")])?;
+        wait_until(CONVERGE, || reaches(&client, &old))
+            .context("web-0 relabelled app=open was never opened")?;
+    }
+    k.api.hold_watches_for(Duration::from_secs(120));
+    let result = (|| -> Result<()> {
+        k.lab.del_pod(&old)?;
+        let cfg = k.lab.cni_config(1, "1.0.0");
+        let args = |uid: &str| {
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=x;K8S_POD_NAME=web-0;K8S_POD_UID={uid}")
+        };
+        // The API has only the earlier web-0 yet: refused, not started with its labels.
+        let err = k
+            .lab
+            .add_pod_with(1, "web-0a", &args("fa4e0000-not-created-yet"), &cfg)
+            .err()
+            .ok_or_else(|| anyhow!("ADD of a web-0 the API does not have yet succeeded"))?;
+        ensure!(
+            format!("{err:#}").contains("earlier pod of that name"),
+            "unexpected refusal: {err:#}"
+        );
+        k.api.delete(Kind::Pod, "x", "web-0")?;
+        let created = k.api.create_value(
+            Kind::Pod,
+            serde_json::json!({
+                "metadata": {"name": "web-0", "namespace": "x", "labels": {"app": "locked"}},
+                "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "busybox"}]},
+                "status": {"phase": "Pending"}
+            }),
+        )?;
+        let uid = created["metadata"]["uid"]
+            .as_str()
+            .ok_or_else(|| anyhow!("the fake gave web-0 no uid: {created}"))?
+            .to_string();
+        let new = k.lab.add_pod_with(1, "web-0b", &args(&uid), &cfg)?;
+        let _servers = twill_tests::netpol::Servers::start(&[&new])?;
+        // Given a moment in which a wrong opening would show.
+        let open = wait_until(Duration::from_secs(3), || reaches(&client, &new)).is_ok();
+        ensure!(
+            !open,
+            "the re-created web-0 (app=locked) was open: it got the earlier pod's labels"
+        );
+        k.api.release_watches();
+        std::thread::sleep(Duration::from_secs(2));
+        ensure!(
+            !reaches(&client, &new),
+            "the re-created web-0 opened once the watch caught up"
+        );
+        k.lab.del_pod(&new)
+    })();
+    k.api.release_watches();
+    result?;
+    k.lab.del_pod(&client)
+}
+
 #[test]
 fn a_node_waits_for_its_podcidr_and_says_so() -> Result<()> {
     let mut k = KubeLab::new(1)?;

@@ -790,13 +790,24 @@ impl Engine {
         read: Option<netpol::api::Pod>,
     ) -> Result<(), UpError> {
         let key = pod.key();
-        let api = match self.objects.api_pod(&key) {
+        // An object of an earlier pod of this name (a StatefulSet's pod re-created before the
+        // watch caught up) is not this pod's: its labels could open what this pod's close.
+        let ours = |p: &&netpol::api::Pod| pods::same_pod(&pod.pod, p);
+        let api = match self.objects.api_pod(&key).filter(ours) {
             Some(p) => p.clone(),
             // A sandbox re-created (runtime restart, reboot) for a pod whose labels this node
             // recorded: they do, also while the API server is away.
-            None => match (self.objects.local_pod(&key), read) {
+            None => match (self.objects.local_pod(&key).filter(ours), read) {
                 (Some(p), _) => p.clone(),
-                (None, Some(p)) => p,
+                (None, Some(p)) if ours(&&p) => p,
+                (None, Some(p)) => {
+                    return Err(UpError::Pod(PodUpError::NotReady(format!(
+                        "pod {key}: the Kubernetes API still has an earlier pod of that name \
+                         (uid {}), not the one being added (uid {})",
+                        p.metadata.uid.unwrap_or_default(),
+                        pod.pod.metadata.uid.as_deref().unwrap_or_default()
+                    ))))
+                }
                 (None, None) => return Err(UpError::NeedsApiObject),
             },
         };

@@ -2,8 +2,10 @@
 //! (`K8S_POD_NAMESPACE`, `K8S_POD_NAME`, as kubelet, containerd and CRI-O send them; `default`
 //! and the container ID when absent); labels from `args.cni.labels` (the CNI convention, a list
 //! of `{key, value}`); declared ports from `args.cni.containerPorts` (twill's field, Kubernetes'
-//! `ContainerPort` shape: `{name, containerPort, protocol}`). The result is a Pod object as the
-//! Kubernetes API serialises one, which twilld also writes to etcd.
+//! `ContainerPort` shape: `{name, containerPort, protocol}`). `K8S_POD_UID` (kubelet through
+//! containerd and CRI-O) becomes its uid: in Kubernetes mode it tells the pod being added from
+//! an earlier pod of the same name. The result is a Pod object as the Kubernetes API serialises
+//! one, which twilld also writes to etcd.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -72,6 +74,15 @@ impl LocalPod {
     }
 }
 
+/// Whether two objects of one pod name are the same pod: not when both carry a uid and the
+/// uids differ (a StatefulSet's pod re-created under its name, possibly with other labels).
+pub fn same_pod(a: &Pod, b: &Pod) -> bool {
+    match (&a.metadata.uid, &b.metadata.uid) {
+        (Some(x), Some(y)) => x == y,
+        _ => true,
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{0}")]
 pub struct PodArgsError(pub String);
@@ -135,6 +146,7 @@ pub fn from_cni(
             "no valid pod name from {raw_name:?} (CNI_ARGS K8S_POD_NAME or the container ID)"
         )));
     }
+    let uid = a.get("K8S_POD_UID").filter(|s| !s.is_empty());
     let cni = config.pointer("/args/cni");
     let mut labels = serde_json::Map::new();
     if let Some(list) = cni.and_then(|c| c.get("labels")) {
@@ -170,6 +182,7 @@ pub fn from_cni(
             "namespace": namespace,
             "labels": labels,
             "annotations": {CONTAINER_ANNOTATION: attachment.container_id},
+            "uid": uid,
         },
         "spec": {
             "nodeName": node,
@@ -290,6 +303,24 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![8080]
         );
+    }
+
+    #[test]
+    fn the_uid_tells_a_pod_from_an_earlier_one_of_its_name() {
+        let args = "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0;K8S_POD_UID=";
+        let unknown = from_cni(att(), args, &json!({}), "n1").unwrap();
+        assert_eq!(unknown.pod.metadata.uid, None);
+        let new = from_cni(att(), &format!("{args}u-2"), &json!({}), "n1").unwrap();
+        let old = from_cni(att(), &format!("{args}u-1"), &json!({}), "n1").unwrap();
+        assert_eq!(new.pod.metadata.uid.as_deref(), Some("u-2"));
+        assert!(same_pod(&new.pod, &new.pod.clone()));
+        assert!(!same_pod(&new.pod, &old.pod));
+        // Without a uid on either side (podman sends none, old records have none): the name.
+        assert!(same_pod(&new.pod, &unknown.pod));
+        assert!(same_pod(&unknown.pod, &old.pod));
+        // The record keeps it (and one written without it reads back without it).
+        let back: LocalPod = serde_json::from_slice(&serde_json::to_vec(&new).unwrap()).unwrap();
+        assert_eq!(back, new);
     }
 
     #[test]

@@ -446,7 +446,13 @@ impl Objects {
                 }
             }
         }
-        if let Some(local) = self.local_key(&key).cloned() {
+        // The watch may still deliver an earlier pod of the name after this one's ADD: its
+        // labels are not this pod's.
+        let local = self
+            .local_key(&key)
+            .filter(|l| super::pods::same_pod(&l.pod, &pod))
+            .cloned();
+        if let Some(local) = local {
             let mut updated = local.clone();
             updated.pod.metadata.labels = pod.metadata.labels.clone();
             updated.pod.spec.containers = pod.spec.containers.clone();
@@ -712,6 +718,41 @@ mod tests {
         let (key, rec) = o.local_down(&a.attachment).unwrap();
         assert_eq!((key.as_str(), rec.is_some()), ("x/a", true));
         assert!(o.cluster().pod(&PodKey::new("x", "a")).is_none());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Kubernetes mode: the watch delivering an earlier pod of a running pod's name (a
+    /// StatefulSet's pod re-created before the watch caught up) does not give the running pod
+    /// that pod's labels; its own object does.
+    #[test]
+    fn an_earlier_pod_of_the_name_from_the_watch_leaves_the_pods_labels_alone() {
+        let (o, dir) = objects("u");
+        let mut o = o.with_api_pods();
+        let m = Metrics::default();
+        let mut now = local(
+            "web-0",
+            "10.244.1.5",
+            json!([{"key": "app", "value": "locked"}]),
+        );
+        now.pod.metadata.uid = Some("u-2".into());
+        o.local_up(now.clone()).unwrap();
+        let api = |uid: &str, app: &str| {
+            json!({"metadata": {"name": "web-0", "namespace": "x", "uid": uid,
+                                "labels": {"app": app}},
+                   "spec": {"nodeName": "n1"}, "status": {"podIPs": [{"ip": "10.244.1.5"}]}})
+        };
+        let app = |o: &Objects| {
+            let rec = o.cluster().pod(&PodKey::new("x", "web-0")).unwrap();
+            rec.labels.get("app").cloned()
+        };
+        o.apply(PODS, DirEvent::Put(kv("x/web-0", api("u-1", "open"))), &m);
+        assert_eq!(app(&o).as_deref(), Some("locked"));
+        o.apply(
+            PODS,
+            DirEvent::Put(kv("x/web-0", api("u-2", "relabelled"))),
+            &m,
+        );
+        assert_eq!(app(&o).as_deref(), Some("relabelled"));
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -80,6 +80,8 @@ pub fn pod_kv(p: &Pod) -> Option<ObjKv> {
             "name": p.name_any(),
             "namespace": p.namespace(),
             "labels": p.labels(),
+            // Tells a pod from an earlier one of its name (an ADD carries K8S_POD_UID).
+            "uid": p.meta().uid,
         },
         "spec": {
             "nodeName": spec.and_then(|s| s.node_name.clone()),
@@ -327,7 +329,7 @@ mod tests {
     fn pods_keep_what_policy_reads_and_host_network_pods_are_left_out() {
         let p = pod(json!({
             "metadata": {"name": "web-1", "namespace": "shop", "labels": {"app": "web"},
-                         "resourceVersion": "42", "managedFields": [{"manager": "kubelet"}],
+                         "resourceVersion": "42", "uid": "u-7", "managedFields": [{"manager": "kubelet"}],
                          "annotations": {"big": "x".repeat(1000)}},
             "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "nginx",
                      "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]}]},
@@ -346,6 +348,7 @@ mod tests {
         assert!(v["metadata"].get("annotations").is_none());
         // What the engine parses.
         let parsed: netpol::api::Pod = serde_json::from_slice(&kv.value).unwrap();
+        assert_eq!(parsed.metadata.uid.as_deref(), Some("u-7"));
         let rec = netpol::model::PodRecord::from_api(&parsed).unwrap();
         assert!(rec.1.is_live());
         assert_eq!(labels_of(&[kv])["shop/web-1"]["app"], "web");
