@@ -63,7 +63,6 @@ enum Msg {
         Option<Box<netpol::api::Pod>>,
         oneshot::Sender<Result<(), UpError>>,
     ),
-    PodDown(Attachment, oneshot::Sender<()>),
     /// Compare the kernel with what was applied; restore it (resync, nftables notification).
     Check,
 }
@@ -72,6 +71,8 @@ enum Msg {
 #[derive(Clone)]
 pub struct PolicyHandle {
     tx: mpsc::Sender<Msg>,
+    /// DEL and GC: a channel of their own, so that the ones queued up go as one batch.
+    down: mpsc::Sender<(Attachment, oneshot::Sender<()>)>,
     node: Arc<str>,
     busy: Arc<Busy>,
     /// Kubernetes mode: reads a pod from the API by key, for an ADD that comes before the
@@ -225,7 +226,7 @@ impl PolicyHandle {
     /// Forgets the pod of `attachment` (DEL, GC). Best effort.
     pub async fn pod_down(&self, attachment: Attachment) {
         let (tx, rx) = oneshot::channel();
-        if self.tx.send(Msg::PodDown(attachment, tx)).await.is_ok() {
+        if self.down.send((attachment, tx)).await.is_ok() {
             let _ = rx.await;
         }
     }
@@ -316,6 +317,7 @@ pub struct Denied {
 /// Starts the policy task. It watches `store`'s policy, namespace and pod directories itself.
 pub fn spawn<S: ObjectStore>(store: S, opts: PolicyOptions, shared: Arc<Shared>) -> PolicyHandle {
     let (tx, rx) = mpsc::channel(256);
+    let (down, down_rx) = mpsc::channel(256);
     let node: Arc<str> = opts.node.clone().into();
     let busy = Arc::new(Busy::default());
     let fetch: Option<Fetch> = opts.pods_from_api.then(|| {
@@ -325,9 +327,10 @@ pub fn spawn<S: ObjectStore>(store: S, opts: PolicyOptions, shared: Arc<Shared>)
             async move { s.get(PODS, &key).await }.boxed()
         }) as Fetch
     });
-    tokio::spawn(run(store, opts, rx, shared, busy.clone()));
+    tokio::spawn(run(store, opts, rx, down_rx, shared, busy.clone()));
     PolicyHandle {
         tx,
+        down,
         node,
         busy,
         fetch,
@@ -445,6 +448,7 @@ async fn run<S: ObjectStore>(
     store: S,
     opts: PolicyOptions,
     mut rx: mpsc::Receiver<Msg>,
+    mut down_rx: mpsc::Receiver<(Attachment, oneshot::Sender<()>)>,
     shared: Arc<Shared>,
     busy: Arc<Busy>,
 ) {
@@ -535,14 +539,24 @@ async fn run<S: ObjectStore>(
                     e.open(opening, answered).await;
                     e.publish();
                 }
-                Some(Msg::PodDown(a, reply)) => {
-                    e.pod_down(&a).await;
-                    let _ = reply.send(());
-                    tokio::task::yield_now().await;
-                    e.publish();
-                }
                 Some(Msg::Check) => e.check().await,
             },
+            down = down_rx.recv() => {
+                let Some(first) = down else { return };
+                // The DELs queued up meanwhile go with it: taking set elements out costs the
+                // kernel an RCU grace period per transaction (10-20 ms here), so a burst of
+                // DELs pays it once, not one after another.
+                let mut batch = vec![first];
+                while let Ok(more) = down_rx.try_recv() {
+                    batch.push(more);
+                }
+                e.pods_down(batch.iter().map(|(a, _)| a)).await;
+                for (_, reply) in batch {
+                    let _ = reply.send(());
+                }
+                tokio::task::yield_now().await;
+                e.publish();
+            }
             Some(p) = recv_opt(&mut denied_rx) => e.log_denied(p),
             ev = dir_rx.recv() => {
                 let Some((dir, ev)) = ev else { return };
@@ -859,13 +873,26 @@ impl Engine {
     }
 
     async fn pod_down(&mut self, a: &Attachment) {
-        let Some((key, rec)) = self.objects.local_down(a) else {
+        self.pods_down([a]).await
+    }
+
+    /// Forgets these pods (DEL, GC, a failed ADD): their source checks in one kernel
+    /// transaction, then each one's own policy delta.
+    async fn pods_down<'a>(&mut self, atts: impl IntoIterator<Item = &'a Attachment>) {
+        let gone: Vec<_> = atts
+            .into_iter()
+            .filter_map(|a| self.objects.local_down(a))
+            .collect();
+        if gone.is_empty() {
             return;
-        };
-        // A failure keeps the port checked with the old addresses; the resync retries.
+        }
+        // A failure keeps the ports checked with the old addresses; the resync retries.
         let _ = self.sources().await;
-        let _ = self.records.send((key, None));
-        if self.objects.loaded() {
+        for (key, rec) in gone {
+            let _ = self.records.send((key, None));
+            if !self.objects.loaded() {
+                continue;
+            }
             let fast = match rec {
                 Some(rec) => {
                     self.apply_own_delta(|c, node, prog| program::pod_removed(c, node, prog, &rec))
