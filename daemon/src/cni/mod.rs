@@ -2,6 +2,7 @@
 //! Listens on the CNI socket from start; until `node` holds a value, ADD answers "try again
 //! later" (11) and STATUS answers 50.
 
+mod flows;
 pub mod hostlocal;
 pub mod ipam;
 mod ops;

@@ -813,26 +813,6 @@ async fn held_by(ctx: &Ctx, owner: &Owner) -> Result<Vec<IpAddr>, CniError> {
         .collect())
 }
 
-/// The conntrack entries of a deleted pod's addresses (DEL, GC), before the addresses are
-/// released: an open flow would go on to the next pod given the address, as established, past
-/// its policies. Failures are logged, not DEL's: a node without conntrack (or a refused
-/// entry) must not keep every DEL failing and its addresses reserved for good.
-async fn forget_flows(addrs: Vec<IpAddr>) {
-    if addrs.is_empty() {
-        return;
-    }
-    let a = addrs.clone();
-    match tokio::task::spawn_blocking(move || crate::netlink::conntrack::delete_flows_of(&a)).await
-    {
-        Ok(Ok(0)) => {}
-        Ok(Ok(n)) => tracing::debug!(?addrs, entries = n, "deleted a pod's conntrack entries"),
-        Ok(Err(e)) => {
-            tracing::warn!(?addrs, error = %e, "deleting a pod's conntrack entries failed")
-        }
-        Err(e) => tracing::warn!(error = %e, "conntrack task failed"),
-    }
-}
-
 /// Takes back what a failed ADD built: the veth pair (deleting one end removes both, wherever
 /// the other is) and the addresses this ADD allocated. Failures are logged: the ADD's own error
 /// is the one the runtime needs.
@@ -879,7 +859,7 @@ async fn del(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
         p.pod_down(attachment_of(&owner)).await;
     }
     // Its flows go before its addresses: once released, an address may go to the next pod.
-    forget_flows(held_by(ctx, &owner).await?).await;
+    super::flows::forget(held_by(ctx, &owner).await?).await;
     let ipam = ctx.ipam.clone();
     if let Err(e) = blocking(move || ipam.release(&owner)).await {
         errors.push(e.msg);
@@ -921,7 +901,7 @@ async fn del(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
         match released {
             Ok(Ok(a)) if !a.is_empty() => {
                 tracing::info!(addresses = ?a, "released host-local's reservation (a pod from before flannel moved out)");
-                forget_flows(a).await;
+                super::flows::forget(a).await;
             }
             Ok(Ok(_)) => {}
             Ok(Err(e)) => errors.push(format!("releasing host-local's reservation: {e}")),
@@ -1033,7 +1013,7 @@ async fn gc(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
                 p.pod_down(attachment_of(&owner)).await;
             }
             // Flows before addresses, as in DEL.
-            forget_flows(claims.iter().map(|c| c.addr).collect()).await;
+            super::flows::forget(claims.iter().map(|c| c.addr).collect()).await;
             let ipam = ctx.ipam.clone();
             blocking(move || {
                 let mut n = 0;

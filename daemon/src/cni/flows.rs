@@ -1,0 +1,83 @@
+//! Deleted pods' conntrack entries (DEL, GC), before their addresses are released: an open
+//! flow would go on to the next pod given the address, as established, past its policies.
+//!
+//! One thread does it for every request, and the requests that queued up while it worked go
+//! together: finding the entries means dumping the conntrack table, and a dump walks the
+//! kernel's whole conntrack hash (one for all namespaces), a few ms each here. A burst of DELs
+//! then pays for a few dumps, not one each.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::sync::mpsc;
+use std::sync::OnceLock;
+
+use tokio::sync::oneshot;
+
+struct Job {
+    addrs: Vec<IpAddr>,
+    done: oneshot::Sender<Result<usize, String>>,
+}
+
+fn worker() -> Option<&'static mpsc::Sender<Job>> {
+    static TX: OnceLock<Option<mpsc::Sender<Job>>> = OnceLock::new();
+    TX.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let spawned = std::thread::Builder::new()
+            .name("twill-conntrack".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut jobs = vec![first];
+                    jobs.extend(rx.try_iter());
+                    let all: BTreeSet<IpAddr> =
+                        jobs.iter().flat_map(|j| j.addrs.iter().copied()).collect();
+                    let all: Vec<IpAddr> = all.into_iter().collect();
+                    let res = crate::netlink::conntrack::delete_flows_of(&all)
+                        .map_err(|e| e.to_string());
+                    for j in jobs {
+                        let _ = j.done.send(res.clone());
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => Some(tx),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the conntrack thread: deleted pods' flows stay until they time out");
+                None
+            }
+        }
+    })
+    .as_ref()
+}
+
+/// Deletes the conntrack entries of `addrs` (both directions, both families). Failures are
+/// logged, not the caller's: a node without conntrack (or a refused entry) must not keep
+/// every DEL failing and its addresses reserved for good.
+pub async fn forget(addrs: Vec<IpAddr>) {
+    if addrs.is_empty() {
+        return;
+    }
+    let Some(tx) = worker() else { return };
+    let (done, wait) = oneshot::channel();
+    if tx
+        .send(Job {
+            addrs: addrs.clone(),
+            done,
+        })
+        .is_err()
+    {
+        return;
+    }
+    match wait.await {
+        // The count is the batch's: what matters is that none is left.
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => tracing::debug!(
+            ?addrs,
+            entries = n,
+            "deleted conntrack entries of deleted pods"
+        ),
+        Ok(Err(e)) => {
+            tracing::warn!(?addrs, error = %e, "deleting a pod's conntrack entries failed")
+        }
+        Err(_) => tracing::warn!(?addrs, "the conntrack thread stopped"),
+    }
+}
