@@ -58,6 +58,19 @@ fn kv(key: String, value: Value, rv: Option<&String>) -> ObjKv {
     }
 }
 
+/// The uid the kubelet gives the pod's sandbox, which the runtime passes to CNI as
+/// `K8S_POD_UID`: the object's own, except for a static pod, whose object is a mirror of the
+/// kubelet's pod and names that pod's uid in an annotation.
+fn runtime_uid(p: &Pod) -> Option<String> {
+    p.annotations()
+        .get(MIRROR_ANNOTATION)
+        .filter(|u| !u.is_empty())
+        .cloned()
+        .or_else(|| p.meta().uid.clone())
+}
+
+const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
 /// A Pod as the engine reads it; None for a host-network pod.
 pub fn pod_kv(p: &Pod) -> Option<ObjKv> {
     let spec = p.spec.as_ref();
@@ -81,7 +94,7 @@ pub fn pod_kv(p: &Pod) -> Option<ObjKv> {
             "namespace": p.namespace(),
             "labels": p.labels(),
             // Tells a pod from an earlier one of its name (an ADD carries K8S_POD_UID).
-            "uid": p.meta().uid,
+            "uid": runtime_uid(p),
         },
         "spec": {
             "nodeName": spec.and_then(|s| s.node_name.clone()),
@@ -349,6 +362,15 @@ mod tests {
         // What the engine parses.
         let parsed: netpol::api::Pod = serde_json::from_slice(&kv.value).unwrap();
         assert_eq!(parsed.metadata.uid.as_deref(), Some("u-7"));
+        // A static pod's mirror: the uid its CNI ADD carries is the kubelet's, in an annotation.
+        let mut mirror = p.clone();
+        mirror
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(MIRROR_ANNOTATION.into(), "3f1c0ffee".into());
+        let v: Value = serde_json::from_slice(&pod_kv(&mirror).unwrap().value).unwrap();
+        assert_eq!(v["metadata"]["uid"], "3f1c0ffee");
         let rec = netpol::model::PodRecord::from_api(&parsed).unwrap();
         assert!(rec.1.is_live());
         assert_eq!(labels_of(&[kv])["shop/web-1"]["app"], "web");
