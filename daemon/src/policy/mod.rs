@@ -523,6 +523,23 @@ async fn run<S: ObjectStore>(
         tokio::select! {
             // Requests first: a CNI ADD must not wait behind work that can wait.
             biased;
+            down = down_rx.recv() => {
+                let Some(first) = down else { return };
+                // DEL before ADD (as they came, mostly: an ADD may wait for a DEL of its pod's
+                // name). The DELs queued up meanwhile go with it: taking set elements out costs the
+                // kernel an RCU grace period per transaction (10-20 ms here), so a burst of
+                // DELs pays it once, not one after another.
+                let mut batch = vec![first];
+                while let Ok(more) = down_rx.try_recv() {
+                    batch.push(more);
+                }
+                e.pods_down(batch.iter().map(|(a, _)| a)).await;
+                for (_, reply) in batch {
+                    let _ = reply.send(());
+                }
+                tokio::task::yield_now().await;
+                e.publish();
+            }
             msg = rx.recv() => match msg {
                 None => return,
                 Some(Msg::PodUp(pod, api, reply)) => {
@@ -541,22 +558,6 @@ async fn run<S: ObjectStore>(
                 }
                 Some(Msg::Check) => e.check().await,
             },
-            down = down_rx.recv() => {
-                let Some(first) = down else { return };
-                // The DELs queued up meanwhile go with it: taking set elements out costs the
-                // kernel an RCU grace period per transaction (10-20 ms here), so a burst of
-                // DELs pays it once, not one after another.
-                let mut batch = vec![first];
-                while let Ok(more) = down_rx.try_recv() {
-                    batch.push(more);
-                }
-                e.pods_down(batch.iter().map(|(a, _)| a)).await;
-                for (_, reply) in batch {
-                    let _ = reply.send(());
-                }
-                tokio::task::yield_now().await;
-                e.publish();
-            }
             Some(p) = recv_opt(&mut denied_rx) => e.log_denied(p),
             ev = dir_rx.recv() => {
                 let Some((dir, ev)) = ev else { return };
