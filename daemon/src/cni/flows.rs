@@ -31,8 +31,11 @@ fn worker() -> Option<&'static mpsc::Sender<Job>> {
                     let all: BTreeSet<IpAddr> =
                         jobs.iter().flat_map(|j| j.addrs.iter().copied()).collect();
                     let all: Vec<IpAddr> = all.into_iter().collect();
-                    let res = crate::netlink::conntrack::delete_flows_of(&all)
-                        .map_err(|e| e.to_string());
+                    // A panic fails this batch, not every later DEL's.
+                    let res = std::panic::catch_unwind(|| {
+                        crate::netlink::conntrack::delete_flows_of(&all).map_err(|e| e.to_string())
+                    })
+                    .unwrap_or_else(|_| Err("the conntrack code panicked".into()));
                     for j in jobs {
                         let _ = j.done.send(res.clone());
                     }
@@ -56,7 +59,13 @@ pub async fn forget(addrs: Vec<IpAddr>) {
     if addrs.is_empty() {
         return;
     }
-    let Some(tx) = worker() else { return };
+    let Some(tx) = worker() else {
+        tracing::warn!(
+            ?addrs,
+            "no conntrack thread: a deleted pod's flows stay until they time out"
+        );
+        return;
+    };
     let (done, wait) = oneshot::channel();
     if tx
         .send(Job {
@@ -65,6 +74,10 @@ pub async fn forget(addrs: Vec<IpAddr>) {
         })
         .is_err()
     {
+        tracing::error!(
+            ?addrs,
+            "the conntrack thread is gone: a deleted pod's flows stay until they time out"
+        );
         return;
     }
     match wait.await {
@@ -75,9 +88,9 @@ pub async fn forget(addrs: Vec<IpAddr>) {
             entries = n,
             "deleted conntrack entries of deleted pods"
         ),
-        Ok(Err(e)) => {
-            tracing::warn!(?addrs, error = %e, "deleting a pod's conntrack entries failed")
-        }
+        // The error is the batch's: it may concern another pod's entries.
+        Ok(Err(e)) => tracing::warn!(?addrs, error = %e,
+            "deleting deleted pods' conntrack entries failed (a batch with these addresses)"),
         Err(_) => tracing::warn!(?addrs, "the conntrack thread stopped"),
     }
 }
