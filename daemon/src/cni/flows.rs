@@ -1,8 +1,8 @@
 //! Deleted pods' conntrack entries (DEL, GC), before their addresses are released: an open
 //! flow would go on to the next pod given the address, as established, past its policies.
 //!
-//! One thread (per network namespace) does it for every request, and the requests that queued up while it worked go
-//! together: finding the entries means dumping the conntrack table, and a dump walks the
+//! One thread (per network namespace) does it for every request, and the requests that queued
+//! up while it worked go together: finding the entries means dumping the conntrack table, and a dump walks the
 //! kernel's whole conntrack hash (one for all namespaces), a few ms each here. A burst of DELs
 //! then pays for a few dumps, not one each.
 
@@ -65,7 +65,10 @@ fn worker() -> Option<mpsc::Sender<Job>> {
             Some(tx)
         }
         Err(e) => {
-            tracing::error!(error = %e, "cannot start the conntrack thread: deleted pods' flows stay until they time out");
+            tracing::error!(
+                error = %e,
+                "cannot start the conntrack thread: deleted pods' flows stay until they time out"
+            );
             None
         }
     }
