@@ -772,17 +772,23 @@ fn dual_stack_acquire_reuses_and_upgrades_a_plain_key() -> Result<()> {
             subnets(&reg).await?.keys().collect::<Vec<_>>(),
             vec![&up.key()]
         );
-        // Another node honours its subnet file's v6 subnet when it is free.
-        let want6: ipnet::Ipv6Net = "fd00:60:0:42::/64".parse()?;
+        // Another node honours its subnet file's v6 subnet when it is free (the first node's
+        // subnets are chosen at random: pick ones it does not hold).
+        let (want4, want6): (Ipv4Net, ipnet::Ipv6Net) = (42..)
+            .map(|i| {
+                (
+                    net(&format!("10.60.{i}.0/24")),
+                    format!("fd00:60:0:{i:x}::/64").parse().unwrap(),
+                )
+            })
+            .find(|&(v4, v6)| up.subnet != Some(v4) && s6 != v6)
+            .unwrap();
         let prev = twill_daemon::registry::Previous {
-            v4: Some(net("10.60.42.0/24")),
+            v4: Some(want4),
             v6: Some(want6),
         };
         let other = acquire(&reg, &dual, &attrs6(2), prev, TTL).await?;
-        assert_eq!(
-            (other.subnet.unwrap(), other.subnet6),
-            (net("10.60.42.0/24"), Some(want6))
-        );
+        assert_eq!((other.subnet.unwrap(), other.subnet6), (want4, Some(want6)));
         // Back to v4 only (IPv6 disabled, or a twilld not serving it): a plain key again,
         // created before the dual one goes.
         let (_, rev) = reg.list_subnets().await?;
