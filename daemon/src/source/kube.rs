@@ -603,7 +603,10 @@ impl KubeSource {
                             let a = peers.apply(&n);
                             (a.events, a.skips)
                         }
-                        Some(Ok(Event::Delete(n))) => (peers.delete(&n), Vec::new()),
+                        Some(Ok(Event::Delete(n))) => {
+                            let a = peers.delete(&n);
+                            (a.events, a.skips)
+                        }
                         // As in etcd mode: the list is not known to be whole until a new
                         // one succeeds (its Snapshot is what tells the daemon). kube-runtime
                         // would resume the watch silently, and nothing would say it did.

@@ -7,4 +7,5 @@
 
 pub mod annotations;
 pub mod node;
+mod placement;
 pub mod slim;
