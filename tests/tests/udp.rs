@@ -469,9 +469,10 @@ fn strangers_garbage_and_packets_for_other_nodes_are_dropped_and_counted() -> Re
 #[test]
 fn a_pod_pings_through_a_flanneld_format_udp_peer() -> Result<()> {
     let mut lab = lab(1)?;
+    // Beyond the first 100 free subnets, among which node 1 picked its own.
     lab.etcdctl(&[
         "put",
-        "/coreos.com/network/subnets/10.244.99.0-24",
+        "/coreos.com/network/subnets/10.244.199.0-24",
         &format!(r#"{{"PublicIP":"{UNDERLAY_IP}","BackendType":"udp"}}"#),
     ])?;
     wait_until(Duration::from_secs(20), || {
@@ -502,7 +503,7 @@ fn a_pod_pings_through_a_flanneld_format_udp_peer() -> Result<()> {
         Ok(seen)
     });
     std::thread::sleep(Duration::from_millis(300));
-    let answered = (0..3).any(|_| pod.ping(Ipv4Addr::new(10, 244, 99, 5)));
+    let answered = (0..3).any(|_| pod.ping(Ipv4Addr::new(10, 244, 199, 5)));
     let seen = peer
         .join()
         .map_err(|_| anyhow::anyhow!("the peer thread panicked"))??;
@@ -515,7 +516,7 @@ fn a_pod_pings_through_a_flanneld_format_udp_peer() -> Result<()> {
         &pod.ip.octets(),
         "not the pod's source address"
     );
-    assert_eq!(&first[16..20], &[10, 244, 99, 5]);
+    assert_eq!(&first[16..20], &[10, 244, 199, 5]);
     assert_eq!(first[9], 1, "not ICMP");
     assert!(answered, "the pod got no answer through the udp peer");
     assert!(metric(&lab, 1, "twill_udp_packets_total{direction=\"in\"}") >= 1.0);

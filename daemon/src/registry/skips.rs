@@ -73,16 +73,21 @@ mod tests {
     #[test]
     fn each_key_is_logged_once_per_interval_and_always_counted() {
         let m = Arc::new(Metrics::default());
-        let mut log = SkipLog::with_interval(m.clone(), Duration::from_millis(200));
+        // A long interval: a test thread descheduled for a while still sees it running.
+        let mut log = SkipLog::with_interval(m.clone(), Duration::from_secs(600));
         let bad = Skip::Invalid("garbage".into());
         assert!(log.report("10.244.1.0-24", &bad));
         assert!(!log.report("10.244.1.0-24", &bad));
         assert!(log.report("10.244.2.0-24", &bad), "another key is its own");
         assert!(!log.report("10.244.1.0-24", &Skip::Oversized(1 << 20)));
+        assert_eq!(m.invalid_leases_skipped.load(Relaxed), 3);
+        assert_eq!(m.oversized_leases_dropped.load(Relaxed), 1);
+        // A short one, waited out: logged again.
+        let mut log = SkipLog::with_interval(m.clone(), Duration::from_millis(200));
+        assert!(log.report("10.244.1.0-24", &bad));
         std::thread::sleep(Duration::from_millis(250));
         assert!(log.report("10.244.1.0-24", &bad));
-        assert_eq!(m.invalid_leases_skipped.load(Relaxed), 4);
-        assert_eq!(m.oversized_leases_dropped.load(Relaxed), 1);
+        assert_eq!(m.invalid_leases_skipped.load(Relaxed), 5);
         let shadow = Skip::Shadowed { by: "x".into() };
         log.report("10.244.3.0-24&a", &shadow);
         assert_eq!(m.lease_alias_conflicts.load(Relaxed), 1);
