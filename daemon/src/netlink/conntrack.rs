@@ -7,21 +7,16 @@
 
 use std::net::IpAddr;
 
-use rtnetlink::sys::Socket;
-
-use super::nft_sets::{messages, socket, Msg};
+use super::nfnl::{
+    attrs, messages, recv, socket, Msg, NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK, NLM_F_REQUEST,
+};
 use super::NetlinkError;
 
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 const IPCTNL_MSG_CT_NEW: u16 = 0;
 const IPCTNL_MSG_CT_GET: u16 = 1;
 const IPCTNL_MSG_CT_DELETE: u16 = 2;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLA_TYPE_MASK: u16 = 0x3fff;
 
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
@@ -31,21 +26,6 @@ const CTA_IP_V4_SRC: u16 = 1;
 const CTA_IP_V4_DST: u16 = 2;
 const CTA_IP_V6_SRC: u16 = 3;
 const CTA_IP_V6_DST: u16 = 4;
-
-/// The attributes in `data`: (type without flags, payload).
-fn attrs(mut data: &[u8]) -> Vec<(u16, &[u8])> {
-    let mut out = Vec::new();
-    while data.len() >= 4 {
-        let len = u16::from_ne_bytes([data[0], data[1]]) as usize;
-        let kind = u16::from_ne_bytes([data[2], data[3]]) & NLA_TYPE_MASK;
-        if len < 4 || len > data.len() {
-            break;
-        }
-        out.push((kind, &data[4..len]));
-        data = data.get((len + 3) & !3..).unwrap_or(&[]);
-    }
-    out
-}
 
 /// The addresses of a tuple (CTA_TUPLE_ORIG or _REPLY's payload).
 fn tuple_addrs(tuple: &[u8]) -> Vec<IpAddr> {
@@ -100,17 +80,6 @@ fn matching(payload: &[u8], addrs: &[IpAddr]) -> Option<Entry> {
     Some(Entry { orig: orig?, zone })
 }
 
-fn recv(sock: &Socket, buf: &mut [u8]) -> Result<usize, NetlinkError> {
-    loop {
-        match sock.recv(&mut &mut buf[..], 0) {
-            Ok(n) => return Ok(n),
-            // A handled signal fails a timed receive with EINTR (signal(7)).
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(NetlinkError::failed("read conntrack", e)),
-        }
-    }
-}
-
 /// Deletes every conntrack entry (either direction) with one of `addrs`; returns how many.
 /// An entry the kernel refuses (e.g. EBUSY, offloaded to a flowtable) does not stop the rest:
 /// the first error is returned at the end. Blocking: call it off the runtime's workers.
@@ -146,7 +115,7 @@ pub fn delete_flows_of(addrs: &[IpAddr]) -> Result<usize, NetlinkError> {
                 seq as u32 + 1,
                 family,
             );
-            m.bytes.extend_from_slice(&0u16.to_be_bytes());
+            m.res_id(0);
             let t = m.begin(CTA_TUPLE_ORIG);
             m.bytes.extend_from_slice(&e.orig);
             m.end(t);
@@ -156,16 +125,16 @@ pub fn delete_flows_of(addrs: &[IpAddr]) -> Result<usize, NetlinkError> {
             m.finish(&mut out);
             sock.send(&out, 0)
                 .map_err(|e| NetlinkError::failed("send conntrack delete", e))?;
-            let n = recv(&sock, &mut buf)?;
-            for (kind, errno) in messages(&buf[..n]) {
+            let n = recv(&sock, &mut buf, "read conntrack")?;
+            for m in messages(&buf[..n]) {
                 // Gone meanwhile (it timed out, or was the reply of one deleted): fine.
-                if kind == NLMSG_ERROR && errno != 0 && errno != -libc::ENOENT {
+                if m.kind == NLMSG_ERROR && m.errno != 0 && m.errno != -libc::ENOENT {
                     first_err.get_or_insert(NetlinkError::Errno {
                         context: "deleting a conntrack entry".into(),
-                        errno: -errno,
+                        errno: -m.errno,
                     });
                 }
-                if kind == NLMSG_ERROR && errno == 0 {
+                if m.kind == NLMSG_ERROR && m.errno == 0 {
                     deleted += 1;
                 }
             }
@@ -187,39 +156,28 @@ fn dump_matching(family: u8, addrs: &[IpAddr]) -> Result<Vec<Entry>, NetlinkErro
         1,
         family,
     );
-    m.bytes.extend_from_slice(&0u16.to_be_bytes());
+    m.res_id(0);
     m.finish(&mut out);
     sock.send(&out, 0)
         .map_err(|e| NetlinkError::failed("send conntrack dump", e))?;
     let mut found = Vec::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
-        let n = recv(&sock, &mut buf)?;
-        let mut data = &buf[..n];
-        while data.len() >= 16 {
-            let len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
-            let kind = u16::from_ne_bytes([data[4], data[5]]);
-            if len < 16 || len > data.len() {
-                break;
-            }
-            match kind {
+        let n = recv(&sock, &mut buf, "read conntrack")?;
+        for m in messages(&buf[..n]) {
+            match m.kind {
                 NLMSG_DONE => return Ok(found),
-                NLMSG_ERROR if len >= 20 => {
-                    let errno = i32::from_ne_bytes([data[16], data[17], data[18], data[19]]);
-                    if errno != 0 {
-                        return Err(NetlinkError::Errno {
-                            context: "dumping conntrack".into(),
-                            errno: -errno,
-                        });
-                    }
+                NLMSG_ERROR if m.errno != 0 => {
+                    return Err(NetlinkError::Errno {
+                        context: "dumping conntrack".into(),
+                        errno: -m.errno,
+                    });
                 }
-                k if k == (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW && len > 20 => {
-                    // nlmsghdr (16) and nfgenmsg (4), then the entry's attributes.
-                    found.extend(matching(&data[20..len], addrs));
+                k if k == (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW => {
+                    found.extend(matching(m.attrs, addrs));
                 }
                 _ => {}
             }
-            data = data.get((len + 3) & !3..).unwrap_or(&[]);
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod ethtool;
 mod events;
 mod family;
 pub mod nflog;
+mod nfnl;
 pub mod nft_events;
 pub mod nft_sets;
 mod own;

@@ -4,12 +4,11 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use rtnetlink::sys::{Socket, SocketAddr};
 use tokio::sync::mpsc;
 
+use super::nfnl::{attrs, listener, messages, recv, Msg, NLMSG_ERROR, NLM_F_ACK, NLM_F_REQUEST};
 use super::NetlinkError;
 
-const NETLINK_NETFILTER: isize = 12;
 const NFNL_SUBSYS_ULOG: u16 = 4;
 const NFULNL_MSG_PACKET: u16 = 0;
 const NFULNL_MSG_CONFIG: u16 = 1;
@@ -34,65 +33,43 @@ pub struct LoggedPacket {
     pub dport: Option<u16>,
 }
 
-fn attr(buf: &mut Vec<u8>, kind: u16, data: &[u8]) {
-    buf.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
-    buf.extend_from_slice(&kind.to_ne_bytes());
-    buf.extend_from_slice(data);
-    while !buf.len().is_multiple_of(4) {
-        buf.push(0);
-    }
-}
-
-fn config_msg(group: u16, attrs: &[u8], seq: u32) -> Vec<u8> {
-    let mut m = Vec::new();
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    m.extend_from_slice(&((NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG).to_ne_bytes());
-    m.extend_from_slice(&(0x1u16 | 0x4).to_ne_bytes()); // REQUEST | ACK
-    m.extend_from_slice(&seq.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    m.push(0); // AF_UNSPEC
-    m.push(0); // NFNETLINK_V0
-    m.extend_from_slice(&group.to_be_bytes());
-    m.extend_from_slice(attrs);
-    let len = m.len() as u32;
-    m[0..4].copy_from_slice(&len.to_ne_bytes());
-    m
+fn config_msg(group: u16, seq: u32, kind: u16, data: &[u8]) -> Vec<u8> {
+    let mut m = Msg::new(
+        (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG,
+        NLM_F_REQUEST | NLM_F_ACK,
+        seq,
+        0, // AF_UNSPEC
+    );
+    m.res_id(group);
+    m.attr(kind, data);
+    let mut out = Vec::new();
+    m.finish(&mut out);
+    out
 }
 
 /// Receives what the kernel logs to `group`. The channel closes when the socket fails.
 pub fn subscribe(group: u16) -> Result<mpsc::Receiver<LoggedPacket>, NetlinkError> {
-    let mut sock =
-        Socket::new(NETLINK_NETFILTER).map_err(|e| NetlinkError::failed("open NFLOG socket", e))?;
-    sock.bind_auto()
-        .map_err(|e| NetlinkError::failed("bind NFLOG socket", e))?;
-    sock.connect(&SocketAddr::new(0, 0))
-        .map_err(|e| NetlinkError::failed("connect NFLOG socket", e))?;
-    let mut bind = Vec::new();
-    attr(&mut bind, NFULA_CFG_CMD, &[NFULNL_CFG_CMD_BIND]);
-    let mut mode = Vec::new();
-    let mut m = COPY_RANGE.to_be_bytes().to_vec();
-    m.extend_from_slice(&[NFULNL_COPY_PACKET, 0]);
-    attr(&mut mode, NFULA_CFG_MODE, &m);
+    let sock = listener("NFLOG")?;
+    let mut mode = COPY_RANGE.to_be_bytes().to_vec();
+    mode.extend_from_slice(&[NFULNL_COPY_PACKET, 0]);
+    let config = [
+        (NFULA_CFG_CMD, vec![NFULNL_CFG_CMD_BIND]),
+        (NFULA_CFG_MODE, mode),
+    ];
     let mut buf = vec![0u8; 1 << 16];
-    for (seq, attrs) in [(1u32, bind), (2, mode)] {
-        sock.send(&config_msg(group, &attrs, seq), 0)
+    for (seq, (kind, data)) in (1u32..).zip(config) {
+        sock.send(&config_msg(group, seq, kind, &data), 0)
             .map_err(|e| NetlinkError::failed("configure NFLOG group", e))?;
-        // EINTR: interrupted by a signal; the answer is still coming.
-        let n = loop {
-            match sock.recv(&mut &mut buf[..], 0) {
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                r => break r.map_err(|e| NetlinkError::failed("configure NFLOG group", e))?,
-            }
-        };
-        // An NLMSG_ERROR with a non-zero code: the group is taken (another listener).
-        if n >= 20 && u16::from_ne_bytes([buf[4], buf[5]]) == 2 {
-            let code = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
-            if code != 0 {
-                return Err(NetlinkError::Errno {
-                    context: format!("bind NFLOG group {group}"),
-                    errno: -code,
-                });
-            }
+        let n = recv(&sock, &mut buf, "configure NFLOG group")?;
+        // An error instead of the ack: the group is taken (another listener).
+        if let Some(m) = messages(&buf[..n])
+            .into_iter()
+            .find(|m| m.kind == NLMSG_ERROR && m.errno != 0)
+        {
+            return Err(NetlinkError::Errno {
+                context: format!("bind NFLOG group {group}"),
+                errno: -m.errno,
+            });
         }
     }
     let (tx, rx) = mpsc::channel(256);
@@ -120,33 +97,17 @@ pub fn subscribe(group: u16) -> Result<mpsc::Receiver<LoggedPacket>, NetlinkErro
 }
 
 /// The logged packets in a datagram.
-pub fn packets(mut data: &[u8]) -> Vec<LoggedPacket> {
-    let mut out = Vec::new();
-    while data.len() >= 20 {
-        let len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
-        let kind = u16::from_ne_bytes([data[4], data[5]]);
-        if len < 20 || len > data.len() {
-            break;
-        }
-        if kind == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET {
-            if let Some(p) = packet(&data[20..len]) {
-                out.push(p);
-            }
-        }
-        data = data.get((len + 3) & !3..).unwrap_or(&[]);
-    }
-    out
+pub fn packets(data: &[u8]) -> Vec<LoggedPacket> {
+    messages(data)
+        .into_iter()
+        .filter(|m| m.kind == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET)
+        .filter_map(|m| packet(m.attrs))
+        .collect()
 }
 
-fn packet(mut attrs: &[u8]) -> Option<LoggedPacket> {
+fn packet(data: &[u8]) -> Option<LoggedPacket> {
     let (mut prefix, mut payload) = (String::new(), None);
-    while attrs.len() >= 4 {
-        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
-        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff;
-        if len < 4 || len > attrs.len() {
-            break;
-        }
-        let body = &attrs[4..len];
+    for (kind, body) in attrs(data) {
         match kind {
             NFULA_PREFIX => {
                 prefix = String::from_utf8_lossy(body.split(|b| *b == 0).next().unwrap_or(&[]))
@@ -156,7 +117,6 @@ fn packet(mut attrs: &[u8]) -> Option<LoggedPacket> {
             NFULA_PAYLOAD => payload = Some(body),
             _ => {}
         }
-        attrs = attrs.get((len + 3) & !3..).unwrap_or(&[]);
     }
     let ip = payload?;
     let (src, dst, proto, l4) = match ip.first()? >> 4 {
@@ -191,19 +151,16 @@ mod tests {
     use super::*;
 
     fn nflog_msg(prefix: &str, payload: &[u8]) -> Vec<u8> {
-        let mut attrs = Vec::new();
-        attr(&mut attrs, 1, &[0, 0x08, 0, 0]); // NFULA_PACKET_HDR
+        let mut m = Msg::new((NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET, 0, 0, 2);
+        m.res_id(7);
+        m.attr(1, &[0, 0x08, 0, 0]); // NFULA_PACKET_HDR
         let mut p = prefix.as_bytes().to_vec();
         p.push(0);
-        attr(&mut attrs, NFULA_PREFIX, &p);
-        attr(&mut attrs, NFULA_PAYLOAD, payload);
-        let mut m = Vec::new();
-        m.extend_from_slice(&((20 + attrs.len()) as u32).to_ne_bytes());
-        m.extend_from_slice(&(NFNL_SUBSYS_ULOG << 8).to_ne_bytes());
-        m.extend_from_slice(&[0u8; 10]);
-        m.extend_from_slice(&[2, 0, 0, 7]);
-        m.extend_from_slice(&attrs);
-        m
+        m.attr(NFULA_PREFIX, &p);
+        m.attr(NFULA_PAYLOAD, payload);
+        let mut out = Vec::new();
+        m.finish(&mut out);
+        out
     }
 
     #[test]

@@ -7,15 +7,13 @@ use std::io;
 use rtnetlink::sys::{Socket, SocketAddr};
 use tokio::sync::mpsc;
 
+use super::nfnl::{attrs, messages, NETLINK_NETFILTER};
 use super::NetlinkError;
 
-const NETLINK_NETFILTER: isize = 12;
 const NFNLGRP_NFTABLES: u32 = 7;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWGEN: u16 = 15;
 const NFTA_GEN_PROC_PID: u16 = 2;
-/// nlmsghdr (16) + nfgenmsg (4).
-const HEADERS: usize = 20;
 /// Set when the receive buffer overflowed: changes were missed, so report one anyway.
 pub const UNKNOWN_PID: u32 = 0;
 
@@ -62,41 +60,28 @@ pub fn subscribe() -> Result<mpsc::Receiver<u32>, NetlinkError> {
 }
 
 /// The process pid of each NEWGEN message in a datagram (UNKNOWN_PID where it has none).
-pub fn newgen_pids(mut data: &[u8]) -> Vec<u32> {
-    let mut out = Vec::new();
-    while data.len() >= HEADERS {
-        let len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
-        let kind = u16::from_ne_bytes([data[4], data[5]]);
-        if len < 16 || len > data.len() {
-            break;
-        }
-        if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
-            out.push(gen_pid(&data[HEADERS.min(len)..len]).unwrap_or(UNKNOWN_PID));
-        }
-        data = data.get((len + 3) & !3..).unwrap_or(&[]);
-    }
-    out
+pub fn newgen_pids(data: &[u8]) -> Vec<u32> {
+    messages(data)
+        .into_iter()
+        .filter(|m| m.kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN)
+        .map(|m| gen_pid(m.attrs).unwrap_or(UNKNOWN_PID))
+        .collect()
 }
 
-/// NFTA_GEN_PROC_PID (big endian) among netlink attributes.
-fn gen_pid(mut attrs: &[u8]) -> Option<u32> {
-    while attrs.len() >= 4 {
-        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
-        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff;
-        if len < 4 || len > attrs.len() {
-            return None;
-        }
-        if kind == NFTA_GEN_PROC_PID && len >= 8 {
-            return Some(u32::from_be_bytes([attrs[4], attrs[5], attrs[6], attrs[7]]));
-        }
-        attrs = attrs.get((len + 3) & !3..).unwrap_or(&[]);
-    }
-    None
+/// NFTA_GEN_PROC_PID (big endian) among a NEWGEN message's attributes.
+fn gen_pid(data: &[u8]) -> Option<u32> {
+    let (_, v) = attrs(data)
+        .into_iter()
+        .find(|(kind, _)| *kind == NFTA_GEN_PROC_PID)?;
+    Some(u32::from_be_bytes(v.get(..4)?.try_into().ok()?))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// nlmsghdr (16) + nfgenmsg (4).
+    const HEADERS: usize = 20;
 
     fn attr(kind: u16, data: &[u8]) -> Vec<u8> {
         let mut a = ((4 + data.len()) as u16).to_ne_bytes().to_vec();

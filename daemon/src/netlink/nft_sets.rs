@@ -8,24 +8,17 @@
 //! and the one after its last flagged as the interval's end (`interval`), as nft sends them.
 
 use std::net::IpAddr;
-use std::os::fd::AsRawFd;
 
-use rtnetlink::sys::{Socket, SocketAddr};
-
+use super::nfnl::{messages, recv, socket, Msg, NLMSG_ERROR, NLM_F_ACK, NLM_F_REQUEST};
 use super::NetlinkError;
 
-pub(super) const NETLINK_NETFILTER: isize = 12;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 16;
 const NFNL_MSG_BATCH_END: u16 = 17;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
 
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
 const NLM_F_CREATE: u16 = 0x400;
-const NLMSG_ERROR: u16 = 2;
-const NLA_F_NESTED: u16 = 0x8000;
 
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
@@ -132,77 +125,21 @@ pub fn apply(family: NfFamily, table: &str, ops: &[ElemOp]) -> Result<(), Netlin
     let mut pending = acked;
     let mut rbuf = vec![0u8; 1 << 16];
     while pending > 0 {
-        let n = match sock.recv(&mut &mut rbuf[..], 0) {
-            Ok(n) => n,
-            // With a receive timeout set, any handled signal (SIGTERM, SIGHUP) fails the
-            // receive with EINTR (signal(7)); the acks are still coming.
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(NetlinkError::failed("read nftables acks", e)),
-        };
-        for (kind, errno) in messages(&rbuf[..n]) {
-            if kind != NLMSG_ERROR {
+        let n = recv(&sock, &mut rbuf, "read nftables acks")?;
+        for m in messages(&rbuf[..n]) {
+            if m.kind != NLMSG_ERROR {
                 continue;
             }
-            if errno != 0 {
+            if m.errno != 0 {
                 return Err(NetlinkError::Errno {
                     context: format!("nftables elements of table {table}"),
-                    errno: -errno,
+                    errno: -m.errno,
                 });
             }
             pending = pending.saturating_sub(1);
         }
     }
     Ok(())
-}
-
-/// A netfilter netlink socket (nftables, ctnetlink: `what` names it in errors), its receives
-/// timing out after 5 s.
-pub(super) fn socket(what: &str) -> Result<Socket, NetlinkError> {
-    let mut sock = Socket::new(NETLINK_NETFILTER)
-        .map_err(|e| NetlinkError::failed(format!("open {what} socket"), e))?;
-    sock.bind_auto()
-        .map_err(|e| NetlinkError::failed(format!("bind {what} socket"), e))?;
-    sock.connect(&SocketAddr::new(0, 0))
-        .map_err(|e| NetlinkError::failed(format!("connect {what} socket"), e))?;
-    set_rcv_timeout(&sock);
-    Ok(sock)
-}
-
-fn set_rcv_timeout(sock: &Socket) {
-    let tv = libc::timeval {
-        tv_sec: 5,
-        tv_usec: 0,
-    };
-    // SAFETY: a valid socket fd and a timeval of the size passed.
-    unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        );
-    }
-}
-
-/// (message type, error code of an NLMSG_ERROR) for each message in a datagram.
-pub(super) fn messages(mut data: &[u8]) -> Vec<(u16, i32)> {
-    let mut out = Vec::new();
-    while data.len() >= 16 {
-        let len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
-        let kind = u16::from_ne_bytes([data[4], data[5]]);
-        if len < 16 || len > data.len() {
-            break;
-        }
-        let errno = if kind == NLMSG_ERROR && len >= 20 {
-            i32::from_ne_bytes([data[16], data[17], data[18], data[19]])
-        } else {
-            0
-        };
-        out.push((kind, errno));
-        data = data.get((len + 3) & !3..).unwrap_or(&[]);
-    }
-    out
 }
 
 /// The batch: BEGIN, one message per set (adds and deletes separately), END. Returns the
@@ -212,8 +149,8 @@ fn encode(family: NfFamily, table: &str, ops: &[ElemOp]) -> (Vec<u8>, usize) {
     let mut seq = 1u32;
     let batch_hdr = |buf: &mut Vec<u8>, kind: u16, seq: u32| {
         let mut m = Msg::new(kind, NLM_F_REQUEST, seq, 0);
-        m.bytes
-            .extend_from_slice(&NFNL_SUBSYS_NFTABLES.to_be_bytes());
+        // Batch messages name the subsystem in res_id.
+        m.res_id(NFNL_SUBSYS_NFTABLES);
         m.finish(buf);
     };
     batch_hdr(&mut buf, NFNL_MSG_BATCH_BEGIN, seq);
@@ -238,7 +175,7 @@ fn encode(family: NfFamily, table: &str, ops: &[ElemOp]) -> (Vec<u8>, usize) {
             (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK)
         };
         let mut m = Msg::new((NFNL_SUBSYS_NFTABLES << 8) | kind, flags, seq, family as u8);
-        m.bytes.extend_from_slice(&0u16.to_be_bytes());
+        m.res_id(0);
         m.attr(NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
         m.attr(NFTA_SET_ELEM_LIST_SET, &cstr(set));
         let list = m.begin(NFTA_SET_ELEM_LIST_ELEMENTS);
@@ -278,61 +215,6 @@ fn cstr(s: &str) -> Vec<u8> {
     v
 }
 
-/// One netfilter netlink message under construction: header, nfgenmsg, attributes (also
-/// ctnetlink's, `conntrack`).
-pub(super) struct Msg {
-    pub(super) bytes: Vec<u8>,
-}
-
-impl Msg {
-    pub(super) fn new(kind: u16, flags: u16, seq: u32, family: u8) -> Msg {
-        let mut bytes = Vec::with_capacity(256);
-        bytes.extend_from_slice(&0u32.to_ne_bytes()); // length, set by finish
-        bytes.extend_from_slice(&kind.to_ne_bytes());
-        bytes.extend_from_slice(&flags.to_ne_bytes());
-        bytes.extend_from_slice(&seq.to_ne_bytes());
-        bytes.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
-        bytes.push(family); // nfgenmsg.nfgen_family
-        bytes.push(0); // version NFNETLINK_V0
-        Msg { bytes }
-    }
-
-    pub(super) fn attr(&mut self, kind: u16, data: &[u8]) {
-        let len = 4 + data.len();
-        self.bytes.extend_from_slice(&(len as u16).to_ne_bytes());
-        self.bytes.extend_from_slice(&kind.to_ne_bytes());
-        self.bytes.extend_from_slice(data);
-        self.pad();
-    }
-
-    /// Opens a nested attribute; returns where its header is.
-    pub(super) fn begin(&mut self, kind: u16) -> usize {
-        let at = self.bytes.len();
-        self.bytes.extend_from_slice(&0u16.to_ne_bytes());
-        self.bytes
-            .extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
-        at
-    }
-
-    pub(super) fn end(&mut self, at: usize) {
-        let len = (self.bytes.len() - at) as u16;
-        self.bytes[at..at + 2].copy_from_slice(&len.to_ne_bytes());
-    }
-
-    fn pad(&mut self) {
-        while !self.bytes.len().is_multiple_of(4) {
-            self.bytes.push(0);
-        }
-    }
-
-    pub(super) fn finish(mut self, out: &mut Vec<u8>) {
-        self.pad();
-        let len = self.bytes.len() as u32;
-        self.bytes[0..4].copy_from_slice(&len.to_ne_bytes());
-        out.extend_from_slice(&self.bytes);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,7 +238,7 @@ mod tests {
         ];
         let (buf, acked) = encode(NfFamily::Inet, "t", &ops);
         assert_eq!(acked, 3);
-        let kinds: Vec<u16> = messages(&buf).into_iter().map(|(k, _)| k).collect();
+        let kinds: Vec<u16> = messages(&buf).into_iter().map(|m| m.kind).collect();
         let el = |m: u16| (NFNL_SUBSYS_NFTABLES << 8) | m;
         assert_eq!(
             kinds,
