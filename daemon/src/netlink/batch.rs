@@ -17,6 +17,7 @@ use rtnetlink::packet_route::route::{RouteProtocol, RouteScope};
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
+use super::nfnl::set_rcv_timeout;
 use super::{NlFamily, TWILL_RTPROT};
 use crate::reconcile::OpOf;
 
@@ -40,21 +41,7 @@ impl BatchSocket {
         // Acks without the request echoed back keep them small.
         sock.set_cap_ack(true)?;
         set_rcvbuf(&sock, RCVBUF);
-        // Never block forever on a lost ack.
-        let tv = libc::timeval {
-            tv_sec: 10,
-            tv_usec: 0,
-        };
-        // SAFETY: valid fd and a properly sized timeval.
-        unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                &tv as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            );
-        }
+        set_rcv_timeout(&sock, 10);
         let window = sock
             .get_rx_buf_sz()
             .map(|b| (b / 1024).clamp(16, WINDOW))

@@ -22,7 +22,7 @@ const HEADERS: usize = 20;
 /// errors), connected to the kernel, its receives timing out after 5 s.
 pub(super) fn socket(what: &str) -> Result<Socket, NetlinkError> {
     let sock = listener(what)?;
-    set_rcv_timeout(&sock);
+    set_rcv_timeout(&sock, 5);
     Ok(sock)
 }
 
@@ -38,9 +38,10 @@ pub(super) fn listener(what: &str) -> Result<Socket, NetlinkError> {
     Ok(sock)
 }
 
-fn set_rcv_timeout(sock: &Socket) {
+/// Receives on `sock` fail with EAGAIN after `secs`: never block forever on a lost answer.
+pub(super) fn set_rcv_timeout(sock: &Socket, secs: libc::time_t) {
     let tv = libc::timeval {
-        tv_sec: 5,
+        tv_sec: secs,
         tv_usec: 0,
     };
     // SAFETY: a valid socket fd and a timeval of the size passed.
