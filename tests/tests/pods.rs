@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use twill_tests::{wait_until, Lab, LabOptions};
 
 const CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
@@ -249,6 +249,55 @@ fn del_forgets_the_pods_conntrack_entries() -> Result<()> {
     lab.del_pod(&b)?;
     let left = tracked(&lab)?;
     assert_eq!(left, 0, "b's conntrack entries outlived its DEL");
+    lab.del_pod(&a)?;
+    Ok(())
+}
+
+/// DEL answers before the pod's source checks (`bridge twill-source`) leave the kernel: taking
+/// set elements out costs the kernel a grace period, and the pod's port is gone already. They
+/// leave once no request runs; an ADD meanwhile adds its own and keeps the other pods'.
+#[test]
+fn a_deleted_pods_source_checks_leave_the_kernel_after_its_del() -> Result<()> {
+    let mut lab = ready_lab(1)?;
+    let a = lab.add_pod(1, "a")?;
+    let b = lab.add_pod(1, "b")?;
+    // The elements of `src4`: ("<port>", address).
+    let checked = |lab: &Lab| -> Result<Vec<(String, String)>> {
+        let l = lab.exec_ok(1, &["nft", "list", "set", "bridge", "twill-source", "src4"])?;
+        let w: Vec<&str> = l
+            .split(|c: char| c.is_whitespace() || c == ',')
+            .filter(|w| !w.is_empty())
+            .collect();
+        Ok(w.windows(3)
+            .filter(|t| t[1] == "." && t[2].parse::<std::net::Ipv4Addr>().is_ok())
+            .map(|t| (t[0].to_string(), t[2].to_string()))
+            .collect())
+    };
+    let of = |now: &[(String, String)], ip: &str| now.iter().find(|(_, i)| i == ip).cloned();
+    let (a_ip, b_ip) = (a.ip.to_string(), b.ip.to_string());
+    let now = checked(&lab)?;
+    let (Some(a_el), Some(b_el)) = (of(&now, &a_ip), of(&now, &b_ip)) else {
+        bail!("a's and b's ports are not checked: {now:?}");
+    };
+    lab.del_pod(&b)?;
+    let c = lab.add_pod(1, "c")?;
+    let now = checked(&lab)?;
+    assert!(
+        now.contains(&a_el) && of(&now, &c.ip.to_string()).is_some_and(|c_el| c_el != b_el),
+        "an ADD after a DEL lost a running pod's checks or has none of its own: {now:?}"
+    );
+    wait_until(Duration::from_secs(10), || {
+        checked(&lab).is_ok_and(|now| !now.contains(&b_el))
+    })
+    .context("b's source checks stayed in the kernel after its DEL")?;
+    let status = lab.status(1)?;
+    let sc = &status["policy"]["source_check"];
+    assert_eq!(
+        (&sc["ports"], &sc["addresses"]),
+        (&2.into(), &2.into()),
+        "{sc}"
+    );
+    lab.del_pod(&c)?;
     lab.del_pod(&a)?;
     Ok(())
 }

@@ -357,6 +357,8 @@ struct Engine {
     /// When the full program is due and why (a pod went in or out by its own delta, a pod
     /// left, etcd changed something): one sync for all of them, once no request waits.
     sync_due: Option<Due>,
+    /// When the source checks of pods that left are due out of the kernel (see `pods_down`).
+    sources_due: Option<Due>,
     /// Own deltas went to the kernel since the writer last rendered the table.
     kernel_ahead: bool,
 }
@@ -497,6 +499,7 @@ async fn run<S: ObjectStore>(
         records,
         cache_dirty: false,
         sync_due: None,
+        sources_due: None,
         kernel_ahead: false,
     };
     // The recorded pods' ports are checked from the start, before anything else runs.
@@ -595,6 +598,11 @@ async fn run<S: ObjectStore>(
                         Err(err) => tracing::warn!(error = %err, "serialising the policy cache failed"),
                     }
                 }
+            }
+            _ = wait_due(e.sources_due, &busy), if e.sources_due.is_some() => {
+                e.sources_due = None;
+                let _ = e.sources().await;
+                e.publish();
             }
             // Nothing else is ready: the program left for later.
             _ = wait_due(e.sync_due, &busy), if e.sync_due.is_some() => {
@@ -705,7 +713,7 @@ impl Engine {
             let _ = self.objects.files().remove(&attachment);
             return Err(e);
         }
-        if let Err(e) = self.sources().await {
+        if let Err(e) = self.sources_added().await {
             // A pod that could send from any address would escape its policies.
             let _ = saving.await;
             self.pod_down(&attachment).await;
@@ -877,8 +885,11 @@ impl Engine {
         self.pods_down([a]).await
     }
 
-    /// Forgets these pods (DEL, GC, a failed ADD): their source checks in one kernel
-    /// transaction, then each one's own policy delta.
+    /// Forgets these pods (DEL, GC, a failed ADD): each one's own policy delta now, their
+    /// source checks once no CNI request is in progress. Taking set elements out costs the
+    /// kernel an RCU grace period per transaction (10-20 ms here) and the pods' ports are
+    /// gone by now (their callers delete the veth first), so the stale elements check nothing
+    /// meanwhile; an ADD that makes a port of the same name takes that port's out with it.
     async fn pods_down<'a>(&mut self, atts: impl IntoIterator<Item = &'a Attachment>) {
         let gone: Vec<_> = atts
             .into_iter()
@@ -887,8 +898,10 @@ impl Engine {
         if gone.is_empty() {
             return;
         }
-        // A failure keeps the ports checked with the old addresses; the resync retries.
-        let _ = self.sources().await;
+        self.sources_due = Some(match self.sources_due {
+            Some(old) => old.merge(Due::soon("pods left")),
+            None => Due::soon("pods left"),
+        });
         for (key, rec) in gone {
             let _ = self.records.send((key, None));
             if !self.objects.loaded() {
@@ -912,7 +925,19 @@ impl Engine {
         }
     }
 
-    /// The local pods' source checks into the kernel (`spoof`).
+    /// The source checks of the local pods added since the last apply: those of pods that
+    /// left stay until `sources_due` (unless their port's name is taken again).
+    async fn sources_added(&mut self) -> Result<(), String> {
+        match self.spoof.as_mut() {
+            Some(sc) => {
+                sc.apply_keeping(spoof::Sources::of(self.objects.local_pods()))
+                    .await
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// The local pods' source checks into the kernel (`spoof`), exactly.
     async fn sources(&mut self) -> Result<(), String> {
         match self.spoof.as_mut() {
             Some(sc) => {

@@ -72,6 +72,24 @@ impl Sources {
     fn ports(&self) -> BTreeSet<&str> {
         self.entries.iter().map(|(p, _)| p.as_str()).collect()
     }
+
+    /// These sources and what `have` holds for ports these do not name (pods that left, their
+    /// ports gone): a port named here gets exactly its own elements, the others keep theirs.
+    pub fn keeping_others_of(&self, have: &Sources) -> Sources {
+        let named: BTreeSet<&str> = self
+            .entries
+            .iter()
+            .map(|(p, _)| p.as_str())
+            .chain(self.macs.iter().map(|(p, _)| p.as_str()))
+            .collect();
+        let mut out = self.clone();
+        let other = |p: &String| !named.contains(p.as_str());
+        out.entries
+            .extend(have.entries.iter().filter(|(p, _)| other(p)).cloned());
+        out.macs
+            .extend(have.macs.iter().filter(|(p, _)| other(p)).cloned());
+        out
+    }
 }
 
 fn set(kind: &str, elements: impl IntoIterator<Item = String>) -> Set {
@@ -261,6 +279,17 @@ impl SourceCheck {
         res
     }
 
+    /// As `apply`, but ports `want` does not name keep what the kernel holds for them: no
+    /// element is taken out (that costs the kernel an RCU grace period, 10-20 ms) unless a
+    /// port of `want` had other ones. For an ADD; `apply` later takes the rest out.
+    pub async fn apply_keeping(&mut self, want: Sources) -> Result<(), String> {
+        let target = match &self.applied {
+            Some(have) => want.keeping_others_of(have),
+            None => want,
+        };
+        self.apply(target).await
+    }
+
     async fn apply_inner(&mut self, want: &Sources) -> Result<(), String> {
         if let Some(have) = &self.applied {
             if have == want {
@@ -382,6 +411,38 @@ mod tests {
         let sets: Vec<_> = gone.iter().map(|o| o.set.as_str()).collect();
         assert_eq!(sets, ["src4", "na6", "src6", "ports"]);
         assert!(element_ops(&new, &new).is_empty());
+    }
+
+    #[test]
+    fn an_add_keeps_the_elements_of_ports_that_left_but_not_of_its_own() {
+        let mac: MacAddr = "02:00:5e:00:00:07".parse().unwrap();
+        let a = pod("a", &["10.1.0.2"]).with_mac(mac);
+        let b = pod("b", &["10.1.0.3", "fd00::3"]);
+        let have = Sources::of([&a, &b]);
+        // `a` left; `c` came and got `a`'s address: only adds, `a`'s elements stay.
+        let c = pod("c", &["10.1.0.2"]);
+        let want = Sources::of([&b, &c]);
+        let kept = want.keeping_others_of(&have);
+        let ops = element_ops(&have, &kept);
+        assert!(!ops.is_empty() && ops.iter().all(|o| o.add), "{ops:?}");
+        let pa = host_veth_name("a", "eth0");
+        assert!(kept
+            .entries
+            .contains(&(pa.clone(), "10.1.0.2".parse().unwrap())));
+        assert!(kept.macs.contains(&(pa, mac)));
+        // The exact apply afterwards takes out `a`'s and nothing else.
+        let out = element_ops(&kept, &want);
+        assert!(out.iter().all(|o| !o.add));
+        assert_eq!(element_ops(&have, &want).len(), ops.len() + out.len());
+        // `b` again under its port with another address: its old one goes in the same apply.
+        let b2 = pod("b", &["10.1.0.9"]);
+        let again = Sources::of([&b2]).keeping_others_of(&have);
+        let pb = host_veth_name("b", "eth0");
+        assert!(!again
+            .entries
+            .iter()
+            .any(|(p, ip)| *p == pb && ip.to_string() != "10.1.0.9"));
+        assert!(element_ops(&have, &again).iter().any(|o| !o.add));
     }
 
     #[test]
