@@ -601,7 +601,7 @@ async fn run<S: ObjectStore>(
             }
             _ = wait_due(e.sources_due, &busy), if e.sources_due.is_some() => {
                 e.sources_due = None;
-                let _ = e.sources().await;
+                e.sources_left().await;
                 e.publish();
             }
             // Nothing else is ready: the program left for later.
@@ -934,6 +934,15 @@ impl Engine {
                     .await
             }
             None => Ok(()),
+        }
+    }
+
+    /// The source checks of pods that left out of the kernel, off this task (`sources_due`).
+    async fn sources_left(&mut self) {
+        if let Some(sc) = self.spoof.as_mut() {
+            let _ = sc
+                .remove_stale(spoof::Sources::of(self.objects.local_pods()))
+                .await;
         }
     }
 

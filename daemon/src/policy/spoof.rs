@@ -73,15 +73,19 @@ impl Sources {
         self.entries.iter().map(|(p, _)| p.as_str()).collect()
     }
 
-    /// These sources and what `have` holds for ports these do not name (pods that left, their
-    /// ports gone): a port named here gets exactly its own elements, the others keep theirs.
-    pub fn keeping_others_of(&self, have: &Sources) -> Sources {
-        let named: BTreeSet<&str> = self
-            .entries
+    /// The ports with an element here (an address or a MAC).
+    fn named(&self) -> BTreeSet<&str> {
+        self.entries
             .iter()
             .map(|(p, _)| p.as_str())
             .chain(self.macs.iter().map(|(p, _)| p.as_str()))
-            .collect();
+            .collect()
+    }
+
+    /// These sources and what `have` holds for ports these do not name (pods that left, their
+    /// ports gone): a port named here gets exactly its own elements, the others keep theirs.
+    pub fn keeping_others_of(&self, have: &Sources) -> Sources {
+        let named = self.named();
         let mut out = self.clone();
         let other = |p: &String| !named.contains(p.as_str());
         out.entries
@@ -245,13 +249,33 @@ pub struct SourceStatus {
     pub error: Option<String>,
 }
 
+impl SourceStatus {
+    fn of(s: &Sources, error: Option<String>) -> Self {
+        SourceStatus {
+            ports: s.ports().len(),
+            addresses: s.entries.len(),
+            macs: s.macs.len(),
+            error,
+        }
+    }
+}
+
 /// The kernel's `bridge twill-source`: the whole table through nft at first (and after a
 /// failure), then a pod's elements over netlink (no nft process on the CNI path).
 pub struct SourceCheck {
     writer: TableWriter,
-    /// What the kernel holds; None before the first apply and after a failed one.
+    /// What the kernel holds (once `removing` is done); None before the first apply and after
+    /// a failed one.
     applied: Option<Sources>,
+    /// Elements being taken out on a blocking thread (`remove_stale`).
+    removing: Option<Removal>,
     pub status: SourceStatus,
+}
+
+/// A transaction that only takes elements out, in flight: the ports it concerns, its result.
+struct Removal {
+    ports: BTreeSet<String>,
+    task: tokio::task::JoinHandle<Result<(), String>>,
 }
 
 impl SourceCheck {
@@ -259,6 +283,7 @@ impl SourceCheck {
         SourceCheck {
             writer: TableWriter::new(nft),
             applied: None,
+            removing: None,
             status: SourceStatus::default(),
         }
     }
@@ -266,13 +291,57 @@ impl SourceCheck {
     /// Makes the kernel hold `want`. A failure leaves the ports it could not add unchecked
     /// (a port is checked only with its addresses): ADD fails with it. Retried by `check`.
     pub async fn apply(&mut self, want: Sources) -> Result<(), String> {
-        let res = self.apply_inner(&want).await;
-        self.status = SourceStatus {
-            ports: want.ports().len(),
-            addresses: want.entries.len(),
-            macs: want.macs.len(),
-            error: res.as_ref().err().cloned(),
+        self.settle().await;
+        self.apply_now(want).await
+    }
+
+    /// As `apply` when `want` only takes elements out (pods left, their ports gone): the
+    /// transaction runs on a blocking thread, as it costs the kernel an RCU grace period
+    /// (10-20 ms here) that an ADD need not wait for. The kernel does not make other
+    /// transactions wait for it; an ADD that names one of its ports waits (`apply_keeping`).
+    pub async fn remove_stale(&mut self, want: Sources) -> Result<(), String> {
+        self.settle().await;
+        let Some(have) = &self.applied else {
+            return self.apply_now(want).await;
         };
+        let ops = element_ops(have, &want);
+        if ops.is_empty() || ops.iter().any(|o| o.add) {
+            return self.apply_now(want).await;
+        }
+        let ports = have
+            .entries
+            .difference(&want.entries)
+            .map(|(p, _)| p)
+            .chain(have.macs.difference(&want.macs).map(|(p, _)| p))
+            .cloned()
+            .collect();
+        let task = tokio::task::spawn_blocking(move || {
+            nft_sets::apply(NfFamily::Bridge, TABLE, &ops).map_err(|e| e.to_string())
+        });
+        self.removing = Some(Removal { ports, task });
+        // Assumed done: what the next apply starts from; `settle` takes it back on failure.
+        self.writer.assume(table(&want));
+        self.status = SourceStatus::of(&want, None);
+        self.applied = Some(want);
+        Ok(())
+    }
+
+    /// Waits for the removal in flight; a failed one leaves the kernel's state unknown, so
+    /// the next apply writes the whole table.
+    async fn settle(&mut self) {
+        let Some(r) = self.removing.take() else {
+            return;
+        };
+        let res = r.task.await.map_err(|e| e.to_string()).and_then(|r| r);
+        if let Err(e) = res {
+            tracing::warn!(error = %e, "taking source checks of pods that left out failed; applying the table through nft");
+            self.applied = None;
+        }
+    }
+
+    async fn apply_now(&mut self, want: Sources) -> Result<(), String> {
+        let res = self.apply_inner(&want).await;
+        self.status = SourceStatus::of(&want, res.as_ref().err().cloned());
         if let Err(e) = &res {
             tracing::error!(error = %e, "pod source checks not programmed (retried at the next resync)");
         }
@@ -283,6 +352,13 @@ impl SourceCheck {
     /// element is taken out (that costs the kernel an RCU grace period, 10-20 ms) unless a
     /// port of `want` had other ones. For an ADD; `apply` later takes the rest out.
     pub async fn apply_keeping(&mut self, want: Sources) -> Result<(), String> {
+        let named = want.named();
+        if let Some(r) = &self.removing {
+            // A removal that takes out elements of a port named again must land first.
+            if r.task.is_finished() || r.ports.iter().any(|p| named.contains(p.as_str())) {
+                self.settle().await;
+            }
+        }
         let target = match &self.applied {
             Some(have) => want.keeping_others_of(have),
             None => want,
@@ -317,6 +393,7 @@ impl SourceCheck {
 
     /// The periodic check: applied again after a failure, restored when someone changed it.
     pub async fn check(&mut self, want: Sources) -> bool {
+        self.settle().await;
         if self.applied.is_none() {
             let _ = self.apply(want).await;
             return false;
