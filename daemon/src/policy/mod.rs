@@ -86,6 +86,8 @@ pub struct PolicyHandle {
 struct Busy {
     requests: std::sync::atomic::AtomicUsize,
     idle: tokio::sync::Notify,
+    /// When the last request ended.
+    ended: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 /// Held by a CNI request while it runs (`PolicyHandle::request`).
@@ -93,6 +95,9 @@ pub struct RequestGuard(Arc<Busy>);
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
+        if let Ok(mut t) = self.0.ended.lock() {
+            *t = Some(tokio::time::Instant::now());
+        }
         if self.0.requests.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.idle.notify_waiters();
         }
@@ -110,6 +115,30 @@ async fn wait_due(due: Option<Due>, busy: &Busy) {
         tokio::time::sleep(due.after).await;
     }
 }
+
+/// Until `due` is, and then until no CNI request has run for `QUIET`, for at most its
+/// `requests_wait`: for kernel work that would hold up the next pod's ADD (pods come and go
+/// in a row while a deployment rolls; the pause between two is shorter than the work).
+async fn wait_quiet(due: Option<Due>, busy: &Busy) {
+    let Some(due) = due else {
+        return std::future::pending().await;
+    };
+    tokio::time::sleep_until(due.at).await;
+    let deadline = due.deadline();
+    loop {
+        until_idle(busy, deadline).await;
+        let now = tokio::time::Instant::now();
+        let ended = busy.ended.lock().ok().and_then(|t| *t);
+        let quiet_at = ended.map_or(now, |t| t + QUIET);
+        if now >= deadline || (busy.requests.load(Ordering::SeqCst) == 0 && now >= quiet_at) {
+            return;
+        }
+        tokio::time::sleep_until(quiet_at.min(deadline)).await;
+    }
+}
+
+/// How long no CNI request must have run for `wait_quiet`.
+const QUIET: Duration = Duration::from_millis(500);
 
 /// Until no CNI request runs, or `deadline`.
 async fn until_idle(busy: &Busy, deadline: tokio::time::Instant) {
@@ -400,6 +429,14 @@ impl Due {
         }
     }
 
+    /// Once no CNI request has run for a moment, at the latest in 10 s (`wait_quiet`).
+    fn quiet(why: &'static str) -> Due {
+        Due {
+            requests_wait: Duration::from_secs(10),
+            ..Due::now(why)
+        }
+    }
+
     /// Once the CNI requests in progress are answered (a pod left the slow way).
     fn soon(why: &'static str) -> Due {
         Due {
@@ -599,7 +636,7 @@ async fn run<S: ObjectStore>(
                     }
                 }
             }
-            _ = wait_due(e.sources_due, &busy), if e.sources_due.is_some() => {
+            _ = wait_quiet(e.sources_due, &busy), if e.sources_due.is_some() => {
                 e.sources_due = None;
                 e.sources_left().await;
                 e.publish();
@@ -886,10 +923,12 @@ impl Engine {
     }
 
     /// Forgets these pods (DEL, GC, a failed ADD): each one's own policy delta now, their
-    /// source checks once no CNI request is in progress. Taking set elements out costs the
-    /// kernel an RCU grace period per transaction (10-20 ms here) and the pods' ports are
-    /// gone by now (their callers delete the veth first), so the stale elements check nothing
-    /// meanwhile; an ADD that makes a port of the same name takes that port's out with it.
+    /// source checks once no CNI request has run for a moment (`Due::quiet`). Taking set
+    /// elements out costs the kernel an RCU grace period per transaction (10-20 ms here),
+    /// during which every other nftables transaction of the node waits, an ADD's too; the
+    /// pods' ports are gone by now (their callers delete the veth first), so the stale
+    /// elements check nothing meanwhile, and an ADD that makes a port of the same name takes
+    /// that port's out with it.
     async fn pods_down<'a>(&mut self, atts: impl IntoIterator<Item = &'a Attachment>) {
         let gone: Vec<_> = atts
             .into_iter()
@@ -899,8 +938,8 @@ impl Engine {
             return;
         }
         self.sources_due = Some(match self.sources_due {
-            Some(old) => old.merge(Due::soon("pods left")),
-            None => Due::soon("pods left"),
+            Some(old) => old.merge(Due::quiet("pods left")),
+            None => Due::quiet("pods left"),
         });
         for (key, rec) in gone {
             let _ = self.records.send((key, None));
@@ -1417,5 +1456,56 @@ async fn write_records<S: ObjectStore>(
         metrics
             .policy_records_pending
             .store(pending.len() as u64, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guard(busy: &Arc<Busy>) -> RequestGuard {
+        busy.requests.fetch_add(1, Ordering::SeqCst);
+        RequestGuard(busy.clone())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn quiet_work_waits_for_a_pause_in_the_requests_and_no_longer_than_its_bound() {
+        let busy = Arc::new(Busy::default());
+        let t0 = tokio::time::Instant::now();
+        // Nothing ran yet: at once.
+        wait_quiet(Some(Due::quiet("t")), &busy).await;
+        assert_eq!(t0.elapsed(), Duration::ZERO);
+
+        // A request runs for 200 ms, then none: QUIET after its end.
+        let g = guard(&busy);
+        let b = busy.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            drop(g);
+            let _ = b;
+        });
+        let t0 = tokio::time::Instant::now();
+        wait_quiet(Some(Due::quiet("t")), &busy).await;
+        assert_eq!(t0.elapsed(), Duration::from_millis(200) + QUIET);
+
+        // Requests back to back, 100 ms apart: never quiet, so the bound (10 s) decides.
+        let b = busy.clone();
+        let churn = tokio::spawn(async move {
+            loop {
+                let g = guard(&b);
+                tokio::time::sleep(Duration::from_millis(40)).await;
+                drop(g);
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await; // the churn has begun
+        let t0 = tokio::time::Instant::now();
+        wait_quiet(Some(Due::quiet("t")), &busy).await;
+        let waited = t0.elapsed();
+        churn.abort();
+        assert!(
+            waited >= Duration::from_secs(10) && waited < Duration::from_millis(10_100),
+            "{waited:?}"
+        );
     }
 }

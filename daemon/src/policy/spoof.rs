@@ -297,8 +297,9 @@ impl SourceCheck {
 
     /// As `apply` when `want` only takes elements out (pods left, their ports gone): the
     /// transaction runs on a blocking thread, as it costs the kernel an RCU grace period
-    /// (10-20 ms here) that an ADD need not wait for. The kernel does not make other
-    /// transactions wait for it; an ADD that names one of its ports waits (`apply_keeping`).
+    /// (10-20 ms here) that the policy task need not sit out. (The kernel makes the node's
+    /// other nftables transactions wait for it all the same: see `Due::quiet`.) An ADD that
+    /// names one of its ports waits for it (`apply_keeping`).
     pub async fn remove_stale(&mut self, want: Sources) -> Result<(), String> {
         self.settle().await;
         let Some(have) = &self.applied else {
