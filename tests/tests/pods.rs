@@ -255,25 +255,36 @@ fn del_forgets_the_pods_conntrack_entries() -> Result<()> {
 
 /// DEL answers before the pod's source checks (`bridge twill-source`) leave the kernel: taking
 /// set elements out costs the kernel a grace period, and the pod's port is gone already. They
-/// leave once no request runs; an ADD meanwhile adds its own and keeps the other pods'.
+/// leave once no request has run for a moment; an ADD meanwhile adds its own and keeps the
+/// other pods', and one that makes a port of the same name takes that port's old ones out.
 #[test]
 fn a_deleted_pods_source_checks_leave_the_kernel_after_its_del() -> Result<()> {
     let mut lab = ready_lab(1)?;
     let a = lab.add_pod(1, "a")?;
     let b = lab.add_pod(1, "b")?;
+    // The words of `nft list set bridge twill-source <set>`.
+    let words = |lab: &Lab, set: &str| -> Result<Vec<String>> {
+        let l = lab.exec_ok(1, &["nft", "list", "set", "bridge", "twill-source", set])?;
+        Ok(l.split(|c: char| c.is_whitespace() || c == ',')
+            .filter(|w| !w.is_empty())
+            .map(str::to_string)
+            .collect())
+    };
     // The elements of `src4`: ("<port>", address).
     let checked = |lab: &Lab| -> Result<Vec<(String, String)>> {
-        let l = lab.exec_ok(1, &["nft", "list", "set", "bridge", "twill-source", "src4"])?;
-        let w: Vec<&str> = l
-            .split(|c: char| c.is_whitespace() || c == ',')
-            .filter(|w| !w.is_empty())
-            .collect();
+        let w = words(lab, "src4")?;
         Ok(w.windows(3)
             .filter(|t| t[1] == "." && t[2].parse::<std::net::Ipv4Addr>().is_ok())
-            .map(|t| (t[0].to_string(), t[2].to_string()))
+            .map(|t| (t[0].clone(), t[2].clone()))
             .collect())
     };
     let of = |now: &[(String, String)], ip: &str| now.iter().find(|(_, i)| i == ip).cloned();
+    let of_port = |now: &[(String, String)], port: &str| -> Vec<String> {
+        now.iter()
+            .filter(|(p, _)| p == port)
+            .map(|(_, i)| i.clone())
+            .collect()
+    };
     let (a_ip, b_ip) = (a.ip.to_string(), b.ip.to_string());
     let now = checked(&lab)?;
     let (Some(a_el), Some(b_el)) = (of(&now, &a_ip), of(&now, &b_ip)) else {
@@ -282,14 +293,22 @@ fn a_deleted_pods_source_checks_leave_the_kernel_after_its_del() -> Result<()> {
     lab.del_pod(&b)?;
     let c = lab.add_pod(1, "c")?;
     let now = checked(&lab)?;
+    let Some(c_el) = of(&now, &c.ip.to_string()) else {
+        bail!("c's port is not checked: {now:?}");
+    };
     assert!(
-        now.contains(&a_el) && of(&now, &c.ip.to_string()).is_some_and(|c_el| c_el != b_el),
-        "an ADD after a DEL lost a running pod's checks or has none of its own: {now:?}"
+        now.contains(&a_el),
+        "an ADD after a DEL lost a's checks: {now:?}"
     );
     wait_until(Duration::from_secs(10), || {
         checked(&lab).is_ok_and(|now| !now.contains(&b_el))
+            && words(&lab, "ports").is_ok_and(|w| !w.contains(&b_el.0))
     })
     .context("b's source checks stayed in the kernel after its DEL")?;
+    assert!(
+        words(&lab, "ports")?.contains(&c_el.0),
+        "c's port left `ports`"
+    );
     let status = lab.status(1)?;
     let sc = &status["policy"]["source_check"];
     assert_eq!(
@@ -297,7 +316,19 @@ fn a_deleted_pods_source_checks_leave_the_kernel_after_its_del() -> Result<()> {
         (&2.into(), &2.into()),
         "{sc}"
     );
+
+    // c again, under the same container ID and so the same port, right after its DEL.
     lab.del_pod(&c)?;
+    let c2 = lab.add_pod(1, "c")?;
+    let now = checked(&lab)?;
+    assert_eq!(
+        of_port(&now, &c_el.0),
+        vec![c2.ip.to_string()],
+        "the re-created port may send from other addresses than its own (before: {})",
+        c_el.1
+    );
+    assert!(now.contains(&a_el), "a's checks went with c's: {now:?}");
+    lab.del_pod(&c2)?;
     lab.del_pod(&a)?;
     Ok(())
 }

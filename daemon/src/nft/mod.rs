@@ -188,6 +188,12 @@ impl TableWriter {
         self.applied = Some(t);
     }
 
+    /// The kernel's table is not known any more (a transaction around this writer failed
+    /// after `assume`): the next apply writes the whole table.
+    pub fn forget(&mut self) {
+        self.applied = None;
+    }
+
     /// The kernel's table `family name` as JSON (for counters), None when it is missing.
     pub async fn listing(&self) -> Result<Option<serde_json::Value>, NftError> {
         let Some(t) = &self.applied else {

@@ -1478,11 +1478,9 @@ mod tests {
 
         // A request runs for 200 ms, then none: QUIET after its end.
         let g = guard(&busy);
-        let b = busy.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(200)).await;
             drop(g);
-            let _ = b;
         });
         let t0 = tokio::time::Instant::now();
         wait_quiet(Some(Due::quiet("t")), &busy).await;
@@ -1500,9 +1498,14 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_millis(10)).await; // the churn has begun
         let t0 = tokio::time::Instant::now();
-        wait_quiet(Some(Due::quiet("t")), &busy).await;
+        let bounded = tokio::time::timeout(
+            Duration::from_secs(11),
+            wait_quiet(Some(Due::quiet("t")), &busy),
+        )
+        .await;
         let waited = t0.elapsed();
         churn.abort();
+        assert!(bounded.is_ok(), "still waiting after {waited:?}");
         assert!(
             waited >= Duration::from_secs(10) && waited < Duration::from_millis(10_100),
             "{waited:?}"

@@ -336,7 +336,10 @@ impl SourceCheck {
         let res = r.task.await.map_err(|e| e.to_string()).and_then(|r| r);
         if let Err(e) = res {
             tracing::warn!(error = %e, "taking source checks of pods that left out failed; applying the table through nft");
+            // What the kernel holds is unknown (the writer assumed the removal): whole table.
             self.applied = None;
+            self.writer.forget();
+            self.status.error = Some(e);
         }
     }
 
@@ -362,9 +365,12 @@ impl SourceCheck {
         }
         let target = match &self.applied {
             Some(have) => want.keeping_others_of(have),
-            None => want,
+            None => want.clone(),
         };
-        self.apply(target).await
+        let res = self.apply_now(target).await;
+        // The pods checked, not the elements of ports that left.
+        self.status = SourceStatus::of(&want, res.as_ref().err().cloned());
+        res
     }
 
     async fn apply_inner(&mut self, want: &Sources) -> Result<(), String> {
@@ -383,6 +389,8 @@ impl SourceCheck {
                 }
             }
         }
+        // The writer must not start from a removal's assumed outcome that may not hold.
+        self.settle().await;
         self.applied = None;
         self.writer
             .apply(&table(want))
