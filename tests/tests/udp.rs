@@ -194,6 +194,82 @@ fn udp_pods_reach_each_other_without_nat_through_a_tun_device() -> Result<()> {
     Ok(())
 }
 
+/// The threads of twilld `pid` whose name starts with `prefix`.
+fn threads(pid: u32, prefix: &str) -> Result<usize> {
+    let mut n = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let comm = std::fs::read_to_string(t?.path().join("comm")).unwrap_or_default();
+        n += usize::from(comm.starts_with(prefix));
+    }
+    Ok(n)
+}
+
+/// A change of the node's underlay address: the device's workers move to the new address, and
+/// those of the old one stop although no packet comes to their queues (they used to wait in a
+/// blocking read of the TUN device, keeping their socket on the old address, until one did).
+#[test]
+fn an_underlay_address_change_moves_the_workers_and_leaves_none_behind() -> Result<()> {
+    let mut lab = lab(2)?;
+    let (a, b) = (lab.add_pod(1, "a")?, lab.add_pod(2, "a")?);
+    assert_eq!(pod_to_pod(&a, &b, 7390)?, a.ip);
+    let pid = lab.daemon_pid(1).context("twilld pid")?;
+    let (tx, rx) = (threads(pid, "twill-udp-tx")?, threads(pid, "twill-udp-rx")?);
+    assert!(
+        tx > 0 && tx == rx,
+        "{tx} sending and {rx} receiving workers"
+    );
+    let old = lab.node_ip(1);
+    let new_ip = "198.18.0.62";
+    // (Deleting the primary address first: it would take a same-subnet secondary with it.)
+    lab.exec_ok(
+        1,
+        &["ip", "addr", "del", &format!("{old}/24"), "dev", "eth0"],
+    )?;
+    lab.exec_ok(
+        1,
+        &["ip", "addr", "add", &format!("{new_ip}/24"), "dev", "eth0"],
+    )?;
+    lab.exec_ok(
+        1,
+        &["ip", "route", "replace", "default", "via", "198.18.0.1"],
+    )?;
+    let key = format!(
+        "/coreos.com/network/subnets/{}",
+        subnet(&lab, 1)?.replace('/', "-")
+    );
+    wait_until(Duration::from_secs(20), || {
+        lab.etcd_get(&key)
+            .ok()
+            .flatten()
+            .is_some_and(|v| v.contains(&format!("\"PublicIP\":\"{new_ip}\"")))
+    })
+    .with_context(|| format!("lease not updated; log:\n{}", lab.daemon_log(1)))?;
+    // Before any pod traffic: a worker that waits for a packet to notice it should stop
+    // would wait forever here.
+    let sockets = |lab: &Lab| lab.exec_ok(1, &["ss", "-uanH"]).unwrap_or_default();
+    wait_until(Duration::from_secs(10), || {
+        let s = sockets(&lab);
+        threads(pid, "twill-udp-tx").ok() == Some(tx)
+            && threads(pid, "twill-udp-rx").ok() == Some(rx)
+            && !s.contains(&format!("{old}:{PORT}"))
+            && s.contains(&format!("{new_ip}:{PORT}"))
+    })
+    .with_context(|| {
+        format!(
+            "workers left on the old address: {:?} sending, {:?} receiving (want {tx} each); sockets:\n{}",
+            threads(pid, "twill-udp-tx"),
+            threads(pid, "twill-udp-rx"),
+            sockets(&lab)
+        )
+    })?;
+    // And the new ones carry traffic both ways.
+    wait_until(Duration::from_secs(20), || a.ping(b.ip))
+        .context("node 1's pod cannot reach node 2's after the address change")?;
+    assert_eq!(pod_to_pod(&a, &b, 7391)?, a.ip);
+    assert_eq!(pod_to_pod(&b, &a, 7392)?, b.ip);
+    Ok(())
+}
+
 /// The byte at `i` of the bulk stream: a pattern no run of zeros or repeats could fake, so a
 /// lost, doubled or reordered segment shows.
 fn pattern(i: u64) -> u8 {

@@ -230,12 +230,33 @@ fn to_peers(
     let mut buf = vec![0u8; HDR + MAX_PACKET];
     let mut splitter = Splitter::default();
     let mut sender = Sender::new(port, gso);
+    // Non-blocking, and a bounded wait when there is nothing to read: a blocking read would
+    // keep this thread, its queue and its socket (bound to the node's old address after a
+    // change of it) until a packet happened to come to this queue. The queue's writes (the
+    // receiving thread's) never wait on a TUN device, so they are unaffected.
+    // SAFETY: fcntl on a descriptor this queue owns.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
+    }
     while !stop.load(Relaxed) {
         // SAFETY: a read into a live buffer of the length given.
         let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            if e.kind() == io::ErrorKind::WouldBlock {
+                let mut p = libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one live pollfd. Its result is the next read's to interpret.
+                unsafe { libc::poll(&mut p, 1, POLL.as_millis() as libc::c_int) };
                 continue;
             }
             if fatal(&e) {
