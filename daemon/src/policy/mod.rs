@@ -401,6 +401,18 @@ type Fetch = Arc<
 /// How long an ADD in Kubernetes mode waits for its pod's object from the API.
 const API_POD_WAIT: Duration = Duration::from_secs(3);
 
+/// How the local pods' source checks are written (`SourceCheck`).
+#[derive(Clone, Copy, Debug)]
+enum SourcesWrite {
+    /// Exactly the local pods' elements: at start.
+    Exact,
+    /// An ADD's: its pod's elements in; those of pods that left stay until `Left` (unless
+    /// their port's name is taken again).
+    Added,
+    /// The elements of pods that left out, off this task (`sources_due`).
+    Left,
+}
+
 /// A deferred sync.
 #[derive(Clone, Copy, Debug)]
 struct Due {
@@ -540,7 +552,7 @@ async fn run<S: ObjectStore>(
         kernel_ahead: false,
     };
     // The recorded pods' ports are checked from the start, before anything else runs.
-    let _ = e.sources().await;
+    let _ = e.sources(SourcesWrite::Exact).await;
     if cached {
         tracing::info!("policy: programming the cached cluster state until etcd answers");
         e.sync("cache").await;
@@ -638,7 +650,7 @@ async fn run<S: ObjectStore>(
             }
             _ = wait_quiet(e.sources_due, &busy), if e.sources_due.is_some() => {
                 e.sources_due = None;
-                e.sources_left().await;
+                let _ = e.sources(SourcesWrite::Left).await;
                 e.publish();
             }
             // Nothing else is ready: the program left for later.
@@ -750,7 +762,7 @@ impl Engine {
             let _ = self.objects.files().remove(&attachment);
             return Err(e);
         }
-        if let Err(e) = self.sources_added().await {
+        if let Err(e) = self.sources(SourcesWrite::Added).await {
             // A pod that could send from any address would escape its policies.
             let _ = saving.await;
             self.pod_down(&attachment).await;
@@ -964,35 +976,16 @@ impl Engine {
         }
     }
 
-    /// The source checks of the local pods added since the last apply: those of pods that
-    /// left stay until `sources_due` (unless their port's name is taken again).
-    async fn sources_added(&mut self) -> Result<(), String> {
-        match self.spoof.as_mut() {
-            Some(sc) => {
-                sc.apply_keeping(spoof::Sources::of(self.objects.local_pods()))
-                    .await
-            }
-            None => Ok(()),
-        }
-    }
-
-    /// The source checks of pods that left out of the kernel, off this task (`sources_due`).
-    async fn sources_left(&mut self) {
-        if let Some(sc) = self.spoof.as_mut() {
-            let _ = sc
-                .remove_stale(spoof::Sources::of(self.objects.local_pods()))
-                .await;
-        }
-    }
-
-    /// The local pods' source checks into the kernel (`spoof`), exactly.
-    async fn sources(&mut self) -> Result<(), String> {
-        match self.spoof.as_mut() {
-            Some(sc) => {
-                sc.apply(spoof::Sources::of(self.objects.local_pods()))
-                    .await
-            }
-            None => Ok(()),
+    /// The local pods' source checks into the kernel (`spoof`), the way `how` says.
+    async fn sources(&mut self, how: SourcesWrite) -> Result<(), String> {
+        let Some(sc) = self.spoof.as_mut() else {
+            return Ok(());
+        };
+        let want = spoof::Sources::of(self.objects.local_pods());
+        match how {
+            SourcesWrite::Exact => sc.apply(want).await,
+            SourcesWrite::Added => sc.apply_keeping(want).await,
+            SourcesWrite::Left => sc.remove_stale(want).await,
         }
     }
 
