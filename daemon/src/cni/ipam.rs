@@ -376,20 +376,28 @@ impl Ipam {
         }
     }
 
+    /// What `owner` holds, in every subnet (also ones the node no longer has).
+    fn entries_of(&self, owner: &Owner) -> Vec<(IpNet, IpAddr)> {
+        self.lock()
+            .iter()
+            .flat_map(|(net, s)| {
+                s.used
+                    .iter()
+                    .filter(|(_, x)| x.holder.owner == *owner)
+                    .map(move |(a, _)| (*net, *a))
+            })
+            .collect()
+    }
+
+    /// The addresses `owner` holds. From the index alone (no file I/O): callable from async
+    /// code without a blocking thread.
+    pub fn held(&self, owner: &Owner) -> Vec<IpAddr> {
+        self.entries_of(owner).into_iter().map(|(_, a)| a).collect()
+    }
+
     /// Releases everything `owner` holds, in every subnet (also ones the node no longer has).
     pub fn release(&self, owner: &Owner) -> Result<Vec<IpAddr>, IpamError> {
-        let entries: Vec<_> = {
-            let idx = self.lock();
-            idx.iter()
-                .flat_map(|(net, s)| {
-                    s.used
-                        .iter()
-                        .filter(|(_, x)| x.holder.owner == *owner)
-                        .map(move |(a, _)| (*net, *a))
-                })
-                .collect()
-        };
-        self.release_entries(entries)
+        self.release_entries(self.entries_of(owner))
     }
 
     /// Releases those of `entries` that `owner` still holds: what one ADD allocated, when it
@@ -566,6 +574,30 @@ mod tests {
         let held: Vec<_> = ipam.allocations().into_iter().map(|(_, a, _)| a).collect();
         assert!(held.contains(&live) && held.contains(&other) && !held.contains(&added));
         assert!(d.join("ipam/10.244.0.0-24").join(live.to_string()).exists());
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    /// What DEL reads before it releases (to forget the pod's flows first): the owner's
+    /// addresses in every subnet, nobody else's; nothing once released.
+    #[test]
+    fn held_names_the_owners_addresses_in_every_subnet_and_no_others() {
+        let d = tmp();
+        let (v4, v6) = (net("10.244.3.0/24"), net("fd00:10:244:3::/64"));
+        let ipam = Ipam::open(&d).unwrap();
+        let (o1, o2) = (Owner::new("c1", "eth0"), Owner::new("c2", "eth0"));
+        let (a4, _) = ipam.allocate(v4, &o1, "net").unwrap();
+        let (a6, _) = ipam.allocate(v6, &o1, "net").unwrap();
+        let (other, _) = ipam.allocate(v4, &o2, "net").unwrap();
+        let mut held = ipam.held(&o1);
+        held.sort();
+        assert_eq!(held, [a4, a6]);
+        assert_eq!(ipam.held(&o2), [other]);
+        assert!(ipam.held(&Owner::new("c1", "eth1")).is_empty());
+        let mut released = ipam.release(&o1).unwrap();
+        released.sort();
+        assert_eq!(released, [a4, a6]);
+        assert!(ipam.held(&o1).is_empty());
+        assert_eq!(ipam.held(&o2), [other]);
         fs::remove_dir_all(d).unwrap();
     }
 

@@ -802,17 +802,6 @@ async fn create_veth(
     Err(CniError::new(codes::INTERFACE_EXISTS, msg))
 }
 
-/// The addresses IPAM holds for `owner`.
-async fn held_by(ctx: &Ctx, owner: &Owner) -> Result<Vec<IpAddr>, CniError> {
-    let (ipam, o) = (ctx.ipam.clone(), owner.clone());
-    Ok(offload(move || ipam.allocations())
-        .await?
-        .into_iter()
-        .filter(|(_, _, h)| h.owner == o)
-        .map(|(_, a, _)| a)
-        .collect())
-}
-
 /// Takes back what a failed ADD built: the veth pair (deleting one end removes both, wherever
 /// the other is) and the addresses this ADD allocated. Failures are logged: the ADD's own error
 /// is the one the runtime needs.
@@ -859,7 +848,7 @@ async fn del(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
         p.pod_down(attachment_of(&owner)).await;
     }
     // Its flows go before its addresses: once released, an address may go to the next pod.
-    super::flows::forget(held_by(ctx, &owner).await?).await;
+    super::flows::forget(ctx.ipam.held(&owner)).await;
     let ipam = ctx.ipam.clone();
     if let Err(e) = blocking(move || ipam.release(&owner)).await {
         errors.push(e.msg);
@@ -925,7 +914,7 @@ async fn check(ctx: &Ctx, req: &Request, peer_root: Option<PeerRoot>) -> Result<
     let want = expected_of(req)?;
 
     let mut missing = Vec::new();
-    let held = held_by(ctx, &owner_of(req)).await?;
+    let held = ctx.ipam.held(&owner_of(req));
     for a in &want.addrs {
         if !held.contains(&a.addr()) {
             missing.push(format!(
