@@ -953,7 +953,19 @@ impl Engine {
             Some(old) => old.merge(Due::quiet("pods left")),
             None => Due::quiet("pods left"),
         });
-        for (key, rec) in gone {
+        for left in gone {
+            let (key, rec) = match left {
+                source::Left::Gone(key, rec) => (key, rec),
+                source::Left::Shadowed => continue,
+                source::Left::HandedOver(key, value) => {
+                    // Another pod has the name's addresses now: a full program, not a delta.
+                    let _ = self.records.send((key, value));
+                    if self.objects.loaded() {
+                        self.due(Due::soon("pod deleted"));
+                    }
+                    continue;
+                }
+            };
             let _ = self.records.send((key, None));
             if !self.objects.loaded() {
                 continue;

@@ -243,16 +243,23 @@ impl PodFiles {
         }
     }
 
-    /// Every readable record; unreadable ones are logged and skipped.
+    /// Every readable record, oldest first; unreadable ones are logged and skipped.
     pub fn load(&self) -> Vec<LocalPod> {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
         };
-        entries
+        let mut paths: Vec<_> = entries
             .flatten()
             .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-            .filter_map(|e| {
-                let path = e.path();
+            .map(|e| {
+                let written = e.metadata().and_then(|m| m.modified()).ok();
+                (written, e.path())
+            })
+            .collect();
+        paths.sort();
+        paths
+            .into_iter()
+            .filter_map(|(_, path)| {
                 let parsed = std::fs::read(&path)
                     .map_err(|e| e.to_string())
                     .and_then(|b| serde_json::from_slice::<LocalPod>(&b).map_err(|e| e.to_string()));

@@ -29,6 +29,19 @@ pub struct Applied {
     pub others: bool,
 }
 
+/// What a local pod leaving did to its name (`Objects::local_down`).
+#[derive(Debug)]
+pub enum Left {
+    /// The name went with it: its key, and the record the cluster had.
+    Gone(String, Option<PodRecord>),
+    /// It did not hold its name (two records of one name from an old state dir): the model
+    /// is unchanged.
+    Shadowed,
+    /// It held its name, and the other attachment recorded under it holds it now: the key,
+    /// and that pod's record for etcd.
+    HandedOver(String, Option<Vec<u8>>),
+}
+
 #[derive(Clone, Debug)]
 pub enum PodMove {
     Added(PodKey),
@@ -53,6 +66,9 @@ pub struct Objects {
     /// Pod records in etcd that are not this node's pods.
     remote: BTreeMap<String, Pod>,
     local: BTreeMap<Attachment, LocalPod>,
+    /// Which attachment's pod holds each local pod name (the one in `cluster`). One name, one
+    /// attachment, except after loading a state dir from before that rule (`load_local`).
+    holders: BTreeMap<String, Attachment>,
     /// The last reason each invalid key was skipped for: logged once per reason.
     skipped: BTreeMap<String, String>,
     /// Kubernetes mode: pods come from the API server, which owns them. Its objects of this
@@ -88,6 +104,7 @@ impl Objects {
             namespaces: BTreeMap::new(),
             remote: BTreeMap::new(),
             local: BTreeMap::new(),
+            holders: BTreeMap::new(),
             skipped: BTreeMap::new(),
             api_pods: false,
             api_here: BTreeMap::new(),
@@ -141,9 +158,17 @@ impl Objects {
         self.local.values()
     }
 
-    /// This node's pods from the state dir (at start).
+    /// This node's pods from the state dir (at start), oldest record first. A state dir from
+    /// before one pod name had one attachment can hold two records of a name: the newer holds
+    /// it, as it did before the restart; the older pod stays a local pod (its port checked)
+    /// and takes the name if the holder goes first.
     pub fn load_local(&mut self) {
         for p in self.files.load() {
+            if let Some(holder) = self.local_key(&p.key()) {
+                tracing::warn!(pod = %p.key(), older = %holder.attachment.container_id,
+                    newer = %p.attachment.container_id,
+                    "two attachments on this node recorded one pod name (a state dir from an older twilld): policy follows the newer; DEL the other");
+            }
             self.insert_local(p);
         }
     }
@@ -154,11 +179,12 @@ impl Objects {
             return;
         }
         self.remote.remove(&p.key());
+        self.holders.insert(p.key(), p.attachment.clone());
         self.local.insert(p.attachment.clone(), p);
     }
 
     fn local_key(&self, key: &str) -> Option<&LocalPod> {
-        self.local.values().find(|p| p.key() == key)
+        self.local.get(self.holders.get(key)?)
     }
 
     /// A pod this node just set up (CNI ADD); its record is saved in the state dir.
@@ -203,18 +229,28 @@ impl Objects {
         self.files.clone()
     }
 
-    /// The pod of `a` is gone (DEL, GC); returns its key, if it was known, and the record the
-    /// cluster had for it.
-    pub fn local_down(&mut self, a: &Attachment) -> Option<(String, Option<PodRecord>)> {
+    /// The pod of `a` is gone (DEL, GC); what that did to its name, if it was known.
+    pub fn local_down(&mut self, a: &Attachment) -> Option<Left> {
         if let Err(e) = self.files.remove(a) {
             tracing::warn!(error = %e, "removing a pod record from the state dir");
         }
         let p = self.local.remove(a)?;
         let key = p.key();
+        if self.holders.get(&key) != Some(a) {
+            return Some(Left::Shadowed);
+        }
+        self.holders.remove(&key);
+        if let Some(next) = self.local.values().find(|q| q.key() == key).cloned() {
+            tracing::info!(pod = %key, container = %next.attachment.container_id,
+                "the other attachment recorded under this pod's name holds it now");
+            let rec = record(&next);
+            self.insert_local(next);
+            return Some(Left::HandedOver(rec.0, rec.1));
+        }
         let rec = self
             .cluster
             .remove_pod(&PodKey::new(p.namespace(), &p.pod.metadata.name));
-        Some((key, rec))
+        Some(Left::Gone(key, rec))
     }
 
     fn skip(&mut self, metrics: &Metrics, dir: &str, key: &str, why: String) {
@@ -670,6 +706,79 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// A state dir from before one pod name had one attachment can hold two records of a
+    /// name. After a restart the newer holds the name (as before it); the older leaving
+    /// changes nothing, and the holder leaving hands the name to the other instead of taking
+    /// it out of the model while that pod runs.
+    #[test]
+    fn two_records_of_one_name_from_an_old_state_dir() {
+        let (_, dir) = objects("dup");
+        let older = local("a", "10.244.1.5", json!([{"key": "app", "value": "db"}]));
+        // Sorts before the older one: the order of the map is not what decides.
+        let mut newer = local("a", "10.244.1.6", json!([{"key": "app", "value": "web"}]));
+        newer.attachment.container_id = "cid-0".into();
+        let files = PodFiles::new(&dir);
+        let write = |p: &LocalPod, age: u64| {
+            files.save(p).unwrap();
+            let path = dir.join("pods").join(format!(
+                "{}.json",
+                crate::cni::host_veth_name(&p.attachment.container_id, "eth0")
+            ));
+            let at = std::time::SystemTime::now() - std::time::Duration::from_secs(age);
+            std::fs::File::options()
+                .write(true)
+                .open(path)
+                .unwrap()
+                .set_modified(at)
+                .unwrap();
+        };
+        let app = |o: &Objects| {
+            let rec = o.cluster().pod(&PodKey::new("x", "a"))?;
+            rec.labels.get("app").cloned()
+        };
+        let held_by = |o: &Objects| {
+            o.local_pod("x/a")
+                .and_then(|p| p.metadata.labels.get("app").cloned())
+        };
+        let load = || {
+            write(&older, 60);
+            write(&newer, 0);
+            let mut o = Objects::new("n1", &dir);
+            o.load_local();
+            assert_eq!(o.local_count(), 2, "both ports stay checked");
+            assert_eq!(app(&o).as_deref(), Some("web"));
+            assert_eq!(held_by(&o).as_deref(), Some("web"));
+            o
+        };
+        let mut o = load();
+        assert!(matches!(
+            o.local_down(&older.attachment),
+            Some(Left::Shadowed)
+        ));
+        assert_eq!(app(&o).as_deref(), Some("web"));
+        assert_eq!(o.local_count(), 1);
+        let mut o = load();
+        match o.local_down(&newer.attachment) {
+            Some(Left::HandedOver(key, Some(value))) => {
+                assert_eq!(key, "x/a");
+                let pod: Pod = serde_json::from_slice(&value).unwrap();
+                assert_eq!(
+                    pod.metadata.labels.get("app").map(String::as_str),
+                    Some("db")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(app(&o).as_deref(), Some("db"));
+        assert_eq!(held_by(&o).as_deref(), Some("db"));
+        assert!(matches!(
+            o.local_down(&older.attachment),
+            Some(Left::Gone(_, Some(_)))
+        ));
+        assert_eq!(app(&o), None);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     #[test]
     fn local_pods_own_their_records_and_take_label_edits() {
         let (mut o, dir) = objects("b");
@@ -715,7 +824,9 @@ mod tests {
             &m,
         );
         assert!(o.cluster().pod(&PodKey::new("x", "r")).is_some());
-        let (key, rec) = o.local_down(&a.attachment).unwrap();
+        let Some(Left::Gone(key, rec)) = o.local_down(&a.attachment) else {
+            panic!("the pod's name did not go with it");
+        };
         assert_eq!((key.as_str(), rec.is_some()), ("x/a", true));
         assert!(o.cluster().pod(&PodKey::new("x", "a")).is_none());
         let _ = std::fs::remove_dir_all(dir);
