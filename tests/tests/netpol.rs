@@ -8,7 +8,7 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use netpol::fixtures::{self, Action, Check, Expect, Pattern};
 use netpol::model::{PodKey, Protocol};
 use serde_json::json;
@@ -927,6 +927,76 @@ fn a_pod_name_a_running_pod_holds_is_refused_and_the_holder_stays_protected() ->
         )
     })
     .context("the new pod under the freed name is not reachable")?;
+    Ok(())
+}
+
+/// A state dir written by a twilld from before one pod name had one attachment can hold two
+/// records of a name (here made by renaming one pod's record while twilld is stopped). After the
+/// restart the newer record holds the name and a warning names both; when its pod is deleted,
+/// the other pod, still running, takes the name and is isolated by the name's policy, instead
+/// of dropping out of the model with the deleted one.
+#[test]
+fn two_records_of_one_name_in_an_old_state_dir_hand_the_name_over() -> Result<()> {
+    use twill_tests::netpol::{pod_config, Servers};
+    let mut lab = Lab::new(LabOptions {
+        nodes: 1,
+        ..Default::default()
+    })?;
+    lab.put_config(CONFIG)?;
+    lab.start_daemon(1)?;
+    lab.wait_ready(1, Duration::from_secs(30))?;
+    let loaded = |lab: &Lab| {
+        wait_until(Duration::from_secs(20), || {
+            lab.status(1).is_ok_and(|s| s["policy"]["loaded"] == true)
+        })
+        .context("policy state did not load")
+    };
+    loaded(&lab)?;
+    let db = r#"{"metadata":{"name":"db","namespace":"x"},
+        "spec":{"podSelector":{"matchLabels":{"app":"db"}},"policyTypes":["Ingress"]}}"#;
+    lab.etcdctl(&["put", &format!("{PREFIX}/policies/x/db"), "--", db])?;
+    let labels = |app: &str| pod_config(&lab, 1, &[("app".to_string(), app.to_string())].into());
+    let (as_db, plain) = (labels("db"), labels("client"));
+    let older = lab.add_pod_with(1, "older", "K8S_POD_NAMESPACE=x;K8S_POD_NAME=old", &as_db)?;
+    let newer = lab.add_pod_with(1, "newer", "K8S_POD_NAMESPACE=x;K8S_POD_NAME=web", &as_db)?;
+    let client = lab.add_pod_with(1, "client", "K8S_POD_NAMESPACE=y;K8S_POD_NAME=c", &plain)?;
+    let _servers = Servers::start(&[&older, &newer])?;
+    let reaches =
+        |to: &twill_tests::Pod| probe(&client.netns_path(), IpAddr::V4(to.ip), 80, Protocol::Tcp);
+    wait_until(SETTLE, || !reaches(&older) && !reaches(&newer))
+        .context("the db pods are not isolated")?;
+
+    // The older pod's record renamed to the newer's name, and dated a minute back.
+    lab.stop_daemon(1)?;
+    let port = older.result["interfaces"][0]["name"]
+        .as_str()
+        .context("no host interface in the ADD result")?;
+    let path = lab.state_dir(1).join("pods").join(format!("{port}.json"));
+    let mut rec: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    rec["pod"]["metadata"]["name"] = json!("web");
+    std::fs::write(&path, serde_json::to_vec(&rec)?)?;
+    std::fs::File::options()
+        .write(true)
+        .open(&path)?
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(60))?;
+    lab.start_daemon(1)?;
+    lab.wait_ready(1, Duration::from_secs(30))?;
+    loaded(&lab)?;
+    let log = lab.daemon_log(1);
+    ensure!(
+        log.contains("two attachments on this node recorded one pod name"),
+        "no warning about the two records:\n{log}"
+    );
+    wait_until(SETTLE, || !reaches(&newer)).context("the name's holder is not isolated")?;
+
+    lab.del_pod(&newer)?;
+    wait_until(SETTLE, || !reaches(&older))
+        .context("the pod left under the name is not isolated after the holder's DEL")?;
+    // Through a compile or two.
+    for _ in 0..3 {
+        ensure!(!reaches(&older), "the remaining pod lost its protection");
+        std::thread::sleep(Duration::from_millis(400));
+    }
     Ok(())
 }
 
