@@ -598,6 +598,25 @@ impl Lab {
             .with_context(|| format!("spawn {args:?} in node {i}"))
     }
 
+    /// Renumbers node i's underlay from `from` to `to` (both in 198.18.0.0/24) under its twilld,
+    /// as DHCP or an operator would: the old address goes first (deleting a primary address
+    /// would take a same-subnet secondary with it), then the new one and the default route.
+    pub fn renumber(&self, i: usize, from: &str, to: &str) -> Result<()> {
+        self.exec_ok(
+            i,
+            &["ip", "addr", "del", &format!("{from}/24"), "dev", "eth0"],
+        )?;
+        self.exec_ok(
+            i,
+            &["ip", "addr", "add", &format!("{to}/24"), "dev", "eth0"],
+        )?;
+        self.exec_ok(
+            i,
+            &["ip", "route", "replace", "default", "via", "198.18.0.1"],
+        )?;
+        Ok(())
+    }
+
     /// One ping from node i to `dst` (1 s timeout): true if answered.
     pub fn ping(&self, i: usize, dst: &str) -> bool {
         self.exec(i, &["ping", "-n", "-q", "-c", "1", "-W", "1", dst])

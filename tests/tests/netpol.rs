@@ -855,6 +855,30 @@ fn denials_are_counted_per_policy_and_logged_with_pod_names() -> Result<()> {
     Ok(())
 }
 
+/// Waits until node `i`'s twilld has loaded the policy state.
+fn policy_loaded(lab: &Lab, i: usize) -> Result<()> {
+    wait_until(Duration::from_secs(20), || {
+        lab.status(i).is_ok_and(|s| s["policy"]["loaded"] == true)
+    })
+    .context("policy state did not load")
+}
+
+/// One node with policy, whose x/db policy isolates the pods labelled app=db from all ingress.
+fn one_node_with_a_db_policy() -> Result<Lab> {
+    let mut lab = Lab::new(LabOptions {
+        nodes: 1,
+        ..Default::default()
+    })?;
+    lab.put_config(CONFIG)?;
+    lab.start_daemon(1)?;
+    lab.wait_ready(1, Duration::from_secs(30))?;
+    policy_loaded(&lab, 1)?;
+    let db = r#"{"metadata":{"name":"db","namespace":"x"},
+        "spec":{"podSelector":{"matchLabels":{"app":"db"}},"policyTypes":["Ingress"]}}"#;
+    lab.etcdctl(&["put", &format!("{PREFIX}/policies/x/db"), "--", db])?;
+    Ok(lab)
+}
+
 /// One pod name, one attachment per node: a second container under a name a running pod holds
 /// (two podman names that make one key, a re-created pod whose old sandbox is still up) is
 /// refused with "try again later", and the running pod keeps its protection (before, the
@@ -863,20 +887,7 @@ fn denials_are_counted_per_policy_and_logged_with_pod_names() -> Result<()> {
 #[test]
 fn a_pod_name_a_running_pod_holds_is_refused_and_the_holder_stays_protected() -> Result<()> {
     use twill_tests::netpol::{pod_config, Servers};
-    let mut lab = Lab::new(LabOptions {
-        nodes: 1,
-        ..Default::default()
-    })?;
-    lab.put_config(CONFIG)?;
-    lab.start_daemon(1)?;
-    lab.wait_ready(1, Duration::from_secs(30))?;
-    wait_until(Duration::from_secs(20), || {
-        lab.status(1).is_ok_and(|s| s["policy"]["loaded"] == true)
-    })
-    .context("policy state did not load")?;
-    let db = r#"{"metadata":{"name":"db","namespace":"x"},
-        "spec":{"podSelector":{"matchLabels":{"app":"db"}},"policyTypes":["Ingress"]}}"#;
-    lab.etcdctl(&["put", &format!("{PREFIX}/policies/x/db"), "--", db])?;
+    let mut lab = one_node_with_a_db_policy()?;
     let labels = |app: &str| pod_config(&lab, 1, &[("app".to_string(), app.to_string())].into());
     let (as_db, as_web, plain) = (labels("db"), labels("web"), labels("client"));
     let name = "K8S_POD_NAMESPACE=x;K8S_POD_NAME=web";
@@ -943,23 +954,7 @@ fn a_pod_name_a_running_pod_holds_is_refused_and_the_holder_stays_protected() ->
 #[test]
 fn two_records_of_one_name_in_an_old_state_dir_hand_the_name_over() -> Result<()> {
     use twill_tests::netpol::{pod_config, Servers};
-    let mut lab = Lab::new(LabOptions {
-        nodes: 1,
-        ..Default::default()
-    })?;
-    lab.put_config(CONFIG)?;
-    lab.start_daemon(1)?;
-    lab.wait_ready(1, Duration::from_secs(30))?;
-    let loaded = |lab: &Lab| {
-        wait_until(Duration::from_secs(20), || {
-            lab.status(1).is_ok_and(|s| s["policy"]["loaded"] == true)
-        })
-        .context("policy state did not load")
-    };
-    loaded(&lab)?;
-    let db = r#"{"metadata":{"name":"db","namespace":"x"},
-        "spec":{"podSelector":{"matchLabels":{"app":"db"}},"policyTypes":["Ingress"]}}"#;
-    lab.etcdctl(&["put", &format!("{PREFIX}/policies/x/db"), "--", db])?;
+    let mut lab = one_node_with_a_db_policy()?;
     let labels = |app: &str| pod_config(&lab, 1, &[("app".to_string(), app.to_string())].into());
     let (as_db, plain) = (labels("db"), labels("client"));
     let older = lab.add_pod_with(1, "older", "K8S_POD_NAMESPACE=x;K8S_POD_NAME=old", &as_db)?;
@@ -986,7 +981,7 @@ fn two_records_of_one_name_in_an_old_state_dir_hand_the_name_over() -> Result<()
         .set_modified(std::time::SystemTime::now() - Duration::from_secs(60))?;
     lab.start_daemon(1)?;
     lab.wait_ready(1, Duration::from_secs(30))?;
-    loaded(&lab)?;
+    policy_loaded(&lab, 1)?;
     let log = lab.daemon_log(1);
     ensure!(
         log.contains("two attachments on this node recorded one pod name"),

@@ -948,26 +948,7 @@ fn underlay_address_change_moves_the_tunnel_endpoint() -> Result<()> {
     let old = nodes[0].clone();
     // Node 1's underlay address changes under the daemon (DHCP renumbering, operator change).
     let new_ip = "198.18.0.61";
-    // (Deleting the primary address first: it would take a same-subnet secondary with it.)
-    lab.exec_ok(
-        1,
-        &[
-            "ip",
-            "addr",
-            "del",
-            &format!("{}/24", old.public_ip),
-            "dev",
-            "eth0",
-        ],
-    )?;
-    lab.exec_ok(
-        1,
-        &["ip", "addr", "add", &format!("{new_ip}/24"), "dev", "eth0"],
-    )?;
-    lab.exec_ok(
-        1,
-        &["ip", "route", "replace", "default", "via", "198.18.0.1"],
-    )?;
+    lab.renumber(1, &old.public_ip, new_ip)?;
     // The lease now advertises the new address, with the same subnet and MAC.
     wait_until(CONVERGE, || {
         lab.etcd_get(&format!("{SUBNETS_PREFIX}{}", old.key()))

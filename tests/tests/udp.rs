@@ -220,19 +220,7 @@ fn an_underlay_address_change_moves_the_workers_and_leaves_none_behind() -> Resu
     );
     let old = lab.node_ip(1);
     let new_ip = "198.18.0.62";
-    // (Deleting the primary address first: it would take a same-subnet secondary with it.)
-    lab.exec_ok(
-        1,
-        &["ip", "addr", "del", &format!("{old}/24"), "dev", "eth0"],
-    )?;
-    lab.exec_ok(
-        1,
-        &["ip", "addr", "add", &format!("{new_ip}/24"), "dev", "eth0"],
-    )?;
-    lab.exec_ok(
-        1,
-        &["ip", "route", "replace", "default", "via", "198.18.0.1"],
-    )?;
+    lab.renumber(1, &old.to_string(), new_ip)?;
     let key = format!(
         "/coreos.com/network/subnets/{}",
         subnet(&lab, 1)?.replace('/', "-")
