@@ -1599,33 +1599,6 @@ mod tests {
         c
     }
 
-    /// twilld leaves a deleted local pod's entries in the kernel until the next compile (taking
-    /// them out would cost the DEL a grace period). A pod that gets one of its addresses before
-    /// then must not inherit them: its own delta (and the pending one) refuse, and the compile
-    /// it takes instead gives it exactly its own.
-    #[test]
-    fn a_pod_taking_a_deleted_pods_address_before_the_compile_compiles() {
-        let mut c = cluster();
-        add_policy(
-            &mut c,
-            "x",
-            "p",
-            serde_json::json!({"podSelector": {"matchLabels": {"pod": "old"}},
-                "ingress": [{"from": [{"podSelector": {}}]}]}),
-        );
-        add_pod(&mut c, "x", "old", "n1", &["10.0.1.9"], http());
-        let stale = compile(&c, "n1");
-        assert!(stale.ingress.contains_key(&ip("10.0.1.9")), "{stale:#?}");
-        c.remove_pod(&PodKey::new("x", "old")).unwrap();
-        add_pod(&mut c, "x", "new", "n1", &["10.0.1.9"], http());
-        let key = PodKey::new("x", "new");
-        assert_eq!(pod_added(&c, "n1", &stale, &key), None);
-        assert_eq!(pod_pending(&c, "n1", &stale, &key), None);
-        let fresh = compile(&c, "n1");
-        assert!(!fresh.ingress.contains_key(&ip("10.0.1.9")), "{fresh:#?}");
-        assert_eq!(diff(&stale, &fresh).apply(&stale), fresh);
-    }
-
     /// A pod without an address yet (as every Kubernetes pod starts) is in no program: its
     /// coming and going are empty deltas, not compiles.
     #[test]

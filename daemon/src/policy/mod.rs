@@ -467,7 +467,7 @@ impl Due {
         }
     }
 
-    /// A compile that confirms what an own delta did, or takes a deleted pod's entries out.
+    /// A compile that only confirms what an own delta did.
     fn check(why: &'static str) -> Due {
         Due {
             at: tokio::time::Instant::now() + CHECK_DELAY,
@@ -934,13 +934,13 @@ impl Engine {
         self.pods_down([a]).await
     }
 
-    /// Forgets these pods (DEL, GC, a failed ADD): out of the model now, their policy entries
-    /// with the compile that follows, their source checks once no CNI request has run for a
-    /// moment (`Due::quiet`). Taking set elements out costs the kernel an RCU grace period per
-    /// transaction (10-20 ms here), during which every other nftables transaction of the node
-    /// waits, an ADD's too; the pods' ports are gone by now (their callers delete the veth
-    /// first), so the stale elements check nothing meanwhile, and an ADD that makes a port of
-    /// the same name takes that port's out with it.
+    /// Forgets these pods (DEL, GC, a failed ADD): each one's own policy delta now, their
+    /// source checks once no CNI request has run for a moment (`Due::quiet`). Taking set
+    /// elements out costs the kernel an RCU grace period per transaction (10-20 ms here),
+    /// during which every other nftables transaction of the node waits, an ADD's too; the
+    /// pods' ports are gone by now (their callers delete the veth first), so the stale
+    /// elements check nothing meanwhile, and an ADD that makes a port of the same name takes
+    /// that port's out with it.
     async fn pods_down<'a>(&mut self, atts: impl IntoIterator<Item = &'a Attachment>) {
         let gone: Vec<_> = atts
             .into_iter()
@@ -970,12 +970,17 @@ impl Engine {
             if !self.objects.loaded() {
                 continue;
             }
-            // Its entries leave the kernel with the next compile, not now: taking elements out
-            // would cost this DEL a grace period. Meanwhile they serve nobody (its port is
-            // gone, and no other pod may send from its addresses), and an ADD that gets one
-            // of its addresses first compiles (`program::pod_added`: the address is still in
-            // the program's local pods).
-            self.due(if rec.is_some() {
+            let fast = match rec {
+                Some(rec) => {
+                    self.apply_own_delta(|c, node, prog| program::pod_removed(c, node, prog, &rec))
+                        .await
+                }
+                None => false,
+            };
+            // Otherwise its entries can wait for the CNI requests in flight: nothing runs
+            // behind them any more, and an ADD that gets its address first takes the full
+            // path (the address is still in the program).
+            self.due(if fast {
                 Due::check("pod deleted")
             } else {
                 Due::soon("pod deleted")
