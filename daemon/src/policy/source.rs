@@ -201,12 +201,14 @@ impl Objects {
     pub fn local_insert(&mut self, p: LocalPod) -> Result<(), PodUpError> {
         netpol::model::PodRecord::from_api(&p.pod).map_err(|e| PodUpError::Failed(errs(&e)))?;
         // Another attachment with this pod's name: not replaced, which would leave its pod
-        // (if it still runs) with no record, so unprotected.
+        // (if it still runs) with no record, so unprotected. The name's holder itself (a label
+        // edit) goes in also when an old state dir gave another attachment the name too.
         let key = p.key();
+        let holds = self.holders.get(&key) == Some(&p.attachment);
         if let Some(by) = self
             .local
             .iter()
-            .find(|(a, q)| q.key() == key && **a != p.attachment)
+            .find(|(a, q)| !holds && q.key() == key && **a != p.attachment)
             .map(|(a, _)| a.clone())
         {
             if by.container_id == p.attachment.container_id {
@@ -304,10 +306,10 @@ impl Objects {
         if dir == PODS && !self.api_pods {
             // Our pods whose record is missing: written now (made while etcd was away).
             let missing: Vec<LocalPod> = self
-                .local
-                .values()
-                .filter(|p| !keys.contains(&p.key()))
-                .cloned()
+                .holders
+                .iter()
+                .filter(|(k, _)| !keys.contains(*k))
+                .filter_map(|(_, a)| self.local.get(a).cloned())
                 .collect();
             for p in missing {
                 out.records.push(record(&p));
@@ -714,9 +716,10 @@ mod tests {
     fn two_records_of_one_name_from_an_old_state_dir() {
         let (_, dir) = objects("dup");
         let older = local("a", "10.244.1.5", json!([{"key": "app", "value": "db"}]));
-        // Sorts before the older one: the order of the map is not what decides.
+        // Sorts after the older one ("cid-a"): the first of the name in the map is not the
+        // holder.
         let mut newer = local("a", "10.244.1.6", json!([{"key": "app", "value": "web"}]));
-        newer.attachment.container_id = "cid-0".into();
+        newer.attachment.container_id = "cid-z".into();
         let files = PodFiles::new(&dir);
         let write = |p: &LocalPod, age: u64| {
             files.save(p).unwrap();
@@ -751,11 +754,32 @@ mod tests {
             o
         };
         let mut o = load();
+        // The holder takes label edits; the other record of its name does not refuse them.
+        let mut edited = newer.clone();
+        edited
+            .pod
+            .metadata
+            .labels
+            .insert("app".into(), "api".into());
+        o.local_up(edited).unwrap();
+        assert_eq!(app(&o).as_deref(), Some("api"));
+        // A listing of etcd without the name's record writes the holder's.
+        let out = o.apply(PODS, DirEvent::Snapshot(vec![]), &Metrics::default());
+        let written: Vec<Pod> = out
+            .records
+            .iter()
+            .map(|(_, v)| serde_json::from_slice(v.as_ref().unwrap()).unwrap())
+            .collect();
+        assert_eq!(written.len(), 1);
+        assert_eq!(
+            written[0].metadata.labels.get("app").map(String::as_str),
+            Some("api")
+        );
         assert!(matches!(
             o.local_down(&older.attachment),
             Some(Left::Shadowed)
         ));
-        assert_eq!(app(&o).as_deref(), Some("web"));
+        assert_eq!(app(&o).as_deref(), Some("api"));
         assert_eq!(o.local_count(), 1);
         let mut o = load();
         match o.local_down(&newer.attachment) {
