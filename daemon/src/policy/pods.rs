@@ -222,12 +222,19 @@ impl PodFiles {
         }
     }
 
-    fn path(&self, a: &Attachment) -> PathBuf {
+    pub(crate) fn path(&self, a: &Attachment) -> PathBuf {
         // The same stable hash the veth names use: no container ID in a path.
         self.dir.join(format!(
             "{}.json",
             crate::cni::host_veth_name(&a.container_id, &a.ifname)
         ))
+    }
+
+    /// When `a`'s record was last written, if it is there.
+    pub fn written(&self, a: &Attachment) -> Option<std::time::SystemTime> {
+        std::fs::metadata(self.path(a))
+            .and_then(|m| m.modified())
+            .ok()
     }
 
     pub fn save(&self, p: &LocalPod) -> std::io::Result<()> {

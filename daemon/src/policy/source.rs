@@ -37,8 +37,8 @@ pub enum Left {
     /// It did not hold its name (two records of one name from an old state dir): the model
     /// is unchanged.
     Shadowed,
-    /// It held its name, and the other attachment recorded under it holds it now: the key,
-    /// and that pod's record for etcd.
+    /// It held its name, and the newest other attachment recorded under it holds it now: the
+    /// key, and that pod's record for etcd.
     HandedOver(String, Option<Vec<u8>>),
 }
 
@@ -242,7 +242,14 @@ impl Objects {
             return Some(Left::Shadowed);
         }
         self.holders.remove(&key);
-        if let Some(next) = self.local.values().find(|q| q.key() == key).cloned() {
+        // The newest of the name's other records, as at start (`load_local`).
+        let next = self
+            .local
+            .values()
+            .filter(|q| q.key() == key)
+            .max_by_key(|q| self.files.written(&q.attachment))
+            .cloned();
+        if let Some(next) = next {
             tracing::info!(pod = %key, container = %next.attachment.container_id,
                 "the other attachment recorded under this pod's name holds it now");
             let rec = record(&next);
@@ -723,10 +730,7 @@ mod tests {
         let files = PodFiles::new(&dir);
         let write = |p: &LocalPod, age: u64| {
             files.save(p).unwrap();
-            let path = dir.join("pods").join(format!(
-                "{}.json",
-                crate::cni::host_veth_name(&p.attachment.container_id, "eth0")
-            ));
+            let path = files.path(&p.attachment);
             let at = std::time::SystemTime::now() - std::time::Duration::from_secs(age);
             std::fs::File::options()
                 .write(true)
@@ -800,6 +804,51 @@ mod tests {
             Some(Left::Gone(_, Some(_)))
         ));
         assert_eq!(app(&o), None);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Three records of one name: each hand-over goes to the newest left, not to the first
+    /// in the map's order.
+    #[test]
+    fn a_name_is_handed_to_the_newest_other_record() {
+        let (_, dir) = objects("dup3");
+        let files = PodFiles::new(&dir);
+        let mut recs = Vec::new();
+        // Oldest first; the oldest's container ID sorts first in the map.
+        for (cid, app, age) in [
+            ("cid-a", "old", 60),
+            ("cid-m", "mid", 30),
+            ("cid-z", "new", 0),
+        ] {
+            let mut p = local("a", "10.244.1.5", json!([{"key": "app", "value": app}]));
+            p.attachment.container_id = cid.into();
+            files.save(&p).unwrap();
+            let at = std::time::SystemTime::now() - std::time::Duration::from_secs(age);
+            std::fs::File::options()
+                .write(true)
+                .open(files.path(&p.attachment))
+                .unwrap()
+                .set_modified(at)
+                .unwrap();
+            recs.push(p);
+        }
+        let mut o = Objects::new("n1", &dir);
+        o.load_local();
+        let app = |o: &Objects| {
+            let rec = o.cluster().pod(&PodKey::new("x", "a"))?;
+            rec.labels.get("app").cloned()
+        };
+        assert_eq!(app(&o).as_deref(), Some("new"));
+        assert!(matches!(
+            o.local_down(&recs[2].attachment),
+            Some(Left::HandedOver(..))
+        ));
+        assert_eq!(app(&o).as_deref(), Some("mid"));
+        assert!(matches!(
+            o.local_down(&recs[1].attachment),
+            Some(Left::HandedOver(..))
+        ));
+        assert_eq!(app(&o).as_deref(), Some("old"));
         let _ = std::fs::remove_dir_all(dir);
     }
 
