@@ -231,7 +231,8 @@ fn pods_come_and_go_while_etcd_is_down() -> Result<()> {
 }
 
 /// DEL takes the pod's conntrack entries with it: a flow still counted as established would go
-/// on to the next pod given the address, past that pod's policies.
+/// on to the next pod given the address, past that pod's policies. Hundreds of them here, so
+/// the deletes span several of the datagrams they are batched in.
 #[test]
 fn del_forgets_the_pods_conntrack_entries() -> Result<()> {
     let mut lab = ready_lab(1)?;
@@ -245,7 +246,23 @@ fn del_forgets_the_pods_conntrack_entries() -> Result<()> {
             .count())
     };
     wait_until(Duration::from_secs(10), || a.ping(b.ip)).context("a does not reach b")?;
-    assert!(tracked(&lab)? > 0, "the node tracks no flow of b's");
+    // One UDP flow per source port (conntrack keeps an unanswered one for 30 s).
+    let to = std::net::SocketAddr::from((b.ip, 9));
+    twill_tests::netns::in_netns(&a.ns, move || -> std::io::Result<()> {
+        // All open at once: 300 distinct ports.
+        let socks = (0..300)
+            .map(|_| std::net::UdpSocket::bind("0.0.0.0:0"))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        for s in &socks {
+            s.send_to(b"x", to)?;
+        }
+        Ok(())
+    })??;
+    let before = tracked(&lab)?;
+    assert!(
+        before > 300,
+        "the node tracks {before} flows of b's, not 301"
+    );
     lab.del_pod(&b)?;
     let left = tracked(&lab)?;
     assert_eq!(left, 0, "b's conntrack entries outlived its DEL");

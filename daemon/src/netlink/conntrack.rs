@@ -17,6 +17,10 @@ const IPCTNL_MSG_CT_NEW: u16 = 0;
 const IPCTNL_MSG_CT_GET: u16 = 1;
 const IPCTNL_MSG_CT_DELETE: u16 = 2;
 const NLM_F_DUMP: u16 = 0x300;
+/// The kernel acks each delete in a buffer of its own (under 1 KiB with its overhead, the
+/// request carried back in a refusal): a datagram's acks stay well inside the socket's receive
+/// buffer (208 KiB by default), where an overflow would lose acks.
+const DELETES_PER_DATAGRAM: usize = 64;
 
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
@@ -107,35 +111,47 @@ pub fn delete_flows_of(addrs: &[IpAddr]) -> Result<usize, NetlinkError> {
         }
         let sock = socket("conntrack")?;
         let mut buf = vec![0u8; 1 << 16];
-        for (seq, e) in entries.iter().enumerate() {
+        // Many deletes to a datagram, each acked on its own: a pod with thousands of flows
+        // costs a few round trips, not thousands.
+        for batch in entries.chunks(DELETES_PER_DATAGRAM) {
             let mut out = Vec::new();
-            let mut m = Msg::new(
-                (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE,
-                NLM_F_REQUEST | NLM_F_ACK,
-                seq as u32 + 1,
-                family,
-            );
-            m.res_id(0);
-            let t = m.begin(CTA_TUPLE_ORIG);
-            m.bytes.extend_from_slice(&e.orig);
-            m.end(t);
-            if let Some(z) = &e.zone {
-                m.attr(CTA_ZONE, z);
+            for (seq, e) in batch.iter().enumerate() {
+                let mut m = Msg::new(
+                    (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE,
+                    NLM_F_REQUEST | NLM_F_ACK,
+                    seq as u32 + 1,
+                    family,
+                );
+                m.res_id(0);
+                let t = m.begin(CTA_TUPLE_ORIG);
+                m.bytes.extend_from_slice(&e.orig);
+                m.end(t);
+                if let Some(z) = &e.zone {
+                    m.attr(CTA_ZONE, z);
+                }
+                m.finish(&mut out);
             }
-            m.finish(&mut out);
             sock.send(&out, 0)
                 .map_err(|e| NetlinkError::failed("send conntrack delete", e))?;
-            let n = recv(&sock, &mut buf, "read conntrack")?;
-            for m in messages(&buf[..n]) {
-                // Gone meanwhile (it timed out, or was the reply of one deleted): fine.
-                if m.kind == NLMSG_ERROR && m.errno != 0 && m.errno != -libc::ENOENT {
-                    first_err.get_or_insert(NetlinkError::Errno {
-                        context: "deleting a conntrack entry".into(),
-                        errno: -m.errno,
-                    });
-                }
-                if m.kind == NLMSG_ERROR && m.errno == 0 {
-                    deleted += 1;
+            let mut acked = 0;
+            while acked < batch.len() {
+                let n = recv(&sock, &mut buf, "read conntrack")?;
+                for m in messages(&buf[..n]) {
+                    if m.kind != NLMSG_ERROR {
+                        continue;
+                    }
+                    acked += 1;
+                    match m.errno {
+                        0 => deleted += 1,
+                        // Gone meanwhile (it timed out, or was the reply of one deleted): fine.
+                        e if e == -libc::ENOENT => {}
+                        e => {
+                            first_err.get_or_insert(NetlinkError::Errno {
+                                context: "deleting a conntrack entry".into(),
+                                errno: -e,
+                            });
+                        }
+                    }
                 }
             }
         }
