@@ -351,6 +351,28 @@ fn host_gw_pods_reach_each_other_without_a_vxlan_device() -> Result<()> {
         routes(&lab, 1).is_ok_and(|r| r.iter().any(|l| l.starts_with(&sub2)))
     })
     .context("host-gw route not restored")?;
+    // A peer that left while twilld was down: its route is gone after the start.
+    let sub3 = subnet(&lab, 3)?;
+    lab.stop_daemon(1)?;
+    lab.stop_daemon(3)?;
+    lab.etcdctl(&[
+        "del",
+        &format!("/coreos.com/network/subnets/{}", sub3.replace('/', "-")),
+    ])?;
+    assert!(
+        routes(&lab, 1)?.iter().any(|l| l.starts_with(&sub3)),
+        "the premise: node 3's route stays while node 1's twilld is down"
+    );
+    lab.start_daemon(1)?;
+    lab.wait_ready(1, Duration::from_secs(30))?;
+    wait_until(Duration::from_secs(10), || {
+        routes(&lab, 1).is_ok_and(|r| !r.iter().any(|l| l.starts_with(&sub3)))
+    })
+    .context("the route of a peer that left while twilld was down stayed")?;
+    assert!(
+        routes(&lab, 1)?.iter().any(|l| l.starts_with(&sub2)),
+        "the remaining peer's route went too"
+    );
     Ok(())
 }
 
@@ -438,6 +460,7 @@ fn host_gw_reports_a_peer_behind_a_router_instead_of_routing_it() -> Result<()> 
 
 /// DirectRouting on a routed underlay: node 2 shares node 1's segment (direct route, no
 /// encapsulation), node 3 sits behind a router (VXLAN). Both reachable, pod addresses kept.
+/// When node 3 moves onto node 1's segment, both sides route each other directly.
 #[test]
 fn direct_routing_routes_same_segment_peers_directly_and_tunnels_the_rest() -> Result<()> {
     let mut lab = Lab::up(
@@ -494,19 +517,69 @@ fn direct_routing_routes_same_segment_peers_directly_and_tunnels_the_rest() -> R
     std::thread::sleep(Duration::from_millis(500));
     assert!(cap.try_wait()?.is_none(), "VXLAN packets to a direct peer");
     let _ = cap.kill();
+
+    // The underlay changes under the running daemons: node 3 is moved onto node 1's segment
+    // and renumbered into it. Node 3 redoes its segment, node 1 sees node 3's new address, and
+    // both decide afresh: direct both ways.
+    let (u, r) = (lab.underlay_ns(), lab.router_ns());
+    let ip = |args: &[&str]| twill_tests::netns::run_ok(args).map(|_| ());
+    ip(&["ip", "-n", &r, "link", "set", "veth3", "netns", &u])?;
+    let br = format!("{}br", lab.prefix());
+    ip(&["ip", "-n", &u, "link", "set", "veth3", "master", &br, "up"])?;
+    let (old, new) = (lab.node_ip(3).to_string(), "198.18.0.13");
+    lab.exec_ok(
+        3,
+        &["ip", "addr", "del", &format!("{old}/24"), "dev", "eth0"],
+    )?;
+    lab.exec_ok(
+        3,
+        &["ip", "addr", "add", &format!("{new}/24"), "dev", "eth0"],
+    )?;
+    lab.exec_ok(
+        3,
+        &["ip", "route", "replace", "default", "via", "198.18.0.1"],
+    )?;
+    let sub1 = subnet(&lab, 1)?;
+    let direct3 = format!("{sub3} via {new} dev eth0 proto 116");
+    wait_until(Duration::from_secs(30), || {
+        let on1 = lab
+            .status(1)
+            .is_ok_and(|st| peer(&st, &sub3).is_some_and(|p| p["path"] == "direct"));
+        let on3 = lab
+            .status(3)
+            .is_ok_and(|st| peer(&st, &sub1).is_some_and(|p| p["path"] == "direct"));
+        let route = routes(&lab, 1).is_ok_and(|r| r.iter().any(|l| l.starts_with(&direct3)));
+        on1 && on3 && route
+    })
+    .with_context(|| {
+        format!(
+            "node 3 on node 1's segment is not routed directly: {:?} {:?}",
+            lab.status(1).ok(),
+            routes(&lab, 1).ok()
+        )
+    })?;
+    let r = routes(&lab, 1)?;
+    assert!(
+        !r.iter()
+            .any(|l| l.starts_with(&sub3) && l.contains("dev twill.1")),
+        "node 3's tunnel route stayed: {r:?}"
+    );
+    assert_eq!(pod_to_pod(&pods[0], &pods[2], 7321)?, pods[0].ip);
+    assert_eq!(pod_to_pod(&pods[2], &pods[0], 7322)?, pods[2].ip);
     Ok(())
 }
 
-/// vxlan -> host-gw -> vxlan across restarts: each time only the current backend's state is
-/// left (no VXLAN device under host-gw, no direct routes under plain vxlan), and pods keep
-/// reaching each other.
+/// vxlan -> host-gw -> vxlan -> udp -> vxlan across restarts: each time only the current
+/// backend's state is left (no VXLAN device under host-gw, no direct routes under plain
+/// vxlan, no TUN device but under udp), the lease names the backend, and pods keep reaching
+/// each other.
 #[test]
 fn switching_backend_between_restarts_leaves_nothing_stale() -> Result<()> {
     let mut lab = Lab::up(nodes(2), VXLAN, &[])?;
     let a = lab.add_pod(1, "a")?;
     let b = lab.add_pod(2, "b")?;
     assert_eq!(pod_to_pod(&a, &b, 7401)?, a.ip);
-    for (config, port) in [(HOST_GW, 7402), (UDP, 7404), (VXLAN, 7403)] {
+    for (config, port) in [(HOST_GW, 7402), (VXLAN, 7403), (UDP, 7404), (VXLAN, 7405)] {
         for i in 1..=2 {
             lab.stop_daemon(i)?;
         }
@@ -534,11 +607,20 @@ fn switching_backend_between_restarts_leaves_nothing_stale() -> Result<()> {
                 match config {
                     HOST_GW => !vxlan && !tun && via == 1,
                     UDP => !vxlan && tun && via == 0,
-                    _ => vxlan && !tun && r.iter().filter(ours).count() != 1,
+                    _ => vxlan && !tun && r.iter().filter(ours).count() == 0,
                 }
             })
         })
         .with_context(|| format!("stale state after switching to {config}"))?;
+        let want = serde_json::from_str::<Value>(config)?["Backend"]["Type"].clone();
+        for i in 1..=2 {
+            let key = format!(
+                "/coreos.com/network/subnets/{}",
+                subnet(&lab, i)?.replace('/', "-")
+            );
+            let lease: Value = serde_json::from_str(&lab.etcd_get(&key)?.context("no lease")?)?;
+            assert_eq!(lease["BackendType"], want, "after switching to {config}");
+        }
         assert_eq!(
             pod_to_pod(&a, &b, port)?,
             a.ip,
