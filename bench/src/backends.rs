@@ -4,7 +4,7 @@
 //!   measured right next to it; how long a twilld restart stops udp's traffic;
 //! - the floors under those with twill out of the path: host-gw's own routes and bridges with
 //!   the daemons stopped and no nftables, and hand-made routed pods (no bridge) against the
-//!   underlay, the ceiling of any pod path in this lab;
+//!   underlay: what the lab's topology itself costs;
 //! - pod-to-world throughput and TCP connection rate with masquerade against the same pod
 //!   reaching the world unNATed (a route back to the pod network on the world's side).
 //!
@@ -264,11 +264,12 @@ fn abortive_close(s: &TcpStream) {
     }
 }
 
-/// The floor under every pod path in this lab, with twill out of it: the daemons stopped and
-/// their nftables tables gone, the same veths, bridges and routes (the bare path, against which
-/// twill's own cost is read), and a routed pod on each node (a veth and a /32 route, no bridge,
-/// Calico's shape), against the underlay: what no pod data path here can beat, since the
-/// underlay is one veth where a pod's packet crosses two more and is forwarded twice.
+/// The pod paths of this lab with twill out of them: the daemons stopped and their nftables
+/// tables gone, the same veths, bridges and routes (the bare path, against which twill's own
+/// cost is read), and a routed pod on each node (a veth and a /32 route, no bridge, Calico's
+/// shape) against the underlay: what the topology itself costs, since node to node is two
+/// veth pairs and a bridge, and a pod's packet crosses two more veth pairs and is forwarded on
+/// both nodes.
 struct Floors {
     bare: Vec<f64>,
     routed: Vec<f64>,
@@ -292,7 +293,8 @@ impl RoutedPods<'_> {
     fn make(&mut self, i: usize) -> Result<()> {
         let (ns, ip) = routed_pod(self.lab, i);
         let node = self.lab.node_ns(i);
-        let (host_if, pod_if) = (format!("{}rh{i}", self.lab.prefix()), "rp0");
+        // Inside the node's namespace, like the lab's own eth0: no prefix needed.
+        let (host_if, pod_if) = ("rh0", "rp0");
         netns::add(&ns)?;
         self.made = i;
         for args in [
@@ -532,7 +534,7 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
             res.metrics.push(
                 Metric::new("routed pod, no bridge, no twill: TCP 1 stream", "Gbit/s", &floors.routed)
                     .vs_paired("underlay node-to-node", &floors.routed, &floors.underlay)
-                    .note("a veth and a /32 route per pod, host-gw routes, nothing of twill's: the ceiling of any pod path in this lab"),
+                    .note("a veth and a /32 route per pod, host-gw routes, nothing of twill's: what the lab's topology leaves of the underlay"),
             );
         }
     }
