@@ -242,12 +242,15 @@ impl Objects {
             return Some(Left::Shadowed);
         }
         self.holders.remove(&key);
-        // The newest of the name's other records, as at start (`load_local`).
+        // The newest of the name's other records, ties by path, as at start (`load_local`).
         let next = self
             .local
             .values()
             .filter(|q| q.key() == key)
-            .max_by_key(|q| self.files.written(&q.attachment))
+            .max_by_key(|q| {
+                let a = &q.attachment;
+                (self.files.written(a), self.files.path(a))
+            })
             .cloned();
         if let Some(next) = next {
             tracing::info!(pod = %key, container = %next.attachment.container_id,
