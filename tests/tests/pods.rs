@@ -258,11 +258,10 @@ fn del_forgets_the_pods_conntrack_entries() -> Result<()> {
         }
         Ok(())
     })??;
-    let before = tracked(&lab)?;
-    assert!(
-        before > 300,
-        "the node tracks {before} flows of b's, not 301"
-    );
+    wait_until(Duration::from_secs(10), || {
+        tracked(&lab).is_ok_and(|n| n >= 300)
+    })
+    .with_context(|| format!("the node tracks {:?} flows of b's, not 300", tracked(&lab)))?;
     lab.del_pod(&b)?;
     let left = tracked(&lab)?;
     assert_eq!(left, 0, "b's conntrack entries outlived its DEL");
