@@ -598,7 +598,8 @@ impl Lab {
             .with_context(|| format!("spawn {args:?} in node {i}"))
     }
 
-    /// Renumbers node i's underlay from `from` to `to` (both in 198.18.0.0/24) under its twilld,
+    /// Renumbers node i's underlay from `from` to `to` (a /24 each; `to` in 198.18.0.0/24, whose
+    /// underlay host becomes the default gateway) under its twilld,
     /// as DHCP or an operator would: the old address goes first (deleting a primary address
     /// would take a same-subnet secondary with it), then the new one and the default route.
     pub fn renumber(&self, i: usize, from: &str, to: &str) -> Result<()> {

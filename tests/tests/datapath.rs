@@ -526,19 +526,8 @@ fn direct_routing_routes_same_segment_peers_directly_and_tunnels_the_rest() -> R
     ip(&["ip", "-n", &r, "link", "set", "veth3", "netns", &u])?;
     let br = format!("{}br", lab.prefix());
     ip(&["ip", "-n", &u, "link", "set", "veth3", "master", &br, "up"])?;
-    let (old, new) = (lab.node_ip(3).to_string(), "198.18.0.13");
-    lab.exec_ok(
-        3,
-        &["ip", "addr", "del", &format!("{old}/24"), "dev", "eth0"],
-    )?;
-    lab.exec_ok(
-        3,
-        &["ip", "addr", "add", &format!("{new}/24"), "dev", "eth0"],
-    )?;
-    lab.exec_ok(
-        3,
-        &["ip", "route", "replace", "default", "via", "198.18.0.1"],
-    )?;
+    let new = "198.18.0.13";
+    lab.renumber(3, &lab.node_ip(3).to_string(), new)?;
     let sub1 = subnet(&lab, 1)?;
     let direct3 = format!("{sub3} via {new} dev eth0 proto 116");
     wait_until(Duration::from_secs(30), || {
