@@ -749,6 +749,9 @@ impl Engine {
         // A pod re-created under its name replaces a record whose addresses the program may
         // still hold: compiled whole.
         let replaces = self.objects.cluster().pod(&pod_key).is_some();
+        // Refused before the record is written: that write would replace the record of what
+        // holds the name or the attachment now.
+        self.objects.insertable(&pod)?;
         // The state-dir record (what a restart programs from) is written while the kernel is
         // programmed; ADD answers only when both are done.
         let attachment = pod.attachment.clone();

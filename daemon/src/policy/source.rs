@@ -189,7 +189,7 @@ impl Objects {
 
     /// A pod this node just set up (CNI ADD); its record is saved in the state dir.
     pub fn local_up(&mut self, p: LocalPod) -> Result<(), PodUpError> {
-        netpol::model::PodRecord::from_api(&p.pod).map_err(|e| PodUpError::Failed(errs(&e)))?;
+        self.insertable(&p)?;
         self.files
             .save(&p)
             .map_err(|e| PodUpError::Failed(format!("recording the pod in the state dir: {e}")))?;
@@ -199,7 +199,26 @@ impl Objects {
     /// `local_up` without the state-dir record, which the caller writes (`files`) and undoes
     /// with `local_down` if that fails.
     pub fn local_insert(&mut self, p: LocalPod) -> Result<(), PodUpError> {
+        self.insertable(&p)?;
+        self.insert_local(p);
+        Ok(())
+    }
+
+    /// Whether `local_insert` would take `p`, checked before anything is written.
+    pub fn insertable(&self, p: &LocalPod) -> Result<(), PodUpError> {
         netpol::model::PodRecord::from_api(&p.pod).map_err(|e| PodUpError::Failed(errs(&e)))?;
+        // An attachment recorded under another name: taking the new one would leave the old
+        // name in the cluster, held by a record that no longer carries it.
+        if let Some(was) = self.local.get(&p.attachment).filter(|q| q.key() != p.key()) {
+            return Err(PodUpError::Failed(format!(
+                "container {} on {} is set up on this node as pod {} already: DEL it before \
+                 adding it as pod {}",
+                p.attachment.container_id,
+                p.attachment.ifname,
+                was.key(),
+                p.key()
+            )));
+        }
         // Another attachment with this pod's name: not replaced, which would leave its pod
         // (if it still runs) with no record, so unprotected. The name's holder itself (a label
         // edit) goes in also when an old state dir gave another attachment the name too.
@@ -222,7 +241,6 @@ impl Objects {
             }
             return Err(PodUpError::Taken { key, by });
         }
-        self.insert_local(p);
         Ok(())
     }
 
@@ -681,6 +699,37 @@ mod tests {
             json!({"metadata": {"name": "r", "namespace": "y"}, "spec": {"podSelector": {}}});
         o.apply(POLICIES, DirEvent::Put(kv("x/r", elsewhere)), &m);
         assert_eq!(o.cluster().policies().count(), 1);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// An attachment already recorded under one pod name is refused under another (a repeated
+    /// ADD with other CNI_ARGS): taking it would leave the first name in the cluster, held by a
+    /// record that no longer carries it. Nothing changes, on disk either, until it is DELeted.
+    #[test]
+    fn an_attachment_is_not_renamed_without_a_del() {
+        let (mut o, dir) = objects("t");
+        let a = local("a", "10.244.1.5", json!([{"key": "app", "value": "db"}]));
+        o.local_up(a.clone()).unwrap();
+        let mut renamed = local("b", "10.244.1.5", json!([{"key": "app", "value": "web"}]));
+        renamed.attachment = a.attachment.clone();
+        for r in [o.local_up(renamed.clone()), o.local_insert(renamed.clone())] {
+            match r {
+                Err(PodUpError::Failed(m)) => {
+                    assert!(m.contains("as pod x/a already") && m.contains("DEL"), "{m}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(o.cluster().pod(&PodKey::new("x", "b")).is_none());
+        let rec = o.cluster().pod(&PodKey::new("x", "a")).unwrap();
+        assert_eq!(rec.labels.get("app").map(String::as_str), Some("db"));
+        assert_eq!(o.local_pod("x/a"), Some(&a.pod));
+        assert_eq!(o.files().load(), vec![a.clone()]);
+        o.local_down(&a.attachment).unwrap();
+        o.local_up(renamed.clone()).unwrap();
+        assert!(o.cluster().pod(&PodKey::new("x", "a")).is_none());
+        assert!(o.cluster().pod(&PodKey::new("x", "b")).is_some());
+        assert_eq!(o.files().load(), vec![renamed]);
         let _ = std::fs::remove_dir_all(dir);
     }
 
