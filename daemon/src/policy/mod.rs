@@ -749,22 +749,18 @@ impl Engine {
         // A pod re-created under its name replaces a record whose addresses the program may
         // still hold: compiled whole.
         let replaces = self.objects.cluster().pod(&pod_key).is_some();
+        let attachment = pod.attachment.clone();
+        let copy = pod.clone();
         // Refused before the record is written: that write would replace the record of what
         // holds the name or the attachment now.
-        self.objects.insertable(&pod)?;
+        self.objects.local_insert(pod)?;
         // The state-dir record (what a restart programs from) is written while the kernel is
         // programmed; ADD answers only when both are done.
-        let attachment = pod.attachment.clone();
-        let (files, copy) = (self.objects.files(), pod.clone());
+        let files = self.objects.files();
         let saving = tokio::task::spawn_blocking(move || {
             let t = Instant::now();
             files.save(&copy).map(|()| t.elapsed())
         });
-        if let Err(e) = self.objects.local_insert(pod) {
-            let _ = saving.await;
-            let _ = self.objects.files().remove(&attachment);
-            return Err(e);
-        }
         if let Err(e) = self.sources(SourcesWrite::Added).await {
             // A pod that could send from any address would escape its policies.
             let _ = saving.await;

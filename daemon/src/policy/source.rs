@@ -196,8 +196,8 @@ impl Objects {
         self.local_insert(p)
     }
 
-    /// `local_up` without the state-dir record, which the caller writes (`files`) and undoes
-    /// with `local_down` if that fails.
+    /// `local_up` without the state-dir record, which the caller writes (`files`) after this
+    /// succeeds and undoes with `local_down` if that fails.
     pub fn local_insert(&mut self, p: LocalPod) -> Result<(), PodUpError> {
         self.insertable(&p)?;
         self.insert_local(p);
@@ -205,7 +205,7 @@ impl Objects {
     }
 
     /// Whether `local_insert` would take `p`, checked before anything is written.
-    pub fn insertable(&self, p: &LocalPod) -> Result<(), PodUpError> {
+    fn insertable(&self, p: &LocalPod) -> Result<(), PodUpError> {
         netpol::model::PodRecord::from_api(&p.pod).map_err(|e| PodUpError::Failed(errs(&e)))?;
         // An attachment recorded under another name: taking the new one would leave the old
         // name in the cluster, held by a record that no longer carries it.
@@ -707,7 +707,7 @@ mod tests {
     /// record that no longer carries it. Nothing changes, on disk either, until it is DELeted.
     #[test]
     fn an_attachment_is_not_renamed_without_a_del() {
-        let (mut o, dir) = objects("t");
+        let (mut o, dir) = objects("rename");
         let a = local("a", "10.244.1.5", json!([{"key": "app", "value": "db"}]));
         o.local_up(a.clone()).unwrap();
         let mut renamed = local("b", "10.244.1.5", json!([{"key": "app", "value": "web"}]));
