@@ -664,6 +664,72 @@ fn network_policy_from_the_api_is_enforced_and_follows_label_changes() -> Result
     Ok(())
 }
 
+/// A retried ADD of a running pod after its node's podCIDR changed gets a new address from the
+/// new subnet and then fails (the pod's interface exists). Its failure must leave the running
+/// pod's policy as it was: before, it dropped the pod's record (the ADD looked like a new
+/// attachment, every address of it new), and the pod was open to everyone.
+#[test]
+fn a_failed_re_add_after_a_podcidr_change_keeps_the_running_pods_policy() -> Result<()> {
+    let mut k = KubeLab::new(1)?;
+    k.start_all_meshed()?;
+    let server = k.add_pod(1, "x", "server", &[("app", "server")])?;
+    let client = k.add_pod(1, "x", "client", &[("app", "client")])?;
+    let other = k.add_pod(1, "x", "other", &[("app", "other")])?;
+    let _servers = twill_tests::netpol::Servers::start(&[&server])?;
+    k.api.add_network_policy(serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "server-from-clients", "namespace": "x"},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "server"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+                         "ports": [{"protocol": "TCP", "port": 80}]}]
+        }
+    }))?;
+    wait_until(CONVERGE, || {
+        !reaches(&other, &server) && reaches(&client, &server)
+    })
+    .context("the policy never took effect")?;
+
+    // The node moves; its running pods keep their addresses (same bridge, same old /24).
+    k.api.set_pod_cidrs("n1", &["10.244.31.0/24"])?;
+    wait_until(CONVERGE, || k.own(1).is_ok_and(|o| o.0 == "10.244.31.0/24"))
+        .context("node 1 never took its new podCIDR")?;
+    ensure!(
+        !reaches(&other, &server) && reaches(&client, &server),
+        "the policy changed with the podCIDR alone"
+    );
+
+    let cfg = k.lab.cni_config(1, "1.0.0");
+    let out = k.lab.cni_with_args(
+        1,
+        "ADD",
+        &server.id,
+        &server.netns_path(),
+        &server.ifname,
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=x;K8S_POD_NAME=server",
+        &cfg,
+    )?;
+    ensure!(
+        !out.success && out.stdout.contains("already exists"),
+        "a second ADD of a running pod: {} {}",
+        out.stdout,
+        out.stderr
+    );
+    // Through a compile or two: still isolated, still open to app=client.
+    for _ in 0..5 {
+        ensure!(
+            !reaches(&other, &server),
+            "the running pod lost its policy to the failed ADD"
+        );
+        ensure!(reaches(&client, &server), "app=client lost the server");
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    for p in [&server, &client, &other] {
+        k.lab.del_pod(p)?;
+    }
+    Ok(())
+}
+
 /// An ADD whose pod the watch has not delivered reads the pod from the API, waiting up to
 /// 3 s. That read happens outside the policy task: another pod's ADD meanwhile is answered
 /// without waiting for it. (With the API stalled, the read takes its whole 3 s and then

@@ -610,8 +610,56 @@ type PodAddrs = (Option<Ipv4Net>, Option<Ipv6Net>);
 #[derive(Clone, Debug, Default)]
 struct Fresh {
     addrs: Vec<(IpNet, IpAddr)>,
-    /// Every address is new: no earlier ADD made this attachment, so its policy goes too.
+    /// The attachment held no address before: no earlier ADD made it, so its policy goes too.
     whole: bool,
+    /// What the attachment held before this ADD (in any subnet, also one the node had before).
+    before: Vec<IpAddr>,
+    /// The policy record to put back when this ADD fails: the running pod's, when this ADD
+    /// gave the attachment new addresses (a retried ADD after the node's subnet changed).
+    restore: Option<LocalPod>,
+}
+
+/// The attachment's address in each of `nets`: the one it holds, or a new one. On failure,
+/// what this call took goes back (not half an attachment).
+fn allocate_all(
+    ipam: &Ipam,
+    nets: &[IpNet],
+    owner: &Owner,
+    network: &str,
+) -> Result<(Vec<IpAddr>, Fresh), IpamError> {
+    let before = ipam.held(owner);
+    let mut addrs = Vec::with_capacity(nets.len());
+    let mut fresh = Fresh {
+        whole: before.is_empty(),
+        before,
+        ..Fresh::default()
+    };
+    for &net in nets {
+        match ipam.allocate(net, owner, network) {
+            Ok((a, new)) => {
+                if new {
+                    fresh.addrs.push((net.trunc(), a));
+                }
+                addrs.push(a);
+            }
+            Err(e) => {
+                let _ = ipam.release_addrs(owner, &fresh.addrs);
+                return Err(e);
+            }
+        }
+    }
+    Ok((addrs, fresh))
+}
+
+/// The addresses an ADD's policy record carries: the pod's, and while a retried ADD gives a
+/// running attachment new ones, also those it had (they stay protected until it succeeds or
+/// they are put back; IPAM keeps them this attachment's until DEL).
+fn record_ips(addrs: &[IpAddr], fresh: &Fresh) -> Vec<IpAddr> {
+    let mut ips = addrs.to_vec();
+    if !fresh.addrs.is_empty() {
+        ips.extend(fresh.before.iter().filter(|a| !addrs.contains(a)));
+    }
+    ips
 }
 
 /// The node's half of ADD: the addresses (IPAM) followed by the pod's network policy, at once
@@ -640,36 +688,17 @@ async fn node_half(
     // costs ADD nothing it would not wait for anyway.
     let alloc_and_policy = async {
         // The error, and what this ADD allocated itself.
-        let (addrs, fresh) = blocking(move || {
-            let mut addrs = Vec::with_capacity(nets.len());
-            let mut fresh = Fresh {
-                addrs: Vec::new(),
-                whole: true,
-            };
-            for net in nets {
-                match ipam.allocate(net, &o, &network) {
-                    Ok((a, new)) => {
-                        if new {
-                            fresh.addrs.push((net.trunc(), a));
-                        } else {
-                            fresh.whole = false;
-                        }
-                        addrs.push(a);
-                    }
-                    Err(e) => {
-                        // Not half an attachment: what this call took goes back.
-                        let _ = ipam.release_addrs(&o, &fresh.addrs);
-                        return Err(e);
-                    }
-                }
-            }
-            Ok((addrs, fresh))
-        })
-        .await
-        .map_err(|e| (e, Fresh::default()))?;
+        let (addrs, mut fresh) = blocking(move || allocate_all(&ipam, &nets, &o, &network))
+            .await
+            .map_err(|e| (e, Fresh::default()))?;
         if let (Some(policy), Some(pod)) = (&ctx.opts.policy, identity) {
-            if let Err(e) = policy_up(ctx, policy, pod.with_ips(&addrs).with_mac(pod_mac)).await {
+            let pod = pod.with_mac(pod_mac);
+            let ips = record_ips(&addrs, &fresh);
+            if let Err(e) = policy_up(ctx, policy, pod.clone().with_ips(&ips)).await {
                 return Err((e, fresh.clone()));
+            }
+            if !fresh.whole && !fresh.addrs.is_empty() {
+                fresh.restore = Some(pod.with_ips(&fresh.before));
             }
         }
         Ok((addrs, fresh))
@@ -814,9 +843,17 @@ async fn undo(ctx: &Ctx, host: Option<&str>, owner: &Owner, fresh: &Fresh) {
             return;
         }
     }
-    if fresh.whole {
-        if let Some(p) = &ctx.opts.policy {
+    if let Some(p) = &ctx.opts.policy {
+        if fresh.whole {
             p.pod_down(attachment_of(owner)).await;
+        } else if let Some(pod) = &fresh.restore {
+            // Before the new addresses go back: the next pod to get one must not be taken
+            // for this one.
+            if let Err(e) = p.pod_up(pod.clone()).await {
+                // Its record still names the new addresses: they stay reserved, as above.
+                tracing::error!(error = %e, "putting back the running pod's policy record after a failed ADD; the new addresses stay reserved until DEL or GC");
+                return;
+            }
         }
     }
     if !fresh.addrs.is_empty() {
@@ -1040,6 +1077,43 @@ mod tests {
             let o = pod_mac(id, "eth0").octets();
             assert_eq!(o[0] & 0x03, 0x02, "{o:?}");
         }
+    }
+
+    /// A retried ADD of an attachment that holds an address in the node's earlier subnet is
+    /// not a new attachment: its failure must not drop the running pod's policy record.
+    #[test]
+    fn an_attachment_with_an_address_from_an_earlier_subnet_is_not_whole() {
+        let dir = std::env::temp_dir().join(format!(
+            "twill-ops-fresh-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let ipam = Ipam::open(&dir).unwrap();
+        let (old, new): (IpNet, IpNet) = (
+            "10.244.1.0/24".parse().unwrap(),
+            "10.244.9.0/24".parse().unwrap(),
+        );
+        let pod = Owner::new("c1", "eth0");
+        let (first, fresh) = allocate_all(&ipam, &[old], &pod, "net").unwrap();
+        assert!(fresh.whole && fresh.before.is_empty(), "{fresh:?}");
+        assert_eq!(record_ips(&first, &fresh), first);
+        // The same ADD again: nothing new, the record is the pod's addresses.
+        let (again, fresh) = allocate_all(&ipam, &[old], &pod, "net").unwrap();
+        assert_eq!(again, first);
+        assert!(!fresh.whole && fresh.addrs.is_empty(), "{fresh:?}");
+        assert_eq!(record_ips(&again, &fresh), first);
+        // The node's subnet changed: a new address, but the attachment is not new, and its
+        // record keeps the running pod's address while the ADD runs.
+        let (moved, fresh) = allocate_all(&ipam, &[new], &pod, "net").unwrap();
+        assert!(new.contains(&moved[0]));
+        assert!(!fresh.whole, "{fresh:?}");
+        assert_eq!(fresh.before, first);
+        assert_eq!(fresh.addrs, vec![(new, moved[0])]);
+        assert_eq!(record_ips(&moved, &fresh), vec![moved[0], first[0]]);
+        // Another attachment is whole.
+        let (_, other) = allocate_all(&ipam, &[new], &Owner::new("c2", "eth0"), "net").unwrap();
+        assert!(other.whole, "{other:?}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
