@@ -193,7 +193,8 @@ impl Objects {
         self.files
             .save(&p)
             .map_err(|e| PodUpError::Failed(format!("recording the pod in the state dir: {e}")))?;
-        self.local_insert(p)
+        self.insert_local(p);
+        Ok(())
     }
 
     /// `local_up` without the state-dir record, which the caller writes (`files`) after this
