@@ -586,6 +586,19 @@ fn reaches(from: &Pod, to: &Pod) -> bool {
     )
 }
 
+/// In namespace x, only app=client may reach app=server, on TCP 80.
+fn server_from_clients() -> Value {
+    serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "server-from-clients", "namespace": "x"},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "server"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+                         "ports": [{"protocol": "TCP", "port": 80}]}]
+        }
+    })
+}
+
 #[test]
 fn network_policy_from_the_api_is_enforced_and_follows_label_changes() -> Result<()> {
     let mut k = KubeLab::new(2)?;
@@ -599,15 +612,7 @@ fn network_policy_from_the_api_is_enforced_and_follows_label_changes() -> Result
             .with_context(|| format!("{} never reached the server before any policy", p.id))?;
     }
     // Only app=client may reach the server, on 80.
-    k.api.add_network_policy(serde_json::json!({
-        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": {"name": "server-from-clients", "namespace": "x"},
-        "spec": {
-            "podSelector": {"matchLabels": {"app": "server"}},
-            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
-                         "ports": [{"protocol": "TCP", "port": 80}]}]
-        }
-    }))?;
+    k.api.add_network_policy(server_from_clients())?;
     wait_until(CONVERGE, || !reaches(&other, &server))
         .context("the policy from the API never closed the server to app=other")?;
     wait_until(Duration::from_secs(5), || reaches(&client, &server))
@@ -676,15 +681,7 @@ fn a_failed_re_add_after_a_podcidr_change_keeps_the_running_pods_policy() -> Res
     let client = k.add_pod(1, "x", "client", &[("app", "client")])?;
     let other = k.add_pod(1, "x", "other", &[("app", "other")])?;
     let _servers = twill_tests::netpol::Servers::start(&[&server])?;
-    k.api.add_network_policy(serde_json::json!({
-        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": {"name": "server-from-clients", "namespace": "x"},
-        "spec": {
-            "podSelector": {"matchLabels": {"app": "server"}},
-            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
-                         "ports": [{"protocol": "TCP", "port": 80}]}]
-        }
-    }))?;
+    k.api.add_network_policy(server_from_clients())?;
     wait_until(CONVERGE, || {
         !reaches(&other, &server) && reaches(&client, &server)
     })
@@ -1706,15 +1703,7 @@ fn network_policy_from_the_api_holds_on_ipv6_too() -> Result<()> {
         wait_until(Duration::from_secs(20), || reaches6(p))
             .with_context(|| format!("{} never reached the server over IPv6", p.id))?;
     }
-    k.api.add_network_policy(serde_json::json!({
-        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": {"name": "server-from-clients", "namespace": "x"},
-        "spec": {
-            "podSelector": {"matchLabels": {"app": "server"}},
-            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
-                         "ports": [{"protocol": "TCP", "port": 80}]}]
-        }
-    }))?;
+    k.api.add_network_policy(server_from_clients())?;
     wait_until(CONVERGE, || !reaches6(&other) && !reaches(&other, &server))
         .context("the policy never closed the server to app=other on both families")?;
     wait_until(Duration::from_secs(10), || {
