@@ -689,8 +689,11 @@ fn a_failed_re_add_after_a_podcidr_change_keeps_the_running_pods_policy() -> Res
 
     // The node moves; its running pods keep their addresses (same bridge, same old /24).
     k.api.set_pod_cidrs("n1", &["10.244.31.0/24"])?;
-    wait_until(CONVERGE, || k.own(1).is_ok_and(|o| o.0 == "10.244.31.0/24"))
-        .context("node 1 never took its new podCIDR")?;
+    // subnet.env is written once the CNI side has the new subnet too.
+    wait_until(CONVERGE, || {
+        std::fs::read_to_string(k.lab.subnet_file(1)).is_ok_and(|e| e.contains("10.244.31."))
+    })
+    .context("node 1 never took its new podCIDR")?;
     ensure!(
         !reaches(&other, &server) && reaches(&client, &server),
         "the policy changed with the podCIDR alone"
@@ -712,13 +715,31 @@ fn a_failed_re_add_after_a_podcidr_change_keeps_the_running_pods_policy() -> Res
         out.stdout,
         out.stderr
     );
+    // Its record is put back as it was: its own address only, not the one the failed ADD got.
+    let port = server.result["interfaces"][0]["name"]
+        .as_str()
+        .context("no host interface in the ADD result")?;
+    let record = k.lab.state_dir(1).join("pods").join(format!("{port}.json"));
+    let ips = || -> Option<Vec<String>> {
+        let rec: Value = serde_json::from_slice(&std::fs::read(&record).ok()?).ok()?;
+        rec["pod"]["status"]["podIPs"]
+            .as_array()?
+            .iter()
+            .map(|a| a["ip"].as_str().map(str::to_owned))
+            .collect()
+    };
+    wait_until(Duration::from_secs(10), || {
+        ips() == Some(vec![server.ip.to_string()])
+    })
+    .with_context(|| format!("the running pod's record after the failed ADD: {:?}", ips()))?;
     // Through a compile or two: still isolated, still open to app=client.
     for _ in 0..5 {
         ensure!(
             !reaches(&other, &server),
             "the running pod lost its policy to the failed ADD"
         );
-        ensure!(reaches(&client, &server), "app=client lost the server");
+        wait_until(Duration::from_secs(5), || reaches(&client, &server))
+            .context("app=client lost the server")?;
         std::thread::sleep(Duration::from_millis(400));
     }
     for p in [&server, &client, &other] {

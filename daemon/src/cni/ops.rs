@@ -627,7 +627,9 @@ fn allocate_all(
     owner: &Owner,
     network: &str,
 ) -> Result<(Vec<IpAddr>, Fresh), IpamError> {
-    let before = ipam.held(owner);
+    let mut before = ipam.held(owner);
+    // IPv4 first, as the pod's record lists them when it is put back (its podIP).
+    before.sort_by_key(IpAddr::is_ipv6);
     let mut addrs = Vec::with_capacity(nets.len());
     let mut fresh = Fresh {
         whole: before.is_empty(),
@@ -651,14 +653,12 @@ fn allocate_all(
     Ok((addrs, fresh))
 }
 
-/// The addresses an ADD's policy record carries: the pod's, and while a retried ADD gives a
-/// running attachment new ones, also those it had (they stay protected until it succeeds or
-/// they are put back; IPAM keeps them this attachment's until DEL).
+/// The addresses an ADD's policy record carries: the pod's, then any other the attachment
+/// holds (a running pod's from before its node's subnet changed, which a retried ADD does not
+/// give it): protected as long as IPAM keeps them this attachment's, until DEL.
 fn record_ips(addrs: &[IpAddr], fresh: &Fresh) -> Vec<IpAddr> {
     let mut ips = addrs.to_vec();
-    if !fresh.addrs.is_empty() {
-        ips.extend(fresh.before.iter().filter(|a| !addrs.contains(a)));
-    }
+    ips.extend(fresh.before.iter().filter(|a| !addrs.contains(a)));
     ips
 }
 
@@ -850,7 +850,7 @@ async fn undo(ctx: &Ctx, host: Option<&str>, owner: &Owner, fresh: &Fresh) {
             // Before the new addresses go back: the next pod to get one must not be taken
             // for this one.
             if let Err(e) = p.pod_up(pod.clone()).await {
-                // Its record still names the new addresses: they stay reserved, as above.
+                // Its record may still name the new addresses: they stay reserved, as above.
                 tracing::error!(error = %e, "putting back the running pod's policy record after a failed ADD; the new addresses stay reserved until DEL or GC");
                 return;
             }
@@ -1083,12 +1083,18 @@ mod tests {
     /// not a new attachment: its failure must not drop the running pod's policy record.
     #[test]
     fn an_attachment_with_an_address_from_an_earlier_subnet_is_not_whole() {
-        let dir = std::env::temp_dir().join(format!(
+        struct Gone(std::path::PathBuf);
+        impl Drop for Gone {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let dir = Gone(std::env::temp_dir().join(format!(
             "twill-ops-fresh-{}-{}",
             std::process::id(),
             rand::random::<u32>()
-        ));
-        let ipam = Ipam::open(&dir).unwrap();
+        )));
+        let ipam = Ipam::open(&dir.0).unwrap();
         let (old, new): (IpNet, IpNet) = (
             "10.244.1.0/24".parse().unwrap(),
             "10.244.9.0/24".parse().unwrap(),
@@ -1110,10 +1116,20 @@ mod tests {
         assert_eq!(fresh.before, first);
         assert_eq!(fresh.addrs, vec![(new, moved[0])]);
         assert_eq!(record_ips(&moved, &fresh), vec![moved[0], first[0]]);
+        // Once more (the failed ADD's new address kept, its record not put back): nothing new,
+        // and the record still has the address the pod runs with.
+        let (again, fresh) = allocate_all(&ipam, &[new], &pod, "net").unwrap();
+        assert_eq!(again, moved);
+        assert!(!fresh.whole && fresh.addrs.is_empty(), "{fresh:?}");
+        let mut ips = record_ips(&again, &fresh);
+        assert_eq!(ips[0], moved[0]);
+        ips.sort();
+        let mut want = vec![first[0], moved[0]];
+        want.sort();
+        assert_eq!(ips, want);
         // Another attachment is whole.
         let (_, other) = allocate_all(&ipam, &[new], &Owner::new("c2", "eth0"), "net").unwrap();
         assert!(other.whole, "{other:?}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
