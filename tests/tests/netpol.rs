@@ -941,6 +941,73 @@ fn a_pod_name_a_running_pod_holds_is_refused_and_the_holder_stays_protected() ->
     Ok(())
 }
 
+/// A retried ADD of a running pod whose policy step fails (here: its record cannot be written
+/// to the state dir, where a directory now stands) leaves the pod its earlier record: still
+/// isolated by the labels it ran with, not by the failed ADD's, and not dropped (before, any
+/// failed policy step forgot the pod, which then ran open to everyone).
+#[test]
+fn a_retried_add_whose_policy_step_fails_keeps_the_running_pods_record() -> Result<()> {
+    use twill_tests::netpol::{pod_config, Servers};
+    let mut lab = one_node_with_a_db_policy()?;
+    let labels = |app: &str| pod_config(&lab, 1, &[("app".to_string(), app.to_string())].into());
+    let (as_db, as_web, plain) = (labels("db"), labels("web"), labels("client"));
+    let name = "IgnoreUnknown=1;K8S_POD_NAMESPACE=x;K8S_POD_NAME=db";
+    let db = lab.add_pod_with(1, "db", name, &as_db)?;
+    let client = lab.add_pod_with(1, "client", "K8S_POD_NAMESPACE=y;K8S_POD_NAME=c", &plain)?;
+    let _servers = Servers::start(&[&db, &client])?;
+    let to_db = || probe(&client.netns_path(), IpAddr::V4(db.ip), 80, Protocol::Tcp);
+    let from_db = || probe(&db.netns_path(), IpAddr::V4(client.ip), 80, Protocol::Tcp);
+    wait_until(SETTLE, || !to_db()).context("the db pod is not isolated")?;
+
+    let port = db.result["interfaces"][0]["name"]
+        .as_str()
+        .context("no host interface in the ADD result")?;
+    let record = lab.state_dir(1).join("pods").join(format!("{port}.json"));
+    ensure!(record.is_file(), "no record at {}", record.display());
+    std::fs::remove_file(&record)?;
+    std::fs::create_dir(&record)?;
+    // The same attachment again, relabelled app=web (no policy selects that).
+    let out = lab.cni_with_args(
+        1,
+        "ADD",
+        &db.id,
+        &db.netns_path(),
+        &db.ifname,
+        name,
+        &as_web,
+    )?;
+    ensure!(
+        !out.success && out.stdout.contains("recording the pod in the state dir"),
+        "a retried ADD whose record cannot be written: {} {}",
+        out.stdout,
+        out.stderr
+    );
+    wait_until(SETTLE, || !to_db()).context("the running pod lost its policy to the failed ADD")?;
+    // Through a compile or two: still its earlier record (app=db), still both pods, and the
+    // pod itself still on the network.
+    for _ in 0..5 {
+        ensure!(
+            !to_db(),
+            "the running pod lost its policy to the failed ADD"
+        );
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    ensure!(
+        from_db(),
+        "the running pod lost its network to the failed ADD"
+    );
+    let status = lab.status(1)?;
+    ensure!(
+        status["policy"]["local_pods"] == 2,
+        "local pods after the failed ADD: {}",
+        status["policy"]
+    );
+    std::fs::remove_dir(&record)?;
+    lab.del_pod(&db)?;
+    lab.del_pod(&client)?;
+    Ok(())
+}
+
 /// A state dir written by a twilld from before one pod name had one attachment can hold two
 /// records of a name (here made by renaming one pod's record while twilld is stopped). After the
 /// restart the newer record holds the name and a warning names both; when its pod is deleted,

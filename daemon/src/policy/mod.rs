@@ -750,6 +750,9 @@ impl Engine {
         // still hold: compiled whole.
         let replaces = self.objects.cluster().pod(&pod_key).is_some();
         let attachment = pod.attachment.clone();
+        // A running attachment's record (a retried ADD, a label edit): what a failed step puts
+        // back, so that its pod does not run on unprotected.
+        let before = self.objects.local_of(&attachment).cloned();
         let copy = pod.clone();
         // Refused before the record is written: that write would replace the record of what
         // holds the name or the attachment now.
@@ -764,7 +767,7 @@ impl Engine {
         if let Err(e) = self.sources(SourcesWrite::Added).await {
             // A pod that could send from any address would escape its policies.
             let _ = saving.await;
-            self.pod_down(&attachment).await;
+            self.pod_up_failed(&attachment, before).await;
             return Err(PodUpError::Failed(format!(
                 "programming the pod's source checks: {e}"
             )));
@@ -797,9 +800,9 @@ impl Engine {
         } else {
             self.sync("pod added").await;
             if let Some(err) = self.status.error.clone() {
-                // No record may outlive the failed ADD.
+                // No record of this ADD may outlive it.
                 let _ = saving.await;
-                self.pod_down(&attachment).await;
+                self.pod_up_failed(&attachment, before).await;
                 return Err(PodUpError::Failed(format!(
                     "programming network policy: {err}"
                 )));
@@ -817,7 +820,7 @@ impl Engine {
                 };
                 // Taken back out of the cluster and the kernel: a pod twilld cannot bring
                 // back after a restart must not start.
-                self.pod_down(&attachment).await;
+                self.pod_up_failed(&attachment, before).await;
                 return Err(PodUpError::Failed(format!(
                     "recording the pod in the state dir: {why}"
                 )));
@@ -933,6 +936,43 @@ impl Engine {
         self.pods_down([a]).await
     }
 
+    /// Takes a failed ADD's record back out: the attachment's earlier record goes back in
+    /// where it had one (its pod runs on, and must stay protected), else the pod is forgotten.
+    /// The kernel follows with the next compile and source-check cleanup (it may hold this
+    /// ADD's program until then: the pod's addresses and any new one, this ADD's labels).
+    async fn pod_up_failed(&mut self, a: &Attachment, before: Option<LocalPod>) {
+        let Some(before) = before else {
+            return self.pod_down(a).await;
+        };
+        let key = before.key();
+        if let Err(e) = self.objects.local_insert(before.clone()) {
+            tracing::error!(pod = %key, error = %e, "putting back the running pod's record after a failed ADD; forgetting the pod");
+            return self.pod_down(a).await;
+        }
+        tracing::warn!(pod = %key, container = %a.container_id,
+            "the ADD's policy step failed: the running pod keeps its earlier record");
+        let files = self.objects.files();
+        let saved = tokio::task::spawn_blocking(move || files.save(&before)).await;
+        if let Some(e) = match saved {
+            Ok(r) => r.err().map(|e| e.to_string()),
+            Err(e) => Some(e.to_string()),
+        } {
+            tracing::error!(pod = %key, error = %e, "writing the running pod's earlier record back to the state dir; a restart programs it from the failed ADD's, if that was written");
+        }
+        self.sources_later("a failed ADD's record put back");
+        self.due(Due::now("a failed ADD's record put back"));
+    }
+
+    /// Has the source checks drop what no local pod sends from any more, once no CNI request
+    /// has run for a moment (taking elements out stalls every nftables transaction, see
+    /// `pods_down`).
+    fn sources_later(&mut self, why: &'static str) {
+        self.sources_due = Some(match self.sources_due {
+            Some(old) => old.merge(Due::quiet(why)),
+            None => Due::quiet(why),
+        });
+    }
+
     /// Forgets these pods (DEL, GC, a failed ADD): each one's own policy delta now, their
     /// source checks once no CNI request has run for a moment (`Due::quiet`). Taking set
     /// elements out costs the kernel an RCU grace period per transaction (10-20 ms here),
@@ -948,10 +988,7 @@ impl Engine {
         if gone.is_empty() {
             return;
         }
-        self.sources_due = Some(match self.sources_due {
-            Some(old) => old.merge(Due::quiet("pods left")),
-            None => Due::quiet("pods left"),
-        });
+        self.sources_later("pods left");
         for left in gone {
             let (key, rec) = match left {
                 source::Left::Gone(key, rec) => (key, rec),

@@ -183,6 +183,11 @@ impl Objects {
         self.local.insert(p.attachment.clone(), p);
     }
 
+    /// The record of attachment `a`, if this node has one.
+    pub fn local_of(&self, a: &Attachment) -> Option<&LocalPod> {
+        self.local.get(a)
+    }
+
     fn local_key(&self, key: &str) -> Option<&LocalPod> {
         self.local.get(self.holders.get(key)?)
     }
