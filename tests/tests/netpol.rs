@@ -958,6 +958,12 @@ fn a_retried_add_whose_policy_step_fails_keeps_the_running_pods_record() -> Resu
     let to_db = || probe(&client.netns_path(), IpAddr::V4(db.ip), 80, Protocol::Tcp);
     let from_db = || probe(&db.netns_path(), IpAddr::V4(client.ip), 80, Protocol::Tcp);
     wait_until(SETTLE, || !to_db()).context("the db pod is not isolated")?;
+    // Its server answers (its own node is never denied): the probes above test the policy.
+    let from_node = format!("/run/netns/{}", lab.node_ns(1));
+    ensure!(
+        probe(&from_node, IpAddr::V4(db.ip), 80, Protocol::Tcp),
+        "the db pod's server does not answer its node"
+    );
 
     let port = db.result["interfaces"][0]["name"]
         .as_str()

@@ -818,8 +818,8 @@ impl Engine {
                     Err(e) => e.to_string(),
                     Ok(Ok(_)) => unreachable!(),
                 };
-                // Taken back out of the cluster and the kernel: a pod twilld cannot bring
-                // back after a restart must not start.
+                // A new pod twilld cannot bring back after a restart must not start (taken
+                // back out of the cluster and the kernel); a running one keeps what it had.
                 self.pod_up_failed(&attachment, before).await;
                 return Err(PodUpError::Failed(format!(
                     "recording the pod in the state dir: {why}"
@@ -938,8 +938,8 @@ impl Engine {
 
     /// Takes a failed ADD's record back out: the attachment's earlier record goes back in
     /// where it had one (its pod runs on, and must stay protected), else the pod is forgotten.
-    /// The kernel follows with the next compile and source-check cleanup (it may hold this
-    /// ADD's program until then: the pod's addresses and any new one, this ADD's labels).
+    /// The kernel is compiled again before the ADD answers (it may hold this ADD's labels and
+    /// addresses); the source checks drop a new address with the next cleanup.
     async fn pod_up_failed(&mut self, a: &Attachment, before: Option<LocalPod>) {
         let Some(before) = before else {
             return self.pod_down(a).await;
@@ -950,7 +950,7 @@ impl Engine {
             return self.pod_down(a).await;
         }
         tracing::warn!(pod = %key, container = %a.container_id,
-            "the ADD's policy step failed: the running pod keeps its earlier record");
+            "the ADD's policy step failed: the attachment's earlier record is put back");
         let files = self.objects.files();
         let saved = tokio::task::spawn_blocking(move || files.save(&before)).await;
         if let Some(e) = match saved {
@@ -960,7 +960,9 @@ impl Engine {
             tracing::error!(pod = %key, error = %e, "writing the running pod's earlier record back to the state dir; a restart programs it from the failed ADD's, if that was written");
         }
         self.sources_later("a failed ADD's record put back");
-        self.due(Due::now("a failed ADD's record put back"));
+        // Not left for later: requests queued meanwhile would keep the failed ADD's program
+        // (its labels could open the pod) in force until they are answered.
+        self.sync("a failed ADD's record put back").await;
     }
 
     /// Has the source checks drop what no local pod sends from any more, once no CNI request
@@ -1113,6 +1115,9 @@ impl Engine {
             (Some(old), Some(_)) => {
                 let d = program::diff(old, &new);
                 if d.is_empty() {
+                    // The kernel has what the cluster asks (a failed change was undone, e.g. a
+                    // failed ADD's record put back): an earlier failure is over.
+                    self.status.error = None;
                     self.program = Some(new);
                     return;
                 }

@@ -203,7 +203,8 @@ impl Objects {
     }
 
     /// `local_up` without the state-dir record, which the caller writes (`files`) after this
-    /// succeeds and undoes with `local_down` if that fails.
+    /// succeeds; if that fails, the caller takes the record out (`local_down`) or puts the
+    /// attachment's earlier one back (`local_of`, then this).
     pub fn local_insert(&mut self, p: LocalPod) -> Result<(), PodUpError> {
         self.insertable(&p)?;
         self.insert_local(p);
