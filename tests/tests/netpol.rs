@@ -958,12 +958,10 @@ fn a_retried_add_whose_policy_step_fails_keeps_the_running_pods_record() -> Resu
     let to_db = || probe(&client.netns_path(), IpAddr::V4(db.ip), 80, Protocol::Tcp);
     let from_db = || probe(&db.netns_path(), IpAddr::V4(client.ip), 80, Protocol::Tcp);
     wait_until(SETTLE, || !to_db()).context("the db pod is not isolated")?;
-    // Its server answers (its own node is never denied): the probes above test the policy.
+    // Its server answers (its own node is never denied): the closed probes test the policy.
     let from_node = format!("/run/netns/{}", lab.node_ns(1));
-    ensure!(
-        probe(&from_node, IpAddr::V4(db.ip), 80, Protocol::Tcp),
-        "the db pod's server does not answer its node"
-    );
+    let serves = || probe(&from_node, IpAddr::V4(db.ip), 80, Protocol::Tcp);
+    ensure!(serves(), "the db pod's server does not answer its node");
 
     let port = db.result["interfaces"][0]["name"]
         .as_str()
@@ -988,9 +986,8 @@ fn a_retried_add_whose_policy_step_fails_keeps_the_running_pods_record() -> Resu
         out.stdout,
         out.stderr
     );
-    wait_until(SETTLE, || !to_db()).context("the running pod lost its policy to the failed ADD")?;
-    // Through a compile or two: still its earlier record (app=db), still both pods, and the
-    // pod itself still on the network.
+    // The ADD answers once the earlier record is back in the kernel, and through a compile or
+    // two it stays: still app=db, still both pods, the pod still on the network and serving.
     for _ in 0..5 {
         ensure!(
             !to_db(),
@@ -1002,6 +999,7 @@ fn a_retried_add_whose_policy_step_fails_keeps_the_running_pods_record() -> Resu
         from_db(),
         "the running pod lost its network to the failed ADD"
     );
+    ensure!(serves(), "the db pod's server stopped answering its node");
     let status = lab.status(1)?;
     ensure!(
         status["policy"]["local_pods"] == 2,
