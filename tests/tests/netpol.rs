@@ -1012,6 +1012,99 @@ fn a_retried_add_whose_policy_step_fails_keeps_the_running_pods_record() -> Resu
     Ok(())
 }
 
+/// A retried ADD of a running pod that fails after its policy step succeeded (here: its
+/// interface exists, as a second ADD of a running attachment finds it) changes nothing: the
+/// pod keeps the record it ran with. Before, the record kept the failed ADD's labels (app=web,
+/// which no policy selects), and the db pod ran open to everyone.
+#[test]
+fn a_retried_add_that_fails_after_its_policy_step_keeps_the_running_pods_labels() -> Result<()> {
+    use twill_tests::netpol::{pod_config, Servers};
+    let mut lab = one_node_with_a_db_policy()?;
+    let labels = |app: &str| pod_config(&lab, 1, &[("app".to_string(), app.to_string())].into());
+    let (as_db, as_web, plain) = (labels("db"), labels("web"), labels("client"));
+    let name = "IgnoreUnknown=1;K8S_POD_NAMESPACE=x;K8S_POD_NAME=db";
+    let db = lab.add_pod_with(1, "db", name, &as_db)?;
+    let client = lab.add_pod_with(1, "client", "K8S_POD_NAMESPACE=y;K8S_POD_NAME=c", &plain)?;
+    let _servers = Servers::start(&[&db, &client])?;
+    let to_db = || probe(&client.netns_path(), IpAddr::V4(db.ip), 80, Protocol::Tcp);
+    wait_until(SETTLE, || !to_db()).context("the db pod is not isolated")?;
+    let from_node = format!("/run/netns/{}", lab.node_ns(1));
+    ensure!(
+        probe(&from_node, IpAddr::V4(db.ip), 80, Protocol::Tcp),
+        "the db pod's server does not answer its node"
+    );
+    let port = db.result["interfaces"][0]["name"]
+        .as_str()
+        .context("no host interface in the ADD result")?;
+    let record = lab.state_dir(1).join("pods").join(format!("{port}.json"));
+    let app_of = |rec: serde_json::Value| rec["app"].as_str().map(str::to_owned);
+    // In the state dir, and in etcd (where labels edited take effect).
+    let app = || -> Option<String> {
+        let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(&record).ok()?).ok()?;
+        app_of(rec["pod"]["metadata"]["labels"].clone())
+    };
+    let etcd_app = |lab: &Lab| -> Option<String> {
+        let rec = lab.etcd_get(&format!("{PREFIX}/pods/x/db")).ok()??;
+        let rec: serde_json::Value = serde_json::from_str(&rec).ok()?;
+        app_of(rec["metadata"]["labels"].clone())
+    };
+    ensure!(app().as_deref() == Some("db"), "the record: {:?}", app());
+    wait_until(Duration::from_secs(10), || {
+        etcd_app(&lab).as_deref() == Some("db")
+    })
+    .with_context(|| format!("the pod's record in etcd: {:?}", etcd_app(&lab)))?;
+
+    // The same attachment again, relabelled app=web: its policy step succeeds, its veth fails.
+    let out = lab.cni_with_args(
+        1,
+        "ADD",
+        &db.id,
+        &db.netns_path(),
+        &db.ifname,
+        name,
+        &as_web,
+    )?;
+    ensure!(
+        !out.success && out.stdout.contains("already exists"),
+        "a second ADD of a running pod: {} {}",
+        out.stdout,
+        out.stderr
+    );
+    // Put back before the ADD answered: in the state dir and in the kernel, through a compile
+    // or two.
+    ensure!(
+        app().as_deref() == Some("db"),
+        "the running pod's record after the failed ADD: {:?}",
+        app()
+    );
+    for _ in 0..5 {
+        ensure!(
+            !to_db(),
+            "the running pod lost its policy to the failed ADD: {}",
+            lab.daemon_log(1)
+        );
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    ensure!(
+        probe(&db.netns_path(), IpAddr::V4(client.ip), 80, Protocol::Tcp),
+        "the running pod lost its network to the failed ADD"
+    );
+    ensure!(
+        etcd_app(&lab).as_deref() == Some("db"),
+        "the failed ADD's labels reached etcd: {:?}",
+        etcd_app(&lab)
+    );
+    let status = lab.status(1)?;
+    ensure!(
+        status["policy"]["local_pods"] == 2,
+        "local pods after the failed ADD: {}",
+        status["policy"]
+    );
+    lab.del_pod(&db)?;
+    lab.del_pod(&client)?;
+    Ok(())
+}
+
 /// A state dir written by a twilld from before one pod name had one attachment can hold two
 /// records of a name (here made by renaming one pod's record while twilld is stopped). After the
 /// restart the newer record holds the name and a warning names both; when its pod is deleted,

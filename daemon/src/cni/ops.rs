@@ -549,6 +549,9 @@ async fn add(ctx: &Ctx, req: &Request, peer_root: Option<PeerRoot>) -> Result<Cn
             return Err(kernel_err(e));
         }
     };
+    if let Some(p) = &ctx.opts.policy {
+        p.add_done(attachment_of(&owner)).await;
+    }
     let mut ips = Vec::new();
     // Only what this ADD configured: CHECK verifies the routes listed here.
     let mut routes = Vec::new();
@@ -614,9 +617,8 @@ struct Fresh {
     whole: bool,
     /// What the attachment held before this ADD (in any subnet, also one the node had before).
     before: Vec<IpAddr>,
-    /// The policy record to put back when this ADD fails: the running pod's, when this ADD
-    /// gave the attachment new addresses (a retried ADD after the node's subnet changed).
-    restore: Option<LocalPod>,
+    /// This ADD's policy step succeeded: a later failure has the policy task undo it.
+    programmed: bool,
 }
 
 /// The attachment's address in each of `nets`: the one it holds, or a new one. On failure,
@@ -694,12 +696,10 @@ async fn node_half(
         if let (Some(policy), Some(pod)) = (&ctx.opts.policy, identity) {
             let pod = pod.with_mac(pod_mac);
             let ips = record_ips(&addrs, &fresh);
-            if let Err(e) = policy_up(ctx, policy, pod.clone().with_ips(&ips)).await {
+            if let Err(e) = policy_up(ctx, policy, pod.with_ips(&ips)).await {
                 return Err((e, fresh.clone()));
             }
-            if !fresh.whole && !fresh.addrs.is_empty() {
-                fresh.restore = Some(pod.with_ips(&fresh.before));
-            }
+            fresh.programmed = true;
         }
         Ok((addrs, fresh))
     };
@@ -832,31 +832,34 @@ async fn create_veth(
 }
 
 /// Takes back what a failed ADD built: the veth pair (deleting one end removes both, wherever
-/// the other is) and the addresses this ADD allocated. Failures are logged: the ADD's own error
-/// is the one the runtime needs.
+/// the other is), the pod's policy record (a running attachment's earlier one goes back) and
+/// the addresses this ADD allocated. Failures are logged: the ADD's own error is the one the
+/// runtime needs.
 async fn undo(ctx: &Ctx, host: Option<&str>, owner: &Owner, fresh: &Fresh) {
+    let mut release = true;
     if let Some(host) = host {
         if let Err(e) = ctx.nl.delete_link(host).await {
             // The pod's end may carry the address already: handing it out again would put it
             // on two pods. DEL (the runtime's, after a failed ADD) or GC releases it.
             tracing::error!(error = %e, %host, "removing the veth after a failed ADD; its addresses stay reserved until DEL or GC");
-            return;
+            release = false;
         }
     }
+    // The policy step before the new addresses go back: the next pod to get one must not be
+    // taken for this one.
     if let Some(p) = &ctx.opts.policy {
         if fresh.whole {
-            p.pod_down(attachment_of(owner)).await;
-        } else if let Some(pod) = &fresh.restore {
-            // Before the new addresses go back: the next pod to get one must not be taken
-            // for this one.
-            if let Err(e) = p.pod_up(pod.clone()).await {
-                // Its record may still name the new addresses: they stay reserved, as above.
-                tracing::error!(error = %e, "putting back the running pod's policy record after a failed ADD; the new addresses stay reserved until DEL or GC");
-                return;
+            // A new pod goes with its port (if that is still there, DEL or GC takes both).
+            if release {
+                p.pod_down(attachment_of(owner)).await;
             }
+        } else if fresh.programmed && !p.add_failed(attachment_of(owner)).await {
+            // Unanswered, its record may still name the new addresses: reserved, as above.
+            tracing::error!("the policy task did not undo a failed ADD; its new addresses stay reserved until DEL or GC");
+            release = false;
         }
     }
-    if !fresh.addrs.is_empty() {
+    if release && !fresh.addrs.is_empty() {
         let (ipam, owner, addrs) = (ctx.ipam.clone(), owner.clone(), fresh.addrs.clone());
         if let Err(e) = blocking(move || ipam.release_addrs(&owner, &addrs)).await {
             tracing::error!(error = %e.msg, "releasing the address after a failed ADD");

@@ -63,6 +63,11 @@ enum Msg {
         Option<Box<netpol::api::Pod>>,
         oneshot::Sender<Result<(), UpError>>,
     ),
+    /// The ADD of this attachment succeeded: its record goes to etcd.
+    AddDone(Attachment),
+    /// The ADD of this attachment failed after its policy step succeeded (its veth, its
+    /// address): undo that step. Answered once the kernel holds the result.
+    AddFailed(Attachment, oneshot::Sender<()>),
     /// Compare the kernel with what was applied; restore it (resync, nftables notification).
     Check,
 }
@@ -260,6 +265,19 @@ impl PolicyHandle {
         }
     }
 
+    /// The ADD that programmed `attachment` succeeded: its record goes to etcd.
+    pub async fn add_done(&self, attachment: Attachment) {
+        let _ = self.tx.send(Msg::AddDone(attachment)).await;
+    }
+
+    /// The ADD that programmed `attachment` failed later on: its record is taken back out, and
+    /// the attachment's earlier record (the running pod's, labels and addresses) put back, or
+    /// the pod forgotten when it had none. False when the policy task did not answer.
+    pub async fn add_failed(&self, attachment: Attachment) -> bool {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Msg::AddFailed(attachment, tx)).await.is_ok() && rx.await.is_ok()
+    }
+
     pub fn check(&self) {
         let _ = self.tx.try_send(Msg::Check);
     }
@@ -390,6 +408,10 @@ struct Engine {
     sources_due: Option<Due>,
     /// Own deltas went to the kernel since the writer last rendered the table.
     kernel_ahead: bool,
+    /// Each ADD whose policy step succeeded and whose end is not known yet (its veth may
+    /// still fail), by attachment: the record the attachment had before it (None: a new
+    /// attachment), what undoing the ADD puts back.
+    unsettled: std::collections::HashMap<Attachment, Option<LocalPod>>,
 }
 
 type Fetch = Arc<
@@ -550,6 +572,7 @@ async fn run<S: ObjectStore>(
         sync_due: None,
         sources_due: None,
         kernel_ahead: false,
+        unsettled: std::collections::HashMap::new(),
     };
     // The recorded pods' ports are checked from the start, before anything else runs.
     let _ = e.sources(SourcesWrite::Exact).await;
@@ -606,6 +629,12 @@ async fn run<S: ObjectStore>(
                     // below).
                     tokio::task::yield_now().await;
                     e.open(opening, answered).await;
+                    e.publish();
+                }
+                Some(Msg::AddDone(a)) => e.add_done(&a),
+                Some(Msg::AddFailed(a, reply)) => {
+                    e.add_failed(&a).await;
+                    let _ = reply.send(());
                     e.publish();
                 }
                 Some(Msg::Check) => e.check().await,
@@ -743,13 +772,13 @@ impl Engine {
         pod: LocalPod,
         start: Instant,
     ) -> Result<Option<ProgramDelta>, PodUpError> {
-        let key = pod.key();
         let pod_key = netpol::model::PodKey::new(pod.namespace(), &pod.pod.metadata.name);
-        let value = serde_json::to_vec(&pod.pod).map_err(|e| PodUpError::Failed(e.to_string()))?;
         // A pod re-created under its name replaces a record whose addresses the program may
         // still hold: compiled whole.
         let replaces = self.objects.cluster().pod(&pod_key).is_some();
         let attachment = pod.attachment.clone();
+        // An earlier ADD of the attachment that never said how it ended is over now.
+        self.unsettled.remove(&attachment);
         // A running attachment's record (a retried ADD, a label edit): what a failed step puts
         // back, so that its pod does not run on unprotected.
         let before = self.objects.local_of(&attachment).cloned();
@@ -826,7 +855,6 @@ impl Engine {
                 )));
             }
         };
-        let _ = self.records.send((key, Some(value)));
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         self.status.last_pod_up = Some(PodUpSteps {
             record_ms: ms(saved),
@@ -835,6 +863,10 @@ impl Engine {
             path,
             open_ms: None,
         });
+        // Until the ADD ends, its veth may still fail: then `before` is put back. Its record
+        // goes to etcd once it succeeded: written now, a failed ADD's labels would come back
+        // from etcd as an edit after they were put back.
+        self.unsettled.insert(attachment, before);
         Ok(opening.filter(|_| fast))
     }
 
@@ -936,6 +968,31 @@ impl Engine {
         self.pods_down([a]).await
     }
 
+    /// The ADD of `a` succeeded: its record (as it is now, with any edit taken over
+    /// meanwhile) goes to etcd.
+    fn add_done(&mut self, a: &Attachment) {
+        if self.unsettled.remove(a).is_none() {
+            return;
+        }
+        if let Some(p) = self.objects.local_of(a) {
+            let _ = self.records.send(source::record(p));
+        }
+    }
+
+    /// An ADD whose policy step succeeded failed later (`PolicyHandle::add_failed`): the
+    /// attachment goes back to the record it had before that ADD, or is forgotten. Nothing to
+    /// do when the policy step itself failed (`pod_up_failed` ran then), or when the ADD
+    /// changed nothing (a retry with the same labels and addresses).
+    async fn add_failed(&mut self, a: &Attachment) {
+        let Some(before) = self.unsettled.remove(a) else {
+            return;
+        };
+        if before.is_some() && before.as_ref() == self.objects.local_of(a) {
+            return;
+        }
+        self.pod_up_failed(a, before).await;
+    }
+
     /// Takes a failed ADD's record back out: the attachment's earlier record goes back in
     /// where it had one (its pod runs on, and must stay protected), else the pod is forgotten.
     /// The kernel is compiled again before the ADD answers (it may hold this ADD's labels and
@@ -950,7 +1007,10 @@ impl Engine {
             return self.pod_down(a).await;
         }
         tracing::warn!(pod = %key, container = %a.container_id,
-            "the ADD's policy step failed: the attachment's earlier record is put back");
+            "an ADD of a running attachment failed: its earlier record is put back");
+        // In etcd too: the failed ADD's may have been written there meanwhile (a record found
+        // missing is written again), and would come back as an edit.
+        let _ = self.records.send(source::record(&before));
         let files = self.objects.files();
         let saved = tokio::task::spawn_blocking(move || files.save(&before)).await;
         if let Some(e) = match saved {
@@ -985,7 +1045,10 @@ impl Engine {
     async fn pods_down<'a>(&mut self, atts: impl IntoIterator<Item = &'a Attachment>) {
         let gone: Vec<_> = atts
             .into_iter()
-            .filter_map(|a| self.objects.local_down(a))
+            .filter_map(|a| {
+                self.unsettled.remove(a);
+                self.objects.local_down(a)
+            })
             .collect();
         if gone.is_empty() {
             return;

@@ -632,7 +632,8 @@ impl Objects {
     }
 }
 
-fn record(p: &LocalPod) -> (String, Option<Vec<u8>>) {
+/// A local pod's record for etcd: its key and value.
+pub(super) fn record(p: &LocalPod) -> (String, Option<Vec<u8>>) {
     (p.key(), serde_json::to_vec(&p.pod).ok())
 }
 
