@@ -941,168 +941,188 @@ fn a_pod_name_a_running_pod_holds_is_refused_and_the_holder_stays_protected() ->
     Ok(())
 }
 
+/// A running pod, app=db, isolated by the db policy on a one-node lab, beside a client pod;
+/// both serve. What the failed-ADD tests below start from.
+struct RunningDb {
+    lab: Lab,
+    db: twill_tests::Pod,
+    client: twill_tests::Pod,
+    _servers: twill_tests::netpol::Servers,
+    /// The db pod's record in the state dir.
+    record: std::path::PathBuf,
+}
+
+impl RunningDb {
+    const NAME: &'static str = "IgnoreUnknown=1;K8S_POD_NAMESPACE=x;K8S_POD_NAME=db";
+
+    fn start() -> Result<RunningDb> {
+        let mut lab = one_node_with_a_db_policy()?;
+        let as_db = Self::labelled(&lab, "db");
+        let plain = Self::labelled(&lab, "client");
+        let db = lab.add_pod_with(1, "db", Self::NAME, &as_db)?;
+        let client = lab.add_pod_with(1, "client", "K8S_POD_NAMESPACE=y;K8S_POD_NAME=c", &plain)?;
+        let _servers = twill_tests::netpol::Servers::start(&[&db, &client])?;
+        let port = db.result["interfaces"][0]["name"]
+            .as_str()
+            .context("no host interface in the ADD result")?;
+        let record = lab.state_dir(1).join("pods").join(format!("{port}.json"));
+        let r = RunningDb {
+            lab,
+            db,
+            client,
+            _servers,
+            record,
+        };
+        wait_until(SETTLE, || !r.client_reaches_db()).context("the db pod is not isolated")?;
+        // Its server answers (its own node is never denied): the closed probes test the policy.
+        ensure!(r.serves(), "the db pod's server does not answer its node");
+        ensure!(r.record.is_file(), "no record at {}", r.record.display());
+        Ok(r)
+    }
+
+    fn labelled(lab: &Lab, app: &str) -> serde_json::Value {
+        twill_tests::netpol::pod_config(lab, 1, &[("app".to_string(), app.to_string())].into())
+    }
+
+    fn client_reaches_db(&self) -> bool {
+        probe(
+            &self.client.netns_path(),
+            IpAddr::V4(self.db.ip),
+            80,
+            Protocol::Tcp,
+        )
+    }
+
+    fn serves(&self) -> bool {
+        let from_node = format!("/run/netns/{}", self.lab.node_ns(1));
+        probe(&from_node, IpAddr::V4(self.db.ip), 80, Protocol::Tcp)
+    }
+
+    /// The same attachment ADDed again, relabelled app=web (no policy selects that).
+    fn add_again_as_web(&mut self) -> Result<twill_tests::CniOutput> {
+        let as_web = Self::labelled(&self.lab, "web");
+        let db = &self.db;
+        self.lab.cni_with_args(
+            1,
+            "ADD",
+            &db.id,
+            &db.netns_path(),
+            &db.ifname,
+            Self::NAME,
+            &as_web,
+        )
+    }
+
+    /// After the failed ADD answered, and through a compile or two: still isolated (app=db),
+    /// still on the network and serving, both pods still recorded.
+    fn unchanged_by_the_failed_add(&self) -> Result<()> {
+        for _ in 0..5 {
+            ensure!(
+                !self.client_reaches_db(),
+                "the running pod lost its policy to the failed ADD: {}",
+                self.lab.daemon_log(1)
+            );
+            std::thread::sleep(Duration::from_millis(400));
+        }
+        ensure!(
+            probe(
+                &self.db.netns_path(),
+                IpAddr::V4(self.client.ip),
+                80,
+                Protocol::Tcp
+            ),
+            "the running pod lost its network to the failed ADD"
+        );
+        ensure!(
+            self.serves(),
+            "the db pod's server stopped answering its node"
+        );
+        let status = self.lab.status(1)?;
+        ensure!(
+            status["policy"]["local_pods"] == 2,
+            "local pods after the failed ADD: {}",
+            status["policy"]
+        );
+        Ok(())
+    }
+
+    fn del_both(mut self) -> Result<()> {
+        self.lab.del_pod(&self.db)?;
+        self.lab.del_pod(&self.client)?;
+        Ok(())
+    }
+}
+
 /// A retried ADD of a running pod whose policy step fails (here: its record cannot be written
 /// to the state dir, where a directory now stands) leaves the pod its earlier record: still
 /// isolated by the labels it ran with, not by the failed ADD's, and not dropped (before, any
 /// failed policy step forgot the pod, which then ran open to everyone).
 #[test]
 fn a_retried_add_whose_policy_step_fails_keeps_the_running_pods_record() -> Result<()> {
-    use twill_tests::netpol::{pod_config, Servers};
-    let mut lab = one_node_with_a_db_policy()?;
-    let labels = |app: &str| pod_config(&lab, 1, &[("app".to_string(), app.to_string())].into());
-    let (as_db, as_web, plain) = (labels("db"), labels("web"), labels("client"));
-    let name = "IgnoreUnknown=1;K8S_POD_NAMESPACE=x;K8S_POD_NAME=db";
-    let db = lab.add_pod_with(1, "db", name, &as_db)?;
-    let client = lab.add_pod_with(1, "client", "K8S_POD_NAMESPACE=y;K8S_POD_NAME=c", &plain)?;
-    let _servers = Servers::start(&[&db, &client])?;
-    let to_db = || probe(&client.netns_path(), IpAddr::V4(db.ip), 80, Protocol::Tcp);
-    let from_db = || probe(&db.netns_path(), IpAddr::V4(client.ip), 80, Protocol::Tcp);
-    wait_until(SETTLE, || !to_db()).context("the db pod is not isolated")?;
-    // Its server answers (its own node is never denied): the closed probes test the policy.
-    let from_node = format!("/run/netns/{}", lab.node_ns(1));
-    let serves = || probe(&from_node, IpAddr::V4(db.ip), 80, Protocol::Tcp);
-    ensure!(serves(), "the db pod's server does not answer its node");
-
-    let port = db.result["interfaces"][0]["name"]
-        .as_str()
-        .context("no host interface in the ADD result")?;
-    let record = lab.state_dir(1).join("pods").join(format!("{port}.json"));
-    ensure!(record.is_file(), "no record at {}", record.display());
-    std::fs::remove_file(&record)?;
-    std::fs::create_dir(&record)?;
-    // The same attachment again, relabelled app=web (no policy selects that).
-    let out = lab.cni_with_args(
-        1,
-        "ADD",
-        &db.id,
-        &db.netns_path(),
-        &db.ifname,
-        name,
-        &as_web,
-    )?;
+    let mut r = RunningDb::start()?;
+    std::fs::remove_file(&r.record)?;
+    std::fs::create_dir(&r.record)?;
+    let out = r.add_again_as_web()?;
     ensure!(
         !out.success && out.stdout.contains("recording the pod in the state dir"),
         "a retried ADD whose record cannot be written: {} {}",
         out.stdout,
         out.stderr
     );
-    // The ADD answers once the earlier record is back in the kernel, and through a compile or
-    // two it stays: still app=db, still both pods, the pod still on the network and serving.
-    for _ in 0..5 {
-        ensure!(
-            !to_db(),
-            "the running pod lost its policy to the failed ADD"
-        );
-        std::thread::sleep(Duration::from_millis(400));
-    }
-    ensure!(
-        from_db(),
-        "the running pod lost its network to the failed ADD"
-    );
-    ensure!(serves(), "the db pod's server stopped answering its node");
-    let status = lab.status(1)?;
-    ensure!(
-        status["policy"]["local_pods"] == 2,
-        "local pods after the failed ADD: {}",
-        status["policy"]
-    );
-    std::fs::remove_dir(&record)?;
-    lab.del_pod(&db)?;
-    lab.del_pod(&client)?;
-    Ok(())
+    r.unchanged_by_the_failed_add()?;
+    std::fs::remove_dir(&r.record)?;
+    r.del_both()
 }
 
 /// A retried ADD of a running pod that fails after its policy step succeeded (here: its
 /// interface exists, as a second ADD of a running attachment finds it) changes nothing: the
-/// pod keeps the record it ran with. Before, the record kept the failed ADD's labels (app=web,
-/// which no policy selects), and the db pod ran open to everyone.
+/// pod keeps the record it ran with, in the state dir and in etcd (where labels edited take
+/// effect). Before, the record kept the failed ADD's labels (app=web, which no policy
+/// selects), and the db pod ran open to everyone.
 #[test]
 fn a_retried_add_that_fails_after_its_policy_step_keeps_the_running_pods_labels() -> Result<()> {
-    use twill_tests::netpol::{pod_config, Servers};
-    let mut lab = one_node_with_a_db_policy()?;
-    let labels = |app: &str| pod_config(&lab, 1, &[("app".to_string(), app.to_string())].into());
-    let (as_db, as_web, plain) = (labels("db"), labels("web"), labels("client"));
-    let name = "IgnoreUnknown=1;K8S_POD_NAMESPACE=x;K8S_POD_NAME=db";
-    let db = lab.add_pod_with(1, "db", name, &as_db)?;
-    let client = lab.add_pod_with(1, "client", "K8S_POD_NAMESPACE=y;K8S_POD_NAME=c", &plain)?;
-    let _servers = Servers::start(&[&db, &client])?;
-    let to_db = || probe(&client.netns_path(), IpAddr::V4(db.ip), 80, Protocol::Tcp);
-    wait_until(SETTLE, || !to_db()).context("the db pod is not isolated")?;
-    let from_node = format!("/run/netns/{}", lab.node_ns(1));
-    ensure!(
-        probe(&from_node, IpAddr::V4(db.ip), 80, Protocol::Tcp),
-        "the db pod's server does not answer its node"
-    );
-    let port = db.result["interfaces"][0]["name"]
-        .as_str()
-        .context("no host interface in the ADD result")?;
-    let record = lab.state_dir(1).join("pods").join(format!("{port}.json"));
+    let mut r = RunningDb::start()?;
     let app_of = |rec: serde_json::Value| rec["app"].as_str().map(str::to_owned);
-    // In the state dir, and in etcd (where labels edited take effect).
-    let app = || -> Option<String> {
-        let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(&record).ok()?).ok()?;
+    let app = |r: &RunningDb| -> Option<String> {
+        let rec: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&r.record).ok()?).ok()?;
         app_of(rec["pod"]["metadata"]["labels"].clone())
     };
-    let etcd_app = |lab: &Lab| -> Option<String> {
-        let rec = lab.etcd_get(&format!("{PREFIX}/pods/x/db")).ok()??;
+    let etcd_app = |r: &RunningDb| -> Option<String> {
+        let rec = r.lab.etcd_get(&format!("{PREFIX}/pods/x/db")).ok()??;
         let rec: serde_json::Value = serde_json::from_str(&rec).ok()?;
         app_of(rec["metadata"]["labels"].clone())
     };
-    ensure!(app().as_deref() == Some("db"), "the record: {:?}", app());
+    ensure!(
+        app(&r).as_deref() == Some("db"),
+        "the record: {:?}",
+        app(&r)
+    );
     wait_until(Duration::from_secs(10), || {
-        etcd_app(&lab).as_deref() == Some("db")
+        etcd_app(&r).as_deref() == Some("db")
     })
-    .with_context(|| format!("the pod's record in etcd: {:?}", etcd_app(&lab)))?;
+    .with_context(|| format!("the pod's record in etcd: {:?}", etcd_app(&r)))?;
 
-    // The same attachment again, relabelled app=web: its policy step succeeds, its veth fails.
-    let out = lab.cni_with_args(
-        1,
-        "ADD",
-        &db.id,
-        &db.netns_path(),
-        &db.ifname,
-        name,
-        &as_web,
-    )?;
+    let out = r.add_again_as_web()?;
     ensure!(
         !out.success && out.stdout.contains("already exists"),
         "a second ADD of a running pod: {} {}",
         out.stdout,
         out.stderr
     );
-    // Put back before the ADD answered: in the state dir and in the kernel, through a compile
-    // or two.
+    // Put back before the ADD answered.
     ensure!(
-        app().as_deref() == Some("db"),
+        app(&r).as_deref() == Some("db"),
         "the running pod's record after the failed ADD: {:?}",
-        app()
+        app(&r)
     );
-    for _ in 0..5 {
-        ensure!(
-            !to_db(),
-            "the running pod lost its policy to the failed ADD: {}",
-            lab.daemon_log(1)
-        );
-        std::thread::sleep(Duration::from_millis(400));
-    }
+    r.unchanged_by_the_failed_add()?;
     ensure!(
-        probe(&db.netns_path(), IpAddr::V4(client.ip), 80, Protocol::Tcp),
-        "the running pod lost its network to the failed ADD"
-    );
-    ensure!(
-        etcd_app(&lab).as_deref() == Some("db"),
+        etcd_app(&r).as_deref() == Some("db"),
         "the failed ADD's labels reached etcd: {:?}",
-        etcd_app(&lab)
+        etcd_app(&r)
     );
-    let status = lab.status(1)?;
-    ensure!(
-        status["policy"]["local_pods"] == 2,
-        "local pods after the failed ADD: {}",
-        status["policy"]
-    );
-    lab.del_pod(&db)?;
-    lab.del_pod(&client)?;
-    Ok(())
+    r.del_both()
 }
 
 /// A state dir written by a twilld from before one pod name had one attachment can hold two
