@@ -270,6 +270,19 @@ fn render_status(v: &serde_json::Value) -> String {
                 parts.join("; ")
             );
         }
+        let closed: Vec<_> = p["source_check"]["closed"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
+        if !closed.is_empty() {
+            let _ = writeln!(
+                out,
+                "policy: cut off (their pod records are unreadable; delete the pods): {}",
+                closed.join(", ")
+            );
+        }
     }
     if let Some(r) = v["last_reconcile"].as_object() {
         let _ = writeln!(
@@ -402,7 +415,8 @@ mod tests {
                          "forward_chains": ["iptables FORWARD"], "error": null},
             "policy": {"loaded": true, "policies": 3, "local_pods": 2, "pending": 1, "chains": 4, "elements": 9, "last_sync_ms": 0.4,
                        "last_sync": {"why": "pod added", "compile_ms": 0.1, "render_ms": 0.1, "apply_ms": 0.2, "path": "netlink"},
-                       "in_force": [{"policy": "x/deny", "ingress": ["x/a", "x/b"], "egress": ["x/a"]}]},
+                       "in_force": [{"policy": "x/deny", "ingress": ["x/a", "x/b"], "egress": ["x/a"]}],
+                       "source_check": {"ports": 3, "addresses": 2, "macs": 2, "closed": ["tw0123456789ab"]}},
             "last_reconcile": {"duration_ms": 1.5, "added": 3, "removed": 0, "failed": 0}
         });
         let out = render_status(&v);
@@ -434,6 +448,10 @@ mod tests {
         );
         assert!(
             out.contains("last change 0.4 ms (compile 0.1, render 0.1, apply 0.2 by netlink)"),
+            "{out}"
+        );
+        assert!(
+            out.contains("policy: cut off (their pod records are unreadable; delete the pods): tw0123456789ab\n"),
             "{out}"
         );
     }

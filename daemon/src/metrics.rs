@@ -61,6 +61,7 @@ pub struct Metrics {
     pub duplicate_vtep_macs: AtomicU64,
     /// Peers whose subnet would cover this node's own addresses: not routed.
     pub peers_refused_overlap: AtomicU64,
+    pub policy_ports_cut_off: AtomicU64,
     /// CNI connections being served (at most --cni-max-connections).
     pub cni_connections: AtomicU64,
     /// Times every CNI connection slot was taken (further clients wait in the backlog).
@@ -303,6 +304,13 @@ impl Metrics {
             "Peers not routed because their subnet covers this node's underlay, public IP, an etcd \
              endpoint or a node's public IP.",
             g(&self.peers_refused_overlap),
+        );
+        metric(
+            "policy_ports_cut_off",
+            "gauge",
+            "Pod ports cut off because the pod's record in the state dir could not be read (its \
+             policies are unknown) until the pod is deleted or added again.",
+            g(&self.policy_ports_cut_off),
         );
         metric(
             "cni_connections",

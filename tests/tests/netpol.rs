@@ -1125,6 +1125,94 @@ fn a_retried_add_that_fails_after_its_policy_step_keeps_the_running_pods_labels(
     r.del_both()
 }
 
+/// A pod record in the state dir that cannot be read at start (a damaged disk, a hand edit):
+/// who the pod is, so which policies select it, is unknown. Its port is cut off (nothing it
+/// sends gets out) and named in /status, and the record is set aside, so that it stays cut off
+/// across restarts, until the pod is deleted. Before, the pod ran unchecked: open to and from
+/// everyone, and free to send from any address.
+#[test]
+fn an_unreadable_pod_record_cuts_its_pod_off_until_it_is_deleted() -> Result<()> {
+    let mut r = RunningDb::start()?;
+    let db_reaches_client = |r: &RunningDb| {
+        probe(
+            &r.db.netns_path(),
+            IpAddr::V4(r.client.ip),
+            80,
+            Protocol::Tcp,
+        )
+    };
+    ensure!(
+        db_reaches_client(&r),
+        "the db pod does not reach the client"
+    );
+    let port = r.db.result["interfaces"][0]["name"]
+        .as_str()
+        .context("no host interface in the ADD result")?
+        .to_owned();
+    let aside = r.record.with_extension("unreadable");
+    let closed = |r: &RunningDb| -> Result<serde_json::Value> {
+        Ok(r.lab.status(1)?["policy"]["source_check"]["closed"].clone())
+    };
+
+    r.lab.stop_daemon(1)?;
+    std::fs::write(&r.record, b"{\"pod\": ")?;
+    for round in 0..2 {
+        r.lab.start_daemon(1)?;
+        r.lab.wait_ready(1, Duration::from_secs(30))?;
+        policy_loaded(&r.lab, 1)?;
+        wait_until(SETTLE, || !db_reaches_client(&r)).with_context(|| {
+            format!("the pod of the unreadable record is not cut off (restart {round})")
+        })?;
+        for _ in 0..3 {
+            ensure!(!db_reaches_client(&r), "the cut-off pod got out");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        ensure!(
+            closed(&r)? == json!([port]),
+            "cut-off ports after restart {round}: {}",
+            closed(&r)?
+        );
+        let gauge = r.lab.metric(1, "twill_policy_ports_cut_off")?;
+        ensure!(gauge == Some(1.0), "twill_policy_ports_cut_off: {gauge:?}");
+        ensure!(
+            aside.is_file() && !r.record.exists(),
+            "the unreadable record was not set aside as {}",
+            aside.display()
+        );
+        let log = r.lab.daemon_log(1);
+        ensure!(
+            log.contains("unreadable"),
+            "nothing logged about the record:\n{log}"
+        );
+        if round == 0 {
+            r.lab.stop_daemon(1)?;
+        }
+    }
+
+    // Deleted: nothing is cut off, the record set aside is gone, the node's other pod is fine.
+    r.lab.del_pod(&r.db)?;
+    wait_until(Duration::from_secs(10), || {
+        closed(&r).is_ok_and(|c| c == json!([]))
+    })
+    .with_context(|| format!("still cut off after the DEL: {:?}", closed(&r)))?;
+    ensure!(
+        !aside.exists(),
+        "the unreadable record outlived its pod's DEL"
+    );
+    let gauge = r.lab.metric(1, "twill_policy_ports_cut_off")?;
+    ensure!(
+        gauge == Some(0.0),
+        "twill_policy_ports_cut_off after the DEL: {gauge:?}"
+    );
+    let from_node = format!("/run/netns/{}", r.lab.node_ns(1));
+    ensure!(
+        probe(&from_node, IpAddr::V4(r.client.ip), 80, Protocol::Tcp),
+        "the client pod lost its network"
+    );
+    r.lab.del_pod(&r.client)?;
+    Ok(())
+}
+
 /// A state dir written by a twilld from before one pod name had one attachment can hold two
 /// records of a name (here made by renaming one pod's record while twilld is stopped). After the
 /// restart the newer record holds the name and a warning names both; when its pod is deleted,

@@ -8,8 +8,8 @@ pub mod ipam;
 mod ops;
 mod peer;
 
-pub use ops::host_veth_name;
 pub(crate) use ops::{check_result_fits, dns_of, expected_of, valid_attachments, validate_request};
+pub use ops::{host_veth_name, is_host_veth_name};
 
 use std::net::Ipv4Addr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};

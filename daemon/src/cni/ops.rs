@@ -152,6 +152,15 @@ pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
     )
 }
 
+/// Whether `name` is one `host_veth_name` could have made (a pod record's file is named so).
+pub fn is_host_veth_name(name: &str) -> bool {
+    name.len() == 14
+        && name.starts_with("tw")
+        && name[2..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// The pod end's MAC (locally administered, unicast), derived from containerID+ifname like
 /// the host end's name: an ADD retried for a running pod, or a veth made anew for the same
 /// attachment, records the MAC the interface has (its port's source checks bind it).
@@ -1142,6 +1151,16 @@ mod tests {
         assert_ne!(a, host_veth_name("abc", "eth1"));
         assert_ne!(host_veth_name("ab", "ceth0"), host_veth_name("abc", "eth0"));
         assert!(a.len() <= 15 && a.starts_with("tw"), "{a}");
+        assert!(is_host_veth_name(&a), "{a}");
+        for not in [
+            "tw",
+            "garbage",
+            "tw0123456789aG",
+            "tw0123456789abc",
+            "xx0123456789ab",
+        ] {
+            assert!(!is_host_veth_name(not), "{not}");
+        }
     }
 
     #[test]

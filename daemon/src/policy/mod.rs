@@ -608,6 +608,7 @@ async fn run<S: ObjectStore>(
                 while let Ok(more) = down_rx.try_recv() {
                     batch.push(more);
                 }
+                let _ = e.reopen(batch.iter().map(|(a, _)| a));
                 e.pods_down(batch.iter().map(|(a, _)| a)).await;
                 for (_, reply) in batch {
                     let _ = reply.send(());
@@ -631,7 +632,11 @@ async fn run<S: ObjectStore>(
                     e.open(opening, answered).await;
                     e.publish();
                 }
-                Some(Msg::AddDone(a)) => e.add_done(&a),
+                Some(Msg::AddDone(a)) => {
+                    if e.add_done(&a) {
+                        e.publish();
+                    }
+                }
                 Some(Msg::AddFailed(a, reply)) => {
                     e.add_failed(&a).await;
                     let _ = reply.send(());
@@ -964,19 +969,36 @@ impl Engine {
         true
     }
 
+    /// These attachments were deleted (DEL, GC) or added again: ports of theirs cut off for
+    /// an unreadable record (`spoof::Sources::closed`) are not any more. A failed ADD leaves
+    /// its port cut off.
+    fn reopen<'a>(&mut self, atts: impl IntoIterator<Item = &'a Attachment>) -> bool {
+        let mut any = false;
+        for a in atts {
+            any |= self.objects.reopen(a);
+        }
+        if any {
+            self.sources_later("a pod with an unreadable record deleted or added again");
+        }
+        any
+    }
+
     async fn pod_down(&mut self, a: &Attachment) {
         self.pods_down([a]).await
     }
 
     /// The ADD of `a` succeeded: its record (as it is now, with any edit taken over
     /// meanwhile) goes to etcd.
-    fn add_done(&mut self, a: &Attachment) {
-        if self.unsettled.remove(a).is_none() {
-            return;
+    /// True when that reopened a port cut off for an unreadable record (`reopen`).
+    fn add_done(&mut self, a: &Attachment) -> bool {
+        // Its new record replaces the unreadable one.
+        let reopened = self.reopen([a]);
+        if self.unsettled.remove(a).is_some() {
+            if let Some(p) = self.objects.local_of(a) {
+                let _ = self.records.send(source::record(p));
+            }
         }
-        if let Some(p) = self.objects.local_of(a) {
-            let _ = self.records.send(source::record(p));
-        }
+        reopened
     }
 
     /// An ADD whose policy step succeeded failed later (`PolicyHandle::add_failed`): the
@@ -1091,15 +1113,21 @@ impl Engine {
 
     /// The local pods' source checks into the kernel (`spoof`), the way `how` says.
     async fn sources(&mut self, how: SourcesWrite) -> Result<(), String> {
+        let want = self.wanted_sources();
         let Some(sc) = self.spoof.as_mut() else {
             return Ok(());
         };
-        let want = spoof::Sources::of(self.objects.local_pods());
         match how {
             SourcesWrite::Exact => sc.apply(want).await,
             SourcesWrite::Added => sc.apply_keeping(want).await,
             SourcesWrite::Left => sc.remove_stale(want).await,
         }
+    }
+
+    /// What the source checks are to hold: the local pods' addresses, and the ports of pods
+    /// whose record could not be read cut off.
+    fn wanted_sources(&self) -> spoof::Sources {
+        spoof::Sources::of(self.objects.local_pods()).closing(self.objects.closed_ports())
     }
 
     /// Schedules a sync (one for all that are due).
@@ -1251,11 +1279,9 @@ impl Engine {
     }
 
     async fn check(&mut self) {
+        let want = self.wanted_sources();
         if let Some(sc) = self.spoof.as_mut() {
-            if sc
-                .check(spoof::Sources::of(self.objects.local_pods()))
-                .await
-            {
+            if sc.check(want).await {
                 Metrics::inc(&self.shared.metrics.nft_restores);
             }
         }
@@ -1428,6 +1454,11 @@ impl Engine {
         if let Some(sc) = &self.spoof {
             st.source_check = sc.status.clone();
         }
+        let cut_off = self.objects.closed_ports().len() as u64;
+        self.shared
+            .metrics
+            .policy_ports_cut_off
+            .store(cut_off, std::sync::atomic::Ordering::Relaxed);
         let s = st.clone();
         self.shared.update(|x| x.policy = Some(s));
     }

@@ -7,7 +7,7 @@
 //! an earlier pod of the same name. The result is a Pod object as the Kubernetes API serialises
 //! one, which twilld also writes to etcd.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -250,36 +250,88 @@ impl PodFiles {
         }
     }
 
-    /// Every readable record, oldest first; unreadable ones are logged and skipped.
-    pub fn load(&self) -> Vec<LocalPod> {
+    /// Every readable record, oldest first, and the ports whose record cannot be read. An
+    /// unreadable record is set aside as `<port>.unreadable` (kept for whoever looks into it,
+    /// and so that its pod stays cut off across restarts) until its attachment is deleted or
+    /// added again (`forget_unreadable`).
+    pub fn load(&self) -> Loaded {
+        let mut out = Loaded::default();
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return Vec::new();
+            return out;
         };
         let mut paths: Vec<_> = entries
             .flatten()
-            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
             .map(|e| {
                 let written = e.metadata().and_then(|m| m.modified()).ok();
                 (written, e.path())
             })
             .collect();
         paths.sort();
-        paths
-            .into_iter()
-            .filter_map(|(_, path)| {
-                let parsed = std::fs::read(&path)
-                    .map_err(|e| e.to_string())
-                    .and_then(|b| serde_json::from_slice::<LocalPod>(&b).map_err(|e| e.to_string()));
-                match parsed {
-                    Ok(p) => Some(p),
-                    Err(e) => {
-                        tracing::warn!(file = %path.display(), error = %e, "skipping an unreadable pod record");
-                        None
-                    }
+        for (_, path) in paths {
+            let Some(port) = path.file_stem().and_then(|s| s.to_str()) else {
+                continue;
+            };
+            let port = port.to_owned();
+            match path.extension().and_then(|x| x.to_str()) {
+                Some("json") => {}
+                Some("unreadable") if crate::cni::is_host_veth_name(&port) => {
+                    tracing::error!(file = %path.display(), port,
+                        "a pod record set aside as unreadable by an earlier start: its pod stays cut off until it is deleted (CNI DEL) or added again");
+                    out.unreadable.insert(port);
+                    continue;
                 }
-            })
-            .collect()
+                _ => continue,
+            }
+            let parsed = std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<LocalPod>(&b).map_err(|e| e.to_string()));
+            let e = match parsed {
+                Ok(p) => {
+                    out.pods.push(p);
+                    continue;
+                }
+                Err(e) => e,
+            };
+            if !crate::cni::is_host_veth_name(&port) {
+                tracing::warn!(file = %path.display(), error = %e,
+                    "skipping an unreadable file that names no pod port");
+                continue;
+            }
+            let aside = self.unreadable_path(&port);
+            if let Err(e) = std::fs::rename(&path, &aside) {
+                tracing::warn!(file = %path.display(), error = %e, "setting an unreadable pod record aside");
+            }
+            // Its labels are unknown, so are the policies that select it: cut off rather than
+            // left open (`spoof::Sources::closed`).
+            tracing::error!(file = %path.display(), kept_as = %aside.display(), error = %e, port,
+                "unreadable pod record: its pod's policies are unknown, so its port is cut off until the pod is deleted (CNI DEL) or added again");
+            out.unreadable.insert(port);
+        }
+        out
     }
+
+    fn unreadable_path(&self, port: &str) -> PathBuf {
+        self.dir.join(format!("{port}.unreadable"))
+    }
+
+    /// Drops `a`'s unreadable record (set aside by `load`), if it has one.
+    pub fn forget_unreadable(&self, a: &Attachment) -> std::io::Result<()> {
+        let port = crate::cni::host_veth_name(&a.container_id, &a.ifname);
+        match std::fs::remove_file(self.unreadable_path(&port)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What `PodFiles::load` found.
+#[derive(Debug, Default, PartialEq)]
+pub struct Loaded {
+    /// The readable records, oldest first.
+    pub pods: Vec<LocalPod>,
+    /// The ports (host-side veth names) whose record could not be read, now or at an earlier
+    /// start.
+    pub unreadable: BTreeSet<String>,
 }
 
 #[cfg(test)]
@@ -375,10 +427,41 @@ mod tests {
             .with_ip("10.0.0.2".parse().unwrap());
         files.save(&p).unwrap();
         std::fs::write(dir.join("pods/garbage.json"), b"{").unwrap();
-        assert_eq!(files.load(), vec![p.clone()]);
+        let loaded = files.load();
+        assert_eq!(loaded.pods, vec![p.clone()]);
+        assert!(loaded.unreadable.is_empty(), "{loaded:?}");
         files.remove(&p.attachment).unwrap();
         files.remove(&p.attachment).unwrap();
-        assert!(files.load().is_empty());
+        assert_eq!(files.load(), Loaded::default());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_unreadable_record_is_set_aside_and_named_until_its_attachment_goes() {
+        let dir = std::env::temp_dir().join(format!("twill-podfiles-bad-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let files = PodFiles::new(&dir);
+        let p = from_cni(att(), "K8S_POD_NAME=a", &json!({}), "n1").unwrap();
+        files.save(&p).unwrap();
+        let path = files.path(&p.attachment);
+        std::fs::write(&path, b"{\"pod\": 1}").unwrap();
+        let port = crate::cni::host_veth_name("abc123", "eth0");
+        let want = Loaded {
+            pods: vec![],
+            unreadable: [port.clone()].into(),
+        };
+        assert_eq!(files.load(), want);
+        assert!(!path.exists());
+        let aside = dir.join(format!("pods/{port}.unreadable"));
+        assert_eq!(std::fs::read(&aside).unwrap(), b"{\"pod\": 1}");
+        // Still named at the next start, from the file set aside.
+        assert_eq!(files.load(), want);
+        // The attachment added again: its new record is read, the old one is still aside.
+        files.save(&p).unwrap();
+        assert_eq!(files.load().pods, vec![p.clone()]);
+        files.forget_unreadable(&p.attachment).unwrap();
+        files.forget_unreadable(&p.attachment).unwrap();
+        assert_eq!(files.load().unreadable, BTreeSet::new());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

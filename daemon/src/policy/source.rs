@@ -69,6 +69,9 @@ pub struct Objects {
     /// Which attachment's pod holds each local pod name (the one in `cluster`). One name, one
     /// attachment, except after loading a state dir from before that rule (`load_local`).
     holders: BTreeMap<String, Attachment>,
+    /// The ports of local pods whose state-dir record could not be read at start: who they
+    /// are, and so what their policies allow, is unknown until they are added again.
+    closed: BTreeSet<String>,
     /// The last reason each invalid key was skipped for: logged once per reason.
     skipped: BTreeMap<String, String>,
     /// Kubernetes mode: pods come from the API server, which owns them. Its objects of this
@@ -105,6 +108,7 @@ impl Objects {
             remote: BTreeMap::new(),
             local: BTreeMap::new(),
             holders: BTreeMap::new(),
+            closed: BTreeSet::new(),
             skipped: BTreeMap::new(),
             api_pods: false,
             api_here: BTreeMap::new(),
@@ -163,7 +167,9 @@ impl Objects {
     /// it, as it did before the restart; the older pod stays a local pod (its port checked)
     /// and takes the name if the holder goes first.
     pub fn load_local(&mut self) {
-        for p in self.files.load() {
+        let loaded = self.files.load();
+        self.closed = loaded.unreadable;
+        for p in loaded.pods {
             if let Some(holder) = self.local_key(&p.key()) {
                 tracing::warn!(pod = %p.key(), older = %holder.attachment.container_id,
                     newer = %p.attachment.container_id,
@@ -181,6 +187,26 @@ impl Objects {
         self.remote.remove(&p.key());
         self.holders.insert(p.key(), p.attachment.clone());
         self.local.insert(p.attachment.clone(), p);
+    }
+
+    /// The ports of pods whose record could not be read (`PodFiles::load`): cut off.
+    pub fn closed_ports(&self) -> &BTreeSet<String> {
+        &self.closed
+    }
+
+    /// `a` was deleted, or added again: a port of it cut off for an unreadable record is not
+    /// any more (true), and the record set aside goes.
+    pub fn reopen(&mut self, a: &Attachment) -> bool {
+        let port = crate::cni::host_veth_name(&a.container_id, &a.ifname);
+        if !self.closed.remove(&port) {
+            return false;
+        }
+        if let Err(e) = self.files.forget_unreadable(a) {
+            tracing::warn!(port, error = %e, "removing an unreadable pod record set aside");
+        }
+        tracing::info!(port, container = %a.container_id,
+            "the pod whose record was unreadable was deleted or added again: its port is no longer cut off");
+        true
     }
 
     /// The record of attachment `a`, if this node has one.
@@ -732,12 +758,12 @@ mod tests {
         let rec = o.cluster().pod(&PodKey::new("x", "a")).unwrap();
         assert_eq!(rec.labels.get("app").map(String::as_str), Some("db"));
         assert_eq!(o.local_pod("x/a"), Some(&a.pod));
-        assert_eq!(o.files().load(), vec![a.clone()]);
+        assert_eq!(o.files().load().pods, vec![a.clone()]);
         o.local_down(&a.attachment).unwrap();
         o.local_up(renamed.clone()).unwrap();
         assert!(o.cluster().pod(&PodKey::new("x", "a")).is_none());
         assert!(o.cluster().pod(&PodKey::new("x", "b")).is_some());
-        assert_eq!(o.files().load(), vec![renamed]);
+        assert_eq!(o.files().load().pods, vec![renamed]);
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -21,6 +21,8 @@
 //!           solicitations, router solicitations and multicast listener reports;
 //!           everything else dropped (and counted).
 //! ```
+//! A port whose pod's record could not be read is in `@ports` with no address (`closed`):
+//! cut off, its policies being unknown.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -43,6 +45,11 @@ pub const TABLE: &str = "twill-source";
 pub struct Sources {
     pub entries: BTreeSet<(String, IpAddr)>,
     pub macs: BTreeSet<(String, MacAddr)>,
+    /// Ports checked with nothing they may send from (but ARP probes and link-local
+    /// solicitations): pods whose record could not be read, so whose policies are unknown.
+    /// Cut off rather than open, as Calico drops what comes from a workload interface it has
+    /// no endpoint for. A port named in `entries` too is checked with those.
+    pub closed: BTreeSet<String>,
 }
 
 impl Sources {
@@ -66,18 +73,31 @@ impl Sources {
                 }
             }
         }
-        Sources { entries, macs }
+        Sources {
+            entries,
+            macs,
+            closed: BTreeSet::new(),
+        }
+    }
+
+    /// These sources with `ports` cut off (`closed`).
+    pub fn closing(mut self, ports: &BTreeSet<String>) -> Sources {
+        self.closed.extend(ports.iter().cloned());
+        self
     }
 
     fn ports(&self) -> BTreeSet<&str> {
-        self.entries.iter().map(|(p, _)| p.as_str()).collect()
-    }
-
-    /// The ports with an element here (an address or a MAC).
-    fn named(&self) -> BTreeSet<&str> {
         self.entries
             .iter()
             .map(|(p, _)| p.as_str())
+            .chain(self.closed.iter().map(String::as_str))
+            .collect()
+    }
+
+    /// The ports with an element here (an address, a MAC, or none: cut off).
+    fn named(&self) -> BTreeSet<&str> {
+        self.ports()
+            .into_iter()
             .chain(self.macs.iter().map(|(p, _)| p.as_str()))
             .collect()
     }
@@ -92,6 +112,8 @@ impl Sources {
             .extend(have.entries.iter().filter(|(p, _)| other(p)).cloned());
         out.macs
             .extend(have.macs.iter().filter(|(p, _)| other(p)).cloned());
+        out.closed
+            .extend(have.closed.iter().filter(|p| other(p)).cloned());
         out
     }
 }
@@ -245,6 +267,8 @@ pub struct SourceStatus {
     pub ports: usize,
     pub addresses: usize,
     pub macs: usize,
+    /// Ports cut off: their pods' records could not be read (`Sources::closed`).
+    pub closed: Vec<String>,
     /// Why the kernel does not hold them (retried at every resync).
     pub error: Option<String>,
 }
@@ -255,6 +279,12 @@ impl SourceStatus {
             ports: s.ports().len(),
             addresses: s.entries.len(),
             macs: s.macs.len(),
+            closed: s
+                .closed
+                .iter()
+                .filter(|p| !s.entries.iter().any(|(q, _)| q == *p))
+                .cloned()
+                .collect(),
             error,
         }
     }
@@ -314,6 +344,7 @@ impl SourceCheck {
             .difference(&want.entries)
             .map(|(p, _)| p)
             .chain(have.macs.difference(&want.macs).map(|(p, _)| p))
+            .chain(have.closed.difference(&want.closed))
             .cloned()
             .collect();
         let task = tokio::task::spawn_blocking(move || {
@@ -557,6 +588,35 @@ mod tests {
             key_concat(&[&name, &mac.octets()])
         )));
         assert!(ops.contains(&ElemOp::new(true, "macports", name.to_vec())));
+    }
+
+    #[test]
+    fn a_closed_port_is_checked_with_nothing_to_send_from_until_its_pod_is_added() {
+        let a = pod("a", &["10.1.0.2"]);
+        let pc = host_veth_name("c", "eth0");
+        let open = Sources::of([&a]);
+        let closed = Sources::of([&a]).closing(&[pc.clone()].into());
+        let t = table(&closed);
+        assert!(t.sets["ports"].elements.contains(&format!("\"{pc}\"")));
+        assert!(!t.sets["src4"].elements.iter().any(|e| e.contains(&pc)));
+        assert_eq!(SourceStatus::of(&closed, None).closed, vec![pc.clone()]);
+        let key = key_ifname(&pc).to_vec();
+        assert_eq!(
+            element_ops(&open, &closed),
+            vec![ElemOp::new(true, "ports", key.clone())]
+        );
+        assert_eq!(
+            element_ops(&closed, &open),
+            vec![ElemOp::new(false, "ports", key.clone())]
+        );
+        // An ADD of it in flight: checked with its addresses, no longer shown as cut off; an
+        // ADD of another pod keeps it cut off.
+        let c = pod("c", &["10.1.0.4"]);
+        let adding = Sources::of([&a, &c]).closing(&closed.closed);
+        assert!(SourceStatus::of(&adding, None).closed.is_empty());
+        assert!(element_ops(&closed, &adding).iter().all(|o| o.add));
+        let other = Sources::of([&a, &pod("d", &["10.1.0.5"])]).keeping_others_of(&closed);
+        assert!(other.closed.contains(&pc));
     }
 
     #[test]
