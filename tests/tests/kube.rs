@@ -669,43 +669,104 @@ fn network_policy_from_the_api_is_enforced_and_follows_label_changes() -> Result
     Ok(())
 }
 
+/// One node; x/server, x/client and x/other; the server-from-clients policy in force. What the
+/// tests below start from.
+struct ServerLab {
+    k: KubeLab,
+    server: Pod,
+    client: Pod,
+    other: Pod,
+    _servers: twill_tests::netpol::Servers,
+}
+
+impl ServerLab {
+    fn start() -> Result<ServerLab> {
+        let mut k = KubeLab::new(1)?;
+        k.start_all_meshed()?;
+        let server = k.add_pod(1, "x", "server", &[("app", "server")])?;
+        let client = k.add_pod(1, "x", "client", &[("app", "client")])?;
+        let other = k.add_pod(1, "x", "other", &[("app", "other")])?;
+        let _servers = twill_tests::netpol::Servers::start(&[&server])?;
+        k.api.add_network_policy(server_from_clients())?;
+        let s = ServerLab {
+            k,
+            server,
+            client,
+            other,
+            _servers,
+        };
+        wait_until(CONVERGE, || s.policy_holds().is_ok())
+            .context("the policy never took effect")?;
+        Ok(s)
+    }
+
+    /// The server isolated, app=client let in.
+    fn policy_holds(&self) -> Result<()> {
+        ensure!(
+            !reaches(&self.other, &self.server),
+            "the server is not isolated"
+        );
+        wait_until(Duration::from_secs(5), || {
+            reaches(&self.client, &self.server)
+        })
+        .context("app=client does not reach the server")
+    }
+
+    /// `policy_holds`, through a compile or two.
+    fn policy_keeps_holding(&self) -> Result<()> {
+        for _ in 0..5 {
+            self.policy_holds()?;
+            std::thread::sleep(Duration::from_millis(400));
+        }
+        Ok(())
+    }
+
+    /// The server's record in the state dir.
+    fn record(&self) -> Result<std::path::PathBuf> {
+        let port = self.server.result["interfaces"][0]["name"]
+            .as_str()
+            .context("no host interface in the ADD result")?;
+        Ok(self
+            .k
+            .lab
+            .state_dir(1)
+            .join("pods")
+            .join(format!("{port}.json")))
+    }
+
+    fn del_all(mut self) -> Result<()> {
+        for p in [&self.server, &self.client, &self.other] {
+            self.k.lab.del_pod(p)?;
+        }
+        Ok(())
+    }
+}
+
 /// A retried ADD of a running pod after its node's podCIDR changed gets a new address from the
 /// new subnet and then fails (the pod's interface exists). Its failure must leave the running
 /// pod's policy as it was: before, it dropped the pod's record (the ADD looked like a new
 /// attachment, every address of it new), and the pod was open to everyone.
 #[test]
 fn a_failed_re_add_after_a_podcidr_change_keeps_the_running_pods_policy() -> Result<()> {
-    let mut k = KubeLab::new(1)?;
-    k.start_all_meshed()?;
-    let server = k.add_pod(1, "x", "server", &[("app", "server")])?;
-    let client = k.add_pod(1, "x", "client", &[("app", "client")])?;
-    let other = k.add_pod(1, "x", "other", &[("app", "other")])?;
-    let _servers = twill_tests::netpol::Servers::start(&[&server])?;
-    k.api.add_network_policy(server_from_clients())?;
-    wait_until(CONVERGE, || {
-        !reaches(&other, &server) && reaches(&client, &server)
-    })
-    .context("the policy never took effect")?;
+    let mut s = ServerLab::start()?;
 
     // The node moves; its running pods keep their addresses (same bridge, same old /24).
-    k.api.set_pod_cidrs("n1", &["10.244.31.0/24"])?;
+    s.k.api.set_pod_cidrs("n1", &["10.244.31.0/24"])?;
     // subnet.env is written once the CNI side has the new subnet too.
     wait_until(CONVERGE, || {
-        std::fs::read_to_string(k.lab.subnet_file(1)).is_ok_and(|e| e.contains("10.244.31."))
+        std::fs::read_to_string(s.k.lab.subnet_file(1)).is_ok_and(|e| e.contains("10.244.31."))
     })
     .context("node 1 never took its new podCIDR")?;
-    ensure!(
-        !reaches(&other, &server) && reaches(&client, &server),
-        "the policy changed with the podCIDR alone"
-    );
+    s.policy_holds()
+        .context("the policy changed with the podCIDR alone")?;
 
-    let cfg = k.lab.cni_config(1, "1.0.0");
-    let out = k.lab.cni_with_args(
+    let cfg = s.k.lab.cni_config(1, "1.0.0");
+    let out = s.k.lab.cni_with_args(
         1,
         "ADD",
-        &server.id,
-        &server.netns_path(),
-        &server.ifname,
+        &s.server.id,
+        &s.server.netns_path(),
+        &s.server.ifname,
         "IgnoreUnknown=1;K8S_POD_NAMESPACE=x;K8S_POD_NAME=server",
         &cfg,
     )?;
@@ -716,10 +777,7 @@ fn a_failed_re_add_after_a_podcidr_change_keeps_the_running_pods_policy() -> Res
         out.stderr
     );
     // Its record is put back as it was: its own address only, not the one the failed ADD got.
-    let port = server.result["interfaces"][0]["name"]
-        .as_str()
-        .context("no host interface in the ADD result")?;
-    let record = k.lab.state_dir(1).join("pods").join(format!("{port}.json"));
+    let record = s.record()?;
     let ips = || -> Option<Vec<String>> {
         let rec: Value = serde_json::from_slice(&std::fs::read(&record).ok()?).ok()?;
         rec["pod"]["status"]["podIPs"]
@@ -729,23 +787,59 @@ fn a_failed_re_add_after_a_podcidr_change_keeps_the_running_pods_policy() -> Res
             .collect()
     };
     wait_until(Duration::from_secs(10), || {
-        ips() == Some(vec![server.ip.to_string()])
+        ips() == Some(vec![s.server.ip.to_string()])
     })
     .with_context(|| format!("the running pod's record after the failed ADD: {:?}", ips()))?;
-    // Through a compile or two: still isolated, still open to app=client.
-    for _ in 0..5 {
-        ensure!(
-            !reaches(&other, &server),
-            "the running pod lost its policy to the failed ADD"
-        );
-        wait_until(Duration::from_secs(5), || reaches(&client, &server))
-            .context("app=client lost the server")?;
-        std::thread::sleep(Duration::from_millis(400));
-    }
-    for p in [&server, &client, &other] {
-        k.lab.del_pod(p)?;
-    }
-    Ok(())
+    s.policy_keeps_holding()
+        .context("the running pod lost its policy to the failed ADD")?;
+    s.del_all()
+}
+
+/// A pod whose record in the state dir cannot be read after a restart is cut off until the
+/// API's pod with its addresses comes, which gives its record back: the policy that selects it
+/// holds again, and nothing is left cut off. (The etcd-mode counterpart, with a pod that has
+/// no object and stays cut off, is in tests/netpol.rs.)
+#[test]
+fn a_pod_with_an_unreadable_record_is_recognised_from_the_api() -> Result<()> {
+    let mut s = ServerLab::start()?;
+    let record = s.record()?;
+    let app = || -> Option<String> {
+        let rec: Value = serde_json::from_slice(&std::fs::read(&record).ok()?).ok()?;
+        rec["pod"]["metadata"]["labels"]["app"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    ensure!(
+        app().as_deref() == Some("server"),
+        "no record at {}",
+        record.display()
+    );
+
+    s.k.lab.stop_daemon(1)?;
+    std::fs::write(&record, b"[]")?;
+    s.k.start(1)?;
+    s.k.lab.wait_ready(1, READY)?;
+    wait_until(CONVERGE, || app().as_deref() == Some("server"))
+        .with_context(|| format!("the record never came back: {}", s.k.lab.daemon_log_last(1)))?;
+    let log = s.k.lab.daemon_log_last(1);
+    ensure!(
+        log.contains("unreadable pod record") && log.contains("recognised by its addresses"),
+        "the log does not say what happened:\n{log}"
+    );
+    wait_until(CONVERGE, || {
+        s.k.lab
+            .status(1)
+            .is_ok_and(|s| s["policy"]["source_check"]["closed"] == serde_json::json!([]))
+    })
+    .context("the recognised pod is still cut off")?;
+    ensure!(
+        !record.with_extension("unreadable").exists(),
+        "the unreadable record is still kept"
+    );
+    // Isolated as before, reachable from app=client (its replies get out: not cut off).
+    s.policy_keeps_holding()
+        .context("the recognised pod has not its policy back")?;
+    s.del_all()
 }
 
 /// An ADD whose pod the watch has not delivered reads the pod from the API, waiting up to

@@ -1125,78 +1125,154 @@ fn a_retried_add_that_fails_after_its_policy_step_keeps_the_running_pods_labels(
     r.del_both()
 }
 
-/// A pod record in the state dir that cannot be read at start (a damaged disk, a hand edit):
-/// who the pod is, so which policies select it, is unknown. Its port is cut off (nothing it
-/// sends gets out) and named in /status, and the record is set aside, so that it stays cut off
-/// across restarts, until the pod is deleted. Before, the pod ran unchecked: open to and from
-/// everyone, and free to send from any address.
+/// Pod records in the state dir that cannot be read at start (a damaged disk, a hand edit)
+/// leave who those pods are, so which policies select them, unknown. Each one's port is cut off
+/// (nothing its pod sends gets out), named in /status and counted, and the record set aside, so
+/// that the pod stays cut off across restarts. A pod whose object is found (here its record in
+/// etcd, matched by the addresses IPAM holds for it) gets its record back, and with it its
+/// policies; one with none stays cut off until it is deleted. Before, both ran unchecked: open
+/// to and from everyone, and free to send from any address.
 #[test]
-fn an_unreadable_pod_record_cuts_its_pod_off_until_it_is_deleted() -> Result<()> {
+fn unreadable_pod_records_cut_their_pods_off_until_recognised_or_deleted() -> Result<()> {
     let mut r = RunningDb::start()?;
-    let db_reaches_client = |r: &RunningDb| {
-        probe(
-            &r.db.netns_path(),
-            IpAddr::V4(r.client.ip),
-            80,
-            Protocol::Tcp,
-        )
+    let other = r.lab.add_pod_with(
+        1,
+        "other",
+        "K8S_POD_NAMESPACE=y;K8S_POD_NAME=o",
+        &RunningDb::labelled(&r.lab, "client"),
+    )?;
+    let _servers = twill_tests::netpol::Servers::start(&[&other])?;
+    let reaches = |from: &twill_tests::Pod, to: &twill_tests::Pod| {
+        probe(&from.netns_path(), IpAddr::V4(to.ip), 80, Protocol::Tcp)
     };
-    ensure!(
-        db_reaches_client(&r),
-        "the db pod does not reach the client"
-    );
-    let port = r.db.result["interfaces"][0]["name"]
+    let client_port = r.client.result["interfaces"][0]["name"]
         .as_str()
         .context("no host interface in the ADD result")?
         .to_owned();
-    let aside = r.record.with_extension("unreadable");
+    let pods_dir = r.lab.state_dir(1).join("pods");
+    let client_record = pods_dir.join(format!("{client_port}.json"));
+    let client_aside = pods_dir.join(format!("{client_port}.unreadable"));
+    let client_key = format!("{PREFIX}/pods/y/c");
+    wait_until(Duration::from_secs(10), || {
+        r.lab.etcd_get(&client_key).is_ok_and(|v| v.is_some())
+            && r.lab
+                .etcd_get(&format!("{PREFIX}/pods/x/db"))
+                .is_ok_and(|v| v.is_some())
+    })
+    .context("the pods' records are not in etcd")?;
+    ensure!(
+        reaches(&r.client, &other) && reaches(&r.db, &other),
+        "the pods do not reach a pod no policy isolates"
+    );
     let closed = |r: &RunningDb| -> Result<serde_json::Value> {
         Ok(r.lab.status(1)?["policy"]["source_check"]["closed"].clone())
     };
+    let db_app = |r: &RunningDb| -> Option<String> {
+        let rec: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&r.record).ok()?).ok()?;
+        rec["pod"]["metadata"]["labels"]["app"]
+            .as_str()
+            .map(str::to_owned)
+    };
 
+    // Both records damaged while twilld is down; only the db pod's is still in etcd.
     r.lab.stop_daemon(1)?;
     std::fs::write(&r.record, b"{\"pod\": ")?;
+    std::fs::write(&client_record, b"\0garbage")?;
+    r.lab.etcdctl(&["del", &client_key])?;
     for round in 0..2 {
         r.lab.start_daemon(1)?;
         r.lab.wait_ready(1, Duration::from_secs(30))?;
         policy_loaded(&r.lab, 1)?;
-        wait_until(SETTLE, || !db_reaches_client(&r)).with_context(|| {
+        wait_until(SETTLE, || !reaches(&r.client, &other)).with_context(|| {
             format!("the pod of the unreadable record is not cut off (restart {round})")
         })?;
         for _ in 0..3 {
-            ensure!(!db_reaches_client(&r), "the cut-off pod got out");
+            ensure!(!reaches(&r.client, &other), "the cut-off pod got out");
             std::thread::sleep(Duration::from_millis(300));
         }
+        // The db pod, recognised: not cut off, and isolated as app=db again.
+        wait_until(SETTLE, || reaches(&r.db, &other)).with_context(|| {
+            format!(
+                "the pod recognised by its record in etcd is still cut off (restart {round}): {}",
+                r.lab.daemon_log(1)
+            )
+        })?;
         ensure!(
-            closed(&r)? == json!([port]),
+            !reaches(&other, &r.db),
+            "the recognised db pod is not isolated"
+        );
+        ensure!(
+            db_app(&r).as_deref() == Some("db"),
+            "the db pod's record was not restored"
+        );
+        ensure!(
+            closed(&r)? == json!([client_port]),
             "cut-off ports after restart {round}: {}",
             closed(&r)?
         );
         let gauge = r.lab.metric(1, "twill_policy_ports_cut_off")?;
         ensure!(gauge == Some(1.0), "twill_policy_ports_cut_off: {gauge:?}");
         ensure!(
-            aside.is_file() && !r.record.exists(),
+            client_aside.is_file() && !client_record.exists(),
             "the unreadable record was not set aside as {}",
-            aside.display()
+            client_aside.display()
         );
-        let log = r.lab.daemon_log(1);
         ensure!(
-            log.contains("unreadable"),
-            "nothing logged about the record:\n{log}"
+            !r.record.with_extension("unreadable").exists(),
+            "the recognised pod's unreadable record is still kept"
+        );
+        let log = r.lab.daemon_log_last(1);
+        let said = if round == 0 {
+            log.contains("unreadable pod record") && log.contains("recognised by its addresses")
+        } else {
+            log.contains("set aside as unreadable by an earlier start")
+        };
+        ensure!(
+            said,
+            "the log does not say what happened (restart {round}):\n{log}"
         );
         if round == 0 {
+            // An ADD of the cut-off pod that fails (its interface is there): cut off at once
+            // when it answers, not only once the node's CNI requests pause.
+            let out = r.lab.cni_with_args(
+                1,
+                "ADD",
+                &r.client.id,
+                &r.client.netns_path(),
+                &r.client.ifname,
+                "K8S_POD_NAMESPACE=y;K8S_POD_NAME=c",
+                &RunningDb::labelled(&r.lab, "client"),
+            )?;
+            ensure!(
+                !out.success && out.stdout.contains("already exists"),
+                "a second ADD of the cut-off pod: {} {}",
+                out.stdout,
+                out.stderr
+            );
+            for _ in 0..3 {
+                ensure!(
+                    !reaches(&r.client, &other),
+                    "the cut-off pod got out after its failed ADD"
+                );
+            }
+            ensure!(
+                closed(&r)? == json!([client_port]),
+                "cut-off ports after the failed ADD: {}",
+                closed(&r)?
+            );
             r.lab.stop_daemon(1)?;
         }
     }
 
-    // Deleted: nothing is cut off, the record set aside is gone, the node's other pod is fine.
-    r.lab.del_pod(&r.db)?;
+    // Deleted: nothing is cut off, the record set aside is gone.
+    r.lab.del_pod(&r.client)?;
     wait_until(Duration::from_secs(10), || {
         closed(&r).is_ok_and(|c| c == json!([]))
     })
     .with_context(|| format!("still cut off after the DEL: {:?}", closed(&r)))?;
     ensure!(
-        !aside.exists(),
+        !client_aside.exists(),
         "the unreadable record outlived its pod's DEL"
     );
     let gauge = r.lab.metric(1, "twill_policy_ports_cut_off")?;
@@ -1204,12 +1280,9 @@ fn an_unreadable_pod_record_cuts_its_pod_off_until_it_is_deleted() -> Result<()>
         gauge == Some(0.0),
         "twill_policy_ports_cut_off after the DEL: {gauge:?}"
     );
-    let from_node = format!("/run/netns/{}", r.lab.node_ns(1));
-    ensure!(
-        probe(&from_node, IpAddr::V4(r.client.ip), 80, Protocol::Tcp),
-        "the client pod lost its network"
-    );
-    r.lab.del_pod(&r.client)?;
+    ensure!(reaches(&r.db, &other), "the db pod lost its network");
+    r.lab.del_pod(&r.db)?;
+    r.lab.del_pod(&other)?;
     Ok(())
 }
 

@@ -860,7 +860,7 @@ async fn undo(ctx: &Ctx, host: Option<&str>, owner: &Owner, fresh: &Fresh) {
         if fresh.whole {
             // A new pod goes with its port (if that is still there, DEL or GC takes both).
             if release {
-                p.pod_down(attachment_of(owner)).await;
+                p.add_undone(attachment_of(owner)).await;
             }
         } else if fresh.programmed && !p.add_failed(attachment_of(owner)).await {
             // Unanswered, its record may still name the new addresses: reserved, as above.

@@ -72,12 +72,20 @@ enum Msg {
     Check,
 }
 
+/// A pod to forget (`Engine::pods_down`). `deleted`: its port is gone (DEL, GC), so a cut for
+/// an unreadable record (`spoof::Sources::closed`) is lifted.
+struct Down {
+    attachment: Attachment,
+    deleted: bool,
+    reply: oneshot::Sender<()>,
+}
+
 /// The CNI server's and main loop's way to the policy task. Cheap to clone.
 #[derive(Clone)]
 pub struct PolicyHandle {
     tx: mpsc::Sender<Msg>,
     /// DEL and GC: a channel of their own, so that the ones queued up go as one batch.
-    down: mpsc::Sender<(Attachment, oneshot::Sender<()>)>,
+    down: mpsc::Sender<Down>,
     node: Arc<str>,
     busy: Arc<Busy>,
     /// Kubernetes mode: reads a pod from the API by key, for an ADD that comes before the
@@ -257,10 +265,26 @@ impl PolicyHandle {
         }
     }
 
-    /// Forgets the pod of `attachment` (DEL, GC). Best effort.
+    /// Forgets the pod of `attachment`, whose port is gone (DEL, GC). Best effort.
     pub async fn pod_down(&self, attachment: Attachment) {
-        let (tx, rx) = oneshot::channel();
-        if self.down.send((attachment, tx)).await.is_ok() {
+        self.down(attachment, true).await
+    }
+
+    /// Forgets the pod a failed ADD of a new attachment programmed. Its port may be another
+    /// pod's that runs on (the ADD found the interface there): one cut off for an unreadable
+    /// record stays so.
+    pub async fn add_undone(&self, attachment: Attachment) {
+        self.down(attachment, false).await
+    }
+
+    async fn down(&self, attachment: Attachment, deleted: bool) {
+        let (reply, rx) = oneshot::channel();
+        let d = Down {
+            attachment,
+            deleted,
+            reply,
+        };
+        if self.down.send(d).await.is_ok() {
             let _ = rx.await;
         }
     }
@@ -521,7 +545,7 @@ async fn run<S: ObjectStore>(
     store: S,
     opts: PolicyOptions,
     mut rx: mpsc::Receiver<Msg>,
-    mut down_rx: mpsc::Receiver<(Attachment, oneshot::Sender<()>)>,
+    mut down_rx: mpsc::Receiver<Down>,
     shared: Arc<Shared>,
     busy: Arc<Busy>,
 ) {
@@ -541,6 +565,22 @@ async fn run<S: ObjectStore>(
         objects = objects.with_api_pods();
     }
     objects.load_local();
+    if !objects.closed_ports().is_empty() {
+        // Who holds the cut-off ports, to recognise their pods (read only: IPAM's files as
+        // they were before this start).
+        match crate::cni::ipam::Ipam::open(&opts.state_dir) {
+            Ok(ipam) => objects.resolve_closed(ipam.allocations().into_iter().map(|(_, ip, h)| {
+                let a = Attachment {
+                    container_id: h.owner.container_id,
+                    ifname: h.owner.ifname,
+                };
+                (a, ip)
+            })),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the address allocations for the pods cut off")
+            }
+        }
+    }
     let cached = objects.load_cache();
     let (records, records_rx) = mpsc::unbounded_channel();
     tokio::spawn(write_records(
@@ -608,10 +648,10 @@ async fn run<S: ObjectStore>(
                 while let Ok(more) = down_rx.try_recv() {
                     batch.push(more);
                 }
-                let _ = e.reopen(batch.iter().map(|(a, _)| a));
-                e.pods_down(batch.iter().map(|(a, _)| a)).await;
-                for (_, reply) in batch {
-                    let _ = reply.send(());
+                let _ = e.reopen(batch.iter().filter(|d| d.deleted).map(|d| &d.attachment));
+                e.pods_down(batch.iter().map(|d| &d.attachment)).await;
+                for d in batch {
+                    let _ = d.reply.send(());
                 }
                 tokio::task::yield_now().await;
                 e.publish();
@@ -1063,8 +1103,11 @@ impl Engine {
     /// during which every other nftables transaction of the node waits, an ADD's too; the
     /// pods' ports are gone by now (their callers delete the veth first), so the stale
     /// elements check nothing meanwhile, and an ADD that makes a port of the same name takes
-    /// that port's out with it.
+    /// that port's out with it. (Not so after a failed ADD of a pod cut off for an unreadable
+    /// record, which runs on: its elements go at once.)
     async fn pods_down<'a>(&mut self, atts: impl IntoIterator<Item = &'a Attachment>) {
+        let atts: Vec<_> = atts.into_iter().collect();
+        let gone_ports_closed = atts.iter().any(|a| self.objects.is_closed(a));
         let gone: Vec<_> = atts
             .into_iter()
             .filter_map(|a| {
@@ -1075,7 +1118,15 @@ impl Engine {
         if gone.is_empty() {
             return;
         }
-        self.sources_later("pods left");
+        if gone_ports_closed {
+            // A failed ADD of a cut-off pod, which runs on: the addresses that ADD gave its
+            // port leave now, not once CNI is quiet.
+            if let Err(e) = self.sources(SourcesWrite::Left).await {
+                tracing::error!(error = %e, "cutting a pod off again after its failed ADD; retried at the next resync");
+            }
+        } else {
+            self.sources_later("pods left");
+        }
         for left in gone {
             let (key, rec) = match left {
                 source::Left::Gone(key, rec) => (key, rec),
@@ -1153,6 +1204,9 @@ impl Engine {
     /// One etcd event: what changed.
     fn on_dir(&mut self, dir: &'static str, ev: DirEvent) -> source::Applied {
         let mut out = self.objects.apply(dir, ev, &self.shared.metrics);
+        if out.reopened {
+            self.sources_later("a pod cut off for an unreadable record recognised");
+        }
         for (key, value) in std::mem::take(&mut out.records) {
             let _ = self.records.send((key, value));
         }
@@ -1454,7 +1508,7 @@ impl Engine {
         if let Some(sc) = &self.spoof {
             st.source_check = sc.status.clone();
         }
-        let cut_off = self.objects.closed_ports().len() as u64;
+        let cut_off = self.objects.cut_off() as u64;
         self.shared
             .metrics
             .policy_ports_cut_off

@@ -74,6 +74,18 @@ impl LocalPod {
     }
 }
 
+/// The addresses a pod object reports: podIPs, or podIP alone (as the API wrote it before
+/// dual stack).
+pub fn pod_ips(pod: &Pod) -> BTreeSet<IpAddr> {
+    let Some(st) = pod.status.as_ref() else {
+        return BTreeSet::new();
+    };
+    let ips = st.pod_ips.iter().flatten().map(|i| i.ip.as_str());
+    ips.chain(st.pod_ip.as_deref())
+        .filter_map(|ip| ip.parse().ok())
+        .collect()
+}
+
 /// Whether two objects of one pod name are the same pod: not when both carry a uid and the
 /// uids differ (a StatefulSet's pod re-created under its name, possibly with other labels).
 pub fn same_pod(a: &Pod, b: &Pod) -> bool {
@@ -297,17 +309,35 @@ impl PodFiles {
                     "skipping an unreadable file that names no pod port");
                 continue;
             }
-            let aside = self.unreadable_path(&port);
-            if let Err(e) = std::fs::rename(&path, &aside) {
-                tracing::warn!(file = %path.display(), error = %e, "setting an unreadable pod record aside");
-            }
             // Its labels are unknown, so are the policies that select it: cut off rather than
             // left open (`spoof::Sources::closed`).
-            tracing::error!(file = %path.display(), kept_as = %aside.display(), error = %e, port,
+            tracing::error!(file = %path.display(), error = %e, port,
                 "unreadable pod record: its pod's policies are unknown, so its port is cut off until the pod is deleted (CNI DEL) or added again");
+            self.set_aside(&port);
             out.unreadable.insert(port);
         }
+        // A record written since (an ADD of the attachment that ended with a crash): its own.
+        for p in &out.pods {
+            let port = crate::cni::host_veth_name(&p.attachment.container_id, &p.attachment.ifname);
+            if out.unreadable.remove(&port) {
+                let _ = std::fs::remove_file(self.unreadable_path(&port));
+            }
+        }
         out
+    }
+
+    /// Moves `port`'s record to `<port>.unreadable`, where `load` finds it as unreadable.
+    pub fn set_aside(&self, port: &str) {
+        let (from, to) = (
+            self.dir.join(format!("{port}.json")),
+            self.unreadable_path(port),
+        );
+        match std::fs::rename(&from, &to) {
+            Ok(()) => tracing::info!(file = %to.display(), "pod record set aside"),
+            Err(e) => {
+                tracing::warn!(file = %from.display(), error = %e, "setting a pod record aside")
+            }
+        }
     }
 
     fn unreadable_path(&self, port: &str) -> PathBuf {
@@ -456,9 +486,14 @@ mod tests {
         assert_eq!(std::fs::read(&aside).unwrap(), b"{\"pod\": 1}");
         // Still named at the next start, from the file set aside.
         assert_eq!(files.load(), want);
-        // The attachment added again: its new record is read, the old one is still aside.
+        // The attachment added again, and twilld gone before the ADD ended: the new record is
+        // its own, the one set aside goes.
         files.save(&p).unwrap();
-        assert_eq!(files.load().pods, vec![p.clone()]);
+        let loaded = files.load();
+        assert_eq!(loaded.pods, vec![p.clone()]);
+        assert!(loaded.unreadable.is_empty() && !aside.exists());
+        std::fs::write(&aside, b"x").unwrap();
+        files.remove(&p.attachment).unwrap();
         files.forget_unreadable(&p.attachment).unwrap();
         files.forget_unreadable(&p.attachment).unwrap();
         assert_eq!(files.load().unreadable, BTreeSet::new());

@@ -5,6 +5,7 @@
 //! and label edits made there are taken over.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use netpol::api::{Namespace, NetworkPolicy, Pod};
@@ -27,6 +28,9 @@ pub struct Applied {
     /// false), each pod's own delta may do instead of a compile.
     pub moves: Vec<PodMove>,
     pub others: bool,
+    /// A pod cut off for an unreadable record was recognised (`Objects::adopt`): its port
+    /// is checked with its addresses now.
+    pub reopened: bool,
 }
 
 /// What a local pod leaving did to its name (`Objects::local_down`).
@@ -72,6 +76,9 @@ pub struct Objects {
     /// The ports of local pods whose state-dir record could not be read at start: who they
     /// are, and so what their policies allow, is unknown until they are added again.
     closed: BTreeSet<String>,
+    /// The attachments of those ports and their addresses (from IPAM, `resolve_closed`):
+    /// what recognises their pods' objects when the source delivers them (`adopt`).
+    unknown: BTreeMap<Attachment, BTreeSet<IpAddr>>,
     /// The last reason each invalid key was skipped for: logged once per reason.
     skipped: BTreeMap<String, String>,
     /// Kubernetes mode: pods come from the API server, which owns them. Its objects of this
@@ -109,6 +116,7 @@ impl Objects {
             local: BTreeMap::new(),
             holders: BTreeMap::new(),
             closed: BTreeSet::new(),
+            unknown: BTreeMap::new(),
             skipped: BTreeMap::new(),
             api_pods: false,
             api_here: BTreeMap::new(),
@@ -175,18 +183,26 @@ impl Objects {
                     newer = %p.attachment.container_id,
                     "two attachments on this node recorded one pod name (a state dir from an older twilld): policy follows the newer; DEL the other");
             }
-            self.insert_local(p);
+            let port = crate::cni::host_veth_name(&p.attachment.container_id, &p.attachment.ifname);
+            if !self.insert_local(p) && crate::cni::is_host_veth_name(&port) {
+                // As an unreadable one: who the pod is cannot be told.
+                tracing::error!(port, "invalid pod record: its port is cut off until the pod is deleted (CNI DEL) or added again");
+                self.files.set_aside(&port);
+                self.closed.insert(port);
+            }
         }
     }
 
-    fn insert_local(&mut self, p: LocalPod) {
+    /// False if `p` is invalid (and so not taken).
+    fn insert_local(&mut self, p: LocalPod) -> bool {
         if let Err(e) = self.cluster.upsert_pod(&p.pod) {
             tracing::warn!(pod = %p.key(), error = %errs(&e), "skipping an invalid local pod record");
-            return;
+            return false;
         }
         self.remote.remove(&p.key());
         self.holders.insert(p.key(), p.attachment.clone());
         self.local.insert(p.attachment.clone(), p);
+        true
     }
 
     /// The ports of pods whose record could not be read (`PodFiles::load`): cut off.
@@ -194,10 +210,27 @@ impl Objects {
         &self.closed
     }
 
+    pub fn is_closed(&self, a: &Attachment) -> bool {
+        self.closed
+            .contains(&crate::cni::host_veth_name(&a.container_id, &a.ifname))
+    }
+
+    /// The cut-off ports with no record (an ADD of one in flight gives it one): as the kernel
+    /// checks them, with no address.
+    pub fn cut_off(&self) -> usize {
+        let recorded: BTreeSet<_> = self
+            .local
+            .keys()
+            .map(|a| crate::cni::host_veth_name(&a.container_id, &a.ifname))
+            .collect();
+        self.closed.difference(&recorded).count()
+    }
+
     /// `a` was deleted, or added again: a port of it cut off for an unreadable record is not
     /// any more (true), and the record set aside goes.
     pub fn reopen(&mut self, a: &Attachment) -> bool {
         let port = crate::cni::host_veth_name(&a.container_id, &a.ifname);
+        self.unknown.remove(a);
         if !self.closed.remove(&port) {
             return false;
         }
@@ -206,6 +239,69 @@ impl Objects {
         }
         tracing::info!(port, container = %a.container_id,
             "the pod whose record was unreadable was deleted or added again: its port is no longer cut off");
+        true
+    }
+
+    /// The attachments holding the cut-off ports, from `held` (IPAM's allocations: attachment
+    /// and address), so that their pods can be recognised by their addresses.
+    pub fn resolve_closed(&mut self, held: impl IntoIterator<Item = (Attachment, IpAddr)>) {
+        for (a, ip) in held {
+            let port = crate::cni::host_veth_name(&a.container_id, &a.ifname);
+            if self.closed.contains(&port) {
+                self.unknown.entry(a).or_default().insert(ip);
+            }
+        }
+        for port in &self.closed {
+            let known = self
+                .unknown
+                .keys()
+                .any(|a| crate::cni::host_veth_name(&a.container_id, &a.ifname) == *port);
+            if !known {
+                tracing::warn!(port, "no address allocation names the attachment of an unreadable pod record: its pod stays cut off until it is deleted or added again");
+            }
+        }
+    }
+
+    /// The object of a pod on this node (its etcd record, or in Kubernetes mode the API's pod)
+    /// that has exactly the addresses of a cut-off attachment (and, when it names one, that
+    /// attachment's container): that pod's record is restored from it, and its port checked
+    /// with its addresses again. True if so.
+    fn adopt(&mut self, key: &str, pod: &Pod, out: &mut Applied) -> bool {
+        if self.unknown.is_empty() {
+            return false;
+        }
+        let ips = super::pods::pod_ips(pod);
+        let named = pod.metadata.annotations.get(CONTAINER_ANNOTATION);
+        let Some(a) = self
+            .unknown
+            .iter()
+            .find(|(a, held)| **held == ips && named.is_none_or(|c| *c == a.container_id))
+            .map(|(a, _)| a.clone())
+        else {
+            return false;
+        };
+        let mut p = pod.clone();
+        p.metadata.resource_version = None;
+        p.metadata.annotations =
+            [(CONTAINER_ANNOTATION.to_string(), a.container_id.clone())].into();
+        p.spec.node_name = Some(self.node.clone());
+        let ips: Vec<_> = ips.into_iter().collect();
+        let local = LocalPod {
+            attachment: a.clone(),
+            pod: p,
+            mac: None,
+        }
+        .with_ips(&ips);
+        if let Err(e) = self.local_up(local) {
+            tracing::warn!(pod = %key, error = %e, "restoring the record of a pod cut off for an unreadable one");
+            return false;
+        }
+        tracing::info!(pod = %key, container = %a.container_id,
+            "the pod of an unreadable record is recognised by its addresses: its record is restored and its port no longer cut off");
+        self.reopen(&a);
+        out.changed = true;
+        out.others = true;
+        out.reopened = true;
         true
     }
 
@@ -503,6 +599,9 @@ impl Objects {
             return;
         }
         if pod.spec.node_name.as_deref() == Some(self.node.as_str()) {
+            if self.adopt(&kv.key, &pod, out) {
+                return;
+            }
             // Says it runs here, but no CNI attachment here made it: stale (state dir lost,
             // or GC while etcd was away).
             out.records.push((kv.key, None));
@@ -551,6 +650,9 @@ impl Objects {
             .local_key(&key)
             .filter(|l| super::pods::same_pod(&l.pod, &pod))
             .cloned();
+        if local.is_none() {
+            self.adopt(&key, &pod, out);
+        }
         if let Some(local) = local {
             let mut updated = local.clone();
             updated.pod.metadata.labels = pod.metadata.labels.clone();
@@ -988,6 +1090,109 @@ mod tests {
         };
         assert_eq!((key.as_str(), rec.is_some()), ("x/a", true));
         assert!(o.cluster().pod(&PodKey::new("x", "a")).is_none());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A pod whose record in the state dir is unreadable is cut off, and recognised by its
+    /// addresses (IPAM's) when its object comes: in etcd mode its record there (not deleted as
+    /// stale), in Kubernetes mode the API's pod.
+    #[test]
+    fn a_cut_off_pod_is_recognised_by_its_addresses() {
+        for api in [false, true] {
+            let (mut o, dir) = objects(if api { "cut-api" } else { "cut-etcd" });
+            if api {
+                o = o.with_api_pods();
+            }
+            let m = Metrics::default();
+            let db = local("db", "10.244.1.5", json!([{"key": "app", "value": "db"}]));
+            o.local_up(db.clone()).unwrap();
+            std::fs::write(o.files().path(&db.attachment), b"{").unwrap();
+            let port = crate::cni::host_veth_name("cid-db", "eth0");
+            let mut o = Objects::new("n1", &dir);
+            if api {
+                o = o.with_api_pods();
+            }
+            o.load_local();
+            assert_eq!(o.closed_ports(), &BTreeSet::from([port.clone()]));
+            assert_eq!(o.local_count(), 0);
+            let other = Attachment {
+                container_id: "cid-other".into(),
+                ifname: "eth0".into(),
+            };
+            o.resolve_closed([
+                (db.attachment.clone(), "10.244.1.5".parse().unwrap()),
+                (other, "10.244.1.6".parse().unwrap()),
+            ]);
+            // Another address, or another container named: not this pod.
+            let mut wrong = db.pod.clone();
+            wrong.metadata.name = "wrong".into();
+            let wrong_ip = local("wrong", "10.244.1.6", json!([])).pod;
+            let mut wrong_cid = wrong.clone();
+            wrong_cid
+                .metadata
+                .annotations
+                .insert(CONTAINER_ANNOTATION.into(), "cid-else".into());
+            for w in [wrong_ip, wrong_cid] {
+                let out = o.apply(
+                    PODS,
+                    DirEvent::Put(kv("x/wrong", serde_json::to_value(&w).unwrap())),
+                    &m,
+                );
+                assert!(!out.reopened);
+            }
+            assert_eq!(o.closed_ports().len(), 1);
+            // Its own object: the record is back, labels and addresses, and the port open.
+            let mut obj = db.pod.clone();
+            if api {
+                obj.metadata.annotations.clear();
+            }
+            let out = o.apply(
+                PODS,
+                DirEvent::Put(kv("x/db", serde_json::to_value(&obj).unwrap())),
+                &m,
+            );
+            assert!(out.reopened && out.records.is_empty(), "{out:?}");
+            assert!(o.closed_ports().is_empty());
+            let back = o.local_of(&db.attachment).unwrap();
+            assert_eq!(back.pod.metadata.labels["app"], "db");
+            assert_eq!(
+                super::super::pods::pod_ips(&back.pod),
+                BTreeSet::from(["10.244.1.5".parse().unwrap()])
+            );
+            assert_eq!(
+                back.pod.metadata.annotations.get(CONTAINER_ANNOTATION),
+                Some(&"cid-db".to_string())
+            );
+            assert_eq!(o.files().load().pods.len(), 1);
+            assert!(o.files().load().unreadable.is_empty());
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
+    /// A record that reads but is invalid (here a label value Kubernetes would refuse) tells
+    /// no more than an unreadable one: its port is cut off too.
+    #[test]
+    fn an_invalid_local_record_cuts_its_pod_off() {
+        let (o, dir) = objects("invalid");
+        let db = local("db", "10.244.1.5", json!([]));
+        let mut bad = db.clone();
+        bad.pod
+            .metadata
+            .labels
+            .insert("app".into(), "not a valid value!".into());
+        o.files().save(&bad).unwrap();
+        let mut o = Objects::new("n1", &dir);
+        o.load_local();
+        let port = crate::cni::host_veth_name("cid-db", "eth0");
+        assert_eq!(o.closed_ports(), &BTreeSet::from([port.clone()]));
+        assert_eq!((o.local_count(), o.cut_off()), (0, 1));
+        assert!(dir.join(format!("pods/{port}.unreadable")).is_file());
+        // Its ADD in flight: recorded, so no longer counted as cut off.
+        o.local_up(db.clone()).unwrap();
+        assert_eq!(o.cut_off(), 0);
+        assert!(o.is_closed(&db.attachment));
+        assert!(o.reopen(&db.attachment) && !o.is_closed(&db.attachment));
+        assert!(!dir.join(format!("pods/{port}.unreadable")).exists());
         let _ = std::fs::remove_dir_all(dir);
     }
 

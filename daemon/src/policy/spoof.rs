@@ -62,15 +62,8 @@ impl Sources {
             if let Some(mac) = p.mac {
                 macs.insert((port.clone(), mac));
             }
-            let Some(st) = p.pod.status.as_ref() else {
-                continue;
-            };
-            // podIPs, or podIP alone (a record as the API wrote it before dual stack).
-            let ips = st.pod_ips.iter().flatten().map(|i| i.ip.as_str());
-            for ip in ips.chain(st.pod_ip.as_deref()) {
-                if let Ok(ip) = ip.parse::<IpAddr>() {
-                    entries.insert((port.clone(), ip));
-                }
+            for ip in super::pods::pod_ips(&p.pod) {
+                entries.insert((port.clone(), ip));
             }
         }
         Sources {
