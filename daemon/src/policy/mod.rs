@@ -568,14 +568,22 @@ async fn run<S: ObjectStore>(
     if !objects.closed_ports().is_empty() {
         // Who holds the cut-off ports, to recognise their pods (read only: IPAM's files as
         // they were before this start).
-        match crate::cni::ipam::Ipam::open(&opts.state_dir) {
-            Ok(ipam) => objects.resolve_closed(ipam.allocations().into_iter().map(|(_, ip, h)| {
+        let dir = opts.state_dir.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            crate::cni::ipam::Ipam::open(&dir).map(|i| i.allocations())
+        })
+        .await;
+        match read {
+            Ok(Ok(held)) => objects.resolve_closed(held.into_iter().map(|(_, ip, h)| {
                 let a = Attachment {
                     container_id: h.owner.container_id,
                     ifname: h.owner.ifname,
                 };
                 (a, ip)
             })),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "reading the address allocations for the pods cut off")
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "reading the address allocations for the pods cut off")
             }
@@ -1178,7 +1186,19 @@ impl Engine {
     /// What the source checks are to hold: the local pods' addresses, and the ports of pods
     /// whose record could not be read cut off.
     fn wanted_sources(&self) -> spoof::Sources {
-        spoof::Sources::of(self.objects.local_pods()).closing(self.objects.closed_ports())
+        // A recognised pod's addresses wait for the compile that has its policies.
+        let pods = self
+            .objects
+            .local_pods()
+            .filter(|p| !self.objects.awaits_compile(&p.attachment));
+        spoof::Sources::of(pods).closing(self.objects.closed_ports())
+    }
+
+    /// After a compile is in the kernel: the ports of pods recognised before it open.
+    fn compiled(&mut self) {
+        if !self.objects.take_recognised().is_empty() {
+            self.sources_later("pods cut off for an unreadable record recognised");
+        }
     }
 
     /// Schedules a sync (one for all that are due).
@@ -1204,9 +1224,6 @@ impl Engine {
     /// One etcd event: what changed.
     fn on_dir(&mut self, dir: &'static str, ev: DirEvent) -> source::Applied {
         let mut out = self.objects.apply(dir, ev, &self.shared.metrics);
-        if out.reopened {
-            self.sources_later("a pod cut off for an unreadable record recognised");
-        }
         for (key, value) in std::mem::take(&mut out.records) {
             let _ = self.records.send((key, value));
         }
@@ -1264,6 +1281,7 @@ impl Engine {
                     // failed ADD's record put back): an earlier failure is over.
                     self.status.error = None;
                     self.program = Some(new);
+                    self.compiled();
                     return;
                 }
                 render::element_ops(&d, old)
@@ -1323,6 +1341,7 @@ impl Engine {
                     tracing::warn!(addresses = ?new.shared_addresses, "several pods claim one address (a stale record?): each gets every claimant's policies");
                 }
                 self.program = Some(new);
+                self.compiled();
             }
             Err(e) => {
                 Metrics::inc(&m.policy_errors);

@@ -29,8 +29,8 @@ pub struct Applied {
     pub moves: Vec<PodMove>,
     pub others: bool,
     /// A pod cut off for an unreadable record was recognised (`Objects::adopt`): its port
-    /// is checked with its addresses now.
-    pub reopened: bool,
+    /// opens after the compile this asks for (`others`).
+    pub recognised: bool,
 }
 
 /// What a local pod leaving did to its name (`Objects::local_down`).
@@ -79,6 +79,8 @@ pub struct Objects {
     /// The attachments of those ports and their addresses (from IPAM, `resolve_closed`):
     /// what recognises their pods' objects when the source delivers them (`adopt`).
     unknown: BTreeMap<Attachment, BTreeSet<IpAddr>>,
+    /// Cut-off attachments whose pods were recognised, until a compile has their policies.
+    recognised: BTreeSet<Attachment>,
     /// The last reason each invalid key was skipped for: logged once per reason.
     skipped: BTreeMap<String, String>,
     /// Kubernetes mode: pods come from the API server, which owns them. Its objects of this
@@ -117,6 +119,7 @@ impl Objects {
             holders: BTreeMap::new(),
             closed: BTreeSet::new(),
             unknown: BTreeMap::new(),
+            recognised: BTreeSet::new(),
             skipped: BTreeMap::new(),
             api_pods: false,
             api_here: BTreeMap::new(),
@@ -215,12 +218,13 @@ impl Objects {
             .contains(&crate::cni::host_veth_name(&a.container_id, &a.ifname))
     }
 
-    /// The cut-off ports with no record (an ADD of one in flight gives it one): as the kernel
-    /// checks them, with no address.
+    /// The cut-off ports with no record (an ADD of one in flight gives it one) or a record
+    /// waiting for its compile: as the kernel checks them, with no address.
     pub fn cut_off(&self) -> usize {
         let recorded: BTreeSet<_> = self
             .local
             .keys()
+            .filter(|a| !self.recognised.contains(a))
             .map(|a| crate::cni::host_veth_name(&a.container_id, &a.ifname))
             .collect();
         self.closed.difference(&recorded).count()
@@ -231,6 +235,7 @@ impl Objects {
     pub fn reopen(&mut self, a: &Attachment) -> bool {
         let port = crate::cni::host_veth_name(&a.container_id, &a.ifname);
         self.unknown.remove(a);
+        self.recognised.remove(a);
         if !self.closed.remove(&port) {
             return false;
         }
@@ -262,20 +267,34 @@ impl Objects {
         }
     }
 
-    /// The object of a pod on this node (its etcd record, or in Kubernetes mode the API's pod)
-    /// that has exactly the addresses of a cut-off attachment (and, when it names one, that
-    /// attachment's container): that pod's record is restored from it, and its port checked
-    /// with its addresses again. True if so.
+    /// The object of a running pod on this node that has exactly the addresses of a cut-off
+    /// attachment, and in etcd mode names that attachment's container (as every record twilld
+    /// writes does; in Kubernetes mode the API's pods name none): its etcd record, or the
+    /// API's pod. That pod's record is restored from it; its port stays cut off until the
+    /// next compile has its policies in the kernel (`take_recognised`). True if so.
     fn adopt(&mut self, key: &str, pod: &Pod, out: &mut Applied) -> bool {
         if self.unknown.is_empty() {
             return false;
         }
-        let ips = super::pods::pod_ips(pod);
+        // A finished pod (a Job's) keeps its address in its status: not one that runs.
+        let Ok((_, rec)) = PodRecord::from_api(pod) else {
+            return false;
+        };
+        if !rec.is_live() {
+            return false;
+        }
+        let ips: BTreeSet<IpAddr> = rec.ips.iter().copied().collect();
         let named = pod.metadata.annotations.get(CONTAINER_ANNOTATION);
         let Some(a) = self
             .unknown
             .iter()
-            .find(|(a, held)| **held == ips && named.is_none_or(|c| *c == a.container_id))
+            .find(|(a, held)| {
+                **held == ips
+                    && match named {
+                        Some(c) => *c == a.container_id,
+                        None => self.api_pods,
+                    }
+            })
             .map(|(a, _)| a.clone())
         else {
             return false;
@@ -297,12 +316,24 @@ impl Objects {
             return false;
         }
         tracing::info!(pod = %key, container = %a.container_id,
-            "the pod of an unreadable record is recognised by its addresses: its record is restored and its port no longer cut off");
-        self.reopen(&a);
+            "the pod of an unreadable record is recognised by its addresses: its record is restored, its port opened once its policies are in the kernel");
+        self.unknown.remove(&a);
+        self.recognised.insert(a);
         out.changed = true;
         out.others = true;
-        out.reopened = true;
+        out.recognised = true;
         true
+    }
+
+    /// Whether `a` was recognised (`adopt`) and waits for a compile before its port opens.
+    pub fn awaits_compile(&self, a: &Attachment) -> bool {
+        self.recognised.contains(a)
+    }
+
+    /// After a compile that had the recognised pods in the model: their ports open (`reopen`).
+    pub fn take_recognised(&mut self) -> Vec<Attachment> {
+        let atts: Vec<_> = std::mem::take(&mut self.recognised).into_iter().collect();
+        atts.into_iter().filter(|a| self.reopen(a)).collect()
     }
 
     /// The record of attachment `a`, if this node has one.
@@ -600,6 +631,12 @@ impl Objects {
         }
         if pod.spec.node_name.as_deref() == Some(self.node.as_str()) {
             if self.adopt(&kv.key, &pod, out) {
+                return;
+            }
+            if !self.closed.is_empty() {
+                // It may be the record of a cut-off pod not recognised (yet): the only copy of
+                // its labels, kept. Deleted at a start with nothing cut off.
+                tracing::info!(pod = %kv.key, "keeping a record of this node that no pod here holds while pods are cut off");
                 return;
             }
             // Says it runs here, but no CNI attachment here made it: stale (state dir lost,
@@ -1132,13 +1169,26 @@ mod tests {
                 .metadata
                 .annotations
                 .insert(CONTAINER_ANNOTATION.into(), "cid-else".into());
-            for w in [wrong_ip, wrong_cid] {
+            // A finished pod that had the address (a Job's): not one that runs.
+            let mut finished = db.pod.clone();
+            finished.metadata.name = "wrong".into();
+            if let Some(st) = finished.status.as_mut() {
+                st.phase = Some("Succeeded".into());
+            }
+            let mut wrongs = vec![wrong_ip, wrong_cid, finished];
+            if !api {
+                // etcd mode: twilld's records name their container; one that does not is not ours.
+                let mut unnamed = wrong.clone();
+                unnamed.metadata.annotations.clear();
+                wrongs.push(unnamed);
+            }
+            for w in wrongs {
                 let out = o.apply(
                     PODS,
                     DirEvent::Put(kv("x/wrong", serde_json::to_value(&w).unwrap())),
                     &m,
                 );
-                assert!(!out.reopened);
+                assert!(!out.recognised);
             }
             assert_eq!(o.closed_ports().len(), 1);
             // Its own object: the record is back, labels and addresses, and the port open.
@@ -1151,7 +1201,11 @@ mod tests {
                 DirEvent::Put(kv("x/db", serde_json::to_value(&obj).unwrap())),
                 &m,
             );
-            assert!(out.reopened && out.records.is_empty(), "{out:?}");
+            assert!(out.recognised && out.records.is_empty(), "{out:?}");
+            // Cut off until compiled.
+            assert!(o.awaits_compile(&db.attachment) && o.cut_off() == 1);
+            assert_eq!(o.closed_ports().len(), 1);
+            assert_eq!(o.take_recognised(), vec![db.attachment.clone()]);
             assert!(o.closed_ports().is_empty());
             let back = o.local_of(&db.attachment).unwrap();
             assert_eq!(back.pod.metadata.labels["app"], "db");

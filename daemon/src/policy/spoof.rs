@@ -21,8 +21,8 @@
 //!           solicitations, router solicitations and multicast listener reports;
 //!           everything else dropped (and counted).
 //! ```
-//! A port whose pod's record could not be read is in `@ports` with no address (`closed`):
-//! cut off, its policies being unknown.
+//! A port whose pod's record could not be read is in `@ports` with no address, and in `@cut`,
+//! where everything it sends is dropped (`closed`): cut off, its policies being unknown.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -45,8 +45,8 @@ pub const TABLE: &str = "twill-source";
 pub struct Sources {
     pub entries: BTreeSet<(String, IpAddr)>,
     pub macs: BTreeSet<(String, MacAddr)>,
-    /// Ports checked with nothing they may send from (but ARP probes and link-local
-    /// solicitations): pods whose record could not be read, so whose policies are unknown.
+    /// Ports checked with nothing they may send from: pods whose record could not be read, so
+    /// whose policies are unknown.
     /// Cut off rather than open, as Calico drops what comes from a workload interface it has
     /// no endpoint for. A port named in `entries` too is checked with those.
     pub closed: BTreeSet<String>,
@@ -84,6 +84,17 @@ impl Sources {
             .iter()
             .map(|(p, _)| p.as_str())
             .chain(self.closed.iter().map(String::as_str))
+            .collect()
+    }
+
+    /// The cut-off ports that have no address here (one whose ADD is in flight has): all they
+    /// send is dropped, whatever the source MAC.
+    fn cut(&self) -> BTreeSet<&str> {
+        let with_addresses: BTreeSet<&str> = self.entries.iter().map(|(p, _)| p.as_str()).collect();
+        self.closed
+            .iter()
+            .map(String::as_str)
+            .filter(|p| !with_addresses.contains(p))
             .collect()
     }
 
@@ -144,6 +155,10 @@ pub fn table(s: &Sources) -> Table {
         set("ifname", s.ports().into_iter().map(|p| format!("\"{p}\""))),
     );
     t.sets.insert(
+        "cut".into(),
+        set("ifname", s.cut().into_iter().map(|p| format!("\"{p}\""))),
+    );
+    t.sets.insert(
         "macports".into(),
         set("ifname", s.macs.iter().map(|(p, _)| format!("\"{p}\""))),
     );
@@ -196,6 +211,8 @@ pub fn table(s: &Sources) -> Table {
         Chain {
             base: None,
             rules: vec![
+                // Cut off: not even ARP probes, whose source MAC nothing checks here.
+                "iifname @cut counter drop".into(),
                 // The bridge learns where a MAC is from the frames' sources: another pod's
                 // would draw its frames here.
                 "iifname @macports iifname . ether saddr != @macs counter drop".into(),
@@ -249,6 +266,9 @@ pub fn element_ops(old: &Sources, new: &Sources) -> Vec<ElemOp> {
         for port in to_ports.difference(&from_ports) {
             ops.push(ElemOp::new(add, "ports", key_ifname(port).to_vec()));
         }
+        for port in to.cut().difference(&from.cut()) {
+            ops.push(ElemOp::new(add, "cut", key_ifname(port).to_vec()));
+        }
     }
     ops
 }
@@ -272,12 +292,7 @@ impl SourceStatus {
             ports: s.ports().len(),
             addresses: s.entries.len(),
             macs: s.macs.len(),
-            closed: s
-                .closed
-                .iter()
-                .filter(|p| !s.entries.iter().any(|(q, _)| q == *p))
-                .cloned()
-                .collect(),
+            closed: s.cut().into_iter().map(str::to_owned).collect(),
             error,
         }
     }
@@ -571,8 +586,9 @@ mod tests {
             t.sets["macports"].elements,
             BTreeSet::from([format!("\"{pa}\"")])
         );
-        // First in the chain: a frame from another MAC is not even looked at further.
-        assert!(t.chains["from-pod"].rules[0].contains("ether saddr != @macs"));
+        // First in the chain (after the cut-off ports): a frame from another MAC is not even
+        // looked at further.
+        assert!(t.chains["from-pod"].rules[1].contains("ether saddr != @macs"));
         let ops = element_ops(&Sources::of([&b]), &s);
         let name = key_ifname(&pa);
         assert!(ops.contains(&ElemOp::new(
@@ -594,20 +610,36 @@ mod tests {
         assert!(!t.sets["src4"].elements.iter().any(|e| e.contains(&pc)));
         assert_eq!(SourceStatus::of(&closed, None).closed, vec![pc.clone()]);
         let key = key_ifname(&pc).to_vec();
+        assert!(t.sets["cut"].elements.contains(&format!("\"{pc}\"")));
+        assert_eq!(t.chains["from-pod"].rules[0], "iifname @cut counter drop");
         assert_eq!(
             element_ops(&open, &closed),
-            vec![ElemOp::new(true, "ports", key.clone())]
+            vec![
+                ElemOp::new(true, "ports", key.clone()),
+                ElemOp::new(true, "cut", key.clone())
+            ]
         );
         assert_eq!(
             element_ops(&closed, &open),
-            vec![ElemOp::new(false, "ports", key.clone())]
+            vec![
+                ElemOp::new(false, "ports", key.clone()),
+                ElemOp::new(false, "cut", key.clone())
+            ]
         );
         // An ADD of it in flight: checked with its addresses, no longer shown as cut off; an
         // ADD of another pod keeps it cut off.
         let c = pod("c", &["10.1.0.4"]);
         let adding = Sources::of([&a, &c]).closing(&closed.closed);
         assert!(SourceStatus::of(&adding, None).closed.is_empty());
-        assert!(element_ops(&closed, &adding).iter().all(|o| o.add));
+        assert!(!table(&adding).sets["cut"]
+            .elements
+            .iter()
+            .any(|e| e.contains(&pc)));
+        let ops = element_ops(&closed, &adding);
+        assert!(
+            ops.contains(&ElemOp::new(false, "cut", key.clone())),
+            "{ops:?}"
+        );
         let other = Sources::of([&a, &pod("d", &["10.1.0.5"])]).keeping_others_of(&closed);
         assert!(other.closed.contains(&pc));
     }
