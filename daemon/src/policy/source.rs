@@ -81,6 +81,8 @@ pub struct Objects {
     unknown: BTreeMap<Attachment, BTreeSet<IpAddr>>,
     /// Cut-off attachments whose pods were recognised, until a compile has their policies.
     recognised: BTreeSet<Attachment>,
+    /// `resolve_closed` ran: `unknown` is what IPAM holds for the cut-off ports.
+    held_read: bool,
     /// The last reason each invalid key was skipped for: logged once per reason.
     skipped: BTreeMap<String, String>,
     /// Kubernetes mode: pods come from the API server, which owns them. Its objects of this
@@ -120,6 +122,7 @@ impl Objects {
             closed: BTreeSet::new(),
             unknown: BTreeMap::new(),
             recognised: BTreeSet::new(),
+            held_read: false,
             skipped: BTreeMap::new(),
             api_pods: false,
             api_here: BTreeMap::new(),
@@ -250,6 +253,7 @@ impl Objects {
     /// The attachments holding the cut-off ports, from `held` (IPAM's allocations: attachment
     /// and address), so that their pods can be recognised by their addresses.
     pub fn resolve_closed(&mut self, held: impl IntoIterator<Item = (Attachment, IpAddr)>) {
+        self.held_read = true;
         for (a, ip) in held {
             let port = crate::cni::host_veth_name(&a.container_id, &a.ifname);
             if self.closed.contains(&port) {
@@ -323,6 +327,19 @@ impl Objects {
         out.others = true;
         out.recognised = true;
         true
+    }
+
+    /// Whether `pod` (naming this node, held by no pod here) may be a cut-off pod's: it has the
+    /// addresses IPAM holds for one, or IPAM could not be read.
+    fn may_be_cut_off(&self, pod: &Pod) -> bool {
+        if self.closed.is_empty() {
+            return false;
+        }
+        if !self.held_read {
+            return true;
+        }
+        let ips = super::pods::pod_ips(pod);
+        self.unknown.values().any(|held| *held == ips)
     }
 
     /// Whether `a` was recognised (`adopt`) and waits for a compile before its port opens.
@@ -633,10 +650,10 @@ impl Objects {
             if self.adopt(&kv.key, &pod, out) {
                 return;
             }
-            if !self.closed.is_empty() {
-                // It may be the record of a cut-off pod not recognised (yet): the only copy of
-                // its labels, kept. Deleted at a start with nothing cut off.
-                tracing::info!(pod = %kv.key, "keeping a record of this node that no pod here holds while pods are cut off");
+            if self.may_be_cut_off(&pod) {
+                // The record of a cut-off pod not recognised (yet): the only copy of its
+                // labels, kept. Its addresses are IPAM's still, so no new pod gets them.
+                tracing::info!(pod = %kv.key, "keeping a record of this node that no pod here holds: it may be a cut-off pod's");
                 return;
             }
             // Says it runs here, but no CNI attachment here made it: stale (state dir lost,
@@ -1183,12 +1200,17 @@ mod tests {
                 wrongs.push(unnamed);
             }
             for w in wrongs {
+                let db_ips =
+                    super::super::pods::pod_ips(&w) == super::super::pods::pod_ips(&db.pod);
                 let out = o.apply(
                     PODS,
                     DirEvent::Put(kv("x/wrong", serde_json::to_value(&w).unwrap())),
                     &m,
                 );
                 assert!(!out.recognised);
+                // etcd mode: a stale record is kept only when it has the cut-off pod's addresses.
+                let deleted = out.records == vec![("x/wrong".to_string(), None)];
+                assert_eq!(deleted, !api && !db_ips, "{w:?}");
             }
             assert_eq!(o.closed_ports().len(), 1);
             // Its own object: the record is back, labels and addresses, and the port open.
