@@ -570,20 +570,20 @@ async fn run<S: ObjectStore>(
         // they were before this start).
         let dir = opts.state_dir.clone();
         let read = tokio::task::spawn_blocking(move || {
-            crate::cni::ipam::Ipam::open(&dir).map(|i| i.allocations())
+            crate::cni::ipam::Ipam::open(&dir)
+                .map(|i| i.allocations())
+                .map_err(|e| e.to_string())
         })
-        .await;
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
         match read {
-            Ok(Ok(held)) => objects.resolve_closed(held.into_iter().map(|(_, ip, h)| {
+            Ok(held) => objects.resolve_closed(held.into_iter().map(|(_, ip, h)| {
                 let a = Attachment {
                     container_id: h.owner.container_id,
                     ifname: h.owner.ifname,
                 };
                 (a, ip)
             })),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "reading the address allocations for the pods cut off")
-            }
             Err(e) => {
                 tracing::warn!(error = %e, "reading the address allocations for the pods cut off")
             }

@@ -28,6 +28,14 @@ pub struct Attachment {
     pub ifname: String,
 }
 
+impl Attachment {
+    /// The host end of its veth: the pod's bridge port, which names its record file and its
+    /// source-check entries.
+    pub fn port(&self) -> String {
+        crate::cni::host_veth_name(&self.container_id, &self.ifname)
+    }
+}
+
 /// A pod on this node, as policy needs it and etcd holds it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LocalPod {
@@ -236,10 +244,7 @@ impl PodFiles {
 
     pub(crate) fn path(&self, a: &Attachment) -> PathBuf {
         // The same stable hash the veth names use: no container ID in a path.
-        self.dir.join(format!(
-            "{}.json",
-            crate::cni::host_veth_name(&a.container_id, &a.ifname)
-        ))
+        self.dir.join(format!("{}.json", a.port()))
     }
 
     /// When `a`'s record was last written, if it is there.
@@ -318,7 +323,7 @@ impl PodFiles {
         }
         // A record written since (an ADD of the attachment that ended with a crash): its own.
         for p in &out.pods {
-            let port = crate::cni::host_veth_name(&p.attachment.container_id, &p.attachment.ifname);
+            let port = p.attachment.port();
             if out.unreadable.remove(&port) {
                 let _ = std::fs::remove_file(self.unreadable_path(&port));
             }
@@ -346,7 +351,7 @@ impl PodFiles {
 
     /// Drops `a`'s unreadable record (set aside by `load`), if it has one.
     pub fn forget_unreadable(&self, a: &Attachment) -> std::io::Result<()> {
-        let port = crate::cni::host_veth_name(&a.container_id, &a.ifname);
+        let port = a.port();
         match std::fs::remove_file(self.unreadable_path(&port)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),

@@ -189,7 +189,7 @@ impl Objects {
                     newer = %p.attachment.container_id,
                     "two attachments on this node recorded one pod name (a state dir from an older twilld): policy follows the newer; DEL the other");
             }
-            let port = crate::cni::host_veth_name(&p.attachment.container_id, &p.attachment.ifname);
+            let port = p.attachment.port();
             if !self.insert_local(p) && crate::cni::is_host_veth_name(&port) {
                 // As an unreadable one: who the pod is cannot be told.
                 tracing::error!(port, "invalid pod record: its port is cut off until the pod is deleted (CNI DEL) or added again");
@@ -217,8 +217,7 @@ impl Objects {
     }
 
     pub fn is_closed(&self, a: &Attachment) -> bool {
-        self.closed
-            .contains(&crate::cni::host_veth_name(&a.container_id, &a.ifname))
+        self.closed.contains(&a.port())
     }
 
     /// The cut-off ports with no record (an ADD of one in flight gives it one) or a record
@@ -228,7 +227,7 @@ impl Objects {
             .local
             .keys()
             .filter(|a| !self.recognised.contains(a))
-            .map(|a| crate::cni::host_veth_name(&a.container_id, &a.ifname))
+            .map(|a| a.port())
             .collect();
         self.closed.difference(&recorded).count()
     }
@@ -236,7 +235,7 @@ impl Objects {
     /// `a` was deleted, or added again: a port of it cut off for an unreadable record is not
     /// any more (true), and the record set aside goes.
     pub fn reopen(&mut self, a: &Attachment) -> bool {
-        let port = crate::cni::host_veth_name(&a.container_id, &a.ifname);
+        let port = a.port();
         self.unknown.remove(a);
         self.recognised.remove(a);
         if !self.closed.remove(&port) {
@@ -255,16 +254,13 @@ impl Objects {
     pub fn resolve_closed(&mut self, held: impl IntoIterator<Item = (Attachment, IpAddr)>) {
         self.held_read = true;
         for (a, ip) in held {
-            let port = crate::cni::host_veth_name(&a.container_id, &a.ifname);
+            let port = a.port();
             if self.closed.contains(&port) {
                 self.unknown.entry(a).or_default().insert(ip);
             }
         }
         for port in &self.closed {
-            let known = self
-                .unknown
-                .keys()
-                .any(|a| crate::cni::host_veth_name(&a.container_id, &a.ifname) == *port);
+            let known = self.unknown.keys().any(|a| a.port() == *port);
             if !known {
                 tracing::warn!(port, "no address allocation names the attachment of an unreadable pod record: its pod stays cut off until it is deleted or added again");
             }

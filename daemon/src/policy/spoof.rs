@@ -29,7 +29,6 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::cni::host_veth_name;
 use crate::mac::MacAddr;
 use crate::netlink::nft_sets::{self, key_addr, key_concat, ElemOp, NfFamily};
 use crate::nft::model::{BaseChain, Chain, Family, Set, Table};
@@ -58,7 +57,7 @@ impl Sources {
         let mut entries = BTreeSet::new();
         let mut macs = BTreeSet::new();
         for p in pods {
-            let port = host_veth_name(&p.attachment.container_id, &p.attachment.ifname);
+            let port = p.attachment.port();
             if let Some(mac) = p.mac {
                 macs.insert((port.clone(), mac));
             }
@@ -463,6 +462,7 @@ impl SourceCheck {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cni::host_veth_name;
     use crate::policy::pods::{Attachment, LocalPod};
 
     fn pod(cid: &str, ips: &[&str]) -> LocalPod {
