@@ -1286,6 +1286,48 @@ fn unreadable_pod_records_cut_their_pods_off_until_recognised_or_deleted() -> Re
     Ok(())
 }
 
+/// A pod whose record is unreadable and whose port is gone by the time twilld starts (its
+/// pod went while twilld was down, and no DEL came) has nothing to cut off: the record set
+/// aside is dropped and nothing is reported cut off. Before, the port stayed "cut off" in
+/// /status and the gauge for good when no address allocation named it, as nothing else lifts
+/// the cut of a pod that is gone.
+#[test]
+fn a_cut_off_port_that_is_gone_at_start_is_dropped() -> Result<()> {
+    use twill_tests::netpol::pod_config;
+    let mut lab = one_node_with_a_db_policy()?;
+    let labels = pod_config(&lab, 1, &[("app".to_string(), "db".to_string())].into());
+    let pod = lab.add_pod_with(1, "gone", "K8S_POD_NAMESPACE=x;K8S_POD_NAME=g", &labels)?;
+    let port = pod.result["interfaces"][0]["name"]
+        .as_str()
+        .context("no host interface in the ADD result")?
+        .to_owned();
+    let pods_dir = lab.state_dir(1).join("pods");
+    let aside = pods_dir.join(format!("{port}.unreadable"));
+    lab.stop_daemon(1)?;
+    std::fs::write(pods_dir.join(format!("{port}.json")), b"\0garbage")?;
+    lab.exec_ok(1, &["ip", "link", "del", &port])?;
+    lab.start_daemon(1)?;
+    lab.wait_ready(1, Duration::from_secs(30))?;
+    policy_loaded(&lab, 1)?;
+    let closed = lab.status(1)?["policy"]["source_check"]["closed"].clone();
+    ensure!(
+        closed == json!([]),
+        "a port that is gone is reported cut off: {closed}"
+    );
+    let gauge = lab.metric(1, "twill_policy_ports_cut_off")?;
+    ensure!(gauge == Some(0.0), "twill_policy_ports_cut_off: {gauge:?}");
+    ensure!(
+        !aside.exists(),
+        "the record of a pod that is gone is still set aside"
+    );
+    let log = lab.daemon_log_last(1);
+    ensure!(
+        log.contains("unreadable pod record") && log.contains("is gone"),
+        "the log does not say what happened:\n{log}"
+    );
+    lab.del_pod(&pod)
+}
+
 /// A state dir written by a twilld from before one pod name had one attachment can hold two
 /// records of a name (here made by renaming one pod's record while twilld is stopped). After the
 /// restart the newer record holds the name and a warning names both; when its pod is deleted,

@@ -125,6 +125,16 @@ pub async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkState>, P
     }
 }
 
+/// Whether a link named `name` exists in this network namespace. An ioctl (SIOCGIFINDEX), not
+/// netlink: for callers that hold no netlink handle (the policy task at start).
+pub fn link_exists(name: &str) -> std::io::Result<bool> {
+    match nix::net::if_::if_nametoindex(name) {
+        Ok(_) => Ok(true),
+        Err(nix::errno::Errno::ENODEV) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// `ip link del NAME`; Ok(false) when it was not there.
 pub async fn delete_link(h: &Handle, name: &str) -> Result<bool, PodNetError> {
     let Some(l) = link_by_name(h, name).await? else {
@@ -720,4 +730,16 @@ pub async fn check_container(h: &Handle, want: &Expected) -> Result<Vec<String>,
         }
     }
     Ok(missing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only reads: every network namespace has `lo`, and none a link of a made-up name.
+    #[test]
+    fn link_exists_tells_present_from_absent_links() {
+        assert!(link_exists("lo").unwrap());
+        assert!(!link_exists("twnosuchlink0").unwrap());
+    }
 }

@@ -565,6 +565,7 @@ async fn run<S: ObjectStore>(
         objects = objects.with_api_pods();
     }
     objects.load_local();
+    objects.drop_gone_ports(crate::netlink::pod::link_exists);
     if !objects.closed_ports().is_empty() {
         // Who holds the cut-off ports, to recognise their pods (read only: IPAM's files as
         // they were before this start).

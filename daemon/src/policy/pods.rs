@@ -349,10 +349,9 @@ impl PodFiles {
         self.dir.join(format!("{port}.unreadable"))
     }
 
-    /// Drops `a`'s unreadable record (set aside by `load`), if it has one.
-    pub fn forget_unreadable(&self, a: &Attachment) -> std::io::Result<()> {
-        let port = a.port();
-        match std::fs::remove_file(self.unreadable_path(&port)) {
+    /// Drops the unreadable record of `port` (set aside by `load`), if it has one.
+    pub fn forget_unreadable(&self, port: &str) -> std::io::Result<()> {
+        match std::fs::remove_file(self.unreadable_path(port)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
@@ -499,8 +498,8 @@ mod tests {
         assert!(loaded.unreadable.is_empty() && !aside.exists());
         std::fs::write(&aside, b"x").unwrap();
         files.remove(&p.attachment).unwrap();
-        files.forget_unreadable(&p.attachment).unwrap();
-        files.forget_unreadable(&p.attachment).unwrap();
+        files.forget_unreadable(&p.attachment.port()).unwrap();
+        files.forget_unreadable(&p.attachment.port()).unwrap();
         assert_eq!(files.load().unreadable, BTreeSet::new());
         let _ = std::fs::remove_dir_all(&dir);
     }

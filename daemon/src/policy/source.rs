@@ -241,12 +241,38 @@ impl Objects {
         if !self.closed.remove(&port) {
             return false;
         }
-        if let Err(e) = self.files.forget_unreadable(a) {
+        if let Err(e) = self.files.forget_unreadable(&port) {
             tracing::warn!(port, error = %e, "removing an unreadable pod record set aside");
         }
         tracing::info!(port, container = %a.container_id,
             "the pod whose record was unreadable was deleted or added again: its port is no longer cut off");
         true
+    }
+
+    /// Cut-off ports that no longer exist (`exists` says; their pods are gone, a reboot or a
+    /// runtime that never sent DEL): nothing to cut off, and nothing else would lift them when
+    /// no address allocation names them. Their records set aside go. Run at start, before
+    /// `resolve_closed`.
+    pub fn drop_gone_ports(&mut self, exists: impl Fn(&str) -> std::io::Result<bool>) {
+        let gone: Vec<String> = self
+            .closed
+            .iter()
+            .filter(|port| match exists(port) {
+                Ok(there) => !there,
+                Err(e) => {
+                    tracing::warn!(port = %port, error = %e, "cannot tell whether the port of an unreadable pod record exists: it stays cut off");
+                    false
+                }
+            })
+            .cloned()
+            .collect();
+        for port in gone {
+            self.closed.remove(&port);
+            match self.files.forget_unreadable(&port) {
+                Ok(()) => tracing::info!(port, "the pod of an unreadable record is gone (its port is): its record set aside is dropped"),
+                Err(e) => tracing::warn!(port, error = %e, "removing an unreadable pod record set aside"),
+            }
+        }
     }
 
     /// The attachments holding the cut-off ports, from `held` (IPAM's allocations: attachment
@@ -1265,6 +1291,40 @@ mod tests {
         assert!(o.is_closed(&db.attachment));
         assert!(o.reopen(&db.attachment) && !o.is_closed(&db.attachment));
         assert!(!dir.join(format!("pods/{port}.unreadable")).exists());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A cut-off port that no longer exists at start (its pod went while twilld was down) is
+    /// dropped with its record set aside; one that exists, or whose existence cannot be told,
+    /// stays cut off.
+    #[test]
+    fn cut_off_ports_that_are_gone_are_dropped() {
+        let (o, dir) = objects("gone");
+        let pods = ["a", "b", "c"].map(|n| local(n, "10.244.1.5", json!([])));
+        for p in &pods {
+            o.files().save(p).unwrap();
+            let port = p.attachment.port();
+            std::fs::write(dir.join(format!("pods/{port}.json")), b"\0").unwrap();
+        }
+        let ports = pods.map(|p| p.attachment.port());
+        let mut o = Objects::new("n1", &dir);
+        o.load_local();
+        assert_eq!(o.cut_off(), 3);
+        o.drop_gone_ports(|port| match port {
+            p if p == ports[0] => Ok(false),
+            p if p == ports[1] => Ok(true),
+            _ => Err(std::io::Error::from_raw_os_error(libc::EPERM)),
+        });
+        assert_eq!(
+            o.closed_ports(),
+            &BTreeSet::from([ports[1].clone(), ports[2].clone()])
+        );
+        assert!(!dir.join(format!("pods/{}.unreadable", ports[0])).exists());
+        assert!(dir.join(format!("pods/{}.unreadable", ports[1])).is_file());
+        // Set aside for good: the next start does not see it either.
+        let mut again = Objects::new("n1", &dir);
+        again.load_local();
+        assert_eq!(again.cut_off(), 2);
         let _ = std::fs::remove_dir_all(dir);
     }
 
