@@ -1175,11 +1175,24 @@ fn unreadable_pod_records_cut_their_pods_off_until_recognised_or_deleted() -> Re
             .map(str::to_owned)
     };
 
-    // Both records damaged while twilld is down; only the db pod's is still in etcd.
+    // Both records damaged while twilld is down; only the db pod's is still in etcd. A record
+    // of an earlier pod (another container) with the client's address names this node: it may
+    // be the cut-off client's, so it is kept while the client is cut off, and deleted as stale
+    // once the client is deleted.
+    let mut earlier: serde_json::Value = serde_json::from_str(
+        &r.lab
+            .etcd_get(&client_key)?
+            .context("the client's record is not in etcd")?,
+    )?;
+    earlier["metadata"]["name"] = json!("c-old");
+    earlier["metadata"]["annotations"]["twill.io/container-id"] = json!("cid-earlier");
+    let earlier_key = format!("{PREFIX}/pods/y/c-old");
     r.lab.stop_daemon(1)?;
     std::fs::write(&r.record, b"{\"pod\": ")?;
     std::fs::write(&client_record, b"\0garbage")?;
     r.lab.etcdctl(&["del", &client_key])?;
+    r.lab
+        .etcdctl(&["put", &earlier_key, "--", &earlier.to_string()])?;
     for round in 0..2 {
         r.lab.start_daemon(1)?;
         r.lab.wait_ready(1, Duration::from_secs(30))?;
@@ -1221,6 +1234,10 @@ fn unreadable_pod_records_cut_their_pods_off_until_recognised_or_deleted() -> Re
         ensure!(
             !r.record.with_extension("unreadable").exists(),
             "the recognised pod's unreadable record is still kept"
+        );
+        ensure!(
+            r.lab.etcd_get(&earlier_key)?.is_some(),
+            "a record that may be the cut-off pod's was deleted (restart {round})"
         );
         let log = r.lab.daemon_log_last(1);
         let said = if round == 0 {
@@ -1275,6 +1292,10 @@ fn unreadable_pod_records_cut_their_pods_off_until_recognised_or_deleted() -> Re
         !client_aside.exists(),
         "the unreadable record outlived its pod's DEL"
     );
+    wait_until(Duration::from_secs(10), || {
+        r.lab.etcd_get(&earlier_key).is_ok_and(|v| v.is_none())
+    })
+    .context("the record kept for the cut-off pod outlived its DEL")?;
     let gauge = r.lab.metric(1, "twill_policy_ports_cut_off")?;
     ensure!(
         gauge == Some(0.0),

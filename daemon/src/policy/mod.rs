@@ -1028,8 +1028,18 @@ impl Engine {
         }
         if any {
             self.sources_later("a pod with an unreadable record deleted or added again");
+            self.release_kept();
         }
         any
+    }
+
+    /// etcd mode: deletes the stale records of this node kept as they might have been a
+    /// cut-off pod's, once they cannot be (`Objects::released`).
+    fn release_kept(&mut self) {
+        for key in self.objects.released() {
+            tracing::info!(pod = %key, "deleting a record of this node kept for a pod that was cut off: no pod here can be it any more");
+            let _ = self.records.send((key, None));
+        }
     }
 
     async fn pod_down(&mut self, a: &Attachment) {
@@ -1199,6 +1209,7 @@ impl Engine {
     fn compiled(&mut self) {
         if !self.objects.take_recognised().is_empty() {
             self.sources_later("pods cut off for an unreadable record recognised");
+            self.release_kept();
         }
     }
 

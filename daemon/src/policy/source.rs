@@ -83,6 +83,9 @@ pub struct Objects {
     recognised: BTreeSet<Attachment>,
     /// `resolve_closed` ran: `unknown` is what IPAM holds for the cut-off ports.
     held_read: bool,
+    /// etcd mode: records naming this node that no pod here holds, kept as they may be a
+    /// cut-off pod's (`may_be_cut_off`); deleted once they cannot be (`released`).
+    kept: BTreeMap<String, Pod>,
     /// The last reason each invalid key was skipped for: logged once per reason.
     skipped: BTreeMap<String, String>,
     /// Kubernetes mode: pods come from the API server, which owns them. Its objects of this
@@ -123,6 +126,7 @@ impl Objects {
             unknown: BTreeMap::new(),
             recognised: BTreeSet::new(),
             held_read: false,
+            kept: BTreeMap::new(),
             skipped: BTreeMap::new(),
             api_pods: false,
             api_here: BTreeMap::new(),
@@ -364,6 +368,24 @@ impl Objects {
         self.unknown.values().any(|held| *held == ips)
     }
 
+    /// The kept records (`kept`) that can no longer be a cut-off pod's, now that a cut was
+    /// lifted or a pod recognised: stale, for the caller to delete. One whose name a pod here
+    /// holds now (an ADD of it) is that pod's, and only stops being kept.
+    pub fn released(&mut self) -> Vec<String> {
+        let done: Vec<String> = self
+            .kept
+            .iter()
+            .filter(|(k, p)| self.local_key(k).is_some() || !self.may_be_cut_off(p))
+            .map(|(k, _)| k.clone())
+            .collect();
+        done.into_iter()
+            .filter(|k| {
+                self.kept.remove(k);
+                self.local_key(k).is_none()
+            })
+            .collect()
+    }
+
     /// Whether `a` was recognised (`adopt`) and waits for a compile before its port opens.
     pub fn awaits_compile(&self, a: &Attachment) -> bool {
         self.recognised.contains(a)
@@ -530,6 +552,9 @@ impl Objects {
         for k in gone {
             self.delete(dir, &k, out);
         }
+        if dir == PODS {
+            self.kept.retain(|k, _| keys.contains(k));
+        }
         if dir == PODS && !self.api_pods {
             // Our pods whose record is missing: written now (made while etcd was away).
             let missing: Vec<LocalPod> = self
@@ -627,6 +652,7 @@ impl Objects {
     }
 
     fn put_pod(&mut self, kv: ObjKv, m: &Metrics, out: &mut Applied) {
+        self.kept.remove(&kv.key);
         let Some((ns, name)) = split_key(&kv.key) else {
             return self.skip(m, PODS, &kv.key, "the key is not <namespace>/<name>".into());
         };
@@ -676,6 +702,7 @@ impl Objects {
                 // The record of a cut-off pod not recognised (yet): the only copy of its
                 // labels, kept. Its addresses are IPAM's still, so no new pod gets them.
                 tracing::info!(pod = %kv.key, "keeping a record of this node that no pod here holds: it may be a cut-off pod's");
+                self.kept.insert(kv.key, pod);
                 return;
             }
             // Says it runs here, but no CNI attachment here made it: stale (state dir lost,
@@ -747,6 +774,9 @@ impl Objects {
 
     fn delete(&mut self, dir: &'static str, key: &str, out: &mut Applied) {
         self.skipped.remove(&format!("{dir}/{key}"));
+        if dir == PODS {
+            self.kept.remove(key);
+        }
         if dir == PODS && self.api_pods && self.api_here.remove(key).is_some() {
             // This node's pod: it goes with its CNI DEL.
             return;
@@ -1233,6 +1263,8 @@ mod tests {
                 // etcd mode: a stale record is kept only when it has the cut-off pod's addresses.
                 let deleted = out.records == vec![("x/wrong".to_string(), None)];
                 assert_eq!(deleted, !api && !db_ips, "{w:?}");
+                // Kept while the pod it may be is cut off and not recognised.
+                assert!(o.released().is_empty());
             }
             assert_eq!(o.closed_ports().len(), 1);
             // Its own object: the record is back, labels and addresses, and the port open.
@@ -1246,6 +1278,14 @@ mod tests {
                 &m,
             );
             assert!(out.recognised && out.records.is_empty(), "{out:?}");
+            // etcd mode: the records kept for it now cannot be its (it was recognised), and go.
+            let kept = if api {
+                vec![]
+            } else {
+                vec!["x/wrong".to_string()]
+            };
+            assert_eq!(o.released(), kept);
+            assert!(o.released().is_empty());
             // Cut off until compiled.
             assert!(o.awaits_compile(&db.attachment) && o.cut_off() == 1);
             assert_eq!(o.closed_ports().len(), 1);
