@@ -1309,9 +1309,11 @@ fn unreadable_pod_records_cut_their_pods_off_until_recognised_or_deleted() -> Re
 
 /// A pod whose record is unreadable and whose port is gone by the time twilld starts (its
 /// pod went while twilld was down, and no DEL came) has nothing to cut off: the record set
-/// aside is dropped and nothing is reported cut off. Before, the port stayed "cut off" in
-/// /status and the gauge for good when no address allocation named it, as nothing else lifts
-/// the cut of a pod that is gone.
+/// aside is dropped and nothing is reported cut off. Nor is the pod recognised from its etcd
+/// record (IPAM still holds its address here): that record is stale, and deleted. Before, the
+/// pod was recognised and its record restored for a pod that is gone; and where no address
+/// allocation named it, the port stayed "cut off" in /status and the gauge for good, as
+/// nothing else lifts the cut of a pod that is gone.
 #[test]
 fn a_cut_off_port_that_is_gone_at_start_is_dropped() -> Result<()> {
     use twill_tests::netpol::pod_config;
@@ -1324,12 +1326,32 @@ fn a_cut_off_port_that_is_gone_at_start_is_dropped() -> Result<()> {
         .to_owned();
     let pods_dir = lab.state_dir(1).join("pods");
     let aside = pods_dir.join(format!("{port}.unreadable"));
+    let record = pods_dir.join(format!("{port}.json"));
+    let key = format!("{PREFIX}/pods/x/g");
+    wait_until(Duration::from_secs(10), || {
+        lab.etcd_get(&key).is_ok_and(|v| v.is_some())
+    })
+    .context("the pod's record is not in etcd")?;
     lab.stop_daemon(1)?;
-    std::fs::write(pods_dir.join(format!("{port}.json")), b"\0garbage")?;
+    std::fs::write(&record, b"\0garbage")?;
     lab.exec_ok(1, &["ip", "link", "del", &port])?;
     lab.start_daemon(1)?;
     lab.wait_ready(1, Duration::from_secs(30))?;
     policy_loaded(&lab, 1)?;
+    // Its etcd record, the one object that could recognise it, is deleted as stale.
+    wait_until(Duration::from_secs(10), || {
+        lab.etcd_get(&key).is_ok_and(|v| v.is_none())
+    })
+    .with_context(|| {
+        format!(
+            "the gone pod's record is still in etcd: {}",
+            lab.daemon_log_last(1)
+        )
+    })?;
+    ensure!(
+        !record.exists(),
+        "a record was restored for a pod that is gone"
+    );
     let closed = lab.status(1)?["policy"]["source_check"]["closed"].clone();
     ensure!(
         closed == json!([]),
