@@ -643,6 +643,24 @@ impl Lab {
         self.etcd.as_ref().map(Etcd::endpoint).unwrap_or_default()
     }
 
+    /// Cut node i off from etcd (its packets to etcd are answered with a reset, open
+    /// connections included) without touching the overlay. `heal_from_etcd` undoes it.
+    pub fn cut_from_etcd(&self, i: usize) -> Result<()> {
+        let port = self.etcd_port().context("etcd port")?;
+        self.nft_load(
+            i,
+            &format!(
+                "table inet twlcut {{\n chain out {{\n type filter hook output priority 0;\n \
+                 ip daddr 198.18.0.1 tcp dport {port} reject with tcp reset\n }}\n}}\n"
+            ),
+        )
+    }
+
+    pub fn heal_from_etcd(&self, i: usize) -> Result<()> {
+        self.exec_ok(i, &["nft", "delete", "table", "inet", "twlcut"])
+            .map(|_| ())
+    }
+
     /// Run etcdctl (API v3) inside the underlay namespace; returns stdout.
     pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
         self.etcd_ref()?.ctl(args)

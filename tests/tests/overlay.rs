@@ -549,46 +549,6 @@ fn a_hand_deletion_among_our_own_changes_is_repaired_at_once() -> Result<()> {
     Ok(())
 }
 
-/// Cut node i off from etcd (new connections are reset) without touching the overlay.
-fn partition_from_etcd(lab: &Lab, i: usize) -> Result<()> {
-    let port = lab.etcd_port().context("etcd port")?.to_string();
-    lab.exec_ok(i, &["nft", "add", "table", "inet", "twlcut"])?;
-    lab.exec_ok(
-        i,
-        &[
-            "nft",
-            "add chain inet twlcut out { type filter hook output priority 0; }",
-        ],
-    )?;
-    lab.exec_ok(
-        i,
-        &[
-            "nft",
-            "add",
-            "rule",
-            "inet",
-            "twlcut",
-            "out",
-            "ip",
-            "daddr",
-            "198.18.0.1",
-            "tcp",
-            "dport",
-            &port,
-            "reject",
-            "with",
-            "tcp",
-            "reset",
-        ],
-    )?;
-    Ok(())
-}
-
-fn heal_partition(lab: &Lab, i: usize) -> Result<()> {
-    lab.exec_ok(i, &["nft", "delete", "table", "inet", "twlcut"])
-        .map(|_| ())
-}
-
 #[test]
 fn etcd_restart_and_compaction_are_survived() -> Result<()> {
     let mut lab = new_lab(3);
@@ -641,7 +601,7 @@ fn etcd_restart_and_compaction_are_survived() -> Result<()> {
     // ...then node 1 loses etcd (restart breaks its connection, the partition keeps it out)
     // while B leaves, A joins and the history is compacted past what node 1 has seen.
     let reconnects_before = metric(&lab, 1, "twill_etcd_reconnects_total")?;
-    partition_from_etcd(&lab, 1)?;
+    lab.cut_from_etcd(1)?;
     lab.stop_etcd()?;
     lab.start_etcd()?;
     del_lease(&lab, &b.key())?;
@@ -658,7 +618,7 @@ fn etcd_restart_and_compaction_are_survived() -> Result<()> {
     })?;
 
     // Healed, node 1 must catch up although its watch revision was compacted away.
-    heal_partition(&lab, 1)?;
+    lab.heal_from_etcd(1)?;
     wait_until(CONVERGE, || {
         lab.entries(1, DEV)
             .map(|e| e.has_peer(&a.subnet, &a.mac, &a.public_ip) && e.lacks_peer(&b.subnet, &b.mac))
