@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use etcd_client::{EventType, GetOptions, WatchOptions, WatchStream};
+use etcd_client::{
+    Compare, CompareOp, EventType, GetOptions, Txn, TxnOp, WatchOptions, WatchStream,
+};
 
 use super::etcd::EtcdRegistry;
 use super::objects::{ObjChange, ObjKv, ObjWatch, ObjWatchMsg, ObjectStore};
@@ -125,6 +127,24 @@ impl ObjectStore for EtcdRegistry {
         let mut kv = self.client().kv_client();
         let resp = timed("delete", kv.delete(format!("{d}{key}"), None)).await?;
         Ok(resp.deleted() > 0)
+    }
+
+    async fn delete_at(
+        &self,
+        dir: &str,
+        key: &str,
+        mod_revision: i64,
+    ) -> Result<bool, RegistryError> {
+        let k = format!("{}{key}", self.obj_dir(dir));
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                k.clone(),
+                CompareOp::Equal,
+                mod_revision,
+            )])
+            .and_then([TxnOp::delete(k, None)]);
+        let mut kv = self.client().kv_client();
+        Ok(timed("delete", kv.txn(txn)).await?.succeeded())
     }
 }
 

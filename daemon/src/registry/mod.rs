@@ -52,6 +52,9 @@ pub enum RegistryError {
     /// An IPv6-only network, and no IPv6 side in our lease: nothing to claim.
     #[error("the network is IPv6-only (EnableIPv4 false), but this node has no IPv6 endpoint")]
     NoFamily,
+    /// A conditional write lost to other writes every time it was tried.
+    #[error("contended: {0}")]
+    Contended(String),
 }
 
 impl OwnLease {

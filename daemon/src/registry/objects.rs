@@ -65,7 +65,59 @@ pub trait ObjectStore: Clone + Send + Sync + 'static {
         dir: &str,
         key: &str,
     ) -> impl Future<Output = Result<bool, RegistryError>> + Send;
+    /// Deletes `key` only while its mod revision is `mod_revision`. Ok(false): it was not (a
+    /// write came in between, or the key is gone).
+    fn delete_at(
+        &self,
+        dir: &str,
+        key: &str,
+        mod_revision: i64,
+    ) -> impl Future<Output = Result<bool, RegistryError>> + Send;
+
+    /// Deletes `key` if its value is one `ours` accepts, and only that value: a write that
+    /// lands between the read and the delete (another node's record under the same key) is
+    /// read again, not deleted blindly.
+    fn delete_if<F>(
+        &self,
+        dir: &str,
+        key: &str,
+        ours: F,
+    ) -> impl Future<Output = Result<Removal, RegistryError>> + Send
+    where
+        F: Fn(&[u8]) -> bool + Send + Sync,
+    {
+        async move {
+            for _ in 0..DELETE_ROUNDS {
+                let Some(kv) = self.get(dir, key).await? else {
+                    return Ok(Removal::Absent);
+                };
+                if !ours(&kv.value) {
+                    return Ok(Removal::NotOurs);
+                }
+                if self.delete_at(dir, key, kv.mod_revision).await? {
+                    return Ok(Removal::Deleted);
+                }
+            }
+            Err(RegistryError::Contended(format!(
+                "{dir}/{key} changed under every one of {DELETE_ROUNDS} deletes"
+            )))
+        }
+    }
 }
+
+/// What `ObjectStore::delete_if` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Removal {
+    Deleted,
+    /// There was no such key.
+    Absent,
+    /// The key holds a value that is not ours: left alone.
+    NotOurs,
+}
+
+/// Reads and conditional deletes a `delete_if` tries before it gives up (each lost round is a
+/// write that came in between).
+const DELETE_ROUNDS: usize = 5;
 
 /// What `watch_dir` reports. A `Snapshot` is the whole directory (first list, and after every
 /// re-list); the receiver replaces what it had.
@@ -186,6 +238,9 @@ mod tests {
         async fn delete(&self, _: &str, _: &str) -> Result<bool, RegistryError> {
             Ok(false)
         }
+        async fn delete_at(&self, _: &str, _: &str, _: i64) -> Result<bool, RegistryError> {
+            Ok(false)
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -200,5 +255,126 @@ mod tests {
         // it would be 300.
         let lists = store.lists.load(Ordering::Relaxed);
         assert!((10..=14).contains(&lists), "{lists} lists in a minute");
+    }
+
+    /// One key in memory, with etcd's revision rule, and writes that land between a read and
+    /// the delete after it on cue (etcd cannot be made to interleave them so; the lab test
+    /// `a_delayed_record_delete_spares_another_nodes_record` runs delete_if against etcd).
+    /// A value and its mod revision.
+    type Held = Option<(Vec<u8>, i64)>;
+
+    #[derive(Clone, Default)]
+    struct OneKey {
+        kv: Arc<std::sync::Mutex<Held>>,
+        /// Values written, one after each read, as another writer would.
+        interleaved: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    }
+
+    impl OneKey {
+        fn holding(value: &str) -> OneKey {
+            let k = OneKey::default();
+            *k.kv.lock().unwrap() = Some((value.as_bytes().to_vec(), 1));
+            k
+        }
+        fn value(&self) -> Option<String> {
+            let kv = self.kv.lock().unwrap();
+            kv.as_ref()
+                .map(|(v, _)| String::from_utf8(v.clone()).unwrap())
+        }
+    }
+
+    impl ObjectStore for OneKey {
+        type Watch = Ends;
+        async fn list(&self, _: &str) -> Result<(Vec<ObjKv>, i64), RegistryError> {
+            unreachable!()
+        }
+        async fn watch(&self, _: &str, _: i64) -> Result<Ends, RegistryError> {
+            unreachable!()
+        }
+        async fn get(&self, _: &str, key: &str) -> Result<Option<ObjKv>, RegistryError> {
+            let mut kv = self.kv.lock().unwrap();
+            let read = kv.as_ref().map(|(v, rev)| ObjKv {
+                key: key.into(),
+                value: v.clone(),
+                mod_revision: *rev,
+            });
+            let mut writes = self.interleaved.lock().unwrap();
+            if !writes.is_empty() {
+                let rev = kv.as_ref().map_or(1, |(_, r)| r + 1);
+                *kv = Some((writes.remove(0), rev));
+            }
+            Ok(read)
+        }
+        async fn put(&self, _: &str, _: &str, _: &[u8]) -> Result<(), RegistryError> {
+            unreachable!()
+        }
+        async fn delete(&self, _: &str, _: &str) -> Result<bool, RegistryError> {
+            unreachable!()
+        }
+        async fn delete_at(&self, _: &str, _: &str, rev: i64) -> Result<bool, RegistryError> {
+            let mut kv = self.kv.lock().unwrap();
+            let at = kv.as_ref().is_some_and(|(_, r)| *r == rev);
+            if at {
+                *kv = None;
+            }
+            Ok(at)
+        }
+    }
+
+    fn mine(v: &[u8]) -> bool {
+        v.starts_with(b"mine")
+    }
+
+    #[tokio::test]
+    async fn delete_if_deletes_only_a_value_it_read_as_ours() {
+        let absent = OneKey::default();
+        assert_eq!(
+            absent.delete_if("pods", "x/a", mine).await.unwrap(),
+            Removal::Absent
+        );
+
+        let theirs = OneKey::holding("theirs");
+        assert_eq!(
+            theirs.delete_if("pods", "x/a", mine).await.unwrap(),
+            Removal::NotOurs
+        );
+        assert_eq!(theirs.value().as_deref(), Some("theirs"));
+
+        let ours = OneKey::holding("mine");
+        assert_eq!(
+            ours.delete_if("pods", "x/a", mine).await.unwrap(),
+            Removal::Deleted
+        );
+        assert_eq!(ours.value(), None);
+
+        // Ours when read, another's by the time of the delete: read again, and left.
+        let taken = OneKey::holding("mine");
+        taken.interleaved.lock().unwrap().push(b"theirs".to_vec());
+        assert_eq!(
+            taken.delete_if("pods", "x/a", mine).await.unwrap(),
+            Removal::NotOurs
+        );
+        assert_eq!(taken.value().as_deref(), Some("theirs"));
+
+        // Rewritten as ours once in between: the second read's value is deleted.
+        let rewritten = OneKey::holding("mine 1");
+        rewritten
+            .interleaved
+            .lock()
+            .unwrap()
+            .push(b"mine 2".to_vec());
+        assert_eq!(
+            rewritten.delete_if("pods", "x/a", mine).await.unwrap(),
+            Removal::Deleted
+        );
+        assert_eq!(rewritten.value(), None);
+
+        // Written between every read and its delete: an error (retried later), nothing lost.
+        let busy = OneKey::holding("mine 0");
+        let writes = (1..=DELETE_ROUNDS).map(|i| format!("mine {i}").into_bytes());
+        busy.interleaved.lock().unwrap().extend(writes);
+        let err = busy.delete_if("pods", "x/a", mine).await.unwrap_err();
+        assert!(matches!(err, RegistryError::Contended(_)), "{err}");
+        assert_eq!(busy.value(), Some(format!("mine {DELETE_ROUNDS}")));
     }
 }

@@ -16,7 +16,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::{json, Value};
 
 use crate::policy::{NAMESPACES, PODS, POLICIES};
-use crate::registry::objects::{ObjChange, ObjKv, ObjWatch, ObjWatchMsg, ObjectStore};
+use crate::registry::objects::{ObjChange, ObjKv, ObjWatch, ObjWatchMsg, ObjectStore, Removal};
 use crate::registry::RegistryError;
 
 /// Server-side timeout of each watch call; the watch is reopened from where it was.
@@ -306,6 +306,19 @@ impl ObjectStore for KubeObjects {
 
     async fn delete(&self, dir: &str, _key: &str) -> Result<bool, RegistryError> {
         read_only(dir).map(|()| false)
+    }
+
+    /// Nothing to delete (pods: no records of ours here; the rest: refused).
+    async fn delete_at(&self, dir: &str, _key: &str, _rev: i64) -> Result<bool, RegistryError> {
+        read_only(dir).map(|()| false)
+    }
+
+    /// Without a read first: there are no records of ours to check in the API.
+    async fn delete_if<F>(&self, dir: &str, _key: &str, _ours: F) -> Result<Removal, RegistryError>
+    where
+        F: Fn(&[u8]) -> bool + Send + Sync,
+    {
+        read_only(dir).map(|()| Removal::Absent)
     }
 }
 
