@@ -1371,6 +1371,92 @@ fn a_cut_off_port_that_is_gone_at_start_is_dropped() -> Result<()> {
     lab.del_pod(&pod)
 }
 
+/// A pod's record delete that waits out an etcd outage on its node spares the record another
+/// node wrote meanwhile under the same name (the pod moved there, as a StatefulSet's pod does).
+/// Before, the delayed delete removed that record, and the other nodes lost the pod's labels
+/// until its node wrote the record again.
+#[test]
+fn a_delayed_record_delete_spares_another_nodes_record() -> Result<()> {
+    use twill_tests::netpol::pod_config;
+    let mut lab = Lab::new(LabOptions {
+        nodes: 2,
+        ..Default::default()
+    })?;
+    lab.put_config(CONFIG)?;
+    for i in 1..=2 {
+        lab.start_daemon(i)?;
+        lab.wait_ready(i, Duration::from_secs(30))?;
+        policy_loaded(&lab, i)?;
+    }
+    let key = format!("{PREFIX}/pods/x/m");
+    // The record's node and create revision: a record deleted and written again is a new one.
+    let record = |lab: &Lab| -> Result<Option<(String, i64)>> {
+        let out: serde_json::Value =
+            serde_json::from_str(&lab.etcdctl(&["get", &key, "-w", "json"])?)?;
+        let Some(kv) = out["kvs"].get(0) else {
+            return Ok(None);
+        };
+        let created = kv["create_revision"]
+            .as_i64()
+            .context("no create_revision")?;
+        let Some(value) = lab.etcd_get(&key)? else {
+            return Ok(None);
+        };
+        let pod: serde_json::Value = serde_json::from_str(&value)?;
+        let node = pod["spec"]["nodeName"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        Ok(Some((node, created)))
+    };
+    let labels = |i| pod_config(&lab, i, &[("app".to_string(), "m".to_string())].into());
+    let (on1, on2) = (labels(1), labels(2));
+    let name = "K8S_POD_NAMESPACE=x;K8S_POD_NAME=m";
+    let first = lab.add_pod_with(1, "m1", name, &on1)?;
+    wait_until(Duration::from_secs(10), || {
+        record(&lab).is_ok_and(|r| r.is_some_and(|(n, _)| n == "n1"))
+    })
+    .context("n1's record of the pod never reached etcd")?;
+
+    // n1 loses etcd, and its pod goes: the record's delete waits, retried.
+    lab.cut_from_etcd(1)?;
+    let result = (|| -> Result<()> {
+        lab.del_pod(&first)?;
+        wait_until(Duration::from_secs(15), || {
+            lab.metric(1, "twill_policy_records_pending")
+                .is_ok_and(|v| v.is_some_and(|v| v >= 1.0))
+        })
+        .context("n1 has no record write pending after the DEL")?;
+        // Meanwhile the pod comes up on n2, which writes its record.
+        let second = lab.add_pod_with(2, "m2", name, &on2)?;
+        wait_until(Duration::from_secs(10), || {
+            record(&lab).is_ok_and(|r| r.is_some_and(|(n, _)| n == "n2"))
+        })
+        .context("n2's record of the pod never reached etcd")?;
+        let written = record(&lab)?.context("no record")?;
+        lab.heal_from_etcd(1)?;
+        // n1 is through with its pending delete.
+        wait_until(Duration::from_secs(30), || {
+            lab.metric(1, "twill_policy_records_pending")
+                .is_ok_and(|v| v == Some(0.0))
+        })
+        .with_context(|| format!("n1's delete still pending: {}", lab.daemon_log_last(1)))?;
+        let now = record(&lab)?;
+        ensure!(
+            now.as_ref() == Some(&written),
+            "n2's record {written:?} was deleted by n1's delayed delete; now {now:?}"
+        );
+        let log = lab.daemon_log_last(1);
+        ensure!(
+            log.contains("it does not name this node"),
+            "n1's log does not say it left the record:\n{log}"
+        );
+        lab.del_pod(&second)
+    })();
+    let _ = lab.heal_from_etcd(1);
+    result
+}
+
 /// A state dir written by a twilld from before one pod name had one attachment can hold two
 /// records of a name (here made by renaming one pod's record while twilld is stopped). After the
 /// restart the newer record holds the name and a warning names both; when its pod is deleted,

@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::daemon::Shared;
 use crate::metrics::Metrics;
 use crate::nft::{Check, Nft, TableWriter};
-use crate::registry::objects::{watch_dir, DirEvent, ObjKv, ObjectStore};
+use crate::registry::objects::{watch_dir, DirEvent, ObjKv, ObjectStore, Removal};
 use crate::registry::RegistryError;
 use futures::FutureExt;
 use pods::{Attachment, LocalPod};
@@ -594,6 +594,7 @@ async fn run<S: ObjectStore>(
     let (records, records_rx) = mpsc::unbounded_channel();
     tokio::spawn(write_records(
         store.clone(),
+        opts.node.clone(),
         records_rx,
         shared.metrics.clone(),
         busy.clone(),
@@ -1618,9 +1619,12 @@ pub fn drop_counters(listing: &serde_json::Value) -> Vec<(String, u64, u64)> {
 
 /// Writes and deletes this node's pod records in etcd, coalesced per key (only the last wish
 /// counts) and retried with backoff while etcd is away: a pod made while etcd was down is
-/// written when it is back.
+/// written when it is back. A delete removes only a record that names this node: one that
+/// waited out an outage must not take the record another node wrote meanwhile under the same
+/// name (a pod moved there).
 async fn write_records<S: ObjectStore>(
     store: S,
+    node: String,
     mut rx: mpsc::UnboundedReceiver<(String, Option<Vec<u8>>)>,
     metrics: Arc<Metrics>,
     busy: Arc<Busy>,
@@ -1647,7 +1651,7 @@ async fn write_records<S: ObjectStore>(
         for key in keys {
             let res = match &pending[&key] {
                 Some(v) => store.put(PODS, &key, v).await,
-                None => store.delete(PODS, &key).await.map(drop),
+                None => delete_record(&store, &node, &key).await,
             };
             match res {
                 Ok(()) => {
@@ -1682,6 +1686,33 @@ async fn write_records<S: ObjectStore>(
             .policy_records_pending
             .store(pending.len() as u64, Relaxed);
     }
+}
+
+/// Deletes this node's record of `key`, and only such a record.
+async fn delete_record<S: ObjectStore>(
+    store: &S,
+    node: &str,
+    key: &str,
+) -> Result<(), RegistryError> {
+    let names_us = |v: &[u8]| record_node(v).as_deref() == Some(node);
+    if store.delete_if(PODS, key, names_us).await? == Removal::NotOurs {
+        tracing::info!(pod = %key, "not deleting the pod's record: it does not name this node (another node's now)");
+    }
+    Ok(())
+}
+
+/// The node a pod record names (`spec.nodeName`), if it is one.
+fn record_node(value: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Rec {
+        spec: Spec,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Spec {
+        node_name: Option<String>,
+    }
+    serde_json::from_slice::<Rec>(value).ok()?.spec.node_name
 }
 
 #[cfg(test)]
@@ -1735,5 +1766,22 @@ mod tests {
             waited >= Duration::from_secs(10) && waited < Duration::from_millis(10_100),
             "{waited:?}"
         );
+    }
+
+    #[test]
+    fn a_record_names_its_node_or_none() {
+        let rec = |v: serde_json::Value| record_node(&serde_json::to_vec(&v).unwrap());
+        // As records are written: a Pod serialised.
+        let mut pod = netpol::api::Pod::default();
+        pod.metadata.name = "a".into();
+        pod.spec.node_name = Some("n1".into());
+        let written = serde_json::to_vec(&pod).unwrap();
+        assert_eq!(record_node(&written).as_deref(), Some("n1"));
+        assert_eq!(
+            rec(serde_json::json!({"metadata": {"name": "a"}, "spec": {}})),
+            None
+        );
+        assert_eq!(rec(serde_json::json!({"spec": {"nodeName": 3}})), None);
+        assert_eq!(record_node(b"\0garbage"), None);
     }
 }
