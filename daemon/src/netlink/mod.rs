@@ -1,5 +1,6 @@
 //! Every netlink call twilld makes lives under this module (pod networking in `pod.rs`), and
-//! the one ethtool ioctl (`ethtool.rs`).
+//! the two ioctls it needs: ethtool's (`ethtool.rs`) and the interface lookup by name
+//! (`pod::link_exists`).
 //!
 //! Queries and device setup go through an rtnetlink `Handle`. Bulk entry programming (`apply`)
 //! goes through a second, plain netlink socket: requests are written in batches and the acks

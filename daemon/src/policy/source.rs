@@ -378,11 +378,11 @@ impl Objects {
             .filter(|(k, p)| self.local_key(k).is_some() || !self.may_be_cut_off(p))
             .map(|(k, _)| k.clone())
             .collect();
+        for k in &done {
+            self.kept.remove(k);
+        }
         done.into_iter()
-            .filter(|k| {
-                self.kept.remove(k);
-                self.local_key(k).is_none()
-            })
+            .filter(|k| self.local_key(k).is_none())
             .collect()
     }
 
