@@ -187,7 +187,10 @@ impl Objects {
     pub fn load_local(&mut self) {
         let loaded = self.files.load();
         self.closed = loaded.unreadable;
-        for p in loaded.pods {
+        for mut p in loaded.pods {
+            // Runs here whatever node name it was recorded under (a node renamed keeps its
+            // state dir).
+            p.pod.spec.node_name = Some(self.node.clone());
             if let Some(holder) = self.local_key(&p.key()) {
                 tracing::warn!(pod = %p.key(), older = %holder.attachment.container_id,
                     newer = %p.attachment.container_id,
@@ -675,8 +678,10 @@ impl Objects {
         if let Some(local) = self.local_key(&kv.key).cloned() {
             let ours = pod.metadata.annotations.get(CONTAINER_ANNOTATION)
                 == Some(&local.attachment.container_id);
-            if !ours {
-                // Another pod's record under our pod's name: ours is what runs here.
+            if !ours || pod.spec.node_name != local.pod.spec.node_name {
+                // Another pod's record under our pod's name: ours is what runs here. (Ours
+                // under this node's old name, too: records are deleted only by the node they
+                // name.)
                 out.records.push(record(&local));
                 return;
             }
@@ -941,6 +946,41 @@ mod tests {
             json!({"metadata": {"name": "r", "namespace": "y"}, "spec": {"podSelector": {}}});
         o.apply(POLICIES, DirEvent::Put(kv("x/r", elsewhere)), &m);
         assert_eq!(o.cluster().policies().count(), 1);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A node renamed (`--node-name`) keeps its state dir, whose records, and the pods'
+    /// records in etcd, name the old node. The pods are this node's: their etcd records are
+    /// written again naming it, since a node deletes only records that name it.
+    #[test]
+    fn records_of_a_renamed_node_name_it_again() {
+        let (mut old, dir) = objects("renamed");
+        let a = local("a", "10.244.1.5", json!([{"key": "app", "value": "db"}]));
+        old.local_up(a.clone()).unwrap();
+        let in_etcd = record(&a);
+        let m = Metrics::default();
+
+        let mut o = Objects::new("n9", &dir);
+        o.load_local();
+        let here = o.local_of(&a.attachment).expect("the pod is loaded");
+        assert_eq!(here.pod.spec.node_name.as_deref(), Some("n9"));
+        let put = |v: Vec<u8>| {
+            DirEvent::Put(ObjKv {
+                key: "x/a".into(),
+                value: v,
+                mod_revision: 2,
+            })
+        };
+        let out = o.apply(PODS, put(in_etcd.1.unwrap()), &m);
+        assert_eq!(out.records.len(), 1, "{out:?}");
+        let (key, value) = &out.records[0];
+        assert_eq!(key, "x/a");
+        let written: Pod = serde_json::from_slice(value.as_ref().unwrap()).unwrap();
+        assert_eq!(written.spec.node_name.as_deref(), Some("n9"));
+        assert_eq!(written.metadata.labels, a.pod.metadata.labels);
+        // Once it names this node, it is ours as it was: nothing more to write.
+        let out = o.apply(PODS, put(value.clone().unwrap()), &m);
+        assert!(out.records.is_empty(), "{out:?}");
         let _ = std::fs::remove_dir_all(dir);
     }
 
