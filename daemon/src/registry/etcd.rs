@@ -186,6 +186,23 @@ impl EtcdRegistry {
         let mut kv = self.client.kv_client();
         Ok(timed(what, kv.txn(txn)).await?.succeeded())
     }
+
+    /// Deletes `key` only while its mod revision is `mod_revision`; false if it was not.
+    pub(super) async fn delete_at_revision(
+        &self,
+        what: &str,
+        key: String,
+        mod_revision: i64,
+    ) -> Result<bool, RegistryError> {
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                mod_revision,
+            )])
+            .and_then([TxnOp::delete(key, None)]);
+        self.txn(what, txn).await
+    }
 }
 
 fn put_opts(lease: i64) -> Option<PutOptions> {
@@ -370,15 +387,8 @@ impl SubnetRegistry for EtcdRegistry {
     }
 
     async fn delete_subnet(&self, name: &str, mod_revision: i64) -> Result<bool, RegistryError> {
-        let key = self.key(name);
-        let txn = Txn::new()
-            .when([Compare::mod_revision(
-                key.clone(),
-                CompareOp::Equal,
-                mod_revision,
-            )])
-            .and_then([TxnOp::delete(key, None)]);
-        self.txn("delete subnet", txn).await
+        self.delete_at_revision("delete subnet", self.key(name), mod_revision)
+            .await
     }
 
     async fn watch_subnets(

@@ -2,9 +2,7 @@
 
 use std::time::Duration;
 
-use etcd_client::{
-    Compare, CompareOp, EventType, GetOptions, Txn, TxnOp, WatchOptions, WatchStream,
-};
+use etcd_client::{EventType, GetOptions, WatchOptions, WatchStream};
 
 use super::etcd::EtcdRegistry;
 use super::objects::{ObjChange, ObjKv, ObjWatch, ObjWatchMsg, ObjectStore};
@@ -136,15 +134,7 @@ impl ObjectStore for EtcdRegistry {
         mod_revision: i64,
     ) -> Result<bool, RegistryError> {
         let k = format!("{}{key}", self.obj_dir(dir));
-        let txn = Txn::new()
-            .when([Compare::mod_revision(
-                k.clone(),
-                CompareOp::Equal,
-                mod_revision,
-            )])
-            .and_then([TxnOp::delete(k, None)]);
-        let mut kv = self.client().kv_client();
-        Ok(timed("delete", kv.txn(txn)).await?.succeeded())
+        self.delete_at_revision("delete", k, mod_revision).await
     }
 }
 
