@@ -20,7 +20,7 @@ pub mod render;
 mod source;
 pub mod spoof;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::{self, Relaxed};
 use std::sync::Arc;
@@ -592,9 +592,11 @@ async fn run<S: ObjectStore>(
     }
     let cached = objects.load_cache();
     let (records, records_rx) = mpsc::unbounded_channel();
+    let mut names = objects.former_names().clone();
+    names.insert(opts.node.clone());
     tokio::spawn(write_records(
         store.clone(),
-        opts.node.clone(),
+        names,
         records_rx,
         shared.metrics.clone(),
         busy.clone(),
@@ -1624,7 +1626,7 @@ pub fn drop_counters(listing: &serde_json::Value) -> Vec<(String, u64, u64)> {
 /// name (a pod moved there).
 async fn write_records<S: ObjectStore>(
     store: S,
-    node: String,
+    names: BTreeSet<String>,
     mut rx: mpsc::UnboundedReceiver<(String, Option<Vec<u8>>)>,
     metrics: Arc<Metrics>,
     busy: Arc<Busy>,
@@ -1651,7 +1653,7 @@ async fn write_records<S: ObjectStore>(
         for key in keys {
             let res = match &pending[&key] {
                 Some(v) => store.put(PODS, &key, v).await,
-                None => delete_record(&store, &node, &key).await,
+                None => delete_record(&store, &names, &key).await,
             };
             match res {
                 Ok(()) => {
@@ -1688,17 +1690,23 @@ async fn write_records<S: ObjectStore>(
     }
 }
 
-/// Deletes this node's record of `key`, and only such a record.
+/// Deletes this node's record of `key`, and only such a record: one naming this node by one of
+/// `names` (its name, and those its pods were recorded under before a rename).
 async fn delete_record<S: ObjectStore>(
     store: &S,
-    node: &str,
+    names: &BTreeSet<String>,
     key: &str,
 ) -> Result<(), RegistryError> {
-    let names_us = |v: &[u8]| record_node(v).as_deref() == Some(node);
+    let names_us = |v: &[u8]| names_one_of(v, names);
     if store.delete_if(PODS, key, names_us).await? == Removal::NotOurs {
         tracing::info!(pod = %key, "not deleting the pod's record: it does not name this node (another node's now)");
     }
     Ok(())
+}
+
+/// Whether a pod record names one of `names` as its node.
+fn names_one_of(value: &[u8], names: &BTreeSet<String>) -> bool {
+    record_node(value).is_some_and(|n| names.contains(&n))
 }
 
 /// The node a pod record names (`spec.nodeName`), if it is one.
@@ -1783,5 +1791,14 @@ mod tests {
         );
         assert_eq!(rec(serde_json::json!({"spec": {"nodeName": 3}})), None);
         assert_eq!(record_node(b"\0garbage"), None);
+
+        // This node's name and a former one (a rename) are ours; another node's is not.
+        let names = BTreeSet::from(["n2".to_string(), "old".to_string()]);
+        let mut of = |node: &str| {
+            pod.spec.node_name = Some(node.into());
+            names_one_of(&serde_json::to_vec(&pod).unwrap(), &names)
+        };
+        assert!(of("n2") && of("old") && !of("n1"));
+        assert!(!names_one_of(b"\0garbage", &names));
     }
 }

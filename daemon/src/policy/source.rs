@@ -86,6 +86,8 @@ pub struct Objects {
     /// etcd mode: records naming this node that no pod here holds, kept as they may be a
     /// cut-off pod's (`may_be_cut_off`); deleted once they cannot be (`released`).
     kept: BTreeMap<String, Pod>,
+    /// Node names this node's loaded pods were recorded under (`named_here`).
+    former_names: BTreeSet<String>,
     /// The last reason each invalid key was skipped for: logged once per reason.
     skipped: BTreeMap<String, String>,
     /// Kubernetes mode: pods come from the API server, which owns them. Its objects of this
@@ -127,6 +129,7 @@ impl Objects {
             recognised: BTreeSet::new(),
             held_read: false,
             kept: BTreeMap::new(),
+            former_names: BTreeSet::new(),
             skipped: BTreeMap::new(),
             api_pods: false,
             api_here: BTreeMap::new(),
@@ -187,10 +190,8 @@ impl Objects {
     pub fn load_local(&mut self) {
         let loaded = self.files.load();
         self.closed = loaded.unreadable;
-        for mut p in loaded.pods {
-            // Runs here whatever node name it was recorded under (a node renamed keeps its
-            // state dir).
-            p.pod.spec.node_name = Some(self.node.clone());
+        for p in loaded.pods {
+            let p = self.named_here(p);
             if let Some(holder) = self.local_key(&p.key()) {
                 tracing::warn!(pod = %p.key(), older = %holder.attachment.container_id,
                     newer = %p.attachment.container_id,
@@ -204,6 +205,30 @@ impl Objects {
                 self.closed.insert(port);
             }
         }
+    }
+
+    /// A loaded pod runs here, whatever node name it was recorded under (a node renamed
+    /// keeps its state dir): it gets this node's name, and the old one is remembered
+    /// (`former_names`). Unless this node's name is not one a pod can carry: then as recorded,
+    /// rather than cut off as invalid (new pods fail on that name anyway, saying why).
+    fn named_here(&mut self, p: LocalPod) -> LocalPod {
+        let Some(old) = p.pod.spec.node_name.clone().filter(|n| *n != self.node) else {
+            return p;
+        };
+        let mut renamed = p.clone();
+        renamed.pod.spec.node_name = Some(self.node.clone());
+        if netpol::validate::validate_pod(&renamed.pod).is_err() {
+            return p;
+        }
+        tracing::info!(pod = %p.key(), old, "a pod recorded under another node name runs here: taken over under this node's name");
+        self.former_names.insert(old);
+        renamed
+    }
+
+    /// The node names this node's pods were recorded under before (a rename): their etcd
+    /// records are this node's to delete too.
+    pub fn former_names(&self) -> &BTreeSet<String> {
+        &self.former_names
     }
 
     /// False if `p` is invalid (and so not taken).
@@ -678,10 +703,8 @@ impl Objects {
         if let Some(local) = self.local_key(&kv.key).cloned() {
             let ours = pod.metadata.annotations.get(CONTAINER_ANNOTATION)
                 == Some(&local.attachment.container_id);
-            if !ours || pod.spec.node_name != local.pod.spec.node_name {
-                // Another pod's record under our pod's name: ours is what runs here. (Ours
-                // under this node's old name, too: records are deleted only by the node they
-                // name.)
+            if !ours {
+                // Another pod's record under our pod's name: ours is what runs here.
                 out.records.push(record(&local));
                 return;
             }
@@ -696,6 +719,12 @@ impl Objects {
                 }
                 out.changed = true;
                 out.others = true;
+            }
+            if pod.spec.node_name != local.pod.spec.node_name {
+                // Ours under this node's old name: written again naming this node.
+                if let Some(now) = self.local_key(&kv.key) {
+                    out.records.push(record(now));
+                }
             }
             return;
         }
@@ -960,10 +989,18 @@ mod tests {
         let in_etcd = record(&a);
         let m = Metrics::default();
 
+        // A name no pod can carry: the pods stay as recorded, not cut off as invalid.
+        let mut bad = Objects::new("N9_bad", &dir);
+        bad.load_local();
+        let kept = bad.local_of(&a.attachment).expect("the pod is loaded");
+        assert_eq!(kept.pod.spec.node_name.as_deref(), Some("n1"));
+        assert!(bad.closed_ports().is_empty() && bad.former_names().is_empty());
+
         let mut o = Objects::new("n9", &dir);
         o.load_local();
         let here = o.local_of(&a.attachment).expect("the pod is loaded");
         assert_eq!(here.pod.spec.node_name.as_deref(), Some("n9"));
+        assert_eq!(o.former_names(), &BTreeSet::from(["n1".to_string()]));
         let put = |v: Vec<u8>| {
             DirEvent::Put(ObjKv {
                 key: "x/a".into(),
@@ -971,13 +1008,17 @@ mod tests {
                 mod_revision: 2,
             })
         };
-        let out = o.apply(PODS, put(in_etcd.1.unwrap()), &m);
+        // Its record in etcd, with a label edited there meanwhile: taken over, and written
+        // again naming this node.
+        let mut edited: Pod = serde_json::from_slice(&in_etcd.1.unwrap()).unwrap();
+        edited.metadata.labels.insert("app".into(), "web".into());
+        let out = o.apply(PODS, put(serde_json::to_vec(&edited).unwrap()), &m);
         assert_eq!(out.records.len(), 1, "{out:?}");
         let (key, value) = &out.records[0];
         assert_eq!(key, "x/a");
         let written: Pod = serde_json::from_slice(value.as_ref().unwrap()).unwrap();
         assert_eq!(written.spec.node_name.as_deref(), Some("n9"));
-        assert_eq!(written.metadata.labels, a.pod.metadata.labels);
+        assert_eq!(written.metadata.labels, edited.metadata.labels);
         // Once it names this node, it is ours as it was: nothing more to write.
         let out = o.apply(PODS, put(value.clone().unwrap()), &m);
         assert!(out.records.is_empty(), "{out:?}");
