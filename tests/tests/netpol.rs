@@ -1457,6 +1457,65 @@ fn a_delayed_record_delete_spares_another_nodes_record() -> Result<()> {
     result
 }
 
+/// A node renamed (`--node-name`) keeps its state dir and its pods. A pod deleted before the
+/// renamed node has seen etcd (here: etcd cut off at the restart) still has its record there
+/// under the old name: the delete, once etcd is back, removes it (the node's former names are
+/// its own), where a delete limited to the new name would leave it for good.
+#[test]
+fn a_renamed_node_deletes_its_records_under_the_old_name() -> Result<()> {
+    use twill_tests::netpol::pod_config;
+    let mut lab = one_node_with_a_db_policy()?;
+    let labels = pod_config(&lab, 1, &[("app".to_string(), "db".to_string())].into());
+    let pod = lab.add_pod_with(1, "r", "K8S_POD_NAMESPACE=x;K8S_POD_NAME=r", &labels)?;
+    let key = format!("{PREFIX}/pods/x/r");
+    let node_of = |lab: &Lab| -> Option<String> {
+        let v: serde_json::Value = serde_json::from_str(&lab.etcd_get(&key).ok()??).ok()?;
+        v["spec"]["nodeName"].as_str().map(str::to_owned)
+    };
+    wait_until(Duration::from_secs(10), || {
+        node_of(&lab).as_deref() == Some("n1")
+    })
+    .context("the pod's record is not in etcd")?;
+    // The cache is written within moments of a change.
+    std::thread::sleep(Duration::from_secs(3));
+    lab.stop_daemon(1)?;
+    lab.cut_from_etcd(1)?;
+    let result = (|| -> Result<()> {
+        lab.start_daemon_with(1, &["--node-name", "n1-renamed"])?;
+        // The DEL once the restarted twilld serves CNI (its old socket file may still be there).
+        let t0 = Instant::now();
+        while let Err(e) = lab.del_pod(&pod) {
+            ensure!(
+                t0.elapsed() < Duration::from_secs(30),
+                "DEL after the restart: {e:#}"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        wait_until(Duration::from_secs(15), || {
+            lab.metric(1, "twill_policy_records_pending")
+                .is_ok_and(|v| v.is_some_and(|v| v >= 1.0))
+        })
+        .context("no record delete pending after the DEL")?;
+        ensure!(
+            node_of(&lab).as_deref() == Some("n1"),
+            "the record changed while cut off"
+        );
+        lab.heal_from_etcd(1)?;
+        wait_until(Duration::from_secs(30), || {
+            lab.etcd_get(&key).is_ok_and(|v| v.is_none())
+        })
+        .with_context(|| {
+            format!(
+                "the record under the old name is still in etcd: {:?}\n{}",
+                node_of(&lab),
+                lab.daemon_log_last(1)
+            )
+        })
+    })();
+    let _ = lab.heal_from_etcd(1);
+    result
+}
+
 /// A state dir written by a twilld from before one pod name had one attachment can hold two
 /// records of a name (here made by renaming one pod's record while twilld is stopped). After the
 /// restart the newer record holds the name and a warning names both; when its pod is deleted,

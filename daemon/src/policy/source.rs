@@ -209,19 +209,21 @@ impl Objects {
 
     /// A loaded pod runs here, whatever node name it was recorded under (a node renamed
     /// keeps its state dir): it gets this node's name, and the old one is remembered
-    /// (`former_names`). Unless this node's name is not one a pod can carry: then as recorded,
-    /// rather than cut off as invalid (new pods fail on that name anyway, saying why).
+    /// (`former_names`: its etcd record may still carry it). Unless this node's name is not one
+    /// a pod can carry: then as recorded, rather than cut off as invalid (new pods fail on that
+    /// name anyway, saying why).
     fn named_here(&mut self, p: LocalPod) -> LocalPod {
-        let Some(old) = p.pod.spec.node_name.clone().filter(|n| *n != self.node) else {
+        let old = p.pod.spec.node_name.clone();
+        if old.as_deref() == Some(self.node.as_str()) {
             return p;
-        };
+        }
+        self.former_names.extend(old.clone());
         let mut renamed = p.clone();
         renamed.pod.spec.node_name = Some(self.node.clone());
         if netpol::validate::validate_pod(&renamed.pod).is_err() {
             return p;
         }
-        tracing::info!(pod = %p.key(), old, "a pod recorded under another node name runs here: taken over under this node's name");
-        self.former_names.insert(old);
+        tracing::info!(pod = %p.key(), old = old.as_deref().unwrap_or("none"), "a pod recorded under another node name runs here: taken over under this node's name");
         renamed
     }
 
@@ -986,6 +988,10 @@ mod tests {
         let (mut old, dir) = objects("renamed");
         let a = local("a", "10.244.1.5", json!([{"key": "app", "value": "db"}]));
         old.local_up(a.clone()).unwrap();
+        // A record with no node name (a hand edit) is this node's pod as well.
+        let mut b = local("b", "10.244.1.6", json!([]));
+        b.pod.spec.node_name = None;
+        old.local_up(b.clone()).unwrap();
         let in_etcd = record(&a);
         let m = Metrics::default();
 
@@ -994,12 +1000,16 @@ mod tests {
         bad.load_local();
         let kept = bad.local_of(&a.attachment).expect("the pod is loaded");
         assert_eq!(kept.pod.spec.node_name.as_deref(), Some("n1"));
-        assert!(bad.closed_ports().is_empty() && bad.former_names().is_empty());
+        assert!(bad.closed_ports().is_empty());
+        // Its etcd record names the old node still: this node's to delete.
+        assert_eq!(bad.former_names(), &BTreeSet::from(["n1".to_string()]));
 
         let mut o = Objects::new("n9", &dir);
         o.load_local();
         let here = o.local_of(&a.attachment).expect("the pod is loaded");
         assert_eq!(here.pod.spec.node_name.as_deref(), Some("n9"));
+        let unnamed = o.local_of(&b.attachment).expect("the pod is loaded");
+        assert_eq!(unnamed.pod.spec.node_name.as_deref(), Some("n9"));
         assert_eq!(o.former_names(), &BTreeSet::from(["n1".to_string()]));
         let put = |v: Vec<u8>| {
             DirEvent::Put(ObjKv {
