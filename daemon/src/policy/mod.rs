@@ -1621,9 +1621,9 @@ pub fn drop_counters(listing: &serde_json::Value) -> Vec<(String, u64, u64)> {
 
 /// Writes and deletes this node's pod records in etcd, coalesced per key (only the last wish
 /// counts) and retried with backoff while etcd is away: a pod made while etcd was down is
-/// written when it is back. A delete removes only a record that names this node: one that
-/// waited out an outage must not take the record another node wrote meanwhile under the same
-/// name (a pod moved there).
+/// written when it is back. A delete removes only a record that names this node (`names`: its
+/// name, and any its pods were recorded under before a rename): one that waited out an outage
+/// must not take the record another node wrote meanwhile under the same name (a pod moved there).
 async fn write_records<S: ObjectStore>(
     store: S,
     names: BTreeSet<String>,

@@ -257,12 +257,12 @@ mod tests {
         assert!((10..=14).contains(&lists), "{lists} lists in a minute");
     }
 
-    /// One key in memory, with etcd's revision rule, and writes that land between a read and
-    /// the delete after it on cue (etcd cannot be made to interleave them so; the lab test
-    /// `a_delayed_record_delete_spares_another_nodes_record` runs delete_if against etcd).
     /// A value and its mod revision.
     type Held = Option<(Vec<u8>, i64)>;
 
+    /// One key in memory, with etcd's revision rule, and writes that land between a read and
+    /// the delete after it on cue (etcd cannot be made to interleave them so; the lab test
+    /// `a_delayed_record_delete_spares_another_nodes_record` runs delete_if against etcd).
     #[derive(Clone, Default)]
     struct OneKey {
         kv: Arc<std::sync::Mutex<Held>>,
