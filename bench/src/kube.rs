@@ -105,10 +105,13 @@ fn pid(lab: &Lab) -> Result<u32> {
         .ok_or_else(|| anyhow!("twilld is not running"))
 }
 
-/// twilld's CPU share of one core over `window`, while `during` runs every 100 ms.
-fn cpu_share(lab: &Lab, window: Duration, mut during: impl FnMut(usize)) -> Result<f64> {
-    let pid = pid(lab)?;
-    let c0 = common::cpu_seconds(pid)?;
+/// The CPU shares of one core of the processes `pids` over `window`, while `during` runs
+/// every 100 ms.
+fn cpu_shares(pids: &[u32], window: Duration, mut during: impl FnMut(usize)) -> Result<Vec<f64>> {
+    let c0 = pids
+        .iter()
+        .map(|p| common::cpu_seconds(*p))
+        .collect::<Result<Vec<_>>>()?;
     let t0 = Instant::now();
     let mut tick = 0;
     while t0.elapsed() < window {
@@ -117,7 +120,47 @@ fn cpu_share(lab: &Lab, window: Duration, mut during: impl FnMut(usize)) -> Resu
         let next = t0 + Duration::from_millis(100) * tick as u32;
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
     }
-    Ok(100.0 * (common::cpu_seconds(pid)? - c0) / t0.elapsed().as_secs_f64())
+    let secs = t0.elapsed().as_secs_f64();
+    pids.iter()
+        .zip(c0)
+        .map(|(p, c0)| Ok(100.0 * (common::cpu_seconds(*p)? - c0) / secs))
+        .collect()
+}
+
+/// The least a client of the Node watch can cost: curl in twilld's namespace, as the same
+/// identity, reading the same stream and writing it nowhere (no decoding, one thread, poll and
+/// read). It runs next to twilld in the same windows, so the two readings share the machine's
+/// day.
+struct BareWatch(std::process::Child);
+
+impl BareWatch {
+    fn start(lab: &Lab, api: &FakeApi) -> Result<BareWatch> {
+        let token = api
+            .twill_token()
+            .ok_or_else(|| anyhow!("the manifest binds no twill ServiceAccount"))?;
+        let url = format!(
+            "{}/api/v1/nodes?watch=true&resourceVersion={}",
+            api.url(),
+            api.resource_version()
+        );
+        let auth = format!("Authorization: Bearer {token}");
+        let child = lab.spawn(1, &["curl", "-sSfN", "-o", "/dev/null", "-H", &auth, &url])?;
+        Ok(BareWatch(child))
+    }
+
+    fn pid(&mut self) -> Result<u32> {
+        match self.0.try_wait()? {
+            None => Ok(self.0.id()),
+            Some(status) => Err(anyhow!("curl's watch of the Nodes ended: {status}")),
+        }
+    }
+}
+
+impl Drop for BareWatch {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
@@ -178,18 +221,26 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
         // Windows with and without them alternate, so that the machine's drift (and which
         // window a periodic resync falls in) lands on both sides.
         let per_tick = (n as usize).div_ceil((HEARTBEAT_EVERY.as_millis() / 100) as usize);
-        let (mut idle, mut busy, mut beats) = (Vec::new(), Vec::new(), 0u64);
+        let mut bare = BareWatch::start(&lab, &api)?;
+        let (mut idle, mut busy, mut bare_busy, mut beats) =
+            (Vec::new(), Vec::new(), Vec::new(), 0u64);
         for _ in 0..windows {
-            idle.push(cpu_share(&lab, window, |_| {})?);
-            busy.push(cpu_share(&lab, window, |tick| {
+            let pids = [pid(&lab)?, bare.pid()?];
+            idle.push(cpu_shares(&pids[..1], window, |_| {})?[0]);
+            let shares = cpu_shares(&pids, window, |tick| {
                 for j in 0..per_tick {
                     let idx = (tick * per_tick + j) % n as usize;
                     if api.heartbeat(&format!("sim-{idx:05}")).is_ok() {
                         beats += 1;
                     }
                 }
-            })?);
+            })?;
+            busy.push(shares[0]);
+            bare_busy.push(shares[1]);
         }
+        // Still watching at the end: its windows read a live stream.
+        bare.pid()?;
+        drop(bare);
         let added = common::metric(&lab, 1, "twill_kernel_entries_added_total")?;
         let m = Metric::new(
             &format!("CPU with {n} Nodes heartbeating"),
@@ -210,6 +261,19 @@ pub fn run(ctx: &Ctx, res: &mut ScenarioResult) -> Result<()> {
                 beats as f64 / secs,
                 100.0 * 0.01 / window.as_secs_f64()
             )));
+        res.metrics.push(
+            Metric::new(
+                &format!("CPU with {n} Nodes heartbeating, against a bare watch"),
+                "% of a core",
+                &busy,
+            )
+            .vs_paired("curl reading the same watch", &busy, &bare_busy)
+            .note(
+                "the same windows as above: curl in twilld's namespace, as twilld's identity, \
+                 watching the Nodes and discarding what it reads (no decoding): the least any \
+                 client of this stream costs on this machine",
+            ),
+        );
 
         // Joins: a Node object (with its annotations) created, against a lease put in etcd.
         let joined = peers(JOIN_BASE..JOIN_BASE + 2 * joins);
