@@ -25,6 +25,7 @@ use kube::{Client, Config, ResourceExt};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+use super::node_watch::{self, NodeWatchError, Target as NodeWatchTarget};
 use super::{LeaseSource, Stored};
 use crate::config::{ConfigError, NetworkConfig};
 use crate::daemon::Shared;
@@ -75,6 +76,8 @@ pub struct KubeSource {
     ann: Annotations,
     net_config_path: PathBuf,
     set_network_unavailable: bool,
+    /// The Node watch's own reader; None where it cannot go (a proxy): kube's watcher then.
+    node_watch: Option<Arc<NodeWatchTarget>>,
 }
 
 impl KubeSource {
@@ -86,6 +89,9 @@ impl KubeSource {
             .map_err(|e| KubeError::Prefix(e.to_string()))?;
         let config = client_config(opts).await?;
         let url = config.cluster_url.to_string();
+        let node_watch = NodeWatchTarget::new(&config, node_watch::READ_TIMEOUT)
+            .map_err(|e| KubeError::Client(e.to_string()))?
+            .map(Arc::new);
         let client = Client::try_from(config).map_err(|e| KubeError::Client(e.to_string()))?;
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let node = match opts.node_name.clone() {
@@ -117,6 +123,7 @@ impl KubeSource {
             ann,
             net_config_path: opts.net_config_path.clone(),
             set_network_unavailable: opts.set_network_unavailable,
+            node_watch,
         })
     }
 
@@ -561,13 +568,19 @@ impl KubeSource {
         // Rebuilt, with a fresh list, when our own subnet changes: which peers overlap it
         // depends on it.
         'relist: loop {
-            let wc = watcher::Config::default().timeout(WATCH_TIMEOUT_S);
-            // Decoded slim (`SlimNode`): every kubelet status write of every Node comes here.
+            // Every kubelet status write of every Node comes here: read on a thread of its own
+            // that settles them (`node_watch`), else decoded slim by kube's watcher.
             let nodes: Api<SlimNode> = Api::all(self.client.clone());
-            let mut events = watcher(nodes, wc)
-                .default_backoff()
-                .map(|r| r.map(full_event))
-                .boxed();
+            let mut events = match &self.node_watch {
+                Some(t) => node_watch::node_events(nodes, t.clone()).boxed(),
+                None => {
+                    let wc = watcher::Config::default().timeout(WATCH_TIMEOUT_S);
+                    watcher(nodes, wc)
+                        .default_backoff()
+                        .map(|r| r.map(full_event).map_err(NodeWatchError::from))
+                        .boxed()
+                }
+            };
             let built_for = {
                 let o = own.borrow_and_update();
                 (o.subnet, o.subnet6)

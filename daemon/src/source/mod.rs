@@ -5,6 +5,7 @@
 pub mod etcd;
 pub mod kube;
 pub mod kube_objects;
+pub mod node_watch;
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
