@@ -354,9 +354,14 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_refusal_and_a_watch_ended_at_once_are_errors() {
         let refused = "HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nContent-Length: 63\r\n\r\n{\"kind\":\"Status\",\"code\":403,\"message\":\"nodes is forbidden: no\"}";
-        let (url, _) = server(vec![refused.as_bytes().to_vec()], false);
+        // Held open after the answer, as a keep-alive server does.
+        let (url, _) = server(vec![refused.as_bytes().to_vec()], true);
         let (_rx, end, _shut) = run(&url);
-        match end.recv().unwrap() {
+        // A bound on a hang (a read past the answer waits for the 30 s read timeout).
+        match end
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the refusal was not reported")
+        {
             NodeWatchError::Status { code: 403, message } => {
                 assert_eq!(message, "nodes is forbidden: no")
             }
