@@ -116,9 +116,13 @@ impl Target {
         stream.write_all(&request_head(uri, req.headers(), host, port))?;
         stream.flush()?;
         let (head, rest) = read_head(&mut stream)?;
-        let (code, chunked) = parse_head(&head)?;
+        let Head {
+            code,
+            chunked,
+            length,
+        } = parse_head(&head)?;
         if code != 200 {
-            return Err(refusal(code, rest, &mut stream));
+            return Err(refusal(code, chunked, length, rest, &mut stream));
         }
         Ok(Conn {
             stream,
@@ -166,7 +170,10 @@ fn request_head(uri: &Uri, headers: &HeaderMap, host: &str, port: u16) -> Vec<u8
         v.extend_from_slice(value.as_bytes());
         v.extend_from_slice(b"\r\n");
     }
-    v.extend_from_slice(b"User-Agent: twilld\r\n\r\n");
+    if !headers.contains_key(http::header::USER_AGENT) {
+        v.extend_from_slice(b"User-Agent: twilld\r\n");
+    }
+    v.extend_from_slice(b"\r\n");
     v
 }
 
@@ -194,8 +201,16 @@ fn read_head(s: &mut impl Read) -> Result<(Vec<u8>, Vec<u8>), NodeWatchError> {
     }
 }
 
-/// The status code, and whether the body is chunked.
-fn parse_head(head: &[u8]) -> Result<(u16, bool), NodeWatchError> {
+/// What the response head says.
+#[derive(Debug, PartialEq)]
+struct Head {
+    code: u16,
+    chunked: bool,
+    /// Content-Length, if given.
+    length: Option<usize>,
+}
+
+fn parse_head(head: &[u8]) -> Result<Head, NodeWatchError> {
     let text = std::str::from_utf8(head)
         .map_err(|_| NodeWatchError::Http("a response head that is not text".into()))?;
     let mut lines = text.split("\r\n");
@@ -206,22 +221,36 @@ fn parse_head(head: &[u8]) -> Result<(u16, bool), NodeWatchError> {
         .and_then(|r| r.get(..3))
         .and_then(|c| c.parse::<u16>().ok())
         .ok_or_else(|| NodeWatchError::Http(format!("a bad status line {status:?}")))?;
-    let chunked = lines.any(|l| {
-        l.split_once(':').is_some_and(|(k, v)| {
-            k.trim().eq_ignore_ascii_case("transfer-encoding")
-                && v.to_ascii_lowercase().contains("chunked")
-        })
-    });
-    Ok((code, chunked))
+    let mut h = Head {
+        code,
+        chunked: false,
+        length: None,
+    };
+    for (k, v) in lines.filter_map(|l| l.split_once(':')) {
+        let (k, v) = (k.trim(), v.trim());
+        if k.eq_ignore_ascii_case("transfer-encoding") {
+            h.chunked |= v.to_ascii_lowercase().contains("chunked");
+        } else if k.eq_ignore_ascii_case("content-length") {
+            h.length = v.parse().ok();
+        }
+    }
+    Ok(h)
 }
 
-/// A refusal's error, with the Status message from its body when it has one.
-fn refusal(code: u16, mut body: Vec<u8>, s: &mut impl Read) -> NodeWatchError {
-    // Best effort: what has come, and what comes within the read timeout.
-    // The connection stays open after the body (keep-alive): read only while it is not whole.
-    let whole = |b: &[u8]| {
-        b.ends_with(b"\n0\r\n\r\n")
-            || serde_json::from_slice::<serde::de::IgnoredAny>(trim_chunking(b)).is_ok()
+/// A refusal's error, with the Status message from its body when it has one. The connection
+/// may stay open after the body (keep-alive), so the body is read by its framing: to the last
+/// chunk, to its Content-Length, or (neither) to the connection's end.
+fn refusal(
+    code: u16,
+    chunked: bool,
+    length: Option<usize>,
+    mut body: Vec<u8>,
+    s: &mut impl Read,
+) -> NodeWatchError {
+    let whole = |b: &[u8]| match (chunked, length) {
+        (true, _) => b.ends_with(b"\n0\r\n\r\n") || b.starts_with(b"0\r\n"),
+        (false, Some(n)) => b.len() >= n,
+        (false, None) => false,
     };
     let mut chunk = [0u8; 4096];
     while body.len() < MAX_ERROR_BODY && !whole(&body) {
@@ -237,9 +266,13 @@ fn refusal(code: u16, mut body: Vec<u8>, s: &mut impl Read) -> NodeWatchError {
         .ok()
         .and_then(|v| v["message"].as_str().map(str::to_string))
         .unwrap_or_else(|| {
-            String::from_utf8_lossy(trim_chunking(&body))
+            let text = String::from_utf8_lossy(trim_chunking(&body))
                 .trim()
-                .to_string()
+                .to_string();
+            match text.char_indices().nth(200) {
+                Some((i, _)) => format!("{}...", &text[..i]),
+                None => text,
+            }
         });
     NodeWatchError::Status { code, message }
 }
@@ -364,11 +397,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_head_gives_the_code_and_the_coding() {
+    fn the_head_gives_the_code_and_the_framing() {
         let h = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
-        assert_eq!(parse_head(h).unwrap(), (200, true));
+        let want = Head {
+            code: 200,
+            chunked: true,
+            length: None,
+        };
+        assert_eq!(parse_head(h).unwrap(), want);
         let h = b"HTTP/1.1 403 Forbidden\r\ncontent-length: 10\r\n\r\n";
-        assert_eq!(parse_head(h).unwrap(), (403, false));
+        let want = Head {
+            code: 403,
+            chunked: false,
+            length: Some(10),
+        };
+        assert_eq!(parse_head(h).unwrap(), want);
         assert!(parse_head(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
         assert!(parse_head(b"HTTP/1.1 2\r\n\r\n").is_err());
     }
@@ -408,7 +451,7 @@ mod tests {
             }
         }
         let body = br#"{"kind":"Status","status":"Failure","message":"nodes is forbidden: no","code":403}"#;
-        match refusal(403, body.to_vec(), &mut NoMore) {
+        match refusal(403, false, Some(body.len()), body.to_vec(), &mut NoMore) {
             NodeWatchError::Status { code, message } => {
                 assert_eq!(code, 403);
                 assert_eq!(message, "nodes is forbidden: no");
@@ -417,10 +460,31 @@ mod tests {
         }
         let chunked = b"4f\r\n{\"message\":\"too old\",\"code\":410}\r\n0\r\n\r\n".to_vec();
         assert!(matches!(
-            refusal(410, chunked, &mut &b""[..]),
+            refusal(410, true, None, chunked, &mut NoMore),
             NodeWatchError::Gone
         ));
-        match refusal(500, b"oops".to_vec(), &mut &b""[..]) {
+        // An empty body, and one that is not JSON (a proxy's page): no read past them.
+        match refusal(503, false, Some(0), Vec::new(), &mut NoMore) {
+            NodeWatchError::Status { code, message } => {
+                assert_eq!(code, 503);
+                assert_eq!(message, "");
+            }
+            e => panic!("{e}"),
+        }
+        match refusal(502, false, Some(9), b"<html>..."[..].to_vec(), &mut NoMore) {
+            NodeWatchError::Status { message, .. } => assert_eq!(message, "<html>..."),
+            e => panic!("{e}"),
+        }
+        // A body in two reads.
+        let first = br#"{"messag"#;
+        let mut rest = &br#"e":"split","code":500}"#[..];
+        let len = first.len() + rest.len();
+        match refusal(500, false, Some(len), first.to_vec(), &mut rest) {
+            NodeWatchError::Status { message, .. } => assert_eq!(message, "split"),
+            e => panic!("{e}"),
+        }
+        // Neither chunked nor a length: to the connection's end.
+        match refusal(500, false, None, b"oo".to_vec(), &mut &b"ps"[..]) {
             NodeWatchError::Status { message, .. } => assert_eq!(message, "oops"),
             e => panic!("{e}"),
         }

@@ -71,6 +71,8 @@ pub enum NodeWatchError {
     EndedAtOnce,
     #[error("the Node watch was stopped")]
     Stopped,
+    #[error("the Node watch's thread ended without saying why")]
+    ThreadEnded,
 }
 
 pub type Item = Result<Event<Node>, NodeWatchError>;
@@ -96,22 +98,37 @@ pub fn node_events(api: Api<SlimNode>, target: std::sync::Arc<Target>) -> NodeEv
                 }
             });
         if let Err(e) = spawned {
-            // The thread's closure (and its sender) is gone with the error: say it here.
+            // The thread's closure (and its sender) is gone with the error; the stream says
+            // `ThreadEnded`.
             tracing::error!(error = %e, "could not start the Node watch's thread");
         }
     });
-    NodeEvents { rx, shut }
+    NodeEvents {
+        rx,
+        shut,
+        ended: false,
+    }
 }
 
 pub struct NodeEvents {
     rx: mpsc::Receiver<Item>,
     shut: ShutHandle,
+    ended: bool,
 }
 
 impl Stream for NodeEvents {
     type Item = Item;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Item>> {
-        self.rx.poll_recv(cx)
+        match self.rx.poll_recv(cx) {
+            // Every way out of the list and the thread says why, but a panic or a thread that
+            // could not start: an error, so that the caller lists again (kube's watcher never
+            // ends, and the caller takes an end as its own shutdown).
+            Poll::Ready(None) if !self.ended => {
+                self.ended = true;
+                Poll::Ready(Some(Err(NodeWatchError::ThreadEnded)))
+            }
+            p => p,
+        }
     }
 }
 
@@ -385,6 +402,23 @@ mod tests {
             .recv_timeout(Duration::from_secs(20))
             .expect("the thread did not end");
         assert!(matches!(e, NodeWatchError::Stopped), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_thread_gone_without_a_word_is_an_error_once() {
+        use futures::StreamExt;
+        let (tx, rx) = mpsc::channel(1);
+        drop(tx);
+        let mut s = NodeEvents {
+            rx,
+            shut: ShutHandle::default(),
+            ended: false,
+        };
+        assert!(matches!(
+            s.next().await,
+            Some(Err(NodeWatchError::ThreadEnded))
+        ));
+        assert!(s.next().await.is_none());
     }
 
     #[test]
